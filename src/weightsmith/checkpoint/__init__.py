@@ -1,0 +1,1 @@
+"""Reading, writing and fetching checkpoints: safetensors, GGUF, and the local model store."""

@@ -1,0 +1,138 @@
+"""Turn a checkpoint on disk (HF directory or GGUF file) into a ready model and tokenizer.
+
+The model is built on the meta device, then each tensor is read, checked against
+the parameter's shape, converted and assigned in place, so loading never holds two
+copies of the weights. Not here: finding a model by name (hub.py) or file formats
+(safetensors.py, gguf.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from weightsmith.checkpoint import safetensors as st
+from weightsmith.errors import CheckpointError
+from weightsmith.models import CausalLM, ModelConfig
+
+if TYPE_CHECKING:
+    from weightsmith.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Tensors some checkpoints carry that the model recomputes instead of loading.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with everything needed to run it."""
+
+    model: CausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    format: str  # "hf" or "gguf"
+    quantization: str | None = None  # e.g. "Q4_1" for GGUF sources
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> Checkpoint:
+    """Load an HF directory or a .gguf file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such file or directory; pass an HF checkpoint directory or a .gguf file"
+        )
+    start = time.perf_counter()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(
+                f"{path}: not a .gguf file; pass an HF checkpoint directory or a .gguf file"
+            )
+        ckpt = _load_gguf(path, torch.device(device), dtype)
+    elif (path / "config.json").exists():
+        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle)
+    else:
+        raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
+    log.info("loaded %s (%s) in %.1fs", path, ckpt.config.model_type, time.perf_counter() - start)
+    return ckpt
+
+
+def _load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> Checkpoint:
+    from weightsmith.tokenizer import Tokenizer
+
+    cfg = ModelConfig.from_hf(st.read_json(path / "config.json"), source=str(path / "config.json"))
+    files = st.weight_files(path, allow_pickle=allow_pickle)
+    tokenizer = Tokenizer.from_dir(path)
+    model = build_model(cfg, ((n, t, str(f)) for n, t, f in st.iter_tensors(files)), device, dtype)
+    gen = st.read_json(path / "generation_config.json", required=False) or {}
+    return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen)
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+    from weightsmith.tokenizer import Tokenizer
+
+    from weightsmith.checkpoint import gguf
+
+    info = gguf.read_gguf(path)
+    cfg = ModelConfig.from_hf(info.config, source=str(path))
+    tokenizer = Tokenizer.from_config(gguf.build_gguf_tokenizer(path), info.tokenizer_config)
+    tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(path, dtype=torch.float32))
+    model = build_model(cfg, tensors, device, dtype)
+    gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
+    return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor, str]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> CausalLM:
+    """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    params = dict(model.named_parameters())
+    tied = cfg.tie_word_embeddings
+    for name, tensor, source in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in params:
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model; "
+                "the checkpoint does not match its config.json"
+            )
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} "
+                "from config.json; the weights and config do not match"
+            )
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
+    model.reset_rope()
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)

@@ -1,0 +1,115 @@
+"""Read Hugging Face checkpoint directories: config.json, generation_config.json and
+weights in single or sharded safetensors files (memory-mapped, one tensor at a time).
+
+Pickle weights (`pytorch_model.bin`, `*.pt`) can run arbitrary code when unpickled,
+so they are refused unless the caller opts in, and even then loaded with
+`torch.load(weights_only=True)`. Not here: building the model (load.py) or the
+tokenizer (weightsmith.tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from weightsmith.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "consolidated*.pth")
+
+
+def read_json(path: Path, *, required: bool = True) -> dict[str, Any] | None:
+    """Parse a JSON file; a missing required file or a syntax error names the file and line."""
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"{path}: file not found; an HF checkpoint directory needs it")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix or re-download the file"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); re-download the file") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def weight_files(path: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint directory, in load order."""
+    index = path / INDEX_FILE
+    if index.exists():
+        data = read_json(index)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: missing or empty 'weight_map'")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(
+                    f"{f}: shard listed in {INDEX_FILE} is missing; re-download the checkpoint"
+                )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted({p for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickles[0]}: pickle weights can run code when loaded; pass --allow-pickle to load them "
+                "anyway (with weights_only=True), or convert the checkpoint to safetensors"
+            )
+        return pickles
+    raise CheckpointError(f"{path}: no weights found (expected *.safetensors or {INDEX_FILE})")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield `(name, tensor, file)` for every tensor, one at a time (mmap'd for safetensors)."""
+    for f in files:
+        if f.suffix == ".safetensors":
+            yield from _iter_safetensors(f)
+        else:
+            yield from _iter_pickle(f)
+
+
+def _iter_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    try:
+        handle = safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{f}: not a readable safetensors file ({_first_line(e)}); the file may be truncated, re-download it"
+        ) from e
+    with handle:
+        for name in handle.keys():
+            try:
+                tensor = handle.get_tensor(name)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(
+                    f"{f}: tensor {name!r} cannot be read ({_first_line(e)}); the file may be truncated"
+                ) from e
+            yield name, tensor, f
+
+
+def _iter_pickle(f: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise CheckpointError(f"{f}: cannot be loaded with weights_only=True ({_first_line(e)})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(state).__name__}")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            yield name, tensor, f
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,110 @@
+"""Write a model as a Hugging Face checkpoint directory that transformers loads as is.
+
+Writes config.json, generation_config.json, model.safetensors (or shards with an
+index), and the tokenizer files. The directory appears atomically: everything is
+written into a temporary sibling, fsynced, then renamed into place, so an
+interrupted save never leaves a half checkpoint. Not here: GGUF export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from weightsmith.tokenizer import Tokenizer
+
+from weightsmith.errors import CheckpointError
+from weightsmith.models import CausalLM
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def save_hf_dir(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    *,
+    generation_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Save `model` and `tokenizer` to `out` (which must not exist unless `overwrite`)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cfg = model.config.to_hf()
+        state = _state_dict(model, dtype)
+        if dtype is not None:
+            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        _write_json(tmp / "config.json", cfg)
+        gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
+        gen.update(generation_config or {})
+        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        _write_shards(state, tmp, max_shard_bytes)
+        tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors under HF names; a tied LM head is stored once, as HF does."""
+    state = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        state[name] = t.to("cpu").contiguous()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,196 @@
+"""The text-level engine: prompts or chat messages in, streamed text deltas out.
+
+Wraps the token loop (generate.py) with tokenization, the checkpoint's chat
+template, a streaming detokenizer that never splits a UTF-8 character, and stop
+strings (text up to the stop string is returned; the stop string is not, as in
+OpenAI's API). chat, generate, eval, red-team and serve all go through `Engine`.
+
+Not here: request scheduling across clients (the server adds that on top).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from weightsmith.tokenizer import Tokenizer
+
+from weightsmith.errors import GenerationError
+from weightsmith.generate import TokenGenerator
+from weightsmith.models import CausalLM
+from weightsmith.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Delta:
+    """New text for one sequence; the last delta carries `finish_reason`."""
+
+    text: str
+    index: int = 0
+    finish_reason: str | None = None  # "stop" | "length"
+    completion: Completion | None = None  # set on the last delta
+
+
+@dataclass
+class Completion:
+    """A finished sequence with its usage and timings."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = max(self.completion_tokens - 1, 0)  # the first token comes from prefill
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
+            "timings": {
+                "prefill_seconds": round(self.prefill_seconds, 4),
+                "decode_seconds": round(self.decode_seconds, 4),
+                "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+            },
+        }
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string; finds complete ones."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            cut = min(i for i, _ in hits)
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """Generates text from a model and its tokenizer."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        eos = set(tokenizer.eos_token_ids)
+        cfg_eos = model.config.eos_token_id
+        eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
+        self.eos_token_ids = frozenset(eos)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise GenerationError("the prompt is empty; give at least one token of text")
+        if len(ids) >= self.context_length:
+            raise GenerationError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.context_length}; shorten it"
+            )
+        return ids
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Render `messages` with the checkpoint's chat template and tokenize it."""
+        if not self.tokenizer.chat_template:
+            raise GenerationError(
+                "this checkpoint has no chat template; use `generate` with a plain prompt instead of chat"
+            )
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **template_kwargs
+        )
+        return self.encode_prompt(ids)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Stream one sequence's text deltas; the last carries the finish reason."""
+        for delta in self.stream_batch([prompt], [params or SamplingParams()]):
+            yield delta
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        """Complete several prompts in one batch; results equal running each alone."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        done: list[Completion | None] = [None] * len(prompts)
+        for delta in self.stream_batch(list(prompts), params):
+            if delta.completion is not None:
+                done[delta.index] = delta.completion
+        return [c for c in done if c is not None]
+
+    def stream_batch(self, prompts: list[Prompt], params: list[SamplingParams]) -> Iterator[Delta]:
+        """Stream deltas for a batch, tagged with the prompt's index."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        params = [
+            replace(sp, max_tokens=min(sp.max_tokens, self.context_length - len(p)))
+            for p, sp in zip(ids, params)
+        ]
+        gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids)
+        decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) for _ in ids]
+        matchers = [_StopMatcher(sp.stop) for sp in params]
+        texts = [""] * len(ids)
+        start = time.perf_counter()
+        first_at: list[float | None] = [None] * len(ids)
+        for events in gen:
+            now = time.perf_counter()
+            for ev in events:
+                row = ev.row
+                first_at[row] = first_at[row] or now
+                stop_token = ev.finish_reason == "stop"
+                piece = "" if stop_token else decoders[row].push(ev.token)
+                if ev.finish_reason is not None:
+                    piece += decoders[row].flush()
+                out, hit = matchers[row].feed(piece)
+                reason = ev.finish_reason
+                if hit:
+                    gen.cancel(row)
+                    reason = "stop"
+                elif reason is not None:
+                    out += matchers[row].flush()
+                texts[row] += out
+                if reason is None:
+                    if out:
+                        yield Delta(out, row)
+                    continue
+                n_gen = len(gen.generated[row])
+                completion = Completion(
+                    texts[row], reason, len(ids[row]), n_gen, list(gen.generated[row]),
+                    prefill_seconds=(first_at[row] or now) - start, decode_seconds=now - (first_at[row] or now),
+                )  # fmt: skip
+                yield Delta(out, row, reason, completion)

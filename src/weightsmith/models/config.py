@@ -1,0 +1,249 @@
+"""ModelConfig: the architecture of a decoder-only transformer, in config.json's words.
+
+Field names are exactly the ones in a Hugging Face `config.json` (`hidden_size`,
+`num_key_value_heads`, `rope_theta`, ...), so a config is read with no key map and
+written back in a form transformers loads. The family (`model_type`) only chooses
+defaults from the plain `FAMILIES` dict below; the model itself is one class.
+
+Not here: reading files (see `weightsmith.checkpoint`), the model (see `model.py`),
+RoPE math (see `rope.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from weightsmith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between supported families, as config defaults and HF class names."""
+
+    architecture: str
+    attention_bias: bool = False
+    default_rope_theta: float = 10000.0
+    #: Whether `sliding_window` applies to every layer when set (Mistral, Mixtral) or
+    #: only when `use_sliding_window` is true, from `max_window_layers` on (Qwen2).
+    sliding_window_needs_flag: bool = False
+    moe: bool = False
+
+
+#: Supported families. Adding a family that only differs by these flags is one line here.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM"),
+    "mistral": Family("MistralForCausalLM", default_rope_theta=10000.0),
+    "qwen2": Family(
+        "Qwen2ForCausalLM", attention_bias=True, default_rope_theta=10000.0, sliding_window_needs_flag=True
+    ),
+    "mixtral": Family("MixtralForCausalLM", default_rope_theta=1e6, moe=True),
+}
+
+#: RoPE scaling types we implement (see rope.py). "default" means no scaling.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters of a decoder-only transformer (config.json fields)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    #: HF rope scaling dict (`{"rope_type": "llama3", "factor": 8.0, ...}`) or None.
+    rope_scaling: dict[str, Any] | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    #: Per-layer attention kind: "full_attention" or "sliding_attention".
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def architecture(self) -> str:
+        return self.family.architecture
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    def num_parameters(self) -> int:
+        """Parameter count implied by the config (tied embeddings counted once)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        mlp = 3 * h * i
+        if self.num_local_experts:
+            mlp = self.num_local_experts * mlp + h * self.num_local_experts
+        per_layer = attn + mlp + 2 * h
+        embed = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_hf(cls, data: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        """Build from a config.json dict; errors name `source` and the field."""
+        model_type = data.get("model_type")
+        if model_type not in FAMILIES:
+            supported = ", ".join(FAMILIES)
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported (supported: {supported}); "
+                "use a checkpoint of one of these families"
+            )
+        for name in REQUIRED_FIELDS:
+            if not isinstance(data.get(name), int) or data[name] <= 0:
+                raise ConfigError(
+                    f"{source}: field {name!r} must be a positive integer, got {data.get(name)!r}"
+                )
+        fam = FAMILIES[model_type]
+        heads = data["num_attention_heads"]
+        kv_heads = data.get("num_key_value_heads") or heads
+        head_dim = data.get("head_dim") or data["hidden_size"] // heads
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads}) for grouped-query attention"
+            )
+        rope_theta, rope_scaling = _read_rope(data, fam, source)
+        n_layers = data["num_hidden_layers"]
+        cfg = cls(
+            model_type=model_type,
+            vocab_size=data["vocab_size"],
+            hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=data.get("max_position_embeddings") or 2048,
+            rms_norm_eps=float(data.get("rms_norm_eps") or 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            hidden_act=data.get("hidden_act") or data.get("hidden_activation") or "silu",
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            attention_bias=bool(data.get("attention_bias", fam.attention_bias)),
+            mlp_bias=bool(data.get("mlp_bias", False)),
+            layer_types=_read_layer_types(data, fam, n_layers, source),
+            sliding_window=data.get("sliding_window"),
+            num_local_experts=int(data.get("num_local_experts") or 0) if fam.moe else 0,
+            num_experts_per_tok=int(data.get("num_experts_per_tok") or 0) if fam.moe else 0,
+            bos_token_id=data.get("bos_token_id"),
+            eos_token_id=data.get("eos_token_id"),
+            pad_token_id=data.get("pad_token_id"),
+            torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
+        )
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Reject combinations the model cannot run, naming the conflicting fields."""
+        from weightsmith.models.model import ACTIVATIONS
+
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"{source}: hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"{source}: rope_scaling type {self.rope_type!r} is not supported "
+                f"(supported: {', '.join(ROPE_TYPES)})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ConfigError(
+                f"{source}: layer_types has sliding_attention layers but sliding_window is not set"
+            )
+        if self.family.moe and not (0 < self.num_experts_per_tok <= self.num_local_experts):
+            raise ConfigError(
+                f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+
+    # ------------------------------------------------------------------ writing
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers (v4 and v5) and we both read back."""
+        d = dataclasses.asdict(self)
+        d["architectures"] = [self.architecture]
+        if not self.family.moe:
+            d.pop("num_local_experts")
+            d.pop("num_experts_per_tok")
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = "sliding_attention" in self.layer_types
+        if not self.rope_scaling:
+            d["rope_scaling"] = None
+        return d
+
+
+def _read_rope(data: dict[str, Any], fam: Family, source: str) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling from either the v4 (`rope_theta`, `rope_scaling`) or v5
+    (`rope_parameters`) layout of config.json."""
+    params = data.get("rope_parameters") or {}
+    scaling = data.get("rope_scaling") or None
+    theta = data.get("rope_theta") or params.get("rope_theta") or fam.default_rope_theta
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.pop("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+        elif scaling["rope_type"] in ("llama3", "yarn"):
+            scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings", 2048))
+    return float(theta), scaling
+
+
+def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: str) -> list[str]:
+    """Which layers use sliding-window attention, following each family's rule."""
+    given = data.get("layer_types")
+    if given:
+        if len(given) != n_layers or any(t not in ("full_attention", "sliding_attention") for t in given):
+            raise ConfigError(
+                f"{source}: layer_types must list {n_layers} entries of full_attention/sliding_attention"
+            )
+        return list(given)
+    window = data.get("sliding_window")
+    if not window:
+        return ["full_attention"] * n_layers
+    if fam.sliding_window_needs_flag:
+        if not data.get("use_sliding_window", False):
+            return ["full_attention"] * n_layers
+        first = data.get("max_window_layers", n_layers)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    return ["sliding_attention"] * n_layers

@@ -1,0 +1,256 @@
+"""The decoder-only transformer for the Llama, Mistral, Qwen2 and Mixtral families.
+
+One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
+RoPE, RMSNorm, SwiGLU MLP or a sparse mixture of SwiGLU experts) -> RMSNorm -> LM
+head. Module and parameter names are the checkpoint's (`model.layers.0.self_attn.
+q_proj.weight`, `block_sparse_moe.experts.3.w1.weight`), so HF state dicts and PEFT
+adapters line up with no key map.
+
+Not here: loading weights (weightsmith.checkpoint), the cache (kv_cache.py),
+sampling and the decode loop (generate.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightsmith.kv_cache import KVCache
+from weightsmith.models.config import ModelConfig
+from weightsmith.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+#: Activation functions by config.json `hidden_act` name.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer needs besides hidden states: positions and masks, built once per forward."""
+
+    positions: torch.Tensor  # (B, T)
+    cos: torch.Tensor  # (B, 1, T, D)
+    sin: torch.Tensor  # (B, 1, T, D)
+    cache: KVCache | None
+    kv_len: int
+    masks: dict[str, torch.Tensor | None]  # by layer type; None means "use is_causal" or "no mask"
+    is_causal: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.layer_type = cfg.layer_types[layer_idx]
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=bias)
+        # Llama-family checkpoints have no output-projection bias, even with attention_bias (Qwen2).
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type != "qwen2")
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        if a.cache is not None:
+            k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len)  # (B, Hkv, S, D)
+        mask = a.masks[self.layer_type]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=a.is_causal and mask is None,
+            enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One Mixtral expert; w1 = gate, w3 = up, w2 = down (the checkpoint's names)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Linear(h, i, bias=False)
+        self.w2 = nn.Linear(i, h, bias=False)
+        self.w3 = nn.Linear(h, i, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed mixture of experts (Mixtral): softmax over all experts in fp32,
+    keep the k largest, renormalise them, and sum the chosen experts' outputs."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)  # (N, h)
+        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](flat[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out.view(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.family.moe:
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), a)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class TransformerBody(nn.Module):
+    """Everything but the LM head; named `model` inside `CausalLM` as in HF checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = TransformerBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.rope_scaling = inverse_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Re-point the LM head at the embedding after weights were assigned (tied models)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffer on the model's device (after building on meta)."""
+        inv_freq, self.rope_scaling = inverse_frequencies(self.config)
+        self.inv_freq = inv_freq.to(self.model.embed_tokens.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        aligned: bool = True,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` (B, T).
+
+        positions: (B, T) absolute positions (default 0..T-1); with a cache, tokens are
+            written there and attend to the row's cache up to their position.
+        kv_len: how many cache entries to attend over (max row length after this call).
+        aligned: every row's positions are the same (no per-row offsets), which allows
+            the fused causal kernel instead of an explicit mask.
+        logits_at: (B,) index into T per row: return only that position's logits
+            (B, 1, V), skipping the (T, V) head matmul during prefill.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        kv_len = kv_len if kv_len is not None else t
+        x = self.model.embed_tokens(input_ids)  # (B, T, h)
+        a = self._attention_inputs(positions, cache, kv_len, aligned, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, a)
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, h)
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+    def _attention_inputs(
+        self, positions: torch.Tensor, cache: KVCache | None, kv_len: int, aligned: bool, dtype: torch.dtype
+    ) -> AttentionInputs:
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scaling, dtype)
+        t = positions.shape[1]
+        window = self.config.sliding_window or 0
+        masks: dict[str, torch.Tensor | None] = {}
+        # Fast paths: aligned rows with no cached prefix use the fused causal kernel; a
+        # single aligned query sees every cached key, so it needs no mask at all.
+        plain_causal = aligned and kv_len == t
+        for kind in set(self.config.layer_types):
+            windowed = kind == "sliding_attention" and kv_len > window
+            if aligned and not windowed and (plain_causal or t == 1):
+                masks[kind] = None
+                continue
+            keys = torch.arange(kv_len, device=positions.device)
+            q = positions[:, None, :, None]  # (B, 1, T, 1)
+            mask = keys <= q  # (B, 1, T, S)
+            if windowed:
+                mask = mask & (keys > q - window)
+            masks[kind] = mask
+        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, is_causal=plain_causal and t > 1)
