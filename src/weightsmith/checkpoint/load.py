@@ -136,3 +136,50 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Describe a checkpoint from its metadata alone (no weights are read)."""
+    path = Path(path)
+    if path.is_file():
+        from weightsmith.checkpoint import gguf
+
+        info = gguf.read_gguf(path)
+        cfg = ModelConfig.from_hf(info.config, source=str(path))
+        types = ", ".join(f"{n}: {c}" for n, c in sorted(info.tensor_types.items()))
+        precision = f"{info.file_type} (GGUF tensors {types})"
+        template = info.tokenizer_config.get("chat_template")
+        fmt, size = "gguf", path.stat().st_size
+    else:
+        data = st.read_json(path / "config.json")
+        cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
+        precision = cfg.torch_dtype
+        tok_cfg = st.read_json(path / "tokenizer_config.json", required=False) or {}
+        template = tok_cfg.get("chat_template")
+        jinja = path / "chat_template.jinja"
+        if template is None and jinja.exists():
+            template = jinja.read_text(encoding="utf-8")
+        fmt = "hf"
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    rope = f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_type} scaling" if cfg.rope_scaling else "")
+    return {
+        "path": str(path),
+        "format": fmt,
+        "size_bytes": size,
+        "model_type": cfg.model_type,
+        "architecture": cfg.architecture,
+        "parameters": cfg.num_parameters(),
+        "precision": precision,
+        "context_length": cfg.max_position_embeddings,
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "rope": rope,
+        "sliding_window": cfg.sliding_window if "sliding_attention" in cfg.layer_types else None,
+        "experts": f"{cfg.num_experts_per_tok} of {cfg.num_local_experts}" if cfg.num_local_experts else None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "chat_template": template,
+    }

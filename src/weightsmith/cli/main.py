@@ -1,0 +1,147 @@
+"""The `weightsmith` command: parse arguments, call a command's run function, print.
+
+Errors a user can cause become one line on stderr and exit status 1 (2 for usage
+errors); `--debug` shows the traceback instead. Nothing here knows how models
+work: commands live in `cli/store.py` and `cli/run.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from weightsmith import __version__
+from weightsmith.cli import run as run_cmds
+from weightsmith.cli import store
+from weightsmith.cli.args import add_config_arguments, config_from_args
+from weightsmith.errors import WeightsmithError
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type
+    help: str
+    examples: str
+
+
+#: Every command, in the order `--help` lists them.
+COMMANDS: dict[str, Command] = {
+    "pull": Command(
+        store.PullConfig,
+        "fetch a model into the store",
+        "weightsmith pull smollm2-135m-instruct\n"
+        "  weightsmith pull HuggingFaceTB/SmolLM2-135M-Instruct     # online only\n"
+        "  weightsmith pull ./my-checkpoint --name mine             # register a local HF dir or .gguf",
+    ),
+    "models": Command(store.ModelsConfig, "list the models in the store", "weightsmith models --json"),
+    "rm": Command(store.RmConfig, "remove a model from the store", "weightsmith rm mine"),
+    "info": Command(
+        store.InfoConfig,
+        "show a model's family, size, precision, context and chat template",
+        "weightsmith info smollm2-135m-instruct --template",
+    ),
+    "generate": Command(
+        run_cmds.GenerateConfig,
+        "complete a prompt",
+        'weightsmith generate smollm2-135m-instruct --prompt "Once upon a time" --temperature 0 --json\n'
+        '  echo "Explain LoRA in one sentence." | weightsmith generate smollm2-135m-instruct --chat -n 64',
+    ),
+    "chat": Command(
+        run_cmds.ChatConfig,
+        "chat with a model (streams; /reset, /system TEXT, /exit)",
+        "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
+    ),
+    "demo": Command(run_cmds.DemoConfig, "run the main job end to end on the default model", "weightsmith demo"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightsmith",
+        description="Run, shape, check and ship open-weight language models on your own hardware.",
+        epilog="Run `weightsmith COMMAND --help` for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"weightsmith {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=cmd.help,
+            description=(cmd.config.__doc__ or cmd.help).strip(),
+            epilog=f"example:\n  {cmd.examples}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_config_arguments(p, cmd.config)
+    return parser
+
+
+def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any], None] | None]:
+    """Run command `name`; return its result and a printer for people (None: already shown)."""
+    out = sys.stdout
+    if name == "pull":
+        return store.run_pull(cfg), lambda r: store.print_pull(r, console)
+    if name == "models":
+        return store.run_models(cfg), lambda r: store.print_models(r, console)
+    if name == "rm":
+        return store.run_rm(cfg), lambda r: store.print_rm(r, console)
+    if name == "info":
+        return store.run_info(cfg), lambda r: store.print_info(r, console, template=cfg.template)
+    if name == "generate":
+        sink = None if cfg.json else (lambda s: (out.write(s), out.flush()))
+        result = run_cmds.run_generate(cfg, on_text=sink)
+        return result, (lambda r: out.write("\n"))
+    if name == "chat":
+        interactive = sys.stdin.isatty() and out.isatty()
+        return run_cmds.run_chat(cfg, stdin=sys.stdin, out=out, interactive=interactive), None
+    if name == "demo":
+        return run_cmds.run_demo(cfg, out=out), None
+    raise AssertionError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if ns.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        cfg = config_from_args(COMMANDS[ns.command].config, ns)
+        # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        result, show = dispatch(ns.command, cfg, console)
+        if getattr(cfg, "json", False):
+            print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        elif show is not None:
+            show(result)
+        return 0
+    except WeightsmithError as e:
+        if ns.debug:
+            raise
+        err.print(f"weightsmith {ns.command}: error: {e}", markup=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if ns.debug:
+            raise
+        err.print("\ninterrupted", markup=False)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

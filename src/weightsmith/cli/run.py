@@ -1,0 +1,244 @@
+"""Commands that run a model: generate, chat, demo.
+
+Each command is a config dataclass and a `run_*` function. Streaming commands
+take an `on_text` callback for text as it arrives, so the function stays free of
+printing; the CLI passes a writer to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from weightsmith.cli.args import opt
+from weightsmith.errors import GenerationError, UsageError
+from weightsmith.llm import LLM, load
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+TextSink = Callable[[str], None]
+
+
+@dataclass(kw_only=True)
+class LoadOptions:
+    """Which model to run and where."""
+
+    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
+    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+
+    def load(self) -> LLM:
+        return load(self.model, device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle)
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """How tokens are chosen; unset options take the checkpoint's generation_config or our defaults."""
+
+    max_tokens: int = opt(256, "most tokens to generate", short="-n")
+    temperature: float | None = opt(None, "0 for greedy decoding; higher is more random (default 0.7)")
+    top_k: int | None = opt(None, "sample from the k most likely tokens (0 = off)")
+    top_p: float | None = opt(None, "sample from the smallest set with this much probability (1 = off)")
+    min_p: float | None = opt(None, "drop tokens below min_p x the top token's probability (0 = off)")
+    repetition_penalty: float | None = opt(None, "penalise tokens already seen (1 = off)")
+    seed: int | None = opt(None, "random seed for reproducible sampling")
+    stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)")
+
+    def sampling(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": list(self.stop),
+        }
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(LoadOptions, SamplingOptions):
+    """Complete a prompt (from --prompt or standard input)."""
+
+    prompt: str | None = opt(None, "text to continue; read from standard input when omitted", short="-p")
+    chat: bool = opt(False, "wrap the prompt as a user message in the model's chat template")
+    system: str | None = opt(None, "system message (with --chat)")
+    json: bool = opt(False, "print one JSON object with text, finish reason, usage and timings")
+
+
+def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
+    if cfg.prompt is not None:
+        return cfg.prompt
+    if stdin.isatty():
+        raise UsageError("no prompt: pass --prompt TEXT or pipe text on standard input")
+    text = stdin.read()
+    if not text.strip():
+        raise UsageError("the prompt read from standard input is empty; pass --prompt TEXT")
+    return text.rstrip("\n")
+
+
+def run_generate(cfg: GenerateConfig, *, on_text: TextSink | None = None, stdin: TextIO = sys.stdin) -> dict:
+    prompt = read_prompt(cfg, stdin)
+    llm = cfg.load()
+    params = llm.sampling_params(**cfg.sampling())
+    if cfg.chat:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        source: Any = llm.engine.chat_prompt(messages)
+    else:
+        source = prompt
+    completion = None
+    for delta in llm.engine.stream(source, params):
+        if on_text and delta.text:
+            on_text(delta.text)
+        completion = delta.completion or completion
+    assert completion is not None
+    return {"model": cfg.model, "prompt": prompt, **completion.to_dict()}
+
+
+@dataclass(kw_only=True)
+class ChatConfig(LoadOptions, SamplingOptions):
+    """Chat interactively (or answer piped lines, one turn per line)."""
+
+    max_tokens: int = opt(512, "most tokens per answer", short="-n")
+    system: str | None = opt(None, "system message for the conversation")
+
+
+CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit quits"
+
+
+@dataclass
+class ChatSession:
+    """A conversation that keeps history and trims the oldest turns to fit the context."""
+
+    llm: LLM
+    params: dict[str, Any]
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def messages(self) -> list[dict[str, str]]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + self.history
+
+    def reply(self, text: str, on_text: TextSink) -> dict:
+        self.history.append({"role": "user", "content": text})
+        sp = self.llm.sampling_params(**self.params)
+        ids = self._fitting_prompt(sp.max_tokens)
+        answer, completion = [], None
+        for delta in self.llm.engine.stream(ids, sp):
+            if delta.text:
+                on_text(delta.text)
+                answer.append(delta.text)
+            completion = delta.completion or completion
+        self.history.append({"role": "assistant", "content": "".join(answer)})
+        return completion.to_dict() if completion else {}
+
+    def _fitting_prompt(self, max_tokens: int) -> list[int]:
+        budget = self.llm.engine.context_length - min(max_tokens, self.llm.engine.context_length // 2)
+        while True:
+            ids = self.llm.tokenizer.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True)
+            if len(ids) <= budget or len(self.history) <= 1:
+                return self.llm.engine.encode_prompt(ids)
+            self.history = self.history[2:]  # drop the oldest exchange
+
+
+def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) -> dict:
+    """The REPL: slash commands, streaming answers, history kept across turns."""
+    llm = cfg.load()
+    if not llm.tokenizer.chat_template:
+        raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
+    session = ChatSession(llm, cfg.sampling(), cfg.system)
+    if interactive:
+        out.write(f"chatting with {cfg.model} ({CHAT_HELP}, Ctrl-D to quit)\n")
+    turns = 0
+    while True:
+        line = _read_line(stdin, out, interactive)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/exit", "/quit", "/bye"):
+                break
+            if cmd == "/reset":
+                session.history.clear()
+                out.write("(conversation cleared)\n")
+            elif cmd == "/system":
+                session.system = arg.strip() or None
+                session.history.clear()
+                out.write("(system message set, conversation cleared)\n")
+            else:
+                out.write(f"unknown command {cmd}: {CHAT_HELP}\n")
+            out.flush()
+            continue
+        session.reply(text, lambda s: (out.write(s), out.flush()))
+        out.write("\n")
+        out.flush()
+        turns += 1
+    return {"turns": turns}
+
+
+def _read_line(stdin: TextIO, out: TextIO, interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            out.write("\n")
+            return None
+    line = stdin.readline()
+    return line if line else None
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Run the main job end to end on the default model: a scripted conversation and its speed."""
+
+    model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
+    max_tokens: int = opt(48, "most tokens per answer")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
+
+
+DEMO_TURNS = [
+    "Hi! In one sentence, what are you?",
+    "Name three things to check before fine-tuning a small language model.",
+    "Thanks. Summarise your last answer in five words.",
+]
+
+
+def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict:
+    """Stage 1, chat: load, talk, measure. Later stages (fine-tune, eval, red-team, serve) add here."""
+    t0 = time.perf_counter()
+    llm = load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    load_s = time.perf_counter() - t0
+    out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
+    out.write(f"loaded in {load_s:.1f}s\n")
+    session = ChatSession(llm, {"max_tokens": cfg.max_tokens, "temperature": 0.0})
+    tokens, decode_s, prefill_tokens, prefill_s = 0, 0.0, 0, 0.0
+    for turn in DEMO_TURNS:
+        out.write(f"\nuser> {turn}\nassistant> ")
+        out.flush()
+        stats = session.reply(turn, lambda s: (out.write(s), out.flush()))
+        out.write("\n")
+        tokens += max(stats["usage"]["completion_tokens"] - 1, 0)
+        decode_s += stats["timings"]["decode_seconds"]
+        prefill_tokens += stats["usage"]["prompt_tokens"]
+        prefill_s += stats["timings"]["prefill_seconds"]
+    result = {
+        "model": cfg.model,
+        "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
+        "prefill_tokens_per_second": prefill_tokens / prefill_s if prefill_s else 0.0,
+    }
+    out.write(
+        f"\ndecode {result['decode_tokens_per_second']:.1f} tokens/s, "
+        f"prefill {result['prefill_tokens_per_second']:.1f} tokens/s\n"
+    )
+    return result

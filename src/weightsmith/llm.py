@@ -1,0 +1,105 @@
+"""`weightsmith.load()` and `LLM`: the Python entry point for running a model.
+
+`load` accepts a catalog name (pulled on first use), a store name, an HF
+checkpoint directory or a .gguf file, and returns an `LLM` holding the model, its
+tokenizer and a text engine. Not here: the CLI (weightsmith.cli), file formats
+(weightsmith.checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.checkpoint.load import Checkpoint, load_checkpoint
+from weightsmith.device import pick_device, pick_dtype
+from weightsmith.engine import Completion, Engine
+from weightsmith.sampling import SamplingParams
+
+#: Sampling fields a checkpoint's generation_config.json may set as defaults.
+GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass
+class LLM:
+    """A loaded model, ready to generate."""
+
+    checkpoint: Checkpoint
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.model, self.tokenizer)
+
+    @property
+    def model(self):
+        return self.checkpoint.model
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Defaults < the checkpoint's generation_config.json < `overrides` (None = unset)."""
+        values: dict[str, Any] = {}
+        gen = self.checkpoint.generation_config
+        if gen.get("do_sample", True):
+            values.update({k: gen[k] for k in GENERATION_CONFIG_FIELDS if gen.get(k) is not None})
+        known = {f.name for f in fields(SamplingParams)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def complete(self, prompt: str | list[int], **params: Any) -> Completion:
+        """Complete one prompt and return text with usage and timings."""
+        return self.engine.generate([prompt], self.sampling_params(**params))[0]
+
+    def generate(
+        self, prompt: str | list[str], *, stream: bool = False, **params: Any
+    ) -> str | list[str] | Iterator[str]:
+        """Continue `prompt` (a string, or a list of strings generated as one batch)."""
+        sp = self.sampling_params(**params)
+        if stream:
+            if not isinstance(prompt, str):
+                raise TypeError("stream=True takes one prompt string")
+            return (d.text for d in self.engine.stream(prompt, sp) if d.text)
+        if isinstance(prompt, str):
+            return self.engine.generate([prompt], sp)[0].text
+        return [c.text for c in self.engine.generate(list(prompt), sp)]
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **params: Any) -> str | Iterator[str]:
+        """Answer the conversation `messages` using the checkpoint's chat template."""
+        ids = self.engine.chat_prompt(messages)
+        sp = self.sampling_params(**params)
+        if stream:
+            return (d.text for d in self.engine.stream(ids, sp) if d.text)
+        return self.engine.generate([ids], sp)[0].text
+
+
+def load(
+    model: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    auto_pull: bool = True,
+) -> LLM:
+    """Load a model by catalog/store name, HF directory or .gguf file."""
+    from weightsmith.checkpoint.hub import resolve
+
+    path = resolve(str(model), auto_pull=auto_pull)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    ckpt = load_checkpoint(path, device=dev, dtype=dt, allow_pickle=allow_pickle)
+    return LLM(ckpt, str(model), dev, dt)
