@@ -38,7 +38,9 @@ def bench_ours(path, prompt_ids, prefill_ids, new_tokens, runs) -> dict[str, flo
     model = load_checkpoint(path, dtype=torch.float32).model
 
     def gen(n: int) -> None:
-        g = TokenGenerator(model, [prompt_ids], [SamplingParams(max_tokens=n, temperature=0)], eos_token_ids=set())
+        g = TokenGenerator(
+            model, [prompt_ids], [SamplingParams(max_tokens=n, temperature=0)], eos_token_ids=set()
+        )
         for _ in g:
             pass
         assert len(g.generated[0]) == n
@@ -50,7 +52,9 @@ def bench_ours(path, prompt_ids, prefill_ids, new_tokens, runs) -> dict[str, flo
     return rates(gen, prefill, new_tokens, len(prefill_ids), runs)
 
 
-def bench_transformers(path, prompt_ids, prefill_ids, new_tokens, runs, cache: str | None) -> dict[str, float]:
+def bench_transformers(
+    path, prompt_ids, prefill_ids, new_tokens, runs, cache: str | None
+) -> dict[str, float]:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -25,3 +25,74 @@ def default_gguf() -> Path:
 def default_gguf_dir(default_gguf: Path) -> Path:
     """The directory holding the default GGUF file (what transformers' gguf_file= wants)."""
     return default_gguf.parent
+
+
+TINY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer_dir(path: Path) -> None:
+    """A byte-level BPE tokenizer trained in-process, saved as tokenizer.json + config."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "Once upon a time there was a small model that learned to talk.",
+        "The quick brown fox jumps over the lazy dog. 0123456789",
+        "Bonjour le monde! Hola mundo. Grüße aus Köln. 你好世界 🙂",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": TINY_TEMPLATE,
+            }
+        )
+    )
+
+
+def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama checkpoint saved by transformers, with a tiny tokenizer."""
+    import transformers
+
+    build_tiny_tokenizer_dir(path)
+    cfg = transformers.LlamaConfig(
+        vocab_size=320,  # >= the tokenizer's 300 tokens
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        bos_token_id=None,
+        pad_token_id=0,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return build_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")

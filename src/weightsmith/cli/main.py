@@ -58,7 +58,9 @@ COMMANDS: dict[str, Command] = {
         "chat with a model (streams; /reset, /system TEXT, /exit)",
         "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
     ),
-    "demo": Command(run_cmds.DemoConfig, "run the main job end to end on the default model", "weightsmith demo"),
+    "demo": Command(
+        run_cmds.DemoConfig, "run the main job end to end on the default model", "weightsmith demo"
+    ),
 }
 
 

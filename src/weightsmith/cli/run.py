@@ -46,7 +46,7 @@ class SamplingOptions:
     min_p: float | None = opt(None, "drop tokens below min_p x the top token's probability (0 = off)")
     repetition_penalty: float | None = opt(None, "penalise tokens already seen (1 = off)")
     seed: int | None = opt(None, "random seed for reproducible sampling")
-    stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)")
+    stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)", split=False)
 
     def sampling(self) -> dict[str, Any]:
         return {
@@ -82,8 +82,10 @@ def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
     return text.rstrip("\n")
 
 
-def run_generate(cfg: GenerateConfig, *, on_text: TextSink | None = None, stdin: TextIO = sys.stdin) -> dict:
-    prompt = read_prompt(cfg, stdin)
+def run_generate(
+    cfg: GenerateConfig, *, on_text: TextSink | None = None, stdin: TextIO | None = None
+) -> dict:
+    prompt = read_prompt(cfg, stdin or sys.stdin)
     llm = cfg.load()
     params = llm.sampling_params(**cfg.sampling())
     if cfg.chat:
@@ -142,7 +144,9 @@ class ChatSession:
     def _fitting_prompt(self, max_tokens: int) -> list[int]:
         budget = self.llm.engine.context_length - min(max_tokens, self.llm.engine.context_length // 2)
         while True:
-            ids = self.llm.tokenizer.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True)
+            ids = self.llm.tokenizer.apply_chat_template(
+                self.messages(), add_generation_prompt=True, tokenize=True
+            )
             if len(ids) <= budget or len(self.history) <= 1:
                 return self.llm.engine.encode_prompt(ids)
             self.history = self.history[2:]  # drop the oldest exchange

@@ -1,0 +1,1 @@
+"""Command-line interface: argument parsing from config dataclasses, one module per command group."""

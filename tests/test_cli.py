@@ -1,0 +1,196 @@
+"""The real CLI, driven in-process through `main(argv)` and once as a subprocess:
+behaviour on a tiny random checkpoint, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weightsmith.cli.main import main
+
+
+def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+
+
+def test_generate_json_on_hf_dir(tiny_hf_dir, capsys):
+    code, out, err = run_cli(
+        [
+            "generate",
+            str(tiny_hf_dir),
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "0",
+            "-n",
+            "12",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["finish_reason"] in ("stop", "length")
+    assert data["usage"]["prompt_tokens"] > 0
+    assert 1 <= data["usage"]["completion_tokens"] <= 12
+    # Greedy decoding is deterministic: a second run prints the same text.
+    code2, out2, _ = run_cli(
+        ["generate", str(tiny_hf_dir), "-p", "Once upon a time", "--temperature", "0", "-n", "12", "--json"],
+        capsys,
+    )
+    assert json.loads(out2)["text"] == data["text"]
+
+
+def test_generate_reads_stdin_and_streams(tiny_hf_dir, capsys, monkeypatch):
+    code, out, err = run_cli(
+        ["generate", str(tiny_hf_dir), "--temperature", "0", "-n", "8", "--chat"],
+        capsys,
+        "hello there\n",
+        monkeypatch,
+    )
+    assert code == 0, err
+    assert out.endswith("\n")
+
+
+def test_chat_piped_keeps_history_and_reset(tiny_hf_dir, capsys, monkeypatch):
+    lines = "hello\nhow are you\n/reset\n/system be brief\nbye\n/exit\nnever read\n"
+    code, out, err = run_cli(
+        ["chat", str(tiny_hf_dir), "--temperature", "0", "-n", "5"], capsys, lines, monkeypatch
+    )
+    assert code == 0, err
+    assert "(conversation cleared)" in out
+    assert "(system message set" in out
+
+
+def test_info_and_store_commands(tiny_hf_dir, capsys):
+    code, out, _ = run_cli(["info", str(tiny_hf_dir), "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["model_type"] == "llama" and info["layers"] == 2 and info["kv_heads"] == 2
+    assert info["chat_template"].startswith("{% for m in messages %}")
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
+    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+
+    assert run_cli(["pull", str(tiny_hf_dir), "--name", "tiny"], capsys)[0] == 0
+    code, out, _ = run_cli(["models", "--json"], capsys)
+    assert [m["name"] for m in json.loads(out)["models"]] == ["tiny"]
+    code, out, _ = run_cli(
+        ["generate", "tiny", "-p", "Hi", "--temperature", "0", "-n", "3", "--json"], capsys
+    )
+    assert code == 0
+    assert run_cli(["rm", "tiny"], capsys)[0] == 0
+    assert tiny_hf_dir.exists()
+    code, out, _ = run_cli(["models", "--json"], capsys)
+    assert json.loads(out)["models"] == []
+
+
+def one_line_error(capsys, argv, *, expect_in: list[str], code: int = 1) -> str:
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for s in expect_in:
+        assert s in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_path(capsys, tmp_path):
+    one_line_error(capsys, ["generate", str(tmp_path / "nope"), "-p", "x"], expect_in=["nope", "not found"])
+
+
+def test_truncated_safetensors(tiny_hf_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf_dir, broken)
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    one_line_error(capsys, ["generate", str(broken), "-p", "x"], expect_in=[str(f), "truncated"])
+
+
+def test_unknown_model_type(tiny_hf_dir, tmp_path, capsys):
+    bad = tmp_path / "bad-type"
+    shutil.copytree(tiny_hf_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    one_line_error(capsys, ["info", str(bad)], expect_in=["config.json", "gpt_neox", "not supported"])
+
+
+def test_wrong_tensor_shape(tiny_hf_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad-shape"
+    shutil.copytree(tiny_hf_dir, bad)
+    state = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name] = state[name][:-1]
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(capsys, ["generate", str(bad), "-p", "x"], expect_in=[name, "shape"])
+
+
+def test_gguf_of_unsupported_architecture(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    one_line_error(capsys, ["generate", str(path), "-p", "x"], expect_in=[str(path), "gpt2", "not supported"])
+
+
+def test_pickle_refused_without_flag(tiny_hf_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    pk = tmp_path / "pickled"
+    shutil.copytree(tiny_hf_dir, pk)
+    torch.save(load_file(pk / "model.safetensors"), pk / "pytorch_model.bin")
+    (pk / "model.safetensors").unlink()
+    one_line_error(
+        capsys, ["generate", str(pk), "-p", "x"], expect_in=["pytorch_model.bin", "--allow-pickle"]
+    )
+    code, out, err = run_cli(
+        ["generate", str(pk), "-p", "x", "--allow-pickle", "-n", "2", "--temperature", "0", "--json"], capsys
+    )
+    assert code == 0, err
+
+
+def test_usage_errors_exit_2(capsys):
+    one_line_error(
+        capsys, ["generate", "x", "-p", "y", "--max-tokens", "abc"], expect_in=["--max-tokens"], code=2
+    )
+
+
+def test_bad_sampling_value_is_one_line(tiny_hf_dir, capsys):
+    one_line_error(capsys, ["generate", str(tiny_hf_dir), "-p", "x", "--top-p", "1.5"], expect_in=["top_p"])
+
+
+def test_subprocess_debug_and_exit_code(tmp_path):
+    """The installed console script: exit status 1 and one line, traceback only with --debug."""
+    exe = Path(sys.executable).parent / "weightsmith"
+    missing = str(tmp_path / "missing")
+    r = subprocess.run([str(exe), "info", missing], capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and missing in r.stderr
+    r = subprocess.run([str(exe), "--debug", "info", missing], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" in r.stderr
