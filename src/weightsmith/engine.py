@@ -14,12 +14,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from weightsmith.tokenizer import Tokenizer
-
 from weightsmith.errors import GenerationError
 from weightsmith.generate import TokenGenerator
 from weightsmith.models import CausalLM
 from weightsmith.sampling import SamplingParams
+from weightsmith.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
@@ -139,8 +138,7 @@ class Engine:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
         """Stream one sequence's text deltas; the last carries the finish reason."""
-        for delta in self.stream_batch([prompt], [params or SamplingParams()]):
-            yield delta
+        yield from self.stream_batch([prompt], [params or SamplingParams()])
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | list[SamplingParams]
@@ -159,7 +157,7 @@ class Engine:
         ids = [self.encode_prompt(p) for p in prompts]
         params = [
             replace(sp, max_tokens=min(sp.max_tokens, self.context_length - len(p)))
-            for p, sp in zip(ids, params)
+            for p, sp in zip(ids, params, strict=False)
         ]
         gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids)
         decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) for _ in ids]

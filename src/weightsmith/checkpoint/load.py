@@ -84,9 +84,8 @@ def _load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype, allow_pic
 
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
-    from weightsmith.tokenizer import Tokenizer
-
     from weightsmith.checkpoint import gguf
+    from weightsmith.tokenizer import Tokenizer
 
     info = gguf.read_gguf(path)
     cfg = ModelConfig.from_hf(info.config, source=str(path))

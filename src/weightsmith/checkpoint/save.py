@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from weightsmith.tokenizer import Tokenizer
 
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM
+from weightsmith.tokenizer import Tokenizer
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
