@@ -22,6 +22,23 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_default_model(default_gguf: Path):
+    """transformers' own load of the default GGUF file (fp32), the reference for parity."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_default_tokenizer(default_gguf: Path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+
+
+@pytest.fixture(scope="session")
 def default_gguf_dir(default_gguf: Path) -> Path:
     """The directory holding the default GGUF file (what transformers' gguf_file= wants)."""
     return default_gguf.parent

@@ -26,12 +26,8 @@ def ours(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def reference(default_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
-    return model, tok
+def reference(hf_default_model, hf_default_tokenizer):
+    return hf_default_model, hf_default_tokenizer
 
 
 def test_logits_match_transformers_gguf_load(ours, reference):

@@ -1,8 +1,8 @@
 """weightsmith: own the whole life cycle of an open-weight language model.
 
-    import weightsmith as ws
-    llm = ws.load("smollm2-135m-instruct")
-    llm.generate("Once upon a time", max_tokens=32, temperature=0)
+import weightsmith as ws
+llm = ws.load("smollm2-135m-instruct")
+llm.generate("Once upon a time", max_tokens=32, temperature=0)
 """
 
 from weightsmith.errors import WeightsmithError

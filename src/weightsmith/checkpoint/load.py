@@ -87,10 +87,11 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoi
     from weightsmith.checkpoint import gguf
     from weightsmith.tokenizer import Tokenizer
 
-    info = gguf.read_gguf(path)
+    reader = gguf.open_gguf(path)  # parsing the header is the slow part: do it once
+    info = gguf.read_gguf(reader)
     cfg = ModelConfig.from_hf(info.config, source=str(path))
-    tokenizer = Tokenizer.from_config(gguf.build_gguf_tokenizer(path), info.tokenizer_config)
-    tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(path, dtype=torch.float32))
+    tokenizer = Tokenizer.from_config(gguf.build_gguf_tokenizer(reader), info.tokenizer_config)
+    tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)

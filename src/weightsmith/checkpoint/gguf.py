@@ -1,0 +1,606 @@
+"""Read GGUF checkpoints (llama.cpp's single-file format) as HF-named config, tokenizer and weights.
+
+What it does:
+- `read_gguf` turns the file's metadata into the fields of an HF `config.json` and
+  `tokenizer_config.json`, and summarises how the weights are stored.
+- `build_gguf_tokenizer` rebuilds a `tokenizers.Tokenizer` from the vocabulary, merges and
+  special tokens in the metadata (byte-level BPE "gpt2" and SentencePiece-style "llama").
+- `iter_gguf_tensors` yields the weights one at a time under HF parameter names, dequantized,
+  in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
+
+Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, and mixtral
+(llama with experts). The file is memory-mapped by `gguf.GGUFReader`; only the tensor being
+yielded is held in memory as floats.
+
+What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
+other architectures, or rebuild llama3-style rope scaling from a `rope_freqs` tensor (that
+tensor is skipped and a warning logged; `rope_scaling` comes only from `rope.scaling.*` keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from weightsmith.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+
+# model_type -> the HF class name that goes into config["architectures"].
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+
+# GGUF `{arch}.rope.scaling.*` key suffix -> HF `rope_scaling` dict key.
+_ROPE_SCALING_KEYS = {
+    "factor": "factor",
+    "original_context_length": "original_max_position_embeddings",
+    "attn_factor": "attention_factor",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
+
+
+@dataclass
+class GGUFCheckpoint:
+    """What a GGUF file says about its model, without its weights."""
+
+    path: Path
+    config: dict  # HF config.json fields
+    tokenizer_config: dict  # HF tokenizer_config.json fields: special tokens, add_bos/eos, chat_template
+    file_type: str  # the most common GGML type among matrix weights, e.g. "Q4_1"
+    tensor_types: dict[str, int]  # GGML type name -> number of tensors stored in it
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening the file and reading metadata
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Memory-map a GGUF file, turning every way it can be broken into one `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file; check the path")
+    try:
+        reader = GGUFReader(path)
+    # The reader signals a bad magic, a truncated header or a short tensor region through
+    # several built-in exception types (a failed reshape, an index past the end, bad UTF-8).
+    except (ValueError, KeyError, IndexError, OverflowError, TypeError, OSError) as error:
+        raise CheckpointError(
+            f"{path}: not a valid or complete GGUF file ({error}); re-download or re-convert it"
+        ) from error
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > reader.data.size:
+        raise CheckpointError(
+            f"{path}: not a complete GGUF file (tensor data ends at byte {end}, file has "
+            f"{reader.data.size}); re-download it"
+        )
+    return reader
+
+
+def _as_reader(path_or_reader: str | Path | GGUFReader) -> GGUFReader:
+    return path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
+
+
+def _reader_path(reader: GGUFReader) -> Path:
+    return Path(reader.data.filename)
+
+
+def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """One metadata value as a Python object, or `default` when the key is absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    if field.types == [GGUFValueType.FLOAT32]:
+        # float32 -> the shortest decimal that round-trips, so 1e-5 reads back as 1e-05 and not
+        # 9.999999747378752e-06: the value the model's config.json had before conversion.
+        return float(str(field.parts[-1][0]))
+    return field.contents()
+
+
+def _require(reader: GGUFReader, key: str) -> Any:
+    value = _meta(reader, key)
+    if value is None:
+        raise CheckpointError(
+            f"{_reader_path(reader)}: GGUF metadata key '{key}' is missing; the file is incomplete "
+            "or was written by a converter weightsmith does not know"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def _model_type(reader: GGUFReader) -> str:
+    """Our model_type for the file, or a CheckpointError naming the unsupported architecture."""
+    arch = _require(reader, "general.architecture")
+    if arch == "qwen2":
+        return "qwen2"
+    if arch != "llama":
+        raise CheckpointError(
+            f"{_reader_path(reader)}: GGUF architecture '{arch}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    # llama.cpp has no mixtral or mistral architecture: both are written as llama. Experts mark
+    # mixtral; for mistral the model's name is the only trace left.
+    if (_meta(reader, "llama.expert_count") or 0) > 0:
+        return "mixtral"
+    name = f"{_meta(reader, 'general.basename', '')} {_meta(reader, 'general.name', '')}"
+    return "mistral" if "mistral" in name.lower() else "llama"
+
+
+def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
+    """HF `rope_scaling` from `{arch}.rope.scaling.*`, or from the older `rope.scale_linear`."""
+    kind = _meta(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        linear = _meta(reader, f"{arch}.rope.scale_linear")
+        return {"rope_type": "linear", "factor": linear} if linear else None
+    scaling: dict[str, Any] = {"rope_type": kind}
+    for suffix, hf_key in _ROPE_SCALING_KEYS.items():
+        value = _meta(reader, f"{arch}.rope.scaling.{suffix}")
+        if value is not None:
+            scaling[hf_key] = value
+    return scaling
+
+
+def _vocab_size(reader: GGUFReader, arch: str) -> int:
+    size = _meta(reader, f"{arch}.vocab_size")
+    if size is not None:
+        return size
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        _require(reader, f"{arch}.vocab_size")  # raises, naming the key
+    return int(embed.shape[-1])  # GGUF shapes are in ne order: (hidden, vocab)
+
+
+def _gguf_config(reader: GGUFReader) -> dict:
+    """The HF config.json fields this file's metadata determines."""
+    model_type = _model_type(reader)
+    arch = _require(reader, "general.architecture")
+    names = {t.name for t in reader.tensors}
+    hidden = _require(reader, f"{arch}.embedding_length")
+    heads = _require(reader, f"{arch}.attention.head_count")
+    experts = _meta(reader, f"{arch}.expert_count") or 0
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "vocab_size": _vocab_size(reader, arch),
+        "hidden_size": hidden,
+        "intermediate_size": _require(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _require(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _meta(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": _meta(reader, f"{arch}.attention.key_length", hidden // heads),
+        "hidden_act": "silu",  # all four supported families use SwiGLU
+        "rms_norm_eps": _require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _meta(reader, f"{arch}.rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(reader, arch),
+        "max_position_embeddings": _require(reader, f"{arch}.context_length"),
+        # llama.cpp drops output.weight when it equals the embedding, so its absence means tied.
+        "tie_word_embeddings": "output.weight" not in names,
+        # qwen2 always has q/k/v biases; elsewhere they exist only if the tensors do.
+        "attention_bias": model_type == "qwen2" or "blk.0.attn_q.bias" in names,
+        "sliding_window": _meta(reader, f"{arch}.attention.sliding_window"),
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
+    }
+    if experts:
+        config["num_local_experts"] = experts
+        config["num_experts_per_tok"] = _require(reader, f"{arch}.expert_used_count")
+    return config
+
+
+def _tokenizer_config(reader: GGUFReader) -> dict:
+    """HF tokenizer_config.json fields: special token strings, BOS/EOS flags, chat template."""
+    tokens = _meta(reader, "tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str | None:
+        index = _meta(reader, f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None and index < len(tokens) else None
+
+    return {
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "add_bos_token": _add_bos_default(reader),
+        "add_eos_token": bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
+        "chat_template": _meta(reader, "tokenizer.chat_template"),
+    }
+
+
+def _add_bos_default(reader: GGUFReader) -> bool:
+    # Without the flag, llama.cpp adds BOS for a SentencePiece vocabulary and not for byte-level BPE.
+    default = _meta(reader, "tokenizer.ggml.model") == "llama"
+    return bool(_meta(reader, "tokenizer.ggml.add_bos_token", default))
+
+
+def read_gguf(path: str | Path | GGUFReader) -> GGUFCheckpoint:
+    """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
+    reader = _as_reader(path)
+    config = _gguf_config(reader)
+    tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
+    # The file's "quantization" is what its matrices use; norms and biases stay F32 in every file.
+    matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
+    file_type = (matrix_types or tensor_types or Counter({"F32": 1})).most_common(1)[0][0]
+    return GGUFCheckpoint(
+        path=_reader_path(reader),
+        config=config,
+        tokenizer_config=_tokenizer_config(reader),
+        file_type=file_type,
+        tensor_types=dict(tensor_types),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",
+}
+# Mixtral's HF names for an expert's three matrices: w1 = gate, w3 = up, w2 = down.
+_EXPERT_TENSORS = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+# Tensors llama.cpp computes for its own kernels, not weights of the HF model.
+_SKIPPED_TENSORS = {"rope_freqs.weight"}
+
+# blk.{layer}.{kind}[.{expert}].{weight|bias}; merged experts are kind "ffn_gate_exps" etc.
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)(?:\.(\d+))?\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF parameter name for a GGUF tensor name, or None if the name is not one we map.
+
+    A merged expert tensor (`blk.N.ffn_gate_exps.weight`) maps to a name with an `{expert}`
+    placeholder, to be filled in per expert when the 3-D tensor is split.
+    """
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
+        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    if match is None:
+        return None
+    layer, kind, expert, suffix = match.groups()
+    prefix = f"model.layers.{layer}"
+    if expert is not None and kind in _EXPERT_TENSORS:
+        return f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_TENSORS[kind]}.{suffix}"
+    if expert is None and kind.endswith("_exps") and kind[: -len("_exps")] in _EXPERT_TENSORS:
+        w = _EXPERT_TENSORS[kind[: -len("_exps")]]
+        return f"{prefix}.block_sparse_moe.experts.{{expert}}.{w}.{suffix}"
+    if expert is None and kind in _BLOCK_TENSORS:
+        return f"{prefix}.{_BLOCK_TENSORS[kind]}.{suffix}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of a llama-family q_proj/k_proj weight or bias.
+
+    Why it exists: HF's rotary embedding pairs dimension i with i + head_dim/2 of each head
+    (`rotate_half`), while ggml's llama rope pairs adjacent dimensions 2i and 2i+1. llama.cpp's
+    converter makes the two agree by reordering the rows of each head, in halves-to-pairs order:
+    `w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2)`. This is the inverse, so the
+    weight works with HF's rope again. qwen2 files use ggml's NEOX rope (the HF pairing) and are
+    not permuted. `n_head` is num_key_value_heads for k_proj.
+
+    w: (n_head * head_dim, in_features) weight or (n_head * head_dim,) bias.
+    """
+    rest = w.shape[1:]
+    half = w.shape[0] // n_head // 2
+    # (n_head, head_dim/2, 2, ...) -> (n_head, 2, head_dim/2, ...) -> (n_head * head_dim, ...)
+    return w.reshape(n_head, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+@functools.cache
+def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    """Whether gguf-py can dequantize this type: try it on one zero block."""
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return True
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _plan_tensors(reader: GGUFReader) -> list[tuple[ReaderTensor, str]]:
+    """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
+    path = _reader_path(reader)
+    plan = []
+    for tensor in reader.tensors:
+        if tensor.name in _SKIPPED_TENSORS:
+            logger.warning("%s: skipping %s (llama3 rope scaling is not rebuilt from it)", path, tensor.name)
+            continue
+        hf_name = hf_tensor_name(tensor.name)
+        if hf_name is None:
+            raise CheckpointError(
+                f"{path}: tensor '{tensor.name}' has no HF equivalent in weightsmith's name map; "
+                "the file may be for an unsupported architecture variant"
+            )
+        if not _can_dequantize(tensor.tensor_type):
+            raise CheckpointError(
+                f"{path}: tensor '{tensor.name}' is stored as {tensor.tensor_type.name}, which the "
+                "installed gguf package cannot dequantize; upgrade gguf or re-quantize the file"
+            )
+        plan.append((tensor, hf_name))
+    return plan
+
+
+def _dequantized(tensor: ReaderTensor) -> np.ndarray:
+    """One tensor as float32 in numpy (HF) axis order.
+
+    GGUF records shapes in ggml's ne order (fastest axis first); the reader's numpy view already
+    reverses that, so a matrix comes out as (out_features, in_features) and a merged expert
+    tensor as (n_expert, out_features, in_features).
+    """
+    values = dequantize(tensor.data, tensor.tensor_type)
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
+        values = values.copy()
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return values.reshape(shape)
+
+
+def iter_gguf_tensors(
+    path: str | Path | GGUFReader, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, dequantized tensor in HF layout), one tensor at a time.
+
+    Every name and storage type is checked before the first tensor is yielded, so a file that
+    cannot be loaded fails before any work is done. A tied lm_head is not yielded (the file has
+    no output.weight); `read_gguf(...).config["tie_word_embeddings"]` says so.
+    """
+    reader = _as_reader(path)
+    config = _gguf_config(reader)  # also rejects unsupported architectures
+    plan = _plan_tensors(reader)
+    # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
+    permuted = _require(reader, "general.architecture") == "llama"
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for tensor, hf_name in plan:
+        try:
+            w = _dequantized(tensor)
+            proj = hf_name.rsplit(".", 2)[-2]
+            if permuted and proj in heads:
+                w = unpermute_qk(w, heads[proj])
+        except ValueError as error:  # a shape that contradicts the metadata
+            raise CheckpointError(f"{_reader_path(reader)}: tensor '{tensor.name}': {error}") from error
+        if "{expert}" in hf_name:
+            for expert, matrix in enumerate(w):  # (n_expert, out, in) -> n_expert x (out, in)
+                # A copy per expert: views into one buffer would be shared storage to safetensors.
+                yield hf_name.format(expert=expert), torch.from_numpy(matrix).to(dtype=dtype, copy=True)
+        else:
+            yield hf_name, torch.from_numpy(w).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Pre-tokenizer splits for byte-level BPE vocabularies, keyed by `tokenizer.ggml.pre`. Each entry
+# is applied in order, as llama.cpp's `llama-vocab.cpp` chains its regexes for that name; the
+# patterns are the public ones from the models' own tokenizer.json files.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    # A file without a recorded pre-tokenizer ("default") gets GPT-2's split, as transformers
+    # does; llama.cpp's own fallback also splits punctuation runs first.
+    "default": (_GPT2_SPLIT,),
+    "gpt-2": (_GPT2_SPLIT,),
+    # SmolLM/StarCoder vocabularies: every digit alone, then GPT-2's split.
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "llama3": (_LLAMA3_SPLIT,),
+    "llama-v3": (_LLAMA3_SPLIT,),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
+}
+# Llama 3 looks a whole pre-token up in the vocabulary before merging (`ignore_merges` in its
+# tokenizer.json; llama.cpp sets the same flag for these names).
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+
+
+@dataclass
+class _GGUFVocab:
+    """The tokenizer part of a GGUF file's metadata."""
+
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str  # tokenizer.ggml.pre: which pre-tokenizer split the merges were learned with
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float] | None
+    merges: list[str] | None
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+
+
+def _read_vocab(reader: GGUFReader) -> _GGUFVocab:
+    tokens = _require(reader, "tokenizer.ggml.tokens")
+    types = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(
+            f"{_reader_path(reader)}: GGUF has {len(tokens)} tokens but {len(types)} token types; "
+            "the file is corrupt"
+        )
+    return _GGUFVocab(
+        model=_require(reader, "tokenizer.ggml.model"),
+        pre=_meta(reader, "tokenizer.ggml.pre", "default"),
+        tokens=tokens,
+        token_types=types,
+        scores=_meta(reader, "tokenizer.ggml.scores"),
+        merges=_meta(reader, "tokenizer.ggml.merges"),
+        bos_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_meta(reader, "tokenizer.ggml.eos_token_id"),
+        unk_id=_meta(reader, "tokenizer.ggml.unknown_token_id"),
+        add_bos=_add_bos_default(reader),
+        add_eos=bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(_meta(reader, "tokenizer.ggml.add_space_prefix", True)),
+    )
+
+
+def _bpe(vocab: _GGUFVocab, merges: list, path: Path, **options: Any) -> Tokenizer:
+    """A Tokenizer around a BPE model of the file's tokens (their index is their id)."""
+    ids = {token: index for index, token in enumerate(vocab.tokens)}
+    try:
+        return Tokenizer(models.BPE(ids, merges, **options))
+    except Exception as error:  # tokenizers raises a bare Exception, e.g. for a merge of an unknown token
+        raise CheckpointError(f"{path}: the GGUF vocabulary and merges do not agree ({error})") from error
+
+
+def _byte_level_bpe(vocab: _GGUFVocab, path: Path) -> Tokenizer:
+    """GPT-2-style BPE: tokens are spelled in the byte-to-unicode alphabet, merges are given."""
+    splits = PRE_TOKENIZER_SPLITS.get(vocab.pre)
+    if splits is None:
+        raise CheckpointError(
+            f"{path}: GGUF pre-tokenizer '{vocab.pre}' is not supported "
+            f"(supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})"
+        )
+    if vocab.merges is None:
+        raise CheckpointError(f"{path}: GGUF metadata key 'tokenizer.ggml.merges' is missing")
+    merges = [tuple(merge.split(" ", 1)) for merge in vocab.merges]
+    tokenizer = _bpe(vocab, merges, path, ignore_merges=vocab.pre in _IGNORE_MERGES)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+        # The splits above already cut the text; ByteLevel only maps bytes to its alphabet.
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-driven merging.
+
+    SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose
+    concatenation is the highest-scoring vocabulary entry. A BPE whose merges are every
+    (left, right) split of every entry, ranked by the entry's score, makes the same choices.
+    """
+    ids = {token: index for index, token in enumerate(tokens)}
+    ranked = []
+    for piece, index in ids.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[index], ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_bpe(vocab: _GGUFVocab, path: Path) -> Tokenizer:
+    """SentencePiece BPE: "▁" marks spaces, unknown bytes fall back to <0xNN> tokens."""
+    if vocab.scores is None and vocab.merges is None:
+        raise CheckpointError(f"{path}: GGUF metadata key 'tokenizer.ggml.scores' is missing")
+    if vocab.merges is not None:
+        merges = [tuple(merge.split(" ", 1)) for merge in vocab.merges]
+    else:
+        merges = _merges_from_scores(vocab.tokens, vocab.scores)
+    unk = vocab.tokens[vocab.unk_id] if vocab.unk_id is not None else None
+    tokenizer = _bpe(vocab, merges, path, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    # The prefix space goes in the normalizer, which runs on each stretch of text between special
+    # tokens: llama.cpp (like SentencePiece called per segment) adds it after every special token.
+    steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    undo = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if vocab.add_space_prefix:
+        undo.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(undo)
+    return tokenizer
+
+
+_TOKENIZER_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def _add_special_tokens(tokenizer: Tokenizer, vocab: _GGUFVocab) -> None:
+    """Register control/unknown tokens as special and user-defined ones as added tokens.
+
+    Both kinds are then matched whole in the input and never split by the model. Control tokens
+    (like <|im_start|>) are special, so decode(skip_special_tokens=True) drops them; user-defined
+    ones (like <think>) are text and stay, as in llama.cpp and transformers.
+    """
+    special, added = [], []
+    for token, kind in zip(vocab.tokens, vocab.token_types, strict=True):
+        if kind in (_CONTROL, _UNKNOWN):
+            special.append(AddedToken(token, special=True, normalized=False))
+        elif kind == _USER_DEFINED:
+            added.append(AddedToken(token, special=False, normalized=False))
+    tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(added)
+
+
+def _add_bos_eos(tokenizer: Tokenizer, vocab: _GGUFVocab) -> None:
+    """A post-processor adding BOS/EOS to every encoded sequence, as the file's flags ask."""
+    bos = vocab.tokens[vocab.bos_id] if vocab.add_bos and vocab.bos_id is not None else None
+    eos = vocab.tokens[vocab.eos_id] if vocab.add_eos and vocab.eos_id is not None else None
+    if bos is None and eos is None:
+        return
+    single = [t for t in (bos, "$A", eos) if t is not None]
+    pair = single + [t for t in (bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if t]
+    specials = [(t, i) for t, i in ((bos, vocab.bos_id), (eos, vocab.eos_id)) if t is not None]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=specials
+    )
+
+
+def build_gguf_tokenizer(path_or_reader: str | Path | GGUFReader) -> Tokenizer:
+    """A `tokenizers.Tokenizer` rebuilt from a GGUF file's vocabulary, merges and special tokens."""
+    reader = _as_reader(path_or_reader)
+    path = _reader_path(reader)
+    vocab = _read_vocab(reader)
+    builder = _TOKENIZER_BUILDERS.get(vocab.model)
+    if builder is None:
+        raise CheckpointError(
+            f"{path}: GGUF tokenizer model '{vocab.model}' is not supported "
+            f"(supported: {', '.join(_TOKENIZER_BUILDERS)})"
+        )
+    tokenizer = builder(vocab, path)
+    _add_special_tokens(tokenizer, vocab)
+    _add_bos_eos(tokenizer, vocab)
+    return tokenizer
