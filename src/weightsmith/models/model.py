@@ -20,6 +20,7 @@ from torch import nn
 
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.config import ModelConfig
+from weightsmith.models.linear import Linear, PackedLinears, pack_linears, use_decode_layout
 from weightsmith.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 #: Activation functions by config.json `hidden_act` name.
@@ -41,10 +42,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        # Written out rather than F.rms_norm: on CPU this is ~3x faster for decode-sized
+        # inputs, and it is the reference's exact order of operations.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 @dataclass
@@ -70,30 +72,55 @@ class Attention(nn.Module):
         self.layer_type = cfg.layer_types[layer_idx]
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, q_out, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, bias=bias)
         # Llama-family checkpoints have no output-projection bias, even with attention_bias (Qwen2).
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type != "qwen2")
+        self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type != "qwen2")
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        packed: PackedLinears | None = self.__dict__.get("packed")
+        if packed is not None and packed.applies(x, projections):
+            q, k, v = packed(x)
+        else:
+            q, k, v = (proj(x) for proj in projections)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if a.cache is not None:
             k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len)  # (B, Hkv, S, D)
         mask = a.masks[self.layer_type]
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=a.is_causal and mask is None,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, D)
+        if t == 1 and self.__dict__.get("manual_one", False):
+            out = self._attend_one(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=a.is_causal and mask is None,
+                enable_gqa=self.n_kv != self.n_heads,
+            )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_one(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention for a single query per row (decoding), as two small matmuls: at
+        T=1 this is several times cheaper than a fused kernel's fixed cost on CPU."""
+        b, g = q.shape[0], self.n_heads // self.n_kv
+        qg = q.reshape(b, self.n_kv, g, self.head_dim)  # query heads grouped by their KV head
+        scores = (qg @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, Hkv, G, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+        probs = scores.float().softmax(-1).to(q.dtype)
+        return (probs @ v).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, D)
+
+    def pack_for_decode(self, splits: int) -> None:
+        self.__dict__["packed"] = pack_linears([self.q_proj, self.k_proj, self.v_proj], splits)
 
 
 class MLP(nn.Module):
@@ -102,13 +129,21 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        packed: PackedLinears | None = self.__dict__.get("packed")
+        if packed is not None and packed.applies(x, (self.gate_proj, self.up_proj)):
+            gate, up = packed(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+    def pack_for_decode(self, splits: int) -> None:
+        self.__dict__["packed"] = pack_linears([self.gate_proj, self.up_proj], splits)
 
 
 class Expert(nn.Module):
@@ -117,9 +152,9 @@ class Expert(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.w1 = nn.Linear(h, i, bias=False)
-        self.w2 = nn.Linear(i, h, bias=False)
-        self.w3 = nn.Linear(h, i, bias=False)
+        self.w1 = Linear(h, i, bias=False)
+        self.w2 = Linear(i, h, bias=False)
+        self.w3 = Linear(h, i, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +168,7 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +219,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = TransformerBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling = inverse_frequencies(cfg)
@@ -194,6 +229,17 @@ class CausalLM(nn.Module):
         """Re-point the LM head at the embedding after weights were assigned (tied models)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_decode_layout(self, splits: int | None = None) -> None:
+        """Switch CPU weights to the decode-friendly layout (see `use_decode_layout`)."""
+        splits = splits or torch.get_num_threads()
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.pack_for_decode(splits)
+        use_decode_layout(self, splits)
+        if self.config.tie_word_embeddings:
+            # The LM head got the new storage; point the embedding at it to stay tied.
+            self.model.embed_tokens.weight = self.lm_head.weight
 
     def reset_rope(self) -> None:
         """Recompute the RoPE buffer on the model's device (after building on meta)."""
