@@ -3,8 +3,10 @@
 Both load the same GGUF file (dequantized to fp32) and run greedy decoding on the
 CPU with the same thread count. Decode speed is measured as N extra tokens over the
 time difference between generating N+1 tokens and generating 1 token, so prefill
-is excluded the same way for both. Medians over repeated runs after a warm-up;
-the ratio (ours / peer) is what to read, since the machines are shared and noisy.
+is excluded the same way for both. Each contender is warmed up, then the runs are
+interleaved (ours, peer, ours, peer, ...) so that a noisy neighbour slows both
+alike, and medians are taken. Read the ratio (ours / peer): the machines are
+shared and noisy, so a lone absolute figure means little.
 
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
@@ -25,12 +27,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    return statistics.median(timed(fn) for _ in range(runs))
-
-
-def bench_ours(path, prompt_ids, prefill_ids, new_tokens, runs) -> dict[str, float]:
+def bench_ours(path, prompt_ids, prefill_ids):
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
@@ -49,12 +46,10 @@ def bench_ours(path, prompt_ids, prefill_ids, new_tokens, runs) -> dict[str, flo
         with torch.inference_mode():
             model(torch.tensor([prefill_ids]), logits_at=torch.tensor([len(prefill_ids) - 1]))
 
-    return rates(gen, prefill, new_tokens, len(prefill_ids), runs)
+    return gen, prefill
 
 
-def bench_transformers(
-    path, prompt_ids, prefill_ids, new_tokens, runs, cache: str | None
-) -> dict[str, float]:
+def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -74,14 +69,26 @@ def bench_transformers(
         with torch.inference_mode():
             model(torch.tensor([prefill_ids]), logits_to_keep=1)
 
-    return rates(gen, prefill, new_tokens, len(prefill_ids), runs)
+    return gen, prefill
 
 
-def rates(gen, prefill, new_tokens: int, prefill_len: int, runs: int) -> dict[str, float]:
-    t1 = median_time(lambda: gen(1), runs)
-    tn = median_time(lambda: gen(new_tokens + 1), runs)
-    tp = median_time(prefill, runs)
-    return {"decode_tok_s": new_tokens / (tn - t1), "prefill_tok_s": prefill_len / tp}
+def interleaved_rates(contenders: dict, new_tokens: int, prefill_len: int, runs: int) -> dict[str, dict]:
+    """Warm every contender up, then alternate between them for `runs` rounds."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for name, (gen, prefill) in contenders.items():
+        gen(new_tokens + 1), prefill()  # warm-up
+        samples[name] = {"t1": [], "tn": [], "tp": []}
+    for _ in range(runs):
+        for name, (gen, prefill) in contenders.items():
+            s = samples[name]
+            s["t1"].append(timed(lambda g=gen: g(1)))
+            s["tn"].append(timed(lambda g=gen: g(new_tokens + 1)))
+            s["tp"].append(timed(prefill))
+    results = {}
+    for name, s in samples.items():
+        t1, tn, tp = (statistics.median(s[k]) for k in ("t1", "tn", "tp"))
+        results[name] = {"decode_tok_s": new_tokens / (tn - t1), "prefill_tok_s": prefill_len / tp}
+    return results
 
 
 def main() -> None:
@@ -104,16 +111,19 @@ def main() -> None:
     text = "Open models let people run, study and adapt language technology on their own machines. " * 40
     prefill_ids = tok.encode(text)[: args.prefill_tokens]
 
-    results = {"weightsmith": bench_ours(path, prompt_ids, prefill_ids, args.new_tokens, args.runs)}
-    results["transformers eager"] = bench_transformers(
-        path, prompt_ids, prefill_ids, args.new_tokens, args.runs, cache=None
-    )
+    contenders = {
+        "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
+        "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
+    }
     if not args.skip_static:
-        results["transformers static cache"] = bench_transformers(
-            path, prompt_ids, prefill_ids, args.new_tokens, args.runs, cache="static"
+        contenders["transformers static cache"] = bench_transformers(
+            path, prompt_ids, prefill_ids, cache="static"
         )
+    results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
 
-    print(f"model {args.model} (fp32), {args.threads} threads, batch 1, greedy, medians of {args.runs} runs")
+    print(
+        f"model {args.model} (fp32), {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
+    )
     print(f"{'':28}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
         print(f"{name:28}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
