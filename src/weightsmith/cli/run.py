@@ -206,15 +206,15 @@ class DemoConfig:
     """Run the main job end to end on the default model: a scripted conversation and its speed."""
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    max_tokens: int = opt(48, "most tokens per answer")
+    max_tokens: int = opt(96, "most tokens per answer")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
 
 DEMO_TURNS = [
-    "Hi! In one sentence, what are you?",
-    "Name three things to check before fine-tuning a small language model.",
-    "Thanks. Summarise your last answer in five words.",
+    "Hi! Who are you, in one sentence?",
+    "Give me three short tips for writing clear documentation.",
+    "What is the capital of France?",
 ]
 
 
