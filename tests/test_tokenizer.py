@@ -309,7 +309,7 @@ def test_missing_tokenizer_json_is_a_checkpoint_error(tmp_path: Path) -> None:
 def test_broken_files_name_file_and_line(tmp_path: Path) -> None:
     write_dir(tmp_path, build_byte_level(), {})
     (tmp_path / "tokenizer_config.json").write_text('{\n  "bos_token": "<s>",\n  oops\n}')
-    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json line 3: invalid JSON"):
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json:3: invalid JSON"):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": 5}))
     with pytest.raises(CheckpointError, match="'bos_token' must be a string"):

@@ -18,10 +18,8 @@ which is what chat LLMs use).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from tokenizers import processors
 
 from weightsmith.chat_template import ChatTemplateError, render_chat_template
 from weightsmith.errors import CheckpointError
+from weightsmith.files import read_json, write_json_atomic, write_text_atomic
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -103,14 +102,14 @@ class Tokenizer:
             raise CheckpointError(
                 f"{tokenizer_file}: the tokenizers library cannot read it ({e}); re-download or re-save the file"
             ) from e
-        config = _read_json(root / "tokenizer_config.json") or {}
-        special_map = _read_json(root / "special_tokens_map.json")
+        config = read_json(root / "tokenizer_config.json", required=False) or {}
+        special_map = read_json(root / "special_tokens_map.json", required=False)
         if special_map and "added_tokens_decoder" not in config:
             # transformers only reads the legacy special_tokens_map.json when the config predates
             # `added_tokens_decoder`, and then lets the map's values win over the config's.
             config = _merge_special_tokens_map(config, special_map)
         config = {**config, "chat_template": _chat_template_from_files(root, config)}
-        return cls.from_config(backend, config, _read_json(root / "generation_config.json"))
+        return cls.from_config(backend, config, read_json(root / "generation_config.json", required=False))
 
     @classmethod
     def from_config(
@@ -322,7 +321,7 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(root / "tokenizer.json", self._backend_for_save().to_str(pretty=True))
+        write_text_atomic(root / "tokenizer.json", self._backend_for_save().to_str(pretty=True))
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos_token,
@@ -334,8 +333,8 @@ class Tokenizer:
             config["chat_template"] = self._templates["default"]
         elif self._templates:
             config["chat_template"] = [{"name": n, "template": t} for n, t in self._templates.items()]
-        _write_atomic(root / "tokenizer_config.json", _dump_json(config))
-        _write_atomic(root / "special_tokens_map.json", _dump_json(dict(self._special_tokens)))
+        write_json_atomic(root / "tokenizer_config.json", config)
+        write_json_atomic(root / "special_tokens_map.json", dict(self._special_tokens))
 
     def _backend_for_save(self) -> tokenizers.Tokenizer:
         """The backend as transformers must see it: BOS/EOS we add by hand become a post-processor.
@@ -409,23 +408,6 @@ class StreamDecoder:
 # ----- config parsing ------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{path} line {e.lineno}: invalid JSON ({e.msg}); fix or re-download the file"
-        ) from e
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); re-download the file") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
-
-
 def _merge_special_tokens_map(config: dict[str, Any], special_map: Mapping[str, Any]) -> dict[str, Any]:
     # transformers: the map's values replace the config's, except an extra_special_tokens list,
     # which is merged.
@@ -453,7 +435,7 @@ def _chat_template_from_files(root: Path, config: Mapping[str, Any]) -> str | di
         return named["default"] if set(named) == {"default"} else named
     if config.get("chat_template") is not None:
         return config["chat_template"]
-    return (_read_json(root / "chat_template.json") or {}).get("chat_template")
+    return (read_json(root / "chat_template.json", required=False) or {}).get("chat_template")
 
 
 def _parse_templates(value: Any) -> dict[str, str]:
@@ -584,24 +566,3 @@ def _generation_eos_ids(generation_config: Mapping[str, Any] | None) -> list[int
             f"generation_config.json 'eos_token_id' must be an int or a list of ints, got {value!r:.80}"
         )
     return values
-
-
-# ----- writing -------------------------------------------------------------------------------------
-
-
-def _dump_json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename so an interrupted save never leaves a half-written file (DESIGN: nothing lost).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

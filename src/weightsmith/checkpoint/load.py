@@ -20,6 +20,7 @@ from torch import nn
 
 from weightsmith.checkpoint import safetensors as st
 from weightsmith.errors import CheckpointError
+from weightsmith.files import read_json
 from weightsmith.models import CausalLM, ModelConfig
 
 if TYPE_CHECKING:
@@ -75,11 +76,11 @@ def load_checkpoint(
 def _load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> Checkpoint:
     from weightsmith.tokenizer import Tokenizer
 
-    cfg = ModelConfig.from_hf(st.read_json(path / "config.json"), source=str(path / "config.json"))
+    cfg = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     files = st.weight_files(path, allow_pickle=allow_pickle)
     tokenizer = Tokenizer.from_dir(path)
     model = build_model(cfg, ((n, t, str(f)) for n, t, f in st.iter_tensors(files)), device, dtype)
-    gen = st.read_json(path / "generation_config.json", required=False) or {}
+    gen = read_json(path / "generation_config.json", required=False) or {}
     return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen)
 
 
@@ -153,10 +154,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         template = info.tokenizer_config.get("chat_template")
         fmt, size = "gguf", path.stat().st_size
     else:
-        data = st.read_json(path / "config.json")
+        data = read_json(path / "config.json")
         cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
         precision = cfg.torch_dtype
-        tok_cfg = st.read_json(path / "tokenizer_config.json", required=False) or {}
+        tok_cfg = read_json(path / "tokenizer_config.json", required=False) or {}
         template = tok_cfg.get("chat_template")
         jinja = path / "chat_template.jinja"
         if template is None and jinja.exists():

@@ -9,37 +9,17 @@ tokenizer (weightsmith.tokenizer).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from weightsmith.errors import CheckpointError
+from weightsmith.files import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "consolidated*.pth")
-
-
-def read_json(path: Path, *, required: bool = True) -> dict[str, Any] | None:
-    """Parse a JSON file; a missing required file or a syntax error names the file and line."""
-    if not path.exists():
-        if required:
-            raise CheckpointError(f"{path}: file not found; an HF checkpoint directory needs it")
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix or re-download the file"
-        ) from e
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); re-download the file") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def weight_files(path: Path, *, allow_pickle: bool = False) -> list[Path]:

@@ -53,7 +53,7 @@ def save_hf_dir(
         _write_shards(state, tmp, max_shard_bytes)
         tokenizer.save(tmp)
         for f in tmp.iterdir():
-            _fsync(f)
+            _fsync_file(f)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -105,6 +105,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _fsync(path: Path) -> None:
+def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -64,7 +64,6 @@ import difflib
 import enum
 import functools
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Hashable, Iterator, Sequence
@@ -74,6 +73,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.files import write_text_atomic
 
 __all__ = [
     "add_config_arguments",
@@ -812,34 +812,4 @@ def dump_config_yaml(cfg: Any, path: str | os.PathLike) -> None:
     data = config_to_dict(cfg)
     body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
     text = f"# {type(cfg).__name__}, written by weightsmith\n{body}"
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WeightsmithError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; a config is not secret
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise WeightsmithError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable where the platform allows it."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_text_atomic(Path(path), text)
