@@ -7,6 +7,7 @@ printing; the CLI passes a writer to stdout.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -159,7 +160,9 @@ def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) 
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
     session = ChatSession(llm, cfg.sampling(), cfg.system)
     if interactive:
-        out.write(f"chatting with {cfg.model} ({CHAT_HELP}, Ctrl-D to quit)\n")
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        out.write(f"chatting with {cfg.model} ({CHAT_HELP}, Ctrl-C stops an answer, Ctrl-D quits)\n")
     turns = 0
     while True:
         line = _read_line(stdin, out, interactive)
@@ -183,7 +186,12 @@ def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) 
                 out.write(f"unknown command {cmd}: {CHAT_HELP}\n")
             out.flush()
             continue
-        session.reply(text, lambda s: (out.write(s), out.flush()))
+        try:
+            session.reply(text, lambda s: (out.write(s), out.flush()))
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            out.write(" (stopped)")  # Ctrl-C ends this answer, not the session
         out.write("\n")
         out.flush()
         turns += 1
@@ -194,7 +202,7 @@ def _read_line(stdin: TextIO, out: TextIO, interactive: bool) -> str | None:
     if interactive:
         try:
             return input(">>> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             out.write("\n")
             return None
     line = stdin.readline()

@@ -1,0 +1,264 @@
+"""Next-token selection (weightsmith.sampling) against transformers' logits processors.
+
+What is checked:
+- `probabilities()` keeps exactly the tokens transformers' Temperature -> TopK -> TopP -> MinP
+  warpers keep (the order transformers' `generate` applies them, and ours), with the same
+  renormalised probabilities, on random logits with ties and -inf entries;
+- `apply_repetition_penalty` equals `RepetitionPenaltyLogitsProcessor`, and `Sampler` applies it
+  over the prompt and every token it has picked;
+- `Sampler`: greedy is argmax, a seed fixes the sequence, different seeds differ, and empirical
+  frequencies match the filtered distribution (a chi-square bound computed from the sample size);
+- `SamplingParams` rejects each bad value with a GenerationError that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightsmith.errors import GenerationError
+from weightsmith.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 1000
+CPU = torch.device("cpu")
+NO_INPUT = torch.zeros((1, 1), dtype=torch.long)  # the warpers ignore input_ids
+
+
+def random_logits(seed: int, vocab: int = VOCAB) -> torch.Tensor:
+    """Gaussian logits with many exact ties (one at the maximum) and a block of -inf entries."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(vocab, generator=g) * 3
+    idx = torch.randperm(vocab, generator=g)
+    x[idx[: vocab // 10]] = x[idx[vocab // 10 : vocab // 5]]  # 10% of tokens tie with another token
+    x[idx[vocab // 5]] = x.max()  # a tie at the top
+    x[idx[vocab // 4 : vocab // 4 + vocab // 20]] = float("-inf")
+    return x
+
+
+def reference_probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> torch.Tensor:
+    """transformers' warpers, switched on exactly when its `generate` switches them on."""
+    warpers = [transformers.TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(transformers.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(transformers.TopPLogitsWarper(top_p))
+    if min_p:
+        warpers.append(transformers.MinPLogitsWarper(min_p))
+    scores = logits[None].clone()
+    for warper in warpers:
+        scores = warper(NO_INPUT, scores)
+    return scores.softmax(-1)[0]
+
+
+def assert_same_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+):
+    ours = probabilities(logits, temperature, top_k, top_p, min_p)
+    ref = reference_probabilities(logits, temperature, top_k, top_p, min_p)
+    kept, ref_kept = ours > 0, ref > 0
+    assert kept.any()
+    assert torch.equal(kept, ref_kept), (
+        f"kept {int(kept.sum())} tokens, transformers kept {int(ref_kept.sum())}; "
+        f"differ at {torch.nonzero(kept != ref_kept).flatten().tolist()[:10]}"
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    assert math.isclose(float(ours.sum()), 1.0, rel_tol=1e-5)
+
+
+# ----- filtering parity ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("top_k", [0, 1, 5, 50])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 1.0])
+def test_filters_match_transformers(top_p: float, top_k: int, min_p: float) -> None:
+    for seed in range(3):
+        logits = random_logits(seed)
+        for temperature in (0.5, 1.0, 1.7):
+            assert_same_distribution(logits, temperature, top_k, top_p, min_p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    vocab=st.sampled_from([2, 7, 64, VOCAB]),
+    temperature=st.floats(0.05, 5.0),
+    top_k=st.integers(0, VOCAB + 10),
+    top_p=st.floats(0.0, 1.0, exclude_min=True),
+    min_p=st.floats(0.0, 1.0, exclude_max=True),
+)
+def test_filters_match_transformers_any_values(
+    seed: int, vocab: int, temperature: float, top_k: int, top_p: float, min_p: float
+) -> None:
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    logits[: vocab // 3] = logits[vocab // 3 : 2 * (vocab // 3)]  # ties
+    assert_same_distribution(logits, temperature, top_k, top_p, min_p)
+
+
+def test_filters_keep_ties_at_the_top_k_boundary() -> None:
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, float("-inf")])
+    assert torch.equal(probabilities(logits, 1.0, 2, 1.0, 0.0) > 0, torch.tensor([1, 1, 1, 1, 0, 0]).bool())
+    assert_same_distribution(logits, 1.0, 2, 1.0, 0.0)
+
+
+def test_top_k_larger_than_the_finite_tokens_keeps_them_all() -> None:
+    logits = torch.tensor([1.0, float("-inf"), 0.5, float("-inf")])
+    probs = probabilities(logits, 1.0, 3, 1.0, 0.0)
+    assert torch.equal(probs > 0, torch.tensor([True, False, True, False]))
+    assert_same_distribution(logits, 1.0, 3, 1.0, 0.0)
+
+
+# ----- repetition penalty -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_repetition_penalty_matches_transformers(seed: int, penalty: float) -> None:
+    logits = random_logits(seed)
+    logits[:3] = torch.tensor([0.0, 2.5, -2.5])
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [torch.tensor([0, 1, 2, 1]), torch.randint(0, VOCAB, (200,), generator=g)]
+    )  # with repeats
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    seen[ids] = True
+    assert (logits[seen] > 0).any() and (logits[seen] < 0).any() and (logits[~seen] > 0).any()
+
+    ours = apply_repetition_penalty(logits, seen, penalty)
+    ref = transformers.RepetitionPenaltyLogitsProcessor(penalty)(ids[None], logits[None].clone())[0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert torch.equal(ours[~seen], logits[~seen])
+    assert not torch.equal(ours, logits)
+
+
+def test_sampler_penalises_prompt_and_generated_tokens() -> None:
+    """Greedy with a penalty: each pick equals argmax of transformers' processor over prompt + picks."""
+    logits = torch.rand(VOCAB, generator=torch.Generator().manual_seed(0)) - 1  # in [-1, 0)
+    a, b, c = 10, 20, 30
+    logits[a], logits[b], logits[c] = 2.0, 1.8, 1.5
+    prompt = [a, 5, 6, 5]
+    penalty = 1.5
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=penalty), prompt, VOCAB, CPU)
+    before = logits.clone()
+    history = list(prompt)
+    picks = []
+    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty)
+    for _ in range(6):
+        token = sampler(logits)
+        expected = int(processor(torch.tensor([history]), logits[None].clone())[0].argmax())
+        assert token == expected
+        history.append(token)
+        picks.append(token)
+    assert torch.equal(logits, before), "the sampler must not modify the caller's logits"
+    # The penalty mattered: the prompt's token lost the first pick, and picks are penalised too.
+    assert picks[:3] == [b, c, a]
+
+
+# ----- Sampler --------------------------------------------------------------------------------------
+
+
+def test_greedy_picks_argmax() -> None:
+    for seed in range(5):
+        logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed))
+        sampler = Sampler(SamplingParams(temperature=0, top_k=3, top_p=0.5, seed=seed), [], VOCAB, CPU)
+        assert sampler(logits) == int(logits.argmax())
+    # Ties go to the first maximal index, as torch.argmax (and so transformers' greedy search) does.
+    tied = torch.tensor([0.0, 5.0, 1.0, 5.0])
+    assert Sampler(SamplingParams(temperature=0), [], 4, CPU)(tied) == 1
+
+
+def draw(params: SamplingParams, logits: torch.Tensor, n: int) -> list[int]:
+    sampler = Sampler(params, [], logits.shape[-1], CPU)
+    return [sampler(logits) for _ in range(n)]
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
+    runs = {seed: draw(SamplingParams(temperature=1.0, seed=seed), logits, 50) for seed in range(10)}
+    for seed, tokens in runs.items():
+        assert draw(SamplingParams(temperature=1.0, seed=seed), logits, 50) == tokens
+        assert len(set(tokens)) > 1
+    assert len({tuple(t) for t in runs.values()}) == len(runs)
+    # Without a seed, two samplers draw from different random streams.
+    unseeded = [draw(SamplingParams(temperature=1.0), logits, 50) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
+def chi_square_quantile(df: int, alpha: float) -> float:
+    """Upper `alpha` quantile of the chi-square distribution (Wilson-Hilferty approximation)."""
+    z = NormalDist().inv_cdf(1 - alpha)
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor, n: int) -> float:
+    keep = expected_probs > 0
+    expected = expected_probs[keep] * n
+    return float(((counts[keep] - expected) ** 2 / expected).sum())
+
+
+def test_sampled_frequencies_match_the_filtered_distribution() -> None:
+    base = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04, 0.0])
+    logits = base.log()  # the last token is -inf
+    temperature, top_k = 0.8, 5
+    # Independent expectation: p^(1/T) renormalised over the five most likely tokens.
+    expected = base ** (1 / temperature)
+    expected[top_k:] = 0
+    expected /= expected.sum()
+
+    n = 20_000
+    tokens = draw(SamplingParams(temperature=temperature, top_k=top_k, seed=1234), logits, n)
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(base)).double()
+    assert counts[top_k:].sum() == 0, "a filtered-out token was sampled"
+
+    df = top_k - 1
+    threshold = chi_square_quantile(df, alpha=1e-6)  # a false alarm once in a million seeds
+    assert chi_square(counts, expected.double(), n) < threshold
+    # The bound has power: the unfiltered, untempered distribution is rejected.
+    wrong = base[:top_k].double() / base[:top_k].sum()
+    assert chi_square(counts[:top_k], wrong, n) > threshold
+
+
+# ----- SamplingParams validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 0),
+        ("max_tokens", -5),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", -0.5),
+        ("top_p", 1.01),
+        ("top_p", float("nan")),
+        ("min_p", -0.01),
+        ("min_p", 1.0),
+        ("min_p", float("nan")),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("stop", [""]),
+        ("stop", ["ok", ""]),
+        ("stop", ""),
+    ],
+)
+def test_bad_sampling_params_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_boundary_sampling_params_are_accepted() -> None:
+    p = SamplingParams(max_tokens=1, temperature=0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1e-3)
+    assert p.greedy
+    assert not SamplingParams(temperature=1e-3).greedy
+    assert SamplingParams(stop="END").stop == ["END"]
