@@ -91,7 +91,7 @@ def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
     import transformers
 
     build_tiny_tokenizer_dir(path)
-    cfg = transformers.LlamaConfig(
+    defaults = dict(
         vocab_size=320,  # >= the tokenizer's 300 tokens
         hidden_size=64,
         intermediate_size=128,
@@ -102,8 +102,8 @@ def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
         eos_token_id=2,
         bos_token_id=None,
         pad_token_id=0,
-        **overrides,
     )
+    cfg = transformers.LlamaConfig(**{**defaults, **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)

@@ -22,7 +22,7 @@ import pytest
 import tokenizers
 import torch
 from conftest import build_tiny_hf_dir
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightsmith.checkpoint.load import load_checkpoint
@@ -104,17 +104,6 @@ def split_at(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(points, points[1:], strict=False)] or [""]
 
 
-def nested_inside(stops: list[str]) -> bool:
-    """Whether a stop string occurs strictly inside another (not at its start or end)."""
-    return any(
-        inner != outer
-        and any(outer.find(inner, i) not in (-1, 0) for i in range(1, len(outer)))
-        and not outer.endswith(inner)
-        for inner in stops
-        for outer in stops
-    )
-
-
 ALPHABET = "abé"
 
 
@@ -125,7 +114,6 @@ ALPHABET = "abé"
     cuts=st.lists(st.integers(0, 100), max_size=8),
 )
 def test_stop_matcher_any_chunking(text: str, stops: list[str], cuts: list[int]) -> None:
-    assume(not nested_inside(stops))  # see test_stop_matcher_nested_stop_is_chunking_independent
     cut = first_stop_cut(text, stops)
     out, hit = feed_in_chunks(stops, split_at(text, cuts))
     assert hit == (cut is not None)
@@ -154,17 +142,15 @@ def test_stop_matcher_examples(text: str, stops: list[str], expected: str) -> No
     assert whole == by_char == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_StopMatcher.feed cuts at the earliest *start* among the stops in the buffer, so when one stop "
-    "lies strictly inside another ('bc' in 'abcd') the result depends on how the text was chunked",
+@pytest.mark.parametrize(
+    ("text", "stops", "expected"),
+    [("xabcdy", ["abcd", "bc"], "xa"), ("baa", ["a", "baa"], "b")],
 )
-def test_stop_matcher_nested_stop_is_chunking_independent() -> None:
-    stops = ["abcd", "bc"]
-    by_char, _ = feed_in_chunks(stops, list("xabcdy"))  # 'bc' completes first: generation stops there
-    whole, _ = feed_in_chunks(stops, ["xabcdy"])  # one token carrying all of it
-    assert by_char == "xa"
-    assert whole == by_char
+def test_stop_matcher_nested_stop_is_chunking_independent(text: str, stops: list[str], expected: str) -> None:
+    by_char, _ = feed_in_chunks(stops, list(text))  # the inner stop completes first: generation stops there
+    assert by_char == expected
+    whole, _ = feed_in_chunks(stops, [text])  # one token carrying all of it
+    assert whole == expected
 
 
 # ----- streaming and finish reasons ---------------------------------------------------------------
@@ -181,16 +167,16 @@ def test_stream_max_tokens_ends_with_length(engine: Engine, max_tokens: int) -> 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_stream_text_is_the_decoded_tokens(engine: Engine, seed: int) -> None:
+    prompt = PROMPTS[seed % len(PROMPTS)]
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=32)
-    _, completion = run(engine, PROMPTS[seed % len(PROMPTS)], params)
+    _, completion = run(engine, prompt, params)
     if completion.finish_reason == "length":
         assert completion.completion_tokens == params.max_tokens
     else:  # an end-of-sequence token
         assert completion.token_ids[-1] in engine.eos_token_ids
     assert completion.text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-    assert completion.to_dict()["usage"]["total_tokens"] == len(
-        engine.encode_prompt(PROMPTS[seed % 3])
-    ) + len(completion.token_ids)
+    usage = completion.to_dict()["usage"]
+    assert usage["total_tokens"] == len(engine.encode_prompt(prompt)) + len(completion.token_ids)
 
 
 def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
@@ -208,7 +194,9 @@ def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
         # Greedy: the same tokens up to the one that completed the stop string, then no more.
         assert c.token_ids == full.token_ids[: len(c.token_ids)]
         assert stop in engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-        assert stop not in engine.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+        # (A trailing U+FFFD is an unfinished character the stream holds back, not text yet.)
+        before_last = engine.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+        assert stop not in before_last.rstrip("\ufffd")
 
 
 def test_two_stop_strings_cut_at_the_first(engine: Engine) -> None:
@@ -441,6 +429,15 @@ def test_eos_ends_with_stop_unless_ignored(engine: Engine) -> None:
 
     _, c = run(scripted, "Hola", SamplingParams(temperature=0, max_tokens=len(script), ignore_eos=True))
     assert (c.text, c.finish_reason, c.token_ids) == ("Hi!more", "length", script)
+
+    # Text held back as a possible stop string comes out when the sequence ends otherwise.
+    for params in (
+        SamplingParams(temperature=0, stop=["!!"]),
+        SamplingParams(temperature=0, max_tokens=3, stop=["!?"]),
+    ):
+        _, c = run(scripted, "Hola", params)
+        assert c.text == "Hi!" and c.token_ids == script[: len(c.token_ids)]
+        assert c.finish_reason == ("stop" if params.max_tokens > 3 else "length")
 
     # A stop string that spans several tokens, completed before eos.
     _, c = run(scripted, "Hola", SamplingParams(temperature=0, max_tokens=20, stop=["i!"]))

@@ -82,7 +82,9 @@ class _StopMatcher:
             return out, False
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            cut = min(i for i, _ in hits)
+            # Cut at the stop that completes first (then the earliest start): that is
+            # where token-by-token generation would have stopped, however text was chunked.
+            cut = min(hits, key=lambda h: (h[0] + len(h[1]), h[0]))[0]
             out, self.pending = self.pending[:cut], ""
             return out, True
         keep = 0
@@ -154,6 +156,10 @@ class Engine:
 
     def stream_batch(self, prompts: list[Prompt], params: list[SamplingParams]) -> Iterator[Delta]:
         """Stream deltas for a batch, tagged with the prompt's index."""
+        if not prompts or len(prompts) != len(params):
+            raise GenerationError(
+                f"got {len(prompts)} prompts and {len(params)} sampling settings; give one per prompt"
+            )
         ids = [self.encode_prompt(p) for p in prompts]
         params = [
             replace(sp, max_tokens=min(sp.max_tokens, self.context_length - len(p)))
