@@ -9,8 +9,8 @@ What it does:
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, and mixtral
-(llama with experts). The file is memory-mapped by `gguf.GGUFReader`; only the tensor being
-yielded is held in memory as floats.
+(llama with experts). The file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
+tensor being yielded is held in memory as floats.
 
 What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
 other architectures, or rebuild llama3-style rope scaling from a `rope_freqs` tensor (that
@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -73,37 +74,28 @@ class GGUFCheckpoint:
 # Opening the file and reading metadata
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
+def open_gguf(path: str | Path) -> GGUFFile:
     """Memory-map a GGUF file, turning every way it can be broken into one `CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file; check the path")
     try:
-        reader = GGUFReader(path)
-    # The reader signals a bad magic, a truncated header or a short tensor region through
-    # several built-in exception types (a failed reshape, an index past the end, bad UTF-8).
-    except (ValueError, KeyError, IndexError, OverflowError, TypeError, OSError) as error:
-        raise CheckpointError(
-            f"{path}: not a valid or complete GGUF file ({error}); re-download or re-convert it"
-        ) from error
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > reader.data.size:
-        raise CheckpointError(
-            f"{path}: not a complete GGUF file (tensor data ends at byte {end}, file has "
-            f"{reader.data.size}); re-download it"
-        )
-    return reader
+        # Raises CheckpointError itself for a bad magic, a cut or corrupt header, metadata or
+        # tensor directory, and tensor data that runs past the end of the file.
+        return GGUFFile.open(path)
+    except OSError as error:  # unreadable: permissions, I/O error, cannot map
+        raise CheckpointError(f"{path}: cannot read the GGUF file ({error}); check the file") from error
 
 
-def _as_reader(path_or_reader: str | Path | GGUFReader) -> GGUFReader:
-    return path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
+def _as_reader(path_or_reader: str | Path | GGUFFile) -> GGUFFile:
+    return path_or_reader if isinstance(path_or_reader, GGUFFile) else open_gguf(path_or_reader)
 
 
-def _reader_path(reader: GGUFReader) -> Path:
+def _reader_path(reader: GGUFFile) -> Path:
     return Path(reader.data.filename)
 
 
-def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def _meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """One metadata value as a Python object, or `default` when the key is absent."""
     field = reader.fields.get(key)
     if field is None:
@@ -111,11 +103,11 @@ def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
     if field.types == [GGUFValueType.FLOAT32]:
         # float32 -> the shortest decimal that round-trips, so 1e-5 reads back as 1e-05 and not
         # 9.999999747378752e-06: the value the model's config.json had before conversion.
-        return float(str(field.parts[-1][0]))
+        return float(str(np.float32(field.contents())))
     return field.contents()
 
 
-def _require(reader: GGUFReader, key: str) -> Any:
+def _require(reader: GGUFFile, key: str) -> Any:
     value = _meta(reader, key)
     if value is None:
         raise CheckpointError(
@@ -129,7 +121,7 @@ def _require(reader: GGUFReader, key: str) -> Any:
 # Config
 
 
-def _model_type(reader: GGUFReader) -> str:
+def _model_type(reader: GGUFFile) -> str:
     """Our model_type for the file, or a CheckpointError naming the unsupported architecture."""
     arch = _require(reader, "general.architecture")
     if arch == "qwen2":
@@ -147,7 +139,7 @@ def _model_type(reader: GGUFReader) -> str:
     return "mistral" if "mistral" in name.lower() else "llama"
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
+def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     """HF `rope_scaling` from `{arch}.rope.scaling.*`, or from the older `rope.scale_linear`."""
     kind = _meta(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
@@ -161,20 +153,20 @@ def _rope_scaling(reader: GGUFReader, arch: str) -> dict | None:
     return scaling
 
 
-def _vocab_size(reader: GGUFReader, arch: str) -> int:
+def _vocab_size(reader: GGUFFile, arch: str) -> int:
     size = _meta(reader, f"{arch}.vocab_size")
     if size is not None:
         return size
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        return len(tokens.data)
+        return len(tokens.contents())
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         _require(reader, f"{arch}.vocab_size")  # raises, naming the key
     return int(embed.shape[-1])  # GGUF shapes are in ne order: (hidden, vocab)
 
 
-def _gguf_config(reader: GGUFReader) -> dict:
+def _gguf_config(reader: GGUFFile) -> dict:
     """The HF config.json fields this file's metadata determines."""
     model_type = _model_type(reader)
     arch = _require(reader, "general.architecture")
@@ -213,7 +205,7 @@ def _gguf_config(reader: GGUFReader) -> dict:
     return config
 
 
-def _tokenizer_config(reader: GGUFReader) -> dict:
+def _tokenizer_config(reader: GGUFFile) -> dict:
     """HF tokenizer_config.json fields: special token strings, BOS/EOS flags, chat template."""
     tokens = _meta(reader, "tokenizer.ggml.tokens") or []
 
@@ -232,13 +224,13 @@ def _tokenizer_config(reader: GGUFReader) -> dict:
     }
 
 
-def _add_bos_default(reader: GGUFReader) -> bool:
+def _add_bos_default(reader: GGUFFile) -> bool:
     # Without the flag, llama.cpp adds BOS for a SentencePiece vocabulary and not for byte-level BPE.
     default = _meta(reader, "tokenizer.ggml.model") == "llama"
     return bool(_meta(reader, "tokenizer.ggml.add_bos_token", default))
 
 
-def read_gguf(path: str | Path | GGUFReader) -> GGUFCheckpoint:
+def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
     reader = _as_reader(path)
     config = _gguf_config(reader)
@@ -339,7 +331,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _plan_tensors(reader: GGUFReader) -> list[tuple[ReaderTensor, str]]:
+def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
     path = _reader_path(reader)
     plan = []
@@ -362,7 +354,7 @@ def _plan_tensors(reader: GGUFReader) -> list[tuple[ReaderTensor, str]]:
     return plan
 
 
-def _dequantized(tensor: ReaderTensor) -> np.ndarray:
+def _dequantized(tensor: GGUFTensor) -> np.ndarray:
     """One tensor as float32 in numpy (HF) axis order.
 
     GGUF records shapes in ggml's ne order (fastest axis first); the reader's numpy view already
@@ -377,7 +369,7 @@ def _dequantized(tensor: ReaderTensor) -> np.ndarray:
 
 
 def iter_gguf_tensors(
-    path: str | Path | GGUFReader, dtype: torch.dtype = torch.float32
+    path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, dequantized tensor in HF layout), one tensor at a time.
 
@@ -462,7 +454,7 @@ class _GGUFVocab:
     add_space_prefix: bool
 
 
-def _read_vocab(reader: GGUFReader) -> _GGUFVocab:
+def _read_vocab(reader: GGUFFile) -> _GGUFVocab:
     tokens = _require(reader, "tokenizer.ggml.tokens")
     types = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
@@ -589,7 +581,7 @@ def _add_bos_eos(tokenizer: Tokenizer, vocab: _GGUFVocab) -> None:
     )
 
 
-def build_gguf_tokenizer(path_or_reader: str | Path | GGUFReader) -> Tokenizer:
+def build_gguf_tokenizer(path_or_reader: str | Path | GGUFFile) -> Tokenizer:
     """A `tokenizers.Tokenizer` rebuilt from a GGUF file's vocabulary, merges and special tokens."""
     reader = _as_reader(path_or_reader)
     path = _reader_path(reader)
