@@ -58,12 +58,23 @@ class KVCache:
             self.lengths[row] = 0
 
     def write(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int,
+        start: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at `positions` (B, T); return the first
-        `kv_len` cached entries of every row, (B, H, kv_len, D)."""
+        `kv_len` cached entries of every row, (B, H, kv_len, D). `start`, when every
+        row's positions are start..start+T-1, allows a plain slice copy."""
         b, h, t, d = k.shape
-        index = positions[:, None, :, None].expand(b, h, t, d)
-        self.k[layer, :b].scatter_(2, index, k)
-        self.v[layer, :b].scatter_(2, index, v)
+        if start is not None:
+            self.k[layer, :b, :, start : start + t] = k
+            self.v[layer, :b, :, start : start + t] = v
+        else:
+            index = positions[:, None, :, None].expand(b, h, t, d)
+            self.k[layer, :b].scatter_(2, index, k)
+            self.v[layer, :b].scatter_(2, index, v)
         return self.k[layer, :b, :, :kv_len], self.v[layer, :b, :, :kv_len]

@@ -60,6 +60,7 @@ class AttentionInputs:
     kv_len: int
     masks: dict[str, torch.Tensor | None]  # by layer type; None means "use is_causal" or "no mask"
     is_causal: bool
+    start: int | None = None  # the common first position when rows are aligned
 
 
 class Attention(nn.Module):
@@ -83,41 +84,37 @@ class Attention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         packed: PackedLinears | None = self.__dict__.get("packed")
         if packed is not None and packed.applies(x, projections):
-            q, k, v = packed(x)
+            q, k, v = self._packed_qkv(packed, x, a)
         else:
             q, k, v = (proj(x) for proj in projections)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if a.cache is not None:
-            k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len)  # (B, Hkv, S, D)
+            k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len, a.start)  # (B, Hkv, S, D)
         mask = a.masks[self.layer_type]
-        if t == 1 and self.__dict__.get("manual_one", False):
-            out = self._attend_one(q, k, v, mask)
-        else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=a.is_causal and mask is None,
-                enable_gqa=self.n_kv != self.n_heads,
-            )  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=a.is_causal and mask is None,
+            enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def _attend_one(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attention for a single query per row (decoding), as two small matmuls: at
-        T=1 this is several times cheaper than a fused kernel's fixed cost on CPU."""
-        b, g = q.shape[0], self.n_heads // self.n_kv
-        qg = q.reshape(b, self.n_kv, g, self.head_dim)  # query heads grouped by their KV head
-        scores = (qg @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, Hkv, G, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
-        probs = scores.float().softmax(-1).to(q.dtype)
-        return (probs @ v).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, D)
+    def _packed_qkv(
+        self, packed: PackedLinears, x: torch.Tensor, a: AttentionInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v from one packed matmul; q and k heads are rotated in one pass."""
+        b, t, _ = x.shape
+        heads = self.n_heads + self.n_kv
+        y = packed.matmul(x)  # (B, T, (H + 2 Hkv) D): [q | k | v]
+        qk = y[..., : heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qk, a.cos, a.sin)  # (B, H + Hkv, T, D)
+        v = y[..., heads * self.head_dim :].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 
     def pack_for_decode(self, splits: int) -> None:
         self.__dict__["packed"] = pack_linears([self.q_proj, self.k_proj, self.v_proj], splits)
@@ -261,8 +258,9 @@ class CausalLM(nn.Module):
         positions: (B, T) absolute positions (default 0..T-1); with a cache, tokens are
             written there and attend to the row's cache up to their position.
         kv_len: how many cache entries to attend over (max row length after this call).
-        aligned: every row's positions are the same (no per-row offsets), which allows
-            the fused causal kernel instead of an explicit mask.
+        aligned: every row's positions are kv_len - T ... kv_len - 1 (no per-row
+            offsets), which allows the fused causal kernel instead of an explicit mask
+            and a slice copy into the cache instead of a scatter.
         logits_at: (B,) index into T per row: return only that position's logits
             (B, 1, V), skipping the (T, V) head matmul during prefill.
         """
@@ -299,4 +297,5 @@ class CausalLM(nn.Module):
             if windowed:
                 mask = mask & (keys > q - window)
             masks[kind] = mask
-        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, is_causal=plain_causal and t > 1)
+        start = kv_len - t if aligned else None
+        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start)
