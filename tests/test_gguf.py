@@ -9,6 +9,7 @@ inverse map and `unpermute_qk` are checked against an independent forward implem
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -628,3 +629,47 @@ def test_default_tokenizer_config_matches_transformers(default_reader, default_t
     assert config["chat_template"] == theirs.chat_template
     assert config["add_bos_token"] is False and config["add_eos_token"] is False
     assert theirs.encode("hi")[0] != theirs.bos_token_id  # transformers agrees: no BOS added
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs for Llama 3.1 (per its published
+    recipe): 1 for short wavelengths, `factor` for long ones, a smooth blend between."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path: Path, factor: float) -> None:
+    config, state = tiny_model("llama")
+    config = dict(config, rope_theta=500000.0)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    tensors = to_gguf_tensors(state, config, True)
+    tensors["rope_freqs.weight"] = llama3_rope_factors(head_dim, config["rope_theta"], scaling)
+    path = write_gguf(tmp_path / "llama31.gguf", "llama", config, tensors)
+    assert read_gguf(path).config["rope_scaling"] == scaling
+    names = {name for name, _ in iter_gguf_tensors(path)}
+    assert not any("rope" in n for n in names)
+
+    tensors["rope_freqs.weight"] = np.linspace(1, 3, head_dim // 2, dtype=np.float32)  # not llama3
+    bad = write_gguf(tmp_path / "other.gguf", "llama", config, tensors)
+    with pytest.raises(CheckpointError, match="rope_freqs.weight does not match llama3"):
+        read_gguf(bad)

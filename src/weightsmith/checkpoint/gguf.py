@@ -13,8 +13,9 @@ Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, a
 tensor being yielded is held in memory as floats.
 
 What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
-other architectures, or rebuild llama3-style rope scaling from a `rope_freqs` tensor (that
-tensor is skipped and a warning logged; `rope_scaling` comes only from `rope.scaling.*` keys).
+other architectures. Llama 3.1-style rope scaling is stored by llama.cpp only as a
+`rope_freqs` tensor of per-frequency factors; it is mapped back to HF's `llama3` rope_scaling
+when Meta's published parameters reproduce those factors, and refused otherwise.
 """
 
 from __future__ import annotations
@@ -153,6 +154,38 @@ def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     return scaling
 
 
+#: Meta's llama3 rope parameters besides `factor`, the same in every published Llama 3.1-3.3.
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) -> dict | None:
+    """HF llama3 `rope_scaling` whose per-frequency factors equal the file's `rope_freqs`.
+
+    llama.cpp's converter stores only the factors (inv_freq / scaled inv_freq); the
+    parameters are recovered as factor = max(factors) plus Meta's fixed band edges, and
+    checked by recomputing every factor."""
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    from weightsmith.models.rope import llama3_scaled
+
+    stored = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
+    dim = _meta(reader, f"{arch}.rope.dimension_count") or _meta(reader, f"{arch}.attention.key_length")
+    dim = dim or default_head_dim
+    theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = {"rope_type": "llama3", "factor": float(stored.max()), **_LLAMA3_ROPE}
+    if stored.shape == inv_freq.shape:
+        rebuilt = inv_freq / llama3_scaled(inv_freq, scaling)
+        if torch.allclose(rebuilt, stored, rtol=1e-4, atol=1e-6):
+            return scaling
+    raise CheckpointError(
+        f"{_reader_path(reader)}: rope_freqs.weight does not match llama3 rope scaling with "
+        f"factor {scaling['factor']:g}, low/high freq factors 1/4 and original context 8192; "
+        "this rope variant is not supported"
+    )
+
+
 def _vocab_size(reader: GGUFFile, arch: str) -> int:
     size = _meta(reader, f"{arch}.vocab_size")
     if size is not None:
@@ -187,7 +220,7 @@ def _gguf_config(reader: GGUFFile) -> dict:
         "hidden_act": "silu",  # all four supported families use SwiGLU
         "rms_norm_eps": _require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": _meta(reader, f"{arch}.rope.freq_base", 10000.0),
-        "rope_scaling": _rope_scaling(reader, arch),
+        "rope_scaling": _rope_scaling(reader, arch) or _llama3_from_rope_freqs(reader, arch, hidden // heads),
         "max_position_embeddings": _require(reader, f"{arch}.context_length"),
         # llama.cpp drops output.weight when it equals the embedding, so its absence means tied.
         "tie_word_embeddings": "output.weight" not in names,
@@ -337,8 +370,7 @@ def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     plan = []
     for tensor in reader.tensors:
         if tensor.name in _SKIPPED_TENSORS:
-            logger.warning("%s: skipping %s (llama3 rope scaling is not rebuilt from it)", path, tensor.name)
-            continue
+            continue  # rope_freqs became config (rope_scaling); the model recomputes them
         hf_name = hf_tensor_name(tensor.name)
         if hf_name is None:
             raise CheckpointError(

@@ -33,7 +33,19 @@ class LoadOptions:
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
 
     def load(self) -> LLM:
-        return load(self.model, device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle)
+        return load_with_status(
+            self.model, device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle
+        )
+
+
+def load_with_status(model: str, **kwargs: Any) -> LLM:
+    """`load`, with a spinner on stderr when it is a terminal (the library never prints)."""
+    if not sys.stderr.isatty():
+        return load(model, **kwargs)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"loading {model}"):
+        return load(model, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -229,7 +241,7 @@ DEMO_TURNS = [
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict:
     """Stage 1, chat: load, talk, measure. Later stages (fine-tune, eval, red-team, serve) add here."""
     t0 = time.perf_counter()
-    llm = load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype)
     load_s = time.perf_counter() - t0
     out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
     out.write(f"loaded in {load_s:.1f}s\n")

@@ -28,13 +28,13 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if kind == "linear":
         return inv_freq / float(scaling["factor"]), 1.0
     if kind == "llama3":
-        return _llama3(inv_freq, scaling), 1.0
+        return llama3_scaled(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn(dim, base, scaling, cfg.max_position_embeddings)
     raise AssertionError(f"unvalidated rope type {kind}")
 
 
-def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     """Llama 3.1's scaling: long wavelengths are divided by `factor`, short ones kept,
     and the band in between interpolated smoothly."""
     factor = float(s["factor"])
