@@ -20,14 +20,13 @@ from gguf import GGMLQuantizationType as QT
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from weightsmith.checkpoint.gguf import (
-    PRE_TOKENIZER_SPLITS,
-    build_gguf_tokenizer,
     hf_tensor_name,
     iter_gguf_tensors,
     open_gguf,
     read_gguf,
     unpermute_qk,
 )
+from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS, build_gguf_tokenizer
 from weightsmith.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")

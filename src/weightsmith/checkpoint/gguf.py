@@ -3,7 +3,7 @@
 What it does:
 - `read_gguf` turns the file's metadata into the fields of an HF `config.json` and
   `tokenizer_config.json`, and summarises how the weights are stored.
-- `build_gguf_tokenizer` rebuilds a `tokenizers.Tokenizer` from the vocabulary, merges and
+- `gguf_tokenizer.build_gguf_tokenizer` rebuilds a `tokenizers.Tokenizer` from the vocabulary, merges and
   special tokens in the metadata (byte-level BPE "gpt2" and SentencePiece-style "llama").
 - `iter_gguf_tensors` yields the weights one at a time under HF parameter names, dequantized,
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
@@ -88,15 +87,15 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(f"{path}: cannot read the GGUF file ({error}); check the file") from error
 
 
-def _as_reader(path_or_reader: str | Path | GGUFFile) -> GGUFFile:
+def as_reader(path_or_reader: str | Path | GGUFFile) -> GGUFFile:
     return path_or_reader if isinstance(path_or_reader, GGUFFile) else open_gguf(path_or_reader)
 
 
-def _reader_path(reader: GGUFFile) -> Path:
+def reader_path(reader: GGUFFile) -> Path:
     return Path(reader.data.filename)
 
 
-def _meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
+def meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """One metadata value as a Python object, or `default` when the key is absent."""
     field = reader.fields.get(key)
     if field is None:
@@ -108,11 +107,11 @@ def _meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def _require(reader: GGUFFile, key: str) -> Any:
-    value = _meta(reader, key)
+def require(reader: GGUFFile, key: str) -> Any:
+    value = meta(reader, key)
     if value is None:
         raise CheckpointError(
-            f"{_reader_path(reader)}: GGUF metadata key '{key}' is missing; the file is incomplete "
+            f"{reader_path(reader)}: GGUF metadata key '{key}' is missing; the file is incomplete "
             "or was written by a converter weightsmith does not know"
         )
     return value
@@ -124,31 +123,31 @@ def _require(reader: GGUFFile, key: str) -> Any:
 
 def _model_type(reader: GGUFFile) -> str:
     """Our model_type for the file, or a CheckpointError naming the unsupported architecture."""
-    arch = _require(reader, "general.architecture")
+    arch = require(reader, "general.architecture")
     if arch == "qwen2":
         return "qwen2"
     if arch != "llama":
         raise CheckpointError(
-            f"{_reader_path(reader)}: GGUF architecture '{arch}' is not supported "
+            f"{reader_path(reader)}: GGUF architecture '{arch}' is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     # llama.cpp has no mixtral or mistral architecture: both are written as llama. Experts mark
     # mixtral; for mistral the model's name is the only trace left.
-    if (_meta(reader, "llama.expert_count") or 0) > 0:
+    if (meta(reader, "llama.expert_count") or 0) > 0:
         return "mixtral"
-    name = f"{_meta(reader, 'general.basename', '')} {_meta(reader, 'general.name', '')}"
+    name = f"{meta(reader, 'general.basename', '')} {meta(reader, 'general.name', '')}"
     return "mistral" if "mistral" in name.lower() else "llama"
 
 
 def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     """HF `rope_scaling` from `{arch}.rope.scaling.*`, or from the older `rope.scale_linear`."""
-    kind = _meta(reader, f"{arch}.rope.scaling.type")
+    kind = meta(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
-        linear = _meta(reader, f"{arch}.rope.scale_linear")
+        linear = meta(reader, f"{arch}.rope.scale_linear")
         return {"rope_type": "linear", "factor": linear} if linear else None
     scaling: dict[str, Any] = {"rope_type": kind}
     for suffix, hf_key in _ROPE_SCALING_KEYS.items():
-        value = _meta(reader, f"{arch}.rope.scaling.{suffix}")
+        value = meta(reader, f"{arch}.rope.scaling.{suffix}")
         if value is not None:
             scaling[hf_key] = value
     return scaling
@@ -170,9 +169,9 @@ def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) 
     from weightsmith.models.rope import llama3_scaled
 
     stored = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
-    dim = _meta(reader, f"{arch}.rope.dimension_count") or _meta(reader, f"{arch}.attention.key_length")
+    dim = meta(reader, f"{arch}.rope.dimension_count") or meta(reader, f"{arch}.attention.key_length")
     dim = dim or default_head_dim
-    theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
+    theta = float(meta(reader, f"{arch}.rope.freq_base", 10000.0))
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = {"rope_type": "llama3", "factor": float(stored.max()), **_LLAMA3_ROPE}
     if stored.shape == inv_freq.shape:
@@ -180,14 +179,14 @@ def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) 
         if torch.allclose(rebuilt, stored, rtol=1e-4, atol=1e-6):
             return scaling
     raise CheckpointError(
-        f"{_reader_path(reader)}: rope_freqs.weight does not match llama3 rope scaling with "
+        f"{reader_path(reader)}: rope_freqs.weight does not match llama3 rope scaling with "
         f"factor {scaling['factor']:g}, low/high freq factors 1/4 and original context 8192; "
         "this rope variant is not supported"
     )
 
 
 def _vocab_size(reader: GGUFFile, arch: str) -> int:
-    size = _meta(reader, f"{arch}.vocab_size")
+    size = meta(reader, f"{arch}.vocab_size")
     if size is not None:
         return size
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -195,55 +194,55 @@ def _vocab_size(reader: GGUFFile, arch: str) -> int:
         return len(tokens.contents())
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
-        _require(reader, f"{arch}.vocab_size")  # raises, naming the key
+        require(reader, f"{arch}.vocab_size")  # raises, naming the key
     return int(embed.shape[-1])  # GGUF shapes are in ne order: (hidden, vocab)
 
 
 def _gguf_config(reader: GGUFFile) -> dict:
     """The HF config.json fields this file's metadata determines."""
     model_type = _model_type(reader)
-    arch = _require(reader, "general.architecture")
+    arch = require(reader, "general.architecture")
     names = {t.name for t in reader.tensors}
-    hidden = _require(reader, f"{arch}.embedding_length")
-    heads = _require(reader, f"{arch}.attention.head_count")
-    experts = _meta(reader, f"{arch}.expert_count") or 0
+    hidden = require(reader, f"{arch}.embedding_length")
+    heads = require(reader, f"{arch}.attention.head_count")
+    experts = meta(reader, f"{arch}.expert_count") or 0
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [_HF_ARCHITECTURES[model_type]],
         "vocab_size": _vocab_size(reader, arch),
         "hidden_size": hidden,
-        "intermediate_size": _require(reader, f"{arch}.feed_forward_length"),
-        "num_hidden_layers": _require(reader, f"{arch}.block_count"),
+        "intermediate_size": require(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": require(reader, f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _meta(reader, f"{arch}.attention.head_count_kv", heads),
-        "head_dim": _meta(reader, f"{arch}.attention.key_length", hidden // heads),
+        "num_key_value_heads": meta(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": meta(reader, f"{arch}.attention.key_length", hidden // heads),
         "hidden_act": "silu",  # all four supported families use SwiGLU
-        "rms_norm_eps": _require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
-        "rope_theta": _meta(reader, f"{arch}.rope.freq_base", 10000.0),
+        "rms_norm_eps": require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta(reader, f"{arch}.rope.freq_base", 10000.0),
         "rope_scaling": _rope_scaling(reader, arch) or _llama3_from_rope_freqs(reader, arch, hidden // heads),
-        "max_position_embeddings": _require(reader, f"{arch}.context_length"),
+        "max_position_embeddings": require(reader, f"{arch}.context_length"),
         # llama.cpp drops output.weight when it equals the embedding, so its absence means tied.
         "tie_word_embeddings": "output.weight" not in names,
         # qwen2 always has q/k/v biases; elsewhere they exist only if the tensors do.
         "attention_bias": model_type == "qwen2" or "blk.0.attn_q.bias" in names,
-        "sliding_window": _meta(reader, f"{arch}.attention.sliding_window"),
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id"),
+        "sliding_window": meta(reader, f"{arch}.attention.sliding_window"),
+        "bos_token_id": meta(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
     }
     if experts:
         config["num_local_experts"] = experts
-        config["num_experts_per_tok"] = _require(reader, f"{arch}.expert_used_count")
+        config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
     return config
 
 
 def _tokenizer_config(reader: GGUFFile) -> dict:
     """HF tokenizer_config.json fields: special token strings, BOS/EOS flags, chat template."""
-    tokens = _meta(reader, "tokenizer.ggml.tokens") or []
+    tokens = meta(reader, "tokenizer.ggml.tokens") or []
 
     def token(key: str) -> str | None:
-        index = _meta(reader, f"tokenizer.ggml.{key}")
+        index = meta(reader, f"tokenizer.ggml.{key}")
         return tokens[index] if index is not None and index < len(tokens) else None
 
     return {
@@ -251,28 +250,28 @@ def _tokenizer_config(reader: GGUFFile) -> dict:
         "eos_token": token("eos_token_id"),
         "pad_token": token("padding_token_id"),
         "unk_token": token("unknown_token_id"),
-        "add_bos_token": _add_bos_default(reader),
-        "add_eos_token": bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
-        "chat_template": _meta(reader, "tokenizer.chat_template"),
+        "add_bos_token": add_bos_default(reader),
+        "add_eos_token": bool(meta(reader, "tokenizer.ggml.add_eos_token", False)),
+        "chat_template": meta(reader, "tokenizer.chat_template"),
     }
 
 
-def _add_bos_default(reader: GGUFFile) -> bool:
+def add_bos_default(reader: GGUFFile) -> bool:
     # Without the flag, llama.cpp adds BOS for a SentencePiece vocabulary and not for byte-level BPE.
-    default = _meta(reader, "tokenizer.ggml.model") == "llama"
-    return bool(_meta(reader, "tokenizer.ggml.add_bos_token", default))
+    default = meta(reader, "tokenizer.ggml.model") == "llama"
+    return bool(meta(reader, "tokenizer.ggml.add_bos_token", default))
 
 
 def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
-    reader = _as_reader(path)
+    reader = as_reader(path)
     config = _gguf_config(reader)
     tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
     # The file's "quantization" is what its matrices use; norms and biases stay F32 in every file.
     matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
     file_type = (matrix_types or tensor_types or Counter({"F32": 1})).most_common(1)[0][0]
     return GGUFCheckpoint(
-        path=_reader_path(reader),
+        path=reader_path(reader),
         config=config,
         tokenizer_config=_tokenizer_config(reader),
         file_type=file_type,
@@ -366,7 +365,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
 
 def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
-    path = _reader_path(reader)
+    path = reader_path(reader)
     plan = []
     for tensor in reader.tensors:
         if tensor.name in _SKIPPED_TENSORS:
@@ -409,11 +408,11 @@ def iter_gguf_tensors(
     cannot be loaded fails before any work is done. A tied lm_head is not yielded (the file has
     no output.weight); `read_gguf(...).config["tie_word_embeddings"]` says so.
     """
-    reader = _as_reader(path)
+    reader = as_reader(path)
     config = _gguf_config(reader)  # also rejects unsupported architectures
     plan = _plan_tensors(reader)
     # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
-    permuted = _require(reader, "general.architecture") == "llama"
+    permuted = require(reader, "general.architecture") == "llama"
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for tensor, hf_name in plan:
         try:
@@ -422,209 +421,10 @@ def iter_gguf_tensors(
             if permuted and proj in heads:
                 w = unpermute_qk(w, heads[proj])
         except ValueError as error:  # a shape that contradicts the metadata
-            raise CheckpointError(f"{_reader_path(reader)}: tensor '{tensor.name}': {error}") from error
+            raise CheckpointError(f"{reader_path(reader)}: tensor '{tensor.name}': {error}") from error
         if "{expert}" in hf_name:
             for expert, matrix in enumerate(w):  # (n_expert, out, in) -> n_expert x (out, in)
                 # A copy per expert: views into one buffer would be shared storage to safetensors.
                 yield hf_name.format(expert=expert), torch.from_numpy(matrix).to(dtype=dtype, copy=True)
         else:
             yield hf_name, torch.from_numpy(w).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-# Pre-tokenizer splits for byte-level BPE vocabularies, keyed by `tokenizer.ggml.pre`. Each entry
-# is applied in order, as llama.cpp's `llama-vocab.cpp` chains its regexes for that name; the
-# patterns are the public ones from the models' own tokenizer.json files.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    # A file without a recorded pre-tokenizer ("default") gets GPT-2's split, as transformers
-    # does; llama.cpp's own fallback also splits punctuation runs first.
-    "default": (_GPT2_SPLIT,),
-    "gpt-2": (_GPT2_SPLIT,),
-    # SmolLM/StarCoder vocabularies: every digit alone, then GPT-2's split.
-    "smollm": (r"\p{N}", _GPT2_SPLIT),
-    "starcoder": (r"\p{N}", _GPT2_SPLIT),
-    "llama3": (_LLAMA3_SPLIT,),
-    "llama-v3": (_LLAMA3_SPLIT,),
-    "llama-bpe": (_LLAMA3_SPLIT,),
-    "qwen2": (_QWEN2_SPLIT,),
-    "deepseek-r1-qwen": (_QWEN2_SPLIT,),
-}
-# Llama 3 looks a whole pre-token up in the vocabulary before merging (`ignore_merges` in its
-# tokenizer.json; llama.cpp sets the same flag for these names).
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
-
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
-_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
-
-
-@dataclass
-class _GGUFVocab:
-    """The tokenizer part of a GGUF file's metadata."""
-
-    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str  # tokenizer.ggml.pre: which pre-tokenizer split the merges were learned with
-    tokens: list[str]
-    token_types: list[int]
-    scores: list[float] | None
-    merges: list[str] | None
-    bos_id: int | None
-    eos_id: int | None
-    unk_id: int | None
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool
-
-
-def _read_vocab(reader: GGUFFile) -> _GGUFVocab:
-    tokens = _require(reader, "tokenizer.ggml.tokens")
-    types = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise CheckpointError(
-            f"{_reader_path(reader)}: GGUF has {len(tokens)} tokens but {len(types)} token types; "
-            "the file is corrupt"
-        )
-    return _GGUFVocab(
-        model=_require(reader, "tokenizer.ggml.model"),
-        pre=_meta(reader, "tokenizer.ggml.pre", "default"),
-        tokens=tokens,
-        token_types=types,
-        scores=_meta(reader, "tokenizer.ggml.scores"),
-        merges=_meta(reader, "tokenizer.ggml.merges"),
-        bos_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
-        eos_id=_meta(reader, "tokenizer.ggml.eos_token_id"),
-        unk_id=_meta(reader, "tokenizer.ggml.unknown_token_id"),
-        add_bos=_add_bos_default(reader),
-        add_eos=bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
-        add_space_prefix=bool(_meta(reader, "tokenizer.ggml.add_space_prefix", True)),
-    )
-
-
-def _bpe(vocab: _GGUFVocab, merges: list, path: Path, **options: Any) -> Tokenizer:
-    """A Tokenizer around a BPE model of the file's tokens (their index is their id)."""
-    ids = {token: index for index, token in enumerate(vocab.tokens)}
-    try:
-        return Tokenizer(models.BPE(ids, merges, **options))
-    except Exception as error:  # tokenizers raises a bare Exception, e.g. for a merge of an unknown token
-        raise CheckpointError(f"{path}: the GGUF vocabulary and merges do not agree ({error})") from error
-
-
-def _byte_level_bpe(vocab: _GGUFVocab, path: Path) -> Tokenizer:
-    """GPT-2-style BPE: tokens are spelled in the byte-to-unicode alphabet, merges are given."""
-    splits = PRE_TOKENIZER_SPLITS.get(vocab.pre)
-    if splits is None:
-        raise CheckpointError(
-            f"{path}: GGUF pre-tokenizer '{vocab.pre}' is not supported "
-            f"(supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})"
-        )
-    if vocab.merges is None:
-        raise CheckpointError(f"{path}: GGUF metadata key 'tokenizer.ggml.merges' is missing")
-    merges = [tuple(merge.split(" ", 1)) for merge in vocab.merges]
-    tokenizer = _bpe(vocab, merges, path, ignore_merges=vocab.pre in _IGNORE_MERGES)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
-        # The splits above already cut the text; ByteLevel only maps bytes to its alphabet.
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges equivalent to SentencePiece's score-driven merging.
-
-    SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose
-    concatenation is the highest-scoring vocabulary entry. A BPE whose merges are every
-    (left, right) split of every entry, ranked by the entry's score, makes the same choices.
-    """
-    ids = {token: index for index, token in enumerate(tokens)}
-    ranked = []
-    for piece, index in ids.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in ids and right in ids:
-                ranked.append((-scores[index], ids[left], ids[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
-def _sentencepiece_bpe(vocab: _GGUFVocab, path: Path) -> Tokenizer:
-    """SentencePiece BPE: "▁" marks spaces, unknown bytes fall back to <0xNN> tokens."""
-    if vocab.scores is None and vocab.merges is None:
-        raise CheckpointError(f"{path}: GGUF metadata key 'tokenizer.ggml.scores' is missing")
-    if vocab.merges is not None:
-        merges = [tuple(merge.split(" ", 1)) for merge in vocab.merges]
-    else:
-        merges = _merges_from_scores(vocab.tokens, vocab.scores)
-    unk = vocab.tokens[vocab.unk_id] if vocab.unk_id is not None else None
-    tokenizer = _bpe(vocab, merges, path, unk_token=unk, fuse_unk=True, byte_fallback=True)
-    # The prefix space goes in the normalizer, which runs on each stretch of text between special
-    # tokens: llama.cpp (like SentencePiece called per segment) adds it after every special token.
-    steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
-    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    undo = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if vocab.add_space_prefix:
-        undo.append(decoders.Strip(" ", 1, 0))
-    tokenizer.decoder = decoders.Sequence(undo)
-    return tokenizer
-
-
-_TOKENIZER_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
-
-
-def _add_special_tokens(tokenizer: Tokenizer, vocab: _GGUFVocab) -> None:
-    """Register control/unknown tokens as special and user-defined ones as added tokens.
-
-    Both kinds are then matched whole in the input and never split by the model. Control tokens
-    (like <|im_start|>) are special, so decode(skip_special_tokens=True) drops them; user-defined
-    ones (like <think>) are text and stay, as in llama.cpp and transformers.
-    """
-    special, added = [], []
-    for token, kind in zip(vocab.tokens, vocab.token_types, strict=True):
-        if kind in (_CONTROL, _UNKNOWN):
-            special.append(AddedToken(token, special=True, normalized=False))
-        elif kind == _USER_DEFINED:
-            added.append(AddedToken(token, special=False, normalized=False))
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(added)
-
-
-def _add_bos_eos(tokenizer: Tokenizer, vocab: _GGUFVocab) -> None:
-    """A post-processor adding BOS/EOS to every encoded sequence, as the file's flags ask."""
-    bos = vocab.tokens[vocab.bos_id] if vocab.add_bos and vocab.bos_id is not None else None
-    eos = vocab.tokens[vocab.eos_id] if vocab.add_eos and vocab.eos_id is not None else None
-    if bos is None and eos is None:
-        return
-    single = [t for t in (bos, "$A", eos) if t is not None]
-    pair = single + [t for t in (bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if t]
-    specials = [(t, i) for t, i in ((bos, vocab.bos_id), (eos, vocab.eos_id)) if t is not None]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=specials
-    )
-
-
-def build_gguf_tokenizer(path_or_reader: str | Path | GGUFFile) -> Tokenizer:
-    """A `tokenizers.Tokenizer` rebuilt from a GGUF file's vocabulary, merges and special tokens."""
-    reader = _as_reader(path_or_reader)
-    path = _reader_path(reader)
-    vocab = _read_vocab(reader)
-    builder = _TOKENIZER_BUILDERS.get(vocab.model)
-    if builder is None:
-        raise CheckpointError(
-            f"{path}: GGUF tokenizer model '{vocab.model}' is not supported "
-            f"(supported: {', '.join(_TOKENIZER_BUILDERS)})"
-        )
-    tokenizer = builder(vocab, path)
-    _add_special_tokens(tokenizer, vocab)
-    _add_bos_eos(tokenizer, vocab)
-    return tokenizer

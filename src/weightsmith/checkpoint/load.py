@@ -86,12 +86,13 @@ def _load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype, allow_pic
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
     from weightsmith.checkpoint import gguf
+    from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
     from weightsmith.tokenizer import Tokenizer
 
     reader = gguf.open_gguf(path)  # parsing the header is the slow part: do it once
     info = gguf.read_gguf(reader)
     cfg = ModelConfig.from_hf(info.config, source=str(path))
-    tokenizer = Tokenizer.from_config(gguf.build_gguf_tokenizer(reader), info.tokenizer_config)
+    tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
     tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
