@@ -9,14 +9,16 @@ transformers renders. Compiled templates are cached by their source text.
 
 What it does not do: choose which template a checkpoint uses or tokenize the
 result (`weightsmith.tokenizer.Tokenizer.apply_chat_template` does both),
-compute assistant-token masks (the `{% generation %}` tag renders its body
-and records nothing), continue a final message, or turn Python functions into
-tool schemas (pass JSON-schema dicts).
+continue a final message, or turn Python functions into tool schemas (pass
+JSON-schema dicts). `assistant_spans` finds which characters of a rendered
+conversation are assistant output, for training masks; turning them into token
+masks is the training data's job.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -31,7 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from weightsmith.errors import WeightsmithError
 
-__all__ = ["ChatMessageError", "ChatTemplateError", "render_chat_template"]
+__all__ = ["ChatMessageError", "ChatTemplateError", "assistant_spans", "render_chat_template"]
 
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (Qwen3, DeepSeek) or
 # `thinking` (gpt-oss). transformers >= 5 copies whichever is set to both, so we do too.
@@ -138,16 +140,78 @@ class _Namespace(jinja2.utils.Namespace):
             raise ChatTemplateError(f"chat template: namespace attribute {name!r} starts with '_'; rename it")
 
 
+#: Template variable that makes `{% generation %}` blocks wrap their output in the two
+#: private-use markers below (only `assistant_spans` sets it).
+_MARK_VARIABLE = "weightsmith_mark_generation"
+_GEN_START, _GEN_END = "\ue000", "\ue001"
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in some
-    templates (SmolLM3, Qwen3 variants). Without this tag the template would not even compile."""
+    templates (SmolLM3, Qwen3 variants). Rendered normally it outputs its body unchanged."""
 
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
+        call = self.call_method("_mark", [jinja2.nodes.Name(_MARK_VARIABLE, "load")])
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _mark(self, enabled: object, caller: Any) -> str:
+        text = caller()
+        return f"{_GEN_START}{text}{_GEN_END}" if enabled is True else text
+
+
+def assistant_spans(
+    template: str, messages: Sequence[Mapping[str, Any]], **variables: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render the whole conversation and return it with the [start, end) character spans
+    of the assistant output a model should learn to produce.
+
+    Templates with `{% generation %}` blocks say so themselves (transformers'
+    `return_assistant_tokens_mask` reads the same blocks). For the others, assistant
+    turn i is the text that rendering messages[: i + 1] adds to rendering messages[: i]
+    with the generation prompt, trailing whitespace excluded: exactly what the model
+    would generate after that prompt, up to and including the end-of-turn token.
+    """
+    if _GENERATION_TAG.search(template):
+        marked = render_chat_template(
+            template, messages, add_generation_prompt=False, **{_MARK_VARIABLE: True}, **variables
+        )
+        return _strip_markers(marked)
+    full = render_chat_template(template, messages, add_generation_prompt=False, **variables)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = render_chat_template(template, messages[:i], add_generation_prompt=True, **variables)
+        through = render_chat_template(template, messages[: i + 1], add_generation_prompt=False, **variables)
+        if not (through.startswith(prompt) and full.startswith(through)):
+            raise ChatTemplateError(
+                f"messages[{i}]: the chat template renders earlier turns differently once later turns "
+                "are added, so assistant text cannot be located; use a template with "
+                "{% generation %} blocks, or train on the whole text (--train-on-prompt)"
+            )
+        spans.append((len(prompt), len(through.rstrip())))
+    return full, spans
+
+
+def _strip_markers(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length, start = 0, None
+    for piece in re.split(f"([{_GEN_START}{_GEN_END}])", marked):
+        if piece == _GEN_START:
+            start = length
+        elif piece == _GEN_END and start is not None:
+            spans.append((start, length))
+            start = None
+        elif piece:
+            out.append(piece)
+            length += len(piece)
+    return "".join(out), [s for s in spans if s[1] > s[0]]
 
 
 def _make_environment() -> ImmutableSandboxedEnvironment:

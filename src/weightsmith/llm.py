@@ -94,12 +94,27 @@ def load(
     dtype: str | None = None,
     allow_pickle: bool = False,
     auto_pull: bool = True,
+    adapter: str | Path | None = None,
 ) -> LLM:
-    """Load a model by catalog/store name, HF directory or .gguf file."""
+    """Load a model by catalog/store name, HF directory or .gguf file.
+
+    adapter: a LoRA adapter directory (ours or PEFT's), folded into the weights so
+    generation runs at the base model's speed.
+    """
     from weightsmith.checkpoint.hub import resolve
 
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    ckpt = load_checkpoint(path, device=dev, dtype=dt, allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(
+        path, device=dev, dtype=dt, allow_pickle=allow_pickle, decode_layout=adapter is None
+    )
+    if adapter is not None:
+        from weightsmith.lora import load_adapter, merge_and_unload
+
+        load_adapter(ckpt.model, Path(adapter))
+        merge_and_unload(ckpt.model)
+        ckpt.model.requires_grad_(False)
+        if dev.type == "cpu":
+            ckpt.model.use_decode_layout()
     return LLM(ckpt, str(model), dev, dt)

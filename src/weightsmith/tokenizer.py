@@ -27,7 +27,7 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from weightsmith.chat_template import ChatTemplateError, render_chat_template
+from weightsmith.chat_template import ChatTemplateError, assistant_spans, render_chat_template
 from weightsmith.errors import CheckpointError
 from weightsmith.files import read_json, write_json_atomic, write_text_atomic
 
@@ -252,6 +252,11 @@ class Tokenizer:
             return self._prefix_ids + ids + self._suffix_ids
         return ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` (no special tokens added) with each token's [start, end) characters."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     def encode_batch(self, texts: Iterable[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode() for a single string")
@@ -297,6 +302,11 @@ class Tokenizer:
             **variables,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def chat_spans(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant output
+        (see `weightsmith.chat_template.assistant_spans`)."""
+        return assistant_spans(self._select_template(None), messages, **self._special_tokens)
 
     def _select_template(self, tools: object) -> str:
         # Checkpoints with several named templates (Cohere: default, tool_use, rag) pick

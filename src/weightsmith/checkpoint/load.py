@@ -51,8 +51,13 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    decode_layout: bool = True,
 ) -> Checkpoint:
-    """Load an HF directory or a .gguf file."""
+    """Load an HF directory or a .gguf file.
+
+    decode_layout: on CPU, lay weights out for fast decoding (see models/linear.py);
+    training passes False to keep plain row-major parameters.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
@@ -64,27 +69,30 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: not a .gguf file; pass an HF checkpoint directory or a .gguf file"
             )
-        ckpt = _load_gguf(path, torch.device(device), dtype)
+        ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout)
     elif (path / "config.json").exists():
-        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle)
+        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle, decode_layout)
     else:
         raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
     log.info("loaded %s (%s) in %.1fs", path, ckpt.config.model_type, time.perf_counter() - start)
     return ckpt
 
 
-def _load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> Checkpoint:
+def _load_hf_dir(
+    path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool, decode_layout: bool
+) -> Checkpoint:
     from weightsmith.tokenizer import Tokenizer
 
     cfg = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     files = st.weight_files(path, allow_pickle=allow_pickle)
     tokenizer = Tokenizer.from_dir(path)
-    model = build_model(cfg, ((n, t, str(f)) for n, t, f in st.iter_tensors(files)), device, dtype)
+    tensors = ((n, t, str(f)) for n, t, f in st.iter_tensors(files))
+    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout)
     gen = read_json(path / "generation_config.json", required=False) or {}
     return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen)
 
 
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, decode_layout: bool) -> Checkpoint:
     from weightsmith.checkpoint import gguf
     from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
     from weightsmith.tokenizer import Tokenizer
@@ -94,7 +102,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoi
     cfg = ModelConfig.from_hf(info.config, source=str(path))
     tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
     tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
-    model = build_model(cfg, tensors, device, dtype)
+    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
 
@@ -104,6 +112,8 @@ def build_model(
     tensors: Iterable[tuple[str, torch.Tensor, str]],
     device: torch.device | str,
     dtype: torch.dtype,
+    *,
+    decode_layout: bool = True,
 ) -> CausalLM:
     """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
     with torch.device("meta"):
@@ -131,7 +141,7 @@ def build_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
     model.reset_rope()
-    if torch.device(device).type == "cpu":
+    if decode_layout and torch.device(device).type == "cpu":
         model.use_decode_layout()
     return model.eval()
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from weightsmith import __version__
 from weightsmith.cli import run as run_cmds
 from weightsmith.cli import store
+from weightsmith.cli import train as train_cmds
 from weightsmith.cli.args import add_config_arguments, config_from_args
 from weightsmith.errors import WeightsmithError
 
@@ -57,6 +58,18 @@ COMMANDS: dict[str, Command] = {
         run_cmds.ChatConfig,
         "chat with a model (streams; /reset, /system TEXT, /exit)",
         "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
+    ),
+    "finetune": Command(
+        train_cmds.FinetuneConfig,
+        "fine-tune on your JSONL data (LoRA, QLoRA or full)",
+        "weightsmith finetune smollm2-135m-instruct --data support.jsonl --method lora --out runs/support\n"
+        "  weightsmith finetune smollm2-135m-instruct --config finetune.yaml --train.lr 1e-4 --lora.rank 16\n"
+        "  weightsmith finetune --resume runs/support          # continue from the latest checkpoint",
+    ),
+    "merge": Command(
+        train_cmds.MergeConfig,
+        "fold a LoRA adapter into its base model and save an HF directory",
+        "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
     ),
     "demo": Command(
         run_cmds.DemoConfig, "run the main job end to end on the default model", "weightsmith demo"
@@ -104,6 +117,10 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
     if name == "chat":
         interactive = sys.stdin.isatty() and out.isatty()
         return run_cmds.run_chat(cfg, stdin=sys.stdin, out=out, interactive=interactive), None
+    if name == "finetune":
+        return train_cmds.run_finetune_cli(cfg), lambda r: train_cmds.print_finetune(r, console)
+    if name == "merge":
+        return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
     if name == "demo":
         return run_cmds.run_demo(cfg, out=out), None
     raise AssertionError(name)

@@ -31,11 +31,18 @@ class LoadOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+    adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "allow_pickle": self.allow_pickle,
+            "adapter": self.adapter,
+        }
 
     def load(self) -> LLM:
-        return load_with_status(
-            self.model, device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle
-        )
+        return load_with_status(self.model, **self.load_kwargs())
 
 
 def load_with_status(model: str, **kwargs: Any) -> LLM:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from weightsmith.kv_cache import KVCache
@@ -264,20 +265,55 @@ class CausalLM(nn.Module):
         logits_at: (B,) index into T per row: return only that position's logits
             (B, 1, V), skipping the (T, V) head matmul during prefill.
         """
+        x = self.hidden_states(input_ids, positions=positions, cache=cache, kv_len=kv_len, aligned=aligned)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, h)
+        return self.logits(x)  # (B, T, V)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over hidden states (..., h) -> (..., V)."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        aligned: bool = True,
+        documents: torch.Tensor | None = None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """The last layer's output (B, T, h), before the final norm.
+
+        Training calls this and applies `logits` only where a loss is taken.
+        documents: (B, T) ids of packed sequences; a token attends only to earlier
+            tokens of its own document (pass positions that restart per document).
+        checkpoint: recompute each layer's activations in backward instead of
+            keeping them (gradient checkpointing: less memory, ~1/3 more compute).
+        """
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         kv_len = kv_len if kv_len is not None else t
         x = self.model.embed_tokens(input_ids)  # (B, T, h)
-        a = self._attention_inputs(positions, cache, kv_len, aligned, x.dtype)
+        a = self._attention_inputs(positions, cache, kv_len, aligned, x.dtype, documents)
         for layer in self.model.layers:
-            x = layer(x, a)
-        if logits_at is not None:
-            x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, h)
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, a, use_reentrant=False)
+            else:
+                x = layer(x, a)
+        return x
 
     def _attention_inputs(
-        self, positions: torch.Tensor, cache: KVCache | None, kv_len: int, aligned: bool, dtype: torch.dtype
+        self,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        kv_len: int,
+        aligned: bool,
+        dtype: torch.dtype,
+        documents: torch.Tensor | None = None,
     ) -> AttentionInputs:
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scaling, dtype)
         t = positions.shape[1]
@@ -285,17 +321,21 @@ class CausalLM(nn.Module):
         masks: dict[str, torch.Tensor | None] = {}
         # Fast paths: aligned rows with no cached prefix use the fused causal kernel; a
         # single aligned query sees every cached key, so it needs no mask at all.
-        plain_causal = aligned and kv_len == t
+        plain_causal = aligned and kv_len == t and documents is None
         for kind in set(self.config.layer_types):
             windowed = kind == "sliding_attention" and kv_len > window
             if aligned and not windowed and (plain_causal or t == 1):
                 masks[kind] = None
                 continue
             keys = torch.arange(kv_len, device=positions.device)
-            q = positions[:, None, :, None]  # (B, 1, T, 1)
+            # A query's slot: its position in the cache, or (packed rows, no cache) its index.
+            slots = positions if documents is None else keys[:t].expand_as(positions)
+            q = slots[:, None, :, None]  # (B, 1, T, 1)
             mask = keys <= q  # (B, 1, T, S)
             if windowed:
                 mask = mask & (keys > q - window)
+            if documents is not None:  # packed rows: own document only, S == T
+                mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
             masks[kind] = mask
         start = kv_len - t if aligned else None
         return AttentionInputs(positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start)

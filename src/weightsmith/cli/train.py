@@ -1,0 +1,129 @@
+"""Commands that shape a model: finetune and merge, and the training progress bar.
+
+The training itself lives in weightsmith.train; this module shows it (a rich
+progress bar on a terminal, plain lines otherwise) and prints results.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from weightsmith.cli.args import opt
+from weightsmith.cli.run import LoadOptions, load_with_status
+from weightsmith.train.loop import LogReporter, Reporter
+from weightsmith.train.sft import FinetuneConfig, run_finetune
+
+
+class BarReporter:
+    """A progress bar with loss, learning rate, tokens/s and ETA; validation results as lines."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task: Any = None
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=first_step, loss="-", lr="-", speed="-"
+        )
+
+    def step(self, m: dict[str, Any]) -> None:
+        fields = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}", "speed": f"{m['tokens_per_s']:.0f}"}
+        self.progress.update(self.task, completed=m["step"], **fields)
+
+    def evaluated(self, m: dict[str, Any]) -> None:
+        self.progress.console.print(
+            f"step {m['step']}: validation loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})"
+        )
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class LineReporter(LogReporter):
+    """Plain progress lines on a stream (for logs and CI, where a bar would be noise)."""
+
+    def __init__(self, stream: TextIO, every: int = 10) -> None:
+        super().__init__(every)
+        self.stream = stream
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.total = total_steps
+        print(f"training steps {first_step + 1}..{total_steps}", file=self.stream, flush=True)
+
+    def step(self, m: dict[str, Any]) -> None:
+        if m["step"] % self.every == 0 or m["step"] == self.total:
+            print(
+                f"step {m['step']}/{self.total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                f"{m['tokens_per_s']:.0f} tok/s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def evaluated(self, m: dict[str, Any]) -> None:
+        print(f"step {m['step']}: validation loss {m['val_loss']:.4f}", file=self.stream, flush=True)
+
+
+def make_reporter(stream: TextIO = sys.stderr) -> Reporter:
+    if stream.isatty():
+        return BarReporter(Console(file=stream))
+    return LineReporter(stream)
+
+
+def run_finetune_cli(cfg: FinetuneConfig) -> dict[str, Any]:
+    return run_finetune(cfg, reporter=make_reporter())
+
+
+def print_finetune(result: dict[str, Any], console: Console) -> None:
+    m = result["metrics"]
+    data = result["data"]["train"]
+    console.print(
+        f"trained {result['parameters']['trainable']:,} of {result['parameters']['total']:,} parameters "
+        f"({result['method']}) for {result['steps']} steps on {data['examples']} examples "
+        f"in {result['seconds']:.0f}s"
+    )
+    if "loss" in m:
+        val = f", validation loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+        console.print(f"final training loss {m['loss']:.4f}{val}")
+    out = Path(result["out"])
+    where = out / "model" if result["method"] == "full" else out
+    console.print(f"wrote {where} (and metrics.jsonl, loss.png, config.yaml, run.json in {out})")
+
+
+@dataclass(kw_only=True)
+class MergeConfig(LoadOptions):
+    """Fold a LoRA adapter into its base model and save a plain HF checkpoint directory."""
+
+    out: str = opt(help="output directory (must not exist)")
+    save_dtype: str | None = opt(None, "dtype of the saved weights: fp32, bf16 or fp16 (default: as loaded)")
+
+
+def run_merge(cfg: MergeConfig) -> dict[str, Any]:
+    import torch
+
+    from weightsmith.checkpoint.save import save_hf_dir
+    from weightsmith.device import pick_dtype
+    from weightsmith.errors import UsageError
+
+    if not cfg.adapter:
+        raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
+    llm = load_with_status(cfg.model, **cfg.load_kwargs())
+    dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
+    out = save_hf_dir(
+        llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype
+    )
+    return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out)}

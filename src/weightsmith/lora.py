@@ -1,0 +1,650 @@
+"""LoRA adapters: a wrapping layer, targeting, enable/disable/merge, and PEFT-format files.
+
+A `LoRALinear` wraps a loaded linear (`base_layer`) and adds `scaling * B(A(x))` per
+named adapter (Hu et al. 2021, "LoRA"; rsLoRA scaling alpha/sqrt(r) from Kalajdzievski
+2023). Its parameters are named as PEFT names them in memory (`q_proj.lora_A.default.
+weight`, `q_proj.base_layer.weight`), and `save_adapter` / `load_adapter` read and write
+PEFT's files (`adapter_config.json`, `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight`), so adapters move between weightsmith and
+transformers + peft unchanged. Targeting follows PEFT's rules (list entries match a
+module name or its dotted suffix, a string is a full regex match, patterns match by
+regex suffix), except that "all-linear" is resolved here, not by PEFT (see
+`resolve_targets`).
+
+Not here: DoRA, LoRA biases, embedding or conv adapters, `modules_to_save`, the
+quantized base layer itself (quantize.py; this module only needs its `in_features`,
+`out_features` and forward), and training (weightsmith.train).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.files import fsync_dir, read_json, write_json_atomic
+from weightsmith.models.model import SparseMoE
+
+ALL_LINEAR = "all-linear"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+#: The PEFT release whose adapter_config.json schema `to_peft_dict` writes.
+PEFT_SCHEMA_VERSION = "0.21.2"
+
+#: Keys PEFT 0.21 writes that change nothing for a plain LoRA adapter at their PEFT
+#: default; `from_peft_dict` refuses a file that sets one to anything else.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "arrow_config": None, "ensure_weight_tying": False,
+    "exclude_modules": None, "fan_in_fan_out": False, "kasa_config": None, "layer_replication": None,
+    "lora_bias": False, "megatron_config": None, "modules_to_save": None, "monteclora_config": None,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "velora_config": None, "bias": "none",
+}  # fmt: skip
+#: Bookkeeping keys (who saved it, how A was initialised before training): ignored on load.
+PEFT_BOOKKEEPING = {
+    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+    "megatron_core", "loftq_config", "qalora_group_size", "corda_config", "eva_config", "lora_ga_config",
+}  # fmt: skip
+#: Keys `from_peft_dict` reads (or checks) itself.
+PEFT_READ = {
+    "peft_type", "task_type", "layers_pattern", "init_lora_weights", "r", "lora_alpha", "lora_dropout",
+    "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+}  # fmt: skip
+#: init_lora_weights values whose saved adapter assumes a base model modified by the init.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
+    """PEFT's `get_pattern_key`: the first pattern that matches the end of the name at a dot."""
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module_name)), None)
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how; field names follow PEFT's LoraConfig (alpha = lora_alpha)."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    #: "all-linear", a list of module names / dotted suffixes, or a regex for the full name.
+    target_modules: list[str] | str = ALL_LINEAR
+    use_rslora: bool = False
+    #: Per-module rank / alpha overrides, keyed by regex matched against the name's end.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | None = None
+
+    def validate(self, source: str = "LoraConfig") -> None:
+        """Raise ConfigError naming `source` and the field for any value that cannot work."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(
+                f"{source}: r must be an integer >= 1 (got {self.r!r}); ranks of 4-64 are usual"
+            )
+        if not _positive_number(self.alpha):
+            raise ConfigError(
+                f"{source}: lora_alpha must be > 0 (got {self.alpha!r}); 2*r is a common choice"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{source}: lora_dropout must be in [0, 1) (got {self.dropout!r})")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            _compile(tm, source, "target_modules")
+            if tm != ALL_LINEAR and self.layers_to_transform is not None:
+                raise ConfigError(
+                    f"{source}: layers_to_transform cannot be combined with a regex target_modules "
+                    "(PEFT refuses it too); put the layer indices into the regex, or list module names"
+                )
+        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+            raise ConfigError(
+                f"{source}: target_modules must be 'all-linear', a regex, or a non-empty list of module "
+                f"names such as ['q_proj', 'v_proj'] (got {tm!r})"
+            )
+        if not (isinstance(self.rank_pattern, dict) and isinstance(self.alpha_pattern, dict)):
+            raise ConfigError(f"{source}: rank_pattern and alpha_pattern must map module patterns to values")
+        for key, r in self.rank_pattern.items():
+            _compile(key, source, "rank_pattern")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ConfigError(f"{source}: rank_pattern[{key!r}] must be an integer >= 1 (got {r!r})")
+        for key, alpha in self.alpha_pattern.items():
+            _compile(key, source, "alpha_pattern")
+            if not _positive_number(alpha):
+                raise ConfigError(f"{source}: alpha_pattern[{key!r}] must be > 0 (got {alpha!r})")
+        layers = self.layers_to_transform
+        if layers is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        ):
+            raise ConfigError(
+                f"{source}: layers_to_transform must be a list of layer indices >= 0 (got {layers!r})"
+            )
+
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scale_for(self, module_name: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA, after the rank and alpha patterns."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_peft_dict(
+        self, base_model_name_or_path: str | None, *, module_names: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """adapter_config.json contents. With `module_names` (the wrapped modules), "all-linear"
+        is written as their sorted suffix names (PEFT, too, saves a resolved list); without, it
+        stays "all-linear" for PEFT to resolve, which PEFT refuses with layers_to_transform."""
+        targets: list[str] | str = self.target_modules
+        if targets == ALL_LINEAR and module_names is not None:
+            targets = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+        elif isinstance(targets, list):
+            targets = sorted(targets)
+        d: dict[str, Any] = {
+            **PEFT_DEFAULTS,
+            **dict.fromkeys(
+                ["auto_mapping", "corda_config", "eva_config", "lora_ga_config", "layers_pattern"]
+            ),
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "peft_version": PEFT_SCHEMA_VERSION,
+            "base_model_name_or_path": base_model_name_or_path,
+            "revision": None,
+            "r": self.r,
+            "lora_alpha": _plain_number(self.alpha),
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": {k: _plain_number(v) for k, v in self.alpha_pattern.items()},
+            "layers_to_transform": self.layers_to_transform,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "loftq_config": {},
+            "megatron_core": "megatron.core",
+            "qalora_group_size": 16,
+        }
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], source: str) -> LoraConfig:
+        """Read adapter_config.json contents; refuse anything weightsmith does not implement."""
+        _refuse_unsupported(d, source)
+        if d.get("target_modules") is None:
+            raise ConfigError(
+                f"{source}: target_modules is missing; list the adapted modules, e.g. ['q_proj', 'v_proj']"
+            )
+        targets = d["target_modules"]
+        layers = d.get("layers_to_transform")
+        cfg = cls(
+            r=d.get("r", 8),
+            alpha=d.get("lora_alpha", 8),
+            dropout=d.get("lora_dropout", 0.0),
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            use_rslora=bool(d.get("use_rslora", False)),
+            rank_pattern=d.get("rank_pattern") or {},
+            alpha_pattern=d.get("alpha_pattern") or {},
+            layers_to_transform=[layers] if isinstance(layers, int) else layers,
+        )
+        cfg.validate(source)
+        return cfg
+
+
+def _refuse_unsupported(d: dict[str, Any], source: str) -> None:
+    if d.get("peft_type") != "LORA":
+        raise ConfigError(
+            f"{source}: peft_type is {d.get('peft_type')!r}; weightsmith loads only 'LORA' adapters"
+        )
+    if d.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ConfigError(
+            f"{source}: task_type is {d['task_type']!r}; weightsmith loads only CAUSAL_LM adapters"
+        )
+    pattern = d.get("layers_pattern")
+    if pattern not in (None, "", [], "layers", ["layers"]):
+        raise ConfigError(
+            f"{source}: layers_pattern {pattern!r} is not supported; layers are 'model.layers.<i>'"
+        )
+    init = d.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ConfigError(
+            f"{source}: init_lora_weights={init!r} adapters assume a base modified at init; convert it with "
+            "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first"
+        )
+    for key, value in d.items():
+        if key in PEFT_READ or key in PEFT_BOOKKEEPING:
+            continue
+        default = PEFT_DEFAULTS.get(key)
+        # An unknown key (a newer PEFT's feature) is harmless only while it is unset.
+        harmless = value == default if key in PEFT_DEFAULTS else value in (None, False, {}, [], "")
+        if not harmless:
+            raise ConfigError(
+                f"{source}: {key}={value!r} is not supported by weightsmith (only plain LoRA on linear "
+                f"layers); retrain or convert the adapter with {key}={default!r}"
+            )
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _plain_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def _compile(pattern: str, source: str, field_name: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(
+            f"{source}: {field_name} {pattern!r} is not a valid regex ({e}); fix the pattern"
+        ) from e
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + scaling * B(A(dropout(x)))` for the active adapter, if not merged."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged: list[str] = []
+
+    def add_adapter(
+        self, name: str, r: int, scaling: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """A fresh adapter: A as nn.Linear's default init (kaiming-uniform, a=sqrt(5)), B = 0,
+        so it changes nothing until trained."""
+        if name in self.lora_A:
+            raise ConfigError(f"adapter {name!r} already exists on this layer; pass another adapter name")
+        # A quantized base may hold its weight in buffers only.
+        held = itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())
+        device = next(held, torch.empty(0)).device
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self.train(self.training)  # new modules start in training mode; an eval model stays eval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        name = self.active_adapter
+        if name is None or name not in self.lora_A or name in self.merged:
+            return y
+        # In the input's dtype: fp32 adapter weights are cast for a bf16 activation, say.
+        a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+        h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
+        # y + scaling * h @ B^T as one addmm: no separate scale and add passes over (N, out),
+        # which on a CPU saves ~7% of a LoRA training step (benchmarks/finetune.py).
+        out = torch.addmm(
+            y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name]
+        )
+        return out.view(y.shape)  # (..., out)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, shaped like the base weight (out, in)."""
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    def merge(self, name: str) -> None:
+        """Add the adapter into base_layer.weight in place (fp32 sum, cast back)."""
+        weight = self._mergeable_weight(name)
+        if name in self.merged:
+            raise ConfigError(f"adapter {name!r} is already merged; unmerge it first")
+        with torch.no_grad():
+            weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Subtract a merged adapter from base_layer.weight again."""
+        weight = self._mergeable_weight(name)
+        if name not in self.merged:
+            raise ConfigError(f"adapter {name!r} is not merged; nothing to unmerge")
+        with torch.no_grad():
+            weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+        self.merged.remove(name)
+
+    def _mergeable_weight(self, name: str) -> nn.Parameter:
+        if name not in self.lora_A:
+            raise ConfigError(f"no adapter named {name!r} on this layer (has {sorted(self.lora_A)})")
+        weight = getattr(self.base_layer, "weight", None)
+        if not (isinstance(weight, nn.Parameter) and weight.is_floating_point()):
+            raise ConfigError(
+                f"cannot merge into a {type(self.base_layer).__name__} base: merge needs a full-precision "
+                "base weight; load the model without QLoRA (no 4-bit quantization) to merge"
+            )
+        return weight
+
+
+# ---- targeting and applying ------------------------------------------------------------
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "in_features", None), int) and isinstance(
+        getattr(m, "out_features", None), int
+    )
+
+
+def _named_linears(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(name, module, parent) of every linear-like module; a LoRALinear counts as one (its
+    lora_A/lora_B are not candidates)."""
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if _is_linear_like(child):
+            yield name, child, module
+        else:
+            yield from _named_linears(child, name)
+
+
+def _layer_index(name: str) -> int | None:
+    # PEFT's rule: the first numbered segment ("model.layers.3.mlp..." -> 3), not an expert index.
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _selected(cfg: LoraConfig, name: str, parent: nn.Module) -> bool:
+    targets = cfg.target_modules
+    if targets == ALL_LINEAR:
+        # Every decoder-layer linear. Not the LM head (PEFT excludes the output layer), and not
+        # a MoE router: its output only picks experts, and PEFT on transformers 5 does not see it
+        # as a linear either. Target it explicitly ("gate") to adapt it.
+        hit = name.startswith("model.layers.") and not (
+            isinstance(parent, SparseMoE) and name.endswith(".gate")
+        )
+    elif isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    elif name in targets:
+        return True  # PEFT: an exact module name is taken regardless of layers_to_transform
+    else:
+        hit = any(name.endswith("." + t) for t in targets)
+    if hit and cfg.layers_to_transform is not None:
+        return _layer_index(name) in cfg.layers_to_transform
+    return hit
+
+
+def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, module, parent) of the modules `cfg` adapts; ConfigError when there are none."""
+    found = [(n, m, p) for n, m, p in _named_linears(model) if _selected(cfg, n, p)]
+    if not found:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _, _ in _named_linears(model)})
+        raise ConfigError(
+            f"target_modules {cfg.target_modules!r} (layers_to_transform={cfg.layers_to_transform}) matches no "
+            f"linear layer; choose from {suffixes} or 'all-linear'"
+        )
+    config = getattr(model, "config", None)
+    for name, _, _ in found:
+        if name == "lm_head" and getattr(config, "tie_word_embeddings", False):
+            raise ConfigError(
+                "target_modules selects lm_head, whose weight is tied to the embedding; an adapter there "
+                "would also change the input embedding when merged. Leave lm_head out of target_modules"
+            )
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in `model` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, name: str = "default", *, dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Wrap the target linears of a loaded `model` in place (or add adapter `name` to those
+    already wrapped), freeze every non-LoRA parameter, make `name` the active adapter and
+    return the wrapped module names. Adapter weights are kept in `dtype` (fp32 by default,
+    as PEFT does for half-precision bases; the forward casts them to the input's dtype)."""
+    cfg.validate()
+    targets = resolve_targets(model, cfg)
+    for module_name, module, _ in targets:
+        if isinstance(module, LoRALinear) and name in module.lora_A:
+            raise ConfigError(f"{module_name} already has an adapter named {name!r}; pass another name")
+    for param_name, p in model.named_parameters():
+        if ".lora_A." not in param_name and ".lora_B." not in param_name:
+            p.requires_grad_(False)
+    for module_name, module, parent in targets:
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module).train(module.training)
+            setattr(parent, module_name.rsplit(".", 1)[-1], module)
+        module.add_adapter(name, cfg.rank_for(module_name), cfg.scale_for(module_name), cfg.dropout, dtype)
+    set_adapter(model, name)
+    return [n for n, _, _ in targets]
+
+
+# ---- switching, merging ----------------------------------------------------------------
+
+
+def _layers_with(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+    layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
+    if not layers:
+        names = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
+        raise ConfigError(
+            f"the model has no adapter named {name!r} (adapters: {names or 'none'}); apply or load it first"
+        )
+    return layers
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make `name` the active adapter of every LoRA layer; None turns adapters off."""
+    if name is not None:
+        _layers_with(model, name)
+    for layer in lora_layers(model).values():
+        layer.active_adapter = name
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model (e.g. as the DPO reference) without a second copy of it."""
+    layers = lora_layers(model)
+    merged = sorted({a for m in layers.values() for a in m.merged})
+    if merged:
+        raise ConfigError(f"adapters {merged} are merged into the base weights; unmerge_adapter them first")
+    active = {n: m.active_adapter for n, m in layers.items()}
+    for layer in layers.values():
+        layer.active_adapter = None
+    try:
+        yield
+    finally:
+        for n, layer in layers.items():
+            layer.active_adapter = active[n]
+
+
+def _check_mergeable(layers: dict[str, LoRALinear], name: str) -> None:
+    """Refuse before changing any weight, so a failure never leaves the model half merged."""
+    for module_name, layer in layers.items():
+        try:
+            layer._mergeable_weight(name)
+        except ConfigError as e:
+            raise ConfigError(f"{module_name}: {e}") from None
+
+
+def merge_adapter(model: nn.Module, name: str) -> None:
+    """Add adapter `name` into the base weights (outputs unchanged up to rounding)."""
+    layers = _layers_with(model, name)
+    _check_mergeable(layers, name)
+    if already := [n for n, m in layers.items() if name in m.merged]:
+        raise ConfigError(f"adapter {name!r} is already merged into {already[0]}; unmerge it first")
+    for layer in layers.values():
+        layer.merge(name)
+
+
+def unmerge_adapter(model: nn.Module, name: str) -> None:
+    """Subtract a merged adapter `name` from the base weights again."""
+    layers = _layers_with(model, name)
+    if not_merged := [n for n, m in layers.items() if name not in m.merged]:
+        raise ConfigError(f"adapter {name!r} is not merged into {not_merged[0]}; nothing to unmerge")
+    for layer in layers.values():
+        layer.unmerge(name)
+
+
+def merge_and_unload(model: nn.Module, name: str = "default") -> nn.Module:
+    """Merge adapter `name`, then put every base layer back in place of its LoRALinear, so the
+    state dict has the base model's names. Other adapters on the model are dropped."""
+    layers = _layers_with(model, name)
+    _check_mergeable(layers, name)
+    for layer in layers.values():
+        if name not in layer.merged:
+            layer.merge(name)
+    for module_name, layer in lora_layers(model).items():
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    return model
+
+
+# ---- PEFT files ------------------------------------------------------------------------
+
+
+def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's file keys (`base_model.model.<module>.lora_A.weight`)."""
+    state = {}
+    for module_name, layer in _layers_with(model, name).items():
+        state[f"{KEY_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
+        state[f"{KEY_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    cfg: LoraConfig,
+    *,
+    name: str = "default",
+    base_model: str | None = None,
+) -> Path:
+    """Write adapter `name` as a PEFT adapter directory (each file replaced atomically)."""
+    directory = Path(directory)
+    layers = _layers_with(model, name)
+    for module_name, layer in layers.items():
+        r = layer.lora_A[name].out_features
+        if r != cfg.rank_for(module_name):
+            raise ConfigError(
+                f"{module_name}: adapter {name!r} has rank {r} but the LoraConfig gives "
+                f"{cfg.rank_for(module_name)}; pass the config the adapter was created with"
+            )
+    state = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model, name).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_safetensors_atomic(state, directory / WEIGHTS_FILE)
+    write_json_atomic(directory / CONFIG_FILE, cfg.to_peft_dict(base_model, module_names=layers))
+    return directory
+
+
+def _save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+_FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+
+
+def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
+    """{(module, "lora_A"|"lora_B"): (file key, tensor)}; keys with or without PEFT's prefix
+    and with or without an adapter-name infix (`lora_A.default.weight`)."""
+    out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _FILE_KEY.fullmatch(key)
+                if m is None:
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} is not a LoRA linear weight; weightsmith loads plain LoRA "
+                        "(no DoRA magnitudes, LoRA biases or embedding adapters); retrain without them"
+                    )
+                slot = (m["module"], m["part"])
+                if slot in out:
+                    raise CheckpointError(
+                        f"{path}: tensors {out[slot][0]!r} and {key!r} are the same weight; keep one"
+                    )
+                out[slot] = (key, f.get_tensor(key))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); re-save or re-download it"
+        ) from e
+    return out
+
+
+def _check_tensors(
+    tensors: dict[tuple[str, str], tuple[str, torch.Tensor]],
+    targets: dict[str, nn.Module],
+    cfg: LoraConfig,
+    path: Path,
+) -> None:
+    for (module_name, part), (key, t) in tensors.items():
+        module = targets.get(module_name)
+        if module is None:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is for {module_name}, which {CONFIG_FILE}'s target_modules do not "
+                "select in this model; is this adapter for another base model?"
+            )
+        r = cfg.rank_for(module_name)
+        expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
+        if tuple(t.shape) != expected:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected} (rank {r} from "
+                f"{CONFIG_FILE}); is this adapter for another base model?"
+            )
+    missing = [f"{m}.{p}" for m in targets for p in ("lora_A", "lora_B") if (m, p) not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{path}: no tensor for {missing[0]} ({len(missing)} missing in all), which {CONFIG_FILE} "
+            "targets; the adapter file is incomplete, re-save it"
+        )
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "default") -> LoraConfig:
+    """Read a PEFT adapter directory into `model` as adapter `name` (made active).
+    Everything is checked before the model is touched."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found; a PEFT adapter directory needs {CONFIG_FILE}")
+    cfg = LoraConfig.from_peft_dict(read_json(config_path), str(config_path))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise CheckpointError(
+                f"{directory / 'adapter_model.bin'}: pickle adapters are not loaded (they can run code); convert "
+                f"it to {WEIGHTS_FILE}, e.g. with peft: PeftModel.from_pretrained(...).save_pretrained(dir)"
+            )
+        raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
+    tensors = _read_adapter_tensors(weights)
+    targets = {n: m for n, m, _ in resolve_targets(model, cfg)}
+    _check_tensors(tensors, targets, cfg, weights)
+    apply_lora(model, cfg, name)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for (module_name, part), (_, t) in tensors.items():
+            getattr(layers[module_name], part)[name].weight.copy_(t)
+    return cfg

@@ -1,0 +1,1 @@
+"""Charts and reports written next to a run's outputs."""

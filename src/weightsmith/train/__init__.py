@@ -1,0 +1,1 @@
+"""Fine-tuning: data, the training loop, optimizers and losses."""

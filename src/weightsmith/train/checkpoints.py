@@ -1,0 +1,104 @@
+"""Training checkpoints: written whole or not at all, the last N kept.
+
+A checkpoint is a directory `checkpoints/step-00000040/` holding what the method
+saves for its trainable weights (a PEFT adapter for LoRA, `model.safetensors` for
+full fine-tuning), `optimizer.pt`, `rng_state.pt` and `trainer_state.json`. It is
+written into a hidden sibling, every file fsynced, then renamed into place, so a
+run killed at any moment leaves either the previous checkpoints or the new one,
+never half of one. Not here: what the state means (loop.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.files import fsync_dir
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+class ResumeError(WeightsmithError):
+    """A run cannot be resumed from what is on disk."""
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    save_weights: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_weights(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer and RNG from checkpoint `path`; return its trainer state."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ResumeError(f"{path}: cannot restore the checkpoint ({e}); resume from an older one") from e
+    return state
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None

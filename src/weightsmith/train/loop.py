@@ -1,0 +1,347 @@
+"""The one training loop, parameterised by a loss function.
+
+`Trainer.fit` runs optimizer steps of `grad_accum` micro-batches: AdamW, warm-up
+then a cosine/linear/constant schedule, gradient clipping, optional bf16 autocast,
+periodic validation, periodic atomic checkpoints, `metrics.jsonl`, optional
+TensorBoard. The loss of a step is the mean over every target token of all its
+micro-batches (not a mean of micro-batch means, which would weigh short batches
+more). Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and
+raises `TrainingInterrupted`. A resumed run restores weights, optimizer, RNG and
+data position, so its later losses equal an uninterrupted run's.
+
+Not here: what is trained (sft.py chooses LoRA, QLoRA or full weights) or the loss
+itself (sft.py, later dpo.py), or printing (a `Reporter` receives the metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from weightsmith.cli.args import opt
+from weightsmith.errors import ConfigError, WeightsmithError
+from weightsmith.files import write_text_atomic
+from weightsmith.train import checkpoints as ckpt
+from weightsmith.train.data import Batch, BatchOrder, Row, collate
+from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """Training: steps, learning rate, batches, precision, evaluation and checkpoints."""
+
+    lr: float = opt(2e-4, "peak learning rate")
+    epochs: int = opt(1, "passes over the training data (unless --train.max-steps is set)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    batch_size: int = opt(4, "examples (or packed rows) per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warm-up")
+    warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up (unless --train.warmup-steps)")
+    warmup_steps: int | None = opt(None, "warm-up steps")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never on norms or biases)")
+    adam_betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "bf16 autocast (auto: on GPUs that support it)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int = opt(0, "seed for adapter init, data order and dropout")
+    eval_every: int = opt(50, "validate every N steps (0 = only at the end)")
+    save_every: int = opt(50, "write a checkpoint every N steps (0 = never)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    log_every: int = opt(1, "write metrics every N steps")
+    tensorboard: bool = opt(False, "also write TensorBoard logs to OUT/tensorboard (needs `tensorboard`)")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0,
+            "epochs": self.epochs >= 1,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "max_grad_norm": self.max_grad_norm >= 0,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
+            "log_every": self.log_every >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"train.{bad[0]}: value {getattr(self, bad[0])!r} is out of range")
+        assert self.schedule in SCHEDULES
+
+
+class TrainingInterrupted(WeightsmithError):
+    """Stopped by a signal after saving a checkpoint."""
+
+    exit_code = 130
+
+
+class TrainingError(WeightsmithError):
+    """Training cannot go on (a non-finite loss, for example)."""
+
+
+class Reporter(Protocol):
+    def start(self, total_steps: int, first_step: int) -> None: ...
+    def step(self, metrics: dict[str, Any]) -> None: ...
+    def evaluated(self, metrics: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class LogReporter:
+    """Plain periodic log lines (what non-terminal runs get)."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        log.info("training: steps %d..%d", first_step + 1, total_steps)
+
+    def step(self, m: dict[str, Any]) -> None:
+        if m["step"] % self.every == 0:
+            log.info("step %d loss %.4f lr %.2e %.0f tok/s", m["step"], m["loss"], m["lr"], m["tokens_per_s"])
+
+    def evaluated(self, m: dict[str, Any]) -> None:
+        log.info("step %d val_loss %.4f", m["step"], m["val_loss"])
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    cursor: int = 0  # micro-batches consumed
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_rows: list[Row],
+        valid_rows: list[Row],
+        opts: TrainOptions,
+        out: Path,
+        *,
+        save_weights: Callable[[Path], None],
+        pad_id: int,
+        device: torch.device,
+        reporter: Reporter | None = None,
+    ) -> None:
+        if not train_rows:
+            raise ConfigError("no training examples left after tokenizing; check the data and max_seq_len")
+        self.model, self.loss_fn, self.opts, self.out = model, loss_fn, opts, out
+        self.train_rows, self.valid_rows = train_rows, valid_rows
+        self.save_weights, self.pad_id, self.device = save_weights, pad_id, device
+        self.reporter = reporter or LogReporter()
+        self.order = BatchOrder(len(train_rows), opts.batch_size, opts.seed)
+        self.optimizer = make_optimizer(
+            model, lr=opts.lr, weight_decay=opts.weight_decay, betas=opts.adam_betas, eps=opts.adam_eps
+        )
+        self.params = list(trainable_parameters(model))
+        self.state = RunState()
+        self.total_steps = opts.max_steps or math.ceil(
+            opts.epochs * self.order.batches_per_epoch / opts.grad_accum
+        )
+        ratio_warmup = round(self.total_steps * opts.warmup_ratio)
+        self.warmup = opts.warmup_steps if opts.warmup_steps is not None else ratio_warmup
+        self.metrics_path = out / "metrics.jsonl"
+        self._tb = None
+
+    # ----- resume ---------------------------------------------------------------------------------
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from `checkpoint` (whose weights the caller loaded): optimizer, RNG,
+        data position, and metrics.jsonl cut back to the checkpoint's step."""
+        state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
+        self.state = RunState(**{k: state[k] for k in asdict(RunState())})
+        if self.metrics_path.exists():  # drop lines written after the checkpoint
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line)["step"] <= self.state.step:
+                        kept.append(line)
+            write_text_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
+
+    # ----- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the last step; returns the final metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.reporter.start(self.total_steps, self.state.step)
+        last: dict[str, Any] = {}
+        try:
+            with _stop_on_signal() as stop, open(self.metrics_path, "a", encoding="utf-8") as metrics:
+                self._metrics_file = metrics
+                while self.state.step < self.total_steps:
+                    last = self._train_step()
+                    step = self.state.step
+                    if self.opts.eval_every and step % self.opts.eval_every == 0 and step < self.total_steps:
+                        last.update(self.evaluate())
+                    if stop.is_set():
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(f"interrupted after step {step}; a checkpoint was saved")
+                    if self.opts.save_every and step % self.opts.save_every == 0 and step < self.total_steps:
+                        self.save_checkpoint()
+                if self.valid_rows:
+                    last.update(self.evaluate())
+        finally:
+            self.reporter.close()
+            if self._tb is not None:
+                self._tb.close()
+        return last
+
+    def _micro_batches(self) -> Iterator[Batch]:
+        for _ in range(self.opts.grad_accum):
+            epoch, index = divmod(self.state.cursor, self.order.batches_per_epoch)
+            self.state.cursor += 1
+            yield collate([self.train_rows[i] for i in self.order.rows(epoch, index)], self.pad_id)
+
+    def _train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        step = self.state.step
+        lr = self.opts.lr * lr_factor(
+            step, self.total_steps, self.warmup, self.opts.schedule, self.opts.min_lr_ratio
+        )
+        set_lr(self.optimizer, lr)
+        micro = list(self._micro_batches())
+        n_targets = max(1, sum(b.n_targets for b in micro))
+        self.model.train()
+        loss_sum = 0.0
+        for batch in micro:
+            with self._autocast():
+                loss, _ = self.loss_fn(self.model, batch.to(self.device))
+            (loss / n_targets).backward()
+            loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            raise TrainingError(
+                f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
+            )
+        max_norm = self.opts.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        tokens = sum(b.n_tokens for b in micro)
+        self.state.step += 1
+        self.state.tokens += tokens
+        self.state.elapsed_s += seconds
+        metrics = {
+            "step": self.state.step,
+            "epoch": round(self.state.cursor / self.order.batches_per_epoch, 4),
+            "loss": loss_sum / n_targets,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds,
+            "targets": n_targets,
+            "elapsed_s": round(self.state.elapsed_s, 3),
+        }
+        self._record(metrics, every=self.opts.log_every)
+        self.reporter.step(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss per target token over the validation rows (dropout off)."""
+        if not self.valid_rows:
+            return {}
+        self.model.eval()
+        total, n = 0.0, 0
+        size = self.opts.batch_size
+        for i in range(0, len(self.valid_rows), size):
+            batch = collate(self.valid_rows[i : i + size], self.pad_id)
+            with self._autocast():
+                loss, count = self.loss_fn(self.model, batch.to(self.device))
+            total, n = total + float(loss), n + count
+        self.model.train()
+        val = total / max(n, 1)
+        metrics = {"step": self.state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        self._record(metrics, every=1)
+        self.reporter.evaluated(metrics)
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        state = {**asdict(self.state), "total_steps": self.total_steps}
+        return ckpt.save_checkpoint(
+            self.out / "checkpoints",
+            self.state.step,
+            save_weights=self.save_weights,
+            optimizer=self.optimizer,
+            state=state,
+            keep=self.opts.keep_checkpoints,
+        )
+
+    def _record(self, metrics: dict[str, Any], *, every: int) -> None:
+        if metrics["step"] % every and metrics["step"] != self.total_steps:
+            return
+        self._metrics_file.write(json.dumps(metrics) + "\n")
+        self._metrics_file.flush()
+        if self.opts.tensorboard:
+            writer = self._tensorboard()
+            for key, value in metrics.items():
+                if key != "step":
+                    writer.add_scalar(key, value, metrics["step"])
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError(
+                    "--train.tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from e
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        return self._tb
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if use_bf16(self.opts.precision, self.device):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[threading.Event]:
+    """The first SIGINT/SIGTERM asks the loop to stop after this step; a second one stops now."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after this step and saving a checkpoint (interrupt again to stop now)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,253 @@
+"""The finetune command and training loop on a tiny random model: outputs, the loss,
+gradient accumulation, exact resume after SIGKILL and Ctrl-C, QLoRA, full fine-tuning,
+merge, and --adapter on generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.cli.args import config_from_dict
+from weightsmith.cli.main import main
+from weightsmith.lora import LoRALinear, load_adapter
+from weightsmith.train.data import IGNORE, Example, collate, to_rows
+from weightsmith.train.sft import FinetuneConfig, read_metrics, run_finetune, sft_loss
+
+WORDS = ["fox", "dog", "model", "time", "world", "quick", "lazy", "small"]
+
+
+def write_data(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Conversations whose answers mostly repeat one sentence, so even a tiny model learns them."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n):
+        a, b = (WORDS[int(i)] for i in torch.randint(len(WORDS), (2,), generator=g))
+        messages = [
+            {"role": "user", "content": f"{a} {b}?"},
+            {"role": "assistant", "content": f"The {a} jumps over the lazy dog."},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def finetune_config(model: Path, data: Path, out: Path, *, dropout: float = 0.1, **train) -> FinetuneConfig:
+    options = {"lr": 5e-3, "max_steps": 12, "batch_size": 4, "eval_every": 4, "save_every": 4, "seed": 3}
+    options.update(train)
+    return config_from_dict(
+        FinetuneConfig,
+        {
+            "model": str(model),
+            "data": str(data),
+            "out": str(out),
+            "max_seq_len": 64,
+            "train": options,
+            "lora": {"rank": 4, "alpha": 8, "dropout": dropout},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def test_lora_run_writes_outputs_and_learns(tiny_hf_dir, data, tmp_path):
+    out = tmp_path / "run"
+    result = run_finetune(finetune_config(tiny_hf_dir, data, out, max_steps=30, lr=1e-2))
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "run.json",
+    ):
+        assert (out / name).is_file(), name
+    metrics = read_metrics(out / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert result["parameters"]["trainable"] < result["parameters"]["total"] / 5
+    assert result["data"]["train"]["examples"] + result["data"]["valid"]["examples"] == 24
+    lineage = json.loads((out / "run.json").read_text())
+    assert len(lineage["data_sha256"]["data"]) == 64
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+def test_sft_loss_is_cross_entropy_on_target_tokens_only(tiny_hf_dir):
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model
+    rows = to_rows(
+        [
+            Example([5, 6, 7, 8, 9], [False, False, True, True, False]),
+            Example([10, 11, 12], [False, True, True]),
+        ],
+        16,
+        packing=False,
+    )
+    batch = collate(rows, pad_id=0)
+    loss, n = sft_loss(model, batch)
+    logits = model(batch.inputs)
+    keep = batch.labels != IGNORE
+    reference = F.cross_entropy(logits[keep], batch.labels[keep], reduction="sum")
+    assert n == 4
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, data, tmp_path):
+    """Loss is averaged over all target tokens of a step, so 2 x 2 equals 1 x 4
+    (without dropout, whose random masks depend on the batch shapes)."""
+    one = run_finetune(
+        finetune_config(tiny_hf_dir, data, tmp_path / "a", dropout=0.0, max_steps=3, batch_size=4)
+    )
+    two = run_finetune(
+        finetune_config(
+            tiny_hf_dir, data, tmp_path / "b", dropout=0.0, max_steps=3, batch_size=2, grad_accum=2
+        )
+    )
+    a = [m["loss"] for m in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in m]
+    b = [m["loss"] for m in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in m]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert one["metrics"]["val_loss"] == pytest.approx(two["metrics"]["val_loss"], rel=1e-5)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "weightsmith.cli.main", *args]
+
+
+def _losses_after(path: Path, step: int) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(path) if "loss" in m and m["step"] > step}
+
+
+def _run_until_checkpoint(cmd: list[str], ckpts: Path, sig: int, *, min_step: int = 4) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.startswith("step-") and int(p.name[5:]) >= min_step for p in ckpts.glob("step-*")):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    proc.wait(60)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_resume_gives_the_uninterrupted_losses(tiny_hf_dir, data, tmp_path, sig):
+    steps = 150
+    reference = tmp_path / "ref"
+    run_finetune(finetune_config(tiny_hf_dir, data, reference, max_steps=steps, save_every=2, eval_every=0))
+    cut = tmp_path / "cut"
+    args = [
+        "finetune", str(tiny_hf_dir), "--data", str(data), "--out", str(cut), "--max-seq-len", "64",
+        "--train.lr", "5e-3", "--train.max-steps", str(steps), "--train.batch-size", "4", "--train.seed", "3",
+        "--train.eval-every", "0", "--train.save-every", "2", "--lora.rank", "4", "--lora.alpha", "8",
+        "--lora.dropout", "0.1",
+    ]  # fmt: skip
+    proc = _run_until_checkpoint(_cli(*args), cut / "checkpoints", sig)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, proc.stderr.read().decode()
+        assert b"checkpoint was saved" in proc.stderr.read()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "adapter_model.safetensors").exists()
+    done = sorted(int(p.name[5:]) for p in (cut / "checkpoints").glob("step-*"))
+    assert done and done[-1] < steps, "the run finished before it was interrupted"
+    resumed_from = done[-1]
+    assert main(["finetune", "--resume", str(cut)]) == 0
+    ref_losses = _losses_after(reference / "metrics.jsonl", resumed_from)
+    cut_losses = _losses_after(cut / "metrics.jsonl", resumed_from)
+    assert sorted(cut_losses) == list(range(resumed_from + 1, steps + 1))
+    for step, loss in ref_losses.items():
+        assert abs(cut_losses[step] - loss) <= 1e-6, step
+    assert not list((cut / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_needs_a_run_and_refuses_other_flags(tmp_path, tiny_hf_dir, data, capsys):
+    assert main(["finetune", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml: not found" in capsys.readouterr().err
+    out = tmp_path / "run"
+    run_finetune(finetune_config(tiny_hf_dir, data, out, max_steps=2))
+    assert main(["finetune", str(tiny_hf_dir), "--data", str(data), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_data_stops_before_anything_is_written(tmp_path, tiny_hf_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "run"
+    assert main(["finetune", str(tiny_hf_dir), "--data", str(bad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}:1: the conversation has no assistant turn" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_adapter_on_generate_and_merge_match_the_adapted_model(tiny_hf_dir, data, tmp_path):
+    import weightsmith
+
+    out = tmp_path / "run"
+    run_finetune(finetune_config(tiny_hf_dir, data, out, max_steps=6))
+    adapted = load_checkpoint(tiny_hf_dir, decode_layout=False).model
+    load_adapter(adapted, out)
+    assert not any(m.training for m in adapted.modules())  # new adapter layers follow the model's mode
+    assert any(isinstance(m, LoRALinear) for m in adapted.modules())
+    ids = torch.tensor([[5, 17, 33, 60, 2, 41]])
+    with torch.no_grad():
+        expected = adapted(ids)
+        base = load_checkpoint(tiny_hf_dir).model(ids)
+    assert (expected - base).abs().max() > 1e-3  # the adapter changes the model
+    llm = weightsmith.load(tiny_hf_dir, adapter=out)
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), expected, atol=1e-5, rtol=1e-4)
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tiny_hf_dir), "--adapter", str(out), "--out", str(merged)]) == 0
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_finetune_saves_a_loadable_model(tiny_hf_dir, data, tmp_path):
+    out = tmp_path / "full"
+    result = run_finetune(
+        config_from_dict(
+            FinetuneConfig,
+            {**_plain(finetune_config(tiny_hf_dir, data, out, max_steps=10, lr=1e-3)), "method": "full"},
+        )
+    )
+    assert result["parameters"]["trainable"] == result["parameters"]["total"]
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert losses[-1] < losses[0]
+    tuned = load_checkpoint(out / "model").model
+    base = load_checkpoint(tiny_hf_dir).model
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters(), strict=True))
+
+
+def test_qlora_stores_the_base_in_4_bits_and_learns_like_lora(tiny_hf_dir, data, tmp_path):
+    lora = run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "lora", max_steps=20))
+    q = run_finetune(
+        config_from_dict(
+            FinetuneConfig,
+            {**_plain(finetune_config(tiny_hf_dir, data, tmp_path / "q", max_steps=20)), "method": "qlora"},
+        )
+    )
+    assert q["parameters"]["trainable"] == lora["parameters"]["trainable"]
+    assert q["metrics"]["loss"] == pytest.approx(lora["metrics"]["loss"], rel=0.15)
+    assert q["metrics"]["val_loss"] == pytest.approx(lora["metrics"]["val_loss"], rel=0.15)
+
+
+def _plain(cfg: FinetuneConfig) -> dict:
+    from weightsmith.cli.args import config_to_dict
+
+    return config_to_dict(cfg)
