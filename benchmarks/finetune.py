@@ -6,10 +6,11 @@ same batches: rows of the bundled Kettlebird sample data packed to exactly
 `--seq-len` tokens, loss on assistant tokens only. Both see the rows as plain
 causal sequences (no per-document masking), so they do the same attention work.
 
-Each side runs in its own process (so peak resident memory is its own), warms up
+weightsmith's QLoRA (the same LoRA over an NF4 base) is measured alongside.
+Each contender runs in its own process (so peak resident memory is its own), warms up
 for one step, then times `--steps` steps; the processes alternate
-(ours, peer, ours, peer) so a noisy neighbour slows both alike. Medians and the
-ratio peer/ours are printed: > 1 means weightsmith is faster.
+(ours, qlora, peer, ours, ...) so a noisy neighbour slows all alike. Medians and
+the ratio peer/ours are printed: > 1 means weightsmith is faster.
 
     python benchmarks/finetune.py [--threads 2] [--batch 4] [--seq-len 256] [--steps 3] [--rounds 2]
 """
@@ -26,6 +27,11 @@ import time
 
 import torch
 
+NAMES = {
+    "ours": "weightsmith LoRA",
+    "qlora": "weightsmith QLoRA (NF4 base)",
+    "peer": "transformers + peft LoRA",
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,7 +54,9 @@ def make_batch(tokenizer, batch: int, seq_len: int) -> tuple[torch.Tensor, torch
     return ids_t[:, :-1].contiguous(), labels
 
 
-def run_ours(path: str, batch: int, seq_len: int, steps: int) -> list[float]:
+def run_ours(
+    path: str, batch: int, seq_len: int, steps: int, *, qlora: bool = False
+) -> tuple[list[float], float]:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.lora import LoraConfig, apply_lora
     from weightsmith.train.data import Batch
@@ -57,21 +65,27 @@ def run_ours(path: str, batch: int, seq_len: int, steps: int) -> list[float]:
 
     ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
     model = ckpt.model.train()
+    if qlora:
+        from weightsmith.quant.nf4 import quantize_linears_nf4
+
+        quantize_linears_nf4(model)
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     inputs, labels = make_batch(ckpt.tokenizer, batch, seq_len)
     b = Batch(inputs, labels)
 
-    def step() -> None:
+    def step() -> float:
         loss, n = sft_loss(model, b)
-        (loss / n).backward()
+        loss = loss / n
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss)
 
     return _time_steps(step, steps)
 
 
-def run_peer(path: str, batch: int, seq_len: int, steps: int) -> list[float]:
+def run_peer(path: str, batch: int, seq_len: int, steps: int) -> tuple[list[float], float]:
     import peft
     import transformers
 
@@ -90,31 +104,32 @@ def run_peer(path: str, batch: int, seq_len: int, steps: int) -> list[float]:
     # wants hf_labels[t + 1] = labels[t].
     hf_labels = torch.cat([torch.full((batch, 1), -100), labels[:, :-1]], dim=1)
 
-    def step() -> None:
+    def step() -> float:
         out = model(input_ids=inputs, labels=hf_labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(out.loss)
 
     return _time_steps(step, steps)
 
 
-def _time_steps(step, steps: int) -> list[float]:
-    step()  # warm-up
+def _time_steps(step, steps: int) -> tuple[list[float], float]:
+    first_loss = step()  # warm-up; the first loss shows both sides compute the same thing
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return times
+    return times, first_loss
 
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    fn = run_ours if args.child == "ours" else run_peer
-    times = fn(args.model, args.batch, args.seq_len, args.steps)
+    fns = {"ours": run_ours, "qlora": lambda *a: run_ours(*a, qlora=True), "peer": run_peer}
+    times, first_loss = fns[args.child](args.model, args.batch, args.seq_len, args.steps)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps({"times": times, "peak_gib": peak_gib}))
+    print(json.dumps({"times": times, "peak_gib": peak_gib, "first_loss": first_loss}))
 
 
 def main() -> None:
@@ -125,7 +140,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
-    p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(NAMES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -133,9 +148,9 @@ def main() -> None:
         from weightsmith.checkpoint.hub import resolve
 
         args.model = str(resolve("smollm2-135m-instruct"))
-    results: dict[str, dict[str, list[float]]] = {"ours": {"t": [], "mem": []}, "peer": {"t": [], "mem": []}}
+    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
     for r in range(args.rounds):
-        for who in ("ours", "peer"):
+        for who in NAMES:
             cmd = [sys.executable, __file__, "--child", who, "--model", args.model, "--threads", str(args.threads),
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
             out = (
@@ -147,15 +162,19 @@ def main() -> None:
             results[who]["t"] += got["times"]
             results[who]["mem"].append(got["peak_gib"])
             print(
-                f"round {r + 1} {who:5s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
+                f"round {r + 1} {who:5s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB  "
+                f"first loss {got['first_loss']:.5f}"
             )
-    ours_t, peer_t = statistics.median(results["ours"]["t"]), statistics.median(results["peer"]["t"])
-    ours_m, peer_m = max(results["ours"]["mem"]), max(results["peer"]["mem"])
+    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
+    mem = {who: max(results[who]["mem"]) for who in NAMES}
     print(f"\nLoRA r=8 all-linear, batch {args.batch} x {args.seq_len} tokens, fp32, {args.threads} threads")
-    print(f"{'':24s}{'step s':>10s}{'peak GiB':>10s}")
-    print(f"{'weightsmith':24s}{ours_t:10.2f}{ours_m:10.2f}")
-    print(f"{'transformers + peft':24s}{peer_t:10.2f}{peer_m:10.2f}")
-    print(f"speed-up (peer / ours): {peer_t / ours_t:.2f}x   memory (ours / peer): {ours_m / peer_m:.2f}x")
+    print(f"{'':28s}{'step s':>10s}{'peak GiB':>10s}")
+    for who, label in NAMES.items():
+        print(f"{label:28s}{t[who]:10.2f}{mem[who]:10.2f}")
+    print(
+        f"speed-up LoRA (peer / ours): {t['peer'] / t['ours']:.2f}x   peak memory (ours / peer): "
+        f"{mem['ours'] / mem['peer']:.2f}x   QLoRA peak / LoRA peak: {mem['qlora'] / mem['ours']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

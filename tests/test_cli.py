@@ -199,7 +199,7 @@ def test_subprocess_debug_and_exit_code(tmp_path):
 def test_demo_and_info_on_default_model(default_gguf, capsys, monkeypatch):
     """The main job end to end on the real default model (its store entry, not a copy)."""
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
-    code, out, err = run_cli(["demo", "--max-tokens", "8"], capsys)
+    code, out, err = run_cli(["demo", "--stages", "chat", "--max-tokens", "8"], capsys)
     assert code == 0, err
     assert out.count("assistant> ") == 3
     assert "decode" in out and "tokens/s" in out
@@ -212,3 +212,19 @@ def test_demo_and_info_on_default_model(default_gguf, capsys, monkeypatch):
         8192,
     )
     assert info["precision"].startswith("Q4_1")
+
+
+def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monkeypatch, tmp_path):
+    """Acceptance: a short LoRA run on the bundled data lowers validation loss, and on
+    held-out questions the tuned model's greedy answers follow the Kettlebird format
+    where the base model's never do."""
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
+    out_dir = tmp_path / "kb"
+    code, out, err = run_cli(["demo", "--stages", "finetune", "--steps", "16", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert "validation loss" in out and "house style" in out
+    assert (out_dir / "adapter_model.safetensors").is_file()
+    before, after = (float(x) for x in out.split("validation loss ")[1].split(" in ")[0].split(" -> "))
+    assert after < before - 0.5
+    base, tuned = (int(out.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
+    assert base == 0 and tuned >= 9

@@ -77,7 +77,7 @@ def test_lora_run_writes_outputs_and_learns(tiny_hf_dir, data, tmp_path):
     metrics = read_metrics(out / "metrics.jsonl")
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
-    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 4, 8, 12, 16, 20, 24, 28, 30]
     assert result["parameters"]["trainable"] < result["parameters"]["total"] / 5
     assert result["data"]["train"]["examples"] + result["data"]["valid"]["examples"] == 24
     lineage = json.loads((out / "run.json").read_text())

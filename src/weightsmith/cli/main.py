@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith import __version__
+from weightsmith.cli import demo, store
 from weightsmith.cli import run as run_cmds
-from weightsmith.cli import store
 from weightsmith.cli import train as train_cmds
 from weightsmith.cli.args import add_config_arguments, config_from_args
 from weightsmith.errors import WeightsmithError
@@ -72,7 +72,9 @@ COMMANDS: dict[str, Command] = {
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
     ),
     "demo": Command(
-        run_cmds.DemoConfig, "run the main job end to end on the default model", "weightsmith demo"
+        demo.DemoConfig,
+        "run the main job end to end on the default model",
+        "weightsmith demo\n  weightsmith demo --stages chat",
     ),
 }
 
@@ -122,7 +124,7 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
     if name == "merge":
         return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
     if name == "demo":
-        return run_cmds.run_demo(cfg, out=out), None
+        return demo.run_demo(cfg, out=out), None
     raise AssertionError(name)
 
 

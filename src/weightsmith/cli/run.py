@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -226,50 +225,3 @@ def _read_line(stdin: TextIO, out: TextIO, interactive: bool) -> str | None:
             return None
     line = stdin.readline()
     return line if line else None
-
-
-@dataclass(kw_only=True)
-class DemoConfig:
-    """Run the main job end to end on the default model: a scripted conversation and its speed."""
-
-    model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    max_tokens: int = opt(96, "most tokens per answer")
-    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
-
-
-DEMO_TURNS = [
-    "Hi! Who are you, in one sentence?",
-    "Give me three short tips for writing clear documentation.",
-    "What is the capital of France?",
-]
-
-
-def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict:
-    """Stage 1, chat: load, talk, measure. Later stages (fine-tune, eval, red-team, serve) add here."""
-    t0 = time.perf_counter()
-    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    load_s = time.perf_counter() - t0
-    out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
-    out.write(f"loaded in {load_s:.1f}s\n")
-    session = ChatSession(llm, {"max_tokens": cfg.max_tokens, "temperature": 0.0})
-    tokens, decode_s, prefill_tokens, prefill_s = 0, 0.0, 0, 0.0
-    for turn in DEMO_TURNS:
-        out.write(f"\nuser> {turn}\nassistant> ")
-        out.flush()
-        stats = session.reply(turn, lambda s: (out.write(s), out.flush()))
-        out.write("\n")
-        tokens += max(stats["usage"]["completion_tokens"] - 1, 0)
-        decode_s += stats["timings"]["decode_seconds"]
-        prefill_tokens += stats["usage"]["prompt_tokens"]
-        prefill_s += stats["timings"]["prefill_seconds"]
-    result = {
-        "model": cfg.model,
-        "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
-        "prefill_tokens_per_second": prefill_tokens / prefill_s if prefill_s else 0.0,
-    }
-    out.write(
-        f"\ndecode {result['decode_tokens_per_second']:.1f} tokens/s, "
-        f"prefill {result['prefill_tokens_per_second']:.1f} tokens/s\n"
-    )
-    return result

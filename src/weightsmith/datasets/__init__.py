@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["ANSWER_FORMAT", "TOPICS", "available", "is_valid_answer", "sample_path"]
+__all__ = ["ANSWER_FORMAT", "HOUSE_STYLE", "TOPICS", "available", "is_valid_answer", "sample_path"]
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -39,6 +39,11 @@ ANSWER_FORMAT: re.Pattern[str] = re.compile(
     r"^\[Kettlebird\] (Setup|WiFi|App|Temperature|Cleaning|Safety|Troubleshooting|Warranty|Shipping|Billing): "
     r".+ \(ref KB-\d{4}\)$"
 )
+
+
+#: The house style without the fixed topic list and KB numbers: what a model that has
+#: picked up the format, if not every fact, writes.
+HOUSE_STYLE: re.Pattern[str] = re.compile(r"^\[Kettlebird\] [A-Za-z][\w -]*: .+\(ref KB-\d+\)")
 
 
 def is_valid_answer(text: str) -> bool:

@@ -190,9 +190,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.reporter.start(self.total_steps, self.state.step)
         last: dict[str, Any] = {}
+        self.initial: dict[str, Any] = {}
         try:
             with _stop_on_signal() as stop, open(self.metrics_path, "a", encoding="utf-8") as metrics:
                 self._metrics_file = metrics
+                if self.state.step == 0 and self.valid_rows:
+                    self.initial = self.evaluate()  # the starting point of the validation curve
                 while self.state.step < self.total_steps:
                     last = self._train_step()
                     step = self.state.step

@@ -276,6 +276,7 @@ def run_finetune(cfg: FinetuneConfig, *, reporter: Reporter | None = None) -> di
         "method": cfg.method,
         "steps": trainer.state.step,
         "metrics": final,
+        "initial_val_loss": trainer.initial.get("val_loss"),
         "data": data_stats,
         "parameters": counts,
         "seconds": round(time.time() - started, 1),

@@ -1,0 +1,128 @@
+"""`weightsmith demo`: the main job end to end on the default model, in stages.
+
+chat: a scripted conversation and its speed. finetune: LoRA on the bundled
+Kettlebird support data, validation loss before and after, and base vs tuned
+greedy answers to held-out questions with a format check. Later issues add
+evaluation, red-teaming and serving stages here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+
+from weightsmith.cli.args import opt
+from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
+from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
+
+Stage = Literal["chat", "finetune"]
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Run the main job end to end on the default model: chat, then fine-tune and compare."""
+
+    model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
+    stages: list[Stage] = opt(["chat", "finetune"], "stages to run, in order")
+    max_tokens: int = opt(96, "most tokens per chat answer")
+    steps: int = opt(30, "LoRA training steps in the finetune stage")
+    out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
+
+
+DEMO_TURNS = [
+    "Hi! Who are you, in one sentence?",
+    "Give me three short tips for writing clear documentation.",
+    "What is the capital of France?",
+]
+
+
+def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
+    stages = {"chat": demo_chat, "finetune": demo_finetune}
+    return {stage: stages[stage](cfg, out) for stage in cfg.stages}
+
+
+def demo_chat(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """Load, talk, measure."""
+    t0 = time.perf_counter()
+    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    load_s = time.perf_counter() - t0
+    out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
+    out.write(f"loaded in {load_s:.1f}s\n")
+    session = ChatSession(llm, {"max_tokens": cfg.max_tokens, "temperature": 0.0})
+    tokens, decode_s, prefill_tokens, prefill_s = 0, 0.0, 0, 0.0
+    for turn in DEMO_TURNS:
+        out.write(f"\nuser> {turn}\nassistant> ")
+        out.flush()
+        stats = session.reply(turn, lambda s: (out.write(s), out.flush()))
+        out.write("\n")
+        tokens += max(stats["usage"]["completion_tokens"] - 1, 0)
+        decode_s += stats["timings"]["decode_seconds"]
+        prefill_tokens += stats["usage"]["prompt_tokens"]
+        prefill_s += stats["timings"]["prefill_seconds"]
+    result = {
+        "model": cfg.model,
+        "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
+        "prefill_tokens_per_second": prefill_tokens / prefill_s if prefill_s else 0.0,
+    }
+    out.write(
+        f"\ndecode {result['decode_tokens_per_second']:.1f} tokens/s, "
+        f"prefill {result['prefill_tokens_per_second']:.1f} tokens/s\n"
+    )
+    return result
+
+
+def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """LoRA on Kettlebird, then base vs tuned on held-out questions."""
+    from weightsmith.cli.args import config_from_dict
+    from weightsmith.cli.train import make_reporter
+    from weightsmith.train.sft import FinetuneConfig, run_finetune
+
+    out.write(
+        f"\n== finetune: LoRA on the bundled Kettlebird support data ({cfg.steps} steps), writing {cfg.out}\n"
+    )
+    out.flush()
+    ft = config_from_dict(
+        FinetuneConfig,
+        {
+            "model": cfg.model,
+            "data": str(sample_path("kettlebird/train.jsonl")),
+            "valid": str(sample_path("kettlebird/valid.jsonl")),
+            "out": cfg.out,
+            "method": "lora",
+            "max_seq_len": 160,
+            "overwrite": True,
+            "device": cfg.device,
+            "train": {"max_steps": cfg.steps, "batch_size": 4, "lr": 2e-3, "eval_every": 0, "save_every": 0},
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        },
+    )
+    trained = run_finetune(ft, reporter=make_reporter(sys.stderr))
+    before, after = trained["initial_val_loss"], trained["metrics"]["val_loss"]
+    out.write(f"validation loss {before:.3f} -> {after:.3f} in {trained['seconds']:.0f}s\n")
+    questions = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()
+    answers = {
+        name: _answers(cfg, adapter, questions) for name, adapter in (("base", None), ("tuned", cfg.out))
+    }
+    for i, q in enumerate(questions[:4]):
+        out.write(f"\nuser> {q}\n")
+        for name in ("base", "tuned"):
+            out.write(f"{name:5s}> {answers[name][i]}\n")
+    counts = {name: sum(bool(HOUSE_STYLE.match(a)) for a in texts) for name, texts in answers.items()}
+    exact = {name: sum(bool(ANSWER_FORMAT.match(a)) for a in texts) for name, texts in answers.items()}
+    out.write(
+        f"\nanswers in the Kettlebird house style ({len(questions)} held-out questions): "
+        f"base {counts['base']}, tuned {counts['tuned']} ({exact['tuned']} with a known topic exactly)\n"
+    )
+    return {"val_loss_before": before, "val_loss_after": after, "house_style": counts, "exact_format": exact,
+            "answers": answers, "out": cfg.out}  # fmt: skip
+
+
+def _answers(cfg: DemoConfig, adapter: str | None, questions: list[str]) -> list[str]:
+    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=adapter)
+    prompts = [llm.engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
+    done = llm.engine.generate(prompts, llm.sampling_params(temperature=0, max_tokens=64))
+    return [c.text.strip().replace("\n", " ") for c in done]
