@@ -251,3 +251,39 @@ def _plain(cfg: FinetuneConfig) -> dict:
     from weightsmith.cli.args import config_to_dict
 
     return config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_hf_dir, method):
+    from weightsmith.lora import LoraConfig, apply_lora
+
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model
+    if method == "qlora":
+        from weightsmith.quant.nf4 import quantize_linears_nf4
+
+        quantize_linears_nf4(model)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # B starts at zero; give every adapter weight a gradient path
+    batch = collate(to_rows([Example(list(range(3, 40)), [True] * 37)], 64, packing=False), pad_id=0)
+    grads = []
+    for checkpoint in (False, True):
+        model.zero_grad()
+        loss, _ = sft_loss(model, batch, checkpoint=checkpoint)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(tiny_hf_dir, data, tmp_path):
+    import importlib.util
+
+    from weightsmith.errors import WeightsmithError
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(WeightsmithError, match="pip install tensorboard"):
+        run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "tb", tensorboard=True))
+    assert not (tmp_path / "tb").exists()

@@ -11,9 +11,10 @@ module name or its dotted suffix, a string is a full regex match, patterns match
 regex suffix), except that "all-linear" is resolved here, not by PEFT (see
 `resolve_targets`).
 
-Not here: DoRA, LoRA biases, embedding or conv adapters, `modules_to_save`, the
-quantized base layer itself (quantize.py; this module only needs its `in_features`,
-`out_features` and forward), and training (weightsmith.train).
+Not here: the settings and PEFT's config schema (lora_config.py); DoRA, LoRA biases,
+embedding or conv adapters, `modules_to_save`; the quantized base layer itself
+(weightsmith.quant.nf4; this module only needs its `in_features`, `out_features` and
+forward); and training (weightsmith.train).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,223 +36,14 @@ from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.files import fsync_dir, read_json, write_json_atomic
+from weightsmith.lora_config import (
+    ALL_LINEAR,
+    CONFIG_FILE,
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    LoraConfig,
+)
 from weightsmith.models.model import SparseMoE
-
-ALL_LINEAR = "all-linear"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-#: The PEFT release whose adapter_config.json schema `to_peft_dict` writes.
-PEFT_SCHEMA_VERSION = "0.21.2"
-
-#: Keys PEFT 0.21 writes that change nothing for a plain LoRA adapter at their PEFT
-#: default; `from_peft_dict` refuses a file that sets one to anything else.
-PEFT_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None, "arrow_config": None, "ensure_weight_tying": False,
-    "exclude_modules": None, "fan_in_fan_out": False, "kasa_config": None, "layer_replication": None,
-    "lora_bias": False, "megatron_config": None, "modules_to_save": None, "monteclora_config": None,
-    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-    "use_qalora": False, "velora_config": None, "bias": "none",
-}  # fmt: skip
-#: Bookkeeping keys (who saved it, how A was initialised before training): ignored on load.
-PEFT_BOOKKEEPING = {
-    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-    "megatron_core", "loftq_config", "qalora_group_size", "corda_config", "eva_config", "lora_ga_config",
-}  # fmt: skip
-#: Keys `from_peft_dict` reads (or checks) itself.
-PEFT_READ = {
-    "peft_type", "task_type", "layers_pattern", "init_lora_weights", "r", "lora_alpha", "lora_dropout",
-    "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-}  # fmt: skip
-#: init_lora_weights values whose saved adapter assumes a base model modified by the init.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-def _pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
-    """PEFT's `get_pattern_key`: the first pattern that matches the end of the name at a dot."""
-    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module_name)), None)
-
-
-@dataclass
-class LoraConfig:
-    """What to adapt and how; field names follow PEFT's LoraConfig (alpha = lora_alpha)."""
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    #: "all-linear", a list of module names / dotted suffixes, or a regex for the full name.
-    target_modules: list[str] | str = ALL_LINEAR
-    use_rslora: bool = False
-    #: Per-module rank / alpha overrides, keyed by regex matched against the name's end.
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    layers_to_transform: list[int] | None = None
-
-    def validate(self, source: str = "LoraConfig") -> None:
-        """Raise ConfigError naming `source` and the field for any value that cannot work."""
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(
-                f"{source}: r must be an integer >= 1 (got {self.r!r}); ranks of 4-64 are usual"
-            )
-        if not _positive_number(self.alpha):
-            raise ConfigError(
-                f"{source}: lora_alpha must be > 0 (got {self.alpha!r}); 2*r is a common choice"
-            )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{source}: lora_dropout must be in [0, 1) (got {self.dropout!r})")
-        tm = self.target_modules
-        if isinstance(tm, str):
-            _compile(tm, source, "target_modules")
-            if tm != ALL_LINEAR and self.layers_to_transform is not None:
-                raise ConfigError(
-                    f"{source}: layers_to_transform cannot be combined with a regex target_modules "
-                    "(PEFT refuses it too); put the layer indices into the regex, or list module names"
-                )
-        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
-            raise ConfigError(
-                f"{source}: target_modules must be 'all-linear', a regex, or a non-empty list of module "
-                f"names such as ['q_proj', 'v_proj'] (got {tm!r})"
-            )
-        if not (isinstance(self.rank_pattern, dict) and isinstance(self.alpha_pattern, dict)):
-            raise ConfigError(f"{source}: rank_pattern and alpha_pattern must map module patterns to values")
-        for key, r in self.rank_pattern.items():
-            _compile(key, source, "rank_pattern")
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise ConfigError(f"{source}: rank_pattern[{key!r}] must be an integer >= 1 (got {r!r})")
-        for key, alpha in self.alpha_pattern.items():
-            _compile(key, source, "alpha_pattern")
-            if not _positive_number(alpha):
-                raise ConfigError(f"{source}: alpha_pattern[{key!r}] must be > 0 (got {alpha!r})")
-        layers = self.layers_to_transform
-        if layers is not None and not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
-        ):
-            raise ConfigError(
-                f"{source}: layers_to_transform must be a list of layer indices >= 0 (got {layers!r})"
-            )
-
-    def rank_for(self, module_name: str) -> int:
-        key = _pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.alpha
-
-    def scale_for(self, module_name: str) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA, after the rank and alpha patterns."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    def to_peft_dict(
-        self, base_model_name_or_path: str | None, *, module_names: Iterable[str] | None = None
-    ) -> dict[str, Any]:
-        """adapter_config.json contents. With `module_names` (the wrapped modules), "all-linear"
-        is written as their sorted suffix names (PEFT, too, saves a resolved list); without, it
-        stays "all-linear" for PEFT to resolve, which PEFT refuses with layers_to_transform."""
-        targets: list[str] | str = self.target_modules
-        if targets == ALL_LINEAR and module_names is not None:
-            targets = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-        elif isinstance(targets, list):
-            targets = sorted(targets)
-        d: dict[str, Any] = {
-            **PEFT_DEFAULTS,
-            **dict.fromkeys(
-                ["auto_mapping", "corda_config", "eva_config", "lora_ga_config", "layers_pattern"]
-            ),
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "peft_version": PEFT_SCHEMA_VERSION,
-            "base_model_name_or_path": base_model_name_or_path,
-            "revision": None,
-            "r": self.r,
-            "lora_alpha": _plain_number(self.alpha),
-            "lora_dropout": self.dropout,
-            "target_modules": targets,
-            "use_rslora": self.use_rslora,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": {k: _plain_number(v) for k, v in self.alpha_pattern.items()},
-            "layers_to_transform": self.layers_to_transform,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "loftq_config": {},
-            "megatron_core": "megatron.core",
-            "qalora_group_size": 16,
-        }
-        return dict(sorted(d.items()))
-
-    @classmethod
-    def from_peft_dict(cls, d: dict[str, Any], source: str) -> LoraConfig:
-        """Read adapter_config.json contents; refuse anything weightsmith does not implement."""
-        _refuse_unsupported(d, source)
-        if d.get("target_modules") is None:
-            raise ConfigError(
-                f"{source}: target_modules is missing; list the adapted modules, e.g. ['q_proj', 'v_proj']"
-            )
-        targets = d["target_modules"]
-        layers = d.get("layers_to_transform")
-        cfg = cls(
-            r=d.get("r", 8),
-            alpha=d.get("lora_alpha", 8),
-            dropout=d.get("lora_dropout", 0.0),
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            use_rslora=bool(d.get("use_rslora", False)),
-            rank_pattern=d.get("rank_pattern") or {},
-            alpha_pattern=d.get("alpha_pattern") or {},
-            layers_to_transform=[layers] if isinstance(layers, int) else layers,
-        )
-        cfg.validate(source)
-        return cfg
-
-
-def _refuse_unsupported(d: dict[str, Any], source: str) -> None:
-    if d.get("peft_type") != "LORA":
-        raise ConfigError(
-            f"{source}: peft_type is {d.get('peft_type')!r}; weightsmith loads only 'LORA' adapters"
-        )
-    if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ConfigError(
-            f"{source}: task_type is {d['task_type']!r}; weightsmith loads only CAUSAL_LM adapters"
-        )
-    pattern = d.get("layers_pattern")
-    if pattern not in (None, "", [], "layers", ["layers"]):
-        raise ConfigError(
-            f"{source}: layers_pattern {pattern!r} is not supported; layers are 'model.layers.<i>'"
-        )
-    init = d.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise ConfigError(
-            f"{source}: init_lora_weights={init!r} adapters assume a base modified at init; convert it with "
-            "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first"
-        )
-    for key, value in d.items():
-        if key in PEFT_READ or key in PEFT_BOOKKEEPING:
-            continue
-        default = PEFT_DEFAULTS.get(key)
-        # An unknown key (a newer PEFT's feature) is harmless only while it is unset.
-        harmless = value == default if key in PEFT_DEFAULTS else value in (None, False, {}, [], "")
-        if not harmless:
-            raise ConfigError(
-                f"{source}: {key}={value!r} is not supported by weightsmith (only plain LoRA on linear "
-                f"layers); retrain or convert the adapter with {key}={default!r}"
-            )
-
-
-def _positive_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def _plain_number(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else x
-
-
-def _compile(pattern: str, source: str, field_name: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(
-            f"{source}: {field_name} {pattern!r} is not a valid regex ({e}); fix the pattern"
-        ) from e
 
 
 class LoRALinear(nn.Module):

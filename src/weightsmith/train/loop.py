@@ -16,6 +16,7 @@ itself (sft.py, later dpo.py), or printing (a `Reporter` receives the metrics).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -86,6 +87,8 @@ class TrainOptions:
         if bad:
             raise ConfigError(f"train.{bad[0]}: value {getattr(self, bad[0])!r} is out of range")
         assert self.schedule in SCHEDULES
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--train.tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 class TrainingInterrupted(WeightsmithError):
@@ -202,8 +205,11 @@ class Trainer:
                     if self.opts.eval_every and step % self.opts.eval_every == 0 and step < self.total_steps:
                         last.update(self.evaluate())
                     if stop.is_set():
-                        self.save_checkpoint()
-                        raise TrainingInterrupted(f"interrupted after step {step}; a checkpoint was saved")
+                        saved = self.save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"interrupted after step {step}; a checkpoint was saved in {saved}; "
+                            f"continue with: weightsmith finetune --resume {self.out}"
+                        )
                     if self.opts.save_every and step % self.opts.save_every == 0 and step < self.total_steps:
                         self.save_checkpoint()
                 if self.valid_rows:
