@@ -287,3 +287,34 @@ def test_tensorboard_without_the_package_is_refused_before_training(tiny_hf_dir,
     with pytest.raises(WeightsmithError, match="pip install tensorboard"):
         run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "tb", tensorboard=True))
     assert not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "everything"])
+def test_fused_head_loss_gradients_equal_plain_cross_entropy(tiny_hf_dir, trainable, monkeypatch):
+    """The chunked LM-head + cross-entropy gives the loss and gradients of logits -> F.cross_entropy,
+    for the hidden states (LoRA) and for a tied head/embedding weight (full fine-tuning)."""
+    from weightsmith.train import losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 320 * 3)  # several chunks of 3 rows on the tiny vocab
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model
+    model.requires_grad_(trainable == "everything")
+    h = torch.randn(10, model.config.hidden_size, requires_grad=True)
+    targets = torch.randint(model.config.vocab_size, (10,))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        h.grad = None
+        normed = model.model.norm(h)
+        if fused:
+            loss = losses.linear_cross_entropy(normed, model.lm_head.weight, targets)
+        else:
+            loss = F.cross_entropy(model.lm_head(normed), targets, reduction="sum")
+        (loss * 0.5).backward()
+        params = [p.grad for p in model.parameters() if p.grad is not None]
+        grads.append((loss.detach(), h.grad.clone(), params))
+    (loss_a, h_a, p_a), (loss_b, h_b, p_b) = grads
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_a, h_b, rtol=1e-5, atol=1e-6)
+    assert len(p_a) == len(p_b) == (0 if trainable == "hidden" else 2)  # norm weight and tied head
+    for a, b in zip(p_a, p_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,8 +36,6 @@ from weightsmith.files import write_json_atomic
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.data import (
-    IGNORE,
-    Batch,
     DataStats,
     Row,
     pad_id_for,
@@ -48,18 +45,9 @@ from weightsmith.train.data import (
     tokenize_records,
 )
 from weightsmith.train.loop import Reporter, Trainer, TrainOptions
+from weightsmith.train.losses import sft_loss
 
 log = logging.getLogger(__name__)
-
-
-def sft_loss(model: nn.Module, batch: Batch, *, checkpoint: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target positions, and their count."""
-    hidden = model.hidden_states(
-        batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=checkpoint
-    )  # (B, T, h)
-    keep = batch.labels != IGNORE  # (B, T)
-    logits = model.logits(hidden[keep]).float()  # (N, V): only where a loss is taken
-    return F.cross_entropy(logits, batch.labels[keep], reduction="sum"), int(keep.sum())
 
 
 @dataclass(kw_only=True)
