@@ -63,6 +63,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's contents to disk (before renaming it into place)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable where the platform allows it."""
     with contextlib.suppress(OSError, AttributeError):

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.files import fsync_dir, read_json, write_json_atomic
+from weightsmith.files import fsync_dir, fsync_file, read_json, write_json_atomic
 from weightsmith.lora_config import (
     ALL_LINEAR,
     CONFIG_FILE,
@@ -346,8 +346,7 @@ def _save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path) -> None
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from weightsmith.errors import CheckpointError
+from weightsmith.files import fsync_file
 from weightsmith.models import CausalLM
 from weightsmith.tokenizer import Tokenizer
 
@@ -53,7 +54,7 @@ def save_hf_dir(
         _write_shards(state, tmp, max_shard_bytes)
         tokenizer.save(tmp)
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -103,8 +104,3 @@ def _write_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

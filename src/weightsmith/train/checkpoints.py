@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.files import fsync_dir
+from weightsmith.files import fsync_dir, fsync_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -73,8 +73,7 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

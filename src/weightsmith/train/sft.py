@@ -83,7 +83,7 @@ class FinetuneConfig:
 
     model: str | None = opt(None, "catalog or store name, HF directory, or .gguf file", positional=True)
     data: str | None = opt(None, "training data: JSONL in chat, instruction or text format")
-    valid: str | None = opt(None, "validation JSONL (default: hold out --valid-fraction of --data)")
+    valid: str | None = opt(None, "validation JSONL; without it, --valid-fraction of --data is held out")
     valid_fraction: float = opt(0.1, "fraction of --data held out for validation when --valid is not given")
     method: Literal["lora", "qlora", "full"] = opt("lora", "what to train")
     out: str | None = opt(None, "output directory for the run")
