@@ -56,3 +56,38 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+#: glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed CPU tensor memory in the process for reuse (glibc only; once per process).
+
+    A training step allocates and frees the same few-MB activation buffers again and
+    again. glibc serves blocks that large with fresh mmap()s and returns them on free,
+    so every step pays page faults on every buffer: a 6 MB elementwise op took ~5 ms
+    inside a step against ~0.5 ms on reused memory. Raising the mmap and trim
+    thresholds (to glibc's 32 MiB maximum, and 1 GiB) makes malloc reuse them instead.
+    Returns whether the setting took effect.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl, for one, has no mallopt)
+    _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    )
+    return _allocator_tuned

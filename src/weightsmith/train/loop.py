@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from weightsmith.cli.args import opt
+from weightsmith.device import tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.files import write_text_atomic
 from weightsmith.train import checkpoints as ckpt
@@ -191,6 +192,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the last step; returns the final metrics."""
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.reporter.start(self.total_steps, self.state.step)
         last: dict[str, Any] = {}
         self.initial: dict[str, Any] = {}

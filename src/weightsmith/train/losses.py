@@ -21,9 +21,10 @@ from torch import nn
 
 from weightsmith.train.data import IGNORE, Batch
 
-#: Logit elements per chunk (64 MiB in fp32): large enough for efficient matmuls,
-#: small enough that a chunk's logits stay out of the way of the rest of the step.
-CHUNK_ELEMENTS = 1 << 24
+#: Logit elements per chunk (16 MiB in fp32, ~85 rows of a 49k vocabulary): large
+#: enough for efficient matmuls, small enough that the chunk buffer is reused by the
+#: allocator instead of being mapped afresh (see device.tune_cpu_allocator).
+CHUNK_ELEMENTS = 1 << 22
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
