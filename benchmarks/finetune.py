@@ -70,12 +70,11 @@ def run_ours(
 
     if tune:
         tune_cpu_allocator()  # what weightsmith's Trainer does before training on a CPU
-    ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
-    model = ckpt.model.train()
-    if qlora:
-        from weightsmith.quant.nf4 import quantize_linears_nf4
+    from weightsmith.quant.nf4 import quantize_on_load
 
-        quantize_linears_nf4(model)
+    hook = quantize_on_load() if qlora else None  # as `finetune --method qlora` loads
+    ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False, on_tensor=hook)
+    model = ckpt.model.train()
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     inputs, labels = make_batch(ckpt.tokenizer, batch, seq_len)

@@ -326,3 +326,30 @@ def test_matches_torchao_nf4():
     absmax = w.view(-1, 64).abs().amax(1).repeat_interleave(64)  # (numel,)
     diff = (ours.dequantize() - theirs.get_original_weight()).view(-1).abs()
     assert torch.all(diff[~differ] <= 0.01 * absmax[~differ])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_quantize_on_load_equals_quantize_after_load(tmp_path, family):
+    """Quantizing each block linear as it arrives (QLoRA's load path) gives the very model
+    quantize_linears_nf4 makes from a full-precision load, biases included (Qwen2)."""
+    import transformers
+    from conftest import build_tiny_tokenizer_dir
+
+    from weightsmith.quant.nf4 import quantize_on_load
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    build_tiny_tokenizer_dir(tmp_path)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        cls(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    )  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    after = load_checkpoint(tmp_path, decode_layout=False).model
+    names = quantize_linears_nf4(after)
+    during = load_checkpoint(tmp_path, decode_layout=False, on_tensor=quantize_on_load()).model
+    swapped = sorted(n for n, m in during.named_modules() if isinstance(m, NF4Linear))
+    assert swapped == sorted(names) and len(names) == 2 * 7
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        assert torch.equal(during(ids), after(ids))

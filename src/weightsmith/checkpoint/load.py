@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Tensors some checkpoints carry that the model recomputes instead of loading.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+#: Called with the model and a tensor name right after that tensor is loaded.
+TensorHook = Callable[[CausalLM, str], None]
 
 
 @dataclass
@@ -52,11 +55,15 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     decode_layout: bool = True,
+    on_tensor: TensorHook | None = None,
 ) -> Checkpoint:
     """Load an HF directory or a .gguf file.
 
     decode_layout: on CPU, lay weights out for fast decoding (see models/linear.py);
     training passes False to keep plain row-major parameters.
+    on_tensor: called as on_tensor(model, name) after each tensor is in place, e.g. to
+    quantize a layer as soon as it is complete, so the full-precision model never
+    exists at once (QLoRA).
     """
     path = Path(path)
     if not path.exists():
@@ -69,9 +76,9 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: not a .gguf file; pass an HF checkpoint directory or a .gguf file"
             )
-        ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout)
+        ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor)
     elif (path / "config.json").exists():
-        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle, decode_layout)
+        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor)
     else:
         raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
     log.info("loaded %s (%s) in %.1fs", path, ckpt.config.model_type, time.perf_counter() - start)
@@ -79,7 +86,12 @@ def load_checkpoint(
 
 
 def _load_hf_dir(
-    path: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool, decode_layout: bool
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+    decode_layout: bool,
+    on_tensor: TensorHook | None,
 ) -> Checkpoint:
     from weightsmith.tokenizer import Tokenizer
 
@@ -87,12 +99,14 @@ def _load_hf_dir(
     files = st.weight_files(path, allow_pickle=allow_pickle)
     tokenizer = Tokenizer.from_dir(path)
     tensors = ((n, t, str(f)) for n, t, f in st.iter_tensors(files))
-    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout)
+    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     gen = read_json(path / "generation_config.json", required=False) or {}
     return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen)
 
 
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, decode_layout: bool) -> Checkpoint:
+def _load_gguf(
+    path: Path, device: torch.device, dtype: torch.dtype, decode_layout: bool, on_tensor: TensorHook | None
+) -> Checkpoint:
     from weightsmith.checkpoint import gguf
     from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
     from weightsmith.tokenizer import Tokenizer
@@ -102,7 +116,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, decode_layo
     cfg = ModelConfig.from_hf(info.config, source=str(path))
     tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
     tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
-    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout)
+    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
 
@@ -114,6 +128,7 @@ def build_model(
     dtype: torch.dtype,
     *,
     decode_layout: bool = True,
+    on_tensor: TensorHook | None = None,
 ) -> CausalLM:
     """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
     with torch.device("meta"):
@@ -135,6 +150,8 @@ def build_model(
                 "from config.json; the weights and config do not match"
             )
         _assign(model, name, tensor.to(device=device, dtype=dtype))
+        if on_tensor is not None:
+            on_tensor(model, name)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:

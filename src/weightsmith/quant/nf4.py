@@ -434,6 +434,29 @@ def quantize_linears_nf4(
     return names
 
 
+def quantize_on_load(
+    *, block_size: int = BLOCK_SIZE, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+) -> Callable[[nn.Module, str], None]:
+    """A `load_checkpoint(on_tensor=...)` hook that turns each linear of the transformer
+    blocks into an `NF4Linear` as soon as its weight (and bias) are loaded, so the
+    full-precision model never exists at once: QLoRA's peak memory is then about one
+    dense matrix above the 4-bit model, not the whole fp32 model. The same layers as
+    `quantize_linears_nf4`'s default (the LM head and embedding stay dense)."""
+
+    def hook(model: nn.Module, tensor_name: str) -> None:
+        name = tensor_name.rpartition(".")[0]
+        if not name.startswith("model.layers."):
+            return
+        module = model.get_submodule(name)
+        if type(module) not in _SWAPPABLE or any(p.is_meta for p in module.parameters()):
+            return  # not a linear, or its bias has not arrived yet
+        parent_name, _, child = name.rpartition(".")
+        nf4 = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype, name=f"{name}.weight")
+        setattr(model.get_submodule(parent_name), child, nf4)
+
+    return hook
+
+
 #: PEFT's names for the containers of adapter matrices (weightsmith.lora uses them too).
 _ADAPTER_CONTAINERS = {"lora_A", "lora_B"}
 

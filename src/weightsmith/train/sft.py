@@ -231,7 +231,12 @@ def run_finetune(cfg: FinetuneConfig, *, reporter: Reporter | None = None) -> di
     device = pick_device(cfg.device)
     dtype = pick_dtype("fp32" if cfg.method == "full" and cfg.dtype == "auto" else cfg.dtype, device)
     path = resolve(str(cfg.model))
-    loaded = load_checkpoint(path, device=device, dtype=dtype, decode_layout=False)
+    hook = None
+    if cfg.method == "qlora":
+        from weightsmith.quant.nf4 import quantize_on_load
+
+        hook = quantize_on_load()
+    loaded = load_checkpoint(path, device=device, dtype=dtype, decode_layout=False, on_tensor=hook)
     train_rows, valid_rows, data_stats = load_data(cfg, loaded.tokenizer)  # all checks before any write
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
