@@ -318,3 +318,21 @@ def test_fused_head_loss_gradients_equal_plain_cross_entropy(tiny_hf_dir, traina
     assert len(p_a) == len(p_b) == (0 if trainable == "hidden" else 2)  # norm weight and tied head
     for a, b in zip(p_a, p_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_loss_takes_bf16_activations_over_an_fp32_head():
+    """Under bf16 autocast the hidden states arrive in bf16 while the head weight is fp32."""
+    from weightsmith.train.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 16)
+    h = torch.randn(7, 16).bfloat16().requires_grad_()
+    t = torch.randint(50, (7,))
+    loss = linear_cross_entropy(h, w, t)
+    loss.backward()
+    ref_h = h.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_h @ w.t(), t, reduction="sum")
+    ref.backward()
+    assert h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h.grad.float(), ref_h.grad, rtol=5e-2, atol=5e-2)

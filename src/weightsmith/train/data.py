@@ -173,7 +173,9 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
     if len(records) < 2:
-        raise DataError("need at least 2 examples to hold out a validation split; pass --valid FILE")
+        raise DataError(
+            "need at least 2 examples to hold out a validation split; pass --valid FILE or --valid-fraction 0"
+        )
     n_valid = min(len(records) - 1, max(1, round(len(records) * fraction)))
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:n_valid])
