@@ -336,3 +336,15 @@ def test_fused_head_loss_takes_bf16_activations_over_an_fp32_head():
     assert h.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(h.grad.float(), ref_h.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_merge_refuses_bad_input_without_writing(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(tiny_hf_dir), "--out", str(out)]) == 2
+    assert "needs --adapter DIR" in capsys.readouterr().err
+    empty = tmp_path / "not-an-adapter"
+    empty.mkdir()
+    assert main(["merge", str(tiny_hf_dir), "--adapter", str(empty), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "adapter_config.json" in err and "\n" not in err
+    assert not out.exists()
