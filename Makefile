@@ -33,7 +33,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e .
+	$(PIP) install -e '.[client]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

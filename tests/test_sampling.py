@@ -8,6 +8,9 @@ What is checked:
   over the prompt and every token it has picked;
 - `Sampler`: greedy is argmax, a seed fixes the sequence, different seeds differ, and empirical
   frequencies match the filtered distribution (a chi-square bound computed from the sample size);
+- presence/frequency penalties: the logits reaching the filters follow OpenAI's formula over the
+  generated tokens only (prompt excluded), after the repetition penalty; a frequency penalty
+  changes greedy picks;
 - `SamplingParams` rejects each bad value with a GenerationError that names the field.
 """
 
@@ -21,8 +24,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weightsmith import sampling
 from weightsmith.errors import GenerationError
-from weightsmith.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
+from weightsmith.sampling import (
+    Sampler,
+    SamplingParams,
+    apply_presence_frequency_penalty,
+    apply_repetition_penalty,
+    probabilities,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -247,6 +257,12 @@ def test_sampled_frequencies_match_the_filtered_distribution() -> None:
         ("min_p", float("nan")),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -3),
+        ("presence_penalty", float("nan")),
+        ("frequency_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", float("nan")),
         ("stop", [""]),
         ("stop", ["ok", ""]),
         ("stop", ""),
@@ -262,3 +278,78 @@ def test_boundary_sampling_params_are_accepted() -> None:
     assert p.greedy
     assert not SamplingParams(temperature=1e-3).greedy
     assert SamplingParams(stop="END").stop == ["END"]
+    for value in (-2.0, 2.0):
+        SamplingParams(presence_penalty=value, frequency_penalty=value)
+
+
+# ----- presence and frequency penalties -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("repetition", [1.0, 2.0])
+def test_presence_and_frequency_penalties_follow_openais_formula(monkeypatch, repetition: float) -> None:
+    """The logits handed to the temperature/filter stage, step by step, for scripted picks:
+    logit - count * frequency - (count > 0) * presence, counting generated tokens only, applied
+    after the repetition penalty (which does count the prompt)."""
+    base = [2.0, 1.0, -1.0, 0.5, 0.0, 3.0]
+    prompt = [3, 3, 4]
+    script = [0, 0, 2, 5, 0, 3]  # the tokens the fake filter stage makes the sampler pick
+    presence, frequency = 0.5, 0.25
+    seen_by_filters: list[torch.Tensor] = []
+
+    def scripted(logits, temperature, top_k, top_p, min_p):
+        seen_by_filters.append(logits.clone())
+        return torch.nn.functional.one_hot(torch.tensor(script[len(seen_by_filters) - 1]), len(base)).float()
+
+    monkeypatch.setattr(sampling, "probabilities", scripted)
+    params = SamplingParams(
+        temperature=0.5, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency
+    )
+    sampler = Sampler(params, prompt, len(base), CPU)
+    picks = [sampler(torch.tensor(base)) for _ in script]
+    assert picks == script
+
+    counts = [0] * len(base)
+    for step, got in enumerate(seen_by_filters):
+        seen = set(prompt) | set(script[:step])
+        expected = []
+        for j, logit in enumerate(base):
+            if j in seen:
+                logit = logit / repetition if logit > 0 else logit * repetition
+            expected.append(logit - counts[j] * frequency - (presence if counts[j] > 0 else 0.0))
+        torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
+        counts[script[step]] += 1
+    # Before the last pick token 0 had been generated three times, token 3 only prompted.
+    last = seen_by_filters[-1]
+    assert math.isclose(float(last[0]), 2.0 / repetition - 3 * 0.25 - 0.5, abs_tol=1e-6)
+    assert math.isclose(float(last[3]), 0.5 / repetition, abs_tol=1e-6)
+
+
+def test_penalty_helper_on_handmade_counts() -> None:
+    logits = torch.tensor([1.0, 1.0, 1.0, float("-inf")])
+    counts = torch.tensor([0.0, 1.0, 4.0, 2.0])
+    got = apply_presence_frequency_penalty(logits, counts, presence=0.5, frequency=-0.25)
+    expected = torch.tensor([1.0, 1.0 + 0.25 - 0.5, 1.0 + 1.0 - 0.5, float("-inf")])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_frequency_penalty_changes_the_greedy_choice_and_ignores_the_prompt() -> None:
+    a, b = 3, 7
+    logits = torch.full((10,), -1.0)
+    logits[a], logits[b] = 2.0, 1.5
+
+    def greedy(prompt: list[int], **penalties: float) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=0, **penalties), prompt, 10, CPU)
+        return [sampler(logits) for _ in range(5)]
+
+    assert greedy([]) == [a] * 5
+    # a's logit after n picks of a: 2.0 - 0.3 n; it loses to b (1.5, then 1.2) and back in turn.
+    assert greedy([], frequency_penalty=0.3) == [a, a, b, a, b]
+    # A prompt full of a changes nothing: only generated tokens count.
+    assert greedy([a] * 6, frequency_penalty=0.3) == [a, a, b, a, b]
+    # Presence alone: a loses once it has appeared (2.0 - 0.6 < 1.5), then both are penalised alike.
+    assert greedy([a, a], presence_penalty=0.6) == [a, b, a, a, a]
+
+
+def test_penalty_counts_are_only_allocated_when_used() -> None:
+    assert Sampler(SamplingParams(), [1, 2], VOCAB, CPU).counts is None
+    assert Sampler(SamplingParams(presence_penalty=0.1), [1, 2], VOCAB, CPU).counts.sum() == 0

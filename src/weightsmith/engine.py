@@ -102,6 +102,32 @@ class _StopMatcher:
         return out
 
 
+class TextStream:
+    """One sequence's tokens in, its text out: streaming detokenization (never splitting a
+    UTF-8 character) and stop strings (text is held back while it could be the start of
+    one; a complete one ends the sequence, and neither it nor what follows is returned)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.matcher = _StopMatcher(stops)
+        self.text = ""
+
+    def push(self, token: int | None, finish_reason: str | None = None) -> tuple[str, str | None]:
+        """Add a generated token (its row's finish reason, if it is the last); return the new
+        text and the finish reason, which becomes "stop" when a stop string was completed."""
+        # An end-of-sequence or stop token ends the text without adding its own.
+        piece = "" if finish_reason == "stop" or token is None else self.decoder.push(token)
+        if finish_reason is not None:
+            piece += self.decoder.flush()
+        out, hit = self.matcher.feed(piece)
+        if hit:
+            finish_reason = "stop"
+        elif finish_reason is not None:
+            out += self.matcher.flush()
+        self.text += out
+        return out, finish_reason
+
+
 class Engine:
     """Generates text from a model and its tokenizer."""
 
@@ -166,9 +192,7 @@ class Engine:
             for p, sp in zip(ids, params, strict=False)
         ]
         gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids)
-        decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) for _ in ids]
-        matchers = [_StopMatcher(sp.stop) for sp in params]
-        texts = [""] * len(ids)
+        streams = [TextStream(self.tokenizer, sp.stop) for sp in params]
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)
         for events in gen:
@@ -176,25 +200,16 @@ class Engine:
             for ev in events:
                 row = ev.row
                 first_at[row] = first_at[row] or now
-                stop_token = ev.finish_reason == "stop"
-                piece = "" if stop_token else decoders[row].push(ev.token)
-                if ev.finish_reason is not None:
-                    piece += decoders[row].flush()
-                out, hit = matchers[row].feed(piece)
-                reason = ev.finish_reason
-                if hit:
-                    gen.cancel(row)
-                    reason = "stop"
-                elif reason is not None:
-                    out += matchers[row].flush()
-                texts[row] += out
+                out, reason = streams[row].push(ev.token, ev.finish_reason)
+                if reason is not None and ev.finish_reason is None:
+                    gen.cancel(row)  # a stop string
                 if reason is None:
                     if out:
                         yield Delta(out, row)
                     continue
                 n_gen = len(gen.generated[row])
                 completion = Completion(
-                    texts[row], reason, len(ids[row]), n_gen, list(gen.generated[row]),
+                    streams[row].text, reason, len(ids[row]), n_gen, list(gen.generated[row]),
                     prefill_seconds=(first_at[row] or now) - start, decode_seconds=now - (first_at[row] or now),
                 )  # fmt: skip
                 yield Delta(out, row, reason, completion)

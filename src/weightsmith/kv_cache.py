@@ -57,6 +57,29 @@ class KVCache:
         else:
             self.lengths[row] = 0
 
+    def rows(self, start: int, count: int) -> KVCache:
+        """A cache over rows start..start+count-1 that shares this one's storage, so a
+        prefill can fill new rows while the rows before them keep their state. Copy the
+        view's `lengths` back with `set_lengths` after using it."""
+        view = KVCache.__new__(KVCache)
+        view.k = self.k[:, start : start + count]
+        view.v = self.v[:, start : start + count]
+        view.max_len, view.batch_size = self.max_len, count
+        view.lengths = self.lengths[start : start + count]
+        return view
+
+    def set_lengths(self, start: int, lengths: list[int]) -> None:
+        self.lengths[start : start + len(lengths)] = lengths
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` hold row `src`'s tokens (a forked sequence, or compacting the
+        batch after a row finished). Only the filled part is copied."""
+        n = self.lengths[src]
+        if src != dst and n:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
     def write(
         self,
         layer: int,

@@ -11,6 +11,9 @@ module name or its dotted suffix, a string is a full regex match, patterns match
 regex suffix), except that "all-linear" is resolved here, not by PEFT (see
 `resolve_targets`).
 
+`row_adapters` serves several adapters in one batch (continuous batching of requests for
+different adapters): row i of the batch gets adapter i's delta, or none.
+
 Not here: the settings and PEFT's config schema (lora_config.py); DoRA, LoRA biases,
 embedding or conv adapters, `modules_to_save`; the quantized base layer itself
 (weightsmith.quant.nf4; this module only needs its `in_features`, `out_features` and
@@ -25,7 +28,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,7 +50,8 @@ from weightsmith.models.model import SparseMoE
 
 
 class LoRALinear(nn.Module):
-    """`base_layer(x) + scaling * B(A(dropout(x)))` for the active adapter, if not merged."""
+    """`base_layer(x) + scaling * B(A(dropout(x)))` for the active adapter, if not merged; or,
+    inside `row_adapters`, per batch row for that row's adapter."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -60,6 +64,11 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
+        #: Set by `row_adapters`: (adapter, batch-row indices (n,) long) for each adapter of this
+        #: layer that some row uses; rows in no group get no delta. None: use `active_adapter`.
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+        #: The batch size `row_groups` was built for (set with it).
+        self.row_count: int | None = None
 
     def add_adapter(
         self, name: str, r: int, scaling: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32
@@ -82,9 +91,38 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.row_groups is not None:
+            return self._add_per_row(x, y, self.row_groups)
         name = self.active_adapter
         if name is None or name not in self.lora_A or name in self.merged:
             return y
+        return self._add_adapter(x, y, name)
+
+    def _add_per_row(
+        self, x: torch.Tensor, y: torch.Tensor, groups: list[tuple[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """y plus each group's adapter delta on that group's rows; x is (B, ..., in), y (B, ..., out)."""
+        # Checked only where there is a delta: an adapter-free layer's rows need not be batch rows
+        # (a Mixtral expert's routed tokens, whose adapters `row_adapters` refuses to use).
+        if groups and x.shape[0] != self.row_count:
+            raise ConfigError(
+                f"row_adapters was given {self.row_count} adapter names but a LoRA layer got a batch of "
+                f"{x.shape[0]} rows; pass one name per batch row"
+            )
+        for name, rows in groups:
+            if name in self.merged:
+                # Its delta is in the base weights now, i.e. on every row: no per-row answer exists.
+                raise ConfigError(f"adapter {name!r} was merged inside row_adapters; unmerge it first")
+            if rows.numel() == x.shape[0]:
+                # One adapter for the whole batch (groups are disjoint, so it is the only one).
+                return self._add_adapter(x, y, name)
+            # The same addmm as one adapter alone, on the group's rows, written back: a row's
+            # result does not depend on which other rows share its batch.
+            y.index_copy_(0, rows, self._add_adapter(x[rows], y[rows], name))  # (n, ..., out) into (B, ...)
+        return y
+
+    def _add_adapter(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        """y + scaling * B(A(dropout(x))) for adapter `name`; y is base_layer(x), (..., out)."""
         # In the input's dtype: fp32 adapter weights are cast for a bf16 activation, say.
         a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
         h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
@@ -260,6 +298,50 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for n, layer in layers.items():
             layer.active_adapter = active[n]
+
+
+@contextlib.contextmanager
+def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Inside, batch row i of every forward uses adapter `names[i]` (None: the base model only),
+    whatever the active adapter is, so requests for different adapters share one batch. Every
+    forward inside must have len(names) rows. A layer without a row's adapter adds nothing to
+    that row, as when the adapter is active alone."""
+    layers = lora_layers(model)
+    wanted = sorted({n for n in names if n is not None})
+    for name in wanted:
+        _layers_with(model, name)  # ConfigError naming the adapters there are
+    # Any merged adapter is in the base weights of every row, base-only rows included.
+    merged = sorted({a for m in layers.values() for a in m.merged})
+    if merged:
+        raise ConfigError(
+            f"adapters {merged} are merged into the base weights, so no row could run without them; "
+            "unmerge_adapter them first"
+        )
+    # A Mixtral expert (or router) sees a subset of tokens, not batch rows: refuse, don't misapply.
+    for moe_name, moe in model.named_modules():
+        if isinstance(moe, SparseMoE):
+            for sub_name, layer in lora_layers(moe).items():
+                if used := [n for n in wanted if n in layer.lora_A]:
+                    raise ConfigError(
+                        f"adapter {used[0]!r} adapts {moe_name}.{sub_name}, inside a mixture of experts, "
+                        "whose inputs are routed tokens rather than batch rows; row_adapters cannot serve "
+                        "it, run its requests in their own batch with set_adapter"
+                    )
+    # One index tensor per adapter, built once and shared by every layer.
+    groups: dict[str, torch.Tensor] = {}
+    for name in wanted:
+        device = next(m for m in layers.values() if name in m.lora_A).lora_A[name].weight.device
+        rows = [i for i, n in enumerate(names) if n == name]
+        groups[name] = torch.tensor(rows, dtype=torch.long, device=device)
+    previous = {n: (m.row_groups, m.row_count) for n, m in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.row_groups = [(name, rows) for name, rows in groups.items() if name in layer.lora_A]
+            layer.row_count = len(names)
+        yield
+    finally:
+        for n, layer in layers.items():
+            layer.row_groups, layer.row_count = previous[n]
 
 
 def _check_mergeable(layers: dict[str, LoRALinear], name: str) -> None:

@@ -2,8 +2,10 @@
 
 Greedy decoding, temperature, top-k, top-p (nucleus), min-p and the repetition
 penalty of Keskar et al. 2019 (CTRL), each with the semantics transformers uses so
-results are comparable. Each row samples with its own seeded generator, so a
-sequence gets the same tokens whether it runs alone or in a batch.
+results are comparable; and OpenAI's presence and frequency penalties, which subtract
+from the logits of tokens this sequence has generated (its prompt does not count). Each
+row samples with its own seeded generator, so a sequence gets the same tokens whether it
+runs alone or in a batch.
 
 Not here: stop strings (text-level, engine.py) or the decode loop (generate.py).
 """
@@ -27,6 +29,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -40,6 +44,8 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "greater than 0 (1 is off)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2] (0 is off)"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2] (0 is off)"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -55,7 +61,7 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks one token per row from (V,) logits, keeping per-row state (seen tokens, RNG)."""
+    """Picks one token per row from (V,) logits, keeping per-row state (seen tokens, counts, RNG)."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device):
         self.params = params
@@ -71,6 +77,10 @@ class Sampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             if prompt_ids:
                 self.seen[torch.tensor(prompt_ids, device=device)] = True
+        #: How often each token has been generated (not prompted), for presence/frequency penalties.
+        self.counts: torch.Tensor | None = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (V,) for one row -> the chosen token id."""
@@ -78,6 +88,10 @@ class Sampler:
         logits = logits.float()
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
+        if self.counts is not None:
+            logits = apply_presence_frequency_penalty(
+                logits, self.counts, p.presence_penalty, p.frequency_penalty
+            )
         if p.greedy:
             token = int(logits.argmax())
         else:
@@ -85,6 +99,8 @@ class Sampler:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         return token
 
 
@@ -92,6 +108,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """Make already-seen tokens less likely: divide positive logits, multiply negative ones."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: logits - counts * frequency - (counts > 0) * presence, where counts
+    (V,) says how often each token was generated so far."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def probabilities(

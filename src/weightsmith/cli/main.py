@@ -20,6 +20,7 @@ from rich.console import Console
 from weightsmith import __version__
 from weightsmith.cli import demo, store
 from weightsmith.cli import run as run_cmds
+from weightsmith.cli import serve as serve_cmd
 from weightsmith.cli import train as train_cmds
 from weightsmith.cli.args import add_config_arguments, config_from_args
 from weightsmith.errors import WeightsmithError
@@ -70,6 +71,12 @@ COMMANDS: dict[str, Command] = {
         train_cmds.MergeConfig,
         "fold a LoRA adapter into its base model and save an HF directory",
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
+    ),
+    "serve": Command(
+        serve_cmd.ServeConfig,
+        "serve a model behind an OpenAI-compatible API (streaming, batching, adapters)",
+        "weightsmith serve smollm2-135m-instruct --adapter support=runs/support --port 8000\n"
+        '  weightsmith serve ./my-model --api-key "$(cat key.txt)" --host 0.0.0.0 --max-batch 32',
     ),
     "demo": Command(
         demo.DemoConfig,
@@ -123,6 +130,9 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
         return train_cmds.run_finetune_cli(cfg), lambda r: train_cmds.print_finetune(r, console)
     if name == "merge":
         return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
+    if name == "serve":
+        listening = lambda url, state: serve_cmd.print_listening(url, state, sys.stderr)  # noqa: E731
+        return serve_cmd.run_serve(cfg, on_listening=listening), None
     if name == "demo":
         return demo.run_demo(cfg, out=out), None
     raise AssertionError(name)

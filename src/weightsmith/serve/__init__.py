@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: request schemas, continuous-batching scheduler, app."""

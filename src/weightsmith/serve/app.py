@@ -1,0 +1,599 @@
+"""The OpenAI-compatible HTTP server: routes, auth, limits, streaming.
+
+`create_app` returns a FastAPI app whose model loads in a background thread after
+start-up (`/health` answers 503 until it is ready, 200 after). Every request body is
+read with a size limit and validated (schemas.py) before anything is queued, so bad
+input gets a 4xx with OpenAI's error object and never a 500; an error after a stream
+started arrives as a `data: {"error": ...}` event followed by `data: [DONE]`.
+Generation goes through the continuous-batching `Scheduler`; a client that
+disconnects cancels its sequences, which frees their batch rows.
+
+Security: with an API key, every route but `/` (the chat page) and `/health` needs
+`Authorization: Bearer KEY`; adapters are the ones named at start-up (a request can
+only pick one by name, never name a file); CORS is off unless origins are given.
+
+Not here: argument parsing and running uvicorn (cli/serve.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.llm import LLM
+from weightsmith.sampling import SamplingParams
+from weightsmith.serve.metrics import ServerMetrics
+from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder, sse
+from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent
+from weightsmith.serve.scheduler import Request as GenRequest
+from weightsmith.serve.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Common,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+#: Routes that answer without an API key.
+PUBLIC_PATHS = frozenset({"/", "/health"})
+#: Endpoint labels for the request counter (anything else counts as "other").
+ENDPOINTS = frozenset(
+    {
+        "/",
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
+    }
+)
+
+
+@dataclass
+class ServeSettings:
+    """How the server behaves; the CLI fills it from `weightsmith serve` options."""
+
+    served_name: str
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_len: int = 2048  # the context each request gets (KV cache per row)
+    max_prefill_tokens: int = 4096
+    max_body_bytes: int = 4 << 20
+    cors_origins: list[str] = field(default_factory=list)
+    retry_after: int = 1  # seconds, on 429 and 503
+
+
+@dataclass
+class Loaded:
+    """What the loader returns: the model and the adapter names loaded into it."""
+
+    llm: LLM
+    adapters: list[str]
+
+
+class ServerState:
+    """The app's model, scheduler and metrics; the model arrives from a loader thread."""
+
+    def __init__(self, settings: ServeSettings, loader: Callable[[], Loaded]) -> None:
+        self.settings = settings
+        self.loader = loader
+        self.metrics = ServerMetrics()
+        self.loaded: Loaded | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self.on_load_error: Callable[[str], None] = lambda message: None
+
+    def load(self) -> None:
+        try:
+            loaded = self.loader()
+            llm = loaded.llm
+            s = self.settings
+            n_ctx = min(s.max_len, llm.engine.context_length)
+            scheduler = Scheduler(
+                llm.model,
+                llm.tokenizer,
+                llm.engine.eos_token_ids,
+                max_batch=s.max_batch,
+                max_len=n_ctx,
+                max_queue=s.max_queue,
+                max_prefill_tokens=s.max_prefill_tokens,
+                observer=self.metrics,
+            )
+            scheduler.start()
+        except Exception as e:  # reported on /health and to the CLI, which exits
+            log.exception("loading the model failed")
+            self.load_error = str(e)
+            self.on_load_error(self.load_error)
+            return
+        self.loaded, self.scheduler = loaded, scheduler
+        self.ready.set()
+        log.info("model %s ready", self.settings.served_name)
+
+    def require(self) -> tuple[Loaded, Scheduler]:
+        if self.loaded is None or self.scheduler is None:
+            message = (
+                f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            )
+            raise ApiError(
+                503,
+                f"{message}; retry shortly",
+                type="service_unavailable",
+                code="model_loading" if not self.load_error else "model_failed",
+                headers={"Retry-After": str(self.settings.retry_after)},
+            )
+        return self.loaded, self.scheduler
+
+    def model_names(self) -> list[str]:
+        base = self.settings.served_name
+        adapters = self.loaded.adapters if self.loaded else []
+        return [base] + [f"{base}:{a}" for a in adapters]
+
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a model name selects (None: the base model); 404 when unknown."""
+        base = self.settings.served_name
+        if name == base:
+            return None
+        prefix, _, adapter = name.partition(":")
+        if prefix == base and self.loaded is not None and adapter in self.loaded.adapters:
+            return adapter
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server has {', '.join(self.model_names())}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+# ---- middleware: auth, body size, request counting ------------------------------------------
+
+
+class Gate:
+    """A plain ASGI middleware (so streaming and disconnects pass through untouched) that
+    checks the API key and Content-Length, and counts responses by endpoint and status."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        try:
+            error = self._check(scope)
+            if error is not None:
+                await error_response(error)(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.state.metrics.request(path if path in ENDPOINTS else "other", status)
+
+    def _check(self, scope: dict) -> ApiError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "")
+        limit = self.state.settings.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            return _too_large(limit)
+        key = self.state.settings.api_key
+        if key is None or scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
+            return None
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            what = "no API key was given" if not given else "the API key is not valid"
+            return ApiError(
+                401,
+                f"{what}; send the server's key as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return None
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked uploads too)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- turning a valid request into generation ------------------------------------------------
+
+
+def token_budget(prompt_len: int, limit: int | None, n_ctx: int, param: str) -> int:
+    """How many tokens a choice may generate; 400 when the prompt and limit do not fit."""
+    extra = {"n_prompt_tokens": prompt_len, "n_ctx": n_ctx}
+    if prompt_len == 0:
+        raise ApiError(400, "the prompt is empty", param="prompt" if param == "max_tokens" else "messages")
+    if limit is None:
+        if prompt_len >= n_ctx:
+            raise ApiError(
+                400,
+                f"the prompt has {prompt_len} tokens but the context is {n_ctx}; shorten it",
+                code="context_length_exceeded",
+                param="messages" if param != "max_tokens" else "prompt",
+                extra=extra,
+            )
+        return n_ctx - prompt_len
+    if prompt_len + limit > n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens and {param} is {limit}, more than the context of {n_ctx} "
+            f"tokens; lower {param} to at most {max(n_ctx - prompt_len, 0)} or shorten the prompt",
+            code="context_length_exceeded",
+            param=param,
+            extra=extra,
+        )
+    return limit
+
+
+def sampling_params(llm: LLM, req: _Common, max_tokens: int) -> SamplingParams:
+    try:
+        return llm.sampling_params(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=0 if req.top_k == -1 else req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=req.seed,
+            stop=req.stops(),
+            ignore_eos=req.ignore_eos,
+        )
+    except WeightsmithError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Per-choice settings: choice i of a seeded request uses seed + i, so choices differ
+    and the whole request is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    return [replace(params, seed=params.seed + i) for i in range(n)]
+
+
+class Job:
+    """A request in flight: its scheduler request and the queue its events arrive on."""
+
+    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], adapter, logprobs) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
+        self.request = GenRequest(
+            prompts,
+            params,
+            emit=lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev),
+            adapter=adapter,
+            logprobs=logprobs,
+        )
+        self.prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
+
+    def submit(self, scheduler: Scheduler, retry_after: int) -> None:
+        try:
+            scheduler.submit(self.request)
+        except QueueFull as e:
+            raise ApiError(
+                429,
+                f"the server is busy ({e}); retry after {retry_after} s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after)},
+            ) from None
+
+    async def collect(self, http: Request) -> list[ChoiceResult]:
+        """Wait for every choice; cancel if the client goes away."""
+        results = [ChoiceResult() for _ in self.request.prompts]
+        remaining = len(results)
+        try:
+            while remaining:
+                try:
+                    ev = await asyncio.wait_for(self.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if ev.error:
+                    raise ApiError(500, ev.error, type="server_error", code="generation_failed")
+                results[ev.index].add(ev)
+                remaining -= ev.finish_reason is not None
+        finally:
+            if remaining:
+                self.request.cancel()
+        return results
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        n = len(self.request.prompts)
+        done, completion_tokens = 0, 0
+        try:
+            if builder.chat:
+                for i in range(n):
+                    yield sse(builder.role_chunk(i))
+            while done < n:
+                ev = await self.events.get()
+                if ev.error:
+                    body = ApiError(500, ev.error, type="server_error", code="generation_failed").body()
+                    yield sse(body)
+                    break
+                if ev.text or ev.logprobs:
+                    yield sse(builder.text_chunk(ev.index, ev.text, ev.logprobs))
+                if ev.finish_reason is not None:
+                    done += 1
+                    completion_tokens += ev.completion_tokens
+                    yield sse(builder.finish_chunk(ev.index, ev.finish_reason))
+            else:
+                if include_usage:
+                    yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+            yield SSE_DONE
+        finally:
+            if done < n:
+                self.request.cancel()  # the client went away (or the stream failed)
+
+
+async def respond(
+    job: Job, http: Request, builder: ResponseBuilder, req: _Common, with_logprobs: bool
+) -> Response:
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            job.stream(builder, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    results = await job.collect(http)
+    return JSONResponse(builder.response(results, job.prompt_tokens, with_logprobs))
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+
+def create_app(settings: ServeSettings, loader: Callable[[], Loaded]) -> FastAPI:
+    state = ServerState(settings, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="weightsmith-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:
+            state.scheduler.stop()
+
+    app = FastAPI(title="weightsmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.weightsmith = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Gate, state=state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(
+            ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=kind)
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    settings = state.settings
+    page = resources.files("weightsmith.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                                           "'unsafe-inline'; script-src 'self' 'unsafe-inline'"})  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        if not state.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        state.require()
+        base = settings.served_name
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "weightsmith", "root": base,
+             "parent": None if name == base else base, "max_model_len": state.scheduler.max_len}
+            for name in state.model_names()
+        ]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        loaded, scheduler = state.require()
+        req: ChatRequest = parse(ChatRequest, await read_body(http, settings.max_body_bytes))
+        req.check_stream_options()
+        adapter = state.resolve_model(req.model)
+        logprobs = req.logprobs_k()
+        _check_n(req.n, scheduler.max_batch)
+        ids = _chat_ids(loaded.llm, req)
+        budget = token_budget(len(ids), req.limit(), scheduler.max_len, _limit_name(req))
+        params = sampling_params(loaded.llm, req, budget)
+        job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
+        job.submit(scheduler, settings.retry_after)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
+        return await respond(job, http, builder, req, logprobs is not None)
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        loaded, scheduler = state.require()
+        req: CompletionRequest = parse(CompletionRequest, await read_body(http, settings.max_body_bytes))
+        req.check_stream_options()
+        req.check_unsupported()
+        adapter = state.resolve_model(req.model)
+        prompts = req.prompts()
+        _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
+        ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
+        all_ids, all_params = [], []
+        for p in ids:
+            budget = token_budget(len(p), req.max_tokens, scheduler.max_len, "max_tokens")
+            params = sampling_params(loaded.llm, req, budget)
+            all_ids += [p] * req.n
+            all_params += choice_params(params, req.n)
+        job = Job(all_ids, all_params, adapter, req.logprobs)
+        job.submit(scheduler, settings.retry_after)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=False, include_usage=include_usage)
+        if req.echo:
+            job = _Echo(job, [loaded.llm.tokenizer.decode(p) for p in all_ids])
+        return await respond(job, http, builder, req, req.logprobs is not None)
+
+    @app.post("/tokenize")
+    async def tokenize(http: Request) -> JSONResponse:
+        loaded, scheduler = state.require()
+        req: TokenizeRequest = parse(TokenizeRequest, await read_body(http, settings.max_body_bytes))
+        if req.model is not None:
+            state.resolve_model(req.model)
+        tok = loaded.llm.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        if req.prompt is not None:
+            tokens = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            messages = [_message_dict(m) for m in req.messages or []]
+            tokens = _render(loaded.llm, messages, add_generation_prompt=req.add_generation_prompt)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": scheduler.max_len})
+
+    @app.post("/detokenize")
+    async def detokenize(http: Request) -> JSONResponse:
+        loaded, _ = state.require()
+        req: DetokenizeRequest = parse(DetokenizeRequest, await read_body(http, settings.max_body_bytes))
+        if req.model is not None:
+            state.resolve_model(req.model)
+        vocab = loaded.llm.model.config.vocab_size
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < vocab:
+                raise ApiError(
+                    400, f"token id {t} is outside the vocabulary [0, {vocab})", param=f"tokens[{i}]"
+                )
+        return JSONResponse({"prompt": loaded.llm.tokenizer.decode(req.tokens)})
+
+
+def _limit_name(req: ChatRequest) -> str:
+    return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+
+
+def _check_n(choices: int, max_batch: int, batch: int = 1) -> None:
+    if choices > max_batch:
+        what = f"n x {batch} prompts" if batch > 1 else "n"
+        raise ApiError(400, f"{what} = {choices} is more than this server's batch of {max_batch}", param="n")
+
+
+def _message_dict(m) -> dict[str, str]:
+    # OpenAI's "developer" role is the newer name for "system"; chat templates know "system".
+    return {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+
+
+def _render(llm: LLM, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    if not llm.tokenizer.chat_template:
+        raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+    try:
+        return list(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=True))  # fmt: skip
+    except WeightsmithError as e:
+        raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
+
+
+def _chat_ids(llm: LLM, req: ChatRequest) -> list[int]:
+    return _render(llm, [_message_dict(m) for m in req.messages])
+
+
+def _prompt_ids(llm: LLM, prompt: str | list[int], index: int, count: int) -> list[int]:
+    param = "prompt" if count == 1 else f"prompt[{index}]"
+    if isinstance(prompt, str):
+        ids = llm.tokenizer.encode(prompt)
+    else:
+        vocab = llm.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
+        ids = list(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param=param)
+    return ids
+
+
+class _Echo:
+    """A completions job with `echo`: each choice's text starts with its prompt."""
+
+    def __init__(self, job: Job, prompts: list[str]) -> None:
+        self.job, self.prompts = job, prompts
+        self.request, self.prompt_tokens = job.request, job.prompt_tokens
+
+    async def collect(self, http: Request) -> list[ChoiceResult]:
+        results = await self.job.collect(http)
+        for r, p in zip(results, self.prompts, strict=True):
+            r.text = p + r.text
+        return results
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        for i, p in enumerate(self.prompts):
+            yield sse(builder.text_chunk(i, p, None))
+        async for event in self.job.stream(builder, include_usage):
+            yield event

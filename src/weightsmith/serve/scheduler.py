@@ -1,0 +1,350 @@
+"""Continuous batching: many requests share one running decode batch.
+
+One thread owns the model. Each iteration it (1) drops cancelled sequences, (2)
+admits waiting requests into free batch rows and prefills them (newcomers' prefill
+is interleaved with everyone else's decoding, one prefill per iteration at most),
+then (3) runs one decode step for every running row. A row that finishes leaves at
+once, and the last row moves into its slot so the running rows stay 0..B-1 of the
+KV cache (kv_cache.py); its slot is free for the next newcomer the same iteration.
+
+Rows of one batch may use different LoRA adapters (lora.row_adapters), different
+sampling settings and different lengths; a row's tokens are the same as when it runs
+alone. A request with n > 1 choices is prefilled once and its cache row copied.
+
+The token loop is the shared one (generate.prefill / decode_one_token, Sampler,
+TextStream): the server adds scheduling, not a second decoder. Not here: HTTP, JSON
+and validation (app.py, schemas.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from weightsmith.engine import TextStream
+from weightsmith.generate import decode_one_token, prefill
+from weightsmith.kv_cache import KVCache
+from weightsmith.lora import lora_layers, row_adapters
+from weightsmith.models import CausalLM
+from weightsmith.sampling import Sampler, SamplingParams
+from weightsmith.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; the client should retry later."""
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability under the model, and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SequenceEvent:
+    """New output of one choice of a request: text, token ids, and the finish on its last event."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One API request: `len(prompts)` choices (n choices share a prompt list entry each)."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    emit: Callable[[SequenceEvent], None]
+    adapter: str | None = None
+    logprobs: int | None = None  # None: off; k: the chosen token's and the top-k alternatives
+    id: int = field(default_factory=itertools.count().__next__)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Called from any thread (a client went away); the scheduler frees its rows."""
+        self.cancelled = True
+
+
+class Choice:
+    """One running choice of a request: its row's sampler, text and timings."""
+
+    def __init__(self, request: Request, index: int, tokenizer: Tokenizer, vocab: int, device) -> None:
+        self.request = request
+        self.index = index
+        self.prompt = request.prompts[index]
+        self.params = request.params[index]
+        self.sampler = Sampler(self.params, self.prompt, vocab, device)
+        self.text = TextStream(tokenizer, self.params.stop)
+        self.generated: list[int] = []
+        self.last = self.prompt[-1]
+        self.last_time: float | None = None
+
+
+class Observer:
+    """What the scheduler reports as it runs (the server's /metrics implements it)."""
+
+    def queue(self, waiting: int, running: int) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def next_token(self, seconds: float) -> None: ...
+
+    def tokens(self, prompt: int = 0, generated: int = 0) -> None: ...
+
+    def finished(self, reason: str) -> None: ...
+
+
+class Scheduler:
+    """Runs requests from many clients in one continuously batched decode loop."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
+        *,
+        max_batch: int = 16,
+        max_len: int = 2048,
+        max_queue: int = 64,
+        max_prefill_tokens: int = 4096,
+        observer: Observer | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = eos_token_ids
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = model.inv_freq.device
+        self.vocab = model.config.vocab_size
+        dtype = model.model.embed_tokens.weight.dtype
+        self.cache = KVCache.for_model(model.config, max_batch, max_len, dtype=dtype, device=self.device)
+        self.has_adapters = bool(lora_layers(model))
+        self.running: list[Choice] = []
+        self.waiting: deque[Request] = deque()
+        self.observer = observer or Observer()
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- called from other threads -------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFull when `max_queue` requests already wait."""
+        if len(request.prompts) > self.max_batch:
+            raise ValueError(f"a request has at most {self.max_batch} choices")
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit, --max-queue)")
+            self.waiting.append(request)
+            self.observer.queue(len(self.waiting), len(self.running))
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="weightsmith-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop after the current step; sequences still running end with "error"."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.running and not self.waiting:
+                    self._lock.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug or an out-of-memory must not kill the server
+                log.exception("scheduler step failed")
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down")
+
+    def step(self) -> None:
+        """One iteration: drop cancelled rows, prefill newcomers, decode every running row."""
+        self._drop_cancelled()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self.running:
+            self._decode()
+        self.observer.queue(len(self.waiting), len(self.running))
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self.running))):
+            if self.running[row].request.cancelled:
+                self._finish(row, "cancelled", emit=False)
+        with self._lock:
+            if any(r.cancelled for r in self.waiting):
+                for request in self.waiting:
+                    if request.cancelled:
+                        self.observer.finished("cancelled")
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+
+    def _admit(self) -> list[Request]:
+        """Take waiting requests, oldest first, while their choices fit in free rows and the
+        prefill budget (the first one always goes, however long its prompt)."""
+        taken: list[Request] = []
+        free = self.max_batch - len(self.running)
+        budget = self.max_prefill_tokens
+        with self._lock:
+            while self.waiting:
+                request = self.waiting[0]
+                n_tokens = sum(len(p) for p in {tuple(p) for p in request.prompts})
+                if len(request.prompts) > free or (taken and n_tokens > budget):
+                    break
+                self.waiting.popleft()
+                taken.append(request)
+                free -= len(request.prompts)
+                budget -= n_tokens
+        return taken
+
+    @contextlib.contextmanager
+    def _adapters(self, rows: Sequence[Choice]):
+        if not self.has_adapters:
+            yield
+            return
+        with row_adapters(self.model, [s.request.adapter for s in rows]):
+            yield
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill each distinct prompt once into the rows after the running ones; copy
+        that row for the request's other choices with the same prompt."""
+        start = len(self.running)
+        unique: list[Choice] = []  # one per distinct prompt, in row order
+        copies: list[tuple[Choice, Choice]] = []  # (copy, its source)
+        for request in requests:
+            seen: dict[tuple[int, ...], Choice] = {}
+            for i in range(len(request.prompts)):
+                seq = Choice(request, i, self.tokenizer, self.vocab, self.device)
+                key = tuple(seq.prompt)
+                if key in seen:
+                    copies.append((seq, seen[key]))
+                else:
+                    seen[key] = seq
+                    unique.append(seq)
+            self.observer.tokens(prompt=sum(len(p) for p in {tuple(p) for p in request.prompts}))
+        view = self.cache.rows(start, len(unique))
+        with self._adapters(unique):
+            logits = prefill(self.model, view, [s.prompt for s in unique], self.device)  # (U, V)
+        self.cache.set_lengths(start, view.lengths)
+        self.running.extend(unique)
+        logit_row = {id(s): i for i, s in enumerate(unique)}  # each newcomer's row in `logits`
+        for seq, source in copies:
+            self.cache.copy_row(start + logit_row[id(source)], len(self.running))
+            logit_row[id(seq)] = logit_row[id(source)]
+            self.running.append(seq)
+        # Sample every newcomer's first token from its prompt's logits.
+        new_logits = logits[[logit_row[id(s)] for s in self.running[start:]]]  # (new rows, V)
+        self._sample(new_logits, first_row=start)
+
+    def _decode(self) -> None:
+        with self._adapters(self.running):
+            logits = decode_one_token(self.model, self.cache, [s.last for s in self.running], self.device)
+        self._sample(logits, first_row=0)
+
+    def _sample(self, logits: torch.Tensor, first_row: int) -> None:
+        """Pick a token for rows first_row.. (logits (B, V)), emit their text, finish rows."""
+        now = time.perf_counter()
+        finished: list[tuple[int, str]] = []
+        for i, row_logits in enumerate(logits):
+            row = first_row + i
+            seq = self.running[row]
+            token = seq.sampler(row_logits)
+            seq.generated.append(token)
+            seq.last = token
+            self._record_timing(seq, now)
+            sp = seq.params
+            reason = None
+            if (token in self.eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+                reason = "stop"
+            elif len(seq.generated) >= sp.max_tokens or self.cache.lengths[row] + 1 >= self.max_len:
+                reason = "length"
+            text, reason = seq.text.push(token, reason)
+            logprobs = None
+            if seq.request.logprobs is not None:
+                logprobs = [token_logprob(row_logits, token, seq.request.logprobs)]
+            seq.request.emit(
+                SequenceEvent(
+                    seq.index, text, [token], logprobs, reason, completion_tokens=len(seq.generated)
+                )
+            )
+            if reason is not None:
+                finished.append((row, reason))
+        self.observer.tokens(generated=len(logits))
+        for row, reason in sorted(finished, reverse=True):
+            self._finish(row, reason, emit=False)
+
+    def _record_timing(self, seq: Choice, now: float) -> None:
+        if seq.last_time is None:
+            self.observer.first_token(now - seq.request.arrived)
+        else:
+            self.observer.next_token(now - seq.last_time)
+        seq.last_time = now
+
+    def _finish(self, row: int, reason: str, *, emit: bool, error: str | None = None) -> None:
+        """Free `row`: the last running row moves into it, so rows stay contiguous."""
+        seq = self.running[row]
+        if emit:
+            seq.request.emit(SequenceEvent(seq.index, "", [], None, reason, len(seq.generated), error=error))
+        last = len(self.running) - 1
+        if row != last:
+            self.cache.copy_row(last, row)
+            self.running[row] = self.running[last]
+        self.running.pop()
+        self.cache.reset(last)
+        self.observer.finished(reason)
+
+    def _fail_all(self, message: str) -> None:
+        """End every running and waiting request with an error event."""
+        for row in reversed(range(len(self.running))):
+            self._finish(row, "error", emit=True, error=message)
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            for i in range(len(request.prompts)):
+                request.emit(SequenceEvent(i, "", [], None, "error", 0, error=message))
+        self.observer.queue(0, 0)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The model's log-probability of `token` from raw (V,) logits, before temperature,
+    penalties and filters (as OpenAI reports them), and the `top` most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = lp.topk(top)
+        alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), alternatives)

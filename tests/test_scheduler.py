@@ -1,0 +1,227 @@
+"""The continuous-batching scheduler, driven step by step without HTTP.
+
+What is checked, on a tiny random Llama: requests that join a running batch mid-flight,
+leave it early (finish, cancel) or fork n choices from one prefill get exactly the tokens
+they get when run alone through the engine (greedy and seeded sampling); rows with
+different LoRA adapters share a batch and each matches its adapter merged offline; a full
+queue refuses; a failing step ends every request with an error event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import weightsmith
+from weightsmith.lora import LoraConfig, apply_lora, lora_layers, save_adapter, set_adapter
+from weightsmith.sampling import SamplingParams
+from weightsmith.serve.scheduler import QueueFull, Request, Scheduler, SequenceEvent
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf_dir: Path):
+    return weightsmith.load(tiny_hf_dir)
+
+
+def make_scheduler(llm, **kw) -> Scheduler:
+    kw.setdefault("max_len", 256)
+    return Scheduler(llm.model, llm.tokenizer, llm.engine.eos_token_ids, **kw)
+
+
+class Collector:
+    """Records a request's events; `tokens[i]` and `finish[i]` per choice."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.events: list[SequenceEvent] = []
+
+    def __call__(self, ev: SequenceEvent) -> None:
+        self.events.append(ev)
+        self.tokens[ev.index] += ev.tokens
+        self.text[ev.index] += ev.text
+        if ev.finish_reason:
+            self.finish[ev.index] = ev.finish_reason
+
+
+def prompts(llm, count: int) -> list[list[int]]:
+    words = ["Once upon a time", "The quick brown fox", "Bonjour le monde", "Hola mundo", "0123 4567"]
+    return [llm.tokenizer.encode(f"{words[i % len(words)]} {i}") for i in range(count)]
+
+
+def alone(llm, prompt: list[int], params: SamplingParams) -> list[int]:
+    return llm.engine.generate([prompt], params)[0].token_ids
+
+
+def request(prompt, params, n=1, **kw) -> tuple[Request, Collector]:
+    got = Collector(n)
+    seeds = [params.seed + i if params.seed is not None else None for i in range(n)]
+    return Request([prompt] * n, [replace(params, seed=s) for s in seeds], emit=got, **kw), got
+
+
+def run_until_idle(s: Scheduler, limit: int = 1000) -> int:
+    steps = 0
+    while not s.idle:
+        s.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=11, ignore_eos=True)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_requests_joining_mid_flight_get_their_solo_tokens(llm, params: SamplingParams) -> None:
+    s = make_scheduler(llm, max_batch=4)
+    ps = prompts(llm, 6)
+    lengths = [12, 5, 9, 12, 3, 7]  # rows finish at different steps, so others move into their slots
+    reqs = [request(p, replace(params, max_tokens=m)) for p, m in zip(ps, lengths, strict=True)]
+    s.submit(reqs[0][0])
+    s.step()
+    s.step()
+    s.submit(reqs[1][0])
+    s.submit(reqs[2][0])
+    s.step()
+    batch_sizes = []
+    for r, _ in reqs[3:]:
+        s.submit(r)
+        s.step()
+        batch_sizes.append(len(s.running))
+    run_until_idle(s)
+    assert max(batch_sizes) == 4  # the batch was full while requests were waiting
+    for (r, got), p in zip(reqs, ps, strict=True):
+        assert got.finish == ["length"]
+        assert got.tokens[0] == alone(llm, p, r.params[0])
+
+
+def test_n_choices_share_one_prefill_and_match_separate_runs(llm) -> None:
+    s = make_scheduler(llm, max_batch=8)
+    p = prompts(llm, 1)[0]
+    r, got = request(p, SAMPLED, n=3)
+    s.submit(r)
+    s.step()
+    assert len(s.running) == 3
+    assert s.cache.lengths[:3] == [len(p) + 1] * 3  # prompt copied to every row, then one decode step
+    run_until_idle(s)
+    for i in range(3):
+        assert got.tokens[i] == alone(llm, p, replace(SAMPLED, seed=SAMPLED.seed + i))
+    assert len({tuple(t) for t in got.tokens}) == 3  # different seeds, different choices
+
+
+def test_cancelled_request_frees_its_row_and_others_are_unaffected(llm) -> None:
+    s = make_scheduler(llm, max_batch=3)
+    ps = prompts(llm, 3)
+    reqs = [request(p, replace(GREEDY, max_tokens=20)) for p in ps]
+    for r, _ in reqs:
+        s.submit(r)
+    s.step()
+    s.step()
+    assert len(s.running) == 3
+    reqs[0][0].cancel()  # row 0: the last row moves into its slot
+    s.step()
+    assert len(s.running) == 2
+    run_until_idle(s)
+    cancelled = reqs[0][1]
+    assert cancelled.finish == [None] and len(cancelled.tokens[0]) == 3  # prefill + 2 decode steps
+    for (r, got), p in zip(reqs[1:], ps[1:], strict=True):
+        assert got.tokens[0] == alone(llm, p, r.params[0])
+
+
+def test_cancel_while_waiting_never_runs(llm) -> None:
+    s = make_scheduler(llm, max_batch=1)
+    a, got_a = request(prompts(llm, 1)[0], replace(GREEDY, max_tokens=3))
+    b, got_b = request(prompts(llm, 2)[1], GREEDY)
+    s.submit(a)
+    s.submit(b)
+    s.step()
+    b.cancel()
+    run_until_idle(s)
+    assert got_a.finish == ["length"] and got_b.events == []
+
+
+def test_stop_token_and_stop_string_end_a_row(llm) -> None:
+    p = prompts(llm, 1)[0]
+    full = llm.engine.generate([p], replace(GREEDY, max_tokens=12))[0]
+    s = make_scheduler(llm)
+    stop_id = full.token_ids[4]
+    r, got = request(p, replace(GREEDY, stop_token_ids=[stop_id]))
+    s.submit(r)
+    run_until_idle(s)
+    assert got.finish == ["stop"] and got.tokens[0] == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    # A stop string: the text before it, the same as the engine's.
+    text = full.text
+    start = next(i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    stop = text[start : start + 2]
+    r, got = request(p, replace(GREEDY, stop=[stop]))
+    s.submit(r)
+    run_until_idle(s)
+    expected = llm.engine.generate([p], replace(GREEDY, stop=[stop]))[0]
+    assert got.finish == ["stop"] and got.text[0] == expected.text == text[: text.find(stop)]
+
+
+def test_queue_full_is_refused(llm) -> None:
+    s = make_scheduler(llm, max_batch=1, max_queue=2)
+    for _ in range(2):
+        s.submit(request(prompts(llm, 1)[0], GREEDY)[0])
+    with pytest.raises(QueueFull):
+        s.submit(request(prompts(llm, 1)[0], GREEDY)[0])
+
+
+def test_a_failing_step_ends_every_request_with_an_error(llm, monkeypatch) -> None:
+    s = make_scheduler(llm, max_batch=2)
+    reqs = [request(p, GREEDY) for p in prompts(llm, 3)]
+    for r, _ in reqs:
+        s.submit(r)
+    s.step()
+
+    def broken(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(s, "_decode", broken)
+    s.start()
+    try:
+        for _ in range(200):
+            if all(got.finish[0] for _, got in reqs):
+                break
+            torch.cuda.synchronize() if torch.cuda.is_available() else __import__("time").sleep(0.01)
+    finally:
+        s.stop()
+    for _, got in reqs:
+        assert got.finish == ["error"]
+        assert "device lost" in got.events[-1].error
+    assert s.running == [] and len(s.waiting) == 0
+
+
+def test_rows_with_different_adapters_match_each_adapter_merged(llm, tiny_hf_dir: Path, tmp_path) -> None:
+    served = weightsmith.load(tiny_hf_dir)
+    dirs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        cfg = LoraConfig(r=4, alpha=8)
+        apply_lora(served.model, cfg, name)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(served.model).values():
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        dirs[name] = save_adapter(served.model, tmp_path / name, cfg, name=name)
+    set_adapter(served.model, None)
+    s = make_scheduler(served, max_batch=4)
+    ps = prompts(llm, 4)
+    names = ["a", None, "b", "a"]
+    reqs = [request(p, GREEDY, adapter=n) for p, n in zip(ps, names, strict=True)]
+    for r, _ in reqs:
+        s.submit(r)
+    run_until_idle(s)
+    merged = {n: weightsmith.load(tiny_hf_dir, adapter=d) for n, d in dirs.items()}
+    merged[None] = llm
+    outputs = set()
+    for (_, got), p, n in zip(reqs, ps, names, strict=True):
+        assert got.tokens[0] == alone(merged[n], p, GREEDY), n
+        outputs.add((n, tuple(alone(merged[n], ps[0], GREEDY))))
+    assert len({o for _, o in outputs}) == 3  # the adapters do change the output
