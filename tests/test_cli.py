@@ -220,7 +220,9 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     where the base model's never do."""
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
     out_dir = tmp_path / "kb"
-    code, out, err = run_cli(["demo", "--stages", "finetune", "--steps", "16", "--out", str(out_dir)], capsys)
+    code, out, err = run_cli(
+        ["demo", "--stages", "finetune,serve", "--steps", "16", "--out", str(out_dir)], capsys
+    )
     assert code == 0, err
     assert "validation loss" in out and "house style" in out
     assert (out_dir / "adapter_model.safetensors").is_file()
@@ -228,3 +230,6 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     assert after < before - 0.5
     base, tuned = (int(out.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
     assert base == 0 and tuned >= 9
+    # The serve stage: the adapter, served and asked through the official OpenAI client.
+    assert "== serve:" in out and "asked with the openai client" in out
+    assert "served adapter answers in the house style: yes" in out

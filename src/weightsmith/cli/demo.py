@@ -2,8 +2,9 @@
 
 chat: a scripted conversation and its speed. finetune: LoRA on the bundled
 Kettlebird support data, validation loss before and after, and base vs tuned
-greedy answers to held-out questions with a format check. Later issues add
-evaluation, red-teaming and serving stages here.
+greedy answers to held-out questions with a format check. serve: the
+OpenAI-compatible server with the tuned adapter, asked by the official `openai`
+client. Later issues add evaluation and red-teaming stages here.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from weightsmith.cli.args import opt
 from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
-Stage = Literal["chat", "finetune"]
+Stage = Literal["chat", "finetune", "serve"]
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """Run the main job end to end on the default model: chat, then fine-tune and compare."""
+    """Run the main job end to end on the default model: chat, fine-tune and compare, serve."""
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    stages: list[Stage] = opt(["chat", "finetune"], "stages to run, in order")
+    stages: list[Stage] = opt(["chat", "finetune", "serve"], "stages to run, in order")
     max_tokens: int = opt(96, "most tokens per chat answer")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
@@ -41,7 +42,7 @@ DEMO_TURNS = [
 
 
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
-    stages = {"chat": demo_chat, "finetune": demo_finetune}
+    stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve}
     return {stage: stages[stage](cfg, out) for stage in cfg.stages}
 
 
@@ -126,3 +127,66 @@ def _answers(cfg: DemoConfig, adapter: str | None, questions: list[str]) -> list
     prompts = [llm.engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
     done = llm.engine.generate(prompts, llm.sampling_params(temperature=0, max_tokens=64))
     return [c.text.strip().replace("\n", " ") for c in done]
+
+
+def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """Serve the base model with the tuned adapter; ask both with the official OpenAI client."""
+    from pathlib import Path
+
+    from weightsmith.cli.args import config_from_dict
+    from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.errors import UsageError
+
+    try:
+        import openai
+    except ImportError:
+        raise UsageError(
+            "the serve stage asks the server with the official OpenAI client; pip install 'weightsmith[client]'"
+        ) from None
+    adapter = Path(cfg.out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(
+            f"the serve stage serves the adapter the finetune stage writes, and {adapter} has none; "
+            "run `weightsmith demo --stages finetune,serve`"
+        )
+    name = "kettlebird"
+    served = config_from_dict(
+        ServeConfig,
+        {"model": cfg.model, "adapter": [f"{name}={adapter}"], "port": 0, "device": cfg.device,
+         "dtype": cfg.dtype, "max_batch": 4, "max_model_len": 1024},
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    running = start_server(served)
+    out.write(f"\n== serve: {cfg.model} with adapter {name!r} at {running.url}/v1 ")
+    out.write(f"(ready in {time.perf_counter() - t0:.1f}s), asked with the openai client\n")
+    question = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()[0]
+    answers: dict[str, str] = {}
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        out.write(f"\nuser> {question}\n")
+        for model in (cfg.model, f"{cfg.model}:{name}"):
+            out.write(f"{model}> ")
+            stream = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=64,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            text = ""
+            for chunk in stream:
+                for choice in chunk.choices:
+                    piece = choice.delta.content or ""
+                    text += piece
+                    out.write(piece)
+                    out.flush()
+                if chunk.usage is not None:
+                    out.write(f"\n  ({chunk.usage.completion_tokens} tokens)\n")
+            answers[model] = text.strip()
+    finally:
+        running.stop()
+    tuned = answers[f"{cfg.model}:{name}"]
+    styled = bool(HOUSE_STYLE.match(tuned))
+    out.write(f"served adapter answers in the house style: {'yes' if styled else 'no'}; server stopped\n")
+    return {"url": running.url, "answers": answers, "tuned_in_house_style": styled}
