@@ -326,6 +326,22 @@ def test_a_client_that_disconnects_frees_its_row(server) -> None:
     assert metric(server, "weightsmith_generation_tokens_total") == generated  # nothing runs on
 
 
+def test_a_non_streaming_client_that_gives_up_is_cancelled_too(server) -> None:
+    cancelled = 'weightsmith_sequences_finished_total{reason="cancelled"}'
+    before = metric(server, cancelled)
+    body = {"model": "tiny", "messages": USER, "max_tokens": 200, "ignore_eos": True}
+    scheduler = server.state.scheduler
+    decode = scheduler._decode
+    scheduler._decode = lambda: (time.sleep(0.05), decode())  # 10 s or more for the whole answer
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+        wait_for(lambda: metric(server, cancelled) == before + 1, timeout=5)
+    finally:
+        del scheduler._decode
+    assert metric(server, "weightsmith_running_sequences") == 0
+
+
 def test_shutdown_lets_a_running_stream_finish(tiny_hf_dir) -> None:
     cfg = config_from_dict(ServeConfig, {"model": str(tiny_hf_dir), "served_name": "tiny", "port": 0})
     running = start_server(cfg)

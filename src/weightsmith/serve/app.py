@@ -295,19 +295,32 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
+async def _disconnected(http: Request) -> None:
+    """Return when the client closes the connection. (Starlette's `is_disconnected` only
+    sees a disconnect the server already read, and uvicorn stops reading a connection
+    once its request body is in, so we wait on `receive` as streaming responses do.)"""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streamed) answer was ready."""
+
+
 class Job:
     """A request in flight: its scheduler request and the queue its events arrive on."""
 
     def __init__(self, prompts: list[list[int]], params: list[SamplingParams], adapter, logprobs) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
-        self.request = GenRequest(
-            prompts,
-            params,
-            emit=lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev),
-            adapter=adapter,
-            logprobs=logprobs,
-        )
+
+        def emit(ev: SequenceEvent) -> None:  # called on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        self.request = GenRequest(prompts, params, emit=emit, adapter=adapter, logprobs=logprobs)
         self.prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
 
     def submit(self, scheduler: Scheduler, retry_after: int) -> None:
@@ -323,22 +336,24 @@ class Job:
             ) from None
 
     async def collect(self, http: Request) -> list[ChoiceResult]:
-        """Wait for every choice; cancel if the client goes away."""
+        """Wait for every choice; cancel if the client goes away meanwhile."""
         results = [ChoiceResult() for _ in self.request.prompts]
         remaining = len(results)
+        gone = asyncio.ensure_future(_disconnected(http))
         try:
             while remaining:
-                try:
-                    ev = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
+                event = asyncio.ensure_future(self.events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise ClientGone
+                ev = event.result()
                 if ev.error:
                     raise ApiError(500, ev.error, type="server_error", code="generation_failed")
                 results[ev.index].add(ev)
                 remaining -= ev.finish_reason is not None
         finally:
+            gone.cancel()
             if remaining:
                 self.request.cancel()
         return results
@@ -417,6 +432,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(e)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
