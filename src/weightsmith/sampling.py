@@ -18,6 +18,9 @@ import torch
 
 from weightsmith.errors import GenerationError
 
+#: Temperatures below this decode greedily.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -57,7 +60,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing by the temperature overflows fp32 for ordinary logits, and the
+        # limit of sampling as temperature -> 0 is the argmax anyway (vLLM draws the same line).
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -122,7 +127,8 @@ def probabilities(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
 ) -> torch.Tensor:
     """(V,) logits -> (V,) probabilities after temperature and the top-k/top-p/min-p filters."""
-    logits = logits / temperature
+    # A tiny repetition penalty can push a logit to +inf; cap it so softmax stays finite.
+    logits = (logits / temperature).clamp(max=torch.finfo(logits.dtype).max)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

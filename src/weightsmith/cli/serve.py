@@ -38,15 +38,15 @@ class ServeConfig:
     model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
     adapter: list[str] = opt(
         default_factory=list,
-        help="LoRA adapter to offer as MODEL:NAME, given as NAME=DIR or DIR (NAME = the folder's name); repeatable",
+        help="LoRA adapter to offer as MODEL:NAME, given as NAME=DIR or DIR (NAME = the folder's name)",
         split=False,
     )
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(8000, "port to listen on (0: any free port)")
     api_key: str | None = opt(
-        None, "require 'Authorization: Bearer KEY' (default: $WEIGHTSMITH_API_KEY if set)"
+        None, "require 'Authorization: Bearer KEY'; unset: $WEIGHTSMITH_API_KEY, if set"
     )
-    served_name: str | None = opt(None, "the model name clients send (default: MODEL as given)")
+    served_name: str | None = opt(None, "the model name clients send; unset: MODEL as given")
     max_batch: int = opt(16, "most sequences decoded together")
     max_queue: int = opt(64, "most requests waiting for a batch slot; more get 429")
     max_model_len: int = opt(
@@ -55,7 +55,7 @@ class ServeConfig:
     max_body: int = opt(4 << 20, "largest request body in bytes")
     cors_origin: list[str] = opt(
         default_factory=list,
-        help="allow browsers on this origin (repeatable; CORS is off by default)",
+        help="let web pages from this origin call the API (CORS is off by default)",
         split=False,
     )
     drain_timeout: float = opt(30.0, "on shutdown, seconds to let in-flight requests finish")

@@ -241,28 +241,30 @@ async def read_body(request: Request, limit: int) -> bytes:
 # ---- turning a valid request into generation ------------------------------------------------
 
 
-def token_budget(prompt_len: int, limit: int | None, n_ctx: int, param: str) -> int:
-    """How many tokens a choice may generate; 400 when the prompt and limit do not fit."""
+def token_budget(prompt_len: int, limit: int | None, n_ctx: int, prompt_param: str, limit_param: str) -> int:
+    """How many tokens a choice may generate; 400 naming the prompt or the limit when the
+    two do not fit in the context (with OpenAI-style counts for clients to adjust)."""
     extra = {"n_prompt_tokens": prompt_len, "n_ctx": n_ctx}
     if prompt_len == 0:
-        raise ApiError(400, "the prompt is empty", param="prompt" if param == "max_tokens" else "messages")
+        raise ApiError(400, "the prompt is empty", param=prompt_param)
+    if prompt_len >= n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens but the context is {n_ctx}, which leaves no room to "
+            "generate; shorten it",
+            code="context_length_exceeded",
+            param=prompt_param,
+            extra=extra,
+        )
     if limit is None:
-        if prompt_len >= n_ctx:
-            raise ApiError(
-                400,
-                f"the prompt has {prompt_len} tokens but the context is {n_ctx}; shorten it",
-                code="context_length_exceeded",
-                param="messages" if param != "max_tokens" else "prompt",
-                extra=extra,
-            )
         return n_ctx - prompt_len
     if prompt_len + limit > n_ctx:
         raise ApiError(
             400,
-            f"the prompt has {prompt_len} tokens and {param} is {limit}, more than the context of {n_ctx} "
-            f"tokens; lower {param} to at most {max(n_ctx - prompt_len, 0)} or shorten the prompt",
+            f"the prompt has {prompt_len} tokens and {limit_param} is {limit}, more than the context of "
+            f"{n_ctx} tokens; lower {limit_param} to at most {n_ctx - prompt_len} or shorten the prompt",
             code="context_length_exceeded",
-            param=param,
+            param=limit_param,
             extra=extra,
         )
     return limit
@@ -288,11 +290,12 @@ def sampling_params(llm: LLM, req: _Common, max_tokens: int) -> SamplingParams:
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """Per-choice settings: choice i of a seeded request uses seed + i, so choices differ
-    and the whole request is reproducible."""
+    """Per-choice settings: choice i of a seeded request uses seed + i (wrapping past 2**64,
+    the end of torch's seed range), so choices differ and the whole request is reproducible."""
     if params.seed is None:
         return [params] * n
-    return [replace(params, seed=params.seed + i) for i in range(n)]
+    seeds = [params.seed + i for i in range(n)]
+    return [replace(params, seed=s - 2**64 if s >= 2**64 else s) for s in seeds]
 
 
 async def _disconnected(http: Request) -> None:
@@ -491,7 +494,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         logprobs = req.logprobs_k()
         _check_n(req.n, scheduler.max_batch)
         ids = _chat_ids(loaded.llm, req)
-        budget = token_budget(len(ids), req.limit(), scheduler.max_len, _limit_name(req))
+        budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
         params = sampling_params(loaded.llm, req, budget)
         job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
         job.submit(scheduler, settings.retry_after)
@@ -510,8 +513,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
         ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
         all_ids, all_params = [], []
-        for p in ids:
-            budget = token_budget(len(p), req.max_tokens, scheduler.max_len, "max_tokens")
+        for i, p in enumerate(ids):
+            budget = token_budget(
+                len(p), req.max_tokens, scheduler.max_len, _prompt_param(i, len(ids)), "max_tokens"
+            )
             params = sampling_params(loaded.llm, req, budget)
             all_ids += [p] * req.n
             all_params += choice_params(params, req.n)
@@ -583,8 +588,12 @@ def _chat_ids(llm: LLM, req: ChatRequest) -> list[int]:
     return _render(llm, [_message_dict(m) for m in req.messages])
 
 
+def _prompt_param(index: int, count: int) -> str:
+    return "prompt" if count == 1 else f"prompt[{index}]"
+
+
 def _prompt_ids(llm: LLM, prompt: str | list[int], index: int, count: int) -> list[int]:
-    param = "prompt" if count == 1 else f"prompt[{index}]"
+    param = _prompt_param(index, count)
     if isinstance(prompt, str):
         ids = llm.tokenizer.encode(prompt)
     else:

@@ -246,9 +246,15 @@ class Scheduler:
         unique: list[Choice] = []  # one per distinct prompt, in row order
         copies: list[tuple[Choice, Choice]] = []  # (copy, its source)
         for request in requests:
+            try:
+                choices = [Choice(request, i, self.tokenizer, self.vocab, self.device)
+                           for i in range(len(request.prompts))]  # fmt: skip
+            except Exception as e:  # e.g. a seed torch refuses: this request fails, not the batch
+                log.exception("request %d could not start", request.id)
+                _fail_request(request, f"the request could not start: {type(e).__name__}: {e}")
+                continue
             seen: dict[tuple[int, ...], Choice] = {}
-            for i in range(len(request.prompts)):
-                seq = Choice(request, i, self.tokenizer, self.vocab, self.device)
+            for seq in choices:
                 key = tuple(seq.prompt)
                 if key in seen:
                     copies.append((seq, seen[key]))
@@ -256,6 +262,8 @@ class Scheduler:
                     seen[key] = seq
                     unique.append(seq)
             self.observer.tokens(prompt=sum(len(p) for p in {tuple(p) for p in request.prompts}))
+        if not unique:
+            return
         view = self.cache.rows(start, len(unique))
         with self._adapters(unique):
             logits = prefill(self.model, view, [s.prompt for s in unique], self.device)  # (U, V)
@@ -282,30 +290,41 @@ class Scheduler:
         for i, row_logits in enumerate(logits):
             row = first_row + i
             seq = self.running[row]
-            token = seq.sampler(row_logits)
-            seq.generated.append(token)
-            seq.last = token
-            self._record_timing(seq, now)
-            sp = seq.params
-            reason = None
-            if (token in self.eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-                reason = "stop"
-            elif len(seq.generated) >= sp.max_tokens or self.cache.lengths[row] + 1 >= self.max_len:
-                reason = "length"
-            text, reason = seq.text.push(token, reason)
-            logprobs = None
-            if seq.request.logprobs is not None:
-                logprobs = [token_logprob(row_logits, token, seq.request.logprobs)]
-            seq.request.emit(
-                SequenceEvent(
-                    seq.index, text, [token], logprobs, reason, completion_tokens=len(seq.generated)
-                )
-            )
+            try:
+                reason = self._next_token(seq, row, row_logits, now)
+            except Exception as e:  # one row's sampling failed: end that row only
+                log.exception("sampling failed for request %d", seq.request.id)
+                seq.request.emit(SequenceEvent(seq.index, "", [], None, "error", len(seq.generated),
+                                               error=f"sampling failed: {type(e).__name__}: {e}"))  # fmt: skip
+                seq.request.cancel()  # its other choices end too: the request has failed
+                reason = "error"
             if reason is not None:
                 finished.append((row, reason))
         self.observer.tokens(generated=len(logits))
         for row, reason in sorted(finished, reverse=True):
             self._finish(row, reason, emit=False)
+
+    def _next_token(self, seq: Choice, row: int, logits: torch.Tensor, now: float) -> str | None:
+        """Sample row `row`'s next token from its (V,) logits, emit it; return the finish reason."""
+        token = seq.sampler(logits)
+        seq.generated.append(token)
+        seq.last = token
+        self._record_timing(seq, now)
+        sp = seq.params
+        reason = None
+        if (token in self.eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+            reason = "stop"
+        elif len(seq.generated) >= sp.max_tokens or self.cache.lengths[row] + 1 >= self.max_len:
+            reason = "length"
+        text, reason = seq.text.push(token, reason)
+        logprobs = None
+        if seq.request.logprobs is not None:
+            logprobs = [token_logprob(logits, token, seq.request.logprobs)]
+        event = SequenceEvent(
+            seq.index, text, [token], logprobs, reason, completion_tokens=len(seq.generated)
+        )
+        seq.request.emit(event)
+        return reason
 
     def _record_timing(self, seq: Choice, now: float) -> None:
         if seq.last_time is None:
@@ -334,9 +353,13 @@ class Scheduler:
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
-            for i in range(len(request.prompts)):
-                request.emit(SequenceEvent(i, "", [], None, "error", 0, error=message))
+            _fail_request(request, message)
         self.observer.queue(0, 0)
+
+
+def _fail_request(request: Request, message: str) -> None:
+    for i in range(len(request.prompts)):
+        request.emit(SequenceEvent(i, "", [], None, "error", 0, error=message))
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
