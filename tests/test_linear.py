@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from weightsmith.models.linear import Linear, pack_linears, use_decode_layout
+from weightsmith.models.linear import MAX_SPLIT_ROWS, Linear, pack_linears, use_decode_layout
 
 
 def make_linear(i: int, o: int, bias: bool = False, seed: int = 0) -> Linear:
@@ -72,8 +72,9 @@ def test_packed_projections_equal_separate_and_step_aside():
     # A wrapper swapped in for one projection (as an adapter does) turns packing off.
     wrapped = nn.Sequential(k)
     assert not packed.applies(x, [q, wrapped, v])
-    # Prefill-sized inputs do not take the packed path.
-    assert not packed.applies(torch.randn(1, 16, 256), [q, k, v])
+    # Prefill-sized inputs (more rows than a decode batch) do not take the packed path.
+    assert packed.applies(torch.randn(1, MAX_SPLIT_ROWS, 256), [q, k, v])
+    assert not packed.applies(torch.randn(1, MAX_SPLIT_ROWS + 1, 256), [q, k, v])
 
 
 def test_biased_projections_are_not_packed():

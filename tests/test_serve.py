@@ -359,3 +359,27 @@ def test_shutdown_lets_a_running_stream_finish(tiny_hf_dir) -> None:
     assert finishes[-1] == "length"
     with pytest.raises(httpx.ConnectError):
         httpx.get(running.url + "/health")
+
+
+def test_the_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_hf_dir) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "weightsmith"
+    proc = subprocess.Popen(
+        [str(exe), "serve", str(tiny_hf_dir), "--port", "0", "--served-name", "tiny"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proc.stderr.readline()
+        url = re.search(r"listening on (http://\S+)", first).group(1)
+        wait_for(lambda: httpx.get(url + "/health").status_code == 200, timeout=60)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "Hola", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert proc.stderr.read().strip().endswith("weightsmith serve: stopped")
+    finally:
+        proc.kill()

@@ -132,7 +132,8 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
         return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
     if name == "serve":
         listening = lambda url, state: serve_cmd.print_listening(url, state, sys.stderr)  # noqa: E731
-        return serve_cmd.run_serve(cfg, on_listening=listening), None
+        stopped = lambda r: sys.stderr.write("weightsmith serve: stopped\n")  # noqa: E731
+        return serve_cmd.run_serve(cfg, on_listening=listening), stopped
     if name == "demo":
         return demo.run_demo(cfg, out=out), None
     raise AssertionError(name)

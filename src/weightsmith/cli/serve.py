@@ -180,7 +180,10 @@ def run_serve(cfg: ServeConfig, *, on_listening=None) -> dict[str, Any]:
     host, port = sock.getsockname()[:2]
     if on_listening is not None:
         on_listening(f"http://{host}:{port}", state)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
     if failure:
         raise ServeError(f"the model failed to load: {failure[0]}")
     return {"url": f"http://{host}:{port}", "models": state.model_names()}

@@ -1,0 +1,287 @@
+"""Aggregate serving throughput of `weightsmith serve` with 1, 4 and 16 concurrent clients.
+
+The server runs in its own process (`python -m weightsmith.cli.main serve MODEL`),
+so the load generator's Python never takes the GIL from the model thread. Each
+client streams chat completions over HTTP (temperature 0, `max_tokens` fixed and
+the `ignore_eos` extension, so every request generates exactly `--max-tokens`
+tokens), one request after another; every request has its own short prompt. A
+scenario sends `--requests` requests through C concurrent clients; its aggregate
+throughput is the completion tokens the server reports (`stream_options.include_usage`)
+over the scenario's wall time. One client (requests one at a time) is the baseline,
+and every scenario is printed as a ratio against it: continuous batching should
+give 16 clients well over 3x the aggregate tokens/s of one.
+
+Per request the client also records the time to first token (request sent -> first
+content chunk) and the inter-token latency (first -> last content chunk over the
+tokens in between); the table shows their medians over every request of every round.
+As a peer baseline, the offline engine (`weightsmith.load(MODEL).engine.generate`)
+generates the first `--offline-requests` prompts one at a time in this process
+while the server idles: the server's one-client figure over it is what HTTP and the
+scheduler cost.
+
+Each scenario is warmed up with one request, the scenarios alternate within each of
+`--rounds` rounds (1, 4, 16, offline, 1, 4, ...) so a noisy neighbour slows all
+alike, and medians are taken. Read the ratios: the machines are shared and noisy,
+so a lone absolute figure means little.
+
+    python benchmarks/serve.py [--clients 1,4,16] [--requests 16] [--max-tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+TOPICS = [
+    "rivers", "volcanoes", "bicycles", "libraries", "honey bees", "lighthouses", "glaciers", "chess",
+    "bread", "comets", "coral reefs", "windmills", "owls", "deserts", "trains", "tea",
+]  # fmt: skip
+ASKS = ["Write two sentences about {}.", "Give three facts about {}.", "Describe {} to a child."]
+
+
+def prompts(n: int) -> list[str]:
+    """`n` distinct short prompts."""
+    return [
+        ASKS[(i // len(TOPICS)) % len(ASKS)].format(TOPICS[i % len(TOPICS)]) + f" ({i})" for i in range(n)
+    ]
+
+
+@dataclass
+class Result:
+    """One request as the client saw it."""
+
+    tokens: int
+    ttft: float  # seconds from sending to the first content chunk
+    itl: float  # seconds per token between the first and the last content chunk
+
+
+# ---- the server, in its own process -----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, max_batch: int, log) -> tuple[subprocess.Popen, str]:
+    """Start `weightsmith serve` and wait until /health answers 200."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "weightsmith.cli.main", "serve", model,
+           "--port", str(port), "--max-batch", str(max_batch)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    log.seek(0)
+    raise SystemExit(f"the server did not become ready:\n{log.read().decode(errors='replace')}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user would; kill only if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- the clients --------------------------------------------------------------------------------
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    first = last = None
+    usage, finish = None, None
+    start = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"the stream failed: {chunk['error']}")
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+                finish = choice.get("finish_reason") or finish
+            usage = chunk.get("usage") or usage
+    if usage is None or first is None or last is None:
+        raise RuntimeError("the stream ended without content or usage")
+    n = usage["completion_tokens"]
+    if n != max_tokens or finish != "length":
+        raise RuntimeError(f"expected {max_tokens} tokens ending with 'length', got {n} and {finish!r}")
+    return Result(n, first - start, (last - first) / max(n - 1, 1))
+
+
+async def run_clients(url: str, model: str, batch: list[str], clients: int, max_tokens: int):
+    """Send `batch` through `clients` concurrent clients; return (wall seconds, results)."""
+    import httpx
+
+    todo = iter(batch)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            for prompt in todo:  # one shared iterator: each client takes the next prompt
+                results.append(await one_request(client, url, model, prompt, max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return wall, results
+
+
+def served_model(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+# ---- the offline peer ---------------------------------------------------------------------------
+
+
+def offline_runner(model: str, max_tokens: int):
+    """One-at-a-time generation with the in-process engine; returns fn(prompts) -> (wall, results)."""
+    import weightsmith
+
+    llm = weightsmith.load(model, auto_pull=False)
+    sp = llm.sampling_params(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    def run(batch: list[str]) -> tuple[float, list[Result]]:
+        ids = [llm.engine.chat_prompt([{"role": "user", "content": p}]) for p in batch]
+        results = []
+        start = time.perf_counter()
+        for p in ids:
+            c = llm.engine.generate([p], sp)[0]
+            assert c.completion_tokens == max_tokens, c.completion_tokens
+            results.append(
+                Result(c.completion_tokens, c.prefill_seconds, c.decode_seconds / max(max_tokens - 1, 1))
+            )
+        return time.perf_counter() - start, results
+
+    return run
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
+    ap.add_argument("--requests", type=int, default=16, help="requests per scenario")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", default="1,4,16", help="concurrent clients per scenario (1 is always run)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    ap.add_argument(
+        "--offline-requests", type=int, default=4, help="prompts the offline engine runs per round (0: skip)"
+    )
+    args = ap.parse_args()
+    levels = sorted({1, *(int(c) for c in args.clients.split(","))})
+    batch = prompts(args.requests)
+
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}, server --max-batch {args.max_batch}, {args.requests} requests per scenario, "
+        f"{args.max_tokens} tokens each (temperature 0, ignore_eos), streaming chat, {args.rounds} rounds",
+        flush=True,
+    )
+    if max(levels) > args.requests:
+        print(f"note: only {args.requests} requests, so at most {args.requests} clients are ever busy")
+
+    log = tempfile.TemporaryFile()
+    proc, url = start_server(args.model, args.max_batch, log)
+    samples: dict[str, dict[str, list[float]]] = {}
+    try:
+        model = served_model(url)
+        # Warm the server up at the largest concurrency before anything is timed.
+        asyncio.run(run_clients(url, model, prompts(max(levels)), max(levels), args.max_tokens))
+        offline = offline_runner(args.model, args.max_tokens) if args.offline_requests > 0 else None
+        names = [f"{c}" for c in levels] + (["offline"] if offline else [])
+        samples = {name: {"tok_s": [], "ttft": [], "itl": []} for name in names}
+        for r in range(args.rounds):
+            for name in names:
+                if name == "offline":
+                    offline(batch[:1])  # warm-up
+                    wall, results = offline(batch[: args.offline_requests])
+                else:
+                    clients = int(name)
+                    asyncio.run(run_clients(url, model, ["Say hello."], 1, args.max_tokens))  # warm-up
+                    wall, results = asyncio.run(run_clients(url, model, batch, clients, args.max_tokens))
+                s = samples[name]
+                s["tok_s"].append(sum(x.tokens for x in results) / wall)
+                s["ttft"] += [x.ttft for x in results]
+                s["itl"] += [x.itl for x in results]
+                label = "offline engine" if name == "offline" else f"{name} clients"
+                print(
+                    f"round {r + 1} {label:>15}: {s['tok_s'][-1]:7.1f} tok/s over {wall:6.1f}s, "
+                    f"TTFT {statistics.median(x.ttft for x in results) * 1e3:6.0f} ms, "
+                    f"ITL {statistics.median(x.itl for x in results) * 1e3:6.1f} ms",
+                    flush=True,
+                )
+    finally:
+        stop_server(proc)
+        log.close()
+
+    med = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+    base = med["1"]["tok_s"]
+    print(f"\nmedians over {args.rounds} rounds (TTFT and ITL: over every request)")
+    print(f"{'':34}{'tok/s':>9}{'vs 1 client':>13}{'TTFT ms':>10}{'ITL ms':>9}")
+    for name, m in med.items():
+        label = (
+            f"offline engine, one at a time ({args.offline_requests})"
+            if name == "offline"
+            else f"server, {name} client{'s' if name != '1' else ''}"
+        )
+        print(
+            f"{label:34}{m['tok_s']:9.1f}{m['tok_s'] / base:12.2f}x{m['ttft'] * 1e3:10.0f}{m['itl'] * 1e3:9.1f}"
+        )
+    for c in levels[1:]:
+        print(f"ratio {c} clients / 1 client: {med[str(c)]['tok_s'] / base:.2f}x aggregate tokens/s")
+    if "offline" in med:
+        print(f"ratio server 1 client / offline engine: {base / med['offline']['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
