@@ -648,6 +648,32 @@ def test_while_loading_health_and_api_answer_503(tiny_llm):
         release.set()
 
 
+@pytest.mark.parametrize("origins", [[], ["https://ok.example"]], ids=["default-off", "configured"])
+def test_cors_is_off_unless_origins_are_given(origins):
+    from starlette.testclient import TestClient
+
+    from weightsmith.serve.app import ServeSettings, create_app
+
+    never = threading.Event()
+    app = create_app(
+        ServeSettings(served_name="tiny", api_key="k", cors_origins=origins), lambda: never.wait()
+    )
+    preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    with TestClient(app) as c:
+        r = c.options(CHAT, headers=preflight)
+        allowed = r.headers.get("access-control-allow-origin")
+        health = c.get("/health", headers={"Origin": "https://ok.example"})
+        evil = c.options(CHAT, headers=preflight | {"Origin": "https://evil.example"})
+    if origins:
+        assert r.status_code == 200 and allowed == "https://ok.example"
+        assert health.headers.get("access-control-allow-origin") == "https://ok.example"
+    else:
+        assert allowed is None and "access-control-allow-origin" not in health.headers
+    assert "access-control-allow-origin" not in evil.headers
+    never.set()
+
+
 def test_a_failed_load_shows_on_health(tiny_hf_dir):
     from starlette.testclient import TestClient
 

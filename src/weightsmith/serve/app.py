@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,7 @@ class ServerState:
         self.loaded: Loaded | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self.created = 0  # when the model became ready, for /v1/models
         self.ready = threading.Event()
         self.on_load_error: Callable[[str], None] = lambda message: None
 
@@ -127,6 +129,7 @@ class ServerState:
             self.on_load_error(self.load_error)
             return
         self.loaded, self.scheduler = loaded, scheduler
+        self.created = int(time.time())
         self.ready.set()
         log.info("model %s ready", self.settings.served_name)
 
@@ -479,7 +482,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.require()
         base = settings.served_name
         data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "weightsmith", "root": base,
+            {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
              "parent": None if name == base else base, "max_model_len": state.scheduler.max_len}
             for name in state.model_names()
         ]  # fmt: skip
