@@ -58,15 +58,19 @@ def n_ctx(tiny_hf_dir: Path) -> int:
     return json.loads((tiny_hf_dir / "config.json").read_text())["max_position_embeddings"]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_hf_dir: Path, adapter_dir: Path):
+def serving(tiny_hf_dir: Path, **options):
+    """A live server for the tiny model, named "tiny", on a free port."""
     cfg = config_from_dict(
-        ServeConfig,
-        {"model": str(tiny_hf_dir), "port": 0, "served_name": "tiny", "adapter": [f"a={adapter_dir}"]},
+        ServeConfig, {"model": str(tiny_hf_dir), "port": 0, "served_name": "tiny", **options}
     )
     srv = start_server(cfg, timeout=120)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_dir: Path, adapter_dir: Path):
+    yield from serving(tiny_hf_dir, adapter=[f"a={adapter_dir}"])
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +82,7 @@ def client(server) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def guarded(tiny_hf_dir: Path):
     """A server with an API key, one batch row, one queue slot and a small body limit."""
-    cfg = config_from_dict(
-        ServeConfig,
-        {
-            "model": str(tiny_hf_dir),
-            "port": 0,
-            "served_name": "tiny",
-            "api_key": KEY,
-            "max_batch": 1,
-            "max_queue": 1,
-            "max_body": SMALL_BODY,
-        },
-    )
-    srv = start_server(cfg, timeout=120)
-    yield srv
-    srv.stop()
+    yield from serving(tiny_hf_dir, api_key=KEY, max_batch=1, max_queue=1, max_body=SMALL_BODY)
 
 
 @pytest.fixture(scope="module")

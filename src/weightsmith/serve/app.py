@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -51,6 +51,7 @@ from weightsmith.serve.schemas import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Routes that answer without an API key.
 PUBLIC_PATHS = frozenset({"/", "/health"})
@@ -490,8 +491,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
-        loaded, scheduler = state.require()
-        req: ChatRequest = parse(ChatRequest, await read_body(http, settings.max_body_bytes))
+        loaded, scheduler, req = await _accept(state, http, ChatRequest)
         req.check_stream_options()
         adapter = state.resolve_model(req.model)
         logprobs = req.logprobs_k()
@@ -507,8 +507,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(http: Request):
-        loaded, scheduler = state.require()
-        req: CompletionRequest = parse(CompletionRequest, await read_body(http, settings.max_body_bytes))
+        loaded, scheduler, req = await _accept(state, http, CompletionRequest)
         req.check_stream_options()
         req.check_unsupported()
         adapter = state.resolve_model(req.model)
@@ -533,10 +532,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/tokenize")
     async def tokenize(http: Request) -> JSONResponse:
-        loaded, scheduler = state.require()
-        req: TokenizeRequest = parse(TokenizeRequest, await read_body(http, settings.max_body_bytes))
-        if req.model is not None:
-            state.resolve_model(req.model)
+        loaded, scheduler, req = await _accept(state, http, TokenizeRequest)
         tok = loaded.llm.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
@@ -549,10 +545,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/detokenize")
     async def detokenize(http: Request) -> JSONResponse:
-        loaded, _ = state.require()
-        req: DetokenizeRequest = parse(DetokenizeRequest, await read_body(http, settings.max_body_bytes))
-        if req.model is not None:
-            state.resolve_model(req.model)
+        loaded, _, req = await _accept(state, http, DetokenizeRequest)
         vocab = loaded.llm.model.config.vocab_size
         for i, t in enumerate(req.tokens):
             if not 0 <= t < vocab:
@@ -560,6 +553,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     400, f"token id {t} is outside the vocabulary [0, {vocab})", param=f"tokens[{i}]"
                 )
         return JSONResponse({"prompt": loaded.llm.tokenizer.decode(req.tokens)})
+
+
+async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[Loaded, Scheduler, T]:
+    """The loaded model (503 while loading) and the validated body; for tokenize and
+    detokenize, whose `model` is optional, a model they do name must exist."""
+    loaded, scheduler = state.require()
+    req = parse(schema, await read_body(http, state.settings.max_body_bytes))
+    if isinstance(req, (TokenizeRequest, DetokenizeRequest)) and req.model is not None:
+        state.resolve_model(req.model)
+    return loaded, scheduler, req
 
 
 def _limit_name(req: ChatRequest) -> str:
