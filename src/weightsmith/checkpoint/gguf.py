@@ -154,7 +154,7 @@ def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
 
 
 #: Meta's llama3 rope parameters besides `factor`, the same in every published Llama 3.1-3.3.
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) -> dict | None:
@@ -173,7 +173,7 @@ def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) 
     dim = dim or default_head_dim
     theta = float(meta(reader, f"{arch}.rope.freq_base", 10000.0))
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = {"rope_type": "llama3", "factor": float(stored.max()), **_LLAMA3_ROPE}
+    scaling = {"rope_type": "llama3", "factor": float(stored.max()), **LLAMA3_ROPE}
     if stored.shape == inv_freq.shape:
         rebuilt = inv_freq / llama3_scaled(inv_freq, scaling)
         if torch.allclose(rebuilt, stored, rtol=1e-4, atol=1e-6):
@@ -282,12 +282,12 @@ def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
 # ---------------------------------------------------------------------------------------------
 # Tensors
 
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -315,8 +315,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     placeholder, to be filled in per expert when the 3-D tensor is split.
     """
     stem, _, suffix = gguf_name.rpartition(".")
-    if stem in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
-        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    if stem in GLOBAL_TENSORS and suffix in ("weight", "bias"):
+        return f"{GLOBAL_TENSORS[stem]}.{suffix}"
     match = _BLOCK_NAME.fullmatch(gguf_name)
     if match is None:
         return None
@@ -327,8 +327,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if expert is None and kind.endswith("_exps") and kind[: -len("_exps")] in _EXPERT_TENSORS:
         w = _EXPERT_TENSORS[kind[: -len("_exps")]]
         return f"{prefix}.block_sparse_moe.experts.{{expert}}.{w}.{suffix}"
-    if expert is None and kind in _BLOCK_TENSORS:
-        return f"{prefix}.{_BLOCK_TENSORS[kind]}.{suffix}"
+    if expert is None and kind in BLOCK_TENSORS:
+        return f"{prefix}.{BLOCK_TENSORS[kind]}.{suffix}"
     return None
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from weightsmith import __version__
 from weightsmith.cli import demo, store
+from weightsmith.cli import export as export_cmd
 from weightsmith.cli import run as run_cmds
 from weightsmith.cli import serve as serve_cmd
 from weightsmith.cli import train as train_cmds
@@ -71,6 +72,13 @@ COMMANDS: dict[str, Command] = {
         train_cmds.MergeConfig,
         "fold a LoRA adapter into its base model and save an HF directory",
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
+    ),
+    "export": Command(
+        export_cmd.ExportConfig,
+        "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q4_0)",
+        "weightsmith export smollm2-135m-instruct --quant q8_0 --out exports/smollm2-q8_0.gguf\n"
+        "  weightsmith export models/support-merged --quant f16 --out support.gguf --overwrite\n"
+        "  ollama create support -f Modelfile                    # then, in the --out directory",
     ),
     "serve": Command(
         serve_cmd.ServeConfig,
@@ -130,6 +138,8 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
         return train_cmds.run_finetune_cli(cfg), lambda r: train_cmds.print_finetune(r, console)
     if name == "merge":
         return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
+    if name == "export":
+        return export_cmd.run_export(cfg), lambda r: export_cmd.print_export(r, console)
     if name == "serve":
         listening = lambda url, state: serve_cmd.print_listening(url, state, sys.stderr)  # noqa: E731
         stopped = lambda r: sys.stderr.write("weightsmith serve: stopped\n")  # noqa: E731

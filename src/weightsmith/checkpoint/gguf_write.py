@@ -1,0 +1,514 @@
+"""Write a loaded model as a GGUF file llama.cpp (and Ollama) can load, plus an Ollama Modelfile.
+
+What it does:
+- `export_gguf` writes one .gguf file: llama.cpp's hyperparameter keys, a byte-level BPE
+  vocabulary ("gpt2" tokenizer model: tokens, token types, merges, special token ids, BOS/EOS
+  flags, pre-tokenizer name, chat template) and every weight under llama.cpp's tensor names, with
+  Q/K rows permuted for llama's rope (`permute_qk`, the inverse of `gguf.unpermute_qk`).
+- Matrices are stored as F32, F16, Q8_0 or Q4_0 (gguf-py's reference quantizers); norms and biases
+  always as F32, and a matrix whose rows are not a multiple of the 32-weight block as F16.
+- The file appears atomically (temp file in the same directory, fsync, rename); on any error no
+  file is left behind. An Ollama `Modelfile` is written beside it (see `write_modelfile`).
+
+Architectures: llama, mistral (written as llama, as llama.cpp's converter does) and qwen2. A
+sliding attention window is not written (llama.cpp's llama graph has none): the context length is
+capped at the window instead, so the file computes exactly what the model does within it.
+
+What it does not do: SentencePiece vocabularies, mixtral/MoE, yarn or dynamic rope scaling,
+k-quants or importance matrices (use llama.cpp's `llama-quantize` on an F16 export for those),
+and streaming: the converted tensors are held in memory until the file is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from weightsmith.checkpoint.gguf import BLOCK_TENSORS, GLOBAL_TENSORS, LLAMA3_ROPE
+from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+from weightsmith.errors import CheckpointError, UsageError, WeightsmithError
+from weightsmith.files import fsync_dir, fsync_file, write_text_atomic
+
+if TYPE_CHECKING:
+    from weightsmith.checkpoint.load import Checkpoint
+    from weightsmith.models import ModelConfig
+    from weightsmith.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+#: --quant value -> (GGML type for matrices, llama.cpp's general.file_type).
+QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
+    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+#: Our model_type -> llama.cpp architecture. Mistral has no architecture of its own in llama.cpp.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+_BLOCK_SIZE = 32  # weights per Q8_0 / Q4_0 block, along a row (ggml's ne0)
+
+# Reverse of gguf.py's name map: HF module name (inside a layer, or global) -> GGUF name.
+_HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
+_HF_BLOCK = {hf: name for name, hf in BLOCK_TENSORS.items()}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+# Byte-level pre-tokenizer split sequences -> the `tokenizer.ggml.pre` name written for them. Several
+# llama.cpp names share one split (smollm/starcoder, llama3 aliases); these are the canonical ones.
+_PRE_NAMES = {PRE_TOKENIZER_SPLITS[name]: name for name in ("gpt-2", "llama-bpe", "qwen2", "smollm")}
+_GPT2_SPLIT = PRE_TOKENIZER_SPLITS["gpt-2"][0]
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row order for a llama-family q_proj/k_proj weight or bias.
+
+    HF's rope pairs dimension i with i + head_dim/2 of each head; ggml's llama rope pairs 2i with
+    2i+1. Reordering each head's rows halves-to-pairs makes ggml compute what HF computes. This is
+    the inverse of `gguf.unpermute_qk`; `n_head` is num_key_value_heads for k_proj.
+    """
+    rest = w.shape[1:]
+    half = w.shape[0] // n_head // 2
+    # (n_head, 2, head_dim/2, ...) -> (n_head, head_dim/2, 2, ...) -> (n_head * head_dim, ...)
+    return w.reshape(n_head, 2, half, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """llama.cpp's tensor name for an HF parameter name (inverse of `gguf.hf_tensor_name`)."""
+    module, _, suffix = hf_name.rpartition(".")
+    if module in _HF_GLOBAL and suffix in ("weight", "bias"):
+        return f"{_HF_GLOBAL[module]}.{suffix}"
+    match = _HF_LAYER.fullmatch(hf_name)
+    if match is None or match.group(2) not in _HF_BLOCK:
+        return None
+    layer, module, suffix = match.groups()
+    return f"blk.{layer}.{_HF_BLOCK[module]}.{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+def _context_length(cfg: ModelConfig) -> int:
+    if "sliding_attention" not in cfg.layer_types or not cfg.sliding_window:
+        return cfg.max_position_embeddings
+    if cfg.sliding_window >= cfg.max_position_embeddings:
+        return cfg.max_position_embeddings
+    # llama.cpp's llama/qwen2 graphs attend to the whole context; within the window that equals
+    # sliding-window attention, so a context capped at the window keeps the model exact.
+    logger.warning(
+        "GGUF export: sliding window %d is not expressible for llama.cpp's %s graph; writing "
+        "context_length %d (the window) instead of %d",
+        cfg.sliding_window,
+        cfg.model_type,
+        cfg.sliding_window,
+        cfg.max_position_embeddings,
+    )
+    return cfg.sliding_window
+
+
+def _check_supported(cfg: ModelConfig, source: str) -> str:
+    """llama.cpp's architecture for the model, or a CheckpointError saying why it cannot be exported."""
+    arch = ARCHITECTURES.get(cfg.model_type)
+    if arch is None:
+        raise CheckpointError(
+            f"{source}: GGUF export of {cfg.model_type} models is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    if cfg.hidden_act != "silu":
+        raise CheckpointError(
+            f"{source}: hidden_act {cfg.hidden_act!r} cannot be exported; llama.cpp's {arch} uses silu"
+        )
+    if cfg.rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(
+            f"{source}: {cfg.rope_type} rope scaling cannot be exported to GGUF yet "
+            "(supported: none, linear, llama3)"
+        )
+    if cfg.rope_type == "llama3" and arch != "llama":
+        raise CheckpointError(f"{source}: llama3 rope scaling is only exported for llama models")
+    return arch
+
+
+def _llama3_rope_factors(cfg: ModelConfig, source: str) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor (inv_freq / scaled inv_freq) for Llama 3.1 rope scaling.
+
+    Only Meta's published band edges are written: the reader recovers the scaling from the
+    factors by assuming them, so any other values would not survive a round trip.
+    """
+    from weightsmith.models.rope import llama3_scaled
+
+    scaling = dict(cfg.rope_scaling or {})
+    for key, value in LLAMA3_ROPE.items():
+        if float(scaling.get(key, value)) != float(value):
+            raise CheckpointError(
+                f"{source}: llama3 rope scaling with {key}={scaling.get(key)} cannot be exported "
+                f"(only Meta's {key}={value} is supported)"
+            )
+    scaling = {**LLAMA3_ROPE, **scaling}
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (inv_freq / llama3_scaled(inv_freq, scaling)).numpy().astype(np.float32)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: int) -> None:
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(_context_length(cfg))
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        # llama.cpp assumes hidden/heads unless told otherwise.
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    if cfg.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclass
+class _Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+
+
+def _split_patterns(pre: dict[str, Any] | None) -> tuple[tuple[str, ...] | None, bool]:
+    """(regex splits the pre-tokenizer applies in order, whether it is byte-level).
+
+    Splits are None when a step is not one llama.cpp can express by a known name.
+    """
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    patterns: list[str] = []
+    byte_level = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            byte_level = True
+            if step.get("use_regex", True):  # ByteLevel's own regex is GPT-2's split
+                patterns.append(_GPT2_SPLIT)
+        elif kind == "Digits" and step.get("individual_digits"):
+            patterns.append(r"\p{N}")
+        elif kind == "Split" and "Regex" in step.get("pattern", {}) and step.get("behavior") == "Isolated":
+            if step.get("invert"):
+                return None, byte_level
+            patterns.append(step["pattern"]["Regex"])
+        else:
+            return None, byte_level
+    return tuple(patterns), byte_level
+
+
+def _vocab(tokenizer: Tokenizer, vocab_size: int, source: str) -> _Vocab:
+    """The tokenizer as llama.cpp's "gpt2" vocabulary, padded to the embedding's row count."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    splits, byte_level = _split_patterns(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not byte_level or model.get("byte_fallback"):
+        raise CheckpointError(
+            f"{source}: only byte-level BPE tokenizers can be exported to GGUF yet "
+            f"(this one is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+            f"{'' if byte_level else ', not byte-level'})"
+        )
+    pre = _PRE_NAMES.get(splits) if splits is not None else None
+    if pre is None:
+        logger.warning(
+            "GGUF export: the tokenizer's pre-tokenizer matches no name llama.cpp knows; writing "
+            "tokenizer.ggml.pre 'default', so llama.cpp may split some text differently"
+        )
+        pre = "default"
+    normalizer = spec.get("normalizer")
+    if normalizer and normalizer.get("type") != "NFC":
+        logger.warning("GGUF export: the tokenizer's %s normalizer is not written", normalizer.get("type"))
+    ids: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    types = dict.fromkeys(ids, int(gguf.TokenType.NORMAL))
+    for added in spec.get("added_tokens") or []:
+        ids[int(added["id"])] = added["content"]
+        # Special tokens are control tokens (matched whole, dropped when decoding with specials
+        # skipped); other added tokens are user-defined (matched whole, kept as text).
+        types[int(added["id"])] = int(
+            gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        )
+    if max(ids) >= vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has token id {max(ids)} but the model's vocab_size is {vocab_size}; "
+            "the tokenizer and model do not match"
+        )
+    tokens, token_types = [], []
+    for i in range(vocab_size):
+        # llama.cpp needs one token per embedding row; unused rows get placeholder tokens, as its
+        # converter writes them.
+        tokens.append(ids.get(i, f"[PAD{i}]"))
+        token_types.append(types.get(i, int(gguf.TokenType.UNUSED)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return _Vocab(tokens, token_types, merges, pre)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, cfg: ModelConfig, source: str) -> str:
+    vocab = _vocab(tokenizer, cfg.vocab_size, source)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    config_eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.pad_token_id
+    unk = tokenizer.token_to_id(tokenizer.unk_token) if tokenizer.unk_token else None
+    for value, add in ((bos, writer.add_bos_token_id), (eos, writer.add_eos_token_id)):
+        if value is not None:
+            add(int(value))
+    for value, add in ((pad, writer.add_pad_token_id), (unk, writer.add_unk_token_id)):
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(bool(tokenizer.add_bos_token))
+    writer.add_add_eos_token(bool(tokenizer.add_eos_token))
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        writer.add_chat_template([{"name": k, "template": v} for k, v in template.items()])
+    elif template:
+        writer.add_chat_template(template)
+    return vocab.pre
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _check_layout(model: torch.nn.Module, cfg: ModelConfig, source: str) -> None:
+    """Refuse a model whose parameters are not in plain HF layout (e.g. CPU decode layout)."""
+    from weightsmith.models import CausalLM
+
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in CausalLM(cfg).named_parameters()}
+    for name, p in model.named_parameters():
+        if expected.get(name) != tuple(p.shape):
+            raise UsageError(
+                f"{source}: parameter {name} is not in HF layout; load the model with "
+                "load_checkpoint(..., decode_layout=False) before exporting"
+            )
+
+
+def _stored(name: str, w: np.ndarray, qtype: QT, fallbacks: list[str]) -> tuple[np.ndarray, QT]:
+    """The array to write for one tensor and its GGML type."""
+    if w.ndim < 2 or qtype == QT.F32:
+        return np.ascontiguousarray(w, dtype=np.float32), QT.F32
+    if qtype in (QT.Q8_0, QT.Q4_0) and w.shape[-1] % _BLOCK_SIZE:
+        fallbacks.append(name)
+        qtype = QT.F16
+    if qtype == QT.F16:
+        return np.ascontiguousarray(w, dtype=np.float16), QT.F16
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
+
+
+def _add_tensors(
+    writer: gguf.GGUFWriter, model: torch.nn.Module, cfg: ModelConfig, arch: str, qtype: QT, source: str
+) -> tuple[Counter[str], list[str]]:
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    counts: Counter[str] = Counter()
+    fallbacks: list[str] = []
+    for hf_name, p in model.named_parameters():
+        if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output is absent
+        name = gguf_tensor_name(hf_name)
+        if name is None:
+            raise CheckpointError(f"{source}: parameter {hf_name} has no llama.cpp tensor name")
+        w = p.detach().to(device="cpu", dtype=torch.float32).numpy()
+        proj = hf_name.rsplit(".", 2)[-2]
+        # ggml's llama rope needs the pair-interleaved row order; qwen2 uses NEOX rope (HF order).
+        if arch == "llama" and proj in heads:
+            w = permute_qk(w, heads[proj])
+        data, stored_type = _stored(name, w, qtype, fallbacks)
+        if stored_type in (QT.F32, QT.F16):
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_dtype=stored_type)
+        counts[stored_type.name] += 1
+    if cfg.rope_type == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, source))
+        counts["F32"] += 1
+    if fallbacks:
+        logger.warning(
+            "GGUF export: %d tensors have rows that are not a multiple of %d and were stored as F16: %s",
+            len(fallbacks),
+            _BLOCK_SIZE,
+            ", ".join(fallbacks[:5]) + (" ..." if len(fallbacks) > 5 else ""),
+        )
+    return counts, fallbacks
+
+
+# ---------------------------------------------------------------------------------------------
+# Ollama Modelfile
+
+# Ollama passes the whole conversation (its SYSTEM prompt included, as a system message) in
+# .Messages, so one loop renders ChatML; the trailing header asks for the assistant's turn.
+_CHATML_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n"
+)
+# A default system prompt written literally in a ChatML Jinja template (SmolLM2 has one).
+_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^{}<>'\"\\\n]+)<\|im_end\|>")
+# generation_config key -> Ollama PARAMETER name.
+_OLLAMA_PARAMETERS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repeat_penalty",
+}
+
+
+def modelfile_text(gguf_name: str, tokenizer: Tokenizer, generation_config: dict[str, Any]) -> str:
+    """An Ollama Modelfile for `gguf_name` (a file in the same directory)."""
+    lines = ["# Ollama Modelfile written by weightsmith export; use: ollama create NAME -f THIS_FILE"]
+    lines.append(f"FROM ./{gguf_name}")
+    for key, parameter in _OLLAMA_PARAMETERS.items():
+        value = generation_config.get(key)
+        if value is not None and not isinstance(value, bool):
+            lines.append(f"PARAMETER {parameter} {value:g}")
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else (template or {}).get("default", "")
+    stops = [tokenizer.id_to_token(i) for i in sorted(tokenizer.eos_token_ids)]
+    chatml = "<|im_start|>" in text and "<|im_end|>" in text
+    if chatml:
+        stops.append("<|im_end|>")
+    for stop in dict.fromkeys(s for s in stops if s):
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    if chatml:
+        system = _DEFAULT_SYSTEM.search(text)
+        if system:
+            lines.append(f'SYSTEM """{system.group(1)}"""')
+        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
+    else:
+        lines.append("# No TEMPLATE: Ollama uses the chat template stored in the GGUF metadata.")
+    return "\n".join(lines) + "\n"
+
+
+def modelfile_path(out: Path) -> Path:
+    """`Modelfile` beside `out`, unless one exists for another file: then `<stem>.Modelfile`.
+
+    A Modelfile whose FROM line names `out` is ours to replace; one for another model stays.
+    """
+    default = out.parent / "Modelfile"
+    if not default.exists():
+        return default
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if f"FROM ./{out.name}" in default.read_text(encoding="utf-8").splitlines():
+            return default
+    return out.parent / f"{out.stem}.Modelfile"
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _load(path: str | Path, allow_pickle: bool) -> Checkpoint:
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    return load_checkpoint(
+        path, device="cpu", dtype=torch.float32, allow_pickle=allow_pickle, decode_layout=False
+    )
+
+
+def check_export_args(out: str | Path, quant: str, *, overwrite: bool = False) -> Path:
+    """Refuse a bad quant or output path before any model is loaded; returns `out` as a Path."""
+    out = Path(out)
+    if quant not in QUANTS:
+        raise UsageError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
+    if out.suffix.lower() != ".gguf":
+        raise UsageError(f"{out}: the output file name must end in .gguf; pass --out NAME.gguf")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory; pass --out NAME.gguf")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
+    return out
+
+
+def export_gguf(
+    checkpoint_or_path: Checkpoint | str | Path,
+    out: str | Path,
+    quant: str = "f16",
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Write the model as a GGUF file at `out` and an Ollama Modelfile beside it.
+
+    checkpoint_or_path: a Checkpoint loaded with decode_layout=False, or an HF directory / .gguf
+    file (loaded on CPU in fp32). Returns a summary: path, bytes, tensor counts by type, ...
+    """
+    out = check_export_args(out, quant, overwrite=overwrite)
+    if isinstance(checkpoint_or_path, (str, Path)):
+        source_path = Path(checkpoint_or_path)
+        if source_path.exists() and out.exists() and source_path.resolve() == out.resolve():
+            raise UsageError(f"{out}: is the model being exported; choose another --out")
+        ckpt = _load(source_path, allow_pickle)
+    else:
+        ckpt = checkpoint_or_path
+    cfg, source = ckpt.config, str(ckpt.path)
+    arch = _check_supported(cfg, source)
+    _check_layout(ckpt.model, cfg, source)
+    qtype, file_type = QUANTS[quant]
+    model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _add_hparams(writer, cfg, model_name, int(file_type))
+        pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
+        counts, fallbacks = _add_tensors(writer, ckpt.model, cfg, arch, qtype, source)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are not secret
+        fsync_file(tmp)
+        os.replace(tmp, out)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(error, OSError):
+            raise WeightsmithError(f"cannot write {out}: {error.strerror or error}") from error
+        raise
+    fsync_dir(out.parent)
+    modelfile = modelfile_path(out)
+    write_text_atomic(modelfile, modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config))
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "format": "gguf",
+        "quant": quant,
+        "architecture": arch,
+        "model_type": cfg.model_type,
+        "tokenizer_pre": pre,
+        "tensors": dict(sorted(counts.items())),
+        "f16_fallbacks": fallbacks,
+        "modelfile": str(modelfile),
+    }
