@@ -225,3 +225,60 @@ def test_rows_with_different_adapters_match_each_adapter_merged(llm, tiny_hf_dir
         assert got.tokens[0] == alone(merged[n], p, GREEDY), n
         outputs.add((n, tuple(alone(merged[n], ps[0], GREEDY))))
     assert len({o for _, o in outputs}) == 3  # the adapters do change the output
+
+
+def long_prompt(llm, tokens: int) -> list[int]:
+    ids = llm.tokenizer.encode("Once upon a time there was a small model that learned to talk. " * 8)
+    assert len(ids) >= tokens
+    return ids[:tokens]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(llm, params) -> None:
+    s = make_scheduler(llm, max_batch=4, prefill_chunk=16)
+    short = prompts(llm, 1)[0]
+    a, got_a = request(short, replace(params, max_tokens=30))
+    s.submit(a)
+    s.step()
+    assert len(short) <= 16  # A itself is prefilled whole
+    long = long_prompt(llm, 60)  # 4 chunks of at most 16
+    b, got_b = request(long, replace(params, max_tokens=10), n=2)
+    s.submit(b)
+    for step in range(4):
+        before = len(got_a.tokens[0])
+        s.step()
+        assert len(got_a.tokens[0]) == before + 1  # A got its token every step meanwhile
+        assert (got_b.tokens[0] != []) == (step == 3)  # B's first token when its last chunk is in
+    run_until_idle(s)
+    assert got_a.tokens[0] == alone(llm, short, a.params[0])
+    for i in range(2):
+        assert got_b.tokens[i] == alone(llm, long, b.params[i]), i
+
+
+def test_short_requests_pass_a_long_one_waiting_for_the_staging_row(llm) -> None:
+    s = make_scheduler(llm, max_batch=4, prefill_chunk=16)
+    first, _ = request(long_prompt(llm, 60), GREEDY)
+    second, got_second = request(long_prompt(llm, 50), GREEDY)
+    short, got_short = request(prompts(llm, 1)[0], GREEDY)
+    for r in (first, second, short):
+        s.submit(r)
+    s.step()
+    assert s.staged is not None and s.staged.request is first
+    assert list(s.waiting) == [second] and got_short.tokens[0]  # the short one went ahead
+    run_until_idle(s)
+    assert got_second.tokens[0] == alone(llm, long_prompt(llm, 50), GREEDY)
+
+
+def test_a_staged_request_that_is_cancelled_frees_its_rows(llm) -> None:
+    s = make_scheduler(llm, max_batch=2, prefill_chunk=16)
+    r, got = request(long_prompt(llm, 40), GREEDY, n=2)
+    s.submit(r)
+    s.step()
+    assert s.staged is not None
+    r.cancel()
+    s.step()
+    assert s.staged is None and s.idle and got.events == []
+    other, got_other = request(prompts(llm, 1)[0], replace(GREEDY, max_tokens=3), n=2)
+    s.submit(other)
+    run_until_idle(s)
+    assert got_other.finish == ["length", "length"]

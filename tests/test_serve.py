@@ -342,6 +342,21 @@ def test_a_non_streaming_client_that_gives_up_is_cancelled_too(server) -> None:
     assert metric(server, "weightsmith_running_sequences") == 0
 
 
+def test_a_long_prompt_prefilled_in_chunks_answers_like_the_engine(tiny_hf_dir, llm) -> None:
+    cfg = config_from_dict(
+        ServeConfig, {"model": str(tiny_hf_dir), "served_name": "tiny", "port": 0, "prefill_chunk": 16}
+    )
+    running = start_server(cfg)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}]
+        assert len(llm.engine.chat_prompt(messages)) > 3 * 16
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == offline(llm, messages, max_tokens=12, temperature=0).text
+    finally:
+        running.stop()
+
+
 def test_shutdown_lets_a_running_stream_finish(tiny_hf_dir) -> None:
     cfg = config_from_dict(ServeConfig, {"model": str(tiny_hf_dir), "served_name": "tiny", "port": 0})
     running = start_server(cfg)

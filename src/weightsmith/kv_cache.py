@@ -71,13 +71,15 @@ class KVCache:
     def set_lengths(self, start: int, lengths: list[int]) -> None:
         self.lengths[start : start + len(lengths)] = lengths
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Make row `dst` hold row `src`'s tokens (a forked sequence, or compacting the
-        batch after a row finished). Only the filled part is copied."""
-        n = self.lengths[src]
-        if src != dst and n:
-            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+    def copy_row(self, src: int, dst: int, source: KVCache | None = None) -> None:
+        """Make row `dst` hold row `src`'s tokens (a forked sequence, compacting the batch
+        after a row finished, or a prompt prefilled in another cache of the same shape:
+        `source`). Only the filled part is copied."""
+        source = source or self
+        n = source.lengths[src]
+        if (source is not self or src != dst) and n:
+            self.k[:, dst, :, :n] = source.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = source.v[:, src, :, :n]
         self.lengths[dst] = n
 
     def write(

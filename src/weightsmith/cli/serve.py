@@ -52,6 +52,10 @@ class ServeConfig:
     max_model_len: int = opt(
         2048, "context per sequence in tokens (0: the model's); the KV cache holds max-batch x this"
     )
+    prefill_chunk: int = opt(
+        512,
+        "prompts longer than this are prefilled this many tokens per decode step, so streams keep flowing",
+    )
     max_body: int = opt(4 << 20, "largest request body in bytes")
     cors_origin: list[str] = opt(
         default_factory=list,
@@ -117,7 +121,8 @@ def build_app(cfg: ServeConfig):
     from weightsmith.serve.app import ServeSettings, create_app
 
     for name, value, low in (("max-batch", cfg.max_batch, 1), ("max-queue", cfg.max_queue, 0),
-                             ("max-model-len", cfg.max_model_len, 0), ("max-body", cfg.max_body, 1024)):  # fmt: skip
+                             ("max-model-len", cfg.max_model_len, 0), ("max-body", cfg.max_body, 1024),
+                             ("prefill-chunk", cfg.prefill_chunk, 1)):  # fmt: skip
         if value < low:
             raise UsageError(f"--{name} must be at least {low}, got {value}")
     adapters = parse_adapters(cfg.adapter)
@@ -129,6 +134,7 @@ def build_app(cfg: ServeConfig):
         max_queue=cfg.max_queue,
         max_len=cfg.max_model_len or 1 << 30,
         max_body_bytes=cfg.max_body,
+        prefill_chunk=cfg.prefill_chunk,
         cors_origins=list(cfg.cors_origin),
     )
     if ":" in settings.served_name.removeprefix(str(Path(settings.served_name).anchor)):

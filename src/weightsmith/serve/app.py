@@ -80,6 +80,7 @@ class ServeSettings:
     max_queue: int = 64
     max_len: int = 2048  # the context each request gets (KV cache per row)
     max_prefill_tokens: int = 4096
+    prefill_chunk: int = 512  # longer prompts are prefilled a chunk per decode step
     max_body_bytes: int = 4 << 20
     cors_origins: list[str] = field(default_factory=list)
     retry_after: int = 1  # seconds, on 429 and 503
@@ -121,6 +122,7 @@ class ServerState:
                 max_len=n_ctx,
                 max_queue=s.max_queue,
                 max_prefill_tokens=s.max_prefill_tokens,
+                prefill_chunk=s.prefill_chunk,
                 observer=self.metrics,
             )
             scheduler.start()

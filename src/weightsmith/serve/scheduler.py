@@ -3,7 +3,10 @@
 One thread owns the model. Each iteration it (1) drops cancelled sequences, (2)
 admits waiting requests into free batch rows and prefills them (newcomers' prefill
 is interleaved with everyone else's decoding, one prefill per iteration at most),
-then (3) runs one decode step for every running row. A row that finishes leaves at
+then (3) runs one decode step for every running row. A prompt longer than
+`prefill_chunk` tokens is prefilled a chunk per iteration in a one-row staging cache,
+so the running rows keep getting a token every step meanwhile, and joins the batch
+(its rows copied in) when its last chunk is done. A row that finishes leaves at
 once, and the last row moves into its slot so the running rows stay 0..B-1 of the
 KV cache (kv_cache.py); its slot is free for the next newcomer the same iteration.
 
@@ -113,6 +116,15 @@ class Observer:
     def finished(self, reason: str) -> None: ...
 
 
+@dataclass
+class Staged:
+    """A request whose long prompt is being prefilled a chunk per step."""
+
+    request: Request
+    choices: list[Choice]
+    done: int = 0  # prompt tokens already in the staging cache
+
+
 class Scheduler:
     """Runs requests from many clients in one continuously batched decode loop."""
 
@@ -126,6 +138,7 @@ class Scheduler:
         max_len: int = 2048,
         max_queue: int = 64,
         max_prefill_tokens: int = 4096,
+        prefill_chunk: int = 512,
         observer: Observer | None = None,
     ) -> None:
         self.model = model
@@ -135,11 +148,14 @@ class Scheduler:
         self.max_len = max_len
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.device = model.inv_freq.device
         self.vocab = model.config.vocab_size
         dtype = model.model.embed_tokens.weight.dtype
         self.cache = KVCache.for_model(model.config, max_batch, max_len, dtype=dtype, device=self.device)
         self.has_adapters = bool(lora_layers(model))
+        self.staged: Staged | None = None  # a long prompt being prefilled chunk by chunk
+        self.staging: KVCache | None = None  # its one-row cache, allocated on first use
         self.running: list[Choice] = []
         self.waiting: deque[Request] = deque()
         self.observer = observer or Observer()
@@ -174,14 +190,14 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.waiting
+        return not self.running and not self.waiting and self.staged is None
 
     # ---- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self.running and not self.waiting:
+                while not self._stop and self.idle:
                     self._lock.wait()
                 if self._stop:
                     break
@@ -198,11 +214,17 @@ class Scheduler:
         newcomers = self._admit()
         if newcomers:
             self._prefill(newcomers)
+        if self.staged is not None:
+            self._prefill_chunk()
         if self.running:
             self._decode()
         self.observer.queue(len(self.waiting), len(self.running))
 
     def _drop_cancelled(self) -> None:
+        if self.staged is not None and self.staged.request.cancelled:
+            for _ in self.staged.choices:
+                self.observer.finished("cancelled")
+            self.staged = None
         for row in reversed(range(len(self.running))):
             if self.running[row].request.cancelled:
                 self._finish(row, "cancelled", emit=False)
@@ -215,21 +237,55 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         """Take waiting requests, oldest first, while their choices fit in free rows and the
-        prefill budget (the first one always goes, however long its prompt)."""
+        prefill budget (the first one always goes, however long its prompt). A request with
+        one prompt longer than `prefill_chunk` is staged for chunked prefill instead when no
+        other is; while one is, shorter requests may pass a second long one."""
         taken: list[Request] = []
-        free = self.max_batch - len(self.running)
+        free = self.max_batch - len(self.running) - (len(self.staged.choices) if self.staged else 0)
         budget = self.max_prefill_tokens
+        passed: deque[Request] = deque()
         with self._lock:
             while self.waiting:
                 request = self.waiting[0]
-                n_tokens = sum(len(p) for p in {tuple(p) for p in request.prompts})
-                if len(request.prompts) > free or (taken and n_tokens > budget):
+                prompts = {tuple(p) for p in request.prompts}
+                n_tokens = sum(len(p) for p in prompts)
+                if len(request.prompts) > free:
+                    break  # first come, first served: nobody passes a request that does not fit
+                if len(prompts) == 1 and n_tokens > self.prefill_chunk:
+                    self.waiting.popleft()
+                    if self.staged is None:
+                        free -= len(request.prompts) if self._stage(request) else 0
+                    else:
+                        passed.append(request)
+                    continue
+                if taken and n_tokens > budget:
                     break
                 self.waiting.popleft()
                 taken.append(request)
                 free -= len(request.prompts)
                 budget -= n_tokens
+            passed.extend(self.waiting)
+            self.waiting = passed
         return taken
+
+    def _stage(self, request: Request) -> bool:
+        choices = self._choices(request)
+        if choices is not None:
+            self.staged = Staged(request, choices)
+        return choices is not None
+
+    def _choices(self, request: Request) -> list[Choice] | None:
+        """The request's choices (a sampler each), or None after failing the request alone
+        when one cannot start (e.g. a seed torch refuses)."""
+        try:
+            return [
+                Choice(request, i, self.tokenizer, self.vocab, self.device)
+                for i in range(len(request.prompts))
+            ]
+        except Exception as e:
+            log.exception("request %d could not start", request.id)
+            _fail_request(request, f"the request could not start: {type(e).__name__}: {e}")
+            return None
 
     @contextlib.contextmanager
     def _adapters(self, rows: Sequence[Choice]):
@@ -246,12 +302,8 @@ class Scheduler:
         unique: list[Choice] = []  # one per distinct prompt, in row order
         copies: list[tuple[Choice, Choice]] = []  # (copy, its source)
         for request in requests:
-            try:
-                choices = [Choice(request, i, self.tokenizer, self.vocab, self.device)
-                           for i in range(len(request.prompts))]  # fmt: skip
-            except Exception as e:  # e.g. a seed torch refuses: this request fails, not the batch
-                log.exception("request %d could not start", request.id)
-                _fail_request(request, f"the request could not start: {type(e).__name__}: {e}")
+            choices = self._choices(request)
+            if choices is None:
                 continue
             seen: dict[tuple[int, ...], Choice] = {}
             for seq in choices:
@@ -277,6 +329,38 @@ class Scheduler:
         # Sample every newcomer's first token from its prompt's logits.
         new_logits = logits[[logit_row[id(s)] for s in self.running[start:]]]  # (new rows, V)
         self._sample(new_logits, first_row=start)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self) -> None:
+        """Prefill the staged prompt's next chunk; when it is complete, copy it into a row per
+        choice and sample their first tokens."""
+        staged = self.staged
+        assert staged is not None
+        prompt = staged.choices[0].prompt
+        if self.staging is None:
+            dtype = self.model.model.embed_tokens.weight.dtype
+            self.staging = KVCache.for_model(
+                self.model.config, 1, self.max_len, dtype=dtype, device=self.device
+            )
+        start, end = staged.done, min(staged.done + self.prefill_chunk, len(prompt))
+        ids = torch.tensor([prompt[start:end]], device=self.device)  # (1, C)
+        positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
+        last = torch.tensor([end - start - 1], device=self.device)
+        self.staging.lengths[0] = start
+        with self._adapters(staged.choices[:1]):
+            logits = self.model(
+                ids, positions=positions, cache=self.staging, kv_len=end, aligned=True, logits_at=last
+            )
+        self.staging.lengths[0] = staged.done = end
+        if end < len(prompt):
+            return
+        first_row = len(self.running)
+        for i, choice in enumerate(staged.choices):
+            self.cache.copy_row(0, first_row + i, source=self.staging)
+            self.running.append(choice)
+        self.staged = None
+        self.observer.tokens(prompt=len(prompt))
+        self._sample(logits[:, 0].expand(len(staged.choices), -1), first_row=first_row)  # (n, V)
 
     def _decode(self) -> None:
         with self._adapters(self.running):
@@ -347,7 +431,10 @@ class Scheduler:
         self.observer.finished(reason)
 
     def _fail_all(self, message: str) -> None:
-        """End every running and waiting request with an error event."""
+        """End every running, staged and waiting request with an error event."""
+        if self.staged is not None:
+            _fail_request(self.staged.request, message)
+            self.staged = None
         for row in reversed(range(len(self.running))):
             self._finish(row, "error", emit=True, error=message)
         with self._lock:
