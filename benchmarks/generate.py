@@ -1,7 +1,10 @@
-"""Decode and prefill speed of weightsmith vs transformers on the default model, one run.
+"""Decode and prefill speed of weightsmith vs transformers and llama.cpp on the default model, one run.
 
-Both load the same GGUF file (dequantized to fp32) and run greedy decoding on the
-CPU with the same thread count. Decode speed is measured as N extra tokens over the
+weightsmith and transformers load the same GGUF file (dequantized to fp32) and run
+greedy decoding on the CPU with the same thread count. Where llama-cpp-python is
+installed, llama.cpp runs too, with the same thread count: on the catalog's Q4_1
+file as shipped, and on an F32 export of it (`weightsmith export`), the same
+numbers our fp32 path computes with. Decode speed is measured as N extra tokens over the
 time difference between generating N+1 tokens and generating 1 token, so prefill
 is excluded the same way for both. Each contender is warmed up, then the runs are
 interleaved (ours, peer, ours, peer, ...) so that a noisy neighbour slows both
@@ -17,6 +20,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -72,6 +76,30 @@ def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
     return gen, prefill
 
 
+def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int):
+    import llama_cpp
+
+    n_ctx = max(len(prefill_ids), len(prompt_ids) + 512) + 8
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+        n_batch=max(512, len(prefill_ids)), verbose=False,
+    )  # fmt: skip
+
+    def gen(n: int) -> None:
+        out = []
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        assert len(out) == n
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(prefill_ids)
+
+    return gen, prefill
+
+
 def interleaved_rates(contenders: dict, new_tokens: int, prefill_len: int, runs: int) -> dict[str, dict]:
     """Warm every contender up, then alternate between them for `runs` rounds."""
     samples: dict[str, dict[str, list[float]]] = {}
@@ -99,6 +127,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-static", action="store_true", help="skip transformers' static-cache variant")
+    ap.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -119,6 +148,24 @@ def main() -> None:
         contenders["transformers static cache"] = bench_transformers(
             path, prompt_ids, prefill_ids, cache="static"
         )
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama_cpp = not args.skip_llama_cpp
+    except ImportError:
+        have_llama_cpp = False
+        print("llama.cpp: not measured (pip install llama-cpp-python to add it)")
+    if have_llama_cpp and path.suffix == ".gguf":
+        import tempfile
+
+        from weightsmith.checkpoint.gguf_write import export_gguf
+
+        f32 = Path(tempfile.mkdtemp()) / "model-f32.gguf"
+        export_gguf(path, f32, "f32")
+        contenders[f"llama.cpp {path.stem.rsplit('.', 1)[-1]}"] = bench_llama_cpp(
+            path, prompt_ids, prefill_ids, args.threads
+        )
+        contenders["llama.cpp F32 export"] = bench_llama_cpp(f32, prompt_ids, prefill_ids, args.threads)
     results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
 
     print(
