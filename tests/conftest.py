@@ -95,23 +95,24 @@ def build_tiny_tokenizer_dir(path: Path) -> None:
     )
 
 
+#: The tiny models' shape, for any family's transformers config (vocab >= the tiny tokenizer's 300).
+TINY_SHAPE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
     """A tiny random Llama checkpoint saved by transformers, with a tiny tokenizer."""
     import transformers
 
     build_tiny_tokenizer_dir(path)
-    defaults = dict(
-        vocab_size=320,  # >= the tokenizer's 300 tokens
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=2,
-        bos_token_id=None,
-        pad_token_id=0,
-    )
+    defaults = dict(**TINY_SHAPE, eos_token_id=2, bos_token_id=None, pad_token_id=0)
     cfg = transformers.LlamaConfig(**{**defaults, **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()

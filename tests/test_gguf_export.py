@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_hf_dir, build_tiny_tokenizer_dir
+from conftest import TINY_SHAPE, build_tiny_hf_dir, build_tiny_tokenizer_dir
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 from tokenizers import Regex, Tokenizer, pre_tokenizers
@@ -60,13 +60,7 @@ def build_tiny_qwen2_dir(path: Path) -> Path:
     )
     tok.save(str(path / "tokenizer.json"))
     cfg = transformers.Qwen2Config(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         rope_theta=1e6,
         rms_norm_eps=1e-6,
         eos_token_id=2,
@@ -373,13 +367,7 @@ def test_mistral_sliding_window_caps_the_context(tmp_path: Path, caplog) -> None
     src_dir = tmp_path / "mistral"
     build_tiny_tokenizer_dir(src_dir)
     cfg = transformers.MistralConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         sliding_window=64,
     )
     torch.manual_seed(2)
