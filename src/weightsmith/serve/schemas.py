@@ -84,7 +84,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(_Strict):
+class SamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
@@ -118,7 +118,7 @@ class _Common(_Strict):
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
 
-class ChatRequest(_Common):
+class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -134,7 +134,7 @@ class ChatRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False

@@ -1,0 +1,207 @@
+"""A valid request in flight: its token budget and sampling settings, the scheduler job that
+carries it, and the JSON or server-sent-event response built from the job's events.
+
+A client that goes away cancels its job: a stream's generator is closed by Starlette, and a
+non-streamed request waits on `receive` for the disconnect alongside its events.
+
+Not here: HTTP routing, auth and validation (app.py, schemas.py), generation (scheduler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.llm import LLM
+from weightsmith.sampling import SamplingParams
+from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder, sse
+from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent
+from weightsmith.serve.scheduler import Request as GenRequest
+from weightsmith.serve.schemas import ApiError, SamplingFields
+
+
+def token_budget(prompt_len: int, limit: int | None, n_ctx: int, prompt_param: str, limit_param: str) -> int:
+    """How many tokens a choice may generate; 400 naming the prompt or the limit when the
+    two do not fit in the context (with OpenAI-style counts for clients to adjust)."""
+    extra = {"n_prompt_tokens": prompt_len, "n_ctx": n_ctx}
+    if prompt_len == 0:
+        raise ApiError(400, "the prompt is empty", param=prompt_param)
+    if prompt_len >= n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens but the context is {n_ctx}, which leaves no room to "
+            "generate; shorten it",
+            code="context_length_exceeded",
+            param=prompt_param,
+            extra=extra,
+        )
+    if limit is None:
+        return n_ctx - prompt_len
+    if prompt_len + limit > n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens and {limit_param} is {limit}, more than the context of "
+            f"{n_ctx} tokens; lower {limit_param} to at most {n_ctx - prompt_len} or shorten the prompt",
+            code="context_length_exceeded",
+            param=limit_param,
+            extra=extra,
+        )
+    return limit
+
+
+def sampling_params(llm: LLM, req: SamplingFields, max_tokens: int) -> SamplingParams:
+    try:
+        return llm.sampling_params(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=0 if req.top_k == -1 else req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=req.seed,
+            stop=req.stops(),
+            ignore_eos=req.ignore_eos,
+        )
+    except WeightsmithError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Per-choice settings: choice i of a seeded request uses seed + i (wrapping past 2**64,
+    the end of torch's seed range), so choices differ and the whole request is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    seeds = [params.seed + i for i in range(n)]
+    return [replace(params, seed=s - 2**64 if s >= 2**64 else s) for s in seeds]
+
+
+async def _disconnected(http: Request) -> None:
+    """Return when the client closes the connection. (Starlette's `is_disconnected` only
+    sees a disconnect the server already read, and uvicorn stops reading a connection
+    once its request body is in, so we wait on `receive` as streaming responses do.)"""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streamed) answer was ready."""
+
+
+class Job:
+    """A request in flight: its scheduler request and the queue its events arrive on."""
+
+    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], adapter, logprobs) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
+
+        def emit(ev: SequenceEvent) -> None:  # called on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        self.request = GenRequest(prompts, params, emit=emit, adapter=adapter, logprobs=logprobs)
+        self.prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
+
+    def submit(self, scheduler: Scheduler, retry_after: int) -> None:
+        try:
+            scheduler.submit(self.request)
+        except QueueFull as e:
+            raise ApiError(
+                429,
+                f"the server is busy ({e}); retry after {retry_after} s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after)},
+            ) from None
+
+    async def collect(self, http: Request) -> list[ChoiceResult]:
+        """Wait for every choice; cancel if the client goes away meanwhile."""
+        results = [ChoiceResult() for _ in self.request.prompts]
+        remaining = len(results)
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            while remaining:
+                event = asyncio.ensure_future(self.events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise ClientGone
+                ev = event.result()
+                if ev.error:
+                    raise ApiError(500, ev.error, type="server_error", code="generation_failed")
+                results[ev.index].add(ev)
+                remaining -= ev.finish_reason is not None
+        finally:
+            gone.cancel()
+            if remaining:
+                self.request.cancel()
+        return results
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        n = len(self.request.prompts)
+        done, completion_tokens = 0, 0
+        try:
+            if builder.chat:
+                for i in range(n):
+                    yield sse(builder.role_chunk(i))
+            while done < n:
+                ev = await self.events.get()
+                if ev.error:
+                    body = ApiError(500, ev.error, type="server_error", code="generation_failed").body()
+                    yield sse(body)
+                    break
+                if ev.text or ev.logprobs:
+                    yield sse(builder.text_chunk(ev.index, ev.text, ev.logprobs))
+                if ev.finish_reason is not None:
+                    done += 1
+                    completion_tokens += ev.completion_tokens
+                    yield sse(builder.finish_chunk(ev.index, ev.finish_reason))
+            else:
+                if include_usage:
+                    yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+            yield SSE_DONE
+        finally:
+            if done < n:
+                self.request.cancel()  # the client went away (or the stream failed)
+
+
+async def respond(
+    job: Job, http: Request, builder: ResponseBuilder, req: SamplingFields, with_logprobs: bool
+) -> Response:
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            job.stream(builder, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    results = await job.collect(http)
+    return JSONResponse(builder.response(results, job.prompt_tokens, with_logprobs))
+
+
+class EchoJob:
+    """A completions job with `echo`: each choice's text starts with its prompt."""
+
+    def __init__(self, job: Job, prompts: list[str]) -> None:
+        self.job, self.prompts = job, prompts
+        self.request, self.prompt_tokens = job.request, job.prompt_tokens
+
+    async def collect(self, http: Request) -> list[ChoiceResult]:
+        results = await self.job.collect(http)
+        for r, p in zip(results, self.prompts, strict=True):
+            r.text = p + r.text
+        return results
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        for i, p in enumerate(self.prompts):
+            yield sse(builder.text_chunk(i, p, None))
+        async for event in self.job.stream(builder, include_usage):
+            yield event
