@@ -598,7 +598,7 @@ def config_from_args(cls: type[T], ns: argparse.Namespace) -> T:
     values: dict[Key, Any] = {}
     file = getattr(ns, _FILE_DEST, None)
     if file is not None:
-        values.update(_values_from_mapping(cls, _read_yaml(file), (), str(file), None))
+        values.update(_values_from_mapping(cls, read_yaml(file), (), str(file), None))
     values.update(_values_from_namespace(cls, ns))
     return _build(cls, values, (), None)
 
@@ -716,11 +716,11 @@ class _MarkedDict(dict):
     key_lines: dict[Any, int]
 
 
-class _LineLoader(yaml.SafeLoader):
+class LineLoader(yaml.SafeLoader):
     """SafeLoader whose mappings are `_MarkedDict`s and reject duplicate keys."""
 
 
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _MarkedDict:
+def _construct_mapping(loader: LineLoader, node: yaml.MappingNode) -> _MarkedDict:
     loader.flatten_mapping(node)  # resolve "<<" merge keys first
     data = _MarkedDict()
     data.key_lines = {}
@@ -737,21 +737,32 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _MarkedDi
     return data
 
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: str | os.PathLike) -> Any:
-    """The parsed file, mappings carrying key lines; UsageError if unreadable."""
+def read_yaml(
+    path: str | os.PathLike,
+    *,
+    what: str = "config file",
+    hint: str = "check the --config path",
+    loader: type | None = None,
+) -> Any:
+    """The parsed file, mappings carrying key lines (`key_lines`); UsageError if unreadable.
+
+    `what` and `hint` word the not-found message; `loader` may be a `LineLoader` subclass
+    with extra tags."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"config file not found: {path} (check the --config path)") from None
+        raise UsageError(f"{what} not found: {path} ({hint})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a {what} (YAML)") from None
     except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file; a config file is YAML text") from None
+        raise UsageError(f"{path}: not a UTF-8 text file; a {what} is YAML text") from None
     except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.load(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=loader or LineLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -763,7 +774,7 @@ def _read_yaml(path: str | os.PathLike) -> Any:
 
 def load_config_yaml(cls: type[T], path: str | os.PathLike) -> T:
     """A `cls` from a YAML file; missing keys keep their defaults."""
-    return config_from_dict(cls, _read_yaml(path), source=str(path))
+    return config_from_dict(cls, read_yaml(path), source=str(path))
 
 
 def _plain(value: Any) -> Any:

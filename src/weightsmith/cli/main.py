@@ -19,6 +19,7 @@ from rich.console import Console
 
 from weightsmith import __version__
 from weightsmith.cli import demo, store
+from weightsmith.cli import eval as eval_cmd
 from weightsmith.cli import export as export_cmd
 from weightsmith.cli import run as run_cmds
 from weightsmith.cli import serve as serve_cmd
@@ -72,6 +73,13 @@ COMMANDS: dict[str, Command] = {
         train_cmds.MergeConfig,
         "fold a LoRA adapter into its base model and save an HF directory",
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
+    ),
+    "eval": Command(
+        eval_cmd.EvalConfig,
+        "evaluate a model and its forks on task files; compare and report",
+        "weightsmith eval smollm2-135m-instruct --tasks builtin:arith-mc,my_tasks/qa.yaml --limit 200\n"
+        "  weightsmith eval smollm2-135m-instruct --adapter runs/support --compare base \\\n"
+        "      --tasks builtin:kettlebird-heldout --apply-chat-template --out reports/support",
     ),
     "export": Command(
         export_cmd.ExportConfig,
@@ -138,6 +146,9 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
         return train_cmds.run_finetune_cli(cfg), lambda r: train_cmds.print_finetune(r, console)
     if name == "merge":
         return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
+    if name == "eval":
+        progress = None if cfg.json else eval_cmd.ProgressBars(eval_cmd.stderr_console())
+        return eval_cmd.run_eval(cfg, progress=progress), lambda r: eval_cmd.print_eval(r, console)
     if name == "export":
         return export_cmd.run_export(cfg), lambda r: export_cmd.print_export(r, console)
     if name == "serve":

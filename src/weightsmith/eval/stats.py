@@ -1,0 +1,328 @@
+"""Statistics for comparing evaluation runs: standard errors, paired tests, a comparison table.
+
+Standard errors follow lm-evaluation-harness (`mean_stderr` is its formula); paired tests
+are McNemar for per-document 0/1 outcomes and a paired bootstrap otherwise. Inputs are
+lm-eval's results.json layout and its per-document sample records. Pure Python + numpy.
+Not here: running evaluations, reading files, or rendering (see weightsmith.report).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from weightsmith.errors import WeightsmithError
+
+ALPHA = 0.05  # significance level behind `better` and the 95% intervals
+_EXACT_BELOW = 25  # McNemar: exact binomial below this many discordant pairs
+
+
+class EvalStatsError(WeightsmithError, ValueError):
+    """Inputs to a statistical test that cannot be compared (lengths, non-binary values)."""
+
+
+# --- aggregations (lm-eval's, over per-document values) ---------------------------------
+
+
+def mean(items: Sequence[float]) -> float:
+    return sum(items) / len(items)
+
+
+def perplexity(items: Sequence[float]) -> float:
+    """exp(-mean loglikelihood), lm-eval's `perplexity` aggregation."""
+    return math.exp(-mean(items))
+
+
+def weighted_mean(items: Sequence[Sequence[float]]) -> float:
+    """sum(ll) / sum(weight) over (ll, weight) pairs."""
+    return sum(ll for ll, _ in items) / sum(w for _, w in items)
+
+
+def weighted_perplexity(items: Sequence[Sequence[float]]) -> float:
+    """exp(-sum(ll)/sum(w)): lm-eval's word_perplexity and byte_perplexity."""
+    return math.exp(-weighted_mean(items))
+
+
+def bits_per_byte(items: Sequence[Sequence[float]]) -> float:
+    """-sum(ll)/sum(bytes)/ln 2, lm-eval's `bits_per_byte`."""
+    return -weighted_mean(items) / math.log(2)
+
+
+# Vectorized versions over resampled batches: (K, N) for floats, (K, N, 2) for pairs -> (K,).
+# Used when `statistic` is one of the functions above; other callables run per resample.
+_BATCHED: dict[Callable[..., float], Callable[[np.ndarray], np.ndarray]] = {
+    mean: lambda x: x.mean(axis=1),
+    perplexity: lambda x: np.exp(-x.mean(axis=1)),
+    weighted_mean: lambda x: x[..., 0].sum(axis=1) / x[..., 1].sum(axis=1),
+    weighted_perplexity: lambda x: np.exp(-x[..., 0].sum(axis=1) / x[..., 1].sum(axis=1)),
+    bits_per_byte: lambda x: -x[..., 0].sum(axis=1) / x[..., 1].sum(axis=1) / math.log(2),
+}
+
+# Which aggregation lm-eval uses for a metric whose per-document values are (ll, weight).
+_PAIR_AGGREGATIONS: dict[str, Callable[..., float]] = {
+    "word_perplexity": weighted_perplexity,
+    "byte_perplexity": weighted_perplexity,
+    "bits_per_byte": bits_per_byte,
+}
+
+
+def aggregation_for(metric: str, values: Sequence[Any]) -> Callable[..., float]:
+    """lm-eval's aggregation for `metric`, given what its per-document values look like."""
+    if metric == "perplexity":
+        return perplexity
+    if values and isinstance(values[0], (list, tuple)):
+        return _PAIR_AGGREGATIONS.get(metric, weighted_mean)
+    return mean
+
+
+# --- standard errors -------------------------------------------------------------------
+
+
+def mean_stderr(xs: Sequence[float]) -> float:
+    """Sample std (ddof=1) / sqrt(n), as lm-eval's `mean_stderr`; NaN for fewer than 2 items."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
+def _index_chunks(rng: np.random.Generator, n: int, iters: int) -> Iterator[np.ndarray]:
+    """Resampled index arrays (k, n), k summing to `iters`, at most ~2M indices per chunk."""
+    step = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, iters, step):
+        yield rng.integers(0, n, size=(min(step, iters - start), n))
+
+
+def _resampled_stats(
+    statistic: Callable[..., float], batches: list[np.ndarray | None], items: list[Sequence], idx: np.ndarray
+) -> list[np.ndarray]:
+    """The statistic on each row of `idx`, for each item list (vectorized when possible)."""
+    out = []
+    batched = _BATCHED.get(statistic)
+    for arr, seq in zip(batches, items, strict=True):
+        if batched is not None and arr is not None:
+            out.append(batched(arr[idx]))
+        else:
+            out.append(np.array([statistic([seq[i] for i in row]) for row in idx], dtype=float))
+    return out
+
+
+def _as_array(items: Sequence) -> np.ndarray | None:
+    try:
+        return np.asarray(items, dtype=float)
+    except (TypeError, ValueError):
+        return None  # ragged or non-numeric: the per-resample path handles it
+
+
+def bootstrap_stderr(
+    statistic: Callable[[Sequence], float], items: Sequence, iters: int = 1000, seed: int = 1234
+) -> float:
+    """Std (ddof=1) of `statistic` over `iters` resamples of `items` with replacement."""
+    if len(items) == 0:
+        raise EvalStatsError("bootstrap_stderr: no items to resample")
+    rng = np.random.default_rng(seed)
+    items = list(items)
+    arr = _as_array(items)
+    stats = [
+        _resampled_stats(statistic, [arr], [items], idx)[0] for idx in _index_chunks(rng, len(items), iters)
+    ]
+    return float(np.std(np.concatenate(stats), ddof=1)) if iters > 1 else math.nan
+
+
+# --- paired tests ----------------------------------------------------------------------
+
+
+def _binary(xs: Sequence[float], name: str) -> list[int]:
+    out = []
+    for i, x in enumerate(xs):
+        if isinstance(x, (int, float)) and x in (0, 1):
+            out.append(int(x))
+        else:
+            raise EvalStatsError(f"mcnemar: {name}[{i}] = {x!r} is not 0 or 1; pass per-item correctness")
+    return out
+
+
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """McNemar's test on paired 0/1 outcomes of models A and B on the same items.
+
+    Exact two-sided binomial test on the discordant pairs when there are fewer than 25,
+    else chi-square (1 df) with Edwards' continuity correction, (|b-c|-1)^2/(b+c), as R's
+    `mcnemar.test` and statsmodels compute it.
+    """
+    if len(a) != len(b):
+        raise EvalStatsError(f"mcnemar: {len(a)} outcomes for A but {len(b)} for B; pair the same items")
+    xa, xb = _binary(a, "a"), _binary(b, "b")
+    a_only = sum(1 for u, v in zip(xa, xb, strict=True) if u == 1 and v == 0)
+    b_only = sum(1 for u, v in zip(xa, xb, strict=True) if u == 0 and v == 1)
+    d = a_only + b_only
+    if d < _EXACT_BELOW:
+        method = "exact"
+        # Binomial(d, 1/2) is symmetric, so the two-sided p is twice the smaller tail.
+        tail = sum(math.comb(d, i) for i in range(min(a_only, b_only) + 1)) / 2**d if d else 1.0
+        p = min(1.0, 2 * tail)
+    else:
+        method = "chi2-cc"
+        stat = (abs(a_only - b_only) - 1) ** 2 / d
+        p = math.erfc(math.sqrt(stat / 2))  # survival function of chi-square with 1 df
+    return {"n": len(xa), "a_only": a_only, "b_only": b_only, "p_value": p, "method": method}
+
+
+def paired_bootstrap(
+    a: Sequence,
+    b: Sequence,
+    statistic: Callable[[Sequence], float] = mean,
+    iters: int = 10000,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Paired bootstrap of statistic(b) - statistic(a), resampling item indices jointly.
+
+    `a[i]` and `b[i]` are the two runs' values on the same item (a float, or an (ll, weight)
+    pair for weighted statistics). The interval is the 95% percentile interval of the
+    resampled deltas; p is two-sided, 2 * min(P(delta* <= 0), P(delta* >= 0)), capped at 1.
+    """
+    if len(a) != len(b):
+        raise EvalStatsError(f"paired_bootstrap: {len(a)} items for A but {len(b)} for B")
+    if len(a) == 0:
+        raise EvalStatsError("paired_bootstrap: no paired items")
+    if iters < 1:
+        raise EvalStatsError(f"paired_bootstrap: iters must be at least 1, got {iters}")
+    a, b = list(a), list(b)
+    rng = np.random.default_rng(seed)
+    arrays = [_as_array(a), _as_array(b)]
+    deltas = []
+    for idx in _index_chunks(rng, len(a), iters):
+        sa, sb = _resampled_stats(statistic, arrays, [a, b], idx)
+        deltas.append(sb - sa)
+    d = np.concatenate(deltas)
+    lo, hi = np.percentile(d, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    return {
+        "delta": statistic(b) - statistic(a),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "p_value": p,
+        "iters": iters,
+    }
+
+
+# --- comparing lm-eval runs ------------------------------------------------------------
+
+
+def run_label(run: dict, index: int) -> str:
+    """The label naming a run: weightsmith.label, else config.model, else 'run N'."""
+    label = (run.get("weightsmith") or {}).get("label") or (run.get("config") or {}).get("model")
+    return str(label) if label else f"run {index}"
+
+
+def metric_keys(task_results: dict) -> list[tuple[str, str]]:
+    """(metric, filter) pairs of one task's results, in order, skipping stderrs and aliases."""
+    out = []
+    for key, value in task_results.items():
+        name, _, filt = key.partition(",")
+        if not filt or name.endswith("_stderr") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out.append((name, filt))
+    return out
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _doc_values(records: list[dict], metric: str, filt: str) -> dict[int, Any]:
+    """doc_id -> per-document value; `metrics` dict as documented, or lm-eval's raw layout."""
+    out = {}
+    key = f"{metric},{filt}"
+    for rec in records:
+        m = rec.get("metrics")
+        if isinstance(m, dict):
+            if key in m:
+                out[rec["doc_id"]] = m[key]
+        elif rec.get("filter", "none") == filt and metric in rec:  # samples_*.jsonl as lm-eval writes it
+            out[rec["doc_id"]] = rec[metric]
+    return out
+
+
+def _is_binary(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and v in (0, 1) for v in values)
+
+
+def _paired_test(
+    ref: dict[int, Any], other: dict[int, Any], metric: str, binary: bool, iters: int, seed: int
+) -> dict[str, Any] | None:
+    ids = sorted(set(ref) & set(other))
+    if not ids:
+        return None
+    xa, xb = [ref[i] for i in ids], [other[i] for i in ids]
+    agg = aggregation_for(metric, xa)
+    boot = paired_bootstrap(xa, xb, agg, iters=iters, seed=seed)  # the CI, for either test
+    p = mcnemar(xa, xb)["p_value"] if binary else boot["p_value"]
+    return {"n": len(ids), "delta": boot["delta"], "p": p, "ci": [boot["ci_low"], boot["ci_high"]]}
+
+
+def compare_runs(
+    runs: list[dict],
+    samples: list[dict[str, list[dict]]],
+    reference: int = 0,
+    *,
+    iters: int = 10000,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """A comparison table of every run against `runs[reference]`, one row per task/metric/filter.
+
+    Documents are paired by doc_id (only those present in both runs). McNemar when every
+    paired per-document value is 0/1 in all runs, else a paired bootstrap of the metric's
+    lm-eval aggregation. delta/p_value/ci/better/n are given for the non-reference labels.
+    """
+    if len(samples) != len(runs):
+        raise EvalStatsError(f"compare_runs: {len(runs)} runs but {len(samples)} sample sets")
+    if not 0 <= reference < len(runs):
+        raise EvalStatsError(f"compare_runs: reference {reference} is not one of {len(runs)} runs")
+    labels = [run_label(r, i) for i, r in enumerate(runs)]
+    if len(set(labels)) != len(labels):
+        raise EvalStatsError(f"compare_runs: labels {labels} are not distinct; set weightsmith.label")
+    ref_label, ref_run = labels[reference], runs[reference]
+    others = [i for i in range(len(runs)) if i != reference]
+    rows = []
+    for task, task_results in ref_run.get("results", {}).items():
+        hib_task = (ref_run.get("higher_is_better") or {}).get(task) or {}
+        for metric, filt in metric_keys(task_results):
+            key, se_key = f"{metric},{filt}", f"{metric}_stderr,{filt}"
+            res = [(r.get("results") or {}).get(task) or {} for r in runs]
+            docs = [_doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
+            hib = hib_task.get(metric)
+            present = [d for d in docs if d]
+            binary = bool(present) and all(_is_binary(list(d.values())) for d in present)
+            row: dict[str, Any] = {
+                "task": task,
+                "metric": metric,
+                "filter": filt,
+                "higher_is_better": hib,
+                "values": {labels[i]: _number(res[i].get(key)) for i in range(len(runs))},
+                "stderr": {labels[i]: _number(res[i].get(se_key)) for i in range(len(runs))},
+                "delta": {},
+                "test": None,
+                "p_value": {},
+                "ci": {},
+                "better": {},
+                "n": {},
+            }
+            ref_v = row["values"][ref_label]
+            for i in others:
+                lab, v = labels[i], row["values"][labels[i]]
+                row["delta"][lab] = v - ref_v if v is not None and ref_v is not None else None
+                t = _paired_test(docs[reference], docs[i], metric, binary, iters, seed)
+                if t is not None:
+                    row["test"] = "mcnemar" if binary else "paired_bootstrap"
+                sig = t is not None and t["p"] < ALPHA and hib is not None and t["delta"] != 0
+                row["p_value"][lab] = t["p"] if t else None
+                row["ci"][lab] = t["ci"] if t else None
+                row["n"][lab] = t["n"] if t else 0
+                row["better"][lab] = ((t["delta"] > 0) == bool(hib)) if sig else None
+            rows.append(row)
+    return {"reference": ref_label, "labels": labels, "rows": rows}
