@@ -113,8 +113,6 @@ def _cache(cfg: EvalConfig) -> ResultCache | None:
 
 def run_eval(cfg: EvalConfig, *, progress=None) -> dict[str, Any]:
     _validate(cfg)
-    taskset = load_tasks(cfg.tasks)  # every task file checked before a model loads
-    specs = model_specs(cfg)
     opts = EvalOptions(
         limit=cfg.limit,
         num_fewshot=cfg.num_fewshot,
@@ -123,6 +121,8 @@ def run_eval(cfg: EvalConfig, *, progress=None) -> dict[str, Any]:
         fewshot_seed=cfg.fewshot_seed,
         bootstrap_iters=cfg.bootstrap_iters,
     )
+    taskset = load_tasks(cfg.tasks, opts)  # every task file and document checked before a model loads
+    specs = model_specs(cfg)
     cache = _cache(cfg)
     load_kwargs = {k: v for k, v in cfg.load_kwargs().items() if k != "adapter"}
     judge = judge_hook(lambda ref: load_with_status(ref, **load_kwargs))

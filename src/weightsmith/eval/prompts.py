@@ -60,11 +60,14 @@ class Task:
         self.cfg = cfg
         self.docs = read_split(cfg, cfg.eval_split)
         if not self.docs:
+            key = "test_split" if cfg.test_split else "validation_split"
             raise cfg.error(
-                None, f"split {cfg.eval_split!r} has no documents ({_files(cfg, cfg.eval_split)})"
+                key if key in cfg.raw else None,
+                f"split {cfg.eval_split!r} has no documents ({_files(cfg, cfg.eval_split)})",
             )
         self.fields = set().union(*(d.keys() for d in self.docs))
         self._fewshot: list[dict] | None = None
+        self._templates: dict[str, Any] = {}  # compiled once: every document is rendered twice
 
     @property
     def name(self) -> str:
@@ -82,7 +85,9 @@ class Task:
 
     def _render(self, key: str, expr: str, doc: dict, doc_id: int) -> str:
         try:
-            return _ENV.from_string(expr).render(**doc)
+            if expr not in self._templates:
+                self._templates[expr] = _ENV.from_string(expr)
+            return self._templates[expr].render(**doc)
         except UndefinedError as exc:
             fields = ", ".join(sorted(self.fields)) or "none"
             raise self.cfg.error(

@@ -54,8 +54,11 @@ class TaskSet:
     groups: list[GroupConfig] = field(default_factory=list)
 
 
-def load_tasks(specs: list[str]) -> TaskSet:
-    """Read and check every task file named by `specs` (and each group's members)."""
+def load_tasks(specs: list[str], opts: EvalOptions | None = None) -> TaskSet:
+    """Read and check every task file named by `specs` (and each group's members), and
+    render every document's requests with `opts` (no model needed), so a missing template
+    field, a gold index out of range or too few few-shot examples stop the run before any
+    model loads."""
     tasks: dict[str, Task] = {}
     groups: list[GroupConfig] = []
     for spec in specs:
@@ -70,7 +73,17 @@ def load_tasks(specs: list[str]) -> TaskSet:
                 tasks[item.task] = Task(item)
     for task in tasks.values():
         if task.cfg.judge:  # checked now, before any model work
-            JudgeConfig.from_dict(task.cfg.judge, source=str(task.cfg.source))
+            line = task.cfg.lines.get("judge")
+            JudgeConfig.from_dict(task.cfg.judge, source=f"{task.cfg.source}{f':{line}' if line else ''}")
+    opts = opts or EvalOptions()
+    for task in tasks.values():
+        # Without the chat template (it needs the tokenizer): it only wraps the rendered text.
+        task.build(
+            limit=opts.limit,
+            num_fewshot=opts.num_fewshot,
+            seed=opts.fewshot_seed,
+            system_instruction=opts.system_instruction,
+        )
     if not tasks:
         raise UsageError("no tasks to run; give --tasks FILE.yaml, a folder, or builtin:NAME")
     return TaskSet(list(tasks.values()), groups)
@@ -91,8 +104,10 @@ def _find_member(group: GroupConfig, name: str) -> TaskConfig:
                 continue
             if isinstance(item, TaskConfig) and item.task == name:
                 return item
+    line = group.lines.get("task")
     raise UsageError(
-        f"{group.source}: task: group {group.group!r} names task {name!r}, which no task file beside it "
+        f"{group.source}{f':{line}' if line else ''}: task: group {group.group!r} names task {name!r}, "
+        "which no task file beside it "
         f"defines (built-in suites: {', '.join(builtin_names())})"
     )
 

@@ -157,6 +157,7 @@ class GroupConfig:
     source: Path
     tasks: list[str]
     aggregate: list[dict[str, Any]]
+    lines: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def _read_group(path: Path, data: dict) -> GroupConfig:
         unknown = set(item) - {"metric", "aggregation", "weight_by_size", "filter_list"}
         if unknown:
             raise err("aggregate_metric_list", f"item {i}: unknown key {sorted(unknown)[0]!r}")
-    return GroupConfig(str(data["group"]), path, list(tasks), list(aggregate))
+    return GroupConfig(str(data["group"]), path, list(tasks), list(aggregate), lines)
 
 
 def _hint(key: Any, options: set[str] | tuple[str, ...]) -> str:
@@ -259,14 +260,14 @@ def _read_task(path: Path, data: dict) -> TaskConfig:
         return ConfigError(f"{path}:{line}: {key}: {msg}" if line else f"{path}: {key}: {msg}")
 
     for key, value in data.items():
-        if key not in _TASK_KEYS:
-            raise err(str(key), f"unknown or unsupported task key{_hint(key, _TASK_KEYS)}")
-        if isinstance(value, PythonFunction):
+        if isinstance(value, PythonFunction):  # before the key check: process_docs is lm-eval's, not ours
             raise err(
                 str(key),
                 f"python functions (!function {value.name}) are not supported in weightsmith task files; "
                 "preprocess the data file, or use a field name or a Jinja template",
             )
+        if key not in _TASK_KEYS:
+            raise err(str(key), f"unknown or unsupported task key{_hint(key, _TASK_KEYS)}")
     if "task" not in data or not isinstance(data["task"], str) or not data["task"]:
         raise err("task", "every task file needs a task name (task: my_task)")
     output_type = data.get("output_type", "generate_until")
@@ -506,7 +507,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
             try:
                 docs.append(json.loads(line))
             except ValueError as exc:
-                raise ConfigError(f"{path}:{n}: invalid JSON line: {exc.args[0]}") from None
+                # exc.msg without json's own "line 1 column C", which would contradict the file line
+                detail = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else exc
+                raise ConfigError(f"{path}:{n}: invalid JSON line: {detail}") from None
             lines.append(n)
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
