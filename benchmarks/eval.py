@@ -34,7 +34,9 @@ def build_requests(suite: str, docs: int) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--suite", action="append", help="built-in suite(s) (default: arith-mc and reading-mc)")
+    parser.add_argument(
+        "--suite", action="append", help="built-in suite(s) (default: arith-mc and reading-mc)"
+    )
     parser.add_argument("--docs", type=int, default=100, help="documents per suite")
     parser.add_argument("--batch-size", type=int, default=16, help="both sides")
     parser.add_argument("--runs", type=int, default=3)
@@ -60,8 +62,12 @@ def main() -> None:
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hflm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=args.batch_size, device="cpu")
 
-    print(f"model {args.model} (fp32), {args.threads} threads, batch size {args.batch_size}, medians of {args.runs}")
-    print(f"{'suite':<12} {'requests':>8} {'weightsmith req/s':>18} {'lm-eval+HF req/s':>17} {'ratio':>7} {'max |dll|':>10}")
+    print(
+        f"model {args.model} (fp32), {args.threads} threads, batch size {args.batch_size}, medians of {args.runs}"
+    )
+    print(
+        f"{'suite':<12} {'requests':>8} {'weightsmith req/s':>18} {'lm-eval+HF req/s':>17} {'ratio':>7} {'max |dll|':>10}"
+    )
     for suite in args.suite or ["arith-mc", "reading-mc"]:
         reqs = build_requests(suite, args.docs)
         instances = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]

@@ -27,7 +27,7 @@ TASKS = {
     "unit_mc": ("multiple_choice", 120),
     "reading_mc": ("multiple_choice", 51),
     "kettlebird_heldout": ("generate_until", 41),
-    "kettlebird_answer_ll": ("loglikelihood", 41),
+    "kettlebird_answer_ppl": ("loglikelihood_rolling", 41),
     "text_ppl": ("loglikelihood_rolling", 17),
 }
 
@@ -203,9 +203,8 @@ def test_lm_eval_loads_suites_and_builds_requests(monkeypatch: pytest.MonkeyPatc
     assert continuation.startswith(" ")
     reading_ctx = seen["reading_mc"].instances[0].args[0]
     assert "\nQuestion: " in reading_ctx and reading_ctx.endswith("\nAnswer:")
-    ll_ctx, ll_target = seen["kettlebird_answer_ll"].instances[0].args
-    # Exactly one newline between question and answer (see kettlebird-answer-ll.yaml).
-    assert not ll_ctx.endswith("\n") and ll_target.startswith("\n[Kettlebird] ")
+    (answer,) = seen["kettlebird_answer_ppl"].instances[0].args
+    assert answer.startswith("[Kettlebird] ")  # the reference answer alone, scored token by token
     gen_ctx, gen_kwargs = seen["kettlebird_heldout"].instances[0].args
     assert gen_kwargs["until"] == ["\n"] and gen_kwargs["max_gen_toks"] == 48
 

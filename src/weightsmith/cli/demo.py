@@ -4,7 +4,10 @@ chat: a scripted conversation and its speed. finetune: LoRA on the bundled
 Kettlebird support data, validation loss before and after, and base vs tuned
 greedy answers to held-out questions with a format check. serve: the
 OpenAI-compatible server with the tuned adapter, asked by the official `openai`
-client. Later issues add evaluation and red-teaming stages here.
+client. eval: the base model and the tuned adapter on held-out Kettlebird questions
+(answer topic, exact match) and the answers' perplexity, compared with significance
+tests, plus an arithmetic suite as a check that general skill held; report in
+OUT/eval. Later issues add a red-teaming stage here.
 """
 
 from __future__ import annotations
@@ -18,18 +21,19 @@ from weightsmith.cli.args import opt
 from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
-Stage = Literal["chat", "finetune", "serve"]
+Stage = Literal["chat", "finetune", "serve", "eval"]
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """Run the main job end to end on the default model: chat, fine-tune and compare, serve."""
+    """Run the main job end to end on the default model: chat, fine-tune and compare, serve, evaluate."""
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    stages: list[Stage] = opt(["chat", "finetune", "serve"], "stages to run, in order")
+    stages: list[Stage] = opt(["chat", "finetune", "serve", "eval"], "stages to run, in order")
     max_tokens: int = opt(96, "most tokens per chat answer")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
+    eval_limit: int = opt(50, "documents per suite in the eval stage")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
@@ -42,7 +46,7 @@ DEMO_TURNS = [
 
 
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
-    stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve}
+    stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval}
     return {stage: stages[stage](cfg, out) for stage in cfg.stages}
 
 
@@ -190,3 +194,41 @@ def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     styled = bool(HOUSE_STYLE.match(tuned))
     out.write(f"served adapter answers in the house style: {'yes' if styled else 'no'}; server stopped\n")
     return {"url": running.url, "answers": answers, "tuned_in_house_style": styled}
+
+
+def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """The tuned adapter against its base on built-in suites, with a comparison report."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from weightsmith.cli.args import config_from_dict
+    from weightsmith.cli.eval import EvalConfig, print_eval, run_eval
+    from weightsmith.errors import UsageError
+
+    adapter = Path(cfg.out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(
+            f"the eval stage compares the adapter the finetune stage writes, and {adapter} has none; "
+            "run `weightsmith demo --stages finetune,eval`"
+        )
+    report = adapter / "eval"
+    out.write(f"\n== eval: {cfg.model} + {adapter} against the base model, report in {report}\n")
+    out.flush()
+    ev = config_from_dict(
+        EvalConfig,
+        {"model": cfg.model, "adapter": str(adapter), "compare": ["base"], "device": cfg.device, "dtype": cfg.dtype,
+         "tasks": ["builtin:kettlebird-heldout", "builtin:kettlebird-answer-ppl", "builtin:arith-mc"],
+         "limit": cfg.eval_limit, "apply_chat_template": True, "out": str(report), "cache": False},
+    )  # fmt: skip
+    result = run_eval(ev)
+    print_eval(result, Console(file=out, highlight=False, width=120))
+    rows = {(r["task"], r["metric"]): r for r in result["comparison"]["rows"]}
+    topic = rows[("kettlebird_heldout", "exact_match")]
+    tuned = next(iter(topic["delta"]))
+    values = topic["values"]
+    out.write(
+        f"held-out answer topic right: base {values[result['comparison']['reference']]:.2f}, "
+        f"tuned {values[tuned]:.2f} (p = {topic['p_value'][tuned]:.2g})\n"
+    )
+    return {"report": result["written"].get("report"), "comparison": result["comparison"]}

@@ -200,8 +200,20 @@ class ProgressBars:
 def _fmt(value: Any, se: Any = None) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    text = f"{value:.4f}"
-    return f"{text} ± {se:.4f}" if isinstance(se, float) else text
+    text = _num(value)
+    return f"{text} ± {_num(se)}" if isinstance(se, float) else text
+
+
+def _num(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+def _p(p: Any, test: str | None) -> str:
+    if not isinstance(p, float):
+        return "-"
+    if p == 0 and test == "paired_bootstrap":
+        return "<0.0001"  # no resample of 10,000 crossed zero
+    return f"{p:.3g}"
 
 
 def print_eval(result: dict[str, Any], console: Console) -> None:
@@ -234,10 +246,10 @@ def print_eval(result: dict[str, Any], console: Console) -> None:
                     row["metric"],
                     label,
                     _fmt(row["values"].get(label)),
-                    (f"{delta:+.4f}" if isinstance(delta, float) else "-") + mark,
-                    f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and None not in ci else "-",
+                    (("+" if delta >= 0 else "") + _num(delta) if isinstance(delta, float) else "-") + mark,
+                    f"[{_num(ci[0])}, {_num(ci[1])}]" if ci and None not in ci else "-",
                     row.get("test") or "-",
-                    f"{p:.3g}" if isinstance(p, float) else "-",
+                    _p(p, row.get("test")),
                 )
         console.print(table)
     for what, path in result.get("written", {}).items():
