@@ -8,7 +8,7 @@ lm-eval gets transformers' fp32 load of the same file. Each side is warmed up, t
 runs are interleaved (ours, peer, ours, peer, ...) and medians taken. Read the ratio:
 the machines are shared and noisy, so a lone absolute figure means little.
 
-    python benchmarks/eval.py [--suite arith-mc] [--docs 100] [--batch-size 16] [--runs 3] [--threads 2]
+    python benchmarks/eval.py [--suite arith-mc] [--docs 100] [--batch-size 64] [--runs 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
         "--suite", action="append", help="built-in suite(s) (default: arith-mc and reading-mc)"
     )
     parser.add_argument("--docs", type=int, default=100, help="documents per suite")
-    parser.add_argument("--batch-size", type=int, default=16, help="both sides")
+    parser.add_argument("--batch-size", type=int, default=64, help="both sides")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -221,7 +221,8 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
     out_dir = tmp_path / "kb"
     code, out, err = run_cli(
-        ["demo", "--stages", "finetune,serve", "--steps", "16", "--out", str(out_dir)], capsys
+        ["demo", "--stages", "finetune,serve,eval", "--steps", "16", "--out", str(out_dir), "--eval-limit", "16"],
+        capsys,
     )
     assert code == 0, err
     assert "validation loss" in out and "house style" in out
@@ -233,3 +234,15 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     # The serve stage: the adapter, served and asked through the official OpenAI client.
     assert "== serve:" in out and "asked with the openai client" in out
     assert "served adapter answers in the house style: yes" in out
+    # The eval stage: the tuned adapter names the held-out answers' topic where the base never
+    # does, and models the house-style answers with a significantly lower perplexity.
+    assert "== eval:" in out
+    comparison = json.loads((out_dir / "eval" / "comparison.json").read_text())
+    rows = {(r["task"], r["metric"]): r for r in comparison["rows"]}
+    topic = rows[("kettlebird_heldout", "exact_match")]
+    (label,) = topic["delta"]
+    assert topic["values"][comparison["reference"]] == 0 and topic["values"][label] > 0.1
+    assert topic["test"] == "mcnemar"
+    ppl = rows[("kettlebird_answer_ppl", "word_perplexity")]
+    assert ppl["delta"][label] < 0 and ppl["better"][label] is True
+    assert (out_dir / "eval" / "report.html").is_file()

@@ -202,3 +202,22 @@ def test_lm_eval_plugin_gives_the_same_numbers(task_dir, tiny_hf_dir, ours, monk
 
     expected = _lm_eval_results(task_dir, monkeypatch, "weightsmith", f"model={tiny_hf_dir},dtype=float32")
     _assert_same(expected, ours[0])
+
+
+def test_weightsmith_lm_eval_command_runs_lm_eval_cli(task_dir, tiny_hf_dir, monkeypatch, tmp_path):
+    """`weightsmith-lm-eval` is lm-eval's own CLI with `--model weightsmith` available."""
+    from weightsmith.eval.lm_eval_plugin import main
+
+    monkeypatch.chdir(task_dir)
+    out = tmp_path / "out"
+    argv = ["weightsmith-lm-eval", "--model", "weightsmith", "--model_args", f"model={tiny_hf_dir},dtype=float32",
+            "--tasks", "tiny_mc", "--include_path", str(task_dir), "--limit", "3", "--output_path", str(out)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    written = list(out.rglob("results_*.json"))
+    assert written, list(out.rglob("*"))
+    results = json.loads(written[0].read_text())["results"]["tiny_mc"]
+    assert 0 <= results["acc,none"] <= 1

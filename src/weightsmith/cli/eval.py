@@ -40,7 +40,7 @@ class EvalConfig(LoadOptions):
     )
     limit: float | None = opt(None, "documents per task: a count, or a fraction below 1")
     num_fewshot: int | None = opt(None, "few-shot examples per prompt (none: each task's own num_fewshot)")
-    batch_size: int = opt(16, "requests scored together")
+    batch_size: int = opt(64, "requests scored together (also capped at 16,384 tokens a batch)")
     apply_chat_template: bool = opt(False, "wrap each prompt in the model's chat template (instruct models)")
     system_instruction: str | None = opt(None, "system message for --apply-chat-template (or a text prefix)")
     fewshot_seed: int = opt(1234, "seed of the few-shot sampler (lm-eval's default)")

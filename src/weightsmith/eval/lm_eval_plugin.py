@@ -16,8 +16,11 @@ Needs the optional extra: pip install 'weightsmith[lm-eval]'.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
+
+import torch
 
 try:
     from lm_eval.api.model import LM
@@ -27,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from weightsmith.eval.scorer import Scorer
 from weightsmith.llm import load
+
+logger = logging.getLogger(__name__)
 
 
 @register_model("weightsmith")
@@ -44,6 +49,11 @@ class WeightsmithLM(LM):
         **_: Any,
     ) -> None:
         super().__init__()
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device cuda:0 unless told otherwise; its HF backend falls
+            # back to the CPU then, and so do we.
+            logger.warning("device %s is not available; running on %s", device, "cpu")
+            device = "cpu"
         self.llm = load(model, device=device, dtype=dtype, adapter=adapter)
         size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(

@@ -52,12 +52,15 @@ class Scorer:
         model: CausalLM,
         tokenizer: Tokenizer,
         *,
-        batch_size: int = 16,
+        batch_size: int = 64,
         max_length: int | None = None,
+        max_batch_tokens: int = 16384,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
+        #: Also bounds a batch by tokens (prefixes + continuations), so long documents batch fewer.
+        self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length or model.config.max_position_embeddings
         self.engine = Engine(model, tokenizer)
         self.device = model.lm_head.weight.device
@@ -155,52 +158,76 @@ class Scorer:
             groups[prefix].append((i, cont))
         order = sorted(groups.items(), key=lambda kv: -(len(kv[0]) + max(len(c) for _, c in kv[1])))
         batch: list[tuple[tuple[int, ...], list]] = []
-        rows = 0
+        rows = tokens = 0
         for prefix, members in order:
-            if batch and rows + len(members) > self.batch_size:
+            size = len(prefix) + sum(len(c) for _, c in members)
+            if batch and (rows + len(members) > self.batch_size or tokens + size > self.max_batch_tokens):
                 self._score_batch(batch, results, progress)
-                batch, rows = [], 0
+                batch, rows, tokens = [], 0, 0
             batch.append((prefix, members))
             rows += len(members)
+            tokens += size
         if batch:
             self._score_batch(batch, results, progress)
         return results  # type: ignore[return-value]
 
     def _score_batch(self, batch, results, progress: Progress | None) -> None:
+        """Step 1 runs each group's prefix plus the tokens all its continuations share, with
+        logits at the positions that predict continuation tokens; step 2 runs what is left
+        of each continuation over a copy of its group's cache row."""
         model, device = self.model, self.device
-        prefixes = [list(p) for p, _ in batch]
-        lengths = [len(p) for p in prefixes]
+        shared = [_common_prefix([c[:-1] for _, c in members]) for _, members in batch]
+        inputs = [list(p) + list(s) for (p, _), s in zip(batch, shared, strict=True)]
+        lengths = [len(x) for x in inputs]
         longest_cont = max(len(c) for _, members in batch for _, c in members)
         cache = KVCache.for_model(
             model.config, len(batch), max(lengths) + longest_cont, dtype=self.dtype, device=device
         )
-        # Step 1: every shared prefix once; its last position predicts each continuation's first token.
         t = max(lengths)
-        ids = torch.tensor([p + [0] * (t - len(p)) for p in prefixes], device=device)  # (G, T)
-        positions = torch.arange(t, device=device).expand(len(prefixes), t)
+        ids = torch.tensor([x + [0] * (t - len(x)) for x in inputs], device=device)  # (G, T)
+        positions = torch.arange(t, device=device).expand(len(inputs), t)
         hidden = model.hidden_states(
             ids, positions=positions, cache=cache, kv_len=t, aligned=len(set(lengths)) == 1
         )
-        last = hidden[
-            torch.arange(len(prefixes), device=device), torch.tensor(lengths, device=device) - 1
-        ]  # (G, h)
-        first_lp = torch.log_softmax(model.logits(last).float(), dim=-1)  # (G, V)
+        # Group g's scored positions: the last prefix token and each shared token.
+        spans = [(len(p) - 1, len(s) + 1) for (p, _), s in zip(batch, shared, strict=True)]
+        g_idx = [g for g, (_, n) in enumerate(spans) for _ in range(n)]
+        t_idx = [start + k for start, n in spans for k in range(n)]
+        step1 = hidden[torch.tensor(g_idx, device=device), torch.tensor(t_idx, device=device)]  # (N1, h)
         cache.lengths = lengths
-        # Step 2: each continuation's remaining tokens, over a copy of its prefix's cache row.
-        rows = [(g, i, cont) for g, (_, members) in enumerate(batch) for i, cont in members]
-        rest = [(g, i, cont) for g, i, cont in rows if len(cont) > 1]
-        later_lp = self._continue(cache, lengths, rest) if rest else {}
-        for g, i, cont in rows:
-            lp = [first_lp[g]] + later_lp.get(i, [])
-            logprobs = torch.stack(lp)  # (n, V)
-            target = torch.tensor(cont, device=device)
-            total = logprobs.gather(1, target[:, None]).sum().item()
-            greedy = bool((logprobs.argmax(dim=-1) == target).all())
-            results[i] = (total, greedy)
+        first_row = [0]
+        for _, n in spans:
+            first_row.append(first_row[-1] + n)
+        # Step 2: each continuation's unshared tokens.
+        members = [(g, i, cont) for g, (_, ms) in enumerate(batch) for i, cont in ms]
+        rest = [(g, i, cont[len(shared[g]) :]) for g, i, cont in members if len(cont) > len(shared[g]) + 1]
+        step2, rest_rows = self._continue(cache, lengths, rest) if rest else (None, {})
+        states = step1 if step2 is None else torch.cat([step1, step2])
+        logprobs = torch.log_softmax(model.logits(states).float(), dim=-1)  # (N, V)
+        best = logprobs.argmax(dim=-1)  # (N,)
+        row_of, target, owner = [], [], []
+        for k, (g, i, cont) in enumerate(members):
+            n_shared = len(shared[g]) + 1  # positions served by step 1
+            for j, tok in enumerate(cont):
+                row_of.append(first_row[g] + j if j < n_shared else len(step1) + rest_rows[i] + j - n_shared)
+                target.append(tok)
+                owner.append(k)
+        rows_t = torch.tensor(row_of, device=device)
+        target_t = torch.tensor(target, device=device)
+        owner_t = torch.tensor(owner, device=device)
+        token_lp = logprobs[rows_t, target_t]  # (M,)
+        total = torch.zeros(len(members), dtype=token_lp.dtype, device=device).index_add_(0, owner_t, token_lp)
+        misses = torch.zeros(len(members), dtype=torch.long, device=device).index_add_(
+            0, owner_t, (best[rows_t] != target_t).long()
+        )
+        for (_, i, _), ll, miss in zip(members, total.tolist(), misses.tolist(), strict=True):
+            results[i] = (ll, miss == 0)
         if progress:
-            progress(len(rows))
+            progress(len(members))
 
-    def _continue(self, cache: KVCache, lengths: list[int], rest) -> dict[int, list[torch.Tensor]]:
+    def _continue(self, cache: KVCache, lengths: list[int], rest) -> tuple[torch.Tensor, dict[int, int]]:
+        """Hidden states predicting each continuation's tokens after the first of `rest`'s
+        (row, request, unshared tokens), and where each request's rows start in them."""
         model, device = self.model, self.device
         src = torch.tensor([g for g, _, _ in rest], device=device)
         forked = KVCache.__new__(KVCache)
@@ -217,13 +244,11 @@ class Scorer:
         hidden = model.hidden_states(ids, positions=positions, cache=forked, kv_len=kv_len, aligned=aligned)
         row_idx = torch.tensor([r for r, f in enumerate(feeds) for _ in f], device=device)
         col_idx = torch.tensor([j for f in feeds for j in range(len(f))], device=device)
-        lp = torch.log_softmax(model.logits(hidden[row_idx, col_idx]).float(), dim=-1)  # (sum n-1, V)
-        out: dict[int, list[torch.Tensor]] = {}
-        k = 0
+        where, k = {}, 0
         for (_, i, _), f in zip(rest, feeds, strict=True):
-            out[i] = list(lp[k : k + len(f)])
+            where[i] = k
             k += len(f)
-        return out
+        return hidden[row_idx, col_idx], where
 
     # -- generation -----------------------------------------------------------
 
@@ -256,6 +281,19 @@ class Scorer:
             if progress:
                 progress(len(chunk))
         return out
+
+
+def _common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The longest token prefix every sequence starts with."""
+    first = seqs[0]
+    n = len(first)
+    for seq in seqs[1:]:
+        n = min(n, len(seq))
+        for j in range(n):
+            if seq[j] != first[j]:
+                n = j
+                break
+    return first[:n]
 
 
 def _cut(text: str, stops: list[str]) -> str:
