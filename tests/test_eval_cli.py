@@ -360,3 +360,46 @@ def test_json_prints_one_valid_document(tiny_hf_dir, task_dir, capsys, home) -> 
     assert set(result) == {"runs", "comparison", "written"}
     assert result["runs"][0]["results"]["t_gen"]["alias"] == "t_gen"
     assert result["comparison"] is None
+
+
+JUDGE_YAML = """
+task: t_judged
+dataset_path: json
+dataset_kwargs: {data_files: {test: judged.jsonl}}
+output_type: generate_until
+doc_to_text: "Say: {{prompt}}"
+doc_to_target: answer
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4}
+judge:
+  model: http://judge.invalid/v1
+  rubric: "Q: {{ question }} A: {{ answer }} R: {{ reference }} id={{ doc.id }}"
+  scale: [1, 5]
+  pass_threshold: 4
+  human_label: human
+"""
+
+
+def test_judge_scores_answers_and_reports_agreement(run, task_dir, monkeypatch, home) -> None:
+    """The runner renders the rubric per document, asks the judge once per task, aggregates
+    judge_score / judge_pass and compares with the human labels; checked by hand."""
+    rows = [{"id": i, "prompt": _phrase(random.Random(i), 3), "answer": "yes", "human": h} for i, h in
+            enumerate([5, 4, 2, 1])]  # fmt: skip
+    _jsonl(task_dir / "judged.jsonl", rows)
+    (task_dir / "judged.yaml").write_text(JUDGE_YAML)
+    replies = {0: "Score: 5", 1: "score=3", 2: "Score: 2", 3: "I cannot say"}
+    seen: list[str] = []
+
+    class Scripted:
+        def complete(self, prompts):
+            seen.extend(p[-1]["content"] for p in prompts)
+            return [replies[int(p[-1]["content"].split("id=")[1])] for p in prompts]
+
+    monkeypatch.setattr("weightsmith.eval.runner.make_judge", lambda cfg, load_model: Scripted())
+    result = run("--no-cache", tasks=["judged.yaml"])["runs"][0]["results"]["t_judged"]
+    assert len(seen) == 4 and all(" R: yes " in s and s.startswith("Q: Say: ") for s in seen)
+    assert result["judge_score,none"] == pytest.approx((5 + 3 + 2) / 3)  # the unparsable reply is left out
+    assert result["judge_pass,none"] == pytest.approx(1 / 4)  # only 5 >= 4; unparsable counts as a fail
+    assert result["judge_unparsable"] == 1
+    agreement = result["judge_agreement"]
+    assert agreement["n"] == 3 and agreement["exact_agreement"] == pytest.approx(2 / 3)
+    assert agreement["within_one"] == pytest.approx(1.0)

@@ -53,7 +53,10 @@ def _meta_table(runs: list[dict], labels: list[str]) -> str:
     head = "".join(f"<th>{escape(f)}</th>" for f in _META_FIELDS)
     rows = []
     for run, label in zip(runs, labels, strict=True):
-        cfg = run.get("config") or {}
+        # Our own block names the model and adapter; lm-eval's `config.model` is the backend.
+        cfg = (run.get("config") or {}) | {
+            k: v for k, v in (run.get("weightsmith") or {}).items() if k in _META_FIELDS
+        }
         vals = [cfg.get(f) for f in _META_FIELDS[:-1]] + [_date(run)]
         rows.append(f"<tr><td>{escape(label)}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in vals) + "</tr>")
     return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
