@@ -221,7 +221,17 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))
     out_dir = tmp_path / "kb"
     code, out, err = run_cli(
-        ["demo", "--stages", "finetune,serve,eval", "--steps", "16", "--out", str(out_dir), "--eval-limit", "16"],
+        [
+            "demo",
+            "--stages",
+            "finetune,serve,eval",
+            "--steps",
+            "16",
+            "--out",
+            str(out_dir),
+            "--eval-limit",
+            "16",
+        ],
         capsys,
     )
     assert code == 0, err
@@ -229,7 +239,10 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     assert (out_dir / "adapter_model.safetensors").is_file()
     before, after = (float(x) for x in out.split("validation loss ")[1].split(" in ")[0].split(" -> "))
     assert after < before - 0.5
-    base, tuned = (int(out.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
+    style = next(
+        line for line in out.splitlines() if line.startswith("answers in the Kettlebird house style")
+    )
+    base, tuned = (int(style.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
     assert base == 0 and tuned >= 9
     # The serve stage: the adapter, served and asked through the official OpenAI client.
     assert "== serve:" in out and "asked with the openai client" in out

@@ -93,15 +93,23 @@ def _load_hf_dir(
     decode_layout: bool,
     on_tensor: TensorHook | None,
 ) -> Checkpoint:
+    from weightsmith.quant import checkpoint as quant_ckpt
     from weightsmith.tokenizer import Tokenizer
 
-    cfg = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    data = read_json(path / "config.json")
+    cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
+    qcfg = quant_ckpt.read_quantization_config(data, str(path / "config.json"))
     files = st.weight_files(path, allow_pickle=allow_pickle)
     tokenizer = Tokenizer.from_dir(path)
     tensors = ((n, t, str(f)) for n, t, f in st.iter_tensors(files))
-    model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
+    if qcfg is not None:  # int8/int4 layers built from the stored codes, never requantized
+        model = quant_ckpt.build_quantized_model(
+            cfg, qcfg, tensors, device, dtype, decode_layout=decode_layout
+        )
+    else:
+        model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     gen = read_json(path / "generation_config.json", required=False) or {}
-    return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen)
+    return Checkpoint(model, tokenizer, cfg, path, "hf", quant_ckpt.describe(qcfg), gen)
 
 
 def _load_gguf(

@@ -21,6 +21,7 @@ from weightsmith import __version__
 from weightsmith.cli import demo, store
 from weightsmith.cli import eval as eval_cmd
 from weightsmith.cli import export as export_cmd
+from weightsmith.cli import quantize as quantize_cmd
 from weightsmith.cli import run as run_cmds
 from weightsmith.cli import serve as serve_cmd
 from weightsmith.cli import train as train_cmds
@@ -88,6 +89,13 @@ COMMANDS: dict[str, Command] = {
         "  weightsmith export models/support-merged --quant f16 --out support.gguf --overwrite\n"
         "  ollama create support -f Modelfile                    # then, in the --out directory",
     ),
+    "quantize": Command(
+        quantize_cmd.QuantizeConfig,
+        "quantize weights to int8 (per channel) or int4 (group-wise) and save a loadable directory",
+        "weightsmith quantize smollm2-135m-instruct --to int4 --group-size 32 --out models/smol-int4 --check\n"
+        "  weightsmith quantize ./my-model --to int8 --out models/my-int8 --overwrite\n"
+        '  weightsmith generate models/smol-int4 --prompt "Once upon a time"',
+    ),
     "serve": Command(
         serve_cmd.ServeConfig,
         "serve a model behind an OpenAI-compatible API (streaming, batching, adapters)",
@@ -151,6 +159,8 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
         return eval_cmd.run_eval(cfg, progress=progress), lambda r: eval_cmd.print_eval(r, console)
     if name == "export":
         return export_cmd.run_export(cfg), lambda r: export_cmd.print_export(r, console)
+    if name == "quantize":
+        return quantize_cmd.run_quantize(cfg), lambda r: quantize_cmd.print_quantize(r, console)
     if name == "serve":
         listening = lambda url, state: serve_cmd.print_listening(url, state, sys.stderr)  # noqa: E731
         stopped = lambda r: sys.stderr.write("weightsmith serve: stopped\n")  # noqa: E731

@@ -216,7 +216,9 @@ class Scorer:
         target_t = torch.tensor(target, device=device)
         owner_t = torch.tensor(owner, device=device)
         token_lp = logprobs[rows_t, target_t]  # (M,)
-        total = torch.zeros(len(members), dtype=token_lp.dtype, device=device).index_add_(0, owner_t, token_lp)
+        total = torch.zeros(len(members), dtype=token_lp.dtype, device=device).index_add_(
+            0, owner_t, token_lp
+        )
         misses = torch.zeros(len(members), dtype=torch.long, device=device).index_add_(
             0, owner_t, (best[rows_t] != target_t).long()
         )

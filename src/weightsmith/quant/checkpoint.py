@@ -1,0 +1,233 @@
+"""Save and load weight-only quantized checkpoints (int8 / int4) as HF-style directories.
+
+Layout (format_version 1). A directory like any HF checkpoint (config.json,
+generation_config.json, model.safetensors or shards with an index, tokenizer files),
+where config.json also holds
+
+    "quantization_config": {"quant_method": "weightsmith", "bits": 8 | 4,
+                            "group_size": G | null, "format_version": 1,
+                            "modules_not_quantized": ["lm_head", ...]}
+
+and each quantized module `<m>` (e.g. `model.layers.0.self_attn.q_proj`) is stored as
+  * `<m>.qweight`: int8 (N, K) for bits 8; uint8 (N, K/2) for bits 4, two 4-bit codes
+    per byte, low nibble first (byte j of a row: code 2j in bits 0-3, 2j+1 in bits 4-7).
+    This is a portable layout, not any kernel's packed one; kernels repack at load.
+  * `<m>.scales`: fp32, (N,) for bits 8 (w = q * scale, q in -127..127);
+    (N, K/G) for bits 4.
+  * `<m>.zeros`: bits 4 only, fp32 (N, K/G): w = q * scale + zero, q in 0..15.
+  * `<m>.bias` if the projection has one, in full precision.
+Every other tensor (embeddings, norms, an unquantized LM head) is stored as usual.
+A quantized LM head unties it from the embedding (config `tie_word_embeddings: false`).
+
+Loading builds Int8Linear / Int4Linear modules from these tensors directly: no
+full-precision weight of a quantized module is ever materialised, and nothing is
+requantized. Not here: the layers and the arithmetic (weight_only.py), GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.checkpoint.save import _write_json, _write_shards
+from weightsmith.errors import CheckpointError
+from weightsmith.files import fsync_file
+from weightsmith.models import CausalLM, ModelConfig
+from weightsmith.models.linear import use_decode_layout
+from weightsmith.quant.weight_only import (
+    GROUP_SIZES,
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    quantizable_modules,
+    set_submodule,
+)
+from weightsmith.tokenizer import Tokenizer
+
+QUANT_METHOD = "weightsmith"
+FORMAT_VERSION = 1
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The config.json entry describing `model`'s quantized modules."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise CheckpointError("the model has no quantized modules; call quantize_model first")
+    kinds = {(m.bits, getattr(m, "group_size", None)) for m in quantized.values()}
+    if len(kinds) != 1:
+        raise CheckpointError(f"mixed quantization settings {sorted(kinds)} cannot be saved in format v1")
+    bits, group = kinds.pop()
+    skipped = [n for n in quantizable_modules(model, lm_head=True) if n not in quantized]
+    return {
+        "quant_method": QUANT_METHOD,
+        "bits": bits,
+        "group_size": group,
+        "format_version": FORMAT_VERSION,
+        "modules_not_quantized": skipped,
+    }
+
+
+def save_quantized(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    *,
+    generation_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (after quantize_model) to `out` atomically: a temp sibling, fsync, rename."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
+    qcfg = quantization_config(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cfg = model.config.to_hf()
+        cfg["quantization_config"] = qcfg
+        _write_json(tmp / "config.json", cfg)
+        gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
+        gen.update(generation_config or {})
+        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        _write_shards(_state(model), tmp, 2 * 1024**3)
+        tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            fsync_file(f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _state(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Parameters and the quantized modules' buffers, contiguous on CPU; a tied head once."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            for b, t in module.named_buffers(recurse=False):
+                state[f"{name}.{b}"] = t.cpu().contiguous()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def read_quantization_config(data: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The validated `quantization_config` of a config.json dict if it is ours, else None."""
+    q = data.get("quantization_config")
+    if not q:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(
+            f"{source}: quantization_config quant_method {method!r} is not supported; "
+            f"weightsmith loads only its own ({QUANT_METHOD!r}) quantized checkpoints"
+        )
+    if q.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: quantization_config format_version {q.get('format_version')!r} is not supported "
+            f"(this weightsmith reads {FORMAT_VERSION}); upgrade weightsmith"
+        )
+    bits, group = q.get("bits"), q.get("group_size")
+    if bits not in (4, 8) or (bits == 4 and group not in GROUP_SIZES):
+        raise CheckpointError(f"{source}: quantization_config has bits {bits!r}, group_size {group!r}")
+    return q
+
+
+def build_quantized_model(
+    cfg: ModelConfig,
+    qcfg: dict[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor, str]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    decode_layout: bool = True,
+) -> CausalLM:
+    """Build on meta, put empty quantized layers in place of the quantized projections, fill
+    every tensor from `tensors`, and check nothing is missing."""
+    from weightsmith.checkpoint.load import IGNORED_SUFFIXES, _assign
+
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    skipped = set(qcfg.get("modules_not_quantized") or [])
+    names = [n for n in quantizable_modules(model, lm_head=True) if n not in skipped]
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        n, k = linear.out_features, linear.in_features
+        layer = _empty_layer(qcfg["bits"], qcfg["group_size"], n, k, device)
+        if linear.bias is not None:
+            layer.bias = linear.bias  # still meta: loaded below as a plain parameter
+        set_submodule(model, name, layer)
+        expected.update({f"{name}.{b}": (tuple(t.shape), t.dtype) for b, t in layer.named_buffers()})
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for name, tensor, source in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name in expected:
+            want = expected[name]
+        elif name in params:
+            want = (tuple(params[name].shape), dtype)
+        else:
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r} for this quantized {cfg.model_type} model"
+            )
+        if tuple(tensor.shape) != want[0]:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {want[0]}; "
+                "the weights and config.json do not match"
+            )
+        if name in expected:
+            module_name, _, attr = name.rpartition(".")
+            # Copied into the layer's own (allocator-aligned) buffer: a tensor read from the file
+            # can sit at any offset, and the packed CPU kernels crash on unaligned weights.
+            model.get_submodule(module_name)._buffers[attr].copy_(tensor)
+            filled.add(name)
+        else:
+            _assign(model, name, tensor.to(device=device, dtype=dtype))
+    model.tie_weights()
+    missing = [n for n in expected if n not in filled] + [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{cfg.architecture}: quantized checkpoint is missing tensors {shown}")
+    model.reset_rope()
+    if decode_layout and torch.device(device).type == "cpu":
+        # Only the remaining full-precision Linears (an unquantized LM head). Not
+        # CausalLM.use_decode_layout: it would pack the quantized q/k/v and gate/up.
+        use_decode_layout(model, torch.get_num_threads())
+        if cfg.tie_word_embeddings:
+            model.model.embed_tokens.weight = model.lm_head.weight
+    return model.eval()
+
+
+def _empty_layer(bits: int, group: int | None, n: int, k: int, device: torch.device | str) -> QuantizedLinear:
+    if bits == 8:
+        return Int8Linear(torch.empty(n, k, dtype=torch.int8, device=device), torch.empty(n, device=device))
+    if k % group:
+        raise CheckpointError(
+            f"quantized checkpoint: input dimension {k} is not divisible by group size {group}"
+        )
+    g = k // group
+    return Int4Linear(
+        torch.empty(n, k // 2, dtype=torch.uint8, device=device),
+        torch.empty(n, g, device=device),
+        torch.empty(n, g, device=device),
+        group,
+    )
+
+
+def describe(qcfg: dict[str, Any] | None) -> str | None:
+    """A short label: "int8" or "int4-g32"."""
+    if not qcfg:
+        return None
+    return "int8" if qcfg["bits"] == 8 else f"int4-g{qcfg['group_size']}"

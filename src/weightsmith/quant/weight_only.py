@@ -1,0 +1,324 @@
+"""Weight-only int8 and int4 linear layers for inference.
+
+int8: symmetric, one scale per output channel: scale = absmax(row) / 127,
+q = round(w / scale) in [-127, 127], w ~ q * scale.
+
+int4: asymmetric, group-wise along the input dimension (groups of 32, 64 or 128
+consecutive weights of a row), 16 levels between the group's min and max:
+scale = (max - min) / 15, q = round((w - min) / scale) in [0, 15], w ~ q * scale + zero
+with zero = min. This is the form PyTorch's int4 "tinygemm" kernels take, after a
+change of convention: they compute (q - 8) * scale + zero', so zero' = zero + 8 * scale,
+passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = zero'
+(checked numerically against `dequantize_int4` in the tests).
+
+Layer state (also the saved layout, see weightsmith.quant.checkpoint): `qweight`
+(int8 (N, K) for int8; uint8 (N, K/2) for int4, two 4-bit codes per byte, low nibble
+first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `scales`
+(fp32, (N,) for int8, (N, K/G) for int4) and for int4 `zeros` (fp32 (N, K/G)).
+
+Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
+PyTorch's CPU packed kernels are fast only for bf16 activations; with fp32 activations
+`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are 10-70x slower than
+`F.linear`, so fp32 models take the exact path instead: int8 computes
+`F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes
+its codes (kept unpacked, one byte each, for this path) and calls `F.linear`. bf16
+activations on CPU and all CUDA inputs in bf16 use the packed kernels (repacked once,
+lazily, from the portable layout).
+
+Not here: NF4 for QLoRA (nf4.py), activation quantization, file I/O (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightsmith.errors import ConfigError
+from weightsmith.models.linear import Linear
+
+log = logging.getLogger(__name__)
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+#: Inner K tiles for the CUDA tinygemm packing (torchao's default).
+INNER_K_TILES = 8
+
+
+# -- quantize / dequantize ----------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> (q int8 (N, K), scales fp32 (N,)), symmetric per output channel."""
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def dequantize_int8(
+    q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return (q.to(torch.float32) * scales[:, None].float()).to(dtype)  # (N, K)
+
+
+def check_group_size(k: int, group_size: int, name: str) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(
+            f"group size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"
+        )
+    if k % group_size:
+        raise ConfigError(
+            f"tensor {name!r}: input dimension {k} is not divisible by group size {group_size}; "
+            "choose a group size that divides it, or keep this module in full precision"
+        )
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> (codes uint8 (N, K) in 0..15, scales (N, K/G), zeros (N, K/G)), w ~ q * scale + zero."""
+    n, k = w.shape
+    check_group_size(k, group_size, name)
+    g = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/G, G)
+    lo, hi = g.amin(-1), g.amax(-1)  # (N, K/G)
+    scales = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scales, lo
+
+
+def dequantize_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """codes (N, K) uint8 -> w (N, K)."""
+    n, k = codes.shape
+    groups = scales.shape[1]
+    w = codes.reshape(n, groups, k // groups).to(torch.float32)  # (N, K/G, G)
+    return w.mul_(scales[..., None].float()).add_(zeros[..., None].float()).reshape(n, k).to(dtype)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K/2) uint8, low nibble first (the portable layout)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> codes (N, K) uint8."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# -- layers -------------------------------------------------------------------
+
+
+class QuantizedLinear(nn.Module):
+    """Common part: shapes, an optional full-precision bias, and `weight` for inspection."""
+
+    bits: int
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._runtime: dict[str, torch.Tensor] = {}  # lazily built kernel forms, not saved
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (N, K), materialised on each access: for inspection only."""
+        return self.dequantize().to(self.scales.device)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):  # a move (.to, .cuda) drops the kernel forms
+        self._runtime = {}
+        return super()._apply(fn, recurse)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (q * scale).T + bias with q int8 (N, K), scale per output channel."""
+
+    bits = 8
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        n, k = qweight.shape
+        super().__init__(k, n, bias)
+        self.register_buffer("qweight", qweight)  # int8 (N, K)
+        self.register_buffer("scales", scales.float())  # (N,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, s = quantize_int8(linear.weight)
+        return cls(q, s, linear.bias)
+
+    def _aligned_qweight(self) -> torch.Tensor:
+        """The weight at a 64-byte-aligned address: the CPU kernel segfaults otherwise (e.g. on a
+        tensor read straight from a safetensors file)."""
+        q = self.qweight
+        if q.is_cuda or (q.is_contiguous() and q.data_ptr() % 64 == 0):
+            return q
+        if "aligned" not in self._runtime:
+            self._runtime["aligned"] = q.clone()
+        return self._runtime["aligned"]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            flat = x.reshape(-1, self.in_features)  # (M, K)
+            y = torch.ops.aten._weight_int8pack_mm(
+                flat, self._aligned_qweight(), self.scales.to(x.dtype)
+            )  # (M, N)
+            return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+        # Exact path: the per-row scale factors out of the matmul.
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
+        return self._add_bias(y)
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x @ (q * scale + zero).T + bias with 4-bit codes q, one (scale, zero) per group of G inputs."""
+
+    bits = 4
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        n, half = qweight.shape
+        super().__init__(half * 2, n, bias)
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)  # uint8 (N, K/2), portable layout
+        self.register_buffer("scales", scales.float())  # (N, K/G)
+        self.register_buffer("zeros", zeros.float())  # (N, K/G)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
+        codes, scales, zeros = quantize_int4(linear.weight, group_size, name)
+        return cls(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def _kernel_path(self, x: torch.Tensor) -> bool:
+        """bf16 only; on CUDA the tinygemm tiles also need K % 128 == 0 and N % 8 == 0."""
+        if x.dtype != torch.bfloat16:
+            return False
+        return not x.is_cuda or (self.in_features % (INNER_K_TILES * 16) == 0 and self.out_features % 8 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_path(x):
+            flat = x.reshape(-1, self.in_features)  # (M, K)
+            packed, sz = self._packed(x.is_cuda)
+            if x.is_cuda:
+                y = torch.ops.aten._weight_int4pack_mm(flat, packed, self.group_size, sz)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
+            return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+        codes = self._runtime.get("codes")
+        if codes is None:  # (N, K) one byte per code: ~10x faster to dequantize than nibbles
+            codes = self._runtime["codes"] = unpack_nibbles(self.qweight)
+        w = dequantize_int4(codes, self.scales, self.zeros, x.dtype)  # (N, K)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _packed(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tinygemm packed weight and its scales_and_zeros (K/G, N, 2) bf16, built once."""
+        if "packed" not in self._runtime:
+            codes = unpack_nibbles(self.qweight)  # (N, K)
+            if cuda:
+                # The CUDA op takes uint8 (N, K/2) with the first code of each pair in the high nibble.
+                hi_first = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
+                packed = torch.ops.aten._convert_weight_to_int4pack(hi_first, INNER_K_TILES)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            sz = torch.stack([self.scales, self.zeros + 8 * self.scales], dim=-1)  # (N, K/G, 2)
+            self._runtime["packed"] = packed
+            self._runtime["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
+        return self._runtime["packed"], self._runtime["sz"]
+
+
+# -- whole models -------------------------------------------------------------
+
+
+def check_quant_args(bits: int, group_size: int | None) -> int | None:
+    """Validate (bits, group_size); returns the group size to use (None for int8)."""
+    if bits not in BITS:
+        raise ConfigError(f"bits {bits} is not supported; use 8 (int8) or 4 (int4)")
+    if bits == 8:
+        return None
+    group_size = 32 if group_size is None else group_size
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(
+            f"--group-size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"
+        )
+    return group_size
+
+
+def quantizable_modules(model: nn.Module, *, lm_head: bool = False) -> list[str]:
+    """Names of the projections weight-only quantization replaces (every `Linear`; the LM
+    head only if asked; MoE routers never: they are tiny and decide which experts run)."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not Linear or name.endswith("block_sparse_moe.gate"):
+            continue
+        if name == "lm_head" and not lm_head:
+            continue
+        names.append(name)
+    return names
+
+
+def quantize_model(
+    model: nn.Module, bits: int, group_size: int | None = None, *, lm_head: bool = False
+) -> list[str]:
+    """Replace the model's projections in place by Int8Linear / Int4Linear; returns their names.
+
+    Every shape is checked before any module is replaced, so a bad group size changes nothing.
+    With `lm_head=True` on a tied model, the embedding stays full precision and is untied.
+    """
+    group_size = check_quant_args(bits, group_size)
+    names = quantizable_modules(model, lm_head=lm_head)
+    if bits == 4:
+        for name in names:
+            check_group_size(model.get_submodule(name).in_features, group_size, f"{name}.weight")
+    for module in model.modules():  # packed q/k/v and gate/up buffers would keep fp32 copies alive
+        module.__dict__.pop("packed", None)
+    for name in names:
+        linear = model.get_submodule(name)
+        if bits == 8:
+            new: nn.Module = Int8Linear.from_linear(linear)
+        else:
+            new = Int4Linear.from_linear(linear, group_size, f"{name}.weight")
+        set_submodule(model, name, new)
+    if "lm_head" in names:
+        untie(model)
+    log.info("quantized %d modules to int%d%s", len(names), bits, f" g{group_size}" if group_size else "")
+    return names
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def untie(model: nn.Module) -> None:
+    """Mark a CausalLM's config as untied (its LM head is no longer the embedding)."""
+    import dataclasses
+
+    cfg = getattr(model, "config", None)
+    if cfg is not None and cfg.tie_word_embeddings:
+        model.config = dataclasses.replace(cfg, tie_word_embeddings=False)
