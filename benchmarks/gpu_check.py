@@ -265,12 +265,67 @@ def section_finetune(path: Path, device: str, runs: int) -> dict:
     return {k: result.get(k) for k in ("initial_val_loss", "seconds")} | {"metrics": result.get("metrics")}
 
 
+def section_quant(path: Path, device: str, runs: int, new_tokens: int = 128) -> dict:
+    """int8 / int4 (g32) weight-only layers on the device: each layer's output against
+    F.linear on its dequantized weight, logits against bf16, and decode speed."""
+    import torch.nn.functional as F
+
+    from weightsmith import load
+    from weightsmith.generate import TokenGenerator
+    from weightsmith.quant.weight_only import Int4Linear, Int8Linear, quantize_model
+    from weightsmith.sampling import SamplingParams
+
+    base = load(str(path), device=device, dtype="bf16").model
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.inference_mode():
+        ref_logits = base(ids).float()
+    prompt = [(1000 + i) % vocab for i in range(32)]
+    out: dict = {}
+
+    def decode_rate(model, batch: int) -> float:
+        def gen(n: int) -> None:
+            g = TokenGenerator(model, [prompt] * batch, [SamplingParams(max_tokens=n, temperature=0)] * batch,
+                               eos_token_ids=set())  # fmt: skip
+            for _ in g:
+                pass
+
+        full = median_time(lambda: gen(new_tokens + 1), device, runs)
+        one = median_time(lambda: gen(1), device, runs)
+        return batch * new_tokens / (full - one)
+
+    out["decode b1 bf16"] = decode_rate(base, 1)
+    out["decode b16 bf16"] = decode_rate(base, 16)
+    for bits, group in ((8, None), (4, 32)):
+        name = f"int{bits}" + (f" g{group}" if group else "")
+        model = load(str(path), device=device, dtype="bf16").model
+        quantize_model(model, bits, group)
+        layer = next(m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+        x = torch.randn(5, layer.in_features, device=device, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            y = layer(x).float()
+            y_ref = F.linear(x.float(), layer.dequantize(torch.float32).to(device))
+            logits = model(ids).float()
+        out[name] = {
+            "layer rel err vs dequantized": ((y - y_ref).norm() / y_ref.norm()).item(),
+            "logits cosine vs bf16": F.cosine_similarity(
+                logits.flatten(), ref_logits.flatten(), dim=0
+            ).item(),
+            "argmax agree vs bf16": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+            "decode b1 tok/s": decode_rate(model, 1),
+            "decode b16 tok/s": decode_rate(model, 16),
+        }
+        del model
+    return out
+
+
 SECTIONS = {
     "parity": section_parity,
     "generate": section_generate,
     "eval": section_eval,
     "scheduler": section_scheduler,
     "finetune": section_finetune,
+    "quant": section_quant,
 }
 
 

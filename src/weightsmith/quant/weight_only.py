@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
-#: Inner K tiles for the CUDA tinygemm packing (torchao's default).
-INNER_K_TILES = 8
 
 
 # -- quantize / dequantize ----------------------------------------------------
@@ -219,7 +217,7 @@ class Int4Linear(QuantizedLinear):
         """bf16 only; on CUDA the tinygemm tiles also need K % 128 == 0 and N % 8 == 0."""
         if x.dtype != torch.bfloat16:
             return False
-        return not x.is_cuda or (self.in_features % (INNER_K_TILES * 16) == 0 and self.out_features % 8 == 0)
+        return not x.is_cuda or (_inner_k_tiles(self.in_features) > 0 and self.out_features % 8 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_path(x):
@@ -243,13 +241,20 @@ class Int4Linear(QuantizedLinear):
             if cuda:
                 # The CUDA op takes uint8 (N, K/2) with the first code of each pair in the high nibble.
                 hi_first = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
-                packed = torch.ops.aten._convert_weight_to_int4pack(hi_first, INNER_K_TILES)
+                packed = torch.ops.aten._convert_weight_to_int4pack(
+                    hi_first, _inner_k_tiles(self.in_features)
+                )
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
             sz = torch.stack([self.scales, self.zeros + 8 * self.scales], dim=-1)  # (N, K/G, 2)
             self._runtime["packed"] = packed
             self._runtime["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
         return self._runtime["packed"], self._runtime["sz"]
+
+
+def _inner_k_tiles(k: int) -> int:
+    """tinygemm's inner K tiling (8, 4 or 2 tiles of 16) that divides K; 0 if none does."""
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), 0)
 
 
 # -- whole models -------------------------------------------------------------
