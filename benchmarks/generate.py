@@ -31,12 +31,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_ours(path, prompt_ids, prefill_ids):
+def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | None = None):
+    """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
 
-    model = load_checkpoint(path, dtype=torch.float32).model
+    model = load_checkpoint(path, dtype=dtype).model
+    if bits is not None:
+        from weightsmith.quant.weight_only import quantize_model
+
+        quantize_model(model, bits, 32 if bits == 4 else None)
 
     def gen(n: int) -> None:
         g = TokenGenerator(
@@ -128,6 +133,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-static", action="store_true", help="skip transformers' static-cache variant")
     ap.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
+    ap.add_argument("--skip-quantized", action="store_true", help="skip weightsmith bf16/int8/int4 columns")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -144,6 +150,14 @@ def main() -> None:
         "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
         "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
     }
+    if not args.skip_quantized:  # the packed int8/int4 kernels take bf16 activations
+        contenders["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)
+        contenders["weightsmith int8 (bf16 act.)"] = bench_ours(
+            path, prompt_ids, prefill_ids, torch.bfloat16, 8
+        )
+        contenders["weightsmith int4 g32 (bf16)"] = bench_ours(
+            path, prompt_ids, prefill_ids, torch.bfloat16, 4
+        )
     if not args.skip_static:
         contenders["transformers static cache"] = bench_transformers(
             path, prompt_ids, prefill_ids, cache="static"
@@ -169,17 +183,23 @@ def main() -> None:
     results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
 
     print(
-        f"model {args.model} (fp32), {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
+        f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
     )
     print(f"{'':28}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
         print(f"{name:28}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
     ours = results["weightsmith"]
     for name, r in results.items():
-        if name != "weightsmith":
+        if not name.startswith("weightsmith"):
             print(
                 f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
+            )
+    int4 = results.get("weightsmith int4 g32 (bf16)")
+    for name, r in results.items():
+        if int4 and name.startswith("llama.cpp Q4"):
+            print(
+                f"ratio weightsmith int4 g32 / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x"
             )
 
 

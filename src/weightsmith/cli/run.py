@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -88,6 +89,8 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     chat: bool = opt(False, "wrap the prompt as a user message in the model's chat template")
     system: str | None = opt(None, "system message (with --chat)")
     json: bool = opt(False, "print one JSON object with text, finish reason, usage and timings")
+    draft: str | None = opt(None, "draft model for speculative decoding (greedy only; same tokenizer)")
+    draft_k: int = opt(4, "tokens the draft proposes per step")
 
 
 def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
@@ -114,6 +117,8 @@ def run_generate(
         source: Any = llm.engine.chat_prompt(messages)
     else:
         source = prompt
+    if cfg.draft is not None:
+        return {"model": cfg.model, "prompt": prompt, **_run_speculative(cfg, llm, params, source, on_text)}
     completion = None
     for delta in llm.engine.stream(source, params):
         if on_text and delta.text:
@@ -121,6 +126,48 @@ def run_generate(
         completion = delta.completion or completion
     assert completion is not None
     return {"model": cfg.model, "prompt": prompt, **completion.to_dict()}
+
+
+def _run_speculative(
+    cfg: GenerateConfig, llm: LLM, params: Any, source: Any, on_text: TextSink | None
+) -> dict:
+    """`generate --draft`: the target's greedy tokens, drafted by a second model. Stop
+    strings are not applied here, so --stop is refused rather than silently ignored."""
+    from weightsmith.engine import Completion
+    from weightsmith.speculative import check_draft, speculative_generate
+
+    if params.temperature != 0:
+        raise UsageError("speculative decoding is greedy-only here; pass --temperature 0")
+    if params.stop:
+        raise UsageError("--stop is not supported with --draft; drop one of them")
+    if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+        raise UsageError("--draft does not apply repetition penalties; pass --repetition-penalty 1")
+    if cfg.draft_k < 1:
+        raise UsageError(f"--draft-k must be at least 1, got {cfg.draft_k}")
+    draft = load_with_status(cfg.draft, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
+    check_draft(llm.model, draft.model)
+    ids = llm.engine.encode_prompt(source)
+    eos = set() if params.ignore_eos else set(llm.engine.eos_token_ids)
+    eos |= set(params.stop_token_ids)
+    start = time.perf_counter()
+    res = speculative_generate(
+        llm.model, draft.model, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos
+    )
+    elapsed = time.perf_counter() - start
+    shown = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens  # the end token has no text
+    text = llm.tokenizer.decode(shown, skip_special_tokens=True)
+    if on_text and text:
+        on_text(text)
+    completion = Completion(
+        text, res.finish_reason, len(ids), len(res.tokens), res.tokens, decode_seconds=elapsed
+    )
+    speculative = {
+        "proposed": res.proposed,
+        "accepted": res.accepted,
+        "acceptance_rate": round(res.acceptance_rate, 4),
+        "target_forwards": res.target_forwards,
+    }
+    return {**completion.to_dict(), "speculative": speculative}
 
 
 @dataclass(kw_only=True)
