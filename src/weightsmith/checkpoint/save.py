@@ -40,13 +40,25 @@ def save_hf_dir(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists; choose another --out or remove it first")
+    cfg = model.config.to_hf()
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return write_hf_dir(out, cfg, _state_dict(model, dtype), tokenizer, generation_config, max_shard_bytes)
+
+
+def write_hf_dir(
+    out: Path,
+    cfg: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    tokenizer: Tokenizer,
+    generation_config: dict[str, Any] | None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write config.json, generation_config.json, safetensors shards and the tokenizer into a
+    temp folder beside `out`, fsync them, then rename it into place (replacing `out`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        cfg = model.config.to_hf()
-        state = _state_dict(model, dtype)
-        if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         _write_json(tmp / "config.json", cfg)
         gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
         gen.update(generation_config or {})

@@ -26,9 +26,6 @@ requantized. Not here: the layers and the arithmetic (weight_only.py), GGUF.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightsmith.checkpoint.save import _write_json, _write_shards
+from weightsmith.checkpoint.save import write_hf_dir
 from weightsmith.errors import CheckpointError
-from weightsmith.files import fsync_file
 from weightsmith.models import CausalLM, ModelConfig
 from weightsmith.models.linear import use_decode_layout
 from weightsmith.quant.weight_only import (
@@ -87,26 +83,9 @@ def save_quantized(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
     qcfg = quantization_config(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        cfg = model.config.to_hf()
-        cfg["quantization_config"] = qcfg
-        _write_json(tmp / "config.json", cfg)
-        gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
-        gen.update(generation_config or {})
-        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        _write_shards(_state(model), tmp, 2 * 1024**3)
-        tokenizer.save(tmp)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    cfg = model.config.to_hf()
+    cfg["quantization_config"] = qcfg
+    return write_hf_dir(out, cfg, _state(model), tokenizer, generation_config, 2 * 1024**3)
 
 
 def _state(model: CausalLM) -> dict[str, torch.Tensor]:
