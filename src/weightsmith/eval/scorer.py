@@ -63,8 +63,10 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length or model.config.max_position_embeddings
         self.engine = Engine(model, tokenizer)
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        # The embedding is never quantized, so it names the device and compute dtype
+        # (a quantized LM head's `weight` is a dequantized copy).
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
 
     # -- tokenization (lm-eval's HF backend) ---------------------------------
 

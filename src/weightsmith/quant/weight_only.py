@@ -30,6 +30,7 @@ Not here: NF4 for QLoRA (nf4.py), activation quantization, file I/O (checkpoint.
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch
@@ -111,7 +112,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 # -- layers -------------------------------------------------------------------
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """Common part: shapes, an optional full-precision bias, and `weight` for inspection."""
 
     bits: int
@@ -127,8 +128,9 @@ class QuantizedLinear(nn.Module):
         """The dequantized weight (N, K), materialised on each access: for inspection only."""
         return self.dequantize().to(self.scales.device)
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """The full-precision weight (N, K) these codes stand for."""
 
     def _apply(self, fn, recurse=True):  # a move (.to, .cuda) drops the kernel forms
         self._runtime = {}
