@@ -7,7 +7,9 @@ OpenAI-compatible server with the tuned adapter, asked by the official `openai`
 client. eval: the base model and the tuned adapter on held-out Kettlebird questions
 (answer topic, exact match) and the answers' perplexity, compared with significance
 tests, plus an arithmetic suite as a check that general skill held; report in
-OUT/eval. Later issues add a red-teaming stage here.
+OUT/eval. redteam: the base model and the tuned fork, each bare and behind the sample
+school policy, attacked with the built-in probe packs; attack success and over-refusal
+with 95% intervals, report in OUT/redteam.
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ from weightsmith.cli.args import opt
 from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
-Stage = Literal["chat", "finetune", "serve", "eval"]
+Stage = Literal["chat", "finetune", "serve", "eval", "redteam"]
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """Run the main job end to end on the default model: chat, fine-tune and compare, serve, evaluate."""
+    """Run the main job end to end on the default model: chat, fine-tune, serve, evaluate, red-team."""
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    stages: list[Stage] = opt(["chat", "finetune", "serve", "eval"], "stages to run, in order")
+    stages: list[Stage] = opt(["chat", "finetune", "serve", "eval", "redteam"], "stages to run, in order")
     max_tokens: int = opt(96, "most tokens per chat answer")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
     eval_limit: int = opt(50, "documents per suite in the eval stage")
+    redteam_limit: int = opt(8, "probes per pack in the redteam stage (before transforms)")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
@@ -46,7 +49,8 @@ DEMO_TURNS = [
 
 
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
-    stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval}
+    stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval,
+              "redteam": demo_redteam}  # fmt: skip
     return {stage: stages[stage](cfg, out) for stage in cfg.stages}
 
 
@@ -196,22 +200,29 @@ def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     return {"url": running.url, "answers": answers, "tuned_in_house_style": styled}
 
 
-def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
-    """The tuned adapter against its base on built-in suites, with a comparison report."""
+def _tuned_adapter(cfg: DemoConfig, stage: str):
     from pathlib import Path
 
-    from rich.console import Console
-
-    from weightsmith.cli.args import config_from_dict
-    from weightsmith.cli.eval import EvalConfig, print_eval, run_eval
     from weightsmith.errors import UsageError
 
     adapter = Path(cfg.out)
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(
-            f"the eval stage compares the adapter the finetune stage writes, and {adapter} has none; "
-            "run `weightsmith demo --stages finetune,eval`"
+            f"the {stage} stage uses the adapter the finetune stage writes, and {adapter} has none; "
+            f"run `weightsmith demo --stages finetune,{stage}`"
         )
+    return adapter
+
+
+def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """The tuned adapter against its base on built-in suites, with a comparison report."""
+
+    from rich.console import Console
+
+    from weightsmith.cli.args import config_from_dict
+    from weightsmith.cli.eval import EvalConfig, print_eval, run_eval
+
+    adapter = _tuned_adapter(cfg, "eval")
     report = adapter / "eval"
     out.write(f"\n== eval: {cfg.model} + {adapter} against the base model, report in {report}\n")
     out.flush()
@@ -232,3 +243,29 @@ def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         f"tuned {values[tuned]:.2f} (p = {topic['p_value'][tuned]:.2g})\n"
     )
     return {"report": result["written"].get("report"), "comparison": result["comparison"]}
+
+
+def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """Base and tuned fork, each bare and behind the sample policy, against the probe packs."""
+    from rich.console import Console
+
+    from weightsmith.cli.args import config_from_dict
+    from weightsmith.cli.redteam import RedteamConfig, print_redteam, progress_lines, run_redteam_cli
+
+    adapter = _tuned_adapter(cfg, "redteam")
+    report = adapter / "redteam"
+    out.write(
+        f"\n== redteam: {cfg.model} and {cfg.model} + {adapter}, each bare and behind builtin:school "
+        f"({cfg.redteam_limit} probes per pack), report in {report}\n"
+    )
+    out.flush()
+    rt = config_from_dict(
+        RedteamConfig,
+        {"target": cfg.model, "adapter": [str(adapter)], "guard": "builtin:school", "limit": cfg.redteam_limit,
+         "transforms": ["none", "base64"], "max_tokens": 48, "out": str(report), "resume": False,
+         "device": cfg.device, "dtype": cfg.dtype},
+    )  # fmt: skip
+    console = Console(file=out, highlight=False, width=140)
+    result = run_redteam_cli(rt, progress=progress_lines(console))
+    print_redteam(result, console)
+    return {"report": result["written"]["report.html"], "configs": result["configs"]}

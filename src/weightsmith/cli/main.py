@@ -18,10 +18,13 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith import __version__
+from weightsmith.cli import audit as audit_cmd
 from weightsmith.cli import demo, store
 from weightsmith.cli import eval as eval_cmd
 from weightsmith.cli import export as export_cmd
+from weightsmith.cli import guard as guard_cmd
 from weightsmith.cli import quantize as quantize_cmd
+from weightsmith.cli import redteam as redteam_cmd
 from weightsmith.cli import run as run_cmds
 from weightsmith.cli import serve as serve_cmd
 from weightsmith.cli import train as train_cmds
@@ -36,8 +39,16 @@ class Command:
     examples: str
 
 
+@dataclass(frozen=True)
+class Group:
+    """A command with subcommands (`weightsmith guard check ...`); dispatched as "guard check"."""
+
+    help: str
+    commands: dict[str, Command]
+
+
 #: Every command, in the order `--help` lists them.
-COMMANDS: dict[str, Command] = {
+COMMANDS: dict[str, Command | Group] = {
     "pull": Command(
         store.PullConfig,
         "fetch a model into the store",
@@ -82,6 +93,39 @@ COMMANDS: dict[str, Command] = {
         "  weightsmith eval smollm2-135m-instruct --adapter runs/support --compare base \\\n"
         "      --tasks builtin:kettlebird-heldout --apply-chat-template --out reports/support",
     ),
+    "redteam": Command(
+        redteam_cmd.RedteamConfig,
+        "attack a model, its forks and its guard with probe packs; attack success vs over-refusal",
+        "weightsmith redteam smollm2-135m-instruct --adapter runs/support --guard builtin:school --out reports/rt\n"
+        "  weightsmith redteam http://localhost:8000/v1 --model smollm2-135m-instruct --packs builtin:injection",
+    ),
+    "guard": Group(
+        "check text against a guardrail policy, or test a policy against its own examples",
+        {
+            "check": Command(
+                guard_cmd.GuardCheckConfig,
+                "check one text against a policy's input (or --output) rails",
+                'weightsmith guard check builtin:school "how do I make a bomb"\n'
+                '  echo "my email is a@b.org" | weightsmith guard check policies/school.yaml --output --json',
+            ),
+            "test": Command(
+                guard_cmd.GuardTestConfig,
+                "run a policy against the examples written in it (exit 1 if any fails)",
+                "weightsmith guard test builtin:school\n  weightsmith guard test policies/school.yaml --json",
+            ),
+        },
+    ),
+    "audit": Group(
+        "audit a model for bias",
+        {
+            "bias": Command(
+                audit_cmd.AuditBiasConfig,
+                "counterfactual bias audit over eval tasks, and stereotype-pair likelihoods",
+                "weightsmith audit bias smollm2-135m-instruct --tasks builtin:reading-mc --out reports/bias\n"
+                "  weightsmith audit bias ./my-model --lexicon builtin:names --pairs none --tasks my_task.yaml",
+            ),
+        },
+    ),
     "export": Command(
         export_cmd.ExportConfig,
         "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q4_0)",
@@ -121,15 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(
-            name,
-            help=cmd.help,
-            description=(cmd.config.__doc__ or cmd.help).strip(),
-            epilog=f"example:\n  {cmd.examples}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add_config_arguments(p, cmd.config)
+        if isinstance(cmd, Group):
+            g = sub.add_parser(name, help=cmd.help, description=cmd.help)
+            inner = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            for sub_name, sub_cmd in cmd.commands.items():
+                _add_command(inner, sub_name, sub_cmd)
+        else:
+            _add_command(sub, name, cmd)
     return parser
+
+
+def _add_command(sub: Any, name: str, cmd: Command) -> None:
+    p = sub.add_parser(
+        name,
+        help=cmd.help,
+        description=(cmd.config.__doc__ or cmd.help).strip(),
+        epilog=f"example:\n  {cmd.examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(p, cmd.config)
+
+
+def command_for(ns: argparse.Namespace) -> tuple[str, Command]:
+    """The command line's command name ("eval", "guard check") and its `Command`."""
+    cmd = COMMANDS[ns.command]
+    if isinstance(cmd, Group):
+        return f"{ns.command} {ns.subcommand}", cmd.commands[ns.subcommand]
+    return ns.command, cmd
 
 
 def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any], None] | None]:
@@ -157,6 +219,20 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
     if name == "eval":
         progress = None if cfg.json else eval_cmd.ProgressBars(eval_cmd.stderr_console())
         return eval_cmd.run_eval(cfg, progress=progress), lambda r: eval_cmd.print_eval(r, console)
+    if name == "redteam":
+        progress = None if cfg.json else redteam_cmd.progress_lines(redteam_cmd.stderr_console())
+        result = redteam_cmd.run_redteam_cli(cfg, progress=progress)
+        return result, lambda r: redteam_cmd.print_redteam(r, console)
+    if name == "guard check":
+        return guard_cmd.run_guard_check(cfg), lambda r: guard_cmd.print_guard_check(r, console)
+    if name == "guard test":
+        return guard_cmd.run_guard_test(cfg, console=console), lambda r: guard_cmd.print_guard_test(
+            r, console
+        )
+    if name == "audit bias":
+        progress = None if cfg.json else eval_cmd.ProgressBars(eval_cmd.stderr_console())
+        result = audit_cmd.run_audit_bias(cfg, progress=progress)
+        return result, lambda r: audit_cmd.print_audit_bias(r, console)
     if name == "export":
         return export_cmd.run_export(cfg), lambda r: export_cmd.print_export(r, console)
     if name == "quantize":
@@ -183,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        cfg = config_from_args(COMMANDS[ns.command].config, ns)
+        name, command = command_for(ns)
+        cfg = config_from_args(command.config, ns)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-        result, show = dispatch(ns.command, cfg, console)
+        result, show = dispatch(name, cfg, console)
         if getattr(cfg, "json", False):
             print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
         elif show is not None:
@@ -195,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsmithError as e:
         if ns.debug:
             raise
-        err.print(f"weightsmith {ns.command}: error: {e}", markup=False)
+        label = " ".join(x for x in (ns.command, getattr(ns, "subcommand", None)) if x)
+        err.print(f"weightsmith {label}: error: {e}", markup=False)
         return e.exit_code
     except KeyboardInterrupt:
         if ns.debug:

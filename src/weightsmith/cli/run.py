@@ -91,6 +91,9 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     json: bool = opt(False, "print one JSON object with text, finish reason, usage and timings")
     draft: str | None = opt(None, "draft model for speculative decoding (greedy only; same tokenizer)")
     draft_k: int = opt(4, "tokens the draft proposes per step")
+    guard: str | None = opt(
+        None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
+    )
 
 
 def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
@@ -108,15 +111,21 @@ def run_generate(
     cfg: GenerateConfig, *, on_text: TextSink | None = None, stdin: TextIO | None = None
 ) -> dict:
     prompt = read_prompt(cfg, stdin or sys.stdin)
+    guard = _load_guard(cfg)
     llm = cfg.load()
     params = llm.sampling_params(**cfg.sampling())
-    if cfg.chat:
-        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        source: Any = llm.engine.chat_prompt(messages)
-    else:
-        source = prompt
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    if guard is not None:
+        if cfg.draft is not None:
+            raise UsageError("--guard and --draft cannot be combined yet; drop one of them")
+        to_ids = (
+            llm.engine.chat_prompt if cfg.chat else (lambda m: llm.engine.encode_prompt(m[-1]["content"]))
+        )
+        completion, reply = guarded_stream(llm, guard, messages, to_ids, params, on_text)
+        return {"model": cfg.model, "prompt": prompt, **_guarded_result(completion, reply)}
+    source: Any = llm.engine.chat_prompt(messages) if cfg.chat else prompt
     if cfg.draft is not None:
         return {"model": cfg.model, "prompt": prompt, **_run_speculative(cfg, llm, params, source, on_text)}
     completion = None
@@ -126,6 +135,46 @@ def run_generate(
         completion = delta.completion or completion
     assert completion is not None
     return {"model": cfg.model, "prompt": prompt, **completion.to_dict()}
+
+
+def _load_guard(cfg: Any) -> Any:
+    """The --guard policy, read and checked before the model loads (None without --guard)."""
+    from weightsmith.safety.guarded import load_guard
+
+    opts = {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
+    return load_guard(cfg.guard, load_model=lambda ref: load_with_status(ref, **opts))
+
+
+def guarded_stream(
+    llm: LLM, guard: Any, messages: list[dict], to_ids: Callable[[list[dict]], list[int]], params: Any,
+    on_text: TextSink | None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """One guarded answer: streamed as it comes when the policy has only input rails; held
+    until complete (then checked and shown) when it has output rails. Returns the model's
+    Completion (None when the input was blocked) and the `GuardedReply`."""
+    from weightsmith.safety.guarded import guarded_replies
+
+    live = not guard.has_output_rails
+    state: dict[str, Any] = {"completion": None}
+
+    def generate(convs: list[list[dict]]) -> list[tuple[str, str]]:
+        for delta in llm.engine.stream(to_ids(convs[0]), params):
+            if live and on_text and delta.text:
+                on_text(delta.text)
+            state["completion"] = delta.completion or state["completion"]
+        c = state["completion"]
+        return [(c.text, c.finish_reason)]
+
+    reply = guarded_replies(guard, [messages], generate)[0]
+    if on_text and reply.text and not (live and state["completion"] is not None):
+        on_text(reply.text)
+    return state["completion"], reply
+
+
+def _guarded_result(completion: Any, reply: Any) -> dict:
+    out = completion.to_dict() if completion is not None else {"usage": None}
+    out.update({"text": reply.text, "finish_reason": reply.finish_reason, "guard": reply.guard_record()})
+    return out
 
 
 def _run_speculative(
@@ -176,6 +225,7 @@ class ChatConfig(LoadOptions, SamplingOptions):
 
     max_tokens: int = opt(512, "most tokens per answer", short="-n")
     system: str | None = opt(None, "system message for the conversation")
+    guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
 
 
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit quits"
@@ -189,6 +239,7 @@ class ChatSession:
     params: dict[str, Any]
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    guard: Any = None
 
     def messages(self) -> list[dict[str, str]]:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
@@ -197,6 +248,8 @@ class ChatSession:
     def reply(self, text: str, on_text: TextSink) -> dict:
         self.history.append({"role": "user", "content": text})
         sp = self.llm.sampling_params(**self.params)
+        if self.guard is not None:
+            return self._guarded_reply(sp, on_text)
         ids = self._fitting_prompt(sp.max_tokens)
         answer, completion = [], None
         for delta in self.llm.engine.stream(ids, sp):
@@ -206,6 +259,19 @@ class ChatSession:
             completion = delta.completion or completion
         self.history.append({"role": "assistant", "content": "".join(answer)})
         return completion.to_dict() if completion else {}
+
+    def _guarded_reply(self, sp: Any, on_text: TextSink) -> dict:
+        def to_ids(messages: list[dict]) -> list[int]:
+            # What the guard let through, redactions included, is the history from now on.
+            self.history = [m for m in messages if m["role"] != "system"]
+            return self._fitting_prompt(sp.max_tokens)
+
+        completion, reply = guarded_stream(self.llm, self.guard, self.messages(), to_ids, sp, on_text)
+        if completion is None:
+            self.history.pop()  # blocked before the model: the turn is not kept
+        else:
+            self.history.append({"role": "assistant", "content": reply.text})
+        return _guarded_result(completion, reply)
 
     def _fitting_prompt(self, max_tokens: int) -> list[int]:
         budget = self.llm.engine.context_length - min(max_tokens, self.llm.engine.context_length // 2)
@@ -220,10 +286,11 @@ class ChatSession:
 
 def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) -> dict:
     """The REPL: slash commands, streaming answers, history kept across turns."""
+    guard = _load_guard(cfg)
     llm = cfg.load()
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
-    session = ChatSession(llm, cfg.sampling(), cfg.system)
+    session = ChatSession(llm, cfg.sampling(), cfg.system, guard=guard)
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

@@ -62,6 +62,7 @@ class ServeConfig:
         help="let web pages from this origin call the API (CORS is off by default)",
         split=False,
     )
+    guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every request")
     drain_timeout: float = opt(30.0, "on shutdown, seconds to let in-flight requests finish")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
@@ -118,6 +119,8 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
 def build_app(cfg: ServeConfig):
     """Check the options and return (app, its state); nothing is loaded yet."""
     from weightsmith.checkpoint.hub import resolve
+    from weightsmith.llm import load
+    from weightsmith.safety.guarded import load_guard
     from weightsmith.serve.app import ServeSettings, create_app
 
     for name, value, low in (("max-batch", cfg.max_batch, 1), ("max-queue", cfg.max_queue, 0),
@@ -126,6 +129,7 @@ def build_app(cfg: ServeConfig):
         if value < low:
             raise UsageError(f"--{name} must be at least {low}, got {value}")
     adapters = parse_adapters(cfg.adapter)
+    guard = load_guard(cfg.guard, load_model=lambda ref: load(ref, device=cfg.device, dtype=cfg.dtype))
     path = resolve(cfg.model)
     settings = ServeSettings(
         served_name=cfg.served_name or cfg.model,
@@ -136,6 +140,7 @@ def build_app(cfg: ServeConfig):
         max_body_bytes=cfg.max_body,
         prefill_chunk=cfg.prefill_chunk,
         cors_origins=list(cfg.cors_origin),
+        guard=guard,
     )
     if ":" in settings.served_name.removeprefix(str(Path(settings.served_name).anchor)):
         settings.served_name = Path(cfg.model).name  # a Windows path; ':' separates adapters
@@ -243,4 +248,7 @@ def print_listening(url: str, state: Any, out) -> None:
     )
     if state.settings.api_key:
         out.write("  an API key is required (Authorization: Bearer KEY)\n")
+    guard = state.settings.guard
+    if guard is not None:
+        out.write(f"  guardrail policy {guard.name} version {guard.version} on every request\n")
     out.flush()

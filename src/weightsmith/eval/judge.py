@@ -242,19 +242,33 @@ class EndpointJudge:
         self.concurrency = max(1, concurrency)
         self.transport = transport
 
-    def complete(self, prompts: list[list[dict]]) -> list[str]:
-        import httpx  # local: only endpoint judges need it
+    def client(self) -> Any:
+        """An httpx.Client with this endpoint's key and timeouts (use it as a context manager)."""
+        import httpx  # local: only endpoints need it
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
-        with httpx.Client(headers=headers, timeout=timeout, transport=self.transport) as client:
+        return httpx.Client(headers=headers, timeout=timeout, transport=self.transport)
+
+    def map(self, fn: Callable[[Any, list[dict]], Any], prompts: list[list[dict]]) -> list[Any]:
+        """`fn(client, messages)` for each conversation, `concurrency` at a time, in order."""
+        with self.client() as client:
             if self.concurrency == 1 or len(prompts) <= 1:
-                return [self._one(client, m) for m in prompts]
+                return [fn(client, m) for m in prompts]
             # Concurrent requests let a batching server (ours, vLLM) decode them together.
             with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as pool:
-                return list(pool.map(lambda m: self._one(client, m), prompts))
+                return list(pool.map(lambda m: fn(client, m), prompts))
+
+    def complete(self, prompts: list[list[dict]]) -> list[str]:
+        return self.map(self._one, prompts)
 
     def _one(self, client: Any, messages: list[dict]) -> str:
+        return self.reply(client, messages)[0]
+
+    def reply(
+        self, client: Any, messages: list[dict], *, what: str = "judge endpoint"
+    ) -> tuple[str, str | None]:
+        """One greedy chat completion on `client` (an httpx.Client): (content, finish_reason)."""
         import httpx
 
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
@@ -262,21 +276,20 @@ class EndpointJudge:
             r = client.post(self.url, json=body)
         except httpx.HTTPError as e:
             raise WeightsmithError(
-                f"judge endpoint {self.url}: request failed ({type(e).__name__}: {e}); "
+                f"{what} {self.url}: request failed ({type(e).__name__}: {e}); "
                 "check the URL and that the server is running"
             ) from None
         if r.status_code != 200:
-            raise WeightsmithError(
-                f"judge endpoint {self.url} answered HTTP {r.status_code}: {_snippet(r.text)}"
-            )
+            raise WeightsmithError(f"{what} {self.url} answered HTTP {r.status_code}: {_snippet(r.text)}")
         try:
-            content = r.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            content = ...
+            choice = r.json()["choices"][0]
+            content, finish = choice["message"]["content"], choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            content, finish = ..., None
         if content is not ... and (content is None or isinstance(content, str)):
-            return content or ""  # null content (e.g. a refusal) is a reply with no score in it
+            return content or "", finish  # null content (e.g. a refusal) is an empty reply
         raise WeightsmithError(
-            f"judge endpoint {self.url} returned a malformed reply (HTTP {r.status_code}): "
+            f"{what} {self.url} returned a malformed reply (HTTP {r.status_code}): "
             f"expected JSON with choices[0].message.content, got {_snippet(r.text)}"
         )
 

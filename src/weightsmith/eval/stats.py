@@ -118,19 +118,34 @@ def _as_array(items: Sequence) -> np.ndarray | None:
         return None  # ragged or non-numeric: the per-resample path handles it
 
 
+def _bootstrap(statistic: Callable[[Sequence], float], items: Sequence, iters: int, seed: int, name: str):
+    """`statistic` on each of `iters` seeded resamples (with replacement) of `items`."""
+    if len(items) == 0:
+        raise EvalStatsError(f"{name}: no items to resample")
+    if iters < 1:
+        raise EvalStatsError(f"{name}: iters must be at least 1, got {iters}")
+    rng = np.random.default_rng(seed)
+    items = list(items)
+    arr = _as_array(items)
+    chunks = _index_chunks(rng, len(items), iters)
+    return np.concatenate([_resampled_stats(statistic, [arr], [items], idx)[0] for idx in chunks])
+
+
 def bootstrap_stderr(
     statistic: Callable[[Sequence], float], items: Sequence, iters: int = 1000, seed: int = 1234
 ) -> float:
     """Std (ddof=1) of `statistic` over `iters` resamples of `items` with replacement."""
-    if len(items) == 0:
-        raise EvalStatsError("bootstrap_stderr: no items to resample")
-    rng = np.random.default_rng(seed)
-    items = list(items)
-    arr = _as_array(items)
-    stats = [
-        _resampled_stats(statistic, [arr], [items], idx)[0] for idx in _index_chunks(rng, len(items), iters)
-    ]
-    return float(np.std(np.concatenate(stats), ddof=1)) if iters > 1 else math.nan
+    stats = _bootstrap(statistic, items, iters, seed, "bootstrap_stderr")
+    return float(np.std(stats, ddof=1)) if iters > 1 else math.nan
+
+
+def bootstrap_ci(
+    items: Sequence, statistic: Callable[[Sequence], float] = mean, iters: int = 10000, seed: int = 1234
+) -> tuple[float, float]:
+    """The 95% percentile interval of `statistic` over `iters` resamples of `items`."""
+    stats = _bootstrap(statistic, items, iters, seed, "bootstrap_ci")
+    lo, hi = np.percentile(stats, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    return float(lo), float(hi)
 
 
 # --- paired tests ----------------------------------------------------------------------

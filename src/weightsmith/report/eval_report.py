@@ -7,35 +7,18 @@ comes from the runs is escaped. Not here: computing statistics (weightsmith.eval
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import io
 import math
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from weightsmith.eval.stats import ALPHA, metric_keys, run_label
-from weightsmith.files import write_text_atomic
+from weightsmith.report.html import figure_png, image, new_figure, write_page
+from weightsmith.report.html import fmt as _fmt
+from weightsmith.report.html import plain as _plain
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.def { color: #555; font-size: 0.9em; max-width: 32em; }
-.up { color: #1a7f37; } .down { color: #c62828; } .muted { color: #888; }
-"""
 _META_FIELDS = ("model", "adapter", "limit", "num_fewshot", "date")
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return escape(str(x))
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
 def _metric_name(metric: str, filt: str) -> str:
@@ -142,10 +125,6 @@ def _comparison_table(comparison: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>{note}"
 
 
-def _plain(text: str) -> str:
-    return text.replace("$", r"\$")  # a "$" in a task name would start matplotlib mathtext
-
-
 def _chart_png(runs: list[dict], labels: list[str]) -> str | None:
     """Base64 PNG: one panel per primary metric, a group of bars (one per run) per task."""
     panels: dict[str, list[tuple[str, str]]] = {}  # metric -> [(task, filter)]
@@ -155,10 +134,8 @@ def _chart_png(runs: list[dict], labels: list[str]) -> str | None:
             panels.setdefault(keys[0][0], []).append((task, keys[0][1]))
     if not panels:
         return None
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
-
     bars = max(len(v) for v in panels.values()) * len(runs)
-    fig = Figure(figsize=(min(16.0, max(6.0, 2.0 + 0.5 * bars)), 3.4 * len(panels)))
+    fig = new_figure(min(16.0, max(6.0, 2.0 + 0.5 * bars)), 3.4 * len(panels))
     width = 0.8 / len(runs)
     for p, (metric, tasks) in enumerate(panels.items()):
         ax = fig.add_subplot(len(panels), 1, p + 1)
@@ -174,10 +151,7 @@ def _chart_png(runs: list[dict], labels: list[str]) -> str | None:
         ax.set_ylabel(_plain(metric))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return figure_png(fig)
 
 
 def write_eval_report(
@@ -187,8 +161,6 @@ def write_eval_report(
     labels = [run_label(r, i) for i, r in enumerate(runs)]
     title = "Evaluation report: " + ", ".join(labels)
     parts = [
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>',
-        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>",
         "<h2>Runs</h2>",
         _meta_table(runs, labels),
         "<h2>Results</h2>",
@@ -201,8 +173,6 @@ def write_eval_report(
     if png is not None:
         parts += [
             "<h2>Primary metric per task</h2>",
-            f'<img alt="primary metric per task and model, with stderr error bars" '
-            f'src="data:image/png;base64,{png}">',
+            image(png, "primary metric per task and model, with stderr error bars"),
         ]
-    parts.append("</body></html>\n")
-    write_text_atomic(Path(path), "\n".join(parts))
+    write_page(Path(path), title, parts)

@@ -38,6 +38,7 @@ from weightsmith.llm import LLM
 from weightsmith.serve.jobs import (
     ClientGone,
     EchoJob,
+    GuardedJob,
     Job,
     choice_params,
     respond,
@@ -90,6 +91,7 @@ class ServeSettings:
     max_body_bytes: int = 4 << 20
     cors_origins: list[str] = field(default_factory=list)
     retry_after: int = 1  # seconds, on 429 and 503
+    guard: Any = None  # a safety.policy.Guard applied to every request (`serve --guard`)
 
 
 @dataclass
@@ -339,11 +341,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         adapter = state.resolve_model(req.model)
         logprobs = req.logprobs_k()
         _check_n(req.n, scheduler.max_batch)
-        ids = _chat_ids(loaded.llm, req)
+        messages = [_message_dict(m) for m in req.messages]
+        guard, refusal = settings.guard, None
+        if guard is not None:
+            verdict, messages = guard.guard_messages(messages)
+            refusal = verdict.refusal or "" if verdict.blocked else None
+        ids = _render(loaded.llm, messages)
         budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
         params = sampling_params(loaded.llm, req, budget)
-        job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
-        job.submit(scheduler, settings.retry_after)
+        job: Any = None
+        if refusal is None:
+            job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
+            job.submit(scheduler, settings.retry_after)
+        if guard is not None and (refusal is not None or guard.has_output_rails):
+            job = GuardedJob(
+                job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal)
+            )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
         return await respond(job, http, builder, req, logprobs is not None)
@@ -357,16 +370,24 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompts = req.prompts()
         _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
         ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
+        guard, refusals = settings.guard, {}
+        if guard is not None:
+            ids, refusals = _guard_prompts(guard, loaded.llm, prompts, ids, req.n)
         all_ids, all_params = [], []
         for i, p in enumerate(ids):
             budget = token_budget(
                 len(p), req.max_tokens, scheduler.max_len, _prompt_param(i, len(ids)), "max_tokens"
             )
             params = sampling_params(loaded.llm, req, budget)
-            all_ids += [p] * req.n
-            all_params += choice_params(params, req.n)
-        job = Job(all_ids, all_params, adapter, req.logprobs)
-        job.submit(scheduler, settings.retry_after)
+            if i * req.n not in refusals:
+                all_ids += [p] * req.n
+                all_params += choice_params(params, req.n)
+        job: Any = None
+        if all_ids:
+            job = Job(all_ids, all_params, adapter, req.logprobs)
+            job.submit(scheduler, settings.retry_after)
+        if guard is not None and (refusals or guard.has_output_rails):
+            job = GuardedJob(job, guard, len(ids) * req.n, refusals)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=False, include_usage=include_usage)
         if req.echo:
@@ -433,8 +454,21 @@ def _render(llm: LLM, messages: list[dict[str, str]], add_generation_prompt: boo
         raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
 
 
-def _chat_ids(llm: LLM, req: ChatRequest) -> list[int]:
-    return _render(llm, [_message_dict(m) for m in req.messages])
+def _guard_prompts(
+    guard: Any, llm: LLM, prompts: list, ids: list[list[int]], n: int
+) -> tuple[list[list[int]], dict[int, str]]:
+    """Input rails over each prompt: redacted prompts are re-tokenized; the choices of a
+    blocked prompt get the refusal (keyed by choice index)."""
+    out, refusals = [], {}
+    for i, (prompt, p) in enumerate(zip(prompts, ids, strict=True)):
+        text = prompt if isinstance(prompt, str) else llm.tokenizer.decode(p)
+        verdict = guard.check_input(text)
+        if verdict.blocked:
+            refusals.update(dict.fromkeys(range(i * n, (i + 1) * n), verdict.refusal or ""))
+        elif verdict.action == "redact":
+            p = llm.tokenizer.encode(verdict.text)
+        out.append(p)
+    return out, refusals
 
 
 def _prompt_param(index: int, count: int) -> str:

@@ -205,3 +205,72 @@ class EchoJob:
             yield sse(builder.text_chunk(i, p, None))
         async for event in self.job.stream(builder, include_usage):
             yield event
+
+
+class GuardedJob:
+    """A request behind a guardrail policy (`serve --guard`).
+
+    Choices whose input the policy blocked are answered with its refusal and
+    `finish_reason: "content_filter"` without reaching the model; the others run as `job`
+    (the unblocked choices, in order). With output rails
+    every answer is checked when complete, so a stream then arrives as one chunk per
+    choice after the check; without output rails and nothing blocked, use the plain job.
+    """
+
+    def __init__(self, job: Job | None, guard, n: int, blocked: dict[int, str]) -> None:
+        self.job, self.guard, self.n, self.blocked = job, guard, n, blocked
+        self.index = [i for i in range(n) if i not in blocked]  # inner choice k -> outer choice
+        self.request = job.request if job is not None else None
+        self.prompt_tokens = job.prompt_tokens if job is not None else 0
+
+    def _finish(self, inner: list[ChoiceResult]) -> list[ChoiceResult]:
+        from weightsmith.safety.guarded import CONTENT_FILTER
+
+        results = [ChoiceResult() for _ in range(self.n)]
+        for i, refusal in self.blocked.items():
+            results[i] = ChoiceResult(text=refusal, finish_reason=CONTENT_FILTER)
+        verdicts = (
+            self.guard.check_many([r.text for r in inner], "output") if self.guard.has_output_rails else None
+        )
+        for k, r in enumerate(inner):
+            v = verdicts[k] if verdicts is not None else None
+            if v is not None and v.blocked:
+                r = ChoiceResult(text=v.refusal or "", finish_reason=CONTENT_FILTER,
+                                 completion_tokens=r.completion_tokens)  # fmt: skip
+            elif v is not None and v.action == "redact":
+                r = ChoiceResult(
+                    text=v.text, finish_reason=r.finish_reason, completion_tokens=r.completion_tokens
+                )
+            results[self.index[k]] = r
+        return results
+
+    async def collect(self, http: Request) -> list[ChoiceResult]:
+        inner = await self.job.collect(http) if self.job is not None else []
+        return self._finish(inner)
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        inner = [ChoiceResult() for _ in self.index]
+        remaining = len(inner)
+        try:
+            while remaining:
+                ev = await self.job.events.get()  # type: ignore[union-attr]
+                if ev.error:
+                    yield sse(ApiError(500, ev.error, type="server_error", code="generation_failed").body())
+                    yield SSE_DONE
+                    return
+                inner[ev.index].add(ev)
+                remaining -= ev.finish_reason is not None
+            results = self._finish(inner)
+            for i, r in enumerate(results):
+                if builder.chat:
+                    yield sse(builder.role_chunk(i))
+                if r.text:
+                    yield sse(builder.text_chunk(i, r.text, None))
+                yield sse(builder.finish_chunk(i, r.finish_reason or "stop"))
+            if include_usage:
+                completion_tokens = sum(r.completion_tokens for r in results)
+                yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+            yield SSE_DONE
+        finally:
+            if remaining and self.request is not None:
+                self.request.cancel()  # the client went away

@@ -1,0 +1,16 @@
+"""Safety in the open: red-team probes, detectors, guardrail policies and bias audits.
+
+Layout:
+  encodings.py   base64 / rot13 / leetspeak: encode (attacks) and decoded views (defence)
+  probes.py      probe packs (YAML/JSONL) -> `Probe`s
+  transforms.py  encodings, suffixes and templates that compose with any attack probe
+  detectors.py   refusal (patterns, judge), planted-secret leaks, policy violation (judge);
+                 precision/recall on the shipped hand-labelled calibration sets
+  policy.py      `Guard`: a loaded policy's input/output rails, redaction and refusals
+  policy_file.py reading and checking policy files; rails.py: the rules' matchers and PII kinds
+  guarded.py     applying a `Guard` around generation (chat, generate, serve)
+  redteam.py     run probes against targets (in-process or an OpenAI endpoint), score, ASR
+                 and over-refusal with bootstrap intervals, transcripts and report
+  bias.py        lexicons, counterfactual audits over eval tasks, CrowS-style pair likelihoods
+Data: packs/, calibration/, policies/, lexicons/, pairs/ (all written for this project).
+"""
