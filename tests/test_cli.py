@@ -224,13 +224,17 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
         [
             "demo",
             "--stages",
-            "finetune,serve,eval",
+            "finetune,serve,eval,redteam",
             "--steps",
             "16",
             "--out",
             str(out_dir),
             "--eval-limit",
             "16",
+            "--redteam-limit",
+            "2",
+            "--max-tokens",
+            "24",
         ],
         capsys,
     )
@@ -259,3 +263,22 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     ppl = rows[("kettlebird_answer_ppl", "word_perplexity")]
     assert ppl["delta"][label] < 0 and ppl["better"][label] is True
     assert (out_dir / "eval" / "report.html").is_file()
+    # The redteam stage: base and fork, each bare and behind the sample policy, one table.
+    assert "== redteam:" in out and "attack success and over-refusal" in out
+    summary = json.loads((out_dir / "redteam" / "summary.json").read_text())
+    configs = {r["config"]: r for r in summary["configs"]}
+    assert list(configs) == [
+        "smollm2-135m-instruct", "smollm2-135m-instruct + guard:school",
+        "smollm2-135m-instruct+kb", "smollm2-135m-instruct+kb + guard:school",
+    ]  # fmt: skip
+    assert summary["probes"] == {"attack": 20, "benign": 2, "packs": sorted(summary["probes"]["packs"]),
+                                 "transforms": ["base64", "none"]}  # fmt: skip
+    for label in configs:
+        assert configs[label]["asr"]["n"] == 20 and configs[label]["over_refusal"]["n"] == 2
+        if label.endswith("guard:school"):
+            assert configs[label]["guard_actions"].get("input_block", 0) > 0
+    lines = [json.loads(x) for x in (out_dir / "redteam" / "transcripts.jsonl").read_text().splitlines()]
+    blocked = [r for r in lines if r["guard"] and r["guard"]["action"] == "block"]
+    assert blocked and all(r["finish_reason"] == "content_filter" and r["refused"] for r in blocked)
+    assert not any(r.get("success") for r in blocked)
+    assert (out_dir / "redteam" / "report.html").is_file()

@@ -391,7 +391,7 @@ GOOD = {"prompt": "p", "response": "r", "label": True}
         ("mini.jsonl", {"prompt": "p", "response": "r"}, "label", "required but missing"),
         ("mini.jsonl", {**GOOD, "label": "yes"}, "label", "expected true or false"),
         ("mini.jsonl", {**GOOD, "label": 1}, "label", "expected true or false"),
-        ("mini.jsonl", '{"prompt": "p", "response": ', None, "not valid JSON"),
+        ("mini.jsonl", '{"prompt": "p", "response": ', None, "invalid JSON"),
         ("mini.jsonl", "[1, 2]", None, "expected a JSON object"),
         ("mini.jsonl", {"prompt": "p", "label": False}, "response", "required but missing"),
         ("mini.jsonl", {**GOOD, "prompt": 3}, "prompt", "expected a string"),

@@ -164,3 +164,17 @@ def test_guard_flags_are_checked_before_the_model_loads(tmp_path, capsys):
     ):
         code, out, err = run([*cmd, "--guard", str(bad)], capsys)
         assert code == 1 and "p.yaml:6" in err and "patterns" in err, err
+
+
+def test_guard_check_takes_options_after_the_policy(capsys):
+    # argparse alone would read "builtin:school" as POLICY, fill TEXT with its default, and
+    # reject the text after --output as unrecognized.
+    code, out, err = run(
+        ["guard", "check", "builtin:school", "--output", "mail jo@example.com", "--json"], capsys
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["direction"] == "output" and res["action"] == "redact" and "jo@example.com" not in res["text"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["guard", "check", "builtin:school", "--output", "x", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

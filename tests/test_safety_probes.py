@@ -89,7 +89,7 @@ def test_load_single_builtin_and_dedupe():
 
 
 def test_unknown_builtin_suggests():
-    with pytest.raises(UsageError, match=r"did you mean 'harmful'"):
+    with pytest.raises(UsageError, match=r"did you mean 'builtin:harmful'"):
         load_packs(["builtin:harmfull"])
     with pytest.raises(UsageError, match=r"did you mean builtin:leakage"):
         load_packs(["leakage"])
@@ -387,7 +387,7 @@ BAD_JSONL = [
         '{"pack": "j", "family": "benign", "kind": "benign", "id": "a", "prompt": "x"}\n{"pack": "j", ',
         2,
         None,
-        "invalid JSON line",
+        "invalid JSON",
     ),
     (
         '{"pack": "j", "family": "benign", "kind": "benign", "id": "a", "prompt": "x"}\n'

@@ -77,3 +77,38 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def builtin_file(spec: str, folder: Path, suffixes: tuple[str, ...], what: str) -> Path | None:
+    """The shipped file a `builtin:NAME` spec names (None for any other spec).
+
+    `folder` holds the built-in files of one kind (`what`, e.g. "policy"); an unknown name
+    raises a UsageError with a did-you-mean and the list of built-in names."""
+    import difflib
+
+    from weightsmith.errors import UsageError
+
+    if not spec.strip().startswith("builtin:"):
+        return None
+    name = spec.strip()[len("builtin:") :]
+    for suffix in suffixes:
+        path = folder / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    names = sorted({p.name[: -len(s)] for s in suffixes for p in folder.glob(f"*{s}")})
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean 'builtin:{close[0]}'?" if close else f"built-in: {', '.join(names)}"
+    raise UsageError(f"unknown built-in {what} {spec.strip()!r}; {hint}")
+
+
+def json_object_line(line: str, where: str, what: str, error: type[Exception]) -> dict[str, Any]:
+    """One line of a JSON-lines file as a dict; else `error` naming `where` (FILE:LINE)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(
+            f"{where}: invalid JSON ({e.msg} at column {e.colno}); write one {what} per line as a JSON object"
+        ) from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object ({what}), got {type(obj).__name__}")
+    return obj

@@ -32,7 +32,7 @@ class DemoConfig:
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
     stages: list[Stage] = opt(["chat", "finetune", "serve", "eval", "redteam"], "stages to run, in order")
-    max_tokens: int = opt(96, "most tokens per chat answer")
+    max_tokens: int = opt(96, "most tokens per chat answer (and, up to 48, per red-team reply)")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
     eval_limit: int = opt(50, "documents per suite in the eval stage")
@@ -262,7 +262,7 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     rt = config_from_dict(
         RedteamConfig,
         {"target": cfg.model, "adapter": [str(adapter)], "guard": "builtin:school", "limit": cfg.redteam_limit,
-         "transforms": ["none", "base64"], "max_tokens": 48, "out": str(report), "resume": False,
+         "transforms": ["none", "base64"], "max_tokens": min(48, cfg.max_tokens), "out": str(report), "resume": False,
          "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
     console = Console(file=out, highlight=False, width=140)

@@ -164,18 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    leaves: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
         if isinstance(cmd, Group):
             g = sub.add_parser(name, help=cmd.help, description=cmd.help)
             inner = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             for sub_name, sub_cmd in cmd.commands.items():
-                _add_command(inner, sub_name, sub_cmd)
+                leaves[f"{name} {sub_name}"] = _add_command(inner, sub_name, sub_cmd)
         else:
-            _add_command(sub, name, cmd)
+            leaves[name] = _add_command(sub, name, cmd)
+    parser.set_defaults(_leaves=leaves)
     return parser
 
 
-def _add_command(sub: Any, name: str, cmd: Command) -> None:
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; options may come between or after positionals (`guard check P --output T`).
+
+    argparse fills an optional positional with its default as soon as it meets the first
+    positional before an option, so text after the option is "unrecognized". The command's
+    own parser then reads its arguments again in intermixed mode, which has no such gap."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns, rest = parser.parse_known_args(args)
+    if not rest or ns.command is None:
+        return parser.parse_args(args) if rest else ns
+    name, _ = command_for(ns)
+    start = args.index(ns.command) + 1
+    if " " in name:
+        start = args.index(ns.subcommand, start) + 1
+    leaf = ns._leaves[name].parse_intermixed_args(args[start:])
+    for key, value in vars(leaf).items():
+        setattr(ns, key, value)
+    return ns
+
+
+def _add_command(sub: Any, name: str, cmd: Command) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
         help=cmd.help,
@@ -184,6 +206,7 @@ def _add_command(sub: Any, name: str, cmd: Command) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(p, cmd.config)
+    return p
 
 
 def command_for(ns: argparse.Namespace) -> tuple[str, Command]:
@@ -248,7 +271,7 @@ def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_command_line(parser, argv)
     logging.basicConfig(
         level=logging.INFO if ns.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -299,18 +299,28 @@ def _snippet(text: str, limit: int = 200) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def endpoint_judge(
+    url: str, model: str, api_key_env: str | None, *, max_tokens: int, where: str
+) -> EndpointJudge:
+    """An EndpointJudge whose API key comes from `api_key_env`; `where` names the setting
+    ("FILE: judge.api_key_env") when that variable is unset."""
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise ConfigError(
+                f"{where}: environment variable {api_key_env} is not set; export it or remove api_key_env"
+            )
+    return EndpointJudge(url, model, key, max_tokens=max_tokens)
+
+
 def make_judge(cfg: JudgeConfig, *, load_model: Callable[[str], Any]) -> JudgeBackend:
     """An EndpointJudge when `cfg.model` is a URL, else a LocalJudge on `load_model(cfg.model)`."""
     if cfg.is_endpoint:
-        key = None
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ConfigError(
-                    f"{cfg.source}: judge.api_key_env: environment variable {cfg.api_key_env} is not set; "
-                    "export it or remove api_key_env"
-                )
-        return EndpointJudge(cfg.model, cfg.endpoint_model, key, max_tokens=cfg.max_tokens)
+        where = f"{cfg.source}: judge.api_key_env"
+        return endpoint_judge(
+            cfg.model, cfg.endpoint_model, cfg.api_key_env, max_tokens=cfg.max_tokens, where=where
+        )
     return LocalJudge(load_model(cfg.model), max_tokens=cfg.max_tokens)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from weightsmith.cli.args import LineLoader, read_yaml
 from weightsmith.errors import ConfigError, UsageError
+from weightsmith.files import builtin_file
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 
@@ -177,17 +178,9 @@ def builtin_names() -> list[str]:
 def resolve_spec(spec: str) -> list[Path]:
     """`builtin:NAME`, a .yaml file or a folder of them -> task/group files."""
     spec = spec.strip()
-    if spec.startswith("builtin:"):
-        name = spec[len("builtin:") :]
-        path = suites_dir() / f"{name}.yaml"
-        if not path.is_file():
-            names = builtin_names()
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = (
-                f"; did you mean 'builtin:{close[0]}'?" if close else f"; built-in suites: {', '.join(names)}"
-            )
-            raise UsageError(f"unknown built-in suite {spec!r}{hint}")
-        return [path]
+    found = builtin_file(spec, suites_dir(), (".yaml",), "suite")
+    if found is not None:
+        return [found]
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(list(path.glob("*.yaml")) + list(path.glob("*.yml")))

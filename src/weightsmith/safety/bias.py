@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.prompts import Task
 from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, _ticker, evaluate
 from weightsmith.eval.stats import bootstrap_ci, mean, mean_stderr, paired_bootstrap
+from weightsmith.files import builtin_file, json_object_line
 
 DIRECTIONS = ("stereo", "antistereo")
 _LEXICON_KEYS = ("lexicon", "version", "description", "groups", "terms")
@@ -68,15 +68,13 @@ def pairs_dir() -> Path:
 
 
 def _resolve(spec: str, folder: Path, suffix: str, what: str, flag: str) -> Path:
-    spec = spec.strip()
-    if spec.startswith("builtin:"):
-        name = spec[len("builtin:") :]
-        path = folder / f"{name}{suffix}"
-        if not path.is_file():
-            names = sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
-            raise UsageError(f"{flag} {spec}: unknown built-in {what}; built-in: {', '.join(names)}")
-        return path
-    path = Path(spec).expanduser()
+    try:
+        found = builtin_file(spec, folder, (suffix,), what)
+    except UsageError as e:
+        raise UsageError(f"{flag} {e}") from None
+    if found is not None:
+        return found
+    path = Path(spec.strip()).expanduser()
     if not path.is_file():
         raise UsageError(f"{flag} {spec}: {what} file not found (give a file or builtin:NAME)")
     return path
@@ -472,12 +470,7 @@ def read_pairs(path: Path) -> list[Pair]:
         if not raw.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: invalid JSON ({e.msg}); one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{where}: expected a JSON object with {', '.join(_PAIR_KEYS)}")
+        obj = json_object_line(raw, where, "pair", ConfigError)
         for key in obj:
             if key not in _PAIR_KEYS:
                 raise ConfigError(f"{where}: {key}: unknown field; a pair has {', '.join(_PAIR_KEYS)}")

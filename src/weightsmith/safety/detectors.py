@@ -15,7 +15,6 @@ calibration/ (see calibration/README.md for how they were labelled).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from weightsmith.errors import ConfigError, WeightsmithError
+from weightsmith.files import json_object_line
 from weightsmith.safety import encodings
 
 #: MLCommons AILuminate v1.0 hazard categories (descriptions written for this project).
@@ -488,14 +488,7 @@ def load_calibration(name_or_path: str | Path) -> list[tuple[Exchange, bool]]:
 
 def _parse_line(path: Path, lineno: int, line: str, kind: str | None) -> tuple[Exchange, bool]:
     where = f"{path}:{lineno}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one object per line"
-        ) from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    record = json_object_line(line, where, "labelled example", ConfigError)
     unknown = sorted(set(record) - _FIELDS)
     if unknown:
         raise ConfigError(f"{where}: field {unknown[0]!r}: unknown; expected {', '.join(sorted(_FIELDS))}")

@@ -24,9 +24,7 @@ generation with a guard (guarded.py); the CLI (cli/guard.py).
 
 from __future__ import annotations
 
-import difflib
 import functools
-import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -36,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import ConfigError, UsageError, WeightsmithError
-from weightsmith.eval.judge import EndpointJudge, JudgeBackend, LocalJudge, is_endpoint
+from weightsmith.eval.judge import JudgeBackend, LocalJudge, endpoint_judge, is_endpoint
+from weightsmith.files import builtin_file
 from weightsmith.safety.rails import PII_KINDS, Rule, _labelled_views
 
 __all__ = [
@@ -143,19 +142,10 @@ def builtin_policies() -> list[str]:
 
 
 def _resolve(spec: str) -> Path:
-    spec = spec.strip()
-    if spec.startswith("builtin:"):
-        name = spec[len("builtin:") :]
-        path = policies_dir() / f"{name}.yaml"
-        if not path.is_file():
-            names = builtin_policies()
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = (
-                f"did you mean 'builtin:{close[0]}'?" if close else f"built-in policies: {', '.join(names)}"
-            )
-            raise UsageError(f"unknown built-in policy {spec!r}; {hint}")
-        return path
-    path = Path(spec).expanduser()
+    found = builtin_file(spec, policies_dir(), (".yaml",), "policy")
+    if found is not None:
+        return found
+    path = Path(spec.strip()).expanduser()
     if not path.exists():
         raise UsageError(f"policy file not found: {spec} (give a .yaml policy file or builtin:NAME)")
     return path
@@ -380,15 +370,10 @@ class Guard:
                 if c is None:
                     raise ConfigError(f"{self.path}: classifier: required by a classifier rule")
                 if is_endpoint(c.model):
-                    key = None
-                    if c.api_key_env:
-                        key = os.environ.get(c.api_key_env)
-                        if not key:
-                            raise ConfigError(
-                                f"{self.path}:{c.line}: classifier.api_key_env: environment variable "
-                                f"{c.api_key_env} is not set; export it or remove api_key_env"
-                            )
-                    self._judge = EndpointJudge(c.model, c.endpoint_model, key, max_tokens=c.max_tokens)
+                    where = f"{self.path}:{c.line}: classifier.api_key_env"
+                    self._judge = endpoint_judge(
+                        c.model, c.endpoint_model, c.api_key_env, max_tokens=c.max_tokens, where=where
+                    )
                 else:
                     load = self._load_model or _default_load_model
                     self._judge = LocalJudge(load(c.model), max_tokens=c.max_tokens)

@@ -40,7 +40,6 @@ weightsmith.safety.transforms), detectors, running probes (weightsmith.safety.re
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Any
 
 from weightsmith.cli.args import read_yaml
 from weightsmith.errors import ConfigError, UsageError
+from weightsmith.files import builtin_file, json_object_line
 
 PACK_DIR = Path(__file__).resolve().parent / "packs"
 
@@ -123,14 +123,9 @@ def builtin_packs() -> list[str]:
 
 
 def _builtin_path(name: str) -> Path:
-    for suffix in _PACK_SUFFIXES:
-        path = PACK_DIR / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    names = builtin_packs()
-    raise UsageError(
-        f"unknown builtin pack {name!r}{_hint(name, names)} (builtin packs: {', '.join(names)}, or builtin:all)"
-    )
+    path = builtin_file(f"builtin:{name}", PACK_DIR, _PACK_SUFFIXES, "probe pack (or builtin:all)")
+    assert path is not None
+    return path
 
 
 def _pack_files(spec: str) -> list[Path]:
@@ -263,16 +258,7 @@ def _load_jsonl(path: Path) -> list[Probe]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path}:{n}: invalid JSON line: {exc.msg} (column {exc.colno}); write one probe object per line"
-            ) from None
-        if not isinstance(item, dict):
-            raise ConfigError(
-                f"{path}:{n}: each line must be a JSON object (a probe), got {type(item).__name__}"
-            )
+        item = json_object_line(line, f"{path}:{n}", "probe", ConfigError)
 
         def err(key: str | None, msg: str, n: int = n) -> ConfigError:
             return ConfigError(f"{path}:{n}: {key}: {msg}" if key else f"{path}:{n}: {msg}")

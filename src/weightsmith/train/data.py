@@ -16,7 +16,6 @@ file:line. Not here: the loss (sft.py) and the optimisation loop (loop.py).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.files import json_object_line
 from weightsmith.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -104,12 +104,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def _parse_line(line: str, where: str) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = json_object_line(line, where, "example", DataError)
     if "messages" in obj:
         return Record(where, messages=_check_messages(obj["messages"], where))
     if "instruction" in obj or "output" in obj:
