@@ -260,4 +260,4 @@ def print_eval(result: dict[str, Any], console: Console) -> None:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, file=sys.stderr)
+    return Console(stderr=True, highlight=False, emoji=False, file=sys.stderr)

@@ -127,7 +127,7 @@ def run_guard_test(cfg: GuardTestConfig, *, console: Console | None = None) -> d
         if cfg.json:
             print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
         else:
-            print_guard_test(result, console or Console(highlight=False))
+            print_guard_test(result, console or Console(highlight=False, emoji=False))
         where = ", ".join(f"line {r['line']}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
         raise GuardTestFailed(
             f"{guard.path}: {len(failed)} of {len(rows)} examples failed ({where}); "

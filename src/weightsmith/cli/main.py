@@ -280,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
         name, command = command_for(ns)
         cfg = config_from_args(command.config, ns)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
-        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
         result, show = dispatch(name, cfg, console)
         if getattr(cfg, "json", False):
             print(json.dumps(result, indent=2, ensure_ascii=False, default=str))

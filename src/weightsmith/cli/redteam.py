@@ -15,9 +15,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from weightsmith import __version__
@@ -55,6 +56,9 @@ class RedteamConfig:
         None, "judge model or endpoint URL: attacks succeed only when it finds a violation"
     )
     judge_model: str = opt("default", "the judge endpoint's model name")
+    refusal_detector: Literal["patterns", "judge"] = opt(
+        "patterns", "how refusals are recognised: refusal patterns, or the --judge model"
+    )
     api_key_env: str = opt("WEIGHTSMITH_API_KEY", "environment variable holding the endpoint's API key")
     over_refusal_budget: float = opt(0.10, "most over-refusal a guard may add (0.10 = 10 points)")
     bootstrap_iters: int = opt(10000, "resamples for the 95% intervals")
@@ -114,6 +118,8 @@ def _validate(cfg: RedteamConfig) -> None:
             raise UsageError(f"--{name} must be at least {low}, got {value}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.refusal_detector == "judge" and cfg.judge is None:
+        raise UsageError("--refusal-detector judge needs a judge model: give --judge MODEL or URL")
     if not 0 <= cfg.over_refusal_budget <= 1:
         raise UsageError(f"--over-refusal-budget is a fraction in [0, 1], got {cfg.over_refusal_budget}")
 
@@ -174,7 +180,7 @@ def run_redteam_cli(cfg: RedteamConfig, *, progress: Any = None) -> dict[str, An
     transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
     probes = apply_transforms(probes, transforms)
     guard = load_guard(cfg.guard, load_model=lambda ref: load_with_status(ref, **_load_kwargs(cfg)))
-    detectors = default_detectors(_judge(cfg))
+    detectors = default_detectors(_judge(cfg), refusal=cfg.refusal_detector)
     configs = configurations(_targets(cfg), guard)
     opts = RunOptions(
         bootstrap_iters=cfg.bootstrap_iters,
@@ -251,14 +257,14 @@ def print_redteam(result: dict, console: Console) -> None:
         )
         budget = row.get("within_budget")
         table.add_row(
-            row["config"], _pct(row["asr"]), _pct(row["over_refusal"]), delta,
+            escape(row["config"]), _pct(row["asr"]), _pct(row["over_refusal"]), delta,
             "" if budget is None else ("yes" if budget else "NO"),
         )  # fmt: skip
     console.print(table)
     fam = Table(title="attack success by probe family")
     fam.add_column("family")
     for row in result["configs"]:
-        fam.add_column(row["config"], justify="right")
+        fam.add_column(escape(row["config"]), justify="right")
     for family in sorted({f for row in result["configs"] for f in row["by_family"]}):
         fam.add_row(family, *[_pct(row["by_family"].get(family, {})) for row in result["configs"]])
     console.print(fam)
@@ -278,4 +284,4 @@ def _num(x: Any) -> str:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True, file=sys.stderr)
+    return Console(stderr=True, highlight=False, emoji=False, soft_wrap=True, file=sys.stderr)

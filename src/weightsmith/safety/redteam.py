@@ -136,10 +136,13 @@ class Detectors:
         return out
 
 
-def default_detectors(judge: Any = None) -> Detectors:
-    from weightsmith.safety.detectors import JudgeViolation, LeakDetector, RefusalPatterns
+def default_detectors(judge: Any = None, *, refusal: str = "patterns") -> Detectors:
+    """Refusal patterns (or, with refusal="judge", the judge), the leak detector, and a
+    violation judge when a judge backend is given."""
+    from weightsmith.safety.detectors import JudgeRefusal, JudgeViolation, LeakDetector, RefusalPatterns
 
-    return Detectors(RefusalPatterns(), LeakDetector(), JudgeViolation(judge) if judge is not None else None)
+    refusals = JudgeRefusal(judge) if refusal == "judge" else RefusalPatterns()
+    return Detectors(refusals, LeakDetector(), JudgeViolation(judge) if judge is not None else None)
 
 
 def score_attempts(probes: Sequence[Any], replies: Sequence[GuardedReply], det: Detectors) -> list[dict]:
