@@ -31,8 +31,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | None = None):
-    """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only."""
+def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | None = None, compile=False):
+    """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only; `compile`
+    decodes through torch.compile (the warm-up run pays the compile time)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
@@ -45,7 +46,11 @@ def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | N
 
     def gen(n: int) -> None:
         g = TokenGenerator(
-            model, [prompt_ids], [SamplingParams(max_tokens=n, temperature=0)], eos_token_ids=set()
+            model,
+            [prompt_ids],
+            [SamplingParams(max_tokens=n, temperature=0)],
+            eos_token_ids=set(),
+            compile=compile,
         )
         for _ in g:
             pass
@@ -134,6 +139,7 @@ def main() -> None:
     ap.add_argument("--skip-static", action="store_true", help="skip transformers' static-cache variant")
     ap.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
     ap.add_argument("--skip-quantized", action="store_true", help="skip weightsmith bf16/int8/int4 columns")
+    ap.add_argument("--skip-compiled", action="store_true", help="skip the torch.compile (--compile) columns")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -158,6 +164,12 @@ def main() -> None:
         contenders["weightsmith int4 g32 (bf16)"] = bench_ours(
             path, prompt_ids, prefill_ids, torch.bfloat16, 4
         )
+    if not args.skip_compiled:
+        contenders["weightsmith compiled"] = bench_ours(path, prompt_ids, prefill_ids, compile=True)
+        if not args.skip_quantized:
+            contenders["weightsmith int4 compiled"] = bench_ours(
+                path, prompt_ids, prefill_ids, torch.bfloat16, 4, compile=True
+            )
     if not args.skip_static:
         contenders["transformers static cache"] = bench_transformers(
             path, prompt_ids, prefill_ids, cache="static"
@@ -195,12 +207,23 @@ def main() -> None:
                 f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
             )
-    int4 = results.get("weightsmith int4 g32 (bf16)")
-    for name, r in results.items():
-        if int4 and name.startswith("llama.cpp Q4"):
-            print(
-                f"ratio weightsmith int4 g32 / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x"
-            )
+    for label, key in (
+        ("int4 g32", "weightsmith int4 g32 (bf16)"),
+        ("int4 compiled", "weightsmith int4 compiled"),
+    ):
+        int4 = results.get(key)
+        for name, r in results.items():
+            if int4 and name.startswith("llama.cpp Q4"):
+                print(
+                    f"ratio weightsmith {label} / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x"
+                )
+    for eager, comp in (
+        ("weightsmith", "weightsmith compiled"),
+        ("weightsmith int4 g32 (bf16)", "weightsmith int4 compiled"),
+    ):
+        if comp in results:
+            ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
+            print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
 
 
 if __name__ == "__main__":

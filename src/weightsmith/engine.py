@@ -131,9 +131,11 @@ class TextStream:
 class Engine:
     """Generates text from a model and its tokenizer."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        #: decode through torch.compile with static shapes (weightsmith.compiled)
+        self.compile = compile
         eos = set(tokenizer.eos_token_ids)
         cfg_eos = model.config.eos_token_id
         eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
@@ -191,7 +193,7 @@ class Engine:
             replace(sp, max_tokens=min(sp.max_tokens, self.context_length - len(p)))
             for p, sp in zip(ids, params, strict=False)
         ]
-        gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids)
+        gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids, compile=self.compile)
         streams = [TextStream(self.tokenizer, sp.stop) for sp in params]
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -79,6 +80,7 @@ class TokenGenerator:
         *,
         eos_token_ids: frozenset[int] | set[int],
         max_len: int | None = None,
+        compile: bool = False,
     ) -> None:
         assert len(prompts) == len(params) and prompts and all(prompts)
         self.model = model
@@ -89,6 +91,8 @@ class TokenGenerator:
         limit = model.config.max_position_embeddings
         need = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params, strict=True))
         self.max_len = min(max_len or need, need, limit)
+        if compile:  # cache sizes in steps of 256: a new size means a new compiled graph
+            self.max_len = min(-(-self.max_len // 256) * 256, limit)
         dtype = model.model.embed_tokens.weight.dtype
         self.cache = KVCache.for_model(
             model.config, len(prompts), self.max_len, dtype=dtype, device=self.device
@@ -98,6 +102,11 @@ class TokenGenerator:
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.finished: list[str | None] = [None] * len(prompts)
         self._last: list[int] = [p[-1] for p in prompts]
+        self.decode: Any = decode_one_token
+        if compile:
+            from weightsmith.compiled import compiled_decoder
+
+            self.decode = compiled_decoder(decode_one_token, self.device)
 
     def cancel(self, row: int, reason: str = "stop") -> None:
         if self.finished[row] is None:
@@ -115,7 +124,7 @@ class TokenGenerator:
                 yield events
             if self.done:
                 return
-            logits = decode_one_token(self.model, self.cache, self._last, self.device)
+            logits = self.decode(self.model, self.cache, self._last, self.device)
             # Rows that finished keep re-feeding their last token at a fixed position,
             # so their slot stays in the batch without growing.
             for row, reason in enumerate(self.finished):

@@ -94,6 +94,7 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     guard: str | None = opt(
         None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
     )
+    compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
 
 
 def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
@@ -113,6 +114,7 @@ def run_generate(
     prompt = read_prompt(cfg, stdin or sys.stdin)
     guard = _load_guard(cfg)
     llm = cfg.load()
+    llm.engine.compile = cfg.compile
     params = llm.sampling_params(**cfg.sampling())
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
         {"role": "user", "content": prompt}
