@@ -86,3 +86,66 @@ def test_existing_out_and_missing_model_are_refused(tiny_hf_dir, tmp_path, capsy
         ["quantize", str(tmp_path / "nope"), "--to", "int8", "--out", str(tmp_path / "o")], capsys
     )
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "nope" in err
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_1"])
+def test_gguf_q4_blocks_go_straight_into_int4_layers(tiny_hf_dir, tmp_path, capsys, quant):
+    """A Q4_0 / Q4_1 GGUF quantized to int4 g32 keeps the file's own codes: every layer then
+    computes exactly the weights the file stores (requantizing Q4_0's symmetric blocks from
+    fp32 would not), including the llama Q/K rows llama.cpp permutes."""
+    import torch
+
+    from weightsmith.checkpoint.gguf import iter_gguf_tensors
+    from weightsmith.checkpoint.gguf_write import export_gguf
+    from weightsmith.llm import load
+    from weightsmith.quant.weight_only import Int4Linear
+
+    gguf = tmp_path / f"tiny-{quant}.gguf"
+    if quant == "q4_1":  # our exporter writes q4_0; write Q4_1 blocks with gguf-py's quantizer
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+
+        export_gguf(tiny_hf_dir, tmp_path / "f32.gguf", "f32")
+        _rewrite_as(tmp_path / "f32.gguf", gguf, GGMLQuantizationType.Q4_1, quantize)
+    else:
+        export_gguf(tiny_hf_dir, gguf, quant)
+    stored = dict(iter_gguf_tensors(gguf))
+    out = tmp_path / "int4"
+    code, stdout, err = run_cli(["quantize", str(gguf), "--to", "int4", "--group-size", "32", "--out", str(out),
+                                 "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["modules_from_gguf_blocks"] == res["modules_quantized"] > 0
+    model = load(out).model
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == res["modules_quantized"]
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.dequantize(), stored[f"{name}.weight"], rtol=0, atol=0)
+
+
+def _rewrite_as(src, dst, qtype, quantize) -> None:
+    """Copy a GGUF file, storing its 2-D weights whose rows are a multiple of 32 as `qtype`."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"]
+    writer = GGUFWriter(dst, bytes(arch.parts[arch.data[0]]).decode())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        writer.add_key_value(
+            field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None
+        )
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if t.tensor_type == GGMLQuantizationType.F32 and len(shape) == 2 and shape[1] % 32 == 0:
+            writer.add_tensor(t.name, quantize(data.reshape(shape), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, data.reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

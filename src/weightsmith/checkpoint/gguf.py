@@ -428,3 +428,47 @@ def iter_gguf_tensors(
                 yield hf_name.format(expert=expert), torch.from_numpy(matrix).to(dtype=dtype, copy=True)
         else:
             yield hf_name, torch.from_numpy(w).to(dtype)
+
+
+#: GGML types whose blocks are exactly our int4 layer's groups of 32: w = q * scale + zero.
+INT4_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def _int4_blocks(tensor: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0 / Q4_1 matrix as (codes uint8 (N, K) in 0..15, scales (N, K/32), zeros (N, K/32)).
+
+    Block layout (ggml): an fp16 scale d (Q4_1: then an fp16 minimum m), then 16 bytes whose
+    low nibbles are elements 0..15 and high nibbles elements 16..31. Q4_1 reads d * q + m;
+    Q4_0 reads d * (q - 8), so its zero is -8 d. Both are exact in our (scale, zero) form.
+    """
+    q4_1 = tensor.tensor_type == GGMLQuantizationType.Q4_1
+    size = 20 if q4_1 else 18
+    raw = np.ascontiguousarray(tensor.data, dtype=np.uint8).reshape(-1, size)  # (blocks, bytes)
+    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    zero = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if q4_1 else -8.0 * d
+    qs = raw[:, 4:20] if q4_1 else raw[:, 2:18]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=1)  # (blocks, 32)
+    n, k = (int(x) for x in reversed(tensor.shape.tolist()))
+    return codes.reshape(n, k), d.reshape(n, k // 32), zero.reshape(n, k // 32)
+
+
+def gguf_int4_layers(
+    path: str | Path | GGUFFile,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{HF weight name: (codes, scales, zeros)} for every Q4_0 / Q4_1 matrix of the file (not
+    merged experts), rows in HF order: the file's own 4-bit codes, for an Int4Linear with
+    groups of 32 that computes exactly what the file stores (no dequantize-requantize)."""
+    reader = as_reader(path)
+    config = _gguf_config(reader)
+    permuted = require(reader, "general.architecture") == "llama"
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    out = {}
+    for tensor, hf_name in _plan_tensors(reader):
+        if tensor.tensor_type not in INT4_BLOCK_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
+            continue
+        parts = _int4_blocks(tensor)
+        proj = hf_name.rsplit(".", 2)[-2]
+        if permuted and proj in heads:
+            parts = tuple(unpermute_qk(p, heads[proj]) for p in parts)
+        out[hf_name] = tuple(torch.from_numpy(np.ascontiguousarray(p)) for p in parts)
+    return out

@@ -79,7 +79,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     bits, group, out = check_quantize_args(cfg)
     llm = load(cfg.model, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
     before = check_model(llm) if cfg.check else None
-    names = quantize_model(llm.model, bits, group, lm_head=cfg.lm_head)
+    direct = _gguf_codes(llm, bits, group)
+    names = quantize_model(llm.model, bits, group, lm_head=cfg.lm_head, int4_codes=direct)
     gen = {
         k: v for k, v in llm.checkpoint.generation_config.items() if k not in ("bos_token_id", "eos_token_id")
     }
@@ -90,11 +91,23 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
         "out": str(out),
         "quantization": "int8" if bits == 8 else f"int4-g{group}",
         "modules_quantized": len(names),
+        "modules_from_gguf_blocks": sum(f"{n}.weight" in direct for n in names),
         "bytes": size,
     }
     if before is not None:
         result["check"] = compare(before, check_model(llm))
     return result
+
+
+def _gguf_codes(llm: Any, bits: int, group: int | None) -> dict:
+    """A GGUF source's Q4_0/Q4_1 codes for int4 with groups of 32 (taken as they are);
+    nothing otherwise (Q8_0's per-block scales do not fit a per-channel int8 layer)."""
+    ckpt = llm.checkpoint
+    if bits != 4 or group != 32 or ckpt.format != "gguf":
+        return {}
+    from weightsmith.checkpoint.gguf import gguf_int4_layers
+
+    return gguf_int4_layers(ckpt.path)
 
 
 # -- the check ------------------------------------------------------------------

@@ -290,12 +290,19 @@ def quantizable_modules(model: nn.Module, *, lm_head: bool = False) -> list[str]
 
 
 def quantize_model(
-    model: nn.Module, bits: int, group_size: int | None = None, *, lm_head: bool = False
+    model: nn.Module,
+    bits: int,
+    group_size: int | None = None,
+    *,
+    lm_head: bool = False,
+    int4_codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Replace the model's projections in place by Int8Linear / Int4Linear; returns their names.
 
     Every shape is checked before any module is replaced, so a bad group size changes nothing.
     With `lm_head=True` on a tied model, the embedding stays full precision and is untied.
+    `int4_codes` maps "NAME.weight" to ready (codes, scales, zeros) groups of `group_size`
+    (a GGUF file's Q4_0/Q4_1 blocks): those modules take them as they are.
     """
     group_size = check_quant_args(bits, group_size)
     names = quantizable_modules(model, lm_head=lm_head)
@@ -306,8 +313,16 @@ def quantize_model(
         module.__dict__.pop("packed", None)
     for name in names:
         linear = model.get_submodule(name)
+        ready = (int4_codes or {}).get(f"{name}.weight") if bits == 4 else None
         if bits == 8:
             new: nn.Module = Int8Linear.from_linear(linear)
+        elif (
+            ready is not None
+            and ready[0].shape == linear.weight.shape
+            and ready[1].shape[1] * group_size == linear.in_features
+        ):
+            codes, scales, zeros = ready
+            new = Int4Linear(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
         else:
             new = Int4Linear.from_linear(linear, group_size, f"{name}.weight")
         set_submodule(model, name, new)
