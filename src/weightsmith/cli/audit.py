@@ -15,9 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from weightsmith import __version__
 from weightsmith.cli.args import opt
-from weightsmith.cli.eval import _label, _num
+from weightsmith.cli.eval import _label, _num, run_metadata
 from weightsmith.cli.run import LoadOptions, load_with_status
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import model_fingerprint
@@ -118,17 +117,15 @@ def run_audit_bias(cfg: AuditBiasConfig, progress=None) -> dict[str, Any]:
             "apply_chat_template": cfg.apply_chat_template,
             "bootstrap_iters": cfg.bootstrap_iters,
         },
-        "weightsmith": {
-            "version": __version__,
-            "label": _label(cfg.model, cfg.adapter),
-            "model": cfg.model,
-            "adapter": cfg.adapter,
-            "model_hash": runner.fingerprint,
-            "device": str(llm.device),
-            "dtype": str(llm.dtype).replace("torch.", ""),
-            "limit": cfg.limit,
-            "seconds": round(time.perf_counter() - started, 3),
-        },
+        "weightsmith": run_metadata(
+            _label(cfg.model, cfg.adapter),
+            cfg.model,
+            cfg.adapter,
+            llm,
+            runner.fingerprint,
+            started,
+            limit=cfg.limit,
+        ),  # fmt: skip
         "date": time.time(),
         "items": items,
         "pair_records": pair_records,

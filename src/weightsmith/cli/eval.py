@@ -138,17 +138,10 @@ def run_eval(cfg: EvalConfig, *, progress=None) -> dict[str, Any]:
             result["config"].update(
                 {"model_args": f"model={spec.model},adapter={spec.adapter}", "limit": cfg.limit}
             )
-            result["weightsmith"] = {
-                "version": __version__,
-                "label": spec.label,
-                "model": spec.model,
-                "adapter": spec.adapter,
-                "model_hash": runner.fingerprint,
-                "device": str(llm.device),
-                "dtype": str(llm.dtype).replace("torch.", ""),
-                "cache_hits": runner.cache_hits,
-                "seconds": round(time.perf_counter() - started, 3),
-            }
+            result["weightsmith"] = run_metadata(
+                spec.label, spec.model, spec.adapter, llm, runner.fingerprint, started,
+                cache_hits=runner.cache_hits,
+            )  # fmt: skip
             runs.append(result)
             samples.append(run_samples)
             del llm, scorer, runner
@@ -163,6 +156,23 @@ def run_eval(cfg: EvalConfig, *, progress=None) -> dict[str, Any]:
 
         written = write_outputs(Path(cfg.out), runs, samples, comparison)
     return {"runs": runs, "comparison": comparison, "written": written}
+
+
+def run_metadata(
+    label: str, model: str, adapter: str | None, llm: Any, fingerprint: str, started: float, **extra: Any
+) -> dict[str, Any]:
+    """The `weightsmith` block of a results file: what ran, on which weights, how long."""
+    return {
+        "version": __version__,
+        "label": label,
+        "model": model,
+        "adapter": adapter,
+        "model_hash": fingerprint,
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).replace("torch.", ""),
+        **extra,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 class ProgressBars:
