@@ -178,3 +178,29 @@ def test_guard_check_takes_options_after_the_policy(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["guard", "check", "builtin:school", "--output", "x", "--bogus"])
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_guard_and_audit_commands_exit_codes_and_bad_input(tmp_path, capsys):
+    code, out, err = run(["guard", "test", "builtin:school"], capsys)
+    assert code == 0 and err == ""
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(
+        'policy: f\nversion: "1"\nrefusals: {default: "I can\'t help with that."}\ncategories: {x: y}\n'
+        "input:\n  - {id: a, type: keywords, category: x, action: block, keywords: [bomb]}\n"
+        "examples:\n  - {text: hello, direction: input, expect: block}\n"
+    )
+    code, out, err = run(["guard", "test", str(failing)], capsys)
+    assert code == 1 and "1 of 1 examples failed" in err and len(err.strip().splitlines()) == 1, err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        'policy: b\nversion: "1"\nrefusals: {default: "I can\'t help."}\ninput:\n  - {id: a, tyep: regex}\n'
+    )
+    code, out, err = run(["guard", "check", str(bad), "hi"], capsys)
+    assert (
+        code == 1 and "bad.yaml:5" in err and "input[0].type" in err and len(err.strip().splitlines()) == 1
+    ), err
+    lexicon = tmp_path / "lex.yaml"
+    lexicon.write_text("lexicon: l\nversion: 1\ngroups: [a, b]\nterms:\n  - {a: she, c: he}\n")
+    code, out, err = run(["audit", "bias", "no-such-model", "--tasks", "builtin:reading-mc", "--lexicon",
+                          str(lexicon), "--pairs", "none"], capsys)  # fmt: skip
+    assert code == 1 and "lex.yaml:5" in err and len(err.strip().splitlines()) == 1, err
