@@ -23,6 +23,7 @@ from rich.table import Table
 
 from weightsmith import __version__
 from weightsmith.cli.args import opt
+from weightsmith.cli.eval import _label
 from weightsmith.cli.run import load_with_status
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
@@ -76,8 +77,7 @@ class _LazyModel:
 
     def __init__(self, cfg: RedteamConfig, adapter: str | None) -> None:
         self.cfg, self.adapter = cfg, adapter
-        name = Path(cfg.target).name if ("/" in cfg.target or cfg.target.endswith(".gguf")) else cfg.target
-        self.label = f"{name}+{Path(adapter).name}" if adapter else name
+        self.label = _label(cfg.target, adapter)
         self.identity = {"model": cfg.target, "adapter": adapter, "dtype": cfg.dtype, "kind": "in-process"}
         self._target: Any = None
 
