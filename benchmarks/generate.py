@@ -11,18 +11,30 @@ interleaved (ours, peer, ours, peer, ...) so that a noisy neighbour slows both
 alike, and medians are taken. Read the ratio (ours / peer): the machines are
 shared and noisy, so a lone absolute figure means little.
 
+Our columns: "weightsmith" is the default fp32 path, which on the CPU decodes through
+the fused C step (weightsmith/quant/cpu_decode.c); "no C step" is the same model with
+WEIGHTSMITH_CPU_KERNELS=0 (PyTorch ops only). The int4 column to read against
+llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
+projections, 8-bit output matrix). The bf16 columns use PyTorch's packed kernels.
+
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+#: Column names. INT4 is the mix llama.cpp's Q4 files have: int4 g32 projections, int8 LM head.
+INT4 = "weightsmith int4 g32+int8 head"
+INT4_BF16 = "weightsmith int4 g32 (bf16)"
+INT4_COMPILED = "weightsmith int4 compiled"
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -31,9 +43,19 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | None = None, compile=False):
-    """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only; `compile`
-    decodes through torch.compile (the warm-up run pays the compile time)."""
+def bench_ours(
+    path,
+    prompt_ids,
+    prefill_ids,
+    dtype=torch.float32,
+    bits: int | None = None,
+    compile=False,
+    head_bits: int | None = None,
+    kernels: bool = True,
+):
+    """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only, `head_bits`
+    the LM head too; `compile` decodes through torch.compile (the warm-up run pays the
+    compile time); `kernels=False` turns the C decode kernels off (the PyTorch path)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
@@ -42,9 +64,10 @@ def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | N
     if bits is not None:
         from weightsmith.quant.weight_only import quantize_model
 
-        quantize_model(model, bits, 32 if bits == 4 else None)
+        quantize_model(model, bits, 32 if bits == 4 else None, head_bits=head_bits)
 
     def gen(n: int) -> None:
+        os.environ["WEIGHTSMITH_CPU_KERNELS"] = "1" if kernels else "0"
         g = TokenGenerator(
             model,
             [prompt_ids],
@@ -57,6 +80,7 @@ def bench_ours(path, prompt_ids, prefill_ids, dtype=torch.float32, bits: int | N
         assert len(g.generated[0]) == n
 
     def prefill() -> None:
+        os.environ["WEIGHTSMITH_CPU_KERNELS"] = "1" if kernels else "0"
         with torch.inference_mode():
             model(torch.tensor([prefill_ids]), logits_at=torch.tensor([len(prefill_ids) - 1]))
 
@@ -152,22 +176,26 @@ def main() -> None:
     text = "Open models let people run, study and adapt language technology on their own machines. " * 40
     prefill_ids = tok.encode(text)[: args.prefill_tokens]
 
+    from weightsmith.quant import cpu_kernels
+
+    print(f"C decode kernels: {cpu_kernels.info()}")
     contenders = {
         "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
+        "weightsmith, no C step": bench_ours(path, prompt_ids, prefill_ids, kernels=False),
         "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
     }
-    if not args.skip_quantized:  # the packed int8/int4 kernels take bf16 activations
+    if not args.skip_quantized:
+        # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
+        contenders[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
+        contenders["weightsmith int8"] = bench_ours(
+            path, prompt_ids, prefill_ids, torch.float32, 8, head_bits=8
+        )
         contenders["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)
-        contenders["weightsmith int8 (bf16 act.)"] = bench_ours(
-            path, prompt_ids, prefill_ids, torch.bfloat16, 8
-        )
-        contenders["weightsmith int4 g32 (bf16)"] = bench_ours(
-            path, prompt_ids, prefill_ids, torch.bfloat16, 4
-        )
+        contenders[INT4_BF16] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16, 4)
     if not args.skip_compiled:
         contenders["weightsmith compiled"] = bench_ours(path, prompt_ids, prefill_ids, compile=True)
         if not args.skip_quantized:
-            contenders["weightsmith int4 compiled"] = bench_ours(
+            contenders[INT4_COMPILED] = bench_ours(
                 path, prompt_ids, prefill_ids, torch.bfloat16, 4, compile=True
             )
     if not args.skip_static:
@@ -197,9 +225,9 @@ def main() -> None:
     print(
         f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
     )
-    print(f"{'':28}{'decode tok/s':>14}{'prefill tok/s':>15}")
+    print(f"{'':32}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
-        print(f"{name:28}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
+        print(f"{name:32}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
     ours = results["weightsmith"]
     for name, r in results.items():
         if not name.startswith("weightsmith"):
@@ -207,19 +235,14 @@ def main() -> None:
                 f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
             )
-    for label, key in (
-        ("int4 g32", "weightsmith int4 g32 (bf16)"),
-        ("int4 compiled", "weightsmith int4 compiled"),
-    ):
+    for key in (INT4, INT4_BF16, INT4_COMPILED):
         int4 = results.get(key)
         for name, r in results.items():
             if int4 and name.startswith("llama.cpp Q4"):
-                print(
-                    f"ratio weightsmith {label} / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x"
-                )
+                print(f"ratio {key} / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x")
     for eager, comp in (
         ("weightsmith", "weightsmith compiled"),
-        ("weightsmith int4 g32 (bf16)", "weightsmith int4 compiled"),
+        (INT4_BF16, INT4_COMPILED),
     ):
         if comp in results:
             ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]

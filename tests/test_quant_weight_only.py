@@ -130,22 +130,31 @@ def test_quantize_model_rejects_a_bad_group_before_changing_anything(tiny_hf_dir
         wo.quantize_model(ckpt.model, 3)
 
 
-@pytest.mark.parametrize(("bits", "group", "lm_head"), [(8, None, False), (4, 32, False), (4, 64, True)])
+@pytest.mark.parametrize(
+    ("bits", "group", "lm_head", "head_bits"),
+    [(8, None, False, None), (4, 32, False, None), (4, 64, True, None), (4, 32, True, 8), (8, None, True, 4)],
+)
 def test_save_load_round_trip_is_bit_identical_and_does_not_requantize(
-    tiny_hf_dir, tmp_path, monkeypatch, bits, group, lm_head
+    tiny_hf_dir, tmp_path, monkeypatch, bits, group, lm_head, head_bits
 ):
     ckpt = _tiny(tiny_hf_dir)
-    wo.quantize_model(ckpt.model, bits, group, lm_head=lm_head)
+    wo.quantize_model(ckpt.model, bits, group, lm_head=lm_head, head_bits=head_bits)
     want = _logits(ckpt.model, IDS)
     out = save_quantized(ckpt.model, ckpt.tokenizer, tmp_path / "q")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qcfg == {
+    expected = {
         "quant_method": "weightsmith",
         "bits": bits,
         "group_size": group,
         "format_version": 1,
         "modules_not_quantized": [] if lm_head else ["lm_head"],
     }
+    if head_bits is not None:  # the head's own setting (int4 heads take groups of 32)
+        expected["lm_head"] = {"bits": head_bits, "group_size": 32 if head_bits == 4 else None}
+    assert qcfg == expected
+    head_type = {8: wo.Int8Linear, 4: wo.Int4Linear, None: wo.Int8Linear if bits == 8 else wo.Int4Linear}
+    if lm_head:
+        assert type(ckpt.model.lm_head) is head_type[head_bits]
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -163,7 +172,11 @@ def test_save_load_round_trip_is_bit_identical_and_does_not_requantize(
     for fn in ("quantize_int8", "quantize_int4"):
         monkeypatch.setattr(wo, fn, boom)
     loaded = load_checkpoint(out)
-    assert loaded.quantization == ("int8" if bits == 8 else f"int4-g{group}")
+    label = "int8" if bits == 8 else f"int4-g{group}"
+    label += {None: "", 8: ", LM head int8", 4: ", LM head int4-g32"}[head_bits]
+    assert loaded.quantization == label
+    if lm_head:
+        assert type(loaded.model.lm_head) is head_type[head_bits]
     assert isinstance(loaded.model.model.layers[1].mlp.up_proj, wo.Int8Linear if bits == 8 else wo.Int4Linear)
     assert torch.equal(_logits(loaded.model, IDS), want)
     with pytest.raises(Exception, match="already exists"):
@@ -228,3 +241,27 @@ def test_bf16_kernels_run_on_a_loaded_checkpoint_and_unaligned_weights(tiny_hf_d
         out = save_quantized(ckpt.model, ckpt.tokenizer, tmp_path / f"q{bits}")
         got = _logits(load_checkpoint(out, dtype=torch.bfloat16).model, IDS)
         assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item() > 0.99
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
+        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"bits": 5}, "quantization_config has bits 5"),
+        ({"lm_head": {"bits": 4, "group_size": 48}}, "quantization_config.lm_head has bits 4, group_size 48"),
+        ({"lm_head": "int8"}, "quantization_config.lm_head has bits None"),
+    ],
+)
+def test_bad_quantization_config_is_one_line_naming_the_file(tiny_hf_dir, tmp_path, change, message):
+    from weightsmith.errors import CheckpointError
+
+    ckpt = _tiny(tiny_hf_dir)
+    wo.quantize_model(ckpt.model, 4, 32, head_bits=8)
+    out = save_quantized(ckpt.model, ckpt.tokenizer, tmp_path / "q")
+    data = json.loads((out / "config.json").read_text())
+    data["quantization_config"].update(change)
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(out)
+    assert message in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)

@@ -65,6 +65,7 @@ def test_agreement_counts_prefix_and_all_positions():
         (["--to", "int4", "--group-size", "48"], 1, "--group-size 48"),
         (["--to", "int8", "--group-size", "32"], 1, "--group-size applies to int4"),
         (["--to", "int4", "--group-size", "128"], 1, "q_proj.weight"),  # hidden size 64
+        (["--to", "int4", "--lm-head-bits", "6"], 1, "--lm-head-bits 6"),
     ],
 )
 def test_bad_input_is_one_line(tiny_hf_dir, tmp_path, capsys, extra, code, message):

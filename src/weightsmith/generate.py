@@ -20,6 +20,7 @@ import torch
 
 from weightsmith.kv_cache import KVCache
 from weightsmith.models import CausalLM
+from weightsmith.quant import cpu_decode
 from weightsmith.sampling import Sampler, SamplingParams
 
 
@@ -51,8 +52,14 @@ def prefill(model: CausalLM, cache: KVCache, prompts: list[list[int]], device: t
 def decode_one_token(
     model: CausalLM, cache: KVCache, tokens: list[int], device: torch.device
 ) -> torch.Tensor:
-    """Feed one token per row at the row's next position; return logits (B, V)."""
+    """Feed one token per row at the row's next position; return logits (B, V).
+
+    On the CPU, models the fused C step supports (weightsmith.quant.cpu_decode) take it."""
     b = len(tokens)
+    if device.type == "cpu":
+        fused = cpu_decode.plan(model, cache, b)
+        if fused is not None:
+            return fused.step(cache, tokens)
     lengths = cache.lengths[:b]
     ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
     positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)

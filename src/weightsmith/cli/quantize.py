@@ -49,6 +49,10 @@ class QuantizeConfig:
     group_size: int | None = opt(None, "int4 group size: 32, 64 or 128 (default 32); not used for int8")
     out: str = opt(help="output directory (HF-style, loadable with weightsmith.load)")
     lm_head: bool = opt(False, "also quantize the LM head (unties it from the embedding)")
+    lm_head_bits: int | None = opt(
+        None, "quantize the LM head to 8 or 4 bits whatever --to is (implies --lm-head); "
+        "--to int4 --lm-head-bits 8 is the mix of GGUF Q4_0/Q4_1 files"
+    )  # fmt: skip
     check: bool = opt(False, "compare with the original: perplexity on a text sample and greedy agreement")
     overwrite: bool = opt(False, "replace an existing output directory")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
@@ -65,6 +69,8 @@ def check_quantize_args(cfg: QuantizeConfig) -> tuple[int, int | None, Path]:
     if bits == 8 and cfg.group_size is not None:
         raise ConfigError("--group-size applies to int4 only; int8 uses one scale per output channel")
     group = check_quant_args(bits, cfg.group_size)
+    if cfg.lm_head_bits is not None and cfg.lm_head_bits not in (8, 4):
+        raise ConfigError(f"--lm-head-bits {cfg.lm_head_bits} is not supported; use 8 or 4")
     out = Path(cfg.out).expanduser()
     if out.exists() and not cfg.overwrite:
         raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
@@ -73,14 +79,16 @@ def check_quantize_args(cfg: QuantizeConfig) -> tuple[int, int | None, Path]:
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     from weightsmith.llm import load
-    from weightsmith.quant.checkpoint import save_quantized
+    from weightsmith.quant.checkpoint import describe, quantization_config, save_quantized
     from weightsmith.quant.weight_only import quantize_model
 
     bits, group, out = check_quantize_args(cfg)
     llm = load(cfg.model, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
     before = check_model(llm) if cfg.check else None
     direct = _gguf_codes(llm, bits, group)
-    names = quantize_model(llm.model, bits, group, lm_head=cfg.lm_head, int4_codes=direct)
+    names = quantize_model(
+        llm.model, bits, group, lm_head=cfg.lm_head, head_bits=cfg.lm_head_bits, int4_codes=direct
+    )
     gen = {
         k: v for k, v in llm.checkpoint.generation_config.items() if k not in ("bos_token_id", "eos_token_id")
     }
@@ -89,7 +97,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": cfg.model,
         "out": str(out),
-        "quantization": "int8" if bits == 8 else f"int4-g{group}",
+        "quantization": describe(quantization_config(llm.model)),
         "modules_quantized": len(names),
         "modules_from_gguf_blocks": sum(f"{n}.weight" in direct for n in names),
         "bytes": size,

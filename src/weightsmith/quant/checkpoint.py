@@ -16,6 +16,8 @@ and each quantized module `<m>` (e.g. `model.layers.0.self_attn.q_proj`) is stor
     (N, K/G) for bits 4.
   * `<m>.zeros`: bits 4 only, fp32 (N, K/G): w = q * scale + zero, q in 0..15.
   * `<m>.bias` if the projection has one, in full precision.
+An optional `"lm_head": {"bits": 8 | 4, "group_size": G | null}` entry gives the LM head
+its own setting (int4 projections with an int8 head, as GGUF Q4 files have).
 Every other tensor (embeddings, norms, an unquantized LM head) is stored as usual.
 A quantized LM head unties it from the embedding (config `tie_word_embeddings: false`).
 
@@ -56,18 +58,24 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:
         raise CheckpointError("the model has no quantized modules; call quantize_model first")
-    kinds = {(m.bits, getattr(m, "group_size", None)) for m in quantized.values()}
-    if len(kinds) != 1:
-        raise CheckpointError(f"mixed quantization settings {sorted(kinds)} cannot be saved in format v1")
-    bits, group = kinds.pop()
+    kinds = {n: (m.bits, getattr(m, "group_size", None)) for n, m in quantized.items()}
+    body = {k for n, k in kinds.items() if n != "lm_head"} or set(kinds.values())
+    if len(body) != 1:
+        raise CheckpointError(
+            f"mixed quantization settings {sorted(body)} cannot be saved: only the LM head may differ"
+        )
+    bits, group = body.pop()
     skipped = [n for n in quantizable_modules(model, lm_head=True) if n not in quantized]
-    return {
+    qcfg: dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "bits": bits,
         "group_size": group,
         "format_version": FORMAT_VERSION,
         "modules_not_quantized": skipped,
     }
+    if "lm_head" in kinds and kinds["lm_head"] != (bits, group):
+        qcfg["lm_head"] = {"bits": kinds["lm_head"][0], "group_size": kinds["lm_head"][1]}
+    return qcfg
 
 
 def save_quantized(
@@ -116,9 +124,15 @@ def read_quantization_config(data: dict[str, Any], source: str) -> dict[str, Any
             f"{source}: quantization_config format_version {q.get('format_version')!r} is not supported "
             f"(this weightsmith reads {FORMAT_VERSION}); upgrade weightsmith"
         )
-    bits, group = q.get("bits"), q.get("group_size")
-    if bits not in (4, 8) or (bits == 4 and group not in GROUP_SIZES):
-        raise CheckpointError(f"{source}: quantization_config has bits {bits!r}, group_size {group!r}")
+    for where, entry in (("", q), (".lm_head", q.get("lm_head", {"bits": 8}))):
+        bits, group = (
+            (entry.get("bits"), entry.get("group_size")) if isinstance(entry, dict) else (None, None)
+        )
+        if bits not in (4, 8) or (bits == 4 and group not in GROUP_SIZES):
+            raise CheckpointError(
+                f"{source}: quantization_config{where} has bits {bits!r}, group_size {group!r}; "
+                "expected bits 8, or bits 4 with group_size 32, 64 or 128"
+            )
     return q
 
 
@@ -143,7 +157,8 @@ def build_quantized_model(
     for name in names:
         linear = model.get_submodule(name)
         n, k = linear.out_features, linear.in_features
-        layer = _empty_layer(qcfg["bits"], qcfg["group_size"], n, k, device)
+        own = qcfg.get("lm_head", qcfg) if name == "lm_head" else qcfg
+        layer = _empty_layer(own["bits"], own["group_size"], n, k, device)
         if linear.bias is not None:
             layer.bias = linear.bias  # still meta: loaded below as a plain parameter
         set_submodule(model, name, layer)
@@ -206,7 +221,12 @@ def _empty_layer(bits: int, group: int | None, n: int, k: int, device: torch.dev
 
 
 def describe(qcfg: dict[str, Any] | None) -> str | None:
-    """A short label: "int8" or "int4-g32"."""
+    """A short label: "int8", "int4-g32", "int4-g32, LM head int8"."""
     if not qcfg:
         return None
-    return "int8" if qcfg["bits"] == 8 else f"int4-g{qcfg['group_size']}"
+
+    def label(entry: dict[str, Any]) -> str:
+        return "int8" if entry["bits"] == 8 else f"int4-g{entry['group_size']}"
+
+    head = qcfg.get("lm_head")
+    return label(qcfg) + (f", LM head {label(head)}" if head else "")

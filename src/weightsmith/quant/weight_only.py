@@ -17,13 +17,16 @@ first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `sca
 (fp32, (N,) for int8, (N, K/G) for int4) and for int4 `zeros` (fp32 (N, K/G)).
 
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
-PyTorch's CPU packed kernels are fast only for bf16 activations; with fp32 activations
-`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are 10-70x slower than
-`F.linear`, so fp32 models take the exact path instead: int8 computes
-`F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes
-its codes (kept unpacked, one byte each, for this path) and calls `F.linear`. bf16
-activations on CPU and all CUDA inputs in bf16 use the packed kernels (repacked once,
-lazily, from the portable layout).
+- fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
+  kernels (cpu_kernels.c, built on first use), which dequantize each weight row in
+  registers: the matrix is read once at 4 or 8 bits a weight, and the result is the exact
+  path's up to summation order.
+- other fp32 inputs, or where the kernels cannot be built: the exact path. int8 computes
+  `F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes its
+  codes (kept unpacked, one byte each, for this path) and calls `F.linear`. PyTorch's own
+  packed kernels are 10-70x slower than that with fp32 activations.
+- bf16 activations on CPU and all CUDA inputs in bf16: PyTorch's packed kernels (repacked
+  once, lazily, from the portable layout).
 
 Not here: NF4 for QLoRA (nf4.py), activation quantization, file I/O (checkpoint.py).
 """
@@ -39,6 +42,12 @@ from torch import nn
 
 from weightsmith.errors import ConfigError
 from weightsmith.models.linear import Linear
+from weightsmith.quant import cpu_kernels
+
+#: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
+#: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
+#: tie around 16, where the matmul stops being bound by reading the weights.
+KERNEL_MAX_ROWS = 8
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +145,16 @@ class QuantizedLinear(nn.Module, abc.ABC):
         self._runtime = {}
         return super()._apply(fn, recurse)
 
+    def _kernels(self, x: torch.Tensor):
+        """The C kernel library when this input should use it, else None."""
+        if (
+            x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or x.numel() > KERNEL_MAX_ROWS * self.in_features
+        ):
+            return None
+        return cpu_kernels.library()
+
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -179,6 +198,10 @@ class Int8Linear(QuantizedLinear):
                 flat, self._aligned_qweight(), self.scales.to(x.dtype)
             )  # (M, N)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+        lib = self._kernels(x)
+        if lib is not None:
+            bias = None if self.bias is None else self.bias.float()
+            return cpu_kernels.int8_matmul(lib, x, self._aligned_qweight(), self.scales, bias)
         # Exact path: the per-row scale factors out of the matmul.
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
@@ -230,6 +253,13 @@ class Int4Linear(QuantizedLinear):
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, sz)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
+        lib = self._kernels(x)
+        if lib is not None:
+            chunks = self._runtime.get("chunks")
+            if chunks is None:
+                chunks = self._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(self.qweight))
+            bias = None if self.bias is None else self.bias.float()
+            return cpu_kernels.int4_matmul(lib, x, chunks, self.scales, self.zeros, self.group_size, bias)
         codes = self._runtime.get("codes")
         if codes is None:  # (N, K) one byte per code: ~10x faster to dequantize than nibbles
             codes = self._runtime["codes"] = unpack_nibbles(self.qweight)
@@ -295,40 +325,54 @@ def quantize_model(
     group_size: int | None = None,
     *,
     lm_head: bool = False,
+    head_bits: int | None = None,
     int4_codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Replace the model's projections in place by Int8Linear / Int4Linear; returns their names.
 
     Every shape is checked before any module is replaced, so a bad group size changes nothing.
     With `lm_head=True` on a tied model, the embedding stays full precision and is untied.
+    `head_bits` (8 or 4; implies `lm_head`) quantizes the LM head to other bits than the rest,
+    e.g. int4 projections with an int8 head, the mix GGUF Q4_0/Q4_1 files ship (Q8_0 output).
     `int4_codes` maps "NAME.weight" to ready (codes, scales, zeros) groups of `group_size`
     (a GGUF file's Q4_0/Q4_1 blocks): those modules take them as they are.
     """
     group_size = check_quant_args(bits, group_size)
+    if head_bits is not None:
+        check_quant_args(head_bits, group_size if head_bits == 4 else None)
+        lm_head = True
     names = quantizable_modules(model, lm_head=lm_head)
-    if bits == 4:
-        for name in names:
-            check_group_size(model.get_submodule(name).in_features, group_size, f"{name}.weight")
+    group4 = group_size or 32  # an int4 head under int8 projections takes groups of 32
+
+    def bits_of(name: str) -> int:
+        return head_bits if name == "lm_head" and head_bits is not None else bits
+
+    for name in names:
+        if bits_of(name) == 4:
+            check_group_size(model.get_submodule(name).in_features, group4, f"{name}.weight")
     for module in model.modules():  # packed q/k/v and gate/up buffers would keep fp32 copies alive
         module.__dict__.pop("packed", None)
     for name in names:
         linear = model.get_submodule(name)
-        ready = (int4_codes or {}).get(f"{name}.weight") if bits == 4 else None
-        if bits == 8:
+        ready = (int4_codes or {}).get(f"{name}.weight") if bits_of(name) == 4 else None
+        if bits_of(name) == 8:
             new: nn.Module = Int8Linear.from_linear(linear)
         elif (
             ready is not None
             and ready[0].shape == linear.weight.shape
-            and ready[1].shape[1] * group_size == linear.in_features
+            and ready[1].shape[1] * group4 == linear.in_features
         ):
             codes, scales, zeros = ready
-            new = Int4Linear(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
+            new = Int4Linear(pack_nibbles(codes), scales, zeros, group4, linear.bias)
         else:
-            new = Int4Linear.from_linear(linear, group_size, f"{name}.weight")
+            new = Int4Linear.from_linear(linear, group4, f"{name}.weight")
         set_submodule(model, name, new)
     if "lm_head" in names:
         untie(model)
-    log.info("quantized %d modules to int%d%s", len(names), bits, f" g{group_size}" if group_size else "")
+    head = f", LM head int{head_bits}" if head_bits is not None and head_bits != bits else ""
+    log.info(
+        "quantized %d modules to int%d%s%s", len(names), bits, f" g{group_size}" if group_size else "", head
+    )
     return names
 
 

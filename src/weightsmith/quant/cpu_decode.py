@@ -1,0 +1,222 @@
+"""The fused CPU decode step (cpu_decode.c): when it applies, and calling it.
+
+What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 whose projections
+are all int4, int8 or plain fp32 layers (no adapters), `FusedDecode.step` runs one token
+per row through every layer and the LM head in one C call, reading and writing the same
+`KVCache` the PyTorch model uses, so prefill (PyTorch) and decoding (C) mix freely.
+Python keeps the embedding lookup and the RoPE tables (any RoPE scaling the model has).
+
+`plan(model, cache, rows)` returns None where the step does not apply: another family
+(MoE), activation or dtype, a LoRA adapter or NF4 layer, a GPU, more than `MAX_ROWS` rows,
+no C compiler, or ``WEIGHTSMITH_CPU_KERNELS=0``. The plan is built once per model and
+rebuilt when a projection or its weights were replaced.
+
+Not here: the kernels (cpu_kernels.c, cpu_decode.c), the decode loop (weightsmith.generate).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.kv_cache import KVCache
+from weightsmith.models import CausalLM
+from weightsmith.models.linear import Linear
+from weightsmith.models.rope import rope_cos_sin
+from weightsmith.quant import cpu_kernels
+from weightsmith.quant.weight_only import Int4Linear, Int8Linear, unpack_nibbles
+
+#: Rows a fused step takes. Beyond a few rows the matmuls stop being bound by reading the
+#: weights, and BLAS (the PyTorch path) multiplies better.
+MAX_ROWS = 8
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [(f, _i64) for f in ("kind", "n", "k", "group", "ld")] + [
+        (f, _ptr) for f in ("q", "scales", "zeros", "bias")
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm1", _ptr), ("norm2", _ptr)] + [(p, _Proj) for p in PROJECTIONS] + [("window", _i64)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(f, _i64) for f in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter")] + [
+        ("eps", ctypes.c_double),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("final_norm", _ptr),
+        ("head", _Proj),
+        ("k_cache", _ptr),
+        ("v_cache", _ptr),
+    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos")]  # fmt: skip
+
+
+def _fp32_cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
+
+
+def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
+    """The C view of one projection, or None if the step cannot run it."""
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    if bias is not None:
+        if not _fp32_cpu(bias):
+            return None
+        bias = bias.contiguous()
+        keep.append(bias)
+    p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
+    if type(module) is Int4Linear:
+        if module.qweight.device.type != "cpu":
+            return None
+        chunks = module._runtime.get("chunks")
+        if chunks is None:
+            chunks = module._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(module.qweight))
+        scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
+        keep += [chunks, scales, zeros]
+        p.kind, p.group, p.q = 4, module.group_size, chunks.data_ptr()
+        p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
+    elif type(module) is Int8Linear:
+        if module.qweight.device.type != "cpu":
+            return None
+        q, scales = module._aligned_qweight().contiguous(), module.scales.contiguous()
+        keep += [q, scales]
+        p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
+    elif type(module) is Linear and _fp32_cpu(module.weight):
+        w = module.weight.detach()
+        keep.append(w)
+        if w.stride(1) == 1:
+            p.kind, p.ld = 32, w.stride(0)
+        elif w.stride(0) == 1:
+            p.kind, p.ld = 33, w.stride(1)
+        else:
+            return None
+        p.q = w.data_ptr()
+    else:
+        return None
+    return p
+
+
+def _state(modules: list[nn.Module]) -> list[Any]:
+    """What a plan depends on: the projection modules and their tensors (compared by identity)."""
+    out: list[Any] = []
+    for m in modules:
+        out += [m, *m._parameters.values(), *m._buffers.values()]
+    return out
+
+
+def _projection_modules(model: nn.Module) -> list[nn.Module]:
+    mods: list[nn.Module] = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        mods += (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        )
+    return mods + [model.lm_head]
+
+
+class FusedDecode:
+    """A model's projections and norms as the C step reads them (built by `plan`)."""
+
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+        cfg = model.config
+        self.model, self.lib, self.keep, self.ok = model, lib, [], True
+        mods = _projection_modules(model)
+        self.state = _state(mods)
+        layers = (_Layer * cfg.num_hidden_layers)()
+        for i, block in enumerate(model.model.layers):
+            for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
+                p = _proj(module, self.keep)
+                if p is None:
+                    self.ok = False
+                    return
+                setattr(layers[i], name, p)
+            layers[i].norm1 = self._norm(block.input_layernorm)
+            layers[i].norm2 = self._norm(block.post_attention_layernorm)
+            windowed = cfg.layer_types[i] == "sliding_attention"
+            layers[i].window = cfg.sliding_window if windowed and cfg.sliding_window else 0
+        head = _proj(model.lm_head, self.keep)
+        if head is None or self.ok is False:
+            self.ok = False
+            return
+        self.layers = layers
+        self.struct = _Model(
+            n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+            n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=cfg.intermediate_size,
+            eps=model.model.norm.eps, layers=layers, final_norm=self._norm(model.model.norm), head=head,
+        )  # fmt: skip
+
+    def _norm(self, norm: nn.Module) -> int:
+        w = norm.weight.detach().contiguous()
+        if not _fp32_cpu(w):
+            self.ok = False
+        self.keep.append(w)
+        return w.data_ptr()
+
+    def current(self) -> bool:
+        """Whether the model still has the projections (and tensors) this plan was built on."""
+        now = _state(_projection_modules(self.model))
+        return len(now) == len(self.state) and all(a is b for a, b in zip(now, self.state, strict=True))
+
+    def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
+        b = len(tokens)
+        lengths = cache.lengths[:b]
+        model = self.model
+        x = model.model.embed_tokens(torch.tensor(tokens)).contiguous()  # (B, h)
+        positions = torch.tensor(lengths)
+        cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.rope_scaling, torch.float32)
+        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
+        logits = torch.empty(b, model.config.vocab_size)
+        s = self.struct
+        s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
+        status = self.lib.ws_decode(
+            ctypes.byref(s), b, x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            logits.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the fused decode step could not allocate its buffers")
+        cache.lengths = [n + 1 for n in lengths] + cache.lengths[b:]
+        return logits
+
+
+def _cache_fits(cache: KVCache) -> bool:
+    k, v = cache.k, cache.v
+    return (
+        _fp32_cpu(k) and _fp32_cpu(v) and k.stride() == v.stride() and k.stride(4) == 1
+        and k.shape[3] == cache.max_len
+    )  # fmt: skip
+
+
+def plan(model: nn.Module, cache: KVCache, rows: int) -> FusedDecode | None:
+    """The fused step for `model`, or None where it does not apply (see the module doc)."""
+    if rows > MAX_ROWS or not cpu_kernels.enabled() or not _cache_fits(cache):
+        return None
+    if type(model) is not CausalLM:
+        return None
+    cfg = model.config
+    if cfg.family.moe:
+        return None
+    if cfg.hidden_act not in ("silu", "swish") or cfg.num_attention_heads % cfg.num_key_value_heads:
+        return None
+    cached: FusedDecode | None = model.__dict__.get("_fused_decode")
+    if cached is not None and cached.current():
+        return cached if cached.ok else None
+    lib = cpu_kernels.library()
+    if lib is None or not _fp32_cpu(model.model.embed_tokens.weight):
+        return None
+    fused = FusedDecode(model, lib)
+    model.__dict__["_fused_decode"] = fused
+    return fused if fused.ok else None

@@ -1,0 +1,184 @@
+"""The C decode kernels (cpu_kernels.c, cpu_decode.c): built on first use, called through ctypes.
+
+What it does: compiles them with the system C compiler (``$CC`` or ``cc``,
+``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
+compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
+compiler flags and the CPU, so it is built once per machine; loads it; and wraps its two
+matmuls for float32 CPU tensors (the fused step is wrapped in cpu_decode.py). Where no compiler is found or the build fails, `library()`
+returns None after one warning and callers keep their PyTorch path.
+``WEIGHTSMITH_CPU_KERNELS=0`` turns the kernels off.
+
+Not here: deciding when the kernels are worth calling (weightsmith.quant.weight_only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c")
+HEADER = HERE / "cpu_kernels.h"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("WEIGHTSMITH_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _torch_openmp() -> Path | None:
+    """The OpenMP runtime torch ships (linking to it keeps one thread pool in the process)."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*")) + sorted(lib.glob("libiomp5*")) + sorted(lib.glob("libomp*"))
+    return found[0] if found else None
+
+
+def _build(out_dir: Path) -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.warning("no C compiler found (set CC): int4/int8 decoding uses the slower PyTorch path")
+        return None
+    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+    omp = _torch_openmp()
+    attempts = [base + ["-fopenmp"] + ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else [])]
+    attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
+    source = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
+    for flags in attempts:
+        key = hashlib.sha256(source + " ".join(flags[1:]).encode() + _cpu_signature().encode()).hexdigest()[
+            :16
+        ]
+        target = out_dir / f"cpu_kernels-{key}.so"
+        if target.exists():
+            return target
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            partial = Path(tmp) / target.name
+            proc = subprocess.run(
+                [*flags, *map(str, SOURCES), "-lm", "-o", str(partial)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode == 0:
+                os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
+                return target
+            log.debug("kernel build failed with %s: %s", " ".join(flags), proc.stderr.strip())
+    log.warning(
+        "could not build the int4/int8 CPU kernels with %s (run with -v for the compiler's message): "
+        "decoding uses the slower PyTorch path",
+        compiler,
+    )
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None where unavailable."""
+    if not enabled():
+        return None
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib = None
+        try:
+            from weightsmith.checkpoint.hub import weightsmith_home
+
+            path = _build(weightsmith_home() / "kernels")
+            if path is not None:
+                lib = ctypes.CDLL(str(path))
+                p, i64 = ctypes.c_void_p, ctypes.c_int64
+                lib.ws_int4_matmul.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
+                lib.ws_int8_matmul.argtypes = [p, i64, i64, i64, p, p, p, p]
+                lib.ws_int4_matmul.restype = lib.ws_int8_matmul.restype = None
+                lib.ws_kernels_isa.restype = ctypes.c_char_p
+                lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
+                lib.ws_decode.restype = ctypes.c_int
+                log.info(
+                    "CPU kernels: %s, OpenMP %s", lib.ws_kernels_isa().decode(), bool(lib.ws_kernels_openmp())
+                )
+        except OSError as exc:
+            log.warning("could not load the int4/int8 CPU kernels (%s): decoding uses the PyTorch path", exc)
+            lib = None
+        _state["lib"] = lib
+        return lib
+
+
+def info() -> dict[str, object]:
+    """What `library()` found: for benchmarks and `--json` outputs."""
+    lib = library()
+    if lib is None:
+        return {"available": False}
+    return {"available": True, "isa": lib.ws_kernels_isa().decode(), "openmp": bool(lib.ws_kernels_openmp())}
+
+
+def chunk_layout(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's chunk layout: byte j of each
+    32-code chunk holds code j (low nibble) and code j + 16 (high nibble)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int4_matmul(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    chunks: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., N). `chunks` from chunk_layout; scales/zeros fp32 (N, K/G)."""
+    n, k = chunks.shape[0], chunks.shape[1] * 2
+    flat = x.reshape(-1, k).contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    lib.ws_int4_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, chunks.data_ptr(), scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(),
+        group_size, _ptr(bias), y.data_ptr(),
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+def int8_matmul(
+    lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., N) with q int8 (N, K), scales fp32 (N,)."""
+    n, k = q.shape
+    flat = x.reshape(-1, k).contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    lib.ws_int8_matmul(
+        flat.data_ptr(),
+        flat.shape[0],
+        k,
+        n,
+        q.contiguous().data_ptr(),
+        scales.contiguous().data_ptr(),
+        _ptr(bias),
+        y.data_ptr(),
+    )
+    return y.view(*x.shape[:-1], n)
