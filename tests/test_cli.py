@@ -75,6 +75,12 @@ def test_chat_piped_keeps_history_and_reset(tiny_hf_dir, capsys, monkeypatch):
     assert code == 0, err
     assert "(conversation cleared)" in out
     assert "(system message set" in out
+    # --compile decodes through torch.compile (or eagerly where it cannot): the same answers.
+    code, compiled, err = run_cli(
+        ["chat", str(tiny_hf_dir), "--temperature", "0", "-n", "5", "--compile"], capsys, lines, monkeypatch
+    )
+    assert code == 0, err
+    assert compiled == out
 
 
 def test_info_and_store_commands(tiny_hf_dir, capsys):

@@ -228,6 +228,7 @@ class ChatConfig(LoadOptions, SamplingOptions):
     max_tokens: int = opt(512, "most tokens per answer", short="-n")
     system: str | None = opt(None, "system message for the conversation")
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
+    compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
 
 
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit quits"
@@ -290,6 +291,7 @@ def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) 
     """The REPL: slash commands, streaming answers, history kept across turns."""
     guard = _load_guard(cfg)
     llm = cfg.load()
+    llm.engine.compile = cfg.compile
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
     session = ChatSession(llm, cfg.sampling(), cfg.system, guard=guard)
