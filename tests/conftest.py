@@ -4,10 +4,16 @@ tiny random checkpoints built in-process."""
 from __future__ import annotations
 
 import os
+import platform
+import shlex
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+
+from weightsmith.quant import cpu_kernels
 
 # Tests measure behaviour, not speed: keep them to the 2 cores CI has, deterministic.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -123,3 +129,80 @@ def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+# -- the C decode kernels (test_cpu_kernels.py, test_cpu_decode.py) ----------------------
+
+CPU = torch.device("cpu")
+OFF = "WEIGHTSMITH_CPU_KERNELS"
+
+
+def kernels_on(monkeypatch, on: bool) -> None:
+    """Turn the C decode kernels on or off (WEIGHTSMITH_CPU_KERNELS) for one test."""
+    if on:
+        monkeypatch.delenv(OFF, raising=False)
+    else:
+        monkeypatch.setenv(OFF, "0")
+
+
+@pytest.fixture
+def native_lib(monkeypatch):
+    """The library as the package builds it (-march=native); skips where it cannot be built."""
+    kernels_on(monkeypatch, True)
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no working C compiler: the kernels cannot be built here")
+    return lib
+
+
+# Extra flags after -march=native that take the wider instruction sets away again, so the
+# AVX2 and scalar branches of the kernels run here too (an AVX-512 machine otherwise only ever
+# tests its own branch).
+ISA_FLAGS = {"avx2": "-mno-avx512f", "scalar": "-mno-avx512f -mno-avx2 -mno-fma"}
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
+def isa_lib(request, tmp_path_factory):
+    isa = request.param
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(OFF, raising=False)
+        if isa == "native":
+            lib = cpu_kernels.library()
+            if lib is None:
+                pytest.skip("no working C compiler: the kernels cannot be built here")
+            return lib
+        compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+        if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip(f"the {isa} build needs an x86-64 C compiler")
+        home = tmp_path_factory.mktemp(f"kernels-{isa}")
+        wrapper = home / "cc"
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {ISA_FLAGS[isa]}\n')
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+        mp.setenv("CC", str(wrapper))
+        mp.setenv("WEIGHTSMITH_HOME", str(home))  # its own store: a build per instruction set
+        mp.setattr(cpu_kernels, "_state", {})
+        lib = cpu_kernels.library()
+    if lib is None or lib.ws_kernels_isa().decode() != isa:
+        pytest.skip(f"this CPU or compiler cannot build the {isa} kernels")
+    cpu_kernels.use_threads(lib)
+    return lib
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the C matmul calls the layers make."""
+    calls: list[str] = []
+    for name in ("int4_matmul", "int8_matmul"):
+        original = getattr(cpu_kernels, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cpu_kernels, name, spy)
+    return calls
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

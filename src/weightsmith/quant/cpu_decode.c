@@ -65,7 +65,7 @@ static void attention(const ws_model *m, int64_t layer, int64_t window, int64_t 
     const float scale = 1.0f / sqrtf((float)D);
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-#pragma omp parallel
+#pragma omp parallel num_threads(ws_threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)longest);
 #pragma omp for schedule(static)

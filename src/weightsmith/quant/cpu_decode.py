@@ -17,7 +17,6 @@ Not here: the kernels (cpu_kernels.c, cpu_decode.c), the decode loop (weightsmit
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import torch
 from torch import nn
@@ -102,28 +101,48 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     return p
 
 
-def _state(modules: list[nn.Module]) -> list[Any]:
-    """What a plan depends on: the projection modules and their tensors (compared by identity)."""
-    out: list[Any] = []
-    for m in modules:
-        out += [m, *m._parameters.values(), *m._buffers.values()]
-    return out
+class _Registrations:
+    """Counts parameter, buffer and submodule assignments on any module in the process
+    (torch's global registration hooks), so a plan sees a replaced projection or weight
+    without walking the model every step."""
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        from torch.nn.modules import module as torch_module
+
+        def bump(*_: object) -> None:
+            cls.count += 1
+
+        torch_module.register_module_parameter_registration_hook(bump)
+        torch_module.register_module_buffer_registration_hook(bump)
+        torch_module.register_module_module_registration_hook(bump)
+        cls.installed = True
+
+
+def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def _projection_modules(model: nn.Module) -> list[nn.Module]:
+    """The 7 projections of every layer and the LM head, in the plan's order."""
     mods: list[nn.Module] = []
     for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        mods += (
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
-        )
+        a, m = block.self_attn, block.mlp
+        mods += (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
     return mods + [model.lm_head]
+
+
+def _watched_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module whose tensors the C step reads: the projections and the norms."""
+    norms = [
+        n for block in model.model.layers for n in (block.input_layernorm, block.post_attention_layernorm)
+    ]
+    return _projection_modules(model) + norms + [model.model.norm]
 
 
 class FusedDecode:
@@ -133,7 +152,12 @@ class FusedDecode:
         cfg = model.config
         self.model, self.lib, self.keep, self.ok = model, lib, [], True
         mods = _projection_modules(model)
-        self.state = _state(mods)
+        _Registrations.install()
+        self.registrations = _Registrations.count
+        # What the plan depends on: no assignment since (checked by count) and every tensor's
+        # data where it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
+        self.tensors = _tensors(_watched_modules(model))
+        self.pointers = [t.data_ptr() for t in self.tensors]
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
@@ -166,13 +190,18 @@ class FusedDecode:
 
     def current(self) -> bool:
         """Whether the model still has the projections (and tensors) this plan was built on."""
-        now = _state(_projection_modules(self.model))
-        return len(now) == len(self.state) and all(a is b for a, b in zip(now, self.state, strict=True))
+        if _Registrations.count != self.registrations:
+            return False
+        return [t.data_ptr() for t in self.tensors] == self.pointers
 
     def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
         b = len(tokens)
         lengths = cache.lengths[:b]
+        if max(lengths) >= cache.max_len:  # the C step writes at each row's position unchecked
+            raise ValueError(
+                f"the KV cache is full ({cache.max_len} tokens); a row cannot take another token"
+            )
         model = self.model
         x = model.model.embed_tokens(torch.tensor(tokens)).contiguous()  # (B, h)
         positions = torch.tensor(lengths)
@@ -182,6 +211,7 @@ class FusedDecode:
         s = self.struct
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
+        cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
             ctypes.byref(s), b, x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             logits.data_ptr(),

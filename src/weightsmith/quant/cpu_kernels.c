@@ -44,6 +44,12 @@
 
 const char *ws_kernels_isa(void) { return WS_VEC; }
 
+/* Threads for every parallel loop here. Set by the caller (from torch.get_num_threads()):
+ * OpenMP's own setting is per calling thread, and a server decodes on a worker thread. */
+int ws_threads = 1;
+
+void ws_set_threads(int n) { ws_threads = n > 0 ? n : 1; }
+
 int ws_kernels_openmp(void) {
 #ifdef _OPENMP
     return 1;
@@ -141,7 +147,7 @@ static void int4_rows(const float *x, int64_t m_count, int64_t K, const uint8_t 
 void ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q,
                     const float *scales, const float *zeros, int64_t G, const float *bias, float *y) {
     const int64_t groups = K / G;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             const int64_t mc = M - m0 < ROWS ? M - m0 : ROWS;
@@ -213,7 +219,7 @@ static void int8_rows(const float *x, int64_t m_count, int64_t K, const int8_t *
 /* y (M, N) = x (M, K) @ (q * scale).T (+ bias); q int8 (N, K), scales (N,). */
 void ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t *q,
                     const float *scales, const float *bias, float *y) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             const int64_t mc = M - m0 < ROWS ? M - m0 : ROWS;
@@ -229,7 +235,7 @@ void ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_
 /* Rows: W[n, k] = w[n * ld + k]. */
 static void f32_rows_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
                             const float *bias, float *y) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * ld;
         for (int64_t m = 0; m < M; m++) {
@@ -256,7 +262,7 @@ static void f32_rows_matmul(const float *x, int64_t M, int64_t K, int64_t N, con
 static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
                             const float *bias, float *y) {
     const int64_t blocks = (N + COLS - 1) / COLS;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * COLS, nc = N - n0 < COLS ? N - n0 : COLS;
         for (int64_t m = 0; m < M; m++) {

@@ -15,6 +15,8 @@ typedef struct {
     const float *scales, *zeros, *bias;
 } ws_proj;
 
+extern int ws_threads;
+
 void ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q,
                     const float *scales, const float *zeros, int64_t G, const float *bias, float *y);
 void ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t *q,

@@ -66,21 +66,25 @@ def _build(out_dir: Path) -> Path | None:
     attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
     source = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
     for flags in attempts:
-        key = hashlib.sha256(source + " ".join(flags[1:]).encode() + _cpu_signature().encode()).hexdigest()[
-            :16
-        ]
+        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = out_dir / f"cpu_kernels-{key}.so"
         if target.exists():
             return target
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             partial = Path(tmp) / target.name
-            proc = subprocess.run(
-                [*flags, *map(str, SOURCES), "-lm", "-o", str(partial)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            try:
+                proc = subprocess.run(
+                    [*flags, *map(str, SOURCES), "-lm", "-o", str(partial)],
+                    capture_output=True, text=True, check=False,
+                )  # fmt: skip
+            except OSError as exc:  # $CC names no runnable program
+                log.warning(
+                    "could not run the C compiler %s (%s): decoding uses the slower PyTorch path",
+                    compiler,
+                    exc,
+                )
+                return None
             if proc.returncode == 0:
                 os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
                 return target
@@ -114,6 +118,7 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_kernels_isa.restype = ctypes.c_char_p
                 lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
                 lib.ws_decode.restype = ctypes.c_int
+                lib.ws_set_threads.argtypes = [ctypes.c_int]
                 log.info(
                     "CPU kernels: %s, OpenMP %s", lib.ws_kernels_isa().decode(), bool(lib.ws_kernels_openmp())
                 )
@@ -130,6 +135,14 @@ def info() -> dict[str, object]:
     if lib is None:
         return {"available": False}
     return {"available": True, "isa": lib.ws_kernels_isa().decode(), "openmp": bool(lib.ws_kernels_openmp())}
+
+
+def use_threads(lib: ctypes.CDLL) -> None:
+    """Run the kernels on as many threads as torch uses (checked per call: cheap)."""
+    n = torch.get_num_threads()
+    if getattr(lib, "ws_thread_count", None) != n:
+        lib.ws_set_threads(n)
+        lib.ws_thread_count = n
 
 
 def chunk_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -155,12 +168,16 @@ def int4_matmul(
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., N). `chunks` from chunk_layout; scales/zeros fp32 (N, K/G)."""
     n, k = chunks.shape[0], chunks.shape[1] * 2
-    flat = x.reshape(-1, k).contiguous()
+    # Contiguous copies held in locals: they must outlive the C call that reads them.
+    flat, chunks, scales, zeros = (t.contiguous() for t in (x.reshape(-1, k), chunks, scales, zeros))
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
     lib.ws_int4_matmul(
-        flat.data_ptr(), flat.shape[0], k, n, chunks.data_ptr(), scales.contiguous().data_ptr(), zeros.contiguous().data_ptr(),
+        flat.data_ptr(), flat.shape[0], k, n, chunks.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         group_size, _ptr(bias), y.data_ptr(),
     )  # fmt: skip
+
     return y.view(*x.shape[:-1], n)
 
 
@@ -169,16 +186,11 @@ def int8_matmul(
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., N) with q int8 (N, K), scales fp32 (N,)."""
     n, k = q.shape
-    flat = x.reshape(-1, k).contiguous()
+    flat, q, scales = (t.contiguous() for t in (x.reshape(-1, k), q, scales))  # kept alive past the call
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
     lib.ws_int8_matmul(
-        flat.data_ptr(),
-        flat.shape[0],
-        k,
-        n,
-        q.contiguous().data_ptr(),
-        scales.contiguous().data_ptr(),
-        _ptr(bias),
-        y.data_ptr(),
+        flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
     )
     return y.view(*x.shape[:-1], n)

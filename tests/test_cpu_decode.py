@@ -1,0 +1,441 @@
+"""The fused C decode step (quant/cpu_decode.c, cpu_decode.py) against the PyTorch model for
+every supported variant, where the step must not apply, and a machine with no working C compiler."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import stat
+
+import pytest
+import torch
+import transformers
+from conftest import CPU, OFF, TINY_SHAPE, assert_matches, build_tiny_hf_dir, kernels_on
+
+from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.generate import TokenGenerator, decode_one_token, prefill
+from weightsmith.kv_cache import KVCache
+from weightsmith.lora import apply_lora, lora_layers, merge_and_unload
+from weightsmith.lora_config import LoraConfig
+from weightsmith.models import linear as linear_mod
+from weightsmith.quant import cpu_decode, cpu_kernels
+from weightsmith.quant import weight_only as wo
+from weightsmith.sampling import SamplingParams
+
+# -- the fused decode step against the PyTorch model ----------------------------------------
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 64, 128]]  # different lengths: per-row positions
+STEPS = [[1, 2], [30, 40], [300, 7], [9, 9], [123, 45], [66, 201]]
+MAX_LEN = 16
+
+
+def _save_hf(path, source, model_cls, config_cls, seed, **cfg):
+    """A tiny random checkpoint of another family, with the tiny tokenizer copied over."""
+    path.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    torch.manual_seed(seed)
+    model_cls(config_cls(**{**TINY_SHAPE, "eos_token_id": 2, **cfg})).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_hf_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    dirs = {"llama": tiny_hf_dir}
+    builders = {
+        "llama-bias": lambda p: build_tiny_hf_dir(p, seed=1, attention_bias=True, mlp_bias=True),
+        "tied-yarn-mqa": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.LlamaForCausalLM, transformers.LlamaConfig, seed=2,
+            tie_word_embeddings=True, num_key_value_heads=1,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        ),
+        "mistral-window": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.MistralForCausalLM, transformers.MistralConfig, seed=3, sliding_window=4
+        ),
+        # Sliding window on layer 1 only; q/k/v biases, no o_proj bias.
+        "qwen2-window": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Qwen2ForCausalLM, transformers.Qwen2Config, seed=4,
+            use_sliding_window=True, sliding_window=3, max_window_layers=1,
+        ),
+    }  # fmt: skip
+
+    def get(name):
+        if name not in dirs:
+            dirs[name] = builders[name](root / name)
+        return dirs[name]
+
+    return get
+
+
+def _load(path, **kw):
+    """The checkpoint's model with random biases and norm weights (transformers initialises
+    them to 0 and 1, which would hide a bias or a norm the fused step skipped or swapped)."""
+    model = load_checkpoint(path, **kw).model
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _columns(model, monkeypatch) -> None:
+    """Every projection (and the LM head) column-major, q/k/v and gate/up packed."""
+    monkeypatch.setattr(linear_mod, "MIN_SPLIT_NUMEL", 0)
+    model.use_decode_layout(2)
+    assert model.lm_head.weight.stride(0) == 1
+    assert all(
+        m.weight.stride(0) == 1 for m in cpu_decode._projection_modules(model) if type(m) is linear_mod.Linear
+    )
+
+
+def _decode_layout(model, monkeypatch) -> None:
+    model.use_decode_layout(2)  # 2 splits even on a 1-core machine, so q/k/v get packed
+    attn = model.model.layers[0].self_attn
+    if attn.q_proj.bias is None:
+        assert attn.__dict__.get("packed") is not None and attn.q_proj.weight.stride(0) == 1
+
+
+VARIANTS = {
+    "fp32-rows": ("llama", None),
+    "fp32-decode-layout": ("llama", _decode_layout),
+    "fp32-all-columns": ("llama", _columns),
+    "int4-g32": ("llama", (4, 32, False)),
+    "int4-g64-lm-head": ("llama", (4, 64, True)),
+    "int8": ("llama", (8, None, False)),
+    "fp32-biases-columns": ("llama-bias", _columns),
+    "int8-biases-lm-head": ("llama-bias", (8, None, True)),
+    "int4-biases": ("llama-bias", (4, 32, False)),
+    "qwen2-window-fp32": ("qwen2-window", None),
+    "qwen2-window-int4": ("qwen2-window", (4, 32, False)),
+    "mistral-window-layout": ("mistral-window", _decode_layout),
+    "mistral-window-int8": ("mistral-window", (8, None, False)),
+    "tied-yarn-mqa-columns": ("tied-yarn-mqa", _columns),
+    "tied-yarn-mqa-int4": ("tied-yarn-mqa", (4, 32, False)),
+}
+
+
+def _variant(name, model_dirs, monkeypatch):
+    source, how = VARIANTS[name]
+    if how is None:
+        return _load(model_dirs(source), decode_layout=False)
+    model = _load(model_dirs(source), decode_layout=False)
+    if callable(how):
+        how(model, monkeypatch)
+    else:
+        model.use_decode_layout(2)  # as loaded for CPU inference, then quantized
+        bits, group, lm_head = how
+        names = wo.quantize_model(model, bits, group, lm_head=lm_head)
+        assert ("lm_head" in names) == lm_head
+    return model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Rows of every fused step taken."""
+    calls: list[int] = []
+    original = cpu_decode.FusedDecode.step
+
+    def step(self, cache, tokens):
+        calls.append(len(tokens))
+        return original(self, cache, tokens)
+
+    monkeypatch.setattr(cpu_decode.FusedDecode, "step", step)
+    return calls
+
+
+def _decode(model, prompts=PROMPTS, steps=STEPS, cache=None):
+    if cache is None:
+        cache = KVCache.for_model(model.config, len(prompts), MAX_LEN, dtype=torch.float32, device="cpu")
+    prefill(model, cache, prompts, CPU)
+    logits = torch.stack([decode_one_token(model, cache, list(tokens), CPU) for tokens in steps])
+    return logits, cache
+
+
+def _assert_same_decode(on, off, rows: int) -> None:
+    (logits_on, cache_on), (logits_off, cache_off) = on, off
+    scale = max(1.0, logits_off.abs().max().item())
+    torch.testing.assert_close(logits_on, logits_off, rtol=1e-4, atol=1e-4 * scale)
+    assert cache_on.lengths[:rows] == cache_off.lengths[:rows]
+    for row in range(rows):
+        n = cache_off.lengths[row]
+        for a, b in ((cache_on.k, cache_off.k), (cache_on.v, cache_off.v)):
+            torch.testing.assert_close(a[:, row, :, :n], b[:, row, :, :n], rtol=1e-4, atol=1e-5)
+
+
+def _on_and_off(model, monkeypatch, fused_calls, **kw):
+    """Decode with the fused step, then the same tokens through the PyTorch model."""
+    kernels_on(monkeypatch, True)
+    on = _decode(model, **kw)
+    steps = len(kw.get("steps", STEPS))
+    rows = len(kw.get("prompts", PROMPTS))
+    assert fused_calls == [rows] * steps, "the fused step was not taken"
+    kernels_on(monkeypatch, False)
+    off = _decode(model, **kw)
+    assert len(fused_calls) == steps, "the fused step ran with the kernels off"
+    _assert_same_decode(on, off, rows)
+    return on, off
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_decode_equals_the_pytorch_model(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+    model = _variant(variant, model_dirs, monkeypatch)
+    cfg = model.config
+    assert cpu_decode.plan(model, KVCache.for_model(cfg, 2, MAX_LEN, dtype=torch.float32, device="cpu"), 2)
+    if "window" in variant:  # the window masks some of the cache during decoding
+        assert "sliding_attention" in cfg.layer_types
+        assert cfg.sliding_window < len(PROMPTS[1]) + len(STEPS)
+    if variant.startswith("qwen2"):
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.bias is not None and attn.o_proj.bias is None
+        assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    _, off = _on_and_off(model, monkeypatch, fused_calls)
+    assert off[0].abs().max() > 0.1  # logits that carry information
+
+
+def test_tiny_default_is_grouped_query_attention(tiny_hf_dir):
+    cfg = load_checkpoint(tiny_hf_dir).config
+    assert 1 < cfg.num_key_value_heads < cfg.num_attention_heads  # what "fp32-rows" and the rest run
+
+
+def test_the_window_masks_during_these_decode_steps(model_dirs, monkeypatch):
+    """The sliding-window variants above check something: on the PyTorch path, a window that
+    masks nothing gives other logits than the checkpoint's window of 4."""
+    kernels_on(monkeypatch, False)
+    model = _variant("mistral-window-layout", model_dirs, monkeypatch)
+    windowed, _ = _decode(model)
+    model.config = dataclasses.replace(model.config, sliding_window=MAX_LEN)
+    full, _ = _decode(model)
+    assert (windowed - full).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["fp32-all-columns", "int4-biases", "int8-biases-lm-head"])
+def test_fused_decode_with_each_instruction_set(variant, isa_lib, model_dirs, monkeypatch, fused_calls):
+    """The fused step's fp32, int4 and int8 matmuls in the AVX-512, AVX2 and scalar builds."""
+    monkeypatch.setattr(cpu_kernels, "_state", {"lib": isa_lib})
+    model = _variant(variant, model_dirs, monkeypatch)
+    plan = cpu_decode.plan(model, _cache(model, 2), 2)
+    assert plan is not None and plan.lib is isa_lib
+    _on_and_off(model, monkeypatch, fused_calls)
+
+
+def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
+    model_dirs, native_lib, monkeypatch, fused_calls
+):
+    """A `KVCache.rows` view (storage at an offset) with a row the step must not touch, and a
+    step for fewer rows than the cache holds."""
+    model = _variant("int4-g32", model_dirs, monkeypatch)
+
+    def run(on: bool):
+        kernels_on(monkeypatch, on)
+        big = KVCache.for_model(model.config, 4, MAX_LEN, dtype=torch.float32, device="cpu")
+        prefill(model, big.rows(0, 1), [[8, 9, 10, 11]], CPU)
+        big.set_lengths(0, [4])
+        untouched = big.k[:, 0].clone(), big.v[:, 0].clone()
+        view = big.rows(1, 3)
+        prefill(model, view, [*PROMPTS, [77, 78]], CPU)
+        logits = [decode_one_token(model, view, list(t), CPU) for t in STEPS[:3]]  # 2 of the view's 3 rows
+        assert view.lengths == [len(PROMPTS[0]) + 3, len(PROMPTS[1]) + 3, 2]
+        big.set_lengths(1, view.lengths)
+        assert torch.equal(big.k[:, 0], untouched[0]) and torch.equal(big.v[:, 0], untouched[1])
+        return torch.stack(logits), big
+
+    (la, ca), (lb, cb) = run(True), run(False)
+    assert fused_calls == [2, 2, 2]
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+    for row in range(4):
+        n = cb.lengths[row]
+        torch.testing.assert_close(ca.k[:, row, :, :n], cb.k[:, row, :, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ca.v[:, row, :, :n], cb.v[:, row, :, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_is_the_same_with_the_fused_step(model_dirs, native_lib, monkeypatch, fused_calls):
+    """End to end through TokenGenerator: a row that finishes early keeps re-feeding its last
+    token at a fixed position while the other row goes on."""
+    model = _variant("int8", model_dirs, monkeypatch)
+    params = [SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=7)]
+
+    def tokens(on: bool):
+        kernels_on(monkeypatch, on)
+        gen = TokenGenerator(model, PROMPTS, params, eos_token_ids=set())
+        for _ in gen:
+            pass
+        return gen.generated, gen.finished
+
+    on, off = tokens(True), tokens(False)
+    assert fused_calls and set(fused_calls) == {2}
+    assert on == off
+    assert [len(t) for t in on[0]] == [3, 7]
+
+
+# -- where the fused step does not apply ----------------------------------------------------
+
+
+def _cache(model, rows: int) -> KVCache:
+    return KVCache.for_model(model.config, rows, MAX_LEN, dtype=torch.float32, device="cpu")
+
+
+def test_no_plan_with_a_lora_adapter_until_merged(model_dirs, native_lib, monkeypatch, fused_calls):
+    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    base, _ = _decode(model)  # builds and uses a plan for the plain model
+    assert len(fused_calls) == len(STEPS)
+    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=g) * 0.5)  # an adapter that changes the output
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+    fused_calls.clear()
+    on, off = _on_and_off_no_plan(model, monkeypatch, fused_calls)
+    assert (on[0] - base).abs().max() > 1e-2  # the adapter was applied, not bypassed
+    # Merged and unloaded: the original modules are back (same parameters, merged in place).
+    merge_and_unload(model)
+    kernels_on(monkeypatch, True)
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
+    merged_on, merged_off = _on_and_off(model, monkeypatch, fused_calls)
+    torch.testing.assert_close(merged_on[0], on[0], rtol=1e-4, atol=1e-4)
+
+
+def _on_and_off_no_plan(model, monkeypatch, fused_calls, **kw):
+    kernels_on(monkeypatch, True)
+    on = _decode(model, **kw)
+    kernels_on(monkeypatch, False)
+    off = _decode(model, **kw)
+    assert fused_calls == []
+    _assert_same_decode(on, off, len(kw.get("prompts", PROMPTS)))
+    return on, off
+
+
+def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch, fused_calls):
+    model = _variant("int4-g32", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    n = cpu_decode.MAX_ROWS
+    assert cpu_decode.plan(model, _cache(model, n + 1), n) is not None
+    assert cpu_decode.plan(model, _cache(model, n + 1), n + 1) is None
+    prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(n + 1)]
+    _on_and_off_no_plan(model, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
+
+
+def test_no_plan_when_disabled_or_the_cache_does_not_fit(model_dirs, native_lib, monkeypatch):
+    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
+    bf16 = KVCache.for_model(model.config, 2, MAX_LEN, dtype=torch.bfloat16, device="cpu")
+    assert cpu_decode.plan(model, bf16, 2) is None
+    for value in ("0", "false", "off", "NO"):
+        monkeypatch.setenv(OFF, value)
+        assert not cpu_kernels.enabled()
+        assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+        assert cpu_kernels.library() is None
+
+
+def test_no_plan_for_a_non_silu_activation(tmp_path, native_lib, monkeypatch, fused_calls):
+    model = _load(build_tiny_hf_dir(tmp_path / "gelu", hidden_act="gelu"), decode_layout=False)
+    kernels_on(monkeypatch, True)
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+    _on_and_off_no_plan(model, monkeypatch, fused_calls)
+
+
+def test_plan_is_rebuilt_after_modules_are_replaced(model_dirs, native_lib, monkeypatch, fused_calls):
+    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    first = cpu_decode.plan(model, _cache(model, 2), 2)
+    assert first is not None and first.struct.layers[0].q.kind == 32  # fp32 rows
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is first  # built once
+    fp32, _ = _decode(model)
+
+    model.use_decode_layout(2)  # new (column-major) parameters
+    assert not first.current()
+    second = cpu_decode.plan(model, _cache(model, 2), 2)
+    assert second is not first and second.struct.layers[0].q.kind == 33
+
+    wo.quantize_model(model, 4, 32)  # new modules
+    assert not second.current()
+    third = cpu_decode.plan(model, _cache(model, 2), 2)
+    assert third is not None and third is not second
+    layer = third.struct.layers[1]
+    assert [getattr(layer, p).kind for p in cpu_decode.PROJECTIONS] == [4] * 7
+    assert third.struct.head.kind == 32  # the LM head stays full precision
+    fused_calls.clear()
+    on, _ = _on_and_off(model, monkeypatch, fused_calls)
+    assert (on[0] - fp32).abs().max() > 1e-4  # really the int4 weights now, not the stale fp32 ones
+
+
+def test_plan_notices_parameters_whose_data_was_swapped(model_dirs, native_lib, monkeypatch, fused_calls):
+    """`Module.to` (another dtype or device and back) keeps each Parameter object and gives it
+    new data; whatever was done to the weights meanwhile must show in the fused step."""
+    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    _decode(model)  # builds the plan
+    model.to(torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # e.g. trained elsewhere
+    model.to(torch.float32)
+    fused_calls.clear()
+    _on_and_off(model, monkeypatch, fused_calls)
+
+
+def test_plan_notices_a_replaced_norm_weight(model_dirs, native_lib, monkeypatch, fused_calls):
+    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    _decode(model)  # builds the plan
+    norm = model.model.layers[0].post_attention_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
+    fused_calls.clear()
+    _on_and_off(model, monkeypatch, fused_calls)
+
+
+# -- no compiler ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_working_compiler_the_pytorch_path_runs(
+    compiler, tmp_path, tiny_hf_dir, monkeypatch, caplog, kernel_calls, fused_calls
+):
+    if compiler == "missing":
+        cc = "/nonexistent/cc"
+    else:
+        cc = tmp_path / "cc"
+        cc.write_text("#!/bin/sh\necho 'cc: error: no' >&2\nexit 1\n")
+        cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))  # no prebuilt library there
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    kernels_on(monkeypatch, True)
+    torch.manual_seed(9)
+    linear = torch.nn.Linear(64, 24)
+    layer = wo.Int4Linear.from_linear(linear, 32)
+    model = _load(tiny_hf_dir)
+    wo.quantize_model(model, 8)
+    with caplog.at_level(logging.WARNING, logger="weightsmith.quant.cpu_kernels"):
+        assert cpu_kernels.library() is None
+        assert cpu_kernels.library() is None  # remembered: no second build, no second warning
+        assert cpu_kernels.info() == {"available": False}
+        x = torch.randn(2, 64)
+        assert_matches(layer(x), x.double() @ layer.dequantize().double().T + layer.bias.double())
+        assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+        logits, cache = _decode(model)
+    assert kernel_calls == [] and fused_calls == []
+    assert torch.isfinite(logits).all() and cache.lengths == [len(p) + len(STEPS) for p in PROMPTS]
+    warnings = [r for r in caplog.records if r.name == cpu_kernels.__name__ and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "PyTorch path" in warnings[0].getMessage()
+    assert not list((tmp_path / "home").rglob("*.so"))
+
+
+def test_a_full_cache_is_an_error_not_a_write_past_the_end(model_dirs, native_lib, monkeypatch):
+    model = _variant("int4-g32", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    cache = KVCache.for_model(model.config, 1, 4, dtype=torch.float32, device="cpu")
+    prefill(model, cache, [[5, 6, 7, 8]], CPU)  # the cache is now full
+    before = cache.k.clone()
+    with pytest.raises(ValueError, match="KV cache is full"):
+        decode_one_token(model, cache, [9], CPU)
+    assert torch.equal(cache.k, before) and cache.lengths == [4]
