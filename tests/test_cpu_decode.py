@@ -120,6 +120,9 @@ VARIANTS = {
 
 
 def _variant(name, model_dirs, monkeypatch):
+    # fp32-only models take the PyTorch path by default; here they take the step, so that its
+    # fp32 kernels are checked in every layout.
+    monkeypatch.setattr(cpu_decode, "FUSE_FP32_MODELS", True)
     source, how = VARIANTS[name]
     if how is None:
         return _load(model_dirs(source), decode_layout=False)
@@ -439,3 +442,11 @@ def test_a_full_cache_is_an_error_not_a_write_past_the_end(model_dirs, native_li
     with pytest.raises(ValueError, match="KV cache is full"):
         decode_one_token(model, cache, [9], CPU)
     assert torch.equal(cache.k, before) and cache.lengths == [4]
+
+
+def test_fp32_models_take_the_pytorch_path_by_default(model_dirs, native_lib, monkeypatch):
+    kernels_on(monkeypatch, True)
+    model = _load(model_dirs("llama"))
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+    wo.quantize_model(model, 4, 32)  # quantized projections, fp32 (column-major) head
+    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
