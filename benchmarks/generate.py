@@ -11,11 +11,11 @@ interleaved (ours, peer, ours, peer, ...) so that a noisy neighbour slows both
 alike, and medians are taken. Read the ratio (ours / peer): the machines are
 shared and noisy, so a lone absolute figure means little.
 
-Our columns: "weightsmith" is the default fp32 path (PyTorch ops). The int4 column to
-read against llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has
-(4-bit projections, 8-bit output matrix); it decodes through the fused C step
-(weightsmith/quant/cpu_decode.c), and ", no C" is the same model with
-WEIGHTSMITH_CPU_KERNELS=0. The bf16 columns use PyTorch's packed kernels.
+Our columns: "weightsmith" is the default fp32 path, which decodes through the fused C
+step (weightsmith/quant/cpu_decode.c); ", no C" is the same model with
+WEIGHTSMITH_CPU_KERNELS=0 (PyTorch ops only). The int4 column to read against
+llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
+projections, 8-bit output matrix). The bf16 columns use PyTorch's packed kernels.
 
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
@@ -181,6 +181,7 @@ def main() -> None:
     print(f"C decode kernels: {cpu_kernels.info()}")
     contenders = {
         "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
+        "weightsmith, no C": bench_ours(path, prompt_ids, prefill_ids, kernels=False),
         "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
     }
     if not args.skip_quantized:

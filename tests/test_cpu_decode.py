@@ -444,8 +444,11 @@ def test_a_full_cache_is_an_error_not_a_write_past_the_end(model_dirs, native_li
     assert torch.equal(cache.k, before) and cache.lengths == [4]
 
 
-def test_fp32_models_take_the_pytorch_path_by_default(model_dirs, native_lib, monkeypatch):
+def test_fp32_models_can_be_left_to_the_pytorch_path(model_dirs, native_lib, monkeypatch):
     kernels_on(monkeypatch, True)
+    model = _load(model_dirs("llama"))
+    assert cpu_decode.FUSE_FP32_MODELS and cpu_decode.plan(model, _cache(model, 2), 2) is not None
+    monkeypatch.setattr(cpu_decode, "FUSE_FP32_MODELS", False)
     model = _load(model_dirs("llama"))
     assert cpu_decode.plan(model, _cache(model, 2), 2) is None
     wo.quantize_model(model, 4, 32)  # quantized projections, fp32 (column-major) head

@@ -1,7 +1,7 @@
 """The fused CPU decode step (cpu_decode.c): when it applies, and calling it.
 
 What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 whose projections
-are all int4, int8 or plain fp32 layers (no adapters), at least one of them quantized, `FusedDecode.step` runs one token
+are all int4, int8 or plain fp32 layers (no adapters), `FusedDecode.step` runs one token
 per row through every layer and the LM head in one C call, reading and writing the same
 `KVCache` the PyTorch model uses, so prefill (PyTorch) and decoding (C) mix freely.
 Python keeps the embedding lookup and the RoPE tables (any RoPE scaling the model has).
@@ -28,11 +28,9 @@ from weightsmith.models.rope import rope_cos_sin
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear, unpack_nibbles
 
-#: Whether models with no quantized projection take the step too. Off: their fp32 weights make
-#: decoding memory-bound, and PyTorch's split matmuls (models/linear.py) stream them as fast as
-#: our fp32 kernels do (measured on the default model, 2 threads: 25.6 vs 26.8 tokens/s, fused
-#: vs PyTorch), so the C step buys nothing there. fp32 LM heads of quantized models use them.
-FUSE_FP32_MODELS = False
+#: Whether models with no quantized projection take the step too (tests turn it off to check
+#: the PyTorch path still decodes them the same).
+FUSE_FP32_MODELS = True
 
 #: Rows a fused step takes. Beyond a few rows the matmuls stop being bound by reading the
 #: weights, and BLAS (the PyTorch path) multiplies better.

@@ -27,6 +27,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -256,43 +258,68 @@ static void f32_rows_matmul(const float *x, int64_t M, int64_t K, int64_t N, con
     }
 }
 
-/* Columns: W[n, k] = w[k * ld + n]. Each thread owns blocks of 64 outputs and streams the
- * matching 256-byte segment of every column-major row. */
-#define COLS 64
-static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
-                            const float *bias, float *y) {
-    const int64_t blocks = (N + COLS - 1) / COLS;
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t n0 = blk * COLS, nc = N - n0 < COLS ? N - n0 : COLS;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            float *ym = y + m * N + n0;
+/* Columns: W[n, k] = w[k * ld + n], the rows of W.T contiguous. Each thread takes a
+ * contiguous range of k (rows of W.T) and sums into its own partial outputs; the partials
+ * are added at the end. Splitting the outputs between threads instead would make each
+ * thread read short strided segments of every row, which streams at about half the
+ * bandwidth. Within its range a thread goes KCHUNK rows at a time, across all outputs in
+ * register tiles of 128 (8 vectors), so it reads KCHUNK nearby streams of memory and
+ * stores its accumulators once per KCHUNK rows. */
+#define KCHUNK 8
+#define CTILE 128
+static void cols_chunk(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
+                       int64_t k0, int64_t k1, float *part) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *pm = part + m * N;
+        int64_t n0 = 0;
 #if defined(__AVX512F__)
-            if (nc == COLS) {
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t k = 0; k < K; k++) {
-                    const float *wk = w + k * ld + n0;
-                    const __m512 xv = _mm512_set1_ps(xm[k]);
-                    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk), a0);
-                    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk + 16), a1);
-                    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk + 32), a2);
-                    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk + 48), a3);
-                }
-                _mm512_storeu_ps(ym, a0), _mm512_storeu_ps(ym + 16, a1);
-                _mm512_storeu_ps(ym + 32, a2), _mm512_storeu_ps(ym + 48, a3);
-            } else
-#endif
-            {
-                float acc[COLS] = {0};
-                for (int64_t k = 0; k < K; k++)
-                    for (int64_t j = 0; j < nc; j++) acc[j] += xm[k] * w[k * ld + n0 + j];
-                for (int64_t j = 0; j < nc; j++) ym[j] = acc[j];
+        for (; n0 + CTILE <= N; n0 += CTILE) {
+            __m512 a[8];
+            for (int r = 0; r < 8; r++) a[r] = _mm512_loadu_ps(pm + n0 + 16 * r);
+            for (int64_t k = k0; k < k1; k++) {
+                const float *wk = w + k * ld + n0;
+                const __m512 xv = _mm512_set1_ps(xm[k]);
+                for (int r = 0; r < 8; r++) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk + 16 * r), a[r]);
             }
-            if (bias)
-                for (int64_t j = 0; j < nc; j++) ym[j] += bias[n0 + j];
+            for (int r = 0; r < 8; r++) _mm512_storeu_ps(pm + n0 + 16 * r, a[r]);
+        }
+#endif
+        for (int64_t k = k0; k < k1; k++) {
+            const float xv = xm[k], *wk = w + k * ld;
+#pragma omp simd
+            for (int64_t n = n0; n < N; n++) pm[n] += xv * wk[n];
         }
     }
+}
+
+static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
+                            const float *bias, float *y) {
+    int64_t threads = ws_threads;
+    float *partial = calloc((size_t)(threads * M * N), sizeof(float));
+    if (!partial) { /* no memory for the partials: one thread, straight into y */
+        memset(y, 0, sizeof(float) * (size_t)(M * N));
+        for (int64_t k0 = 0; k0 < K; k0 += KCHUNK)
+            cols_chunk(x, M, K, N, w, ld, k0, k0 + KCHUNK < K ? k0 + KCHUNK : K, y);
+        threads = 0;
+    } else {
+#pragma omp parallel for schedule(static, 1) num_threads(ws_threads)
+        for (int64_t t = 0; t < threads; t++) {
+            const int64_t first = K * t / threads, last = K * (t + 1) / threads;
+            for (int64_t k0 = first; k0 < last; k0 += KCHUNK)
+                cols_chunk(x, M, K, N, w, ld, k0, k0 + KCHUNK < last ? k0 + KCHUNK : last, partial + t * M * N);
+        }
+    }
+    if (threads || bias) {
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+        for (int64_t i = 0; i < M * N; i++) {
+            float total = bias ? bias[i % N] : 0.0f;
+            if (threads == 0) total += y[i];
+            for (int64_t t = 0; t < threads; t++) total += partial[t * M * N + i];
+            y[i] = total;
+        }
+    }
+    free(partial);
 }
 
 void ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y) {
