@@ -212,7 +212,7 @@ class FusedDecode:
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.rope_scaling, torch.float32)
         cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
         logits = torch.empty(b, model.config.vocab_size)
-        s = self.struct
+        s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
         cpu_kernels.use_threads(self.lib)
