@@ -108,7 +108,8 @@ def task_dir(tmp_path_factory, tiny_hf_dir):
     def mc_rows(n):
         rows = []
         for _ in range(n):
-            choices = list({_phrase(rng, rng.randint(1, 3)) for _ in range(4)})
+            # dict, not set: a set's order follows PYTHONHASHSEED, so the labels would change per run
+            choices = list(dict.fromkeys(_phrase(rng, rng.randint(1, 3)) for _ in range(4)))
             rows.append(
                 {"question": _phrase(rng, 5), "choices": choices, "label": rng.randrange(len(choices))}
             )
