@@ -250,7 +250,7 @@ def section_scheduler(path: Path, device: str, runs: int) -> dict:
 def section_finetune(path: Path, device: str, runs: int) -> dict:
     import tempfile
 
-    from weightsmith.cli.args import config_from_dict
+    from weightsmith.config import config_from_dict
     from weightsmith.datasets import sample_path
     from weightsmith.train.sft import FinetuneConfig, run_finetune
 

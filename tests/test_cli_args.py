@@ -14,16 +14,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from weightsmith.cli.args import (
-    add_config_arguments,
-    config_from_args,
-    config_from_dict,
-    config_to_dict,
-    dump_config_yaml,
-    load_config_yaml,
-    opt,
-    parse_config,
-)
+from weightsmith.cli.args import add_config_arguments, config_from_args, parse_config
+from weightsmith.config import config_from_dict, config_to_dict, dump_config_yaml, load_config_yaml, opt
 from weightsmith.errors import UsageError
 
 # ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from weightsmith.checkpoint.load import load_checkpoint
-from weightsmith.cli.args import config_from_dict
 from weightsmith.cli.main import main
+from weightsmith.config import config_from_dict
 from weightsmith.lora import LoRALinear, load_adapter
 from weightsmith.train.data import IGNORE, Example, collate, to_rows
 from weightsmith.train.sft import FinetuneConfig, read_metrics, run_finetune, sft_loss
@@ -248,7 +248,7 @@ def test_qlora_stores_the_base_in_4_bits_and_learns_like_lora(tiny_hf_dir, data,
 
 
 def _plain(cfg: FinetuneConfig) -> dict:
-    from weightsmith.cli.args import config_to_dict
+    from weightsmith.config import config_to_dict
 
     return config_to_dict(cfg)
 

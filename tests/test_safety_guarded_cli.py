@@ -105,8 +105,8 @@ def test_redaction_changes_what_the_model_reads(tiny_hf_dir):
 
 
 def test_chat_drops_blocked_turns_from_the_history(tiny_hf_dir, capsys):
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.run import ChatConfig, run_chat
+    from weightsmith.config import config_from_dict
 
     cfg = config_from_dict(ChatConfig, {"model": str(tiny_hf_dir), "guard": "builtin:school", "max_tokens": 4,
                                         "temperature": 0})  # fmt: skip
@@ -121,8 +121,8 @@ def test_chat_drops_blocked_turns_from_the_history(tiny_hf_dir, capsys):
 
 def test_serve_guard_blocks_withholds_and_streams(tiny_hf_dir, withhold):
     openai = pytest.importorskip("openai")
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
 
     cfg = config_from_dict(ServeConfig, {"model": str(tiny_hf_dir), "served_name": "tiny", "port": 0,
                                          "guard": str(withhold)})  # fmt: skip

@@ -254,8 +254,8 @@ def _run_cli(argv, capsys):
 
 
 def test_cli_in_process_and_against_our_server_agree(tiny_long, packs, tmp_path, capsys):
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
 
     common = ["--packs", str(packs), "--transforms", "none,rot13", "--max-tokens", "12", "--json",
               "--bootstrap-iters", "2000", "--no-calibrate"]  # fmt: skip

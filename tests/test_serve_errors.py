@@ -25,8 +25,8 @@ import httpx
 import pytest
 import torch
 
-from weightsmith.cli.args import config_from_dict
 from weightsmith.cli.serve import ServeConfig, start_server
+from weightsmith.config import config_from_dict
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

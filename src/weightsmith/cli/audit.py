@@ -15,9 +15,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from weightsmith.cli.args import opt
 from weightsmith.cli.eval import _label, _num, run_metadata
 from weightsmith.cli.run import LoadOptions, load_with_status
+from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import model_fingerprint
 from weightsmith.eval.runner import EvalOptions, Runner, load_tasks

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
-from weightsmith.cli.args import opt
 from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
+from weightsmith.config import opt
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
 Stage = Literal["chat", "finetune", "serve", "eval", "redteam"]
@@ -86,8 +86,8 @@ def demo_chat(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
 def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """LoRA on Kettlebird, then base vs tuned on held-out questions."""
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.train import make_reporter
+    from weightsmith.config import config_from_dict
     from weightsmith.train.sft import FinetuneConfig, run_finetune
 
     out.write(
@@ -141,8 +141,8 @@ def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Serve the base model with the tuned adapter; ask both with the official OpenAI client."""
     from pathlib import Path
 
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
     from weightsmith.errors import UsageError
 
     try:
@@ -219,8 +219,8 @@ def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
     from rich.console import Console
 
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.eval import EvalConfig, print_eval, run_eval
+    from weightsmith.config import config_from_dict
 
     adapter = _tuned_adapter(cfg, "eval")
     report = adapter / "eval"
@@ -249,8 +249,8 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Base and tuned fork, each bare and behind the sample policy, against the probe packs."""
     from rich.console import Console
 
-    from weightsmith.cli.args import config_from_dict
     from weightsmith.cli.redteam import RedteamConfig, print_redteam, progress_lines, run_redteam_cli
+    from weightsmith.config import config_from_dict
 
     adapter = _tuned_adapter(cfg, "redteam")
     report = adapter / "redteam"

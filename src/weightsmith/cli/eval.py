@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from weightsmith import __version__
-from weightsmith.cli.args import opt
 from weightsmith.cli.run import LoadOptions, load_with_status
+from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import ResultCache, model_fingerprint
 from weightsmith.eval.runner import EvalOptions, Runner, evaluate, judge_hook, load_tasks

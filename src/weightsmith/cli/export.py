@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith.checkpoint.gguf_write import QUANTS, check_export_args, export_gguf
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 
 
 @dataclass(kw_only=True)

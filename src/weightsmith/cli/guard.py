@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 from weightsmith.errors import UsageError, WeightsmithError
 
 _ACTION_STYLE = {"allow": "green", "redact": "yellow", "block": "bold red"}

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 from weightsmith.errors import CheckpointError, ConfigError
 
 #: --to -> bits.

@@ -22,9 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from weightsmith import __version__
-from weightsmith.cli.args import opt
 from weightsmith.cli.eval import _label
 from weightsmith.cli.run import load_with_status
+from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
 

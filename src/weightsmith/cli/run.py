@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM, load
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from weightsmith.checkpoint import hub
 from weightsmith.checkpoint.load import inspect_checkpoint
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 
 
 @dataclass(kw_only=True)

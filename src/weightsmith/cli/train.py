@@ -14,8 +14,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from weightsmith.cli.args import opt
 from weightsmith.cli.run import LoadOptions, load_with_status
+from weightsmith.config import opt
 from weightsmith.train.loop import LogReporter, Reporter
 from weightsmith.train.sft import FinetuneConfig, run_finetune
 

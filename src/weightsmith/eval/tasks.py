@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from weightsmith.cli.args import LineLoader, read_yaml
+from weightsmith.config import LineLoader, read_yaml
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.files import builtin_file
 

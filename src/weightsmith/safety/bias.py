@@ -43,7 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from weightsmith.cli.args import read_yaml
+from weightsmith.config import read_yaml
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.prompts import Task
 from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, _ticker, evaluate

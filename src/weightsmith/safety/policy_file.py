@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from weightsmith.cli.args import LineLoader, read_yaml
+from weightsmith.config import LineLoader, read_yaml
 from weightsmith.errors import ConfigError
 from weightsmith.eval.judge import JudgeBackend
 from weightsmith.safety.policy import ACTIONS, DIRECTIONS, RULE_TYPES, ClassifierSettings, Example, Guard

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weightsmith.cli.args import read_yaml
+from weightsmith.config import read_yaml
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.files import builtin_file, json_object_line
 

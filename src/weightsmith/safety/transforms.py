@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightsmith.cli.args import read_yaml
+from weightsmith.config import read_yaml
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.safety.encodings import b64encode, leetspeak, rot13
 from weightsmith.safety.probes import _NAME, PACK_DIR, Probe, _hint, _lines

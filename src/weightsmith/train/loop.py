@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from weightsmith.cli.args import opt
+from weightsmith.config import opt
 from weightsmith.device import tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.files import write_text_atomic

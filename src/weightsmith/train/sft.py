@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightsmith import __version__
-from weightsmith.cli.args import dump_config_yaml, load_config_yaml, opt
+from weightsmith.config import dump_config_yaml, load_config_yaml, opt
 from weightsmith.device import pick_device, pick_dtype
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
