@@ -2,7 +2,7 @@
 
 The model is built on the meta device, then each tensor is read, checked against
 the parameter's shape, converted and assigned in place, so loading never holds two
-copies of the weights. Not here: finding a model by name (hub.py) or file formats
+copies of the weights. Not here: finding a model by name (pull.py) or file formats
 (safetensors.py, gguf.py).
 """
 

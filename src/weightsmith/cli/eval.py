@@ -106,7 +106,7 @@ def _validate(cfg: EvalConfig) -> None:
 def _cache(cfg: EvalConfig) -> ResultCache | None:
     if not cfg.cache:
         return None
-    from weightsmith.checkpoint.hub import weightsmith_home
+    from weightsmith.checkpoint.store import weightsmith_home
 
     return ResultCache(Path(cfg.cache_path) if cfg.cache_path else weightsmith_home() / "eval-cache.sqlite")
 
