@@ -129,6 +129,7 @@ def replace_dir(staged: Path, target: Path, *, delete_old_first: bool = False) -
     except BaseException:
         if old is not None:
             os.replace(old, target)  # put the previous directory back rather than lose it
+            old.parent.rmdir()
         raise
     fsync_dir(target.parent)
     if old is not None:
