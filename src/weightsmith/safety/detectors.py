@@ -220,12 +220,12 @@ Answer with one line: "Verdict: UNSAFE" or "Verdict: SAFE".
 def _compile_rubric(rubric: str, who: str) -> Any:
     from jinja2 import TemplateSyntaxError
 
-    from weightsmith.eval.judge import _rubric_environment
+    from weightsmith.eval.judge import rubric_environment
 
     if not isinstance(rubric, str) or not rubric.strip():
         raise ConfigError(f"{who}: rubric: expected a non-empty template string, got {rubric!r}")
     try:
-        return _rubric_environment().from_string(rubric)
+        return rubric_environment().from_string(rubric)
     except TemplateSyntaxError as e:
         raise ConfigError(
             f"{who}: rubric: template does not compile (line {e.lineno}): {e.message}"
