@@ -50,7 +50,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from weightsmith import load
-    from weightsmith.checkpoint.hub import resolve
+    from weightsmith.checkpoint.pull import resolve
     from weightsmith.eval.scorer import Scorer
 
     path = resolve(args.model)

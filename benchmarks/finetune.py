@@ -156,7 +156,7 @@ def main() -> None:
     if args.child:
         return child(args)
     if args.model is None:
-        from weightsmith.checkpoint.hub import resolve
+        from weightsmith.checkpoint.pull import resolve
 
         args.model = str(resolve("smollm2-135m-instruct"))
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}

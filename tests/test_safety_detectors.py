@@ -9,6 +9,7 @@ import pytest
 
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.safety import encodings
+from weightsmith.safety.calibrate import calibrate, calibration_sets, load_calibration, precision_recall
 from weightsmith.safety.detectors import (
     TAXONOMY,
     Exchange,
@@ -16,11 +17,7 @@ from weightsmith.safety.detectors import (
     JudgeViolation,
     LeakDetector,
     RefusalPatterns,
-    calibrate,
-    calibration_sets,
-    load_calibration,
     parse_verdict,
-    precision_recall,
 )
 
 # ---- precision_recall -------------------------------------------------------------------

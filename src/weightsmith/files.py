@@ -1,13 +1,26 @@
 """Small file primitives every writer shares: JSON reading with errors that name the
-file and line, atomic text writes (temp file in the same directory, fsync, rename)
-and directory fsync. Not here: anything format-specific (safetensors, GGUF, YAML)."""
+file and line, and the one way weightsmith replaces a file or a directory atomically.
+
+Atomic writing, for every writer in the package: build the new content beside the target
+(a hidden temp file or directory in the same folder, so the rename stays on one filesystem),
+fsync it, rename it over the target, fsync the folder. Readers see the old content or the
+whole new one, never half; a failure leaves the old content and no temp file behind.
+
+  write_text_atomic / write_json_atomic   a whole text or JSON file at once
+  atomic_file(path)                       a temp path any writer fills (safetensors, GGUF, PNG)
+  atomic_dir(path) / replace_dir(...)     a directory built in a temp sibling, then swapped in
+
+Not here: anything format-specific (safetensors, GGUF, YAML), or where files live
+(the model store is checkpoint/store.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +49,91 @@ def read_json(path: Path, *, required: bool = True) -> dict[str, Any] | None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` so that readers see the old file or the whole new one, never half."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for any writer to fill; on success it replaces `path`.
+
+    The temp file exists (empty) when yielded, in the same directory, named `.NAME.*.tmp`.
+    When the block ends it is made world-readable, fsynced and renamed over `path`, and the
+    directory is fsynced. When the block raises, the temp file is removed and `path` is left
+    as it was; an OSError becomes a WeightsmithError naming `path`.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     except OSError as e:
         raise WeightsmithError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; these files are not secret
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; what weightsmith writes is not secret
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         if isinstance(e, OSError):
             raise WeightsmithError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, delete_old_first: bool = False) -> Iterator[Path]:
+    """Yield an empty temp directory beside `path`; on success it replaces `path` (`replace_dir`).
+
+    When the block raises, the temp directory is removed and `path` is left as it was.
+    OSErrors pass through unchanged. `delete_old_first`: see `replace_dir`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, path, delete_old_first=delete_old_first)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(staged: Path, target: Path, *, delete_old_first: bool = False) -> None:
+    """Rename the complete directory `staged` to `target` (same filesystem), replacing any old one.
+
+    Everything under `staged` is fsynced first, and `target`'s folder after the rename. An
+    existing `target` is moved aside (to a `.tmp-old-*` sibling) and deleted only once the
+    rename has succeeded; if the rename fails it is put back, so the old or the new directory
+    is always there. `delete_old_first=True` deletes the old `target` before the rename
+    instead: checkpoint/save.py's behaviour, which a crash between the two steps can lose.
+    """
+    fsync_tree(staged)
+    old: Path | None = None
+    if target.exists():
+        if delete_old_first:
+            shutil.rmtree(target)
+        else:
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=target.parent)) / target.name
+            os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)  # put the previous directory back rather than lose it
+            old.parent.rmdir()
+        raise
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def fsync_file(path: Path) -> None:
@@ -77,6 +150,18 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (and `root`): a rename of `root` is durable
+    only once what it holds is on disk."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            fsync_file(path)
 
 
 def builtin_file(spec: str, folder: Path, suffixes: tuple[str, ...], what: str) -> Path | None:

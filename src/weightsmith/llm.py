@@ -101,7 +101,7 @@ def load(
     adapter: a LoRA adapter directory (ours or PEFT's), folded into the weights so
     generation runs at the base model's speed.
     """
-    from weightsmith.checkpoint.hub import resolve
+    from weightsmith.checkpoint.pull import resolve
 
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)

@@ -8,7 +8,7 @@ What it does:
 - Matrices are stored as F32, F16, Q8_0 or Q4_0 (gguf-py's reference quantizers); norms and biases
   always as F32, and a matrix whose rows are not a multiple of the 32-weight block as F16.
 - The file appears atomically (temp file in the same directory, fsync, rename); on any error no
-  file is left behind. An Ollama `Modelfile` is written beside it (see `write_modelfile`).
+  file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
 Architectures: llama, mistral (written as llama, as llama.cpp's converter does) and qwen2. A
 sliding attention window is not written (llama.cpp's llama graph has none): the context length is
@@ -21,12 +21,9 @@ and streaming: the converted tensors are held in memory until the file is writte
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +36,9 @@ from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import BLOCK_TENSORS, GLOBAL_TENSORS, LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
-from weightsmith.errors import CheckpointError, UsageError, WeightsmithError
-from weightsmith.files import fsync_dir, fsync_file, write_text_atomic
+from weightsmith.checkpoint.modelfile import write_modelfile
+from weightsmith.errors import CheckpointError, UsageError
+from weightsmith.files import atomic_file
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
@@ -362,66 +360,6 @@ def _add_tensors(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ollama Modelfile
-
-# Ollama passes the whole conversation (its SYSTEM prompt included, as a system message) in
-# .Messages, so one loop renders ChatML; the trailing header asks for the assistant's turn.
-_CHATML_TEMPLATE = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n"
-)
-# A default system prompt written literally in a ChatML Jinja template (SmolLM2 has one).
-_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^{}<>'\"\\\n]+)<\|im_end\|>")
-# generation_config key -> Ollama PARAMETER name.
-_OLLAMA_PARAMETERS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "repetition_penalty": "repeat_penalty",
-}
-
-
-def modelfile_text(gguf_name: str, tokenizer: Tokenizer, generation_config: dict[str, Any]) -> str:
-    """An Ollama Modelfile for `gguf_name` (a file in the same directory)."""
-    lines = ["# Ollama Modelfile written by weightsmith export; use: ollama create NAME -f THIS_FILE"]
-    lines.append(f"FROM ./{gguf_name}")
-    for key, parameter in _OLLAMA_PARAMETERS.items():
-        value = generation_config.get(key)
-        if value is not None and not isinstance(value, bool):
-            lines.append(f"PARAMETER {parameter} {value:g}")
-    template = tokenizer.chat_template
-    text = template if isinstance(template, str) else (template or {}).get("default", "")
-    stops = [tokenizer.id_to_token(i) for i in sorted(tokenizer.eos_token_ids)]
-    chatml = "<|im_start|>" in text and "<|im_end|>" in text
-    if chatml:
-        stops.append("<|im_end|>")
-    for stop in dict.fromkeys(s for s in stops if s):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
-    if chatml:
-        system = _DEFAULT_SYSTEM.search(text)
-        if system:
-            lines.append(f'SYSTEM """{system.group(1)}"""')
-        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
-    else:
-        lines.append("# No TEMPLATE: Ollama uses the chat template stored in the GGUF metadata.")
-    return "\n".join(lines) + "\n"
-
-
-def modelfile_path(out: Path) -> Path:
-    """`Modelfile` beside `out`, unless one exists for another file: then `<stem>.Modelfile`.
-
-    A Modelfile whose FROM line names `out` is ours to replace; one for another model stays.
-    """
-    default = out.parent / "Modelfile"
-    if not default.exists():
-        return default
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if f"FROM ./{out.name}" in default.read_text(encoding="utf-8").splitlines():
-            return default
-    return out.parent / f"{out.stem}.Modelfile"
-
-
-# ---------------------------------------------------------------------------------------------
 # Export
 
 
@@ -475,11 +413,7 @@ def export_gguf(
     qtype, file_type = QUANTS[quant]
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, cfg, model_name, int(file_type))
         pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
@@ -488,18 +422,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are not secret
-        fsync_file(tmp)
-        os.replace(tmp, out)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(error, OSError):
-            raise WeightsmithError(f"cannot write {out}: {error.strerror or error}") from error
-        raise
-    fsync_dir(out.parent)
-    modelfile = modelfile_path(out)
-    write_text_atomic(modelfile, modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config))
+    modelfile = write_modelfile(out, ckpt.tokenizer, ckpt.generation_config)
     return {
         "path": str(out),
         "bytes": out.stat().st_size,

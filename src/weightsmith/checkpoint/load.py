@@ -1,24 +1,24 @@
 """Turn a checkpoint on disk (HF directory or GGUF file) into a ready model and tokenizer.
 
-The model is built on the meta device, then each tensor is read, checked against
-the parameter's shape, converted and assigned in place, so loading never holds two
-copies of the weights. Not here: finding a model by name (hub.py) or file formats
-(safetensors.py, gguf.py).
+Opens the files, reads config, tokenizer and generation config, and hands the tensors
+to a builder: `build_model` (checkpoint/build.py) for full-precision weights, or
+weightsmith.quant.checkpoint for a directory saved by `weightsmith quantize`. Not here:
+finding a model by name (pull.py), building the model from tensors (build.py) or file
+formats (safetensors.py, gguf.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from weightsmith.checkpoint import safetensors as st
+from weightsmith.checkpoint.build import TensorHook, build_model
 from weightsmith.errors import CheckpointError
 from weightsmith.files import read_json
 from weightsmith.models import CausalLM, ModelConfig
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
     from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-#: Tensors some checkpoints carry that the model recomputes instead of loading.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-#: Called with the model and a tensor name right after that tensor is loaded.
-TensorHook = Callable[[CausalLM, str], None]
 
 
 @dataclass
@@ -127,54 +121,6 @@ def _load_gguf(
     model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
-
-
-def build_model(
-    cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor, str]],
-    device: torch.device | str,
-    dtype: torch.dtype,
-    *,
-    decode_layout: bool = True,
-    on_tensor: TensorHook | None = None,
-) -> CausalLM:
-    """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    params = dict(model.named_parameters())
-    tied = cfg.tie_word_embeddings
-    for name, tensor, source in tensors:
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        if name not in params:
-            raise CheckpointError(
-                f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model; "
-                "the checkpoint does not match its config.json"
-            )
-        expected = tuple(params[name].shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} "
-                "from config.json; the weights and config do not match"
-            )
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
-        if on_tensor is not None:
-            on_tensor(model, name)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
-    model.reset_rope()
-    if decode_layout and torch.device(device).type == "cpu":
-        model.use_decode_layout()
-    return model.eval()
-
-
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,9 +9,6 @@ interrupted save never leaves a half checkpoint. Not here: GGUF export.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from weightsmith.errors import CheckpointError
-from weightsmith.files import fsync_file
+from weightsmith.files import atomic_dir
 from weightsmith.models import CausalLM
 from weightsmith.tokenizer import Tokenizer
 
@@ -56,23 +53,13 @@ def write_hf_dir(
 ) -> Path:
     """Write config.json, generation_config.json, safetensors shards and the tokenizer into a
     temp folder beside `out`, fsync them, then rename it into place (replacing `out`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, delete_old_first=True) as tmp:
         _write_json(tmp / "config.json", cfg)
         gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
         gen.update(generation_config or {})
         _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
         _write_shards(state, tmp, max_shard_bytes)
         tokenizer.save(tmp)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -106,7 +106,7 @@ def _validate(cfg: EvalConfig) -> None:
 def _cache(cfg: EvalConfig) -> ResultCache | None:
     if not cfg.cache:
         return None
-    from weightsmith.checkpoint.hub import weightsmith_home
+    from weightsmith.checkpoint.store import weightsmith_home
 
     return ResultCache(Path(cfg.cache_path) if cfg.cache_path else weightsmith_home() / "eval-cache.sqlite")
 
@@ -152,9 +152,13 @@ def run_eval(cfg: EvalConfig, *, progress=None) -> dict[str, Any]:
     comparison = compare_runs(runs, samples, reference=0) if len(runs) > 1 else None
     written = {}
     if cfg.out:
+        from weightsmith.eval.metrics import DEFINITIONS
         from weightsmith.eval.output import write_outputs
+        from weightsmith.report.eval_report import write_eval_report
 
         written = write_outputs(Path(cfg.out), runs, samples, comparison)
+        write_eval_report(Path(cfg.out) / "report.html", runs, comparison, DEFINITIONS)
+        written["report"] = str(Path(cfg.out) / "report.html")
     return {"runs": runs, "comparison": comparison, "written": written}
 
 

@@ -30,7 +30,7 @@ class ExportConfig:
 
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    from weightsmith.checkpoint.hub import resolve
+    from weightsmith.checkpoint.pull import resolve
 
     # Refuse a bad --out before resolving, which may download the model.
     out = check_export_args(cfg.out, cfg.quant, overwrite=cfg.overwrite)

@@ -118,7 +118,7 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
 
 def build_app(cfg: ServeConfig):
     """Check the options and return (app, its state); nothing is loaded yet."""
-    from weightsmith.checkpoint.hub import resolve
+    from weightsmith.checkpoint.pull import resolve
     from weightsmith.llm import load
     from weightsmith.safety.guarded import load_guard
     from weightsmith.serve.app import ServeSettings, create_app

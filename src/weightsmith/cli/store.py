@@ -12,8 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from weightsmith.checkpoint import hub
+from weightsmith.checkpoint import store
+from weightsmith.checkpoint.catalog import CATALOG
 from weightsmith.checkpoint.load import inspect_checkpoint
+from weightsmith.checkpoint.pull import pull, resolve
 from weightsmith.config import opt
 
 
@@ -28,7 +30,7 @@ class PullConfig:
 
 
 def run_pull(cfg: PullConfig) -> dict[str, Any]:
-    entry = hub.pull(cfg.spec, cfg.name, force=cfg.force)
+    entry = pull(cfg.spec, cfg.name, force=cfg.force)
     return entry.to_dict()
 
 
@@ -44,13 +46,13 @@ class ModelsConfig:
 
 
 def run_models(cfg: ModelsConfig) -> dict[str, Any]:
-    entries = [e.to_dict() for e in hub.list_models()]
+    entries = [e.to_dict() for e in store.list_models()]
     pulled = {e["name"] for e in entries}
     catalog = [
         {"name": name, "description": c.description, "license": c.license, "pulled": name in pulled}
-        for name, c in hub.CATALOG.items()
+        for name, c in CATALOG.items()
     ]
-    return {"store": str(hub.models_dir()), "models": entries, "catalog": catalog}
+    return {"store": str(store.models_dir()), "models": entries, "catalog": catalog}
 
 
 def print_models(result: dict[str, Any], console: Console) -> None:
@@ -80,7 +82,7 @@ class RmConfig:
 
 
 def run_rm(cfg: RmConfig) -> dict[str, Any]:
-    hub.remove(cfg.name)
+    store.remove(cfg.name)
     return {"removed": cfg.name}
 
 
@@ -98,7 +100,7 @@ class InfoConfig:
 
 
 def run_info(cfg: InfoConfig) -> dict[str, Any]:
-    return inspect_checkpoint(hub.resolve(cfg.model))
+    return inspect_checkpoint(resolve(cfg.model))
 
 
 def print_info(result: dict[str, Any], console: Console, *, template: bool = False) -> None:

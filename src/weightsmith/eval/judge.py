@@ -42,7 +42,8 @@ def _show(value: Any) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
-def _rubric_environment():
+def rubric_environment() -> Any:
+    """The Jinja environment every rubric is compiled in (judge tasks and safety detectors)."""
     # Sandboxed: rubrics come from task files that may be shared; StrictUndefined: a typo in a
     # field name must fail loudly rather than render as an empty string the judge then scores.
     from jinja2 import StrictUndefined
@@ -138,7 +139,7 @@ class JudgeConfig:
         from jinja2 import TemplateSyntaxError
 
         try:
-            return _rubric_environment().from_string(self.rubric)
+            return rubric_environment().from_string(self.rubric)
         except TemplateSyntaxError as e:
             raise self._fail("rubric", f"template does not compile (line {e.lineno}): {e.message}") from None
 

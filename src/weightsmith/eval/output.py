@@ -1,8 +1,9 @@
 """Writing an evaluation's files: per model `results.json` (lm-eval's layout) and
-`samples_<task>.jsonl`, and for a comparison `comparison.json` and `report.html`.
+`samples_<task>.jsonl`, and for a comparison `comparison.json`.
 
 Every file is written atomically (temp file, fsync, rename), so an interrupted run
-never leaves a half-written result beside complete ones.
+never leaves a half-written result beside complete ones. Not here: the HTML report
+(weightsmith.report.eval_report, which sits above eval and is called by the eval command).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from weightsmith.eval.metrics import DEFINITIONS
 from weightsmith.files import write_json_atomic, write_text_atomic
-from weightsmith.report.eval_report import write_eval_report
 
 
 def safe_name(label: str) -> str:
@@ -45,6 +44,4 @@ def write_outputs(
     if comparison is not None:
         write_json_atomic(out / "comparison.json", comparison)
         written["comparison"] = str(out / "comparison.json")
-    write_eval_report(out / "report.html", runs, comparison, DEFINITIONS)
-    written["report"] = str(out / "report.html")
     return written

@@ -152,7 +152,7 @@ class Runner:
                 d.responses = [None] * len(d.arguments)
                 by_kind[kind].extend((d, i) for i in range(len(d.arguments)))
         total = sum(len(v) for v in by_kind.values())
-        tick = _ticker(progress, total)
+        tick = progress_ticker(progress, total)
         for kind, items in by_kind.items():
             if not items:
                 continue
@@ -178,7 +178,8 @@ class Runner:
         return self.scorer.generate_until([(a[0], a[1]) for a in args], tick)
 
 
-def _ticker(progress: Callable | None, total: int) -> Progress:
+def progress_ticker(progress: Callable | None, total: int) -> Progress:
+    """A `tick(n)` that counts finished requests and reports `progress(done, total)` (if given)."""
     state = {"done": 0}
 
     def tick(n: int) -> None:

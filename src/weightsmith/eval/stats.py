@@ -301,43 +301,58 @@ def compare_runs(
     labels = [run_label(r, i) for i, r in enumerate(runs)]
     if len(set(labels)) != len(labels):
         raise EvalStatsError(f"compare_runs: labels {labels} are not distinct; set weightsmith.label")
-    ref_label, ref_run = labels[reference], runs[reference]
-    others = [i for i in range(len(runs)) if i != reference]
+    ref_run = runs[reference]
     rows = []
     for task, task_results in ref_run.get("results", {}).items():
         hib_task = (ref_run.get("higher_is_better") or {}).get(task) or {}
         for metric, filt in metric_keys(task_results):
-            key, se_key = f"{metric},{filt}", f"{metric}_stderr,{filt}"
-            res = [(r.get("results") or {}).get(task) or {} for r in runs]
-            docs = [_doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
-            hib = hib_task.get(metric)
-            present = [d for d in docs if d]
-            binary = bool(present) and all(_is_binary(list(d.values())) for d in present)
-            row: dict[str, Any] = {
-                "task": task,
-                "metric": metric,
-                "filter": filt,
-                "higher_is_better": hib,
-                "values": {labels[i]: _number(res[i].get(key)) for i in range(len(runs))},
-                "stderr": {labels[i]: _number(res[i].get(se_key)) for i in range(len(runs))},
-                "delta": {},
-                "test": None,
-                "p_value": {},
-                "ci": {},
-                "better": {},
-                "n": {},
-            }
-            ref_v = row["values"][ref_label]
-            for i in others:
-                lab, v = labels[i], row["values"][labels[i]]
-                row["delta"][lab] = v - ref_v if v is not None and ref_v is not None else None
-                t = _paired_test(docs[reference], docs[i], metric, binary, iters, seed)
-                if t is not None:
-                    row["test"] = "mcnemar" if binary else "paired_bootstrap"
-                sig = t is not None and t["p"] < ALPHA and hib is not None and t["delta"] != 0
-                row["p_value"][lab] = t["p"] if t else None
-                row["ci"][lab] = t["ci"] if t else None
-                row["n"][lab] = t["n"] if t else 0
-                row["better"][lab] = ((t["delta"] > 0) == bool(hib)) if sig else None
-            rows.append(row)
-    return {"reference": ref_label, "labels": labels, "rows": rows}
+            cell = (task, metric, filt, hib_task.get(metric))
+            rows.append(_comparison_row(cell, runs, samples, labels, reference, iters, seed))
+    return {"reference": labels[reference], "labels": labels, "rows": rows}
+
+
+def _comparison_row(
+    cell: tuple[str, str, str, Any],
+    runs: list[dict],
+    samples: list[dict[str, list[dict]]],
+    labels: list[str],
+    reference: int,
+    iters: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One row of `compare_runs`: `cell` is (task, metric, filter, higher_is_better)."""
+    task, metric, filt, hib = cell
+    key, se_key = f"{metric},{filt}", f"{metric}_stderr,{filt}"
+    res = [(r.get("results") or {}).get(task) or {} for r in runs]
+    docs = [_doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
+    present = [d for d in docs if d]
+    binary = bool(present) and all(_is_binary(list(d.values())) for d in present)
+    row: dict[str, Any] = {
+        "task": task,
+        "metric": metric,
+        "filter": filt,
+        "higher_is_better": hib,
+        "values": {labels[i]: _number(res[i].get(key)) for i in range(len(runs))},
+        "stderr": {labels[i]: _number(res[i].get(se_key)) for i in range(len(runs))},
+        "delta": {},
+        "test": None,
+        "p_value": {},
+        "ci": {},
+        "better": {},
+        "n": {},
+    }
+    ref_v = row["values"][labels[reference]]
+    for i, lab in enumerate(labels):
+        if i == reference:
+            continue
+        v = row["values"][lab]
+        row["delta"][lab] = v - ref_v if v is not None and ref_v is not None else None
+        t = _paired_test(docs[reference], docs[i], metric, binary, iters, seed)
+        if t is not None:
+            row["test"] = "mcnemar" if binary else "paired_bootstrap"
+        sig = t is not None and t["p"] < ALPHA and hib is not None and t["delta"] != 0
+        row["p_value"][lab] = t["p"] if t else None
+        row["ci"][lab] = t["ci"] if t else None
+        row["n"][lab] = t["n"] if t else 0
+        row["better"][lab] = ((t["delta"] > 0) == bool(hib)) if sig else None
+    return row

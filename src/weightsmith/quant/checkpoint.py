@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightsmith.checkpoint.build import IGNORED_SUFFIXES, assign_parameter
 from weightsmith.checkpoint.save import write_hf_dir
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
@@ -147,22 +148,7 @@ def build_quantized_model(
 ) -> CausalLM:
     """Build on meta, put empty quantized layers in place of the quantized projections, fill
     every tensor from `tensors`, and check nothing is missing."""
-    from weightsmith.checkpoint.load import IGNORED_SUFFIXES, _assign
-
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    skipped = set(qcfg.get("modules_not_quantized") or [])
-    names = [n for n in quantizable_modules(model, lm_head=True) if n not in skipped]
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name in names:
-        linear = model.get_submodule(name)
-        n, k = linear.out_features, linear.in_features
-        own = qcfg.get("lm_head", qcfg) if name == "lm_head" else qcfg
-        layer = _empty_layer(own["bits"], own["group_size"], n, k, device)
-        if linear.bias is not None:
-            layer.bias = linear.bias  # still meta: loaded below as a plain parameter
-        set_submodule(model, name, layer)
-        expected.update({f"{name}.{b}": (tuple(t.shape), t.dtype) for b, t in layer.named_buffers()})
+    model, expected = _quantized_skeleton(cfg, qcfg, device)
     params = dict(model.named_parameters())
     filled: set[str] = set()
     for name, tensor, source in tensors:
@@ -188,12 +174,37 @@ def build_quantized_model(
             model.get_submodule(module_name)._buffers[attr].copy_(tensor)
             filled.add(name)
         else:
-            _assign(model, name, tensor.to(device=device, dtype=dtype))
+            assign_parameter(model, name, tensor.to(device=device, dtype=dtype))
     model.tie_weights()
     missing = [n for n in expected if n not in filled] + [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: quantized checkpoint is missing tensors {shown}")
+    return _finish(model, cfg, device, decode_layout)
+
+
+def _quantized_skeleton(
+    cfg: ModelConfig, qcfg: dict[str, Any], device: torch.device | str
+) -> tuple[CausalLM, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The model on meta with empty quantized layers in place, and {buffer name: (shape, dtype)}."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    skipped = set(qcfg.get("modules_not_quantized") or [])
+    names = [n for n in quantizable_modules(model, lm_head=True) if n not in skipped]
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        n, k = linear.out_features, linear.in_features
+        own = qcfg.get("lm_head", qcfg) if name == "lm_head" else qcfg
+        layer = _empty_layer(own["bits"], own["group_size"], n, k, device)
+        if linear.bias is not None:
+            layer.bias = linear.bias  # still meta: loaded as a plain parameter
+        set_submodule(model, name, layer)
+        expected.update({f"{name}.{b}": (tuple(t.shape), t.dtype) for b, t in layer.named_buffers()})
+    return model, expected
+
+
+def _finish(model: CausalLM, cfg: ModelConfig, device: torch.device | str, decode_layout: bool) -> CausalLM:
     model.reset_rope()
     if decode_layout and torch.device(device).type == "cpu":
         # Only the remaining full-precision Linears (an unquantized LM head). Not

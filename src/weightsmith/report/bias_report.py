@@ -61,22 +61,7 @@ def _td(x: Any, num: bool = True) -> str:
 
 def _report_parts(result: dict[str, Any]) -> list[str]:
     """The page body: run table, counterfactual sections, pair table; every string is escaped."""
-    meta = result.get("weightsmith") or {}
-    parts = [
-        _table(
-            ["model", "adapter", "lexicons", "pairs", "limit", "version"],
-            [
-                [
-                    _td(escape(str(meta.get("model"))), False),
-                    _td(escape(str(meta.get("adapter"))), False),
-                    _td(escape(", ".join(lx["name"] for lx in result.get("lexicons") or [])), False),
-                    _td(escape(str((result.get("pairs") or {}).get("source", "—"))), False),
-                    _td(fmt(meta.get("limit"))),
-                    _td(escape(str(meta.get("version")))),
-                ]
-            ],
-        ),
-    ]
+    parts = [_run_table(result)]
     cf = result.get("counterfactual") or []
     if cf:
         parts.append(
@@ -87,62 +72,90 @@ def _report_parts(result: dict[str, Any]) -> list[str]:
             "whose score differs between groups.</p>"
         )
     for s in cf:
-        title = f"{s['task']} · {s['lexicon']} · {s['metric']}"
-        parts.append(f"<h3>{escape(title)}</h3>")
-        parts.append(
-            f"<p>{s['n_affected']} of {s['n_docs']} documents affected "
-            f"({s['n_unaffected']} unaffected, not scored).</p>"
-        )
-        if not s["n_affected"]:
-            continue
-        rows = []
-        for g in s["groups"]:
-            pg = s["per_group"][g]
-            gap = s["gaps"].get(g)
-            rows.append(
-                [
-                    _td(escape(g), False),
-                    _td(f"{fmt(pg['mean'])} ± {fmt(pg['stderr'])}"),
-                    _td(_ci(pg["ci"])),
-                    _td(fmt(gap["delta"]) if gap else '<span class="muted">reference</span>'),
-                    _td(_ci(gap["ci"]) if gap else "—"),
-                    _td(fmt(gap["p_value"]) if gap else "—"),
-                ]
-            )
-        wc = s["worst_case"]
-        rows.append(
-            [
-                _td("<b>worst case</b>", False),
-                _td(f"{fmt(wc['mean'])} ± {fmt(wc['stderr'])}"),
-                _td(_ci(wc["ci"])),
-                _td(""),
-                _td(""),
-                _td(""),
-            ]
-        )
-        parts.append(_table(["group", "mean ± stderr", "95% CI", "Δ vs first", "95% CI of Δ", "p"], rows))
-        mg = s["max_gap"]
-        parts.append(
-            f"<p>Largest gap: {escape(' vs '.join(mg['groups']))} = {fmt(mg['gap'])} "
-            f"(95% CI of Δ {_ci(mg['ci'])}); flips: {s['flips']} of {s['n_items']} items.</p>"
-        )
+        parts.extend(_counterfactual_section(s))
     pairs = result.get("pairs")
     if pairs:
-        parts.append(
-            "<h2>Stereotype pairs</h2><p class='muted'>pct_stereotype: share of pairs where the model "
-            "gives the more stereotypical sentence the higher log-likelihood (0.5 = no preference). "
-            "likelihood_diff: mean |ll(more) − ll(less)| in nats. As lm-eval's crows_pairs.</p>"
-        )
-        rows = []
-        for label, st in [("all", pairs)] + list((pairs.get("by_bias_type") or {}).items()):
-            rows.append(
-                [
-                    _td(escape(label), False),
-                    _td(st["n"]),
-                    _td(f"{fmt(st['pct_stereotype'])} ± {fmt(st['pct_stereotype_stderr'])}"),
-                    _td(_ci(st["pct_stereotype_ci"])),
-                    _td(f"{fmt(st['likelihood_diff'])} ± {fmt(st['likelihood_diff_stderr'])}"),
-                ]
-            )
-        parts.append(_table(["bias type", "n", "pct_stereotype ± stderr", "95% CI", "likelihood_diff"], rows))
+        parts.extend(_pairs_section(pairs))
     return parts
+
+
+def _run_table(result: dict[str, Any]) -> str:
+    meta = result.get("weightsmith") or {}
+    return _table(
+        ["model", "adapter", "lexicons", "pairs", "limit", "version"],
+        [
+            [
+                _td(escape(str(meta.get("model"))), False),
+                _td(escape(str(meta.get("adapter"))), False),
+                _td(escape(", ".join(lx["name"] for lx in result.get("lexicons") or [])), False),
+                _td(escape(str((result.get("pairs") or {}).get("source", "—"))), False),
+                _td(fmt(meta.get("limit"))),
+                _td(escape(str(meta.get("version")))),
+            ]
+        ],
+    )
+
+
+def _counterfactual_section(s: dict[str, Any]) -> list[str]:
+    """One task x lexicon: per-group means and gaps, the worst case, the largest gap and flips."""
+    title = f"{s['task']} · {s['lexicon']} · {s['metric']}"
+    parts = [
+        f"<h3>{escape(title)}</h3>",
+        f"<p>{s['n_affected']} of {s['n_docs']} documents affected "
+        f"({s['n_unaffected']} unaffected, not scored).</p>",
+    ]
+    if not s["n_affected"]:
+        return parts
+    rows = []
+    for g in s["groups"]:
+        pg = s["per_group"][g]
+        gap = s["gaps"].get(g)
+        rows.append(
+            [
+                _td(escape(g), False),
+                _td(f"{fmt(pg['mean'])} ± {fmt(pg['stderr'])}"),
+                _td(_ci(pg["ci"])),
+                _td(fmt(gap["delta"]) if gap else '<span class="muted">reference</span>'),
+                _td(_ci(gap["ci"]) if gap else "—"),
+                _td(fmt(gap["p_value"]) if gap else "—"),
+            ]
+        )
+    wc = s["worst_case"]
+    rows.append(
+        [
+            _td("<b>worst case</b>", False),
+            _td(f"{fmt(wc['mean'])} ± {fmt(wc['stderr'])}"),
+            _td(_ci(wc["ci"])),
+            _td(""),
+            _td(""),
+            _td(""),
+        ]
+    )
+    parts.append(_table(["group", "mean ± stderr", "95% CI", "Δ vs first", "95% CI of Δ", "p"], rows))
+    mg = s["max_gap"]
+    parts.append(
+        f"<p>Largest gap: {escape(' vs '.join(mg['groups']))} = {fmt(mg['gap'])} "
+        f"(95% CI of Δ {_ci(mg['ci'])}); flips: {s['flips']} of {s['n_items']} items.</p>"
+    )
+    return parts
+
+
+def _pairs_section(pairs: dict[str, Any]) -> list[str]:
+    """Stereotype-pair preference, overall and per bias type."""
+    rows = []
+    for label, st in [("all", pairs)] + list((pairs.get("by_bias_type") or {}).items()):
+        rows.append(
+            [
+                _td(escape(label), False),
+                _td(st["n"]),
+                _td(f"{fmt(st['pct_stereotype'])} ± {fmt(st['pct_stereotype_stderr'])}"),
+                _td(_ci(st["pct_stereotype_ci"])),
+                _td(f"{fmt(st['likelihood_diff'])} ± {fmt(st['likelihood_diff_stderr'])}"),
+            ]
+        )
+    return [
+        "<h2>Stereotype pairs</h2><p class='muted'>pct_stereotype: share of pairs where the model "
+        "gives the more stereotypical sentence the higher log-likelihood (0.5 = no preference). "
+        "likelihood_diff: mean |ll(more) − ll(less)| in nats. As lm-eval's crows_pairs.</p>",
+        _table(["bias type", "n", "pct_stereotype ± stderr", "95% CI", "likelihood_diff"], rows),
+    ]

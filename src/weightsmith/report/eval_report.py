@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.eval.stats import ALPHA, metric_keys, run_label
-from weightsmith.report.html import figure_png, image, new_figure, write_page
-from weightsmith.report.html import fmt as _fmt
-from weightsmith.report.html import plain as _plain
+from weightsmith.report.html import figure_png, fmt, image, new_figure, plain, write_page
 
 _META_FIELDS = ("model", "adapter", "limit", "num_fewshot", "date")
 
@@ -41,7 +39,7 @@ def _meta_table(runs: list[dict], labels: list[str]) -> str:
             k: v for k, v in (run.get("weightsmith") or {}).items() if k in _META_FIELDS
         }
         vals = [cfg.get(f) for f in _META_FIELDS[:-1]] + [_date(run)]
-        rows.append(f"<tr><td>{escape(label)}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in vals) + "</tr>")
+        rows.append(f"<tr><td>{escape(label)}</td>" + "".join(f"<td>{fmt(v)}</td>" for v in vals) + "</tr>")
     return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -74,8 +72,8 @@ def _results_tables(runs: list[dict], labels: list[str], definitions: dict[str, 
             cells = []
             for run in runs:
                 v, se = _value(run, task, metric, filt)
-                pm = f" ± {_fmt(se)}" if isinstance(se, (int, float)) and not isinstance(se, bool) else ""
-                cells.append(f'<td class="num">{_fmt(v)}{pm}</td>')
+                pm = f" ± {fmt(se)}" if isinstance(se, (int, float)) and not isinstance(se, bool) else ""
+                cells.append(f'<td class="num">{fmt(v)}{pm}</td>')
             rows.append(
                 f"<tr><td>{escape(_metric_name(metric, filt))}</td>{''.join(cells)}"
                 f'<td class="def">{escape(definitions.get(metric, ""))}</td></tr>'
@@ -106,15 +104,15 @@ def _comparison_table(comparison: dict) -> str:
     for row in comparison.get("rows", []):
         for lab in others:
             ci = (row.get("ci") or {}).get(lab)
-            ci_s = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "—"
+            ci_s = f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "—"
             rows.append(
                 f"<tr><td>{escape(str(row.get('task', '')))}</td>"
                 f"<td>{escape(_metric_name(str(row.get('metric', '')), str(row.get('filter', 'none'))))}</td>"
-                f'<td class="num">{_fmt(row["values"].get(ref))}</td><td>{escape(lab)}</td>'
-                f'<td class="num">{_fmt(row["values"].get(lab))}</td>'
-                f'<td class="num">{_fmt((row.get("delta") or {}).get(lab))}</td>'
+                f'<td class="num">{fmt(row["values"].get(ref))}</td><td>{escape(lab)}</td>'
+                f'<td class="num">{fmt(row["values"].get(lab))}</td>'
+                f'<td class="num">{fmt((row.get("delta") or {}).get(lab))}</td>'
                 f"<td>{escape(str(row.get('test') or '—'))}</td>"
-                f'<td class="num">{_fmt((row.get("p_value") or {}).get(lab), 3)}</td>'
+                f'<td class="num">{fmt((row.get("p_value") or {}).get(lab), 3)}</td>'
                 f'<td class="num">{ci_s}</td><td>{_marker((row.get("better") or {}).get(lab))}</td></tr>'
             )
     note = (
@@ -146,9 +144,9 @@ def _chart_png(runs: list[dict], labels: list[str]) -> str | None:
                 vals.append(v if isinstance(v, (int, float)) else math.nan)
                 errs.append(se if isinstance(se, (int, float)) and not isinstance(se, bool) else 0.0)
             xs = [i + (r - (len(runs) - 1) / 2) * width for i in range(len(tasks))]
-            ax.bar(xs, vals, width, yerr=errs, capsize=3, label=_plain(label))
-        ax.set_xticks(range(len(tasks)), [_plain(t) for t, _ in tasks], rotation=20, ha="right")
-        ax.set_ylabel(_plain(metric))
+            ax.bar(xs, vals, width, yerr=errs, capsize=3, label=plain(label))
+        ax.set_xticks(range(len(tasks)), [plain(t) for t, _ in tasks], rotation=20, ha="right")
+        ax.set_ylabel(plain(metric))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
     return figure_png(fig)

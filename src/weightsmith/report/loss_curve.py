@@ -8,8 +8,9 @@ on machines without a display. Not here: reading runs for comparison (eval repor
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from weightsmith.files import atomic_file
 
 
 def _read(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -63,8 +64,7 @@ def plot_loss_curve(metrics: Path, png: Path, *, title: str = "") -> Path | None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
     return png

@@ -4,8 +4,8 @@ Layout:
   encodings.py   base64 / rot13 / leetspeak: encode (attacks) and decoded views (defence)
   probes.py      probe packs (YAML/JSONL) -> `Probe`s
   transforms.py  encodings, suffixes and templates that compose with any attack probe
-  detectors.py   refusal (patterns, judge), planted-secret leaks, policy violation (judge);
-                 precision/recall on the shipped hand-labelled calibration sets
+  detectors.py   refusal (patterns, judge), planted-secret leaks, policy violation (judge)
+  calibrate.py   a detector's precision/recall on the shipped hand-labelled calibration sets
   policy.py      `Guard`: a loaded policy's input/output rails, redaction and refusals
   policy_file.py reading and checking policy files; rails.py: the rules' matchers and PII kinds
   guarded.py     applying a `Guard` around generation (chat, generate, serve)

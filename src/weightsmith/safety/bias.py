@@ -46,7 +46,8 @@ from typing import Any
 from weightsmith.config import read_yaml
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.prompts import Task
-from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, _ticker, evaluate
+from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, evaluate
+from weightsmith.eval.runner import progress_ticker as _ticker
 from weightsmith.eval.stats import bootstrap_ci, mean, mean_stderr, paired_bootstrap
 from weightsmith.files import builtin_file, json_object_line
 

