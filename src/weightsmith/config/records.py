@@ -79,6 +79,7 @@ class Where:
     key_lines: dict[str, int] = field(default_factory=dict)
     sub_lines: dict[str, dict[Any, int]] = field(default_factory=dict)  # key -> index/key -> line
     error_type: type[Exception] = ConfigError
+    given: frozenset[str] = frozenset()  # the keys the file gave (a default may differ from null)
 
     def at(self, key: str | None = None, sub: int | str | None = None) -> tuple[int, str]:
         """(line, label) of `key` (and `sub` inside it) in this record."""
@@ -218,6 +219,8 @@ def _value(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: d
 
 
 def _typed(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: dict) -> Any:
+    if tp is Any:  # checked by the record's __post_init__
+        return value
     noun = meta.get("noun", "")
     variants = tagged_variants(tp, meta.get("tag", "type"))
     if variants is not None:
@@ -312,7 +315,8 @@ def _record(
             continue
         at = key_lines.get(name, line)
         kwargs[name] = _value(hints[name], data[name], _join(label, name), at, ctx, dict(f.metadata))
-    where = Where(ctx.source, line or 0, label, key_lines, _sub_lines(data), ctx.error)
+    given = frozenset(str(k) for k in data)
+    where = Where(ctx.source, line or 0, label, key_lines, _sub_lines(data), ctx.error, given)
     kwargs.update({f.name: where for f in dataclasses.fields(cls) if f.metadata.get("where")})
     try:
         return cls(**kwargs)
