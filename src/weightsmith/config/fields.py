@@ -7,7 +7,22 @@ raising `BadValue` with what was expected.
 
 Not here: argparse (``weightsmith.cli.args``), building a whole config from a
 mapping (`weightsmith.config.build`), reading YAML files
-(`weightsmith.config.yaml_files`).
+(`weightsmith.config.yaml_files`), files users write (`weightsmith.config.records`).
+
+Files users write (records)
+---------------------------
+Policies, probe packs, lexicons and task files are dataclasses too ("records"),
+loaded by `weightsmith.config.records.load_record` rather than the flag
+machinery. A record may use what a command config may not: ``list[Rec]``,
+``tuple[Rec, ...]`` and ``dict[str, Rec]`` of records; ``Annotated[X, check]``
+(a callable raising `BadValue`); ``Any`` (checked in ``__post_init__``); and a
+tagged union ``A | B | C`` of records that each declare ``type: Literal[...]``:
+the item's ``type:`` key picks the member (field metadata ``tag`` names another
+key, ``noun`` words the messages: "unknown rule type 'regexp' (did you mean
+'regex'?)", "not a key of a keywords rule (it belongs to type: regex)").
+Values keep their YAML type (``coerce(..., strict=True)``), and every error is
+``file:line: key: problem (did you mean ...)`` with the line of the key or list
+item; see that module's docstring for the rest.
 
 Field conventions
 -----------------

@@ -298,6 +298,15 @@ def _check_group(path: Path, group: GroupFile) -> GroupConfig:
     return GroupConfig(str(group.group), path, list(tasks), list(aggregate), dict(group.where.key_lines))
 
 
+def _generation_settings(path: Path, spec: TaskFile) -> dict[str, Any]:
+    raw = spec.generation_kwargs or {}
+    if not isinstance(raw, dict):
+        raise spec.where.error("generation_kwargs", "expected a mapping (until: [...], max_gen_toks: N)")
+    line = spec.where.key_lines.get("generation_kwargs", 0)
+    gen = load_record(GenerationKwargs, raw, source=str(path), line=line, label="generation_kwargs")
+    return gen.settings()
+
+
 def _check_task(path: Path, data: dict, spec: TaskFile) -> TaskConfig:
     err = spec.where.error
     output_type = spec.output_type
@@ -320,15 +329,7 @@ def _check_task(path: Path, data: dict, spec: TaskFile) -> TaskConfig:
     sampler = fewshot_config.get("sampler", "default") if isinstance(fewshot_config, dict) else None
     if sampler not in ("default", "first_n"):
         raise err("fewshot_config", f"sampler must be 'default' or 'first_n', got {sampler!r}")
-    gen = {}
-    if output_type == "generate_until":
-        line = spec.where.key_lines.get("generation_kwargs", 0)
-        raw = spec.generation_kwargs or {}
-        if not isinstance(raw, dict):
-            raise err("generation_kwargs", "expected a mapping (until: [...], max_gen_toks: N)")
-        gen = load_record(
-            GenerationKwargs, raw, source=str(path), line=line, label="generation_kwargs"
-        ).settings()
+    gen = _generation_settings(path, spec) if output_type == "generate_until" else {}
     if spec.judge is not None and (output_type != "generate_until" or not isinstance(spec.judge, dict)):
         raise err("judge", "a judge: mapping applies to generate_until tasks only")
     metadata = spec.metadata or {}
