@@ -40,11 +40,14 @@ from weightsmith.eval.prompts import Task
 from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, _ticker, evaluate
 from weightsmith.eval.stats import bootstrap_ci, mean, mean_stderr, paired_bootstrap
 from weightsmith.safety.bias_files import (
+    DIRECTIONS,
     Lexicon,
     Pair,
+    lexicons_dir,
     load_lexicon,
     load_pairs,
     match_case,
+    pairs_dir,
     read_lexicon,
     read_pairs,
     resolve_lexicon,
@@ -278,11 +281,14 @@ def score_pairs(
 
 
 __all__ = [
+    "DIRECTIONS",
     "Lexicon",
     "Pair",
     "load_lexicon",
+    "lexicons_dir",
     "load_pairs",
     "match_case",
+    "pairs_dir",
     "plan_counterfactuals",
     "primary_metric",
     "read_lexicon",

@@ -49,6 +49,7 @@ from weightsmith.config.records import load_record
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.files import builtin_file, json_object_line
 from weightsmith.safety.pack_files import (
+    KINDS,
     NAME,
     SUCCESS,
     JsonlProbe,
@@ -57,6 +58,18 @@ from weightsmith.safety.pack_files import (
     ProbeEntry,
     success_message,
 )
+
+__all__ = [
+    "HAZARDS",
+    "HAZARD_NAMES",
+    "KINDS",
+    "PACK_DIR",
+    "SUCCESS",
+    "Probe",
+    "builtin_packs",
+    "load_pack",
+    "load_packs",
+]
 
 PACK_DIR = Path(__file__).resolve().parent / "packs"
 
