@@ -170,3 +170,19 @@ class Holder:
 def test_bad_record_classes_fail_loudly():
     with pytest.raises(TypeError, match="needs a field type: Literal"):
         load_record(Holder, {"items": [{"type": "words", "words": ["a"]}]}, source="x")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    model: str | None = field(default=None, metadata={"null": "refuse"})
+
+
+def test_null_can_be_refused_for_an_optional_field():
+    assert load_record(Settings, {}, source="s.yaml").model is None
+    with pytest.raises(ConfigError, match=r"^s\.yaml:1: model: expected a value, got null"):
+        load_record(Settings, {"model": None}, source="s.yaml")
+
+
+def test_a_key_named_where_is_unknown(tmp_path):
+    text = "name: d\nrules:\n  - type: words\n    words: [a]\n    where: x\n"
+    assert error(tmp_path, text).startswith("5: rules[0].where: unknown key"), error(tmp_path, text)

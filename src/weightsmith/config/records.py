@@ -14,7 +14,8 @@ Rules for record classes (see also weightsmith.config.fields' docstring):
   raise `BadValue`; e.g. ``Text = Annotated[str, nonempty]``.
 * A field without a default is required ("required but missing"). A field with
   ``metadata={"null": "default"}`` takes its default when the file gives null (``input:``
-  with every item commented out); otherwise null is a value, refused unless ``X | None``.
+  with every item commented out); ``{"null": "refuse"}`` refuses null for an ``X | None``
+  field whose None means "not given"; otherwise null is a value, refused unless ``X | None``.
 * Lists, tuples (``tuple[X, ...]``) and ``dict[str, X]`` are loaded item by item, so an error
   names the item (``keywords[1]``, ``refusals.default``) and its line. Metadata ``noun``
   ("rule") words messages about a field's items.
@@ -284,7 +285,8 @@ def _tagged(
     owners: dict[str, str] = {}
     for other, cls in variants.items():
         for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, other)
+            if f.init and not f.metadata.get("where"):
+                owners.setdefault(f.name, other)
     notes = {k: f"not a key of a {kind} {noun} (it belongs to {tag}: {owner})" for k, owner in owners.items()}
     return _record(variants[kind], value, label, line, ctx, notes)
 
@@ -311,9 +313,11 @@ def _record(
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ctx.fail(line, _join(label, name), "required but missing")
             continue
+        at = key_lines.get(name, line)
         if data[name] is None and f.metadata.get("null") == "default":
             continue
-        at = key_lines.get(name, line)
+        if data[name] is None and f.metadata.get("null") == "refuse":
+            raise ctx.fail(at, _join(label, name), "expected a value, got null (leave the key out instead)")
         kwargs[name] = _value(hints[name], data[name], _join(label, name), at, ctx, dict(f.metadata))
     given = frozenset(str(k) for k in data)
     where = Where(ctx.source, line or 0, label, key_lines, _sub_lines(data), ctx.error, given)

@@ -102,6 +102,7 @@ RuleId = Annotated[str, nonempty, _rule_id]
 Refusal = Annotated[str, nonempty, _template(("category", "category_description"))]
 RedactWith = Annotated[str, nonempty, _template(("kind", "KIND"))]
 _NULL_IS_EMPTY = {"null": "default"}  # `input:` with every rule commented out
+_NULL_REFUSED = {"null": "refuse"}  # given means set: `classifier:` alone is a mistake
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class RegexRule(_RuleRecord):
     decode: bool = False
     patterns: Texts
     case_sensitive: bool = False
-    redact_with: RedactWith | None = None
+    redact_with: RedactWith | None = field(default=None, metadata=_NULL_REFUSED)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,7 +207,7 @@ class PiiRule(_RuleRecord):
     category: Text
     decode: bool = False
     detect: Annotated[list[Annotated[str, nonempty, _pii_kind]], nonempty]
-    redact_with: RedactWith | None = None
+    redact_with: RedactWith | None = field(default=None, metadata=_NULL_REFUSED)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -281,7 +282,7 @@ class PolicyFile:
     refusals: dict[str, Refusal]
     description: Text | None = None
     categories: dict[str, Text] = field(default_factory=dict, metadata=_NULL_IS_EMPTY)
-    classifier: ClassifierSettings | None = None
+    classifier: ClassifierSettings | None = field(default=None, metadata=_NULL_REFUSED)
     input: list[RuleRecord] = field(default_factory=list, metadata={"noun": "rule", **_NULL_IS_EMPTY})
     output: list[RuleRecord] = field(default_factory=list, metadata={"noun": "rule", **_NULL_IS_EMPTY})
     examples: list[Example] = field(default_factory=list, metadata={"noun": "example", **_NULL_IS_EMPTY})
