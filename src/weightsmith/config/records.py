@@ -229,7 +229,7 @@ def _typed(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: d
     if _is_record(tp):
         return _record(tp, value, label, line, ctx)
     origin = get_origin(tp)
-    if origin in (list, tuple) and _holds_records(tp):
+    if origin in (list, tuple) and _loaded_item_by_item(tp):
         item_tp = get_args(tp)[0]
         if not isinstance(value, list):
             what = f"a list of {noun}s" if noun else _describe(tp, noun)
@@ -237,7 +237,7 @@ def _typed(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: d
         lines = getattr(value, "item_lines", None) or [line] * len(value)
         items = [_value(item_tp, item, f"{label}[{i}]", lines[i], ctx, meta) for i, item in enumerate(value)]
         return items if origin is list else tuple(items)
-    if origin is dict and _holds_records(tp):
+    if origin is dict and _loaded_item_by_item(tp):
         if not isinstance(value, dict):
             what = f"names to {noun}s" if noun else "names to values"
             raise ctx.fail(line, label, f"expected a mapping of {what}, got {show_value(value)}")
@@ -256,7 +256,7 @@ def _typed(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: d
         raise ctx.fail(line, label, str(exc)) from None
 
 
-def _holds_records(tp: Any) -> bool:
+def _loaded_item_by_item(tp: Any) -> bool:
     """Whether a list/tuple/dict annotation is loaded item by item (each with its label and line)."""
     args = get_args(tp)
     if get_origin(tp) is dict:
