@@ -111,7 +111,8 @@ _NULL_REFUSED = {"null": "refuse"}  # given means set: `classifier:` alone is a 
 
 @dataclass(frozen=True, kw_only=True)
 class _RuleRecord:
-    """Keys every rule has; `actions` lists the actions its type allows."""
+    """Keys every rule has; `actions` lists the actions its type allows, and each subclass
+    declares its `type:` tag (the tagged union `RuleRecord`)."""
 
     actions: ClassVar[tuple[str, ...]] = ("block",)
 
@@ -140,9 +141,7 @@ class _RuleRecord:
 
     def to_rule(self, direction: str) -> Rule:
         """The runtime `Rule` (rails.py) for this record."""
-        keys = {k: v for k, v in vars(self).items() if k not in ("where", "redact_with") and v is not None}
-        if getattr(self, "redact_with", None) is not None:
-            keys["redact_with"] = self.redact_with
+        keys = {k: v for k, v in vars(self).items() if k != "where" and v is not None}  # None: Rule's default
         for name in ("keywords", "patterns", "detect", "block_categories"):
             if name in keys:
                 keys[name] = tuple(keys[name])
