@@ -18,7 +18,8 @@ Rules for record classes (see also weightsmith.config.fields' docstring):
   field whose None means "not given"; otherwise null is a value, refused unless ``X | None``.
 * Lists, tuples (``tuple[X, ...]``) and ``dict[str, X]`` are loaded item by item, so an error
   names the item (``keywords[1]``, ``refusals.default``) and its line. Metadata ``noun``
-  ("rule") words messages about a field's items.
+  ("rule") words messages about a field's items; ``any_keys`` lets a mapping's YAML keys be
+  numbers too (read as their text, ``1:`` -> ``"1"``).
 * Tagged unions: a field annotated ``A | B | C`` (or ``list[A | B | C]``), where every member
   is a record with a ``type: Literal["a"]`` field, picks the member named by the item's
   ``type:`` key (metadata ``tag`` names another key). An unknown type gets a did-you-mean; a
@@ -244,11 +245,10 @@ def _typed(tp: Any, value: Any, label: str, line: int | None, ctx: _Ctx, meta: d
         key_lines = getattr(value, "key_lines", {})
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise ctx.fail(
-                    key_lines.get(k, line), _join(label, k), f"a name must be a string, got {show_value(k)}"
-                )
-            out[k] = _value(get_args(tp)[1], v, _join(label, k), key_lines.get(k, line), ctx, meta)
+            at = key_lines.get(k, line)
+            if not isinstance(k, str) and not meta.get("any_keys"):
+                raise ctx.fail(at, _join(label, k), f"a name must be a string, got {show_value(k)}")
+            out[str(k)] = _value(get_args(tp)[1], v, _join(label, k), at, ctx, meta)
         return out
     try:
         return coerce(tp, value, strict=True)

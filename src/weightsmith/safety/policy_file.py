@@ -278,7 +278,7 @@ class PolicyFile:
 
     policy: Text
     version: Text
-    refusals: dict[str, Refusal]
+    refusals: dict[str, Refusal] = field(metadata={"any_keys": True})  # names as text, as always
     description: Text | None = None
     categories: dict[str, Text] = field(default_factory=dict, metadata=_NULL_IS_EMPTY)
     classifier: ClassifierSettings | None = field(default=None, metadata=_NULL_REFUSED)
