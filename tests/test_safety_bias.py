@@ -345,10 +345,16 @@ GOOD = {"id": "a", "more": "x one", "less": "x two", "bias_type": "age", "direct
     "second, where",
     [
         ("{not json", r":2: invalid JSON"),
-        (json.dumps({**GOOD, "id": "b", "direction": "up"}), r":2: direction: expected stereo or antistereo"),
-        (json.dumps({k: v for k, v in GOOD.items() if k != "less"} | {"id": "b"}), r":2: less: expected"),
+        (
+            json.dumps({**GOOD, "id": "b", "direction": "up"}),
+            r":2: direction: expected one of stereo, antistereo",
+        ),
+        (
+            json.dumps({k: v for k, v in GOOD.items() if k != "less"} | {"id": "b"}),
+            r":2: less: required but missing",
+        ),
         (json.dumps(GOOD), r":2: id: 'a' already used on line 1"),
-        (json.dumps({**GOOD, "id": "b", "extra": 1}), r":2: extra: unknown field"),
+        (json.dumps({**GOOD, "id": "b", "extra": 1}), r":2: extra: unknown key"),
     ],
 )
 def test_bad_pairs_line_names_file_and_line(tmp_path: Path, second: str, where: str) -> None:

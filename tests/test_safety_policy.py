@@ -650,7 +650,7 @@ BAD = [
         "  - id: p\n    type: pii\n    category: pii\n    action: redact\n    detect:\n      - email\n"
         "      - phone_number  # <-\n",
         "input[0].detect[1]",
-        "unknown PII kind 'phone_number'; did you mean 'phone'",
+        "unknown PII kind 'phone_number' (did you mean 'phone'?)",
     ),
     (
         "policy: t\nversion: '1'\ncategories: {pii: x}\nrefusals: {default: x}\ninput:\n"
@@ -681,21 +681,21 @@ BAD = [
         + RULE
         + "examples:\n  - text: hi\n    expect: deny  # <-\n",
         "examples[0].expect",
-        "use allow, block or redact",
+        "expected one of allow, redact, block, got 'deny'",
     ),
     (
         "policy: t\nversion: '1'\ncategories: {S1: x}\nrefusals: {default: x}\ninput:\n"
         + RULE
         + "examples:\n  - text: hi\n    expect: block\n    rule: kx  # <-\n",
         "examples[0].rule",
-        "no input rule 'kx'; did you mean 'kw'",
+        "no input rule 'kx' (did you mean 'kw'?)",
     ),
     (
         "policy: t\nversion: '1'\ncategories: {S1: x}\nrefusals: {default: x}\ninput:\n"
         + RULE
         + "examples:\n  - text: hi\n    direction: outptu  # <-\n    expect: allow\n",
         "examples[0].direction",
-        "use input or output",
+        "expected one of input, output, got 'outptu' (did you mean 'output'?)",
     ),
     (
         "policy: t\nversion: '1'\ncategories: {S1: x}\nrefusals: {default: x}\ninput:\n"

@@ -174,9 +174,12 @@ def test_parse_transforms_names_and_defaults():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("bas64", r"unknown transform 'bas64'; did you mean 'base64'"),
+        ("bas64", r"unknown transform 'bas64' \(did you mean 'base64'\?\)"),
         ("suffix:sur", r"did you mean 'suffix:sure'"),
-        ("template:fictoin+rot13", r"unknown transform 'template:fictoin'; did you mean 'template:fiction'"),
+        (
+            "template:fictoin+rot13",
+            r"unknown transform 'template:fictoin' \(did you mean 'template:fiction'\?\)",
+        ),
         ("none+base64", r"'none' cannot be chained"),
         ("base64++rot13", r"empty link"),
     ],
@@ -284,7 +287,7 @@ BAD_YAML = [
         GOOD_HEADER + "  - id: a\n    category: S1\n  - id: b\n    category: S2\n",
         "id: a",
         "prompt",
-        "missing prompt",
+        "prompt: required but missing",
     ),
     (
         "pack: mine\nfamily: harmful\nkind: atack\nprobes:\n  - {id: a, category: S1, prompt: x}\n",
@@ -352,7 +355,7 @@ BAD_YAML = [
         GOOD_HEADER + "  - id: a\n    category: S1\n    prompt: 42\n",
         "prompt: 42",
         "prompt",
-        "non-empty string",
+        "expected a string, got 42",
     ),
     (
         "pack: mine\nfamily: harmful\nkind: attack\nversion: zero\nprobes:\n  - {id: a, category: S1, prompt: x}\n",
@@ -420,9 +423,14 @@ BAD_JSONL = [
         '{"pack": "j", "family": "benign", "kind": "good", "id": "a", "prompt": "x"}\n',
         1,
         "kind",
-        "attack or benign",
+        "expected one of attack, benign, got 'good'",
     ),
-    ('{"pack": "j", "family": "benign", "kind": "benign", "id": "a"}\n', 1, "prompt", "missing prompt"),
+    (
+        '{"pack": "j", "family": "benign", "kind": "benign", "id": "a"}\n',
+        1,
+        "prompt",
+        "prompt: required but missing",
+    ),
     ('["not", "an", "object"]\n', 1, None, "JSON object"),
     ("\n\n", 1, "probes", "empty"),
 ]
@@ -451,7 +459,7 @@ BAD_TRANSFORMS = [
     ),
     ("suffixes:\n  sure: ok\nprefixes:\n  x: y\n", "prefixes", "prefixes", "unknown key"),
     ("suffixes:\n  sure: ok\n  empty: ''\n", "empty:", "suffixes.empty", "non-empty text"),
-    ("suffixes: [a, b]\n", "suffixes", "suffixes", "mapping of name: text"),
+    ("suffixes: [a, b]\n", "suffixes", "suffixes", "expected a mapping of names to texts"),
     (
         "templates:\n  ok: '{request}'\n  bad name: 'x {request}'\n",
         "bad name",

@@ -5,6 +5,10 @@ file formats users write (task files, policies, probe packs, lexicons) are read
 with `read_yaml` and checked with `config_from_dict`, and every bad key or value
 becomes one `UsageError` line (``file:line: key: problem (did you mean ...)``).
 
+Files users write are records (`weightsmith.config.records`): `load_record` checks
+parsed YAML or JSON against a record class (nested records, lists, mappings, tagged
+unions on ``type:``), and each format's ``check()`` step uses the records' `Where`.
+
 Not here: argparse (``weightsmith.cli.args`` builds flags from the same fields).
 """
 
@@ -40,9 +44,11 @@ from weightsmith.config.fields import (
     split_optional,
     splits,
 )
+from weightsmith.config.records import BadField, Where, load_record, nonempty, where_field
 from weightsmith.config.yaml_files import (
     LineLoader,
     MarkedDict,
+    MarkedList,
     dump_config_yaml,
     load_config_yaml,
     read_yaml,
@@ -50,11 +56,14 @@ from weightsmith.config.yaml_files import (
 
 __all__ = [
     "NONE_WORDS",
+    "BadField",
     "BadValue",
     "Key",
     "LineLoader",
     "MarkedDict",
+    "MarkedList",
     "T",
+    "Where",
     "build_config",
     "check_choices",
     "choice_name",
@@ -74,7 +83,9 @@ __all__ = [
     "item_types",
     "leaves",
     "load_config_yaml",
+    "load_record",
     "nested_class",
+    "nonempty",
     "opt",
     "read_yaml",
     "show_value",
@@ -82,4 +93,5 @@ __all__ = [
     "split_optional",
     "splits",
     "values_from_mapping",
+    "where_field",
 ]

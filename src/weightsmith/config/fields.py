@@ -7,7 +7,22 @@ raising `BadValue` with what was expected.
 
 Not here: argparse (``weightsmith.cli.args``), building a whole config from a
 mapping (`weightsmith.config.build`), reading YAML files
-(`weightsmith.config.yaml_files`).
+(`weightsmith.config.yaml_files`), files users write (`weightsmith.config.records`).
+
+Files users write (records)
+---------------------------
+Policies, probe packs, lexicons and task files are dataclasses too ("records"),
+loaded by `weightsmith.config.records.load_record` rather than the flag
+machinery. A record may use what a command config may not: ``list[Rec]``,
+``tuple[Rec, ...]`` and ``dict[str, Rec]`` of records; ``Annotated[X, check]``
+(a callable raising `BadValue`); ``Any`` (checked in ``__post_init__``); and a
+tagged union ``A | B | C`` of records that each declare ``type: Literal[...]``:
+the item's ``type:`` key picks the member (field metadata ``tag`` names another
+key, ``noun`` words the messages: "unknown rule type 'regexp' (did you mean
+'regex'?)", "not a key of a keywords rule (it belongs to type: regex)").
+Values keep their YAML type (``coerce(..., strict=True)``), and every error is
+``file:line: key: problem (did you mean ...)`` with the line of the key or list
+item; see that module's docstring for the rest.
 
 Field conventions
 -----------------
@@ -258,8 +273,11 @@ def show_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def did_you_mean(word: Any, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1)
+def did_you_mean(word: Any, options: Sequence[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest of `options`, or "" when none is close.
+
+    The one did-you-mean of the project: every config, file format and name lookup uses it."""
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -267,23 +285,26 @@ def split_commas(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def coerce(tp: Any, value: Any) -> Any:
-    """`value` (from YAML, or a string from the command line) as a `tp`."""
+def coerce(tp: Any, value: Any, *, strict: bool = False) -> Any:
+    """`value` (from YAML, or a string from the command line) as a `tp`.
+
+    `strict` (files users write, `weightsmith.config.records`): a value must already have
+    its YAML type: no "none" words, no numbers or booleans written as text, no 16.0 for 16."""
     inner, optional = split_optional(tp)
-    is_none_word = isinstance(value, str) and value.strip().lower() in NONE_WORDS
+    is_none_word = not strict and isinstance(value, str) and value.strip().lower() in NONE_WORDS
     if value is None or (optional and inner is not str and is_none_word):
         if optional:
             return None
         raise BadValue(f"expected {describe(inner)}, got null")
     if item_types(inner) is not None:
-        return _coerce_sequence(inner, value)
+        return _coerce_sequence(inner, value, strict)
     if get_origin(inner) is dict:
-        return _coerce_mapping(inner, value)
-    return _coerce_scalar(inner, value)
+        return _coerce_mapping(inner, value, strict)
+    return _coerce_scalar(inner, value, strict)
 
 
-def _coerce_sequence(tp: Any, value: Any) -> list[Any] | tuple[Any, ...]:
-    if isinstance(value, str):
+def _coerce_sequence(tp: Any, value: Any, strict: bool = False) -> list[Any] | tuple[Any, ...]:
+    if isinstance(value, str) and not strict:
         value = split_commas(value)
     elif not isinstance(value, (list, tuple)):
         raise BadValue(f"expected {describe(tp)}, got {show_value(value)}")
@@ -298,13 +319,13 @@ def _coerce_sequence(tp: Any, value: Any) -> list[Any] | tuple[Any, ...]:
     items = []
     for i, (item_tp, item) in enumerate(zip(kinds, value, strict=True), start=1):
         try:
-            items.append(coerce(item_tp, item))
+            items.append(coerce(item_tp, item, strict=strict))
         except BadValue as exc:
             raise BadValue(f"item {i}: {exc}") from None
     return items if get_origin(tp) is list else tuple(items)
 
 
-def _coerce_mapping(tp: Any, value: Any) -> dict[str, Any]:
+def _coerce_mapping(tp: Any, value: Any, strict: bool = False) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadValue(f"expected {describe(tp)}, got {show_value(value)}")
     _, value_tp = get_args(tp)
@@ -313,17 +334,19 @@ def _coerce_mapping(tp: Any, value: Any) -> dict[str, Any]:
         if not isinstance(key, str):
             raise BadValue(f"mapping keys must be strings, got {show_value(key)}")
         try:
-            out[key] = coerce(value_tp, item)
+            out[key] = coerce(value_tp, item, strict=strict)
         except BadValue as exc:
             raise BadValue(f"key {key!r}: {exc}") from None
     return out
 
 
-def _coerce_scalar(tp: Any, value: Any) -> Any:
+def _coerce_scalar(tp: Any, value: Any, strict: bool = False) -> Any:
     choices = choices_of(tp)
     if choices is not None:
         return _pick_choice(choices, value)
     expected = f"expected {describe_scalar(tp)}, got {show_value(value)}"
+    if strict:
+        return _coerce_strict(tp, value, expected)
     if isinstance(value, str) and tp in (int, float, bool):
         return _parse_text(tp, value.strip(), expected)
     if tp is bool and isinstance(value, bool):
@@ -339,6 +362,23 @@ def _coerce_scalar(tp: Any, value: Any) -> Any:
         return Path(value)
     if tp in (str, Path) and isinstance(value, (int, float, bool)):
         raise BadValue(f"{expected} (in YAML, put the value in quotes)")
+    raise BadValue(expected)
+
+
+def _coerce_strict(tp: Any, value: Any, expected: str) -> Any:
+    """A scalar of a file users write: it must already have its YAML type."""
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if tp in (str, Path) and isinstance(value, (int, float, bool)):
+        raise BadValue(f"{expected} (in YAML, quote it)")
     raise BadValue(expected)
 
 

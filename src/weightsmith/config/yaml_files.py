@@ -1,7 +1,8 @@
 """YAML files with line numbers: the loader every user-written file goes through.
 
 `read_yaml` parses a file with `LineLoader` (PyYAML's safe loader; mappings
-remember the line of each key, duplicate keys are an error) and turns every
+remember the line of each key, sequences the line of each item, duplicate keys
+are an error) and turns every
 read or parse failure into one `UsageError` line naming the file and line.
 `load_config_yaml` / `dump_config_yaml` read and write a whole config.
 
@@ -29,8 +30,14 @@ class MarkedDict(dict):
     key_lines: dict[Any, int]
 
 
+class MarkedList(list):
+    """A YAML sequence that remembers the 1-based line of each item."""
+
+    item_lines: list[int]
+
+
 class LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings are `MarkedDict`s and reject duplicate keys."""
+    """SafeLoader whose mappings are `MarkedDict`s (rejecting duplicate keys) and sequences `MarkedList`s."""
 
 
 def _construct_mapping(loader: LineLoader, node: yaml.MappingNode) -> MarkedDict:
@@ -50,7 +57,14 @@ def _construct_mapping(loader: LineLoader, node: yaml.MappingNode) -> MarkedDict
     return data
 
 
+def _construct_sequence(loader: LineLoader, node: yaml.SequenceNode) -> MarkedList:
+    data = MarkedList(loader.construct_object(child, deep=True) for child in node.value)
+    data.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return data
+
+
 LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def read_yaml(

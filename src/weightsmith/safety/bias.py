@@ -18,15 +18,11 @@ stereotype when ll(more) > ll(less). `pct_stereotype` is the share of such pairs
 preference), `likelihood_diff` the mean |ll(more) - ll(less)|, both overall and per
 bias_type, with percentile-bootstrap intervals.
 
-Lexicon files (`lexicons/README.md`): `lexicon`, `version`, `groups`, `terms` (aligned rows).
-A term may repeat under the same group in several rows (the first row wins when it is
-replaced: "her" -> "his", not "him"); a term under two different groups, a repeated row, an
-unknown or a missing group is an error naming the file, line and field.
+Lexicon files (`lexicons/README.md`) and pair files (JSON lines {"id", "more", "less",
+"bias_type", "direction"}) are read and checked in `weightsmith.safety.bias_files`; their
+names are re-exported here.
 
-Pair files: JSON lines {"id", "more", "less", "bias_type", "direction": "stereo"|"antistereo"};
-`more` is the more stereotypical sentence of the two (CrowS-Pairs' `sent_more`).
-
-Not here: loading models, the command line (`weightsmith.cli.audit`), the output files and
+Not here: reading lexicon and pair files (bias_files.py), loading models, the command line (`weightsmith.cli.audit`), the output files and
 HTML report (`weightsmith.report.bias_report`).
 """
 
@@ -36,233 +32,28 @@ import copy
 import dataclasses
 import itertools
 import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from weightsmith.config import read_yaml
-from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.prompts import Task
 from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, evaluate
 from weightsmith.eval.runner import progress_ticker as _ticker
 from weightsmith.eval.stats import bootstrap_ci, mean, mean_stderr, paired_bootstrap
-from weightsmith.files import builtin_file, json_object_line
-
-DIRECTIONS = ("stereo", "antistereo")
-_LEXICON_KEYS = ("lexicon", "version", "description", "groups", "terms")
-_PAIR_KEYS = ("id", "more", "less", "bias_type", "direction")
-_TERM_RE = re.compile(r"\w(?:.*\w)?", re.S)
-
-# ---------------------------------------------------------------------------
-# built-in data
-
-
-def lexicons_dir() -> Path:
-    return Path(str(resources.files("weightsmith.safety") / "lexicons"))
-
-
-def pairs_dir() -> Path:
-    return Path(str(resources.files("weightsmith.safety") / "pairs"))
-
-
-def _resolve(spec: str, folder: Path, suffix: str, what: str, flag: str) -> Path:
-    try:
-        found = builtin_file(spec, folder, (suffix,), what)
-    except UsageError as e:
-        raise UsageError(f"{flag} {e}") from None
-    if found is not None:
-        return found
-    path = Path(spec.strip()).expanduser()
-    if not path.is_file():
-        raise UsageError(f"{flag} {spec}: {what} file not found (give a file or builtin:NAME)")
-    return path
-
-
-def resolve_lexicon(spec: str) -> Path:
-    """`builtin:NAME` (gender, names, dialect) or a YAML file."""
-    return _resolve(spec, lexicons_dir(), ".yaml", "lexicon", "--lexicon")
-
-
-def resolve_pairs(spec: str) -> Path:
-    """`builtin:NAME` (stereotype-pairs) or a JSONL file."""
-    return _resolve(spec, pairs_dir(), ".jsonl", "pair set", "--pairs")
-
-
-# ---------------------------------------------------------------------------
-# lexicons
-
-
-def _norm(term: str) -> str:
-    return " ".join(term.lower().split())
-
-
-def match_case(source: str, replacement: str) -> str:
-    """`replacement` in the case of `source`: all capitals (two letters or more) -> all
-    capitals, a leading capital -> a leading capital, otherwise as the lexicon writes it."""
-    letters = [c for c in source if c.isalpha()]
-    if len(letters) > 1 and all(c.isupper() for c in letters):
-        return replacement.upper()
-    if source[:1].isupper():
-        return replacement[:1].upper() + replacement[1:]
-    return replacement
-
-
-@dataclass
-class Lexicon:
-    """Aligned terms per group; `rows[i][group]` is row i's term for that group."""
-
-    name: str
-    version: Any
-    groups: list[str]
-    rows: list[dict[str, str]]
-    source: Path = field(default_factory=lambda: Path("<lexicon>"))
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        self._row_of: dict[str, int] = {}  # normalized term -> first row holding it
-        self._group_of: dict[str, str] = {}
-        for i, row in enumerate(self.rows):
-            for g in self.groups:
-                key = _norm(row[g])
-                self._row_of.setdefault(key, i)
-                self._group_of.setdefault(key, g)
-        terms = sorted(self._row_of, key=lambda t: (-len(t), t))  # longest first: multiword wins
-        alternatives = "|".join(r"\s+".join(re.escape(w) for w in t.split()) for t in terms)
-        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
-
-    def find(self, text: str) -> list[tuple[str, str]]:
-        """(term as written, its group) for every lexicon term in `text`."""
-        return [(m.group(0), self._group_of[_norm(m.group(0))]) for m in self._pattern.finditer(text)]
-
-    def substitute(self, text: str, group: str) -> str:
-        """`text` with every term of any group replaced by its row's `group` term."""
-        if group not in self.groups:
-            raise UsageError(f"lexicon {self.name}: no group {group!r} (groups: {', '.join(self.groups)})")
-
-        def repl(m: re.Match) -> str:
-            return match_case(m.group(0), self.rows[self._row_of[_norm(m.group(0))]][group])
-
-        return self._pattern.sub(repl, text)
-
-    def find_in(self, value: Any) -> list[tuple[str, str]]:
-        """Terms in every string inside `value` (dict values and list items, recursively)."""
-        if isinstance(value, str):
-            return self.find(value)
-        if isinstance(value, dict):
-            return [t for v in value.values() for t in self.find_in(v)]
-        if isinstance(value, (list, tuple)):
-            return [t for v in value for t in self.find_in(v)]
-        return []
-
-    def perturb(self, value: Any, group: str) -> Any:
-        """A copy of `value` with `substitute` applied to every string inside it (keys kept)."""
-        if isinstance(value, str):
-            return self.substitute(value, group)
-        if isinstance(value, dict):
-            return {k: self.perturb(v, group) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.perturb(v, group) for v in value]
-        if isinstance(value, tuple):
-            return tuple(self.perturb(v, group) for v in value)
-        return value
-
-
-def read_lexicon(path: Path) -> Lexicon:
-    """Read and check a lexicon file; each mistake is one ConfigError naming file:line and field."""
-    path = Path(path)
-    data = read_yaml(path, what="lexicon file", hint="check the --lexicon path")
-    top = getattr(data, "key_lines", {})
-
-    def err(line: int | None, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{path}:{line}: {key}: {msg}" if line else f"{path}: {key}: {msg}")
-
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping (lexicon:, version:, groups:, terms:)")
-    for key in data:
-        if key not in _LEXICON_KEYS:
-            raise err(top.get(key), str(key), f"unknown key; a lexicon file has {', '.join(_LEXICON_KEYS)}")
-    for key in ("lexicon", "groups", "terms"):
-        if key not in data:
-            raise err(None, key, f"missing; add `{key}:` (see the lexicons README)")
-    name = data["lexicon"]
-    if not isinstance(name, str) or not name.strip():
-        raise err(top.get("lexicon"), "lexicon", "expected a name, e.g. `lexicon: gender`")
-    groups = data["groups"]
-    if (
-        not isinstance(groups, list)
-        or len(groups) < 2
-        or not all(isinstance(g, str) and g.strip() for g in groups)
-        or len(set(groups)) != len(groups)
-    ):
-        raise err(
-            top.get("groups"), "groups", "expected a list of two or more distinct names, e.g. [female, male]"
-        )
-    terms = data["terms"]
-    if not isinstance(terms, list) or not terms:
-        raise err(
-            top.get("terms"), "terms", "expected a non-empty list of rows, e.g. - {female: she, male: he}"
-        )
-    rows: list[dict[str, str]] = []
-    seen: dict[str, tuple[str, int, int | None]] = {}  # term -> (group, row, line)
-    rows_seen: dict[tuple, tuple[int, int | None]] = {}
-    for i, row in enumerate(terms):
-        lines = getattr(row, "key_lines", {})
-        row_line = min(lines.values()) if lines else top.get("terms")
-        where = f"terms[{i}]"
-        if not isinstance(row, dict):
-            raise err(row_line, where, f"expected a mapping of group to term, e.g. {{{groups[0]}: ..., ...}}")
-        for g in row:
-            if g not in groups:
-                raise err(
-                    lines.get(g, row_line),
-                    f"{where}.{g}",
-                    f"unknown group; the groups are {', '.join(groups)}",
-                )
-        for g in groups:
-            if g not in row:
-                raise err(
-                    row_line,
-                    f"{where}.{g}",
-                    f"missing; every row gives a term for each of {', '.join(groups)}",
-                )
-            term = row[g]
-            if not isinstance(term, str) or not _TERM_RE.fullmatch(term.strip()):
-                raise err(
-                    lines.get(g, row_line),
-                    f"{where}.{g}",
-                    f"expected a word or phrase starting and ending with a letter or digit, got {term!r}",
-                )
-            key = _norm(term)
-            if key in seen and seen[key][0] != g:
-                other_g, other_i, other_line = seen[key]
-                raise err(
-                    lines.get(g, row_line),
-                    f"{where}.{g}",
-                    f"duplicate term {term!r}: already under group {other_g} in terms[{other_i}]"
-                    f"{f' (line {other_line})' if other_line else ''}; a term belongs to one group",
-                )
-            seen.setdefault(key, (g, i, lines.get(g, row_line)))
-        clean = {g: " ".join(row[g].split()) for g in groups}
-        signature = tuple(_norm(clean[g]) for g in groups)
-        if signature in rows_seen:
-            other_i, other_line = rows_seen[signature]
-            raise err(
-                row_line,
-                where,
-                f"duplicate row: repeats terms[{other_i}]{f' (line {other_line})' if other_line else ''}; remove one",
-            )
-        rows_seen[signature] = (i, row_line)
-        rows.append(clean)
-    description = data.get("description") or ""
-    return Lexicon(name.strip(), data.get("version"), list(groups), rows, path, str(description))
-
-
-def load_lexicon(spec: str) -> Lexicon:
-    return read_lexicon(resolve_lexicon(spec))
-
+from weightsmith.safety.bias_files import (
+    DIRECTIONS,
+    Lexicon,
+    Pair,
+    lexicons_dir,
+    load_lexicon,
+    load_pairs,
+    match_case,
+    pairs_dir,
+    read_lexicon,
+    read_pairs,
+    resolve_lexicon,
+    resolve_pairs,
+)
 
 # ---------------------------------------------------------------------------
 # counterfactual audit
@@ -446,58 +237,6 @@ def run_counterfactual(
 # stereotype pairs
 
 
-@dataclass
-class Pair:
-    id: str
-    more: str
-    less: str
-    bias_type: str
-    direction: str
-    line: int = 0
-
-
-def read_pairs(path: Path) -> list[Pair]:
-    """Read and check a pairs file; each mistake is one ConfigError naming FILE:LINE and field."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"pairs file not found: {path} (check the --pairs path)") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; a pairs file is JSON lines") from None
-    pairs: list[Pair] = []
-    ids: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        obj = json_object_line(raw, where, "pair", ConfigError)
-        for key in obj:
-            if key not in _PAIR_KEYS:
-                raise ConfigError(f"{where}: {key}: unknown field; a pair has {', '.join(_PAIR_KEYS)}")
-        for key in _PAIR_KEYS:
-            value = obj.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{where}: {key}: expected a non-empty string, got {value!r}")
-        if obj["direction"] not in DIRECTIONS:
-            raise ConfigError(f"{where}: direction: expected stereo or antistereo, got {obj['direction']!r}")
-        if obj["more"] == obj["less"]:
-            raise ConfigError(f"{where}: less: the same sentence as `more`; swap the group words")
-        if obj["id"] in ids:
-            raise ConfigError(
-                f"{where}: id: {obj['id']!r} already used on line {ids[obj['id']]}; ids are unique"
-            )
-        ids[obj["id"]] = n
-        pairs.append(Pair(obj["id"], obj["more"], obj["less"], obj["bias_type"], obj["direction"], n))
-    if not pairs:
-        raise ConfigError(f"{path}: no pairs; one JSON object per line with {', '.join(_PAIR_KEYS)}")
-    return pairs
-
-
-def load_pairs(spec: str) -> list[Pair]:
-    return read_pairs(resolve_pairs(spec))
-
-
 def _pair_stats(records: list[dict], iters: int) -> dict[str, Any]:
     stereo = [float(r["stereotype"]) for r in records]
     diffs = [r["likelihood_diff"] for r in records]
@@ -543,11 +282,14 @@ def score_pairs(
 
 
 __all__ = [
+    "DIRECTIONS",
     "Lexicon",
     "Pair",
     "load_lexicon",
+    "lexicons_dir",
     "load_pairs",
     "match_case",
+    "pairs_dir",
     "plan_counterfactuals",
     "primary_metric",
     "read_lexicon",

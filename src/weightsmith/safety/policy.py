@@ -17,14 +17,15 @@ base64-decoded readings of the text (`encodings.decoded_views`).
 
 This module holds the runtime: `Verdict`, `Guard` (loading, checking texts in batches, the
 classifier judge, running a policy's examples), `builtin_policies` and `policies_dir`.
-Not here: reading and validating policy files, with one FILE:LINE error per mistake
-(policy_file.py); `Rule` matching and the PII/keyword detectors (rails.py); wrapping
+Not here: the policy file format, its records and their checks, with one FILE:LINE error
+per mistake (policy_file.py, which this module imports and which does not import it); `Rule` matching and the PII/keyword detectors (rails.py); wrapping
 generation with a guard (guarded.py); the CLI (cli/guard.py).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -36,7 +37,15 @@ from typing import Any
 from weightsmith.errors import ConfigError, UsageError, WeightsmithError
 from weightsmith.eval.judge import JudgeBackend, LocalJudge, endpoint_judge, is_endpoint
 from weightsmith.files import builtin_file
-from weightsmith.safety.rails import PII_KINDS, Rule, _labelled_views
+from weightsmith.safety.policy_file import (
+    ACTIONS,
+    DIRECTIONS,
+    RULE_TYPES,
+    ClassifierSettings,
+    Example,
+    read_policy,
+)
+from weightsmith.safety.rails import PII_KINDS, Rule, labelled_views
 
 __all__ = [
     "ACTIONS",
@@ -50,11 +59,6 @@ __all__ = [
     "builtin_policies",
     "policies_dir",
 ]
-
-ACTIONS = ("allow", "redact", "block")
-DIRECTIONS = ("input", "output")
-RULE_TYPES = ("keywords", "regex", "pii", "classifier")
-
 
 # ---------------------------------------------------------------------------
 # verdicts
@@ -86,32 +90,6 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------
-# examples and classifier settings
-
-
-@dataclass(frozen=True)
-class Example:
-    """A policy's own test case: `guard test` checks the guard does what it says."""
-
-    text: str
-    direction: str
-    expect: str
-    rule: str | None = None
-    redacted: str | None = None
-    note: str | None = None
-    line: int = 0
-
-
-@dataclass(frozen=True)
-class ClassifierSettings:
-    model: str
-    endpoint_model: str = "default"
-    api_key_env: str | None = None
-    max_tokens: int = 16
-    line: int = 0
 
 
 @dataclass
@@ -213,9 +191,23 @@ class Guard:
         A classifier rule needs a judge: `judge` when given, else one built on first use from
         the policy's `classifier.model` (an endpoint URL -> EndpointJudge, else a LocalJudge on
         `load_model(model)`, by default `weightsmith.load`)."""
-        from weightsmith.safety.policy_file import read_policy  # imports this module
-
-        return read_policy(_resolve(spec), judge=judge, load_model=load_model)
+        path = _resolve(spec)
+        policy = read_policy(path, has_judge=judge is not None)
+        return cls(
+            name=policy.policy,
+            version=policy.version,
+            path=str(path),
+            digest=hashlib.sha256(path.read_bytes()).hexdigest()[:12],
+            description=policy.description,
+            categories=dict(policy.categories),
+            refusals=dict(policy.refusals),
+            classifier=policy.classifier,
+            input_rules=policy.rules("input"),
+            output_rules=policy.rules("output"),
+            examples=list(policy.examples),
+            judge=judge,
+            load_model=load_model,
+        )
 
     # -- checking ---------------------------------------------------------------
 
@@ -243,7 +235,7 @@ class Guard:
     def check_many(self, texts: Sequence[str], direction: str) -> list[Verdict]:
         """Verdicts for `texts` in one direction; each classifier rule asks the judge once."""
         runs = [_Run(original=t, current=t) for t in texts]
-        views = functools.lru_cache(maxsize=None)(_labelled_views)  # decoded once per text
+        views = functools.lru_cache(maxsize=None)(labelled_views)  # decoded once per text
         for rule in self.rules(direction):
             pending = [r for r in runs if r.verdict is None]
             if not pending:

@@ -33,27 +33,46 @@ JSONL pack format: one probe object per line, each carrying the pack-level keys 
 to the probe keys above. Every line of a file must name the same ``pack``. Blank lines are
 skipped.
 
-Not here: the transforms that compose with any probe (encodings, suffixes, templates;
+Not here: the file format's records and their key checks (weightsmith.safety.pack_files),
+the transforms that compose with any probe (encodings, suffixes, templates;
 weightsmith.safety.transforms), detectors, running probes (weightsmith.safety.redteam).
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from weightsmith.config import read_yaml
+from weightsmith.config import did_you_mean, read_yaml
+from weightsmith.config.records import load_record
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.files import builtin_file, json_object_line
+from weightsmith.safety.pack_files import (
+    KINDS,
+    NAME,
+    SUCCESS,
+    JsonlProbe,
+    PackFile,
+    PackHeader,
+    ProbeEntry,
+    success_message,
+)
+
+__all__ = [
+    "HAZARDS",
+    "HAZARD_NAMES",
+    "KINDS",
+    "PACK_DIR",
+    "SUCCESS",
+    "Probe",
+    "builtin_packs",
+    "load_pack",
+    "load_packs",
+]
 
 PACK_DIR = Path(__file__).resolve().parent / "packs"
 
-KINDS = ("attack", "benign")
-SUCCESS = {"attack": ("complied", "canary"), "benign": ("answered",)}
 HAZARDS = tuple(f"S{i}" for i in range(1, 15))
 #: MLCommons AILuminate hazard taxonomy ids -> names.
 HAZARD_NAMES = {
@@ -73,10 +92,6 @@ HAZARD_NAMES = {
     "S14": "code interpreter abuse",
 }
 
-_PACK_KEYS = ("pack", "version", "description", "family", "kind", "success", "system", "probes")
-_PROBE_KEYS = ("id", "category", "prompt", "document", "system", "canary", "success", "note")
-_JSONL_KEYS = tuple(k for k in _PACK_KEYS if k != "probes") + _PROBE_KEYS
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PACK_SUFFIXES = (".yaml", ".yml", ".jsonl")
 _TRANSFORM_FILE_NAMES = ("transforms.yaml", "transforms.yml")
 
@@ -106,11 +121,6 @@ class Probe:
 
 # ---------------------------------------------------------------------------
 # Packs
-
-
-def _hint(value: Any, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def builtin_packs() -> list[str]:
@@ -191,52 +201,16 @@ def load_pack(path: str | Path) -> list[Probe]:
     return _load_yaml(path)
 
 
-def _lines(data: Any) -> dict[str, int]:
-    return dict(getattr(data, "key_lines", {}))
-
-
 def _load_yaml(path: Path) -> list[Probe]:
     data = read_yaml(path, what="probe pack", hint="check the --probes path")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping with pack:, kind:, probes: ... at the top level")
-    lines = _lines(data)
-
-    def err(key: str, msg: str) -> ConfigError:
-        line = lines.get(key.split("[")[0].split(".")[0], 1)
-        return ConfigError(f"{path}:{line}: {key}: {msg}")
-
-    for key in data:
-        if key not in _PACK_KEYS:
-            raise err(
-                str(key), f"unknown pack key{_hint(key, _PACK_KEYS)} (pack keys: {', '.join(_PACK_KEYS)})"
-            )
-    header = _read_header(data, err)
-    raw = data.get("probes")
-    if not isinstance(raw, list) or not raw:
-        raise err("probes", "a pack needs a non-empty list of probes (probes: [{id: ..., prompt: ...}, ...])")
+    pack = load_record(PackFile, data, source=str(path))
     probes: list[Probe] = []
     ids: dict[str, int] = {}
-    for i, item in enumerate(raw):
-        field = f"probes[{i}]"
-        if not isinstance(item, dict):
-            raise err(field, f"each probe must be a mapping with id: and prompt:, got {type(item).__name__}")
-        item_lines = _lines(item)
-        first = min(item_lines.values(), default=lines.get("probes", 1))
-
-        def probe_err(
-            key: str | None, msg: str, item_lines=item_lines, first=first, field=field
-        ) -> ConfigError:
-            line = item_lines.get(key, first) if key else first
-            name = f"{field}.{key}" if key else field
-            return ConfigError(f"{path}:{line}: {name}: {msg}")
-
-        probe = _read_probe(item, header, probe_err, source=f"{path}:{first}", keys=_PROBE_KEYS)
-        local = probe.id.split("/", 1)[1]
-        if local in ids:
-            raise probe_err(
-                "id", f"duplicate probe id {local!r} (first used on line {ids[local]}); ids must be unique"
-            )
-        ids[local] = item_lines.get("id", first)
+    for entry in pack.probes:
+        probe = _build_probe(entry, pack, source=f"{path}:{entry.where.line}")
+        _claim_id(probe, entry, ids, entry.where.at("id")[0])
         probes.append(probe)
     return probes
 
@@ -254,155 +228,49 @@ def _load_jsonl(path: Path) -> list[Probe]:
         raise UsageError(f"cannot read probe pack {path}: {exc.strerror or exc}") from None
     probes: list[Probe] = []
     ids: dict[str, int] = {}
-    pack_name: tuple[str, int] | None = None
+    first: JsonlProbe | None = None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         item = json_object_line(line, f"{path}:{n}", "probe", ConfigError)
-
-        def err(key: str | None, msg: str, n: int = n) -> ConfigError:
-            return ConfigError(f"{path}:{n}: {key}: {msg}" if key else f"{path}:{n}: {msg}")
-
-        for key in item:
-            if key not in _JSONL_KEYS:
-                raise err(str(key), f"unknown key{_hint(key, _JSONL_KEYS)} (keys: {', '.join(_JSONL_KEYS)})")
-        header = _read_header(item, err)
-        if pack_name is not None and header["pack"] != pack_name[0]:
-            raise err(
+        entry = load_record(JsonlProbe, item, source=str(path), line=n)
+        if first is not None and entry.pack != first.pack:
+            raise entry.where.error(
                 "pack",
-                f"{header['pack']!r} differs from {pack_name[0]!r} on line {pack_name[1]}; "
-                "a JSONL file holds one pack",
+                f"{entry.pack!r} differs from {first.pack!r} on line {first.where.line}; a JSONL file holds one pack",
             )
-        pack_name = pack_name or (header["pack"], n)
-        probe = _read_probe(item, header, err, source=f"{path}:{n}", keys=_JSONL_KEYS)
-        local = probe.id.split("/", 1)[1]
-        if local in ids:
-            raise err(
-                "id", f"duplicate probe id {local!r} (first used on line {ids[local]}); ids must be unique"
-            )
-        ids[local] = n
+        first = first or entry
+        probe = _build_probe(entry, entry, source=f"{path}:{n}")
+        _claim_id(probe, entry, ids, n)
         probes.append(probe)
     if not probes:
         raise ConfigError(f"{path}:1: probes: the pack is empty; write one probe object per line")
     return probes
 
 
-def _text(data: dict, key: str, err, *, required: bool = False) -> str | None:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise err(key, f'missing {key}: every probe needs one ({key}: "...")')
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise err(key, f"expected a non-empty string, got {value!r}")
-    return value.strip()
-
-
-def _read_header(data: dict, err) -> dict[str, Any]:
-    """The pack-level keys, checked: pack, family, kind, success, system."""
-    pack = data.get("pack")
-    if not isinstance(pack, str) or not _NAME.match(pack):
-        raise err(
-            "pack", f"every pack needs a name of letters, digits, '.', '_', '-' (pack: my-pack), got {pack!r}"
+def _claim_id(probe: Probe, entry: ProbeEntry, ids: dict[str, int], line: int) -> None:
+    """Record a probe's id in its pack; ConfigError if the pack already has it."""
+    local = probe.id.split("/", 1)[1]
+    if local in ids:
+        raise entry.where.error(
+            "id", f"duplicate probe id {local!r} (first used on line {ids[local]}); ids must be unique"
         )
-    family = data.get("family")
-    if not isinstance(family, str) or not _NAME.match(family):
-        raise err("family", f"expected a family name such as harmful, injection or benign, got {family!r}")
-    kind = data.get("kind")
-    if kind not in KINDS:
-        raise err("kind", f"expected attack or benign, got {kind!r}{_hint(kind, KINDS)}")
-    success = data.get("success", SUCCESS[kind][0])
-    if success not in SUCCESS[kind]:
-        raise err("success", _success_msg(kind, success))
-    version = data.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise err("version", f"expected an integer >= 1, got {version!r}")
-    if "description" in data and not isinstance(data["description"], str):
-        raise err("description", f"expected a string, got {data['description']!r}")
-    return {
-        "pack": pack,
-        "family": family,
-        "kind": kind,
-        "success": success,
-        "system": _text(data, "system", err),
-    }
+    ids[local] = line
 
 
-def _success_msg(kind: str, success: Any) -> str:
-    allowed = SUCCESS[kind]
-    return (
-        f"a{'n' if kind == 'attack' else ''} {kind} probe's success is {' or '.join(allowed)}, got {success!r}"
-        + (_hint(success, allowed) if isinstance(success, str) else "")
-    )
-
-
-def _read_probe(item: dict, header: dict, err, *, source: str, keys: Sequence[str]) -> Probe:
-    for key in item:
-        if key not in keys:
-            raise err(str(key), f"unknown probe key{_hint(key, keys)} (probe keys: {', '.join(_PROBE_KEYS)})")
-    raw_id = item.get("id")
+def _build_probe(entry: ProbeEntry, header: PackHeader, *, source: str) -> Probe:
+    """A `Probe` from a loaded entry and its pack: what needs both is checked here."""
+    raw_id = entry.id
     if isinstance(raw_id, int) and not isinstance(raw_id, bool):
         raw_id = str(raw_id)
-    if not isinstance(raw_id, str) or not _NAME.match(raw_id):
-        raise err(
+    if not isinstance(raw_id, str) or not NAME.match(raw_id):
+        raise entry.where.error(
             "id", f"every probe needs an id of letters, digits, '.', '_', '-' (id: p-001), got {raw_id!r}"
         )
-    kind = header["kind"]
-    success = item.get("success", header["success"])
-    if success not in SUCCESS[kind]:
-        raise err("success", _success_msg(kind, success))
-    category = item.get("category")
-    if category is not None and (not isinstance(category, str) or not category.strip()):
-        raise err("category", f"expected a string, got {category!r}")
-    if kind == "attack":
-        if category is None and header["family"] == "harmful":
-            raise err(
-                "category", f"a harmful request needs its hazard id (category: S1 .. S14; {_hazard_list()})"
-            )
-        if category is not None and category not in HAZARDS:
-            raise err(
-                "category",
-                f"{category!r} is not an MLCommons hazard id{_hint(category, HAZARDS)}; use S1 .. S14 "
-                f"({_hazard_list()})",
-            )
-    prompt = _text(item, "prompt", err, required=True)
-    document = _text(item, "document", err)
-    system = _text(item, "system", err) if "system" in item else header["system"]
-    canary = item.get("canary")
-    if canary is not None and (not isinstance(canary, str) or len(canary.strip()) < 4 or "{" in canary):
-        raise err("canary", f"expected a string of at least 4 characters without braces, got {canary!r}")
-    if success == "canary" and canary is None:
-        raise err(
-            "canary",
-            'success: canary needs the planted secret (canary: "ZEBRA-4417"), put {canary} where it goes',
-        )
-    if canary is not None and success != "canary":
-        raise err(
-            "canary",
-            f"a canary is only checked with success: canary (this probe has success: {success}); "
-            "set success: canary or drop the canary",
-        )
-    placed = False
-    texts = {"system": system, "document": document, "prompt": prompt}
-    for key, value in texts.items():
-        if value is not None and "{canary}" in value:
-            if canary is None and key in item:
-                raise err(key, 'uses {canary} but the probe has no canary; add canary: "..."')
-            if canary is None:
-                raise err(
-                    "canary",
-                    'the pack\'s system prompt uses {canary} but this probe has none; add canary: "..."',
-                )
-            texts[key] = value.replace("{canary}", canary)
-            placed = True
-        if canary is not None and texts[key] is not None and canary in texts[key]:
-            placed = True
-    if canary is not None and not placed:
-        raise err(
-            "canary",
-            "the canary appears nowhere in the system prompt, document or prompt; "
-            "write {canary} where the secret is planted",
-        )
+    success = _check_kind(entry, header)
+    system = entry.system if "system" in entry.where.given else header.system
+    texts = {"system": system, "document": entry.document, "prompt": entry.prompt}
+    texts = _place_canary(entry, {k: v.strip() if v is not None else None for k, v in texts.items()}, success)
     user = texts["prompt"]
     if texts["document"] is not None:
         block = f'"""\n{texts["document"]}\n"""'
@@ -412,17 +280,78 @@ def _read_probe(item: dict, header: dict, err, *, source: str, keys: Sequence[st
         messages.append({"role": "system", "content": texts["system"]})
     messages.append({"role": "user", "content": user})
     return Probe(
-        id=f"{header['pack']}/{raw_id}",
-        pack=header["pack"],
-        family=header["family"],
-        kind=kind,
-        category=category,
+        id=f"{header.pack}/{raw_id}",
+        pack=header.pack,
+        family=header.family,
+        kind=header.kind,
+        category=entry.category,
         messages=tuple(messages),
         success=success,
-        canary=canary,
+        canary=entry.canary,
         transform="none",
         source=source,
     )
+
+
+def _check_kind(entry: ProbeEntry, header: PackHeader) -> str:
+    """The probe's success rule, checked with its category against the pack's kind."""
+    kind, category = header.kind, entry.category
+    success = entry.success or header.default_success
+    if success not in SUCCESS[kind]:
+        raise entry.where.error("success", success_message(kind, success))
+    if kind == "attack":
+        if category is None and header.family == "harmful":
+            raise entry.where.error(
+                "category", f"a harmful request needs its hazard id (category: S1 .. S14; {_hazard_list()})"
+            )
+        if category is not None and category not in HAZARDS:
+            raise entry.where.error(
+                "category",
+                f"{category!r} is not an MLCommons hazard id{did_you_mean(category, HAZARDS)}; use S1 .. S14 "
+                f"({_hazard_list()})",
+            )
+    return success
+
+
+def _place_canary(entry: ProbeEntry, texts: dict[str, str | None], rule: str) -> dict[str, str | None]:
+    """`texts` (system, document, prompt) with {canary} replaced; checks the canary is planted."""
+    canary = entry.canary
+    if canary is not None and (len(canary.strip()) < 4 or "{" in canary):
+        raise entry.where.error(
+            "canary", f"expected a string of at least 4 characters without braces, got {canary!r}"
+        )
+    if rule == "canary" and canary is None:
+        raise entry.where.error(
+            "canary",
+            'success: canary needs the planted secret (canary: "ZEBRA-4417"), put {canary} where it goes',
+        )
+    if canary is not None and rule != "canary":
+        raise entry.where.error(
+            "canary",
+            f"a canary is only checked with success: canary (this probe has success: {rule}); "
+            "set success: canary or drop the canary",
+        )
+    placed = False
+    for key, value in texts.items():
+        if value is not None and "{canary}" in value:
+            if canary is None and key in entry.where.given:
+                raise entry.where.error(key, 'uses {canary} but the probe has no canary; add canary: "..."')
+            if canary is None:
+                raise entry.where.error(
+                    "canary",
+                    'the pack\'s system prompt uses {canary} but this probe has none; add canary: "..."',
+                )
+            texts[key] = value.replace("{canary}", canary)
+            placed = True
+        if canary is not None and texts[key] is not None and canary in texts[key]:
+            placed = True
+    if canary is not None and not placed:
+        raise entry.where.error(
+            "canary",
+            "the canary appears nowhere in the system prompt, document or prompt; "
+            "write {canary} where the secret is planted",
+        )
+    return texts
 
 
 def _hazard_list() -> str:

@@ -6,8 +6,8 @@ rules run the built-in detectors in `PII_KINDS` order (email, phone, credit_card
 check, ip_address, us_ssn, api_key). A rule finds what it matches in a text (also in its
 rot13, leetspeak-normalised and base64-decoded readings when `decode` is set) or redacts it.
 
-Not here: `Guard` and `Verdict`, which run rules in order (policy.py); reading rules from a
-policy file and checking their fields (policy_file.py).
+Not here: `Guard` and `Verdict`, which run rules in order (policy.py); the policy file
+format, whose rule records check their fields and become `Rule`s (policy_file.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from weightsmith.safety.encodings import b64decode_runs, decoded_views, rot13, unleet
 
-__all__ = ["PII_KINDS", "Rule"]
+__all__ = ["PII_KINDS", "Rule", "keyword_regex", "labelled_views"]
 
 #: PII detectors, in the order they run: card numbers before phones, so a phone pattern
 #: never eats part of a card number.
@@ -99,14 +99,15 @@ def _pii_find(kind: str, text: str) -> list[re.Match[str]]:
     return [m for m in pattern.finditer(text) if valid is None or valid(m.group(0))]
 
 
-def _keyword_regex(phrase: str) -> str:
+def keyword_regex(phrase: str) -> str:
+    """The regular expression for a keyword phrase: whole words, `*` matching the rest of a word."""
     words = []
     for word in phrase.split():
         words.append("".join(r"\w*" if c == "*" else re.escape(c) for c in word))
     return r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)"
 
 
-def _labelled_views(text: str) -> list[tuple[str, str]]:
+def labelled_views(text: str) -> list[tuple[str, str]]:
     """(label, view) for each of `decoded_views(text)`; the label is "" for the text itself."""
     r13, leet = rot13(text), unleet(text)
     out = []
@@ -129,7 +130,9 @@ def _labelled_views(text: str) -> list[tuple[str, str]]:
 
 @dataclass
 class Rule:
-    """One rail. Build through `Guard.load`; fields are checked there."""
+    """One rail. Build through `Guard.load`; fields are checked there (policy_file.py).
+
+    Keywords and patterns are compiled when the rule is made."""
 
     id: str
     type: str
@@ -146,9 +149,18 @@ class Rule:
     redact_with: str = _DEFAULT_REDACT
     block_categories: tuple[str, ...] = ()
     line: int = 0
-    _compiled: list[tuple[str, re.Pattern[str]]] = field(default_factory=list, repr=False, compare=False)
+    _compiled: list[tuple[str, re.Pattern[str]]] = field(init=False, repr=False, compare=False)
 
-    def find(self, text: str, views: Callable[[str], list[tuple[str, str]]] = _labelled_views) -> str | None:
+    def __post_init__(self) -> None:
+        if self.type == "keywords":
+            self._compiled = [(w, re.compile(keyword_regex(w), re.IGNORECASE)) for w in self.keywords]
+        elif self.type == "regex":
+            flags = 0 if self.case_sensitive else re.IGNORECASE
+            self._compiled = [(p, re.compile(p, flags)) for p in self.patterns]
+        else:
+            self._compiled = []
+
+    def find(self, text: str, views: Callable[[str], list[tuple[str, str]]] = labelled_views) -> str | None:
         """What this (keywords, regex or pii) rule matches in `text` or its decoded views, else None.
 
         `views` gives (label, view) pairs for a text; callers pass a cached one."""

@@ -14,7 +14,7 @@ Suffixes and templates are read from ``packs/transforms.yaml``::
 
 A user transforms file has the same format; its names add to (or replace) the shipped ones.
 
-Not here: probe packs and the `Probe` they load into (weightsmith.safety.probes), the
+Not here: the transforms file's record and its checks (weightsmith.safety.pack_files), probe packs and the `Probe` they load into (weightsmith.safety.probes), the
 encodings themselves (weightsmith.safety.encodings), running probes (weightsmith.safety.redteam).
 """
 
@@ -26,10 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightsmith.config import read_yaml
+from weightsmith.config import did_you_mean, read_yaml
+from weightsmith.config.records import load_record
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.safety.encodings import b64encode, leetspeak, rot13
-from weightsmith.safety.probes import _NAME, PACK_DIR, Probe, _hint, _lines
+from weightsmith.safety.pack_files import TransformsFile
+from weightsmith.safety.probes import PACK_DIR, Probe
 
 TRANSFORMS_FILE = PACK_DIR / "transforms.yaml"
 ENCODINGS = ("base64", "rot13", "leetspeak")
@@ -122,37 +124,11 @@ def _read_transforms(path: Path) -> dict[str, dict[str, str]]:
     data = read_yaml(path, what="transforms file", hint="check the --transforms-file path")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping with suffixes: and templates: at the top level")
-    lines = _lines(data)
-    out: dict[str, dict[str, str]] = {"suffixes": {}, "templates": {}}
-    for key in data:
-        if key not in out:
-            raise ConfigError(
-                f"{path}:{lines.get(key, 1)}: {key}: unknown key{_hint(key, tuple(out))}; "
-                "a transforms file has suffixes: {name: text} and templates: {name: text with {request}}"
-            )
-    for section in out:
-        entries = data.get(section)
-        if entries is None:
-            continue
-        if not isinstance(entries, dict):
-            raise ConfigError(
-                f"{path}:{lines.get(section, 1)}: {section}: expected a mapping of name: text, "
-                f"got {type(entries).__name__}"
-            )
-        entry_lines = _lines(entries)
-        for name, text in entries.items():
-            line = entry_lines.get(name, lines.get(section, 1))
-            where = f"{path}:{line}: {section}.{name}"
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise ConfigError(f"{where}: a name is letters, digits, '.', '_', '-'; rename it")
-            if not isinstance(text, str) or not text.strip():
-                raise ConfigError(f"{where}: expected non-empty text, got {text!r}")
-            if section == "templates" and "{request}" not in text:
-                raise ConfigError(
-                    f"{where}: template has no {{request}} slot; write {{request}} where the request goes"
-                )
-            out[section][name] = text.strip()
-    return out
+    loaded = load_record(TransformsFile, data, source=str(path))
+    return {
+        "suffixes": {name: text.strip() for name, text in loaded.suffixes.items()},
+        "templates": {name: text.strip() for name, text in loaded.templates.items()},
+    }
 
 
 def parse_transforms(specs: Sequence[str], transforms_file: str | None = None) -> list[Transform]:
@@ -194,7 +170,7 @@ def _parse_step(link: str, name: str, library: dict, known: list[str], *, chaine
     if not link:
         raise UsageError(f"transform {name!r}: empty link in the chain; write NAME+NAME")
     available = ", ".join(known)
-    raise UsageError(f"unknown transform {link!r}{_hint(link, known)} (available: {available})")
+    raise UsageError(f"unknown transform {link!r}{did_you_mean(link, known)} (available: {available})")
 
 
 def apply_transforms(probes: Sequence[Probe], transforms: Sequence[Transform]) -> list[Probe]:
