@@ -59,8 +59,8 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load an HF directory or a .gguf file.
 
-    decode_layout: on CPU, lay weights out for fast decoding (see models/linear.py);
-    training passes False to keep plain row-major parameters.
+    decode_layout: ignored, kept for callers that pass it: the model comes back in plain HF
+    layout, and the `Engine` that decodes it lays it out for the CPU (weightsmith.cpu_decode).
     on_tensor: called as on_tensor(model, name) after each tensor is in place, e.g. to
     quantize a layer as soon as it is complete, so the full-precision model never
     exists at once (QLoRA).
@@ -166,8 +166,6 @@ def build_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
     model.reset_rope()
-    if decode_layout and torch.device(device).type == "cpu":
-        model.use_decode_layout()
     return model.eval()
 
 

@@ -38,7 +38,6 @@ from torch import nn
 from weightsmith.checkpoint.save import write_hf_dir
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
-from weightsmith.models.linear import use_decode_layout
 from weightsmith.quant.weight_only import (
     GROUP_SIZES,
     Int4Linear,
@@ -195,12 +194,6 @@ def build_quantized_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: quantized checkpoint is missing tensors {shown}")
     model.reset_rope()
-    if decode_layout and torch.device(device).type == "cpu":
-        # Only the remaining full-precision Linears (an unquantized LM head). Not
-        # CausalLM.use_decode_layout: it would pack the quantized q/k/v and gate/up.
-        use_decode_layout(model, torch.get_num_threads())
-        if cfg.tie_word_embeddings:
-            model.model.embed_tokens.weight = model.lm_head.weight
     return model.eval()
 
 
