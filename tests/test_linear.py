@@ -89,6 +89,19 @@ def test_in_place_update_is_seen():
     torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-4)
 
 
+def test_a_moved_weight_is_split_anew(split_calls):
+    """`Module.to` gives the weight new data (same Parameter): the split matmul follows it."""
+    lin = make_linear(256, 512)
+    lay_out(lin, 2, Swaps())
+    x = torch.randn(1, 256)
+    lin.to(torch.float64)
+    with torch.no_grad():
+        lin.weight.mul_(1.5)
+    lin.to(torch.float32)
+    torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-4)
+    assert split_calls == [1] and lin.weight.stride(0) == 1
+
+
 def test_packed_projections_equal_separate_and_step_aside():
     q, k, v = make_linear(256, 256, seed=1), make_linear(256, 64, seed=2), make_linear(256, 64, seed=3)
     x = torch.randn(1, 1, 256)

@@ -52,11 +52,11 @@ MIN_SPLIT_NUMEL = 1 << 16
 class SplitMatmul:
     """y = x @ wt (+ bias) for decode-sized x, with wt (in, out) cut into k row chunks."""
 
-    def __init__(self, wt: torch.Tensor, k: int) -> None:
+    def __init__(self, wt: torch.Tensor, k: int, source: torch.Tensor | None = None) -> None:
         in_features, self.out = wt.shape
         self.k, self.chunk = k, in_features // k
         self.chunks = wt.detach().view(k, self.chunk, self.out)  # (k, in/k, out), a view
-        self.ptr = wt.data_ptr()  # where the weight it reads lives
+        self.source = source  # the parameter whose data `wt` is (another one assigned since: stale)
 
     @staticmethod
     def possible(wt: torch.Tensor, k: int) -> bool:
@@ -79,32 +79,28 @@ def _decode_sized(x: torch.Tensor, in_features: int) -> bool:
     return x.numel() <= MAX_SPLIT_ROWS * in_features and x.device.type == "cpu"
 
 
-def _reads(split: SplitMatmul, weight: torch.Tensor) -> bool:
-    """Whether `split` still reads `weight` (not a replaced or moved one) and may skip autograd."""
-    return split.ptr == weight.data_ptr() and not (weight.requires_grad and torch.is_grad_enabled())
+def _wants_grad(weight: torch.Tensor) -> bool:
+    # The split matmuls read detached views: a weight being trained takes F.linear.
+    return weight.requires_grad and torch.is_grad_enabled()
 
 
 class PackedGroup:
     """Bias-free projections of one input whose weights are side-by-side column-major slices
     of one (in, sum(out)) buffer (q/k/v, gate/up): one split matmul, then split the output."""
 
-    def __init__(self, buffer: torch.Tensor, sizes: list[int], k: int) -> None:
+    def __init__(self, buffer: torch.Tensor, weights: list[nn.Parameter], k: int) -> None:
         self.matmul = SplitMatmul(buffer, k)
-        self.sizes = sizes
-        step = buffer.element_size()
-        self.ptrs = [buffer.data_ptr() + step * sum(sizes[:i]) for i in range(len(sizes))]
+        self.weights = weights  # the members' parameters, whose data are slices of `buffer`
+        self.sizes = [w.shape[0] for w in weights]
 
     def serves(self, x: torch.Tensor, members: tuple[nn.Module, ...]) -> bool:
         """Whether x is decode-sized and `members` are still this group's layers and weights."""
         if not _decode_sized(x, self.matmul.k * self.matmul.chunk):
             return False
-        for m, ptr in zip(members, self.ptrs, strict=True):
-            if type(m) is not SplitLinear or m.group is not self:
+        for m, w in zip(members, self.weights, strict=True):
+            if type(m) is not SplitLinear or m.group is not self or m._parameters["weight"] is not w:
                 return False
-            w = m._parameters["weight"]
-            if w.data_ptr() != ptr or (w.requires_grad and torch.is_grad_enabled()):
-                return False
-        return True
+        return not _wants_grad(self.weights[0])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.matmul(x).split(self.sizes, dim=-1)
@@ -115,14 +111,31 @@ class SplitLinear(Linear):
     weight, split matmul for decode-sized inputs, `F.linear` for everything else."""
 
     split: SplitMatmul | None  # None with one split (one thread): F.linear on the column-major weight
+    splits: int  # the k its split matmul cuts the input into
     group: PackedGroup | None  # the packed q/k/v or gate/up this layer's weight is a slice of
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = self.split
-        if split is not None and _decode_sized(x, self.in_features):
-            if _reads(split, self._parameters["weight"]):
-                return split(x, self.bias)
+        split, w = self.split, self._parameters["weight"]
+        if (
+            split is not None
+            and split.source is w
+            and _decode_sized(x, self.in_features)
+            and not _wants_grad(w)
+        ):
+            return split(x, self._parameters["bias"])
         return F.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):  # `.to()` gives the weight new data: split it anew
+        before = self.weight.data_ptr()
+        super()._apply(fn, recurse)
+        if self.weight.data_ptr() != before:
+            self.group = None  # converted one by one, the group's weights share no buffer now
+            _set_split(self, self.splits)
+        return self
+
+
+def _group_of(module: nn.Module) -> PackedGroup | None:
+    return module.group if type(module) is SplitLinear else None
 
 
 class PackedAttention(Attention):
@@ -131,7 +144,7 @@ class PackedAttention(Attention):
 
     def qkv(self, x: torch.Tensor, a: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         members = (self.q_proj, self.k_proj, self.v_proj)
-        group = getattr(self.q_proj, "group", None)
+        group = _group_of(members[0])
         if group is None or not group.serves(x, members):
             return super().qkv(x, a)
         b, t, _ = x.shape
@@ -147,8 +160,9 @@ class PackedMLP(MLP):
     """`MLP` whose gate and up weights share one buffer: both from one packed matmul."""
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        group = getattr(self.gate_proj, "group", None)
-        if group is None or not group.serves(x, (self.gate_proj, self.up_proj)):
+        members = (self.gate_proj, self.up_proj)
+        group = _group_of(members[0])
+        if group is None or not group.serves(x, members):
             return super().gate_up(x)
         gate, up = group(x)
         return gate, up
@@ -178,7 +192,7 @@ class Swaps:
                 module = ref()
                 if module is not None and type(module) in (SplitLinear, PackedAttention, PackedMLP):
                     if isinstance(module, SplitLinear):
-                        del module.split, module.group
+                        del module.split, module.splits, module.group
                     module.__class__ = cls
             for ref in self.params:
                 p = ref()
@@ -193,14 +207,19 @@ def _cpu_weight(m: nn.Module) -> bool:
     return not w.is_meta and w.device.type == "cpu"
 
 
+def _set_split(linear: SplitLinear, k: int) -> None:
+    wt = linear.weight.detach().t()  # (in, out), contiguous rows when column-major
+    linear.split = SplitMatmul(wt, k, linear.weight) if SplitMatmul.possible(wt, k) else None
+    linear.splits = k
+
+
 def split_linear(swaps: Swaps, linear: Linear, k: int, group: PackedGroup | None = None) -> None:
     """Lay one `Linear` out column-major (unless it is already) and make it a `SplitLinear`."""
     w = linear.weight
     if w.stride(0) != 1:
         swaps.relayout(w, w.detach().t().contiguous().t())
-    wt = w.detach().t()  # (in, out), contiguous rows
     swaps.swap(linear, SplitLinear)
-    linear.split = SplitMatmul(wt, k) if SplitMatmul.possible(wt, k) else None
+    _set_split(linear, k)
     linear.group = group
 
 
@@ -212,7 +231,7 @@ def pack(swaps: Swaps, members: list[nn.Module], k: int) -> PackedGroup | None:
     if members[0].in_features % k:
         return None
     buffer = torch.cat([m.weight.detach().t() for m in members], dim=1).contiguous()  # (in, sum out)
-    group = PackedGroup(buffer, [m.out_features for m in members], k)
+    group = PackedGroup(buffer, [m.weight for m in members], k)
     offset = 0
     for m in members:
         swaps.relayout(m.weight, buffer[:, offset : offset + m.out_features].t())
