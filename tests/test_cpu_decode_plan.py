@@ -174,3 +174,17 @@ def test_generate_and_serve_take_the_c_step(tiny_hf_dir, native_lib, fused_calls
     while not s.idle:
         s.step()
     assert fused_calls == [1, 1, 1]
+
+
+def test_speculative_drafts_take_the_c_step(tiny_hf_dir, native_lib, fused_calls):
+    from weightsmith.speculative import speculative_generate
+
+    llm = weightsmith.load(tiny_hf_dir)
+    prompt = [5, 17, 42, 9]
+    plain = speculative_generate(llm.model, llm.model, prompt, max_tokens=8, k=3)
+    assert fused_calls == []  # the default draft step is the eager one
+    res = speculative_generate(
+        llm.model, llm.model, prompt, max_tokens=8, k=3, draft_step=llm.engine.decode_step()
+    )
+    assert fused_calls and set(fused_calls) == {1}  # the draft's one-token steps
+    assert res.tokens == plain.tokens

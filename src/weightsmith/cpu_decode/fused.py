@@ -31,8 +31,9 @@ from weightsmith.models.rope import rope_cos_sin
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear
 
-#: A decode step: (model, cache, one token per row, device) -> logits (B, V), advancing the cache.
-DecodeFn = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
+#: A decode step with the signature of weightsmith.generate.decode_one_token (generate.DecodeFn):
+#: (model, cache, one token per row, device) -> logits (B, V), advancing the cache.
+Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 
 #: Rows a fused step takes. Beyond a few rows the matmuls stop being bound by reading the
 #: weights, and BLAS (the PyTorch path) multiplies better.
@@ -231,7 +232,7 @@ class FusedStep:
     """The decode step that runs `fused` for up to `MAX_ROWS` rows on a cache it can write, and
     `fallback` (the PyTorch step) for more rows, another cache or another model."""
 
-    def __init__(self, fused: FusedDecode, fallback: DecodeFn) -> None:
+    def __init__(self, fused: FusedDecode, fallback: Step) -> None:
         self.fused, self.fallback = fused, fallback
 
     def __call__(

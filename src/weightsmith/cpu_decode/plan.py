@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-from weightsmith.cpu_decode.fused import DecodeFn, FusedDecode, FusedStep, supports
+from weightsmith.cpu_decode.fused import FusedDecode, FusedStep, Step, supports
 from weightsmith.cpu_decode.layout import Swaps, lay_out
 from weightsmith.models.model import CausalLM
 from weightsmith.quant import cpu_kernels
@@ -72,7 +72,7 @@ class CpuDecodePlan:
             return None
         return fused
 
-    def decode_step(self, fallback: DecodeFn) -> DecodeFn:
+    def decode_step(self, fallback: Step) -> Step:
         """The step to decode the model with now: the C step (which hands more rows than it
         takes to `fallback`), or `fallback` itself where the C step does not apply."""
         self.refresh()
