@@ -57,14 +57,17 @@ def bench_ours(
     the LM head too; `compile` decodes through torch.compile (the warm-up run pays the
     compile time); `kernels=False` turns the C decode kernels off (the PyTorch path)."""
     from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.engine import Engine
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
 
-    model = load_checkpoint(path, dtype=dtype).model
+    ckpt = load_checkpoint(path, dtype=dtype)
+    model = ckpt.model
     if bits is not None:
         from weightsmith.quant.weight_only import quantize_model
 
         quantize_model(model, bits, 32 if bits == 4 else None, head_bits=head_bits)
+    engine = Engine(model, ckpt.tokenizer, compile=compile)  # lays a CPU model out, owns its C step
 
     def gen(n: int) -> None:
         os.environ["WEIGHTSMITH_CPU_KERNELS"] = "1" if kernels else "0"
@@ -74,6 +77,7 @@ def bench_ours(
             [SamplingParams(max_tokens=n, temperature=0)],
             eos_token_ids=set(),
             compile=compile,
+            decode=engine.decode_step(),
         )
         for _ in g:
             pass

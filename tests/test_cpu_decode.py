@@ -1,4 +1,4 @@
-"""The fused C decode step (quant/cpu_decode.c, cpu_decode.py) against the PyTorch model for
+"""The fused C decode step (quant/cpu_decode.c, cpu_decode/fused.py) against the PyTorch model for
 every supported variant, where the step must not apply, and a machine with no working C compiler."""
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import transformers
 from conftest import CPU, OFF, TINY_SHAPE, assert_matches, build_tiny_hf_dir, kernels_on
 
 from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.cpu_decode import fused as cpu_fused
+from weightsmith.cpu_decode import layout, prepare_cpu_decode
+from weightsmith.cpu_decode.layout import PackedAttention, Swaps
 from weightsmith.generate import TokenGenerator, decode_one_token, prefill
 from weightsmith.kv_cache import KVCache
 from weightsmith.lora import apply_lora, lora_layers, merge_and_unload
 from weightsmith.lora_config import LoraConfig
 from weightsmith.models import linear as linear_mod
-from weightsmith.quant import cpu_decode, cpu_kernels
+from weightsmith.quant import cpu_kernels
 from weightsmith.quant import weight_only as wo
 from weightsmith.sampling import SamplingParams
 
@@ -83,21 +86,25 @@ def _load(path, **kw):
     return model
 
 
-def _columns(model, monkeypatch) -> None:
+def _columns(model, monkeypatch):
     """Every projection (and the LM head) column-major, q/k/v and gate/up packed."""
-    monkeypatch.setattr(linear_mod, "MIN_SPLIT_NUMEL", 0)
-    model.use_decode_layout(2)
+    monkeypatch.setattr(layout, "MIN_SPLIT_NUMEL", 0)
+    plan = prepare_cpu_decode(model, splits=2)
     assert model.lm_head.weight.stride(0) == 1
     assert all(
-        m.weight.stride(0) == 1 for m in cpu_decode._projection_modules(model) if type(m) is linear_mod.Linear
+        m.weight.stride(0) == 1
+        for m in cpu_fused._projection_modules(model)
+        if isinstance(m, linear_mod.Linear)
     )
+    return plan
 
 
-def _decode_layout(model, monkeypatch) -> None:
-    model.use_decode_layout(2)  # 2 splits even on a 1-core machine, so q/k/v get packed
+def _decode_layout(model, monkeypatch):
+    plan = prepare_cpu_decode(model, splits=2)  # 2 splits even on a 1-core machine, so q/k/v get packed
     attn = model.model.layers[0].self_attn
     if attn.q_proj.bias is None:
-        assert attn.__dict__.get("packed") is not None and attn.q_proj.weight.stride(0) == 1
+        assert type(attn) is PackedAttention and attn.q_proj.weight.stride(0) == 1
+    return plan
 
 
 VARIANTS = {
@@ -120,42 +127,42 @@ VARIANTS = {
 
 
 def _variant(name, model_dirs, monkeypatch):
-    # fp32-only models take the PyTorch path by default; here they take the step, so that its
-    # fp32 kernels are checked in every layout.
-    monkeypatch.setattr(cpu_decode, "FUSE_FP32_MODELS", True)
+    """(model, its CPU decode plan): fp32-only models take the C step too (`fuse_fp32`), so
+    that its fp32 kernels are checked in every layout."""
     source, how = VARIANTS[name]
-    if how is None:
-        return _load(model_dirs(source), decode_layout=False)
     model = _load(model_dirs(source), decode_layout=False)
+    if how is None:  # the weights as loaded (row-major): only the C step, no layout
+        return model, prepare_cpu_decode(model, layout=False, fuse_fp32=True)
     if callable(how):
-        how(model, monkeypatch)
-    else:
-        model.use_decode_layout(2)  # as loaded for CPU inference, then quantized
-        bits, group, lm_head = how
-        names = wo.quantize_model(model, bits, group, lm_head=lm_head)
-        assert ("lm_head" in names) == lm_head
-    return model
+        return model, how(model, monkeypatch)
+    plan = prepare_cpu_decode(model, splits=2)  # laid out for CPU inference, then quantized
+    bits, group, lm_head = how
+    names = wo.quantize_model(model, bits, group, lm_head=lm_head)
+    assert ("lm_head" in names) == lm_head
+    return model, plan
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Rows of every fused step taken."""
     calls: list[int] = []
-    original = cpu_decode.FusedDecode.step
+    original = cpu_fused.FusedDecode.step
 
     def step(self, cache, tokens):
         calls.append(len(tokens))
         return original(self, cache, tokens)
 
-    monkeypatch.setattr(cpu_decode.FusedDecode, "step", step)
+    monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
     return calls
 
 
-def _decode(model, prompts=PROMPTS, steps=STEPS, cache=None):
+def _decode(model, plan=None, prompts=PROMPTS, steps=STEPS, cache=None):
+    """Prefill, then `steps` decode steps through the step `plan` gives now (eager without one)."""
     if cache is None:
         cache = KVCache.for_model(model.config, len(prompts), MAX_LEN, dtype=torch.float32, device="cpu")
+    step = decode_one_token if plan is None else plan.decode_step(decode_one_token)
     prefill(model, cache, prompts, CPU)
-    logits = torch.stack([decode_one_token(model, cache, list(tokens), CPU) for tokens in steps])
+    logits = torch.stack([step(model, cache, list(tokens), CPU) for tokens in steps])
     return logits, cache
 
 
@@ -170,15 +177,15 @@ def _assert_same_decode(on, off, rows: int) -> None:
             torch.testing.assert_close(a[:, row, :, :n], b[:, row, :, :n], rtol=1e-4, atol=1e-5)
 
 
-def _on_and_off(model, monkeypatch, fused_calls, **kw):
+def _on_and_off(model, plan, monkeypatch, fused_calls, **kw):
     """Decode with the fused step, then the same tokens through the PyTorch model."""
     kernels_on(monkeypatch, True)
-    on = _decode(model, **kw)
+    on = _decode(model, plan, **kw)
     steps = len(kw.get("steps", STEPS))
     rows = len(kw.get("prompts", PROMPTS))
     assert fused_calls == [rows] * steps, "the fused step was not taken"
     kernels_on(monkeypatch, False)
-    off = _decode(model, **kw)
+    off = _decode(model, plan, **kw)
     assert len(fused_calls) == steps, "the fused step ran with the kernels off"
     _assert_same_decode(on, off, rows)
     return on, off
@@ -186,9 +193,9 @@ def _on_and_off(model, monkeypatch, fused_calls, **kw):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_decode_equals_the_pytorch_model(variant, model_dirs, native_lib, monkeypatch, fused_calls):
-    model = _variant(variant, model_dirs, monkeypatch)
+    model, plan = _variant(variant, model_dirs, monkeypatch)
     cfg = model.config
-    assert cpu_decode.plan(model, KVCache.for_model(cfg, 2, MAX_LEN, dtype=torch.float32, device="cpu"), 2)
+    assert plan.fused() is not None
     if "window" in variant:  # the window masks some of the cache during decoding
         assert "sliding_attention" in cfg.layer_types
         assert cfg.sliding_window < len(PROMPTS[1]) + len(STEPS)
@@ -196,7 +203,7 @@ def test_fused_decode_equals_the_pytorch_model(variant, model_dirs, native_lib, 
         attn = model.model.layers[0].self_attn
         assert attn.q_proj.bias is not None and attn.o_proj.bias is None
         assert cfg.layer_types == ["full_attention", "sliding_attention"]
-    _, off = _on_and_off(model, monkeypatch, fused_calls)
+    _, off = _on_and_off(model, plan, monkeypatch, fused_calls)
     assert off[0].abs().max() > 0.1  # logits that carry information
 
 
@@ -209,7 +216,7 @@ def test_the_window_masks_during_these_decode_steps(model_dirs, monkeypatch):
     """The sliding-window variants above check something: on the PyTorch path, a window that
     masks nothing gives other logits than the checkpoint's window of 4."""
     kernels_on(monkeypatch, False)
-    model = _variant("mistral-window-layout", model_dirs, monkeypatch)
+    model, _ = _variant("mistral-window-layout", model_dirs, monkeypatch)
     windowed, _ = _decode(model)
     model.config = dataclasses.replace(model.config, sliding_window=MAX_LEN)
     full, _ = _decode(model)
@@ -220,10 +227,10 @@ def test_the_window_masks_during_these_decode_steps(model_dirs, monkeypatch):
 def test_fused_decode_with_each_instruction_set(variant, isa_lib, model_dirs, monkeypatch, fused_calls):
     """The fused step's fp32, int4 and int8 matmuls in the AVX-512, AVX2 and scalar builds."""
     monkeypatch.setattr(cpu_kernels, "_state", {"lib": isa_lib})
-    model = _variant(variant, model_dirs, monkeypatch)
-    plan = cpu_decode.plan(model, _cache(model, 2), 2)
-    assert plan is not None and plan.lib is isa_lib
-    _on_and_off(model, monkeypatch, fused_calls)
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    fused = plan.fused()
+    assert fused is not None and fused.lib is isa_lib
+    _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
 def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
@@ -231,19 +238,20 @@ def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
 ):
     """A `KVCache.rows` view (storage at an offset) with a row the step must not touch, and a
     step for fewer rows than the cache holds."""
-    model = _variant("int4-g32", model_dirs, monkeypatch)
+    model, plan = _variant("int4-g32", model_dirs, monkeypatch)
 
     def run(on: bool):
         kernels_on(monkeypatch, on)
+        step = plan.decode_step(decode_one_token)
         big = KVCache.for_model(model.config, 4, MAX_LEN, dtype=torch.float32, device="cpu")
         prefill(model, big.rows(0, 1), [[8, 9, 10, 11]], CPU)
-        big.set_lengths(0, [4])
+        assert big.lengths == (4, 0, 0, 0)  # a view's lengths are the cache's
         untouched = big.k[:, 0].clone(), big.v[:, 0].clone()
         view = big.rows(1, 3)
         prefill(model, view, [*PROMPTS, [77, 78]], CPU)
-        logits = [decode_one_token(model, view, list(t), CPU) for t in STEPS[:3]]  # 2 of the view's 3 rows
-        assert view.lengths == [len(PROMPTS[0]) + 3, len(PROMPTS[1]) + 3, 2]
-        big.set_lengths(1, view.lengths)
+        logits = [step(model, view, list(t), CPU) for t in STEPS[:3]]  # 2 of the view's 3 rows
+        assert view.lengths == (len(PROMPTS[0]) + 3, len(PROMPTS[1]) + 3, 2)
+        assert big.lengths == (4, *view.lengths)
         assert torch.equal(big.k[:, 0], untouched[0]) and torch.equal(big.v[:, 0], untouched[1])
         return torch.stack(logits), big
 
@@ -259,12 +267,14 @@ def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
 def test_greedy_generation_is_the_same_with_the_fused_step(model_dirs, native_lib, monkeypatch, fused_calls):
     """End to end through TokenGenerator: a row that finishes early keeps re-feeding its last
     token at a fixed position while the other row goes on."""
-    model = _variant("int8", model_dirs, monkeypatch)
+    model, plan = _variant("int8", model_dirs, monkeypatch)
     params = [SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=7)]
 
     def tokens(on: bool):
         kernels_on(monkeypatch, on)
-        gen = TokenGenerator(model, PROMPTS, params, eos_token_ids=set())
+        gen = TokenGenerator(
+            model, PROMPTS, params, eos_token_ids=set(), decode=plan.decode_step(decode_one_token)
+        )
         for _ in gen:
             pass
         return gen.generated, gen.finished
@@ -283,9 +293,9 @@ def _cache(model, rows: int) -> KVCache:
 
 
 def test_no_plan_with_a_lora_adapter_until_merged(model_dirs, native_lib, monkeypatch, fused_calls):
-    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    base, _ = _decode(model)  # builds and uses a plan for the plain model
+    base, _ = _decode(model, plan)  # builds and uses the C step for the plain model
     assert len(fused_calls) == len(STEPS)
     apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
@@ -293,106 +303,115 @@ def test_no_plan_with_a_lora_adapter_until_merged(model_dirs, native_lib, monkey
         for layer in lora_layers(model).values():
             b = layer.lora_B["default"].weight
             b.copy_(torch.randn(b.shape, generator=g) * 0.5)  # an adapter that changes the output
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+    assert plan.fused() is None
     fused_calls.clear()
-    on, off = _on_and_off_no_plan(model, monkeypatch, fused_calls)
+    on, off = _on_and_off_no_plan(model, plan, monkeypatch, fused_calls)
     assert (on[0] - base).abs().max() > 1e-2  # the adapter was applied, not bypassed
     # Merged and unloaded: the original modules are back (same parameters, merged in place).
     merge_and_unload(model)
     kernels_on(monkeypatch, True)
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
-    merged_on, merged_off = _on_and_off(model, monkeypatch, fused_calls)
+    assert plan.fused() is not None
+    merged_on, merged_off = _on_and_off(model, plan, monkeypatch, fused_calls)
     torch.testing.assert_close(merged_on[0], on[0], rtol=1e-4, atol=1e-4)
 
 
-def _on_and_off_no_plan(model, monkeypatch, fused_calls, **kw):
+def _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, **kw):
     kernels_on(monkeypatch, True)
-    on = _decode(model, **kw)
+    on = _decode(model, plan, **kw)
     kernels_on(monkeypatch, False)
-    off = _decode(model, **kw)
+    off = _decode(model, plan, **kw)
     assert fused_calls == []
     _assert_same_decode(on, off, len(kw.get("prompts", PROMPTS)))
     return on, off
 
 
 def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch, fused_calls):
-    model = _variant("int4-g32", model_dirs, monkeypatch)
+    model, plan = _variant("int4-g32", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    n = cpu_decode.MAX_ROWS
-    assert cpu_decode.plan(model, _cache(model, n + 1), n) is not None
-    assert cpu_decode.plan(model, _cache(model, n + 1), n + 1) is None
+    n = cpu_fused.MAX_ROWS
+    step = plan.decode_step(decode_one_token)
+    cache = _cache(model, n + 1)
+    prefill(model, cache, [[5, 6]] * (n + 1), CPU)
+    step(model, cache, [3] * n, CPU)  # n of the cache's n + 1 rows: the C step
+    assert fused_calls == [n]
+    fused_calls.clear()
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(n + 1)]
-    _on_and_off_no_plan(model, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
+    _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
 
 
 def test_no_plan_when_disabled_or_the_cache_does_not_fit(model_dirs, native_lib, monkeypatch):
-    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
+    assert plan.fused() is not None and cpu_fused.cache_fits(_cache(model, 2))
     bf16 = KVCache.for_model(model.config, 2, MAX_LEN, dtype=torch.bfloat16, device="cpu")
-    assert cpu_decode.plan(model, bf16, 2) is None
+    assert not cpu_fused.cache_fits(bf16)
+    calls = []
+    step = plan.decode_step(lambda *args: calls.append(args))  # a cache it cannot write: the fallback
+    step(model, bf16, [1, 2], CPU)
+    assert len(calls) == 1
     for value in ("0", "false", "off", "NO"):
         monkeypatch.setenv(OFF, value)
         assert not cpu_kernels.enabled()
-        assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+        assert plan.fused() is None and plan.decode_step(decode_one_token) is decode_one_token
         assert cpu_kernels.library() is None
 
 
 def test_no_plan_for_a_non_silu_activation(tmp_path, native_lib, monkeypatch, fused_calls):
     model = _load(build_tiny_hf_dir(tmp_path / "gelu", hidden_act="gelu"), decode_layout=False)
+    plan = prepare_cpu_decode(model)
     kernels_on(monkeypatch, True)
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
-    _on_and_off_no_plan(model, monkeypatch, fused_calls)
+    assert plan.fused() is None
+    _on_and_off_no_plan(model, plan, monkeypatch, fused_calls)
 
 
 def test_plan_is_rebuilt_after_modules_are_replaced(model_dirs, native_lib, monkeypatch, fused_calls):
-    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    first = cpu_decode.plan(model, _cache(model, 2), 2)
+    first = plan.fused()
     assert first is not None and first.struct.layers[0].q.kind == 32  # fp32 rows
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is first  # built once
-    fp32, _ = _decode(model)
+    assert plan.fused() is first  # built once
+    fp32, _ = _decode(model, plan)
 
-    model.use_decode_layout(2)  # new (column-major) parameters
+    layout.lay_out(model, 2, Swaps())  # new (column-major) data in the same parameters
     assert not first.current()
-    second = cpu_decode.plan(model, _cache(model, 2), 2)
+    second = plan.fused()
     assert second is not first and second.struct.layers[0].q.kind == 33
 
     wo.quantize_model(model, 4, 32)  # new modules
     assert not second.current()
-    third = cpu_decode.plan(model, _cache(model, 2), 2)
+    third = plan.fused()
     assert third is not None and third is not second
     layer = third.struct.layers[1]
-    assert [getattr(layer, p).kind for p in cpu_decode.PROJECTIONS] == [4] * 7
+    assert [getattr(layer, p).kind for p in cpu_fused.PROJECTIONS] == [4] * 7
     assert third.struct.head.kind == 32  # the LM head stays full precision
     fused_calls.clear()
-    on, _ = _on_and_off(model, monkeypatch, fused_calls)
+    on, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
     assert (on[0] - fp32).abs().max() > 1e-4  # really the int4 weights now, not the stale fp32 ones
 
 
 def test_plan_notices_parameters_whose_data_was_swapped(model_dirs, native_lib, monkeypatch, fused_calls):
     """`Module.to` (another dtype or device and back) keeps each Parameter object and gives it
     new data; whatever was done to the weights meanwhile must show in the fused step."""
-    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    _decode(model)  # builds the plan
+    _decode(model, plan)  # builds the C step
     model.to(torch.float64)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # e.g. trained elsewhere
     model.to(torch.float32)
     fused_calls.clear()
-    _on_and_off(model, monkeypatch, fused_calls)
+    _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
 def test_plan_notices_a_replaced_norm_weight(model_dirs, native_lib, monkeypatch, fused_calls):
-    model = _variant("fp32-rows", model_dirs, monkeypatch)
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    _decode(model)  # builds the plan
+    _decode(model, plan)  # builds the C step
     norm = model.model.layers[0].post_attention_layernorm
     norm.weight = torch.nn.Parameter(norm.weight.detach() * 2)
     fused_calls.clear()
-    _on_and_off(model, monkeypatch, fused_calls)
+    _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
 # -- no compiler ----------------------------------------------------------------------------
@@ -416,6 +435,7 @@ def test_without_a_working_compiler_the_pytorch_path_runs(
     linear = torch.nn.Linear(64, 24)
     layer = wo.Int4Linear.from_linear(linear, 32)
     model = _load(tiny_hf_dir)
+    plan = prepare_cpu_decode(model)
     wo.quantize_model(model, 8)
     with caplog.at_level(logging.WARNING, logger="weightsmith.quant.cpu_kernels"):
         assert cpu_kernels.library() is None
@@ -423,10 +443,10 @@ def test_without_a_working_compiler_the_pytorch_path_runs(
         assert cpu_kernels.info() == {"available": False}
         x = torch.randn(2, 64)
         assert_matches(layer(x), x.double() @ layer.dequantize().double().T + layer.bias.double())
-        assert cpu_decode.plan(model, _cache(model, 2), 2) is None
-        logits, cache = _decode(model)
+        assert plan.fused() is None
+        logits, cache = _decode(model, plan)
     assert kernel_calls == [] and fused_calls == []
-    assert torch.isfinite(logits).all() and cache.lengths == [len(p) + len(STEPS) for p in PROMPTS]
+    assert torch.isfinite(logits).all() and cache.lengths == tuple(len(p) + len(STEPS) for p in PROMPTS)
     warnings = [r for r in caplog.records if r.name == cpu_kernels.__name__ and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "PyTorch path" in warnings[0].getMessage()
@@ -434,22 +454,24 @@ def test_without_a_working_compiler_the_pytorch_path_runs(
 
 
 def test_a_full_cache_is_an_error_not_a_write_past_the_end(model_dirs, native_lib, monkeypatch):
-    model = _variant("int4-g32", model_dirs, monkeypatch)
+    model, plan = _variant("int4-g32", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
     cache = KVCache.for_model(model.config, 1, 4, dtype=torch.float32, device="cpu")
     prefill(model, cache, [[5, 6, 7, 8]], CPU)  # the cache is now full
     before = cache.k.clone()
+    step = plan.decode_step(decode_one_token)
+    assert isinstance(step, cpu_fused.FusedStep)
     with pytest.raises(ValueError, match="KV cache is full"):
-        decode_one_token(model, cache, [9], CPU)
-    assert torch.equal(cache.k, before) and cache.lengths == [4]
+        step(model, cache, [9], CPU)
+    assert torch.equal(cache.k, before) and cache.lengths == (4,)
 
 
 def test_fp32_models_can_be_left_to_the_pytorch_path(model_dirs, native_lib, monkeypatch):
     kernels_on(monkeypatch, True)
     model = _load(model_dirs("llama"))
-    assert cpu_decode.FUSE_FP32_MODELS and cpu_decode.plan(model, _cache(model, 2), 2) is not None
-    monkeypatch.setattr(cpu_decode, "FUSE_FP32_MODELS", False)
+    assert prepare_cpu_decode(model).fused() is not None  # fuse_fp32 is the default
     model = _load(model_dirs("llama"))
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is None
+    plan = prepare_cpu_decode(model, fuse_fp32=False)
+    assert plan.fused() is None
     wo.quantize_model(model, 4, 32)  # quantized projections, fp32 (column-major) head
-    assert cpu_decode.plan(model, _cache(model, 2), 2) is not None
+    assert plan.fused() is not None

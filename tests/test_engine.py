@@ -2,7 +2,7 @@
 
 What is checked, always against the engine's own earlier runs or the tokenizer, never against
 remembered outputs:
-- `_StopMatcher`, fed any chunking of a text, returns exactly the text before the first stop string
+- `StopMatcher`, fed any chunking of a text, returns exactly the text before the first stop string
   to complete, holds back only what could still start a stop string, and flushes the rest;
 - `Engine.stream`: deltas concatenate to the completion's text (and to the tokenizer's decode of its
   token ids), the last delta carries the finish reason and the completion, usage counts add up, and
@@ -26,8 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightsmith.checkpoint.load import load_checkpoint
-from weightsmith.engine import Completion, Delta, Engine, _StopMatcher
+from weightsmith.engine import Completion, Delta, Engine
 from weightsmith.errors import GenerationError
+from weightsmith.row_state import StopMatcher
 from weightsmith.sampling import SamplingParams
 from weightsmith.tokenizer import Tokenizer
 
@@ -79,7 +80,7 @@ def first_stop_cut(text: str, stops: list[str]) -> int | None:
 
 def feed_in_chunks(stops: list[str], chunks: list[str]) -> tuple[str, bool]:
     """What the engine does with a matcher: feed until a stop hits, else flush at the end."""
-    matcher = _StopMatcher(stops)
+    matcher = StopMatcher(stops)
     out = ""
     seen = ""
     for chunk in chunks:

@@ -15,6 +15,8 @@ from conftest import build_tiny_hf_dir
 from torch import nn
 
 from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.cpu_decode import prepare_cpu_decode
+from weightsmith.cpu_decode.layout import PackedAttention
 from weightsmith.errors import WeightsmithError
 from weightsmith.quant.nf4 import (
     NF4_CODEBOOK,
@@ -237,13 +239,14 @@ def param_and_buffer_bytes(model: nn.Module) -> int:
 
 def test_quantize_linears_in_a_loaded_model(tiny_hf_dir):
     model = load_checkpoint(tiny_hf_dir, device=torch.device("cpu"), dtype=torch.float32).model
+    prepare_cpu_decode(model, splits=2)  # the CPU decode layout, as an Engine lays it out
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids)  # (B, T, V)
     linears = {n: m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     before = param_and_buffer_bytes(model)
     q_proj = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
-    assert "packed" in model.model.layers[0].self_attn.__dict__  # the CPU decode layout
+    assert type(model.model.layers[0].self_attn) is PackedAttention  # q/k/v in one buffer
 
     names = quantize_linears_nf4(model)
     assert sorted(names) == sorted(n for n in linears if n != "lm_head") and len(names) == 14

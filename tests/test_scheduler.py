@@ -28,6 +28,7 @@ def llm(tiny_hf_dir: Path):
 
 def make_scheduler(llm, **kw) -> Scheduler:
     kw.setdefault("max_len", 256)
+    kw.setdefault("decode", llm.engine.decode_step())  # as the server does: the CPU's C step
     return Scheduler(llm.model, llm.tokenizer, llm.engine.eos_token_ids, **kw)
 
 
@@ -107,7 +108,7 @@ def test_n_choices_share_one_prefill_and_match_separate_runs(llm) -> None:
     s.submit(r)
     s.step()
     assert len(s.running) == 3
-    assert s.cache.lengths[:3] == [len(p) + 1] * 3  # prompt copied to every row, then one decode step
+    assert s.cache.lengths[:3] == (len(p) + 1,) * 3  # prompt copied to every row, then one decode step
     run_until_idle(s)
     for i in range(3):
         assert got.tokens[i] == alone(llm, p, replace(SAMPLED, seed=SAMPLED.seed + i))

@@ -8,8 +8,9 @@ compiler builds its kernels once per (batch, cache size). Masked entries add not
 the logits equal the eager step's up to float rounding.
 
 When the compiler cannot run here (no C++ compiler for inductor on CPU, an unsupported
-backend, a failing graph), the first step logs one warning and decoding continues
-eagerly: `--compile` never turns a working command into a failing one.
+backend, a failing graph), the first step logs one warning and decoding continues with
+the step it was given to fall back on (the eager step, or the CPU's fused C step):
+`--compile` never turns a working command into a failing one.
 
 Not here: the generation loop (generate.py) and sampling.
 """
@@ -35,7 +36,7 @@ def _static_step(model: Any, cache: KVCache, ids: torch.Tensor, positions: torch
 class CompiledDecode:
     """One token per row, through torch.compile; falls back to `eager` on failure."""
 
-    def __init__(self, eager: Callable[..., torch.Tensor], *, mode: str | None = None) -> None:
+    def __init__(self, eager: Callable[..., torch.Tensor] | None, *, mode: str | None = None) -> None:
         self.eager = eager
         self.mode = mode
         self.failed: str | None = None
@@ -47,30 +48,57 @@ class CompiledDecode:
         return self._fn
 
     @torch.inference_mode()
-    def __call__(self, model: Any, cache: KVCache, tokens: list[int], device: torch.device) -> torch.Tensor:
+    def __call__(
+        self,
+        model: Any,
+        cache: KVCache,
+        tokens: list[int],
+        device: torch.device,
+        fallback: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One token per row (rows 0..B-1), like the eager step; `fallback` (default `eager`)
+        decodes when the compiler cannot."""
+        fallback = fallback or self.eager
+        assert fallback is not None, "a shared CompiledDecode is called with its caller's fallback"
         if self.failed is not None:
-            return self.eager(model, cache, tokens, device)
+            return fallback(model, cache, tokens, device)
         b = len(tokens)
         lengths = cache.lengths[:b]
-        ids = torch.tensor(tokens, device=device)[:, None]
-        positions = torch.tensor(lengths, device=device)[:, None]
+        ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+        positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
         view = cache if b == cache.batch_size else cache.rows(0, b)
         try:
             logits = self._compiled()(model, view, ids, positions)
         except Exception as e:  # any compiler failure means "run eagerly"
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning("--compile: torch.compile failed here (%s); decoding eagerly", self.failed)
-            return self.eager(model, cache, tokens, device)
-        cache.lengths = [n + 1 for n in lengths] + cache.lengths[b:]
+            return fallback(model, cache, tokens, device)
+        cache.advance(b)
         return logits
 
 
+class CompiledStep:
+    """A device's shared `CompiledDecode`, with this caller's step to fall back on."""
+
+    def __init__(self, shared: CompiledDecode, fallback: Callable[..., torch.Tensor]) -> None:
+        self.shared, self.fallback = shared, fallback
+
+    @property
+    def failed(self) -> str | None:
+        return self.shared.failed
+
+    def __call__(self, model: Any, cache: KVCache, tokens: list[int], device: torch.device) -> torch.Tensor:
+        return self.shared(model, cache, tokens, device, self.fallback)
+
+
+#: One compiled decoder per device type, so compiled graphs (and a failure) are shared.
 _DECODERS: dict[str, CompiledDecode] = {}
 
 
-def compiled_decoder(eager: Callable[..., torch.Tensor], device: torch.device) -> CompiledDecode:
-    """The process's compiled decoder for a device type (compiled graphs are reused)."""
+def compiled_decoder(eager: Callable[..., torch.Tensor], device: torch.device) -> CompiledStep:
+    """The compiled decode step for `device` (graphs shared in the process), falling back
+    on `eager` where the compiler cannot run."""
     key = device.type
     if key not in _DECODERS:
-        _DECODERS[key] = CompiledDecode(eager)
-    return _DECODERS[key]
+        _DECODERS[key] = CompiledDecode(None)
+    return CompiledStep(_DECODERS[key], eager)

@@ -1,9 +1,15 @@
 """The text-level engine: prompts or chat messages in, streamed text deltas out.
 
 Wraps the token loop (generate.py) with tokenization, the checkpoint's chat
-template, a streaming detokenizer that never splits a UTF-8 character, and stop
-strings (text up to the stop string is returned; the stop string is not, as in
-OpenAI's API). chat, generate, eval, red-team and serve all go through `Engine`.
+template and each row's text (row_state.TextStream: a streaming detokenizer that never
+splits a UTF-8 character, and stop strings: text up to the stop string is returned, the
+stop string is not, as in OpenAI's API). chat, generate, eval, red-team and serve all go
+through `Engine`.
+
+The engine owns how its model decodes: for a CPU model it prepares the CPU decode plan
+(weightsmith.cpu_decode: the decode layout and the fused C step) and `decode_step()` is
+the one place the step is chosen (eager, compiled or C), refreshing the plan first so an
+adapter applied or merged since is seen.
 
 Not here: request scheduling across clients (the server adds that on top).
 """
@@ -14,11 +20,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
-from weightsmith.generate import TokenGenerator
+from weightsmith.generate import DecodeFn, TokenGenerator, decode_one_token
 from weightsmith.models import CausalLM
+from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
 from weightsmith.tokenizer import Tokenizer
+
+__all__ = ["Completion", "Delta", "Engine", "TextStream"]
 
 Prompt = str | list[int]
 
@@ -67,71 +77,12 @@ class Completion:
         }
 
 
-class _StopMatcher:
-    """Holds back text that could be the start of a stop string; finds complete ones."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = list(stops)
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            # Cut at the stop that completes first (then the earliest start): that is
-            # where token-by-token generation would have stopped, however text was chunked.
-            cut = min(hits, key=lambda h: (h[0] + len(h[1]), h[0]))[0]
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class TextStream:
-    """One sequence's tokens in, its text out: streaming detokenization (never splitting a
-    UTF-8 character) and stop strings (text is held back while it could be the start of
-    one; a complete one ends the sequence, and neither it nor what follows is returned)."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
-        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
-        self.matcher = _StopMatcher(stops)
-        self.text = ""
-
-    def push(self, token: int | None, finish_reason: str | None = None) -> tuple[str, str | None]:
-        """Add a generated token (its row's finish reason, if it is the last); return the new
-        text and the finish reason, which becomes "stop" when a stop string was completed."""
-        # An end-of-sequence or stop token ends the text without adding its own.
-        piece = "" if finish_reason == "stop" or token is None else self.decoder.push(token)
-        if finish_reason is not None:
-            piece += self.decoder.flush()
-        out, hit = self.matcher.feed(piece)
-        if hit:
-            finish_reason = "stop"
-        elif finish_reason is not None:
-            out += self.matcher.flush()
-        self.text += out
-        return out, finish_reason
-
-
 class Engine:
     """Generates text from a model and its tokenizer."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, compile: bool = False) -> None:
+    def __init__(
+        self, model: CausalLM, tokenizer: Tokenizer, *, compile: bool = False, cpu_decode: bool = True
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         #: decode through torch.compile with static shapes (weightsmith.compiled)
@@ -140,6 +91,24 @@ class Engine:
         cfg_eos = model.config.eos_token_id
         eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
         self.eos_token_ids = frozenset(eos)
+        #: The CPU decode layout and fused C step (None off the CPU or with `cpu_decode=False`);
+        #: `cpu_plan.undo()` gives the model back as it was.
+        self.cpu_plan: CpuDecodePlan | None = None
+        if cpu_decode and isinstance(model, CausalLM) and model.inv_freq.device.type == "cpu":
+            self.cpu_plan = prepare_cpu_decode(model)
+
+    def decode_step(self) -> DecodeFn:
+        """The decode step for the next generation, chosen here once: the CPU plan's fused C step
+        where it applies (its rows permitting), else the eager PyTorch step; through
+        torch.compile with `compile`."""
+        step: DecodeFn = decode_one_token
+        if self.cpu_plan is not None:
+            step = self.cpu_plan.decode_step(step)
+        if self.compile:
+            from weightsmith.compiled import compiled_decoder
+
+            step = compiled_decoder(step, self.model.inv_freq.device)
+        return step
 
     @property
     def context_length(self) -> int:
@@ -193,8 +162,11 @@ class Engine:
             replace(sp, max_tokens=min(sp.max_tokens, self.context_length - len(p)))
             for p, sp in zip(ids, params, strict=False)
         ]
-        gen = TokenGenerator(self.model, ids, params, eos_token_ids=self.eos_token_ids, compile=self.compile)
-        streams = [TextStream(self.tokenizer, sp.stop) for sp in params]
+        texts = [TextStream(self.tokenizer, sp.stop) for sp in params]
+        gen = TokenGenerator(
+            self.model, ids, params, eos_token_ids=self.eos_token_ids, compile=self.compile,
+            decode=self.decode_step(), texts=texts,
+        )  # fmt: skip
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)
         for events in gen:
@@ -202,16 +174,13 @@ class Engine:
             for ev in events:
                 row = ev.row
                 first_at[row] = first_at[row] or now
-                out, reason = streams[row].push(ev.token, ev.finish_reason)
-                if reason is not None and ev.finish_reason is None:
-                    gen.cancel(row)  # a stop string
-                if reason is None:
-                    if out:
-                        yield Delta(out, row)
+                if ev.finish_reason is None:
+                    if ev.text:
+                        yield Delta(ev.text, row)
                     continue
-                n_gen = len(gen.generated[row])
+                state = gen.rows[row]
                 completion = Completion(
-                    streams[row].text, reason, len(ids[row]), n_gen, list(gen.generated[row]),
+                    texts[row].text, ev.finish_reason, len(ids[row]), len(state.generated), list(state.generated),
                     prefill_seconds=(first_at[row] or now) - start, decode_seconds=now - (first_at[row] or now),
                 )  # fmt: skip
-                yield Delta(out, row, reason, completion)
+                yield Delta(ev.text, row, ev.finish_reason, completion)

@@ -1,27 +1,35 @@
 """The token-level generation loop: prefill, then decode one token at a time.
 
 `prefill` runs all prompt tokens of a batch through the model at once, writing the
-KV cache; `decode_one_token` feeds each row's last token at its own position. Rows
-may have prompts of different lengths: they are right-padded for prefill and each
-row then writes at its own cache index, so a row's results are the same as when
-it runs alone. `TokenGenerator` drives the loop and reports per-row tokens and
-finish reasons.
+KV cache after each row's first `start` tokens; `decode_one_token` feeds each row's
+last token at its own position. Rows may have prompts of different lengths: they are
+right-padded for prefill and each row then writes at its own cache index, so a row's
+results are the same as when it runs alone. `TokenGenerator` drives the loop and
+reports per-row tokens and finish reasons (each row a `RowState`, row_state.py).
 
-Not here: text (detokenizing, stop strings, chat templates) which is engine.py.
+The decode step is the caller's choice, made once and passed in: `decode_one_token`
+(PyTorch, eager), a compiled one (compiled.py) or the fused C step an `Engine` gets from
+its CPU decode plan (weightsmith.cpu_decode); every step has `decode_one_token`'s
+signature (`DecodeFn`).
+
+Not here: prompts and chat templates (engine.py), the text of a row and its stop
+strings (row_state.py), choosing the step (engine.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from weightsmith.kv_cache import KVCache
 from weightsmith.models import CausalLM
-from weightsmith.quant import cpu_decode
-from weightsmith.sampling import Sampler, SamplingParams
+from weightsmith.row_state import RowState, TextStream
+from weightsmith.sampling import SamplingParams
+
+#: A decode step: (model, cache, one token per row, device) -> logits (B, V); advances the cache.
+DecodeFn = Callable[[CausalLM, KVCache, list[int], torch.device], torch.Tensor]
 
 
 @dataclass
@@ -31,52 +39,61 @@ class TokenEvent:
     row: int
     token: int | None  # None when a row ends without emitting (e.g. cancelled)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    text: str = ""  # the row's new text, when it has a TextStream
 
 
 @torch.inference_mode()
-def prefill(model: CausalLM, cache: KVCache, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Write every prompt into its cache row; return each row's next-token logits (B, V)."""
+def prefill(
+    model: CausalLM,
+    cache: KVCache,
+    prompts: list[list[int]],
+    device: torch.device,
+    *,
+    start: int = 0,
+    every_position: bool = False,
+) -> torch.Tensor:
+    """Write prompt i into cache row i after the row's first `start` tokens (already cached: a
+    chunked prompt, draft tokens to verify) and set the row's length; return each row's
+    next-token logits (B, V), or with `every_position` the logits after every token (B, T, V)."""
     lengths = [len(p) for p in prompts]
     t = max(lengths)
     pad = 0
     ids = torch.tensor([p + [pad] * (t - len(p)) for p in prompts], device=device)  # (B, T)
-    positions = torch.arange(t, device=device).expand(len(prompts), t)
-    last = torch.tensor([n - 1 for n in lengths], device=device)
+    positions = torch.arange(start, start + t, device=device).expand(len(prompts), t)  # (B, T)
+    last = None if every_position else torch.tensor([n - 1 for n in lengths], device=device)  # (B,)
     aligned = len(set(lengths)) == 1
-    logits = model(ids, positions=positions, cache=cache, kv_len=t, aligned=aligned, logits_at=last)
-    cache.lengths = lengths + cache.lengths[len(prompts) :]
-    return logits[:, 0]
+    logits = model(ids, positions=positions, cache=cache, kv_len=start + t, aligned=aligned, logits_at=last)
+    cache.set_lengths(0, [start + n for n in lengths])
+    return logits if every_position else logits[:, 0]
 
 
 @torch.inference_mode()
 def decode_one_token(
     model: CausalLM, cache: KVCache, tokens: list[int], device: torch.device
 ) -> torch.Tensor:
-    """Feed one token per row at the row's next position; return logits (B, V).
-
-    On the CPU, models the fused C step supports (weightsmith.quant.cpu_decode) take it."""
+    """Feed one token per row (rows 0..B-1) at the row's next position; return logits (B, V)."""
     b = len(tokens)
-    if device.type == "cpu":
-        fused = cpu_decode.plan(model, cache, b)
-        if fused is not None:
-            return fused.step(cache, tokens)
     lengths = cache.lengths[:b]
     ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
     positions = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
     kv_len = max(lengths) + 1
     aligned = len(set(lengths)) == 1
     logits = model(ids, positions=positions, cache=cache, kv_len=kv_len, aligned=aligned)
-    cache.lengths = [n + 1 for n in lengths] + cache.lengths[b:]
+    cache.advance(b)
     return logits[:, 0]
 
 
 class TokenGenerator:
     """Generates tokens for a batch of prompts until every row finishes.
 
-    Rows finish on an end-of-sequence or stop token id ("stop"), after `max_tokens`
-    or when the cache is full ("length"), or when `cancel(row)` is called (e.g. a
-    stop string was seen in the text). A finished row keeps its slot but stops
-    advancing, so the other rows are unaffected.
+    Rows finish by the rule in row_state.py ("stop": an end-of-sequence or stop token id, or
+    a stop string when `texts` are given; "length": `max_tokens` or a full cache), or when
+    `cancel(row)` is called. A finished row keeps its slot but stops advancing, so the other
+    rows are unaffected.
+
+    decode: the decode step (default `decode_one_token`, or a compiled one with `compile`).
+    texts: one TextStream per row, to get each row's text in the events and end rows on
+        stop strings.
     """
 
     def __init__(
@@ -88,13 +105,14 @@ class TokenGenerator:
         eos_token_ids: frozenset[int] | set[int],
         max_len: int | None = None,
         compile: bool = False,
+        decode: DecodeFn | None = None,
+        texts: Sequence[TextStream] | None = None,
     ) -> None:
         assert len(prompts) == len(params) and prompts and all(prompts)
+        assert texts is None or len(texts) == len(prompts)
         self.model = model
         self.device = model.inv_freq.device
         self.prompts = prompts
-        self.params = params
-        self.eos = frozenset(eos_token_ids)
         limit = model.config.max_position_embeddings
         need = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params, strict=True))
         self.max_len = min(max_len or need, need, limit)
@@ -105,23 +123,32 @@ class TokenGenerator:
             model.config, len(prompts), self.max_len, dtype=dtype, device=self.device
         )
         vocab = model.config.vocab_size
-        self.samplers = [Sampler(sp, p, vocab, self.device) for p, sp in zip(prompts, params, strict=True)]
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.finished: list[str | None] = [None] * len(prompts)
-        self._last: list[int] = [p[-1] for p in prompts]
-        self.decode: Any = decode_one_token
-        if compile:
+        self.rows = [
+            RowState(
+                p, sp, eos=eos_token_ids, vocab=vocab, device=self.device, text=texts[i] if texts else None
+            )
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        if decode is None and compile:
             from weightsmith.compiled import compiled_decoder
 
-            self.decode = compiled_decoder(decode_one_token, self.device)
+            decode = compiled_decoder(decode_one_token, self.device)
+        self.decode: DecodeFn = decode or decode_one_token
+
+    @property
+    def generated(self) -> list[list[int]]:
+        return [r.generated for r in self.rows]
+
+    @property
+    def finished(self) -> list[str | None]:
+        return [r.finish_reason for r in self.rows]
 
     def cancel(self, row: int, reason: str = "stop") -> None:
-        if self.finished[row] is None:
-            self.finished[row] = reason
+        self.rows[row].cancel(reason)
 
     @property
     def done(self) -> bool:
-        return all(f is not None for f in self.finished)
+        return all(r.done for r in self.rows)
 
     def __iter__(self) -> Iterator[list[TokenEvent]]:
         logits = prefill(self.model, self.cache, self.prompts, self.device)
@@ -131,27 +158,19 @@ class TokenGenerator:
                 yield events
             if self.done:
                 return
-            logits = self.decode(self.model, self.cache, self._last, self.device)
+            held = self.cache.lengths
+            logits = self.decode(self.model, self.cache, [r.last for r in self.rows], self.device)
             # Rows that finished keep re-feeding their last token at a fixed position,
             # so their slot stays in the batch without growing.
-            for row, reason in enumerate(self.finished):
-                if reason is not None:
-                    self.cache.lengths[row] -= 1
+            for row, state in enumerate(self.rows):
+                if state.done:
+                    self.cache.set_length(row, held[row])
 
     def _sample(self, logits: torch.Tensor) -> list[TokenEvent]:
         events = []
-        for row, sampler in enumerate(self.samplers):
-            if self.finished[row] is not None:
+        for row, state in enumerate(self.rows):
+            if state.done:
                 continue
-            token = sampler(logits[row])
-            sp = self.params[row]
-            self.generated[row].append(token)
-            self._last[row] = token
-            reason = None
-            if (token in self.eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-                reason = "stop"
-            elif len(self.generated[row]) >= sp.max_tokens or self.cache.lengths[row] + 1 >= self.max_len:
-                reason = "length"
-            self.finished[row] = reason
-            events.append(TokenEvent(row, token, reason))
+            token, text = state.add(logits[row], self.cache.room(row))
+            events.append(TokenEvent(row, token, state.finish_reason, text))
         return events

@@ -1,10 +1,15 @@
-"""A preallocated key/value cache with one slot per sequence.
+"""A preallocated key/value cache with one slot per sequence, and the lengths of its rows.
 
 Each batch row ("slot") has its own length, so rows of different prompt lengths
 share one batch without left padding, and a finished row's slot can be reset and
 reused by a new sequence (the server's continuous batching relies on this). The
 cache index of a token equals its position, so the attention mask is a plain
 comparison of positions.
+
+The cache owns its lengths: code that fills it says so through `set_lengths` (a
+prefill), `advance` (a decode step), `set_length` (a rollback) or `reset`; `lengths`
+is read-only. A `rows` view shares both the storage and the lengths of the rows it
+covers.
 
 The cache is an object passed into the model, never state hidden in modules. It
 does not decide what to evict: a sequence longer than `max_len` is an error the
@@ -35,8 +40,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
-        #: Tokens held per row, on the host: decides masks and slicing without a device sync.
-        self.lengths = [0] * batch_size
+        # Tokens held per row, on the host: decides masks and slicing without a device sync.
+        # A `rows` view shares this list and starts at `_first`.
+        self._lengths = [0] * batch_size
+        self._first = 0
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, max_len: int, *, dtype, device) -> KVCache:
@@ -50,37 +57,78 @@ class KVCache:
             device=device,
         )
 
+    # ---- lengths ------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Tokens held by each row (read-only: change them through the methods below)."""
+        return tuple(self._lengths[self._first : self._first + self.batch_size])
+
+    def length(self, row: int) -> int:
+        return self._lengths[self._first + row]
+
+    def room(self, row: int) -> int:
+        """How many more tokens row `row` can take."""
+        return self.max_len - self._lengths[self._first + row]
+
+    def set_length(self, row: int, n: int) -> None:
+        """Row `row` holds its first `n` tokens (rolling back drafts, or holding a finished row
+        at a fixed position). Entries past `n` are never attended and get overwritten."""
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"a KV cache row holds 0..{self.max_len} tokens, not {n}")
+        self._lengths[self._first + row] = n
+
+    def set_lengths(self, start: int, lengths: list[int] | tuple[int, ...]) -> None:
+        """Rows start, start+1, ... hold `lengths` tokens (after a prefill wrote them)."""
+        for i, n in enumerate(lengths):
+            self.set_length(start + i, n)
+
+    def advance(self, rows: int, by: int = 1) -> None:
+        """Rows 0..rows-1 each took `by` more tokens (a decode step writes one per row)."""
+        first = self._first
+        for i in range(first, first + rows):
+            if self._lengths[i] + by > self.max_len:
+                raise ValueError(f"the KV cache is full ({self.max_len} tokens); a row cannot take more")
+            self._lengths[i] += by
+
     def reset(self, row: int | None = None) -> None:
         """Forget one row (to reuse its slot) or all rows. Old values are masked, not zeroed."""
-        if row is None:
-            self.lengths = [0] * self.batch_size
-        else:
-            self.lengths[row] = 0
+        for i in range(self.batch_size) if row is None else (row,):
+            self._lengths[self._first + i] = 0
+
+    # ---- views and copies ---------------------------------------------------------------
 
     def rows(self, start: int, count: int) -> KVCache:
-        """A cache over rows start..start+count-1 that shares this one's storage, so a
-        prefill can fill new rows while the rows before them keep their state. Copy the
-        view's `lengths` back with `set_lengths` after using it."""
+        """A cache over rows start..start+count-1 that shares this one's storage and lengths,
+        so a prefill can fill new rows while the rows before them keep their state."""
         view = KVCache.__new__(KVCache)
         view.k = self.k[:, start : start + count]
         view.v = self.v[:, start : start + count]
         view.max_len, view.batch_size = self.max_len, count
-        view.lengths = self.lengths[start : start + count]
+        view._lengths, view._first = self._lengths, self._first + start
         return view
 
-    def set_lengths(self, start: int, lengths: list[int]) -> None:
-        self.lengths[start : start + len(lengths)] = lengths
+    def select(self, rows: list[int]) -> KVCache:
+        """A new cache holding copies of `rows` (repeats allowed), in that order, with their lengths."""
+        index = torch.tensor(rows, device=self.k.device)
+        copy = KVCache.__new__(KVCache)
+        copy.k, copy.v = self.k[:, index], self.v[:, index]  # (L, R, H, S, D) copies
+        copy.max_len, copy.batch_size = self.max_len, len(rows)
+        copy._lengths, copy._first = [self.length(r) for r in rows], 0
+        return copy
 
     def copy_row(self, src: int, dst: int, source: KVCache | None = None) -> None:
         """Make row `dst` hold row `src`'s tokens (a forked sequence, compacting the batch
         after a row finished, or a prompt prefilled in another cache of the same shape:
         `source`). Only the filled part is copied."""
         source = source or self
-        n = source.lengths[src]
+        n = source.length(src)
         if (source is not self or src != dst) and n:
             self.k[:, dst, :, :n] = source.k[:, src, :, :n]
             self.v[:, dst, :, :n] = source.v[:, src, :, :n]
-        self.lengths[dst] = n
+        self.set_length(dst, n)
+
+    # ---- the model's writes -------------------------------------------------------------
 
     def write(
         self,
@@ -93,7 +141,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at `positions` (B, T); return the first
         `kv_len` cached entries of every row, (B, H, kv_len, D). `start`, when every
-        row's positions are start..start+T-1, allows a plain slice copy."""
+        row's positions are start..start+T-1, allows a plain slice copy. Lengths are
+        the caller's to update (the model does not know which rows count)."""
         b, h, t, d = k.shape
         if start is not None:
             self.k[layer, :b, :, start : start + t] = k

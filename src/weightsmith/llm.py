@@ -2,7 +2,8 @@
 
 `load` accepts a catalog name (pulled on first use), a store name, an HF
 checkpoint directory or a .gguf file, and returns an `LLM` holding the model, its
-tokenizer and a text engine. Not here: the CLI (weightsmith.cli), file formats
+tokenizer and a text engine (which, on the CPU, owns the model's decode layout and
+fused C step: `llm.engine.cpu_plan`). Not here: the CLI (weightsmith.cli), file formats
 (weightsmith.checkpoint).
 """
 
@@ -106,15 +107,11 @@ def load(
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    ckpt = load_checkpoint(
-        path, device=dev, dtype=dt, allow_pickle=allow_pickle, decode_layout=adapter is None
-    )
+    ckpt = load_checkpoint(path, device=dev, dtype=dt, allow_pickle=allow_pickle)
     if adapter is not None:
         from weightsmith.lora import load_adapter, merge_and_unload
 
         load_adapter(ckpt.model, Path(adapter))
         merge_and_unload(ckpt.model)
         ckpt.model.requires_grad_(False)
-        if dev.type == "cpu":
-            ckpt.model.use_decode_layout()
-    return LLM(ckpt, str(model), dev, dt)
+    return LLM(ckpt, str(model), dev, dt)  # its Engine lays a CPU model out for decoding

@@ -8,9 +8,12 @@ target's argmax given the tokens before it, so the output is the target's plain
 greedy decoding (Leviathan et al. 2023, "Fast Inference from Transformers via
 Speculative Decoding", greedy case) -- up to floating-point differences between a
 multi-token and a one-token forward, which only matter on exact near-ties.
-Rejected entries are rolled back by shortening each cache's row length: entries
-past it are never attended (kv_len is exactly length + new tokens) and get
-overwritten.
+Rejected entries are rolled back by shortening each cache's row length
+(`KVCache.set_length`): entries past it are never attended (kv_len is exactly length +
+new tokens) and get overwritten. Both models feed several tokens at once through the
+one `prefill` (with the row's length as its start); the draft's one-token steps go
+through the decode step the caller chose for it (`draft_step`: the CPU's fused C step
+from the draft's engine, say).
 
 Not here: sampling (temperature > 0 needs the rejection-sampling rule), batches
 of more than one sequence, penalties, stop strings or text (the CLI decodes).
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from weightsmith.errors import GenerationError
-from weightsmith.generate import decode_one_token, prefill
+from weightsmith.generate import DecodeFn, decode_one_token, prefill
 from weightsmith.kv_cache import KVCache
 from weightsmith.models import CausalLM
 
@@ -48,19 +51,14 @@ def _new_cache(model: CausalLM, max_len: int) -> KVCache:
     return KVCache.for_model(model.config, 1, max_len, dtype=dtype, device=model.inv_freq.device)
 
 
-@torch.inference_mode()
 def _extend(model: CausalLM, cache: KVCache, tokens: list[int], *, all_logits: bool = False) -> torch.Tensor:
     """Feed `tokens` at the row's next positions; return the last (V,) or all (T, V) logits."""
-    device = model.inv_freq.device
-    n, t = cache.lengths[0], len(tokens)
-    ids = torch.tensor([tokens], device=device)  # (1, T)
-    positions = torch.arange(n, n + t, device=device)[None]  # (1, T)
-    last = None if all_logits else torch.tensor([t - 1], device=device)
     # Batch 1 and aligned: kv_len is exactly the row's length + T, so no stale entry
     # past a rolled-back length is ever attended.
-    logits = model(ids, positions=positions, cache=cache, kv_len=n + t, aligned=True, logits_at=last)
-    cache.lengths[0] = n + t
-    return logits[0] if all_logits else logits[0, -1]
+    logits = prefill(
+        model, cache, [tokens], model.inv_freq.device, start=cache.length(0), every_position=all_logits
+    )
+    return logits[0]
 
 
 def check_draft(target: CausalLM, draft: CausalLM) -> None:
@@ -81,9 +79,11 @@ def speculative_generate(
     max_tokens: int,
     k: int = 4,
     eos_token_ids: frozenset[int] | set[int] = frozenset(),
+    draft_step: DecodeFn = decode_one_token,
 ) -> SpeculativeResult:
     """Greedy-decode up to `max_tokens` tokens of `prompt` with `target`, drafting with
-    `draft`; stops after an `eos_token_ids` token (which is kept as the last token)."""
+    `draft` (its one-token steps through `draft_step`); stops after an `eos_token_ids`
+    token (which is kept as the last token)."""
     check_draft(target, draft)
     if k < 1:
         raise GenerationError(f"the draft must propose at least 1 token per step, got k={k}")
@@ -110,7 +110,7 @@ def speculative_generate(
     while result.finish_reason != "stop" and len(result.tokens) < max_tokens:
         # Proposing more than the tokens still wanted would be wasted work.
         step = min(k, max_tokens - len(result.tokens) - 1)
-        proposals = _propose(draft, d_cache, seq, step)
+        proposals = _propose(draft, d_cache, seq, step, draft_step)
         # (k+1, V) -> the target's next token after the last token and after each proposal.
         logits = _extend(target, t_cache, [seq[-1], *proposals], all_logits=True)
         preds = logits.argmax(-1).tolist()
@@ -122,8 +122,8 @@ def speculative_generate(
         result.proposed += len(proposals)
         result.accepted += n
         # Roll back: the target keeps seq + accepted proposals; the draft keeps no more.
-        t_cache.lengths[0] = len(seq) + n
-        d_cache.lengths[0] = min(d_cache.lengths[0], len(seq) + n)
+        t_cache.set_length(0, len(seq) + n)
+        d_cache.set_length(0, min(d_cache.length(0), len(seq) + n))
         seq += new
         for token in new[: max_tokens - len(result.tokens)]:
             result.tokens.append(token)
@@ -134,13 +134,13 @@ def speculative_generate(
 
 
 @torch.inference_mode()
-def _propose(draft: CausalLM, cache: KVCache, seq: list[int], k: int) -> list[int]:
+def _propose(draft: CausalLM, cache: KVCache, seq: list[int], k: int, step: DecodeFn) -> list[int]:
     """Catch the draft up on the tokens of `seq` it has not seen, then draft `k` greedily."""
     if k == 0:
         return []
-    token = int(_extend(draft, cache, seq[cache.lengths[0] :]).argmax())
+    token = int(_extend(draft, cache, seq[cache.length(0) :]).argmax())
     proposals = [token]
     for _ in range(k - 1):
-        token = int(decode_one_token(draft, cache, [token], draft.inv_freq.device)[0].argmax())
+        token = int(step(draft, cache, [token], draft.inv_freq.device)[0].argmax())
         proposals.append(token)
     return proposals

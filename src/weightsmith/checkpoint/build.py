@@ -63,8 +63,6 @@ def build_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
     model.reset_rope()
-    if decode_layout and torch.device(device).type == "cpu":
-        model.use_decode_layout()
     return model.eval()
 
 

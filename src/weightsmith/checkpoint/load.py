@@ -53,8 +53,8 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load an HF directory or a .gguf file.
 
-    decode_layout: on CPU, lay weights out for fast decoding (see models/linear.py);
-    training passes False to keep plain row-major parameters.
+    decode_layout: ignored, kept for callers that pass it: the model comes back in plain HF
+    layout, and the `Engine` that decodes it lays it out for the CPU (weightsmith.cpu_decode).
     on_tensor: called as on_tensor(model, name) after each tensor is in place, e.g. to
     quantize a layer as soon as it is complete, so the full-precision model never
     exists at once (QLoRA).

@@ -202,8 +202,9 @@ def _run_speculative(
     eos |= set(params.stop_token_ids)
     start = time.perf_counter()
     res = speculative_generate(
-        llm.model, draft.model, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos
-    )
+        llm.model, draft.model, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos,
+        draft_step=draft.engine.decode_step(),
+    )  # fmt: skip
     elapsed = time.perf_counter() - start
     shown = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens  # the end token has no text
     text = llm.tokenizer.decode(shown, skip_special_tokens=True)

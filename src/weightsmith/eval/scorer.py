@@ -196,7 +196,7 @@ class Scorer:
         g_idx = [g for g, (_, n) in enumerate(spans) for _ in range(n)]
         t_idx = [start + k for start, n in spans for k in range(n)]
         step1 = hidden[torch.tensor(g_idx, device=device), torch.tensor(t_idx, device=device)]  # (N1, h)
-        cache.lengths = lengths
+        cache.set_lengths(0, lengths)
         first_row = [0]
         for _, n in spans:
             first_row.append(first_row[-1] + n)
@@ -233,12 +233,8 @@ class Scorer:
         """Hidden states predicting each continuation's tokens after the first of `rest`'s
         (row, request, unshared tokens), and where each request's rows start in them."""
         model, device = self.model, self.device
-        src = torch.tensor([g for g, _, _ in rest], device=device)
-        forked = KVCache.__new__(KVCache)
-        forked.k, forked.v = cache.k[:, src], cache.v[:, src]  # (L, R, H, S, D) copies
-        forked.max_len, forked.batch_size = cache.max_len, len(rest)
+        forked = cache.select([g for g, _, _ in rest])  # (L, R, H, S, D) copies
         starts = [lengths[g] for g, _, _ in rest]
-        forked.lengths = list(starts)
         feeds = [list(cont[:-1]) for _, _, cont in rest]
         t = max(len(f) for f in feeds)
         ids = torch.tensor([f + [0] * (t - len(f)) for f in feeds], device=device)  # (R, T)

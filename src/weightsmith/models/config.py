@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.errors import ConfigError
+from weightsmith.models.activations import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,6 @@ class ModelConfig:
 
     def validate(self, source: str = "config") -> None:
         """Reject combinations the model cannot run, naming the conflicting fields."""
-        from weightsmith.models.model import ACTIVATIONS
-
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
                 f"{source}: hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"

@@ -7,7 +7,9 @@ q_proj.weight`, `block_sparse_moe.experts.3.w1.weight`), so HF state dicts and P
 adapters line up with no key map.
 
 Not here: loading weights (weightsmith.checkpoint), the cache (kv_cache.py),
-sampling and the decode loop (generate.py).
+sampling and the decode loop (generate.py), the CPU decode layout and fused C step
+(weightsmith.cpu_decode, which swaps in subclasses of `Attention`, `MLP` and `Linear`
+that override `qkv`, `gate_up` and `forward`, keeping every name).
 """
 
 from __future__ import annotations
@@ -20,18 +22,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from weightsmith.kv_cache import KVCache
+from weightsmith.models.activations import ACTIVATIONS
 from weightsmith.models.config import ModelConfig
-from weightsmith.models.linear import Linear, PackedLinears, pack_linears, use_decode_layout
+from weightsmith.models.linear import Linear
 from weightsmith.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
-
-#: Activation functions by config.json `hidden_act` name.
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class RMSNorm(nn.Module):
@@ -82,16 +76,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         b, t, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        packed: PackedLinears | None = self.__dict__.get("packed")
-        if packed is not None and packed.applies(x, projections):
-            q, k, v = self._packed_qkv(packed, x, a)
-        else:
-            q, k, v = (proj(x) for proj in projections)
-            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        q, k, v = self.qkv(x, a)
         if a.cache is not None:
             k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len, a.start)  # (B, Hkv, S, D)
         mask = a.masks[self.layer_type]
@@ -105,20 +90,13 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def _packed_qkv(
-        self, packed: PackedLinears, x: torch.Tensor, a: AttentionInputs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v from one packed matmul; q and k heads are rotated in one pass."""
+    def qkv(self, x: torch.Tensor, a: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (B, H, T, D), rotated keys and values (B, Hkv, T, D) for x (B, T, h)."""
         b, t, _ = x.shape
-        heads = self.n_heads + self.n_kv
-        y = packed.matmul(x)  # (B, T, (H + 2 Hkv) D): [q | k | v]
-        qk = y[..., : heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qk, a.cos, a.sin)  # (B, H + Hkv, T, D)
-        v = y[..., heads * self.head_dim :].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        return qk[:, : self.n_heads], qk[:, self.n_heads :], v
-
-    def pack_for_decode(self, splits: int) -> None:
-        self.__dict__["packed"] = pack_linears([self.q_proj, self.k_proj, self.v_proj], splits)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin), v
 
 
 class MLP(nn.Module):
@@ -133,15 +111,12 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed: PackedLinears | None = self.__dict__.get("packed")
-        if packed is not None and packed.applies(x, (self.gate_proj, self.up_proj)):
-            gate, up = packed(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x)
         return self.down_proj(self.act(gate) * up)
 
-    def pack_for_decode(self, splits: int) -> None:
-        self.__dict__["packed"] = pack_linears([self.gate_proj, self.up_proj], splits)
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of x (..., h), each (..., intermediate)."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class Expert(nn.Module):
@@ -227,17 +202,6 @@ class CausalLM(nn.Module):
         """Re-point the LM head at the embedding after weights were assigned (tied models)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def use_decode_layout(self, splits: int | None = None) -> None:
-        """Switch CPU weights to the decode-friendly layout (see `use_decode_layout`)."""
-        splits = splits or torch.get_num_threads()
-        for module in self.modules():
-            if isinstance(module, (Attention, MLP)):
-                module.pack_for_decode(splits)
-        use_decode_layout(self, splits)
-        if self.config.tie_word_embeddings:
-            # The LM head got the new storage; point the embedding at it to stay tied.
-            self.model.embed_tokens.weight = self.lm_head.weight
 
     def reset_rope(self) -> None:
         """Recompute the RoPE buffer on the model's device (after building on meta)."""

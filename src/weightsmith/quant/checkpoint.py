@@ -39,7 +39,6 @@ from weightsmith.checkpoint.build import IGNORED_SUFFIXES, assign_parameter
 from weightsmith.checkpoint.save import write_hf_dir
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
-from weightsmith.models.linear import use_decode_layout
 from weightsmith.quant.weight_only import (
     GROUP_SIZES,
     Int4Linear,
@@ -206,12 +205,6 @@ def _quantized_skeleton(
 
 def _finish(model: CausalLM, cfg: ModelConfig, device: torch.device | str, decode_layout: bool) -> CausalLM:
     model.reset_rope()
-    if decode_layout and torch.device(device).type == "cpu":
-        # Only the remaining full-precision Linears (an unquantized LM head). Not
-        # CausalLM.use_decode_layout: it would pack the quantized q/k/v and gate/up.
-        use_decode_layout(model, torch.get_num_threads())
-        if cfg.tie_word_embeddings:
-            model.model.embed_tokens.weight = model.lm_head.weight
     return model.eval()
 
 

@@ -4,8 +4,8 @@
  * small tensor operations around the matmuls (norms, RoPE, cache writes, attention,
  * residuals), each a Python call and a dispatch. This runs the same arithmetic as
  * weightsmith.models.model.CausalLM for one token per row, layer after layer, with no
- * Python in between. weightsmith/quant/cpu_decode.py decides when it applies and checks it
- * against the PyTorch model in the tests (logits equal up to float rounding).
+ * Python in between. weightsmith/cpu_decode/ (fused.py, plan.py) decides when it applies;
+ * the tests check it against the PyTorch model (logits equal up to float rounding).
  *
  * Per layer, for every row b at position pos[b]:
  *   h = rmsnorm(x) * norm1;  q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)

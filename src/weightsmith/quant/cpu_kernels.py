@@ -4,11 +4,13 @@ What it does: compiles them with the system C compiler (``$CC`` or ``cc``,
 ``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
 compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
 compiler flags and the CPU, so it is built once per machine; loads it; and wraps its two
-matmuls for float32 CPU tensors (the fused step is wrapped in cpu_decode.py). Where no compiler is found or the build fails, `library()`
-returns None after one warning and callers keep their PyTorch path.
+matmuls for float32 CPU tensors (the fused step is wrapped in weightsmith/cpu_decode/fused.py).
+Where no compiler is found or the build fails, `library()` returns None after one warning
+and callers keep their PyTorch path.
 ``WEIGHTSMITH_CPU_KERNELS=0`` turns the kernels off.
 
-Not here: deciding when the kernels are worth calling (weightsmith.quant.weight_only).
+Not here: deciding when the kernels are worth calling (weightsmith.quant.weight_only,
+weightsmith.cpu_decode).
 """
 
 from __future__ import annotations

@@ -386,10 +386,11 @@ def _skip_lm_head(name: str) -> bool:
     return name.rpartition(".")[2] == "lm_head"
 
 
-#: Linear classes that add nothing a swap would lose. Other nn.Linear subclasses may
-#: carry behaviour (an adapter; MultiheadAttention reads `out_proj.weight` directly),
-#: so they are left alone.
-_SWAPPABLE = (nn.Linear, Linear)
+def _swappable(module: nn.Module) -> bool:
+    """Linears that add nothing a swap would lose: `nn.Linear` itself and the model's `Linear`
+    (in the CPU decode layout or not). Other nn.Linear subclasses may carry behaviour (an
+    adapter; MultiheadAttention reads `out_proj.weight` directly), so they are left alone."""
+    return type(module) is nn.Linear or isinstance(module, Linear)
 
 
 def quantize_linears_nf4(
@@ -414,7 +415,7 @@ def quantize_linears_nf4(
     embedded = _embedding_storages(model)
     names = []
     for name, module in model.named_modules():
-        if type(module) not in _SWAPPABLE:
+        if not _swappable(module):
             if isinstance(module, nn.Linear):
                 log.info("NF4: leaving %s (%s) unquantized", name, type(module).__name__)
             continue
@@ -428,9 +429,6 @@ def quantize_linears_nf4(
             getattr(parent, child), block_size, double_quant, compute_dtype, name=f"{name}.weight"
         )
         setattr(parent, child, nf4)
-        # Attention/MLP may keep a packed copy of their projections for CPU decode
-        # (weightsmith.models.linear.PackedLinears): drop it, or the dense weights live on.
-        parent.__dict__.pop("packed", None)
     return names
 
 
@@ -448,7 +446,7 @@ def quantize_on_load(
         if not name.startswith("model.layers."):
             return
         module = model.get_submodule(name)
-        if type(module) not in _SWAPPABLE or any(p.is_meta for p in module.parameters()):
+        if not _swappable(module) or any(p.is_meta for p in module.parameters()):
             return  # not a linear, or its bias has not arrived yet
         parent_name, _, child = name.rpartition(".")
         nf4 = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype, name=f"{name}.weight")

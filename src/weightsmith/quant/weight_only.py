@@ -178,7 +178,7 @@ class Int8Linear(QuantizedLinear):
         q, s = quantize_int8(linear.weight)
         return cls(q, s, linear.bias)
 
-    def _aligned_qweight(self) -> torch.Tensor:
+    def aligned_qweight(self) -> torch.Tensor:
         """The weight at a 64-byte-aligned address: the CPU kernel segfaults otherwise (e.g. on a
         tensor read straight from a safetensors file)."""
         q = self.qweight
@@ -195,13 +195,13 @@ class Int8Linear(QuantizedLinear):
         if x.dtype == torch.bfloat16:
             flat = x.reshape(-1, self.in_features)  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(
-                flat, self._aligned_qweight(), self.scales.to(x.dtype)
+                flat, self.aligned_qweight(), self.scales.to(x.dtype)
             )  # (M, N)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
-            return cpu_kernels.int8_matmul(lib, x, self._aligned_qweight(), self.scales, bias)
+            return cpu_kernels.int8_matmul(lib, x, self.aligned_qweight(), self.scales, bias)
         # Exact path: the per-row scale factors out of the matmul.
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
@@ -255,16 +255,23 @@ class Int4Linear(QuantizedLinear):
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         lib = self._kernels(x)
         if lib is not None:
-            chunks = self._runtime.get("chunks")
-            if chunks is None:
-                chunks = self._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(self.qweight))
             bias = None if self.bias is None else self.bias.float()
-            return cpu_kernels.int4_matmul(lib, x, chunks, self.scales, self.zeros, self.group_size, bias)
+            return cpu_kernels.int4_matmul(
+                lib, x, self.kernel_codes(), self.scales, self.zeros, self.group_size, bias
+            )
         codes = self._runtime.get("codes")
         if codes is None:  # (N, K) one byte per code: ~10x faster to dequantize than nibbles
             codes = self._runtime["codes"] = unpack_nibbles(self.qweight)
         w = dequantize_int4(codes, self.scales, self.zeros, x.dtype)  # (N, K)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_codes(self) -> torch.Tensor:
+        """The codes in the C kernels' chunk layout (N, K/2) uint8, built once (the C matmul and
+        the fused decode step share them)."""
+        chunks = self._runtime.get("chunks")
+        if chunks is None:
+            chunks = self._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(self.qweight))
+        return chunks
 
     def _packed(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The tinygemm packed weight and its scales_and_zeros (K/G, N, 2) bf16, built once."""
@@ -307,11 +314,12 @@ def check_quant_args(bits: int, group_size: int | None) -> int | None:
 
 
 def quantizable_modules(model: nn.Module, *, lm_head: bool = False) -> list[str]:
-    """Names of the projections weight-only quantization replaces (every `Linear`; the LM
-    head only if asked; MoE routers never: they are tiny and decide which experts run)."""
+    """Names of the projections weight-only quantization replaces (every `Linear`, in the CPU
+    decode layout or not; the LM head only if asked; MoE routers never: they are tiny and
+    decide which experts run)."""
     names = []
     for name, module in model.named_modules():
-        if type(module) is not Linear or name.endswith("block_sparse_moe.gate"):
+        if not isinstance(module, Linear) or name.endswith("block_sparse_moe.gate"):
             continue
         if name == "lm_head" and not lm_head:
             continue
@@ -350,8 +358,6 @@ def quantize_model(
     for name in names:
         if bits_of(name) == 4:
             check_group_size(model.get_submodule(name).in_features, group4, f"{name}.weight")
-    for module in model.modules():  # packed q/k/v and gate/up buffers would keep fp32 copies alive
-        module.__dict__.pop("packed", None)
     for name in names:
         linear = model.get_submodule(name)
         ready = (int4_codes or {}).get(f"{name}.weight") if bits_of(name) == 4 else None

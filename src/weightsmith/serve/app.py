@@ -132,6 +132,7 @@ class ServerState:
                 max_prefill_tokens=s.max_prefill_tokens,
                 prefill_chunk=s.prefill_chunk,
                 observer=self.metrics,
+                decode=llm.engine.decode_step(),
             )
             scheduler.start()
         except Exception as e:  # reported on /health and to the CLI, which exits

@@ -14,9 +14,11 @@ Rows of one batch may use different LoRA adapters (lora.row_adapters), different
 sampling settings and different lengths; a row's tokens are the same as when it runs
 alone. A request with n > 1 choices is prefilled once and its cache row copied.
 
-The token loop is the shared one (generate.prefill / decode_one_token, Sampler,
-TextStream): the server adds scheduling, not a second decoder. Not here: HTTP, JSON
-and validation (app.py, schemas.py).
+The token loop is the shared one: `generate.prefill` (chunks too, with a start offset),
+the decode step chosen once by the engine and passed in (`decode`: the fused C step for
+up to 8 rows on the CPU), and one `RowState` per row (row_state.py: sampler, text, stop
+strings and the finish rule TokenGenerator uses too). The server adds scheduling, not a
+second decoder. Not here: HTTP, JSON and validation (app.py, schemas.py).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightsmith.engine import TextStream
-from weightsmith.generate import decode_one_token, prefill
+from weightsmith.generate import DecodeFn, decode_one_token, prefill
 from weightsmith.kv_cache import KVCache
 from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
-from weightsmith.sampling import Sampler, SamplingParams
+from weightsmith.row_state import RowState, TextStream
+from weightsmith.sampling import SamplingParams
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,18 +89,17 @@ class Request:
         self.cancelled = True
 
 
-class Choice:
-    """One running choice of a request: its row's sampler, text and timings."""
+class Choice(RowState):
+    """One running choice of a request: its row's state (sampler, tokens, text) and timings."""
 
-    def __init__(self, request: Request, index: int, tokenizer: Tokenizer, vocab: int, device) -> None:
+    def __init__(
+        self, request: Request, index: int, tokenizer: Tokenizer, vocab: int, device, eos: frozenset[int]
+    ) -> None:
+        params = request.params[index]
+        text = TextStream(tokenizer, params.stop)
+        super().__init__(request.prompts[index], params, eos=eos, vocab=vocab, device=device, text=text)
         self.request = request
         self.index = index
-        self.prompt = request.prompts[index]
-        self.params = request.params[index]
-        self.sampler = Sampler(self.params, self.prompt, vocab, device)
-        self.text = TextStream(tokenizer, self.params.stop)
-        self.generated: list[int] = []
-        self.last = self.prompt[-1]
         self.last_time: float | None = None
 
 
@@ -140,8 +141,11 @@ class Scheduler:
         max_prefill_tokens: int = 4096,
         prefill_chunk: int = 512,
         observer: Observer | None = None,
+        decode: DecodeFn = decode_one_token,
     ) -> None:
         self.model = model
+        #: The decode step, chosen by the caller (`Engine.decode_step()` gives the CPU's C step).
+        self.decode = decode
         self.tokenizer = tokenizer
         self.eos = eos_token_ids
         self.max_batch = max_batch
@@ -279,7 +283,7 @@ class Scheduler:
         when one cannot start (e.g. a seed torch refuses)."""
         try:
             return [
-                Choice(request, i, self.tokenizer, self.vocab, self.device)
+                Choice(request, i, self.tokenizer, self.vocab, self.device, self.eos)
                 for i in range(len(request.prompts))
             ]
         except Exception as e:
@@ -316,10 +320,9 @@ class Scheduler:
             self.observer.tokens(prompt=sum(len(p) for p in {tuple(p) for p in request.prompts}))
         if not unique:
             return
-        view = self.cache.rows(start, len(unique))
+        view = self.cache.rows(start, len(unique))  # shares the rows' storage and lengths
         with self._adapters(unique):
             logits = prefill(self.model, view, [s.prompt for s in unique], self.device)  # (U, V)
-        self.cache.set_lengths(start, view.lengths)
         self.running.extend(unique)
         logit_row = {id(s): i for i, s in enumerate(unique)}  # each newcomer's row in `logits`
         for seq, source in copies:
@@ -343,15 +346,11 @@ class Scheduler:
                 self.model.config, 1, self.max_len, dtype=dtype, device=self.device
             )
         start, end = staged.done, min(staged.done + self.prefill_chunk, len(prompt))
-        ids = torch.tensor([prompt[start:end]], device=self.device)  # (1, C)
-        positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
-        last = torch.tensor([end - start - 1], device=self.device)
-        self.staging.lengths[0] = start
         with self._adapters(staged.choices[:1]):
-            logits = self.model(
-                ids, positions=positions, cache=self.staging, kv_len=end, aligned=True, logits_at=last
-            )
-        self.staging.lengths[0] = staged.done = end
+            logits = prefill(
+                self.model, self.staging, [prompt[start:end]], self.device, start=start
+            )  # (1, V)
+        staged.done = end
         if end < len(prompt):
             return
         first_row = len(self.running)
@@ -360,11 +359,11 @@ class Scheduler:
             self.running.append(choice)
         self.staged = None
         self.observer.tokens(prompt=len(prompt))
-        self._sample(logits[:, 0].expand(len(staged.choices), -1), first_row=first_row)  # (n, V)
+        self._sample(logits.expand(len(staged.choices), -1), first_row=first_row)  # (n, V)
 
     def _decode(self) -> None:
         with self._adapters(self.running):
-            logits = decode_one_token(self.model, self.cache, [s.last for s in self.running], self.device)
+            logits = self.decode(self.model, self.cache, [s.last for s in self.running], self.device)
         self._sample(logits, first_row=0)
 
     def _sample(self, logits: torch.Tensor, first_row: int) -> None:
@@ -390,17 +389,9 @@ class Scheduler:
 
     def _next_token(self, seq: Choice, row: int, logits: torch.Tensor, now: float) -> str | None:
         """Sample row `row`'s next token from its (V,) logits, emit it; return the finish reason."""
-        token = seq.sampler(logits)
-        seq.generated.append(token)
-        seq.last = token
+        token, text = seq.add(logits, self.cache.room(row))
         self._record_timing(seq, now)
-        sp = seq.params
-        reason = None
-        if (token in self.eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-            reason = "stop"
-        elif len(seq.generated) >= sp.max_tokens or self.cache.lengths[row] + 1 >= self.max_len:
-            reason = "length"
-        text, reason = seq.text.push(token, reason)
+        reason = seq.finish_reason
         logprobs = None
         if seq.request.logprobs is not None:
             logprobs = [token_logprob(logits, token, seq.request.logprobs)]

@@ -1,4 +1,4 @@
-"""The fused CPU decode step (cpu_decode.c): when it applies, and calling it.
+"""The fused CPU decode step (quant/cpu_decode.c): building its view of a model, and calling it.
 
 What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 whose projections
 are all int4, int8 or plain fp32 layers (no adapters), `FusedDecode.step` runs one token
@@ -6,31 +6,34 @@ per row through every layer and the LM head in one C call, reading and writing t
 `KVCache` the PyTorch model uses, so prefill (PyTorch) and decoding (C) mix freely.
 Python keeps the embedding lookup and the RoPE tables (any RoPE scaling the model has).
 
-`plan(model, cache, rows)` returns None where the step does not apply: another family
-(MoE), activation or dtype, a LoRA adapter or NF4 layer, a GPU, more than `MAX_ROWS` rows,
-no C compiler, or ``WEIGHTSMITH_CPU_KERNELS=0``. The plan is built once per model and
-rebuilt when a projection or its weights were replaced.
+`FusedDecode(model, lib)` reads the model's weights where they are (its `ok` is False
+where the step cannot run them: another family or activation, an adapter, an NF4 layer,
+another dtype or device); `current()` says whether the model still has those modules and
+tensors. `FusedStep` is the decode step a caller chooses: the C step for up to `MAX_ROWS`
+rows on a cache it can write, its `fallback` step otherwise.
 
-Not here: the kernels (cpu_kernels.c, cpu_decode.c), the decode loop (weightsmith.generate).
+Not here: deciding whether to build one and rebuilding it (plan.py), the kernels
+(quant/cpu_kernels.c, quant/cpu_decode.c and their build, quant/cpu_kernels.py), the
+decode loop (weightsmith.generate).
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from weightsmith.kv_cache import KVCache
-from weightsmith.models import CausalLM
 from weightsmith.models.linear import Linear
 from weightsmith.models.rope import rope_cos_sin
 from weightsmith.quant import cpu_kernels
-from weightsmith.quant.weight_only import Int4Linear, Int8Linear, unpack_nibbles
+from weightsmith.quant.weight_only import Int4Linear, Int8Linear
 
-#: Whether models with no quantized projection take the step too (tests turn it off to check
-#: the PyTorch path still decodes them the same).
-FUSE_FP32_MODELS = True
+#: A decode step with the signature of weightsmith.generate.decode_one_token (generate.DecodeFn):
+#: (model, cache, one token per row, device) -> logits (B, V), advancing the cache.
+Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 
 #: Rows a fused step takes. Beyond a few rows the matmuls stop being bound by reading the
 #: weights, and BLAS (the PyTorch path) multiplies better.
@@ -77,9 +80,7 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     if type(module) is Int4Linear:
         if module.qweight.device.type != "cpu":
             return None
-        chunks = module._runtime.get("chunks")
-        if chunks is None:
-            chunks = module._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(module.qweight))
+        chunks = module.kernel_codes()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
         keep += [chunks, scales, zeros]
         p.kind, p.group, p.q = 4, module.group_size, chunks.data_ptr()
@@ -87,10 +88,10 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     elif type(module) is Int8Linear:
         if module.qweight.device.type != "cpu":
             return None
-        q, scales = module._aligned_qweight().contiguous(), module.scales.contiguous()
+        q, scales = module.aligned_qweight().contiguous(), module.scales.contiguous()
         keep += [q, scales]
         p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
-    elif type(module) is Linear and _fp32_cpu(module.weight):
+    elif isinstance(module, Linear) and _fp32_cpu(module.weight):  # SplitLinear too
         w = module.weight.detach()
         keep.append(w)
         if w.stride(1) == 1:
@@ -103,29 +104,6 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     else:
         return None
     return p
-
-
-class _Registrations:
-    """Counts parameter, buffer and submodule assignments on any module in the process
-    (torch's global registration hooks), so a plan sees a replaced projection or weight
-    without walking the model every step."""
-
-    count = 0
-    installed = False
-
-    @classmethod
-    def install(cls) -> None:
-        if cls.installed:
-            return
-        from torch.nn.modules import module as torch_module
-
-        def bump(*_: object) -> None:
-            cls.count += 1
-
-        torch_module.register_module_parameter_registration_hook(bump)
-        torch_module.register_module_buffer_registration_hook(bump)
-        torch_module.register_module_module_registration_hook(bump)
-        cls.installed = True
 
 
 def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
@@ -150,18 +128,16 @@ def _watched_modules(model: nn.Module) -> list[nn.Module]:
 
 
 class FusedDecode:
-    """A model's projections and norms as the C step reads them (built by `plan`)."""
+    """A model's projections and norms as the C step reads them; `ok` is False where it cannot."""
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
         cfg = model.config
         self.model, self.lib, self.keep, self.ok = model, lib, [], True
+        # What the struct depends on: these modules where they are, and every tensor's data where
+        # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
+        self.modules = _watched_modules(model)
+        self.pointers = [t.data_ptr() for t in _tensors(self.modules)]
         mods = _projection_modules(model)
-        _Registrations.install()
-        self.registrations = _Registrations.count
-        # What the plan depends on: no assignment since (checked by count) and every tensor's
-        # data where it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
-        self.tensors = _tensors(_watched_modules(model))
-        self.pointers = [t.data_ptr() for t in self.tensors]
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
@@ -193,10 +169,16 @@ class FusedDecode:
         return w.data_ptr()
 
     def current(self) -> bool:
-        """Whether the model still has the projections (and tensors) this plan was built on."""
-        if _Registrations.count != self.registrations:
+        """Whether the model still has the modules (and tensors) this was built on. The tensors
+        it reads are kept alive in `keep` either way, so a stale one is wrong, never unsafe."""
+        now = _watched_modules(self.model)
+        if len(now) != len(self.modules) or any(a is not b for a, b in zip(now, self.modules, strict=True)):
             return False
-        return [t.data_ptr() for t in self.tensors] == self.pointers
+        return [t.data_ptr() for t in _tensors(now)] == self.pointers
+
+    def quantized(self) -> bool:
+        """Whether any projection is int4 or int8 (an fp32-only plan may leave decoding to PyTorch)."""
+        return any(isinstance(m, (Int4Linear, Int8Linear)) for m in _projection_modules(self.model))
 
     def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
@@ -210,7 +192,7 @@ class FusedDecode:
         x = model.model.embed_tokens(torch.tensor(tokens)).contiguous()  # (B, h)
         positions = torch.tensor(lengths)
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.rope_scaling, torch.float32)
-        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()
+        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()  # (B, D)
         logits = torch.empty(b, model.config.vocab_size)
         s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
@@ -222,11 +204,12 @@ class FusedDecode:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
-        cache.lengths = [n + 1 for n in lengths] + cache.lengths[b:]
+        cache.advance(b)
         return logits
 
 
-def _cache_fits(cache: KVCache) -> bool:
+def cache_fits(cache: KVCache) -> bool:
+    """Whether the C step can write `cache`: fp32 on the CPU, keys and values laid out alike."""
     k, v = cache.k, cache.v
     return (
         _fp32_cpu(k) and _fp32_cpu(v) and k.stride() == v.stride() and k.stride(4) == 1
@@ -234,25 +217,27 @@ def _cache_fits(cache: KVCache) -> bool:
     )  # fmt: skip
 
 
-def plan(model: nn.Module, cache: KVCache, rows: int) -> FusedDecode | None:
-    """The fused step for `model`, or None where it does not apply (see the module doc)."""
-    if rows > MAX_ROWS or not cpu_kernels.enabled() or not _cache_fits(cache):
-        return None
-    if type(model) is not CausalLM:
-        return None
+def supports(model: nn.Module) -> bool:
+    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention)."""
     cfg = model.config
-    if cfg.family.moe:
-        return None
-    if cfg.hidden_act not in ("silu", "swish") or cfg.num_attention_heads % cfg.num_key_value_heads:
-        return None
-    cached: FusedDecode | None = model.__dict__.get("_fused_decode")
-    if cached is not None and cached.current():
-        return cached if cached.ok else None
-    lib = cpu_kernels.library()
-    if lib is None or not _fp32_cpu(model.model.embed_tokens.weight):
-        return None
-    fused = FusedDecode(model, lib)
-    if fused.ok and not FUSE_FP32_MODELS:
-        fused.ok = any(isinstance(m, (Int4Linear, Int8Linear)) for m in _projection_modules(model))
-    model.__dict__["_fused_decode"] = fused
-    return fused if fused.ok else None
+    return (
+        not cfg.family.moe
+        and cfg.hidden_act in ("silu", "swish")
+        and cfg.num_attention_heads % cfg.num_key_value_heads == 0
+        and _fp32_cpu(model.model.embed_tokens.weight)
+    )
+
+
+class FusedStep:
+    """The decode step that runs `fused` for up to `MAX_ROWS` rows on a cache it can write, and
+    `fallback` (the PyTorch step) for more rows, another cache or another model."""
+
+    def __init__(self, fused: FusedDecode, fallback: Step) -> None:
+        self.fused, self.fallback = fused, fallback
+
+    def __call__(
+        self, model: nn.Module, cache: KVCache, tokens: list[int], device: torch.device
+    ) -> torch.Tensor:
+        if len(tokens) > MAX_ROWS or model is not self.fused.model or not cache_fits(cache):
+            return self.fallback(model, cache, tokens, device)
+        return self.fused.step(cache, tokens)

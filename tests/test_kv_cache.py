@@ -1,0 +1,87 @@
+"""KVCache owns its rows' lengths: the methods that change them, read-only `lengths`, views
+that share storage and lengths, copies, and refusals past the end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsmith.kv_cache import KVCache
+
+
+def cache(rows: int = 4, max_len: int = 8) -> KVCache:
+    return KVCache(2, rows, max_len, 1, 2, dtype=torch.float32, device="cpu")
+
+
+def test_lengths_change_only_through_methods():
+    c = cache()
+    assert c.lengths == (0, 0, 0, 0)
+    c.set_lengths(1, [3, 5])
+    assert c.lengths == (0, 3, 5, 0) and c.length(2) == 5 and c.room(2) == 3
+    c.advance(3)  # a decode step over rows 0..2
+    assert c.lengths == (1, 4, 6, 0)
+    c.advance(2, by=2)
+    assert c.lengths == (3, 6, 6, 0)
+    c.set_length(1, 2)  # a rollback
+    assert c.lengths == (3, 2, 6, 0)
+    c.reset(0)
+    assert c.lengths == (0, 2, 6, 0)
+    c.reset()
+    assert c.lengths == (0, 0, 0, 0)
+    with pytest.raises(AttributeError):
+        c.lengths = [1, 1, 1, 1]  # no outside writes
+    with pytest.raises(TypeError):
+        c.lengths[0] = 1  # type: ignore[index]
+
+
+def test_a_full_row_is_refused_before_its_length_changes():
+    c = cache(rows=2, max_len=4)
+    c.set_lengths(0, [4, 1])
+    with pytest.raises(ValueError, match="KV cache is full"):
+        c.advance(2)
+    assert c.lengths == (4, 1)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match="0..4"):
+            c.set_length(1, bad)
+    assert c.lengths == (4, 1)
+
+
+def test_a_rows_view_shares_storage_and_lengths():
+    c = cache()
+    c.set_length(0, 2)
+    view = c.rows(1, 2)
+    assert view.lengths == (0, 0) and view.batch_size == 2
+    view.set_lengths(0, [3, 1])
+    view.advance(1)
+    assert c.lengths == (2, 4, 1, 0) and view.lengths == (4, 1)
+    view.k[0, 0, 0, 0, 0] = 7.0
+    assert c.k[0, 1, 0, 0, 0] == 7.0  # the same storage
+    view.reset()
+    assert c.lengths == (2, 0, 0, 0)  # only the view's rows
+    inner = view.rows(1, 1)  # a view of a view
+    inner.set_length(0, 5)
+    assert c.lengths == (2, 0, 5, 0)
+
+
+def test_select_copies_rows_and_their_lengths():
+    c = cache()
+    c.k.normal_()
+    c.set_lengths(0, [1, 2, 3, 4])
+    picked = c.select([2, 0, 2])
+    assert picked.batch_size == 3 and picked.lengths == (3, 1, 3)
+    assert torch.equal(picked.k[:, 1], c.k[:, 0]) and torch.equal(picked.v[:, 2], c.v[:, 2])
+    picked.k.zero_()
+    picked.advance(3)
+    assert c.k.abs().sum() > 0 and c.lengths == (1, 2, 3, 4)  # copies: the source is unchanged
+
+
+def test_copy_row_copies_the_filled_part_and_the_length():
+    a, b = cache(), cache()
+    b.k.normal_()
+    b.v.normal_()
+    b.set_length(1, 3)
+    a.copy_row(1, 2, source=b)
+    assert a.lengths == (0, 0, 3, 0)
+    assert torch.equal(a.k[:, 2, :, :3], b.k[:, 1, :, :3]) and a.k[:, 2, :, 3:].abs().sum() == 0
+    a.copy_row(2, 0)  # within one cache (compacting the batch)
+    assert a.lengths == (3, 0, 3, 0) and torch.equal(a.v[:, 0, :, :3], b.v[:, 1, :, :3])
