@@ -1,23 +1,20 @@
-"""LoRA adapters: a wrapping layer, targeting, enable/disable/merge, and PEFT-format files.
+"""LoRA layers: the wrapping `LoRALinear`, targeting, enable/disable/merge and per-row adapters.
 
 A `LoRALinear` wraps a loaded linear (`base_layer`) and adds `scaling * B(A(x))` per
 named adapter (Hu et al. 2021, "LoRA"; rsLoRA scaling alpha/sqrt(r) from Kalajdzievski
 2023). Its parameters are named as PEFT names them in memory (`q_proj.lora_A.default.
-weight`, `q_proj.base_layer.weight`), and `save_adapter` / `load_adapter` read and write
-PEFT's files (`adapter_config.json`, `adapter_model.safetensors` with keys
-`base_model.model.<module>.lora_A.weight`), so adapters move between weightsmith and
-transformers + peft unchanged. Targeting follows PEFT's rules (list entries match a
-module name or its dotted suffix, a string is a full regex match, patterns match by
-regex suffix), except that "all-linear" is resolved here, not by PEFT (see
-`resolve_targets`).
+weight`, `q_proj.base_layer.weight`), so PEFT's files line up by construction.
+Targeting follows PEFT's rules (list entries match a module name or its dotted suffix, a
+string is a full regex match, patterns match by regex suffix), except that "all-linear"
+is resolved here, not by PEFT (see `resolve_targets`).
 
 `row_adapters` serves several adapters in one batch (continuous batching of requests for
 different adapters): row i of the batch gets adapter i's delta, or none.
 
-Not here: the settings and PEFT's config schema (lora_config.py); DoRA, LoRA biases,
-embedding or conv adapters, `modules_to_save`; the quantized base layer itself
-(weightsmith.quant.nf4; this module only needs its `in_features`, `out_features` and
-forward); and training (weightsmith.train).
+Not here: reading and writing adapter files (weightsmith.lora.files); the settings and
+PEFT's config schema (lora_config.py); DoRA, LoRA biases, embedding or conv adapters,
+`modules_to_save`; the quantized base layer itself (weightsmith.quant.nf4; this module only
+needs its `in_features`, `out_features` and forward); and training (weightsmith.train).
 """
 
 from __future__ import annotations
@@ -25,25 +22,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.files import fsync_dir, fsync_file, read_json, write_json_atomic
+from weightsmith.errors import ConfigError
 from weightsmith.lora_config import (
     ALL_LINEAR,
-    CONFIG_FILE,
-    KEY_PREFIX,
-    WEIGHTS_FILE,
     LoraConfig,
 )
 from weightsmith.models.model import SparseMoE
@@ -265,7 +253,7 @@ def apply_lora(
 # ---- switching, merging ----------------------------------------------------------------
 
 
-def _layers_with(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+def layers_with(model: nn.Module, name: str) -> dict[str, LoRALinear]:
     layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
     if not layers:
         names = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
@@ -278,7 +266,7 @@ def _layers_with(model: nn.Module, name: str) -> dict[str, LoRALinear]:
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make `name` the active adapter of every LoRA layer; None turns adapters off."""
     if name is not None:
-        _layers_with(model, name)
+        layers_with(model, name)
     for layer in lora_layers(model).values():
         layer.active_adapter = name
 
@@ -309,7 +297,7 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     layers = lora_layers(model)
     wanted = sorted({n for n in names if n is not None})
     for name in wanted:
-        _layers_with(model, name)  # ConfigError naming the adapters there are
+        layers_with(model, name)  # ConfigError naming the adapters there are
     # Any merged adapter is in the base weights of every row, base-only rows included.
     merged = sorted({a for m in layers.values() for a in m.merged})
     if merged:
@@ -355,7 +343,7 @@ def _check_mergeable(layers: dict[str, LoRALinear], name: str) -> None:
 
 def merge_adapter(model: nn.Module, name: str) -> None:
     """Add adapter `name` into the base weights (outputs unchanged up to rounding)."""
-    layers = _layers_with(model, name)
+    layers = layers_with(model, name)
     _check_mergeable(layers, name)
     if already := [n for n, m in layers.items() if name in m.merged]:
         raise ConfigError(f"adapter {name!r} is already merged into {already[0]}; unmerge it first")
@@ -365,7 +353,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
 
 def unmerge_adapter(model: nn.Module, name: str) -> None:
     """Subtract a merged adapter `name` from the base weights again."""
-    layers = _layers_with(model, name)
+    layers = layers_with(model, name)
     if not_merged := [n for n, m in layers.items() if name not in m.merged]:
         raise ConfigError(f"adapter {name!r} is not merged into {not_merged[0]}; nothing to unmerge")
     for layer in layers.values():
@@ -375,7 +363,7 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
 def merge_and_unload(model: nn.Module, name: str = "default") -> nn.Module:
     """Merge adapter `name`, then put every base layer back in place of its LoRALinear, so the
     state dict has the base model's names. Other adapters on the model are dropped."""
-    layers = _layers_with(model, name)
+    layers = layers_with(model, name)
     _check_mergeable(layers, name)
     for layer in layers.values():
         if name not in layer.merged:
@@ -387,135 +375,3 @@ def merge_and_unload(model: nn.Module, name: str = "default") -> nn.Module:
 
 
 # ---- PEFT files ------------------------------------------------------------------------
-
-
-def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's file keys (`base_model.model.<module>.lora_A.weight`)."""
-    state = {}
-    for module_name, layer in _layers_with(model, name).items():
-        state[f"{KEY_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
-        state[f"{KEY_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
-    return state
-
-
-def save_adapter(
-    model: nn.Module,
-    directory: str | Path,
-    cfg: LoraConfig,
-    *,
-    name: str = "default",
-    base_model: str | None = None,
-) -> Path:
-    """Write adapter `name` as a PEFT adapter directory (each file replaced atomically)."""
-    directory = Path(directory)
-    layers = _layers_with(model, name)
-    for module_name, layer in layers.items():
-        r = layer.lora_A[name].out_features
-        if r != cfg.rank_for(module_name):
-            raise ConfigError(
-                f"{module_name}: adapter {name!r} has rank {r} but the LoraConfig gives "
-                f"{cfg.rank_for(module_name)}; pass the config the adapter was created with"
-            )
-    state = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model, name).items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    _save_safetensors_atomic(state, directory / WEIGHTS_FILE)
-    write_json_atomic(directory / CONFIG_FILE, cfg.to_peft_dict(base_model, module_names=layers))
-    return directory
-
-
-def _save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        fsync_file(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-_FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
-
-
-def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
-    """{(module, "lora_A"|"lora_B"): (file key, tensor)}; keys with or without PEFT's prefix
-    and with or without an adapter-name infix (`lora_A.default.weight`)."""
-    out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                m = _FILE_KEY.fullmatch(key)
-                if m is None:
-                    raise CheckpointError(
-                        f"{path}: tensor {key!r} is not a LoRA linear weight; weightsmith loads plain LoRA "
-                        "(no DoRA magnitudes, LoRA biases or embedding adapters); retrain without them"
-                    )
-                slot = (m["module"], m["part"])
-                if slot in out:
-                    raise CheckpointError(
-                        f"{path}: tensors {out[slot][0]!r} and {key!r} are the same weight; keep one"
-                    )
-                out[slot] = (key, f.get_tensor(key))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({e}); re-save or re-download it"
-        ) from e
-    return out
-
-
-def _check_tensors(
-    tensors: dict[tuple[str, str], tuple[str, torch.Tensor]],
-    targets: dict[str, nn.Module],
-    cfg: LoraConfig,
-    path: Path,
-) -> None:
-    for (module_name, part), (key, t) in tensors.items():
-        module = targets.get(module_name)
-        if module is None:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} is for {module_name}, which {CONFIG_FILE}'s target_modules do not "
-                "select in this model; is this adapter for another base model?"
-            )
-        r = cfg.rank_for(module_name)
-        expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
-        if tuple(t.shape) != expected:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected} (rank {r} from "
-                f"{CONFIG_FILE}); is this adapter for another base model?"
-            )
-    missing = [f"{m}.{p}" for m in targets for p in ("lora_A", "lora_B") if (m, p) not in tensors]
-    if missing:
-        raise CheckpointError(
-            f"{path}: no tensor for {missing[0]} ({len(missing)} missing in all), which {CONFIG_FILE} "
-            "targets; the adapter file is incomplete, re-save it"
-        )
-
-
-def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "default") -> LoraConfig:
-    """Read a PEFT adapter directory into `model` as adapter `name` (made active).
-    Everything is checked before the model is touched."""
-    directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found; a PEFT adapter directory needs {CONFIG_FILE}")
-    cfg = LoraConfig.from_peft_dict(read_json(config_path), str(config_path))
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise CheckpointError(
-                f"{directory / 'adapter_model.bin'}: pickle adapters are not loaded (they can run code); convert "
-                f"it to {WEIGHTS_FILE}, e.g. with peft: PeftModel.from_pretrained(...).save_pretrained(dir)"
-            )
-        raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
-    tensors = _read_adapter_tensors(weights)
-    targets = {n: m for n, m, _ in resolve_targets(model, cfg)}
-    _check_tensors(tensors, targets, cfg, weights)
-    apply_lora(model, cfg, name)
-    layers = lora_layers(model)
-    with torch.no_grad():
-        for (module_name, part), (_, t) in tensors.items():
-            getattr(layers[module_name], part)[name].weight.copy_(t)
-    return cfg

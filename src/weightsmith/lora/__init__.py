@@ -1,0 +1,48 @@
+"""LoRA adapters: layers that wrap a loaded model's linears, and PEFT-format adapter files.
+
+Two modules, one idea each: `layers` (the `LoRALinear` wrapper, targeting, enable/disable,
+merge, per-row adapters for batched serving) and `files` (PEFT's `adapter_config.json` +
+`adapter_model.safetensors`, read and written). Everything public is importable from
+`weightsmith.lora` itself. The settings and PEFT's config schema live in
+`weightsmith.lora_config`.
+
+Not here: training (weightsmith.train), quantized base layers (weightsmith.quant).
+"""
+
+from weightsmith.lora.files import (
+    load_adapter,
+    lora_state_dict,
+    save_adapter,
+)
+from weightsmith.lora.layers import (
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    layers_with,
+    lora_layers,
+    merge_adapter,
+    merge_and_unload,
+    resolve_targets,
+    row_adapters,
+    set_adapter,
+    unmerge_adapter,
+)
+from weightsmith.lora_config import LoraConfig
+
+__all__ = [
+    "LoraConfig",
+    "LoRALinear",
+    "adapters_disabled",
+    "apply_lora",
+    "layers_with",
+    "load_adapter",
+    "lora_layers",
+    "lora_state_dict",
+    "merge_adapter",
+    "merge_and_unload",
+    "resolve_targets",
+    "row_adapters",
+    "save_adapter",
+    "set_adapter",
+    "unmerge_adapter",
+]

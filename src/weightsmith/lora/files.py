@@ -1,0 +1,145 @@
+"""LoRA adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+`save_adapter` writes one adapter of a model (keys `base_model.model.<module>.lora_A.weight`,
+each file replaced atomically); `load_adapter` reads a PEFT adapter directory into a model,
+checking the config, every tensor's name and shape and that nothing is missing before the
+model is touched, so adapters move between weightsmith and transformers + peft unchanged.
+Pickle adapters (`adapter_model.bin`) are refused: they can run code.
+
+Not here: the layers, targeting and merging (weightsmith.lora.layers); PEFT's config
+schema (lora_config.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.files import atomic_file, read_json, write_json_atomic
+from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
+from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoraConfig
+
+
+def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's file keys (`base_model.model.<module>.lora_A.weight`)."""
+    state = {}
+    for module_name, layer in layers_with(model, name).items():
+        state[f"{KEY_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
+        state[f"{KEY_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    cfg: LoraConfig,
+    *,
+    name: str = "default",
+    base_model: str | None = None,
+) -> Path:
+    """Write adapter `name` as a PEFT adapter directory (each file replaced atomically)."""
+    directory = Path(directory)
+    layers = layers_with(model, name)
+    for module_name, layer in layers.items():
+        r = layer.lora_A[name].out_features
+        if r != cfg.rank_for(module_name):
+            raise ConfigError(
+                f"{module_name}: adapter {name!r} has rank {r} but the LoraConfig gives "
+                f"{cfg.rank_for(module_name)}; pass the config the adapter was created with"
+            )
+    state = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model, name).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_file(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(directory / CONFIG_FILE, cfg.to_peft_dict(base_model, module_names=layers))
+    return directory
+
+
+_FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+
+
+def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
+    """{(module, "lora_A"|"lora_B"): (file key, tensor)}; keys with or without PEFT's prefix
+    and with or without an adapter-name infix (`lora_A.default.weight`)."""
+    out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _FILE_KEY.fullmatch(key)
+                if m is None:
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} is not a LoRA linear weight; weightsmith loads plain LoRA "
+                        "(no DoRA magnitudes, LoRA biases or embedding adapters); retrain without them"
+                    )
+                slot = (m["module"], m["part"])
+                if slot in out:
+                    raise CheckpointError(
+                        f"{path}: tensors {out[slot][0]!r} and {key!r} are the same weight; keep one"
+                    )
+                out[slot] = (key, f.get_tensor(key))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); re-save or re-download it"
+        ) from e
+    return out
+
+
+def _check_tensors(
+    tensors: dict[tuple[str, str], tuple[str, torch.Tensor]],
+    targets: dict[str, nn.Module],
+    cfg: LoraConfig,
+    path: Path,
+) -> None:
+    for (module_name, part), (key, t) in tensors.items():
+        module = targets.get(module_name)
+        if module is None:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is for {module_name}, which {CONFIG_FILE}'s target_modules do not "
+                "select in this model; is this adapter for another base model?"
+            )
+        r = cfg.rank_for(module_name)
+        expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
+        if tuple(t.shape) != expected:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected} (rank {r} from "
+                f"{CONFIG_FILE}); is this adapter for another base model?"
+            )
+    missing = [f"{m}.{p}" for m in targets for p in ("lora_A", "lora_B") if (m, p) not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{path}: no tensor for {missing[0]} ({len(missing)} missing in all), which {CONFIG_FILE} "
+            "targets; the adapter file is incomplete, re-save it"
+        )
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "default") -> LoraConfig:
+    """Read a PEFT adapter directory into `model` as adapter `name` (made active).
+    Everything is checked before the model is touched."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found; a PEFT adapter directory needs {CONFIG_FILE}")
+    cfg = LoraConfig.from_peft_dict(read_json(config_path), str(config_path))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise CheckpointError(
+                f"{directory / 'adapter_model.bin'}: pickle adapters are not loaded (they can run code); convert "
+                f"it to {WEIGHTS_FILE}, e.g. with peft: PeftModel.from_pretrained(...).save_pretrained(dir)"
+            )
+        raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
+    tensors = _read_adapter_tensors(weights)
+    targets = {n: m for n, m, _ in resolve_targets(model, cfg)}
+    _check_tensors(tensors, targets, cfg, weights)
+    apply_lora(model, cfg, name)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for (module_name, part), (_, t) in tensors.items():
+            getattr(layers[module_name], part)[name].weight.copy_(t)
+    return cfg
