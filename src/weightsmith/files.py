@@ -10,8 +10,8 @@ whole new one, never half; a failure leaves the old content and no temp file beh
   atomic_file(path)                       a temp path any writer fills (safetensors, GGUF, PNG)
   atomic_dir(path) / replace_dir(...)     a directory built in a temp sibling, then swapped in
 
-Not here: anything format-specific (safetensors, GGUF, YAML), or where files live
-(the model store is checkpoint/store.py)."""
+Not here: anything format-specific (safetensors, GGUF, YAML), or the layout under
+`weightsmith_home()` (the model store is checkpoint/store.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import CheckpointError, WeightsmithError
+
+
+def weightsmith_home() -> Path:
+    """`$WEIGHTSMITH_HOME`, or ``~/.cache/weightsmith``."""
+    env = os.environ.get("WEIGHTSMITH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "weightsmith"
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any] | None:

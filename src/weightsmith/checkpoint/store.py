@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import ModelNotFoundError, PullError, UsageError
-from weightsmith.files import replace_dir
+from weightsmith.files import replace_dir, weightsmith_home
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,6 @@ class StoreEntry:
 
 
 # --------------------------------------------------------------------------- locations and names
-
-
-def weightsmith_home() -> Path:
-    """`$WEIGHTSMITH_HOME`, or ``~/.cache/weightsmith``."""
-    env = os.environ.get("WEIGHTSMITH_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "weightsmith"
 
 
 def models_dir() -> Path:

@@ -108,7 +108,7 @@ def library() -> ctypes.CDLL | None:
             return _state["lib"]  # type: ignore[return-value]
         lib = None
         try:
-            from weightsmith.checkpoint.hub import weightsmith_home
+            from weightsmith.files import weightsmith_home
 
             path = _build(weightsmith_home() / "kernels")
             if path is not None:

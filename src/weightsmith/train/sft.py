@@ -217,8 +217,8 @@ def _warn_about(name: str, stats: DataStats, max_seq_len: int) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
-    from weightsmith.checkpoint.hub import resolve
     from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.checkpoint.pull import resolve
 
     cfg = resolve_config(cfg)
     out = Path(cfg.out)
