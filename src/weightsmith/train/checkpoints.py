@@ -11,7 +11,6 @@ never half of one. Not here: what the state means (loop.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.files import fsync_dir, fsync_file
+from weightsmith.files import atomic_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -63,28 +62,16 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # The old directory of the same step is deleted before the rename: a resumed run
+    # re-saving a step it already saved owns both copies.
+    with atomic_dir(root / f"step-{step:08d}", delete_old_first=True) as tmp:
         save_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            fsync_file(f)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / f"step-{step:08d}"
 
 
 def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
