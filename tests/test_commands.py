@@ -21,7 +21,7 @@ def isolated_store(tmp_path, monkeypatch):
 
 def test_store_and_generate_return_data_and_print_nothing(tiny_hf_dir, capsys) -> None:
     info = store.run_info(store.InfoConfig(model=str(tiny_hf_dir)))
-    assert info["format"] == "safetensors" and info["layers"] >= 1
+    assert info["format"] == "hf" and info["layers"] >= 1
     entry = store.run_pull(store.PullConfig(spec=str(tiny_hf_dir), name="tiny"))
     assert entry["name"] == "tiny"
     assert [m["name"] for m in store.run_models(store.ModelsConfig())["models"]] == ["tiny"]
