@@ -645,9 +645,7 @@ def test_cors_is_off_unless_origins_are_given(origins):
     from weightsmith.serve.app import create_app
 
     never = threading.Event()
-    app = create_app(
-        ServeConfig(model="tiny", api_key="k", cors_origin=origins), lambda: never.wait()
-    )
+    app = create_app(ServeConfig(model="tiny", api_key="k", cors_origin=origins), lambda: never.wait())
     preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
     with TestClient(app) as c:

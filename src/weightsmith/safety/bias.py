@@ -26,7 +26,7 @@ unknown or a missing group is an error naming the file, line and field.
 Pair files: JSON lines {"id", "more", "less", "bias_type", "direction": "stereo"|"antistereo"};
 `more` is the more stereotypical sentence of the two (CrowS-Pairs' `sent_more`).
 
-Not here: loading models, the command (`weightsmith.commands.audit`), the output files and
+Not here: loading models, the command line (`weightsmith.cli.audit`), the output files and
 HTML report (`weightsmith.report.bias_report`).
 """
 
