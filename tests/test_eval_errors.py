@@ -240,7 +240,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("weightsmith.cli.eval.load_with_status", refuse)
+    monkeypatch.setattr("weightsmith.commands.eval.load_model", refuse)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import weightsmith
-from weightsmith.cli.serve import ServeConfig, start_server
+from weightsmith.commands.serve import ServeConfig, start_server
 from weightsmith.config import config_from_dict
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.eval.judge import (

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.eval.stats import compare_runs
+from weightsmith.eval.stats import ALPHA, compare_runs
 from weightsmith.report.eval_report import write_eval_report
 
 EVIL = "<script>alert('x')</script>"
@@ -43,7 +43,7 @@ def report(tmp_path):
     cmp = compare_runs(runs, [_samples(20), _samples(36)], iters=500)
     defs = {"acc": "Fraction of documents answered correctly.", "word_perplexity": "exp(-LL / words)"}
     path = tmp_path / "out" / "report.html"
-    write_eval_report(path, runs, cmp, defs)
+    write_eval_report(path, runs, cmp, defs, alpha=ALPHA)
     return path, path.read_text(encoding="utf-8"), cmp
 
 
@@ -89,7 +89,7 @@ def test_report_without_comparison(tmp_path):
     path = tmp_path / "r.html"
     run = _run("only", 0.7, 12.0)
     run["results"]["a$x_{$b"] = {"acc,none": 0.3}  # would be broken mathtext in the chart
-    write_eval_report(path, [run], None, {})
+    write_eval_report(path, [run], None, {}, alpha=ALPHA)
     html = path.read_text(encoding="utf-8")
     assert "Comparison" not in html and "only" in html and "data:image/png;base64," in html
     assert "a$x_{$b" in html
@@ -105,6 +105,6 @@ def test_report_is_written_atomically(report, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(WeightsmithError, match="No space left"):
-        write_eval_report(path, [_run("other", 0.1, 99.0)], None, {})
+        write_eval_report(path, [_run("other", 0.1, 99.0)], None, {}, alpha=ALPHA)
     assert path.read_text(encoding="utf-8") == html  # the old report is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]

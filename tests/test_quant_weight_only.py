@@ -17,7 +17,7 @@ from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cpu_decode import prepare_cpu_decode
 from weightsmith.errors import ConfigError
 from weightsmith.quant import weight_only as wo
-from weightsmith.quant.checkpoint import save_quantized
+from weightsmith.checkpoint.quantized import save_quantized
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -214,7 +214,7 @@ def test_qwen2_bias_is_kept_in_full_precision(tmp_path):
 def test_default_model_perplexity_within_issue_targets(default_gguf):
     """Acceptance (issue 6): word perplexity on the bundled text sample within +2% of fp32
     for int8 and +8% for int4 with group size 32."""
-    from weightsmith.cli.quantize import text_sample, word_perplexity
+    from weightsmith.commands.quantize import text_sample, word_perplexity
 
     texts = text_sample()
     ckpt = load_checkpoint(default_gguf)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from weightsmith.cli.main import main
-from weightsmith.cli.quantize import agreement
+from weightsmith.commands.quantize import agreement
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from weightsmith.cli.audit import AuditBiasConfig, print_audit_bias, run_audit_bias
+from weightsmith.cli.audit import print_audit_bias
+from weightsmith.commands.audit import AuditBiasConfig, run_audit_bias
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.runner import EvalOptions, Runner, load_tasks
 from weightsmith.safety.bias import (

@@ -92,7 +92,7 @@ def test_redaction_changes_what_the_model_reads(tiny_hf_dir):
     guard = Guard.load("builtin:school")
     verdict, messages = guard.guard_messages([{"role": "user", "content": "mail kim@example.org now"}])
     assert verdict.action == "redact" and "kim@example.org" not in messages[0]["content"]
-    from weightsmith.cli.run import guarded_stream
+    from weightsmith.commands.run import guarded_stream
 
     params = llm.sampling_params(temperature=0, max_tokens=5)
     seen = []
@@ -105,7 +105,8 @@ def test_redaction_changes_what_the_model_reads(tiny_hf_dir):
 
 
 def test_chat_drops_blocked_turns_from_the_history(tiny_hf_dir, capsys):
-    from weightsmith.cli.run import ChatConfig, run_chat
+    from weightsmith.cli.run import run_chat
+    from weightsmith.commands.run import ChatConfig
     from weightsmith.config import config_from_dict
 
     cfg = config_from_dict(ChatConfig, {"model": str(tiny_hf_dir), "guard": "builtin:school", "max_tokens": 4,
@@ -121,7 +122,7 @@ def test_chat_drops_blocked_turns_from_the_history(tiny_hf_dir, capsys):
 
 def test_serve_guard_blocks_withholds_and_streams(tiny_hf_dir, withhold):
     openai = pytest.importorskip("openai")
-    from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.commands.serve import ServeConfig, start_server
     from weightsmith.config import config_from_dict
 
     cfg = config_from_dict(ServeConfig, {"model": str(tiny_hf_dir), "served_name": "tiny", "port": 0,

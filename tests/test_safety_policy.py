@@ -12,15 +12,10 @@ import time
 import pytest
 from rich.console import Console
 
-from weightsmith.cli.guard import (
-    GuardCheckConfig,
-    GuardTestConfig,
-    GuardTestFailed,
-    print_guard_check,
-    print_guard_test,
-    run_guard_check,
-    run_guard_test,
-)
+from weightsmith.cli.guard import check as run_guard_check
+from weightsmith.cli.guard import print_guard_check, print_guard_test
+from weightsmith.cli.main import main
+from weightsmith.commands.guard import GuardCheckConfig, GuardTestConfig, GuardTestFailed, run_guard_test
 from weightsmith.errors import ConfigError, UsageError, WeightsmithError
 from weightsmith.eval.judge import EndpointJudge, LocalJudge
 from weightsmith.safety.encodings import b64encode, leetspeak, rot13
@@ -495,15 +490,17 @@ def test_guard_test_fails_on_a_failing_example(tmp_path, capsys):
         ),
     )
     with pytest.raises(GuardTestFailed, match=r"1 of 2 examples failed \(line 16\)") as info:
-        run_guard_test(GuardTestConfig(policy=path), console=Console(width=200))
+        run_guard_test(GuardTestConfig(policy=path))
     assert isinstance(info.value, WeightsmithError)
     assert info.value.result["failed"] == 1
     assert info.value.result["examples"][1]["problem"] == "expected block, got allow"
+    # The command prints nothing; the CLI shows the failing table (or JSON) before the error.
+    assert capsys.readouterr().out == ""
+    assert main(["guard", "test", str(path)]) == 1
     out = capsys.readouterr().out
     assert "FAIL: expected block, got allow" in out and "1 of 2 examples pass" in out
 
-    with pytest.raises(GuardTestFailed):
-        run_guard_test(GuardTestConfig(policy=path, json=True))
+    assert main(["guard", "test", str(path), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["failed"] == 1
 
 

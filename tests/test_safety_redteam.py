@@ -254,7 +254,7 @@ def _run_cli(argv, capsys):
 
 
 def test_cli_in_process_and_against_our_server_agree(tiny_long, packs, tmp_path, capsys):
-    from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.commands.serve import ServeConfig, start_server
     from weightsmith.config import config_from_dict
 
     common = ["--packs", str(packs), "--transforms", "none,rot13", "--max-tokens", "12", "--json",
@@ -321,7 +321,7 @@ def test_cli_bad_input_is_one_line_before_any_model_loads(tmp_path, capsys, pack
 
 
 def test_limit_spreads_over_a_pack():
-    from weightsmith.cli.redteam import _limit
+    from weightsmith.commands.redteam import limit_probes as _limit
 
     probes = load_packs(["builtin:harmful"])
     picked = _limit(probes, 7)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import weightsmith
-from weightsmith.cli.serve import ServeConfig, start_server
+from weightsmith.commands.serve import ServeConfig, start_server
 from weightsmith.config import config_from_dict
 from weightsmith.lora import LoraConfig, apply_lora, lora_layers, save_adapter
 

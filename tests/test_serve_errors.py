@@ -25,7 +25,7 @@ import httpx
 import pytest
 import torch
 
-from weightsmith.cli.serve import ServeConfig, start_server
+from weightsmith.commands.serve import ServeConfig, start_server
 from weightsmith.config import config_from_dict
 
 CHAT = "/v1/chat/completions"
@@ -613,7 +613,7 @@ def _health(c) -> tuple[int, dict]:
 def test_while_loading_health_and_api_answer_503(tiny_llm):
     from starlette.testclient import TestClient
 
-    from weightsmith.serve.app import Loaded, ServeSettings, create_app
+    from weightsmith.serve.app import Loaded, create_app
 
     release = threading.Event()
 
@@ -621,7 +621,7 @@ def test_while_loading_health_and_api_answer_503(tiny_llm):
         assert release.wait(30), "the test never released the loader"
         return Loaded(tiny_llm, [])
 
-    app = create_app(ServeSettings(served_name="tiny"), loader)
+    app = create_app(ServeConfig(model="tiny"), loader)
     try:
         with TestClient(app) as c:
             assert _health(c) == (503, {"status": "loading"})
@@ -642,12 +642,10 @@ def test_while_loading_health_and_api_answer_503(tiny_llm):
 def test_cors_is_off_unless_origins_are_given(origins):
     from starlette.testclient import TestClient
 
-    from weightsmith.serve.app import ServeSettings, create_app
+    from weightsmith.serve.app import create_app
 
     never = threading.Event()
-    app = create_app(
-        ServeSettings(served_name="tiny", api_key="k", cors_origins=origins), lambda: never.wait()
-    )
+    app = create_app(ServeConfig(model="tiny", api_key="k", cors_origin=origins), lambda: never.wait())
     preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
     with TestClient(app) as c:
@@ -667,12 +665,12 @@ def test_cors_is_off_unless_origins_are_given(origins):
 def test_a_failed_load_shows_on_health(tiny_hf_dir):
     from starlette.testclient import TestClient
 
-    from weightsmith.serve.app import ServeSettings, create_app
+    from weightsmith.serve.app import create_app
 
     def loader():
         raise RuntimeError("the weights are gone")
 
-    app = create_app(ServeSettings(served_name="tiny"), loader)
+    app = create_app(ServeConfig(model="tiny"), loader)
     with TestClient(app) as c:
         wait_for(lambda: _health(c)[1]["status"] != "loading", what="the load to fail")
         status, body = _health(c)
@@ -689,7 +687,7 @@ def test_a_failed_load_shows_on_health(tiny_hf_dir):
 @pytest.fixture
 def no_server(monkeypatch, tmp_path):
     """Fails the test if `weightsmith serve` gets as far as making a uvicorn server."""
-    import weightsmith.cli.serve as serve_cmd
+    import weightsmith.commands.serve as serve_cmd
 
     made = []
     monkeypatch.setattr(serve_cmd, "_uvicorn_server", lambda *a, **k: made.append(a))

@@ -3,7 +3,7 @@ against its parameter's shape, converted and assigned in place, so building neve
 two copies of the weights.
 
 Shared by every full-precision source (safetensors, GGUF) and by the quantized-checkpoint
-builder (weightsmith.quant.checkpoint), which uses `assign_parameter` and
+builder (weightsmith.checkpoint.quantized), which uses `assign_parameter` and
 `IGNORED_SUFFIXES` for the tensors it keeps in full precision.
 
 Not here: opening files or picking a builder (load.py), file formats (safetensors.py, gguf.py).

@@ -2,7 +2,7 @@
 
 Opens the files, reads config, tokenizer and generation config, and hands the tensors
 to a builder: `build_model` (checkpoint/build.py) for full-precision weights, or
-weightsmith.quant.checkpoint for a directory saved by `weightsmith quantize`. Not here:
+weightsmith.checkpoint.quantized for a directory saved by `weightsmith quantize`. Not here:
 finding a model by name (pull.py), building the model from tensors (build.py) or file
 formats (safetensors.py, gguf.py).
 """
@@ -87,7 +87,7 @@ def _load_hf_dir(
     decode_layout: bool,
     on_tensor: TensorHook | None,
 ) -> Checkpoint:
-    from weightsmith.quant import checkpoint as quant_ckpt
+    from weightsmith.checkpoint import quantized as quant_ckpt
     from weightsmith.tokenizer import Tokenizer
 
     data = read_json(path / "config.json")

@@ -10,6 +10,12 @@ tests, plus an arithmetic suite as a check that general skill held; report in
 OUT/eval. redteam: the base model and the tuned fork, each bare and behind the sample
 school policy, attacked with the built-in probe packs; attack success and over-refusal
 with 95% intervals, report in OUT/redteam.
+
+The demo stays in the CLI layer rather than in `weightsmith.commands`: its product is the
+narration it writes to `out` as each stage runs (streamed answers between headings), and
+it only strings together commands that are callable from Python on their own
+(`weightsmith.commands.run`, `.train`, `.serve`, `.eval`, `.redteam`). Not here: any of
+the work those commands do.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
-from weightsmith.cli.run import DEFAULT_MODEL, ChatSession, load_with_status
+from weightsmith.commands.loading import DEFAULT_MODEL, load_model
+from weightsmith.commands.run import ChatSession
 from weightsmith.config import opt
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
@@ -48,6 +55,11 @@ DEMO_TURNS = [
 ]
 
 
+def run(cfg: DemoConfig, progress: Any = None) -> dict[str, Any]:
+    """`demo` on the command line: the narration goes to stdout."""
+    return run_demo(cfg, out=sys.stdout)
+
+
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
     stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval,
               "redteam": demo_redteam}  # fmt: skip
@@ -57,7 +69,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
 def demo_chat(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Load, talk, measure."""
     t0 = time.perf_counter()
-    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    llm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     load_s = time.perf_counter() - t0
     out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
     out.write(f"loaded in {load_s:.1f}s\n")
@@ -87,8 +99,8 @@ def demo_chat(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """LoRA on Kettlebird, then base vs tuned on held-out questions."""
     from weightsmith.cli.train import make_reporter
+    from weightsmith.commands.train import FinetuneConfig, run_finetune
     from weightsmith.config import config_from_dict
-    from weightsmith.train.sft import FinetuneConfig, run_finetune
 
     out.write(
         f"\n== finetune: LoRA on the bundled Kettlebird support data ({cfg.steps} steps), writing {cfg.out}\n"
@@ -109,7 +121,7 @@ def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
         },
     )
-    trained = run_finetune(ft, reporter=make_reporter(sys.stderr))
+    trained = run_finetune(ft, make_reporter(sys.stderr))
     before, after = trained["initial_val_loss"], trained["metrics"]["val_loss"]
     out.write(f"validation loss {before:.3f} -> {after:.3f} in {trained['seconds']:.0f}s\n")
     questions = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()
@@ -131,7 +143,7 @@ def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
 
 def _answers(cfg: DemoConfig, adapter: str | None, questions: list[str]) -> list[str]:
-    llm = load_with_status(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=adapter)
+    llm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=adapter)
     prompts = [llm.engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
     done = llm.engine.generate(prompts, llm.sampling_params(temperature=0, max_tokens=64))
     return [c.text.strip().replace("\n", " ") for c in done]
@@ -141,7 +153,7 @@ def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Serve the base model with the tuned adapter; ask both with the official OpenAI client."""
     from pathlib import Path
 
-    from weightsmith.cli.serve import ServeConfig, start_server
+    from weightsmith.commands.serve import ServeConfig, start_server
     from weightsmith.config import config_from_dict
     from weightsmith.errors import UsageError
 
@@ -168,36 +180,42 @@ def demo_serve(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     out.write(f"\n== serve: {cfg.model} with adapter {name!r} at {running.url}/v1 ")
     out.write(f"(ready in {time.perf_counter() - t0:.1f}s), asked with the openai client\n")
     question = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()[0]
-    answers: dict[str, str] = {}
     try:
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
-        out.write(f"\nuser> {question}\n")
-        for model in (cfg.model, f"{cfg.model}:{name}"):
-            out.write(f"{model}> ")
-            stream = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": question}],
-                max_tokens=64,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            text = ""
-            for chunk in stream:
-                for choice in chunk.choices:
-                    piece = choice.delta.content or ""
-                    text += piece
-                    out.write(piece)
-                    out.flush()
-                if chunk.usage is not None:
-                    out.write(f"\n  ({chunk.usage.completion_tokens} tokens)\n")
-            answers[model] = text.strip()
+        answers = _ask_served(openai, running.url, [cfg.model, f"{cfg.model}:{name}"], question, out)
     finally:
         running.stop()
     tuned = answers[f"{cfg.model}:{name}"]
     styled = bool(HOUSE_STYLE.match(tuned))
     out.write(f"served adapter answers in the house style: {'yes' if styled else 'no'}; server stopped\n")
     return {"url": running.url, "answers": answers, "tuned_in_house_style": styled}
+
+
+def _ask_served(openai: Any, url: str, models: list[str], question: str, out: TextIO) -> dict[str, str]:
+    """Ask each served model `question`, streaming the answers to `out`."""
+    answers: dict[str, str] = {}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    out.write(f"\nuser> {question}\n")
+    for model in models:
+        out.write(f"{model}> ")
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=64,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text = ""
+        for chunk in stream:
+            for choice in chunk.choices:
+                piece = choice.delta.content or ""
+                text += piece
+                out.write(piece)
+                out.flush()
+            if chunk.usage is not None:
+                out.write(f"\n  ({chunk.usage.completion_tokens} tokens)\n")
+        answers[model] = text.strip()
+    return answers
 
 
 def _tuned_adapter(cfg: DemoConfig, stage: str):
@@ -219,7 +237,8 @@ def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
     from rich.console import Console
 
-    from weightsmith.cli.eval import EvalConfig, print_eval, run_eval
+    from weightsmith.cli.eval import print_eval
+    from weightsmith.commands.eval import EvalConfig, run_eval
     from weightsmith.config import config_from_dict
 
     adapter = _tuned_adapter(cfg, "eval")
@@ -249,7 +268,8 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Base and tuned fork, each bare and behind the sample policy, against the probe packs."""
     from rich.console import Console
 
-    from weightsmith.cli.redteam import RedteamConfig, print_redteam, progress_lines, run_redteam_cli
+    from weightsmith.cli.redteam import print_redteam, progress_lines
+    from weightsmith.commands.redteam import RedteamConfig, run_redteam
     from weightsmith.config import config_from_dict
 
     adapter = _tuned_adapter(cfg, "redteam")
@@ -266,6 +286,6 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
     console = Console(file=out, highlight=False, emoji=False, width=140)
-    result = run_redteam_cli(rt, progress=progress_lines(console))
+    result = run_redteam(rt, progress_lines(console))
     print_redteam(result, console)
     return {"report": result["written"]["report.html"], "configs": result["configs"]}

@@ -1,42 +1,13 @@
-"""The `export` command: write a model in another runtime's format (GGUF for llama.cpp/Ollama).
+"""How export shows itself: one line naming the file, its size and tensor types.
 
-The conversion lives in `weightsmith.checkpoint.gguf_write`; this module parses the request,
-loads the model on CPU in fp32 with plain (training) weight layout, and prints the result.
-Not here: LoRA adapters (merge them first with `weightsmith merge`), other formats.
+Not here: the command (`weightsmith.commands.export`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-
-from weightsmith.checkpoint.gguf_write import QUANTS, check_export_args, export_gguf
-from weightsmith.config import opt
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    """Export a model as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it."""
-
-    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
-    format: str = opt("gguf", "output format", choices=["gguf"])
-    quant: str = opt("f16", "storage type of the weight matrices", choices=list(QUANTS))
-    out: str = opt(help="output file (NAME.gguf); a Modelfile is written in the same directory")
-    overwrite: bool = opt(False, "replace an existing output file")
-    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
-    json: bool = opt(False, "print the result as JSON")
-
-
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    from weightsmith.checkpoint.pull import resolve
-
-    # Refuse a bad --out before resolving, which may download the model.
-    out = check_export_args(cfg.out, cfg.quant, overwrite=cfg.overwrite)
-    path = resolve(cfg.model)
-    result = export_gguf(path, out, cfg.quant, overwrite=cfg.overwrite, allow_pickle=cfg.allow_pickle)
-    return {"model": cfg.model, **result}
 
 
 def print_export(result: dict[str, Any], console: Console) -> None:

@@ -1,13 +1,19 @@
 """The `weightsmith` command: parse arguments, call a command's run function, print.
 
 Errors a user can cause become one line on stderr and exit status 1 (2 for usage
-errors); `--debug` shows the traceback instead. Nothing here knows how models
-work: commands live in `cli/store.py` and `cli/run.py`.
+errors); `--debug` shows the traceback instead. `COMMANDS` is the whole command line:
+each entry names its config class, its run function (`weightsmith.commands`), its
+printer and how it shows progress; `dispatch` looks a command up there.
+
+Not here: what commands do (`weightsmith.commands`), how each prints (the other `cli`
+modules), flags from config fields (`cli/args.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import sys
@@ -18,25 +24,43 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith import __version__
-from weightsmith.cli import audit as audit_cmd
-from weightsmith.cli import demo, store
-from weightsmith.cli import eval as eval_cmd
-from weightsmith.cli import export as export_cmd
-from weightsmith.cli import guard as guard_cmd
-from weightsmith.cli import quantize as quantize_cmd
-from weightsmith.cli import redteam as redteam_cmd
-from weightsmith.cli import run as run_cmds
-from weightsmith.cli import serve as serve_cmd
-from weightsmith.cli import train as train_cmds
+from weightsmith.cli import audit as audit_out
+from weightsmith.cli import demo
+from weightsmith.cli import eval as eval_out
+from weightsmith.cli import export as export_out
+from weightsmith.cli import guard as guard_out
+from weightsmith.cli import quantize as quantize_out
+from weightsmith.cli import redteam as redteam_out
+from weightsmith.cli import run as run_out
+from weightsmith.cli import serve as serve_out
+from weightsmith.cli import store as store_out
+from weightsmith.cli import train as train_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
+from weightsmith.commands import audit, export, guard, quantize, redteam, run, serve, store, train
+from weightsmith.commands import eval as evaluate
+from weightsmith.commands.loading import set_load_status
 from weightsmith.errors import WeightsmithError
+
+#: A printer for people: `show(result, console, cfg)`.
+Show = Callable[[Any, Console, Any], None]
 
 
 @dataclass(frozen=True)
 class Command:
+    """One command: its config class, help, examples, and how it runs and shows itself.
+
+    `run(cfg, progress)` does the work and returns data (a `weightsmith.commands` function, or a
+    CLI function where the command needs the terminal: a prompt or text on stdin, chat's loop,
+    the demo's narration); `progress(cfg)` makes what `run` reports progress to (None: nothing);
+    `show` prints the result for people (None: `run` already showed it). `--json` prints the
+    result instead of `show`."""
+
     config: type
     help: str
     examples: str
+    run: Callable[[Any, Any], Any]
+    show: Show | None = None
+    progress: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,29 @@ class Group:
     commands: dict[str, Command]
 
 
+def _plain(printer: Callable[[Any, Console], None]) -> Show:
+    """A printer that needs only the result."""
+    return lambda result, console, cfg: printer(result, console)
+
+
+def _stream_text(cfg: Any) -> Callable[[str], None] | None:
+    """Where generate streams its text: stdout, unless --json (then the whole result at the end)."""
+    out = sys.stdout
+    return None if cfg.json else (lambda s: (out.write(s), out.flush()))
+
+
+def _bars(cfg: Any) -> Any:
+    return None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console())
+
+
+def _probe_lines(cfg: Any) -> Any:
+    return None if cfg.json else redteam_out.progress_lines(redteam_out.stderr_console())
+
+
+def _listening(cfg: Any) -> Callable[[str, Any], None]:
+    return lambda url, state: serve_out.print_listening(url, state, sys.stderr)
+
+
 #: Every command, in the order `--help` lists them.
 COMMANDS: dict[str, Command | Group] = {
     "pull": Command(
@@ -55,63 +102,98 @@ COMMANDS: dict[str, Command | Group] = {
         "weightsmith pull smollm2-135m-instruct\n"
         "  weightsmith pull HuggingFaceTB/SmolLM2-135M-Instruct     # online only\n"
         "  weightsmith pull ./my-checkpoint --name mine             # register a local HF dir or .gguf",
+        store.run_pull,
+        _plain(store_out.print_pull),
     ),
-    "models": Command(store.ModelsConfig, "list the models in the store", "weightsmith models --json"),
-    "rm": Command(store.RmConfig, "remove a model from the store", "weightsmith rm mine"),
+    "models": Command(
+        store.ModelsConfig,
+        "list the models in the store",
+        "weightsmith models --json",
+        store.run_models,
+        _plain(store_out.print_models),
+    ),
+    "rm": Command(
+        store.RmConfig,
+        "remove a model from the store",
+        "weightsmith rm mine",
+        store.run_rm,
+        _plain(store_out.print_rm),
+    ),  # fmt: skip
     "info": Command(
         store.InfoConfig,
         "show a model's family, size, precision, context and chat template",
         "weightsmith info smollm2-135m-instruct --template",
+        store.run_info,
+        lambda result, console, cfg: store_out.print_info(result, console, template=cfg.template),
     ),
     "generate": Command(
-        run_cmds.GenerateConfig,
+        run.GenerateConfig,
         "complete a prompt",
         'weightsmith generate smollm2-135m-instruct --prompt "Once upon a time" --temperature 0 --json\n'
         '  echo "Explain LoRA in one sentence." | weightsmith generate smollm2-135m-instruct --chat -n 64',
+        run_out.generate,
+        lambda result, console, cfg: sys.stdout.write("\n"),
+        _stream_text,
     ),
     "chat": Command(
-        run_cmds.ChatConfig,
+        run.ChatConfig,
         "chat with a model (streams; /reset, /system TEXT, /exit)",
         "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
+        run_out.chat,
     ),
     "finetune": Command(
-        train_cmds.FinetuneConfig,
+        train.FinetuneConfig,
         "fine-tune on your JSONL data (LoRA, QLoRA or full)",
         "weightsmith finetune smollm2-135m-instruct --data support.jsonl --method lora --out runs/support\n"
         "  weightsmith finetune smollm2-135m-instruct --config finetune.yaml --train.lr 1e-4 --lora.rank 16\n"
         "  weightsmith finetune --resume runs/support          # continue from the latest checkpoint",
+        train.run_finetune,
+        _plain(train_out.print_finetune),
+        lambda cfg: train_out.make_reporter(),
     ),
     "merge": Command(
-        train_cmds.MergeConfig,
+        train.MergeConfig,
         "fold a LoRA adapter into its base model and save an HF directory",
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
+        train.run_merge,
+        _plain(train_out.print_merge),
     ),
     "eval": Command(
-        eval_cmd.EvalConfig,
+        evaluate.EvalConfig,
         "evaluate a model and its forks on task files; compare and report",
         "weightsmith eval smollm2-135m-instruct --tasks builtin:arith-mc,my_tasks/qa.yaml --limit 200\n"
         "  weightsmith eval smollm2-135m-instruct --adapter runs/support --compare base \\\n"
         "      --tasks builtin:kettlebird-heldout --apply-chat-template --out reports/support",
+        evaluate.run_eval,
+        _plain(eval_out.print_eval),
+        _bars,
     ),
     "redteam": Command(
-        redteam_cmd.RedteamConfig,
+        redteam.RedteamConfig,
         "attack a model, its forks and its guard with probe packs; attack success vs over-refusal",
         "weightsmith redteam smollm2-135m-instruct --adapter runs/support --guard builtin:school --out reports/rt\n"
         "  weightsmith redteam http://localhost:8000/v1 --model smollm2-135m-instruct --packs builtin:injection",
+        redteam.run_redteam,
+        _plain(redteam_out.print_redteam),
+        _probe_lines,
     ),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",
         {
             "check": Command(
-                guard_cmd.GuardCheckConfig,
+                guard.GuardCheckConfig,
                 "check one text against a policy's input (or --output) rails",
                 'weightsmith guard check builtin:school "how do I make a bomb"\n'
                 '  echo "my email is a@b.org" | weightsmith guard check policies/school.yaml --output --json',
+                guard_out.check,
+                _plain(guard_out.print_guard_check),
             ),
             "test": Command(
-                guard_cmd.GuardTestConfig,
+                guard.GuardTestConfig,
                 "run a policy against the examples written in it (exit 1 if any fails)",
                 "weightsmith guard test builtin:school\n  weightsmith guard test policies/school.yaml --json",
+                guard.run_guard_test,
+                _plain(guard_out.print_guard_test),
             ),
         },
     ),
@@ -119,37 +201,48 @@ COMMANDS: dict[str, Command | Group] = {
         "audit a model for bias",
         {
             "bias": Command(
-                audit_cmd.AuditBiasConfig,
+                audit.AuditBiasConfig,
                 "counterfactual bias audit over eval tasks, and stereotype-pair likelihoods",
                 "weightsmith audit bias smollm2-135m-instruct --tasks builtin:reading-mc --out reports/bias\n"
                 "  weightsmith audit bias ./my-model --lexicon builtin:names --pairs none --tasks my_task.yaml",
+                audit.run_audit_bias,
+                _plain(audit_out.print_audit_bias),
+                _bars,
             ),
         },
     ),
     "export": Command(
-        export_cmd.ExportConfig,
+        export.ExportConfig,
         "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q4_0)",
         "weightsmith export smollm2-135m-instruct --quant q8_0 --out exports/smollm2-q8_0.gguf\n"
         "  weightsmith export models/support-merged --quant f16 --out support.gguf --overwrite\n"
         "  ollama create support -f Modelfile                    # then, in the --out directory",
+        export.run_export,
+        _plain(export_out.print_export),
     ),
     "quantize": Command(
-        quantize_cmd.QuantizeConfig,
+        quantize.QuantizeConfig,
         "quantize weights to int8 (per channel) or int4 (group-wise) and save a loadable directory",
         "weightsmith quantize smollm2-135m-instruct --to int4 --group-size 32 --out models/smol-int4 --check\n"
         "  weightsmith quantize ./my-model --to int8 --out models/my-int8 --overwrite\n"
         '  weightsmith generate models/smol-int4 --prompt "Once upon a time"',
+        quantize.run_quantize,
+        _plain(quantize_out.print_quantize),
     ),
     "serve": Command(
-        serve_cmd.ServeConfig,
+        serve.ServeConfig,
         "serve a model behind an OpenAI-compatible API (streaming, batching, adapters)",
         "weightsmith serve smollm2-135m-instruct --adapter support=runs/support --port 8000\n"
         '  weightsmith serve ./my-model --api-key "$(cat key.txt)" --host 0.0.0.0 --max-batch 32',
+        serve.run_serve,
+        _plain(serve_out.print_stopped),
+        _listening,
     ),
     "demo": Command(
         demo.DemoConfig,
         "run the main job end to end on the default model",
         "weightsmith demo\n  weightsmith demo --stages chat",
+        demo.run,
     ),
 }
 
@@ -219,54 +312,40 @@ def command_for(ns: argparse.Namespace) -> tuple[str, Command]:
 
 def dispatch(name: str, cfg: Any, console: Console) -> tuple[Any, Callable[[Any], None] | None]:
     """Run command `name`; return its result and a printer for people (None: already shown)."""
-    out = sys.stdout
-    if name == "pull":
-        return store.run_pull(cfg), lambda r: store.print_pull(r, console)
-    if name == "models":
-        return store.run_models(cfg), lambda r: store.print_models(r, console)
-    if name == "rm":
-        return store.run_rm(cfg), lambda r: store.print_rm(r, console)
-    if name == "info":
-        return store.run_info(cfg), lambda r: store.print_info(r, console, template=cfg.template)
-    if name == "generate":
-        sink = None if cfg.json else (lambda s: (out.write(s), out.flush()))
-        result = run_cmds.run_generate(cfg, on_text=sink)
-        return result, (lambda r: out.write("\n"))
-    if name == "chat":
-        interactive = sys.stdin.isatty() and out.isatty()
-        return run_cmds.run_chat(cfg, stdin=sys.stdin, out=out, interactive=interactive), None
-    if name == "finetune":
-        return train_cmds.run_finetune_cli(cfg), lambda r: train_cmds.print_finetune(r, console)
-    if name == "merge":
-        return train_cmds.run_merge(cfg), lambda r: console.print(f"wrote {r['out']}")
-    if name == "eval":
-        progress = None if cfg.json else eval_cmd.ProgressBars(eval_cmd.stderr_console())
-        return eval_cmd.run_eval(cfg, progress=progress), lambda r: eval_cmd.print_eval(r, console)
-    if name == "redteam":
-        progress = None if cfg.json else redteam_cmd.progress_lines(redteam_cmd.stderr_console())
-        result = redteam_cmd.run_redteam_cli(cfg, progress=progress)
-        return result, lambda r: redteam_cmd.print_redteam(r, console)
-    if name == "guard check":
-        return guard_cmd.run_guard_check(cfg), lambda r: guard_cmd.print_guard_check(r, console)
-    if name == "guard test":
-        return guard_cmd.run_guard_test(cfg, console=console), lambda r: guard_cmd.print_guard_test(
-            r, console
-        )
-    if name == "audit bias":
-        progress = None if cfg.json else eval_cmd.ProgressBars(eval_cmd.stderr_console())
-        result = audit_cmd.run_audit_bias(cfg, progress=progress)
-        return result, lambda r: audit_cmd.print_audit_bias(r, console)
-    if name == "export":
-        return export_cmd.run_export(cfg), lambda r: export_cmd.print_export(r, console)
-    if name == "quantize":
-        return quantize_cmd.run_quantize(cfg), lambda r: quantize_cmd.print_quantize(r, console)
-    if name == "serve":
-        listening = lambda url, state: serve_cmd.print_listening(url, state, sys.stderr)  # noqa: E731
-        stopped = lambda r: sys.stderr.write("weightsmith serve: stopped\n")  # noqa: E731
-        return serve_cmd.run_serve(cfg, on_listening=listening), stopped
-    if name == "demo":
-        return demo.run_demo(cfg, out=out), None
-    raise AssertionError(name)
+    command = _leaf(name)
+    progress = command.progress(cfg) if command.progress is not None else None
+    show = None if command.show is None else functools.partial(_show, command.show, console, cfg)
+    try:
+        return command.run(cfg, progress), show
+    except WeightsmithError as e:
+        if getattr(e, "result", None) is not None:  # failed with a result to show (guard test)
+            _output(cfg, e.result, show)
+        raise
+
+
+def _show(show: Show, console: Console, cfg: Any, result: Any) -> None:
+    show(result, console, cfg)
+
+
+def _output(cfg: Any, result: Any, show: Callable[[Any], None] | None) -> None:
+    """The result as JSON with --json, else through the command's printer."""
+    if getattr(cfg, "json", False):
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    elif show is not None:
+        show(result)
+
+
+def _leaf(name: str) -> Command:
+    group, _, sub = name.partition(" ")
+    cmd = COMMANDS[group]
+    return cmd.commands[sub] if isinstance(cmd, Group) else cmd
+
+
+def _load_spinner(model: str) -> Any:
+    """A spinner on stderr while a model loads, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    return Console(stderr=True).status(f"loading {model}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,11 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(command.config, ns)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+        set_load_status(_load_spinner)
         result, show = dispatch(name, cfg, console)
-        if getattr(cfg, "json", False):
-            print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
-        elif show is not None:
-            show(result)
+        _output(cfg, result, show)
         return 0
     except WeightsmithError as e:
         if ns.debug:

@@ -1,103 +1,23 @@
-"""Commands that run a model: generate, chat, demo.
+"""The terminal side of generate and chat: the prompt from standard input, streamed text,
+and chat's read-eval loop (slash commands, Ctrl-C stops an answer, Ctrl-D quits).
 
-Each command is a config dataclass and a `run_*` function. Streaming commands
-take an `on_text` callback for text as it arrives, so the function stays free of
-printing; the CLI passes a writer to stdout.
+Not here: loading, generating, the conversation's history (`weightsmith.commands.run`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from weightsmith.config import opt
-from weightsmith.errors import GenerationError, UsageError
-from weightsmith.llm import LLM, load
+from weightsmith.commands.run import ChatConfig, GenerateConfig, open_chat, run_generate
+from weightsmith.errors import UsageError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-TextSink = Callable[[str], None]
-
-
-@dataclass(kw_only=True)
-class LoadOptions:
-    """Which model to run and where."""
-
-    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
-    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
-    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
-    adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
-
-    def load_kwargs(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "dtype": self.dtype,
-            "allow_pickle": self.allow_pickle,
-            "adapter": self.adapter,
-        }
-
-    def load(self) -> LLM:
-        return load_with_status(self.model, **self.load_kwargs())
-
-
-def load_with_status(model: str, **kwargs: Any) -> LLM:
-    """`load`, with a spinner on stderr when it is a terminal (the library never prints)."""
-    if not sys.stderr.isatty():
-        return load(model, **kwargs)
-    from rich.console import Console
-
-    with Console(stderr=True).status(f"loading {model}"):
-        return load(model, **kwargs)
-
-
-@dataclass(kw_only=True)
-class SamplingOptions:
-    """How tokens are chosen; unset options take the checkpoint's generation_config or our defaults."""
-
-    max_tokens: int = opt(256, "most tokens to generate", short="-n")
-    temperature: float | None = opt(None, "0 for greedy decoding; higher is more random (default 0.7)")
-    top_k: int | None = opt(None, "sample from the k most likely tokens (0 = off)")
-    top_p: float | None = opt(None, "sample from the smallest set with this much probability (1 = off)")
-    min_p: float | None = opt(None, "drop tokens below min_p x the top token's probability (0 = off)")
-    repetition_penalty: float | None = opt(None, "penalise tokens already seen (1 = off)")
-    seed: int | None = opt(None, "random seed for reproducible sampling")
-    stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)", split=False)
-
-    def sampling(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed,
-            "stop": list(self.stop),
-        }
-
-
-@dataclass(kw_only=True)
-class GenerateConfig(LoadOptions, SamplingOptions):
-    """Complete a prompt (from --prompt or standard input)."""
-
-    prompt: str | None = opt(None, "text to continue; read from standard input when omitted", short="-p")
-    chat: bool = opt(False, "wrap the prompt as a user message in the model's chat template")
-    system: str | None = opt(None, "system message (with --chat)")
-    json: bool = opt(False, "print one JSON object with text, finish reason, usage and timings")
-    draft: str | None = opt(None, "draft model for speculative decoding (greedy only; same tokenizer)")
-    draft_k: int = opt(4, "tokens the draft proposes per step")
-    guard: str | None = opt(
-        None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
-    )
-    compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
+CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit quits"
 
 
 def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
+    """The prompt: --prompt, else standard input (not a terminal)."""
     if cfg.prompt is not None:
         return cfg.prompt
     if stdin.isatty():
@@ -108,194 +28,21 @@ def read_prompt(cfg: GenerateConfig, stdin: TextIO) -> str:
     return text.rstrip("\n")
 
 
-def run_generate(
-    cfg: GenerateConfig, *, on_text: TextSink | None = None, stdin: TextIO | None = None
-) -> dict:
-    prompt = read_prompt(cfg, stdin or sys.stdin)
-    guard = _load_guard(cfg)
-    llm = cfg.load()
-    llm.engine.compile = cfg.compile
-    params = llm.sampling_params(**cfg.sampling())
-    messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    if guard is not None:
-        if cfg.draft is not None:
-            raise UsageError("--guard and --draft cannot be combined yet; drop one of them")
-        to_ids = (
-            llm.engine.chat_prompt if cfg.chat else (lambda m: llm.engine.encode_prompt(m[-1]["content"]))
-        )
-        completion, reply = guarded_stream(llm, guard, messages, to_ids, params, on_text)
-        return {"model": cfg.model, "prompt": prompt, **_guarded_result(completion, reply)}
-    source: Any = llm.engine.chat_prompt(messages) if cfg.chat else prompt
-    if cfg.draft is not None:
-        return {"model": cfg.model, "prompt": prompt, **_run_speculative(cfg, llm, params, source, on_text)}
-    completion = None
-    for delta in llm.engine.stream(source, params):
-        if on_text and delta.text:
-            on_text(delta.text)
-        completion = delta.completion or completion
-    assert completion is not None
-    return {"model": cfg.model, "prompt": prompt, **completion.to_dict()}
+def generate(cfg: GenerateConfig, progress: Any = None) -> dict:
+    """`generate`: the prompt from --prompt or stdin, then `run_generate` streaming to `progress`."""
+    cfg.prompt = read_prompt(cfg, sys.stdin)
+    return run_generate(cfg, progress)
 
 
-def _load_guard(cfg: Any) -> Any:
-    """The --guard policy, read and checked before the model loads (None without --guard)."""
-    from weightsmith.safety.guarded import load_guard
-
-    opts = {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
-    return load_guard(cfg.guard, load_model=lambda ref: load_with_status(ref, **opts))
-
-
-def guarded_stream(
-    llm: LLM, guard: Any, messages: list[dict], to_ids: Callable[[list[dict]], list[int]], params: Any,
-    on_text: TextSink | None,
-) -> tuple[Any, Any]:  # fmt: skip
-    """One guarded answer: streamed as it comes when the policy has only input rails; held
-    until complete (then checked and shown) when it has output rails. Returns the model's
-    Completion (None when the input was blocked) and the `GuardedReply`."""
-    from weightsmith.safety.guarded import guarded_replies
-
-    live = not guard.has_output_rails
-    state: dict[str, Any] = {"completion": None}
-
-    def generate(convs: list[list[dict]]) -> list[tuple[str, str]]:
-        for delta in llm.engine.stream(to_ids(convs[0]), params):
-            if live and on_text and delta.text:
-                on_text(delta.text)
-            state["completion"] = delta.completion or state["completion"]
-        c = state["completion"]
-        return [(c.text, c.finish_reason)]
-
-    reply = guarded_replies(guard, [messages], generate)[0]
-    if on_text and reply.text and not (live and state["completion"] is not None):
-        on_text(reply.text)
-    return state["completion"], reply
-
-
-def _guarded_result(completion: Any, reply: Any) -> dict:
-    out = completion.to_dict() if completion is not None else {"usage": None}
-    out.update({"text": reply.text, "finish_reason": reply.finish_reason, "guard": reply.guard_record()})
-    return out
-
-
-def _run_speculative(
-    cfg: GenerateConfig, llm: LLM, params: Any, source: Any, on_text: TextSink | None
-) -> dict:
-    """`generate --draft`: the target's greedy tokens, drafted by a second model. Stop
-    strings are not applied here, so --stop is refused rather than silently ignored."""
-    from weightsmith.engine import Completion
-    from weightsmith.speculative import check_draft, speculative_generate
-
-    if params.temperature != 0:
-        raise UsageError("speculative decoding is greedy-only here; pass --temperature 0")
-    if params.stop:
-        raise UsageError("--stop is not supported with --draft; drop one of them")
-    if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
-        raise UsageError("--draft does not apply repetition penalties; pass --repetition-penalty 1")
-    if cfg.draft_k < 1:
-        raise UsageError(f"--draft-k must be at least 1, got {cfg.draft_k}")
-    draft = load_with_status(cfg.draft, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
-    check_draft(llm.model, draft.model)
-    ids = llm.engine.encode_prompt(source)
-    eos = set() if params.ignore_eos else set(llm.engine.eos_token_ids)
-    eos |= set(params.stop_token_ids)
-    start = time.perf_counter()
-    res = speculative_generate(
-        llm.model, draft.model, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos,
-        draft_step=draft.engine.decode_step(),
-    )  # fmt: skip
-    elapsed = time.perf_counter() - start
-    shown = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens  # the end token has no text
-    text = llm.tokenizer.decode(shown, skip_special_tokens=True)
-    if on_text and text:
-        on_text(text)
-    completion = Completion(
-        text, res.finish_reason, len(ids), len(res.tokens), res.tokens, decode_seconds=elapsed
-    )
-    speculative = {
-        "proposed": res.proposed,
-        "accepted": res.accepted,
-        "acceptance_rate": round(res.acceptance_rate, 4),
-        "target_forwards": res.target_forwards,
-    }
-    return {**completion.to_dict(), "speculative": speculative}
-
-
-@dataclass(kw_only=True)
-class ChatConfig(LoadOptions, SamplingOptions):
-    """Chat interactively (or answer piped lines, one turn per line)."""
-
-    max_tokens: int = opt(512, "most tokens per answer", short="-n")
-    system: str | None = opt(None, "system message for the conversation")
-    guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
-    compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
-
-
-CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, /exit quits"
-
-
-@dataclass
-class ChatSession:
-    """A conversation that keeps history and trims the oldest turns to fit the context."""
-
-    llm: LLM
-    params: dict[str, Any]
-    system: str | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
-    guard: Any = None
-
-    def messages(self) -> list[dict[str, str]]:
-        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-        return sys_msg + self.history
-
-    def reply(self, text: str, on_text: TextSink) -> dict:
-        self.history.append({"role": "user", "content": text})
-        sp = self.llm.sampling_params(**self.params)
-        if self.guard is not None:
-            return self._guarded_reply(sp, on_text)
-        ids = self._fitting_prompt(sp.max_tokens)
-        answer, completion = [], None
-        for delta in self.llm.engine.stream(ids, sp):
-            if delta.text:
-                on_text(delta.text)
-                answer.append(delta.text)
-            completion = delta.completion or completion
-        self.history.append({"role": "assistant", "content": "".join(answer)})
-        return completion.to_dict() if completion else {}
-
-    def _guarded_reply(self, sp: Any, on_text: TextSink) -> dict:
-        def to_ids(messages: list[dict]) -> list[int]:
-            # What the guard let through, redactions included, is the history from now on.
-            self.history = [m for m in messages if m["role"] != "system"]
-            return self._fitting_prompt(sp.max_tokens)
-
-        completion, reply = guarded_stream(self.llm, self.guard, self.messages(), to_ids, sp, on_text)
-        if completion is None:
-            self.history.pop()  # blocked before the model: the turn is not kept
-        else:
-            self.history.append({"role": "assistant", "content": reply.text})
-        return _guarded_result(completion, reply)
-
-    def _fitting_prompt(self, max_tokens: int) -> list[int]:
-        budget = self.llm.engine.context_length - min(max_tokens, self.llm.engine.context_length // 2)
-        while True:
-            ids = self.llm.tokenizer.apply_chat_template(
-                self.messages(), add_generation_prompt=True, tokenize=True
-            )
-            if len(ids) <= budget or len(self.history) <= 1:
-                return self.llm.engine.encode_prompt(ids)
-            self.history = self.history[2:]  # drop the oldest exchange
+def chat(cfg: ChatConfig, progress: Any = None) -> dict:
+    """`chat`: the loop on this terminal (or over piped lines, one turn per line)."""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    return run_chat(cfg, stdin=sys.stdin, out=sys.stdout, interactive=interactive)
 
 
 def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) -> dict:
     """The REPL: slash commands, streaming answers, history kept across turns."""
-    guard = _load_guard(cfg)
-    llm = cfg.load()
-    llm.engine.compile = cfg.compile
-    if not llm.tokenizer.chat_template:
-        raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
-    session = ChatSession(llm, cfg.sampling(), cfg.system, guard=guard)
+    session = open_chat(cfg)
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

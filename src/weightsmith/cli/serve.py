@@ -1,254 +1,26 @@
-"""`weightsmith serve`: the OpenAI-compatible server on uvicorn.
+"""How serve shows itself: the banner once it listens, and a line when it stops.
 
-Everything a user can get wrong (the model name, an adapter directory, a busy
-port) is checked before the server starts, so it fails with one line instead of a
-server that never becomes ready. The model then loads in the background while
-`/health` answers 503. Ctrl-C or SIGTERM stops accepting connections and lets
-in-flight requests finish (up to --drain-timeout seconds).
-
-`start_server` runs the same server on a thread (the demo, tests and benchmarks
-use it).
+Not here: the server (`weightsmith.commands.serve`, `weightsmith.serve`).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import sys
 from typing import Any
-
-from weightsmith.config import opt
-from weightsmith.errors import UsageError, WeightsmithError
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class ServeError(WeightsmithError):
-    """The server could not start or its model failed to load."""
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """Serve a model (and LoRA adapters) behind an OpenAI-compatible HTTP API."""
-
-    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
-    adapter: list[str] = opt(
-        default_factory=list,
-        help="LoRA adapter to offer as MODEL:NAME, given as NAME=DIR or DIR (NAME = the folder's name)",
-        split=False,
-    )
-    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
-    port: int = opt(8000, "port to listen on (0: any free port)")
-    api_key: str | None = opt(
-        None, "require 'Authorization: Bearer KEY'; unset: $WEIGHTSMITH_API_KEY, if set"
-    )
-    served_name: str | None = opt(None, "the model name clients send; unset: MODEL as given")
-    max_batch: int = opt(16, "most sequences decoded together")
-    max_queue: int = opt(64, "most requests waiting for a batch slot; more get 429")
-    max_model_len: int = opt(
-        2048, "context per sequence in tokens (0: the model's); the KV cache holds max-batch x this"
-    )
-    prefill_chunk: int = opt(
-        512,
-        "prompts longer than this are prefilled this many tokens per decode step, so streams keep flowing",
-    )
-    max_body: int = opt(4 << 20, "largest request body in bytes")
-    cors_origin: list[str] = opt(
-        default_factory=list,
-        help="let web pages from this origin call the API (CORS is off by default)",
-        split=False,
-    )
-    guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every request")
-    drain_timeout: float = opt(30.0, "on shutdown, seconds to let in-flight requests finish")
-    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
-    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
-
-
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """`NAME=DIR` or `DIR` -> {name: dir}, each checked to be a LoRA adapter directory."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        directory = Path(path if sep else spec).expanduser()
-        if not sep:
-            name = directory.resolve().name
-        if not ADAPTER_NAME.fullmatch(name):
-            raise UsageError(
-                f"--adapter {spec!r}: adapter name {name!r} must be letters, digits, '.', '_' or '-'; "
-                "give one as NAME=DIR"
-            )
-        if name in adapters:
-            raise UsageError(
-                f"--adapter {spec!r}: the name {name!r} is used twice; give each NAME=DIR a new name"
-            )
-        if not (directory / "adapter_config.json").is_file():
-            raise UsageError(
-                f"--adapter {spec!r}: {directory} is not a LoRA adapter directory (no adapter_config.json); "
-                "point it at a finetune output or a PEFT adapter"
-            )
-        adapters[name] = directory
-    return adapters
-
-
-def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
-    """A function that loads the model and its adapters (run on the server's loader thread)."""
-
-    def loader():
-        from weightsmith.llm import load
-        from weightsmith.lora import load_adapter, set_adapter
-        from weightsmith.serve.app import Loaded
-
-        llm = load(
-            model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False
-        )
-        for name, directory in adapters.items():
-            load_adapter(llm.model, directory, name=name)
-        if adapters:
-            set_adapter(llm.model, None)  # rows pick their adapter per request
-            llm.model.requires_grad_(False)
-        return Loaded(llm, list(adapters))
-
-    return loader
-
-
-def build_app(cfg: ServeConfig):
-    """Check the options and return (app, its state); nothing is loaded yet."""
-    from weightsmith.checkpoint.pull import resolve
-    from weightsmith.llm import load
-    from weightsmith.safety.guarded import load_guard
-    from weightsmith.serve.app import ServeSettings, create_app
-
-    for name, value, low in (("max-batch", cfg.max_batch, 1), ("max-queue", cfg.max_queue, 0),
-                             ("max-model-len", cfg.max_model_len, 0), ("max-body", cfg.max_body, 1024),
-                             ("prefill-chunk", cfg.prefill_chunk, 1)):  # fmt: skip
-        if value < low:
-            raise UsageError(f"--{name} must be at least {low}, got {value}")
-    adapters = parse_adapters(cfg.adapter)
-    guard = load_guard(cfg.guard, load_model=lambda ref: load(ref, device=cfg.device, dtype=cfg.dtype))
-    path = resolve(cfg.model)
-    settings = ServeSettings(
-        served_name=cfg.served_name or cfg.model,
-        api_key=cfg.api_key if cfg.api_key is not None else os.environ.get("WEIGHTSMITH_API_KEY") or None,
-        max_batch=cfg.max_batch,
-        max_queue=cfg.max_queue,
-        max_len=cfg.max_model_len or 1 << 30,
-        max_body_bytes=cfg.max_body,
-        prefill_chunk=cfg.prefill_chunk,
-        cors_origins=list(cfg.cors_origin),
-        guard=guard,
-    )
-    if ":" in settings.served_name.removeprefix(str(Path(settings.served_name).anchor)):
-        settings.served_name = Path(cfg.model).name  # a Windows path; ':' separates adapters
-    app = create_app(settings, make_loader(path, adapters, cfg))
-    return app, app.state.weightsmith
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket first, so a busy port is a clear error, not a log line."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ServeError(
-            f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host"
-        ) from None
-    sock.listen(2048)
-    return sock
-
-
-def _uvicorn_server(app, cfg: ServeConfig):
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        timeout_graceful_shutdown=int(cfg.drain_timeout) if cfg.drain_timeout else None,
-        access_log=False,
-    )
-    return uvicorn.Server(config)
-
-
-def run_serve(cfg: ServeConfig, *, on_listening=None) -> dict[str, Any]:
-    """Serve until Ctrl-C/SIGTERM; raise ServeError if the model failed to load."""
-    app, state = build_app(cfg)
-    sock = bind(cfg.host, cfg.port)
-    server = _uvicorn_server(app, cfg)
-    failure: list[str] = []
-
-    def failed(message: str) -> None:
-        failure.append(message)
-        server.should_exit = True
-
-    state.on_load_error = failed
-    host, port = sock.getsockname()[:2]
-    if on_listening is not None:
-        on_listening(f"http://{host}:{port}", state)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
-    if failure:
-        raise ServeError(f"the model failed to load: {failure[0]}")
-    return {"url": f"http://{host}:{port}", "models": state.model_names()}
-
-
-@dataclass
-class RunningServer:
-    """A server on a background thread; `stop()` drains it like Ctrl-C does."""
-
-    url: str
-    state: Any
-    server: Any
-    thread: threading.Thread
-    errors: list[str] = field(default_factory=list)
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-
-def start_server(cfg: ServeConfig, *, wait: bool = True, timeout: float = 300.0) -> RunningServer:
-    """Start the server on a thread; with `wait`, return once the model is ready."""
-    app, state = build_app(cfg)
-    sock = bind(cfg.host, cfg.port)
-    server = _uvicorn_server(app, cfg)
-    host, port = sock.getsockname()[:2]
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-server", daemon=True
-    )
-    running = RunningServer(f"http://{host}:{port}", state, server, thread)
-
-    def failed(message: str) -> None:
-        running.errors.append(message)
-        server.should_exit = True
-
-    state.on_load_error = failed
-    thread.start()
-    if wait:
-        deadline = time.monotonic() + timeout
-        while not state.ready.wait(0.1):
-            if running.errors or not thread.is_alive() or time.monotonic() > deadline:
-                running.stop()
-                raise ServeError(f"the server did not become ready: {running.errors or 'timed out'}")
-    return running
 
 
 def print_listening(url: str, state: Any, out) -> None:
-    out.write(f"weightsmith serve: loading {state.settings.served_name}; listening on {url}\n")
+    out.write(f"weightsmith serve: loading {state.served_name}; listening on {url}\n")
     out.write(
         f"  OpenAI base URL {url}/v1   chat page {url}/   health {url}/health   metrics {url}/metrics\n"
     )
     if state.settings.api_key:
         out.write("  an API key is required (Authorization: Bearer KEY)\n")
-    guard = state.settings.guard
+    guard = state.guard
     if guard is not None:
         out.write(f"  guardrail policy {guard.name} version {guard.version} on every request\n")
     out.flush()
+
+
+def print_stopped(result: Any, console: Any = None) -> None:
+    sys.stderr.write("weightsmith serve: stopped\n")

@@ -1,58 +1,18 @@
-"""Commands that manage models on disk: pull, models, rm, info.
+"""Printers for the store commands (pull, models, rm, info); `--json` prints the data instead.
 
-Each command is a config dataclass, a `run_*` function returning data, and a
-`print_*` function for people (`--json` prints the data instead).
+Not here: the commands themselves (`weightsmith.commands.store`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from weightsmith.checkpoint import store
-from weightsmith.checkpoint.catalog import CATALOG
-from weightsmith.checkpoint.load import inspect_checkpoint
-from weightsmith.checkpoint.pull import pull, resolve
-from weightsmith.config import opt
-
-
-@dataclass(kw_only=True)
-class PullConfig:
-    """Fetch a model into the store (catalog name, Hub repo id, or local path)."""
-
-    spec: str = opt(help="catalog name, HF repo id (org/name) or local path", positional=True)
-    name: str | None = opt(None, "store name for the model (default: derived from the source)")
-    force: bool = opt(False, "pull again even if the model is already in the store")
-    json: bool = opt(False, "print the store entry as JSON")
-
-
-def run_pull(cfg: PullConfig) -> dict[str, Any]:
-    entry = pull(cfg.spec, cfg.name, force=cfg.force)
-    return entry.to_dict()
-
 
 def print_pull(result: dict[str, Any], console: Console) -> None:
     console.print(f"[green]ready[/green] {result['name']} -> {result['path']}")
-
-
-@dataclass(kw_only=True)
-class ModelsConfig:
-    """List the models in the store and the catalog."""
-
-    json: bool = opt(False, "print the list as JSON")
-
-
-def run_models(cfg: ModelsConfig) -> dict[str, Any]:
-    entries = [e.to_dict() for e in store.list_models()]
-    pulled = {e["name"] for e in entries}
-    catalog = [
-        {"name": name, "description": c.description, "license": c.license, "pulled": name in pulled}
-        for name, c in CATALOG.items()
-    ]
-    return {"store": str(store.models_dir()), "models": entries, "catalog": catalog}
 
 
 def print_models(result: dict[str, Any], console: Console) -> None:
@@ -73,34 +33,8 @@ def print_models(result: dict[str, Any], console: Console) -> None:
             console.print(f"  {c['name']}  {c['description']}")
 
 
-@dataclass(kw_only=True)
-class RmConfig:
-    """Remove a model from the store (registered local paths are only unregistered)."""
-
-    name: str = opt(help="store name of the model", positional=True)
-    json: bool = opt(False, "print the result as JSON")
-
-
-def run_rm(cfg: RmConfig) -> dict[str, Any]:
-    store.remove(cfg.name)
-    return {"removed": cfg.name}
-
-
 def print_rm(result: dict[str, Any], console: Console) -> None:
     console.print(f"removed {result['removed']}")
-
-
-@dataclass(kw_only=True)
-class InfoConfig:
-    """Show a model's family, size, precision, context length and chat template."""
-
-    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
-    template: bool = opt(False, "print the whole chat template")
-    json: bool = opt(False, "print the information as JSON")
-
-
-def run_info(cfg: InfoConfig) -> dict[str, Any]:
-    return inspect_checkpoint(resolve(cfg.model))
 
 
 def print_info(result: dict[str, Any], console: Console, *, template: bool = False) -> None:

@@ -1,23 +1,20 @@
-"""Commands that shape a model: finetune and merge, and the training progress bar.
+"""How finetune and merge show themselves: the training progress bar and the result lines.
 
-The training itself lives in weightsmith.train; this module shows it (a rich
-progress bar on a terminal, plain lines otherwise) and prints results.
+A rich progress bar on a terminal, plain lines otherwise (both are `Reporter`s the
+training loop calls). Not here: the commands (`weightsmith.commands.train`) and the
+training itself (`weightsmith.train`).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from weightsmith.cli.run import LoadOptions, load_with_status
-from weightsmith.config import opt
 from weightsmith.train.loop import LogReporter, Reporter
-from weightsmith.train.sft import FinetuneConfig, run_finetune
 
 
 class BarReporter:
@@ -84,10 +81,6 @@ def make_reporter(stream: TextIO = sys.stderr) -> Reporter:
     return LineReporter(stream)
 
 
-def run_finetune_cli(cfg: FinetuneConfig) -> dict[str, Any]:
-    return run_finetune(cfg, reporter=make_reporter())
-
-
 def print_finetune(result: dict[str, Any], console: Console) -> None:
     m = result["metrics"]
     data = result["data"]["train"]
@@ -104,26 +97,5 @@ def print_finetune(result: dict[str, Any], console: Console) -> None:
     console.print(f"wrote {where} (and metrics.jsonl, loss.png, config.yaml, run.json in {out})")
 
 
-@dataclass(kw_only=True)
-class MergeConfig(LoadOptions):
-    """Fold a LoRA adapter into its base model and save a plain HF checkpoint directory."""
-
-    out: str = opt(help="output directory (must not exist)")
-    save_dtype: str | None = opt(None, "dtype of the saved weights: fp32, bf16 or fp16 (default: as loaded)")
-
-
-def run_merge(cfg: MergeConfig) -> dict[str, Any]:
-    import torch
-
-    from weightsmith.checkpoint.save import save_hf_dir
-    from weightsmith.device import pick_dtype
-    from weightsmith.errors import UsageError
-
-    if not cfg.adapter:
-        raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
-    llm = load_with_status(cfg.model, **cfg.load_kwargs())
-    dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
-    out = save_hf_dir(
-        llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype
-    )
-    return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out)}
+def print_merge(result: dict[str, Any], console: Console) -> None:
+    console.print(f"wrote {result['out']}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.report.runs import metric_keys, run_label
 
 ALPHA = 0.05  # significance level behind `better` and the 95% intervals
 _EXACT_BELOW = 25  # McNemar: exact binomial below this many discordant pairs
@@ -225,24 +226,6 @@ def paired_bootstrap(
 
 
 # --- comparing lm-eval runs ------------------------------------------------------------
-
-
-def run_label(run: dict, index: int) -> str:
-    """The label naming a run: weightsmith.label, else config.model, else 'run N'."""
-    label = (run.get("weightsmith") or {}).get("label") or (run.get("config") or {}).get("model")
-    return str(label) if label else f"run {index}"
-
-
-def metric_keys(task_results: dict) -> list[tuple[str, str]]:
-    """(metric, filter) pairs of one task's results, in order, skipping stderrs and aliases."""
-    out = []
-    for key, value in task_results.items():
-        name, _, filt = key.partition(",")
-        if not filt or name.endswith("_stderr") or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out.append((name, filt))
-    return out
 
 
 def _number(x: Any) -> float | None:

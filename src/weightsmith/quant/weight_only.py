@@ -11,7 +11,7 @@ change of convention: they compute (q - 8) * scale + zero', so zero' = zero + 8 
 passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = zero'
 (checked numerically against `dequantize_int4` in the tests).
 
-Layer state (also the saved layout, see weightsmith.quant.checkpoint): `qweight`
+Layer state (also the saved layout, see weightsmith.checkpoint.quantized): `qweight`
 (int8 (N, K) for int8; uint8 (N, K/2) for int4, two 4-bit codes per byte, low nibble
 first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `scales`
 (fp32, (N,) for int8, (N, K/G) for int4) and for int4 `zeros` (fp32 (N, K/G)).

@@ -13,8 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from weightsmith.eval.stats import ALPHA, metric_keys, run_label
 from weightsmith.report.html import figure_png, fmt, image, new_figure, plain, write_page
+from weightsmith.report.runs import metric_keys, run_label
 
 _META_FIELDS = ("model", "adapter", "limit", "num_fewshot", "date")
 
@@ -93,7 +93,7 @@ def _marker(better: Any) -> str:
     return ""
 
 
-def _comparison_table(comparison: dict) -> str:
+def _comparison_table(comparison: dict, alpha: float) -> str:
     ref = comparison.get("reference", "")
     others = [lab for lab in comparison.get("labels", []) if lab != ref]
     head = (
@@ -116,7 +116,7 @@ def _comparison_table(comparison: dict) -> str:
                 f'<td class="num">{ci_s}</td><td>{_marker((row.get("better") or {}).get(lab))}</td></tr>'
             )
     note = (
-        f'<p class="muted">▲/▼: better/worse than the reference at p &lt; {ALPHA} '
+        f'<p class="muted">▲/▼: better/worse than the reference at p &lt; {alpha} '
         "(direction from the metric's higher_is_better). McNemar for per-document 0/1 metrics, "
         "else a paired bootstrap; documents paired by doc_id.</p>"
     )
@@ -153,9 +153,9 @@ def _chart_png(runs: list[dict], labels: list[str]) -> str | None:
 
 
 def write_eval_report(
-    path: Path, runs: list[dict], comparison: dict | None, definitions: dict[str, str]
+    path: Path, runs: list[dict], comparison: dict | None, definitions: dict[str, str], *, alpha: float
 ) -> None:
-    """Write the HTML report to `path` atomically."""
+    """Write the HTML report to `path` atomically; `alpha` is the level the comparison was judged at."""
     labels = [run_label(r, i) for i, r in enumerate(runs)]
     title = "Evaluation report: " + ", ".join(labels)
     parts = [
@@ -166,7 +166,7 @@ def write_eval_report(
     ]
     if comparison is not None:
         ref = escape(str(comparison.get("reference", "")))
-        parts += [f"<h2>Comparison against {ref}</h2>", _comparison_table(comparison)]
+        parts += [f"<h2>Comparison against {ref}</h2>", _comparison_table(comparison, alpha)]
     png = _chart_png(runs, labels)
     if png is not None:
         parts += [

@@ -12,21 +12,20 @@ Security: with an API key, every route but `/` (the chat page) and `/health` nee
 `Authorization: Bearer KEY`; adapters are the ones named at start-up (a request can
 only pick one by name, never name a file); CORS is off unless origins are given.
 
-Not here: a request in flight and its response (jobs.py), argument parsing and running
-uvicorn (cli/serve.py).
+Not here: a request in flight and its response (jobs.py), the options and running uvicorn
+(weightsmith.commands.serve), argument parsing (weightsmith.cli).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -35,6 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.llm import LLM
+from weightsmith.serve.gate import Gate, error_response, read_body
 from weightsmith.serve.jobs import (
     ClientGone,
     EchoJob,
@@ -60,38 +60,25 @@ from weightsmith.serve.schemas import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Routes that answer without an API key.
-PUBLIC_PATHS = frozenset({"/", "/health"})
-#: Endpoint labels for the request counter (anything else counts as "other").
-ENDPOINTS = frozenset(
-    {
-        "/",
-        "/health",
-        "/metrics",
-        "/v1/models",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/tokenize",
-        "/detokenize",
-    }
-)
+#: Seconds a client is told to wait (Retry-After) on 429 and 503.
+RETRY_AFTER = 1
+#: Most prompt tokens the scheduler prefills in one step.
+MAX_PREFILL_TOKENS = 4096
 
 
-@dataclass
-class ServeSettings:
-    """How the server behaves; the CLI fills it from `weightsmith serve` options."""
+class ServerOptions(Protocol):
+    """What the app reads from `weightsmith serve`'s config (`weightsmith.commands.serve.ServeConfig`,
+    the one owner of these options; the app takes that config as it is)."""
 
-    served_name: str
-    api_key: str | None = None
-    max_batch: int = 16
-    max_queue: int = 64
-    max_len: int = 2048  # the context each request gets (KV cache per row)
-    max_prefill_tokens: int = 4096
-    prefill_chunk: int = 512  # longer prompts are prefilled a chunk per decode step
-    max_body_bytes: int = 4 << 20
-    cors_origins: list[str] = field(default_factory=list)
-    retry_after: int = 1  # seconds, on 429 and 503
-    guard: Any = None  # a safety.policy.Guard applied to every request (`serve --guard`)
+    model: str
+    served_name: str | None  # the model name clients send; None: `model`
+    api_key: str | None
+    max_batch: int
+    max_queue: int
+    max_model_len: int  # context per request (KV cache per row); 0: the model's
+    prefill_chunk: int  # longer prompts are prefilled a chunk per decode step
+    max_body: int  # bytes
+    cors_origin: list[str]
 
 
 @dataclass
@@ -105,8 +92,10 @@ class Loaded:
 class ServerState:
     """The app's model, scheduler and metrics; the model arrives from a loader thread."""
 
-    def __init__(self, settings: ServeSettings, loader: Callable[[], Loaded]) -> None:
+    def __init__(self, settings: ServerOptions, loader: Callable[[], Loaded], guard: Any = None) -> None:
         self.settings = settings
+        self.served_name = settings.served_name or settings.model
+        self.guard = guard  # a safety.policy.Guard applied to every request (`serve --guard`)
         self.loader = loader
         self.metrics = ServerMetrics()
         self.loaded: Loaded | None = None
@@ -121,7 +110,7 @@ class ServerState:
             loaded = self.loader()
             llm = loaded.llm
             s = self.settings
-            n_ctx = min(s.max_len, llm.engine.context_length)
+            n_ctx = min(s.max_model_len or llm.engine.context_length, llm.engine.context_length)
             scheduler = Scheduler(
                 llm.model,
                 llm.tokenizer,
@@ -129,7 +118,7 @@ class ServerState:
                 max_batch=s.max_batch,
                 max_len=n_ctx,
                 max_queue=s.max_queue,
-                max_prefill_tokens=s.max_prefill_tokens,
+                max_prefill_tokens=MAX_PREFILL_TOKENS,
                 prefill_chunk=s.prefill_chunk,
                 observer=self.metrics,
                 decode=llm.engine.decode_step(),
@@ -143,7 +132,7 @@ class ServerState:
         self.loaded, self.scheduler = loaded, scheduler
         self.created = int(time.time())
         self.ready.set()
-        log.info("model %s ready", self.settings.served_name)
+        log.info("model %s ready", self.served_name)
 
     def require(self) -> tuple[Loaded, Scheduler]:
         if self.loaded is None or self.scheduler is None:
@@ -155,18 +144,18 @@ class ServerState:
                 f"{message}; retry shortly",
                 type="service_unavailable",
                 code="model_loading" if not self.load_error else "model_failed",
-                headers={"Retry-After": str(self.settings.retry_after)},
+                headers={"Retry-After": str(RETRY_AFTER)},
             )
         return self.loaded, self.scheduler
 
     def model_names(self) -> list[str]:
-        base = self.settings.served_name
+        base = self.served_name
         adapters = self.loaded.adapters if self.loaded else []
         return [base] + [f"{base}:{a}" for a in adapters]
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a model name selects (None: the base model); 404 when unknown."""
-        base = self.settings.served_name
+        base = self.served_name
         if name == base:
             return None
         prefix, _, adapter = name.partition(":")
@@ -180,84 +169,13 @@ class ServerState:
         )
 
 
-# ---- middleware: auth, body size, request counting ------------------------------------------
-
-
-class Gate:
-    """A plain ASGI middleware (so streaming and disconnects pass through untouched) that
-    checks the API key and Content-Length, and counts responses by endpoint and status."""
-
-    def __init__(self, app: Any, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def counting_send(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        path = scope["path"]
-        try:
-            error = self._check(scope)
-            if error is not None:
-                await error_response(error)(scope, receive, counting_send)
-            else:
-                await self.app(scope, receive, counting_send)
-        finally:
-            self.state.metrics.request(path if path in ENDPOINTS else "other", status)
-
-    def _check(self, scope: dict) -> ApiError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        length = headers.get("content-length", "")
-        limit = self.state.settings.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            return _too_large(limit)
-        key = self.state.settings.api_key
-        if key is None or scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
-            return None
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            what = "no API key was given" if not given else "the API key is not valid"
-            return ApiError(
-                401,
-                f"{what}; send the server's key as 'Authorization: Bearer KEY'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return None
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (chunked uploads too)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # ---- the app --------------------------------------------------------------------------------
 
 
-def create_app(settings: ServeSettings, loader: Callable[[], Loaded]) -> FastAPI:
-    state = ServerState(settings, loader)
+def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: Any = None) -> FastAPI:
+    """The app for `settings` (a `ServeConfig`); `loader` runs on a thread after start-up;
+    `guard`, a loaded policy, checks every request."""
+    state = ServerState(settings, loader, guard)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -269,11 +187,13 @@ def create_app(settings: ServeSettings, loader: Callable[[], Loaded]) -> FastAPI
     app = FastAPI(title="weightsmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.weightsmith = state
     _add_error_handlers(app)
-    _add_routes(app, state)
-    if settings.cors_origins:
+    _add_info_routes(app, state)
+    _add_generation_routes(app, state)
+    _add_token_routes(app, state)
+    if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_origins,
+            allow_origins=list(settings.cors_origin),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
@@ -303,8 +223,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
 
-def _add_routes(app: FastAPI, state: ServerState) -> None:
-    settings = state.settings
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    """The chat page, /health, /metrics and /v1/models."""
     page = resources.files("weightsmith.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
@@ -327,7 +247,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         state.require()
-        base = settings.served_name
+        base = state.served_name
         data = [
             {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
              "parent": None if name == base else base, "max_model_len": state.scheduler.max_len}
@@ -335,65 +255,79 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         ]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    """/v1/chat/completions and /v1/completions."""
+
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
-        loaded, scheduler, req = await _accept(state, http, ChatRequest)
-        req.check_stream_options()
-        adapter = state.resolve_model(req.model)
-        logprobs = req.logprobs_k()
-        _check_n(req.n, scheduler.max_batch)
-        messages = [_message_dict(m) for m in req.messages]
-        guard, refusal = settings.guard, None
-        if guard is not None:
-            verdict, messages = guard.guard_messages(messages)
-            refusal = verdict.refusal or "" if verdict.blocked else None
-        ids = _render(loaded.llm, messages)
-        budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
-        params = sampling_params(loaded.llm, req, budget)
-        job: Any = None
-        if refusal is None:
-            job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
-            job.submit(scheduler, settings.retry_after)
-        if guard is not None and (refusal is not None or guard.has_output_rails):
-            job = GuardedJob(
-                job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal)
-            )
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
-        return await respond(job, http, builder, req, logprobs is not None)
+        return await _chat_completions(state, http)
 
     @app.post("/v1/completions")
     async def completions(http: Request):
-        loaded, scheduler, req = await _accept(state, http, CompletionRequest)
-        req.check_stream_options()
-        req.check_unsupported()
-        adapter = state.resolve_model(req.model)
-        prompts = req.prompts()
-        _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
-        ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
-        guard, refusals = settings.guard, {}
-        if guard is not None:
-            ids, refusals = _guard_prompts(guard, loaded.llm, prompts, ids, req.n)
-        all_ids, all_params = [], []
-        for i, p in enumerate(ids):
-            budget = token_budget(
-                len(p), req.max_tokens, scheduler.max_len, _prompt_param(i, len(ids)), "max_tokens"
-            )
-            params = sampling_params(loaded.llm, req, budget)
-            if i * req.n not in refusals:
-                all_ids += [p] * req.n
-                all_params += choice_params(params, req.n)
-        job: Any = None
-        if all_ids:
-            job = Job(all_ids, all_params, adapter, req.logprobs)
-            job.submit(scheduler, settings.retry_after)
-        if guard is not None and (refusals or guard.has_output_rails):
-            job = GuardedJob(job, guard, len(ids) * req.n, refusals)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=False, include_usage=include_usage)
-        if req.echo:
-            job = EchoJob(job, [loaded.llm.tokenizer.decode(p) for p in all_ids])
-        return await respond(job, http, builder, req, req.logprobs is not None)
+        return await _completions(state, http)
+
+
+async def _chat_completions(state: ServerState, http: Request) -> Response:
+    loaded, scheduler, req = await _accept(state, http, ChatRequest)
+    req.check_stream_options()
+    adapter = state.resolve_model(req.model)
+    logprobs = req.logprobs_k()
+    _check_n(req.n, scheduler.max_batch)
+    messages = [_message_dict(m) for m in req.messages]
+    guard, refusal = state.guard, None
+    if guard is not None:
+        verdict, messages = guard.guard_messages(messages)
+        refusal = verdict.refusal or "" if verdict.blocked else None
+    ids = _render(loaded.llm, messages)
+    budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
+    params = sampling_params(loaded.llm, req, budget)
+    job: Any = None
+    if refusal is None:
+        job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
+        job.submit(scheduler, RETRY_AFTER)
+    if guard is not None and (refusal is not None or guard.has_output_rails):
+        job = GuardedJob(job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
+    return await respond(job, http, builder, req, logprobs is not None)
+
+
+async def _completions(state: ServerState, http: Request) -> Response:
+    loaded, scheduler, req = await _accept(state, http, CompletionRequest)
+    req.check_stream_options()
+    req.check_unsupported()
+    adapter = state.resolve_model(req.model)
+    prompts = req.prompts()
+    _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
+    ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
+    guard, refusals = state.guard, {}
+    if guard is not None:
+        ids, refusals = _guard_prompts(guard, loaded.llm, prompts, ids, req.n)
+    all_ids, all_params = [], []
+    for i, p in enumerate(ids):
+        budget = token_budget(
+            len(p), req.max_tokens, scheduler.max_len, _prompt_param(i, len(ids)), "max_tokens"
+        )
+        params = sampling_params(loaded.llm, req, budget)
+        if i * req.n not in refusals:
+            all_ids += [p] * req.n
+            all_params += choice_params(params, req.n)
+    job: Any = None
+    if all_ids:
+        job = Job(all_ids, all_params, adapter, req.logprobs)
+        job.submit(scheduler, RETRY_AFTER)
+    if guard is not None and (refusals or guard.has_output_rails):
+        job = GuardedJob(job, guard, len(ids) * req.n, refusals)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=False, include_usage=include_usage)
+    if req.echo:
+        job = EchoJob(job, [loaded.llm.tokenizer.decode(p) for p in all_ids])
+    return await respond(job, http, builder, req, req.logprobs is not None)
+
+
+def _add_token_routes(app: FastAPI, state: ServerState) -> None:
+    """/tokenize and /detokenize."""
 
     @app.post("/tokenize")
     async def tokenize(http: Request) -> JSONResponse:
@@ -424,7 +358,7 @@ async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[L
     """The loaded model (503 while loading) and the validated body; for tokenize and
     detokenize, whose `model` is optional, a model they do name must exist."""
     loaded, scheduler = state.require()
-    req = parse(schema, await read_body(http, state.settings.max_body_bytes))
+    req = parse(schema, await read_body(http, state.settings.max_body))
     if isinstance(req, (TokenizeRequest, DetokenizeRequest)) and req.model is not None:
         state.resolve_model(req.model)
     return loaded, scheduler, req

@@ -1,0 +1,94 @@
+"""The options shared by every command that loads a model, and the one place commands load it.
+
+`LoadOptions` (which model, device, dtype, pickle, adapter) and `SamplingOptions` (how
+tokens are chosen) are mixed into the configs of generate, chat, merge, eval and audit.
+`load_model` loads a checkpoint through `weightsmith.load`, inside `load_status`: a
+context manager factory that does nothing here and that the CLI replaces with a spinner
+on a terminal (commands never print).
+
+Not here: resolving or reading checkpoints (`weightsmith.llm`, `weightsmith.checkpoint`),
+the spinner itself (`weightsmith.cli.main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weightsmith.config import opt
+from weightsmith.llm import LLM, load
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+#: `load_status(model)` wraps every model load; the CLI shows a spinner in it on a terminal.
+load_status: Callable[[str], AbstractContextManager[Any]] = lambda model: contextlib.nullcontext()  # noqa: E731
+
+
+def set_load_status(status: Callable[[str], AbstractContextManager[Any]]) -> None:
+    """Show model loads with `status(model)` (a context manager), e.g. a spinner."""
+    global load_status
+    load_status = status
+
+
+def load_model(model: str, **kwargs: Any) -> LLM:
+    """`weightsmith.load(model, **kwargs)`, shown by the installed `load_status`."""
+    with load_status(model):
+        return load(model, **kwargs)
+
+
+@dataclass(kw_only=True)
+class LoadOptions:
+    """Which model to run and where."""
+
+    model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
+    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+    adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "allow_pickle": self.allow_pickle,
+            "adapter": self.adapter,
+        }
+
+    def load(self) -> LLM:
+        return load_model(self.model, **self.load_kwargs())
+
+
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """How tokens are chosen; unset options take the checkpoint's generation_config or our defaults."""
+
+    max_tokens: int = opt(256, "most tokens to generate", short="-n")
+    temperature: float | None = opt(None, "0 for greedy decoding; higher is more random (default 0.7)")
+    top_k: int | None = opt(None, "sample from the k most likely tokens (0 = off)")
+    top_p: float | None = opt(None, "sample from the smallest set with this much probability (1 = off)")
+    min_p: float | None = opt(None, "drop tokens below min_p x the top token's probability (0 = off)")
+    repetition_penalty: float | None = opt(None, "penalise tokens already seen (1 = off)")
+    seed: int | None = opt(None, "random seed for reproducible sampling")
+    stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)", split=False)
+
+    def sampling(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": list(self.stop),
+        }
+
+
+def model_label(model: str, adapter: str | None) -> str:
+    """A short name for a model (and adapter) in tables and results: `smollm2+support`."""
+    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+    return f"{name}+{Path(adapter).name}" if adapter else name

@@ -1,0 +1,233 @@
+"""The redteam command: attack a model, its forks and its guard with probe packs; report
+attack success and over-refusal side by side, with intervals.
+
+The target is a model (catalog or store name, HF directory, .gguf) run in this process,
+or the base URL of an OpenAI-compatible server (`http://host:port/v1`) with the served
+model names in `--model`. Each model (then each `--adapter` fork, or each further
+`--model` on an endpoint) runs bare and, with `--guard`, behind the policy. Probe packs,
+transforms and the policy are all read and checked before any model loads.
+
+Not here: probes, transforms, detectors and the attack loop (`weightsmith.safety`), the
+report (`weightsmith.report`), progress lines and tables (`weightsmith.cli.redteam`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from weightsmith import __version__
+from weightsmith.commands.loading import load_model, model_label
+from weightsmith.config import opt
+from weightsmith.errors import UsageError
+from weightsmith.eval.judge import is_endpoint
+
+DEFAULT_TRANSFORMS = ["none", "base64", "rot13", "leetspeak", "suffix:sure"]
+
+
+@dataclass(kw_only=True)
+class RedteamConfig:
+    """Run red-team probe packs against a model (or an endpoint), bare and behind a guard policy."""
+
+    target: str = opt(help="model (name, HF directory, .gguf) or an endpoint URL like http://host:8000/v1",
+                      positional=True)  # fmt: skip
+    model: list[str] = opt(default_factory=list, help="with an endpoint: the served model names to attack")
+    adapter: list[str] = opt(default_factory=list, help="LoRA adapter directory of a fork to attack too")
+    guard: str | None = opt(None, "guardrail policy file (or builtin:school): also run each model behind it")
+    packs: list[str] = opt(
+        default_factory=lambda: ["builtin:all"], help="probe packs: files, folders, builtin:NAME"
+    )
+    transforms: list[str] = opt(
+        default_factory=lambda: list(DEFAULT_TRANSFORMS),
+        help="transforms applied to every attack probe: none, base64, rot13, leetspeak, suffix:NAME, "
+        "template:NAME, chained with +",
+    )
+    transforms_file: str | None = opt(None, "YAML file of your own suffixes and templates")
+    limit: int | None = opt(None, "probes per pack (evenly spaced through it), before transforms")
+    max_tokens: int = opt(96, "most tokens per reply")
+    batch_size: int = opt(16, "conversations generated together")
+    concurrency: int = opt(8, "requests in flight to an endpoint")
+    judge: str | None = opt(
+        None, "judge model or endpoint URL: attacks succeed only when it finds a violation"
+    )
+    judge_model: str = opt("default", "the judge endpoint's model name")
+    refusal_detector: Literal["patterns", "judge"] = opt(
+        "patterns", "how refusals are recognised: refusal patterns, or the --judge model"
+    )
+    api_key_env: str = opt("WEIGHTSMITH_API_KEY", "environment variable holding the endpoint's API key")
+    over_refusal_budget: float = opt(0.10, "most over-refusal a guard may add (0.10 = 10 points)")
+    bootstrap_iters: int = opt(10000, "resamples for the 95% intervals")
+    calibrate: bool = opt(True, "measure the detectors on their labelled sets and report it")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
+    allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+    out: str | None = opt(None, "folder for transcripts.jsonl, summary.json and report.html")
+    resume: bool = opt(True, "reuse attempts an interrupted run with the same settings already made")
+    json: bool = opt(False, "print the summary as JSON")
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+class _LazyModel:
+    """A `ModelTarget` whose model loads on first use and can be released after."""
+
+    def __init__(self, cfg: RedteamConfig, adapter: str | None) -> None:
+        self.cfg, self.adapter = cfg, adapter
+        self.label = model_label(cfg.target, adapter)
+        self.identity = {"model": cfg.target, "adapter": adapter, "dtype": cfg.dtype, "kind": "in-process"}
+        self._target: Any = None
+
+    def generate(self, conversations: list[list[dict]]) -> list[tuple[str, str]]:
+        if self._target is None:
+            from weightsmith.safety.redteam import ModelTarget
+
+            llm = load_model(self.cfg.target, **_load_kwargs(self.cfg), adapter=self.adapter)
+            self._target = ModelTarget(
+                llm, self.label, max_tokens=self.cfg.max_tokens, batch_size=self.cfg.batch_size
+            )
+        return self._target.generate(conversations)
+
+    def release(self) -> None:
+        self._target = None
+
+
+def _load_kwargs(cfg: RedteamConfig) -> dict[str, Any]:
+    return {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
+
+
+def _check(cfg: RedteamConfig) -> None:
+    """Range and consistency checks, run when the config is built (nothing is read)."""
+    endpoint = is_endpoint(cfg.target)
+    if endpoint and not cfg.model:
+        raise UsageError(f"{cfg.target} is an endpoint: name the served model(s) to attack with --model NAME")
+    if endpoint and cfg.adapter:
+        raise UsageError(
+            "--adapter is for in-process models; with an endpoint, name served adapters in --model"
+        )
+    if not endpoint and cfg.model:
+        raise UsageError("--model names served models of an endpoint; for a local model pass it as TARGET")
+    for name, value, low in (("max-tokens", cfg.max_tokens, 1), ("batch-size", cfg.batch_size, 1),
+                             ("concurrency", cfg.concurrency, 1), ("bootstrap-iters", cfg.bootstrap_iters, 1)):  # fmt: skip
+        if value < low:
+            raise UsageError(f"--{name} must be at least {low}, got {value}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.refusal_detector == "judge" and cfg.judge is None:
+        raise UsageError("--refusal-detector judge needs a judge model: give --judge MODEL or URL")
+    if not 0 <= cfg.over_refusal_budget <= 1:
+        raise UsageError(f"--over-refusal-budget is a fraction in [0, 1], got {cfg.over_refusal_budget}")
+
+
+def limit_probes(probes: list[Any], limit: int | None) -> list[Any]:
+    """At most `limit` probes per pack, evenly spaced through it (so a small sample of the
+    harmful pack still spans its categories); deterministic."""
+    if limit is None:
+        return probes
+    packs: dict[str, list[Any]] = {}
+    for p in probes:
+        packs.setdefault(p.pack, []).append(p)
+    keep = set()
+    for members in packs.values():
+        step = max(1.0, len(members) / limit)
+        keep.update(id(members[int(i * step)]) for i in range(min(limit, len(members))))
+    return [p for p in probes if id(p) in keep]
+
+
+def _targets(cfg: RedteamConfig) -> list[Any]:
+    from weightsmith.safety.redteam import EndpointTarget
+
+    if is_endpoint(cfg.target):
+        key = os.environ.get(cfg.api_key_env) or None
+        return [
+            EndpointTarget(cfg.target, m, api_key=key, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
+            for m in cfg.model
+        ]
+    return [_LazyModel(cfg, None)] + [_LazyModel(cfg, a) for a in cfg.adapter]
+
+
+def _judge(cfg: RedteamConfig) -> Any:
+    if cfg.judge is None:
+        return None
+    from weightsmith.eval.judge import EndpointJudge, LocalJudge
+
+    if is_endpoint(cfg.judge):
+        key = os.environ.get(cfg.api_key_env) or None
+        return EndpointJudge(cfg.judge, cfg.judge_model, key, max_tokens=64)
+    return LocalJudge(load_model(cfg.judge, **_load_kwargs(cfg)), max_tokens=64)
+
+
+def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
+    """Attack every configuration; `progress(label, done, total)` is told as probes finish."""
+    from weightsmith.safety.guarded import load_guard
+    from weightsmith.safety.probes import load_packs
+    from weightsmith.safety.redteam import (
+        RunOptions,
+        calibration,
+        configurations,
+        default_detectors,
+    )
+    from weightsmith.safety.redteam import run_redteam as attack
+    from weightsmith.safety.transforms import apply_transforms, parse_transforms
+
+    # Everything a user wrote is checked before any model loads.
+    for a in cfg.adapter:
+        if not Path(a).is_dir():
+            raise UsageError(f"--adapter: adapter folder not found: {a}")
+    probes = limit_probes(load_packs(cfg.packs), cfg.limit)
+    transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
+    probes = apply_transforms(probes, transforms)
+    guard = load_guard(cfg.guard, load_model=lambda ref: load_model(ref, **_load_kwargs(cfg)))
+    detectors = default_detectors(_judge(cfg), refusal=cfg.refusal_detector)
+    configs = configurations(_targets(cfg), guard)
+    opts = RunOptions(
+        bootstrap_iters=cfg.bootstrap_iters,
+        # In-process, each call sorts 4 batches' worth by prompt length (1.3x faster on the
+        # default model than calls of one batch); an endpoint gets enough to keep it busy.
+        batch_size=4 * cfg.batch_size
+        if not is_endpoint(cfg.target)
+        else max(cfg.batch_size, cfg.concurrency),
+        over_refusal_budget=cfg.over_refusal_budget,
+        out=cfg.out,
+        resume=cfg.resume,
+        key_extra={"max_tokens": cfg.max_tokens},
+        run_info={
+            "weightsmith": __version__,
+            "target": cfg.target,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "max_tokens": cfg.max_tokens,
+            "temperature": 0,
+            "limit": cfg.limit,
+        },
+    )
+    if cfg.calibrate:
+        opts.run_info["calibration"] = calibration(detectors)
+    released = _Releaser(configs)
+    result = attack(configs, probes, detectors, opts, progress=released.wrap(progress))
+    if cfg.out:
+        result["written"] = {name: str(Path(cfg.out) / name) for name in
+                             ("transcripts.jsonl", "summary.json", "report.html")}  # fmt: skip
+    return result
+
+
+class _Releaser:
+    """Frees an in-process model once the run has moved on to the next target."""
+
+    def __init__(self, configs: list[Any]) -> None:
+        self.order = [c.target for c in configs]
+        self.labels = {c.label: c.target for c in configs}
+        self.current: Any = None
+
+    def wrap(self, progress: Any) -> Any:
+        def tick(label: str, done: int, total: int) -> None:
+            target = self.labels[label]
+            if self.current is not None and target is not self.current:
+                getattr(self.current, "release", lambda: None)()
+            self.current = target
+            if progress is not None:
+                progress(label, done, total)
+
+        return tick

@@ -1,0 +1,53 @@
+"""Commands that shape a model: finetune and merge.
+
+`run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does, with `progress` as
+the training loop's `Reporter` (the CLI passes a progress bar or progress lines);
+`FinetuneConfig` is owned by `weightsmith.train.sft` and only re-exported here.
+`run_merge` folds a LoRA adapter into its base and saves an HF directory.
+
+Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
+printing (`weightsmith.cli.train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from weightsmith.commands.loading import LoadOptions, load_model
+from weightsmith.config import opt
+from weightsmith.train.loop import Reporter
+from weightsmith.train.sft import FinetuneConfig
+from weightsmith.train.sft import run_finetune as train_sft
+
+__all__ = ["FinetuneConfig", "MergeConfig", "run_finetune", "run_merge"]
+
+
+def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[str, Any]:
+    """Fine-tune as `cfg` says; `progress` is told each step (None: log lines via `logging`)."""
+    return train_sft(cfg, reporter=progress)
+
+
+@dataclass(kw_only=True)
+class MergeConfig(LoadOptions):
+    """Fold a LoRA adapter into its base model and save a plain HF checkpoint directory."""
+
+    out: str = opt(help="output directory (must not exist)")
+    save_dtype: str | None = opt(None, "dtype of the saved weights: fp32, bf16 or fp16 (default: as loaded)")
+
+
+def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
+    import torch
+
+    from weightsmith.checkpoint.save import save_hf_dir
+    from weightsmith.device import pick_dtype
+    from weightsmith.errors import UsageError
+
+    if not cfg.adapter:
+        raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
+    llm = load_model(cfg.model, **cfg.load_kwargs())
+    dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
+    out = save_hf_dir(
+        llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype
+    )
+    return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out)}
