@@ -19,6 +19,7 @@ test: install-test
 	$(WS) pull $(DEFAULT_MODEL)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest
 
 install: $(VENV)/.installed
@@ -43,6 +44,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: install-test
 	$(PY) benchmarks/generate.py
