@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from conftest import TINY_SHAPE, build_tiny_tokenizer_dir
 
 from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.checkpoint.quantized import save_quantized
 from weightsmith.cpu_decode import prepare_cpu_decode
 from weightsmith.errors import ConfigError
 from weightsmith.quant import weight_only as wo
-from weightsmith.checkpoint.quantized import save_quantized
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

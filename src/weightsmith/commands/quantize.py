@@ -75,8 +75,8 @@ def check_quantize_args(cfg: QuantizeConfig) -> tuple[int, int | None, Path]:
 
 
 def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
-    from weightsmith.llm import load
     from weightsmith.checkpoint.quantized import describe, quantization_config, save_quantized
+    from weightsmith.llm import load
     from weightsmith.quant.weight_only import quantize_model
 
     bits, group, out = check_quantize_args(cfg)
