@@ -10,6 +10,7 @@ import torch
 import weightsmith as ws
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.checkpoint.save import save_hf_dir
+from weightsmith.cpu_decode import prepare_cpu_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,6 +82,7 @@ def test_chat_template_equals_apply_chat_template(ours, reference, gen_prompt):
 def test_gguf_to_hf_dir_round_trip(default_gguf, ours, tmp_path):
     out = save_hf_dir(ours.model, ours.tokenizer, tmp_path / "smol-hf")
     again = load_checkpoint(out)
+    prepare_cpu_decode(again.model)  # laid out as `ours` is by its engine, so both compute alike
     ids = torch.tensor([ours.tokenizer.encode(PROMPTS[1])])
     with torch.no_grad():
         base = ours.model(ids)
