@@ -11,9 +11,11 @@ prefill), `advance` (a decode step), `set_length` (a rollback) or `reset`; `leng
 is read-only. A `rows` view shares both the storage and the lengths of the rows it
 covers.
 
-The cache is an object passed into the model, never state hidden in modules. It
-does not decide what to evict: a sequence longer than `max_len` is an error the
-caller prevents.
+The cache is an object passed into the model, never state hidden in modules.
+
+Not here: deciding what to evict (a sequence longer than `max_len` is an error the caller
+prevents), which rows are running (generate.py, serve/scheduler.py), paged or quantized
+caches.
 """
 
 from __future__ import annotations
