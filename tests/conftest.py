@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from weightsmith.cpu_decode import fused as cpu_fused
 from weightsmith.quant import cpu_kernels
 
 # Tests measure behaviour, not speed: keep them to the 2 cores CI has, deterministic.
@@ -206,3 +207,17 @@ def kernel_calls(monkeypatch):
 def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Rows of every fused step taken."""
+    calls: list[int] = []
+    original = cpu_fused.FusedDecode.step
+
+    def step(self, cache, tokens):
+        calls.append(len(tokens))
+        return original(self, cache, tokens)
+
+    monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
+    return calls

@@ -142,20 +142,6 @@ def _variant(name, model_dirs, monkeypatch):
     return model, plan
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Rows of every fused step taken."""
-    calls: list[int] = []
-    original = cpu_fused.FusedDecode.step
-
-    def step(self, cache, tokens):
-        calls.append(len(tokens))
-        return original(self, cache, tokens)
-
-    monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
-    return calls
-
-
 def _decode(model, plan=None, prompts=PROMPTS, steps=STEPS, cache=None):
     """Prefill, then `steps` decode steps through the step `plan` gives now (eager without one)."""
     if cache is None:

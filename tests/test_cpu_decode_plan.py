@@ -32,19 +32,6 @@ def tied_dir(tmp_path_factory):
     return build_tiny_hf_dir(tmp_path_factory.mktemp("tied") / "tied", seed=4, tie_word_embeddings=True)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    calls: list[int] = []
-    original = cpu_fused.FusedDecode.step
-
-    def step(self, cache, tokens):
-        calls.append(len(tokens))
-        return original(self, cache, tokens)
-
-    monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
-    return calls
-
-
 def _snapshot(model):
     return (
         {n: (m, type(m)) for n, m in model.named_modules()},
