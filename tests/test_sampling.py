@@ -296,9 +296,11 @@ def test_presence_and_frequency_penalties_follow_openais_formula(monkeypatch, re
     presence, frequency = 0.5, 0.25
     seen_by_filters: list[torch.Tensor] = []
 
-    def scripted(logits, temperature, top_k, top_p, min_p):
-        seen_by_filters.append(logits.clone())
-        return torch.nn.functional.one_hot(torch.tensor(script[len(seen_by_filters) - 1]), len(base)).float()
+    def scripted(logits, temperature, top_k, top_p, min_p):  # one row: (1, V)
+        seen_by_filters.append(logits[0].clone())
+        return torch.nn.functional.one_hot(
+            torch.tensor([script[len(seen_by_filters) - 1]]), len(base)
+        ).float()
 
     monkeypatch.setattr(sampling, "probabilities", scripted)
     params = SamplingParams(
@@ -353,3 +355,39 @@ def test_frequency_penalty_changes_the_greedy_choice_and_ignores_the_prompt() ->
 def test_penalty_counts_are_only_allocated_when_used() -> None:
     assert Sampler(SamplingParams(), [1, 2], VOCAB, CPU).counts is None
     assert Sampler(SamplingParams(presence_penalty=0.1), [1, 2], VOCAB, CPU).counts.sum() == 0
+
+
+# ----- the batched pass --------------------------------------------------------------------------
+
+
+def test_a_batch_samples_what_each_row_samples_alone() -> None:
+    """sample_batch over rows with every mix of settings (greedy, temperature, top-k, top-p,
+    min-p, penalties, seeds) picks, step after step, exactly the tokens each row's sampler picks
+    when it is called alone on that row's logits."""
+    settings = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=1.3, top_k=7, seed=2),
+        SamplingParams(temperature=0.7, top_p=0.6, seed=3),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=4),
+        SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=5),
+        SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.4),
+        SamplingParams(temperature=1.1, frequency_penalty=-0.5, seed=6),
+    ]
+    prompts = [[1, 2, 3], [4], [5, 5], [], [7, 8], [9, 9, 9], [10], [11]]
+    batch = [Sampler(p, prompt, VOCAB, CPU) for p, prompt in zip(settings, prompts, strict=True)]
+    alone = [Sampler(p, prompt, VOCAB, CPU) for p, prompt in zip(settings, prompts, strict=True)]
+    for step in range(12):
+        logits = torch.stack([random_logits(100 * step + row) for row in range(len(settings))])
+        picks = sampling.sample_batch(batch, logits)
+        assert picks == [s(logits[row]) for row, s in enumerate(alone)], f"step {step}"
+    # The batch's logits are left as they were (the server reads log-probabilities from them).
+    assert torch.equal(logits, torch.stack([random_logits(1100 + row) for row in range(len(settings))]))
+
+
+def test_probabilities_per_row_settings_equal_one_row_at_a_time() -> None:
+    rows = torch.stack([random_logits(s) for s in range(4)])
+    temps, ks, ps, mins = [0.5, 1.0, 2.0, 0.9], [0, 5, 300, 0], [1.0, 0.5, 0.95, 0.8], [0.0, 0.1, 0.0, 0.3]
+    batch = probabilities(rows, temps, ks, ps, mins)
+    for i in range(4):
+        assert torch.equal(batch[i], probabilities(rows[i], temps[i], ks[i], ps[i], mins[i]))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
-from weightsmith.generate import DecodeFn, TokenGenerator, decode_one_token
+from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
 from weightsmith.models import CausalLM
 from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
@@ -99,15 +99,13 @@ class Engine:
 
     def decode_step(self) -> DecodeFn:
         """The decode step for the next generation, chosen here once: the CPU plan's fused C step
-        where it applies (its rows permitting), else the eager PyTorch step; through
-        torch.compile with `compile`."""
+        where it applies (its rows permitting), else the eager PyTorch step; with `compile`,
+        replayed from CUDA graphs on a CUDA device, else through torch.compile."""
         step: DecodeFn = decode_one_token
         if self.cpu_plan is not None:
             step = self.cpu_plan.decode_step(step)
         if self.compile:
-            from weightsmith.compiled import compiled_decoder
-
-            step = compiled_decoder(step, self.model.inv_freq.device)
+            step = compiled_step(self.model, step)
         return step
 
     @property

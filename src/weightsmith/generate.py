@@ -8,9 +8,10 @@ results are the same as when it runs alone. `TokenGenerator` drives the loop and
 reports per-row tokens and finish reasons (each row a `RowState`, row_state.py).
 
 The decode step is the caller's choice, made once and passed in: `decode_one_token`
-(PyTorch, eager), a compiled one (compiled.py) or the fused C step an `Engine` gets from
-its CPU decode plan (weightsmith.cpu_decode); every step has `decode_one_token`'s
-signature (`DecodeFn`).
+(PyTorch, eager), a compiled one (compiled.py; on a CUDA device, replayed from CUDA graphs:
+cuda_graphs.py) or the fused C step an `Engine` gets from its CPU decode plan
+(weightsmith.cpu_decode); every step has `decode_one_token`'s signature (`DecodeFn`). A
+step with a `make_cache` method supplies the cache its generation decodes in.
 
 Not here: prompts and chat templates (engine.py), the text of a row and its stop
 strings (row_state.py), choosing the step (engine.py).
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsmith.compiled import compiled_decoder
+from weightsmith.cuda_graphs import graph_decoder
 from weightsmith.kv_cache import KVCache
 from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
-from weightsmith.sampling import SamplingParams
+from weightsmith.sampling import SamplingParams, sample_batch
 
 #: A decode step: (model, cache, one token per row, device) -> logits (B, V); advances the cache.
 DecodeFn = Callable[[CausalLM, KVCache, list[int], torch.device], torch.Tensor]
@@ -83,6 +86,16 @@ def decode_one_token(
     return logits[:, 0]
 
 
+def compiled_step(model: CausalLM, eager: DecodeFn) -> DecodeFn:
+    """`--compile`'s decode step for `model`: replayed from CUDA graphs on a CUDA device
+    (cuda_graphs.py), through torch.compile elsewhere (compiled.py); `eager` decodes where
+    these cannot."""
+    device = model.inv_freq.device
+    if device.type == "cuda":
+        return graph_decoder(model, eager)
+    return compiled_decoder(eager, device)
+
+
 class TokenGenerator:
     """Generates tokens for a batch of prompts until every row finishes.
 
@@ -91,7 +104,7 @@ class TokenGenerator:
     `cancel(row)` is called. A finished row keeps its slot but stops advancing, so the other
     rows are unaffected.
 
-    decode: the decode step (default `decode_one_token`, or a compiled one with `compile`).
+    decode: the decode step (default `decode_one_token`, or `compiled_step` with `compile`).
     texts: one TextStream per row, to get each row's text in the events and end rows on
         stop strings.
     """
@@ -118,10 +131,13 @@ class TokenGenerator:
         self.max_len = min(max_len or need, need, limit)
         if compile:  # cache sizes in steps of 256: a new size means a new compiled graph
             self.max_len = min(-(-self.max_len // 256) * 256, limit)
+        if decode is None and compile:
+            decode = compiled_step(model, decode_one_token)
+        self.decode: DecodeFn = decode or decode_one_token
         dtype = model.model.embed_tokens.weight.dtype
-        self.cache = KVCache.for_model(
-            model.config, len(prompts), self.max_len, dtype=dtype, device=self.device
-        )
+        # A step that replays CUDA graphs decodes in its own cache (cuda_graphs.py).
+        make_cache = getattr(self.decode, "make_cache", None) or KVCache.for_model
+        self.cache = make_cache(model.config, len(prompts), self.max_len, dtype=dtype, device=self.device)
         vocab = model.config.vocab_size
         self.rows = [
             RowState(
@@ -129,11 +145,6 @@ class TokenGenerator:
             )
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
-        if decode is None and compile:
-            from weightsmith.compiled import compiled_decoder
-
-            decode = compiled_decoder(decode_one_token, self.device)
-        self.decode: DecodeFn = decode or decode_one_token
 
     @property
     def generated(self) -> list[list[int]]:
@@ -167,10 +178,16 @@ class TokenGenerator:
                     self.cache.set_length(row, held[row])
 
     def _sample(self, logits: torch.Tensor) -> list[TokenEvent]:
+        """Pick every running row's next token from (B, V) logits in one batched pass."""
+        active = [row for row, state in enumerate(self.rows) if not state.done]
+        if not active:
+            return []
+        if len(active) < len(self.rows):
+            logits = logits.index_select(0, torch.tensor(active, device=logits.device))
+        tokens = sample_batch([self.rows[row].sampler for row in active], logits)
         events = []
-        for row, state in enumerate(self.rows):
-            if state.done:
-                continue
-            token, text = state.add(logits[row], self.cache.room(row))
+        for row, token in zip(active, tokens, strict=True):
+            state = self.rows[row]
+            text = state.record(token, self.cache.room(row))
             events.append(TokenEvent(row, token, state.finish_reason, text))
         return events

@@ -149,6 +149,18 @@ class KVCache:
         if start is not None:
             self.k[layer, :b, :, start : start + t] = k
             self.v[layer, :b, :, start : start + t] = v
+        elif torch.compiler.is_compiling():
+            # Under torch.compile a write into a view of the cache (`self.k[layer]`) becomes
+            # "compute the whole view, copy it back": a copy of the layer's cache every step.
+            # Indexing the cache tensor itself keeps it one in-place store of the new entries.
+            at = (
+                torch.tensor(layer, device=k.device),
+                torch.arange(b, device=k.device)[:, None, None],
+                torch.arange(h, device=k.device)[None, :, None],
+                positions[:, None, :],
+            )  # broadcast to (B, H, T): the (layer, row, head, position) of each new entry
+            self.k.index_put_(at, k)
+            self.v.index_put_(at, v)
         else:
             index = positions[:, None, :, None].expand(b, h, t, d)
             self.k[layer, :b].scatter_(2, index, k)

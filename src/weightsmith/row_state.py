@@ -4,8 +4,9 @@
 and the server's scheduler (serve/scheduler.py): the sampler, the tokens generated so
 far, the last one (fed at the next decode step), optionally the row's text (a
 `TextStream`: streaming detokenization and stop strings) and its finish reason.
-`RowState.add` samples a token and applies `finish_reason` after it, so a row ends the
-same way whichever loop runs it:
+`RowState.record` takes a sampled token (the loops sample every row of a step at once,
+sampling.sample_batch) and applies `finish_reason` after it, so a row ends the same way
+whichever loop runs it:
 
 - "stop": an end-of-sequence token (unless `ignore_eos`), one of `stop_token_ids`, or a
   completed stop string (neither it nor what follows is in the text, as in OpenAI's API);
@@ -128,9 +129,14 @@ class RowState:
         return self.finish_reason is not None
 
     def add(self, logits: torch.Tensor, room: int) -> tuple[int, str]:
-        """Sample the next token from (V,) logits, record it and apply the finish rule; `room`
-        is how many tokens the row's cache slot can still take. Returns (token, new text)."""
+        """Sample the next token from (V,) logits and `record` it. Returns (token, new text)."""
         token = self.sampler(logits)
+        return token, self.record(token, room)
+
+    def record(self, token: int, room: int) -> str:
+        """Take `token` (sampled by this row's sampler, alone or in a batch: sampling.sample_batch)
+        as the next one and apply the finish rule; `room` is how many tokens the row's cache slot
+        can still take. Returns the row's new text."""
         self.generated.append(token)
         self.last = token
         reason = finish_reason(token, len(self.generated), self.params, self.eos, room)
@@ -138,7 +144,7 @@ class RowState:
         if self.text is not None:
             piece, reason = self.text.push(token, reason)
         self.finish_reason = reason
-        return token, piece
+        return piece
 
     def cancel(self, reason: str = "stop") -> None:
         """End the row now (unless it has ended already)."""

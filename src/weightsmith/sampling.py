@@ -5,13 +5,16 @@ penalty of Keskar et al. 2019 (CTRL), each with the semantics transformers uses 
 results are comparable; and OpenAI's presence and frequency penalties, which subtract
 from the logits of tokens this sequence has generated (its prompt does not count). Each
 row samples with its own seeded generator, so a sequence gets the same tokens whether it
-runs alone or in a batch.
+runs alone or in a batch. `sample_batch` picks every row's token of a decode step in one
+pass over the (B, V) logits, with one device sync (on a GPU, one sync a step rather than
+one a row).
 
 Not here: stop strings (text-level, engine.py) or the decode loop (generate.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,34 +92,71 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (V,) for one row -> the chosen token id."""
-        p = self.params
-        logits = logits.float()
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
-        if self.counts is not None:
-            logits = apply_presence_frequency_penalty(
-                logits, self.counts, p.presence_penalty, p.frequency_penalty
-            )
-        if p.greedy:
-            token = int(logits.argmax())
-        else:
-            probs = probabilities(logits, p.temperature, p.top_k, p.top_p, p.min_p)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        if self.seen is not None:
-            self.seen[token] = True
-        if self.counts is not None:
-            self.counts[token] += 1
-        return token
+        return sample_batch([self], logits[None])[0]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
+    """One token per row from (B, V) logits, row i picked by `samplers[i]`, as tensor ops over
+    the whole batch with one device sync (the chosen ids). Each row gets what it would get
+    alone: the filters work row by row, and each sampling row draws from its own generator."""
+    x = logits.float()
+    device = x.device
+    rep = [i for i, s in enumerate(samplers) if s.seen is not None]
+    counted = [i for i, s in enumerate(samplers) if s.counts is not None]
+    if rep or counted:
+        x = x.clone() if x is logits else x  # the caller's logits stay raw (logprobs read them)
+    if rep:
+        idx = torch.tensor(rep, device=device)
+        seen = torch.stack([samplers[i].seen for i in rep])  # type: ignore[misc]
+        penalty = _column([samplers[i].params.repetition_penalty for i in rep], device)
+        x[idx] = apply_repetition_penalty(x[idx], seen, penalty)
+    if counted:
+        idx = torch.tensor(counted, device=device)
+        counts = torch.stack([samplers[i].counts for i in counted])  # type: ignore[misc]
+        presence = _column([samplers[i].params.presence_penalty for i in counted], device)
+        frequency = _column([samplers[i].params.frequency_penalty for i in counted], device)
+        x[idx] = apply_presence_frequency_penalty(x[idx], counts, presence, frequency)
+    tokens = x.argmax(-1)  # (B,): the greedy rows' picks; sampling rows are overwritten below
+    drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if drawn:
+        ps = [samplers[i].params for i in drawn]
+        rows = x if len(drawn) == len(samplers) else x[torch.tensor(drawn, device=device)]
+        probs = probabilities(
+            rows,
+            [p.temperature for p in ps],
+            [p.top_k for p in ps],
+            [p.top_p for p in ps],
+            [p.min_p for p in ps],
+        )
+        picks = [torch.multinomial(probs[j], 1, generator=samplers[i].generator) for j, i in enumerate(drawn)]
+        tokens = tokens.clone()
+        tokens[torch.tensor(drawn, device=device)] = torch.cat(picks)
+    out = tokens.tolist()
+    for i in rep:
+        samplers[i].seen[out[i]] = True  # type: ignore[index]
+    for i in counted:
+        samplers[i].counts[out[i]] += 1  # type: ignore[index]
+    return out
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-row settings as a (B, 1) fp32 column (the value a Python float becomes in fp32 math)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor
+) -> torch.Tensor:
     """Make already-seen tokens less likely: divide positive logits, multiply negative ones."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
 def apply_presence_frequency_penalty(
-    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    presence: float | torch.Tensor,
+    frequency: float | torch.Tensor,
 ) -> torch.Tensor:
     """OpenAI's penalties: logits - counts * frequency - (counts > 0) * presence, where counts
     (V,) says how often each token was generated so far."""
@@ -124,24 +164,44 @@ def apply_presence_frequency_penalty(
 
 
 def probabilities(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+    logits: torch.Tensor,
+    temperature: float | Sequence[float],
+    top_k: int | Sequence[int],
+    top_p: float | Sequence[float],
+    min_p: float | Sequence[float],
 ) -> torch.Tensor:
-    """(V,) logits -> (V,) probabilities after temperature and the top-k/top-p/min-p filters."""
+    """(V,) or (B, V) logits -> probabilities after temperature and the top-k/top-p/min-p
+    filters; with (B, V) logits each setting may be one value per row. A filter is applied
+    only to the rows that switch it on (top_k 0, top_p 1 and min_p 0 are off), so a row's
+    probabilities do not depend on the other rows."""
+    x = logits if logits.dim() == 2 else logits[None]
+    b, v = x.shape
+
+    def per_row(value, kind=float) -> list:
+        return [kind(value)] * b if isinstance(value, (int, float)) else [kind(t) for t in value]
+
+    temps, ks, ps, mins = per_row(temperature), per_row(top_k, int), per_row(top_p), per_row(min_p)
     # A tiny repetition penalty can push a logit to +inf; cap it so softmax stays finite.
-    logits = (logits / temperature).clamp(max=torch.finfo(logits.dtype).max)
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    x = (x / _column(temps, x.device)).clamp(max=torch.finfo(x.dtype).max)
+    if any(0 < k < v for k in ks):
+        k_max = max(k for k in ks if 0 < k < v)
+        kth = torch.topk(x, k_max).values  # (B, k_max), largest first
+        on = torch.tensor([0 < k < v for k in ks], device=x.device)[:, None]
+        at = torch.tensor([min(max(k, 1), k_max) - 1 for k in ks], device=x.device)[:, None]
+        x = torch.where(on & (x < kth.gather(1, at)), float("-inf"), x)
+    if any(p < 1.0 for p in ps):
+        sorted_x, order = torch.sort(x, descending=False)
+        cumulative = sorted_x.softmax(-1).cumsum(-1)
         # Drop the low-probability tail whose mass is at most 1 - top_p; the top token always stays.
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[-1] = False
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
-    return probs
+        drop_sorted = cumulative <= 1 - _column(ps, x.device)
+        drop_sorted[:, -1] = False
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        on = torch.tensor([p < 1.0 for p in ps], device=x.device)[:, None]
+        x = x.masked_fill(drop & on, float("-inf"))
+    probs = x.softmax(-1)
+    if any(m > 0 for m in mins):
+        floor = _column(mins, x.device) * probs.max(-1, keepdim=True).values
+        kept = probs.masked_fill(probs < floor, 0.0)
+        on = torch.tensor([m > 0 for m in mins], device=x.device)[:, None]
+        probs = torch.where(on, kept / kept.sum(-1, keepdim=True), probs)
+    return probs if logits.dim() == 2 else probs[0]

@@ -72,6 +72,9 @@ class ServeConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+    compile: bool = opt(
+        False, "decode through torch.compile; on a CUDA device, replayed from CUDA graphs per batch size"
+    )
 
     def __post_init__(self) -> None:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
@@ -118,6 +121,7 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
         llm = load(
             model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False
         )
+        llm.engine.compile = cfg.compile
         for name, directory in adapters.items():
             load_adapter(llm.model, directory, name=name)
         if adapters:

@@ -30,16 +30,33 @@ class Family:
     #: only when `use_sliding_window` is true, from `max_window_layers` on (Qwen2).
     sliding_window_needs_flag: bool = False
     moe: bool = False
+    #: Our fields that transformers' config class for the family does not define: `to_hf`
+    #: leaves them out while they hold what that class assumes (an unknown key can break
+    #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
+    hf_absent: tuple[str, ...] = ()
 
 
 #: Supported families. Adding a family that only differs by these flags is one line here.
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM"),
-    "mistral": Family("MistralForCausalLM", default_rope_theta=10000.0),
-    "qwen2": Family(
-        "Qwen2ForCausalLM", attention_bias=True, default_rope_theta=10000.0, sliding_window_needs_flag=True
+    "llama": Family("LlamaForCausalLM", hf_absent=("layer_types", "sliding_window")),
+    "mistral": Family(
+        "MistralForCausalLM",
+        default_rope_theta=10000.0,
+        hf_absent=("layer_types", "attention_bias", "mlp_bias"),
     ),
-    "mixtral": Family("MixtralForCausalLM", default_rope_theta=1e6, moe=True),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        attention_bias=True,
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        hf_absent=("attention_bias", "mlp_bias", "head_dim"),
+    ),
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        default_rope_theta=1e6,
+        moe=True,
+        hf_absent=("layer_types", "attention_bias", "mlp_bias"),
+    ),
 }
 
 #: RoPE scaling types we implement (see rope.py). "default" means no scaling.
@@ -205,6 +222,22 @@ class ModelConfig:
             d["use_sliding_window"] = "sliding_attention" in self.layer_types
         if not self.rope_scaling:
             d["rope_scaling"] = None
+        # What transformers assumes for a key its config class lacks (then the key can go).
+        assumed = {
+            "layer_types": _read_layer_types(
+                {k: v for k, v in d.items() if k != "layer_types"},
+                self.family,
+                self.num_hidden_layers,
+                "config",
+            ),
+            "sliding_window": None,
+            "attention_bias": self.family.attention_bias,
+            "mlp_bias": False,
+            "head_dim": self.hidden_size // self.num_attention_heads,
+        }
+        for key in self.family.hf_absent:
+            if d.get(key) == assumed[key]:
+                d.pop(key, None)
         return d
 
 

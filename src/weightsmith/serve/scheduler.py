@@ -16,7 +16,8 @@ alone. A request with n > 1 choices is prefilled once and its cache row copied.
 
 The token loop is the shared one: `generate.prefill` (chunks too, with a start offset),
 the decode step chosen once by the engine and passed in (`decode`: the fused C step for
-up to 8 rows on the CPU), and one `RowState` per row (row_state.py: sampler, text, stop
+up to 8 rows on the CPU, CUDA graphs with `--compile` on a GPU), every row's token of a
+step picked in one batched pass (sampling.sample_batch), and one `RowState` per row (row_state.py: sampler, text, stop
 strings and the finish rule TokenGenerator uses too). The server adds scheduling, not a
 second decoder. Not here: HTTP, JSON and validation (app.py, schemas.py).
 """
@@ -39,7 +40,7 @@ from weightsmith.kv_cache import KVCache
 from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
-from weightsmith.sampling import SamplingParams
+from weightsmith.sampling import SamplingParams, sample_batch
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,9 @@ class Scheduler:
         self.device = model.inv_freq.device
         self.vocab = model.config.vocab_size
         dtype = model.model.embed_tokens.weight.dtype
-        self.cache = KVCache.for_model(model.config, max_batch, max_len, dtype=dtype, device=self.device)
+        # A step that replays CUDA graphs decodes in its own cache (cuda_graphs.py).
+        make_cache = getattr(decode, "make_cache", None) or KVCache.for_model
+        self.cache = make_cache(model.config, max_batch, max_len, dtype=dtype, device=self.device)
         self.has_adapters = bool(lora_layers(model))
         self.staged: Staged | None = None  # a long prompt being prefilled chunk by chunk
         self.staging: KVCache | None = None  # its one-row cache, allocated on first use
@@ -367,14 +370,20 @@ class Scheduler:
         self._sample(logits, first_row=0)
 
     def _sample(self, logits: torch.Tensor, first_row: int) -> None:
-        """Pick a token for rows first_row.. (logits (B, V)), emit their text, finish rows."""
+        """Pick a token for rows first_row.. (logits (B, V)) in one batched pass, emit their
+        text, finish rows."""
         now = time.perf_counter()
+        seqs = self.running[first_row : first_row + len(logits)]
+        try:
+            tokens: list[int] | None = sample_batch([s.sampler for s in seqs], logits)
+        except Exception:  # some row cannot be sampled: go row by row to end only that one
+            tokens = None
         finished: list[tuple[int, str]] = []
-        for i, row_logits in enumerate(logits):
+        for i, seq in enumerate(seqs):
             row = first_row + i
-            seq = self.running[row]
             try:
-                reason = self._next_token(seq, row, row_logits, now)
+                token = tokens[i] if tokens is not None else seq.sampler(logits[i])
+                reason = self._next_token(seq, row, token, logits[i], now)
             except Exception as e:  # one row's sampling failed: end that row only
                 log.exception("sampling failed for request %d", seq.request.id)
                 seq.request.emit(SequenceEvent(seq.index, "", [], None, "error", len(seq.generated),
@@ -387,9 +396,10 @@ class Scheduler:
         for row, reason in sorted(finished, reverse=True):
             self._finish(row, reason, emit=False)
 
-    def _next_token(self, seq: Choice, row: int, logits: torch.Tensor, now: float) -> str | None:
-        """Sample row `row`'s next token from its (V,) logits, emit it; return the finish reason."""
-        token, text = seq.add(logits, self.cache.room(row))
+    def _next_token(self, seq: Choice, row: int, token: int, logits: torch.Tensor, now: float) -> str | None:
+        """Record row `row`'s sampled `token` (its raw logits (V,) for log-probabilities), emit
+        it; return the finish reason."""
+        text = seq.record(token, self.cache.room(row))
         self._record_timing(seq, now)
         reason = seq.finish_reason
         logprobs = None

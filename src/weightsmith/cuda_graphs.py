@@ -1,0 +1,254 @@
+"""`--compile` on a CUDA device: decode steps replayed from captured CUDA graphs.
+
+An eager decode step launches a few dozen kernels per layer, and on a GPU launching
+them costs more host time than the kernels take: a small model decodes at the speed
+of Python. A CUDA graph records one step's kernels once and replays them with a single
+launch. What a graph replays is fixed, so everything the step reads or writes has a
+fixed address and shape:
+
+- the KV cache is this decoder's own, allocated once (`make_cache` hands a generation
+  its first rows; it grows, dropping the old graphs, when a generation needs more rows
+  or positions than it has);
+- token ids and positions live in static device buffers, refreshed by one small copy
+  per step; the attention mask is computed inside the step from the positions;
+- a step attends over `kv` cache entries, the smallest bucket (128, 256, 512, ...)
+  above the longest row, and runs `batch` rows, the smallest of 1, 2, 4, 8, ... at
+  least the live rows; padding rows feed token 0 at position 0 into cache rows no
+  sequence uses. One graph per (batch, kv) pair, captured on first use.
+
+The step is the model's own forward, through torch.compile first (element-wise work
+fused; the batch and cache length dynamic, so one compilation serves every graph)
+unless `compile=False`; a compiler that fails here is logged once and the graphs hold
+the eager step instead. With `capture=False` the same static-shape steps run without
+graph capture: that is how CPU tests check this code computes what the eager step does.
+
+The plain step (the caller's fallback) decodes instead when the cache is not this
+decoder's (another generation holds it), when rows use different LoRA adapters
+(`lora.row_adapters` picks code per row, which a graph cannot), or once a capture
+has failed. Graphs hold weight addresses: a model whose modules or parameter storage
+changed since the last `make_cache` has its graphs dropped there.
+
+Not here: the eager and compiled steps themselves (generate.py, compiled.py), sampling
+(sampling.py, one batched pass and one device sync per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from weightsmith.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+#: Batch sizes graphs are captured for; a step of n rows runs the smallest one >= n.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: The smallest cache length a step attends over (then doubling up to the cache size).
+MIN_KV = 128
+#: Cache sizes are rounded up to a multiple of this, so nearby generations share a cache.
+CACHE_STEP = 256
+
+
+def batch_bucket(n: int) -> int:
+    return next((b for b in BATCH_BUCKETS if b >= n), n)
+
+
+def kv_bucket(n: int, cap: int) -> int:
+    """The cache length a step attends over when its longest row holds `n` entries."""
+    kv = MIN_KV
+    while kv < n:
+        kv *= 2
+    return min(kv, cap)
+
+
+def _step(model: Any, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, kv: int) -> torch.Tensor:
+    """One token per row at its position, attending over the first `kv` cache entries."""
+    return model(ids, positions=positions, cache=cache, kv_len=kv, aligned=False)[:, 0]
+
+
+class _Replay:
+    """One (batch, kv) step: a captured graph and its output buffer, or (without capture)
+    the step run directly on the same static inputs."""
+
+    def __init__(self, run: Callable[[], torch.Tensor], graph: Any = None, out: torch.Tensor | None = None):
+        self.run, self.graph, self.out = run, graph, out
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        assert self.out is not None
+        return self.out
+
+
+class GraphDecode:
+    """A model's decode step replayed from CUDA graphs (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        fallback: Callable[..., torch.Tensor],
+        *,
+        compile: bool = True,
+        capture: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.fallback = fallback
+        self.device = model.inv_freq.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.compile = compile
+        #: Why capture or compilation was given up here (None while it works).
+        self.failed: str | None = None
+        self.compile_failed: str | None = None
+        self.cache: KVCache | None = None
+        self._lease: weakref.ref | None = None
+        self._inputs: torch.Tensor | None = None  # (2, rows): token ids, positions
+        self._replays: dict[tuple[int, int], _Replay] = {}
+        self._pool: Any = None
+        self._compiled: Any = None
+        self._fingerprint: tuple | None = None
+        self._lora: list = []
+
+    # ---- the cache a generation decodes in ----------------------------------------------
+
+    def make_cache(self, cfg: Any, batch: int, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
+        """The first `batch` rows of this decoder's cache, emptied, for a generation of up to
+        `max_len` tokens a row; a plain cache while another generation still holds them."""
+        if self._lease is not None and self._lease() is not None:
+            return KVCache.for_model(cfg, batch, max_len, dtype=dtype, device=device)
+        self._check_model()
+        cache = self.cache
+        if cache is None or cache.batch_size < batch or cache.max_len < max_len or cache.k.dtype != dtype:
+            self._drop_graphs()
+            self.cache = None
+            rows = batch_bucket(max(batch, cache.batch_size if cache is not None else 0))
+            length = -(-max(max_len, cache.max_len if cache is not None else 0) // CACHE_STEP) * CACHE_STEP
+            self.cache = KVCache.for_model(cfg, rows, length, dtype=dtype, device=device)
+            self._inputs = torch.zeros(2, rows, dtype=torch.long, device=device)
+        assert self.cache is not None
+        self.cache.reset()
+        view = self.cache.rows(0, batch)
+        self._lease = weakref.ref(view)
+        return view
+
+    def _check_model(self) -> None:
+        """Drop the graphs if the model's modules or weight storage changed since they were captured."""
+        # LoRA layers, found by what they have (this module sits below weightsmith.lora).
+        self._lora = [m for m in self.model.modules() if hasattr(m, "row_groups")]
+        fingerprint = (
+            tuple(id(m) for m in self.model.modules()),
+            tuple(p.data_ptr() for p in self.model.parameters()),
+            tuple((m.active_adapter, tuple(sorted(m.merged))) for m in self._lora),
+        )
+        if fingerprint != self._fingerprint:
+            self._drop_graphs()
+            self._fingerprint = fingerprint
+
+    def _drop_graphs(self) -> None:
+        self._replays.clear()
+        self._pool = None
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def owns(self, cache: KVCache) -> bool:
+        """Whether `cache` is rows 0.. of this decoder's cache (the rows graphs can read)."""
+        return self.cache is not None and cache.k.data_ptr() == self.cache.k.data_ptr()
+
+    @torch.inference_mode()
+    def __call__(self, model: Any, cache: KVCache, tokens: list[int], device: torch.device) -> torch.Tensor:
+        """One token per row (rows 0..B-1), like the eager step."""
+        if (
+            self.failed is not None
+            or model is not self.model
+            or not self.owns(cache)
+            or any(m.row_groups is not None for m in self._lora)
+        ):
+            return self.fallback(model, cache, tokens, device)
+        assert self.cache is not None and self._inputs is not None
+        b = len(tokens)
+        lengths = cache.lengths[:b]
+        rows = batch_bucket(b)
+        kv = kv_bucket(max(lengths) + 1, self.cache.max_len)
+        pad = rows - b
+        host = torch.tensor([list(tokens) + [0] * pad, list(lengths) + [0] * pad], dtype=torch.long)
+        self._inputs[:, :rows].copy_(host)
+        try:
+            replay = self._replays.get((rows, kv)) or self._capture(rows, kv)
+        except Exception as e:  # a capture that fails here must not fail the generation
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(
+                "--compile: CUDA graph capture failed here (%s); decoding without graphs", self.failed
+            )
+            self._drop_graphs()
+            return self.fallback(model, cache, tokens, device)
+        logits = replay()[:b].clone()  # the graph's output buffer is rewritten by the next replay
+        cache.advance(b)
+        return logits
+
+    def _step_fn(self) -> Callable[..., torch.Tensor]:
+        if not self.compile or self.compile_failed is not None:
+            return _step
+        if self._compiled is None:
+            self._compiled = torch.compile(_step, dynamic=None)
+        return self._compiled
+
+    def _run(self, rows: int, kv: int) -> Callable[[], torch.Tensor]:
+        assert self._inputs is not None
+        ids, positions = self._inputs[0, :rows, None], self._inputs[1, :rows, None]  # (rows, 1) each
+
+        def run() -> torch.Tensor:
+            fn = self._step_fn()
+            if fn is _step:
+                return fn(self.model, self.cache, ids, positions, kv)
+            if rows > 1:  # one compilation for every batch size (size 1 is always its own)
+                torch._dynamo.mark_dynamic(ids, 0)
+                torch._dynamo.mark_dynamic(positions, 0)
+            try:
+                return fn(self.model, self.cache, ids, positions, kv)
+            except Exception as e:  # the compiler cannot run here: graphs of the eager step
+                self.compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning(
+                    "--compile: torch.compile failed here (%s); capturing the eager step", self.compile_failed
+                )
+                return _step(self.model, self.cache, ids, positions, kv)
+
+        return run
+
+    def _capture(self, rows: int, kv: int) -> _Replay:
+        run = self._run(rows, kv)
+        if not self.capture:
+            replay = _Replay(run)
+        else:
+            # Warm up outside the graph (compiles, autotunes, allocates); the inputs are this
+            # step's own, so the cache entries these runs write are the ones the replay writes.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = run()
+            self._pool = self._pool or graph.pool()
+            replay = _Replay(run, graph, out)
+        self._replays[(rows, kv)] = replay
+        return replay
+
+
+#: One graph decoder per model (weakly held), so graphs and the cache live as long as the model.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_decoder(model: Any, fallback: Callable[..., torch.Tensor], *, compile: bool = True) -> GraphDecode:
+    """The model's CUDA-graph decoder (shared by every generation of the model), falling back
+    on `fallback` where graphs cannot serve a step."""
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.compile != compile:
+        decoder = _DECODERS[model] = GraphDecode(model, fallback, compile=compile)
+    decoder.fallback = fallback
+    return decoder

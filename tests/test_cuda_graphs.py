@@ -1,0 +1,139 @@
+"""The CUDA-graph decoder (cuda_graphs.py) computes what the eager step computes.
+
+On the CPU the same code runs with graph capture switched off (`capture=False`): static
+input buffers, batch sizes padded to their bucket, attention over a bucketed cache length
+with a position mask, the decoder's own cache. What only a GPU can check (the capture
+itself) is in benchmarks/gpu_check.py and the `gpu`-marked test at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightsmith
+from weightsmith.cuda_graphs import GraphDecode, batch_bucket, kv_bucket
+from weightsmith.generate import TokenGenerator, decode_one_token
+from weightsmith.sampling import SamplingParams
+from weightsmith.serve.scheduler import Request, Scheduler
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf_dir):
+    llm = weightsmith.load(tiny_hf_dir)
+    if llm.engine.cpu_plan is not None:
+        llm.engine.cpu_plan.undo()  # the plain PyTorch model, as on a GPU
+    return llm
+
+
+def run(llm, prompts, params, decode=None):
+    gen = TokenGenerator(llm.model, prompts, params, eos_token_ids=set(), decode=decode)
+    for _ in gen:
+        pass
+    return gen.generated, gen
+
+
+def test_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+    assert [kv_bucket(n, 1024) for n in (1, 128, 129, 300, 600)] == [128, 128, 256, 512, 1024]
+    assert kv_bucket(900, 768) == 768  # never past the cache
+
+
+def test_greedy_tokens_equal_the_eager_step(llm):
+    """Three rows of different lengths (padded to a batch of 4) for 150 tokens, crossing the
+    128-entry attention bucket: the same tokens as eager decoding, which attends over exactly
+    the filled entries."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    params = [SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)] * 3
+    eager, _ = run(llm, prompts, params)
+    graphs = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
+    ours, gen = run(llm, prompts, params, decode=graphs)
+    assert graphs.owns(gen.cache) and graphs.failed is None
+    assert sorted(graphs._replays) == [(4, 128), (4, 256)]
+    assert ours == eager
+
+
+def test_logits_equal_the_eager_step(llm):
+    model = llm.model
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10]]
+    graphs = GraphDecode(model, decode_one_token, compile=False, capture=False)
+    steps = {}
+    for name, decode in (("eager", decode_one_token), ("graphs", graphs)):
+        gen = TokenGenerator(
+            model,
+            prompts,
+            [SamplingParams(max_tokens=8, temperature=0)] * 2,
+            eos_token_ids=set(),
+            decode=decode,
+        )
+        seen = []
+        step = gen.decode
+
+        def spy(*args, step=step, seen=seen):
+            out = step(*args)
+            seen.append(out.clone())
+            return out
+
+        gen.decode = spy
+        for _ in gen:
+            pass
+        steps[name] = torch.stack(seen)
+    torch.testing.assert_close(steps["graphs"], steps["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_sampling_and_reuse_across_generations(llm):
+    """Sampled rows draw the same tokens; a second generation reuses the decoder's cache (and its
+    steps), a generation started while another holds the cache decodes with the fallback."""
+    prompts = [[5, 6, 7], [8, 9]]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=s, ignore_eos=True) for s in (1, 2)
+    ]
+    eager, _ = run(llm, prompts, params)
+    graphs = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
+    assert run(llm, prompts, params, decode=graphs)[0] == eager  # that generation is over
+    cache = graphs.cache
+    held = TokenGenerator(llm.model, prompts, params, eos_token_ids=set(), decode=graphs)  # holds the cache
+    other = TokenGenerator(llm.model, prompts, params, eos_token_ids=set(), decode=graphs)
+    assert graphs.owns(held.cache) and not graphs.owns(other.cache)
+    for _ in other:
+        pass
+    assert other.generated == eager
+    del held
+    again, gen = run(llm, prompts, params, decode=graphs)
+    assert again == eager and graphs.cache is cache and graphs.owns(gen.cache)
+
+
+def test_the_scheduler_decodes_in_the_graph_cache(llm):
+    """Continuous batching through the graph decoder: requests joining and leaving (batch sizes
+    change, rows move) get their solo tokens."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(3 + 2 * i)] for i in range(6)]
+    solo = [run(llm, [p], [params])[0][0] for p in prompts]
+    graphs = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
+    sched = Scheduler(llm.model, llm.tokenizer, frozenset(), max_batch=8, max_len=128, decode=graphs)
+    assert graphs.owns(sched.cache)
+    got: list[list[int]] = [[] for _ in prompts]
+    for i, p in enumerate(prompts[:3]):
+        sched.submit(Request([p], [params], emit=lambda ev, i=i: got[i].extend(ev.tokens)))
+    for _ in range(4):
+        sched.step()
+    for i, p in enumerate(prompts[3:], start=3):
+        sched.submit(Request([p], [params], emit=lambda ev, i=i: got[i].extend(ev.tokens)))
+    while not sched.idle:
+        sched.step()
+    assert got == solo
+    assert {rows for rows, _ in graphs._replays} >= {4, 8}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_give_the_eager_greedy_tokens(tiny_hf_dir):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = weightsmith.load(tiny_hf_dir, device="cuda", dtype="fp32")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * 2
+    eager, _ = run(llm, prompts, params)
+    for compile in (False, True):
+        graphs = GraphDecode(llm.model, decode_one_token, compile=compile)
+        ours, _ = run(llm, prompts, params, decode=graphs)
+        assert graphs.failed is None and ours == eager
