@@ -55,15 +55,28 @@ def make_kit(out: Path) -> None:
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
-def random_checkpoint(kit: Path, out: Path) -> Path:
+#: SmolLM2-1.7B's shape (24 layers, hidden 2048, MLP 8192, 32 heads, no GQA) on the kit's vocabulary.
+LARGE = dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+             num_key_value_heads=32, head_dim=64)  # fmt: skip
+
+
+def random_checkpoint(kit: Path, out: Path, shape: dict | None = None, device: str = "cpu") -> Path:
+    """Random weights of the kit's config (with `shape` overrides), saved as an HF directory."""
     import shutil
 
     import transformers
 
+    if (out / "config.json").exists():
+        return out
     cfg = transformers.AutoConfig.from_pretrained(str(kit))
+    for key, value in (shape or {}).items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    dtype = torch.bfloat16 if shape else torch.float32  # a large shape is only measured in bf16
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(out)
+    del model
     for name in KIT_FILES[1:]:
         if (kit / name).exists():
             shutil.copy(kit / name, out / name)
@@ -327,34 +340,62 @@ SECTIONS = {
     "finetune": section_finetune,
     "quant": section_quant,
 }
+#: Sections that take the time left (gpu_speed.py), by name.
+TIMED = ("decode", "server", "lora", "exact")
+DEFAULT = "exact@small,decode@large,server@large,lora@large,decode@small"
+
+
+def run_section(spec: str, paths: dict, args, clock) -> dict:
+    import gpu_speed
+
+    name, _, shape = spec.partition("@")
+    path = paths[shape or "small"]
+    if name in TIMED:
+        return getattr(gpu_speed, f"section_{name}")(path, clock, args.runs)
+    return SECTIONS[name](path, args.device, args.runs)
 
 
 def main() -> None:
+    import gpu_speed  # beside this file, so on the path when run as a script
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kit", type=Path, help="folder with the model's config and tokenizer")
     parser.add_argument("--make-kit", type=Path, help="write the kit for the default model here and exit")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sections", default=DEFAULT, help=f"NAME@SHAPE,... (shapes: small, large; names: "
+                        f"{', '.join([*TIMED, *SECTIONS])})")  # fmt: skip
+    parser.add_argument(
+        "--budget", type=float, default=330, help="seconds; later contenders are skipped past it"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--dry", action="store_true", help="a quick run on the CPU with a small 'large' shape")
     args = parser.parse_args()
+    if args.dry:
+        args.device = "cpu"
+        LARGE.update(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=4, head_dim=64)  # fmt: skip
     if args.make_kit:
         make_kit(args.make_kit)
         return
+    clock = gpu_speed.Clock(args.budget)
     if args.device.startswith("cuda"):
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    path = random_checkpoint(args.kit, Path("/tmp/gpu-check-model"))
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    paths = {"small": random_checkpoint(args.kit, Path("/tmp/gpu-check-model"))}
     results: dict = {}
-    for name in args.sections.split(","):
+    for spec in args.sections.split(","):
         start = time.perf_counter()
         try:
-            results[name] = SECTIONS[name](path, args.device, args.runs)
+            if spec.endswith("@large") and "large" not in paths:
+                paths["large"] = random_checkpoint(args.kit, Path("/tmp/gpu-check-large"), LARGE, args.device)
+            results[spec] = run_section(spec, paths, args, clock)
         except Exception as exc:  # noqa: BLE001 - report and go on to the next section
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-        print(f"== {name} ({time.perf_counter() - start:.0f} s)")
-        print(json.dumps(results[name], indent=1, default=str), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+            results[spec] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        print(f"== {spec} ({time.perf_counter() - start:.0f} s, {clock.left():.0f} s left)")
+        print(json.dumps(results[spec], indent=1, default=str), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import weightsmith
+from weightsmith import cuda_graphs
 from weightsmith.cuda_graphs import GraphDecode, batch_bucket, kv_bucket
 from weightsmith.generate import TokenGenerator, decode_one_token
 from weightsmith.sampling import SamplingParams
@@ -34,7 +35,7 @@ def run(llm, prompts, params, decode=None):
 
 
 def test_buckets():
-    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 33, 64)] == [2, 2, 4, 8, 16, 64, 64]
     assert [kv_bucket(n, 1024) for n in (1, 128, 129, 300, 600)] == [128, 128, 256, 512, 1024]
     assert kv_bucket(900, 768) == 768  # never past the cache
 
@@ -51,6 +52,22 @@ def test_greedy_tokens_equal_the_eager_step(llm):
     assert graphs.owns(gen.cache) and graphs.failed is None
     assert sorted(graphs._replays) == [(4, 128), (4, 256)]
     assert ours == eager
+
+
+def test_the_compiled_step_gives_eager_tokens_with_one_compilation(llm):
+    """`--compile`'s step (torch.compile, then what a graph would replay): sizes are symbolic, so
+    batches of 3 and 1 and attended lengths 128 and 256 share one compilation; the tokens are
+    eager's. Inductor needs a C++ compiler: where it cannot run, the eager step is captured."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    params = [SamplingParams(max_tokens=140, temperature=0, ignore_eos=True)] * 3
+    graphs = GraphDecode(llm.model, decode_one_token, compile=True, capture=False)
+    for rows in (3, 1):
+        eager, _ = run(llm, prompts[:rows], params[:rows])
+        assert run(llm, prompts[:rows], params[:rows], decode=graphs)[0] == eager
+    if graphs.compile_failed is not None:
+        pytest.skip(f"torch.compile cannot run here: {graphs.compile_failed}")
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(cuda_graphs._step.__code__)
+    assert len(entries) == 1  # one compiled graph for every (rows, kv) this test ran
 
 
 def test_logits_equal_the_eager_step(llm):

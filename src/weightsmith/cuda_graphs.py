@@ -12,7 +12,7 @@ fixed address and shape:
 - token ids and positions live in static device buffers, refreshed by one small copy
   per step; the attention mask is computed inside the step from the positions;
 - a step attends over `kv` cache entries, the smallest bucket (128, 256, 512, ...)
-  above the longest row, and runs `batch` rows, the smallest of 1, 2, 4, 8, ... at
+  above the longest row, and runs `batch` rows, the smallest of 2, 4, 8, ... at
   least the live rows; padding rows feed token 0 at position 0 into cache rows no
   sequence uses. One graph per (batch, kv) pair, captured on first use.
 
@@ -45,12 +45,15 @@ from weightsmith.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-#: Batch sizes graphs are captured for; a step of n rows runs the smallest one >= n.
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Batch sizes graphs are captured for; a step of n rows runs the smallest one >= n. A single
+#: row runs as two (memory-bound, it costs the same): one compilation then serves every size.
+BATCH_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 #: The smallest cache length a step attends over (then doubling up to the cache size).
 MIN_KV = 128
 #: Cache sizes are rounded up to a multiple of this, so nearby generations share a cache.
 CACHE_STEP = 256
+#: torch._dynamo's limit on compilations of one function (renamed in torch 2.6).
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def batch_bucket(n: int) -> int:
@@ -65,9 +68,10 @@ def kv_bucket(n: int, cap: int) -> int:
     return min(kv, cap)
 
 
-def _step(model: Any, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, kv: int) -> torch.Tensor:
-    """One token per row at its position, attending over the first `kv` cache entries."""
-    return model(ids, positions=positions, cache=cache, kv_len=kv, aligned=False)[:, 0]
+def _step(model: Any, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """One token per row at its position, attending over the first `len(span)` cache entries
+    (a length given as a tensor's size, which the compiler can leave symbolic from the start)."""
+    return model(ids, positions=positions, cache=cache, kv_len=span.shape[0], aligned=False)[:, 0]
 
 
 class _Replay:
@@ -106,7 +110,9 @@ class GraphDecode:
         self.compile_failed: str | None = None
         self.cache: KVCache | None = None
         self._lease: weakref.ref | None = None
-        self._inputs: torch.Tensor | None = None  # (2, rows): token ids, positions
+        self._ids: torch.Tensor | None = None  # (rows, 1) token ids, static
+        self._positions: torch.Tensor | None = None  # (rows, 1) positions, static
+        self._span: torch.Tensor | None = None  # (cache length,): sliced to say a step's kv length
         self._replays: dict[tuple[int, int], _Replay] = {}
         self._pool: Any = None
         self._compiled: Any = None
@@ -127,8 +133,15 @@ class GraphDecode:
             self.cache = None
             rows = batch_bucket(max(batch, cache.batch_size if cache is not None else 0))
             length = -(-max(max_len, cache.max_len if cache is not None else 0) // CACHE_STEP) * CACHE_STEP
-            self.cache = KVCache.for_model(cfg, rows, length, dtype=dtype, device=device)
-            self._inputs = torch.zeros(2, rows, dtype=torch.long, device=device)
+            self.cache = KVCache.for_model(cfg, rows, length, dtype=dtype, device=device, spare=1)
+            # Two buffers, not views of one: the compiler would tie their offsets to the batch size.
+            self._ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            self._positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            self._span = torch.zeros(length, dtype=torch.int8, device=device)
+            # Symbolic sizes for the compiler: one compilation serves every cache size too.
+            for t in self.cache.storage:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+                torch._dynamo.maybe_mark_dynamic(t, 3)
         assert self.cache is not None
         self.cache.reset()
         view = self.cache.rows(0, batch)
@@ -168,14 +181,14 @@ class GraphDecode:
             or any(m.row_groups is not None for m in self._lora)
         ):
             return self.fallback(model, cache, tokens, device)
-        assert self.cache is not None and self._inputs is not None
+        assert self.cache is not None and self._ids is not None and self._positions is not None
         b = len(tokens)
         lengths = cache.lengths[:b]
         rows = batch_bucket(b)
         kv = kv_bucket(max(lengths) + 1, self.cache.max_len)
         pad = rows - b
-        host = torch.tensor([list(tokens) + [0] * pad, list(lengths) + [0] * pad], dtype=torch.long)
-        self._inputs[:, :rows].copy_(host)
+        self._ids[:rows, 0].copy_(torch.tensor(list(tokens) + [0] * pad))
+        self._positions[:rows, 0].copy_(torch.tensor(list(lengths) + [0] * pad))
         try:
             replay = self._replays.get((rows, kv)) or self._capture(rows, kv)
         except Exception as e:  # a capture that fails here must not fail the generation
@@ -197,24 +210,28 @@ class GraphDecode:
         return self._compiled
 
     def _run(self, rows: int, kv: int) -> Callable[[], torch.Tensor]:
-        assert self._inputs is not None
-        ids, positions = self._inputs[0, :rows, None], self._inputs[1, :rows, None]  # (rows, 1) each
+        assert self._ids is not None and self._positions is not None and self._span is not None
+        ids, positions = self._ids[:rows], self._positions[:rows]  # (rows, 1) each
+        span = self._span[:kv]
+        torch._dynamo.maybe_mark_dynamic(span, 0)
 
         def run() -> torch.Tensor:
             fn = self._step_fn()
             if fn is _step:
-                return fn(self.model, self.cache, ids, positions, kv)
-            if rows > 1:  # one compilation for every batch size (size 1 is always its own)
-                torch._dynamo.mark_dynamic(ids, 0)
-                torch._dynamo.mark_dynamic(positions, 0)
+                return fn(self.model, self.cache, ids, positions, span)
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
             try:
-                return fn(self.model, self.cache, ids, positions, kv)
+                # Sizes are symbolic, so one compilation is expected; leave room for a few more
+                # (a new dtype or model shape) without falling back to eager.
+                with torch._dynamo.config.patch(**{_LIMIT: 32}):
+                    return fn(self.model, self.cache, ids, positions, span)
             except Exception as e:  # the compiler cannot run here: graphs of the eager step
                 self.compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.warning(
                     "--compile: torch.compile failed here (%s); capturing the eager step", self.compile_failed
                 )
-                return _step(self.model, self.cache, ids, positions, kv)
+                return _step(self.model, self.cache, ids, positions, span)
 
         return run
 

@@ -36,10 +36,16 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
+        spare: int = 0,
     ) -> None:
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # `spare` positions past max_len are allocated and never used: then no row's first n
+        # entries are one contiguous block across heads, whatever n is, and torch.compile
+        # needs one kernel variant for every attended length (cuda_graphs.py asks for one).
+        shape = (n_layers, batch_size, n_kv_heads, max_len + spare, head_dim)
+        self._k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self._v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = self._k_all[:, :, :, :max_len]
+        self.v = self._v_all[:, :, :, :max_len]
         self.max_len = max_len
         self.batch_size = batch_size
         # Tokens held per row, on the host: decides masks and slicing without a device sync.
@@ -48,7 +54,7 @@ class KVCache:
         self._first = 0
 
     @classmethod
-    def for_model(cls, cfg, batch_size: int, max_len: int, *, dtype, device) -> KVCache:
+    def for_model(cls, cfg, batch_size: int, max_len: int, *, dtype, device, spare: int = 0) -> KVCache:
         return cls(
             cfg.num_hidden_layers,
             batch_size,
@@ -57,6 +63,7 @@ class KVCache:
             cfg.head_dim,
             dtype=dtype,
             device=device,
+            spare=spare,
         )
 
     # ---- lengths ------------------------------------------------------------------------
@@ -98,6 +105,11 @@ class KVCache:
         for i in range(self.batch_size) if row is None else (row,):
             self._lengths[self._first + i] = 0
 
+    @property
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value tensors with their spare positions (what compiled steps write)."""
+        return self._k_all, self._v_all
+
     # ---- views and copies ---------------------------------------------------------------
 
     def rows(self, start: int, count: int) -> KVCache:
@@ -106,6 +118,8 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k = self.k[:, start : start + count]
         view.v = self.v[:, start : start + count]
+        view._k_all = self._k_all[:, start : start + count]
+        view._v_all = self._v_all[:, start : start + count]
         view.max_len, view.batch_size = self.max_len, count
         view._lengths, view._first = self._lengths, self._first + start
         return view
@@ -115,6 +129,7 @@ class KVCache:
         index = torch.tensor(rows, device=self.k.device)
         copy = KVCache.__new__(KVCache)
         copy.k, copy.v = self.k[:, index], self.v[:, index]  # (L, R, H, S, D) copies
+        copy._k_all, copy._v_all = copy.k, copy.v
         copy.max_len, copy.batch_size = self.max_len, len(rows)
         copy._lengths, copy._first = [self.length(r) for r in rows], 0
         return copy
@@ -159,10 +174,12 @@ class KVCache:
                 torch.arange(h, device=k.device)[None, :, None],
                 positions[:, None, :],
             )  # broadcast to (B, H, T): the (layer, row, head, position) of each new entry
-            self.k.index_put_(at, k)
-            self.v.index_put_(at, v)
+            self._k_all.index_put_(at, k)
+            self._v_all.index_put_(at, v)
         else:
             index = positions[:, None, :, None].expand(b, h, t, d)
             self.k[layer, :b].scatter_(2, index, k)
             self.v[layer, :b].scatter_(2, index, v)
-        return self.k[layer, :b, :, :kv_len], self.v[layer, :b, :, :kv_len]
+        # Sliced from the storage with the spare positions: never the whole tensor, so never a
+        # different case for the compiler when kv_len is the cache's length.
+        return self._k_all[layer, :b, :, :kv_len], self._v_all[layer, :b, :, :kv_len]

@@ -1,0 +1,334 @@
+"""The GPU speed sections of gpu_check.py: decode, the server's batching, and LoRA training.
+
+Each measures weightsmith and its peer in the same process on the same random weights:
+
+- decode: ours eager, ours replayed from CUDA graphs (eager step, and the `--compile` step:
+  torch.compile then captured), transformers eager (dynamic cache) and transformers with the
+  static cache (which `generate` compiles on CUDA); batch 1 and 32; decode rate = the time
+  for 129 tokens minus the time for 1, medians of `runs` after warm-ups; and the fraction of
+  the bandwidth limit (weight bytes read once per step);
+- server: aggregate tokens/s of the continuous-batching scheduler with 1/8/32/64 clients;
+- lora: LoRA r=16 on every linear, batch 8 x 512, bf16, AdamW: tokens/s and peak memory,
+  ours vs transformers + peft in a plain training loop;
+- exact: the captured path's greedy tokens equal the eager path's in fp32 (TF32 off), and
+  its logits are within bf16 rounding of eager in bf16.
+
+A `Clock` gives each section the time left; a contender that would start past the
+deadline is skipped and says so, so the run fits one device call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+#: H200 HBM3e: 4.8 TB/s.
+BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
+#: Where the sections run: CUDA, or the CPU for a dry run of the script (`gpu_check.py --dry`).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: New tokens per decode measurement (fewer in a dry run).
+NEW_TOKENS = 128 if DEVICE == "cuda" else 8
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Clock:
+    def __init__(self, budget: float) -> None:
+        self.deadline = time.perf_counter() + budget
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], runs: int, warmups: int) -> float:
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bandwidth_limit(model) -> float | None:
+    """Tokens/s at batch 1 if each step only read every weight once at the card's bandwidth."""
+    bw = BANDWIDTH.get(torch.cuda.get_device_name()) if DEVICE == "cuda" else None
+    if bw is None:
+        return None
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return bw / total
+
+
+def _ours(model, batch: int, prompt: list[int], decode) -> Callable[[int], object]:
+    from weightsmith.generate import TokenGenerator
+    from weightsmith.sampling import SamplingParams
+
+    def gen(n: int):
+        g = TokenGenerator(model, [prompt] * batch, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)] * batch,
+                           eos_token_ids=set(), decode=decode)  # fmt: skip
+        for _ in g:
+            pass
+        return g.generated
+
+    return gen
+
+
+def _hf(ref, batch: int, prompt: list[int], cache: str | None) -> Callable[[int], object]:
+    def gen(n: int):
+        ids = torch.tensor([prompt] * batch, device=DEVICE)
+        extra = {"cache_implementation": cache} if cache else {}
+        with torch.inference_mode():
+            return ref.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra
+            )
+
+    return gen
+
+
+def section_decode(path: Path, clock: Clock, runs: int, new_tokens: int = NEW_TOKENS) -> dict:
+    """Decode tok/s for one shape, batch 32 then 1 (so our graph cache is allocated once)."""
+    from gpu_check import hf_model  # noqa: E402 - the shared loader of the peer
+
+    from weightsmith import load
+    from weightsmith.cuda_graphs import GraphDecode
+    from weightsmith.generate import decode_one_token
+
+    model = load(str(path), device=DEVICE, dtype="bf16").model
+    ref = hf_model(path, torch.bfloat16, DEVICE)
+    vocab = model.config.vocab_size
+    prompt = [(1000 + i) % vocab for i in range(32)]
+    captured = GraphDecode(model, decode_one_token, compile=False)
+    compiled = GraphDecode(model, decode_one_token, compile=True)
+    out: dict = {"bandwidth limit b1 tok/s": bandwidth_limit(model)}
+    for batch in (32, 1):
+        contenders = {
+            "ours compiled+graphs": (_ours(model, batch, prompt, compiled), 2, 60),
+            "ours graphs": (_ours(model, batch, prompt, captured), 2, 20),
+            "ours eager": (_ours(model, batch, prompt, decode_one_token), 1, 30),
+            "transformers eager": (_hf(ref, batch, prompt, None), 1, 30),
+        }
+        if batch == 1:
+            contenders["transformers static+compile"] = (_hf(ref, 1, prompt, "static"), 2, 120)
+        for name, (gen, warmups, needs) in contenders.items():
+            key = f"decode b{batch} {name}"
+            if clock.left() < needs:
+                out[key] = f"skipped: {clock.left():.0f} s left"
+                continue
+            try:
+                full = median_time(lambda g=gen: g(new_tokens + 1), runs, warmups)
+                one = median_time(lambda g=gen: g(1), runs, 1)
+                out[key] = batch * new_tokens / (full - one)
+            except Exception as exc:  # noqa: BLE001 - a contender's failure is a finding
+                out[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        out[f"b{batch} graph state"] = {"captured": captured.failed, "compiled": compiled.failed,
+                                        "compile": compiled.compile_failed}  # fmt: skip
+    _ratios(out)
+    # Does the compiled, captured path give eager's greedy tokens in bf16? (rounding may differ)
+    if clock.left() > 10:
+        a = _ours(model, 2, prompt, compiled)(64)
+        b = _ours(model, 2, prompt, decode_one_token)(64)
+        out["bf16 greedy tokens equal to eager (of 128)"] = sum(
+            x == y for r, s in zip(a, b, strict=True) for x, y in zip(r, s, strict=True)
+        )
+    return out
+
+
+def _ratios(out: dict) -> None:
+    limit = out.get("bandwidth limit b1 tok/s")
+    for batch in (1, 32):
+        ours = out.get(f"decode b{batch} ours compiled+graphs")
+        if not isinstance(ours, float):
+            continue
+        for peer in ("transformers static+compile", "transformers eager", "ours eager"):
+            other = out.get(f"decode b{batch} {peer}")
+            if isinstance(other, float):
+                out[f"ratio b{batch} ours compiled+graphs / {peer}"] = ours / other
+        if batch == 1 and limit:
+            out["b1 fraction of bandwidth limit"] = ours / limit
+
+
+def section_server(path: Path, clock: Clock, runs: int, new_tokens: int = NEW_TOKENS // 2) -> dict:
+    """The scheduler's aggregate tokens/s with n clients (requests submitted together)."""
+    from weightsmith import load
+    from weightsmith.sampling import SamplingParams
+    from weightsmith.serve.scheduler import Request, Scheduler
+
+    llm = load(str(path), device=DEVICE, dtype="bf16")
+    llm.engine.compile = True
+    decode = llm.engine.decode_step()
+    sched = Scheduler(llm.model, llm.tokenizer, frozenset(), max_batch=64, max_len=512, decode=decode)
+    vocab = llm.model.config.vocab_size
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.95, seed=0, ignore_eos=True)
+    out: dict = {}
+
+    def serve(n: int) -> float:
+        done = [0]
+        for i in range(n):
+            prompt = [(500 + 7 * i + j) % vocab for j in range(32 + i % 7)]
+            sched.submit(
+                Request([prompt], [params], emit=lambda ev: done.__setitem__(0, done[0] + len(ev.tokens)))
+            )
+        sync()
+        start = time.perf_counter()
+        while not sched.idle:
+            sched.step()
+        sync()
+        assert done[0] == n * new_tokens, (done[0], n * new_tokens)
+        return n * new_tokens / (time.perf_counter() - start)
+
+    for n in (1, 8, 32, 64):
+        if clock.left() < 15:
+            out[f"clients {n}"] = f"skipped: {clock.left():.0f} s left"
+            continue
+        serve(n)  # warm-up: captures this batch size's graphs
+        out[f"clients {n} tok/s"] = statistics.median(serve(n) for _ in range(runs))
+    base = out.get("clients 1 tok/s")
+    for n in (8, 32, 64):
+        if isinstance(base, float) and isinstance(out.get(f"clients {n} tok/s"), float):
+            out[f"ratio clients {n} / 1"] = out[f"clients {n} tok/s"] / base
+    out["graphs"] = {
+        "failed": getattr(decode, "failed", "not a graph decoder"),
+        "compile": getattr(decode, "compile_failed", None),
+    }
+    return out
+
+
+def section_lora(path: Path, clock: Clock, runs: int, batch: int = 8, seq: int = 512) -> dict:
+    """LoRA r=16 on every linear: training tokens/s and peak memory, ours vs peft."""
+    out: dict = {}
+    vocab = None
+    for name in ("ours", "peft"):
+        if clock.left() < 45:
+            out[name] = f"skipped: {clock.left():.0f} s left"
+            continue
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step, vocab = (_lora_ours if name == "ours" else _lora_peft)(path, batch, seq)
+            seconds = median_time(step, max(runs, 5), 2)
+            out[name] = {"tokens/s": batch * seq / seconds,
+                         "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            step = None
+            import gc
+
+            gc.collect()
+    if isinstance(out.get("ours"), dict) and isinstance(out.get("peft"), dict):
+        out["ratio tokens/s ours / peft"] = out["ours"]["tokens/s"] / out["peft"]["tokens/s"]
+        out["ratio peak memory ours / peft"] = out["ours"]["peak GiB"] / max(out["peft"]["peak GiB"], 1e-9)
+    return out
+
+
+def _batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(DEVICE)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _lora_ours(path: Path, batch: int, seq: int):
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.lora import LoraConfig, apply_lora
+    from weightsmith.train.data import Batch
+    from weightsmith.train.losses import sft_loss
+    from weightsmith.train.optim import make_optimizer
+
+    model = load_checkpoint(str(path), dtype=torch.bfloat16, device=DEVICE).model.train()
+    apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS))
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    inputs, labels = _batch(model.config.vocab_size, batch, seq)
+    b = Batch(inputs, labels)
+
+    def step() -> None:
+        loss, n = sft_loss(model, b)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model.config.vocab_size
+
+
+def _lora_peft(path: Path, batch: int, seq: int):
+    import peft
+    from gpu_check import hf_model  # noqa: E402
+
+    model = hf_model(path, torch.bfloat16, DEVICE).train()
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    inputs, labels = _batch(model.config.vocab_size, batch, seq)
+    hf_labels = torch.cat([torch.full((batch, 1), -100, device=DEVICE), labels[:, :-1]], dim=1)
+
+    def step() -> None:
+        model(input_ids=inputs, labels=hf_labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model.config.vocab_size
+
+
+def section_exact(path: Path, clock: Clock, runs: int) -> dict:
+    """The captured path computes what the eager path computes (fp32 greedy, bf16 logits)."""
+    from weightsmith import load
+    from weightsmith.cuda_graphs import GraphDecode
+    from weightsmith.generate import decode_one_token
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out: dict = {}
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    for dtype in ("fp32", "bf16"):
+        model = load(str(path), device=DEVICE, dtype=dtype).model
+        for compile in (False, True):
+            if compile and clock.left() < 60:
+                out[f"{dtype} compiled"] = f"skipped: {clock.left():.0f} s left"
+                continue
+            graphs = GraphDecode(model, decode_one_token, compile=compile)
+            steps = {}
+            for name, decode in (("eager", decode_one_token), ("graphs", graphs)):
+                steps[name] = _logged_steps(model, prompts, decode, 40)
+            (ta, la), (tb, lb) = steps["eager"], steps["graphs"]
+            key = f"{dtype} {'compiled+graphs' if compile else 'graphs'}"
+            out[key] = {"greedy tokens equal": ta == tb, "max |logit diff| (first 8 steps)": (la - lb).abs().max().item(),
+                        "logit scale": la.abs().max().item(), "failed": graphs.failed, "compile": graphs.compile_failed}  # fmt: skip
+        del model
+    return out
+
+
+def _logged_steps(model, prompts, decode, n: int):
+    from weightsmith.generate import TokenGenerator
+    from weightsmith.sampling import SamplingParams
+
+    gen = TokenGenerator(model, prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)] * len(prompts),
+                         eos_token_ids=set(), decode=decode)  # fmt: skip
+    seen = []
+    step = gen.decode
+
+    def spy(*args):
+        logits = step(*args)
+        if len(seen) < 8:
+            seen.append(logits.float().clone())
+        return logits
+
+    gen.decode = spy
+    for _ in gen:
+        pass
+    return gen.generated, torch.stack(seen)
