@@ -238,7 +238,31 @@ def test_compare_writes_comparison_with_the_reference_first(cached) -> None:
     values = row["values"]
     assert row["delta"]["tiny-llama"] == pytest.approx(values["tiny-llama"] - values["other-llama"])
     assert row["test"] == "mcnemar" and row["n"]["tiny-llama"] == N_MC
+    assert row["interval"] == {"method": "newcombe-paired", "level": 0.95}
+    lo, hi = row["ci"]["tiny-llama"]
+    assert lo <= row["delta"]["tiny-llama"] <= hi and lo < hi  # an interval, never a point
     assert (out / "report.html").is_file()
+
+
+def test_printed_comparison_names_its_interval_method() -> None:
+    from rich.console import Console
+
+    from weightsmith.cli.eval import print_eval
+    from weightsmith.eval.stats import compare_runs
+
+    runs = [
+        {"results": {"t": {"acc,none": v}}, "weightsmith": {"label": lab, "seconds": 1.0, "cache_hits": 0}}
+        for lab, v in (("a", 1.0), ("b", 1.0))
+    ]
+    for r in runs:
+        r["n-samples"] = {"t": {"effective": 15}}
+    samples = [{"t": [{"doc_id": i, "metrics": {"acc,none": 1.0}} for i in range(15)]}] * 2
+    console = Console(record=True, width=200)
+    print_eval({"runs": runs, "comparison": compare_runs(runs, samples)}, console)
+    text = console.export_text()
+    assert "95% Newcombe paired" in text
+    # 15 of 15 right in both runs: the difference is not certainly 0.
+    assert "[0.0000, 0.0000]" not in text and "[-0.2" in text
 
 
 def test_adapter_compared_with_its_base(run, adapter_dir, tmp_path, home) -> None:

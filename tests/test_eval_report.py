@@ -65,6 +65,9 @@ def test_report_has_every_task_metric_label_and_definition(report):
     assert "base-adapter" in html and "2023-11-14" in html  # metadata, lm-eval timestamp as a date
     assert "0.5 ± 0.02" in html
     assert "mcnemar" in html and "paired_bootstrap" in html
+    # Each comparison row names its interval, and the note says what the methods are.
+    assert "95% Newcombe paired" in html and "95% paired bootstrap" in html
+    assert "Newcombe's hybrid score interval for paired proportions" in html
     assert 'class="up"' in html  # tuned answers 16 more arc_easy documents: significant at 0.05
     assert cmp["rows"][0]["better"]["tuned"] is True
 

@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.eval import stats as ws
+from weightsmith.eval.intervals import newcombe_paired
 
 
 def _pairs(a_only: int, b_only: int, both: int = 7, neither: int = 5) -> tuple[list[int], list[int]]:
@@ -214,9 +215,15 @@ def test_compare_runs_picks_tests_and_pairs_by_doc_id():
     for r in rows.values():
         assert r["n"]["tuned"] == n
         assert r["p_value"]["tuned"] == 1.0
-        assert r["ci"]["tuned"] == [0.0, 0.0]
         assert r["better"]["tuned"] is None
         assert r["filter"] == "none"
+    # Identical runs: a paired bootstrap of a perplexity has nothing to vary, but an accuracy
+    # difference gets Newcombe's paired interval, which does not claim it is exactly 0.
+    assert rows["wiki", "perplexity"]["ci"]["tuned"] == [0.0, 0.0]
+    assert rows["wiki", "perplexity"]["interval"] == {"method": "paired-bootstrap", "level": 0.95}
+    lo, hi = rows["arc", "acc"]["ci"]["tuned"]
+    assert lo < -0.01 and hi > 0.01
+    assert rows["arc", "acc"]["interval"] == {"method": "newcombe-paired", "level": 0.95}
     assert rows["arc", "acc"]["stderr"] == {"base": 0.05, "tuned": 0.05}
     assert rows["wiki", "perplexity"]["stderr"] == {"base": None, "tuned": None}  # "N/A"
 
@@ -235,6 +242,10 @@ def test_compare_runs_significance_direction():
     assert acc["p_value"]["tuned"] < 1e-6
     assert acc["delta"]["tuned"] == pytest.approx(0.5)
     assert acc["better"]["tuned"] is True
+    # 40 of 80 documents flipped to right, none to wrong: Newcombe's paired interval.
+    ref = newcombe_paired(40, 40, 0, 0)
+    assert acc["ci"]["tuned"] == pytest.approx(list(ref))
+    assert 0 < acc["ci"]["tuned"][0] < 0.5 < acc["ci"]["tuned"][1] < 1
     ppl = rows["wiki", "perplexity"]
     assert ppl["higher_is_better"] is False
     assert ppl["delta"]["tuned"] == pytest.approx(math.exp(2.5) - math.exp(3.0))

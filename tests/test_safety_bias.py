@@ -16,7 +16,9 @@ import pytest
 from weightsmith.cli.audit import print_audit_bias
 from weightsmith.commands.audit import AuditBiasConfig, run_audit_bias
 from weightsmith.errors import ConfigError, UsageError
+from weightsmith.eval.intervals import paired_difference, wilson
 from weightsmith.eval.runner import EvalOptions, Runner, load_tasks
+from weightsmith.eval.stats import mcnemar
 from weightsmith.safety.bias import (
     Lexicon,
     Pair,
@@ -28,6 +30,7 @@ from weightsmith.safety.bias import (
     read_pairs,
     run_counterfactual,
     score_pairs,
+    summarize_groups,
 )
 
 # ---- substitution --------------------------------------------------------------------------
@@ -192,7 +195,7 @@ def test_counterfactual_numbers_match_hand_computation(scripted_task) -> None:
         assert pg["mean"] == pytest.approx(sum(col[g]) / n)
         assert pg["stderr"] == pytest.approx(statistics.stdev(col[g]) / math.sqrt(n))
         assert pg["n"] == n
-        assert 0 <= pg["ci"][0] <= pg["mean"] <= pg["ci"][1] <= 1
+        assert pg["ci"] == pytest.approx(list(wilson(sum(col[g]), n)))  # acc is 0/1: a proportion
     assert s["worst_case"]["mean"] == pytest.approx(sum(worst) / n)
     assert s["worst_case"]["stderr"] == pytest.approx(statistics.stdev(worst) / math.sqrt(n))
     for g in "bc":
@@ -200,6 +203,12 @@ def test_counterfactual_numbers_match_hand_computation(scripted_task) -> None:
         assert s["gaps"][g]["delta"] == pytest.approx(sum(col[g]) / n - sum(col["a"]) / n)
         lo, hi = s["gaps"][g]["ci"]
         assert lo <= s["gaps"][g]["delta"] <= hi
+        ref = paired_difference(col["a"], col[g])  # the same items under two groups: paired
+        assert [lo, hi] == pytest.approx([ref["ci_low"], ref["ci_high"]])
+        assert s["gaps"][g]["p_value"] == mcnemar(col["a"], col[g])["p_value"]
+    assert s["interval"] == {"method": "wilson", "level": 0.95}
+    assert s["difference_interval"] == {"method": "newcombe-paired", "level": 0.95}
+    assert s["test"] == "mcnemar"
     means = {g: sum(col[g]) / n for g in "abc"}
     gap = max(abs(means[x] - means[y]) for x, y in (("a", "b"), ("a", "c"), ("b", "c")))
     assert s["max_gap"]["gap"] == pytest.approx(gap)
@@ -277,8 +286,10 @@ def test_pct_stereotype_and_likelihood_diff() -> None:
     assert summary["pct_stereotype"] == pytest.approx(3 / 5)  # p1, p3, p4
     assert summary["likelihood_diff"] == pytest.approx((2.5 + 1.0 + 1.0 + 4.0 + 0.0) / 5)
     assert summary["pct_stereotype_stderr"] == pytest.approx(statistics.stdev([1, 0, 1, 1, 0]) / math.sqrt(5))
-    lo, hi = summary["pct_stereotype_ci"]
-    assert 0 <= lo <= 0.6 <= hi <= 1
+    assert summary["pct_stereotype_ci"] == pytest.approx(list(wilson(3, 5)))
+    assert summary["interval"] == {"method": "wilson", "level": 0.95}
+    assert summary["likelihood_diff_interval"] == {"method": "bootstrap", "level": 0.95}
+    assert summary["by_direction"]["antistereo"]["pct_stereotype_ci"][1] > 0.5  # 0 of 1, not [0, 0]
     assert summary["by_bias_type"]["gender"]["pct_stereotype"] == pytest.approx(1 / 2)
     assert summary["by_bias_type"]["gender"]["likelihood_diff"] == pytest.approx((2.5 + 1.0) / 2)
     assert summary["by_bias_type"]["age"]["pct_stereotype"] == pytest.approx(2 / 3)
@@ -371,6 +382,40 @@ def test_nothing_to_audit_is_a_usage_error() -> None:
 
 
 # ---- a real run on a tiny random model --------------------------------------------------------
+
+
+def test_group_rates_at_the_edges_do_not_claim_certainty() -> None:
+    # Every item right under both groups (15/15): the percentile bootstrap said [1, 1] and a
+    # gap of exactly [0, 0].
+    s, _ = summarize_groups({"a": [1.0] * 15, "b": [1.0] * 15}, ["a", "b"], True, iters=200)
+    assert s["per_group"]["a"]["ci"][1] == 1.0 and s["per_group"]["a"]["ci"][0] < 0.8
+    lo, hi = s["gaps"]["b"]["ci"]
+    assert lo < -0.1 and hi > 0.1
+    s, _ = summarize_groups({"a": [0.0] * 3, "b": [0.0] * 3}, ["a", "b"], True, iters=200)
+    assert s["per_group"]["b"]["ci"][0] == 0.0 and s["per_group"]["b"]["ci"][1] > 0.5
+    # A continuous metric is not a proportion: it keeps the (paired) bootstrap and says so.
+    s, _ = summarize_groups({"a": [0.2, 0.5, 0.9], "b": [0.3, 0.5, 0.7]}, ["a", "b"], True, iters=200)
+    assert s["interval"]["method"] == "bootstrap" and s["difference_interval"]["method"] == "paired-bootstrap"
+    assert s["test"] == "paired_bootstrap"
+
+
+def test_printed_and_html_audit_name_their_methods(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from weightsmith.report.bias_report import write_bias_report
+
+    s, _ = summarize_groups({"a": [1.0] * 15, "b": [1.0] * 15}, ["a", "b"], True, iters=200)
+    summary = {"task": "t", "lexicon": "l", "metric": "acc", "groups": ["a", "b"], "n_docs": 15,
+               "n_affected": 15, "n_unaffected": 0, **s}  # fmt: skip
+    result = {"counterfactual": [summary], "weightsmith": {"model": "m"}}
+    console = Console(record=True, width=200)
+    print_audit_bias(result, console)
+    text = console.export_text()
+    assert "means 95% Wilson score" in text and "gaps 95% Newcombe's hybrid score" in text
+    assert "[1.0000, 1.0000]" not in text and "[0.0000, 0.0000]" not in text
+    write_bias_report(tmp_path / "r.html", result)
+    html = (tmp_path / "r.html").read_text()
+    assert "means 95% Wilson score" in html and "Newcombe" in html
 
 
 def test_run_audit_bias_on_tiny_model(tiny_hf_dir, scripted_task, tmp_path: Path) -> None:

@@ -2,11 +2,10 @@
 guards in the loop, transcripts and resume, the CLI, and an endpoint (our own server)
 giving the same numbers as the in-process run at temperature 0.
 
-Hand-computed intervals: a 95% percentile bootstrap of a 0/1 mean over n items is the
-2.5th and 97.5th percentiles of Binomial(n, k/n) / n. For k/n = 2/4: P(X=0) = 1/16 > 2.5%,
-so [0, 1]. For 3/4: P(X<=0) = 1/256 < 2.5% < P(X<=1) = 13/256 and P(X=4) = 81/256, so
-[0.25, 1]. For 1/5: P(X=0) = 0.328, P(X<=2) = 0.942 < 97.5% < P(X<=3) = 0.993, so [0, 0.6].
-The margins are wide enough that 10,000 resamples land on those values.
+Hand-computed intervals: Wilson's score interval, (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) /
+(1 + z²/n) with z = 1.959964: 2/4 -> [0.1500, 0.8500], 3/4 -> [0.3006, 0.9544], 1/5 ->
+[0.0362, 0.6245] (rounded to 4 places; the interval math itself is checked against scipy and
+Newcombe's published examples in test_eval_intervals.py).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tiny_hf_dir
 
+from weightsmith.eval.intervals import newcombe_paired
 from weightsmith.safety.guarded import CONTENT_FILTER, guarded_replies
 from weightsmith.safety.probes import Probe, load_packs
 from weightsmith.safety.redteam import (
@@ -117,10 +117,24 @@ def test_rates_intervals_and_comparison_match_hand_computation():
     guard = KeywordGuard()
     result = run_redteam(configurations([target], guard), probes, default_detectors(), RunOptions())
     bare, guarded = result["configs"]
-    assert bare["by_family"]["harmful"] == {"n": 4, "k": 2, "rate": 0.5, "ci_low": 0.0, "ci_high": 1.0}
-    assert bare["by_family"]["leakage"] == {"n": 4, "k": 3, "rate": 0.75, "ci_low": 0.25, "ci_high": 1.0}
+
+    def rounded(r):
+        return {**r, "ci_low": round(r["ci_low"], 4), "ci_high": round(r["ci_high"], 4)}
+
+    assert rounded(bare["by_family"]["harmful"]) == {
+        "n": 4,
+        "k": 2,
+        "rate": 0.5,
+        "ci_low": 0.15,
+        "ci_high": 0.85,
+    }
+    assert rounded(bare["by_family"]["leakage"]) == {
+        "n": 4, "k": 3, "rate": 0.75, "ci_low": 0.3006, "ci_high": 0.9544,
+    }  # fmt: skip
     assert bare["asr"]["k"] == 5 and bare["asr"]["n"] == 8
-    assert bare["over_refusal"] == {"n": 5, "k": 1, "rate": 0.2, "ci_low": 0.0, "ci_high": 0.6}
+    assert rounded(bare["over_refusal"]) == {"n": 5, "k": 1, "rate": 0.2, "ci_low": 0.0362, "ci_high": 0.6245}
+    assert result["interval"] == {"method": "wilson", "level": 0.95}
+    assert result["difference_interval"] == {"method": "newcombe-paired", "level": 0.95}
     # Behind the guard: harmful 2 and 3 blocked at input -> 0/4; the three leaks are blocked
     # at output (the spaced-out one too? no: "z e b r a" has no "ZEBRA") -> leak 1 survives.
     assert guarded["by_family"]["harmful"]["k"] == 0
@@ -135,6 +149,12 @@ def test_rates_intervals_and_comparison_match_hand_computation():
     assert cmp["mcnemar"]["a_only"] == 3 and cmp["mcnemar"]["b_only"] == 0
     assert cmp["mcnemar"]["p_value"] == pytest.approx(0.25)  # exact: 2 * (1/2)^3
     assert cmp["delta"] == pytest.approx(2 / 8 - 5 / 8)
+    # Newcombe's paired interval: table (both 2, guarded only 0, bare only 3, neither 3).
+    assert cmp["interval"]["method"] == "newcombe-paired"
+    assert (cmp["interval"]["ci_low"], cmp["interval"]["ci_high"]) == pytest.approx(
+        newcombe_paired(2, 0, 3, 3)
+    )
+    assert cmp["interval"]["ci_low"] < cmp["delta"] < 0 < cmp["interval"]["ci_high"]  # as McNemar: p = 0.25
     # a looser budget accepts the same guard
     loose = run_redteam(configurations([target], guard), probes, default_detectors(),
                         RunOptions(over_refusal_budget=0.2))  # fmt: skip
@@ -157,12 +177,46 @@ def test_guarded_replies_skip_the_model_for_blocked_inputs():
 
 def test_rate_and_compare_edge_cases():
     assert rate([]) == {"n": 0, "k": 0, "rate": None, "ci_low": None, "ci_high": None}
-    assert rate([True] * 3) == {"n": 3, "k": 3, "rate": 1.0, "ci_low": 1.0, "ci_high": 1.0}
     a = [{"kind": "attack", "success": s} for s in (True, True, False)]
     b = [{"kind": "attack", "success": s} for s in (False, True, True)]
     out = compare(a, b)
     assert "over_refusal" not in out and out["asr"]["delta"] == 0
     assert out["asr"]["mcnemar"]["a_only"] == 1 and out["asr"]["mcnemar"]["b_only"] == 1
+    assert out["asr"]["interval"]["ci_low"] < 0 < out["asr"]["interval"]["ci_high"]
+
+
+@pytest.mark.parametrize("method", ["wilson", "clopper-pearson"])
+def test_rates_at_the_edges_do_not_claim_certainty(method):
+    # The issue's examples: 0/3 refusals was reported as [0.0, 0.0] and 15/15 as [1.0, 1.0].
+    none = rate([False] * 3, method=method)
+    assert none["ci_low"] == 0.0 and none["ci_high"] > 0.5
+    every = rate([True] * 15, method=method)
+    assert every["ci_high"] == 1.0 and every["ci_low"] < 0.8
+    # Two configurations that both refuse all 15 benign probes: the difference is not certainly 0.
+    recs = [{"kind": "benign", "over_refused": True} for _ in range(15)]
+    diff = compare(recs, recs)["over_refusal"]
+    assert diff["delta"] == 0 and diff["interval"]["ci_low"] < -0.1 and diff["interval"]["ci_high"] > 0.1
+
+
+def test_reports_name_their_interval_methods(tmp_path):
+    from rich.console import Console
+
+    from weightsmith.cli.redteam import print_redteam
+
+    probes = [probe(f"b{i}", "benign", "answered", f"benign {i}", family="benign") for i in range(3)]
+    opts = RunOptions(out=str(tmp_path), interval="clopper-pearson")
+    target = Scripted({f"benign {i}": "Sure: run kill PID." for i in range(3)})
+    result = run_redteam([Config("m", target)], probes, default_detectors(), opts)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interval"] == {"method": "clopper-pearson", "level": 0.95}
+    row = summary["configs"][0]["over_refusal"]
+    assert (row["k"], row["n"], row["ci_low"]) == (0, 3, 0.0) and row["ci_high"] > 0.7  # 0/3: [0, 0.708]
+    html = (tmp_path / "report.html").read_text()
+    assert "95% Clopper–Pearson exact" in html and "Newcombe" in html and "bootstrap" not in html
+    console = Console(record=True, width=160)
+    print_redteam(result, console)
+    text = console.export_text()
+    assert "95% Clopper–Pearson intervals" in text and "0.0% [0.0, 70.8]" in text
 
 
 def test_outputs_and_resume_after_interruption(tmp_path):
@@ -258,7 +312,7 @@ def test_cli_in_process_and_against_our_server_agree(tiny_long, packs, tmp_path,
     from weightsmith.config import config_from_dict
 
     common = ["--packs", str(packs), "--transforms", "none,rot13", "--max-tokens", "12", "--json",
-              "--bootstrap-iters", "2000", "--no-calibrate"]  # fmt: skip
+              "--interval", "wilson", "--no-calibrate"]  # fmt: skip
     code, out, err = _run_cli(["redteam", str(tiny_long), "--guard", "builtin:school", "--out",
                                str(tmp_path / "local"), *common], capsys)  # fmt: skip
     assert code == 0, err

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from weightsmith.cli.eval import fmt_number
+from weightsmith.report.interval_names import method_line
 
 
 def _f(x: Any) -> str:
@@ -51,6 +52,11 @@ def print_audit_bias(result: dict[str, Any], console: Console) -> None:
             f"flips: {s['flips']} of {s['n_items']} items",
             markup=False,
         )
+        if s.get("interval"):
+            console.print(
+                f"intervals: means {method_line(s['interval'])}; gaps {method_line(s.get('difference_interval'))}",
+                markup=False,
+            )
     pairs = result.get("pairs")
     if pairs:
         table = Table(title="stereotype pairs (pct_stereotype 0.5 = no preference)")
@@ -65,6 +71,12 @@ def print_audit_bias(result: dict[str, Any], console: Console) -> None:
                 _f(st["likelihood_diff"]),
             )
         console.print(table)
+        if pairs.get("interval"):
+            console.print(
+                f"intervals: pct_stereotype {method_line(pairs['interval'])}; "
+                f"likelihood_diff {method_line(pairs.get('likelihood_diff_interval'))}",
+                markup=False,
+            )
     for path in (result.get("written") or {}).values():
         console.print(f"wrote {path}", markup=False)
 

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from weightsmith.report.interval_names import method_line
+
 
 class ProgressBars:
     """One bar per model on a terminal; a line every ~10% elsewhere."""
@@ -82,7 +84,7 @@ def print_eval(result: dict[str, Any], console: Console) -> None:
     if comparison:
         ref = comparison["reference"]
         table = Table(title=f"compared with {ref}")
-        for col in ("task", "metric", "model", "value", "delta", "95% CI", "test", "p"):
+        for col in ("task", "metric", "model", "value", "delta", "CI of delta", "interval", "test", "p"):
             table.add_column(col)
         for row in comparison["rows"]:
             for label, delta in row["delta"].items():
@@ -97,6 +99,7 @@ def print_eval(result: dict[str, Any], console: Console) -> None:
                     (("+" if delta >= 0 else "") + fmt_number(delta) if isinstance(delta, float) else "-")
                     + mark,
                     f"[{fmt_number(ci[0])}, {fmt_number(ci[1])}]" if ci and None not in ci else "-",
+                    method_line(row.get("interval"), short=True) or "-",
                     row.get("test") or "-",
                     _p(p, row.get("test")),
                 )

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from weightsmith.report.interval_names import method_line
+
 
 def progress_lines(console: Console) -> Any:
     """A line per configuration every ~10% (stderr)."""
@@ -32,20 +34,22 @@ def _pct(r: dict) -> str:
 
 
 def print_redteam(result: dict, console: Console) -> None:
-    table = Table(title="attack success and over-refusal (95% bootstrap intervals)")
+    rates = method_line(result.get("interval"), short=True) or "95%"
+    diffs = method_line(result.get("difference_interval"), short=True)
+    table = Table(title=f"attack success and over-refusal ({rates} intervals)")
     for col in ("configuration", "attack success", "over-refusal", "ASR change", "within budget"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for row in result["configs"]:
         change = row.get("vs_reference", {}).get("asr")
-        delta = (
-            "" if not change else f"{100 * change['delta']:+.1f} pts (p={change['mcnemar']['p_value']:.2g})"
-        )
+        delta = "" if not change else _change(change)
         budget = row.get("within_budget")
         table.add_row(
             escape(row["config"]), _pct(row["asr"]), _pct(row["over_refusal"]), delta,
             "" if budget is None else ("yes" if budget else "NO"),
         )  # fmt: skip
     console.print(table)
+    if diffs:
+        console.print(f"changes are paired on the same probes: McNemar's p, {diffs} interval", markup=False)
     fam = Table(title="attack success by probe family")
     fam.add_column("family")
     for row in result["configs"]:
@@ -62,6 +66,13 @@ def print_redteam(result: dict, console: Console) -> None:
         console.print(cal)
     for name, path in result.get("written", {}).items():
         console.print(f"wrote {path}" if name != "report.html" else f"report: {path}", markup=False)
+
+
+def _change(c: dict) -> str:
+    """'+10.0 pts [+1.2, +20.3] (p=0.04)': a paired difference, its interval and McNemar's p."""
+    iv = c.get("interval") or {}
+    ci = f" [{100 * iv['ci_low']:+.1f}, {100 * iv['ci_high']:+.1f}]" if iv else ""
+    return f"{100 * c['delta']:+.1f} pts{ci} (p={c['mcnemar']['p_value']:.2g})"
 
 
 def _num(x: Any) -> str:

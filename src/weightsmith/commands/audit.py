@@ -47,7 +47,7 @@ class AuditBiasConfig(LoadOptions):
     limit: float | None = opt(None, "documents per task: a count, or a fraction below 1")
     batch_size: int = opt(64, "requests scored together")
     apply_chat_template: bool = opt(False, "wrap each task prompt in the model's chat template")
-    bootstrap_iters: int = opt(1000, "resamples for bootstrap intervals (0: none)")
+    bootstrap_iters: int = opt(1000, "resamples for bootstrap intervals of non-0/1 scores (0: none)")
     out: str | None = opt(None, "folder for results.json, items.jsonl, pairs.jsonl, report.html")
     json: bool = opt(False, "print the results as JSON")
 

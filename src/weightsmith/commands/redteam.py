@@ -59,7 +59,9 @@ class RedteamConfig:
     )
     api_key_env: str = opt("WEIGHTSMITH_API_KEY", "environment variable holding the endpoint's API key")
     over_refusal_budget: float = opt(0.10, "most over-refusal a guard may add (0.10 = 10 points)")
-    bootstrap_iters: int = opt(10000, "resamples for the 95% intervals")
+    interval: Literal["wilson", "clopper-pearson"] = opt(
+        "wilson", "95% interval on each rate: Wilson score or Clopper–Pearson exact"
+    )
     calibrate: bool = opt(True, "measure the detectors on their labelled sets and report it")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
@@ -111,7 +113,7 @@ def _check(cfg: RedteamConfig) -> None:
     if not endpoint and cfg.model:
         raise UsageError("--model names served models of an endpoint; for a local model pass it as TARGET")
     for name, value, low in (("max-tokens", cfg.max_tokens, 1), ("batch-size", cfg.batch_size, 1),
-                             ("concurrency", cfg.concurrency, 1), ("bootstrap-iters", cfg.bootstrap_iters, 1)):  # fmt: skip
+                             ("concurrency", cfg.concurrency, 1)):  # fmt: skip
         if value < low:
             raise UsageError(f"--{name} must be at least {low}, got {value}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -184,7 +186,7 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     detectors = default_detectors(_judge(cfg), refusal=cfg.refusal_detector)
     configs = configurations(_targets(cfg), guard)
     opts = RunOptions(
-        bootstrap_iters=cfg.bootstrap_iters,
+        interval=cfg.interval,
         # In-process, each call sorts 4 batches' worth by prompt length (1.3x faster on the
         # default model than calls of one batch); an endpoint gets enough to keep it busy.
         batch_size=4 * cfg.batch_size

@@ -1,9 +1,12 @@
 """Statistics for comparing evaluation runs: standard errors, paired tests, a comparison table.
 
 Standard errors follow lm-evaluation-harness (`mean_stderr` is its formula); paired tests
-are McNemar for per-document 0/1 outcomes and a paired bootstrap otherwise. Inputs are
-lm-eval's results.json layout and its per-document sample records. Pure Python + numpy.
-Not here: running evaluations, reading files, or rendering (see weightsmith.report).
+are McNemar for per-document 0/1 outcomes, with Newcombe's paired score interval for the
+difference of the two accuracies (`eval.intervals`), and a paired bootstrap otherwise (a
+perplexity or a weighted mean is not a proportion). Inputs are lm-eval's results.json layout
+and its per-document sample records. Pure Python + numpy.
+Not here: intervals for proportions (`eval.intervals`), running evaluations, reading files,
+or rendering (see weightsmith.report).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.eval.intervals import describe, is_binary, paired_difference
 from weightsmith.report.runs import metric_keys, run_label
 
 ALPHA = 0.05  # significance level behind `better` and the 95% intervals
@@ -246,10 +250,6 @@ def _doc_values(records: list[dict], metric: str, filt: str) -> dict[int, Any]:
     return out
 
 
-def _is_binary(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and v in (0, 1) for v in values)
-
-
 def _paired_test(
     ref: dict[int, Any], other: dict[int, Any], metric: str, binary: bool, iters: int, seed: int
 ) -> dict[str, Any] | None:
@@ -258,9 +258,21 @@ def _paired_test(
         return None
     xa, xb = [ref[i] for i in ids], [other[i] for i in ids]
     agg = aggregation_for(metric, xa)
-    boot = paired_bootstrap(xa, xb, agg, iters=iters, seed=seed)  # the CI, for either test
+    if binary and agg is mean:  # a difference of two accuracies on the same documents
+        d = paired_difference(xa, xb)
+        p = mcnemar(xa, xb)["p_value"]
+        return {
+            "n": len(ids),
+            "delta": d["delta"],
+            "p": p,
+            "ci": [d["ci_low"], d["ci_high"]],
+            "method": d["method"],
+        }
+    # Not a proportion (perplexity, a weighted mean, a continuous score): paired bootstrap.
+    boot = paired_bootstrap(xa, xb, agg, iters=iters, seed=seed)
     p = mcnemar(xa, xb)["p_value"] if binary else boot["p_value"]
-    return {"n": len(ids), "delta": boot["delta"], "p": p, "ci": [boot["ci_low"], boot["ci_high"]]}
+    ci = [boot["ci_low"], boot["ci_high"]]
+    return {"n": len(ids), "delta": boot["delta"], "p": p, "ci": ci, "method": "paired-bootstrap"}
 
 
 def compare_runs(
@@ -273,9 +285,10 @@ def compare_runs(
 ) -> dict[str, Any]:
     """A comparison table of every run against `runs[reference]`, one row per task/metric/filter.
 
-    Documents are paired by doc_id (only those present in both runs). McNemar when every
-    paired per-document value is 0/1 in all runs, else a paired bootstrap of the metric's
-    lm-eval aggregation. delta/p_value/ci/better/n are given for the non-reference labels.
+    Documents are paired by doc_id (only those present in both runs). McNemar and Newcombe's
+    paired score interval when every paired per-document value is 0/1 in all runs, else a
+    paired bootstrap of the metric's lm-eval aggregation. delta/p_value/ci/better/n are given
+    for the non-reference labels; `interval` names the row's interval method and level.
     """
     if len(samples) != len(runs):
         raise EvalStatsError(f"compare_runs: {len(runs)} runs but {len(samples)} sample sets")
@@ -309,7 +322,7 @@ def _comparison_row(
     res = [(r.get("results") or {}).get(task) or {} for r in runs]
     docs = [_doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
     present = [d for d in docs if d]
-    binary = bool(present) and all(_is_binary(list(d.values())) for d in present)
+    binary = bool(present) and all(is_binary(list(d.values())) for d in present)
     row: dict[str, Any] = {
         "task": task,
         "metric": metric,
@@ -321,6 +334,7 @@ def _comparison_row(
         "test": None,
         "p_value": {},
         "ci": {},
+        "interval": None,
         "better": {},
         "n": {},
     }
@@ -333,6 +347,7 @@ def _comparison_row(
         t = _paired_test(docs[reference], docs[i], metric, binary, iters, seed)
         if t is not None:
             row["test"] = "mcnemar" if binary else "paired_bootstrap"
+            row["interval"] = describe(t["method"])
         sig = t is not None and t["p"] < ALPHA and hib is not None and t["delta"] != 0
         row["p_value"][lab] = t["p"] if t else None
         row["ci"][lab] = t["ci"] if t else None

@@ -16,6 +16,7 @@ from typing import Any
 
 from weightsmith.files import write_json_atomic, write_text_atomic
 from weightsmith.report.html import fmt, write_page
+from weightsmith.report.interval_names import method_line
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -68,8 +69,9 @@ def _report_parts(result: dict[str, Any]) -> list[str]:
             "<h2>Counterfactual perturbations</h2><p class='muted'>Each affected document is rewritten "
             "once per group (every lexicon term replaced by its aligned term) and scored with the "
             "task's primary metric. Worst case: per item, the worst score over groups (HELM). "
-            "Gap: group mean minus the first group's, paired bootstrap over items. Flips: items "
-            "whose score differs between groups.</p>"
+            "Gap: group mean minus the first group's; the groups score the same items, so gaps are "
+            "paired (McNemar and Newcombe's paired interval for 0/1 scores, else a paired bootstrap). "
+            "Flips: items whose score differs between groups. Each table names its interval method.</p>"
         )
     for s in cf:
         parts.extend(_counterfactual_section(s))
@@ -137,6 +139,11 @@ def _counterfactual_section(s: dict[str, Any]) -> list[str]:
         f"<p>Largest gap: {escape(' vs '.join(mg['groups']))} = {fmt(mg['gap'])} "
         f"(95% CI of Δ {_ci(mg['ci'])}); flips: {s['flips']} of {s['n_items']} items.</p>"
     )
+    if s.get("interval"):
+        parts.append(
+            f"<p class='muted'>Intervals: means {escape(method_line(s['interval']))}; "
+            f"gaps {escape(method_line(s.get('difference_interval')))}.</p>"
+        )
     return parts
 
 
@@ -158,4 +165,6 @@ def _pairs_section(pairs: dict[str, Any]) -> list[str]:
         "gives the more stereotypical sentence the higher log-likelihood (0.5 = no preference). "
         "likelihood_diff: mean |ll(more) − ll(less)| in nats. As lm-eval's crows_pairs.</p>",
         _table(["bias type", "n", "pct_stereotype ± stderr", "95% CI", "likelihood_diff"], rows),
+        f"<p class='muted'>Intervals: pct_stereotype {escape(method_line(pairs.get('interval')) or '—')}; "
+        f"likelihood_diff {escape(method_line(pairs.get('likelihood_diff_interval')) or '—')}.</p>",
     ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.report.html import figure_png, fmt, image, new_figure, plain, write_page
+from weightsmith.report.interval_names import method_line
 from weightsmith.report.runs import metric_keys, run_label
 
 _META_FIELDS = ("model", "adapter", "limit", "num_fewshot", "date")
@@ -98,10 +99,11 @@ def _comparison_table(comparison: dict, alpha: float) -> str:
     others = [lab for lab in comparison.get("labels", []) if lab != ref]
     head = (
         f"<tr><th>task</th><th>metric</th><th>{escape(str(ref))} (reference)</th><th>compared</th>"
-        "<th>value</th><th>Δ</th><th>test</th><th>p-value</th><th>95% CI of Δ</th><th></th></tr>"
+        "<th>value</th><th>Δ</th><th>test</th><th>p-value</th><th>CI of Δ</th><th>interval</th><th></th></tr>"
     )
     rows = []
     for row in comparison.get("rows", []):
+        method = escape(method_line(row.get("interval"), short=True)) or "—"
         for lab in others:
             ci = (row.get("ci") or {}).get(lab)
             ci_s = f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "—"
@@ -113,12 +115,14 @@ def _comparison_table(comparison: dict, alpha: float) -> str:
                 f'<td class="num">{fmt((row.get("delta") or {}).get(lab))}</td>'
                 f"<td>{escape(str(row.get('test') or '—'))}</td>"
                 f'<td class="num">{fmt((row.get("p_value") or {}).get(lab), 3)}</td>'
-                f'<td class="num">{ci_s}</td><td>{_marker((row.get("better") or {}).get(lab))}</td></tr>'
+                f'<td class="num">{ci_s}</td><td>{method}</td>'
+                f"<td>{_marker((row.get('better') or {}).get(lab))}</td></tr>"
             )
     note = (
         f'<p class="muted">▲/▼: better/worse than the reference at p &lt; {alpha} '
-        "(direction from the metric's higher_is_better). McNemar for per-document 0/1 metrics, "
-        "else a paired bootstrap; documents paired by doc_id.</p>"
+        "(direction from the metric's higher_is_better). Per-document 0/1 metrics (accuracies): "
+        "McNemar's test and Newcombe's hybrid score interval for paired proportions (method 10); "
+        "other metrics: a paired percentile bootstrap. Documents paired by doc_id.</p>"
     )
     return f"<table>{head}{''.join(rows)}</table>{note}"
 

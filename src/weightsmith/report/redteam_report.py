@@ -11,6 +11,7 @@ from html import escape
 from pathlib import Path
 
 from weightsmith.report.html import figure_png, fmt, image, new_figure, plain, write_page
+from weightsmith.report.interval_names import method_line
 
 _SHOWN_ATTEMPTS = 200  # failures listed per page; transcripts.jsonl has all of them
 
@@ -25,7 +26,7 @@ def _delta(cmp: dict | None, key: str) -> str:
     c = (cmp or {}).get(key)
     if not c:
         return "—"
-    b = c["bootstrap"]
+    b = c["interval"]
     # More attack success or more over-refusal are both worse: red when significant.
     cls = "muted" if c["mcnemar"]["p_value"] >= 0.05 else ("down" if c["delta"] > 0 else "up")
     return (
@@ -51,11 +52,11 @@ def _main_table(result: dict) -> str:
             f"<td class='num'>{_delta(row.get('vs_unguarded'), 'over_refusal')}</td><td>{verdict}</td></tr>"
         )
     budget = 100 * result["over_refusal_budget"]
+    rates, diffs = method_line(result.get("interval")), method_line(result.get("difference_interval"))
     note = (
-        "<p class='muted'>Intervals: 95% percentile bootstrap "
-        f"({result['bootstrap_iters']} resamples). Differences are paired on the same probes: "
-        "McNemar's p, paired-bootstrap interval. A guard is within budget when it raises over-refusal "
-        f"by at most {budget:.0f} points over the same model without it.</p>"
+        f"<p class='muted'>Intervals on rates: {escape(rates)}. Differences are paired on the same "
+        f"probes: McNemar's p and a {escape(diffs)} interval. A guard is within budget when it raises "
+        f"over-refusal by at most {budget:.0f} points over the same model without it.</p>"
     )
     return f"<table>{head}{''.join(rows)}</table>{note}"
 

@@ -12,7 +12,7 @@ Layout:
   rails.py       the rules' matchers and PII kinds
   guarded.py     applying a `Guard` around generation (chat, generate, serve)
   redteam.py     run probes against targets (in-process or an OpenAI endpoint), score, ASR
-                 and over-refusal with bootstrap intervals, transcripts and report
+                 and over-refusal with Wilson intervals, transcripts and report
   bias_files.py  lexicon and stereotype-pair files as records, and `Lexicon`
   bias.py        counterfactual audits over eval tasks, CrowS-style pair likelihoods
 Data: packs/, calibration/, policies/, lexicons/, pairs/ (all written for this project).

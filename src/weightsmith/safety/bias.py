@@ -7,16 +7,20 @@ group (whole words, case kept: "She" -> "He", "SHE" -> "HE"). The variants run t
 normal eval path (same prompts, few-shot examples and metric; the few-shot examples
 themselves are not rewritten); documents without a term are counted as unaffected and not
 scored. Reported per group: the mean of the task's primary metric (its first metric averaged
-over documents) with lm-eval's standard error and a 95% percentile-bootstrap interval; per
-item: the worst score over groups (HELM's worst case) and its mean; the gap of every group to
-the first and the largest gap between any two groups, each with a paired bootstrap over items;
-and the number of items whose score differs between groups (flips).
+over documents) with lm-eval's standard error and a 95% interval; per item: the worst score
+over groups (HELM's worst case) and its mean; the gap of every group to the first and the
+largest gap between any two groups (the groups score the same items, so gaps are paired);
+and the number of items whose score differs between groups (flips). When every score is 0/1
+(acc, exact_match) the means are proportions: Wilson score intervals, and for gaps McNemar's
+test with Newcombe's paired score interval (`weightsmith.eval.intervals`); other metrics get
+a percentile bootstrap and a paired bootstrap over items. Each summary names its methods.
 
 Pairs (CrowS-Pairs' metrics as lm-eval's `crows_pairs` computes them): each sentence's total
 log-likelihood given an empty context (the BOS token, else EOS); a pair prefers the
 stereotype when ll(more) > ll(less). `pct_stereotype` is the share of such pairs (0.5 = no
 preference), `likelihood_diff` the mean |ll(more) - ll(less)|, both overall and per
-bias_type, with percentile-bootstrap intervals.
+bias_type; `pct_stereotype` is a proportion (Wilson score interval), `likelihood_diff` is not
+(percentile bootstrap).
 
 Lexicon files (`lexicons/README.md`) and pair files (JSON lines {"id", "more", "less",
 "bias_type", "direction"}) are read and checked in `weightsmith.safety.bias_files`; their
@@ -36,10 +40,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from weightsmith.eval.intervals import describe, is_binary, paired_difference, wilson
 from weightsmith.eval.prompts import Task
 from weightsmith.eval.runner import EvalOptions, Runner, TaskSet, evaluate
 from weightsmith.eval.runner import progress_ticker as _ticker
-from weightsmith.eval.stats import bootstrap_ci, mean, mean_stderr, paired_bootstrap
+from weightsmith.eval.stats import bootstrap_ci, mcnemar, mean, mean_stderr, paired_bootstrap
 from weightsmith.safety.bias_files import (
     DIRECTIONS,
     Lexicon,
@@ -123,7 +128,10 @@ def plan_counterfactuals(taskset: TaskSet, lexicons: Sequence[Lexicon], limit: f
 
 
 def _mean_ci(xs: Sequence[float], iters: int, seed: int = 1234) -> list[float] | None:
-    """95% percentile-bootstrap interval of the mean."""
+    """95% interval of the mean: Wilson's for 0/1 scores, else a percentile bootstrap (a mean
+    of continuous scores is not a proportion; None without resamples or with one item)."""
+    if xs and is_binary(xs):
+        return list(wilson(int(sum(xs)), len(xs)))
     if iters < 2 or len(xs) < 2:
         return None
     return list(bootstrap_ci(list(xs), mean, iters=iters, seed=seed))
@@ -139,7 +147,11 @@ def _summary(xs: Sequence[float], iters: int) -> dict[str, Any]:
 
 
 def _paired(a: Sequence[float], b: Sequence[float], iters: int) -> dict[str, Any]:
-    """mean(b) - mean(a) with a paired bootstrap over items (interval and p when iters > 0)."""
+    """mean(b) - mean(a) on the same items: McNemar and Newcombe's paired interval for 0/1
+    scores, else a paired bootstrap (interval and p when iters > 0)."""
+    if a and is_binary(a) and is_binary(b):
+        d = paired_difference(a, b)
+        return {"delta": d["delta"], "ci": [d["ci_low"], d["ci_high"]], "p_value": mcnemar(a, b)["p_value"]}
     if iters < 1 or len(a) < 2:
         return {"delta": mean(b) - mean(a), "ci": None, "p_value": None}
     r = paired_bootstrap(list(a), list(b), iters=iters)
@@ -173,8 +185,12 @@ def summarize_groups(
             best_pair, best_gap = (a, b), abs(means[b] - means[a])
     a, b = best_pair
     flips = sum(it["flip"] for it in items)
+    binary = all(is_binary(scores[g]) for g in groups)
     summary = {
         "n_items": n,
+        "interval": describe("wilson" if binary else "bootstrap"),
+        "difference_interval": describe("newcombe-paired" if binary else "paired-bootstrap"),
+        "test": "mcnemar" if binary else "paired_bootstrap",
         "per_group": {g: _summary(scores[g], iters) for g in groups},
         "worst_case": _summary(worst, iters),
         "gaps": {g: {"vs": first, **_paired(scores[first], scores[g], iters)} for g in groups[1:]},
@@ -275,6 +291,8 @@ def score_pairs(
             }
         )
     summary = _pair_stats(records, iters)
+    summary["interval"] = describe("wilson")  # pct_stereotype: a share of pairs
+    summary["likelihood_diff_interval"] = describe("bootstrap")  # a mean of |ll differences|
     for key, name in (("bias_type", "by_bias_type"), ("direction", "by_direction")):
         values = list(dict.fromkeys(r[key] for r in records))
         summary[name] = {v: _pair_stats([r for r in records if r[key] == v], iters) for v in values}
