@@ -45,6 +45,7 @@ from weightsmith.serve.jobs import (
     token_budget,
 )
 from weightsmith.serve.metrics import ServerMetrics
+from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import (
     chat_ids,
     check_chars,
@@ -254,6 +255,12 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         if not state.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        from weightsmith import __version__
+
+        return JSONResponse(openapi_document(__version__))
 
     @app.get("/metrics")
     async def metrics() -> Response:
