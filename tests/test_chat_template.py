@@ -351,3 +351,56 @@ def test_runtime_error_names_the_line() -> None:
     template = "first\n{% for m in messages %}\n{{ m.content + 1 }}\n{% endfor %}"
     with pytest.raises(ChatTemplateError, match=r"^chat template line 3: rendering failed \(TypeError"):
         render_chat_template(template, [{"role": "user", "content": "x"}])
+
+
+# ---- hostile templates: a checkpoint's template is untrusted code ------------------------------
+
+USER = [{"role": "user", "content": "hi"}]
+NS = "{% set ns = namespace(s='ab') %}"
+HOSTILE = {
+    "repeat": "{{ 'A' * 2**28 }}",
+    "repeat a list": "{{ ([messages] * 2**26)|length }}",
+    "power": "{{ (2 ** (2 ** 40)) > 1 }}",
+    "width": "{{ 'x'|center(10**9) }}",
+    "method width": "{{ 'x'.ljust(10**9) }}",
+    "format width": "{{ '{:>999999999}'.format('x') }}",
+    "percent width": "{{ '%999999999s' % 'x' }}",
+    "doubling": NS + "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "doubling with +": NS + "{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "join": NS + "{% set ns.s = 'x' * 4000000 %}{{ (ns.s|list)|join(ns.s)|length }}",
+    "str join": NS + "{% set ns.s = 'x' * 4000000 %}{{ ns.s.join(ns.s)|length }}",
+    "replace": NS + "{% set ns.s = 'x' * 4000000 %}{{ ns.s|replace('x', ns.s)|length }}",
+    "print a list of references": NS + "{% set ns.s = 'x' * 4000000 %}{{ [ns.s] * 1000 }}",
+    "tojson of references": NS + "{% set ns.s = 'x' * 4000000 %}{{ ([ns.s] * 1000)|tojson|length }}",
+    "block buffer": "{% set x %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endset %}",
+    "output": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "recursive macro": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+    "{{ f(60) }}",
+    "loop over a long string": NS + "{% set ns.s = 'x' * 4000000 %}"
+    "{% for a in ns.s %}{% for b in ns.s %}{% endfor %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_a_hostile_template_stops_within_its_limits(template: str) -> None:
+    import time
+
+    from weightsmith.chat_template import TemplateLimits
+
+    limits = TemplateLimits(timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=r"^chat template( line \d+)?: stopped: .*limit") as err:
+        render_chat_template(template, USER, limits=limits)
+    assert time.monotonic() - start < 3.0
+    assert "\n" not in str(err.value)
+
+
+def test_the_limits_leave_ordinary_large_renders_alone() -> None:
+    from weightsmith.chat_template import TemplateLimits
+
+    big = [{"role": "user", "content": "word " * 200_000}] * 3  # 3 MB, a long context's worth
+    text = render_chat_template(CHATML, big, limits=TemplateLimits(timeout=5))
+    assert text.count("word") == 600_000
+    with pytest.raises(ChatTemplateError, match="output limit"):
+        render_chat_template(CHATML, big, limits=TemplateLimits(max_output=1_000_000))

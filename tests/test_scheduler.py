@@ -283,3 +283,72 @@ def test_a_staged_request_that_is_cancelled_frees_its_rows(llm) -> None:
     s.submit(other)
     run_until_idle(s)
     assert got_other.finish == ["length", "length"]
+
+
+def test_a_list_of_long_prompts_is_prefilled_in_chunks_too(llm, monkeypatch) -> None:
+    """Two distinct long prompts in one request (completions' `prompt` as a list) go through
+    the chunked path like one long prompt does: no step prefills more than a chunk."""
+    from weightsmith.serve import scheduler as scheduler_module
+
+    real, sizes = scheduler_module.prefill, []
+
+    def counting(model, cache, batch, *a, **k):
+        sizes.append(sum(len(p) for p in batch))
+        return real(model, cache, batch, *a, **k)
+
+    monkeypatch.setattr(scheduler_module, "prefill", counting)
+    s = make_scheduler(llm, max_batch=4, prefill_chunk=16)
+    short = prompts(llm, 1)[0]
+    a, got_a = request(short, replace(GREEDY, max_tokens=40))
+    s.submit(a)
+    s.step()
+    long_1, long_2 = long_prompt(llm, 40), long_prompt(llm, 33)
+    b = Request([long_1, long_1, long_2], [GREEDY] * 3, emit=(got_b := Collector(3)))
+    s.submit(b)
+    for _ in range(6):  # 3 chunks for long_1, 3 for long_2
+        before = len(got_a.tokens[0])
+        s.step()
+        assert len(got_a.tokens[0]) == before + 1  # A got its token every step meanwhile
+    run_until_idle(s)
+    assert max(sizes) <= 16, sizes
+    for i, p in enumerate([long_1, long_1, long_2]):
+        assert got_b.tokens[i] == alone(llm, p, GREEDY), i
+    assert got_a.tokens[0] == alone(llm, short, a.params[0])
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["whole", "chunked"])
+def test_a_prefill_that_raises_ends_the_admitted_requests_with_an_error(llm, monkeypatch, long) -> None:
+    """Requests taken from the queue but not yet running (their prefill raised, e.g. out of
+    memory) get an error event instead of waiting forever; the scheduler keeps serving."""
+    from weightsmith.serve import scheduler as scheduler_module
+
+    s = make_scheduler(llm, max_batch=4, prefill_chunk=16)
+    first = long_prompt(llm, 40) if long else prompts(llm, 1)[0]
+    reqs = [request(first, GREEDY), request(prompts(llm, 2)[1], GREEDY)]
+    real = scheduler_module.prefill
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(scheduler_module, "prefill", broken)
+    for r, _ in reqs:
+        s.submit(r)
+    s.start()
+    try:
+        for _ in range(500):
+            if all(got.finish[0] for _, got in reqs):
+                break
+            __import__("time").sleep(0.01)
+        for _, got in reqs:
+            assert got.finish == ["error"] and "out of memory" in got.events[-1].error
+        assert s.idle
+        monkeypatch.setattr(scheduler_module, "prefill", real)
+        again, got = request(prompts(llm, 1)[0], replace(GREEDY, max_tokens=3))
+        s.submit(again)
+        for _ in range(500):
+            if got.finish[0]:
+                break
+            __import__("time").sleep(0.01)
+        assert got.finish == ["length"]
+    finally:
+        s.stop()

@@ -32,7 +32,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HI = [{"role": "user", "content": "Hi"}]
 KEY = "secret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 SMALL_BODY = 2048  # the auth server's --max-body
 #: How long a request that should answer at once may take before it counts as hung.
 PROMPT_ANSWER_S = 10.0
@@ -112,8 +112,10 @@ def send(c: httpx.Client, target: str, body, headers: dict | None = None) -> htt
     """`target` is "PATH" (POST) or "METHOD PATH"; a dict body goes as JSON, bytes as they are."""
     method, _, path = target.rpartition(" ")
     method = method or "POST"
-    if isinstance(body, bytes):
-        return c.request(method, path, content=body, headers=headers)
+    if isinstance(body, bytes):  # as a JSON client would label it
+        return c.request(
+            method, path, content=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
     return c.request(method, path, json=body, headers=headers)
 
 
@@ -623,7 +625,7 @@ def test_while_loading_health_and_api_answer_503(tiny_llm):
 
     app = create_app(ServeConfig(model="tiny"), loader)
     try:
-        with TestClient(app) as c:
+        with TestClient(app, base_url="http://127.0.0.1") as c:
             assert _health(c) == (503, {"status": "loading"})
             r = c.post(CHAT, json=chat())
             assert r.status_code == 503, r.text
@@ -648,7 +650,7 @@ def test_cors_is_off_unless_origins_are_given(origins):
     app = create_app(ServeConfig(model="tiny", api_key="k", cors_origin=origins), lambda: never.wait())
     preflight = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         r = c.options(CHAT, headers=preflight)
         allowed = r.headers.get("access-control-allow-origin")
         health = c.get("/health", headers={"Origin": "https://ok.example"})
@@ -671,7 +673,7 @@ def test_a_failed_load_shows_on_health(tiny_hf_dir):
         raise RuntimeError("the weights are gone")
 
     app = create_app(ServeConfig(model="tiny"), loader)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         wait_for(lambda: _health(c)[1]["status"] != "loading", what="the load to fail")
         status, body = _health(c)
         assert status == 503 and body["status"] == "error"

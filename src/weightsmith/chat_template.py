@@ -29,11 +29,17 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.template_limits import LimitedSandbox, TemplateLimitError, TemplateLimits, limited
 
-__all__ = ["ChatMessageError", "ChatTemplateError", "assistant_spans", "render_chat_template"]
+__all__ = [
+    "ChatMessageError",
+    "ChatTemplateError",
+    "TemplateLimits",
+    "assistant_spans",
+    "render_chat_template",
+]
 
 # Names a message's reasoning may arrive under; templates read `reasoning_content` (Qwen3, DeepSeek) or
 # `thinking` (gpt-oss). transformers >= 5 copies whichever is set to both, so we do too.
@@ -56,6 +62,7 @@ def render_chat_template(
     bos_token: str = "",
     eos_token: str = "",
     tools: Sequence[Mapping[str, Any]] | None = None,
+    limits: TemplateLimits | None = None,
     **extra: Any,
 ) -> str:
     """Render `messages` with the Jinja chat `template` and return the prompt text.
@@ -63,6 +70,8 @@ def render_chat_template(
     `extra` becomes template variables (e.g. `enable_thinking=False`, `documents=[...]`,
     `pad_token`); `bos_token` and `eos_token` have their own parameters.
     The caller's messages are never mutated: the template sees a plain-data copy.
+    The template is untrusted code: it runs in Jinja's sandbox within `limits` (time, value
+    and output size; `TemplateLimits()`'s defaults when None, see template_limits.py).
     """
     if not isinstance(template, str):
         raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
@@ -82,12 +91,15 @@ def render_chat_template(
         eos_token=eos_token,
     )
     try:
-        return compiled.render(**context)
+        with limited(limits or TemplateLimits()):
+            return "".join(compiled.generate(**context))
     except ChatTemplateError:
         raise
     except Exception as e:  # any failure inside template code is the template's fault
         line = _template_line(e.__traceback__)
         where = f"chat template line {line}" if line is not None else "chat template"
+        if isinstance(e, TemplateLimitError):
+            raise ChatTemplateError(f"{where}: stopped: {e}") from None
         detail = str(e).replace("\n", " ") or type(e).__name__
         raise ChatTemplateError(
             f"{where}: rendering failed ({type(e).__name__}: {detail}); fix the template or the messages it reads"
@@ -214,14 +226,15 @@ def _strip_markers(marked: str) -> tuple[str, list[tuple[int, int]]]:
     return "".join(out), [s for s in spans if s[1] > s[0]]
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _make_environment() -> LimitedSandbox:
+    env = LimitedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _Namespace
+    env.guard_filters()  # tojson too
     return env
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from weightsmith.chat_template import ChatTemplateError, assistant_spans, render_chat_template
+from weightsmith.chat_template import ChatTemplateError, TemplateLimits, assistant_spans, render_chat_template
 from weightsmith.errors import CheckpointError
 from weightsmith.files import read_json, write_json_atomic, write_text_atomic
 from weightsmith.tokenizer_config import (
@@ -280,13 +280,15 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        limits: TemplateLimits | None = None,
         **extra: Any,
     ) -> str | list[int]:
         """Render the chat with the checkpoint's template; with `tokenize=True` return its ids.
 
         The template writes BOS itself, so the ids are encoded with add_special_tokens=False
         (transformers does the same). Every named special token (bos_token, eos_token, pad_token,
-        ...) is a template variable; `extra` adds or overrides variables.
+        ...) is a template variable; `extra` adds or overrides variables. `limits` bound the
+        render (the template is untrusted code; None: the defaults).
         """
         template = self._select_template(tools)
         variables = {**self._special_tokens, **extra}
@@ -299,6 +301,7 @@ class Tokenizer:
             bos_token=bos,
             eos_token=eos,
             tools=tools,
+            limits=limits,
             **variables,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -233,7 +233,7 @@ COMMANDS: dict[str, Command | Group] = {
         serve.ServeConfig,
         "serve a model behind an OpenAI-compatible API (streaming, batching, adapters)",
         "weightsmith serve smollm2-135m-instruct --adapter support=runs/support --port 8000\n"
-        '  weightsmith serve ./my-model --api-key "$(cat key.txt)" --host 0.0.0.0 --max-batch 32',
+        "  weightsmith serve ./my-model --api-key-file key.txt --host 0.0.0.0 --max-batch 32",
         serve.run_serve,
         _plain(serve_out.print_stopped),
         _listening,
@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, command = command_for(ns)
         cfg = config_from_args(command.config, ns)
+        if name == "serve":
+            serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
         set_load_status(_load_spinner)

@@ -24,3 +24,14 @@ def print_listening(url: str, state: Any, out) -> None:
 
 def print_stopped(result: Any, console: Any = None) -> None:
     sys.stderr.write("weightsmith serve: stopped\n")
+
+
+def warn_visible_key(argv: list[str], console: Any) -> None:
+    """One line on stderr when the API key was typed on the command line, where every user of
+    the machine can read it (ps, /proc/PID/cmdline)."""
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
+        console.print(
+            "weightsmith serve: warning: --api-key is visible in the process list; "
+            "use --api-key-file PATH or $WEIGHTSMITH_API_KEY instead",
+            markup=False,
+        )

@@ -49,8 +49,11 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(8000, "port to listen on (0: any free port)")
     api_key: str | None = opt(
-        None, "require 'Authorization: Bearer KEY'; unset: $WEIGHTSMITH_API_KEY, if set"
+        None,
+        "require 'Authorization: Bearer KEY' (visible in the process list: prefer --api-key-file or "
+        "$WEIGHTSMITH_API_KEY); unset: --api-key-file, then $WEIGHTSMITH_API_KEY, if set",
     )
+    api_key_file: str | None = opt(None, "read the API key from this file (its first line)")
     served_name: str | None = opt(None, "the model name clients send; unset: MODEL as given")
     max_batch: int = opt(16, "most sequences decoded together")
     max_queue: int = opt(64, "most requests waiting for a batch slot; more get 429")
@@ -62,9 +65,24 @@ class ServeConfig:
         "prompts longer than this are prefilled this many tokens per decode step, so streams keep flowing",
     )
     max_body: int = opt(4 << 20, "largest request body in bytes")
+    max_prompt_chars: int = opt(
+        1_000_000, "most characters of prompt text (messages or prompts) in one request, before tokenising"
+    )
+    template_timeout: float = opt(5.0, "seconds the chat template may take to render one request")
+    read_timeout: float = opt(
+        30.0, "seconds a client has to send a request's headers, and again its body (then 408)"
+    )
+    keep_alive_timeout: float = opt(5.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int = opt(1000, "most open connections; requests beyond get 503")
     cors_origin: list[str] = opt(
         default_factory=list,
         help="let web pages from this origin call the API (CORS is off by default)",
+        split=False,
+    )
+    allowed_host: list[str] = opt(
+        default_factory=list,
+        help="also answer requests whose Host header is this name ('*': any); loopback names and "
+        "--host are always allowed, and any name when --host is 0.0.0.0 or :: and this is unset",
         split=False,
     )
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every request")
@@ -79,9 +97,15 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
                                  ("max-model-len", self.max_model_len, 0), ("max-body", self.max_body, 1024),
-                                 ("prefill-chunk", self.prefill_chunk, 1)):  # fmt: skip
+                                 ("prefill-chunk", self.prefill_chunk, 1),
+                                 ("max-prompt-chars", self.max_prompt_chars, 1),
+                                 ("max-connections", self.max_connections, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
+        for name, seconds in (("template-timeout", self.template_timeout), ("read-timeout", self.read_timeout),
+                              ("keep-alive-timeout", self.keep_alive_timeout)):  # fmt: skip
+            if not seconds > 0:
+                raise UsageError(f"--{name} must be a positive number of seconds, got {seconds}")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -145,10 +169,29 @@ def build_app(cfg: ServeConfig):
     served_name = cfg.served_name or cfg.model
     if ":" in served_name.removeprefix(str(Path(served_name).anchor)):
         served_name = Path(cfg.model).name  # a Windows path; ':' separates adapters
-    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("WEIGHTSMITH_API_KEY") or None
-    settings = dataclasses.replace(cfg, served_name=served_name, api_key=api_key)
+    settings = dataclasses.replace(cfg, served_name=served_name, api_key=resolve_api_key(cfg))
     app = create_app(settings, make_loader(path, adapters, cfg), guard=guard)
     return app, app.state.weightsmith
+
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The API key: --api-key, else the first line of --api-key-file, else $WEIGHTSMITH_API_KEY."""
+    if cfg.api_key is not None and cfg.api_key_file is not None:
+        raise UsageError("--api-key and --api-key-file both give a key; keep one (the file)")
+    if cfg.api_key is not None:
+        return cfg.api_key or None
+    if cfg.api_key_file is not None:
+        path = Path(cfg.api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"--api-key-file {path}: cannot read it ({e}); give a readable text file"
+            ) from None
+        if not key:
+            raise UsageError(f"--api-key-file {path}: its first line is empty; write the key there")
+        return key
+    return os.environ.get("WEIGHTSMITH_API_KEY") or None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -170,11 +213,16 @@ def bind(host: str, port: int) -> socket.socket:
 def _uvicorn_server(app, cfg: ServeConfig):
     import uvicorn
 
+    from weightsmith.serve.connections import uvicorn_limits
+
+    limits = uvicorn_limits(header_timeout=cfg.read_timeout, keep_alive_timeout=cfg.keep_alive_timeout,
+                            max_connections=cfg.max_connections)  # fmt: skip
     config = uvicorn.Config(
         app,
         log_level="warning",
         timeout_graceful_shutdown=int(cfg.drain_timeout) if cfg.drain_timeout else None,
         access_log=False,
+        **limits,
     )
     return uvicorn.Server(config)
 

@@ -32,11 +32,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from weightsmith.errors import WeightsmithError
+from weightsmith.chat_template import TemplateLimits
 from weightsmith.llm import LLM
-from weightsmith.serve.gate import Gate, error_response, read_body
+from weightsmith.serve.gate import ClientGone, Gate, error_response, read_body
 from weightsmith.serve.jobs import (
-    ClientGone,
     EchoJob,
     GuardedJob,
     Job,
@@ -46,6 +45,17 @@ from weightsmith.serve.jobs import (
     token_budget,
 )
 from weightsmith.serve.metrics import ServerMetrics
+from weightsmith.serve.openapi import openapi_document
+from weightsmith.serve.prepare import (
+    chat_ids,
+    check_chars,
+    check_n,
+    completion_ids,
+    message_dict,
+    off_loop,
+    prompt_param,
+    render,
+)
 from weightsmith.serve.responses import ResponseBuilder
 from weightsmith.serve.scheduler import Scheduler
 from weightsmith.serve.schemas import (
@@ -78,7 +88,12 @@ class ServerOptions(Protocol):
     max_model_len: int  # context per request (KV cache per row); 0: the model's
     prefill_chunk: int  # longer prompts are prefilled a chunk per decode step
     max_body: int  # bytes
+    max_prompt_chars: int  # characters of prompt text per request, counted before tokenising
+    template_timeout: float  # seconds one chat-template render may take
     cors_origin: list[str]
+    host: str  # the bind address; with allowed_host, the Host header names the server may answer to
+    allowed_host: list[str]
+    read_timeout: float  # seconds a client has to send a request body (headers: commands.serve)
 
 
 @dataclass
@@ -104,6 +119,7 @@ class ServerState:
         self.created = 0  # when the model became ready, for /v1/models
         self.ready = threading.Event()
         self.on_load_error: Callable[[str], None] = lambda message: None
+        self.template_limits = TemplateLimits(timeout=settings.template_timeout)
 
     def load(self) -> None:
         try:
@@ -240,6 +256,12 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        from weightsmith import __version__
+
+        return JSONResponse(openapi_document(__version__))
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -273,13 +295,11 @@ async def _chat_completions(state: ServerState, http: Request) -> Response:
     req.check_stream_options()
     adapter = state.resolve_model(req.model)
     logprobs = req.logprobs_k()
-    _check_n(req.n, scheduler.max_batch)
-    messages = [_message_dict(m) for m in req.messages]
-    guard, refusal = state.guard, None
-    if guard is not None:
-        verdict, messages = guard.guard_messages(messages)
-        refusal = verdict.refusal or "" if verdict.blocked else None
-    ids = _render(loaded.llm, messages)
+    check_n(req.n, scheduler.max_batch)
+    messages = [message_dict(m) for m in req.messages]
+    check_chars(sum(len(m["content"]) for m in messages), state.settings.max_prompt_chars, "messages")
+    guard = state.guard
+    ids, refusal = await off_loop(chat_ids, loaded.llm, guard, messages, state.template_limits)
     budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
     params = sampling_params(loaded.llm, req, budget)
     job: Any = None
@@ -299,15 +319,15 @@ async def _completions(state: ServerState, http: Request) -> Response:
     req.check_unsupported()
     adapter = state.resolve_model(req.model)
     prompts = req.prompts()
-    _check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
-    ids = [_prompt_ids(loaded.llm, p, i, len(prompts)) for i, p in enumerate(prompts)]
-    guard, refusals = state.guard, {}
-    if guard is not None:
-        ids, refusals = _guard_prompts(guard, loaded.llm, prompts, ids, req.n)
+    check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
+    chars = sum(len(p) for p in prompts if isinstance(p, str))
+    check_chars(chars, state.settings.max_prompt_chars, "prompt")
+    guard = state.guard
+    ids, refusals = await off_loop(completion_ids, loaded.llm, guard, prompts, req.n)
     all_ids, all_params = [], []
     for i, p in enumerate(ids):
         budget = token_budget(
-            len(p), req.max_tokens, scheduler.max_len, _prompt_param(i, len(ids)), "max_tokens"
+            len(p), req.max_tokens, scheduler.max_len, prompt_param(i, len(ids)), "max_tokens"
         )
         params = sampling_params(loaded.llm, req, budget)
         if i * req.n not in refusals:
@@ -335,11 +355,16 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
         tok = loaded.llm.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        limit = state.settings.max_prompt_chars
         if req.prompt is not None:
-            tokens = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            check_chars(len(req.prompt), limit, "prompt")
+            prompt, special = req.prompt, req.add_special_tokens
+            tokens = await off_loop(lambda: tok.encode(prompt, add_special_tokens=special))
         else:
-            messages = [_message_dict(m) for m in req.messages or []]
-            tokens = _render(loaded.llm, messages, add_generation_prompt=req.add_generation_prompt)
+            messages = [message_dict(m) for m in req.messages or []]
+            check_chars(sum(len(m["content"]) for m in messages), limit, "messages")
+            tokens = await off_loop(render, loaded.llm, messages, state.template_limits,
+                                    req.add_generation_prompt)  # fmt: skip
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": scheduler.max_len})
 
     @app.post("/detokenize")
@@ -351,14 +376,14 @@ def _add_token_routes(app: FastAPI, state: ServerState) -> None:
                 raise ApiError(
                     400, f"token id {t} is outside the vocabulary [0, {vocab})", param=f"tokens[{i}]"
                 )
-        return JSONResponse({"prompt": loaded.llm.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await off_loop(loaded.llm.tokenizer.decode, req.tokens)})
 
 
 async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[Loaded, Scheduler, T]:
     """The loaded model (503 while loading) and the validated body; for tokenize and
     detokenize, whose `model` is optional, a model they do name must exist."""
     loaded, scheduler = state.require()
-    req = parse(schema, await read_body(http, state.settings.max_body))
+    req = parse(schema, await read_body(http, state.settings.max_body, state.settings.read_timeout))
     if isinstance(req, (TokenizeRequest, DetokenizeRequest)) and req.model is not None:
         state.resolve_model(req.model)
     return loaded, scheduler, req
@@ -366,60 +391,3 @@ async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[L
 
 def _limit_name(req: ChatRequest) -> str:
     return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-
-
-def _check_n(choices: int, max_batch: int, batch: int = 1) -> None:
-    if choices > max_batch:
-        what = f"n x {batch} prompts" if batch > 1 else "n"
-        raise ApiError(400, f"{what} = {choices} is more than this server's batch of {max_batch}", param="n")
-
-
-def _message_dict(m) -> dict[str, str]:
-    # OpenAI's "developer" role is the newer name for "system"; chat templates know "system".
-    return {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-
-
-def _render(llm: LLM, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    if not llm.tokenizer.chat_template:
-        raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-    try:
-        return list(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=True))  # fmt: skip
-    except WeightsmithError as e:
-        raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
-
-
-def _guard_prompts(
-    guard: Any, llm: LLM, prompts: list, ids: list[list[int]], n: int
-) -> tuple[list[list[int]], dict[int, str]]:
-    """Input rails over each prompt: redacted prompts are re-tokenized; the choices of a
-    blocked prompt get the refusal (keyed by choice index)."""
-    out, refusals = [], {}
-    for i, (prompt, p) in enumerate(zip(prompts, ids, strict=True)):
-        text = prompt if isinstance(prompt, str) else llm.tokenizer.decode(p)
-        verdict = guard.check_input(text)
-        if verdict.blocked:
-            refusals.update(dict.fromkeys(range(i * n, (i + 1) * n), verdict.refusal or ""))
-        elif verdict.action == "redact":
-            p = llm.tokenizer.encode(verdict.text)
-        out.append(p)
-    return out, refusals
-
-
-def _prompt_param(index: int, count: int) -> str:
-    return "prompt" if count == 1 else f"prompt[{index}]"
-
-
-def _prompt_ids(llm: LLM, prompt: str | list[int], index: int, count: int) -> list[int]:
-    param = _prompt_param(index, count)
-    if isinstance(prompt, str):
-        ids = llm.tokenizer.encode(prompt)
-    else:
-        vocab = llm.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
-        ids = list(prompt)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", param=param)
-    return ids

@@ -1,20 +1,34 @@
-"""The server's gate: API key, body size, and request counting, before any route runs.
+"""The server's gate: Host, API key, body type and size, and request counting, before any
+route runs.
 
-`Gate` is a plain ASGI middleware, so streaming and disconnects pass through untouched;
-`read_body` reads a body with the same size limit for chunked uploads. It reads
-`state.settings.api_key` and `state.settings.max_body` and counts on `state.metrics`.
-Not here: the routes and the model (app.py), request schemas (schemas.py).
+`Gate` is a plain ASGI middleware, so streaming and disconnects pass through untouched. A web
+page the user visits must not be able to drive a server on their machine, so the gate answers
+421 to a Host header the server was not asked to answer to (DNS rebinding: a page whose name
+now points at 127.0.0.1 reads `/v1/*`), and 415 to a POST body that is not
+`application/json` (a cross-origin form or `text/plain` POST needs no CORS preflight).
+`read_body` reads a body with the same size limit for chunked uploads, within a time limit
+(slow bodies get 408), and turns a client that drops mid-upload into `ClientGone`, a quiet
+499. It reads `state.settings` (api_key, max_body, host, allowed_host) and counts on
+`state.metrics`.
+Not here: the routes and the model (app.py), request schemas (schemas.py), header timeouts
+and connection limits (connections.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
+import logging
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from weightsmith.serve.schemas import ApiError
+
+log = logging.getLogger(__name__)
 
 #: Routes that answer without an API key.
 PUBLIC_PATHS = frozenset({"/", "/health"})
@@ -31,6 +45,39 @@ ENDPOINTS = frozenset(
         "/detokenize",
     }
 )
+
+
+#: Host names a server always answers to (browsers send these only for the machine itself).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: Bind addresses that mean every interface: the host check is then off unless --allowed-host is given.
+ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (a 499 nobody reads, no traceback)."""
+
+
+def allowed_hosts(bind: str, extra: list[str]) -> frozenset[str] | None:
+    """The Host names the server answers to; None: any (bound to every interface, no
+    --allowed-host given, or '*' among them)."""
+    extra = [h.strip().lower() for h in extra]
+    if "*" in extra or (bind in ANY_ADDRESS and not extra):
+        return None
+    return LOOPBACK_HOSTS | {bind.lower().strip("[]")} | {h.strip("[]") for h in extra}
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port or IPv6 brackets, lowercased."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    name, _, port = header.rpartition(":")
+    if name and port.isdigit():
+        try:
+            ipaddress.IPv6Address(header)  # a bare IPv6 address has colons but no port
+        except ValueError:
+            return name
+    return header
 
 
 class Gate:
@@ -65,10 +112,27 @@ class Gate:
 
     def _check(self, scope: dict) -> ApiError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        settings = self.state.settings
+        hosts = allowed_hosts(settings.host, settings.allowed_host)
+        host = host_name(headers.get("host", ""))
+        if hosts is not None and host and host not in hosts:
+            return ApiError(
+                421,
+                f"this server does not answer to the host name {host!r}; if you meant to reach it by "
+                f"that name, start it with --allowed-host {host}",
+                code="host_not_allowed",
+            )
         length = headers.get("content-length", "")
-        limit = self.state.settings.max_body
+        limit = settings.max_body
         if length.isdigit() and int(length) > limit:
             return too_large(limit)
+        media = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if scope["method"] == "POST" and media != "application/json":
+            return ApiError(
+                415,
+                f"a POST body must be sent as 'Content-Type: application/json', not {media or 'nothing'!r}",
+                code="unsupported_media_type",
+            )
         key = self.state.settings.api_key
         if key is None or scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
             return None
@@ -93,12 +157,28 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (chunked uploads too)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked uploads too) and with
+    408 when it takes more than `timeout` seconds to arrive; ClientGone if the client leaves."""
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except ClientDisconnect:
+        log.info("%s %s: the client disconnected while sending its body", request.method, request.url.path)
+        raise ClientGone from None
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s (--read-timeout); send it faster",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None

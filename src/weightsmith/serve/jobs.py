@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from weightsmith.errors import WeightsmithError
 from weightsmith.llm import LLM
 from weightsmith.sampling import SamplingParams
+from weightsmith.serve.gate import ClientGone
 from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder, sse
 from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent
 from weightsmith.serve.scheduler import Request as GenRequest
@@ -88,10 +89,6 @@ async def _disconnected(http: Request) -> None:
     once its request body is in, so we wait on `receive` as streaming responses do.)"""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-class ClientGone(Exception):
-    """The client disconnected before its (non-streamed) answer was ready."""
 
 
 class Job:

@@ -120,11 +120,12 @@ class Observer:
 
 @dataclass
 class Staged:
-    """A request whose long prompt is being prefilled a chunk per step."""
+    """A request whose long prompts are being prefilled a chunk per step, one distinct prompt
+    after the other; the choices of a prompt join the batch when its last chunk is in."""
 
     request: Request
-    choices: list[Choice]
-    done: int = 0  # prompt tokens already in the staging cache
+    choices: list[Choice]  # the choices not running yet, those of one prompt next to each other
+    done: int = 0  # tokens of the first choice's prompt already in the staging cache
 
 
 class Scheduler:
@@ -161,7 +162,8 @@ class Scheduler:
         make_cache = getattr(decode, "make_cache", None) or KVCache.for_model
         self.cache = make_cache(model.config, max_batch, max_len, dtype=dtype, device=self.device)
         self.has_adapters = bool(lora_layers(model))
-        self.staged: Staged | None = None  # a long prompt being prefilled chunk by chunk
+        self.staged: Staged | None = None  # long prompts being prefilled chunk by chunk
+        self.prefilling: list[Request] = []  # taken from the queue, not running yet (see _fail_all)
         self.staging: KVCache | None = None  # its one-row cache, allocated on first use
         self.running: list[Choice] = []
         self.waiting: deque[Request] = deque()
@@ -244,9 +246,10 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         """Take waiting requests, oldest first, while their choices fit in free rows and the
-        prefill budget (the first one always goes, however long its prompt). A request with
-        one prompt longer than `prefill_chunk` is staged for chunked prefill instead when no
-        other is; while one is, shorter requests may pass a second long one."""
+        prefill budget (the first one always goes, however long its prompt). A request whose
+        distinct prompts hold more than `prefill_chunk` tokens (one long prompt or a list of
+        them) is staged for chunked prefill instead when no other is; while one is, shorter
+        requests may pass a second long one."""
         taken: list[Request] = []
         free = self.max_batch - len(self.running) - (len(self.staged.choices) if self.staged else 0)
         budget = self.max_prefill_tokens
@@ -258,7 +261,7 @@ class Scheduler:
                 n_tokens = sum(len(p) for p in prompts)
                 if len(request.prompts) > free:
                     break  # first come, first served: nobody passes a request that does not fit
-                if len(prompts) == 1 and n_tokens > self.prefill_chunk:
+                if n_tokens > self.prefill_chunk:
                     self.waiting.popleft()
                     if self.staged is None:
                         free -= len(request.prompts) if self._stage(request) else 0
@@ -278,7 +281,8 @@ class Scheduler:
     def _stage(self, request: Request) -> bool:
         choices = self._choices(request)
         if choices is not None:
-            self.staged = Staged(request, choices)
+            order = {p: i for i, p in enumerate(dict.fromkeys(tuple(c.prompt) for c in choices))}
+            self.staged = Staged(request, sorted(choices, key=lambda c: order[tuple(c.prompt)]))
         return choices is not None
 
     def _choices(self, request: Request) -> list[Choice] | None:
@@ -312,6 +316,7 @@ class Scheduler:
             choices = self._choices(request)
             if choices is None:
                 continue
+            self.prefilling.append(request)  # until it runs: a prefill that raises fails it (_fail_all)
             seen: dict[tuple[int, ...], Choice] = {}
             for seq in choices:
                 key = tuple(seq.prompt)
@@ -322,10 +327,12 @@ class Scheduler:
                     unique.append(seq)
             self.observer.tokens(prompt=sum(len(p) for p in {tuple(p) for p in request.prompts}))
         if not unique:
+            self.prefilling = []
             return
         view = self.cache.rows(start, len(unique))  # shares the rows' storage and lengths
         with self._adapters(unique):
             logits = prefill(self.model, view, [s.prompt for s in unique], self.device)  # (U, V)
+        self.prefilling = []
         self.running.extend(unique)
         logit_row = {id(s): i for i, s in enumerate(unique)}  # each newcomer's row in `logits`
         for seq, source in copies:
@@ -339,7 +346,7 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill_chunk(self) -> None:
         """Prefill the staged prompt's next chunk; when it is complete, copy it into a row per
-        choice and sample their first tokens."""
+        choice of that prompt and sample their first tokens (the next prompt starts next step)."""
         staged = self.staged
         assert staged is not None
         prompt = staged.choices[0].prompt
@@ -357,12 +364,15 @@ class Scheduler:
         if end < len(prompt):
             return
         first_row = len(self.running)
-        for i, choice in enumerate(staged.choices):
+        joining = [c for c in staged.choices if c.prompt == prompt]
+        for i, choice in enumerate(joining):
             self.cache.copy_row(0, first_row + i, source=self.staging)
             self.running.append(choice)
-        self.staged = None
+        staged.choices, staged.done = staged.choices[len(joining) :], 0
+        if not staged.choices:
+            self.staged = None
         self.observer.tokens(prompt=len(prompt))
-        self._sample(logits.expand(len(staged.choices), -1), first_row=first_row)  # (n, V)
+        self._sample(logits.expand(len(joining), -1), first_row=first_row)  # (n, V)
 
     def _decode(self) -> None:
         with self._adapters(self.running):
@@ -432,10 +442,14 @@ class Scheduler:
         self.observer.finished(reason)
 
     def _fail_all(self, message: str) -> None:
-        """End every running, staged and waiting request with an error event."""
+        """End every running, staged, half-admitted and waiting request with an error event."""
         if self.staged is not None:
-            _fail_request(self.staged.request, message)
+            for choice in self.staged.choices:  # its choices already running end below
+                choice.request.emit(SequenceEvent(choice.index, "", [], None, "error", 0, error=message))
             self.staged = None
+        for request in self.prefilling:
+            _fail_request(request, message)
+        self.prefilling = []
         for row in reversed(range(len(self.running))):
             self._finish(row, "error", emit=True, error=message)
         with self._lock:
