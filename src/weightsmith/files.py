@@ -170,6 +170,27 @@ def fsync_tree(root: Path) -> None:
             fsync_file(path)
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it once every symlink and `..` in both is resolved.
+
+    The one containment check for paths a shared file names (task data, shard names, output
+    names): a path that cannot be resolved (a NUL byte, a symlink loop) is not inside."""
+    try:
+        real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+    return real == root or root in real.parents
+
+
+def is_plain_file_name(name: object) -> bool:
+    """Whether `name` is one file name with no folder part: not empty, '.', '..', and no separator."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
 def builtin_file(spec: str, folder: Path, suffixes: tuple[str, ...], what: str) -> Path | None:
     """The shipped file a `builtin:NAME` spec names (None for any other spec).
 

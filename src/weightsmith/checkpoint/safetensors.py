@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from weightsmith.errors import CheckpointError
-from weightsmith.files import read_json
+from weightsmith.files import is_inside, is_plain_file_name, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "consolidated*.pth")
@@ -30,13 +30,7 @@ def weight_files(path: Path, *, allow_pickle: bool = False) -> list[Path]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: missing or empty 'weight_map'")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(
-                    f"{f}: shard listed in {INDEX_FILE} is missing; re-download the checkpoint"
-                )
-        return files
+        return _index_shards(index, weight_map)
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
@@ -49,6 +43,24 @@ def weight_files(path: Path, *, allow_pickle: bool = False) -> list[Path]:
             )
         return pickles
     raise CheckpointError(f"{path}: no weights found (expected *.safetensors or {INDEX_FILE})")
+
+
+def _index_shards(index: Path, weight_map: dict) -> list[Path]:
+    """The shard files an index names: plain file names inside its folder (symlinks resolved),
+    each checked to exist; an index is shared data and must not reach other files."""
+    shards: dict[str, str] = {}
+    for tensor, name in weight_map.items():
+        if not is_plain_file_name(name) or not is_inside(index.parent / name, index.parent):
+            raise CheckpointError(
+                f"{index}: weight_map.{tensor}: shard {name!r} is not a file name inside the checkpoint "
+                "folder; an index may only name shard files beside it"
+            )
+        shards.setdefault(name, tensor)
+    files = [index.parent / name for name in sorted(shards)]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard listed in {INDEX_FILE} is missing; re-download the checkpoint")
+    return files
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
