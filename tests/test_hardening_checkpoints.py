@@ -46,3 +46,72 @@ def test_index_shard_symlinked_outside_the_folder_is_refused(tiny_hf_dir, tmp_pa
 def test_index_with_plain_shard_names_loads(tiny_hf_dir, tmp_path):
     ckpt = _sharded(tiny_hf_dir, tmp_path, {"model.embed_tokens.weight": "model.safetensors"})
     assert st.weight_files(ckpt) == [ckpt / "model.safetensors"]
+
+
+# -- item 3: --overwrite replaces only our own outputs, and never loses the old one --------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_dir):
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    return load_checkpoint(tiny_hf_dir)
+
+
+def test_overwrite_refuses_the_current_folder_and_its_parents(tiny, tmp_path, monkeypatch):
+    from weightsmith.checkpoint.save import save_hf_dir
+    from weightsmith.errors import UsageError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(UsageError, match="--overwrite"):
+            save_hf_dir(tiny.model, tiny.tokenizer, out, overwrite=True)
+    assert (work / "notes.txt").read_text() == "keep me"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny, tmp_path):
+    from weightsmith.checkpoint.save import save_hf_dir
+    from weightsmith.errors import UsageError
+
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(UsageError, match=r"photos.*not look like"):
+        save_hf_dir(tiny.model, tiny.tokenizer, out, overwrite=True)
+    assert (out / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_quantize_overwrite_refuses_before_loading(tmp_path, monkeypatch):
+    from weightsmith.commands.quantize import QuantizeConfig, check_quantize_args
+    from weightsmith.errors import UsageError
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="--overwrite"):
+        check_quantize_args(QuantizeConfig(model="x", to="int8", out=".", overwrite=True))
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_in(tiny, tmp_path, monkeypatch):
+    from weightsmith import files
+    from weightsmith.checkpoint.save import save_hf_dir
+
+    out = save_hf_dir(tiny.model, tiny.tokenizer, tmp_path / "out")
+    before = (out / "model.safetensors").read_bytes()
+    real_replace = files.os.replace
+
+    def crash_on_swap_in(src, dst):
+        if Path(dst) == out and ".tmp-old-" not in str(src):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", crash_on_swap_in)
+    with pytest.raises(OSError):
+        save_hf_dir(tiny.model, tiny.tokenizer, out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    save_hf_dir(tiny.model, tiny.tokenizer, out, overwrite=True)  # a checkpoint of ours: replaced
+    assert (out / "config.json").is_file()
