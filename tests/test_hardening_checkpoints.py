@@ -31,7 +31,9 @@ def _sharded(tiny_hf_dir: Path, tmp_path: Path, weight_map: dict) -> Path:
 def test_index_shard_outside_the_folder_is_refused(tiny_hf_dir, tmp_path, shard):
     (tmp_path / "outside.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes())
     ckpt = _sharded(tiny_hf_dir, tmp_path, {"model.embed_tokens.weight": shard})
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*model\.embed_tokens\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors\.index\.json.*model\.embed_tokens\.weight"
+    ):
         st.weight_files(ckpt)
 
 
