@@ -117,3 +117,84 @@ def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_in(tiny, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     save_hf_dir(tiny.model, tiny.tokenizer, out, overwrite=True)  # a checkpoint of ours: replaced
     assert (out / "config.json").is_file()
+
+
+# -- item 12: malformed metadata is one error line; export writes nothing it cannot finish ----
+
+
+def _gguf_with(path: Path, **overrides) -> Path:
+    """A tiny llama GGUF (metadata only) with some keys written with the wrong value type."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    keys = {
+        "llama.block_count": 2,
+        "llama.embedding_length": 64,
+        "llama.attention.head_count": 4,
+        "llama.feed_forward_length": 128,
+        "llama.context_length": 256,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        **overrides,
+    }
+    for key, value in keys.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((320, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("llama.block_count", "two"),
+        ("llama.attention.layer_norm_rms_epsilon", "tiny"),
+        ("llama.expert_count", "many"),
+        ("llama.rope.freq_base", [1, 2]),
+        ("tokenizer.ggml.tokens", [1, 2, 3]),
+        ("tokenizer.ggml.bos_token_id", "<s>"),
+        ("tokenizer.chat_template", 7),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_type_is_one_error(tmp_path, key, value):
+    from weightsmith.checkpoint.gguf import read_gguf
+
+    path = _gguf_with(tmp_path / "bad.gguf", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"bad\.gguf: GGUF metadata '{key}' .* expected"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("temperature", "hot"), ("top_k", [1]), ("do_sample", "yes"), ("top_p", True)]
+)
+def test_generation_config_of_the_wrong_type_is_one_error(tiny_hf_dir, tmp_path, field, value):
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf_dir, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, field: value}))
+    with pytest.raises(CheckpointError, match=rf"generation_config\.json: {field}: expected"):
+        load_checkpoint(ckpt)
+
+
+def test_export_writes_nothing_when_the_modelfile_cannot_be_made(tiny, tmp_path, monkeypatch):
+    from weightsmith.checkpoint import gguf_write, modelfile
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("boom")
+
+    monkeypatch.setattr(modelfile, "modelfile_text", broken)
+    monkeypatch.setattr(gguf_write, "modelfile_text", broken, raising=False)
+    with pytest.raises(CheckpointError, match="boom"):
+        gguf_write.export_gguf(tiny, tmp_path / "m.gguf", "f32")
+    assert list(tmp_path.iterdir()) == []
