@@ -198,3 +198,62 @@ def test_export_writes_nothing_when_the_modelfile_cannot_be_made(tiny, tmp_path,
     with pytest.raises(CheckpointError, match="boom"):
         gguf_write.export_gguf(tiny, tmp_path / "m.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- item 13: GGUF metadata costs memory bounded by what is read, not by the file ----------
+
+
+def _raw_gguf(path: Path, *pairs: bytes) -> Path:
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(pairs)) + b"".join(pairs))
+    return path
+
+
+def _key(name: str, value_type: int) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", value_type)
+
+
+def _hostile_arrays(n: int) -> list[bytes]:
+    import struct
+
+    from gguf import GGUFValueType as VT
+
+    shorts = _key("a.shorts", VT.ARRAY) + struct.pack("<IQ", VT.UINT16, n) + struct.pack("<H", 999) * n
+    strings = (
+        _key("a.strings", VT.ARRAY) + struct.pack("<IQ", VT.STRING, n) + (struct.pack("<Q", 1) + b"x") * n
+    )
+    nested = _key("a.nested", VT.ARRAY) + struct.pack("<IQ", VT.ARRAY, n // 4)
+    nested += struct.pack("<IQ", VT.UINT8, 0) * (n // 4)
+    return [shorts, strings, nested]
+
+
+def test_gguf_metadata_memory_is_bounded(tmp_path):
+    import tracemalloc
+
+    from weightsmith.checkpoint.gguf_reader import GGUFFile
+
+    path = _raw_gguf(tmp_path / "big.gguf", *_hostile_arrays(200_000))
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        reader = GGUFFile.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size // 4, f"opening took {peak / size:.1f}x the file's size"
+    assert reader.fields["a.strings"].contents()[:2] == ["x", "x"]  # still readable when asked
+
+
+def test_gguf_counts_have_a_hard_cap(tmp_path, monkeypatch):
+    from weightsmith.checkpoint import gguf_reader
+
+    path = _raw_gguf(tmp_path / "many.gguf", *_hostile_arrays(40))
+    monkeypatch.setattr(gguf_reader, "MAX_ARRAY_ITEMS", 20)
+    with pytest.raises(CheckpointError, match=r"many\.gguf: .*40 items, more than the 20"):
+        gguf_reader.GGUFFile.open(path)
+    monkeypatch.setattr(gguf_reader, "MAX_METADATA_KEYS", 2)
+    with pytest.raises(CheckpointError, match="3 metadata entries, more than the 2"):
+        gguf_reader.GGUFFile.open(path)
