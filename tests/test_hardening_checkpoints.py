@@ -257,3 +257,24 @@ def test_gguf_counts_have_a_hard_cap(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_reader, "MAX_METADATA_KEYS", 2)
     with pytest.raises(CheckpointError, match="3 metadata entries, more than the 2"):
         gguf_reader.GGUFFile.open(path)
+
+
+# -- item 15: a folder in the current directory never shadows a store or catalog name -------
+
+
+def test_a_bare_name_is_never_a_local_folder(tmp_path, monkeypatch):
+    from weightsmith.checkpoint import pull, store
+    from weightsmith.checkpoint.store import StoreEntry
+    from weightsmith.errors import ModelNotFoundError
+
+    stored = tmp_path / "store-copy"
+    stored.mkdir()
+    entry = StoreEntry("smollm2-135m-instruct", "hf", stored, "pypi:x", None, None, None, "")
+    monkeypatch.setattr(store, "get_entry", lambda name: entry if name == entry.name else None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").mkdir()  # a hostile or accidental folder of that name
+    assert pull.resolve("smollm2-135m-instruct") == stored
+    assert pull.resolve("./smollm2-135m-instruct") == Path("smollm2-135m-instruct")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"write it as a path: \./mine"):
+        pull.resolve("mine")
