@@ -363,8 +363,13 @@ def _progress(label: str, total: int, show: bool) -> Iterator[Callable[[int], No
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        columns = (
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+        )
+        with Progress(*columns, console=Console(stderr=True, markup=False), transient=True) as bar:
             task = bar.add_task(label, total=total)
             yield lambda n: bar.advance(task, n)
         return
@@ -389,5 +394,5 @@ def _spinner(label: str, show: bool) -> Iterator[None]:
         return
     from rich.console import Console
 
-    with Console(stderr=True).status(label):
+    with Console(stderr=True, markup=False).status(label):
         yield
