@@ -278,3 +278,60 @@ def test_a_bare_name_is_never_a_local_folder(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     with pytest.raises(ModelNotFoundError, match=r"write it as a path: \./mine"):
         pull.resolve("mine")
+
+
+# -- item 16: text from files and paths is printed as text, never as rich markup ------------
+
+
+def test_rich_markup_in_a_registered_path_is_printed_as_text(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from weightsmith.cli.main import main
+
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    odd = tmp_path / "[bold]" / "[" / "x]"
+    shutil.copytree(tiny_hf_dir, odd)
+    assert main(["pull", str(odd), "--name", "odd"]) == 0
+    assert main(["models"]) == 0
+    assert main(["info", "odd"]) == 0
+    out = capsys.readouterr().out
+    assert "[bold]" in out and "[/x]" in out.replace("\n", "")
+
+
+# -- item 11: only a kernel library we built and recorded is loaded --------------------------
+
+
+@pytest.fixture
+def kernel_home(tmp_path, monkeypatch):
+    from weightsmith.quant import cpu_kernels
+
+    monkeypatch.delenv("WEIGHTSMITH_CPU_KERNELS", raising=False)
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    if cpu_kernels.library() is None:
+        pytest.skip("no working C compiler: the kernels cannot be built here")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    return tmp_path / "home" / "kernels"
+
+
+def test_a_planted_kernel_library_is_rebuilt_not_loaded(kernel_home):
+
+    from weightsmith.quant import cpu_kernels
+
+    built = next(kernel_home.glob("cpu_kernels-*.so"))
+    assert oct(kernel_home.stat().st_mode & 0o777) == oct(0o700)
+    good = built.read_bytes()
+    built.unlink()  # a new file, not a write into the library this process has mapped
+    built.write_bytes(b"\x7fELF planted by someone else")  # what a load would run
+    assert cpu_kernels.library() is not None  # rebuilt: the sidecar's sha256 did not match
+    assert built.read_bytes() == good
+
+
+def test_a_kernel_folder_others_can_write_is_not_used(kernel_home, caplog):
+    import logging
+    import os
+
+    from weightsmith.quant import cpu_kernels
+
+    os.chmod(kernel_home, 0o777)
+    with caplog.at_level(logging.WARNING, logger="weightsmith.quant.cpu_kernels"):
+        assert cpu_kernels.library() is None
+    assert "writable by other users" in caplog.text
