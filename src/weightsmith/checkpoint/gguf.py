@@ -207,6 +207,10 @@ def _gguf_config(reader: GGUFFile) -> dict:
     names = {t.name for t in reader.tensors}
     hidden = require(reader, f"{arch}.embedding_length")
     heads = require(reader, f"{arch}.attention.head_count")
+    if heads < 1:  # the one divisor taken here; ModelConfig checks every other size
+        raise CheckpointError(
+            f"{reader_path(reader)}: GGUF metadata '{arch}.attention.head_count' is {heads}; re-convert the file"
+        )
     experts = meta(reader, f"{arch}.expert_count") or 0
     config: dict[str, Any] = {
         "model_type": model_type,
