@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 WS := $(VENV)/bin/weightsmith
 DEFAULT_MODEL ?= smollm2-135m-instruct
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test fuzz install install-test lint bench clean
 
 demo: install
 	$(WS) pull $(DEFAULT_MODEL)
@@ -21,6 +21,11 @@ test: install-test
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest
+
+# Only the fuzz tests (pytest -m fuzz), with many examples each; `make test` runs a few.
+FUZZ_EXAMPLES ?= 2000
+fuzz: install-test
+	WEIGHTSMITH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -m fuzz
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -418,8 +418,9 @@ def test_judge_scores_answers_and_reports_agreement(run, task_dir, monkeypatch, 
             seen.extend(p[-1]["content"] for p in prompts)
             return [replies[int(p[-1]["content"].split("id=")[1])] for p in prompts]
 
-    monkeypatch.setattr("weightsmith.eval.runner.make_judge", lambda cfg, load_model: Scripted())
-    result = run("--no-cache", tasks=["judged.yaml"])["runs"][0]["results"]["t_judged"]
+    monkeypatch.setattr("weightsmith.eval.runner.make_judge", lambda cfg, load_model, grants: Scripted())
+    granted = ("--judge-endpoint", "http://judge.invalid/v1")
+    result = run("--no-cache", *granted, tasks=["judged.yaml"])["runs"][0]["results"]["t_judged"]
     assert len(seen) == 4 and all(" R: yes " in s and s.startswith("Q: Say: ") for s in seen)
     assert result["judge_score,none"] == pytest.approx((5 + 3 + 2) / 3)  # the unparsable reply is left out
     assert result["judge_pass,none"] == pytest.approx(1 / 4)  # only 5 >= 4; unparsable counts as a fail

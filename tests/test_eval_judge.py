@@ -25,6 +25,7 @@ from weightsmith.eval.judge import (
     make_judge,
     score_with_judge,
 )
+from weightsmith.grants import Grants
 
 SRC = "tasks/qa.yaml"
 RUBRIC = "Q: {{ question }}\nA: {{ answer }}\nRef: {{ reference }}\nTopic: {{ doc.topic }}\nGive 'Score: N'."
@@ -283,9 +284,11 @@ def test_make_judge_chooses_by_url(monkeypatch) -> None:
         raise AssertionError("an endpoint judge must not load a model")
 
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    grants = Grants(endpoints=("http://127.0.0.1:9/v1", "https://x.example/v1"), api_key_env="JUDGE_KEY")
     remote = make_judge(
         cfg(model="http://127.0.0.1:9/v1/", endpoint_model="gpt-x", api_key_env="JUDGE_KEY"),
         load_model=no_load,
+        grants=grants,
     )
     assert isinstance(remote, EndpointJudge)
     assert (remote.url, remote.model, remote.api_key) == (
@@ -294,10 +297,8 @@ def test_make_judge_chooses_by_url(monkeypatch) -> None:
         "sk-test",
     )
     monkeypatch.delenv("JUDGE_KEY")
-    with pytest.raises(
-        ConfigError, match=r"^tasks/qa.yaml: judge.api_key_env: environment variable JUDGE_KEY"
-    ):
-        make_judge(cfg(model="https://x.example/v1", api_key_env="JUDGE_KEY"), load_model=no_load)
+    with pytest.raises(ConfigError, match=r"^--judge-api-key-env: environment variable JUDGE_KEY"):
+        make_judge(cfg(model="https://x.example/v1"), load_model=no_load, grants=grants)
 
 
 # ---- EndpointJudge against broken endpoints (MockTransport) ---------------------------------
@@ -393,7 +394,8 @@ def test_local_judge_is_greedy_chat_batched(tiny_llm) -> None:
 def test_endpoint_judge_against_the_project_server(server, tiny_llm, monkeypatch) -> None:
     monkeypatch.setenv("TINY_KEY", "sk-judge")
     c = cfg(model=server.url + "/v1", endpoint_model="tiny", api_key_env="TINY_KEY", max_tokens=6)
-    judge = make_judge(c, load_model=None)  # type: ignore[arg-type]
+    grants = Grants(endpoints=(server.url + "/v1",), api_key_env="TINY_KEY")
+    judge = make_judge(c, load_model=None, grants=grants)  # type: ignore[arg-type]
     items = [{**ITEM, "answer": a} for a in ("Paris", "Lyon", "Nice")]
     results = score_with_judge(c, judge, items)
     # Random weights: assert on plumbing. Greedy at temperature 0 means the server's text is

@@ -52,8 +52,8 @@ def test_os_error_names_the_target(tmp_path: Path) -> None:
 
 def test_atomic_dir_swaps_in_the_new_directory(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    for delete_old_first, text in [(False, "one"), (True, "two"), (False, "three")]:
-        with atomic_dir(out, delete_old_first=delete_old_first) as tmp:
+    for text in ["one", "two", "three"]:
+        with atomic_dir(out, markers=("config.json",)) as tmp:
             assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.tmp-")
             (tmp / "config.json").write_text(text)
             (tmp / "nested").mkdir()

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from weightsmith.errors import CheckpointError, WeightsmithError
+from weightsmith.errors import CheckpointError, UsageError, WeightsmithError
 
 
 def weightsmith_home() -> Path:
@@ -95,41 +95,67 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, *, delete_old_first: bool = False) -> Iterator[Path]:
+def atomic_dir(path: Path, *, markers: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield an empty temp directory beside `path`; on success it replaces `path` (`replace_dir`).
 
-    When the block raises, the temp directory is removed and `path` is left as it was.
-    OSErrors pass through unchanged. `delete_old_first`: see `replace_dir`.
+    An existing `path` is checked first (`check_replaceable` with `markers`) so that nothing
+    is built for an output that may not be replaced. When the block raises, the temp
+    directory is removed and `path` is left as it was. OSErrors pass through unchanged.
     """
     path = Path(path)
+    if path.exists() or path.is_symlink():
+        check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        replace_dir(tmp, path, delete_old_first=delete_old_first)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(staged: Path, target: Path, *, delete_old_first: bool = False) -> None:
+def check_replaceable(path: Path, markers: tuple[str, ...] = (), flag: str = "--out") -> None:
+    """Refuse to replace `path` unless it looks like an output weightsmith wrote.
+
+    Never the root, the home folder, the current folder or a folder holding it (`--out .`
+    or `..` would empty them); never a file or a symlink; and a non-empty folder only when
+    it holds one of `markers` (e.g. config.json for a checkpoint). UsageError otherwise."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    why = None
+    if real == Path(real.anchor) or real == Path(os.path.realpath(Path.home())):
+        why = "is the root or home folder"
+    elif is_inside(Path.cwd(), path):
+        why = "is or holds the current folder"
+    elif path.is_symlink() or not path.is_dir():
+        why = "is not a folder"
+    elif markers and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
+        why = f"does not look like a weightsmith output (no {' or '.join(markers)})"
+    if why:
+        raise UsageError(
+            f"{path}: refusing to replace it with {flag} ... --overwrite: it {why}; choose a new "
+            f"{flag} folder, or remove the old one yourself"
+        )
+
+
+def replace_dir(staged: Path, target: Path) -> None:
     """Rename the complete directory `staged` to `target` (same filesystem), replacing any old one.
 
     Everything under `staged` is fsynced first, and `target`'s folder after the rename. An
     existing `target` is moved aside (to a `.tmp-old-*` sibling) and deleted only once the
     rename has succeeded; if the rename fails it is put back, so the old or the new directory
-    is always there. `delete_old_first=True` deletes the old `target` before the rename
-    instead: checkpoint/save.py's behaviour, which a crash between the two steps can lose.
+    is always there. A target that is or holds the current folder, the home folder or the
+    root is refused (UsageError) whoever the caller is.
     """
+    if target.exists() or target.is_symlink():
+        check_replaceable(target)
     fsync_tree(staged)
     old: Path | None = None
-    if target.exists():
-        if delete_old_first:
-            shutil.rmtree(target)
-        else:
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=target.parent)) / target.name
-            os.replace(target, old)
+    if target.exists() or target.is_symlink():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=target.parent)) / target.name
+        os.replace(target, old)
     try:
         os.replace(staged, target)
     except BaseException:
@@ -170,14 +196,33 @@ def fsync_tree(root: Path) -> None:
             fsync_file(path)
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it once every symlink and `..` in both is resolved.
+
+    The one containment check for paths a shared file names (task data, shard names, output
+    names): a path that cannot be resolved (a NUL byte, a symlink loop) is not inside."""
+    try:
+        real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+    return real == root or root in real.parents
+
+
+def is_plain_file_name(name: object) -> bool:
+    """Whether `name` is one file name with no folder part: not empty, '.', '..', and no separator."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
 def builtin_file(spec: str, folder: Path, suffixes: tuple[str, ...], what: str) -> Path | None:
     """The shipped file a `builtin:NAME` spec names (None for any other spec).
 
     `folder` holds the built-in files of one kind (`what`, e.g. "policy"); an unknown name
     raises a UsageError with a did-you-mean and the list of built-in names."""
     import difflib
-
-    from weightsmith.errors import UsageError
 
     if not spec.strip().startswith("builtin:"):
         return None

@@ -34,6 +34,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
+from weightsmith.checkpoint.gguf_meta import check_value_type
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
 
@@ -100,6 +101,7 @@ def meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
         return default
+    check_value_type(field, reader_path(reader))  # a string block_count is one clear error
     if field.types == [GGUFValueType.FLOAT32]:
         # float32 -> the shortest decimal that round-trips, so 1e-5 reads back as 1e-05 and not
         # 9.999999747378752e-06: the value the model's config.json had before conversion.
@@ -205,6 +207,10 @@ def _gguf_config(reader: GGUFFile) -> dict:
     names = {t.name for t in reader.tensors}
     hidden = require(reader, f"{arch}.embedding_length")
     heads = require(reader, f"{arch}.attention.head_count")
+    if heads < 1:  # the one divisor taken here; ModelConfig checks every other size
+        raise CheckpointError(
+            f"{reader_path(reader)}: GGUF metadata '{arch}.attention.head_count' is {heads}; re-convert the file"
+        )
     experts = meta(reader, f"{arch}.expert_count") or 0
     config: dict[str, Any] = {
         "model_type": model_type,

@@ -6,6 +6,9 @@ arrays, nested arrays) and the tensor infos with `struct` straight from the mapp
 gives each tensor a zero-copy numpy view of its data. Every count, length and offset read from
 the file is checked against the bytes that remain, so a truncated or corrupt file raises one
 `CheckpointError` naming the file, never a MemoryError, a hang or a stray built-in exception.
+Memory stays bounded for a hostile file: arrays are checked when the file is opened but read
+into Python lists only when `contents()` asks for them, and the number of metadata entries,
+tensors and array items has a hard cap (`MAX_METADATA_KEYS`, `MAX_TENSORS`, `MAX_ARRAY_ITEMS`).
 
 Layout (from the GGUF spec, ggml/docs/gguf.md): magic "GGUF", u32 version, u64 tensor_count,
 u64 kv_count; kv_count pairs of (string key, u32 value type, value); tensor_count infos of
@@ -44,6 +47,13 @@ DEFAULT_ALIGNMENT = 32
 # Real files nest arrays at most once or twice; the limit keeps a corrupt file from recursing
 # until Python's stack runs out.
 MAX_ARRAY_DEPTH = 16
+# Hard caps, whatever the file's size: every metadata entry and tensor info costs a few hundred
+# bytes of Python objects for its 13 or 24 bytes of file, so a small hostile file with millions
+# of them would take many times its size in memory. Real files have ~50 keys, a few thousand
+# tensors and arrays of at most a few hundred thousand items (vocabularies, merges).
+MAX_METADATA_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_ARRAY_ITEMS = 1 << 24
 
 # Scalar value type -> struct format character (byte order added per file).
 _SCALAR_FORMATS = {
@@ -86,12 +96,32 @@ class GGUFField:
     # The value type, then for an array the item type, and for nested arrays the types of the
     # first item, as GGUFReader records them: [ARRAY, ARRAY, INT32] for a list of int lists.
     types: list[GGUFValueType]
-    value: Any = field(repr=False)  # int, float, bool, str, or a (nested) list of those
+    value: Any = field(repr=False)  # int, float, bool, str, or an _Array (read by contents())
     offset: int  # where the pair starts in the file
 
     def contents(self) -> Any:
-        """The value as Python objects; a list is a fresh copy the caller may change."""
-        return _copy(self.value)
+        """The value as Python objects; an array is read from the file now, as a fresh list the
+        caller may change (arrays stay in the map until asked for: parsing costs no memory)."""
+        return self.value.read() if isinstance(self.value, _Array) else self.value
+
+
+@dataclass(frozen=True)
+class _Array:
+    """Where an array's items lie in the mapped file (already checked when the file was parsed)."""
+
+    buf: memoryview
+    path: Path
+    order: str
+    start: int
+    item_type: GGUFValueType
+    count: int
+    what: str
+
+    def read(self) -> list:
+        cursor = _Cursor(self.buf, self.path)
+        cursor.set_order(self.order)
+        cursor.pos = self.start
+        return cursor.items(self.item_type, self.count, self.what, 0, build=True)
 
 
 @dataclass
@@ -137,8 +167,10 @@ class GGUFFile:
         # Every pair takes at least 13 bytes and every tensor info 24: a count that cannot fit in
         # the file is corrupt, and is caught before a loop runs millions of times to find out.
         cursor.check_count(kv_count, 13, "metadata entries")
+        cursor.check_cap(kv_count, MAX_METADATA_KEYS, "metadata entries")
         fields = _read_fields(cursor, kv_count)
         cursor.check_count(tensor_count, 24, "tensor infos")
+        cursor.check_cap(tensor_count, MAX_TENSORS, "tensors")
         infos = [_read_tensor_info(cursor, i) for i in range(tensor_count)]
         alignment = _alignment(fields, path)
         data_start = -(-cursor.pos // alignment) * alignment  # round up to the alignment
@@ -150,10 +182,6 @@ def _invalid(path: Path, detail: str) -> CheckpointError:
     return CheckpointError(
         f"{path}: not a valid or complete GGUF file ({detail}); re-download or re-convert it"
     )
-
-
-def _copy(value: Any) -> Any:
-    return [_copy(item) for item in value] if isinstance(value, list) else value
 
 
 class _Cursor:
@@ -188,6 +216,10 @@ class _Cursor:
         if count > (self.end - self.pos) // min_size:
             raise self.past_end(f"{count} {what}", count * min_size, self.pos)
 
+    def check_cap(self, count: int, cap: int, what: str) -> None:
+        if count > cap:
+            raise self.error(f"it declares {count} {what}, more than the {cap} weightsmith reads")
+
     def u32(self, what: str) -> int:
         return self._u32(self.buf, self.take(4, what))[0]
 
@@ -218,42 +250,64 @@ class _Cursor:
         fmt = self.order + _SCALAR_FORMATS[vtype]
         return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0], [vtype]
 
-    def array(self, what: str, depth: int) -> tuple[list, list[GGUFValueType]]:
+    def array(self, what: str, depth: int) -> tuple[_Array, list[GGUFValueType]]:
+        """Check an array and step past it; its items are read only when asked for (_Array)."""
+        item_type, count = self.array_header(what, depth)
+        start = self.pos
+        types = self.items(item_type, count, what, depth, build=False)
+        return _Array(self.buf, self.path, self.order, start, item_type, count, what), types
+
+    def array_header(self, what: str, depth: int) -> tuple[GGUFValueType, int]:
         if depth >= MAX_ARRAY_DEPTH:
             raise self.error(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
         item_type = self.value_type(f"the items of {what}")
         count = self.u64(f"the item count of {what}")
         self.check_count(count, _MIN_ITEM_SIZE[item_type], f"items of {what}")
+        if count > MAX_ARRAY_ITEMS:
+            raise self.error(f"{what} has {count} items, more than the {MAX_ARRAY_ITEMS} weightsmith reads")
+        return item_type, count
+
+    def items(self, item_type: GGUFValueType, count: int, what: str, depth: int, *, build: bool) -> Any:
+        """Step past `count` items; `build`: return them as a list, else return the array's
+        types ([ARRAY, item type, ...], nested arrays typed by their first item)."""
         if item_type == GGUFValueType.STRING:
-            values = self.strings(count, what)
+            values: Any = self.strings(count, what, build)
         elif item_type == GGUFValueType.ARRAY:
-            items = [self.array(f"item {i} of {what}", depth + 1) for i in range(count)]
-            values = [value for value, _ in items]
-            return values, [GGUFValueType.ARRAY, *(items[0][1] if items else [item_type])]
+            values, first = [], [item_type]
+            for i in range(count):
+                inner_type, inner_count = self.array_header(f"item {i} of {what}", depth + 1)
+                inner = self.items(inner_type, inner_count, f"item {i} of {what}", depth + 1, build=build)
+                if build:
+                    values.append(inner)
+                elif i == 0:  # walking only: keep nothing but the first item's types
+                    first = inner[1:]
+            if not build:
+                return [GGUFValueType.ARRAY, GGUFValueType.ARRAY, *first]
         else:
-            # One numpy read for the whole array; tolist() gives the same Python values as struct.
             dtype = np.dtype(self.order + _SCALAR_FORMATS[item_type])
             start = self.take(count * dtype.itemsize, what)
-            values = np.frombuffer(self.buf, dtype, count, start).tolist()
-        return values, [GGUFValueType.ARRAY, item_type]
+            # One numpy read for the whole array; tolist() gives the same Python values as struct.
+            values = np.frombuffer(self.buf, dtype, count, start).tolist() if build else None
+        return values if build else [GGUFValueType.ARRAY, item_type]
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in one tight loop: vocabularies hold tens of thousands of them."""
+    def strings(self, count: int, what: str, build: bool = True) -> list[str]:
+        """`count` strings in one tight loop: vocabularies hold tens of thousands of them. Each
+        is decoded (so bad UTF-8 is found when the file is opened) and kept only if `build`."""
         buf, pos, end, u64 = self.buf, self.pos, self.end, self._u64
         out: list[str] = []
-        append = out.append
+        append = out.append if build else (lambda _: None)
         try:
-            for _ in range(count):
+            for index in range(count):
                 if pos + 8 > end:
-                    raise self.past_end(f"the length of item {len(out)} of {what}", 8, pos)
+                    raise self.past_end(f"the length of item {index} of {what}", 8, pos)
                 (n,) = u64(buf, pos)
                 pos += 8
                 if n > end - pos:
-                    raise self.past_end(f"item {len(out)} of {what}", n, pos)
+                    raise self.past_end(f"item {index} of {what}", n, pos)
                 append(str(buf[pos : pos + n], "utf-8"))
                 pos += n
         except UnicodeDecodeError as error:
-            raise self.error(f"item {len(out)} of {what} is not UTF-8: {error}") from None
+            raise self.error(f"item {index} of {what} is not UTF-8: {error}") from None
         self.pos = pos
         return out
 

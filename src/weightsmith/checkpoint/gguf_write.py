@@ -36,9 +36,9 @@ from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import BLOCK_TENSORS, GLOBAL_TENSORS, LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
-from weightsmith.checkpoint.modelfile import write_modelfile
+from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.errors import CheckpointError, UsageError
-from weightsmith.files import atomic_file
+from weightsmith.files import atomic_file, write_text_atomic
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
@@ -412,6 +412,8 @@ def export_gguf(
     _check_layout(ckpt.model, cfg, source)
     qtype, file_type = QUANTS[quant]
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
+    # Everything that can fail on the model's own data runs before the GGUF file is written.
+    modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
 
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -422,7 +424,8 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    modelfile = write_modelfile(out, ckpt.tokenizer, ckpt.generation_config)
+    modelfile = modelfile_path(out)
+    write_text_atomic(modelfile, modelfile_body)
     return {
         "path": str(out),
         "bytes": out.stat().st_size,

@@ -93,6 +93,7 @@ def _load_hf_dir(
     data = read_json(path / "config.json")
     cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
     qcfg = quant_ckpt.read_quantization_config(data, str(path / "config.json"))
+    gen = st.read_generation_config(path)  # checked before the weights load
     files = st.weight_files(path, allow_pickle=allow_pickle)
     tokenizer = Tokenizer.from_dir(path)
     tensors = ((n, t, str(f)) for n, t, f in st.iter_tensors(files))
@@ -102,7 +103,6 @@ def _load_hf_dir(
         )
     else:
         model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
-    gen = read_json(path / "generation_config.json", required=False) or {}
     return Checkpoint(model, tokenizer, cfg, path, "hf", quant_ckpt.describe(qcfg), gen)
 
 

@@ -1,8 +1,8 @@
 """The Ollama `Modelfile` written beside an exported GGUF file.
 
-`write_modelfile` picks the file name (`Modelfile`, or `<stem>.Modelfile` when the folder
-already holds one for another model) and writes it atomically; `modelfile_text` says what
-goes in it: the FROM line, sampling PARAMETERs from generation_config.json, stop tokens, and
+`modelfile_path` picks the file name (`Modelfile`, or `<stem>.Modelfile` when the folder
+already holds one for another model); `modelfile_text` says what goes in it (export builds
+it before writing the GGUF file, so nothing fails after that file is in place): the FROM line, sampling PARAMETERs from generation_config.json, stop tokens, and
 for ChatML models a TEMPLATE (and SYSTEM prompt) in Ollama's Go template language.
 
 Not here: the GGUF file itself (checkpoint/gguf_write.py).
@@ -15,8 +15,6 @@ import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from weightsmith.files import write_text_atomic
 
 if TYPE_CHECKING:
     from weightsmith.tokenizer import Tokenizer
@@ -76,10 +74,3 @@ def modelfile_path(out: Path) -> Path:
         if f"FROM ./{out.name}" in default.read_text(encoding="utf-8").splitlines():
             return default
     return out.parent / f"{out.stem}.Modelfile"
-
-
-def write_modelfile(out: Path, tokenizer: Tokenizer, generation_config: dict[str, Any]) -> Path:
-    """Write the Modelfile for the GGUF file `out` beside it; return its path."""
-    path = modelfile_path(out)
-    write_text_atomic(path, modelfile_text(out.name, tokenizer, generation_config))
-    return path

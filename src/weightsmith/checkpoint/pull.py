@@ -53,10 +53,12 @@ _HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*
 def resolve(spec: str, *, auto_pull: bool = True) -> Path:
     """Turn a path, store name, pulled Hub repo id or catalog name into a model path.
 
-    A catalog name not yet in the store is pulled first when `auto_pull` is true.
+    A path must look like one (`looks_like_path`: ./x, /x, a/b, ~/x, x.gguf); a bare name
+    is looked up in the store and the catalog only. A catalog name not yet in the store is
+    pulled first when `auto_pull` is true.
     """
     local = Path(spec).expanduser()
-    if spec.strip() and local.exists():  # Path("") means ".", which is never what was meant
+    if looks_like_path(spec) and local.exists():
         return local
     if store.is_name(spec):
         entry = store.get_entry(spec)
@@ -73,9 +75,24 @@ def resolve(spec: str, *, auto_pull: bool = True) -> Path:
         for entry in store.list_models():
             if entry.source == f"hf:{spec}":
                 return _usable_path(entry)
+    if spec.strip() and local.exists():
+        raise ModelNotFoundError(
+            f"model {spec!r} is not in the store or the catalog; to use the local {spec!r} write it as a "
+            f"path: ./{spec}"
+        )
     raise ModelNotFoundError(
         f"model {spec!r} not found: not a path, not in the store ({store.short_path(store.models_dir())}), "
         f"not in the catalog ({', '.join(sorted(CATALOG))}) — run `weightsmith pull NAME|HF_REPO_ID|PATH`"
+    )
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is written as a path: it holds a folder separator, starts with `~` or `.`,
+    or names a .gguf file. A bare name (`smollm2-135m-instruct`) is a store or catalog name even
+    when a folder of that name is in the current directory, so no folder can shadow a model."""
+    spec = spec.strip()
+    return bool(spec) and (
+        "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or spec.endswith(".gguf")
     )
 
 
@@ -346,8 +363,13 @@ def _progress(label: str, total: int, show: bool) -> Iterator[Callable[[int], No
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        columns = (
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+        )
+        with Progress(*columns, console=Console(stderr=True, markup=False), transient=True) as bar:
             task = bar.add_task(label, total=total)
             yield lambda n: bar.advance(task, n)
         return
@@ -372,5 +394,5 @@ def _spinner(label: str, show: bool) -> Iterator[None]:
         return
     from rich.console import Console
 
-    with Console(stderr=True).status(label):
+    with Console(stderr=True, markup=False).status(label):
         yield

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from weightsmith.checkpoint.build import IGNORED_SUFFIXES, assign_parameter
-from weightsmith.checkpoint.save import write_hf_dir
+from weightsmith.checkpoint.save import check_out_dir, write_hf_dir
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
 from weightsmith.quant.weight_only import (
@@ -88,8 +88,7 @@ def save_quantized(
 ) -> Path:
     """Write `model` (after quantize_model) to `out` atomically: a temp sibling, fsync, rename."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
+    check_out_dir(out, overwrite=overwrite)
     qcfg = quantization_config(model)
     cfg = model.config.to_hf()
     cfg["quantization_config"] = qcfg

@@ -16,11 +16,13 @@ import torch
 from safetensors.torch import save_file
 
 from weightsmith.errors import CheckpointError
-from weightsmith.files import atomic_dir
+from weightsmith.files import atomic_dir, check_replaceable
 from weightsmith.models import CausalLM
 from weightsmith.tokenizer import Tokenizer
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+#: A folder holding one of these is a checkpoint `--overwrite` may replace (files.check_replaceable).
+CHECKPOINT_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def save_hf_dir(
@@ -35,12 +37,20 @@ def save_hf_dir(
 ) -> Path:
     """Save `model` and `tokenizer` to `out` (which must not exist unless `overwrite`)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; choose another --out or remove it first")
+    check_out_dir(out, overwrite=overwrite)
     cfg = model.config.to_hf()
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     return write_hf_dir(out, cfg, _state_dict(model, dtype), tokenizer, generation_config, max_shard_bytes)
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse an existing `out` unless `overwrite`, and then unless it is a checkpoint (never
+    `.`, `..`, home or a folder of other files): before any work, nothing half-done."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
+        check_replaceable(out, CHECKPOINT_MARKERS)
 
 
 def write_hf_dir(
@@ -52,8 +62,9 @@ def write_hf_dir(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write config.json, generation_config.json, safetensors shards and the tokenizer into a
-    temp folder beside `out`, fsync them, then rename it into place (replacing `out`)."""
-    with atomic_dir(out, delete_old_first=True) as tmp:
+    temp folder beside `out`, fsync them, then swap it into place: the old `out` (which must
+    look like a checkpoint) is moved aside and removed only once the new one is in."""
+    with atomic_dir(out, markers=CHECKPOINT_MARKERS) as tmp:
         _write_json(tmp / "config.json", cfg)
         gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
         gen.update(generation_config or {})

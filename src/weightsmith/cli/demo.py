@@ -252,7 +252,7 @@ def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "limit": cfg.eval_limit, "apply_chat_template": True, "out": str(report), "cache": False},
     )  # fmt: skip
     result = run_eval(ev)
-    print_eval(result, Console(file=out, highlight=False, emoji=False, width=120))
+    print_eval(result, Console(file=out, highlight=False, emoji=False, markup=False, width=120))
     rows = {(r["task"], r["metric"]): r for r in result["comparison"]["rows"]}
     topic = rows[("kettlebird_heldout", "exact_match")]
     tuned = next(iter(topic["delta"]))
@@ -285,7 +285,7 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "transforms": ["none", "base64"], "max_tokens": min(48, cfg.max_tokens), "out": str(report), "resume": False,
          "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
-    console = Console(file=out, highlight=False, emoji=False, width=140)
+    console = Console(file=out, highlight=False, emoji=False, markup=False, width=140)
     result = run_redteam(rt, progress_lines(console))
     print_redteam(result, console)
     return {"report": result["written"]["report.html"], "configs": result["configs"]}

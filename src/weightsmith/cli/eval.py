@@ -25,7 +25,7 @@ class ProgressBars:
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                            console=self.console, transient=True)  # fmt: skip
             task = bar.add_task(label, total=None)
             bar.start()
@@ -112,4 +112,4 @@ def print_eval(result: dict[str, Any], console: Console) -> None:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, emoji=False, file=sys.stderr)
+    return Console(stderr=True, highlight=False, emoji=False, markup=False, file=sys.stderr)

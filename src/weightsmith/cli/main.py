@@ -345,7 +345,7 @@ def _load_spinner(model: str) -> Any:
     """A spinner on stderr while a model loads, when stderr is a terminal."""
     if not sys.stderr.isatty():
         return contextlib.nullcontext()
-    return Console(stderr=True).status(f"loading {model}")
+    return Console(stderr=True, markup=False).status(f"loading {model}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,14 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
-    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
     try:
         name, command = command_for(ns)
         cfg = config_from_args(command.config, ns)
         if name == "serve":
             serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
-        console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+        console = Console(
+            highlight=False, emoji=False, markup=False, width=None if sys.stdout.isatty() else 160
+        )
         set_load_status(_load_spinner)
         result, show = dispatch(name, cfg, console)
         _output(cfg, result, show)

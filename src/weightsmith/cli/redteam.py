@@ -80,4 +80,4 @@ def _num(x: Any) -> str:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, emoji=False, soft_wrap=True, file=sys.stderr)
+    return Console(stderr=True, highlight=False, emoji=False, soft_wrap=True, markup=False, file=sys.stderr)

@@ -9,10 +9,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+#: Text from files and paths is never markup: styles are given as Text, never as [tags].
+TEMPLATE = ("chat template", "bold")
 
 
 def print_pull(result: dict[str, Any], console: Console) -> None:
-    console.print(f"[green]ready[/green] {result['name']} -> {result['path']}")
+    console.print(Text.assemble(("ready", "green"), f" {result['name']} -> {result['path']}"))
 
 
 def print_models(result: dict[str, Any], console: Console) -> None:
@@ -56,14 +60,14 @@ def print_info(result: dict[str, Any], console: Console, *, template: bool = Fal
         rows.append(("sliding window", result["sliding_window"]))
     table = Table(show_header=False, box=None)
     for k, v in rows:
-        table.add_row(f"[bold]{k}[/bold]", str(v))
+        table.add_row(Text(k, style="bold"), Text(str(v)))
     console.print(table)
     tpl = result.get("chat_template")
     if not tpl:
-        console.print("[bold]chat template[/bold]  none (use `generate`, not `chat`)")
+        console.print(Text.assemble(TEMPLATE, "  none (use `generate`, not `chat`)"))
     elif template:
-        console.print("[bold]chat template[/bold]")
+        console.print(Text.assemble(TEMPLATE))
         console.print(tpl, markup=False, highlight=False)
     else:
         first = tpl.strip().splitlines()[0]
-        console.print(f"[bold]chat template[/bold]  {len(tpl)} chars: {first[:80]}... (--template shows it)")
+        console.print(Text.assemble(TEMPLATE, f"  {len(tpl)} chars: {first[:80]}... (--template shows it)"))

@@ -77,7 +77,7 @@ class LineReporter(LogReporter):
 
 def make_reporter(stream: TextIO = sys.stderr) -> Reporter:
     if stream.isatty():
-        return BarReporter(Console(file=stream))
+        return BarReporter(Console(file=stream, markup=False))
     return LineReporter(stream)
 
 

@@ -22,6 +22,7 @@ from weightsmith.errors import UsageError
 from weightsmith.eval.cache import model_fingerprint
 from weightsmith.eval.runner import EvalOptions, Runner, load_tasks
 from weightsmith.eval.scorer import Scorer
+from weightsmith.grants import Grants
 from weightsmith.report.bias_report import write_bias_outputs
 from weightsmith.safety.bias import (
     load_lexicon,
@@ -50,6 +51,10 @@ class AuditBiasConfig(LoadOptions):
     bootstrap_iters: int = opt(1000, "resamples for bootstrap intervals of non-0/1 scores (0: none)")
     out: str | None = opt(None, "folder for results.json, items.jsonl, pairs.jsonl, report.html")
     json: bool = opt(False, "print the results as JSON")
+    allow_files: list[str] = opt(
+        default_factory=list, help="also let task files read data from this folder (task files may "
+        "read only files beside them otherwise)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(self)
@@ -76,7 +81,10 @@ def _check(cfg: AuditBiasConfig) -> None:
 def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]:
     """Run the audit; `progress(label)` returns a `tick(done, total)` (as the eval command's)."""
     opts = EvalOptions(
-        limit=cfg.limit, apply_chat_template=cfg.apply_chat_template, bootstrap_iters=cfg.bootstrap_iters
+        limit=cfg.limit,
+        apply_chat_template=cfg.apply_chat_template,
+        bootstrap_iters=cfg.bootstrap_iters,
+        grants=Grants(folders=tuple(Path(d).expanduser() for d in cfg.allow_files)),
     )
     # Everything is read and checked before the model loads.
     taskset = load_tasks(cfg.tasks, opts) if cfg.tasks else None

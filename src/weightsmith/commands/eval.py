@@ -26,6 +26,7 @@ from weightsmith.eval.cache import ResultCache, model_fingerprint
 from weightsmith.eval.runner import EvalOptions, Runner, evaluate, judge_hook, load_tasks
 from weightsmith.eval.scorer import Scorer
 from weightsmith.eval.stats import compare_runs
+from weightsmith.grants import Grants
 
 
 @dataclass(kw_only=True)
@@ -48,9 +49,28 @@ class EvalConfig(LoadOptions):
     cache: bool = opt(True, "reuse results of requests already answered by the same weights")
     cache_path: str | None = opt(None, "cache file (default: WEIGHTSMITH_HOME/eval-cache.sqlite)")
     json: bool = opt(False, "print the results as JSON")
+    allow_files: list[str] = opt(
+        default_factory=list, help="also let task files read data from this folder (task files may "
+        "read only files beside them otherwise)"
+    )  # fmt: skip
+    judge_endpoint: list[str] = opt(
+        default_factory=list, help="let task files' judges call this OpenAI-compatible endpoint URL "
+        "(a task file cannot reach the network otherwise)"
+    )  # fmt: skip
+    judge_api_key_env: str | None = opt(
+        None, "environment variable whose value is sent as the judge endpoint's API key"
+    )
 
     def __post_init__(self) -> None:
         _check(self)
+
+    def grants(self) -> Grants:
+        """What these flags let task files reach (weightsmith.grants)."""
+        return Grants(
+            folders=tuple(Path(d).expanduser() for d in self.allow_files),
+            endpoints=tuple(self.judge_endpoint),
+            api_key_env=self.judge_api_key_env,
+        )
 
 
 @dataclass
@@ -118,12 +138,13 @@ def run_eval(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
         system_instruction=cfg.system_instruction,
         fewshot_seed=cfg.fewshot_seed,
         bootstrap_iters=cfg.bootstrap_iters,
+        grants=cfg.grants(),
     )
     taskset = load_tasks(cfg.tasks, opts)  # every task file and document checked before a model loads
     specs = model_specs(cfg)
     cache = _cache(cfg)
     load_kwargs = {k: v for k, v in cfg.load_kwargs().items() if k != "adapter"}
-    judge = judge_hook(lambda ref: load_model(ref, **load_kwargs))
+    judge = judge_hook(lambda ref: load_model(ref, **load_kwargs), opts.grants)
     runs, samples = [], []
     try:
         for spec in specs:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.config import opt
-from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.errors import ConfigError
 
 #: --to -> bits.
 TARGETS = {"int8": 8, "int4": 4}
@@ -58,6 +58,7 @@ class QuantizeConfig:
 
 def check_quantize_args(cfg: QuantizeConfig) -> tuple[int, int | None, Path]:
     """Reject bad flags before any model is loaded; returns (bits, group_size, out)."""
+    from weightsmith.checkpoint.save import check_out_dir
     from weightsmith.quant.weight_only import check_quant_args
 
     if cfg.to not in TARGETS:
@@ -69,8 +70,7 @@ def check_quantize_args(cfg: QuantizeConfig) -> tuple[int, int | None, Path]:
     if cfg.lm_head_bits is not None and cfg.lm_head_bits not in (8, 4):
         raise ConfigError(f"--lm-head-bits {cfg.lm_head_bits} is not supported; use 8 or 4")
     out = Path(cfg.out).expanduser()
-    if out.exists() and not cfg.overwrite:
-        raise CheckpointError(f"{out}: already exists; choose another --out or pass --overwrite")
+    check_out_dir(out, overwrite=cfg.overwrite)  # before the model loads
     return bits, group, out
 
 

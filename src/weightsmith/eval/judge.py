@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from weightsmith.errors import ConfigError, WeightsmithError
+from weightsmith.grants import Grants
 
 DEFAULT_SCORE_PATTERN = r"(?i)score\s*[:=]\s*(\d+)"
 
@@ -146,6 +147,14 @@ class JudgeConfig:
     @property
     def is_endpoint(self) -> bool:
         return is_endpoint(self.model)
+
+    def check_grants(self, grants: Grants) -> str | None:
+        """Refuse an endpoint the command line did not grant, and an API-key variable the file
+        chose; return the variable whose value is the endpoint's key (None: no key)."""
+        if not self.is_endpoint:
+            return None
+        grants.endpoint(self.model, lambda m: self._fail("model", m))
+        return grants.api_key_var(self.api_key_env, lambda m: self._fail("api_key_env", m))
 
     def render(self, item: dict, index: int = 0) -> list[dict]:
         """The chat messages asking the judge about `item` (keys: doc, question, answer, reference)."""
@@ -310,18 +319,21 @@ def endpoint_judge(
         key = os.environ.get(api_key_env)
         if not key:
             raise ConfigError(
-                f"{where}: environment variable {api_key_env} is not set; export it or remove api_key_env"
+                f"{where}: environment variable {api_key_env} is not set; export it or drop the setting"
             )
     return EndpointJudge(url, model, key, max_tokens=max_tokens)
 
 
-def make_judge(cfg: JudgeConfig, *, load_model: Callable[[str], Any]) -> JudgeBackend:
-    """An EndpointJudge when `cfg.model` is a URL, else a LocalJudge on `load_model(cfg.model)`."""
+def make_judge(
+    cfg: JudgeConfig, *, load_model: Callable[[str], Any], grants: Grants | None = None
+) -> JudgeBackend:
+    """An EndpointJudge when `cfg.model` is a URL the command line granted (`grants`), with the
+    key from the variable the command line named; else a LocalJudge on `load_model(cfg.model)`."""
+    grants = grants or Grants()
     if cfg.is_endpoint:
-        where = f"{cfg.source}: judge.api_key_env"
-        return endpoint_judge(
-            cfg.model, cfg.endpoint_model, cfg.api_key_env, max_tokens=cfg.max_tokens, where=where
-        )
+        key_env = cfg.check_grants(grants)
+        where = "--judge-api-key-env"
+        return endpoint_judge(cfg.model, cfg.endpoint_model, key_env, max_tokens=cfg.max_tokens, where=where)
     return LocalJudge(load_model(cfg.model), max_tokens=cfg.max_tokens)
 
 

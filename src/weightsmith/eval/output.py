@@ -13,13 +13,25 @@ import re
 from pathlib import Path
 from typing import Any
 
-from weightsmith.files import write_json_atomic, write_text_atomic
+from weightsmith.errors import WeightsmithError
+from weightsmith.files import is_inside, is_plain_file_name, write_json_atomic, write_text_atomic
 
 
 def safe_name(label: str) -> str:
     """A label as a folder name: letters, digits, '.', '_' and '-'."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
     return name[:80]
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused unless `name` is one plain file name that stays in `folder`
+    (task names are checked when read; this is the writer's own guard)."""
+    path = folder / name
+    if not is_plain_file_name(name) or not is_inside(path, folder):
+        raise WeightsmithError(
+            f"{path}: refusing to write outside {folder}; {name!r} is not a plain file name"
+        )
+    return path
 
 
 def write_outputs(
@@ -39,7 +51,7 @@ def write_outputs(
         write_json_atomic(folder / "results.json", run)
         for task, records in run_samples.items():
             lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-            write_text_atomic(folder / f"samples_{task}.jsonl", lines)
+            write_text_atomic(_inside(folder, f"samples_{task}.jsonl"), lines)
         written["runs"].append(str(folder))
     if comparison is not None:
         write_json_atomic(out / "comparison.json", comparison)

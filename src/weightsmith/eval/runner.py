@@ -36,6 +36,7 @@ from weightsmith.eval.tasks import (
     resolve_spec,
     suites_dir,
 )
+from weightsmith.grants import Grants
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EvalOptions:
     system_instruction: str | None = None
     fewshot_seed: int = 1234
     bootstrap_iters: int = 1000
+    grants: Grants = field(default_factory=Grants)  # what the command line lets task files reach
 
 
 @dataclass
@@ -59,23 +61,24 @@ def load_tasks(specs: list[str], opts: EvalOptions | None = None) -> TaskSet:
     render every document's requests with `opts` (no model needed), so a missing template
     field, a gold index out of range or too few few-shot examples stop the run before any
     model loads."""
+    opts = opts or EvalOptions()
     tasks: dict[str, Task] = {}
     groups: list[GroupConfig] = []
     for spec in specs:
         for path in resolve_spec(spec):
-            item = read_task_file(path)
+            item = read_task_file(path, opts.grants)
             if isinstance(item, GroupConfig):
                 groups.append(item)
                 for name in item.tasks:
                     if name not in tasks:
-                        tasks[name] = Task(_find_member(item, name))
+                        tasks[name] = Task(_find_member(item, name, opts.grants))
             elif item.task not in tasks:
                 tasks[item.task] = Task(item)
     for task in tasks.values():
-        if task.cfg.judge:  # checked now, before any model work
+        if task.cfg.judge:  # checked now, before any model work: fields, endpoint and key grants
             line = task.cfg.lines.get("judge")
-            JudgeConfig.from_dict(task.cfg.judge, source=f"{task.cfg.source}{f':{line}' if line else ''}")
-    opts = opts or EvalOptions()
+            source = f"{task.cfg.source}{f':{line}' if line else ''}"
+            JudgeConfig.from_dict(task.cfg.judge, source=source).check_grants(opts.grants)
     for task in tasks.values():
         # Without the chat template (it needs the tokenizer): it only wraps the rendered text.
         task.build(
@@ -89,7 +92,7 @@ def load_tasks(specs: list[str], opts: EvalOptions | None = None) -> TaskSet:
     return TaskSet(list(tasks.values()), groups)
 
 
-def _find_member(group: GroupConfig, name: str) -> TaskConfig:
+def _find_member(group: GroupConfig, name: str, grants: Grants) -> TaskConfig:
     """A group's task by name: a task file beside the group file, else a built-in suite."""
     folders = [group.source.parent] + ([suites_dir()] if group.source.parent != suites_dir() else [])
     for folder in folders:
@@ -97,7 +100,7 @@ def _find_member(group: GroupConfig, name: str) -> TaskConfig:
             if path == group.source:
                 continue
             try:
-                item = read_task_file(path)
+                item = read_task_file(path, grants)
             except Exception:  # noqa: BLE001 - a broken neighbour is reported only if it is the one named
                 if path.stem.replace("-", "_") == name:
                     raise
@@ -242,16 +245,18 @@ def aggregate_task(task: Task, records: list[dict], iters: int) -> tuple[dict[st
     return result, higher
 
 
-def judge_hook(load_model: Callable[[str], Any]) -> Callable[[Task, list[dict]], dict]:
+def judge_hook(
+    load_model: Callable[[str], Any], grants: Grants | None = None
+) -> Callable[[Task, list[dict]], dict]:
     """Scores a generate_until task's answers with its `judge:`; returns results extras
-    (unparsable count, agreement with human labels)."""
+    (unparsable count, agreement with human labels). An endpoint judge needs `grants`."""
     backends: dict[tuple, Any] = {}
 
     def run(task: Task, records: list[dict]) -> dict:
         cfg = JudgeConfig.from_dict(task.cfg.judge, source=str(task.cfg.source))
         key = (cfg.model, cfg.endpoint_model)
         if key not in backends:
-            backends[key] = make_judge(cfg, load_model=load_model)
+            backends[key] = make_judge(cfg, load_model=load_model, grants=grants or Grants())
         fname = task.cfg.filters[0].name
         items = [
             {

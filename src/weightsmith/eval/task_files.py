@@ -22,6 +22,7 @@ from typing import Any, Literal
 from weightsmith.config import LineLoader, read_yaml
 from weightsmith.config.records import BadField, Where, load_record, where_field
 from weightsmith.errors import ConfigError
+from weightsmith.grants import Grants
 
 __all__ = [
     "GroupConfig",
@@ -61,6 +62,8 @@ DEFAULT_AGGREGATION = {
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 EXACT_MATCH_OPTIONS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
 FILTERS = ("regex", "take_first", "lowercase", "uppercase", "remove_whitespace")
+#: A task name is part of an output file name (samples_<task>.jsonl): no folders, no dot files.
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class PythonFunction:
@@ -197,6 +200,12 @@ class TaskFile:
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
             raise BadField("task", "every task file needs a task name (task: my_task)")
+        if not TASK_NAME.fullmatch(self.task):
+            raise BadField(
+                "task",
+                f"task name {self.task[:80]!r} is not a safe file name: use 1-128 letters, digits, "
+                "'_', '-' and '.', starting with a letter or digit (it names samples_<task>.jsonl)",
+            )
         num_fewshot = self.num_fewshot or 0
         if not isinstance(num_fewshot, int) or num_fewshot < 0:
             raise BadField("num_fewshot", f"expected a non-negative integer, got {num_fewshot!r}")
@@ -256,8 +265,11 @@ class GroupFile:
 # reading
 
 
-def read_task_file(path: Path) -> TaskConfig | GroupConfig:
-    """The checked task or group file at `path`; ConfigError naming the file, key and line if bad."""
+def read_task_file(path: Path, grants: Grants | None = None) -> TaskConfig | GroupConfig:
+    """The checked task or group file at `path`; ConfigError naming the file, key and line if bad.
+
+    Its data files must lie in its own folder, or in a folder `grants` (the command line's
+    --allow-files) names."""
     data = read_yaml(path, what="task file", hint="check the --tasks path", loader=TaskLoader)
     if not isinstance(data, dict):
         raise ConfigError(
@@ -272,7 +284,7 @@ def read_task_file(path: Path) -> TaskConfig | GroupConfig:
                 "supported in weightsmith task files; preprocess the data file, or use a field name or a "
                 "Jinja template"
             )
-    return _check_task(path, data, load_record(TaskFile, data, source=str(path), line=0))
+    return _check_task(path, data, load_record(TaskFile, data, source=str(path), line=0), grants or Grants())
 
 
 def _check_group(path: Path, group: GroupFile) -> GroupConfig:
@@ -307,10 +319,10 @@ def _generation_settings(path: Path, spec: TaskFile) -> dict[str, Any]:
     return gen.settings()
 
 
-def _check_task(path: Path, data: dict, spec: TaskFile) -> TaskConfig:
+def _check_task(path: Path, data: dict, spec: TaskFile, grants: Grants) -> TaskConfig:
     err = spec.where.error
     output_type = spec.output_type
-    data_format, files = _data_files(path, spec, err)
+    data_format, files = _data_files(path, spec, err, grants)
     splits = {
         k: getattr(spec, k) for k in ("test_split", "validation_split", "training_split", "fewshot_split")
     }
@@ -361,7 +373,7 @@ def _check_task(path: Path, data: dict, spec: TaskFile) -> TaskConfig:
     )
 
 
-def _data_files(path: Path, spec: TaskFile, err) -> tuple[str, dict[str, list[Path]]]:
+def _data_files(path: Path, spec: TaskFile, err, grants: Grants) -> tuple[str, dict[str, list[Path]]]:
     fmt = spec.dataset_path
     if fmt not in ("json", "csv"):
         raise err(
@@ -391,6 +403,7 @@ def _data_files(path: Path, spec: TaskFile, err) -> tuple[str, dict[str, list[Pa
         for name in names:
             p = Path(name).expanduser()
             p = p if p.is_absolute() else path.parent / p
+            grants.data_file(p, path.parent, lambda m, k=f"{key}.{split}": err(k, m))  # before probing it
             if not p.is_file():
                 raise err(f"{key}.{split}", f"data file not found: {p}")
             resolved.append(p)

@@ -3,7 +3,9 @@
 What it does: compiles them with the system C compiler (``$CC`` or ``cc``,
 ``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
 compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
-compiler flags and the CPU, so it is built once per machine; loads it; and wraps its two
+compiler flags and the CPU, so it is built once per machine; loads it only after checking it
+is the library it built (the folder is 0o700 and ours, and a sidecar holds the library's
+sha256: a planted or changed file is rebuilt over, never loaded); and wraps its two
 matmuls for float32 CPU tensors (the fused step is wrapped in weightsmith/cpu_decode/fused.py).
 Where no compiler is found or the build fails, `library()` returns None after one warning
 and callers keep their PyTorch path.
@@ -21,12 +23,15 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from weightsmith.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,50 @@ def _torch_openmp() -> Path | None:
     return found[0] if found else None
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _ours(path: Path) -> bool:
+    """Owned by this user and not writable by the group or others (never a symlink)."""
+    st = path.lstat()
+    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return owner_ok and not stat.S_ISLNK(st.st_mode) and not st.st_mode & 0o022
+
+
+def _private_dir(out_dir: Path) -> bool:
+    """Create the kernel folder 0o700; refuse (warn, return False) one another user can write,
+    since anything loaded from it runs in this process."""
+    try:
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if _ours(out_dir) and out_dir.is_dir():
+            return True
+    except OSError as exc:
+        log.warning("cannot create the kernel folder %s (%s): decoding uses the PyTorch path", out_dir, exc)
+        return False
+    log.warning(
+        "the kernel folder %s is writable by other users or not yours: its libraries are not loaded "
+        "and decoding uses the PyTorch path; remove it, or chmod 700 it if it is yours",
+        out_dir,
+    )
+    return False
+
+
+def _verified(target: Path) -> bool:
+    """Whether `target` is a library this package built: its sidecar holds its sha256 and both
+    are ours. Anything else (planted, truncated, changed) is rebuilt over, never loaded."""
+    try:
+        if not (_ours(target) and _ours(_sidecar(target))):
+            return False
+        return _sidecar(target).read_text(encoding="ascii").strip() == _sha256(target)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _build(out_dir: Path) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
@@ -67,12 +116,13 @@ def _build(out_dir: Path) -> Path | None:
     attempts = [base + ["-fopenmp"] + ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else [])]
     attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
     source = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
+    if not _private_dir(out_dir):
+        return None
     for flags in attempts:
         key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = out_dir / f"cpu_kernels-{key}.so"
-        if target.exists():
+        if _verified(target):
             return target
-        out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             partial = Path(tmp) / target.name
             try:
@@ -88,7 +138,9 @@ def _build(out_dir: Path) -> Path | None:
                 )
                 return None
             if proc.returncode == 0:
+                digest = _sha256(partial)
                 os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
+                write_text_atomic(_sidecar(target), digest + "\n")  # what _verified checks
                 return target
             log.debug("kernel build failed with %s: %s", " ".join(flags), proc.stderr.strip())
     log.warning(

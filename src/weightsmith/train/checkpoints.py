@@ -62,9 +62,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
-    # The old directory of the same step is deleted before the rename: a resumed run
-    # re-saving a step it already saved owns both copies.
-    with atomic_dir(root / f"step-{step:08d}", delete_old_first=True) as tmp:
+    # A resumed run re-saving a step it already saved replaces that step's directory.
+    with atomic_dir(root / f"step-{step:08d}", markers=(STATE_FILE,)) as tmp:
         save_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
