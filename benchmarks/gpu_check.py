@@ -342,7 +342,7 @@ SECTIONS = {
 }
 #: Sections that take the time left (gpu_speed.py), by name.
 TIMED = ("decode", "server", "lora", "exact")
-DEFAULT = "exact@small,decode@large,server@large,lora@large,decode@small"
+DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small"
 
 
 def run_section(spec: str, paths: dict, args, clock) -> dict:
