@@ -369,7 +369,9 @@ def main() -> None:
         "--budget", type=float, default=330, help="seconds; later contenders are skipped past it"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--dry", action="store_true", help="a quick run on the CPU with a small 'large' shape")
+    parser.add_argument(
+        "--dry", action="store_true", help="a quick run on the CPU with a small 'large' shape"
+    )
     args = parser.parse_args()
     if args.dry:
         args.device = "cpu"

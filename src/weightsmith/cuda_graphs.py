@@ -68,7 +68,9 @@ def kv_bucket(n: int, cap: int) -> int:
     return min(kv, cap)
 
 
-def _step(model: Any, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+def _step(
+    model: Any, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, span: torch.Tensor
+) -> torch.Tensor:
     """One token per row at its position, attending over the first `len(span)` cache entries
     (a length given as a tensor's size, which the compiler can leave symbolic from the start)."""
     return model(ids, positions=positions, cache=cache, kv_len=span.shape[0], aligned=False)[:, 0]
