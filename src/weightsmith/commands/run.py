@@ -40,7 +40,9 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     guard: str | None = opt(
         None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
     )
-    compile: bool = opt(False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)")
+    compile: bool = opt(
+        False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)"
+    )
 
 
 def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
@@ -165,7 +167,9 @@ class ChatConfig(LoadOptions, SamplingOptions):
     max_tokens: int = opt(512, "most tokens per answer", short="-n")
     system: str | None = opt(None, "system message for the conversation")
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
-    compile: bool = opt(False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)")
+    compile: bool = opt(
+        False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)"
+    )
 
 
 @dataclass
