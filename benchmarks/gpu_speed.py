@@ -209,10 +209,16 @@ def section_server(path: Path, clock: Clock, runs: int, new_tokens: int = NEW_TO
 
 
 def section_lora(path: Path, clock: Clock, runs: int, batch: int = 8, seq: int = 512) -> dict:
-    """LoRA r=16 on every linear: training tokens/s and peak memory, ours vs peft."""
+    """LoRA r=16 on every linear: training tokens/s and peak memory, ours vs peft; and ours with
+    each decoder layer compiled (regional torch.compile), to see whether it helps."""
     out: dict = {}
     vocab = None
-    for name in ("ours", "peft"):
+    makers = {
+        "ours": _lora_ours,
+        "peft": _lora_peft,
+        "ours, compiled layers": lambda *a: _lora_ours(*a, compile_layers=True),
+    }
+    for name, make in makers.items():
         if clock.left() < 45:
             out[name] = f"skipped: {clock.left():.0f} s left"
             continue
@@ -220,7 +226,7 @@ def section_lora(path: Path, clock: Clock, runs: int, batch: int = 8, seq: int =
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            step, vocab = (_lora_ours if name == "ours" else _lora_peft)(path, batch, seq)
+            step, vocab = make(path, batch, seq)
             seconds = median_time(step, max(runs, 5), 2)
             out[name] = {"tokens/s": batch * seq / seconds,
                          "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0}  # fmt: skip
@@ -234,6 +240,10 @@ def section_lora(path: Path, clock: Clock, runs: int, batch: int = 8, seq: int =
     if isinstance(out.get("ours"), dict) and isinstance(out.get("peft"), dict):
         out["ratio tokens/s ours / peft"] = out["ours"]["tokens/s"] / out["peft"]["tokens/s"]
         out["ratio peak memory ours / peft"] = out["ours"]["peak GiB"] / max(out["peft"]["peak GiB"], 1e-9)
+    if isinstance(out.get("ours, compiled layers"), dict) and isinstance(out.get("peft"), dict):
+        out["ratio tokens/s ours compiled layers / peft"] = (
+            out["ours, compiled layers"]["tokens/s"] / out["peft"]["tokens/s"]
+        )
     return out
 
 
@@ -243,7 +253,7 @@ def _batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _lora_ours(path: Path, batch: int, seq: int):
+def _lora_ours(path: Path, batch: int, seq: int, compile_layers: bool = False):
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.lora import LoraConfig, apply_lora
     from weightsmith.train.data import Batch
@@ -252,6 +262,9 @@ def _lora_ours(path: Path, batch: int, seq: int):
 
     model = load_checkpoint(str(path), dtype=torch.bfloat16, device=DEVICE).model.train()
     apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS))
+    if compile_layers:
+        for layer in model.model.layers:
+            layer.compile()
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     inputs, labels = _batch(model.config.vocab_size, batch, seq)
     b = Batch(inputs, labels)
