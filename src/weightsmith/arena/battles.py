@@ -144,7 +144,7 @@ def _text(rec: LogLine) -> tuple[list[dict] | None, str | None, str | None]:
         if conv is not None and answers[i] is None:
             answers[i] = conv[-1]["content"]
     if prompt is None and turns[0] is not None and turns[1] is not None and turns[0][:-1] == turns[1][:-1]:
-        prompt = turns[0][:-1] or None
+        prompt = turns[0][:-1] if len(turns[0]) > 1 and turns[0][-2]["role"] == "user" else None
     if prompt is None or None in answers:
         return None, None, None
     return prompt, answers[0], answers[1]
