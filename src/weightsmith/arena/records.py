@@ -16,11 +16,21 @@ from dataclasses import dataclass, field
 CHOICES = ("a", "b", "tie", "both_bad")
 #: Who voted: a person through the page, or a judge (`judge:NAME`), or an imported log.
 HUMAN = "human"
+#: The voter kind of a vote read from a battle log collected elsewhere (battles.py).
+IMPORTED = "import"
+#: A voter-kind filter that matches every judge (`judge:NAME`), whatever its name.
+ANY_JUDGE = "judge"
 
 
 def judge_voter(name: str) -> str:
     """The voter kind recorded for an LLM judge called `name`."""
     return f"judge:{name}"
+
+
+def voter_matches(kind: str, wanted: str) -> bool:
+    """Whether voter kind `kind` is one a filter `wanted` asks for: the same kind, or any
+    judge for ``"judge"`` (`ANY_JUDGE`)."""
+    return kind == wanted or (wanted == ANY_JUDGE and kind.startswith(ANY_JUDGE + ":"))
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class Vote:
 
     battle_id: str
     choice: str  # one of CHOICES
-    voter_kind: str  # HUMAN, judge_voter(NAME), or "import"
+    voter_kind: str  # HUMAN, judge_voter(NAME), or IMPORTED
     voter: str = ""  # a salted hash of the voter's token (never the token)
     created: float = 0.0  # Unix time
 

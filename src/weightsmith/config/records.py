@@ -41,6 +41,7 @@ loader (`weightsmith.config.build`, whose messages keep their own shape).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -148,6 +149,7 @@ def load_record(
 # types
 
 
+@functools.cache  # resolving annotations costs more than loading a record: once per class
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls, include_extras=True)
