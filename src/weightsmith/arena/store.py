@@ -6,9 +6,12 @@ Who calls it: the arena page (votes from many threads at once), `arena judge` (j
 
 Writes are serialised through one connection under a lock, each one transaction
 (`BEGIN IMMEDIATE` ... `COMMIT`): a call that raises has written nothing, and a call that
-returns has committed (a vote is on disk before the page is told it was recorded). Reads use
-one connection per thread, so they never wait for a writer (WAL). The file's settings,
-schema and migrations are in schema.py.
+returns has committed (a vote is on disk before the page is told it was recorded). Votes
+are group-committed: the votes that arrive while one transaction commits wait, then go
+into the next one together (each in its own savepoint, so one refused vote costs the
+others nothing), so under `synchronous=FULL` many voters share one fsync instead of queueing
+for one each. Reads use one connection per thread, so they never wait for a writer (WAL).
+The file's settings, schema and migrations are in schema.py.
 
 Voters are never stored: the page gives each voter a random token (`mint_voter_token`, a
 cookie) and the store keeps an HMAC-SHA256 of it keyed by a random per-DB salt, so one vote
@@ -49,9 +52,10 @@ from weightsmith.arena.store_write import (
     MAX_ID_CHARS,
     VOTER_KIND,
     ImportCounts,
+    PendingVote,
+    apply_vote,
     check_battle_id,
     check_contestant,
-    check_rate,
     contestant_id,
     import_pairs,
     insert_contestant,
@@ -83,6 +87,9 @@ class ArenaStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._pending: list[PendingVote] = []  # votes waiting for the next group commit
+        self._batching = threading.Condition()  # guards _pending and _committing
+        self._committing = False
         row = self._writer.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()
         self._salt = bytes.fromhex(row[0])
 
@@ -267,27 +274,45 @@ class ArenaStore:
                 "bad_voter", f"voter kind {str(voter_kind)[:40]!r}: must be human, import or judge:NAME"
             )
         voter = self.voter_hash(voter_token)
-        check_battle_id(battle_id)
-        with self._write() as conn:
-            now = self._clock()
-            row = conn.execute("SELECT state FROM battles WHERE id = ?", (battle_id,)).fetchone()
-            if row is None:
-                raise unknown_battle(battle_id)
-            if row[0] != "answered":
-                raise ArenaError(
-                    "not_answered", f"battle {battle_id!r}: its answers are not in yet; wait for both"
-                )
-            if conn.execute(
-                "SELECT 1 FROM votes WHERE battle_id = ? AND voter = ?", (battle_id, voter)
-            ).fetchone():
-                raise ArenaError("already_voted", f"battle {battle_id!r}: you already voted on it")
-            if max_per_minute is not None:
-                check_rate(conn, voter, now, max_per_minute)
-            conn.execute(
-                "INSERT INTO votes (battle_id, choice, voter_kind, voter, created) VALUES (?, ?, ?, ?, ?)",
-                (battle_id, choice, voter_kind, voter, now),
+        request = PendingVote(check_battle_id(battle_id), choice, voter_kind, voter, max_per_minute)
+        batch: list[PendingVote] = []
+        with self._batching:
+            self._pending.append(request)
+            while request.result is None and self._committing:
+                self._batching.wait()
+            if request.result is None:  # no batch took it: this thread commits the next one
+                self._committing = True
+                batch, self._pending = self._pending, []
+        if request.result is None:
+            try:
+                self._commit_batch(batch)
+            finally:
+                with self._batching:
+                    self._committing = False
+                    self._batching.notify_all()
+        if isinstance(request.result, ArenaError):
+            raise request.result
+        assert isinstance(request.result, Vote)
+        return request.result
+
+    def _commit_batch(self, batch: list[PendingVote]) -> None:
+        """Group commit: every vote waiting now goes into one transaction, each in its own
+        savepoint (a refused vote writes nothing), and one COMMIT (one fsync) acknowledges
+        them all. If the transaction fails, every vote of the batch gets the error and none
+        is written."""
+        try:
+            with self._write() as conn:
+                now = self._clock()
+                for request in batch:
+                    apply_vote(conn, request, now)
+        except BaseException as e:
+            failed = (
+                e if isinstance(e, ArenaError) else ArenaError("storage", f"{self.path}: {e!r}; try again")
             )
-        return Vote(battle_id, choice, voter_kind, voter, now)
+            for request in batch:  # one exception object per waiting thread
+                request.result = ArenaError(failed.code, str(failed))
+            if not isinstance(e, ArenaError):
+                raise
 
     # -- reading for ratings, export, the page and the judge ------------------------------
 

@@ -37,6 +37,50 @@ class ImportCounts:
     votes_skipped: int
 
 
+@dataclass
+class PendingVote:
+    """A vote waiting for the next group commit, and then its outcome: the Vote stored, or
+    the ArenaError that refused it."""
+
+    battle_id: str
+    choice: str
+    voter_kind: str
+    voter: str  # the salted hash
+    max_per_minute: int | None = None
+    result: Vote | ArenaError | None = None
+
+
+def apply_vote(conn: sqlite3.Connection, request: PendingVote, now: float) -> None:
+    """Check and insert one vote inside the caller's transaction, in a savepoint: a refused
+    vote (`request.result` an ArenaError) leaves no row."""
+    conn.execute("SAVEPOINT vote")
+    try:
+        request.result = _insert_vote(conn, request, now)
+    except ArenaError as e:
+        conn.execute("ROLLBACK TO vote")
+        request.result = e
+    conn.execute("RELEASE vote")
+
+
+def _insert_vote(conn: sqlite3.Connection, r: PendingVote, now: float) -> Vote:
+    row = conn.execute("SELECT state FROM battles WHERE id = ?", (r.battle_id,)).fetchone()
+    if row is None:
+        raise unknown_battle(r.battle_id)
+    if row[0] != "answered":
+        raise ArenaError("not_answered", f"battle {r.battle_id!r}: its answers are not in yet; wait for both")
+    if conn.execute(
+        "SELECT 1 FROM votes WHERE battle_id = ? AND voter = ?", (r.battle_id, r.voter)
+    ).fetchone():
+        raise ArenaError("already_voted", f"battle {r.battle_id!r}: you already voted on it")
+    if r.max_per_minute is not None:
+        check_rate(conn, r.voter, now, r.max_per_minute)
+    conn.execute(
+        "INSERT INTO votes (battle_id, choice, voter_kind, voter, created) VALUES (?, ?, ?, ?, ?)",
+        (r.battle_id, r.choice, r.voter_kind, r.voter, now),
+    )
+    return Vote(r.battle_id, r.choice, r.voter_kind, r.voter, now)
+
+
 def check_battle_id(battle_id: object) -> str:
     """A battle id of a plausible shape; anything else is a battle that does not exist."""
     if not isinstance(battle_id, str) or not 0 < len(battle_id) <= MAX_ID_CHARS:
