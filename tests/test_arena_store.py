@@ -169,6 +169,9 @@ def test_another_programs_sqlite_db_is_refused(tmp_path: Path) -> None:
         ArenaStore(path)
     with pytest.raises(ArenaError, match="does not exist"):
         ArenaStore(tmp_path / "missing" / "arena.sqlite")
+    with pytest.raises(ArenaError, match="no such arena DB"):
+        ArenaStore(tmp_path / "absent.sqlite", create=False)
+    assert not (tmp_path / "absent.sqlite").exists()
 
 
 # -- votes --------------------------------------------------------------------------------
@@ -368,19 +371,22 @@ def test_the_rate_limit_counts_a_voters_last_minute(tmp_path: Path) -> None:
 
 
 def test_concurrent_voters_never_corrupt_counts(tmp_path: Path) -> None:
+    """16 voters on two stores of one file (a page and `arena judge` beside it)."""
     store = _store(tmp_path)
     store.import_battles(_imported(20), origin="setup")
+    other = ArenaStore(tmp_path / "arena.sqlite")
     tokens = [mint_voter_token() for _ in range(16)]
     errors: list[Exception] = []
     start = threading.Barrier(len(tokens))
 
     def voter(i: int) -> None:
+        mine = (store, other)[i % 2]
         start.wait()
         for j in range(20):
             try:
-                store.record_vote(f"b{j:04d}", CHOICES[(i + j) % 4], tokens[i])
+                mine.record_vote(f"b{j:04d}", CHOICES[(i + j) % 4], tokens[i])
                 # Every voter also tries a second vote on the same battle: always refused.
-                store.record_vote(f"b{j:04d}", "a", tokens[i])
+                (other, store)[i % 2].record_vote(f"b{j:04d}", "a", tokens[i])
             except ArenaError as e:
                 if e.code != "already_voted":
                     errors.append(e)
@@ -405,6 +411,7 @@ def test_concurrent_voters_never_corrupt_counts(tmp_path: Path) -> None:
     assert got == expected
     assert store.integrity_check() == []
     store.close()
+    other.close()
 
 
 CHILD = textwrap.dedent(
@@ -501,6 +508,14 @@ def test_import_is_one_transaction_and_a_reimport_adds_nothing(tmp_path: Path) -
         with pytest.raises(ArenaError, match="x4|x5"):
             store.import_battles([pair], origin="o")
     assert store.content_hash() == first and store.integrity_check() == []
+
+    def parsed():  # a file parser that finds a bad line after a good one
+        yield Battle("x7", "gpt", "claude"), [Vote("x7", "a", "import")]
+        raise ValueError("their-log.jsonl:2: bad winner")
+
+    with pytest.raises(ValueError, match=":2:"):
+        store.import_battles(parsed(), origin="their-log.jsonl")
+    assert store.content_hash() == first
     store.close()
 
 

@@ -72,14 +72,24 @@ def mint_voter_token() -> str:
 class ArenaStore:
     """One arena DB. Thread-safe: share one store between a page's worker threads.
 
+    `create=False` refuses a missing file (ratings and export read an existing DB).
     `synchronous` is "full" (each commit fsynced: a vote survives a power cut) or "normal"
     (a vote survives a killed process, not a power cut); see schema.py. `clock` is the
     time source for `created` stamps and the rate limit (tests pass a fake one)."""
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "full", clock: Callable[[], float] = time.time
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        synchronous: str = "full",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise ArenaError(
+                "bad_db", f"{self.path}: no such arena DB; check --db (votes are collected by `arena serve`)"
+            )
         self._synchronous = synchronous
         self._clock = clock
         self._writer = open_db(self.path, synchronous=synchronous)
@@ -359,7 +369,8 @@ class ArenaStore:
         A battle id already present with the same contestants is kept (a re-import), as is
         a vote its voter already cast; a battle id present with other contestants is
         refused. A vote's `voter` (a name or hash from the log; empty: one voter per
-        origin) is hashed again with this DB's salt."""
+        origin) is hashed again with this DB's salt. `pairs` may be a generator that parses
+        a file: an error it raises part-way rolls the whole import back."""
         with self._write() as conn:
             return import_pairs(conn, pairs, origin, self._hmac, self._clock(), self.path)
 
