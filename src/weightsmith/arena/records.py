@@ -43,6 +43,17 @@ class Contestant:
     kind: str  # "local" | "fork" | "endpoint"
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt battles are fought over: chat messages, an optional category and where it
+    came from (`file:line`, "typed", or an import's origin). `id` is the store's."""
+
+    messages: list[dict]
+    category: str | None = None
+    source: str = ""
+    id: int | None = None
+
+
 @dataclass
 class Battle:
     """Two answers to one prompt. `id` is the store's (or the log's) battle id."""
