@@ -24,6 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith import __version__
+from weightsmith.cli import arena as arena_out
 from weightsmith.cli import audit as audit_out
 from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
@@ -36,7 +37,7 @@ from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
-from weightsmith.commands import audit, export, guard, quantize, redteam, run, serve, store, train
+from weightsmith.commands import arena, audit, export, guard, quantize, redteam, run, serve, store, train
 from weightsmith.commands import eval as evaluate
 from weightsmith.commands.loading import set_load_status
 from weightsmith.errors import WeightsmithError
@@ -208,6 +209,44 @@ COMMANDS: dict[str, Command | Group] = {
                 audit.run_audit_bias,
                 _plain(audit_out.print_audit_bias),
                 _bars,
+            ),
+        },
+    ),
+    "arena": Group(
+        "compare models side by side: LLM-judge votes, Bradley–Terry ratings, preference pairs out",
+        {
+            # `arena serve` (the voting page, commands/arena_serve.py) goes first here.
+            "judge": Command(
+                arena.ArenaJudgeConfig,
+                "fill battles with an LLM judge's votes (both orders; a tie when they disagree)",
+                "weightsmith arena judge --db arena.sqlite --judge http://localhost:8001/v1#judge --battles 200\n"
+                "  weightsmith arena judge --db arena.sqlite --judge smollm2-135m-instruct --battles 20 \\\n"
+                "      --contestants smollm2-135m-instruct,smollm2-135m-instruct:kb --adapter kb=runs/kb \\\n"
+                "      --prompts prompts.jsonl",
+                arena.run_arena_judge,
+                _plain(arena_out.print_judge),
+                _bars,
+            ),
+            "ratings": Command(
+                arena.ArenaRatingsConfig,
+                "Bradley–Terry ratings with 95% intervals; ratings.json and report.html",
+                "weightsmith arena ratings --db arena.sqlite --out reports/arena --voters human --anchor base",
+                arena.run_arena_ratings,
+                _plain(arena_out.print_ratings),
+            ),
+            "export": Command(
+                arena.ArenaExportConfig,
+                "write preference pairs (TRL prompt/chosen/rejected) with the DB hash beside them",
+                "weightsmith arena export --db arena.sqlite --out pairs.jsonl --voters human --min-votes 2",
+                arena.run_arena_export,
+                _plain(arena_out.print_export),
+            ),
+            "import": Command(
+                arena.ArenaImportConfig,
+                "add battles collected elsewhere (Chatbot Arena's battle format)",
+                "weightsmith arena import --db arena.sqlite --battles their-battles.jsonl",
+                arena.run_arena_import,
+                _plain(arena_out.print_import),
             ),
         },
     ),
