@@ -212,3 +212,11 @@ def test_a_bad_battle_log_adds_nothing(judged_db, tmp_path, capsys):
     code, _, err = run(["arena", "import", "--db", db, "--battles", log], capsys)
     _one_line_error(code, err, f"{log}:2")
     assert len(_votes(db)) == 8
+
+
+@pytest.mark.parametrize("sub", [[], ["judge"], ["ratings"], ["export"], ["import"]])
+def test_help_shows_an_example(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["arena", *sub, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and ("weightsmith arena" in out if sub else "ratings" in out)

@@ -229,7 +229,7 @@ COMMANDS: dict[str, Command | Group] = {
             ),
             "ratings": Command(
                 arena.ArenaRatingsConfig,
-                "Bradley–Terry ratings with 95% intervals; ratings.json and report.html",
+                "Bradley–Terry ratings with bootstrap intervals; ratings.json and report.html",
                 "weightsmith arena ratings --db arena.sqlite --out reports/arena --voters human --anchor base",
                 arena.run_arena_ratings,
                 _plain(arena_out.print_ratings),

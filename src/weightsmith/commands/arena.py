@@ -166,7 +166,7 @@ class ArenaRatingsConfig:
     out: str | None = opt(None, "folder for ratings.json and report.html")
     voters: str = opt("all", "whose votes count", choices=tuple(VOTERS))
     anchor: str | None = opt(None, "contestant rated exactly 1000 (unset: the mean is 1000)")
-    rounds: int = opt(200, "bootstrap resamples for the 95% intervals")
+    rounds: int = opt(200, "bootstrap resamples for the 95 percent intervals")
     seed: int = opt(0, "bootstrap seed")
     json: bool = opt(False, "print the ratings as JSON")
 
