@@ -24,6 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from weightsmith import __version__
+from weightsmith.cli import arena_serve as arena_serve_out
 from weightsmith.cli import audit as audit_out
 from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
@@ -36,7 +37,18 @@ from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
-from weightsmith.commands import audit, export, guard, quantize, redteam, run, serve, store, train
+from weightsmith.commands import (
+    arena_serve,
+    audit,
+    export,
+    guard,
+    quantize,
+    redteam,
+    run,
+    serve,
+    store,
+    train,
+)
 from weightsmith.commands import eval as evaluate
 from weightsmith.commands.loading import set_load_status
 from weightsmith.errors import WeightsmithError
@@ -247,6 +259,21 @@ COMMANDS: dict[str, Command | Group] = {
 }
 
 
+# `arena serve` joins the `arena` group (made here when this build has no other arena command).
+COMMANDS.setdefault("arena", Group("compare models in an arena where people vote", {})).commands["serve"] = (
+    Command(
+        arena_serve.ArenaServeConfig,
+        "serve the arena page: two anonymous answers side by side, people vote, names shown after",
+        "weightsmith arena serve smollm2-135m-instruct smollm2-135m-instruct:kettlebird http://host:8000/v1#their-model \\\n"
+        "      --adapter kettlebird=runs/kettlebird --prompts prompts.jsonl --db arena.sqlite --port 8010\n"
+        "  weightsmith arena serve base base:fork --adapter fork=runs/fork --vote-key-file key.txt --host 0.0.0.0",
+        arena_serve.run_arena_serve,
+        arena_serve_out.print_stopped,
+        lambda cfg: lambda url, info: arena_serve_out.print_listening(url, info, sys.stderr),
+    )
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightsmith",
@@ -365,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(command.config, ns)
         if name == "serve":
             serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
+        if name == "arena serve":
+            arena_serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(
             highlight=False, emoji=False, markup=False, width=None if sys.stdout.isatty() else 160
