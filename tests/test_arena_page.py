@@ -327,3 +327,40 @@ def test_page_needs_the_vote_key_when_set(tmp_path: Path, browser) -> None:
         assert [v[1] for v in votes(running.store.path)] == ["tie"]
     finally:
         running.stop()
+
+
+class SlowContestants(FakeContestants):
+    """Answers that never end until told to stop (a page that leaves mid-answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = 0
+
+    def stream(self, name: str, messages: list[dict], params) -> Iterator[str]:
+        import time
+
+        try:
+            while True:
+                yield "word "
+                time.sleep(0.01)
+        finally:
+            self.stopped += 1
+
+
+def test_a_page_that_leaves_frees_its_slot_and_stops_both_answers(tmp_path: Path) -> None:
+    import time
+
+    slow = SlowContestants()
+    running = start(tmp_path, slow, max_active=1)
+    try:
+        c = client(running)
+        with c.stream("POST", "/api/battles", json={"prompt": "hi"}) as r:
+            next(r.iter_lines())
+        deadline = time.monotonic() + 5
+        while (slow.stopped < 2 or running.app.state.arena.active) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slow.stopped == 2 and running.app.state.arena.active == 0
+        with c.stream("POST", "/api/battles", json={"prompt": "again"}) as r:  # the one slot is free again
+            assert r.status_code == 200
+    finally:
+        running.stop()
