@@ -173,10 +173,10 @@ def test_a_slow_body_gets_408(server) -> None:
 
 
 def test_uvicorn_gets_the_connection_limits(tiny_hf_dir) -> None:
-    from weightsmith.commands.serve import _uvicorn_server
+    from weightsmith.commands.serve import uvicorn_server
 
     cfg = ServeConfig(model="tiny", max_connections=7, keep_alive_timeout=2.5)
-    config = _uvicorn_server(None, cfg).config
+    config = uvicorn_server(None, cfg).config
     assert config.limit_concurrency == 7 and config.timeout_keep_alive == 2.5
     assert config.h11_max_incomplete_event_size is not None
 

@@ -692,7 +692,7 @@ def no_server(monkeypatch, tmp_path):
     import weightsmith.commands.serve as serve_cmd
 
     made = []
-    monkeypatch.setattr(serve_cmd, "_uvicorn_server", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(serve_cmd, "uvicorn_server", lambda *a, **k: made.append(a))
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     yield
     assert not made, "a server was started"

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from weightsmith import __version__
 from weightsmith.cli import arena as arena_out
+from weightsmith.cli import arena_serve as arena_serve_out
 from weightsmith.cli import audit as audit_out
 from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
@@ -37,7 +38,19 @@ from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
-from weightsmith.commands import arena, audit, export, guard, quantize, redteam, run, serve, store, train
+from weightsmith.commands import (
+    arena,
+    arena_serve,
+    audit,
+    export,
+    guard,
+    quantize,
+    redteam,
+    run,
+    serve,
+    store,
+    train,
+)
 from weightsmith.commands import eval as evaluate
 from weightsmith.commands.loading import set_load_status
 from weightsmith.errors import WeightsmithError
@@ -213,9 +226,18 @@ COMMANDS: dict[str, Command | Group] = {
         },
     ),
     "arena": Group(
-        "compare models side by side: LLM-judge votes, Bradley–Terry ratings, preference pairs out",
+        "compare models side by side: a voting page, LLM-judge votes, Bradley–Terry ratings, preference pairs",
         {
-            # `arena serve` (the voting page, commands/arena_serve.py) goes first here.
+            "serve": Command(
+                arena_serve.ArenaServeConfig,
+                "serve the arena page: two anonymous answers side by side, people vote, names shown after",
+                "weightsmith arena serve smollm2-135m-instruct smollm2-135m-instruct:kettlebird http://host:8000/v1#their-model \\\n"
+                "      --adapter kettlebird=runs/kettlebird --prompts prompts.jsonl --db arena.sqlite --port 8010\n"
+                "  weightsmith arena serve base base:fork --adapter fork=runs/fork --vote-key-file key.txt --host 0.0.0.0",
+                arena_serve.run_arena_serve,
+                arena_serve_out.print_stopped,
+                lambda cfg: lambda url, info: arena_serve_out.print_listening(url, info, sys.stderr),
+            ),
             "judge": Command(
                 arena.ArenaJudgeConfig,
                 "fill battles with an LLM judge's votes (both orders; a tie when they disagree)",
@@ -404,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(command.config, ns)
         if name == "serve":
             serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
+        if name == "arena serve":
+            arena_serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(
             highlight=False, emoji=False, markup=False, width=None if sys.stdout.isatty() else 160

@@ -24,7 +24,7 @@ from weightsmith.arena.agreement import cohen_kappa
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
 from weightsmith.arena.contestants import Contestants, is_endpoint_spec, parse_contestant, split_endpoint
 from weightsmith.arena.judge import Fight, judge_battles
-from weightsmith.arena.judge_prompts import load_prompt_file
+from weightsmith.arena.prompt_file import read_prompts
 from weightsmith.arena.ratings import rate
 from weightsmith.arena.records import ANY_JUDGE, HUMAN, IMPORTED, Outcome, judge_voter, voter_matches
 from weightsmith.arena.report import write_ratings_outputs
@@ -49,6 +49,10 @@ DB_HELP = "the arena's SQLite file (votes from `arena serve`, `arena judge`, `ar
 
 
 # ---- arena judge ----------------------------------------------------------------------------
+
+
+#: Longest prompt (characters) `arena judge` takes from a --prompts file.
+JUDGE_PROMPT_CHARS = 20_000
 
 
 @dataclass(kw_only=True)
@@ -109,7 +113,7 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     adapters = parse_adapters(cfg.adapter)
     for spec in cfg.contestants:
         parse_contestant(spec, adapters)  # one-line errors before anything loads
-    prompts = load_prompt_file(cfg.prompts) if cfg.prompts else []
+    prompts = read_prompts(cfg.prompts, max_chars=JUDGE_PROMPT_CHARS) if cfg.prompts else []
     model, endpoint_model, default_name = judge_identity(cfg.judge)
     voter = judge_voter(cfg.judge_name or default_name)
     db = Path(cfg.db).expanduser()

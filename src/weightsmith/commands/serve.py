@@ -176,22 +176,26 @@ def build_app(cfg: ServeConfig):
 
 def resolve_api_key(cfg: ServeConfig) -> str | None:
     """The API key: --api-key, else the first line of --api-key-file, else $WEIGHTSMITH_API_KEY."""
-    if cfg.api_key is not None and cfg.api_key_file is not None:
-        raise UsageError("--api-key and --api-key-file both give a key; keep one (the file)")
-    if cfg.api_key is not None:
-        return cfg.api_key or None
-    if cfg.api_key_file is not None:
-        path = Path(cfg.api_key_file).expanduser()
+    return resolve_secret(cfg.api_key, cfg.api_key_file, flag="--api-key", env="WEIGHTSMITH_API_KEY")
+
+
+def resolve_secret(value: str | None, file: str | None, *, flag: str, env: str) -> str | None:
+    """A secret given as `flag VALUE`, else the first line of `flag-file FILE`, else `$env`
+    (serve's API key, the arena's vote key); None when none is set."""
+    if value is not None and file is not None:
+        raise UsageError(f"{flag} and {flag}-file both give a key; keep one (the file)")
+    if value is not None:
+        return value or None
+    if file is not None:
+        path = Path(file).expanduser()
         try:
             key = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(
-                f"--api-key-file {path}: cannot read it ({e}); give a readable text file"
-            ) from None
+            raise UsageError(f"{flag}-file {path}: cannot read it ({e}); give a readable text file") from None
         if not key:
-            raise UsageError(f"--api-key-file {path}: its first line is empty; write the key there")
+            raise UsageError(f"{flag}-file {path}: its first line is empty; write the key there")
         return key
-    return os.environ.get("WEIGHTSMITH_API_KEY") or None
+    return os.environ.get(env) or None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -210,7 +214,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, cfg: ServeConfig):
+def uvicorn_server(app: Any, cfg: Any) -> Any:
+    """A uvicorn server for `app` with the client limits of `cfg` (read_timeout,
+    keep_alive_timeout, max_connections, drain_timeout: serve's and the arena's)."""
     import uvicorn
 
     from weightsmith.serve.connections import uvicorn_limits
@@ -233,7 +239,7 @@ def run_serve(cfg: ServeConfig, progress: Any = None) -> dict[str, Any]:
     on_listening = progress
     app, state = build_app(cfg)
     sock = bind(cfg.host, cfg.port)
-    server = _uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg)
     failure: list[str] = []
 
     def failed(message: str) -> None:
@@ -272,7 +278,7 @@ def start_server(cfg: ServeConfig, *, wait: bool = True, timeout: float = 300.0)
     """Start the server on a thread; with `wait`, return once the model is ready."""
     app, state = build_app(cfg)
     sock = bind(cfg.host, cfg.port)
-    server = _uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg)
     host, port = sock.getsockname()[:2]
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-server", daemon=True

@@ -202,7 +202,7 @@ def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: 
 
     app = FastAPI(title="weightsmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.weightsmith = state
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_info_routes(app, state)
     _add_generation_routes(app, state)
     _add_token_routes(app, state)
@@ -217,7 +217,10 @@ def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: 
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
+    """JSON errors for every failure: ApiError as it says, a client gone as a quiet 499,
+    routing errors as 404/405, anything unexpected as a logged 500 (the arena page uses it too)."""
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(e)

@@ -1,0 +1,193 @@
+"""The `arena serve` command: the arena page on uvicorn, with serve's limits.
+
+Everything a user can get wrong is checked before the server listens, each one line: the
+options, a bad `--prompts` line (FILE:LINE), an adapter directory, an unreachable endpoint
+contestant (`Contestants.check()`), a DB written by a newer schema, a busy port. The
+socket, uvicorn and its connection limits are serve's (`bind`, `uvicorn_server`); the vote
+key is read like serve's API key (`--vote-key-file` or `$WEIGHTSMITH_VOTE_KEY`, as a key on
+the command line shows in the process list).
+
+`start_arena_server` runs the same server on a thread and takes the contestants as an
+argument (tests and the benchmark pass their own).
+
+Not here: the page and its routes (weightsmith.arena.page), the contestants
+(weightsmith.arena.contestants), the banner (weightsmith.cli.arena_serve).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weightsmith.config import opt
+from weightsmith.errors import UsageError
+
+#: The variable the vote key is read from when no flag gives it.
+VOTE_KEY_ENV = "WEIGHTSMITH_VOTE_KEY"
+
+
+@dataclass(kw_only=True)
+class ArenaServeConfig:
+    """Serve the arena page: people compare two anonymous answers and vote."""
+
+    contestants: list[str] = opt(
+        default_factory=list,
+        help="two or more contestants: a store or catalog model, MODEL:ADAPTER (a fork), or URL#MODEL "
+        "(an OpenAI-compatible endpoint)",
+        positional=True,
+        split=False,
+    )
+    adapter: list[str] = opt(
+        default_factory=list, help="a LoRA adapter forks name as MODEL:NAME, given as NAME=DIR", split=False
+    )
+    db: str = opt("arena.sqlite", "the arena DB (SQLite; created if missing)")
+    prompts: str | None = opt(None, "JSON lines of prompts for 'random prompt': {prompt|messages, category?}")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = opt(8010, "port to listen on (0: any free port)")
+    vote_key: str | None = opt(
+        None,
+        "make the arena private: battles and votes need this key (visible in the process list: prefer "
+        f"--vote-key-file or ${VOTE_KEY_ENV})",
+    )
+    vote_key_file: str | None = opt(None, "read the vote key from this file (its first line)")
+    max_votes_per_minute: int = opt(30, "most votes one voter may cast in 60 s; more get 429")
+    max_prompt_chars: int = opt(4000, "most characters in a prompt; longer ones get 413 before generation")
+    max_active: int = opt(8, "most battles being answered at once; more get 429")
+    max_tokens: int = opt(256, "most tokens in each answer")
+    temperature: float = opt(0.7, "sampling temperature of both answers (each side gets its own seed)")
+    top_p: float = opt(1.0, "nucleus sampling of both answers")
+    max_body: int = opt(64 << 10, "largest request body in bytes")
+    read_timeout: float = opt(30.0, "seconds a client has to send a request's headers, and again its body")
+    keep_alive_timeout: float = opt(5.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int = opt(1000, "most open connections; requests beyond get 503")
+    allowed_host: list[str] = opt(
+        default_factory=list,
+        help="also answer requests whose Host header is this name ('*': any); as for serve",
+        split=False,
+    )
+    drain_timeout: float = opt(10.0, "on shutdown, seconds to let answers in flight finish")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (local contestants)")
+    dtype: str = opt("auto", "fp32, bf16, fp16 or auto (local contestants)")
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("max-votes-per-minute", self.max_votes_per_minute, 1),
+                                 ("max-prompt-chars", self.max_prompt_chars, 1), ("max-active", self.max_active, 1),
+                                 ("max-tokens", self.max_tokens, 1), ("max-body", self.max_body, 1024),
+                                 ("max-connections", self.max_connections, 1)):  # fmt: skip
+            if value < low:
+                raise UsageError(f"--{name} must be at least {low}, got {value}")
+        for name, seconds in (
+            ("read-timeout", self.read_timeout),
+            ("keep-alive-timeout", self.keep_alive_timeout),
+        ):
+            if not seconds > 0:
+                raise UsageError(f"--{name} must be a positive number of seconds, got {seconds}")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
+            raise UsageError(
+                f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
+
+
+@dataclass
+class RunningArena:
+    """An arena server on a background thread; `stop()` drains it like Ctrl-C does."""
+
+    url: str
+    app: Any
+    server: Any
+    thread: threading.Thread
+    store: Any
+    vote_key: str | None = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.store.close()
+
+
+def load_contestants(cfg: ArenaServeConfig) -> Any:
+    """The contestants of the command line, checked (an endpoint that does not answer is one line)."""
+    from weightsmith.arena.contestants import Contestants
+    from weightsmith.commands.serve import parse_adapters
+
+    contestants = Contestants(list(cfg.contestants), adapters=parse_adapters(cfg.adapter), device=cfg.device,
+                              dtype=cfg.dtype)  # fmt: skip
+    contestants.check()
+    return contestants
+
+
+def build_arena_app(
+    cfg: ArenaServeConfig, contestants: Any = None, **app_options: Any
+) -> tuple[Any, Any, str | None]:
+    """Check the options, open the DB, register the contestants and prompts; return (app,
+    store, vote key). `contestants` None: the command line's (loaded and checked here)."""
+    from weightsmith.arena.page import create_arena_app
+    from weightsmith.arena.prompt_file import read_prompts
+    from weightsmith.arena.store import ArenaStore
+    from weightsmith.commands.serve import resolve_secret
+
+    if len(cfg.contestants) < 2 and contestants is None:
+        raise UsageError("an arena needs at least two contestants; name them before the options")
+    vote_key = resolve_secret(cfg.vote_key, cfg.vote_key_file, flag="--vote-key", env=VOTE_KEY_ENV)
+    prompts = [] if cfg.prompts is None else read_prompts(cfg.prompts, max_chars=cfg.max_prompt_chars)
+    if contestants is None:
+        contestants = load_contestants(cfg)
+    db = Path(cfg.db).expanduser()
+    store = ArenaStore(db)
+    try:
+        store.add_contestants(contestants.contestants)
+        ids = store.add_prompts(prompts)
+    except BaseException:
+        store.close()
+        raise
+    stored = [type(p)(p.messages, p.category, p.source, i) for p, i in zip(prompts, ids, strict=True)]
+    app = create_arena_app(cfg, store, contestants, stored, vote_key=vote_key, **app_options)
+    return app, store, vote_key
+
+
+def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, Any]:
+    """Serve the arena until Ctrl-C/SIGTERM. `progress(url, info)` is told once the socket
+    listens; `info` holds the contestants' count, the prompts' count and whether a vote key
+    is required."""
+    from weightsmith.commands.serve import bind, uvicorn_server
+
+    app, store, vote_key = build_arena_app(cfg)
+    try:
+        sock = bind(cfg.host, cfg.port)
+        server = uvicorn_server(app, cfg)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host}:{port}"
+        state = app.state.arena
+        info = {"contestants": len(state.contestants.names), "prompts": len(state.prompts),
+                "vote_key": vote_key is not None, "db": str(store.path)}  # fmt: skip
+        if progress is not None:
+            progress(url, info)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
+        return {"url": url, **info, "battles": sum(store.battle_counts().values()) // 2}
+    finally:
+        store.close()
+
+
+def start_arena_server(cfg: ArenaServeConfig, contestants: Any = None, **app_options: Any) -> RunningArena:
+    """The arena server on a thread (tests, the benchmark, the demo), ready when this returns."""
+    import time
+
+    from weightsmith.commands.serve import bind, uvicorn_server
+
+    app, store, vote_key = build_arena_app(cfg, contestants, **app_options)
+    sock = bind(cfg.host, cfg.port)
+    server = uvicorn_server(app, cfg)
+    host, port = sock.getsockname()[:2]
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-arena", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return RunningArena(f"http://{host}:{port}", app, server, thread, store, vote_key)
