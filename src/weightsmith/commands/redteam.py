@@ -24,6 +24,7 @@ from weightsmith.commands.loading import load_model, model_label
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
+from weightsmith.safety.policy_file import ClassifierAccess
 
 DEFAULT_TRANSFORMS = ["none", "base64", "rot13", "leetspeak", "suffix:sure"]
 
@@ -37,6 +38,7 @@ class RedteamConfig:
     model: list[str] = opt(default_factory=list, help="with an endpoint: the served model names to attack")
     adapter: list[str] = opt(default_factory=list, help="LoRA adapter directory of a fork to attack too")
     guard: str | None = opt(None, "guardrail policy file (or builtin:school): also run each model behind it")
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     packs: list[str] = opt(
         default_factory=lambda: ["builtin:all"], help="probe packs: files, folders, builtin:NAME"
     )
@@ -182,7 +184,9 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     probes = limit_probes(load_packs(cfg.packs), cfg.limit)
     transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
     probes = apply_transforms(probes, transforms)
-    guard = load_guard(cfg.guard, load_model=lambda ref: load_model(ref, **_load_kwargs(cfg)))
+    guard = load_guard(
+        cfg.guard, load_model=lambda ref: load_model(ref, **_load_kwargs(cfg)), grants=cfg.classifier.grants()
+    )
     detectors = default_detectors(_judge(cfg), refusal=cfg.refusal_detector)
     configs = configurations(_targets(cfg), guard)
     opts = RunOptions(

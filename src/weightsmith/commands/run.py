@@ -23,6 +23,7 @@ from weightsmith.commands.loading import LoadOptions, SamplingOptions, load_mode
 from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM
+from weightsmith.safety.policy_file import ClassifierAccess
 
 TextSink = Callable[[str], None]
 
@@ -40,6 +41,7 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     guard: str | None = opt(
         None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
     )
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
 
 
@@ -80,7 +82,9 @@ def _load_guard(cfg: Any) -> Any:
     from weightsmith.safety.guarded import load_guard
 
     opts = {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
-    return load_guard(cfg.guard, load_model=lambda ref: load_model(ref, **opts))
+    return load_guard(
+        cfg.guard, load_model=lambda ref: load_model(ref, **opts), grants=cfg.classifier.grants()
+    )
 
 
 def guarded_stream(
@@ -165,6 +169,7 @@ class ChatConfig(LoadOptions, SamplingOptions):
     max_tokens: int = opt(512, "most tokens per answer", short="-n")
     system: str | None = opt(None, "system message for the conversation")
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     compile: bool = opt(False, "decode through torch.compile with static shapes (eager if it cannot compile)")
 
 
