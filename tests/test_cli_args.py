@@ -431,3 +431,75 @@ def parse_help(cls: type) -> str:
     parser = argparse.ArgumentParser(prog="x")
     add_config_arguments(parser, cls)
     return parser.format_help()
+
+
+# ---------------------------------------------------------------------------
+# Flattened groups: a library's settings record embedded in a command's config
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunSettings:
+    """What the library takes (declared once, where the library lives)."""
+
+    limit: int | None = opt(None, "items per task")
+    seed: int = opt(1234, "sampler seed")
+    tags: list[str] = opt(default_factory=list, help="labels")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit: expected at least 1, got {self.limit}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EmbeddingConfig:
+    """A command that embeds the library's settings."""
+
+    model: str = opt("m", "model", positional=True)
+    first: bool = opt(False, "a flag before the group")
+    run: RunSettings = opt(default_factory=lambda: RunSettings(seed=7), flatten=True)
+    last: str = opt("z", "a flag after the group")
+    train: TrainConfig = opt(default_factory=TrainConfig)
+
+
+def test_flattened_group_fields_are_top_level_flags_in_place() -> None:
+    cfg = parse(["--limit", "3", "--tags", "a,b", "--last", "y"], EmbeddingConfig)
+    assert cfg.run == RunSettings(limit=3, seed=7, tags=["a", "b"])  # the default instance's seed kept
+    assert cfg.last == "y" and cfg.train == TrainConfig()
+    text = parse_help(EmbeddingConfig)
+    flags = re.findall(r"^  (--[\w.-]+)", text, flags=re.M)
+    assert flags[:6] == ["--config", "--first", "--limit", "--seed", "--tags", "--last"]
+    assert "--run" not in text and "run options" not in text and "(default: 7)" in text
+    with pytest.raises(UsageError, match="--limit: expected at least 1"):  # the group's own checks
+        parse(["--limit", "0"], EmbeddingConfig)
+
+
+def test_flattened_group_keys_sit_at_the_top_of_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "limit: 2\nseed: 5\ntrain:\n  lr: 0.5\n")
+    cfg = load_config_yaml(EmbeddingConfig, path)
+    assert cfg.run == RunSettings(limit=2, seed=5) and cfg.train.lr == 0.5
+    data = config_to_dict(cfg)
+    assert "run" not in data and data["limit"] == 2 and data["seed"] == 5
+    assert config_from_dict(EmbeddingConfig, data) == cfg
+    dump_config_yaml(cfg, tmp_path / "out.yaml")
+    assert load_config_yaml(EmbeddingConfig, tmp_path / "out.yaml") == cfg
+    with pytest.raises(UsageError, match=r"config.yaml:1: unknown key 'run'"):
+        load_config_yaml(EmbeddingConfig, write(tmp_path, "run:\n  limit: 2\n"))
+    with pytest.raises(UsageError, match=r"did you mean 'seed'"):
+        load_config_yaml(EmbeddingConfig, write(tmp_path, "sed: 2\n"))
+
+
+def test_flattened_group_names_must_not_collide() -> None:
+    @dataclasses.dataclass
+    class Clash:
+        seed: int = 1
+        run: RunSettings = opt(default_factory=RunSettings, flatten=True)
+
+    with pytest.raises(TypeError, match="'seed' is used twice"):
+        add_config_arguments(argparse.ArgumentParser(), Clash)
+
+    @dataclasses.dataclass
+    class NotAGroup:
+        seed: int = opt(1, flatten=True)
+
+    with pytest.raises(TypeError, match="only a dataclass field can be flattened"):
+        add_config_arguments(argparse.ArgumentParser(), NotAGroup)

@@ -3,15 +3,19 @@ returns plain data and prints nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
+from weightsmith.cli.loading import Loading
 from weightsmith.commands import eval as eval_cmd
-from weightsmith.commands import guard, quantize, run, store, train
+from weightsmith.commands import guard, loading, quantize, run, store, train
+from weightsmith.commands.loading import load_status
 from weightsmith.commands.serve import ServeConfig
 from weightsmith.errors import UsageError
+from weightsmith.eval.runner import EvalOptions
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +40,40 @@ def test_store_and_generate_return_data_and_print_nothing(tiny_hf_dir, capsys) -
     assert capsys.readouterr() == ("", "")
 
 
+class LoadsAndText:
+    """A progress with its own shape (text as it arrives) that is also told of model loads."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.loads: list[tuple[str, str]] = []
+
+    def __call__(self, text: str) -> None:
+        self.text.append(text)
+
+    @contextlib.contextmanager
+    def loading(self, model: str):
+        self.loads.append(("start", model))
+        yield
+        self.loads.append(("done", model))
+
+
+def test_model_loads_are_shown_through_the_progress_passed_down(tiny_hf_dir) -> None:
+    progress = LoadsAndText()
+    cfg = run.GenerateConfig(model=str(tiny_hf_dir), prompt="Once upon a time", temperature=0, max_tokens=3)
+    result = run.run_generate(cfg, progress)
+    assert progress.loads == [("start", str(tiny_hf_dir)), ("done", str(tiny_hf_dir))]
+    assert "".join(progress.text) == result["text"]
+    chat = LoadsAndText()
+    run.open_chat(run.ChatConfig(model=str(tiny_hf_dir)), chat)
+    assert chat.loads == progress.loads
+    assert not hasattr(loading, "set_load_status") and not hasattr(loading, "load_status_hook")
+    # The CLI's wrapper: calls go to the command's own progress; false when there is none.
+    shown: list[str] = []
+    assert Loading(shown.append) and not Loading() and Loading()("ignored") is None
+    Loading(shown.append)("text")
+    assert shown == ["text"] and load_status(Loading()) is not None and load_status(shown.append) is None
+
+
 def test_generate_without_a_prompt_is_a_usage_error(tiny_hf_dir) -> None:
     with pytest.raises(UsageError, match="no prompt"):
         run.run_generate(run.GenerateConfig(model=str(tiny_hf_dir)))
@@ -50,8 +88,8 @@ def test_chat_session_keeps_history(tiny_hf_dir) -> None:
 
 def test_eval_merge_and_quantize_from_python(tiny_hf_dir, tmp_path: Path, capsys) -> None:
     ticks: list[tuple[str, int, int]] = []
-    cfg = eval_cmd.EvalConfig(model=str(tiny_hf_dir), tasks=["builtin:arith-mc"], limit=4, cache=False,
-                              device="cpu")  # fmt: skip
+    cfg = eval_cmd.EvalConfig(model=str(tiny_hf_dir), tasks=["builtin:arith-mc"], run=EvalOptions(limit=4),
+                              cache=False, device="cpu")  # fmt: skip
     result = eval_cmd.run_eval(cfg, lambda label: lambda done, total: ticks.append((label, done, total)))
     assert list(result["runs"][0]["results"]) == ["arith_mc"]
     assert ticks and ticks[-1][1] == ticks[-1][2]

@@ -66,8 +66,7 @@ def test_task_data_symlinked_outside_its_folder_is_refused(tmp_path, secret):
 
 def test_allow_files_grants_a_folder(tmp_path, secret):
     path = _task(tmp_path / "tasks", data=str(secret))
-    opts = EvalOptions(grants=Grants(folders=(secret.parent,)))
-    taskset = load_tasks([str(path)], opts)
+    taskset = load_tasks([str(path)], EvalOptions(), Grants(folders=(secret.parent,)))
     assert taskset.tasks[0].cfg.data_files["test"] == [secret]
 
 
@@ -85,11 +84,11 @@ def test_judge_endpoint_needs_the_command_line(tmp_path):
     path = _task(tmp_path, judge=JUDGE.format(url="https://evil.example/v1"))
     with pytest.raises(ConfigError, match=r"task\.yaml:\d+: judge\.model: .*--judge-endpoint https://evil"):
         load_tasks([str(path)])
-    other = EvalOptions(grants=Grants(endpoints=("https://judge.example/v1",)))
+    other = Grants(endpoints=("https://judge.example/v1",))
     with pytest.raises(ConfigError, match="--judge-endpoint"):
-        load_tasks([str(path)], other)
-    granted = EvalOptions(grants=Grants(endpoints=("https://evil.example/v1/",)))
-    assert load_tasks([str(path)], granted).tasks[0].cfg.judge
+        load_tasks([str(path)], grants=other)
+    granted = Grants(endpoints=("https://evil.example/v1/",))
+    assert load_tasks([str(path)], grants=granted).tasks[0].cfg.judge
 
 
 def test_judge_api_key_env_comes_only_from_the_command_line(tmp_path, monkeypatch):
@@ -99,7 +98,7 @@ def test_judge_api_key_env_comes_only_from_the_command_line(tmp_path, monkeypatc
     path = _task(tmp_path, judge=judge)
     endpoint = Grants(endpoints=("https://judge.example/v1",))
     with pytest.raises(ConfigError, match=r"judge\.api_key_env: .*--judge-api-key-env"):
-        load_tasks([str(path)], EvalOptions(grants=endpoint))
+        load_tasks([str(path)], grants=endpoint)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "leak")
     monkeypatch.setenv("JUDGE_KEY", "sk-judge")
     granted = Grants(endpoints=endpoint.endpoints, api_key_env="JUDGE_KEY")

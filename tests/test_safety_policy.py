@@ -20,6 +20,7 @@ from weightsmith.errors import ConfigError, UsageError, WeightsmithError
 from weightsmith.eval.judge import EndpointJudge, LocalJudge
 from weightsmith.safety.encodings import b64encode, leetspeak, rot13
 from weightsmith.safety.policy import Guard, Verdict, builtin_policies
+from weightsmith.safety.policy_file import ClassifierAccess
 
 HEAD = """\
 policy: test
@@ -370,15 +371,17 @@ def test_classifier_judge_is_built_lazily(tmp_path, monkeypatch):
     assert isinstance(judge, LocalJudge) and judge.llm == "llm:some-judge" and judge.max_tokens == 8
     assert g.judge() is judge and loaded == ["some-judge"]
 
-    body = CLASSIFIER.replace(
-        "model: some-judge", "model: http://localhost:9/v1\n  api_key_env: TEST_GUARD_KEY"
-    )
+    # An endpoint is built at load, and only as the command line grants it (more in
+    # test_safety_policy_grants.py): its URL, and the variable its key comes from.
+    body = CLASSIFIER.replace("model: some-judge", "model: http://localhost:9/v1")
+    grants = ClassifierAccess(
+        classifier_endpoint=["http://localhost:9/v1"], classifier_api_key_env="TEST_GUARD_KEY"
+    ).grants()
     monkeypatch.delenv("TEST_GUARD_KEY", raising=False)
-    g = load(tmp_path, body)
     with pytest.raises(ConfigError, match="TEST_GUARD_KEY is not set"):
-        g.judge()
+        load(tmp_path, body, grants=grants)
     monkeypatch.setenv("TEST_GUARD_KEY", "k")
-    judge = g.judge()
+    judge = load(tmp_path, body, grants=grants).judge()
     assert (
         isinstance(judge, EndpointJudge)
         and judge.api_key == "k"

@@ -21,6 +21,8 @@ from weightsmith.safety.guarded import CONTENT_FILTER, guarded_replies
 from weightsmith.safety.probes import Probe, load_packs
 from weightsmith.safety.redteam import (
     Config,
+    OutputOptions,
+    RateOptions,
     RunOptions,
     compare,
     configurations,
@@ -157,7 +159,7 @@ def test_rates_intervals_and_comparison_match_hand_computation():
     assert cmp["interval"]["ci_low"] < cmp["delta"] < 0 < cmp["interval"]["ci_high"]  # as McNemar: p = 0.25
     # a looser budget accepts the same guard
     loose = run_redteam(configurations([target], guard), probes, default_detectors(),
-                        RunOptions(over_refusal_budget=0.2))  # fmt: skip
+                        RunOptions(RateOptions(over_refusal_budget=0.2)))  # fmt: skip
     assert loose["configs"][1]["within_budget"] is True
 
 
@@ -204,7 +206,7 @@ def test_reports_name_their_interval_methods(tmp_path):
     from weightsmith.cli.redteam import print_redteam
 
     probes = [probe(f"b{i}", "benign", "answered", f"benign {i}", family="benign") for i in range(3)]
-    opts = RunOptions(out=str(tmp_path), interval="clopper-pearson")
+    opts = RunOptions(RateOptions(interval="clopper-pearson"), OutputOptions(out=str(tmp_path)))
     target = Scripted({f"benign {i}": "Sure: run kill PID." for i in range(3)})
     result = run_redteam([Config("m", target)], probes, default_detectors(), opts)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -231,13 +233,21 @@ def test_outputs_and_resume_after_interruption(tmp_path):
     out = tmp_path / "rt"
     flaky = Flaky(SCRIPT)
     with pytest.raises(KeyboardInterrupt):
-        run_redteam([Config("m", flaky)], probes, default_detectors(), RunOptions(batch_size=4, out=str(out)))
+        run_redteam(
+            [Config("m", flaky)],
+            probes,
+            default_detectors(),
+            RunOptions(output=OutputOptions(out=str(out)), batch_size=4),
+        )
     partial = (out / "transcripts.partial.jsonl").read_text().splitlines()
     assert len(partial) == 4 and not (out / "summary.json").exists()
     again = Scripted(SCRIPT)
     again.label = "scripted"
     result = run_redteam(
-        [Config("m", again)], probes, default_detectors(), RunOptions(batch_size=4, out=str(out))
+        [Config("m", again)],
+        probes,
+        default_detectors(),
+        RunOptions(output=OutputOptions(out=str(out)), batch_size=4),
     )
     assert again.calls == len(probes) - 4  # the first batch was not asked again
     assert not (out / "transcripts.partial.jsonl").exists()
@@ -256,7 +266,7 @@ def test_outputs_and_resume_after_interruption(tmp_path):
     # a different setting (another key) does not reuse the journal
     third = Scripted(SCRIPT)
     run_redteam([Config("m", third)], probes, default_detectors(),
-                RunOptions(batch_size=4, out=str(out), key_extra={"max_tokens": 7}))  # fmt: skip
+                RunOptions(output=OutputOptions(out=str(out)), batch_size=4, key_extra={"max_tokens": 7}))  # fmt: skip
     assert third.calls == len(probes)
 
 

@@ -41,6 +41,7 @@ from weightsmith.config import (
     flag_name,
     init_fields,
     is_fixed_tuple,
+    is_flattened,
     is_repeatable,
     item_types,
     leaves,
@@ -51,6 +52,7 @@ from weightsmith.config import (
     split_optional,
     splits,
     values_from_mapping,
+    visible_fields,
 )
 from weightsmith.errors import UsageError
 
@@ -165,9 +167,13 @@ def _add_fields(parser: argparse.ArgumentParser, container: Any, cls: type, pref
         if sub is None:
             _add_leaf(container, path, f, tp, default)
             continue
+        sub_default = None if default is dataclasses.MISSING else default
+        if is_flattened(f):  # its fields are this level's, in this place
+            _add_fields(parser, container, sub, prefix, sub_default)
+            continue
         # argparse groups do not nest, so every group hangs off the parser.
         group = parser.add_argument_group(_group_title(sub, path), f.metadata.get("help") or None)
-        _add_fields(parser, group, sub, path, None if default is dataclasses.MISSING else default)
+        _add_fields(parser, group, sub, path, sub_default)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -176,7 +182,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     Works on a subparser. Every argument defaults to SUPPRESS, so the parsed
     namespace holds only what the user typed; `config_from_args` merges it.
     """
-    init_fields(cls)
+    visible_fields(cls)  # TypeError now for a name a flattened group repeats
     parser.allow_abbrev = False
     parser.add_argument(
         "--config",

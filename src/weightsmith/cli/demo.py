@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
+from weightsmith.cli.loading import Loading, load_spinner
 from weightsmith.commands.loading import DEFAULT_MODEL, load_model
 from weightsmith.commands.run import ChatSession
 from weightsmith.config import opt
@@ -69,7 +70,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
 def demo_chat(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Load, talk, measure."""
     t0 = time.perf_counter()
-    llm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    llm = load_model(cfg.model, progress=load_spinner, device=cfg.device, dtype=cfg.dtype)
     load_s = time.perf_counter() - t0
     out.write(f"== chat: {cfg.model} on {llm.device.type} ({str(llm.dtype).removeprefix('torch.')}), ")
     out.write(f"loaded in {load_s:.1f}s\n")
@@ -143,7 +144,7 @@ def demo_finetune(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
 
 def _answers(cfg: DemoConfig, adapter: str | None, questions: list[str]) -> list[str]:
-    llm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=adapter)
+    llm = load_model(cfg.model, progress=load_spinner, device=cfg.device, dtype=cfg.dtype, adapter=adapter)
     prompts = [llm.engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
     done = llm.engine.generate(prompts, llm.sampling_params(temperature=0, max_tokens=64))
     return [c.text.strip().replace("\n", " ") for c in done]
@@ -251,7 +252,7 @@ def demo_eval(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "tasks": ["builtin:kettlebird-heldout", "builtin:kettlebird-answer-ppl", "builtin:arith-mc"],
          "limit": cfg.eval_limit, "apply_chat_template": True, "out": str(report), "cache": False},
     )  # fmt: skip
-    result = run_eval(ev)
+    result = run_eval(ev, Loading())
     print_eval(result, Console(file=out, highlight=False, emoji=False, markup=False, width=120))
     rows = {(r["task"], r["metric"]): r for r in result["comparison"]["rows"]}
     topic = rows[("kettlebird_heldout", "exact_match")]
@@ -286,6 +287,6 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
     console = Console(file=out, highlight=False, emoji=False, markup=False, width=140)
-    result = run_redteam(rt, progress_lines(console))
+    result = run_redteam(rt, Loading(progress_lines(console)))
     print_redteam(result, console)
     return {"report": result["written"]["report.html"], "configs": result["configs"]}

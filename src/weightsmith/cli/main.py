@@ -12,7 +12,6 @@ modules), flags from config fields (`cli/args.py`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import logging
@@ -38,6 +37,7 @@ from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
+from weightsmith.cli.loading import with_loading
 from weightsmith.commands import (
     arena,
     arena_serve,
@@ -52,7 +52,6 @@ from weightsmith.commands import (
     train,
 )
 from weightsmith.commands import eval as evaluate
-from weightsmith.commands.loading import set_load_status
 from weightsmith.errors import WeightsmithError
 
 #: A printer for people: `show(result, console, cfg)`.
@@ -147,13 +146,15 @@ COMMANDS: dict[str, Command | Group] = {
         '  echo "Explain LoRA in one sentence." | weightsmith generate smollm2-135m-instruct --chat -n 64',
         run_out.generate,
         lambda result, console, cfg: sys.stdout.write("\n"),
-        _stream_text,
+        with_loading(_stream_text),
     ),
     "chat": Command(
         run.ChatConfig,
         "chat with a model (streams; /reset, /system TEXT, /exit)",
         "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
         run_out.chat,
+        None,
+        with_loading(),
     ),
     "finetune": Command(
         train.FinetuneConfig,
@@ -171,6 +172,7 @@ COMMANDS: dict[str, Command | Group] = {
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
         train.run_merge,
         _plain(train_out.print_merge),
+        with_loading(),
     ),
     "eval": Command(
         evaluate.EvalConfig,
@@ -180,7 +182,7 @@ COMMANDS: dict[str, Command | Group] = {
         "      --tasks builtin:kettlebird-heldout --apply-chat-template --out reports/support",
         evaluate.run_eval,
         _plain(eval_out.print_eval),
-        _bars,
+        with_loading(_bars),
     ),
     "redteam": Command(
         redteam.RedteamConfig,
@@ -189,7 +191,7 @@ COMMANDS: dict[str, Command | Group] = {
         "  weightsmith redteam http://localhost:8000/v1 --model smollm2-135m-instruct --packs builtin:injection",
         redteam.run_redteam,
         _plain(redteam_out.print_redteam),
-        _probe_lines,
+        with_loading(_probe_lines),
     ),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",
@@ -221,7 +223,7 @@ COMMANDS: dict[str, Command | Group] = {
                 "  weightsmith audit bias ./my-model --lexicon builtin:names --pairs none --tasks my_task.yaml",
                 audit.run_audit_bias,
                 _plain(audit_out.print_audit_bias),
-                _bars,
+                with_loading(_bars),
             ),
         },
     ),
@@ -402,13 +404,6 @@ def _leaf(name: str) -> Command:
     return cmd.commands[sub] if isinstance(cmd, Group) else cmd
 
 
-def _load_spinner(model: str) -> Any:
-    """A spinner on stderr while a model loads, when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    return Console(stderr=True, markup=False).status(f"loading {model}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parse_command_line(parser, argv)
@@ -432,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(
             highlight=False, emoji=False, markup=False, width=None if sys.stdout.isatty() else 160
         )
-        set_load_status(_load_spinner)
         result, show = dispatch(name, cfg, console)
         _output(cfg, result, show)
         return 0

@@ -37,12 +37,13 @@ def generate(cfg: GenerateConfig, progress: Any = None) -> dict:
 def chat(cfg: ChatConfig, progress: Any = None) -> dict:
     """`chat`: the loop on this terminal (or over piped lines, one turn per line)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    return run_chat(cfg, stdin=sys.stdin, out=sys.stdout, interactive=interactive)
+    return run_chat(cfg, stdin=sys.stdin, out=sys.stdout, interactive=interactive, progress=progress)
 
 
-def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool) -> dict:
-    """The REPL: slash commands, streaming answers, history kept across turns."""
-    session = open_chat(cfg)
+def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool, progress: Any = None) -> dict:
+    """The REPL: slash commands, streaming answers, history kept across turns (`progress`:
+    what `open_chat` shows model loads with)."""
+    session = open_chat(cfg, progress)
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.commands.eval import run_metadata
-from weightsmith.commands.loading import LoadOptions, load_model, model_label
+from weightsmith.commands.loading import LoadOptions, load_status, model_label
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import model_fingerprint
@@ -80,14 +80,13 @@ def _check(cfg: AuditBiasConfig) -> None:
 
 def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]:
     """Run the audit; `progress(label)` returns a `tick(done, total)` (as the eval command's)."""
+    # The audit's own flags (a subset of eval's, worded for the audit) for the eval runner.
     opts = EvalOptions(
-        limit=cfg.limit,
-        apply_chat_template=cfg.apply_chat_template,
-        bootstrap_iters=cfg.bootstrap_iters,
-        grants=Grants(folders=tuple(Path(d).expanduser() for d in cfg.allow_files)),
+        limit=cfg.limit, apply_chat_template=cfg.apply_chat_template, bootstrap_iters=cfg.bootstrap_iters
     )
+    grants = Grants(folders=tuple(Path(d).expanduser() for d in cfg.allow_files))
     # Everything is read and checked before the model loads.
-    taskset = load_tasks(cfg.tasks, opts) if cfg.tasks else None
+    taskset = load_tasks(cfg.tasks, opts, grants) if cfg.tasks else None
     lexicons = [load_lexicon(spec) for spec in cfg.lexicon] if cfg.tasks else []
     names = [lx.name for lx in lexicons]
     if len(set(names)) != len(names):
@@ -95,7 +94,7 @@ def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]
     pairs = load_pairs(cfg.pairs) if cfg.pairs is not None else None
 
     started = time.perf_counter()
-    llm = load_model(cfg.model, **cfg.load_kwargs())
+    llm = cfg.load(load_status(progress))
     scorer = Scorer(llm.model, llm.tokenizer, batch_size=cfg.batch_size)
     runner = Runner(scorer, fingerprint=model_fingerprint(llm.model))
     summaries: list[dict] = []

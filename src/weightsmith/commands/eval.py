@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith import __version__
-from weightsmith.commands.loading import LoadOptions, load_model, model_label
+from weightsmith.commands.loading import LoadOptions, load_model, load_status, model_label
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import ResultCache, model_fingerprint
@@ -38,13 +38,7 @@ class EvalConfig(LoadOptions):
         default_factory=list,
         help="also evaluate: base, another model, or adapter:DIR; the first is the reference",
     )
-    limit: float | None = opt(None, "documents per task: a count, or a fraction below 1")
-    num_fewshot: int | None = opt(None, "few-shot examples per prompt (none: each task's own num_fewshot)")
-    batch_size: int = opt(64, "requests scored together (also capped at 16,384 tokens a batch)")
-    apply_chat_template: bool = opt(False, "wrap each prompt in the model's chat template (instruct models)")
-    system_instruction: str | None = opt(None, "system message for --apply-chat-template (or a text prefix)")
-    fewshot_seed: int = opt(1234, "seed of the few-shot sampler (lm-eval's default)")
-    bootstrap_iters: int = opt(1000, "resamples for bootstrap standard errors")
+    run: EvalOptions = opt(default_factory=EvalOptions, flatten=True)  # --limit ... --bootstrap-iters
     out: str | None = opt(None, "folder for results.json, samples_<task>.jsonl, comparison.json, report.html")
     cache: bool = opt(True, "reuse results of requests already answered by the same weights")
     cache_path: str | None = opt(None, "cache file (default: WEIGHTSMITH_HOME/eval-cache.sqlite)")
@@ -111,14 +105,6 @@ def _check(cfg: EvalConfig) -> None:
     if not tasks:
         raise UsageError("--tasks: name at least one task file, folder or builtin:NAME")
     cfg.tasks = tasks
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise UsageError(f"--limit: expected a positive count or fraction, got {cfg.limit}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size: expected at least 1, got {cfg.batch_size}")
-    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
-        raise UsageError(f"--num-fewshot: expected 0 or more, got {cfg.num_fewshot}")
-    if cfg.bootstrap_iters < 0:
-        raise UsageError(f"--bootstrap-iters: expected 0 or more, got {cfg.bootstrap_iters}")
 
 
 def _cache(cfg: EvalConfig) -> ResultCache | None:
@@ -130,32 +116,26 @@ def _cache(cfg: EvalConfig) -> ResultCache | None:
 
 
 def run_eval(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
-    """Evaluate every model on every task; `progress(label)` returns a `tick(done, total)`."""
-    opts = EvalOptions(
-        limit=cfg.limit,
-        num_fewshot=cfg.num_fewshot,
-        apply_chat_template=cfg.apply_chat_template,
-        system_instruction=cfg.system_instruction,
-        fewshot_seed=cfg.fewshot_seed,
-        bootstrap_iters=cfg.bootstrap_iters,
-        grants=cfg.grants(),
-    )
-    taskset = load_tasks(cfg.tasks, opts)  # every task file and document checked before a model loads
+    """Evaluate every model on every task; `progress(label)` returns a `tick(done, total)`
+    (and its `loading(model)`, if it has one, wraps each model load)."""
+    opts, grants = cfg.run, cfg.grants()
+    taskset = load_tasks(cfg.tasks, opts, grants)  # every task file and document checked before a model loads
     specs = model_specs(cfg)
     cache = _cache(cfg)
     load_kwargs = {k: v for k, v in cfg.load_kwargs().items() if k != "adapter"}
-    judge = judge_hook(lambda ref: load_model(ref, **load_kwargs), opts.grants)
+    load_kwargs["progress"] = load_status(progress)
+    judge = judge_hook(lambda ref: load_model(ref, **load_kwargs), grants)
     runs, samples = [], []
     try:
         for spec in specs:
             llm = load_model(spec.model, **load_kwargs, adapter=spec.adapter)
             started = time.perf_counter()
-            scorer = Scorer(llm.model, llm.tokenizer, batch_size=cfg.batch_size)
+            scorer = Scorer(llm.model, llm.tokenizer, batch_size=opts.batch_size)
             runner = Runner(scorer, fingerprint=model_fingerprint(llm.model), cache=cache)
             tick = progress(spec.label) if progress else None
             result, run_samples = evaluate(runner, taskset, opts, progress=tick, judge=judge)
             result["config"].update(
-                {"model_args": f"model={spec.model},adapter={spec.adapter}", "limit": cfg.limit}
+                {"model_args": f"model={spec.model},adapter={spec.adapter}", "limit": opts.limit}
             )
             result["weightsmith"] = run_metadata(
                 spec.label, spec.model, spec.adapter, llm, runner.fingerprint, started,

@@ -16,6 +16,7 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.safety.policy_file import ClassifierAccess
 
 
 class GuardTestFailed(WeightsmithError):
@@ -31,6 +32,7 @@ class GuardCheckConfig:
     """Check one text against a guardrail policy's input (or output) rails."""
 
     policy: str = opt(help="policy file (.yaml) or builtin:NAME (e.g. builtin:school)", positional=True)
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     text: str | None = opt(None, "the text to check; read from stdin when absent or '-'", positional=True)
     output: bool = opt(False, "check the text as model output (output rails) instead of user input")
     json: bool = opt(False, "print the result as JSON")
@@ -41,13 +43,14 @@ class GuardTestConfig:
     """Run a guardrail policy against the examples in its own file; fail if any disagrees."""
 
     policy: str = opt(help="policy file (.yaml) or builtin:NAME (e.g. builtin:school)", positional=True)
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     json: bool = opt(False, "print the result as JSON")
 
 
-def _load(spec: str) -> Any:
+def _load(cfg: GuardCheckConfig | GuardTestConfig) -> Any:
     from weightsmith.safety.policy import Guard
 
-    return Guard.load(spec)
+    return Guard.load(cfg.policy, grants=cfg.classifier.grants())
 
 
 def run_guard_check(cfg: GuardCheckConfig, progress: Any = None) -> dict[str, Any]:
@@ -55,7 +58,7 @@ def run_guard_check(cfg: GuardCheckConfig, progress: Any = None) -> dict[str, An
     if cfg.text is None or cfg.text == "-":
         raise UsageError("no text to check: pass TEXT, or pipe it on stdin (TEXT '-' or absent)")
     text = cfg.text
-    guard = _load(cfg.policy)
+    guard = _load(cfg)
     direction = "output" if cfg.output else "input"
     if direction == "output" and not guard.has_output_rails:
         raise UsageError(f"{guard.path}: policy {guard.name} has no output rails; drop --output")
@@ -76,7 +79,7 @@ def run_guard_check(cfg: GuardCheckConfig, progress: Any = None) -> dict[str, An
 def run_guard_test(cfg: GuardTestConfig, progress: Any = None) -> dict[str, Any]:
     """Run the policy's examples; when any fails, raise GuardTestFailed ("N of M examples
     failed: ...") carrying the whole result, which the CLI shows before the error line."""
-    guard = _load(cfg.policy)
+    guard = _load(cfg)
     rows = guard.run_examples()
     failed = [r for r in rows if not r["ok"]]
     result = {

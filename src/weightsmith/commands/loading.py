@@ -2,12 +2,15 @@
 
 `LoadOptions` (which model, device, dtype, pickle, adapter) and `SamplingOptions` (how
 tokens are chosen) are mixed into the configs of generate, chat, merge, eval and audit.
-`load_model` loads a checkpoint through `weightsmith.load`, inside `load_status`: a
-context manager factory that does nothing here and that the CLI replaces with a spinner
-on a terminal (commands never print).
+`load_model(model, progress=status)` loads a checkpoint through `weightsmith.load` inside
+`status(model)`, a context manager (the CLI shows a spinner in it on a terminal). A command
+finds that status in the `progress` it was given: `load_status(progress)` is its
+`loading` method when it has one (the CLI's progress for a model-loading command does), so
+a command's own progress (text as it arrives, ticks) keeps its shape and tests pass plain
+callables. Nothing here is process-wide.
 
 Not here: resolving or reading checkpoints (`weightsmith.llm`, `weightsmith.checkpoint`),
-the spinner itself (`weightsmith.cli.main`).
+the spinner itself (`weightsmith.cli.loading`).
 """
 
 from __future__ import annotations
@@ -24,19 +27,18 @@ from weightsmith.llm import LLM, load
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-#: `load_status(model)` wraps every model load; the CLI shows a spinner in it on a terminal.
-load_status: Callable[[str], AbstractContextManager[Any]] = lambda model: contextlib.nullcontext()  # noqa: E731
+#: `status(model)`: a context manager around one model load (the CLI shows a spinner in it).
+LoadStatus = Callable[[str], AbstractContextManager[Any]]
 
 
-def set_load_status(status: Callable[[str], AbstractContextManager[Any]]) -> None:
-    """Show model loads with `status(model)` (a context manager), e.g. a spinner."""
-    global load_status
-    load_status = status
+def load_status(progress: Any) -> LoadStatus | None:
+    """How a command's `progress` shows model loads: its `loading(model)`, if it has one."""
+    return getattr(progress, "loading", None)
 
 
-def load_model(model: str, **kwargs: Any) -> LLM:
-    """`weightsmith.load(model, **kwargs)`, shown by the installed `load_status`."""
-    with load_status(model):
+def load_model(model: str, *, progress: LoadStatus | None = None, **kwargs: Any) -> LLM:
+    """`weightsmith.load(model, **kwargs)`, inside `progress(model)` when given."""
+    with progress(model) if progress is not None else contextlib.nullcontext():
         return load(model, **kwargs)
 
 
@@ -58,8 +60,8 @@ class LoadOptions:
             "adapter": self.adapter,
         }
 
-    def load(self) -> LLM:
-        return load_model(self.model, **self.load_kwargs())
+    def load(self, progress: LoadStatus | None = None) -> LLM:
+        return load_model(self.model, progress=progress, **self.load_kwargs())
 
 
 @dataclass(kw_only=True)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from weightsmith import __version__
-from weightsmith.commands.loading import load_model, model_label
+from weightsmith.commands.loading import LoadStatus, load_model, load_status, model_label
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
+from weightsmith.safety.policy_file import ClassifierAccess
+from weightsmith.safety.redteam import OutputOptions, RateOptions
 
 DEFAULT_TRANSFORMS = ["none", "base64", "rot13", "leetspeak", "suffix:sure"]
 
@@ -37,6 +39,7 @@ class RedteamConfig:
     model: list[str] = opt(default_factory=list, help="with an endpoint: the served model names to attack")
     adapter: list[str] = opt(default_factory=list, help="LoRA adapter directory of a fork to attack too")
     guard: str | None = opt(None, "guardrail policy file (or builtin:school): also run each model behind it")
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     packs: list[str] = opt(
         default_factory=lambda: ["builtin:all"], help="probe packs: files, folders, builtin:NAME"
     )
@@ -58,16 +61,12 @@ class RedteamConfig:
         "patterns", "how refusals are recognised: refusal patterns, or the --judge model"
     )
     api_key_env: str = opt("WEIGHTSMITH_API_KEY", "environment variable holding the endpoint's API key")
-    over_refusal_budget: float = opt(0.10, "most over-refusal a guard may add (0.10 = 10 points)")
-    interval: Literal["wilson", "clopper-pearson"] = opt(
-        "wilson", "95% interval on each rate: Wilson score or Clopper–Pearson exact"
-    )
+    rates: RateOptions = opt(default_factory=RateOptions, flatten=True)  # --over-refusal-budget, --interval
     calibrate: bool = opt(True, "measure the detectors on their labelled sets and report it")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
-    out: str | None = opt(None, "folder for transcripts.jsonl, summary.json and report.html")
-    resume: bool = opt(True, "reuse attempts an interrupted run with the same settings already made")
+    output: OutputOptions = opt(default_factory=OutputOptions, flatten=True)  # --out, --resume
     json: bool = opt(False, "print the summary as JSON")
 
     def __post_init__(self) -> None:
@@ -77,8 +76,8 @@ class RedteamConfig:
 class _LazyModel:
     """A `ModelTarget` whose model loads on first use and can be released after."""
 
-    def __init__(self, cfg: RedteamConfig, adapter: str | None) -> None:
-        self.cfg, self.adapter = cfg, adapter
+    def __init__(self, cfg: RedteamConfig, adapter: str | None, status: LoadStatus | None = None) -> None:
+        self.cfg, self.adapter, self.status = cfg, adapter, status
         self.label = model_label(cfg.target, adapter)
         self.identity = {"model": cfg.target, "adapter": adapter, "dtype": cfg.dtype, "kind": "in-process"}
         self._target: Any = None
@@ -87,7 +86,7 @@ class _LazyModel:
         if self._target is None:
             from weightsmith.safety.redteam import ModelTarget
 
-            llm = load_model(self.cfg.target, **_load_kwargs(self.cfg), adapter=self.adapter)
+            llm = load_model(self.cfg.target, **_load_kwargs(self.cfg, self.status), adapter=self.adapter)
             self._target = ModelTarget(
                 llm, self.label, max_tokens=self.cfg.max_tokens, batch_size=self.cfg.batch_size
             )
@@ -97,8 +96,8 @@ class _LazyModel:
         self._target = None
 
 
-def _load_kwargs(cfg: RedteamConfig) -> dict[str, Any]:
-    return {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
+def _load_kwargs(cfg: RedteamConfig, status: LoadStatus | None) -> dict[str, Any]:
+    return {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle, "progress": status}
 
 
 def _check(cfg: RedteamConfig) -> None:
@@ -120,8 +119,6 @@ def _check(cfg: RedteamConfig) -> None:
         raise UsageError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.refusal_detector == "judge" and cfg.judge is None:
         raise UsageError("--refusal-detector judge needs a judge model: give --judge MODEL or URL")
-    if not 0 <= cfg.over_refusal_budget <= 1:
-        raise UsageError(f"--over-refusal-budget is a fraction in [0, 1], got {cfg.over_refusal_budget}")
 
 
 def limit_probes(probes: list[Any], limit: int | None) -> list[Any]:
@@ -139,7 +136,7 @@ def limit_probes(probes: list[Any], limit: int | None) -> list[Any]:
     return [p for p in probes if id(p) in keep]
 
 
-def _targets(cfg: RedteamConfig) -> list[Any]:
+def _targets(cfg: RedteamConfig, status: LoadStatus | None) -> list[Any]:
     from weightsmith.safety.redteam import EndpointTarget
 
     if is_endpoint(cfg.target):
@@ -148,10 +145,10 @@ def _targets(cfg: RedteamConfig) -> list[Any]:
             EndpointTarget(cfg.target, m, api_key=key, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
             for m in cfg.model
         ]
-    return [_LazyModel(cfg, None)] + [_LazyModel(cfg, a) for a in cfg.adapter]
+    return [_LazyModel(cfg, a, status) for a in [None, *cfg.adapter]]
 
 
-def _judge(cfg: RedteamConfig) -> Any:
+def _judge(cfg: RedteamConfig, status: LoadStatus | None) -> Any:
     if cfg.judge is None:
         return None
     from weightsmith.eval.judge import EndpointJudge, LocalJudge
@@ -159,11 +156,12 @@ def _judge(cfg: RedteamConfig) -> Any:
     if is_endpoint(cfg.judge):
         key = os.environ.get(cfg.api_key_env) or None
         return EndpointJudge(cfg.judge, cfg.judge_model, key, max_tokens=64)
-    return LocalJudge(load_model(cfg.judge, **_load_kwargs(cfg)), max_tokens=64)
+    return LocalJudge(load_model(cfg.judge, **_load_kwargs(cfg, status)), max_tokens=64)
 
 
 def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
-    """Attack every configuration; `progress(label, done, total)` is told as probes finish."""
+    """Attack every configuration; `progress(label, done, total)` is told as probes finish (and
+    its `loading(model)`, if it has one, wraps each model load)."""
     from weightsmith.safety.guarded import load_guard
     from weightsmith.safety.probes import load_packs
     from weightsmith.safety.redteam import (
@@ -175,6 +173,7 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     from weightsmith.safety.redteam import run_redteam as attack
     from weightsmith.safety.transforms import apply_transforms, parse_transforms
 
+    status = load_status(progress)  # wraps each model load
     # Everything a user wrote is checked before any model loads.
     for a in cfg.adapter:
         if not Path(a).is_dir():
@@ -182,19 +181,21 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     probes = limit_probes(load_packs(cfg.packs), cfg.limit)
     transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
     probes = apply_transforms(probes, transforms)
-    guard = load_guard(cfg.guard, load_model=lambda ref: load_model(ref, **_load_kwargs(cfg)))
-    detectors = default_detectors(_judge(cfg), refusal=cfg.refusal_detector)
-    configs = configurations(_targets(cfg), guard)
+    guard = load_guard(
+        cfg.guard,
+        load_model=lambda ref: load_model(ref, **_load_kwargs(cfg, status)),
+        grants=cfg.classifier.grants(),
+    )
+    detectors = default_detectors(_judge(cfg, status), refusal=cfg.refusal_detector)
+    configs = configurations(_targets(cfg, status), guard)
     opts = RunOptions(
-        interval=cfg.interval,
+        rates=cfg.rates,
+        output=cfg.output,
         # In-process, each call sorts 4 batches' worth by prompt length (1.3x faster on the
         # default model than calls of one batch); an endpoint gets enough to keep it busy.
         batch_size=4 * cfg.batch_size
         if not is_endpoint(cfg.target)
         else max(cfg.batch_size, cfg.concurrency),
-        over_refusal_budget=cfg.over_refusal_budget,
-        out=cfg.out,
-        resume=cfg.resume,
         key_extra={"max_tokens": cfg.max_tokens},
         run_info={
             "weightsmith": __version__,
@@ -209,8 +210,8 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
         opts.run_info["calibration"] = calibration(detectors)
     released = _Releaser(configs)
     result = attack(configs, probes, detectors, opts, progress=released.wrap(progress))
-    if cfg.out:
-        result["written"] = {name: str(Path(cfg.out) / name) for name in
+    if cfg.output.out:
+        result["written"] = {name: str(Path(cfg.output.out) / name) for name in
                              ("transcripts.jsonl", "summary.json", "report.html")}  # fmt: skip
     return result
 

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from weightsmith.commands.loading import LoadOptions, SamplingOptions, load_model
+from weightsmith.commands.loading import LoadOptions, LoadStatus, SamplingOptions, load_model, load_status
 from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM
+from weightsmith.safety.policy_file import ClassifierAccess
 
 TextSink = Callable[[str], None]
 
@@ -40,18 +41,20 @@ class GenerateConfig(LoadOptions, SamplingOptions):
     guard: str | None = opt(
         None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
     )
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     compile: bool = opt(
         False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)"
     )
 
 
 def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
-    """Complete `cfg.prompt`; `progress(text)` receives the text as it arrives."""
+    """Complete `cfg.prompt`; `progress(text)` receives the text as it arrives (and its
+    `loading(model)`, if it has one, wraps each model load)."""
     if cfg.prompt is None:
         raise UsageError("no prompt: pass --prompt TEXT or pipe text on standard input")
-    prompt, on_text = cfg.prompt, progress
-    guard = _load_guard(cfg)
-    llm = cfg.load()
+    prompt, on_text, status = cfg.prompt, progress, load_status(progress)
+    guard = _load_guard(cfg, status)
+    llm = cfg.load(status)
     llm.engine.compile = cfg.compile
     params = llm.sampling_params(**cfg.sampling())
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
@@ -67,7 +70,11 @@ def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
         return {"model": cfg.model, "prompt": prompt, **_guarded_result(completion, reply)}
     source: Any = llm.engine.chat_prompt(messages) if cfg.chat else prompt
     if cfg.draft is not None:
-        return {"model": cfg.model, "prompt": prompt, **_run_speculative(cfg, llm, params, source, on_text)}
+        return {
+            "model": cfg.model,
+            "prompt": prompt,
+            **_run_speculative(cfg, llm, params, source, on_text, status),
+        }
     completion = None
     for delta in llm.engine.stream(source, params):
         if on_text and delta.text:
@@ -77,12 +84,16 @@ def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
     return {"model": cfg.model, "prompt": prompt, **completion.to_dict()}
 
 
-def _load_guard(cfg: Any) -> Any:
+def _load_guard(cfg: Any, status: LoadStatus | None) -> Any:
     """The --guard policy, read and checked before the model loads (None without --guard)."""
     from weightsmith.safety.guarded import load_guard
 
     opts = {"device": cfg.device, "dtype": cfg.dtype, "allow_pickle": cfg.allow_pickle}
-    return load_guard(cfg.guard, load_model=lambda ref: load_model(ref, **opts))
+    return load_guard(
+        cfg.guard,
+        load_model=lambda ref: load_model(ref, progress=status, **opts),
+        grants=cfg.classifier.grants(),
+    )
 
 
 def guarded_stream(
@@ -118,7 +129,12 @@ def _guarded_result(completion: Any, reply: Any) -> dict:
 
 
 def _run_speculative(
-    cfg: GenerateConfig, llm: LLM, params: Any, source: Any, on_text: TextSink | None
+    cfg: GenerateConfig,
+    llm: LLM,
+    params: Any,
+    source: Any,
+    on_text: TextSink | None,
+    status: LoadStatus | None,
 ) -> dict:
     """`generate --draft`: the target's greedy tokens, drafted by a second model. Stop
     strings are not applied here, so --stop is refused rather than silently ignored."""
@@ -133,7 +149,9 @@ def _run_speculative(
         raise UsageError("--draft does not apply repetition penalties; pass --repetition-penalty 1")
     if cfg.draft_k < 1:
         raise UsageError(f"--draft-k must be at least 1, got {cfg.draft_k}")
-    draft = load_model(cfg.draft, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
+    draft = load_model(
+        cfg.draft, progress=status, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle
+    )
     check_draft(llm.model, draft.model)
     ids = llm.engine.encode_prompt(source)
     eos = set() if params.ignore_eos else set(llm.engine.eos_token_ids)
@@ -167,6 +185,7 @@ class ChatConfig(LoadOptions, SamplingOptions):
     max_tokens: int = opt(512, "most tokens per answer", short="-n")
     system: str | None = opt(None, "system message for the conversation")
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every turn")
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     compile: bool = opt(
         False, "decode through torch.compile (CUDA graphs on a GPU; eager if it cannot compile)"
     )
@@ -225,10 +244,12 @@ class ChatSession:
             self.history = self.history[2:]  # drop the oldest exchange
 
 
-def open_chat(cfg: ChatConfig) -> ChatSession:
-    """Load the policy (checked first) and the model; a session ready for its first turn."""
-    guard = _load_guard(cfg)
-    llm = cfg.load()
+def open_chat(cfg: ChatConfig, progress: Any = None) -> ChatSession:
+    """Load the policy (checked first) and the model; a session ready for its first turn.
+    `progress.loading(model)`, if it has one, wraps each model load."""
+    status = load_status(progress)
+    guard = _load_guard(cfg, status)
+    llm = cfg.load(status)
     llm.engine.compile = cfg.compile
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")

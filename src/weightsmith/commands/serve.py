@@ -28,6 +28,7 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.safety.policy_file import ClassifierAccess
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -86,6 +87,7 @@ class ServeConfig:
         split=False,
     )
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every request")
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     drain_timeout: float = opt(30.0, "on shutdown, seconds to let in-flight requests finish")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
@@ -164,7 +166,10 @@ def build_app(cfg: ServeConfig):
     from weightsmith.serve.app import create_app
 
     adapters = parse_adapters(cfg.adapter)
-    guard = load_guard(cfg.guard, load_model=lambda ref: load(ref, device=cfg.device, dtype=cfg.dtype))
+    guard = load_guard(
+        cfg.guard, load_model=lambda ref: load(ref, device=cfg.device, dtype=cfg.dtype),
+        grants=cfg.classifier.grants(),
+    )  # fmt: skip
     path = resolve(cfg.model)
     served_name = cfg.served_name or cfg.model
     if ":" in served_name.removeprefix(str(Path(served_name).anchor)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from weightsmith.commands.loading import LoadOptions, load_model
+from weightsmith.commands.loading import LoadOptions, load_status
 from weightsmith.config import opt
 from weightsmith.train.loop import Reporter
 from weightsmith.train.sft import FinetuneConfig
@@ -45,7 +45,7 @@ def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
 
     if not cfg.adapter:
         raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
-    llm = load_model(cfg.model, **cfg.load_kwargs())
+    llm = cfg.load(load_status(progress))
     dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
     out = save_hf_dir(
         llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype

@@ -32,8 +32,10 @@ from weightsmith.config.fields import (
     field_default,
     field_label,
     flag_name,
+    group_prefix,
     init_fields,
     is_fixed_tuple,
+    is_flattened,
     is_repeatable,
     item_types,
     leaves,
@@ -43,6 +45,7 @@ from weightsmith.config.fields import (
     split_commas,
     split_optional,
     splits,
+    visible_fields,
 )
 from weightsmith.config.records import BadField, Where, load_record, nonempty, where_field
 from weightsmith.config.yaml_files import (
@@ -77,8 +80,10 @@ __all__ = [
     "field_default",
     "field_label",
     "flag_name",
+    "group_prefix",
     "init_fields",
     "is_fixed_tuple",
+    "is_flattened",
     "is_repeatable",
     "item_types",
     "leaves",
@@ -92,6 +97,7 @@ __all__ = [
     "split_commas",
     "split_optional",
     "splits",
+    "visible_fields",
     "values_from_mapping",
     "where_field",
 ]

@@ -26,11 +26,14 @@ from weightsmith.config.fields import (
     did_you_mean,
     field_default,
     field_label,
+    group_prefix,
     init_fields,
+    is_flattened,
     is_repeatable,
     nested_class,
     show_value,
     splits,
+    visible_fields,
 )
 from weightsmith.errors import UsageError, WeightsmithError
 
@@ -45,7 +48,7 @@ def build_config(cls: type[T], values: dict[Key, Any], prefix: Key, base: Any) -
         if sub is not None:
             sub_base = getattr(base, f.name) if base is not None else field_default(f)
             kwargs[f.name] = build_config(
-                sub, values, path, None if sub_base is dataclasses.MISSING else sub_base
+                sub, values, group_prefix(prefix, f), None if sub_base is dataclasses.MISSING else sub_base
             )
         elif path in values:
             kwargs[f.name] = values[path]
@@ -97,7 +100,7 @@ def values_from_mapping(cls: type, data: Any, prefix: Key, source: str, line: in
         raise UsageError(
             f"{_where(source, line)}expected a mapping of keys at {what}, got {show_value(data)}"
         )
-    fields = {f.name: (f, tp) for f, tp in init_fields(cls)}
+    fields = visible_fields(cls)  # flattened groups' keys sit at this level
     key_lines = getattr(data, "key_lines", {})
     values: dict[Key, Any] = {}
     seen: set[str] = set()
@@ -146,4 +149,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a dataclass instance, got {cfg!r}")
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        if is_flattened(f):
+            out.update(config_to_dict(value))  # its keys sit at this level
+        else:
+            out[f.name] = _plain(value)
+    return out

@@ -44,6 +44,13 @@ Field conventions
   come from the field's default instance when it has one. In YAML the group is
   a nested mapping (``train: {lr: 1.0e-4}``). Groups cannot be ``X | None``
   (use a Literal switch instead) and cannot hold positionals.
+* A group declared with ``opt(default_factory=Grants, flatten=True)`` is a
+  flattened group: its fields keep their own names at the level of the field
+  that holds it (``--classifier-endpoint``, YAML ``classifier_endpoint:``, no
+  group title), in its place in --help, while Python reads them through the
+  group (``cfg.grants.classifier_endpoint``). A library declares the settings it
+  takes once, as such a record, and each command embeds it; its names must not
+  repeat a name of the command's other fields.
 * Types (annotations are resolved with `typing.get_type_hints`, so
   ``from __future__ import annotations`` works for module-level classes):
   ``str``, ``int``, ``float``, ``Path``, ``bool`` (``--flag`` / ``--no-flag``;
@@ -109,6 +116,7 @@ def opt(
     default_factory: Any = None,
     metavar: str | None = None,
     split: bool = True,
+    flatten: bool = False,
 ) -> Any:
     """A `dataclasses.field` carrying CLI metadata; see the module docstring.
 
@@ -122,6 +130,8 @@ def opt(
     metadata.update({k: v for k, v in extras.items() if v is not None})
     if not split:
         metadata["split"] = False
+    if flatten:
+        metadata["flatten"] = True
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if default_factory is not None:
@@ -171,6 +181,35 @@ def nested_class(tp: Any) -> type | None:
     if optional:
         raise TypeError(f"{tp!r}: a nested config cannot be optional; use a Literal switch field instead")
     return inner
+
+
+def is_flattened(f: dataclasses.Field) -> bool:
+    """Whether a group field's own fields sit at its parent's level (``opt(flatten=True)``)."""
+    return bool(f.metadata.get("flatten"))
+
+
+def group_prefix(prefix: Key, f: dataclasses.Field) -> Key:
+    """The path prefix of a group field's fields: its own name added, unless it is flattened."""
+    return prefix if is_flattened(f) else prefix + (f.name,)
+
+
+def visible_fields(cls: Any) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Name -> (field, annotation) of the keys and flags `cls` shows at its own level: its
+    fields, with each flattened group replaced by that group's visible fields."""
+    out: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for f, tp in init_fields(cls):
+        sub = nested_class(tp)
+        if is_flattened(f) and sub is None:
+            raise TypeError(f"{cls.__qualname__}.{f.name}: only a dataclass field can be flattened")
+        inner = visible_fields(sub) if sub is not None and is_flattened(f) else {f.name: (f, tp)}
+        for name, item in inner.items():
+            if name in out:
+                raise TypeError(
+                    f"{cls.__qualname__}: the name {name!r} is used twice (a flattened group's fields "
+                    "share their parent's names); rename one"
+                )
+            out[name] = item
+    return out
 
 
 def choices_of(tp: Any) -> tuple[Any, ...] | None:
@@ -250,7 +289,7 @@ def leaves(cls: type, prefix: Key = ()) -> Iterator[tuple[Key, dataclasses.Field
     for f, tp in init_fields(cls):
         sub = nested_class(tp)
         if sub is not None:
-            yield from leaves(sub, prefix + (f.name,))
+            yield from leaves(sub, group_prefix(prefix, f))
         else:
             yield prefix + (f.name,), f, tp
 

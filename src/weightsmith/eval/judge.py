@@ -332,7 +332,7 @@ def make_judge(
     grants = grants or Grants()
     if cfg.is_endpoint:
         key_env = cfg.check_grants(grants)
-        where = "--judge-api-key-env"
+        where = grants.api_key_flag
         return endpoint_judge(cfg.model, cfg.endpoint_model, key_env, max_tokens=cfg.max_tokens, where=where)
     return LocalJudge(load_model(cfg.model), max_tokens=cfg.max_tokens)
 

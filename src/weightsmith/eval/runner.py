@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval import metrics as M
 from weightsmith.eval.cache import ResultCache, request_key
@@ -39,15 +40,28 @@ from weightsmith.eval.tasks import (
 from weightsmith.grants import Grants
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalOptions:
-    limit: float | None = None
-    num_fewshot: int | None = None
-    apply_chat_template: bool = False
-    system_instruction: str | None = None
-    fewshot_seed: int = 1234
-    bootstrap_iters: int = 1000
-    grants: Grants = field(default_factory=Grants)  # what the command line lets task files reach
+    """How tasks are rendered, scored and aggregated. Declared once here; the eval command
+    embeds it flattened, so these are its flags (`--limit`, `--num-fewshot`...) as they are."""
+
+    limit: float | None = opt(None, "documents per task: a count, or a fraction below 1")
+    num_fewshot: int | None = opt(None, "few-shot examples per prompt (none: each task's own num_fewshot)")
+    batch_size: int = opt(64, "requests scored together (also capped at 16,384 tokens a batch)")
+    apply_chat_template: bool = opt(False, "wrap each prompt in the model's chat template (instruct models)")
+    system_instruction: str | None = opt(None, "system message for --apply-chat-template (or a text prefix)")
+    fewshot_seed: int = opt(1234, "seed of the few-shot sampler (lm-eval's default)")
+    bootstrap_iters: int = opt(1000, "resamples for bootstrap standard errors")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError(f"--limit: expected a positive count or fraction, got {self.limit}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size: expected at least 1, got {self.batch_size}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UsageError(f"--num-fewshot: expected 0 or more, got {self.num_fewshot}")
+        if self.bootstrap_iters < 0:
+            raise UsageError(f"--bootstrap-iters: expected 0 or more, got {self.bootstrap_iters}")
 
 
 @dataclass
@@ -56,29 +70,30 @@ class TaskSet:
     groups: list[GroupConfig] = field(default_factory=list)
 
 
-def load_tasks(specs: list[str], opts: EvalOptions | None = None) -> TaskSet:
+def load_tasks(specs: list[str], opts: EvalOptions | None = None, grants: Grants | None = None) -> TaskSet:
     """Read and check every task file named by `specs` (and each group's members), and
     render every document's requests with `opts` (no model needed), so a missing template
     field, a gold index out of range or too few few-shot examples stop the run before any
-    model loads."""
+    model loads. `grants`: what the command line lets task files reach (weightsmith.grants)."""
     opts = opts or EvalOptions()
+    grants = grants or Grants()
     tasks: dict[str, Task] = {}
     groups: list[GroupConfig] = []
     for spec in specs:
         for path in resolve_spec(spec):
-            item = read_task_file(path, opts.grants)
+            item = read_task_file(path, grants)
             if isinstance(item, GroupConfig):
                 groups.append(item)
                 for name in item.tasks:
                     if name not in tasks:
-                        tasks[name] = Task(_find_member(item, name, opts.grants))
+                        tasks[name] = Task(_find_member(item, name, grants))
             elif item.task not in tasks:
                 tasks[item.task] = Task(item)
     for task in tasks.values():
         if task.cfg.judge:  # checked now, before any model work: fields, endpoint and key grants
             line = task.cfg.lines.get("judge")
             source = f"{task.cfg.source}{f':{line}' if line else ''}"
-            JudgeConfig.from_dict(task.cfg.judge, source=source).check_grants(opts.grants)
+            JudgeConfig.from_dict(task.cfg.judge, source=source).check_grants(grants)
     for task in tasks.values():
         # Without the chat template (it needs the tokenizer): it only wraps the rendered text.
         task.build(

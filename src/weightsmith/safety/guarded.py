@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from weightsmith.grants import Grants
+
 #: finish_reason of an answer a guard replaced, as OpenAI reports filtered content.
 CONTENT_FILTER = "content_filter"
 
@@ -101,10 +103,13 @@ def guarded_replies(
     return [r for r in out if r is not None]
 
 
-def load_guard(spec: str | None, *, load_model: Callable[[str], Any] | None = None) -> Any:
-    """`Guard.load(spec)` (None -> None); classifier rules load their judge lazily."""
+def load_guard(
+    spec: str | None, *, load_model: Callable[[str], Any] | None = None, grants: Grants | None = None
+) -> Any:
+    """`Guard.load(spec)` (None -> None); a local classifier model loads on first use, an
+    endpoint classifier must be granted by `grants` (`ClassifierAccess.grants()`) now."""
     if spec is None:
         return None
     from weightsmith.safety.policy import Guard
 
-    return Guard.load(spec, load_model=load_model)
+    return Guard.load(spec, load_model=load_model, grants=grants)

@@ -37,10 +37,12 @@ from typing import Any
 from weightsmith.errors import ConfigError, UsageError, WeightsmithError
 from weightsmith.eval.judge import JudgeBackend, LocalJudge, endpoint_judge, is_endpoint
 from weightsmith.files import builtin_file
+from weightsmith.grants import Grants
 from weightsmith.safety.policy_file import (
     ACTIONS,
     DIRECTIONS,
     RULE_TYPES,
+    ClassifierAccess,
     ClassifierSettings,
     Example,
     read_policy,
@@ -159,6 +161,7 @@ class Guard:
         examples: list[Example],
         judge: JudgeBackend | None = None,
         load_model: Callable[[str], Any] | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -173,6 +176,7 @@ class Guard:
         self.examples = examples
         self._judge = judge
         self._load_model = load_model
+        self._grants = grants or ClassifierAccess().grants()  # by default, no endpoint, no key
         self._judge_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -185,15 +189,18 @@ class Guard:
         *,
         judge: JudgeBackend | None = None,
         load_model: Callable[[str], Any] | None = None,
+        grants: Grants | None = None,
     ) -> Guard:
         """Read a policy from a YAML path or `builtin:NAME`; ConfigError naming FILE:LINE if bad.
 
-        A classifier rule needs a judge: `judge` when given, else one built on first use from
-        the policy's `classifier.model` (an endpoint URL -> EndpointJudge, else a LocalJudge on
-        `load_model(model)`, by default `weightsmith.load`)."""
+        A classifier rule needs a judge: `judge` when given, else one from the policy's
+        `classifier.model`: a LocalJudge on `load_model(model)` (by default `weightsmith.load`)
+        built on first use, or an EndpointJudge built now, which `grants` (the command line's
+        `ClassifierAccess`) must allow: its URL, and the variable its API key comes from. A
+        refusal is one ConfigError line naming the file, line, key and the flag to pass."""
         path = _resolve(spec)
         policy = read_policy(path, has_judge=judge is not None)
-        return cls(
+        guard = cls(
             name=policy.policy,
             version=policy.version,
             path=str(path),
@@ -207,7 +214,12 @@ class Guard:
             examples=list(policy.examples),
             judge=judge,
             load_model=load_model,
+            grants=grants,
         )
+        c = policy.classifier
+        if judge is None and c is not None and guard.has_classifier and is_endpoint(c.model):
+            guard.judge()  # refused now, before any model loads or request is sent
+        return guard
 
     # -- checking ---------------------------------------------------------------
 
@@ -362,10 +374,11 @@ class Guard:
                 if c is None:
                     raise ConfigError(f"{self.path}: classifier: required by a classifier rule")
                 if is_endpoint(c.model):
-                    where = f"{self.path}:{c.line}: classifier.api_key_env"
+                    key_env = c.check_grants(self._grants)  # the command line's, never the file's
                     self._judge = endpoint_judge(
-                        c.model, c.endpoint_model, c.api_key_env, max_tokens=c.max_tokens, where=where
-                    )
+                        c.model, c.endpoint_model, key_env, max_tokens=c.max_tokens,
+                        where=self._grants.api_key_flag,
+                    )  # fmt: skip
                 else:
                     load = self._load_model or _default_load_model
                     self._judge = LocalJudge(load(c.model), max_tokens=c.max_tokens)

@@ -9,6 +9,12 @@ expressions, PII kinds) when loaded. `read_policy` loads a file through
 ``FILE:LINE: key: problem``, then `PolicyFile.check` checks what needs the whole file:
 unique rule ids, the categories and refusal templates rules name, the rules examples name.
 
+A policy's `classifier:` may name an OpenAI-compatible endpoint, but a shared file cannot
+reach the network or choose which secret is sent: `ClassifierSettings.check_grants` refuses
+an endpoint unless the command line names that URL (`--classifier-endpoint`), and takes the
+API key only from the variable the command line names (`--classifier-api-key-env`). Those
+flags are `ClassifierAccess`, a record every command that loads a policy embeds.
+
 Not here: resolving `builtin:NAME` and running a policy (`Guard` in policy.py, whose
 `Guard.load` calls `read_policy`); `Rule` matching and the PII detectors (rails.py).
 """
@@ -22,15 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from weightsmith.config import BadValue, did_you_mean, read_yaml
+from weightsmith.config import BadValue, did_you_mean, opt, read_yaml
 from weightsmith.config.records import BadField, Where, load_record, nonempty, where_field
 from weightsmith.errors import ConfigError
+from weightsmith.grants import Grants
 from weightsmith.safety.rails import PII_KINDS, Rule
 
 __all__ = [
     "ACTIONS",
     "DIRECTIONS",
     "RULE_TYPES",
+    "ClassifierAccess",
     "ClassifierRule",
     "ClassifierSettings",
     "Example",
@@ -247,6 +255,35 @@ class ClassifierSettings:
     @property
     def line(self) -> int:
         return self.where.line
+
+    def check_grants(self, grants: Grants) -> str | None:
+        """Refuse an endpoint the command line did not grant, and an API-key variable the file
+        chose; return the variable whose value is the endpoint's key (None: no key)."""
+        grants.endpoint(self.model, lambda m: self.where.error("model", m))
+        return grants.api_key_var(self.api_key_env, lambda m: self.where.error("api_key_env", m))
+
+
+@dataclass(kw_only=True)
+class ClassifierAccess:
+    """The command line's grants to a guard policy's classifier (flags of every command that
+    loads a policy, embedded flattened: `--classifier-endpoint`, `--classifier-api-key-env`)."""
+
+    classifier_endpoint: list[str] = opt(
+        default_factory=list, help="let a guard policy's classifier call this OpenAI-compatible "
+        "endpoint URL (a policy cannot reach the network otherwise)"
+    )  # fmt: skip
+    classifier_api_key_env: str | None = opt(
+        None, "environment variable whose value is sent as the classifier endpoint's API key"
+    )
+
+    def grants(self) -> Grants:
+        """What these flags let a policy's classifier reach (weightsmith.grants)."""
+        return Grants(
+            endpoints=tuple(self.classifier_endpoint),
+            api_key_env=self.classifier_api_key_env,
+            endpoint_flag="--classifier-endpoint",
+            api_key_flag="--classifier-api-key-env",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
