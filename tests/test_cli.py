@@ -230,9 +230,11 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
         [
             "demo",
             "--stages",
-            "finetune,serve,eval,redteam",
+            "finetune,serve,eval,redteam,arena",
             "--steps",
             "16",
+            "--arena-battles",
+            "2",
             "--out",
             str(out_dir),
             "--eval-limit",
@@ -254,6 +256,9 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     )
     base, tuned = (int(style.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
     assert base == 0 and tuned >= 9
+    # The arena stage: two battles, each judged in both orders, a vote each, the ratings table.
+    assert "== arena:" in out and "arena ratings (all votes: 2)" in out and "arena serve" in out
+    assert (out_dir / "arena" / "arena.sqlite").is_file() and (out_dir / "arena" / "report.html").is_file()
     # The serve stage: the adapter, served and asked through the official OpenAI client.
     assert "== serve:" in out and "asked with the openai client" in out
     assert "served adapter answers in the house style: yes" in out

@@ -9,7 +9,10 @@ client. eval: the base model and the tuned adapter on held-out Kettlebird questi
 tests, plus an arithmetic suite as a check that general skill held; report in
 OUT/eval. redteam: the base model and the tuned fork, each bare and behind the sample
 school policy, attacked with the built-in probe packs; attack success and over-refusal
-with 95% intervals, report in OUT/redteam.
+with 95% intervals, report in OUT/redteam. arena: the base model and the tuned fork answer held-out questions side by
+side, the base model judges each pair in both orders (by the likelihood of its verdicts), and
+the Bradley–Terry ratings of those votes are printed with the command that opens the page
+for people to vote on the same battles.
 
 The demo stays in the CLI layer rather than in `weightsmith.commands`: its product is the
 narration it writes to `out` as each stage runs (streamed answers between headings), and
@@ -31,7 +34,7 @@ from weightsmith.commands.run import ChatSession
 from weightsmith.config import opt
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
-Stage = Literal["chat", "finetune", "serve", "eval", "redteam"]
+Stage = Literal["chat", "finetune", "serve", "eval", "redteam", "arena"]
 
 
 @dataclass(kw_only=True)
@@ -39,12 +42,15 @@ class DemoConfig:
     """Run the main job end to end on the default model: chat, fine-tune, serve, evaluate, red-team."""
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
-    stages: list[Stage] = opt(["chat", "finetune", "serve", "eval", "redteam"], "stages to run, in order")
+    stages: list[Stage] = opt(
+        ["chat", "finetune", "serve", "eval", "redteam", "arena"], "stages to run, in order"
+    )
     max_tokens: int = opt(96, "most tokens per chat answer (and, up to 48, per red-team reply)")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
     eval_limit: int = opt(50, "documents per suite in the eval stage")
     redteam_limit: int = opt(8, "probes per pack in the redteam stage (before transforms)")
+    arena_battles: int = opt(6, "battles the judge fights in the arena stage")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
@@ -63,7 +69,7 @@ def run(cfg: DemoConfig, progress: Any = None) -> dict[str, Any]:
 
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
     stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval,
-              "redteam": demo_redteam}  # fmt: skip
+              "redteam": demo_redteam, "arena": demo_arena}  # fmt: skip
     return {stage: stages[stage](cfg, out) for stage in cfg.stages}
 
 
@@ -290,3 +296,49 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     result = run_redteam(rt, Loading(progress_lines(console)))
     print_redteam(result, console)
     return {"report": result["written"]["report.html"], "configs": result["configs"]}
+
+
+def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """Base against tuned fork on held-out questions, judged by the base model; their ratings."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from weightsmith.cli.arena import print_ratings
+    from weightsmith.commands.arena import (
+        ArenaJudgeConfig,
+        ArenaRatingsConfig,
+        run_arena_judge,
+        run_arena_ratings,
+    )
+    from weightsmith.config import config_from_dict
+
+    adapter = _tuned_adapter(cfg, "arena")
+    folder = adapter / "arena"
+    folder.mkdir(parents=True, exist_ok=True)
+    db, prompts = folder / "arena.sqlite", folder / "prompts.jsonl"
+    for old in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        old.unlink(missing_ok=True)  # the demo's own DB: each run starts a fresh arena
+    questions = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions), encoding="utf-8")
+    fork = f"{cfg.model}:kettlebird"
+    out.write(
+        f"\n== arena: {cfg.model} against {fork} on held-out questions, {cfg.arena_battles} battles, "
+        f"each judged by {cfg.model} in both orders; votes in {db}\n"
+    )
+    out.flush()
+    judge = config_from_dict(
+        ArenaJudgeConfig,
+        {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
+         "contestants": [cfg.model, fork], "adapter": [f"kettlebird={adapter}"], "prompts": str(prompts),
+         "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0, "device": cfg.device, "dtype": cfg.dtype},
+    )  # fmt: skip
+    judged = run_arena_judge(judge)
+    ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(folder)}))
+    print_ratings(ratings, Console(file=out, highlight=False, emoji=False, markup=False, width=120))
+    out.write(
+        f"people can vote on the same battles: weightsmith arena serve {cfg.model} {fork} "
+        f"--adapter kettlebird={adapter} --prompts {prompts} --db {db}\n"
+    )
+    return {"judge": judged, "ratings": ratings, "db": str(db)}

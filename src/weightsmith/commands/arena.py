@@ -34,7 +34,7 @@ from weightsmith.commands.serve import parse_adapters
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import make_judge
-from weightsmith.eval.judge_pairwise import pairwise_config
+from weightsmith.eval.judge_pairwise import LIKELIHOOD_RUBRIC, LikelihoodVerdicts, pairwise_config
 from weightsmith.grants import Grants
 from weightsmith.sampling import SamplingParams
 
@@ -66,6 +66,12 @@ class ArenaJudgeConfig:
         None, "environment variable whose value is the judge endpoint's API key"
     )
     judge_max_tokens: int = opt(128, "most tokens of one judge reply")
+    verdict: str = opt(
+        "reply",
+        "how a local judge gives its verdict: reply (it writes one, parsed) or likelihood "
+        "(the likeliest of [[A]]/[[B]]/[[C]]; always votes, for small judges)",
+        choices=("reply", "likelihood"),
+    )
     battles: int | None = opt(
         None, "battles to judge; beyond the unvoted ones, new battles are fought (needs --contestants)"
     )
@@ -126,20 +132,7 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
                 grants=Grants(api_key_env=cfg.contestant_api_key_env), loader=load_model,
             )  # fmt: skip
             contestants.check()
-        judge_cfg = pairwise_config(
-            model,
-            endpoint_model=endpoint_model,
-            api_key_env=cfg.judge_api_key_env,
-            max_tokens=cfg.judge_max_tokens,
-        )
-        grants = Grants(
-            endpoints=(model,) if judge_cfg.is_endpoint else (), api_key_env=cfg.judge_api_key_env
-        )
-        backend = make_judge(
-            judge_cfg,
-            load_model=lambda ref: load_model(ref, device=cfg.device, dtype=cfg.dtype),
-            grants=grants,
-        )
+        judge_cfg, backend = _judge(cfg, model, endpoint_model)
         store = store or ArenaStore(db)
         fight = None
         if contestants is not None:
@@ -157,6 +150,29 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     finally:
         if store is not None:
             store.close()
+
+
+def _judge(cfg: ArenaJudgeConfig, model: str, endpoint_model: str) -> tuple[Any, Any]:
+    """The pairwise judge's config and backend (`--verdict likelihood`: scored, local only)."""
+    likely = cfg.verdict == "likelihood"
+    judge_cfg = pairwise_config(
+        model,
+        endpoint_model=endpoint_model,
+        api_key_env=cfg.judge_api_key_env,
+        max_tokens=cfg.judge_max_tokens,
+        **({"rubric": LIKELIHOOD_RUBRIC} if likely else {}),
+    )
+    if likely and judge_cfg.is_endpoint:
+        raise UsageError(
+            "--verdict likelihood scores the verdicts with a local judge; an endpoint judge replies"
+        )
+    if likely:
+        return judge_cfg, LikelihoodVerdicts(load_model(model, device=cfg.device, dtype=cfg.dtype))
+    grants = Grants(endpoints=(model,) if judge_cfg.is_endpoint else (), api_key_env=cfg.judge_api_key_env)
+    backend = make_judge(
+        judge_cfg, load_model=lambda ref: load_model(ref, device=cfg.device, dtype=cfg.dtype), grants=grants
+    )
+    return judge_cfg, backend
 
 
 # ---- arena ratings --------------------------------------------------------------------------

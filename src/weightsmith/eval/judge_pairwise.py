@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.eval.judge import JudgeBackend, JudgeConfig
+from weightsmith.eval.scorer import Scorer, TokenRequest
 
 PAIRWISE_RUBRIC = """\
 You are judging two assistant answers to the same conversation. Decide which answer serves \
@@ -38,6 +40,15 @@ and how long each is.
 
 Explain your reasoning in one or two sentences, then give your verdict on the last line as \
 exactly one of: [[A]] if answer A is better, [[B]] if answer B is better, [[C]] for a tie."""
+
+#: The rubric for `LikelihoodVerdicts`: the verdict is the reply, with no reasoning before it.
+LIKELIHOOD_RUBRIC = (
+    PAIRWISE_RUBRIC.rsplit("\n\n", 1)[0]
+    + """
+
+Reply with exactly one of: [[A]] if answer A is better, [[B]] if answer B is better, [[C]] \
+for a tie."""
+)
 
 #: The verdict's letter; the last one in the reply counts (a judge may quote the choices first).
 VERDICT_PATTERN = r"\[\[\s*([ABC])\s*\]\]"
@@ -63,6 +74,32 @@ def pairwise_config(
         max_tokens=max_tokens,
         source=source,
     )
+
+
+class LikelihoodVerdicts:
+    """A local judge that always gives a verdict: rather than generating a reply, it scores the
+    three verdicts `[[A]]`, `[[B]]` and `[[C]]` as the start of its answer and replies with the
+    likeliest (the multiple-choice method of lm-eval). For small local judges, whose free
+    replies often carry no verdict; use it with `LIKELIHOOD_RUBRIC`."""
+
+    CHOICES = ("[[A]]", "[[B]]", "[[C]]")
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.scorer = Scorer(llm.model, llm.tokenizer)
+
+    def complete(self, prompts: list[list[dict]]) -> list[str]:
+        tokenizer, engine = self.llm.tokenizer, self.llm.engine
+        endings = [tuple(tokenizer.encode(c, add_special_tokens=False)) for c in self.CHOICES]
+        requests = []
+        for messages in prompts:
+            context = tuple(engine.chat_prompt(messages))
+            requests.extend(TokenRequest(context, ending) for ending in endings)
+        scores = [logprob for logprob, _ in self.scorer.score(requests)]
+        n = len(self.CHOICES)
+        return [
+            self.CHOICES[max(range(n), key=lambda j, i=i: scores[i * n + j])] for i in range(len(prompts))
+        ]
 
 
 def conversation_text(messages: list[dict]) -> str:
@@ -120,7 +157,9 @@ def judge_both_orders(
 
 
 __all__ = [
+    "LIKELIHOOD_RUBRIC",
     "PAIRWISE_RUBRIC",
+    "LikelihoodVerdicts",
     "VERDICT_PATTERN",
     "PairVerdict",
     "conversation_text",
