@@ -29,21 +29,13 @@ import threading
 import time
 from pathlib import Path
 
+from arena_store import cpu_model  # beside this file
+
 from weightsmith.arena.records import CHOICES, Contestant, Prompt
 from weightsmith.arena.store import ArenaStore
 
 PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
 NAMES = ("base", "fork")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class PreAnswered:

@@ -221,3 +221,20 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
     return calls
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter (q_proj, v_proj; r=4) with random weights for the tiny model, saved as PEFT does."""
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.lora import LoraConfig, apply_lora, save_adapter
+
+    model = load_checkpoint(tiny_hf_dir, device=torch.device("cpu"), dtype=torch.float32).model
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    apply_lora(model, cfg)
+    torch.manual_seed(5)
+    with torch.no_grad():  # a fresh adapter's B is zero: make it change the model
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", cfg)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import torch
 from arena_fakes import FakeServer, free_url
 
 from weightsmith.arena.contestants import Contestants, parse_contestant
@@ -19,22 +17,6 @@ from weightsmith.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 ASK = [{"role": "user", "content": "Once upon a time"}]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_hf_dir, tmp_path_factory) -> Path:
-    from weightsmith.checkpoint.load import load_checkpoint
-    from weightsmith.lora import LoraConfig, apply_lora, save_adapter
-
-    model = load_checkpoint(tiny_hf_dir, device=torch.device("cpu"), dtype=torch.float32).model
-    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    apply_lora(model, cfg)
-    torch.manual_seed(5)
-    with torch.no_grad():  # a fresh adapter's B is zero: make it change the model
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.5)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", cfg)
 
 
 # -- specs -------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import build_tiny_hf_dir
 
 from weightsmith.cli.main import main
@@ -95,22 +94,6 @@ def task_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_dir(tmp_path_factory.mktemp("other") / "other-llama", seed=1)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_hf_dir, tmp_path_factory) -> Path:
-    from weightsmith.checkpoint.load import load_checkpoint
-    from weightsmith.lora import LoraConfig, apply_lora, save_adapter
-
-    model = load_checkpoint(tiny_hf_dir, device=torch.device("cpu"), dtype=torch.float32).model
-    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    apply_lora(model, cfg)
-    torch.manual_seed(5)
-    with torch.no_grad():  # a fresh adapter's B is zero: make it change the model
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.5)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", cfg)
 
 
 class Eval:
