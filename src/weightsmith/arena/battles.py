@@ -24,6 +24,7 @@ Preference pairs are TRL's preference format in its conversational form, one JSO
 line: ``{"prompt": [messages], "chosen": [{"role": "assistant", "content": ...}],
 "rejected": [...]}``. Beside ``NAME.jsonl`` goes ``NAME.meta.json``: the source's sha256, the
 filters and the battle ids in row order, so a DPO run can say which votes it learned from.
+Both files are written by `weightsmith.preference_pairs`, as the red-team's pairs are.
 
 Not here: the records (records.py), storage, the command line.
 """
@@ -43,7 +44,8 @@ from weightsmith.arena.records import IMPORTED, Battle, Vote, judge_voter, voter
 from weightsmith.config.fields import BadValue, did_you_mean
 from weightsmith.config.records import BadField, Where, load_record, where_field
 from weightsmith.errors import ConfigError, UsageError
-from weightsmith.files import atomic_file, json_object_line
+from weightsmith.files import json_object_line
+from weightsmith.preference_pairs import meta_path, pair_row, write_pairs
 
 #: A log's winner -> the vote's choice.
 WINNERS = {"model_a": "a", "model_b": "b", "tie": "tie", "tie (bothbad)": "both_bad", "both_bad": "both_bad"}
@@ -332,12 +334,6 @@ class Export:
         return asdict(self)
 
 
-def meta_path(path: str | Path) -> Path:
-    """``NAME.meta.json`` beside ``NAME.jsonl``."""
-    path = Path(path)
-    return path.with_name((path.stem if path.suffix == ".jsonl" else path.name) + ".meta.json")
-
-
 def majority(votes: list[Vote]) -> tuple[str | None, float]:
     """(the choice with the most votes, its share); (None, share) when two choices tie for most."""
     top = Counter(v.choice for v in votes).most_common()
@@ -373,13 +369,7 @@ def preference_rows(
         win, lose = (
             (battle.answer_a, battle.answer_b) if choice == "a" else (battle.answer_b, battle.answer_a)
         )
-        rows.append(
-            {
-                "prompt": battle.prompt,
-                "chosen": [{"role": "assistant", "content": win}],
-                "rejected": [{"role": "assistant", "content": lose}],
-            }
-        )
+        rows.append(pair_row(battle.prompt, win, lose))
         ids.append(battle.id)
         used += len(counted)
     return rows, ids, used, dict(skipped)
@@ -408,24 +398,20 @@ def export_preferences(
     if not rows:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no battles"
         raise UsageError(f"no battle passes the filters ({why}); relax the filters or collect more votes")
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    info = {
-        "format": "trl-preference (conversational: prompt, chosen, rejected)",
-        "file": path.name,
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "rows": len(rows),
-        "source": {"path": source, "sha256": source_sha256},
-        "filters": {
-            **asdict(filters),
-            "voters": list(filters.voters),
-            "ties": "excluded",
-            "both_bad": "excluded",
+    write_pairs(
+        path,
+        rows,
+        {
+            "source": {"path": source, "sha256": source_sha256},
+            "filters": {
+                **asdict(filters),
+                "voters": list(filters.voters),
+                "ties": "excluded",
+                "both_bad": "excluded",
+            },
+            "votes": used,
+            "skipped": skipped,
+            "battle_ids": ids,  # row i comes from battle_ids[i]
         },
-        "votes": used,
-        "skipped": skipped,
-        "battle_ids": ids,  # row i comes from battle_ids[i]
-    }
-    with atomic_file(meta) as tmp_meta, atomic_file(path) as tmp_rows:
-        tmp_rows.write_text(text, encoding="utf-8", newline="\n")
-        tmp_meta.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    )
     return Export(str(path), str(meta), len(rows), ids, used, skipped)
