@@ -67,9 +67,7 @@ def check_pairs_path(path: str | Path, flag: str = "--pairs") -> Path:
     while not parent.exists():  # the first folder that exists: the rest can be created below it
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(
-            f"{flag} {path}: cannot create its folder, {parent} is a file; choose another path"
-        )
+        raise UsageError(f"{flag} {path}: cannot create its folder, {parent} is a file; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {parent} (permission denied); choose another path")
     return path

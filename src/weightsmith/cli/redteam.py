@@ -64,8 +64,28 @@ def print_redteam(result: dict, console: Console) -> None:
         for c in result["calibration"]:
             cal.add_row(c["detector"], c["set"], str(c["n"]), _num(c["precision"]), _num(c["recall"]))
         console.print(cal)
+    split = result.get("split") or {}
+    if split.get("split", "all") != "all":
+        console.print(
+            f"probes: the {split['split']} split (held-out fraction {split['heldout_fraction']:g})",
+            markup=False,
+        )
+    if result.get("pairs"):
+        console.print(pairs_line(result["pairs"]), markup=False)
     for name, path in result.get("written", {}).items():
         console.print(f"wrote {path}" if name != "report.html" else f"report: {path}", markup=False)
+
+
+def pairs_line(pairs: dict) -> str:
+    """'wrote 12 preference pairs to P (attack 9, benign 3; skipped: attack resisted 20)'."""
+    counts = pairs["counts"]
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(pairs["skipped"].items()))
+    skipped = f"; skipped: {skipped}" if skipped else ""
+    head = f"wrote {pairs['rows']} preference pairs" if pairs["rows"] else "WARNING: wrote 0 preference pairs"
+    return (
+        f"{head} to {pairs['path']} (from {pairs['pairs_from']}: attack {counts['attack']}, "
+        f"benign {counts['benign']}{skipped}); provenance in {pairs['meta']}"
+    )
 
 
 def _change(c: dict) -> str:

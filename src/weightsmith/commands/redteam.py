@@ -7,6 +7,10 @@ model names in `--model`. Each model (then each `--adapter` fork, or each furthe
 `--model` on an endpoint) runs bare and, with `--guard`, behind the policy. Probe packs,
 transforms and the policy are all read and checked before any model loads.
 
+`--split train|heldout` keeps one side of a stable hash split of the probes
+(`weightsmith.safety.split`); `--pairs FILE` turns the first configuration's replies (or
+`--pairs-from NAME`'s) into DPO preference pairs (`weightsmith.safety.redteam_pairs`).
+
 Not here: probes, transforms, detectors and the attack loop (`weightsmith.safety`), the
 report (`weightsmith.report`), progress lines and tables (`weightsmith.cli.redteam`).
 """
@@ -24,8 +28,11 @@ from weightsmith.commands.loading import LoadStatus, load_model, load_status, mo
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
+from weightsmith.preference_pairs import check_pairs_path
 from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.safety.redteam import OutputOptions, RateOptions
+from weightsmith.safety.redteam_pairs import PairOptions
+from weightsmith.safety.split import SplitOptions
 
 DEFAULT_TRANSFORMS = ["none", "base64", "rot13", "leetspeak", "suffix:sure"]
 
@@ -49,7 +56,10 @@ class RedteamConfig:
         "template:NAME, chained with +",
     )
     transforms_file: str | None = opt(None, "YAML file of your own suffixes and templates")
-    limit: int | None = opt(None, "probes per pack (evenly spaced through it), before transforms")
+    split: SplitOptions = opt(default_factory=SplitOptions, flatten=True)  # --split, --heldout-fraction
+    limit: int | None = opt(
+        None, "probes per pack (evenly spaced through it), after --split, before transforms"
+    )
     max_tokens: int = opt(96, "most tokens per reply")
     batch_size: int = opt(16, "conversations generated together")
     concurrency: int = opt(8, "requests in flight to an endpoint")
@@ -67,6 +77,7 @@ class RedteamConfig:
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
     output: OutputOptions = opt(default_factory=OutputOptions, flatten=True)  # --out, --resume
+    pairs: PairOptions = opt(default_factory=PairOptions, flatten=True)  # --pairs, --pairs-from...
     json: bool = opt(False, "print the summary as JSON")
 
     def __post_init__(self) -> None:
@@ -159,28 +170,39 @@ def _judge(cfg: RedteamConfig, status: LoadStatus | None) -> Any:
     return LocalJudge(load_model(cfg.judge, **_load_kwargs(cfg, status)), max_tokens=64)
 
 
+def select_probes(cfg: RedteamConfig) -> tuple[list[Any], list[Any]]:
+    """(the packs' probes, the probes this run sends): `--split`, then `--limit`, then every
+    attack probe under every transform. Reads and checks the packs and transforms files."""
+    from weightsmith.safety.probes import load_packs
+    from weightsmith.safety.split import select_split
+    from weightsmith.safety.transforms import apply_transforms, parse_transforms
+
+    loaded = load_packs(cfg.packs)
+    probes = limit_probes(select_split(loaded, cfg.split.split, cfg.split.heldout_fraction), cfg.limit)
+    transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
+    if not probes:
+        raise UsageError(
+            f"--split {cfg.split.split} leaves no probes of {', '.join(cfg.packs)}; "
+            "use more probes, another --heldout-fraction or --split all"
+        )
+    return loaded, apply_transforms(probes, transforms)
+
+
 def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     """Attack every configuration; `progress(label, done, total)` is told as probes finish (and
     its `loading(model)`, if it has one, wraps each model load)."""
     from weightsmith.safety.guarded import load_guard
-    from weightsmith.safety.probes import load_packs
-    from weightsmith.safety.redteam import (
-        RunOptions,
-        calibration,
-        configurations,
-        default_detectors,
-    )
+    from weightsmith.safety.redteam import RunOptions, calibration, configurations, default_detectors
     from weightsmith.safety.redteam import run_redteam as attack
-    from weightsmith.safety.transforms import apply_transforms, parse_transforms
 
     status = load_status(progress)  # wraps each model load
     # Everything a user wrote is checked before any model loads.
     for a in cfg.adapter:
         if not Path(a).is_dir():
             raise UsageError(f"--adapter: adapter folder not found: {a}")
-    probes = limit_probes(load_packs(cfg.packs), cfg.limit)
-    transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
-    probes = apply_transforms(probes, transforms)
+    if cfg.pairs.pairs is not None:
+        check_pairs_path(cfg.pairs.pairs)
+    loaded, probes = select_probes(cfg)
     guard = load_guard(
         cfg.guard,
         load_model=lambda ref: load_model(ref, **_load_kwargs(cfg, status)),
@@ -197,15 +219,10 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
         if not is_endpoint(cfg.target)
         else max(cfg.batch_size, cfg.concurrency),
         key_extra={"max_tokens": cfg.max_tokens},
-        run_info={
-            "weightsmith": __version__,
-            "target": cfg.target,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "max_tokens": cfg.max_tokens,
-            "temperature": 0,
-            "limit": cfg.limit,
-        },
+        run_info=_run_info(cfg),
     )
+    if cfg.pairs.pairs is not None:
+        opts.pairs = _pairs_writer(cfg, configs, loaded, detectors.names())
     if cfg.calibrate:
         opts.run_info["calibration"] = calibration(detectors)
     released = _Releaser(configs)
@@ -214,6 +231,48 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
         result["written"] = {name: str(Path(cfg.output.out) / name) for name in
                              ("transcripts.jsonl", "summary.json", "report.html")}  # fmt: skip
     return result
+
+
+def _run_info(cfg: RedteamConfig) -> dict[str, Any]:
+    """What summary.json echoes about the run's settings."""
+    return {
+        "weightsmith": __version__,
+        "target": cfg.target,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0,
+        "limit": cfg.limit,
+        "split": cfg.split.record(),
+    }
+
+
+def _pairs_writer(cfg: RedteamConfig, configs: list[Any], loaded: list[Any], detectors: dict) -> Any:
+    """The `RunOptions.pairs` hook: checks --pairs-from now, writes the pairs when the run ends."""
+    from weightsmith.safety.probes import pack_digests
+    from weightsmith.safety.redteam_pairs import pairs_for_run, source_config
+
+    source_config(configs, cfg.pairs.pairs_from)  # a wrong name fails before any model loads
+    guard = next((c.guard for c in configs if c.guard is not None), None)
+    provenance = {
+        "target": cfg.target,
+        "adapters": list(cfg.adapter),
+        "packs": pack_digests(cfg.packs, loaded),
+        "transforms": list(cfg.transforms),
+        "split": cfg.split.record(),
+        "limit": cfg.limit,
+        "policy": None
+        if guard is None
+        else {"name": guard.name, "version": guard.version, "digest": guard.digest},
+        "detectors": detectors,
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0,
+        "weightsmith": __version__,
+    }
+
+    def write(configs: list[Any], per_config: dict[str, list[dict]]) -> dict[str, Any]:
+        return pairs_for_run(cfg.pairs, configs, per_config, provenance, cfg.split.heldout_fraction)
+
+    return write
 
 
 class _Releaser:

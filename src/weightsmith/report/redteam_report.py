@@ -163,6 +163,16 @@ def _attempts(per_config: dict[str, list[dict]]) -> str:
     )
 
 
+def _split_note(split: dict | None) -> str:
+    if not split or split.get("split", "all") == "all":
+        return "All probes (no train / held-out split)."
+    side = "train" if split["split"] == "train" else "held-out"
+    return (
+        f"Only the {side} part of the probes: a stable sha256 split of pack and probe id, "
+        f"{100 * split['heldout_fraction']:g}% held out."
+    )
+
+
 def write_redteam_report(path: Path, result: dict, per_config: dict[str, list[dict]]) -> None:
     """Write the HTML report to `path` atomically."""
     title = "Red-team report: " + ", ".join(row["config"] for row in result["configs"])
@@ -170,7 +180,8 @@ def write_redteam_report(path: Path, result: dict, per_config: dict[str, list[di
     parts = [
         f"<p>{probes['attack']} attack probes ({escape(', '.join(probes['transforms']))}) and "
         f"{probes['benign']} benign prompts from {escape(', '.join(probes['packs']))}; "
-        f"detectors: {escape(', '.join(f'{k}={v}' for k, v in result['detectors'].items()))}.</p>",
+        f"detectors: {escape(', '.join(f'{k}={v}' for k, v in result['detectors'].items()))}. "
+        f"{_split_note(result.get('split'))}</p>",
         "<h2>Harm and over-refusal</h2>",
         _main_table(result),
     ]

@@ -40,6 +40,7 @@ weightsmith.safety.transforms), detectors, running probes (weightsmith.safety.re
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ __all__ = [
     "builtin_packs",
     "load_pack",
     "load_packs",
+    "pack_digests",
+    "pack_files",
 ]
 
 PACK_DIR = Path(__file__).resolve().parent / "packs"
@@ -138,7 +141,8 @@ def _builtin_path(name: str) -> Path:
     return path
 
 
-def _pack_files(spec: str) -> list[Path]:
+def pack_files(spec: str) -> list[Path]:
+    """The pack files a spec names: ``builtin:NAME``, ``builtin:all``, a file or a folder."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name == "all":
@@ -177,7 +181,7 @@ def load_packs(specs: Sequence[str]) -> list[Probe]:
     probes: list[Probe] = []
     by_id: dict[str, Probe] = {}
     for spec in specs:
-        for path in _pack_files(str(spec)):
+        for path in pack_files(str(spec)):
             key = path.resolve()
             if key in seen_files:
                 continue
@@ -191,6 +195,24 @@ def load_packs(specs: Sequence[str]) -> list[Probe]:
                 by_id[probe.id] = probe
                 probes.append(probe)
     return probes
+
+
+def pack_digests(specs: Sequence[str], probes: Sequence[Probe]) -> list[dict]:
+    """{"pack", "file", "sha256"} of each file `specs` name (once), for provenance records;
+    "pack" is the name its `probes` carry (None for a file none of them came from)."""
+    names: dict[str, str] = {}
+    for probe in probes:
+        names.setdefault(probe.source.rsplit(":", 1)[0], probe.pack)
+    out: list[dict] = []
+    seen: set[Path] = set()
+    for spec in [specs] if isinstance(specs, str) else specs:
+        for path in pack_files(str(spec)):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out.append({"pack": names.get(str(path)), "file": str(path), "sha256": digest})
+    return out
 
 
 def load_pack(path: str | Path) -> list[Probe]:

@@ -297,6 +297,10 @@ class RunOptions:
     key_extra: dict[str, Any] = field(default_factory=dict)
     #: echoed into summary.json (model names, packs, date...)
     run_info: dict[str, Any] = field(default_factory=dict)
+    #: called with (configs, scored attempts by configuration) once all have answered, before
+    #: the outputs are written (the command binds `redteam_pairs.pairs_for_run`); what it
+    #: returns goes into the summary under "pairs"
+    pairs: Callable[[Sequence[Config], dict[str, list[dict]]], dict] | None = None
 
 
 class _Journal:
@@ -362,6 +366,8 @@ def run_redteam(
         records = _run_config(cfg, key, probes, detectors, journal, opts.batch_size, progress)
         per_config[cfg.label] = records
     result = build_summary(configs, per_config, detectors, opts)
+    if opts.pairs is not None:
+        result["pairs"] = opts.pairs(configs, per_config)
     if out is not None:
         write_outputs(out, result, per_config)
         if journal.path is not None:
