@@ -199,7 +199,8 @@ def load_packs(specs: Sequence[str]) -> list[Probe]:
 
 def pack_digests(specs: Sequence[str], probes: Sequence[Probe]) -> list[dict]:
     """{"pack", "file", "sha256"} of each file `specs` name (once), for provenance records;
-    "pack" is the name its `probes` carry (None for a file none of them came from)."""
+    "pack" is the name its `probes` carry (None for a file none of them came from), "file" is
+    ``builtin:NAME`` for a shipped pack."""
     names: dict[str, str] = {}
     for probe in probes:
         names.setdefault(probe.source.rsplit(":", 1)[0], probe.pack)
@@ -211,7 +212,9 @@ def pack_digests(specs: Sequence[str], probes: Sequence[Probe]) -> list[dict]:
                 continue
             seen.add(path.resolve())
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out.append({"pack": names.get(str(path)), "file": str(path), "sha256": digest})
+            shipped = path.resolve().parent == PACK_DIR
+            name = f"builtin:{path.stem}" if shipped else str(path)
+            out.append({"pack": names.get(str(path)), "file": name, "sha256": digest})
     return out
 
 
