@@ -111,7 +111,7 @@ def test_limit_applies_after_the_split():
     from weightsmith.commands.redteam import RedteamConfig, select_probes
 
     cfg = RedteamConfig(target="m", packs=["builtin:harmful"], transforms=["none", "rot13"], limit=5,
-                        split=SplitOptions(split="heldout"))  # fmt: skip
+                        probe_split=SplitOptions(split="heldout"))  # fmt: skip
     loaded, probes = select_probes(cfg)
     assert len(loaded) == 42
     bases = {p.id.split("~", 1)[0] for p in probes}

@@ -56,7 +56,7 @@ class RedteamConfig:
         "template:NAME, chained with +",
     )
     transforms_file: str | None = opt(None, "YAML file of your own suffixes and templates")
-    split: SplitOptions = opt(default_factory=SplitOptions, flatten=True)  # --split, --heldout-fraction
+    probe_split: SplitOptions = opt(default_factory=SplitOptions, flatten=True)  # --split, --heldout-fraction
     limit: int | None = opt(
         None, "probes per pack (evenly spaced through it), after --split, before transforms"
     )
@@ -77,7 +77,7 @@ class RedteamConfig:
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
     output: OutputOptions = opt(default_factory=OutputOptions, flatten=True)  # --out, --resume
-    pairs: PairOptions = opt(default_factory=PairOptions, flatten=True)  # --pairs, --pairs-from...
+    preference_pairs: PairOptions = opt(default_factory=PairOptions, flatten=True)  # --pairs, --pairs-from...
     json: bool = opt(False, "print the summary as JSON")
 
     def __post_init__(self) -> None:
@@ -178,11 +178,13 @@ def select_probes(cfg: RedteamConfig) -> tuple[list[Any], list[Any]]:
     from weightsmith.safety.transforms import apply_transforms, parse_transforms
 
     loaded = load_packs(cfg.packs)
-    probes = limit_probes(select_split(loaded, cfg.split.split, cfg.split.heldout_fraction), cfg.limit)
+    probes = limit_probes(
+        select_split(loaded, cfg.probe_split.split, cfg.probe_split.heldout_fraction), cfg.limit
+    )
     transforms = parse_transforms(cfg.transforms, cfg.transforms_file)
     if not probes:
         raise UsageError(
-            f"--split {cfg.split.split} leaves no probes of {', '.join(cfg.packs)}; "
+            f"--split {cfg.probe_split.split} leaves no probes of {', '.join(cfg.packs)}; "
             "use more probes, another --heldout-fraction or --split all"
         )
     return loaded, apply_transforms(probes, transforms)
@@ -200,8 +202,8 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     for a in cfg.adapter:
         if not Path(a).is_dir():
             raise UsageError(f"--adapter: adapter folder not found: {a}")
-    if cfg.pairs.pairs is not None:
-        check_pairs_path(cfg.pairs.pairs)
+    if cfg.preference_pairs.pairs is not None:
+        check_pairs_path(cfg.preference_pairs.pairs)
     loaded, probes = select_probes(cfg)
     guard = load_guard(
         cfg.guard,
@@ -221,7 +223,7 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
         key_extra={"max_tokens": cfg.max_tokens},
         run_info=_run_info(cfg),
     )
-    if cfg.pairs.pairs is not None:
+    if cfg.preference_pairs.pairs is not None:
         opts.pairs = _pairs_writer(cfg, configs, loaded, detectors.names())
     if cfg.calibrate:
         opts.run_info["calibration"] = calibration(detectors)
@@ -242,7 +244,7 @@ def _run_info(cfg: RedteamConfig) -> dict[str, Any]:
         "max_tokens": cfg.max_tokens,
         "temperature": 0,
         "limit": cfg.limit,
-        "split": cfg.split.record(),
+        "split": cfg.probe_split.record(),
     }
 
 
@@ -251,14 +253,14 @@ def _pairs_writer(cfg: RedteamConfig, configs: list[Any], loaded: list[Any], det
     from weightsmith.safety.probes import pack_digests
     from weightsmith.safety.redteam_pairs import pairs_for_run, source_config
 
-    source_config(configs, cfg.pairs.pairs_from)  # a wrong name fails before any model loads
+    source_config(configs, cfg.preference_pairs.pairs_from)  # a wrong name fails before any model loads
     guard = next((c.guard for c in configs if c.guard is not None), None)
     provenance = {
         "target": cfg.target,
         "adapters": list(cfg.adapter),
         "packs": pack_digests(cfg.packs, loaded),
         "transforms": list(cfg.transforms),
-        "split": cfg.split.record(),
+        "split": cfg.probe_split.record(),
         "limit": cfg.limit,
         "policy": None
         if guard is None
@@ -270,7 +272,9 @@ def _pairs_writer(cfg: RedteamConfig, configs: list[Any], loaded: list[Any], det
     }
 
     def write(configs: list[Any], per_config: dict[str, list[dict]]) -> dict[str, Any]:
-        return pairs_for_run(cfg.pairs, configs, per_config, provenance, cfg.split.heldout_fraction)
+        return pairs_for_run(
+            cfg.preference_pairs, configs, per_config, provenance, cfg.probe_split.heldout_fraction
+        )
 
     return write
 

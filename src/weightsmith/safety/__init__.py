@@ -13,6 +13,9 @@ Layout:
   guarded.py     applying a `Guard` around generation (chat, generate, serve)
   redteam.py     run probes against targets (in-process or an OpenAI endpoint), score, ASR
                  and over-refusal with Wilson intervals, transcripts and report
+  split.py       the stable sha256 train / held-out split of probes
+  redteam_pairs.py  DPO preference pairs from a run's replies (refuse attacks, keep helping)
+  redteam_compare.py  two runs before/after on the same probes: Wilson, Newcombe, exact McNemar
   bias_files.py  lexicon and stereotype-pair files as records, and `Lexicon`
   bias.py        counterfactual audits over eval tasks, CrowS-style pair likelihoods
 Data: packs/, calibration/, policies/, lexicons/, pairs/ (all written for this project).
