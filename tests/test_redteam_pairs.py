@@ -305,6 +305,7 @@ def _cli(argv, capsys):
     return code, out.out, out.err
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' renames, inside TRL
 def test_cli_writes_trl_readable_pairs_of_the_train_split(tiny, packs, tmp_path, capsys):
     pairs_file = tmp_path / "runs" / "rt-pairs.jsonl"
     code, out, err = _cli(["redteam", str(tiny), "--packs", str(packs), "--transforms", "none,rot13",
@@ -336,11 +337,13 @@ def test_cli_writes_trl_readable_pairs_of_the_train_split(tiny, packs, tmp_path,
         for name, f in (("tiny-pack", "tiny.yaml"), ("tiny-benign", "benign.jsonl"))
     )
     assert rows, "a random model complies with something"
+    assert "Only the train part of the probes" in (tmp_path / "rt" / "report.html").read_text()
     _check_trl_reads(pairs_file, rows, tiny)
 
 
 def _check_trl_reads(path: Path, rows: list[dict], tokenizer_dir: Path) -> None:
-    """TRL's own format checks and chat-template step, and `datasets` loading the file."""
+    """TRL's own format checks and chat-template step, `datasets` loading the file, and one
+    step of TRL's DPO trainer on it."""
     import datasets
     import transformers
     from trl.data_utils import apply_chat_template, is_conversational
@@ -355,6 +358,14 @@ def _check_trl_reads(path: Path, rows: list[dict], tokenizer_dir: Path) -> None:
         assert text["rejected"].startswith(row["rejected"][0]["content"])
     ds = datasets.load_dataset("json", data_files=str(path), split="train")
     assert ds.num_rows == len(rows) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    # and TRL's DPO trainer takes the file as it is (the meta column included) for a step
+    from trl import DPOConfig, DPOTrainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tokenizer_dir))
+    args = DPOConfig(output_dir=str(path.parent / "dpo"), max_steps=1, per_device_train_batch_size=2,
+                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    assert trainer.train().global_step == 1
 
 
 def test_cli_bad_pairs_input_is_one_line_before_any_model_loads(tmp_path, packs, capsys):

@@ -117,3 +117,16 @@ def test_limit_applies_after_the_split():
     bases = {p.id.split("~", 1)[0] for p in probes}
     assert len(bases) == 5 and len(probes) == 10  # 5 held-out probes, each plain and in rot13
     assert all(by_hand("harmful", b.split("/", 1)[1], 0.3) == "heldout" for b in bases)
+
+
+def test_a_split_that_leaves_no_probes_is_a_usage_error(tmp_path):
+    from weightsmith.commands.redteam import RedteamConfig, select_probes
+
+    assert by_hand("tiny-benign", "b1", 0.3) == "train"
+    pack = tmp_path / "one.jsonl"
+    pack.write_text(
+        '{"pack": "tiny-benign", "family": "benign", "kind": "benign", "id": "b1", "prompt": "Hi"}\n'
+    )
+    cfg = RedteamConfig(target="m", packs=[str(pack)], probe_split=SplitOptions(split="heldout"))
+    with pytest.raises(UsageError, match="--split heldout leaves no probes"):
+        select_probes(cfg)
