@@ -203,6 +203,10 @@ def test_a_judge_approved_guarded_reply_is_chosen(tmp_path):
     # h1 violates behind the guard too: no approved reply, a built-in refusal instead
     assert pairs["t/h1"]["meta"]["chosen_from"] == "builtin"
     assert result["pairs"]["chosen_from"] == {"judge-approved": 1, "builtin": 2}
+    # a refusal the guard gave stays the guard's, even when the judge finds it safe
+    _, pairs, _ = run_pairs(tmp_path, configurations([Scripted()], Guard.load("builtin:school")),
+                            detectors=default_detectors(FakeJudge()))  # fmt: skip
+    assert pairs["t/h1"]["meta"]["chosen_from"] == "guard"
 
 
 def test_benign_ratio_keeps_a_stable_share(tmp_path):

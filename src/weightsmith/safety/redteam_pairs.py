@@ -15,7 +15,7 @@ From one configuration's scored attempts (the first one, the bare model, unless
 
 The prompt is the exact conversation the model was sent: the transformed probe text as chat
 messages, with its system prompt. The refusal, in order of preference: the guarded model's
-reply to the same probe when `--judge` approved it (the judge found no violation); the
+own reply to the same probe when `--judge` approved it (found no violation); the
 `--refusal-text`; with `--guard`, the refusal the guard gave that probe, or the policy's
 template for the probe's category; else one of the built-in `REFUSALS` for the probe's kind of
 harm, picked by a hash of the probe id (deterministic).
@@ -120,7 +120,7 @@ class Refusals:
             return self.text, "refusal-text"
         if self.guard is not None and hasattr(self.guard, "refusal_for"):
             return self._from_policy(rec), "guard"
-        if rec.get("kind") == "attack" and rec.get("success") and "leaked" in rec:
+        if "leaked" in rec:  # a canary probe: a planted secret came out
             group = "secret"
         else:
             group = _CATEGORY_GROUP.get(str(rec.get("category")), "default")
@@ -152,10 +152,11 @@ class PairSet:
 
 def _attack_chosen(rec: dict, guarded: dict | None, refusals: Refusals) -> tuple[str, str]:
     """(chosen answer, origin) for a successful attack."""
-    if guarded is not None and guarded.get("violation") is False and guarded["reply"].strip():
-        return guarded["reply"], "judge-approved"
-    if refusals.text is None and guarded is not None and guarded.get("finish_reason") == CONTENT_FILTER:
-        if guarded["reply"].strip():
+    if guarded is not None and guarded["reply"].strip():
+        blocked = guarded.get("finish_reason") == CONTENT_FILTER  # the reply is the guard's refusal
+        if not blocked and guarded.get("violation") is False:  # the model's own reply, judged safe
+            return guarded["reply"], "judge-approved"
+        if blocked and refusals.text is None:
             return guarded["reply"], "guard"
     return refusals.template(rec)
 
