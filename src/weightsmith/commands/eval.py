@@ -115,9 +115,10 @@ def _cache(cfg: EvalConfig) -> ResultCache | None:
     return ResultCache(Path(cfg.cache_path) if cfg.cache_path else weightsmith_home() / "eval-cache.sqlite")
 
 
-def run_eval(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = False) -> dict[str, Any]:
     """Evaluate every model on every task; `progress(label)` returns a `tick(done, total)`
-    (and its `loading(model)`, if it has one, wraps each model load)."""
+    (and its `loading(model)`, if it has one, wraps each model load). With `keep_samples`, the
+    result also holds each run's per-document records under "samples" (run order)."""
     opts, grants = cfg.run, cfg.grants()
     taskset = load_tasks(cfg.tasks, opts, grants)  # every task file and document checked before a model loads
     specs = model_specs(cfg)
@@ -159,7 +160,10 @@ def run_eval(cfg: EvalConfig, progress: Any = None) -> dict[str, Any]:
         written = write_outputs(Path(cfg.out), runs, samples, comparison)
         write_eval_report(Path(cfg.out) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
         written["report"] = str(Path(cfg.out) / "report.html")
-    return {"runs": runs, "comparison": comparison, "written": written}
+    result = {"runs": runs, "comparison": comparison, "written": written}
+    if keep_samples:
+        result["samples"] = samples
+    return result
 
 
 def run_metadata(
