@@ -166,6 +166,16 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(train_out.print_finetune),
         lambda cfg: train_out.make_reporter(),
     ),
+    "dpo": Command(
+        train.DpoConfig,
+        "align a model with preference pairs (DPO, IPO; LoRA, QLoRA or full)",
+        "weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/aligned --loss dpo --beta 0.1\n"
+        "  weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/full --method full --precompute-ref\n"
+        "  weightsmith dpo --resume runs/aligned               # continue from the latest checkpoint",
+        train.run_dpo,
+        _plain(train_out.print_finetune),
+        lambda cfg: train_out.make_reporter(),
+    ),
     "merge": Command(
         train.MergeConfig,
         "fold a LoRA adapter into its base model and save an HF directory",

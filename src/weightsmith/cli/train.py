@@ -43,9 +43,8 @@ class BarReporter:
         self.progress.update(self.task, completed=m["step"], **fields)
 
     def evaluated(self, m: dict[str, Any]) -> None:
-        self.progress.console.print(
-            f"step {m['step']}: validation loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})"
-        )
+        ppl = f" (ppl {m['val_ppl']:.2f})" if "val_ppl" in m else ""  # DPO's loss has no perplexity
+        self.progress.console.print(f"step {m['step']}: validation loss {m['val_loss']:.4f}{ppl}")
 
     def close(self) -> None:
         self.progress.stop()

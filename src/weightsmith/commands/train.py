@@ -1,9 +1,10 @@
-"""Commands that shape a model: finetune and merge.
+"""Commands that shape a model: finetune, dpo and merge.
 
-`run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does, with `progress` as
-the training loop's `Reporter` (the CLI passes a progress bar or progress lines);
-`FinetuneConfig` is owned by `weightsmith.train.sft` and only re-exported here.
-`run_merge` folds a LoRA adapter into its base and saves an HF directory.
+`run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does and `run_dpo(cfg,
+progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop's
+`Reporter` (the CLI passes a progress bar or progress lines); `FinetuneConfig` and
+`DpoConfig` are owned by those modules and only re-exported here. `run_merge` folds a
+LoRA adapter into its base and saves an HF directory.
 
 Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
 printing (`weightsmith.cli.train`).
@@ -16,16 +17,23 @@ from typing import Any
 
 from weightsmith.commands.loading import LoadOptions, load_status
 from weightsmith.config import opt
+from weightsmith.train.dpo import DpoConfig
+from weightsmith.train.dpo import run_dpo as train_dpo
 from weightsmith.train.loop import Reporter
 from weightsmith.train.sft import FinetuneConfig
 from weightsmith.train.sft import run_finetune as train_sft
 
-__all__ = ["FinetuneConfig", "MergeConfig", "run_finetune", "run_merge"]
+__all__ = ["DpoConfig", "FinetuneConfig", "MergeConfig", "run_dpo", "run_finetune", "run_merge"]
 
 
 def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[str, Any]:
     """Fine-tune as `cfg` says; `progress` is told each step (None: log lines via `logging`)."""
     return train_sft(cfg, reporter=progress)
+
+
+def run_dpo(cfg: DpoConfig, progress: Reporter | None = None) -> dict[str, Any]:
+    """Train on preference pairs as `cfg` says; `progress` as for `run_finetune`."""
+    return train_dpo(cfg, reporter=progress)
 
 
 @dataclass(kw_only=True)

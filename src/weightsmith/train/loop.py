@@ -1,16 +1,20 @@
-"""The one training loop, parameterised by a loss function.
+"""The one training loop, parameterised by a batch source and a loss function.
 
 `Trainer.fit` runs optimizer steps of `grad_accum` micro-batches: AdamW, warm-up
 then a cosine/linear/constant schedule, gradient clipping, optional bf16 autocast,
 periodic validation, periodic atomic checkpoints, `metrics.jsonl`, optional
-TensorBoard. The loss of a step is the mean over every target token of all its
-micro-batches (not a mean of micro-batch means, which would weigh short batches
-more). Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and
-raises `TrainingInterrupted`. A resumed run restores weights, optimizer, RNG and
-data position, so its later losses equal an uninterrupted run's.
+TensorBoard. A `BatchSource` turns item indices (SFT rows, DPO pairs) into a batch;
+a `LossFn` returns the batch's summed loss, how many units it sums over, and summed
+extra metrics. The loss of a step is the sum over all its micro-batches divided by
+their total count, which each batch knows before its forward (`n_targets`): the mean
+over every target token for SFT (not a mean of micro-batch means, which would weigh
+short batches more), the mean over pairs for DPO. Extra metrics are normalised the
+same way. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and
+raises `TrainingInterrupted`. A resumed run restores weights, optimizer, RNG and data
+position, so its later losses equal an uninterrupted run's.
 
-Not here: what is trained (sft.py chooses LoRA, QLoRA or full weights) or the loss
-itself (sft.py, later dpo.py), or printing (a `Reporter` receives the metrics).
+Not here: what is trained (runs.py chooses LoRA, QLoRA or full weights), the data or
+the loss (sft.py, dpo.py), or printing (a `Reporter` receives the metrics).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,7 +45,43 @@ from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+
+class TrainBatch(Protocol):
+    """A batch the loop can train on."""
+
+    n_tokens: int  # real (unpadded) input tokens, for tokens/s
+
+    @property
+    def n_targets(self) -> int:
+        """What the step's loss is averaged over: target tokens (SFT), pairs (DPO)."""
+        ...
+
+    def to(self, device: torch.device) -> TrainBatch: ...
+
+
+class BatchSource(Protocol):
+    """Items (rows, pairs) by index, made into batches."""
+
+    def __len__(self) -> int: ...
+    def batch(self, indices: Sequence[int]) -> TrainBatch: ...
+
+
+@dataclass
+class RowSource:
+    """SFT rows, collated right-padded with `pad_id`."""
+
+    rows: list[Row]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        return collate([self.rows[i] for i in indices], self.pad_id)
+
+
+#: (model, batch) -> (summed loss, how many units it sums, {metric: summed value}).
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int, dict[str, torch.Tensor]]]
 
 
 @dataclass(kw_only=True)
@@ -142,23 +182,27 @@ class Trainer:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        train_rows: list[Row],
-        valid_rows: list[Row],
+        train: BatchSource,
+        valid: BatchSource | None,
         opts: TrainOptions,
         out: Path,
         *,
         save_weights: Callable[[Path], None],
-        pad_id: int,
         device: torch.device,
         reporter: Reporter | None = None,
+        command: str = "finetune",
+        perplexity: bool = True,
     ) -> None:
-        if not train_rows:
+        """`command` names the CLI command in the resume hint; `perplexity` adds val_ppl
+        (meaningful only for a per-token cross-entropy)."""
+        if not len(train):
             raise ConfigError("no training examples left after tokenizing; check the data and max_seq_len")
         self.model, self.loss_fn, self.opts, self.out = model, loss_fn, opts, out
-        self.train_rows, self.valid_rows = train_rows, valid_rows
-        self.save_weights, self.pad_id, self.device = save_weights, pad_id, device
+        self.train, self.valid = train, valid
+        self.save_weights, self.device = save_weights, device
+        self.command, self.perplexity = command, perplexity
         self.reporter = reporter or LogReporter()
-        self.order = BatchOrder(len(train_rows), opts.batch_size, opts.seed)
+        self.order = BatchOrder(len(train), opts.batch_size, opts.seed)
         self.optimizer = make_optimizer(
             model, lr=opts.lr, weight_decay=opts.weight_decay, betas=opts.adam_betas, eps=opts.adam_eps
         )
@@ -200,7 +244,7 @@ class Trainer:
         try:
             with _stop_on_signal() as stop, open(self.metrics_path, "a", encoding="utf-8") as metrics:
                 self._metrics_file = metrics
-                if self.state.step == 0 and self.valid_rows:
+                if self.state.step == 0 and self._has_valid:
                     self.initial = self.evaluate()  # the starting point of the validation curve
                 while self.state.step < self.total_steps:
                     last = self._train_step()
@@ -211,11 +255,11 @@ class Trainer:
                         saved = self.save_checkpoint()
                         raise TrainingInterrupted(
                             f"interrupted after step {step}; a checkpoint was saved in {saved}; "
-                            f"continue with: weightsmith finetune --resume {self.out}"
+                            f"continue with: weightsmith {self.command} --resume {self.out}"
                         )
                     if self.opts.save_every and step % self.opts.save_every == 0 and step < self.total_steps:
                         self.save_checkpoint()
-                if self.valid_rows:
+                if self._has_valid:
                     last.update(self.evaluate())
         finally:
             self.reporter.close()
@@ -223,11 +267,15 @@ class Trainer:
                 self._tb.close()
         return last
 
-    def _micro_batches(self) -> Iterator[Batch]:
+    @property
+    def _has_valid(self) -> bool:
+        return self.valid is not None and len(self.valid) > 0
+
+    def _micro_batches(self) -> Iterator[TrainBatch]:
         for _ in range(self.opts.grad_accum):
             epoch, index = divmod(self.state.cursor, self.order.batches_per_epoch)
             self.state.cursor += 1
-            yield collate([self.train_rows[i] for i in self.order.rows(epoch, index)], self.pad_id)
+            yield self.train.batch(self.order.rows(epoch, index))
 
     def _train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -240,11 +288,13 @@ class Trainer:
         n_targets = max(1, sum(b.n_targets for b in micro))
         self.model.train()
         loss_sum = 0.0
+        extras: dict[str, float] = {}
         for batch in micro:
             with self._autocast():
-                loss, _ = self.loss_fn(self.model, batch.to(self.device))
+                loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
             (loss / n_targets).backward()
             loss_sum += float(loss.detach())
+            _add_to(extras, extra)
         if not math.isfinite(loss_sum):
             raise TrainingError(
                 f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
@@ -262,6 +312,7 @@ class Trainer:
             "step": self.state.step,
             "epoch": round(self.state.cursor / self.order.batches_per_epoch, 4),
             "loss": loss_sum / n_targets,
+            **{key: value / n_targets for key, value in extras.items()},
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / seconds,
@@ -274,20 +325,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean loss per target token over the validation rows (dropout off)."""
-        if not self.valid_rows:
+        """Mean loss (per target token, or per pair) over the validation items (dropout off),
+        and the loss function's extra metrics as `val_NAME`."""
+        if not self._has_valid:
             return {}
+        assert self.valid is not None
         self.model.eval()
         total, n = 0.0, 0
+        extras: dict[str, float] = {}
         size = self.opts.batch_size
-        for i in range(0, len(self.valid_rows), size):
-            batch = collate(self.valid_rows[i : i + size], self.pad_id)
+        for i in range(0, len(self.valid), size):
+            batch = self.valid.batch(range(i, min(i + size, len(self.valid))))
             with self._autocast():
-                loss, count = self.loss_fn(self.model, batch.to(self.device))
+                loss, count, extra = self.loss_fn(self.model, batch.to(self.device))
             total, n = total + float(loss), n + count
+            _add_to(extras, extra)
         self.model.train()
         val = total / max(n, 1)
-        metrics = {"step": self.state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        metrics: dict[str, Any] = {"step": self.state.step, "val_loss": val}
+        if self.perplexity:
+            metrics["val_ppl"] = math.exp(min(val, 50.0))
+        metrics.update({f"val_{key}": value / max(n, 1) for key, value in extras.items()})
         self._record(metrics, every=1)
         self.reporter.evaluated(metrics)
         return metrics
@@ -329,6 +387,11 @@ class Trainer:
         if use_bf16(self.opts.precision, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _add_to(totals: dict[str, float], extra: dict[str, torch.Tensor]) -> None:
+    for key, value in extra.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -8,11 +8,20 @@ chunk, so the (N, vocab) logits are never held in full and are swept over fewer 
 same trick as "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al.
 2024), written plainly in torch.
 
-Not here: the loop that calls them (loop.py), DPO's loss (a later issue).
+For preference training, `sequence_log_probs` sums the log-probability of each row's
+target tokens (the answer), through `linear_log_probs`: the same chunked head, returning
+one log-probability per target token. `PREFERENCE_LOSSES` maps a `--loss` name to a
+function of the policy/reference log-ratios (sigmoid DPO, IPO, hinge, robust DPO), with
+TRL's `DPOTrainer` definitions.
+
+Not here: the loop that calls them (loop.py), the reference model and batches of pairs
+(dpo.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,3 +92,160 @@ def sft_loss(model: nn.Module, batch: Batch, *, checkpoint: bool = False) -> tup
         return F.cross_entropy(logits, targets, reduction="sum"), int(keep.sum())
     normed = model.model.norm(hidden[keep])  # (N, h): only where a loss is taken
     return linear_cross_entropy(normed, head.weight, targets), len(targets)
+
+
+# ----- per-token log-probabilities (preference training) -------------------------------------------
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _log_probs_no_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(h @ W^T)[t] (N,) in fp32, chunked so (N, V) logits are never held in full."""
+    w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    rows = _chunk_rows(weight.shape[0])
+    for start in range(0, h.shape[0], rows):
+        logits = (h[start : start + rows] @ w.t()).float()  # (c, V)
+        tc = targets[start : start + rows]
+        out[start : start + rows] = logits.gather(1, tc[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    return out
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h_i @ W^T)[t_i] per row i, chunked.
+
+    Unlike a summed cross-entropy, each row's gradient is scaled by its own upstream
+    gradient (a sequence's dLoss/dlogp), unknown during the forward. With only `h`
+    trainable (LoRA), the forward still computes the unscaled dlogp_i/dh_i = (onehot - p_i) @ W
+    per chunk and backward scales its rows: one sweep over the logits, as in
+    `_LinearCrossEntropy`. When the head weight is trainable too (full fine-tuning), its
+    gradient sum_i g_i (onehot - p_i)^T h_i needs g, so backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, vocab = h.shape[0], weight.shape[0]
+        ctx.weight_dtype = weight.dtype
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        recompute = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] and not recompute else None
+        rows = _chunk_rows(vocab)
+        buffer = torch.empty((min(rows, n), vocab), dtype=h.dtype, device=h.device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=h.device)
+        for start in range(0, n, rows):
+            hc, tc = h[start : start + rows], targets[start : start + rows]
+            logits = torch.mm(hc, w.t(), out=buffer[: len(hc)]).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            out[start : start + rows] = logits.gather(1, tc[:, None]).squeeze(1) - lse
+            lse_all[start : start + rows] = lse
+            if grad_h is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(tc), device=h.device), tc] -= 1.0  # -dlogp/dlogits
+                grad_h[start : start + rows] = probs.to(h.dtype) @ w  # (c, h)
+        if recompute:
+            ctx.save_for_backward(h, weight, targets, lse_all)
+        else:
+            ctx.save_for_backward(grad_h)
+        ctx.recompute = recompute
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.recompute:
+            (grad_h,) = ctx.saved_tensors
+            if grad_h is None:
+                return None, None, None
+            return -grad_out[:, None].to(grad_h.dtype) * grad_h, None, None
+        h, weight, targets, lse_all = ctx.saved_tensors
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32)
+        rows = _chunk_rows(weight.shape[0])
+        for start in range(0, h.shape[0], rows):
+            hc, tc = h[start : start + rows], targets[start : start + rows]
+            probs = (hc @ w.t()).float().sub_(lse_all[start : start + rows, None]).exp_()  # (c, V)
+            probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            g = probs.mul_(-grad_out[start : start + rows, None])  # dLoss/dlogits
+            if dh is not None:
+                dh[start : start + rows] = g.to(h.dtype) @ w
+            dw.addmm_(g.t(), hc.float())
+        return dh, dw.to(ctx.weight_dtype), None
+
+
+def linear_log_probs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(h @ weight^T)[targets] (N,) in fp32, without holding the (N, V) logits."""
+    if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
+        return _log_probs_no_grad(h, weight, targets)
+    return _LinearLogProbs.apply(h, weight, targets)
+
+
+def sequence_log_probs(model: nn.Module, batch: Batch, *, checkpoint: bool = False) -> torch.Tensor:
+    """(B,) the summed log-probability of each row's target tokens (labels != IGNORE), fp32."""
+    hidden = model.hidden_states(
+        batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=checkpoint
+    )  # (B, T, h)
+    keep = batch.labels != IGNORE  # (B, T)
+    targets = batch.labels[keep]  # (N,)
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        logits = model.logits(hidden[keep]).float()  # an adapted or quantized head: the plain way
+        token = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    else:
+        token = linear_log_probs(model.model.norm(hidden[keep]), head.weight, targets)  # (N,)
+    rows = torch.arange(keep.shape[0], device=keep.device).repeat_interleave(keep.sum(1))  # (N,)
+    return torch.zeros(keep.shape[0], dtype=torch.float32, device=token.device).index_add(0, rows, token)
+
+
+# ----- preference losses ----------------------------------------------------------------------------
+
+
+@dataclass
+class LogRatios:
+    """Per pair (B,): log pi(y|x) - log pi_ref(y|x) of the chosen and rejected answers, and the
+    answers' lengths in tokens."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+def sigmoid_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * margin). With label smoothing e,
+    conservative DPO (Mitchell 2023): the label is flipped with probability e."""
+    z = beta * (r.chosen - r.rejected)
+    if label_smoothing == 0:
+        return -F.logsigmoid(z)
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def ipo_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17) on per-token log-ratios: (margin - 1/(2 beta))^2, each
+    answer's log-ratio divided by its length, as TRL does (and the IPO authors confirmed)."""
+    margin = r.chosen / r.chosen_tokens.clamp(min=1) - r.rejected / r.rejected_tokens.clamp(min=1)
+    return (margin - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """SLiC's hinge (Zhao et al. 2023): relu(1 - beta * margin)."""
+    return torch.relu(1 - beta * (r.chosen - r.rejected))
+
+
+def robust_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024): unbiased under labels flipped with probability e < 1/2."""
+    z = beta * (r.chosen - r.rejected)
+    e = label_smoothing
+    return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+
+
+PreferenceLoss = Callable[[LogRatios, float, float], torch.Tensor]
+
+#: --loss NAME -> per-pair loss (B,) of (log-ratios, beta, label smoothing).
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": sigmoid_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "robust": robust_loss,
+}

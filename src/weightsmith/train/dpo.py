@@ -1,0 +1,291 @@
+"""Preference training: the `dpo` command (DPO, IPO and the other pairwise losses of
+`losses.PREFERENCE_LOSSES`).
+
+The same run as `finetune` (runs.py: methods, resume, outputs, lineage; loop.py: the one
+loop) with another batch source (pairs, preference_data.py) and another loss. A step's
+loss is the mean over its pairs of `loss(beta, log-ratios)`, where a log-ratio is
+log pi(answer | prompt) - log pi_ref(answer | prompt), summed over the answer's tokens.
+
+The reference pi_ref is the model before training, obtained without a second copy where
+possible: for LoRA and QLoRA it is the same model with its adapters disabled (run under
+no_grad, before the policy forward, so its activations are gone before the policy's are
+kept); for full fine-tuning a frozen copy of the loaded model. `--precompute-ref` instead
+computes every pair's reference log-probs once, before training, and stores them in
+`OUT/reference_logps.safetensors` (a resumed run reads them back): no reference forward per
+step, and no copy for full fine-tuning. Chosen and rejected rows go through the model as one
+batch, as TRL does, and the LM head runs only at answer tokens, chunked
+(`losses.sequence_log_probs`).
+
+Metrics per step and on validation (`val_...`), as TRL's `DPOTrainer` logs them: the loss,
+`reward_chosen` and `reward_rejected` (beta * log-ratio, means over pairs), `reward_accuracy`
+(the share of pairs whose chosen reward is higher), `reward_margin`, and the policy's
+`logps_chosen` / `logps_rejected`.
+
+Not here: reading pairs (preference_data.py), the loop (loop.py), printing (cli).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from weightsmith.config import opt
+from weightsmith.errors import ConfigError
+from weightsmith.files import atomic_file
+from weightsmith.lora import adapters_disabled
+from weightsmith.train import checkpoints as ckpt
+from weightsmith.train.data import IGNORE, Batch, pad_id_for, split_records
+from weightsmith.train.loop import Reporter, Trainer, use_bf16
+from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, sequence_log_probs
+from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
+from weightsmith.train.runs import (
+    METHODS,
+    RunConfig,
+    begin_outputs,
+    fit_and_save,
+    load_model,
+    load_tokenizer,
+    start_run,
+)
+
+__all__ = ["DpoConfig", "PreferenceObjective", "load_pairs", "reference_log_probs", "run_dpo"]
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+@dataclass(kw_only=True)
+class DpoConfig(RunConfig):
+    """Align a model with preference pairs (DPO, IPO): learn to prefer each pair's chosen answer
+    over its rejected one, staying close to the model you start from."""
+
+    data: str | None = opt(None, "preference pairs: JSONL in TRL's prompt/chosen/rejected format")
+    loss: str = opt("dpo", "pairwise loss", choices=tuple(PREFERENCE_LOSSES))
+    beta: float = opt(0.1, "how far the model may move from the reference (IPO: its tau)")
+    label_smoothing: float = opt(0.0, "assumed share of flipped labels, for --loss dpo or robust (< 0.5)")
+    precompute_ref: bool = opt(False, "compute the reference log-probs once before training")
+    max_prompt_len: int | None = opt(None, "cut prompts longer than this from the left")
+
+    def __post_init__(self) -> None:
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ConfigError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(PREFERENCE_LOSSES)}")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta {self.beta}: must be greater than 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing}: must be at least 0 and below 0.5")
+        if self.label_smoothing and self.loss not in ("dpo", "robust"):
+            raise ConfigError(f"--label-smoothing applies to --loss dpo or robust, not {self.loss}; drop it")
+        if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.max_seq_len:
+            raise ConfigError(
+                f"--max-prompt-len {self.max_prompt_len}: must be at least 1 and below --max-seq-len "
+                f"{self.max_seq_len} (the answer needs room)"
+            )
+
+
+# ----- the loss -----------------------------------------------------------------------------------
+
+
+def reference_log_probs(model: nn.Module, tokens: Batch, reference: nn.Module | None = None) -> torch.Tensor:
+    """(R,) summed answer log-probs under the reference: `reference` (a frozen copy) or, when
+    None, `model` with its adapters disabled; no graph is kept."""
+    with torch.no_grad():
+        if reference is not None:
+            return sequence_log_probs(reference, tokens)
+        with adapters_disabled(model):
+            return sequence_log_probs(model, tokens)
+
+
+@dataclass
+class PreferenceObjective:
+    """The loop's loss function for pairs: (summed per-pair loss, pairs, summed metrics)."""
+
+    loss: PreferenceLoss
+    beta: float
+    label_smoothing: float = 0.0
+    reference: nn.Module | None = None  # a frozen copy; None: the model with adapters disabled
+    checkpoint: bool = False
+
+    def __call__(
+        self, model: nn.Module, batch: PairBatch
+    ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        ref = batch.reference
+        if ref is None:  # first, so its activations are freed before the policy's are kept
+            ref = reference_log_probs(model, batch.tokens, self.reference)
+        policy = sequence_log_probs(model, batch.tokens, checkpoint=self.checkpoint)  # (2B,)
+        n = batch.n_pairs
+        lengths = (batch.tokens.labels != IGNORE).sum(1)  # (2B,) answer tokens
+        ratio = policy - ref
+        r = LogRatios(ratio[:n], ratio[n:], lengths[:n], lengths[n:])
+        losses = self.loss(r, self.beta, self.label_smoothing)  # (B,)
+        chosen, rejected = self.beta * r.chosen.detach(), self.beta * r.rejected.detach()
+        logps = policy.detach()
+        metrics = {
+            "reward_chosen": chosen.sum(),
+            "reward_rejected": rejected.sum(),
+            "reward_accuracy": (chosen > rejected).sum(),
+            "reward_margin": (chosen - rejected).sum(),
+            "logps_chosen": logps[:n].sum(),
+            "logps_rejected": logps[n:].sum(),
+        }
+        return losses.sum(), n, metrics
+
+
+def precompute_reference(
+    model: nn.Module,
+    source: PairSource,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    reference: nn.Module | None = None,
+) -> torch.Tensor:
+    """(n, 2) reference log-probs (chosen, rejected) of every pair, in order."""
+    out = torch.empty((len(source), 2), dtype=torch.float32)
+    autocast = use_bf16(precision, device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(source), batch_size):
+        batch = source.batch(range(start, min(start + batch_size, len(source)))).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            ref = reference_log_probs(model, batch.tokens, reference).float().cpu()
+        n = batch.n_pairs
+        out[start : start + n, 0], out[start : start + n, 1] = ref[:n], ref[n:]
+    model.train(was_training)
+    return out
+
+
+# ----- the command --------------------------------------------------------------------------------
+
+
+def load_pairs(cfg: DpoConfig, tokenizer: Any) -> tuple[PairSource, PairSource, dict[str, Any]]:
+    """Read, check, render and measure every pair; nothing loads or trains if one is bad."""
+    records = read_pairs(str(cfg.data))
+    valid_records = read_pairs(cfg.valid) if cfg.valid else []
+    if not cfg.valid and cfg.valid_fraction > 0:
+        records, valid_records = split_records(records, cfg.valid_fraction, cfg.train.seed)
+    kwargs = {"max_seq_len": cfg.max_seq_len, "max_prompt_len": cfg.max_prompt_len}
+    train, train_stats = tokenize_pairs(records, tokenizer, **kwargs)
+    valid, valid_stats = tokenize_pairs(valid_records, tokenizer, **kwargs)
+    for name, stats in (("training", train_stats), ("validation", valid_stats)):
+        _warn_about(name, stats, cfg.max_seq_len)
+    pad = pad_id_for(tokenizer)
+    stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
+    return PairSource(train, pad), PairSource(valid, pad), stats
+
+
+def _warn_about(name: str, stats: PairStats, max_seq_len: int) -> None:
+    if stats.truncated:
+        log.warning(
+            "%d %s pairs are longer than max_seq_len=%d (longest %d tokens) and were truncated",
+            stats.truncated, name, max_seq_len, stats.longest,
+        )  # fmt: skip
+    if stats.prompt_mismatch:
+        log.warning(
+            "%d %s pairs: the prompt alone tokenizes differently from its start in prompt + answer; the "
+            "answer starts where they part (as in TRL)", stats.prompt_mismatch, name,
+        )  # fmt: skip
+
+
+def _reference_logps(
+    cfg: DpoConfig,
+    model: nn.Module,
+    out: Path,
+    resume_from: Path | None,
+    sources: dict[str, PairSource],
+    device: torch.device,
+) -> None:
+    """Fill each source's precomputed reference log-probs: computed now on a fresh run (the
+    model is still the reference), read back from OUT on resume."""
+    path = out / REFERENCE_FILE
+    if resume_from is not None:
+        if not path.is_file():
+            raise ckpt.ResumeError(f"{path}: missing; the run used --precompute-ref, start it again")
+        saved = load_file(str(path))
+        for name, source in sources.items():
+            if name in saved and saved[name].shape != (len(source), 2):
+                raise ckpt.ResumeError(f"{path}: {name} does not match the data; start the run again")
+            source.reference = saved.get(name, torch.empty((0, 2)))
+        return
+    started = time.perf_counter()
+    for source in sources.values():
+        source.reference = precompute_reference(
+            model, source, batch_size=cfg.train.batch_size, device=device, precision=cfg.train.precision
+        )
+    with atomic_file(path) as tmp:
+        save_file(
+            {n: s.reference.contiguous() for n, s in sources.items() if s.reference is not None}, str(tmp)
+        )
+    log.info(
+        "reference log-probs of %d pairs in %.1fs",
+        sum(map(len, sources.values())),
+        time.perf_counter() - started,
+    )
+
+
+def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train on preference pairs as `cfg` says; the result has `run_finetune`'s shape plus the
+    loss, beta and where the reference came from."""
+    from weightsmith.checkpoint.pull import resolve
+
+    cfg, out, resume_from = start_run(cfg, "dpo")
+    path = resolve(str(cfg.model))
+    tokenizer = load_tokenizer(path)
+    if tokenizer is not None:  # every pair checked before the weights load
+        train, valid, data_stats = load_pairs(cfg, tokenizer)
+    loaded, device = load_model(cfg, path)
+    if tokenizer is None:
+        train, valid, data_stats = load_pairs(cfg, loaded.tokenizer)
+    begin_outputs(cfg, out, resume_from)
+    model = loaded.model
+    reference: nn.Module | None = None
+    if cfg.precompute_ref:
+        _reference_logps(cfg, model, out, resume_from, {"train": train, "valid": valid}, device)
+        where = "precomputed"
+    elif cfg.method == "full":
+        reference = copy.deepcopy(model).requires_grad_(False).eval()  # before any trained weight loads
+        where = "frozen copy"
+    else:
+        where = "adapters disabled"
+    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    objective = PreferenceObjective(
+        PREFERENCE_LOSSES[cfg.loss],
+        cfg.beta,
+        cfg.label_smoothing,
+        reference,
+        cfg.train.gradient_checkpointing,
+    )
+    trainer = Trainer(
+        model,
+        objective,
+        train,
+        valid,
+        cfg.train,
+        out,
+        save_weights=prepared.save_weights,
+        device=device,
+        reporter=reporter,
+        command="dpo",
+        perplexity=False,
+    )
+    log.info("%s loss, beta %g, reference: %s", cfg.loss, cfg.beta, where)
+    return fit_and_save(
+        cfg,
+        trainer,
+        loaded,
+        prepared,
+        model_path=path,
+        resume_from=resume_from,
+        data_stats=data_stats,
+        loss=cfg.loss,
+        beta=cfg.beta,
+        reference=where,
+    )

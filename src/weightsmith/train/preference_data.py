@@ -1,0 +1,425 @@
+"""Preference pairs: read and check TRL's preference formats, render them with the model's
+chat template, tokenize with the prompt masked, truncate, and batch them for DPO.
+
+One JSON object per line, in one of TRL's preference formats (one format per file):
+
+- conversational, explicit prompt: `{"prompt": [messages], "chosen": [messages],
+  "rejected": [messages]}`; the prompt ends with a user turn, each answer is assistant
+  turns (what `weightsmith arena export` and red-team pairs write)
+- conversational, implicit prompt: `{"chosen": [messages], "rejected": [messages]}`, two
+  whole conversations; the prompt is the messages they share from the start
+- text: `{"prompt": "...", "chosen": "...", "rejected": "..."}` (or implicit: the longest
+  shared start of `chosen` and `rejected`, as TRL's `extract_prompt` finds it)
+
+Other keys (`meta`, ids, scores) are ignored, as TRL ignores extra columns. Every line is
+checked before anything is tokenized, and every pair is rendered and measured before a
+model loads: a bad line stops everything with `FILE:LINE: FIELD: problem (how to fix)`.
+
+Tokenizing follows TRL's `DPOTrainer`: a conversation's prompt is rendered with the
+generation prompt, prompt + answer without it, and the answer is every token after the
+longest token prefix the prompt shares with both renderings (so it includes the
+end-of-turn token and whatever the template writes after it). Text pairs are tokenized as
+plain text, with EOS appended to each answer that lacks it. Only answer tokens carry
+log-probabilities. Sequences longer than `max_seq_len` lose the start of the prompt first
+(down to `max_prompt_len` tokens, when that is set), then the end of the answers.
+
+Not here: the loss (losses.py, dpo.py), the loop (loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.files import json_object_line
+from weightsmith.tokenizer import Tokenizer
+from weightsmith.train.data import ROLES, Batch, DataError, Row, collate
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class PairRecord:
+    """One checked line: a prompt and two answers, all text or all messages."""
+
+    source: str  # "file:line"
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass
+class PairExample:
+    """Token ids: the shared prompt and each answer (what gets log-probabilities)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    source: str = ""
+
+
+@dataclass
+class PairStats:
+    examples: int = 0
+    tokens: int = 0  # prompt + chosen + rejected
+    answer_tokens: int = 0
+    truncated: int = 0
+    longest: int = 0  # the longest prompt + answer before truncation
+    prompt_mismatch: int = 0  # the prompt alone renders differently from its start in prompt + answer
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# ----- reading and checking -----------------------------------------------------------------------
+
+
+def read_pairs(path: str | Path) -> list[PairRecord]:
+    """Every line of a JSONL file of pairs, checked; raises DataError naming the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass a JSONL file of preference pairs")
+    records, problems = [], []
+    first: tuple[str, str] | None = None  # (where, format) of the first good line
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record, kind = _parse_pair(line, where)
+                if first is None:
+                    first = (where, kind)
+                elif kind != first[1]:
+                    key = "prompt" if ("implicit" in kind) != ("implicit" in first[1]) else "chosen"
+                    raise DataError(
+                        f"{where}: {key}: this line is {kind} but {first[0]} is {first[1]} "
+                        "(write every line of a file in one format)"
+                    )
+                records.append(record)
+            except DataError as e:
+                problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    if not records:
+        raise DataError(f"{path}: the file has no pairs; write one JSON object per line")
+    return records
+
+
+def _parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
+    """The record and its format ("conversational", "implicit-prompt text", ...)."""
+    obj = json_object_line(line, where, "preference pair", DataError)
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise DataError(
+                f"{where}: {key}: missing (each line needs 'chosen' and 'rejected', and 'prompt' unless "
+                "both hold the whole conversation)"
+            )
+    explicit = "prompt" in obj
+    if isinstance(obj["chosen"], list):
+        kind = "conversational" if explicit else "implicit-prompt conversational"
+        record = _conversational(obj, where) if explicit else _implicit_conversational(obj, where)
+    elif isinstance(obj["chosen"], str):
+        kind = "text" if explicit else "implicit-prompt text"
+        record = _text(obj, where) if explicit else _implicit_text(obj, where)
+    else:
+        raise DataError(
+            f"{where}: chosen: must be a string or a list of messages, got {_kind(obj['chosen'])}"
+        )
+    if record.chosen == record.rejected:
+        raise DataError(
+            f"{where}: rejected: identical to chosen (a pair needs two different answers; drop it)"
+        )
+    return record, kind
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(obj: dict[str, Any], where: str) -> PairRecord:
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key}: must be a string, as 'chosen' is; got {_kind(obj[key])}")
+    if not obj["prompt"].strip():
+        raise DataError(f"{where}: prompt: empty (write the text the answers continue)")
+    for key in ("chosen", "rejected"):
+        _nonempty_text(obj[key], where, key)
+    return PairRecord(where, obj["prompt"], obj["chosen"], obj["rejected"])
+
+
+def _nonempty_text(text: str, where: str, key: str) -> None:
+    if not text.strip():
+        which = "preferred" if key == "chosen" else "dispreferred"
+        raise DataError(f"{where}: {key}: empty answer (write the {which} answer's text)")
+
+
+def _implicit_text(obj: dict[str, Any], where: str) -> PairRecord:
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if not isinstance(rejected, str):
+        raise DataError(f"{where}: rejected: must be a string, as 'chosen' is; got {_kind(rejected)}")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n and n < len(chosen) and chosen[n - 1] == " ":  # the space starts the answers (TRL's rule)
+        n -= 1
+    if not chosen[:n].strip():
+        raise DataError(
+            f"{where}: prompt: chosen and rejected share no start, so there is no prompt "
+            "(add a 'prompt' key, or begin both with the same prompt text)"
+        )
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        _nonempty_text(text[n:], where, key)
+    return PairRecord(where, chosen[:n], chosen[n:], rejected[n:])
+
+
+def _messages(value: Any, where: str, key: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where}: {key}: must be a non-empty list of {{'role', 'content'}} messages, got {_kind(value)}"
+        )
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise DataError(
+                f"{where}: {key}: messages[{i}] has role {role!r} (use one of {', '.join(ROLES)})"
+            )
+        content = m.get("content")
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" for p in content
+        ):
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise DataError(
+                f"{where}: {key}: messages[{i}].content must be a string or a list of text parts, "
+                f"got {_kind(content)}"
+            )
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _check_prompt(prompt: Messages, where: str) -> None:
+    for i, m in enumerate(prompt):
+        if m["role"] == "system" and i:
+            raise DataError(f"{where}: prompt: messages[{i}] is a system message (only the first may be one)")
+    if prompt[-1]["role"] != "user":
+        raise DataError(
+            f"{where}: prompt: the last message is {prompt[-1]['role']!r} (end the prompt with the user turn "
+            "the answers reply to)"
+        )
+
+
+def _check_answer(answer: Messages, where: str, key: str) -> None:
+    for i, m in enumerate(answer):
+        if m["role"] != "assistant":
+            raise DataError(
+                f"{where}: {key}: messages[{i}] has role {m['role']!r} (an answer holds assistant turns only; "
+                "put earlier turns in the prompt)"
+            )
+    _nonempty_text("".join(m["content"] for m in answer), where, key)
+
+
+def _conversational(obj: dict[str, Any], where: str) -> PairRecord:
+    prompt = _messages(obj["prompt"], where, "prompt")
+    _check_prompt(prompt, where)
+    answers = {key: _messages(obj[key], where, key) for key in ("chosen", "rejected")}
+    for key, answer in answers.items():
+        _check_answer(answer, where, key)
+    return PairRecord(where, prompt, answers["chosen"], answers["rejected"])
+
+
+def _implicit_conversational(obj: dict[str, Any], where: str) -> PairRecord:
+    chosen, rejected = (_messages(obj[key], where, key) for key in ("chosen", "rejected"))
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(
+            f"{where}: prompt: chosen and rejected share no first message, so there is no prompt "
+            "(add a 'prompt' key, or begin both conversations with the same turns)"
+        )
+    prompt = chosen[:n]
+    _check_prompt(prompt, where)
+    for key, answer in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+        if not answer:
+            raise DataError(
+                f"{where}: {key}: empty answer (the conversation has no turn after the shared prompt)"
+            )
+        _check_answer(answer, where, key)
+    return PairRecord(where, prompt, chosen[n:], rejected[n:])
+
+
+# ----- tokenizing ---------------------------------------------------------------------------------
+
+
+def tokenize_pair(record: PairRecord, tokenizer: Tokenizer) -> tuple[PairExample, bool]:
+    """Ids of one pair (no truncation), and whether the prompt alone tokenized differently
+    from its start in prompt + answer (TRL's case: the answer then starts where they part)."""
+    if record.conversational:
+        if not tokenizer.chat_template:
+            raise DataError(
+                f"{record.source}: prompt: the model has no chat template to render conversations "
+                "(write the pairs as plain strings)"
+            )
+        messages = list(record.prompt)
+        prompt = _render(tokenizer, messages, record.source, "prompt", generation_prompt=True)
+        full = {
+            key: _render(tokenizer, messages + list(answer), record.source, key, generation_prompt=False)
+            for key, answer in (("chosen", record.chosen), ("rejected", record.rejected))
+        }
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt = tokenizer.encode(str(record.prompt))
+        full = {}
+        for key, answer in (("chosen", record.chosen), ("rejected", record.rejected)):
+            text = str(answer) if str(answer).endswith(eos) else str(answer) + eos
+            full[key] = tokenizer.encode(str(record.prompt) + text)
+    shared = min(_common_prefix(prompt, ids) for ids in full.values())
+    if shared == 0:
+        raise DataError(
+            f"{record.source}: prompt: the prompt and the prompt followed by an answer tokenize with no "
+            "shared start, so the answer cannot be located (check the chat template)"
+        )
+    for key, ids in full.items():
+        if len(ids) == shared:
+            raise DataError(f"{record.source}: {key}: renders to no answer tokens (check the chat template)")
+    example = PairExample(
+        full["chosen"][:shared], full["chosen"][shared:], full["rejected"][shared:], record.source
+    )
+    if example.chosen == example.rejected:
+        raise DataError(
+            f"{record.source}: rejected: tokenizes exactly as chosen (a pair needs two different answers)"
+        )
+    return example, shared < len(prompt)
+
+
+def _render(
+    tokenizer: Tokenizer, messages: Any, where: str, key: str, *, generation_prompt: bool
+) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+    except WeightsmithError as e:
+        raise DataError(f"{where}: {key}: {e}") from None
+    return tokenizer.encode(str(text), add_special_tokens=False)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def truncate_pair(example: PairExample, max_seq_len: int, max_prompt_len: int | None) -> PairExample:
+    """Cut the prompt from the left to `max_prompt_len`, then the answers from the right so that
+    prompt + answer fits `max_seq_len`; DataError where the prompt leaves no room for an answer."""
+    prompt = example.prompt
+    if max_prompt_len is not None and len(prompt) > max_prompt_len:
+        prompt = prompt[len(prompt) - max_prompt_len :]
+    room = max_seq_len - len(prompt)
+    if room < 1:
+        cut = "" if max_prompt_len is None else f" after cutting it to --max-prompt-len {max_prompt_len}"
+        raise DataError(
+            f"{example.source}: prompt: {len(prompt)} tokens{cut} leave no room for an answer within "
+            f"--max-seq-len {max_seq_len} (raise --max-seq-len, or cut prompts from the left with "
+            "a smaller --max-prompt-len)"
+        )
+    cut_pair = PairExample(prompt, example.chosen[:room], example.rejected[:room], example.source)
+    if cut_pair.chosen == cut_pair.rejected:
+        raise DataError(
+            f"{example.source}: rejected: the same as chosen in the first {room} answer tokens that fit "
+            f"--max-seq-len {max_seq_len} (raise --max-seq-len or --max-prompt-len's cut)"
+        )
+    return cut_pair
+
+
+def tokenize_pairs(
+    records: Sequence[PairRecord],
+    tokenizer: Tokenizer,
+    *,
+    max_seq_len: int,
+    max_prompt_len: int | None = None,
+) -> tuple[list[PairExample], PairStats]:
+    """Tokenize and truncate every pair; the first bad one raises DataError."""
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    examples, stats = [], PairStats()
+    for record in records:
+        full, mismatch = tokenize_pair(record, tokenizer)
+        stats.prompt_mismatch += mismatch
+        longest = len(full.prompt) + max(len(full.chosen), len(full.rejected))
+        stats.longest = max(stats.longest, longest)
+        ex = truncate_pair(full, max_seq_len, max_prompt_len)
+        stats.truncated += ex != full
+        examples.append(ex)
+        stats.examples += 1
+        stats.answer_tokens += len(ex.chosen) + len(ex.rejected)
+        stats.tokens += len(ex.prompt) + len(ex.chosen) + len(ex.rejected)
+    return examples, stats
+
+
+# ----- batches ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B rows, chosen rows first: labels only on answer tokens."""
+
+    tokens: Batch  # (2B, T)
+    n_pairs: int
+    reference: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, same row order
+
+    @property
+    def n_targets(self) -> int:
+        return self.n_pairs  # DPO's loss is a mean over pairs
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.n_tokens
+
+    def to(self, device: torch.device) -> PairBatch:
+        ref = None if self.reference is None else self.reference.to(device)
+        return PairBatch(self.tokens.to(device), self.n_pairs, ref)
+
+
+@dataclass
+class PairSource:
+    """Pairs by index, made into `PairBatch`es; `reference` (n, 2) holds precomputed reference
+    log-probs (chosen, rejected) once they are known."""
+
+    pairs: list[PairExample]
+    pad_id: int
+    reference: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices: Sequence[int]) -> PairBatch:
+        chosen = [self.pairs[i] for i in indices]
+        rows = [_row(p.prompt, p.chosen) for p in chosen] + [_row(p.prompt, p.rejected) for p in chosen]
+        ref = None
+        if self.reference is not None:
+            picked = self.reference[list(indices)]  # (B, 2)
+            ref = torch.cat([picked[:, 0], picked[:, 1]])
+        return PairBatch(collate(rows, self.pad_id), len(chosen), ref)
+
+
+def _row(prompt: list[int], answer: list[int]) -> Row:
+    ids = prompt + answer
+    return Row(ids, [False] * len(prompt) + [True] * len(answer), [len(ids)])

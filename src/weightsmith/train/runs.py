@@ -1,0 +1,339 @@
+"""What every training command shares: the run's config fields, the methods (LoRA, QLoRA,
+full), `--resume`, loading the model, and what a finished run leaves in OUT.
+
+`finetune` (sft.py) and `dpo` (dpo.py) are each a config subclass of `RunConfig`, a data
+reader and a loss on top of this module and the one loop (loop.py). A run writes, into OUT:
+the resolved `config.yaml` (first), `metrics.jsonl`, `checkpoints/`, then at the end the PEFT
+adapter (`adapter_config.json` + `adapter_model.safetensors`) or, for full fine-tuning, an HF
+checkpoint in `OUT/model`, a loss curve `loss.png` and a lineage record `run.json` (base
+model, sha256 of the data files and of any `NAME.meta.json` beside them, code version,
+final metrics).
+
+Not here: the loop (loop.py), data formats (data.py, preference_data.py), losses (losses.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from weightsmith import __version__
+from weightsmith.config import dump_config_yaml, load_config_yaml, opt
+from weightsmith.device import pick_device, pick_dtype
+from weightsmith.errors import UsageError
+from weightsmith.files import write_json_atomic
+from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
+from weightsmith.train import checkpoints as ckpt
+from weightsmith.train.loop import Trainer, TrainOptions
+
+if TYPE_CHECKING:
+    from weightsmith.checkpoint.load import Checkpoint
+    from weightsmith.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class LoraOptions:
+    """LoRA adapters (methods lora and qlora)."""
+
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = opt(0.05, "dropout on the adapter's input")
+    target_modules: list[str] = opt(
+        ["all-linear"], "module names to adapt (e.g. q_proj,v_proj), or all-linear for every projection"
+    )
+    rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+
+    def to_config(self) -> LoraConfig:
+        targets: list[str] | str = list(self.target_modules)
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        cfg = LoraConfig(
+            r=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.rslora,
+        )
+        cfg.validate()
+        return cfg
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The fields every training command has: model, data, method, output, device, loop, LoRA."""
+
+    model: str | None = opt(None, "catalog or store name, HF directory, or .gguf file", positional=True)
+    data: str | None = opt(None, "training data (JSONL)")
+    valid: str | None = opt(None, "validation JSONL; without it, --valid-fraction of --data is held out")
+    valid_fraction: float = opt(0.1, "fraction of --data held out for validation when --valid is not given")
+    method: Literal["lora", "qlora", "full"] = opt("lora", "what to train")
+    out: str | None = opt(None, "output directory for the run")
+    resume: str | None = opt(None, "continue the run in this directory from its latest checkpoint")
+    max_seq_len: int = opt(1024, "truncate examples to this many tokens")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    dtype: str = opt("auto", "base weight dtype: fp32, bf16, fp16 or auto")
+    overwrite: bool = opt(False, "start afresh even if OUT already holds a run")
+    json: bool = opt(False, "print the final metrics as JSON")
+    train: TrainOptions = opt(default_factory=TrainOptions)
+    lora: LoraOptions = opt(default_factory=LoraOptions)
+
+
+# ----- methods: what is trained ---------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A model set up for one method, and how to save what it trains."""
+
+    save_weights: Callable[[Path], None]
+
+
+def _prepare_lora(model: nn.Module, cfg: RunConfig, base_name: str, resume_from: Path | None) -> Prepared:
+    if cfg.method == "qlora":
+        from weightsmith.quant.nf4 import quantize_linears_nf4
+
+        quantize_linears_nf4(model)
+    lora_cfg = cfg.lora.to_config()
+    if resume_from is None:
+        apply_lora(model, lora_cfg)
+    else:
+        load_adapter(model, resume_from)
+    _float32_trainables(model)
+    return Prepared(lambda d: save_adapter(model, d, lora_cfg, base_model=base_name))
+
+
+def _prepare_full(model: nn.Module, cfg: RunConfig, base_name: str, resume_from: Path | None) -> Prepared:
+    model.requires_grad_(True)
+    if resume_from is not None:
+        state = load_file(str(resume_from / "model.safetensors"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # a tied LM head is listed once
+                p.copy_(state[name])
+
+    def save(directory: Path) -> None:
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    return Prepared(save)
+
+
+def _float32_trainables(model: nn.Module) -> None:
+    """Adapters train in fp32 even over a bf16 base (autocast handles the matmuls)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+#: What each --method trains; each swaps its trainable parts in and, on resume, restores them.
+METHODS: dict[str, Callable[[nn.Module, RunConfig, str, Path | None], Prepared]] = {
+    "lora": _prepare_lora,
+    "qlora": _prepare_lora,
+    "full": _prepare_full,
+}
+
+
+# ----- starting a run -------------------------------------------------------------------------------
+
+
+def resolve_config(cfg: RunConfig, command: str) -> RunConfig:
+    """With --resume, the run's own config.yaml; otherwise check the flags."""
+    if cfg.resume:
+        saved = Path(cfg.resume) / "config.yaml"
+        if not saved.is_file():
+            raise UsageError(
+                f"{saved}: not found; --resume takes the OUT directory of an earlier {command} run"
+            )
+        if cfg.model or cfg.data:
+            raise UsageError(
+                "--resume continues a run with its saved config.yaml; do not pass a model or --data"
+            )
+        if (Path(cfg.resume) / "run.json").exists():
+            raise UsageError(f"{cfg.resume}: this run already finished (see its run.json); nothing to resume")
+        resumed = load_config_yaml(type(cfg), saved)
+        resumed.resume, resumed.out, resumed.json = cfg.resume, cfg.resume, cfg.json
+        return resumed
+    missing = [
+        flag for flag, value in (("MODEL", cfg.model), ("--data", cfg.data), ("--out", cfg.out)) if not value
+    ]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}: {command} needs a model, --data FILE and --out DIR")
+    out = Path(cfg.out)
+    if (out / "config.yaml").exists() and not cfg.overwrite:
+        raise UsageError(
+            f"{out} already holds a run; continue it with --resume {out}, or pass --overwrite to start afresh"
+        )
+    return cfg
+
+
+def start_run(cfg: RunConfig, command: str) -> tuple[Any, Path, Path | None]:
+    """(the resolved config, OUT, the checkpoint to resume from or None); seeds torch."""
+    cfg = resolve_config(cfg, command)
+    out = Path(cfg.out)
+    resume_from = None
+    if cfg.resume:
+        resume_from = ckpt.latest_checkpoint(out / "checkpoints")
+        if resume_from is None:
+            raise ckpt.ResumeError(f"{out}/checkpoints: no checkpoint to resume from; start the run again")
+    torch.manual_seed(cfg.train.seed)
+    return cfg, out, resume_from
+
+
+def load_model(cfg: RunConfig, path: Path) -> tuple[Checkpoint, torch.device]:
+    """The checkpoint at `path` on the run's device; QLoRA quantizes each linear as it loads."""
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype("fp32" if cfg.method == "full" and cfg.dtype == "auto" else cfg.dtype, device)
+    hook = None
+    if cfg.method == "qlora":
+        from weightsmith.quant.nf4 import quantize_on_load
+
+        hook = quantize_on_load()
+    return load_checkpoint(path, device=device, dtype=dtype, decode_layout=False, on_tensor=hook), device
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer alone, so data can be checked before the weights load (None
+    where `path` is not a checkpoint: loading the model then says what is wrong)."""
+    from weightsmith.tokenizer import Tokenizer
+
+    if path.is_dir() and (path / "config.json").is_file():
+        return Tokenizer.from_dir(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from weightsmith.checkpoint import gguf
+        from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
+
+        reader = gguf.open_gguf(path)
+        return Tokenizer.from_config(build_gguf_tokenizer(reader), gguf.read_gguf(reader).tokenizer_config)
+    return None
+
+
+def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None) -> None:
+    """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        dump_config_yaml(cfg, out / "config.yaml")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+# ----- training and finishing a run -----------------------------------------------------------------
+
+
+def fit_and_save(
+    cfg: RunConfig,
+    trainer: Trainer,
+    loaded: Any,
+    prepared: Prepared,
+    *,
+    model_path: Path,
+    resume_from: Path | None,
+    data_stats: dict[str, Any],
+    **facts: Any,
+) -> dict[str, Any]:
+    """Train (from `resume_from`'s state, if given), write the outputs and lineage, and return
+    the result: where, what, steps, final metrics, data and parameter counts, and `facts`."""
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    model = loaded.model
+    counts = parameter_counts(model)
+    log.info("training %d of %d parameters (%s)", counts["trainable"], counts["total"], cfg.method)
+    started = time.time()
+    final = trainer.fit()
+    out = trainer.out
+    write_outputs(cfg, model, loaded, prepared, out)
+    result = {
+        "out": str(out),
+        "method": cfg.method,
+        **facts,
+        "steps": trainer.state.step,
+        "metrics": final,
+        "initial_val_loss": trainer.initial.get("val_loss"),
+        "data": data_stats,
+        "parameters": counts,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_lineage(cfg, model_path, result, out)
+    return result
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+    }
+
+
+def write_outputs(cfg: RunConfig, model: nn.Module, loaded: Any, prepared: Prepared, out: Path) -> None:
+    """The adapter (or, for full fine-tuning, an HF checkpoint in OUT/model) and loss.png."""
+    if cfg.method == "full":
+        from weightsmith.checkpoint.save import save_hf_dir
+
+        save_hf_dir(
+            model, loaded.tokenizer, out / "model", generation_config=loaded.generation_config, overwrite=True
+        )
+    else:
+        prepared.save_weights(out)
+    from weightsmith.report.loss_curve import plot_loss_curve
+
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model} · {cfg.method}")
+
+
+def write_lineage(cfg: RunConfig, model_path: Path, result: dict[str, Any], out: Path) -> None:
+    """What produced this output: base model, data hashes (and their meta files), code version,
+    final metrics."""
+    files = {name: Path(p) for name, p in (("data", cfg.data), ("valid", cfg.valid)) if p}
+    metas = {name: m for name, p in files.items() if (m := data_meta(p)) is not None}
+    write_json_atomic(
+        out / "run.json",
+        {
+            "weightsmith": __version__,
+            "base_model": {"name": cfg.model, "path": str(model_path)},
+            "data_sha256": {name: sha256(p) for name, p in files.items()},
+            **({"data_meta": metas} if metas else {}),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **result,
+        },
+    )
+
+
+def meta_path(path: Path) -> Path:
+    """`NAME.meta.json` beside `NAME.jsonl`: where the arena export and red-team pairs say where
+    their rows came from."""
+    return path.with_name((path.stem if path.suffix == ".jsonl" else path.name) + ".meta.json")
+
+
+def data_meta(path: Path) -> dict[str, Any] | None:
+    """The meta file beside a data file: its path, sha256 and (when it is JSON) its content."""
+    meta = meta_path(path)
+    if not meta.is_file():
+        return None
+    try:
+        content: Any = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        content = None  # recorded by hash only
+    return {"path": str(meta), "sha256": sha256(meta), "content": content}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
