@@ -36,6 +36,7 @@ from weightsmith.cli import run as run_out
 from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import train as train_out
+from weightsmith.cli import watchdog as watchdog_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
 from weightsmith.cli.loading import with_loading
 from weightsmith.commands import (
@@ -50,6 +51,7 @@ from weightsmith.commands import (
     serve,
     store,
     train,
+    watchdog,
 )
 from weightsmith.commands import eval as evaluate
 from weightsmith.errors import WeightsmithError
@@ -202,6 +204,15 @@ COMMANDS: dict[str, Command | Group] = {
         redteam.run_redteam,
         _plain(redteam_out.print_redteam),
         with_loading(_probe_lines),
+    ),
+    "watchdog": Command(
+        watchdog.WatchdogConfig,
+        "red-team a model, DPO a safer fork on what got through, measure it on held-out probes",
+        "weightsmith watchdog smollm2-135m-instruct --out runs/watchdog --policy builtin:school\n"
+        "  weightsmith watchdog smollm2-135m-instruct --out runs/watchdog --rounds 2 --limit 20 --eval-limit 100",
+        watchdog.run_watchdog,
+        _plain(watchdog_out.print_watchdog),
+        watchdog_out.make_progress,
     ),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",

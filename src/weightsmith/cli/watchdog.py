@@ -48,7 +48,9 @@ def _change(entry: dict | None) -> str:
 
 
 def print_watchdog(result: dict, console: Console) -> None:
-    table = Table(title="held-out probes: base model vs DPO fork (95% Wilson; change: Newcombe, McNemar exact)")
+    table = Table(
+        title="held-out probes: base model vs DPO fork (95% Wilson; change: Newcombe, McNemar exact)"
+    )
     for col in ("round", "rate", "base", "fork", "change"):
         table.add_column(col, justify="left" if col in ("round", "rate") else "right")
     for rnd in result["rounds"]:

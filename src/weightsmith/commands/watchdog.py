@@ -36,9 +36,9 @@ from weightsmith.commands.redteam import DEFAULT_TRANSFORMS
 from weightsmith.config import config_from_dict, config_to_dict, dump_config_yaml, load_config_yaml, opt
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
-from weightsmith.lora.options import LoraOptions
 from weightsmith.safety.split import DEFAULT_HELDOUT
 from weightsmith.train.loop import TrainOptions
+from weightsmith.train.runs import LoraOptions
 
 
 def _dpo_train_defaults() -> TrainOptions:
@@ -58,24 +58,32 @@ class WatchdogConfig:
     out: str = opt(help="folder for every round's scans, pairs, fork, evaluation and the report")
     rounds: int = opt(1, "scan → pairs → DPO → held-out rescan rounds; each round scans the newest fork")
     policy: str | None = opt(
-        None, "guard policy (file or builtin:NAME) whose refusals the pairs prefer; the train scan runs behind it too"
+        None,
+        "guard policy (file or builtin:NAME) whose refusals the pairs prefer; the train scan runs behind it too",
     )
-    packs: list[str] = opt(default_factory=lambda: ["builtin:all"], help="probe packs: files, folders, builtin:NAME")
+    packs: list[str] = opt(
+        default_factory=lambda: ["builtin:all"], help="probe packs: files, folders, builtin:NAME"
+    )
     transforms: list[str] = opt(
         default_factory=lambda: list(DEFAULT_TRANSFORMS), help="transforms applied to every attack probe"
     )
     heldout_fraction: float = opt(DEFAULT_HELDOUT, "share of the probes kept back for the held-out rescan")
-    limit: int | None = opt(None, "probes per pack on each side of the split (evenly spaced), before transforms")
+    limit: int | None = opt(
+        None, "probes per pack on each side of the split (evenly spaced), before transforms"
+    )
     max_tokens: int = opt(64, "most tokens per red-team reply")
     batch_size: int = opt(16, "conversations generated together")
     benign_ratio: float | None = opt(None, "at most this many benign pairs per attack pair")
     loss: str = opt("dpo", "DPO's pairwise loss (dpo, ipo, ...)")
     beta: float = opt(0.1, "how far the fork may move from the base (IPO: its tau)")
-    max_seq_len: int = opt(384, "longest prompt + answer in training, in tokens")
+    max_seq_len: int = opt(
+        384, "longest prompt + answer in training, in tokens (prompts are cut from the left to 2/3 of it)"
+    )
     train: TrainOptions = opt(default_factory=_dpo_train_defaults)
     lora: LoraOptions = opt(default_factory=_dpo_lora_defaults)
     eval_tasks: list[str] = opt(
-        default_factory=lambda: ["builtin:core"], help="suites run on the base and each fork (forgetting check)"
+        default_factory=lambda: ["builtin:core"],
+        help="suites run on the base and each fork (forgetting check)",
     )
     eval_limit: int | None = opt(None, "documents per eval task (none: all)")
     overwrite: bool = opt(False, "start afresh even if OUT holds a watchdog run with other settings")
@@ -209,7 +217,9 @@ def merge_pairs(files: list[Path], dest: Path) -> dict[str, Any]:
     return {"path": str(dest), "rows": len(rows), "sha256": meta["sha256"], "sources": sources}
 
 
-def _train(cfg: WatchdogConfig, data: Path, folder: Path, progress: WatchdogProgress | None) -> dict[str, Any]:
+def _train(
+    cfg: WatchdogConfig, data: Path, folder: Path, progress: WatchdogProgress | None
+) -> dict[str, Any]:
     """DPO with LoRA from the base; a finished run is kept, an interrupted one resumes."""
     from weightsmith.train.dpo import DpoConfig, run_dpo
 
@@ -220,13 +230,15 @@ def _train(cfg: WatchdogConfig, data: Path, folder: Path, progress: WatchdogProg
     else:
         dpo = DpoConfig(
             model=cfg.model, data=str(data), out=str(folder), method="lora", loss=cfg.loss, beta=cfg.beta,
-            max_seq_len=cfg.max_seq_len, valid_fraction=0.0, overwrite=True, device=cfg.device,
+            max_seq_len=cfg.max_seq_len, max_prompt_len=cfg.max_seq_len * 2 // 3, valid_fraction=0.0, overwrite=True, device=cfg.device,
             dtype=cfg.dtype, train=cfg.train, lora=cfg.lora,
         )  # fmt: skip
     return run_dpo(dpo, reporter=getattr(progress, "reporter", None))
 
 
-def _evaluate(cfg: WatchdogConfig, adapter: str, folder: Path, progress: WatchdogProgress | None) -> dict[str, Any]:
+def _evaluate(
+    cfg: WatchdogConfig, adapter: str, folder: Path, progress: WatchdogProgress | None
+) -> dict[str, Any]:
     """The eval tasks on the base and the fork; per task and pooled over every item."""
     from weightsmith.commands.eval import EvalConfig, run_eval
 
@@ -269,15 +281,16 @@ def forgetting_check(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pooled_items(samples: dict[str, list[dict]]) -> dict[tuple[str, Any], int]:
-    """(task, doc id) -> 0/1 for every sample whose `acc` (else `exact_match`) is 0 or 1."""
+    """(task, doc id) -> 0/1 for every document whose `acc` (else `exact_match`) is 0 or 1."""
+    from weightsmith.eval.stats import doc_values
+
     items: dict[tuple[str, Any], int] = {}
     for task, records in samples.items():
-        for rec in records:
-            for metric in ("acc", "exact_match"):
-                v = rec.get(metric)
-                if isinstance(v, (int, float)) and v in (0, 1):
-                    items[(task, rec.get("doc_id"))] = int(v)
-                    break
+        for metric in ("acc", "exact_match"):
+            values = doc_values(records, metric, "none")
+            if values and all(v in (0, 1) for v in values.values()):
+                items.update({(task, doc): int(v) for doc, v in values.items()})
+                break
     return items
 
 
@@ -354,4 +367,3 @@ def run_watchdog(cfg: WatchdogConfig, progress: WatchdogProgress | None = None) 
     write_watchdog_report(out / "report.html", result)
     result["written"] = {"json": str(out / "watchdog.json"), "report": str(out / "report.html")}
     return result
-

@@ -236,7 +236,7 @@ def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def _doc_values(records: list[dict], metric: str, filt: str) -> dict[int, Any]:
+def doc_values(records: list[dict], metric: str, filt: str) -> dict[int, Any]:
     """doc_id -> per-document value; `metrics` dict as documented, or lm-eval's raw layout."""
     out = {}
     key = f"{metric},{filt}"
@@ -320,7 +320,7 @@ def _comparison_row(
     task, metric, filt, hib = cell
     key, se_key = f"{metric},{filt}", f"{metric}_stderr,{filt}"
     res = [(r.get("results") or {}).get(task) or {} for r in runs]
-    docs = [_doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
+    docs = [doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
     present = [d for d in docs if d]
     binary = bool(present) and all(is_binary(list(d.values())) for d in present)
     row: dict[str, Any] = {

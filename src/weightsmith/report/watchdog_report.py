@@ -92,7 +92,9 @@ def _chart(rounds: list[dict]) -> str:
         ax.bar(labels, values, yerr=[lows, highs], capsize=4, color="#888")
         ax.set_title(f"held-out {name} (%)")
         ax.set_ylim(0, 100)
-    return image(figure_png(fig), "held-out attack success and over-refusal, base and forks, with 95% intervals")
+    return image(
+        figure_png(fig), "held-out attack success and over-refusal, base and forks, with 95% intervals"
+    )
 
 
 def _lineage(rnd: dict) -> str:
