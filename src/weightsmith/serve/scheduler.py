@@ -31,7 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -167,6 +169,8 @@ class Scheduler:
         self.staging: KVCache | None = None  # its one-row cache, allocated on first use
         self.running: list[Choice] = []
         self.waiting: deque[Request] = deque()
+        #: work for the model outside decoding (prompt scoring), run between steps
+        self.calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self.observer = observer or Observer()
         self._lock = threading.Condition()
         self._stop = False
@@ -185,6 +189,20 @@ class Scheduler:
             self.observer.queue(len(self.waiting), len(self.running))
             self._lock.notify()
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the model's thread between two steps (this thread owns the model, its
+        adapters and caches); its result or error arrives in the returned Future. One call runs
+        per step, so running streams keep getting a token meanwhile. QueueFull as `submit`."""
+        future: Future = Future()
+        with self._lock:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self.calls) >= self.max_queue:
+                raise QueueFull(f"{len(self.calls)} calls are waiting (the limit, --max-queue)")
+            self.calls.append((fn, future))
+            self._lock.notify()
+        return future
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="weightsmith-scheduler", daemon=True)
         self._thread.start()
@@ -199,7 +217,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.waiting and self.staged is None
+        return not self.running and not self.waiting and self.staged is None and not self.calls
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -220,6 +238,7 @@ class Scheduler:
     def step(self) -> None:
         """One iteration: drop cancelled rows, prefill newcomers, decode every running row."""
         self._drop_cancelled()
+        self._run_call()
         newcomers = self._admit()
         if newcomers:
             self._prefill(newcomers)
@@ -228,6 +247,16 @@ class Scheduler:
         if self.running:
             self._decode()
         self.observer.queue(len(self.waiting), len(self.running))
+
+    def _run_call(self) -> None:
+        with self._lock:
+            fn, future = self.calls.popleft() if self.calls else (None, None)
+        if future is None or not future.set_running_or_notify_cancel():
+            return  # none waiting, or its client went away
+        try:
+            future.set_result(fn())
+        except Exception as e:  # the call's own failure, reported to its request
+            future.set_exception(e)
 
     def _drop_cancelled(self) -> None:
         if self.staged is not None and self.staged.request.cancelled:
@@ -456,6 +485,11 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
             _fail_request(request, message)
+        with self._lock:
+            calls, self.calls = list(self.calls), deque()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(message))
         self.observer.queue(0, 0)
 
 
