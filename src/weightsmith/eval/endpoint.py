@@ -109,7 +109,7 @@ class EndpointScorer:
         try:
             answer = self.pool.post("/completions", {**body, "max_tokens": extra})
         except EndpointError as e:
-            if extra or e.status != 400 or "max_tokens" not in str(e):
+            if extra or e.status not in (400, 422) or "max_tokens" not in str(e):
                 raise
             with self._lock:
                 self._echo_tokens = extra = 1  # vLLM: max_tokens >= 1; the extra token is dropped

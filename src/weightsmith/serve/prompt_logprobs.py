@@ -70,13 +70,20 @@ def score_prompt(
 
 
 def text_offsets(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
-    """Where each token starts in `tokenizer.decode(ids)`, in characters. A token that starts
-    inside a character (byte-level pieces of one character) starts where that character does."""
-    stream = tokenizer.stream_decoder()
-    offsets, length = [], 0
-    for token in ids:
-        offsets.append(length)
-        length += len(stream.push(token))
+    """Where each token starts in `tokenizer.decode(ids)`: the whole characters `ids[:k]` decode
+    to (a token that starts inside a character, a byte-level piece of it, starts where that
+    character does). Decoded through a short window, as `StreamDecoder` does, so the cost grows
+    with the prompt's length, not its square: `ids[ctx:k]` decode to the text of `ids[ctx:anchor]`
+    (`base` characters, ending on a whole character) followed by what `ids[anchor:k]` add."""
+    offsets: list[int] = []
+    ctx = anchor = at = base = 0  # `at`: characters of ids[:anchor]
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[ctx:k]) if k > ctx else ""
+        whole = text.rstrip("\ufffd")  # an incomplete last character is not there yet
+        offsets.append(at + len(whole) - base)
+        if len(whole) == len(text) and k - anchor >= 8:  # a clean boundary: move the window up
+            ctx, anchor, at = anchor, k, offsets[-1]
+            base = len(tokenizer.decode(ids[ctx:anchor]))
     return offsets
 
 

@@ -43,6 +43,7 @@ from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
 from weightsmith.sampling import SamplingParams, sample_batch
+from weightsmith.serve.model_calls import CallQueue
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,9 @@ class Scheduler:
         self.staging: KVCache | None = None  # its one-row cache, allocated on first use
         self.running: list[Choice] = []
         self.waiting: deque[Request] = deque()
-        #: work for the model outside decoding (prompt scoring), run between steps
-        self.calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self.observer = observer or Observer()
         self._lock = threading.Condition()
+        self.calls = CallQueue(max_queue, self._lock)  # work besides decoding: prompt scoring
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -190,18 +190,10 @@ class Scheduler:
             self._lock.notify()
 
     def call(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn()` on the model's thread between two steps (this thread owns the model, its
-        adapters and caches); its result or error arrives in the returned Future. One call runs
-        per step, so running streams keep getting a token meanwhile. QueueFull as `submit`."""
-        future: Future = Future()
-        with self._lock:
-            if self._stop:
-                raise QueueFull("the server is shutting down")
-            if len(self.calls) >= self.max_queue:
-                raise QueueFull(f"{len(self.calls)} calls are waiting (the limit, --max-queue)")
-            self.calls.append((fn, future))
-            self._lock.notify()
-        return future
+        """Run `fn()` on the model's thread between two steps (model_calls.py); QueueFull as `submit`."""
+        if self._stop:
+            raise QueueFull("the server is shutting down")
+        return self.calls.submit(fn, QueueFull)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="weightsmith-scheduler", daemon=True)
@@ -238,7 +230,7 @@ class Scheduler:
     def step(self) -> None:
         """One iteration: drop cancelled rows, prefill newcomers, decode every running row."""
         self._drop_cancelled()
-        self._run_call()
+        self.calls.run_one()
         newcomers = self._admit()
         if newcomers:
             self._prefill(newcomers)
@@ -247,16 +239,6 @@ class Scheduler:
         if self.running:
             self._decode()
         self.observer.queue(len(self.waiting), len(self.running))
-
-    def _run_call(self) -> None:
-        with self._lock:
-            fn, future = self.calls.popleft() if self.calls else (None, None)
-        if future is None or not future.set_running_or_notify_cancel():
-            return  # none waiting, or its client went away
-        try:
-            future.set_result(fn())
-        except Exception as e:  # the call's own failure, reported to its request
-            future.set_exception(e)
 
     def _drop_cancelled(self) -> None:
         if self.staged is not None and self.staged.request.cancelled:
@@ -485,11 +467,7 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
             _fail_request(request, message)
-        with self._lock:
-            calls, self.calls = list(self.calls), deque()
-        for _, future in calls:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError(message))
+        self.calls.fail_all(message)
         self.observer.queue(0, 0)
 
 
