@@ -149,7 +149,7 @@ class EndpointPool:
     ) -> None:
         if concurrency < 1:
             raise UsageError(f"--concurrency must be at least 1, got {concurrency}")
-        self._endpoints = [_Endpoint(u) for u in endpoint_urls(urls)]
+        self._endpoints = [_Endpoint(u) for u in endpoint_urls(urls, what)]
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout

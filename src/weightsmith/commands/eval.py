@@ -62,7 +62,7 @@ class EvalConfig(LoadOptions):
     )
     endpoint: list[str] = opt(
         default_factory=list, help="evaluate MODEL as served by these OpenAI-compatible endpoints "
-        "(base URLs like http://host:8000/v1; replicas comma-separated or repeated share the requests)"
+        "(base URLs like http://host:8000/v1); several replicas share the requests"
     )  # fmt: skip
     concurrency: int = opt(8, "with --endpoint: requests in flight to each endpoint")
     api_key_env: str = opt(

@@ -81,15 +81,22 @@ class EndpointScorer:
 
     # -- log-likelihood -------------------------------------------------------------------
 
+    def check_requests(self, by_kind: dict[str, list[tuple]]) -> None:
+        """Refuse, before any request is sent, what an endpoint cannot answer: rolling
+        log-likelihoods and empty contexts (both need the model's BOS/EOS token)."""
+        if by_kind.get("rolling"):
+            self.loglikelihood_rolling([])
+        for args in by_kind.get("ll", []):
+            if args[0] == "":
+                raise UsageError(
+                    f"a request with an empty context (continuation {args[1][:40]!r}) needs the model's BOS "
+                    "token, which an endpoint does not give; evaluate this task without --endpoint"
+                )
+
     def loglikelihood(
         self, requests: Sequence[tuple[str, str]], progress: Progress | None = None
     ) -> list[tuple[float, bool]]:
-        for context, continuation in requests:
-            if context == "":
-                raise UsageError(
-                    f"a request with an empty context (continuation {continuation[:40]!r}) needs the "
-                    "model's BOS token, which an endpoint does not give; evaluate this task without --endpoint"
-                )
+        self.check_requests({"ll": list(requests)})
         return self.pool.map(self._score, list(requests), progress=progress)
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: Progress | None = None) -> list[float]:

@@ -171,6 +171,9 @@ class Runner:
             for d in docs:
                 d.responses = [None] * len(d.arguments)
                 by_kind[kind].extend((d, i) for i in range(len(d.arguments)))
+        check = getattr(self.scorer, "check_requests", None)  # an endpoint refuses some kinds up front
+        if check is not None:
+            check({kind: [d.arguments[i] for d, i in items] for kind, items in by_kind.items()})
         total = sum(len(v) for v in by_kind.values())
         tick = progress_ticker(progress, total)
         for kind, items in by_kind.items():
