@@ -14,6 +14,7 @@ import pytest
 import weightsmith
 from weightsmith.commands.serve import ServeConfig, start_server
 from weightsmith.config import config_from_dict
+from weightsmith.endpoints import RetryPolicy
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.eval.judge import (
     EndpointJudge,
@@ -304,8 +305,13 @@ def test_make_judge_chooses_by_url(monkeypatch) -> None:
 # ---- EndpointJudge against broken endpoints (MockTransport) ---------------------------------
 
 
+FAST = RetryPolicy(attempts=3, backoff=0.001, max_backoff=0.01)  # retries, without the waits
+
+
 def mock_judge(handler, **kw) -> EndpointJudge:
-    return EndpointJudge("http://judge.test/v1", "m", "sk-1", transport=httpx.MockTransport(handler), **kw)
+    return EndpointJudge(
+        "http://judge.test/v1", "m", "sk-1", transport=httpx.MockTransport(handler), retry=FAST, **kw
+    )
 
 
 def test_endpoint_request_shape() -> None:
@@ -353,7 +359,7 @@ def test_endpoint_unreachable() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", timeout=5)
+    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", timeout=5, retry=FAST)
     with pytest.raises(WeightsmithError, match=rf"127.0.0.1:{port}/v1/chat/completions: request failed"):
         judge.complete([[{"role": "user", "content": "hi"}]])
 

@@ -345,7 +345,9 @@ BAD = [
     pytest.param(COMPLETIONS, comp(logprobs=50), 400, "logprobs", None, id="comp-logprobs-50"),
     pytest.param(COMPLETIONS, comp(suffix="x"), 400, "suffix", None, id="comp-suffix"),
     pytest.param(COMPLETIONS, comp(best_of=3, n=1), 400, "best_of", None, id="comp-best-of"),
-    pytest.param(COMPLETIONS, comp(echo=True, logprobs=1), 400, "echo", None, id="comp-echo-logprobs"),
+    pytest.param(
+        COMPLETIONS, comp(max_tokens=0), 400, "max_tokens", None, id="comp-max-tokens-0-without-echo"
+    ),
     pytest.param(
         COMPLETIONS, comp(model="tiny:zzz"), 404, "model", "model_not_found", id="comp-unknown-adapter"
     ),

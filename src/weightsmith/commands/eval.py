@@ -4,7 +4,10 @@ The model (with `--adapter`, if given) is evaluated, then each `--compare` entry
 `base` (the same model without the adapter), another model, or `adapter:DIR` (the
 same base with another adapter). The first `--compare` entry is the reference the
 others are compared against (deltas, McNemar or paired-bootstrap p-values, 95% CIs).
-Task files are all read and checked before any model loads.
+With `--endpoint URL[,URL...]` the model (and each `--compare` name) is the name a server
+serves, and the requests go to those OpenAI-compatible endpoints, spread over them
+(`weightsmith.eval.endpoint`, `weightsmith.endpoints`); nothing loads here.
+Task files are all read and checked before any model loads or any request is sent.
 
 Not here: the runner, scorer and statistics (`weightsmith.eval`), progress bars and
 tables (`weightsmith.cli.eval`).
@@ -13,6 +16,7 @@ tables (`weightsmith.cli.eval`).
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +25,10 @@ from typing import Any
 from weightsmith import __version__
 from weightsmith.commands.loading import LoadOptions, load_model, load_status, model_label
 from weightsmith.config import opt
+from weightsmith.endpoints import EndpointPool, endpoint_urls
 from weightsmith.errors import UsageError
 from weightsmith.eval.cache import ResultCache, model_fingerprint
+from weightsmith.eval.endpoint import EndpointScorer, endpoint_fingerprint
 from weightsmith.eval.runner import EvalOptions, Runner, evaluate, judge_hook, load_tasks
 from weightsmith.eval.scorer import Scorer
 from weightsmith.eval.stats import compare_runs
@@ -54,6 +60,14 @@ class EvalConfig(LoadOptions):
     judge_api_key_env: str | None = opt(
         None, "environment variable whose value is sent as the judge endpoint's API key"
     )
+    endpoint: list[str] = opt(
+        default_factory=list, help="evaluate MODEL as served by these OpenAI-compatible endpoints "
+        "(base URLs like http://host:8000/v1); several replicas share the requests"
+    )  # fmt: skip
+    concurrency: int = opt(8, "with --endpoint: requests in flight to each endpoint")
+    api_key_env: str = opt(
+        "WEIGHTSMITH_API_KEY", "with --endpoint: environment variable holding their API key"
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -77,11 +91,19 @@ class ModelSpec:
 
 def model_specs(cfg: EvalConfig) -> list[ModelSpec]:
     """The models to run, the reference (first --compare entry, else the model) first."""
-    main = ModelSpec(model_label(cfg.model, cfg.adapter), cfg.model, cfg.adapter)
+    served = bool(cfg.endpoint)  # names a server serves, used as they are
+    main = ModelSpec(cfg.model if served else model_label(cfg.model, cfg.adapter), cfg.model, cfg.adapter)
     others = []
     for entry in cfg.compare:
         entry = entry.strip()
-        if entry == "base":
+        if served and entry:
+            if entry == "base" or entry.startswith("adapter:"):
+                raise UsageError(
+                    f"--compare {entry}: with --endpoint, compare served names (an adapter served as "
+                    "MODEL:NAME by weightsmith serve --adapter NAME=DIR, or another model)"
+                )
+            others.append(ModelSpec(entry, entry, None))
+        elif entry == "base":
             if cfg.adapter is None:
                 raise UsageError("--compare base: compares a fork with its base; give --adapter DIR as well")
             others.append(ModelSpec(model_label(cfg.model, None), cfg.model, None))
@@ -105,6 +127,15 @@ def _check(cfg: EvalConfig) -> None:
     if not tasks:
         raise UsageError("--tasks: name at least one task file, folder or builtin:NAME")
     cfg.tasks = tasks
+    if cfg.endpoint:
+        cfg.endpoint = endpoint_urls(cfg.endpoint)
+        if cfg.adapter is not None:
+            raise UsageError(
+                "--adapter loads an adapter here; with --endpoint, evaluate the served adapter by its "
+                "name (MODEL:NAME, from weightsmith serve --adapter NAME=DIR)"
+            )
+    if cfg.concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1, got {cfg.concurrency}")
 
 
 def _cache(cfg: EvalConfig) -> ResultCache | None:
@@ -122,6 +153,7 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
     opts, grants = cfg.run, cfg.grants()
     taskset = load_tasks(cfg.tasks, opts, grants)  # every task file and document checked before a model loads
     specs = model_specs(cfg)
+    pool = _pool(cfg, taskset)
     cache = _cache(cfg)
     load_kwargs = {k: v for k, v in cfg.load_kwargs().items() if k != "adapter"}
     load_kwargs["progress"] = load_status(progress)
@@ -129,18 +161,26 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
     runs, samples = [], []
     try:
         for spec in specs:
-            llm = load_model(spec.model, **load_kwargs, adapter=spec.adapter)
             started = time.perf_counter()
-            scorer = Scorer(llm.model, llm.tokenizer, batch_size=opts.batch_size)
-            runner = Runner(scorer, fingerprint=model_fingerprint(llm.model), cache=cache)
+            if pool is None:
+                llm = load_model(spec.model, **load_kwargs, adapter=spec.adapter)
+                scorer: Any = Scorer(llm.model, llm.tokenizer, batch_size=opts.batch_size)
+                fingerprint, extra = model_fingerprint(llm.model), {}
+            else:
+                llm, before = None, pool.stats()
+                served = pool.served_model(spec.model)
+                scorer = EndpointScorer(pool, spec.model, batch_size=opts.batch_size)
+                fingerprint, extra = endpoint_fingerprint(served), {"served": served}
+            runner = Runner(scorer, fingerprint=fingerprint, cache=cache)
             tick = progress(spec.label) if progress else None
             result, run_samples = evaluate(runner, taskset, opts, progress=tick, judge=judge)
-            result["config"].update(
-                {"model_args": f"model={spec.model},adapter={spec.adapter}", "limit": opts.limit}
-            )
+            where = f"adapter={spec.adapter}" if pool is None else f"endpoint={','.join(pool.urls)}"
+            result["config"].update({"model_args": f"model={spec.model},{where}", "limit": opts.limit})
+            if pool is not None:
+                extra["endpoints"] = _spent(before, pool.stats())
             result["weightsmith"] = run_metadata(
                 spec.label, spec.model, spec.adapter, llm, runner.fingerprint, started,
-                cache_hits=runner.cache_hits,
+                cache_hits=runner.cache_hits, **extra,
             )  # fmt: skip
             runs.append(result)
             samples.append(run_samples)
@@ -149,6 +189,8 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
     finally:
         if cache is not None:
             cache.close()
+        if pool is not None:
+            pool.close()
     comparison = compare_runs(runs, samples, reference=0) if len(runs) > 1 else None
     written = {}
     if cfg.out:
@@ -166,18 +208,39 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
     return result
 
 
+def _pool(cfg: EvalConfig, taskset: Any) -> EndpointPool | None:
+    """The --endpoint pool, once the tasks are known to be ones an endpoint can answer."""
+    if not cfg.endpoint:
+        return None
+    rolling = [t.name for t in taskset.tasks if t.cfg.output_type == "loglikelihood_rolling"]
+    if rolling:
+        raise UsageError(
+            f"--endpoint: {', '.join(rolling)} {'is a' if len(rolling) == 1 else 'are'} loglikelihood_rolling "
+            "task(s), whose windows need the model's tokenizer and context length; evaluate them without "
+            "--endpoint"
+        )
+    key = os.environ.get(cfg.api_key_env) or None
+    return EndpointPool(cfg.endpoint, api_key=key, concurrency=cfg.concurrency)
+
+
+def _spent(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """What each endpoint did for one model: requests it answered, tries that failed there."""
+    return {url: {k: v - before[url][k] for k, v in counts.items()} for url, counts in after.items()}
+
+
 def run_metadata(
     label: str, model: str, adapter: str | None, llm: Any, fingerprint: str, started: float, **extra: Any
 ) -> dict[str, Any]:
-    """The `weightsmith` block of a results file: what ran, on which weights, how long."""
+    """The `weightsmith` block of a results file: what ran, on which weights, how long
+    (`llm` None: the model ran behind endpoints, named in `extra`)."""
     return {
         "version": __version__,
         "label": label,
         "model": model,
         "adapter": adapter,
         "model_hash": fingerprint,
-        "device": str(llm.device),
-        "dtype": str(llm.dtype).replace("torch.", ""),
+        "device": str(llm.device) if llm is not None else "endpoint",
+        "dtype": str(llm.dtype).replace("torch.", "") if llm is not None else None,
         **extra,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from weightsmith import __version__
 from weightsmith.commands.loading import LoadStatus, load_model, load_status, model_label
 from weightsmith.config import opt
+from weightsmith.endpoints import endpoint_urls
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import is_endpoint
 from weightsmith.preference_pairs import check_pairs_path
@@ -41,8 +42,8 @@ DEFAULT_TRANSFORMS = ["none", "base64", "rot13", "leetspeak", "suffix:sure"]
 class RedteamConfig:
     """Run red-team probe packs against a model (or an endpoint), bare and behind a guard policy."""
 
-    target: str = opt(help="model (name, HF directory, .gguf) or an endpoint URL like http://host:8000/v1",
-                      positional=True)  # fmt: skip
+    target: str = opt(help="model (name, HF directory, .gguf), or endpoint URLs like http://host:8000/v1 "
+                      "(replicas: comma-separated)", positional=True)  # fmt: skip
     model: list[str] = opt(default_factory=list, help="with an endpoint: the served model names to attack")
     adapter: list[str] = opt(default_factory=list, help="LoRA adapter directory of a fork to attack too")
     guard: str | None = opt(None, "guardrail policy file (or builtin:school): also run each model behind it")
@@ -62,7 +63,7 @@ class RedteamConfig:
     )
     max_tokens: int = opt(96, "most tokens per reply")
     batch_size: int = opt(16, "conversations generated together")
-    concurrency: int = opt(8, "requests in flight to an endpoint")
+    concurrency: int = opt(8, "requests in flight to each endpoint")
     judge: str | None = opt(
         None, "judge model or endpoint URL: attacks succeed only when it finds a violation"
     )
@@ -114,6 +115,8 @@ def _load_kwargs(cfg: RedteamConfig, status: LoadStatus | None) -> dict[str, Any
 def _check(cfg: RedteamConfig) -> None:
     """Range and consistency checks, run when the config is built (nothing is read)."""
     endpoint = is_endpoint(cfg.target)
+    if endpoint:
+        endpoint_urls(cfg.target, "TARGET")  # every replica's URL is checked before any work
     if endpoint and not cfg.model:
         raise UsageError(f"{cfg.target} is an endpoint: name the served model(s) to attack with --model NAME")
     if endpoint and cfg.adapter:
@@ -219,7 +222,7 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
         # default model than calls of one batch); an endpoint gets enough to keep it busy.
         batch_size=4 * cfg.batch_size
         if not is_endpoint(cfg.target)
-        else max(cfg.batch_size, cfg.concurrency),
+        else max(cfg.batch_size, cfg.concurrency * len(endpoint_urls(cfg.target))),
         key_extra={"max_tokens": cfg.max_tokens},
         run_info=_run_info(cfg),
     )

@@ -13,14 +13,15 @@ runner), or the HTTP server (weightsmith.serve).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from weightsmith.endpoints import EndpointPool, RetryPolicy, is_endpoint, snippet
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.grants import Grants
 
@@ -28,11 +29,6 @@ DEFAULT_SCORE_PATTERN = r"(?i)score\s*[:=]\s*(\d+)"
 
 #: Names the rubric template can use.
 RUBRIC_VARIABLES = ("question", "answer", "reference", "doc")
-
-
-def is_endpoint(model: str) -> bool:
-    """Whether a judge `model` is an OpenAI-compatible endpoint URL rather than a model reference."""
-    return model.startswith(("http://", "https://"))
 
 
 def _is_int(value: Any) -> bool:
@@ -226,15 +222,17 @@ class LocalJudge:
 
 
 class EndpointJudge:
-    """A judge behind an OpenAI-compatible server: POST {base_url}/chat/completions.
+    """A judge behind OpenAI-compatible servers: POST {base_url}/chat/completions, greedy.
 
-    `base_url` is what OpenAI's client calls base_url, e.g. http://localhost:8000/v1.
-    `transport` (an httpx transport) is for tests.
+    `base_url` is what OpenAI's client calls base_url, e.g. http://localhost:8000/v1; several
+    (comma-separated, or a list) share the conversations (`weightsmith.endpoints`: bounded
+    concurrency per endpoint, retries, answers in order). `transport` (an httpx transport) and
+    `retry` are for tests.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str = "default",
         api_key: str | None = None,
         *,
@@ -242,71 +240,47 @@ class EndpointJudge:
         timeout: float = 120.0,
         concurrency: int = 4,
         transport: Any = None,
+        retry: RetryPolicy | None = None,
+        what: str = "judge endpoint",
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.pool = EndpointPool(
+            base_url, api_key=api_key, concurrency=max(1, concurrency), timeout=timeout,
+            transport=transport, retry=retry, what=what,
+        )  # fmt: skip
+        self.base_url = self.pool.urls[0]
         self.url = self.base_url + "/chat/completions"
         self.model = model
         self.api_key = api_key
         self.max_tokens = max_tokens
         self.timeout = timeout
-        self.concurrency = max(1, concurrency)
-        self.transport = transport
 
     def client(self) -> Any:
         """An httpx.Client with this endpoint's key and timeouts (use it as a context manager)."""
-        import httpx  # local: only endpoints need it
+        return self.pool.client()
 
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
-        return httpx.Client(headers=headers, timeout=timeout, transport=self.transport)
-
-    def map(self, fn: Callable[[Any, list[dict]], Any], prompts: list[list[dict]]) -> list[Any]:
-        """`fn(client, messages)` for each conversation, `concurrency` at a time, in order."""
-        with self.client() as client:
-            if self.concurrency == 1 or len(prompts) <= 1:
-                return [fn(client, m) for m in prompts]
-            # Concurrent requests let a batching server (ours, vLLM) decode them together.
-            with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as pool:
-                return list(pool.map(lambda m: fn(client, m), prompts))
+    def map(self, fn: Callable[[list[dict]], Any], prompts: list[list[dict]]) -> list[Any]:
+        """`fn(messages)` for each conversation, spread over the endpoints, in order."""
+        # Concurrent requests let a batching server (ours, vLLM) decode them together.
+        return self.pool.map(fn, prompts)
 
     def complete(self, prompts: list[list[dict]]) -> list[str]:
-        return self.map(self._one, prompts)
+        return self.map(lambda m: self.reply(m)[0], prompts)
 
-    def _one(self, client: Any, messages: list[dict]) -> str:
-        return self.reply(client, messages)[0]
-
-    def reply(
-        self, client: Any, messages: list[dict], *, what: str = "judge endpoint"
-    ) -> tuple[str, str | None]:
-        """One greedy chat completion on `client` (an httpx.Client): (content, finish_reason)."""
-        import httpx
-
+    def reply(self, messages: list[dict]) -> tuple[str, str | None]:
+        """One greedy chat completion: (content, finish_reason)."""
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
+        answer = self.pool.post("/chat/completions", body)
         try:
-            r = client.post(self.url, json=body)
-        except httpx.HTTPError as e:
-            raise WeightsmithError(
-                f"{what} {self.url}: request failed ({type(e).__name__}: {e}); "
-                "check the URL and that the server is running"
-            ) from None
-        if r.status_code != 200:
-            raise WeightsmithError(f"{what} {self.url} answered HTTP {r.status_code}: {_snippet(r.text)}")
-        try:
-            choice = r.json()["choices"][0]
+            choice = answer["choices"][0]
             content, finish = choice["message"]["content"], choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (KeyError, IndexError, TypeError, AttributeError):
             content, finish = ..., None
         if content is not ... and (content is None or isinstance(content, str)):
             return content or "", finish  # null content (e.g. a refusal) is an empty reply
         raise WeightsmithError(
-            f"{what} {self.url} returned a malformed reply (HTTP {r.status_code}): "
-            f"expected JSON with choices[0].message.content, got {_snippet(r.text)}"
+            f"{self.pool.what} {self.url} returned a malformed reply (HTTP 200): "
+            f"expected JSON with choices[0].message.content, got {snippet(json.dumps(answer))}"
         )
-
-
-def _snippet(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def endpoint_judge(

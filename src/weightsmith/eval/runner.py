@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
@@ -38,6 +38,9 @@ from weightsmith.eval.tasks import (
     suites_dir,
 )
 from weightsmith.grants import Grants
+
+if TYPE_CHECKING:
+    from weightsmith.eval.endpoint import EndpointScorer
 
 
 @dataclass(kw_only=True)
@@ -133,17 +136,16 @@ def _find_member(group: GroupConfig, name: str, grants: Grants) -> TaskConfig:
 class Runner:
     """Evaluates tasks on one scorer, with an optional cache keyed by model fingerprint."""
 
-    def __init__(self, scorer: Scorer, *, fingerprint: str, cache: ResultCache | None = None) -> None:
+    def __init__(
+        self, scorer: Scorer | EndpointScorer, *, fingerprint: str, cache: ResultCache | None = None
+    ) -> None:
         self.scorer = scorer
         self.fingerprint = fingerprint
         self.cache = cache
         self.cache_hits = 0
 
     def chat_formatter(self) -> ChatFormatter:
-        tok = self.scorer.tokenizer
-        if not tok.chat_template:
-            raise UsageError("--apply-chat-template: this model has no chat template")
-        return lambda messages: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.scorer.chat_formatter()
 
     def build(self, taskset: TaskSet, opts: EvalOptions) -> dict[str, list[DocRequests]]:
         chat = self.chat_formatter() if opts.apply_chat_template else None
@@ -169,6 +171,9 @@ class Runner:
             for d in docs:
                 d.responses = [None] * len(d.arguments)
                 by_kind[kind].extend((d, i) for i in range(len(d.arguments)))
+        check = getattr(self.scorer, "check_requests", None)  # an endpoint refuses some kinds up front
+        if check is not None:
+            check({kind: [d.arguments[i] for d, i in items] for kind, items in by_kind.items()})
         total = sum(len(v) for v in by_kind.values())
         tick = progress_ticker(progress, total)
         for kind, items in by_kind.items():
@@ -180,11 +185,16 @@ class Runner:
             self.cache_hits += len(items) - len(todo)
             if len(items) - len(todo):
                 tick(len(items) - len(todo))
-            values = self._run(kind, [d.arguments[i] for _, d, i in todo], tick) if todo else []
-            fresh = {keys[n]: v for (n, _, _), v in zip(todo, values, strict=True)}
-            if self.cache and fresh:
-                self.cache.put_many(fresh)
-            found.update(fresh)
+            # A scorer with a `chunk` (endpoints: long runs) is cached a chunk at a time, so an
+            # interrupted run keeps what it got; the local scorer takes all at once (it sorts by length).
+            step = getattr(self.scorer, "chunk", None) or max(1, len(todo))
+            for start in range(0, len(todo), step):
+                part = todo[start : start + step]
+                values = self._run(kind, [d.arguments[i] for _, d, i in part], tick)
+                fresh = {keys[n]: v for (n, _, _), v in zip(part, values, strict=True)}
+                if self.cache and fresh:
+                    self.cache.put_many(fresh)
+                found.update(fresh)
             for n, (d, i) in enumerate(items):
                 d.responses[i] = found[keys[n]]
 

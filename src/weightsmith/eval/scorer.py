@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from weightsmith.engine import Engine
-from weightsmith.errors import GenerationError
+from weightsmith.errors import GenerationError, UsageError
+from weightsmith.eval.prompts import ChatFormatter
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.model import CausalLM
 from weightsmith.sampling import SamplingParams
@@ -67,6 +68,13 @@ class Scorer:
         # (a quantized LM head's `weight` is a dequantized copy).
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
+
+    def chat_formatter(self) -> ChatFormatter:
+        """Messages -> prompt text through the model's chat template (generation prompt on)."""
+        tok = self.tokenizer
+        if not tok.chat_template:
+            raise UsageError("--apply-chat-template: this model has no chat template")
+        return lambda messages: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # -- tokenization (lm-eval's HF backend) ---------------------------------
 
@@ -277,7 +285,7 @@ class Scorer:
             chunk = order[start : start + self.batch_size]
             done = self.engine.generate([encoded[i][0] for i in chunk], [encoded[i][1] for i in chunk])
             for i, completion in zip(chunk, done, strict=True):
-                out[i] = _cut(completion.text, encoded[i][1].stop)
+                out[i] = cut_at_stops(completion.text, encoded[i][1].stop)
             if progress:
                 progress(len(chunk))
         return out
@@ -296,7 +304,8 @@ def _common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
     return first[:n]
 
 
-def _cut(text: str, stops: list[str]) -> str:
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """`text` up to its first stop string (lm-eval's generate_until)."""
     for stop in stops:
         text = text.split(stop)[0]
     return text

@@ -77,30 +77,43 @@ class ModelTarget:
 
 
 class EndpointTarget:
-    """A model behind an OpenAI-compatible server (ours, vLLM, llama.cpp's, a hosted API):
-    POST {base_url}/chat/completions with temperature 0, several requests at a time."""
+    """A model behind OpenAI-compatible servers (ours, vLLM, llama.cpp's, a hosted API):
+    POST {base_url}/chat/completions with temperature 0. Several base URLs (replicas; comma-
+    separated or a list) share the conversations, `concurrency` requests in flight on each,
+    retried on another replica when one fails (`weightsmith.endpoints`); answers come back in
+    order, so the replicas' run equals one server's."""
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         api_key: str | None = None,
         max_tokens: int = 96,
         concurrency: int = 8,
         transport: Any = None,
+        retry: Any = None,
     ) -> None:
         from weightsmith.eval.judge import EndpointJudge
 
         self.client = EndpointJudge(
-            base_url, model, api_key, max_tokens=max_tokens, concurrency=concurrency, transport=transport
-        )
+            base_url, model, api_key, max_tokens=max_tokens, concurrency=concurrency, transport=transport,
+            retry=retry, what="endpoint",
+        )  # fmt: skip
         self.label = model
-        self.identity = {"model": model, "endpoint": self.client.base_url, "kind": "endpoint"}
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What is served (the weights' hash where the server reports it), not where: a rerun
+        on fewer or other replicas of the same model resumes the same journal."""
+        if self._identity is None:
+            self._identity = {"kind": "endpoint", **self.client.pool.served_model(self.label)}
+        return self._identity
 
     def generate(self, conversations: list[list[dict]]) -> list[tuple[str, str]]:
-        def one(client: Any, messages: list[dict]) -> tuple[str, str]:
-            text, finish = self.client.reply(client, messages, what="endpoint")
+        def one(messages: list[dict]) -> tuple[str, str]:
+            text, finish = self.client.reply(messages)
             return text, finish or "stop"
 
         return self.client.map(one, conversations)

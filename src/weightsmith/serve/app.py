@@ -18,6 +18,7 @@ Not here: a request in flight and its response (jobs.py), the options and runnin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -56,8 +57,9 @@ from weightsmith.serve.prepare import (
     prompt_param,
     render,
 )
+from weightsmith.serve.prompt_logprobs import score_prompt
 from weightsmith.serve.responses import ResponseBuilder
-from weightsmith.serve.scheduler import Scheduler
+from weightsmith.serve.scheduler import QueueFull, Scheduler
 from weightsmith.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -120,6 +122,8 @@ class ServerState:
         self.ready = threading.Event()
         self.on_load_error: Callable[[str], None] = lambda message: None
         self.template_limits = TemplateLimits(timeout=settings.template_timeout)
+        self._weights_sha256: str | None = None
+        self._hash_lock = threading.Lock()
 
     def load(self) -> None:
         try:
@@ -163,6 +167,18 @@ class ServerState:
                 headers={"Retry-After": str(RETRY_AFTER)},
             )
         return self.loaded, self.scheduler
+
+    def weights_sha256(self) -> str:
+        """The served weights' fingerprint (every tensor, adapters included: eval.cache), computed
+        once. Clients spreading one run over replicas check the replicas agree and key their
+        caches on it rather than on the URL (weightsmith.endpoints)."""
+        with self._hash_lock:
+            if self._weights_sha256 is None:
+                from weightsmith.eval.cache import model_fingerprint
+
+                assert self.loaded is not None
+                self._weights_sha256 = model_fingerprint(self.loaded.llm.model)
+            return self._weights_sha256
 
     def model_names(self) -> list[str]:
         base = self.served_name
@@ -273,9 +289,11 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> JSONResponse:
         state.require()
         base = state.served_name
+        weights = await off_loop(state.weights_sha256)
         data = [
             {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
-             "parent": None if name == base else base, "max_model_len": state.scheduler.max_len}
+             "parent": None if name == base else base, "max_model_len": state.scheduler.max_len,
+             "weights_sha256": weights}
             for name in state.model_names()
         ]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
@@ -326,9 +344,14 @@ async def _completions(state: ServerState, http: Request) -> Response:
     chars = sum(len(p) for p in prompts if isinstance(p, str))
     check_chars(chars, state.settings.max_prompt_chars, "prompt")
     guard = state.guard
+    if guard is not None and (req.scores_prompt or req.max_tokens == 0):
+        raise ApiError(400, "scoring a prompt (echo with logprobs or max_tokens 0) is not served behind a "
+                       "guard policy", param="echo")  # fmt: skip
     ids, refusals = await off_loop(completion_ids, loaded.llm, guard, prompts, req.n)
     all_ids, all_params = [], []
     for i, p in enumerate(ids):
+        if req.max_tokens == 0:  # echo (and scoring) only: nothing is generated
+            continue
         budget = token_budget(
             len(p), req.max_tokens, scheduler.max_len, prompt_param(i, len(ids)), "max_tokens"
         )
@@ -336,6 +359,9 @@ async def _completions(state: ServerState, http: Request) -> Response:
         if i * req.n not in refusals:
             all_ids += [p] * req.n
             all_params += choice_params(params, req.n)
+    scored = (
+        await score_prompts(scheduler, loaded.llm, ids, adapter, req.logprobs) if req.scores_prompt else None
+    )
     job: Any = None
     if all_ids:
         job = Job(all_ids, all_params, adapter, req.logprobs)
@@ -345,8 +371,36 @@ async def _completions(state: ServerState, http: Request) -> Response:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=False, include_usage=include_usage)
     if req.echo:
-        job = EchoJob(job, [loaded.llm.tokenizer.decode(p) for p in all_ids])
+        choices = range(len(ids) * req.n)
+        echoed = [ids[i // req.n] for i in choices]
+        logprobs = None if scored is None else [scored[i // req.n] for i in choices]
+        job = EchoJob(job, echoed, loaded.llm.tokenizer, logprobs)
     return await respond(job, http, builder, req, req.logprobs is not None)
+
+
+async def score_prompts(
+    scheduler: Scheduler, llm: LLM, prompts: list[list[int]], adapter: str | None, top: int
+) -> list[list[Any]]:
+    """Each prompt's token log-probabilities (prompt_logprobs.py), each computed alone on the
+    model's thread between decode steps; 429 when too many wait."""
+    out = []
+    for ids in prompts:
+        try:
+            future = scheduler.call(
+                lambda ids=ids: score_prompt(llm.model, ids, top, adapter, scheduler.max_len)
+            )
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry after {RETRY_AFTER} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER)}) from None  # fmt: skip
+        try:
+            out.append(await asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as e:
+            raise ApiError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", type="server_error",
+                           code="generation_failed") from None  # fmt: skip
+    return out
 
 
 def _add_token_routes(app: FastAPI, state: ServerState) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,10 +21,12 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.llm import LLM
 from weightsmith.sampling import SamplingParams
 from weightsmith.serve.gate import ClientGone
+from weightsmith.serve.prompt_logprobs import text_offsets
 from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder, sse
-from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent
+from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent, TokenLogprob
 from weightsmith.serve.scheduler import Request as GenRequest
 from weightsmith.serve.schemas import ApiError, SamplingFields
+from weightsmith.tokenizer import Tokenizer
 
 
 def token_budget(prompt_len: int, limit: int | None, n_ctx: int, prompt_param: str, limit_param: str) -> int:
@@ -181,27 +184,67 @@ async def respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     results = await job.collect(http)
-    return JSONResponse(builder.response(results, job.prompt_tokens, with_logprobs))
+    prompt_parts = job.prompt_logprobs(builder) if isinstance(job, EchoJob) else None
+    body = builder.response(results, job.prompt_tokens, with_logprobs)
+    if prompt_parts is not None:  # echo with logprobs: the prompt's tokens, then the generated ones
+        for choice, part in zip(body["choices"], prompt_parts, strict=True):
+            choice["logprobs"] = {k: part[k] + choice["logprobs"][k] for k in part}
+    return JSONResponse(body)
 
 
 class EchoJob:
-    """A completions job with `echo`: each choice's text starts with its prompt."""
+    """A completions job with `echo`: each choice's text starts with its prompt. With
+    `logprobs`, the prompt's own token log-probabilities (prompt_logprobs.py) come first in
+    the choice's logprobs, the generated tokens' after them; with max_tokens 0 (`job` None)
+    the prompt is all there is."""
 
-    def __init__(self, job: Job, prompts: list[str]) -> None:
-        self.job, self.prompts = job, prompts
-        self.request, self.prompt_tokens = job.request, job.prompt_tokens
+    def __init__(
+        self,
+        job: Any,
+        prompts: list[list[int]],
+        tokenizer: Tokenizer,
+        logprobs: list[list[TokenLogprob | None]] | None = None,
+    ) -> None:
+        self.job, self.ids, self.scored = job, prompts, logprobs
+        self.tokenizer = tokenizer
+        self.prompts = [tokenizer.decode(p) for p in prompts]
+        self.request = job.request if job is not None else None
+        self.prompt_tokens = (
+            job.prompt_tokens if job is not None else sum(len(p) for p in {tuple(p) for p in prompts})
+        )
+
+    def prompt_logprobs(self, builder: ResponseBuilder) -> list[dict[str, Any]] | None:
+        """Each choice's prompt part of the legacy logprobs layout (generated tokens' offsets
+        continue after the echoed prompt)."""
+        if self.scored is None:
+            return None
+        return [
+            builder.prompt_logprobs(i, ids, entries, text_offsets(self.tokenizer, ids), len(text))
+            for i, (ids, entries, text) in enumerate(zip(self.ids, self.scored, self.prompts, strict=True))
+        ]
 
     async def collect(self, http: Request) -> list[ChoiceResult]:
+        if self.job is None:
+            return [ChoiceResult(text=p, finish_reason="length") for p in self.prompts]
         results = await self.job.collect(http)
         for r, p in zip(results, self.prompts, strict=True):
             r.text = p + r.text
         return results
 
     async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        parts = self.prompt_logprobs(builder)
         for i, p in enumerate(self.prompts):
-            yield sse(builder.text_chunk(i, p, None))
-        async for event in self.job.stream(builder, include_usage):
-            yield event
+            lp = parts[i] if parts is not None else None
+            yield sse(builder.chunk({"index": i, "text": p, "logprobs": lp, "finish_reason": None}))
+        if self.job is not None:
+            async for event in self.job.stream(builder, include_usage):
+                yield event
+            return
+        for i in range(len(self.prompts)):
+            yield sse(builder.finish_chunk(i, "length"))
+        if include_usage:
+            yield sse(builder.usage_chunk(self.prompt_tokens, 0))
+        yield SSE_DONE
 
 
 class GuardedJob:

@@ -117,6 +117,21 @@ class ResponseBuilder:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs(
+        self, index: int, ids: list[int], entries: list[TokenLogprob | None], offsets: list[int], length: int
+    ) -> dict[str, Any]:
+        """The legacy layout for an echoed prompt of `length` characters (its first token has no
+        log-probability: null); this choice's generated tokens are placed after it."""
+        self._offsets[index] = length
+        return {
+            "tokens": [self._token(t)[0] for t in ids],
+            "token_logprobs": [None if e is None else e.logprob for e in entries],
+            "top_logprobs": [
+                None if e is None else {self._token(t)[0]: lp for t, lp in e.top} for e in entries
+            ],
+            "text_offset": list(offsets),
+        }
+
     # ---- whole responses --------------------------------------------------------------
 
     def response(

@@ -31,7 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
 from weightsmith.sampling import SamplingParams, sample_batch
+from weightsmith.serve.model_calls import CallQueue
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -169,6 +172,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.observer = observer or Observer()
         self._lock = threading.Condition()
+        self.calls = CallQueue(max_queue, self._lock)  # work besides decoding: prompt scoring
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -185,6 +189,12 @@ class Scheduler:
             self.observer.queue(len(self.waiting), len(self.running))
             self._lock.notify()
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the model's thread between two steps (model_calls.py); QueueFull as `submit`."""
+        if self._stop:
+            raise QueueFull("the server is shutting down")
+        return self.calls.submit(fn, QueueFull)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="weightsmith-scheduler", daemon=True)
         self._thread.start()
@@ -199,7 +209,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.waiting and self.staged is None
+        return not self.running and not self.waiting and self.staged is None and not self.calls
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -220,6 +230,7 @@ class Scheduler:
     def step(self) -> None:
         """One iteration: drop cancelled rows, prefill newcomers, decode every running row."""
         self._drop_cancelled()
+        self.calls.run_one()
         newcomers = self._admit()
         if newcomers:
             self._prefill(newcomers)
@@ -456,6 +467,7 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), deque()
         for request in waiting:
             _fail_request(request, message)
+        self.calls.fail_all(message)
         self.observer.queue(0, 0)
 
 

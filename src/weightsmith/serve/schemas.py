@@ -88,7 +88,7 @@ class SamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with completions' echo (score the prompt)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
@@ -125,6 +125,8 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def limit(self) -> int | None:
+        if self.max_tokens == 0 and self.max_completion_tokens is None:
+            raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def logprobs_k(self) -> int | None:
@@ -157,8 +159,16 @@ class CompletionRequest(SamplingFields):
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, "best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(
+                400, "max_tokens 0 generates nothing; it is allowed only with echo (to score the prompt "
+                "with logprobs)", param="max_tokens",
+            )  # fmt: skip
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the answer carries the prompt tokens' log-probabilities."""
+        return self.echo and self.logprobs is not None
 
 
 class TokenizeRequest(_Strict):
