@@ -55,6 +55,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.sampling import SamplingParams
 from weightsmith.serve.app import add_error_handlers
 from weightsmith.serve.gate import Gate, read_body
+from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.schemas import ApiError, parse
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ class ArenaOptions(Protocol):
     """What the app reads from `arena serve`'s config (`ArenaServeConfig`, the owner)."""
 
     host: str
-    allowed_host: list[str]
-    max_body: int
-    read_timeout: float
+    limits: ConnectionLimits
     max_prompt_chars: int
     max_votes_per_minute: int
     max_active: int
@@ -94,8 +93,7 @@ class GateSettings:
     """What serve's gate reads: the arena has no API key (the vote key is checked per route)."""
 
     host: str
-    allowed_host: list[str]
-    max_body: int
+    limits: ConnectionLimits
     api_key: None = None
 
 
@@ -136,7 +134,7 @@ class ArenaState:
         choose_pair: Callable[..., tuple[str, str]],
         rng: random.Random,
     ) -> None:
-        self.settings = GateSettings(settings.host, list(settings.allowed_host), settings.max_body)
+        self.settings = GateSettings(settings.host, settings.limits)
         self.options = settings
         self.store = store
         self.contestants = contestants
@@ -290,7 +288,7 @@ def _add_api_routes(app: FastAPI, state: ArenaState) -> None:
     @app.post("/api/battles")
     async def start_battle(http: Request) -> Response:
         state.check_key(http)
-        req = parse(BattleRequest, await read_body(http, o.max_body, o.read_timeout))
+        req = parse(BattleRequest, await read_body(http, o.limits))
         prompt = await _prompt(state, req)
         category = _category(req.category) or prompt.category
         state.acquire()
@@ -319,7 +317,7 @@ def _add_api_routes(app: FastAPI, state: ArenaState) -> None:
     @app.post("/api/votes")
     async def vote(http: Request) -> JSONResponse:
         state.check_key(http)
-        req = parse(VoteRequest, await read_body(http, o.max_body, o.read_timeout))
+        req = parse(VoteRequest, await read_body(http, o.limits))
         token = _voter(http)
         if token is None:
             raise ApiError(400, "your browser sent no voter cookie; reload the page (the arena needs cookies)",

@@ -3,7 +3,8 @@
 Everything a user can get wrong is checked before the server listens, each one line: the
 options, a bad `--prompts` line (FILE:LINE), an adapter directory, an unreachable endpoint
 contestant (`Contestants.check()`), a DB written by a newer schema, a busy port. The
-socket, uvicorn and its connection limits are serve's (`bind`, `uvicorn_server`); the vote
+socket, uvicorn and the connection limits are serve's (`bind`, `uvicorn_server`, and
+`ConnectionLimits` with the arena's defaults: `arena_limits`); the vote
 key is read like serve's API key (`--vote-key-file` or `$WEIGHTSMITH_VOTE_KEY`, as a key on
 the command line shows in the process list).
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
+from weightsmith.serve.limits import ConnectionLimits, arena_limits
 
 #: The variable the vote key is read from when no flag gives it.
 VOTE_KEY_ENV = "WEIGHTSMITH_VOTE_KEY"
@@ -58,32 +60,17 @@ class ArenaServeConfig:
     max_tokens: int = opt(256, "most tokens in each answer")
     temperature: float = opt(0.7, "sampling temperature of both answers (each side gets its own seed)")
     top_p: float = opt(1.0, "nucleus sampling of both answers")
-    max_body: int = opt(64 << 10, "largest request body in bytes")
-    read_timeout: float = opt(30.0, "seconds a client has to send a request's headers, and again its body")
-    keep_alive_timeout: float = opt(5.0, "seconds an idle keep-alive connection stays open")
-    max_connections: int = opt(1000, "most open connections; requests beyond get 503")
-    allowed_host: list[str] = opt(
-        default_factory=list,
-        help="also answer requests whose Host header is this name ('*': any); as for serve",
-        split=False,
-    )
-    drain_timeout: float = opt(10.0, "on shutdown, seconds to let answers in flight finish")
+    # --max-body, --read-timeout, --keep-alive-timeout, --max-connections, --allowed-host, --drain-timeout
+    limits: ConnectionLimits = opt(default_factory=arena_limits, flatten=True)
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (local contestants)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (local contestants)")
 
     def __post_init__(self) -> None:
         for name, value, low in (("max-votes-per-minute", self.max_votes_per_minute, 1),
                                  ("max-prompt-chars", self.max_prompt_chars, 1), ("max-active", self.max_active, 1),
-                                 ("max-tokens", self.max_tokens, 1), ("max-body", self.max_body, 1024),
-                                 ("max-connections", self.max_connections, 1)):  # fmt: skip
+                                 ("max-tokens", self.max_tokens, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
-        for name, seconds in (
-            ("read-timeout", self.read_timeout),
-            ("keep-alive-timeout", self.keep_alive_timeout),
-        ):
-            if not seconds > 0:
-                raise UsageError(f"--{name} must be a positive number of seconds, got {seconds}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise UsageError(
                 f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
@@ -156,7 +143,7 @@ def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, An
     app, store, vote_key = build_arena_app(cfg)
     try:
         sock = bind(cfg.host, cfg.port)
-        server = uvicorn_server(app, cfg)
+        server = uvicorn_server(app, cfg.limits)
         host, port = sock.getsockname()[:2]
         url = f"http://{host}:{port}"
         state = app.state.arena
@@ -181,7 +168,7 @@ def start_arena_server(cfg: ArenaServeConfig, contestants: Any = None, **app_opt
 
     app, store, vote_key = build_arena_app(cfg, contestants, **app_options)
     sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg.limits)
     host, port = sock.getsockname()[:2]
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-arena", daemon=True
