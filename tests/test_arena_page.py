@@ -198,6 +198,27 @@ def test_vote_key_and_rate_limit(tmp_path: Path) -> None:
         running.stop()
 
 
+def test_unvoted_battles_hold_no_slot_and_expire(tmp_path: Path) -> None:
+    """Battles nobody votes on: each frees its --max-active slot when its answers end, and
+    after --battle-ttl a late vote is 410 and they no longer count toward pairing."""
+    import time
+
+    running = start(tmp_path, max_active=1, battle_ttl=0.5)
+    try:
+        c = client(running)
+        ids = [battle(c, {"prompt": f"q{i}"})[1][0]["id"] for i in range(3)]  # one slot, three battles
+        assert sum(running.store.battle_counts().values()) == 6
+        time.sleep(0.6)
+        r = c.post("/api/votes", json={"battle": ids[0], "choice": "a"})
+        assert r.status_code == 410 and r.json()["error"]["code"] == "expired"
+        assert "start a new battle" in r.json()["error"]["message"]
+        assert votes(running.store.path) == []
+        assert running.store.battle_counts() == dict.fromkeys(NAMES, 0)
+        assert running.store.battle_tally() == {"voted": 0, "open": 0, "expired": 3, "pending": 0}
+    finally:
+        running.stop()
+
+
 def test_a_failing_contestant_is_an_error_event_without_its_name(tmp_path: Path) -> None:
     running = start(tmp_path, FakeContestants(fail="alpha-model"))
     try:

@@ -18,7 +18,14 @@ uvicorn with serve's connection limits (weightsmith.commands.serve). Routes:
 Names leave the server only in a vote's answer. With a vote key, both POST routes need
 ``Authorization: Bearer KEY`` (401 otherwise): a private arena neither votes nor spends
 compute for strangers. Store refusals keep their status (`ArenaError.http_status`): a
-forged battle id 404, a second vote 409, a voter over the rate limit 429 with Retry-After.
+forged battle id 404, a second vote 409, a vote after the battle's `--battle-ttl` 410, a
+voter over the rate limit 429 with Retry-After.
+
+A battle holds one of `--max-active` slots only while its answers stream: the slot is freed
+when the stream ends, however it ends. A battle nobody votes on expires after `--battle-ttl`
+seconds: it stays in the DB, unvoted, but stops counting toward pairing (the store's
+`battle_counts`), so abandoned battles do not skew which pair meets next; ratings only ever
+count votes.
 
 Not here: the contestants and the pairing rule (contestants.py, pairing.py), storage
 (store.py), options and running uvicorn (weightsmith.commands.arena_serve).
@@ -83,6 +90,7 @@ class ArenaOptions(Protocol):
     max_prompt_chars: int
     max_votes_per_minute: int
     max_active: int
+    battle_ttl: float
     max_tokens: int
     temperature: float
     top_p: float
@@ -214,7 +222,9 @@ class ArenaState:
             left, right = self.choose_pair(counts, ratings, self.rng)
         o = self.options
         sampling = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p}
-        return self.store.create_battle(left, right, prompt_id, category=category, sampling=sampling)
+        return self.store.create_battle(
+            left, right, prompt_id, category=category, sampling=sampling, ttl=o.battle_ttl
+        )
 
 
 def create_arena_app(

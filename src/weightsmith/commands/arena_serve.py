@@ -57,6 +57,11 @@ class ArenaServeConfig:
     max_votes_per_minute: int = opt(30, "most votes one voter may cast in 60 s; more get 429")
     max_prompt_chars: int = opt(4000, "most characters in a prompt; longer ones get 413 before generation")
     max_active: int = opt(8, "most battles being answered at once; more get 429")
+    battle_ttl: float = opt(
+        1800.0,
+        "seconds a battle stays open for votes; an unvoted battle then stops counting toward pairing "
+        "(it stays in the DB) and a late vote gets 410",
+    )
     max_tokens: int = opt(256, "most tokens in each answer")
     temperature: float = opt(0.7, "sampling temperature of both answers (each side gets its own seed)")
     top_p: float = opt(1.0, "nucleus sampling of both answers")
@@ -71,6 +76,8 @@ class ArenaServeConfig:
                                  ("max-tokens", self.max_tokens, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
+        if not self.battle_ttl > 0:
+            raise UsageError(f"--battle-ttl must be a positive number of seconds, got {self.battle_ttl}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise UsageError(
                 f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
@@ -155,7 +162,7 @@ def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, An
             server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
-        return {"url": url, **info, "battles": sum(store.battle_counts().values()) // 2}
+        return {"url": url, **info, "battles": store.battle_tally()}
     finally:
         store.close()
 
