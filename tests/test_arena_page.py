@@ -232,6 +232,30 @@ def test_a_failing_contestant_is_an_error_event_without_its_name(tmp_path: Path)
         running.stop()
 
 
+def test_a_contestant_behind_a_guard_policy(tmp_path: Path) -> None:
+    """Real `Contestants` from the command line's specs: an endpoint bare and the same endpoint
+    behind builtin:school. The guarded side's answer passes the policy (the e-mail address is
+    redacted); the vote reveals its name with the policy."""
+    from arena_fakes import FakeServer
+
+    with FakeServer(lambda body: "write to someone@example.com") as far:
+        specs = [f"{far.url}#far", f"{far.url}#far@builtin:school"]
+        cfg = ArenaServeConfig(contestants=specs, db=str(tmp_path / "arena.sqlite"), port=0)
+        running = start_arena_server(cfg)
+        try:
+            c = client(running)
+            _, events = battle(c, {"prompt": "How do I reach you?"})
+            texts = {side: "".join(e["text"] for e in events if e.get("side") == side and e["type"] == "delta")
+                     for side in "ab"}  # fmt: skip
+            names = c.post("/api/votes", json={"battle": events[0]["id"], "choice": "a"}).json()
+            answers = {names["model_a"]: texts["a"], names["model_b"]: texts["b"]}
+            assert answers["far"] == "write to someone@example.com"
+            guarded = answers["far@builtin:school"]
+            assert guarded.startswith("write to ") and "someone@example.com" not in guarded
+        finally:
+            running.stop()
+
+
 def test_start_up_errors_are_one_line(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "a", "messages": []}\n')

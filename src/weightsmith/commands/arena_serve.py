@@ -24,6 +24,7 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
+from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.serve.limits import ConnectionLimits, arena_limits
 
 #: The variable the vote key is read from when no flag gives it.
@@ -37,7 +38,8 @@ class ArenaServeConfig:
     contestants: list[str] = opt(
         default_factory=list,
         help="two or more contestants: a store or catalog model, MODEL:ADAPTER (a fork), or URL#MODEL "
-        "(an OpenAI-compatible endpoint)",
+        "(an OpenAI-compatible endpoint); any of them + @builtin:NAME or @POLICY.yaml answers behind "
+        "that guard policy",
         positional=True,
         split=False,
     )
@@ -67,6 +69,7 @@ class ArenaServeConfig:
     top_p: float = opt(1.0, "nucleus sampling of both answers")
     # --max-body, --read-timeout, --keep-alive-timeout, --max-connections, --allowed-host, --drain-timeout
     limits: ConnectionLimits = opt(default_factory=arena_limits, flatten=True)
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (local contestants)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (local contestants)")
 
@@ -102,12 +105,13 @@ class RunningArena:
 
 
 def load_contestants(cfg: ArenaServeConfig) -> Any:
-    """The contestants of the command line, checked (an endpoint that does not answer is one line)."""
+    """The contestants of the command line, checked: a bad guard policy or an endpoint that does
+    not answer is one line."""
     from weightsmith.arena.contestants import Contestants
     from weightsmith.commands.serve import parse_adapters
 
     contestants = Contestants(list(cfg.contestants), adapters=parse_adapters(cfg.adapter), device=cfg.device,
-                              dtype=cfg.dtype)  # fmt: skip
+                              dtype=cfg.dtype, classifier=cfg.classifier)  # fmt: skip
     contestants.check()
     return contestants
 
