@@ -10,9 +10,10 @@ that request's headers, or the connection is closed. The body has its own time l
 is read (gate.read_body), so a slow body gets a 408 it can read.
 
 Two HTTP parsers, one behaviour. With `httptools` (llhttp, in C) installed, the server parses
-with it, and with `uvloop` its event loop is libuv's: measured by benchmarks/arena.py, the two
-together roughly double the votes per second one core serves. Without them (they are
-optional wheels), the pure-Python `h11` and asyncio's loop serve the same requests. h11 bounds
+with it, and with `uvloop` its event loop is libuv's: measured by benchmarks/arena.py on 2
+cores, the two together serve about 3x the votes per second (the server is bound by Python
+time per request, much of it in the parser and the loop). Without them (uvloop has no
+Windows build), the pure-Python `h11` and asyncio's loop serve the same requests. h11 bounds
 a request head by itself (`h11_max_incomplete_event_size`); llhttp does not, so the httptools
 protocol counts head bytes and answers 431 past `MAX_HEADER_BYTES`.
 `uvicorn_options(limits)` gathers every uvicorn setting that bounds a client.
