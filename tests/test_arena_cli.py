@@ -201,6 +201,43 @@ def test_an_unreachable_contestant_is_named_at_start(servers, prompts_file, tmp_
     assert not db.exists()
 
 
+def test_an_unreachable_judge_stops_the_start(judged_db, servers, prompts_file, tmp_path, capsys):
+    far, _, _ = servers
+    gone = f"{free_url()}#gone-judge"
+    db = tmp_path / "arena.sqlite"
+    code, _, err = run(["arena", "judge", "--db", db, "--judge", gone, "--battles", "2",
+                        "--contestants", f"{far.url}#far,{far.url}#far2", "--prompts", prompts_file], capsys)  # fmt: skip
+    _one_line_error(code, err, "judge:", "unreachable", "--judge")
+    assert not db.exists()
+    asked = len(far.requests)
+    copy = tmp_path / "copy.sqlite"
+    with sqlite3.connect(judged_db) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    code, _, err = run(["arena", "judge", "--db", copy, "--judge", gone, "--json"], capsys)
+    _one_line_error(code, err, "judge:", "unreachable")
+    assert len(_votes(copy)) == 8 and len(far.requests) == asked  # nothing judged, nothing fought
+
+
+def test_judge_fights_guarded_contestants(servers, prompts_file, tmp_path, capsys):
+    far, judge_fair, _ = servers
+    db = tmp_path / "arena.sqlite"
+    code, out, _ = run(["arena", "judge", "--db", db, "--judge", f"{judge_fair.url}#fair", "--battles", "2",
+                        "--contestants", f"{far.url}#far,{far.url}#far@builtin:school", "--prompts", prompts_file,
+                        "--json"], capsys)  # fmt: skip
+    assert code == 0 and json.loads(out)["judged"] == 2
+    with ArenaStore(db, create=False) as store:
+        contestants = {c.name: c.spec for c in store.contestants()}
+    assert contestants == {"far": f"{far.url}#far", "far@builtin:school": f"{far.url}#far@builtin:school"}
+    assert {(a, b) for _, _, a, b in _votes(db)} <= {
+        ("far", "far@builtin:school"),
+        ("far@builtin:school", "far"),
+    }
+    bad = tmp_path / "missing.yaml"
+    code, _, err = run(["arena", "judge", "--db", db, "--judge", f"{judge_fair.url}#fair", "--battles", "1",
+                        "--contestants", f"{far.url}#far,{far.url}#far@{bad}", "--prompts", prompts_file], capsys)  # fmt: skip
+    _one_line_error(code, err, "policy file not found", str(bad))
+
+
 def test_a_bad_battle_log_adds_nothing(judged_db, tmp_path, capsys):
     db = tmp_path / "copy.sqlite"
     with sqlite3.connect(judged_db) as src, sqlite3.connect(db) as dst:

@@ -198,6 +198,27 @@ def test_vote_key_and_rate_limit(tmp_path: Path) -> None:
         running.stop()
 
 
+def test_unvoted_battles_hold_no_slot_and_expire(tmp_path: Path) -> None:
+    """Battles nobody votes on: each frees its --max-active slot when its answers end, and
+    after --battle-ttl a late vote is 410 and they no longer count toward pairing."""
+    import time
+
+    running = start(tmp_path, max_active=1, battle_ttl=0.5)
+    try:
+        c = client(running)
+        ids = [battle(c, {"prompt": f"q{i}"})[1][0]["id"] for i in range(3)]  # one slot, three battles
+        assert sum(running.store.battle_counts().values()) == 6
+        time.sleep(0.6)
+        r = c.post("/api/votes", json={"battle": ids[0], "choice": "a"})
+        assert r.status_code == 410 and r.json()["error"]["code"] == "expired"
+        assert "start a new battle" in r.json()["error"]["message"]
+        assert votes(running.store.path) == []
+        assert running.store.battle_counts() == dict.fromkeys(NAMES, 0)
+        assert running.store.battle_tally() == {"voted": 0, "open": 0, "expired": 3, "pending": 0}
+    finally:
+        running.stop()
+
+
 def test_a_failing_contestant_is_an_error_event_without_its_name(tmp_path: Path) -> None:
     running = start(tmp_path, FakeContestants(fail="alpha-model"))
     try:
@@ -209,6 +230,30 @@ def test_a_failing_contestant_is_an_error_event_without_its_name(tmp_path: Path)
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_answered"
     finally:
         running.stop()
+
+
+def test_a_contestant_behind_a_guard_policy(tmp_path: Path) -> None:
+    """Real `Contestants` from the command line's specs: an endpoint bare and the same endpoint
+    behind builtin:school. The guarded side's answer passes the policy (the e-mail address is
+    redacted); the vote reveals its name with the policy."""
+    from arena_fakes import FakeServer
+
+    with FakeServer(lambda body: "write to someone@example.com") as far:
+        specs = [f"{far.url}#far", f"{far.url}#far@builtin:school"]
+        cfg = ArenaServeConfig(contestants=specs, db=str(tmp_path / "arena.sqlite"), port=0)
+        running = start_arena_server(cfg)
+        try:
+            c = client(running)
+            _, events = battle(c, {"prompt": "How do I reach you?"})
+            texts = {side: "".join(e["text"] for e in events if e.get("side") == side and e["type"] == "delta")
+                     for side in "ab"}  # fmt: skip
+            names = c.post("/api/votes", json={"battle": events[0]["id"], "choice": "a"}).json()
+            answers = {names["model_a"]: texts["a"], names["model_b"]: texts["b"]}
+            assert answers["far"] == "write to someone@example.com"
+            guarded = answers["far@builtin:school"]
+            assert guarded.startswith("write to ") and "someone@example.com" not in guarded
+        finally:
+            running.stop()
 
 
 def test_start_up_errors_are_one_line(tmp_path: Path, capsys) -> None:

@@ -288,6 +288,45 @@ def test_the_battle_record_round_trips(tmp_path: Path) -> None:
     store.close()
 
 
+def test_unvoted_battles_expire_and_stop_counting(tmp_path: Path) -> None:
+    """A battle made with a time to live: open for votes until then; afterwards a human vote is
+    410 and adds nothing, and an unvoted one no longer counts toward pairing (a voted one
+    does). It stays in the DB; a judge may still vote on it; ratings see only votes."""
+    clock = Clock()
+    store = _store(tmp_path, clock=clock)
+    [pid] = store.add_prompts([Prompt(HI)])
+    ids = []
+    for _ in range(4):
+        b = store.create_battle("base", "fork", pid, ttl=600)
+        store.record_answers(b.id, "hi", "hello")
+        ids.append(b.id)
+    never_answered = store.create_battle("base", "fork", pid, ttl=600).id
+    voted, judged, left, late = ids
+    store.record_vote(voted, "a", mint_voter_token())
+    assert store.battle_counts() == {"base": 4, "fork": 4}
+    assert store.battle_tally() == {"voted": 1, "open": 3, "expired": 0, "pending": 1}
+    clock.t += 600
+    assert store.battle_counts() == {"base": 1, "fork": 1}
+    assert store.battle_tally() == {"voted": 1, "open": 0, "expired": 4, "pending": 0}
+    for bid in (late, never_answered):
+        with pytest.raises(ArenaError) as err:
+            store.record_vote(bid, "b", mint_voter_token())
+        assert err.value.code == "expired" and err.value.http_status == 410
+        assert "10 minutes" in str(err.value) and "\n" not in str(err.value)
+    assert _count(tmp_path / "arena.sqlite") == 1
+    judge = judge_voter("j")
+    assert sorted(b.id for b in store.unvoted_battles(judge)) == sorted(ids)
+    store.record_vote(judged, "tie", judge, judge)
+    assert store.battle_counts() == {"base": 2, "fork": 2}
+    assert sorted(b.id for b, _ in store.battles_with_votes()) == sorted([voted, judged])
+    assert _count(tmp_path / "arena.sqlite", "SELECT COUNT(*) FROM battles") == 5
+    # Battles without a time to live (judge-fought, imported) never expire.
+    store.import_battles(_imported(1), origin="log")
+    clock.t += 10**6
+    assert store.battle_tally()["open"] == 1
+    store.close()
+
+
 def test_battles_with_votes_filters_by_voter_kind(tmp_path: Path) -> None:
     store = _store(tmp_path)
     b1, b2, b3 = _answered(store, 3)

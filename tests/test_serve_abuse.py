@@ -172,13 +172,17 @@ def test_a_slow_body_gets_408(server) -> None:
     assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
-def test_uvicorn_gets_the_connection_limits(tiny_hf_dir) -> None:
+def test_uvicorn_gets_the_connection_limits() -> None:
     from weightsmith.commands.serve import uvicorn_server
 
-    cfg = ServeConfig(model="tiny", max_connections=7, keep_alive_timeout=2.5)
-    config = uvicorn_server(None, cfg).config
-    assert config.limit_concurrency == 7 and config.timeout_keep_alive == 2.5
-    assert config.h11_max_incomplete_event_size is not None
+    cfg = config_from_dict(ServeConfig, {"model": "tiny", "max_connections": 7, "keep_alive_timeout": 2.5,
+                                         "drain_timeout": 3})  # fmt: skip
+    for fast in (False, True):
+        config = uvicorn_server(None, cfg.limits, fast=fast).config
+        assert config.limit_concurrency == 7 and config.timeout_keep_alive == 2.5
+        assert config.timeout_graceful_shutdown == 3
+        assert config.loop == ("uvloop" if fast else "asyncio")
+    assert uvicorn_server(None, cfg.limits, fast=False).config.h11_max_incomplete_event_size is not None
 
 
 # ---- 8. a client that drops mid-upload -----------------------------------------------------------

@@ -56,21 +56,7 @@ class EndpointContestant:
 
     def check(self, timeout: float = 5.0) -> None:
         """Ask the server for its models; a connection failure or a refused key is one line."""
-        import httpx
-
-        url = self.conn.base_url + "/models"
-        try:
-            with self.conn.client() as client:
-                r = client.get(url, timeout=timeout)
-        except httpx.HTTPError as e:
-            raise WeightsmithError(
-                f"contestant {self.name!r}: {url} is unreachable ({type(e).__name__}); "
-                "start its server or drop it from the contestants"
-            ) from None
-        if r.status_code in (401, 403):
-            raise WeightsmithError(
-                f"contestant {self.name!r}: {url} refused the request (HTTP {r.status_code}); check the API key"
-            )
+        check_endpoint(self.conn, f"contestant {self.name!r}", "drop it from the contestants", timeout)
 
     def stream(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
         """The answer's text deltas, as the server streams them."""
@@ -97,6 +83,24 @@ class EndpointContestant:
             ) from None
 
 
+def check_endpoint(conn: EndpointJudge, who: str, instead: str, timeout: float = 5.0) -> None:
+    """Ask `conn`'s server for its models (GET {base_url}/models) before any work starts: a
+    server that does not answer, or refuses the key, is one line naming `who` (a contestant,
+    the judge) and what to do `instead` of starting it."""
+    import httpx
+
+    url = conn.base_url + "/models"
+    try:
+        with conn.client() as client:
+            r = client.get(url, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise WeightsmithError(
+            f"{who}: {url} is unreachable ({type(e).__name__}); start its server or {instead}"
+        ) from None
+    if r.status_code in (401, 403):
+        raise WeightsmithError(f"{who}: {url} refused the request (HTTP {r.status_code}); check the API key")
+
+
 def _event_text(name: str, url: str, line: str) -> str | None:
     """The text one SSE line adds ("" for none); None at `data: [DONE]`."""
     if len(line) > MAX_EVENT_CHARS:
@@ -119,4 +123,4 @@ def _event_text(name: str, url: str, line: str) -> str | None:
     return content if isinstance(content, str) else ""
 
 
-__all__ = ["EndpointContestant", "request_body"]
+__all__ = ["EndpointContestant", "check_endpoint", "request_body"]

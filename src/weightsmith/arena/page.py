@@ -18,7 +18,14 @@ uvicorn with serve's connection limits (weightsmith.commands.serve). Routes:
 Names leave the server only in a vote's answer. With a vote key, both POST routes need
 ``Authorization: Bearer KEY`` (401 otherwise): a private arena neither votes nor spends
 compute for strangers. Store refusals keep their status (`ArenaError.http_status`): a
-forged battle id 404, a second vote 409, a voter over the rate limit 429 with Retry-After.
+forged battle id 404, a second vote 409, a vote after the battle's `--battle-ttl` 410, a
+voter over the rate limit 429 with Retry-After.
+
+A battle holds one of `--max-active` slots only while its answers stream: the slot is freed
+when the stream ends, however it ends. A battle nobody votes on expires after `--battle-ttl`
+seconds: it stays in the DB, unvoted, but stops counting toward pairing (the store's
+`battle_counts`), so abandoned battles do not skew which pair meets next; ratings only ever
+count votes.
 
 Not here: the contestants and the pairing rule (contestants.py, pairing.py), storage
 (store.py), options and running uvicorn (weightsmith.commands.arena_serve).
@@ -55,6 +62,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.sampling import SamplingParams
 from weightsmith.serve.app import add_error_handlers
 from weightsmith.serve.gate import Gate, read_body
+from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.schemas import ApiError, parse
 
 log = logging.getLogger(__name__)
@@ -78,12 +86,11 @@ class ArenaOptions(Protocol):
     """What the app reads from `arena serve`'s config (`ArenaServeConfig`, the owner)."""
 
     host: str
-    allowed_host: list[str]
-    max_body: int
-    read_timeout: float
+    limits: ConnectionLimits
     max_prompt_chars: int
     max_votes_per_minute: int
     max_active: int
+    battle_ttl: float
     max_tokens: int
     temperature: float
     top_p: float
@@ -94,8 +101,7 @@ class GateSettings:
     """What serve's gate reads: the arena has no API key (the vote key is checked per route)."""
 
     host: str
-    allowed_host: list[str]
-    max_body: int
+    limits: ConnectionLimits
     api_key: None = None
 
 
@@ -136,7 +142,7 @@ class ArenaState:
         choose_pair: Callable[..., tuple[str, str]],
         rng: random.Random,
     ) -> None:
-        self.settings = GateSettings(settings.host, list(settings.allowed_host), settings.max_body)
+        self.settings = GateSettings(settings.host, settings.limits)
         self.options = settings
         self.store = store
         self.contestants = contestants
@@ -216,7 +222,9 @@ class ArenaState:
             left, right = self.choose_pair(counts, ratings, self.rng)
         o = self.options
         sampling = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p}
-        return self.store.create_battle(left, right, prompt_id, category=category, sampling=sampling)
+        return self.store.create_battle(
+            left, right, prompt_id, category=category, sampling=sampling, ttl=o.battle_ttl
+        )
 
 
 def create_arena_app(
@@ -290,7 +298,7 @@ def _add_api_routes(app: FastAPI, state: ArenaState) -> None:
     @app.post("/api/battles")
     async def start_battle(http: Request) -> Response:
         state.check_key(http)
-        req = parse(BattleRequest, await read_body(http, o.max_body, o.read_timeout))
+        req = parse(BattleRequest, await read_body(http, o.limits))
         prompt = await _prompt(state, req)
         category = _category(req.category) or prompt.category
         state.acquire()
@@ -319,7 +327,7 @@ def _add_api_routes(app: FastAPI, state: ArenaState) -> None:
     @app.post("/api/votes")
     async def vote(http: Request) -> JSONResponse:
         state.check_key(http)
-        req = parse(VoteRequest, await read_body(http, o.max_body, o.read_timeout))
+        req = parse(VoteRequest, await read_body(http, o.limits))
         token = _voter(http)
         if token is None:
             raise ApiError(400, "your browser sent no voter cookie; reload the page (the arena needs cookies)",

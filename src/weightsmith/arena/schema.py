@@ -39,6 +39,7 @@ HTTP_STATUS = {
     "not_answered": 409,
     "already_answered": 409,
     "already_voted": 409,
+    "expired": 410,
     "bad_choice": 422,
     "bad_voter": 422,
     "bad_prompt": 422,
@@ -128,8 +129,15 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX battles_by_b ON battles (contestant_b, state)")
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """A battle's voting deadline: `expires`, when it stops taking human votes and stops
+    counting toward pairing unless voted (NULL: never; imported and judge-fought battles, and
+    every battle made before this version)."""
+    conn.execute("ALTER TABLE battles ADD COLUMN expires REAL")
+
+
 #: MIGRATIONS[i] takes a DB from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -39,6 +39,7 @@ from weightsmith.arena.records import CHOICES, HUMAN, Battle, Contestant, Prompt
 from weightsmith.arena.schema import ArenaError, connect, open_db
 from weightsmith.arena.store_read import (
     battle_counts,
+    battle_tally,
     battles_with_votes,
     canonical_json,
     content_hash,
@@ -199,12 +200,20 @@ class ArenaStore:
         *,
         category: str | None = None,
         sampling: dict | None = None,
+        ttl: float | None = None,
     ) -> Battle:
         """A new pending battle between two registered contestants (A left, B right as the
-        voter will see them), with an unguessable id. Votes wait for `record_answers`."""
+        voter will see them), with an unguessable id. Votes wait for `record_answers`.
+
+        With `ttl` (seconds), the battle expires that long after it is made: human votes are
+        then refused ("expired"), and, if nobody voted on it, it no longer counts toward
+        pairing (`battle_counts`). It stays in the DB, and a judge may still vote on it."""
         if model_a == model_b:
             raise ArenaError("same_contestant", f"a battle needs two contestants, not {model_a!r} twice")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"a battle's time to live must be positive, got {ttl}")
         battle_id = secrets.token_urlsafe(16)
+        now = self._clock()
         with self._write() as conn:
             ids = [contestant_id(conn, name) for name in (model_a, model_b)]
             if (
@@ -214,9 +223,10 @@ class ArenaStore:
                 raise ArenaError("bad_prompt", f"prompt {prompt_id!r}: not in the arena DB; add it first")
             conn.execute(
                 "INSERT INTO battles (id, contestant_a, contestant_b, prompt_id, category, sampling,"
-                " state, created) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (battle_id, *ids, prompt_id, category, canonical_json(sampling or {}), self._clock()),
-            )
+                " state, created, expires) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (battle_id, *ids, prompt_id, category, canonical_json(sampling or {}), now,
+                 None if ttl is None else now + ttl),
+            )  # fmt: skip
             return get_battle(conn, battle_id)
 
     def record_answers(
@@ -271,10 +281,11 @@ class ArenaStore:
         """Record one voter's verdict and commit it before returning.
 
         Raises ArenaError (nothing written) with code "bad_choice", "bad_voter",
-        "unknown_battle" (no such battle: forged or mistyped), "not_answered" (answers not
-        recorded yet), "already_voted" (this voter, this battle) or "rate_limited" (more
-        than `max_per_minute` votes by this voter in the last 60 s; `retry_after` says when
-        to try again)."""
+        "unknown_battle" (no such battle: forged or mistyped), "expired" (a human vote past
+        the battle's time to live), "not_answered" (answers not recorded yet),
+        "already_voted" (this voter, this battle) or "rate_limited" (more than
+        `max_per_minute` votes by this voter in the last 60 s; `retry_after` says when to
+        try again)."""
         if choice not in CHOICES:
             raise ArenaError(
                 "bad_choice", f"choice {str(choice)[:20]!r}: must be one of {', '.join(CHOICES)}"
@@ -337,10 +348,19 @@ class ArenaStore:
             return battles_with_votes(conn, kinds, include_unvoted)
 
     def battle_counts(self) -> dict[str, int]:
-        """Answered battles per contestant (every contestant, 0 included): the page pairs
-        the contestants with the fewest first."""
+        """Battles per contestant that count toward pairing (every contestant, 0 included):
+        answered ones that have a vote or may still get one (not expired). The page pairs the
+        contestants with the fewest first."""
+        now = self._clock()
         with self._read() as conn:
-            return battle_counts(conn)
+            return battle_counts(conn, now)
+
+    def battle_tally(self) -> dict[str, int]:
+        """How many battles are voted, answered and open for votes, expired unvoted, and
+        pending (answers never stored)."""
+        now = self._clock()
+        with self._read() as conn:
+            return battle_tally(conn, now)
 
     def unvoted_battles(self, voter_token: str, *, limit: int | None = None) -> list[Battle]:
         """Answered battles this voter has not voted on, oldest first (for `arena judge`)."""

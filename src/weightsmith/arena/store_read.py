@@ -89,14 +89,36 @@ def unvoted_battles(conn: sqlite3.Connection, voter: str, limit: int | None) -> 
     return [_battle(r) for r in rows]
 
 
-def battle_counts(conn: sqlite3.Connection) -> dict[str, int]:
+#: A battle that counts toward pairing: answered, and voted on or still open for votes.
+_COUNTS = (
+    "state = 'answered' AND (expires IS NULL OR expires > :now"
+    " OR EXISTS (SELECT 1 FROM votes v WHERE v.battle_id = battles.id))"
+)
+
+
+def battle_counts(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     rows = conn.execute(
         "SELECT c.name,"
-        " (SELECT COUNT(*) FROM battles WHERE contestant_a = c.id AND state = 'answered')"
-        " + (SELECT COUNT(*) FROM battles WHERE contestant_b = c.id AND state = 'answered')"
-        " FROM contestants c ORDER BY c.name"
+        f" (SELECT COUNT(*) FROM battles WHERE contestant_a = c.id AND {_COUNTS})"
+        f" + (SELECT COUNT(*) FROM battles WHERE contestant_b = c.id AND {_COUNTS})"
+        " FROM contestants c ORDER BY c.name",
+        {"now": now},
     )
     return dict(rows.fetchall())
+
+
+def battle_tally(conn: sqlite3.Connection, now: float) -> dict[str, int]:
+    """Battles by where they stand: voted, open (answered, unvoted, not expired), expired
+    (answered or not, unvoted, past their time to live), pending (answers not stored yet)."""
+    rows = conn.execute(
+        "SELECT CASE"
+        " WHEN EXISTS (SELECT 1 FROM votes v WHERE v.battle_id = b.id) THEN 'voted'"
+        " WHEN b.expires IS NOT NULL AND b.expires <= :now THEN 'expired'"
+        " WHEN b.state = 'answered' THEN 'open'"
+        " ELSE 'pending' END AS standing, COUNT(*) FROM battles b GROUP BY standing",
+        {"now": now},
+    )
+    return {"voted": 0, "open": 0, "expired": 0, "pending": 0, **dict(rows.fetchall())}
 
 
 def list_contestants(conn: sqlite3.Connection) -> list[Contestant]:

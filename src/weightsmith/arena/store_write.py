@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightsmith.arena.records import CHOICES, Battle, Contestant, Prompt, Vote
+from weightsmith.arena.records import CHOICES, HUMAN, Battle, Contestant, Prompt, Vote
 from weightsmith.arena.schema import ArenaError
 from weightsmith.arena.store_read import canonical_json, unknown_battle
 
@@ -63,10 +63,17 @@ def apply_vote(conn: sqlite3.Connection, request: PendingVote, now: float) -> No
 
 
 def _insert_vote(conn: sqlite3.Connection, r: PendingVote, now: float) -> Vote:
-    row = conn.execute("SELECT state FROM battles WHERE id = ?", (r.battle_id,)).fetchone()
+    row = conn.execute("SELECT state, expires, created FROM battles WHERE id = ?", (r.battle_id,)).fetchone()
     if row is None:
         raise unknown_battle(r.battle_id)
-    if row[0] != "answered":
+    state, expires, created = row
+    if expires is not None and now >= expires and r.voter_kind == HUMAN:
+        raise ArenaError(
+            "expired",
+            f"battle {r.battle_id!r}: voting on it closed {_minutes(expires - created)} after it began; "
+            "start a new battle",
+        )
+    if state != "answered":
         raise ArenaError("not_answered", f"battle {r.battle_id!r}: its answers are not in yet; wait for both")
     if conn.execute(
         "SELECT 1 FROM votes WHERE battle_id = ? AND voter = ?", (r.battle_id, r.voter)
@@ -79,6 +86,10 @@ def _insert_vote(conn: sqlite3.Connection, r: PendingVote, now: float) -> Vote:
         (r.battle_id, r.choice, r.voter_kind, r.voter, now),
     )
     return Vote(r.battle_id, r.choice, r.voter_kind, r.voter, now)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} minutes"
 
 
 def check_battle_id(battle_id: object) -> str:

@@ -24,7 +24,11 @@ def print_listening(url: str, info: dict[str, Any], out: Any) -> None:
 
 
 def print_stopped(result: Any, console: Any = None, cfg: Any = None) -> None:
-    sys.stderr.write(f"weightsmith arena serve: stopped ({result['battles']} answered battles in the DB)\n")
+    t = result["battles"]
+    sys.stderr.write(
+        f"weightsmith arena serve: stopped; battles in the DB: {t['voted']} voted, {t['open']} open for votes, "
+        f"{t['expired']} expired unvoted, {t['pending']} never answered\n"
+    )
 
 
 def warn_visible_key(argv: list[str], console: Any) -> None:

@@ -9,10 +9,10 @@ client. eval: the base model and the tuned adapter on held-out Kettlebird questi
 tests, plus an arithmetic suite as a check that general skill held; report in
 OUT/eval. redteam: the base model and the tuned fork, each bare and behind the sample
 school policy, attacked with the built-in probe packs; attack success and over-refusal
-with 95% intervals, report in OUT/redteam. arena: the base model and the tuned fork answer held-out questions side by
-side, the base model judges each pair in both orders (by the likelihood of its verdicts), and
-the Bradley–Terry ratings of those votes are printed with the command that opens the page
-for people to vote on the same battles.
+with 95% intervals, report in OUT/redteam. arena: the base model, the tuned fork and the base model behind the
+school policy answer held-out questions in pairs, the base model judges each pair in both
+orders (by the likelihood of its verdicts), and the Bradley–Terry ratings of those votes are
+printed with the command that opens the page (and its address) for people to vote too.
 
 The demo stays in the CLI layer rather than in `weightsmith.commands`: its product is the
 narration it writes to `out` as each stage runs (streamed answers between headings), and
@@ -50,7 +50,7 @@ class DemoConfig:
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
     eval_limit: int = opt(50, "documents per suite in the eval stage")
     redteam_limit: int = opt(8, "probes per pack in the redteam stage (before transforms)")
-    arena_battles: int = opt(6, "battles the judge fights in the arena stage")
+    arena_battles: int = opt(9, "battles the judge fights in the arena stage (three contestants)")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
@@ -299,7 +299,8 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
 
 def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
-    """Base against tuned fork on held-out questions, judged by the base model; their ratings."""
+    """Base, tuned fork and the base behind builtin:school on held-out questions, judged by the
+    base model; their ratings, and how to open the page."""
     import json
     from pathlib import Path
 
@@ -312,6 +313,7 @@ def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         run_arena_judge,
         run_arena_ratings,
     )
+    from weightsmith.commands.arena_serve import ArenaServeConfig
     from weightsmith.config import config_from_dict
 
     adapter = _tuned_adapter(cfg, "arena")
@@ -322,23 +324,26 @@ def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         old.unlink(missing_ok=True)  # the demo's own DB: each run starts a fresh arena
     questions = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions), encoding="utf-8")
-    fork = f"{cfg.model}:kettlebird"
+    fork, guarded = f"{cfg.model}:kettlebird", f"{cfg.model}@builtin:school"
+    contestants = [cfg.model, fork, guarded]
     out.write(
-        f"\n== arena: {cfg.model} against {fork} on held-out questions, {cfg.arena_battles} battles, "
+        f"\n== arena: {', '.join(contestants)} on held-out questions, {cfg.arena_battles} battles, "
         f"each judged by {cfg.model} in both orders; votes in {db}\n"
     )
     out.flush()
     judge = config_from_dict(
         ArenaJudgeConfig,
         {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
-         "contestants": [cfg.model, fork], "adapter": [f"kettlebird={adapter}"], "prompts": str(prompts),
+         "contestants": contestants, "adapter": [f"kettlebird={adapter}"], "prompts": str(prompts),
          "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0, "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
     judged = run_arena_judge(judge)
     ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(folder)}))
     print_ratings(ratings, Console(file=out, highlight=False, emoji=False, markup=False, width=120))
+    port = ArenaServeConfig().port
     out.write(
-        f"people can vote on the same battles: weightsmith arena serve {cfg.model} {fork} "
-        f"--adapter kettlebird={adapter} --prompts {prompts} --db {db}\n"
+        f"people can vote too: weightsmith arena serve {' '.join(contestants)} --adapter kettlebird={adapter} "
+        f"--prompts {prompts} --db {db}\n  then open http://127.0.0.1:{port}/ (their votes join the judge's; "
+        f"`weightsmith arena ratings --db {db} --voters human` rates theirs alone)\n"
     )
     return {"judge": judged, "ratings": ratings, "db": str(db)}

@@ -3,9 +3,10 @@ commands/arena_serve.py). One config per subcommand and a `run_arena_*(cfg, prog
 that returns data and prints nothing.
 
 Everything a user can get wrong (a missing DB, a DB of a newer schema, a bad `--prompts`
-line, an unknown adapter, an unreachable endpoint contestant) is found before anything is
-written: readers open the DB with `create=False`, and `arena judge` reads its prompts,
-loads its contestants and judge and checks its endpoints before it creates a DB or adds a
+line, an unknown adapter, a bad guard policy, an unreachable endpoint contestant or judge) is
+found before anything is written: readers open the DB with `create=False`, and `arena judge`
+asks an endpoint judge for its models first, then reads its prompts, loads its contestants
+(and their policies) and judge and checks their endpoints before it creates a DB or adds a
 row.
 
 Not here: the store, ratings, files and the judging loop (weightsmith.arena), printing
@@ -14,6 +15,7 @@ Not here: the store, ratings, files and the judging loop (weightsmith.arena), pr
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ from urllib.parse import urlsplit
 from weightsmith.arena.agreement import cohen_kappa
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
 from weightsmith.arena.contestants import Contestants, is_endpoint_spec, parse_contestant, split_endpoint
+from weightsmith.arena.endpoint import check_endpoint
 from weightsmith.arena.judge import Fight, judge_battles
 from weightsmith.arena.prompt_file import read_prompts
 from weightsmith.arena.ratings import rate
@@ -33,9 +36,10 @@ from weightsmith.commands.loading import load_model, model_label
 from weightsmith.commands.serve import parse_adapters
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
-from weightsmith.eval.judge import make_judge
+from weightsmith.eval.judge import EndpointJudge, make_judge
 from weightsmith.eval.judge_pairwise import LIKELIHOOD_RUBRIC, LikelihoodVerdicts, pairwise_config
 from weightsmith.grants import Grants
+from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.sampling import SamplingParams
 
 #: `--voters` words -> the voter kinds kept (None: every kind).
@@ -76,7 +80,9 @@ class ArenaJudgeConfig:
         None, "battles to judge; beyond the unvoted ones, new battles are fought (needs --contestants)"
     )
     contestants: list[str] = opt(
-        default_factory=list, help="contestants of new battles: NAME, NAME:ADAPTER or URL#MODEL"
+        default_factory=list,
+        help="contestants of new battles: NAME, NAME:ADAPTER or URL#MODEL, each optionally "
+        "+ @builtin:NAME or @POLICY.yaml (behind that guard policy)",
     )
     adapter: list[str] = opt(
         default_factory=list, help="a fork's LoRA adapter, NAME=DIR (used as MODEL:NAME)", split=False
@@ -85,6 +91,7 @@ class ArenaJudgeConfig:
     contestant_api_key_env: str | None = opt(
         None, "environment variable whose value is sent as the API key to endpoint contestants"
     )
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     max_tokens: int = opt(256, "most tokens of a contestant's answer")
     temperature: float = opt(0.7, "contestants' sampling temperature (0: greedy)")
     top_p: float = opt(1.0, "contestants' nucleus sampling (1: off)")
@@ -125,11 +132,15 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     db = Path(cfg.db).expanduser()
     store = ArenaStore(db, create=False) if db.exists() else None  # a newer schema stops here
     try:
+        if is_endpoint_spec(cfg.judge):  # a judge that does not answer stops the run now
+            key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
+            check_endpoint(EndpointJudge(model, endpoint_model, key), "judge", "pass another --judge")
         contestants = None
         if cfg.contestants:
             contestants = Contestants(
                 cfg.contestants, adapters=adapters, device=cfg.device, dtype=cfg.dtype,
                 grants=Grants(api_key_env=cfg.contestant_api_key_env), loader=load_model,
+                classifier=cfg.classifier,
             )  # fmt: skip
             contestants.check()
         judge_cfg, backend = _judge(cfg, model, endpoint_model)

@@ -3,7 +3,8 @@
 Everything a user can get wrong is checked before the server listens, each one line: the
 options, a bad `--prompts` line (FILE:LINE), an adapter directory, an unreachable endpoint
 contestant (`Contestants.check()`), a DB written by a newer schema, a busy port. The
-socket, uvicorn and its connection limits are serve's (`bind`, `uvicorn_server`); the vote
+socket, uvicorn and the connection limits are serve's (`bind`, `uvicorn_server`, and
+`ConnectionLimits` with the arena's defaults: `arena_limits`); the vote
 key is read like serve's API key (`--vote-key-file` or `$WEIGHTSMITH_VOTE_KEY`, as a key on
 the command line shows in the process list).
 
@@ -23,6 +24,8 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
+from weightsmith.safety.policy_file import ClassifierAccess
+from weightsmith.serve.limits import ConnectionLimits, arena_limits
 
 #: The variable the vote key is read from when no flag gives it.
 VOTE_KEY_ENV = "WEIGHTSMITH_VOTE_KEY"
@@ -35,7 +38,8 @@ class ArenaServeConfig:
     contestants: list[str] = opt(
         default_factory=list,
         help="two or more contestants: a store or catalog model, MODEL:ADAPTER (a fork), or URL#MODEL "
-        "(an OpenAI-compatible endpoint)",
+        "(an OpenAI-compatible endpoint); any of them + @builtin:NAME or @POLICY.yaml answers behind "
+        "that guard policy",
         positional=True,
         split=False,
     )
@@ -55,35 +59,28 @@ class ArenaServeConfig:
     max_votes_per_minute: int = opt(30, "most votes one voter may cast in 60 s; more get 429")
     max_prompt_chars: int = opt(4000, "most characters in a prompt; longer ones get 413 before generation")
     max_active: int = opt(8, "most battles being answered at once; more get 429")
+    battle_ttl: float = opt(
+        1800.0,
+        "seconds a battle stays open for votes; an unvoted battle then stops counting toward pairing "
+        "(it stays in the DB) and a late vote gets 410",
+    )
     max_tokens: int = opt(256, "most tokens in each answer")
     temperature: float = opt(0.7, "sampling temperature of both answers (each side gets its own seed)")
     top_p: float = opt(1.0, "nucleus sampling of both answers")
-    max_body: int = opt(64 << 10, "largest request body in bytes")
-    read_timeout: float = opt(30.0, "seconds a client has to send a request's headers, and again its body")
-    keep_alive_timeout: float = opt(5.0, "seconds an idle keep-alive connection stays open")
-    max_connections: int = opt(1000, "most open connections; requests beyond get 503")
-    allowed_host: list[str] = opt(
-        default_factory=list,
-        help="also answer requests whose Host header is this name ('*': any); as for serve",
-        split=False,
-    )
-    drain_timeout: float = opt(10.0, "on shutdown, seconds to let answers in flight finish")
+    # --max-body, --read-timeout, --keep-alive-timeout, --max-connections, --allowed-host, --drain-timeout
+    limits: ConnectionLimits = opt(default_factory=arena_limits, flatten=True)
+    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (local contestants)")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (local contestants)")
 
     def __post_init__(self) -> None:
         for name, value, low in (("max-votes-per-minute", self.max_votes_per_minute, 1),
                                  ("max-prompt-chars", self.max_prompt_chars, 1), ("max-active", self.max_active, 1),
-                                 ("max-tokens", self.max_tokens, 1), ("max-body", self.max_body, 1024),
-                                 ("max-connections", self.max_connections, 1)):  # fmt: skip
+                                 ("max-tokens", self.max_tokens, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
-        for name, seconds in (
-            ("read-timeout", self.read_timeout),
-            ("keep-alive-timeout", self.keep_alive_timeout),
-        ):
-            if not seconds > 0:
-                raise UsageError(f"--{name} must be a positive number of seconds, got {seconds}")
+        if not self.battle_ttl > 0:
+            raise UsageError(f"--battle-ttl must be a positive number of seconds, got {self.battle_ttl}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise UsageError(
                 f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
@@ -108,12 +105,13 @@ class RunningArena:
 
 
 def load_contestants(cfg: ArenaServeConfig) -> Any:
-    """The contestants of the command line, checked (an endpoint that does not answer is one line)."""
+    """The contestants of the command line, checked: a bad guard policy or an endpoint that does
+    not answer is one line."""
     from weightsmith.arena.contestants import Contestants
     from weightsmith.commands.serve import parse_adapters
 
     contestants = Contestants(list(cfg.contestants), adapters=parse_adapters(cfg.adapter), device=cfg.device,
-                              dtype=cfg.dtype)  # fmt: skip
+                              dtype=cfg.dtype, classifier=cfg.classifier)  # fmt: skip
     contestants.check()
     return contestants
 
@@ -156,7 +154,7 @@ def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, An
     app, store, vote_key = build_arena_app(cfg)
     try:
         sock = bind(cfg.host, cfg.port)
-        server = uvicorn_server(app, cfg)
+        server = uvicorn_server(app, cfg.limits)
         host, port = sock.getsockname()[:2]
         url = f"http://{host}:{port}"
         state = app.state.arena
@@ -168,7 +166,7 @@ def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, An
             server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
-        return {"url": url, **info, "battles": sum(store.battle_counts().values()) // 2}
+        return {"url": url, **info, "battles": store.battle_tally()}
     finally:
         store.close()
 
@@ -181,7 +179,7 @@ def start_arena_server(cfg: ArenaServeConfig, contestants: Any = None, **app_opt
 
     app, store, vote_key = build_arena_app(cfg, contestants, **app_options)
     sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg.limits)
     host, port = sock.getsockname()[:2]
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-arena", daemon=True

@@ -29,6 +29,7 @@ from typing import Any
 from weightsmith.config import opt
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.safety.policy_file import ClassifierAccess
+from weightsmith.serve.limits import ConnectionLimits
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -65,30 +66,19 @@ class ServeConfig:
         512,
         "prompts longer than this are prefilled this many tokens per decode step, so streams keep flowing",
     )
-    max_body: int = opt(4 << 20, "largest request body in bytes")
     max_prompt_chars: int = opt(
         1_000_000, "most characters of prompt text (messages or prompts) in one request, before tokenising"
     )
     template_timeout: float = opt(5.0, "seconds the chat template may take to render one request")
-    read_timeout: float = opt(
-        30.0, "seconds a client has to send a request's headers, and again its body (then 408)"
-    )
-    keep_alive_timeout: float = opt(5.0, "seconds an idle keep-alive connection stays open")
-    max_connections: int = opt(1000, "most open connections; requests beyond get 503")
+    # --max-body, --read-timeout, --keep-alive-timeout, --max-connections, --allowed-host, --drain-timeout
+    limits: ConnectionLimits = opt(default_factory=ConnectionLimits, flatten=True)
     cors_origin: list[str] = opt(
         default_factory=list,
         help="let web pages from this origin call the API (CORS is off by default)",
         split=False,
     )
-    allowed_host: list[str] = opt(
-        default_factory=list,
-        help="also answer requests whose Host header is this name ('*': any); loopback names and "
-        "--host are always allowed, and any name when --host is 0.0.0.0 or :: and this is unset",
-        split=False,
-    )
     guard: str | None = opt(None, "guardrail policy file (or builtin:NAME) applied to every request")
     classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
-    drain_timeout: float = opt(30.0, "on shutdown, seconds to let in-flight requests finish")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
@@ -98,16 +88,14 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
-                                 ("max-model-len", self.max_model_len, 0), ("max-body", self.max_body, 1024),
-                                 ("prefill-chunk", self.prefill_chunk, 1),
-                                 ("max-prompt-chars", self.max_prompt_chars, 1),
-                                 ("max-connections", self.max_connections, 1)):  # fmt: skip
+                                 ("max-model-len", self.max_model_len, 0), ("prefill-chunk", self.prefill_chunk, 1),
+                                 ("max-prompt-chars", self.max_prompt_chars, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
-        for name, seconds in (("template-timeout", self.template_timeout), ("read-timeout", self.read_timeout),
-                              ("keep-alive-timeout", self.keep_alive_timeout)):  # fmt: skip
-            if not seconds > 0:
-                raise UsageError(f"--{name} must be a positive number of seconds, got {seconds}")
+        if not self.template_timeout > 0:
+            raise UsageError(
+                f"--template-timeout must be a positive number of seconds, got {self.template_timeout}"
+            )
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -219,22 +207,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app: Any, cfg: Any) -> Any:
-    """A uvicorn server for `app` with the client limits of `cfg` (read_timeout,
-    keep_alive_timeout, max_connections, drain_timeout: serve's and the arena's)."""
+def uvicorn_server(app: Any, limits: ConnectionLimits, *, fast: bool | None = None) -> Any:
+    """A uvicorn server for `app` bounded by `limits` (serve's and the arena's); `fast`
+    chooses httptools + uvloop over h11 + asyncio (None: when installed; see
+    weightsmith.serve.connections)."""
     import uvicorn
 
-    from weightsmith.serve.connections import uvicorn_limits
+    from weightsmith.serve.connections import uvicorn_options
 
-    limits = uvicorn_limits(header_timeout=cfg.read_timeout, keep_alive_timeout=cfg.keep_alive_timeout,
-                            max_connections=cfg.max_connections)  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        timeout_graceful_shutdown=int(cfg.drain_timeout) if cfg.drain_timeout else None,
-        access_log=False,
-        **limits,
-    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, **uvicorn_options(limits, fast=fast))
     return uvicorn.Server(config)
 
 
@@ -244,7 +225,7 @@ def run_serve(cfg: ServeConfig, progress: Any = None) -> dict[str, Any]:
     on_listening = progress
     app, state = build_app(cfg)
     sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg.limits)
     failure: list[str] = []
 
     def failed(message: str) -> None:
@@ -283,7 +264,7 @@ def start_server(cfg: ServeConfig, *, wait: bool = True, timeout: float = 300.0)
     """Start the server on a thread; with `wait`, return once the model is ready."""
     app, state = build_app(cfg)
     sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg)
+    server = uvicorn_server(app, cfg.limits)
     host, port = sock.getsockname()[:2]
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-server", daemon=True

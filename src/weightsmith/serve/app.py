@@ -45,6 +45,7 @@ from weightsmith.serve.jobs import (
     sampling_params,
     token_budget,
 )
+from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.metrics import ServerMetrics
 from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import (
@@ -89,13 +90,11 @@ class ServerOptions(Protocol):
     max_queue: int
     max_model_len: int  # context per request (KV cache per row); 0: the model's
     prefill_chunk: int  # longer prompts are prefilled a chunk per decode step
-    max_body: int  # bytes
     max_prompt_chars: int  # characters of prompt text per request, counted before tokenising
     template_timeout: float  # seconds one chat-template render may take
     cors_origin: list[str]
-    host: str  # the bind address; with allowed_host, the Host header names the server may answer to
-    allowed_host: list[str]
-    read_timeout: float  # seconds a client has to send a request body (headers: commands.serve)
+    host: str  # the bind address; with limits.allowed_host, the Host names the server answers to
+    limits: ConnectionLimits  # body size and time, Host names (connections: commands.serve)
 
 
 @dataclass
@@ -440,7 +439,7 @@ async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[L
     """The loaded model (503 while loading) and the validated body; for tokenize and
     detokenize, whose `model` is optional, a model they do name must exist."""
     loaded, scheduler = state.require()
-    req = parse(schema, await read_body(http, state.settings.max_body, state.settings.read_timeout))
+    req = parse(schema, await read_body(http, state.settings.limits))
     if isinstance(req, (TokenizeRequest, DetokenizeRequest)) and req.model is not None:
         state.resolve_model(req.model)
     return loaded, scheduler, req

@@ -8,8 +8,8 @@ now points at 127.0.0.1 reads `/v1/*`), and 415 to a POST body that is not
 `application/json` (a cross-origin form or `text/plain` POST needs no CORS preflight).
 `read_body` reads a body with the same size limit for chunked uploads, within a time limit
 (slow bodies get 408), and turns a client that drops mid-upload into `ClientGone`, a quiet
-499. It reads `state.settings` (api_key, max_body, host, allowed_host) and counts on
-`state.metrics`.
+499. It reads `state.settings` (its `host`, `api_key` and `limits`, a ConnectionLimits:
+max_body, allowed_host) and counts on `state.metrics`.
 Not here: the routes and the model (app.py), request schemas (schemas.py), header timeouts
 and connection limits (connections.py).
 """
@@ -26,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.schemas import ApiError
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class Gate:
     def _check(self, scope: dict) -> ApiError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         settings = self.state.settings
-        hosts = allowed_hosts(settings.host, settings.allowed_host)
+        limits = settings.limits
+        hosts = allowed_hosts(settings.host, limits.allowed_host)
         host = host_name(headers.get("host", ""))
         if hosts is not None and host and host not in hosts:
             return ApiError(
@@ -123,7 +125,7 @@ class Gate:
                 code="host_not_allowed",
             )
         length = headers.get("content-length", "")
-        limit = settings.max_body
+        limit = limits.max_body
         if length.isdigit() and int(length) > limit:
             return too_large(limit)
         media = headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -157,9 +159,11 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (chunked uploads too) and with
-    408 when it takes more than `timeout` seconds to arrive; ClientGone if the client leaves."""
+async def read_body(request: Request, limits: ConnectionLimits) -> bytes:
+    """The body, refused with 413 as soon as it passes `limits.max_body` (chunked uploads too)
+    and with 408 when it takes more than `limits.read_timeout` seconds to arrive; ClientGone if
+    the client leaves."""
+    limit, timeout = limits.max_body, limits.read_timeout
 
     async def read() -> bytes:
         chunks, size = [], 0
