@@ -43,7 +43,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.files import atomic_file
 from weightsmith.lora import adapters_disabled
 from weightsmith.train import checkpoints as ckpt
-from weightsmith.train.data import pad_id_for, split_records
+from weightsmith.train.data import pad_id_for
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
 from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, pair_log_probs
 from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
@@ -54,7 +54,9 @@ from weightsmith.train.runs import (
     fit_and_save,
     load_model,
     load_tokenizer,
+    read_and_tokenize,
     start_run,
+    warn_truncated,
 )
 
 __all__ = ["DpoConfig", "PreferenceObjective", "load_pairs", "reference_log_probs", "run_dpo"]
@@ -170,26 +172,17 @@ def precompute_reference(
 
 def load_pairs(cfg: DpoConfig, tokenizer: Any) -> tuple[PairSource, PairSource, dict[str, Any]]:
     """Read, check, render and measure every pair; nothing loads or trains if one is bad."""
-    records = read_pairs(str(cfg.data))
-    valid_records = read_pairs(cfg.valid) if cfg.valid else []
-    if not cfg.valid and cfg.valid_fraction > 0:
-        records, valid_records = split_records(records, cfg.valid_fraction, cfg.train.seed)
     kwargs = {"max_seq_len": cfg.max_seq_len, "max_prompt_len": cfg.max_prompt_len}
-    train, train_stats = tokenize_pairs(records, tokenizer, **kwargs)
-    valid, valid_stats = tokenize_pairs(valid_records, tokenizer, **kwargs)
-    for name, stats in (("training", train_stats), ("validation", valid_stats)):
-        _warn_about(name, stats, cfg.max_seq_len)
+    (train, train_stats), (valid, valid_stats) = read_and_tokenize(
+        cfg, read_pairs, lambda part: tokenize_pairs(part, tokenizer, **kwargs), _warn_about
+    )
     pad = pad_id_for(tokenizer)
     stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
     return PairSource(train, pad), PairSource(valid, pad), stats
 
 
 def _warn_about(name: str, stats: PairStats, max_seq_len: int) -> None:
-    if stats.truncated:
-        log.warning(
-            "%d %s pairs are longer than max_seq_len=%d (longest %d tokens) and were truncated",
-            stats.truncated, name, max_seq_len, stats.longest,
-        )  # fmt: skip
+    warn_truncated(name, "pairs", stats.truncated, max_seq_len, stats.longest)
     if stats.prompt_mismatch:
         log.warning(
             "%d %s pairs: the prompt alone tokenizes differently from its start in prompt + answer; the "

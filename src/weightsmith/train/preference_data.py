@@ -40,7 +40,7 @@ import torch
 from weightsmith.errors import WeightsmithError
 from weightsmith.files import json_object_line
 from weightsmith.tokenizer import Tokenizer
-from weightsmith.train.data import ROLES, DataError
+from weightsmith.train.data import ROLES, DataError, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -89,34 +89,15 @@ class PairStats:
 
 def read_pairs(path: str | Path) -> list[PairRecord]:
     """Every line of a JSONL file of pairs, checked; raises DataError naming the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; pass a JSONL file of preference pairs")
-    records, problems = [], []
-    first: tuple[str, str] | None = None  # (where, format) of the first good line
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record, kind = _parse_pair(line, where)
-                if first is None:
-                    first = (where, kind)
-                elif kind != first[1]:
-                    key = "prompt" if ("implicit" in kind) != ("implicit" in first[1]) else "chosen"
-                    raise DataError(
-                        f"{where}: {key}: this line is {kind} but {first[0]} is {first[1]} "
-                        "(write every line of a file in one format)"
-                    )
-                records.append(record)
-            except DataError as e:
-                problems.append(str(e))
-    if problems:
-        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
-    if not records:
-        raise DataError(f"{path}: the file has no pairs; write one JSON object per line")
+    parsed = read_jsonl(path, _parse_pair, "preference pairs", "pairs")
+    (first, kind), records = parsed[0], [record for record, _ in parsed]
+    for record, other in parsed:
+        if other != kind:
+            key = "prompt" if ("implicit" in other) != ("implicit" in kind) else "chosen"
+            raise DataError(
+                f"{record.source}: {key}: this line is {other} but {first.source} is {kind} "
+                "(write every line of a file in one format)"
+            )
     return records
 
 
