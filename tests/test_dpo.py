@@ -45,9 +45,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+TRAIN = {"lr": 5e-3, "max_steps": 8, "batch_size": 4, "eval_every": 4, "save_every": 4, "seed": 3}
+
+
 def dpo_config(model: Path, data: Path, out: Path, **fields) -> DpoConfig:
-    train = {"lr": 5e-3, "max_steps": 8, "batch_size": 4, "eval_every": 4, "save_every": 4, "seed": 3}
-    train.update(fields.pop("train", {}))
+    train = {**TRAIN, **fields.pop("train", {})}
     values = {
         "model": str(model),
         "data": str(data),
@@ -74,14 +76,8 @@ def test_lora_run_writes_outputs_lineage_and_learns_the_preference(tiny_hf_dir, 
     result = run_dpo(
         dpo_config(tiny_hf_dir, pairs, out, train={"max_steps": 30, "lr": 1e-2, "eval_every": 10})
     )
-    for name in (
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "config.yaml",
-        "metrics.jsonl",
-        "loss.png",
-    ):
-        assert (out / name).is_file(), name
+    outputs = "adapter_config.json adapter_model.safetensors config.yaml metrics.jsonl loss.png run.json"
+    assert all((out / name).is_file() for name in outputs.split()), sorted(p.name for p in out.iterdir())
     losses = losses_of(out)
     assert len(losses) == 30 and losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at start
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
@@ -163,33 +159,26 @@ def test_chunked_log_probs_equal_log_softmax(tiny_hf_dir, trainable, monkeypatch
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 320 * 3)  # several chunks of 3 rows on the tiny vocab
     model = load_checkpoint(tiny_hf_dir, decode_layout=False).model
     model.requires_grad_(trainable == "everything")
+    wrt = [model.model.norm.weight, model.lm_head.weight] if trainable == "everything" else []
     torch.manual_seed(0)
     h = torch.randn(10, model.config.hidden_size, requires_grad=True)
     targets = torch.randint(model.config.vocab_size, (10,))
-    upstream = torch.randn(10)  # each row its own dLoss/dlogp, as sequences get in DPO
-    results = []
-    for fused in (True, False):
-        model.zero_grad()
-        h.grad = None
-        normed = model.model.norm(h)
-        if fused:
-            logp = losses.linear_log_probs(normed, model.lm_head.weight, targets)
-        else:
-            logp = F.log_softmax(model.lm_head(normed), -1).gather(1, targets[:, None]).squeeze(1)
-        (logp * upstream).sum().backward()
-        results.append(
-            (logp.detach(), h.grad.clone(), [p.grad for p in model.parameters() if p.grad is not None])
-        )
-    (a, ha, pa), (b, hb, pb) = results
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ha, hb, rtol=1e-5, atol=1e-6)
-    assert len(pa) == len(pb) == (0 if trainable == "hidden" else 2)
-    for x, y in zip(pa, pb, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # the reference path: no graph, same chunks
-        torch.testing.assert_close(
-            losses.linear_log_probs(model.model.norm(h), model.lm_head.weight, targets), b
-        )
+    upstream = torch.randn(10)  # each row its own dLoss/dlogp, as each answer gets in DPO
+
+    def fused(normed: torch.Tensor) -> torch.Tensor:
+        return losses.linear_log_probs(normed, model.lm_head.weight, targets)
+
+    def plain(normed: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(model.lm_head(normed), -1).gather(1, targets[:, None]).squeeze(1)
+
+    values = {fn: fn(model.model.norm(h)) for fn in (fused, plain)}
+    grads = {fn: torch.autograd.grad((v * upstream).sum(), [h, *wrt]) for fn, v in values.items()}
+    torch.testing.assert_close(values[fused], values[plain], rtol=1e-5, atol=1e-5)
+    assert len(grads[fused]) == (1 if trainable == "hidden" else 3)  # h, and the norm and head weights
+    for a, b in zip(grads[fused], grads[plain], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the reference's path: no graph, the same chunks
+        torch.testing.assert_close(fused(model.model.norm(h)), values[plain].detach())
 
 
 def _cli(*args: str) -> list[str]:
@@ -202,19 +191,13 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_hf_dir, pairs,
     from test_finetune import _losses_after, _run_until_checkpoint
 
     steps = 150
+    train = {"max_steps": steps, "save_every": 2, "eval_every": 0}
     reference = tmp_path / "ref"
-    run_dpo(
-        dpo_config(
-            tiny_hf_dir, pairs, reference, train={"max_steps": steps, "save_every": 2, "eval_every": 0}
-        )
-    )
+    run_dpo(dpo_config(tiny_hf_dir, pairs, reference, train=train))  # in process, the cut one by the CLI
     cut = tmp_path / "cut"
-    args = [
-        "dpo", str(tiny_hf_dir), "--data", str(pairs), "--out", str(cut), "--max-seq-len", "64",
-        "--train.lr", "5e-3", "--train.max-steps", str(steps), "--train.batch-size", "4", "--train.seed", "3",
-        "--train.eval-every", "0", "--train.save-every", "2", "--lora.rank", "4", "--lora.alpha", "8",
-        "--lora.dropout", "0.0",
-    ]  # fmt: skip
+    flags = [f"--train.{key.replace('_', '-')}={value}" for key, value in {**TRAIN, **train}.items()]
+    lora = ["--lora.rank", "4", "--lora.alpha", "8", "--lora.dropout", "0.0"]
+    args = ["dpo", str(tiny_hf_dir), f"--data={pairs}", f"--out={cut}", "--max-seq-len=64", *flags, *lora]
     proc = _run_until_checkpoint(_cli(*args), cut / "checkpoints", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not (cut / "adapter_model.safetensors").exists()

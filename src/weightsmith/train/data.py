@@ -17,10 +17,10 @@ file:line. Not here: the loss (sft.py) and the optimisation loop (loop.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from weightsmith.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label value that carries no loss (the convention of torch's cross_entropy)
+T = TypeVar("T")
 
 
 class DataError(WeightsmithError):
@@ -82,9 +83,16 @@ class DataStats:
 
 def read_records(path: str | Path) -> list[Record]:
     """Every line of a JSONL file, checked; raises DataError naming the first bad line."""
+    return read_jsonl(path, _parse_line, "training examples", "examples")
+
+
+def read_jsonl(path: str | Path, parse: Callable[[str, str], T], items: str, short: str) -> list[T]:
+    """`parse(line, "file:line")` of every non-blank line; all lines are read, and the first
+    DataError (with how many more lines were bad) is raised. `items` and `short` name what a
+    line holds ("training examples", "examples") in the messages."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; pass a JSONL file of training examples")
+        raise DataError(f"{path}: no such file; pass a JSONL file of {items}")
     records, problems = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -92,14 +100,14 @@ def read_records(path: str | Path) -> list[Record]:
                 continue
             where = f"{path}:{number}"
             try:
-                records.append(_parse_line(line, where))
+                records.append(parse(line, where))
             except DataError as e:
                 problems.append(str(e))
     if problems:
         more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
     if not records:
-        raise DataError(f"{path}: the file has no examples; write one JSON object per line")
+        raise DataError(f"{path}: the file has no {short}; write one JSON object per line")
     return records
 
 

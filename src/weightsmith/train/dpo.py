@@ -12,9 +12,10 @@ no_grad, before the policy forward, so its activations are gone before the polic
 kept); for full fine-tuning a frozen copy of the loaded model. `--precompute-ref` instead
 computes every pair's reference log-probs once, before training, and stores them in
 `OUT/reference_logps.safetensors` (a resumed run reads them back): no reference forward per
-step, and no copy for full fine-tuning. Chosen and rejected rows go through the model as one
-batch, as TRL does, and the LM head runs only at answer tokens, chunked
-(`losses.sequence_log_probs`).
+step, and no copy for full fine-tuning. Both answers of a pair go through the model in one
+forward, as in TRL, but as one row that holds the prompt once (an attention mask keeps the
+answers apart, `preference_data.PairBatch`), and the LM head runs only where an answer token
+is predicted, chunked (`losses.pair_log_probs`).
 
 Metrics per step and on validation (`val_...`), as TRL's `DPOTrainer` logs them: the loss,
 `reward_chosen` and `reward_rejected` (beta * log-ratio, means over pairs), `reward_accuracy`
@@ -42,9 +43,9 @@ from weightsmith.errors import ConfigError
 from weightsmith.files import atomic_file
 from weightsmith.lora import adapters_disabled
 from weightsmith.train import checkpoints as ckpt
-from weightsmith.train.data import IGNORE, Batch, pad_id_for, split_records
+from weightsmith.train.data import pad_id_for
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
-from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, sequence_log_probs
+from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, pair_log_probs
 from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
 from weightsmith.train.runs import (
     METHODS,
@@ -53,7 +54,9 @@ from weightsmith.train.runs import (
     fit_and_save,
     load_model,
     load_tokenizer,
+    read_and_tokenize,
     start_run,
+    warn_truncated,
 )
 
 __all__ = ["DpoConfig", "PreferenceObjective", "load_pairs", "reference_log_probs", "run_dpo"]
@@ -94,14 +97,16 @@ class DpoConfig(RunConfig):
 # ----- the loss -----------------------------------------------------------------------------------
 
 
-def reference_log_probs(model: nn.Module, tokens: Batch, reference: nn.Module | None = None) -> torch.Tensor:
-    """(R,) summed answer log-probs under the reference: `reference` (a frozen copy) or, when
+def reference_log_probs(
+    model: nn.Module, batch: PairBatch, reference: nn.Module | None = None
+) -> torch.Tensor:
+    """(2B,) summed answer log-probs under the reference: `reference` (a frozen copy) or, when
     None, `model` with its adapters disabled; no graph is kept."""
     with torch.no_grad():
         if reference is not None:
-            return sequence_log_probs(reference, tokens)
+            return pair_log_probs(reference, batch)
         with adapters_disabled(model):
-            return sequence_log_probs(model, tokens)
+            return pair_log_probs(model, batch)
 
 
 @dataclass
@@ -119,10 +124,9 @@ class PreferenceObjective:
     ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         ref = batch.reference
         if ref is None:  # first, so its activations are freed before the policy's are kept
-            ref = reference_log_probs(model, batch.tokens, self.reference)
-        policy = sequence_log_probs(model, batch.tokens, checkpoint=self.checkpoint)  # (2B,)
-        n = batch.n_pairs
-        lengths = (batch.tokens.labels != IGNORE).sum(1)  # (2B,) answer tokens
+            ref = reference_log_probs(model, batch, self.reference)
+        policy = pair_log_probs(model, batch, checkpoint=self.checkpoint)  # (2B,)
+        n, lengths = batch.n_pairs, batch.lengths
         ratio = policy - ref
         r = LogRatios(ratio[:n], ratio[n:], lengths[:n], lengths[n:])
         losses = self.loss(r, self.beta, self.label_smoothing)  # (B,)
@@ -156,7 +160,7 @@ def precompute_reference(
     for start in range(0, len(source), batch_size):
         batch = source.batch(range(start, min(start + batch_size, len(source)))).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            ref = reference_log_probs(model, batch.tokens, reference).float().cpu()
+            ref = reference_log_probs(model, batch, reference).float().cpu()
         n = batch.n_pairs
         out[start : start + n, 0], out[start : start + n, 1] = ref[:n], ref[n:]
     model.train(was_training)
@@ -168,26 +172,17 @@ def precompute_reference(
 
 def load_pairs(cfg: DpoConfig, tokenizer: Any) -> tuple[PairSource, PairSource, dict[str, Any]]:
     """Read, check, render and measure every pair; nothing loads or trains if one is bad."""
-    records = read_pairs(str(cfg.data))
-    valid_records = read_pairs(cfg.valid) if cfg.valid else []
-    if not cfg.valid and cfg.valid_fraction > 0:
-        records, valid_records = split_records(records, cfg.valid_fraction, cfg.train.seed)
     kwargs = {"max_seq_len": cfg.max_seq_len, "max_prompt_len": cfg.max_prompt_len}
-    train, train_stats = tokenize_pairs(records, tokenizer, **kwargs)
-    valid, valid_stats = tokenize_pairs(valid_records, tokenizer, **kwargs)
-    for name, stats in (("training", train_stats), ("validation", valid_stats)):
-        _warn_about(name, stats, cfg.max_seq_len)
+    (train, train_stats), (valid, valid_stats) = read_and_tokenize(
+        cfg, read_pairs, lambda part: tokenize_pairs(part, tokenizer, **kwargs), _warn_about
+    )
     pad = pad_id_for(tokenizer)
     stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
     return PairSource(train, pad), PairSource(valid, pad), stats
 
 
 def _warn_about(name: str, stats: PairStats, max_seq_len: int) -> None:
-    if stats.truncated:
-        log.warning(
-            "%d %s pairs are longer than max_seq_len=%d (longest %d tokens) and were truncated",
-            stats.truncated, name, max_seq_len, stats.longest,
-        )  # fmt: skip
+    warn_truncated(name, "pairs", stats.truncated, max_seq_len, stats.longest)
     if stats.prompt_mismatch:
         log.warning(
             "%d %s pairs: the prompt alone tokenizes differently from its start in prompt + answer; the "

@@ -8,9 +8,10 @@ chunk, so the (N, vocab) logits are never held in full and are swept over fewer 
 same trick as "Cut Your Losses in Large-Vocabulary Language Models" (Wijmans et al.
 2024), written plainly in torch.
 
-For preference training, `sequence_log_probs` sums the log-probability of each row's
-target tokens (the answer), through `linear_log_probs`: the same chunked head, returning
-one log-probability per target token. `PREFERENCE_LOSSES` maps a `--loss` name to a
+For preference training, `pair_log_probs` sums the log-probability of each answer's tokens
+given its prompt, through `linear_log_probs`: the same chunked head, returning one
+log-probability per target token. A pair's prompt runs once for both answers
+(`shared_prompt_mask`). `PREFERENCE_LOSSES` maps a `--loss` name to a
 function of the policy/reference log-ratios (sigmoid DPO, IPO, hinge, robust DPO), with
 TRL's `DPOTrainer` definitions.
 
@@ -20,7 +21,9 @@ Not here: the loop that calls them (loop.py), the reference model and batches of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.train.data import IGNORE, Batch
+from weightsmith.train.preference_data import PROMPT, PairBatch
 
 #: Logit elements per chunk (64 MiB in fp32, ~340 rows of a 49k vocabulary). Smaller
 #: chunks re-read the (V, h) head weight more often: 85-row chunks made the fused
@@ -181,21 +185,60 @@ def linear_log_probs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return _LinearLogProbs.apply(h, weight, targets)
 
 
-def sequence_log_probs(model: nn.Module, batch: Batch, *, checkpoint: bool = False) -> torch.Tensor:
-    """(B,) the summed log-probability of each row's target tokens (labels != IGNORE), fp32."""
-    hidden = model.hidden_states(
-        batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=checkpoint
-    )  # (B, T, h)
-    keep = batch.labels != IGNORE  # (B, T)
-    targets = batch.labels[keep]  # (N,)
+def shared_prompt_mask(
+    positions: torch.Tensor, segments: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
+    """(B, 1, T, T) which keys each query sees in a `PairBatch` row: earlier tokens of its own
+    segment and of the prompt (so an answer never sees the other answer), within `window`
+    positions for sliding-window layers."""
+    slots = torch.arange(segments.shape[1], device=segments.device)
+    mask = slots[None, None, :] <= slots[None, :, None]  # (1, T, T): causal by slot
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+    mask = mask & ((seg_k == seg_q) | (seg_k == PROMPT))  # (B, T, T)
+    if window:
+        mask = mask & (positions[:, None, :] > positions[:, :, None] - window)
+    return mask[:, None]
+
+
+@contextlib.contextmanager
+def _masks_for_pairs(model: nn.Module, batch: PairBatch) -> Iterator[None]:
+    """Inside, the model's forwards attend as `shared_prompt_mask` says instead of causally:
+    the model's own `hidden_states` runs (embedding, layers, checkpointing) with only the
+    masks replaced, per layer type as the model builds them."""
+    cfg = model.config
+    window = cfg.sliding_window or None
+    masks = {
+        kind: shared_prompt_mask(
+            batch.positions, batch.segments, window if kind == "sliding_attention" else None
+        )
+        for kind in set(cfg.layer_types)
+    }
+    build = model._attention_inputs
+    model._attention_inputs = lambda *args, **kwargs: dataclasses.replace(
+        build(*args, **kwargs), masks=masks, is_causal=False
+    )
+    try:
+        yield
+    finally:
+        del model._attention_inputs  # the class's method again
+
+
+def pair_log_probs(model: nn.Module, batch: PairBatch, *, checkpoint: bool = False) -> torch.Tensor:
+    """(2B,) each answer's summed token log-probability given its prompt, fp32 (chosen answers
+    first); the prompt of a pair runs once, the LM head only where an answer token is predicted."""
+    with _masks_for_pairs(model, batch):
+        hidden = model.hidden_states(
+            batch.inputs, positions=batch.positions, checkpoint=checkpoint
+        )  # (B, T, h)
+    h = hidden.reshape(-1, hidden.shape[-1])[batch.index]  # (N, h)
     head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None:
-        logits = model.logits(hidden[keep]).float()  # an adapted or quantized head: the plain way
-        token = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        logits = model.logits(h).float()  # an adapted or quantized head: the plain way
+        token = logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
     else:
-        token = linear_log_probs(model.model.norm(hidden[keep]), head.weight, targets)  # (N,)
-    rows = torch.arange(keep.shape[0], device=keep.device).repeat_interleave(keep.sum(1))  # (N,)
-    return torch.zeros(keep.shape[0], dtype=torch.float32, device=token.device).index_add(0, rows, token)
+        token = linear_log_probs(model.model.norm(h), head.weight, batch.targets)  # (N,)
+    out = torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device)
+    return out.index_add(0, batch.answer, token)
 
 
 # ----- preference losses ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ longest token prefix the prompt shares with both renderings (so it includes the
 end-of-turn token and whatever the template writes after it). Text pairs are tokenized as
 plain text, with EOS appended to each answer that lacks it. Only answer tokens carry
 log-probabilities. Sequences longer than `max_seq_len` lose the start of the prompt first
-(down to `max_prompt_len` tokens, when that is set), then the end of the answers.
+(down to `max_prompt_len` tokens, when that is set), then the end of the answers. A batch
+holds each pair as one row, the prompt once (`PairBatch`).
 
 Not here: the loss (losses.py, dpo.py), the loop (loop.py).
 """
@@ -39,7 +40,7 @@ import torch
 from weightsmith.errors import WeightsmithError
 from weightsmith.files import json_object_line
 from weightsmith.tokenizer import Tokenizer
-from weightsmith.train.data import ROLES, Batch, DataError, Row, collate
+from weightsmith.train.data import ROLES, DataError, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -88,34 +89,15 @@ class PairStats:
 
 def read_pairs(path: str | Path) -> list[PairRecord]:
     """Every line of a JSONL file of pairs, checked; raises DataError naming the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; pass a JSONL file of preference pairs")
-    records, problems = [], []
-    first: tuple[str, str] | None = None  # (where, format) of the first good line
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record, kind = _parse_pair(line, where)
-                if first is None:
-                    first = (where, kind)
-                elif kind != first[1]:
-                    key = "prompt" if ("implicit" in kind) != ("implicit" in first[1]) else "chosen"
-                    raise DataError(
-                        f"{where}: {key}: this line is {kind} but {first[0]} is {first[1]} "
-                        "(write every line of a file in one format)"
-                    )
-                records.append(record)
-            except DataError as e:
-                problems.append(str(e))
-    if problems:
-        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
-    if not records:
-        raise DataError(f"{path}: the file has no pairs; write one JSON object per line")
+    parsed = read_jsonl(path, _parse_pair, "preference pairs", "pairs")
+    (first, kind), records = parsed[0], [record for record, _ in parsed]
+    for record, other in parsed:
+        if other != kind:
+            key = "prompt" if ("implicit" in other) != ("implicit" in kind) else "chosen"
+            raise DataError(
+                f"{record.source}: {key}: this line is {other} but {first.source} is {kind} "
+                "(write every line of a file in one format)"
+            )
     return records
 
 
@@ -377,25 +359,85 @@ def tokenize_pairs(
 # ----- batches ------------------------------------------------------------------------------------
 
 
+#: `PairBatch.segments` values.
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+
+
 @dataclass
 class PairBatch:
-    """B pairs as 2B rows, chosen rows first: labels only on answer tokens."""
+    """B pairs, one row each: the prompt once, then the chosen answer, then the rejected one.
 
-    tokens: Batch  # (2B, T)
-    n_pairs: int
-    reference: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, same row order
+    The rejected answer's positions restart where the prompt ends and, by the attention mask
+    `losses.shared_prompt_mask` builds from `segments`, each answer sees only the prompt and
+    itself: the same attention as two rows prompt + chosen and prompt + rejected, with the
+    prompt's tokens computed once. Answer i of the batch (pair i's chosen answer for i < B,
+    pair i - B's rejected one after) is scored at `index` (flat into (B, T)) against `targets`."""
+
+    inputs: torch.Tensor  # (B, T) token ids
+    positions: torch.Tensor  # (B, T) position ids
+    segments: torch.Tensor  # (B, T) PROMPT, CHOSEN, REJECTED or PADDING
+    index: torch.Tensor  # (N,) where in (B * T) the hidden state predicting each answer token is
+    targets: torch.Tensor  # (N,) answer token ids
+    answer: torch.Tensor  # (N,) which of the 2B answers each target belongs to
+    lengths: torch.Tensor  # (2B,) answer tokens, chosen answers first
+    n_tokens: int = 0  # real (unpadded) input tokens
+    reference: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, same order
+
+    @property
+    def n_pairs(self) -> int:
+        return self.inputs.shape[0]
 
     @property
     def n_targets(self) -> int:
         return self.n_pairs  # DPO's loss is a mean over pairs
 
-    @property
-    def n_tokens(self) -> int:
-        return self.tokens.n_tokens
-
     def to(self, device: torch.device) -> PairBatch:
-        ref = None if self.reference is None else self.reference.to(device)
-        return PairBatch(self.tokens.to(device), self.n_pairs, ref)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        tensors = (
+            self.inputs,
+            self.positions,
+            self.segments,
+            self.index,
+            self.targets,
+            self.answer,
+            self.lengths,
+        )
+        return PairBatch(*(move(t) for t in tensors), self.n_tokens, move(self.reference))
+
+
+def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
+    """Right-padded rows of prompt + chosen + rejected (see `PairBatch`)."""
+    b = len(pairs)
+    t = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    inputs = torch.full((b, t), pad_id, dtype=torch.long)
+    positions = torch.arange(t).repeat(b, 1)
+    segments = torch.full((b, t), PADDING, dtype=torch.long)
+    index, targets, answer = [], [], []
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt), len(p.chosen), len(p.rejected)
+        inputs[i, : n_p + n_c + n_r] = torch.tensor(p.prompt + p.chosen + p.rejected)
+        positions[i, n_p + n_c : n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
+        segments[i, :n_p], segments[i, n_p : n_p + n_c] = PROMPT, CHOSEN
+        segments[i, n_p + n_c : n_p + n_c + n_r] = REJECTED
+        last_prompt = i * t + n_p - 1  # predicts the first token of both answers
+        chosen_at = torch.arange(i * t + n_p, i * t + n_p + n_c - 1)
+        rejected_at = torch.arange(i * t + n_p + n_c, i * t + n_p + n_c + n_r - 1)
+        for k, (at, ids) in enumerate(((chosen_at, p.chosen), (rejected_at, p.rejected))):
+            index.append(torch.cat([torch.tensor([last_prompt]), at]))
+            targets.append(torch.tensor(ids))
+            answer.append(torch.full((len(ids),), i + k * b))
+    lengths = torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs])
+    n_tokens = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return PairBatch(
+        inputs,
+        positions,
+        segments,
+        torch.cat(index),
+        torch.cat(targets),
+        torch.cat(answer),
+        lengths,
+        n_tokens,
+    )
 
 
 @dataclass
@@ -411,15 +453,8 @@ class PairSource:
         return len(self.pairs)
 
     def batch(self, indices: Sequence[int]) -> PairBatch:
-        chosen = [self.pairs[i] for i in indices]
-        rows = [_row(p.prompt, p.chosen) for p in chosen] + [_row(p.prompt, p.rejected) for p in chosen]
-        ref = None
+        batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id)
         if self.reference is not None:
             picked = self.reference[list(indices)]  # (B, 2)
-            ref = torch.cat([picked[:, 0], picked[:, 1]])
-        return PairBatch(collate(rows, self.pad_id), len(chosen), ref)
-
-
-def _row(prompt: list[int], answer: list[int]) -> Row:
-    ids = prompt + answer
-    return Row(ids, [False] * len(prompt) + [True] * len(answer), [len(ids)])
+            batch.reference = torch.cat([picked[:, 0], picked[:, 1]])
+        return batch

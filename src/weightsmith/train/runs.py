@@ -220,6 +220,37 @@ def load_tokenizer(path: Path) -> Tokenizer | None:
     return None
 
 
+def read_and_tokenize(
+    cfg: RunConfig,
+    read: Callable[[str], list],
+    tokenize: Callable[[list], tuple[list, Any]],
+    warn: Callable[[str, Any, int], None],
+) -> tuple[tuple[list, Any], tuple[list, Any]]:
+    """(items, stats) of the training and validation data: `read` each file (every line checked
+    first), hold out `--valid-fraction` of --data when there is no --valid, then `tokenize`
+    each part and `warn` about what was cut."""
+    from weightsmith.train.data import split_records
+
+    records = read(str(cfg.data))
+    valid_records = read(cfg.valid) if cfg.valid else []
+    if not cfg.valid and cfg.valid_fraction > 0:
+        records, valid_records = split_records(records, cfg.valid_fraction, cfg.train.seed)
+    parts = []
+    for name, part in (("training", records), ("validation", valid_records)):
+        items, stats = tokenize(part)
+        warn(name, stats, cfg.max_seq_len)
+        parts.append((items, stats))
+    return parts[0], parts[1]
+
+
+def warn_truncated(name: str, items: str, count: int, max_seq_len: int, longest: int) -> None:
+    if count:
+        log.warning(
+            "%d %s %s are longer than max_seq_len=%d (longest %d tokens) and were truncated",
+            count, name, items, max_seq_len, longest,
+        )  # fmt: skip
+
+
 def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None) -> None:
     """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)

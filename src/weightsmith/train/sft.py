@@ -23,7 +23,6 @@ from weightsmith.train.data import (
     Row,
     pad_id_for,
     read_records,
-    split_records,
     to_rows,
     tokenize_records,
 )
@@ -36,8 +35,10 @@ from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_model,
+    read_and_tokenize,
     read_metrics,
     start_run,
+    warn_truncated,
 )
 
 __all__ = ["FinetuneConfig", "LoraOptions", "load_data", "read_metrics", "run_finetune", "sft_loss"]
@@ -56,15 +57,10 @@ class FinetuneConfig(RunConfig):
 
 def load_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Row], list[Row], dict[str, Any]]:
     """Read and check all data, then tokenize it; nothing trains if any line is bad."""
-    records = read_records(cfg.data)
-    valid_records = read_records(cfg.valid) if cfg.valid else []
-    if not cfg.valid and cfg.valid_fraction > 0:
-        records, valid_records = split_records(records, cfg.valid_fraction, cfg.train.seed)
     kwargs = {"max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt}
-    train, train_stats = tokenize_records(records, tokenizer, **kwargs)
-    valid, valid_stats = tokenize_records(valid_records, tokenizer, **kwargs)
-    for name, stats in (("training", train_stats), ("validation", valid_stats)):
-        _warn_about(name, stats, cfg.max_seq_len)
+    (train, train_stats), (valid, valid_stats) = read_and_tokenize(
+        cfg, read_records, lambda part: tokenize_records(part, tokenizer, **kwargs), _warn_about
+    )
     train_rows = to_rows(train, cfg.max_seq_len, packing=cfg.packing)
     train_stats.rows = len(train_rows)
     valid_rows = to_rows(valid, cfg.max_seq_len, packing=False)
@@ -72,11 +68,7 @@ def load_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Row], list[Row]
 
 
 def _warn_about(name: str, stats: DataStats, max_seq_len: int) -> None:
-    if stats.truncated:
-        log.warning(
-            "%d %s examples are longer than max_seq_len=%d (longest %d tokens) and were truncated",
-            stats.truncated, name, max_seq_len, stats.longest,
-        )  # fmt: skip
+    warn_truncated(name, "examples", stats.truncated, max_seq_len, stats.longest)
     if stats.dropped:
         log.warning(
             "%d %s examples had no target tokens left after truncation and were dropped", stats.dropped, name

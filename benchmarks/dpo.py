@@ -1,0 +1,271 @@
+"""LoRA DPO training step time and peak memory: weightsmith vs TRL's DPOTrainer, one run.
+
+Both train a fresh LoRA adapter (rank 8, alpha 16, no dropout, all seven projections) with
+the sigmoid DPO loss (beta 0.1) against the reference "the same model, adapters disabled",
+fp32 on the CPU with the same thread count, AdamW, on the same batch: 4 pairs x 256 tokens
+(chosen and rejected rows of exactly 256 tokens each) built from the bundled Kettlebird data
+(a prompt of earlier turns and a question, cut from the left to half the tokens as
+`--max-prompt-len` does; long chosen and rejected answers fill the other half). weightsmith tokenizes the pairs (preference_data.py, as
+TRL does; parity in tests/test_dpo_parity.py) and both sides train on those token ids: TRL's
+side goes through its own `DataCollatorForPreference` and `DPOTrainer.compute_loss`, on a peft
+LoRA over the transformers model converted from the same GGUF file.
+
+A step is: reference forward (no_grad, adapters off) + policy forward + backward + AdamW
+step. Each contender runs in its own process (so peak resident memory is its own), warms up
+for one step, then times `--steps` steps; processes alternate (ours, peer, ours, ...) so a
+noisy neighbour slows both alike. Medians and the ratio peer/ours are printed (> 1 means
+weightsmith is faster), with both sides' first-step policy log-probs (they agree: the same
+model and tokens) and the CPU model and instruction sets.
+
+    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NAMES = {"ours": "weightsmith LoRA DPO", "peer": "TRL DPOTrainer + peft LoRA"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BETA = 0.1
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector instruction sets torch and the kernels can use."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model} ({platform.machine()}; {' '.join(isa) or 'no AVX'}; torch kernels {capability})"
+
+
+def pair_rows(n: int) -> list[dict]:
+    """Conversational pairs from the bundled data: a few earlier turns and a question as the
+    prompt; as chosen, the question's answer followed by two more; as rejected, three others."""
+    from weightsmith.datasets import sample_path
+
+    convs = [json.loads(line)["messages"] for line in sample_path("kettlebird/train.jsonl").open()]
+    convs = [[m for m in c if m["role"] != "system"] for c in convs]
+    single = [c for c in convs if len(c) == 2]
+    rows = []
+    for i in range(n):
+        history = [m for c in convs[4 * i : 4 * i + 3] for m in c]
+        question, answer = single[3 * i + 40]
+        others = [single[(3 * i + k) % len(single)][1]["content"] for k in (1, 2, 3, 60, 61)]
+        rows.append(
+            {
+                "prompt": [*history, question],
+                "chosen": [{"role": "assistant", "content": " ".join([answer["content"], *others[:2]])}],
+                "rejected": [{"role": "assistant", "content": " ".join(others[2:])}],
+            }
+        )
+    return rows
+
+
+def make_pairs(tokenizer, n: int, seq_len: int):
+    """Our tokenized pairs, every chosen and rejected row exactly `seq_len` tokens long."""
+    from weightsmith.train.preference_data import _parse_pair, tokenize_pairs
+
+    records = [_parse_pair(json.dumps(r), f"bench:{i}")[0] for i, r in enumerate(pair_rows(n))]
+    pairs, _ = tokenize_pairs(records, tokenizer, max_seq_len=seq_len, max_prompt_len=seq_len // 2)
+    for p in pairs:
+        assert len(p.prompt) + len(p.chosen) == len(p.prompt) + len(p.rejected) == seq_len, "pairs too short"
+    return pairs
+
+
+def run_ours(path: str, n: int, seq_len: int, steps: int) -> dict:
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.device import tune_cpu_allocator
+    from weightsmith.lora import LoraConfig, apply_lora
+    from weightsmith.train.dpo import PreferenceObjective
+    from weightsmith.train.losses import PREFERENCE_LOSSES
+    from weightsmith.train.optim import make_optimizer
+    from weightsmith.train.preference_data import PairSource
+
+    tune_cpu_allocator()  # what weightsmith's Trainer does before training on a CPU
+    ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
+    model = ckpt.model.train()
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    pairs = make_pairs(ckpt.tokenizer, n, seq_len)
+    batch = PairSource(pairs, pad_id=0).batch(range(n))
+    objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
+    logps: list[float] = []
+
+    def step() -> float:
+        loss, count, metrics = objective(model, batch)
+        (loss / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logps.append(float(metrics["logps_chosen"]) / count)
+        return float(loss) / count
+
+    return _time_steps(step, steps, logps, sum(len(p.prompt) for p in pairs) / (n * seq_len))
+
+
+def convert(path: str, hf_dir: str) -> None:
+    """transformers' own conversion of the GGUF file to an fp32 HF directory (Trainer refuses to
+    train a model it still regards as GGUF-quantized)."""
+    import transformers
+
+    folder, name = path.rsplit("/", 1)
+    transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(hf_dir)
+
+
+def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    args = trl.DPOConfig(
+        output_dir="/tmp/weightsmith-bench-dpo",
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=seq_len,
+        per_device_train_batch_size=n,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        report_to="none",
+    )
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    rows = pair_rows(n)
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
+    batch = trainer.data_collator(
+        [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
+    )
+    policy = trainer.model.train()
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    logps: list[float] = []
+
+    def step() -> float:
+        loss = trainer.compute_loss(policy, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logps.append(trainer._metrics["train"]["logps/chosen"][-1])
+        return float(loss)
+
+    return _time_steps(step, steps, logps, float("nan"))
+
+
+def _time_steps(step, steps: int, logps: list[float], prompt_share: float) -> dict:
+    first_loss = step()  # warm-up; the first loss and log-probs show both compute the same thing
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {
+        "times": times,
+        "peak_gib": peak_gib,
+        "first_loss": first_loss,
+        "first_logps": logps[0],
+        "prompt_share": prompt_share,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.child == "convert":
+        return convert(args.model, args.hf_dir)
+    if args.child == "ours":
+        got = run_ours(args.model, args.pairs, args.seq_len, args.steps)
+    else:
+        got = run_peer(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir)
+    print(json.dumps(got))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
+    p.add_argument("--child", choices=[*NAMES, "convert"], help=argparse.SUPPRESS)
+    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.model is None:
+        from weightsmith.checkpoint.pull import resolve
+
+        args.model = str(resolve("smollm2-135m-instruct"))
+    print(f"cpu: {cpu_description()}, {args.threads} threads")
+    hf_dir = tempfile.mkdtemp(prefix="weightsmith-bench-dpo-")
+    base = [sys.executable, __file__, "--model", args.model, "--hf-dir", hf_dir, "--threads", str(args.threads)]
+    subprocess.run([*base, "--child", "convert"], check=True, capture_output=True)
+    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
+    for r in range(args.rounds):
+        for who in NAMES:
+            cmd = [*base, "--child", who, "--pairs", str(args.pairs), "--seq-len", str(args.seq_len),
+                   "--steps", str(args.steps)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:  # a crashed peer is a missing column, not a failed benchmark
+                print(f"round {r + 1} {who}: failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+                continue
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            results[who]["t"] += got["times"]
+            results[who]["mem"].append(got["peak_gib"])
+            print(
+                f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
+                f"  first loss {got['first_loss']:.5f}  first chosen log-prob {got['first_logps']:.3f}"
+            )
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    if not all(results[who]["t"] for who in NAMES):
+        return
+    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
+    mem = {who: max(results[who]["mem"]) for who in NAMES}
+    print(
+        f"\nLoRA r=8 all-linear DPO, {args.pairs} pairs x {args.seq_len} tokens (x2 rows), fp32, "
+        f"{args.threads} threads"
+    )
+    print(f"{'':30s}{'step s':>10s}{'peak GiB':>10s}")
+    for who, label in NAMES.items():
+        print(f"{label:30s}{t[who]:10.2f}{mem[who]:10.2f}")
+    print(
+        f"speed-up (peer / ours): {t['peer'] / t['ours']:.2f}x   "
+        f"peak memory (ours / peer): {mem['ours'] / mem['peer']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
