@@ -34,7 +34,7 @@ from weightsmith.commands.run import ChatSession
 from weightsmith.config import opt
 from weightsmith.datasets import ANSWER_FORMAT, HOUSE_STYLE, sample_path
 
-Stage = Literal["chat", "finetune", "serve", "eval", "redteam", "arena"]
+Stage = Literal["chat", "finetune", "serve", "eval", "redteam", "arena", "align"]
 
 
 @dataclass(kw_only=True)
@@ -43,7 +43,7 @@ class DemoConfig:
 
     model: str = opt(DEFAULT_MODEL, "model to demo", positional=True)
     stages: list[Stage] = opt(
-        ["chat", "finetune", "serve", "eval", "redteam", "arena"], "stages to run, in order"
+        ["chat", "finetune", "serve", "eval", "redteam", "arena", "align"], "stages to run, in order"
     )
     max_tokens: int = opt(96, "most tokens per chat answer (and, up to 48, per red-team reply)")
     steps: int = opt(30, "LoRA training steps in the finetune stage")
@@ -51,6 +51,10 @@ class DemoConfig:
     eval_limit: int = opt(50, "documents per suite in the eval stage")
     redteam_limit: int = opt(8, "probes per pack in the redteam stage (before transforms)")
     arena_battles: int = opt(9, "battles the judge fights in the arena stage (three contestants)")
+    align_limit: int = opt(4, "probes per pack on each side of the split in the align stage's watchdog round")
+    align_steps: int = opt(
+        12, "DPO steps in the align stage (on the arena's pairs, and in the watchdog round)"
+    )
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
 
@@ -69,7 +73,7 @@ def run(cfg: DemoConfig, progress: Any = None) -> dict[str, Any]:
 
 def run_demo(cfg: DemoConfig, *, out: TextIO) -> dict[str, Any]:
     stages = {"chat": demo_chat, "finetune": demo_finetune, "serve": demo_serve, "eval": demo_eval,
-              "redteam": demo_redteam, "arena": demo_arena}  # fmt: skip
+              "redteam": demo_redteam, "arena": demo_arena, "align": demo_align}  # fmt: skip
     return {stage: stages[stage](cfg, out) for stage in cfg.stages}
 
 
@@ -347,3 +351,106 @@ def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         f"`weightsmith arena ratings --db {db} --voters human` rates theirs alone)\n"
     )
     return {"judge": judged, "ratings": ratings, "db": str(db)}
+
+
+def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
+    """Preferences back into the weights: the arena's judged pairs → DPO → the new fork's rating
+    in the same arena; then one watchdog round (red-team train probes → pairs → DPO → held-out
+    rescan) and its before/after line."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from weightsmith.cli.arena import print_ratings
+    from weightsmith.cli.watchdog import print_watchdog
+    from weightsmith.commands.arena import (
+        ArenaExportConfig,
+        ArenaJudgeConfig,
+        ArenaRatingsConfig,
+        run_arena_export,
+        run_arena_judge,
+        run_arena_ratings,
+    )
+    from weightsmith.commands.watchdog import WatchdogConfig, run_watchdog
+    from weightsmith.config import config_from_dict
+    from weightsmith.errors import UsageError
+    from weightsmith.train.dpo import DpoConfig, run_dpo
+
+    adapter = _tuned_adapter(cfg, "align")
+    arena = adapter / "arena"
+    db = arena / "arena.sqlite"
+    if not db.is_file():
+        raise UsageError(f"the align stage learns from the arena stage's votes, and {db} is missing; "
+                         "run `weightsmith demo --stages finetune,arena,align`")  # fmt: skip
+    console = Console(file=out, highlight=False, emoji=False, markup=False, width=140)
+    pairs = arena / "pairs.jsonl"
+    exported = run_arena_export(
+        config_from_dict(ArenaExportConfig, {"db": str(db), "out": str(pairs), "voters": "all"})
+    )
+    out.write(f"\n== align: the arena's decisive votes → {exported['rows']} preference pairs in {pairs}\n")
+    result: dict[str, Any] = {"arena_pairs": exported}
+    train = {"max_steps": cfg.align_steps, "batch_size": 2, "lr": 5e-4, "eval_every": 0, "save_every": 0}
+    new_fork = None
+    if exported["rows"] >= 2:
+        aligned = adapter / "aligned"
+        dpo = config_from_dict(
+            DpoConfig,
+            {"model": cfg.model, "data": str(pairs), "out": str(aligned), "valid_fraction": 0.0,
+             "max_seq_len": 384, "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": train},
+        )  # fmt: skip
+        trained = run_dpo(dpo)
+        m = trained["metrics"]
+        out.write(f"DPO on them: {trained['steps']} steps, final loss {m['loss']:.3f}; fork in {aligned}\n")
+        new_fork, result["dpo"] = ("aligned", aligned), trained
+    else:
+        out.write(
+            "too few: a 135M judge prefers one position so strongly that both orders rarely agree, and a "
+            "disagreement is a tie; vote on the page (below) and rerun to learn from people. The arena "
+            "rates the watchdog's fork instead.\n"
+        )
+    wd_out = adapter / "watchdog"
+    out.write(
+        f"\n== align: one watchdog round ({cfg.align_limit} probes per pack per side), writing {wd_out}\n"
+    )
+    out.flush()
+    wd = config_from_dict(
+        WatchdogConfig,
+        {"model": cfg.model, "out": str(wd_out), "limit": cfg.align_limit, "transforms": ["none", "base64"],
+         "max_tokens": min(48, cfg.max_tokens), "eval_tasks": ["builtin:arith-mc"], "eval_limit": cfg.eval_limit,
+         "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": {**train, "batch_size": 4}},
+    )  # fmt: skip
+    from weightsmith.cli.watchdog import StageLines
+
+    watched = run_watchdog(wd, StageLines())
+    print_watchdog(watched, console)
+    result["watchdog"] = watched["rounds"][0]
+    asr = watched["rounds"][0]["heldout"]["asr"]
+    refusal = watched["rounds"][0]["heldout"]["over_refusal"]
+    out.write(
+        f"held-out attack success {_share(asr['before'])} -> {_share(asr['after'])}, over-refusal "
+        f"{_share(refusal['before'])} -> {_share(refusal['after'])} (report: {watched['written']['report']})\n"
+    )
+    if new_fork is None:
+        new_fork = ("watchdog", Path(watched["rounds"][0]["lineage"]["adapter"]["folder"]))
+    name, folder = new_fork
+    fork = f"{cfg.model}:{name}"
+    out.write(f"\n== align: {fork} joins the arena against {cfg.model}, {cfg.arena_battles} battles\n")
+    out.flush()
+    judge = config_from_dict(
+        ArenaJudgeConfig,
+        {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
+         "contestants": [cfg.model, fork], "adapter": [f"{name}={folder}"],
+         "prompts": str(arena / "prompts.jsonl"), "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0,
+         "device": cfg.device, "dtype": cfg.dtype},
+    )  # fmt: skip
+    run_arena_judge(judge)
+    ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(arena)}))
+    print_ratings(ratings, console)
+    result["ratings"] = ratings
+    return result
+
+
+def _share(r: dict) -> str:
+    if r.get("rate") is None:
+        return "-"
+    return f"{100 * r['rate']:.0f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"
