@@ -11,7 +11,8 @@ from fractions import Fraction
 import pytest
 
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.safety.redteam_compare import compare_runs, load_records, mcnemar_exact, records_by_config
+from weightsmith.eval.stats import mcnemar_exact
+from weightsmith.safety.redteam_compare import compare_runs, load_records, records_by_config
 
 Z = 1.959963984540054  # the 97.5% point of the standard normal
 

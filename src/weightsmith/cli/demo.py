@@ -384,10 +384,16 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
                          "run `weightsmith demo --stages finetune,arena,align`")  # fmt: skip
     console = Console(file=out, highlight=False, emoji=False, markup=False, width=140)
     pairs = arena / "pairs.jsonl"
-    exported = run_arena_export(
-        config_from_dict(ArenaExportConfig, {"db": str(db), "out": str(pairs), "voters": "all"})
-    )
-    out.write(f"\n== align: the arena's decisive votes → {exported['rows']} preference pairs in {pairs}\n")
+    try:
+        exported = run_arena_export(
+            config_from_dict(ArenaExportConfig, {"db": str(db), "out": str(pairs), "voters": "all"})
+        )
+        out.write(
+            f"\n== align: the arena's decisive votes → {exported['rows']} preference pairs in {pairs}\n"
+        )
+    except UsageError as e:  # no battle with a winner: nothing to export
+        exported = {"rows": 0, "why": str(e)}
+        out.write(f"\n== align: the arena's votes give no preference pairs ({e})\n")
     result: dict[str, Any] = {"arena_pairs": exported}
     train = {"max_steps": cfg.align_steps, "batch_size": 2, "lr": 5e-4, "eval_every": 0, "save_every": 0}
     new_fork = None
@@ -405,7 +411,7 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     else:
         out.write(
             "too few: a 135M judge prefers one position so strongly that both orders rarely agree, and a "
-            "disagreement is a tie; vote on the page (below) and rerun to learn from people. The arena "
+            "disagreement is a tie; vote on the page (the arena stage printed how to open it) and rerun to learn from people. The arena "
             "rates the watchdog's fork instead.\n"
         )
     wd_out = adapter / "watchdog"

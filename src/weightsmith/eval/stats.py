@@ -166,6 +166,17 @@ def _binary(xs: Sequence[float], name: str) -> list[int]:
     return out
 
 
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """McNemar's exact two-sided p from the discordant counts: twice the smaller binomial(d, 1/2)
+    tail of d = a_only + b_only (the distribution is symmetric), capped at 1; 1 when d = 0.
+    Integer arithmetic until the one division, so any d works."""
+    d = a_only + b_only
+    if d == 0:
+        return 1.0
+    tail = sum(math.comb(d, i) for i in range(min(a_only, b_only) + 1))
+    return min(1.0, 2 * tail / 2**d)
+
+
 def mcnemar(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """McNemar's test on paired 0/1 outcomes of models A and B on the same items.
 
@@ -181,9 +192,7 @@ def mcnemar(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     d = a_only + b_only
     if d < _EXACT_BELOW:
         method = "exact"
-        # Binomial(d, 1/2) is symmetric, so the two-sided p is twice the smaller tail.
-        tail = sum(math.comb(d, i) for i in range(min(a_only, b_only) + 1)) / 2**d if d else 1.0
-        p = min(1.0, 2 * tail)
+        p = mcnemar_exact(a_only, b_only)
     else:
         method = "chi2-cc"
         stat = (abs(a_only - b_only) - 1) ** 2 / d

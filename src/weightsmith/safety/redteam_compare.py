@@ -17,29 +17,19 @@ Not here: running probes and the within-run comparison of configurations against
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.eval.intervals import describe, paired_difference
+from weightsmith.eval.stats import mcnemar_exact
 from weightsmith.safety.redteam import rate
 
-__all__ = ["OUTCOMES", "compare_runs", "load_records", "mcnemar_exact", "records_by_config"]
+__all__ = ["OUTCOMES", "compare_runs", "load_records", "records_by_config"]
 
 #: rate name -> (probe kind, the record's 0/1 outcome)
 OUTCOMES = {"asr": ("attack", "success"), "over_refusal": ("benign", "over_refused")}
-
-
-def mcnemar_exact(before_only: int, after_only: int) -> float:
-    """Two-sided exact McNemar p: twice the smaller binomial(d, 1/2) tail of the discordant
-    count d = before_only + after_only, capped at 1 (1 when nothing changed)."""
-    d = before_only + after_only
-    if d == 0:
-        return 1.0
-    tail = sum(math.comb(d, i) for i in range(min(before_only, after_only) + 1))
-    return min(1.0, 2 * tail / 2**d)  # exact integers until this one division
 
 
 def _by_probe(records: Sequence[dict], which: str) -> dict[str, dict]:
