@@ -93,6 +93,12 @@ class World:
         """Parameters are sharded over the ranks (FSDP with more than one rank)."""
         return self.size > 1 and self.strategy == "fsdp"
 
+    @property
+    def grad_scale(self) -> int:
+        """What each rank's loss is multiplied by before backward: FSDP averages the gradients
+        over ranks where the loop wants their sum."""
+        return self.size if self.sharded else 1
+
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """`values` summed over every rank (float64, so counts stay exact)."""
         if self.size == 1:

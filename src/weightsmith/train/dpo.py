@@ -49,12 +49,12 @@ from weightsmith.train.loop import Reporter, Trainer, use_bf16
 from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, pair_log_probs
 from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
 from weightsmith.train.runs import (
-    METHODS,
     RunConfig,
     begin_outputs,
     fit_and_save,
     load_model,
     load_tokenizer,
+    prepare,
     read_and_tokenize,
     run_on_ranks,
     start_run,
@@ -258,7 +258,7 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         where = "frozen copy"
     else:
         where = "adapters disabled"
-    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    prepared = prepare(model, cfg, resume_from, world, device)
     objective = PreferenceObjective(
         PREFERENCE_LOSSES[cfg.loss],
         cfg.beta,

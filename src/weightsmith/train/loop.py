@@ -40,6 +40,7 @@ from weightsmith.device import tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.files import write_text_atomic
 from weightsmith.train import checkpoints as ckpt
+from weightsmith.train import fsdp
 from weightsmith.train.data import Batch, BatchOrder, Row, collate
 from weightsmith.train.distributed import World
 from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
@@ -225,7 +226,10 @@ class Trainer:
     def resume(self, checkpoint: Path) -> None:
         """Continue from `checkpoint` (whose weights the caller loaded): optimizer, RNG,
         data position, and metrics.jsonl cut back to the checkpoint's step."""
-        state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
+        if fsdp.is_sharded_checkpoint(checkpoint):  # weights too: an fsdp run's DCP shards
+            state = fsdp.load_sharded(checkpoint, self.model, self.optimizer)
+        else:
+            state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
         self.state = RunState(**{k: state[k] for k in asdict(RunState())})
         if self.world.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
             kept = []
@@ -305,7 +309,7 @@ class Trainer:
                 loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
             if not counts:  # a stand-in, so that every rank runs the same passes
                 loss, extra = loss * 0.0, {key: value * 0.0 for key, value in extra.items()}
-            (loss / n_targets).backward()
+            (loss / (n_targets / self.world.grad_scale)).backward()
             loss_sum += float(loss.detach())
             _add_to(extras, extra)
         self.world.reduce_gradients(self.params)
@@ -317,7 +321,8 @@ class Trainer:
                 f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
             )
         max_norm = self.opts.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
@@ -374,6 +379,16 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {**asdict(self.state), "total_steps": self.total_steps}
         path = self.out / "checkpoints" / f"step-{self.state.step:08d}"
+        if self.world.strategy == "fsdp":
+            return fsdp.save_sharded(
+                path.parent,
+                self.state.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                state=state,
+                keep=self.opts.keep_checkpoints,
+                world=self.world,
+            )
         if self.world.is_main:  # DDP: every rank holds the same weights and optimizer state
             ckpt.save_checkpoint(
                 self.out / "checkpoints",

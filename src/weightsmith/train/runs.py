@@ -155,6 +155,21 @@ METHODS: dict[str, Callable[[nn.Module, RunConfig, str, Path | None], Prepared]]
 }
 
 
+def prepare(
+    model: nn.Module, cfg: RunConfig, resume_from: Path | None, world: World, device: torch.device
+) -> Prepared:
+    """METHODS[cfg.method], then, for --strategy fsdp on several ranks, `fully_shard`. An fsdp
+    run's checkpoints are DCP shards that the loop restores (weights included)."""
+    from weightsmith.train import fsdp
+
+    if resume_from is not None and fsdp.is_sharded_checkpoint(resume_from):
+        resume_from = None  # fresh trainable parts; Trainer.resume loads the shards into them
+    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    if world.sharded:
+        fsdp.shard_model(model, device=device, cpu_offload=cfg.dist.cpu_offload)
+    return prepared
+
+
 # ----- starting a run -------------------------------------------------------------------------------
 
 
@@ -328,8 +343,11 @@ def fit_and_save(
     started = time.time()
     final = trainer.fit()
     out = trainer.out
-    if trainer.world.is_main:
-        write_outputs(cfg, model, loaded, prepared, out)
+    from weightsmith.train.fsdp import gathered
+
+    with gathered(model, trainer.world):  # FSDP: every rank takes part in the gather
+        if trainer.world.is_main:
+            write_outputs(cfg, model, loaded, prepared, out)
     result = {
         "out": str(out),
         "method": cfg.method,

@@ -30,12 +30,12 @@ from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, RowSource, Trainer
 from weightsmith.train.losses import sft_loss
 from weightsmith.train.runs import (
-    METHODS,
     LoraOptions,
     RunConfig,
     begin_outputs,
     fit_and_save,
     load_model,
+    prepare,
     read_and_tokenize,
     read_metrics,
     run_on_ranks,
@@ -91,7 +91,7 @@ def _finetune(cfg: FinetuneConfig, world: World, reporter: Reporter | None) -> d
     train_rows, valid_rows, data_stats = load_data(cfg, loaded.tokenizer)  # all checks before any write
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
-    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    prepared = prepare(model, cfg, resume_from, world, device)
     gc = cfg.train.gradient_checkpointing
     pad_id = pad_id_for(loaded.tokenizer)
     trainer = Trainer(
