@@ -219,3 +219,37 @@ def test_bad_distributed_input_is_one_line(
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+# ----- FSDP2: full fine-tuning sharded over two ranks ---------------------------------------------
+
+
+def full_model_weights(out: Path) -> Path:
+    return out / "model" / "model.safetensors"
+
+
+def resume_last_step(run: Path, copy: Path, nproc: str) -> None:
+    """Copy a finished run, forget its end, and finish it again from its last checkpoint."""
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    (copy / "run.json").unlink()
+    done = cli("finetune", "--resume", str(copy), "--nproc-per-node", nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_full_fsdp_on_two_ranks_equals_one_process_and_resumes_on_other_world_sizes(
+    tiny_hf_dir, data, tmp_path
+):
+    steps = ["--method", "full", "--strategy", "fsdp", "--train.max-steps", "5", "--train.save-every", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny_hf_dir, data, one, *steps, "--train.lr", "1e-3")
+    finetune(tiny_hf_dir, data, two, *steps, "--train.lr", "1e-3", "--nproc-per-node", "2")
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    assert len(losses(one)) == 5
+    assert_same_weights(full_model_weights(one), full_model_weights(two))
+    assert (two / "checkpoints" / "step-00000004" / ".metadata").is_file()  # DCP shards
+    # DCP reshards: the 2-rank run finishes on 1 process, the 1-process run on 2 ranks
+    for run, nproc in ((two, "1"), (one, "2")):
+        again = tmp_path / f"{run.name}-on-{nproc}"
+        resume_last_step(run, again, nproc)
+        torch.testing.assert_close(losses(again), losses(one), rtol=1e-5, atol=1e-5)
+        assert_same_weights(full_model_weights(one), full_model_weights(again))
