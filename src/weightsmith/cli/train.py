@@ -7,6 +7,7 @@ training itself (`weightsmith.train`).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from weightsmith.train.distributed import launched_rank
 from weightsmith.train.loop import LogReporter, Reporter
 
 
@@ -81,6 +83,8 @@ def make_reporter(stream: TextIO = sys.stderr) -> Reporter:
 
 
 def print_finetune(result: dict[str, Any], console: Console) -> None:
+    if launched_rank() or os.environ.get("RANK", "0") != "0":  # rank 0 (or the launcher) tells
+        return
     m = result["metrics"]
     data = result["data"]["train"]
     console.print(

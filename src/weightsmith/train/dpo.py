@@ -44,17 +44,19 @@ from weightsmith.files import atomic_file
 from weightsmith.lora import adapters_disabled
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.data import pad_id_for
+from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
 from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, pair_log_probs
 from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
 from weightsmith.train.runs import (
-    METHODS,
     RunConfig,
     begin_outputs,
     fit_and_save,
     load_model,
     load_tokenizer,
+    prepare,
     read_and_tokenize,
+    run_on_ranks,
     start_run,
     warn_truncated,
 )
@@ -197,6 +199,7 @@ def _reference_logps(
     resume_from: Path | None,
     sources: dict[str, PairSource],
     device: torch.device,
+    world: World,
 ) -> None:
     """Fill each source's precomputed reference log-probs: computed now on a fresh run (the
     model is still the reference), read back from OUT on resume."""
@@ -215,10 +218,11 @@ def _reference_logps(
         source.reference = precompute_reference(
             model, source, batch_size=cfg.train.batch_size, device=device, precision=cfg.train.precision
         )
-    with atomic_file(path) as tmp:
-        save_file(
-            {n: s.reference.contiguous() for n, s in sources.items() if s.reference is not None}, str(tmp)
-        )
+    if world.is_main:  # every rank computed the same values
+        with atomic_file(path) as tmp:
+            save_file(
+                {n: s.reference.contiguous() for n, s in sources.items() if s.reference is not None}, str(tmp)
+            )
     log.info(
         "reference log-probs of %d pairs in %.1fs",
         sum(map(len, sources.values())),
@@ -227,8 +231,12 @@ def _reference_logps(
 
 
 def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train on preference pairs as `cfg` says; the result has `run_finetune`'s shape plus the
-    loss, beta and where the reference came from."""
+    """Train on preference pairs as `cfg` says (here or on --nproc-per-node processes); the
+    result has `run_finetune`'s shape plus the loss, beta and where the reference came from."""
+    return run_on_ranks(cfg, "dpo", lambda c, world: _dpo(c, world, reporter))
+
+
+def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, Any]:
     from weightsmith.checkpoint.pull import resolve
 
     cfg, out, resume_from = start_run(cfg, "dpo")
@@ -239,18 +247,18 @@ def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, An
     loaded, device = load_model(cfg, path)
     if tokenizer is None:
         train, valid, data_stats = load_pairs(cfg, loaded.tokenizer)
-    begin_outputs(cfg, out, resume_from)
+    begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     reference: nn.Module | None = None
     if cfg.precompute_ref:
-        _reference_logps(cfg, model, out, resume_from, {"train": train, "valid": valid}, device)
+        _reference_logps(cfg, model, out, resume_from, {"train": train, "valid": valid}, device, world)
         where = "precomputed"
     elif cfg.method == "full":
         reference = copy.deepcopy(model).requires_grad_(False).eval()  # before any trained weight loads
         where = "frozen copy"
     else:
         where = "adapters disabled"
-    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    prepared = prepare(model, cfg, resume_from, world, device)
     objective = PreferenceObjective(
         PREFERENCE_LOSSES[cfg.loss],
         cfg.beta,
@@ -270,6 +278,7 @@ def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, An
         reporter=reporter,
         command="dpo",
         perplexity=False,
+        world=world,
     )
     log.info("%s loss, beta %g, reference: %s", cfg.loss, cfg.beta, where)
     return fit_and_save(

@@ -40,7 +40,9 @@ from weightsmith.device import tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.files import write_text_atomic
 from weightsmith.train import checkpoints as ckpt
+from weightsmith.train import fsdp
 from weightsmith.train.data import Batch, BatchOrder, Row, collate
+from weightsmith.train.distributed import World
 from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -192,16 +194,19 @@ class Trainer:
         reporter: Reporter | None = None,
         command: str = "finetune",
         perplexity: bool = True,
+        world: World | None = None,
     ) -> None:
         """`command` names the CLI command in the resume hint; `perplexity` adds val_ppl
-        (meaningful only for a per-token cross-entropy)."""
+        (meaningful only for a per-token cross-entropy); `world` is this rank's place in a
+        distributed job (distributed.py: batches sharded, counts and gradients summed)."""
         if not len(train):
             raise ConfigError("no training examples left after tokenizing; check the data and max_seq_len")
         self.model, self.loss_fn, self.opts, self.out = model, loss_fn, opts, out
         self.train, self.valid = train, valid
         self.save_weights, self.device = save_weights, device
         self.command, self.perplexity = command, perplexity
-        self.reporter = reporter or LogReporter()
+        self.world = world or World()
+        self.reporter = (reporter if self.world.is_main else None) or LogReporter()
         self.order = BatchOrder(len(train), opts.batch_size, opts.seed)
         self.optimizer = make_optimizer(
             model, lr=opts.lr, weight_decay=opts.weight_decay, betas=opts.adam_betas, eps=opts.adam_eps
@@ -221,9 +226,12 @@ class Trainer:
     def resume(self, checkpoint: Path) -> None:
         """Continue from `checkpoint` (whose weights the caller loaded): optimizer, RNG,
         data position, and metrics.jsonl cut back to the checkpoint's step."""
-        state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
+        if fsdp.is_sharded_checkpoint(checkpoint):  # weights too: an fsdp run's DCP shards
+            state = fsdp.load_sharded(checkpoint, self.model, self.optimizer)
+        else:
+            state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
         self.state = RunState(**{k: state[k] for k in asdict(RunState())})
-        if self.metrics_path.exists():  # drop lines written after the checkpoint
+        if self.world.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
             kept = []
             for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError):
@@ -242,7 +250,7 @@ class Trainer:
         last: dict[str, Any] = {}
         self.initial: dict[str, Any] = {}
         try:
-            with _stop_on_signal() as stop, open(self.metrics_path, "a", encoding="utf-8") as metrics:
+            with _stop_on_signal() as stop, self._open_metrics() as metrics:
                 self._metrics_file = metrics
                 if self.state.step == 0 and self._has_valid:
                     self.initial = self.evaluate()  # the starting point of the validation curve
@@ -251,7 +259,7 @@ class Trainer:
                     step = self.state.step
                     if self.opts.eval_every and step % self.opts.eval_every == 0 and step < self.total_steps:
                         last.update(self.evaluate())
-                    if stop.is_set():
+                    if self.world.all_sum([stop.is_set()])[0]:  # every rank stops at the same step
                         saved = self.save_checkpoint()
                         raise TrainingInterrupted(
                             f"interrupted after step {step}; a checkpoint was saved in {saved}; "
@@ -271,11 +279,18 @@ class Trainer:
     def _has_valid(self) -> bool:
         return self.valid is not None and len(self.valid) > 0
 
-    def _micro_batches(self) -> Iterator[TrainBatch]:
+    def _open_metrics(self) -> contextlib.AbstractContextManager:
+        if self.world.is_main:
+            return open(self.metrics_path, "a", encoding="utf-8")
+        return contextlib.nullcontext(None)
+
+    def _micro_batches(self) -> Iterator[tuple[TrainBatch, bool]]:
+        """(this rank's part of each micro-batch of the step, whether it counts)."""
         for _ in range(self.opts.grad_accum):
             epoch, index = divmod(self.state.cursor, self.order.batches_per_epoch)
             self.state.cursor += 1
-            yield self.train.batch(self.order.rows(epoch, index))
+            mine, counts = self.world.shard(self.order.rows(epoch, index))
+            yield self.train.batch(mine), counts
 
     def _train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -285,26 +300,33 @@ class Trainer:
         )
         set_lr(self.optimizer, lr)
         micro = list(self._micro_batches())
-        n_targets = max(1, sum(b.n_targets for b in micro))
+        n_targets = max(1, int(self.world.all_sum([sum(b.n_targets for b, c in micro if c)])[0]))
         self.model.train()
         loss_sum = 0.0
         extras: dict[str, float] = {}
-        for batch in micro:
+        for batch, counts in micro:
             with self._autocast():
                 loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
-            (loss / n_targets).backward()
+            if not counts:  # a stand-in, so that every rank runs the same passes
+                loss, extra = loss * 0.0, {key: value * 0.0 for key, value in extra.items()}
+            (loss / (n_targets / self.world.grad_scale)).backward()
             loss_sum += float(loss.detach())
             _add_to(extras, extra)
+        self.world.reduce_gradients(self.params)
+        tokens = sum(b.n_tokens for b, c in micro if c)
+        loss_sum, tokens, *totals = self.world.all_sum([loss_sum, tokens, *extras.values()])
+        extras = dict(zip(extras, totals, strict=True))
         if not math.isfinite(loss_sum):
             raise TrainingError(
                 f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
             )
         max_norm = self.opts.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        tokens = sum(b.n_tokens for b in micro)
+        tokens = int(tokens)
         self.state.step += 1
         self.state.tokens += tokens
         self.state.elapsed_s += seconds
@@ -335,12 +357,16 @@ class Trainer:
         extras: dict[str, float] = {}
         size = self.opts.batch_size
         for i in range(0, len(self.valid), size):
-            batch = self.valid.batch(range(i, min(i + size, len(self.valid))))
+            mine, counts = self.world.shard(range(i, min(i + size, len(self.valid))))
             with self._autocast():
-                loss, count, extra = self.loss_fn(self.model, batch.to(self.device))
+                loss, count, extra = self.loss_fn(self.model, self.valid.batch(mine).to(self.device))
+            if not counts:  # a stand-in (see distributed.World.shard)
+                loss, count, extra = loss * 0.0, 0, {key: value * 0.0 for key, value in extra.items()}
             total, n = total + float(loss), n + count
             _add_to(extras, extra)
         self.model.train()
+        total, n, *sums = self.world.all_sum([total, n, *extras.values()])
+        extras = dict(zip(extras, sums, strict=True))
         val = total / max(n, 1)
         metrics: dict[str, Any] = {"step": self.state.step, "val_loss": val}
         if self.perplexity:
@@ -352,17 +378,31 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {**asdict(self.state), "total_steps": self.total_steps}
-        return ckpt.save_checkpoint(
-            self.out / "checkpoints",
-            self.state.step,
-            save_weights=self.save_weights,
-            optimizer=self.optimizer,
-            state=state,
-            keep=self.opts.keep_checkpoints,
-        )
+        path = self.out / "checkpoints" / f"step-{self.state.step:08d}"
+        if self.world.strategy == "fsdp":
+            return fsdp.save_sharded(
+                path.parent,
+                self.state.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                state=state,
+                keep=self.opts.keep_checkpoints,
+                world=self.world,
+            )
+        if self.world.is_main:  # DDP: every rank holds the same weights and optimizer state
+            ckpt.save_checkpoint(
+                self.out / "checkpoints",
+                self.state.step,
+                save_weights=self.save_weights,
+                optimizer=self.optimizer,
+                state=state,
+                keep=self.opts.keep_checkpoints,
+            )
+        self.world.barrier()
+        return path
 
     def _record(self, metrics: dict[str, Any], *, every: int) -> None:
-        if metrics["step"] % every and metrics["step"] != self.total_steps:
+        if not self.world.is_main or (metrics["step"] % every and metrics["step"] != self.total_steps):
             return
         self._metrics_file.write(json.dumps(metrics) + "\n")
         self._metrics_file.flush()

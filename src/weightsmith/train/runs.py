@@ -34,6 +34,16 @@ from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from weightsmith.train import checkpoints as ckpt
+from weightsmith.train.distributed import (
+    DistOptions,
+    World,
+    check_batch,
+    join,
+    launch,
+    leave,
+    name_rank,
+    should_launch,
+)
 from weightsmith.train.loop import Trainer, TrainOptions
 
 if TYPE_CHECKING:
@@ -88,6 +98,7 @@ class RunConfig:
     json: bool = opt(False, "print the final metrics as JSON")
     train: TrainOptions = opt(default_factory=TrainOptions)
     lora: LoraOptions = opt(default_factory=LoraOptions)
+    dist: DistOptions = opt(default_factory=DistOptions, flatten=True)
 
 
 # ----- methods: what is trained ---------------------------------------------------------------------
@@ -144,6 +155,21 @@ METHODS: dict[str, Callable[[nn.Module, RunConfig, str, Path | None], Prepared]]
 }
 
 
+def prepare(
+    model: nn.Module, cfg: RunConfig, resume_from: Path | None, world: World, device: torch.device
+) -> Prepared:
+    """METHODS[cfg.method], then, for --strategy fsdp on several ranks, `fully_shard`. An fsdp
+    run's checkpoints are DCP shards that the loop restores (weights included)."""
+    from weightsmith.train import fsdp
+
+    if resume_from is not None and fsdp.is_sharded_checkpoint(resume_from):
+        resume_from = None  # fresh trainable parts; Trainer.resume loads the shards into them
+    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    if world.sharded:
+        fsdp.shard_model(model, device=device, cpu_offload=cfg.dist.cpu_offload)
+    return prepared
+
+
 # ----- starting a run -------------------------------------------------------------------------------
 
 
@@ -163,6 +189,11 @@ def resolve_config(cfg: RunConfig, command: str) -> RunConfig:
             raise UsageError(f"{cfg.resume}: this run already finished (see its run.json); nothing to resume")
         resumed = load_config_yaml(type(cfg), saved)
         resumed.resume, resumed.out, resumed.json = cfg.resume, cfg.resume, cfg.json
+        # how many processes and how long they wait may change between runs; the strategy may not
+        resumed.dist.nproc_per_node, resumed.dist.dist_timeout = (
+            cfg.dist.nproc_per_node,
+            cfg.dist.dist_timeout,
+        )
         return resumed
     missing = [
         flag for flag, value in (("MODEL", cfg.model), ("--data", cfg.data), ("--out", cfg.out)) if not value
@@ -175,6 +206,30 @@ def resolve_config(cfg: RunConfig, command: str) -> RunConfig:
             f"{out} already holds a run; continue it with --resume {out}, or pass --overwrite to start afresh"
         )
     return cfg
+
+
+def run_on_ranks(
+    cfg: RunConfig, command: str, body: Callable[[Any, World], dict[str, Any]]
+) -> dict[str, Any]:
+    """`body(cfg, world)` in this process, or, with --nproc-per-node, in that many processes
+    started through torch.distributed.run (the result is then rank 0's, from OUT/run.json).
+    The flags are checked here first, so bad input stops before any process starts."""
+    resolved = resolve_config(cfg, command)
+    if should_launch(cfg.dist):
+        assert cfg.dist.nproc_per_node is not None
+        check_batch(resolved.train.batch_size, cfg.dist.nproc_per_node)
+        launch(cfg, command)
+        return json.loads((Path(str(resolved.out)) / "run.json").read_text(encoding="utf-8"))
+    world = join(resolved.dist, resolved.train.batch_size, cfg.device)
+    try:
+        return body(cfg, world)
+    except Exception as e:
+        named = name_rank(e, world)
+        if named is e:
+            raise
+        raise named from e
+    finally:
+        leave()
 
 
 def start_run(cfg: RunConfig, command: str) -> tuple[Any, Path, Path | None]:
@@ -251,8 +306,13 @@ def warn_truncated(name: str, items: str, count: int, max_seq_len: int, longest:
         )  # fmt: skip
 
 
-def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None) -> None:
-    """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl."""
+def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None, world: World | None = None) -> None:
+    """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl
+    (rank 0, once every rank has checked its input)."""
+    world = world or World()
+    world.barrier()
+    if not world.is_main:
+        return
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         dump_config_yaml(cfg, out / "config.yaml")
@@ -283,7 +343,11 @@ def fit_and_save(
     started = time.time()
     final = trainer.fit()
     out = trainer.out
-    write_outputs(cfg, model, loaded, prepared, out)
+    from weightsmith.train.fsdp import gathered
+
+    with gathered(model, trainer.world):  # FSDP: every rank takes part in the gather
+        if trainer.world.is_main:
+            write_outputs(cfg, model, loaded, prepared, out)
     result = {
         "out": str(out),
         "method": cfg.method,
@@ -295,7 +359,9 @@ def fit_and_save(
         "parameters": counts,
         "seconds": round(time.time() - started, 1),
     }
-    write_lineage(cfg, model_path, result, out)
+    if trainer.world.is_main:
+        write_lineage(cfg, model_path, result, out)
+    trainer.world.barrier()
     return result
 
 

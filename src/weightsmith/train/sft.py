@@ -26,17 +26,19 @@ from weightsmith.train.data import (
     to_rows,
     tokenize_records,
 )
+from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, RowSource, Trainer
 from weightsmith.train.losses import sft_loss
 from weightsmith.train.runs import (
-    METHODS,
     LoraOptions,
     RunConfig,
     begin_outputs,
     fit_and_save,
     load_model,
+    prepare,
     read_and_tokenize,
     read_metrics,
+    run_on_ranks,
     start_run,
     warn_truncated,
 )
@@ -76,15 +78,20 @@ def _warn_about(name: str, stats: DataStats, max_seq_len: int) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Fine-tune as `cfg` says, here or on --nproc-per-node processes; the run's result."""
+    return run_on_ranks(cfg, "finetune", lambda c, world: _finetune(c, world, reporter))
+
+
+def _finetune(cfg: FinetuneConfig, world: World, reporter: Reporter | None) -> dict[str, Any]:
     from weightsmith.checkpoint.pull import resolve
 
     cfg, out, resume_from = start_run(cfg, "finetune")
     path = resolve(str(cfg.model))
     loaded, device = load_model(cfg, path)
     train_rows, valid_rows, data_stats = load_data(cfg, loaded.tokenizer)  # all checks before any write
-    begin_outputs(cfg, out, resume_from)
+    begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
-    prepared = METHODS[cfg.method](model, cfg, str(cfg.model), resume_from)
+    prepared = prepare(model, cfg, resume_from, world, device)
     gc = cfg.train.gradient_checkpointing
     pad_id = pad_id_for(loaded.tokenizer)
     trainer = Trainer(
@@ -97,6 +104,7 @@ def run_finetune(cfg: FinetuneConfig, *, reporter: Reporter | None = None) -> di
         save_weights=prepared.save_weights,
         device=device,
         reporter=reporter,
+        world=world,
     )
     return fit_and_save(
         cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats

@@ -1,0 +1,255 @@
+"""Training on two gloo processes started through the real CLI (`--nproc-per-node 2`):
+LoRA with DDP and LoRA DPO equal one process with the same global batch (losses and final
+adapter weights, 1e-5 in fp32); a SIGKILLed rank ends the job naming it, and the run
+resumes from its last complete checkpoint on 2 or on 1 process with the uninterrupted
+losses; bad distributed input stops with one line before anything trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from weightsmith.cli.main import main
+from weightsmith.train.sft import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_finetune import write_data  # noqa: E402
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TIMEOUT = 180
+
+COMMON = [
+    "--max-seq-len", "64", "--device", "cpu", "--valid-fraction", "0.1",
+    "--train.precision", "fp32", "--train.lr", "5e-3", "--train.seed", "3",
+    "--lora.rank", "4", "--lora.dropout", "0",
+]  # fmt: skip
+
+
+def cli(
+    *args: str, timeout: float = TIMEOUT, wait: bool = True
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`weightsmith ARGS` in a fresh process group (killed whole on timeout)."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "weightsmith.cli.main", *args]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    if not wait:
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+
+
+def val_losses(out: Path) -> list[float]:
+    return [m["val_loss"] for m in read_metrics(out / "metrics.jsonl") if "val_loss" in m]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    # 20 training rows: batches of 4 with accumulation 2 end each epoch on a short step
+    return write_data(tmp_path_factory.mktemp("dist") / "train.jsonl", n=22)
+
+
+def finetune(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["finetune", str(model), "--data", str(data), "--out", str(out), *COMMON]
+    done = cli(*args, "--train.batch-size", "4", "--train.grad-accum", "2", "--train.eval-every", "2", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_lora_ddp_on_two_ranks_equals_one_process(tiny_hf_dir, data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny_hf_dir, data, one, "--train.max-steps", "5")
+    done = finetune(tiny_hf_dir, data, two, "--train.max-steps", "5", "--nproc-per-node", "2")
+    assert done.stdout.count("trained ") == 1  # the result is printed once
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(val_losses(two), val_losses(one), rtol=1e-5, atol=1e-5)
+    assert len(losses(one)) == 5
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+    run = json.loads((two / "run.json").read_text())
+    assert run["steps"] == 5 and run["method"] == "lora"
+
+
+def write_pairs(path: Path, n: int = 14) -> Path:
+    words = ["fox", "dog", "cat", "owl", "bee", "elk", "ant"]
+    lines = []
+    for i in range(n):
+        a, b = words[i % len(words)], words[(3 * i + 1) % len(words)]
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"name a {a}"}],
+                    "chosen": [{"role": "assistant", "content": f"the {a} {b}"}],
+                    "rejected": [{"role": "assistant", "content": f"no {b}"}],
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    args = ["dpo", str(tiny_hf_dir), "--data", str(pairs), *COMMON, "--train.batch-size", "4"]
+    args += ["--train.max-steps", "4", "--train.eval-every", "2"]
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
+        done = cli(*args, "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    m1 = read_metrics(one / "metrics.jsonl")
+    m2 = read_metrics(two / "metrics.jsonl")
+    for a, b in zip(m1, m2, strict=True):  # the rewards too, summed over ranks then divided
+        for key in ("reward_margin", "val_reward_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5)
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+
+
+def ranks_of(parent: int) -> dict[int, int]:
+    """{RANK: pid} of the worker processes whose parent is `parent` (the launcher)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(
+                item.split("=", 1)
+                for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_sigkill_of_a_rank_ends_the_job_and_the_run_resumes_on_two_or_one(tiny_hf_dir, data, tmp_path):
+    steps = ["--train.max-steps", "8", "--train.save-every", "2"]
+    full = tmp_path / "full"
+    finetune(tiny_hf_dir, data, full, *steps)
+    killed = tmp_path / "killed"
+    args = ["finetune", str(tiny_hf_dir), "--data", str(data), "--out", str(killed), *COMMON, *steps]
+    args += ["--train.batch-size", "4", "--train.grad-accum", "2", "--train.eval-every", "2"]
+    proc = cli(*args, "--nproc-per-node", "2", "--dist-timeout", "20", wait=False)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not (killed / "checkpoints" / "step-00000002").is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        ranks = ranks_of(proc.pid)
+        assert 1 in ranks, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert "rank 1 failed: killed by SIGKILL" in last, err[-3000:]
+    assert not (killed / "run.json").exists()
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert done and all(name.startswith("step-") for name in done)
+    for nproc in ("2", "1"):
+        again = tmp_path / f"again-{nproc}"
+        subprocess.run(["cp", "-r", str(killed), str(again)], check=True)
+        resumed = cli("finetune", "--resume", str(again), "--nproc-per-node", nproc)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        torch.testing.assert_close(losses(again), losses(full), rtol=1e-5, atol=1e-5)
+        assert_same_weights(full / "adapter_model.safetensors", again / "adapter_model.safetensors")
+
+
+# ----- bad input: one line, nothing starts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "needle"),
+    [
+        (["--nproc-per-node", "0"], {}, "--nproc-per-node 0: must be at least 1"),
+        (["--nproc-per-node", "2", "--train.batch-size", "3"], {}, "must be a multiple of the world size 2"),
+        ([], {"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR, MASTER_PORT is not"),
+        ([], {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "MASTER_ADDR, MASTER_PORT is not"),
+    ],
+)
+def test_bad_distributed_input_is_one_line(
+    tiny_hf_dir, data, tmp_path, monkeypatch, capsys, extra, env, needle
+):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    code = main(["finetune", str(tiny_hf_dir), "--data", str(data), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+# ----- FSDP2: full fine-tuning sharded over two ranks ---------------------------------------------
+
+
+def full_model_weights(out: Path) -> Path:
+    return out / "model" / "model.safetensors"
+
+
+def resume_last_step(run: Path, copy: Path, nproc: str) -> None:
+    """Copy a finished run, forget its end, and finish it again from its last checkpoint."""
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    (copy / "run.json").unlink()
+    done = cli("finetune", "--resume", str(copy), "--nproc-per-node", nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_full_fsdp_on_two_ranks_equals_one_process_and_resumes_on_other_world_sizes(
+    tiny_hf_dir, data, tmp_path
+):
+    steps = ["--method", "full", "--strategy", "fsdp", "--train.max-steps", "5", "--train.save-every", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny_hf_dir, data, one, *steps, "--train.lr", "1e-3")
+    finetune(tiny_hf_dir, data, two, *steps, "--train.lr", "1e-3", "--nproc-per-node", "2")
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    assert len(losses(one)) == 5
+    assert_same_weights(full_model_weights(one), full_model_weights(two))
+    assert (two / "checkpoints" / "step-00000004" / ".metadata").is_file()  # DCP shards
+    # DCP reshards: the 2-rank run finishes on 1 process, the 1-process run on 2 ranks
+    for run, nproc in ((two, "1"), (one, "2")):
+        again = tmp_path / f"{run.name}-on-{nproc}"
+        resume_last_step(run, again, nproc)
+        torch.testing.assert_close(losses(again), losses(one), rtol=1e-5, atol=1e-5)
+        assert_same_weights(full_model_weights(one), full_model_weights(again))
