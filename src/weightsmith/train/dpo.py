@@ -176,15 +176,18 @@ def load_pairs(cfg: DpoConfig, tokenizer: Any) -> tuple[PairSource, PairSource, 
     """Read, check, render and measure every pair; nothing loads or trains if one is bad."""
     kwargs = {"max_seq_len": cfg.max_seq_len, "max_prompt_len": cfg.max_prompt_len}
     (train, train_stats), (valid, valid_stats) = read_and_tokenize(
-        cfg, read_pairs, lambda part: tokenize_pairs(part, tokenizer, **kwargs), _warn_about
+        cfg,
+        read_pairs,
+        lambda part: tokenize_pairs(part, tokenizer, **kwargs),
+        lambda name, stats, max_seq_len: _warn_about(name, stats, max_seq_len, cfg.max_prompt_len),
     )
     pad = pad_id_for(tokenizer)
     stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
     return PairSource(train, pad), PairSource(valid, pad), stats
 
 
-def _warn_about(name: str, stats: PairStats, max_seq_len: int) -> None:
-    warn_truncated(name, "pairs", stats.truncated, max_seq_len, stats.longest)
+def _warn_about(name: str, stats: PairStats, max_seq_len: int, max_prompt_len: int | None = None) -> None:
+    warn_truncated(name, "pairs", stats.truncated, max_seq_len, stats.longest, max_prompt_len)
     if stats.prompt_mismatch:
         log.warning(
             "%d %s pairs: the prompt alone tokenizes differently from its start in prompt + answer; the "

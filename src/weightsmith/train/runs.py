@@ -298,11 +298,16 @@ def read_and_tokenize(
     return parts[0], parts[1]
 
 
-def warn_truncated(name: str, items: str, count: int, max_seq_len: int, longest: int) -> None:
+def warn_truncated(
+    name: str, items: str, count: int, max_seq_len: int, longest: int, max_prompt_len: int | None = None
+) -> None:
     if count:
+        limit = f"max_seq_len={max_seq_len}"
+        if max_prompt_len is not None:
+            limit += f" or have a prompt longer than max_prompt_len={max_prompt_len}"
         log.warning(
-            "%d %s %s are longer than max_seq_len=%d (longest %d tokens) and were truncated",
-            count, name, items, max_seq_len, longest,
+            "%d %s %s are longer than %s (longest %d tokens) and were truncated",
+            count, name, items, limit, longest,
         )  # fmt: skip
 
 
