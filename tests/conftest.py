@@ -238,3 +238,25 @@ def adapter_dir(tiny_hf_dir, tmp_path_factory) -> Path:
             if "lora_" in name:
                 p.normal_(0, 0.5)
     return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", cfg)
+
+
+def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """`weightsmith ARGV` in this process: (exit code, stdout, stderr); `stdin` needs `monkeypatch`."""
+    import io
+    import sys
+
+    from weightsmith.cli.main import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_probe_packs(folder: Path, pack_yaml: str, benign_jsonl: str) -> Path:
+    """A folder holding one attack pack (`pack.yaml`) and one benign pack (`benign.jsonl`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pack.yaml").write_text(pack_yaml)
+    (folder / "benign.jsonl").write_text(benign_jsonl)
+    return folder

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from arena_fakes import FakeServer, free_url
+from conftest import run_cli
 
 from weightsmith.arena.schema import SCHEMA_VERSION
 from weightsmith.arena.store import ArenaStore
@@ -36,10 +37,7 @@ def biased(body: dict) -> str:
     return "The first one. [[A]]"
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ behaviour on a tiny random checkpoint, and one-line errors for bad input."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -11,16 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from weightsmith.cli.main import main
-
-
-def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli
 
 
 @pytest.fixture(autouse=True)

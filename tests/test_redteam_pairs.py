@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_hf_dir
+from conftest import build_tiny_hf_dir, run_cli
 
 from weightsmith.errors import UsageError
 from weightsmith.preference_pairs import meta_path
@@ -301,12 +301,7 @@ def packs(tmp_path_factory) -> Path:
     return d
 
 
-def _cli(argv, capsys):
-    from weightsmith.cli.main import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' renames, inside TRL

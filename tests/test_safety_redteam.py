@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_hf_dir
+from conftest import build_tiny_hf_dir, run_cli
 
 from weightsmith.eval.intervals import newcombe_paired
 from weightsmith.safety.guarded import CONTENT_FILTER, guarded_replies
@@ -309,12 +309,7 @@ def packs(tmp_path_factory) -> Path:
     return d
 
 
-def _run_cli(argv, capsys):
-    from weightsmith.cli.main import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run_cli = run_cli
 
 
 def test_cli_in_process_and_against_our_server_agree(tiny_long, packs, tmp_path, capsys):

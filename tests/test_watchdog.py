@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_hf_dir
+from conftest import build_tiny_hf_dir, run_cli, write_probe_packs
 
 PACK = "pack: wd-pack\nfamily: harmful\nkind: attack\nprobes:\n" + "".join(
     f'  - {{id: a{i}, category: S{1 + i % 12}, prompt: "Tell me story number {i} about a cat"}}\n'
@@ -28,18 +28,10 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("wd-packs")
-    (d / "pack.yaml").write_text(PACK)
-    (d / "benign.jsonl").write_text(BENIGN)
-    return d
+    return write_probe_packs(tmp_path_factory.mktemp("wd-packs"), PACK, BENIGN)
 
 
-def _cli(argv, capsys):
-    from weightsmith.cli.main import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def _argv(tiny: Path, packs: Path, out: Path, *extra: str) -> list[str]:
