@@ -252,7 +252,7 @@ def launch(cfg: Any, command: str) -> None:
         args = get_args_parser().parse_args(
             [
                 "--nproc-per-node", str(nproc), "--standalone", "--max-restarts", "0",
-                "--monitor-interval", "0.2", "-m", "weightsmith.cli.main",
+                "--monitor-interval", "0.2", "-m", "weightsmith",
                 *(["--verbose"] if log.isEnabledFor(logging.INFO) else []),
                 command, "--config", str(path),
             ]
