@@ -192,6 +192,17 @@ def test_subprocess_debug_and_exit_code(tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr
 
 
+def test_python_dash_m_weightsmith(tmp_path):
+    """`python -m weightsmith` is the command (torchrun's `-m` runs it): help exits 0, and an
+    error keeps its exit status and one line."""
+    r = subprocess.run([sys.executable, "-m", "weightsmith", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "finetune" in r.stdout
+    missing = str(tmp_path / "missing")
+    r = subprocess.run([sys.executable, "-m", "weightsmith", "info", missing], capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and missing in r.stderr
+
+
 def test_demo_and_info_on_default_model(default_gguf, capsys, monkeypatch):
     """The main job end to end on the real default model (its store entry, not a copy)."""
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from weightsmith.cli.main import main
-from weightsmith.config import config_from_dict
+from weightsmith.config import config_from_dict, dump_config_yaml
 from weightsmith.errors import WeightsmithError
 from weightsmith.train.data import DataError
 from weightsmith.train.dpo import DpoConfig, run_dpo
@@ -348,3 +348,15 @@ def test_config_checks_and_resume_refusals(tiny_hf_dir, pairs, tmp_path, capsys)
     capsys.readouterr()
     assert main(["dpo", "--resume", str(tmp_path / "nothing")]) == 2
     assert "earlier dpo run" in capsys.readouterr().err
+    run = tmp_path / "started"
+    run.mkdir()
+    dump_config_yaml(dpo_config(tiny_hf_dir, pairs, run, method="full"), run / "config.yaml")
+    for flags, expect in (
+        (["--method", "lora"], "--method lora differs from the run's method full"),
+        (["--data", str(tmp_path / "b.jsonl")], "--data"),
+        ([str(tmp_path)], "MODEL"),
+    ):
+        assert main(["dpo", "--resume", str(run), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert expect in err and "differs" in err and "another --out" in err and "\n" not in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

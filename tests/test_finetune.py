@@ -182,6 +182,40 @@ def test_resume_needs_a_run_and_refuses_other_flags(tmp_path, tiny_hf_dir, data,
     assert "--resume" in capsys.readouterr().err
 
 
+def started_run(cfg, out: Path) -> Path:
+    """OUT as a run leaves it before its first checkpoint: the resolved config.yaml alone."""
+    from weightsmith.config import dump_config_yaml
+
+    out.mkdir(parents=True)
+    dump_config_yaml(cfg, out / "config.yaml")
+    return out
+
+
+def test_resume_with_another_method_model_or_data_is_refused(tmp_path, tiny_hf_dir, data, capsys):
+    import dataclasses
+
+    out = started_run(
+        dataclasses.replace(finetune_config(tiny_hf_dir, data, tmp_path / "x"), method="qlora"),
+        tmp_path / "run",
+    )
+    other = write_data(tmp_path / "other.jsonl", seed=1)
+    for flags, expect in (
+        (["--method", "full"], "--method full differs from the run's method qlora"),
+        (["--method", "lora"], "--method lora differs from the run's method qlora"),
+        ([str(tmp_path)], f"MODEL {tmp_path} differs from the run's model {tiny_hf_dir}"),
+        (["--data", str(other)], f"--data {other} differs from the run's data {data}"),
+        (["--method", "full", "--nproc-per-node", "2"], "--method full differs"),  # before any rank starts
+    ):
+        assert main(["finetune", "--resume", str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert expect in err and "drop " in err and "another --out" in err and "\n" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # nothing started
+    # the saved values themselves (a path spelled differently too) pass on to the checkpoint lookup
+    same = ["--method", "qlora", str(tiny_hf_dir / "."), "--data", str(data)]
+    assert main(["finetune", "--resume", str(out), *same]) == 1
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
 def test_bad_data_stops_before_anything_is_written(tmp_path, tiny_hf_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')

@@ -23,13 +23,15 @@ Not here: the loop (loop.py) or what is trained (runs.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: Set in the ranks that `launch` starts, so they leave printing the result to the parent.
 LAUNCHED_ENV = "WEIGHTSMITH_LAUNCHED"
+#: Set to 1 (benchmarks/distributed.py does) to time the gradient all-reduce of each step:
+#: metrics.jsonl then gets `allreduce_s` (the all-reduce itself) and `wait_s` (a barrier just
+#: before it: this rank waiting for the slowest). Off, nothing is timed or synchronised more.
+TIME_COMM_ENV = "WEIGHTSMITH_TIME_COMM"
 
 
 @dataclass(kw_only=True)
@@ -83,6 +89,8 @@ class World:
     size: int = 1
     local_rank: int = 0
     strategy: str = "ddp"
+    timed: bool = field(default_factory=lambda: os.environ.get(TIME_COMM_ENV) == "1")
+    _seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -117,11 +125,29 @@ class World:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         flat = torch.cat([g.reshape(-1) for g in grads])
-        _collective(torch.distributed.all_reduce, flat)
+        if self.timed:
+            with self._timing("wait_s"):
+                _collective(torch.distributed.barrier)
+        with self._timing("allreduce_s"):
+            _collective(torch.distributed.all_reduce, flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def comm_seconds(self) -> dict[str, float]:
+        """The seconds timed since the last call (with TIME_COMM_ENV set; else nothing)."""
+        taken, self._seconds = self._seconds, {}
+        return taken
+
+    @contextlib.contextmanager
+    def _timing(self, key: str) -> Iterator[None]:
+        if not self.timed:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - start
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -252,7 +278,7 @@ def launch(cfg: Any, command: str) -> None:
         args = get_args_parser().parse_args(
             [
                 "--nproc-per-node", str(nproc), "--standalone", "--max-restarts", "0",
-                "--monitor-interval", "0.2", "-m", "weightsmith.cli.main",
+                "--monitor-interval", "0.2", "-m", "weightsmith",
                 *(["--verbose"] if log.isEnabledFor(logging.INFO) else []),
                 command, "--config", str(path),
             ]

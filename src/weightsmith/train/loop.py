@@ -340,6 +340,7 @@ class Trainer:
             "tokens_per_s": tokens / seconds,
             "targets": n_targets,
             "elapsed_s": round(self.state.elapsed_s, 3),
+            **self.world.comm_seconds(),  # empty unless a benchmark times the all-reduce
         }
         self._record(metrics, every=self.opts.log_every)
         self.reporter.step(metrics)

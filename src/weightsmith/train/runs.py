@@ -14,6 +14,7 @@ Not here: the loop (loop.py), data formats (data.py, preference_data.py), losses
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -88,7 +89,9 @@ class RunConfig:
     data: str | None = opt(None, "training data (JSONL)")
     valid: str | None = opt(None, "validation JSONL; without it, --valid-fraction of --data is held out")
     valid_fraction: float = opt(0.1, "fraction of --data held out for validation when --valid is not given")
-    method: Literal["lora", "qlora", "full"] = opt("lora", "what to train")
+    method: Literal["lora", "qlora", "full"] | None = opt(
+        None, "what to train: lora (when not given), qlora or full; a resumed run keeps its own"
+    )
     out: str | None = opt(None, "output directory for the run")
     resume: str | None = opt(None, "continue the run in this directory from its latest checkpoint")
     max_seq_len: int = opt(1024, "truncate examples to this many tokens")
@@ -181,13 +184,11 @@ def resolve_config(cfg: RunConfig, command: str) -> RunConfig:
             raise UsageError(
                 f"{saved}: not found; --resume takes the OUT directory of an earlier {command} run"
             )
-        if cfg.model or cfg.data:
-            raise UsageError(
-                "--resume continues a run with its saved config.yaml; do not pass a model or --data"
-            )
         if (Path(cfg.resume) / "run.json").exists():
             raise UsageError(f"{cfg.resume}: this run already finished (see its run.json); nothing to resume")
         resumed = load_config_yaml(type(cfg), saved)
+        resumed.method = resumed.method or "lora"
+        check_resume_flags(cfg, resumed, saved)
         resumed.resume, resumed.out, resumed.json = cfg.resume, cfg.resume, cfg.json
         # how many processes and how long they wait may change between runs; the strategy may not
         resumed.dist.nproc_per_node, resumed.dist.dist_timeout = (
@@ -205,7 +206,28 @@ def resolve_config(cfg: RunConfig, command: str) -> RunConfig:
         raise UsageError(
             f"{out} already holds a run; continue it with --resume {out}, or pass --overwrite to start afresh"
         )
-    return cfg
+    return cfg if cfg.method else dataclasses.replace(cfg, method="lora")
+
+
+def check_resume_flags(cfg: RunConfig, resumed: RunConfig, saved: Path) -> None:
+    """A resumed run trains what it started with: a model, data or method given with --resume
+    must be the saved one (giving the same is harmless)."""
+    for flag, field in (("MODEL", "model"), ("--data", "data"), ("--valid", "valid"), ("--method", "method")):
+        given, kept = getattr(cfg, field), getattr(resumed, field)
+        if given is None or _same(field, given, kept):
+            continue
+        raise UsageError(
+            f"--resume {cfg.resume}: {flag} {given} differs from the run's {field} {kept} (in {saved}); "
+            f"drop {flag} to continue that run, or start a new run with another --out"
+        )
+
+
+def _same(field: str, given: str, kept: str | None) -> bool:
+    if kept is None or given == kept:
+        return given == kept
+    if field == "method":
+        return False
+    return Path(given).expanduser().resolve() == Path(kept).expanduser().resolve()
 
 
 def run_on_ranks(
