@@ -231,16 +231,8 @@ def main() -> None:
         args.model = str(resolve("smollm2-135m-instruct"))
     print(f"cpu: {cpu_description()}, {args.threads} threads")
     hf_dir = tempfile.mkdtemp(prefix="weightsmith-bench-dpo-")
-    base = [
-        sys.executable,
-        __file__,
-        "--model",
-        args.model,
-        "--hf-dir",
-        hf_dir,
-        "--threads",
-        str(args.threads),
-    ]
+    base = [sys.executable, __file__, "--model", args.model, "--hf-dir", hf_dir,
+            "--threads", str(args.threads)]  # fmt: skip
     subprocess.run([*base, "--child", "convert"], check=True, capture_output=True)
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
     for r in range(args.rounds):

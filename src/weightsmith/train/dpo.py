@@ -70,11 +70,14 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 @dataclass(kw_only=True)
 class DpoConfig(RunConfig):
-    """Align a model with preference pairs (DPO, IPO): learn to prefer each pair's chosen answer
-    over its rejected one, staying close to the model you start from."""
+    """Align a model with preference pairs (DPO, IPO): prefer the chosen answers, near the start model."""
 
     data: str | None = opt(None, "preference pairs: JSONL in TRL's prompt/chosen/rejected format")
-    loss: str = opt("dpo", "pairwise loss", choices=tuple(PREFERENCE_LOSSES))
+    loss: str = opt(
+        "dpo",
+        "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC) or robust",
+        choices=tuple(PREFERENCE_LOSSES),
+    )
     beta: float = opt(0.1, "how far the model may move from the reference (IPO: its tau)")
     label_smoothing: float = opt(0.0, "assumed share of flipped labels, for --loss dpo or robust (< 0.5)")
     precompute_ref: bool = opt(False, "compute the reference log-probs once before training")
