@@ -357,33 +357,36 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     """Preferences back into the weights: the arena's judged pairs → DPO → the new fork's rating
     in the same arena; then one watchdog round (red-team train probes → pairs → DPO → held-out
     rescan) and its before/after line."""
-    from pathlib import Path
-
     from rich.console import Console
 
-    from weightsmith.cli.arena import print_ratings
-    from weightsmith.cli.watchdog import print_watchdog
-    from weightsmith.commands.arena import (
-        ArenaExportConfig,
-        ArenaJudgeConfig,
-        ArenaRatingsConfig,
-        run_arena_export,
-        run_arena_judge,
-        run_arena_ratings,
-    )
-    from weightsmith.commands.watchdog import WatchdogConfig, run_watchdog
-    from weightsmith.config import config_from_dict
     from weightsmith.errors import UsageError
-    from weightsmith.train.dpo import DpoConfig, run_dpo
 
     adapter = _tuned_adapter(cfg, "align")
-    arena = adapter / "arena"
-    db = arena / "arena.sqlite"
+    db = adapter / "arena" / "arena.sqlite"
     if not db.is_file():
         raise UsageError(f"the align stage learns from the arena stage's votes, and {db} is missing; "
                          "run `weightsmith demo --stages finetune,arena,align`")  # fmt: skip
     console = Console(file=out, highlight=False, emoji=False, markup=False, width=140)
-    pairs = arena / "pairs.jsonl"
+    train = {"max_steps": cfg.align_steps, "batch_size": 2, "lr": 5e-4, "eval_every": 0, "save_every": 0}
+    result, new_fork = _align_on_arena_pairs(cfg, adapter, db, train, out)
+    watched = _align_watchdog(cfg, adapter, train, console, out)
+    result["watchdog"] = watched["rounds"][0]
+    if new_fork is None:
+        new_fork = ("watchdog", watched["rounds"][0]["lineage"]["adapter"]["folder"])
+    result["ratings"] = _align_rate(cfg, db, new_fork, console, out)
+    return result
+
+
+def _align_on_arena_pairs(
+    cfg: DemoConfig, adapter: Any, db: Any, train: dict, out: TextIO
+) -> tuple[dict[str, Any], tuple[str, Any] | None]:
+    """The arena's decisive votes as pairs and, with two or more, a DPO fork on them."""
+    from weightsmith.commands.arena import ArenaExportConfig, run_arena_export
+    from weightsmith.config import config_from_dict
+    from weightsmith.errors import UsageError
+    from weightsmith.train.dpo import DpoConfig, run_dpo
+
+    pairs = db.parent / "pairs.jsonl"
     try:
         exported = run_arena_export(
             config_from_dict(ArenaExportConfig, {"db": str(db), "out": str(pairs), "voters": "all"})
@@ -395,25 +398,33 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         exported = {"rows": 0, "why": str(e)}
         out.write(f"\n== align: the arena's votes give no preference pairs ({e})\n")
     result: dict[str, Any] = {"arena_pairs": exported}
-    train = {"max_steps": cfg.align_steps, "batch_size": 2, "lr": 5e-4, "eval_every": 0, "save_every": 0}
-    new_fork = None
-    if exported["rows"] >= 2:
-        aligned = adapter / "aligned"
-        dpo = config_from_dict(
-            DpoConfig,
-            {"model": cfg.model, "data": str(pairs), "out": str(aligned), "valid_fraction": 0.0,
-             "max_seq_len": 384, "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": train},
-        )  # fmt: skip
-        trained = run_dpo(dpo)
-        m = trained["metrics"]
-        out.write(f"DPO on them: {trained['steps']} steps, final loss {m['loss']:.3f}; fork in {aligned}\n")
-        new_fork, result["dpo"] = ("aligned", aligned), trained
-    else:
+    if exported["rows"] < 2:
         out.write(
             "too few: a 135M judge prefers one position so strongly that both orders rarely agree, and a "
-            "disagreement is a tie; vote on the page (the arena stage printed how to open it) and rerun to learn from people. The arena "
-            "rates the watchdog's fork instead.\n"
+            "disagreement is a tie; vote on the page (the arena stage printed how to open it) and rerun to "
+            "learn from people. The arena rates the watchdog's fork instead.\n"
         )
+        return result, None
+    aligned = adapter / "aligned"
+    dpo = config_from_dict(
+        DpoConfig,
+        {"model": cfg.model, "data": str(pairs), "out": str(aligned), "valid_fraction": 0.0,
+         "max_seq_len": 384, "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": train},
+    )  # fmt: skip
+    trained = run_dpo(dpo)
+    out.write(
+        f"DPO on them: {trained['steps']} steps, final loss {trained['metrics']['loss']:.3f}; fork in {aligned}\n"
+    )
+    result["dpo"] = trained
+    return result, ("aligned", aligned)
+
+
+def _align_watchdog(cfg: DemoConfig, adapter: Any, train: dict, console: Any, out: TextIO) -> dict[str, Any]:
+    """One short watchdog round and its held-out before/after line."""
+    from weightsmith.cli.watchdog import StageLines, print_watchdog
+    from weightsmith.commands.watchdog import WatchdogConfig, run_watchdog
+    from weightsmith.config import config_from_dict
+
     wd_out = adapter / "watchdog"
     out.write(
         f"\n== align: one watchdog round ({cfg.align_limit} probes per pack per side), writing {wd_out}\n"
@@ -425,19 +436,28 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
          "max_tokens": min(48, cfg.max_tokens), "eval_tasks": ["builtin:arith-mc"], "eval_limit": cfg.eval_limit,
          "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": {**train, "batch_size": 4}},
     )  # fmt: skip
-    from weightsmith.cli.watchdog import StageLines
-
     watched = run_watchdog(wd, StageLines())
     print_watchdog(watched, console)
-    result["watchdog"] = watched["rounds"][0]
-    asr = watched["rounds"][0]["heldout"]["asr"]
-    refusal = watched["rounds"][0]["heldout"]["over_refusal"]
+    held = watched["rounds"][0]["heldout"]
+    asr, refusal = held["asr"], held["over_refusal"]
     out.write(
         f"held-out attack success {_share(asr['before'])} -> {_share(asr['after'])}, over-refusal "
         f"{_share(refusal['before'])} -> {_share(refusal['after'])} (report: {watched['written']['report']})\n"
     )
-    if new_fork is None:
-        new_fork = ("watchdog", Path(watched["rounds"][0]["lineage"]["adapter"]["folder"]))
+    return watched
+
+
+def _align_rate(cfg: DemoConfig, db: Any, new_fork: tuple[str, Any], console: Any, out: TextIO) -> dict:
+    """The new fork judged against the base model in the same arena; everyone's ratings."""
+    from weightsmith.cli.arena import print_ratings
+    from weightsmith.commands.arena import (
+        ArenaJudgeConfig,
+        ArenaRatingsConfig,
+        run_arena_judge,
+        run_arena_ratings,
+    )
+    from weightsmith.config import config_from_dict
+
     name, folder = new_fork
     fork = f"{cfg.model}:{name}"
     out.write(f"\n== align: {fork} joins the arena against {cfg.model}, {cfg.arena_battles} battles\n")
@@ -446,14 +466,13 @@ def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
         ArenaJudgeConfig,
         {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
          "contestants": [cfg.model, fork], "adapter": [f"{name}={folder}"],
-         "prompts": str(arena / "prompts.jsonl"), "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0,
+         "prompts": str(db.parent / "prompts.jsonl"), "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0,
          "device": cfg.device, "dtype": cfg.dtype},
     )  # fmt: skip
     run_arena_judge(judge)
-    ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(arena)}))
+    ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(db.parent)}))
     print_ratings(ratings, console)
-    result["ratings"] = ratings
-    return result
+    return ratings
 
 
 def _share(r: dict) -> str:
