@@ -97,7 +97,7 @@ def test_filters_match_transformers(top_p: float, top_k: int, min_p: float) -> N
             assert_same_distribution(logits, temperature, top_k, top_p, min_p)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)  # `make test` is repeatable
 @given(
     seed=st.integers(0, 2**31 - 1),
     vocab=st.sampled_from([2, 7, 64, VOCAB]),
