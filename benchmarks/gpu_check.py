@@ -13,7 +13,9 @@ equality checks compare two implementations on the same weights). Sections:
    scoring as lm-eval's HF backend does it, and the largest log-likelihood difference;
 4. scheduler: 16 requests through the continuous-batching scheduler equal solo runs
    (fp32, greedy);
-5. finetune: LoRA steps on CUDA in bf16, loss before and after.
+5. finetune: LoRA steps on CUDA in bf16, loss before and after;
+6. dist (gpu_speed.py): FSDP2 full fine-tuning and DDP LoRA through `--nproc-per-node`
+   on NCCL, losses against one plain process.
 
 Each section reports its own failure and the run goes on. Medians of --runs after a
 warm-up; read ratios, not lone figures.
@@ -341,8 +343,8 @@ SECTIONS = {
     "quant": section_quant,
 }
 #: Sections that take the time left (gpu_speed.py), by name.
-TIMED = ("decode", "server", "lora", "exact")
-DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small"
+TIMED = ("decode", "server", "lora", "exact", "dist")
+DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small"
 
 
 def run_section(spec: str, paths: dict, args, clock) -> dict:

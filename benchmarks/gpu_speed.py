@@ -345,3 +345,60 @@ def _logged_steps(model, prompts, decode, n: int):
     for _ in gen:
         pass
     return gen.generated, torch.stack(seen)
+
+
+def _finetune_cli(path: Path, out: Path, extra: list[str], timeout: float) -> dict:
+    """`weightsmith finetune` in a child process (a launched job needs its own); its losses and
+    tokens/s, or the error's last line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from weightsmith.datasets import sample_path
+
+    cmd = [sys.executable, "-m", "weightsmith", "finetune", str(path), "--data",
+           str(sample_path("kettlebird/train.jsonl")), "--out", str(out), "--max-seq-len", "160",
+           "--device", DEVICE, "--valid-fraction", "0.05", "--train.precision", "fp32", "--train.max-steps", "8",
+           "--train.batch-size", "8", "--train.lr", "1e-4", "--train.eval-every", "0", "--train.save-every", "4",
+           "--lora.dropout", "0", *extra]  # fmt: skip
+    env = {**os.environ, "NVIDIA_TF32_OVERRIDE": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:400]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    return {
+        "losses": [r["loss"] for r in steps],
+        "tokens/s": statistics.median(r["tokens_per_s"] for r in steps),
+    }
+
+
+def section_dist(path: Path, clock: Clock, runs: int) -> dict:
+    """torch.distributed on the GPU(s): full fine-tuning with FSDP2 (`fully_shard` per layer, NCCL)
+    and LoRA with DDP, each through `--nproc-per-node` (every GPU, at least one), against the
+    same job in one plain process: per-step losses (fp32, TF32 off) and tokens/s."""
+    import tempfile
+
+    n = max(1, torch.cuda.device_count()) if DEVICE == "cuda" else 2
+    out: dict = {"processes": n}
+    jobs = {
+        "full, one process": ["--method", "full"],
+        f"full, fsdp x{n}": ["--method", "full", "--nproc-per-node", str(n), "--strategy", "fsdp"],
+        "lora, one process": ["--method", "lora"],
+        f"lora, ddp x{n}": ["--method", "lora", "--nproc-per-node", str(n), "--strategy", "ddp"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, extra) in enumerate(jobs.items()):
+            if clock.left() < 60:
+                out[name] = f"skipped: {clock.left():.0f} s left"
+                continue
+            out[name] = _finetune_cli(
+                path, Path(tmp) / f"run{i}", extra, timeout=max(30.0, clock.left() - 20)
+            )
+    for method, peer in (("full", f"full, fsdp x{n}"), ("lora", f"lora, ddp x{n}")):
+        one, many = out.get(f"{method}, one process"), out.get(peer)
+        if isinstance(one, dict) and isinstance(many, dict) and "losses" in one and "losses" in many:
+            diffs = [abs(a - b) for a, b in zip(one["losses"], many["losses"], strict=False)]
+            out[f"{method}: largest loss difference"] = max(diffs) if diffs else None
+    return out

@@ -101,6 +101,18 @@ def test_lora_ddp_on_two_ranks_equals_one_process(tiny_hf_dir, data, tmp_path):
     assert run["steps"] == 5 and run["method"] == "lora"
 
 
+def test_qlora_on_fsdp_equals_one_process(tiny_hf_dir, data, tmp_path):
+    """The 4-bit base stays whole on every rank (its weights are buffers); the adapters, norms
+    and embeddings are sharded, and the steps are still the single process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    qlora = ["--method", "qlora", "--train.max-steps", "3", "--train.eval-every", "0"]
+    finetune(tiny_hf_dir, data, one, *qlora)
+    finetune(tiny_hf_dir, data, two, *qlora, "--nproc-per-node", "2", "--strategy", "fsdp")
+    assert len(losses(one)) == 3
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+
+
 def write_pairs(path: Path, n: int = 14) -> Path:
     words = ["fox", "dog", "cat", "owl", "bee", "elk", "ant"]
     lines = []
@@ -253,3 +265,45 @@ def test_full_fsdp_on_two_ranks_equals_one_process_and_resumes_on_other_world_si
         resume_last_step(run, again, nproc)
         torch.testing.assert_close(losses(again), losses(one), rtol=1e-5, atol=1e-5)
         assert_same_weights(full_model_weights(one), full_model_weights(again))
+
+
+# ----- dropout: each rank draws its own masks, and resumes its own stream ------------------------
+
+
+def _rank_streams(rank: int, init: str, out: str) -> None:
+    """One rank of a two-process gloo group: the draws that dropout would make, before and
+    after a checkpoint's RNG state is saved and restored (on two ranks, and on one)."""
+    from weightsmith.train import checkpoints as ckpt
+    from weightsmith.train.distributed import World
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        world = World(rank=rank, size=2)
+        torch.manual_seed(7)  # what every rank holds after building the same model
+        ckpt.split_rng(rank)
+        first = torch.rand(8)
+        saved = ckpt.rng_state(world.gather(ckpt.rng_state()))
+        after = torch.rand(8)
+        ckpt.set_rng_state(saved, rank, 2)
+        again = torch.rand(8)
+        ckpt.set_rng_state(saved, 0, 1)  # resumed on one process: rank 0's stream
+        single = torch.rand(8)
+        ckpt.set_rng_state(saved, rank, 3)  # resumed on three: split afresh
+        three = torch.rand(8)
+        torch.save({"first": first, "after": after, "again": again, "single": single, "three": three}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_draw_different_dropout_masks_and_resume_their_own(tmp_path):
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    mp.start_processes(lambda r: _rank_streams(r, init, outs[r]), nprocs=2, start_method="fork", join=True)
+    r0, r1 = (torch.load(p) for p in outs)
+    assert not torch.equal(r0["first"], r1["first"])  # not one mask for every rank's rows
+    for r in (r0, r1):
+        torch.testing.assert_close(r["again"], r["after"], rtol=0, atol=0)  # each rank's own stream
+    torch.testing.assert_close(r1["single"], r0["after"], rtol=0, atol=0)
+    assert not torch.equal(r0["three"], r1["three"])

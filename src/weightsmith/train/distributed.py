@@ -115,6 +115,14 @@ class World:
         _collective(torch.distributed.all_reduce, t)
         return t.tolist()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order (picklable; for small things such as RNG states)."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        _collective(torch.distributed.all_gather_object, out, obj)
+        return out
+
     def reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """Sum the trainable gradients over ranks (DDP); one flat all-reduce per step."""
         if self.size == 1 or self.sharded:  # FSDP reduce-scatters in backward

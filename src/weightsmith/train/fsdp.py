@@ -7,7 +7,8 @@ each rank's loss by the world size (`World.grad_scale`): the gradient is then th
 ranks divided by the target count of every rank together. (Asking FSDP for a sum instead,
 `set_gradient_divide_factor(1.0)`, needs ReduceOp.PREMUL_SUM, which gloo lacks in torch 2.13.) The loop calls
 `model.hidden_states` rather than `forward`, so that method is registered to gather the
-root's parameters.
+root's parameters. QLoRA's 4-bit weights are buffers, which `fully_shard` leaves whole on
+every rank; only its parameters (adapters, norms, embeddings) are sharded.
 
 Checkpoints of an fsdp run are written with `torch.distributed.checkpoint` (DCP): every
 rank writes its shards of the model and optimizer (`get_state_dict`) into a hidden temp
@@ -99,9 +100,9 @@ def save_sharded(
     world.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    world.barrier()
+    rng = ckpt.rng_state(world.gather(ckpt.rng_state()))
     if world.is_main:
-        torch.save(ckpt.rng_state(), tmp / "rng_state.pt")
+        torch.save(rng, tmp / "rng_state.pt")
         with open(tmp / ckpt.STATE_FILE, "w", encoding="utf-8") as f:
             f.write(json.dumps(state, indent=2) + "\n")
             f.flush()
@@ -115,7 +116,9 @@ def save_sharded(
     return final
 
 
-def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_sharded(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+) -> dict[str, Any]:
     """Restore model, optimizer and RNG from DCP checkpoint `path` (any world size); return
     its trainer state."""
     try:
@@ -123,7 +126,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
         both = {"model": model_state, "optim": optim_state}
         dcp.load(both, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
-        ckpt.set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+        ckpt.set_rng_state(torch.load(path / "rng_state.pt", weights_only=True), world.rank, world.size)
         return json.loads((path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ckpt.ResumeError(

@@ -206,6 +206,8 @@ class Trainer:
         self.save_weights, self.device = save_weights, device
         self.command, self.perplexity = command, perplexity
         self.world = world or World()
+        if self.world.size > 1:  # the model is built alike on every rank; dropout must differ
+            ckpt.split_rng(self.world.rank)
         self.reporter = (reporter if self.world.is_main else None) or LogReporter()
         self.order = BatchOrder(len(train), opts.batch_size, opts.seed)
         self.optimizer = make_optimizer(
@@ -227,9 +229,9 @@ class Trainer:
         """Continue from `checkpoint` (whose weights the caller loaded): optimizer, RNG,
         data position, and metrics.jsonl cut back to the checkpoint's step."""
         if fsdp.is_sharded_checkpoint(checkpoint):  # weights too: an fsdp run's DCP shards
-            state = fsdp.load_sharded(checkpoint, self.model, self.optimizer)
+            state = fsdp.load_sharded(checkpoint, self.model, self.optimizer, self.world)
         else:
-            state = ckpt.load_checkpoint_state(checkpoint, self.optimizer)
+            state = ckpt.load_checkpoint_state(checkpoint, self.optimizer, self.world.rank, self.world.size)
         self.state = RunState(**{k: state[k] for k in asdict(RunState())})
         if self.world.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
             kept = []
@@ -390,6 +392,7 @@ class Trainer:
                 keep=self.opts.keep_checkpoints,
                 world=self.world,
             )
+        rng = ckpt.rng_state(self.world.gather(ckpt.rng_state()))  # each rank's dropout stream
         if self.world.is_main:  # DDP: every rank holds the same weights and optimizer state
             ckpt.save_checkpoint(
                 self.out / "checkpoints",
@@ -398,6 +401,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 state=state,
                 keep=self.opts.keep_checkpoints,
+                rng=rng,
             )
         self.world.barrier()
         return path
