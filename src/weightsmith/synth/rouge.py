@@ -41,21 +41,31 @@ def tokenize(text: str) -> list[str]:
     return [t for t in tokens if _VALID.match(t)]
 
 
+def _masks(tokens: list[str]) -> dict[str, int]:
+    """Bit i of masks[t] is set where tokens[i] == t."""
+    masks: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        masks[token] = masks.get(token, 0) | (1 << i)
+    return masks
+
+
+def _lcs_with_masks(masks: dict[str, int], n: int, b: list[str]) -> int:
+    """LCS length of a list of n tokens (given as its `_masks`) and `b`."""
+    full = (1 << n) - 1
+    v = full
+    for token in b:
+        u = v & masks.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return n - v.bit_count()
+
+
 def lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence of two token lists (bit-parallel)."""
     if len(a) < len(b):
         a, b = b, a  # the longer one is the bit vector: fewer loop turns in Python
     if not b:
         return 0
-    masks: dict[str, int] = {}
-    for i, token in enumerate(a):
-        masks[token] = masks.get(token, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for token in b:
-        u = v & masks.get(token, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
+    return _lcs_with_masks(_masks(a), len(a), b)
 
 
 def f_measure(lcs: int, target_len: int, prediction_len: int) -> float:
@@ -109,7 +119,9 @@ class NearDupIndex:
         self._freq = freq
         self._records: list[list[str]] = []
         self._texts: list[str] = []
-        self._postings: dict[tuple[str, int], list[int]] = {}
+        self._masks: list[dict[str, int]] = []
+        self._lengths: list[int] = []
+        self._postings: dict[tuple[str, int], list[tuple[int, int]]] = {}  # element -> (record, position)
         self.comparisons = 0  # exact scores computed (candidates that passed the filters)
 
     def __len__(self) -> int:
@@ -119,9 +131,32 @@ class NearDupIndex:
         # the frequency, then a stable hash (never Python's salted hash: the order must not change)
         return self._freq.get(element, 0), zlib.crc32(f"{element[0]}\0{element[1]}".encode())
 
-    def _prefix(self, tokens: list[str]) -> list[tuple[str, int]]:
-        ordered = sorted(_elements(tokens), key=self._rank)
-        return ordered[: len(tokens) - min_overlap(len(tokens), self.threshold) + 1]
+    def _ordered(self, tokens: list[str]) -> list[tuple[str, int]]:
+        return sorted(_elements(tokens), key=self._rank)
+
+    def _candidates(self, tokens: list[str]) -> dict[int, int]:
+        """Added lists that may reach the threshold: those sharing an element of the prefixes,
+        within the length bound, and passing the positional filter (PPJoin, Xiao et al. 2008):
+        the overlap seen so far plus the most still possible must reach the pair's bound."""
+        m, tau = len(tokens), self.threshold
+        low, high = m * tau / (2 - tau) - 1e-9, m * (2 - tau) / tau + 1e-9
+        # the overlap a list of n tokens needs with this one; more than possible outside the length bound
+        need = [math.ceil(tau * (m + n) / 2 - 1e-9) if low <= n <= high else m + n + 1 for n in range(int(high) + 2)]
+        lengths, postings, far = self._lengths, self._postings, len(need) - 1
+        counts: dict[int, int] = {}
+        for i, element in enumerate(self._ordered(tokens)[: m - min_overlap(m, tau) + 1]):
+            rest = m - i - 1
+            for rec, j in postings.get(element, ()):
+                seen = counts.get(rec, 0)
+                if seen < 0:
+                    continue
+                n = lengths[rec]
+                rest_y = n - j - 1
+                if seen + 1 + (rest if rest < rest_y else rest_y) < need[n if n < far else far]:
+                    counts[rec] = -1
+                else:
+                    counts[rec] = seen + 1
+        return {rec: c for rec, c in counts.items() if c > 0}
 
     def nearest(self, tokens: list[str]) -> tuple[int, float] | None:
         """(index, score) of the added list most similar to `tokens` among those with ROUGE-L >=
@@ -130,18 +165,11 @@ class NearDupIndex:
         if not tokens:
             return None  # no token: ROUGE-L is 0 against anything
         m = len(tokens)
-        candidates: set[int] = set()
-        for element in self._prefix(tokens):
-            candidates.update(self._postings.get(element, ()))
-        low = m * self.threshold / (2 - self.threshold) - 1e-9
-        high = m * (2 - self.threshold) / self.threshold + 1e-9
         best: tuple[float, str, int] | None = None
-        for i in candidates:
-            other = self._records[i]
-            if not low <= len(other) <= high:  # the length bound: lcs <= the shorter list
-                continue
+        for i in self._candidates(tokens):
             self.comparisons += 1
-            score = f_measure(lcs_length(other, tokens), len(other), m)
+            other = self._records[i]
+            score = f_measure(_lcs_with_masks(self._masks[i], len(other), tokens), len(other), m)
             if score >= self.threshold and (best is None or (-score, self._texts[i]) < (-best[0], best[1])):
                 best = (score, self._texts[i], i)
         return None if best is None else (best[2], best[0])
@@ -151,9 +179,12 @@ class NearDupIndex:
         i = len(self._records)
         self._records.append(tokens)
         self._texts.append(" ".join(tokens) if text is None else text)
+        self._masks.append(_masks(tokens))
+        self._lengths.append(len(tokens))
         if tokens:
-            for element in self._prefix(tokens):
-                self._postings.setdefault(element, []).append(i)
+            ordered = self._ordered(tokens)
+            for j, element in enumerate(ordered[: len(tokens) - min_overlap(len(tokens), self.threshold) + 1]):
+                self._postings.setdefault(element, []).append((i, j))
         return i
 
     def text(self, i: int) -> str:
