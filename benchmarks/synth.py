@@ -33,16 +33,37 @@ TEMPLATES = (
     "Describe how {audience} could use {topic} when {activity}.", "Translate a {adj} {form} about {topic} into French.",
 )  # fmt: skip
 FILL = {
-    "adj": ["short", "funny", "detailed", "simple", "formal", "surprising", "sad", "clear", "brief", "strange"],
+    "adj": [
+        "short",
+        "funny",
+        "detailed",
+        "simple",
+        "formal",
+        "surprising",
+        "sad",
+        "clear",
+        "brief",
+        "strange",
+    ],
     "form": ["poem", "story", "email", "essay", "song", "report", "letter", "dialogue", "riddle", "tweet"],
-    "audience": ["a child", "a beginner", "an engineer", "a doctor", "my grandmother", "a student", "a tourist"],
+    "audience": [
+        "a child",
+        "a beginner",
+        "an engineer",
+        "a doctor",
+        "my grandmother",
+        "a student",
+        "a tourist",
+    ],
     "activity": ["cooking", "travelling", "studying", "gardening", "saving money", "running", "moving house"],
 }
 
 
 def instructions(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa") for b in range(300)]
+    vocab = [
+        f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa") for b in range(300)
+    ]
     weights = [1 / (i + 1) for i in range(len(vocab))]  # Zipf: a few topics are very common
     out: list[str] = []
     for _ in range(n):
@@ -53,7 +74,9 @@ def instructions(n: int, seed: int = 0) -> list[str]:
                 if op < 0.4 and len(words) > 3:
                     del words[rng.randrange(len(words))]
                 elif op < 0.8:
-                    words.insert(rng.randrange(len(words) + 1), rng.choice(["please", "now", "the", "very", "also"]))
+                    words.insert(
+                        rng.randrange(len(words) + 1), rng.choice(["please", "now", "the", "very", "also"])
+                    )
                 else:
                     i = rng.randrange(len(words) - 1)
                     words[i], words[i + 1] = words[i + 1], words[i]
@@ -140,7 +163,9 @@ def bench_generation(answers: int, max_tokens: int, runs: int) -> None:
             replies = gen.complete(requests)
             seconds = time.perf_counter() - t0
             rates[name].append(sum(r.tokens for r in replies) / seconds)
-    print(f"generation of {answers} answers (<= {max_tokens} tokens, greedy) on the default model, 2 threads:")
+    print(
+        f"generation of {answers} answers (<= {max_tokens} tokens, greedy) on the default model, 2 threads:"
+    )
     for name, values in rates.items():
         print(f"  {name}: {statistics.median(values):.1f} tokens/s (median of {runs})")
     one, many = (statistics.median(rates[k]) for k in ("one at a time", "batched (all in flight)"))

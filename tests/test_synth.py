@@ -94,7 +94,9 @@ def test_lineage_names_the_weights_prompts_and_inputs(self_instruct: Path, tiny:
 
     lineage = json.loads((self_instruct / "lineage.json").read_text())
     assert lineage["model"]["weights_sha256"] == model_fingerprint(load(str(tiny), device="cpu").model)
-    assert lineage["inputs"] == [{"file": str(seeds), "sha256": hashlib.sha256(seeds.read_bytes()).hexdigest()}]
+    assert lineage["inputs"] == [
+        {"file": str(seeds), "sha256": hashlib.sha256(seeds.read_bytes()).hexdigest()}
+    ]
     for name in ("self_instruct", "answer"):
         entry = lineage["prompts"][name]
         assert entry["sha256"] == hashlib.sha256(Path(entry["file"]).read_bytes()).hexdigest()
@@ -142,7 +144,9 @@ def whole(tiny, seeds, tmp_path_factory) -> Path:
     return out
 
 
-def test_interrupted_twice_mid_step_the_run_ends_as_an_uninterrupted_one(tiny, seeds, whole, tmp_path, monkeypatch):
+def test_interrupted_twice_mid_step_the_run_ends_as_an_uninterrupted_one(
+    tiny, seeds, whole, tmp_path, monkeypatch
+):
     from weightsmith.cli.main import main
     from weightsmith.synth.generation import LocalGenerator
 
@@ -217,7 +221,9 @@ def test_grounded_skips_and_counts_binary_and_unreadable_documents(tiny, tmp_pat
     (docs / "sub").mkdir(parents=True)
     text = "The lighthouse at Kettle Point was built in 1871.\nIts lamp burned whale oil until 1902.\n" * 3
     (docs / "manual.md").write_text(text)
-    (docs / "sub" / "faq.jsonl").write_text(json.dumps({"text": "Opening hours are nine to five."}) + "\n{oops\n")
+    (docs / "sub" / "faq.jsonl").write_text(
+        json.dumps({"text": "Opening hours are nine to five."}) + "\n{oops\n"
+    )
     (docs / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (docs / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (docs / "ignored.pdf").write_bytes(b"%PDF")
@@ -244,7 +250,15 @@ def test_evolve_rewrites_round_after_round(tiny, seeds, tmp_path) -> None:
     from weightsmith.cli.main import main
 
     out = tmp_path / "out"
-    argv = ["synth", "evolve", "--data", str(seeds), "--rounds", "2", *_common(tiny, out, "--valid-fraction", "0")]
+    argv = [
+        "synth",
+        "evolve",
+        "--data",
+        str(seeds),
+        "--rounds",
+        "2",
+        *_common(tiny, out, "--valid-fraction", "0"),
+    ]
     assert main(argv) == 0
     kept = _rows(out / "train.jsonl")
     dropped = _rows(out / "work" / "dropped.jsonl")
@@ -254,7 +268,9 @@ def test_evolve_rewrites_round_after_round(tiny, seeds, tmp_path) -> None:
         if meta["round"] == 1:
             assert meta["evolved_from"] in SEEDS
         else:
-            assert meta["evolved_from"] in [k["messages"][0]["content"] for k in kept if k["meta"]["round"] == 1]
+            assert meta["evolved_from"] in [
+                k["messages"][0]["content"] for k in kept if k["meta"]["round"] == 1
+            ]
     assert len([r for r in kept + dropped if r["meta"]["round"] == 1]) == len(SEEDS)
 
 

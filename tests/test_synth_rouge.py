@@ -44,7 +44,13 @@ def _corpus(seed: int, n: int) -> list[str]:
     """Instructions with many rewordings of a few templates, so near-duplicates are common."""
     rng = random.Random(seed)
     subjects = ["the ocean", "a cat", "machine learning", "the moon", "tax law", "bread", "a river", "chess"]
-    verbs = ["Write a poem about", "Explain", "Summarise the history of", "List three facts about", "Describe"]
+    verbs = [
+        "Write a poem about",
+        "Explain",
+        "Summarise the history of",
+        "List three facts about",
+        "Describe",
+    ]
     extras = ["", "in simple words", "for a child", "in two sentences", "with an example", "briefly, please"]
     out = []
     for _ in range(n):

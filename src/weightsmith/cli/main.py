@@ -51,7 +51,6 @@ from weightsmith.commands import (
     run,
     serve,
     store,
-    synth,
     train,
     watchdog,
 )
@@ -105,6 +104,10 @@ def _bars(cfg: Any) -> Any:
 
 def _probe_lines(cfg: Any) -> Any:
     return None if cfg.json else redteam_out.progress_lines(redteam_out.stderr_console())
+
+
+def _synth(config: type, run: Callable[[Any, Any], Any], help: str, example: str) -> Command:
+    return Command(config, help, example, run, _plain(synth_out.print_synth), synth_out.make_progress)
 
 
 def _listening(cfg: Any) -> Callable[[str, Any], None]:
@@ -216,44 +219,7 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(watchdog_out.print_watchdog),
         watchdog_out.make_progress,
     ),
-    "synth": Group(
-        "make training data with a model: self-instruct, evolve, grounded Q&A from your documents, answer",
-        {
-            "self-instruct": Command(
-                synth.SelfInstructConfig,
-                "new instructions from your seed examples, then answers; filtered and deduplicated",
-                "weightsmith synth self-instruct --seed seeds.jsonl --model smollm2-135m-instruct --n 2000 --out data/synth\n"
-                "  weightsmith finetune smollm2-135m-instruct --data data/synth/train.jsonl --out runs/synth",
-                synth.run_self_instruct,
-                _plain(synth_out.print_synth),
-                synth_out.make_progress,
-            ),
-            "evolve": Command(
-                synth.EvolveConfig,
-                "rewrite instructions deeper, broader or more concrete, round after round, then answer them",
-                "weightsmith synth evolve --data data/synth/train.jsonl --model http://big:8000/v1#qwen --rounds 2 --out data/evolved",
-                synth.run_evolve,
-                _plain(synth_out.print_synth),
-                synth_out.make_progress,
-            ),
-            "grounded": Command(
-                synth.GroundedConfig,
-                "questions and answers grounded in chunks of your documents (each keeps its source)",
-                "weightsmith synth grounded --docs manuals/ --model http://big:8000/v1#qwen --questions-per-chunk 3 --out data/kb",
-                synth.run_grounded,
-                _plain(synth_out.print_synth),
-                synth_out.make_progress,
-            ),
-            "answer": Command(
-                synth.AnswerConfig,
-                "distil a teacher model's answers to your prompts",
-                "weightsmith synth answer --prompts prompts.jsonl --model http://teacher:8000/v1#m --out data/distilled",
-                synth.run_answer,
-                _plain(synth_out.print_synth),
-                synth_out.make_progress,
-            ),
-        },
-    ),
+    "synth": Group(synth_out.HELP, {name: _synth(*spec) for name, *spec in synth_out.SUBCOMMANDS}),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",
         {

@@ -13,6 +13,33 @@ from rich.table import Table
 
 from weightsmith.cli.loading import load_spinner
 from weightsmith.cli.redteam import stderr_console
+from weightsmith.commands import synth
+
+HELP = "make training data with a model: self-instruct, evolve, grounded Q&A from your documents, answer"
+#: (name, config, run, help, example) of each `synth` subcommand, for cli/main.py's COMMANDS.
+SUBCOMMANDS = (
+    (
+        "self-instruct", synth.SelfInstructConfig, synth.run_self_instruct,
+        "new instructions from your seed examples, then answers; filtered and deduplicated",
+        "weightsmith synth self-instruct --seed seeds.jsonl --model smollm2-135m-instruct --n 2000 --out data/synth",
+    ),
+    (
+        "evolve", synth.EvolveConfig, synth.run_evolve,
+        "rewrite instructions deeper, broader or more concrete, round after round, then answer them",
+        "weightsmith synth evolve --data data/synth/train.jsonl --model http://big:8000/v1#qwen --rounds 2 "
+        "--out data/evolved",
+    ),
+    (
+        "grounded", synth.GroundedConfig, synth.run_grounded,
+        "questions and answers grounded in chunks of your documents (each keeps its source)",
+        "weightsmith synth grounded --docs manuals/ --model http://big:8000/v1#qwen --questions-per-chunk 3 "
+        "--out data/kb",
+    ),
+    (
+        "answer", synth.AnswerConfig, synth.run_answer, "distil a teacher model's answers to your prompts",
+        "weightsmith synth answer --prompts prompts.jsonl --model http://teacher:8000/v1#m --out data/distilled",
+    ),
+)  # fmt: skip
 
 
 class SynthLines:
@@ -28,7 +55,9 @@ class SynthLines:
     def step(self, recipe: str, kept: int, target: int | None) -> None:
         self.steps += 1
         of = f"/{target}" if target else ""
-        self.console.print(f"{recipe}: step {self.steps}: {kept}{of} examples kept", markup=False, highlight=False)
+        self.console.print(
+            f"{recipe}: step {self.steps}: {kept}{of} examples kept", markup=False, highlight=False
+        )
 
     def loading(self, model: str) -> Any:
         return load_spinner(model)

@@ -35,18 +35,24 @@ OUTPUTS = ("config.yaml", "train.jsonl", "validation.jsonl", "funnel.json", "lin
 class SynthOptions:
     """Settings every recipe shares."""
 
-    model: str = opt(DEFAULT_MODEL, "generating model (name, HF directory, .gguf) or endpoint http://host:8000/v1#MODEL")
+    model: str = opt(
+        DEFAULT_MODEL, "generating model (name, HF directory, .gguf) or endpoint http://host:8000/v1#MODEL"
+    )
     random_seed: int = opt(0, "seed of every sampled request and choice (same seed, same data)")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
     top_p: float = opt(0.95, "nucleus sampling mass")
     max_tokens: int = opt(256, "most tokens per generated answer")
     batch_size: int = opt(32, "requests generated together (in process) or proposed per step")
-    stop: list[str] = opt(default_factory=list, help="stop a reply when this text appears (repeatable)", split=False)
+    stop: list[str] = opt(
+        default_factory=list, help="stop a reply when this text appears (repeatable)", split=False
+    )
     concurrency: int = opt(8, "requests in flight to each endpoint")
     timeout: float = opt(120.0, "seconds an endpoint request may take")
     api_key_env: str = opt("WEIGHTSMITH_API_KEY", "environment variable holding the endpoints' API key")
     templates: str | None = opt(None, "folder of prompt templates (NAME.txt) replacing the shipped ones")
-    judge: str | None = opt(None, "judge model or endpoint URL#MODEL: keep examples it scores >= --judge-threshold")
+    judge: str | None = opt(
+        None, "judge model or endpoint URL#MODEL: keep examples it scores >= --judge-threshold"
+    )
     judge_threshold: int = opt(3, "lowest judge score kept (scale 1-5)")
     decontaminate: list[str] = opt(
         default_factory=lambda: ["builtin"],
@@ -119,7 +125,9 @@ class EvolveConfig:
 class GroundedConfig:
     """Grounded Q&A: questions about chunks of your documents (.txt, .md, .jsonl), answered from each chunk."""
 
-    docs: str = opt(help="folder (or file) of .txt, .md and .jsonl documents (JSONL: a \"text\" field per line)")
+    docs: str = opt(
+        help='folder (or file) of .txt, .md and .jsonl documents (JSONL: a "text" field per line)'
+    )
     questions_per_chunk: int = opt(2, "questions asked per chunk")
     chunk_tokens: int = opt(256, "tokens per chunk (the model's tokens; words for an endpoint)")
     overlap: int = opt(32, "tokens a chunk shares with the one before")
@@ -131,7 +139,9 @@ class GroundedConfig:
     def __post_init__(self) -> None:
         self.common.check()
         if self.questions_per_chunk < 1 or self.chunk_tokens < 1 or not 0 <= self.overlap < self.chunk_tokens:
-            raise UsageError("--questions-per-chunk and --chunk-tokens must be at least 1, --overlap in [0, chunk-tokens)")
+            raise UsageError(
+                "--questions-per-chunk and --chunk-tokens must be at least 1, --overlap in [0, chunk-tokens)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -157,7 +167,11 @@ def _start(cfg: Any, out: Path) -> None:
             before = json.loads(json.dumps(read_yaml(saved)))
         except WeightsmithError:
             before = {}
-        differ = sorted(k for k in set(now) | set(before) if k not in ("json", "overwrite") and before.get(k) != now.get(k))
+        differ = sorted(
+            k
+            for k in set(now) | set(before)
+            if k not in ("json", "overwrite") and before.get(k) != now.get(k)
+        )
         if differ:
             raise UsageError(
                 f"{out} holds a synth run with other settings ({', '.join(differ)}); "
@@ -183,7 +197,14 @@ def run_self_instruct(cfg: SelfInstructConfig, progress: Any = None) -> dict[str
                             seed_examples=cfg.seed_examples, generated_examples=cfg.generated_examples,
                             max_steps=cfg.max_steps)  # fmt: skip
 
-    return _run(cfg, ("self_instruct", "answer"), recipe, [Path(cfg.seed)], [r["instruction"] for r in seeds], progress)
+    return _run(
+        cfg,
+        ("self_instruct", "answer"),
+        recipe,
+        [Path(cfg.seed)],
+        [r["instruction"] for r in seeds],
+        progress,
+    )
 
 
 def run_evolve(cfg: EvolveConfig, progress: Any = None) -> dict[str, Any]:
@@ -221,9 +242,14 @@ def run_grounded(cfg: GroundedConfig, progress: Any = None) -> dict[str, Any]:
 
     docs = read_docs(Path(cfg.docs))
     if not docs.texts:
-        why = "; ".join(f"{s['file']}: {s['reason']}" for s in docs.skipped[:3]) or "no .txt, .md or .jsonl files"
+        why = (
+            "; ".join(f"{s['file']}: {s['reason']}" for s in docs.skipped[:3])
+            or "no .txt, .md or .jsonl files"
+        )
         raise UsageError(f"--docs {cfg.docs}: no readable document ({why})")
-    files = sorted({Path(cfg.docs) / t.file for t in docs.texts} if Path(cfg.docs).is_dir() else {Path(cfg.docs)})
+    files = sorted(
+        {Path(cfg.docs) / t.file for t in docs.texts} if Path(cfg.docs).is_dir() else {Path(cfg.docs)}
+    )
 
     def recipe(prompts: Any, llm: Any) -> Any:
         spans = word_spans if llm is None else tokenizer_spans(llm.tokenizer)

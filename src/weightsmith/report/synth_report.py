@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from weightsmith.report.html import fmt, figure_png, image, new_figure, plain, write_page
+from weightsmith.report.html import figure_png, fmt, image, new_figure, plain, write_page
 
 EXAMPLES_PER_REASON = 3
 
@@ -20,11 +20,17 @@ def _funnel_table(funnel: dict[str, Any]) -> str:
     rows = [f'<tr><td>candidates</td><td></td><td class="num">{funnel["candidates"]}</td></tr>']
     for stage in funnel["stages"]:
         dropped = ", ".join(f"{escape(r)}: {n}" for r, n in stage["dropped"].items()) or "—"
-        rows.append(f'<tr><td>{escape(stage["stage"])}</td><td>{dropped}</td><td class="num">{stage["remaining"]}</td></tr>')
+        rows.append(
+            f'<tr><td>{escape(stage["stage"])}</td><td>{dropped}</td><td class="num">{stage["remaining"]}</td></tr>'
+        )
     share = funnel["kept_share"]
-    ci = f"[{fmt(share.get('ci_low'), 3)}, {fmt(share.get('ci_high'), 3)}]" if share.get("rate") is not None else ""
+    ci = (
+        f"[{fmt(share.get('ci_low'), 3)}, {fmt(share.get('ci_high'), 3)}]"
+        if share.get("rate") is not None
+        else ""
+    )
     rows.append(
-        f'<tr><th>kept</th><td>{fmt(share["rate"], 3)} of candidates, 95% Wilson {ci}</td>'
+        f"<tr><th>kept</th><td>{fmt(share['rate'], 3)} of candidates, 95% Wilson {ci}</td>"
         f'<td class="num">{funnel["kept"]}</td></tr>'
     )
     head = "<tr><th>stage</th><th>dropped (by reason)</th><th>remaining</th></tr>"
@@ -48,11 +54,13 @@ def _histograms(kept: list[dict]) -> str:
 
 def _examples(kept: list[dict], dropped: list[dict]) -> str:
     parts = ["<h2>Examples kept</h2><table><tr><th>instruction</th><th>answer</th><th>meta</th></tr>"]
-    for r in kept[:EXAMPLES_PER_REASON * 2]:
+    for r in kept[: EXAMPLES_PER_REASON * 2]:
         meta = json.dumps(r.get("meta", {}), ensure_ascii=False)
         parts.append(f"<tr><td><pre>{escape(r['messages'][-2]['content'])}</pre></td>"
                      f"<td><pre>{escape(r['messages'][-1]['content'])}</pre></td><td><pre>{escape(meta)}</pre></td></tr>")  # fmt: skip
-    parts.append("</table><h2>Examples dropped</h2><table><tr><th>reason</th><th>instruction</th><th>answer or detail</th></tr>")
+    parts.append(
+        "</table><h2>Examples dropped</h2><table><tr><th>reason</th><th>instruction</th><th>answer or detail</th></tr>"
+    )
     shown: dict[str, int] = {}
     for r in dropped:
         if shown.get(r["reason"], 0) >= EXAMPLES_PER_REASON:

@@ -87,8 +87,13 @@ class LocalGenerator:
         for start in range(0, len(ready), self.batch_size):
             batch = ready[start : start + self.batch_size]
             params = [
-                self.llm.sampling_params(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                         seed=requests[i].seed, stop=list(s.stop))  # fmt: skip
+                self.llm.sampling_params(
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    max_tokens=s.max_tokens,
+                    seed=requests[i].seed,
+                    stop=list(s.stop),
+                )  # fmt: skip
                 for i, _ in batch
             ]
             done = engine.generate([ids for _, ids in batch], params)
@@ -117,7 +122,11 @@ class EndpointGenerator:
     @property
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            self._identity = {"kind": "endpoint", "urls": self.pool.urls, **self.pool.served_model(self.model)}
+            self._identity = {
+                "kind": "endpoint",
+                "urls": self.pool.urls,
+                **self.pool.served_model(self.model),
+            }
         return self._identity
 
     def _one(self, request: Request) -> Reply:

@@ -73,7 +73,9 @@ def funnel(state_funnel: dict[str, Any], skipped: list[dict] | None = None) -> d
     return out
 
 
-def write_outputs(out: Path, kept: list[dict], valid_fraction: float, funnel_data: dict, lineage: dict) -> dict:
+def write_outputs(
+    out: Path, kept: list[dict], valid_fraction: float, funnel_data: dict, lineage: dict
+) -> dict:
     """train.jsonl, validation.jsonl, funnel.json and lineage.json, each written atomically."""
     train = [r for r in kept if not is_validation(r, valid_fraction)]
     valid = [r for r in kept if is_validation(r, valid_fraction)]

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.synth.filters import Contamination, Limits, answer_problem, instruction_problem, parse_instruction
+from weightsmith.synth.filters import (
+    Contamination,
+    Limits,
+    answer_problem,
+    instruction_problem,
+    parse_instruction,
+)
 from weightsmith.synth.generation import Request
 from weightsmith.synth.recipes import Candidate, stable_int
 from weightsmith.synth.rouge import NearDupIndex, tokenize
@@ -73,11 +79,15 @@ class Pipeline:
         dropped: list[dict] = []
 
         def drop(c: Candidate, reason: str, **extra: Any) -> None:
-            dropped.append({"step": step, "reason": reason, "instruction": c.instruction, **extra, "meta": c.meta})
+            dropped.append(
+                {"step": step, "reason": reason, "instruction": c.instruction, **extra, "meta": c.meta}
+            )
 
         alive = self._instructions(step, candidates, drop)
         alive = [c for c in alive if not self._screen(c, drop)]
-        answers = self._generate(self.generator, [self.recipe.answer_messages(c) for c in alive], step, "answer")
+        answers = self._generate(
+            self.generator, [self.recipe.answer_messages(c) for c in alive], step, "answer"
+        )
         scored: list[tuple[Candidate, str]] = []
         for c, reply in zip(alive, answers, strict=True):
             if reply.error:
@@ -148,8 +158,13 @@ class Pipeline:
         if self.judge is None or not scored:
             return [None] * len(scored)
         cfg = self.judge.config
-        items = [{"question": c.instruction, "answer": a, "reference": c.context or "", "doc": {}} for c, a in scored]
-        replies = self._generate(self.judge.generator, [cfg.render(it, i) for i, it in enumerate(items)], step, "judge")
+        items = [
+            {"question": c.instruction, "answer": a, "reference": c.context or "", "doc": {}}
+            for c, a in scored
+        ]
+        replies = self._generate(
+            self.judge.generator, [cfg.render(it, i) for i, it in enumerate(items)], step, "judge"
+        )
         out: list[Any] = []
         for (c, text), reply in zip(scored, replies, strict=True):
             score = None if reply.error else cfg.parse(reply.text)
@@ -187,8 +202,10 @@ class Pipeline:
 def passed_screen(row: dict) -> bool:
     """Whether a dropped row's instruction had passed the near-duplicate filter."""
     reason = row["reason"]
-    return reason.startswith(("answer_", "judge_")) or reason == "beyond_n" or (
-        reason == "contaminated" and "answer" in row
+    return (
+        reason.startswith(("answer_", "judge_"))
+        or reason == "beyond_n"
+        or (reason == "contaminated" and "answer" in row)
     )
 
 

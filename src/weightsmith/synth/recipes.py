@@ -81,7 +81,11 @@ def _row(line: str, where: str) -> dict[str, Any]:
         value = obj.get(key)
         if isinstance(value, str) and value.strip():
             extra = obj.get("input")
-            text = f"{value.strip()}\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else value.strip()
+            text = (
+                f"{value.strip()}\n\n{extra.strip()}"
+                if isinstance(extra, str) and extra.strip()
+                else value.strip()
+            )
             return {"instruction": text, "conversation": None}
     messages = obj.get("messages")
     if isinstance(messages, list) and messages:
@@ -159,7 +163,9 @@ class Evolve:
                  batch: int, seed: int) -> None:  # fmt: skip
         unknown = [op for op in operations if op not in EVOLVE_OPERATIONS]
         if unknown or not operations:
-            raise UsageError(f"--operations: {', '.join(unknown) or 'none'}; choose from {', '.join(EVOLVE_OPERATIONS)}")
+            raise UsageError(
+                f"--operations: {', '.join(unknown) or 'none'}; choose from {', '.join(EVOLVE_OPERATIONS)}"
+            )
         self.rows, self.prompts, self.rounds = rows, prompts, rounds
         self.operations, self.batch, self.seed = list(operations), batch, seed
 
@@ -169,7 +175,9 @@ class Evolve:
     def _inputs(self, rnd: int, kept: list[dict]) -> list[tuple[str, str]]:
         if rnd == 1:
             return [(r["instruction"], r["source"]) for r in self.rows]
-        return [(k["messages"][-2]["content"], k["meta"]["source"]) for k in kept if k["meta"]["round"] == rnd - 1]
+        return [
+            (k["messages"][-2]["content"], k["meta"]["source"]) for k in kept if k["meta"]["round"] == rnd - 1
+        ]
 
     def propose(self, step: int, cursor: dict, kept: list[dict]) -> tuple[list[Candidate], dict]:
         rnd, offset = cursor.get("round", 1), cursor.get("offset", 0)
@@ -184,7 +192,9 @@ class Evolve:
         for j, (text, source) in enumerate(items, offset):
             op = self.operations[stable_int(self.seed, rnd, j) % len(self.operations)]
             ask = [{"role": "user", "content": self.prompts.render(f"evolve_{op}", instruction=text)}]
-            out.append(Candidate(ask, meta={"round": rnd, "operation": op, "evolved_from": text, "source": source}))
+            out.append(
+                Candidate(ask, meta={"round": rnd, "operation": op, "evolved_from": text, "source": source})
+            )
         return out, {"round": rnd, "offset": offset + len(items)}
 
     def answer_messages(self, c: Candidate) -> list[dict]:
@@ -208,7 +218,12 @@ class Grounded:
         items = self.items[start : start + self.batch]
         out = []
         for chunk, q in items:
-            ask = [{"role": "user", "content": self.prompts.render("grounded_question", chunk=chunk.text, number=q)}]
+            ask = [
+                {
+                    "role": "user",
+                    "content": self.prompts.render("grounded_question", chunk=chunk.text, number=q),
+                }
+            ]
             out.append(Candidate(ask, context=chunk.text, meta={"source": chunk.location, "question": q}))
         return out, {"offset": start + len(items)}
 

@@ -141,7 +141,10 @@ class NearDupIndex:
         m, tau = len(tokens), self.threshold
         low, high = m * tau / (2 - tau) - 1e-9, m * (2 - tau) / tau + 1e-9
         # the overlap a list of n tokens needs with this one; more than possible outside the length bound
-        need = [math.ceil(tau * (m + n) / 2 - 1e-9) if low <= n <= high else m + n + 1 for n in range(int(high) + 2)]
+        need = [
+            math.ceil(tau * (m + n) / 2 - 1e-9) if low <= n <= high else m + n + 1
+            for n in range(int(high) + 2)
+        ]
         lengths, postings, far = self._lengths, self._postings, len(need) - 1
         counts: dict[int, int] = {}
         for i, element in enumerate(self._ordered(tokens)[: m - min_overlap(m, tau) + 1]):
@@ -183,7 +186,9 @@ class NearDupIndex:
         self._lengths.append(len(tokens))
         if tokens:
             ordered = self._ordered(tokens)
-            for j, element in enumerate(ordered[: len(tokens) - min_overlap(len(tokens), self.threshold) + 1]):
+            for j, element in enumerate(
+                ordered[: len(tokens) - min_overlap(len(tokens), self.threshold) + 1]
+            ):
                 self._postings.setdefault(element, []).append((i, j))
         return i
 

@@ -50,7 +50,9 @@ class WorkStore:
                                      "start afresh with --overwrite")  # fmt: skip
                 path.touch()
             elif path.stat().st_size < size:
-                raise UsageError(f"{path} is shorter than {self.state_path} says; start afresh with --overwrite")
+                raise UsageError(
+                    f"{path} is shorter than {self.state_path} says; start afresh with --overwrite"
+                )
             with open(path, "r+b") as f:
                 f.truncate(size)  # lines of a step that never finished
         self.kept = self._read("kept")
@@ -65,13 +67,17 @@ class WorkStore:
                 raise ValueError("another version")
             return State(**data)
         except (ValueError, TypeError) as e:
-            raise UsageError(f"{self.state_path}: not a synth state file ({e}); start afresh with --overwrite") from None
+            raise UsageError(
+                f"{self.state_path}: not a synth state file ({e}); start afresh with --overwrite"
+            ) from None
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         text = self.paths[name].read_text(encoding="utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def commit(self, kept: list[dict], dropped: list[dict], *, cursor: dict[str, Any], done: bool = False) -> None:
+    def commit(
+        self, kept: list[dict], dropped: list[dict], *, cursor: dict[str, Any], done: bool = False
+    ) -> None:
         """Append one finished step's lines, then record it in the state (atomically)."""
         for name, rows in (("kept", kept), ("dropped", dropped)):
             if rows:
