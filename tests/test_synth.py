@@ -278,3 +278,10 @@ def test_rerun_with_other_settings_is_refused(self_instruct: Path, tiny: Path, s
     code, _, err = run_cli(["synth", "self-instruct", "--seed", seeds, "--n", "7", "--max-steps", "4",
                             *_common(tiny, self_instruct, "--valid-fraction", "0.3")], capsys)  # fmt: skip
     assert code == 2 and "other settings (n)" in err
+
+
+def test_an_unknown_evolve_operation_is_a_usage_error(seeds, tmp_path, capsys) -> None:
+    code, _, err = run_cli(["synth", "evolve", "--data", seeds, "--operations", "deepen,shrink",
+                            "--out", tmp_path / "o"], capsys)  # fmt: skip
+    assert code == 2 and "--operations: shrink; choose from deepen, broaden, concretise" in err
+    assert not (tmp_path / "o").exists()

@@ -117,8 +117,11 @@ class EvolveConfig:
 
     def __post_init__(self) -> None:
         self.common.check()
+        from weightsmith.synth.recipes import check_operations
+
         if self.rounds < 1:
             raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
+        check_operations(self.operations)
 
 
 @dataclass(kw_only=True)
@@ -167,11 +170,8 @@ def _start(cfg: Any, out: Path) -> None:
             before = json.loads(json.dumps(read_yaml(saved)))
         except WeightsmithError:
             before = {}
-        differ = sorted(
-            k
-            for k in set(now) | set(before)
-            if k not in ("json", "overwrite") and before.get(k) != now.get(k)
-        )
+        a, b = _leaves(now), _leaves(before)
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if differ:
             raise UsageError(
                 f"{out} holds a synth run with other settings ({', '.join(differ)}); "
@@ -184,6 +184,17 @@ def _start(cfg: Any, out: Path) -> None:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dump_config_yaml(cfg, saved)
+
+
+def _leaves(data: dict, skip: tuple[str, ...] = ("json", "overwrite")) -> dict[str, Any]:
+    """Settings by flag name (flattened groups' fields under their own names)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, skip))
+        elif key not in skip:
+            out[key.replace("_", "-")] = value
+    return out
 
 
 def run_self_instruct(cfg: SelfInstructConfig, progress: Any = None) -> dict[str, Any]:
@@ -218,10 +229,6 @@ def run_evolve(cfg: EvolveConfig, progress: Any = None) -> dict[str, Any]:
         return Evolve(rows, prompts, rounds=cfg.rounds, operations=cfg.operations, batch=c.batch_size,
                       seed=c.random_seed)  # fmt: skip
 
-    from weightsmith.synth.recipes import EVOLVE_OPERATIONS
-
-    if any(op not in EVOLVE_OPERATIONS for op in cfg.operations):
-        raise UsageError(f"--operations: choose from {', '.join(EVOLVE_OPERATIONS)}")
     return _run(cfg, names, recipe, [Path(cfg.data)], [r["instruction"] for r in rows], progress)
 
 

@@ -42,6 +42,14 @@ class Candidate:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def check_operations(operations: list[str]) -> None:
+    unknown = [op for op in operations if op not in EVOLVE_OPERATIONS]
+    if unknown or not operations:
+        raise UsageError(
+            f"--operations: {', '.join(unknown) or 'none'}; choose from {', '.join(EVOLVE_OPERATIONS)}"
+        )
+
+
 def stable_int(*parts: Any) -> int:
     """A 31-bit integer from `parts`, the same in every process (seeds of requests)."""
     digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
@@ -161,11 +169,7 @@ class Evolve:
 
     def __init__(self, rows: list[dict], prompts: Prompts, *, rounds: int, operations: list[str],
                  batch: int, seed: int) -> None:  # fmt: skip
-        unknown = [op for op in operations if op not in EVOLVE_OPERATIONS]
-        if unknown or not operations:
-            raise UsageError(
-                f"--operations: {', '.join(unknown) or 'none'}; choose from {', '.join(EVOLVE_OPERATIONS)}"
-            )
+        check_operations(operations)
         self.rows, self.prompts, self.rounds = rows, prompts, rounds
         self.operations, self.batch, self.seed = list(operations), batch, seed
 
