@@ -120,3 +120,11 @@ def test_min_overlap_is_the_bound_at_the_threshold() -> None:
     assert rouge_l("a b c d e f g h i j", "a b c d e f g x y z") == pytest.approx(0.7)
     assert dedup(["a b c d e f g h i j", "a b c d e f g x y z"], 0.7) == [0]
     assert dedup(["", "!!", "a"], 0.7) == [0, 1, 2]  # no tokens: never a duplicate
+
+
+def test_parse_instruction_takes_the_task_out_of_a_chatty_reply() -> None:
+    from weightsmith.synth.filters import parse_instruction
+
+    assert parse_instruction('Here\'s a new task:\n\nTask 7: "Name a blue fruit."') == "Name a blue fruit."
+    assert parse_instruction("1. Write a limerick about tea\n2. another") == "Write a limerick about tea"
+    assert parse_instruction("Sure! Here is one:") == ""

@@ -48,9 +48,15 @@ class Limits:
     max_answer_words: int = 1000
 
 
+_INTRO = re.compile(r"^\W*(?:sure|okay|ok|certainly|of course|here)\b.*:\W*$", re.IGNORECASE)
+
+
 def parse_instruction(text: str) -> str:
-    """The task in a reply: its first non-empty line, without labels, numbers or quotes."""
+    """The task in a reply: its first non-empty line that is not an intro ("Here's a new task:"),
+    without labels, numbers or quotes."""
     for line in (text or "").splitlines():
+        if _INTRO.match(line.strip()):
+            continue
         line = _LABEL.sub("", line).strip().strip("\"'`*“”").strip()
         if line:
             return line
