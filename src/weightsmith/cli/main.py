@@ -35,6 +35,7 @@ from weightsmith.cli import redteam as redteam_out
 from weightsmith.cli import run as run_out
 from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
+from weightsmith.cli import synth as synth_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli import watchdog as watchdog_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
@@ -103,6 +104,10 @@ def _bars(cfg: Any) -> Any:
 
 def _probe_lines(cfg: Any) -> Any:
     return None if cfg.json else redteam_out.progress_lines(redteam_out.stderr_console())
+
+
+def _synth(config: type, run: Callable[[Any, Any], Any], help: str, example: str) -> Command:
+    return Command(config, help, example, run, _plain(synth_out.print_synth), synth_out.make_progress)
 
 
 def _listening(cfg: Any) -> Callable[[str, Any], None]:
@@ -214,6 +219,7 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(watchdog_out.print_watchdog),
         watchdog_out.make_progress,
     ),
+    "synth": Group(synth_out.HELP, {name: _synth(*spec) for name, *spec in synth_out.SUBCOMMANDS}),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",
         {
