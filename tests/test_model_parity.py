@@ -129,7 +129,9 @@ def test_logits_match_transformers(name):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope", *NEW_FAMILIES])
+@pytest.mark.parametrize(
+    "name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope", *NEW_FAMILIES]
+)
 def test_greedy_generation_matches_transformers(name):
     hf, ours = make_pair(name, seed=3)
     prompt = [5, 17, 42, 9, 100, 3, 77]

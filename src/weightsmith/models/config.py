@@ -350,7 +350,7 @@ def _number(data: dict[str, Any], key: str, default: float | None, source: str) 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{source}: field {key!r} must be a positive number or null, got {value!r}")
-    return float(value)
+    return value  # an int stays an int: transformers' strict config checks the type on reading
 
 
 def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
