@@ -34,7 +34,7 @@ def print_models(result: dict[str, Any], console: Console) -> None:
     if missing:
         console.print("available from the catalog (weightsmith pull NAME):")
         for c in missing:
-            console.print(f"  {c['name']}  {c['description']}")
+            console.print(f"  {c['name']}  {c['description']}  [license: {c['license']}]", markup=False)
 
 
 def print_rm(result: dict[str, Any], console: Console) -> None:
@@ -58,6 +58,8 @@ def print_info(result: dict[str, Any], console: Console, *, template: bool = Fal
         rows.append(("experts", result["experts"]))
     if result.get("sliding_window"):
         rows.append(("sliding window", result["sliding_window"]))
+    if result.get("license"):
+        rows.append(("license", result["license"]))
     table = Table(show_header=False, box=None)
     for k, v in rows:
         table.add_row(Text(k, style="bold"), Text(str(v)))
