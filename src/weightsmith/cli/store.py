@@ -21,11 +21,19 @@ def print_pull(result: dict[str, Any], console: Console) -> None:
 
 def print_models(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"models in {result['store']}", title_justify="left")
-    for col in ("name", "kind", "size", "source", "path"):
+    for col in ("name", "kind", "size", "source", "license", "path"):
         table.add_column(col)
     for e in result["models"]:
         size = f"{e['size_bytes'] / 1e6:,.0f} MB" if e.get("size_bytes") else "-"
-        table.add_row(e["name"], e["kind"], size, str(e.get("source") or "-"), str(e["path"]))
+        row = (
+            e["name"],
+            e["kind"],
+            size,
+            str(e.get("source") or "-"),
+            e.get("license") or "-",
+            str(e["path"]),
+        )
+        table.add_row(*(Text(str(v)) for v in row))
     if result["models"]:
         console.print(table)
     else:

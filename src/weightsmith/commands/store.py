@@ -43,6 +43,8 @@ class ModelsConfig:
 
 def run_models(cfg: ModelsConfig, progress: Any = None) -> dict[str, Any]:
     entries = [e.to_dict() for e in store.list_models()]
+    for e in entries:
+        e["license"] = CATALOG[e["catalog"]].license if e.get("catalog") in CATALOG else None
     pulled = {e["name"] for e in entries}
     catalog = [
         {
