@@ -58,7 +58,30 @@ FAMILIES = {
         transformers.MixtralConfig,
         dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     ),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
+    "qwen3-bias": (transformers.Qwen3Config, dict(head_dim=16, attention_bias=True)),
+    "phi3": (transformers.Phi3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phi3-sliding": (transformers.Phi3Config, dict(sliding_window=9, pad_token_id=0)),
+    # Gemma 3: sliding layers (window 7, shorter than every test sequence) with their own RoPE
+    # base around a global one; a query scale other than head_dim; tied embedding (as shipped).
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            sliding_window=7,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=12,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        ),
+    ),
+    "gemma3-softcap": (
+        transformers.Gemma3TextConfig,
+        dict(head_dim=16, sliding_window=5, final_logit_softcapping=2.0, rope_scaling=None, pad_token_id=0),
+    ),
 }
+#: The families added with issue 21, run through every test below.
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3"]
 
 
 def make_pair(name: str, seed: int = 0):
@@ -70,7 +93,7 @@ def make_pair(name: str, seed: int = 0):
     # Random init leaves norms at 1 and biases at 0; perturb them so they are tested too.
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if n.endswith("norm.weight") or n.endswith(".bias"):
+            if "norm" in n and n.endswith(".weight") or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     import json
 
@@ -106,7 +129,9 @@ def test_logits_match_transformers(name):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope"])
+@pytest.mark.parametrize(
+    "name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope", *NEW_FAMILIES]
+)
 def test_greedy_generation_matches_transformers(name):
     hf, ours = make_pair(name, seed=3)
     prompt = [5, 17, 42, 9, 100, 3, 77]
@@ -121,7 +146,7 @@ def test_greedy_generation_matches_transformers(name):
     assert gen.generated[0] == ref
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "mixtral", *NEW_FAMILIES])
 def test_kv_cache_decoding_equals_full_recompute(name):
     """Logits from prefill + one-token decode steps equal a full forward over the sequence."""
     from weightsmith.generate import decode_one_token, prefill
@@ -139,7 +164,7 @@ def test_kv_cache_decoding_equals_full_recompute(name):
     assert (got - full[9:29]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "qwen2", *NEW_FAMILIES])
 def test_batched_generation_equals_one_by_one(name):
     _, ours = make_pair(name, seed=7)
     prompts = [[1, 2, 3], list(range(10, 31)), [50, 60, 70, 80, 90, 11, 12, 13], [4]]

@@ -11,13 +11,14 @@ Not here: opening files or picking a builder (load.py), file formats (safetensor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
+from weightsmith.models.fused import split_name
 
 #: Tensors some checkpoints carry that the model recomputes instead of loading.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -40,7 +41,7 @@ def build_model(
         model = CausalLM(cfg)
     params = dict(model.named_parameters())
     tied = cfg.tie_word_embeddings
-    for name, tensor, source in tensors:
+    for name, tensor, source in _split_fused(cfg, tensors, params):
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name not in params:
@@ -64,6 +65,27 @@ def build_model(
         raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
     model.reset_rope()
     return model.eval()
+
+
+def _split_fused(
+    cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str]], params: dict[str, nn.Parameter]
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """The tensors with each fused one (Phi-3's `qkv_proj`, `gate_up_proj`) split by rows into
+    the model's separate projections (models/fused.py)."""
+    for name, tensor, source in tensors:
+        parts = split_name(cfg, name)
+        if parts is None or any(p not in params for p in parts):
+            yield name, tensor, source  # unfused, or unexpected: reported by the caller
+            continue
+        rows = [params[p].shape[0] for p in parts]
+        if tensor.ndim < 1 or tensor.shape[0] != sum(rows):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has {tuple(tensor.shape)[:1]} rows, expected {sum(rows)} "
+                f"({' + '.join(map(str, rows))} for {', '.join(p.rsplit('.', 2)[-2] for p in parts)}) "
+                "from config.json; the weights and config do not match"
+            )
+        for part, piece in zip(parts, tensor.split(rows), strict=True):
+            yield part, piece.clone(), source  # own storage: views would be shared to safetensors
 
 
 def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

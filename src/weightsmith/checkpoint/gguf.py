@@ -8,8 +8,8 @@ What it does:
 - `iter_gguf_tensors` yields the weights one at a time under HF parameter names, dequantized,
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
-Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, and mixtral
-(llama with experts). The file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
+Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
+(llama with experts), qwen3, gemma3 (text) and phi3 (name maps in gguf_names.py). The file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
 What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,20 +34,20 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
 from weightsmith.checkpoint.gguf_meta import check_value_type
+from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, GLOBAL_TENSORS: re-exported)
+    ARCHITECTURE_MODEL_TYPES,
+    BLOCK_TENSORS,
+    GLOBAL_TENSORS,
+    HF_ARCHITECTURES,
+    NORM_SHIFTED,
+    SKIPPED_TENSORS,
+    SUPPORTED_ARCHITECTURES,
+    hf_tensor_name,
+)
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
-
-# model_type -> the HF class name that goes into config["architectures"].
-_HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-}
 
 # GGUF `{arch}.rope.scaling.*` key suffix -> HF `rope_scaling` dict key.
 _ROPE_SCALING_KEYS = {
@@ -126,8 +125,8 @@ def require(reader: GGUFFile, key: str) -> Any:
 def _model_type(reader: GGUFFile) -> str:
     """Our model_type for the file, or a CheckpointError naming the unsupported architecture."""
     arch = require(reader, "general.architecture")
-    if arch == "qwen2":
-        return "qwen2"
+    if arch in ARCHITECTURE_MODEL_TYPES and arch != "llama":
+        return ARCHITECTURE_MODEL_TYPES[arch]
     if arch != "llama":
         raise CheckpointError(
             f"{reader_path(reader)}: GGUF architecture '{arch}' is not supported "
@@ -214,7 +213,7 @@ def _gguf_config(reader: GGUFFile) -> dict:
     experts = meta(reader, f"{arch}.expert_count") or 0
     config: dict[str, Any] = {
         "model_type": model_type,
-        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "architectures": [HF_ARCHITECTURES[model_type]],
         "vocab_size": _vocab_size(reader, arch),
         "hidden_size": hidden,
         "intermediate_size": require(reader, f"{arch}.feed_forward_length"),
@@ -222,7 +221,7 @@ def _gguf_config(reader: GGUFFile) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": meta(reader, f"{arch}.attention.head_count_kv", heads),
         "head_dim": meta(reader, f"{arch}.attention.key_length", hidden // heads),
-        "hidden_act": "silu",  # all four supported families use SwiGLU
+        "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",  # GeGLU (tanh) or SwiGLU
         "rms_norm_eps": require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": meta(reader, f"{arch}.rope.freq_base", 10000.0),
         "rope_scaling": _rope_scaling(reader, arch) or _llama3_from_rope_freqs(reader, arch, hidden // heads),
@@ -230,17 +229,39 @@ def _gguf_config(reader: GGUFFile) -> dict:
         # llama.cpp drops output.weight when it equals the embedding, so its absence means tied.
         "tie_word_embeddings": "output.weight" not in names,
         # qwen2 always has q/k/v biases; elsewhere they exist only if the tensors do.
-        "attention_bias": model_type == "qwen2" or "blk.0.attn_q.bias" in names,
+        "attention_bias": model_type == "qwen2"
+        or "blk.0.attn_q.bias" in names
+        or "blk.0.attn_qkv.bias" in names,
         "sliding_window": meta(reader, f"{arch}.attention.sliding_window"),
         "bos_token_id": meta(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
     }
+    if arch == "gemma3":
+        config.update(_gemma3_config(reader, config))
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
     return config
+
+
+def _gemma3_config(reader: GGUFFile, config: dict) -> dict:
+    """What llama.cpp's gemma3 graph fixes in code rather than in the file (llama-model.cpp):
+    every 6th layer global, sliding layers' RoPE base 10000, queries scaled by head_dim ** -0.5
+    (hidden / heads for the 27B, the one size with 62 layers)."""
+    layers = config["num_hidden_layers"]
+    big = layers == 62
+    fields = {
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]
+        if big
+        else config["head_dim"],
+        "final_logit_softcapping": meta(reader, "gemma3.final_logit_softcapping"),
+        "attn_logit_softcapping": meta(reader, "gemma3.attn_logit_softcapping"),
+    }
+    return fields
 
 
 def _tokenizer_config(reader: GGUFFile) -> dict:
@@ -288,55 +309,6 @@ def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
 # ---------------------------------------------------------------------------------------------
 # Tensors
 
-GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "block_sparse_moe.gate",
-}
-# Mixtral's HF names for an expert's three matrices: w1 = gate, w3 = up, w2 = down.
-_EXPERT_TENSORS = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
-# Tensors llama.cpp computes for its own kernels, not weights of the HF model.
-_SKIPPED_TENSORS = {"rope_freqs.weight"}
-
-# blk.{layer}.{kind}[.{expert}].{weight|bias}; merged experts are kind "ffn_gate_exps" etc.
-_BLOCK_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)(?:\.(\d+))?\.(weight|bias)")
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF parameter name for a GGUF tensor name, or None if the name is not one we map.
-
-    A merged expert tensor (`blk.N.ffn_gate_exps.weight`) maps to a name with an `{expert}`
-    placeholder, to be filled in per expert when the 3-D tensor is split.
-    """
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem in GLOBAL_TENSORS and suffix in ("weight", "bias"):
-        return f"{GLOBAL_TENSORS[stem]}.{suffix}"
-    match = _BLOCK_NAME.fullmatch(gguf_name)
-    if match is None:
-        return None
-    layer, kind, expert, suffix = match.groups()
-    prefix = f"model.layers.{layer}"
-    if expert is not None and kind in _EXPERT_TENSORS:
-        return f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_TENSORS[kind]}.{suffix}"
-    if expert is None and kind.endswith("_exps") and kind[: -len("_exps")] in _EXPERT_TENSORS:
-        w = _EXPERT_TENSORS[kind[: -len("_exps")]]
-        return f"{prefix}.block_sparse_moe.experts.{{expert}}.{w}.{suffix}"
-    if expert is None and kind in BLOCK_TENSORS:
-        return f"{prefix}.{BLOCK_TENSORS[kind]}.{suffix}"
-    return None
-
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's row permutation of a llama-family q_proj/k_proj weight or bias.
@@ -372,11 +344,12 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
 def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
     path = reader_path(reader)
+    arch = require(reader, "general.architecture")
     plan = []
     for tensor in reader.tensors:
-        if tensor.name in _SKIPPED_TENSORS:
+        if tensor.name in SKIPPED_TENSORS:
             continue  # rope_freqs became config (rope_scaling); the model recomputes them
-        hf_name = hf_tensor_name(tensor.name)
+        hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
             raise CheckpointError(
                 f"{path}: tensor '{tensor.name}' has no HF equivalent in weightsmith's name map; "
@@ -418,7 +391,8 @@ def iter_gguf_tensors(
     config = _gguf_config(reader)  # also rejects unsupported architectures
     plan = _plan_tensors(reader)
     # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
-    permuted = require(reader, "general.architecture") == "llama"
+    arch = require(reader, "general.architecture")
+    permuted = arch == "llama"
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for tensor, hf_name in plan:
         try:
@@ -426,6 +400,8 @@ def iter_gguf_tensors(
             proj = hf_name.rsplit(".", 2)[-2]
             if permuted and proj in heads:
                 w = unpermute_qk(w, heads[proj])
+            if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
+                w = w - 1.0  # the file holds Gemma's 1 + w
         except ValueError as error:  # a shape that contradicts the metadata
             raise CheckpointError(f"{reader_path(reader)}: tensor '{tensor.name}': {error}") from error
         if "{expert}" in hf_name:

@@ -10,8 +10,10 @@ What it does:
 - The file appears atomically (temp file in the same directory, fsync, rename); on any error no
   file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
-Architectures: llama, mistral (written as llama, as llama.cpp's converter does) and qwen2. A
-sliding attention window is not written (llama.cpp's llama graph has none): the context length is
+Architectures: llama, mistral (written as llama, as llama.cpp's converter does), qwen2, qwen3,
+gemma3 (norms stored as 1 + w; refused unless the model has what llama.cpp's graph fixes in code)
+and phi3 (q/k/v and gate/up stacked back into attn_qkv and ffn_up). gemma3 and phi3 files carry
+the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
 capped at the window instead, so the file computes exactly what the model does within it.
 
 What it does not do: SentencePiece vocabularies, mixtral/MoE, yarn or dynamic rope scaling,
@@ -34,11 +36,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from weightsmith.checkpoint.gguf import BLOCK_TENSORS, GLOBAL_TENSORS, LLAMA3_ROPE
+from weightsmith.checkpoint.gguf import LLAMA3_ROPE
+from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file, write_text_atomic
+from weightsmith.models.fused import fuse_state
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
@@ -55,13 +59,21 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 #: Our model_type -> llama.cpp architecture. Mistral has no architecture of its own in llama.cpp.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+#: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
+_SWA_ARCHITECTURES = ("gemma3", "phi3")
 
 _BLOCK_SIZE = 32  # weights per Q8_0 / Q4_0 block, along a row (ggml's ne0)
 
-# Reverse of gguf.py's name map: HF module name (inside a layer, or global) -> GGUF name.
+# Reverse of gguf_names.py's map: HF module name (inside a layer, or global) -> GGUF name.
 _HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
-_HF_BLOCK = {hf: name for name, hf in BLOCK_TENSORS.items()}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 # Byte-level pre-tokenizer split sequences -> the `tokenizer.ggml.pre` name written for them. Several
@@ -83,24 +95,25 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, half, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     """llama.cpp's tensor name for an HF parameter name (inverse of `gguf.hf_tensor_name`)."""
     module, _, suffix = hf_name.rpartition(".")
     if module in _HF_GLOBAL and suffix in ("weight", "bias"):
         return f"{_HF_GLOBAL[module]}.{suffix}"
+    block = {hf: name for name, hf in block_tensors(arch).items()}
     match = _HF_LAYER.fullmatch(hf_name)
-    if match is None or match.group(2) not in _HF_BLOCK:
+    if match is None or match.group(2) not in block:
         return None
     layer, module, suffix = match.groups()
-    return f"blk.{layer}.{_HF_BLOCK[module]}.{suffix}"
+    return f"blk.{layer}.{block[module]}.{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters
 
 
-def _context_length(cfg: ModelConfig) -> int:
-    if "sliding_attention" not in cfg.layer_types or not cfg.sliding_window:
+def _context_length(cfg: ModelConfig, arch: str) -> int:
+    if "sliding_attention" not in cfg.layer_types or not cfg.sliding_window or arch in _SWA_ARCHITECTURES:
         return cfg.max_position_embeddings
     if cfg.sliding_window >= cfg.max_position_embeddings:
         return cfg.max_position_embeddings
@@ -125,10 +138,13 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
             f"{source}: GGUF export of {cfg.model_type} models is not supported "
             f"(supported: {', '.join(ARCHITECTURES)})"
         )
-    if cfg.hidden_act != "silu":
+    act = "gelu_pytorch_tanh" if arch == "gemma3" else "silu"
+    if cfg.hidden_act != act:
         raise CheckpointError(
-            f"{source}: hidden_act {cfg.hidden_act!r} cannot be exported; llama.cpp's {arch} uses silu"
+            f"{source}: hidden_act {cfg.hidden_act!r} cannot be exported; llama.cpp's {arch} uses {act}"
         )
+    if arch == "gemma3":
+        _check_gemma3(cfg, source)
     if cfg.rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(
             f"{source}: {cfg.rope_type} rope scaling cannot be exported to GGUF yet "
@@ -137,6 +153,25 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
     if cfg.rope_type == "llama3" and arch != "llama":
         raise CheckpointError(f"{source}: llama3 rope scaling is only exported for llama models")
     return arch
+
+
+def _check_gemma3(cfg: ModelConfig, source: str) -> None:
+    """What llama.cpp's gemma3 graph fixes in code must be what the model has (see gguf.py)."""
+    pattern = [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)
+    ]
+    scalar = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+    fixed = {
+        "layer_types": (cfg.layer_types, pattern, "every 6th layer global"),
+        "rope_local_base_freq": (cfg.rope_local_base_freq, 10000.0, "10000"),
+        "query_pre_attn_scalar": (cfg.query_pre_attn_scalar, scalar, str(scalar)),
+        "final_logit_softcapping": (cfg.final_logit_softcapping, None, "none"),
+    }
+    for field, (have, want, words) in fixed.items():
+        if have != want:
+            raise CheckpointError(
+                f"{source}: {field} {have!r} cannot be exported; llama.cpp's gemma3 graph assumes {words}"
+            )
 
 
 def _llama3_rope_factors(cfg: ModelConfig, source: str) -> np.ndarray:
@@ -165,7 +200,7 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(_context_length(cfg))
+    writer.add_context_length(_context_length(cfg, writer.arch))
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -178,6 +213,8 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
         # llama.cpp assumes hidden/heads unless told otherwise.
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
+    if writer.arch in _SWA_ARCHITECTURES and "sliding_attention" in cfg.layer_types and cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
     if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
@@ -329,17 +366,20 @@ def _add_tensors(
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     counts: Counter[str] = Counter()
     fallbacks: list[str] = []
-    for hf_name, p in model.named_parameters():
+    # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint.
+    for hf_name, p in fuse_state(cfg, {n: p.detach() for n, p in model.named_parameters()}).items():
         if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output is absent
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, arch)
         if name is None:
             raise CheckpointError(f"{source}: parameter {hf_name} has no llama.cpp tensor name")
-        w = p.detach().to(device="cpu", dtype=torch.float32).numpy()
+        w = p.to(device="cpu", dtype=torch.float32).numpy()
         proj = hf_name.rsplit(".", 2)[-2]
-        # ggml's llama rope needs the pair-interleaved row order; qwen2 uses NEOX rope (HF order).
+        # ggml's llama rope needs the pair-interleaved row order; the others use NEOX rope (HF order).
         if arch == "llama" and proj in heads:
             w = permute_qk(w, heads[proj])
+        if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
+            w = w + 1.0  # llama.cpp's Gemma norms scale by the stored weight: store 1 + w
         data, stored_type = _stored(name, w, qtype, fallbacks)
         if stored_type in (QT.F32, QT.F16):
             writer.add_tensor(name, data)

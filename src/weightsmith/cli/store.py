@@ -21,11 +21,19 @@ def print_pull(result: dict[str, Any], console: Console) -> None:
 
 def print_models(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"models in {result['store']}", title_justify="left")
-    for col in ("name", "kind", "size", "source", "path"):
+    for col in ("name", "kind", "size", "source", "license", "path"):
         table.add_column(col)
     for e in result["models"]:
         size = f"{e['size_bytes'] / 1e6:,.0f} MB" if e.get("size_bytes") else "-"
-        table.add_row(e["name"], e["kind"], size, str(e.get("source") or "-"), str(e["path"]))
+        row = (
+            e["name"],
+            e["kind"],
+            size,
+            str(e.get("source") or "-"),
+            e.get("license") or "-",
+            str(e["path"]),
+        )
+        table.add_row(*(Text(str(v)) for v in row))
     if result["models"]:
         console.print(table)
     else:
@@ -34,7 +42,7 @@ def print_models(result: dict[str, Any], console: Console) -> None:
     if missing:
         console.print("available from the catalog (weightsmith pull NAME):")
         for c in missing:
-            console.print(f"  {c['name']}  {c['description']}")
+            console.print(f"  {c['name']}  {c['description']}  [license: {c['license']}]", markup=False)
 
 
 def print_rm(result: dict[str, Any], console: Console) -> None:
@@ -58,6 +66,8 @@ def print_info(result: dict[str, Any], console: Console, *, template: bool = Fal
         rows.append(("experts", result["experts"]))
     if result.get("sliding_window"):
         rows.append(("sliding window", result["sliding_window"]))
+    if result.get("license"):
+        rows.append(("license", result["license"]))
     table = Table(show_header=False, box=None)
     for k, v in rows:
         table.add_row(Text(k, style="bold"), Text(str(v)))

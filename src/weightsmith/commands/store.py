@@ -23,11 +23,14 @@ class PullConfig:
     spec: str = opt(help="catalog name, HF repo id (org/name) or local path", positional=True)
     name: str | None = opt(None, "store name for the model (default: derived from the source)")
     force: bool = opt(False, "pull again even if the model is already in the store")
+    accept_license: bool = opt(
+        False, "accept the license terms of a catalog model that is not openly licensed (e.g. Gemma's)"
+    )
     json: bool = opt(False, "print the store entry as JSON")
 
 
 def run_pull(cfg: PullConfig, progress: Any = None) -> dict[str, Any]:
-    entry = pull(cfg.spec, cfg.name, force=cfg.force)
+    entry = pull(cfg.spec, cfg.name, force=cfg.force, accept_license=cfg.accept_license)
     return entry.to_dict()
 
 
@@ -40,9 +43,17 @@ class ModelsConfig:
 
 def run_models(cfg: ModelsConfig, progress: Any = None) -> dict[str, Any]:
     entries = [e.to_dict() for e in store.list_models()]
+    for e in entries:
+        e["license"] = CATALOG[e["catalog"]].license if e.get("catalog") in CATALOG else None
     pulled = {e["name"] for e in entries}
     catalog = [
-        {"name": name, "description": c.description, "license": c.license, "pulled": name in pulled}
+        {
+            "name": name,
+            "description": c.description,
+            "license": c.license,
+            "terms_url": c.terms_url,
+            "pulled": name in pulled,
+        }
         for name, c in CATALOG.items()
     ]
     return {"store": str(store.models_dir()), "models": entries, "catalog": catalog}
@@ -71,4 +82,13 @@ class InfoConfig:
 
 
 def run_info(cfg: InfoConfig, progress: Any = None) -> dict[str, Any]:
-    return inspect_checkpoint(resolve(cfg.model))
+    info = inspect_checkpoint(resolve(cfg.model))
+    return {**info, "license": _license(cfg.model, info.get("license"))}
+
+
+def _license(model: str, from_file: str | None) -> str | None:
+    """The model's license: the catalog's words for a catalog model (pulled under that name), else
+    what the checkpoint itself says (GGUF `general.license`, config/README are not read)."""
+    entry = store.get_entry(model) if store.is_name(model) else None
+    catalog = CATALOG.get(model if entry is None else (entry.catalog or ""))
+    return catalog.license if catalog is not None else from_file

@@ -218,10 +218,12 @@ def cache_fits(cache: KVCache) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention)."""
+    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention;
+    not QK-norm or Gemma's block, which decode on the PyTorch path)."""
     cfg = model.config
     return (
         not cfg.family.moe
+        and not (cfg.family.qk_norm or cfg.family.gemma)
         and cfg.hidden_act in ("silu", "swish")
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _fp32_cpu(model.model.embed_tokens.weight)

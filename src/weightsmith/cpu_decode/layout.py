@@ -151,7 +151,7 @@ class PackedAttention(Attention):
         heads = self.n_heads + self.n_kv
         y = group.matmul(x)  # (B, T, (H + 2 Hkv) D): [q | k | v]
         qk = y[..., : heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qk, a.cos, a.sin)  # (B, H + Hkv, T, D)
+        qk = apply_rope(qk, *a.cos_sin(self.layer_type))  # (B, H + Hkv, T, D)
         v = y[..., heads * self.head_dim :].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 
@@ -245,8 +245,11 @@ def lay_out(model: nn.Module, splits: int, swaps: Swaps) -> None:
     q/k/v and gate/up packed (plain bias-free `Linear`s only), then every other large `Linear`."""
     with torch.no_grad(), torch.inference_mode(False):
         for module in list(model.modules()):
-            if type(module) is Attention and pack(
-                swaps, [module.q_proj, module.k_proj, module.v_proj], splits
+            # QK-norm (Qwen3, Gemma 3) comes between the projections and RoPE: not packed.
+            if (
+                type(module) is Attention
+                and not hasattr(module, "q_norm")
+                and pack(swaps, [module.q_proj, module.k_proj, module.v_proj], splits)
             ):
                 swaps.swap(module, PackedAttention)
             elif type(module) is MLP and pack(swaps, [module.gate_proj, module.up_proj], splits):

@@ -4,7 +4,8 @@
 each file replaced atomically); `load_adapter` reads a PEFT adapter directory into a model,
 checking the config, every tensor's name and shape and that nothing is missing before the
 model is touched, so adapters move between weightsmith and transformers + peft unchanged.
-Pickle adapters (`adapter_model.bin`) are refused: they can run code.
+Pickle adapters (`adapter_model.bin`) are refused: they can run code. Models whose checkpoint
+fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py).
 
 Not here: the layers, targeting and merging (weightsmith.lora.layers); PEFT's config
 schema (lora_config.py).
@@ -22,6 +23,7 @@ from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.files import atomic_file, read_json, write_json_atomic
+from weightsmith.lora.fused import fuse_adapter, unfuse_adapter
 from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
 from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoraConfig
 
@@ -54,10 +56,12 @@ def save_adapter(
                 f"{cfg.rank_for(module_name)}; pass the config the adapter was created with"
             )
     state = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model, name).items()}
+    peft = cfg.to_peft_dict(base_model, module_names=layers)
+    state, peft = fuse_adapter(model, cfg, state, peft)  # Phi-3: qkv_proj, gate_up_proj as PEFT has them
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(directory / CONFIG_FILE, cfg.to_peft_dict(base_model, module_names=layers))
+    write_json_atomic(directory / CONFIG_FILE, peft)
     return directory
 
 
@@ -135,6 +139,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "defaul
             )
         raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
     tensors = _read_adapter_tensors(weights)
+    cfg, tensors = unfuse_adapter(model, cfg, tensors)  # Phi-3: one LoRA per part of qkv_proj, gate_up_proj
     targets = {n: m for n, m, _ in resolve_targets(model, cfg)}
     _check_tensors(tensors, targets, cfg, weights)
     apply_lora(model, cfg, name)

@@ -34,6 +34,17 @@ class Family:
     #: leaves them out while they hold what that class assumes (an unknown key can break
     #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
     hf_absent: tuple[str, ...] = ()
+    #: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norm: bool = False
+    #: Gemma's block: RMSNorm scales by (1 + weight), the embedding is multiplied by
+    #: sqrt(hidden_size), and the attention and feed-forward outputs are normed again
+    #: (`post_attention_layernorm`, `pre_/post_feedforward_layernorm`) before the residual.
+    gemma: bool = False
+    #: Checkpoint tensors that hold several of our projections stacked by rows (Phi-3's
+    #: `qkv_proj`, `gate_up_proj`): split when loading, stacked again when saving.
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: config.json's name for `hidden_act` in transformers' class for the family.
+    act_key: str = "hidden_act"
 
 
 #: Supported families. Adding a family that only differs by these flags is one line here.
@@ -56,6 +67,29 @@ FAMILIES: dict[str, Family] = {
         default_rope_theta=1e6,
         moe=True,
         hf_absent=("layer_types", "attention_bias", "mlp_bias"),
+    ),
+    "qwen3": Family(
+        "Qwen3ForCausalLM",
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        hf_absent=("mlp_bias",),
+        qk_norm=True,
+    ),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        default_rope_theta=1e6,
+        hf_absent=("mlp_bias",),
+        qk_norm=True,
+        gemma=True,
+        act_key="hidden_activation",
+    ),
+    "phi3": Family(
+        "Phi3ForCausalLM",
+        hf_absent=("layer_types", "attention_bias", "mlp_bias", "head_dim"),
+        fused=(
+            ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
     ),
 }
 
@@ -101,6 +135,13 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    #: Gemma: attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
+    query_pre_attn_scalar: float | None = None
+    #: Gemma 2: logits (and attention scores) pass through cap * tanh(x / cap) (None: off).
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    #: Gemma 3: the RoPE base of sliding-window layers (None: rope_theta, as full layers).
+    rope_local_base_freq: float | None = None
 
     @property
     def family(self) -> Family:
@@ -127,7 +168,9 @@ class ModelConfig:
         mlp = 3 * h * i
         if self.num_local_experts:
             mlp = self.num_local_experts * mlp + h * self.num_local_experts
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + (4 if self.family.gemma else 2) * h
+        if self.family.qk_norm:
+            per_layer += 2 * self.head_dim
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + h
 
@@ -156,8 +199,9 @@ class ModelConfig:
                 f"{source}: num_attention_heads ({heads}) must be a multiple of "
                 f"num_key_value_heads ({kv_heads}) for grouped-query attention"
             )
-        rope_theta, rope_scaling = _read_rope(data, fam, source)
+        rope_theta, rope_scaling, local_theta = _read_rope(data, fam, source)
         n_layers = data["num_hidden_layers"]
+        _refuse_unsupported(data, source)
         cfg = cls(
             model_type=model_type,
             vocab_size=data["vocab_size"],
@@ -171,7 +215,7 @@ class ModelConfig:
             rms_norm_eps=float(data.get("rms_norm_eps") or 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            hidden_act=data.get("hidden_act") or data.get("hidden_activation") or "silu",
+            hidden_act=data.get(fam.act_key) or data.get("hidden_act") or "silu",
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             attention_bias=bool(data.get("attention_bias", fam.attention_bias)),
             mlp_bias=bool(data.get("mlp_bias", False)),
@@ -183,6 +227,8 @@ class ModelConfig:
             eos_token_id=data.get("eos_token_id"),
             pad_token_id=data.get("pad_token_id"),
             torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
+            rope_local_base_freq=local_theta,
+            **_gemma_fields(data, fam, source),
         )
         cfg.validate(source)
         return cfg
@@ -204,6 +250,11 @@ class ModelConfig:
             raise ConfigError(
                 f"{source}: layer_types has sliding_attention layers but sliding_window is not set"
             )
+        if self.attn_logit_softcapping is not None:
+            raise ConfigError(
+                f"{source}: attn_logit_softcapping (Gemma 2's capped attention scores) is not supported; "
+                "Gemma 3 checkpoints have none"
+            )
         if self.family.moe and not (0 < self.num_experts_per_tok <= self.num_local_experts):
             raise ConfigError(
                 f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
@@ -218,10 +269,16 @@ class ModelConfig:
         if not self.family.moe:
             d.pop("num_local_experts")
             d.pop("num_experts_per_tok")
-        if self.model_type == "qwen2":
+        if self.family.sliding_window_needs_flag:
             d["use_sliding_window"] = "sliding_attention" in self.layer_types
         if not self.rope_scaling:
             d["rope_scaling"] = None
+        if self.family.act_key != "hidden_act":
+            d[self.family.act_key] = d.pop("hidden_act")
+        if not self.family.gemma:
+            for key in ("query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping"):
+                d.pop(key)
+            d.pop("rope_local_base_freq")
         # What transformers assumes for a key its config class lacks (then the key can go).
         assumed = {
             "layer_types": _read_layer_types(
@@ -241,14 +298,27 @@ class ModelConfig:
         return d
 
 
-def _read_rope(data: dict[str, Any], fam: Family, source: str) -> tuple[float, dict[str, Any] | None]:
-    """RoPE base and scaling from either the v4 (`rope_theta`, `rope_scaling`) or v5
-    (`rope_parameters`) layout of config.json."""
+def _read_rope(
+    data: dict[str, Any], fam: Family, source: str
+) -> tuple[float, dict[str, Any] | None, float | None]:
+    """RoPE base, scaling and (Gemma 3) sliding layers' base from either the v4 (`rope_theta`,
+    `rope_scaling`, `rope_local_base_freq`) or v5 (`rope_parameters`, per layer type for
+    Gemma 3) layout of config.json."""
     params = data.get("rope_parameters") or {}
+    local = data.get("rope_local_base_freq")
+    if isinstance(params.get("full_attention"), dict):  # v5, one entry per layer type
+        sliding = params.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"{source}: rope_parameters.sliding_attention: rope_type {sliding['rope_type']!r} is not "
+                "supported for sliding layers (supported: default)"
+            )
+        local = sliding.get("rope_theta", local)
+        params = params["full_attention"]
     scaling = data.get("rope_scaling") or None
     theta = data.get("rope_theta") or params.get("rope_theta") or fam.default_rope_theta
     if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
@@ -258,7 +328,44 @@ def _read_rope(data: dict[str, Any], fam: Family, source: str) -> tuple[float, d
             scaling = None
         elif scaling["rope_type"] in ("llama3", "yarn"):
             scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings", 2048))
-    return float(theta), scaling
+    if fam.gemma and local is None:
+        local = 10000.0  # transformers' Gemma 3 default for sliding layers
+    return float(theta), scaling, None if local is None else float(local)
+
+
+def _gemma_fields(data: dict[str, Any], fam: Family, source: str) -> dict[str, float | None]:
+    """Gemma's own fields (transformers' defaults when absent); other families have none."""
+    if not fam.gemma:
+        return {}
+    return {
+        "query_pre_attn_scalar": _number(data, "query_pre_attn_scalar", 256, source),
+        "final_logit_softcapping": _number(data, "final_logit_softcapping", None, source),
+        "attn_logit_softcapping": _number(data, "attn_logit_softcapping", None, source),
+    }
+
+
+def _number(data: dict[str, Any], key: str, default: float | None, source: str) -> float | None:
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{source}: field {key!r} must be a positive number or null, got {value!r}")
+    return value  # an int stays an int: transformers' strict config checks the type on reading
+
+
+def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
+    """Fields whose non-default values change the model in ways it does not implement."""
+    params = data.get("rope_parameters") or {}
+    partial = data.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(
+            f"{source}: partial_rotary_factor {partial} is not supported (RoPE over the whole head only)"
+        )
+    if data.get("use_bidirectional_attention"):
+        raise ConfigError(
+            f"{source}: use_bidirectional_attention (an embedding model) is not supported; "
+            "weightsmith runs causal language models"
+        )
 
 
 def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: str) -> list[str]:
@@ -273,6 +380,9 @@ def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: 
     window = data.get("sliding_window")
     if not window:
         return ["full_attention"] * n_layers
+    if fam.gemma:  # every `sliding_window_pattern`-th layer is global (transformers' default: 6)
+        every = data.get("sliding_window_pattern") or data.get("_sliding_window_pattern") or 6
+        return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
     if fam.sliding_window_needs_flag:
         if not data.get("use_sliding_window", False):
             return ["full_attention"] * n_layers

@@ -1,10 +1,14 @@
-"""The decoder-only transformer for the Llama, Mistral, Qwen2 and Mixtral families.
+"""The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Phi-3 and
+Gemma 3 families.
 
 One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
 RoPE, RMSNorm, SwiGLU MLP or a sparse mixture of SwiGLU experts) -> RMSNorm -> LM
 head. Module and parameter names are the checkpoint's (`model.layers.0.self_attn.
 q_proj.weight`, `block_sparse_moe.experts.3.w1.weight`), so HF state dicts and PEFT
-adapters line up with no key map.
+adapters line up with no key map. The families differ only by the closed set of flags in
+`config.Family` and `ModelConfig`: QK-norm (Qwen3, Gemma 3); Gemma's (1 + w) norms, scaled
+embedding, norms after attention and feed-forward, query scale, per-layer-type RoPE base and
+logit soft-capping. Phi-3's fused checkpoint tensors are split at load (checkpoint/build.py).
 
 Not here: loading weights (weightsmith.checkpoint), the cache (kv_cache.py),
 sampling and the decode loop (generate.py), the CPU decode layout and fused C step
@@ -25,22 +29,27 @@ from weightsmith.kv_cache import KVCache
 from weightsmith.models.activations import ACTIVATIONS
 from weightsmith.models.config import ModelConfig
 from weightsmith.models.linear import Linear
-from weightsmith.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from weightsmith.models.rope import apply_rope, inverse_frequencies, plain_inverse_frequencies, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back (as the reference does)."""
+    """Root-mean-square norm, computed in fp32 and cast back (as the reference does).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    offset: Gemma's form, which scales by (1 + weight) in fp32 before casting back."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written out rather than F.rms_norm: on CPU this is ~3x faster for decode-sized
         # inputs, and it is the reference's exact order of operations.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -56,6 +65,14 @@ class AttentionInputs:
     masks: dict[str, torch.Tensor | None]  # by layer type; None means "use is_causal" or "no mask"
     is_causal: bool
     start: int | None = None  # the common first position when rows are aligned
+    #: Layer type -> its own (cos, sin) where its RoPE base differs (Gemma 3's sliding layers).
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def cos_sin(self, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables for a layer of `layer_type`, each (B, 1, T, D)."""
+        if self.rope is not None and layer_type in self.rope:
+            return self.rope[layer_type]
+        return self.cos, self.sin
 
 
 class Attention(nn.Module):
@@ -73,6 +90,11 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv_out, bias=bias)
         # Llama-family checkpoints have no output-projection bias, even with attention_bias (Qwen2).
         self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type != "qwen2")
+        if cfg.family.qk_norm:  # over each head's D, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.family.gemma)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.family.gemma)
+        #: Score scale: Gemma's query_pre_attn_scalar ** -0.5, else SDPA's 1 / sqrt(D).
+        self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         b, t, _ = x.shape
@@ -86,6 +108,7 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=a.is_causal and mask is None,
+            scale=self.scale,
             enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -96,7 +119,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin), v
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = a.cos_sin(self.layer_type)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -159,19 +185,30 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). Gemma norms each output too:
+    x + post_attention_layernorm(attn(input_layernorm(x))), then
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        h, eps, gemma = cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma
+        self.input_layernorm = RMSNorm(h, eps, gemma)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, eps, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, gemma)
         if cfg.family.moe:
             self.block_sparse_moe = SparseMoE(cfg)
         else:
             self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), a)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
+            return x + self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), a)
         return x + ffn(self.post_attention_layernorm(x))
 
 
@@ -182,7 +219,16 @@ class TransformerBody(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma)
+        #: Gemma multiplies embeddings by sqrt(hidden_size), rounded to the weights' dtype.
+        self.embed_scale = cfg.hidden_size**0.5 if cfg.family.gemma else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> input hidden states (B, T, h)."""
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+        return x
 
 
 class CausalLM(nn.Module):
@@ -197,6 +243,9 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling = inverse_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if cfg.rope_local_base_freq is not None and "sliding_attention" in cfg.layer_types:
+            local = plain_inverse_frequencies(cfg.head_dim, cfg.rope_local_base_freq)
+            self.register_buffer("inv_freq_local", local, persistent=False)
 
     def tie_weights(self) -> None:
         """Re-point the LM head at the embedding after weights were assigned (tied models)."""
@@ -206,7 +255,11 @@ class CausalLM(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the RoPE buffer on the model's device (after building on meta)."""
         inv_freq, self.rope_scaling = inverse_frequencies(self.config)
-        self.inv_freq = inv_freq.to(self.model.embed_tokens.weight.device)
+        device = self.model.embed_tokens.weight.device
+        self.inv_freq = inv_freq.to(device)
+        if hasattr(self, "inv_freq_local"):
+            cfg = self.config
+            self.inv_freq_local = plain_inverse_frequencies(cfg.head_dim, cfg.rope_local_base_freq).to(device)
 
     def forward(
         self,
@@ -235,8 +288,11 @@ class CausalLM(nn.Module):
         return self.logits(x)  # (B, T, V)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head over hidden states (..., h) -> (..., V)."""
-        return self.lm_head(self.model.norm(hidden))
+        """Final norm and LM head over hidden states (..., h) -> (..., V), soft-capped to
+        (-cap, cap) as cap * tanh(logits / cap) where the config says so (Gemma)."""
+        logits = self.lm_head(self.model.norm(hidden))
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def hidden_states(
         self,
@@ -261,7 +317,7 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         kv_len = kv_len if kv_len is not None else t
-        x = self.model.embed_tokens(input_ids)  # (B, T, h)
+        x = self.model.embed(input_ids)  # (B, T, h)
         a = self._attention_inputs(positions, cache, kv_len, aligned, x.dtype, documents)
         for layer in self.model.layers:
             if checkpoint and torch.is_grad_enabled():
@@ -302,4 +358,7 @@ class CausalLM(nn.Module):
                 mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
             masks[kind] = mask
         start = kv_len - t if aligned else None
-        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start)
+        rope = None
+        if hasattr(self, "inv_freq_local"):
+            rope = {"sliding_attention": rope_cos_sin(self.inv_freq_local, positions, 1.0, dtype)}
+        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start, rope)

@@ -20,7 +20,7 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Return `(inv_freq (D/2,), attention_scaling)` for the config's RoPE variant."""
     dim = cfg.head_dim
     base = cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = plain_inverse_frequencies(dim, base)
     scaling = cfg.rope_scaling or {}
     kind = cfg.rope_type
     if kind == "default":
@@ -32,6 +32,11 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if kind == "yarn":
         return _yarn(dim, base, scaling, cfg.max_position_embeddings)
     raise AssertionError(f"unvalidated rope type {kind}")
+
+
+def plain_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
+    """RoFormer's inverse frequencies base^(-2i/dim), i < dim/2 (no scaling)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""GGUF for Qwen3, Phi-3 and Gemma 3: tiny models exported with `export_gguf`, read back by our
+loader (exact at F32) and by transformers' own GGUF loader; Gemma 3 settings llama.cpp's graph
+cannot express are refused in one line with nothing written. The reader itself is checked
+against transformers on the real Gemma 3 270M file in test_gemma3_270m.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_tokenizer_dir
+
+from weightsmith.checkpoint.gguf import read_gguf
+from weightsmith.checkpoint.gguf_write import export_gguf
+from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.errors import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2
+)
+SHAPE.update(max_position_embeddings=128, num_hidden_layers=2, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+FAMILIES = {
+    # head_dim 128 (not hidden / heads, written as key_length): every released Qwen3 has it, and
+    # transformers' GGUF loader does not read key_length for qwen3 (it takes its default, 128).
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=128, tie_word_embeddings=False)),
+    "phi3": (transformers.Phi3Config, dict(sliding_window=6)),
+    # llama.cpp's gemma3: every 6th layer global, local RoPE base 10000, queries by head_dim ** -0.5.
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(head_dim=16, num_hidden_layers=6, sliding_window=5, query_pre_attn_scalar=16),
+    ),
+}
+IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # longer than the windows
+
+
+def _source(root: Path, family: str, **extra) -> Path:
+    cls, kw = FAMILIES[family]
+    path = root / family
+    build_tiny_tokenizer_dir(path)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**SHAPE, **kw, **extra}))
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: _source(root, family) for family in FAMILIES}
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(IDS)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_f32_export_reads_back_exactly(family, sources, tmp_path):
+    src = load_checkpoint(sources[family])
+    out = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert out["architecture"] == {"qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3"}[family]
+    back = load_checkpoint(tmp_path / "m.gguf")
+    assert back.config.layer_types == src.config.layer_types
+    assert back.config.sliding_window == (src.config.sliding_window if family != "qwen3" else None)
+    assert (_logits(back.model) - _logits(src.model)).abs().max().item() <= 1e-5
+    info = read_gguf(tmp_path / "m.gguf")
+    assert info.config["max_position_embeddings"] == 128  # the window is in the file, not a cap
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_transformers_reads_our_export(family, sources, tmp_path):
+    """transformers' GGUF loader assumes Gemma 3's query scale is 256 (its config default) where
+    llama.cpp uses head_dim, and reads no sliding window for phi3: so Gemma 3 is not compared with
+    it, and Phi-3 without a window (ours with one reads back exactly above)."""
+    path = sources[family] if family == "qwen3" else _source(tmp_path / "src", family, sliding_window=None)
+    src = load_checkpoint(path)
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    assert (_logits(hf.eval()) - _logits(src.model)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            dict(layer_types=["full_attention"] * 6),
+            r"layer_types .* llama.cpp's gemma3 graph assumes every 6th",
+        ),
+        (dict(query_pre_attn_scalar=20), "query_pre_attn_scalar 20 cannot be exported"),
+        (dict(rope_local_base_freq=5000.0), "rope_local_base_freq 5000.0 cannot be exported"),
+    ],
+)
+def test_gemma3_settings_llama_cpp_cannot_express_are_refused(extra, message, tmp_path):
+    src = _source(tmp_path, "gemma3", **extra)
+    with pytest.raises(CheckpointError, match=message):
+        export_gguf(src, tmp_path / "out" / "m.gguf", "f16")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
