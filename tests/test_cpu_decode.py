@@ -11,7 +11,15 @@ import stat
 import pytest
 import torch
 import transformers
-from conftest import CPU, OFF, TINY_SHAPE, assert_matches, build_tiny_hf_dir, kernels_on
+from conftest import (
+    CPU,
+    OFF,
+    TINY_SHAPE,
+    assert_matches,
+    build_tiny_hf_dir,
+    kernels_on,
+    round_inputs_like_the_kernels,
+)
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cpu_decode import fused as cpu_fused
@@ -171,7 +179,9 @@ def _on_and_off(model, plan, monkeypatch, fused_calls, **kw):
     rows = len(kw.get("prompts", PROMPTS))
     assert fused_calls == [rows] * steps, "the fused step was not taken"
     kernels_on(monkeypatch, False)
-    off = _decode(model, plan, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        round_inputs_like_the_kernels(mp)  # the fused step's int4/int8 input rounding
+        off = _decode(model, plan, **kw)
     assert len(fused_calls) == steps, "the fused step ran with the kernels off"
     _assert_same_decode(on, off, rows)
     return on, off
@@ -219,6 +229,22 @@ def test_fused_decode_with_each_instruction_set(variant, isa_lib, model_dirs, mo
     _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
+@pytest.mark.parametrize("isa", cpu_kernels.ISAS)
+@pytest.mark.parametrize("variant", ["int4-biases", "int8-biases-lm-head"])
+def test_fused_decode_with_each_integer_instruction_set(
+    variant, isa, native_lib, model_dirs, monkeypatch, fused_calls
+):
+    """The fused step's int4/int8 matmuls with each instruction set this CPU runs, forced."""
+    if isa not in cpu_kernels.supported_isas(native_lib):
+        pytest.skip(f"this CPU does not run {isa}")
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    cpu_kernels.select_isa(native_lib, isa)
+    try:
+        _on_and_off(model, plan, monkeypatch, fused_calls)
+    finally:
+        cpu_kernels.select_isa(native_lib, None)
+
+
 def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
     model_dirs, native_lib, monkeypatch, fused_calls
 ):
@@ -228,6 +254,8 @@ def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
 
     def run(on: bool):
         kernels_on(monkeypatch, on)
+        if not on:
+            round_inputs_like_the_kernels(monkeypatch)
         step = plan.decode_step(decode_one_token)
         big = KVCache.for_model(model.config, 4, MAX_LEN, dtype=torch.float32, device="cpu")
         prefill(model, big.rows(0, 1), [[8, 9, 10, 11]], CPU)

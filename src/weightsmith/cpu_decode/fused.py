@@ -80,10 +80,10 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     if type(module) is Int4Linear:
         if module.qweight.device.type != "cpu":
             return None
-        chunks = module.kernel_codes()
+        codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
-        keep += [chunks, scales, zeros]
-        p.kind, p.group, p.q = 4, module.group_size, chunks.data_ptr()
+        keep += [codes, scales, zeros]
+        p.kind, p.group, p.q = 4, module.group_size, codes.data_ptr()
         p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
     elif type(module) is Int8Linear:
         if module.qweight.device.type != "cpu":
