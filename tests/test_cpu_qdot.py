@@ -141,3 +141,15 @@ def test_the_environment_variable_forces_an_instruction_set(monkeypatch):
         assert lib.ws_qdot_isa().decode() == "scalar"
     finally:
         cpu_kernels.select_isa(lib, None)
+
+
+@pytest.mark.parametrize(("group", "k"), [(32, 96), (128, 256)])
+def test_int4_dequantize_is_torchs(monkeypatch, group, k):
+    """The exact path's weight, made in C per call, is bit for bit the torch dequantization."""
+    kernels_on(monkeypatch, True)
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no working C compiler")
+    codes, scales, zeros = wo.quantize_int4(_weights(19, k, seed=3), group)
+    out = cpu_kernels.int4_dequantize(lib, wo.pack_nibbles(codes), scales, zeros, group)
+    assert torch.equal(out, wo.dequantize_int4(codes, scales, zeros))

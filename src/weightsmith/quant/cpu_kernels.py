@@ -188,6 +188,8 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_int4_matmul.restype = lib.ws_int8_matmul.restype = ctypes.c_int
                 lib.ws_kernels_isa.restype = lib.ws_qdot_isa.restype = ctypes.c_char_p
                 lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
+                lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
+                lib.ws_int4_dequantize.restype = None
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
                 _select_from_env(lib)
                 lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
@@ -258,7 +260,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _check(status: int) -> None:
     if status != 0:
-        raise MemoryError("the int4/int8 CPU kernel could not allocate its buffers")
+        raise MemoryError(
+            f"the int4/int8 CPU kernel failed (status {status}: out of memory, or a group size not 32, 64 or 128)"
+        )
 
 
 def int4_matmul(
@@ -301,3 +305,17 @@ def int8_matmul(
         )
     )
     return y.view(*x.shape[:-1], n)
+
+
+def int4_dequantize(
+    lib: ctypes.CDLL, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros (N, K/G)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    qweight, scales, zeros = (t.contiguous() for t in (qweight, scales, zeros))  # kept alive past the call
+    w = torch.empty(n, k, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int4_dequantize(
+        qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group_size, w.data_ptr()
+    )
+    return w

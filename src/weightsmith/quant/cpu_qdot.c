@@ -111,7 +111,7 @@ static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, cons
                     isum += (c & 15) * xq[QB * b + j] + (c >> 4) * xq[QB * b + QB / 2 + j];
                 }
                 acc += (float)isum * a->d[m * a->nb + b] * scales[n * groups + b / per_group];
-            }
+            } /* (the division is slow; this is the fallback for CPUs without AVX2) */
             for (int64_t g = 0; g < groups; g++) acc += zeros[n * groups + g] * gsum[m * groups + g];
             y[m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
@@ -244,6 +244,7 @@ int ws_qdot_select(const char *name) {
 
 int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
                int64_t G, const float *bias, float *y) {
+    if (G != 32 && G != 64 && G != 128) return -2;
     const int64_t groups = a->k / G, per_group = G / QB;
     float *gsum = malloc(sizeof(float) * (size_t)(a->m * groups)); /* sum of d * sum(xq) per group */
     if (!gsum) return -1;
@@ -301,4 +302,22 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     if (status == 0) ws_q8_proj(&a, N, q, scales, bias, y);
     ws_qact_free(&a);
     return status;
+}
+
+/* w (N, K) float = code * scale + zero from q (N, K/2) portable nibbles, scales and zeros
+ * (N, K/G): the exact path's weight for a long input, made per call (no cached copy). */
+void ws_int4_dequantize(const uint8_t *q, const float *scales, const float *zeros, int64_t N, int64_t K,
+                        int64_t G, float *w) {
+    const int64_t groups = K / G;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = scales[n * groups + g], z = zeros[n * groups + g];
+            const uint8_t *src = q + n * (K / 2) + g * (G / 2);
+            float *dst = w + n * K + g * G;
+            for (int64_t j = 0; j < G / 2; j++) {
+                dst[2 * j] = (float)(src[j] & 15) * s + z;
+                dst[2 * j + 1] = (float)(src[j] >> 4) * s + z;
+            }
+        }
 }

@@ -28,28 +28,45 @@ KERNEL float FN(hsum)(__m256 a) {
     return _mm_cvtss_f32(v);
 }
 
+/* Block b of an int4 row (weight scale `scale`) against mc input rows, summed into acc. */
+KERNEL void FN(q4_block)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, const float *scale,
+                         __m256 *acc) {
+    const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4), low4 = _mm256_set1_epi8(15);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(qrow + 16 * b));
+    const __m256i w = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(bytes), shift), low4);
+    const __m256 s = _mm256_broadcast_ss(scale);
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), w, xq);
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(a->d + m * a->nb + b));
+        acc[m] = _mm256_fmadd_ps(f, s, acc[m]);
+    }
+}
+
+/* sum_g z[g] * gsum[g] over n values. */
+KERNEL float FN(dot)(const float *z, const float *gsum, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(gsum + g), acc);
+    float total = FN(hsum)(acc);
+    for (; g < n; g++) total += z[g] * gsum[g];
+    return total;
+}
+
 KERNEL void FN(q4_rows_n)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const float *srow,
                           const float *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
-    const int64_t nb = a->k / QB, per_group = G / QB, groups = a->k / G;
-    const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4), low4 = _mm256_set1_epi8(15);
-    __m256 acc[QROWS];
-    for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qrow + 16 * b)));
-        const __m256i w = _mm256_and_si256(_mm256_srlv_epi64(raw, shift), low4);
-        const __m256 s = _mm256_set1_ps(srow[b / per_group]);
-        for (int64_t m = 0; m < mc; m++) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
-            const __m256i p = DOTU8S8(_mm256_setzero_si256(), w, xq);
-            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->d[m * a->nb + b]));
-            acc[m] = _mm256_fmadd_ps(f, s, acc[m]);
-        }
+    const int64_t groups = a->k / G, nb = a->nb;
+    const int sh = G == 32 ? 0 : (G == 64 ? 1 : 2); /* block b is in group b >> sh (G is 32, 64 or 128) */
+    __m256 acc0[QROWS], acc1[QROWS]; /* alternate blocks: two FMA chains */
+    for (int64_t m = 0; m < mc; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), acc0);
+        FN(q4_block)(a, mc, qrow, b + 1, srow + ((b + 1) >> sh), acc1);
     }
-    for (int64_t m = 0; m < mc; m++) {
-        float z = 0;
-        for (int64_t g = 0; g < groups; g++) z += zrow[g] * gsum[m * groups + g];
-        out[m * N] = FN(hsum)(acc[m]) + z;
-    }
+    if (b < nb) FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), acc0);
+    for (int64_t m = 0; m < mc; m++)
+        out[m * N] = FN(hsum)(_mm256_add_ps(acc0[m], acc1[m])) + FN(dot)(zrow, gsum + m * groups, groups);
 }
 
 __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int64_t N, const uint8_t *q,
@@ -77,22 +94,29 @@ __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int6
     }
 }
 
+KERNEL void FN(q8_block)(const ws_qact *a, const int64_t mc, const int8_t *qrow, int64_t b, __m256 *acc) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(qrow + QB * b));
+    const __m256i wabs = _mm256_abs_epi8(w); /* -128 becomes 0x80: 128 as the unsigned operand */
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, w));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+    }
+}
+
 KERNEL void FN(q8_rows_n)(const ws_qact *a, const int64_t mc, const int8_t *qrow, float scale, float *out,
                           int64_t N) {
     const int64_t full = a->k / QB;
-    __m256 acc[QROWS];
-    for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < full; b++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(qrow + QB * b));
-        const __m256i wabs = _mm256_abs_epi8(w); /* -128 becomes 0x80: 128 as the unsigned operand */
-        for (int64_t m = 0; m < mc; m++) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
-            const __m256i p = DOTU8S8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, w));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
-        }
+    __m256 acc0[QROWS], acc1[QROWS]; /* alternate blocks: two FMA chains */
+    for (int64_t m = 0; m < mc; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= full; b += 2) {
+        FN(q8_block)(a, mc, qrow, b, acc0);
+        FN(q8_block)(a, mc, qrow, b + 1, acc1);
     }
+    if (b < full) FN(q8_block)(a, mc, qrow, b, acc0);
     for (int64_t m = 0; m < mc; m++) {
-        float total = FN(hsum)(acc[m]);
+        float total = FN(hsum)(_mm256_add_ps(acc0[m], acc1[m]));
         if (full < a->nb) { /* the last, partial block: past the row's end there is no weight to load */
             int32_t isum = 0;
             for (int64_t k = QB * full; k < a->k; k++) isum += (int32_t)qrow[k] * a->q[m * a->kp + k];
