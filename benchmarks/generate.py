@@ -115,7 +115,7 @@ def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
     return gen, prefill
 
 
-def _llama_child(path: str, threads: int, n_ctx: int, n_batch: int) -> None:
+def _llama_child(path: str, threads: int, n_ctx: int, n_batch: int, one_by_one: bool = False) -> None:
     """In the child process: load llama.cpp, print its build line, then run the parent's
     commands ("gen N PROMPT_IDS" / "prefill IDS"), answering "ok" after each."""
     import json
@@ -136,13 +136,17 @@ def _llama_child(path: str, threads: int, n_ctx: int, n_batch: int) -> None:
     for line in sys.stdin:
         cmd, n, ids = line.split(" ", 2)
         ids = json.loads(ids)
+        if one_by_one:  # the prompt in single-token batches; generate() then reuses that prefix
+            llm.reset()
+            for t in ids[:-1] if cmd == "gen" else ids:
+                llm.eval([t])
         if cmd == "gen":
             out = []
             for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
                 out.append(token)
                 if len(out) == int(n):
                     break
-        else:
+        elif not one_by_one:
             llm.reset()
             llm.eval(ids)
         print("ok", flush=True)
@@ -152,9 +156,12 @@ class PeerCrashed(RuntimeError):
     pass
 
 
-def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int, site: str | None = None):
+def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int, site: str | None = None, one_by_one=False):
     """llama.cpp in a child process (a crash is a missing column, not a lost run); `site` is a
-    folder holding another build of llama-cpp-python (e.g. one built with AVX-512 off)."""
+    folder holding another build of llama-cpp-python (e.g. one built with AVX-512 off);
+    `one_by_one` feeds prompts in single-token batches (0.3.36 built natively segfaults on
+    multi-token batches of quantized files on an AMX CPU; its prefill figure is then not
+    comparable, its decode figure is)."""
     import json
     import subprocess
     import sys
@@ -165,7 +172,7 @@ def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int, site: str | Non
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     args = [str(path), str(threads), str(n_ctx), str(max(512, len(prefill_ids)))]
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import generate; generate._llama_child("
-    code += f"{args[0]!r}, {threads}, {n_ctx}, {args[3]})"
+    code += f"{args[0]!r}, {threads}, {n_ctx}, {args[3]}, {one_by_one})"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
@@ -245,7 +252,14 @@ def llama_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
         export_gguf(path, files[f"llama.cpp {quant.upper()} export"], quant)
     for name, file in files.items():
         try:
-            out[name] = bench_llama_cpp(file, prompt_ids, prefill_ids, args.threads, args.llama_cpp_site)
+            out[name] = bench_llama_cpp(
+                file,
+                prompt_ids,
+                prefill_ids,
+                args.threads,
+                args.llama_cpp_site,
+                args.llama_cpp_one_token_batches,
+            )
         except PeerCrashed as exc:
             print(f"{name}: not measured ({exc})")
     return out
@@ -260,10 +274,10 @@ def print_ratios(results: dict) -> None:
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
             )
     for key, peer in ((INT4, "llama.cpp Q4"), (INT4_BF16, "llama.cpp Q4"), (INT4_COMPILED, "llama.cpp Q4"),
-                      (INT8, "llama.cpp Q8_0"), ("weightsmith bf16", "weightsmith")):  # fmt: skip
+                      (INT8, "llama.cpp Q8"), ("weightsmith bf16", "weightsmith")):  # fmt: skip
         mine = results.get(key)
         for name, r in results.items():
-            if mine and (name == peer or (peer.endswith("Q4") and name.startswith(peer))):
+            if mine and (name == peer or (peer.startswith("llama.cpp") and name.startswith(peer))):
                 print(f"ratio {key} / {name}: decode {mine['decode_tok_s'] / r['decode_tok_s']:.2f}x")
     for eager, comp in (("weightsmith", "weightsmith compiled"), (INT4_BF16, INT4_COMPILED)):
         if comp in results:
@@ -311,6 +325,10 @@ def main() -> None:
     ap.add_argument("--skip-extra", action="store_true", help="only the columns the ratios to peers need")
     ap.add_argument("--isa", help="force our int4/int8 kernels' instruction set (e.g. avx2)")
     ap.add_argument("--llama-cpp-site", help="a folder with another llama-cpp-python build (pip --target)")
+    ap.add_argument(
+        "--llama-cpp-one-token-batches", action="store_true",
+        help="feed llama.cpp prompts one token at a time (works around its multi-token crash on AMX CPUs)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
