@@ -35,6 +35,7 @@ import torch
 INT4 = "weightsmith int4 g32+int8 head"
 INT4_BF16 = "weightsmith int4 g32 (bf16)"
 INT4_COMPILED = "weightsmith int4 compiled"
+INT8 = "weightsmith int8"
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -114,26 +115,87 @@ def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
     return gen, prefill
 
 
-def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int):
+def _llama_child(path: str, threads: int, n_ctx: int, n_batch: int, one_by_one: bool = False) -> None:
+    """In the child process: load llama.cpp, print its build line, then run the parent's
+    commands ("gen N PROMPT_IDS" / "prefill IDS"), answering "ok" after each."""
+    import json
+    import sys
+
     import llama_cpp
 
-    n_ctx = max(len(prefill_ids), len(prompt_ids) + 512) + 8
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-        n_batch=max(512, len(prefill_ids)), verbose=False,
-    )  # fmt: skip
+        model_path=path,
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=n_batch,
+        verbose=False,
+    )
+    print(f"llama-cpp-python {llama_cpp.__version__} ({Path(llama_cpp.__file__).parent.parent}): "
+          f"{llama_cpp.llama_print_system_info().decode().strip()}", flush=True)  # fmt: skip
+    for line in sys.stdin:
+        cmd, n, ids = line.split(" ", 2)
+        ids = json.loads(ids)
+        if one_by_one:  # the prompt in single-token batches; generate() then reuses that prefix
+            llm.reset()
+            for t in ids[:-1] if cmd == "gen" else ids:
+                llm.eval([t])
+        if cmd == "gen":
+            out = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                out.append(token)
+                if len(out) == int(n):
+                    break
+        elif not one_by_one:
+            llm.reset()
+            llm.eval(ids)
+        print("ok", flush=True)
+
+
+class PeerCrashed(RuntimeError):
+    pass
+
+
+def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int, site: str | None = None, one_by_one=False):
+    """llama.cpp in a child process (a crash is a missing column, not a lost run); `site` is a
+    folder holding another build of llama-cpp-python (e.g. one built with AVX-512 off);
+    `one_by_one` feeds prompts in single-token batches (0.3.36 built natively segfaults on
+    multi-token batches of quantized files on an AMX CPU; its prefill figure is then not
+    comparable, its decode figure is)."""
+    import json
+    import subprocess
+    import sys
+
+    n_ctx = max(len(prefill_ids), len(prompt_ids) + 512) + 8
+    env = dict(os.environ)
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    args = [str(path), str(threads), str(n_ctx), str(max(512, len(prefill_ids)))]
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import generate; generate._llama_child("
+    code += f"{args[0]!r}, {threads}, {n_ctx}, {args[3]}, {one_by_one})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    build = proc.stdout.readline().strip()
+    if not build:
+        raise PeerCrashed(f"llama.cpp child exited with {proc.wait()} while loading {path}")
+    print(f"{Path(path).name}: {build}")
+
+    def ask(cmd: str, n: int, ids: list[int]) -> None:
+        try:
+            proc.stdin.write(f"{cmd} {n} {json.dumps(ids)}\n")
+            proc.stdin.flush()
+            if proc.stdout.readline().strip() == "ok":
+                return
+        except BrokenPipeError:
+            pass
+        raise PeerCrashed(f"llama.cpp child died (exit {proc.wait()}) on {cmd} {n}")
 
     def gen(n: int) -> None:
-        out = []
-        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            out.append(token)
-            if len(out) == n:
-                break
-        assert len(out) == n
+        ask("gen", n, prompt_ids)
 
     def prefill() -> None:
-        llm.reset()
-        llm.eval(prefill_ids)
+        ask("prefill", 0, prefill_ids)
 
     return gen, prefill
 
@@ -141,20 +203,112 @@ def bench_llama_cpp(path, prompt_ids, prefill_ids, threads: int):
 def interleaved_rates(contenders: dict, new_tokens: int, prefill_len: int, runs: int) -> dict[str, dict]:
     """Warm every contender up, then alternate between them for `runs` rounds."""
     samples: dict[str, dict[str, list[float]]] = {}
-    for name, (gen, prefill) in contenders.items():
-        gen(new_tokens + 1), prefill()  # warm-up
+    for name, (gen, prefill) in list(contenders.items()):
+        try:
+            gen(new_tokens + 1), prefill()  # warm-up
+        except PeerCrashed as exc:
+            print(f"{name}: not measured ({exc})")
+            del contenders[name]
+            continue
         samples[name] = {"t1": [], "tn": [], "tp": []}
     for _ in range(runs):
-        for name, (gen, prefill) in contenders.items():
+        for name, (gen, prefill) in list(contenders.items()):
             s = samples[name]
-            s["t1"].append(timed(lambda g=gen: g(1)))
-            s["tn"].append(timed(lambda g=gen: g(new_tokens + 1)))
-            s["tp"].append(timed(prefill))
+            try:
+                s["t1"].append(timed(lambda g=gen: g(1)))
+                s["tn"].append(timed(lambda g=gen: g(new_tokens + 1)))
+                s["tp"].append(timed(prefill))
+            except PeerCrashed as exc:
+                print(f"{name}: dropped ({exc})")
+                del contenders[name], samples[name]
     results = {}
     for name, s in samples.items():
         t1, tn, tp = (statistics.median(s[k]) for k in ("t1", "tn", "tp"))
         results[name] = {"decode_tok_s": new_tokens / (tn - t1), "prefill_tok_s": prefill_len / tp}
     return results
+
+
+def llama_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
+    """llama.cpp on the catalog's file as shipped (Q4_1), and on Q8_0 and F32 exports of it."""
+    import importlib.util
+    import sys
+
+    if args.llama_cpp_site:
+        sys.path.insert(0, args.llama_cpp_site)  # only to find it: it runs in a child process
+    found = importlib.util.find_spec("llama_cpp") is not None
+    if args.llama_cpp_site:
+        sys.path.remove(args.llama_cpp_site)
+    if not found or args.skip_llama_cpp or path.suffix != ".gguf":
+        print("llama.cpp: not measured" + ("" if found else " (pip install llama-cpp-python to add it)"))
+        return {}
+    import tempfile
+
+    from weightsmith.checkpoint.gguf_write import export_gguf
+
+    out = {}
+    files = {f"llama.cpp {path.stem.rsplit('.', 1)[-1]}": path}
+    for quant in ("q8_0", "f32"):
+        files[f"llama.cpp {quant.upper()} export"] = Path(tempfile.mkdtemp()) / f"model-{quant}.gguf"
+        export_gguf(path, files[f"llama.cpp {quant.upper()} export"], quant)
+    for name, file in files.items():
+        try:
+            out[name] = bench_llama_cpp(
+                file,
+                prompt_ids,
+                prefill_ids,
+                args.threads,
+                args.llama_cpp_site,
+                args.llama_cpp_one_token_batches,
+            )
+        except PeerCrashed as exc:
+            print(f"{name}: not measured ({exc})")
+    return out
+
+
+def print_ratios(results: dict) -> None:
+    ours = results["weightsmith"]
+    for name, r in results.items():
+        if not name.startswith("weightsmith"):
+            print(
+                f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
+                f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
+            )
+    for key, peer in ((INT4, "llama.cpp Q4"), (INT4_BF16, "llama.cpp Q4"), (INT4_COMPILED, "llama.cpp Q4"),
+                      (INT8, "llama.cpp Q8"), ("weightsmith bf16", "weightsmith")):  # fmt: skip
+        mine = results.get(key)
+        for name, r in results.items():
+            if mine and (name == peer or (peer.startswith("llama.cpp") and name.startswith(peer))):
+                print(f"ratio {key} / {name}: decode {mine['decode_tok_s'] / r['decode_tok_s']:.2f}x")
+    for eager, comp in (("weightsmith", "weightsmith compiled"), (INT4_BF16, INT4_COMPILED)):
+        if comp in results:
+            ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
+            print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
+
+
+def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
+    c = {
+        "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
+        "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
+    }
+    if not args.skip_extra:
+        c["weightsmith, no C"] = bench_ours(path, prompt_ids, prefill_ids, kernels=False)
+    if not args.skip_quantized:
+        # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
+        c[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
+        c[INT8] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 8, head_bits=8)
+        c["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)
+        if not args.skip_extra:
+            c[INT4 + ", no C"] = bench_ours(
+                path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8, kernels=False
+            )
+            c[INT4_BF16] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16, 4)
+    if not args.skip_compiled and not args.skip_extra:
+        c["weightsmith compiled"] = bench_ours(path, prompt_ids, prefill_ids, compile=True)
+        if not args.skip_quantized:
+            c[INT4_COMPILED] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16, 4, compile=True)
+    if not args.skip_static and not args.skip_extra:
+        c["transformers static cache"] = bench_transformers(path, prompt_ids, prefill_ids, cache="static")
+    return c
 
 
 def main() -> None:
@@ -168,92 +322,54 @@ def main() -> None:
     ap.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
     ap.add_argument("--skip-quantized", action="store_true", help="skip weightsmith bf16/int8/int4 columns")
     ap.add_argument("--skip-compiled", action="store_true", help="skip the torch.compile (--compile) columns")
+    ap.add_argument("--skip-extra", action="store_true", help="only the columns the ratios to peers need")
+    ap.add_argument("--isa", help="force our int4/int8 kernels' instruction set (e.g. avx2)")
+    ap.add_argument("--llama-cpp-site", help="a folder with another llama-cpp-python build (pip --target)")
+    ap.add_argument(
+        "--llama-cpp-one-token-batches", action="store_true",
+        help="feed llama.cpp prompts one token at a time (works around its multi-token crash on AMX CPUs)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.checkpoint.pull import resolve
+    from weightsmith.quant import cpu_kernels
 
     path = resolve(args.model)
     tok = load_checkpoint(path).tokenizer
     prompt_ids = tok.encode("The history of open-weight language models began when")
     text = "Open models let people run, study and adapt language technology on their own machines. " * 40
     prefill_ids = tok.encode(text)[: args.prefill_tokens]
-
-    from weightsmith.quant import cpu_kernels
-
+    if args.isa and cpu_kernels.library() is not None:
+        cpu_kernels.select_isa(cpu_kernels.library(), args.isa)
     print(f"C decode kernels: {cpu_kernels.info()}")
-    contenders = {
-        "weightsmith": bench_ours(path, prompt_ids, prefill_ids),
-        "weightsmith, no C": bench_ours(path, prompt_ids, prefill_ids, kernels=False),
-        "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
-    }
-    if not args.skip_quantized:
-        # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
-        contenders[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
-        contenders[INT4 + ", no C"] = bench_ours(
-            path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8, kernels=False
-        )
-        contenders["weightsmith int8"] = bench_ours(
-            path, prompt_ids, prefill_ids, torch.float32, 8, head_bits=8
-        )
-        contenders["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)
-        contenders[INT4_BF16] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16, 4)
-    if not args.skip_compiled:
-        contenders["weightsmith compiled"] = bench_ours(path, prompt_ids, prefill_ids, compile=True)
-        if not args.skip_quantized:
-            contenders[INT4_COMPILED] = bench_ours(
-                path, prompt_ids, prefill_ids, torch.bfloat16, 4, compile=True
-            )
-    if not args.skip_static:
-        contenders["transformers static cache"] = bench_transformers(
-            path, prompt_ids, prefill_ids, cache="static"
-        )
-    try:
-        import llama_cpp  # noqa: F401
-
-        have_llama_cpp = not args.skip_llama_cpp
-    except ImportError:
-        have_llama_cpp = False
-        print("llama.cpp: not measured (pip install llama-cpp-python to add it)")
-    if have_llama_cpp and path.suffix == ".gguf":
-        import tempfile
-
-        from weightsmith.checkpoint.gguf_write import export_gguf
-
-        f32 = Path(tempfile.mkdtemp()) / "model-f32.gguf"
-        export_gguf(path, f32, "f32")
-        contenders[f"llama.cpp {path.stem.rsplit('.', 1)[-1]}"] = bench_llama_cpp(
-            path, prompt_ids, prefill_ids, args.threads
-        )
-        contenders["llama.cpp F32 export"] = bench_llama_cpp(f32, prompt_ids, prefill_ids, args.threads)
+    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at start")
+    contenders = our_contenders(args, path, prompt_ids, prefill_ids)
+    contenders.update(llama_contenders(args, path, prompt_ids, prefill_ids))
     results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
-
     print(
         f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
+        f"; load average {os.getloadavg()[0]:.1f} at the end"
     )
     print(f"{'':32}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
         print(f"{name:32}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
-    ours = results["weightsmith"]
-    for name, r in results.items():
-        if not name.startswith("weightsmith"):
-            print(
-                f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
-                f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
-            )
-    for key in (INT4, INT4_BF16, INT4_COMPILED):
-        int4 = results.get(key)
-        for name, r in results.items():
-            if int4 and name.startswith("llama.cpp Q4"):
-                print(f"ratio {key} / {name}: decode {int4['decode_tok_s'] / r['decode_tok_s']:.2f}x")
-    for eager, comp in (
-        ("weightsmith", "weightsmith compiled"),
-        (INT4_BF16, INT4_COMPILED),
-    ):
-        if comp in results:
-            ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
-            print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
+    print_ratios(results)
+
+
+def cpu_line() -> str:
+    """The CPU model and the vector/dot-product extensions it lists."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?"
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}], {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

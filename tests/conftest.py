@@ -204,6 +204,40 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4/int8 C kernels' input rounding (quant/cpu_qdot.c) in torch, float32 like the C
+    code: per block of 32 (the last one zero-padded), d = max|x| / 127, q = round(x / d), ties
+    to even. x (..., K) -> (d * q as float64, d per element as float64), both x's shape."""
+    shape, k = x.shape, x.shape[-1]
+    x = x.reshape(-1, k)
+    m, nb = x.shape[0], -(-k // 32)
+    xb = torch.nn.functional.pad(x.float(), (0, nb * 32 - k)).view(m, nb, 32)
+    d = xb.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    deq = (q.double() * d.double()[..., None]).reshape(m, nb * 32)[:, :k]
+    per_element = d.double()[..., None].expand(m, nb, 32).reshape(m, nb * 32)[:, :k]
+    return deq.reshape(shape), per_element.reshape(shape)
+
+
+def round_inputs_like_the_kernels(monkeypatch, rows: int | None = None) -> None:
+    """Give the int4/int8 layers' decode-sized fp32 inputs the C kernels' int8 rounding
+    (quantize_act) before their own forward: with the kernels off, the PyTorch path then
+    computes what the kernels and the fused step compute, up to float summation order.
+    `rows`: the most rows rounded (default: those the layers send to the kernels)."""
+    from weightsmith.quant import weight_only as wo
+
+    rows = wo.KERNEL_MAX_ROWS if rows is None else rows
+    for cls in (wo.Int4Linear, wo.Int8Linear):
+
+        def forward(self, x, _original=cls.forward):
+            if x.dtype == torch.float32 and x.numel() <= rows * self.in_features:
+                x = quantize_act(x)[0].float()
+            return _original(self, x)
+
+        monkeypatch.setattr(cls, "forward", forward)
+
+
 def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -11,7 +11,15 @@ import stat
 import pytest
 import torch
 import transformers
-from conftest import CPU, OFF, TINY_SHAPE, assert_matches, build_tiny_hf_dir, kernels_on
+from conftest import (
+    CPU,
+    OFF,
+    TINY_SHAPE,
+    assert_matches,
+    build_tiny_hf_dir,
+    kernels_on,
+    round_inputs_like_the_kernels,
+)
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cpu_decode import fused as cpu_fused
@@ -163,7 +171,7 @@ def _assert_same_decode(on, off, rows: int) -> None:
             torch.testing.assert_close(a[:, row, :, :n], b[:, row, :, :n], rtol=1e-4, atol=1e-5)
 
 
-def _on_and_off(model, plan, monkeypatch, fused_calls, **kw):
+def _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=None, **kw):
     """Decode with the fused step, then the same tokens through the PyTorch model."""
     kernels_on(monkeypatch, True)
     on = _decode(model, plan, **kw)
@@ -171,7 +179,9 @@ def _on_and_off(model, plan, monkeypatch, fused_calls, **kw):
     rows = len(kw.get("prompts", PROMPTS))
     assert fused_calls == [rows] * steps, "the fused step was not taken"
     kernels_on(monkeypatch, False)
-    off = _decode(model, plan, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        round_inputs_like_the_kernels(mp, round_rows)  # the fused step's int4/int8 input rounding
+        off = _decode(model, plan, **kw)
     assert len(fused_calls) == steps, "the fused step ran with the kernels off"
     _assert_same_decode(on, off, rows)
     return on, off
@@ -219,6 +229,22 @@ def test_fused_decode_with_each_instruction_set(variant, isa_lib, model_dirs, mo
     _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
+@pytest.mark.parametrize("isa", cpu_kernels.ISAS)
+@pytest.mark.parametrize("variant", ["int4-biases", "int8-biases-lm-head"])
+def test_fused_decode_with_each_integer_instruction_set(
+    variant, isa, native_lib, model_dirs, monkeypatch, fused_calls
+):
+    """The fused step's int4/int8 matmuls with each instruction set this CPU runs, forced."""
+    if isa not in cpu_kernels.supported_isas(native_lib):
+        pytest.skip(f"this CPU does not run {isa}")
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    cpu_kernels.select_isa(native_lib, isa)
+    try:
+        _on_and_off(model, plan, monkeypatch, fused_calls)
+    finally:
+        cpu_kernels.select_isa(native_lib, None)
+
+
 def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
     model_dirs, native_lib, monkeypatch, fused_calls
 ):
@@ -228,6 +254,8 @@ def test_fused_decode_on_a_cache_view_and_fewer_rows_than_the_cache(
 
     def run(on: bool):
         kernels_on(monkeypatch, on)
+        if not on:
+            round_inputs_like_the_kernels(monkeypatch)
         step = plan.decode_step(decode_one_token)
         big = KVCache.for_model(model.config, 4, MAX_LEN, dtype=torch.float32, device="cpu")
         prefill(model, big.rows(0, 1), [[8, 9, 10, 11]], CPU)
@@ -314,8 +342,9 @@ def _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, **kw):
 def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch, fused_calls):
     model, plan = _variant("int4-g32", model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
-    n = cpu_fused.MAX_ROWS
     step = plan.decode_step(decode_one_token)
+    n = plan.fused().max_rows
+    assert n == cpu_fused.MAX_QUANT_ROWS
     cache = _cache(model, n + 1)
     prefill(model, cache, [[5, 6]] * (n + 1), CPU)
     step(model, cache, [3] * n, CPU)  # n of the cache's n + 1 rows: the C step
@@ -323,6 +352,20 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     fused_calls.clear()
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(n + 1)]
     _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
+
+
+def test_fused_decode_of_a_batch_above_the_fp32_limit(model_dirs, native_lib, monkeypatch, fused_calls):
+    """A quantized model's C step takes the server's larger decode batches (12 rows here, more
+    than an fp32 model's MAX_ROWS); an fp32-only model's hands them to PyTorch."""
+    model, plan = _variant("int8-biases-lm-head", model_dirs, monkeypatch)
+    rows = cpu_fused.MAX_ROWS + 4
+    prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
+    steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
+    # The prefill (12 rows and more) is exact; the 12-row decode steps are rounded.
+    _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=rows, prompts=prompts, steps=steps)
+    fp32, fp32_plan = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    assert fp32_plan.fused().max_rows == cpu_fused.MAX_ROWS
 
 
 def test_no_plan_when_disabled_or_the_cache_does_not_fit(model_dirs, native_lib, monkeypatch):

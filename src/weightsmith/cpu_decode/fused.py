@@ -10,7 +10,7 @@ Python keeps the embedding lookup and the RoPE tables (any RoPE scaling the mode
 where the step cannot run them: another family or activation, an adapter, an NF4 layer,
 another dtype or device); `current()` says whether the model still has those modules and
 tensors. `FusedStep` is the decode step a caller chooses: the C step for up to `MAX_ROWS`
-rows on a cache it can write, its `fallback` step otherwise.
+rows (`MAX_QUANT_ROWS` with int4/int8 projections) on a cache it can write, its `fallback` step otherwise.
 
 Not here: deciding whether to build one and rebuilding it (plan.py), the kernels
 (quant/cpu_kernels.c, quant/cpu_decode.c and their build, quant/cpu_kernels.py), the
@@ -35,9 +35,12 @@ from weightsmith.quant.weight_only import Int4Linear, Int8Linear
 #: (model, cache, one token per row, device) -> logits (B, V), advancing the cache.
 Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 
-#: Rows a fused step takes. Beyond a few rows the matmuls stop being bound by reading the
-#: weights, and BLAS (the PyTorch path) multiplies better.
+#: Rows a fused step takes for an fp32-only model. Beyond a few rows the fp32 matmuls stop
+#: being bound by reading the weights, and BLAS (the PyTorch path) multiplies better.
 MAX_ROWS = 8
+#: Rows it takes when some projections are int4/int8 (the server's decode batches): the integer
+#: kernels take the rows 4 at a time for each weight block they read.
+MAX_QUANT_ROWS = 32
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -80,15 +83,15 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
     if type(module) is Int4Linear:
         if module.qweight.device.type != "cpu":
             return None
-        chunks = module.kernel_codes()
+        codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
-        keep += [chunks, scales, zeros]
-        p.kind, p.group, p.q = 4, module.group_size, chunks.data_ptr()
+        keep += [codes, scales, zeros]
+        p.kind, p.group, p.q = 4, module.group_size, codes.data_ptr()
         p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
     elif type(module) is Int8Linear:
         if module.qweight.device.type != "cpu":
             return None
-        q, scales = module.aligned_qweight().contiguous(), module.scales.contiguous()
+        q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
         keep += [q, scales]
         p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
     elif isinstance(module, Linear) and _fp32_cpu(module.weight):  # SplitLinear too
@@ -155,6 +158,7 @@ class FusedDecode:
             self.ok = False
             return
         self.layers = layers
+        self.max_rows = MAX_QUANT_ROWS if self.quantized() else MAX_ROWS
         self.struct = _Model(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
             n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=cfg.intermediate_size,
@@ -231,7 +235,7 @@ def supports(model: nn.Module) -> bool:
 
 
 class FusedStep:
-    """The decode step that runs `fused` for up to `MAX_ROWS` rows on a cache it can write, and
+    """The decode step that runs `fused` for up to its `max_rows` rows on a cache it can write, and
     `fallback` (the PyTorch step) for more rows, another cache or another model."""
 
     def __init__(self, fused: FusedDecode, fallback: Step) -> None:
@@ -240,6 +244,6 @@ class FusedStep:
     def __call__(
         self, model: nn.Module, cache: KVCache, tokens: list[int], device: torch.device
     ) -> torch.Tensor:
-        if len(tokens) > MAX_ROWS or model is not self.fused.model or not cache_fits(cache):
+        if len(tokens) > self.fused.max_rows or model is not self.fused.model or not cache_fits(cache):
             return self.fallback(model, cache, tokens, device)
         return self.fused.step(cache, tokens)

@@ -104,6 +104,7 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
     float *k = malloc(sizeof(float) * (size_t)(B * kvn)), *v = malloc(sizeof(float) * (size_t)(B * kvn));
     float *att = malloc(sizeof(float) * (size_t)(B * qn)), *out = malloc(sizeof(float) * (size_t)(B * H));
     float *g = malloc(sizeof(float) * (size_t)(B * I)), *u = malloc(sizeof(float) * (size_t)(B * I));
+    ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
     if (!h || !q || !k || !v || !att || !out || !g || !u) {
         status = -1;
@@ -112,9 +113,10 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
     for (int64_t l = 0; l < m->n_layers; l++) {
         const ws_layer *L = m->layers + l;
         rmsnorm(x, L->norm1, B, H, m->eps, h);
-        ws_proj_matmul(&L->q, h, B, q);
-        ws_proj_matmul(&L->k, h, B, k);
-        ws_proj_matmul(&L->v, h, B, v);
+        act.src = NULL; /* h is new: quantized once for q, k and v */
+        if (ws_proj_matmul(&L->q, h, B, q, &act) || ws_proj_matmul(&L->k, h, B, k, &act) ||
+            ws_proj_matmul(&L->v, h, B, v, &act))
+            goto oom;
         for (int64_t b = 0; b < B; b++) {
             for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cos + b * D, sin + b * D, D);
             for (int64_t i = 0; i < m->n_kv; i++) {
@@ -125,18 +127,25 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
             }
         }
         attention(m, l, L->window, B, pos, q, att);
-        ws_proj_matmul(&L->o, att, B, out);
+        act.src = NULL;
+        if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         rmsnorm(x, L->norm2, B, H, m->eps, h);
-        ws_proj_matmul(&L->gate, h, B, g);
-        ws_proj_matmul(&L->up, h, B, u);
+        act.src = NULL; /* once for gate and up */
+        if (ws_proj_matmul(&L->gate, h, B, g, &act) || ws_proj_matmul(&L->up, h, B, u, &act)) goto oom;
         for (int64_t i = 0; i < B * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        ws_proj_matmul(&L->down, g, B, out);
+        act.src = NULL;
+        if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
     }
     rmsnorm(x, m->final_norm, B, H, m->eps, h);
-    ws_proj_matmul(&m->head, h, B, logits);
+    act.src = NULL;
+    if (ws_proj_matmul(&m->head, h, B, logits, &act)) goto oom;
+    goto done;
+oom:
+    status = -1;
 done:
     free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u);
+    ws_qact_free(&act);
     return status;
 }

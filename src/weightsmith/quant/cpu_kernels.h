@@ -6,8 +6,8 @@
 
 enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33 };
 
-/* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2) in chunk
- * layout, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:
+/* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
+ * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:
  * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]. bias may be NULL. */
 typedef struct {
     int64_t kind, n, k, group, ld;
@@ -17,10 +17,31 @@ typedef struct {
 
 extern int ws_threads;
 
-void ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q,
-                    const float *scales, const float *zeros, int64_t G, const float *bias, float *y);
-void ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t *q,
-                    const float *scales, const float *bias, float *y);
-void ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y);
+/* Activations quantized to int8 per block of 32 (cpu_qdot.c): for row m and block b,
+ * d[m * nb + b] = max |x| / 127 over the block, q = round(x / d) in -127..127 (stored in the
+ * order `layout` names: WS_QACT_INT8 as x is, WS_QACT_INT4 each block's even elements then
+ * its odd ones), xs[m * nb + b] = d * sum(q). Rows are kp = 32 * nb bytes apart, the last
+ * block padded with zeros. `src` is the input quantized last: a caller that quantizes the
+ * same input for several projections (q/k/v, gate/up) does it once, and clears `src` when
+ * that buffer changes. */
+enum { WS_QACT_INT8 = 0, WS_QACT_INT4 = 1 };
+typedef struct {
+    int64_t m, k, kp, nb, layout;
+    const float *src;
+    int8_t *q;
+    float *d, *xs;
+    int64_t cap_q, cap_d, cap_x; /* allocated sizes (bytes of q, floats of d, of xs) */
+} ws_qact;
+
+int ws_qact_quantize(ws_qact *a, const float *x, int64_t M, int64_t K, int64_t layout);
+void ws_qact_free(ws_qact *a);
+int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
+               int64_t G, const float *bias, float *y);
+void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
+                float *y);
+
+/* These return 0, or -1 when out of memory. `act` (may be NULL) holds the quantized input
+ * for the int4 / int8 projections, reused while its `src` is x. */
+int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act);
 
 #endif

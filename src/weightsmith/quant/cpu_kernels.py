@@ -1,6 +1,7 @@
 """The C decode kernels (cpu_kernels.c, cpu_decode.c): built on first use, called through ctypes.
 
-What it does: compiles them with the system C compiler (``$CC`` or ``cc``,
+What it does: compiles them (and cpu_qdot.c, the int4/int8 kernels, which pick their
+instruction set at run time: `select_isa` or ``WEIGHTSMITH_CPU_ISA`` forces one) with the system C compiler (``$CC`` or ``cc``,
 ``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
 compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
 compiler flags and the CPU, so it is built once per machine; loads it only after checking it
@@ -31,13 +32,20 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.errors import ConfigError
 from weightsmith.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c")
-HEADER = HERE / "cpu_kernels.h"
+#: Built apart, without -march=native: it holds a copy of its kernels per x86 instruction set
+#: and picks one at run time (CPUID), so a forced AVX2 path is exactly AVX2 code.
+QDOT = HERE / "cpu_qdot.c"
+HEADERS = (HERE / "cpu_kernels.h", HERE / "cpu_qdot_x86.h")
+#: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
+ISA_ENV = "WEIGHTSMITH_CPU_ISA"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -106,6 +114,18 @@ def _verified(target: Path) -> bool:
         return False
 
 
+def _compile(flags: list[str], tmp: Path, out: Path) -> subprocess.CompletedProcess:
+    """cpu_qdot.c to an object without -march=native (x86: tuned for this CPU only), then the
+    library from it and the other sources with `flags`."""
+    qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in flags if f != "-shared"]
+    obj = tmp / "cpu_qdot.o"
+    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: E731
+    proc = run([*qflags, "-c", str(QDOT), "-o", str(obj)])
+    if proc.returncode != 0:
+        return proc
+    return run([*flags, *map(str, SOURCES), str(obj), "-lm", "-o", str(out)])
+
+
 def _build(out_dir: Path) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
@@ -115,7 +135,7 @@ def _build(out_dir: Path) -> Path | None:
     omp = _torch_openmp()
     attempts = [base + ["-fopenmp"] + ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else [])]
     attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
-    source = b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
+    source = b"".join(p.read_bytes() for p in (*SOURCES, QDOT, *HEADERS))
     if not _private_dir(out_dir):
         return None
     for flags in attempts:
@@ -126,10 +146,7 @@ def _build(out_dir: Path) -> Path | None:
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             partial = Path(tmp) / target.name
             try:
-                proc = subprocess.run(
-                    [*flags, *map(str, SOURCES), "-lm", "-o", str(partial)],
-                    capture_output=True, text=True, check=False,
-                )  # fmt: skip
+                proc = _compile(flags, Path(tmp), partial)
             except OSError as exc:  # $CC names no runnable program
                 log.warning(
                     "could not run the C compiler %s (%s): decoding uses the slower PyTorch path",
@@ -168,14 +185,20 @@ def library() -> ctypes.CDLL | None:
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
                 lib.ws_int4_matmul.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
                 lib.ws_int8_matmul.argtypes = [p, i64, i64, i64, p, p, p, p]
-                lib.ws_int4_matmul.restype = lib.ws_int8_matmul.restype = None
-                lib.ws_kernels_isa.restype = ctypes.c_char_p
+                lib.ws_int4_matmul.restype = lib.ws_int8_matmul.restype = ctypes.c_int
+                lib.ws_kernels_isa.restype = lib.ws_qdot_isa.restype = ctypes.c_char_p
+                lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
+                lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
+                lib.ws_int4_dequantize.restype = None
+                lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
+                _select_from_env(lib)
                 lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
                 lib.ws_decode.restype = ctypes.c_int
                 lib.ws_set_threads.argtypes = [ctypes.c_int]
                 log.info(
-                    "CPU kernels: %s, OpenMP %s", lib.ws_kernels_isa().decode(), bool(lib.ws_kernels_openmp())
-                )
+                    "CPU kernels: %s, int4/int8 %s, OpenMP %s", lib.ws_kernels_isa().decode(),
+                    lib.ws_qdot_isa().decode(), bool(lib.ws_kernels_openmp()),
+                )  # fmt: skip
         except OSError as exc:
             log.warning("could not load the int4/int8 CPU kernels (%s): decoding uses the PyTorch path", exc)
             lib = None
@@ -188,7 +211,39 @@ def info() -> dict[str, object]:
     lib = library()
     if lib is None:
         return {"available": False}
-    return {"available": True, "isa": lib.ws_kernels_isa().decode(), "openmp": bool(lib.ws_kernels_openmp())}
+    return {
+        "available": True, "isa": lib.ws_kernels_isa().decode(), "int_isa": lib.ws_qdot_isa().decode(),
+        "int_isas": supported_isas(lib), "openmp": bool(lib.ws_kernels_openmp()),
+    }  # fmt: skip
+
+
+#: The int4/int8 kernels' instruction sets, in the C library's bit order.
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
+
+
+def supported_isas(lib: ctypes.CDLL) -> list[str]:
+    """The int4/int8 instruction sets this CPU runs, slowest first."""
+    mask = lib.ws_qdot_supported()
+    return [name for i, name in enumerate(ISAS) if mask >> i & 1]
+
+
+def select_isa(lib: ctypes.CDLL, name: str | None) -> None:
+    """Make the int4/int8 kernels use instruction set `name` (None: the best this CPU has),
+    for every caller in the process; ConfigError if this CPU lacks it."""
+    if lib.ws_qdot_select((name or "").encode()) != 0:
+        raise ConfigError(
+            f"{ISA_ENV}={name!r}: this CPU runs the int4/int8 kernels with "
+            f"{', '.join(supported_isas(lib))} only; use one of those, or unset it"
+        )
+
+
+def _select_from_env(lib: ctypes.CDLL) -> None:
+    name = os.environ.get(ISA_ENV, "").strip().lower()
+    if name:
+        try:
+            select_isa(lib, name)
+        except ConfigError as exc:
+            log.warning("%s: the best one is used instead", exc)
 
 
 def use_threads(lib: ctypes.CDLL) -> None:
@@ -199,52 +254,68 @@ def use_threads(lib: ctypes.CDLL) -> None:
         lib.ws_thread_count = n
 
 
-def chunk_layout(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's chunk layout: byte j of each
-    32-code chunk holds code j (low nibble) and code j + 16 (high nibble)."""
-    n, k = codes.shape
-    c = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError(
+            f"the int4/int8 CPU kernel failed (status {status}: out of memory, or a group size not 32, 64 or 128)"
+        )
 
 
 def int4_matmul(
     lib: ctypes.CDLL,
     x: torch.Tensor,
-    chunks: torch.Tensor,
+    qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x (..., K) float32 CPU -> (..., N). `chunks` from chunk_layout; scales/zeros fp32 (N, K/G)."""
-    n, k = chunks.shape[0], chunks.shape[1] * 2
+    """x (..., K) float32 CPU -> (..., N). qweight uint8 (N, K/2) as Int4Linear holds it (codes
+    2j, 2j + 1 in byte j); scales/zeros fp32 (N, K/G). x is quantized to int8 per block of 32."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
     # Contiguous copies held in locals: they must outlive the C call that reads them.
-    flat, chunks, scales, zeros = (t.contiguous() for t in (x.reshape(-1, k), chunks, scales, zeros))
+    flat, qweight, scales, zeros = (t.contiguous() for t in (x.reshape(-1, k), qweight, scales, zeros))
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
-    lib.ws_int4_matmul(
-        flat.data_ptr(), flat.shape[0], k, n, chunks.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+    _check(lib.ws_int4_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         group_size, _ptr(bias), y.data_ptr(),
-    )  # fmt: skip
-
+    ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
 
 def int8_matmul(
     lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x (..., K) float32 CPU -> (..., N) with q int8 (N, K), scales fp32 (N,)."""
+    """x (..., K) float32 CPU -> (..., N) with q int8 (N, K), scales fp32 (N,); x is quantized to
+    int8 per block of 32."""
     n, k = q.shape
     flat, q, scales = (t.contiguous() for t in (x.reshape(-1, k), q, scales))  # kept alive past the call
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
-    lib.ws_int8_matmul(
-        flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
+    _check(
+        lib.ws_int8_matmul(
+            flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
+        )
     )
     return y.view(*x.shape[:-1], n)
+
+
+def int4_dequantize(
+    lib: ctypes.CDLL, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros (N, K/G)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    qweight, scales, zeros = (t.contiguous() for t in (qweight, scales, zeros))  # kept alive past the call
+    w = torch.empty(n, k, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int4_dequantize(
+        qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group_size, w.data_ptr()
+    )
+    return w

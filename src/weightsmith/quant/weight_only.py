@@ -18,9 +18,10 @@ first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `sca
 
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
 - fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
-  kernels (cpu_kernels.c, built on first use), which dequantize each weight row in
-  registers: the matrix is read once at 4 or 8 bits a weight, and the result is the exact
-  path's up to summation order.
+  kernels (cpu_qdot.c, built on first use), which quantize the input to int8 per block of
+  32 and multiply with the CPU's integer dot-product instructions, reading `qweight` as it
+  is (no second copy): the matrix is read once at 4 or 8 bits a weight, and the result is
+  the exact path's up to the input's rounding (as in llama.cpp's Q4/Q8 decoding).
 - other fp32 inputs, or where the kernels cannot be built: the exact path. int8 computes
   `F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes its
   codes (kept unpacked, one byte each, for this path) and calls `F.linear`. PyTorch's own
@@ -179,8 +180,8 @@ class Int8Linear(QuantizedLinear):
         return cls(q, s, linear.bias)
 
     def aligned_qweight(self) -> torch.Tensor:
-        """The weight at a 64-byte-aligned address: the CPU kernel segfaults otherwise (e.g. on a
-        tensor read straight from a safetensors file)."""
+        """The weight at a 64-byte-aligned address: PyTorch's int8 CPU kernel (bf16 inputs)
+        segfaults otherwise (e.g. on a tensor read straight from a safetensors file)."""
         q = self.qweight
         if q.is_cuda or (q.is_contiguous() and q.data_ptr() % 64 == 0):
             return q
@@ -201,7 +202,7 @@ class Int8Linear(QuantizedLinear):
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
-            return cpu_kernels.int8_matmul(lib, x, self.aligned_qweight(), self.scales, bias)
+            return cpu_kernels.int8_matmul(lib, x, self.qweight, self.scales, bias)  # any alignment
         # Exact path: the per-row scale factors out of the matmul.
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
@@ -257,21 +258,18 @@ class Int4Linear(QuantizedLinear):
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             return cpu_kernels.int4_matmul(
-                lib, x, self.kernel_codes(), self.scales, self.zeros, self.group_size, bias
+                lib, x, self.qweight, self.scales, self.zeros, self.group_size, bias
             )
-        codes = self._runtime.get("codes")
-        if codes is None:  # (N, K) one byte per code: ~10x faster to dequantize than nibbles
-            codes = self._runtime["codes"] = unpack_nibbles(self.qweight)
-        w = dequantize_int4(codes, self.scales, self.zeros, x.dtype)  # (N, K)
+        w = self._exact_weight(x.dtype)  # (N, K)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def kernel_codes(self) -> torch.Tensor:
-        """The codes in the C kernels' chunk layout (N, K/2) uint8, built once (the C matmul and
-        the fused decode step share them)."""
-        chunks = self._runtime.get("chunks")
-        if chunks is None:
-            chunks = self._runtime["chunks"] = cpu_kernels.chunk_layout(unpack_nibbles(self.qweight))
-        return chunks
+    def _exact_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight for the exact path, made per call (the codes are held once,
+        packed): by the C kernels for fp32 on the CPU, ~10x faster than unpacking in torch."""
+        lib = cpu_kernels.library() if dtype == torch.float32 and self.qweight.device.type == "cpu" else None
+        if lib is not None:
+            return cpu_kernels.int4_dequantize(lib, self.qweight, self.scales, self.zeros, self.group_size)
+        return self.dequantize(dtype)
 
     def _packed(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The tinygemm packed weight and its scales_and_zeros (K/G, N, 2) bf16, built once."""

@@ -1,0 +1,323 @@
+/* int4 / int8 weight matmuls with integer dot products, chosen at run time from CPUID.
+ *
+ * Decoding reads every weight once per token, so at 4 or 8 bits a weight it should be bound
+ * by memory bandwidth. Dequantizing the weights to float in registers (the first kernels
+ * here) is bound by arithmetic instead. As llama.cpp does, the layer input is quantized to
+ * int8 per block of 32 once (ws_qact, shared by the projections that read it), and each
+ * block's product with the weight codes is summed in int32 by the CPU's integer
+ * dot-product instructions:
+ *   int4: y[m, n] = sum_b d[m, b] * s[n, g(b)] * sum_j q[n, j] xq[m, j]
+ *                  + sum_g z[n, g] * sum_{b in g} d[m, b] * sum_j xq[m, j]
+ *   int8: y[m, n] = s[n] * sum_b d[m, b] * sum_j q[n, j] xq[m, j]
+ * (then + bias[n]). Against the float product this adds the activations' rounding
+ * (|x - d * xq| <= d / 2 per element), the error llama.cpp's Q4/Q8 decoding has.
+ *
+ * The weights are read as the layers store them (Int4Linear's portable nibble layout,
+ * Int8Linear's int8 rows): no second copy is made. The int4 layout pairs codes 2j and 2j + 1
+ * in a byte, so int4 inputs are quantized with each block's even elements first.
+ *
+ * Instruction sets (one copy of cpu_qdot_x86.h each, compiled for exactly that set: this
+ * file is built without -march=native): AVX512-VNNI (vpdpbusd on 256-bit vectors, with
+ * AVX512VL), AVX-VNNI (the same instruction, VEX encoded), AVX2 (vpmaddubsw + vpmaddwd),
+ * and portable C. `ws_qdot_select` forces one (tests; benchmarks restricted to AVX2).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#define QB 32
+#define QROWS 4
+
+enum { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+
+/* ---- the quantized input --------------------------------------------------------------- */
+
+static int grow(void **buf, int64_t *cap, int64_t need, size_t size) {
+    if (*cap >= need) return 0;
+    void *p = realloc(*buf, (size_t)need * size);
+    if (!p) return -1;
+    *buf = p, *cap = need;
+    return 0;
+}
+
+static void quantize_block(const float *x, int64_t len, int64_t layout, int8_t *q, float *d, float *xs) {
+    float amax = 0;
+    for (int64_t j = 0; j < len; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const float scale = amax / 127.0f, inv = scale > 0 ? 1.0f / scale : 0.0f;
+    int8_t v[QB] = {0};
+    int32_t sum = 0;
+    for (int64_t j = 0; j < len; j++) {
+        float r = nearbyintf(x[j] * inv); /* ties to even, as torch.round */
+        r = r > 127 ? 127 : (r < -127 ? -127 : r);
+        v[j] = (int8_t)r;
+        sum += v[j];
+    }
+    if (layout == WS_QACT_INT4) {
+        for (int j = 0; j < QB / 2; j++) q[j] = v[2 * j], q[QB / 2 + j] = v[2 * j + 1];
+    } else {
+        memcpy(q, v, QB);
+    }
+    *d = scale, *xs = scale * (float)sum;
+}
+
+int ws_qact_quantize(ws_qact *a, const float *x, int64_t M, int64_t K, int64_t layout) {
+    if (a->src == x && a->m == M && a->k == K && a->layout == layout) return 0;
+    const int64_t nb = (K + QB - 1) / QB;
+    if (grow((void **)&a->q, &a->cap_q, M * nb * QB, 1) || grow((void **)&a->d, &a->cap_d, M * nb, 4) ||
+        grow((void **)&a->xs, &a->cap_x, M * nb, 4))
+        return -1;
+    a->m = M, a->k = K, a->nb = nb, a->kp = nb * QB, a->layout = layout, a->src = x;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t len = K - b * QB < QB ? K - b * QB : QB;
+            quantize_block(x + m * K + b * QB, len, layout, a->q + m * a->kp + b * QB, a->d + m * nb + b,
+                           a->xs + m * nb + b);
+        }
+    return 0;
+}
+
+void ws_qact_free(ws_qact *a) {
+    free(a->q), free(a->d), free(a->xs);
+    memset(a, 0, sizeof *a);
+}
+
+/* The rows m0.. of a, as a ws_qact of their own. */
+static inline ws_qact ws_qact_rows(const ws_qact *a, int64_t m0) {
+    ws_qact r = *a;
+    r.m = a->m - m0, r.q = a->q + m0 * a->kp, r.d = a->d + m0 * a->nb, r.xs = a->xs + m0 * a->nb;
+    return r;
+}
+
+/* ---- portable C ---------------------------------------------------------------------- */
+
+static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales,
+                             const float *zeros, int64_t G, const float *gsum, const float *bias, float *y) {
+    const int64_t K = a->k, groups = K / G, per_group = G / QB;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qrow = q + n * (K / 2);
+        for (int64_t m = 0; m < a->m; m++) {
+            const int8_t *xq = a->q + m * a->kp;
+            float acc = 0;
+            for (int64_t b = 0; b < a->nb; b++) {
+                int32_t isum = 0;
+                for (int j = 0; j < QB / 2; j++) {
+                    const uint8_t c = qrow[QB / 2 * b + j];
+                    isum += (c & 15) * xq[QB * b + j] + (c >> 4) * xq[QB * b + QB / 2 + j];
+                }
+                acc += (float)isum * a->d[m * a->nb + b] * scales[n * groups + b / per_group];
+            } /* (the division is slow; this is the fallback for CPUs without AVX2) */
+            for (int64_t g = 0; g < groups; g++) acc += zeros[n * groups + g] * gsum[m * groups + g];
+            y[m * N + n] = acc + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const float *scales,
+                             const float *bias, float *y) {
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qrow = q + n * a->k;
+        for (int64_t m = 0; m < a->m; m++) {
+            const int8_t *xq = a->q + m * a->kp;
+            float acc = 0;
+            for (int64_t b = 0; b < a->nb; b++) {
+                int32_t isum = 0;
+                const int64_t end = a->k < QB * (b + 1) ? a->k : QB * (b + 1);
+                for (int64_t k = QB * b; k < end; k++) isum += qrow[k] * xq[k];
+                acc += (float)isum * a->d[m * a->nb + b];
+            }
+            y[m * N + n] = acc * scales[n] + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+/* ---- x86 ------------------------------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+#define WS_QDOT_X86 1
+
+#define SUFFIX avx2
+#define TARGET "avx2,fma"
+#define DOTU8S8(acc, u, s) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#include "cpu_qdot_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+
+#define SUFFIX avx512vnni
+#define TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
+#define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#include "cpu_qdot_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define WS_QDOT_AVXVNNI 1
+#define SUFFIX avxvnni
+#define TARGET "avx2,fma,avxvnni"
+#define DOTU8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#include "cpu_qdot_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+#endif
+
+static uint64_t xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* Bit i set: instruction set i runs on this CPU (and the OS saves its registers). */
+static int isa_mask(void) {
+    unsigned a, b, c, d;
+    int mask = 1 << ISA_SCALAR;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1) || !(c >> 28 & 1) || !(c >> 12 & 1)) return mask;
+    const uint64_t xcr = xcr0();
+    if ((xcr & 6) != 6 || __get_cpuid_max(0, NULL) < 7) return mask; /* no AVX state */
+    __cpuid_count(7, 0, a, b, c, d);
+    const int avx2 = b >> 5 & 1, avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1);
+    const int vnni512 = avx512 && (c >> 11 & 1) && (xcr & 0xe6) == 0xe6;
+    __cpuid_count(7, 1, a, b, c, d);
+    const int avxvnni = a >> 4 & 1;
+    if (!avx2) return mask;
+    mask |= 1 << ISA_AVX2;
+#ifdef WS_QDOT_AVXVNNI
+    if (avxvnni) mask |= 1 << ISA_AVXVNNI;
+#else
+    (void)avxvnni;
+#endif
+    if (vnni512) mask |= 1 << ISA_AVX512VNNI;
+    return mask;
+}
+#else
+static int isa_mask(void) { return 1 << ISA_SCALAR; }
+#endif
+
+/* ---- dispatch ------------------------------------------------------------------------ */
+
+static int isa_chosen = -1;
+
+static int best_isa(void) {
+    const int mask = isa_mask();
+    for (int i = ISA_COUNT - 1; i > 0; i--)
+        if (mask >> i & 1) return i;
+    return ISA_SCALAR;
+}
+
+static int current_isa(void) {
+    if (isa_chosen < 0) isa_chosen = best_isa();
+    return isa_chosen;
+}
+
+/* The instruction set the kernels use, by name. */
+const char *ws_qdot_isa(void) { return isa_names[current_isa()]; }
+
+/* Bit i: isa_names[i] runs here. */
+int ws_qdot_supported(void) { return isa_mask(); }
+
+/* Use instruction set `name` ("" or NULL: the best this CPU has). Returns 0, or -1 (nothing
+ * changed) when it is unknown or this CPU lacks it. */
+int ws_qdot_select(const char *name) {
+    if (!name || !*name) {
+        isa_chosen = best_isa();
+        return 0;
+    }
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (!strcmp(name, isa_names[i])) {
+            if (!(isa_mask() >> i & 1)) return -1;
+            isa_chosen = i;
+            return 0;
+        }
+    return -1;
+}
+
+int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
+               int64_t G, const float *bias, float *y) {
+    if (G != 32 && G != 64 && G != 128) return -2;
+    const int64_t groups = a->k / G, per_group = G / QB;
+    float *gsum = malloc(sizeof(float) * (size_t)(a->m * groups)); /* sum of d * sum(xq) per group */
+    if (!gsum) return -1;
+    for (int64_t m = 0; m < a->m; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0;
+            for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) s += a->xs[m * a->nb + b];
+            gsum[m * groups + g] = s;
+        }
+    switch (current_isa()) {
+#ifdef WS_QDOT_X86
+    case ISA_AVX512VNNI: q4_matmul_avx512vnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
+#ifdef WS_QDOT_AVXVNNI
+    case ISA_AVXVNNI: q4_matmul_avxvnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
+#endif
+    case ISA_AVX2: q4_matmul_avx2(a, N, q, scales, zeros, G, gsum, bias, y); break;
+#endif
+    default: q4_matmul_scalar(a, N, q, scales, zeros, G, gsum, bias, y); break;
+    }
+    free(gsum);
+    return 0;
+}
+
+void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
+                float *y) {
+    switch (current_isa()) {
+#ifdef WS_QDOT_X86
+    case ISA_AVX512VNNI: q8_matmul_avx512vnni(a, N, q, scales, bias, y); break;
+#ifdef WS_QDOT_AVXVNNI
+    case ISA_AVXVNNI: q8_matmul_avxvnni(a, N, q, scales, bias, y); break;
+#endif
+    case ISA_AVX2: q8_matmul_avx2(a, N, q, scales, bias, y); break;
+#endif
+    default: q8_matmul_scalar(a, N, q, scales, bias, y); break;
+    }
+}
+
+/* ---- the matmuls Int4Linear / Int8Linear call (one input, quantized here) ---------------- */
+
+/* y (M, N) = x (M, K) @ W.T (+ bias); q (N, K/2) portable nibbles; scales, zeros (N, K/G). */
+int ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q, const float *scales,
+                   const float *zeros, int64_t G, const float *bias, float *y) {
+    ws_qact a = {0};
+    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT4);
+    if (status == 0) status = ws_q4_proj(&a, N, q, scales, zeros, G, bias, y);
+    ws_qact_free(&a);
+    return status;
+}
+
+/* y (M, N) = x (M, K) @ (q * scale).T (+ bias); q int8 (N, K), scales (N,). */
+int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t *q, const float *scales,
+                   const float *bias, float *y) {
+    ws_qact a = {0};
+    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT8);
+    if (status == 0) ws_q8_proj(&a, N, q, scales, bias, y);
+    ws_qact_free(&a);
+    return status;
+}
+
+/* w (N, K) float = code * scale + zero from q (N, K/2) portable nibbles, scales and zeros
+ * (N, K/G): the exact path's weight for a long input, made per call (no cached copy). */
+void ws_int4_dequantize(const uint8_t *q, const float *scales, const float *zeros, int64_t N, int64_t K,
+                        int64_t G, float *w) {
+    const int64_t groups = K / G;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = scales[n * groups + g], z = zeros[n * groups + g];
+            const uint8_t *src = q + n * (K / 2) + g * (G / 2);
+            float *dst = w + n * K + g * G;
+            for (int64_t j = 0; j < G / 2; j++) {
+                dst[2 * j] = (float)(src[j] & 15) * s + z;
+                dst[2 * j + 1] = (float)(src[j] >> 4) * s + z;
+            }
+        }
+}
