@@ -14,6 +14,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from weightsmith.cli.command import Command
+from weightsmith.commands import card, reproduce
 from weightsmith.commands import lineage as lineage_cmd
 
 #: Input states as people read them (status -> words, style).
@@ -94,3 +95,43 @@ COMMANDS: dict[str, Command] = {
         lambda result, console, cfg: print_lineage(result, console),
     ),
 }
+
+
+def print_card(result: dict[str, Any], console: Console) -> None:
+    meta = result["metadata"]
+    results = sum(len(m.get("results", [])) for m in meta.get("model-index") or [])
+    console.print(f"wrote {result['out']} (license {meta.get('license')}, base model {meta.get('base_model')}, "
+                  f"{results} eval result(s) in model-index)", markup=False, highlight=False)  # fmt: skip
+
+
+COMMANDS["card"] = Command(
+    card.CardConfig,
+    "write a Hugging Face model card from an artifact's lineage and its eval, red-team and bias results",
+    "weightsmith card runs/aligned --eval reports/eval --redteam reports/rt --bias reports/bias \\\n"
+    "      --out runs/aligned/README.md",
+    card.run_card,
+    lambda result, console, cfg: print_card(result, console),
+)
+
+
+def print_reproduce(result: dict[str, Any], console: Console) -> None:
+    console.print(f"re-ran {result['kind']} ({result['original']}) into {result['reproduced']}",
+                  markup=False, highlight=False)  # fmt: skip
+    for o in result["outputs"]:
+        style = "green" if o["status"] == "identical" else "bold red"
+        console.print(Text(f"  {o['path']}: ").append(o["status"], style=style))
+    console.print(f"{result['identical']} of {len(result['outputs'])} outputs bit-identical")
+    for m in result["metrics"]:
+        console.print(
+            f"  {m['name']}: {m['original']:.6g} -> {m['reproduced']:.6g} (delta {m['delta']:+.3g})",
+            markup=False, highlight=False,
+        )  # fmt: skip
+
+
+COMMANDS["reproduce"] = Command(
+    reproduce.ReproduceConfig,
+    "re-run the command recorded in an artifact's lineage into a fresh place; compare outputs and metrics",
+    "weightsmith reproduce runs/aligned\n  weightsmith reproduce reports/eval --out /tmp/eval-again --json",
+    reproduce.run_reproduce,
+    lambda result, console, cfg: print_reproduce(result, console),
+)

@@ -181,6 +181,7 @@ def _node(walk: _Walk, file: Path, record: dict[str, Any], stack: list[tuple[str
         "git": software.get("git"),
         "device": software.get("device"),
         "metrics": record.get("metrics") if isinstance(record.get("metrics"), dict) else {},
+        "config": record.get("config") if isinstance(record.get("config"), dict) else {},
         "outputs": [_output(walk, folder, o) for o in record["outputs"]],
         "inputs": [_input(walk, folder, entry, stack) for entry in record["inputs"]],
     }
@@ -212,6 +213,8 @@ def _output(walk: _Walk, folder: Path, o: dict[str, Any]) -> dict[str, Any]:
 
 def _input(walk: _Walk, folder: Path, entry: dict[str, Any], stack: list[tuple[str, Path]]) -> dict[str, Any]:
     result: dict[str, Any] = {"role": entry["role"], "spec": entry.get("spec"), "sha256": entry.get("sha256")}
+    if isinstance(entry.get("model"), dict):
+        result["model_facts"] = entry["model"]  # what the store and catalog said (source, license)
     for flag, status in (("endpoint", "endpoint"), ("builtin", "builtin"), ("missing", "unrecorded")):
         if entry.get(flag):
             return {**result, "status": status}
