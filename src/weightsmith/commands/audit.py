@@ -133,17 +133,24 @@ def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]
     }
     result["written"] = write_bias_outputs(Path(cfg.out), result) if cfg.out else {}
     if cfg.out:
-        from weightsmith.lineage import write_lineage
-
-        headline: dict[str, Any] = {f"{s['task']}/{s['lexicon']}": s.get("flip_rate") for s in summaries}
-        if pair_summary is not None:
-            headline["pct_stereotype"] = pair_summary.get("pct_stereotype")
-        write_lineage(
-            cfg.out, kind="audit bias", config=cfg, started=began, device=str(llm.device), metrics=headline,
-            inputs={"model": cfg.model, "adapter": cfg.adapter, "tasks": cfg.tasks, "lexicon": cfg.lexicon,
-                    "pairs": cfg.pairs},
-        )  # fmt: skip
+        _record_lineage(cfg, summaries, pair_summary, began, str(llm.device))
     return result
+
+
+def _record_lineage(
+    cfg: AuditBiasConfig, summaries: list[dict], pair_summary: dict | None, began: float, device: str
+) -> None:
+    """OUT's lineage record: flip rates per task and lexicon, and the stereotype-pair share."""
+    from weightsmith.lineage import write_lineage
+
+    headline: dict[str, Any] = {f"{s['task']}/{s['lexicon']}": s.get("flip_rate") for s in summaries}
+    if pair_summary is not None:
+        headline["pct_stereotype"] = pair_summary.get("pct_stereotype")
+    write_lineage(
+        cfg.out, kind="audit bias", config=cfg, started=began, device=device, metrics=headline,
+        inputs={"model": cfg.model, "adapter": cfg.adapter, "tasks": cfg.tasks, "lexicon": cfg.lexicon,
+                "pairs": cfg.pairs},
+    )  # fmt: skip
 
 
 def _lexicon_record(lx: Any) -> dict[str, Any]:

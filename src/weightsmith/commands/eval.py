@@ -203,15 +203,20 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
         written = write_outputs(Path(cfg.out), runs, samples, comparison)
         write_eval_report(Path(cfg.out) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
         written["report"] = str(Path(cfg.out) / "report.html")
-        write_lineage(
-            cfg.out, kind="eval", config=cfg, started=began, device=runs[-1]["weightsmith"]["device"],
-            inputs={"model": cfg.model, "adapter": cfg.adapter, "compare": _compared(cfg), "tasks": cfg.tasks},
-            metrics=headline_metrics(runs),
-        )  # fmt: skip
+        _record_lineage(cfg, runs, began)
     result = {"runs": runs, "comparison": comparison, "written": written}
     if keep_samples:
         result["samples"] = samples
     return result
+
+
+def _record_lineage(cfg: EvalConfig, runs: list[dict[str, Any]], began: float) -> None:
+    """OUT's lineage record: the models, adapters and task files, and every run's scores."""
+    write_lineage(
+        cfg.out, kind="eval", config=cfg, started=began, device=runs[-1]["weightsmith"]["device"],
+        inputs={"model": cfg.model, "adapter": cfg.adapter, "compare": _compared(cfg), "tasks": cfg.tasks},
+        metrics=headline_metrics(runs),
+    )  # fmt: skip
 
 
 def _compared(cfg: EvalConfig) -> list[str]:

@@ -362,11 +362,16 @@ def run_watchdog(cfg: WatchdogConfig, progress: WatchdogProgress | None = None) 
     from weightsmith.report.watchdog_report import write_watchdog_report
 
     write_watchdog_report(out / "report.html", result)
+    _record_lineage(cfg, out, result, started)
+    result["written"] = {"json": str(out / "watchdog.json"), "report": str(out / "report.html")}
+    return result
+
+
+def _record_lineage(cfg: WatchdogConfig, out: Path, result: dict[str, Any], started: float) -> None:
+    """OUT's lineage record; the last round's held-out rates are its headline."""
     last = result["rounds"][-1]["heldout"]
     write_lineage(
         out, kind="watchdog", config=cfg, started=started, device=cfg.device,
         inputs={"model": cfg.model, "policy": cfg.policy, "packs": cfg.packs, "eval_tasks": cfg.eval_tasks},
-        metrics={"rounds": cfg.rounds, **{k: {s: last[k][s] for s in ("before", "after")} for k in ("asr", "over_refusal")}},
+        metrics={"rounds": cfg.rounds, **{k: {s: (last.get(k) or {}).get(s) for s in ("before", "after")} for k in ("asr", "over_refusal")}},
     )  # fmt: skip
-    result["written"] = {"json": str(out / "watchdog.json"), "report": str(out / "report.html")}
-    return result
