@@ -193,21 +193,27 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
         if pool is not None:
             pool.close()
     comparison = compare_runs(runs, samples, reference=0) if len(runs) > 1 else None
-    written = {}
-    if cfg.out:
-        from weightsmith.eval.metrics import DEFINITIONS
-        from weightsmith.eval.output import write_outputs
-        from weightsmith.eval.stats import ALPHA
-        from weightsmith.report.eval_report import write_eval_report
-
-        written = write_outputs(Path(cfg.out), runs, samples, comparison)
-        write_eval_report(Path(cfg.out) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
-        written["report"] = str(Path(cfg.out) / "report.html")
-        _record_lineage(cfg, runs, began)
+    written = _write(cfg, runs, samples, comparison, began) if cfg.out else {}
     result = {"runs": runs, "comparison": comparison, "written": written}
     if keep_samples:
         result["samples"] = samples
     return result
+
+
+def _write(
+    cfg: EvalConfig, runs: list[dict], samples: list[dict], comparison: dict | None, began: float
+) -> dict:
+    """Every file under OUT (results, samples, comparison, report, lineage); {what: path}."""
+    from weightsmith.eval.metrics import DEFINITIONS
+    from weightsmith.eval.output import write_outputs
+    from weightsmith.eval.stats import ALPHA
+    from weightsmith.report.eval_report import write_eval_report
+
+    written = write_outputs(Path(str(cfg.out)), runs, samples, comparison)
+    write_eval_report(Path(str(cfg.out)) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
+    written["report"] = str(Path(str(cfg.out)) / "report.html")
+    _record_lineage(cfg, runs, began)
+    return written
 
 
 def _record_lineage(cfg: EvalConfig, runs: list[dict[str, Any]], began: float) -> None:
