@@ -288,3 +288,114 @@ def test_reproduce_refuses_changed_inputs(ws, home, tmp_path, capsys):
     finally:
         data.write_bytes(original)
     assert code == 2 and "--allow-changed" in err and not (tmp_path / "x").exists()
+
+
+# ----- weightsmith ui --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ui(ws, home):
+    from weightsmith.commands.ui import UiConfig, start_ui_server
+
+    running = start_ui_server(UiConfig(workspace=str(ws), port=0))
+    yield running
+    running.stop()
+
+
+def test_ui_refuses_paths_outside_the_workspace_with_clear_pages(ws, ui, tmp_path):
+    import httpx
+
+    bad = _copy_record(ws, ws / "damaged", "m")
+    (bad / "lineage.json").write_text("{not json")
+    try:
+        with httpx.Client(base_url=ui.url, timeout=30) as c:
+            for path, status, words in [
+                ("/artifact?path=../x", 403, "outside the workspace"),
+                ("/file?path=/etc/passwd", 403, "inside the workspace"),
+                ("/file?path=runs/ft/../../../../etc/passwd", 403, "outside the workspace"),
+                ("/file?path=runs/ft/adapter_model.safetensors", 415, "files only"),
+                ("/artifact?path=nothing/here", 404, "not found"),
+                ("/lineage?path=damaged/m", 422, "invalid JSON"),
+                ("/artifact", 400, "needs ?path="),
+                ("/nowhere", 404, "Not Found"),
+            ]:
+                r = c.get(path)
+                assert r.status_code == status and words in r.text, (path, r.status_code, r.text[:300])
+                assert r.headers["content-type"].startswith("text/html")
+            assert c.get("/", headers={"Host": "evil.example"}).status_code == 421  # DNS rebinding
+            assert (
+                "sandbox" in c.get("/file?path=reports/eval/report.html").headers["content-security-policy"]
+            )
+    finally:
+        shutil.rmtree(ws / "damaged")
+
+
+def test_ui_listens_beyond_localhost_only_with_a_key(ws, home, capsys):
+    code, _, err = run_cli(["ui", "--workspace", ws, "--host", "0.0.0.0", "--port", "0"], capsys)
+    assert code == 2 and "--api-key" in err
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not chromium or not driver_path:
+        pytest.skip("real-browser tests need Debian's chromium and chromium-driver packages")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-extensions", "--no-first-run"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+def test_ui_pages_in_a_real_browser(ws, ui, tmp_path):
+    # a red-team reply holding HTML must show as text
+    shutil.copytree(ws / "reports/rt", ws / "rt-html")
+    rows = [json.loads(x) for x in (ws / "rt-html/transcripts.jsonl").read_text().splitlines()]
+    rows[0]["reply"] = (
+        '<b id="injected">bold</b><img src=x onerror="document.title=1"><script>document.title=2</script>'
+    )
+    (ws / "rt-html/transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    driver = _browser()
+    try:
+
+        def visit(path: str, shot: str) -> None:
+            driver.get(ui.url + path)
+            driver.save_screenshot(str(tmp_path / f"{shot}.png"))
+            severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert severe == [], (path, severe)
+
+        for path, shot in [("/", "overview"), ("/store", "store"), ("/runs", "runs"), ("/reports", "reports"),
+                           ("/file?path=reports/eval/report.html", "eval-report")]:  # fmt: skip
+            visit(path, shot)
+        # from the runs table to the training run, its loss curve, what was made from it, its lineage
+        visit("/runs", "runs")
+        driver.find_element("link text", "runs/ft").click()
+        assert driver.find_element("id", "loss").get_attribute("naturalWidth") not in (None, "0")
+        assert "models/merged" in driver.find_element("id", "children").text
+        driver.find_element("link text", "lineage").click()
+        assert "finetune" in driver.find_element("id", "tree").text
+        assert "still matches" in driver.find_element("id", "problems").text
+        assert driver.find_elements("link text", "models/merged")  # each artifact of the tree links to its page
+        driver.save_screenshot(str(tmp_path / "lineage.png"))
+        # from the eval artifact to its report
+        visit("/artifact?path=reports/eval", "eval")
+        driver.find_element("link text", "report.html").click()
+        assert "arith_mc" in driver.page_source
+        # the transcripts: the reply's HTML is text, nothing in it ran
+        visit("/artifact?path=rt-html", "redteam")
+        driver.find_element("link text", "transcripts").click()
+        assert driver.find_elements("id", "injected") == []
+        assert '<b id="injected">bold</b>' in driver.find_element("id", "transcripts").text
+        assert driver.title.startswith("transcripts")
+        driver.save_screenshot(str(tmp_path / "transcripts.png"))
+    finally:
+        driver.quit()
+        shutil.rmtree(ws / "rt-html")
+    assert len(list(tmp_path.glob("*.png"))) >= 8

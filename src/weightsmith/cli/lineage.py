@@ -7,6 +7,7 @@ under it. Not here: the commands (`weightsmith.commands.lineage`, `.card`, `.rep
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from weightsmith.cli.command import Command
-from weightsmith.commands import card, reproduce
+from weightsmith.commands import card, reproduce, ui
 from weightsmith.commands import lineage as lineage_cmd
 
 #: Input states as people read them (status -> words, style).
@@ -134,4 +135,14 @@ COMMANDS["reproduce"] = Command(
     "weightsmith reproduce runs/aligned\n  weightsmith reproduce reports/eval --out /tmp/eval-again --json",
     reproduce.run_reproduce,
     lambda result, console, cfg: print_reproduce(result, console),
+)
+
+
+COMMANDS["ui"] = Command(
+    ui.UiConfig,
+    "a local, read-only web page of the store, runs (loss curves), reports and lineage",
+    "weightsmith ui --port 8020\n  weightsmith ui --workspace ~/projects/support",
+    ui.run_ui,
+    lambda result, console, cfg: None,
+    lambda cfg: lambda url: print(f"weightsmith ui on {url} (Ctrl-C stops it)", file=sys.stderr, flush=True),
 )
