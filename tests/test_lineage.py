@@ -382,8 +382,10 @@ def test_ui_pages_in_a_real_browser(ws, ui, tmp_path):
         driver.find_element("link text", "lineage").click()
         assert "finetune" in driver.find_element("id", "tree").text
         assert "still matches" in driver.find_element("id", "problems").text
-        assert driver.find_elements("link text", "models/merged")  # each artifact of the tree links to its page
         driver.save_screenshot(str(tmp_path / "lineage.png"))
+        visit("/lineage?path=reports/eval", "eval-lineage")  # each artifact of a tree links to its page
+        driver.find_element("link text", "models/merged").click()
+        assert driver.find_element("tag name", "h1").text == "models/merged"
         # from the eval artifact to its report
         visit("/artifact?path=reports/eval", "eval")
         driver.find_element("link text", "report.html").click()
