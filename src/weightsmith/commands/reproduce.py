@@ -69,6 +69,8 @@ def default_out(artifact: Path, record: dict[str, Any]) -> Path:
 def _config(record: dict[str, Any], cls: type, out: Path, source: str) -> Any:
     data = {k: v for k, v in (record.get("config") or {}).items() if k not in RESET}
     data["out"] = str(out)
+    if "cache" in data:
+        data["cache"] = False  # eval: answers computed again, not read from the result cache
     if data.get("pairs"):  # red-team pairs go beside the new run, not over the original's
         data["pairs"] = str(out / Path(str(data["pairs"])).name)
     return config_from_dict(cls, data, source=source)

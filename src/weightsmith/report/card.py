@@ -111,6 +111,21 @@ def eval_records(run: dict[str, Any] | None) -> dict[tuple[str, str, str], float
     return out
 
 
+#: Training metrics a card names (the record keeps them all: timings, learning rate, ...).
+HEADLINE = ("steps", "loss", "val_loss", "val_ppl", "reward_accuracy", "reward_margin", "val_reward_accuracy")
+
+
+def _settings(config: dict[str, Any]) -> str:
+    """The training settings a reader needs to redo a run: loop and LoRA, as recorded."""
+    train, lora = config.get("train") or {}, config.get("lora") or {}
+    keys = [("lr", train), ("epochs", train), ("max_steps", train), ("batch_size", train), ("seed", train),
+            ("loss", config), ("beta", config)]  # fmt: skip
+    parts = [f"{k} {d[k]}" for k, d in keys if d.get(k) is not None]
+    if config.get("method") in ("lora", "qlora") and lora:
+        parts.append(f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _training(nodes: list[dict[str, Any]]) -> str:
     steps = [n for n in reversed(nodes) if n["kind"] in SHAPING]
     if not steps:
@@ -119,11 +134,13 @@ def _training(nodes: list[dict[str, Any]]) -> str:
     for n in steps:
         data = [i for i in n["inputs"] if i["role"] in ("data", "valid")]
         what = ", ".join(f"`{i['spec']}` (sha256 `{str(i.get('sha256'))[:12]}`)" for i in data)
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in n["metrics"].items() if isinstance(v, (int, float)))
+        metrics = ", ".join(
+            f"{k} {v:.4g}" for k, v in n["metrics"].items() if k in HEADLINE and isinstance(v, (int, float))
+        )
         config = n.get("config") or {}
         method = f" ({config['method']})" if config.get("method") else ""
-        lines.append(f"- **{n['kind']}**{method}" + (f" on {what}" if what else "") +
-                     (f"; {metrics}" if metrics else "") + f" — lineage id `{n['id'][:12]}`")  # fmt: skip
+        lines.append(f"- **{n['kind']}**{method}" + (f" on {what}" if what else "") + _settings(config) +
+                     (f"; final {metrics}" if metrics else "") + f" — lineage id `{n['id'][:12]}`")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
