@@ -114,7 +114,7 @@ def folder_files(folder: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
                 continue
             found.append((rel_root / name).as_posix())
             if len(found) > MAX_TREE_FILES:
-                raise OSError(f"{folder} holds more than {MAX_TREE_FILES} files; not hashed")
+                raise WeightsmithError(f"{folder}: holds more than {MAX_TREE_FILES} files; too many to hash")
     return sorted(found)
 
 

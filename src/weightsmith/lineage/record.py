@@ -185,7 +185,10 @@ def input_record(role: str, spec: Any, base: Path) -> dict[str, Any]:
     absolute = Path(os.path.abspath(path))
     entry.update(path=str(absolute), relpath=Path(os.path.relpath(absolute, base)).as_posix())
     parent = find_parent(absolute)
-    entry["sha256"] = input_hash(absolute, parent)
+    try:
+        entry["sha256"] = input_hash(absolute, parent)
+    except (OSError, WeightsmithError) as e:  # unreadable or too big: recorded as such, not fatal
+        return {**entry, "missing": True, "error": str(e)}
     if parent is not None:
         file, record, part = parent
         entry["lineage"] = {

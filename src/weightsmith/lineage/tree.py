@@ -202,7 +202,11 @@ def _output(walk: _Walk, folder: Path, o: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         walk.problems.append(f"{path}: output missing (recorded sha256 {o['sha256'][:12]})")
         return {**result, "status": "missing"}
-    now = file_sha256(path)
+    try:
+        now = file_sha256(path)
+    except OSError as e:
+        walk.problems.append(f"{path}: cannot be read ({e.strerror or e})")
+        return {**result, "status": "missing"}
     if now != o["sha256"]:
         walk.problems.append(
             f"{path}: changed since it was written (sha256 {o['sha256'][:12]}, now {now[:12]})"
@@ -227,7 +231,11 @@ def _input(walk: _Walk, folder: Path, entry: dict[str, Any], stack: list[tuple[s
         walk.problems.append(f"{label}: missing")
         return {**result, "status": "missing"}
     parent = find_parent(path, within=walk.roots)
-    now = input_hash(path, parent)
+    try:
+        now = input_hash(path, parent)
+    except (OSError, WeightsmithError) as e:
+        walk.problems.append(f"{label}: cannot be hashed ({e})")
+        return {**result, "status": "missing"}
     result["status"] = "ok" if now == entry.get("sha256") else "changed"
     if result["status"] == "changed":
         result["now"] = now
