@@ -183,8 +183,10 @@ def _add_artifact_routes(app: FastAPI, state: UiState) -> None:
         if metrics.is_file():
             read_jsonl(metrics, 1)  # refuses a huge file before it is plotted
             curve = loss_curve_png(metrics, title=a.rel)
-        names = ("report.html", "transcripts.jsonl")
-        files = [ws.rel(f) for name in names for f in sorted(folder.rglob(name))[:50]]
+        under = "" if ws.rel(folder) == "." else ws.rel(folder) + "/"
+        files = [r for r in scan.reports if r.startswith(under)][:50]
+        if (folder / "transcripts.jsonl").is_file():
+            files.append(ws.rel(folder / "transcripts.jsonl"))
         live = a.record is None and metrics.is_file()
         return html(pages.artifact(a, curve, files, ws.children(scan, a.id), live))
 
