@@ -208,6 +208,21 @@ def test_missing_or_damaged_records_are_one_clear_line(ws, home, tmp_path, capsy
     assert code == 1 and words in err and len(err.strip().splitlines()) == 1 and out == ""
 
 
+def test_a_record_naming_files_outside_its_folder_gets_them_flagged_not_read(ws, home, tmp_path, capsys):
+    folder = _copy_record(ws, tmp_path / "w", "m")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for lineage")
+    record = _record(folder / "lineage.json")
+    record["outputs"].append(
+        {"path": "../../secret.txt", "sha256": hashlib.sha256(secret.read_bytes()).hexdigest()}
+    )
+    (folder / "lineage.json").write_text(json.dumps(record))
+    code, out, err = run_cli(["lineage", folder, "--root", tmp_path / "w", "--json"], capsys)
+    tree = json.loads(out)["tree"]
+    assert code == 1 and "outside the artifact's folder" in err
+    assert {o["path"]: o["status"] for o in tree["outputs"]}["../../secret.txt"] == "outside"
+
+
 def test_a_cycle_of_ids_is_an_error_naming_the_records(ws, home, tmp_path, capsys):
     a, b = _copy_record(ws, tmp_path, "a"), _copy_record(ws, tmp_path, "b")
     for this, other in ((a, b), (b, a)):

@@ -124,19 +124,27 @@ def find_parent(path: Path, within: Sequence[Path] | None = None) -> tuple[Path,
     return None
 
 
+def _outputs(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, sha256) of a record's outputs; entries of the wrong shape (a damaged or crafted
+    record, read before it is checked) are left out."""
+    outputs = record.get("outputs")
+    return [
+        (o["path"], o["sha256"]) for o in (outputs if isinstance(outputs, list) else [])
+        if isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str)
+    ]  # fmt: skip
+
+
 def covers(record: dict[str, Any], part: str) -> bool:
     """Whether `part` (a path relative to the artifact folder; "" the whole) is among its outputs."""
-    paths = [o.get("path") for o in record.get("outputs", []) if isinstance(o, dict)]
     if part == "":
         return True
-    return any(isinstance(p, str) and (p == part or p.startswith(part + "/")) for p in paths)
+    return any(p == part or p.startswith(part + "/") for p, _ in _outputs(record))
 
 
 def listed_under(record: dict[str, Any], part: str) -> list[tuple[str, str]]:
     """(path relative to `part`, recorded sha256) of the record's outputs inside `part`."""
     out = []
-    for o in record.get("outputs", []):
-        p, sha = o.get("path"), o.get("sha256")
+    for p, sha in _outputs(record):
         if part == "" or p == part:
             out.append((Path(p).name if p == part else p, sha))
         elif p.startswith(part + "/"):
@@ -149,7 +157,7 @@ def expected_hash(record: dict[str, Any], part: str) -> str | None:
     if part == "":
         return record.get("digest")
     entries = listed_under(record, part)
-    if len(entries) == 1 and any(o.get("path") == part for o in record.get("outputs", [])):
+    if len(entries) == 1 and any(p == part for p, _ in _outputs(record)):
         return entries[0][1]
     return tree_digest(entries) if entries else None
 
@@ -164,7 +172,10 @@ def input_hash(path: Path, parent: tuple[Path, dict[str, Any], str] | None) -> s
         entries = []
         for rel, _ in listed_under(record, part):
             f = path / rel
-            entries.append((rel, file_sha256(f) if f.is_file() else "missing"))
+            if not is_inside(f, path):  # a record naming ../ files: never read
+                entries.append((rel, "outside"))
+            else:
+                entries.append((rel, file_sha256(f) if f.is_file() else "missing"))
         return tree_digest(entries)
     return tree_digest((rel, file_sha256(path / rel)) for rel in folder_files(path, skip=(LINEAGE_FILE,)))
 
