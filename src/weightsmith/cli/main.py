@@ -17,7 +17,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -30,6 +29,7 @@ from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
 from weightsmith.cli import export as export_out
 from weightsmith.cli import guard as guard_out
+from weightsmith.cli import lineage as lineage_out
 from weightsmith.cli import quantize as quantize_out
 from weightsmith.cli import redteam as redteam_out
 from weightsmith.cli import run as run_out
@@ -39,6 +39,7 @@ from weightsmith.cli import synth as synth_out
 from weightsmith.cli import train as train_out
 from weightsmith.cli import watchdog as watchdog_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
+from weightsmith.cli.command import Command, Group, Show
 from weightsmith.cli.loading import with_loading
 from weightsmith.commands import (
     arena,
@@ -56,35 +57,7 @@ from weightsmith.commands import (
 )
 from weightsmith.commands import eval as evaluate
 from weightsmith.errors import WeightsmithError
-
-#: A printer for people: `show(result, console, cfg)`.
-Show = Callable[[Any, Console, Any], None]
-
-
-@dataclass(frozen=True)
-class Command:
-    """One command: its config class, help, examples, and how it runs and shows itself.
-
-    `run(cfg, progress)` does the work and returns data (a `weightsmith.commands` function, or a
-    CLI function where the command needs the terminal: a prompt or text on stdin, chat's loop,
-    the demo's narration); `progress(cfg)` makes what `run` reports progress to (None: nothing);
-    `show` prints the result for people (None: `run` already showed it). `--json` prints the
-    result instead of `show`."""
-
-    config: type
-    help: str
-    examples: str
-    run: Callable[[Any, Any], Any]
-    show: Show | None = None
-    progress: Callable[[Any], Any] | None = None
-
-
-@dataclass(frozen=True)
-class Group:
-    """A command with subcommands (`weightsmith guard check ...`); dispatched as "guard check"."""
-
-    help: str
-    commands: dict[str, Command]
+from weightsmith.lineage import note_command_line
 
 
 def _plain(printer: Callable[[Any, Console], None]) -> Show:
@@ -328,6 +301,7 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(serve_out.print_stopped),
         _listening,
     ),
+    **lineage_out.COMMANDS,
     "demo": Command(
         demo.DemoConfig,
         "run the main job end to end on the default model",
@@ -446,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, command = command_for(ns)
         cfg = config_from_args(command.config, ns)
+        note_command_line(sys.argv[1:] if argv is None else argv)
         if name == "serve":
             serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
         if name == "arena serve":

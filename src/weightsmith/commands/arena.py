@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,7 @@ class ArenaExportConfig:
 
 
 def run_arena_export(cfg: ArenaExportConfig, progress: Any = None) -> dict[str, Any]:
-    db = Path(cfg.db).expanduser()
+    db, started = Path(cfg.db).expanduser(), time.time()
     with ArenaStore(db, create=False) as store:
         pairs = store.battles_with_votes()
         sha = store.content_hash()
@@ -257,6 +258,11 @@ def run_arena_export(cfg: ArenaExportConfig, progress: Any = None) -> dict[str, 
     battles = [battle for battle, _ in pairs]
     votes = [vote for _, vs in pairs for vote in vs]
     result = export_preferences(cfg.out, battles, votes, source_sha256=sha, source=str(db), filters=filters)
+    from weightsmith.lineage import write_lineage
+    from weightsmith.preference_pairs import meta_path
+
+    write_lineage(cfg.out, kind="arena export", config=cfg, inputs={"db": str(db)}, started=started,
+                  extra_outputs=[meta_path(Path(cfg.out))], metrics=result.to_dict())  # fmt: skip
     return {**result.to_dict(), "db_sha256": sha}
 
 

@@ -93,7 +93,7 @@ def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]
         raise UsageError(f"--lexicon: two lexicons share a name ({', '.join(names)}); rename one")
     pairs = load_pairs(cfg.pairs) if cfg.pairs is not None else None
 
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     llm = cfg.load(load_status(progress))
     scorer = Scorer(llm.model, llm.tokenizer, batch_size=cfg.batch_size)
     runner = Runner(scorer, fingerprint=model_fingerprint(llm.model))
@@ -132,7 +132,25 @@ def run_audit_bias(cfg: AuditBiasConfig, progress: Any = None) -> dict[str, Any]
         "pair_records": pair_records,
     }
     result["written"] = write_bias_outputs(Path(cfg.out), result) if cfg.out else {}
+    if cfg.out:
+        _record_lineage(cfg, summaries, pair_summary, began, str(llm.device))
     return result
+
+
+def _record_lineage(
+    cfg: AuditBiasConfig, summaries: list[dict], pair_summary: dict | None, began: float, device: str
+) -> None:
+    """OUT's lineage record: flip rates per task and lexicon, and the stereotype-pair share."""
+    from weightsmith.lineage import write_lineage
+
+    headline: dict[str, Any] = {f"{s['task']}/{s['lexicon']}": s.get("flip_rate") for s in summaries}
+    if pair_summary is not None:
+        headline["pct_stereotype"] = pair_summary.get("pct_stereotype")
+    write_lineage(
+        cfg.out, kind="audit bias", config=cfg, started=began, device=device, metrics=headline,
+        inputs={"model": cfg.model, "adapter": cfg.adapter, "tasks": cfg.tasks, "lexicon": cfg.lexicon,
+                "pairs": cfg.pairs},
+    )  # fmt: skip
 
 
 def _lexicon_record(lx: Any) -> dict[str, Any]:

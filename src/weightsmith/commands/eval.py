@@ -33,6 +33,7 @@ from weightsmith.eval.runner import EvalOptions, Runner, evaluate, judge_hook, l
 from weightsmith.eval.scorer import Scorer
 from weightsmith.eval.stats import compare_runs
 from weightsmith.grants import Grants
+from weightsmith.lineage import write_lineage
 
 
 @dataclass(kw_only=True)
@@ -158,7 +159,7 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
     load_kwargs = {k: v for k, v in cfg.load_kwargs().items() if k != "adapter"}
     load_kwargs["progress"] = load_status(progress)
     judge = judge_hook(lambda ref: load_model(ref, **load_kwargs), grants)
-    runs, samples = [], []
+    runs, samples, began = [], [], time.time()
     try:
         for spec in specs:
             started = time.perf_counter()
@@ -192,20 +193,52 @@ def run_eval(cfg: EvalConfig, progress: Any = None, *, keep_samples: bool = Fals
         if pool is not None:
             pool.close()
     comparison = compare_runs(runs, samples, reference=0) if len(runs) > 1 else None
-    written = {}
-    if cfg.out:
-        from weightsmith.eval.metrics import DEFINITIONS
-        from weightsmith.eval.output import write_outputs
-        from weightsmith.eval.stats import ALPHA
-        from weightsmith.report.eval_report import write_eval_report
-
-        written = write_outputs(Path(cfg.out), runs, samples, comparison)
-        write_eval_report(Path(cfg.out) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
-        written["report"] = str(Path(cfg.out) / "report.html")
+    written = _write(cfg, runs, samples, comparison, began) if cfg.out else {}
     result = {"runs": runs, "comparison": comparison, "written": written}
     if keep_samples:
         result["samples"] = samples
     return result
+
+
+def _write(
+    cfg: EvalConfig, runs: list[dict], samples: list[dict], comparison: dict | None, began: float
+) -> dict:
+    """Every file under OUT (results, samples, comparison, report, lineage); {what: path}."""
+    from weightsmith.eval.metrics import DEFINITIONS
+    from weightsmith.eval.output import write_outputs
+    from weightsmith.eval.stats import ALPHA
+    from weightsmith.report.eval_report import write_eval_report
+
+    written = write_outputs(Path(str(cfg.out)), runs, samples, comparison)
+    write_eval_report(Path(str(cfg.out)) / "report.html", runs, comparison, DEFINITIONS, alpha=ALPHA)
+    written["report"] = str(Path(str(cfg.out)) / "report.html")
+    _record_lineage(cfg, runs, began)
+    return written
+
+
+def _record_lineage(cfg: EvalConfig, runs: list[dict[str, Any]], began: float) -> None:
+    """OUT's lineage record: the models, adapters and task files, and every run's scores."""
+    write_lineage(
+        cfg.out, kind="eval", config=cfg, started=began, device=runs[-1]["weightsmith"]["device"],
+        inputs={"model": cfg.model, "adapter": cfg.adapter, "compare": _compared(cfg), "tasks": cfg.tasks},
+        metrics=headline_metrics(runs),
+    )  # fmt: skip
+
+
+def _compared(cfg: EvalConfig) -> list[str]:
+    """The --compare entries as lineage inputs: an adapter folder, or another model."""
+    return [e.removeprefix("adapter:") for e in cfg.compare if e.strip() and e.strip() != "base"]
+
+
+def headline_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """label -> task -> metric -> value of every run (the lineage record's headline numbers)."""
+    return {
+        run["weightsmith"]["label"]: {
+            task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            for task, values in run.get("results", {}).items()
+        }
+        for run in runs
+    }
 
 
 def _pool(cfg: EvalConfig, taskset: Any) -> EndpointPool | None:

@@ -7,11 +7,13 @@ Not here: LoRA adapters (merge them first with `weightsmith merge`), other forma
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from weightsmith.checkpoint.gguf_write import QUANTS, check_export_args, export_gguf
 from weightsmith.config import opt
+from weightsmith.lineage import write_lineage
 
 
 @dataclass(kw_only=True)
@@ -33,5 +35,11 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
     # Refuse a bad --out before resolving, which may download the model.
     out = check_export_args(cfg.out, cfg.quant, overwrite=cfg.overwrite)
     path = resolve(cfg.model)
+    started = time.time()
     result = export_gguf(path, out, cfg.quant, overwrite=cfg.overwrite, allow_pickle=cfg.allow_pickle)
+    modelfile = [m for m in [result.get("modelfile")] if m]
+    write_lineage(
+        out, kind="export", config=cfg, inputs={"model": cfg.model}, started=started, extra_outputs=modelfile,
+        metrics={"quant": cfg.quant, "bytes": out.stat().st_size},
+    )  # fmt: skip
     return {"model": cfg.model, **result}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import ConfigError
+from weightsmith.lineage import write_lineage
 
 #: --to -> bits.
 TARGETS = {"int8": 8, "int4": 4}
@@ -80,6 +82,7 @@ def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
     from weightsmith.quant.weight_only import quantize_model
 
     bits, group, out = check_quantize_args(cfg)
+    started = time.time()
     llm = load(cfg.model, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
     before = check_model(llm) if cfg.check else None
     direct = _gguf_codes(llm, bits, group)
@@ -101,6 +104,14 @@ def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
     }
     if before is not None:
         result["check"] = compare(before, check_model(llm))
+    headline = {k: result[k] for k in ("quantization", "modules_quantized", "bytes")}
+    if "check" in result:
+        headline.update(
+            {k: result["check"][k] for k in ("word_perplexity_quantized", "perplexity_change_pct")}
+        )
+    write_lineage(
+        out, kind="quantize", config=cfg, inputs={"model": cfg.model}, metrics=headline, started=started
+    )
     return result
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -231,11 +232,33 @@ def run_redteam(cfg: RedteamConfig, progress: Any = None) -> dict[str, Any]:
     if cfg.calibrate:
         opts.run_info["calibration"] = calibration(detectors)
     released = _Releaser(configs)
+    started = time.time()
     result = attack(configs, probes, detectors, opts, progress=released.wrap(progress))
     if cfg.output.out:
         result["written"] = {name: str(Path(cfg.output.out) / name) for name in
                              ("transcripts.jsonl", "summary.json", "report.html")}  # fmt: skip
+    _record_lineage(cfg, result, started)
     return result
+
+
+def _record_lineage(cfg: RedteamConfig, result: dict[str, Any], started: float) -> None:
+    """The lineage of OUT and of the --pairs file (whose input is the scan in OUT, when there is one)."""
+    from weightsmith.lineage import write_lineage
+
+    device = "endpoint" if is_endpoint(cfg.target) else cfg.device
+    metrics = {row["config"]: {k: row[k] for k in ("asr", "over_refusal")} for row in result["configs"]}
+    inputs = {"model": cfg.target, "adapter": cfg.adapter, "guard": cfg.guard, "packs": cfg.packs,
+              "transforms_file": cfg.transforms_file, "judge": cfg.judge}  # fmt: skip
+    if cfg.output.out:
+        write_lineage(cfg.output.out, kind="redteam", config=cfg, inputs=inputs, metrics=metrics,
+                      started=started, device=device)  # fmt: skip
+    pairs = cfg.preference_pairs.pairs
+    if pairs is not None and Path(pairs).is_file():
+        from weightsmith.preference_pairs import meta_path
+
+        write_lineage(pairs, kind="redteam-pairs", config=cfg, started=started, device=device,
+                      inputs={"scan": cfg.output.out} if cfg.output.out else inputs,
+                      extra_outputs=[meta_path(Path(pairs))], metrics=result.get("pairs", {}).get("counts"))  # fmt: skip
 
 
 def _run_info(cfg: RedteamConfig) -> dict[str, Any]:

@@ -12,11 +12,13 @@ printing (`weightsmith.cli.train`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from weightsmith.commands.loading import LoadOptions, load_status
 from weightsmith.config import opt
+from weightsmith.lineage import write_lineage
 from weightsmith.train.dpo import DpoConfig
 from weightsmith.train.dpo import run_dpo as train_dpo
 from weightsmith.train.loop import Reporter
@@ -53,9 +55,12 @@ def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
 
     if not cfg.adapter:
         raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
+    started = time.time()
     llm = cfg.load(load_status(progress))
     dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
     out = save_hf_dir(
         llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype
     )
+    inputs = {"model": cfg.model, "adapter": cfg.adapter}
+    write_lineage(out, kind="merge", config=cfg, inputs=inputs, started=started, device=str(llm.device))
     return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out)}

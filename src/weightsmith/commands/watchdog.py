@@ -36,6 +36,7 @@ from weightsmith.commands.redteam import DEFAULT_TRANSFORMS
 from weightsmith.config import config_from_dict, config_to_dict, dump_config_yaml, load_config_yaml, opt
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
+from weightsmith.lineage import file_sha256, write_lineage
 from weightsmith.safety.split import DEFAULT_HELDOUT
 from weightsmith.train.loop import TrainOptions
 from weightsmith.train.runs import LoraOptions
@@ -214,6 +215,8 @@ def merge_pairs(files: list[Path], dest: Path) -> dict[str, Any]:
                 seen.add(key)
                 rows.append(row)
     meta = write_pairs(dest, rows, {"source": "watchdog", "merged_from": sources})
+    write_lineage(dest, kind="watchdog pairs", inputs={"pairs": files}, extra_outputs=[meta_path(dest)],
+                  metrics={"rows": len(rows)})  # fmt: skip
     return {"path": str(dest), "rows": len(rows), "sha256": meta["sha256"], "sources": sources}
 
 
@@ -296,13 +299,7 @@ def _pooled_items(samples: dict[str, list[dict]]) -> dict[tuple[str, Any], int]:
 
 def _adapter_digest(folder: Path) -> str | None:
     weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(weights) if weights.is_file() else None
 
 
 # ----- the command ---------------------------------------------------------------------------------
@@ -365,5 +362,16 @@ def run_watchdog(cfg: WatchdogConfig, progress: WatchdogProgress | None = None) 
     from weightsmith.report.watchdog_report import write_watchdog_report
 
     write_watchdog_report(out / "report.html", result)
+    _record_lineage(cfg, out, result, started)
     result["written"] = {"json": str(out / "watchdog.json"), "report": str(out / "report.html")}
     return result
+
+
+def _record_lineage(cfg: WatchdogConfig, out: Path, result: dict[str, Any], started: float) -> None:
+    """OUT's lineage record; the last round's held-out rates are its headline."""
+    last = result["rounds"][-1]["heldout"]
+    write_lineage(
+        out, kind="watchdog", config=cfg, started=started, device=cfg.device,
+        inputs={"model": cfg.model, "policy": cfg.policy, "packs": cfg.packs, "eval_tasks": cfg.eval_tasks},
+        metrics={"rounds": cfg.rounds, **{k: {s: (last.get(k) or {}).get(s) for s in ("before", "after")} for k in ("asr", "over_refusal")}},
+    )  # fmt: skip

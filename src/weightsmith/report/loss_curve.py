@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from weightsmith.files import atomic_file
 
@@ -37,17 +38,12 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_loss_curve(metrics: Path, png: Path, *, title: str = "") -> Path | None:
-    """Write `png` (atomically); None when there is nothing to plot."""
-    train, valid = _read(metrics) if metrics.exists() else ([], [])
-    if not train and not valid:
-        return None
-    import matplotlib
+def _figure(train: list[tuple[int, float]], valid: list[tuple[int, float]], title: str) -> Any:
+    """The loss curve as a matplotlib Figure (no pyplot state: safe in a server's threads)."""
+    from weightsmith.report.html import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = new_figure(7, 4)
+    ax = fig.subplots()
     if train:
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
@@ -64,7 +60,25 @@ def plot_loss_curve(metrics: Path, png: Path, *, title: str = "") -> Path | None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(metrics: Path, png: Path, *, title: str = "") -> Path | None:
+    """Write `png` (atomically); None when there is nothing to plot."""
+    train, valid = _read(metrics) if metrics.exists() else ([], [])
+    if not train and not valid:
+        return None
+    fig = _figure(train, valid, title)
     with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=110)
     return png
+
+
+def loss_curve_png(metrics: Path, *, title: str = "") -> str | None:
+    """The loss curve of a metrics.jsonl as base64 PNG text (for a data: URI); None when empty."""
+    from weightsmith.report.html import figure_png
+
+    train, valid = _read(metrics) if metrics.exists() else ([], [])
+    if not train and not valid:
+        return None
+    return figure_png(_figure(train, valid, title))

@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +71,8 @@ REFERENCE_FILE = "reference_logps.safetensors"
 @dataclass(kw_only=True)
 class DpoConfig(RunConfig):
     """Align a model with preference pairs (DPO, IPO): prefer the chosen answers, near the start model."""
+
+    command: ClassVar[str] = "dpo"
 
     data: str | None = opt(None, "preference pairs: JSONL in TRL's prompt/chosen/rejected format")
     loss: str = opt(

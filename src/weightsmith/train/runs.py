@@ -15,14 +15,13 @@ Not here: the loop (loop.py), data formats (data.py, preference_data.py), losses
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +32,8 @@ from weightsmith.config import dump_config_yaml, load_config_yaml, opt
 from weightsmith.device import pick_device, pick_dtype
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
+from weightsmith.lineage import file_sha256
+from weightsmith.lineage import write_lineage as record_lineage
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.distributed import (
@@ -84,6 +85,8 @@ class LoraOptions:
 @dataclass(kw_only=True)
 class RunConfig:
     """The fields every training command has: model, data, method, output, device, loop, LoRA."""
+
+    command: ClassVar[str] = "train"  # the command's name (finetune, dpo): its lineage kind
 
     model: str | None = opt(None, "catalog or store name, HF directory, or .gguf file", positional=True)
     data: str | None = opt(None, "training data (JSONL)")
@@ -344,6 +347,7 @@ def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None, world: Wo
     if resume_from is None:
         dump_config_yaml(cfg, out / "config.yaml")
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "lineage.json").unlink(missing_ok=True)  # an earlier run's record no longer holds
 
 
 # ----- training and finishing a run -----------------------------------------------------------------
@@ -388,6 +392,11 @@ def fit_and_save(
     }
     if trainer.world.is_main:
         write_lineage(cfg, model_path, result, out)
+        record_lineage(
+            out, kind=cfg.command, config=cfg, started=started, device=cfg.device, exclude=("checkpoints",),
+            inputs={"model": cfg.model, "data": cfg.data, "valid": cfg.valid},
+            metrics={"steps": trainer.state.step, **final},
+        )  # fmt: skip
     trainer.world.barrier()
     return result
 
@@ -452,11 +461,7 @@ def data_meta(path: Path) -> dict[str, Any] | None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

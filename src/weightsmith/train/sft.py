@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from weightsmith.config import opt
 from weightsmith.train.data import (
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class FinetuneConfig(RunConfig):
     """Fine-tune a model on your own JSONL data with LoRA, QLoRA or full fine-tuning."""
+
+    command: ClassVar[str] = "finetune"
 
     data: str | None = opt(None, "training data: JSONL in chat, instruction or text format")
     packing: bool = opt(False, "pack several examples into each row of max_seq_len tokens")
