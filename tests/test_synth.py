@@ -92,7 +92,9 @@ def test_lineage_names_the_weights_prompts_and_inputs(self_instruct: Path, tiny:
     from weightsmith import load
     from weightsmith.eval.cache import model_fingerprint
 
-    lineage = json.loads((self_instruct / "lineage.json").read_text())
+    record = json.loads((self_instruct / "lineage.json").read_text())
+    assert record["kind"] == "synth" and {i["role"] for i in record["inputs"]} >= {"model", "inputs"}
+    lineage = record["details"]
     assert lineage["model"]["weights_sha256"] == model_fingerprint(load(str(tiny), device="cpu").model)
     assert lineage["inputs"] == [
         {"file": str(seeds), "sha256": hashlib.sha256(seeds.read_bytes()).hexdigest()}
@@ -101,8 +103,9 @@ def test_lineage_names_the_weights_prompts_and_inputs(self_instruct: Path, tiny:
         entry = lineage["prompts"][name]
         assert entry["sha256"] == hashlib.sha256(Path(entry["file"]).read_bytes()).hexdigest()
     assert lineage["seed"] == 0 and lineage["parameters"]["n"] == 6
-    train = lineage["outputs"]["train"]
-    assert train["sha256"] == hashlib.sha256((self_instruct / "train.jsonl").read_bytes()).hexdigest()
+    outputs = {o["path"]: o["sha256"] for o in record["outputs"]}
+    assert outputs["train.jsonl"] == hashlib.sha256((self_instruct / "train.jsonl").read_bytes()).hexdigest()
+    assert not any(path.startswith("work/") for path in outputs)
     html = (self_instruct / "report.html").read_text()
     assert "Funnel" in html and "instruction_cut_off" in html
 
@@ -123,10 +126,11 @@ def _wait_for_step(proc: subprocess.Popen, state: Path, step: int, timeout: floa
 
 
 def _final(out: Path) -> dict:
-    lineage = json.loads((out / "lineage.json").read_text())
+    record = json.loads((out / "lineage.json").read_text())
+    lineage = record["details"]
     lineage["parameters"].pop("out")
-    for entry in lineage["outputs"].values():
-        entry.pop("path")
+    data = ("train.jsonl", "validation.jsonl", "funnel.json")  # config.yaml and the report name OUT
+    lineage["outputs"] = {o["path"]: o["sha256"] for o in record["outputs"] if o["path"] in data}
     return {"train": (out / "train.jsonl").read_bytes(), "validation": (out / "validation.jsonl").read_bytes(),
             "funnel": (out / "funnel.json").read_bytes(), "lineage": lineage,
             "kept": (out / "work" / "kept.jsonl").read_bytes(), "dropped": (out / "work" / "dropped.jsonl").read_bytes()}  # fmt: skip

@@ -156,7 +156,7 @@ def test_garbage_errors_and_rate_limits_are_retried_or_counted(serve, tmp_path) 
     first = server.requests[0]
     assert first["model"] == "fake" and first["temperature"] == 0.5 and first["max_tokens"] == 256
     assert len({r["seed"] for r in server.requests if r["messages"][-1]["content"] != PROMPTS[3]}) > 5
-    lineage = json.loads((out / "lineage.json").read_text())
+    lineage = json.loads((out / "lineage.json").read_text())["details"]
     assert lineage["model"]["kind"] == "endpoint" and lineage["model"]["model"] == "fake"
     funnel = json.loads((out / "funnel.json").read_text())
     assert funnel["stages"][3]["dropped"] == {"answer_request_failed": 2} and funnel["kept"] == 8
@@ -246,7 +246,7 @@ def test_prompts_copying_an_eval_document_are_dropped_as_contaminated(serve, tmp
     (dropped,) = _rows(out / "work" / "dropped.jsonl")
     assert dropped["reason"] == "contaminated" and dropped["detail"][0] == "reading_mc"
     assert len(_rows(out / "train.jsonl")) == 2
-    lineage = json.loads((out / "lineage.json").read_text())
+    lineage = json.loads((out / "lineage.json").read_text())["details"]
     assert lineage["decontamination"]["ngram"] == 13 and "reading_mc" in lineage["decontamination"]["tasks"]
 
 
@@ -270,7 +270,7 @@ def test_replaced_templates_are_used_and_bad_ones_stop_before_any_request(serve,
         == 0
     )
     assert {_question(r) for r in server.requests} == {f"Answer like a pirate: {p}" for p in PROMPTS[:2]}
-    lineage = json.loads((out / "lineage.json").read_text())
+    lineage = json.loads((out / "lineage.json").read_text())["details"]
     assert lineage["prompts"]["answer"]["file"] == str(templates / "answer.txt")
     assert (
         _rows(out / "train.jsonl")[0]["messages"][0]["content"] == PROMPTS[0]

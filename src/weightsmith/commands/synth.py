@@ -26,6 +26,7 @@ from weightsmith.commands.loading import DEFAULT_MODEL, load_model, load_status
 from weightsmith.config import config_to_dict, dump_config_yaml, opt, read_yaml
 from weightsmith.endpoints import is_endpoint
 from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.lineage import write_lineage
 
 #: What a synth run writes in OUT (all that --overwrite removes).
 OUTPUTS = ("config.yaml", "train.jsonl", "validation.jsonl", "funnel.json", "lineage.json", "report.html")
@@ -358,9 +359,15 @@ def _finish(cfg: Any, out: Path, store: Any, recipe: Any, generator: Any, pipeli
         "decontamination": {"ngram": c.ngram, "ngrams": len(contamination), "tasks": contamination.tasks},
     }  # fmt: skip
     funnel_data = funnel(store.state.funnel, extra.get("skipped_documents"))
-    written = write_outputs(out, store.kept, c.valid_fraction, funnel_data, lineage)
+    written = write_outputs(out, store.kept, c.valid_fraction, funnel_data)
     result = {"recipe": recipe.name, "out": str(out), "funnel": {**funnel_data, "train": written["train"]["examples"],
               "validation": written["validation"]["examples"]}, "lineage": lineage, **extra}  # fmt: skip
     write_synth_report(out / "report.html", result, store.kept, store.dropped)
-    result["written"] = {**written, "report": str(out / "report.html")}
+    write_lineage(
+        out, kind="synth", config=cfg, details=lineage, exclude=("work",),
+        device="endpoint" if is_endpoint(c.model) else c.device,
+        inputs={"model": c.model, "inputs": [str(p) for p in inputs]},
+        metrics={"train": written["train"]["examples"], "validation": written["validation"]["examples"]},
+    )  # fmt: skip
+    result["written"] = {**written, "report": str(out / "report.html"), "lineage": str(out / "lineage.json")}
     return result

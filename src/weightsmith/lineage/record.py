@@ -309,6 +309,7 @@ def write_lineage(
     device: str | None = "cpu",
     extra_outputs: Sequence[str | Path] = (),
     exclude: Sequence[str] = (),
+    details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Record how the artifact at `out` (a folder, or a file) was made; returns the record.
 
@@ -317,7 +318,8 @@ def write_lineage(
     them; `metrics`: headline numbers; `started`: `time.time()` when the work began;
     `device`: where it ran ("auto" is resolved, "endpoint" for remote models);
     `extra_outputs`: for a file artifact, the files written beside it; `exclude`: top-level
-    names of a folder artifact that are not part of it (checkpoints)."""
+    names of a folder artifact that are not part of it (checkpoints); `details`: what else the
+    kind records about its making (synth: the generator's identity, prompt file hashes)."""
     out = Path(out)
     record_file = lineage_file(out)
     base = artifact_folder(record_file)
@@ -339,6 +341,8 @@ def write_lineage(
         "seconds": round(now - started, 3) if started is not None else None,
         "metrics": _plain(dict(metrics or {})),
     }
+    if details:
+        record["details"] = _plain(dict(details))
     write_json_atomic(record_file, record)
     save_cache()
     return record

@@ -73,10 +73,9 @@ def funnel(state_funnel: dict[str, Any], skipped: list[dict] | None = None) -> d
     return out
 
 
-def write_outputs(
-    out: Path, kept: list[dict], valid_fraction: float, funnel_data: dict, lineage: dict
-) -> dict:
-    """train.jsonl, validation.jsonl, funnel.json and lineage.json, each written atomically."""
+def write_outputs(out: Path, kept: list[dict], valid_fraction: float, funnel_data: dict) -> dict:
+    """train.jsonl, validation.jsonl and funnel.json, each written atomically (the caller adds
+    lineage.json once the report is written too)."""
     train = [r for r in kept if not is_validation(r, valid_fraction)]
     valid = [r for r in kept if is_validation(r, valid_fraction)]
     written = {}
@@ -86,7 +85,5 @@ def write_outputs(
         written[name] = {"path": str(path), "examples": len(rows), "sha256": sha256_file(path)}
     funnel_data = {**funnel_data, "train": len(train), "validation": len(valid)}
     write_json_atomic(out / "funnel.json", funnel_data)
-    write_json_atomic(out / "lineage.json", {**lineage, "outputs": written})
     written["funnel"] = str(out / "funnel.json")
-    written["lineage"] = str(out / "lineage.json")
     return written
