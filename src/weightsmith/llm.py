@@ -87,6 +87,14 @@ class LLM:
             return (d.text for d in self.engine.stream(ids, sp) if d.text)
         return self.engine.generate([ids], sp)[0].text
 
+    def trace(self, prompt: str | list[int], **options: Any):
+        """Run `prompt` through the model with named hook points (TransformerLens's names):
+        `with llm.trace(p) as t: t["blocks.3.hook_resid_post"]`; see weightsmith.inspect.trace
+        for `edits=`, `names=` and `grad=`."""
+        from weightsmith.inspect.trace import Trace
+
+        return Trace(self.model, self.tokenizer, prompt, **options)
+
 
 def load(
     model: str | Path,
