@@ -63,4 +63,6 @@ def test_logit_lens_matches_transformer_lens(both) -> None:
     torch.testing.assert_close(lens.top_probs, ref_probs.topk(3, dim=-1).values, atol=1e-4, rtol=1e-4)
     final = ref_probs[-1].argmax(-1)
     assert torch.equal(lens.target_ids, final)
-    torch.testing.assert_close(lens.target_probs, ref_probs.gather(-1, final.expand(len(names), -1)[..., None])[..., 0])
+    torch.testing.assert_close(
+        lens.target_probs, ref_probs.gather(-1, final.expand(len(names), -1)[..., None])[..., 0]
+    )

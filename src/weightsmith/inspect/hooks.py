@@ -180,7 +180,9 @@ class HookedAttention(_Hooked):
         return apply_rope(_heads_last(out), a.cos, a.sin) if self._ws_prefix + name in state.edits else x
 
 
-def _visible(mask: torch.Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> torch.Tensor | None:
+def _visible(
+    mask: torch.Tensor | None, causal: bool, t: int, s: int, device: torch.device
+) -> torch.Tensor | None:
     """Which keys each query sees, (B or 1, 1, T, S) booleans, or None for all of them."""
     if mask is not None:
         return mask
@@ -209,7 +211,12 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
     if not isinstance(model, CausalLM) or isinstance(model, HookedModel):
         raise InspectError("this model is already being traced; end the other trace first")
     plan: list[tuple[nn.Module, type, str]] = [(model, HookedModel, "")]
-    expected = ((DecoderLayer, HookedLayer), (Attention, HookedAttention), (MLP, HookedMLP), (RMSNorm, HookedNorm))
+    expected = (
+        (DecoderLayer, HookedLayer),
+        (Attention, HookedAttention),
+        (MLP, HookedMLP),
+        (RMSNorm, HookedNorm),
+    )
     for i, layer in enumerate(model.model.layers):
         parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1."),
                  (layer.post_attention_layernorm, "ln2.")]  # fmt: skip

@@ -22,7 +22,14 @@ Index = int | Sequence[int] | None
 
 #: Hook points whose values have a heads axis, and where it is: (B, H, T, S) or (B, T, H, D).
 _HEADS_FIRST = ("attn.hook_pattern", "attn.hook_attn_scores")
-_HEADS_SECOND = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z")
+_HEADS_SECOND = (
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_z",
+)
 
 
 def _axes(name: str) -> tuple[int, int | None]:

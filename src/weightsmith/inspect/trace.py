@@ -80,7 +80,9 @@ class Trace:
 
     def __enter__(self) -> Trace:
         ids = torch.tensor([self.tokens])
-        self.logits, self.cache = run_hooked(self.model, ids, edits=self.edits, keep=self.names, grad=self.grad)
+        self.logits, self.cache = run_hooked(
+            self.model, ids, edits=self.edits, keep=self.names, grad=self.grad
+        )
         return self
 
     def __exit__(self, *exc) -> None:
