@@ -30,6 +30,7 @@ from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
 from weightsmith.cli import export as export_out
 from weightsmith.cli import guard as guard_out
+from weightsmith.cli import inspect as inspect_out
 from weightsmith.cli import quantize as quantize_out
 from weightsmith.cli import redteam as redteam_out
 from weightsmith.cli import run as run_out
@@ -45,6 +46,7 @@ from weightsmith.commands import (
     audit,
     export,
     guard,
+    inspect,
     quantize,
     redteam,
     run,
@@ -292,6 +294,56 @@ COMMANDS: dict[str, Command | Group] = {
                 "weightsmith arena import --db arena.sqlite --battles their-battles.jsonl",
                 arena.run_arena_import,
                 _plain(arena_out.print_import),
+            ),
+        },
+    ),
+    "inspect": Group(
+        "look inside a model: logit lens, activation patching, attribution, attention, directions",
+        {
+            "logit-lens": Command(
+                inspect.LensConfig,
+                "each layer's residual stream read through the final norm and LM head",
+                'weightsmith inspect logit-lens smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
+                "--out reports/lens",
+                inspect.run_lens,
+                _plain(inspect_out.print_lens),
+                with_loading(),
+            ),
+            "patch": Command(
+                inspect.PatchConfig,
+                "activation patching: which layer, position and head carry a clean/corrupted difference",
+                'weightsmith inspect patch smollm2-135m-instruct --clean "The Eiffel Tower is in" '
+                '--corrupt "The Colosseum is in" --out reports/patch',
+                inspect.run_patch,
+                _plain(inspect_out.print_patch),
+                with_loading(),
+            ),
+            "attribute": Command(
+                inspect.AttributeConfig,
+                "direct logit attribution per layer and head; integrated gradients per input token",
+                'weightsmith inspect attribute smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
+                '--target " Paris" --out reports/attr',
+                inspect.run_attribute,
+                _plain(inspect_out.print_attribute),
+                with_loading(),
+            ),
+            "attention": Command(
+                inspect.AttentionConfig,
+                "every layer's and head's attention pattern over a prompt",
+                'weightsmith inspect attention smollm2-135m-instruct --prompt "Once upon a time" --out reports/attn',
+                inspect.run_attention,
+                _plain(inspect_out.print_attention),
+                with_loading(),
+            ),
+            "direction": Command(
+                inspect.DirectionConfig,
+                "a difference-of-means direction from two prompt sets (e.g. the refusal direction)",
+                "weightsmith inspect direction smollm2-135m-instruct --positive builtin:harmful "
+                "--negative builtin:benign --split train --out dirs/refusal.safetensors\n"
+                "  weightsmith generate smollm2-135m-instruct --chat --steer dirs/refusal.safetensors:ablate",
+                inspect.run_direction,
+                _plain(inspect_out.print_direction),
+                with_loading(),
             ),
         },
     ),

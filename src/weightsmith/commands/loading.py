@@ -76,6 +76,14 @@ class SteerOptions:
         split=False,
     )
 
+    def __post_init__(self) -> None:
+        from weightsmith.inspect.steering import parse_steer
+
+        for spec in self.steer:  # the form and the file now; the file against the model once loaded
+            path = parse_steer(spec).path
+            if not path.is_file():
+                raise UsageError(f"--steer {spec}: no direction file at {path}")
+
     def load_kwargs(self) -> dict[str, Any]:
         if self.steer and getattr(self, "compile", False):
             raise UsageError("--steer runs the plain PyTorch decode path; drop --compile")
