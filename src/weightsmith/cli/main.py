@@ -46,7 +46,6 @@ from weightsmith.commands import (
     audit,
     export,
     guard,
-    inspect,
     quantize,
     redteam,
     run,
@@ -300,51 +299,8 @@ COMMANDS: dict[str, Command | Group] = {
     "inspect": Group(
         "look inside a model: logit lens, activation patching, attribution, attention, directions",
         {
-            "logit-lens": Command(
-                inspect.LensConfig,
-                "each layer's residual stream read through the final norm and LM head",
-                'weightsmith inspect logit-lens smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
-                "--out reports/lens",
-                inspect.run_lens,
-                _plain(inspect_out.print_lens),
-                with_loading(),
-            ),
-            "patch": Command(
-                inspect.PatchConfig,
-                "activation patching: which layer, position and head carry a clean/corrupted difference",
-                'weightsmith inspect patch smollm2-135m-instruct --clean "The Eiffel Tower is in" '
-                '--corrupt "The Colosseum is in" --out reports/patch',
-                inspect.run_patch,
-                _plain(inspect_out.print_patch),
-                with_loading(),
-            ),
-            "attribute": Command(
-                inspect.AttributeConfig,
-                "direct logit attribution per layer and head; integrated gradients per input token",
-                'weightsmith inspect attribute smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
-                '--target " Paris" --out reports/attr',
-                inspect.run_attribute,
-                _plain(inspect_out.print_attribute),
-                with_loading(),
-            ),
-            "attention": Command(
-                inspect.AttentionConfig,
-                "every layer's and head's attention pattern over a prompt",
-                'weightsmith inspect attention smollm2-135m-instruct --prompt "Once upon a time" --out reports/attn',
-                inspect.run_attention,
-                _plain(inspect_out.print_attention),
-                with_loading(),
-            ),
-            "direction": Command(
-                inspect.DirectionConfig,
-                "a difference-of-means direction from two prompt sets (e.g. the refusal direction)",
-                "weightsmith inspect direction smollm2-135m-instruct --positive builtin:harmful "
-                "--negative builtin:benign --split train --out dirs/refusal.safetensors\n"
-                "  weightsmith generate smollm2-135m-instruct --chat --steer dirs/refusal.safetensors:ablate",
-                inspect.run_direction,
-                _plain(inspect_out.print_direction),
-                with_loading(),
-            ),
+            name: Command(config, help, example, run, _plain(show), with_loading())
+            for name, (config, help, example, run, show) in inspect_out.COMMANDS.items()
         },
     ),
     "export": Command(

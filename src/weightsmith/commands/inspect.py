@@ -278,7 +278,7 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
         llm.model, llm.tokenizer, sets["positive"], sets["negative"], chat=not cfg.raw, layer=cfg.layer
     )
     provenance = {
-        "model": info["model"], "model_sha256": info["model_sha256"],
+        "model": info["model"], "model_sha256": info["model_sha256"], "weightsmith": __version__,
         "positive": ",".join(cfg.positive), "negative": ",".join(cfg.negative),
         "split": cfg.probe_split.split, "heldout_fraction": str(cfg.probe_split.heldout_fraction),
     }  # fmt: skip

@@ -133,17 +133,16 @@ def check_layer(layer: int | None, n_layers: int, where: str = "layer") -> None:
 
 
 def write_direction(path: Path, direction: Direction, provenance: dict[str, str]) -> dict[str, str]:
-    """Save atomically as safetensors; returns the metadata written."""
+    """Save atomically as safetensors; returns the metadata written. `provenance` should name the
+    model and its fingerprint (`model_sha256`, which `read_direction` checks), the sets and the
+    code version."""
     from safetensors.torch import save_file
-
-    from weightsmith import __version__
 
     meta = {
         "format": FORMAT,
         "layer": str(direction.layer),
         "num_layers": str(direction.vectors.shape[0] - 1),
         "hidden_size": str(direction.vectors.shape[1]),
-        "weightsmith": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **direction.meta,
         **{k: str(v) for k, v in provenance.items()},

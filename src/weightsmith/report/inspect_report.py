@@ -49,7 +49,9 @@ def _heatmap(
     if labels is not None and len(cols) <= MAX_ANNOTATED_COLUMNS:
         for i, row in enumerate(labels):
             for j, text in enumerate(row):
-                ax.text(j, i, plain(repr(text)[1:-1])[:8], ha="center", va="center", fontsize=5, color="white")
+                ax.text(
+                    j, i, plain(repr(text)[1:-1])[:8], ha="center", va="center", fontsize=5, color="white"
+                )
     ax.set_title(plain(title), fontsize=9)
     return image(figure_png(fig), title)
 
