@@ -54,6 +54,7 @@ def test_every_hook_point_matches_transformer_lens(both) -> None:
 def test_logit_lens_matches_transformer_lens(both) -> None:
     llm, bridge, ids, _, tl_cache = both
     lens = logit_lens(llm.model, ids, top_k=3)
+    assert torch.equal(ws.inspect.logit_lens(llm, PROMPT, top_k=3).top_ids, lens.top_ids)
     names = resid_names(llm.model)
     with torch.no_grad():
         ref = torch.stack([bridge.unembed(bridge.ln_final(tl_cache[n][0])) for n in names])  # (L+1, T, V)

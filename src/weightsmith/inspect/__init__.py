@@ -6,6 +6,14 @@ through hook points with TransformerLens's names (hooks.py). Not here: the `insp
 its reports (weightsmith.commands.inspect, weightsmith.report.inspect_report).
 """
 
+from weightsmith.inspect.api import (
+    attention_patterns,
+    difference_of_means,
+    direct_logit_attribution,
+    integrated_gradients,
+    logit_lens,
+    patch,
+)
 from weightsmith.inspect.hooks import HookState, InspectError, hook_names, hooked
 from weightsmith.inspect.interventions import Ablate, Add, ProjectOut, Replace
 from weightsmith.inspect.trace import Trace, run_hooked
@@ -18,7 +26,13 @@ __all__ = [
     "ProjectOut",
     "Replace",
     "Trace",
+    "attention_patterns",
+    "difference_of_means",
+    "direct_logit_attribution",
     "hook_names",
     "hooked",
+    "integrated_gradients",
+    "logit_lens",
+    "patch",
     "run_hooked",
 ]
