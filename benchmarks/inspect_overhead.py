@@ -79,7 +79,9 @@ def main() -> None:
         modes = ("untouched", "after trace", "hooked")
         contenders = {m: contender(path, prompt_ids, prefill_ids, m, stack) for m in modes}
         results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
-    print(f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs")
+    print(
+        f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"
+    )
     print(f"{'':16}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
         print(f"{name:16}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
