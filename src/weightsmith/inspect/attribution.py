@@ -78,8 +78,8 @@ def integrated_gradients(
         baseline = model.model.embed_tokens.weight.detach().float().mean(0)  # (h,) the mean token
     base = baseline.to(x.device).float().expand_as(x)
     nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
-    alphas = torch.tensor((nodes + 1) / 2, dtype=torch.float32)
-    w = torch.tensor(weights / 2, dtype=torch.float32)
+    alphas = torch.tensor((nodes + 1) / 2, dtype=torch.float32, device=x.device)
+    w = torch.tensor(weights / 2, dtype=torch.float32, device=x.device)
     total = torch.zeros_like(x[0])
     for start in range(0, steps, batch):
         a = alphas[start : start + batch]
@@ -89,7 +89,7 @@ def integrated_gradients(
         )
         (grad,) = torch.autograd.grad(f(logits).sum(), path)
         total += (grad.float() * w[start : start + batch, None, None]).sum(0)
-    scores = ((x - base)[0] * total).sum(-1)  # (T,)
+    scores = ((x - base)[0] * total).sum(-1).cpu()  # (T,)
     ends = torch.cat([x, base])
     with torch.no_grad():
         logits, _ = run_hooked(model, tokens.expand(2, -1), edits={"hook_embed": _replace_with(ends)})
