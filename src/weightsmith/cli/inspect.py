@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from weightsmith.cli import eval as eval_out
 from weightsmith.commands import inspect
 
 
@@ -123,6 +124,11 @@ def print_direction(result: dict, console: Console) -> None:
         markup=False,
         highlight=False,
     )
+
+
+def make_progress(cfg: Any) -> Any:
+    """Bars (a line every ~10% off a terminal) for the long steps: patching's layers, a direction's prompts."""
+    return None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console())
 
 
 #: The `inspect` subcommands for cli/main.py: (config, help, example, run, printer).

@@ -299,7 +299,7 @@ COMMANDS: dict[str, Command | Group] = {
     "inspect": Group(
         "look inside a model: logit lens, activation patching, attribution, attention, directions",
         {
-            name: Command(config, help, example, run, _plain(show), with_loading())
+            name: Command(config, help, example, run, _plain(show), with_loading(inspect_out.make_progress))
             for name, (config, help, example, run, show) in inspect_out.COMMANDS.items()
         },
     ),

@@ -137,6 +137,11 @@ def _words(llm: LLM, ids: Sequence[int]) -> list[str]:
     return [llm.tokenizer.decode([int(i)]) for i in ids]
 
 
+def _ticker(progress: Any, label: str) -> Any:
+    """`progress(label)`: a `tick(done, total)` for one long step, when someone listens."""
+    return progress(label) if progress else None
+
+
 def _finish(kind: str, cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
     if cfg.out:
         out = Path(cfg.out)
@@ -199,7 +204,15 @@ def run_patch(cfg: PatchConfig, progress: Any = None) -> dict[str, Any]:
         "metric": "logit[answer] - logit[wrong] at the last position; normalized = (patched - corrupt) / (clean - corrupt)",
     }  # fmt: skip
     for by in ("position", "head") if cfg.by == "both" else (cfg.by,):
-        r = patch(llm.model, clean, corrupt, metric, by=by, stream=cfg.stream)
+        r = patch(
+            llm.model,
+            clean,
+            corrupt,
+            metric,
+            by=by,
+            stream=cfg.stream,
+            progress=_ticker(progress, f"patch by {by}"),
+        )
         result["clean_metric"], result["corrupt_metric"] = r.clean_metric, r.corrupt_metric
         result[f"by_{by}"] = {
             "hook": r.hook,
@@ -274,9 +287,19 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
         sets[flag] = [p for spec in specs for p in read_prompt_set(spec, cfg.probe_split, cfg.limit, flag)]
     llm, info = _load(cfg, progress)
     check_layer(cfg.layer, len(llm.model.model.layers))
+    tick = _ticker(progress, "prompts")
+    n = len(sets["positive"]) + len(sets["negative"])
+    done = [0]
+
+    def count(i: int, total: int) -> None:  # one tick over both sets
+        done[0] += 1
+        if tick is not None:
+            tick(done[0], n)
+
     direction = difference_of_means(
-        llm.model, llm.tokenizer, sets["positive"], sets["negative"], chat=not cfg.raw, layer=cfg.layer
-    )
+        llm.model, llm.tokenizer, sets["positive"], sets["negative"], chat=not cfg.raw, layer=cfg.layer,
+        progress=count,
+    )  # fmt: skip
     provenance = {
         "model": info["model"], "model_sha256": info["model_sha256"], "weightsmith": __version__,
         "positive": ",".join(cfg.positive), "negative": ",".join(cfg.negative),
