@@ -9,7 +9,7 @@ fused C step: `llm.engine.cpu_plan`). Not here: the CLI (weightsmith.cli), file 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ class LLM:
 
     def __post_init__(self) -> None:
         self.engine = Engine(self.model, self.tokenizer)
+        #: The steering hooks `load(steer=...)` started (weightsmith.inspect.steering), or None.
+        self.steering: Any = None
 
     @property
     def model(self):
@@ -87,6 +89,14 @@ class LLM:
             return (d.text for d in self.engine.stream(ids, sp) if d.text)
         return self.engine.generate([ids], sp)[0].text
 
+    def trace(self, prompt: str | list[int], **options: Any):
+        """Run `prompt` through the model with named hook points (TransformerLens's names):
+        `with llm.trace(p) as t: t["blocks.3.hook_resid_post"]`; see weightsmith.inspect.trace
+        for `edits=`, `names=` and `grad=`."""
+        from weightsmith.inspect.trace import Trace
+
+        return Trace(self.model, self.tokenizer, prompt, **options)
+
 
 def load(
     model: str | Path,
@@ -96,11 +106,14 @@ def load(
     allow_pickle: bool = False,
     auto_pull: bool = True,
     adapter: str | Path | None = None,
+    steer: Sequence[str] = (),
 ) -> LLM:
     """Load a model by catalog/store name, HF directory or .gguf file.
 
     adapter: a LoRA adapter directory (ours or PEFT's), folded into the weights so
     generation runs at the base model's speed.
+    steer: direction specs (`FILE:layer=L:scale=S`, `FILE:ablate`; weightsmith.inspect.steering)
+        applied to every forward from now on, each file checked against the loaded weights first.
     """
     from weightsmith.checkpoint.pull import resolve
 
@@ -114,4 +127,9 @@ def load(
         load_adapter(ckpt.model, Path(adapter))
         merge_and_unload(ckpt.model)
         ckpt.model.requires_grad_(False)
-    return LLM(ckpt, str(model), dev, dt)  # its Engine lays a CPU model out for decoding
+    llm = LLM(ckpt, str(model), dev, dt)  # its Engine lays a CPU model out for decoding
+    if steer:
+        from weightsmith.inspect.steering import Steering
+
+        llm.steering = Steering(llm.model, list(steer)).start()
+    return llm

@@ -29,6 +29,7 @@ from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
 from weightsmith.cli import export as export_out
 from weightsmith.cli import guard as guard_out
+from weightsmith.cli import inspect as inspect_out
 from weightsmith.cli import lineage as lineage_out
 from weightsmith.cli import quantize as quantize_out
 from weightsmith.cli import redteam as redteam_out
@@ -272,6 +273,13 @@ COMMANDS: dict[str, Command | Group] = {
                 arena.run_arena_import,
                 _plain(arena_out.print_import),
             ),
+        },
+    ),
+    "inspect": Group(
+        "look inside a model: logit lens, activation patching, attribution, attention, directions",
+        {
+            name: Command(config, help, example, run, _plain(show), with_loading(inspect_out.make_progress))
+            for name, (config, help, example, run, show) in inspect_out.COMMANDS.items()
         },
     ),
     "export": Command(

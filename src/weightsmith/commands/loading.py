@@ -1,7 +1,8 @@
 """The options shared by every command that loads a model, and the one place commands load it.
 
 `LoadOptions` (which model, device, dtype, pickle, adapter) and `SamplingOptions` (how
-tokens are chosen) are mixed into the configs of generate, chat, merge, eval and audit.
+tokens are chosen) are mixed into the configs of generate, chat, merge, eval and audit;
+`SteerOptions` (--steer, placed before `LoadOptions`) into generate's and chat's.
 `load_model(model, progress=status)` loads a checkpoint through `weightsmith.load` inside
 `status(model)`, a context manager (the CLI shows a spinner in it on a terminal). A command
 finds that status in the `progress` it was given: `load_status(progress)` is its
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.config import opt
+from weightsmith.errors import UsageError
 from weightsmith.llm import LLM, load
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -62,6 +64,30 @@ class LoadOptions:
 
     def load(self, progress: LoadStatus | None = None) -> LLM:
         return load_model(self.model, progress=progress, **self.load_kwargs())
+
+
+@dataclass(kw_only=True)
+class SteerOptions:
+    """Steering with a direction file (`weightsmith inspect direction`) while generating."""
+
+    steer: list[str] = opt(
+        default_factory=list,
+        help="steer with a direction: FILE:layer=L:scale=S adds it, FILE:ablate removes it (repeatable)",
+        split=False,
+    )
+
+    def __post_init__(self) -> None:
+        from weightsmith.inspect.steering import parse_steer
+
+        for spec in self.steer:  # the form and the file now; the file against the model once loaded
+            path = parse_steer(spec).path
+            if not path.is_file():
+                raise UsageError(f"--steer {spec}: no direction file at {path}")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        if self.steer and getattr(self, "compile", False):
+            raise UsageError("--steer runs the plain PyTorch decode path; drop --compile")
+        return {**super().load_kwargs(), "steer": list(self.steer)}  # type: ignore[misc]
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from weightsmith import __version__
-from weightsmith.commands.loading import LoadStatus, load_model, load_status, model_label
+from weightsmith.commands.loading import LoadStatus, SteerOptions, load_model, load_status, model_label
 from weightsmith.config import opt
 from weightsmith.endpoints import endpoint_urls
 from weightsmith.errors import UsageError
@@ -47,6 +47,7 @@ class RedteamConfig:
                       "(replicas: comma-separated)", positional=True)  # fmt: skip
     model: list[str] = opt(default_factory=list, help="with an endpoint: the served model names to attack")
     adapter: list[str] = opt(default_factory=list, help="LoRA adapter directory of a fork to attack too")
+    steering: SteerOptions = opt(default_factory=SteerOptions, flatten=True)  # --steer
     guard: str | None = opt(None, "guardrail policy file (or builtin:school): also run each model behind it")
     classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
     packs: list[str] = opt(
@@ -89,17 +90,24 @@ class RedteamConfig:
 class _LazyModel:
     """A `ModelTarget` whose model loads on first use and can be released after."""
 
-    def __init__(self, cfg: RedteamConfig, adapter: str | None, status: LoadStatus | None = None) -> None:
-        self.cfg, self.adapter, self.status = cfg, adapter, status
-        self.label = model_label(cfg.target, adapter)
+    def __init__(
+        self, cfg: RedteamConfig, adapter: str | None, status: LoadStatus | None = None, steer: list[str] = ()
+    ) -> None:
+        self.cfg, self.adapter, self.status, self.steer = cfg, adapter, status, list(steer)
+        self.label = model_label(cfg.target, adapter) + ("+steered" if steer else "")
         self.identity = {"model": cfg.target, "adapter": adapter, "dtype": cfg.dtype, "kind": "in-process"}
+        if steer:  # a steered run never resumes from an unsteered one's answers
+            self.identity["steer"] = list(steer)
         self._target: Any = None
 
     def generate(self, conversations: list[list[dict]]) -> list[tuple[str, str]]:
         if self._target is None:
             from weightsmith.safety.redteam import ModelTarget
 
-            llm = load_model(self.cfg.target, **_load_kwargs(self.cfg, self.status), adapter=self.adapter)
+            llm = load_model(
+                self.cfg.target, **_load_kwargs(self.cfg, self.status), adapter=self.adapter,
+                steer=self.steer,
+            )  # fmt: skip
             self._target = ModelTarget(
                 llm, self.label, max_tokens=self.cfg.max_tokens, batch_size=self.cfg.batch_size
             )
@@ -123,6 +131,10 @@ def _check(cfg: RedteamConfig) -> None:
     if endpoint and cfg.adapter:
         raise UsageError(
             "--adapter is for in-process models; with an endpoint, name served adapters in --model"
+        )
+    if endpoint and cfg.steering.steer:
+        raise UsageError(
+            "--steer is for in-process models; an endpoint steers per request (the `steer` field)"
         )
     if not endpoint and cfg.model:
         raise UsageError("--model names served models of an endpoint; for a local model pass it as TARGET")
@@ -160,7 +172,10 @@ def _targets(cfg: RedteamConfig, status: LoadStatus | None) -> list[Any]:
             EndpointTarget(cfg.target, m, api_key=key, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
             for m in cfg.model
         ]
-    return [_LazyModel(cfg, a, status) for a in [None, *cfg.adapter]]
+    # With --steer the base model runs twice, plain then steered: the report's change is the steering's.
+    steered = [_LazyModel(cfg, None, status, cfg.steering.steer)] if cfg.steering.steer else []
+    base, *forks = [_LazyModel(cfg, a, status) for a in [None, *cfg.adapter]]
+    return [base, *steered, *forks]
 
 
 def _judge(cfg: RedteamConfig, status: LoadStatus | None) -> Any:
@@ -271,6 +286,7 @@ def _run_info(cfg: RedteamConfig) -> dict[str, Any]:
         "temperature": 0,
         "limit": cfg.limit,
         "split": cfg.probe_split.record(),
+        **({"steer": list(cfg.steering.steer)} if cfg.steering.steer else {}),
     }
 
 

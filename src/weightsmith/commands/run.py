@@ -19,7 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from weightsmith.commands.loading import LoadOptions, LoadStatus, SamplingOptions, load_model, load_status
+from weightsmith.commands.loading import (
+    LoadOptions,
+    LoadStatus,
+    SamplingOptions,
+    SteerOptions,
+    load_model,
+    load_status,
+)
 from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM
@@ -29,7 +36,7 @@ TextSink = Callable[[str], None]
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(LoadOptions, SamplingOptions):
+class GenerateConfig(SteerOptions, LoadOptions, SamplingOptions):
     """Complete a prompt (from --prompt or standard input)."""
 
     prompt: str | None = opt(None, "text to continue; read from standard input when omitted", short="-p")
@@ -179,7 +186,7 @@ def _run_speculative(
 
 
 @dataclass(kw_only=True)
-class ChatConfig(LoadOptions, SamplingOptions):
+class ChatConfig(SteerOptions, LoadOptions, SamplingOptions):
     """Chat interactively (or answer piped lines, one turn per line)."""
 
     max_tokens: int = opt(512, "most tokens per answer", short="-n")

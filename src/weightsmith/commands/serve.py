@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith.commands.loading import SteerOptions
 from weightsmith.config import opt
 from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.files import is_plain_file_name
 from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.serve.limits import ConnectionLimits
 
@@ -48,6 +50,13 @@ class ServeConfig:
         help="LoRA adapter to offer as MODEL:NAME, given as NAME=DIR or DIR (NAME = the folder's name)",
         split=False,
     )
+    direction: list[str] = opt(
+        default_factory=list,
+        help="direction file a request may steer with (its `steer` field: NAME:ablate or NAME:layer=L:scale=S), "
+        "given as NAME=FILE or FILE (NAME = the file's stem)",
+        split=False,
+    )
+    steering: SteerOptions = opt(default_factory=SteerOptions, flatten=True)  # --steer: every request
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = opt(8000, "port to listen on (0: any free port)")
     api_key: str | None = opt(
@@ -124,7 +133,41 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
+def parse_directions(specs: list[str], steer: list[str]) -> dict[str, Path]:
+    """`NAME=FILE` or `FILE` -> {name: file}, each file present (read against the model at load)."""
+    if specs and steer:
+        raise UsageError("--steer steers every request and --direction lets requests steer; choose one")
+    found: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        path = Path(file if sep else spec)
+        name = name if sep else path.stem
+        if not is_plain_file_name(name) or ":" in name or name in found:
+            raise UsageError(
+                f"--direction {spec!r}: give each file a new NAME of letters, digits, '.', '_' or '-'"
+            )
+        if not path.is_file():
+            raise UsageError(f"--direction {spec!r}: no direction file at {path}")
+        found[name] = path
+    return found
+
+
+def read_directions(llm: Any, directions: dict[str, Path]) -> dict[str, Any]:
+    from weightsmith.inspect.directions import read_direction
+    from weightsmith.models.fingerprint import model_fingerprint
+
+    if not directions:
+        return {}
+    fingerprint, cfg = model_fingerprint(llm.model), llm.model.config
+    return {
+        name: read_direction(
+            path, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, fingerprint=fingerprint
+        )
+        for name, path in directions.items()
+    }
+
+
+def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig, directions: dict[str, Path]):
     """A function that loads the model and its adapters (run on the server's loader thread)."""
 
     def loader():
@@ -133,15 +176,17 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig):
         from weightsmith.serve.app import Loaded
 
         llm = load(
-            model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False
-        )
+            model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False,
+            steer=cfg.steering.steer,
+        )  # fmt: skip
         llm.engine.compile = cfg.compile
+        checked = read_directions(llm, directions)  # against the base weights, before adapters
         for name, directory in adapters.items():
             load_adapter(llm.model, directory, name=name)
         if adapters:
             set_adapter(llm.model, None)  # rows pick their adapter per request
             llm.model.requires_grad_(False)
-        return Loaded(llm, list(adapters))
+        return Loaded(llm, list(adapters), checked)
 
     return loader
 
@@ -163,7 +208,8 @@ def build_app(cfg: ServeConfig):
     if ":" in served_name.removeprefix(str(Path(served_name).anchor)):
         served_name = Path(cfg.model).name  # a Windows path; ':' separates adapters
     settings = dataclasses.replace(cfg, served_name=served_name, api_key=resolve_api_key(cfg))
-    app = create_app(settings, make_loader(path, adapters, cfg), guard=guard)
+    directions = parse_directions(cfg.direction, cfg.steering.steer)
+    app = create_app(settings, make_loader(path, adapters, cfg, directions), guard=guard)
     return app, app.state.weightsmith
 
 

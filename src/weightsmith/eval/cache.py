@@ -17,25 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from weightsmith.errors import WeightsmithError
+from weightsmith.models.fingerprint import model_fingerprint
 
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
-    device = next(model.parameters()).device.type
-    h.update(device.encode())
-    return h.hexdigest()
+__all__ = ["ResultCache", "model_fingerprint", "request_key"]
 
 
 def request_key(fingerprint: str, kind: str, args: Any) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
@@ -69,6 +69,7 @@ from weightsmith.serve.schemas import (
     TokenizeRequest,
     parse,
 )
+from weightsmith.serve.steering import request_steering
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +104,8 @@ class Loaded:
 
     llm: LLM
     adapters: list[str]
+    #: directions a request may steer with, by name (`serve --direction`), checked against the weights
+    directions: dict[str, Any] = field(default_factory=dict)
 
 
 class ServerState:
@@ -183,6 +186,12 @@ class ServerState:
         base = self.served_name
         adapters = self.loaded.adapters if self.loaded else []
         return [base] + [f"{base}:{a}" for a in adapters]
+
+    def steering(self, specs: str | list[str] | None) -> dict[str, list[Any]] | None:
+        """The edit table for a request's `steer` field (serve/steering.py); 400 when it is wrong."""
+        assert self.loaded is not None
+        n_layers = len(self.loaded.llm.model.model.layers)
+        return request_steering(specs, self.loaded.directions, n_layers)
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a model name selects (None: the base model); 404 when unknown."""
@@ -314,6 +323,7 @@ async def _chat_completions(state: ServerState, http: Request) -> Response:
     loaded, scheduler, req = await _accept(state, http, ChatRequest)
     req.check_stream_options()
     adapter = state.resolve_model(req.model)
+    steer = state.steering(req.steer)
     logprobs = req.logprobs_k()
     check_n(req.n, scheduler.max_batch)
     messages = [message_dict(m) for m in req.messages]
@@ -324,7 +334,7 @@ async def _chat_completions(state: ServerState, http: Request) -> Response:
     params = sampling_params(loaded.llm, req, budget)
     job: Any = None
     if refusal is None:
-        job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs)
+        job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs, steer)
         job.submit(scheduler, RETRY_AFTER)
     if guard is not None and (refusal is not None or guard.has_output_rails):
         job = GuardedJob(job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal))
@@ -338,6 +348,7 @@ async def _completions(state: ServerState, http: Request) -> Response:
     req.check_stream_options()
     req.check_unsupported()
     adapter = state.resolve_model(req.model)
+    steer = state.steering(req.steer)
     prompts = req.prompts()
     check_n(req.n * len(prompts), scheduler.max_batch, batch=len(prompts))
     chars = sum(len(p) for p in prompts if isinstance(p, str))
@@ -363,7 +374,7 @@ async def _completions(state: ServerState, http: Request) -> Response:
     )
     job: Any = None
     if all_ids:
-        job = Job(all_ids, all_params, adapter, req.logprobs)
+        job = Job(all_ids, all_params, adapter, req.logprobs, steer)
         job.submit(scheduler, RETRY_AFTER)
     if guard is not None and (refusals or guard.has_output_rails):
         job = GuardedJob(job, guard, len(ids) * req.n, refusals)

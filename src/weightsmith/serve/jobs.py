@@ -97,7 +97,9 @@ async def _disconnected(http: Request) -> None:
 class Job:
     """A request in flight: its scheduler request and the queue its events arrive on."""
 
-    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], adapter, logprobs) -> None:
+    def __init__(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapter, logprobs, steer=None
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[SequenceEvent] = asyncio.Queue()
 
@@ -107,7 +109,7 @@ class Job:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-        self.request = GenRequest(prompts, params, emit=emit, adapter=adapter, logprobs=logprobs)
+        self.request = GenRequest(prompts, params, emit=emit, adapter=adapter, logprobs=logprobs, steer=steer)
         self.prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
 
     def submit(self, scheduler: Scheduler, retry_after: int) -> None:

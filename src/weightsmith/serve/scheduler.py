@@ -38,6 +38,8 @@ from typing import Any
 import torch
 
 from weightsmith.generate import DecodeFn, decode_one_token, prefill
+from weightsmith.inspect import HookState, hooked
+from weightsmith.inspect.steering import row_edits
 from weightsmith.kv_cache import KVCache
 from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
@@ -83,6 +85,8 @@ class Request:
     params: list[SamplingParams]
     emit: Callable[[SequenceEvent], None]
     adapter: str | None = None
+    #: hook edits steering this request's rows (weightsmith.inspect.steering), None: not steered
+    steer: dict[str, list[Any]] | None = None
     logprobs: int | None = None  # None: off; k: the chosen token's and the top-k alternatives
     id: int = field(default_factory=itertools.count().__next__)
     arrived: float = field(default_factory=time.perf_counter)
@@ -311,10 +315,13 @@ class Scheduler:
 
     @contextlib.contextmanager
     def _adapters(self, rows: Sequence[Choice]):
-        if not self.has_adapters:
-            yield
-            return
-        with row_adapters(self.model, [s.request.adapter for s in rows]):
+        """Each row's adapter and steering for one forward pass over `rows` (batch row order)."""
+        with contextlib.ExitStack() as stack:
+            if self.has_adapters:
+                stack.enter_context(row_adapters(self.model, [s.request.adapter for s in rows]))
+            steer = [s.request.steer for s in rows]
+            if any(steer):  # only steered batches leave the model's fast path
+                stack.enter_context(hooked(self.model, HookState(row_edits(steer))))
             yield
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -386,8 +393,10 @@ class Scheduler:
         self._sample(logits.expand(len(joining), -1), first_row=first_row)  # (n, V)
 
     def _decode(self) -> None:
+        # A steered batch runs the PyTorch step: the fused C step and CUDA graphs run no hooks.
+        step = decode_one_token if any(s.request.steer for s in self.running) else self.decode
         with self._adapters(self.running):
-            logits = self.decode(self.model, self.cache, [s.last for s in self.running], self.device)
+            logits = step(self.model, self.cache, [s.last for s in self.running], self.device)
         self._sample(logits, first_row=0)
 
     def _sample(self, logits: torch.Tensor, first_row: int) -> None:

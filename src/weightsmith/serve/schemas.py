@@ -104,6 +104,9 @@ class SamplingFields(_Strict):
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    # weightsmith's own: steer with directions the server offers (`serve --direction`), e.g.
+    # "refusal:ablate" or ["refusal:layer=4:scale=1"] (weightsmith.inspect.steering's spec, NAME for FILE)
+    steer: str | list[str] | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
