@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 
 from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
-from weightsmith.grammar import Grammar, GrammarCompiler
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
+from weightsmith.grammar import Grammar, GrammarCompiler
 from weightsmith.models import CausalLM
 from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
