@@ -305,12 +305,17 @@ _logged_unknown: set[str] = set()
 _logged_lock = threading.Lock()
 
 
+#: Union branches pydantic names in an error's location (they are not fields).
+_BRANCHES = {"str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "int", "NamedToolChoice", "bool",
+             "dict[str,any]", "none"}  # fmt: skip
+
+
 def _param(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "int"):
+        elif part in _BRANCHES or str(part).startswith(("literal[", "function-")):
             break  # a union branch pydantic tried, not a field
         else:
             out += ("." if out else "") + str(part)
