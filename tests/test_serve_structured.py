@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_hf_dir
+
 from weightsmith.commands.serve import ServeConfig, start_server
 from weightsmith.config import config_from_dict
 from weightsmith.serve.structured import FALLBACK_PROMPT

@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_hf_dir, run_cli
 
 import weightsmith
 from weightsmith.grammar import GrammarError
 from weightsmith.sampling import SamplingParams
-
-from conftest import build_tiny_hf_dir, run_cli
 
 jsonschema = pytest.importorskip("jsonschema")
 
