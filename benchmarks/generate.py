@@ -17,6 +17,11 @@ WEIGHTSMITH_CPU_KERNELS=0 (PyTorch ops only). The int4 column to read against
 llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
 projections, 8-bit output matrix). The bf16 columns use PyTorch's packed kernels.
 
+"weightsmith, JSON schema" decodes the same way under a JSON schema's grammar (llguidance,
+weightsmith/grammar.py: a list of at least 100 person records, so the answer cannot end
+within the run): the per-token cost of structured output, read as the ratio to "weightsmith"
+(target: at most 15% slower).
+
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
 
@@ -52,10 +57,12 @@ def bench_ours(
     compile=False,
     head_bits: int | None = None,
     kernels: bool = True,
+    schema: dict | None = None,
 ):
     """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only, `head_bits`
     the LM head too; `compile` decodes through torch.compile (the warm-up run pays the
-    compile time); `kernels=False` turns the C decode kernels off (the PyTorch path)."""
+    compile time); `kernels=False` turns the C decode kernels off (the PyTorch path); `schema`
+    constrains the answer to that JSON schema."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.engine import Engine
     from weightsmith.generate import TokenGenerator
@@ -68,13 +75,14 @@ def bench_ours(
 
         quantize_model(model, bits, 32 if bits == 4 else None, head_bits=head_bits)
     engine = Engine(model, ckpt.tokenizer, compile=compile)  # lays a CPU model out, owns its C step
+    grammar = engine.json_schema(schema) if schema is not None else None
 
     def gen(n: int) -> None:
         os.environ["WEIGHTSMITH_CPU_KERNELS"] = "1" if kernels else "0"
         g = TokenGenerator(
             model,
             [prompt_ids],
-            [SamplingParams(max_tokens=n, temperature=0)],
+            [SamplingParams(max_tokens=n, temperature=0, grammar=grammar)],
             eos_token_ids=set(),
             compile=compile,
             decode=engine.decode_step(),
@@ -89,6 +97,25 @@ def bench_ours(
             model(torch.tensor([prefill_ids]), logits_at=torch.tensor([len(prefill_ids) - 1]))
 
     return gen, prefill
+
+
+#: A long structured answer: at least 100 records, so the grammar never lets it end within a run.
+PEOPLE_SCHEMA = {
+    "type": "array",
+    "minItems": 100,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 5},
+        },
+        "required": ["name", "age", "role", "tags"],
+        "additionalProperties": False,
+    },
+}
+SCHEMA_COLUMN = "weightsmith, JSON schema"
 
 
 def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
@@ -168,6 +195,9 @@ def main() -> None:
     ap.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
     ap.add_argument("--skip-quantized", action="store_true", help="skip weightsmith bf16/int8/int4 columns")
     ap.add_argument("--skip-compiled", action="store_true", help="skip the torch.compile (--compile) columns")
+    ap.add_argument(
+        "--skip-schema", action="store_true", help="skip the JSON-schema (structured output) column"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -188,6 +218,8 @@ def main() -> None:
         "weightsmith, no C": bench_ours(path, prompt_ids, prefill_ids, kernels=False),
         "transformers eager": bench_transformers(path, prompt_ids, prefill_ids, cache=None),
     }
+    if not args.skip_schema:
+        contenders[SCHEMA_COLUMN] = bench_ours(path, prompt_ids, prefill_ids, schema=PEOPLE_SCHEMA)
     if not args.skip_quantized:
         # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
         contenders[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
@@ -250,6 +282,7 @@ def main() -> None:
     for eager, comp in (
         ("weightsmith", "weightsmith compiled"),
         (INT4_BF16, INT4_COMPILED),
+        ("weightsmith", SCHEMA_COLUMN),
     ):
         if comp in results:
             ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
