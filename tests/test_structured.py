@@ -158,6 +158,16 @@ def test_cli_json_schema(long_tiny_dir, tmp_path, capsys) -> None:
     assert valid(json.loads(out)["text"], PERSON)
 
 
+def test_cli_chat_answers_follow_the_schema(long_tiny_dir, tmp_path, capsys, monkeypatch) -> None:
+    schema = tmp_path / "person.schema.json"
+    schema.write_text(json.dumps(PERSON))
+    argv = ["chat", str(long_tiny_dir), "--json-schema", str(schema), "--temperature", "0", "-n", "400"]
+    code, out, err = run_cli(argv, capsys, stdin="Hi\nAgain\n", monkeypatch=monkeypatch)
+    assert code == 0, err
+    answers = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(answers) == 2 and all(valid(a, PERSON) for a in answers), out
+
+
 def test_cli_bad_json_schema_file_is_one_line_before_loading(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "object",\n  "properties": }')

@@ -11,6 +11,9 @@ The engine owns how its model decodes: for a CPU model it prepares the CPU decod
 the one place the step is chosen (eager, compiled or C), refreshing the plan first so an
 adapter applied or merged since is seen.
 
+A row may follow a grammar (`SamplingParams.grammar`; `json_schema()` compiles one with the
+engine's `grammars`, grammar.py): its sampler masks the logits every step, whichever step runs.
+
 Not here: request scheduling across clients (the server adds that on top).
 """
 
@@ -93,7 +96,7 @@ class Engine:
         eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
         self.eos_token_ids = frozenset(eos)
         #: Compiles JSON schemas and tool-call grammars for this tokenizer (grammar.py).
-        self.grammars = GrammarCompiler(tokenizer.backend, self.eos_token_ids, model.config.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, self.eos_token_ids, model.config.vocab_size)
         #: The CPU decode layout and fused C step (None off the CPU or with `cpu_decode=False`);
         #: `cpu_plan.undo()` gives the model back as it was.
         self.cpu_plan: CpuDecodePlan | None = None

@@ -112,12 +112,13 @@ def allowed_mask(states: Sequence[GrammarState], vocab: int, device: torch.devic
 
 
 class GrammarCompiler:
-    """Compiles grammars for one tokenizer (a `tokenizers.Tokenizer`), whose end-of-sequence ids
-    end a grammar's output, for logits `vocab` wide. The engine's tokenizer table is built on
-    first use (~0.3 s for a 49k vocabulary) and shared by every grammar after."""
+    """Compiles grammars for one tokenizer (anything with a `backend`, a `tokenizers.Tokenizer`:
+    weightsmith.tokenizer.Tokenizer), whose end-of-sequence ids end a grammar's output, for logits
+    `vocab` wide. The engine's tokenizer table is built on first use (~0.3 s for a 49k
+    vocabulary) and shared by every grammar after."""
 
-    def __init__(self, backend: Any, eos_token_ids: Iterable[int], vocab: int) -> None:
-        self.backend = backend
+    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int], vocab: int) -> None:
+        self.source = tokenizer
         self.eos = sorted(eos_token_ids)
         self.vocab = vocab
         self._tokenizer: Any = None
@@ -129,9 +130,10 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 if not self.eos:
                     raise GrammarError("the model has no end-of-sequence token, so a grammar cannot end it")
-                n_vocab = max(self.vocab, self.backend.get_vocab_size(with_added_tokens=True))
+                backend = self.source.backend
+                n_vocab = max(self.vocab, backend.get_vocab_size(with_added_tokens=True))
                 self._tokenizer = _llguidance().LLTokenizer(
-                    self.backend.to_str(), n_vocab=n_vocab, eos_token=self.eos
+                    backend.to_str(), n_vocab=n_vocab, eos_token=self.eos
                 )
             return self._tokenizer
 
