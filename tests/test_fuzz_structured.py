@@ -29,7 +29,7 @@ jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.fuzz
 
 FUZZING = "WEIGHTSMITH_FUZZ_EXAMPLES" in os.environ
-SCHEMAS = min(int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES", "6")), 200)
+SCHEMAS = min(int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES", "3")), 200)
 FUZZ = settings(max_examples=SCHEMAS, deadline=None, derandomize=not FUZZING,
                 suppress_health_check=list(HealthCheck))  # fmt: skip
 

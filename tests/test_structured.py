@@ -57,17 +57,16 @@ def valid(text: str, schema: dict) -> bool:
 
 def test_unconstrained_tiny_model_does_not_write_json(llm) -> None:
     """The check below is not vacuous: without the grammar this model's answers are not JSON."""
-    for seed in range(4):
-        text = llm.complete("Hello", temperature=1.0, seed=seed, max_tokens=40).text
+    for seed in range(2):
+        text = llm.complete("Hello", temperature=1.0, seed=seed, max_tokens=30).text
         assert not valid(text, PERSON)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_constrained_answers_parse_and_validate(llm, temperature) -> None:
-    for seed in range(1 if temperature == 0 else 2):  # greedy answers do not depend on the seed
-        c = llm.complete("Hello", json_schema=PERSON, temperature=temperature, seed=seed, max_tokens=400)
-        assert c.finish_reason == "stop", c.text
-        assert valid(c.text, PERSON), c.text
+    c = llm.complete("Hello", json_schema=PERSON, temperature=temperature, seed=0, max_tokens=400)
+    assert c.finish_reason == "stop", c.text
+    assert valid(c.text, PERSON), c.text  # more schemas and seeds: test_fuzz_structured.py
 
 
 def test_rows_follow_their_own_grammar_and_free_rows_are_untouched(llm) -> None:
