@@ -17,6 +17,11 @@ WEIGHTSMITH_CPU_KERNELS=0 (PyTorch ops only). The int4 column to read against
 llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
 projections, 8-bit output matrix). The bf16 columns use PyTorch's packed kernels.
 
+"weightsmith, JSON schema" decodes the same way under a JSON schema's grammar (llguidance,
+weightsmith/grammar.py: a list of at least 100 person records, so the answer cannot end
+within the run): the per-token cost of structured output, read as the ratio to "weightsmith"
+(target: at most 15% slower).
+
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
 
@@ -53,10 +58,12 @@ def bench_ours(
     compile=False,
     head_bits: int | None = None,
     kernels: bool = True,
+    schema: dict | None = None,
 ):
     """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only, `head_bits`
     the LM head too; `compile` decodes through torch.compile (the warm-up run pays the
-    compile time); `kernels=False` turns the C decode kernels off (the PyTorch path)."""
+    compile time); `kernels=False` turns the C decode kernels off (the PyTorch path); `schema`
+    constrains the answer to that JSON schema."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.engine import Engine
     from weightsmith.generate import TokenGenerator
@@ -69,13 +76,14 @@ def bench_ours(
 
         quantize_model(model, bits, 32 if bits == 4 else None, head_bits=head_bits)
     engine = Engine(model, ckpt.tokenizer, compile=compile)  # lays a CPU model out, owns its C step
+    grammar = engine.json_schema(schema) if schema is not None else None
 
     def gen(n: int) -> None:
         os.environ["WEIGHTSMITH_CPU_KERNELS"] = "1" if kernels else "0"
         g = TokenGenerator(
             model,
             [prompt_ids],
-            [SamplingParams(max_tokens=n, temperature=0)],
+            [SamplingParams(max_tokens=n, temperature=0, grammar=grammar)],
             eos_token_ids=set(),
             compile=compile,
             decode=engine.decode_step(),
@@ -90,6 +98,25 @@ def bench_ours(
             model(torch.tensor([prefill_ids]), logits_at=torch.tensor([len(prefill_ids) - 1]))
 
     return gen, prefill
+
+
+#: A long structured answer: at least 100 records, so the grammar never lets it end within a run.
+PEOPLE_SCHEMA = {
+    "type": "array",
+    "minItems": 100,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 5},
+        },
+        "required": ["name", "age", "role", "tags"],
+        "additionalProperties": False,
+    },
+}
+SCHEMA_COLUMN = "weightsmith, JSON schema"
 
 
 def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
@@ -279,7 +306,11 @@ def print_ratios(results: dict) -> None:
         for name, r in results.items():
             if mine and (name == peer or (peer.startswith("llama.cpp") and name.startswith(peer))):
                 print(f"ratio {key} / {name}: decode {mine['decode_tok_s'] / r['decode_tok_s']:.2f}x")
-    for eager, comp in (("weightsmith", "weightsmith compiled"), (INT4_BF16, INT4_COMPILED)):
+    for eager, comp in (
+        ("weightsmith", "weightsmith compiled"),
+        (INT4_BF16, INT4_COMPILED),
+        ("weightsmith", SCHEMA_COLUMN),
+    ):
         if comp in results:
             ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
             print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
@@ -292,6 +323,8 @@ def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
     }
     if not args.skip_extra:
         c["weightsmith, no C"] = bench_ours(path, prompt_ids, prefill_ids, kernels=False)
+    if not args.skip_schema:
+        c[SCHEMA_COLUMN] = bench_ours(path, prompt_ids, prefill_ids, schema=PEOPLE_SCHEMA)
     if not args.skip_quantized:
         # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
         c[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
@@ -329,6 +362,9 @@ def main() -> None:
         "--llama-cpp-one-token-batches", action="store_true",
         help="feed llama.cpp prompts one token at a time (works around its multi-token crash on AMX CPUs)",
     )  # fmt: skip
+    ap.add_argument(
+        "--skip-schema", action="store_true", help="skip the JSON-schema (structured output) column"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

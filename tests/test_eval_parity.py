@@ -136,7 +136,9 @@ def task_dir(tmp_path_factory, tiny_hf_dir):
     return d
 
 
-def _lm_eval_results(task_dir, monkeypatch, model, model_args):
+def _lm_eval_results(
+    task_dir, monkeypatch, model, model_args, tasks=("tiny_mc", "tiny_gen", "tiny_ppl", "tiny_ll")
+):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -145,7 +147,7 @@ def _lm_eval_results(task_dir, monkeypatch, model, model_args):
     out = simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=["tiny_mc", "tiny_gen", "tiny_ppl", "tiny_ll"],
+        tasks=list(tasks),
         task_manager=tm,
         batch_size=1,
         device="cpu",
@@ -203,6 +205,39 @@ def test_lm_eval_plugin_gives_the_same_numbers(task_dir, tiny_hf_dir, ours, monk
 
     expected = _lm_eval_results(task_dir, monkeypatch, "weightsmith", f"model={tiny_hf_dir},dtype=float32")
     _assert_same(expected, ours[0])
+
+
+def test_lm_eval_remote_tokenizer_scores_a_server_like_weightsmith_eval(
+    task_dir, tiny_hf_dir, ours, monkeypatch, tmp_path
+):
+    """lm-eval's `local-completions` with `tokenizer_backend=remote` (it tokenizes through the
+    server's /tokenizer_info, /tokenize and /detokenize, as with vLLM) against a live server of the
+    same model gives `weightsmith eval`'s numbers. lm-eval's API models cut rolling windows of
+    max_length - 1 tokens, and each scoring request generates one token after the echoed prompt,
+    which a server (vLLM too) refuses when the prompt fills its context: so the served copy
+    declares twice the context (same weights; RoPE does not depend on it) and lm-eval's windows
+    are the in-process run's 256 tokens."""
+    import shutil
+
+    from weightsmith.commands.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_hf_dir, served)
+    config = json.loads((served / "config.json").read_text())
+    window = config["max_position_embeddings"]
+    (served / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2 * window}))
+    running = start_server(
+        config_from_dict(ServeConfig, {"model": str(served), "served_name": "tiny", "port": 0})
+    )
+    try:
+        args = (f"base_url={running.url}/v1/completions,model=tiny,tokenizer_backend=remote,"
+                f"tokenized_requests=True,max_length={window + 1},max_retries=1")  # fmt: skip
+        expected = _lm_eval_results(task_dir, monkeypatch, "local-completions", args)
+    finally:
+        running.stop()
+    _assert_same(expected, ours[0])
+    assert set(expected) == {"tiny_mc", "tiny_gen", "tiny_ppl", "tiny_ll"}
 
 
 def test_weightsmith_lm_eval_command_runs_lm_eval_cli(task_dir, tiny_hf_dir, monkeypatch, tmp_path):

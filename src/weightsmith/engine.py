@@ -11,6 +11,9 @@ The engine owns how its model decodes: for a CPU model it prepares the CPU decod
 the one place the step is chosen (eager, compiled or C), refreshing the plan first so an
 adapter applied or merged since is seen.
 
+A row may follow a grammar (`SamplingParams.grammar`; `json_schema()` compiles one with the
+engine's `grammars`, grammar.py): its sampler masks the logits every step, whichever step runs.
+
 Not here: request scheduling across clients (the server adds that on top).
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
+from weightsmith.grammar import Grammar, GrammarCompiler
 from weightsmith.models import CausalLM
 from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
@@ -91,6 +95,8 @@ class Engine:
         cfg_eos = model.config.eos_token_id
         eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
         self.eos_token_ids = frozenset(eos)
+        #: Compiles JSON schemas and tool-call grammars for this tokenizer (grammar.py).
+        self.grammars = GrammarCompiler(tokenizer, self.eos_token_ids, model.config.vocab_size)
         #: The CPU decode layout and fused C step (None off the CPU or with `cpu_decode=False`);
         #: `cpu_plan.undo()` gives the model back as it was.
         self.cpu_plan: CpuDecodePlan | None = None
@@ -107,6 +113,11 @@ class Engine:
         if self.compile:
             step = compiled_step(self.model, step)
         return step
+
+    def json_schema(self, schema: object) -> Grammar:
+        """The grammar of JSON documents valid against `schema` (a dict, or its JSON text), for
+        `SamplingParams(grammar=...)`; GrammarError when the schema cannot be used."""
+        return self.grammars.json_schema(schema)
 
     @property
     def context_length(self) -> int:

@@ -52,7 +52,11 @@ class LLM:
         return self.checkpoint.config
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
-        """Defaults < the checkpoint's generation_config.json < `overrides` (None = unset)."""
+        """Defaults < the checkpoint's generation_config.json < `overrides` (None = unset).
+        `json_schema` (a dict or its JSON text) constrains the output to JSON valid against it."""
+        schema = overrides.pop("json_schema", None)
+        if schema is not None:
+            overrides["grammar"] = self.engine.json_schema(schema)
         values: dict[str, Any] = {}
         gen = self.checkpoint.generation_config
         if gen.get("do_sample", True):
@@ -65,7 +69,9 @@ class LLM:
         return SamplingParams(**values)
 
     def complete(self, prompt: str | list[int], **params: Any) -> Completion:
-        """Complete one prompt and return text with usage and timings."""
+        """Complete one prompt and return text with usage and timings. `params` are
+        SamplingParams fields, and `json_schema=` for an answer that is JSON valid against it
+        (as for `generate` and `chat`)."""
         return self.engine.generate([prompt], self.sampling_params(**params))[0]
 
     def generate(

@@ -3,7 +3,11 @@
 Greedy decoding, temperature, top-k, top-p (nucleus), min-p and the repetition
 penalty of Keskar et al. 2019 (CTRL), each with the semantics transformers uses so
 results are comparable; and OpenAI's presence and frequency penalties, which subtract
-from the logits of tokens this sequence has generated (its prompt does not count). Each
+from the logits of tokens this sequence has generated (its prompt does not count), and
+OpenAI's `logit_bias` (added to the named tokens' logits; -100 bans, 100 all but forces). A
+row with a `grammar` (grammar.py: a JSON schema, a tool call) may pick only the tokens its
+grammar allows next: the others' logits become -inf after the penalties and the bias, before
+any filter, and the grammar consumes the picked token. Each
 row samples with its own seeded generator, so a sequence gets the same tokens whether it
 runs alone or in a batch. `sample_batch` picks every row's token of a decode step in one
 pass over the (B, V) logits, with one device sync (on a GPU, one sync a step rather than
@@ -20,6 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from weightsmith.errors import GenerationError
+from weightsmith.grammar import Grammar, allowed_mask
+
+#: OpenAI's range for a logit bias.
+MAX_LOGIT_BIAS = 100.0
 
 #: Temperatures below this decode greedily.
 GREEDY_BELOW = 1e-5
@@ -41,6 +49,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    #: token id -> a value in [-100, 100] added to its logit (OpenAI's `logit_bias`)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    #: the grammar the output must follow (grammar.py), or None
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +72,15 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and token >= 0):
+                raise GenerationError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise GenerationError(f"logit_bias for token {token} must be in [-100, 100], got {bias!r}")
+        if self.grammar is not None and self.ignore_eos:
+            raise GenerationError(
+                "ignore_eos cannot be combined with a grammar, which ends with the end token"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +110,21 @@ class Sampler:
         self.counts: torch.Tensor | None = None
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        #: (token ids, biases) for `logit_bias`
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= vocab_size]
+            if bad:
+                raise GenerationError(
+                    f"logit_bias names token {bad[0]}, outside the vocabulary [0, {vocab_size})"
+                )
+            ids = torch.tensor(list(params.logit_bias), device=device)
+            self.bias = (
+                ids,
+                torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device),
+            )
+        #: where this row is in its grammar (None: unconstrained)
+        self.grammar = params.grammar.state() if params.grammar is not None else None
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (V,) for one row -> the chosen token id."""
@@ -103,7 +139,9 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]
     device = x.device
     rep = [i for i, s in enumerate(samplers) if s.seen is not None]
     counted = [i for i, s in enumerate(samplers) if s.counts is not None]
-    if rep or counted:
+    biased = [i for i, s in enumerate(samplers) if s.bias is not None]
+    constrained = [i for i, s in enumerate(samplers) if s.grammar is not None]
+    if rep or counted or biased or constrained:
         x = x.clone() if x is logits else x  # the caller's logits stay raw (logprobs read them)
     if rep:
         idx = torch.tensor(rep, device=device)
@@ -116,6 +154,13 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]
         presence = _column([samplers[i].params.presence_penalty for i in counted], device)
         frequency = _column([samplers[i].params.frequency_penalty for i in counted], device)
         x[idx] = apply_presence_frequency_penalty(x[idx], counts, presence, frequency)
+    for i in biased:
+        ids, values = samplers[i].bias  # type: ignore[misc]
+        x[i].index_add_(0, ids, values)
+    if constrained:
+        idx = torch.tensor(constrained, device=device)
+        allowed = allowed_mask([samplers[i].grammar for i in constrained], x.shape[1], device)  # type: ignore[misc]
+        x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     tokens = x.argmax(-1)  # (B,): the greedy rows' picks; sampling rows are overwritten below
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if drawn:
@@ -136,6 +181,8 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]
         samplers[i].seen[out[i]] = True  # type: ignore[index]
     for i in counted:
         samplers[i].counts[out[i]] += 1  # type: ignore[index]
+    for i in constrained:
+        samplers[i].grammar.consume(out[i])  # type: ignore[union-attr]
     return out
 
 

@@ -17,6 +17,7 @@ the spinner itself (`weightsmith.cli.loading`).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ class SamplingOptions:
     repetition_penalty: float | None = opt(None, "penalise tokens already seen (1 = off)")
     seed: int | None = opt(None, "random seed for reproducible sampling")
     stop: list[str] = opt(default_factory=list, help="stop when this text appears (repeatable)", split=False)
+    json_schema: str | None = opt(None, "JSON schema file: the answer is JSON valid against it")
 
     def sampling(self) -> dict[str, Any]:
         return {
@@ -113,7 +115,23 @@ class SamplingOptions:
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
             "stop": list(self.stop),
+            "json_schema": read_json_schema(self.json_schema) if self.json_schema else None,
         }
+
+
+def read_json_schema(path: str) -> Any:
+    """The JSON schema in the file `path`; UsageError naming the file (and line) when it cannot
+    be read or parsed. Whether the schema is usable is the grammar compiler's check."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--json-schema {path}: cannot read it ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"--json-schema {path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); fix the file"
+        ) from None
 
 
 def model_label(model: str, adapter: str | None) -> str:

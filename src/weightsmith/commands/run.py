@@ -60,10 +60,11 @@ def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
     if cfg.prompt is None:
         raise UsageError("no prompt: pass --prompt TEXT or pipe text on standard input")
     prompt, on_text, status = cfg.prompt, progress, load_status(progress)
+    sampling = cfg.sampling()  # reads --json-schema: a bad file is refused before the model loads
     guard = _load_guard(cfg, status)
     llm = cfg.load(status)
     llm.engine.compile = cfg.compile
-    params = llm.sampling_params(**cfg.sampling())
+    params = llm.sampling_params(**sampling)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -150,6 +151,8 @@ def _run_speculative(
 
     if params.temperature != 0:
         raise UsageError("speculative decoding is greedy-only here; pass --temperature 0")
+    if params.grammar is not None:
+        raise UsageError("--json-schema is not supported with --draft; drop one of them")
     if params.stop:
         raise UsageError("--stop is not supported with --draft; drop one of them")
     if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
@@ -255,9 +258,11 @@ def open_chat(cfg: ChatConfig, progress: Any = None) -> ChatSession:
     """Load the policy (checked first) and the model; a session ready for its first turn.
     `progress.loading(model)`, if it has one, wraps each model load."""
     status = load_status(progress)
+    sampling = cfg.sampling()  # reads --json-schema: a bad file is refused before the model loads
     guard = _load_guard(cfg, status)
     llm = cfg.load(status)
     llm.engine.compile = cfg.compile
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
-    return ChatSession(llm, cfg.sampling(), cfg.system, guard=guard)
+    llm.sampling_params(**sampling)  # an unusable schema is refused before the first turn
+    return ChatSession(llm, sampling, cfg.system, guard=guard)

@@ -48,16 +48,7 @@ from weightsmith.serve.jobs import (
 from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.metrics import ServerMetrics
 from weightsmith.serve.openapi import openapi_document
-from weightsmith.serve.prepare import (
-    chat_ids,
-    check_chars,
-    check_n,
-    completion_ids,
-    message_dict,
-    off_loop,
-    prompt_param,
-    render,
-)
+from weightsmith.serve.prepare import chat_ids, check_chars, check_n, completion_ids, off_loop, prompt_param
 from weightsmith.serve.prompt_logprobs import score_prompt
 from weightsmith.serve.responses import ResponseBuilder
 from weightsmith.serve.scheduler import QueueFull, Scheduler
@@ -70,6 +61,8 @@ from weightsmith.serve.schemas import (
     parse,
 )
 from weightsmith.serve.steering import request_steering
+from weightsmith.serve.structured import chat_messages, message_chars, plan_request
+from weightsmith.serve.token_routes import add_token_routes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -229,7 +222,7 @@ def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: 
     add_error_handlers(app)
     _add_info_routes(app, state)
     _add_generation_routes(app, state)
-    _add_token_routes(app, state)
+    add_token_routes(app, state, _accept)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
@@ -326,15 +319,19 @@ async def _chat_completions(state: ServerState, http: Request) -> Response:
     steer = state.steering(req.steer)
     logprobs = req.logprobs_k()
     check_n(req.n, scheduler.max_batch)
-    messages = [message_dict(m) for m in req.messages]
-    check_chars(sum(len(m["content"]) for m in messages), state.settings.max_prompt_chars, "messages")
     guard = state.guard
-    ids, refusal = await off_loop(chat_ids, loaded.llm, guard, messages, state.template_limits)
+    if guard is not None and req.tools and req.tool_choice != "none":
+        raise ApiError(400, "tool calls are not served behind a guard policy", param="tools")
+    plan = await off_loop(plan_request, loaded.llm, req)  # compiles schemas: 400 naming a bad one
+    messages = chat_messages(req.messages, plan)
+    check_chars(message_chars(messages, plan), state.settings.max_prompt_chars, "messages")
+    ids, refusal = await off_loop(chat_ids, loaded.llm, guard, messages, state.template_limits, plan.tools)
     budget = token_budget(len(ids), req.limit(), scheduler.max_len, "messages", _limit_name(req))
-    params = sampling_params(loaded.llm, req, budget)
+    params = sampling_params(loaded.llm, req, budget, plan.grammar)
     job: Any = None
     if refusal is None:
         job = Job([ids] * req.n, choice_params(params, req.n), adapter, logprobs, steer)
+        job.tools = plan.output(loaded.llm.tokenizer, req.n)
         job.submit(scheduler, RETRY_AFTER)
     if guard is not None and (refusal is not None or guard.has_output_rails):
         job = GuardedJob(job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal))
@@ -357,6 +354,7 @@ async def _completions(state: ServerState, http: Request) -> Response:
     if guard is not None and (req.scores_prompt or req.max_tokens == 0):
         raise ApiError(400, "scoring a prompt (echo with logprobs or max_tokens 0) is not served behind a "
                        "guard policy", param="echo")  # fmt: skip
+    grammar = (await off_loop(plan_request, loaded.llm, req)).grammar  # response_format (an extension here)
     ids, refusals = await off_loop(completion_ids, loaded.llm, guard, prompts, req.n)
     all_ids, all_params = [], []
     for i, p in enumerate(ids):
@@ -365,7 +363,7 @@ async def _completions(state: ServerState, http: Request) -> Response:
         budget = token_budget(
             len(p), req.max_tokens, scheduler.max_len, prompt_param(i, len(ids)), "max_tokens"
         )
-        params = sampling_params(loaded.llm, req, budget)
+        params = sampling_params(loaded.llm, req, budget, grammar)
         if i * req.n not in refusals:
             all_ids += [p] * req.n
             all_params += choice_params(params, req.n)
@@ -411,39 +409,6 @@ async def score_prompts(
             raise ApiError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", type="server_error",
                            code="generation_failed") from None  # fmt: skip
     return out
-
-
-def _add_token_routes(app: FastAPI, state: ServerState) -> None:
-    """/tokenize and /detokenize."""
-
-    @app.post("/tokenize")
-    async def tokenize(http: Request) -> JSONResponse:
-        loaded, scheduler, req = await _accept(state, http, TokenizeRequest)
-        tok = loaded.llm.tokenizer
-        if (req.prompt is None) == (req.messages is None):
-            raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        limit = state.settings.max_prompt_chars
-        if req.prompt is not None:
-            check_chars(len(req.prompt), limit, "prompt")
-            prompt, special = req.prompt, req.add_special_tokens
-            tokens = await off_loop(lambda: tok.encode(prompt, add_special_tokens=special))
-        else:
-            messages = [message_dict(m) for m in req.messages or []]
-            check_chars(sum(len(m["content"]) for m in messages), limit, "messages")
-            tokens = await off_loop(render, loaded.llm, messages, state.template_limits,
-                                    req.add_generation_prompt)  # fmt: skip
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": scheduler.max_len})
-
-    @app.post("/detokenize")
-    async def detokenize(http: Request) -> JSONResponse:
-        loaded, _, req = await _accept(state, http, DetokenizeRequest)
-        vocab = loaded.llm.model.config.vocab_size
-        for i, t in enumerate(req.tokens):
-            if not 0 <= t < vocab:
-                raise ApiError(
-                    400, f"token id {t} is outside the vocabulary [0, {vocab})", param=f"tokens[{i}]"
-                )
-        return JSONResponse({"prompt": await off_loop(loaded.llm.tokenizer.decode, req.tokens)})
 
 
 async def _accept(state: ServerState, http: Request, schema: type[T]) -> tuple[Loaded, Scheduler, T]:

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.grammar import Grammar
 from weightsmith.llm import LLM
 from weightsmith.sampling import SamplingParams
 from weightsmith.serve.gate import ClientGone
@@ -26,6 +27,7 @@ from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder,
 from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent, TokenLogprob
 from weightsmith.serve.scheduler import Request as GenRequest
 from weightsmith.serve.schemas import ApiError, SamplingFields
+from weightsmith.serve.structured import ToolOutput
 from weightsmith.tokenizer import Tokenizer
 
 
@@ -58,7 +60,14 @@ def token_budget(prompt_len: int, limit: int | None, n_ctx: int, prompt_param: s
     return limit
 
 
-def sampling_params(llm: LLM, req: SamplingFields, max_tokens: int) -> SamplingParams:
+def sampling_params(
+    llm: LLM, req: SamplingFields, max_tokens: int, grammar: Grammar | None = None
+) -> SamplingParams:
+    """The request's sampling settings (`grammar`: from its response_format or tool_choice)."""
+    bias = req.token_bias(llm.model.config.vocab_size)
+    if grammar is not None and req.ignore_eos:
+        raise ApiError(400, "ignore_eos cannot be combined with response_format or a forced tool call",
+                       param="ignore_eos")  # fmt: skip
     try:
         return llm.sampling_params(
             max_tokens=max_tokens,
@@ -72,6 +81,8 @@ def sampling_params(llm: LLM, req: SamplingFields, max_tokens: int) -> SamplingP
             seed=req.seed,
             stop=req.stops(),
             ignore_eos=req.ignore_eos,
+            logit_bias=bias,
+            grammar=grammar,
         )
     except WeightsmithError as e:
         raise ApiError(400, str(e)) from None
@@ -111,6 +122,19 @@ class Job:
 
         self.request = GenRequest(prompts, params, emit=emit, adapter=adapter, logprobs=logprobs, steer=steer)
         self.prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts})
+        #: reads the answers for tool calls (serve/structured.py), when the request offers tools
+        self.tools: ToolOutput | None = None
+
+    def _add(self, result: ChoiceResult, ev: SequenceEvent) -> None:
+        """Add an event to its choice; with tools, only the text that is content, and at the end
+        the calls the answer made."""
+        if self.tools is None:
+            result.add(ev)
+            return
+        result.add(replace(ev, text=self.tools.feed(ev.index, ev.text, ev.tokens)))
+        if ev.finish_reason is not None:
+            rest, result.tool_calls, result.finish_reason = self.tools.finish(ev.index, ev.finish_reason)
+            result.text += rest
 
     def submit(self, scheduler: Scheduler, retry_after: int) -> None:
         try:
@@ -139,7 +163,7 @@ class Job:
                 ev = event.result()
                 if ev.error:
                     raise ApiError(500, ev.error, type="server_error", code="generation_failed")
-                results[ev.index].add(ev)
+                self._add(results[ev.index], ev)
                 remaining -= ev.finish_reason is not None
         finally:
             gone.cancel()
@@ -160,12 +184,11 @@ class Job:
                     body = ApiError(500, ev.error, type="server_error", code="generation_failed").body()
                     yield sse(body)
                     break
-                if ev.text or ev.logprobs:
-                    yield sse(builder.text_chunk(ev.index, ev.text, ev.logprobs))
+                for chunk in self._chunks(builder, ev):
+                    yield sse(chunk)
                 if ev.finish_reason is not None:
                     done += 1
                     completion_tokens += ev.completion_tokens
-                    yield sse(builder.finish_chunk(ev.index, ev.finish_reason))
             else:
                 if include_usage:
                     yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
@@ -173,6 +196,22 @@ class Job:
         finally:
             if done < n:
                 self.request.cancel()  # the client went away (or the stream failed)
+
+    def _chunks(self, builder: ResponseBuilder, ev: SequenceEvent) -> list[dict[str, Any]]:
+        """The stream chunks of one event: its text (with tools: what is certainly content), and
+        at the end the tool calls and the finish chunk."""
+        text, reason, calls = ev.text, ev.finish_reason, []
+        if self.tools is not None:
+            text = self.tools.feed(ev.index, ev.text, ev.tokens)
+            if reason is not None:
+                rest, calls, reason = self.tools.finish(ev.index, reason)
+                text += rest
+        out = [builder.text_chunk(ev.index, text, ev.logprobs)] if text or ev.logprobs else []
+        if calls:
+            out += builder.tool_call_chunks(ev.index, calls)
+        if reason is not None:
+            out.append(builder.finish_chunk(ev.index, reason))
+        return out
 
 
 async def respond(

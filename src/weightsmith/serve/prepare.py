@@ -48,26 +48,26 @@ def check_n(choices: int, max_batch: int, batch: int = 1) -> None:
         raise ApiError(400, f"{what} = {choices} is more than this server's batch of {max_batch}", param="n")
 
 
-def message_dict(m) -> dict[str, str]:
-    # OpenAI's "developer" role is the newer name for "system"; chat templates know "system".
-    return {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-
-
 def render(
-    llm: LLM, messages: list[dict[str, str]], limits: TemplateLimits, add_generation_prompt: bool = True
+    llm: LLM,
+    messages: list[dict[str, Any]],
+    limits: TemplateLimits,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The prompt ids of `messages` through the checkpoint's chat template; 400 when it refuses."""
+    """The prompt ids of `messages` (and `tools`, the template's `tools` variable) through the
+    checkpoint's chat template; 400 when it refuses."""
     if not llm.tokenizer.chat_template:
         raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:
         return list(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=True, limits=limits))  # fmt: skip
+                                                      tokenize=True, limits=limits, tools=tools))  # fmt: skip
     except WeightsmithError as e:
         raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
 
 
 def chat_ids(
-    llm: LLM, guard: Any, messages: list[dict[str, str]], limits: TemplateLimits
+    llm: LLM, guard: Any, messages: list[dict[str, Any]], limits: TemplateLimits, tools: list | None = None
 ) -> tuple[list[int], str | None]:
     """The prompt ids of a chat request after its input rails, and the refusal when a rail
     blocked it (None otherwise)."""
@@ -75,7 +75,7 @@ def chat_ids(
     if guard is not None:
         verdict, messages = guard.guard_messages(messages)
         refusal = verdict.refusal or "" if verdict.blocked else None
-    return render(llm, messages, limits), refusal
+    return render(llm, messages, limits, tools=tools), refusal
 
 
 def completion_ids(

@@ -34,6 +34,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's, when the answer called tools
 
     def add(self, ev: SequenceEvent) -> None:
         self.text += ev.text
@@ -141,7 +142,9 @@ class ResponseBuilder:
         for i, r in enumerate(results):
             lp = self.logprobs(r.logprobs, i) if with_logprobs else None
             if self.chat:
-                message = {"role": "assistant", "content": r.text}
+                message: dict[str, Any] = {"role": "assistant", "content": r.text}
+                if r.tool_calls:
+                    message = {"role": "assistant", "content": r.text or None, "tool_calls": r.tool_calls}
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
                 )
@@ -178,6 +181,19 @@ class ResponseBuilder:
                 {"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
             )
         return self.chunk({"index": index, "text": text, "logprobs": lp, "finish_reason": None})
+
+    def tool_call_chunks(self, index: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A call as OpenAI streams it: its id, type and name with empty arguments, then the
+        arguments (clients concatenate `arguments` fragments by the call's `index`)."""
+        out = []
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+            args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+            for part in (head, args):
+                out.append(self.chunk({"index": index, "delta": {"tool_calls": [part]}, "logprobs": None,
+                                       "finish_reason": None}))  # fmt: skip
+        return out
 
     def finish_chunk(self, index: int, reason: str) -> dict[str, Any]:
         if self.chat:

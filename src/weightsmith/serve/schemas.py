@@ -1,9 +1,12 @@
 """Request bodies of the OpenAI-compatible API, and the error every bad one becomes.
 
 Bodies are validated strictly (a string where a number belongs is an error, not
-coerced) by pydantic before any work starts. Fields this server does not know are
-accepted and logged, as OpenAI clients send new fields before servers learn them;
-fields it knows but cannot honour (`suffix`, non-text content parts) are refused.
+coerced) by pydantic before any work starts. No field that changes the answer is silently
+ignored: each is implemented, or refused with a 400 naming it (`REFUSED`: OpenAI's audio,
+predicted outputs, web search, the deprecated `functions`; vLLM's sampling extensions we do not
+have), unless it holds the value that changes nothing. Fields that never change the answer
+(`user`, `metadata`, `store`, ...) are accepted. Fields this server does not know at all are
+accepted and logged once per name, as OpenAI clients send new fields before servers learn them.
 Every failure becomes an `ApiError`: an HTTP status and OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}`.
 
@@ -13,6 +16,7 @@ Not here: what the server does with a valid request (app.py).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Literal
 
 import pydantic
@@ -69,15 +73,65 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Strict):
+    """A tool call the assistant made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant turn that calls tools
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Strict):
@@ -98,7 +152,15 @@ class SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    # Accepted, and they change nothing in the answer.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # Extensions (vLLM and llama.cpp spell them the same way).
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, lt=1)
@@ -120,12 +182,28 @@ class SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
+    def token_bias(self, vocab: int) -> dict[int, float]:
+        """`logit_bias` with integer keys; 400 naming it for a key that is not a token id."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab})",
+                               param="logit_bias", code="invalid_value")  # fmt: skip
+            if not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias for token {key} is {bias}; biases must be in [-100, 100]",
+                               param="logit_bias", code="invalid_value")  # fmt: skip
+            out[int(key)] = float(bias)
+        return out
+
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def limit(self) -> int | None:
         if self.max_tokens == 0 and self.max_completion_tokens is None:
@@ -178,6 +256,8 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list[ToolDef] | None = None
+    return_token_strs: bool = False
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -192,7 +272,45 @@ _EXPECTED = {
     "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
     "stop": "a string or a list of strings",
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "tool_choice": "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
 }
+
+#: Fields that would change the answer but are not implemented here, with the value (if any)
+#: that changes nothing; any other value is refused with a 400 naming the field.
+REFUSED: dict[str, tuple[Any, str]] = {
+    "audio": (None, "audio output is not supported"),
+    "modalities": (["text"], "only text output is supported"),
+    "prediction": (None, "predicted outputs are not supported"),
+    "web_search_options": (None, "web search is not supported"),
+    "functions": (None, "the deprecated 'functions' is not supported; send 'tools'"),
+    "function_call": (None, "the deprecated 'function_call' is not supported; send 'tool_choice'"),
+    "reasoning_effort": (None, "reasoning_effort is not supported"),
+    "verbosity": (None, "verbosity is not supported"),
+    "guided_json": (None, "guided_json is not supported; send response_format json_schema"),
+    "guided_regex": (None, "guided_regex is not supported"),
+    "guided_choice": (None, "guided_choice is not supported; send response_format json_schema with an enum"),
+    "guided_grammar": (None, "guided_grammar is not supported"),
+    "structured_outputs": (None, "structured_outputs is not supported; send response_format"),
+    "min_tokens": (0, "min_tokens is not supported"),
+    "bad_words": (None, "bad_words is not supported; send logit_bias -100 for their tokens"),
+    "allowed_token_ids": (None, "allowed_token_ids is not supported; send logit_bias"),
+    "use_beam_search": (False, "beam search is not supported"),
+    "length_penalty": (1.0, "length_penalty is not supported"),
+    "include_stop_str_in_output": (False, "include_stop_str_in_output is not supported"),
+    "skip_special_tokens": (True, "skip_special_tokens false is not supported"),
+    "chat_template": (None, "a request's own chat_template is not supported (the checkpoint's is used)"),
+    "chat_template_kwargs": (None, "chat_template_kwargs is not supported"),
+    "continue_final_message": (False, "continue_final_message is not supported"),
+    "prompt_logprobs": (None, "prompt_logprobs is not supported; use /v1/completions with echo and logprobs"),
+}
+
+_logged_unknown: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+#: Union branches pydantic names in an error's location (they are not fields).
+_BRANCHES = {"str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "int", "NamedToolChoice", "bool",
+             "dict[str,any]", "none"}  # fmt: skip
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -200,7 +318,7 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "int"):
+        elif part in _BRANCHES or str(part).startswith(("literal[", "function-")):
             break  # a union branch pydantic tried, not a field
         else:
             out += ("." if out else "") + str(part)
@@ -215,8 +333,25 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         raise _to_api_error(e) from None
     extra = getattr(obj, "model_extra", None)
     if extra:
-        log.info("ignoring unknown request fields: %s", ", ".join(sorted(extra)))
+        _refuse_or_log(extra)
     return obj
+
+
+def _refuse_or_log(extra: dict[str, Any]) -> None:
+    """400 for a field in REFUSED with a value that would change the answer; log each truly
+    unknown field name once (per server process)."""
+    for name, value in extra.items():
+        if name in REFUSED:
+            harmless, why = REFUSED[name]
+            if value is not None and value != harmless:
+                raise ApiError(
+                    400, f"{why} (got {name}={value!r:.60})", param=name, code="unsupported_parameter"
+                )
+    with _logged_lock:
+        new = sorted(n for n in extra if n not in REFUSED and n not in _logged_unknown)
+        _logged_unknown.update(new)
+    if new:
+        log.info("ignoring unknown request fields (logged once each): %s", ", ".join(new))
 
 
 def _to_api_error(e: pydantic.ValidationError) -> ApiError:
