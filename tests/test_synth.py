@@ -179,13 +179,23 @@ def test_killed_twice_with_sigkill_the_run_ends_as_an_uninterrupted_one(tiny, se
 
     args = [*RESUME_ARGS, "--seed", str(seeds)]
     killed = tmp_path / "killed"
-    argv = [sys.executable, "-m", "weightsmith", *args, *_common(tiny, killed)]
+    # Every generation call takes at least 0.5 s in the child, so a kill 0.1 s after a step is
+    # committed lands inside the next step however fast the machine is.
+    slowed = (
+        "import sys, time\n"
+        "from weightsmith.synth.generation import LocalGenerator as G\n"
+        "f = G.complete\n"
+        "G.complete = lambda self, *a, **k: (time.sleep(0.5), f(self, *a, **k))[1]\n"
+        "from weightsmith.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [sys.executable, "-c", slowed, *args, *_common(tiny, killed)]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     for step in (1, 3):
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for_step(proc, killed / "work" / "state.json", step)
-            time.sleep(0.3)  # into the next step
+            time.sleep(0.1)  # into the next step
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

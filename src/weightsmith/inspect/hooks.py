@@ -160,7 +160,8 @@ class HookedAttention(_Hooked):
             k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len, a.start)  # (B, Hkv, S, D)
         group = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, H, T, S)
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
         visible = _visible(a.masks[self.layer_type], a.is_causal, t, k.shape[2], x.device)
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -218,6 +219,11 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
         (RMSNorm, HookedNorm),
     )
     for i, layer in enumerate(model.model.layers):
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's norms around each output
+            raise InspectError(
+                f"hook points are not available for {model.config.model_type} models yet (their "
+                "blocks norm the attention and MLP outputs); trace a Llama, Mistral, Qwen or Phi-3 model"
+            )
         parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1."),
                  (layer.post_attention_layernorm, "ln2.")]  # fmt: skip
         if hasattr(layer, "mlp"):
