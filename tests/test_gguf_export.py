@@ -378,3 +378,19 @@ def test_mistral_sliding_window_caps_the_context(tmp_path: Path, caplog) -> None
     back = load(tmp_path / "mistral.gguf")
     assert back.config.max_position_embeddings == 64
     torch.testing.assert_close(logits(back), logits(src), atol=1e-5, rtol=0)
+
+
+def test_export_of_a_weightsmith_quantized_model_dequantizes_its_layers(
+    tmp_path: Path, sources: dict[str, Path], monkeypatch
+) -> None:
+    """An int8 folder from `weightsmith quantize` exports every projection (they were dropped
+    once, leaving a GGUF that would not load), with the dequantized weights: the same logits
+    as the int8 layers on the exact float path (the C kernels also round activations)."""
+    monkeypatch.setenv("WEIGHTSMITH_CPU_KERNELS", "0")
+    q8 = tmp_path / "q8"
+    assert main(["quantize", str(sources["llama"]), "--to", "int8", "--out", str(q8)]) == 0
+    src = load(q8)
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    names = {t.name for t in open_gguf(tmp_path / "m.gguf").tensors}
+    assert {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    torch.testing.assert_close(logits(load(tmp_path / "m.gguf")), logits(src), atol=1e-4, rtol=0)
