@@ -40,6 +40,7 @@ from weightsmith.checkpoint.gguf import LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
+from weightsmith.checkpoint.quantized import float_state
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file, write_text_atomic
 from weightsmith.models.fused import fuse_state
@@ -360,30 +361,6 @@ def _stored(name: str, w: np.ndarray, qtype: QT, fallbacks: list[str]) -> tuple[
     return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
 
 
-def _float_state(model: torch.nn.Module, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """Every weight in float by its HF name: the parameters, and weightsmith's int8/int4 layers
-    (`weightsmith quantize`) dequantized, so the export quantizes them to its own types; a
-    weight that is still missing (another kind of layer) stops the export before writing."""
-    from weightsmith.models import CausalLM
-    from weightsmith.quant.weight_only import QuantizedLinear
-
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            state[f"{name}.weight"] = module.dequantize(torch.float32)
-            if isinstance(getattr(module, "bias", None), torch.Tensor):
-                state[f"{name}.bias"] = module.bias.detach()
-    with torch.device("meta"):
-        expected = [n for n, _ in CausalLM(cfg).named_parameters()]
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise CheckpointError(
-            f"{source}: {missing[0]} is not a float weight here ({type(model.get_submodule(missing[0].rsplit('.', 1)[0])).__name__}); "
-            "export the unquantized model (or its merged HF directory) instead"
-        )
-    return {n: state[n] for n in expected}
-
-
 def _add_tensors(
     writer: gguf.GGUFWriter, model: torch.nn.Module, cfg: ModelConfig, arch: str, qtype: QT, source: str
 ) -> tuple[Counter[str], list[str]]:
@@ -391,7 +368,7 @@ def _add_tensors(
     counts: Counter[str] = Counter()
     fallbacks: list[str] = []
     # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint.
-    for hf_name, p in fuse_state(cfg, _float_state(model, cfg, source)).items():
+    for hf_name, p in fuse_state(cfg, float_state(model, cfg, source)).items():
         if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output is absent
         name = gguf_tensor_name(hf_name, arch)

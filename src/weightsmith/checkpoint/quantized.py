@@ -233,3 +233,24 @@ def describe(qcfg: dict[str, Any] | None) -> str | None:
 
     head = qcfg.get("lm_head")
     return label(qcfg) + (f", LM head {label(head)}" if head else "")
+
+
+def float_state(model: nn.Module, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Every weight of `model` in float by its HF name, the int8/int4 layers dequantized (GGUF
+    export then quantizes them to its own types); a weight that is still missing (another kind
+    of layer) raises before anything is written."""
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            state[f"{name}.weight"] = module.dequantize(torch.float32)
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                state[f"{name}.bias"] = module.bias.detach()
+    with torch.device("meta"):
+        expected = [n for n, _ in CausalLM(cfg).named_parameters()]
+    for n in expected:
+        if n not in state:
+            kind = type(model.get_submodule(n.rsplit(".", 1)[0])).__name__
+            raise CheckpointError(
+                f"{source}: {n} is not a float weight ({kind}); export the unquantized model"
+            )
+    return {n: state[n] for n in expected}
