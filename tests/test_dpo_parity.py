@@ -85,7 +85,8 @@ def trl_run(
     args = trl.DPOConfig(
         output_dir=str(tmp / "trl"),
         beta=beta,
-        loss_type=[loss_type],
+        loss_type=loss_type.split("+"),  # "sigmoid+sft": DPO plus the chosen answers' NLL (RPO)
+        loss_weights=[1.0, SFT_WEIGHT] if "+" in loss_type else None,
         label_smoothing=eps,
         report_to="none",
         use_cpu=True,
@@ -129,16 +130,25 @@ def records_of(rows: list[dict]) -> list:
 
 
 def ours_run(
-    model: torch.nn.Module, tokenizer, rows: list[dict], loss: str, beta: float, eps: float, reference=None
+    model: torch.nn.Module,
+    tokenizer,
+    rows: list[dict],
+    loss: str,
+    beta: float,
+    eps: float,
+    reference=None,
+    sft_weight: float = 0.0,
 ):
     pairs, _ = tokenize_pairs(records_of(rows), tokenizer, max_seq_len=4096)
     batch = PairSource(pairs, pad_id=0).batch(range(len(pairs)))
-    objective = PreferenceObjective(PREFERENCE_LOSSES[loss], beta, eps, reference)
+    objective = PreferenceObjective(PREFERENCE_LOSSES[loss], beta, eps, reference, sft_weight=sft_weight)
     total, n, extra = objective(model, batch)
     (total / n).backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return pairs, total.detach() / n, {k: float(v) / n for k, v in extra.items()}, grads
 
+
+SFT_WEIGHT = 0.7  # --sft-weight in the "+sft" cases
 
 CASES = [  # (our --loss, TRL's loss_type, label smoothing, data format, method)
     ("dpo", "sigmoid", 0.0, "conversational", "lora"),
@@ -148,6 +158,8 @@ CASES = [  # (our --loss, TRL's loss_type, label smoothing, data format, method)
     ("dpo", "sigmoid", 0.0, "implicit", "lora"),
     ("ipo", "ipo", 0.0, "text", "lora"),
     ("dpo", "sigmoid", 0.0, "conversational", "full"),
+    ("dpo", "sigmoid+sft", 0.0, "conversational", "lora"),
+    ("dpo", "sigmoid+sft", 0.0, "text", "full"),
 ]
 
 
@@ -166,7 +178,8 @@ def test_loss_rewards_and_gradients_equal_trl(tiny_hf_dir, tmp_path, loss, trl_l
     prepared, trl_loss_value, trl_metrics, trl_grads = trl_run(
         tiny_hf_dir, model, rows, trl_loss, beta, eps, tmp_path
     )
-    pairs, our_loss, ours, our_grads = ours_run(model, tokenizer, rows, loss, beta, eps, reference)
+    sft = SFT_WEIGHT if "+sft" in trl_loss else 0.0
+    pairs, our_loss, ours, our_grads = ours_run(model, tokenizer, rows, loss, beta, eps, reference, sft)
 
     for p, t in zip(pairs, prepared, strict=True):  # same ids, same prompt/answer split
         assert (p.prompt, p.chosen, p.rejected) == (t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])

@@ -14,7 +14,7 @@ from weightsmith.safety.encodings import decoded_views, rot13
 from weightsmith.safety.probes import HAZARDS, Probe, builtin_packs, load_packs
 from weightsmith.safety.transforms import Transform, apply_transforms, parse_transforms
 
-PACK_SIZES = {"harmful": 42, "roleplay": 12, "injection": 12, "extraction": 10, "leakage": 10, "benign": 40}
+PACK_SIZES = {"harmful": 42, "roleplay": 12, "injection": 12, "extraction": 10, "leakage": 10, "benign": 120}
 
 
 @pytest.fixture(scope="module")

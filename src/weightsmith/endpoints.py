@@ -44,6 +44,18 @@ def is_endpoint(model: str) -> bool:
     return model.strip().startswith(("http://", "https://"))
 
 
+def split_endpoint(
+    spec: str, what: str = "--model", error: type[WeightsmithError] = UsageError
+) -> tuple[str, str]:
+    """`URL#MODEL` -> (base URL without a trailing slash, MODEL); MODEL is "default" when not
+    given. `error` naming `what` for anything that is not an http(s) URL."""
+    url, _, model = spec.strip().partition("#")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise error(f"{what} {spec!r}: expected an endpoint as http(s)://HOST:PORT/v1#MODEL")
+    return url.rstrip("/"), model.strip() or "default"
+
+
 def endpoint_urls(values: str | Iterable[str], flag: str = "--endpoint") -> list[str]:
     """Base URLs from comma-separated and/or repeated values, trailing slashes dropped,
     duplicates removed; UsageError naming `flag` for anything that is not an http(s) URL."""

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from weightsmith import endpoints
 from weightsmith.arena.endpoint import EndpointContestant
 from weightsmith.arena.records import Contestant
 from weightsmith.errors import ConfigError, UsageError
@@ -49,17 +50,9 @@ def _label(model: str) -> str:
     return Path(model).name if ("/" in model or model.endswith(".gguf")) else model
 
 
-def is_endpoint_spec(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
 def split_endpoint(spec: str) -> tuple[str, str]:
-    """`URL#MODEL` -> (base URL, model); the model is "default" when no `#MODEL` is given."""
-    url, _, model = spec.partition("#")
-    parts = urlsplit(url)
-    if not parts.netloc or parts.query or parts.fragment:
-        raise ConfigError(f"contestant {spec!r}: expected an endpoint as http(s)://HOST:PORT/v1#MODEL")
-    return url.rstrip("/"), model.strip() or "default"
+    """A contestant's `URL#MODEL` -> (base URL, model); the model is "default" when not given."""
+    return endpoints.split_endpoint(spec, "contestant", ConfigError)
 
 
 def split_guard(spec: str) -> tuple[str, str | None]:
@@ -92,7 +85,7 @@ def parse_contestant(spec: str, adapters: dict[str, Path]) -> Contestant:
 
 
 def _parse_unguarded(spec: str, adapters: dict[str, Path]) -> Contestant:
-    if is_endpoint_spec(spec):
+    if endpoints.is_endpoint(spec):
         url, model = split_endpoint(spec)
         name = model if model != "default" else urlsplit(url).netloc
         return Contestant(name, spec, "endpoint")
@@ -290,7 +283,6 @@ def _api_key(grants: Grants | None) -> str | None:
 __all__ = [
     "Contestants",
     "fork_parts",
-    "is_endpoint_spec",
     "parse_contestant",
     "split_endpoint",
     "split_guard",

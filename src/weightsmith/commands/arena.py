@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from weightsmith.arena.agreement import cohen_kappa
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
-from weightsmith.arena.contestants import Contestants, is_endpoint_spec, parse_contestant, split_endpoint
+from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint
 from weightsmith.arena.endpoint import check_endpoint
 from weightsmith.arena.judge import Fight, judge_battles
 from weightsmith.arena.prompt_file import read_prompts
@@ -36,6 +36,7 @@ from weightsmith.arena.store import ArenaStore
 from weightsmith.commands.loading import load_model, model_label
 from weightsmith.commands.serve import parse_adapters
 from weightsmith.config import opt
+from weightsmith.endpoints import is_endpoint
 from weightsmith.errors import UsageError
 from weightsmith.eval.judge import EndpointJudge, make_judge
 from weightsmith.eval.judge_pairwise import LIKELIHOOD_RUBRIC, LikelihoodVerdicts, pairwise_config
@@ -116,7 +117,7 @@ class ArenaJudgeConfig:
 
 def judge_identity(spec: str) -> tuple[str, str, str]:
     """(model or base URL, endpoint model, default name) of a `--judge` spec."""
-    if is_endpoint_spec(spec):
+    if is_endpoint(spec):
         url, model = split_endpoint(spec)
         return url, model, model if model != "default" else urlsplit(url).netloc
     return spec, "default", model_label(spec, None)
@@ -133,7 +134,7 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     db = Path(cfg.db).expanduser()
     store = ArenaStore(db, create=False) if db.exists() else None  # a newer schema stops here
     try:
-        if is_endpoint_spec(cfg.judge):  # a judge that does not answer stops the run now
+        if is_endpoint(cfg.judge):  # a judge that does not answer stops the run now
             key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
             check_endpoint(EndpointJudge(model, endpoint_model, key), "judge", "pass another --judge")
         contestants = None

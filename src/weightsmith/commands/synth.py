@@ -24,7 +24,7 @@ from typing import Any
 from weightsmith import __version__
 from weightsmith.commands.loading import DEFAULT_MODEL, load_model, load_status
 from weightsmith.config import config_to_dict, dump_config_yaml, opt, read_yaml
-from weightsmith.endpoints import is_endpoint
+from weightsmith.endpoints import is_endpoint, split_endpoint
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.lineage import write_lineage
 
@@ -83,7 +83,20 @@ class SynthOptions:
 
 
 @dataclass(kw_only=True)
-class SelfInstructConfig:
+class _SynthRun:
+    """What every recipe takes: the output folder, the generation and filter options, and how to start."""
+
+    out: str = opt(help="output folder")
+    common: SynthOptions = opt(default_factory=SynthOptions, flatten=True)
+    overwrite: bool = opt(False, "start afresh when OUT holds a synth run")
+    json: bool = opt(False, "print the result as JSON")
+
+    def __post_init__(self) -> None:
+        self.common.check()
+
+
+@dataclass(kw_only=True)
+class SelfInstructConfig(_SynthRun):
     """Self-instruct: new instructions from your seed examples and the ones made so far, then answers."""
 
     seed: str = opt(help="seed examples: JSONL with instruction (or prompt, or chat messages), or .txt lines")
@@ -91,19 +104,15 @@ class SelfInstructConfig:
     seed_examples: int = opt(3, "seed instructions shown per request")
     generated_examples: int = opt(2, "instructions made so far shown per request")
     max_steps: int | None = opt(None, "give up after this many steps (default: 10x the steps n needs, +10)")
-    out: str = opt(help="output folder")
-    common: SynthOptions = opt(default_factory=SynthOptions, flatten=True)
-    overwrite: bool = opt(False, "start afresh when OUT holds a synth run")
-    json: bool = opt(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
-        self.common.check()
+        super().__post_init__()
         if self.n < 1 or self.seed_examples < 1 or self.generated_examples < 0:
             raise UsageError("--n and --seed-examples must be at least 1, --generated-examples 0 or more")
 
 
 @dataclass(kw_only=True)
-class EvolveConfig:
+class EvolveConfig(_SynthRun):
     """Evolve: rewrite instructions deeper, broader or more concrete (round after round), then answer them."""
 
     data: str = opt(help="instructions to evolve: JSONL (instruction, prompt or chat messages) or .txt lines")
@@ -111,13 +120,9 @@ class EvolveConfig:
     operations: list[str] = opt(
         default_factory=lambda: ["deepen", "broaden", "concretise"], help="rewrites to choose from per item"
     )
-    out: str = opt(help="output folder")
-    common: SynthOptions = opt(default_factory=SynthOptions, flatten=True)
-    overwrite: bool = opt(False, "start afresh when OUT holds a synth run")
-    json: bool = opt(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
-        self.common.check()
+        super().__post_init__()
         from weightsmith.synth.recipes import check_operations
 
         if self.rounds < 1:
@@ -126,7 +131,7 @@ class EvolveConfig:
 
 
 @dataclass(kw_only=True)
-class GroundedConfig:
+class GroundedConfig(_SynthRun):
     """Grounded Q&A: questions about chunks of your documents (.txt, .md, .jsonl), answered from each chunk."""
 
     docs: str = opt(
@@ -135,13 +140,9 @@ class GroundedConfig:
     questions_per_chunk: int = opt(2, "questions asked per chunk")
     chunk_tokens: int = opt(256, "tokens per chunk (the model's tokens; words for an endpoint)")
     overlap: int = opt(32, "tokens a chunk shares with the one before")
-    out: str = opt(help="output folder")
-    common: SynthOptions = opt(default_factory=SynthOptions, flatten=True)
-    overwrite: bool = opt(False, "start afresh when OUT holds a synth run")
-    json: bool = opt(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
-        self.common.check()
+        super().__post_init__()
         if self.questions_per_chunk < 1 or self.chunk_tokens < 1 or not 0 <= self.overlap < self.chunk_tokens:
             raise UsageError(
                 "--questions-per-chunk and --chunk-tokens must be at least 1, --overlap in [0, chunk-tokens)"
@@ -149,17 +150,10 @@ class GroundedConfig:
 
 
 @dataclass(kw_only=True)
-class AnswerConfig:
+class AnswerConfig(_SynthRun):
     """Answer: distil a teacher's answers to your prompts."""
 
     prompts: str = opt(help="prompts: JSONL (prompt, instruction or chat messages) or .txt, one per line")
-    out: str = opt(help="output folder")
-    common: SynthOptions = opt(default_factory=SynthOptions, flatten=True)
-    overwrite: bool = opt(False, "start afresh when OUT holds a synth run")
-    json: bool = opt(False, "print the result as JSON")
-
-    def __post_init__(self) -> None:
-        self.common.check()
 
 
 def _start(cfg: Any, out: Path) -> None:
@@ -324,14 +318,14 @@ def _judge_config(c: SynthOptions, prompts: Any) -> Any:
 def _judge(c: SynthOptions, judge_cfg: Any, llm: Any, progress: Any) -> Any:
     if judge_cfg is None:
         return None
-    from weightsmith.synth.generation import LocalGenerator, Sampling, make_generator, split_spec
+    from weightsmith.synth.generation import LocalGenerator, Sampling, make_generator
     from weightsmith.synth.pipeline import Judge
 
     greedy = Sampling(0.0, 1.0, judge_cfg.max_tokens)
     if llm is not None and not is_endpoint(c.judge) and c.judge == c.model:
         return Judge(LocalGenerator(llm, greedy, batch_size=c.batch_size), judge_cfg)
     if is_endpoint(c.judge):
-        split_spec(c.judge)
+        split_endpoint(c.judge, "--judge")
     gen = make_generator(
         c.judge, greedy, load=lambda spec: load_model(spec, device=c.device, dtype=c.dtype, progress=load_status(progress)),
         batch_size=c.batch_size, concurrency=c.concurrency, timeout=c.timeout,

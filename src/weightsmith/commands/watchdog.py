@@ -77,6 +77,9 @@ class WatchdogConfig:
     benign_ratio: float | None = opt(None, "at most this many benign pairs per attack pair")
     loss: str = opt("dpo", "DPO's pairwise loss (dpo, ipo, ...)")
     beta: float = opt(0.1, "how far the fork may move from the base (IPO: its tau)")
+    sft_weight: float = opt(
+        1.0, "weight of the chosen answers' NLL next to the DPO loss (RPO); 0 for plain DPO"
+    )
     max_seq_len: int = opt(
         384, "longest prompt + answer in training, in tokens (prompts are cut from the left to 2/3 of it)"
     )
@@ -233,7 +236,7 @@ def _train(
     else:
         dpo = DpoConfig(
             model=cfg.model, data=str(data), out=str(folder), method="lora", loss=cfg.loss, beta=cfg.beta,
-            max_seq_len=cfg.max_seq_len, max_prompt_len=cfg.max_seq_len * 2 // 3, valid_fraction=0.0, overwrite=True, device=cfg.device,
+            sft_weight=cfg.sft_weight, max_seq_len=cfg.max_seq_len, max_prompt_len=cfg.max_seq_len * 2 // 3, valid_fraction=0.0, overwrite=True, device=cfg.device,
             dtype=cfg.dtype, train=cfg.train, lora=cfg.lora,
         )  # fmt: skip
     return run_dpo(dpo, reporter=getattr(progress, "reporter", None))
@@ -345,7 +348,7 @@ def run_watchdog(cfg: WatchdogConfig, progress: WatchdogProgress | None = None) 
             "scanned": scanned,
             "heldout": heldout,
             "eval": forgetting,
-            "train": {key: trained.get(key) for key in ("steps", "metrics", "seconds", "reference", "loss", "beta")},
+            "train": {key: trained.get(key) for key in ("steps", "metrics", "seconds", "reference", "loss", "beta", "sft_weight")},
             "lineage": {
                 "scan": {"folder": str(folder / "scan"), "split": "train", "model": scanned,
                          "pairs": scan.get("pairs")},

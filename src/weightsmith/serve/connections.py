@@ -24,6 +24,7 @@ uvicorn (weightsmith.commands.serve).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import importlib.util
 import logging
@@ -49,7 +50,7 @@ def _plain_response(status: bytes, text: bytes) -> bytes:
 _TOO_LARGE = _plain_response(b"431 Request Header Fields Too Large", b"the request headers are too large")
 
 
-class _HeaderTimer:
+class _HeaderTimer(abc.ABC):
     """The header timer shared by both protocols: armed while the connection waits for a
     request's head, disarmed once the head is in. Subclasses say when that is."""
 
@@ -58,8 +59,9 @@ class _HeaderTimer:
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
+    @abc.abstractmethod
     def _waiting_for_head(self) -> bool:
-        raise NotImplementedError
+        """Whether the connection is between requests or inside one's head."""
 
     def _arm(self) -> None:
         self._disarm()

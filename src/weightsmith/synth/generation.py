@@ -24,8 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from weightsmith.endpoints import EndpointError, EndpointPool, RetryPolicy, is_endpoint, snippet
-from weightsmith.errors import GenerationError, UsageError
+from weightsmith.endpoints import (
+    EndpointError,
+    EndpointPool,
+    RetryPolicy,
+    is_endpoint,
+    snippet,
+    split_endpoint,
+)
+from weightsmith.errors import GenerationError
 
 
 @dataclass(frozen=True)
@@ -48,14 +55,6 @@ class Sampling:
     top_p: float = 0.95
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
-
-
-def split_spec(spec: str) -> tuple[str, str]:
-    """`URL#MODEL` -> (URL, MODEL); MODEL is "default" when not given."""
-    url, _, model = spec.partition("#")
-    if not url.strip():
-        raise UsageError(f"--model {spec!r}: expected http(s)://HOST:PORT/v1#MODEL")
-    return url.strip(), model.strip() or "default"
 
 
 class LocalGenerator:
@@ -111,7 +110,7 @@ class EndpointGenerator:
         self, spec: str, sampling: Sampling, *, api_key: str | None = None, concurrency: int = 8,
         timeout: float = 120.0, retry: RetryPolicy | None = None, transport: Any = None,
     ) -> None:  # fmt: skip
-        url, self.model = split_spec(spec)
+        url, self.model = split_endpoint(spec)
         self.sampling = sampling
         self.pool = EndpointPool(
             url, api_key=api_key, concurrency=concurrency, timeout=timeout, retry=retry, transport=transport,

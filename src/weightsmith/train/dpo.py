@@ -20,7 +20,12 @@ is predicted, chunked (`losses.pair_log_probs`).
 Metrics per step and on validation (`val_...`), as TRL's `DPOTrainer` logs them: the loss,
 `reward_chosen` and `reward_rejected` (beta * log-ratio, means over pairs), `reward_accuracy`
 (the share of pairs whose chosen reward is higher), `reward_margin`, and the policy's
-`logps_chosen` / `logps_rejected`.
+`logps_chosen` / `logps_rejected`; with `--sft-weight`, `nll_chosen`.
+
+`--sft-weight W` adds W times the chosen answers' mean token negative log-likelihood (the RPO
+recipe; TRL's `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, W]`): plain DPO can widen the
+margin by pushing the rejected answer down while the chosen one stays unlikely, so the model
+learns what not to say more than what to say.
 
 Not here: reading pairs (preference_data.py), the loop (loop.py), printing (cli).
 """
@@ -82,6 +87,11 @@ class DpoConfig(RunConfig):
     )
     beta: float = opt(0.1, "how far the model may move from the reference (IPO: its tau)")
     label_smoothing: float = opt(0.0, "assumed share of flipped labels, for --loss dpo or robust (< 0.5)")
+    sft_weight: float = opt(
+        0.0,
+        "add this times the chosen answers' mean token NLL (RPO; TRL's loss_type [sigmoid, sft]): keeps the "
+        "chosen answers likely, not only likelier than the rejected",
+    )
     precompute_ref: bool = opt(False, "compute the reference log-probs once before training")
     max_prompt_len: int | None = opt(None, "cut prompts longer than this from the left")
 
@@ -92,6 +102,8 @@ class DpoConfig(RunConfig):
             raise ConfigError(f"--beta {self.beta}: must be greater than 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label-smoothing {self.label_smoothing}: must be at least 0 and below 0.5")
+        if not 0 <= self.sft_weight <= 100:
+            raise ConfigError(f"--sft-weight {self.sft_weight}: must be between 0 and 100 (0 turns it off)")
         if self.label_smoothing and self.loss not in ("dpo", "robust"):
             raise ConfigError(f"--label-smoothing applies to --loss dpo or robust, not {self.loss}; drop it")
         if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.max_seq_len:
@@ -125,6 +137,7 @@ class PreferenceObjective:
     label_smoothing: float = 0.0
     reference: nn.Module | None = None  # a frozen copy; None: the model with adapters disabled
     checkpoint: bool = False
+    sft_weight: float = 0.0  # times the chosen answers' mean token NLL, added to the mean pair loss
 
     def __call__(
         self, model: nn.Module, batch: PairBatch
@@ -139,6 +152,10 @@ class PreferenceObjective:
         losses = self.loss(r, self.beta, self.label_smoothing)  # (B,)
         chosen, rejected = self.beta * r.chosen.detach(), self.beta * r.rejected.detach()
         logps = policy.detach()
+        total = losses.sum()
+        if self.sft_weight:  # token mean over the batch's chosen answers, as TRL's "sft" loss; x n pairs,
+            nll = -policy[:n].sum() / lengths[:n].sum().clamp(min=1)  # since the loop divides by pairs
+            total = total + self.sft_weight * nll * n
         metrics = {
             "reward_chosen": chosen.sum(),
             "reward_rejected": rejected.sum(),
@@ -147,7 +164,9 @@ class PreferenceObjective:
             "logps_chosen": logps[:n].sum(),
             "logps_rejected": logps[n:].sum(),
         }
-        return losses.sum(), n, metrics
+        if self.sft_weight:
+            metrics["nll_chosen"] = nll.detach() * n
+        return total, n, metrics
 
 
 def precompute_reference(
@@ -273,6 +292,7 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         cfg.label_smoothing,
         reference,
         cfg.train.gradient_checkpointing,
+        cfg.sft_weight,
     )
     trainer = Trainer(
         model,
@@ -288,7 +308,8 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         perplexity=False,
         world=world,
     )
-    log.info("%s loss, beta %g, reference: %s", cfg.loss, cfg.beta, where)
+    sft = f" + {cfg.sft_weight:g} x chosen NLL" if cfg.sft_weight else ""
+    log.info("%s loss%s, beta %g, reference: %s", cfg.loss, sft, cfg.beta, where)
     return fit_and_save(
         cfg,
         trainer,
@@ -299,5 +320,6 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         data_stats=data_stats,
         loss=cfg.loss,
         beta=cfg.beta,
+        sft_weight=cfg.sft_weight,
         reference=where,
     )
