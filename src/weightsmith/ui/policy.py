@@ -1,8 +1,8 @@
 """What the UI's responses tell the browser: the Content-Security-Policy and the other headers.
 
 Every page gets `HEADERS`: a policy with no scripts and no external URLs (styles inline, images
-as data: URLs, forms only to this server, never framed), no MIME sniffing, no referrer, no
-caching. The chat page alone may run a script, and only the one this server sends
+as data: URLs, forms only to this server, never framed), no MIME sniffing, no referrer to
+other sites, no caching. The chat page alone may run a script, and only the one this server sends
 (`CHAT_HEADERS`: `script-src 'self'`, `connect-src 'self'`). Report files written by other
 commands are served as they are inside a CSP sandbox (`REPORT_HEADERS`: no scripts, no forms,
 an opaque origin), so a report that holds a model's output cannot act as the UI.
@@ -19,7 +19,9 @@ CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-actio
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: with it, browsers send `Origin: null` on the UI's own POSTs (Fetch spec,
+    # "serializing a request origin"), and the CSRF check (auth.py) could not tell them apart
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 #: The chat page runs its one script, from this server, which may only talk to this server.
