@@ -171,6 +171,13 @@ def test_chat_streams_the_models_reply_and_keeps_one_model(ws, home):
         slot.busy.release()
 
 
+def test_bad_chat_options_are_one_line_before_it_listens(ws, home, capsys):
+    for flags, words in [(["--device", "nonsense"], "--device"), (["--dtype", "fp8"], "--dtype"),
+                         (["--max-tokens", "0"], "--max-tokens")]:  # fmt: skip
+        code, _, err = run_cli(["ui", "--workspace", ws, "--allow-run", "--port", "0", *flags], capsys)
+        assert code == 2 and words in err and err.strip().count("\n") == 0, (flags, err)
+
+
 def test_chat_refuses_what_is_not_a_model_of_this_workspace(ws, home):
     c = client(ws, allow_run=True, max_prompt_chars=100)
     page = c.get("/chat")

@@ -73,6 +73,10 @@ def _build(cfg: UiConfig) -> Any:
     workspace = Path(cfg.workspace).expanduser()
     if not workspace.is_dir():
         raise UsageError(f"--workspace {cfg.workspace}: not a folder")
+    if cfg.allow_run:  # a bad --device or --dtype is one line now, not on the first chat
+        from weightsmith.device import pick_device, pick_dtype
+
+        pick_dtype(cfg.dtype, pick_device(cfg.device))
     chat = ChatOptions(allow_run=cfg.allow_run, device=cfg.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens,
                        max_prompt_chars=cfg.max_prompt_chars)  # fmt: skip
     return create_ui_app(workspace, host=cfg.host, limits=cfg.limits, api_key=key, chat=chat)

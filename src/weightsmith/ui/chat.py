@@ -262,8 +262,10 @@ def _reply(
         put(None)
 
 
-async def chat_events(slot: ModelSlot, target: Target, body: ChatBody) -> AsyncIterator[bytes]:
-    """The reply's event stream; the caller holds `slot.busy`, which the worker releases."""
+def chat_events(slot: ModelSlot, target: Target, body: ChatBody) -> AsyncIterator[bytes]:
+    """Start the reply now and return its event stream; the caller holds `slot.busy`, which
+    the worker releases when it ends (so also when nobody ever reads the stream). Call it on
+    the event loop."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -275,11 +277,15 @@ async def chat_events(slot: ModelSlot, target: Target, body: ChatBody) -> AsyncI
             stop.set()
 
     threading.Thread(target=_reply, args=(slot, target, body, put, stop), name="ui-chat", daemon=True).start()
+    return _drain(queue, stop)
+
+
+async def _drain(queue: asyncio.Queue, stop: threading.Event) -> AsyncIterator[bytes]:
     try:
         while (item := await queue.get()) is not None:
             yield sse(item)
     finally:
-        stop.set()
+        stop.set()  # the page left (or the reply ended): the worker stops at its next token
 
 
 __all__ = ["KINDS", "ChatBody", "ChatOptions", "ModelSlot", "Target", "chat_events", "find_target", "targets"]

@@ -83,9 +83,14 @@ def overview(root: str, scan: Scan, models: int, *, allow_run: bool, login: bool
 
 
 def store(models: list[dict[str, Any]]) -> str:
+    def chat(m: dict[str, Any]) -> str:
+        return "" if m.get("problem") else f'<a href="/chat?model={quote("store:" + m["name"])}">chat</a>'
+
     rows = [[escape(m["name"]), escape(m["kind"]), fmt(m.get("size_bytes")), escape(str(m.get("source"))),
-             escape(str(m.get("license") or "—")), escape(str(m.get("problem") or ""))] for m in models]  # fmt: skip
-    return page("store", [table(["name", "kind", "bytes", "source", "license", "problem"], rows, "models")])
+             escape(str(m.get("license") or "—")), escape(str(m.get("problem") or "")), chat(m)] for m in models]  # fmt: skip
+    return page(
+        "store", [table(["name", "kind", "bytes", "source", "license", "problem", ""], rows, "models")]
+    )
 
 
 def runs(scan: Scan) -> str:
