@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.serve.gate import Gate, error_response
+from weightsmith.serve.gate import ClientGone, Gate, error_response
 from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.schemas import ApiError
 from weightsmith.ui import pages
@@ -68,7 +68,7 @@ class UiState:
     access: Access
     chat: ChatOptions
     metrics: Any = None
-    slot: ModelSlot | None = None
+    slot: ModelSlot = field(init=False)  # the one model chat has loaded
     boards: Leaderboards = field(default_factory=Leaderboards)
 
     def __post_init__(self) -> None:
@@ -109,6 +109,10 @@ def _add_error_pages(app: FastAPI) -> None:
     @app.exception_handler(PageError)
     async def page_error(request: Request, e: PageError) -> HTMLResponse:
         return html(pages.error_page(e.status, str(e)), e.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads this
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:

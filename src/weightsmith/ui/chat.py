@@ -235,6 +235,10 @@ def _reply(
             slot.load(target)
             put({"status": "loaded", "seconds": round(time.perf_counter() - start, 3)})
         llm = slot.llm
+        if not llm.tokenizer.chat_template:
+            put({"error": f"{target.label} has no chat template, so it cannot chat; `weightsmith generate` "
+                 "continues plain text"})  # fmt: skip
+            return
         ids = render(llm, [t.model_dump() for t in body.messages], TemplateLimits())
         cap = slot.options.max_tokens
         params = llm.sampling_params(max_tokens=min(body.max_tokens or cap, cap), temperature=body.temperature,
