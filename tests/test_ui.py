@@ -171,6 +171,50 @@ def test_chat_streams_the_models_reply_and_keeps_one_model(ws, home):
         slot.busy.release()
 
 
+def test_a_page_that_leaves_mid_reply_stops_the_generation(ws, home, monkeypatch):
+    import threading
+    import time
+
+    import httpx
+
+    from weightsmith.commands.ui import UiConfig, start_ui_server
+    from weightsmith.engine import Engine
+    from weightsmith.ui.chat import find_target
+
+    tokens, original = [], Engine.stream
+
+    def slow(self, prompt, params=None):  # two seconds a token: the whole reply would take 12 s
+        for delta in original(self, prompt, params):
+            tokens.append(delta.text)
+            yield delta
+            time.sleep(2.0)
+
+    monkeypatch.setattr(Engine, "stream", slow)
+    running = start_ui_server(
+        UiConfig(workspace=str(ws), port=0, allow_run=True, device="cpu", max_tokens=16)
+    )
+    try:
+        state = running.server.config.app.state.ui
+        slot = state.slot
+        body = {"model": "path:models/reply", "messages": [{"role": "user", "content": "hi"}]}
+        slot.load(find_target(state.workspace, body["model"], {}))  # loaded before: only the reply is timed
+        with httpx.Client(timeout=300) as c, c.stream("POST", running.url + "/api/chat", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"text"' in line:
+                    break  # the page leaves after the first token
+        left = time.monotonic()
+        freed = threading.Event()
+        while time.monotonic() - left < 60 and not freed.is_set():
+            if slot.busy.acquire(blocking=False):
+                slot.busy.release()
+                freed.set()
+            time.sleep(0.05)
+        assert freed.is_set() and len(tokens) < len(REPLY_TOKENS)  # stopped, not finished
+    finally:
+        running.stop()
+
+
 def test_bad_chat_options_are_one_line_before_it_listens(ws, home, capsys):
     for flags, words in [(["--device", "nonsense"], "--device"), (["--dtype", "fp8"], "--dtype"),
                          (["--max-tokens", "0"], "--max-tokens")]:  # fmt: skip
