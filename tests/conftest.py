@@ -294,3 +294,24 @@ def write_probe_packs(folder: Path, pack_yaml: str, benign_jsonl: str) -> Path:
     (folder / "pack.yaml").write_text(pack_yaml)
     (folder / "benign.jsonl").write_text(benign_jsonl)
     return folder
+
+
+def headless_chromium(page_load_timeout: float = 30.0):
+    """Debian's chromium through selenium, headless, logging the browser console (real-browser
+    tests); skips when selenium, chromium or chromium-driver is missing (nothing downloads one)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not chromium or not driver_path:
+        pytest.skip("real-browser tests need Debian's chromium and chromium-driver packages")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-extensions", "--no-first-run"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(page_load_timeout)
+    return driver

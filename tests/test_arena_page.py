@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import headless_chromium
 
 from weightsmith.arena.records import Contestant
 from weightsmith.cli.main import main
@@ -281,23 +281,7 @@ def test_unreachable_endpoint_contestant_stops_the_start(tmp_path: Path, capsys)
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
-    )
-    if not chromium or not driver_path:
-        pytest.skip("real-browser tests need Debian's chromium and chromium-driver packages "
-                    "(apt-get install chromium chromium-driver)")  # fmt: skip
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-extensions", "--no-first-run"):  # fmt: skip
-        options.add_argument(flag)
-    from selenium.webdriver.chrome.service import Service
-
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_page_load_timeout(20)
+    driver = headless_chromium(page_load_timeout=20)
     yield driver
     driver.quit()
 

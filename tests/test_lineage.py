@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_hf_dir, run_cli, write_probe_packs
+from conftest import build_tiny_hf_dir, headless_chromium, run_cli, write_probe_packs
 
 import weightsmith
 from weightsmith.lineage import expected_hash, file_sha256, tree_digest
@@ -350,25 +350,6 @@ def test_ui_listens_beyond_localhost_only_with_a_key(ws, home, capsys):
     assert code == 2 and "--api-key" in err
 
 
-def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    if not chromium or not driver_path:
-        pytest.skip("real-browser tests need Debian's chromium and chromium-driver packages")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-extensions", "--no-first-run"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_page_load_timeout(30)
-    return driver
-
-
 def test_ui_pages_in_a_real_browser(ws, ui, tmp_path):
     # a red-team reply holding HTML must show as text
     shutil.copytree(ws / "reports/rt", ws / "rt-html")
@@ -377,7 +358,7 @@ def test_ui_pages_in_a_real_browser(ws, ui, tmp_path):
         '<b id="injected">bold</b><img src=x onerror="document.title=1"><script>document.title=2</script>'
     )
     (ws / "rt-html/transcripts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    driver = _browser()
+    driver = headless_chromium()
     from selenium.common.exceptions import TimeoutException
 
     try:

@@ -40,7 +40,7 @@ def report_parts(ratings: Ratings) -> list[str]:
     """The page body; every string from the data is escaped."""
     table = ratings.overall
     parts = [_summary(ratings), _source(ratings.source)]
-    parts += ["<h2>Ratings</h2>", _ratings_table(table, ratings.level), plot_svg(table)]
+    parts += ["<h2>Ratings</h2>", ratings_table(table, ratings.level), plot_svg(table)]
     if table.note:
         parts.append(f"<p class='muted'>{escape(table.note)}</p>")
     if ratings.agreement is not None:
@@ -57,7 +57,7 @@ def report_parts(ratings: Ratings) -> list[str]:
         parts.append("<h2>By category</h2>")
     for name, sub in ratings.categories.items():
         parts.append(f"<h3>{escape(name)}</h3><p class='muted'>{sub.total} battles. {escape(sub.note)}</p>")
-        parts.append(_ratings_table(sub, ratings.level))
+        parts.append(ratings_table(sub, ratings.level))
     for name, why in ratings.skipped_categories.items():
         parts.append(f"<h3>{escape(name)}</h3><p class='muted'>No table: {escape(why)}</p>")
     return parts
@@ -89,7 +89,7 @@ def _percent(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def _ratings_table(table: RatingTable, level: float) -> str:
+def ratings_table(table: RatingTable, level: float) -> str:
     head = (
         f"<tr><th>rank</th><th>model</th><th>rating</th><th>{100 * level:g}% interval</th>"
         "<th>battles</th><th>win rate</th></tr>"

@@ -175,7 +175,7 @@ def _not_ours(path: Path, e: Exception | None = None) -> ArenaError:
     )
 
 
-def _check_file(conn: sqlite3.Connection, path: Path) -> int:
+def check_file(conn: sqlite3.Connection, path: Path) -> int:
     """The file's schema version, after checking the file is ours (or empty) and not newer."""
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -203,7 +203,7 @@ def open_db(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
         raise ArenaError("bad_db", f"{path}: folder {path.parent} does not exist; create it first")
     conn = connect(path, synchronous=synchronous)
     try:
-        _check_file(conn, path)
+        check_file(conn, path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise ArenaError("bad_db", f"{path}: SQLite cannot use WAL mode here ({mode}); use a local disk")
@@ -223,7 +223,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         except sqlite3.OperationalError as e:
             raise ArenaError("busy", f"{path}: the arena DB stays locked ({e}); try again") from None
         try:
-            version = _check_file(conn, path)
+            version = check_file(conn, path)
             if version == SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 return

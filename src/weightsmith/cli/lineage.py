@@ -140,9 +140,16 @@ COMMANDS["reproduce"] = Command(
 
 COMMANDS["ui"] = Command(
     ui.UiConfig,
-    "a local, read-only web page of the store, runs (loss curves), reports and lineage",
-    "weightsmith ui --port 8020\n  weightsmith ui --workspace ~/projects/support",
+    "a local web page of the store, runs (loss curves), reports, lineage and arena; chat with --allow-run",
+    "weightsmith ui --port 8020\n  weightsmith ui --workspace ~/projects/support --allow-run\n"
+    "  weightsmith ui --host 0.0.0.0 --api-key-file ~/.ui-key",
     ui.run_ui,
     lambda result, console, cfg: None,
-    lambda cfg: lambda url: print(f"weightsmith ui on {url} (Ctrl-C stops it)", file=sys.stderr, flush=True),
+    lambda cfg: (
+        lambda url: print(
+            f"weightsmith ui on {url}{'' if cfg.allow_run else ' (read-only)'} (Ctrl-C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+    ),
 )

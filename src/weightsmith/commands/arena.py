@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from weightsmith.arena.agreement import cohen_kappa
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
 from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint
 from weightsmith.arena.endpoint import check_endpoint
 from weightsmith.arena.judge import Fight, judge_battles
+from weightsmith.arena.leaderboard import VOTERS, rate_votes
 from weightsmith.arena.prompt_file import read_prompts
-from weightsmith.arena.ratings import rate
-from weightsmith.arena.records import ANY_JUDGE, HUMAN, IMPORTED, Outcome, judge_voter, voter_matches
+from weightsmith.arena.records import judge_voter
 from weightsmith.arena.report import write_ratings_outputs
 from weightsmith.arena.store import ArenaStore
 from weightsmith.commands.loading import load_model, model_label
@@ -44,13 +43,6 @@ from weightsmith.grants import Grants
 from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.sampling import SamplingParams
 
-#: `--voters` words -> the voter kinds kept (None: every kind).
-VOTERS: dict[str, tuple[str, ...] | None] = {
-    "human": (HUMAN,),
-    "judge": (ANY_JUDGE,),
-    "import": (IMPORTED,),
-    "all": None,
-}
 DB_HELP = "the arena's SQLite file (votes from `arena serve`, `arena judge`, `arena import`)"
 
 
@@ -213,19 +205,8 @@ def run_arena_ratings(cfg: ArenaRatingsConfig, progress: Any = None) -> dict[str
     with ArenaStore(Path(cfg.db).expanduser(), create=False) as store:
         everything = store.battles_with_votes()
         sha = store.content_hash()
-    kinds = VOTERS[cfg.voters]
-    outcomes = [
-        Outcome.of(battle, vote)
-        for battle, votes in everything
-        for vote in votes
-        if kinds is None or any(voter_matches(vote.voter_kind, k) for k in kinds)
-    ]
-    if not outcomes:
-        raise UsageError(f"{cfg.db}: no {cfg.voters} votes to rate yet; try --voters all, or collect votes")
-    source = {"db": str(cfg.db), "sha256": sha, "voters": cfg.voters, "votes": len(outcomes)}
-    ratings = rate(outcomes, anchor=cfg.anchor, rounds=cfg.rounds, seed=cfg.seed, source=source)
-    votes = [vote for _, vs in everything for vote in vs]
-    ratings.agreement = cohen_kappa(votes, HUMAN, ANY_JUDGE, rounds=cfg.rounds, seed=cfg.seed)
+    ratings = rate_votes(everything, kinds=VOTERS[cfg.voters], voters=cfg.voters, db=str(cfg.db), sha256=sha,
+                         anchor=cfg.anchor, rounds=cfg.rounds, seed=cfg.seed)  # fmt: skip
     written = write_ratings_outputs(Path(cfg.out), ratings) if cfg.out else {}
     return {**ratings.to_dict(), "written": written}
 

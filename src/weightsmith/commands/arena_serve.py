@@ -3,8 +3,8 @@
 Everything a user can get wrong is checked before the server listens, each one line: the
 options, a bad `--prompts` line (FILE:LINE), an adapter directory, an unreachable endpoint
 contestant (`Contestants.check()`), a DB written by a newer schema, a busy port. The
-socket, uvicorn and the connection limits are serve's (`bind`, `uvicorn_server`, and
-`ConnectionLimits` with the arena's defaults: `arena_limits`); the vote
+socket, uvicorn and the connection limits are serve's (`weightsmith.serve.startup.listen`,
+and `ConnectionLimits` with the arena's defaults: `arena_limits`); the vote
 key is read like serve's API key (`--vote-key-file` or `$WEIGHTSMITH_VOTE_KEY`, as a key on
 the command line shows in the process list).
 
@@ -149,43 +149,31 @@ def run_arena_serve(cfg: ArenaServeConfig, progress: Any = None) -> dict[str, An
     """Serve the arena until Ctrl-C/SIGTERM. `progress(url, info)` is told once the socket
     listens; `info` holds the contestants' count, the prompts' count and whether a vote key
     is required."""
-    from weightsmith.commands.serve import bind, uvicorn_server
+    from weightsmith.serve.startup import listen
 
     app, store, vote_key = build_arena_app(cfg)
     try:
-        sock = bind(cfg.host, cfg.port)
-        server = uvicorn_server(app, cfg.limits)
-        host, port = sock.getsockname()[:2]
-        url = f"http://{host}:{port}"
+        listener = listen(app, cfg.host, cfg.port, cfg.limits)
         state = app.state.arena
         info = {"contestants": len(state.contestants.names), "prompts": len(state.prompts),
                 "vote_key": vote_key is not None, "db": str(store.path)}  # fmt: skip
         if progress is not None:
-            progress(url, info)
-        try:
-            server.run(sockets=[sock])
-        except KeyboardInterrupt:
-            pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
-        return {"url": url, **info, "battles": store.battle_tally()}
+            progress(listener.url, info)
+        listener.serve()
+        return {"url": listener.url, **info, "battles": store.battle_tally()}
     finally:
         store.close()
 
 
 def start_arena_server(cfg: ArenaServeConfig, contestants: Any = None, **app_options: Any) -> RunningArena:
     """The arena server on a thread (tests, the benchmark, the demo), ready when this returns."""
-    import time
-
-    from weightsmith.commands.serve import bind, uvicorn_server
+    from weightsmith.serve.startup import listen
 
     app, store, vote_key = build_arena_app(cfg, contestants, **app_options)
-    sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg.limits)
-    host, port = sock.getsockname()[:2]
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-arena", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return RunningArena(f"http://{host}:{port}", app, server, thread, store, vote_key)
+    try:
+        listener = listen(app, cfg.host, cfg.port, cfg.limits)
+    except BaseException:
+        store.close()
+        raise
+    thread = listener.start("weightsmith-arena")
+    return RunningArena(listener.url, app, listener.server, thread, store, vote_key)

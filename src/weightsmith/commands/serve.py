@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,16 +27,13 @@ from typing import Any
 
 from weightsmith.commands.loading import SteerOptions
 from weightsmith.config import opt
-from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.errors import UsageError
 from weightsmith.files import is_plain_file_name
 from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.serve.limits import ConnectionLimits
+from weightsmith.serve.startup import ServeError, bind, listen, uvicorn_server  # noqa: F401 (bind, uvicorn_server: re-exported)
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class ServeError(WeightsmithError):
-    """The server could not start or its model failed to load."""
 
 
 @dataclass(kw_only=True)
@@ -237,58 +233,24 @@ def resolve_secret(value: str | None, file: str | None, *, flag: str, env: str) 
     return os.environ.get(env) or None
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket first, so a busy port is a clear error, not a log line."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ServeError(
-            f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host"
-        ) from None
-    sock.listen(2048)
-    return sock
-
-
-def uvicorn_server(app: Any, limits: ConnectionLimits, *, fast: bool | None = None) -> Any:
-    """A uvicorn server for `app` bounded by `limits` (serve's and the arena's); `fast`
-    chooses httptools + uvloop over h11 + asyncio (None: when installed; see
-    weightsmith.serve.connections)."""
-    import uvicorn
-
-    from weightsmith.serve.connections import uvicorn_options
-
-    config = uvicorn.Config(app, log_level="warning", access_log=False, **uvicorn_options(limits, fast=fast))
-    return uvicorn.Server(config)
-
-
 def run_serve(cfg: ServeConfig, progress: Any = None) -> dict[str, Any]:
     """Serve until Ctrl-C/SIGTERM; raise ServeError if the model failed to load.
     `progress(url, state)` is told once the socket listens (the model is still loading)."""
-    on_listening = progress
     app, state = build_app(cfg)
-    sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg.limits)
+    listener = listen(app, cfg.host, cfg.port, cfg.limits)
     failure: list[str] = []
 
     def failed(message: str) -> None:
         failure.append(message)
-        server.should_exit = True
+        listener.server.should_exit = True
 
     state.on_load_error = failed
-    host, port = sock.getsockname()[:2]
-    if on_listening is not None:
-        on_listening(f"http://{host}:{port}", state)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises the Ctrl-C it handled, after draining: a normal stop
+    if progress is not None:
+        progress(listener.url, state)
+    listener.serve()
     if failure:
         raise ServeError(f"the model failed to load: {failure[0]}")
-    return {"url": f"http://{host}:{port}", "models": state.model_names()}
+    return {"url": listener.url, "models": state.model_names()}
 
 
 @dataclass
@@ -309,20 +271,16 @@ class RunningServer:
 def start_server(cfg: ServeConfig, *, wait: bool = True, timeout: float = 300.0) -> RunningServer:
     """Start the server on a thread; with `wait`, return once the model is ready."""
     app, state = build_app(cfg)
-    sock = bind(cfg.host, cfg.port)
-    server = uvicorn_server(app, cfg.limits)
-    host, port = sock.getsockname()[:2]
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="weightsmith-server", daemon=True
-    )
-    running = RunningServer(f"http://{host}:{port}", state, server, thread)
+    listener = listen(app, cfg.host, cfg.port, cfg.limits)
+    errors: list[str] = []
 
     def failed(message: str) -> None:
-        running.errors.append(message)
-        server.should_exit = True
+        errors.append(message)
+        listener.server.should_exit = True
 
     state.on_load_error = failed
-    thread.start()
+    thread = listener.start("weightsmith-server", wait=False)
+    running = RunningServer(listener.url, state, listener.server, thread, errors)
     if wait:
         deadline = time.monotonic() + timeout
         while not state.ready.wait(0.1):

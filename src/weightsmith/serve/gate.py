@@ -85,9 +85,11 @@ class Gate:
     """A plain ASGI middleware (so streaming and disconnects pass through untouched) that
     checks the API key and Content-Length, and counts responses by endpoint and status."""
 
-    def __init__(self, app: Any, state: Any) -> None:
+    def __init__(self, app: Any, state: Any, *, form_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.state = state
+        #: POST routes that also take an HTML form body (the UI's login page): they check Origin themselves.
+        self.form_paths = form_paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -129,7 +131,8 @@ class Gate:
         if length.isdigit() and int(length) > limit:
             return too_large(limit)
         media = headers.get("content-type", "").partition(";")[0].strip().lower()
-        if scope["method"] == "POST" and media != "application/json":
+        form = scope["path"] in self.form_paths and media == "application/x-www-form-urlencoded"
+        if scope["method"] == "POST" and media != "application/json" and not form:
             return ApiError(
                 415,
                 f"a POST body must be sent as 'Content-Type: application/json', not {media or 'nothing'!r}",

@@ -2,8 +2,9 @@
 
 `Workspace(root).scan()` walks the folder (hidden folders, `checkpoints/` and the model store
 skipped; at most `MAX_DEPTH` levels and `MAX_ENTRIES` folders) and lists every lineage record,
-every training run (a folder with `metrics.jsonl`, finished or still training) and every
-`report.html`. `resolve(rel)` turns a request's path into a path inside the workspace, or a
+every training run (a folder with `metrics.jsonl`, finished or still training), every
+`report.html`, the models a chat can load (checkpoint and adapter folders, GGUF files) and the
+arena DBs (by their SQLite header) and saved arena ratings. `resolve(rel)` turns a request's path into a path inside the workspace, or a
 `PageError` (403 for `../`, an absolute path or a symlink out; 404 for nothing there): a
 request never reads outside the folder the user started the UI in.
 
@@ -22,6 +23,9 @@ from weightsmith.files import is_inside
 from weightsmith.lineage.record import LINEAGE_FILE, MAX_RECORD_BYTES, SUFFIX
 
 MAX_DEPTH = 8
+MAX_MODELS = 1000
+#: File names an arena DB may have; the file's header says whether it is one.
+ARENA_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 MAX_ENTRIES = 20_000
 #: Largest metrics.jsonl or transcripts file a page reads.
 MAX_READ_BYTES = 64 << 20
@@ -52,6 +56,11 @@ class Artifact:
 class Scan:
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
+    #: models a chat can load, by workspace path: "hf" (a checkpoint folder), "adapter" (a LoRA
+    #: adapter folder), "gguf" (a file); at most MAX_MODELS
+    models: dict[str, str] = field(default_factory=dict)
+    arenas: list[str] = field(default_factory=list)  # arena DBs (SQLite files marked as ours)
+    ratings: list[str] = field(default_factory=list)  # ratings.json files (`arena ratings --out`)
     truncated: bool = False
 
 
@@ -103,9 +112,18 @@ class Workspace:
         if "metrics.jsonl" in files:
             rel = self.rel(here)
             found.artifacts.setdefault(rel, Artifact(rel))
+        kind = model_kind(here, files)
+        if kind is not None and len(found.models) < MAX_MODELS:
+            found.models[self.rel(here)] = kind
         for name in files:
             if name == "report.html":
                 found.reports.append(self.rel(here / name))
+            elif name == "ratings.json":
+                found.ratings.append(self.rel(here / name))
+            elif name.endswith(".gguf") and len(found.models) < MAX_MODELS:
+                found.models[self.rel(here / name)] = "gguf"
+            elif name.lower().endswith(ARENA_SUFFIXES) and is_arena_db(here / name):
+                found.arenas.append(self.rel(here / name))
             if name == LINEAGE_FILE or (name.endswith(SUFFIX) and name != SUFFIX):
                 self._record(here / name, found)
 
@@ -135,6 +153,28 @@ class Workspace:
             a for a in scan.artifacts.values()
             if any(isinstance(i.get("lineage"), dict) and i["lineage"].get("id") == ident for i in a.inputs)
         ]  # fmt: skip
+
+
+def model_kind(folder: Path, files: list[str]) -> str | None:
+    """ "adapter" for a LoRA adapter folder, "hf" for a checkpoint folder, else None."""
+    weights = any(f.endswith(".safetensors") for f in files)
+    if "adapter_config.json" in files and weights:
+        return "adapter"
+    if "config.json" in files and weights:
+        return "hf"
+    return None
+
+
+def is_arena_db(path: Path) -> bool:
+    """Whether the file is an SQLite DB whose header holds the arena's application id (no SQL run)."""
+    from weightsmith.arena.schema import APPLICATION_ID
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError:
+        return False
+    return head.startswith(b"SQLite format 3\x00") and int.from_bytes(head[68:72], "big") == APPLICATION_ID
 
 
 def read_jsonl(path: Path, limit: int) -> list[dict[str, Any]]:
