@@ -145,7 +145,7 @@ def _print_selection(selection: dict, console: Console) -> None:
     chosen = selection["chosen"]
     console.print(
         f"chosen: layer {chosen['layer']}, position {chosen['position']}; steering scale {chosen['scale']} "
-        "(the smallest that lifts harmless prompts to the harmful ones' plain score)",
+        "(chosen on the validation prompts)",
         markup=False,
         highlight=False,
     )

@@ -16,7 +16,8 @@ the lowest `ablate` among those with l in the first `max_layer_fraction` of laye
 embedding), `add` above the harmless prompts' plain score and `kl` at most `max_kl`.
 Candidates are checked in order of `ablate`, so only the best few need the harmless passes;
 the table says which were. A steering scale is chosen the same way: the smallest of `SCALES`
-at which adding r lifts the harmless prompts' mean score to the harmful ones' plain mean.
+at which adding r lifts the harmless prompts' mean score to the harmful ones' plain mean
+(when none does, the one that lifts it most).
 
 Prompts are packed several to a row (each attends only to its own tokens), so one forward
 covers many prompts. Not here: the direction file (directions.py), the edits (steering.py).
@@ -101,7 +102,7 @@ class Candidate:
 class Selection:
     direction: Direction
     position: int
-    scale: float | None
+    scale: float
     report: dict = field(default_factory=dict)
 
 
@@ -293,7 +294,8 @@ def select_direction(
         scales[s] = scorer.add(vectors[j, chosen.layer], chosen.layer, s)
         if scales[s] >= scorer.harmful_plain:
             break
-    scale = next((s for s, v in scales.items() if v >= scorer.harmful_plain), None)
+    # none reaches it: the scale that raises the harmless score most
+    scale = next((s for s, v in scales.items() if v >= scorer.harmful_plain), max(scales, key=scales.get))
     report = {
         "method": "Arditi et al. 2024: lowest ablated refusal score on harmful validation prompts, "
         "subject to: addition raises the harmless score, ablation KL on harmless prompts <= max_kl, "
@@ -310,7 +312,7 @@ def select_direction(
     meta = {
         "separation": json.dumps([round(float(s), 4) for s in seps]),
         "position": str(chosen.position),
-        "scale": "" if scale is None else str(scale),
+        "scale": str(scale),
         "selection": json.dumps(report, separators=(",", ":")),
     }
     return Selection(Direction(vectors[j].clone(), chosen.layer, meta), chosen.position, scale, report)
