@@ -119,8 +119,33 @@ def print_direction(result: dict, console: Console) -> None:
         f"wrote {result['out']}: {meta['positive_count']} positive vs {meta['negative_count']} negative prompts, "
         f"recommended layer {result['layer']} (norm {result['norms'][result['layer']]:.3f})", markup=False, highlight=False,
     )  # fmt: skip
+    selection = result.get("selection")
+    scale = (selection or {}).get("chosen", {}).get("scale") or 1
+    if selection is not None:
+        _print_selection(selection, console)
     console.print(
-        f"steer with: --steer {result['out']}:ablate  or  --steer {result['out']}:layer={result['layer']}:scale=1",
+        f"steer with: --steer {result['out']}:ablate  or  --steer {result['out']}:layer={result['layer']}:scale={scale}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _print_selection(selection: dict, console: Console) -> None:
+    plain = selection["plain"]
+    table = Table(
+        title=f"candidate directions, best first (refusal score: log-odds of {selection['refusal_tokens']}; "
+        f"plain: harmful {plain['harmful']:.2f}, harmless {plain['harmless']:.2f})"
+    )
+    for col in ("layer", "position", "ablated (harmful)", "added (harmless)", "KL", "verdict"):
+        table.add_column(col, justify="left" if col == "verdict" else "right")
+    for c in selection["candidates"][:8]:
+        cells = [f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("ablate", "add", "kl")]
+        table.add_row(str(c["layer"]), str(c["position"]), *cells, c["verdict"])
+    console.print(table)
+    chosen = selection["chosen"]
+    console.print(
+        f"chosen: layer {chosen['layer']}, position {chosen['position']}; steering scale {chosen['scale']} "
+        "(chosen on the validation prompts)",
         markup=False,
         highlight=False,
     )

@@ -27,9 +27,10 @@ from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
 from weightsmith.inspect import InspectError, run_hooked
 from weightsmith.inspect.attribution import attention_patterns, integrated_gradients
-from weightsmith.inspect.directions import check_layer, difference_of_means, write_direction
+from weightsmith.inspect.directions import check_layer, difference_of_means, prompts_digest, write_direction
 from weightsmith.inspect.lens import direct_logit_attribution, logit_lens
 from weightsmith.inspect.patching import STREAMS, logit_difference, patch
+from weightsmith.inspect.selection import PromptSets, SelectOptions, select_direction, validation_split
 from weightsmith.inspect.trace import encode
 from weightsmith.llm import LLM
 from weightsmith.models.fingerprint import model_fingerprint
@@ -101,6 +102,7 @@ class DirectionConfig(LoadOptions):
     negative: list[str] = opt(help="the other prompt set, same forms")
     out: str = opt(help="the .safetensors file to write")
     layer: int | None = opt(None, "layer to recommend in the file (default: the most separating one)")
+    selection: SelectOptions = opt(default_factory=SelectOptions, flatten=True)  # --select, --positions...
     raw: bool = opt(False, "use the prompts as they are, not as a user turn of the chat template")
     probe_split: SplitOptions = opt(default_factory=SplitOptions, flatten=True)
     limit: int | None = opt(None, "at most this many prompts from each set")
@@ -285,8 +287,12 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
         if not specs:
             raise InspectError(f"--{flag} is empty; give builtin:NAME, a pack or a .txt file")
         sets[flag] = [p for spec in specs for p in read_prompt_set(spec, cfg.probe_split, cfg.limit, flag)]
+    if cfg.selection.select and cfg.layer is not None:
+        raise UsageError("give --layer or --select, not both: --select chooses the layer")
     llm, info = _load(cfg, progress)
     check_layer(cfg.layer, len(llm.model.model.layers))
+    if cfg.selection.select:
+        return _finish_direction(cfg, info, *_selected(cfg, llm, sets, progress))
     tick = _ticker(progress, "prompts")
     n = len(sets["positive"]) + len(sets["negative"])
     done = [0]
@@ -300,6 +306,31 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
         llm.model, llm.tokenizer, sets["positive"], sets["negative"], chat=not cfg.raw, layer=cfg.layer,
         progress=count,
     )  # fmt: skip
+    return _finish_direction(cfg, info, direction, None)
+
+
+def _selected(cfg: DirectionConfig, llm: LLM, sets: dict[str, list[str]], progress: Any) -> tuple[Any, dict]:
+    """The direction chosen on validation prompts (selection.py), and its report."""
+    fraction = cfg.selection.validation_fraction
+    (harmful_fit, harmful_val), (harmless_fit, harmless_val) = (
+        validation_split(sets[k], fraction) for k in ("positive", "negative")
+    )
+    prompts = PromptSets(harmful_fit, harmless_fit, harmful_val, harmless_val)
+    chosen = select_direction(
+        llm.model, llm.tokenizer, prompts, cfg.selection, chat=not cfg.raw,
+        progress=_ticker(progress, "candidates"),
+    )  # fmt: skip
+    chosen.direction.meta.update(
+        positive_count=str(len(harmful_fit)), negative_count=str(len(harmless_fit)),
+        positive_sha256=prompts_digest(harmful_fit), negative_sha256=prompts_digest(harmless_fit),
+        chat_template=str(not cfg.raw and bool(llm.tokenizer.chat_template)).lower(),
+    )  # fmt: skip
+    return chosen.direction, chosen.report
+
+
+def _finish_direction(
+    cfg: DirectionConfig, info: dict, direction: Any, selection: dict | None
+) -> dict[str, Any]:
     provenance = {
         "model": info["model"], "model_sha256": info["model_sha256"], "weightsmith": __version__,
         "positive": ",".join(cfg.positive), "negative": ",".join(cfg.negative),
@@ -307,7 +338,7 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
     }  # fmt: skip
     meta = write_direction(Path(cfg.out), direction, provenance)
     norms = direction.vectors.norm(dim=-1).tolist()
-    return {
+    result = {
         **info,
         "kind": "direction",
         "out": cfg.out,
@@ -315,3 +346,6 @@ def run_direction(cfg: DirectionConfig, progress: Any = None) -> dict[str, Any]:
         "norms": norms,
         "metadata": meta,
     }
+    if selection is not None:
+        result["selection"] = selection
+    return result

@@ -115,15 +115,15 @@ def difference_of_means(
         "separation": json.dumps([round(float(s), 4) for s in seps]),
         "positive_count": str(len(positive)),
         "negative_count": str(len(negative)),
-        "positive_sha256": _digest(positive),
-        "negative_sha256": _digest(negative),
+        "positive_sha256": prompts_digest(positive),
+        "negative_sha256": prompts_digest(negative),
         "chat_template": str(bool(chat and tokenizer.chat_template)).lower(),
         "position": "last prompt token",
     }
     return Direction(vectors, layer, meta)
 
 
-def _digest(prompts: Sequence[str]) -> str:
+def prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 

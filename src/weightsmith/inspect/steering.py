@@ -84,13 +84,24 @@ def edits_for(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str,
             f"--steer {spec.text}: the direction at layer {layer} is zero (the sets do not differ there); pick another layer"
         )
     if spec.ablate:
-        ablate = ProjectOut(vector)
-        names = ["hook_embed"] + [
-            f"blocks.{i}.{h}" for i in range(n_layers) for h in ("hook_attn_out", "hook_mlp_out")
-        ]
-        return {name: [ablate] for name in names}
+        return ablation_edits(vector, n_layers)
+    return addition_edits(vector, layer, float(spec.scale), n_layers)
+
+
+def ablation_edits(vector: torch.Tensor, n_layers: int) -> dict[str, list[Edit]]:
+    """Remove `vector`'s direction from everything written into the stream (the embedding and
+    every attention and MLP output), at every position."""
+    ablate = ProjectOut(vector)
+    names = ["hook_embed"] + [
+        f"blocks.{i}.{h}" for i in range(n_layers) for h in ("hook_attn_out", "hook_mlp_out")
+    ]
+    return {name: [ablate] for name in names}
+
+
+def addition_edits(vector: torch.Tensor, layer: int, scale: float, n_layers: int) -> dict[str, list[Edit]]:
+    """Add `scale * vector` to the stream entering `layer` (n_layers: the final stream), at every position."""
     name = f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
-    return {name: [Add(vector, float(spec.scale))]}
+    return {name: [Add(vector, scale)]}
 
 
 def load_steering(
