@@ -18,7 +18,9 @@ llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
 projections, 8-bit output matrix). "weightsmith bf16" is the checkpoint in bf16: prefill on
 PyTorch's bf16 matmuls (oneDNN, AMX where the CPU has it), decoding through the same fused C
 step reading the bf16 weights (weightsmith/quant/cpu_bf16.c; `--isa avx2` forces its AVX2
-converted-load path). "int4 g32 (bf16)" runs bf16 activations on PyTorch's packed kernels.
+converted-load path). "int4 g32 (bf16)" is the bf16 checkpoint quantized: its prefill runs
+bf16 activations on PyTorch's packed kernels, its decoding the C step (int4 projections, bf16
+LM head).
 
 "weightsmith, JSON schema" decodes the same way under a JSON schema's grammar (llguidance,
 weightsmith/grammar.py: a list of at least 100 person records, so the answer cannot end
@@ -329,8 +331,8 @@ def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
     if not args.skip_schema:
         c[SCHEMA_COLUMN] = bench_ours(path, prompt_ids, prefill_ids, schema=PEOPLE_SCHEMA)
     if not args.skip_quantized:
-        # fp32 activations: the C kernels; bf16 weights: the C step too; int4 with bf16
-        # activations: PyTorch's packed kernels.
+        # Decoding: the C step for all of these; prefill with bf16 activations: PyTorch's
+        # bf16 matmuls and packed int4 kernels.
         c[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
         c[INT8] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 8, head_bits=8)
         c["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)

@@ -14,7 +14,15 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import CPU, TINY_SHAPE, assert_matches, build_tiny_hf_dir, build_tiny_tokenizer_dir, kernels_on
+from conftest import (
+    CPU,
+    TINY_SHAPE,
+    assert_matches,
+    build_tiny_hf_dir,
+    build_tiny_tokenizer_dir,
+    kernels_on,
+    round_inputs_like_the_kernels,
+)
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cpu_decode import fused as cpu_fused
@@ -24,6 +32,7 @@ from weightsmith.generate import TokenGenerator, decode_one_token, prefill
 from weightsmith.kv_cache import KVCache
 from weightsmith.models import linear as linear_mod
 from weightsmith.quant import cpu_kernels
+from weightsmith.quant import weight_only as wo
 from weightsmith.sampling import SamplingParams
 
 
@@ -167,20 +176,22 @@ def _steps(model, cache, step, steps=STEPS) -> torch.Tensor:
     return torch.stack([step(model, cache, list(t), CPU) for t in steps])
 
 
-def _c_step(model, fused_calls, rows=2):
+def _c_step(model, fused_calls, head_kind=48, layer_kind=48):
     plan = prepare_cpu_decode(model, splits=2)
     fused = plan.fused()
     assert fused is not None and fused.max_rows == cpu_fused.MAX_QUANT_ROWS
-    assert fused.struct.head.kind == 48 and fused.struct.layers[0].q.kind == 48  # bf16, rows layout
+    assert (
+        fused.struct.head.kind == head_kind and fused.struct.layers[0].q.kind == layer_kind
+    )  # 48: bf16 rows
     fused_calls.clear()
     return plan.decode_step(decode_one_token)
 
 
-def _tight(model, fused_calls, monkeypatch, prompts=PROMPTS, steps=STEPS):
+def _tight(model, fused_calls, monkeypatch, prompts=PROMPTS, steps=STEPS, **kinds):
     """(C step logits, reference logits, C cache, reference cache) from one shared prefill."""
     ref = copy.deepcopy(model).float()  # the same values, exactly
     kernels_on(monkeypatch, True)
-    step = _c_step(model, fused_calls, len(prompts))
+    step = _c_step(model, fused_calls, **kinds)
     with monkeypatch.context() as mp:
         _rounded_like_the_step(mp)
         ref_cache = _cache(ref, torch.float32, len(prompts))
@@ -220,6 +231,17 @@ def test_fused_bf16_step_takes_the_servers_batches(family_dirs, native_lib, monk
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
     steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
     got, want, _, _ = _tight(model, fused_calls, monkeypatch, prompts=prompts, steps=steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+def test_a_bf16_model_with_int4_projections(family_dirs, native_lib, monkeypatch, fused_calls):
+    """Quantized after loading in bf16: int4 projections (their int8-rounded inputs), the bf16
+    LM head (its bf16-rounded input) and bf16 norms and biases, in one step."""
+    model = _bf16_model(family_dirs("llama-bias"))
+    wo.quantize_model(model, 4, 32)
+    assert type(model.model.layers[0].mlp.down_proj) is wo.Int4Linear
+    round_inputs_like_the_kernels(monkeypatch)  # the reference's int4 inputs: int8-rounded
+    got, want, _, _ = _tight(model, fused_calls, monkeypatch, head_kind=48, layer_kind=4)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
 
 

@@ -108,7 +108,7 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
         bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
     if type(module) is Int4Linear:
-        if module.qweight.device.type != "cpu":
+        if module.qweight.device.type != "cpu" or not (_fp32_cpu(module.scales) and _fp32_cpu(module.zeros)):
             return None
         codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
@@ -116,7 +116,7 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
         p.kind, p.group, p.q = 4, module.group_size, codes.data_ptr()
         p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
     elif type(module) is Int8Linear:
-        if module.qweight.device.type != "cpu":
+        if module.qweight.device.type != "cpu" or not _fp32_cpu(module.scales):
             return None
         q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
         keep += [q, scales]
