@@ -57,7 +57,7 @@ def _weight(n: int, k: int, cols: bool, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cols", [False, True], ids=["rows", "cols"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
+@pytest.mark.parametrize("rows", [1, 4, 5, 32])  # one, a block of 4, a block and a tail, many
 @pytest.mark.parametrize(("k", "n"), [(7, 5), (32, 37), (100, 37), (64, 129), (200, 300)])
 def test_bf16_matmul_matches_float64(bf16_isa, k, n, rows, cols):
     """Every tail: k below, at and between the vector widths (8, 16, 32, 64 values), n across

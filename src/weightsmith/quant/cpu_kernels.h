@@ -4,7 +4,8 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33, WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
+enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33,
+       WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
  * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:

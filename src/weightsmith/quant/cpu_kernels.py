@@ -1,13 +1,15 @@
 """The C decode kernels (cpu_kernels.c, cpu_decode.c): built on first use, called through ctypes.
 
-What it does: compiles them (and cpu_qdot.c, the int4/int8 kernels, which pick their
-instruction set at run time: `select_isa` or ``WEIGHTSMITH_CPU_ISA`` forces one) with the system C compiler (``$CC`` or ``cc``,
-``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
-compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
-compiler flags and the CPU, so it is built once per machine; loads it only after checking it
-is the library it built (the folder is 0o700 and ours, and a sidecar holds the library's
-sha256: a planted or changed file is rebuilt over, never loaded); and wraps its two
-matmuls for float32 CPU tensors (the fused step is wrapped in weightsmith/cpu_decode/fused.py).
+What it does: compiles them (and cpu_qdot.c, the int4/int8 kernels, and cpu_bf16.c, the bf16
+ones, which pick their instruction set at run time: `select_isa` or ``WEIGHTSMITH_CPU_ISA``
+forces one for both, `select_bf16_isa` for the bf16 ones alone) with the system C compiler
+(``$CC`` or ``cc``, ``-O3 -march=native``, with OpenMP linked to the runtime torch already
+loaded when the compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the
+source, the compiler flags and the CPU, so it is built once per machine; loads it only after
+checking it is the library it built (the folder is 0o700 and ours, and a sidecar holds the
+library's sha256: a planted or changed file is rebuilt over, never loaded); and wraps its
+matmuls (int4, int8, bf16) for float32 CPU inputs (the fused step is wrapped in
+weightsmith/cpu_decode/fused.py).
 Where no compiler is found or the build fails, `library()` returns None after one warning
 and callers keep their PyTorch path.
 ``WEIGHTSMITH_CPU_KERNELS=0`` turns the kernels off.
