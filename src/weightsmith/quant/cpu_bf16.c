@@ -255,10 +255,11 @@ AVX512 static void cols_chunk_avx512(const ws_qact *a, int64_t N, const uint16_t
 
 /* ---- dispatch ------------------------------------------------------------------------ */
 
-static int bf_forced = -1;
+static int bf_forced = -1, bf_mask = -1, bf_best = -1;
 
-/* Bit i: bf_names[i] runs here. */
+/* Bit i: bf_names[i] runs here. (CPUID is slow, and in a VM a trap: asked once.) */
 int ws_bf16_supported(void) {
+    if (bf_mask >= 0) return bf_mask;
     const int f = ws_x86_features();
     int mask = 1 << BF_SCALAR;
 #ifdef WS_BF16_X86
@@ -268,15 +269,19 @@ int ws_bf16_supported(void) {
 #else
     (void)f;
 #endif
-    return mask;
+    return bf_mask = mask;
 }
 
 static int bf_current(void) {
     if (bf_forced >= 0) return bf_forced;
-    const int mask = ws_bf16_supported();
-    for (int i = BF_COUNT - 1; i > 0; i--)
-        if (mask >> i & 1) return i;
-    return BF_SCALAR;
+    if (bf_best < 0) {
+        const int mask = ws_bf16_supported();
+        int best = BF_SCALAR;
+        for (int i = BF_COUNT - 1; i > 0 && best == BF_SCALAR; i--)
+            if (mask >> i & 1) best = i;
+        bf_best = best;
+    }
+    return bf_best;
 }
 
 const char *ws_bf16_isa(void) { return bf_names[bf_current()]; }
