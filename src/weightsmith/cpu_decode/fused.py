@@ -43,8 +43,8 @@ Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 #: being bound by reading the weights, and BLAS (the PyTorch path) multiplies better.
 MAX_ROWS = 8
 #: Rows it takes when some projections are int4/int8 or bf16 (the server's decode batches): those
-#: kernels take the rows 4 at a time for each weight block they read. (bf16: PyTorch's bf16 matmuls
-#: are no faster than the C step up to 32 rows; benchmarks/generate.py.)
+#: kernels take the rows 4 at a time for each weight block they read. (bf16: the same limit, not yet
+#: measured against PyTorch's bf16 matmuls at 8-32 rows.)
 MAX_QUANT_ROWS = 32
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
