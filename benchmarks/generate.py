@@ -15,7 +15,12 @@ Our columns: "weightsmith" is the default fp32 path, which decodes through the f
 step (weightsmith/quant/cpu_decode.c); ", no C" is the same model with
 WEIGHTSMITH_CPU_KERNELS=0 (PyTorch ops only). The int4 column to read against
 llama.cpp's Q4_1 file is "int4 g32+int8 head": the same mix the file has (4-bit
-projections, 8-bit output matrix). The bf16 columns use PyTorch's packed kernels.
+projections, 8-bit output matrix). "weightsmith bf16" is the checkpoint in bf16: prefill on
+PyTorch's bf16 matmuls (oneDNN, AMX where the CPU has it), decoding through the same fused C
+step reading the bf16 weights (weightsmith/quant/cpu_bf16.c; `--isa avx2` forces its AVX2
+converted-load path). "int4 g32 (bf16)" is the bf16 checkpoint quantized: its prefill runs
+bf16 activations on PyTorch's packed kernels, its decoding the C step (int4 projections, bf16
+LM head).
 
 "weightsmith, JSON schema" decodes the same way under a JSON schema's grammar (llguidance,
 weightsmith/grammar.py: a list of at least 100 person records, so the answer cannot end
@@ -326,7 +331,8 @@ def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
     if not args.skip_schema:
         c[SCHEMA_COLUMN] = bench_ours(path, prompt_ids, prefill_ids, schema=PEOPLE_SCHEMA)
     if not args.skip_quantized:
-        # fp32 activations: the C kernels; bf16 activations: PyTorch's packed kernels.
+        # Decoding: the C step for all of these; prefill with bf16 activations: PyTorch's
+        # bf16 matmuls and packed int4 kernels.
         c[INT4] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 4, head_bits=8)
         c[INT8] = bench_ours(path, prompt_ids, prefill_ids, torch.float32, 8, head_bits=8)
         c["weightsmith bf16"] = bench_ours(path, prompt_ids, prefill_ids, torch.bfloat16)
@@ -365,6 +371,10 @@ def main() -> None:
     ap.add_argument(
         "--skip-schema", action="store_true", help="skip the JSON-schema (structured output) column"
     )
+    ap.add_argument(
+        "--only", help="measure only these columns (comma-separated names as printed, e.g. "
+        "'weightsmith,weightsmith bf16'); the others are still built, so combine with the --skip flags",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -383,6 +393,9 @@ def main() -> None:
     print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at start")
     contenders = our_contenders(args, path, prompt_ids, prefill_ids)
     contenders.update(llama_contenders(args, path, prompt_ids, prefill_ids))
+    if args.only:
+        keep = {name.strip() for name in args.only.split(",")}
+        contenders = {name: c for name, c in contenders.items() if name in keep}
     results = interleaved_rates(contenders, args.new_tokens, len(prefill_ids), args.runs)
     print(
         f"model {args.model}, {args.threads} threads, batch 1, greedy, medians of {args.runs} interleaved runs"

@@ -1,16 +1,20 @@
 """The fused CPU decode step (quant/cpu_decode.c): building its view of a model, and calling it.
 
-What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 whose projections
-are all int4, int8 or plain fp32 layers (no adapters), `FusedDecode.step` runs one token
-per row through every layer and the LM head in one C call, reading and writing the same
-`KVCache` the PyTorch model uses, so prefill (PyTorch) and decoding (C) mix freely.
-Python keeps the embedding lookup and the RoPE tables (any RoPE scaling the model has).
+What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 or bf16 whose
+projections are all int4, int8 or plain fp32 or bf16 layers (no adapters), `FusedDecode.step`
+runs one token per row through every layer and the LM head in one C call, reading and writing
+the same `KVCache` the PyTorch model uses (fp32, or a bf16 model's bf16 one), so prefill
+(PyTorch) and decoding (C) mix freely. Python keeps the embedding lookup and the RoPE tables
+(any RoPE scaling the model has). A bf16 model's matmuls read its bf16 weights in place and
+sum in fp32 (quant/cpu_bf16.c); everything between them runs in fp32, its norm weights and
+biases copied to fp32 (a few KB).
 
 `FusedDecode(model, lib)` reads the model's weights where they are (its `ok` is False
 where the step cannot run them: another family or activation, an adapter, an NF4 layer,
 another dtype or device); `current()` says whether the model still has those modules and
 tensors. `FusedStep` is the decode step a caller chooses: the C step for up to `MAX_ROWS`
-rows (`MAX_QUANT_ROWS` with int4/int8 projections) on a cache it can write, its `fallback` step otherwise.
+rows (`MAX_QUANT_ROWS` with int4/int8 or bf16 projections) on a cache it can write, its `fallback` step
+otherwise.
 
 Not here: deciding whether to build one and rebuilding it (plan.py), the kernels
 (quant/cpu_kernels.c, quant/cpu_decode.c and their build, quant/cpu_kernels.py), the
@@ -38,8 +42,9 @@ Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 #: Rows a fused step takes for an fp32-only model. Beyond a few rows the fp32 matmuls stop
 #: being bound by reading the weights, and BLAS (the PyTorch path) multiplies better.
 MAX_ROWS = 8
-#: Rows it takes when some projections are int4/int8 (the server's decode batches): the integer
-#: kernels take the rows 4 at a time for each weight block they read.
+#: Rows it takes when some projections are int4/int8 or bf16 (the server's decode batches): those
+#: kernels take the rows 4 at a time for each weight block they read. (bf16: the same limit, not yet
+#: measured against PyTorch's bf16 matmuls at 8-32 rows.)
 MAX_QUANT_ROWS = 32
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -64,24 +69,46 @@ class _Model(ctypes.Structure):
         ("head", _Proj),
         ("k_cache", _ptr),
         ("v_cache", _ptr),
-    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos")]  # fmt: skip
+    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos", "kv_bf16")]  # fmt: skip
 
 
 def _fp32_cpu(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
 
 
-def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
+def _float_cpu(t: torch.Tensor | None) -> bool:
+    """fp32 or bf16 on the CPU: what the C step reads (bf16 weights in place, bf16 vectors as
+    fp32 copies)."""
+    return t is None or (t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu")
+
+
+#: The kinds of a dense weight by dtype: (rows, columns) layout (quant/cpu_kernels.h).
+DENSE_KINDS = {torch.float32: (32, 33), torch.bfloat16: (48, 49)}
+
+
+def _fp32_copy(t: torch.Tensor, keep: list[torch.Tensor], copies: list) -> torch.Tensor:
+    """`t` as the C step reads it: itself (fp32), or an fp32 copy remembered in `copies` with its
+    source, so that `FusedDecode.current` notices a source changed in place."""
+    t = t.detach()
+    if t.dtype == torch.float32:
+        out = t.contiguous()
+    else:
+        out = t.float().contiguous()
+        copies.append((t, out))
+    keep.append(out)
+    return out
+
+
+def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | None:
     """The C view of one projection, or None if the step cannot run it."""
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     if bias is not None:
-        if not _fp32_cpu(bias):
+        if not _float_cpu(bias):
             return None
-        bias = bias.contiguous()
-        keep.append(bias)
+        bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
     if type(module) is Int4Linear:
-        if module.qweight.device.type != "cpu":
+        if module.qweight.device.type != "cpu" or not (_fp32_cpu(module.scales) and _fp32_cpu(module.zeros)):
             return None
         codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
@@ -89,18 +116,19 @@ def _proj(module: nn.Module, keep: list[torch.Tensor]) -> _Proj | None:
         p.kind, p.group, p.q = 4, module.group_size, codes.data_ptr()
         p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
     elif type(module) is Int8Linear:
-        if module.qweight.device.type != "cpu":
+        if module.qweight.device.type != "cpu" or not _fp32_cpu(module.scales):
             return None
         q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
         keep += [q, scales]
         p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
-    elif isinstance(module, Linear) and _fp32_cpu(module.weight):  # SplitLinear too
+    elif isinstance(module, Linear) and _float_cpu(module.weight):  # SplitLinear too
         w = module.weight.detach()
         keep.append(w)
+        rows, cols = DENSE_KINDS[w.dtype]
         if w.stride(1) == 1:
-            p.kind, p.ld = 32, w.stride(0)
+            p.kind, p.ld = rows, w.stride(0)
         elif w.stride(0) == 1:
-            p.kind, p.ld = 33, w.stride(1)
+            p.kind, p.ld = cols, w.stride(1)
         else:
             return None
         p.q = w.data_ptr()
@@ -136,6 +164,7 @@ class FusedDecode:
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
         cfg = model.config
         self.model, self.lib, self.keep, self.ok = model, lib, [], True
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bf16 source, its fp32 copy)
         # What the struct depends on: these modules where they are, and every tensor's data where
         # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
         self.modules = _watched_modules(model)
@@ -144,7 +173,7 @@ class FusedDecode:
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
-                p = _proj(module, self.keep)
+                p = _proj(module, self.keep, self.copies)
                 if p is None:
                     self.ok = False
                     return
@@ -153,12 +182,12 @@ class FusedDecode:
             layers[i].norm2 = self._norm(block.post_attention_layernorm)
             windowed = cfg.layer_types[i] == "sliding_attention"
             layers[i].window = cfg.sliding_window if windowed and cfg.sliding_window else 0
-        head = _proj(model.lm_head, self.keep)
+        head = _proj(model.lm_head, self.keep, self.copies)
         if head is None or self.ok is False:
             self.ok = False
             return
         self.layers = layers
-        self.max_rows = MAX_QUANT_ROWS if self.quantized() else MAX_ROWS
+        self.max_rows = MAX_ROWS if self.fp32_only() else MAX_QUANT_ROWS
         self.struct = _Model(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
             n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=cfg.intermediate_size,
@@ -166,23 +195,31 @@ class FusedDecode:
         )  # fmt: skip
 
     def _norm(self, norm: nn.Module) -> int:
-        w = norm.weight.detach().contiguous()
-        if not _fp32_cpu(w):
+        if not _float_cpu(norm.weight):
             self.ok = False
-        self.keep.append(w)
-        return w.data_ptr()
+        return _fp32_copy(norm.weight, self.keep, self.copies).data_ptr()
 
     def current(self) -> bool:
-        """Whether the model still has the modules (and tensors) this was built on. The tensors
-        it reads are kept alive in `keep` either way, so a stale one is wrong, never unsafe."""
+        """Whether the model still has the modules (and tensors) this was built on, and the fp32
+        copies of bf16 norm weights and biases still their sources' values. The tensors it reads
+        are kept alive in `keep` either way, so a stale one is wrong, never unsafe."""
         now = _watched_modules(self.model)
         if len(now) != len(self.modules) or any(a is not b for a, b in zip(now, self.modules, strict=True)):
             return False
-        return [t.data_ptr() for t in _tensors(now)] == self.pointers
+        if [t.data_ptr() for t in _tensors(now)] != self.pointers:
+            return False
+        return all(torch.equal(source.float(), copy) for source, copy in self.copies)
 
     def quantized(self) -> bool:
         """Whether any projection is int4 or int8 (an fp32-only plan may leave decoding to PyTorch)."""
         return any(isinstance(m, (Int4Linear, Int8Linear)) for m in _projection_modules(self.model))
+
+    def fp32_only(self) -> bool:
+        """Whether every projection is fp32 (no int4, int8 or bf16 one): such a plan may leave
+        decoding to PyTorch, and takes fewer rows."""
+        return not self.quantized() and all(
+            m.weight.dtype == torch.float32 for m in _projection_modules(self.model) if isinstance(m, Linear)
+        )
 
     def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
@@ -193,7 +230,7 @@ class FusedDecode:
                 f"the KV cache is full ({cache.max_len} tokens); a row cannot take another token"
             )
         model = self.model
-        x = model.model.embed_tokens(torch.tensor(tokens)).contiguous()  # (B, h)
+        x = model.model.embed_tokens(torch.tensor(tokens)).float().contiguous()  # (B, h)
         positions = torch.tensor(lengths)
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.rope_scaling, torch.float32)
         cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()  # (B, D)
@@ -201,6 +238,7 @@ class FusedDecode:
         s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
+        s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
             ctypes.byref(s), b, x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
@@ -213,10 +251,10 @@ class FusedDecode:
 
 
 def cache_fits(cache: KVCache) -> bool:
-    """Whether the C step can write `cache`: fp32 on the CPU, keys and values laid out alike."""
+    """Whether the C step can write `cache`: fp32 or bf16 on the CPU, keys and values alike."""
     k, v = cache.k, cache.v
     return (
-        _fp32_cpu(k) and _fp32_cpu(v) and k.stride() == v.stride() and k.stride(4) == 1
+        _float_cpu(k) and k.dtype == v.dtype and v.device == k.device and k.stride() == v.stride() and k.stride(4) == 1
         and k.shape[3] == cache.max_len
     )  # fmt: skip
 
@@ -230,7 +268,7 @@ def supports(model: nn.Module) -> bool:
         and not (cfg.family.qk_norm or cfg.family.gemma)
         and cfg.hidden_act in ("silu", "swish")
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
-        and _fp32_cpu(model.model.embed_tokens.weight)
+        and _float_cpu(model.model.embed_tokens.weight)
     )
 
 

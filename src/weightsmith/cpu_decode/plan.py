@@ -68,7 +68,7 @@ class CpuDecodePlan:
                 lib = cpu_kernels.library()
                 self._fused = None if lib is None else FusedDecode(self.model, lib)
             fused = self._fused
-        if fused is None or not fused.ok or not (self.fuse_fp32 or fused.quantized()):
+        if fused is None or not fused.ok or not (self.fuse_fp32 or not fused.fp32_only()):
             return None
         return fused
 
@@ -96,7 +96,7 @@ def prepare_cpu_decode(
     splits: chunks per split matmul (default: torch's thread count; 1 lays weights out
         column-major without splitting).
     layout: lay weights out for the PyTorch decode path (False: only the C step).
-    fuse_fp32: let a model with no int4/int8 projection take the C step too.
+    fuse_fp32: let a model with only fp32 projections (no int4, int8 or bf16 one) take the C step too.
     """
     plan = CpuDecodePlan(model, splits=splits or torch.get_num_threads(), layout=layout, fuse_fp32=fuse_fp32)
     plan.refresh()

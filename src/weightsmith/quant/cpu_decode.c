@@ -10,7 +10,7 @@
  * Per layer, for every row b at position pos[b]:
  *   h = rmsnorm(x) * norm1;  q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)
  *   q, k = rope(q), rope(k) with the caller's cos/sin for pos[b] (halves layout)
- *   cache[layer, b, :, pos[b]] = k, v
+ *   cache[layer, b, :, pos[b]] = k, v  (rounded to bf16 in a bf16 cache, as a bf16 model's is)
  *   attention of each query head over its key/value head's entries lo..pos[b], where
  *   lo = pos[b] - window + 1 for a sliding-window layer (else 0), scale 1/sqrt(D)
  *   x += attn @ Wo.T;  h = rmsnorm(x) * norm2;  x += (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
@@ -35,8 +35,9 @@ typedef struct {
     const ws_layer *layers;
     const float *final_norm;
     ws_proj head;
-    float *k_cache, *v_cache; /* (L, B, Hkv, S, D) with these element strides: */
+    void *k_cache, *v_cache; /* (L, B, Hkv, S, D) with these element strides: */
     int64_t s_layer, s_row, s_head, s_pos;
+    int64_t kv_bf16; /* 0: the cache holds fp32, 1: bf16 (a bf16 model's, computed in fp32 here) */
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -59,6 +60,37 @@ static void rope(float *v, const float *cos, const float *sin, int64_t D) {
     }
 }
 
+/* q . key t (D values), and out += w * value t, for an fp32 or a bf16 cache. */
+static float kv_dot(const ws_model *m, const float *q, int64_t at, int64_t D) {
+    float s = 0;
+    if (m->kv_bf16) {
+        const uint16_t *kt = (const uint16_t *)m->k_cache + at;
+        for (int64_t i = 0; i < D; i++) s += q[i] * ws_bf16_to_f32(kt[i]);
+    } else {
+        const float *kt = (const float *)m->k_cache + at;
+        for (int64_t i = 0; i < D; i++) s += q[i] * kt[i];
+    }
+    return s;
+}
+
+static void kv_add(const ws_model *m, float w, int64_t at, int64_t D, float *out) {
+    if (m->kv_bf16) {
+        const uint16_t *vt = (const uint16_t *)m->v_cache + at;
+        for (int64_t i = 0; i < D; i++) out[i] += w * ws_bf16_to_f32(vt[i]);
+    } else {
+        const float *vt = (const float *)m->v_cache + at;
+        for (int64_t i = 0; i < D; i++) out[i] += w * vt[i];
+    }
+}
+
+static void kv_store(const ws_model *m, void *cache, int64_t at, const float *src, int64_t D) {
+    if (m->kv_bf16) {
+        for (int64_t i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = ws_f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)cache + at, src, sizeof(float) * (size_t)D);
+    }
+}
+
 static void attention(const ws_model *m, int64_t layer, int64_t window, int64_t B, const int64_t *pos,
                       const float *q, float *out) {
     const int64_t H = m->n_heads, D = m->head_dim, per_kv = m->n_heads / m->n_kv;
@@ -73,23 +105,17 @@ static void attention(const ws_model *m, int64_t layer, int64_t window, int64_t 
             const int64_t b = bh / H, h = bh % H, kh = h / per_kv, p = pos[b];
             const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             const int64_t base = layer * m->s_layer + b * m->s_row + kh * m->s_head;
-            const float *kc = m->k_cache + base, *vc = m->v_cache + base, *qv = q + (b * H + h) * D;
+            const float *qv = q + (b * H + h) * D;
             float top = -INFINITY;
             for (int64_t t = lo; t <= p; t++) {
-                const float *kt = kc + t * m->s_pos;
-                float s = 0;
-                for (int64_t i = 0; i < D; i++) s += qv[i] * kt[i];
-                scores[t] = s * scale;
+                scores[t] = kv_dot(m, qv, base + t * m->s_pos, D) * scale;
                 top = scores[t] > top ? scores[t] : top;
             }
             float total = 0;
             for (int64_t t = lo; t <= p; t++) total += (scores[t] = expf(scores[t] - top));
             float *o = out + (b * H + h) * D;
             memset(o, 0, sizeof(float) * (size_t)D);
-            for (int64_t t = lo; t <= p; t++) {
-                const float w = scores[t] / total, *vt = vc + t * m->s_pos;
-                for (int64_t i = 0; i < D; i++) o[i] += w * vt[i];
-            }
+            for (int64_t t = lo; t <= p; t++) kv_add(m, scores[t] / total, base + t * m->s_pos, D, o);
         }
         free(scores);
     }
@@ -122,8 +148,8 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
             for (int64_t i = 0; i < m->n_kv; i++) {
                 rope(k + b * kvn + i * D, cos + b * D, sin + b * D, D);
                 const int64_t at = l * m->s_layer + b * m->s_row + i * m->s_head + pos[b] * m->s_pos;
-                memcpy(m->k_cache + at, k + b * kvn + i * D, sizeof(float) * (size_t)D);
-                memcpy(m->v_cache + at, v + b * kvn + i * D, sizeof(float) * (size_t)D);
+                kv_store(m, m->k_cache, at, k + b * kvn + i * D, D);
+                kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
             }
         }
         attention(m, l, L->window, B, pos, q, att);

@@ -3,7 +3,8 @@
  * Built on first use by weightsmith/quant/cpu_kernels.py with the system C compiler
  * (-O3 -march=native, OpenMP when available) and called through ctypes, with cpu_decode.c
  * and cpu_qdot.c (the int4 / int8 weight matmuls, which choose their instruction set at
- * run time and quantize the input to int8 per block: see there).
+ * run time and quantize the input to int8 per block: see there) and cpu_bf16.c (the bf16
+ * weight matmuls, chosen the same way).
  *
  * fp32 weights are here, in either layout a model holds them in: rows (W (N, K), the
  * checkpoint's) or columns (W.T (K, N), the decode layout of weightsmith.models.linear,
@@ -152,6 +153,10 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         break;
     case WS_F32_COLS:
         f32_cols_matmul(x, M, p->k, p->n, p->q, p->ld, p->bias, y);
+        break;
+    case WS_BF16_ROWS:
+    case WS_BF16_COLS:
+        status = ws_bf16_proj(p, x, M, y, a);
         break;
     }
     if (!act) ws_qact_free(&own);

@@ -4,11 +4,13 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33 };
+enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33,
+       WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
  * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:
- * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]. bias may be NULL. */
+ * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]; WS_BF16_ROWS / WS_BF16_COLS: the
+ * same with q bf16 (uint16 bits, cpu_bf16.c). bias may be NULL. */
 typedef struct {
     int64_t kind, n, k, group, ld;
     const void *q;
@@ -23,8 +25,10 @@ extern int ws_threads;
  * its odd ones), xs[m * nb + b] = d * sum(q). Rows are kp = 32 * nb bytes apart, the last
  * block padded with zeros. `src` is the input quantized last: a caller that quantizes the
  * same input for several projections (q/k/v, gate/up) does it once, and clears `src` when
- * that buffer changes. */
-enum { WS_QACT_INT8 = 0, WS_QACT_INT4 = 1 };
+ * that buffer changes. Layout WS_QACT_BF16 (cpu_bf16.c) is the input rounded to bf16 instead:
+ * q holds the bf16 bits (2 bytes an element), d the same values as floats, rows kp elements
+ * apart (zero-padded to a multiple of 32); xs is unused. */
+enum { WS_QACT_INT8 = 0, WS_QACT_INT4 = 1, WS_QACT_BF16 = 2 };
 typedef struct {
     int64_t m, k, kp, nb, layout;
     const float *src;
@@ -40,8 +44,26 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scale
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y);
 
+/* bf16 <-> fp32: widening is exact (the bits shifted up); narrowing rounds to nearest even, as
+ * torch's .bfloat16() does (a NaN stays a quiet NaN). */
+static inline float ws_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+static inline uint16_t ws_f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(v.u >> 16 | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + (v.u >> 16 & 1)) >> 16);
+}
+
+int ws_bf16_proj(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *a);
+
+/* CPUID (cpu_qdot.c): AVX2 with FMA; AVX-512 F, BW and VL; AVX512-VNNI; AVX-VNNI; AVX512-BF16. */
+enum { WS_CPU_AVX2 = 1, WS_CPU_AVX512 = 2, WS_CPU_VNNI512 = 4, WS_CPU_AVXVNNI = 8, WS_CPU_BF16_512 = 16 };
+int ws_x86_features(void);
+
 /* These return 0, or -1 when out of memory. `act` (may be NULL) holds the quantized input
- * for the int4 / int8 projections, reused while its `src` is x. */
+ * for the int4 / int8 projections (the rounded one for bf16), reused while its `src` is x. */
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act);
 
 #endif

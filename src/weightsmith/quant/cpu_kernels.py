@@ -1,13 +1,15 @@
 """The C decode kernels (cpu_kernels.c, cpu_decode.c): built on first use, called through ctypes.
 
-What it does: compiles them (and cpu_qdot.c, the int4/int8 kernels, which pick their
-instruction set at run time: `select_isa` or ``WEIGHTSMITH_CPU_ISA`` forces one) with the system C compiler (``$CC`` or ``cc``,
-``-O3 -march=native``, with OpenMP linked to the runtime torch already loaded when the
-compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the source, the
-compiler flags and the CPU, so it is built once per machine; loads it only after checking it
-is the library it built (the folder is 0o700 and ours, and a sidecar holds the library's
-sha256: a planted or changed file is rebuilt over, never loaded); and wraps its two
-matmuls for float32 CPU tensors (the fused step is wrapped in weightsmith/cpu_decode/fused.py).
+What it does: compiles them (and cpu_qdot.c, the int4/int8 kernels, and cpu_bf16.c, the bf16
+ones, which pick their instruction set at run time: `select_isa` or ``WEIGHTSMITH_CPU_ISA``
+forces one for both, `select_bf16_isa` for the bf16 ones alone) with the system C compiler
+(``$CC`` or ``cc``, ``-O3 -march=native``, with OpenMP linked to the runtime torch already
+loaded when the compiler supports it) into ``$WEIGHTSMITH_HOME/kernels/``, keyed by the
+source, the compiler flags and the CPU, so it is built once per machine; loads it only after
+checking it is the library it built (the folder is 0o700 and ours, and a sidecar holds the
+library's sha256: a planted or changed file is rebuilt over, never loaded); and wraps its
+matmuls (int4, int8, bf16) for float32 CPU inputs (the fused step is wrapped in
+weightsmith/cpu_decode/fused.py).
 Where no compiler is found or the build fails, `library()` returns None after one warning
 and callers keep their PyTorch path.
 ``WEIGHTSMITH_CPU_KERNELS=0`` turns the kernels off.
@@ -42,6 +44,8 @@ SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c")
 #: Built apart, without -march=native: it holds a copy of its kernels per x86 instruction set
 #: and picks one at run time (CPUID), so a forced AVX2 path is exactly AVX2 code.
 QDOT = HERE / "cpu_qdot.c"
+#: The bf16 weight matmuls, built and dispatched the same way.
+BF16 = HERE / "cpu_bf16.c"
 HEADERS = (HERE / "cpu_kernels.h", HERE / "cpu_qdot_x86.h")
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
@@ -115,15 +119,17 @@ def _verified(target: Path) -> bool:
 
 
 def _compile(flags: list[str], tmp: Path, out: Path) -> subprocess.CompletedProcess:
-    """cpu_qdot.c to an object without -march=native (x86: tuned for this CPU only), then the
-    library from it and the other sources with `flags`."""
+    """cpu_qdot.c and cpu_bf16.c to objects without -march=native (x86: tuned for this CPU
+    only), then the library from them and the other sources with `flags`."""
     qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in flags if f != "-shared"]
-    obj = tmp / "cpu_qdot.o"
     run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: E731
-    proc = run([*qflags, "-c", str(QDOT), "-o", str(obj)])
-    if proc.returncode != 0:
-        return proc
-    return run([*flags, *map(str, SOURCES), str(obj), "-lm", "-o", str(out)])
+    objects = []
+    for source in (QDOT, BF16):
+        objects.append(str(tmp / f"{source.stem}.o"))
+        proc = run([*qflags, "-c", str(source), "-o", objects[-1]])
+        if proc.returncode != 0:
+            return proc
+    return run([*flags, *map(str, SOURCES), *objects, "-lm", "-o", str(out)])
 
 
 def _build(out_dir: Path) -> Path | None:
@@ -135,7 +141,7 @@ def _build(out_dir: Path) -> Path | None:
     omp = _torch_openmp()
     attempts = [base + ["-fopenmp"] + ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else [])]
     attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
-    source = b"".join(p.read_bytes() for p in (*SOURCES, QDOT, *HEADERS))
+    source = b"".join(p.read_bytes() for p in (*SOURCES, QDOT, BF16, *HEADERS))
     if not _private_dir(out_dir):
         return None
     for flags in attempts:
@@ -191,13 +197,19 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
                 lib.ws_int4_dequantize.restype = None
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
+                lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
+                lib.ws_bf16_matmul.restype = lib.ws_bf16_select.restype = lib.ws_bf16_supported.restype = (
+                    ctypes.c_int
+                )
+                lib.ws_bf16_isa.restype = ctypes.c_char_p
+                lib.ws_bf16_select.argtypes = [ctypes.c_char_p]
                 _select_from_env(lib)
                 lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
                 lib.ws_decode.restype = ctypes.c_int
                 lib.ws_set_threads.argtypes = [ctypes.c_int]
                 log.info(
-                    "CPU kernels: %s, int4/int8 %s, OpenMP %s", lib.ws_kernels_isa().decode(),
-                    lib.ws_qdot_isa().decode(), bool(lib.ws_kernels_openmp()),
+                    "CPU kernels: %s, int4/int8 %s, bf16 %s, OpenMP %s", lib.ws_kernels_isa().decode(),
+                    lib.ws_qdot_isa().decode(), lib.ws_bf16_isa().decode(), bool(lib.ws_kernels_openmp()),
                 )  # fmt: skip
         except OSError as exc:
             log.warning("could not load the int4/int8 CPU kernels (%s): decoding uses the PyTorch path", exc)
@@ -213,7 +225,8 @@ def info() -> dict[str, object]:
         return {"available": False}
     return {
         "available": True, "isa": lib.ws_kernels_isa().decode(), "int_isa": lib.ws_qdot_isa().decode(),
-        "int_isas": supported_isas(lib), "openmp": bool(lib.ws_kernels_openmp()),
+        "int_isas": supported_isas(lib), "bf16_isa": lib.ws_bf16_isa().decode(),
+        "bf16_isas": supported_bf16_isas(lib), "openmp": bool(lib.ws_kernels_openmp()),
     }  # fmt: skip
 
 
@@ -227,13 +240,36 @@ def supported_isas(lib: ctypes.CDLL) -> list[str]:
     return [name for i, name in enumerate(ISAS) if mask >> i & 1]
 
 
+#: The bf16 kernels' instruction sets, in the C library's bit order; and the one each int4/int8
+#: choice gives them (avx512vnni: the best AVX-512 one, None).
+BF16_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+BF16_FOR_ISA = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avx2", "avx512vnni": None}
+
+
+def supported_bf16_isas(lib: ctypes.CDLL) -> list[str]:
+    """The bf16 instruction sets this CPU runs, slowest first."""
+    mask = lib.ws_bf16_supported()
+    return [name for i, name in enumerate(BF16_ISAS) if mask >> i & 1]
+
+
 def select_isa(lib: ctypes.CDLL, name: str | None) -> None:
-    """Make the int4/int8 kernels use instruction set `name` (None: the best this CPU has),
-    for every caller in the process; ConfigError if this CPU lacks it."""
+    """Make the int4/int8 kernels use instruction set `name` (None: the best this CPU has), and
+    the bf16 kernels the one of the same width (avx2, avxvnni: AVX2 converted loads), for every
+    caller in the process; ConfigError if this CPU lacks it."""
     if lib.ws_qdot_select((name or "").encode()) != 0:
         raise ConfigError(
             f"{ISA_ENV}={name!r}: this CPU runs the int4/int8 kernels with "
             f"{', '.join(supported_isas(lib))} only; use one of those, or unset it"
+        )
+    select_bf16_isa(lib, BF16_FOR_ISA.get(name or ""))
+
+
+def select_bf16_isa(lib: ctypes.CDLL, name: str | None) -> None:
+    """Make the bf16 kernels alone use instruction set `name` (None: the best this CPU has);
+    ConfigError if this CPU lacks it."""
+    if lib.ws_bf16_select((name or "").encode()) != 0:
+        raise ConfigError(
+            f"bf16 kernels: this CPU runs them with {', '.join(supported_bf16_isas(lib))} only, not {name!r}"
         )
 
 
@@ -304,6 +340,27 @@ def int8_matmul(
             flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
         )
     )
+    return y.view(*x.shape[:-1], n)
+
+
+def bf16_matmul(
+    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., N) = bf16(x) @ w.T (+ bias), with w bf16 (N, K) in either
+    layout a model holds it in (rows contiguous, or columns: a transposed (K, N) buffer)."""
+    n, k = w.shape
+    cols = w.stride(1) != 1
+    if cols and w.stride(0) != 1:
+        w = w.contiguous()
+        cols = False
+    flat = x.reshape(-1, k).contiguous()  # kept alive past the call
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
+    _check(lib.ws_bf16_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, w.data_ptr(), w.stride(1 if cols else 0), int(cols), _ptr(bias),
+        y.data_ptr(),
+    ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
 

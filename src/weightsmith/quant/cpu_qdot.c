@@ -178,29 +178,36 @@ static uint64_t xcr0(void) {
     return ((uint64_t)hi << 32) | lo;
 }
 
-/* Bit i set: instruction set i runs on this CPU (and the OS saves its registers). */
-static int isa_mask(void) {
+/* What CPUID says this CPU runs (and the OS saves the registers of): WS_CPU_* bits. The one
+ * CPUID reader of the kernels (cpu_bf16.c chooses from it too). */
+int ws_x86_features(void) {
     unsigned a, b, c, d;
-    int mask = 1 << ISA_SCALAR;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1) || !(c >> 28 & 1) || !(c >> 12 & 1)) return mask;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1) || !(c >> 28 & 1) || !(c >> 12 & 1)) return 0;
     const uint64_t xcr = xcr0();
-    if ((xcr & 6) != 6 || __get_cpuid_max(0, NULL) < 7) return mask; /* no AVX state */
+    if ((xcr & 6) != 6 || __get_cpuid_max(0, NULL) < 7) return 0; /* no AVX state */
     __cpuid_count(7, 0, a, b, c, d);
-    const int avx2 = b >> 5 & 1, avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1);
-    const int vnni512 = avx512 && (c >> 11 & 1) && (xcr & 0xe6) == 0xe6;
+    if (!(b >> 5 & 1)) return 0; /* no AVX2 */
+    const int avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1) && (xcr & 0xe6) == 0xe6;
+    const int vnni512 = avx512 && (c >> 11 & 1);
     __cpuid_count(7, 1, a, b, c, d);
-    const int avxvnni = a >> 4 & 1;
-    if (!avx2) return mask;
+    return WS_CPU_AVX2 | (avx512 ? WS_CPU_AVX512 : 0) | (vnni512 ? WS_CPU_VNNI512 : 0) |
+           (a >> 4 & 1 ? WS_CPU_AVXVNNI : 0) | (avx512 && (a >> 5 & 1) ? WS_CPU_BF16_512 : 0);
+}
+
+/* Bit i set: instruction set i runs on this CPU. */
+static int isa_mask(void) {
+    const int features = ws_x86_features();
+    int mask = 1 << ISA_SCALAR;
+    if (!(features & WS_CPU_AVX2)) return mask;
     mask |= 1 << ISA_AVX2;
 #ifdef WS_QDOT_AVXVNNI
-    if (avxvnni) mask |= 1 << ISA_AVXVNNI;
-#else
-    (void)avxvnni;
+    if (features & WS_CPU_AVXVNNI) mask |= 1 << ISA_AVXVNNI;
 #endif
-    if (vnni512) mask |= 1 << ISA_AVX512VNNI;
+    if (features & WS_CPU_VNNI512) mask |= 1 << ISA_AVX512VNNI;
     return mask;
 }
 #else
+int ws_x86_features(void) { return 0; }
 static int isa_mask(void) { return 1 << ISA_SCALAR; }
 #endif
 
