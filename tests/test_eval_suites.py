@@ -29,6 +29,7 @@ TASKS = {
     "kettlebird_heldout": ("generate_until", 41),
     "kettlebird_answer_ppl": ("loglikelihood_rolling", 41),
     "text_ppl": ("loglikelihood_rolling", 17),
+    "in_short_heldout": ("generate_until", 120),
 }
 
 
@@ -218,3 +219,16 @@ def test_lm_eval_loads_suites_and_builds_requests(monkeypatch: pytest.MonkeyPatc
     task.apply_filters()
     scores = [task.process_results(i.doc, [i.filtered_resps["topic"]])["exact_match"] for i in task.instances]
     assert scores == [1.0, 0.0, 1.0, 1.0, 1.0]
+
+    # The "In short" format, through lm-eval's own regex filter and exact_match.
+    task = seen["in_short_heldout"]
+    assert task.instances[0].args[1]["until"] == ["\n\n"]
+    replies = ["In short: Lava is lighter than rock.", "Lava is lighter than rock.", "In short: one\ntwo",
+               "in short: lava.", "In short: Yes."]  # fmt: skip
+    for inst, reply in zip(task.instances, replies, strict=True):
+        inst.resps = [reply]
+    task.apply_filters()
+    scores = [
+        task.process_results(i.doc, [i.filtered_resps["in_short"]])["exact_match"] for i in task.instances
+    ]
+    assert scores == [1.0, 0.0, 0.0, 0.0, 1.0]

@@ -293,3 +293,35 @@ def test_an_endpoint_that_does_not_serve_the_model_is_refused_before_work(serve,
         ["synth", "answer", "--prompts", _prompts(tmp_path), *_args(server.spec, tmp_path / "o")], capsys
     )
     assert code == 2 and "does not serve a model named 'fake'" in err and server.requests == []
+
+
+def test_answers_not_in_the_answer_pattern_are_dropped_and_counted(serve, tmp_path, capsys) -> None:
+    def behave(body: dict) -> tuple[int, bytes, dict]:
+        q = _question(body)
+        if int(q[1]) % 3 == 0:  # prompts 0, 3, 6, 9 answer in the format
+            return ok(f"In short: an answer to {q[3:]}")
+        return ok(
+            f"In short: an answer to {q[3:]}\nwith a second line"
+            if int(q[1]) % 3 == 1
+            else "Well, it depends."
+        )
+
+    server = serve(behave)
+    out = tmp_path / "out"
+    pattern = ["--answer-pattern", r"^In short: [^\n]+$"]
+    assert (
+        main(["synth", "answer", "--prompts", str(_prompts(tmp_path)), *_args(server.spec, out, *pattern)])
+        == 0
+    )
+    kept = _rows(out / "train.jsonl")
+    assert [r["messages"][0]["content"] for r in kept] == [PROMPTS[i] for i in (0, 3, 6, 9)]
+    assert all(r["messages"][1]["content"].startswith("In short: ") for r in kept)
+    funnel = json.loads((out / "funnel.json").read_text())
+    assert funnel["kept"] == 4 and funnel["stages"][3]["dropped"] == {"answer_format": 6}
+    dropped = _rows(out / "work" / "dropped.jsonl")
+    assert {d["answer"] for d in dropped if d["reason"] == "answer_format"} >= {"Well, it depends."}
+
+    code, _, err = run_cli(["synth", "answer", "--prompts", _prompts(tmp_path), "--answer-pattern", "In (short",
+                            "--model", server.spec, "--out", tmp_path / "bad"], capsys)  # fmt: skip
+    assert code == 2 and "--answer-pattern 'In (short': not a regular expression" in err
+    assert not (tmp_path / "bad").exists()

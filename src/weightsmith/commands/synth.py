@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class SynthOptions:
     min_instruction_words: int = opt(3, "fewest words in an instruction")
     max_instruction_words: int = opt(150, "most words in an instruction")
     max_answer_words: int = opt(1000, "most words in an answer")
+    answer_pattern: str | None = opt(
+        None, "keep only answers this regular expression finds (Python re.search on the stripped answer)"
+    )
     valid_fraction: float = opt(0.05, "share of the examples written to validation.jsonl")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
@@ -80,6 +84,13 @@ class SynthOptions:
             raise UsageError("--temperature must be 0 or more and --top-p in (0, 1]")
         if not 1 <= self.judge_threshold <= 5:
             raise UsageError(f"--judge-threshold must be 1 to 5, got {self.judge_threshold}")
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as e:
+                raise UsageError(
+                    f"--answer-pattern {self.answer_pattern!r}: not a regular expression ({e})"
+                ) from None
 
 
 @dataclass(kw_only=True)
@@ -283,7 +294,8 @@ def _run(cfg: Any, templates: tuple[str, ...], make_recipe: Callable[[Any, Any],
     say = getattr(progress, "line", None) or (lambda text: None)
     say(f"{recipe.name}: {generator.identity.get('model')} -> {out} (step {store.state.step + 1})")
     pipeline = Pipeline(
-        recipe, generator, Limits(c.min_instruction_words, c.max_instruction_words, 1, c.max_answer_words),
+        recipe, generator, Limits(c.min_instruction_words, c.max_instruction_words, 1, c.max_answer_words,
+                                  re.compile(c.answer_pattern) if c.answer_pattern is not None else None),
         rebuild_index(c.rouge_threshold, reference, recipe, store), contamination, c.random_seed,
         judge=_judge(c, judge_cfg, llm, progress), progress=getattr(progress, "step", None),
     )  # fmt: skip

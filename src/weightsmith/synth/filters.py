@@ -4,7 +4,8 @@
 - `parse_instruction`: the first line of a reply, with list numbers, "Task:" labels and
   quotes taken off (a small model's reply rarely is the bare task).
 - `instruction_problem` / `answer_problem`: length and format (empty, too few or too many
-  words, cut off at the token limit, mostly not words), refusals (safety.detectors'
+  words, cut off at the token limit, mostly not words; an answer not matching the user's
+  `--answer-pattern`), refusals (safety.detectors'
   refusal patterns) and boilerplate (the assistant talking about itself instead of doing
   the task), degenerate repetition.
 - `Contamination`: 13-gram overlap (GPT-3's decontamination rule, Brown et al. 2020, App. C)
@@ -46,6 +47,7 @@ class Limits:
     max_instruction_words: int = 150
     min_answer_words: int = 1
     max_answer_words: int = 1000
+    answer_pattern: re.Pattern[str] | None = None  # the answer format: kept only when it matches
 
 
 _INTRO = re.compile(r"^\W*(?:sure|okay|ok|certainly|of course|here)\b.*:\W*$", re.IGNORECASE)
@@ -110,6 +112,8 @@ def answer_problem(text: str, finish: str, limits: Limits) -> str | None:
         return "answer_empty"
     if finish == "length":
         return "answer_cut_off"
+    if limits.answer_pattern is not None and limits.answer_pattern.search(text) is None:
+        return "answer_format"
     words = text.split()
     if len(words) < limits.min_answer_words:
         return "answer_too_short"
