@@ -9,7 +9,8 @@ What it does:
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
-(llama with experts), qwen3, gemma3 (text) and phi3 (name maps in gguf_names.py). The file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
+(llama with experts), qwen3, qwen3moe, gemma3 (text) and phi3 (name maps in gguf_names.py). The
+file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
 What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
@@ -243,6 +244,9 @@ def _gguf_config(reader: GGUFFile) -> dict:
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+        config["moe_intermediate_size"] = require(reader, f"{arch}.expert_feed_forward_length")
+        config["norm_topk_prob"] = True
     return config
 
 
