@@ -196,8 +196,9 @@ def test_cpu_decode_plan_steps_aside_to_the_pytorch_step(qwen_dir, native_lib, m
 # ---- GGUF ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "quant", "tol"), [("qwen3", "f32", 1e-5), ("qwen3", "q8_0", 0.05),
-                                                      ("qwen3", "q4_0", 0.5), ("mixtral", "f32", 1e-5)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("family", "quant", "tol"), [("qwen3", "f32", 1e-5), ("qwen3", "q8_0", 0.05), ("mixtral", "f32", 1e-5)]
+)
 def test_gguf_export_reads_back(family, quant, tol, qwen_dir, tmp_path):
     if family == "mixtral":
         src = load_checkpoint(
