@@ -170,7 +170,7 @@ def test_saved_directory_loads_in_transformers(family, family_dirs, tmp_path):
         assert (hf(ids()).logits - ckpt.model(ids())).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
 def test_merged_adapter_saves_a_directory_transformers_runs(family, family_dirs, tmp_path):
     """LoRA merged into the base (Phi-3's parts stacked back into qkv_proj/gate_up_proj on save)."""
     ckpt = load_checkpoint(family_dirs[family], decode_layout=False)
@@ -187,7 +187,7 @@ def test_merged_adapter_saves_a_directory_transformers_runs(family, family_dirs,
     assert (got - base).abs().max().item() > 1e-2  # the merge changed the weights
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
 def test_int4_folder_reloads_exactly(family, family_dirs, tmp_path):
     ckpt = load_checkpoint(family_dirs[family], decode_layout=False)
     quantize_model(ckpt.model, 4, 32)
