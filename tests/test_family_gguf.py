@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import build_tiny_tokenizer_dir
 
-from weightsmith.checkpoint.gguf import read_gguf
+from weightsmith.checkpoint.gguf import gguf_int4_layers, read_gguf
 from weightsmith.checkpoint.gguf_write import export_gguf
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.errors import CheckpointError
+from weightsmith.quant.weight_only import quantize_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,6 +74,31 @@ def test_f32_export_reads_back_exactly(family, sources, tmp_path):
     assert (_logits(back.model) - _logits(src.model)).abs().max().item() <= 1e-5
     info = read_gguf(tmp_path / "m.gguf")
     assert info.config["max_position_embeddings"] == 128  # the window is in the file, not a cap
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_q8_0_export_reads_back_close(family, sources, tmp_path):
+    src = load_checkpoint(sources[family])
+    out = export_gguf(src, tmp_path / "m.gguf", "q8_0")
+    assert out["tensors"]["Q8_0"] > 0
+    ref = _logits(src.model)
+    got = _logits(load_checkpoint(tmp_path / "m.gguf").model)
+    assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_int4_takes_a_q4_0_files_own_codes(family, sources, tmp_path):
+    """`quantize --to int4 --group-size 32` of a Q4_0 file keeps its codes; Phi-3's fused attn_qkv
+    and ffn_up are split into q/k/v and gate/up rows, so every projection takes them."""
+    export_gguf(load_checkpoint(sources[family]), tmp_path / "m.gguf", "q4_0")
+    codes = gguf_int4_layers(tmp_path / "m.gguf")
+    model = load_checkpoint(tmp_path / "m.gguf", decode_layout=False).model
+    ref = _logits(model)
+    quantized = quantize_model(model, 4, 32, int4_codes=codes)
+    assert {f"{n}.weight" for n in quantized} <= set(codes)  # every projection from the file's codes
+    assert "model.layers.1.self_attn.k_proj.weight" in codes and "model.layers.0.mlp.up_proj.weight" in codes
+    assert (_logits(model) - ref).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi3"])

@@ -300,23 +300,27 @@ def test_bad_quant_and_existing_file(tmp_path: Path, sources: dict[str, Path]) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-def test_unsupported_architecture_writes_nothing(tmp_path: Path) -> None:
-    src_dir = tmp_path / "mixtral"
+def test_unexportable_model_writes_nothing(tmp_path: Path) -> None:
+    """Every family exports now; a Qwen3-MoE whose top-k weights are not renormalised would
+    compute something else in llama.cpp's qwen3moe graph, so it is refused."""
+    src_dir = tmp_path / "qwen3moe"
     build_tiny_tokenizer_dir(src_dir)
-    cfg = transformers.MixtralConfig(
+    cfg = transformers.Qwen3MoeConfig(
         vocab_size=320,
         hidden_size=64,
         intermediate_size=64,
+        moe_intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_local_experts=2,
+        num_experts=2,
         num_experts_per_tok=1,
+        norm_topk_prob=False,
         max_position_embeddings=128,
     )
-    transformers.MixtralForCausalLM(cfg).save_pretrained(src_dir)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(src_dir)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match="GGUF export of mixtral models is not supported"):
+    with pytest.raises(CheckpointError, match="norm_topk_prob false cannot be exported"):
         export_gguf(src_dir, out / "m.gguf", "f16")
     assert not out.exists() or not any(out.iterdir())
     code = main(["export", str(src_dir), "--out", str(out / "m.gguf")])

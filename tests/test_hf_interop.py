@@ -19,9 +19,11 @@ CLASSES = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
     "mixtral": transformers.MixtralConfig,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
 }
-#: Keys transformers reads without its config class listing them among its defaults.
-READ_ANYWAY = {"rope_theta", "rope_scaling", "torch_dtype", "architectures", "model_type"}
+#: Keys transformers reads without its config class listing them among its defaults (Qwen3-MoE's
+#: `num_experts`, the released checkpoints' name, is its attribute map's alias of num_local_experts).
+READ_ANYWAY = {"rope_theta", "rope_scaling", "torch_dtype", "architectures", "model_type", "num_experts"}
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
 
@@ -31,6 +33,13 @@ def test_written_keys_are_ones_transformers_defines(family):
     extra = {"sliding_window": 64} if family in ("mistral", "mixtral") else {}
     if family == "mixtral":
         extra |= {"num_local_experts": 4, "num_experts_per_tok": 2}
+    if family == "qwen3_moe":
+        extra |= {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "mlp_only_layers": [1],
+        }
     cfg = ModelConfig.from_hf({"model_type": family, **SHAPE, **extra}, source="test")
     written = cfg.to_hf()
     known = set(CLASSES[family]().to_dict()) | READ_ANYWAY

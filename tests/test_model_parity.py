@@ -24,6 +24,7 @@ BASE = dict(
     tie_word_embeddings=False,
 )
 
+QWEN3_MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(rope_theta=10000.0)),
     "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
@@ -60,6 +61,19 @@ FAMILIES = {
     ),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
     "qwen3-bias": (transformers.Qwen3Config, dict(head_dim=16, attention_bias=True)),
+    # Qwen3-MoE: experts narrower than the dense MLP; top-k weights renormalised or not; a dense
+    # layer among sparse ones (mlp_only_layers); a window on every layer.
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, **QWEN3_MOE, norm_topk_prob=True)),
+    "qwen3-moe-dense-layer": (
+        transformers.Qwen3MoeConfig,
+        dict(head_dim=16, **QWEN3_MOE, norm_topk_prob=False, mlp_only_layers=[1]),
+    ),
+    "qwen3-moe-sliding": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            **QWEN3_MOE, norm_topk_prob=True, use_sliding_window=True, sliding_window=7, decoder_sparse_step=2
+        ),
+    ),
     "phi3": (transformers.Phi3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi3-sliding": (transformers.Phi3Config, dict(sliding_window=9, pad_token_id=0)),
     # Gemma 3: sliding layers (window 7, shorter than every test sequence) with their own RoPE
@@ -81,7 +95,7 @@ FAMILIES = {
     ),
 }
 #: The families added with issue 21, run through every test below.
-NEW_FAMILIES = ["qwen3", "phi3", "gemma3"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe"]
 
 
 def make_pair(name: str, seed: int = 0):

@@ -207,8 +207,10 @@ def _refuse_unsupported(d: dict[str, Any], source: str) -> None:
         if key in PEFT_READ or key in PEFT_BOOKKEEPING:
             continue
         default = PEFT_DEFAULTS.get(key)
-        # An unknown key (a newer PEFT's feature) is harmless only while it is unset.
-        harmless = value == default if key in PEFT_DEFAULTS else value in (None, False, {}, [], "")
+        # An unknown key (a newer PEFT's feature) is harmless only while it is unset; an empty list
+        # is unset too (PEFT writes target_parameters=[] for a MoE model's plain LoRA).
+        unset = value in (None, False, {}, [], "")
+        harmless = value == default or (unset and not default) if key in PEFT_DEFAULTS else unset
         if not harmless:
             raise ConfigError(
                 f"{source}: {key}={value!r} is not supported by weightsmith (only plain LoRA on linear "

@@ -9,7 +9,8 @@ What it does:
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
-(llama with experts), qwen3, gemma3 (text) and phi3 (name maps in gguf_names.py). The file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
+(llama with experts), qwen3, qwen3moe, gemma3 (text) and phi3 (name maps in gguf_names.py). The
+file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
 What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
@@ -23,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
 )
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
+from weightsmith.models import CausalLM, ModelConfig
+from weightsmith.models.fused import split_name
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +246,9 @@ def _gguf_config(reader: GGUFFile) -> dict:
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+        config["moe_intermediate_size"] = require(reader, f"{arch}.expert_feed_forward_length")
+        config["norm_topk_prob"] = True
     return config
 
 
@@ -438,12 +444,13 @@ def gguf_int4_layers(
     path: str | Path | GGUFFile,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """{HF weight name: (codes, scales, zeros)} for every Q4_0 / Q4_1 matrix of the file (not
-    merged experts), rows in HF order: the file's own 4-bit codes, for an Int4Linear with
+    merged experts; a fused one split into its parts), rows in HF order: the file's own 4-bit codes, for an Int4Linear with
     groups of 32 that computes exactly what the file stores (no dequantize-requantize)."""
     reader = as_reader(path)
     config = _gguf_config(reader)
     permuted = require(reader, "general.architecture") == "llama"
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    split = _fused_rows(config, reader_path(reader))
     out = {}
     for tensor, hf_name in _plan_tensors(reader):
         if tensor.tensor_type not in INT4_BLOCK_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
@@ -452,5 +459,24 @@ def gguf_int4_layers(
         proj = hf_name.rsplit(".", 2)[-2]
         if permuted and proj in heads:
             parts = tuple(unpermute_qk(p, heads[proj]) for p in parts)
-        out[hf_name] = tuple(torch.from_numpy(np.ascontiguousarray(p)) for p in parts)
+        for name, rows in split(hf_name):  # Phi-3's attn_qkv / ffn_up: each part's rows
+            out[name] = tuple(torch.from_numpy(np.ascontiguousarray(p[rows])) for p in parts)
     return out
+
+
+def _fused_rows(config: dict, source: str) -> Callable[[str], list[tuple[str, slice]]]:
+    """For an HF weight name: (our name, its rows) per part of a fused tensor (Phi-3's qkv_proj,
+    gate_up_proj, stacked by rows in order), or the name itself with all rows."""
+    cfg = ModelConfig.from_hf(config, source=source)
+    with torch.device("meta"):
+        rows = {n: p.shape[0] for n, p in CausalLM(cfg).named_parameters()}
+
+    def split(name: str) -> list[tuple[str, slice]]:
+        parts, start, out = split_name(cfg, name) or [name], 0, []
+        for part in parts:
+            n = rows.get(part, 0) if len(parts) > 1 else None
+            out.append((part, slice(start, None if n is None else start + n)))
+            start += n or 0
+        return out
+
+    return split

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import re
 
+from weightsmith.models.config import FAMILIES
+
 #: GGUF `general.architecture` -> our model_type. mistral and mixtral files say "llama".
 ARCHITECTURE_MODEL_TYPES = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
 }
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen3", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma3", "phi3")
 
 # model_type -> the HF class name that goes into config["architectures"].
 HF_ARCHITECTURES = {
@@ -31,6 +34,7 @@ HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
@@ -62,11 +66,12 @@ ARCH_BLOCK_TENSORS = {
         "post_ffw_norm": "post_feedforward_layernorm",
     },
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
 }
 #: Architectures whose converter stores norm weights w as 1 + w (llama.cpp's Gemma converters).
 NORM_SHIFTED = ("gemma3",)
-# Mixtral's HF names for an expert's three matrices: w1 = gate, w3 = up, w2 = down.
-_EXPERT_TENSORS = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+#: llama.cpp's kinds for an expert's gate, up and down matrices.
+_EXPERT_KINDS = ("ffn_gate", "ffn_up", "ffn_down")
 # Tensors llama.cpp computes for its own kernels, not weights of the HF model.
 SKIPPED_TENSORS = {"rope_freqs.weight"}
 
@@ -77,6 +82,17 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)(?:\.(\d+))?\.(weight|bias)")
 def block_tensors(arch: str = "llama") -> dict[str, str]:
     """GGUF block tensor kind -> HF module name inside a layer, for one architecture."""
     return {**BLOCK_TENSORS, **ARCH_BLOCK_TENSORS.get(arch, {})}
+
+
+def expert_tensors(arch: str = "llama") -> dict[str, str]:
+    """llama.cpp's kind for an expert matrix -> HF module name inside a layer, with an `{expert}`
+    placeholder: Mixtral's `block_sparse_moe.experts.{expert}.w1` (llama files), Qwen3-MoE's
+    `mlp.experts.{expert}.gate_proj` (qwen3moe files)."""
+    family = FAMILIES["qwen3_moe" if arch == "qwen3moe" else "mixtral"]
+    return {
+        kind: f"{family.moe_block}.experts.{{expert}}.{name}"
+        for kind, name in zip(_EXPERT_KINDS, family.expert_names, strict=True)
+    }
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
@@ -93,11 +109,11 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
         return None
     layer, kind, expert, suffix = match.groups()
     prefix = f"model.layers.{layer}"
-    if expert is not None and kind in _EXPERT_TENSORS:
-        return f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_TENSORS[kind]}.{suffix}"
-    if expert is None and kind.endswith("_exps") and kind[: -len("_exps")] in _EXPERT_TENSORS:
-        w = _EXPERT_TENSORS[kind[: -len("_exps")]]
-        return f"{prefix}.block_sparse_moe.experts.{{expert}}.{w}.{suffix}"
+    experts = expert_tensors(arch)
+    if expert is not None and kind in experts:
+        return f"{prefix}.{experts[kind].format(expert=expert)}.{suffix}"
+    if expert is None and kind.endswith("_exps") and kind[: -len("_exps")] in experts:
+        return f"{prefix}.{experts[kind[: -len('_exps')]]}.{suffix}"
     block = block_tensors(arch)
     if expert is None and kind in block:
         return f"{prefix}.{block[kind]}.{suffix}"

@@ -10,13 +10,14 @@ What it does:
 - The file appears atomically (temp file in the same directory, fsync, rename); on any error no
   file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
-Architectures: llama, mistral (written as llama, as llama.cpp's converter does), qwen2, qwen3,
-gemma3 (norms stored as 1 + w; refused unless the model has what llama.cpp's graph fixes in code)
-and phi3 (q/k/v and gate/up stacked back into attn_qkv and ffn_up). gemma3 and phi3 files carry
+Architectures: llama, mistral and mixtral (written as llama, as llama.cpp's converter does), qwen2,
+qwen3, qwen3moe (experts stacked into merged `ffn_*_exps` tensors, gguf_experts.py), gemma3 (norms
+stored as 1 + w; refused unless the model has what llama.cpp's graph fixes in code) and phi3
+(q/k/v and gate/up stacked back into attn_qkv and ffn_up). gemma3 and phi3 files carry
 the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
 capped at the window instead, so the file computes exactly what the model does within it.
 
-What it does not do: SentencePiece vocabularies, mixtral/MoE, yarn or dynamic rope scaling,
+What it does not do: SentencePiece vocabularies, dense layers among experts, yarn or dynamic rope scaling,
 k-quants or importance matrices (use llama.cpp's `llama-quantize` on an F16 export for those),
 and streaming: the converted tensors are held in memory until the file is written.
 """
@@ -37,7 +38,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import LLAMA3_ROPE
-from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors
+from weightsmith.checkpoint.gguf_experts import add_expert_hparams, check_experts, stack_experts
+from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors, expert_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.checkpoint.quantized import float_state
@@ -63,8 +65,10 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
 ARCHITECTURES = {
     "llama": "llama",
     "mistral": "llama",
+    "mixtral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
 }
@@ -102,6 +106,7 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     if module in _HF_GLOBAL and suffix in ("weight", "bias"):
         return f"{_HF_GLOBAL[module]}.{suffix}"
     block = {hf: name for name, hf in block_tensors(arch).items()}
+    block.update({hf: f"{kind}_exps" for kind, hf in expert_tensors(arch).items()})  # stacked experts
     match = _HF_LAYER.fullmatch(hf_name)
     if match is None or match.group(2) not in block:
         return None
@@ -146,6 +151,7 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
         )
     if arch == "gemma3":
         _check_gemma3(cfg, source)
+    check_experts(cfg, source)
     if cfg.rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(
             f"{source}: {cfg.rope_type} rope scaling cannot be exported to GGUF yet "
@@ -219,6 +225,7 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
     if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
+    add_expert_hparams(writer, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +374,9 @@ def _add_tensors(
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     counts: Counter[str] = Counter()
     fallbacks: list[str] = []
-    # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint.
-    for hf_name, p in fuse_state(cfg, float_state(model, cfg, source)).items():
+    # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint;
+    # each layer's experts stacked into (n_expert, out, in) tensors.
+    for hf_name, p in stack_experts(fuse_state(cfg, float_state(model, cfg, source))).items():
         if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output is absent
         name = gguf_tensor_name(hf_name, arch)

@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.errors import ConfigError
-from weightsmith.models.model import MLP, Attention, AttentionInputs, CausalLM, DecoderLayer, RMSNorm
+from weightsmith.models.model import (
+    MLP,
+    Attention,
+    AttentionInputs,
+    CausalLM,
+    DecoderLayer,
+    RMSNorm,
+    SparseMoE,
+)
 from weightsmith.models.rope import apply_rope
 
 #: An edit at a hook point: (value, hook name) -> the value the model goes on with.
@@ -226,7 +234,7 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
             )
         parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1."),
                  (layer.post_attention_layernorm, "ln2.")]  # fmt: skip
-        if hasattr(layer, "mlp"):
+        if hasattr(layer, "mlp") and not isinstance(layer.mlp, SparseMoE):  # experts: no MLP hooks
             parts.append((layer.mlp, "mlp."))
         for module, sub in parts:
             base, mixin = next(((b, m) for b, m in expected if isinstance(module, b)), (None, None))

@@ -29,7 +29,8 @@ class Family:
     #: Whether `sliding_window` applies to every layer when set (Mistral, Mixtral) or
     #: only when `use_sliding_window` is true, from `max_window_layers` on (Qwen2).
     sliding_window_needs_flag: bool = False
-    moe: bool = False
+    #: A sparse mixture of experts in the layout named in `MOE_LAYOUTS` ("": a dense MLP).
+    moe: str = ""
     #: Our fields that transformers' config class for the family does not define: `to_hf`
     #: leaves them out while they hold what that class assumes (an unknown key can break
     #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
@@ -45,6 +46,33 @@ class Family:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: config.json's name for `hidden_act` in transformers' class for the family.
     act_key: str = "hidden_act"
+
+    @property
+    def moe_block(self) -> str:
+        """The layer's attribute holding its experts (`block_sparse_moe` or `mlp`)."""
+        return MOE_LAYOUTS[self.moe][0]
+
+    @property
+    def expert_names(self) -> tuple[str, str, str]:
+        """An expert's (gate, up, down) projection names in the checkpoint."""
+        return MOE_LAYOUTS[self.moe][1]
+
+
+#: Where a layer keeps its experts and an expert's (gate, up, down) names, by layout:
+#: Mixtral's `block_sparse_moe.experts.3.w1`, Qwen-MoE's `mlp.experts.3.gate_proj`. The router
+#: is `gate` in both. Qwen-MoE also has fields of its own (`moe_intermediate_size`,
+#: `norm_topk_prob`, dense layers by `mlp_only_layers` and `decoder_sparse_step`).
+MOE_LAYOUTS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+#: Qwen-MoE's config fields and the values a Mixtral model has (transformers' Mixtral lacks them).
+QWEN_MOE_FIELDS = {
+    "moe_intermediate_size": None,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
+    "decoder_sparse_step": 1,
+}
 
 
 #: Supported families. Adding a family that only differs by these flags is one line here.
@@ -65,14 +93,23 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family(
         "MixtralForCausalLM",
         default_rope_theta=1e6,
-        moe=True,
-        hf_absent=("layer_types", "attention_bias", "mlp_bias"),
+        moe="mixtral",
+        hf_absent=("layer_types", "attention_bias", "mlp_bias", *QWEN_MOE_FIELDS),
     ),
     "qwen3": Family(
         "Qwen3ForCausalLM",
         default_rope_theta=10000.0,
         sliding_window_needs_flag=True,
         hf_absent=("mlp_bias",),
+        qk_norm=True,
+    ),
+    # Qwen3's attention with Qwen-MoE experts: no shared expert, a window (if any) on every layer.
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM",
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        moe="qwen",
+        hf_absent=("mlp_bias", "layer_types", "head_dim"),
         qk_norm=True,
     ),
     "gemma3_text": Family(
@@ -131,6 +168,14 @@ class ModelConfig:
     sliding_window: int | None = None
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
+    #: Qwen-MoE: each expert's intermediate size (None: intermediate_size, as in Mixtral).
+    moe_intermediate_size: int | None = None
+    #: Whether the chosen experts' softmax weights are renormalised to sum to 1 (Mixtral: always).
+    norm_topk_prob: bool = True
+    #: Qwen-MoE: layers with a dense MLP instead of experts: those listed, and all but every
+    #: `decoder_sparse_step`-th.
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -165,14 +210,22 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
-        mlp = 3 * h * i
-        if self.num_local_experts:
-            mlp = self.num_local_experts * mlp + h * self.num_local_experts
-        per_layer = attn + mlp + (4 if self.family.gemma else 2) * h
+        per_layer = attn + (4 if self.family.gemma else 2) * h
         if self.family.qk_norm:
             per_layer += 2 * self.head_dim
+        experts = self.num_local_experts * (3 * h * (self.moe_intermediate_size or i) + h)
+        sparse = sum(self.sparse_layer(n) for n in range(self.num_hidden_layers))
+        mlp = sparse * experts + (self.num_hidden_layers - sparse) * 3 * h * i
         embed = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        return self.num_hidden_layers * per_layer + mlp + embed + h
+
+    def sparse_layer(self, index: int) -> bool:
+        """Whether layer `index` routes through experts (else it has a dense MLP)."""
+        return (
+            self.num_local_experts > 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % self.decoder_sparse_step == 0
+        )
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -221,14 +274,13 @@ class ModelConfig:
             mlp_bias=bool(data.get("mlp_bias", False)),
             layer_types=_read_layer_types(data, fam, n_layers, source),
             sliding_window=data.get("sliding_window"),
-            num_local_experts=int(data.get("num_local_experts") or 0) if fam.moe else 0,
-            num_experts_per_tok=int(data.get("num_experts_per_tok") or 0) if fam.moe else 0,
             bos_token_id=data.get("bos_token_id"),
             eos_token_id=data.get("eos_token_id"),
             pad_token_id=data.get("pad_token_id"),
             torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
             rope_local_base_freq=local_theta,
             **_gemma_fields(data, fam, source),
+            **_moe_fields(data, fam, source),
         )
         cfg.validate(source)
         return cfg
@@ -260,6 +312,11 @@ class ModelConfig:
                 f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
                 f"num_local_experts ({self.num_local_experts})"
             )
+        if any(not 0 <= n < self.num_hidden_layers for n in self.mlp_only_layers):
+            raise ConfigError(
+                f"{source}: mlp_only_layers {self.mlp_only_layers} must list layer indices below "
+                f"num_hidden_layers ({self.num_hidden_layers})"
+            )
 
     # ------------------------------------------------------------------ writing
     def to_hf(self) -> dict[str, Any]:
@@ -267,8 +324,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["architectures"] = [self.architecture]
         if not self.family.moe:
-            d.pop("num_local_experts")
-            d.pop("num_experts_per_tok")
+            for key in ("num_local_experts", "num_experts_per_tok", *QWEN_MOE_FIELDS):
+                d.pop(key)
+        elif self.family.moe == "qwen":  # config.json's own name, which transformers v4 and v5 read
+            d["num_experts"] = d.pop("num_local_experts")
         if self.family.sliding_window_needs_flag:
             d["use_sliding_window"] = "sliding_attention" in self.layer_types
         if not self.rope_scaling:
@@ -291,6 +350,7 @@ class ModelConfig:
             "attention_bias": self.family.attention_bias,
             "mlp_bias": False,
             "head_dim": self.hidden_size // self.num_attention_heads,
+            **QWEN_MOE_FIELDS,
         }
         for key in self.family.hf_absent:
             if d.get(key) == assumed[key]:
@@ -344,6 +404,40 @@ def _gemma_fields(data: dict[str, Any], fam: Family, source: str) -> dict[str, f
     }
 
 
+def _moe_fields(data: dict[str, Any], fam: Family, source: str) -> dict[str, Any]:
+    """The experts' fields; Qwen-MoE names its expert count `num_experts` (transformers v5 writes
+    `num_local_experts`) and defaults norm_topk_prob to false, as transformers does."""
+    if not fam.moe:
+        return {}
+    count_key = "num_experts" if fam.moe == "qwen" and "num_experts" in data else "num_local_experts"
+    fields = {
+        "num_local_experts": _count(data, count_key, 0, source),
+        "num_experts_per_tok": _count(data, "num_experts_per_tok", 0, source),
+    }
+    if fam.moe != "qwen":
+        return fields
+    only = data.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(n, bool) or not isinstance(n, int) for n in only):
+        raise ConfigError(f"{source}: field 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    return {
+        **fields,
+        "moe_intermediate_size": _count(data, "moe_intermediate_size", 1, source, required=True),
+        "norm_topk_prob": bool(data.get("norm_topk_prob", False)),
+        "mlp_only_layers": sorted(set(only)),
+        "decoder_sparse_step": _count(data, "decoder_sparse_step", 1, source) or 1,
+    }
+
+
+def _count(data: dict[str, Any], key: str, least: int, source: str, required: bool = False) -> int:
+    """An integer field of at least `least` (0 when absent, unless required)."""
+    value = data.get(key)
+    if value is None and not required:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < max(least, 0):
+        raise ConfigError(f"{source}: field {key!r} must be an integer of at least {least}, got {value!r}")
+    return value
+
+
 def _number(data: dict[str, Any], key: str, default: float | None, source: str) -> float | None:
     value = data.get(key, default)
     if value is None:
@@ -386,6 +480,7 @@ def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: 
     if fam.sliding_window_needs_flag:
         if not data.get("use_sliding_window", False):
             return ["full_attention"] * n_layers
-        first = data.get("max_window_layers", n_layers)
+        # Qwen2 and Qwen3 window the layers from max_window_layers on; Qwen3-MoE every layer.
+        first = 0 if fam.moe else data.get("max_window_layers", n_layers)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
     return ["sliding_attention"] * n_layers

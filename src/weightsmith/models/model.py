@@ -1,12 +1,13 @@
-"""The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Phi-3 and
-Gemma 3 families.
+"""The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE,
+Phi-3 and Gemma 3 families.
 
 One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
 RoPE, RMSNorm, SwiGLU MLP or a sparse mixture of SwiGLU experts) -> RMSNorm -> LM
 head. Module and parameter names are the checkpoint's (`model.layers.0.self_attn.
-q_proj.weight`, `block_sparse_moe.experts.3.w1.weight`), so HF state dicts and PEFT
-adapters line up with no key map. The families differ only by the closed set of flags in
-`config.Family` and `ModelConfig`: QK-norm (Qwen3, Gemma 3); Gemma's (1 + w) norms, scaled
+q_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`, Qwen3-MoE's `mlp.experts.3.
+gate_proj.weight`), so HF state dicts and PEFT adapters line up with no key map. The families
+differ only by the closed set of flags in `config.Family` and `ModelConfig`: QK-norm (Qwen3,
+Gemma 3); the experts' layout, width, top-k renormalisation and dense layers; Gemma's (1 + w) norms, scaled
 embedding, norms after attention and feed-forward, query scale, per-layer-type RoPE base and
 logit soft-capping. Phi-3's fused checkpoint tensors are split at load (checkpoint/build.py).
 
@@ -146,27 +147,31 @@ class MLP(nn.Module):
 
 
 class Expert(nn.Module):
-    """One Mixtral expert; w1 = gate, w3 = up, w2 = down (the checkpoint's names)."""
+    """One expert, SwiGLU: down(act(gate(x)) * up(x)), under the checkpoint's names for gate,
+    up and down (Mixtral's w1, w3, w2; Qwen-MoE's gate_proj, up_proj, down_proj)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        self.w1 = Linear(h, i, bias=False)
-        self.w2 = Linear(i, h, bias=False)
-        self.w3 = Linear(h, i, bias=False)
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
+        self.names = cfg.family.expert_names
+        for name, (n_in, n_out) in zip(self.names, ((h, i), (h, i), (i, h)), strict=True):
+            self.add_module(name, Linear(n_in, n_out, bias=False))
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act(gate(x)) * up(x))
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed mixture of experts (Mixtral): softmax over all experts in fp32,
-    keep the k largest, renormalise them, and sum the chosen experts' outputs."""
+    """Top-k routed mixture of experts (Mixtral, Qwen3-MoE): softmax over all experts in fp32,
+    keep the k largest, renormalise them (Mixtral; Qwen's norm_topk_prob), and sum the chosen
+    experts' outputs weighted by them."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
+        self.renormalise = cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
 
@@ -175,7 +180,9 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, h)  # (N, h)
         probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
         for e in chosen.unique().tolist():
             token_idx, slot = (chosen == e).nonzero(as_tuple=True)
@@ -198,8 +205,8 @@ class DecoderLayer(nn.Module):
         if gemma:
             self.pre_feedforward_layernorm = RMSNorm(h, eps, gemma)
             self.post_feedforward_layernorm = RMSNorm(h, eps, gemma)
-        if cfg.family.moe:
-            self.block_sparse_moe = SparseMoE(cfg)
+        if cfg.sparse_layer(layer_idx):  # under the family's name: block_sparse_moe or mlp
+            self.add_module(cfg.family.moe_block, SparseMoE(cfg))
         else:
             self.mlp = MLP(cfg)
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from weightsmith.errors import ConfigError
 from weightsmith.models.linear import Linear
+from weightsmith.models.model import SparseMoE
 from weightsmith.quant import cpu_kernels
 
 #: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
@@ -315,9 +316,10 @@ def quantizable_modules(model: nn.Module, *, lm_head: bool = False) -> list[str]
     """Names of the projections weight-only quantization replaces (every `Linear`, in the CPU
     decode layout or not; the LM head only if asked; MoE routers never: they are tiny and
     decide which experts run)."""
+    routers = {f"{name}.gate" for name, module in model.named_modules() if isinstance(module, SparseMoE)}
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or name.endswith("block_sparse_moe.gate"):
+        if not isinstance(module, Linear) or name in routers:
             continue
         if name == "lm_head" and not lm_head:
             continue
