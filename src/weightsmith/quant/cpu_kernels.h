@@ -4,10 +4,11 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33 };
+enum { WS_INT4 = 4, WS_INT8 = 8, WS_GGML = 16, WS_F32_ROWS = 32, WS_F32_COLS = 33 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
- * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:
+ * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,);
+ * WS_GGML: q rows of GGUF blocks of ggml type `group` (cpu_ggml.c); WS_F32_ROWS:
  * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]. bias may be NULL. */
 typedef struct {
     int64_t kind, n, k, group, ld;
@@ -39,6 +40,13 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scale
                int64_t G, const float *bias, float *y);
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y);
+
+/* cpu_qdot.c's chosen instruction set: 0 scalar, 1 avx2, 2 avxvnni, 3 avx512vnni. */
+int ws_qdot_isa_index(void);
+
+/* GGUF quantized blocks read in place (cpu_ggml.c): ggml type id, rows of whole blocks. */
+int64_t ws_ggml_row_bytes(int64_t type, int64_t k);
+int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, const float *bias, float *y);
 
 /* These return 0, or -1 when out of memory. `act` (may be NULL) holds the quantized input
  * for the int4 / int8 projections, reused while its `src` is x. */
