@@ -199,7 +199,7 @@ def _vocab_size(reader: GGUFFile, arch: str) -> int:
     return int(embed.shape[-1])  # GGUF shapes are in ne order: (hidden, vocab)
 
 
-def _gguf_config(reader: GGUFFile) -> dict:
+def gguf_config(reader: GGUFFile) -> dict:
     """The HF config.json fields this file's metadata determines."""
     model_type = _model_type(reader)
     arch = require(reader, "general.architecture")
@@ -292,7 +292,7 @@ def add_bos_default(reader: GGUFFile) -> bool:
 def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
     reader = as_reader(path)
-    config = _gguf_config(reader)
+    config = gguf_config(reader)
     tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
     # The file's "quantization" is what its matrices use; norms and biases stay F32 in every file.
     matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
@@ -341,7 +341,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
+def plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
     path = reader_path(reader)
     arch = require(reader, "general.architecture")
@@ -389,8 +389,8 @@ def iter_gguf_tensors(
     names are in `skip` are neither read nor yielded (gguf_quants.py keeps them as blocks).
     """
     reader = as_reader(path)
-    config = _gguf_config(reader)  # also rejects unsupported architectures
-    plan = _plan_tensors(reader)
+    config = gguf_config(reader)  # also rejects unsupported architectures
+    plan = plan_tensors(reader)
     # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
     arch = require(reader, "general.architecture")
     permuted = arch == "llama"

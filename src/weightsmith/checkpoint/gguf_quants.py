@@ -28,8 +28,8 @@ from gguf import GGMLQuantizationType
 
 from weightsmith.checkpoint.build import build_model
 from weightsmith.checkpoint.gguf import (
-    _gguf_config,
-    _plan_tensors,
+    gguf_config,
+    plan_tensors,
     as_reader,
     iter_gguf_tensors,
     reader_path,
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 def _row_order(reader: GGUFFile):
     """A function (HF name, rows) -> rows in HF order: llama files' q/k rows un-permuted."""
-    config = _gguf_config(reader)
+    config = gguf_config(reader)
     permuted = require(reader, "general.architecture") == "llama"
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
 
@@ -64,7 +64,7 @@ def gguf_block_layers(path: str | Path | GGUFFile) -> dict[str, tuple[torch.Tens
     reader = as_reader(path)
     order = _row_order(reader)
     out = {}
-    for tensor, hf_name in _plan_tensors(reader):
+    for tensor, hf_name in plan_tensors(reader):
         qtype = int(tensor.tensor_type)
         if qtype not in GGML_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
             continue
@@ -166,7 +166,7 @@ def gguf_int4_layers(
     reader = as_reader(path)
     order = _row_order(reader)
     out = {}
-    for tensor, hf_name in _plan_tensors(reader):
+    for tensor, hf_name in plan_tensors(reader):
         if tensor.tensor_type not in INT4_BLOCK_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
             continue
         parts = tuple(order(hf_name, p) for p in _int4_blocks(tensor))
