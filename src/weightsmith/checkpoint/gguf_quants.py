@@ -28,10 +28,10 @@ from gguf import GGMLQuantizationType
 
 from weightsmith.checkpoint.build import build_model
 from weightsmith.checkpoint.gguf import (
-    gguf_config,
-    plan_tensors,
     as_reader,
+    gguf_config,
     iter_gguf_tensors,
+    plan_tensors,
     reader_path,
     require,
     unpermute_qk,
