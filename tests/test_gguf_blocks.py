@@ -182,3 +182,18 @@ def test_refusals_are_one_line(block_file, tiny_hf_dir, capsys, tmp_path):
     adapter.mkdir()
     one_line_error(capsys, ["generate", str(block_file), "--keep-quantized", "--adapter", str(adapter), "-p", "x"],
                    expect_in=["--keep-quantized", "adapter"], code=2)  # fmt: skip
+
+
+def test_saving_refuses_and_export_state_dequantizes(loads, tmp_path):
+    from weightsmith.checkpoint.quantized import float_state, save_quantized
+    from weightsmith.errors import CheckpointError
+
+    flt, blk = loads
+    with pytest.raises(CheckpointError, match="keep_quantized"):
+        save_quantized(blk.model, blk.tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    state = float_state(blk.model, blk.model.config, "test")  # what `export` writes to GGUF
+    assert torch.equal(state["lm_head.weight"], flt.model.model.embed_tokens.weight)
+    assert torch.equal(
+        state["model.layers.0.mlp.down_proj.weight"], flt.model.model.layers[0].mlp.down_proj.weight
+    )

@@ -58,15 +58,20 @@ def _row_order(reader: GGUFFile):
     return order
 
 
-def gguf_block_layers(path: str | Path | GGUFFile) -> dict[str, tuple[torch.Tensor, int]]:
+def gguf_block_layers(
+    path: str | Path | GGUFFile, names: set[str] | None = None
+) -> dict[str, tuple[torch.Tensor, int]]:
     """{HF weight name: (blocks uint8 (N, row bytes), ggml type id)} for every 2-D matrix of the
-    file in a type GGMLLinear runs (merged experts excluded), rows in HF order."""
+    file in a type GGMLLinear runs (merged experts excluded), rows in HF order; only those in
+    `names` when given (the others are not read)."""
     reader = as_reader(path)
     order = _row_order(reader)
     out = {}
     for tensor, hf_name in plan_tensors(reader):
         qtype = int(tensor.tensor_type)
         if qtype not in GGML_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
+            continue
+        if names is not None and hf_name not in names:
             continue
         n, k = (int(x) for x in reversed(tensor.shape.tolist()))
         size = row_bytes(qtype, k)
@@ -84,27 +89,23 @@ def gguf_block_layers(path: str | Path | GGUFFile) -> dict[str, tuple[torch.Tens
     return out
 
 
-def _head_blocks(blocks: dict, cfg: ModelConfig) -> tuple[torch.Tensor, int] | None:
-    """The LM head's blocks: output.weight's, or the embedding's when the file ties them."""
-    if cfg.tie_word_embeddings:
-        return blocks.get("model.embed_tokens.weight")
-    return blocks.get("lm_head.weight")
-
-
 def build_block_model(
     reader: GGUFFile, cfg: ModelConfig, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalLM, str]:
     """The model with its block-typed projections and LM head as GGMLLinear layers (see the
     module doc); returns it and a label of what was kept, e.g. "GGUF blocks: Q4_K x7, Q6_K x2"."""
     path = reader_path(reader)
-    blocks = gguf_block_layers(reader)
-    head = _head_blocks(blocks, cfg)
-    # A tied head made of the embedding's blocks is a layer of its own: the model is untied.
-    model_cfg = (
-        dataclasses.replace(cfg, tie_word_embeddings=False) if head and cfg.tie_word_embeddings else cfg
-    )
+    types = {hf_name: int(tensor.tensor_type) for tensor, hf_name in plan_tensors(reader)}
+    # The LM head's blocks: output.weight's, or the embedding's when the file ties them (then
+    # the head is a layer of its own and the model is untied).
+    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    untie = cfg.tie_word_embeddings and types.get(head_name) in GGML_TYPES
+    model_cfg = dataclasses.replace(cfg, tie_word_embeddings=False) if untie else cfg
     with torch.device("meta"):
         skeleton = CausalLM(model_cfg)
+    wanted = {f"{n}.weight" for n in quantizable_modules(skeleton, lm_head=True) if n != "lm_head"}
+    blocks = gguf_block_layers(reader, wanted | {head_name})  # only these are read
+    head = blocks.get(head_name)
     kept: Counter[str] = Counter()
     skip = set()
     for name in quantizable_modules(skeleton, lm_head=True):
