@@ -139,7 +139,7 @@ def _load_gguf(
         if device.type != "cpu" or on_tensor is not None:
             raise CheckpointError(
                 f"{path}: GGUF blocks kept quantized run on the CPU only, without QLoRA hooks; "
-                "load the file without --keep-quantized (dequantized) for this device or use"
+                "load the file without --keep-quantized (dequantized) for another device or for QLoRA"
             )
         model, label = build_block_model(reader, cfg, device, dtype)
         return Checkpoint(model, tokenizer, model.config, path, "gguf", f"{info.file_type} ({label})", gen)
