@@ -19,6 +19,7 @@ import torch
 from weightsmith.checkpoint.load import Checkpoint, load_checkpoint
 from weightsmith.device import pick_device, pick_dtype
 from weightsmith.engine import Completion, Engine
+from weightsmith.errors import UsageError
 from weightsmith.sampling import SamplingParams
 
 #: Sampling fields a checkpoint's generation_config.json may set as defaults.
@@ -113,8 +114,13 @@ def load(
     auto_pull: bool = True,
     adapter: str | Path | None = None,
     steer: Sequence[str] = (),
+    keep_quantized: bool = False,
 ) -> LLM:
     """Load a model by catalog/store name, HF directory or .gguf file.
+
+    keep_quantized: run a GGUF file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+        Q5_K, Q6_K) from its own blocks with the CPU kernels instead of dequantizing them
+        (weightsmith.checkpoint.gguf_quants); CPU only, no adapter.
 
     adapter: a LoRA adapter directory (ours or PEFT's), folded into the weights so
     generation runs at the base model's speed.
@@ -126,7 +132,14 @@ def load(
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    ckpt = load_checkpoint(path, device=dev, dtype=dt, allow_pickle=allow_pickle)
+    if keep_quantized and (dev.type != "cpu" or adapter is not None):
+        raise UsageError(
+            "--keep-quantized runs a GGUF file's blocks on the CPU and cannot take an adapter "
+            f"({'--adapter given' if adapter is not None else f'device {dev}'}); drop one of them"
+        )
+    ckpt = load_checkpoint(
+        path, device=dev, dtype=dt, allow_pickle=allow_pickle, keep_quantized=keep_quantized
+    )
     if adapter is not None:
         from weightsmith.lora import load_adapter, merge_and_unload
 

@@ -35,10 +35,17 @@ def build_model(
     *,
     decode_layout: bool = True,
     on_tensor: TensorHook | None = None,
+    skeleton: CausalLM | None = None,
 ) -> CausalLM:
-    """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing."""
-    with torch.device("meta"):
-        model = CausalLM(cfg)
+    """Build on meta, assign each `(name, tensor, source)` in place, verify nothing is missing.
+
+    skeleton: the model on meta to fill instead of a new one, with some modules already
+    replaced (GGUF blocks kept quantized, gguf_quants.py); their weights are not expected."""
+    if skeleton is not None:
+        model = skeleton
+    else:
+        with torch.device("meta"):
+            model = CausalLM(cfg)
     params = dict(model.named_parameters())
     tied = cfg.tie_word_embeddings
     for name, tensor, source in _split_fused(cfg, tensors, params):

@@ -13,8 +13,8 @@ Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, m
 file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
-What it does not do: write GGUF files (see `save.py`), keep weights quantized for compute, run
-other architectures. Llama 3.1-style rope scaling is stored by llama.cpp only as a
+What it does not do: write GGUF files (see `gguf_write.py`), keep weights quantized for compute
+(gguf_quants.py does, for `load(..., keep_quantized=True)` and `quantize`), run other architectures. Llama 3.1-style rope scaling is stored by llama.cpp only as a
 `rope_freqs` tensor of per-frequency factors; it is mapped back to HF's `llama3` rope_scaling
 when Meta's published parameters reproduce those factors, and refused otherwise.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,6 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
 )
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
-from weightsmith.models import CausalLM, ModelConfig
-from weightsmith.models.fused import split_name
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +200,7 @@ def _vocab_size(reader: GGUFFile, arch: str) -> int:
     return int(embed.shape[-1])  # GGUF shapes are in ne order: (hidden, vocab)
 
 
-def _gguf_config(reader: GGUFFile) -> dict:
+def gguf_config(reader: GGUFFile) -> dict:
     """The HF config.json fields this file's metadata determines."""
     model_type = _model_type(reader)
     arch = require(reader, "general.architecture")
@@ -298,7 +296,7 @@ def add_bos_default(reader: GGUFFile) -> bool:
 def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
     reader = as_reader(path)
-    config = _gguf_config(reader)
+    config = gguf_config(reader)
     tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
     # The file's "quantization" is what its matrices use; norms and biases stay F32 in every file.
     matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
@@ -347,7 +345,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
+def plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
     """(tensor, HF name) for every tensor to load; raises before any work if one cannot be."""
     path = reader_path(reader)
     arch = require(reader, "general.architecture")
@@ -385,22 +383,25 @@ def _dequantized(tensor: GGUFTensor) -> np.ndarray:
 
 
 def iter_gguf_tensors(
-    path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32
+    path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, dequantized tensor in HF layout), one tensor at a time.
 
     Every name and storage type is checked before the first tensor is yielded, so a file that
     cannot be loaded fails before any work is done. A tied lm_head is not yielded (the file has
-    no output.weight); `read_gguf(...).config["tie_word_embeddings"]` says so.
+    no output.weight); `read_gguf(...).config["tie_word_embeddings"]` says so. Tensors whose HF
+    names are in `skip` are neither read nor yielded (gguf_quants.py keeps them as blocks).
     """
     reader = as_reader(path)
-    config = _gguf_config(reader)  # also rejects unsupported architectures
-    plan = _plan_tensors(reader)
+    config = gguf_config(reader)  # also rejects unsupported architectures
+    plan = plan_tensors(reader)
     # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
     arch = require(reader, "general.architecture")
     permuted = arch == "llama"
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for tensor, hf_name in plan:
+        if hf_name in skip:
+            continue
         try:
             w = _dequantized(tensor)
             proj = hf_name.rsplit(".", 2)[-2]
@@ -416,67 +417,3 @@ def iter_gguf_tensors(
                 yield hf_name.format(expert=expert), torch.from_numpy(matrix).to(dtype=dtype, copy=True)
         else:
             yield hf_name, torch.from_numpy(w).to(dtype)
-
-
-#: GGML types whose blocks are exactly our int4 layer's groups of 32: w = q * scale + zero.
-INT4_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-
-
-def _int4_blocks(tensor: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Q4_0 / Q4_1 matrix as (codes uint8 (N, K) in 0..15, scales (N, K/32), zeros (N, K/32)).
-
-    Block layout (ggml): an fp16 scale d (Q4_1: then an fp16 minimum m), then 16 bytes whose
-    low nibbles are elements 0..15 and high nibbles elements 16..31. Q4_1 reads d * q + m;
-    Q4_0 reads d * (q - 8), so its zero is -8 d. Both are exact in our (scale, zero) form.
-    """
-    q4_1 = tensor.tensor_type == GGMLQuantizationType.Q4_1
-    size = 20 if q4_1 else 18
-    raw = np.ascontiguousarray(tensor.data, dtype=np.uint8).reshape(-1, size)  # (blocks, bytes)
-    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    zero = raw[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if q4_1 else -8.0 * d
-    qs = raw[:, 4:20] if q4_1 else raw[:, 2:18]
-    codes = np.concatenate([qs & 15, qs >> 4], axis=1)  # (blocks, 32)
-    n, k = (int(x) for x in reversed(tensor.shape.tolist()))
-    return codes.reshape(n, k), d.reshape(n, k // 32), zero.reshape(n, k // 32)
-
-
-def gguf_int4_layers(
-    path: str | Path | GGUFFile,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """{HF weight name: (codes, scales, zeros)} for every Q4_0 / Q4_1 matrix of the file (not
-    merged experts; a fused one split into its parts), rows in HF order: the file's own 4-bit codes, for an Int4Linear with
-    groups of 32 that computes exactly what the file stores (no dequantize-requantize)."""
-    reader = as_reader(path)
-    config = _gguf_config(reader)
-    permuted = require(reader, "general.architecture") == "llama"
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    split = _fused_rows(config, reader_path(reader))
-    out = {}
-    for tensor, hf_name in _plan_tensors(reader):
-        if tensor.tensor_type not in INT4_BLOCK_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
-            continue
-        parts = _int4_blocks(tensor)
-        proj = hf_name.rsplit(".", 2)[-2]
-        if permuted and proj in heads:
-            parts = tuple(unpermute_qk(p, heads[proj]) for p in parts)
-        for name, rows in split(hf_name):  # Phi-3's attn_qkv / ffn_up: each part's rows
-            out[name] = tuple(torch.from_numpy(np.ascontiguousarray(p[rows])) for p in parts)
-    return out
-
-
-def _fused_rows(config: dict, source: str) -> Callable[[str], list[tuple[str, slice]]]:
-    """For an HF weight name: (our name, its rows) per part of a fused tensor (Phi-3's qkv_proj,
-    gate_up_proj, stacked by rows in order), or the name itself with all rows."""
-    cfg = ModelConfig.from_hf(config, source=source)
-    with torch.device("meta"):
-        rows = {n: p.shape[0] for n, p in CausalLM(cfg).named_parameters()}
-
-    def split(name: str) -> list[tuple[str, slice]]:
-        parts, start, out = split_name(cfg, name) or [name], 0, []
-        for part in parts:
-            n = rows.get(part, 0) if len(parts) > 1 else None
-            out.append((part, slice(start, None if n is None else start + n)))
-            start += n or 0
-        return out
-
-    return split

@@ -50,8 +50,13 @@ def load_checkpoint(
     allow_pickle: bool = False,
     decode_layout: bool = True,
     on_tensor: TensorHook | None = None,
+    keep_quantized: bool = False,
 ) -> Checkpoint:
     """Load an HF directory or a .gguf file.
+
+    keep_quantized: a GGUF file's matrices in the quantized types the C kernels run stay in
+    their blocks (GGMLLinear layers, weightsmith.checkpoint.gguf_quants) instead of being
+    dequantized to `dtype`; CPU only. Refused for an HF directory.
 
     decode_layout: ignored, kept for callers that pass it: the model comes back in plain HF
     layout, and the `Engine` that decodes it lays it out for the CPU (weightsmith.cpu_decode).
@@ -70,7 +75,12 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: not a .gguf file; pass an HF checkpoint directory or a .gguf file"
             )
-        ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor)
+        ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor, keep_quantized)
+    elif keep_quantized:
+        raise CheckpointError(
+            f"{path}: keep_quantized (--keep-quantized) applies to .gguf files; an HF directory loads as "
+            "it is stored (a `weightsmith quantize` folder is already quantized)"
+        )
     elif (path / "config.json").exists():
         ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor)
     else:
@@ -107,7 +117,12 @@ def _load_hf_dir(
 
 
 def _load_gguf(
-    path: Path, device: torch.device, dtype: torch.dtype, decode_layout: bool, on_tensor: TensorHook | None
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    decode_layout: bool,
+    on_tensor: TensorHook | None,
+    keep_quantized: bool = False,
 ) -> Checkpoint:
     from weightsmith.checkpoint import gguf
     from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
@@ -117,9 +132,19 @@ def _load_gguf(
     info = gguf.read_gguf(reader)
     cfg = ModelConfig.from_hf(info.config, source=str(path))
     tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
+    gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
+    if keep_quantized:
+        from weightsmith.checkpoint.gguf_quants import build_block_model
+
+        if device.type != "cpu" or on_tensor is not None:
+            raise CheckpointError(
+                f"{path}: GGUF blocks kept quantized run on the CPU only, without QLoRA hooks; "
+                "load the file without --keep-quantized (dequantized) for another device or for QLoRA"
+            )
+        model, label = build_block_model(reader, cfg, device, dtype)
+        return Checkpoint(model, tokenizer, model.config, path, "gguf", f"{info.file_type} ({label})", gen)
     tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
-    gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
 
 

@@ -58,6 +58,12 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not quantized:
         raise CheckpointError("the model has no quantized modules; call quantize_model first")
+    blocks = [n for n, m in quantized.items() if not isinstance(m, (Int8Linear, Int4Linear))]
+    if blocks:
+        raise CheckpointError(
+            f"{blocks[0]} holds a GGUF file's blocks (loaded with keep_quantized): this folder format "
+            "has no place for them; load the file without --keep-quantized and use `weightsmith quantize`"
+        )
     kinds = {n: (m.bits, getattr(m, "group_size", None)) for n, m in quantized.items()}
     body = {k for n, k in kinds.items() if n != "lm_head"} or set(kinds.values())
     if len(body) != 1:
@@ -236,12 +242,12 @@ def describe(qcfg: dict[str, Any] | None) -> str | None:
 
 
 def float_state(model: nn.Module, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """Every weight of `model` in float by its HF name, the int8/int4 layers dequantized (GGUF
-    export then quantizes them to its own types); a weight that is still missing (another kind
+    """Every weight of `model` in float by its HF name, the int8/int4 (and GGUF block) layers
+    dequantized (GGUF export then quantizes them to its own types); a weight that is still missing (another kind
     of layer) raises before anything is written."""
     state = {n: p.detach() for n, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
+        if isinstance(module, QuantizedLinear):
             state[f"{name}.weight"] = module.dequantize(torch.float32)
             if isinstance(getattr(module, "bias", None), torch.Tensor):
                 state[f"{name}.bias"] = module.bias.detach()

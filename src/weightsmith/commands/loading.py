@@ -54,14 +54,19 @@ class LoadOptions:
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
     adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
+    keep_quantized: bool = opt(
+        False, "run a .gguf file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices from its own "
+        "blocks (CPU kernels, the file's memory) instead of dequantizing them"
+    )  # fmt: skip
 
     def load_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs = {
             "device": self.device,
             "dtype": self.dtype,
             "allow_pickle": self.allow_pickle,
             "adapter": self.adapter,
         }
+        return {**kwargs, "keep_quantized": True} if self.keep_quantized else kwargs
 
     def load(self, progress: LoadStatus | None = None) -> LLM:
         return load_model(self.model, progress=progress, **self.load_kwargs())

@@ -121,7 +121,7 @@ def _gguf_codes(llm: Any, bits: int, group: int | None) -> dict:
     ckpt = llm.checkpoint
     if bits != 4 or group != 32 or ckpt.format != "gguf":
         return {}
-    from weightsmith.checkpoint.gguf import gguf_int4_layers
+    from weightsmith.checkpoint.gguf_quants import gguf_int4_layers
 
     return gguf_int4_layers(ckpt.path)
 

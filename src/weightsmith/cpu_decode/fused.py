@@ -1,13 +1,13 @@
 """The fused CPU decode step (quant/cpu_decode.c): building its view of a model, and calling it.
 
 What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 or bf16 whose
-projections are all int4, int8 or plain fp32 or bf16 layers (no adapters), `FusedDecode.step`
-runs one token per row through every layer and the LM head in one C call, reading and writing
-the same `KVCache` the PyTorch model uses (fp32, or a bf16 model's bf16 one), so prefill
-(PyTorch) and decoding (C) mix freely. Python keeps the embedding lookup and the RoPE tables
-(any RoPE scaling the model has). A bf16 model's matmuls read its bf16 weights in place and
-sum in fp32 (quant/cpu_bf16.c); everything between them runs in fp32, its norm weights and
-biases copied to fp32 (a few KB).
+projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers (no
+adapters), `FusedDecode.step` runs one token per row through every layer and the LM head in
+one C call, reading and writing the same `KVCache` the PyTorch model uses (fp32, or a bf16
+model's bf16 one), so prefill (PyTorch) and decoding (C) mix freely. Python keeps the
+embedding lookup and the RoPE tables (any RoPE scaling the model has). A bf16 model's matmuls
+read its bf16 weights in place and sum in fp32 (quant/cpu_bf16.c); everything between them
+runs in fp32, its norm weights and biases copied to fp32 (a few KB).
 
 `FusedDecode(model, lib)` reads the model's weights where they are (its `ok` is False
 where the step cannot run them: another family or activation, an adapter, an NF4 layer,
@@ -33,6 +33,7 @@ from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
 from weightsmith.models.rope import rope_cos_sin
 from weightsmith.quant import cpu_kernels
+from weightsmith.quant.ggml_linear import GGMLLinear
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear
 
 #: A decode step with the signature of weightsmith.generate.decode_one_token (generate.DecodeFn):
@@ -121,6 +122,12 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
         q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
         keep += [q, scales]
         p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
+    elif type(module) is GGMLLinear:
+        if module.qweight.device.type != "cpu":
+            return None
+        blocks = module.qweight.contiguous()
+        keep.append(blocks)
+        p.kind, p.group, p.q = 16, module.qtype, blocks.data_ptr()  # group: the ggml type
     elif isinstance(module, Linear) and _float_cpu(module.weight):  # SplitLinear too
         w = module.weight.detach()
         keep.append(w)
@@ -211,8 +218,10 @@ class FusedDecode:
         return all(torch.equal(source.float(), copy) for source, copy in self.copies)
 
     def quantized(self) -> bool:
-        """Whether any projection is int4 or int8 (an fp32-only plan may leave decoding to PyTorch)."""
-        return any(isinstance(m, (Int4Linear, Int8Linear)) for m in _projection_modules(self.model))
+        """Whether any projection is int4, int8 or GGUF blocks (an fp32-only plan may leave decoding
+        to PyTorch)."""
+        kinds = (Int4Linear, Int8Linear, GGMLLinear)
+        return any(isinstance(m, kinds) for m in _projection_modules(self.model))
 
     def fp32_only(self) -> bool:
         """Whether every projection is fp32 (no int4, int8 or bf16 one): such a plan may leave

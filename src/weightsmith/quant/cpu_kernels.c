@@ -148,6 +148,10 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
         if (status == 0) ws_q8_proj(a, p->n, p->q, p->scales, p->bias, y);
         break;
+    case WS_GGML:
+        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
+        if (status == 0) status = ws_ggml_proj(a, p->n, p->group, p->q, p->bias, y);
+        break;
     case WS_F32_ROWS:
         f32_rows_matmul(x, M, p->k, p->n, p->q, p->ld, p->bias, y);
         break;

@@ -4,11 +4,12 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT8 = 8, WS_F32_ROWS = 32, WS_F32_COLS = 33,
+enum { WS_INT4 = 4, WS_INT8 = 8, WS_GGML = 16, WS_F32_ROWS = 32, WS_F32_COLS = 33,
        WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
- * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,); WS_F32_ROWS:
+ * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,);
+ * WS_GGML: q rows of GGUF blocks of ggml type `group` (cpu_ggml.c); WS_F32_ROWS:
  * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]; WS_BF16_ROWS / WS_BF16_COLS: the
  * same with q bf16 (uint16 bits, cpu_bf16.c). bias may be NULL. */
 typedef struct {
@@ -61,6 +62,13 @@ int ws_bf16_proj(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact 
 /* CPUID (cpu_qdot.c): AVX2 with FMA; AVX-512 F, BW and VL; AVX512-VNNI; AVX-VNNI; AVX512-BF16. */
 enum { WS_CPU_AVX2 = 1, WS_CPU_AVX512 = 2, WS_CPU_VNNI512 = 4, WS_CPU_AVXVNNI = 8, WS_CPU_BF16_512 = 16 };
 int ws_x86_features(void);
+
+/* cpu_qdot.c's chosen instruction set: 0 scalar, 1 avx2, 2 avxvnni, 3 avx512vnni. */
+int ws_qdot_isa_index(void);
+
+/* GGUF quantized blocks read in place (cpu_ggml.c): ggml type id, rows of whole blocks. */
+int64_t ws_ggml_row_bytes(int64_t type, int64_t k);
+int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, const float *bias, float *y);
 
 /* These return 0, or -1 when out of memory. `act` (may be NULL) holds the quantized input
  * for the int4 / int8 projections (the rounded one for bf16), reused while its `src` is x. */

@@ -46,7 +46,9 @@ SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c")
 QDOT = HERE / "cpu_qdot.c"
 #: The bf16 weight matmuls, built and dispatched the same way.
 BF16 = HERE / "cpu_bf16.c"
-HEADERS = (HERE / "cpu_kernels.h", HERE / "cpu_qdot_x86.h")
+#: The GGUF block kernels (GGMLLinear), built and dispatched the same way.
+GGML = HERE / "cpu_ggml.c"
+HEADERS = (HERE / "cpu_kernels.h", HERE / "cpu_qdot_x86.h", HERE / "cpu_ggml_x86.h")
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -119,12 +121,12 @@ def _verified(target: Path) -> bool:
 
 
 def _compile(flags: list[str], tmp: Path, out: Path) -> subprocess.CompletedProcess:
-    """cpu_qdot.c and cpu_bf16.c to objects without -march=native (x86: tuned for this CPU
+    """cpu_qdot.c, cpu_bf16.c and cpu_ggml.c to objects without -march=native (x86: tuned for this CPU
     only), then the library from them and the other sources with `flags`."""
     qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in flags if f != "-shared"]
     run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: E731
     objects = []
-    for source in (QDOT, BF16):
+    for source in (QDOT, BF16, GGML):
         objects.append(str(tmp / f"{source.stem}.o"))
         proc = run([*qflags, "-c", str(source), "-o", objects[-1]])
         if proc.returncode != 0:
@@ -141,7 +143,7 @@ def _build(out_dir: Path) -> Path | None:
     omp = _torch_openmp()
     attempts = [base + ["-fopenmp"] + ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else [])]
     attempts.append(base)  # no OpenMP: single-threaded, still far better than dequantizing
-    source = b"".join(p.read_bytes() for p in (*SOURCES, QDOT, BF16, *HEADERS))
+    source = b"".join(p.read_bytes() for p in (*SOURCES, QDOT, BF16, GGML, *HEADERS))
     if not _private_dir(out_dir):
         return None
     for flags in attempts:
@@ -204,6 +206,11 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_bf16_isa.restype = ctypes.c_char_p
                 lib.ws_bf16_select.argtypes = [ctypes.c_char_p]
                 _select_from_env(lib)
+                lib.ws_ggml_matmul.argtypes = [p, i64, i64, i64, i64, p, p, p]
+                lib.ws_ggml_dequantize.argtypes = [i64, p, i64, i64, p]
+                lib.ws_ggml_matmul.restype = lib.ws_ggml_dequantize.restype = ctypes.c_int
+                lib.ws_ggml_row_bytes.argtypes = [i64, i64]
+                lib.ws_ggml_row_bytes.restype = i64
                 lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
                 lib.ws_decode.restype = ctypes.c_int
                 lib.ws_set_threads.argtypes = [ctypes.c_int]
@@ -297,7 +304,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError(
-            f"the int4/int8 CPU kernel failed (status {status}: out of memory, or a group size not 32, 64 or 128)"
+            f"the int4/int8 CPU kernel failed (status {status}: out of memory, a group size not 32, 64 or 128, "
+            "or a GGUF block type or row length it does not take)"
         )
 
 
@@ -375,4 +383,30 @@ def int4_dequantize(
     lib.ws_int4_dequantize(
         qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group_size, w.data_ptr()
     )
+    return w
+
+
+def ggml_matmul(
+    lib: ctypes.CDLL, x: torch.Tensor, qtype: int, blocks: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., N) with `blocks` uint8 (N, row bytes): each row the GGUF
+    blocks of ggml type `qtype` (GGMLLinear's weight); x is quantized to int8 per block of 32."""
+    n, k = blocks.shape[0], x.shape[-1]
+    flat, blocks = x.reshape(-1, k).contiguous(), blocks.contiguous()  # kept alive past the call
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
+    _check(lib.ws_ggml_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, qtype, blocks.data_ptr(), _ptr(bias), y.data_ptr()
+    ))  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+def ggml_dequantize(lib: ctypes.CDLL, qtype: int, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 weight (N, K) of GGUF blocks (N, row bytes) of ggml type `qtype`: bit for bit
+    gguf-py's `gguf.quants.dequantize`."""
+    blocks = blocks.contiguous()
+    w = torch.empty(blocks.shape[0], k, dtype=torch.float32)
+    use_threads(lib)
+    _check(lib.ws_ggml_dequantize(qtype, blocks.data_ptr(), blocks.shape[0], k, w.data_ptr()))
     return w

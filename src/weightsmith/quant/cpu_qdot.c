@@ -227,7 +227,9 @@ static int current_isa(void) {
     return isa_chosen;
 }
 
-/* The instruction set the kernels use, by name. */
+/* The instruction set the kernels use: its index (cpu_ggml.c dispatches on it too), its name. */
+int ws_qdot_isa_index(void) { return current_isa(); }
+
 const char *ws_qdot_isa(void) { return isa_names[current_isa()]; }
 
 /* Bit i: isa_names[i] runs here. */

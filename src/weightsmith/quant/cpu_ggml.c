@@ -1,0 +1,277 @@
+/* Matmuls on GGUF quantized blocks as the file stores them (GGMLLinear), chosen at run time.
+ *
+ * A GGUF file's matrices are rows of ggml blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 weights a
+ * block) and the k-quants Q4_K, Q5_K, Q6_K (256 a block, in sub-blocks of 32 or 16 with their
+ * own 6- or 8-bit scales). GGMLLinear keeps those bytes unchanged (resident memory = the
+ * file's), and these kernels read them in place. Every 32 weights of a block decode to
+ *   w[l] = s[l / 16] * c[l] + z
+ * with integer codes c (signed for the symmetric types, 0..2^bits - 1 for the others), two
+ * scales s (equal except in Q6_K) and a zero z (0 for the symmetric types), in the float
+ * arithmetic gguf-py's dequantize uses (every product of an fp16 and a small integer here is
+ * exact in fp32, so the result is bit for bit its dequantization).
+ *
+ * The matmul takes the layer input quantized to int8 per block of 32 in natural order
+ * (ws_qact, WS_QACT_INT8, shared by the projections that read it, as cpu_qdot.c's int8
+ * kernel does) and sums each block's codes x inputs in int32 with the CPU's integer
+ * dot-product instructions:
+ *   y[m, n] = sum_b d[m, b] * sum_h s[b, h] * sum_{l in h} c[l] xq[m, l]  +  sum_b z[b] * xs[m, b]
+ * Against the float product this adds the activations' rounding only (as llama.cpp's
+ * decoding has). One copy of cpu_ggml_x86.h per instruction set (AVX2, AVX-VNNI,
+ * AVX512-VNNI, each with F16C), chosen with cpu_qdot.c's selection (ws_qdot_select), and
+ * portable C. Block layouts: ggml-common.h in llama.cpp, as gguf-py's quants.py reads them.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#define QB 32
+#define QROWS 4
+
+/* ggml type ids (GGMLQuantizationType) */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+/* Weights and bytes per block of a type; 0 for a type these kernels do not run. */
+static int64_t block_weights(int64_t type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: return 32;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static int64_t block_bytes(int64_t type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* Bytes of one row of k weights, or -1 when the type is not run here or k is not whole blocks. */
+int64_t ws_ggml_row_bytes(int64_t type, int64_t k) {
+    const int64_t qk = block_weights(type);
+    if (!qk || k % qk) return -1;
+    return k / qk * block_bytes(type);
+}
+
+/* IEEE half to float, exact (subnormals, infinities and NaN included). */
+static float half_to_float(const uint8_t *p) {
+    const uint16_t h = (uint16_t)(p[0] | p[1] << 8);
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = h >> 10 & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else if (exp) {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    } else if (man) { /* subnormal: man * 2^-24, exact in float */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and minimum of sub-block j (0..7) from the 12 packed bytes:
+ * j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 as 4 low bits in byte j + 4 (low
+ * nibble: scale, high: minimum) and 2 high bits in the top of bytes j - 4 and j. */
+static void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63, *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        *mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+/* Sub-block j (32 weights) of a row: codes c, scales s (first, last 16), zero z; returns
+ * whether z is used (the types with a minimum). */
+static int sub_block(int64_t type, const uint8_t *row, int64_t j, int32_t c[QB], float s[2], float *z) {
+    const int64_t per = block_weights(type) / QB; /* sub-blocks per block */
+    const uint8_t *blk = row + j / per * block_bytes(type);
+    const int i = (int)(j % per);
+    int has_zero = 0;
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: {
+        const uint8_t *qs = blk + (type == T_Q4_1 ? 4 : 2);
+        for (int l = 0; l < 16; l++) c[l] = qs[l] & 15, c[l + 16] = qs[l] >> 4;
+        s[0] = half_to_float(blk);
+        if (type == T_Q4_0) {
+            for (int l = 0; l < QB; l++) c[l] -= 8;
+        } else {
+            *z = half_to_float(blk + 2), has_zero = 1;
+        }
+        break;
+    }
+    case T_Q5_0: case T_Q5_1: {
+        const int one = type == T_Q5_1;
+        const uint8_t *qh = blk + (one ? 4 : 2), *qs = qh + 4;
+        const uint32_t hi = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+        for (int l = 0; l < 16; l++) c[l] = qs[l] & 15, c[l + 16] = qs[l] >> 4;
+        for (int l = 0; l < QB; l++) c[l] |= (int32_t)(hi >> l & 1) << 4;
+        s[0] = half_to_float(blk);
+        if (one) {
+            *z = half_to_float(blk + 2), has_zero = 1;
+        } else {
+            for (int l = 0; l < QB; l++) c[l] -= 16;
+        }
+        break;
+    }
+    case T_Q8_0:
+        for (int l = 0; l < QB; l++) c[l] = (int8_t)blk[2 + l];
+        s[0] = half_to_float(blk);
+        break;
+    case T_Q4_K: case T_Q5_K: {
+        int sc, mn;
+        k_scale_min(blk + 4, i, &sc, &mn);
+        const uint8_t *qs = blk + (type == T_Q5_K ? 48 : 16) + 32 * (i / 2);
+        for (int l = 0; l < QB; l++) c[l] = i % 2 ? qs[l] >> 4 : qs[l] & 15;
+        if (type == T_Q5_K)
+            for (int l = 0; l < QB; l++) c[l] |= (blk[16 + l] >> i & 1) << 4;
+        s[0] = half_to_float(blk) * (float)sc;
+        *z = -(half_to_float(blk + 2) * (float)mn), has_zero = 1;
+        break;
+    }
+    case T_Q6_K: {
+        const int h = i / 4, k = i % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (k & 1), *qh = blk + 128 + 32 * h;
+        for (int l = 0; l < QB; l++) c[l] = ((ql[l] >> 4 * (k >> 1) & 15) | (qh[l] >> 2 * k & 3) << 4) - 32;
+        const float d = half_to_float(blk + 208);
+        s[0] = d * (float)(int8_t)blk[192 + 2 * i], s[1] = d * (float)(int8_t)blk[192 + 2 * i + 1];
+        return 0;
+    }
+    }
+    s[1] = s[0];
+    return has_zero;
+}
+
+/* w (N, K) float, each row dequantized from q (N rows of row_bytes): bit for bit gguf-py's
+ * dequantize. Returns 0, or -1 for a type or K these kernels do not take. */
+int ws_ggml_dequantize(int64_t type, const uint8_t *q, int64_t N, int64_t K, float *w) {
+    const int64_t row_bytes = ws_ggml_row_bytes(type, K);
+    if (row_bytes < 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        int32_t c[QB];
+        float s[2], z = 0;
+        for (int64_t j = 0; j < K / QB; j++) {
+            float *out = w + n * K + j * QB;
+            if (sub_block(type, q + n * row_bytes, j, c, s, &z)) {
+                for (int l = 0; l < QB; l++) out[l] = s[l / 16] * (float)c[l] + z;
+            } else { /* no zero added: keeps gguf-py's -0.0 for a negative scale times 0 */
+                for (int l = 0; l < QB; l++) out[l] = s[l / 16] * (float)c[l];
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- portable C ---------------------------------------------------------------------- */
+
+static void ggml_matmul_scalar(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, int64_t row_bytes,
+                               const float *bias, float *y) {
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < a->m; m++) y[m * N + n] = 0;
+        int32_t c[QB];
+        float s[2], z = 0;
+        for (int64_t b = 0; b < a->nb; b++) {
+            const int zero = sub_block(type, q + n * row_bytes, b, c, s, &z);
+            for (int64_t m = 0; m < a->m; m++) {
+                const int8_t *xq = a->q + m * a->kp + QB * b;
+                int32_t lo = 0, hi = 0;
+                for (int l = 0; l < 16; l++) lo += c[l] * xq[l], hi += c[l + 16] * xq[l + 16];
+                float acc = a->d[m * a->nb + b] * (s[0] * (float)lo + s[1] * (float)hi);
+                if (zero) acc += z * a->xs[m * a->nb + b];
+                y[m * N + n] += acc;
+            }
+        }
+        for (int64_t m = 0; m < a->m; m++) y[m * N + n] += bias ? bias[n] : 0.0f;
+    }
+}
+
+/* ---- x86 ------------------------------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+#define WS_GGML_X86 1
+
+#define SUFFIX avx2
+#define TARGET "avx2,fma,f16c"
+#define DOTU8S8(acc, u, s) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#include "cpu_ggml_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+
+#define SUFFIX avx512vnni
+#define TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+#define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#include "cpu_ggml_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define WS_GGML_AVXVNNI 1
+#define SUFFIX avxvnni
+#define TARGET "avx2,fma,f16c,avxvnni"
+#define DOTU8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#include "cpu_ggml_x86.h"
+#undef SUFFIX
+#undef TARGET
+#undef DOTU8S8
+#endif
+
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
+}
+#endif
+
+/* y (M, N) = x @ W.T (+ bias) for the input a (quantized WS_QACT_INT8) and W in ggml blocks
+ * q (N rows of ws_ggml_row_bytes(type, K) bytes). Returns 0, or -2 for a type or K not taken. */
+int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, const float *bias, float *y) {
+    const int64_t row_bytes = ws_ggml_row_bytes(type, a->k);
+    if (row_bytes < 0 || a->layout != WS_QACT_INT8) return -2;
+#ifdef WS_GGML_X86
+    static int f16c = -1;
+    if (f16c < 0) f16c = has_f16c();
+    switch (f16c ? ws_qdot_isa_index() : 0) {
+    case 3: ggml_matmul_avx512vnni(a, N, type, q, row_bytes, bias, y); return 0;
+#ifdef WS_GGML_AVXVNNI
+    case 2: ggml_matmul_avxvnni(a, N, type, q, row_bytes, bias, y); return 0;
+#endif
+    case 1: ggml_matmul_avx2(a, N, type, q, row_bytes, bias, y); return 0;
+    default: break;
+    }
+#endif
+    ggml_matmul_scalar(a, N, type, q, row_bytes, bias, y);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ W.T (+ bias), one input quantized here. */
+int ws_ggml_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t type, const uint8_t *q,
+                   const float *bias, float *y) {
+    if (ws_ggml_row_bytes(type, K) < 0) return -2;
+    ws_qact a = {0};
+    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT8);
+    if (status == 0) status = ws_ggml_proj(&a, N, type, q, bias, y);
+    ws_qact_free(&a);
+    return status;
+}

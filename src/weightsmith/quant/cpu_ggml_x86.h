@@ -1,0 +1,182 @@
+/* The GGUF block matmul (cpu_ggml.c) for one x86 instruction set.
+ *
+ * Included by cpu_ggml.c once per instruction set, with SUFFIX, TARGET and DOTU8S8 defined
+ * as for cpu_qdot_x86.h (TARGET adds f16c: the blocks' scales are fp16). Each 32 weights of
+ * a row are expanded into one 256-bit vector of codes in natural order (the order the
+ * input was quantized in, WS_QACT_INT8):
+ *   4-bit codes: 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31
+ *   (Q4_0/Q4_1/Q5_0/Q5_1), or 32 bytes whose low or high nibbles are the 32 weights
+ *   (Q4_K/Q5_K/Q6_K); high bits: one per weight from a 32-bit word (Q5_0/Q5_1) or from bit
+ *   i of 32 bytes (Q5_K), two per weight from a 2-bit field of 32 bytes (Q6_K).
+ * Symmetric types (Q4_0, Q5_0, Q8_0, Q6_K) give signed codes, multiplied as |c| x (x with
+ * c's sign); the others unsigned codes times x plus their zero times the block's input sum.
+ * The dot product's 8 int32 lanes hold weights 0..15 in lanes 0-3 and 16..31 in lanes
+ * 4-7, so Q6_K's two scales per 32 weights are one vector of per-lane scales.
+ */
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUFFIX)
+#define KERNEL static inline __attribute__((always_inline, target(TARGET)))
+
+KERNEL float FN(g_hsum)(__m256 a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+KERNEL float FN(g_half)(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 16 bytes -> 32 codes: low nibbles (weights 0..15), then high nibbles (16..31). */
+KERNEL __m256i FN(g_nib16)(const uint8_t *p) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* The little-endian 32-bit word at p -> byte l is 16 where bit l is set, else 0. */
+KERNEL __m256i FN(g_bits16)(const uint8_t *p) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32((int)w), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
+                                                    2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)); /* byte l <- byte l / 8 */
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);     /* byte l tests bit l % 8 */
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+/* Signed codes s of block b with lane scales sv, against mc input rows. */
+KERNEL void FN(g_acc_s)(const ws_qact *a, const int64_t mc, int64_t b, __m256i s, __m256 sv, __m256 *acc) {
+    const __m256i sabs = _mm256_abs_epi8(s); /* -128 becomes 0x80: 128 as the unsigned operand */
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), sabs, _mm256_sign_epi8(xq, s));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, _mm256_set1_ps(a->d[m * a->nb + b])),
+                                 acc[m]);
+    }
+}
+
+/* Unsigned codes u of block b with scale sv and zero z, against mc input rows. */
+KERNEL void FN(g_acc_u)(const ws_qact *a, const int64_t mc, int64_t b, __m256i u, __m256 sv, float z, __m256 *acc,
+                        float *zacc) {
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), u, xq);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, _mm256_set1_ps(a->d[m * a->nb + b])),
+                                 acc[m]);
+        zacc[m] += z * a->xs[m * a->nb + b];
+    }
+}
+
+/* The k-quants (256 weights a block, 8 sub-blocks of 32). */
+KERNEL void FN(g_row_k)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, __m256 *acc,
+                        float *zacc) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int64_t sb = 0; sb < a->nb / 8; sb++) {
+        const uint8_t *blk = row + sb * block_bytes(type);
+        if (type == T_Q6_K) {
+            const float d = FN(g_half)(blk + 208);
+            for (int i = 0; i < 8; i++) {
+                const int h = i / 4, k = i % 4;
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (k & 1)));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+                const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
+                const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
+                const __m256i s = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+                const __m128 s0 = _mm_set1_ps(d * (float)(int8_t)blk[192 + 2 * i]);
+                const __m128 s1 = _mm_set1_ps(d * (float)(int8_t)blk[193 + 2 * i]);
+                FN(g_acc_s)(a, mc, 8 * sb + i, s, _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1), acc);
+            }
+            continue;
+        }
+        const float d = FN(g_half)(blk), dmin = FN(g_half)(blk + 2);
+        const int five = type == T_Q5_K;
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++) {
+            int sc, mn;
+            k_scale_min(blk + 4, i, &sc, &mn);
+            const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + (five ? 48 : 16) + 32 * (i / 2)));
+            __m256i u = _mm256_and_si256(i % 2 ? _mm256_srli_epi16(qs, 4) : qs, low4);
+            if (five) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << i));
+                u = _mm256_or_si256(u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                        _mm256_set1_epi8(16)));
+            }
+            FN(g_acc_u)(a, mc, 8 * sb + i, u, _mm256_set1_ps(d * (float)sc), -(dmin * (float)mn), acc, zacc);
+        }
+    }
+}
+
+/* One weight row against mc input rows: out[m * N] for m < mc. */
+KERNEL void FN(g_row)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, float *out, int64_t N) {
+    __m256 acc[QROWS];
+    float zacc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps(), zacc[m] = 0;
+    const int64_t bytes = block_bytes(type);
+    switch (type) {
+    case T_Q8_0:
+        for (int64_t b = 0; b < a->nb; b++) {
+            const uint8_t *blk = row + bytes * b;
+            const __m256i s = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            FN(g_acc_s)(a, mc, b, s, _mm256_set1_ps(FN(g_half)(blk)), acc);
+        }
+        break;
+    case T_Q4_0: case T_Q5_0:
+        for (int64_t b = 0; b < a->nb; b++) {
+            const uint8_t *blk = row + bytes * b;
+            __m256i s;
+            if (type == T_Q4_0)
+                s = _mm256_sub_epi8(FN(g_nib16)(blk + 2), _mm256_set1_epi8(8));
+            else
+                s = _mm256_sub_epi8(_mm256_or_si256(FN(g_nib16)(blk + 6), FN(g_bits16)(blk + 2)), _mm256_set1_epi8(16));
+            FN(g_acc_s)(a, mc, b, s, _mm256_set1_ps(FN(g_half)(blk)), acc);
+        }
+        break;
+    case T_Q4_1: case T_Q5_1:
+        for (int64_t b = 0; b < a->nb; b++) {
+            const uint8_t *blk = row + bytes * b;
+            __m256i u;
+            if (type == T_Q4_1)
+                u = FN(g_nib16)(blk + 4);
+            else
+                u = _mm256_or_si256(FN(g_nib16)(blk + 8), FN(g_bits16)(blk + 4));
+            FN(g_acc_u)(a, mc, b, u, _mm256_set1_ps(FN(g_half)(blk)), FN(g_half)(blk + 2), acc, zacc);
+        }
+        break;
+    default: FN(g_row_k)(a, mc, type, row, acc, zacc); break;
+    }
+    for (int64_t m = 0; m < mc; m++) out[m * N] = FN(g_hsum)(acc[m]) + zacc[m];
+}
+
+__attribute__((target(TARGET))) static void FN(ggml_matmul)(const ws_qact *a, int64_t N, int64_t type,
+                                                            const uint8_t *q, int64_t row_bytes, const float *bias,
+                                                            float *y) {
+    const int64_t M = a->m;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
+            const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
+            ws_qact rows = *a; /* rows m0.. of the input */
+            rows.m = M - m0, rows.q = a->q + m0 * a->kp, rows.d = a->d + m0 * a->nb, rows.xs = a->xs + m0 * a->nb;
+            const uint8_t *qrow = q + n * row_bytes;
+            float *out = y + m0 * N + n;
+            switch (mc) { /* a constant row count per case: accumulators stay in registers */
+            case 1: FN(g_row)(&rows, 1, type, qrow, out, N); break;
+            case 2: FN(g_row)(&rows, 2, type, qrow, out, N); break;
+            case 3: FN(g_row)(&rows, 3, type, qrow, out, N); break;
+            default: FN(g_row)(&rows, 4, type, qrow, out, N); break;
+            }
+        }
+        if (bias)
+            for (int64_t m = 0; m < M; m++) y[m * N + n] += bias[n];
+    }
+}
+
+#undef KERNEL
+#undef FN
+#undef CAT
+#undef CAT_

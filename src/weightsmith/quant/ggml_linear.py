@@ -1,0 +1,104 @@
+"""`GGMLLinear`: a projection whose weight stays in a GGUF file's quantized blocks.
+
+A GGUF file stores each matrix as rows of ggml blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
+k-quants Q4_K, Q5_K, Q6_K that most published files use). `GGMLLinear` keeps those bytes as
+they are, one row per output feature (`qweight`, uint8 (N, row bytes)), so its resident
+weight is exactly the file's, and nothing is dequantized and requantized: it computes the
+matrix the file stores. Bit for bit that is `gguf.quants.dequantize` of the blocks (the
+tests hold `dequantize()` to it).
+
+Which matmul runs:
+- fp32 inputs on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): the C kernels
+  (quant/cpu_ggml.c), which read the blocks in place and multiply them with the input
+  quantized to int8 per block of 32 in the CPU's integer dot-product instructions; the
+  fused decode step (weightsmith.cpu_decode) calls the same kernels. The result is the
+  exact product up to the input's rounding (llama.cpp's decoding has the same).
+- anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
+  on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
+
+Not here: reading the blocks out of a file (weightsmith.checkpoint.gguf_quants), the
+int8/int4 layers of `weightsmith quantize` (weight_only.py), saving (a model holding these
+layers is not saved as a quantized folder: export it to GGUF from its float load instead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weightsmith.quant import cpu_kernels
+from weightsmith.quant.weight_only import QuantizedLinear
+
+#: ggml type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block, bits).
+GGML_TYPES = {
+    2: ("Q4_0", 32, 18, 4),
+    3: ("Q4_1", 32, 20, 4),
+    6: ("Q5_0", 32, 22, 5),
+    7: ("Q5_1", 32, 24, 5),
+    8: ("Q8_0", 32, 34, 8),
+    12: ("Q4_K", 256, 144, 4),
+    13: ("Q5_K", 256, 176, 5),
+    14: ("Q6_K", 256, 210, 6),
+}
+
+
+def row_bytes(qtype: int, k: int) -> int | None:
+    """Bytes of a row of k weights in ggml type `qtype`; None if GGMLLinear does not run the
+    type or k is not a whole number of its blocks."""
+    if qtype not in GGML_TYPES:
+        return None
+    _, per_block, size, _ = GGML_TYPES[qtype]
+    return None if k % per_block else k // per_block * size
+
+
+class GGMLLinear(QuantizedLinear):
+    """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
+
+    def __init__(
+        self, qweight: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None
+    ) -> None:
+        size = row_bytes(qtype, in_features)
+        if size is None or qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != size:
+            raise ValueError(
+                f"GGUF blocks of shape {tuple(qweight.shape)} ({qweight.dtype}) are not rows of "
+                f"{in_features} weights in ggml type {qtype}"
+            )
+        super().__init__(in_features, qweight.shape[0], bias)
+        self.qtype = qtype
+        self.bits = GGML_TYPES[qtype][3]
+        self.register_buffer("qweight", qweight)  # uint8 (N, row bytes), the file's blocks
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.qtype][0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (N, K), materialised on each access: for inspection only."""
+        return self.dequantize().to(self.qweight.device)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (N, K) the blocks stand for, as gguf-py's dequantize computes it."""
+        blocks = self.qweight
+        lib = cpu_kernels.library() if blocks.device.type == "cpu" else None
+        if lib is not None:
+            w = cpu_kernels.ggml_dequantize(lib, self.qtype, blocks, self.in_features)
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+
+            raw = blocks.detach().cpu().numpy()
+            w = torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(self.qtype))))
+        return w.to(device=blocks.device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = self._kernels(x)
+        if lib is not None:
+            bias = None if self.bias is None else self.bias.float()
+            return cpu_kernels.ggml_matmul(lib, x, self.qtype, self.qweight, bias)
+        w = self.dequantize(x.dtype)  # (N, K), made per call
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

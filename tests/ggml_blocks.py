@@ -1,0 +1,55 @@
+"""GGUF quantized blocks for the tests of GGMLLinear: made by gguf-py's own quantizers where it
+has them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else random valid bytes (gguf-py has no k-quant
+quantizer) with fp16 scales chosen so the weights stay around `scale` in size."""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize
+
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+QUANTIZED_BY_GGUF = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
+#: The largest code times sub-scale of a k-quant: Q4_K 15 * 63, Q5_K 31 * 63, Q6_K 32 * 127.
+K_RANGE = {QT.Q4_K: 15 * 63, QT.Q5_K: 31 * 63, QT.Q6_K: 32 * 127}
+
+
+def _halves(rng: np.random.Generator, shape: tuple[int, ...], size: float, signed: bool) -> np.ndarray:
+    """fp16 values around `size` as (..., 2) bytes; signed: about a quarter negative."""
+    v = size * rng.uniform(0.25, 1.0, shape)
+    if signed:
+        v = np.where(rng.random(shape) < 0.25, -v, v)
+    return v.astype(np.float16).view(np.uint8).reshape(*shape, 2)
+
+
+def random_blocks(
+    qtype: QT, n: int, k: int, seed: int, scale: float = 0.05, signed: bool = True
+) -> np.ndarray:
+    """(n, row bytes) uint8: n rows of k weights in `qtype`."""
+    rng = np.random.default_rng(seed)
+    per, size = GGML_QUANT_SIZES[qtype]
+    if qtype in QUANTIZED_BY_GGUF:
+        w = rng.standard_normal((n, k)) * scale * rng.uniform(0.2, 2.0, (n, 1)) + rng.uniform(
+            -scale, scale, k
+        )
+        return quantize(w.astype(np.float32), qtype)
+    nb = k // per
+    raw = rng.integers(0, 256, (n, nb, size), dtype=np.uint8)
+    d = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
+    if qtype == QT.Q6_K:
+        raw[..., 208:210] = d
+    else:
+        raw[..., 0:2] = d
+        raw[..., 2:4] = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
+    return raw.reshape(n, nb * size)
+
+
+def with_edge_scales(blocks: np.ndarray, qtype: QT) -> np.ndarray:
+    """A copy whose first blocks have scale 0, a subnormal fp16 scale and a negative one."""
+    per, size = GGML_QUANT_SIZES[qtype]
+    raw = blocks.copy().reshape(blocks.shape[0], -1, size)
+    at = 208 if qtype == QT.Q6_K else 0
+    for i, value in enumerate((0.0, 3e-7, -0.0123)):
+        raw[i % raw.shape[0], i % raw.shape[1], at : at + 2] = np.array([value], np.float16).view(np.uint8)
+    return raw.reshape(blocks.shape)

@@ -1,0 +1,199 @@
+"""A GGUF file loaded with its quantized matrices kept as blocks (`keep_quantized`,
+checkpoint/gguf_quants.py), end to end, against the same file's float (dequantized) load.
+
+The file is a tiny llama written here with `gguf.GGUFWriter`, Q/K rows permuted as llama.cpp's
+converter does, one matrix of each type the kernels run (Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 made
+by gguf-py's quantizers, Q4_K, Q5_K and Q6_K random valid blocks), one F16 matrix (stays a
+float layer) and a Q8_0 embedding with no output tensor (the head is the embedding's blocks,
+as llama.cpp computes it). Checked: every kept layer dequantizes bit for bit to the float
+load's weight, resident bytes are the file's, prefill logits equal the float load's, decode
+logits through the kernels and through the fused C step equal the PyTorch path's with the
+kernels' input rounding, and `weightsmith generate --keep-quantized` decodes what the PyTorch
+path decodes; refusals are one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import CPU, kernels_on, round_inputs_like_the_kernels, run_cli
+from ggml_blocks import random_blocks
+from gguf import GGMLQuantizationType as QT
+from test_cli import one_line_error
+from test_gguf import add_tokenizer_metadata, llama_cpp_permute, train_byte_level_vocab
+
+from weightsmith.checkpoint.gguf_reader import GGUFFile
+from weightsmith.cpu_decode import prepare_cpu_decode
+from weightsmith.generate import decode_one_token, prefill
+from weightsmith.kv_cache import KVCache
+from weightsmith.llm import load
+from weightsmith.models.linear import Linear
+from weightsmith.quant.ggml_linear import GGMLLinear
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+# (GGUF name, rows, columns) per layer; types per layer below.
+MATRICES = [("attn_q", HIDDEN, HIDDEN), ("attn_k", 128, HIDDEN), ("attn_v", 128, HIDDEN),
+            ("attn_output", HIDDEN, HIDDEN), ("ffn_gate", INTER, HIDDEN), ("ffn_up", INTER, HIDDEN),
+            ("ffn_down", HIDDEN, INTER)]  # fmt: skip
+LAYER_TYPES = [
+    [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q5_0, QT.Q4_1, QT.Q6_K],
+    [QT.Q4_0, QT.Q5_1, QT.Q8_0, QT.F16, QT.Q6_K, QT.Q5_K, QT.Q4_K],
+]
+PROMPTS = [[3, 17, 40, 99, 5, 64], [8, 2, 77]]
+
+
+def _matrix(qtype: QT, n: int, k: int, seed: int, permute_heads: int | None) -> np.ndarray:
+    """The tensor as the file stores it: blocks (rows permuted for llama's q/k), or F16."""
+    if qtype == QT.F16:
+        w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.2
+        return w.astype(np.float16)
+    blocks = random_blocks(qtype, n, k, seed, scale=0.2, signed=False)
+    return llama_cpp_permute(blocks, permute_heads) if permute_heads else blocks
+
+
+@pytest.fixture(scope="module")
+def block_file(tmp_path_factory):
+    tok = train_byte_level_vocab("smollm")
+    vocab = len(tok["tokens"])
+    path = tmp_path_factory.mktemp("blocks") / "tiny-blocks.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny blocks")
+    for method, value in (("add_context_length", 128), ("add_embedding_length", HIDDEN),
+                          ("add_feed_forward_length", INTER), ("add_block_count", LAYERS),
+                          ("add_head_count", HEADS), ("add_head_count_kv", KV_HEADS),
+                          ("add_layer_norm_rms_eps", 1e-5), ("add_rope_freq_base", 10000.0),
+                          ("add_vocab_size", vocab)):  # fmt: skip
+        getattr(writer, method)(value)
+    add_tokenizer_metadata(writer, tok)
+    rng = np.random.default_rng(0)
+    embed = gguf.quants.quantize(0.2 * rng.standard_normal((vocab, HIDDEN)).astype(np.float32), QT.Q8_0)
+    writer.add_tensor("token_embd.weight", embed, raw_dtype=QT.Q8_0)  # no output.weight: tied
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for layer, types in enumerate(LAYER_TYPES):
+        for (name, n, k), qtype in zip(MATRICES, types, strict=True):
+            heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(name)
+            data = _matrix(qtype, n, k, seed=100 * layer + len(name), permute_heads=heads)
+            writer.add_tensor(
+                f"blk.{layer}.{name}.weight", data, raw_dtype=None if qtype == QT.F16 else qtype
+            )
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(
+                f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def loads(block_file):
+    return load(block_file, device="cpu", dtype="fp32"), load(
+        block_file, device="cpu", dtype="fp32", keep_quantized=True
+    )
+
+
+def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
+    flt, blk = loads
+    layers = {n: m for n, m in blk.model.named_modules() if isinstance(m, GGMLLinear)}
+    assert len(layers) == 2 * 7 - 1 + 1  # every matrix but the F16 one, and the head
+    assert isinstance(blk.model.model.layers[1].self_attn.o_proj, Linear)  # F16: a float layer
+    assert {m.type_name for m in layers.values()} == {t.name for ts in LAYER_TYPES for t in ts} - {"F16"}
+    assert layers["lm_head"].type_name == "Q8_0" and not blk.model.config.tie_word_embeddings
+    floats = dict(flt.model.named_parameters())
+    floats["lm_head.weight"] = flt.model.model.embed_tokens.weight  # tied in the float load
+    for name, layer in layers.items():
+        w = floats[f"{name}.weight"].detach()
+        assert torch.equal(layer.dequantize().view(torch.int32), w.view(torch.int32)), name
+    # Resident bytes: exactly the file's for these tensors (the budget is 1.1x).
+    reader = GGUFFile.open(block_file)
+    on_disk = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type not in (QT.F32, QT.F16))
+    held = sum(t.nbytes for m in layers.values() for t in m.buffers())
+    assert held == on_disk
+    assert "GGUF blocks" in blk.checkpoint.quantization
+
+
+def _decode(model, fused: bool):
+    """Prefill PROMPTS, then 3 decode steps of 2 rows: logits (3, 2, V)."""
+    cache = KVCache.for_model(model.config, len(PROMPTS), 32, dtype=torch.float32, device="cpu")
+    plan = prepare_cpu_decode(model, layout=False) if fused else None
+    step = decode_one_token if plan is None else plan.decode_step(decode_one_token)
+    prefill(model, cache, PROMPTS, CPU)
+    logits = torch.stack([step(model, cache, [t, t + 1], CPU) for t in (11, 23, 42)])
+    if plan is not None:
+        plan.undo()
+    return logits
+
+
+def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
+    flt, blk = loads
+    kernels_on(monkeypatch, True)
+    ref = _decode(flt.model, fused=False)
+    eager = _decode(blk.model, fused=False)  # the layers' kernels, one call each
+    fused = _decode(blk.model, fused=True)  # the C step
+    assert fused_calls == [2, 2, 2], "the fused step was not taken"
+    scale = ref.abs().max().item()
+    assert scale > 1.0  # logits that carry information
+    # A long input runs the dequantized weights: the float load's logits up to summation order.
+    ids = torch.tensor([PROMPTS[0] * 2])  # 12 rows: past the kernels' row limit in every layer
+    with torch.no_grad():
+        torch.testing.assert_close(blk.model(ids), flt.model(ids), rtol=1e-4, atol=1e-4 * scale)
+    # Decode: the fused step computes what the layers' kernels compute.
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4 * scale)
+    # ... which is the float product of the kernels' int8-rounded inputs (kernels off, inputs rounded).
+    kernels_on(monkeypatch, False)
+    with pytest.MonkeyPatch.context() as mp:
+        round_inputs_like_the_kernels(mp)
+        rounded = _decode(blk.model, fused=False)
+    torch.testing.assert_close(eager, rounded, rtol=1e-4, atol=1e-4 * scale)
+    # Against the unrounded float load: the activations' rounding only.
+    assert (eager - ref).abs().max().item() < 0.05 * scale
+
+
+def test_generate_matches_the_pytorch_path(block_file, capsys, monkeypatch, fused_calls):
+    from weightsmith.cpu_decode import plan as cpu_plan
+
+    # Sampled with a seed: the tokens depend on the whole distribution, not on its top alone.
+    argv = ["generate", str(block_file), "--keep-quantized", "-p", "the cat", "-n", "12", "--temperature", "1",
+            "--seed", "3", "--json"]  # fmt: skip
+    kernels_on(monkeypatch, True)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    taken = len(fused_calls)
+    assert taken, "the fused step was not taken"
+    monkeypatch.setattr(cpu_plan.CpuDecodePlan, "fused", lambda self: None)  # the PyTorch step
+    code, out_pytorch, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert len(fused_calls) == taken, "the fused step ran on the PyTorch path"
+    fused, pytorch = json.loads(out), json.loads(out_pytorch)
+    assert fused["text"] == pytorch["text"] and fused["usage"] == pytorch["usage"]
+    assert len(set(fused["text"])) > 3  # a text that tells the paths apart
+
+
+def test_refusals_are_one_line(block_file, tiny_hf_dir, capsys, tmp_path):
+    one_line_error(capsys, ["generate", str(tiny_hf_dir), "--keep-quantized", "-p", "x"],
+                   expect_in=["--keep-quantized", ".gguf"])  # fmt: skip
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    one_line_error(capsys, ["generate", str(block_file), "--keep-quantized", "--adapter", str(adapter), "-p", "x"],
+                   expect_in=["--keep-quantized", "adapter"], code=2)  # fmt: skip
+
+
+def test_saving_refuses_and_export_state_dequantizes(loads, tmp_path):
+    from weightsmith.checkpoint.quantized import float_state, save_quantized
+    from weightsmith.errors import CheckpointError
+
+    flt, blk = loads
+    with pytest.raises(CheckpointError, match="keep_quantized"):
+        save_quantized(blk.model, blk.tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    state = float_state(blk.model, blk.model.config, "test")  # what `export` writes to GGUF
+    assert torch.equal(state["lm_head.weight"], flt.model.model.embed_tokens.weight)
+    assert torch.equal(
+        state["model.layers.0.mlp.down_proj.weight"], flt.model.model.layers[0].mlp.down_proj.weight
+    )
