@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import build_tiny_tokenizer_dir
 
-from weightsmith.checkpoint.gguf import gguf_int4_layers, read_gguf
+from weightsmith.checkpoint.gguf import read_gguf
+from weightsmith.checkpoint.gguf_quants import gguf_int4_layers
 from weightsmith.checkpoint.gguf_write import export_gguf
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.errors import CheckpointError
