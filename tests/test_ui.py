@@ -385,11 +385,12 @@ def test_login_chat_and_arena_in_a_real_browser(keyed_ui, tmp_path):
         assert "alpha" in driver.find_element("id", "arenas").text
         clean("arena")
         driver.find_element("link text", "the whole leaderboard").click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_elements("id", "leaderboard"))
         assert "gamma<i>" in driver.find_element("id", "leaderboard").text
         clean("leaderboard")
         driver.get(url + "/")
         driver.find_element("css selector", "form[action='/logout'] button").click()
-        assert "/login" in driver.current_url
+        WebDriverWait(driver, 10).until(lambda d: "/login" in d.current_url)  # the form post's redirect
         clean("logged-out")
     finally:
         driver.quit()
