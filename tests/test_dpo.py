@@ -342,6 +342,8 @@ def test_config_checks_and_resume_refusals(tiny_hf_dir, pairs, tmp_path, capsys)
         dpo_config(tiny_hf_dir, pairs, tmp_path, loss="ipo", label_smoothing=0.1)
     with pytest.raises(WeightsmithError, match="--beta"):
         dpo_config(tiny_hf_dir, pairs, tmp_path, beta=0)
+    with pytest.raises(WeightsmithError, match="--sft-weight -1.0: must be between 0 and 100"):
+        dpo_config(tiny_hf_dir, pairs, tmp_path, sft_weight=-1.0)
     assert (
         main(["dpo", str(tiny_hf_dir), "--data", str(pairs), "--out", str(tmp_path), "--loss", "nope"]) == 2
     )
