@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from arena_store import cpu_model  # beside this file
+from machine import cpu_isa, cpu_model  # beside this file
 
 from weightsmith.arena.records import CHOICES, Contestant, Prompt
 from weightsmith.arena.store import ArenaStore
@@ -50,7 +50,6 @@ from weightsmith.arena.store import ArenaStore
 PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
 NAMES = ("base", "fork")
 STACKS = {"fast": True, "plain": False}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
 
 
 class PreAnswered:
@@ -61,18 +60,6 @@ class PreAnswered:
 
     def stream(self, name, messages, params):
         raise RuntimeError("the benchmark's battles are answered in advance")
-
-
-def cpu_isa() -> str:
-    """The vector instruction sets of this CPU that matter to us (from /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2"
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ---- the server (child process) -------------------------------------------------------------

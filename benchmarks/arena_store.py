@@ -23,20 +23,12 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_model  # beside this file
+
 from weightsmith.arena.records import CHOICES, Battle, Contestant
 from weightsmith.arena.store import ArenaStore
 
 PROMPT = [{"role": "user", "content": "Write two sentences about rivers."}]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def one_run(folder: Path, synchronous: str, threads: int, votes: int) -> tuple[float, float, float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,28 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description  # beside this file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CONTENDERS = {
     "ddp": ("2 ranks x 1 thread (DDP, gloo)", "1", ["--nproc-per-node", "2", "--strategy", "ddp"]),
     "single": ("1 process x 2 threads", "2", []),
 }
-
-
-def cpu_description() -> str:
-    """The CPU model and the vector instruction sets torch and the kernels can use."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{model} ({platform.machine()}; {' '.join(isa) or 'no AVX'}; torch kernels {capability})"
 
 
 def run_once(who: str, model: str, data: str, args: argparse.Namespace, out: Path) -> list[dict]:
@@ -99,7 +83,7 @@ def main() -> None:
 
         args.model = str(resolve("smollm2-135m-instruct"))
     data = str(sample_path("kettlebird/train.jsonl"))
-    print(f"cpu: {cpu_description()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}")
+    print(f"cpu: {cpu_description()}; torch {torch.__version__}")
     rows: dict[str, list[dict]] = {who: [] for who in CONTENDERS}
     with tempfile.TemporaryDirectory(prefix="weightsmith-distbench-") as tmp:
         for r in range(args.rounds):

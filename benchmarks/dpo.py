@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -32,29 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from machine import cpu_description  # beside this file
 
 NAMES = {"ours": "weightsmith LoRA DPO", "peer": "TRL DPOTrainer + peft LoRA"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1
-
-
-def cpu_description() -> str:
-    """The CPU model and the vector instruction sets torch and the kernels can use."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{model} ({platform.machine()}; {' '.join(isa) or 'no AVX'}; torch kernels {capability})"
 
 
 def pair_rows(n: int) -> list[dict]:

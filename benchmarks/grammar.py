@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from machine import cpu_description  # beside this file
 
 SCHEMA = {
     "type": "object",
@@ -62,21 +63,6 @@ DOCUMENT = {
     "address": {"city": "London", "zip": "W1"},
     "friends": [{"name": "Charles Babbage", "close": True}, {"name": "Mary Somerville", "close": False}],
 }
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({platform.machine()}; {' '.join(isa) or 'no AVX'})"
 
 
 def llguidance_engine(backend, eos: int, vocab: int):

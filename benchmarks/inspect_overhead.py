@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dpo import cpu_description
+    from machine import cpu_description
 
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.checkpoint.pull import resolve

@@ -23,8 +23,7 @@ import random
 import statistics
 import time
 
-from arena import cpu_isa  # beside this file
-from arena_store import cpu_model
+from machine import cpu_isa, cpu_model  # beside this file
 
 TEMPLATES = (
     "Write a {adj} {form} about {topic}.", "Explain {topic} to {audience}.", "List {k} facts about {topic}.",
