@@ -277,3 +277,45 @@ def test_compare_runs_rejects_duplicate_labels_and_bad_reference():
         ws.compare_runs(runs, [{}, {}])
     with pytest.raises(ValueError, match="reference"):
         ws.compare_runs(runs[:1], [{}], reference=1)
+
+
+def _group_runs(weighted: bool):
+    """Two runs of a group `g` over tasks `a` and `b` (20 documents each, the same doc ids), where
+    the second run gets 4 more documents right in each task and none wrong."""
+    base = {t: {i: float(i < 10) for i in range(20)} for t in "ab"}
+    tuned = {t: {i: float(i < 14) for i in range(20)} for t in "ab"}
+    runs, samples = [], []
+    for label, acc in (("base", base), ("tuned", tuned)):
+        res = {t: {"alias": t, "acc,none": statistics.fmean(acc[t].values())} for t in "ab"}
+        res["g"] = {"alias": "g", "acc,none": statistics.fmean([*acc["a"].values(), *acc["b"].values()])}
+        runs.append({
+            "results": res, "higher_is_better": {t: {"acc": True} for t in "abg"},
+            "group_subtasks": {"g": ["a", "b"]},
+            "group_configs": {"g": {"aggregate_metric_list": [{"metric": "acc", "weight_by_size": weighted}]}},
+            "weightsmith": {"label": label},
+        })  # fmt: skip
+        samples.append({t: [{"doc_id": i, "metrics": {"acc,none": v}} for i, v in acc[t].items()] for t in "ab"})
+    return runs, samples
+
+
+def test_compare_runs_tests_a_size_weighted_group_on_its_pooled_documents():
+    runs, samples = _group_runs(weighted=True)
+    rows = {r["task"]: r for r in ws.compare_runs(runs, samples)["rows"]}
+    # Each task alone: 4 discordant documents, all one way: exact McNemar p = 2 / 2**4.
+    for t in "ab":
+        assert rows[t]["p_value"]["tuned"] == pytest.approx(0.125)
+        assert rows[t]["better"]["tuned"] is None
+    # The group pools the 40 documents (a's doc 3 and b's doc 3 are two documents): 8 discordant,
+    # p = 2 / 2**8, and Newcombe's paired interval for 8 of 40 changed one way.
+    g = rows["g"]
+    assert g["test"] == "mcnemar" and g["n"]["tuned"] == 40
+    assert g["p_value"]["tuned"] == pytest.approx(2 / 2**8)
+    assert g["delta"]["tuned"] == pytest.approx(0.2)
+    assert g["ci"]["tuned"] == pytest.approx(list(newcombe_paired(20, 8, 0, 12)))
+    assert g["better"]["tuned"] is True
+
+
+def test_compare_runs_leaves_a_group_of_plain_means_untested():
+    runs, samples = _group_runs(weighted=False)
+    g = {r["task"]: r for r in ws.compare_runs(runs, samples)["rows"]}["g"]
+    assert g["test"] is None and g["p_value"]["tuned"] is None and g["delta"]["tuned"] == pytest.approx(0.2)

@@ -379,6 +379,7 @@ def evaluate(
         "group_subtasks": {g.group: list(g.tasks) for g in taskset.groups}
         | {t.name: [] for t in taskset.tasks if not any(t.name in g.tasks for g in taskset.groups)},
         "configs": {t.name: dump_config(t.cfg) for t in taskset.tasks},
+        "group_configs": {g.group: {"aggregate_metric_list": g.aggregate} for g in taskset.groups},
         "versions": {t.name: t.cfg.version for t in taskset.tasks},
         "n-shot": {
             t.name: t.cfg.num_fewshot if opts.num_fewshot is None else opts.num_fewshot for t in taskset.tasks

@@ -329,7 +329,14 @@ def _comparison_row(
     task, metric, filt, hib = cell
     key, se_key = f"{metric},{filt}", f"{metric}_stderr,{filt}"
     res = [(r.get("results") or {}).get(task) or {} for r in runs]
-    docs = [doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
+    members = _pooled_members(runs[reference], task, metric, filt)
+    if members is None:
+        docs = [doc_values((s or {}).get(task) or [], metric, filt) for s in samples]
+    else:  # a size-weighted group: its value is the mean over its members' documents, pooled
+        docs = [
+            {(m, i): v for m in members for i, v in doc_values((s or {}).get(m) or [], metric, filt).items()}
+            for s in samples
+        ]
     present = [d for d in docs if d]
     binary = bool(present) and all(is_binary(list(d.values())) for d in present)
     row: dict[str, Any] = {
@@ -363,3 +370,16 @@ def _comparison_row(
         row["n"][lab] = t["n"] if t else 0
         row["better"][lab] = ((t["delta"] > 0) == bool(hib)) if sig else None
     return row
+
+
+def _pooled_members(run: dict, task: str, metric: str, filt: str) -> list[str] | None:
+    """The member tasks of `task` when it is a group whose `metric` is a mean weighted by size
+    (as `core` is): then the group's value is the mean over every member document, and the
+    documents pool into one paired test. None for a task, or a group of plain means (a mean of
+    means is not a proportion of pooled documents: no test, as before)."""
+    members = (run.get("group_subtasks") or {}).get(task) or []
+    specs = ((run.get("group_configs") or {}).get(task) or {}).get("aggregate_metric_list") or []
+    for spec in specs:
+        if spec.get("metric") == metric and filt in (spec.get("filter_list") or ["none"]):
+            return list(members) if members and spec.get("weight_by_size", True) else None
+    return None
