@@ -294,7 +294,9 @@ def _group_runs(weighted: bool):
             "group_configs": {"g": {"aggregate_metric_list": [{"metric": "acc", "weight_by_size": weighted}]}},
             "weightsmith": {"label": label},
         })  # fmt: skip
-        samples.append({t: [{"doc_id": i, "metrics": {"acc,none": v}} for i, v in acc[t].items()] for t in "ab"})
+        samples.append(
+            {t: [{"doc_id": i, "metrics": {"acc,none": v}} for i, v in acc[t].items()] for t in "ab"}
+        )
     return runs, samples
 
 
