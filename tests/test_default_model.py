@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_logits_match
 
 import weightsmith as ws
 from weightsmith.checkpoint.load import load_checkpoint
@@ -33,13 +34,7 @@ def reference(hf_default_model, hf_default_tokenizer):
 
 def test_logits_match_transformers_gguf_load(ours, reference):
     model, tok = reference
-    for text in PROMPTS:
-        ids = tok(text, return_tensors="pt").input_ids
-        assert ours.tokenizer.encode(text) == ids[0].tolist()
-        with torch.no_grad():
-            ref = model(ids).logits
-            got = ours.model(ids)
-        assert (got - ref).abs().max().item() <= 1e-3, text
+    assert_logits_match(ours, model, tok, PROMPTS)
 
 
 def test_greedy_generation_matches_transformers(ours, reference):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _USER_HOME
+from conftest import assert_logits_match, user_store_model
 
 import weightsmith as ws
 from weightsmith.errors import WeightsmithError
@@ -25,17 +25,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Les modèles 
 
 @pytest.fixture(scope="module")
 def gemma_gguf() -> Path:
-    from weightsmith.checkpoint.pull import resolve
-
-    with pytest.MonkeyPatch.context() as mp:
-        if _USER_HOME is None:
-            mp.delenv("WEIGHTSMITH_HOME", raising=False)
-        else:
-            mp.setenv("WEIGHTSMITH_HOME", _USER_HOME)
-        try:
-            return resolve("gemma3-270m", auto_pull=False)
-        except WeightsmithError:
-            pytest.skip("gemma3-270m is not pulled (weightsmith pull gemma3-270m --accept-license)")
+    try:
+        return user_store_model("gemma3-270m", auto_pull=False)
+    except WeightsmithError:
+        pytest.skip("gemma3-270m is not pulled (weightsmith pull gemma3-270m --accept-license)")
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +48,7 @@ def reference(gemma_gguf):
 def test_logits_match_transformers_gguf_load(ours, reference):
     model, tok = reference
     assert ours.model.config.model_type == "gemma3_text"
-    for text in PROMPTS:
-        ids = tok(text, return_tensors="pt").input_ids
-        assert ours.tokenizer.encode(text) == ids[0].tolist()
-        with torch.no_grad():
-            ref = model(ids).logits
-            got = ours.model(ids)
-        assert (got - ref).abs().max().item() <= 1e-3, text
+    assert_logits_match(ours, model, tok, PROMPTS)
 
 
 def test_logits_match_past_the_sliding_window(ours, reference):
