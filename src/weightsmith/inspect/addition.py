@@ -47,7 +47,9 @@ from weightsmith.sampling import SamplingParams
 class AddOptions:
     """How `inspect direction --select` chooses the addition (flattened into the command's flags)."""
 
-    add_select: bool = opt(True, "with --select: also choose an addition by generation (a few minutes)")
+    add_select: bool = opt(
+        True, "with --select: also choose an addition (a screen, then generation judged as refusals)"
+    )
     add_candidates: int = opt(
         3, "with --select: addition candidates (best screen scores) judged by generation"
     )
