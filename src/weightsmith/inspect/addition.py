@@ -11,13 +11,13 @@ separately, on the same validation prompts, in two steps:
    candidate added at l (scale 1, every position). The openings are the first
    `opening_tokens` tokens of the model's plain replies to the harmful *fit* prompts that the
    refusal judge calls refusals (the model's words, not a fixed list); the score of a prompt is
-   log sum over the openings of p(opening | prompt), averaged over the first `screen_prompts`
+   log sum over the openings of p(opening | prompt), averaged over the first `add_screen_prompts`
    harmless validation prompts. Forward passes only.
-2. The `candidates` best of the screen are judged by generation: greedy replies of `tokens`
-   tokens to every harmless validation prompt, with the candidate added at each of `scales`
+2. The `add_candidates` best of the screen are judged by generation: greedy replies of `add_tokens`
+   tokens to every harmless validation prompt, with the candidate added at each of `add_scales`
    (smallest first), judged by the refusal judge, and checked for coherence (`valid_text`: at
    least three words, mostly letters, no single word filling half the reply). The choice is
-   the smallest scale at which a candidate's refusal rate reaches `target` while at least
+   the smallest scale at which a candidate's refusal rate reaches `add_target` while at least
    `add_min_valid` of its replies are valid text (at that scale, the candidate refusing most);
    when none does, the trial refusing most among the coherent ones, marked as short of the
    target. Scales above the first that reaches the target are not tried.

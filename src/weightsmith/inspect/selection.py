@@ -20,7 +20,8 @@ at which adding r lifts the harmless prompts' mean score to the harmful ones' pl
 (when none does, the one that lifts it most).
 
 Prompts are packed several to a row (each attends only to its own tokens), so one forward
-covers many prompts. Not here: the direction file (directions.py), the edits (steering.py).
+covers many prompts. Not here: the direction file (directions.py), the edits (steering.py),
+choosing the addition (addition.py).
 """
 
 from __future__ import annotations
