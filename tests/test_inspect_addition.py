@@ -159,3 +159,29 @@ def test_steer_add_uses_the_files_recommended_addition(planted, tmp_path) -> Non
     write_direction(tmp_path / "old.safetensors", Direction(plain, 1), {"model_sha256": fp})
     with pytest.raises(InspectError, match="no recommended addition"):
         load_steering(llm.model, [f"{tmp_path / 'old.safetensors'}:add"], fp)
+
+
+def test_redteam_table_shows_the_paired_over_refusal_change() -> None:
+    from rich.console import Console
+
+    from weightsmith.cli.redteam import print_redteam
+
+    def rate(k, n):
+        return {"n": n, "k": k, "rate": k / n if n else 0.0, "ci_low": 0.0, "ci_high": 1.0}
+
+    def change(delta, n, lo, hi, p):
+        return {"delta": delta, "mcnemar": {"n": n, "a_only": 0, "b_only": 3, "p_value": p},
+                "interval": {"delta": delta, "ci_low": lo, "ci_high": hi}}  # fmt: skip
+
+    plain = {"config": "m", "asr": rate(0, 0), "over_refusal": rate(0, 10), "by_family": {}}
+    added = {"config": "m+steered", "asr": rate(0, 0), "over_refusal": rate(6, 10), "by_family": {},
+             "vs_reference": {"asr": change(0.0, 0, 0.0, 0.0, 1.0), "over_refusal": change(0.6, 10, 0.25, 0.8, 0.03)}}  # fmt: skip
+    console = Console(record=True, width=200)
+    print_redteam({"configs": [plain, added]}, console)
+    text = console.export_text()
+    assert "over-refusal change" in text and "+60.0 pts [+25.0, +80.0] (p=0.03)" in text
+    assert "+0.0 pts" not in text  # no attack probes: no ASR change
+    added["vs_reference"]["over_refusal"] = change(0.0, 0, 0.0, 0.0, 1.0)
+    console = Console(record=True, width=200)
+    print_redteam({"configs": [plain, added]}, console)
+    assert "over-refusal change" not in console.export_text()  # no benign probes: no column

@@ -11,8 +11,8 @@ embedding, layer 0), where the two
 sets' projections on it are furthest apart in pooled standard deviations (Cohen's d).
 
 File: safetensors with one tensor `directions` (L+1, hidden) in fp32 (and, when `--select`
-chose activation addition at another prompt position, `add_directions` of the same shape, with
-`recommended_add` in the metadata) and string metadata:
+chose an activation addition, `add_directions` of the same shape, the differences of means at
+its prompt position, with `recommended_add` in the metadata) and string metadata:
 the model's weights fingerprint (models/fingerprint.py), the sets and their sha256, counts,
 the recommended layer, per-layer separations and the code version. `read_direction` checks a
 file against a model before anything runs: format, width, layer count, fingerprint.
@@ -50,8 +50,8 @@ class Direction:
     vectors: torch.Tensor  # (L+1, h): index l is blocks.l.hook_resid_pre, index L the final stream
     layer: int  # the recommended layer
     meta: dict[str, str] = field(default_factory=dict)
-    #: (L+1, h) for activation addition when chosen apart from `vectors` (`inspect direction
-    #: --select`: another prompt position), with `meta["recommended_add"]` naming layer and scale
+    #: (L+1, h) for activation addition, chosen apart from `vectors` (`inspect direction
+    #: --select`; its prompt position may differ), with `meta["recommended_add"]` naming layer and scale
     add_vectors: torch.Tensor | None = None
 
     def at(self, layer: int | None = None) -> torch.Tensor:
