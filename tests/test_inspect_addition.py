@@ -106,10 +106,11 @@ def test_select_addition_on_the_planted_model(planted) -> None:
     opts = AddOptions(
         add_candidates=2, add_scales=[8.0, 0.05, 0.5], add_target=0.6, add_min_valid=0.0, add_tokens=4
     )
-    seen = []
+    seen, ticks = [], []
     report = select_addition(llm.engine, vectors, [-2, -1], [1, 2], {"harmful_fit": fit, "harmless_val": val},
-                             judge, opts, progress=lambda k, n: seen.append((k, n)))  # fmt: skip
+                             judge, opts, lambda k, n: seen.append((k, n)), lambda k, n: ticks.append((k, n)))  # fmt: skip
     assert seen[-1] == (2, 2)  # the zero directions at position -2 are not candidates
+    assert ticks[-1] == (6, 6) and len(ticks) == len(report["trials"]) + (len(report["trials"]) < 6)
     assert report["openings"] and all(o.startswith("On") for o in report["openings"])
     assert report["plain"]["refused"] < 0.6 * len(HARMLESS)
     assert [s["position"] for s in report["screen"]] == [-1, -1]

@@ -343,6 +343,7 @@ def _addition(cfg: DirectionConfig, llm: LLM, chosen: Any, progress: Any) -> dic
         report = select_addition(
             llm.engine, chosen.vectors, chosen.positions, chosen.layers, chosen.rows,
             lambda text: patterns.match(text) is not None, cfg.addition, _ticker(progress, "addition screen"),
+            _ticker(progress, "addition trials"),
         )  # fmt: skip
     except NoRefusals as e:
         return {"skipped": str(e)}

@@ -187,10 +187,12 @@ def _trials(
     rows: Sequence[Sequence[int]],
     judge: Callable[[str], bool],
     opts: AddOptions,
+    progress: Callable | None,
 ) -> list[Trial]:
     """Generation trials, smallest scale first, stopping after the first scale that reaches the target."""
     n_layers = len(engine.model.model.layers)
     trials: list[Trial] = []
+    total = len(best) * len(opts.add_scales)
     for scale in sorted(opts.add_scales):
         for c in best:
             edits = addition_edits(vectors[c["j"], c["layer"]], c["layer"], scale, n_layers)
@@ -208,8 +210,12 @@ def _trials(
                     sample,
                 )
             )
+            if progress is not None:
+                progress(len(trials), total)
         if any(_passes(t, opts) for t in trials):
             break
+    if progress is not None and len(trials) < total:
+        progress(total, total)  # the larger scales are not needed
     return trials
 
 
@@ -236,10 +242,12 @@ def select_addition(
     judge: Callable[[str], bool],
     opts: AddOptions,
     progress: Callable | None = None,
+    trial_progress: Callable | None = None,
 ) -> dict:
     """The addition (layer, position, scale) chosen as the module doc says, and its report.
     `vectors` (P, L+1, h) are the candidates at `positions`; `rows` holds token rows for
-    "harmful_fit" (the openings) and "harmless_val" (screen and trials)."""
+    "harmful_fit" (the openings) and "harmless_val" (screen and trials). `progress(done,
+    total)` is told as the screen goes, `trial_progress` as the generation trials do."""
     openings = refusal_openings(engine, rows["harmful_fit"], judge, opts)
     screen_rows = rows["harmless_val"][: opts.add_screen_prompts]
     candidates = [
@@ -248,8 +256,9 @@ def select_addition(
     screen = _screen(engine.model, vectors, candidates, screen_rows, openings, progress)
     plain = opening_score(engine.model, screen_rows, openings)
     trials = _trials(
-        engine, vectors, screen[: opts.add_candidates], positions, rows["harmless_val"], judge, opts
-    )
+        engine, vectors, screen[: opts.add_candidates], positions, rows["harmless_val"], judge, opts,
+        trial_progress,
+    )  # fmt: skip
     plain_texts = generate(engine, rows["harmless_val"], opts.add_tokens)
     chosen, reached = choose(trials, opts)
     tokenizer = engine.tokenizer
