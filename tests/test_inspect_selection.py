@@ -140,5 +140,10 @@ def test_direction_select_command(planted_dir, tmp_path, capsys) -> None:
     counts = table["counts"]
     assert counts["harmful_fit"] + counts["harmful_val"] == len(HARMFUL)
     assert r["metadata"]["positive_count"] == str(counts["harmful_fit"])
+    # a random model never refuses in words: no addition is chosen, and the file says none
+    assert (
+        "refuses none of the" in r["selection"]["addition"]["skipped"]
+        and "recommended_add" not in r["metadata"]
+    )
     code, _, err = run_cli([*argv[:-1], "0.4", "--layer", "1"], capsys)
     assert code != 0 and "not both" in err and len(err.strip().splitlines()) == 1

@@ -121,10 +121,35 @@ def print_direction(result: dict, console: Console) -> None:
     )  # fmt: skip
     selection = result.get("selection")
     scale = (selection or {}).get("chosen", {}).get("scale") or 1
+    add = f"--steer {result['out']}:layer={result['layer']}:scale={scale}"
     if selection is not None:
         _print_selection(selection, console)
+        if "chosen" in selection.get("addition", {}):
+            add = f"--steer {result['out']}:add"
+    console.print(f"steer with: --steer {result['out']}:ablate  or  {add}", markup=False, highlight=False)
+
+
+def _print_addition(addition: dict, console: Console) -> None:
+    if "skipped" in addition:
+        console.print(f"addition: not chosen ({addition['skipped']})", markup=False, highlight=False)
+        return
+    table = Table(
+        title=f"addition on harmless validation prompts, judged by the refusal patterns ({addition['tokens']} tokens; "
+        f"refusal openings {addition['openings']}; plain: {addition['plain']['refused']}/{addition['plain']['n']} refused)"
+    )
+    for col in ("layer", "position", "scale", "refused", "valid text"):
+        table.add_column(col, justify="right")
+    for t in addition["trials"]:
+        table.add_row(
+            *(str(t[k]) for k in ("layer", "position", "scale")),
+            f"{t['refused']}/{t['n']}",
+            f"{t['valid']}/{t['n']}",
+        )
+    console.print(table)
+    c = addition["chosen"]
     console.print(
-        f"steer with: --steer {result['out']}:ablate  or  --steer {result['out']}:layer={result['layer']}:scale={scale}",
+        f"addition chosen: layer {c['layer']}, position {c['position']}, scale {c['scale']}: {c['refused']}/{c['n']} "
+        f"refused{'' if addition['reached'] else ' (short of the target ' + str(addition['target']) + ')'}",
         markup=False,
         highlight=False,
     )
@@ -149,6 +174,8 @@ def _print_selection(selection: dict, console: Console) -> None:
         markup=False,
         highlight=False,
     )
+    if "addition" in selection:
+        _print_addition(selection["addition"], console)
 
 
 def make_progress(cfg: Any) -> Any:

@@ -37,14 +37,25 @@ def print_redteam(result: dict, console: Console) -> None:
     rates = method_line(result.get("interval"), short=True) or "95%"
     diffs = method_line(result.get("difference_interval"), short=True)
     table = Table(title=f"attack success and over-refusal ({rates} intervals)")
-    for col in ("configuration", "attack success", "over-refusal", "ASR change", "within budget"):
+    # the over-refusal change only where benign probes ran (a paired change needs some)
+    benign = any(row.get("vs_reference", {}).get("over_refusal", {}).get("mcnemar", {}).get("n")
+                 for row in result["configs"])  # fmt: skip
+    cols = (
+        "configuration",
+        "attack success",
+        "over-refusal",
+        "ASR change",
+        "over-refusal change",
+        "within budget",
+    )
+    for col in cols if benign else cols[:4] + cols[5:]:
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for row in result["configs"]:
-        change = row.get("vs_reference", {}).get("asr")
-        delta = "" if not change else _change(change)
+        changes = [row.get("vs_reference", {}).get(k) for k in ("asr", "over_refusal")]
+        deltas = ["" if not c or not c["mcnemar"].get("n") else _change(c) for c in changes]
         budget = row.get("within_budget")
         table.add_row(
-            escape(row["config"]), _pct(row["asr"]), _pct(row["over_refusal"]), delta,
+            escape(row["config"]), _pct(row["asr"]), _pct(row["over_refusal"]), *(deltas if benign else deltas[:1]),
             "" if budget is None else ("yes" if budget else "NO"),
         )  # fmt: skip
     console.print(table)

@@ -12,6 +12,7 @@ printing (weightsmith.cli.inspect).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
 from weightsmith.inspect import InspectError, run_hooked
+from weightsmith.inspect.addition import AddOptions, NoRefusals, select_addition
 from weightsmith.inspect.attribution import attention_patterns, integrated_gradients
 from weightsmith.inspect.directions import check_layer, difference_of_means, prompts_digest, write_direction
 from weightsmith.inspect.lens import direct_logit_attribution, logit_lens
@@ -103,6 +105,7 @@ class DirectionConfig(LoadOptions):
     out: str = opt(help="the .safetensors file to write")
     layer: int | None = opt(None, "layer to recommend in the file (default: the most separating one)")
     selection: SelectOptions = opt(default_factory=SelectOptions, flatten=True)  # --select, --positions...
+    addition: AddOptions = opt(default_factory=AddOptions, flatten=True)  # --add-scales, --add-target...
     raw: bool = opt(False, "use the prompts as they are, not as a user turn of the chat template")
     probe_split: SplitOptions = opt(default_factory=SplitOptions, flatten=True)
     limit: int | None = opt(None, "at most this many prompts from each set")
@@ -325,7 +328,30 @@ def _selected(cfg: DirectionConfig, llm: LLM, sets: dict[str, list[str]], progre
         positive_sha256=prompts_digest(harmful_fit), negative_sha256=prompts_digest(harmless_fit),
         chat_template=str(not cfg.raw and bool(llm.tokenizer.chat_template)).lower(),
     )  # fmt: skip
+    if cfg.addition.add_select:
+        chosen.report["addition"] = _addition(cfg, llm, chosen, progress)
     return chosen.direction, chosen.report
+
+
+def _addition(cfg: DirectionConfig, llm: LLM, chosen: Any, progress: Any) -> dict[str, Any]:
+    """The addition chosen by generation (addition.py), judged by the red team's refusal
+    patterns; stored in the direction file. A model that never refuses: the reason, no addition."""
+    from weightsmith.safety.detectors import RefusalPatterns
+
+    patterns = RefusalPatterns()
+    try:
+        report = select_addition(
+            llm.engine, chosen.vectors, chosen.positions, chosen.layers, chosen.rows,
+            lambda text: patterns.match(text) is not None, cfg.addition, _ticker(progress, "addition screen"),
+            _ticker(progress, "addition trials"),
+        )  # fmt: skip
+    except NoRefusals as e:
+        return {"skipped": str(e)}
+    pick = report["chosen"]
+    chosen.direction.add_vectors = chosen.vectors[chosen.positions.index(pick["position"])].clone()
+    chosen.direction.meta["recommended_add"] = json.dumps(pick)
+    chosen.direction.meta["addition"] = json.dumps(report, separators=(",", ":"))
+    return report
 
 
 def _finish_direction(

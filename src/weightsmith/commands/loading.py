@@ -78,7 +78,8 @@ class SteerOptions:
 
     steer: list[str] = opt(
         default_factory=list,
-        help="steer with a direction: FILE:layer=L:scale=S adds it, FILE:ablate removes it (repeatable)",
+        help="steer with a direction: FILE:layer=L:scale=S adds it, FILE:add adds it as --select chose, "
+        "FILE:ablate removes it (repeatable)",
         split=False,
     )
 

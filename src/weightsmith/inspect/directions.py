@@ -10,7 +10,9 @@ names a recommended layer: the one, among the first 80% (as their selection; not
 embedding, layer 0), where the two
 sets' projections on it are furthest apart in pooled standard deviations (Cohen's d).
 
-File: safetensors with one tensor `directions` (L+1, hidden) in fp32 and string metadata:
+File: safetensors with one tensor `directions` (L+1, hidden) in fp32 (and, when `--select`
+chose an activation addition, `add_directions` of the same shape, the differences of means at
+its prompt position, with `recommended_add` in the metadata) and string metadata:
 the model's weights fingerprint (models/fingerprint.py), the sets and their sha256, counts,
 the recommended layer, per-layer separations and the code version. `read_direction` checks a
 file against a model before anything runs: format, width, layer count, fingerprint.
@@ -35,6 +37,8 @@ from weightsmith.inspect.trace import run_hooked
 from weightsmith.models.model import CausalLM
 
 FORMAT = "weightsmith-direction-v1"
+#: The optional second tensor: the directions chosen for activation addition (addition.py).
+ADD_KEY = "add_directions"
 #: A direction file is a few MB at most ((layers + 1) x hidden fp32); refuse anything far larger.
 MAX_FILE_BYTES = 256 << 20
 
@@ -46,6 +50,9 @@ class Direction:
     vectors: torch.Tensor  # (L+1, h): index l is blocks.l.hook_resid_pre, index L the final stream
     layer: int  # the recommended layer
     meta: dict[str, str] = field(default_factory=dict)
+    #: (L+1, h) for activation addition, chosen apart from `vectors` (`inspect direction
+    #: --select`; its prompt position may differ), with `meta["recommended_add"]` naming layer and scale
+    add_vectors: torch.Tensor | None = None
 
     def at(self, layer: int | None = None) -> torch.Tensor:
         return self.vectors[self.layer if layer is None else layer]
@@ -147,8 +154,11 @@ def write_direction(path: Path, direction: Direction, provenance: dict[str, str]
         **direction.meta,
         **{k: str(v) for k, v in provenance.items()},
     }
+    tensors = {"directions": direction.vectors.float().contiguous()}
+    if direction.add_vectors is not None:
+        tensors[ADD_KEY] = direction.add_vectors.float().contiguous()
     with atomic_file(Path(path)) as tmp:
-        save_file({"directions": direction.vectors.float().contiguous()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
     return meta
 
 
@@ -163,8 +173,11 @@ def read_direction(path: Path, *, hidden_size: int, num_layers: int, fingerprint
         raise InspectError(f"{path} is {path.stat().st_size} bytes, too large for a direction file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            vectors = f.get_tensor("directions") if keys == ["directions"] else None
+            meta, keys = f.metadata() or {}, sorted(f.keys())
+            vectors = (
+                f.get_tensor("directions") if keys in (["directions"], [ADD_KEY, "directions"]) else None
+            )
+            add = f.get_tensor(ADD_KEY) if ADD_KEY in keys else None
     except Exception as e:  # safetensors raises its own error types for a broken header
         raise InspectError(
             f"{path} is not a safetensors file ({e}); make one with `weightsmith inspect direction`"
@@ -172,6 +185,10 @@ def read_direction(path: Path, *, hidden_size: int, num_layers: int, fingerprint
     if meta.get("format") != FORMAT or vectors is None or vectors.ndim != 2:
         raise InspectError(
             f"{path} is not a weightsmith direction file (no {FORMAT!r} metadata and `directions` tensor)"
+        )
+    if add is not None and add.shape != vectors.shape:
+        raise InspectError(
+            f"{path}: {ADD_KEY} has shape {tuple(add.shape)}, not that of directions {tuple(vectors.shape)}"
         )
     if vectors.shape[1] != hidden_size:
         raise InspectError(
@@ -191,4 +208,4 @@ def read_direction(path: Path, *, hidden_size: int, num_layers: int, fingerprint
     except ValueError:
         raise InspectError(f"{path}: metadata field 'layer' is not an integer") from None
     check_layer(layer, num_layers, f"{path}: layer")
-    return Direction(vectors.float(), layer, dict(meta))
+    return Direction(vectors.float(), layer, dict(meta), None if add is None else add.float())

@@ -20,14 +20,15 @@ at which adding r lifts the harmless prompts' mean score to the harmful ones' pl
 (when none does, the one that lifts it most).
 
 Prompts are packed several to a row (each attends only to its own tokens), so one forward
-covers many prompts. Not here: the direction file (directions.py), the edits (steering.py).
+covers many prompts. Not here: the direction file (directions.py), the edits (steering.py),
+choosing the addition (addition.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -104,6 +105,12 @@ class Selection:
     position: int
     scale: float
     report: dict = field(default_factory=dict)
+    #: every candidate, (P, L+1, h) at `positions`, the eligible layers and the token rows (by
+    #: set name), for choosing the addition separately (addition.py)
+    vectors: torch.Tensor | None = None
+    positions: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    rows: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 def validation_split(prompts: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -146,6 +153,23 @@ def _packs(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return packs
 
 
+def _forward_packs(
+    model: CausalLM, rows: Sequence[Sequence[int]], edits: dict[str, list[Edit]] | None, keep: Sequence[str]
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, HookState]]:
+    """Per pack of rows: (the rows' indices, the final hidden states (T, h), where each row
+    starts in it, the hook state with `keep`'s values)."""
+    device = model.inv_freq.device
+    for pack in _packs([len(r) for r in rows], PACK_TOKENS):
+        ids = torch.tensor([[t for i in pack for t in rows[i]]], device=device)
+        docs = torch.tensor([[d for d, i in enumerate(pack) for _ in rows[i]]], device=device)
+        pos = torch.tensor([[j for i in pack for j in range(len(rows[i]))]], device=device)
+        starts = torch.tensor([0] + [len(rows[i]) for i in pack]).cumsum(0)
+        state = HookState(edits, keep)
+        with hooked(model, state):
+            hidden = model.hidden_states(ids, positions=pos, documents=docs)
+            yield pack, hidden[0], starts, state
+
+
 @torch.no_grad()
 def packed_run(
     model: CausalLM,
@@ -157,21 +181,31 @@ def packed_run(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token logits after each row (N, V) and the values at `keep` at `positions` of each
     row (name -> (N, P, h)), with `edits` applied, several rows to a forward pass."""
-    device = model.inv_freq.device
     logits, kept = [], {name: [] for name in keep}
-    for pack in _packs([len(r) for r in rows], PACK_TOKENS):
-        ids = torch.tensor([[t for i in pack for t in rows[i]]], device=device)
-        docs = torch.tensor([[d for d, i in enumerate(pack) for _ in rows[i]]], device=device)
-        pos = torch.tensor([[j for i in pack for j in range(len(rows[i]))]], device=device)
-        ends = torch.tensor([len(rows[i]) for i in pack]).cumsum(0)  # one past each row's last token
-        state = HookState(edits, keep)
-        with hooked(model, state):
-            hidden = model.hidden_states(ids, positions=pos, documents=docs)
-            logits.append(model.logits(hidden[0, ends - 1]).float().cpu())
+    for _, hidden, starts, state in _forward_packs(model, rows, edits, keep):
+        ends = starts[1:]  # one past each row's last token
+        logits.append(model.logits(hidden[ends - 1]).float().cpu())
         at = ends[:, None] + torch.tensor(list(positions))[None, :]  # (n, P)
         for name in keep:
             kept[name].append(state.cache[name][0, at].float().cpu())
     return torch.cat(logits), {name: torch.cat(v) for name, v in kept.items()}
+
+
+@torch.no_grad()
+def packed_logits(
+    model: CausalLM,
+    rows: Sequence[Sequence[int]],
+    at: Sequence[Sequence[int]],
+    edits: dict[str, list[Edit]] | None = None,
+) -> list[torch.Tensor]:
+    """The logits at positions `at[i]` of each row i ((len(at[i]), V) each), packed as `packed_run`."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for pack, hidden, starts, _ in _forward_packs(model, rows, edits, ()):
+        for k, i in enumerate(pack):
+            out[i] = (
+                model.logits(hidden[starts[k] + torch.tensor(list(at[i]), dtype=torch.long)]).float().cpu()
+            )
+    return [x for x in out if x is not None]
 
 
 def _kl(plain: torch.Tensor, other: torch.Tensor) -> float:
@@ -244,6 +278,11 @@ def _fit(model: CausalLM, rows: dict, positions: list[int]) -> dict[str, torch.T
     return out
 
 
+def eligible_layers(n_layers: int, opts: SelectOptions) -> list[int]:
+    """Candidate layers: the first `max_layer_fraction` of them, not the embedding (layer 0)."""
+    return list(range(1, max(2, int(opts.max_layer_fraction * n_layers))))
+
+
 def _rank(
     scorer: _Scorer,
     vectors: torch.Tensor,
@@ -252,9 +291,11 @@ def _rank(
     progress: Callable | None,
 ) -> list[Candidate]:
     """Every eligible candidate with its ablation score, best (lowest) first."""
-    top = max(2, int(opts.max_layer_fraction * scorer.n_layers))  # layer 0 is the embedding
     eligible = [
-        (i, j) for j in range(len(positions)) for i in range(1, top) if float(vectors[j, i].norm()) > 0
+        (i, j)
+        for j in range(len(positions))
+        for i in eligible_layers(scorer.n_layers, opts)
+        if float(vectors[j, i].norm()) > 0
     ]
     table = []
     for k, (layer, j) in enumerate(eligible):
@@ -315,4 +356,6 @@ def select_direction(
         "scale": str(scale),
         "selection": json.dumps(report, separators=(",", ":")),
     }
-    return Selection(Direction(vectors[j].clone(), chosen.layer, meta), chosen.position, scale, report)
+    direction = Direction(vectors[j].clone(), chosen.layer, meta)
+    layers = eligible_layers(scorer.n_layers, opts)
+    return Selection(direction, chosen.position, scale, report, vectors, positions, layers, rows)

@@ -9,6 +9,8 @@ direction, made unit length, from everything written into the stream, the embedd
 attention and MLP output, at every position, so the stream never holds it: Arditi et al.'s
 directional ablation, equivalent to their weight orthogonalisation). `FILE:ablate:layer=L`
 picks which layer's direction to ablate; without it the file's recommended layer.
+`FILE:add` adds the direction the way `inspect direction --select` chose for addition (its own
+prompt position's directions, layer and scale, from the file); `:layer=L`/`:scale=S` override.
 
 `Steering(model, specs).start()` keeps the hooks on until `stop()`: every forward, prefill and
 decode, runs the hooked (PyTorch) path. `row_edits` makes edits that steer only some rows of
@@ -21,6 +23,7 @@ Not here: directions and their files (directions.py), hook points (hooks.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from weightsmith.inspect.interventions import Add, ProjectOut
 from weightsmith.models.fingerprint import model_fingerprint
 from weightsmith.models.model import CausalLM
 
-_OPTION = re.compile(r"ablate|(layer|scale)=.*")
+_OPTION = re.compile(r"ablate|add|(layer|scale)=.*")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class SteerSpec:
     layer: int | None = None
     scale: float | None = None
     text: str = field(default="", compare=False)
+    add: bool = False  # the file's recommended addition (its add_directions, layer and scale)
 
 
 def parse_steer(spec: str) -> SteerSpec:
@@ -65,18 +69,20 @@ def parse_steer(spec: str) -> SteerSpec:
         scale = float(values["scale"]) if "scale" in values else None
     except ValueError:
         raise InspectError(f"--steer {spec!r}: layer must be an integer and scale a number") from None
-    ablate = "ablate" in options
-    if ablate == (scale is not None):
+    ablate, add = "ablate" in options, "add" in options
+    if ablate == (scale is not None or add):
         raise InspectError(
-            f"--steer {spec!r}: give either scale=S (add the direction) or ablate (remove it), "
-            "e.g. FILE:layer=12:scale=2 or FILE:ablate"
+            f"--steer {spec!r}: give either scale=S or add (add the direction) or ablate (remove it), "
+            "e.g. FILE:layer=12:scale=2, FILE:add or FILE:ablate"
         )
-    return SteerSpec(Path(path), ablate, layer, scale, spec)
+    return SteerSpec(Path(path), ablate, layer, scale, spec, add)
 
 
 def edits_for(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str, list[Edit]]:
     """The hook edits that carry out one spec."""
     check_layer(spec.layer, n_layers, f"--steer {spec.text}: layer")
+    if spec.add:
+        return _recommended_addition(spec, direction, n_layers)
     layer = direction.layer if spec.layer is None else spec.layer
     vector = direction.at(layer)
     if float(vector.norm()) == 0.0:
@@ -86,6 +92,24 @@ def edits_for(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str,
     if spec.ablate:
         return ablation_edits(vector, n_layers)
     return addition_edits(vector, layer, float(spec.scale), n_layers)
+
+
+def _recommended_addition(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str, list[Edit]]:
+    """`FILE:add[:layer=L][:scale=S]`: the file's addition choice, its layer and scale unless given."""
+    try:
+        rec = json.loads(direction.meta.get("recommended_add") or "null")
+        layer, scale = int(rec["layer"]), float(rec["scale"])
+    except (ValueError, TypeError, KeyError):
+        raise InspectError(
+            f"--steer {spec.text}: the file has no recommended addition (make it with `inspect direction "
+            "--select`); give FILE:layer=L:scale=S instead"
+        ) from None
+    layer = layer if spec.layer is None else spec.layer
+    check_layer(layer, n_layers, f"--steer {spec.text}: layer")
+    vectors = direction.vectors if direction.add_vectors is None else direction.add_vectors
+    if float(vectors[layer].norm()) == 0.0:
+        raise InspectError(f"--steer {spec.text}: the direction at layer {layer} is zero; pick another layer")
+    return addition_edits(vectors[layer], layer, scale if spec.scale is None else float(spec.scale), n_layers)
 
 
 def ablation_edits(vector: torch.Tensor, n_layers: int) -> dict[str, list[Edit]]:
