@@ -131,39 +131,68 @@ def _file_modules(selected: dict[str, ParamTarget]) -> dict[str, str]:
     }
 
 
+#: Per module of ours: (rank, scale) of the LoRA `unfuse_parameters` gives it.
+Ranks = dict[str, tuple[int, float]]
+
+
 def unfuse_parameters(
     model: nn.Module, cfg: LoraConfig, tensors: AdapterTensors, path: Path
-) -> AdapterTensors:
-    """The file's tensors for `cfg.target_parameters` as LoRAs on our modules (the rest unchanged)."""
+) -> tuple[AdapterTensors, Ranks]:
+    """The file's tensors for `cfg.target_parameters` as LoRAs on our modules (the rest unchanged),
+    and each such module's rank and scale."""
     selected = select_parameters(model, cfg, str(path.with_name("adapter_config.json")))
     out = dict(tensors)
+    ranks: Ranks = {}
     for key, module in _file_modules(selected).items():
         target, r = selected[key], cfg.rank_for(key)
-        first = model.get_submodule(target.experts[0][0])
         rows = [model.get_submodule(m).out_features for m in target.experts[0]]
         n = len(target.experts)
-        shapes = {"lora_A": (n * r, first.in_features), "lora_B": (sum(rows), r * n)}
-        got = {}
-        for part, shape in shapes.items():
-            if (module, part) not in out:
-                raise CheckpointError(
-                    f"{path}: no tensor {KEY_PREFIX}{module}.{part}.weight for {key}, which target_parameters "
-                    "selects; the adapter file is incomplete or for another base model"
-                )
-            file_key, t = out.pop((module, part))
-            if tuple(t.shape) != shape:
-                raise CheckpointError(
-                    f"{path}: tensor {file_key!r} has shape {tuple(t.shape)}, expected {shape} for {key} "
-                    f"({n} experts, rank {r}); is this adapter for another base model?"
-                )
-            got[part] = (file_key, t)
+        n_in = model.get_submodule(target.experts[0][0]).in_features
+        shapes = {"lora_A": (n * r, n_in), "lora_B": (sum(rows), r * n)}
+        got = {part: _take(out, module, part, shape, key, path) for part, shape in shapes.items()}
         a = got["lora_A"][1].reshape(n, r, -1)  # (E, r, in)
         b = got["lora_B"][1].reshape(sum(rows), r, n)  # (out, r, E)
         for e, parts in enumerate(target.experts):
-            for m, piece in zip(parts, b[:, :, e].split(rows), strict=True):
-                out[(m, "lora_A")] = (got["lora_A"][0], a[e].clone())
-                out[(m, "lora_B")] = (got["lora_B"][0], piece.contiguous())
-    return out
+            for m, (a_m, b_m) in zip(parts, _split_expert(a[e], b[:, :, e], rows), strict=True):
+                out[(m, "lora_A")], out[(m, "lora_B")] = (got["lora_A"][0], a_m), (got["lora_B"][0], b_m)
+                ranks[m] = (a_m.shape[0], cfg.scale_for(key))
+    return out, ranks
+
+
+def _take(
+    tensors: AdapterTensors, module: str, part: str, shape: tuple[int, int], key: str, path: Path
+) -> tuple[str, torch.Tensor]:
+    if (module, part) not in tensors:
+        raise CheckpointError(
+            f"{path}: no tensor {KEY_PREFIX}{module}.{part}.weight for {key}, which target_parameters "
+            "selects; the adapter file is incomplete or for another base model"
+        )
+    file_key, t = tensors.pop((module, part))
+    if tuple(t.shape) != shape:
+        raise CheckpointError(
+            f"{path}: tensor {file_key!r} has shape {tuple(t.shape)}, expected {shape} for {key} (from "
+            "adapter_config.json's rank and the model's experts); is this adapter for another base model?"
+        )
+    return file_key, t
+
+
+def _split_expert(
+    a: torch.Tensor, b: torch.Tensor, rows: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One expert's (A, B) as a LoRA per part (B's rows for that part). Where B is block-diagonal
+    with equal blocks (what `fuse_parameters` writes for parts trained apart) each part gets its
+    own block, so a saved adapter reloads with the ranks it was trained with; else each part
+    gets all of A."""
+    pieces = b.split(rows)
+    k, n = a.shape[0] // len(rows), len(rows)
+    if n > 1 and a.shape[0] % n == 0:
+        blocks = [slice(i * k, (i + 1) * k) for i in range(n)]
+        off = [
+            torch.cat([p[:, : blocks[i].start], p[:, blocks[i].stop :]], dim=1) for i, p in enumerate(pieces)
+        ]
+        if all(not o.any() for o in off):
+            return [(a[blocks[i]].clone(), p[:, blocks[i]].contiguous()) for i, p in enumerate(pieces)]
+    return [(a.clone(), p.contiguous()) for p in pieces]
 
 
 def fuse_parameters(

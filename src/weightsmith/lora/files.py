@@ -5,7 +5,8 @@ each file replaced atomically); `load_adapter` reads a PEFT adapter directory in
 checking the config, every tensor's name and shape and that nothing is missing before the
 model is touched, so adapters move between weightsmith and transformers + peft unchanged.
 Pickle adapters (`adapter_model.bin`) are refused: they can run code. Models whose checkpoint
-fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py).
+fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py); LoRA on a MoE
+layer's experts and router is read and written as PEFT's `target_parameters` (lora/experts.py).
 
 Not here: the layers, targeting and merging (weightsmith.lora.layers); PEFT's config
 schema (lora_config.py).
@@ -114,7 +115,7 @@ def _check_tensors(
     targets: dict[str, nn.Module],
     cfg: LoraConfig,
     path: Path,
-    via: dict[str, str],
+    ranks: dict[str, tuple[int, float]],
 ) -> None:
     for (module_name, part), (key, t) in tensors.items():
         module = targets.get(module_name)
@@ -123,7 +124,7 @@ def _check_tensors(
                 f"{path}: tensor {key!r} is for {module_name}, which {CONFIG_FILE}'s target_modules do not "
                 "select in this model; is this adapter for another base model?"
             )
-        r = cfg.rank_for(via.get(module_name, module_name))
+        r = ranks[module_name][0] if module_name in ranks else cfg.rank_for(module_name)
         expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
         if tuple(t.shape) != expected:
             raise CheckpointError(
@@ -156,10 +157,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "defaul
         raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
     tensors = _read_adapter_tensors(weights)
     cfg, tensors = unfuse_adapter(model, cfg, tensors)  # Phi-3: one LoRA per part of qkv_proj, gate_up_proj
-    tensors = unfuse_parameters(model, cfg, tensors, weights)  # MoE: one LoRA per expert module
+    tensors, ranks = unfuse_parameters(model, cfg, tensors, weights)  # MoE: one LoRA per expert module
     targets = {n: m for n, m, _ in resolve_targets(model, cfg, str(config_path))}
-    _check_tensors(tensors, targets, cfg, weights, parameter_modules(model, cfg))
-    apply_lora(model, cfg, name)
+    _check_tensors(tensors, targets, cfg, weights, ranks)
+    apply_lora(model, cfg, name, ranks=ranks)
     layers = lora_layers(model)
     with torch.no_grad():
         for (module_name, part), (_, t) in tensors.items():

@@ -233,12 +233,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(
-    model: nn.Module, cfg: LoraConfig, name: str = "default", *, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    cfg: LoraConfig,
+    name: str = "default",
+    *,
+    dtype: torch.dtype = torch.float32,
+    ranks: dict[str, tuple[int, float]] | None = None,
 ) -> list[str]:
     """Wrap the target linears of a loaded `model` in place (or add adapter `name` to those
     already wrapped), freeze every non-LoRA parameter, make `name` the active adapter and
     return the wrapped module names. Adapter weights are kept in `dtype` (fp32 by default,
-    as PEFT does for half-precision bases; the forward casts them to the input's dtype)."""
+    as PEFT does for half-precision bases; the forward casts them to the input's dtype).
+    `ranks`: (rank, scale) of some modules, overriding cfg's (an adapter file's expert LoRAs)."""
     cfg.validate()
     targets = resolve_targets(model, cfg)
     via = parameter_modules(model, cfg)  # rank and alpha of a module adapted through a parameter
@@ -253,7 +259,8 @@ def apply_lora(
             module = LoRALinear(module).train(module.training)
             setattr(parent, module_name.rsplit(".", 1)[-1], module)
         key = via.get(module_name, module_name)
-        module.add_adapter(name, cfg.rank_for(key), cfg.scale_for(key), cfg.dropout, dtype)
+        r, scale = (ranks or {}).get(module_name) or (cfg.rank_for(key), cfg.scale_for(key))
+        module.add_adapter(name, r, scale, cfg.dropout, dtype)
     set_adapter(model, name)
     return [n for n, _, _ in targets]
 
