@@ -190,16 +190,17 @@ def test_peft_adapter_loads_in_ours_with_same_logits(case, llama_dir, tmp_path):
 
 
 def test_adapter_round_trips_through_our_files(family_dirs, tmp_path):
-    """Mixtral cannot go through PEFT (transformers 5 fuses the experts), so round-trip ours."""
+    """Mixtral's experts and router are written as PEFT's target_parameters (test_moe_peft.py)."""
     model = ours(family_dirs["mixtral"])
     cfg = LoraConfig(r=4, alpha=8)
     wrapped = apply_lora(model, cfg)
     assert "model.layers.0.block_sparse_moe.experts.3.w2" in wrapped
-    assert not any(n.endswith("block_sparse_moe.gate") for n in wrapped)  # the router is left alone
+    assert "model.layers.0.block_sparse_moe.gate" in wrapped  # the router too, as PEFT's all-linear
     randomize_adapters(model.named_parameters())
     save_adapter(model, tmp_path, cfg)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert written["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj", "w1", "w2", "w3"]
+    assert written["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert written["target_parameters"] == ["down_proj", "gate.weight", "gate_up_proj"]
     fresh = ours(family_dirs["mixtral"])
     load_adapter(fresh, tmp_path)
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """Qwen3-MoE through every path after loading (logit parity is in test_model_parity.py): saving an
 HF directory transformers loads; PEFT adapters on the attention both ways and ours on the experts
-through our own files (transformers 5 fuses the experts into 3-D parameters PEFT's LoRA layers do
-not wrap); weight-only quantization with the router left in float; GGUF export as llama.cpp's
+through our own files (expert adapters with PEFT, as `target_parameters`: test_moe_peft.py); weight-only quantization with the router left in float; GGUF export as llama.cpp's
 qwen3moe (and Mixtral as llama with experts), read back by our loader and by transformers'; the
 CPU decode plan's fallback; and the settings that are refused in one line."""
 
@@ -136,24 +135,12 @@ def test_peft_attention_adapter_loads_in_ours_and_saves_back_unchanged(qwen_dir,
     assert set(back) == set(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
 
 
-def test_peft_adapter_on_the_fused_experts_is_refused_in_one_line(qwen_dir, tmp_path):
-    """PEFT's all-linear on transformers 5's Qwen3-MoE adds LoRA on the 3-D expert parameters
-    (`target_parameters`), which weightsmith does not read."""
-    peft_model = peft.get_peft_model(
-        hf_model(qwen_dir),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    peft_model.save_pretrained(tmp_path / "peft")
-    with pytest.raises(ConfigError, match=r"adapter_config.json: target_parameters=.* is not supported"):
-        load_adapter(ours(qwen_dir), tmp_path / "peft")
-
-
 def test_expert_adapters_round_trip_through_our_files_and_are_not_served_per_row(qwen_dir, tmp_path):
     model = ours(qwen_dir)
     cfg = LoraConfig(r=4, alpha=8)
     wrapped = apply_lora(model, cfg)
     assert "model.layers.1.mlp.experts.3.gate_proj" in wrapped
-    assert not any(n.endswith("mlp.gate") for n in wrapped)  # the router is left alone
+    assert "model.layers.0.mlp.gate" in wrapped  # the router too, as PEFT's all-linear on transformers 5
     randomize_adapters(model.named_parameters())
     save_adapter(model, tmp_path, cfg)
     fresh = ours(qwen_dir)

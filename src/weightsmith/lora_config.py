@@ -40,7 +40,7 @@ PEFT_BOOKKEEPING = {
 #: Keys `from_peft_dict` reads (or checks) itself.
 PEFT_READ = {
     "peft_type", "task_type", "layers_pattern", "init_lora_weights", "r", "lora_alpha", "lora_dropout",
-    "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters",
 }  # fmt: skip
 #: init_lora_weights values whose saved adapter assumes a base model modified by the init.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -65,6 +65,10 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | None = None
+    #: Parameters to adapt by their transformers-5 names, exact or a dotted suffix, as PEFT's
+    #: `target_parameters`: a MoE layer's fused experts (`experts.gate_up_proj`, `experts.down_proj`,
+    #: one LoRA per expert) or a linear's `weight` (the router's `gate.weight`). lora/experts.py.
+    target_parameters: list[str] | None = None
 
     def validate(self, source: str = "LoraConfig") -> None:
         """Raise ConfigError naming `source` and the field for any value that cannot work."""
@@ -78,6 +82,17 @@ class LoraConfig:
             )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{source}: lora_dropout must be in [0, 1) (got {self.dropout!r})")
+        tp = self.target_parameters
+        if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) and t for t in tp)):
+            raise ConfigError(
+                f"{source}: target_parameters must be a list of parameter names such as "
+                f"['experts.gate_up_proj', 'experts.down_proj'] (got {tp!r})"
+            )
+        if tp and self.dropout:
+            raise ConfigError(
+                f"{source}: lora_dropout must be 0 with target_parameters (a LoRA on an expert parameter has no "
+                f"dropout; PEFT refuses it too); set lora_dropout to 0 (got {self.dropout!r})"
+            )
         tm = self.target_modules
         if isinstance(tm, str):
             _compile(tm, source, "target_modules")
@@ -86,10 +101,10 @@ class LoraConfig:
                     f"{source}: layers_to_transform cannot be combined with a regex target_modules "
                     "(PEFT refuses it too); put the layer indices into the regex, or list module names"
                 )
-        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+        elif not (isinstance(tm, list) and (tm or tp) and all(isinstance(t, str) and t for t in tm)):
             raise ConfigError(
                 f"{source}: target_modules must be 'all-linear', a regex, or a non-empty list of module "
-                f"names such as ['q_proj', 'v_proj'] (got {tm!r})"
+                f"names such as ['q_proj', 'v_proj'] (got {tm!r}; it may be empty with target_parameters)"
             )
         if not (isinstance(self.rank_pattern, dict) and isinstance(self.alpha_pattern, dict)):
             raise ConfigError(f"{source}: rank_pattern and alpha_pattern must map module patterns to values")
@@ -151,6 +166,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": {k: _plain_number(v) for k, v in self.alpha_pattern.items()},
             "layers_to_transform": self.layers_to_transform,
+            "target_parameters": list(self.target_parameters) if self.target_parameters is not None else None,
             "init_lora_weights": True,
             "inference_mode": True,
             "loftq_config": {},
@@ -163,11 +179,16 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict[str, Any], source: str) -> LoraConfig:
         """Read adapter_config.json contents; refuse anything weightsmith does not implement."""
         _refuse_unsupported(d, source)
-        if d.get("target_modules") is None:
+        params = d.get("target_parameters")
+        if params is not None and not isinstance(params, list):
+            raise ConfigError(
+                f"{source}: target_parameters must be a list of parameter names (got {params!r})"
+            )
+        if d.get("target_modules") is None and not params:
             raise ConfigError(
                 f"{source}: target_modules is missing; list the adapted modules, e.g. ['q_proj', 'v_proj']"
             )
-        targets = d["target_modules"]
+        targets = d.get("target_modules") or []
         layers = d.get("layers_to_transform")
         cfg = cls(
             r=d.get("r", 8),
@@ -178,6 +199,7 @@ class LoraConfig:
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
             layers_to_transform=[layers] if isinstance(layers, int) else layers,
+            target_parameters=list(params) if params else None,
         )
         cfg.validate(source)
         return cfg

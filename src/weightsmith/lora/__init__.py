@@ -2,7 +2,9 @@
 
 Two modules, one idea each: `layers` (the `LoRALinear` wrapper, targeting, enable/disable,
 merge, per-row adapters for batched serving) and `files` (PEFT's `adapter_config.json` +
-`adapter_model.safetensors`, read and written). Everything public is importable from
+`adapter_model.safetensors`, read and written), with `fused` (Phi-3's fused projections) and
+`experts` (a MoE layer's experts and router as PEFT's `target_parameters`) mapping the file's
+names to the model's. Everything public is importable from
 `weightsmith.lora` itself. The settings and PEFT's config schema live in
 `weightsmith.lora_config`.
 

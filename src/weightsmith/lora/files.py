@@ -5,7 +5,8 @@ each file replaced atomically); `load_adapter` reads a PEFT adapter directory in
 checking the config, every tensor's name and shape and that nothing is missing before the
 model is touched, so adapters move between weightsmith and transformers + peft unchanged.
 Pickle adapters (`adapter_model.bin`) are refused: they can run code. Models whose checkpoint
-fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py).
+fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py); LoRA on a MoE
+layer's experts and router is read and written as PEFT's `target_parameters` (lora/experts.py).
 
 Not here: the layers, targeting and merging (weightsmith.lora.layers); PEFT's config
 schema (lora_config.py).
@@ -23,9 +24,11 @@ from torch import nn
 
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.files import atomic_file, read_json, write_json_atomic
+from weightsmith.lora.experts import fuse_parameters, parameter_modules, unfuse_parameters
 from weightsmith.lora.fused import fuse_adapter, unfuse_adapter
 from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
 from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoraConfig
+from weightsmith.models.model import SparseMoE
 
 
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -48,21 +51,34 @@ def save_adapter(
     """Write adapter `name` as a PEFT adapter directory (each file replaced atomically)."""
     directory = Path(directory)
     layers = layers_with(model, name)
+    via = parameter_modules(model, cfg)
     for module_name, layer in layers.items():
-        r = layer.lora_A[name].out_features
-        if r != cfg.rank_for(module_name):
+        r, expected = layer.lora_A[name].out_features, cfg.rank_for(via.get(module_name, module_name))
+        if r != expected:
             raise ConfigError(
                 f"{module_name}: adapter {name!r} has rank {r} but the LoraConfig gives "
-                f"{cfg.rank_for(module_name)}; pass the config the adapter was created with"
+                f"{expected}; pass the config the adapter was created with"
             )
     state = {k: t.to("cpu").contiguous() for k, t in lora_state_dict(model, name).items()}
-    peft = cfg.to_peft_dict(base_model, module_names=layers)
+    outside_moe = [n for n in layers if not _in_moe(model, n)]
+    peft = cfg.to_peft_dict(base_model, module_names=outside_moe)
     state, peft = fuse_adapter(model, cfg, state, peft)  # Phi-3: qkv_proj, gate_up_proj as PEFT has them
+    state, peft = fuse_parameters(model, layers, name, state, peft)  # MoE: target_parameters
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json_atomic(directory / CONFIG_FILE, peft)
     return directory
+
+
+def _in_moe(model: nn.Module, module_name: str) -> bool:
+    """Whether a module sits inside a MoE layer (an expert or the router)."""
+    parent = module_name.rpartition(".")[0]
+    while parent:
+        if isinstance(model.get_submodule(parent), SparseMoE):
+            return True
+        parent = parent.rpartition(".")[0]
+    return False
 
 
 _FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
@@ -99,6 +115,7 @@ def _check_tensors(
     targets: dict[str, nn.Module],
     cfg: LoraConfig,
     path: Path,
+    ranks: dict[str, tuple[int, float]],
 ) -> None:
     for (module_name, part), (key, t) in tensors.items():
         module = targets.get(module_name)
@@ -107,7 +124,7 @@ def _check_tensors(
                 f"{path}: tensor {key!r} is for {module_name}, which {CONFIG_FILE}'s target_modules do not "
                 "select in this model; is this adapter for another base model?"
             )
-        r = cfg.rank_for(module_name)
+        r = ranks[module_name][0] if module_name in ranks else cfg.rank_for(module_name)
         expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
         if tuple(t.shape) != expected:
             raise CheckpointError(
@@ -140,9 +157,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "defaul
         raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
     tensors = _read_adapter_tensors(weights)
     cfg, tensors = unfuse_adapter(model, cfg, tensors)  # Phi-3: one LoRA per part of qkv_proj, gate_up_proj
-    targets = {n: m for n, m, _ in resolve_targets(model, cfg)}
-    _check_tensors(tensors, targets, cfg, weights)
-    apply_lora(model, cfg, name)
+    tensors, ranks = unfuse_parameters(model, cfg, tensors, weights)  # MoE: one LoRA per expert module
+    targets = {n: m for n, m, _ in resolve_targets(model, cfg, str(config_path))}
+    _check_tensors(tensors, targets, cfg, weights, ranks)
+    apply_lora(model, cfg, name, ranks=ranks)
     layers = lora_layers(model)
     with torch.no_grad():
         for (module_name, part), (_, t) in tensors.items():

@@ -130,7 +130,15 @@ def _fuse_group(
     """(A, B, rank, scale) of one fused module from its parts' (A_i, B_i, s_i)."""
     names = split_name(model.config, fused)
     assert names is not None
-    rows = [model.get_submodule(n).out_features for n in names]
+    return stack_loras([model.get_submodule(n).out_features for n in names], parts)
+
+
+def stack_loras(
+    rows: list[int], parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """One LoRA (A, B, rank, scale) whose delta s B A stacks the deltas s_i B_i A_i of parts
+    with `rows[i]` output rows each (part i absent: zero rows). Parts sharing A and s keep
+    that A with B stacked; otherwise A is stacked and B block-diagonal, scaled by s_i / s."""
     first = parts[min(parts)]
     a0, s0 = first[0], first[2]
     shared = all(p[0].shape == a0.shape and torch.equal(p[0], a0) and p[2] == s0 for p in parts.values())

@@ -5,8 +5,9 @@ named adapter (Hu et al. 2021, "LoRA"; rsLoRA scaling alpha/sqrt(r) from Kalajdz
 2023). Its parameters are named as PEFT names them in memory (`q_proj.lora_A.default.
 weight`, `q_proj.base_layer.weight`), so PEFT's files line up by construction.
 Targeting follows PEFT's rules (list entries match a module name or its dotted suffix, a
-string is a full regex match, patterns match by regex suffix), except that "all-linear"
-is resolved here, not by PEFT (see `resolve_targets`).
+string is a full regex match, patterns match by regex suffix); "all-linear" is resolved
+here to what PEFT on transformers 5 selects (`_selected`), and `target_parameters` (a MoE
+layer's fused experts and router, as transformers 5 names them) through lora/experts.py.
 
 `row_adapters` serves several adapters in one batch (continuous batching of requests for
 different adapters): row i of the batch gets adapter i's delta, or none.
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.errors import ConfigError
+from weightsmith.lora.experts import parameter_modules
 from weightsmith.lora_config import (
     ALL_LINEAR,
     LoraConfig,
 )
-from weightsmith.models.model import SparseMoE
+from weightsmith.models.model import MLP, SparseMoE
 
 
 class LoRALinear(nn.Module):
@@ -182,15 +184,13 @@ def _layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _selected(cfg: LoraConfig, name: str, parent: nn.Module) -> bool:
+def _selected(cfg: LoraConfig, name: str, parent: nn.Module, moe_model: bool = False) -> bool:
     targets = cfg.target_modules
     if targets == ALL_LINEAR:
-        # Every decoder-layer linear. Not the LM head (PEFT excludes the output layer), and not
-        # a MoE router: its output only picks experts, and PEFT on transformers 5 does not see it
-        # as a linear either. Target it explicitly ("gate") to adapt it.
-        hit = name.startswith("model.layers.") and not (
-            isinstance(parent, SparseMoE) and name.endswith(".gate")
-        )
+        # Every decoder-layer linear, not the LM head, as PEFT on transformers 5 resolves it. On a
+        # MoE model that is the attention, the experts and the router (PEFT adds them as
+        # target_parameters), but not a dense layer's MLP (`mlp_only_layers`): PEFT leaves it out.
+        hit = name.startswith("model.layers.") and not (moe_model and isinstance(parent, MLP))
     elif isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     elif name in targets:
@@ -202,9 +202,15 @@ def _selected(cfg: LoraConfig, name: str, parent: nn.Module) -> bool:
     return hit
 
 
-def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(name, module, parent) of the modules `cfg` adapts; ConfigError when there are none."""
-    found = [(n, m, p) for n, m, p in _named_linears(model) if _selected(cfg, n, p)]
+def resolve_targets(
+    model: nn.Module, cfg: LoraConfig, source: str = "LoraConfig"
+) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, module, parent) of the modules `cfg` adapts (by target_modules, or by
+    target_parameters through lora/experts.py); ConfigError when there are none."""
+    via = parameter_modules(model, cfg, source)
+    family = getattr(getattr(model, "config", None), "family", None)
+    moe_model = bool(getattr(family, "moe", ""))
+    found = [(n, m, p) for n, m, p in _named_linears(model) if n in via or _selected(cfg, n, p, moe_model)]
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, _, _ in _named_linears(model)})
         raise ConfigError(
@@ -227,14 +233,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(
-    model: nn.Module, cfg: LoraConfig, name: str = "default", *, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    cfg: LoraConfig,
+    name: str = "default",
+    *,
+    dtype: torch.dtype = torch.float32,
+    ranks: dict[str, tuple[int, float]] | None = None,
 ) -> list[str]:
     """Wrap the target linears of a loaded `model` in place (or add adapter `name` to those
     already wrapped), freeze every non-LoRA parameter, make `name` the active adapter and
     return the wrapped module names. Adapter weights are kept in `dtype` (fp32 by default,
-    as PEFT does for half-precision bases; the forward casts them to the input's dtype)."""
+    as PEFT does for half-precision bases; the forward casts them to the input's dtype).
+    `ranks`: (rank, scale) of some modules, overriding cfg's (an adapter file's expert LoRAs)."""
     cfg.validate()
     targets = resolve_targets(model, cfg)
+    via = parameter_modules(model, cfg)  # rank and alpha of a module adapted through a parameter
     for module_name, module, _ in targets:
         if isinstance(module, LoRALinear) and name in module.lora_A:
             raise ConfigError(f"{module_name} already has an adapter named {name!r}; pass another name")
@@ -245,7 +258,9 @@ def apply_lora(
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module).train(module.training)
             setattr(parent, module_name.rsplit(".", 1)[-1], module)
-        module.add_adapter(name, cfg.rank_for(module_name), cfg.scale_for(module_name), cfg.dropout, dtype)
+        key = via.get(module_name, module_name)
+        r, scale = (ranks or {}).get(module_name) or (cfg.rank_for(key), cfg.scale_for(key))
+        module.add_adapter(name, r, scale, cfg.dropout, dtype)
     set_adapter(model, name)
     return [n for n, _, _ in targets]
 

@@ -66,6 +66,9 @@ class LoraOptions:
         ["all-linear"], "module names to adapt (e.g. q_proj,v_proj), or all-linear for every projection"
     )
     rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+    target_parameters: list[str] = opt(
+        [], "MoE parameters to adapt by PEFT's names (experts.gate_up_proj,experts.down_proj,gate.weight)"
+    )
 
     def to_config(self) -> LoraConfig:
         targets: list[str] | str = list(self.target_modules)
@@ -77,6 +80,7 @@ class LoraOptions:
             dropout=self.dropout,
             target_modules=targets,
             use_rslora=self.rslora,
+            target_parameters=list(self.target_parameters) or None,
         )
         cfg.validate()
         return cfg
