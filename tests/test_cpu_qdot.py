@@ -55,7 +55,7 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tens
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
-@pytest.mark.parametrize(("group", "k"), [(32, 32), (32, 96), (64, 192), (128, 256)])
+@pytest.mark.parametrize(("group", "k"), [(32, 32), (32, 96), (32, 224), (64, 192), (64, 320), (128, 256)])
 def test_int4_matmul_matches_float64(isa, group, k, rows, bias):
     n = 37
     codes, scales, zeros = wo.quantize_int4(_weights(n, k, seed=group + rows), group)
@@ -67,7 +67,7 @@ def test_int4_matmul_matches_float64(isa, group, k, rows, bias):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
-@pytest.mark.parametrize("k", [8, 32, 40, 100, 256])  # all-tail, one block, block + tail, blocks only
+@pytest.mark.parametrize("k", [8, 32, 40, 100, 200, 256])  # all-tail, one block, block + tail, blocks only
 def test_int8_matmul_matches_float64(isa, k, rows, bias):
     n = 37
     q, scales = wo.quantize_int8(_weights(n, k, seed=k + rows))

@@ -156,7 +156,9 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
 #define SUFFIX avx512vnni
 #define TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
 #define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#define WS_WIDE512 1
 #include "cpu_qdot_x86.h"
+#undef WS_WIDE512
 #undef SUFFIX
 #undef TARGET
 #undef DOTU8S8

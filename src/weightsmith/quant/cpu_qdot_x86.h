@@ -69,6 +69,118 @@ KERNEL void FN(q4_rows_n)(const ws_qact *a, const int64_t mc, const uint8_t *qro
         out[m * N] = FN(hsum)(_mm256_add_ps(acc0[m], acc1[m])) + FN(dot)(zrow, gsum + m * groups, groups);
 }
 
+KERNEL void FN(q8_block)(const ws_qact *a, const int64_t mc, const int8_t *qrow, int64_t b, __m256 *acc) {
+    const __m256i w = _mm256_loadu_si256((const __m256i *)(qrow + QB * b));
+    const __m256i wabs = _mm256_abs_epi8(w); /* -128 becomes 0x80: 128 as the unsigned operand */
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, w));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+    }
+}
+
+/* The last, partial block of an int8 row (k not a multiple of 32) against input row m. */
+KERNEL float FN(q8_partial)(const ws_qact *a, int64_t m, const int8_t *qrow, int64_t full) {
+    int32_t isum = 0;
+    for (int64_t k = QB * full; k < a->k; k++) isum += (int32_t)qrow[k] * a->q[m * a->kp + k];
+    return (float)isum * a->d[m * a->nb + full];
+}
+
+#ifdef WS_WIDE512
+/* 512-bit vectors (AVX512-VNNI), two 32-value blocks per vector: half the instructions a
+ * weight byte of the 256-bit kernels. Lanes 0-7 of a dot product are block b's, 8-15 block
+ * b + 1's, so each block's scale is spread over its 8 lanes (`pair`: two floats -> 8 + 8 lanes). */
+KERNEL __m512 FN(pair)(__m128 two) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(two));
+}
+
+KERNEL __m128 FN(two)(const float *p) { return _mm_castpd_ps(_mm_load_sd((const double *)p)); }
+
+/* Blocks b, b + 1 of an int4 row (weight scales s2: theirs) against mc input rows. */
+KERNEL void FN(q4_pair)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, __m128 s2, __m512 *acc) {
+    const __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(qrow + 16 * b)));
+    const __m512i w = _mm512_and_si512(
+        _mm512_srlv_epi64(_mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), bytes),
+                          _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+        _mm512_set1_epi8(15)); /* block b's even codes, its odd ones, then block b + 1's */
+    for (int64_t m = 0; m < mc; m++) {
+        const __m512i xq = _mm512_loadu_si512((const void *)(a->q + m * a->kp + QB * b));
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+        const __m512 sd = FN(pair)(_mm_mul_ps(s2, FN(two)(a->d + m * a->nb + b)));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sd, acc[m]);
+    }
+}
+
+KERNEL void FN(q4_rows_w)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const float *srow,
+                          const float *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
+    const int64_t groups = a->k / G, nb = a->nb;
+    const int sh = G == 32 ? 0 : (G == 64 ? 1 : 2);
+    __m512 acc0[QROWS], acc1[QROWS];
+    __m256 tail[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc0[m] = acc1[m] = _mm512_setzero_ps(), tail[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    if (sh == 0) { /* a scale a block: two adjacent */
+        for (; b + 4 <= nb; b += 4) {
+            FN(q4_pair)(a, mc, qrow, b, FN(two)(srow + b), acc0);
+            FN(q4_pair)(a, mc, qrow, b + 2, FN(two)(srow + b + 2), acc1);
+        }
+    } else { /* blocks b, b + 1 (b even) share a group */
+        for (; b + 4 <= nb; b += 4) {
+            FN(q4_pair)(a, mc, qrow, b, _mm_set1_ps(srow[b >> sh]), acc0);
+            FN(q4_pair)(a, mc, qrow, b + 2, _mm_set1_ps(srow[(b + 2) >> sh]), acc1);
+        }
+    }
+    for (; b + 2 <= nb; b += 2) {
+        const __m128 s2 = _mm_setr_ps(srow[b >> sh], srow[(b + 1) >> sh], 0, 0);
+        FN(q4_pair)(a, mc, qrow, b, s2, acc0);
+    }
+    if (b < nb) FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), tail);
+    for (int64_t m = 0; m < mc; m++)
+        out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + FN(hsum)(tail[m]) +
+                     FN(dot)(zrow, gsum + m * groups, groups);
+}
+
+/* Blocks b, b + 1 of an int8 row against mc input rows: |w| times x with w's sign. */
+KERNEL void FN(q8_pair)(const ws_qact *a, const int64_t mc, const int8_t *qrow, int64_t b, __m512 *acc) {
+    const __m512i w = _mm512_loadu_si512((const void *)(qrow + QB * b));
+    const __m512i wabs = _mm512_abs_epi8(w);
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    for (int64_t m = 0; m < mc; m++) {
+        const __m512i xq = _mm512_loadu_si512((const void *)(a->q + m * a->kp + QB * b));
+        const __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs, xs);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), FN(pair)(FN(two)(a->d + m * a->nb + b)), acc[m]);
+    }
+}
+
+KERNEL void FN(q8_rows_w)(const ws_qact *a, const int64_t mc, const int8_t *qrow, float scale, float *out,
+                          int64_t N) {
+    const int64_t full = a->k / QB;
+    __m512 acc0[QROWS], acc1[QROWS];
+    __m256 tail[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc0[m] = acc1[m] = _mm512_setzero_ps(), tail[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= full; b += 4) {
+        FN(q8_pair)(a, mc, qrow, b, acc0);
+        FN(q8_pair)(a, mc, qrow, b + 2, acc1);
+    }
+    if (b + 2 <= full) FN(q8_pair)(a, mc, qrow, b, acc0), b += 2;
+    if (b < full) FN(q8_block)(a, mc, qrow, b, tail), b++;
+    for (int64_t m = 0; m < mc; m++) {
+        float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + FN(hsum)(tail[m]);
+        if (full < a->nb) /* the last, partial block: past the row's end there is no weight to load */
+            total += FN(q8_partial)(a, m, qrow, full);
+        out[m * N] = total * scale;
+    }
+}
+#define Q4_ROWS FN(q4_rows_w)
+#define Q8_ROWS FN(q8_rows_w)
+#else
+#define Q4_ROWS FN(q4_rows_n)
+#define Q8_ROWS FN(q8_rows_n)
+#endif
+
 __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int64_t N, const uint8_t *q,
                                                           const float *scales, const float *zeros,
                                                           int64_t G, const float *gsum, const float *bias,
@@ -83,24 +195,14 @@ __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int6
             const float *s = scales + n * groups, *z = zeros + n * groups, *gs = gsum + m0 * groups;
             float *out = y + m0 * N + n;
             switch (mc) { /* a constant row count per case: accumulators stay in registers */
-            case 1: FN(q4_rows_n)(&rows, 1, qrow, s, z, G, gs, out, N); break;
-            case 2: FN(q4_rows_n)(&rows, 2, qrow, s, z, G, gs, out, N); break;
-            case 3: FN(q4_rows_n)(&rows, 3, qrow, s, z, G, gs, out, N); break;
-            default: FN(q4_rows_n)(&rows, 4, qrow, s, z, G, gs, out, N); break;
+            case 1: Q4_ROWS(&rows, 1, qrow, s, z, G, gs, out, N); break;
+            case 2: Q4_ROWS(&rows, 2, qrow, s, z, G, gs, out, N); break;
+            case 3: Q4_ROWS(&rows, 3, qrow, s, z, G, gs, out, N); break;
+            default: Q4_ROWS(&rows, 4, qrow, s, z, G, gs, out, N); break;
             }
         }
         if (bias)
             for (int64_t m = 0; m < M; m++) y[m * N + n] += bias[n];
-    }
-}
-
-KERNEL void FN(q8_block)(const ws_qact *a, const int64_t mc, const int8_t *qrow, int64_t b, __m256 *acc) {
-    const __m256i w = _mm256_loadu_si256((const __m256i *)(qrow + QB * b));
-    const __m256i wabs = _mm256_abs_epi8(w); /* -128 becomes 0x80: 128 as the unsigned operand */
-    for (int64_t m = 0; m < mc; m++) {
-        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
-        const __m256i p = DOTU8S8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xq, w));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
     }
 }
 
@@ -117,11 +219,8 @@ KERNEL void FN(q8_rows_n)(const ws_qact *a, const int64_t mc, const int8_t *qrow
     if (b < full) FN(q8_block)(a, mc, qrow, b, acc0);
     for (int64_t m = 0; m < mc; m++) {
         float total = FN(hsum)(_mm256_add_ps(acc0[m], acc1[m]));
-        if (full < a->nb) { /* the last, partial block: past the row's end there is no weight to load */
-            int32_t isum = 0;
-            for (int64_t k = QB * full; k < a->k; k++) isum += (int32_t)qrow[k] * a->q[m * a->kp + k];
-            total += (float)isum * a->d[m * a->nb + full];
-        }
+        if (full < a->nb) /* the last, partial block: past the row's end there is no weight to load */
+            total += FN(q8_partial)(a, m, qrow, full);
         out[m * N] = total * scale;
     }
 }
@@ -137,10 +236,10 @@ __attribute__((target(TARGET))) static void FN(q8_matmul)(const ws_qact *a, int6
             const int8_t *qrow = q + n * K;
             float *out = y + m0 * N + n;
             switch (mc) {
-            case 1: FN(q8_rows_n)(&rows, 1, qrow, scales[n], out, N); break;
-            case 2: FN(q8_rows_n)(&rows, 2, qrow, scales[n], out, N); break;
-            case 3: FN(q8_rows_n)(&rows, 3, qrow, scales[n], out, N); break;
-            default: FN(q8_rows_n)(&rows, 4, qrow, scales[n], out, N); break;
+            case 1: Q8_ROWS(&rows, 1, qrow, scales[n], out, N); break;
+            case 2: Q8_ROWS(&rows, 2, qrow, scales[n], out, N); break;
+            case 3: Q8_ROWS(&rows, 3, qrow, scales[n], out, N); break;
+            default: Q8_ROWS(&rows, 4, qrow, scales[n], out, N); break;
             }
         }
         if (bias)
@@ -148,6 +247,8 @@ __attribute__((target(TARGET))) static void FN(q8_matmul)(const ws_qact *a, int6
     }
 }
 
+#undef Q4_ROWS
+#undef Q8_ROWS
 #undef KERNEL
 #undef FN
 #undef CAT
