@@ -1,13 +1,9 @@
 /* The int4 / int8 integer dot-product kernels for one x86 instruction set.
  *
- * Included by cpu_qdot.c once per instruction set, with these defined:
- *   SUFFIX    the function-name suffix (avx2, avxvnni, avx512vnni)
- *   TARGET    the gcc/clang target string the functions are compiled for
- *   DOTU8S8   (acc, u, s): acc (8 x int32) + the sums of 4 adjacent u8 x s8 products
- * cpu_qdot.c is compiled without -march=native, so each copy uses exactly its TARGET's
- * instructions and the dispatcher there chooses one at run time from CPUID.
+ * Copied once per instruction set by cpu_x86_isas.h (SUFFIX, TARGET, DOTU8S8 and
+ * WS_WIDE512 are described there); cpu_qdot.c's dispatcher chooses one at run time.
  *
- * 256-bit vectors, one 32-value block per vector:
+ * 256-bit vectors, one 32-value block per vector (512-bit, two blocks, under WS_WIDE512):
  *   int4: 16 bytes of a row (portable layout: byte j holds codes 2j and 2j+1) are loaded
  *   into both halves of a vector, the upper half shifted by 4 bits, and masked: the lower
  *   16 bytes are the even codes, the upper 16 the odd ones, which is the order the
@@ -16,16 +12,34 @@
  * Rows of x are taken QROWS at a time, each weight block being expanded once for all.
  */
 
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(name) CAT(name, SUFFIX)
-#define KERNEL static inline __attribute__((always_inline, target(TARGET)))
-
-KERNEL float FN(hsum)(__m256 a) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    return _mm_cvtss_f32(v);
+/* One whole block of 32 inputs to int8 (ws_qact_quantize's quantize_block, vectorized: the same
+ * float operations, so the same codes): d = max |x| / 127, q = round(x / d) ties to even,
+ * stored in natural order or (int4 layout) even elements first; xs = d * sum(q). */
+KERNEL void FN(quantize_block)(const float *x, int64_t layout, int8_t *q, float *d, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i), top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[i]));
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+    const float scale = amax / 127.0f, inv = scale > 0 ? 1.0f / scale : 0.0f;
+    __m256i c[4];
+    __m256 total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_max_ps(_mm256_min_ps(r, _mm256_set1_ps(127)), _mm256_set1_ps(-127));
+        total = _mm256_add_ps(total, r), c[i] = _mm256_cvtps_epi32(r);
+    }
+    /* packs work per 128-bit lane: dwords come out as elements 0-3, 8-11, 16-19, 24-27, 4-7, ... */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (layout == WS_QACT_INT4) {
+        const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6,
+                                                     8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, evens_first), 0xd8); /* quads 0, 2, 1, 3 */
+    }
+    _mm256_storeu_si256((__m256i *)q, b);
+    *d = scale, *xs = scale * FN(hsum)(total); /* the sum of small integers: exact */
 }
 
 /* Block b of an int4 row (weight scale `scale`) against mc input rows, summed into acc. */
@@ -249,7 +263,3 @@ __attribute__((target(TARGET))) static void FN(q8_matmul)(const ws_qact *a, int6
 
 #undef Q4_ROWS
 #undef Q8_ROWS
-#undef KERNEL
-#undef FN
-#undef CAT
-#undef CAT_
