@@ -31,6 +31,9 @@
 
 #define QB 32
 #define QROWS 4
+#ifndef PF_ROWS
+#define PF_ROWS 4 /* rows ahead the kernels prefetch */
+#endif
 
 enum { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI, ISA_COUNT };
 static const char *const isa_names[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni"};

@@ -42,6 +42,12 @@ KERNEL void FN(quantize_block)(const float *x, int64_t layout, int8_t *q, float 
     *d = scale, *xs = scale * FN(hsum)(total); /* the sum of small integers: exact */
 }
 
+/* Ask for the `bytes` at p ahead of use (a weight row PF_ROWS ahead: the hardware prefetchers
+ * ramp up slowly on rows this short, read as three streams). */
+KERNEL void FN(prefetch)(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+}
+
 /* Block b of an int4 row (weight scale `scale`) against mc input rows, summed into acc. */
 KERNEL void FN(q4_block)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, const float *scale,
                          __m256 *acc) {
@@ -202,6 +208,11 @@ __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int6
     const int64_t K = a->k, M = a->m, groups = K / G;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
+        if (n + PF_ROWS < N) {
+            FN(prefetch)(q + (n + PF_ROWS) * (K / 2), K / 2);
+            FN(prefetch)(scales + (n + PF_ROWS) * groups, 4 * groups);
+            FN(prefetch)(zeros + (n + PF_ROWS) * groups, 4 * groups);
+        }
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
             const ws_qact rows = ws_qact_rows(a, m0);
@@ -244,6 +255,7 @@ __attribute__((target(TARGET))) static void FN(q8_matmul)(const ws_qact *a, int6
     const int64_t K = a->k, M = a->m;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
+        if (n + PF_ROWS < N) FN(prefetch)(q + (n + PF_ROWS) * K, K);
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
             const ws_qact rows = ws_qact_rows(a, m0);
