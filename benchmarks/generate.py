@@ -298,9 +298,9 @@ def llama_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
 
 
 def print_ratios(results: dict) -> None:
-    ours = results["weightsmith"]
+    ours = results.get("weightsmith")  # absent when --only leaves it out
     for name, r in results.items():
-        if not name.startswith("weightsmith"):
+        if ours and not name.startswith("weightsmith"):
             print(
                 f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
@@ -316,7 +316,7 @@ def print_ratios(results: dict) -> None:
         (INT4_BF16, INT4_COMPILED),
         ("weightsmith", SCHEMA_COLUMN),
     ):
-        if comp in results:
+        if comp in results and eager in results:
             ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
             print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
 

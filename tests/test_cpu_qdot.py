@@ -5,6 +5,8 @@ against the unquantized product, odd shapes and tails, extreme codes, and the di
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from conftest import assert_matches, kernels_on, quantize_act
@@ -55,7 +57,7 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tens
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
-@pytest.mark.parametrize(("group", "k"), [(32, 32), (32, 96), (64, 192), (128, 256)])
+@pytest.mark.parametrize(("group", "k"), [(32, 32), (32, 96), (32, 224), (64, 192), (64, 320), (128, 256)])
 def test_int4_matmul_matches_float64(isa, group, k, rows, bias):
     n = 37
     codes, scales, zeros = wo.quantize_int4(_weights(n, k, seed=group + rows), group)
@@ -67,7 +69,7 @@ def test_int4_matmul_matches_float64(isa, group, k, rows, bias):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
-@pytest.mark.parametrize("k", [8, 32, 40, 100, 256])  # all-tail, one block, block + tail, blocks only
+@pytest.mark.parametrize("k", [8, 32, 40, 100, 200, 256])  # all-tail, one block, block + tail, blocks only
 def test_int8_matmul_matches_float64(isa, k, rows, bias):
     n = 37
     q, scales = wo.quantize_int8(_weights(n, k, seed=k + rows))
@@ -153,3 +155,51 @@ def test_int4_dequantize_is_torchs(monkeypatch, group, k):
     codes, scales, zeros = wo.quantize_int4(_weights(19, k, seed=3), group)
     out = cpu_kernels.int4_dequantize(lib, wo.pack_nibbles(codes), scales, zeros, group)
     assert torch.equal(out, wo.dequantize_int4(codes, scales, zeros))
+
+
+class _QAct(ctypes.Structure):
+    """cpu_kernels.h's ws_qact."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("m", "k", "kp", "nb", "layout")),
+        ("src", ctypes.c_void_p),
+        ("q", ctypes.POINTER(ctypes.c_int8)),
+        ("d", ctypes.POINTER(ctypes.c_float)),
+        ("xs", ctypes.POINTER(ctypes.c_float)),
+        *((name, ctypes.c_int64) for name in ("cap_q", "cap_d", "cap_x")),
+    ]
+
+
+@pytest.mark.parametrize("layout", [0, 1])  # WS_QACT_INT8 (natural order), WS_QACT_INT4 (evens first)
+def test_input_quantization_is_the_rule_bit_for_bit(isa, layout):
+    """ws_qact_quantize (vector code for whole blocks, C for a partial one) gives exactly the
+    codes, scales and sums of the rule: d = max|x| / 127, q = round(x / d) ties to even."""
+    m, k = 3, 100  # three whole blocks and a partial one
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, :32] = 0  # d = 0
+    x[1, 0], x[1, 1:32] = 63.5, torch.arange(-15, 16) * 0.5 + 0.25  # d = 0.5: x / d = n + 0.5, ties
+    x[2, 40] = 1e6  # a big outlier
+    a = _QAct()
+    flat = x.contiguous()
+    i64 = ctypes.c_int64
+    assert (
+        isa.ws_qact_quantize(ctypes.byref(a), ctypes.c_void_p(flat.data_ptr()), i64(m), i64(k), i64(layout))
+        == 0
+    )
+    try:
+        nb = a.nb
+        q = torch.tensor(a.q[: m * nb * 32], dtype=torch.int8).view(m, nb, 32)
+        d = torch.tensor(a.d[: m * nb], dtype=torch.float32).view(m, nb)
+        xs = torch.tensor(a.xs[: m * nb], dtype=torch.float32).view(m, nb)
+    finally:
+        isa.ws_qact_free(ctypes.byref(a))
+    xb = torch.nn.functional.pad(x, (0, nb * 32 - k)).view(m, nb, 32)
+    d_ref = xb.abs().amax(-1) / 127
+    inv = torch.where(d_ref > 0, 1.0 / d_ref, torch.zeros_like(d_ref))
+    q_ref = torch.round(xb * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    if layout == 1:
+        q_ref = torch.cat([q_ref[..., 0::2], q_ref[..., 1::2]], dim=-1)
+    assert torch.equal(d, d_ref)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(xs, d_ref * q_ref.float().sum(-1))

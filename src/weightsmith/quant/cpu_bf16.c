@@ -210,47 +210,30 @@ ROWS_MATMUL(avx2, AVX2)
 ROWS_MATMUL(avx512, AVX512)
 ROWS_MATMUL(avx512bf16, AVX512BF16)
 
-/* W.T rows k0..k1 into part (M, N): outputs in register tiles of 64 (AVX2) / 128 (AVX-512). */
-AVX2 static void cols_chunk_avx2(const ws_qact *a, int64_t N, const uint16_t *w, int64_t ld, int64_t k0, int64_t k1,
-                                 float *part) {
-    for (int64_t m = 0; m < a->m; m++) {
-        const float *x = a->d + m * a->kp;
-        float *pm = part + m * N;
-        int64_t n0 = 0;
-        for (; n0 + 64 <= N; n0 += 64) {
-            __m256 acc[8];
-            for (int r = 0; r < 8; r++) acc[r] = _mm256_loadu_ps(pm + n0 + 8 * r);
-            for (int64_t k = k0; k < k1; k++) {
-                const __m256 xv = _mm256_set1_ps(x[k]);
-                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(xv, load8_avx2(w + k * ld + n0 + 8 * r), acc[r]);
-            }
-            for (int r = 0; r < 8; r++) _mm256_storeu_ps(pm + n0 + 8 * r, acc[r]);
-        }
-        for (int64_t k = k0; k < k1; k++)
-            for (int64_t n = n0; n < N; n++) pm[n] += x[k] * ws_bf16_to_f32(w[k * ld + n]);
+/* W.T rows k0..k1 into part (M, N): outputs in register tiles of 8 vectors of L floats (64 for
+ * AVX2, 128 for AVX-512); V the vector type, P the intrinsics' prefix, LOAD the bf16 loader. */
+#define COLS_CHUNK(ISA, ATTR, V, L, P, LOAD)                                                                 \
+    ATTR static void cols_chunk_##ISA(const ws_qact *a, int64_t N, const uint16_t *w, int64_t ld, int64_t k0, \
+                                      int64_t k1, float *part) {                                             \
+        for (int64_t m = 0; m < a->m; m++) {                                                                 \
+            const float *x = a->d + m * a->kp;                                                               \
+            float *pm = part + m * N;                                                                        \
+            int64_t n0 = 0;                                                                                  \
+            for (; n0 + 8 * L <= N; n0 += 8 * L) {                                                           \
+                V acc[8];                                                                                    \
+                for (int r = 0; r < 8; r++) acc[r] = P##_loadu_ps(pm + n0 + L * r);                          \
+                for (int64_t k = k0; k < k1; k++) {                                                          \
+                    const V xv = P##_set1_ps(x[k]);                                                          \
+                    for (int r = 0; r < 8; r++) acc[r] = P##_fmadd_ps(xv, LOAD(w + k * ld + n0 + L * r), acc[r]); \
+                }                                                                                            \
+                for (int r = 0; r < 8; r++) P##_storeu_ps(pm + n0 + L * r, acc[r]);                          \
+            }                                                                                                \
+            for (int64_t k = k0; k < k1; k++)                                                                \
+                for (int64_t n = n0; n < N; n++) pm[n] += x[k] * ws_bf16_to_f32(w[k * ld + n]);              \
+        }                                                                                                    \
     }
-}
-
-AVX512 static void cols_chunk_avx512(const ws_qact *a, int64_t N, const uint16_t *w, int64_t ld, int64_t k0,
-                                     int64_t k1, float *part) {
-    for (int64_t m = 0; m < a->m; m++) {
-        const float *x = a->d + m * a->kp;
-        float *pm = part + m * N;
-        int64_t n0 = 0;
-        for (; n0 + 128 <= N; n0 += 128) {
-            __m512 acc[8];
-            for (int r = 0; r < 8; r++) acc[r] = _mm512_loadu_ps(pm + n0 + 16 * r);
-            for (int64_t k = k0; k < k1; k++) {
-                const __m512 xv = _mm512_set1_ps(x[k]);
-                for (int r = 0; r < 8; r++)
-                    acc[r] = _mm512_fmadd_ps(xv, load16_avx512(w + k * ld + n0 + 16 * r), acc[r]);
-            }
-            for (int r = 0; r < 8; r++) _mm512_storeu_ps(pm + n0 + 16 * r, acc[r]);
-        }
-        for (int64_t k = k0; k < k1; k++)
-            for (int64_t n = n0; n < N; n++) pm[n] += x[k] * ws_bf16_to_f32(w[k * ld + n]);
-    }
-}
+COLS_CHUNK(avx2, AVX2, __m256, 8, _mm256, load8_avx2)
+COLS_CHUNK(avx512, AVX512, __m512, 16, _mm512, load16_avx512)
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------ */

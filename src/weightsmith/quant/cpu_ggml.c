@@ -205,39 +205,11 @@ static void ggml_matmul_scalar(const ws_qact *a, int64_t N, int64_t type, const 
 
 /* ---- x86 ------------------------------------------------------------------------------- */
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#include <immintrin.h>
-#define WS_GGML_X86 1
+#define WS_X86_KERNELS "cpu_ggml_x86.h"
+#define WS_X86_EXTRA ",f16c"
+#include "cpu_x86_isas.h"
 
-#define SUFFIX avx2
-#define TARGET "avx2,fma,f16c"
-#define DOTU8S8(acc, u, s) \
-    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
-#include "cpu_ggml_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-
-#define SUFFIX avx512vnni
-#define TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
-#define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
-#include "cpu_ggml_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
-#define WS_GGML_AVXVNNI 1
-#define SUFFIX avxvnni
-#define TARGET "avx2,fma,f16c,avxvnni"
-#define DOTU8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
-#include "cpu_ggml_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-#endif
-
+#ifdef WS_X86
 static int has_f16c(void) {
     unsigned a, b, c, d;
     return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
@@ -249,12 +221,12 @@ static int has_f16c(void) {
 int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, const float *bias, float *y) {
     const int64_t row_bytes = ws_ggml_row_bytes(type, a->k);
     if (row_bytes < 0 || a->layout != WS_QACT_INT8) return -2;
-#ifdef WS_GGML_X86
+#ifdef WS_X86
     static int f16c = -1;
     if (f16c < 0) f16c = has_f16c();
     switch (f16c ? ws_qdot_isa_index() : 0) {
     case 3: ggml_matmul_avx512vnni(a, N, type, q, row_bytes, bias, y); return 0;
-#ifdef WS_GGML_AVXVNNI
+#ifdef WS_X86_AVXVNNI
     case 2: ggml_matmul_avxvnni(a, N, type, q, row_bytes, bias, y); return 0;
 #endif
     case 1: ggml_matmul_avx2(a, N, type, q, row_bytes, bias, y); return 0;

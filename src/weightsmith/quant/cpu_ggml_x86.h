@@ -1,7 +1,7 @@
 /* The GGUF block matmul (cpu_ggml.c) for one x86 instruction set.
  *
- * Included by cpu_ggml.c once per instruction set, with SUFFIX, TARGET and DOTU8S8 defined
- * as for cpu_qdot_x86.h (TARGET adds f16c: the blocks' scales are fp16). Each 32 weights of
+ * Copied once per instruction set by cpu_x86_isas.h (TARGET adds f16c: the blocks' scales
+ * are fp16). Each 32 weights of
  * a row are expanded into one 256-bit vector of codes in natural order (the order the
  * input was quantized in, WS_QACT_INT8):
  *   4-bit codes: 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31
@@ -13,18 +13,6 @@
  * The dot product's 8 int32 lanes hold weights 0..15 in lanes 0-3 and 16..31 in lanes
  * 4-7, so Q6_K's two scales per 32 weights are one vector of per-lane scales.
  */
-
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-#define FN(name) CAT(name, SUFFIX)
-#define KERNEL static inline __attribute__((always_inline, target(TARGET)))
-
-KERNEL float FN(g_hsum)(__m256 a) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    return _mm_cvtss_f32(v);
-}
 
 KERNEL float FN(g_half)(const uint8_t *p) {
     uint16_t h;
@@ -149,7 +137,7 @@ KERNEL void FN(g_row)(const ws_qact *a, const int64_t mc, int64_t type, const ui
         break;
     default: FN(g_row_k)(a, mc, type, row, acc, zacc); break;
     }
-    for (int64_t m = 0; m < mc; m++) out[m * N] = FN(g_hsum)(acc[m]) + zacc[m];
+    for (int64_t m = 0; m < mc; m++) out[m * N] = FN(hsum)(acc[m]) + zacc[m];
 }
 
 __attribute__((target(TARGET))) static void FN(ggml_matmul)(const ws_qact *a, int64_t N, int64_t type,
@@ -176,7 +164,3 @@ __attribute__((target(TARGET))) static void FN(ggml_matmul)(const ws_qact *a, in
     }
 }
 
-#undef KERNEL
-#undef FN
-#undef CAT
-#undef CAT_

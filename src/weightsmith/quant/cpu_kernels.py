@@ -48,7 +48,10 @@ QDOT = HERE / "cpu_qdot.c"
 BF16 = HERE / "cpu_bf16.c"
 #: The GGUF block kernels (GGMLLinear), built and dispatched the same way.
 GGML = HERE / "cpu_ggml.c"
-HEADERS = (HERE / "cpu_kernels.h", HERE / "cpu_qdot_x86.h", HERE / "cpu_ggml_x86.h")
+HEADERS = tuple(
+    HERE / name
+    for name in ("cpu_kernels.h", "cpu_x86_isas.h", "cpu_x86_common.h", "cpu_qdot_x86.h", "cpu_ggml_x86.h")
+)
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
 X86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -16,10 +16,10 @@
  * Int8Linear's int8 rows): no second copy is made. The int4 layout pairs codes 2j and 2j + 1
  * in a byte, so int4 inputs are quantized with each block's even elements first.
  *
- * Instruction sets (one copy of cpu_qdot_x86.h each, compiled for exactly that set: this
- * file is built without -march=native): AVX512-VNNI (vpdpbusd on 256-bit vectors, with
- * AVX512VL), AVX-VNNI (the same instruction, VEX encoded), AVX2 (vpmaddubsw + vpmaddwd),
- * and portable C. `ws_qdot_select` forces one (tests; benchmarks restricted to AVX2).
+ * Instruction sets (one copy of cpu_qdot_x86.h each, made by cpu_x86_isas.h and compiled
+ * for exactly that set: this file is built without -march=native): AVX512-VNNI (vpdpbusd on
+ * 512-bit vectors, two blocks a vector), AVX-VNNI (vpdpbusd, VEX encoded, 256-bit), AVX2
+ * (vpmaddubsw + vpmaddwd), and portable C. `ws_qdot_select` forces one (tests; benchmarks restricted to AVX2).
  */
 
 #include <math.h>
@@ -31,9 +31,14 @@
 
 #define QB 32
 #define QROWS 4
+#ifndef PF_ROWS
+#define PF_ROWS 4 /* rows ahead the kernels prefetch */
+#endif
 
 enum { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI, ISA_COUNT };
 static const char *const isa_names[ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+static int current_isa(void);
+static void quantize_block_x86(const float *x, int64_t layout, int8_t *q, float *d, float *xs);
 
 /* ---- the quantized input --------------------------------------------------------------- */
 
@@ -72,11 +77,16 @@ int ws_qact_quantize(ws_qact *a, const float *x, int64_t M, int64_t K, int64_t l
         grow((void **)&a->xs, &a->cap_x, M * nb, 4))
         return -1;
     a->m = M, a->k = K, a->nb = nb, a->kp = nb * QB, a->layout = layout, a->src = x;
+    const int isa = current_isa();
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++) {
             const int64_t len = K - b * QB < QB ? K - b * QB : QB;
-            quantize_block(x + m * K + b * QB, len, layout, a->q + m * a->kp + b * QB, a->d + m * nb + b,
-                           a->xs + m * nb + b);
+            int8_t *q = a->q + m * a->kp + b * QB;
+            float *d = a->d + m * nb + b, *xs = a->xs + m * nb + b;
+            if (len < QB || isa == ISA_SCALAR)
+                quantize_block(x + m * K + b * QB, len, layout, q, d, xs);
+            else
+                quantize_block_x86(x + m * K + b * QB, layout, q, d, xs);
         }
     return 0;
 }
@@ -139,39 +149,11 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
 
 /* ---- x86 ------------------------------------------------------------------------------- */
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#include <immintrin.h>
-#define WS_QDOT_X86 1
+#define WS_X86_KERNELS "cpu_qdot_x86.h"
+#define WS_X86_EXTRA ""
+#include "cpu_x86_isas.h"
 
-#define SUFFIX avx2
-#define TARGET "avx2,fma"
-#define DOTU8S8(acc, u, s) \
-    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
-#include "cpu_qdot_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-
-#define SUFFIX avx512vnni
-#define TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
-#define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
-#include "cpu_qdot_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
-#define WS_QDOT_AVXVNNI 1
-#define SUFFIX avxvnni
-#define TARGET "avx2,fma,avxvnni"
-#define DOTU8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
-#include "cpu_qdot_x86.h"
-#undef SUFFIX
-#undef TARGET
-#undef DOTU8S8
-#endif
-
+#ifdef WS_X86
 static uint64_t xcr0(void) {
     uint32_t lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -200,7 +182,7 @@ static int isa_mask(void) {
     int mask = 1 << ISA_SCALAR;
     if (!(features & WS_CPU_AVX2)) return mask;
     mask |= 1 << ISA_AVX2;
-#ifdef WS_QDOT_AVXVNNI
+#ifdef WS_X86_AVXVNNI
     if (features & WS_CPU_AVXVNNI) mask |= 1 << ISA_AVXVNNI;
 #endif
     if (features & WS_CPU_VNNI512) mask |= 1 << ISA_AVX512VNNI;
@@ -251,6 +233,18 @@ int ws_qdot_select(const char *name) {
     return -1;
 }
 
+/* A whole block quantized with vector instructions (every x86 copy's is the same AVX2 code). */
+#ifdef WS_X86
+__attribute__((target("avx2,fma"))) static void quantize_block_x86(const float *x, int64_t layout, int8_t *q,
+                                                                  float *d, float *xs) {
+    quantize_block_avx2(x, layout, q, d, xs);
+}
+#else
+static void quantize_block_x86(const float *x, int64_t layout, int8_t *q, float *d, float *xs) {
+    quantize_block(x, QB, layout, q, d, xs);
+}
+#endif
+
 int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
                int64_t G, const float *bias, float *y) {
     if (G != 32 && G != 64 && G != 128) return -2;
@@ -264,9 +258,9 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scale
             gsum[m * groups + g] = s;
         }
     switch (current_isa()) {
-#ifdef WS_QDOT_X86
+#ifdef WS_X86
     case ISA_AVX512VNNI: q4_matmul_avx512vnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
-#ifdef WS_QDOT_AVXVNNI
+#ifdef WS_X86_AVXVNNI
     case ISA_AVXVNNI: q4_matmul_avxvnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
 #endif
     case ISA_AVX2: q4_matmul_avx2(a, N, q, scales, zeros, G, gsum, bias, y); break;
@@ -280,9 +274,9 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scale
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y) {
     switch (current_isa()) {
-#ifdef WS_QDOT_X86
+#ifdef WS_X86
     case ISA_AVX512VNNI: q8_matmul_avx512vnni(a, N, q, scales, bias, y); break;
-#ifdef WS_QDOT_AVXVNNI
+#ifdef WS_X86_AVXVNNI
     case ISA_AVXVNNI: q8_matmul_avxvnni(a, N, q, scales, bias, y); break;
 #endif
     case ISA_AVX2: q8_matmul_avx2(a, N, q, scales, bias, y); break;
