@@ -344,7 +344,7 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     kernels_on(monkeypatch, True)
     step = plan.decode_step(decode_one_token)
     n = plan.fused().max_rows
-    assert n == cpu_fused.MAX_QUANT_ROWS
+    assert n == cpu_fused.MAX_ROWS
     cache = _cache(model, n + 1)
     prefill(model, cache, [[5, 6]] * (n + 1), CPU)
     step(model, cache, [3] * n, CPU)  # n of the cache's n + 1 rows: the C step
@@ -354,18 +354,18 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
 
 
-def test_fused_decode_of_a_batch_above_the_fp32_limit(model_dirs, native_lib, monkeypatch, fused_calls):
-    """A quantized model's C step takes the server's larger decode batches (12 rows here, more
-    than an fp32 model's MAX_ROWS); an fp32-only model's hands them to PyTorch."""
-    model, plan = _variant("int8-biases-lm-head", model_dirs, monkeypatch)
-    rows = cpu_fused.MAX_ROWS + 4
+@pytest.mark.parametrize("variant", ["int8-biases-lm-head", "fp32-rows", "fp32-all-columns"])
+def test_fused_decode_of_a_servers_batch(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+    """The C step takes the server's decode batches, quantized or fp32 (13 rows here: register tiles
+    of 4 rows and a tail of 1, prompts of different lengths)."""
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    assert plan.fused().max_rows == cpu_fused.MAX_ROWS >= 16
+    rows = 13
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
     steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
-    # The prefill (12 rows and more) is exact; the 12-row decode steps are rounded.
+    # The prefill (13 rows) is exact; the 13-row decode steps are rounded.
     _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=rows, prompts=prompts, steps=steps)
-    fp32, fp32_plan = _variant("fp32-rows", model_dirs, monkeypatch)
-    kernels_on(monkeypatch, True)
-    assert fp32_plan.fused().max_rows == cpu_fused.MAX_ROWS
 
 
 def test_no_plan_when_disabled_or_the_cache_does_not_fit(model_dirs, native_lib, monkeypatch):
