@@ -135,8 +135,9 @@ static inline __attribute__((always_inline)) void cols_tile(const float *x, int6
 /* Tiles over outputs n.. of rows k0..k1-1 for all M inputs; returns the first output not done. */
 static int64_t cols_tiles(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
                           int64_t k0, int64_t k1, int64_t n, int64_t n1, float *part) {
-    if (M == 1) {
+    if (M == 1) { /* the same outputs in tiles as with more rows, so a row's sums never depend on M */
         for (; n + 2 * TILE <= n1; n += 2 * TILE) cols_tile(x, K, w, ld, k0, k1, n, part, N, 1, 2 * CV);
+        if (n + TILE <= n1) cols_tile(x, K, w, ld, k0, k1, n, part, N, 1, CV), n += TILE;
         return n;
     }
     for (; n + TILE <= n1; n += TILE) {

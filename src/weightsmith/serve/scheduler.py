@@ -16,7 +16,7 @@ alone. A request with n > 1 choices is prefilled once and its cache row copied.
 
 The token loop is the shared one: `generate.prefill` (chunks too, with a start offset),
 the decode step chosen once by the engine and passed in (`decode`: the fused C step for
-up to 8 rows on the CPU, CUDA graphs with `--compile` on a GPU), every row's token of a
+up to 32 rows on the CPU, CUDA graphs with `--compile` on a GPU), every row's token of a
 step picked in one batched pass (sampling.sample_batch), and one `RowState` per row (row_state.py: sampler, text, stop
 strings and the finish rule TokenGenerator uses too). The server adds scheduling, not a
 second decoder. Not here: HTTP, JSON and validation (app.py, schemas.py).
