@@ -1,7 +1,10 @@
 """Aggregate serving throughput of `weightsmith serve` with 1, 4 and 16 concurrent clients.
 
-The server runs in its own process (`python -m weightsmith.cli.main serve MODEL`),
-so the load generator's Python never takes the GIL from the model thread. Each
+The server runs in its own process (`python -m weightsmith.cli.main serve MODEL`, fp32 as
+`serve` loads a GGUF file by default, or its quantized blocks with `--keep-quantized`), so
+the load generator's Python never takes the GIL from the model thread; the clients are a
+lean HTTP/1.1 client on asyncio streams, since they share the machine's cores with the
+server and a general-purpose client costs more per streamed chunk. Each
 client streams chat completions over HTTP (temperature 0, `max_tokens` fixed and
 the `ignore_eos` extension, so every request generates exactly `--max-tokens`
 tokens), one request after another; every request has its own short prompt. A
@@ -24,13 +27,14 @@ Each scenario is warmed up with one request, the scenarios alternate within each
 alike, and medians are taken. Read the ratios: the machines are shared and noisy,
 so a lone absolute figure means little.
 
-    python benchmarks/serve.py [--clients 1,4,16] [--requests 16] [--max-tokens 64] [--rounds 3]
+    python benchmarks/serve.py [--clients 1,4,16] [--requests 16] [--max-tokens 64] [--rounds 3] [--keep-quantized]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -74,13 +78,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, log) -> tuple[subprocess.Popen, str]:
-    """Start `weightsmith serve` and wait until /health answers 200."""
+def start_server(model: str, max_batch: int, log, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start `weightsmith serve` (with `extra` options) and wait until /health answers 200."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "weightsmith.cli.main", "serve", model,
-           "--port", str(port), "--max-batch", str(max_batch)]  # fmt: skip
+           "--port", str(port), "--max-batch", str(max_batch), *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -110,10 +114,59 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 # ---- the clients --------------------------------------------------------------------------------
+#
+# A lean HTTP/1.1 client on asyncio streams: the load generator shares the machine's cores with the
+# server, so it should cost as little as it can (a general-purpose client spends more CPU per
+# streamed chunk than the server does to send it). One keep-alive connection per client; each
+# server-sent event is still parsed as JSON and checked.
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> Result:
-    body = {
+class Connection:
+    """One keep-alive HTTP/1.1 connection to the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, asyncio.StreamReader, dict[str, str]]:
+        """Send a JSON POST; return the status, the reader positioned at the body, and the headers."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        assert self.reader is not None
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, self.reader, headers
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+async def body_parts(reader: asyncio.StreamReader, headers: dict[str, str]):
+    """The response body as it arrives: chunked transfer encoding or a Content-Length body."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)  # the CRLF after each chunk
+        while await reader.readline() not in (b"\r\n", b""):  # trailers
+            pass
+    else:
+        yield await reader.readexactly(int(headers.get("content-length", "0")))
+
+
+async def one_request(conn: Connection, model: str, prompt: str, max_tokens: int) -> Result:
+    body = json.dumps({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
@@ -121,19 +174,25 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
+    }).encode()  # fmt: skip
     first = last = None
-    usage, finish = None, None
+    usage, finish, done = None, None, False
     start = time.perf_counter()
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
+    status, reader, headers = await conn.post("/v1/chat/completions", body)
+    if status != 200:
+        text = b"".join([part async for part in body_parts(reader, headers)])
+        raise RuntimeError(f"HTTP {status}: {text.decode(errors='replace')}")
+    pending = b""
+    async for part in body_parts(reader, headers):
+        pending += part
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: "):
                 continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                break
+            data = event[6:]
+            if data == b"[DONE]":
+                done = True
+                continue
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(f"the stream failed: {chunk['error']}")
@@ -143,8 +202,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                     first = first or last
                 finish = choice.get("finish_reason") or finish
             usage = chunk.get("usage") or usage
-    if usage is None or first is None or last is None:
-        raise RuntimeError("the stream ended without content or usage")
+    if not done or usage is None or first is None or last is None:
+        raise RuntimeError("the stream ended without content, usage or [DONE]")
     n = usage["completion_tokens"]
     if n != max_tokens or finish != "length":
         raise RuntimeError(f"expected {max_tokens} tokens ending with 'length', got {n} and {finish!r}")
@@ -153,20 +212,22 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 async def run_clients(url: str, model: str, batch: list[str], clients: int, max_tokens: int):
     """Send `batch` through `clients` concurrent clients; return (wall seconds, results)."""
-    import httpx
-
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     todo = iter(batch)
     results: list[Result] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    conns = [Connection(host, int(port)) for _ in range(clients)]
 
-        async def worker() -> None:
-            for prompt in todo:  # one shared iterator: each client takes the next prompt
-                results.append(await one_request(client, url, model, prompt, max_tokens))
+    async def worker(conn: Connection) -> None:
+        for prompt in todo:  # one shared iterator: each client takes the next prompt
+            results.append(await one_request(conn, model, prompt, max_tokens))
 
+    try:
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker(c) for c in conns))
         wall = time.perf_counter() - start
+    finally:
+        for c in conns:
+            await c.close()
     return wall, results
 
 
@@ -179,11 +240,11 @@ def served_model(url: str) -> str:
 # ---- the offline peer ---------------------------------------------------------------------------
 
 
-def offline_runner(model: str, max_tokens: int):
+def offline_runner(model: str, max_tokens: int, keep_quantized: bool):
     """One-at-a-time generation with the in-process engine; returns fn(prompts) -> (wall, results)."""
     import weightsmith
 
-    llm = weightsmith.load(model, auto_pull=False)
+    llm = weightsmith.load(model, auto_pull=False, keep_quantized=keep_quantized)
     sp = llm.sampling_params(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     def run(batch: list[str]) -> tuple[float, list[Result]]:
@@ -213,6 +274,10 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16", help="concurrent clients per scenario (1 is always run)")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     ap.add_argument(
+        "--keep-quantized", action="store_true",
+        help="serve (and run offline) the GGUF file's quantized blocks (`serve --keep-quantized`) instead of fp32",
+    )  # fmt: skip
+    ap.add_argument(
         "--offline-requests", type=int, default=4, help="prompts the offline engine runs per round (0: skip)"
     )
     args = ap.parse_args()
@@ -220,24 +285,40 @@ def main() -> None:
     batch = prompts(args.requests)
 
     import torch
+    from generate import cpu_line
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    from weightsmith.quant import cpu_kernels
+
+    weights = (
+        "GGUF blocks kept quantized (--keep-quantized)" if args.keep_quantized else "fp32 (serve's default)"
+    )
+    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at start")
     print(
-        f"model {args.model}, server --max-batch {args.max_batch}, {args.requests} requests per scenario, "
-        f"{args.max_tokens} tokens each (temperature 0, ignore_eos), streaming chat, {args.rounds} rounds",
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads; C decode kernels: {cpu_kernels.info()}"
+    )
+    print(
+        f"model {args.model}, weights {weights}, server --max-batch {args.max_batch}, {args.requests} requests "
+        f"per scenario, {args.max_tokens} tokens each (temperature 0, ignore_eos), streaming chat, "
+        f"{args.rounds} rounds",
         flush=True,
     )
     if max(levels) > args.requests:
         print(f"note: only {args.requests} requests, so at most {args.requests} clients are ever busy")
 
     log = tempfile.TemporaryFile()
-    proc, url = start_server(args.model, args.max_batch, log)
+    proc, url = start_server(
+        args.model, args.max_batch, log, ["--keep-quantized"] if args.keep_quantized else []
+    )
     samples: dict[str, dict[str, list[float]]] = {}
     try:
         model = served_model(url)
         # Warm the server up at the largest concurrency before anything is timed.
         asyncio.run(run_clients(url, model, prompts(max(levels)), max(levels), args.max_tokens))
-        offline = offline_runner(args.model, args.max_tokens) if args.offline_requests > 0 else None
+        offline = (
+            offline_runner(args.model, args.max_tokens, args.keep_quantized)
+            if args.offline_requests > 0
+            else None
+        )
         names = [f"{c}" for c in levels] + (["offline"] if offline else [])
         samples = {name: {"tok_s": [], "ttft": [], "itl": []} for name in names}
         for r in range(args.rounds):
@@ -266,7 +347,10 @@ def main() -> None:
 
     med = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
     base = med["1"]["tok_s"]
-    print(f"\nmedians over {args.rounds} rounds (TTFT and ITL: over every request)")
+    print(
+        f"\nmedians over {args.rounds} rounds (TTFT and ITL: over every request); "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print(f"{'':34}{'tok/s':>9}{'vs 1 client':>13}{'TTFT ms':>10}{'ITL ms':>9}")
     for name, m in med.items():
         label = (

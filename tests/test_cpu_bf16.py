@@ -179,7 +179,7 @@ def _steps(model, cache, step, steps=STEPS) -> torch.Tensor:
 def _c_step(model, fused_calls, head_kind=48, layer_kind=48):
     plan = prepare_cpu_decode(model, splits=2)
     fused = plan.fused()
-    assert fused is not None and fused.max_rows == cpu_fused.MAX_QUANT_ROWS
+    assert fused is not None and fused.max_rows == cpu_fused.MAX_ROWS
     assert (
         fused.struct.head.kind == head_kind and fused.struct.layers[0].q.kind == layer_kind
     )  # 48: bf16 rows
@@ -225,9 +225,9 @@ def test_fused_bf16_step_with_each_instruction_set(bf16_isa, family_dirs, monkey
 
 
 def test_fused_bf16_step_takes_the_servers_batches(family_dirs, native_lib, monkeypatch, fused_calls):
-    """12 rows, more than an fp32 model's step takes (MAX_ROWS): the row blocks of 4 and a tail."""
+    """12 rows, a server's decode batch: the row blocks of 4 and a tail."""
     model = _bf16_model(family_dirs("llama-bias"))
-    rows = cpu_fused.MAX_ROWS + 4
+    rows = 12
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
     steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
     got, want, _, _ = _tight(model, fused_calls, monkeypatch, prompts=prompts, steps=steps)

@@ -229,6 +229,81 @@ def test_fused_decode_with_each_instruction_set(variant, isa_lib, model_dirs, mo
     _on_and_off(model, plan, monkeypatch, fused_calls)
 
 
+def _f32_matmul(lib, kind: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) through the C step's fp32 kernel; W (n, k) held as `w`: rows (kind 32,
+    (n, ld)) or columns (kind 33, (k, ld)), ld past the last column."""
+    import ctypes
+
+    lib.ws_proj_matmul.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    lib.ws_proj_matmul.restype = ctypes.c_int
+    p = cpu_fused._Proj(
+        kind=kind, n=n, k=k, ld=w.stride(0), q=w.data_ptr(), bias=None if bias is None else bias.data_ptr()
+    )
+    y = torch.empty(x.shape[0], n)
+    assert lib.ws_proj_matmul(ctypes.byref(p), x.contiguous().data_ptr(), x.shape[0], y.data_ptr(), None) == 0
+    return y
+
+
+F32_SHAPES = [(1, 1), (7, 15), (64, 64), (96, 200), (577, 337)]  # (k, n): tails of every tile width
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp32_matmuls_against_float64(isa_lib, threads):
+    """The fused step's fp32 matmuls, both weight layouts, for 1 to 33 rows (register tiles of 4 rows
+    and their tails, outputs past the last whole tile), against a float64 product."""
+    g = torch.Generator().manual_seed(5)
+    isa_lib.ws_set_threads(threads)
+    try:
+        for k, n in F32_SHAPES:
+            weight = torch.randn(n, k, generator=g)
+            bias = torch.randn(n, generator=g)
+            rows = torch.zeros(n, k + 3)
+            rows[:, :k] = weight
+            cols = torch.zeros(k, n + 5)
+            cols[:, :n] = weight.t()
+            for m in (1, 2, 3, 4, 5, 9, 16, 33):
+                x = torch.randn(m, k, generator=g)
+                want = x.double() @ weight.double().t() + bias.double()
+                tol = 1e-5 * (x.double().abs() @ weight.double().abs().t() + bias.double().abs())
+                for kind, w in ((32, rows), (33, cols)):
+                    got = _f32_matmul(isa_lib, kind, w, n, k, x, bias)
+                    assert ((got.double() - want).abs() <= tol).all(), (kind, k, n, m)
+    finally:
+        cpu_kernels.use_threads(isa_lib)
+
+
+def test_fp32_sums_of_a_row_do_not_depend_on_its_batch(isa_lib):
+    """Row 0's outputs are bit for bit the same alone and among 1-32 other rows (so a greedy
+    row's tokens never depend on who else the server is decoding)."""
+    g = torch.Generator().manual_seed(6)
+    k, n = 300, 337
+    cols = torch.randn(k, n, generator=g)
+    rows = cols.t().contiguous()
+    x = torch.randn(33, k, generator=g)
+    for kind, w in ((32, rows), (33, cols)):
+        alone = _f32_matmul(isa_lib, kind, w, n, k, x[:1])
+        for m in (2, 3, 4, 5, 8, 13, 33):
+            assert torch.equal(_f32_matmul(isa_lib, kind, w, n, k, x[:m])[0], alone[0]), (kind, m)
+
+
+def test_fused_fp32_decode_of_a_servers_batch_with_each_instruction_set(
+    isa_lib, model_dirs, monkeypatch, fused_calls
+):
+    """13 rows of different lengths through the fp32 column kernels of each build."""
+    monkeypatch.setattr(cpu_kernels, "_state", {"lib": isa_lib})
+    model, plan = _variant("fp32-all-columns", model_dirs, monkeypatch)
+    assert plan.fused().lib is isa_lib
+    prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(13)]
+    steps = [[3 + i for i in range(13)], [40 + i for i in range(13)]]
+    _on_and_off(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=steps)
+
+
 @pytest.mark.parametrize("isa", cpu_kernels.ISAS)
 @pytest.mark.parametrize("variant", ["int4-biases", "int8-biases-lm-head"])
 def test_fused_decode_with_each_integer_instruction_set(
@@ -344,7 +419,7 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     kernels_on(monkeypatch, True)
     step = plan.decode_step(decode_one_token)
     n = plan.fused().max_rows
-    assert n == cpu_fused.MAX_QUANT_ROWS
+    assert n == cpu_fused.MAX_ROWS
     cache = _cache(model, n + 1)
     prefill(model, cache, [[5, 6]] * (n + 1), CPU)
     step(model, cache, [3] * n, CPU)  # n of the cache's n + 1 rows: the C step
@@ -354,18 +429,18 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
 
 
-def test_fused_decode_of_a_batch_above_the_fp32_limit(model_dirs, native_lib, monkeypatch, fused_calls):
-    """A quantized model's C step takes the server's larger decode batches (12 rows here, more
-    than an fp32 model's MAX_ROWS); an fp32-only model's hands them to PyTorch."""
-    model, plan = _variant("int8-biases-lm-head", model_dirs, monkeypatch)
-    rows = cpu_fused.MAX_ROWS + 4
+@pytest.mark.parametrize("variant", ["int8-biases-lm-head", "fp32-rows", "fp32-all-columns"])
+def test_fused_decode_of_a_servers_batch(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+    """The C step takes the server's decode batches, quantized or fp32 (13 rows here: register tiles
+    of 4 rows and a tail of 1, prompts of different lengths)."""
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    assert plan.fused().max_rows == cpu_fused.MAX_ROWS >= 16
+    rows = 13
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
     steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
-    # The prefill (12 rows and more) is exact; the 12-row decode steps are rounded.
+    # The prefill (13 rows) is exact; the 13-row decode steps are rounded.
     _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=rows, prompts=prompts, steps=steps)
-    fp32, fp32_plan = _variant("fp32-rows", model_dirs, monkeypatch)
-    kernels_on(monkeypatch, True)
-    assert fp32_plan.fused().max_rows == cpu_fused.MAX_ROWS
 
 
 def test_no_plan_when_disabled_or_the_cache_does_not_fit(model_dirs, native_lib, monkeypatch):

@@ -197,3 +197,41 @@ def test_saving_refuses_and_export_state_dequantizes(loads, tmp_path):
     assert torch.equal(
         state["model.layers.0.mlp.down_proj.weight"], flt.model.model.layers[0].mlp.down_proj.weight
     )
+
+
+def test_serve_keeps_the_blocks_and_answers_like_generate(block_file, capsys, monkeypatch, fused_calls):
+    """`serve --keep-quantized` runs the file's blocks (the server's batches through the fused C
+    step): a greedy completion equals `generate --keep-quantized`'s."""
+    import httpx
+
+    from weightsmith.commands.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
+
+    kernels_on(monkeypatch, True)
+    argv = ["generate", str(block_file), "--keep-quantized", "-p", "the cat", "-n", "10", "--temperature", "0",
+            "--json"]  # fmt: skip
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    cfg = config_from_dict(
+        ServeConfig, {"model": str(block_file), "served_name": "blocks", "port": 0, "keep_quantized": True}
+    )
+    running = start_server(cfg)
+    try:
+        model = running.state.loaded.llm.model
+        assert isinstance(model.model.layers[0].self_attn.q_proj, GGMLLinear)
+        fused_calls.clear()
+        body = {"model": "blocks", "prompt": "the cat", "max_tokens": 10, "temperature": 0}
+        r = httpx.post(running.url + "/v1/completions", json=body, timeout=120)
+    finally:
+        running.stop()
+    assert r.status_code == 200, r.text
+    assert fused_calls, "the server's steps did not take the fused C step"
+    assert r.json()["choices"][0]["text"] == json.loads(out)["text"]
+
+
+def test_serve_refuses_keep_quantized_with_adapters(block_file, capsys, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    one_line_error(capsys, ["serve", str(block_file), "--keep-quantized", "--adapter", f"a={adapter}"],
+                   expect_in=["--keep-quantized", "--adapter"], code=2)  # fmt: skip

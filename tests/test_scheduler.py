@@ -9,6 +9,7 @@ queue refuses; a failing step ends every request with an error event.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -352,3 +353,41 @@ def test_a_prefill_that_raises_ends_the_admitted_requests_with_an_error(llm, mon
         assert got.finish == ["length"]
     finally:
         s.stop()
+
+
+def test_newcomers_sharing_a_prompt_prefix_copy_it_and_get_their_solo_tokens(llm, monkeypatch) -> None:
+    """Requests whose prompts begin like a running row's (a system prompt) copy that prefix from
+    its cache row and prefill only the rest, and still get the tokens they get alone; a prompt
+    sharing too little is prefilled whole."""
+    from weightsmith.serve import prefix, scheduler
+
+    ran: list[list[int]] = []  # the prompt tokens each prefill call ran
+    real = scheduler.prefill
+
+    def spy(model, cache, prompts, device, **kw):
+        ran.extend(len(p) for p in prompts)
+        return real(model, cache, prompts, device, **kw)
+
+    monkeypatch.setattr(scheduler, "prefill", spy)
+    system = llm.tokenizer.encode("You are a careful assistant who answers in short plain sentences. " * 2)
+    assert len(system) >= prefix.MIN_SHARED
+    ps = [
+        system + llm.tokenizer.encode(f" Question {i}: {w}?") for i, w in enumerate(["rivers", "owls", "tea"])
+    ]
+    s = make_scheduler(llm, max_batch=4)
+    reqs = [request(p, replace(SAMPLED if i == 1 else GREEDY, max_tokens=6 + i)) for i, p in enumerate(ps)]
+    s.submit(reqs[0][0])
+    s.step()  # the first prompt runs whole: nothing to share yet
+    s.submit(reqs[1][0])
+    s.submit(reqs[2][0])
+    s.step()  # both newcomers share the system prompt (and more) with row 0
+    other = request(llm.tokenizer.encode("Short and unrelated."), GREEDY)
+    s.submit(other[0])
+    run_until_idle(s)
+    shared = len(os.path.commonprefix(ps))
+    assert ran[0] == len(ps[0])
+    assert ran[1:3] == [len(ps[1]) - shared, len(ps[2]) - shared]
+    assert ran[3] == len(other[0].prompts[0])
+    for (r, got), p in zip([*reqs, other], [*ps, other[0].prompts[0]], strict=True):
+        assert got.finish == ["length"]
+        assert got.tokens[0] == alone(llm, p, r.params[0])

@@ -134,12 +134,14 @@ class KVCache:
         copy._lengths, copy._first = [self.length(r) for r in rows], 0
         return copy
 
-    def copy_row(self, src: int, dst: int, source: KVCache | None = None) -> None:
+    def copy_row(self, src: int, dst: int, source: KVCache | None = None, length: int | None = None) -> None:
         """Make row `dst` hold row `src`'s tokens (a forked sequence, compacting the batch
         after a row finished, or a prompt prefilled in another cache of the same shape:
-        `source`). Only the filled part is copied."""
+        `source`), or only its first `length` (a shared prefix). Only the filled part is copied."""
         source = source or self
-        n = source.length(src)
+        n = source.length(src) if length is None else length
+        if not 0 <= n <= source.length(src):
+            raise ValueError(f"row {src} holds {source.length(src)} tokens, not {n}")
         if (source is not self or src != dst) and n:
             self.k[:, dst, :, :n] = source.k[:, src, :, :n]
             self.v[:, dst, :, :n] = source.v[:, src, :, :n]

@@ -87,6 +87,10 @@ class ServeConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
+    keep_quantized: bool = opt(
+        False, "run a .gguf file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices from its own "
+        "blocks (CPU kernels, the file's memory) instead of dequantizing them; no --adapter"
+    )  # fmt: skip
     compile: bool = opt(
         False, "decode through torch.compile; on a CUDA device, replayed from CUDA graphs per batch size"
     )
@@ -97,6 +101,11 @@ class ServeConfig:
                                  ("max-prompt-chars", self.max_prompt_chars, 1)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
+        if self.keep_quantized and self.adapter:
+            raise UsageError(
+                "--keep-quantized runs a GGUF file's blocks, which LoRA adapters cannot wrap; "
+                "drop --adapter or --keep-quantized"
+            )
         if not self.template_timeout > 0:
             raise UsageError(
                 f"--template-timeout must be a positive number of seconds, got {self.template_timeout}"
@@ -173,7 +182,7 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig, d
 
         llm = load(
             model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False,
-            steer=cfg.steering.steer,
+            steer=cfg.steering.steer, keep_quantized=cfg.keep_quantized,
         )  # fmt: skip
         llm.engine.compile = cfg.compile
         checked = read_directions(llm, directions)  # against the base weights, before adapters

@@ -65,9 +65,11 @@ static float kv_dot(const ws_model *m, const float *q, int64_t at, int64_t D) {
     float s = 0;
     if (m->kv_bf16) {
         const uint16_t *kt = (const uint16_t *)m->k_cache + at;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < D; i++) s += q[i] * ws_bf16_to_f32(kt[i]);
     } else {
         const float *kt = (const float *)m->k_cache + at;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < D; i++) s += q[i] * kt[i];
     }
     return s;

@@ -75,53 +75,132 @@ static void f32_rows_matmul(const float *x, int64_t M, int64_t K, int64_t N, con
  * contiguous range of k (rows of W.T) and sums into its own partial outputs; the partials
  * are added at the end. Splitting the outputs between threads instead would make each
  * thread read short strided segments of every row, which streams at about half the
- * bandwidth. Within its range a thread goes KCHUNK rows at a time, across all outputs in
- * register tiles of 128 (8 vectors), so it reads KCHUNK nearby streams of memory and
- * stores its accumulators once per KCHUNK rows. */
+ * bandwidth. Within its range a thread goes KCHUNK rows at a time, across its outputs in
+ * register tiles, so it reads KCHUNK nearby streams of memory and stores its accumulators
+ * once per KCHUNK rows.
+ *
+ * Several input rows (a server's decode batch) share each weight vector loaded: a tile holds
+ * the sums of up to RB input rows over CV vectors of outputs, so one load of weights feeds RB
+ * multiply-adds, and the next tile's weights are prefetched while it runs. One input row takes
+ * tiles twice as wide instead (the single-stream case, bound by reading the weights). With many
+ * rows the partial sums of a wide matrix (the LM head) would no longer stay in cache between
+ * chunks: the outputs are then taken in blocks whose partials fit (about PART_BYTES per thread),
+ * each over the thread's whole k range. Measured on the default model's matrices (one thread,
+ * AVX-512): 16 rows 69 ms for all of them against 127 ms one row at a time, 1 row unchanged. */
 #define KCHUNK 8
-#define CTILE 128
+#define PART_BYTES (128 * 1024)
+#if defined(__AVX512F__)
+typedef __m512 ws_vf;
+#define VL 16
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VFMA _mm512_fmadd_ps
+#define VSET1 _mm512_set1_ps
+#define RB 4 /* 16 accumulators, 4 weight vectors and a broadcast of 32 registers */
+#define CV 4
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 ws_vf;
+#define VL 8
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VFMA _mm256_fmadd_ps
+#define VSET1 _mm256_set1_ps
+#define RB 4 /* 8 accumulators, 2 weight vectors and a broadcast of 16 registers */
+#define CV 2
+#endif
+
+#ifdef VL
+#define TILE (VL * CV)
+/* part[r * N + n0 ..][C vectors] += sum over k0 <= k < k1 of x[r * K + k] * w[k * ld + n0 ..],
+ * r < R. R and C are constants at every call, so the tile lives in registers. */
+static inline __attribute__((always_inline)) void cols_tile(const float *x, int64_t K, const float *w, int64_t ld,
+                                                            int64_t k0, int64_t k1, int64_t n0, float *part,
+                                                            int64_t N, const int R, const int C) {
+    ws_vf a[RB][2 * CV];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) a[r][c] = VLOAD(part + r * N + n0 + VL * c);
+    for (int64_t k = k0; k < k1; k++) {
+        const float *wk = w + k * ld + n0;
+        ws_vf wv[2 * CV];
+        for (int c = 0; c < C; c++) wv[c] = VLOAD(wk + VL * c);
+        for (int r = 0; r < R; r++) {
+            const ws_vf xv = VSET1(x[r * K + k]);
+            for (int c = 0; c < C; c++) a[r][c] = VFMA(xv, wv[c], a[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) VSTORE(part + r * N + n0 + VL * c, a[r][c]);
+}
+
+/* Tiles over outputs n.. of rows k0..k1-1 for all M inputs; returns the first output not done. */
+static int64_t cols_tiles(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
+                          int64_t k0, int64_t k1, int64_t n, int64_t n1, float *part) {
+    if (M == 1) { /* the same outputs in tiles as with more rows, so a row's sums never depend on M */
+        for (; n + 2 * TILE <= n1; n += 2 * TILE) cols_tile(x, K, w, ld, k0, k1, n, part, N, 1, 2 * CV);
+        if (n + TILE <= n1) cols_tile(x, K, w, ld, k0, k1, n, part, N, 1, CV), n += TILE;
+        return n;
+    }
+    for (; n + TILE <= n1; n += TILE) {
+        if (n + 2 * TILE <= n1) /* the next tile's weights, while this one's multiply */
+            for (int64_t k = k0; k < k1; k++)
+                for (int64_t c = 0; c < TILE; c += 64 / (int64_t)sizeof(float))
+                    _mm_prefetch((const char *)(w + k * ld + n + TILE + c), _MM_HINT_T0);
+        int64_t m = 0;
+        for (; m + RB <= M; m += RB) cols_tile(x + m * K, K, w, ld, k0, k1, n, part + m * N, N, RB, CV);
+        switch (M - m) { /* the last rows: RB - 1 at most */
+        case 3: cols_tile(x + m * K, K, w, ld, k0, k1, n, part + m * N, N, 3, CV); break;
+        case 2: cols_tile(x + m * K, K, w, ld, k0, k1, n, part + m * N, N, 2, CV); break;
+        case 1: cols_tile(x + m * K, K, w, ld, k0, k1, n, part + m * N, N, 1, CV); break;
+        }
+    }
+    return n;
+}
+#else
+#define TILE 1
+#endif
+
+/* The partial sums of outputs n0..n1-1 over rows k0..k1-1 of W.T, for all M input rows. */
 static void cols_chunk(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
-                       int64_t k0, int64_t k1, float *part) {
-    for (int64_t m = 0; m < M; m++) {
+                       int64_t k0, int64_t k1, int64_t n0, int64_t n1, float *part) {
+    int64_t n = n0;
+#ifdef VL
+    n = cols_tiles(x, M, K, N, w, ld, k0, k1, n0, n1, part);
+#endif
+    for (int64_t m = 0; m < M && n < n1; m++) {
         const float *xm = x + m * K;
         float *pm = part + m * N;
-        int64_t n0 = 0;
-#if defined(__AVX512F__)
-        for (; n0 + CTILE <= N; n0 += CTILE) {
-            __m512 a[8];
-            for (int r = 0; r < 8; r++) a[r] = _mm512_loadu_ps(pm + n0 + 16 * r);
-            for (int64_t k = k0; k < k1; k++) {
-                const float *wk = w + k * ld + n0;
-                const __m512 xv = _mm512_set1_ps(xm[k]);
-                for (int r = 0; r < 8; r++) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wk + 16 * r), a[r]);
-            }
-            for (int r = 0; r < 8; r++) _mm512_storeu_ps(pm + n0 + 16 * r, a[r]);
-        }
-#endif
         for (int64_t k = k0; k < k1; k++) {
             const float xv = xm[k], *wk = w + k * ld;
 #pragma omp simd
-            for (int64_t n = n0; n < N; n++) pm[n] += xv * wk[n];
+            for (int64_t j = n; j < n1; j++) pm[j] += xv * wk[j];
         }
+    }
+}
+
+/* Thread `t` of `threads`: its k range, output block by output block, into `part` (zeroed here). */
+static void cols_thread(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
+                        int64_t first, int64_t last, float *part) {
+    memset(part, 0, sizeof(float) * (size_t)(M * N));
+    int64_t block = PART_BYTES / (int64_t)sizeof(float) / M / TILE * TILE;
+    if (block < 4 * TILE) block = 4 * TILE;
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+        const int64_t n1 = n0 + block < N ? n0 + block : N;
+        for (int64_t k0 = first; k0 < last; k0 += KCHUNK)
+            cols_chunk(x, M, K, N, w, ld, k0, k0 + KCHUNK < last ? k0 + KCHUNK : last, n0, n1, part);
     }
 }
 
 static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
                             const float *bias, float *y) {
     int64_t threads = ws_threads;
-    float *partial = calloc((size_t)(threads * M * N), sizeof(float));
+    float *partial = malloc(sizeof(float) * (size_t)(threads * M * N));
     if (!partial) { /* no memory for the partials: one thread, straight into y */
-        memset(y, 0, sizeof(float) * (size_t)(M * N));
-        for (int64_t k0 = 0; k0 < K; k0 += KCHUNK)
-            cols_chunk(x, M, K, N, w, ld, k0, k0 + KCHUNK < K ? k0 + KCHUNK : K, y);
+        cols_thread(x, M, K, N, w, ld, 0, K, y);
         threads = 0;
     } else {
 #pragma omp parallel for schedule(static, 1) num_threads(ws_threads)
-        for (int64_t t = 0; t < threads; t++) {
-            const int64_t first = K * t / threads, last = K * (t + 1) / threads;
-            for (int64_t k0 = first; k0 < last; k0 += KCHUNK)
-                cols_chunk(x, M, K, N, w, ld, k0, k0 + KCHUNK < last ? k0 + KCHUNK : last, partial + t * M * N);
-        }
+        for (int64_t t = 0; t < threads; t++)
+            cols_thread(x, M, K, N, w, ld, K * t / threads, K * (t + 1) / threads, partial + t * M * N);
     }
     if (threads || bias) {
 #pragma omp parallel for schedule(static) num_threads(ws_threads)

@@ -16,7 +16,7 @@ alone. A request with n > 1 choices is prefilled once and its cache row copied.
 
 The token loop is the shared one: `generate.prefill` (chunks too, with a start offset),
 the decode step chosen once by the engine and passed in (`decode`: the fused C step for
-up to 8 rows on the CPU, CUDA graphs with `--compile` on a GPU), every row's token of a
+up to 32 rows on the CPU, CUDA graphs with `--compile` on a GPU), every row's token of a
 step picked in one batched pass (sampling.sample_batch), and one `RowState` per row (row_state.py: sampler, text, stop
 strings and the finish rule TokenGenerator uses too). The server adds scheduling, not a
 second decoder. Not here: HTTP, JSON and validation (app.py, schemas.py).
@@ -46,6 +46,7 @@ from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
 from weightsmith.sampling import SamplingParams, sample_batch
 from weightsmith.serve.model_calls import CallQueue
+from weightsmith.serve.prefix import reuse_prefixes
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -347,9 +348,12 @@ class Scheduler:
         if not unique:
             self.prefilling = []
             return
+        skip = reuse_prefixes(self.cache, self.running, unique, start)  # prompt tokens already cached
         view = self.cache.rows(start, len(unique))  # shares the rows' storage and lengths
         with self._adapters(unique):
-            logits = prefill(self.model, view, [s.prompt for s in unique], self.device)  # (U, V)
+            logits = prefill(
+                self.model, view, [s.prompt[skip:] for s in unique], self.device, start=skip
+            )  # (U, V)
         self.prefilling = []
         self.running.extend(unique)
         logit_row = {id(s): i for i, s in enumerate(unique)}  # each newcomer's row in `logits`
