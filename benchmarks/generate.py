@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_description  # beside this file
 
 #: Column names. INT4 is the mix llama.cpp's Q4 files have: int4 g32 projections, int8 LM head.
 INT4 = "weightsmith int4 g32+int8 head"
@@ -390,7 +391,7 @@ def main() -> None:
     if args.isa and cpu_kernels.library() is not None:
         cpu_kernels.select_isa(cpu_kernels.library(), args.isa)
     print(f"C decode kernels: {cpu_kernels.info()}")
-    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"CPU: {cpu_description()} at start")
     contenders = our_contenders(args, path, prompt_ids, prefill_ids)
     contenders.update(llama_contenders(args, path, prompt_ids, prefill_ids))
     if args.only:
@@ -405,20 +406,6 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:32}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
     print_ratios(results)
-
-
-def cpu_line() -> str:
-    """The CPU model and the vector/dot-product extensions it lists."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?"
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-    return f"{model} [{' '.join(f for f in wanted if f in flags)}], {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import cpu_line  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 
 def windows(tokenizer, max_tokens: int) -> list[list[int]]:
@@ -142,7 +142,7 @@ def main() -> None:
     from weightsmith.quant import cpu_kernels
 
     path = Path(resolve(args.model))
-    print(f"CPU: {cpu_line()}; C kernels: {cpu_kernels.info()}")
+    print(f"CPU: {cpu_description()}; C kernels: {cpu_kernels.info()}")
     texts = windows(load_checkpoint(path).tokenizer, args.max_tokens)
     print(f"text: {len(texts)} paragraphs, {sum(len(t) - 1 for t in texts)} scored tokens, one at a time")
     rows: dict[str, tuple[float, int] | None] = {}

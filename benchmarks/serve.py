@@ -285,14 +285,14 @@ def main() -> None:
     batch = prompts(args.requests)
 
     import torch
-    from generate import cpu_line
+    from machine import cpu_description
 
     from weightsmith.quant import cpu_kernels
 
     weights = (
         "GGUF blocks kept quantized (--keep-quantized)" if args.keep_quantized else "fp32 (serve's default)"
     )
-    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"CPU: {cpu_description()} at start")
     print(
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; C decode kernels: {cpu_kernels.info()}"
     )
