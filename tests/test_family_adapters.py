@@ -11,16 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer_dir, kernels_on
+from conftest import assert_plan_decodes_like_forward, build_tiny_tokenizer_dir, kernels_on
 from safetensors.torch import load_file
 from test_lora import SMALL, hf_model, ids, ours, peft_warnings, randomize_adapters
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.checkpoint.quantized import save_quantized
 from weightsmith.checkpoint.save import save_hf_dir
-from weightsmith.cpu_decode import prepare_cpu_decode
-from weightsmith.generate import decode_one_token, prefill
-from weightsmith.kv_cache import KVCache
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, lora_layers, merge_and_unload, save_adapter
 from weightsmith.quant.weight_only import quantize_model
 
@@ -215,16 +212,7 @@ def test_cpu_decode_plan_takes_the_c_step_or_steps_aside(family, family_dirs, na
     kernels_on(monkeypatch, True)
     model = load_checkpoint(family_dirs[family]).model
     seq = ids(t=14)[:1]
-    with torch.no_grad():
-        full = model(seq)[0]
-        plan = prepare_cpu_decode(model)
-        assert (plan.fused() is not None) == (family == "phi3")
-        step = plan.decode_step(decode_one_token)
-        cache = KVCache.for_model(model.config, 1, 32, dtype=torch.float32, device="cpu")
-        logits = [prefill(model, cache, [seq[0, :6].tolist()], torch.device("cpu"))[0]]
-        for t in range(6, 14):
-            logits.append(step(model, cache, [int(seq[0, t])], torch.device("cpu"))[0])
-    assert (torch.stack(logits[:-1]) - full[5:13]).abs().max().item() <= 1e-4
+    assert_plan_decodes_like_forward(model, seq, fused=family == "phi3")
 
 
 def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_path):

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kernels_on
+from conftest import assert_plan_decodes_like_forward, kernels_on
 from safetensors.torch import load_file, save_file
 from test_lora import hf_model, ids, ours, peft_warnings, randomize_adapters
 from test_qwen3_moe import MOE, _logits, _source
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.checkpoint.save import save_hf_dir
-from weightsmith.cpu_decode import prepare_cpu_decode
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.generate import decode_one_token, prefill
-from weightsmith.kv_cache import KVCache
 from weightsmith.lora import (
     LoraConfig,
     adapters_disabled,
@@ -219,16 +216,7 @@ def test_cpu_decode_plan_with_expert_adapters_steps_aside_correctly(
     model = load_checkpoint(path).model
     load_adapter(model, tmp_path)
     seq = ids(t=14)[:1]
-    with torch.no_grad():
-        full = model(seq)[0]
-        plan = prepare_cpu_decode(model)
-        assert plan.fused() is None  # the C step has no experts (nor adapters): the PyTorch step runs
-        step = plan.decode_step(decode_one_token)
-        cache = KVCache.for_model(model.config, 1, 32, dtype=torch.float32, device="cpu")
-        logits = [prefill(model, cache, [seq[0, :6].tolist()], torch.device("cpu"))[0]]
-        for t in range(6, 14):
-            logits.append(step(model, cache, [int(seq[0, t])], torch.device("cpu"))[0])
-    assert (torch.stack(logits[:-1]) - full[5:13]).abs().max().item() <= 1e-4
+    assert_plan_decodes_like_forward(model, seq, fused=False)  # the C step has no experts (nor adapters)
 
 
 # ---- bad input -------------------------------------------------------------------------------

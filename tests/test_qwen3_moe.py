@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer_dir, kernels_on
+from conftest import assert_plan_decodes_like_forward, build_tiny_tokenizer_dir, kernels_on
 from safetensors.torch import load_file
 from test_lora import hf_model, ids, ours, peft_warnings, randomize_adapters
 
@@ -20,10 +20,7 @@ from weightsmith.checkpoint.gguf import read_gguf
 from weightsmith.checkpoint.gguf_write import export_gguf
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.checkpoint.save import save_hf_dir
-from weightsmith.cpu_decode import prepare_cpu_decode
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.generate import decode_one_token, prefill
-from weightsmith.kv_cache import KVCache
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from weightsmith.lora.layers import row_adapters
 from weightsmith.models import ModelConfig
@@ -168,16 +165,7 @@ def test_cpu_decode_plan_steps_aside_to_the_pytorch_step(qwen_dir, native_lib, m
     kernels_on(monkeypatch, True)
     model = load_checkpoint(qwen_dir).model
     seq = ids(t=14)[:1]
-    with torch.no_grad():
-        full = model(seq)[0]
-        plan = prepare_cpu_decode(model)
-        assert plan.fused() is None  # experts and QK-norm are not in the C step
-        step = plan.decode_step(decode_one_token)
-        cache = KVCache.for_model(model.config, 1, 32, dtype=torch.float32, device="cpu")
-        logits = [prefill(model, cache, [seq[0, :6].tolist()], torch.device("cpu"))[0]]
-        for t in range(6, 14):
-            logits.append(step(model, cache, [int(seq[0, t])], torch.device("cpu"))[0])
-    assert (torch.stack(logits[:-1]) - full[5:13]).abs().max().item() <= 1e-4
+    assert_plan_decodes_like_forward(model, seq, fused=False)  # experts and QK-norm are not in the C step
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
