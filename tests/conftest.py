@@ -199,6 +199,22 @@ def native_lib(monkeypatch):
 ISA_FLAGS = {"avx2": "-mno-avx512f", "scalar": "-mno-avx512f -mno-avx2 -mno-fma"}
 
 
+@pytest.fixture(params=cpu_kernels.ISAS)
+def int_isa_lib(request, monkeypatch):
+    """The native library with its integer kernels (int4/int8 and GGUF blocks) forced to one
+    instruction set, each of cpu_kernels.ISAS this CPU runs."""
+    kernels_on(monkeypatch, True)
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no working C compiler: the kernels cannot be built here")
+    if request.param not in cpu_kernels.supported_isas(lib):
+        pytest.skip(f"this CPU does not run {request.param}")
+    cpu_kernels.select_isa(lib, request.param)
+    assert lib.ws_qdot_isa().decode() == request.param
+    yield lib
+    cpu_kernels.select_isa(lib, None)
+
+
 @pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
 def isa_lib(request, tmp_path_factory):
     isa = request.param

@@ -16,21 +16,6 @@ from weightsmith.quant import cpu_kernels
 from weightsmith.quant import weight_only as wo
 
 
-@pytest.fixture(params=cpu_kernels.ISAS)
-def isa(request, monkeypatch):
-    """The native library with its int4/int8 kernels forced to one instruction set."""
-    kernels_on(monkeypatch, True)
-    lib = cpu_kernels.library()
-    if lib is None:
-        pytest.skip("no working C compiler: the kernels cannot be built here")
-    if request.param not in cpu_kernels.supported_isas(lib):
-        pytest.skip(f"this CPU does not run {request.param}")
-    cpu_kernels.select_isa(lib, request.param)
-    assert lib.ws_qdot_isa().decode() == request.param
-    yield lib
-    cpu_kernels.select_isa(lib, None)
-
-
 def _weights(n: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 2 + torch.linspace(-1, 1, k)
@@ -58,37 +43,37 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tens
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
 @pytest.mark.parametrize(("group", "k"), [(32, 32), (32, 96), (32, 224), (64, 192), (64, 320), (128, 256)])
-def test_int4_matmul_matches_float64(isa, group, k, rows, bias):
+def test_int4_matmul_matches_float64(int_isa_lib, group, k, rows, bias):
     n = 37
     codes, scales, zeros = wo.quantize_int4(_weights(n, k, seed=group + rows), group)
     x = _inputs(rows, k, seed=rows)
     b = torch.randn(n) if bias else None
-    out = cpu_kernels.int4_matmul(isa, x, wo.pack_nibbles(codes), scales, zeros, group, b)
+    out = cpu_kernels.int4_matmul(int_isa_lib, x, wo.pack_nibbles(codes), scales, zeros, group, b)
     _check(out, x, wo.dequantize_int4(codes, scales, zeros), b)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32])
 @pytest.mark.parametrize("k", [8, 32, 40, 100, 200, 256])  # all-tail, one block, block + tail, blocks only
-def test_int8_matmul_matches_float64(isa, k, rows, bias):
+def test_int8_matmul_matches_float64(int_isa_lib, k, rows, bias):
     n = 37
     q, scales = wo.quantize_int8(_weights(n, k, seed=k + rows))
     x = _inputs(rows, k, seed=rows)
     b = torch.randn(n) if bias else None
-    _check(cpu_kernels.int8_matmul(isa, x, q, scales, b), x, wo.dequantize_int8(q, scales), b)
+    _check(cpu_kernels.int8_matmul(int_isa_lib, x, q, scales, b), x, wo.dequantize_int8(q, scales), b)
 
 
-def test_extreme_codes_do_not_saturate(isa):
+def test_extreme_codes_do_not_saturate(int_isa_lib):
     """int8 -128 (a GGUF Q8_0 file may hold it) and 127 against inputs at +-127 steps, and
     int4 code 15 everywhere: the widest products the 16-bit pair sums (AVX2) must hold."""
     k = 64
     x = torch.tensor([[1.0, -1.0] * (k // 2), [-1.0] * k, [1.0] * k])
     q = torch.tensor([[-128] * k, [127] * k, [-128, 127] * (k // 2)], dtype=torch.int8)
     s = torch.tensor([0.5, 0.25, 1.0])
-    _check(cpu_kernels.int8_matmul(isa, x, q, s, None), x, wo.dequantize_int8(q, s), None)
+    _check(cpu_kernels.int8_matmul(int_isa_lib, x, q, s, None), x, wo.dequantize_int8(q, s), None)
     codes = torch.full((3, k), 15, dtype=torch.uint8)
     sc, z = torch.ones(3, 2), torch.full((3, 2), -7.5)
-    out = cpu_kernels.int4_matmul(isa, x, wo.pack_nibbles(codes), sc, z, 32, None)
+    out = cpu_kernels.int4_matmul(int_isa_lib, x, wo.pack_nibbles(codes), sc, z, 32, None)
     _check(out, x, wo.dequantize_int4(codes, sc, z), None)
 
 
@@ -171,7 +156,7 @@ class _QAct(ctypes.Structure):
 
 
 @pytest.mark.parametrize("layout", [0, 1])  # WS_QACT_INT8 (natural order), WS_QACT_INT4 (evens first)
-def test_input_quantization_is_the_rule_bit_for_bit(isa, layout):
+def test_input_quantization_is_the_rule_bit_for_bit(int_isa_lib, layout):
     """ws_qact_quantize (vector code for whole blocks, C for a partial one) gives exactly the
     codes, scales and sums of the rule: d = max|x| / 127, q = round(x / d) ties to even."""
     m, k = 3, 100  # three whole blocks and a partial one
@@ -184,7 +169,9 @@ def test_input_quantization_is_the_rule_bit_for_bit(isa, layout):
     flat = x.contiguous()
     i64 = ctypes.c_int64
     assert (
-        isa.ws_qact_quantize(ctypes.byref(a), ctypes.c_void_p(flat.data_ptr()), i64(m), i64(k), i64(layout))
+        int_isa_lib.ws_qact_quantize(
+            ctypes.byref(a), ctypes.c_void_p(flat.data_ptr()), i64(m), i64(k), i64(layout)
+        )
         == 0
     )
     try:
@@ -193,7 +180,7 @@ def test_input_quantization_is_the_rule_bit_for_bit(isa, layout):
         d = torch.tensor(a.d[: m * nb], dtype=torch.float32).view(m, nb)
         xs = torch.tensor(a.xs[: m * nb], dtype=torch.float32).view(m, nb)
     finally:
-        isa.ws_qact_free(ctypes.byref(a))
+        int_isa_lib.ws_qact_free(ctypes.byref(a))
     xb = torch.nn.functional.pad(x, (0, nb * 32 - k)).view(m, nb, 32)
     d_ref = xb.abs().amax(-1) / 127
     inv = torch.where(d_ref > 0, 1.0 / d_ref, torch.zeros_like(d_ref))

@@ -31,20 +31,6 @@ def _k(qtype: QT, blocks: int = 3) -> int:
     return GGML_QUANT_SIZES[qtype][0] * blocks
 
 
-@pytest.fixture(params=cpu_kernels.ISAS)
-def isa(request, monkeypatch):
-    """The library with its integer kernels forced to one instruction set."""
-    kernels_on(monkeypatch, True)
-    lib = cpu_kernels.library()
-    if lib is None:
-        pytest.skip("no working C compiler: the kernels cannot be built here")
-    if request.param not in cpu_kernels.supported_isas(lib):
-        pytest.skip(f"this CPU does not run {request.param}")
-    cpu_kernels.select_isa(lib, request.param)
-    yield lib
-    cpu_kernels.select_isa(lib, None)
-
-
 def _layer(qtype: QT, k: int, seed: int, bias: bool = False) -> tuple[GGMLLinear, np.ndarray]:
     blocks = with_edge_scales(random_blocks(qtype, N, k, seed), qtype)
     b = torch.randn(N, generator=torch.Generator().manual_seed(seed)) if bias else None
@@ -78,16 +64,16 @@ def _check(out: torch.Tensor, x: torch.Tensor, w: np.ndarray, bias: torch.Tensor
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 5, 9])
-def test_matmul_matches_float64(isa, qtype, rows):
+def test_matmul_matches_float64(int_isa_lib, qtype, rows):
     layer, w = _layer(qtype, _k(qtype), seed=rows, bias=rows == 3)
     x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero input block: its int8 scale is 0
-    out = cpu_kernels.ggml_matmul(isa, x, int(qtype), layer.qweight, layer.bias)
+    out = cpu_kernels.ggml_matmul(int_isa_lib, x, int(qtype), layer.qweight, layer.bias)
     _check(out, x, w, layer.bias)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q5_1], ids=lambda t: t.name)
-def test_extreme_codes_do_not_saturate(isa, qtype):
+def test_extreme_codes_do_not_saturate(int_isa_lib, qtype):
     """The largest |code| x |input| products (Q8_0's -128, Q6_K's -32 times a -128 sub-scale,
     Q5_1's 31) against inputs at +-127 after rounding: the int16 pair sums stay in range."""
     per, size = GGML_QUANT_SIZES[qtype]
@@ -103,7 +89,7 @@ def test_extreme_codes_do_not_saturate(isa, qtype):
     blocks = raw.reshape(4, -1)
     x = torch.full((2, k), 3.0)
     x[1] = -3.0
-    out = cpu_kernels.ggml_matmul(isa, x, int(qtype), torch.from_numpy(blocks), None)
+    out = cpu_kernels.ggml_matmul(int_isa_lib, x, int(qtype), torch.from_numpy(blocks), None)
     _check(out, x, dequantize(blocks, qtype), None)
 
 
