@@ -164,6 +164,22 @@ def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def save_perturbed_hf(path: Path, config) -> Path:
+    """A tiny random transformers model of `config` saved with a tiny tokenizer, its norm weights
+    moved off their init (ones or zeros) so that a norm applied wrongly changes the logits."""
+    import transformers
+
+    build_tiny_tokenizer_dir(path)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     return build_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")

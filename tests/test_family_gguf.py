@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer_dir
+from conftest import save_perturbed_hf
 
 from weightsmith.checkpoint.gguf import read_gguf
 from weightsmith.checkpoint.gguf_quants import gguf_int4_layers
@@ -41,15 +41,7 @@ IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # long
 def _source(root: Path, family: str, **extra) -> Path:
     cls, kw = FAMILIES[family]
     path = root / family
-    build_tiny_tokenizer_dir(path)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**SHAPE, **kw, **extra}))
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(path)
-    return path
+    return save_perturbed_hf(path, cls(**{**SHAPE, **kw, **extra}))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_plan_decodes_like_forward, build_tiny_tokenizer_dir, kernels_on
+from conftest import assert_plan_decodes_like_forward, kernels_on, save_perturbed_hf
 from safetensors.torch import load_file
 from test_lora import hf_model, ids, ours, peft_warnings, randomize_adapters
 
@@ -39,15 +39,7 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_
 
 def _source(path: Path, cls=transformers.Qwen3MoeConfig, **extra) -> Path:
     """A tiny random checkpoint saved by transformers, norms perturbed so they count."""
-    build_tiny_tokenizer_dir(path)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**SHAPE, **extra}))
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(path)
-    return path
+    return save_perturbed_hf(path, cls(**{**SHAPE, **extra}))
 
 
 @pytest.fixture(scope="module")
