@@ -23,6 +23,10 @@
 
 #include "cpu_kernels.h"
 
+#ifdef __FMA__
+#include <immintrin.h>
+#endif
+
 typedef struct {
     const float *norm1, *norm2;
     ws_proj q, k, v, o, gate, up, down;
@@ -60,31 +64,6 @@ static void rope(float *v, const float *cos, const float *sin, int64_t D) {
     }
 }
 
-/* q . key t (D values), and out += w * value t, for an fp32 or a bf16 cache. */
-static float kv_dot(const ws_model *m, const float *q, int64_t at, int64_t D) {
-    float s = 0;
-    if (m->kv_bf16) {
-        const uint16_t *kt = (const uint16_t *)m->k_cache + at;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < D; i++) s += q[i] * ws_bf16_to_f32(kt[i]);
-    } else {
-        const float *kt = (const float *)m->k_cache + at;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < D; i++) s += q[i] * kt[i];
-    }
-    return s;
-}
-
-static void kv_add(const ws_model *m, float w, int64_t at, int64_t D, float *out) {
-    if (m->kv_bf16) {
-        const uint16_t *vt = (const uint16_t *)m->v_cache + at;
-        for (int64_t i = 0; i < D; i++) out[i] += w * ws_bf16_to_f32(vt[i]);
-    } else {
-        const float *vt = (const float *)m->v_cache + at;
-        for (int64_t i = 0; i < D; i++) out[i] += w * vt[i];
-    }
-}
-
 static void kv_store(const ws_model *m, void *cache, int64_t at, const float *src, int64_t D) {
     if (m->kv_bf16) {
         for (int64_t i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = ws_f32_to_bf16(src[i]);
@@ -93,33 +72,221 @@ static void kv_store(const ws_model *m, void *cache, int64_t at, const float *sr
     }
 }
 
-static void attention(const ws_model *m, int64_t layer, int64_t window, int64_t B, const int64_t *pos,
-                      const float *q, float *out) {
-    const int64_t H = m->n_heads, D = m->head_dim, per_kv = m->n_heads / m->n_kv;
+/* Attention of one layer, in three parts that each split into independent items:
+ *   scores: for row b, key/value head kh and a block of positions, each key is read once for
+ *           the G = n_heads / n_kv query heads that share it: s = (q . k) / sqrt(D);
+ *   softmax: for row b and query head h, s <- exp(s - max) / sum over the row's positions;
+ *   values: for row b, key/value head kh and a slice of head_dim, out = sum over positions of
+ *           s * v, the positions summed in order.
+ * Every number is computed by one item in the same order however the items are split among
+ * threads, so a row's results do not depend on the other rows or the thread count. A step of
+ * enough (row, kv head) groups for the threads, or of short rows, runs all three parts of a
+ * group in one item (one pass, no barriers); fewer groups of long rows (one row: 3 kv heads on
+ * 2 threads) split the positions and head_dim so every thread gets a share. Sums run over eight
+ * lanes (vf8) with FMA where the CPU has it. */
+typedef struct {
+    const ws_model *m;
+    int64_t layer, window, G;
+    const int64_t *pos;
+    const float *q;
+    float *out;
+    float *scores; /* (B, n_heads, stride): the step's scratch */
+    int64_t stride;
+} ws_attn;
+
+/* Positions per item of the scores, floats of head_dim per item of the values, query heads that
+ * share one pass over the keys or values (their sums held in registers). */
+enum { SCORE_BLOCK = 32, VALUE_SLICE = 16, HEADS_AT_ONCE = 4, SPLIT_FROM = 256 };
+
+/* Eight floats (GCC and Clang vector extensions: AVX with -march=native, SSE pairs without). */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+
+static inline vf8 load8(const float *p) {
+    vf8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vf8 load8_bf16(const uint16_t *p) {
+    vh8 h;
+    memcpy(&h, p, sizeof h);
+    return (vf8)(__builtin_convertvector(h, vu8) << 16);
+}
+
+/* a * b + c, fused where the CPU has FMA (one rounding). */
+static inline vf8 madd8(vf8 a, vf8 b, vf8 c) {
+#ifdef __FMA__
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+static inline float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+static int64_t attn_lo(const ws_attn *a, int64_t b) {
+    const int64_t p = a->pos[b];
+    return a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+}
+
+/* q_j . key for the n (a constant) query heads q + j * D: eight lanes over head_dim, their sum,
+ * then the last D % 8 products in order. */
+ALWAYS_INLINE void dots(const float *q, const void *key, int bf16, int64_t D, int n, float *s) {
+    vf8 acc[HEADS_AT_ONCE] = {{0}};
+    const int64_t D8 = D & ~(int64_t)7;
+    for (int64_t c = 0; c < D8; c += 8) {
+        const vf8 k = bf16 ? load8_bf16((const uint16_t *)key + c) : load8((const float *)key + c);
+        for (int j = 0; j < n; j++) acc[j] = madd8(load8(q + j * D + c), k, acc[j]);
+    }
+    for (int j = 0; j < n; j++) {
+        s[j] = hsum8(acc[j]);
+        for (int64_t i = D8; i < D; i++)
+            s[j] += q[j * D + i] * (bf16 ? ws_bf16_to_f32(((const uint16_t *)key)[i]) : ((const float *)key)[i]);
+    }
+}
+
+ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t base, int64_t t0, int64_t t1,
+                            int n) {
+    const ws_model *m = a->m;
+    const int64_t D = m->head_dim, esize = m->kv_bf16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)D);
-    int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+    float s[HEADS_AT_ONCE];
+    for (int64_t t = t0; t < t1; t++) {
+        const char *key = (const char *)m->k_cache + (base + t * m->s_pos) * esize;
+        if (m->kv_bf16)
+            dots(q, key, 1, D, n, s);
+        else
+            dots(q, key, 0, D, n, s);
+        for (int j = 0; j < n; j++) sc[j * a->stride + t] = s[j] * scale;
+    }
+}
+
+/* Scores of positions t0..t1-1 (at most the row's) for the G query heads of (b, kh). */
+static void attn_scores(const ws_attn *a, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+    const ws_model *m = a->m;
+    const int64_t D = m->head_dim, head = b * m->n_heads + kh * a->G, lo = attn_lo(a, b);
+    const int64_t base = a->layer * m->s_layer + b * m->s_row + kh * m->s_head;
+    for (int64_t g = 0; g < a->G; g += HEADS_AT_ONCE) {
+        const float *q = a->q + (head + g) * D;
+        float *sc = a->scores + (head + g) * a->stride - lo;
+        switch (a->G - g < HEADS_AT_ONCE ? a->G - g : HEADS_AT_ONCE) {
+        case 1: scores_n(a, q, sc, base, t0, t1, 1); break;
+        case 2: scores_n(a, q, sc, base, t0, t1, 2); break;
+        case 3: scores_n(a, q, sc, base, t0, t1, 3); break;
+        default: scores_n(a, q, sc, base, t0, t1, 4);
+        }
+    }
+}
+
+/* Scores of query head h of row b -> its softmax weights (max subtracted, exact expf). */
+static void attn_softmax(const ws_attn *a, int64_t b, int64_t h) {
+    const int64_t n = a->pos[b] - attn_lo(a, b) + 1;
+    float *s = a->scores + (b * a->m->n_heads + h) * a->stride, top = -INFINITY, total = 0;
+#pragma omp simd reduction(max : top)
+    for (int64_t t = 0; t < n; t++) top = s[t] > top ? s[t] : top;
+    for (int64_t t = 0; t < n; t++) total += (s[t] = expf(s[t] - top));
+#pragma omp simd
+    for (int64_t t = 0; t < n; t++) s[t] /= total;
+}
+
+/* For the n (a constant) heads whose weights are w + j * stride: out_j[0..8 * nv) = sum over
+ * positions lo..p, in order, of weight * value[0..8 * nv), each lane on its own. */
+ALWAYS_INLINE void values_loop(const ws_attn *a, const float *w, const void *v, int64_t lo, int64_t p,
+                               float *out, int bf16, int n, int nv) {
+    const int64_t sp = a->m->s_pos;
+    vf8 acc[HEADS_AT_ONCE][2] = {{{0}}};
+    for (int64_t t = lo; t <= p; t++) {
+        vf8 x[2];
+        for (int c = 0; c < nv; c++)
+            x[c] = bf16 ? load8_bf16((const uint16_t *)v + t * sp + 8 * c) : load8((const float *)v + t * sp + 8 * c);
+        for (int j = 0; j < n; j++)
+            for (int c = 0; c < nv; c++) acc[j][c] = madd8(x[c], (vf8){0} + w[j * a->stride + t], acc[j][c]);
+    }
+    for (int j = 0; j < n; j++) memcpy(out + j * a->m->head_dim, acc[j], sizeof(float) * 8 * (size_t)nv);
+}
+
+ALWAYS_INLINE void values_n(const ws_attn *a, const float *w, const void *v, int64_t lo, int64_t p, float *out,
+                            int n, int nv) {
+    if (a->m->kv_bf16)
+        values_loop(a, w, v, lo, p, out, 1, n, nv);
+    else
+        values_loop(a, w, v, lo, p, out, 0, n, nv);
+}
+
+/* out[d0..d1) of the G query heads of (b, kh): their weights times the values, summed over the
+ * positions in order (eight lanes at a time, the last D % 8 one by one). */
+static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t d0, int64_t d1) {
+    const ws_model *m = a->m;
+    const int64_t D = m->head_dim, head = b * m->n_heads + kh * a->G, lo = attn_lo(a, b), p = a->pos[b];
+    const int64_t esize = m->kv_bf16 ? 2 : 4, nv = (d1 - d0) / 8, d8 = d0 + 8 * nv;
+    const char *v = (const char *)m->v_cache + (a->layer * m->s_layer + b * m->s_row + kh * m->s_head) * esize;
+    for (int64_t g = 0; g < a->G; g += HEADS_AT_ONCE) {
+        const float *w = a->scores + (head + g) * a->stride - lo;
+        float *out = a->out + (head + g) * D;
+        const int n = a->G - g < HEADS_AT_ONCE ? (int)(a->G - g) : HEADS_AT_ONCE;
+        for (int j = 0; j < n; j++) /* the lanes past the last eight */
+            for (int64_t d = d8; d < d1; d++) {
+                float acc = 0;
+                for (int64_t t = lo; t <= p; t++) {
+                    const int64_t at = t * m->s_pos + d;
+                    acc += w[j * a->stride + t] *
+                           (m->kv_bf16 ? ws_bf16_to_f32(((const uint16_t *)v)[at]) : ((const float *)v)[at]);
+                }
+                out[j * D + d] = acc;
+            }
+        if (nv == 0) continue;
+        const char *vd = v + d0 * esize;
+        switch ((n - 1) * 2 + (int)nv - 1) {
+        case 0: values_n(a, w, vd, lo, p, out + d0, 1, 1); break;
+        case 1: values_n(a, w, vd, lo, p, out + d0, 1, 2); break;
+        case 2: values_n(a, w, vd, lo, p, out + d0, 2, 1); break;
+        case 3: values_n(a, w, vd, lo, p, out + d0, 2, 2); break;
+        case 4: values_n(a, w, vd, lo, p, out + d0, 3, 1); break;
+        case 5: values_n(a, w, vd, lo, p, out + d0, 3, 2); break;
+        case 6: values_n(a, w, vd, lo, p, out + d0, 4, 1); break;
+        default: values_n(a, w, vd, lo, p, out + d0, 4, 2);
+        }
+    }
+}
+
+static void attn_group(const ws_attn *a, int64_t b, int64_t kh) {
+    const int64_t D = a->m->head_dim;
+    attn_scores(a, b, kh, attn_lo(a, b), a->pos[b] + 1);
+    for (int64_t g = 0; g < a->G; g++) attn_softmax(a, b, kh * a->G + g);
+    for (int64_t d = 0; d < D; d += VALUE_SLICE) attn_values(a, b, kh, d, d + VALUE_SLICE < D ? d + VALUE_SLICE : D);
+}
+
+static void attention(const ws_attn *a, int64_t B) {
+    const ws_model *m = a->m;
+    const int64_t groups = B * m->n_kv, blocks = (a->stride + SCORE_BLOCK - 1) / SCORE_BLOCK;
+    const int64_t slices = (m->head_dim + VALUE_SLICE - 1) / VALUE_SLICE;
+    /* Three parts with a barrier after each pay off from a few hundred positions (measured). */
+    const int one_pass = ws_threads <= 1 || groups % ws_threads == 0 || groups >= 4 * ws_threads ||
+                         a->stride < SPLIT_FROM;
 #pragma omp parallel num_threads(ws_threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)longest);
+        if (one_pass) {
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, h = bh % H, kh = h / per_kv, p = pos[b];
-            const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const int64_t base = layer * m->s_layer + b * m->s_row + kh * m->s_head;
-            const float *qv = q + (b * H + h) * D;
-            float top = -INFINITY;
-            for (int64_t t = lo; t <= p; t++) {
-                scores[t] = kv_dot(m, qv, base + t * m->s_pos, D) * scale;
-                top = scores[t] > top ? scores[t] : top;
+            for (int64_t i = 0; i < groups; i++) attn_group(a, i / m->n_kv, i % m->n_kv);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < groups * blocks; i++) {
+                const int64_t b = i / blocks / m->n_kv, kh = i / blocks % m->n_kv;
+                const int64_t t0 = attn_lo(a, b) + i % blocks * SCORE_BLOCK, end = a->pos[b] + 1;
+                if (t0 < end) attn_scores(a, b, kh, t0, t0 + SCORE_BLOCK < end ? t0 + SCORE_BLOCK : end);
             }
-            float total = 0;
-            for (int64_t t = lo; t <= p; t++) total += (scores[t] = expf(scores[t] - top));
-            float *o = out + (b * H + h) * D;
-            memset(o, 0, sizeof(float) * (size_t)D);
-            for (int64_t t = lo; t <= p; t++) kv_add(m, scores[t] / total, base + t * m->s_pos, D, o);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * m->n_heads; i++) attn_softmax(a, i / m->n_heads, i % m->n_heads);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < groups * slices; i++) {
+                const int64_t d0 = i % slices * VALUE_SLICE, d1 = d0 + VALUE_SLICE;
+                attn_values(a, i / slices / m->n_kv, i / slices % m->n_kv, d0, d1 < m->head_dim ? d1 : m->head_dim);
+            }
         }
-        free(scores);
     }
 }
 
@@ -132,9 +299,14 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
     float *k = malloc(sizeof(float) * (size_t)(B * kvn)), *v = malloc(sizeof(float) * (size_t)(B * kvn));
     float *att = malloc(sizeof(float) * (size_t)(B * qn)), *out = malloc(sizeof(float) * (size_t)(B * H));
     float *g = malloc(sizeof(float) * (size_t)(B * I)), *u = malloc(sizeof(float) * (size_t)(B * I));
+    int64_t longest = 0; /* positions of the longest row: the attention scores' row length */
+    for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+    float *scores = malloc(sizeof(float) * (size_t)(B * m->n_heads * longest));
+    ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
+                    .stride = longest};
     ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
-    if (!h || !q || !k || !v || !att || !out || !g || !u) {
+    if (!h || !q || !k || !v || !att || !out || !g || !u || !scores) {
         status = -1;
         goto done;
     }
@@ -154,7 +326,8 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
                 kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
             }
         }
-        attention(m, l, L->window, B, pos, q, att);
+        attn.layer = l, attn.window = L->window;
+        attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
@@ -173,7 +346,7 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
 oom:
     status = -1;
 done:
-    free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u);
+    free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores);
     ws_qact_free(&act);
     return status;
 }
