@@ -28,9 +28,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from weightsmith.cpu_decode.rope_table import RopeTable
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
-from weightsmith.models.rope import rope_cos_sin
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant.ggml_linear import GGMLLinear
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear
@@ -169,6 +169,7 @@ class FusedDecode:
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
         cfg = model.config
         self.model, self.lib, self.keep, self.ok = model, lib, [], True
+        self.rope = RopeTable(model)  # the cos/sin rows the step reads, built once
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bf16 source, its fp32 copy)
         # What the struct depends on: these modules where they are, and every tensor's data where
         # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
@@ -238,9 +239,8 @@ class FusedDecode:
             )
         model = self.model
         x = model.model.embed_tokens(torch.tensor(tokens)).float().contiguous()  # (B, h)
-        positions = torch.tensor(lengths)
-        cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], model.rope_scaling, torch.float32)
-        cos, sin = cos.reshape(b, -1).contiguous(), sin.reshape(b, -1).contiguous()  # (B, D)
+        cos, sin = self.rope.upto(max(lengths) + 1)  # (positions, D): the C step reads row lengths[b]
+        positions = (ctypes.c_int64 * b)(*lengths)
         logits = torch.empty(b, model.config.vocab_size)
         s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
@@ -248,9 +248,8 @@ class FusedDecode:
         s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
-            ctypes.byref(s), b, x.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            logits.data_ptr(),
-        )  # fmt: skip
+            ctypes.byref(s), b, x.data_ptr(), positions, cos.data_ptr(), sin.data_ptr(), logits.data_ptr()
+        )
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
         cache.advance(b)

@@ -9,7 +9,7 @@
  *
  * Per layer, for every row b at position pos[b]:
  *   h = rmsnorm(x) * norm1;  q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)
- *   q, k = rope(q), rope(k) with the caller's cos/sin for pos[b] (halves layout)
+ *   q, k = rope(q), rope(k) with row pos[b] of the caller's cos/sin tables (halves layout)
  *   cache[layer, b, :, pos[b]] = k, v  (rounded to bf16 in a bf16 cache, as a bf16 model's is)
  *   attention of each query head over its key/value head's entries lo..pos[b], where
  *   lo = pos[b] - window + 1 for a sliding-window layer (else 0), scale 1/sqrt(D)
@@ -290,7 +290,8 @@ static void attention(const ws_attn *a, int64_t B) {
     }
 }
 
-/* x (B, hidden): the rows' token embeddings, overwritten; cos, sin (B, D); logits (B, vocab).
+/* x (B, hidden): the rows' token embeddings, overwritten; cos, sin: RoPE tables (positions, D),
+ * row pos[b] row b's; logits (B, vocab).
  * Returns 0, or -1 when out of memory. */
 int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const float *cos,
               const float *sin, float *logits) {
@@ -318,9 +319,10 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
             ws_proj_matmul(&L->v, h, B, v, &act))
             goto oom;
         for (int64_t b = 0; b < B; b++) {
-            for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cos + b * D, sin + b * D, D);
+            const float *cb = cos + pos[b] * D, *sb = sin + pos[b] * D;
+            for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, D);
             for (int64_t i = 0; i < m->n_kv; i++) {
-                rope(k + b * kvn + i * D, cos + b * D, sin + b * D, D);
+                rope(k + b * kvn + i * D, cb, sb, D);
                 const int64_t at = l * m->s_layer + b * m->s_row + i * m->s_head + pos[b] * m->s_pos;
                 kv_store(m, m->k_cache, at, k + b * kvn + i * D, D);
                 kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
