@@ -391,3 +391,23 @@ def test_probabilities_per_row_settings_equal_one_row_at_a_time() -> None:
     batch = probabilities(rows, temps, ks, ps, mins)
     for i in range(4):
         assert torch.equal(batch[i], probabilities(rows[i], temps[i], ks[i], ps[i], mins[i]))
+
+
+def test_greedy_rows_follow_torchs_argmax_with_ties_nan_and_inf() -> None:
+    """The greedy picks (numpy's argmax on the CPU) keep torch.argmax's rule: the first maximum
+    wins, a NaN counts as the maximum; for bf16 logits and a strided view too, and beside a
+    sampled row."""
+    rows = torch.stack([random_logits(s) for s in range(6)])
+    rows[1, [9, 3]] = rows[1].max() + 1  # a tie: the first index
+    rows[2, [11, 7]] = float("nan")
+    rows[3, [5, 2]] = float("inf")
+    rows[4] = float("-inf")
+    rows[5, 1], rows[5, 4] = float("inf"), float("nan")
+    greedy = [Sampler(SamplingParams(temperature=0), [], VOCAB, CPU) for _ in range(6)]
+    for logits in (rows, rows.bfloat16(), rows[:, 1::2]):
+        assert sampling.sample_batch(greedy, logits) == [int(torch.argmax(r)) for r in logits]
+    assert [int(torch.argmax(r)) for r in rows] == [int(torch.argmax(rows[0])), 3, 7, 2, 0, 4]
+    rows[5] = random_logits(9)  # a row to sample from
+    mixed = greedy[:5] + [Sampler(SamplingParams(temperature=0.8, seed=3), [], VOCAB, CPU)]
+    alone = Sampler(SamplingParams(temperature=0.8, seed=3), [], VOCAB, CPU)
+    assert sampling.sample_batch(mixed, rows) == [int(torch.argmax(r)) for r in rows[:5]] + [alone(rows[5])]
