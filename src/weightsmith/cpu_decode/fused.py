@@ -5,7 +5,8 @@ projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 la
 adapters), `FusedDecode.step` runs one token per row through every layer and the LM head in
 one C call, reading and writing the same `KVCache` the PyTorch model uses (fp32, or a bf16
 model's bf16 one), so prefill (PyTorch) and decoding (C) mix freely. Python keeps the
-embedding lookup and the RoPE tables (any RoPE scaling the model has). A bf16 model's matmuls
+embedding lookup and the RoPE tables (any RoPE scaling the model has; built once a model,
+rope_table.py). A bf16 model's matmuls
 read its bf16 weights in place and sum in fp32 (quant/cpu_bf16.c); everything between them
 runs in fp32, its norm weights and biases copied to fp32 (a few KB).
 
