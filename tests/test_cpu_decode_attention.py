@@ -1,8 +1,8 @@
 """The fused step's attention (quant/cpu_decode.c) past a few hundred positions, for 1 to 6 query
 heads per key/value head and head sizes with a tail, on fp32 and bf16 caches and 1 to 3 threads,
 against the PyTorch model; a row's logits bit for bit the same alone, in a batch and on any thread
-count; and the RoPE table the step reads (cpu_decode/rope_table.py): built once, grown, rebuilt
-when the model's RoPE changes."""
+count; the RoPE table the step reads (cpu_decode/rope_table.py): built once, grown, rebuilt when
+the model's RoPE changes; and the embedding rows the step reads itself."""
 
 from __future__ import annotations
 
@@ -171,3 +171,32 @@ def test_the_rope_table_is_built_once_grown_and_rebuilt_when_the_rope_changes(na
     model.reset_rope()  # a new inv_freq tensor
     parity()
     assert fused.rope.builds == 4
+
+
+class _ShiftedEmbedding(torch.nn.Embedding):
+    """Not a plain nn.Embedding: the step must take its output, not read its weight."""
+
+    def forward(self, ids):
+        return super().forward(ids) + 0.5
+
+
+def test_the_step_reads_a_plain_embedding_and_calls_any_other(native_lib):
+    model = _model(4, 2, 16)
+    prompts = _prompts([30])
+    fused = FusedDecode(model, native_lib)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        want = decode_one_token(model, _prefilled(model, prompts), [9], CPU)
+        return fused.step(_prefilled(model, prompts), [9]), want
+
+    got, want = both()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+    plain = got
+    shifted = _ShiftedEmbedding(VOCAB, 48)
+    shifted.weight = model.model.embed_tokens.weight
+    model.model.embed_tokens = shifted
+    got, want = both()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+    assert (got - plain).abs().max() > 1e-3  # the shift shows
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        FusedDecode(_model(4, 2, 16), native_lib).step(_prefilled(model, prompts), [VOCAB])

@@ -135,7 +135,9 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]
     """One token per row from (B, V) logits, row i picked by `samplers[i]`, as tensor ops over
     the whole batch with one device sync (the chosen ids). Each row gets what it would get
     alone: the filters work row by row, and each sampling row draws from its own generator."""
-    x = logits.float()
+    # No torch call that can be skipped: each costs tens of us a token once a CPU decode step has
+    # swept the caches.
+    x = logits if logits.dtype == torch.float32 else logits.float()
     device = x.device
     rep = [i for i, s in enumerate(samplers) if s.seen is not None]
     counted = [i for i, s in enumerate(samplers) if s.counts is not None]
@@ -180,7 +182,7 @@ def _picks(x: torch.Tensor, samplers: Sequence[Sampler]) -> list[int]:
     on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
     greedy = None
     if len(drawn) < len(samplers):
-        greedy = x.detach().numpy().argmax(-1).tolist() if on_cpu else x.argmax(-1)  # (B,)
+        greedy = _numpy(x).argmax(-1).tolist() if on_cpu else x.argmax(-1)  # (B,)
     if not drawn:
         return greedy if on_cpu else greedy.tolist()  # type: ignore[union-attr,return-value]
     ps = [samplers[i].params for i in drawn]
@@ -203,6 +205,10 @@ def _picks(x: torch.Tensor, samplers: Sequence[Sampler]) -> list[int]:
         return greedy  # type: ignore[return-value]
     greedy[torch.tensor(drawn, device=x.device)] = picks  # type: ignore[index]
     return greedy.tolist()  # type: ignore[union-attr]
+
+
+def _numpy(x: torch.Tensor):
+    return (x.detach() if x.requires_grad else x).numpy()
 
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:

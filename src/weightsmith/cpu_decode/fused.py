@@ -69,7 +69,9 @@ class _Model(ctypes.Structure):
         ("head", _Proj),
         ("k_cache", _ptr),
         ("v_cache", _ptr),
-    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos", "kv_bf16")]  # fmt: skip
+    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos", "kv_bf16")] + [
+        ("embed", _ptr), ("embed_ld", _i64), ("embed_bf16", _i64),
+    ]  # fmt: skip
 
 
 def _fp32_cpu(t: torch.Tensor | None) -> bool:
@@ -230,6 +232,21 @@ class FusedDecode:
             m.weight.dtype == torch.float32 for m in _projection_modules(self.model) if isinstance(m, Linear)
         )
 
+    def _embeddings(self, s: _Model, tokens: list[int]) -> torch.Tensor | None:
+        """The rows' embeddings for the C step: None when it reads them itself (a plain fp32 or
+        bf16 `nn.Embedding` on the CPU: `s` gets its weight, read at this call), else the
+        embedding module's output (B, hidden) fp32. Each torch call here costs tens of us per
+        token once the step's weights have swept the caches, so the common case makes none."""
+        embed = self.model.model.embed_tokens
+        w = embed.weight
+        if type(embed) is nn.Embedding and embed.max_norm is None and _float_cpu(w) and w.stride(1) == 1:
+            vocab = w.shape[0]
+            if not all(0 <= t < vocab for t in tokens):
+                raise IndexError(f"a token id is outside the vocabulary [0, {vocab}): {tokens}")
+            s.embed, s.embed_ld, s.embed_bf16 = w.data_ptr(), w.stride(0), int(w.dtype == torch.bfloat16)
+            return None
+        return embed(torch.tensor(tokens)).float().contiguous()
+
     def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
         b = len(tokens)
@@ -239,18 +256,19 @@ class FusedDecode:
                 f"the KV cache is full ({cache.max_len} tokens); a row cannot take another token"
             )
         model = self.model
-        x = model.model.embed_tokens(torch.tensor(tokens)).float().contiguous()  # (B, h)
-        cos, sin = self.rope.upto(max(lengths) + 1)  # (positions, D): the C step reads row lengths[b]
-        positions = (ctypes.c_int64 * b)(*lengths)
-        logits = torch.empty(b, model.config.vocab_size)
         s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
+        x = self._embeddings(s, tokens)
+        cos, sin = self.rope.upto(max(lengths) + 1)  # (positions, D): the C step reads row lengths[b]
+        logits = torch.empty(b, model.config.vocab_size)
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
         s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
-            ctypes.byref(s), b, x.data_ptr(), positions, cos.data_ptr(), sin.data_ptr(), logits.data_ptr()
-        )
+            ctypes.byref(s), b, (_i64 * b)(*tokens), None if x is None else x.data_ptr(), (_i64 * b)(*lengths),
+            cos.data_ptr(), sin.data_ptr(),
+            logits.data_ptr(),
+        )  # fmt: skip
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
         cache.advance(b)

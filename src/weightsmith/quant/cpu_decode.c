@@ -42,6 +42,8 @@ typedef struct {
     void *k_cache, *v_cache; /* (L, B, Hkv, S, D) with these element strides: */
     int64_t s_layer, s_row, s_head, s_pos;
     int64_t kv_bf16; /* 0: the cache holds fp32, 1: bf16 (a bf16 model's, computed in fp32 here) */
+    const void *embed; /* the token embeddings (vocab, hidden), rows embed_ld elements apart */
+    int64_t embed_ld, embed_bf16;
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -290,12 +292,22 @@ static void attention(const ws_attn *a, int64_t B) {
     }
 }
 
-/* x (B, hidden): the rows' token embeddings, overwritten; cos, sin: RoPE tables (positions, D),
- * row pos[b] row b's; logits (B, vocab).
+/* x (B, hidden): the rows' token embeddings, overwritten; or NULL: rows tokens[b] of m->embed
+ * (in fp32). cos, sin: RoPE tables (positions, D), row pos[b] row b's; logits (B, vocab).
  * Returns 0, or -1 when out of memory. */
-int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const float *cos,
-              const float *sin, float *logits) {
+int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, const int64_t *pos,
+              const float *cos, const float *sin, float *logits) {
     const int64_t H = m->hidden, D = m->head_dim, qn = m->n_heads * D, kvn = m->n_kv * D, I = m->inter;
+    float *own = x ? NULL : malloc(sizeof(float) * (size_t)(B * H));
+    if (!x && own) {
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t at = tokens[b] * m->embed_ld;
+            for (int64_t i = 0; i < H; i++)
+                own[b * H + i] = m->embed_bf16 ? ws_bf16_to_f32(((const uint16_t *)m->embed)[at + i])
+                                               : ((const float *)m->embed)[at + i];
+        }
+    }
+    x = x ? x : own;
     float *h = malloc(sizeof(float) * (size_t)(B * H)), *q = malloc(sizeof(float) * (size_t)(B * qn));
     float *k = malloc(sizeof(float) * (size_t)(B * kvn)), *v = malloc(sizeof(float) * (size_t)(B * kvn));
     float *att = malloc(sizeof(float) * (size_t)(B * qn)), *out = malloc(sizeof(float) * (size_t)(B * H));
@@ -307,7 +319,7 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
                     .stride = longest};
     ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
-    if (!h || !q || !k || !v || !att || !out || !g || !u || !scores) {
+    if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores) {
         status = -1;
         goto done;
     }
@@ -348,7 +360,7 @@ int ws_decode(const ws_model *m, int64_t B, float *x, const int64_t *pos, const 
 oom:
     status = -1;
 done:
-    free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores);
+    free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores), free(own);
     ws_qact_free(&act);
     return status;
 }

@@ -214,7 +214,7 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_ggml_matmul.restype = lib.ws_ggml_dequantize.restype = ctypes.c_int
                 lib.ws_ggml_row_bytes.argtypes = [i64, i64]
                 lib.ws_ggml_row_bytes.restype = i64
-                lib.ws_decode.argtypes = [p, i64, p, p, p, p, p]
+                lib.ws_decode.argtypes = [p, i64, p, p, p, p, p, p]
                 lib.ws_decode.restype = ctypes.c_int
                 lib.ws_set_threads.argtypes = [ctypes.c_int]
                 log.info(
