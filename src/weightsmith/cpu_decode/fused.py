@@ -107,7 +107,8 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
         bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
     if type(module) is Int4Linear:
-        if module.qweight.device.type != "cpu" or not (_fp32_cpu(module.scales) and _fp32_cpu(module.zeros)):
+        fp16 = all(t.dtype == torch.float16 and t.device.type == "cpu" for t in (module.scales, module.zeros))
+        if module.qweight.device.type != "cpu" or not fp16:
             return None
         codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()

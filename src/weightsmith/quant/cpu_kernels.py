@@ -322,10 +322,11 @@ def int4_matmul(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., N). qweight uint8 (N, K/2) as Int4Linear holds it (codes
-    2j, 2j + 1 in byte j); scales/zeros fp32 (N, K/G). x is quantized to int8 per block of 32."""
+    2j, 2j + 1 in byte j); scales/zeros fp16 (N, K/G). x is quantized to int8 per block of 32."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     # Contiguous copies held in locals: they must outlive the C call that reads them.
-    flat, qweight, scales, zeros = (t.contiguous() for t in (x.reshape(-1, k), qweight, scales, zeros))
+    flat, qweight = x.reshape(-1, k).contiguous(), qweight.contiguous()
+    scales, zeros = (t.to(torch.float16).contiguous() for t in (scales, zeros))
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
@@ -378,9 +379,10 @@ def bf16_matmul(
 def int4_dequantize(
     lib: ctypes.CDLL, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros (N, K/G)."""
+    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros fp16 (N, K/G)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    qweight, scales, zeros = (t.contiguous() for t in (qweight, scales, zeros))  # kept alive past the call
+    qweight = qweight.contiguous()  # kept alive past the call, as are:
+    scales, zeros = (t.to(torch.float16).contiguous() for t in (scales, zeros))
     w = torch.empty(n, k, dtype=torch.float32)
     use_threads(lib)
     lib.ws_int4_dequantize(

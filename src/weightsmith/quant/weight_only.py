@@ -5,8 +5,9 @@ q = round(w / scale) in [-127, 127], w ~ q * scale.
 
 int4: asymmetric, group-wise along the input dimension (groups of 32, 64 or 128
 consecutive weights of a row), 16 levels between the group's min and max:
-scale = (max - min) / 15, q = round((w - min) / scale) in [0, 15], w ~ q * scale + zero
-with zero = min. This is the form PyTorch's int4 "tinygemm" kernels take, after a
+zero = min and scale = (max - zero) / 15, both rounded to fp16 (as GGUF's Q4_1 holds them:
+decoding reads 4.5 bits a weight, not 5), then q = round((w - zero) / scale) in [0, 15]
+against the rounded values, w ~ q * scale + zero. This is the form PyTorch's int4 "tinygemm" kernels take, after a
 change of convention: they compute (q - 8) * scale + zero', so zero' = zero + 8 * scale,
 passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = zero'
 (checked numerically against `dequantize_int4` in the tests).
@@ -14,7 +15,7 @@ passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = ze
 Layer state (also the saved layout, see weightsmith.checkpoint.quantized): `qweight`
 (int8 (N, K) for int8; uint8 (N, K/2) for int4, two 4-bit codes per byte, low nibble
 first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `scales`
-(fp32, (N,) for int8, (N, K/G) for int4) and for int4 `zeros` (fp32 (N, K/G)).
+(fp32 (N,) for int8, fp16 (N, K/G) for int4) and for int4 `zeros` (fp16 (N, K/G)).
 
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
 - fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
@@ -54,6 +55,8 @@ KERNEL_MAX_ROWS = 8
 log = logging.getLogger(__name__)
 
 BITS = (8, 4)
+#: fp16's largest finite value and its smallest positive (subnormal) one: int4's scales and zeros.
+FP16_MAX, FP16_TINY = 65504.0, 2.0**-24
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -89,14 +92,22 @@ def check_group_size(k: int, group_size: int, name: str) -> None:
 def quantize_int4(
     w: torch.Tensor, group_size: int, name: str = "weight"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) -> (codes uint8 (N, K) in 0..15, scales (N, K/G), zeros (N, K/G)), w ~ q * scale + zero."""
+    """w (N, K) -> (codes uint8 (N, K) in 0..15, scales fp16 (N, K/G), zeros fp16 (N, K/G)),
+    w ~ q * scale + zero, the codes chosen against the fp16 scale and zero."""
     n, k = w.shape
     check_group_size(k, group_size, name)
     g = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/G, G)
     lo, hi = g.amin(-1), g.amax(-1)  # (N, K/G)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(n, k), scales, lo
+    top = float(torch.maximum(lo.abs(), hi.abs()).max()) if g.numel() else 0.0
+    if not top <= FP16_MAX / 2:  # (also NaN) the range (max - min) must fit fp16 too
+        raise ConfigError(
+            f"tensor {name!r} has weights of magnitude {top:.4g}, beyond what int4's fp16 scales and "
+            f"zeros hold (|w| <= {FP16_MAX / 2:g}); keep this module in full precision or use int8"
+        )
+    zeros = lo.half()
+    scales = ((hi - zeros.float()) / 15).clamp(min=FP16_TINY).half()
+    q = (g - zeros.float()[..., None]) / scales.float()[..., None]
+    return torch.round(q).clamp(0, 15).to(torch.uint8).reshape(n, k), scales, zeros
 
 
 def dequantize_int4(
@@ -226,8 +237,8 @@ class Int4Linear(QuantizedLinear):
         super().__init__(half * 2, n, bias)
         self.group_size = group_size
         self.register_buffer("qweight", qweight)  # uint8 (N, K/2), portable layout
-        self.register_buffer("scales", scales.float())  # (N, K/G)
-        self.register_buffer("zeros", zeros.float())  # (N, K/G)
+        self.register_buffer("scales", scales.to(torch.float16))  # (N, K/G)
+        self.register_buffer("zeros", zeros.to(torch.float16))  # (N, K/G)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
@@ -284,7 +295,8 @@ class Int4Linear(QuantizedLinear):
                 )
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            sz = torch.stack([self.scales, self.zeros + 8 * self.scales], dim=-1)  # (N, K/G, 2)
+            scales, zeros = self.scales.float(), self.zeros.float()
+            sz = torch.stack([scales, zeros + 8 * scales], dim=-1)  # (N, K/G, 2)
             self._runtime["packed"] = packed
             self._runtime["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
         return self._runtime["packed"], self._runtime["sz"]
