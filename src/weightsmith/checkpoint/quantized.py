@@ -108,8 +108,8 @@ def _state(model: CausalLM) -> dict[str, torch.Tensor]:
     """Parameters and the quantized modules' buffers, contiguous on CPU; a tied head once."""
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            for b, t in module.named_buffers(recurse=False):
+        if isinstance(module, QuantizedLinear):  # its state dict: the portable layout, tiled or not
+            for b, t in module.state_dict().items():
                 state[f"{name}.{b}"] = t.cpu().contiguous()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -106,7 +106,13 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
             return None
         bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
-    if type(module) is Int4Linear:
+    if type(module) is Int4Linear and module.tiles is not None:
+        tiles = module.tiles
+        if tiles.device.type != "cpu":
+            return None
+        keep.append(tiles)
+        p.kind, p.group, p.q = 5, module.group_size, tiles.data_ptr()
+    elif type(module) is Int4Linear:
         fp16 = all(t.dtype == torch.float16 and t.device.type == "cpu" for t in (module.scales, module.zeros))
         if module.qweight.device.type != "cpu" or not fp16:
             return None
@@ -144,7 +150,9 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
 
 
 def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
-    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    """Every tensor of `modules` the C step may read (an int4 layer's tiles too)."""
+    held = ((*m._parameters.values(), *m._buffers.values(), getattr(m, "tiles", None)) for m in modules)
+    return [t for ts in held for t in ts if t is not None]
 
 
 def _projection_modules(model: nn.Module) -> list[nn.Module]:

@@ -200,7 +200,10 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_kernels_isa.restype = lib.ws_qdot_isa.restype = ctypes.c_char_p
                 lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
                 lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
-                lib.ws_int4_dequantize.restype = None
+                lib.ws_int4_dequantize.restype = lib.ws_int4_tiled_dequantize.restype = None
+                lib.ws_int4_tiled_matmul.argtypes = [p, i64, i64, i64, p, i64, p, p]
+                lib.ws_int4_tiled_matmul.restype = ctypes.c_int
+                lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
                 lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
                 lib.ws_bf16_matmul.restype = lib.ws_bf16_select.restype = lib.ws_bf16_supported.restype = (
@@ -335,6 +338,30 @@ def int4_matmul(
         group_size, _ptr(bias), y.data_ptr(),
     ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+def int4_tiled_matmul(
+    lib: ctypes.CDLL, x: torch.Tensor, tiles: torch.Tensor, n: int, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., n) with the weight as int4 16-row tiles (int4_tiles.py)."""
+    k = x.shape[-1]
+    flat, tiles = x.reshape(-1, k).contiguous(), tiles.contiguous()  # kept alive past the call
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
+    _check(lib.ws_int4_tiled_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, tiles.data_ptr(), group_size, _ptr(bias), y.data_ptr()
+    ))  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+def int4_tiled_dequantize(lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+    """The float32 weight (n, k) of int4 16-row tiles."""
+    tiles = tiles.contiguous()
+    w = torch.empty(n, k, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int4_tiled_dequantize(tiles.data_ptr(), n, k, group_size, w.data_ptr())
+    return w
 
 
 def int8_matmul(

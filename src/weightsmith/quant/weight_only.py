@@ -45,7 +45,7 @@ from torch import nn
 from weightsmith.errors import ConfigError
 from weightsmith.models.linear import Linear
 from weightsmith.models.model import SparseMoE
-from weightsmith.quant import cpu_kernels
+from weightsmith.quant import cpu_kernels, int4_tiles
 
 #: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
 #: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
@@ -148,7 +148,12 @@ class QuantizedLinear(nn.Module, abc.ABC):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K), materialised on each access: for inspection only."""
-        return self.dequantize().to(self.scales.device)
+        return self.dequantize().to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        held = (*self._buffers.values(), getattr(self, "tiles", None))  # an int4 layer may hold tiles
+        return next(t for t in held if t is not None).device
 
     @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -239,6 +244,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight)  # uint8 (N, K/2), portable layout
         self.register_buffer("scales", scales.to(torch.float16))  # (N, K/G)
         self.register_buffer("zeros", zeros.to(torch.float16))  # (N, K/G)
+        #: The same weights as 16-row tiles (uint8) after `tile_into`, with the three buffers None.
+        self.tiles: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
@@ -246,10 +253,64 @@ class Int4Linear(QuantizedLinear):
         return cls(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros, dtype)
+        qweight, scales, zeros = self.rows()
+        return dequantize_int4(unpack_nibbles(qweight), scales, zeros, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}" + (", tiled" if self.tiles is not None else "")
+
+    # -- the decode layout (int4_tiles.py): 16-row tiles in place of the three buffers ----------
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) in the portable layout: the buffers, or new tensors made from
+        the tiles of a tiled layer."""
+        if self.tiles is None:
+            return self.qweight, self.scales, self.zeros
+        return int4_tiles.untile(self.tiles, self.out_features, self.in_features, self.group_size)
+
+    def can_tile(self) -> bool:
+        return (
+            self.tiles is None
+            and self.qweight.device.type == "cpu"
+            and int4_tiles.can_tile(self.out_features, self.in_features, self.group_size)
+        )
+
+    def tile_into(self, out: torch.Tensor) -> None:
+        """Hold the weights as tiles in `out` (uint8, int4_tiles.nbytes of this layer, e.g. a
+        slice of a huge-page buffer) instead of qweight, scales and zeros, which are released:
+        no second copy. `state_dict()` still gives the portable tensors."""
+        out.copy_(int4_tiles.tile(self.qweight, self.scales, self.zeros, self.group_size))
+        self.tiles = out
+        for name in ("qweight", "scales", "zeros"):
+            self._buffers[name] = None
+        self._runtime = {}
+
+    def untile(self) -> None:
+        """Back to the portable buffers (same values)."""
+        if self.tiles is not None:
+            qweight, scales, zeros = self.rows()
+            self._buffers.update(qweight=qweight, scales=scales, zeros=zeros)
+            self.tiles, self._runtime = None, {}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiles is not None:
+            destination.update({prefix + n: t for n, t in zip(("qweight", "scales", "zeros"), self.rows())})
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.untile()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """A move or cast sees the portable buffers, and the scales and zeros stay fp16 (a model
+        cast to fp32 or bf16 keeps its int4 values exactly)."""
+        self.untile()
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self._buffers["scales"] = scales.to(self.scales.device)
+            self._buffers["zeros"] = zeros.to(self.zeros.device)
+        return self
 
     def _kernel_path(self, x: torch.Tensor) -> bool:
         """bf16 only; on CUDA the tinygemm tiles also need K % 128 == 0 and N % 8 == 0."""
@@ -269,6 +330,8 @@ class Int4Linear(QuantizedLinear):
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
+            if self.tiles is not None:
+                return cpu_kernels.int4_tiled_matmul(lib, x, self.tiles, self.out_features, self.group_size, bias)
             return cpu_kernels.int4_matmul(
                 lib, x, self.qweight, self.scales, self.zeros, self.group_size, bias
             )
@@ -278,7 +341,11 @@ class Int4Linear(QuantizedLinear):
     def _exact_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for the exact path, made per call (the codes are held once,
         packed): by the C kernels for fp32 on the CPU, ~10x faster than unpacking in torch."""
-        lib = cpu_kernels.library() if dtype == torch.float32 and self.qweight.device.type == "cpu" else None
+        lib = cpu_kernels.library() if dtype == torch.float32 and self.device.type == "cpu" else None
+        if lib is not None and self.tiles is not None:
+            return cpu_kernels.int4_tiled_dequantize(
+                lib, self.tiles, self.out_features, self.in_features, self.group_size
+            )
         if lib is not None:
             return cpu_kernels.int4_dequantize(lib, self.qweight, self.scales, self.zeros, self.group_size)
         return self.dequantize(dtype)
@@ -286,7 +353,8 @@ class Int4Linear(QuantizedLinear):
     def _packed(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The tinygemm packed weight and its scales_and_zeros (K/G, N, 2) bf16, built once."""
         if "packed" not in self._runtime:
-            codes = unpack_nibbles(self.qweight)  # (N, K)
+            qweight, scales, zeros = self.rows()
+            codes = unpack_nibbles(qweight)  # (N, K)
             if cuda:
                 # The CUDA op takes uint8 (N, K/2) with the first code of each pair in the high nibble.
                 hi_first = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
@@ -295,7 +363,7 @@ class Int4Linear(QuantizedLinear):
                 )
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            scales, zeros = self.scales.float(), self.zeros.float()
+            scales, zeros = scales.float(), zeros.float()
             sz = torch.stack([scales, zeros + 8 * scales], dim=-1)  # (N, K/G, 2)
             self._runtime["packed"] = packed
             self._runtime["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
