@@ -42,7 +42,9 @@ def test_tiles_hold_the_same_bytes_and_untile_exactly(n, k, group):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize(("n", "group", "k"), [(16, 32, 32), (48, 32, 96), (32, 32, 224), (32, 64, 320), (16, 128, 256)])
+@pytest.mark.parametrize(
+    ("n", "group", "k"), [(16, 32, 32), (48, 32, 96), (32, 32, 224), (32, 64, 320), (16, 128, 256)]
+)
 def test_tiled_matmul_matches_float64(int_isa_lib, n, group, k, rows, bias):
     layer = _layer(n, k, group, seed=k + rows, bias=bias)
     tiles = int4_tiles.tile(layer.qweight, layer.scales, layer.zeros, group)
@@ -60,7 +62,10 @@ def test_tiled_matmul_with_the_widest_codes(int_isa_lib):
     """Code 15 and inputs at +-127 everywhere: the largest pair sums (AVX2's 16-bit ones) hold."""
     n, k = 32, 128
     codes = torch.full((n, k), 15, dtype=torch.uint8)
-    scales, zeros = torch.full((n, 4), 0.5, dtype=torch.float16), torch.full((n, 4), -2.0, dtype=torch.float16)
+    scales, zeros = (
+        torch.full((n, 4), 0.5, dtype=torch.float16),
+        torch.full((n, 4), -2.0, dtype=torch.float16),
+    )
     tiles = int4_tiles.tile(wo.pack_nibbles(codes), scales, zeros, 32)
     x = torch.ones(2, k) * torch.tensor([1.0, -1.0])[:, None]
     out = cpu_kernels.int4_tiled_matmul(int_isa_lib, x, tiles, n, 32, None)
@@ -100,7 +105,9 @@ def test_a_tiled_layer_keeps_its_state_dict_forward_and_moves(native_lib):
 
 
 def test_tile_int4_puts_a_models_layers_in_one_buffer_and_undo_restores_them():
-    model = torch.nn.Sequential(_layer(32, 64, 32, seed=1), _layer(16, 64, 32, seed=2), _layer(8, 64, 32, seed=3))
+    model = torch.nn.Sequential(
+        _layer(32, 64, 32, seed=1), _layer(16, 64, 32, seed=2), _layer(8, 64, 32, seed=3)
+    )
     before = {n: t.clone() for n, t in model.state_dict().items()}
     swaps = Swaps()
     tile_int4(model, swaps)

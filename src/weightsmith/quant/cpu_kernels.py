@@ -355,7 +355,9 @@ def int4_tiled_matmul(
     return y.view(*x.shape[:-1], n)
 
 
-def int4_tiled_dequantize(lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+def int4_tiled_dequantize(
+    lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int, group_size: int
+) -> torch.Tensor:
     """The float32 weight (n, k) of int4 16-row tiles."""
     tiles = tiles.contiguous()
     w = torch.empty(n, k, dtype=torch.float32)

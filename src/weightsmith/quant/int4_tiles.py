@@ -62,12 +62,16 @@ def tile(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group
     return torch.cat([codes, per_group(scales), per_group(zeros)], dim=2).reshape(-1)
 
 
-def untile(tiles: torch.Tensor, n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def untile(
+    tiles: torch.Tensor, n: int, k: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`tile`'s inverse: (qweight (N, K/2), scales (N, K/G), zeros (N, K/G)), new tensors."""
     groups, per = k // group, group // BLOCK
     t = n // ROWS
     g = tiles.view(t, groups, per * 256 + 4 * ROWS)
-    codes = g[..., : per * 256].reshape(t, groups, per, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5).reshape(n, k // 2)
+    codes = (
+        g[..., : per * 256].reshape(t, groups, per, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5).reshape(n, k // 2)
+    )
 
     def rows(at: int) -> torch.Tensor:
         v = g[..., at : at + 2 * ROWS].contiguous().view(torch.float16)  # (tile, group, row)

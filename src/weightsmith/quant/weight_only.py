@@ -257,7 +257,11 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(unpack_nibbles(qweight), scales, zeros, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}" + (", tiled" if self.tiles is not None else "")
+        return (
+            super().extra_repr()
+            + f", group_size={self.group_size}"
+            + (", tiled" if self.tiles is not None else "")
+        )
 
     # -- the decode layout (int4_tiles.py): 16-row tiles in place of the three buffers ----------
 
@@ -295,7 +299,9 @@ class Int4Linear(QuantizedLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.tiles is not None:
-            destination.update({prefix + n: t for n, t in zip(("qweight", "scales", "zeros"), self.rows())})
+            destination.update(
+                {prefix + n: t for n, t in zip(("qweight", "scales", "zeros"), self.rows(), strict=True)}
+            )
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.untile()
@@ -331,7 +337,9 @@ class Int4Linear(QuantizedLinear):
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             if self.tiles is not None:
-                return cpu_kernels.int4_tiled_matmul(lib, x, self.tiles, self.out_features, self.group_size, bias)
+                return cpu_kernels.int4_tiled_matmul(
+                    lib, x, self.tiles, self.out_features, self.group_size, bias
+                )
             return cpu_kernels.int4_matmul(
                 lib, x, self.qweight, self.scales, self.zeros, self.group_size, bias
             )
