@@ -106,12 +106,11 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
             return None
         bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
-    if type(module) is Int4Linear and module.tiles is not None:
+    if type(module) in (Int4Linear, Int8Linear) and module.tiles is not None:  # 16-row tiles
         tiles = module.tiles
-        if tiles.device.type != "cpu":
-            return None
         keep.append(tiles)
-        p.kind, p.group, p.q = 5, module.group_size, tiles.data_ptr()
+        p.kind, p.q = (5, tiles.data_ptr()) if type(module) is Int4Linear else (9, tiles.data_ptr())
+        p.group = getattr(module, "group_size", 0)
     elif type(module) is Int4Linear:
         fp16 = all(t.dtype == torch.float16 and t.device.type == "cpu" for t in (module.scales, module.zeros))
         if module.qweight.device.type != "cpu" or not fp16:

@@ -231,6 +231,10 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
         if (status == 0) ws_q8_proj(a, p->n, p->q, (const float *)p->scales, p->bias, y);
         break;
+    case WS_INT8_TILES:
+        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
+        if (status == 0) status = ws_q8t_proj(a, p->n, p->q, p->bias, y);
+        break;
     case WS_GGML:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
         if (status == 0) status = ws_ggml_proj(a, p->n, p->group, p->q, p->bias, y);

@@ -181,6 +181,29 @@ static void q4t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles,
     }
 }
 
+/* int8 16-row tiles (ws_q8t_proj): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
+ * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
+static void q8t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, float *y) {
+    const int64_t nb = a->k / QB, tile_bytes = 16 * a->k + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        float scale;
+        memcpy(&scale, tile + nb * 512 + 4 * r, 4);
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *xq = a->q + m * a->kp + QB * b;
+                int32_t isum = 0;
+                for (int j = 0; j < QB; j++) isum += ((int32_t)tile[b * 512 + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
+                acc += (float)isum * a->d[m * a->nb + b];
+            }
+            y[m * N + n] = acc * scale;
+        }
+    }
+}
+
 /* ---- x86 ------------------------------------------------------------------------------- */
 
 #define WS_X86_KERNELS "cpu_qdot_x86.h"
@@ -339,6 +362,39 @@ int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, co
     free(gsum);
     add_bias(bias, a->m, N, y);
     return 0;
+}
+
+/* y (M, N) = the int8 16-row tiles' product with a (+ bias): N a multiple of 16, K of 32, the
+ * input quantized in the WS_QACT_INT8 layout. */
+int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y) {
+    if (N % 16 || a->k % QB) return -2;
+    const int64_t nb = a->k / QB;
+    int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(a->m * nb)); /* sum(xq) per block: xs / d */
+    if (!qsum) return -1;
+    for (int64_t i = 0; i < a->m * nb; i++) qsum[i] = a->d[i] > 0 ? (int32_t)nearbyintf(a->xs[i] / a->d[i]) : 0;
+    switch (current_isa()) {
+#ifdef WS_X86
+    case ISA_AVX512VNNI: q8t_matmul_avx512vnni(a, N, tiles, qsum, y); break;
+#ifdef WS_X86_AVXVNNI
+    case ISA_AVXVNNI: q8t_matmul_avxvnni(a, N, tiles, qsum, y); break;
+#endif
+    case ISA_AVX2: q8t_matmul_avx2(a, N, tiles, qsum, y); break;
+#endif
+    default: q8t_matmul_scalar(a, N, tiles, y); break;
+    }
+    free(qsum);
+    add_bias(bias, a->m, N, y);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ W.T (+ bias), W held as int8 16-row tiles (ws_q8t_proj). */
+int ws_int8_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *tiles, const float *bias,
+                         float *y) {
+    ws_qact a = {0};
+    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT8);
+    if (status == 0) status = ws_q8t_proj(&a, N, tiles, bias, y);
+    ws_qact_free(&a);
+    return status;
 }
 
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,

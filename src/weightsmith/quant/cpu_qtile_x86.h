@@ -111,3 +111,87 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, int
         }
     }
 }
+
+/* int8 tiles: for each block of 32, chunk c (0..7) holds row r's bytes 4c..4c+3 at 4r..4r+3,
+ * stored as w + 128; after all blocks, the tile's 16 fp32 row scales. With 32-bit dot products
+ * (VNNI) the unsigned operand is w + 128 as stored, and 128 * sum(xq) of the block (qsum) comes
+ * off each sum, in integers; AVX2's 16-bit pair sums would saturate on that, so there |w|
+ * times x with w's sign is summed instead. */
+KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const int32_t *qsum,
+                         float *out, int64_t N) {
+    const int64_t nb = a->k / QB;
+#ifdef WS_WIDE512
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i w[8];
+        for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(tile + b * 512 + 64 * c));
+        for (int64_t m = 0; m < mc; m++) {
+            const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+            __m512i s[4];
+            for (int j = 0; j < 4; j++) s[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[j], _mm512_set1_epi32(xd[j]));
+            for (int j = 0; j < 4; j++) s[j] = _mm512_dpbusd_epi32(s[j], w[4 + j], _mm512_set1_epi32(xd[4 + j]));
+            __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+            isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * qsum[m * nb + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), acc[m]);
+        }
+    }
+    const __m512 scale = _mm512_loadu_ps((const float *)(tile + nb * 512));
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, _mm512_mul_ps(acc[m], scale));
+#else
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i w[8];
+            for (int c = 0; c < 8; c++) w[c] = _mm256_loadu_si256((const __m256i *)(tile + b * 512 + 64 * c + 32 * h));
+#ifndef WS_DOT32
+            __m256i wabs[8];
+            for (int c = 0; c < 8; c++) /* the signed weight back, and its magnitude */
+                w[c] = _mm256_xor_si256(w[c], _mm256_set1_epi8((char)0x80)), wabs[c] = _mm256_abs_epi8(w[c]);
+#endif
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c += 2) {
+#ifdef WS_DOT32
+                    s0 = DOTU8S8(s0, w[c], _mm256_set1_epi32(xd[c]));
+                    s1 = DOTU8S8(s1, w[c + 1], _mm256_set1_epi32(xd[c + 1]));
+#else
+                    s0 = DOTU8S8(s0, wabs[c], _mm256_sign_epi8(_mm256_set1_epi32(xd[c]), w[c]));
+                    s1 = DOTU8S8(s1, wabs[c + 1], _mm256_sign_epi8(_mm256_set1_epi32(xd[c + 1]), w[c + 1]));
+#endif
+                }
+                __m256i isum = _mm256_add_epi32(s0, s1);
+#ifdef WS_DOT32
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * qsum[m * nb + b]));
+#endif
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+            }
+        }
+        const __m256 scale = _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, _mm256_mul_ps(acc[m], scale));
+    }
+#endif
+}
+
+__attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, int64_t N, const uint8_t *tiles,
+                                                           const int32_t *qsum, float *y) {
+    const int64_t M = a->m, tile_bytes = 16 * a->k + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t t = 0; t < N / 16; t++) {
+        const uint8_t *tile = tiles + t * tile_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
+            const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
+            const ws_qact rows = ws_qact_rows(a, m0);
+            const int32_t *qs = qsum + m0 * (a->k / QB);
+            float *out = y + m0 * N + 16 * t;
+            switch (mc) {
+            case 1: FN(q8t_rows)(&rows, 1, tile, qs, out, N); break;
+            case 2: FN(q8t_rows)(&rows, 2, tile, qs, out, N); break;
+            case 3: FN(q8t_rows)(&rows, 3, tile, qs, out, N); break;
+            default: FN(q8t_rows)(&rows, 4, tile, qs, out, N); break;
+            }
+        }
+    }
+}

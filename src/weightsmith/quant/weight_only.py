@@ -45,7 +45,8 @@ from torch import nn
 from weightsmith.errors import ConfigError
 from weightsmith.models.linear import Linear
 from weightsmith.models.model import SparseMoE
-from weightsmith.quant import cpu_kernels, int4_tiles
+from weightsmith.quant import cpu_kernels
+from weightsmith.quant import tiles as qtiles
 
 #: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
 #: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
@@ -134,8 +135,9 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 # -- layers -------------------------------------------------------------------
 
 
-class QuantizedLinear(nn.Module, abc.ABC):
-    """Common part: shapes, an optional full-precision bias, and `weight` for inspection."""
+class QuantizedLinear(qtiles.Tiled, nn.Module, abc.ABC):
+    """Common part: shapes, an optional full-precision bias, `weight` for inspection, and the
+    decode layout (qtiles.Tiled)."""
 
     bits: int
 
@@ -144,6 +146,8 @@ class QuantizedLinear(nn.Module, abc.ABC):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self._runtime: dict[str, torch.Tensor] = {}  # lazily built kernel forms, not saved
+        #: The weights as 16-row tiles (uint8) after `tile_into`, the PORTABLE buffers then None.
+        self.tiles: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -159,7 +163,8 @@ class QuantizedLinear(nn.Module, abc.ABC):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full-precision weight (N, K) these codes stand for."""
 
-    def _apply(self, fn, recurse=True):  # a move (.to, .cuda) drops the kernel forms
+    def _apply(self, fn, recurse=True):  # a move (.to, .cuda) sees the portable buffers, drops kernel forms
+        self.untile()
         self._runtime = {}
         return super()._apply(fn, recurse)
 
@@ -177,7 +182,8 @@ class QuantizedLinear(nn.Module, abc.ABC):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        tiled = ", tiled" if self.tiles is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{tiled}"
 
 
 class Int8Linear(QuantizedLinear):
@@ -199,7 +205,7 @@ class Int8Linear(QuantizedLinear):
     def aligned_qweight(self) -> torch.Tensor:
         """The weight at a 64-byte-aligned address: PyTorch's int8 CPU kernel (bf16 inputs)
         segfaults otherwise (e.g. on a tensor read straight from a safetensors file)."""
-        q = self.qweight
+        q = self.rows()[0]
         if q.is_cuda or (q.is_contiguous() and q.data_ptr() % 64 == 0):
             return q
         if "aligned" not in self._runtime:
@@ -207,21 +213,36 @@ class Int8Linear(QuantizedLinear):
         return self._runtime["aligned"]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int8(*self.rows(), dtype)
+
+    def _tileable(self) -> bool:
+        return qtiles.can_tile_int8(self.out_features, self.in_features)
+
+    def tile_nbytes(self) -> int:
+        return qtiles.nbytes_int8(self.out_features, self.in_features)
+
+    def _make_tiles(self) -> torch.Tensor:
+        return qtiles.tile_int8(self.qweight, self.scales)
+
+    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
+        return qtiles.untile_int8(self.tiles, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16:
             flat = x.reshape(-1, self.in_features)  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(
-                flat, self.aligned_qweight(), self.scales.to(x.dtype)
+                flat, self.aligned_qweight(), self.rows()[1].to(x.dtype)
             )  # (M, N)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
+            if self.tiles is not None:
+                return cpu_kernels.int8_tiled_matmul(lib, x, self.tiles, self.out_features, bias)
             return cpu_kernels.int8_matmul(lib, x, self.qweight, self.scales, bias)  # any alignment
         # Exact path: the per-row scale factors out of the matmul.
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
+        qweight, scales = self.rows()
+        y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
 
 
@@ -229,6 +250,7 @@ class Int4Linear(QuantizedLinear):
     """y = x @ (q * scale + zero).T + bias with 4-bit codes q, one (scale, zero) per group of G inputs."""
 
     bits = 4
+    PORTABLE = ("qweight", "scales", "zeros")
 
     def __init__(
         self,
@@ -244,8 +266,6 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight)  # uint8 (N, K/2), portable layout
         self.register_buffer("scales", scales.to(torch.float16))  # (N, K/G)
         self.register_buffer("zeros", zeros.to(torch.float16))  # (N, K/G)
-        #: The same weights as 16-row tiles (uint8) after `tile_into`, with the three buffers None.
-        self.tiles: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
@@ -257,59 +277,22 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(unpack_nibbles(qweight), scales, zeros, dtype)
 
     def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + f", group_size={self.group_size}"
-            + (", tiled" if self.tiles is not None else "")
-        )
+        return super().extra_repr() + f", group_size={self.group_size}"
 
-    # -- the decode layout (int4_tiles.py): 16-row tiles in place of the three buffers ----------
+    def _tileable(self) -> bool:
+        return qtiles.can_tile_int4(self.out_features, self.in_features, self.group_size)
 
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qweight, scales, zeros) in the portable layout: the buffers, or new tensors made from
-        the tiles of a tiled layer."""
-        if self.tiles is None:
-            return self.qweight, self.scales, self.zeros
-        return int4_tiles.untile(self.tiles, self.out_features, self.in_features, self.group_size)
+    def tile_nbytes(self) -> int:
+        return qtiles.nbytes_int4(self.out_features, self.in_features, self.group_size)
 
-    def can_tile(self) -> bool:
-        return (
-            self.tiles is None
-            and self.qweight.device.type == "cpu"
-            and int4_tiles.can_tile(self.out_features, self.in_features, self.group_size)
-        )
+    def _make_tiles(self) -> torch.Tensor:
+        return qtiles.tile_int4(self.qweight, self.scales, self.zeros, self.group_size)
 
-    def tile_into(self, out: torch.Tensor) -> None:
-        """Hold the weights as tiles in `out` (uint8, int4_tiles.nbytes of this layer, e.g. a
-        slice of a huge-page buffer) instead of qweight, scales and zeros, which are released:
-        no second copy. `state_dict()` still gives the portable tensors."""
-        out.copy_(int4_tiles.tile(self.qweight, self.scales, self.zeros, self.group_size))
-        self.tiles = out
-        for name in ("qweight", "scales", "zeros"):
-            self._buffers[name] = None
-        self._runtime = {}
-
-    def untile(self) -> None:
-        """Back to the portable buffers (same values)."""
-        if self.tiles is not None:
-            qweight, scales, zeros = self.rows()
-            self._buffers.update(qweight=qweight, scales=scales, zeros=zeros)
-            self.tiles, self._runtime = None, {}
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.tiles is not None:
-            destination.update(
-                {prefix + n: t for n, t in zip(("qweight", "scales", "zeros"), self.rows(), strict=True)}
-            )
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.untile()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
+        return qtiles.untile_int4(self.tiles, self.out_features, self.in_features, self.group_size)
 
     def _apply(self, fn, recurse=True):
-        """A move or cast sees the portable buffers, and the scales and zeros stay fp16 (a model
-        cast to fp32 or bf16 keeps its int4 values exactly)."""
+        """The scales and zeros stay fp16: a model cast to fp32 or bf16 keeps its int4 values."""
         self.untile()
         scales, zeros = self.scales, self.zeros
         super()._apply(fn, recurse)
