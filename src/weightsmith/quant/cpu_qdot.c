@@ -12,9 +12,12 @@
  * (then + bias[n]). Against the float product this adds the activations' rounding
  * (|x - d * xq| <= d / 2 per element), the error llama.cpp's Q4/Q8 decoding has.
  *
- * The weights are read as the layers store them (Int4Linear's portable nibble layout,
- * Int8Linear's int8 rows): no second copy is made. The int4 layout pairs codes 2j and 2j + 1
- * in a byte, so int4 inputs are quantized with each block's even elements first.
+ * The weights are read as the layers hold them, with no second copy: in the portable layout
+ * (Int4Linear's nibble rows with fp16 scales and zeros, Int8Linear's int8 rows), or in the
+ * decode layout's 16-row tiles (quant/tiles.py; the ws_q4t / ws_q8t kernels, cpu_qtile_x86.h),
+ * where one dot-product instruction takes 4 inputs of 16 rows and a tile's sums leave in one
+ * vector. The int4 layouts pair codes 2j and 2j + 1 in a byte, so int4 inputs are quantized
+ * with each block's even elements first.
  *
  * Instruction sets (one copy of cpu_qdot_x86.h each, made by cpu_x86_isas.h and compiled
  * for exactly that set: this file is built without -march=native): AVX512-VNNI (vpdpbusd on

@@ -17,12 +17,18 @@ Layer state (also the saved layout, see weightsmith.checkpoint.quantized): `qwei
 first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `scales`
 (fp32 (N,) for int8, fp16 (N, K/G) for int4) and for int4 `zeros` (fp16 (N, K/G)).
 
+The CPU decode layout (weightsmith.cpu_decode.layout) may put a layer in 16-row tiles
+(`tile_into`, quant/tiles.py): the same bytes reordered for the kernels, in place of
+`qweight`, `scales` (and `zeros`), which are then None; `rows()` and `state_dict()` give the
+portable tensors either way, and a move or cast untiles first.
+
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
 - fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
   kernels (cpu_qdot.c, built on first use), which quantize the input to int8 per block of
-  32 and multiply with the CPU's integer dot-product instructions, reading `qweight` as it
-  is (no second copy): the matrix is read once at 4 or 8 bits a weight, and the result is
-  the exact path's up to the input's rounding (as in llama.cpp's Q4/Q8 decoding).
+  32 and multiply with the CPU's integer dot-product instructions, reading the weights as
+  the layer holds them (rows or tiles, no second copy): the matrix is read once at 4 or 8
+  bits a weight, and the result is the exact path's up to the input's rounding (as in
+  llama.cpp's Q4/Q8 decoding).
 - other fp32 inputs, or where the kernels cannot be built: the exact path. int8 computes
   `F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes its
   codes (kept unpacked, one byte each, for this path) and calls `F.linear`. PyTorch's own
