@@ -50,7 +50,14 @@ BF16 = HERE / "cpu_bf16.c"
 GGML = HERE / "cpu_ggml.c"
 HEADERS = tuple(
     HERE / name
-    for name in ("cpu_kernels.h", "cpu_x86_isas.h", "cpu_x86_common.h", "cpu_qdot_x86.h", "cpu_ggml_x86.h")
+    for name in (
+        "cpu_kernels.h",
+        "cpu_x86_isas.h",
+        "cpu_x86_common.h",
+        "cpu_qdot_x86.h",
+        "cpu_qtile_x86.h",
+        "cpu_ggml_x86.h",
+    )
 )
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
