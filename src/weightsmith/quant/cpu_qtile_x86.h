@@ -143,30 +143,27 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
         __m256 acc[QROWS];
         for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            __m256i w[8];
-            for (int c = 0; c < 8; c++) w[c] = _mm256_loadu_si256((const __m256i *)(tile + b * 512 + 64 * c + 32 * h));
-#ifndef WS_DOT32
-            __m256i wabs[8];
-            for (int c = 0; c < 8; c++) /* the signed weight back, and its magnitude */
-                w[c] = _mm256_xor_si256(w[c], _mm256_set1_epi8((char)0x80)), wabs[c] = _mm256_abs_epi8(w[c]);
-#endif
-            for (int64_t m = 0; m < mc; m++) {
-                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c += 2) {
+            __m256i isum[QROWS]; /* chunk by chunk (16 registers: no room to hold a block's 8) */
+            for (int64_t m = 0; m < mc; m++) isum[m] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(tile + b * 512 + 64 * c + 32 * h));
 #ifdef WS_DOT32
-                    s0 = DOTU8S8(s0, w[c], _mm256_set1_epi32(xd[c]));
-                    s1 = DOTU8S8(s1, w[c + 1], _mm256_set1_epi32(xd[c + 1]));
+                for (int64_t m = 0; m < mc; m++)
+                    isum[m] = DOTU8S8(isum[m], w, _mm256_set1_epi32(((const int32_t *)(a->q + m * a->kp + QB * b))[c]));
 #else
-                    s0 = DOTU8S8(s0, wabs[c], _mm256_sign_epi8(_mm256_set1_epi32(xd[c]), w[c]));
-                    s1 = DOTU8S8(s1, wabs[c + 1], _mm256_sign_epi8(_mm256_set1_epi32(xd[c + 1]), w[c + 1]));
-#endif
+                w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* the signed weight back */
+                const __m256i wabs = _mm256_abs_epi8(w);
+                for (int64_t m = 0; m < mc; m++) {
+                    const __m256i x = _mm256_set1_epi32(((const int32_t *)(a->q + m * a->kp + QB * b))[c]);
+                    isum[m] = DOTU8S8(isum[m], wabs, _mm256_sign_epi8(x, w));
                 }
-                __m256i isum = _mm256_add_epi32(s0, s1);
-#ifdef WS_DOT32
-                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * qsum[m * nb + b]));
 #endif
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+            }
+            for (int64_t m = 0; m < mc; m++) {
+#ifdef WS_DOT32
+                isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(128 * qsum[m * nb + b]));
+#endif
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
             }
         }
         const __m256 scale = _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
