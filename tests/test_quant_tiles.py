@@ -51,7 +51,7 @@ def test_tiled_matmul_matches_float64(int_isa_lib, n, group, k, rows, bias):
     packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, group)
     x = _inputs(rows, k, seed=rows)
     b = layer.bias.detach() if bias else None
-    out = cpu_kernels.int4_tiled_matmul(int_isa_lib, x, packed, n, group, b)
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 4, group, b)
     ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
     assert_matches(out, ref)
     # The same sums as the portable layout's kernel, up to float summation order.
@@ -69,7 +69,7 @@ def test_tiled_matmul_with_the_widest_codes(int_isa_lib):
     )
     packed = qtiles.tile_int4(wo.pack_nibbles(codes), scales, zeros, 32)
     x = torch.ones(2, k) * torch.tensor([1.0, -1.0])[:, None]
-    out = cpu_kernels.int4_tiled_matmul(int_isa_lib, x, packed, n, 32, None)
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 4, 32, None)
     assert torch.equal(out, torch.full((2, n), 5.5 * k) * torch.tensor([1.0, -1.0])[:, None])
 
 
@@ -156,7 +156,7 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
     x = _inputs(rows, k, seed=rows)
     x[0, 40 % k] = -60.0  # a block with its extreme input negative
     b = layer.bias.detach() if bias else None
-    out = cpu_kernels.int8_tiled_matmul(int_isa_lib, x, packed, n, b)
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 8, None, b)
     ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
     assert_matches(out, ref)
 

@@ -208,9 +208,8 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
                 lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
                 lib.ws_int4_dequantize.restype = lib.ws_int4_tiled_dequantize.restype = None
-                lib.ws_int4_tiled_matmul.argtypes = [p, i64, i64, i64, p, i64, p, p]
-                lib.ws_int4_tiled_matmul.restype = lib.ws_int8_tiled_matmul.restype = ctypes.c_int
-                lib.ws_int8_tiled_matmul.argtypes = [p, i64, i64, i64, p, p, p]
+                lib.ws_tiled_matmul.argtypes = [p, i64, i64, i64, i64, p, i64, p, p]
+                lib.ws_tiled_matmul.restype = ctypes.c_int
                 lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
                 lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
@@ -348,35 +347,25 @@ def int4_matmul(
     return y.view(*x.shape[:-1], n)
 
 
-def int4_tiled_matmul(
-    lib: ctypes.CDLL, x: torch.Tensor, tiles: torch.Tensor, n: int, group_size: int, bias: torch.Tensor | None
+def tiled_matmul(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    n: int,
+    bits: int,
+    group_size: int | None,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x (..., K) float32 CPU -> (..., n) with the weight as int4 16-row tiles (int4_tiles.py)."""
+    """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
+    `group_size`) or int8 16-row tiles (quant/tiles.py); x is quantized to int8 per block of 32."""
     k = x.shape[-1]
     flat, tiles = x.reshape(-1, k).contiguous(), tiles.contiguous()  # kept alive past the call
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
-    _check(lib.ws_int4_tiled_matmul(
-        flat.data_ptr(), flat.shape[0], k, n, tiles.data_ptr(), group_size, _ptr(bias), y.data_ptr()
+    _check(lib.ws_tiled_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, bits, tiles.data_ptr(), group_size or 0, _ptr(bias), y.data_ptr()
     ))  # fmt: skip
-    return y.view(*x.shape[:-1], n)
-
-
-def int8_tiled_matmul(
-    lib: ctypes.CDLL, x: torch.Tensor, tiles: torch.Tensor, n: int, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x (..., K) float32 CPU -> (..., n) with the weight as int8 16-row tiles (tiles.py)."""
-    k = x.shape[-1]
-    flat, tiles = x.reshape(-1, k).contiguous(), tiles.contiguous()  # kept alive past the call
-    bias = None if bias is None else bias.contiguous()
-    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    use_threads(lib)
-    _check(
-        lib.ws_int8_tiled_matmul(
-            flat.data_ptr(), flat.shape[0], k, n, tiles.data_ptr(), _ptr(bias), y.data_ptr()
-        )
-    )
     return y.view(*x.shape[:-1], n)
 
 

@@ -390,16 +390,6 @@ int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *
     return 0;
 }
 
-/* y (M, N) = x (M, K) @ W.T (+ bias), W held as int8 16-row tiles (ws_q8t_proj). */
-int ws_int8_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *tiles, const float *bias,
-                         float *y) {
-    ws_qact a = {0};
-    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT8);
-    if (status == 0) status = ws_q8t_proj(&a, N, tiles, bias, y);
-    ws_qact_free(&a);
-    return status;
-}
-
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y) {
     switch (current_isa()) {
@@ -436,12 +426,13 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     return status;
 }
 
-/* y (M, N) = x (M, K) @ W.T (+ bias), W held as int4 16-row tiles (ws_q4t_proj). */
-int ws_int4_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *tiles, int64_t G,
-                         const float *bias, float *y) {
+/* y (M, N) = x (M, K) @ W.T (+ bias), W held as 16-row tiles of `bits` 4 (groups of G) or 8
+ * (ws_q4t_proj, ws_q8t_proj). */
+int ws_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t bits, const uint8_t *tiles, int64_t G,
+                    const float *bias, float *y) {
     ws_qact a = {0};
-    int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT4);
-    if (status == 0) status = ws_q4t_proj(&a, N, tiles, G, bias, y);
+    int status = ws_qact_quantize(&a, x, M, K, bits == 4 ? WS_QACT_INT4 : WS_QACT_INT8);
+    if (status == 0) status = bits == 4 ? ws_q4t_proj(&a, N, tiles, G, bias, y) : ws_q8t_proj(&a, N, tiles, bias, y);
     ws_qact_free(&a);
     return status;
 }

@@ -244,7 +244,7 @@ class Int8Linear(QuantizedLinear):
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             if self.tiles is not None:
-                return cpu_kernels.int8_tiled_matmul(lib, x, self.tiles, self.out_features, bias)
+                return cpu_kernels.tiled_matmul(lib, x, self.tiles, self.out_features, 8, None, bias)
             return cpu_kernels.int8_matmul(lib, x, self.qweight, self.scales, bias)  # any alignment
         # Exact path: the per-row scale factors out of the matmul.
         qweight, scales = self.rows()
@@ -326,8 +326,8 @@ class Int4Linear(QuantizedLinear):
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             if self.tiles is not None:
-                return cpu_kernels.int4_tiled_matmul(
-                    lib, x, self.tiles, self.out_features, self.group_size, bias
+                return cpu_kernels.tiled_matmul(
+                    lib, x, self.tiles, self.out_features, 4, self.group_size, bias
                 )
             return cpu_kernels.int4_matmul(
                 lib, x, self.qweight, self.scales, self.zeros, self.group_size, bias
