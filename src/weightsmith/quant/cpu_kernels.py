@@ -211,6 +211,8 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_tiled_matmul.argtypes = [p, i64, i64, i64, i64, p, i64, p, p]
                 lib.ws_tiled_matmul.restype = ctypes.c_int
                 lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
+                lib.ws_int8_tiled_dequantize.argtypes = [p, i64, i64, p, p]
+                lib.ws_int8_tiled_dequantize.restype = None
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
                 lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
                 lib.ws_bf16_matmul.restype = lib.ws_bf16_select.restype = lib.ws_bf16_supported.restype = (
@@ -345,6 +347,17 @@ def int4_matmul(
         group_size, _ptr(bias), y.data_ptr(),
     ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+def int8_tiled_dequantize(
+    lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float32 (n, k), scales (n,)) of int8 16-row tiles."""
+    tiles = tiles.contiguous()
+    q, scales = torch.empty(n, k, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int8_tiled_dequantize(tiles.data_ptr(), n, k, q.data_ptr(), scales.data_ptr())
+    return q, scales
 
 
 def tiled_matmul(

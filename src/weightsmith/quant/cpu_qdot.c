@@ -404,6 +404,20 @@ void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scale
     }
 }
 
+/* q (N, K) as floats and scales (N,) from int8 16-row tiles: the exact path's operands, as
+ * Int8Linear's portable qweight and scales give them. */
+void ws_int8_tiled_dequantize(const uint8_t *tiles, int64_t N, int64_t K, float *q, float *scales) {
+    const int64_t nb = K / QB, tile_bytes = 16 * K + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t b = 0; b < nb; b++)
+            for (int j = 0; j < QB; j++) q[n * K + QB * b + j] = (float)((int32_t)tile[b * 512 + 64 * (j / 4) + 4 * r + j % 4] - 128);
+        memcpy(scales + n, tile + nb * 512 + 4 * r, 4);
+    }
+}
+
 /* ---- the matmuls Int4Linear / Int8Linear call (one input, quantized here) ---------------- */
 
 /* y (M, N) = x (M, K) @ W.T (+ bias); q (N, K/2) portable nibbles; scales, zeros fp16 (N, K/G). */

@@ -247,7 +247,13 @@ class Int8Linear(QuantizedLinear):
                 return cpu_kernels.tiled_matmul(lib, x, self.tiles, self.out_features, 8, None, bias)
             return cpu_kernels.int8_matmul(lib, x, self.qweight, self.scales, bias)  # any alignment
         # Exact path: the per-row scale factors out of the matmul.
-        qweight, scales = self.rows()
+        lib = cpu_kernels.library() if self.tiles is not None and x.dtype == torch.float32 else None
+        if lib is not None:  # the float codes straight from the tiles
+            qweight, scales = cpu_kernels.int8_tiled_dequantize(
+                lib, self.tiles, self.out_features, self.in_features
+            )
+        else:
+            qweight, scales = self.rows()
         y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
 
