@@ -160,10 +160,20 @@ def _decode(model, plan=None, prompts=PROMPTS, steps=STEPS, cache=None):
     return logits, cache
 
 
-def _assert_same_decode(on, off, rows: int) -> None:
+#: How far an int4/int8 model's logits may move when one of the kernels' int8 input codes rounds
+#: the other way on the two paths (a value within float summation error of a rounding boundary:
+#: rare, but then ~1e-3 of the logits' scale, against >= 1e-1 for a wrong scale, zero or index).
+ONE_FLIP = 3e-3
+
+
+def _assert_same_decode(on, off, rows: int, quantized: bool = False) -> None:
     (logits_on, cache_on), (logits_off, cache_off) = on, off
     scale = max(1.0, logits_off.abs().max().item())
-    torch.testing.assert_close(logits_on, logits_off, rtol=1e-4, atol=1e-4 * scale)
+    if quantized:  # every step's typical logit still agrees to float rounding
+        typical = (logits_on - logits_off).abs().flatten(1).median(dim=1).values
+        assert (typical <= 1e-4 * scale).all(), typical
+    atol = (ONE_FLIP if quantized else 1e-4) * scale
+    torch.testing.assert_close(logits_on, logits_off, rtol=1e-4, atol=atol)
     assert cache_on.lengths[:rows] == cache_off.lengths[:rows]
     for row in range(rows):
         n = cache_off.lengths[row]
@@ -183,7 +193,8 @@ def _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=None, **kw):
         round_inputs_like_the_kernels(mp, round_rows)  # the fused step's int4/int8 input rounding
         off = _decode(model, plan, **kw)
     assert len(fused_calls) == steps, "the fused step ran with the kernels off"
-    _assert_same_decode(on, off, rows)
+    quantized = any(isinstance(m, (wo.Int4Linear, wo.Int8Linear)) for m in model.modules())
+    _assert_same_decode(on, off, rows, quantized)
     return on, off
 
 

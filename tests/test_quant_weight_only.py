@@ -41,13 +41,28 @@ def test_int4_error_is_at_most_half_a_step_per_group(group):
     w = torch.randn(16, 256) + torch.linspace(-2, 2, 256)  # groups with non-zero means: asymmetric
     codes, scales, zeros = wo.quantize_int4(w, group)
     assert codes.max() <= 15 and scales.shape == zeros.shape == (16, 256 // group)
+    assert scales.dtype == zeros.dtype == torch.float16  # as GGUF's Q4_1 holds them
     deq = wo.dequantize_int4(codes, scales, zeros)
-    err = (w - deq).abs().view(16, -1, group)
-    assert (err <= scales[..., None] / 2 * (1 + 1e-5) + 1e-6).all()
-    # Each group's min and max are reproduced (codes 0 and 15).
     g = w.view(16, -1, group)
-    torch.testing.assert_close(deq.view(16, -1, group).amin(-1), g.amin(-1))
-    torch.testing.assert_close(deq.view(16, -1, group).amax(-1), g.amax(-1), rtol=1e-5, atol=1e-5)
+    lo, hi = g.amin(-1), g.amax(-1)
+    # fp16 rounding moves the zero by at most half an fp16 step of the minimum and the scale by
+    # a relative 2^-11; the codes are chosen against the rounded values, so each weight is within
+    # half a step plus those.
+    zero_shift = (zeros.float() - lo).abs()
+    assert (zero_shift <= lo.abs() * 2**-11 + 1e-7).all()
+    err = (w - deq).abs().view(16, -1, group)
+    assert (err <= scales.float()[..., None] * (0.5 + 15 * 2**-11) + zero_shift[..., None] + 1e-6).all()
+    # Each group's min and max are reproduced (codes 0 and 15) up to that rounding.
+    assert ((deq.view(16, -1, group).amin(-1) - lo).abs() <= zero_shift + 1e-7).all()
+    top_shift = scales.float() * 15 * 2**-11 + zero_shift + 1e-6
+    assert ((deq.view(16, -1, group).amax(-1) - hi).abs() <= top_shift).all()
+
+
+def test_int4_refuses_weights_beyond_fp16_naming_the_tensor():
+    w = torch.randn(4, 64)
+    w[2, 5] = 1e6
+    with pytest.raises(ConfigError, match=r"model\.layers\.3\.mlp\.up_proj\.weight.*1e\+06.*int8"):
+        wo.quantize_int4(w, 32, "model.layers.3.mlp.up_proj.weight")
 
 
 def test_int4_rejects_k_not_divisible_by_group_naming_the_tensor():
@@ -157,7 +172,7 @@ def test_save_load_round_trip_is_bit_identical_and_does_not_requantize(
         "quant_method": "weightsmith",
         "bits": bits,
         "group_size": group,
-        "format_version": 1,
+        "format_version": 2,
         "modules_not_quantized": [] if lm_head else ["lm_head"],
     }
     if head_bits is not None:  # the head's own setting (int4 heads take groups of 32)
@@ -258,7 +273,7 @@ def test_bf16_kernels_run_on_a_loaded_checkpoint_and_unaligned_weights(tiny_hf_d
     ("change", "message"),
     [
         ({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"format_version": 3}, "format_version 3 is not supported"),
         ({"bits": 5}, "quantization_config has bits 5"),
         ({"lm_head": {"bits": 4, "group_size": 48}}, "quantization_config.lm_head has bits 4, group_size 48"),
         ({"lm_head": "int8"}, "quantization_config.lm_head has bits None"),
@@ -276,3 +291,27 @@ def test_bad_quantization_config_is_one_line_naming_the_file(tiny_hf_dir, tmp_pa
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(out)
     assert message in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_version_1_folder_with_fp32_int4_scales_loads_rounded_to_fp16(tiny_hf_dir, tmp_path):
+    """Folders written before int4 scales and zeros were fp16 (format_version 1, fp32) still
+    load: the same codes, the scales and zeros rounded to fp16."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _tiny(tiny_hf_dir)
+    wo.quantize_model(ckpt.model, 4, 32)
+    out = save_quantized(ckpt.model, ckpt.tokenizer, tmp_path / "q")
+    tensors = load_file(out / "model.safetensors")
+    old = {}
+    for name, t in tensors.items():
+        if name.endswith((".scales", ".zeros")):  # as version 1 wrote them, with values fp16 cannot hold
+            t = t.float() * (1 + 2**-13)
+        old[name] = t
+    save_file(old, str(out / "model.safetensors"), metadata={"format": "pt"})
+    data = json.loads((out / "config.json").read_text())
+    data["quantization_config"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(data))
+    layer = load_checkpoint(out).model.model.layers[0].self_attn.q_proj
+    assert layer.scales.dtype == torch.float16
+    assert torch.equal(layer.scales, old["model.layers.0.self_attn.q_proj.scales"].half())
+    assert torch.equal(layer.qweight, old["model.layers.0.self_attn.q_proj.qweight"])

@@ -1,20 +1,21 @@
 """Save and load weight-only quantized checkpoints (int8 / int4) as HF-style directories.
 
-Layout (format_version 1). A directory like any HF checkpoint (config.json,
+Layout (format_version 2; version 1, which had fp32 int4 scales and zeros, still loads:
+its scales and zeros are rounded to fp16 on loading). A directory like any HF checkpoint (config.json,
 generation_config.json, model.safetensors or shards with an index, tokenizer files),
 where config.json also holds
 
     "quantization_config": {"quant_method": "weightsmith", "bits": 8 | 4,
-                            "group_size": G | null, "format_version": 1,
+                            "group_size": G | null, "format_version": 2,
                             "modules_not_quantized": ["lm_head", ...]}
 
 and each quantized module `<m>` (e.g. `model.layers.0.self_attn.q_proj`) is stored as
   * `<m>.qweight`: int8 (N, K) for bits 8; uint8 (N, K/2) for bits 4, two 4-bit codes
     per byte, low nibble first (byte j of a row: code 2j in bits 0-3, 2j+1 in bits 4-7).
     This is a portable layout, not any kernel's packed one; kernels repack at load.
-  * `<m>.scales`: fp32, (N,) for bits 8 (w = q * scale, q in -127..127);
-    (N, K/G) for bits 4.
-  * `<m>.zeros`: bits 4 only, fp32 (N, K/G): w = q * scale + zero, q in 0..15.
+  * `<m>.scales`: fp32 (N,) for bits 8 (w = q * scale, q in -127..127);
+    fp16 (N, K/G) for bits 4.
+  * `<m>.zeros`: bits 4 only, fp16 (N, K/G): w = q * scale + zero, q in 0..15.
   * `<m>.bias` if the projection has one, in full precision.
 An optional `"lm_head": {"bits": 8 | 4, "group_size": G | null}` entry gives the LM head
 its own setting (int4 projections with an int8 head, as GGUF Q4 files have).
@@ -50,7 +51,9 @@ from weightsmith.quant.weight_only import (
 from weightsmith.tokenizer import Tokenizer
 
 QUANT_METHOD = "weightsmith"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this loader reads (1: int4 scales and zeros in fp32).
+READS_VERSIONS = (1, 2)
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
@@ -105,8 +108,8 @@ def _state(model: CausalLM) -> dict[str, torch.Tensor]:
     """Parameters and the quantized modules' buffers, contiguous on CPU; a tied head once."""
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            for b, t in module.named_buffers(recurse=False):
+        if isinstance(module, QuantizedLinear):  # its state dict: the portable layout, tiled or not
+            for b, t in module.state_dict().items():
                 state[f"{name}.{b}"] = t.cpu().contiguous()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -124,10 +127,10 @@ def read_quantization_config(data: dict[str, Any], source: str) -> dict[str, Any
             f"{source}: quantization_config quant_method {method!r} is not supported; "
             f"weightsmith loads only its own ({QUANT_METHOD!r}) quantized checkpoints"
         )
-    if q.get("format_version") != FORMAT_VERSION:
+    if q.get("format_version") not in READS_VERSIONS:
         raise CheckpointError(
             f"{source}: quantization_config format_version {q.get('format_version')!r} is not supported "
-            f"(this weightsmith reads {FORMAT_VERSION}); upgrade weightsmith"
+            f"(this weightsmith reads versions {READS_VERSIONS}); upgrade weightsmith"
         )
     for where, entry in (("", q), (".lm_head", q.get("lm_head", {"bits": 8}))):
         bits, group = (
@@ -223,8 +226,8 @@ def _empty_layer(bits: int, group: int | None, n: int, k: int, device: torch.dev
     g = k // group
     return Int4Linear(
         torch.empty(n, k // 2, dtype=torch.uint8, device=device),
-        torch.empty(n, g, device=device),
-        torch.empty(n, g, device=device),
+        torch.empty(n, g, dtype=torch.float16, device=device),
+        torch.empty(n, g, dtype=torch.float16, device=device),
         group,
     )
 

@@ -109,8 +109,14 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
             return None
         bias = _fp32_copy(bias, keep, copies)
     p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
-    if type(module) is Int4Linear:
-        if module.qweight.device.type != "cpu" or not (_fp32_cpu(module.scales) and _fp32_cpu(module.zeros)):
+    if type(module) in (Int4Linear, Int8Linear) and module.tiles is not None:  # 16-row tiles
+        tiles = module.tiles
+        keep.append(tiles)
+        p.kind, p.q = (5, tiles.data_ptr()) if type(module) is Int4Linear else (9, tiles.data_ptr())
+        p.group = getattr(module, "group_size", 0)
+    elif type(module) is Int4Linear:
+        fp16 = all(t.dtype == torch.float16 and t.device.type == "cpu" for t in (module.scales, module.zeros))
+        if module.qweight.device.type != "cpu" or not fp16:
             return None
         codes = module.qweight.contiguous()
         scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
@@ -146,7 +152,9 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
 
 
 def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
-    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    """Every tensor of `modules` the C step may read (an int4 layer's tiles too)."""
+    held = ((*m._parameters.values(), *m._buffers.values(), getattr(m, "tiles", None)) for m in modules)
+    return [t for ts in held for t in ts if t is not None]
 
 
 def _projection_modules(model: nn.Module) -> list[nn.Module]:

@@ -39,6 +39,8 @@ from torch import nn
 from weightsmith.models.linear import Linear
 from weightsmith.models.model import MLP, Attention, AttentionInputs
 from weightsmith.models.rope import apply_rope
+from weightsmith.quant import tiles as qtiles
+from weightsmith.quant.weight_only import QuantizedLinear
 
 #: Inputs with at most this many rows take the split path; longer prefills do not. Measured on
 #: the default model (2 cores, one decode step): the split path beats `F.linear` on the
@@ -174,6 +176,7 @@ class Swaps:
 
     classes: list[tuple[weakref.ref, type[nn.Module]]] = field(default_factory=list)
     params: list[weakref.ref] = field(default_factory=list)
+    tiled: list[weakref.ref] = field(default_factory=list)  # int4 / int8 layers holding tiles
 
     def swap(self, module: nn.Module, cls: type[nn.Module]) -> None:
         self.classes.append((weakref.ref(module), type(module)))
@@ -198,8 +201,13 @@ class Swaps:
                 p = ref()
                 if p is not None and not p.is_contiguous():
                     p.data = p.detach().contiguous()
+            for ref in self.tiled:
+                layer = ref()
+                if layer is not None:
+                    layer.untile()
         self.classes.clear()
         self.params.clear()
+        self.tiled.clear()
 
 
 def _cpu_weight(m: nn.Module) -> bool:
@@ -260,3 +268,20 @@ def lay_out(model: nn.Module, splits: int, swaps: Swaps) -> None:
         for module in list(model.modules()):
             if type(module) is Linear and _cpu_weight(module) and module.weight.numel() >= MIN_SPLIT_NUMEL:
                 split_linear(swaps, module, splits)
+        tile_quantized(model, swaps)
+
+
+def tile_quantized(model: nn.Module, swaps: Swaps) -> None:
+    """Put every int4 and int8 layer that can take them in 16-row tiles (quant/tiles.py), all in
+    one huge-page buffer, 64-byte aligned each: the same bytes as before, read as one stream."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.can_tile()]
+    sizes = [m.tile_nbytes() for m in layers]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // 64) * 64)
+    if not layers:
+        return
+    buffer = qtiles.hugepage_buffer(starts[-1])
+    for layer, start, size in zip(layers, starts, sizes, strict=False):
+        layer.tile_into(buffer[start : start + size])
+        swaps.tiled.append(weakref.ref(layer))

@@ -64,26 +64,8 @@ int64_t ws_ggml_row_bytes(int64_t type, int64_t k) {
     return k / qk * block_bytes(type);
 }
 
-/* IEEE half to float, exact (subnormals, infinities and NaN included). */
-static float half_to_float(const uint8_t *p) {
-    const uint16_t h = (uint16_t)(p[0] | p[1] << 8);
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = h >> 10 & 31, man = h & 1023;
-    uint32_t bits;
-    if (exp == 31) {
-        bits = sign | 0x7f800000u | man << 13;
-    } else if (exp) {
-        bits = sign | (exp + 112) << 23 | man << 13;
-    } else if (man) { /* subnormal: man * 2^-24, exact in float */
-        float f = (float)man * 5.9604644775390625e-8f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+/* IEEE half (two bytes at p, little-endian) to float. */
+static float half_to_float(const uint8_t *p) { return ws_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
 /* Q4_K / Q5_K: the 6-bit scale and minimum of sub-block j (0..7) from the 12 packed bytes:
  * j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 as 4 low bits in byte j + 4 (low

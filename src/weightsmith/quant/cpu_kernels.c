@@ -221,11 +221,19 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
     switch (p->kind) {
     case WS_INT4:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT4);
-        if (status == 0) status = ws_q4_proj(a, p->n, p->q, p->scales, p->zeros, p->group, p->bias, y);
+        if (status == 0) status = ws_q4_proj(a, p->n, p->q, (const uint16_t *)p->scales, (const uint16_t *)p->zeros, p->group, p->bias, y);
+        break;
+    case WS_INT4_TILES:
+        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT4);
+        if (status == 0) status = ws_q4t_proj(a, p->n, p->q, p->group, p->bias, y);
         break;
     case WS_INT8:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
-        if (status == 0) ws_q8_proj(a, p->n, p->q, p->scales, p->bias, y);
+        if (status == 0) ws_q8_proj(a, p->n, p->q, (const float *)p->scales, p->bias, y);
+        break;
+    case WS_INT8_TILES:
+        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
+        if (status == 0) status = ws_q8t_proj(a, p->n, p->q, p->bias, y);
         break;
     case WS_GGML:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);

@@ -4,18 +4,21 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT8 = 8, WS_GGML = 16, WS_F32_ROWS = 32, WS_F32_COLS = 33,
+enum { WS_INT4 = 4, WS_INT4_TILES = 5, WS_INT8 = 8, WS_INT8_TILES = 9, WS_GGML = 16, WS_F32_ROWS = 32, WS_F32_COLS = 33,
        WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
- * row holding codes 2j (low nibble) and 2j + 1, scales and zeros (n, k/group); WS_INT8: q int8 (n, k), scales (n,);
+ * row holding codes 2j (low nibble) and 2j + 1, scales and zeros fp16 bits (n, k/group);
+ * WS_INT4_TILES / WS_INT8_TILES: q the same weights as 16-row tiles (quant/tiles.py, cpu_qdot.c's
+ * ws_q4t_proj / ws_q8t_proj), n % 16 == 0; WS_INT8: q int8 (n, k), scales (n,);
  * WS_GGML: q rows of GGUF blocks of ggml type `group` (cpu_ggml.c); WS_F32_ROWS:
  * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]; WS_BF16_ROWS / WS_BF16_COLS: the
  * same with q bf16 (uint16 bits, cpu_bf16.c). bias may be NULL. */
 typedef struct {
     int64_t kind, n, k, group, ld;
     const void *q;
-    const float *scales, *zeros, *bias;
+    const void *scales, *zeros; /* float for WS_INT8, fp16 bits for WS_INT4 */
+    const float *bias;
 } ws_proj;
 
 extern int ws_threads;
@@ -40,8 +43,10 @@ typedef struct {
 
 int ws_qact_quantize(ws_qact *a, const float *x, int64_t M, int64_t K, int64_t layout);
 void ws_qact_free(ws_qact *a);
-int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
+int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *scales, const uint16_t *zeros,
                int64_t G, const float *bias, float *y);
+int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y);
+int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y);
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y);
 
@@ -55,6 +60,21 @@ static inline uint16_t ws_f32_to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(v.u >> 16 | 0x40);
     return (uint16_t)((v.u + 0x7fffu + (v.u >> 16 & 1)) >> 16);
+}
+
+/* IEEE half (fp16 bits) to float, exact: subnormals, infinities and NaN included. */
+static inline float ws_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = h >> 10 & 31, man = h & 1023;
+    union { uint32_t u; float f; } v;
+    if (exp == 31) {
+        v.u = sign | 0x7f800000u | man << 13;
+    } else if (exp) {
+        v.u = sign | (exp + 112) << 23 | man << 13;
+    } else { /* zero or subnormal: man * 2^-24, exact in float */
+        v.f = (float)man * 5.9604644775390625e-8f;
+        v.u |= sign;
+    }
+    return v.f;
 }
 
 int ws_bf16_proj(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *a);

@@ -50,7 +50,14 @@ BF16 = HERE / "cpu_bf16.c"
 GGML = HERE / "cpu_ggml.c"
 HEADERS = tuple(
     HERE / name
-    for name in ("cpu_kernels.h", "cpu_x86_isas.h", "cpu_x86_common.h", "cpu_qdot_x86.h", "cpu_ggml_x86.h")
+    for name in (
+        "cpu_kernels.h",
+        "cpu_x86_isas.h",
+        "cpu_x86_common.h",
+        "cpu_qdot_x86.h",
+        "cpu_qtile_x86.h",
+        "cpu_ggml_x86.h",
+    )
 )
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
@@ -200,7 +207,12 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_kernels_isa.restype = lib.ws_qdot_isa.restype = ctypes.c_char_p
                 lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
                 lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
-                lib.ws_int4_dequantize.restype = None
+                lib.ws_int4_dequantize.restype = lib.ws_int4_tiled_dequantize.restype = None
+                lib.ws_tiled_matmul.argtypes = [p, i64, i64, i64, i64, p, i64, p, p]
+                lib.ws_tiled_matmul.restype = ctypes.c_int
+                lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
+                lib.ws_int8_tiled_dequantize.argtypes = [p, i64, i64, p, p]
+                lib.ws_int8_tiled_dequantize.restype = None
                 lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
                 lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
                 lib.ws_bf16_matmul.restype = lib.ws_bf16_select.restype = lib.ws_bf16_supported.restype = (
@@ -322,10 +334,11 @@ def int4_matmul(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., N). qweight uint8 (N, K/2) as Int4Linear holds it (codes
-    2j, 2j + 1 in byte j); scales/zeros fp32 (N, K/G). x is quantized to int8 per block of 32."""
+    2j, 2j + 1 in byte j); scales/zeros fp16 (N, K/G). x is quantized to int8 per block of 32."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     # Contiguous copies held in locals: they must outlive the C call that reads them.
-    flat, qweight, scales, zeros = (t.contiguous() for t in (x.reshape(-1, k), qweight, scales, zeros))
+    flat, qweight = x.reshape(-1, k).contiguous(), qweight.contiguous()
+    scales, zeros = (t.to(torch.float16).contiguous() for t in (scales, zeros))
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
@@ -334,6 +347,50 @@ def int4_matmul(
         group_size, _ptr(bias), y.data_ptr(),
     ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
+
+
+def int8_tiled_dequantize(
+    lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float32 (n, k), scales (n,)) of int8 16-row tiles."""
+    tiles = tiles.contiguous()
+    q, scales = torch.empty(n, k, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int8_tiled_dequantize(tiles.data_ptr(), n, k, q.data_ptr(), scales.data_ptr())
+    return q, scales
+
+
+def tiled_matmul(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    n: int,
+    bits: int,
+    group_size: int | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
+    `group_size`) or int8 16-row tiles (quant/tiles.py); x is quantized to int8 per block of 32."""
+    k = x.shape[-1]
+    flat, tiles = x.reshape(-1, k).contiguous(), tiles.contiguous()  # kept alive past the call
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    use_threads(lib)
+    _check(lib.ws_tiled_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, bits, tiles.data_ptr(), group_size or 0, _ptr(bias), y.data_ptr()
+    ))  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+def int4_tiled_dequantize(
+    lib: ctypes.CDLL, tiles: torch.Tensor, n: int, k: int, group_size: int
+) -> torch.Tensor:
+    """The float32 weight (n, k) of int4 16-row tiles."""
+    tiles = tiles.contiguous()
+    w = torch.empty(n, k, dtype=torch.float32)
+    use_threads(lib)
+    lib.ws_int4_tiled_dequantize(tiles.data_ptr(), n, k, group_size, w.data_ptr())
+    return w
 
 
 def int8_matmul(
@@ -378,9 +435,10 @@ def bf16_matmul(
 def int4_dequantize(
     lib: ctypes.CDLL, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros (N, K/G)."""
+    """The float32 weight (N, K) of Int4Linear's qweight (N, K/2), scales and zeros fp16 (N, K/G)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    qweight, scales, zeros = (t.contiguous() for t in (qweight, scales, zeros))  # kept alive past the call
+    qweight = qweight.contiguous()  # kept alive past the call, as are:
+    scales, zeros = (t.to(torch.float16).contiguous() for t in (scales, zeros))
     w = torch.empty(n, k, dtype=torch.float32)
     use_threads(lib)
     lib.ws_int4_dequantize(

@@ -12,9 +12,12 @@
  * (then + bias[n]). Against the float product this adds the activations' rounding
  * (|x - d * xq| <= d / 2 per element), the error llama.cpp's Q4/Q8 decoding has.
  *
- * The weights are read as the layers store them (Int4Linear's portable nibble layout,
- * Int8Linear's int8 rows): no second copy is made. The int4 layout pairs codes 2j and 2j + 1
- * in a byte, so int4 inputs are quantized with each block's even elements first.
+ * The weights are read as the layers hold them, with no second copy: in the portable layout
+ * (Int4Linear's nibble rows with fp16 scales and zeros, Int8Linear's int8 rows), or in the
+ * decode layout's 16-row tiles (quant/tiles.py; the ws_q4t / ws_q8t kernels, cpu_qtile_x86.h),
+ * where one dot-product instruction takes 4 inputs of 16 rows and a tile's sums leave in one
+ * vector. The int4 layouts pair codes 2j and 2j + 1 in a byte, so int4 inputs are quantized
+ * with each block's even elements first.
  *
  * Instruction sets (one copy of cpu_qdot_x86.h each, made by cpu_x86_isas.h and compiled
  * for exactly that set: this file is built without -march=native): AVX512-VNNI (vpdpbusd on
@@ -105,8 +108,8 @@ static inline ws_qact ws_qact_rows(const ws_qact *a, int64_t m0) {
 
 /* ---- portable C ---------------------------------------------------------------------- */
 
-static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales,
-                             const float *zeros, int64_t G, const float *gsum, const float *bias, float *y) {
+static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *scales,
+                             const uint16_t *zeros, int64_t G, const float *gsum, const float *bias, float *y) {
     const int64_t K = a->k, groups = K / G, per_group = G / QB;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
@@ -120,9 +123,9 @@ static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, cons
                     const uint8_t c = qrow[QB / 2 * b + j];
                     isum += (c & 15) * xq[QB * b + j] + (c >> 4) * xq[QB * b + QB / 2 + j];
                 }
-                acc += (float)isum * a->d[m * a->nb + b] * scales[n * groups + b / per_group];
+                acc += (float)isum * a->d[m * a->nb + b] * ws_f16_to_f32(scales[n * groups + b / per_group]);
             } /* (the division is slow; this is the fallback for CPUs without AVX2) */
-            for (int64_t g = 0; g < groups; g++) acc += zeros[n * groups + g] * gsum[m * groups + g];
+            for (int64_t g = 0; g < groups; g++) acc += ws_f16_to_f32(zeros[n * groups + g]) * gsum[m * groups + g];
             y[m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
     }
@@ -147,10 +150,67 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
     }
 }
 
+/* int4 16-row tiles (the decode layout, see ws_q4t_proj): row 16t + r, block b of group g is
+ * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
+static void q4t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *gsum,
+                              float *y) {
+    const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + 64;
+    const int64_t tile_bytes = 16 * (K / 2) + groups * 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *gp = tile + g * gbytes;
+                float gacc = 0;
+                for (int64_t i = 0; i < per_group; i++) {
+                    const int64_t b = g * per_group + i;
+                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+                    int32_t isum = 0;
+                    for (int j = 0; j < QB / 2; j++) { /* portable byte j of the block */
+                        const uint8_t c = gp[i * 256 + 64 * (j / 4) + 4 * r + j % 4];
+                        isum += (c & 15) * xq[j] + (c >> 4) * xq[QB / 2 + j];
+                    }
+                    gacc += (float)isum * a->d[m * a->nb + b];
+                }
+                uint16_t s, z;
+                memcpy(&s, gp + per_group * 256 + 2 * r, 2), memcpy(&z, gp + per_group * 256 + 32 + 2 * r, 2);
+                acc += gacc * ws_f16_to_f32(s) + ws_f16_to_f32(z) * gsum[m * groups + g];
+            }
+            y[m * N + n] = acc;
+        }
+    }
+}
+
+/* int8 16-row tiles (ws_q8t_proj): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
+ * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
+static void q8t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, float *y) {
+    const int64_t nb = a->k / QB, tile_bytes = 16 * a->k + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        float scale;
+        memcpy(&scale, tile + nb * 512 + 4 * r, 4);
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *xq = a->q + m * a->kp + QB * b;
+                int32_t isum = 0;
+                for (int j = 0; j < QB; j++) isum += ((int32_t)tile[b * 512 + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
+                acc += (float)isum * a->d[m * a->nb + b];
+            }
+            y[m * N + n] = acc * scale;
+        }
+    }
+}
+
 /* ---- x86 ------------------------------------------------------------------------------- */
 
 #define WS_X86_KERNELS "cpu_qdot_x86.h"
-#define WS_X86_EXTRA ""
+#define WS_X86_EXTRA ",f16c"
 #include "cpu_x86_isas.h"
 
 #ifdef WS_X86
@@ -164,7 +224,8 @@ static uint64_t xcr0(void) {
  * CPUID reader of the kernels (cpu_bf16.c chooses from it too). */
 int ws_x86_features(void) {
     unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1) || !(c >> 28 & 1) || !(c >> 12 & 1)) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1) || !(c >> 28 & 1) || !(c >> 12 & 1) || !(c >> 29 & 1))
+        return 0; /* no AVX, OSXSAVE, FMA or F16C */
     const uint64_t xcr = xcr0();
     if ((xcr & 6) != 6 || __get_cpuid_max(0, NULL) < 7) return 0; /* no AVX state */
     __cpuid_count(7, 0, a, b, c, d);
@@ -235,7 +296,7 @@ int ws_qdot_select(const char *name) {
 
 /* A whole block quantized with vector instructions (every x86 copy's is the same AVX2 code). */
 #ifdef WS_X86
-__attribute__((target("avx2,fma"))) static void quantize_block_x86(const float *x, int64_t layout, int8_t *q,
+__attribute__((target("avx2,fma,f16c"))) static void quantize_block_x86(const float *x, int64_t layout, int8_t *q,
                                                                   float *d, float *xs) {
     quantize_block_avx2(x, layout, q, d, xs);
 }
@@ -245,18 +306,32 @@ static void quantize_block_x86(const float *x, int64_t layout, int8_t *q, float 
 }
 #endif
 
-int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scales, const float *zeros,
-               int64_t G, const float *bias, float *y) {
-    if (G != 32 && G != 64 && G != 128) return -2;
+/* Per input row and group of G inputs: the sum of d * sum(xq) over its blocks (what the zeros
+ * multiply). Returns a malloc'd (M, K/G) array, or NULL when out of memory. */
+static float *group_sums(const ws_qact *a, int64_t G) {
     const int64_t groups = a->k / G, per_group = G / QB;
-    float *gsum = malloc(sizeof(float) * (size_t)(a->m * groups)); /* sum of d * sum(xq) per group */
-    if (!gsum) return -1;
+    float *gsum = malloc(sizeof(float) * (size_t)(a->m * groups));
+    if (!gsum) return NULL;
     for (int64_t m = 0; m < a->m; m++)
         for (int64_t g = 0; g < groups; g++) {
             float s = 0;
             for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) s += a->xs[m * a->nb + b];
             gsum[m * groups + g] = s;
         }
+    return gsum;
+}
+
+static void add_bias(const float *bias, int64_t M, int64_t N, float *y) {
+    if (bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+}
+
+int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *scales, const uint16_t *zeros,
+               int64_t G, const float *bias, float *y) {
+    if (G != 32 && G != 64 && G != 128) return -2;
+    float *gsum = group_sums(a, G);
+    if (!gsum) return -1;
     switch (current_isa()) {
 #ifdef WS_X86
     case ISA_AVX512VNNI: q4_matmul_avx512vnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
@@ -268,6 +343,50 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const float *scale
     default: q4_matmul_scalar(a, N, q, scales, zeros, G, gsum, bias, y); break;
     }
     free(gsum);
+    return 0;
+}
+
+/* y (M, N) = the int4 16-row tiles' product with a (+ bias): N a multiple of 16, the input
+ * quantized in the WS_QACT_INT4 layout. */
+int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y) {
+    if ((G != 32 && G != 64 && G != 128) || N % 16 || a->k % G) return -2;
+    float *gsum = group_sums(a, G);
+    if (!gsum) return -1;
+    switch (current_isa()) {
+#ifdef WS_X86
+    case ISA_AVX512VNNI: q4t_matmul_avx512vnni(a, N, tiles, G, gsum, y); break;
+#ifdef WS_X86_AVXVNNI
+    case ISA_AVXVNNI: q4t_matmul_avxvnni(a, N, tiles, G, gsum, y); break;
+#endif
+    case ISA_AVX2: q4t_matmul_avx2(a, N, tiles, G, gsum, y); break;
+#endif
+    default: q4t_matmul_scalar(a, N, tiles, G, gsum, y); break;
+    }
+    free(gsum);
+    add_bias(bias, a->m, N, y);
+    return 0;
+}
+
+/* y (M, N) = the int8 16-row tiles' product with a (+ bias): N a multiple of 16, K of 32, the
+ * input quantized in the WS_QACT_INT8 layout. */
+int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y) {
+    if (N % 16 || a->k % QB) return -2;
+    const int64_t nb = a->k / QB;
+    int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(a->m * nb)); /* sum(xq) per block: xs / d */
+    if (!qsum) return -1;
+    for (int64_t i = 0; i < a->m * nb; i++) qsum[i] = a->d[i] > 0 ? (int32_t)nearbyintf(a->xs[i] / a->d[i]) : 0;
+    switch (current_isa()) {
+#ifdef WS_X86
+    case ISA_AVX512VNNI: q8t_matmul_avx512vnni(a, N, tiles, qsum, y); break;
+#ifdef WS_X86_AVXVNNI
+    case ISA_AVXVNNI: q8t_matmul_avxvnni(a, N, tiles, qsum, y); break;
+#endif
+    case ISA_AVX2: q8t_matmul_avx2(a, N, tiles, qsum, y); break;
+#endif
+    default: q8t_matmul_scalar(a, N, tiles, y); break;
+    }
+    free(qsum);
+    add_bias(bias, a->m, N, y);
     return 0;
 }
 
@@ -285,11 +404,25 @@ void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scale
     }
 }
 
+/* q (N, K) as floats and scales (N,) from int8 16-row tiles: the exact path's operands, as
+ * Int8Linear's portable qweight and scales give them. */
+void ws_int8_tiled_dequantize(const uint8_t *tiles, int64_t N, int64_t K, float *q, float *scales) {
+    const int64_t nb = K / QB, tile_bytes = 16 * K + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t b = 0; b < nb; b++)
+            for (int j = 0; j < QB; j++) q[n * K + QB * b + j] = (float)((int32_t)tile[b * 512 + 64 * (j / 4) + 4 * r + j % 4] - 128);
+        memcpy(scales + n, tile + nb * 512 + 4 * r, 4);
+    }
+}
+
 /* ---- the matmuls Int4Linear / Int8Linear call (one input, quantized here) ---------------- */
 
-/* y (M, N) = x (M, K) @ W.T (+ bias); q (N, K/2) portable nibbles; scales, zeros (N, K/G). */
-int ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q, const float *scales,
-                   const float *zeros, int64_t G, const float *bias, float *y) {
+/* y (M, N) = x (M, K) @ W.T (+ bias); q (N, K/2) portable nibbles; scales, zeros fp16 (N, K/G). */
+int ws_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *q, const uint16_t *scales,
+                   const uint16_t *zeros, int64_t G, const float *bias, float *y) {
     ws_qact a = {0};
     int status = ws_qact_quantize(&a, x, M, K, WS_QACT_INT4);
     if (status == 0) status = ws_q4_proj(&a, N, q, scales, zeros, G, bias, y);
@@ -307,15 +440,49 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     return status;
 }
 
+/* y (M, N) = x (M, K) @ W.T (+ bias), W held as 16-row tiles of `bits` 4 (groups of G) or 8
+ * (ws_q4t_proj, ws_q8t_proj). */
+int ws_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t bits, const uint8_t *tiles, int64_t G,
+                    const float *bias, float *y) {
+    ws_qact a = {0};
+    int status = ws_qact_quantize(&a, x, M, K, bits == 4 ? WS_QACT_INT4 : WS_QACT_INT8);
+    if (status == 0) status = bits == 4 ? ws_q4t_proj(&a, N, tiles, G, bias, y) : ws_q8t_proj(&a, N, tiles, bias, y);
+    ws_qact_free(&a);
+    return status;
+}
+
+/* w (N, K) float from int4 16-row tiles: the exact path's weight, as ws_int4_dequantize. */
+void ws_int4_tiled_dequantize(const uint8_t *tiles, int64_t N, int64_t K, int64_t G, float *w) {
+    const int64_t groups = K / G, per_group = G / QB, gbytes = per_group * 256 + 64;
+    const int64_t tile_bytes = 16 * (K / 2) + groups * 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *gp = tile + g * gbytes;
+            uint16_t sb, zb;
+            memcpy(&sb, gp + per_group * 256 + 2 * r, 2), memcpy(&zb, gp + per_group * 256 + 32 + 2 * r, 2);
+            const float s = ws_f16_to_f32(sb), z = ws_f16_to_f32(zb);
+            float *dst = w + n * K + g * G;
+            for (int64_t j = 0; j < G / 2; j++) { /* portable byte j of the group: codes 2j, 2j + 1 */
+                const uint8_t c = gp[j / 16 * 256 + 64 * (j % 16 / 4) + 4 * r + j % 4];
+                dst[2 * j] = (float)(c & 15) * s + z;
+                dst[2 * j + 1] = (float)(c >> 4) * s + z;
+            }
+        }
+    }
+}
+
 /* w (N, K) float = code * scale + zero from q (N, K/2) portable nibbles, scales and zeros
- * (N, K/G): the exact path's weight for a long input, made per call (no cached copy). */
-void ws_int4_dequantize(const uint8_t *q, const float *scales, const float *zeros, int64_t N, int64_t K,
+ * fp16 (N, K/G): the exact path's weight for a long input, made per call (no cached copy). */
+void ws_int4_dequantize(const uint8_t *q, const uint16_t *scales, const uint16_t *zeros, int64_t N, int64_t K,
                         int64_t G, float *w) {
     const int64_t groups = K / G;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t g = 0; g < groups; g++) {
-            const float s = scales[n * groups + g], z = zeros[n * groups + g];
+            const float s = ws_f16_to_f32(scales[n * groups + g]), z = ws_f16_to_f32(zeros[n * groups + g]);
             const uint8_t *src = q + n * (K / 2) + g * (G / 2);
             float *dst = w + n * K + g * G;
             for (int64_t j = 0; j < G / 2; j++) {

@@ -49,12 +49,12 @@ KERNEL void FN(prefetch)(const void *p, int64_t bytes) {
 }
 
 /* Block b of an int4 row (weight scale `scale`) against mc input rows, summed into acc. */
-KERNEL void FN(q4_block)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, const float *scale,
+KERNEL void FN(q4_block)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, float scale,
                          __m256 *acc) {
     const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4), low4 = _mm256_set1_epi8(15);
     const __m128i bytes = _mm_loadu_si128((const __m128i *)(qrow + 16 * b));
     const __m256i w = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(bytes), shift), low4);
-    const __m256 s = _mm256_broadcast_ss(scale);
+    const __m256 s = _mm256_set1_ps(scale);
     for (int64_t m = 0; m < mc; m++) {
         const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
         const __m256i p = DOTU8S8(_mm256_setzero_si256(), w, xq);
@@ -63,28 +63,29 @@ KERNEL void FN(q4_block)(const ws_qact *a, const int64_t mc, const uint8_t *qrow
     }
 }
 
-/* sum_g z[g] * gsum[g] over n values. */
-KERNEL float FN(dot)(const float *z, const float *gsum, int64_t n) {
+/* sum_g z[g] * gsum[g] over n values, z fp16. */
+KERNEL float FN(dot)(const uint16_t *z, const float *gsum, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 8 <= n; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(gsum + g), acc);
+    for (; g + 8 <= n; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g))), _mm256_loadu_ps(gsum + g), acc);
     float total = FN(hsum)(acc);
-    for (; g < n; g++) total += z[g] * gsum[g];
+    for (; g < n; g++) total += _cvtsh_ss(z[g]) * gsum[g];
     return total;
 }
 
-KERNEL void FN(q4_rows_n)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const float *srow,
-                          const float *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
+KERNEL void FN(q4_rows_n)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const uint16_t *srow,
+                          const uint16_t *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
     const int64_t groups = a->k / G, nb = a->nb;
     const int sh = G == 32 ? 0 : (G == 64 ? 1 : 2); /* block b is in group b >> sh (G is 32, 64 or 128) */
     __m256 acc0[QROWS], acc1[QROWS]; /* alternate blocks: two FMA chains */
     for (int64_t m = 0; m < mc; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), acc0);
-        FN(q4_block)(a, mc, qrow, b + 1, srow + ((b + 1) >> sh), acc1);
+        FN(q4_block)(a, mc, qrow, b, _cvtsh_ss(srow[b >> sh]), acc0);
+        FN(q4_block)(a, mc, qrow, b + 1, _cvtsh_ss(srow[(b + 1) >> sh]), acc1);
     }
-    if (b < nb) FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), acc0);
+    if (b < nb) FN(q4_block)(a, mc, qrow, b, _cvtsh_ss(srow[b >> sh]), acc0);
     for (int64_t m = 0; m < mc; m++)
         out[m * N] = FN(hsum)(_mm256_add_ps(acc0[m], acc1[m])) + FN(dot)(zrow, gsum + m * groups, groups);
 }
@@ -117,6 +118,13 @@ KERNEL __m512 FN(pair)(__m128 two) {
 
 KERNEL __m128 FN(two)(const float *p) { return _mm_castpd_ps(_mm_load_sd((const double *)p)); }
 
+/* Two fp16 values at p as floats (lanes 0, 1). */
+KERNEL __m128 FN(two16)(const uint16_t *p) {
+    int32_t bits;
+    memcpy(&bits, p, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+}
+
 /* Blocks b, b + 1 of an int4 row (weight scales s2: theirs) against mc input rows. */
 KERNEL void FN(q4_pair)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, int64_t b, __m128 s2, __m512 *acc) {
     const __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(qrow + 16 * b)));
@@ -132,8 +140,8 @@ KERNEL void FN(q4_pair)(const ws_qact *a, const int64_t mc, const uint8_t *qrow,
     }
 }
 
-KERNEL void FN(q4_rows_w)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const float *srow,
-                          const float *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
+KERNEL void FN(q4_rows_w)(const ws_qact *a, const int64_t mc, const uint8_t *qrow, const uint16_t *srow,
+                          const uint16_t *zrow, int64_t G, const float *gsum, float *out, int64_t N) {
     const int64_t groups = a->k / G, nb = a->nb;
     const int sh = G == 32 ? 0 : (G == 64 ? 1 : 2);
     __m512 acc0[QROWS], acc1[QROWS];
@@ -142,20 +150,20 @@ KERNEL void FN(q4_rows_w)(const ws_qact *a, const int64_t mc, const uint8_t *qro
     int64_t b = 0;
     if (sh == 0) { /* a scale a block: two adjacent */
         for (; b + 4 <= nb; b += 4) {
-            FN(q4_pair)(a, mc, qrow, b, FN(two)(srow + b), acc0);
-            FN(q4_pair)(a, mc, qrow, b + 2, FN(two)(srow + b + 2), acc1);
+            FN(q4_pair)(a, mc, qrow, b, FN(two16)(srow + b), acc0);
+            FN(q4_pair)(a, mc, qrow, b + 2, FN(two16)(srow + b + 2), acc1);
         }
     } else { /* blocks b, b + 1 (b even) share a group */
         for (; b + 4 <= nb; b += 4) {
-            FN(q4_pair)(a, mc, qrow, b, _mm_set1_ps(srow[b >> sh]), acc0);
-            FN(q4_pair)(a, mc, qrow, b + 2, _mm_set1_ps(srow[(b + 2) >> sh]), acc1);
+            FN(q4_pair)(a, mc, qrow, b, _mm_set1_ps(_cvtsh_ss(srow[b >> sh])), acc0);
+            FN(q4_pair)(a, mc, qrow, b + 2, _mm_set1_ps(_cvtsh_ss(srow[(b + 2) >> sh])), acc1);
         }
     }
     for (; b + 2 <= nb; b += 2) {
-        const __m128 s2 = _mm_setr_ps(srow[b >> sh], srow[(b + 1) >> sh], 0, 0);
+        const __m128 s2 = _mm_setr_ps(_cvtsh_ss(srow[b >> sh]), _cvtsh_ss(srow[(b + 1) >> sh]), 0, 0);
         FN(q4_pair)(a, mc, qrow, b, s2, acc0);
     }
-    if (b < nb) FN(q4_block)(a, mc, qrow, b, srow + (b >> sh), tail);
+    if (b < nb) FN(q4_block)(a, mc, qrow, b, _cvtsh_ss(srow[b >> sh]), tail);
     for (int64_t m = 0; m < mc; m++)
         out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + FN(hsum)(tail[m]) +
                      FN(dot)(zrow, gsum + m * groups, groups);
@@ -202,7 +210,7 @@ KERNEL void FN(q8_rows_w)(const ws_qact *a, const int64_t mc, const int8_t *qrow
 #endif
 
 __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int64_t N, const uint8_t *q,
-                                                          const float *scales, const float *zeros,
+                                                          const uint16_t *scales, const uint16_t *zeros,
                                                           int64_t G, const float *gsum, const float *bias,
                                                           float *y) {
     const int64_t K = a->k, M = a->m, groups = K / G;
@@ -210,14 +218,15 @@ __attribute__((target(TARGET))) static void FN(q4_matmul)(const ws_qact *a, int6
     for (int64_t n = 0; n < N; n++) {
         if (n + PF_ROWS < N) {
             FN(prefetch)(q + (n + PF_ROWS) * (K / 2), K / 2);
-            FN(prefetch)(scales + (n + PF_ROWS) * groups, 4 * groups);
-            FN(prefetch)(zeros + (n + PF_ROWS) * groups, 4 * groups);
+            FN(prefetch)(scales + (n + PF_ROWS) * groups, 2 * groups);
+            FN(prefetch)(zeros + (n + PF_ROWS) * groups, 2 * groups);
         }
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
             const ws_qact rows = ws_qact_rows(a, m0);
             const uint8_t *qrow = q + n * (K / 2);
-            const float *s = scales + n * groups, *z = zeros + n * groups, *gs = gsum + m0 * groups;
+            const uint16_t *s = scales + n * groups, *z = zeros + n * groups;
+            const float *gs = gsum + m0 * groups;
             float *out = y + m0 * N + n;
             switch (mc) { /* a constant row count per case: accumulators stay in registers */
             case 1: Q4_ROWS(&rows, 1, qrow, s, z, G, gs, out, N); break;
@@ -275,3 +284,4 @@ __attribute__((target(TARGET))) static void FN(q8_matmul)(const ws_qact *a, int6
 
 #undef Q4_ROWS
 #undef Q8_ROWS
+#include "cpu_qtile_x86.h"

@@ -10,6 +10,8 @@
  *   SUFFIX    the function-name suffix (avx2, avxvnni, avx512vnni): FN(name) is name_SUFFIX
  *   TARGET    the gcc/clang target string its functions are compiled for
  *   DOTU8S8   (acc, u, s): acc (8 x int32) + the sums of 4 adjacent u8 x s8 products
+ *   WS_DOT32  defined where DOTU8S8 sums in 32 bits (VNNI): any u8 x s8 products, where AVX2's
+ *             16-bit pair sums would saturate past 2 x 255 x 127
  * so each copy uses exactly its TARGET's instructions. */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -31,8 +33,10 @@
 #define TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni" WS_X86_EXTRA
 #define DOTU8S8(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
 #define WS_WIDE512 1
+#define WS_DOT32 1
 #include "cpu_x86_common.h"
 #include WS_X86_KERNELS
+#undef WS_DOT32
 #undef WS_WIDE512
 #undef SUFFIX
 #undef TARGET
@@ -43,8 +47,10 @@
 #define SUFFIX avxvnni
 #define TARGET "avx2,fma,avxvnni" WS_X86_EXTRA
 #define DOTU8S8(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#define WS_DOT32 1
 #include "cpu_x86_common.h"
 #include WS_X86_KERNELS
+#undef WS_DOT32
 #undef SUFFIX
 #undef TARGET
 #undef DOTU8S8

@@ -5,8 +5,9 @@ q = round(w / scale) in [-127, 127], w ~ q * scale.
 
 int4: asymmetric, group-wise along the input dimension (groups of 32, 64 or 128
 consecutive weights of a row), 16 levels between the group's min and max:
-scale = (max - min) / 15, q = round((w - min) / scale) in [0, 15], w ~ q * scale + zero
-with zero = min. This is the form PyTorch's int4 "tinygemm" kernels take, after a
+zero = min and scale = (max - zero) / 15, both rounded to fp16 (as GGUF's Q4_1 holds them:
+decoding reads 4.5 bits a weight, not 5), then q = round((w - zero) / scale) in [0, 15]
+against the rounded values, w ~ q * scale + zero. This is the form PyTorch's int4 "tinygemm" kernels take, after a
 change of convention: they compute (q - 8) * scale + zero', so zero' = zero + 8 * scale,
 passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = zero'
 (checked numerically against `dequantize_int4` in the tests).
@@ -14,14 +15,20 @@ passed as `scales_and_zeros` (K/G, N, 2) holding [..., 0] = scale, [..., 1] = ze
 Layer state (also the saved layout, see weightsmith.checkpoint.quantized): `qweight`
 (int8 (N, K) for int8; uint8 (N, K/2) for int4, two 4-bit codes per byte, low nibble
 first, i.e. byte j of a row holds codes 2j (bits 0-3) and 2j+1 (bits 4-7)), `scales`
-(fp32, (N,) for int8, (N, K/G) for int4) and for int4 `zeros` (fp32 (N, K/G)).
+(fp32 (N,) for int8, fp16 (N, K/G) for int4) and for int4 `zeros` (fp16 (N, K/G)).
+
+The CPU decode layout (weightsmith.cpu_decode.layout) may put a layer in 16-row tiles
+(`tile_into`, quant/tiles.py): the same bytes reordered for the kernels, in place of
+`qweight`, `scales` (and `zeros`), which are then None; `rows()` and `state_dict()` give the
+portable tensors either way, and a move or cast untiles first.
 
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
 - fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
   kernels (cpu_qdot.c, built on first use), which quantize the input to int8 per block of
-  32 and multiply with the CPU's integer dot-product instructions, reading `qweight` as it
-  is (no second copy): the matrix is read once at 4 or 8 bits a weight, and the result is
-  the exact path's up to the input's rounding (as in llama.cpp's Q4/Q8 decoding).
+  32 and multiply with the CPU's integer dot-product instructions, reading the weights as
+  the layer holds them (rows or tiles, no second copy): the matrix is read once at 4 or 8
+  bits a weight, and the result is the exact path's up to the input's rounding (as in
+  llama.cpp's Q4/Q8 decoding).
 - other fp32 inputs, or where the kernels cannot be built: the exact path. int8 computes
   `F.linear(x, q.float()) * scale` (the scale factors out of the row), int4 dequantizes its
   codes (kept unpacked, one byte each, for this path) and calls `F.linear`. PyTorch's own
@@ -45,6 +52,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.models.linear import Linear
 from weightsmith.models.model import SparseMoE
 from weightsmith.quant import cpu_kernels
+from weightsmith.quant import tiles as qtiles
 
 #: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
 #: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
@@ -54,6 +62,8 @@ KERNEL_MAX_ROWS = 8
 log = logging.getLogger(__name__)
 
 BITS = (8, 4)
+#: fp16's largest finite value and its smallest positive (subnormal) one: int4's scales and zeros.
+FP16_MAX, FP16_TINY = 65504.0, 2.0**-24
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -89,14 +99,22 @@ def check_group_size(k: int, group_size: int, name: str) -> None:
 def quantize_int4(
     w: torch.Tensor, group_size: int, name: str = "weight"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) -> (codes uint8 (N, K) in 0..15, scales (N, K/G), zeros (N, K/G)), w ~ q * scale + zero."""
+    """w (N, K) -> (codes uint8 (N, K) in 0..15, scales fp16 (N, K/G), zeros fp16 (N, K/G)),
+    w ~ q * scale + zero, the codes chosen against the fp16 scale and zero."""
     n, k = w.shape
     check_group_size(k, group_size, name)
     g = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/G, G)
     lo, hi = g.amin(-1), g.amax(-1)  # (N, K/G)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(n, k), scales, lo
+    top = float(torch.maximum(lo.abs(), hi.abs()).max()) if g.numel() else 0.0
+    if not top <= FP16_MAX / 2:  # (also NaN) the range (max - min) must fit fp16 too
+        raise ConfigError(
+            f"tensor {name!r} has weights of magnitude {top:.4g}, beyond what int4's fp16 scales and "
+            f"zeros hold (|w| <= {FP16_MAX / 2:g}); keep this module in full precision or use int8"
+        )
+    zeros = lo.half()
+    scales = ((hi - zeros.float()) / 15).clamp(min=FP16_TINY).half()
+    q = (g - zeros.float()[..., None]) / scales.float()[..., None]
+    return torch.round(q).clamp(0, 15).to(torch.uint8).reshape(n, k), scales, zeros
 
 
 def dequantize_int4(
@@ -123,8 +141,9 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 # -- layers -------------------------------------------------------------------
 
 
-class QuantizedLinear(nn.Module, abc.ABC):
-    """Common part: shapes, an optional full-precision bias, and `weight` for inspection."""
+class QuantizedLinear(qtiles.Tiled, nn.Module, abc.ABC):
+    """Common part: shapes, an optional full-precision bias, `weight` for inspection, and the
+    decode layout (qtiles.Tiled)."""
 
     bits: int
 
@@ -133,17 +152,25 @@ class QuantizedLinear(nn.Module, abc.ABC):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self._runtime: dict[str, torch.Tensor] = {}  # lazily built kernel forms, not saved
+        #: The weights as 16-row tiles (uint8) after `tile_into`, the PORTABLE buffers then None.
+        self.tiles: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K), materialised on each access: for inspection only."""
-        return self.dequantize().to(self.scales.device)
+        return self.dequantize().to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        held = (*self._buffers.values(), getattr(self, "tiles", None))  # an int4 layer may hold tiles
+        return next(t for t in held if t is not None).device
 
     @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full-precision weight (N, K) these codes stand for."""
 
-    def _apply(self, fn, recurse=True):  # a move (.to, .cuda) drops the kernel forms
+    def _apply(self, fn, recurse=True):  # a move (.to, .cuda) sees the portable buffers, drops kernel forms
+        self.untile()
         self._runtime = {}
         return super()._apply(fn, recurse)
 
@@ -161,7 +188,8 @@ class QuantizedLinear(nn.Module, abc.ABC):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        tiled = ", tiled" if self.tiles is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{tiled}"
 
 
 class Int8Linear(QuantizedLinear):
@@ -183,7 +211,7 @@ class Int8Linear(QuantizedLinear):
     def aligned_qweight(self) -> torch.Tensor:
         """The weight at a 64-byte-aligned address: PyTorch's int8 CPU kernel (bf16 inputs)
         segfaults otherwise (e.g. on a tensor read straight from a safetensors file)."""
-        q = self.qweight
+        q = self.rows()[0]
         if q.is_cuda or (q.is_contiguous() and q.data_ptr() % 64 == 0):
             return q
         if "aligned" not in self._runtime:
@@ -191,21 +219,42 @@ class Int8Linear(QuantizedLinear):
         return self._runtime["aligned"]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int8(*self.rows(), dtype)
+
+    def _tileable(self) -> bool:
+        return qtiles.can_tile_int8(self.out_features, self.in_features)
+
+    def tile_nbytes(self) -> int:
+        return qtiles.nbytes_int8(self.out_features, self.in_features)
+
+    def _make_tiles(self) -> torch.Tensor:
+        return qtiles.tile_int8(self.qweight, self.scales)
+
+    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
+        return qtiles.untile_int8(self.tiles, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16:
             flat = x.reshape(-1, self.in_features)  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(
-                flat, self.aligned_qweight(), self.scales.to(x.dtype)
+                flat, self.aligned_qweight(), self.rows()[1].to(x.dtype)
             )  # (M, N)
             return self._add_bias(y.view(*x.shape[:-1], self.out_features))
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
+            if self.tiles is not None:
+                return cpu_kernels.tiled_matmul(lib, x, self.tiles, self.out_features, 8, None, bias)
             return cpu_kernels.int8_matmul(lib, x, self.qweight, self.scales, bias)  # any alignment
         # Exact path: the per-row scale factors out of the matmul.
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
+        lib = cpu_kernels.library() if self.tiles is not None and x.dtype == torch.float32 else None
+        if lib is not None:  # the float codes straight from the tiles
+            qweight, scales = cpu_kernels.int8_tiled_dequantize(
+                lib, self.tiles, self.out_features, self.in_features
+            )
+        else:
+            qweight, scales = self.rows()
+        y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)  # (..., N)
         return self._add_bias(y)
 
 
@@ -213,6 +262,7 @@ class Int4Linear(QuantizedLinear):
     """y = x @ (q * scale + zero).T + bias with 4-bit codes q, one (scale, zero) per group of G inputs."""
 
     bits = 4
+    PORTABLE = ("qweight", "scales", "zeros")
 
     def __init__(
         self,
@@ -226,8 +276,8 @@ class Int4Linear(QuantizedLinear):
         super().__init__(half * 2, n, bias)
         self.group_size = group_size
         self.register_buffer("qweight", qweight)  # uint8 (N, K/2), portable layout
-        self.register_buffer("scales", scales.float())  # (N, K/G)
-        self.register_buffer("zeros", zeros.float())  # (N, K/G)
+        self.register_buffer("scales", scales.to(torch.float16))  # (N, K/G)
+        self.register_buffer("zeros", zeros.to(torch.float16))  # (N, K/G)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
@@ -235,10 +285,33 @@ class Int4Linear(QuantizedLinear):
         return cls(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4(unpack_nibbles(self.qweight), self.scales, self.zeros, dtype)
+        qweight, scales, zeros = self.rows()
+        return dequantize_int4(unpack_nibbles(qweight), scales, zeros, dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
+
+    def _tileable(self) -> bool:
+        return qtiles.can_tile_int4(self.out_features, self.in_features, self.group_size)
+
+    def tile_nbytes(self) -> int:
+        return qtiles.nbytes_int4(self.out_features, self.in_features, self.group_size)
+
+    def _make_tiles(self) -> torch.Tensor:
+        return qtiles.tile_int4(self.qweight, self.scales, self.zeros, self.group_size)
+
+    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
+        return qtiles.untile_int4(self.tiles, self.out_features, self.in_features, self.group_size)
+
+    def _apply(self, fn, recurse=True):
+        """The scales and zeros stay fp16: a model cast to fp32 or bf16 keeps its int4 values."""
+        self.untile()
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self._buffers["scales"] = scales.to(self.scales.device)
+            self._buffers["zeros"] = zeros.to(self.zeros.device)
+        return self
 
     def _kernel_path(self, x: torch.Tensor) -> bool:
         """bf16 only; on CUDA the tinygemm tiles also need K % 128 == 0 and N % 8 == 0."""
@@ -258,6 +331,10 @@ class Int4Linear(QuantizedLinear):
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
+            if self.tiles is not None:
+                return cpu_kernels.tiled_matmul(
+                    lib, x, self.tiles, self.out_features, 4, self.group_size, bias
+                )
             return cpu_kernels.int4_matmul(
                 lib, x, self.qweight, self.scales, self.zeros, self.group_size, bias
             )
@@ -267,7 +344,11 @@ class Int4Linear(QuantizedLinear):
     def _exact_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for the exact path, made per call (the codes are held once,
         packed): by the C kernels for fp32 on the CPU, ~10x faster than unpacking in torch."""
-        lib = cpu_kernels.library() if dtype == torch.float32 and self.qweight.device.type == "cpu" else None
+        lib = cpu_kernels.library() if dtype == torch.float32 and self.device.type == "cpu" else None
+        if lib is not None and self.tiles is not None:
+            return cpu_kernels.int4_tiled_dequantize(
+                lib, self.tiles, self.out_features, self.in_features, self.group_size
+            )
         if lib is not None:
             return cpu_kernels.int4_dequantize(lib, self.qweight, self.scales, self.zeros, self.group_size)
         return self.dequantize(dtype)
@@ -275,7 +356,8 @@ class Int4Linear(QuantizedLinear):
     def _packed(self, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The tinygemm packed weight and its scales_and_zeros (K/G, N, 2) bf16, built once."""
         if "packed" not in self._runtime:
-            codes = unpack_nibbles(self.qweight)  # (N, K)
+            qweight, scales, zeros = self.rows()
+            codes = unpack_nibbles(qweight)  # (N, K)
             if cuda:
                 # The CUDA op takes uint8 (N, K/2) with the first code of each pair in the high nibble.
                 hi_first = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
@@ -284,7 +366,8 @@ class Int4Linear(QuantizedLinear):
                 )
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            sz = torch.stack([self.scales, self.zeros + 8 * self.scales], dim=-1)  # (N, K/G, 2)
+            scales, zeros = scales.float(), zeros.float()
+            sz = torch.stack([scales, zeros + 8 * scales], dim=-1)  # (N, K/G, 2)
             self._runtime["packed"] = packed
             self._runtime["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
         return self._runtime["packed"], self._runtime["sz"]

@@ -1,0 +1,194 @@
+/* The int4 kernels for 16-row tiles (Int4Linear's decode layout, see cpu_qdot.c) for one x86
+ * instruction set: included at the end of cpu_qdot_x86.h, so once per set (cpu_x86_isas.h).
+ *
+ * A tile holds 16 rows. For each of its groups, each block of 32 codes is four 64-byte chunks:
+ * chunk c holds, for row r, the row's portable bytes 4c..4c+3 of the block at bytes 4r..4r+3
+ * (low nibbles: the block's even elements 4c..4c+3 in the WS_QACT_INT4 order, high nibbles
+ * its odd ones, at 16 + 4c). The group's 16 fp16 scales, then its 16 fp16 zeros, follow its
+ * blocks. So one integer dot product instruction multiplies 4 codes of 16 rows by the same
+ * 4 broadcast input bytes, and a tile's 16 sums leave in one vector: no horizontal sums, and
+ * the weights are read as one stream.
+ */
+
+/* The 16 rows of tile `tile` against mc (<= QROWS) input rows; out[m * N + r] = row r of input m. */
+KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, int64_t G, const float *gsum,
+                         float *out, int64_t N) {
+    const int64_t groups = a->k / G, per_group = G / QB, gbytes = per_group * 256 + 64;
+#ifdef WS_WIDE512
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *gp = tile + g * gbytes;
+        __m512 gacc[QROWS];
+        for (int64_t m = 0; m < mc; m++) gacc[m] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < per_group; i++) {
+            const int64_t b = g * per_group + i;
+            __m512i lo[4], hi[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(gp + i * 256 + 64 * c));
+                lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            }
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b); /* 8 dwords */
+                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[1], _mm512_set1_epi32(xd[1]));
+                __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[2], _mm512_set1_epi32(xd[2]));
+                __m512i s3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[3], _mm512_set1_epi32(xd[3]));
+                s0 = _mm512_dpbusd_epi32(s0, hi[0], _mm512_set1_epi32(xd[4]));
+                s1 = _mm512_dpbusd_epi32(s1, hi[1], _mm512_set1_epi32(xd[5]));
+                s2 = _mm512_dpbusd_epi32(s2, hi[2], _mm512_set1_epi32(xd[6]));
+                s3 = _mm512_dpbusd_epi32(s3, hi[3], _mm512_set1_epi32(xd[7]));
+                const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+                gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), gacc[m]);
+            }
+        }
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + per_group * 256)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + per_group * 256 + 32)));
+        for (int64_t m = 0; m < mc; m++)
+            acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(gsum[m * groups + g]), _mm512_fmadd_ps(gacc[m], s, acc[m]));
+    }
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
+#else
+    /* 256-bit vectors: rows 0-7 (half 0) and 8-15 (half 1) of each chunk in turn */
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *gp = tile + g * gbytes;
+            __m256 gacc[QROWS];
+            for (int64_t m = 0; m < mc; m++) gacc[m] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < per_group; i++) {
+                const int64_t b = g * per_group + i;
+                __m256i lo[4], hi[4];
+                for (int c = 0; c < 4; c++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(gp + i * 256 + 64 * c + 32 * h));
+                    lo[c] = _mm256_and_si256(w, low4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                }
+                for (int64_t m = 0; m < mc; m++) {
+                    const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                    __m256i s0 = DOTU8S8(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(xd[0]));
+                    __m256i s1 = DOTU8S8(_mm256_setzero_si256(), lo[1], _mm256_set1_epi32(xd[1]));
+                    s0 = DOTU8S8(s0, lo[2], _mm256_set1_epi32(xd[2]));
+                    s1 = DOTU8S8(s1, lo[3], _mm256_set1_epi32(xd[3]));
+                    s0 = DOTU8S8(s0, hi[0], _mm256_set1_epi32(xd[4]));
+                    s1 = DOTU8S8(s1, hi[1], _mm256_set1_epi32(xd[5]));
+                    s0 = DOTU8S8(s0, hi[2], _mm256_set1_epi32(xd[6]));
+                    s1 = DOTU8S8(s1, hi[3], _mm256_set1_epi32(xd[7]));
+                    const __m256i isum = _mm256_add_epi32(s0, s1);
+                    gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(a->d[m * a->nb + b]), gacc[m]);
+                }
+            }
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 16 * h)));
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 32 + 16 * h)));
+            for (int64_t m = 0; m < mc; m++)
+                acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * groups + g]), _mm256_fmadd_ps(gacc[m], s, acc[m]));
+        }
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+    }
+#endif
+}
+
+__attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, int64_t N, const uint8_t *tiles,
+                                                           int64_t G, const float *gsum, float *y) {
+    const int64_t M = a->m, groups = a->k / G, tile_bytes = 16 * (a->k / 2) + groups * 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t t = 0; t < N / 16; t++) {
+        const uint8_t *tile = tiles + t * tile_bytes;
+        if (t + 1 < N / 16) FN(prefetch)(tile + tile_bytes, tile_bytes < 1024 ? tile_bytes : 1024);
+        for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
+            const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
+            const ws_qact rows = ws_qact_rows(a, m0);
+            const float *gs = gsum + m0 * groups;
+            float *out = y + m0 * N + 16 * t;
+            switch (mc) { /* a constant row count per case: accumulators stay in registers */
+            case 1: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N); break;
+            case 2: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N); break;
+            case 3: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N); break;
+            default: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N); break;
+            }
+        }
+    }
+}
+
+/* int8 tiles: for each block of 32, chunk c (0..7) holds row r's bytes 4c..4c+3 at 4r..4r+3,
+ * stored as w + 128; after all blocks, the tile's 16 fp32 row scales. With 32-bit dot products
+ * (VNNI) the unsigned operand is w + 128 as stored, and 128 * sum(xq) of the block (qsum) comes
+ * off each sum, in integers; AVX2's 16-bit pair sums would saturate on that, so there |w|
+ * times x with w's sign is summed instead. */
+KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const int32_t *qsum,
+                         float *out, int64_t N) {
+    const int64_t nb = a->k / QB;
+#ifdef WS_WIDE512
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i w[8];
+        for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(tile + b * 512 + 64 * c));
+        for (int64_t m = 0; m < mc; m++) {
+            const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+            __m512i s[4];
+            for (int j = 0; j < 4; j++) s[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[j], _mm512_set1_epi32(xd[j]));
+            for (int j = 0; j < 4; j++) s[j] = _mm512_dpbusd_epi32(s[j], w[4 + j], _mm512_set1_epi32(xd[4 + j]));
+            __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+            isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * qsum[m * nb + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), acc[m]);
+        }
+    }
+    const __m512 scale = _mm512_loadu_ps((const float *)(tile + nb * 512));
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, _mm512_mul_ps(acc[m], scale));
+#else
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i isum[QROWS]; /* chunk by chunk (16 registers: no room to hold a block's 8) */
+            for (int64_t m = 0; m < mc; m++) isum[m] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(tile + b * 512 + 64 * c + 32 * h));
+#ifdef WS_DOT32
+                for (int64_t m = 0; m < mc; m++)
+                    isum[m] = DOTU8S8(isum[m], w, _mm256_set1_epi32(((const int32_t *)(a->q + m * a->kp + QB * b))[c]));
+#else
+                w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* the signed weight back */
+                const __m256i wabs = _mm256_abs_epi8(w);
+                for (int64_t m = 0; m < mc; m++) {
+                    const __m256i x = _mm256_set1_epi32(((const int32_t *)(a->q + m * a->kp + QB * b))[c]);
+                    isum[m] = DOTU8S8(isum[m], wabs, _mm256_sign_epi8(x, w));
+                }
+#endif
+            }
+            for (int64_t m = 0; m < mc; m++) {
+#ifdef WS_DOT32
+                isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(128 * qsum[m * nb + b]));
+#endif
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+            }
+        }
+        const __m256 scale = _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, _mm256_mul_ps(acc[m], scale));
+    }
+#endif
+}
+
+__attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, int64_t N, const uint8_t *tiles,
+                                                           const int32_t *qsum, float *y) {
+    const int64_t M = a->m, tile_bytes = 16 * a->k + 64;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t t = 0; t < N / 16; t++) {
+        const uint8_t *tile = tiles + t * tile_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
+            const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
+            const ws_qact rows = ws_qact_rows(a, m0);
+            const int32_t *qs = qsum + m0 * (a->k / QB);
+            float *out = y + m0 * N + 16 * t;
+            switch (mc) {
+            case 1: FN(q8t_rows)(&rows, 1, tile, qs, out, N); break;
+            case 2: FN(q8t_rows)(&rows, 2, tile, qs, out, N); break;
+            case 3: FN(q8t_rows)(&rows, 3, tile, qs, out, N); break;
+            default: FN(q8t_rows)(&rows, 4, tile, qs, out, N); break;
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+"""Int4Linear's decode layout (quant/tiles.py): 16-row tiles, exact both ways, the tiled
+kernels on every instruction set against a float64 product, a tiled layer that saves, moves and
+casts as the portable one, and the CPU decode plan tiling and untiling a model's layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_matches, quantize_act
+from test_cpu_qdot import _inputs, _weights
+
+from weightsmith.cpu_decode.layout import Swaps, tile_quantized
+from weightsmith.quant import cpu_kernels
+from weightsmith.quant import tiles as qtiles
+from weightsmith.quant import weight_only as wo
+
+
+def _layer(n: int, k: int, group: int, seed: int = 0, bias: bool = False) -> wo.Int4Linear:
+    linear = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(_weights(n, k, seed))
+        if bias:
+            linear.bias.copy_(torch.linspace(-1, 1, n))
+    return wo.Int4Linear.from_linear(linear, group)
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(16, 32, 32), (48, 96, 32), (32, 192, 64), (16, 256, 128)])
+def test_tiles_hold_the_same_bytes_and_untile_exactly(n, k, group):
+    layer = _layer(n, k, group)
+    packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, group)
+    assert packed.dtype == torch.uint8 and packed.numel() == qtiles.nbytes_int4(n, k, group)
+    assert packed.numel() == layer.qweight.numel() + 2 * (layer.scales.numel() + layer.zeros.numel())
+    back = qtiles.untile_int4(packed, n, k, group)
+    for a, b in zip(back, (layer.qweight, layer.scales, layer.zeros), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # The documented order: tile 0, group 0, block 0, chunk 1, row 2 = row 2's bytes 4..7.
+    assert torch.equal(packed[64 + 8 : 64 + 12], layer.qweight[2, 4:8])
+    # After a group's blocks: its 16 scales, then its 16 zeros (fp16 bytes).
+    end = group // 32 * 256
+    assert torch.equal(packed[end : end + 32].view(torch.float16), layer.scales[:16, 0])
+    assert torch.equal(packed[end + 32 : end + 64].view(torch.float16), layer.zeros[:16, 0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize(
+    ("n", "group", "k"), [(16, 32, 32), (48, 32, 96), (32, 32, 224), (32, 64, 320), (16, 128, 256)]
+)
+def test_tiled_matmul_matches_float64(int_isa_lib, n, group, k, rows, bias):
+    layer = _layer(n, k, group, seed=k + rows, bias=bias)
+    packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, group)
+    x = _inputs(rows, k, seed=rows)
+    b = layer.bias.detach() if bias else None
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 4, group, b)
+    ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
+    assert_matches(out, ref)
+    # The same sums as the portable layout's kernel, up to float summation order.
+    rows_out = cpu_kernels.int4_matmul(int_isa_lib, x, layer.qweight, layer.scales, layer.zeros, group, b)
+    torch.testing.assert_close(out, rows_out, rtol=1e-5, atol=1e-5 * rows_out.abs().max().item())
+
+
+def test_tiled_matmul_with_the_widest_codes(int_isa_lib):
+    """Code 15 and inputs at +-127 everywhere: the largest pair sums (AVX2's 16-bit ones) hold."""
+    n, k = 32, 128
+    codes = torch.full((n, k), 15, dtype=torch.uint8)
+    scales, zeros = (
+        torch.full((n, 4), 0.5, dtype=torch.float16),
+        torch.full((n, 4), -2.0, dtype=torch.float16),
+    )
+    packed = qtiles.tile_int4(wo.pack_nibbles(codes), scales, zeros, 32)
+    x = torch.ones(2, k) * torch.tensor([1.0, -1.0])[:, None]
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 4, 32, None)
+    assert torch.equal(out, torch.full((2, n), 5.5 * k) * torch.tensor([1.0, -1.0])[:, None])
+
+
+@pytest.mark.parametrize(("group", "k"), [(32, 96), (64, 192), (128, 256)])
+def test_tiled_dequantize_is_torchs(native_lib, group, k):
+    layer = _layer(32, k, group, seed=5)
+    packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, group)
+    out = cpu_kernels.int4_tiled_dequantize(native_lib, packed, 32, k, group)
+    assert torch.equal(out, layer.dequantize())
+
+
+def test_a_tiled_layer_keeps_its_state_dict_forward_and_moves(native_lib):
+    layer = _layer(48, 96, 32, seed=3, bias=True)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    x = torch.randn(2, 96)
+    y_rows, y_long = layer(x), layer(torch.randn(20, 96))
+    layer.tile_into(torch.empty(qtiles.nbytes_int4(48, 96, 32), dtype=torch.uint8))
+    assert layer.tiles is not None and layer.qweight is None  # no second copy
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[n], before[n]) and after[n].dtype == before[n].dtype for n in before)
+    torch.testing.assert_close(layer(x), y_rows, rtol=1e-5, atol=1e-5)  # the tiled kernel
+    torch.manual_seed(0)
+    assert torch.equal(layer.dequantize(), wo.dequantize_int4(wo.unpack_nibbles(before["qweight"]),
+                                                              before["scales"], before["zeros"]))  # fmt: skip
+    assert "tiled" in repr(layer)
+    layer.float()  # a cast untiles and keeps the int4 values exactly (fp16 scales and zeros)
+    assert layer.tiles is None and layer.scales.dtype == torch.float16
+    assert all(torch.equal(layer.state_dict()[n], before[n]) for n in before)
+    layer.tile_into(torch.empty(qtiles.nbytes_int4(48, 96, 32), dtype=torch.uint8))
+    layer.load_state_dict(before)  # loading untiles first
+    assert layer.tiles is None and torch.equal(layer.qweight, before["qweight"])
+    assert y_long.shape == (20, 48)
+
+
+def test_tile_quantized_puts_a_models_layers_in_one_buffer_and_undo_restores_them():
+    model = torch.nn.Sequential(
+        _layer(32, 64, 32, seed=1), _layer(16, 64, 32, seed=2), _layer(8, 64, 32, seed=3)
+    )
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    swaps = Swaps()
+    tile_quantized(model, swaps)
+    assert model[0].tiles is not None and model[1].tiles is not None
+    assert model[2].tiles is None  # 8 rows: no whole tile, stays portable
+    assert model[0].tiles.untyped_storage().data_ptr() == model[1].tiles.untyped_storage().data_ptr()
+    assert model[0].tiles.data_ptr() % 64 == 0 and model[1].tiles.data_ptr() % 64 == 0
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    tile_quantized(model, swaps)  # again: nothing left to tile
+    assert len(swaps.tiled) == 2
+    swaps.undo()
+    assert all(m.tiles is None for m in model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def _int8_layer(n: int, k: int, seed: int = 0, bias: bool = False) -> wo.Int8Linear:
+    linear = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(_weights(n, k, seed))
+        linear.weight[0, :3] = torch.tensor([-1e3, 1e3, 0.0])  # codes -127, 127 in row 0
+        if bias:
+            linear.bias.copy_(torch.linspace(-1, 1, n))
+    return wo.Int8Linear.from_linear(linear)
+
+
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 576)])
+def test_int8_tiles_untile_exactly(n, k):
+    layer = _int8_layer(n, k)
+    packed = qtiles.tile_int8(layer.qweight, layer.scales)
+    assert packed.numel() == qtiles.nbytes_int8(n, k) == layer.qweight.numel() + 4 * layer.scales.numel()
+    q, s = qtiles.untile_int8(packed, n, k)
+    assert q.dtype == torch.int8 and torch.equal(q, layer.qweight) and torch.equal(s, layer.scales)
+    # Block 0, chunk 2, row 3 = row 3's bytes 8..11, stored as w + 128.
+    assert torch.equal(
+        packed[128 + 12 : 128 + 16], (layer.qweight[3, 8:12].to(torch.int16) + 128).to(torch.uint8)
+    )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 224)])
+def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
+    layer = _int8_layer(n, k, seed=k + rows, bias=bias)
+    packed = qtiles.tile_int8(layer.qweight, layer.scales)
+    x = _inputs(rows, k, seed=rows)
+    x[0, 40 % k] = -60.0  # a block with its extreme input negative
+    b = layer.bias.detach() if bias else None
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, 8, None, b)
+    ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
+    assert_matches(out, ref)
+
+
+def test_a_tiled_int8_layer_keeps_its_state_dict_and_forward(native_lib):
+    layer = _int8_layer(32, 96, seed=4, bias=True)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    x = torch.randn(3, 96)
+    want, want_long = layer(x), layer(torch.ones(12, 96))
+    layer.tile_into(torch.empty(layer.tile_nbytes(), dtype=torch.uint8))
+    assert layer.qweight is None and layer.scales is None
+    assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(torch.ones(12, 96)), want_long)  # the exact path, from the tiles
+    layer.untile()
+    assert torch.equal(layer.qweight, before["qweight"]) and torch.equal(layer.scales, before["scales"])
