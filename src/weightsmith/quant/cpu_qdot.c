@@ -186,7 +186,8 @@ static void q4t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles,
 
 /* int8 16-row tiles (ws_q8t_proj): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
  * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
-static void q8t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, float *y) {
+static void q8t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, const int32_t *qsum, float *y) {
+    (void)qsum; /* signed products here: no correction */
     const int64_t nb = a->k / QB, tile_bytes = 16 * a->k + 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t n = 0; n < N; n++) {
@@ -306,6 +307,25 @@ static void quantize_block_x86(const float *x, int64_t layout, int8_t *q, float 
 }
 #endif
 
+/* name_<the chosen instruction set>(args...): the one dispatch of every matmul here. */
+#ifdef WS_X86
+#ifdef WS_X86_AVXVNNI
+#define AVXVNNI_CASE(name, ...) \
+    case ISA_AVXVNNI: name##_avxvnni(__VA_ARGS__); break;
+#else
+#define AVXVNNI_CASE(name, ...)
+#endif
+#define BY_ISA(name, ...)                                                   \
+    switch (current_isa()) {                                                \
+    case ISA_AVX512VNNI: name##_avx512vnni(__VA_ARGS__); break;             \
+    AVXVNNI_CASE(name, __VA_ARGS__)                                         \
+    case ISA_AVX2: name##_avx2(__VA_ARGS__); break;                         \
+    default: name##_scalar(__VA_ARGS__); break;                             \
+    }
+#else
+#define BY_ISA(name, ...) name##_scalar(__VA_ARGS__)
+#endif
+
 /* Per input row and group of G inputs: the sum of d * sum(xq) over its blocks (what the zeros
  * multiply). Returns a malloc'd (M, K/G) array, or NULL when out of memory. */
 static float *group_sums(const ws_qact *a, int64_t G) {
@@ -332,16 +352,7 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *sc
     if (G != 32 && G != 64 && G != 128) return -2;
     float *gsum = group_sums(a, G);
     if (!gsum) return -1;
-    switch (current_isa()) {
-#ifdef WS_X86
-    case ISA_AVX512VNNI: q4_matmul_avx512vnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
-#ifdef WS_X86_AVXVNNI
-    case ISA_AVXVNNI: q4_matmul_avxvnni(a, N, q, scales, zeros, G, gsum, bias, y); break;
-#endif
-    case ISA_AVX2: q4_matmul_avx2(a, N, q, scales, zeros, G, gsum, bias, y); break;
-#endif
-    default: q4_matmul_scalar(a, N, q, scales, zeros, G, gsum, bias, y); break;
-    }
+    BY_ISA(q4_matmul, a, N, q, scales, zeros, G, gsum, bias, y);
     free(gsum);
     return 0;
 }
@@ -352,16 +363,7 @@ int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, co
     if ((G != 32 && G != 64 && G != 128) || N % 16 || a->k % G) return -2;
     float *gsum = group_sums(a, G);
     if (!gsum) return -1;
-    switch (current_isa()) {
-#ifdef WS_X86
-    case ISA_AVX512VNNI: q4t_matmul_avx512vnni(a, N, tiles, G, gsum, y); break;
-#ifdef WS_X86_AVXVNNI
-    case ISA_AVXVNNI: q4t_matmul_avxvnni(a, N, tiles, G, gsum, y); break;
-#endif
-    case ISA_AVX2: q4t_matmul_avx2(a, N, tiles, G, gsum, y); break;
-#endif
-    default: q4t_matmul_scalar(a, N, tiles, G, gsum, y); break;
-    }
+    BY_ISA(q4t_matmul, a, N, tiles, G, gsum, y);
     free(gsum);
     add_bias(bias, a->m, N, y);
     return 0;
@@ -375,16 +377,7 @@ int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *
     int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(a->m * nb)); /* sum(xq) per block: xs / d */
     if (!qsum) return -1;
     for (int64_t i = 0; i < a->m * nb; i++) qsum[i] = a->d[i] > 0 ? (int32_t)nearbyintf(a->xs[i] / a->d[i]) : 0;
-    switch (current_isa()) {
-#ifdef WS_X86
-    case ISA_AVX512VNNI: q8t_matmul_avx512vnni(a, N, tiles, qsum, y); break;
-#ifdef WS_X86_AVXVNNI
-    case ISA_AVXVNNI: q8t_matmul_avxvnni(a, N, tiles, qsum, y); break;
-#endif
-    case ISA_AVX2: q8t_matmul_avx2(a, N, tiles, qsum, y); break;
-#endif
-    default: q8t_matmul_scalar(a, N, tiles, y); break;
-    }
+    BY_ISA(q8t_matmul, a, N, tiles, qsum, y);
     free(qsum);
     add_bias(bias, a->m, N, y);
     return 0;
@@ -392,16 +385,7 @@ int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *
 
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y) {
-    switch (current_isa()) {
-#ifdef WS_X86
-    case ISA_AVX512VNNI: q8_matmul_avx512vnni(a, N, q, scales, bias, y); break;
-#ifdef WS_X86_AVXVNNI
-    case ISA_AVXVNNI: q8_matmul_avxvnni(a, N, q, scales, bias, y); break;
-#endif
-    case ISA_AVX2: q8_matmul_avx2(a, N, q, scales, bias, y); break;
-#endif
-    default: q8_matmul_scalar(a, N, q, scales, bias, y); break;
-    }
+    BY_ISA(q8_matmul, a, N, q, scales, bias, y);
 }
 
 /* q (N, K) as floats and scales (N,) from int8 16-row tiles: the exact path's operands, as

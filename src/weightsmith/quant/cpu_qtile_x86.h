@@ -139,6 +139,9 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
     const __m512 scale = _mm512_loadu_ps((const float *)(tile + nb * 512));
     for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, _mm512_mul_ps(acc[m], scale));
 #else
+#ifndef WS_DOT32
+    (void)qsum; /* signed products: no correction */
+#endif
     for (int h = 0; h < 2; h++) {
         __m256 acc[QROWS];
         for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
