@@ -203,12 +203,14 @@ def test_unvoted_battles_hold_no_slot_and_expire(tmp_path: Path) -> None:
     after --battle-ttl a late vote is 410 and they no longer count toward pairing."""
     import time
 
-    running = start(tmp_path, max_active=1, battle_ttl=0.5)
+    # A TTL the three battles outlive on a loaded machine too (at 0.5 s the first expired before
+    # the count under a load of 3-4).
+    running = start(tmp_path, max_active=1, battle_ttl=2.0)
     try:
         c = client(running)
         ids = [battle(c, {"prompt": f"q{i}"})[1][0]["id"] for i in range(3)]  # one slot, three battles
         assert sum(running.store.battle_counts().values()) == 6
-        time.sleep(0.6)
+        time.sleep(2.1)
         r = c.post("/api/votes", json={"battle": ids[0], "choice": "a"})
         assert r.status_code == 410 and r.json()["error"]["code"] == "expired"
         assert "start a new battle" in r.json()["error"]["message"]
