@@ -32,6 +32,7 @@ from weightsmith.generate import decode_one_token, prefill
 from weightsmith.kv_cache import KVCache
 from weightsmith.llm import load
 from weightsmith.models.linear import Linear
+from weightsmith.quant import weight_only as wo
 from weightsmith.quant.ggml_linear import GGMLLinear
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
@@ -100,10 +101,14 @@ def loads(block_file):
 
 def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     flt, blk = loads
-    layers = {n: m for n, m in blk.model.named_modules() if isinstance(m, GGMLLinear)}
+    layers = {n: m for n, m in blk.model.named_modules() if isinstance(m, (GGMLLinear, wo.Int4Linear))}
     assert len(layers) == 2 * 7 - 1 + 1  # every matrix but the F16 one, and the head
     assert isinstance(blk.model.model.layers[1].self_attn.o_proj, Linear)  # F16: a float layer
-    assert {m.type_name for m in layers.values()} == {t.name for ts in LAYER_TYPES for t in ts} - {"F16"}
+    # Q4_1 blocks are exactly an int4 g32 layer's groups: kept as one (the int4 tile kernels run it).
+    q4_1 = {n for n, m in layers.items() if isinstance(m, wo.Int4Linear)}
+    assert q4_1 == {"model.layers.0.mlp.up_proj"} and layers[next(iter(q4_1))].group_size == 32
+    kinds = {m.type_name for m in layers.values() if isinstance(m, GGMLLinear)}
+    assert kinds == {t.name for ts in LAYER_TYPES for t in ts} - {"F16", "Q4_1"}
     assert layers["lm_head"].type_name == "Q8_0" and not blk.model.config.tie_word_embeddings
     floats = dict(flt.model.named_parameters())
     floats["lm_head.weight"] = flt.model.model.embed_tokens.weight  # tied in the float load
@@ -113,7 +118,8 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     # Resident bytes: exactly the file's for these tensors (the budget is 1.1x).
     reader = GGUFFile.open(block_file)
     on_disk = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type not in (QT.F32, QT.F16))
-    held = sum(t.nbytes for m in layers.values() for t in m.buffers())
+    held = sum(t.nbytes for m in layers.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
+    assert layers["model.layers.0.mlp.up_proj"].tiles is not None  # the decode layout's tiles: no other copy
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 

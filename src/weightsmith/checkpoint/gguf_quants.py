@@ -5,7 +5,9 @@ What it does:
   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as its raw blocks, rows in HF order (llama.cpp's Q/K
   row permutation undone on whole rows), with no float detour.
 - `build_block_model` builds the model with those matrices as `GGMLLinear` layers (the LM
-  head too, from the embedding's blocks when the file ties them, as llama.cpp computes it)
+  head too, from the embedding's blocks when the file ties them, as llama.cpp computes it);
+  Q4_1 matrices become Int4Linear layers with groups of 32 instead, the same bytes and values
+  (`q4_1_as_int4`), so that decoding runs them on the int4 tile kernels
   and every other tensor (embeddings, norms, biases, F32/F16 and other-type matrices, merged
   experts, fused projections) dequantized as `iter_gguf_tensors` yields it.
 - `gguf_int4_layers` reads Q4_0 / Q4_1 matrices as Int4Linear's (codes, scales, zeros),
@@ -42,7 +44,7 @@ from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
 from weightsmith.models.fused import split_name
 from weightsmith.quant.ggml_linear import GGML_TYPES, GGMLLinear, row_bytes
-from weightsmith.quant.weight_only import quantizable_modules, set_submodule
+from weightsmith.quant.weight_only import Int4Linear, pack_nibbles, quantizable_modules, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,10 @@ def build_block_model(
                 f"{GGML_TYPES[qtype][0]}; the file's metadata wants {linear.out_features} x "
                 f"{linear.in_features} weights; the file is inconsistent"
             )
-        layer = GGMLLinear(q.to(device), qtype, linear.in_features)
+        if qtype == GGMLQuantizationType.Q4_1:  # exactly an int4 g32 layer: the decode tiles run it
+            layer = q4_1_as_int4(q, linear.out_features, linear.in_features).to(device)
+        else:
+            layer = GGMLLinear(q.to(device), qtype, linear.in_features)
         if linear.bias is not None:
             layer.bias = linear.bias  # still meta: assigned from the file below
         set_submodule(skeleton, name, layer)
@@ -152,6 +157,17 @@ def build_block_model(
     label = "GGUF blocks: " + ", ".join(f"{t} x{c}" for t, c in kept.most_common()) if kept else None
     log.info("kept %d matrices as GGUF blocks (%s)", sum(kept.values()), label)
     return model, label or "GGUF blocks: none (no matrix in a type the kernels run)"
+
+
+def q4_1_as_int4(rows: torch.Tensor, n: int, k: int) -> Int4Linear:
+    """Q4_1 rows (N, K/32 blocks of 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles, element j low
+    and j + 16 high) as an Int4Linear with groups of 32: the same codes, d as its scale and m as
+    its zero (fp16 both, as Int4Linear holds them), so it computes d * q + m bit for bit from the
+    same 20 bytes a block. (Q4_0 would need its zero, -8 d, stored: 2 bytes a block more.)"""
+    b = rows.view(n, k // 32, 20)
+    scales, zeros = (b[..., at : at + 2].contiguous().view(torch.float16).view(n, k // 32) for at in (0, 2))
+    codes = torch.cat([b[..., 4:] & 15, b[..., 4:] >> 4], dim=-1).reshape(n, k)
+    return Int4Linear(pack_nibbles(codes), scales, zeros, 32)
 
 
 # -- Q4_0 / Q4_1 as Int4Linear groups (weightsmith quantize) ------------------------------------
