@@ -28,6 +28,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -127,6 +129,15 @@ def hugepage_buffer(size: int) -> torch.Tensor:
     return buf
 
 
+@dataclass(frozen=True)
+class TileFormat:
+    """One layer's tiles: their size, the portable buffers (in PORTABLE order) to tiles, and back."""
+
+    nbytes: int
+    tile: Callable[..., torch.Tensor]
+    untile: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
 class Tiled:
     """The tiled mode of a quantized layer (mixed into weight_only.QuantizedLinear, before
     nn.Module): `tile_into` swaps its PORTABLE buffers for `tiles`, `untile` swaps them back;
@@ -144,7 +155,7 @@ class Tiled:
         return tuple(self._buffers[n] for n in self.PORTABLE) if self.tiles is None else self._from_tiles()
 
     def can_tile(self) -> bool:
-        return self.tiles is None and self.device.type == "cpu" and self._tileable()
+        return self.tiles is None and self.device.type == "cpu" and self.tile_format() is not None
 
     def tile_into(self, out: torch.Tensor) -> None:
         """Hold the weights as tiles in `out` (uint8, `tile_nbytes()`, e.g. a slice of a
@@ -170,15 +181,21 @@ class Tiled:
         self.untile()
         super()._load_from_state_dict(*args, **kwargs)
 
-    # What each layer kind defines:
-    def _tileable(self) -> bool:  # its shape takes whole tiles
-        return False
+    def tile_format(self) -> TileFormat | None:
+        """How this layer's PORTABLE buffers map to tiles; None where its kind or shape has none
+        (each tileable layer kind defines it)."""
+        return None
 
     def tile_nbytes(self) -> int:
-        raise NotImplementedError
+        fmt = self.tile_format()
+        return 0 if fmt is None else fmt.nbytes
 
-    def _make_tiles(self) -> torch.Tensor:  # the PORTABLE buffers as tiles
-        raise NotImplementedError
+    def _make_tiles(self) -> torch.Tensor:
+        fmt = self.tile_format()
+        assert fmt is not None, "tile_into on a layer that has no tiles (check can_tile)"
+        return fmt.tile(*(self._buffers[n] for n in self.PORTABLE))
 
-    def _from_tiles(self) -> tuple[torch.Tensor, ...]:  # the inverse
-        raise NotImplementedError
+    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
+        fmt = self.tile_format()
+        assert fmt is not None and self.tiles is not None
+        return fmt.untile(self.tiles)

@@ -221,17 +221,13 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(*self.rows(), dtype)
 
-    def _tileable(self) -> bool:
-        return qtiles.can_tile_int8(self.out_features, self.in_features)
-
-    def tile_nbytes(self) -> int:
-        return qtiles.nbytes_int8(self.out_features, self.in_features)
-
-    def _make_tiles(self) -> torch.Tensor:
-        return qtiles.tile_int8(self.qweight, self.scales)
-
-    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
-        return qtiles.untile_int8(self.tiles, self.out_features, self.in_features)
+    def tile_format(self) -> qtiles.TileFormat | None:
+        n, k = self.out_features, self.in_features
+        if not qtiles.can_tile_int8(n, k):
+            return None
+        return qtiles.TileFormat(
+            qtiles.nbytes_int8(n, k), qtiles.tile_int8, lambda t: qtiles.untile_int8(t, n, k)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16:
@@ -291,17 +287,15 @@ class Int4Linear(QuantizedLinear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
 
-    def _tileable(self) -> bool:
-        return qtiles.can_tile_int4(self.out_features, self.in_features, self.group_size)
-
-    def tile_nbytes(self) -> int:
-        return qtiles.nbytes_int4(self.out_features, self.in_features, self.group_size)
-
-    def _make_tiles(self) -> torch.Tensor:
-        return qtiles.tile_int4(self.qweight, self.scales, self.zeros, self.group_size)
-
-    def _from_tiles(self) -> tuple[torch.Tensor, ...]:
-        return qtiles.untile_int4(self.tiles, self.out_features, self.in_features, self.group_size)
+    def tile_format(self) -> qtiles.TileFormat | None:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if not qtiles.can_tile_int4(n, k, g):
+            return None
+        return qtiles.TileFormat(
+            qtiles.nbytes_int4(n, k, g),
+            lambda q, s, z: qtiles.tile_int4(q, s, z, g),
+            lambda t: qtiles.untile_int4(t, n, k, g),
+        )
 
     def _apply(self, fn, recurse=True):
         """The scales and zeros stay fp16: a model cast to fp32 or bf16 keeps its int4 values."""
