@@ -315,3 +315,24 @@ def test_version_1_folder_with_fp32_int4_scales_loads_rounded_to_fp16(tiny_hf_di
     assert layer.scales.dtype == torch.float16
     assert torch.equal(layer.scales, old["model.layers.0.self_attn.q_proj.scales"].half())
     assert torch.equal(layer.qweight, old["model.layers.0.self_attn.q_proj.qweight"])
+
+
+def test_version_1_scale_beyond_fp16_is_one_line_naming_the_tensor(tiny_hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from weightsmith.errors import CheckpointError
+
+    ckpt = _tiny(tiny_hf_dir)
+    wo.quantize_model(ckpt.model, 4, 32)
+    out = save_quantized(ckpt.model, ckpt.tokenizer, tmp_path / "q")
+    tensors = {n: (t.float() if n.endswith((".scales", ".zeros")) else t)
+               for n, t in load_file(out / "model.safetensors").items()}  # fmt: skip
+    tensors["model.layers.0.mlp.up_proj.zeros"][0, 0] = 1e6
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    data = json.loads((out / "config.json").read_text())
+    data["quantization_config"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(out)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.up_proj.zeros" in msg and "fp16" in msg and "\n" not in msg

@@ -178,7 +178,10 @@ def build_quantized_model(
             module_name, _, attr = name.rpartition(".")
             # Copied into the layer's own (allocator-aligned) buffer: a tensor read from the file
             # can sit at any offset, and the packed CPU kernels crash on unaligned weights.
-            model.get_submodule(module_name)._buffers[attr].copy_(tensor)
+            buffer = model.get_submodule(module_name)._buffers[attr]
+            if buffer.dtype == torch.float16 and tensor.dtype != torch.float16:  # a version-1 file
+                _check_fits_fp16(tensor, name, source)
+            buffer.copy_(tensor)
             filled.add(name)
         else:
             assign_parameter(model, name, tensor.to(device=device, dtype=dtype))
@@ -188,6 +191,16 @@ def build_quantized_model(
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: quantized checkpoint is missing tensors {shown}")
     return _finish(model, cfg, device, decode_layout)
+
+
+def _check_fits_fp16(tensor: torch.Tensor, name: str, source: str) -> None:
+    """A version-1 int4 scale or zero (fp32) must round to a finite fp16 value."""
+    t = tensor.float()
+    if bool((torch.isfinite(t) & ~torch.isfinite(t.half())).any()):
+        raise CheckpointError(
+            f"{source}: tensor {name!r} holds values beyond fp16's range (|x| > 65504), which int4 "
+            "scales and zeros are held in; requantize the model from its original weights"
+        )
 
 
 def _quantized_skeleton(
