@@ -27,6 +27,12 @@ weightsmith/grammar.py: a list of at least 100 person records, so the answer can
 within the run): the per-token cost of structured output, read as the ratio to "weightsmith"
 (target: at most 15% slower).
 
+"read bound, fp32" and "read bound, int4 g32+int8 head" are no model: each reads a buffer as
+large as the weights one decode step of that model reads (machine.ReadSweep: plain vector
+loads on the same threads, huge pages), timed like the contenders. It is the most any decoder
+of those weights can reach on this machine as it is now; the ratios print every same-sized
+contender's share of it, and what share doubling transformers eager would take.
+
     python benchmarks/generate.py [--threads 2] [--new-tokens 64] [--runs 5]
 """
 
@@ -40,13 +46,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_description  # beside this file
+from machine import ReadSweep, cpu_description  # beside this file
 
 #: Column names. INT4 is the mix llama.cpp's Q4 files have: int4 g32 projections, int8 LM head.
 INT4 = "weightsmith int4 g32+int8 head"
 INT4_BF16 = "weightsmith int4 g32 (bf16)"
 INT4_COMPILED = "weightsmith int4 compiled"
 INT8 = "weightsmith int8"
+#: The read-bandwidth bound columns: (column, the contenders that read those same weight bytes).
+BOUNDS = {
+    "read bound, fp32": (
+        "weightsmith",
+        "transformers eager",
+        "transformers static cache",
+        "llama.cpp F32 export",
+    ),
+    f"read bound, {INT4.removeprefix('weightsmith ')}": (INT4,),
+}
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -123,6 +139,33 @@ PEOPLE_SCHEMA = {
     },
 }
 SCHEMA_COLUMN = "weightsmith, JSON schema"
+
+
+def step_bytes(path, bits: int | None = None, head_bits: int | None = None) -> int:
+    """Bytes one decode step of our model reads: every tensor of the decoder layers, the final
+    norm and the LM head (a tied embedding once, as the head; the embedding itself gives one
+    row a token)."""
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    model = load_checkpoint(path, dtype=torch.float32).model
+    if bits is not None:
+        from weightsmith.quant.weight_only import quantize_model
+
+        quantize_model(model, bits, 32 if bits == 4 else None, head_bits=head_bits)
+    seen, total = set(), 0
+    for part in (model.lm_head, model.model.norm, model.model.layers):
+        for t in (*part.parameters(), *part.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def bench_read_bound(nbytes: int, threads: int):
+    """Tokens/s if a step did nothing but read `nbytes` of weights (machine.ReadSweep): gen(n)
+    reads them n times. No prefill figure."""
+    sweep = ReadSweep(nbytes, threads)
+    return (lambda n: sweep(n)), (lambda: None)
 
 
 def bench_transformers(path, prompt_ids, prefill_ids, cache: str | None):
@@ -257,7 +300,8 @@ def interleaved_rates(contenders: dict, new_tokens: int, prefill_len: int, runs:
     results = {}
     for name, s in samples.items():
         t1, tn, tp = (statistics.median(s[k]) for k in ("t1", "tn", "tp"))
-        results[name] = {"decode_tok_s": new_tokens / (tn - t1), "prefill_tok_s": prefill_len / tp}
+        prefill = prefill_len / tp if not name.startswith("read bound") else float("nan")
+        results[name] = {"decode_tok_s": new_tokens / (tn - t1), "prefill_tok_s": prefill}
     return results
 
 
@@ -298,10 +342,10 @@ def llama_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
     return out
 
 
-def print_ratios(results: dict) -> None:
+def print_ratios(results: dict, bound_bytes: dict[str, int]) -> None:
     ours = results.get("weightsmith")  # absent when --only leaves it out
     for name, r in results.items():
-        if ours and not name.startswith("weightsmith"):
+        if ours and not name.startswith(("weightsmith", "read bound")):
             print(
                 f"ratio weightsmith / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                 f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"
@@ -320,6 +364,20 @@ def print_ratios(results: dict) -> None:
         if comp in results and eager in results:
             ratio = results[comp]["decode_tok_s"] / results[eager]["decode_tok_s"]
             print(f"ratio {comp} / {eager}: decode {ratio:.2f}x")
+    for bound, readers in BOUNDS.items():
+        if bound not in results:
+            continue
+        limit = results[bound]["decode_tok_s"]
+        shares = ", ".join(
+            f"{name} {results[name]['decode_tok_s'] / limit:.0%}" for name in readers if name in results
+        )
+        print(
+            f"{bound} ({bound_bytes[bound] / 1e6:.1f} MB a token at {limit * bound_bytes[bound] / 1e9:.1f} GB/s): "
+            f"{limit:.1f} tok/s; share of it: {shares}"
+        )
+    if "read bound, fp32" in results and "transformers eager" in results:
+        need = 2 * results["transformers eager"]["decode_tok_s"] / results["read bound, fp32"]["decode_tok_s"]
+        print(f"2x transformers eager (fp32) would need {need:.0%} of the fp32 read bound")
 
 
 def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
@@ -351,6 +409,18 @@ def our_contenders(args, path: Path, prompt_ids, prefill_ids) -> dict:
     return c
 
 
+def bound_contenders(args, path: Path) -> tuple[dict, dict[str, int]]:
+    """The read-bandwidth bounds (BOUNDS) of the fp32 and int4 models: {} where no C compiler."""
+    sizes = {"read bound, fp32": step_bytes(path)}
+    if not args.skip_quantized:
+        sizes[f"read bound, {INT4.removeprefix('weightsmith ')}"] = step_bytes(path, 4, 8)
+    try:
+        return {name: bench_read_bound(n, args.threads) for name, n in sizes.items()}, sizes
+    except RuntimeError as exc:
+        print(f"read bound: not measured ({exc})")
+        return {}, sizes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -363,6 +433,9 @@ def main() -> None:
     ap.add_argument("--skip-quantized", action="store_true", help="skip weightsmith bf16/int8/int4 columns")
     ap.add_argument("--skip-compiled", action="store_true", help="skip the torch.compile (--compile) columns")
     ap.add_argument("--skip-extra", action="store_true", help="only the columns the ratios to peers need")
+    ap.add_argument(
+        "--skip-bound", action="store_true", help="skip the read-bandwidth bound columns (machine.ReadSweep)"
+    )
     ap.add_argument("--isa", help="force our int4/int8 kernels' instruction set (e.g. avx2)")
     ap.add_argument("--llama-cpp-site", help="a folder with another llama-cpp-python build (pip --target)")
     ap.add_argument(
@@ -394,6 +467,8 @@ def main() -> None:
     print(f"CPU: {cpu_description()} at start")
     contenders = our_contenders(args, path, prompt_ids, prefill_ids)
     contenders.update(llama_contenders(args, path, prompt_ids, prefill_ids))
+    bounds, bound_bytes = bound_contenders(args, path) if not args.skip_bound else ({}, {})
+    contenders.update(bounds)
     if args.only:
         keep = {name.strip() for name in args.only.split(",")}
         contenders = {name: c for name, c in contenders.items() if name in keep}
@@ -404,8 +479,8 @@ def main() -> None:
     )
     print(f"{'':32}{'decode tok/s':>14}{'prefill tok/s':>15}")
     for name, r in results.items():
-        print(f"{name:32}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}")
-    print_ratios(results)
+        print(f"{name:32}{r['decode_tok_s']:14.1f}{r['prefill_tok_s']:15.1f}".replace("nan", "  -"))
+    print_ratios(results, bound_bytes)
 
 
 if __name__ == "__main__":
