@@ -163,10 +163,26 @@ def test_max_tokens_zero_needs_echo(http) -> None:
     assert echo["text"] == "Hi there" and echo["logprobs"] is None
 
 
-def test_models_report_the_weights_hash(http, server) -> None:
+def test_models_report_the_weights_hash(http, server, monkeypatch) -> None:
+    import threading
+
+    import weightsmith.eval.cache
+
+    threads = []
+
+    def recording(model):
+        threads.append(threading.current_thread().name)
+        return model_fingerprint(model)
+
+    monkeypatch.setattr(weightsmith.eval.cache, "model_fingerprint", recording)
+    monkeypatch.setattr(server.state, "_weights_sha256", None)
     data = http.get("/models").json()["data"]
     digest = model_fingerprint(server.state.loaded.llm.model)
     assert [m["weights_sha256"] for m in data] == [digest, digest]
+    # Hashed once, on the model's thread: parallel tensor work on any other thread gives OpenMP a
+    # second thread team, after which every decode step's barriers sleep instead of spinning.
+    assert http.get("/models").json()["data"][0]["weights_sha256"] == digest
+    assert threads == ["weightsmith-scheduler"]
 
 
 def test_a_guarded_server_refuses_prompt_scoring(tiny_hf_dir) -> None:

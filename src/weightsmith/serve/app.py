@@ -163,17 +163,28 @@ class ServerState:
             )
         return self.loaded, self.scheduler
 
-    def weights_sha256(self) -> str:
+    async def weights_sha256(self) -> str:
         """The served weights' fingerprint (every tensor, adapters included: eval.cache), computed
-        once. Clients spreading one run over replicas check the replicas agree and key their
-        caches on it rather than on the URL (weightsmith.endpoints)."""
+        once, on the model's thread between decode steps (like all model work: see
+        model_calls.py). Clients spreading one run over replicas check the replicas agree and
+        key their caches on it rather than on the URL (weightsmith.endpoints)."""
+        if self._weights_sha256 is None:
+            _, scheduler = self.require()
+            try:
+                future = scheduler.call(self._fingerprint)
+            except QueueFull as e:
+                raise _busy(e) from None
+            await asyncio.wrap_future(future)
+        assert self._weights_sha256 is not None
+        return self._weights_sha256
+
+    def _fingerprint(self) -> None:
         with self._hash_lock:
             if self._weights_sha256 is None:
                 from weightsmith.eval.cache import model_fingerprint
 
                 assert self.loaded is not None
                 self._weights_sha256 = model_fingerprint(self.loaded.llm.model)
-            return self._weights_sha256
 
     def model_names(self) -> list[str]:
         base = self.served_name
@@ -290,7 +301,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> JSONResponse:
         state.require()
         base = state.served_name
-        weights = await off_loop(state.weights_sha256)
+        weights = await state.weights_sha256()
         data = [
             {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
              "parent": None if name == base else base, "max_model_len": state.scheduler.max_len,
@@ -386,6 +397,11 @@ async def _completions(state: ServerState, http: Request) -> Response:
     return await respond(job, http, builder, req, req.logprobs is not None)
 
 
+def _busy(e: QueueFull) -> ApiError:
+    return ApiError(429, f"the server is busy ({e}); retry after {RETRY_AFTER} s", type="rate_limit_error",
+                    code="queue_full", headers={"Retry-After": str(RETRY_AFTER)})  # fmt: skip
+
+
 async def score_prompts(
     scheduler: Scheduler, llm: LLM, prompts: list[list[int]], adapter: str | None, top: int
 ) -> list[list[Any]]:
@@ -398,8 +414,7 @@ async def score_prompts(
                 lambda ids=ids: score_prompt(llm.model, ids, top, adapter, scheduler.max_len)
             )
         except QueueFull as e:
-            raise ApiError(429, f"the server is busy ({e}); retry after {RETRY_AFTER} s", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER)}) from None  # fmt: skip
+            raise _busy(e) from None
         try:
             out.append(await asyncio.wrap_future(future))
         except asyncio.CancelledError:

@@ -3,7 +3,12 @@
 The scheduler's thread owns the model (its adapters' row selection, its caches), so anything
 else that runs the model is handed to it: `submit(fn)` queues a call and returns a Future, and
 the scheduler runs one call per step (`run_one`), so running streams keep getting a token
-meanwhile. Not here: what the calls compute (prompt_logprobs.py), the loop (scheduler.py).
+meanwhile. That includes anything that reads the weights through PyTorch or our C kernels
+(`state_dict`, hashing): an OpenMP-parallel op on a second thread gives the OpenMP runtime
+(libgomp) a second thread team, and from then on, counting more threads than cores, it stops
+spinning at barriers and puts threads to sleep. A decode step passes a few hundred
+barriers, so every token paid a few hundred sleeps and wake-ups (measured: one client's
+decode 1.4x slower, int4 on 2 cores). Not here: what the calls compute (prompt_logprobs.py), the loop (scheduler.py).
 """
 
 from __future__ import annotations
