@@ -293,15 +293,15 @@ def round_inputs_like_the_kernels(monkeypatch, rows: int | None = None) -> None:
     """Give the int4/int8 (and GGUF block) layers' decode-sized fp32 inputs the C kernels' int8 rounding
     (quantize_act) before their own forward: with the kernels off, the PyTorch path then
     computes what the kernels and the fused step compute, up to float summation order.
-    `rows`: the most rows rounded (default: those the layers send to the kernels)."""
+    `rows`: also round inputs of up to this many rows (the fused step's batch) in every layer."""
     from weightsmith.quant import weight_only as wo
     from weightsmith.quant.ggml_linear import GGMLLinear
 
-    rows = wo.KERNEL_MAX_ROWS if rows is None else rows
     for cls in (wo.Int4Linear, wo.Int8Linear, GGMLLinear):
 
         def forward(self, x, _original=cls.forward):
-            if x.dtype == torch.float32 and x.numel() <= rows * self.in_features:
+            most = max(self.kernel_rows(), rows or 0)
+            if x.dtype == torch.float32 and x.numel() <= most * self.in_features:
                 x = quantize_act(x)[0].float()
             return _original(self, x)
 

@@ -178,7 +178,14 @@ def _assert_same_decode(on, off, rows: int, quantized: bool = False) -> None:
     for row in range(rows):
         n = cache_off.lengths[row]
         for a, b in ((cache_on.k, cache_off.k), (cache_on.v, cache_off.v)):
-            torch.testing.assert_close(a[:, row, :, :n], b[:, row, :, :n], rtol=1e-4, atol=1e-5)
+            a, b = a[:, row, :, :n], b[:, row, :, :n]
+            if not quantized:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+                continue
+            # As the logits: an int8 rounding flip moves a few entries, the typical one agrees.
+            size = max(1.0, b.abs().max().item())
+            assert (a - b).abs().median() <= 1e-5 * size
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=ONE_FLIP * size)
 
 
 def _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=None, **kw):
@@ -419,9 +426,12 @@ def _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, **kw):
     kernels_on(monkeypatch, True)
     on = _decode(model, plan, **kw)
     kernels_on(monkeypatch, False)
-    off = _decode(model, plan, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        round_inputs_like_the_kernels(mp)  # a tiled layer's kernels take short prefills too
+        off = _decode(model, plan, **kw)
     assert fused_calls == []
-    _assert_same_decode(on, off, len(kw.get("prompts", PROMPTS)))
+    quantized = any(isinstance(m, (wo.Int4Linear, wo.Int8Linear)) for m in model.modules())
+    _assert_same_decode(on, off, len(kw.get("prompts", PROMPTS)), quantized)
     return on, off
 
 
@@ -450,7 +460,7 @@ def test_fused_decode_of_a_servers_batch(variant, model_dirs, native_lib, monkey
     rows = 13
     prompts = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] for i in range(rows)]
     steps = [[3 + i for i in range(rows)], [40 + i for i in range(rows)]]
-    # The prefill (13 rows) is exact; the 13-row decode steps are rounded.
+    # The 13-row decode steps are rounded in every layer, the prefill in the tiled ones.
     _on_and_off(model, plan, monkeypatch, fused_calls, round_rows=rows, prompts=prompts, steps=steps)
 
 

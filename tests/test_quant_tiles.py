@@ -42,7 +42,7 @@ def test_tiles_hold_the_same_bytes_and_untile_exactly(n, k, group):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 37])
 @pytest.mark.parametrize(
     ("n", "group", "k"), [(16, 32, 32), (48, 32, 96), (32, 32, 224), (32, 64, 320), (16, 128, 256)]
 )
@@ -148,7 +148,7 @@ def test_int8_tiles_untile_exactly(n, k):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 37])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 224)])
 def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
     layer = _int8_layer(n, k, seed=k + rows, bias=bias)
@@ -165,11 +165,12 @@ def test_a_tiled_int8_layer_keeps_its_state_dict_and_forward(native_lib):
     layer = _int8_layer(32, 96, seed=4, bias=True)
     before = {n: t.clone() for n, t in layer.state_dict().items()}
     x = torch.randn(3, 96)
-    want, want_long = layer(x), layer(torch.ones(12, 96))
+    long = torch.ones(wo.TILED_KERNEL_MAX_ROWS + 1, 96)
+    want, want_long = layer(x), layer(long)
     layer.tile_into(torch.empty(layer.tile_nbytes(), dtype=torch.uint8))
     assert layer.qweight is None and layer.scales is None
     assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(layer(torch.ones(12, 96)), want_long)  # the exact path, from the tiles
+    assert torch.equal(layer(long), want_long)  # the exact path, from the tiles
     layer.untile()
     assert torch.equal(layer.qweight, before["qweight"]) and torch.equal(layer.scales, before["scales"])

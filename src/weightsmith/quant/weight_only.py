@@ -23,8 +23,8 @@ The CPU decode layout (weightsmith.cpu_decode.layout) may put a layer in 16-row 
 portable tensors either way, and a move or cast untiles first.
 
 Which matmul runs (measured on a 2-core AVX-512 CPU, torch 2.13, see the issue notes):
-- fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): our C
-  kernels (cpu_qdot.c, built on first use), which quantize the input to int8 per block of
+- fp32 activations on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding), or
+  `TILED_KERNEL_MAX_ROWS` for a layer in tiles (short prompts too): our C kernels (cpu_qdot.c, built on first use), which quantize the input to int8 per block of
   32 and multiply with the CPU's integer dot-product instructions, reading the weights as
   the layer holds them (rows or tiles, no second copy): the matrix is read once at 4 or 8
   bits a weight, and the result is the exact path's up to the input's rounding (as in
@@ -58,6 +58,13 @@ from weightsmith.quant import tiles as qtiles
 #: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
 #: tie around 16, where the matmul stops being bound by reading the weights.
 KERNEL_MAX_ROWS = 8
+#: The same for a layer in 16-row tiles (the decode layout), whose kernels reuse each tile's
+#: weights for every input row. Measured on the default model's 210 projections (2 cores, Intel
+#: Xeon AVX-512): int4 tiles beat dequantize + `F.linear` 8.6x at 8 rows, 2.2x at 128 and still
+#: 1.3x at 512 with AVX512-VNNI; forced to AVX2 (AMD EPYC's path) 1.03x at 128 and 0.8x at 256
+#: (int8 alike). One limit for every instruction set, so which path a prompt takes, and its
+#: rounding, does not depend on the CPU.
+TILED_KERNEL_MAX_ROWS = 128
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +181,16 @@ class QuantizedLinear(qtiles.Tiled, nn.Module, abc.ABC):
         self._runtime = {}
         return super()._apply(fn, recurse)
 
+    def kernel_rows(self) -> int:
+        """The most rows of fp32 CPU input this layer sends to the C kernels."""
+        return TILED_KERNEL_MAX_ROWS if self.tiles is not None else KERNEL_MAX_ROWS
+
     def _kernels(self, x: torch.Tensor):
         """The C kernel library when this input should use it, else None."""
         if (
             x.dtype != torch.float32
             or x.device.type != "cpu"
-            or x.numel() > KERNEL_MAX_ROWS * self.in_features
+            or x.numel() > self.kernel_rows() * self.in_features
         ):
             return None
         return cpu_kernels.library()
