@@ -103,6 +103,7 @@ enum { SCORE_BLOCK = 32, VALUE_SLICE = 16, HEADS_AT_ONCE = 4, SPLIT_FROM = 256 }
 /* Eight floats (GCC and Clang vector extensions: AVX with -march=native, SSE pairs without). */
 typedef float vf8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 static inline vf8 load8(const float *p) {
@@ -124,6 +125,39 @@ static inline vf8 madd8(vf8 a, vf8 b, vf8 c) {
 #else
     return a * b + c;
 #endif
+}
+
+/* Lanes of a where the mask (a vector comparison's result) is set, else of b. */
+static inline vf8 sel8(vi8 mask, vf8 a, vf8 b) { return (vf8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
+
+/* exp of eight floats (Cody-Waite reduction by ln 2, a degree-7 polynomial on |r| <= ln2/2, the
+ * power of two put in the exponent bits): within 1 ulp of exp for x in [-87, 88.7]; below -87,
+ * 0 (where expf gives subnormals, then 0); above ln(FLT_MAX), infinity; NaN stays NaN. The
+ * softmax and SiLU call it on whole vectors: scalar expf made a tenth of a small model's step. */
+static inline vf8 vexp8(vf8 x) {
+    const vf8 lo = (vf8){0} - 87.0f, hi = (vf8){0} + 88.0f, magic = (vf8){0} + 12582912.0f; /* 1.5 * 2^23 */
+    vf8 c = sel8(x < lo, lo, x);
+    c = sel8(c > hi, hi, c);
+    const vf8 t = madd8(c, (vf8){0} + 1.44269504088896341f, magic); /* round(c / ln2) in the low bits */
+    const vf8 n = t - magic;
+    vf8 r = madd8(n, (vf8){0} - 0.693359375f, c); /* c - n * ln2, ln2 in two parts */
+    r = madd8(n, (vf8){0} + 2.12194440e-4f, r);
+    vf8 p = (vf8){0} + 1.0f / 5040.0f;
+    p = madd8(p, r, (vf8){0} + 1.0f / 720.0f);
+    p = madd8(p, r, (vf8){0} + 1.0f / 120.0f);
+    p = madd8(p, r, (vf8){0} + 1.0f / 24.0f);
+    p = madd8(p, r, (vf8){0} + 1.0f / 6.0f);
+    p = madd8(p, r, (vf8){0} + 0.5f);
+    p = madd8(p, r, (vf8){0} + 1.0f);
+    p = madd8(p, r, (vf8){0} + 1.0f);
+    vu8 bits;
+    memcpy(&bits, &t, sizeof bits);
+    const vu8 scale = (bits - (vu8){0} - 0x4b400000u + 127u) << 23; /* 2^n as float bits */
+    vf8 two_n;
+    memcpy(&two_n, &scale, sizeof two_n);
+    vf8 e = sel8(x < lo, (vf8){0}, p * two_n);
+    e = sel8(x > (vf8){0} + 88.7228f, (vf8){0} + INFINITY, e);
+    return sel8(x != x, x, e);
 }
 
 static inline float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
@@ -167,15 +201,15 @@ ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t
     }
 }
 
-/* Scores of positions t0..t1-1 (at most the row's) for the G query heads of (b, kh). */
-static void attn_scores(const ws_attn *a, int64_t b, int64_t kh, int64_t t0, int64_t t1) {
+/* Scores of positions t0..t1-1 (at most the row's) for query heads g0..g1-1 of the G of (b, kh). */
+static void attn_scores(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int64_t g1, int64_t t0, int64_t t1) {
     const ws_model *m = a->m;
     const int64_t D = m->head_dim, head = b * m->n_heads + kh * a->G, lo = attn_lo(a, b);
     const int64_t base = a->layer * m->s_layer + b * m->s_row + kh * m->s_head;
-    for (int64_t g = 0; g < a->G; g += HEADS_AT_ONCE) {
+    for (int64_t g = g0; g < g1; g += HEADS_AT_ONCE) {
         const float *q = a->q + (head + g) * D;
         float *sc = a->scores + (head + g) * a->stride - lo;
-        switch (a->G - g < HEADS_AT_ONCE ? a->G - g : HEADS_AT_ONCE) {
+        switch (g1 - g < HEADS_AT_ONCE ? g1 - g : HEADS_AT_ONCE) {
         case 1: scores_n(a, q, sc, base, t0, t1, 1); break;
         case 2: scores_n(a, q, sc, base, t0, t1, 2); break;
         case 3: scores_n(a, q, sc, base, t0, t1, 3); break;
@@ -190,7 +224,15 @@ static void attn_softmax(const ws_attn *a, int64_t b, int64_t h) {
     float *s = a->scores + (b * a->m->n_heads + h) * a->stride, top = -INFINITY, total = 0;
 #pragma omp simd reduction(max : top)
     for (int64_t t = 0; t < n; t++) top = s[t] > top ? s[t] : top;
-    for (int64_t t = 0; t < n; t++) total += (s[t] = expf(s[t] - top));
+    const int64_t n8 = n & ~(int64_t)7;
+    vf8 sum = {0};
+    for (int64_t t = 0; t < n8; t += 8) {
+        const vf8 e = vexp8(load8(s + t) - top);
+        memcpy(s + t, &e, sizeof e);
+        sum += e;
+    }
+    total = hsum8(sum);
+    for (int64_t t = n8; t < n; t++) total += (s[t] = expf(s[t] - top));
 #pragma omp simd
     for (int64_t t = 0; t < n; t++) s[t] /= total;
 }
@@ -219,17 +261,17 @@ ALWAYS_INLINE void values_n(const ws_attn *a, const float *w, const void *v, int
         values_loop(a, w, v, lo, p, out, 0, n, nv);
 }
 
-/* out[d0..d1) of the G query heads of (b, kh): their weights times the values, summed over the
- * positions in order (eight lanes at a time, the last D % 8 one by one). */
-static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t d0, int64_t d1) {
+/* out[d0..d1) of query heads g0..g1-1 of the G of (b, kh): their weights times the values,
+ * summed over the positions in order (eight lanes at a time, the last D % 8 one by one). */
+static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int64_t g1, int64_t d0, int64_t d1) {
     const ws_model *m = a->m;
     const int64_t D = m->head_dim, head = b * m->n_heads + kh * a->G, lo = attn_lo(a, b), p = a->pos[b];
     const int64_t esize = m->kv_bf16 ? 2 : 4, nv = (d1 - d0) / 8, d8 = d0 + 8 * nv;
     const char *v = (const char *)m->v_cache + (a->layer * m->s_layer + b * m->s_row + kh * m->s_head) * esize;
-    for (int64_t g = 0; g < a->G; g += HEADS_AT_ONCE) {
+    for (int64_t g = g0; g < g1; g += HEADS_AT_ONCE) {
         const float *w = a->scores + (head + g) * a->stride - lo;
         float *out = a->out + (head + g) * D;
-        const int n = a->G - g < HEADS_AT_ONCE ? (int)(a->G - g) : HEADS_AT_ONCE;
+        const int n = g1 - g < HEADS_AT_ONCE ? (int)(g1 - g) : HEADS_AT_ONCE;
         for (int j = 0; j < n; j++) /* the lanes past the last eight */
             for (int64_t d = d8; d < d1; d++) {
                 float acc = 0;
@@ -255,11 +297,13 @@ static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t d0, int
     }
 }
 
-static void attn_group(const ws_attn *a, int64_t b, int64_t kh) {
+/* All three parts for query heads g0..g1-1 of (b, kh). */
+static void attn_heads(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int64_t g1) {
     const int64_t D = a->m->head_dim;
-    attn_scores(a, b, kh, attn_lo(a, b), a->pos[b] + 1);
-    for (int64_t g = 0; g < a->G; g++) attn_softmax(a, b, kh * a->G + g);
-    for (int64_t d = 0; d < D; d += VALUE_SLICE) attn_values(a, b, kh, d, d + VALUE_SLICE < D ? d + VALUE_SLICE : D);
+    attn_scores(a, b, kh, g0, g1, attn_lo(a, b), a->pos[b] + 1);
+    for (int64_t g = g0; g < g1; g++) attn_softmax(a, b, kh * a->G + g);
+    for (int64_t d = 0; d < D; d += VALUE_SLICE)
+        attn_values(a, b, kh, g0, g1, d, d + VALUE_SLICE < D ? d + VALUE_SLICE : D);
 }
 
 static void attention(const ws_attn *a, int64_t B) {
@@ -269,27 +313,48 @@ static void attention(const ws_attn *a, int64_t B) {
     /* Three parts with a barrier after each pay off from a few hundred positions (measured). */
     const int one_pass = ws_threads <= 1 || groups % ws_threads == 0 || groups >= 4 * ws_threads ||
                          a->stride < SPLIT_FROM;
+    /* In one pass, single query heads where they split more evenly among the threads than the
+     * groups do (one row of 3 kv heads, 9 query heads, on 2 threads: 5 and 4 heads, not 6 and 3).
+     * A head's numbers are the same either way: its sums run on their own. */
+    const int64_t T = ws_threads, heads = B * m->n_heads;
+    const int by_head = one_pass && (groups + T - 1) / T * heads > (heads + T - 1) / T * groups;
 #pragma omp parallel num_threads(ws_threads)
     {
-        if (one_pass) {
+        if (by_head) {
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < groups; i++) attn_group(a, i / m->n_kv, i % m->n_kv);
+            for (int64_t i = 0; i < heads; i++) {
+                const int64_t b = i / m->n_heads, kh = i % m->n_heads / a->G, g = i % a->G;
+                attn_heads(a, b, kh, g, g + 1);
+            }
+        } else if (one_pass) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < groups; i++) attn_heads(a, i / m->n_kv, i % m->n_kv, 0, a->G);
         } else {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < groups * blocks; i++) {
                 const int64_t b = i / blocks / m->n_kv, kh = i / blocks % m->n_kv;
                 const int64_t t0 = attn_lo(a, b) + i % blocks * SCORE_BLOCK, end = a->pos[b] + 1;
-                if (t0 < end) attn_scores(a, b, kh, t0, t0 + SCORE_BLOCK < end ? t0 + SCORE_BLOCK : end);
+                if (t0 < end) attn_scores(a, b, kh, 0, a->G, t0, t0 + SCORE_BLOCK < end ? t0 + SCORE_BLOCK : end);
             }
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * m->n_heads; i++) attn_softmax(a, i / m->n_heads, i % m->n_heads);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < groups * slices; i++) {
                 const int64_t d0 = i % slices * VALUE_SLICE, d1 = d0 + VALUE_SLICE;
-                attn_values(a, i / slices / m->n_kv, i / slices % m->n_kv, d0, d1 < m->head_dim ? d1 : m->head_dim);
+                attn_values(a, i / slices / m->n_kv, i / slices % m->n_kv, 0, a->G, d0, d1 < m->head_dim ? d1 : m->head_dim);
             }
         }
     }
+}
+
+/* g <- silu(g) * u = g / (1 + exp(-g)) * u, n floats. */
+static void silu_mul(float *g, const float *u, int64_t n) {
+    const int64_t n8 = n & ~(int64_t)7;
+    for (int64_t i = 0; i < n8; i += 8) {
+        const vf8 x = load8(g + i), y = x / ((vf8){0} + 1.0f + vexp8(-x)) * load8(u + i);
+        memcpy(g + i, &y, sizeof y);
+    }
+    for (int64_t i = n8; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* x (B, hidden): the rows' token embeddings, overwritten; or NULL: rows tokens[b] of m->embed
@@ -327,9 +392,9 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         const ws_layer *L = m->layers + l;
         rmsnorm(x, L->norm1, B, H, m->eps, h);
         act.src = NULL; /* h is new: quantized once for q, k and v */
-        if (ws_proj_matmul(&L->q, h, B, q, &act) || ws_proj_matmul(&L->k, h, B, k, &act) ||
-            ws_proj_matmul(&L->v, h, B, v, &act))
-            goto oom;
+        const ws_proj *qkv[] = {&L->q, &L->k, &L->v}, *gate_up[] = {&L->gate, &L->up};
+        float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
+        if (ws_projs_matmul(qkv, 3, h, B, qkv_out, &act)) goto oom;
         for (int64_t b = 0; b < B; b++) {
             const float *cb = cos + pos[b] * D, *sb = sin + pos[b] * D;
             for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, D);
@@ -347,8 +412,8 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         rmsnorm(x, L->norm2, B, H, m->eps, h);
         act.src = NULL; /* once for gate and up */
-        if (ws_proj_matmul(&L->gate, h, B, g, &act) || ws_proj_matmul(&L->up, h, B, u, &act)) goto oom;
-        for (int64_t i = 0; i < B * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        if (ws_projs_matmul(gate_up, 2, h, B, gate_up_out, &act)) goto oom;
+        silu_mul(g, u, B * I);
         act.src = NULL;
         if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];

@@ -221,6 +221,29 @@ static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, con
     free(partial);
 }
 
+int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act) {
+    int together = n <= WS_MAX_PROJS && (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES);
+    for (int i = 1; i < n; i++)
+        together &= p[i]->kind == p[0]->kind && p[i]->k == p[0]->k && p[i]->group == p[0]->group;
+    if (!together) {
+        int status = 0;
+        for (int i = 0; i < n && status == 0; i++) status = ws_proj_matmul(p[i], x, M, y[i], act);
+        return status;
+    }
+    ws_qact own = {0};
+    ws_qact *a = act ? act : &own;
+    const int bits4 = p[0]->kind == WS_INT4_TILES;
+    int64_t N[WS_MAX_PROJS];
+    const uint8_t *tiles[WS_MAX_PROJS];
+    const float *bias[WS_MAX_PROJS];
+    for (int i = 0; i < n; i++) N[i] = p[i]->n, tiles[i] = p[i]->q, bias[i] = p[i]->bias;
+    int status = ws_qact_quantize(a, x, M, p[0]->k, bits4 ? WS_QACT_INT4 : WS_QACT_INT8);
+    if (status == 0)
+        status = bits4 ? ws_q4t_projs(a, n, N, tiles, p[0]->group, bias, y) : ws_q8t_projs(a, n, N, tiles, bias, y);
+    if (!act) ws_qact_free(&own);
+    return status;
+}
+
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act) {
     ws_qact own = {0};
     ws_qact *a = act ? act : &own;

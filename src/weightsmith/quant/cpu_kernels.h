@@ -47,6 +47,12 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *sc
                int64_t G, const float *bias, float *y);
 int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y);
 int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y);
+/* Up to WS_MAX_PROJS tiled projections of one input in one parallel loop (cpu_qdot.c). */
+enum { WS_MAX_PROJS = 3 };
+int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G,
+                 const float *const *bias, float *const *y);
+int ws_q8t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, const float *const *bias,
+                 float *const *y);
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
                 float *y);
 
@@ -93,5 +99,9 @@ int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, co
 /* These return 0, or -1 when out of memory. `act` (may be NULL) holds the quantized input
  * for the int4 / int8 projections (the rounded one for bf16), reused while its `src` is x. */
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act);
+/* y[i] = x @ p[i].W.T (+ bias) for i < n (n <= WS_MAX_PROJS): projections of the same input, in
+ * one parallel loop where they are all int4 tiles of one group size or all int8 tiles, else one
+ * after another. */
+int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act);
 
 #endif

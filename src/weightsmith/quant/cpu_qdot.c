@@ -106,6 +106,24 @@ static inline ws_qact ws_qact_rows(const ws_qact *a, int64_t m0) {
     return r;
 }
 
+/* Projections of one input held as 16-row tiles, multiplied in one parallel loop over all their
+ * tiles (q, k and v; gate and up): one fork and join of the threads instead of one each, and
+ * one split of the whole work among them. Tile i belongs to projection p where
+ * first[p] <= i < first[p + 1], first[p + 1] = first[p] + N[p] / 16; y[p] is its output. */
+typedef struct {
+    int np;
+    int64_t N[WS_MAX_PROJS], first[WS_MAX_PROJS + 1];
+    const uint8_t *tiles[WS_MAX_PROJS];
+    float *y[WS_MAX_PROJS];
+} tile_set;
+
+/* Projection p of tile i of s (the few projections searched in order). */
+static inline int tile_owner(const tile_set *s, int64_t i) {
+    int p = 0;
+    while (i >= s->first[p + 1]) p++;
+    return p;
+}
+
 /* ---- portable C ---------------------------------------------------------------------- */
 
 static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *scales,
@@ -152,13 +170,15 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
 
 /* int4 16-row tiles (the decode layout, see ws_q4t_proj): row 16t + r, block b of group g is
  * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
-static void q4t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *gsum,
-                              float *y) {
+static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum) {
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + 64;
     const int64_t tile_bytes = 16 * (K / 2) + groups * 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
+        const int p = tile_owner(set, i / 16);
+        const int64_t N = set->N[p], n = i - 16 * set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
         const int64_t r = n % 16;
         for (int64_t m = 0; m < a->m; m++) {
             float acc = 0;
@@ -186,12 +206,15 @@ static void q4t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles,
 
 /* int8 16-row tiles (ws_q8t_proj): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
  * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
-static void q8t_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *tiles, const int32_t *qsum, float *y) {
+static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32_t *qsum) {
     (void)qsum; /* signed products here: no correction */
     const int64_t nb = a->k / QB, tile_bytes = 16 * a->k + 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *tile = tiles + n / 16 * tile_bytes;
+    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
+        const int p = tile_owner(set, i / 16);
+        const int64_t N = set->N[p], n = i - 16 * set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
         const int64_t r = n % 16;
         float scale;
         memcpy(&scale, tile + nb * 512 + 4 * r, 4);
@@ -357,30 +380,54 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *sc
     return 0;
 }
 
-/* y (M, N) = the int4 16-row tiles' product with a (+ bias): N a multiple of 16, the input
- * quantized in the WS_QACT_INT4 layout. */
-int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y) {
-    if ((G != 32 && G != 64 && G != 128) || N % 16 || a->k % G) return -2;
-    float *gsum = group_sums(a, G);
-    if (!gsum) return -1;
-    BY_ISA(q4t_matmul, a, N, tiles, G, gsum, y);
-    free(gsum);
-    add_bias(bias, a->m, N, y);
+/* The tile set of n projections (N[p] rows, tiles[p], into y[p]); -2 where a count is not a
+ * multiple of 16 or n is out of range. */
+static int tile_set_of(tile_set *s, int n, const int64_t *N, const uint8_t *const *tiles, float *const *y) {
+    if (n < 1 || n > WS_MAX_PROJS) return -2;
+    s->np = n, s->first[0] = 0;
+    for (int p = 0; p < n; p++) {
+        if (N[p] % 16) return -2;
+        s->N[p] = N[p], s->tiles[p] = tiles[p], s->y[p] = y[p], s->first[p + 1] = s->first[p] + N[p] / 16;
+    }
     return 0;
 }
 
-/* y (M, N) = the int8 16-row tiles' product with a (+ bias): N a multiple of 16, K of 32, the
- * input quantized in the WS_QACT_INT8 layout. */
-int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y) {
-    if (N % 16 || a->k % QB) return -2;
+/* y[p] (M, N[p]) = the int4 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
+ * p < n, in one parallel loop: N[p] multiples of 16, the input quantized in the WS_QACT_INT4
+ * layout. */
+int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G,
+                 const float *const *bias, float *const *y) {
+    tile_set s;
+    if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
+    float *gsum = group_sums(a, G);
+    if (!gsum) return -1;
+    BY_ISA(q4t_matmul, a, &s, G, gsum);
+    free(gsum);
+    for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
+    return 0;
+}
+
+int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y) {
+    return ws_q4t_projs(a, 1, &N, &tiles, G, &bias, &y);
+}
+
+/* The same for int8 16-row tiles: K a multiple of 32, the input in the WS_QACT_INT8 layout. */
+int ws_q8t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, const float *const *bias,
+                 float *const *y) {
+    tile_set s;
+    if (a->k % QB || tile_set_of(&s, n, N, tiles, y)) return -2;
     const int64_t nb = a->k / QB;
     int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(a->m * nb)); /* sum(xq) per block: xs / d */
     if (!qsum) return -1;
     for (int64_t i = 0; i < a->m * nb; i++) qsum[i] = a->d[i] > 0 ? (int32_t)nearbyintf(a->xs[i] / a->d[i]) : 0;
-    BY_ISA(q8t_matmul, a, N, tiles, qsum, y);
+    BY_ISA(q8t_matmul, a, &s, qsum);
     free(qsum);
-    add_bias(bias, a->m, N, y);
+    for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
+}
+
+int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y) {
+    return ws_q8t_projs(a, 1, &N, &tiles, &bias, &y);
 }
 
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,

@@ -17,29 +17,30 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #ifdef WS_WIDE512
     __m512 acc[QROWS];
     for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(15);
+    const __m512i low4 = _mm512_set1_epi8(15), high4 = _mm512_set1_epi8((char)0xf0);
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *gp = tile + g * gbytes;
         __m512 gacc[QROWS];
         for (int64_t m = 0; m < mc; m++) gacc[m] = _mm512_setzero_ps();
         for (int64_t i = 0; i < per_group; i++) {
             const int64_t b = g * per_group + i;
-            __m512i lo[4], hi[4];
+            __m512i lo[4], hi[4]; /* hi: the high nibbles in place, 16 times the code */
             for (int c = 0; c < 4; c++) {
                 const __m512i w = _mm512_loadu_si512((const void *)(gp + i * 256 + 64 * c));
-                lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+                lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(w, high4);
             }
             for (int64_t m = 0; m < mc; m++) {
                 const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b); /* 8 dwords */
                 __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[1], _mm512_set1_epi32(xd[1]));
-                __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[2], _mm512_set1_epi32(xd[2]));
-                __m512i s3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[3], _mm512_set1_epi32(xd[3]));
-                s0 = _mm512_dpbusd_epi32(s0, hi[0], _mm512_set1_epi32(xd[4]));
-                s1 = _mm512_dpbusd_epi32(s1, hi[1], _mm512_set1_epi32(xd[5]));
-                s2 = _mm512_dpbusd_epi32(s2, hi[2], _mm512_set1_epi32(xd[6]));
-                s3 = _mm512_dpbusd_epi32(s3, hi[3], _mm512_set1_epi32(xd[7]));
-                const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[2], _mm512_set1_epi32(xd[2]));
+                __m512i h0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xd[4]));
+                __m512i h1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[2], _mm512_set1_epi32(xd[6]));
+                s0 = _mm512_dpbusd_epi32(s0, lo[1], _mm512_set1_epi32(xd[1]));
+                s1 = _mm512_dpbusd_epi32(s1, lo[3], _mm512_set1_epi32(xd[3]));
+                h0 = _mm512_dpbusd_epi32(h0, hi[1], _mm512_set1_epi32(xd[5]));
+                h1 = _mm512_dpbusd_epi32(h1, hi[3], _mm512_set1_epi32(xd[7]));
+                /* the high nibbles' sums are multiples of 16: the shift is exact */
+                const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_srai_epi32(_mm512_add_epi32(h0, h1), 4));
                 gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), gacc[m]);
             }
         }
@@ -90,12 +91,16 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #endif
 }
 
-__attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, int64_t N, const uint8_t *tiles,
-                                                           int64_t G, const float *gsum, float *y) {
+/* Every tile of the set (its projections' tiles one after another), split among the threads. */
+__attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
+                                                           const float *gsum) {
     const int64_t M = a->m, groups = a->k / G, tile_bytes = 16 * (a->k / 2) + groups * 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t t = 0; t < N / 16; t++) {
-        const uint8_t *tile = tiles + t * tile_bytes;
+    for (int64_t i = 0; i < set->first[set->np]; i++) {
+        const int p = tile_owner(set, i);
+        const int64_t N = set->N[p], t = i - set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + t * tile_bytes;
         if (t + 1 < N / 16) FN(prefetch)(tile + tile_bytes, tile_bytes < 1024 ? tile_bytes : 1024);
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
@@ -175,12 +180,15 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #endif
 }
 
-__attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, int64_t N, const uint8_t *tiles,
-                                                           const int32_t *qsum, float *y) {
+__attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, const tile_set *set,
+                                                           const int32_t *qsum) {
     const int64_t M = a->m, tile_bytes = 16 * a->k + 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t t = 0; t < N / 16; t++) {
-        const uint8_t *tile = tiles + t * tile_bytes;
+    for (int64_t i = 0; i < set->first[set->np]; i++) {
+        const int p = tile_owner(set, i);
+        const int64_t N = set->N[p], t = i - set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + t * tile_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
             const ws_qact rows = ws_qact_rows(a, m0);
