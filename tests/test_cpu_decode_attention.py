@@ -119,14 +119,16 @@ def test_a_wrong_position_shows_in_these_logits(native_lib):
     assert (fused.step(shifted, [7]) - right).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("lengths", [[LONG, 20, LONG - 40, 280], [40, 20, 33, 12]], ids=["long", "short"])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_logits_are_bit_identical_alone_in_a_batch_and_on_any_thread_count(
-    cache_dtype, native_lib, threads
+    cache_dtype, lengths, native_lib, threads
 ):
-    """Row 0 alone on 1 thread, and among rows of other lengths on 1, 2 and 3 threads (one pass,
-    and positions split across threads): the same bits."""
+    """Row 0 alone on 1 thread, and among rows of other lengths on 1, 2 and 3 threads: the same
+    bits. Long rows: one pass, and positions split across threads. Short rows, one pass: by
+    (row, kv head) group, or by single query head where that splits more evenly (1 or 2 rows of
+    2 kv heads on 3 threads)."""
     model = _model(6, 2, 12)
-    lengths = [LONG, 20, LONG - 40, 280]
     with pytest.MonkeyPatch.context() as mp:
         if cache_dtype == torch.bfloat16:
             _bf16_writes(mp)

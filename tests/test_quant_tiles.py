@@ -161,6 +161,32 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
     assert_matches(out, ref)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
+    """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
+    each output the bits of its own call, whatever tiles the threads split it into, with or
+    without a bias."""
+    k, shapes = 96, [(48, True), (16, False), (32, True)]
+    weights = []
+    for i, (n, bias) in enumerate(shapes):
+        if bits == 4:
+            layer = _layer(n, k, 32, seed=10 + i, bias=bias)
+            packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, 32)
+        else:
+            layer = _int8_layer(n, k, seed=10 + i, bias=bias)
+            packed = qtiles.tile_int8(layer.qweight, layer.scales)
+        weights.append((packed, n, layer.bias.detach() if bias else None))
+    x = _inputs(rows, k, seed=3)
+    group = 32 if bits == 4 else None
+    together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group)
+    for got, (packed, n, b) in zip(together, weights, strict=True):
+        assert got.shape == (rows, n)
+        assert torch.equal(got, cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b))
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group)
+
+
 def test_a_tiled_int8_layer_keeps_its_state_dict_and_forward(native_lib):
     layer = _int8_layer(32, 96, seed=4, bias=True)
     before = {n: t.clone() for n, t in layer.state_dict().items()}

@@ -83,7 +83,7 @@ static void kv_store(const ws_model *m, void *cache, int64_t at, const float *sr
  * Every number is computed by one item in the same order however the items are split among
  * threads, so a row's results do not depend on the other rows or the thread count. A step of
  * enough (row, kv head) groups for the threads, or of short rows, runs all three parts of a
- * group in one item (one pass, no barriers); fewer groups of long rows (one row: 3 kv heads on
+ * group (or of one query head, where heads split more evenly) in one item (one pass, no barriers); fewer groups of long rows (one row: 3 kv heads on
  * 2 threads) split the positions and head_dim so every thread gets a share. Sums run over eight
  * lanes (vf8) with FMA where the CPU has it. */
 typedef struct {

@@ -208,8 +208,8 @@ def library() -> ctypes.CDLL | None:
                 lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
                 lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
                 lib.ws_int4_dequantize.restype = lib.ws_int4_tiled_dequantize.restype = None
-                lib.ws_tiled_matmul.argtypes = [p, i64, i64, i64, i64, p, i64, p, p]
-                lib.ws_tiled_matmul.restype = ctypes.c_int
+                lib.ws_tiled_matmuls.argtypes = [p, i64, i64, ctypes.c_int, p, i64, p, i64, p, p]
+                lib.ws_tiled_matmuls.restype = ctypes.c_int
                 lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
                 lib.ws_int8_tiled_dequantize.argtypes = [p, i64, i64, p, p]
                 lib.ws_int8_tiled_dequantize.restype = None
@@ -371,15 +371,37 @@ def tiled_matmul(
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
     `group_size`) or int8 16-row tiles (quant/tiles.py); x is quantized to int8 per block of 32."""
+    return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size)[0]
+
+
+#: The most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
+MAX_PROJS = 3
+
+
+def tiled_matmuls(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    weights: list[tuple[torch.Tensor, int, torch.Tensor | None]],
+    bits: int,
+    group_size: int | None,
+) -> list[torch.Tensor]:
+    """`tiled_matmul` of one input with up to MAX_PROJS weights (tiles, n, bias), their tiles
+    split among the threads in one parallel loop, as the fused decode step runs q/k/v and
+    gate/up."""
+    if not 1 <= len(weights) <= MAX_PROJS:
+        raise ValueError(f"tiled_matmuls takes 1 to {MAX_PROJS} weights, not {len(weights)}")
     k = x.shape[-1]
-    flat, tiles = x.reshape(-1, k).contiguous(), tiles.contiguous()  # kept alive past the call
-    bias = None if bias is None else bias.contiguous()
-    y = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    flat = x.reshape(-1, k).contiguous()
+    kept = [(t.contiguous(), n, None if b is None else b.contiguous()) for t, n, b in weights]  # alive past the call
+    ys = [torch.empty(flat.shape[0], n, dtype=torch.float32) for _, n, _ in kept]
+    arrays = lambda values: (ctypes.c_void_p * len(values))(*values)  # noqa: E731
     use_threads(lib)
-    _check(lib.ws_tiled_matmul(
-        flat.data_ptr(), flat.shape[0], k, n, bits, tiles.data_ptr(), group_size or 0, _ptr(bias), y.data_ptr()
+    _check(lib.ws_tiled_matmuls(
+        flat.data_ptr(), flat.shape[0], k, len(kept), (ctypes.c_int64 * len(kept))(*(n for _, n, _ in kept)), bits,
+        arrays([t.data_ptr() for t, _, _ in kept]), group_size or 0, arrays([_ptr(b) for _, _, b in kept]),
+        arrays([y.data_ptr() for y in ys]),
     ))  # fmt: skip
-    return y.view(*x.shape[:-1], n)
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
 
 
 def int4_tiled_dequantize(

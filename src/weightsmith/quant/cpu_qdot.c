@@ -471,13 +471,14 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     return status;
 }
 
-/* y (M, N) = x (M, K) @ W.T (+ bias), W held as 16-row tiles of `bits` 4 (groups of G) or 8
- * (ws_q4t_proj, ws_q8t_proj). */
-int ws_tiled_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t bits, const uint8_t *tiles, int64_t G,
-                    const float *bias, float *y) {
+/* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
+ * `bits` 4 (groups of G) or 8, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
+int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t bits,
+                     const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {
     ws_qact a = {0};
     int status = ws_qact_quantize(&a, x, M, K, bits == 4 ? WS_QACT_INT4 : WS_QACT_INT8);
-    if (status == 0) status = bits == 4 ? ws_q4t_proj(&a, N, tiles, G, bias, y) : ws_q8t_proj(&a, N, tiles, bias, y);
+    if (status == 0)
+        status = bits == 4 ? ws_q4t_projs(&a, n, N, tiles, G, bias, y) : ws_q8t_projs(&a, n, N, tiles, bias, y);
     ws_qact_free(&a);
     return status;
 }
