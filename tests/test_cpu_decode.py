@@ -296,6 +296,42 @@ def test_fp32_matmuls_against_float64(isa_lib, threads):
         cpu_kernels.use_threads(isa_lib)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp32_projections_of_one_input_in_one_call_are_each_calls_bits(isa_lib, threads):
+    """q, k and v as the fused step multiplies them (`ws_projs_matmul`): fp32 columns in one
+    parallel region, rows (and a mix of layouts) one after another; each output the bits of
+    its own call, biases included."""
+    import ctypes
+
+    g = torch.Generator().manual_seed(7)
+    k, ns = 200, (48, 16, 37)
+    isa_lib.ws_set_threads(threads)
+    try:
+        for kinds in ((33, 33, 33), (32, 32, 32), (33, 32, 33)):
+            ws, projs, biases = [], [], []
+            for kind, n in zip(kinds, ns, strict=True):
+                w = torch.randn(k, n + 3, generator=g) if kind == 33 else torch.randn(n, k + 3, generator=g)
+                b = torch.randn(n, generator=g)
+                ws.append(w), biases.append(b)
+                projs.append(
+                    cpu_fused._Proj(kind=kind, n=n, k=k, ld=w.stride(0), q=w.data_ptr(), bias=b.data_ptr())
+                )
+            for m in (1, 5):
+                x = torch.randn(m, k, generator=g)
+                ys = [torch.empty(m, n) for n in ns]
+                isa_lib.ws_projs_matmul.restype = ctypes.c_int
+                status = isa_lib.ws_projs_matmul(
+                    (ctypes.c_void_p * 3)(*(ctypes.addressof(p) for p in projs)), ctypes.c_int(3),
+                    ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(m),
+                    (ctypes.c_void_p * 3)(*(y.data_ptr() for y in ys)), None,
+                )  # fmt: skip
+                assert status == 0
+                for kind, n, w, b, y in zip(kinds, ns, ws, biases, ys, strict=True):
+                    assert torch.equal(y, _f32_matmul(isa_lib, kind, w, n, k, x, b)), (kinds, n, m)
+    finally:
+        cpu_kernels.use_threads(isa_lib)
+
+
 def test_fp32_sums_of_a_row_do_not_depend_on_its_batch(isa_lib):
     """Row 0's outputs are bit for bit the same alone and among 1-32 other rows (so a greedy
     row's tokens never depend on who else the server is decoding)."""

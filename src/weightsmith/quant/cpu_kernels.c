@@ -197,34 +197,61 @@ static void cols_thread(const float *x, int64_t M, int64_t K, int64_t N, const f
     }
 }
 
-static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
-                            const float *bias, float *y) {
-    int64_t threads = ws_threads;
-    float *partial = malloc(sizeof(float) * (size_t)(threads * M * N));
+/* y[p] = x @ W[p].T (+ bias[p]) for the n projections p of one input (WS_F32_COLS: w[p], ld[p],
+ * N[p] outputs), in one parallel region: each thread's partials of every projection, then
+ * (after the loop's barrier) their sums. One fork and join of the threads for q, k and v
+ * together, where each projection took two (partials, sums). */
+static void f32_cols_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, const float *const *w,
+                             const int64_t *ld, const float *const *bias, float *const *y) {
+    const int64_t threads = ws_threads;
+    int64_t total_n = 0, first[WS_MAX_PROJS + 1] = {0};
+    for (int p = 0; p < n; p++) total_n += N[p], first[p + 1] = total_n;
+    float *partial = malloc(sizeof(float) * (size_t)(threads * M * total_n));
     if (!partial) { /* no memory for the partials: one thread, straight into y */
-        cols_thread(x, M, K, N, w, ld, 0, K, y);
-        threads = 0;
-    } else {
-#pragma omp parallel for schedule(static, 1) num_threads(ws_threads)
-        for (int64_t t = 0; t < threads; t++)
-            cols_thread(x, M, K, N, w, ld, K * t / threads, K * (t + 1) / threads, partial + t * M * N);
+        for (int p = 0; p < n; p++) {
+            cols_thread(x, M, K, N[p], w[p], ld[p], 0, K, y[p]);
+            if (bias[p])
+                for (int64_t i = 0; i < M * N[p]; i++) y[p][i] += bias[p][i % N[p]];
+        }
+        return;
     }
-    if (threads || bias) {
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-        for (int64_t i = 0; i < M * N; i++) {
-            float total = bias ? bias[i % N] : 0.0f;
-            if (threads == 0) total += y[i];
-            for (int64_t t = 0; t < threads; t++) total += partial[t * M * N + i];
-            y[i] = total;
+#pragma omp parallel num_threads(ws_threads)
+    {
+#pragma omp for schedule(static, 1)
+        for (int64_t t = 0; t < threads; t++)
+            for (int p = 0; p < n; p++)
+                cols_thread(x, M, K, N[p], w[p], ld[p], K * t / threads, K * (t + 1) / threads,
+                            partial + (t * total_n + first[p]) * M);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * total_n; i++) {
+            int p = 0;
+            while (i >= M * first[p + 1]) p++;
+            const int64_t j = i - M * first[p]; /* output j of projection p's (M, N[p]) */
+            float sum = bias[p] ? bias[p][j % N[p]] : 0.0f;
+            for (int64_t t = 0; t < threads; t++) sum += partial[(t * total_n + first[p]) * M + j];
+            y[p][j] = sum;
         }
     }
     free(partial);
 }
 
+static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
+                            const float *bias, float *y) {
+    f32_cols_matmuls(x, M, K, 1, &N, &w, &ld, &bias, &y);
+}
+
 int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act) {
-    int together = n <= WS_MAX_PROJS && (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES);
+    int together = n <= WS_MAX_PROJS &&
+                   (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES || p[0]->kind == WS_F32_COLS);
     for (int i = 1; i < n; i++)
         together &= p[i]->kind == p[0]->kind && p[i]->k == p[0]->k && p[i]->group == p[0]->group;
+    if (together && p[0]->kind == WS_F32_COLS) {
+        int64_t N[WS_MAX_PROJS], ld[WS_MAX_PROJS];
+        const float *w[WS_MAX_PROJS], *bias[WS_MAX_PROJS];
+        for (int i = 0; i < n; i++) N[i] = p[i]->n, ld[i] = p[i]->ld, w[i] = p[i]->q, bias[i] = p[i]->bias;
+        f32_cols_matmuls(x, M, p[0]->k, n, N, w, ld, bias, y);
+        return 0;
+    }
     if (!together) {
         int status = 0;
         for (int i = 0; i < n && status == 0; i++) status = ws_proj_matmul(p[i], x, M, y[i], act);

@@ -47,7 +47,7 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *sc
                int64_t G, const float *bias, float *y);
 int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y);
 int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y);
-/* Up to WS_MAX_PROJS tiled projections of one input in one parallel loop (cpu_qdot.c). */
+/* Up to WS_MAX_PROJS projections of one input in one parallel loop (cpu_qdot.c, cpu_kernels.c). */
 enum { WS_MAX_PROJS = 3 };
 int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G,
                  const float *const *bias, float *const *y);
@@ -100,8 +100,8 @@ int ws_ggml_proj(const ws_qact *a, int64_t N, int64_t type, const uint8_t *q, co
  * for the int4 / int8 projections (the rounded one for bf16), reused while its `src` is x. */
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act);
 /* y[i] = x @ p[i].W.T (+ bias) for i < n (n <= WS_MAX_PROJS): projections of the same input, in
- * one parallel loop where they are all int4 tiles of one group size or all int8 tiles, else one
- * after another. */
+ * one parallel region where they are all int4 tiles of one group size, all int8 tiles or all
+ * fp32 columns, else one after another. */
 int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act);
 
 #endif
