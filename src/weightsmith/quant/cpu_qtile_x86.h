@@ -31,16 +31,14 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             }
             for (int64_t m = 0; m < mc; m++) {
                 const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b); /* 8 dwords */
-                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[2], _mm512_set1_epi32(xd[2]));
-                __m512i h0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xd[4]));
-                __m512i h1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[2], _mm512_set1_epi32(xd[6]));
-                s0 = _mm512_dpbusd_epi32(s0, lo[1], _mm512_set1_epi32(xd[1]));
-                s1 = _mm512_dpbusd_epi32(s1, lo[3], _mm512_set1_epi32(xd[3]));
-                h0 = _mm512_dpbusd_epi32(h0, hi[1], _mm512_set1_epi32(xd[5]));
-                h1 = _mm512_dpbusd_epi32(h1, hi[3], _mm512_set1_epi32(xd[7]));
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
+                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xd[4]));
+                for (int c = 1; c < 4; c++) {
+                    s = _mm512_dpbusd_epi32(s, lo[c], _mm512_set1_epi32(xd[c]));
+                    h = _mm512_dpbusd_epi32(h, hi[c], _mm512_set1_epi32(xd[4 + c]));
+                }
                 /* the high nibbles' sums are multiples of 16: the shift is exact */
-                const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_srai_epi32(_mm512_add_epi32(h0, h1), 4));
+                const __m512i isum = _mm512_add_epi32(s, _mm512_srai_epi32(h, 4));
                 gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), gacc[m]);
             }
         }
