@@ -392,7 +392,8 @@ def tiled_matmuls(
         raise ValueError(f"tiled_matmuls takes 1 to {MAX_PROJS} weights, not {len(weights)}")
     k = x.shape[-1]
     flat = x.reshape(-1, k).contiguous()
-    kept = [(t.contiguous(), n, None if b is None else b.contiguous()) for t, n, b in weights]  # alive past the call
+    # contiguous copies where needed, kept alive past the call
+    kept = [(t.contiguous(), n, None if b is None else b.contiguous()) for t, n, b in weights]
     ys = [torch.empty(flat.shape[0], n, dtype=torch.float32) for _, n, _ in kept]
     arrays = lambda values: (ctypes.c_void_p * len(values))(*values)  # noqa: E731
     use_threads(lib)
