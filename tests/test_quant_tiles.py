@@ -7,12 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_matches, quantize_act
+from ggml_blocks import random_blocks, with_edge_scales
+from gguf import GGMLQuantizationType as QT
 from test_cpu_qdot import _inputs, _weights
 
 from weightsmith.cpu_decode.layout import Swaps, tile_quantized
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant import tiles as qtiles
 from weightsmith.quant import weight_only as wo
+from weightsmith.quant.ggml_linear import GGMLLinear
 
 
 def _layer(n: int, k: int, group: int, seed: int = 0, bias: bool = False) -> wo.Int4Linear:
@@ -162,7 +165,7 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "q8_0"])
 def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
@@ -173,18 +176,83 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
         if bits == 4:
             layer = _layer(n, k, 32, seed=10 + i, bias=bias)
             packed = qtiles.tile_int4(layer.qweight, layer.scales, layer.zeros, 32)
-        else:
+        elif bits == 8:
             layer = _int8_layer(n, k, seed=10 + i, bias=bias)
             packed = qtiles.tile_int8(layer.qweight, layer.scales)
+        else:
+            layer = _q8_0_layer(n, k, seed=10 + i, bias=bias)
+            packed = qtiles.tile_q8_0(layer.qweight)
         weights.append((packed, n, layer.bias.detach() if bias else None))
     x = _inputs(rows, k, seed=3)
-    group = 32 if bits == 4 else None
-    together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group)
+    group, q8_0, bits = (32 if bits == 4 else None), bits == "q8_0", 4 if bits == 4 else 8
+    together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group, q8_0)
     for got, (packed, n, b) in zip(together, weights, strict=True):
         assert got.shape == (rows, n)
-        assert torch.equal(got, cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b))
+        assert torch.equal(got, cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, q8_0))
     with pytest.raises(ValueError, match="1 to 3 weights"):
-        cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group)
+        cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group, q8_0)
+
+
+def _q8_0_layer(n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
+    """A GGUF Q8_0 matrix: a zero, a subnormal and a negative block scale, and codes -128, 127
+    and -127 in row 1's first block."""
+    raw = with_edge_scales(random_blocks(QT.Q8_0, n, k, seed), QT.Q8_0)
+    raw.reshape(n, -1, qtiles.Q8_0_BLOCK_BYTES)[1, 0, 2:5] = [0x80, 0x7F, 0x81]
+    return GGMLLinear(torch.from_numpy(raw), QT.Q8_0, k, torch.linspace(-1, 1, n) if bias else None)
+
+
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 576)])
+def test_q8_0_tiles_hold_the_files_bytes_and_untile_exactly(n, k):
+    blocks = _q8_0_layer(n, k, seed=n + k).qweight
+    packed = qtiles.tile_q8_0(blocks)
+    assert packed.dtype == torch.uint8 and packed.numel() == blocks.numel()
+    (back,) = qtiles.untile_q8_0(packed, n, blocks.shape[1])
+    assert torch.equal(back, blocks)
+    # Block 0, chunk 1, row 2 = row 2's codes 4..7 (after its 2-byte scale), as w + 128 ...
+    assert torch.equal(packed[64 + 8 : 64 + 12], blocks[2, 2 + 4 : 2 + 8] ^ 0x80)
+    # ... and after the block's 512 code bytes, the 16 rows' fp16 scales of the block.
+    assert torch.equal(
+        packed[512:544].view(torch.int16), blocks[:16, :2].contiguous().view(torch.int16).view(-1)
+    )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 5, 37])
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 224)])
+def test_q8_0_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
+    layer = _q8_0_layer(n, k, seed=k + rows, bias=bias)
+    x = _inputs(rows, k, seed=rows)
+    b = layer.bias.detach() if bias else None
+    out = cpu_kernels.tiled_matmul(
+        int_isa_lib, x, qtiles.tile_q8_0(layer.qweight), n, 8, None, b, block_scales=True
+    )
+    ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
+    assert_matches(out, ref)
+    # The same sums as the GGUF rows' kernel, up to float summation order.
+    rows_out = cpu_kernels.ggml_matmul(int_isa_lib, x, QT.Q8_0, layer.qweight, b)
+    torch.testing.assert_close(out, rows_out, rtol=1e-5, atol=1e-5 * rows_out.abs().max().item())
+
+
+def test_a_tiled_q8_0_layer_keeps_its_blocks_and_forward(native_lib):
+    layer = _q8_0_layer(32, 96, seed=4, bias=True)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    x = torch.randn(3, 96)
+    long = torch.ones(wo.TILED_KERNEL_MAX_ROWS + 1, 96)
+    want, want_long, want_w = layer(x), layer(long), layer.dequantize()
+    layer.tile_into(torch.empty(layer.tile_nbytes(), dtype=torch.uint8))
+    assert (
+        layer.qweight is None and layer.tiles is not None and layer.kernel_rows() == wo.TILED_KERNEL_MAX_ROWS
+    )
+    assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+    assert torch.equal(layer.dequantize(), want_w)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(layer(long), want_long)  # the exact path, from the tiles
+    layer.untile()
+    assert torch.equal(layer.qweight, before["qweight"])
+    # Only Q8_0 has tiles; and rows that do not fill 16 have none.
+    assert _q8_0_layer(24, 96).tile_format() is None
+    q4_0 = GGMLLinear(torch.from_numpy(random_blocks(QT.Q4_0, 32, 96, 1)), QT.Q4_0, 96)
+    assert q4_0.tile_format() is None and not q4_0.can_tile()
 
 
 def test_a_tiled_int8_layer_keeps_its_state_dict_and_forward(native_lib):

@@ -241,8 +241,8 @@ static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, con
 }
 
 int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act) {
-    int together = n <= WS_MAX_PROJS &&
-                   (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES || p[0]->kind == WS_F32_COLS);
+    int together = n <= WS_MAX_PROJS && (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES ||
+                                         p[0]->kind == WS_Q8_0_TILES || p[0]->kind == WS_F32_COLS);
     for (int i = 1; i < n; i++)
         together &= p[i]->kind == p[0]->kind && p[i]->k == p[0]->k && p[i]->group == p[0]->group;
     if (together && p[0]->kind == WS_F32_COLS) {
@@ -266,7 +266,8 @@ int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, f
     for (int i = 0; i < n; i++) N[i] = p[i]->n, tiles[i] = p[i]->q, bias[i] = p[i]->bias;
     int status = ws_qact_quantize(a, x, M, p[0]->k, bits4 ? WS_QACT_INT4 : WS_QACT_INT8);
     if (status == 0)
-        status = bits4 ? ws_q4t_projs(a, n, N, tiles, p[0]->group, bias, y) : ws_q8t_projs(a, n, N, tiles, bias, y);
+        status = bits4 ? ws_q4t_projs(a, n, N, tiles, p[0]->group, bias, y)
+                       : ws_q8t_projs(a, n, N, tiles, p[0]->kind == WS_Q8_0_TILES, bias, y);
     if (!act) ws_qact_free(&own);
     return status;
 }
@@ -289,8 +290,12 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         if (status == 0) ws_q8_proj(a, p->n, p->q, (const float *)p->scales, p->bias, y);
         break;
     case WS_INT8_TILES:
+    case WS_Q8_0_TILES:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
-        if (status == 0) status = ws_q8t_proj(a, p->n, p->q, p->bias, y);
+        if (status == 0) {
+            const uint8_t *tiles = p->q;
+            status = ws_q8t_projs(a, 1, &p->n, &tiles, p->kind == WS_Q8_0_TILES, &p->bias, &y);
+        }
         break;
     case WS_GGML:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);

@@ -360,6 +360,11 @@ def int8_tiled_dequantize(
     return q, scales
 
 
+#: The tile layouts' kinds in the C kernels (cpu_kernels.h): int4 and int8 tiles by their bits,
+#: and a GGUF Q8_0 matrix's tiles (int8 codes, an fp16 scale per row and block of 32).
+_TILE_KINDS = {(4, False): 5, (8, False): 9, (8, True): 10}
+
+
 def tiled_matmul(
     lib: ctypes.CDLL,
     x: torch.Tensor,
@@ -368,10 +373,12 @@ def tiled_matmul(
     bits: int,
     group_size: int | None,
     bias: torch.Tensor | None,
+    block_scales: bool = False,
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
-    `group_size`) or int8 16-row tiles (quant/tiles.py); x is quantized to int8 per block of 32."""
-    return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size)[0]
+    `group_size`) or int8 16-row tiles (quant/tiles.py; `block_scales`: a GGUF Q8_0 matrix's
+    tiles); x is quantized to int8 per block of 32."""
+    return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size, block_scales)[0]
 
 
 #: The most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
@@ -384,6 +391,7 @@ def tiled_matmuls(
     weights: list[tuple[torch.Tensor, int, torch.Tensor | None]],
     bits: int,
     group_size: int | None,
+    block_scales: bool = False,
 ) -> list[torch.Tensor]:
     """`tiled_matmul` of one input with up to MAX_PROJS weights (tiles, n, bias), their tiles
     split among the threads in one parallel loop, as the fused decode step runs q/k/v and
@@ -398,9 +406,9 @@ def tiled_matmuls(
     arrays = lambda values: (ctypes.c_void_p * len(values))(*values)  # noqa: E731
     use_threads(lib)
     _check(lib.ws_tiled_matmuls(
-        flat.data_ptr(), flat.shape[0], k, len(kept), (ctypes.c_int64 * len(kept))(*(n for _, n, _ in kept)), bits,
-        arrays([t.data_ptr() for t, _, _ in kept]), group_size or 0, arrays([_ptr(b) for _, _, b in kept]),
-        arrays([y.data_ptr() for y in ys]),
+        flat.data_ptr(), flat.shape[0], k, len(kept), (ctypes.c_int64 * len(kept))(*(n for _, n, _ in kept)),
+        _TILE_KINDS[bits, block_scales], arrays([t.data_ptr() for t, _, _ in kept]), group_size or 0,
+        arrays([_ptr(b) for _, _, b in kept]), arrays([y.data_ptr() for y in ys]),
     ))  # fmt: skip
     return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
 

@@ -204,11 +204,11 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
     }
 }
 
-/* int8 16-row tiles (ws_q8t_proj): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
+/* int8 16-row tiles (ws_q8t_projs): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
  * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
-static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32_t *qsum) {
+static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32_t *qsum, int bs) {
     (void)qsum; /* signed products here: no correction */
-    const int64_t nb = a->k / QB, tile_bytes = 16 * a->k + 64;
+    const int64_t nb = a->k / QB, stride = bs ? 544 : 512, tile_bytes = bs ? nb * 544 : 16 * a->k + 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
         const int p = tile_owner(set, i / 16);
@@ -216,15 +216,22 @@ static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32
         float *y = set->y[p];
         const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
         const int64_t r = n % 16;
-        float scale;
-        memcpy(&scale, tile + nb * 512 + 4 * r, 4);
+        float scale = 1.0f;
+        if (!bs) memcpy(&scale, tile + nb * 512 + 4 * r, 4);
         for (int64_t m = 0; m < a->m; m++) {
             float acc = 0;
             for (int64_t b = 0; b < nb; b++) {
                 const int8_t *xq = a->q + m * a->kp + QB * b;
                 int32_t isum = 0;
-                for (int j = 0; j < QB; j++) isum += ((int32_t)tile[b * 512 + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
-                acc += (float)isum * a->d[m * a->nb + b];
+                for (int j = 0; j < QB; j++)
+                    isum += ((int32_t)tile[b * stride + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
+                float d = a->d[m * a->nb + b];
+                if (bs) { /* the block's fp16 scale of row r */
+                    uint16_t h;
+                    memcpy(&h, tile + b * stride + 512 + 2 * r, 2);
+                    d = ws_f16_to_f32(h) * d;
+                }
+                acc += (float)isum * d;
             }
             y[m * N + n] = acc * scale;
         }
@@ -411,23 +418,20 @@ int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, co
     return ws_q4t_projs(a, 1, &N, &tiles, G, &bias, &y);
 }
 
-/* The same for int8 16-row tiles: K a multiple of 32, the input in the WS_QACT_INT8 layout. */
-int ws_q8t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, const float *const *bias,
-                 float *const *y) {
+/* The same for int8 16-row tiles, or Q8_0 tiles where block_scales is set: K a multiple of 32,
+ * the input in the WS_QACT_INT8 layout. */
+int ws_q8t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int block_scales,
+                 const float *const *bias, float *const *y) {
     tile_set s;
     if (a->k % QB || tile_set_of(&s, n, N, tiles, y)) return -2;
     const int64_t nb = a->k / QB;
     int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(a->m * nb)); /* sum(xq) per block: xs / d */
     if (!qsum) return -1;
     for (int64_t i = 0; i < a->m * nb; i++) qsum[i] = a->d[i] > 0 ? (int32_t)nearbyintf(a->xs[i] / a->d[i]) : 0;
-    BY_ISA(q8t_matmul, a, &s, qsum);
+    BY_ISA(q8t_matmul, a, &s, qsum, block_scales != 0);
     free(qsum);
     for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
-}
-
-int ws_q8t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, const float *bias, float *y) {
-    return ws_q8t_projs(a, 1, &N, &tiles, &bias, &y);
 }
 
 void ws_q8_proj(const ws_qact *a, int64_t N, const int8_t *q, const float *scales, const float *bias,
@@ -472,13 +476,16 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 
 /* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
- * `bits` 4 (groups of G) or 8, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
-int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t bits,
+ * `kind` WS_INT4_TILES (groups of G), WS_INT8_TILES or WS_Q8_0_TILES, all in one parallel loop
+ * (ws_q4t_projs, ws_q8t_projs). */
+int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t kind,
                      const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {
+    if (kind != WS_INT4_TILES && kind != WS_INT8_TILES && kind != WS_Q8_0_TILES) return -2;
     ws_qact a = {0};
-    int status = ws_qact_quantize(&a, x, M, K, bits == 4 ? WS_QACT_INT4 : WS_QACT_INT8);
+    int status = ws_qact_quantize(&a, x, M, K, kind == WS_INT4_TILES ? WS_QACT_INT4 : WS_QACT_INT8);
     if (status == 0)
-        status = bits == 4 ? ws_q4t_projs(&a, n, N, tiles, G, bias, y) : ws_q8t_projs(&a, n, N, tiles, bias, y);
+        status = kind == WS_INT4_TILES ? ws_q4t_projs(&a, n, N, tiles, G, bias, y)
+                                       : ws_q8t_projs(&a, n, N, tiles, kind == WS_Q8_0_TILES, bias, y);
     ws_qact_free(&a);
     return status;
 }

@@ -119,16 +119,21 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
  * stored as w + 128; after all blocks, the tile's 16 fp32 row scales. With 32-bit dot products
  * (VNNI) the unsigned operand is w + 128 as stored, and 128 * sum(xq) of the block (qsum) comes
  * off each sum, in integers; AVX2's 16-bit pair sums would saturate on that, so there |w|
- * times x with w's sign is summed instead. */
+ * times x with w's sign is summed instead. Q8_0 tiles (bs set) hold the same chunks with each
+ * block's 16 fp16 row scales after them (544 bytes a block) and no row scales at the end: each
+ * block's sums are scaled by its row scales times the input's block scale, as ggml's Q8_0
+ * kernels scale them. */
 KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const int32_t *qsum,
-                         float *out, int64_t N) {
-    const int64_t nb = a->k / QB;
+                         float *out, int64_t N, const int bs) {
+    const int64_t nb = a->k / QB, stride = bs ? 544 : 512;
 #ifdef WS_WIDE512
     __m512 acc[QROWS];
     for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i w[8];
-        for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(tile + b * 512 + 64 * c));
+        for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(tile + b * stride + 64 * c));
+        const __m512 rs = bs ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tile + b * stride + 512)))
+                             : _mm512_setzero_ps();
         for (int64_t m = 0; m < mc; m++) {
             const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
             __m512i s[4];
@@ -136,11 +141,12 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             for (int j = 0; j < 4; j++) s[j] = _mm512_dpbusd_epi32(s[j], w[4 + j], _mm512_set1_epi32(xd[4 + j]));
             __m512i isum = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
             isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * qsum[m * nb + b]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]), acc[m]);
+            const __m512 d = _mm512_set1_ps(a->d[m * a->nb + b]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), bs ? _mm512_mul_ps(rs, d) : d, acc[m]);
         }
     }
-    const __m512 scale = _mm512_loadu_ps((const float *)(tile + nb * 512));
-    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, _mm512_mul_ps(acc[m], scale));
+    const __m512 scale = bs ? _mm512_set1_ps(1.0f) : _mm512_loadu_ps((const float *)(tile + nb * 512));
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, bs ? acc[m] : _mm512_mul_ps(acc[m], scale));
 #else
 #ifndef WS_DOT32
     (void)qsum; /* signed products: no correction */
@@ -152,7 +158,7 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             __m256i isum[QROWS]; /* chunk by chunk (16 registers: no room to hold a block's 8) */
             for (int64_t m = 0; m < mc; m++) isum[m] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(tile + b * 512 + 64 * c + 32 * h));
+                __m256i w = _mm256_loadu_si256((const __m256i *)(tile + b * stride + 64 * c + 32 * h));
 #ifdef WS_DOT32
                 for (int64_t m = 0; m < mc; m++)
                     isum[m] = DOTU8S8(isum[m], w, _mm256_set1_epi32(((const int32_t *)(a->q + m * a->kp + QB * b))[c]));
@@ -165,22 +171,26 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
                 }
 #endif
             }
+            const __m256 rs = bs ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * stride + 512 + 16 * h)))
+                                 : _mm256_setzero_ps();
             for (int64_t m = 0; m < mc; m++) {
 #ifdef WS_DOT32
                 isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(128 * qsum[m * nb + b]));
 #endif
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(a->d[m * a->nb + b]), acc[m]);
+                const __m256 d = _mm256_set1_ps(a->d[m * a->nb + b]);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), bs ? _mm256_mul_ps(rs, d) : d, acc[m]);
             }
         }
-        const __m256 scale = _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, _mm256_mul_ps(acc[m], scale));
+        const __m256 scale = bs ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, bs ? acc[m] : _mm256_mul_ps(acc[m], scale));
     }
 #endif
 }
 
+/* Every tile of the set; bs: Q8_0 tiles (per-block fp16 scales), else int8 tiles. */
 __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, const tile_set *set,
-                                                           const int32_t *qsum) {
-    const int64_t M = a->m, tile_bytes = 16 * a->k + 64;
+                                                           const int32_t *qsum, int bs) {
+    const int64_t M = a->m, tile_bytes = bs ? a->k / QB * 544 : 16 * a->k + 64;
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < set->first[set->np]; i++) {
         const int p = tile_owner(set, i);
@@ -192,11 +202,15 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
             const ws_qact rows = ws_qact_rows(a, m0);
             const int32_t *qs = qsum + m0 * (a->k / QB);
             float *out = y + m0 * N + 16 * t;
-            switch (mc) {
-            case 1: FN(q8t_rows)(&rows, 1, tile, qs, out, N); break;
-            case 2: FN(q8t_rows)(&rows, 2, tile, qs, out, N); break;
-            case 3: FN(q8t_rows)(&rows, 3, tile, qs, out, N); break;
-            default: FN(q8t_rows)(&rows, 4, tile, qs, out, N); break;
+            switch (mc * 2 + (bs != 0)) { /* constant row counts and layout: accumulators in registers */
+            case 2: FN(q8t_rows)(&rows, 1, tile, qs, out, N, 0); break;
+            case 3: FN(q8t_rows)(&rows, 1, tile, qs, out, N, 1); break;
+            case 4: FN(q8t_rows)(&rows, 2, tile, qs, out, N, 0); break;
+            case 5: FN(q8t_rows)(&rows, 2, tile, qs, out, N, 1); break;
+            case 6: FN(q8t_rows)(&rows, 3, tile, qs, out, N, 0); break;
+            case 7: FN(q8t_rows)(&rows, 3, tile, qs, out, N, 1); break;
+            case 8: FN(q8t_rows)(&rows, 4, tile, qs, out, N, 0); break;
+            default: FN(q8t_rows)(&rows, 4, tile, qs, out, N, 1); break;
             }
         }
     }

@@ -8,11 +8,13 @@ matrix the file stores. Bit for bit that is `gguf.quants.dequantize` of the bloc
 tests hold `dequantize()` to it).
 
 Which matmul runs:
-- fp32 inputs on the CPU with at most `KERNEL_MAX_ROWS` rows (decoding): the C kernels
+- fp32 inputs on the CPU with at most `kernel_rows()` rows (decoding): the C kernels
   (quant/cpu_ggml.c), which read the blocks in place and multiply them with the input
   quantized to int8 per block of 32 in the CPU's integer dot-product instructions; the
   fused decode step (weightsmith.cpu_decode) calls the same kernels. The result is the
-  exact product up to the input's rounding (llama.cpp's decoding has the same).
+  exact product up to the input's rounding (llama.cpp's decoding has the same). In the CPU
+  decode layout a Q8_0 matrix (an LM head, typically) is held as 16-row tiles instead
+  (`tile_format`, the same bytes reordered), which the tiled int8 kernels read.
 - anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
   on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from weightsmith.quant import cpu_kernels
+from weightsmith.quant import tiles as qtiles
 from weightsmith.quant.weight_only import QuantizedLinear
 
 #: ggml type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block, bits).
@@ -55,6 +58,11 @@ def row_bytes(qtype: int, k: int) -> int | None:
 class GGMLLinear(QuantizedLinear):
     """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
 
+    PORTABLE = ("qweight",)
+    #: ggml's Q8_0, the one type with a tiled layout (quant/tiles.py: 16-row tiles, each block's
+    #: 16 fp16 scales after its codes), which the tiled int8 kernels read.
+    Q8_0 = 8
+
     def __init__(
         self, qweight: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None
     ) -> None:
@@ -76,14 +84,14 @@ class GGMLLinear(QuantizedLinear):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (N, K), materialised on each access: for inspection only."""
-        return self.dequantize().to(self.qweight.device)
+        return self.dequantize().to(self.device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (N, K) the blocks stand for, as gguf-py's dequantize computes it."""
-        blocks = self.qweight
+        (blocks,) = self.rows()
         lib = cpu_kernels.library() if blocks.device.type == "cpu" else None
         if lib is not None:
             w = cpu_kernels.ggml_dequantize(lib, self.qtype, blocks, self.in_features)
@@ -95,10 +103,20 @@ class GGMLLinear(QuantizedLinear):
             w = torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(self.qtype))))
         return w.to(device=blocks.device, dtype=dtype)
 
+    def tile_format(self) -> qtiles.TileFormat | None:
+        n, row = self.out_features, row_bytes(self.qtype, self.in_features)
+        if self.qtype != self.Q8_0 or row is None or not qtiles.can_tile_q8_0(n, row):
+            return None
+        return qtiles.TileFormat(n * row, qtiles.tile_q8_0, lambda t: qtiles.untile_q8_0(t, n, row))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
+            if self.tiles is not None:
+                return cpu_kernels.tiled_matmul(
+                    lib, x, self.tiles, self.out_features, 8, None, bias, block_scales=True
+                )
             return cpu_kernels.ggml_matmul(lib, x, self.qtype, self.qweight, bias)
         w = self.dequantize(x.dtype)  # (N, K), made per call
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -15,8 +15,9 @@ It holds exactly the portable layout's bytes (N * K/2 codes, 2 x N * K/G fp16), 
 tiled layer keeps no other copy (QuantizedLinear.tile_into). int8 tiles are the same with 8
 chunks a block of 32 (row r's bytes 4c..4c+3 of the block, stored as w + 128 so that the
 unsigned operand of the dot product is the weight: the kernels subtract 128 * sum(x)), and the
-tile's 16 fp32 row scales after all its blocks. `tile_*` and `untile_*` convert between the
-layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
+tile's 16 fp32 row scales after all its blocks. A GGUF Q8_0 matrix (GGMLLinear) tiles the same
+way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row).
+`tile_*` and `untile_*` convert between the layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
 where Linux offers them (fewer TLB misses: decoding reads every weight once a token).
 
 Not here: the kernels (cpu_qdot.c, cpu_qtile_x86.h), when layers are tiled
@@ -110,6 +111,39 @@ def untile_int8(tiles: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torc
     g = tiles.view(t, k * ROWS + 4 * ROWS)
     codes = (g[:, : k * ROWS].reshape(t, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4) ^ 0x80).reshape(n, k)
     return codes.contiguous().view(torch.int8), g[:, k * ROWS :].contiguous().view(torch.float32).reshape(n)
+
+
+#: Bytes of a GGUF Q8_0 block: an fp16 scale, then 32 int8 codes.
+Q8_0_BLOCK_BYTES = 34
+
+
+def can_tile_q8_0(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q8_0_BLOCK_BYTES == 0
+
+
+def tile_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q8_0 matrix (uint8 (N, K/32 * 34): rows of blocks, each an fp16 scale and 32 int8
+    codes) as Q8_0 tiles (uint8, the same number of bytes): for each tile of 16 rows and each
+    block of 32 inputs, the int8 tile's 8 chunks (row r's codes 4c..4c+3 at bytes 4r..4r+3, as
+    w + 128), then the 16 rows' fp16 scales of the block (544 bytes a block)."""
+    n, row = blocks.shape
+    t, nb = n // ROWS, row // Q8_0_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nb, Q8_0_BLOCK_BYTES)
+    # (tile, row, block, chunk, byte) -> (tile, block, [chunk, row, byte])
+    codes = (b[..., 2:] ^ 0x80).reshape(t, ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 32 * ROWS)
+    scales = b[..., :2].permute(0, 2, 1, 3).reshape(t, nb, 2 * ROWS)  # (tile, block, [row, fp16 byte])
+    return torch.cat([codes, scales], dim=2).reshape(-1)
+
+
+def untile_q8_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q8_0`'s inverse: (the GGUF rows of blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nb = n // ROWS, row_bytes // Q8_0_BLOCK_BYTES
+    g = tiles.view(t, nb, 34 * ROWS)
+    codes = (g[..., : 32 * ROWS].reshape(t, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4) ^ 0x80).reshape(
+        t, ROWS, nb, 32
+    )
+    scales = g[..., 32 * ROWS :].reshape(t, nb, ROWS, 2).permute(0, 2, 1, 3)
+    return (torch.cat([scales, codes], dim=3).reshape(n, row_bytes).contiguous(),)
 
 
 def hugepage_buffer(size: int) -> torch.Tensor:
