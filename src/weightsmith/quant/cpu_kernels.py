@@ -361,8 +361,9 @@ def int8_tiled_dequantize(
 
 
 #: The tile layouts' kinds in the C kernels (cpu_kernels.h): int4 and int8 tiles by their bits,
-#: and a GGUF Q8_0 matrix's tiles (int8 codes, an fp16 scale per row and block of 32).
-_TILE_KINDS = {(4, False): 5, (8, False): 9, (8, True): 10}
+#: and a GGUF Q8_0 matrix's tiles (int8 codes, an fp16 scale per row and block of 32); and the
+#: most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
+_TILE_KINDS, MAX_PROJS = {(4, False): 5, (8, False): 9, (8, True): 10}, 3
 
 
 def tiled_matmul(
@@ -381,10 +382,6 @@ def tiled_matmul(
     return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size, block_scales)[0]
 
 
-#: The most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
-MAX_PROJS = 3
-
-
 def tiled_matmuls(
     lib: ctypes.CDLL,
     x: torch.Tensor,
@@ -400,7 +397,6 @@ def tiled_matmuls(
         raise ValueError(f"tiled_matmuls takes 1 to {MAX_PROJS} weights, not {len(weights)}")
     k = x.shape[-1]
     flat = x.reshape(-1, k).contiguous()
-    # contiguous copies where needed, kept alive past the call
     kept = [(t.contiguous(), n, None if b is None else b.contiguous()) for t, n, b in weights]
     ys = [torch.empty(flat.shape[0], n, dtype=torch.float32) for _, n, _ in kept]
     arrays = lambda values: (ctypes.c_void_p * len(values))(*values)  # noqa: E731
