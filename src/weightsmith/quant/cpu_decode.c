@@ -83,8 +83,9 @@ static void kv_store(const ws_model *m, void *cache, int64_t at, const float *sr
  * Every number is computed by one item in the same order however the items are split among
  * threads, so a row's results do not depend on the other rows or the thread count. A step of
  * enough (row, kv head) groups for the threads, or of short rows, runs all three parts of a
- * group (or of one query head, where heads split more evenly) in one item (one pass, no barriers); fewer groups of long rows (one row: 3 kv heads on
- * 2 threads) split the positions and head_dim so every thread gets a share. Sums run over eight
+ * group (or of one query head, where heads split more evenly) in one item (one pass, no
+ * barriers); fewer groups of long rows (one row: 3 kv heads on 2 threads) split the positions
+ * and head_dim so every thread gets a share. Sums run over eight
  * lanes (vf8) with FMA where the CPU has it. */
 typedef struct {
     const ws_model *m;
@@ -131,9 +132,10 @@ static inline vf8 madd8(vf8 a, vf8 b, vf8 c) {
 static inline vf8 sel8(vi8 mask, vf8 a, vf8 b) { return (vf8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 
 /* exp of eight floats (Cody-Waite reduction by ln 2, a degree-7 polynomial on |r| <= ln2/2, the
- * power of two put in the exponent bits): within 1 ulp of exp for x in [-87, 88.7]; below -87,
- * 0 (where expf gives subnormals, then 0); above ln(FLT_MAX), infinity; NaN stays NaN. The
- * softmax and SiLU call it on whole vectors: scalar expf made a tenth of a small model's step. */
+ * power of two put in the exponent bits): within 1 ulp of exp for x in [-87, 88]; below -87, 0
+ * (where expf gives subnormals, then 0); up to ln(FLT_MAX), exp(88); above, infinity; NaN
+ * stays NaN. The softmax and SiLU call it on whole vectors: scalar expf made a tenth of a small
+ * model's step. */
 static inline vf8 vexp8(vf8 x) {
     const vf8 lo = (vf8){0} - 87.0f, hi = (vf8){0} + 88.0f, magic = (vf8){0} + 12582912.0f; /* 1.5 * 2^23 */
     vf8 c = sel8(x < lo, lo, x);
