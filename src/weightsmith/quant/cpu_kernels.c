@@ -235,11 +235,6 @@ static void f32_cols_matmuls(const float *x, int64_t M, int64_t K, int n, const 
     free(partial);
 }
 
-static void f32_cols_matmul(const float *x, int64_t M, int64_t K, int64_t N, const float *w, int64_t ld,
-                            const float *bias, float *y) {
-    f32_cols_matmuls(x, M, K, 1, &N, &w, &ld, &bias, &y);
-}
-
 int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act) {
     int together = n <= WS_MAX_PROJS && (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_INT8_TILES ||
                                          p[0]->kind == WS_Q8_0_TILES || p[0]->kind == WS_F32_COLS);
@@ -273,6 +268,8 @@ int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, f
 }
 
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act) {
+    if (p->kind == WS_INT4_TILES || p->kind == WS_INT8_TILES || p->kind == WS_Q8_0_TILES || p->kind == WS_F32_COLS)
+        return ws_projs_matmul(&p, 1, x, M, &y, act); /* the kinds that run several projections at once */
     ws_qact own = {0};
     ws_qact *a = act ? act : &own;
     int status = 0;
@@ -281,21 +278,9 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT4);
         if (status == 0) status = ws_q4_proj(a, p->n, p->q, (const uint16_t *)p->scales, (const uint16_t *)p->zeros, p->group, p->bias, y);
         break;
-    case WS_INT4_TILES:
-        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT4);
-        if (status == 0) status = ws_q4t_proj(a, p->n, p->q, p->group, p->bias, y);
-        break;
     case WS_INT8:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
         if (status == 0) ws_q8_proj(a, p->n, p->q, (const float *)p->scales, p->bias, y);
-        break;
-    case WS_INT8_TILES:
-    case WS_Q8_0_TILES:
-        status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
-        if (status == 0) {
-            const uint8_t *tiles = p->q;
-            status = ws_q8t_projs(a, 1, &p->n, &tiles, p->kind == WS_Q8_0_TILES, &p->bias, &y);
-        }
         break;
     case WS_GGML:
         status = ws_qact_quantize(a, x, M, p->k, WS_QACT_INT8);
@@ -303,9 +288,6 @@ int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qac
         break;
     case WS_F32_ROWS:
         f32_rows_matmul(x, M, p->k, p->n, p->q, p->ld, p->bias, y);
-        break;
-    case WS_F32_COLS:
-        f32_cols_matmul(x, M, p->k, p->n, p->q, p->ld, p->bias, y);
         break;
     case WS_BF16_ROWS:
     case WS_BF16_COLS:

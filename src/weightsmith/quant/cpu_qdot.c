@@ -168,7 +168,7 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
     }
 }
 
-/* int4 16-row tiles (the decode layout, see ws_q4t_proj): row 16t + r, block b of group g is
+/* int4 16-row tiles (the decode layout, see ws_q4t_projs): row 16t + r, block b of group g is
  * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum) {
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + 64;
@@ -412,10 +412,6 @@ int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const
     free(gsum);
     for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
-}
-
-int ws_q4t_proj(const ws_qact *a, int64_t N, const uint8_t *tiles, int64_t G, const float *bias, float *y) {
-    return ws_q4t_projs(a, 1, &N, &tiles, G, &bias, &y);
 }
 
 /* The same for int8 16-row tiles, or Q8_0 tiles where block_scales is set: K a multiple of 32,
