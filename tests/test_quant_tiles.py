@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_matches, quantize_act
 from ggml_blocks import random_blocks, with_edge_scales
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from test_cpu_qdot import _inputs, _weights
 
@@ -165,7 +166,7 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("bits", [4, 8, "q8_0"])
+@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q8_0"])
 def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
@@ -180,61 +181,88 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
             layer = _int8_layer(n, k, seed=10 + i, bias=bias)
             packed = qtiles.tile_int8(layer.qweight, layer.scales)
         else:
-            layer = _q8_0_layer(n, k, seed=10 + i, bias=bias)
-            packed = qtiles.tile_q8_0(layer.qweight)
+            layer = _ggml_layer(GGML_TILED[bits], n, k, seed=10 + i, bias=bias)
+            packed = layer.tile_format().tile(layer.qweight)
         weights.append((packed, n, layer.bias.detach() if bias else None))
     x = _inputs(rows, k, seed=3)
-    group, q8_0, bits = (32 if bits == 4 else None), bits == "q8_0", 4 if bits == 4 else 8
-    together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group, q8_0)
+    ggml, bits = isinstance(bits, str), 8 if bits in (8, "q8_0") else 4
+    group = 32 if bits == 4 else None
+    together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group, ggml)
     for got, (packed, n, b) in zip(together, weights, strict=True):
         assert got.shape == (rows, n)
-        assert torch.equal(got, cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, q8_0))
+        assert torch.equal(got, cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, ggml))
     with pytest.raises(ValueError, match="1 to 3 weights"):
-        cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group, q8_0)
+        cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group, ggml)
 
 
-def _q8_0_layer(n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
-    """A GGUF Q8_0 matrix: a zero, a subnormal and a negative block scale, and codes -128, 127
-    and -127 in row 1's first block."""
-    raw = with_edge_scales(random_blocks(QT.Q8_0, n, k, seed), QT.Q8_0)
-    raw.reshape(n, -1, qtiles.Q8_0_BLOCK_BYTES)[1, 0, 2:5] = [0x80, 0x7F, 0x81]
-    return GGMLLinear(torch.from_numpy(raw), QT.Q8_0, k, torch.linspace(-1, 1, n) if bias else None)
+#: The GGUF types with tiles, by name.
+GGML_TILED = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
 
 
+def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
+    """A GGUF Q4_0 / Q8_0 matrix: a zero, a subnormal and a negative block scale, and in row 1's
+    first block the extreme codes (Q8_0: -128, 127, -127; Q4_0: 0 and 15, i.e. -8 and 7)."""
+    raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
+    blocks = raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])
+    blocks[1, 0, 2:5] = [0x80, 0x7F, 0x81] if qtype == QT.Q8_0 else [0xF0, 0x0F, 0xFF]
+    return GGMLLinear(torch.from_numpy(raw), qtype, k, torch.linspace(-1, 1, n) if bias else None)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 576)])
-def test_q8_0_tiles_hold_the_files_bytes_and_untile_exactly(n, k):
-    blocks = _q8_0_layer(n, k, seed=n + k).qweight
-    packed = qtiles.tile_q8_0(blocks)
+def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
+    blocks = _ggml_layer(GGML_TILED[name], n, k, seed=n + k).qweight
+    tile, untile = (
+        (qtiles.tile_q4_0, qtiles.untile_q4_0) if name == "q4_0" else (qtiles.tile_q8_0, qtiles.untile_q8_0)
+    )
+    packed = tile(blocks)
     assert packed.dtype == torch.uint8 and packed.numel() == blocks.numel()
-    (back,) = qtiles.untile_q8_0(packed, n, blocks.shape[1])
+    (back,) = untile(packed, n, blocks.shape[1])
     assert torch.equal(back, blocks)
-    # Block 0, chunk 1, row 2 = row 2's codes 4..7 (after its 2-byte scale), as w + 128 ...
-    assert torch.equal(packed[64 + 8 : 64 + 12], blocks[2, 2 + 4 : 2 + 8] ^ 0x80)
-    # ... and after the block's 512 code bytes, the 16 rows' fp16 scales of the block.
+    if name == "q8_0":
+        # Block 0, chunk 1, row 2 = row 2's codes 4..7 (after its 2-byte scale), as w + 128 ...
+        assert torch.equal(packed[64 + 8 : 64 + 12], blocks[2, 2 + 4 : 2 + 8] ^ 0x80)
+        # ... and after the block's 512 code bytes, the 16 rows' fp16 scales of the block.
+        scales_at = 512
+    else:
+        # Block 0, chunk 1, row 2 = row 2's codes 8..15 in pairs (2j low, 2j + 1 high); Q4_0's
+        # byte i holds codes i (low) and i + 16 (high) ...
+        file_codes = torch.cat([blocks[2, 2:18] & 15, blocks[2, 2:18] >> 4])
+        want = file_codes[8:16:2] | (file_codes[9:16:2] << 4)
+        assert torch.equal(packed[64 + 8 : 64 + 12], want)
+        # ... and after the block's 256 code bytes, the 16 rows' fp16 scales d.
+        scales_at = 256
     assert torch.equal(
-        packed[512:544].view(torch.int16), blocks[:16, :2].contiguous().view(torch.int16).view(-1)
+        packed[scales_at : scales_at + 32].view(torch.int16),
+        blocks[:16, :2].contiguous().view(torch.int16).view(-1),
     )
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 5, 37])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 224)])
-def test_q8_0_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
-    layer = _q8_0_layer(n, k, seed=k + rows, bias=bias)
+def test_ggml_tiled_matmul_matches_float64(int_isa_lib, name, n, k, rows, bias):
+    qtype = GGML_TILED[name]
+    layer = _ggml_layer(qtype, n, k, seed=k + rows, bias=bias)
     x = _inputs(rows, k, seed=rows)
     b = layer.bias.detach() if bias else None
-    out = cpu_kernels.tiled_matmul(
-        int_isa_lib, x, qtiles.tile_q8_0(layer.qweight), n, 8, None, b, block_scales=True
-    )
+    bits, group = (4, 32) if name == "q4_0" else (8, None)
+    packed = layer.tile_format().tile(layer.qweight)
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, ggml=True)
+    # The input as the int4 kernels quantize it (each block's evens then odds) is the same
+    # values per element as the int8 order: only the storage order differs.
     ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
     assert_matches(out, ref)
     # The same sums as the GGUF rows' kernel, up to float summation order.
-    rows_out = cpu_kernels.ggml_matmul(int_isa_lib, x, QT.Q8_0, layer.qweight, b)
+    rows_out = cpu_kernels.ggml_matmul(int_isa_lib, x, qtype, layer.qweight, b)
     torch.testing.assert_close(out, rows_out, rtol=1e-5, atol=1e-5 * rows_out.abs().max().item())
 
 
-def test_a_tiled_q8_0_layer_keeps_its_blocks_and_forward(native_lib):
-    layer = _q8_0_layer(32, 96, seed=4, bias=True)
+@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+def test_a_tiled_ggml_layer_keeps_its_blocks_and_forward(native_lib, name):
+    qtype = GGML_TILED[name]
+    layer = _ggml_layer(qtype, 32, 96, seed=4, bias=True)
     before = {n: t.clone() for n, t in layer.state_dict().items()}
     x = torch.randn(3, 96)
     long = torch.ones(wo.TILED_KERNEL_MAX_ROWS + 1, 96)
@@ -243,16 +271,17 @@ def test_a_tiled_q8_0_layer_keeps_its_blocks_and_forward(native_lib):
     assert (
         layer.qweight is None and layer.tiles is not None and layer.kernel_rows() == wo.TILED_KERNEL_MAX_ROWS
     )
+    assert layer.tile_nbytes() == before["qweight"].numel()  # resident: the file's bytes
     assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
     assert torch.equal(layer.dequantize(), want_w)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(layer(long), want_long)  # the exact path, from the tiles
     layer.untile()
     assert torch.equal(layer.qweight, before["qweight"])
-    # Only Q8_0 has tiles; and rows that do not fill 16 have none.
-    assert _q8_0_layer(24, 96).tile_format() is None
-    q4_0 = GGMLLinear(torch.from_numpy(random_blocks(QT.Q4_0, 32, 96, 1)), QT.Q4_0, 96)
-    assert q4_0.tile_format() is None and not q4_0.can_tile()
+    # Rows that do not fill 16 have no tiles; nor have the other types.
+    assert _ggml_layer(qtype, 24, 96).tile_format() is None
+    q4_1 = GGMLLinear(torch.from_numpy(random_blocks(QT.Q4_1, 32, 96, 1)), QT.Q4_1, 96)
+    assert q4_1.tile_format() is None and not q4_1.can_tile()
 
 
 def test_a_tiled_int8_layer_keeps_its_state_dict_and_forward(native_lib):

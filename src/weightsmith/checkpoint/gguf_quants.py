@@ -163,7 +163,8 @@ def q4_1_as_int4(rows: torch.Tensor, n: int, k: int) -> Int4Linear:
     """Q4_1 rows (N, K/32 blocks of 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles, element j low
     and j + 16 high) as an Int4Linear with groups of 32: the same codes, d as its scale and m as
     its zero (fp16 both, as Int4Linear holds them), so it computes d * q + m bit for bit from the
-    same 20 bytes a block. (Q4_0 would need its zero, -8 d, stored: 2 bytes a block more.)"""
+    same 20 bytes a block. (Q4_0 stays a GGMLLinear: its tiles hold no zeros, the kernels take
+    -8 d, where an Int4Linear would store them, 2 bytes a block more.)"""
     b = rows.view(n, k // 32, 20)
     scales, zeros = (b[..., at : at + 2].contiguous().view(torch.float16).view(n, k // 32) for at in (0, 2))
     codes = torch.cat([b[..., 4:] & 15, b[..., 4:] >> 4], dim=-1).reshape(n, k)

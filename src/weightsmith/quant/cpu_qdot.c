@@ -170,9 +170,9 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
 
 /* int4 16-row tiles (the decode layout, see ws_q4t_projs): row 16t + r, block b of group g is
  * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
-static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum) {
-    const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + 64;
-    const int64_t tile_bytes = 16 * (K / 2) + groups * 64;
+static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int sym) {
+    const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
+    const int64_t tile_bytes = 16 * (K / 2) + groups * (sym ? 32 : 64);
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
         const int p = tile_owner(set, i / 16);
@@ -195,9 +195,11 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
                     }
                     gacc += (float)isum * a->d[m * a->nb + b];
                 }
-                uint16_t s, z;
-                memcpy(&s, gp + per_group * 256 + 2 * r, 2), memcpy(&z, gp + per_group * 256 + 32 + 2 * r, 2);
-                acc += gacc * ws_f16_to_f32(s) + ws_f16_to_f32(z) * gsum[m * groups + g];
+                uint16_t s, z = 0;
+                memcpy(&s, gp + per_group * 256 + 2 * r, 2);
+                if (!sym) memcpy(&z, gp + per_group * 256 + 32 + 2 * r, 2);
+                const float scale = ws_f16_to_f32(s), zero = sym ? -8.0f * scale : ws_f16_to_f32(z);
+                acc += gacc * scale + zero * gsum[m * groups + g];
             }
             y[m * N + n] = acc;
         }
@@ -401,14 +403,14 @@ static int tile_set_of(tile_set *s, int n, const int64_t *N, const uint8_t *cons
 
 /* y[p] (M, N[p]) = the int4 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
  * p < n, in one parallel loop: N[p] multiples of 16, the input quantized in the WS_QACT_INT4
- * layout. */
-int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G,
+ * layout; sym: Q4_0 tiles (no zeros stored: each is -8 times its scale). */
+int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G, int sym,
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
     float *gsum = group_sums(a, G);
     if (!gsum) return -1;
-    BY_ISA(q4t_matmul, a, &s, G, gsum);
+    BY_ISA(q4t_matmul, a, &s, G, gsum, sym != 0);
     free(gsum);
     for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
@@ -472,16 +474,17 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 
 /* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
- * `kind` WS_INT4_TILES (groups of G), WS_INT8_TILES or WS_Q8_0_TILES, all in one parallel loop
- * (ws_q4t_projs, ws_q8t_projs). */
+ * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES (groups of G = 32), WS_INT8_TILES or
+ * WS_Q8_0_TILES, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
 int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t kind,
                      const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {
-    if (kind != WS_INT4_TILES && kind != WS_INT8_TILES && kind != WS_Q8_0_TILES) return -2;
+    const int bits4 = kind == WS_INT4_TILES || kind == WS_Q4_0_TILES;
+    if (!bits4 && kind != WS_INT8_TILES && kind != WS_Q8_0_TILES) return -2;
     ws_qact a = {0};
-    int status = ws_qact_quantize(&a, x, M, K, kind == WS_INT4_TILES ? WS_QACT_INT4 : WS_QACT_INT8);
+    int status = ws_qact_quantize(&a, x, M, K, bits4 ? WS_QACT_INT4 : WS_QACT_INT8);
     if (status == 0)
-        status = kind == WS_INT4_TILES ? ws_q4t_projs(&a, n, N, tiles, G, bias, y)
-                                       : ws_q8t_projs(&a, n, N, tiles, kind == WS_Q8_0_TILES, bias, y);
+        status = bits4 ? ws_q4t_projs(&a, n, N, tiles, G, kind == WS_Q4_0_TILES, bias, y)
+                       : ws_q8t_projs(&a, n, N, tiles, kind == WS_Q8_0_TILES, bias, y);
     ws_qact_free(&a);
     return status;
 }

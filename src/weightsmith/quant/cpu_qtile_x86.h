@@ -7,13 +7,14 @@
  * its odd ones, at 16 + 4c). The group's 16 fp16 scales, then its 16 fp16 zeros, follow its
  * blocks. So one integer dot product instruction multiplies 4 codes of 16 rows by the same
  * 4 broadcast input bytes, and a tile's 16 sums leave in one vector: no horizontal sums, and
- * the weights are read as one stream.
+ * the weights are read as one stream. Q4_0 tiles (sym set: a GGUF Q4_0 matrix, groups of 32)
+ * hold no zeros: each row's zero is -8 times its scale (exact in fp32), as Q4_0 reads d (q - 8).
  */
 
 /* The 16 rows of tile `tile` against mc (<= QROWS) input rows; out[m * N + r] = row r of input m. */
 KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, int64_t G, const float *gsum,
-                         float *out, int64_t N) {
-    const int64_t groups = a->k / G, per_group = G / QB, gbytes = per_group * 256 + 64;
+                         float *out, int64_t N, const int sym) {
+    const int64_t groups = a->k / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
 #ifdef WS_WIDE512
     __m512 acc[QROWS];
     for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
@@ -43,7 +44,8 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             }
         }
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + per_group * 256)));
-        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + per_group * 256 + 32)));
+        const __m512 z = sym ? _mm512_mul_ps(s, _mm512_set1_ps(-8.0f))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gp + per_group * 256 + 32)));
         for (int64_t m = 0; m < mc; m++)
             acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(gsum[m * groups + g]), _mm512_fmadd_ps(gacc[m], s, acc[m]));
     }
@@ -80,7 +82,8 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
                 }
             }
             const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 16 * h)));
-            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 32 + 16 * h)));
+            const __m256 z = sym ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f))
+                                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 32 + 16 * h)));
             for (int64_t m = 0; m < mc; m++)
                 acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * groups + g]), _mm256_fmadd_ps(gacc[m], s, acc[m]));
         }
@@ -91,8 +94,8 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 
 /* Every tile of the set (its projections' tiles one after another), split among the threads. */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
-                                                           const float *gsum) {
-    const int64_t M = a->m, groups = a->k / G, tile_bytes = 16 * (a->k / 2) + groups * 64;
+                                                           const float *gsum, int sym) {
+    const int64_t M = a->m, groups = a->k / G, tile_bytes = 16 * (a->k / 2) + groups * (sym ? 32 : 64);
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < set->first[set->np]; i++) {
         const int p = tile_owner(set, i);
@@ -105,11 +108,15 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
             const ws_qact rows = ws_qact_rows(a, m0);
             const float *gs = gsum + m0 * groups;
             float *out = y + m0 * N + 16 * t;
-            switch (mc) { /* a constant row count per case: accumulators stay in registers */
-            case 1: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N); break;
-            case 2: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N); break;
-            case 3: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N); break;
-            default: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N); break;
+            switch (mc * 2 + (sym != 0)) { /* constant row counts and layout: accumulators in registers */
+            case 2: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N, 0); break;
+            case 3: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N, 1); break;
+            case 4: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N, 0); break;
+            case 5: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N, 1); break;
+            case 6: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N, 0); break;
+            case 7: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N, 1); break;
+            case 8: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N, 0); break;
+            default: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N, 1); break;
             }
         }
     }

@@ -13,8 +13,8 @@ Which matmul runs:
   quantized to int8 per block of 32 in the CPU's integer dot-product instructions; the
   fused decode step (weightsmith.cpu_decode) calls the same kernels. The result is the
   exact product up to the input's rounding (llama.cpp's decoding has the same). In the CPU
-  decode layout a Q8_0 matrix (an LM head, typically) is held as 16-row tiles instead
-  (`tile_format`, the same bytes reordered), which the tiled int8 kernels read.
+  decode layout a Q4_0 or Q8_0 matrix with rows in multiples of 16 is held as 16-row tiles
+  instead (`tile_format`, the same bytes reordered), which the tiled int4 / int8 kernels read.
 - anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
   on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
 
@@ -59,9 +59,14 @@ class GGMLLinear(QuantizedLinear):
     """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
 
     PORTABLE = ("qweight",)
-    #: ggml's Q8_0, the one type with a tiled layout (quant/tiles.py: 16-row tiles, each block's
-    #: 16 fp16 scales after its codes), which the tiled int8 kernels read.
-    Q8_0 = 8
+    #: The types with a tiled layout (quant/tiles.py: 16-row tiles of the same bytes) and the
+    #: tiled kernels' bits: Q4_0 (int4 tiles of groups of 32 without zeros) and Q8_0 (int8
+    #: tiles, each block's 16 fp16 scales after its codes).
+    Q4_0, Q8_0 = 2, 8
+    _TILED = {
+        Q4_0: (4, qtiles.can_tile_q4_0, qtiles.tile_q4_0, qtiles.untile_q4_0),
+        Q8_0: (8, qtiles.can_tile_q8_0, qtiles.tile_q8_0, qtiles.untile_q8_0),
+    }
 
     def __init__(
         self, qweight: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None
@@ -105,17 +110,20 @@ class GGMLLinear(QuantizedLinear):
 
     def tile_format(self) -> qtiles.TileFormat | None:
         n, row = self.out_features, row_bytes(self.qtype, self.in_features)
-        if self.qtype != self.Q8_0 or row is None or not qtiles.can_tile_q8_0(n, row):
+        if self.qtype not in self._TILED or row is None or not self._TILED[self.qtype][1](n, row):
             return None
-        return qtiles.TileFormat(n * row, qtiles.tile_q8_0, lambda t: qtiles.untile_q8_0(t, n, row))
+        _, _, tile, untile = self._TILED[self.qtype]
+        return qtiles.TileFormat(n * row, tile, lambda t: untile(t, n, row))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = self._kernels(x)
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             if self.tiles is not None:
+                bits = self._TILED[self.qtype][0]
+                group = 32 if bits == 4 else None
                 return cpu_kernels.tiled_matmul(
-                    lib, x, self.tiles, self.out_features, 8, None, bias, block_scales=True
+                    lib, x, self.tiles, self.out_features, bits, group, bias, ggml=True
                 )
             return cpu_kernels.ggml_matmul(lib, x, self.qtype, self.qweight, bias)
         w = self.dequantize(x.dtype)  # (N, K), made per call

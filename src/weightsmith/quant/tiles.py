@@ -16,7 +16,8 @@ tiled layer keeps no other copy (QuantizedLinear.tile_into). int8 tiles are the 
 chunks a block of 32 (row r's bytes 4c..4c+3 of the block, stored as w + 128 so that the
 unsigned operand of the dot product is the weight: the kernels subtract 128 * sum(x)), and the
 tile's 16 fp32 row scales after all its blocks. A GGUF Q8_0 matrix (GGMLLinear) tiles the same
-way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row).
+way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row), and
+a GGUF Q4_0 matrix as int4 tiles of groups of 32 without zeros (Q4_0's is -8 times the scale).
 `tile_*` and `untile_*` convert between the layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
 where Linux offers them (fewer TLB misses: decoding reads every weight once a token).
 
@@ -144,6 +145,42 @@ def untile_q8_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     )
     scales = g[..., 32 * ROWS :].reshape(t, nb, ROWS, 2).permute(0, 2, 1, 3)
     return (torch.cat([scales, codes], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+#: Bytes of a GGUF Q4_0 block: an fp16 scale d, then 16 bytes whose low nibbles are codes 0..15
+#: and high nibbles codes 16..31 (the weight is d * (q - 8)).
+Q4_0_BLOCK_BYTES = 18
+
+
+def can_tile_q4_0(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q4_0_BLOCK_BYTES == 0
+
+
+def tile_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q4_0 matrix (uint8 (N, K/32 * 18)) as Q4_0 tiles (uint8, the same number of
+    bytes): the int4 tiles of groups of 32 with no zeros (the kernels take -8 d), i.e. for each
+    tile of 16 rows and each block, the 4 chunks of the block's codes in the portable nibble
+    order (byte j: codes 2j and 2j + 1), then the 16 rows' fp16 scales d (288 bytes a block)."""
+    n, row = blocks.shape
+    t, nb = n // ROWS, row // Q4_0_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nb, Q4_0_BLOCK_BYTES)
+    codes = torch.cat([b[..., 2:] & 15, b[..., 2:] >> 4], dim=3)  # (tile, row, block, 32) in order
+    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    # (tile, row, block, chunk, byte) -> (tile, block, [chunk, row, byte])
+    chunks = portable.reshape(t, ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 16 * ROWS)
+    scales = b[..., :2].permute(0, 2, 1, 3).reshape(t, nb, 2 * ROWS)  # (tile, block, [row, fp16 byte])
+    return torch.cat([chunks, scales], dim=2).reshape(-1)
+
+
+def untile_q4_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q4_0`'s inverse: (the GGUF rows of blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nb = n // ROWS, row_bytes // Q4_0_BLOCK_BYTES
+    g = tiles.view(t, nb, Q4_0_BLOCK_BYTES * ROWS)
+    portable = g[..., : 16 * ROWS].reshape(t, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nb, 16)
+    codes = torch.stack([portable & 15, portable >> 4], dim=4).reshape(t, ROWS, nb, 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    scales = g[..., 16 * ROWS :].reshape(t, nb, ROWS, 2).permute(0, 2, 1, 3)
+    return (torch.cat([scales, qs], dim=3).reshape(n, row_bytes).contiguous(),)
 
 
 def hugepage_buffer(size: int) -> torch.Tensor:
