@@ -4,6 +4,7 @@ casts as the portable one, and the CPU decode plan tiling and untiling a model's
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_matches, quantize_act
@@ -166,12 +167,12 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q8_0"])
+@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q4_k", "q8_0"])
 def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
     without a bias."""
-    k, shapes = 96, [(48, True), (16, False), (32, True)]
+    k, shapes = (256 if bits == "q4_k" else 96), [(48, True), (16, False), (32, True)]
     weights = []
     for i, (n, bias) in enumerate(shapes):
         if bits == 4:
@@ -185,7 +186,7 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
             packed = layer.tile_format().tile(layer.qweight)
         weights.append((packed, n, layer.bias.detach() if bias else None))
     x = _inputs(rows, k, seed=3)
-    ggml, bits = isinstance(bits, str), 8 if bits in (8, "q8_0") else 4
+    ggml, bits = GGML_TILED.get(bits), 8 if bits in (8, "q8_0") else 4
     group = 32 if bits == 4 else None
     together = cpu_kernels.tiled_matmuls(int_isa_lib, x, weights, bits, group, ggml)
     for got, (packed, n, b) in zip(together, weights, strict=True):
@@ -196,60 +197,77 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
 
 
 #: The GGUF types with tiles, by name.
-GGML_TILED = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+GGML_TILED = {"q4_0": QT.Q4_0, "q4_k": QT.Q4_K, "q8_0": QT.Q8_0}
 
 
 def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
-    """A GGUF Q4_0 / Q8_0 matrix: a zero, a subnormal and a negative block scale, and in row 1's
-    first block the extreme codes (Q8_0: -128, 127, -127; Q4_0: 0 and 15, i.e. -8 and 7)."""
+    """A GGUF Q4_0 / Q4_K / Q8_0 matrix: a zero, a subnormal and a negative block scale, and in
+    row 1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q4_K: and
+    all-ones 6-bit scales and minima, and a negative dmin)."""
     raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
     blocks = raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])
-    blocks[1, 0, 2:5] = [0x80, 0x7F, 0x81] if qtype == QT.Q8_0 else [0xF0, 0x0F, 0xFF]
+    if qtype == QT.Q4_K:
+        blocks[1, 0, 16:19] = [0xF0, 0x0F, 0xFF]
+        blocks[1, 0, 4:16] = 0xFF
+        blocks[2, 0, 2:4] = np.array([-0.004], np.float16).view(np.uint8)
+    else:
+        blocks[1, 0, 2:5] = [0x80, 0x7F, 0x81] if qtype == QT.Q8_0 else [0xF0, 0x0F, 0xFF]
     return GGMLLinear(torch.from_numpy(raw), qtype, k, torch.linspace(-1, 1, n) if bias else None)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
-@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 576)])
+def _tile_fns(name: str):
+    return getattr(qtiles, f"tile_{name}"), getattr(qtiles, f"untile_{name}")
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q8_0"])
+@pytest.mark.parametrize(("n", "k"), [(16, 256), (48, 512), (32, 768)])
 def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
     blocks = _ggml_layer(GGML_TILED[name], n, k, seed=n + k).qweight
-    tile, untile = (
-        (qtiles.tile_q4_0, qtiles.untile_q4_0) if name == "q4_0" else (qtiles.tile_q8_0, qtiles.untile_q8_0)
-    )
+    tile, untile = _tile_fns(name)
     packed = tile(blocks)
     assert packed.dtype == torch.uint8 and packed.numel() == blocks.numel()
     (back,) = untile(packed, n, blocks.shape[1])
     assert torch.equal(back, blocks)
+
+    def halves(at: int) -> torch.Tensor:  # the 16 rows' fp16 at bytes at, at + 1 of their first block
+        return blocks[:16, at : at + 2].contiguous().view(torch.int16).view(-1)
+
     if name == "q8_0":
         # Block 0, chunk 1, row 2 = row 2's codes 4..7 (after its 2-byte scale), as w + 128 ...
         assert torch.equal(packed[64 + 8 : 64 + 12], blocks[2, 2 + 4 : 2 + 8] ^ 0x80)
         # ... and after the block's 512 code bytes, the 16 rows' fp16 scales of the block.
-        scales_at = 512
-    else:
+        assert torch.equal(packed[512:544].view(torch.int16), halves(0))
+    elif name == "q4_0":
         # Block 0, chunk 1, row 2 = row 2's codes 8..15 in pairs (2j low, 2j + 1 high); Q4_0's
         # byte i holds codes i (low) and i + 16 (high) ...
-        file_codes = torch.cat([blocks[2, 2:18] & 15, blocks[2, 2:18] >> 4])
-        want = file_codes[8:16:2] | (file_codes[9:16:2] << 4)
-        assert torch.equal(packed[64 + 8 : 64 + 12], want)
+        codes = torch.cat([blocks[2, 2:18] & 15, blocks[2, 2:18] >> 4])
+        assert torch.equal(packed[64 + 8 : 64 + 12], codes[8:16:2] | (codes[9:16:2] << 4))
         # ... and after the block's 256 code bytes, the 16 rows' fp16 scales d.
-        scales_at = 256
-    assert torch.equal(
-        packed[scales_at : scales_at + 32].view(torch.int16),
-        blocks[:16, :2].contiguous().view(torch.int16).view(-1),
-    )
+        assert torch.equal(packed[256:288].view(torch.int16), halves(0))
+    else:
+        # Sub-block 1 (the high nibbles of the file's first 32 code bytes), chunk 1, row 2 = row
+        # 2's codes 8..15 of it in pairs ...
+        codes = blocks[2, 16:48] >> 4
+        assert torch.equal(packed[256 + 64 + 8 : 256 + 64 + 12], codes[8:16:2] | (codes[9:16:2] << 4))
+        # ... and after the 8 sub-blocks' 2048 bytes, the rows' d, their dmin, then scale byte i
+        # of row r at 64 + 16 i + r.
+        assert torch.equal(packed[2048:2080].view(torch.int16), halves(0))
+        assert torch.equal(packed[2080:2112].view(torch.int16), halves(2))
+        assert packed[2048 + 64 + 16 * 5 + 3] == blocks[3, 4 + 5]
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q8_0"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 5, 37])
-@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (32, 224)])
+@pytest.mark.parametrize(("n", "k"), [(16, 256), (48, 512), (32, 768)])
 def test_ggml_tiled_matmul_matches_float64(int_isa_lib, name, n, k, rows, bias):
     qtype = GGML_TILED[name]
     layer = _ggml_layer(qtype, n, k, seed=k + rows, bias=bias)
     x = _inputs(rows, k, seed=rows)
     b = layer.bias.detach() if bias else None
-    bits, group = (4, 32) if name == "q4_0" else (8, None)
+    bits, group = (8, None) if name == "q8_0" else (4, 32)
     packed = layer.tile_format().tile(layer.qweight)
-    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, ggml=True)
+    out = cpu_kernels.tiled_matmul(int_isa_lib, x, packed, n, bits, group, b, ggml=qtype)
     # The input as the int4 kernels quantize it (each block's evens then odds) is the same
     # values per element as the int8 order: only the storage order differs.
     ref = quantize_act(x)[0] @ layer.dequantize().double().T + (0 if b is None else b.double())
@@ -259,13 +277,13 @@ def test_ggml_tiled_matmul_matches_float64(int_isa_lib, name, n, k, rows, bias):
     torch.testing.assert_close(out, rows_out, rtol=1e-5, atol=1e-5 * rows_out.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q8_0"])
 def test_a_tiled_ggml_layer_keeps_its_blocks_and_forward(native_lib, name):
     qtype = GGML_TILED[name]
-    layer = _ggml_layer(qtype, 32, 96, seed=4, bias=True)
+    layer = _ggml_layer(qtype, 32, 256, seed=4, bias=True)
     before = {n: t.clone() for n, t in layer.state_dict().items()}
-    x = torch.randn(3, 96)
-    long = torch.ones(wo.TILED_KERNEL_MAX_ROWS + 1, 96)
+    x = torch.randn(3, 256)
+    long = torch.ones(wo.TILED_KERNEL_MAX_ROWS + 1, 256)
     want, want_long, want_w = layer(x), layer(long), layer.dequantize()
     layer.tile_into(torch.empty(layer.tile_nbytes(), dtype=torch.uint8))
     assert (
@@ -279,7 +297,7 @@ def test_a_tiled_ggml_layer_keeps_its_blocks_and_forward(native_lib, name):
     layer.untile()
     assert torch.equal(layer.qweight, before["qweight"])
     # Rows that do not fill 16 have no tiles; nor have the other types.
-    assert _ggml_layer(qtype, 24, 96).tile_format() is None
+    assert _ggml_layer(qtype, 24, 256).tile_format() is None
     q4_1 = GGMLLinear(torch.from_numpy(random_blocks(QT.Q4_1, 32, 96, 1)), QT.Q4_1, 96)
     assert q4_1.tile_format() is None and not q4_1.can_tile()
 

@@ -129,12 +129,11 @@ def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | 
         q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
         keep += [q, scales]
         p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
-    elif type(module) is GGMLLinear and module.tiles is not None:  # Q4_0 / Q8_0 tiles
+    elif type(module) is GGMLLinear and module.tiles is not None:  # Q4_0 / Q4_K / Q8_0 tiles
         keep.append(module.tiles)
-        p.kind, p.q = (
-            (6, module.tiles.data_ptr()) if module.qtype == GGMLLinear.Q4_0 else (10, module.tiles.data_ptr())
-        )
-        p.group = 32 if module.qtype == GGMLLinear.Q4_0 else 0
+        bits = GGMLLinear.TILED[module.qtype][0]
+        p.kind, p.q = cpu_kernels.TILE_KINDS[bits, module.qtype], module.tiles.data_ptr()
+        p.group = 32 if bits == 4 else 0
     elif type(module) is GGMLLinear:
         if module.qweight.device.type != "cpu":
             return None

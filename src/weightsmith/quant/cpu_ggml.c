@@ -67,18 +67,6 @@ int64_t ws_ggml_row_bytes(int64_t type, int64_t k) {
 /* IEEE half (two bytes at p, little-endian) to float. */
 static float half_to_float(const uint8_t *p) { return ws_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
-/* Q4_K / Q5_K: the 6-bit scale and minimum of sub-block j (0..7) from the 12 packed bytes:
- * j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 as 4 low bits in byte j + 4 (low
- * nibble: scale, high: minimum) and 2 high bits in the top of bytes j - 4 and j. */
-static void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63, *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
-        *mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
-    }
-}
-
 /* Sub-block j (32 weights) of a row: codes c, scales s (first, last 16), zero z; returns
  * whether z is used (the types with a minimum). */
 static int sub_block(int64_t type, const uint8_t *row, int64_t j, int32_t c[QB], float s[2], float *z) {
@@ -118,7 +106,7 @@ static int sub_block(int64_t type, const uint8_t *row, int64_t j, int32_t c[QB],
         break;
     case T_Q4_K: case T_Q5_K: {
         int sc, mn;
-        k_scale_min(blk + 4, i, &sc, &mn);
+        ws_k_scale_min(blk + 4, 1, i, &sc, &mn);
         const uint8_t *qs = blk + (type == T_Q5_K ? 48 : 16) + 32 * (i / 2);
         for (int l = 0; l < QB; l++) c[l] = i % 2 ? qs[l] >> 4 : qs[l] & 15;
         if (type == T_Q5_K)

@@ -86,7 +86,7 @@ KERNEL void FN(g_row_k)(const ws_qact *a, const int64_t mc, int64_t type, const 
         const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         for (int i = 0; i < 8; i++) {
             int sc, mn;
-            k_scale_min(blk + 4, i, &sc, &mn);
+            ws_k_scale_min(blk + 4, 1, i, &sc, &mn);
             const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + (five ? 48 : 16) + 32 * (i / 2)));
             __m256i u = _mm256_and_si256(i % 2 ? _mm256_srli_epi16(qs, 4) : qs, low4);
             if (five) {

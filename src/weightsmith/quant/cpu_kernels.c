@@ -236,9 +236,9 @@ static void f32_cols_matmuls(const float *x, int64_t M, int64_t K, int n, const 
 }
 
 int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, float *const *y, ws_qact *act) {
-    int together = n <= WS_MAX_PROJS && (p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_Q4_0_TILES ||
-                                         p[0]->kind == WS_INT8_TILES || p[0]->kind == WS_Q8_0_TILES ||
-                                         p[0]->kind == WS_F32_COLS);
+    const int layout4 = ws_q4t_layout(p[0]->kind);
+    int together = n <= WS_MAX_PROJS && (layout4 >= 0 || p[0]->kind == WS_INT8_TILES ||
+                                         p[0]->kind == WS_Q8_0_TILES || p[0]->kind == WS_F32_COLS);
     for (int i = 1; i < n; i++)
         together &= p[i]->kind == p[0]->kind && p[i]->k == p[0]->k && p[i]->group == p[0]->group;
     if (together && p[0]->kind == WS_F32_COLS) {
@@ -255,22 +255,21 @@ int ws_projs_matmul(const ws_proj *const *p, int n, const float *x, int64_t M, f
     }
     ws_qact own = {0};
     ws_qact *a = act ? act : &own;
-    const int bits4 = p[0]->kind == WS_INT4_TILES || p[0]->kind == WS_Q4_0_TILES;
+    const int bits4 = layout4 >= 0;
     int64_t N[WS_MAX_PROJS];
     const uint8_t *tiles[WS_MAX_PROJS];
     const float *bias[WS_MAX_PROJS];
     for (int i = 0; i < n; i++) N[i] = p[i]->n, tiles[i] = p[i]->q, bias[i] = p[i]->bias;
     int status = ws_qact_quantize(a, x, M, p[0]->k, bits4 ? WS_QACT_INT4 : WS_QACT_INT8);
     if (status == 0)
-        status = bits4 ? ws_q4t_projs(a, n, N, tiles, p[0]->group, p[0]->kind == WS_Q4_0_TILES, bias, y)
+        status = bits4 ? ws_q4t_projs(a, n, N, tiles, p[0]->group, layout4, bias, y)
                        : ws_q8t_projs(a, n, N, tiles, p[0]->kind == WS_Q8_0_TILES, bias, y);
     if (!act) ws_qact_free(&own);
     return status;
 }
 
 int ws_proj_matmul(const ws_proj *p, const float *x, int64_t M, float *y, ws_qact *act) {
-    if (p->kind == WS_INT4_TILES || p->kind == WS_Q4_0_TILES || p->kind == WS_INT8_TILES || p->kind == WS_Q8_0_TILES ||
-        p->kind == WS_F32_COLS)
+    if (ws_q4t_layout(p->kind) >= 0 || p->kind == WS_INT8_TILES || p->kind == WS_Q8_0_TILES || p->kind == WS_F32_COLS)
         return ws_projs_matmul(&p, 1, x, M, &y, act); /* the kinds that run several projections at once */
     ws_qact own = {0};
     ws_qact *a = act ? act : &own;

@@ -360,10 +360,10 @@ def int8_tiled_dequantize(
     return q, scales
 
 
-#: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, ggml): int4 and int8 tiles,
-#: and a GGUF Q4_0 / Q8_0 matrix's tiles (codes and an fp16 scale per row and block of 32); and
-#: the most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
-_TILE_KINDS, MAX_PROJS = {(4, False): 5, (4, True): 6, (8, False): 9, (8, True): 10}, 3
+#: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, ggml type): int4 and int8
+#: tiles (None), and a GGUF Q4_0 (2), Q4_K (12) or Q8_0 (8) matrix's tiles; and the most
+#: projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
+TILE_KINDS, MAX_PROJS = {(4, None): 5, (4, 2): 6, (4, 12): 7, (8, None): 9, (8, 8): 10}, 3
 
 
 def tiled_matmul(
@@ -374,11 +374,11 @@ def tiled_matmul(
     bits: int,
     group_size: int | None,
     bias: torch.Tensor | None,
-    ggml: bool = False,
+    ggml: int | None = None,
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
-    `group_size`) or int8 16-row tiles (quant/tiles.py; `ggml`: a GGUF Q4_0 (bits 4, groups of
-    32) or Q8_0 matrix's tiles); x is quantized to int8 per block of 32."""
+    `group_size`) or int8 16-row tiles (quant/tiles.py; `ggml`: the GGUF type of a Q4_0 or Q4_K
+    (bits 4, groups of 32) or Q8_0 matrix's tiles); x is quantized to int8 per block of 32."""
     return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size, ggml)[0]
 
 
@@ -388,7 +388,7 @@ def tiled_matmuls(
     weights: list[tuple[torch.Tensor, int, torch.Tensor | None]],
     bits: int,
     group_size: int | None,
-    ggml: bool = False,
+    ggml: int | None = None,
 ) -> list[torch.Tensor]:
     """`tiled_matmul` of one input with up to MAX_PROJS weights (tiles, n, bias), their tiles
     split among the threads in one parallel loop, as the fused decode step runs q/k/v and
@@ -403,7 +403,7 @@ def tiled_matmuls(
     use_threads(lib)
     _check(lib.ws_tiled_matmuls(
         flat.data_ptr(), flat.shape[0], k, len(kept), (ctypes.c_int64 * len(kept))(*(n for _, n, _ in kept)),
-        _TILE_KINDS[bits, ggml], arrays([t.data_ptr() for t, _, _ in kept]), group_size or 0,
+        TILE_KINDS[bits, ggml], arrays([t.data_ptr() for t, _, _ in kept]), group_size or 0,
         arrays([_ptr(b) for _, _, b in kept]), arrays([y.data_ptr() for y in ys]),
     ))  # fmt: skip
     return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]

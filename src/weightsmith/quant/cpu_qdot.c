@@ -124,6 +124,12 @@ static inline int tile_owner(const tile_set *s, int64_t i) {
     return p;
 }
 
+/* Bytes of a 16-row tile of K inputs in 4-bit `layout` (WS_Q4T_*), groups of G: 16 rows' codes
+ * and, per group, 16 fp16 scales and (int4) 16 fp16 zeros; Q4_K: 144 bytes a row per 256. */
+static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
+    return layout == WS_Q4T_Q4_K ? 9 * K : 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
+}
+
 /* ---- portable C ---------------------------------------------------------------------- */
 
 static void q4_matmul_scalar(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *scales,
@@ -168,11 +174,54 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
     }
 }
 
+/* Q4_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks' codes as the int4
+ * tiles' blocks (256 bytes each), then the 16 rows' headers (256 bytes): fp16 d, fp16 dmin,
+ * then the 12 packed scale bytes, byte i of row r at 64 + 16 i + r. Sub-block j of row r is
+ * d sc_j q - dmin m_j (ws_k_scale_min); gsum holds the input's sums per block of 32. */
+static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum) {
+    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, WS_Q4T_Q4_K);
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
+        const int p = tile_owner(set, i / 16);
+        const int64_t N = set->N[p], n = i - 16 * set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t sb = 0; sb < nsb; sb++) {
+                const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+                uint16_t dh, mh;
+                memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
+                const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
+                for (int j = 0; j < 8; j++) {
+                    const int64_t b = sb * 8 + j;
+                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+                    int32_t isum = 0;
+                    for (int t = 0; t < QB / 2; t++) {
+                        const uint8_t c = sp[j * 256 + 64 * (t / 4) + 4 * r + t % 4];
+                        isum += (c & 15) * xq[t] + (c >> 4) * xq[QB / 2 + t];
+                    }
+                    int sc, mn;
+                    ws_k_scale_min(hp + 64 + r, 16, j, &sc, &mn);
+                    acc += (float)isum * a->d[m * a->nb + b] * (d * (float)sc) - dmin * (float)mn * gsum[m * a->nb + b];
+                }
+            }
+            y[m * N + n] = acc;
+        }
+    }
+}
+
 /* int4 16-row tiles (the decode layout, see ws_q4t_projs): row 16t + r, block b of group g is
  * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
-static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int sym) {
+static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
+    const int sym = layout == WS_Q4T_Q4_0;
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
-    const int64_t tile_bytes = 16 * (K / 2) + groups * (sym ? 32 : 64);
+    const int64_t tile_bytes = q4t_tile_bytes(K, G, layout);
+    if (layout == WS_Q4T_Q4_K) {
+        q4kt_matmul_scalar(a, set, gsum);
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
         const int p = tile_owner(set, i / 16);
@@ -401,16 +450,20 @@ static int tile_set_of(tile_set *s, int n, const int64_t *N, const uint8_t *cons
     return 0;
 }
 
-/* y[p] (M, N[p]) = the int4 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
+/* y[p] (M, N[p]) = the 4-bit 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
  * p < n, in one parallel loop: N[p] multiples of 16, the input quantized in the WS_QACT_INT4
- * layout; sym: Q4_0 tiles (no zeros stored: each is -8 times its scale). */
-int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G, int sym,
+ * layout; `layout` WS_Q4T_INT4 (groups of G), WS_Q4T_Q4_0 or WS_Q4T_Q4_K (G 32: their sums
+ * of the input are the blocks'). */
+int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G, int layout,
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q4_K || (layout != WS_Q4T_INT4 && G != 32) ||
+        (layout == WS_Q4T_Q4_K && a->k % 256))
+        return -2;
     float *gsum = group_sums(a, G);
     if (!gsum) return -1;
-    BY_ISA(q4t_matmul, a, &s, G, gsum, sym != 0);
+    BY_ISA(q4t_matmul, a, &s, G, gsum, layout);
     free(gsum);
     for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
@@ -474,16 +527,16 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 
 /* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
- * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES (groups of G = 32), WS_INT8_TILES or
- * WS_Q8_0_TILES, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
+ * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES (G = 32), WS_Q4_K_TILES (G = 32),
+ * WS_INT8_TILES or WS_Q8_0_TILES, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
 int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t kind,
                      const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {
-    const int bits4 = kind == WS_INT4_TILES || kind == WS_Q4_0_TILES;
+    const int layout4 = ws_q4t_layout(kind), bits4 = layout4 >= 0;
     if (!bits4 && kind != WS_INT8_TILES && kind != WS_Q8_0_TILES) return -2;
     ws_qact a = {0};
     int status = ws_qact_quantize(&a, x, M, K, bits4 ? WS_QACT_INT4 : WS_QACT_INT8);
     if (status == 0)
-        status = bits4 ? ws_q4t_projs(&a, n, N, tiles, G, kind == WS_Q4_0_TILES, bias, y)
+        status = bits4 ? ws_q4t_projs(&a, n, N, tiles, G, layout4, bias, y)
                        : ws_q8t_projs(&a, n, N, tiles, kind == WS_Q8_0_TILES, bias, y);
     ws_qact_free(&a);
     return status;

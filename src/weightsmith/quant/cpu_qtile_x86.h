@@ -92,10 +92,110 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #endif
 }
 
-/* Every tile of the set (its projections' tiles one after another), split among the threads. */
+/* Q4_K tiles (a GGUF Q4_K matrix): for each super-block of 256 inputs, its 8 sub-blocks' codes as
+ * the int4 tiles' blocks (4 chunks of 64 bytes each), then the 16 rows' headers in 256 bytes:
+ * their fp16 d, their fp16 dmin, then the 12 packed scale bytes with byte i of row r at
+ * 64 + 16 i + r, so that one vector load holds a byte of 16 (or 8) rows. Sub-block j of a row
+ * weighs d sc_j q - dmin m_j (6-bit sc_j, m_j as ws_k_scale_min unpacks them); bsum holds the
+ * input's sums per block of 32 (the minima's term). */
+KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *bsum, float *out,
+                          int64_t N) {
+    const int64_t nsb = a->k / 256;
+#ifdef WS_WIDE512
+#define KSB(i) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(hp + 64 + 16 * (i))))
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15), high4 = _mm512_set1_epi8((char)0xf0);
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hp));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hp + 32)));
+        for (int j = 0; j < 8; j++) {
+            __m512i sc, mn;
+            if (j < 4) {
+                sc = _mm512_and_si512(KSB(j), six), mn = _mm512_and_si512(KSB(j + 4), six);
+            } else {
+                const __m512i lo = KSB(j + 4);
+                sc = _mm512_or_si512(_mm512_and_si512(lo, four), _mm512_slli_epi32(_mm512_srli_epi32(KSB(j - 4), 6), 4));
+                mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4), _mm512_slli_epi32(_mm512_srli_epi32(KSB(j), 6), 4));
+            }
+            const __m512 ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), dm = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
+            __m512i lo[4], hi[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(sp + j * 256 + 64 * c));
+                lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(w, high4);
+            }
+            const int64_t b = sb * 8 + j;
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
+                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xd[4]));
+                for (int c = 1; c < 4; c++) {
+                    s = _mm512_dpbusd_epi32(s, lo[c], _mm512_set1_epi32(xd[c]));
+                    h = _mm512_dpbusd_epi32(h, hi[c], _mm512_set1_epi32(xd[4 + c]));
+                }
+                const __m512i isum = _mm512_add_epi32(s, _mm512_srai_epi32(h, 4));
+                const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]));
+                acc[m] = _mm512_fnmadd_ps(dm, _mm512_set1_ps(bsum[m * a->nb + b]), _mm512_fmadd_ps(sum, ds, acc[m]));
+            }
+        }
+    }
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
+#undef KSB
+#else
+    /* 256-bit vectors: rows 0-7 (half 0) and 8-15 (half 1) in turn */
+#define KSB(i) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(hp + 64 + 16 * (i) + 8 * h)))
+    const __m256i low4 = _mm256_set1_epi8(15), six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 16 * h)));
+            const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 32 + 16 * h)));
+            for (int j = 0; j < 8; j++) {
+                __m256i sc, mn;
+                if (j < 4) {
+                    sc = _mm256_and_si256(KSB(j), six), mn = _mm256_and_si256(KSB(j + 4), six);
+                } else {
+                    const __m256i lo = KSB(j + 4);
+                    sc = _mm256_or_si256(_mm256_and_si256(lo, four), _mm256_slli_epi32(_mm256_srli_epi32(KSB(j - 4), 6), 4));
+                    mn = _mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_slli_epi32(_mm256_srli_epi32(KSB(j), 6), 4));
+                }
+                const __m256 ds = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)), dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
+                __m256i lo[4], hi[4];
+                for (int c = 0; c < 4; c++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(sp + j * 256 + 64 * c + 32 * h));
+                    lo[c] = _mm256_and_si256(w, low4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                }
+                const int64_t b = sb * 8 + j;
+                for (int64_t m = 0; m < mc; m++) {
+                    const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                    __m256i s0 = DOTU8S8(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(xd[0]));
+                    __m256i s1 = DOTU8S8(_mm256_setzero_si256(), lo[1], _mm256_set1_epi32(xd[1]));
+                    s0 = DOTU8S8(s0, lo[2], _mm256_set1_epi32(xd[2]));
+                    s1 = DOTU8S8(s1, lo[3], _mm256_set1_epi32(xd[3]));
+                    s0 = DOTU8S8(s0, hi[0], _mm256_set1_epi32(xd[4]));
+                    s1 = DOTU8S8(s1, hi[1], _mm256_set1_epi32(xd[5]));
+                    s0 = DOTU8S8(s0, hi[2], _mm256_set1_epi32(xd[6]));
+                    s1 = DOTU8S8(s1, hi[3], _mm256_set1_epi32(xd[7]));
+                    const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(a->d[m * a->nb + b]));
+                    acc[m] = _mm256_fnmadd_ps(dm, _mm256_set1_ps(bsum[m * a->nb + b]), _mm256_fmadd_ps(sum, ds, acc[m]));
+                }
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+    }
+#undef KSB
+#endif
+}
+
+/* Every tile of the set (its projections' tiles one after another), split among the threads;
+ * `layout` WS_Q4T_INT4, WS_Q4T_Q4_0 or WS_Q4T_Q4_K. */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
-                                                           const float *gsum, int sym) {
-    const int64_t M = a->m, groups = a->k / G, tile_bytes = 16 * (a->k / 2) + groups * (sym ? 32 : 64);
+                                                           const float *gsum, int layout) {
+    const int64_t M = a->m, groups = a->k / G, tile_bytes = q4t_tile_bytes(a->k, G, layout);
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < set->first[set->np]; i++) {
         const int p = tile_owner(set, i);
@@ -108,16 +208,18 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
             const ws_qact rows = ws_qact_rows(a, m0);
             const float *gs = gsum + m0 * groups;
             float *out = y + m0 * N + 16 * t;
-            switch (mc * 2 + (sym != 0)) { /* constant row counts and layout: accumulators in registers */
-            case 2: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N, 0); break;
-            case 3: FN(q4t_rows)(&rows, 1, tile, G, gs, out, N, 1); break;
-            case 4: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N, 0); break;
-            case 5: FN(q4t_rows)(&rows, 2, tile, G, gs, out, N, 1); break;
-            case 6: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N, 0); break;
-            case 7: FN(q4t_rows)(&rows, 3, tile, G, gs, out, N, 1); break;
-            case 8: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N, 0); break;
-            default: FN(q4t_rows)(&rows, 4, tile, G, gs, out, N, 1); break;
+/* constant row counts and layout: accumulators in registers */
+#define Q4T_ROWS(MC)                                                            \
+    (layout == WS_Q4T_Q4_K   ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N)      \
+     : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
+                             : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))
+            switch (mc) {
+            case 1: Q4T_ROWS(1); break;
+            case 2: Q4T_ROWS(2); break;
+            case 3: Q4T_ROWS(3); break;
+            default: Q4T_ROWS(4); break;
             }
+#undef Q4T_ROWS
         }
     }
 }

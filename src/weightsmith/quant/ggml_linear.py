@@ -13,7 +13,7 @@ Which matmul runs:
   quantized to int8 per block of 32 in the CPU's integer dot-product instructions; the
   fused decode step (weightsmith.cpu_decode) calls the same kernels. The result is the
   exact product up to the input's rounding (llama.cpp's decoding has the same). In the CPU
-  decode layout a Q4_0 or Q8_0 matrix with rows in multiples of 16 is held as 16-row tiles
+  decode layout a Q4_0, Q4_K or Q8_0 matrix with rows in multiples of 16 is held as 16-row tiles
   instead (`tile_format`, the same bytes reordered), which the tiled int4 / int8 kernels read.
 - anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
   on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
@@ -60,11 +60,13 @@ class GGMLLinear(QuantizedLinear):
 
     PORTABLE = ("qweight",)
     #: The types with a tiled layout (quant/tiles.py: 16-row tiles of the same bytes) and the
-    #: tiled kernels' bits: Q4_0 (int4 tiles of groups of 32 without zeros) and Q8_0 (int8
-    #: tiles, each block's 16 fp16 scales after its codes).
-    Q4_0, Q8_0 = 2, 8
-    _TILED = {
+    #: tiled kernels' bits: Q4_0 (int4 tiles of groups of 32 without zeros), Q4_K (int4 tiles'
+    #: blocks, each super-block's 16 headers after them) and Q8_0 (int8 tiles, each block's 16
+    #: fp16 scales after its codes).
+    Q4_0, Q8_0, Q4_K = 2, 8, 12
+    TILED = {
         Q4_0: (4, qtiles.can_tile_q4_0, qtiles.tile_q4_0, qtiles.untile_q4_0),
+        Q4_K: (4, qtiles.can_tile_q4_k, qtiles.tile_q4_k, qtiles.untile_q4_k),
         Q8_0: (8, qtiles.can_tile_q8_0, qtiles.tile_q8_0, qtiles.untile_q8_0),
     }
 
@@ -110,9 +112,9 @@ class GGMLLinear(QuantizedLinear):
 
     def tile_format(self) -> qtiles.TileFormat | None:
         n, row = self.out_features, row_bytes(self.qtype, self.in_features)
-        if self.qtype not in self._TILED or row is None or not self._TILED[self.qtype][1](n, row):
+        if self.qtype not in self.TILED or row is None or not self.TILED[self.qtype][1](n, row):
             return None
-        _, _, tile, untile = self._TILED[self.qtype]
+        _, _, tile, untile = self.TILED[self.qtype]
         return qtiles.TileFormat(n * row, tile, lambda t: untile(t, n, row))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +122,10 @@ class GGMLLinear(QuantizedLinear):
         if lib is not None:
             bias = None if self.bias is None else self.bias.float()
             if self.tiles is not None:
-                bits = self._TILED[self.qtype][0]
+                bits = self.TILED[self.qtype][0]
                 group = 32 if bits == 4 else None
                 return cpu_kernels.tiled_matmul(
-                    lib, x, self.tiles, self.out_features, bits, group, bias, ggml=True
+                    lib, x, self.tiles, self.out_features, bits, group, bias, ggml=self.qtype
                 )
             return cpu_kernels.ggml_matmul(lib, x, self.qtype, self.qweight, bias)
         w = self.dequantize(x.dtype)  # (N, K), made per call

@@ -17,7 +17,8 @@ chunks a block of 32 (row r's bytes 4c..4c+3 of the block, stored as w + 128 so 
 unsigned operand of the dot product is the weight: the kernels subtract 128 * sum(x)), and the
 tile's 16 fp32 row scales after all its blocks. A GGUF Q8_0 matrix (GGMLLinear) tiles the same
 way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row), and
-a GGUF Q4_0 matrix as int4 tiles of groups of 32 without zeros (Q4_0's is -8 times the scale).
+a GGUF Q4_0 matrix as int4 tiles of groups of 32 without zeros (Q4_0's is -8 times the scale),
+and a GGUF Q4_K matrix as int4 tiles' blocks with each super-block's 16 headers after them.
 `tile_*` and `untile_*` convert between the layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
 where Linux offers them (fewer TLB misses: decoding reads every weight once a token).
 
@@ -181,6 +182,48 @@ def untile_q4_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     qs = codes[..., :16] | (codes[..., 16:] << 4)
     scales = g[..., 16 * ROWS :].reshape(t, nb, ROWS, 2).permute(0, 2, 1, 3)
     return (torch.cat([scales, qs], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+#: Bytes of a GGUF Q4_K super-block of 256 weights: fp16 d, fp16 dmin, 12 bytes of packed 6-bit
+#: scales and minima of its 8 sub-blocks of 32, then 128 bytes of codes (byte l of pair p: code l
+#: of sub-block 2p in the low nibble, of sub-block 2p + 1 in the high one).
+Q4_K_BLOCK_BYTES = 144
+
+
+def can_tile_q4_k(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q4_K_BLOCK_BYTES == 0
+
+
+def tile_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q4_K matrix (uint8 (N, K/256 * 144)) as Q4_K tiles (uint8, the same number of
+    bytes): for each tile of 16 rows and each super-block, its 8 sub-blocks' codes as the int4
+    tiles' blocks (4 chunks: row r's portable bytes 4c..4c+3 at 4r..4r+3, byte j holding codes
+    2j and 2j + 1), then the 16 rows' headers: their fp16 d, their fp16 dmin, and the 12 scale
+    bytes with byte i of row r at 64 + 16 i + r (2304 bytes a super-block)."""
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // Q4_K_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nsb, Q4_K_BLOCK_BYTES)
+    qs = b[..., 16:].view(t, ROWS, nsb, 4, 1, 32)
+    codes = torch.cat([qs & 15, qs >> 4], dim=4).reshape(t, ROWS, nsb, 8, 32)  # sub-block j, in order
+    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (tile, row, super-block, j, 16)
+    # (tile, row, super-block, j, chunk, byte) -> (tile, super-block, [j, chunk, row, byte])
+    chunks = portable.reshape(t, ROWS, nsb, 8, 4, 4).permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 128 * ROWS)
+    halves = b[..., :4].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
+    scales = b[..., 4:16].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
+    return torch.cat([chunks, halves, scales], dim=2).reshape(-1)
+
+
+def untile_q4_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q4_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nsb = n // ROWS, row_bytes // Q4_K_BLOCK_BYTES
+    g = tiles.view(t, nsb, Q4_K_BLOCK_BYTES * ROWS)
+    portable = g[..., : 128 * ROWS].reshape(t, nsb, 8, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
+    codes = torch.stack([portable & 15, portable >> 4], dim=-1).reshape(t, ROWS, nsb, 4, 2, 32)
+    qs = (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(t, ROWS, nsb, 128)
+    halves = g[..., 128 * ROWS : 132 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4)
+    scales = g[..., 132 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
+    out = torch.cat([halves.reshape(t, ROWS, nsb, 4), scales, qs], dim=3)
+    return (out.reshape(n, row_bytes).contiguous(),)
 
 
 def hugepage_buffer(size: int) -> torch.Tensor:
