@@ -121,7 +121,7 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     held = sum(t.nbytes for m in layers.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
     assert layers["model.layers.0.mlp.up_proj"].tiles is not None  # the decode layout's tiles: no other copy
     tiled = {n for n, m in layers.items() if isinstance(m, GGMLLinear) and m.tiles is not None}
-    assert {layers[n].type_name for n in tiled} == {"Q4_0", "Q4_K", "Q8_0"}  # the types with tiles
+    assert {layers[n].type_name for n in tiled} == {"Q4_0", "Q4_K", "Q6_K", "Q8_0"}  # the types with tiles
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 

@@ -127,7 +127,8 @@ static inline int tile_owner(const tile_set *s, int64_t i) {
 /* Bytes of a 16-row tile of K inputs in 4-bit `layout` (WS_Q4T_*), groups of G: 16 rows' codes
  * and, per group, 16 fp16 scales and (int4) 16 fp16 zeros; Q4_K: 144 bytes a row per 256. */
 static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
-    return layout == WS_Q4T_Q4_K ? 9 * K : 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
+    if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : 210);
+    return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
 }
 
 /* ---- portable C ---------------------------------------------------------------------- */
@@ -214,12 +215,59 @@ static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const floa
 
 /* int4 16-row tiles (the decode layout, see ws_q4t_projs): row 16t + r, block b of group g is
  * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
+/* Q6_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks of 32, each as 256
+ * bytes of the codes' low nibbles (the int4 tiles' chunks) and 128 bytes of their top 2 bits:
+ * two 64-byte vectors H_k (k 0, 1 for chunks 2k, 2k + 1) whose byte 4r + b holds, 2 bits each
+ * from bit 0, the top bits of row r's codes 2t and 2t' and then 2t + 1 and 2t' + 1, for
+ * t = 8k + b and t' = t + 4 (the codes of chunk 2k's byte b, then of chunk 2k + 1's); then the
+ * 16 rows' fp16 d and their 16 int8 scales (scale i of row r at 32 + 16 i + r). Code q of a
+ * row in sub-block j weighs d sc (q - 32), sc its scale 2j (codes 0..15) or 2j + 1 (16..31);
+ * hs32 holds 32 times the input's integer sums over each half of each block of 32. */
+static void q6kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *hs32) {
+    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, WS_Q4T_Q6_K);
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
+        const int p = tile_owner(set, i / 16);
+        const int64_t N = set->N[p], n = i - 16 * set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t sb = 0; sb < nsb; sb++) {
+                const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+                uint16_t dh;
+                memcpy(&dh, hp + 2 * r, 2);
+                const float d = ws_f16_to_f32(dh);
+                for (int j = 0; j < 8; j++) {
+                    const int64_t b = sb * 8 + j;
+                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+                    const uint8_t *wp = sp + j * 384;
+                    int32_t isum[2] = {0, 0};
+                    for (int t = 0; t < QB / 2; t++) { /* codes 2t and 2t + 1 */
+                        const int c = t / 4, k = c / 2, shift = 2 * (c % 2);
+                        const uint8_t lo = wp[64 * c + 4 * r + t % 4], hi = wp[256 + 64 * k + 4 * r + t % 4];
+                        const int even = (lo & 15) | (hi >> shift & 3) << 4, odd = (lo >> 4) | (hi >> (4 + shift) & 3) << 4;
+                        isum[k] += even * xq[t] + odd * xq[QB / 2 + t];
+                    }
+                    for (int h = 0; h < 2; h++) {
+                        const float sc = d * (float)(int8_t)hp[32 + 16 * (2 * j + h) + r];
+                        acc += ((float)isum[h] - hs32[(m * a->nb + b) * 2 + h]) * a->d[m * a->nb + b] * sc;
+                    }
+                }
+            }
+            y[m * N + n] = acc;
+        }
+    }
+}
+
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
     const int sym = layout == WS_Q4T_Q4_0;
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
     const int64_t tile_bytes = q4t_tile_bytes(K, G, layout);
-    if (layout == WS_Q4T_Q4_K) {
-        q4kt_matmul_scalar(a, set, gsum);
+    if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) {
+        if (layout == WS_Q4T_Q4_K) q4kt_matmul_scalar(a, set, gsum);
+        else q6kt_matmul_scalar(a, set, gsum);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
@@ -422,6 +470,21 @@ static float *group_sums(const ws_qact *a, int64_t G) {
     return gsum;
 }
 
+/* 32 times the integer sums of the input's quantized values over each half of each block of
+ * 32 (elements 0..15, 16..31), for M rows in the WS_QACT_INT4 order: exact in float. */
+static float *half_sums32(const ws_qact *a) {
+    float *hs = malloc(sizeof(float) * (size_t)(a->m * a->nb * 2));
+    if (!hs) return NULL;
+    for (int64_t m = 0; m < a->m; m++)
+        for (int64_t b = 0; b < a->nb; b++) {
+            const int8_t *q = a->q + m * a->kp + QB * b; /* evens 0, 2, ..., then odds */
+            int32_t s[2] = {0, 0};
+            for (int t = 0; t < QB / 2; t++) s[t / 8] += q[t] + q[QB / 2 + t];
+            hs[(m * a->nb + b) * 2] = 32.0f * (float)s[0], hs[(m * a->nb + b) * 2 + 1] = 32.0f * (float)s[1];
+        }
+    return hs;
+}
+
 static void add_bias(const float *bias, int64_t M, int64_t N, float *y) {
     if (bias)
         for (int64_t m = 0; m < M; m++)
@@ -452,16 +515,16 @@ static int tile_set_of(tile_set *s, int n, const int64_t *N, const uint8_t *cons
 
 /* y[p] (M, N[p]) = the 4-bit 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
  * p < n, in one parallel loop: N[p] multiples of 16, the input quantized in the WS_QACT_INT4
- * layout; `layout` WS_Q4T_INT4 (groups of G), WS_Q4T_Q4_0 or WS_Q4T_Q4_K (G 32: their sums
- * of the input are the blocks'). */
+ * layout; `layout` WS_Q4T_INT4 (groups of G), WS_Q4T_Q4_0, WS_Q4T_Q4_K or WS_Q4T_Q6_K (G 32:
+ * their sums of the input are the blocks'; K a multiple of 256 for the k-quants). */
 int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G, int layout,
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
-    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q4_K || (layout != WS_Q4T_INT4 && G != 32) ||
-        (layout == WS_Q4T_Q4_K && a->k % 256))
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q6_K || (layout != WS_Q4T_INT4 && G != 32) ||
+        (layout >= WS_Q4T_Q4_K && a->k % 256))
         return -2;
-    float *gsum = group_sums(a, G);
+    float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : group_sums(a, G); /* Q6_K: its codes' offset */
     if (!gsum) return -1;
     BY_ISA(q4t_matmul, a, &s, G, gsum, layout);
     free(gsum);
@@ -527,7 +590,7 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 
 /* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
- * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES (G = 32), WS_Q4_K_TILES (G = 32),
+ * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES, WS_Q4_K_TILES, WS_Q6_K_TILES (G = 32),
  * WS_INT8_TILES or WS_Q8_0_TILES, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
 int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t kind,
                      const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {

@@ -191,8 +191,102 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
 #endif
 }
 
+/* Q6_K tiles (a GGUF Q6_K matrix; the layout: cpu_qdot.c's q6kt_matmul_scalar): each chunk's
+ * codes are rebuilt whole (0..63: low nibble, then the top 2 bits moved to bits 4-5) for its
+ * even and its odd codes, multiplied unsigned, and 32 times the input's sum over each half of
+ * the block (hs32) comes off each half's sum before its scale. */
+KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
+                          int64_t N) {
+    const int64_t nsb = a->k / 256;
+#ifdef WS_WIDE512
+#define KSC(i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(hp + 32 + 16 * (i)))))
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15), top2 = _mm512_set1_epi8(0x30);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hp));
+        for (int j = 0; j < 8; j++) {
+            const __m512 ds0 = _mm512_mul_ps(d, KSC(2 * j)), ds1 = _mm512_mul_ps(d, KSC(2 * j + 1));
+            const uint8_t *wp = sp + j * 384;
+            __m512i ev[4], od[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(wp + 64 * c));
+                const __m512i h = _mm512_loadu_si512((const void *)(wp + 256 + 64 * (c / 2)));
+                const __m512i he = c % 2 ? _mm512_slli_epi16(h, 2) : _mm512_slli_epi16(h, 4);
+                const __m512i ho = c % 2 ? _mm512_srli_epi16(h, 2) : h;
+                ev[c] = _mm512_or_si512(_mm512_and_si512(w, low4), _mm512_and_si512(he, top2));
+                od[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4), _mm512_and_si512(ho, top2));
+            }
+            const int64_t b = sb * 8 + j;
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[0], _mm512_set1_epi32(xd[0]));
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[2], _mm512_set1_epi32(xd[2]));
+                s0 = _mm512_dpbusd_epi32(s0, od[0], _mm512_set1_epi32(xd[4]));
+                s1 = _mm512_dpbusd_epi32(s1, od[2], _mm512_set1_epi32(xd[6]));
+                s0 = _mm512_dpbusd_epi32(s0, ev[1], _mm512_set1_epi32(xd[1]));
+                s1 = _mm512_dpbusd_epi32(s1, ev[3], _mm512_set1_epi32(xd[3]));
+                s0 = _mm512_dpbusd_epi32(s0, od[1], _mm512_set1_epi32(xd[5]));
+                s1 = _mm512_dpbusd_epi32(s1, od[3], _mm512_set1_epi32(xd[7]));
+                const float *h32 = hs32 + (m * a->nb + b) * 2;
+                const __m512 xs = _mm512_set1_ps(a->d[m * a->nb + b]);
+                const __m512 f0 = _mm512_sub_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(h32[0]));
+                const __m512 f1 = _mm512_sub_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(h32[1]));
+                acc[m] = _mm512_fmadd_ps(f1, _mm512_mul_ps(ds1, xs), _mm512_fmadd_ps(f0, _mm512_mul_ps(ds0, xs), acc[m]));
+            }
+        }
+    }
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
+#undef KSC
+#else
+#define KSC(i) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(hp + 32 + 16 * (i) + 8 * h))))
+    const __m256i low4 = _mm256_set1_epi8(15), top2 = _mm256_set1_epi8(0x30);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 16 * h)));
+            for (int j = 0; j < 8; j++) {
+                const __m256 ds0 = _mm256_mul_ps(d, KSC(2 * j)), ds1 = _mm256_mul_ps(d, KSC(2 * j + 1));
+                const uint8_t *wp = sp + j * 384;
+                __m256i ev[4], od[4];
+                for (int c = 0; c < 4; c++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wp + 64 * c + 32 * h));
+                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(wp + 256 + 64 * (c / 2) + 32 * h));
+                    const __m256i he = c % 2 ? _mm256_slli_epi16(hb, 2) : _mm256_slli_epi16(hb, 4);
+                    const __m256i ho = c % 2 ? _mm256_srli_epi16(hb, 2) : hb;
+                    ev[c] = _mm256_or_si256(_mm256_and_si256(w, low4), _mm256_and_si256(he, top2));
+                    od[c] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), _mm256_and_si256(ho, top2));
+                }
+                const int64_t b = sb * 8 + j;
+                for (int64_t m = 0; m < mc; m++) {
+                    const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                    __m256i s0 = DOTU8S8(_mm256_setzero_si256(), ev[0], _mm256_set1_epi32(xd[0]));
+                    __m256i s1 = DOTU8S8(_mm256_setzero_si256(), ev[2], _mm256_set1_epi32(xd[2]));
+                    s0 = DOTU8S8(s0, od[0], _mm256_set1_epi32(xd[4]));
+                    s1 = DOTU8S8(s1, od[2], _mm256_set1_epi32(xd[6]));
+                    s0 = DOTU8S8(s0, ev[1], _mm256_set1_epi32(xd[1]));
+                    s1 = DOTU8S8(s1, ev[3], _mm256_set1_epi32(xd[3]));
+                    s0 = DOTU8S8(s0, od[1], _mm256_set1_epi32(xd[5]));
+                    s1 = DOTU8S8(s1, od[3], _mm256_set1_epi32(xd[7]));
+                    const float *h32 = hs32 + (m * a->nb + b) * 2;
+                    const __m256 xs = _mm256_set1_ps(a->d[m * a->nb + b]);
+                    const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(h32[0]));
+                    const __m256 f1 = _mm256_sub_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(h32[1]));
+                    acc[m] = _mm256_fmadd_ps(f1, _mm256_mul_ps(ds1, xs), _mm256_fmadd_ps(f0, _mm256_mul_ps(ds0, xs), acc[m]));
+                }
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+    }
+#undef KSC
+#endif
+}
+
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
- * `layout` WS_Q4T_INT4, WS_Q4T_Q4_0 or WS_Q4T_Q4_K. */
+ * `layout` WS_Q4T_INT4, WS_Q4T_Q4_0, WS_Q4T_Q4_K or WS_Q4T_Q6_K (gsum then holds the half sums). */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
                                                            const float *gsum, int layout) {
     const int64_t M = a->m, groups = a->k / G, tile_bytes = q4t_tile_bytes(a->k, G, layout);
@@ -206,11 +300,12 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
         for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
             const int64_t mc = M - m0 < QROWS ? M - m0 : QROWS;
             const ws_qact rows = ws_qact_rows(a, m0);
-            const float *gs = gsum + m0 * groups;
+            const float *gs = gsum + m0 * groups, *hs = gsum + m0 * 2 * groups; /* Q6_K: 2 a block */
             float *out = y + m0 * N + 16 * t;
 /* constant row counts and layout: accumulators in registers */
 #define Q4T_ROWS(MC)                                                            \
-    (layout == WS_Q4T_Q4_K   ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N)      \
+    (layout == WS_Q4T_Q6_K   ? FN(q6kt_rows)(&rows, MC, tile, hs, out, N)      \
+     : layout == WS_Q4T_Q4_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N)      \
      : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
                              : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))
             switch (mc) {

@@ -18,7 +18,8 @@ unsigned operand of the dot product is the weight: the kernels subtract 128 * su
 tile's 16 fp32 row scales after all its blocks. A GGUF Q8_0 matrix (GGMLLinear) tiles the same
 way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row), and
 a GGUF Q4_0 matrix as int4 tiles of groups of 32 without zeros (Q4_0's is -8 times the scale),
-and a GGUF Q4_K matrix as int4 tiles' blocks with each super-block's 16 headers after them.
+a GGUF Q4_K matrix as int4 tiles' blocks with each super-block's 16 headers after them, and a
+GGUF Q6_K matrix as those blocks' low nibbles, each sub-block's top bits after them.
 `tile_*` and `untile_*` convert between the layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
 where Linux offers them (fewer TLB misses: decoding reads every weight once a token).
 
@@ -223,6 +224,71 @@ def untile_q4_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     halves = g[..., 128 * ROWS : 132 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4)
     scales = g[..., 132 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
     out = torch.cat([halves.reshape(t, ROWS, nsb, 4), scales, qs], dim=3)
+    return (out.reshape(n, row_bytes).contiguous(),)
+
+
+#: Bytes of a GGUF Q6_K super-block of 256 weights: 128 bytes of the codes' low nibbles, 64 of
+#: their top 2 bits, 16 int8 scales (one per 16 weights), then fp16 d; code q weighs d sc (q - 32).
+Q6_K_BLOCK_BYTES = 210
+
+
+def can_tile_q6_k(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q6_K_BLOCK_BYTES == 0
+
+
+def _q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """(..., 210) Q6_K super-blocks -> (..., 8, 32) their codes 0..63 by sub-block of 32: code l
+    of sub-block 4h + k is bits 4(k // 2).. of ql[64h + 32(k % 2) + l] and bits 2k.. of qh[32h + l]."""
+    ql = b[..., :128].unflatten(-1, (2, 2, 32))  # (h, k % 2, l)
+    low = torch.stack([ql & 15, ql >> 4], dim=-3)  # (h, k // 2, k % 2, l)
+    qh = b[..., 128:192].unflatten(-1, (2, 1, 32))  # (h, 1, l)
+    top = torch.cat([(qh >> (2 * k)) & 3 for k in range(4)], dim=-2)  # (h, k, l)
+    return (low.reshape(*b.shape[:-1], 2, 4, 32) | (top << 4)).reshape(*b.shape[:-1], 8, 32)
+
+
+def tile_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q6_K matrix (uint8 (N, K/256 * 210)) as Q6_K tiles (uint8, the same number of
+    bytes): for each tile of 16 rows and each super-block, each sub-block of 32 as its codes' low
+    nibbles in the int4 tiles' chunks (256 bytes) and their top 2 bits in two 64-byte vectors
+    (128 bytes: cpu_qdot.c's q6kt_matmul_scalar gives the bit order), then the 16 rows' fp16 d
+    and their 16 scales, scale i of row r at 32 + 16 i + r (3360 bytes a super-block)."""
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // Q6_K_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nsb, Q6_K_BLOCK_BYTES)
+    codes = _q6_k_codes(b)
+    low, top = codes & 15, codes >> 4
+    portable = low[..., 0::2] | (low[..., 1::2] << 4)  # (tile, row, sb, j, 16)
+    chunks = portable.reshape(t, ROWS, nsb, 8, 4, 4).permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8, 256)
+    # top bits of codes 2t (even) and 2t + 1 (odd), t = 4c + b: (tile, row, sb, j, k, c % 2, b)
+    even, odd = (top[..., i::2].reshape(t, ROWS, nsb, 8, 2, 2, 4) for i in (0, 1))
+    packed = even[..., 0, :] | (even[..., 1, :] << 2) | (odd[..., 0, :] << 4) | (odd[..., 1, :] << 6)
+    tops = packed.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8, 128)  # (tile, sb, j, [k, row, b])
+    d = b[..., 208:210].permute(0, 2, 1, 3).reshape(t, nsb, 2 * ROWS)
+    scales = b[..., 192:208].permute(0, 2, 3, 1).reshape(t, nsb, 16 * ROWS)
+    return torch.cat([torch.cat([chunks, tops], dim=3).reshape(t, nsb, 3072), d, scales], dim=2).reshape(-1)
+
+
+def untile_q6_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q6_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nsb = n // ROWS, row_bytes // Q6_K_BLOCK_BYTES
+    g = tiles.view(t, nsb, Q6_K_BLOCK_BYTES * ROWS)
+    sub = g[..., :3072].reshape(t, nsb, 8, 384)
+    portable = (
+        sub[..., :256].reshape(t, nsb, 8, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5).reshape(t, ROWS, nsb, 8, 16)
+    )
+    low = torch.stack([portable & 15, portable >> 4], dim=-1).reshape(t, ROWS, nsb, 8, 32)
+    packed = (
+        sub[..., 256:].reshape(t, nsb, 8, 2, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
+    )  # (tile, row, sb, j, k, b)
+    even = torch.stack([packed & 3, (packed >> 2) & 3], dim=-2).reshape(t, ROWS, nsb, 8, 16)
+    odd = torch.stack([(packed >> 4) & 3, packed >> 6], dim=-2).reshape(t, ROWS, nsb, 8, 16)
+    top = torch.stack([even, odd], dim=-1).reshape(t, ROWS, nsb, 8, 32)
+    codes = (low | (top << 4)).reshape(t, ROWS, nsb, 2, 4, 32)  # (h, k, l)
+    ql = (codes[..., 0:2, :] & 15) | ((codes[..., 2:4, :] & 15) << 4)  # (h, k % 2, l)
+    qh = sum(((codes[..., k, :] >> 4) << (2 * k)) for k in range(4))  # (h, l)
+    d = g[..., 3072:3104].reshape(t, nsb, ROWS, 2).permute(0, 2, 1, 3)
+    scales = g[..., 3104:].reshape(t, nsb, 16, ROWS).permute(0, 3, 1, 2)
+    out = torch.cat([ql.reshape(t, ROWS, nsb, 128), qh.reshape(t, ROWS, nsb, 64), scales, d], dim=3)
     return (out.reshape(n, row_bytes).contiguous(),)
 
 
