@@ -81,17 +81,19 @@ def bench_ours(
     head_bits: int | None = None,
     kernels: bool = True,
     schema: dict | None = None,
+    keep_quantized: bool = False,
 ):
     """Our engine; `bits` 8 or 4 (group 32) quantizes the projections weight-only, `head_bits`
     the LM head too; `compile` decodes through torch.compile (the warm-up run pays the
     compile time); `kernels=False` turns the C decode kernels off (the PyTorch path); `schema`
-    constrains the answer to that JSON schema."""
+    constrains the answer to that JSON schema; `keep_quantized` keeps a GGUF file's quantized
+    blocks (`--keep-quantized`)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.engine import Engine
     from weightsmith.generate import TokenGenerator
     from weightsmith.sampling import SamplingParams
 
-    ckpt = load_checkpoint(path, dtype=dtype)
+    ckpt = load_checkpoint(path, dtype=dtype, keep_quantized=keep_quantized)
     model = ckpt.model
     if bits is not None:
         from weightsmith.quant.weight_only import quantize_model

@@ -1,0 +1,129 @@
+"""Decode speed of weightsmith `--keep-quantized` vs llama.cpp on the same GGUF files, type by type.
+
+Published GGUF files come in many quantization types (Q4_0, Q4_K_M, Q6_K, ...). This makes them
+from the default model with llama.cpp's own quantizer (llama-cpp-python's
+`llama_model_quantize`, from an F32 export of the model), then decodes each file with both
+engines on the same threads: weightsmith keeps the file's blocks (`load(...,
+keep_quantized=True)`: nothing dequantized or requantized), llama.cpp runs the file as it is. The
+runs are interleaved and medians taken as in generate.py; read the ratio (ours / llama.cpp).
+
+The default model's width (576) is not a multiple of 256, so its k-quant files fall back to
+Q5_0 / Q5_1 / Q8_0 for most matrices (llama.cpp prints which). `--wide` adds a model of
+realistic width instead: the default model's tokenizer and vocabulary with 4 layers of width
+2048 (32 heads, 4 key/value heads, MLP 5632), random weights; its Q4_K_M file is Q4_K and Q6_K
+throughout, as published files of 1B+ models are.
+
+    python benchmarks/gguf_types.py [--types q4_0,q4_k_m,q6_k] [--wide] [--runs 3] [--threads 2]
+
+Needs llama-cpp-python (run in a child process, as in generate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+from generate import bench_llama_cpp, bench_ours, interleaved_rates  # beside this file
+from machine import cpu_description
+
+#: llama.cpp's file types (llama_ftype) by the names its quantize tool takes.
+FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def wide_model(path: Path, out: Path) -> Path:
+    """The default model's tokenizer with 4 random layers of width 2048, exported as F32 GGUF."""
+    from weightsmith.checkpoint.gguf_write import export_gguf
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.models import CausalLM
+
+    ckpt = load_checkpoint(path, decode_layout=False)
+    cfg = dataclasses.replace(
+        ckpt.config, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+        num_key_value_heads=4, num_hidden_layers=4, head_dim=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    export_gguf(dataclasses.replace(ckpt, model=model, config=cfg), out, "f32", overwrite=True)
+    return out
+
+
+def quantize_file(llama_cpp, f32: Path, out: Path, ftype: int, threads: int) -> dict[str, int]:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, threads
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {f32} to {out.name}")
+    import gguf
+
+    return collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--types", default="q4_0,q4_k_m,q6_k", help=f"comma-separated, of {', '.join(FTYPES)}")
+    ap.add_argument("--wide", action="store_true", help="also a 4-layer model of width 2048 (random weights)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("gguf_types.py: needs llama-cpp-python (pip install llama-cpp-python)") from None
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.checkpoint.pull import resolve
+
+    types = [t.strip() for t in args.types.split(",")]
+    unknown = [t for t in types if t not in FTYPES]
+    if unknown:
+        raise SystemExit(
+            f"gguf_types.py: --types: unknown {', '.join(unknown)}; choose from {', '.join(FTYPES)}"
+        )
+    path = resolve(args.model)
+    tok = load_checkpoint(path).tokenizer
+    prompt_ids = tok.encode("The history of open-weight language models began when")
+    with tempfile.TemporaryDirectory(prefix="ws-gguf-types-") as tmp:
+        run(args, llama_cpp, path, prompt_ids, Path(tmp))
+
+
+def run(args, llama_cpp, path: Path, prompt_ids: list[int], work: Path) -> None:
+    from weightsmith.checkpoint.gguf_write import export_gguf
+
+    types = [t.strip() for t in args.types.split(",")]
+    sources = {args.model: export_gguf(path, work / "default-f32.gguf", "f32")["path"]}
+    if args.wide:
+        sources["width 2048"] = wide_model(path, work / "wide-f32.gguf")
+    print(f"CPU: {cpu_description()}")
+    contenders = {}
+    for label, f32 in sources.items():
+        for name in types:
+            out = work / f"{Path(f32).stem}-{name}.gguf"
+            mix = quantize_file(llama_cpp, Path(f32), out, FTYPES[name], args.threads)
+            print(f"{label} {name.upper()}: {dict(mix.most_common())}")
+            key = f"{label} {name.upper()}"
+            gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=True)
+            contenders[f"weightsmith, {key}"] = (gen, lambda: None)
+            gen, _ = bench_llama_cpp(out, prompt_ids, prompt_ids, args.threads, None, one_by_one=True)
+            contenders[f"llama.cpp, {key}"] = (gen, lambda: None)
+    results = interleaved_rates(contenders, args.new_tokens, len(prompt_ids), args.runs)
+    print(f"{args.threads} threads, batch 1, greedy, decode tok/s, medians of {args.runs} interleaved runs")
+    print(f"{'file':32}{'weightsmith':>13}{'llama.cpp':>11}{'ratio':>8}")
+    for name in contenders:
+        if name.startswith("weightsmith, "):
+            key = name.removeprefix("weightsmith, ")
+            peer = results.get(f"llama.cpp, {key}", {}).get("decode_tok_s", float("nan"))
+            ours = results[name]["decode_tok_s"]
+            print(f"{key:32}{ours:13.1f}{peer:11.1f}{ours / peer:7.2f}x".replace("nan", "  -"))
+
+
+if __name__ == "__main__":
+    main()
