@@ -121,7 +121,14 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     held = sum(t.nbytes for m in layers.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
     assert layers["model.layers.0.mlp.up_proj"].tiles is not None  # the decode layout's tiles: no other copy
     tiled = {n for n, m in layers.items() if isinstance(m, GGMLLinear) and m.tiles is not None}
-    assert {layers[n].type_name for n in tiled} == {"Q4_0", "Q4_K", "Q6_K", "Q8_0"}  # the types with tiles
+    assert {layers[n].type_name for n in tiled} == {
+        "Q4_0",
+        "Q5_0",
+        "Q5_1",
+        "Q4_K",
+        "Q6_K",
+        "Q8_0",
+    }  # with tiles
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 
@@ -176,7 +183,8 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
         getattr(m, "type_name", "int4") + ("/tiles" if m.tiles is not None else "")
         for m, _, _ in kernel_calls
     }
-    assert {"Q4_0/tiles", "Q4_K/tiles", "Q6_K/tiles", "Q8_0/tiles", "Q5_0", "Q5_K", "int4/tiles"} <= kinds
+    tiled = {f"{t}/tiles" for t in ("Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q8_0", "int4")}
+    assert tiled | {"Q5_K"} <= kinds  # and Q5_K on the rows' kernels
     # Against the unrounded float load: the activations' rounding only.
     assert (eager - ref).abs().max().item() < 0.05 * scale
 

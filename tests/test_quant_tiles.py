@@ -167,7 +167,7 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q5_0", "q5_1", "q4_k", "q6_k", "q8_0"])
 def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
@@ -197,19 +197,31 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
 
 
 #: The GGUF types with tiles, by name.
-GGML_TILED = {"q4_0": QT.Q4_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K, "q8_0": QT.Q8_0}
+GGML_TILED = {
+    "q4_0": QT.Q4_0,
+    "q5_0": QT.Q5_0,
+    "q5_1": QT.Q5_1,
+    "q4_k": QT.Q4_K,
+    "q6_k": QT.Q6_K,
+    "q8_0": QT.Q8_0,
+}
 
 
 def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
-    """A GGUF Q4_0 / Q4_K / Q6_K / Q8_0 matrix: a zero, a subnormal and a negative block scale,
-    and in row 1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q4_K:
-    and all-ones 6-bit scales and minima, and a negative dmin; Q6_K: 0, 63 and scales -128, 127)."""
+    """A GGUF matrix of a tiled type: a zero, a subnormal and a negative block scale, and in row
+    1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q5_*: 0 and 31;
+    Q4_K: and all-ones 6-bit scales and minima, and a negative dmin; Q6_K: 0, 63 and scales
+    -128, 127)."""
     raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
     blocks = raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])
     if qtype == QT.Q4_K:
         blocks[1, 0, 16:19] = [0xF0, 0x0F, 0xFF]
         blocks[1, 0, 4:16] = 0xFF
         blocks[2, 0, 2:4] = np.array([-0.004], np.float16).view(np.uint8)
+    elif qtype in (QT.Q5_0, QT.Q5_1):  # codes 0 and 31 (low nibbles and fifth bits)
+        head = 2 if qtype == QT.Q5_0 else 4
+        blocks[1, 0, head : head + 4] = [0xF0, 0x0F, 0xFF, 0x00]
+        blocks[1, 0, head + 4 : head + 7] = [0xF0, 0x0F, 0xFF]
     elif qtype == QT.Q6_K:  # codes 0 and 63 (low and top bits), scales -128 and 127
         blocks[1, 0, 0:2], blocks[1, 0, 128:130] = [0x00, 0xFF], [0x00, 0xFF]
         blocks[1, 0, 192:194] = [0x80, 0x7F]
@@ -222,7 +234,7 @@ def _tile_fns(name: str):
     return getattr(qtiles, f"tile_{name}"), getattr(qtiles, f"untile_{name}")
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("name", list(GGML_TILED))
 @pytest.mark.parametrize(("n", "k"), [(16, 256), (48, 512), (32, 768)])
 def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
     blocks = _ggml_layer(GGML_TILED[name], n, k, seed=n + k).qweight
@@ -247,6 +259,22 @@ def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
         assert torch.equal(packed[64 + 8 : 64 + 12], codes[8:16:2] | (codes[9:16:2] << 4))
         # ... and after the block's 256 code bytes, the 16 rows' fp16 scales d.
         assert torch.equal(packed[256:288].view(torch.int16), halves(0))
+    elif name in ("q5_0", "q5_1"):
+        # Block 0, chunk 1, row 2 = row 2's codes 8..15's low nibbles in pairs; byte 4 * 2 + 0 of
+        # the fifth bits holds codes 8 (bit 1, chunk 1's first even code) and 9 (bit 5) ...
+        head = 2 if name == "q5_0" else 4
+        qs = blocks[2, head + 4 : head + 20]
+        low = torch.cat([qs & 15, qs >> 4])
+        assert torch.equal(packed[64 + 8 : 64 + 12], low[8:16:2] | (low[9:16:2] << 4))
+        fifth = int.from_bytes(bytes(blocks[2, head : head + 4].tolist()), "little")
+        assert (packed[256 + 8].item() >> 1 & 1, packed[256 + 8].item() >> 5 & 1) == (
+            fifth >> 8 & 1,
+            fifth >> 9 & 1,
+        )
+        # ... and after the block's 320 bytes, the 16 rows' d (then m).
+        assert torch.equal(packed[320:352].view(torch.int16), halves(0))
+        if name == "q5_1":
+            assert torch.equal(packed[352:384].view(torch.int16), halves(2))
     elif name == "q6_k":
         # Sub-block 0, chunk 1, row 2 = row 2's codes 8..15's low nibbles in pairs; the top bits
         # of codes 0, 8 (bits 0-1, 2-3) and 1, 9 (4-5, 6-7) in byte 0 of row 2 after the chunks ...
@@ -271,7 +299,7 @@ def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
         assert packed[2048 + 64 + 16 * 5 + 3] == blocks[3, 4 + 5]
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("name", list(GGML_TILED))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 5, 37])
 @pytest.mark.parametrize(("n", "k"), [(16, 256), (48, 512), (32, 768)])
@@ -292,7 +320,7 @@ def test_ggml_tiled_matmul_matches_float64(int_isa_lib, name, n, k, rows, bias):
     torch.testing.assert_close(out, rows_out, rtol=1e-5, atol=1e-5 * rows_out.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("name", list(GGML_TILED))
 def test_a_tiled_ggml_layer_keeps_its_blocks_and_forward(native_lib, name):
     qtype = GGML_TILED[name]
     layer = _ggml_layer(qtype, 32, 256, seed=4, bias=True)

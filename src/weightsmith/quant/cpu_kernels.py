@@ -361,9 +361,19 @@ def int8_tiled_dequantize(
 
 
 #: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, ggml type): int4 and int8
-#: tiles (None), and a GGUF Q4_0 (2), Q4_K (12), Q6_K (14) or Q8_0 (8) matrix's tiles; and the
-#: most projections `tiled_matmuls` takes at once (the C side's WS_MAX_PROJS).
-TILE_KINDS, MAX_PROJS = {(4, None): 5, (4, 2): 6, (4, 12): 7, (4, 14): 11, (8, None): 9, (8, 8): 10}, 3
+#: tiles (None), and a GGUF Q4_0 (2), Q5_0 (6), Q5_1 (7), Q4_K (12), Q6_K (14) or Q8_0 (8)
+#: matrix's tiles; and the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
+TILE_KINDS = {
+    (4, None): 5,
+    (4, 2): 6,
+    (4, 6): 12,
+    (4, 7): 13,
+    (4, 12): 7,
+    (4, 14): 11,
+    (8, None): 9,
+    (8, 8): 10,
+}
+MAX_PROJS = 3
 
 
 def tiled_matmul(
@@ -377,8 +387,8 @@ def tiled_matmul(
     ggml: int | None = None,
 ) -> torch.Tensor:
     """x (..., K) float32 CPU -> (..., n) with the weight as int4 (`bits` 4, groups of
-    `group_size`) or int8 16-row tiles (quant/tiles.py; `ggml`: the GGUF type of a Q4_0, Q4_K or
-    Q6_K (bits 4, groups of 32) or Q8_0 matrix's tiles); x is quantized to int8 per block of 32."""
+    `group_size`) or int8 16-row tiles (quant/tiles.py; `ggml`: the GGUF type of a Q4_0, Q5_*,
+    Q4_K or Q6_K (bits 4, groups of 32) or Q8_0 matrix's tiles); x is quantized per block of 32."""
     return tiled_matmuls(lib, x, [(tiles, n, bias)], bits, group_size, ggml)[0]
 
 

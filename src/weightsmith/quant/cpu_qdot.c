@@ -128,6 +128,7 @@ static inline int tile_owner(const tile_set *s, int64_t i) {
  * and, per group, 16 fp16 scales and (int4) 16 fp16 zeros; Q4_K: 144 bytes a row per 256. */
 static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
     if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : 210);
+    if (layout == WS_Q4T_Q5_0 || layout == WS_Q4T_Q5_1) return K / 32 * 16 * (layout == WS_Q4T_Q5_0 ? 22 : 24);
     return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
 }
 
@@ -261,14 +262,51 @@ static void q6kt_matmul_scalar(const ws_qact *a, const tile_set *set, const floa
     }
 }
 
+/* Q5_0 / Q5_1 16-row tiles: for each block of 32 inputs, its codes' low nibbles as the int4
+ * tiles' chunks (256 bytes), then 64 bytes whose byte 4r + b holds the fifth bits of row r's
+ * codes of chunk c's byte b at bit c (code 2t, t = 4c + b) and bit 4 + c (code 2t + 1), then
+ * the 16 rows' fp16 d, then (Q5_1) their fp16 m. Code q weighs d (q - 16) (Q5_0) or d q + m. */
+static void q5t_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum, int one) {
+    const int64_t nb = a->k / QB, stride = one ? 384 : 352, tile_bytes = nb * stride;
+#pragma omp parallel for schedule(static) num_threads(ws_threads)
+    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
+        const int p = tile_owner(set, i / 16);
+        const int64_t N = set->N[p], n = i - 16 * set->first[p];
+        float *y = set->y[p];
+        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
+        const int64_t r = n % 16;
+        for (int64_t m = 0; m < a->m; m++) {
+            float acc = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *bp = tile + b * stride;
+                const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+                int32_t isum = 0;
+                for (int t = 0; t < QB / 2; t++) {
+                    const int c = t / 4;
+                    const uint8_t lo = bp[64 * c + 4 * r + t % 4], hb = bp[256 + 4 * r + t % 4];
+                    const int even = (lo & 15) | (hb >> c & 1) << 4, odd = (lo >> 4) | (hb >> (4 + c) & 1) << 4;
+                    isum += even * xq[t] + odd * xq[QB / 2 + t];
+                }
+                uint16_t sh, zh = 0;
+                memcpy(&sh, bp + 320 + 2 * r, 2);
+                if (one) memcpy(&zh, bp + 352 + 2 * r, 2);
+                const float scale = ws_f16_to_f32(sh), zero = one ? ws_f16_to_f32(zh) : -16.0f * scale;
+                acc += (float)isum * a->d[m * a->nb + b] * scale + zero * gsum[m * nb + b];
+            }
+            y[m * N + n] = acc;
+        }
+    }
+}
+
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
     const int sym = layout == WS_Q4T_Q4_0;
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
     const int64_t tile_bytes = q4t_tile_bytes(K, G, layout);
-    if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) {
-        if (layout == WS_Q4T_Q4_K) q4kt_matmul_scalar(a, set, gsum);
-        else q6kt_matmul_scalar(a, set, gsum);
-        return;
+    switch (layout) { /* the GGUF layouts with kernels of their own */
+    case WS_Q4T_Q4_K: q4kt_matmul_scalar(a, set, gsum); return;
+    case WS_Q4T_Q6_K: q6kt_matmul_scalar(a, set, gsum); return;
+    case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: q5t_matmul_scalar(a, set, gsum, layout == WS_Q4T_Q5_1); return;
+    default: break;
     }
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
@@ -515,14 +553,14 @@ static int tile_set_of(tile_set *s, int n, const int64_t *N, const uint8_t *cons
 
 /* y[p] (M, N[p]) = the 4-bit 16-row tiles[p]' product with a (+ bias[p], each may be NULL), for
  * p < n, in one parallel loop: N[p] multiples of 16, the input quantized in the WS_QACT_INT4
- * layout; `layout` WS_Q4T_INT4 (groups of G), WS_Q4T_Q4_0, WS_Q4T_Q4_K or WS_Q4T_Q6_K (G 32:
- * their sums of the input are the blocks'; K a multiple of 256 for the k-quants). */
+ * layout; `layout` WS_Q4T_INT4 (groups of G) or one of the GGUF layouts (G 32: their sums of
+ * the input are the blocks'; K a multiple of 256 for the k-quants). */
 int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const *tiles, int64_t G, int layout,
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
-    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q6_K || (layout != WS_Q4T_INT4 && G != 32) ||
-        (layout >= WS_Q4T_Q4_K && a->k % 256))
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q5_1 || (layout != WS_Q4T_INT4 && G != 32) ||
+        ((layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) && a->k % 256))
         return -2;
     float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : group_sums(a, G); /* Q6_K: its codes' offset */
     if (!gsum) return -1;
@@ -590,8 +628,8 @@ int ws_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 
 /* y[p] (M, N[p]) = x (M, K) @ W[p].T (+ bias[p]) for p < n, each W[p] held as 16-row tiles of
- * `kind` WS_INT4_TILES (groups of G), WS_Q4_0_TILES, WS_Q4_K_TILES, WS_Q6_K_TILES (G = 32),
- * WS_INT8_TILES or WS_Q8_0_TILES, all in one parallel loop (ws_q4t_projs, ws_q8t_projs). */
+ * `kind` WS_INT4_TILES (groups of G), a GGUF kind (G = 32), or WS_INT8_TILES, all in one
+ * parallel loop (ws_q4t_projs, ws_q8t_projs). */
 int ws_tiled_matmuls(const float *x, int64_t M, int64_t K, int n, const int64_t *N, int64_t kind,
                      const uint8_t *const *tiles, int64_t G, const float *const *bias, float *const *y) {
     const int layout4 = ws_q4t_layout(kind), bits4 = layout4 >= 0;

@@ -285,8 +285,83 @@ KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
 #endif
 }
 
+/* Q5_0 / Q5_1 tiles (one: Q5_1; the layout: cpu_qdot.c's q5t_matmul_scalar): each chunk's even
+ * and odd codes rebuilt whole (0..31: the low nibble, the fifth bit moved to bit 4) and
+ * multiplied unsigned; Q5_0's zero is -16 times the scale, as it reads d (q - 16). */
+KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *gsum, float *out,
+                         int64_t N, const int one) {
+    const int64_t nb = a->k / QB, stride = one ? 384 : 352;
+#ifdef WS_WIDE512
+    __m512 acc[QROWS];
+    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(0x10);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *bp = tile + b * stride;
+        const __m512i hb = _mm512_loadu_si512((const void *)(bp + 256));
+        const __m512i he[4] = {_mm512_slli_epi16(hb, 4), _mm512_slli_epi16(hb, 3), _mm512_slli_epi16(hb, 2),
+                               _mm512_slli_epi16(hb, 1)};
+        const __m512i ho[4] = {hb, _mm512_srli_epi16(hb, 1), _mm512_srli_epi16(hb, 2), _mm512_srli_epi16(hb, 3)};
+        __m512i ev[4], od[4];
+        for (int c = 0; c < 4; c++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(bp + 64 * c));
+            ev[c] = _mm512_or_si512(_mm512_and_si512(w, low4), _mm512_and_si512(he[c], bit4));
+            od[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4), _mm512_and_si512(ho[c], bit4));
+        }
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 320)));
+        const __m512 z = one ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 352)))
+                             : _mm512_mul_ps(s, _mm512_set1_ps(-16.0f));
+        for (int64_t m = 0; m < mc; m++) {
+            const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[0], _mm512_set1_epi32(xd[0]));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), od[0], _mm512_set1_epi32(xd[4]));
+            for (int c = 1; c < 4; c++) {
+                s0 = _mm512_dpbusd_epi32(s0, ev[c], _mm512_set1_epi32(xd[c]));
+                s1 = _mm512_dpbusd_epi32(s1, od[c], _mm512_set1_epi32(xd[4 + c]));
+            }
+            const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a->d[m * a->nb + b]));
+            acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(gsum[m * nb + b]), _mm512_fmadd_ps(sum, s, acc[m]));
+        }
+    }
+    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
+#else
+    const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(0x10);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *bp = tile + b * stride;
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(bp + 256 + 32 * h));
+            const __m256i he[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 3), _mm256_slli_epi16(hb, 2),
+                                   _mm256_slli_epi16(hb, 1)};
+            const __m256i ho[4] = {hb, _mm256_srli_epi16(hb, 1), _mm256_srli_epi16(hb, 2), _mm256_srli_epi16(hb, 3)};
+            __m256i ev[4], od[4];
+            for (int c = 0; c < 4; c++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32 * h));
+                ev[c] = _mm256_or_si256(_mm256_and_si256(w, low4), _mm256_and_si256(he[c], bit4));
+                od[c] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), _mm256_and_si256(ho[c], bit4));
+            }
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 320 + 16 * h)));
+            const __m256 z = one ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 352 + 16 * h)))
+                                 : _mm256_mul_ps(s, _mm256_set1_ps(-16.0f));
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                __m256i s0 = DOTU8S8(_mm256_setzero_si256(), ev[0], _mm256_set1_epi32(xd[0]));
+                __m256i s1 = DOTU8S8(_mm256_setzero_si256(), od[0], _mm256_set1_epi32(xd[4]));
+                for (int c = 1; c < 4; c++) {
+                    s0 = DOTU8S8(s0, ev[c], _mm256_set1_epi32(xd[c]));
+                    s1 = DOTU8S8(s1, od[c], _mm256_set1_epi32(xd[4 + c]));
+                }
+                const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(a->d[m * a->nb + b]));
+                acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * nb + b]), _mm256_fmadd_ps(sum, s, acc[m]));
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+    }
+#endif
+}
+
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
- * `layout` WS_Q4T_INT4, WS_Q4T_Q4_0, WS_Q4T_Q4_K or WS_Q4T_Q6_K (gsum then holds the half sums). */
+ * `layout` one of WS_Q4T_* (for WS_Q4T_Q6_K gsum holds the half sums). */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
                                                            const float *gsum, int layout) {
     const int64_t M = a->m, groups = a->k / G, tile_bytes = q4t_tile_bytes(a->k, G, layout);
@@ -304,7 +379,9 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
             float *out = y + m0 * N + 16 * t;
 /* constant row counts and layout: accumulators in registers */
 #define Q4T_ROWS(MC)                                                            \
-    (layout == WS_Q4T_Q6_K   ? FN(q6kt_rows)(&rows, MC, tile, hs, out, N)      \
+    (layout == WS_Q4T_Q5_0   ? FN(q5t_rows)(&rows, MC, tile, gs, out, N, 0)    \
+     : layout == WS_Q4T_Q5_1 ? FN(q5t_rows)(&rows, MC, tile, gs, out, N, 1)    \
+     : layout == WS_Q4T_Q6_K ? FN(q6kt_rows)(&rows, MC, tile, hs, out, N)      \
      : layout == WS_Q4T_Q4_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N)      \
      : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
                              : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))

@@ -18,6 +18,7 @@ unsigned operand of the dot product is the weight: the kernels subtract 128 * su
 tile's 16 fp32 row scales after all its blocks. A GGUF Q8_0 matrix (GGMLLinear) tiles the same
 way, each block's 16 fp16 scales after its chunks (Q8_0 scales every 32 weights of a row), and
 a GGUF Q4_0 matrix as int4 tiles of groups of 32 without zeros (Q4_0's is -8 times the scale),
+Q5_0 / Q5_1 as those codes' low nibbles with each block's fifth bits and scales after them,
 a GGUF Q4_K matrix as int4 tiles' blocks with each super-block's 16 headers after them, and a
 GGUF Q6_K matrix as those blocks' low nibbles, each sub-block's top bits after them.
 `tile_*` and `untile_*` convert between the layouts, exactly. `hugepage_buffer` gives the memory a model's tiles share, on 2 MiB pages
@@ -290,6 +291,81 @@ def untile_q6_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     scales = g[..., 3104:].reshape(t, nsb, 16, ROWS).permute(0, 3, 1, 2)
     out = torch.cat([ql.reshape(t, ROWS, nsb, 128), qh.reshape(t, ROWS, nsb, 64), scales, d], dim=3)
     return (out.reshape(n, row_bytes).contiguous(),)
+
+
+#: Bytes of a GGUF Q5_0 / Q5_1 block of 32: fp16 d (Q5_1: then fp16 m), 4 bytes of the codes'
+#: fifth bits (bit l of the little-endian word: code l), 16 bytes of low nibbles as Q4_0's.
+Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES = 22, 24
+
+
+def can_tile_q5_0(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q5_0_BLOCK_BYTES == 0
+
+
+def can_tile_q5_1(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q5_1_BLOCK_BYTES == 0
+
+
+def _tile_q5(blocks: torch.Tensor, head: int) -> torch.Tensor:
+    """Q5_0 (head 2: d) or Q5_1 (head 4: d, m) rows of blocks as tiles: for each block, its
+    codes' low nibbles as the int4 tiles' chunks (256 bytes), then 64 bytes whose byte 4r + b
+    holds the fifth bits of row r's codes 2t (at bit c) and 2t + 1 (at bit 4 + c), t = 4c + b,
+    then the 16 rows' fp16 d (and m): 22 (24) bytes a row and block, as in the file."""
+    n, row = blocks.shape
+    size = head + 20
+    t, nb = n // ROWS, row // size
+    b = blocks.view(t, ROWS, nb, size)
+    qh, qs = b[..., head : head + 4], b[..., head + 4 :]
+    fifth = ((qh[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(t, ROWS, nb, 32)
+    low = torch.cat([qs & 15, qs >> 4], dim=3)  # (tile, row, block, 32): the codes' low nibbles in order
+    portable = low[..., 0::2] | (low[..., 1::2] << 4)
+    chunks = portable.reshape(t, ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 16 * ROWS)
+    even, odd = (fifth[..., i::2].reshape(t, ROWS, nb, 4, 4) for i in (0, 1))  # (..., chunk c, byte b)
+    bits = sum(
+        (even[..., c, :] << c) | (odd[..., c, :] << (4 + c)) for c in range(4)
+    )  # (tile, row, block, b)
+    bits = bits.permute(0, 2, 1, 3).reshape(t, nb, 4 * ROWS)
+    halves = [b[..., at : at + 2].permute(0, 2, 1, 3).reshape(t, nb, 2 * ROWS) for at in range(0, head, 2)]
+    return torch.cat([chunks, bits, *halves], dim=2).reshape(-1)
+
+
+def _untile_q5(tiles: torch.Tensor, n: int, row_bytes: int, head: int) -> tuple[torch.Tensor]:
+    size = head + 20
+    t, nb = n // ROWS, row_bytes // size
+    g = tiles.view(t, nb, size * ROWS)
+    portable = g[..., : 16 * ROWS].reshape(t, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nb, 16)
+    low = torch.stack([portable & 15, portable >> 4], dim=4).reshape(t, ROWS, nb, 32)
+    bits = g[..., 16 * ROWS : 20 * ROWS].reshape(t, nb, ROWS, 4).permute(0, 2, 1, 3)  # (tile, row, block, b)
+    even = torch.stack([(bits >> c) & 1 for c in range(4)], dim=3).reshape(t, ROWS, nb, 16)
+    odd = torch.stack([(bits >> (4 + c)) & 1 for c in range(4)], dim=3).reshape(t, ROWS, nb, 16)
+    fifth = torch.stack([even, odd], dim=4).reshape(t, ROWS, nb, 4, 8)  # (..., byte of qh, bit)
+    qh = sum(fifth[..., i] << i for i in range(8))
+    qs = low[..., :16] | (low[..., 16:] << 4)
+    halves = (
+        g[..., 20 * ROWS :]
+        .reshape(t, nb, head // 2, ROWS, 2)
+        .permute(0, 3, 1, 2, 4)
+        .reshape(t, ROWS, nb, head)
+    )
+    return (torch.cat([halves, qh, qs], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+def tile_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q5_0 matrix (uint8 (N, K/32 * 22)) as Q5_0 tiles (`_tile_q5`), the same bytes."""
+    return _tile_q5(blocks, 2)
+
+
+def untile_q5_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    return _untile_q5(tiles, n, row_bytes, 2)
+
+
+def tile_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q5_1 matrix (uint8 (N, K/32 * 24)) as Q5_1 tiles (`_tile_q5`), the same bytes."""
+    return _tile_q5(blocks, 4)
+
+
+def untile_q5_1(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    return _untile_q5(tiles, n, row_bytes, 4)
 
 
 def hugepage_buffer(size: int) -> torch.Tensor:
