@@ -166,13 +166,18 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
     assert_matches(out, ref)
 
 
+#: The GGUF types with tiles, by name.
+GGML_TILED = {"q4_0": QT.Q4_0, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1, "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K,
+              "q8_0": QT.Q8_0}  # fmt: skip
+
+
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("bits", [4, 8, "q4_0", "q5_0", "q5_1", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("bits", [4, 8, *GGML_TILED])
 def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
     without a bias."""
-    k, shapes = (256 if bits in ("q4_k", "q6_k") else 96), [(48, True), (16, False), (32, True)]
+    k, shapes = (256 if bits in ("q4_k", "q5_k", "q6_k") else 96), [(48, True), (16, False), (32, True)]
     weights = []
     for i, (n, bias) in enumerate(shapes):
         if bits == 4:
@@ -196,17 +201,6 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
         cpu_kernels.tiled_matmuls(int_isa_lib, x, weights * 2, bits, group, ggml)
 
 
-#: The GGUF types with tiles, by name.
-GGML_TILED = {
-    "q4_0": QT.Q4_0,
-    "q5_0": QT.Q5_0,
-    "q5_1": QT.Q5_1,
-    "q4_k": QT.Q4_K,
-    "q6_k": QT.Q6_K,
-    "q8_0": QT.Q8_0,
-}
-
-
 def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
     """A GGUF matrix of a tiled type: a zero, a subnormal and a negative block scale, and in row
     1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q5_*: 0 and 31;
@@ -214,9 +208,12 @@ def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) ->
     -128, 127)."""
     raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
     blocks = raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])
-    if qtype == QT.Q4_K:
-        blocks[1, 0, 16:19] = [0xF0, 0x0F, 0xFF]
+    if qtype in (QT.Q4_K, QT.Q5_K):
+        at = 16 if qtype == QT.Q4_K else 48
+        blocks[1, 0, at : at + 3] = [0xF0, 0x0F, 0xFF]
         blocks[1, 0, 4:16] = 0xFF
+        if qtype == QT.Q5_K:  # codes 31 and 0 too
+            blocks[1, 0, 16:19] = [0xFF, 0x00, 0xFF]
         blocks[2, 0, 2:4] = np.array([-0.004], np.float16).view(np.uint8)
     elif qtype in (QT.Q5_0, QT.Q5_1):  # codes 0 and 31 (low nibbles and fifth bits)
         head = 2 if qtype == QT.Q5_0 else 4
@@ -287,6 +284,17 @@ def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
         # ... and after the 8 sub-blocks' 3072 bytes, the rows' d, then scale i of row r at 32 + 16 i + r.
         assert torch.equal(packed[3072:3104].view(torch.int16), halves(208))
         assert packed[3072 + 32 + 16 * 5 + 3] == blocks[3, 192 + 5]
+    elif name == "q5_k":
+        # Sub-block 1 (high nibbles of the file's first 32 code bytes; bit 1 of the fifth-bit
+        # bytes) starts at 320: chunk 1, row 2 = row 2's codes 8..15 in pairs; then its fifth
+        # bits, byte 4 * 2 + 0 holding codes 8 (bit 1) and 9 (bit 5) ...
+        codes, fifth = blocks[2, 48:80] >> 4, (blocks[2, 16:48] >> 1) & 1
+        assert torch.equal(packed[320 + 64 + 8 : 320 + 64 + 12], codes[8:16:2] | (codes[9:16:2] << 4))
+        byte = packed[320 + 256 + 8].item()
+        assert (byte >> 1 & 1, byte >> 5 & 1) == (fifth[8].item(), fifth[9].item())
+        # ... and after the 8 sub-blocks' 2560 bytes, Q4_K's header.
+        assert torch.equal(packed[2560:2592].view(torch.int16), halves(0))
+        assert packed[2560 + 64 + 16 * 5 + 3] == blocks[3, 4 + 5]
     else:
         # Sub-block 1 (the high nibbles of the file's first 32 code bytes), chunk 1, row 2 = row
         # 2's codes 8..15 of it in pairs ...

@@ -361,18 +361,10 @@ def int8_tiled_dequantize(
 
 
 #: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, ggml type): int4 and int8
-#: tiles (None), and a GGUF Q4_0 (2), Q5_0 (6), Q5_1 (7), Q4_K (12), Q6_K (14) or Q8_0 (8)
-#: matrix's tiles; and the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
-TILE_KINDS = {
-    (4, None): 5,
-    (4, 2): 6,
-    (4, 6): 12,
-    (4, 7): 13,
-    (4, 12): 7,
-    (4, 14): 11,
-    (8, None): 9,
-    (8, 8): 10,
-}
+#: tiles (None), and a GGUF Q4_0 (2), Q5_0 (6), Q5_1 (7), Q4_K (12), Q5_K (13), Q6_K (14) or
+#: Q8_0 (8) matrix's tiles; and the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
+TILE_KINDS = {(4, None): 5, (4, 2): 6, (4, 6): 12, (4, 7): 13, (4, 12): 7, (4, 13): 14, (4, 14): 11,
+              (8, None): 9, (8, 8): 10}  # fmt: skip
 MAX_PROJS = 3
 
 

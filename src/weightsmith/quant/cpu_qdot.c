@@ -127,7 +127,8 @@ static inline int tile_owner(const tile_set *s, int64_t i) {
 /* Bytes of a 16-row tile of K inputs in 4-bit `layout` (WS_Q4T_*), groups of G: 16 rows' codes
  * and, per group, 16 fp16 scales and (int4) 16 fp16 zeros; Q4_K: 144 bytes a row per 256. */
 static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
-    if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : 210);
+    if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K)
+        return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : layout == WS_Q4T_Q5_K ? 176 : 210);
     if (layout == WS_Q4T_Q5_0 || layout == WS_Q4T_Q5_1) return K / 32 * 16 * (layout == WS_Q4T_Q5_0 ? 22 : 24);
     return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
 }
@@ -179,9 +180,12 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
 /* Q4_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks' codes as the int4
  * tiles' blocks (256 bytes each), then the 16 rows' headers (256 bytes): fp16 d, fp16 dmin,
  * then the 12 packed scale bytes, byte i of row r at 64 + 16 i + r. Sub-block j of row r is
- * d sc_j q - dmin m_j (ws_k_scale_min); gsum holds the input's sums per block of 32. */
-static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum) {
-    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, WS_Q4T_Q4_K);
+ * d sc_j q - dmin m_j (ws_k_scale_min); gsum holds the input's sums per block of 32. Q5_K tiles
+ * (five set) follow each sub-block's 256 bytes with 64 bytes of its codes' fifth bits, as Q5_0
+ * tiles hold them (q5t_matmul_scalar). */
+static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum, int five) {
+    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, five ? WS_Q4T_Q5_K : WS_Q4T_Q4_K);
+    const int64_t sub = five ? 320 : 256; /* bytes a sub-block */
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
         const int p = tile_owner(set, i / 16);
@@ -192,7 +196,7 @@ static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const floa
         for (int64_t m = 0; m < a->m; m++) {
             float acc = 0;
             for (int64_t sb = 0; sb < nsb; sb++) {
-                const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+                const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
                 uint16_t dh, mh;
                 memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
                 const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
@@ -201,8 +205,10 @@ static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const floa
                     const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
                     int32_t isum = 0;
                     for (int t = 0; t < QB / 2; t++) {
-                        const uint8_t c = sp[j * 256 + 64 * (t / 4) + 4 * r + t % 4];
-                        isum += (c & 15) * xq[t] + (c >> 4) * xq[QB / 2 + t];
+                        const uint8_t c = sp[j * sub + 64 * (t / 4) + 4 * r + t % 4];
+                        const uint8_t hb = five ? sp[j * sub + 256 + 4 * r + t % 4] : 0;
+                        const int even = (c & 15) | (hb >> (t / 4) & 1) << 4, odd = (c >> 4) | (hb >> (4 + t / 4) & 1) << 4;
+                        isum += even * xq[t] + odd * xq[QB / 2 + t];
                     }
                     int sc, mn;
                     ws_k_scale_min(hp + 64 + r, 16, j, &sc, &mn);
@@ -303,7 +309,7 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
     const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
     const int64_t tile_bytes = q4t_tile_bytes(K, G, layout);
     switch (layout) { /* the GGUF layouts with kernels of their own */
-    case WS_Q4T_Q4_K: q4kt_matmul_scalar(a, set, gsum); return;
+    case WS_Q4T_Q4_K: case WS_Q4T_Q5_K: q4kt_matmul_scalar(a, set, gsum, layout == WS_Q4T_Q5_K); return;
     case WS_Q4T_Q6_K: q6kt_matmul_scalar(a, set, gsum); return;
     case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: q5t_matmul_scalar(a, set, gsum, layout == WS_Q4T_Q5_1); return;
     default: break;
@@ -559,8 +565,8 @@ int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
-    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q5_1 || (layout != WS_Q4T_INT4 && G != 32) ||
-        ((layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q6_K) && a->k % 256))
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q5_K || (layout != WS_Q4T_INT4 && G != 32) ||
+        ((layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K) && a->k % 256))
         return -2;
     float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : group_sums(a, G); /* Q6_K: its codes' offset */
     if (!gsum) return -1;

@@ -99,16 +99,17 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
  * weighs d sc_j q - dmin m_j (6-bit sc_j, m_j as ws_k_scale_min unpacks them); bsum holds the
  * input's sums per block of 32 (the minima's term). */
 KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *bsum, float *out,
-                          int64_t N) {
-    const int64_t nsb = a->k / 256;
+                          int64_t N, const int five) {
+    const int64_t nsb = a->k / 256, sub = five ? 320 : 256; /* Q5_K (five): each sub-block's fifth bits follow it */
 #ifdef WS_WIDE512
 #define KSB(i) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(hp + 64 + 16 * (i))))
     __m512 acc[QROWS];
     for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
     const __m512i low4 = _mm512_set1_epi8(15), high4 = _mm512_set1_epi8((char)0xf0);
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+        const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hp));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hp + 32)));
         for (int j = 0; j < 8; j++) {
@@ -121,10 +122,21 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                 mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4), _mm512_slli_epi32(_mm512_srli_epi32(KSB(j), 6), 4));
             }
             const __m512 ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), dm = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
-            __m512i lo[4], hi[4];
+            __m512i lo[4], hi[4]; /* Q4_K: hi the high nibbles in place (16 times the code); Q5_K: the odd codes */
+            const uint8_t *wp = sp + j * sub;
             for (int c = 0; c < 4; c++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(sp + j * 256 + 64 * c));
+                const __m512i w = _mm512_loadu_si512((const void *)(wp + 64 * c));
                 lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(w, high4);
+            }
+            if (five) {
+                const __m512i hb = _mm512_loadu_si512((const void *)(wp + 256));
+                const __m512i he[4] = {_mm512_slli_epi16(hb, 4), _mm512_slli_epi16(hb, 3), _mm512_slli_epi16(hb, 2),
+                                       _mm512_slli_epi16(hb, 1)};
+                const __m512i ho[4] = {hb, _mm512_srli_epi16(hb, 1), _mm512_srli_epi16(hb, 2), _mm512_srli_epi16(hb, 3)};
+                for (int c = 0; c < 4; c++) {
+                    lo[c] = _mm512_or_si512(lo[c], _mm512_and_si512(he[c], bit4));
+                    hi[c] = _mm512_or_si512(_mm512_srli_epi16(hi[c], 4), _mm512_and_si512(ho[c], bit4));
+                }
             }
             const int64_t b = sb * 8 + j;
             for (int64_t m = 0; m < mc; m++) {
@@ -135,7 +147,8 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     s = _mm512_dpbusd_epi32(s, lo[c], _mm512_set1_epi32(xd[c]));
                     h = _mm512_dpbusd_epi32(h, hi[c], _mm512_set1_epi32(xd[4 + c]));
                 }
-                const __m512i isum = _mm512_add_epi32(s, _mm512_srai_epi32(h, 4));
+                /* Q4_K: the high nibbles' sums are multiples of 16, the shift exact */
+                const __m512i isum = _mm512_add_epi32(s, five ? h : _mm512_srai_epi32(h, 4));
                 const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]));
                 acc[m] = _mm512_fnmadd_ps(dm, _mm512_set1_ps(bsum[m * a->nb + b]), _mm512_fmadd_ps(sum, ds, acc[m]));
             }
@@ -151,7 +164,7 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
         __m256 acc[QROWS];
         for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sp = tile + sb * 2304, *hp = sp + 2048;
+            const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 16 * h)));
             const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 32 + 16 * h)));
             for (int j = 0; j < 8; j++) {
@@ -165,9 +178,20 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                 }
                 const __m256 ds = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)), dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
                 __m256i lo[4], hi[4];
+                const uint8_t *wp = sp + j * sub;
                 for (int c = 0; c < 4; c++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(sp + j * 256 + 64 * c + 32 * h));
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wp + 64 * c + 32 * h));
                     lo[c] = _mm256_and_si256(w, low4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                }
+                if (five) {
+                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(wp + 256 + 32 * h)), bit4 = _mm256_set1_epi8(0x10);
+                    const __m256i he[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 3), _mm256_slli_epi16(hb, 2),
+                                           _mm256_slli_epi16(hb, 1)};
+                    const __m256i ho[4] = {hb, _mm256_srli_epi16(hb, 1), _mm256_srli_epi16(hb, 2), _mm256_srli_epi16(hb, 3)};
+                    for (int c = 0; c < 4; c++) {
+                        lo[c] = _mm256_or_si256(lo[c], _mm256_and_si256(he[c], bit4));
+                        hi[c] = _mm256_or_si256(hi[c], _mm256_and_si256(ho[c], bit4));
+                    }
                 }
                 const int64_t b = sb * 8 + j;
                 for (int64_t m = 0; m < mc; m++) {
@@ -382,7 +406,8 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
     (layout == WS_Q4T_Q5_0   ? FN(q5t_rows)(&rows, MC, tile, gs, out, N, 0)    \
      : layout == WS_Q4T_Q5_1 ? FN(q5t_rows)(&rows, MC, tile, gs, out, N, 1)    \
      : layout == WS_Q4T_Q6_K ? FN(q6kt_rows)(&rows, MC, tile, hs, out, N)      \
-     : layout == WS_Q4T_Q4_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N)      \
+     : layout == WS_Q4T_Q4_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N, 0)   \
+     : layout == WS_Q4T_Q5_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N, 1)   \
      : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
                              : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))
             switch (mc) {

@@ -13,7 +13,7 @@ Which matmul runs:
   quantized to int8 per block of 32 in the CPU's integer dot-product instructions; the
   fused decode step (weightsmith.cpu_decode) calls the same kernels. The result is the
   exact product up to the input's rounding (llama.cpp's decoding has the same). In the CPU
-  decode layout a Q4_0, Q5_0, Q5_1, Q4_K, Q6_K or Q8_0 matrix with rows in multiples of 16 is held as 16-row tiles
+  decode layout a matrix of any of these types with rows in multiples of 16 is held as 16-row tiles
   instead (`tile_format`, the same bytes reordered), which the tiled int4 / int8 kernels read.
 - anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
   on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
@@ -62,14 +62,16 @@ class GGMLLinear(QuantizedLinear):
     #: The types with a tiled layout (quant/tiles.py: 16-row tiles of the same bytes) and the
     #: tiled kernels' input (4: the int4 tiles' order): Q4_0 (int4 tiles of groups of 32 without
     #: zeros), Q5_0 / Q5_1 (their low nibbles, then each block's fifth bits and scales), Q4_K
-    #: (int4 tiles' blocks, each super-block's 16 headers after them), Q6_K (their low nibbles,
+    #: (int4 tiles' blocks, each super-block's 16 headers after them; Q5_K: each block's fifth
+    #: bits after it), Q6_K (their low nibbles,
     #: then their top bits) and Q8_0 (int8 tiles, each block's 16 fp16 scales after its codes).
-    Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 6, 7, 8, 12, 14
+    Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 6, 7, 8, 12, 13, 14
     TILED = {
         Q4_0: (4, qtiles.can_tile_q4_0, qtiles.tile_q4_0, qtiles.untile_q4_0),
         Q5_0: (4, qtiles.can_tile_q5_0, qtiles.tile_q5_0, qtiles.untile_q5_0),
         Q5_1: (4, qtiles.can_tile_q5_1, qtiles.tile_q5_1, qtiles.untile_q5_1),
         Q4_K: (4, qtiles.can_tile_q4_k, qtiles.tile_q4_k, qtiles.untile_q4_k),
+        Q5_K: (4, qtiles.can_tile_q5_k, qtiles.tile_q5_k, qtiles.untile_q5_k),
         Q6_K: (4, qtiles.can_tile_q6_k, qtiles.tile_q6_k, qtiles.untile_q6_k),
         Q8_0: (8, qtiles.can_tile_q8_0, qtiles.tile_q8_0, qtiles.untile_q8_0),
     }

@@ -196,36 +196,96 @@ def can_tile_q4_k(n: int, row_bytes: int) -> bool:
     return n % ROWS == 0 and row_bytes % Q4_K_BLOCK_BYTES == 0
 
 
+def _fifth_bits(fifth: torch.Tensor) -> torch.Tensor:
+    """(..., 32) fifth bits of a row's block of 32 codes, in order -> (..., 4) bytes: byte b holds
+    those of codes 2t (at bit c) and 2t + 1 (at bit 4 + c), t = 4c + b (chunk c's byte b)."""
+    even, odd = (fifth[..., i::2].unflatten(-1, (4, 4)) for i in (0, 1))  # (..., chunk c, byte b)
+    return sum((even[..., c, :] << c) | (odd[..., c, :] << (4 + c)) for c in range(4))
+
+
+def _unfifth_bits(bits: torch.Tensor) -> torch.Tensor:
+    """`_fifth_bits`' inverse: (..., 4) -> (..., 32)."""
+    even = torch.stack([(bits >> c) & 1 for c in range(4)], dim=-2).flatten(-2)  # (..., 16) in t order
+    odd = torch.stack([(bits >> (4 + c)) & 1 for c in range(4)], dim=-2).flatten(-2)
+    return torch.stack([even, odd], dim=-1).flatten(-2)
+
+
+def _tile_qk(blocks: torch.Tensor, five: bool) -> torch.Tensor:
+    """Q4_K (Q5_K with `five`) rows of super-blocks as tiles (see tile_q4_k / tile_q5_k)."""
+    size, at = (Q5_K_BLOCK_BYTES, 48) if five else (Q4_K_BLOCK_BYTES, 16)
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // size
+    b = blocks.view(t, ROWS, nsb, size)
+    qs = b[..., at:].view(t, ROWS, nsb, 4, 1, 32)
+    codes = torch.cat([qs & 15, qs >> 4], dim=4).reshape(t, ROWS, nsb, 8, 32)  # sub-block j, in order
+    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (tile, row, super-block, j, 16)
+    # (tile, row, super-block, j, chunk, byte) -> (tile, super-block, j, [chunk, row, byte])
+    sub = portable.reshape(t, ROWS, nsb, 8, 4, 4).permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8, 16 * ROWS)
+    if five:  # code l of sub-block j: bit j of qh[l]
+        qh = b[..., 16:48]
+        fifth = torch.stack([(qh >> j) & 1 for j in range(8)], dim=3)  # (tile, row, sb, j, 32)
+        bits = _fifth_bits(fifth).permute(0, 2, 3, 1, 4).reshape(t, nsb, 8, 4 * ROWS)
+        sub = torch.cat([sub, bits], dim=3)
+    halves = b[..., :4].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
+    scales = b[..., 4:16].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
+    return torch.cat([sub.reshape(t, nsb, -1), halves, scales], dim=2).reshape(-1)
+
+
+def _untile_qk(tiles: torch.Tensor, n: int, row_bytes: int, five: bool) -> tuple[torch.Tensor]:
+    size, per = (Q5_K_BLOCK_BYTES, 20 * ROWS) if five else (Q4_K_BLOCK_BYTES, 16 * ROWS)
+    t, nsb = n // ROWS, row_bytes // size
+    g = tiles.view(t, nsb, size * ROWS)
+    sub = g[..., : 8 * per].reshape(t, nsb, 8, per)
+    portable = sub[..., : 16 * ROWS].reshape(t, nsb, 8, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
+    codes = torch.stack([portable & 15, portable >> 4], dim=-1).reshape(t, ROWS, nsb, 4, 2, 32)
+    qs = (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(t, ROWS, nsb, 128)
+    header = g[..., 8 * per :]
+    halves = (
+        header[..., : 4 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nsb, 4)
+    )
+    scales = header[..., 4 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
+    parts = [halves, scales]
+    if five:
+        bits = (
+            sub[..., 16 * ROWS :].reshape(t, nsb, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
+        )  # (tile, row, sb, j, 4)
+        fifth = _unfifth_bits(bits)  # (tile, row, sb, j, 32)
+        parts.append(sum(fifth[..., j, :] << j for j in range(8)))
+    return (torch.cat([*parts, qs], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
 def tile_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     """A GGUF Q4_K matrix (uint8 (N, K/256 * 144)) as Q4_K tiles (uint8, the same number of
     bytes): for each tile of 16 rows and each super-block, its 8 sub-blocks' codes as the int4
     tiles' blocks (4 chunks: row r's portable bytes 4c..4c+3 at 4r..4r+3, byte j holding codes
     2j and 2j + 1), then the 16 rows' headers: their fp16 d, their fp16 dmin, and the 12 scale
     bytes with byte i of row r at 64 + 16 i + r (2304 bytes a super-block)."""
-    n, row = blocks.shape
-    t, nsb = n // ROWS, row // Q4_K_BLOCK_BYTES
-    b = blocks.view(t, ROWS, nsb, Q4_K_BLOCK_BYTES)
-    qs = b[..., 16:].view(t, ROWS, nsb, 4, 1, 32)
-    codes = torch.cat([qs & 15, qs >> 4], dim=4).reshape(t, ROWS, nsb, 8, 32)  # sub-block j, in order
-    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (tile, row, super-block, j, 16)
-    # (tile, row, super-block, j, chunk, byte) -> (tile, super-block, [j, chunk, row, byte])
-    chunks = portable.reshape(t, ROWS, nsb, 8, 4, 4).permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 128 * ROWS)
-    halves = b[..., :4].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
-    scales = b[..., 4:16].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
-    return torch.cat([chunks, halves, scales], dim=2).reshape(-1)
+    return _tile_qk(blocks, five=False)
 
 
 def untile_q4_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
     """`tile_q4_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
-    t, nsb = n // ROWS, row_bytes // Q4_K_BLOCK_BYTES
-    g = tiles.view(t, nsb, Q4_K_BLOCK_BYTES * ROWS)
-    portable = g[..., : 128 * ROWS].reshape(t, nsb, 8, 4, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
-    codes = torch.stack([portable & 15, portable >> 4], dim=-1).reshape(t, ROWS, nsb, 4, 2, 32)
-    qs = (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(t, ROWS, nsb, 128)
-    halves = g[..., 128 * ROWS : 132 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4)
-    scales = g[..., 132 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
-    out = torch.cat([halves.reshape(t, ROWS, nsb, 4), scales, qs], dim=3)
-    return (out.reshape(n, row_bytes).contiguous(),)
+    return _untile_qk(tiles, n, row_bytes, five=False)
+
+
+#: Bytes of a GGUF Q5_K super-block: Q4_K's header (d, dmin, 12 scale bytes), 32 bytes of fifth
+#: bits (bit j of byte l: code l of sub-block j), then Q4_K's 128 bytes of low nibbles.
+Q5_K_BLOCK_BYTES = 176
+
+
+def can_tile_q5_k(n: int, row_bytes: int) -> bool:
+    return n % ROWS == 0 and row_bytes % Q5_K_BLOCK_BYTES == 0
+
+
+def tile_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q5_K matrix (uint8 (N, K/256 * 176)) as Q5_K tiles: Q4_K's, with each sub-block's
+    256 bytes of low nibbles followed by 64 bytes of its codes' fifth bits (byte 4r + b: codes
+    2t at bit c and 2t + 1 at bit 4 + c, t = 4c + b), 2816 bytes a super-block."""
+    return _tile_qk(blocks, five=True)
+
+
+def untile_q5_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    return _untile_qk(tiles, n, row_bytes, five=True)
 
 
 #: Bytes of a GGUF Q6_K super-block of 256 weights: 128 bytes of the codes' low nibbles, 64 of
@@ -320,11 +380,7 @@ def _tile_q5(blocks: torch.Tensor, head: int) -> torch.Tensor:
     low = torch.cat([qs & 15, qs >> 4], dim=3)  # (tile, row, block, 32): the codes' low nibbles in order
     portable = low[..., 0::2] | (low[..., 1::2] << 4)
     chunks = portable.reshape(t, ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 16 * ROWS)
-    even, odd = (fifth[..., i::2].reshape(t, ROWS, nb, 4, 4) for i in (0, 1))  # (..., chunk c, byte b)
-    bits = sum(
-        (even[..., c, :] << c) | (odd[..., c, :] << (4 + c)) for c in range(4)
-    )  # (tile, row, block, b)
-    bits = bits.permute(0, 2, 1, 3).reshape(t, nb, 4 * ROWS)
+    bits = _fifth_bits(fifth).permute(0, 2, 1, 3).reshape(t, nb, 4 * ROWS)
     halves = [b[..., at : at + 2].permute(0, 2, 1, 3).reshape(t, nb, 2 * ROWS) for at in range(0, head, 2)]
     return torch.cat([chunks, bits, *halves], dim=2).reshape(-1)
 
@@ -336,9 +392,7 @@ def _untile_q5(tiles: torch.Tensor, n: int, row_bytes: int, head: int) -> tuple[
     portable = g[..., : 16 * ROWS].reshape(t, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nb, 16)
     low = torch.stack([portable & 15, portable >> 4], dim=4).reshape(t, ROWS, nb, 32)
     bits = g[..., 16 * ROWS : 20 * ROWS].reshape(t, nb, ROWS, 4).permute(0, 2, 1, 3)  # (tile, row, block, b)
-    even = torch.stack([(bits >> c) & 1 for c in range(4)], dim=3).reshape(t, ROWS, nb, 16)
-    odd = torch.stack([(bits >> (4 + c)) & 1 for c in range(4)], dim=3).reshape(t, ROWS, nb, 16)
-    fifth = torch.stack([even, odd], dim=4).reshape(t, ROWS, nb, 4, 8)  # (..., byte of qh, bit)
+    fifth = _unfifth_bits(bits).reshape(t, ROWS, nb, 4, 8)  # (..., byte of qh, bit)
     qh = sum(fifth[..., i] << i for i in range(8))
     qs = low[..., :16] | (low[..., 16:] << 4)
     halves = (
