@@ -13,7 +13,8 @@ realistic width instead: the default model's tokenizer and vocabulary with 4 lay
 2048 (32 heads, 4 key/value heads, MLP 5632), random weights; its Q4_K_M file is Q4_K and Q6_K
 throughout, as published files of 1B+ models are.
 
-    python benchmarks/gguf_types.py [--types q4_0,q4_k_m,q6_k] [--wide] [--runs 3] [--threads 2]
+    python benchmarks/gguf_types.py [--types q4_0,q4_k_m,q5_k_m,q6_k] [--wide] [--runs 3] [--threads 2]
+        [--isa avx2 --llama-cpp-site /path/to/avx2-build]   # both restricted to AVX2, as generate.py
 
 Needs llama-cpp-python (run in a child process, as in generate.py).
 """
@@ -68,13 +69,24 @@ def quantize_file(llama_cpp, f32: Path, out: Path, ftype: int, threads: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--types", default="q4_0,q4_k_m,q6_k", help=f"comma-separated, of {', '.join(FTYPES)}")
+    ap.add_argument(
+        "--types", default="q4_0,q4_k_m,q5_k_m,q6_k", help=f"comma-separated, of {', '.join(FTYPES)}"
+    )
     ap.add_argument("--wide", action="store_true", help="also a 4-layer model of width 2048 (random weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--isa", help="force our kernels' instruction set (e.g. avx2)")
+    ap.add_argument("--llama-cpp-site", help="a folder with another llama-cpp-python build (pip --target)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.isa:
+        from weightsmith.quant import cpu_kernels
+
+        if cpu_kernels.library() is None:
+            raise SystemExit("gguf_types.py: --isa: the C kernels are not built here (no C compiler)")
+        cpu_kernels.select_isa(cpu_kernels.library(), args.isa)
+        print(f"C decode kernels: {cpu_kernels.info()}")
     try:
         import llama_cpp
     except ImportError:
@@ -112,7 +124,9 @@ def run(args, llama_cpp, path: Path, prompt_ids: list[int], work: Path) -> None:
             key = f"{label} {name.upper()}"
             gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=True)
             contenders[f"weightsmith, {key}"] = (gen, lambda: None)
-            gen, _ = bench_llama_cpp(out, prompt_ids, prompt_ids, args.threads, None, one_by_one=True)
+            gen, _ = bench_llama_cpp(
+                out, prompt_ids, prompt_ids, args.threads, args.llama_cpp_site, one_by_one=True
+            )
             contenders[f"llama.cpp, {key}"] = (gen, lambda: None)
     results = interleaved_rates(contenders, args.new_tokens, len(prompt_ids), args.runs)
     print(f"{args.threads} threads, batch 1, greedy, decode tok/s, medians of {args.runs} interleaved runs")
