@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from generate import bench_llama_cpp, bench_ours, interleaved_rates  # beside this file
 from machine import cpu_description
+from perplexity import llama_quantize
 
 #: llama.cpp's file types (llama_ftype) by the names its quantize tool takes.
 FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -56,13 +56,11 @@ def wide_model(path: Path, out: Path) -> Path:
     return out
 
 
-def quantize_file(llama_cpp, f32: Path, out: Path, ftype: int, threads: int) -> dict[str, int]:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, threads
-    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {f32} to {out.name}")
+def quantize_file(f32: Path, out: Path, ftype: int, threads: int) -> dict[str, int]:
+    """llama.cpp's quantizer (perplexity.llama_quantize); returns the file's tensor types, counted."""
     import gguf
 
+    llama_quantize(f32, out, ftype, threads)
     return collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
 
 
@@ -88,7 +86,7 @@ def main() -> None:
         cpu_kernels.select_isa(cpu_kernels.library(), args.isa)
         print(f"C decode kernels: {cpu_kernels.info()}")
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401  (here only to say it is missing; it runs in child processes)
     except ImportError:
         raise SystemExit("gguf_types.py: needs llama-cpp-python (pip install llama-cpp-python)") from None
     from weightsmith.checkpoint.load import load_checkpoint
@@ -104,10 +102,10 @@ def main() -> None:
     tok = load_checkpoint(path).tokenizer
     prompt_ids = tok.encode("The history of open-weight language models began when")
     with tempfile.TemporaryDirectory(prefix="ws-gguf-types-") as tmp:
-        run(args, llama_cpp, path, prompt_ids, Path(tmp))
+        run(args, path, prompt_ids, Path(tmp))
 
 
-def run(args, llama_cpp, path: Path, prompt_ids: list[int], work: Path) -> None:
+def run(args, path: Path, prompt_ids: list[int], work: Path) -> None:
     from weightsmith.checkpoint.gguf_write import export_gguf
 
     types = [t.strip() for t in args.types.split(",")]
@@ -119,7 +117,7 @@ def run(args, llama_cpp, path: Path, prompt_ids: list[int], work: Path) -> None:
     for label, f32 in sources.items():
         for name in types:
             out = work / f"{Path(f32).stem}-{name}.gguf"
-            mix = quantize_file(llama_cpp, Path(f32), out, FTYPES[name], args.threads)
+            mix = quantize_file(Path(f32), out, FTYPES[name], args.threads)
             print(f"{label} {name.upper()}: {dict(mix.most_common())}")
             key = f"{label} {name.upper()}"
             gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=True)

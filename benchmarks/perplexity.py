@@ -15,7 +15,12 @@ Q4_1 file has); llama.cpp's with its own quantizer (`llama_model_quantize`) from
 of those weights, to Q4_1 and Q8_0. Each side's delta is against its own fp32 run, and the
 acceptance reads our int4's delta against llama.cpp Q4_1's (and int8's against Q8_0's).
 
-    python benchmarks/perplexity.py [--threads 2] [--max-tokens 256]
+`--gguf-types q4_k_m,q6_k` adds files llama.cpp quantizes to those types, each decoded by both
+engines from the same file (ours keeping its blocks, `--keep-quantized`), and by our fp32 step
+from the file dequantized (the same weights with exact inputs): each engine's delta against
+that is what its rounding of the inputs costs.
+
+    python benchmarks/perplexity.py [--threads 2] [--max-tokens 256] [--gguf-types q4_k_m,q6_k]
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ def windows(tokenizer, max_tokens: int) -> list[list[int]]:
     return out
 
 
-def ours(path: Path, texts: list[list[int]], bits: int | None) -> tuple[float, int]:
-    """(summed NLL, tokens scored) decoding token by token through our decode step."""
+def ours(
+    path: Path, texts: list[list[int]], bits: int | None, keep_quantized: bool = False
+) -> tuple[float, int]:
+    """(summed NLL, tokens scored) decoding token by token through our decode step;
+    `keep_quantized`: a GGUF file's blocks as they are (`--keep-quantized`)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.engine import Engine
     from weightsmith.kv_cache import KVCache
 
-    ckpt = load_checkpoint(path, dtype=torch.float32)
+    ckpt = load_checkpoint(path, dtype=torch.float32, keep_quantized=keep_quantized)
     model = ckpt.model
     if bits is not None:
         from weightsmith.quant.weight_only import quantize_model
@@ -133,6 +141,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens per paragraph window")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument(
+        "--gguf-types", default="",
+        help="also these llama.cpp file types (e.g. q4_k_m,q5_k_m,q6_k; gguf_types.FTYPES), each file "
+        "decoded by both engines: weightsmith keeping its blocks (--keep-quantized), and llama.cpp",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -172,6 +185,26 @@ def main() -> None:
             rows[name] = llama(file, texts, args.threads)
             if rows[name]:
                 print(f"{name}: ppl {math.exp(rows[name][0] / rows[name][1]):.4f}", flush=True)
+        from gguf_types import FTYPES
+
+        for kind in filter(None, (t.strip().lower() for t in args.gguf_types.split(","))):
+            if kind not in FTYPES:
+                raise SystemExit(
+                    f"perplexity.py: --gguf-types: unknown {kind}; choose from {', '.join(FTYPES)}"
+                )
+            file = tmp / f"model-{kind}.gguf"
+            llama_quantize(f32, file, FTYPES[kind], args.threads)
+            label = kind.upper()
+            rows[f"{label} file dequantized, fp32"] = ours(file, texts, None)  # the weights, exact inputs
+            rows[f"weightsmith {label} file"] = ours(file, texts, None, keep_quantized=True)
+            rows[f"llama.cpp {label} file"] = llama(file, texts, args.threads)
+            for name in (
+                f"{label} file dequantized, fp32",
+                f"weightsmith {label} file",
+                f"llama.cpp {label} file",
+            ):
+                if rows[name]:
+                    print(f"{name}: ppl {math.exp(rows[name][0] / rows[name][1]):.4f}", flush=True)
     report(rows)
 
 
@@ -180,7 +213,7 @@ def report(rows: dict[str, tuple[float, int] | None]) -> None:
     base = {"weightsmith": ppl.get("weightsmith fp32"), "llama.cpp": ppl.get("llama.cpp F32")}
     print(f"\n{'':34} {'token ppl':>10} {'vs own fp32':>12}")
     for name, value in ppl.items():
-        ref = base[name.split(" ", 1)[0]]
+        ref = base.get(name.split(" ", 1)[0], base["weightsmith"])
         delta = f"{100 * (value / ref - 1):+.3f}%" if ref else "-"
         print(f"{name:34} {value:10.4f} {delta:>12}")
     pairs = (("weightsmith int4 g32+int8 head", "llama.cpp Q4_1"), ("weightsmith int8", "llama.cpp Q8_0"))
@@ -190,6 +223,13 @@ def report(rows: dict[str, tuple[float, int] | None]) -> None:
             d_peer = ppl[theirs] / base["llama.cpp"] - 1
             verdict = "within" if d_ours <= d_peer else "above"
             print(f"{mine} delta {100 * d_ours:+.3f}% vs {theirs} {100 * d_peer:+.3f}%: {verdict} the peer's")
+    for mine in ppl:  # the same GGUF file: each engine's rounding of the inputs against exact ones
+        if mine.startswith("weightsmith ") and mine.endswith(" file"):
+            label = mine.removeprefix("weightsmith ")
+            theirs, exact = f"llama.cpp {label}", ppl.get(f"{label} dequantized, fp32")
+            if theirs in ppl and exact:
+                print(f"{label}: its weights with exact inputs {exact:.4f}; weightsmith "
+                      f"{100 * (ppl[mine] / exact - 1):+.3f}%, llama.cpp {100 * (ppl[theirs] / exact - 1):+.3f}%")  # fmt: skip
 
 
 if __name__ == "__main__":
