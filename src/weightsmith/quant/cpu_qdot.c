@@ -177,51 +177,124 @@ static void q8_matmul_scalar(const ws_qact *a, int64_t N, const int8_t *q, const
     }
 }
 
-/* Q4_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks' codes as the int4
- * tiles' blocks (256 bytes each), then the 16 rows' headers (256 bytes): fp16 d, fp16 dmin,
- * then the 12 packed scale bytes, byte i of row r at 64 + 16 i + r. Sub-block j of row r is
- * d sc_j q - dmin m_j (ws_k_scale_min); gsum holds the input's sums per block of 32. Q5_K tiles
- * (five set) follow each sub-block's 256 bytes with 64 bytes of its codes' fifth bits, as Q5_0
- * tiles hold them (q5t_matmul_scalar). */
-static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum, int five) {
-    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, five ? WS_Q4T_Q5_K : WS_Q4T_Q4_K);
-    const int64_t sub = five ? 320 : 256; /* bytes a sub-block */
+/* The portable tile kernels: output n of every projection of the set, for each input row m, is
+ * dot(a, m, its tile, its row r in the tile, ctx); the threads split the outputs. */
+typedef float (*tile_dot)(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx);
+static void tiles_scalar(const ws_qact *a, const tile_set *set, int64_t tile_bytes, tile_dot dot, const void *ctx) {
 #pragma omp parallel for schedule(static) num_threads(ws_threads)
     for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
         const int p = tile_owner(set, i / 16);
-        const int64_t N = set->N[p], n = i - 16 * set->first[p];
-        float *y = set->y[p];
+        const int64_t n = i - 16 * set->first[p];
         const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
-        const int64_t r = n % 16;
-        for (int64_t m = 0; m < a->m; m++) {
-            float acc = 0;
-            for (int64_t sb = 0; sb < nsb; sb++) {
-                const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
-                uint16_t dh, mh;
-                memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
-                const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
-                for (int j = 0; j < 8; j++) {
-                    const int64_t b = sb * 8 + j;
-                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-                    int32_t isum = 0;
-                    for (int t = 0; t < QB / 2; t++) {
-                        const uint8_t c = sp[j * sub + 64 * (t / 4) + 4 * r + t % 4];
-                        const uint8_t hb = five ? sp[j * sub + 256 + 4 * r + t % 4] : 0;
-                        const int even = (c & 15) | (hb >> (t / 4) & 1) << 4, odd = (c >> 4) | (hb >> (4 + t / 4) & 1) << 4;
-                        isum += even * xq[t] + odd * xq[QB / 2 + t];
-                    }
-                    int sc, mn;
-                    ws_k_scale_min(hp + 64 + r, 16, j, &sc, &mn);
-                    acc += (float)isum * a->d[m * a->nb + b] * (d * (float)sc) - dmin * (float)mn * gsum[m * a->nb + b];
-                }
-            }
-            y[m * N + n] = acc;
-        }
+        for (int64_t m = 0; m < a->m; m++) set->y[p][m * set->N[p] + n] = dot(a, m, tile, n % 16, ctx);
     }
 }
 
+/* The 4-bit tiles' parameters: groups of G, the input's sums (per group; for Q6_K 32 times
+ * those of each half block), the WS_Q4T_* layout. */
+typedef struct {
+    int64_t G;
+    const float *sums;
+    int layout;
+} q4t_ctx;
+
 /* int4 16-row tiles (the decode layout, see ws_q4t_projs): row 16t + r, block b of group g is
- * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3. */
+ * chunk c's bytes 4r..4r+3 for its portable bytes 4c..4c+3; after the group's blocks its 16 fp16
+ * scales, then (not Q4_0, whose zero is -8 times the scale) its 16 fp16 zeros. */
+static float q4t_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const q4t_ctx *c = ctx;
+    const int sym = c->layout == WS_Q4T_Q4_0;
+    const int64_t groups = a->k / c->G, per_group = c->G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
+    float acc = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *gp = tile + g * gbytes;
+        float gacc = 0;
+        for (int64_t i = 0; i < per_group; i++) {
+            const int64_t b = g * per_group + i;
+            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+            int32_t isum = 0;
+            for (int j = 0; j < QB / 2; j++) { /* portable byte j of the block */
+                const uint8_t w = gp[i * 256 + 64 * (j / 4) + 4 * r + j % 4];
+                isum += (w & 15) * xq[j] + (w >> 4) * xq[QB / 2 + j];
+            }
+            gacc += (float)isum * a->d[m * a->nb + b];
+        }
+        uint16_t s, z = 0;
+        memcpy(&s, gp + per_group * 256 + 2 * r, 2);
+        if (!sym) memcpy(&z, gp + per_group * 256 + 32 + 2 * r, 2);
+        const float scale = ws_f16_to_f32(s), zero = sym ? -8.0f * scale : ws_f16_to_f32(z);
+        acc += gacc * scale + zero * c->sums[m * groups + g];
+    }
+    return acc;
+}
+
+/* Codes 2t and 2t + 1 of row r in the int4 tiles' chunks at w (t < 16), with their fifth bits
+ * (Q5_* tiles) from the 64 bytes at h when h is not NULL: byte 4r + b holds those of chunk c's
+ * byte b at bits c and 4 + c. */
+static inline void codes5(const uint8_t *w, const uint8_t *h, int64_t r, int t, int *even, int *odd) {
+    const int c = t / 4;
+    const uint8_t lo = w[64 * c + 4 * r + t % 4], hb = h ? h[4 * r + t % 4] : 0;
+    *even = (lo & 15) | (hb >> c & 1) << 4, *odd = (lo >> 4) | (hb >> (4 + c) & 1) << 4;
+}
+
+/* Q5_0 / Q5_1 16-row tiles: for each block of 32 inputs, its codes' low nibbles as the int4
+ * tiles' chunks (256 bytes), then 64 bytes of their fifth bits (codes5), then the 16 rows' fp16
+ * d, then (Q5_1) their fp16 m. Code q weighs d (q - 16) (Q5_0) or d q + m. */
+static float q5t_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const q4t_ctx *c = ctx;
+    const int one = c->layout == WS_Q4T_Q5_1;
+    const int64_t stride = one ? 384 : 352;
+    float acc = 0;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *bp = tile + b * stride;
+        const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+        int32_t isum = 0;
+        for (int t = 0; t < QB / 2; t++) {
+            int even, odd;
+            codes5(bp, bp + 256, r, t, &even, &odd);
+            isum += even * xq[t] + odd * xq[QB / 2 + t];
+        }
+        uint16_t sh, zh = 0;
+        memcpy(&sh, bp + 320 + 2 * r, 2);
+        if (one) memcpy(&zh, bp + 352 + 2 * r, 2);
+        const float scale = ws_f16_to_f32(sh), zero = one ? ws_f16_to_f32(zh) : -16.0f * scale;
+        acc += (float)isum * a->d[m * a->nb + b] * scale + zero * c->sums[m * a->nb + b];
+    }
+    return acc;
+}
+
+/* Q4_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks' codes as the int4
+ * tiles' blocks (256 bytes each), then the 16 rows' headers (256 bytes): fp16 d, fp16 dmin,
+ * then the 12 packed scale bytes, byte i of row r at 64 + 16 i + r. Sub-block j of row r is
+ * d sc_j q - dmin m_j (ws_k_scale_min). Q5_K tiles follow each sub-block's 256 bytes with 64
+ * bytes of its codes' fifth bits, as Q5_0 tiles hold them (codes5). */
+static float q4kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const q4t_ctx *c = ctx;
+    const int five = c->layout == WS_Q4T_Q5_K;
+    const int64_t sub = five ? 320 : 256; /* bytes a sub-block */
+    float acc = 0;
+    for (int64_t sb = 0; sb < a->k / 256; sb++) {
+        const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
+        uint16_t dh, mh;
+        memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
+        const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
+        for (int j = 0; j < 8; j++) {
+            const int64_t b = sb * 8 + j;
+            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+            int32_t isum = 0;
+            for (int t = 0; t < QB / 2; t++) {
+                int even, odd;
+                codes5(sp + j * sub, five ? sp + j * sub + 256 : NULL, r, t, &even, &odd);
+                isum += even * xq[t] + odd * xq[QB / 2 + t];
+            }
+            int sc, mn;
+            ws_k_scale_min(hp + 64 + r, 16, j, &sc, &mn);
+            acc += (float)isum * a->d[m * a->nb + b] * (d * (float)sc) - dmin * (float)mn * c->sums[m * a->nb + b];
+        }
+    }
+    return acc;
+}
+
 /* Q6_K 16-row tiles: for each super-block of 256 inputs, its 8 sub-blocks of 32, each as 256
  * bytes of the codes' low nibbles (the int4 tiles' chunks) and 128 bytes of their top 2 bits:
  * two 64-byte vectors H_k (k 0, 1 for chunks 2k, 2k + 1) whose byte 4r + b holds, 2 bits each
@@ -229,156 +302,73 @@ static void q4kt_matmul_scalar(const ws_qact *a, const tile_set *set, const floa
  * t = 8k + b and t' = t + 4 (the codes of chunk 2k's byte b, then of chunk 2k + 1's); then the
  * 16 rows' fp16 d and their 16 int8 scales (scale i of row r at 32 + 16 i + r). Code q of a
  * row in sub-block j weighs d sc (q - 32), sc its scale 2j (codes 0..15) or 2j + 1 (16..31);
- * hs32 holds 32 times the input's integer sums over each half of each block of 32. */
-static void q6kt_matmul_scalar(const ws_qact *a, const tile_set *set, const float *hs32) {
-    const int64_t nsb = a->k / 256, tile_bytes = q4t_tile_bytes(a->k, 32, WS_Q4T_Q6_K);
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
-        const int p = tile_owner(set, i / 16);
-        const int64_t N = set->N[p], n = i - 16 * set->first[p];
-        float *y = set->y[p];
-        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
-        const int64_t r = n % 16;
-        for (int64_t m = 0; m < a->m; m++) {
-            float acc = 0;
-            for (int64_t sb = 0; sb < nsb; sb++) {
-                const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
-                uint16_t dh;
-                memcpy(&dh, hp + 2 * r, 2);
-                const float d = ws_f16_to_f32(dh);
-                for (int j = 0; j < 8; j++) {
-                    const int64_t b = sb * 8 + j;
-                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-                    const uint8_t *wp = sp + j * 384;
-                    int32_t isum[2] = {0, 0};
-                    for (int t = 0; t < QB / 2; t++) { /* codes 2t and 2t + 1 */
-                        const int c = t / 4, k = c / 2, shift = 2 * (c % 2);
-                        const uint8_t lo = wp[64 * c + 4 * r + t % 4], hi = wp[256 + 64 * k + 4 * r + t % 4];
-                        const int even = (lo & 15) | (hi >> shift & 3) << 4, odd = (lo >> 4) | (hi >> (4 + shift) & 3) << 4;
-                        isum[k] += even * xq[t] + odd * xq[QB / 2 + t];
-                    }
-                    for (int h = 0; h < 2; h++) {
-                        const float sc = d * (float)(int8_t)hp[32 + 16 * (2 * j + h) + r];
-                        acc += ((float)isum[h] - hs32[(m * a->nb + b) * 2 + h]) * a->d[m * a->nb + b] * sc;
-                    }
-                }
+ * the sums are 32 times the input's integer sums over each half of each block of 32. */
+static float q6kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const float *hs32 = ((const q4t_ctx *)ctx)->sums;
+    float acc = 0;
+    for (int64_t sb = 0; sb < a->k / 256; sb++) {
+        const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+        uint16_t dh;
+        memcpy(&dh, hp + 2 * r, 2);
+        const float d = ws_f16_to_f32(dh);
+        for (int j = 0; j < 8; j++) {
+            const int64_t b = sb * 8 + j;
+            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+            const uint8_t *wp = sp + j * 384;
+            int32_t isum[2] = {0, 0};
+            for (int t = 0; t < QB / 2; t++) { /* codes 2t and 2t + 1 */
+                const int c = t / 4, k = c / 2, shift = 2 * (c % 2);
+                const uint8_t lo = wp[64 * c + 4 * r + t % 4], hi = wp[256 + 64 * k + 4 * r + t % 4];
+                const int even = (lo & 15) | (hi >> shift & 3) << 4, odd = (lo >> 4) | (hi >> (4 + shift) & 3) << 4;
+                isum[k] += even * xq[t] + odd * xq[QB / 2 + t];
             }
-            y[m * N + n] = acc;
+            for (int h = 0; h < 2; h++) {
+                const float sc = d * (float)(int8_t)hp[32 + 16 * (2 * j + h) + r];
+                acc += ((float)isum[h] - hs32[(m * a->nb + b) * 2 + h]) * a->d[m * a->nb + b] * sc;
+            }
         }
     }
-}
-
-/* Q5_0 / Q5_1 16-row tiles: for each block of 32 inputs, its codes' low nibbles as the int4
- * tiles' chunks (256 bytes), then 64 bytes whose byte 4r + b holds the fifth bits of row r's
- * codes of chunk c's byte b at bit c (code 2t, t = 4c + b) and bit 4 + c (code 2t + 1), then
- * the 16 rows' fp16 d, then (Q5_1) their fp16 m. Code q weighs d (q - 16) (Q5_0) or d q + m. */
-static void q5t_matmul_scalar(const ws_qact *a, const tile_set *set, const float *gsum, int one) {
-    const int64_t nb = a->k / QB, stride = one ? 384 : 352, tile_bytes = nb * stride;
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
-        const int p = tile_owner(set, i / 16);
-        const int64_t N = set->N[p], n = i - 16 * set->first[p];
-        float *y = set->y[p];
-        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
-        const int64_t r = n % 16;
-        for (int64_t m = 0; m < a->m; m++) {
-            float acc = 0;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *bp = tile + b * stride;
-                const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-                int32_t isum = 0;
-                for (int t = 0; t < QB / 2; t++) {
-                    const int c = t / 4;
-                    const uint8_t lo = bp[64 * c + 4 * r + t % 4], hb = bp[256 + 4 * r + t % 4];
-                    const int even = (lo & 15) | (hb >> c & 1) << 4, odd = (lo >> 4) | (hb >> (4 + c) & 1) << 4;
-                    isum += even * xq[t] + odd * xq[QB / 2 + t];
-                }
-                uint16_t sh, zh = 0;
-                memcpy(&sh, bp + 320 + 2 * r, 2);
-                if (one) memcpy(&zh, bp + 352 + 2 * r, 2);
-                const float scale = ws_f16_to_f32(sh), zero = one ? ws_f16_to_f32(zh) : -16.0f * scale;
-                acc += (float)isum * a->d[m * a->nb + b] * scale + zero * gsum[m * nb + b];
-            }
-            y[m * N + n] = acc;
-        }
-    }
+    return acc;
 }
 
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
-    const int sym = layout == WS_Q4T_Q4_0;
-    const int64_t K = a->k, groups = K / G, per_group = G / QB, gbytes = per_group * 256 + (sym ? 32 : 64);
-    const int64_t tile_bytes = q4t_tile_bytes(K, G, layout);
+    const q4t_ctx c = {G, gsum, layout};
+    tile_dot dot = q4t_dot;
     switch (layout) { /* the GGUF layouts with kernels of their own */
-    case WS_Q4T_Q4_K: case WS_Q4T_Q5_K: q4kt_matmul_scalar(a, set, gsum, layout == WS_Q4T_Q5_K); return;
-    case WS_Q4T_Q6_K: q6kt_matmul_scalar(a, set, gsum); return;
-    case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: q5t_matmul_scalar(a, set, gsum, layout == WS_Q4T_Q5_1); return;
+    case WS_Q4T_Q4_K: case WS_Q4T_Q5_K: dot = q4kt_dot; break;
+    case WS_Q4T_Q6_K: dot = q6kt_dot; break;
+    case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: dot = q5t_dot; break;
     default: break;
     }
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
-        const int p = tile_owner(set, i / 16);
-        const int64_t N = set->N[p], n = i - 16 * set->first[p];
-        float *y = set->y[p];
-        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
-        const int64_t r = n % 16;
-        for (int64_t m = 0; m < a->m; m++) {
-            float acc = 0;
-            for (int64_t g = 0; g < groups; g++) {
-                const uint8_t *gp = tile + g * gbytes;
-                float gacc = 0;
-                for (int64_t i = 0; i < per_group; i++) {
-                    const int64_t b = g * per_group + i;
-                    const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-                    int32_t isum = 0;
-                    for (int j = 0; j < QB / 2; j++) { /* portable byte j of the block */
-                        const uint8_t c = gp[i * 256 + 64 * (j / 4) + 4 * r + j % 4];
-                        isum += (c & 15) * xq[j] + (c >> 4) * xq[QB / 2 + j];
-                    }
-                    gacc += (float)isum * a->d[m * a->nb + b];
-                }
-                uint16_t s, z = 0;
-                memcpy(&s, gp + per_group * 256 + 2 * r, 2);
-                if (!sym) memcpy(&z, gp + per_group * 256 + 32 + 2 * r, 2);
-                const float scale = ws_f16_to_f32(s), zero = sym ? -8.0f * scale : ws_f16_to_f32(z);
-                acc += gacc * scale + zero * gsum[m * groups + g];
-            }
-            y[m * N + n] = acc;
-        }
-    }
+    tiles_scalar(a, set, q4t_tile_bytes(a->k, G, layout), dot, &c);
 }
 
 /* int8 16-row tiles (ws_q8t_projs): row 16t + r, block b: chunk c's bytes 4r..4r+3 = the row's
- * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. */
-static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32_t *qsum, int bs) {
-    (void)qsum; /* signed products here: no correction */
-    const int64_t nb = a->k / QB, stride = bs ? 544 : 512, tile_bytes = bs ? nb * 544 : 16 * a->k + 64;
-#pragma omp parallel for schedule(static) num_threads(ws_threads)
-    for (int64_t i = 0; i < 16 * set->first[set->np]; i++) {
-        const int p = tile_owner(set, i / 16);
-        const int64_t N = set->N[p], n = i - 16 * set->first[p];
-        float *y = set->y[p];
-        const uint8_t *tile = set->tiles[p] + n / 16 * tile_bytes;
-        const int64_t r = n % 16;
-        float scale = 1.0f;
-        if (!bs) memcpy(&scale, tile + nb * 512 + 4 * r, 4);
-        for (int64_t m = 0; m < a->m; m++) {
-            float acc = 0;
-            for (int64_t b = 0; b < nb; b++) {
-                const int8_t *xq = a->q + m * a->kp + QB * b;
-                int32_t isum = 0;
-                for (int j = 0; j < QB; j++)
-                    isum += ((int32_t)tile[b * stride + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
-                float d = a->d[m * a->nb + b];
-                if (bs) { /* the block's fp16 scale of row r */
-                    uint16_t h;
-                    memcpy(&h, tile + b * stride + 512 + 2 * r, 2);
-                    d = ws_f16_to_f32(h) * d;
-                }
-                acc += (float)isum * d;
-            }
-            y[m * N + n] = acc * scale;
+ * bytes 4c..4c+3 of the block, as w + 128; then the tile's 16 fp32 scales. Q8_0 tiles (*ctx
+ * set): each block's 16 fp16 row scales after its chunks instead. */
+static float q8t_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const int bs = *(const int *)ctx;
+    const int64_t stride = bs ? 544 : 512;
+    float acc = 0, scale = 1.0f;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const int8_t *xq = a->q + m * a->kp + QB * b;
+        int32_t isum = 0; /* signed products here: no correction */
+        for (int j = 0; j < QB; j++) isum += ((int32_t)tile[b * stride + 64 * (j / 4) + 4 * r + j % 4] - 128) * xq[j];
+        float d = a->d[m * a->nb + b];
+        if (bs) { /* the block's fp16 scale of row r */
+            uint16_t h;
+            memcpy(&h, tile + b * stride + 512 + 2 * r, 2);
+            d = ws_f16_to_f32(h) * d;
         }
+        acc += (float)isum * d;
     }
+    if (!bs) memcpy(&scale, tile + a->nb * 512 + 4 * r, 4);
+    return acc * scale;
+}
+
+static void q8t_matmul_scalar(const ws_qact *a, const tile_set *set, const int32_t *qsum, int bs) {
+    (void)qsum;
+    tiles_scalar(a, set, bs ? a->nb * 544 : 16 * a->k + 64, q8t_dot, &bs);
 }
 
 /* ---- x86 ------------------------------------------------------------------------------- */
