@@ -92,296 +92,212 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #endif
 }
 
+/* The GGUF tiles' kernels below are written once for both widths: a vector holds 16 rows
+ * (WS_WIDE512) or 8, a tile's two halves h then taken in turn; half h of a chunk starts at byte
+ * 32 h, of a row of fp16 at 16 h, of a row of bytes at 8 h. */
+#ifdef WS_WIDE512
+#define vr_i __m512i
+#define vr_f __m512
+#define VR_HALVES 1
+#define VR_ODD16 1 /* 16 times a 4-bit code fits vpdpbusd's 32-bit sums */
+#define VR_SRA32 _mm512_srai_epi32
+#define VR_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define VR_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define VR_U8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_I8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_SET8(v) _mm512_set1_epi8((char)(v))
+#define VR_SET32 _mm512_set1_epi32
+#define VR_SETF _mm512_set1_ps
+#define VR_ZERO_I _mm512_setzero_si512
+#define VR_ZERO_F _mm512_setzero_ps
+#define VR_AND _mm512_and_si512
+#define VR_OR _mm512_or_si512
+#define VR_SLL16 _mm512_slli_epi16
+#define VR_SRL16 _mm512_srli_epi16
+#define VR_SLL32 _mm512_slli_epi32
+#define VR_SRL32 _mm512_srli_epi32
+#define VR_ADD32 _mm512_add_epi32
+#define VR_DOT _mm512_dpbusd_epi32
+#define VR_CVT _mm512_cvtepi32_ps
+#define VR_MUL _mm512_mul_ps
+#define VR_SUB _mm512_sub_ps
+#define VR_FMA _mm512_fmadd_ps
+#define VR_FNMA _mm512_fnmadd_ps
+#define VR_STORE _mm512_storeu_ps
+#else
+#define vr_i __m256i
+#define vr_f __m256
+#define VR_HALVES 2
+#define VR_ODD16 0 /* vpmaddubsw's 16-bit pair sums would saturate */
+#define VR_SRA32 _mm256_srai_epi32
+#define VR_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define VR_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VR_I8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VR_SET8(v) _mm256_set1_epi8((char)(v))
+#define VR_SET32 _mm256_set1_epi32
+#define VR_SETF _mm256_set1_ps
+#define VR_ZERO_I _mm256_setzero_si256
+#define VR_ZERO_F _mm256_setzero_ps
+#define VR_AND _mm256_and_si256
+#define VR_OR _mm256_or_si256
+#define VR_SLL16 _mm256_slli_epi16
+#define VR_SRL16 _mm256_srli_epi16
+#define VR_SLL32 _mm256_slli_epi32
+#define VR_SRL32 _mm256_srli_epi32
+#define VR_ADD32 _mm256_add_epi32
+#define VR_DOT DOTU8S8
+#define VR_CVT _mm256_cvtepi32_ps
+#define VR_MUL _mm256_mul_ps
+#define VR_SUB _mm256_sub_ps
+#define VR_FMA _mm256_fmadd_ps
+#define VR_FNMA _mm256_fnmadd_ps
+#define VR_STORE _mm256_storeu_ps
+#endif
+
+/* The even and odd codes of a block's 4 chunks at w (half h), whole: the low nibbles, with the
+ * fifth bits from the 64 bytes at fifth (Q5_* tiles: byte 4r + b holds chunk c's at bits c and
+ * 4 + c) moved to bit 4 where fifth is not NULL. odd16 (4-bit codes, 32-bit dot products only):
+ * the odd codes left in the high nibble, 16 times the code (gguf_dot4 shifts their sum back). */
+KERNEL void FN(gguf_codes)(const uint8_t *w, const uint8_t *fifth, int h, vr_i ev[4], vr_i od[4], const int odd16) {
+    const vr_i low4 = VR_SET8(15), bit4 = VR_SET8(0x10);
+    for (int c = 0; c < 4; c++) {
+        const vr_i v = VR_LOAD(w + 64 * c + 32 * h);
+        ev[c] = VR_AND(v, low4), od[c] = odd16 ? VR_AND(v, VR_SET8(0xf0)) : VR_AND(VR_SRL16(v, 4), low4);
+    }
+    if (fifth) {
+        const vr_i hb = VR_LOAD(fifth + 32 * h);
+        const vr_i he[4] = {VR_SLL16(hb, 4), VR_SLL16(hb, 3), VR_SLL16(hb, 2), VR_SLL16(hb, 1)};
+        const vr_i ho[4] = {hb, VR_SRL16(hb, 1), VR_SRL16(hb, 2), VR_SRL16(hb, 3)};
+        for (int c = 0; c < 4; c++)
+            ev[c] = VR_OR(ev[c], VR_AND(he[c], bit4)), od[c] = VR_OR(od[c], VR_AND(ho[c], bit4));
+    }
+}
+
+/* The sums of all 4 chunks' codes times the input's dwords (xd[c], odds xd[4 + c]), in two
+ * chains; odd16: the odd codes are 16 times theirs (their sum's shift back is exact). */
+KERNEL vr_i FN(gguf_dot4)(const vr_i ev[4], const vr_i od[4], const int32_t *xd, const int odd16) {
+    vr_i s = VR_DOT(VR_ZERO_I(), ev[0], VR_SET32(xd[0])), o = VR_DOT(VR_ZERO_I(), od[0], VR_SET32(xd[4]));
+    for (int c = 1; c < 4; c++) s = VR_DOT(s, ev[c], VR_SET32(xd[c])), o = VR_DOT(o, od[c], VR_SET32(xd[4 + c]));
+    return VR_ADD32(s, odd16 ? VR_SRA32(o, 4) : o);
+}
+
+/* The sums of the codes ev/od of chunks c0, c0 + 1 times the input's dwords (xd[c], odds xd[4 + c]). */
+KERNEL vr_i FN(gguf_dot2)(const vr_i ev[4], const vr_i od[4], const int32_t *xd, int c0) {
+    vr_i s = VR_DOT(VR_ZERO_I(), ev[c0], VR_SET32(xd[c0]));
+    s = VR_DOT(s, od[c0], VR_SET32(xd[4 + c0]));
+    s = VR_DOT(s, ev[c0 + 1], VR_SET32(xd[c0 + 1]));
+    return VR_DOT(s, od[c0 + 1], VR_SET32(xd[5 + c0]));
+}
+
 /* Q4_K tiles (a GGUF Q4_K matrix): for each super-block of 256 inputs, its 8 sub-blocks' codes as
  * the int4 tiles' blocks (4 chunks of 64 bytes each), then the 16 rows' headers in 256 bytes:
  * their fp16 d, their fp16 dmin, then the 12 packed scale bytes with byte i of row r at
  * 64 + 16 i + r, so that one vector load holds a byte of 16 (or 8) rows. Sub-block j of a row
  * weighs d sc_j q - dmin m_j (6-bit sc_j, m_j as ws_k_scale_min unpacks them); bsum holds the
- * input's sums per block of 32 (the minima's term). */
+ * input's sums per block of 32 (the minima's term). Q5_K tiles (five) follow each sub-block's
+ * 256 bytes with 64 bytes of its codes' fifth bits. */
 KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *bsum, float *out,
                           int64_t N, const int five) {
-    const int64_t nsb = a->k / 256, sub = five ? 320 : 256; /* Q5_K (five): each sub-block's fifth bits follow it */
-#ifdef WS_WIDE512
-#define KSB(i) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(hp + 64 + 16 * (i))))
-    __m512 acc[QROWS];
-    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(15), high4 = _mm512_set1_epi8((char)0xf0);
-    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15);
-    const __m512i bit4 = _mm512_set1_epi8(0x10);
-    for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hp));
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hp + 32)));
-        for (int j = 0; j < 8; j++) {
-            __m512i sc, mn;
-            if (j < 4) {
-                sc = _mm512_and_si512(KSB(j), six), mn = _mm512_and_si512(KSB(j + 4), six);
-            } else {
-                const __m512i lo = KSB(j + 4);
-                sc = _mm512_or_si512(_mm512_and_si512(lo, four), _mm512_slli_epi32(_mm512_srli_epi32(KSB(j - 4), 6), 4));
-                mn = _mm512_or_si512(_mm512_srli_epi32(lo, 4), _mm512_slli_epi32(_mm512_srli_epi32(KSB(j), 6), 4));
-            }
-            const __m512 ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), dm = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
-            __m512i lo[4], hi[4]; /* Q4_K: hi the high nibbles in place (16 times the code); Q5_K: the odd codes */
-            const uint8_t *wp = sp + j * sub;
-            for (int c = 0; c < 4; c++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(wp + 64 * c));
-                lo[c] = _mm512_and_si512(w, low4), hi[c] = _mm512_and_si512(w, high4);
-            }
-            if (five) {
-                const __m512i hb = _mm512_loadu_si512((const void *)(wp + 256));
-                const __m512i he[4] = {_mm512_slli_epi16(hb, 4), _mm512_slli_epi16(hb, 3), _mm512_slli_epi16(hb, 2),
-                                       _mm512_slli_epi16(hb, 1)};
-                const __m512i ho[4] = {hb, _mm512_srli_epi16(hb, 1), _mm512_srli_epi16(hb, 2), _mm512_srli_epi16(hb, 3)};
-                for (int c = 0; c < 4; c++) {
-                    lo[c] = _mm512_or_si512(lo[c], _mm512_and_si512(he[c], bit4));
-                    hi[c] = _mm512_or_si512(_mm512_srli_epi16(hi[c], 4), _mm512_and_si512(ho[c], bit4));
-                }
-            }
-            const int64_t b = sb * 8 + j;
-            for (int64_t m = 0; m < mc; m++) {
-                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xd[0]));
-                __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xd[4]));
-                for (int c = 1; c < 4; c++) {
-                    s = _mm512_dpbusd_epi32(s, lo[c], _mm512_set1_epi32(xd[c]));
-                    h = _mm512_dpbusd_epi32(h, hi[c], _mm512_set1_epi32(xd[4 + c]));
-                }
-                /* Q4_K: the high nibbles' sums are multiples of 16, the shift exact */
-                const __m512i isum = _mm512_add_epi32(s, five ? h : _mm512_srai_epi32(h, 4));
-                const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a->d[m * a->nb + b]));
-                acc[m] = _mm512_fnmadd_ps(dm, _mm512_set1_ps(bsum[m * a->nb + b]), _mm512_fmadd_ps(sum, ds, acc[m]));
-            }
-        }
-    }
-    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
-#undef KSB
-#else
-    /* 256-bit vectors: rows 0-7 (half 0) and 8-15 (half 1) in turn */
-#define KSB(i) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(hp + 64 + 16 * (i) + 8 * h)))
-    const __m256i low4 = _mm256_set1_epi8(15), six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+    const int64_t nsb = a->k / 256, sub = five ? 320 : 256;
+    const vr_i six = VR_SET32(63), four = VR_SET32(15);
+    for (int h = 0; h < VR_HALVES; h++) {
+#define KSB(i) VR_U8(hp + 64 + 16 * (i) + 8 * h)
+        vr_f acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 16 * h)));
-            const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 32 + 16 * h)));
+            const vr_f d = VR_F16(hp + 16 * h), dmin = VR_F16(hp + 32 + 16 * h);
             for (int j = 0; j < 8; j++) {
-                __m256i sc, mn;
+                vr_i sc, mn;
                 if (j < 4) {
-                    sc = _mm256_and_si256(KSB(j), six), mn = _mm256_and_si256(KSB(j + 4), six);
+                    sc = VR_AND(KSB(j), six), mn = VR_AND(KSB(j + 4), six);
                 } else {
-                    const __m256i lo = KSB(j + 4);
-                    sc = _mm256_or_si256(_mm256_and_si256(lo, four), _mm256_slli_epi32(_mm256_srli_epi32(KSB(j - 4), 6), 4));
-                    mn = _mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_slli_epi32(_mm256_srli_epi32(KSB(j), 6), 4));
+                    const vr_i lo = KSB(j + 4);
+                    sc = VR_OR(VR_AND(lo, four), VR_SLL32(VR_SRL32(KSB(j - 4), 6), 4));
+                    mn = VR_OR(VR_SRL32(lo, 4), VR_SLL32(VR_SRL32(KSB(j), 6), 4));
                 }
-                const __m256 ds = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)), dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
-                __m256i lo[4], hi[4];
-                const uint8_t *wp = sp + j * sub;
-                for (int c = 0; c < 4; c++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wp + 64 * c + 32 * h));
-                    lo[c] = _mm256_and_si256(w, low4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
-                }
-                if (five) {
-                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(wp + 256 + 32 * h)), bit4 = _mm256_set1_epi8(0x10);
-                    const __m256i he[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 3), _mm256_slli_epi16(hb, 2),
-                                           _mm256_slli_epi16(hb, 1)};
-                    const __m256i ho[4] = {hb, _mm256_srli_epi16(hb, 1), _mm256_srli_epi16(hb, 2), _mm256_srli_epi16(hb, 3)};
-                    for (int c = 0; c < 4; c++) {
-                        lo[c] = _mm256_or_si256(lo[c], _mm256_and_si256(he[c], bit4));
-                        hi[c] = _mm256_or_si256(hi[c], _mm256_and_si256(ho[c], bit4));
-                    }
-                }
+                const vr_f ds = VR_MUL(d, VR_CVT(sc)), dm = VR_MUL(dmin, VR_CVT(mn));
+                vr_i ev[4], od[4];
+                const int odd16 = VR_ODD16 && !five;
+                FN(gguf_codes)(sp + j * sub, five ? sp + j * sub + 256 : NULL, h, ev, od, odd16);
                 const int64_t b = sb * 8 + j;
                 for (int64_t m = 0; m < mc; m++) {
                     const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                    __m256i s0 = DOTU8S8(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(xd[0]));
-                    __m256i s1 = DOTU8S8(_mm256_setzero_si256(), lo[1], _mm256_set1_epi32(xd[1]));
-                    s0 = DOTU8S8(s0, lo[2], _mm256_set1_epi32(xd[2]));
-                    s1 = DOTU8S8(s1, lo[3], _mm256_set1_epi32(xd[3]));
-                    s0 = DOTU8S8(s0, hi[0], _mm256_set1_epi32(xd[4]));
-                    s1 = DOTU8S8(s1, hi[1], _mm256_set1_epi32(xd[5]));
-                    s0 = DOTU8S8(s0, hi[2], _mm256_set1_epi32(xd[6]));
-                    s1 = DOTU8S8(s1, hi[3], _mm256_set1_epi32(xd[7]));
-                    const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(a->d[m * a->nb + b]));
-                    acc[m] = _mm256_fnmadd_ps(dm, _mm256_set1_ps(bsum[m * a->nb + b]), _mm256_fmadd_ps(sum, ds, acc[m]));
+                    const vr_i isum = FN(gguf_dot4)(ev, od, xd, odd16);
+                    const vr_f sum = VR_MUL(VR_CVT(isum), VR_SETF(a->d[m * a->nb + b]));
+                    acc[m] = VR_FNMA(dm, VR_SETF(bsum[m * a->nb + b]), VR_FMA(sum, ds, acc[m]));
                 }
             }
         }
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
-    }
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
 #undef KSB
-#endif
+    }
 }
 
-/* Q6_K tiles (a GGUF Q6_K matrix; the layout: cpu_qdot.c's q6kt_matmul_scalar): each chunk's
- * codes are rebuilt whole (0..63: low nibble, then the top 2 bits moved to bits 4-5) for its
- * even and its odd codes, multiplied unsigned, and 32 times the input's sum over each half of
- * the block (hs32) comes off each half's sum before its scale. */
+/* Q6_K tiles (a GGUF Q6_K matrix; the layout: cpu_qdot.c's q6kt_dot): each chunk's codes are
+ * rebuilt whole (0..63: low nibble, then the top 2 bits moved to bits 4-5) for its even and its
+ * odd codes, multiplied unsigned, and 32 times the input's sum over each half of the block
+ * (hs32) comes off each half's sum before its scale. */
 KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
                           int64_t N) {
     const int64_t nsb = a->k / 256;
-#ifdef WS_WIDE512
-#define KSC(i) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(hp + 32 + 16 * (i)))))
-    __m512 acc[QROWS];
-    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(15), top2 = _mm512_set1_epi8(0x30);
-    for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hp));
-        for (int j = 0; j < 8; j++) {
-            const __m512 ds0 = _mm512_mul_ps(d, KSC(2 * j)), ds1 = _mm512_mul_ps(d, KSC(2 * j + 1));
-            const uint8_t *wp = sp + j * 384;
-            __m512i ev[4], od[4];
-            for (int c = 0; c < 4; c++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(wp + 64 * c));
-                const __m512i h = _mm512_loadu_si512((const void *)(wp + 256 + 64 * (c / 2)));
-                const __m512i he = c % 2 ? _mm512_slli_epi16(h, 2) : _mm512_slli_epi16(h, 4);
-                const __m512i ho = c % 2 ? _mm512_srli_epi16(h, 2) : h;
-                ev[c] = _mm512_or_si512(_mm512_and_si512(w, low4), _mm512_and_si512(he, top2));
-                od[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4), _mm512_and_si512(ho, top2));
-            }
-            const int64_t b = sb * 8 + j;
-            for (int64_t m = 0; m < mc; m++) {
-                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[0], _mm512_set1_epi32(xd[0]));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[2], _mm512_set1_epi32(xd[2]));
-                s0 = _mm512_dpbusd_epi32(s0, od[0], _mm512_set1_epi32(xd[4]));
-                s1 = _mm512_dpbusd_epi32(s1, od[2], _mm512_set1_epi32(xd[6]));
-                s0 = _mm512_dpbusd_epi32(s0, ev[1], _mm512_set1_epi32(xd[1]));
-                s1 = _mm512_dpbusd_epi32(s1, ev[3], _mm512_set1_epi32(xd[3]));
-                s0 = _mm512_dpbusd_epi32(s0, od[1], _mm512_set1_epi32(xd[5]));
-                s1 = _mm512_dpbusd_epi32(s1, od[3], _mm512_set1_epi32(xd[7]));
-                const float *h32 = hs32 + (m * a->nb + b) * 2;
-                const __m512 xs = _mm512_set1_ps(a->d[m * a->nb + b]);
-                const __m512 f0 = _mm512_sub_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(h32[0]));
-                const __m512 f1 = _mm512_sub_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(h32[1]));
-                acc[m] = _mm512_fmadd_ps(f1, _mm512_mul_ps(ds1, xs), _mm512_fmadd_ps(f0, _mm512_mul_ps(ds0, xs), acc[m]));
-            }
-        }
-    }
-    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
-#undef KSC
-#else
-#define KSC(i) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(hp + 32 + 16 * (i) + 8 * h))))
-    const __m256i low4 = _mm256_set1_epi8(15), top2 = _mm256_set1_epi8(0x30);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+    const vr_i low4 = VR_SET8(15), top2 = VR_SET8(0x30);
+    for (int h = 0; h < VR_HALVES; h++) {
+        vr_f acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hp + 16 * h)));
+            const vr_f d = VR_F16(hp + 16 * h);
             for (int j = 0; j < 8; j++) {
-                const __m256 ds0 = _mm256_mul_ps(d, KSC(2 * j)), ds1 = _mm256_mul_ps(d, KSC(2 * j + 1));
+                const vr_f ds0 = VR_MUL(d, VR_CVT(VR_I8(hp + 32 + 16 * (2 * j) + 8 * h)));
+                const vr_f ds1 = VR_MUL(d, VR_CVT(VR_I8(hp + 32 + 16 * (2 * j + 1) + 8 * h)));
                 const uint8_t *wp = sp + j * 384;
-                __m256i ev[4], od[4];
+                vr_i ev[4], od[4];
                 for (int c = 0; c < 4; c++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wp + 64 * c + 32 * h));
-                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(wp + 256 + 64 * (c / 2) + 32 * h));
-                    const __m256i he = c % 2 ? _mm256_slli_epi16(hb, 2) : _mm256_slli_epi16(hb, 4);
-                    const __m256i ho = c % 2 ? _mm256_srli_epi16(hb, 2) : hb;
-                    ev[c] = _mm256_or_si256(_mm256_and_si256(w, low4), _mm256_and_si256(he, top2));
-                    od[c] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), _mm256_and_si256(ho, top2));
+                    const vr_i w = VR_LOAD(wp + 64 * c + 32 * h), t = VR_LOAD(wp + 256 + 64 * (c / 2) + 32 * h);
+                    const vr_i te = c % 2 ? VR_SLL16(t, 2) : VR_SLL16(t, 4), to = c % 2 ? VR_SRL16(t, 2) : t;
+                    ev[c] = VR_OR(VR_AND(w, low4), VR_AND(te, top2));
+                    od[c] = VR_OR(VR_AND(VR_SRL16(w, 4), low4), VR_AND(to, top2));
                 }
                 const int64_t b = sb * 8 + j;
                 for (int64_t m = 0; m < mc; m++) {
                     const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                    __m256i s0 = DOTU8S8(_mm256_setzero_si256(), ev[0], _mm256_set1_epi32(xd[0]));
-                    __m256i s1 = DOTU8S8(_mm256_setzero_si256(), ev[2], _mm256_set1_epi32(xd[2]));
-                    s0 = DOTU8S8(s0, od[0], _mm256_set1_epi32(xd[4]));
-                    s1 = DOTU8S8(s1, od[2], _mm256_set1_epi32(xd[6]));
-                    s0 = DOTU8S8(s0, ev[1], _mm256_set1_epi32(xd[1]));
-                    s1 = DOTU8S8(s1, ev[3], _mm256_set1_epi32(xd[3]));
-                    s0 = DOTU8S8(s0, od[1], _mm256_set1_epi32(xd[5]));
-                    s1 = DOTU8S8(s1, od[3], _mm256_set1_epi32(xd[7]));
                     const float *h32 = hs32 + (m * a->nb + b) * 2;
-                    const __m256 xs = _mm256_set1_ps(a->d[m * a->nb + b]);
-                    const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(h32[0]));
-                    const __m256 f1 = _mm256_sub_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(h32[1]));
-                    acc[m] = _mm256_fmadd_ps(f1, _mm256_mul_ps(ds1, xs), _mm256_fmadd_ps(f0, _mm256_mul_ps(ds0, xs), acc[m]));
+                    const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
+                    const vr_f f0 = VR_SUB(VR_CVT(FN(gguf_dot2)(ev, od, xd, 0)), VR_SETF(h32[0]));
+                    const vr_f f1 = VR_SUB(VR_CVT(FN(gguf_dot2)(ev, od, xd, 2)), VR_SETF(h32[1]));
+                    acc[m] = VR_FMA(f1, VR_MUL(ds1, xs), VR_FMA(f0, VR_MUL(ds0, xs), acc[m]));
                 }
             }
         }
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
-#undef KSC
-#endif
 }
 
-/* Q5_0 / Q5_1 tiles (one: Q5_1; the layout: cpu_qdot.c's q5t_matmul_scalar): each chunk's even
- * and odd codes rebuilt whole (0..31: the low nibble, the fifth bit moved to bit 4) and
- * multiplied unsigned; Q5_0's zero is -16 times the scale, as it reads d (q - 16). */
+/* Q5_0 / Q5_1 tiles (one: Q5_1; the layout: cpu_qdot.c's q5t_dot): each chunk's even and odd
+ * codes rebuilt whole (gguf_codes) and multiplied unsigned; Q5_0's zero is -16 times the
+ * scale, as it reads d (q - 16). */
 KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *gsum, float *out,
                          int64_t N, const int one) {
     const int64_t nb = a->k / QB, stride = one ? 384 : 352;
-#ifdef WS_WIDE512
-    __m512 acc[QROWS];
-    for (int64_t m = 0; m < mc; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(0x10);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *bp = tile + b * stride;
-        const __m512i hb = _mm512_loadu_si512((const void *)(bp + 256));
-        const __m512i he[4] = {_mm512_slli_epi16(hb, 4), _mm512_slli_epi16(hb, 3), _mm512_slli_epi16(hb, 2),
-                               _mm512_slli_epi16(hb, 1)};
-        const __m512i ho[4] = {hb, _mm512_srli_epi16(hb, 1), _mm512_srli_epi16(hb, 2), _mm512_srli_epi16(hb, 3)};
-        __m512i ev[4], od[4];
-        for (int c = 0; c < 4; c++) {
-            const __m512i w = _mm512_loadu_si512((const void *)(bp + 64 * c));
-            ev[c] = _mm512_or_si512(_mm512_and_si512(w, low4), _mm512_and_si512(he[c], bit4));
-            od[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4), _mm512_and_si512(ho[c], bit4));
-        }
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 320)));
-        const __m512 z = one ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 352)))
-                             : _mm512_mul_ps(s, _mm512_set1_ps(-16.0f));
-        for (int64_t m = 0; m < mc; m++) {
-            const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ev[0], _mm512_set1_epi32(xd[0]));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), od[0], _mm512_set1_epi32(xd[4]));
-            for (int c = 1; c < 4; c++) {
-                s0 = _mm512_dpbusd_epi32(s0, ev[c], _mm512_set1_epi32(xd[c]));
-                s1 = _mm512_dpbusd_epi32(s1, od[c], _mm512_set1_epi32(xd[4 + c]));
-            }
-            const __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a->d[m * a->nb + b]));
-            acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(gsum[m * nb + b]), _mm512_fmadd_ps(sum, s, acc[m]));
-        }
-    }
-    for (int64_t m = 0; m < mc; m++) _mm512_storeu_ps(out + m * N, acc[m]);
-#else
-    const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(0x10);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
+    for (int h = 0; h < VR_HALVES; h++) {
+        vr_f acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *bp = tile + b * stride;
-            const __m256i hb = _mm256_loadu_si256((const __m256i *)(bp + 256 + 32 * h));
-            const __m256i he[4] = {_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 3), _mm256_slli_epi16(hb, 2),
-                                   _mm256_slli_epi16(hb, 1)};
-            const __m256i ho[4] = {hb, _mm256_srli_epi16(hb, 1), _mm256_srli_epi16(hb, 2), _mm256_srli_epi16(hb, 3)};
-            __m256i ev[4], od[4];
-            for (int c = 0; c < 4; c++) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32 * h));
-                ev[c] = _mm256_or_si256(_mm256_and_si256(w, low4), _mm256_and_si256(he[c], bit4));
-                od[c] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4), _mm256_and_si256(ho[c], bit4));
-            }
-            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 320 + 16 * h)));
-            const __m256 z = one ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 352 + 16 * h)))
-                                 : _mm256_mul_ps(s, _mm256_set1_ps(-16.0f));
+            vr_i ev[4], od[4];
+            FN(gguf_codes)(bp, bp + 256, h, ev, od, 0);
+            const vr_f s = VR_F16(bp + 320 + 16 * h);
+            const vr_f z = one ? VR_F16(bp + 352 + 16 * h) : VR_MUL(s, VR_SETF(-16.0f));
             for (int64_t m = 0; m < mc; m++) {
                 const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
-                __m256i s0 = DOTU8S8(_mm256_setzero_si256(), ev[0], _mm256_set1_epi32(xd[0]));
-                __m256i s1 = DOTU8S8(_mm256_setzero_si256(), od[0], _mm256_set1_epi32(xd[4]));
-                for (int c = 1; c < 4; c++) {
-                    s0 = DOTU8S8(s0, ev[c], _mm256_set1_epi32(xd[c]));
-                    s1 = DOTU8S8(s1, od[c], _mm256_set1_epi32(xd[4 + c]));
-                }
-                const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(a->d[m * a->nb + b]));
-                acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * nb + b]), _mm256_fmadd_ps(sum, s, acc[m]));
+                const vr_f sum = VR_MUL(VR_CVT(FN(gguf_dot4)(ev, od, xd, 0)), VR_SETF(a->d[m * a->nb + b]));
+                acc[m] = VR_FMA(z, VR_SETF(gsum[m * nb + b]), VR_FMA(sum, s, acc[m]));
             }
         }
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
-#endif
 }
 
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
@@ -521,3 +437,33 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
         }
     }
 }
+
+/* This file is included once per instruction set: its vector names go with it. */
+#undef vr_i
+#undef vr_f
+#undef VR_HALVES
+#undef VR_ODD16
+#undef VR_SRA32
+#undef VR_LOAD
+#undef VR_F16
+#undef VR_U8
+#undef VR_I8
+#undef VR_SET8
+#undef VR_SET32
+#undef VR_SETF
+#undef VR_ZERO_I
+#undef VR_ZERO_F
+#undef VR_AND
+#undef VR_OR
+#undef VR_SLL16
+#undef VR_SRL16
+#undef VR_SLL32
+#undef VR_SRL32
+#undef VR_ADD32
+#undef VR_DOT
+#undef VR_CVT
+#undef VR_MUL
+#undef VR_SUB
+#undef VR_FMA
+#undef VR_FNMA
+#undef VR_STORE
