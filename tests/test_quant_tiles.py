@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from test_cpu_qdot import _inputs, _weights
 
 from weightsmith.cpu_decode.layout import Swaps, tile_quantized
-from weightsmith.quant import cpu_kernels
+from weightsmith.quant import cpu_kernels, gguf_tiles
 from weightsmith.quant import tiles as qtiles
 from weightsmith.quant import weight_only as wo
 from weightsmith.quant.ggml_linear import GGMLLinear
@@ -228,7 +228,7 @@ def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) ->
 
 
 def _tile_fns(name: str):
-    return getattr(qtiles, f"tile_{name}"), getattr(qtiles, f"untile_{name}")
+    return getattr(gguf_tiles, f"tile_{name}"), getattr(gguf_tiles, f"untile_{name}")
 
 
 @pytest.mark.parametrize("name", list(GGML_TILED))

@@ -360,9 +360,8 @@ def int8_tiled_dequantize(
     return q, scales
 
 
-#: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, ggml type): int4 and int8
-#: tiles (None), and a GGUF Q4_0 (2), Q5_0 (6), Q5_1 (7), Q4_K (12), Q5_K (13), Q6_K (14) or
-#: Q8_0 (8) matrix's tiles; and the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
+#: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, GGUF type or None for our
+#: int4 / int8 tiles); the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
 TILE_KINDS = {(4, None): 5, (4, 2): 6, (4, 6): 12, (4, 7): 13, (4, 12): 7, (4, 13): 14, (4, 14): 11,
               (8, None): 9, (8, 8): 10}  # fmt: skip
 MAX_PROJS = 3
@@ -393,8 +392,7 @@ def tiled_matmuls(
     ggml: int | None = None,
 ) -> list[torch.Tensor]:
     """`tiled_matmul` of one input with up to MAX_PROJS weights (tiles, n, bias), their tiles
-    split among the threads in one parallel loop, as the fused decode step runs q/k/v and
-    gate/up."""
+    split among the threads in one parallel loop, as the fused decode step runs q/k/v, gate/up."""
     if not 1 <= len(weights) <= MAX_PROJS:
         raise ValueError(f"tiled_matmuls takes 1 to {MAX_PROJS} weights, not {len(weights)}")
     k = x.shape[-1]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weightsmith.quant import cpu_kernels
+from weightsmith.quant import cpu_kernels, gguf_tiles
 from weightsmith.quant import tiles as qtiles
 from weightsmith.quant.weight_only import QuantizedLinear
 
@@ -59,7 +59,7 @@ class GGMLLinear(QuantizedLinear):
     """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
 
     PORTABLE = ("qweight",)
-    #: The types with a tiled layout (quant/tiles.py: 16-row tiles of the same bytes) and the
+    #: The types with a tiled layout (quant/gguf_tiles.py: 16-row tiles of the same bytes) and the
     #: tiled kernels' input (4: the int4 tiles' order): Q4_0 (int4 tiles of groups of 32 without
     #: zeros), Q5_0 / Q5_1 (their low nibbles, then each block's fifth bits and scales), Q4_K
     #: (int4 tiles' blocks, each super-block's 16 headers after them; Q5_K: each block's fifth
@@ -67,13 +67,13 @@ class GGMLLinear(QuantizedLinear):
     #: then their top bits) and Q8_0 (int8 tiles, each block's 16 fp16 scales after its codes).
     Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 6, 7, 8, 12, 13, 14
     TILED = {
-        Q4_0: (4, qtiles.can_tile_q4_0, qtiles.tile_q4_0, qtiles.untile_q4_0),
-        Q5_0: (4, qtiles.can_tile_q5_0, qtiles.tile_q5_0, qtiles.untile_q5_0),
-        Q5_1: (4, qtiles.can_tile_q5_1, qtiles.tile_q5_1, qtiles.untile_q5_1),
-        Q4_K: (4, qtiles.can_tile_q4_k, qtiles.tile_q4_k, qtiles.untile_q4_k),
-        Q5_K: (4, qtiles.can_tile_q5_k, qtiles.tile_q5_k, qtiles.untile_q5_k),
-        Q6_K: (4, qtiles.can_tile_q6_k, qtiles.tile_q6_k, qtiles.untile_q6_k),
-        Q8_0: (8, qtiles.can_tile_q8_0, qtiles.tile_q8_0, qtiles.untile_q8_0),
+        Q4_0: (4, gguf_tiles.can_tile_q4_0, gguf_tiles.tile_q4_0, gguf_tiles.untile_q4_0),
+        Q5_0: (4, gguf_tiles.can_tile_q5_0, gguf_tiles.tile_q5_0, gguf_tiles.untile_q5_0),
+        Q5_1: (4, gguf_tiles.can_tile_q5_1, gguf_tiles.tile_q5_1, gguf_tiles.untile_q5_1),
+        Q4_K: (4, gguf_tiles.can_tile_q4_k, gguf_tiles.tile_q4_k, gguf_tiles.untile_q4_k),
+        Q5_K: (4, gguf_tiles.can_tile_q5_k, gguf_tiles.tile_q5_k, gguf_tiles.untile_q5_k),
+        Q6_K: (4, gguf_tiles.can_tile_q6_k, gguf_tiles.tile_q6_k, gguf_tiles.untile_q6_k),
+        Q8_0: (8, gguf_tiles.can_tile_q8_0, gguf_tiles.tile_q8_0, gguf_tiles.untile_q8_0),
     }
 
     def __init__(
