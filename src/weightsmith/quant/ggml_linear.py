@@ -59,21 +59,18 @@ class GGMLLinear(QuantizedLinear):
     """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
 
     PORTABLE = ("qweight",)
-    #: The types with a tiled layout (quant/gguf_tiles.py: 16-row tiles of the same bytes) and the
-    #: tiled kernels' input (4: the int4 tiles' order): Q4_0 (int4 tiles of groups of 32 without
-    #: zeros), Q5_0 / Q5_1 (their low nibbles, then each block's fifth bits and scales), Q4_K
-    #: (int4 tiles' blocks, each super-block's 16 headers after them; Q5_K: each block's fifth
-    #: bits after it), Q6_K (their low nibbles,
-    #: then their top bits) and Q8_0 (int8 tiles, each block's 16 fp16 scales after its codes).
+    #: The types with a tiled layout (quant/gguf_tiles.py: 16-row tiles of the same bytes, for a
+    #: matrix whose rows are a multiple of 16): (the tiled kernels' input: 4 in the int4 tiles'
+    #: order, 8 as is; the layout; its inverse).
     Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 6, 7, 8, 12, 13, 14
     TILED = {
-        Q4_0: (4, gguf_tiles.can_tile_q4_0, gguf_tiles.tile_q4_0, gguf_tiles.untile_q4_0),
-        Q5_0: (4, gguf_tiles.can_tile_q5_0, gguf_tiles.tile_q5_0, gguf_tiles.untile_q5_0),
-        Q5_1: (4, gguf_tiles.can_tile_q5_1, gguf_tiles.tile_q5_1, gguf_tiles.untile_q5_1),
-        Q4_K: (4, gguf_tiles.can_tile_q4_k, gguf_tiles.tile_q4_k, gguf_tiles.untile_q4_k),
-        Q5_K: (4, gguf_tiles.can_tile_q5_k, gguf_tiles.tile_q5_k, gguf_tiles.untile_q5_k),
-        Q6_K: (4, gguf_tiles.can_tile_q6_k, gguf_tiles.tile_q6_k, gguf_tiles.untile_q6_k),
-        Q8_0: (8, gguf_tiles.can_tile_q8_0, gguf_tiles.tile_q8_0, gguf_tiles.untile_q8_0),
+        Q4_0: (4, gguf_tiles.tile_q4_0, gguf_tiles.untile_q4_0),
+        Q5_0: (4, gguf_tiles.tile_q5_0, gguf_tiles.untile_q5_0),
+        Q5_1: (4, gguf_tiles.tile_q5_1, gguf_tiles.untile_q5_1),
+        Q4_K: (4, gguf_tiles.tile_q4_k, gguf_tiles.untile_q4_k),
+        Q5_K: (4, gguf_tiles.tile_q5_k, gguf_tiles.untile_q5_k),
+        Q6_K: (4, gguf_tiles.tile_q6_k, gguf_tiles.untile_q6_k),
+        Q8_0: (8, gguf_tiles.tile_q8_0, gguf_tiles.untile_q8_0),
     }
 
     def __init__(
@@ -118,9 +115,9 @@ class GGMLLinear(QuantizedLinear):
 
     def tile_format(self) -> qtiles.TileFormat | None:
         n, row = self.out_features, row_bytes(self.qtype, self.in_features)
-        if self.qtype not in self.TILED or row is None or not self.TILED[self.qtype][1](n, row):
+        if self.qtype not in self.TILED or row is None or n % qtiles.ROWS:  # rows: whole blocks
             return None
-        _, _, tile, untile = self.TILED[self.qtype]
+        _, tile, untile = self.TILED[self.qtype]
         return qtiles.TileFormat(n * row, tile, lambda t: untile(t, n, row))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

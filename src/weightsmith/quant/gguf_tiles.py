@@ -22,10 +22,6 @@ from weightsmith.quant.tiles import ROWS
 Q8_0_BLOCK_BYTES = 34
 
 
-def can_tile_q8_0(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q8_0_BLOCK_BYTES == 0
-
-
 def tile_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """A GGUF Q8_0 matrix (uint8 (N, K/32 * 34): rows of blocks, each an fp16 scale and 32 int8
     codes) as Q8_0 tiles (uint8, the same number of bytes): for each tile of 16 rows and each
@@ -54,10 +50,6 @@ def untile_q8_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
 #: Bytes of a GGUF Q4_0 block: an fp16 scale d, then 16 bytes whose low nibbles are codes 0..15
 #: and high nibbles codes 16..31 (the weight is d * (q - 8)).
 Q4_0_BLOCK_BYTES = 18
-
-
-def can_tile_q4_0(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q4_0_BLOCK_BYTES == 0
 
 
 def tile_q4_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -91,10 +83,6 @@ def untile_q4_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
 #: scales and minima of its 8 sub-blocks of 32, then 128 bytes of codes (byte l of pair p: code l
 #: of sub-block 2p in the low nibble, of sub-block 2p + 1 in the high one).
 Q4_K_BLOCK_BYTES = 144
-
-
-def can_tile_q4_k(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q4_K_BLOCK_BYTES == 0
 
 
 def _fifth_bits(fifth: torch.Tensor) -> torch.Tensor:
@@ -174,10 +162,6 @@ def untile_q4_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
 Q5_K_BLOCK_BYTES = 176
 
 
-def can_tile_q5_k(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q5_K_BLOCK_BYTES == 0
-
-
 def tile_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     """A GGUF Q5_K matrix (uint8 (N, K/256 * 176)) as Q5_K tiles: Q4_K's, with each sub-block's
     256 bytes of low nibbles followed by 64 bytes of its codes' fifth bits (byte 4r + b: codes
@@ -192,10 +176,6 @@ def untile_q5_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
 #: Bytes of a GGUF Q6_K super-block of 256 weights: 128 bytes of the codes' low nibbles, 64 of
 #: their top 2 bits, 16 int8 scales (one per 16 weights), then fp16 d; code q weighs d sc (q - 32).
 Q6_K_BLOCK_BYTES = 210
-
-
-def can_tile_q6_k(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q6_K_BLOCK_BYTES == 0
 
 
 def _q6_k_codes(b: torch.Tensor) -> torch.Tensor:
@@ -257,14 +237,6 @@ def untile_q6_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
 #: Bytes of a GGUF Q5_0 / Q5_1 block of 32: fp16 d (Q5_1: then fp16 m), 4 bytes of the codes'
 #: fifth bits (bit l of the little-endian word: code l), 16 bytes of low nibbles as Q4_0's.
 Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES = 22, 24
-
-
-def can_tile_q5_0(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q5_0_BLOCK_BYTES == 0
-
-
-def can_tile_q5_1(n: int, row_bytes: int) -> bool:
-    return n % ROWS == 0 and row_bytes % Q5_1_BLOCK_BYTES == 0
 
 
 def _tile_q5(blocks: torch.Tensor, head: int) -> torch.Tensor:
