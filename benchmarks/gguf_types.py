@@ -64,6 +64,15 @@ def quantize_file(f32: Path, out: Path, ftype: int, threads: int) -> dict[str, i
     return collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
 
 
+def parse_types(text: str, option: str) -> list[str]:
+    """A comma-separated list of FTYPES names (an empty one for ""); an unknown name exits."""
+    types = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in FTYPES]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(FTYPES)}")
+    return types
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -92,23 +101,17 @@ def main() -> None:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.checkpoint.pull import resolve
 
-    types = [t.strip() for t in args.types.split(",")]
-    unknown = [t for t in types if t not in FTYPES]
-    if unknown:
-        raise SystemExit(
-            f"gguf_types.py: --types: unknown {', '.join(unknown)}; choose from {', '.join(FTYPES)}"
-        )
+    types = parse_types(args.types, "gguf_types.py: --types")
     path = resolve(args.model)
     tok = load_checkpoint(path).tokenizer
     prompt_ids = tok.encode("The history of open-weight language models began when")
     with tempfile.TemporaryDirectory(prefix="ws-gguf-types-") as tmp:
-        run(args, path, prompt_ids, Path(tmp))
+        run(args, types, path, prompt_ids, Path(tmp))
 
 
-def run(args, path: Path, prompt_ids: list[int], work: Path) -> None:
+def run(args, types: list[str], path: Path, prompt_ids: list[int], work: Path) -> None:
     from weightsmith.checkpoint.gguf_write import export_gguf
 
-    types = [t.strip() for t in args.types.split(",")]
     sources = {args.model: export_gguf(path, work / "default-f32.gguf", "f32")["path"]}
     if args.wide:
         sources["width 2048"] = wide_model(path, work / "wide-f32.gguf")

@@ -147,6 +147,9 @@ def main() -> None:
         "decoded by both engines: weightsmith keeping its blocks (--keep-quantized), and llama.cpp",
     )  # fmt: skip
     args = ap.parse_args()
+    from gguf_types import FTYPES, parse_types  # beside this file (it imports this one: not at the top)
+
+    gguf_types = parse_types(args.gguf_types, "perplexity.py: --gguf-types")  # before any long run
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -185,13 +188,7 @@ def main() -> None:
             rows[name] = llama(file, texts, args.threads)
             if rows[name]:
                 print(f"{name}: ppl {math.exp(rows[name][0] / rows[name][1]):.4f}", flush=True)
-        from gguf_types import FTYPES
-
-        for kind in filter(None, (t.strip().lower() for t in args.gguf_types.split(","))):
-            if kind not in FTYPES:
-                raise SystemExit(
-                    f"perplexity.py: --gguf-types: unknown {kind}; choose from {', '.join(FTYPES)}"
-                )
+        for kind in gguf_types:
             file = tmp / f"model-{kind}.gguf"
             llama_quantize(f32, file, FTYPES[kind], args.threads)
             label = kind.upper()

@@ -558,10 +558,13 @@ int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const
     if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q5_K || (layout != WS_Q4T_INT4 && G != 32) ||
         ((layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K) && a->k % 256))
         return -2;
-    float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : group_sums(a, G); /* Q6_K: its codes' offset */
+    /* The input's sums per group: per block of 32 they are the quantized input's own (xs); Q6_K
+     * takes 32 times those of each half block instead (its codes' offset). */
+    const int own = layout == WS_Q4T_Q6_K || G != QB;
+    float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : G != QB ? group_sums(a, G) : a->xs;
     if (!gsum) return -1;
     BY_ISA(q4t_matmul, a, &s, G, gsum, layout);
-    free(gsum);
+    if (own) free(gsum);
     for (int p = 0; p < n; p++) add_bias(bias[p], a->m, N[p], y[p]);
     return 0;
 }
