@@ -15,6 +15,7 @@ import weightsmith
 from weightsmith import cuda_graphs
 from weightsmith.cuda_graphs import GraphDecode, batch_bucket, kv_bucket
 from weightsmith.generate import TokenGenerator, decode_one_token
+from weightsmith.lora import LoraConfig, apply_lora, lora_layers, row_adapters
 from weightsmith.sampling import SamplingParams
 from weightsmith.serve.scheduler import Request, Scheduler
 
@@ -50,7 +51,7 @@ def test_greedy_tokens_equal_the_eager_step(llm):
     graphs = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
     ours, gen = run(llm, prompts, params, decode=graphs)
     assert graphs.owns(gen.cache) and graphs.failed is None
-    assert sorted(graphs._replays) == [(4, 128), (4, 256)]
+    assert sorted(graphs._replays) == [(4, 128, False), (4, 256, False)]
     assert ours == eager
 
 
@@ -139,7 +140,97 @@ def test_the_scheduler_decodes_in_the_graph_cache(llm):
     while not sched.idle:
         sched.step()
     assert got == solo
-    assert {rows for rows, _ in graphs._replays} >= {4, 8}
+    assert {rows for rows, _, _ in graphs._replays} >= {4, 8}
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_hf_dir):
+    """A second copy of the tiny model with two random adapters: "a" (rank 4, every decoder
+    linear) and "b" (rank 2 on a few linears of layer 1 and the LM head)."""
+    llm = weightsmith.load(tiny_hf_dir)
+    if llm.engine.cpu_plan is not None:
+        llm.engine.cpu_plan.undo()
+    apply_lora(llm.model, LoraConfig(r=4, alpha=8), "a")
+    targets = ["q_proj", "v_proj", "down_proj", "lm_head"]
+    apply_lora(llm.model, LoraConfig(r=2, alpha=4, target_modules=targets, layers_to_transform=[1]), "b")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(llm.model).values():
+            for name in layer.lora_A:
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return llm
+
+
+class Counting:
+    """The eager step, counting the steps the graph decoder hands it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return decode_one_token(*args)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_rows_with_different_adapters_decode_in_the_graphs(adapted, compile):
+    """Inside row_adapters (rows for "a", none, "b", ...), the decoder's steps add each row's
+    adapter by its code: greedy tokens and every step's logits equal the eager per-group step,
+    which equals each row run alone (tests/test_lora_rows.py); no step falls back."""
+    model = adapted.model
+    names = ["a", None, "b", "a", "b"]
+    prompts = [[5 + i, 9, 11 + 3 * i, 4][: 2 + i % 3] for i in range(5)]
+    params = [SamplingParams(max_tokens=6 if compile else 20, temperature=0, ignore_eos=True)] * 5
+    fallback = Counting()
+    graphs = GraphDecode(model, fallback, compile=compile, capture=False)
+    out = {}
+    for label, decode in (("eager", decode_one_token), ("graphs", graphs)):
+        gen = TokenGenerator(model, prompts, params, eos_token_ids=set(), decode=decode)
+        seen, step = [], gen.decode
+        gen.decode = lambda *args, step=step, seen=seen: seen.append(step(*args)) or seen[-1]
+        with row_adapters(model, names):
+            for _ in gen:
+                pass
+        out[label] = (gen.generated, torch.stack(seen))
+    assert out["graphs"][0] == out["eager"][0]
+    torch.testing.assert_close(out["graphs"][1], out["eager"][1], rtol=1e-5, atol=1e-5)
+    assert fallback.calls == 0 and list(graphs._replays) == [(8, 128, True)]
+    if compile and graphs.compile_failed is not None:
+        pytest.skip(f"torch.compile cannot run here: {graphs.compile_failed}")
+    assert all(m.row_index is None for m in lora_layers(model).values())  # put back after each step
+
+
+def test_the_scheduler_serves_adapters_from_the_graphs(adapted):
+    """A server with adapters loaded: requests for "a", "b" and the base model joining and leaving
+    get their solo tokens (set_adapter / adapters off), every decode step in the graphs."""
+    model = adapted.model
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(2 + i)] for i in range(6)]
+    names = ["a", None, "b", "b", None, "a"]
+    solo = []
+    for p, name in zip(prompts, names, strict=True):
+        with row_adapters(model, [name]):
+            solo.append(run(adapted, [p], [params])[0][0])
+    fallback = Counting()
+    graphs = GraphDecode(model, fallback, compile=False, capture=False)
+    sched = Scheduler(model, adapted.tokenizer, frozenset(), max_batch=8, max_len=128, decode=graphs)
+    got: list[list[int]] = [[] for _ in prompts]
+
+    def submit(i: int) -> None:
+        emit = lambda ev, i=i: got[i].extend(ev.tokens)  # noqa: E731
+        sched.submit(Request([prompts[i]], [params], emit=emit, adapter=names[i]))
+
+    for i in range(3):
+        submit(i)
+    for _ in range(4):
+        sched.step()
+    for i in range(3, 6):
+        submit(i)
+    while not sched.idle:
+        sched.step()
+    assert got == solo
+    assert fallback.calls == 0 and {indexed for _, _, indexed in graphs._replays} == {True}
 
 
 @pytest.mark.gpu

@@ -22,11 +22,16 @@ unless `compile=False`; a compiler that fails here is logged once and the graphs
 the eager step instead. With `capture=False` the same static-shape steps run without
 graph capture: that is how CPU tests check this code computes what the eager step does.
 
+Rows may use different LoRA adapters (inside `lora.row_adapters`, as the server's
+continuous batching does). Its per-group indexing is host work a graph cannot hold, so
+these steps run another graph per (batch, kv): each row's adapter is a code in one more
+static buffer, and every LoRA layer adds each of its adapters' deltas on the rows whose
+code is that adapter's (`LoRALinear.row_index`).
+
 The plain step (the caller's fallback) decodes instead when the cache is not this
-decoder's (another generation holds it), when rows use different LoRA adapters
-(`lora.row_adapters` picks code per row, which a graph cannot), or once a capture
-has failed. Graphs hold weight addresses: a model whose modules or parameter storage
-changed since the last `make_cache` has its graphs dropped there.
+decoder's (another generation holds it), or once a capture has failed. Graphs hold
+weight addresses: a model whose modules or parameter storage changed since the last
+`make_cache` has its graphs dropped there.
 
 Not here: the eager and compiled steps themselves (generate.py, compiled.py), sampling
 (sampling.py, one batched pass and one device sync per step).
@@ -34,9 +39,10 @@ Not here: the eager and compiled steps themselves (generate.py, compiled.py), sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -115,7 +121,11 @@ class GraphDecode:
         self._ids: torch.Tensor | None = None  # (rows, 1) token ids, static
         self._positions: torch.Tensor | None = None  # (rows, 1) positions, static
         self._span: torch.Tensor | None = None  # (cache length,): sliced to say a step's kv length
-        self._replays: dict[tuple[int, int], _Replay] = {}
+        self._adapters: torch.Tensor | None = None  # (rows,) each row's adapter code, static
+        #: Each LoRA adapter name's code in `_adapters` (0: no adapter).
+        self._codes: dict[str, int] = {}
+        #: (batch, kv, whether rows carry adapter codes) -> its step.
+        self._replays: dict[tuple[int, int, bool], _Replay] = {}
         self._pool: Any = None
         self._compiled: Any = None
         self._fingerprint: tuple | None = None
@@ -140,6 +150,7 @@ class GraphDecode:
             self._ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
             self._positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
             self._span = torch.zeros(length, dtype=torch.int8, device=device)
+            self._adapters = torch.zeros(rows, dtype=torch.long, device=device)
             # Symbolic sizes for the compiler: one compilation serves every cache size too.
             for t in self.cache.storage:
                 torch._dynamo.maybe_mark_dynamic(t, 1)
@@ -162,6 +173,8 @@ class GraphDecode:
         if fingerprint != self._fingerprint:
             self._drop_graphs()
             self._fingerprint = fingerprint
+        names = sorted({name for m in self._lora for name in m.lora_A})
+        self._codes = {name: i + 1 for i, name in enumerate(names)}
 
     def _drop_graphs(self) -> None:
         self._replays.clear()
@@ -176,23 +189,33 @@ class GraphDecode:
     @torch.inference_mode()
     def __call__(self, model: Any, cache: KVCache, tokens: list[int], device: torch.device) -> torch.Tensor:
         """One token per row (rows 0..B-1), like the eager step."""
+        b = len(tokens)
+        names = self._row_names()
         if (
             self.failed is not None
             or model is not self.model
             or not self.owns(cache)
-            or any(m.row_groups is not None for m in self._lora)
+            # The plain step names a wrong row count; an adapter added since `make_cache` has no code.
+            or (names is not None and (len(names) != b or not self._codes.keys() >= set(names) - {None}))
         ):
             return self.fallback(model, cache, tokens, device)
         assert self.cache is not None and self._ids is not None and self._positions is not None
-        b = len(tokens)
         lengths = cache.lengths[:b]
         rows = batch_bucket(b)
         kv = kv_bucket(max(lengths) + 1, self.cache.max_len)
         pad = rows - b
         self._ids[:rows, 0].copy_(torch.tensor(list(tokens) + [0] * pad))
         self._positions[:rows, 0].copy_(torch.tensor(list(lengths) + [0] * pad))
+        if names is not None:
+            assert self._adapters is not None
+            codes = [0 if n is None else self._codes[n] for n in names]
+            self._adapters[:rows].copy_(torch.tensor(codes + [0] * pad))
         try:
-            replay = self._replays.get((rows, kv)) or self._capture(rows, kv)
+            with self._indexed(names is not None):
+                replay = self._replays.get((rows, kv, names is not None)) or self._capture(
+                    rows, kv, names is not None
+                )
+                out = replay()
         except Exception as e:  # a capture that fails here must not fail the generation
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning(
@@ -200,9 +223,27 @@ class GraphDecode:
             )
             self._drop_graphs()
             return self.fallback(model, cache, tokens, device)
-        logits = replay()[:b].clone()  # the graph's output buffer is rewritten by the next replay
+        logits = out[:b].clone()  # the graph's output buffer is rewritten by the next replay
         cache.advance(b)
         return logits
+
+    def _row_names(self) -> tuple[str | None, ...] | None:
+        """Each row's adapter inside `lora.row_adapters` (None outside it)."""
+        return next((m.row_names for m in self._lora if m.row_groups is not None), None)
+
+    @contextlib.contextmanager
+    def _indexed(self, on: bool) -> Iterator[None]:
+        """Inside (when `on`), LoRA layers add each row's adapter by its code in `_adapters`."""
+        if not on:
+            yield
+            return
+        for m in self._lora:
+            m.row_index = (self._adapters, self._codes)
+        try:
+            yield
+        finally:
+            for m in self._lora:
+                m.row_index = None
 
     def _step_fn(self) -> Callable[..., torch.Tensor]:
         if not self.compile or self.compile_failed is not None:
@@ -237,7 +278,7 @@ class GraphDecode:
 
         return run
 
-    def _capture(self, rows: int, kv: int) -> _Replay:
+    def _capture(self, rows: int, kv: int, indexed: bool) -> _Replay:
         run = self._run(rows, kv)
         if not self.capture:
             replay = _Replay(run)
@@ -255,7 +296,7 @@ class GraphDecode:
                 out = run()
             self._pool = self._pool or graph.pool()
             replay = _Replay(run, graph, out)
-        self._replays[(rows, kv)] = replay
+        self._replays[(rows, kv, indexed)] = replay
         return replay
 
 

@@ -57,8 +57,13 @@ class LoRALinear(nn.Module):
         #: Set by `row_adapters`: (adapter, batch-row indices (n,) long) for each adapter of this
         #: layer that some row uses; rows in no group get no delta. None: use `active_adapter`.
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
-        #: The batch size `row_groups` was built for (set with it).
+        #: The batch size `row_groups` was built for, and each row's adapter (set with it).
         self.row_count: int | None = None
+        self.row_names: tuple[str | None, ...] | None = None
+        #: Set by a CUDA-graph decoder (cuda_graphs.py) for its steps: (codes (rows,) long, code
+        #: of each adapter name); row i gets the adapter whose code is codes[i] (0: none). It
+        #: takes precedence over `row_groups`, whose per-group indexing a graph cannot hold.
+        self.row_index: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def add_adapter(
         self, name: str, r: int, scaling: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32
@@ -81,6 +86,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.row_index is not None:
+            return self._add_indexed(x, y, *self.row_index)
         if self.row_groups is not None:
             return self._add_per_row(x, y, self.row_groups)
         name = self.active_adapter
@@ -110,6 +117,22 @@ class LoRALinear(nn.Module):
             # result does not depend on which other rows share its batch.
             y.index_copy_(0, rows, self._add_adapter(x[rows], y[rows], name))  # (n, ..., out) into (B, ...)
         return y
+
+    def _add_indexed(
+        self, x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, code_of: dict[str, int]
+    ) -> torch.Tensor:
+        """y plus, on each row, the delta of the adapter its code names: every adapter of the layer
+        runs on every row, its low-rank input zeroed where the row's code is another's. Fixed
+        shapes and no host sync whatever the rows' adapters are, so a captured graph replays it
+        for any mix (each step reads every adapter of the layer, which is small at decode)."""
+        rows = codes[: x.shape[0]].view((-1,) + (1,) * (x.dim() - 1))  # (B, 1, ...)
+        flat = y.reshape(-1, y.shape[-1])  # (N, out)
+        for name in self.lora_A:
+            a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+            keep = (rows == code_of[name]).to(x.dtype) * self.scaling[name]  # (B, 1, ...)
+            h = F.linear(self.lora_dropout[name](x), a) * keep  # (..., r)
+            flat = torch.addmm(flat, h.reshape(-1, h.shape[-1]), b.t())
+        return flat.view(y.shape)  # (..., out)
 
     def _add_adapter(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
         """y + scaling * B(A(dropout(x))) for adapter `name`; y is base_layer(x), (..., out)."""
@@ -336,15 +359,15 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
         device = next(m for m in layers.values() if name in m.lora_A).lora_A[name].weight.device
         rows = [i for i, n in enumerate(names) if n == name]
         groups[name] = torch.tensor(rows, dtype=torch.long, device=device)
-    previous = {n: (m.row_groups, m.row_count) for n, m in layers.items()}
+    previous = {n: (m.row_groups, m.row_count, m.row_names) for n, m in layers.items()}
     try:
         for layer in layers.values():
             layer.row_groups = [(name, rows) for name, rows in groups.items() if name in layer.lora_A]
-            layer.row_count = len(names)
+            layer.row_count, layer.row_names = len(names), tuple(names)
         yield
     finally:
         for n, layer in layers.items():
-            layer.row_groups, layer.row_count = previous[n]
+            layer.row_groups, layer.row_count, layer.row_names = previous[n]
 
 
 def _check_mergeable(layers: dict[str, LoRALinear], name: str) -> None:
