@@ -48,17 +48,15 @@ QDOT = HERE / "cpu_qdot.c"
 BF16 = HERE / "cpu_bf16.c"
 #: The GGUF block kernels (GGMLLinear), built and dispatched the same way.
 GGML = HERE / "cpu_ggml.c"
-HEADERS = tuple(
-    HERE / name
-    for name in (
-        "cpu_kernels.h",
-        "cpu_x86_isas.h",
-        "cpu_x86_common.h",
-        "cpu_qdot_x86.h",
-        "cpu_qtile_x86.h",
-        "cpu_ggml_x86.h",
-    )
+_H = (
+    "cpu_kernels.h",
+    "cpu_x86_isas.h",
+    "cpu_x86_common.h",
+    "cpu_qdot_x86.h",
+    "cpu_qtile_x86.h",
+    "cpu_ggml_x86.h",
 )
+HEADERS = tuple(HERE / name for name in _H)
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
 ISA_ENV = "WEIGHTSMITH_CPU_ISA"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -131,17 +129,19 @@ def _verified(target: Path) -> bool:
 
 
 def _compile(flags: list[str], tmp: Path, out: Path) -> subprocess.CompletedProcess:
-    """cpu_qdot.c, cpu_bf16.c and cpu_ggml.c to objects without -march=native (x86: tuned for this CPU
-    only), then the library from them and the other sources with `flags`."""
+    """All sources to objects at once (cpu_qdot.c, cpu_bf16.c and cpu_ggml.c without -march=native,
+    x86: tuned for this CPU only; a first build takes a core-count fraction of the serial time),
+    then the library from them with `flags`."""
     qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in flags if f != "-shared"]
-    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: E731
-    objects = []
-    for source in (QDOT, BF16, GGML):
-        objects.append(str(tmp / f"{source.stem}.o"))
-        proc = run([*qflags, "-c", str(source), "-o", objects[-1]])
-        if proc.returncode != 0:
-            return proc
-    return run([*flags, *map(str, SOURCES), *objects, "-lm", "-o", str(out)])
+    jobs = [(qflags, QDOT), *(([f for f in flags if f != "-shared"], s) for s in SOURCES), (qflags, GGML)]
+    jobs.append((qflags, BF16))  # longest first
+    objects = [str(tmp / f"{source.stem}.o") for _, source in jobs]
+    cmds = [[*f, "-c", str(source), "-o", o] for (f, source), o in zip(jobs, objects, strict=True)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    done = [subprocess.CompletedProcess(c, 1, *p.communicate()) for c, p in zip(cmds, procs, strict=True)]
+    failed = next((d for d, p in zip(done, procs, strict=True) if p.returncode != 0), None)
+    link = [*flags, *objects, "-lm", "-o", str(out)]
+    return failed or subprocess.run(link, capture_output=True, text=True, check=False)
 
 
 def _build(out_dir: Path) -> Path | None:
