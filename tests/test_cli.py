@@ -241,7 +241,7 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
             "--eval-limit",
             "16",
             "--redteam-limit",
-            "2",
+            "1",
             "--max-tokens",
             "24",
         ],
@@ -283,10 +283,10 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
         "smollm2-135m-instruct", "smollm2-135m-instruct + guard:school",
         "smollm2-135m-instruct+kb", "smollm2-135m-instruct+kb + guard:school",
     ]  # fmt: skip
-    assert summary["probes"] == {"attack": 20, "benign": 2, "packs": sorted(summary["probes"]["packs"]),
+    assert summary["probes"] == {"attack": 10, "benign": 1, "packs": sorted(summary["probes"]["packs"]),
                                  "transforms": ["base64", "none"]}  # fmt: skip
     for label in configs:
-        assert configs[label]["asr"]["n"] == 20 and configs[label]["over_refusal"]["n"] == 2
+        assert configs[label]["asr"]["n"] == 10 and configs[label]["over_refusal"]["n"] == 1
         if label.endswith("guard:school"):
             assert configs[label]["guard_actions"].get("input_block", 0) > 0
     lines = [json.loads(x) for x in (out_dir / "redteam" / "transcripts.jsonl").read_text().splitlines()]

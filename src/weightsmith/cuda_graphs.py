@@ -58,8 +58,12 @@ BATCH_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_KV = 128
 #: Cache sizes are rounded up to a multiple of this, so nearby generations share a cache.
 CACHE_STEP = 256
-#: torch._dynamo's limit on compilations of one function (renamed in torch 2.6).
-_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+def _limit() -> str:
+    """torch._dynamo's setting for the compilations of one function (renamed in torch 2.6); read
+    when compiling, as importing torch._dynamo costs a second at every start."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def batch_bucket(n: int) -> int:
@@ -267,7 +271,7 @@ class GraphDecode:
             try:
                 # Sizes are symbolic, so one compilation is expected; leave room for a few more
                 # (a new dtype or model shape) without falling back to eager.
-                with torch._dynamo.config.patch(**{_LIMIT: 32}):
+                with torch._dynamo.config.patch(**{_limit(): 32}):
                     return fn(self.model, self.cache, ids, positions, span)
             except Exception as e:  # the compiler cannot run here: graphs of the eager step
                 self.compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

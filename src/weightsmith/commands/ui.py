@@ -18,7 +18,6 @@ from typing import Any
 
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
-from weightsmith.serve.gate import LOOPBACK_HOSTS
 from weightsmith.serve.limits import ConnectionLimits
 
 KEY_ENV = "WEIGHTSMITH_UI_KEY"
@@ -64,6 +63,7 @@ class RunningUi:
 
 def _build(cfg: UiConfig) -> Any:
     from weightsmith.commands.serve import resolve_secret
+    from weightsmith.serve.gate import LOOPBACK_HOSTS  # here: fastapi takes a third of a second to import
     from weightsmith.ui.app import create_ui_app
     from weightsmith.ui.chat import ChatOptions
 

@@ -30,9 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.distributed import World
@@ -98,6 +96,9 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
+    import torch.distributed.checkpoint as dcp  # here: importing it costs a second at every start
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     rng = ckpt.rng_state(world.gather(ckpt.rng_state()))
@@ -121,6 +122,9 @@ def load_sharded(
 ) -> dict[str, Any]:
     """Restore model, optimizer and RNG from DCP checkpoint `path` (any world size); return
     its trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
         both = {"model": model_state, "optim": optim_state}
