@@ -160,3 +160,15 @@ def test_files_and_functions_stay_small() -> None:
                 if span > MAX_FUNCTION_LINES:
                     too_long.append(f"{rel}:{node.lineno}: {node.name} is {span} lines")
     assert too_long == []
+
+
+def test_starting_the_cli_imports_no_heavy_optional_module() -> None:
+    """Every command pays for what `weightsmith.cli.main` imports: torch._dynamo (about a
+    second), torch.distributed.checkpoint and fastapi are imported where they are used."""
+    import subprocess
+    import sys
+
+    heavy = ["torch._dynamo", "torch.distributed.checkpoint", "fastapi", "uvicorn"]
+    code = f"import sys, weightsmith.cli.main; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
