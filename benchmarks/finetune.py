@@ -9,7 +9,9 @@ causal sequences (no per-document masking), so they do the same attention work.
 weightsmith's training loop first tunes glibc's allocator to reuse freed memory
 (device.tune_cpu_allocator); the peer runs with glibc's defaults, as transformers'
 Trainer does, and "weightsmith LoRA, glibc defaults" shows what the tuning is worth.
-weightsmith's QLoRA (the same LoRA over an NF4 base) is measured alongside.
+weightsmith's QLoRA (the same LoRA over an NF4 base) is measured alongside, and
+weightsmith with --train.compile (each decoder layer through torch.compile; its compile
+is paid in the warm-up step, and is fast once inductor's cache holds it).
 Each contender runs in its own process (so peak resident memory is its own), warms up
 for one step, then times `--steps` steps; the processes alternate
 (ours, qlora, peer, ours, ...) so a noisy neighbour slows all alike. Medians and
@@ -32,6 +34,7 @@ import torch
 
 NAMES = {
     "ours": "weightsmith LoRA",
+    "compiled": "weightsmith LoRA, --train.compile",
     "untuned": "weightsmith LoRA, glibc defaults",
     "qlora": "weightsmith QLoRA (NF4 base)",
     "peer": "transformers + peft LoRA",
@@ -59,7 +62,14 @@ def make_batch(tokenizer, batch: int, seq_len: int) -> tuple[torch.Tensor, torch
 
 
 def run_ours(
-    path: str, batch: int, seq_len: int, steps: int, *, qlora: bool = False, tune: bool = True
+    path: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    *,
+    qlora: bool = False,
+    tune: bool = True,
+    compile: bool = False,
 ) -> tuple[list[float], float]:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
@@ -76,6 +86,10 @@ def run_ours(
     ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False, on_tensor=hook)
     model = ckpt.model.train()
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
+    if compile:  # what --train.compile does; the compile is paid in the warm-up step
+        from weightsmith.train.loop import compile_layers
+
+        compile_layers(model, torch.device("cpu"))
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     inputs, labels = make_batch(ckpt.tokenizer, batch, seq_len)
     b = Batch(inputs, labels)
@@ -135,6 +149,7 @@ def child(args: argparse.Namespace) -> None:
     fns = {
         "ours": run_ours,
         "untuned": lambda *a: run_ours(*a, tune=False),
+        "compiled": lambda *a: run_ours(*a, compile=True),
         "qlora": lambda *a: run_ours(*a, qlora=True),
         "peer": run_peer,
     }
@@ -185,6 +200,10 @@ def main() -> None:
     print(
         f"speed-up LoRA (peer / ours): {t['peer'] / t['ours']:.2f}x   peak memory (ours / peer): "
         f"{mem['ours'] / mem['peer']:.2f}x   QLoRA peak / LoRA peak: {mem['qlora'] / mem['ours']:.2f}x"
+    )
+    print(
+        f"speed-up --train.compile (peer / compiled): {t['peer'] / t['compiled']:.2f}x   "
+        f"(ours / compiled): {t['ours'] / t['compiled']:.2f}x   peak (compiled / peer): {mem['compiled'] / mem['peer']:.2f}x"
     )
 
 
