@@ -1,6 +1,6 @@
 """LoRA training step time and peak memory: weightsmith vs transformers + peft, one run.
 
-Both train LoRA (rank 8, alpha 16, no dropout) on all seven projections of the
+Both train LoRA (rank 8, alpha 16, no dropout unless --dropout) on all seven projections of the
 default model, fp32 on the CPU with the same thread count, with AdamW, on the
 same batches: rows of the bundled Kettlebird sample data packed to exactly
 `--seq-len` tokens, loss on assistant tokens only. Both see the rows as plain
@@ -66,6 +66,7 @@ def run_ours(
     batch: int,
     seq_len: int,
     steps: int,
+    dropout: float,
     *,
     qlora: bool = False,
     tune: bool = True,
@@ -85,7 +86,7 @@ def run_ours(
     hook = quantize_on_load() if qlora else None  # as `finetune --method qlora` loads
     ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False, on_tensor=hook)
     model = ckpt.model.train()
-    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=LORA_TARGETS))
     if compile:  # what --train.compile does; the compile is paid in the warm-up step
         from weightsmith.train.loop import compile_layers
 
@@ -105,7 +106,7 @@ def run_ours(
     return _time_steps(step, steps)
 
 
-def run_peer(path: str, batch: int, seq_len: int, steps: int) -> tuple[list[float], float]:
+def run_peer(path: str, batch: int, seq_len: int, steps: int, dropout: float) -> tuple[list[float], float]:
     import peft
     import transformers
 
@@ -116,7 +117,7 @@ def run_peer(path: str, batch: int, seq_len: int, steps: int) -> tuple[list[floa
         path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
     )
     model = peft.get_peft_model(
-        model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS)
     ).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     inputs, labels = make_batch(tokenizer, batch, seq_len)
@@ -153,7 +154,7 @@ def child(args: argparse.Namespace) -> None:
         "qlora": lambda *a: run_ours(*a, qlora=True),
         "peer": run_peer,
     }
-    times, first_loss = fns[args.child](args.model, args.batch, args.seq_len, args.steps)
+    times, first_loss = fns[args.child](args.model, args.batch, args.seq_len, args.steps, args.dropout)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(json.dumps({"times": times, "peak_gib": peak_gib, "first_loss": first_loss}))
 
@@ -164,6 +165,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout, both sides (first losses then differ)"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
     p.add_argument("--child", choices=list(NAMES), help=argparse.SUPPRESS)
@@ -178,7 +182,8 @@ def main() -> None:
     for r in range(args.rounds):
         for who in NAMES:
             cmd = [sys.executable, __file__, "--child", who, "--model", args.model, "--threads", str(args.threads),
-                   "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]  # fmt: skip
+                   "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                   "--dropout", str(args.dropout)]  # fmt: skip
             out = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 .stdout.strip()
@@ -193,7 +198,8 @@ def main() -> None:
             )
     t = {who: statistics.median(results[who]["t"]) for who in NAMES}
     mem = {who: max(results[who]["mem"]) for who in NAMES}
-    print(f"\nLoRA r=8 all-linear, batch {args.batch} x {args.seq_len} tokens, fp32, {args.threads} threads")
+    print(f"\nLoRA r=8 all-linear, dropout {args.dropout}, batch {args.batch} x {args.seq_len} tokens, fp32, "
+          f"{args.threads} threads")  # fmt: skip
     print(f"{'':34s}{'step s':>10s}{'peak GiB':>10s}")
     for who, label in NAMES.items():
         print(f"{label:34s}{t[who]:10.2f}{mem[who]:10.2f}")

@@ -39,6 +39,25 @@ from weightsmith.lora_config import (
 from weightsmith.models.model import MLP, SparseMoE
 
 
+class LoRADropout(nn.Dropout):
+    """nn.Dropout (same p, same training/eval behaviour, same expected mask) whose CPU mask costs
+    a third: torch's CPU bernoulli draws one double per element, while here each element takes
+    16 bits of a 64-bit draw, kept where they are at least p * 2^16 (p rounded to 1/65536).
+    Autograd keeps the boolean mask, as nn.Dropout does. Elsewhere (a GPU, inside torch.compile)
+    it is nn.Dropout. A LoRA step on the CPU runs this on every adapted layer's input, where it
+    cost more than the adapter's matmuls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0.0
+        draws = torch.randint(-(2**63), 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64)
+        lanes = draws.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over -2^15 .. 2^15 - 1
+        keep = lanes >= round(self.p * 65536) - 32768
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
+
+
 class LoRALinear(nn.Module):
     """`base_layer(x) + scaling * B(A(dropout(x)))` for the active adapter, if not merged; or,
     inside `row_adapters`, per batch row for that row's adapter."""
@@ -80,7 +99,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.train(self.training)  # new modules start in training mode; an eval model stays eval
 
