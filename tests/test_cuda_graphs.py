@@ -143,6 +143,30 @@ def test_the_scheduler_decodes_in_the_graph_cache(llm):
     assert {rows for rows, _, _ in graphs._replays} >= {4, 8}
 
 
+def test_a_failed_capture_falls_back_and_a_failing_step_is_not_hidden(llm, monkeypatch, caplog):
+    """A capture that raises is logged once and the generation goes on with the plain step (the
+    same tokens); an error of the replayed step itself reaches the caller, nothing marked failed."""
+    prompts = [[5, 6, 7], [8, 9]]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 2
+    eager, _ = run(llm, prompts, params)
+    graphs = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    with caplog.at_level("WARNING", logger="weightsmith.cuda_graphs"):
+        assert run(llm, prompts, params, decode=graphs)[0] == eager
+    assert graphs.failed == "RuntimeError: operation not permitted when stream is capturing"
+    assert sum("capture failed" in r.getMessage() for r in caplog.records) == 1
+
+    broken = GraphDecode(llm.model, decode_one_token, compile=False, capture=False)
+    monkeypatch.setattr(cuda_graphs, "_step", lambda *args: (_ for _ in ()).throw(ValueError("bad step")))
+    with pytest.raises(ValueError, match="bad step"):
+        run(llm, prompts, params, decode=broken)
+    assert broken.failed is None
+
+
 @pytest.fixture(scope="module")
 def adapted(tiny_hf_dir):
     """A second copy of the tiny model with two random adapters: "a" (rank 4, every decoder

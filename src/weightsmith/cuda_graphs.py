@@ -214,14 +214,15 @@ class GraphDecode:
             assert self._adapters is not None
             codes = [0 if n is None else self._codes[n] for n in names]
             self._adapters[:rows].copy_(torch.tensor(codes + [0] * pad))
-        try:
-            with self._indexed(names is not None):
-                replay = self._replays.get((rows, kv, names is not None)) or self._capture(
-                    rows, kv, names is not None
-                )
-                out = replay()
-        except Exception as e:  # a capture that fails here must not fail the generation
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        key, out = (rows, kv, names is not None), None
+        with self._indexed(key[2]):
+            try:
+                replay = self._replays.get(key) or self._capture(*key)
+            except Exception as e:  # a capture that fails here must not fail the generation
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            else:
+                out = replay()  # outside the try: an error of the step itself is the caller's
+        if out is None:
             log.warning(
                 "--compile: CUDA graph capture failed here (%s); decoding without graphs", self.failed
             )
