@@ -269,3 +269,15 @@ def test_captured_graphs_give_the_eager_greedy_tokens(tiny_hf_dir):
         graphs = GraphDecode(llm.model, decode_one_token, compile=compile)
         ours, _ = run(llm, prompts, params, decode=graphs)
         assert graphs.failed is None and ours == eager
+    # Rows of different adapters in the captured graphs: the eager per-group step's tokens.
+    apply_lora(llm.model, LoraConfig(r=4, alpha=8), "a")
+    apply_lora(llm.model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]), "b")
+    with torch.no_grad():
+        for layer in lora_layers(llm.model).values():
+            for name in layer.lora_B:
+                layer.lora_B[name].weight.normal_(std=0.2)
+    with row_adapters(llm.model, ["b", "a"]):
+        eager, _ = run(llm, prompts, params)
+        graphs = GraphDecode(llm.model, decode_one_token, compile=False)
+        ours, _ = run(llm, prompts, params, decode=graphs)
+    assert graphs.failed is None and ours == eager and any(indexed for *_, indexed in graphs._replays)
