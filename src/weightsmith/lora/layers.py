@@ -145,24 +145,24 @@ class LoRALinear(nn.Module):
         shapes and no host sync whatever the rows' adapters are, so a captured graph replays it
         for any mix (each step reads every adapter of the layer, which is small at decode)."""
         rows = codes[: x.shape[0]].view((-1,) + (1,) * (x.dim() - 1))  # (B, 1, ...)
-        flat = y.reshape(-1, y.shape[-1])  # (N, out)
         for name in self.lora_A:
-            a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
-            keep = (rows == code_of[name]).to(x.dtype) * self.scaling[name]  # (B, 1, ...)
-            h = F.linear(self.lora_dropout[name](x), a) * keep  # (..., r)
-            flat = torch.addmm(flat, h.reshape(-1, h.shape[-1]), b.t())
-        return flat.view(y.shape)  # (..., out)
+            y = self._add_adapter(x, y, name, (rows == code_of[name]).to(x.dtype) * self.scaling[name])
+        return y
 
-    def _add_adapter(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
-        """y + scaling * B(A(dropout(x))) for adapter `name`; y is base_layer(x), (..., out)."""
+    def _add_adapter(
+        self, x: torch.Tensor, y: torch.Tensor, name: str, row_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y + scaling * B(A(dropout(x))) for adapter `name`; y is base_layer(x), (..., out).
+        With `row_scale` ((B, 1, ...)), each row's low-rank input is scaled by it instead."""
         # In the input's dtype: fp32 adapter weights are cast for a bf16 activation, say.
         a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
         h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
+        alpha = self.scaling[name]
+        if row_scale is not None:
+            h, alpha = h * row_scale, 1.0
         # y + scaling * h @ B^T as one addmm: no separate scale and add passes over (N, out),
         # which on a CPU saves ~7% of a LoRA training step (benchmarks/finetune.py).
-        out = torch.addmm(
-            y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name]
-        )
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha)
         return out.view(y.shape)  # (..., out)
 
     def delta_weight(self, name: str) -> torch.Tensor:
