@@ -7,7 +7,6 @@ import os
 import platform
 import shlex
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Tests that isolate the store change WEIGHTSMITH_HOME; the default model lives in the real one.
 _USER_HOME = os.environ.get("WEIGHTSMITH_HOME")
+
+
+def user_store_home() -> Path:
+    """The user's store (their WEIGHTSMITH_HOME, or the default), whatever a test isolates."""
+    from weightsmith.files import weightsmith_home
+
+    with pytest.MonkeyPatch.context() as mp:
+        if _USER_HOME is None:
+            mp.delenv("WEIGHTSMITH_HOME", raising=False)
+        else:
+            mp.setenv("WEIGHTSMITH_HOME", _USER_HOME)
+        return weightsmith_home()
 
 
 def user_store_model(name: str, *, auto_pull: bool) -> Path:
@@ -76,12 +87,34 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def hf_default_model(default_gguf: Path):
-    """transformers' own load of the default GGUF file (fp32), the reference for parity."""
-    import transformers
+    """transformers' own load of the default GGUF file (fp32), the reference for parity.
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
-    ).eval()
+    Its reading of the GGUF file takes ~16 s (gguf-py parses the metadata twice), so what it read
+    (config and fp32 tensors) is kept in the user's store, keyed by the file's sha256 and the
+    versions of transformers and gguf, and loaded from there by transformers on later runs."""
+    import hashlib
+    from importlib.metadata import version
+
+    import transformers
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256(default_gguf.read_bytes()).hexdigest()[:16]
+    key = f"{digest}-transformers{transformers.__version__}-gguf{version('gguf')}"
+    kept = user_store_home() / "test-reference" / f"hf-{key}"
+    if not (kept / "model.safetensors").is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+        )
+        partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        model.config.quantization_config = None  # read from GGUF blocks; the tensors kept are fp32
+        model.config.save_pretrained(partial)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}  # fmt: skip
+        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(partial, kept)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
@@ -232,7 +265,7 @@ def int_isa_lib(request, monkeypatch):
 
 
 @pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
-def isa_lib(request, tmp_path_factory):
+def isa_lib(request):
     isa = request.param
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(OFF, raising=False)
@@ -244,10 +277,19 @@ def isa_lib(request, tmp_path_factory):
         compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
         if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):
             pytest.skip(f"the {isa} build needs an x86-64 C compiler")
-        home = tmp_path_factory.mktemp(f"kernels-{isa}")
+        # A fixed folder in the user's store (not a fresh tmp one): the wrapper's path is part of the
+        # library's key, so each instruction set's build is made once per source change, as the
+        # native one is, instead of once per test run (~8 s each). The build is still the package's
+        # own, verified by its sidecar before loading.
+        home = user_store_home() / "test-kernels" / isa
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         wrapper = home / "cc"
-        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {ISA_FLAGS[isa]}\n')
-        wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+        script = f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {ISA_FLAGS[isa]}\n'
+        if not wrapper.is_file() or wrapper.read_text() != script:
+            partial = home / f"cc.{os.getpid()}"
+            partial.write_text(script)
+            partial.chmod(0o700)
+            os.replace(partial, wrapper)
         mp.setenv("CC", str(wrapper))
         mp.setenv("WEIGHTSMITH_HOME", str(home))  # its own store: a build per instruction set
         mp.setattr(cpu_kernels, "_state", {})

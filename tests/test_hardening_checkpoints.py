@@ -301,28 +301,73 @@ def test_rich_markup_in_a_registered_path_is_printed_as_text(tiny_hf_dir, tmp_pa
 
 @pytest.fixture
 def kernel_home(tmp_path, monkeypatch):
+    """A store whose kernel folder holds the library and sidecar as a build leaves them (copied
+    from the user's store, where the suite builds it once, rather than built again here)."""
+    from conftest import user_store_home
+
     from weightsmith.quant import cpu_kernels
 
     monkeypatch.delenv("WEIGHTSMITH_CPU_KERNELS", raising=False)
+    built = cpu_kernels._build(user_store_home() / "kernels")
+    if built is None:
+        pytest.skip("no working C compiler: the kernels cannot be built here")
+    home = tmp_path / "home" / "kernels"
+    home.mkdir(mode=0o700, parents=True)
+    for path in (built, cpu_kernels._sidecar(built)):
+        shutil.copy2(path, home / path.name)
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    if cpu_kernels.library() is None:
-        pytest.skip("no working C compiler: the kernels cannot be built here")
+    copied = (home / built.name).stat().st_mtime_ns
+    assert cpu_kernels.library() is not None
+    assert (home / built.name).stat().st_mtime_ns == copied  # loaded as it was: verified, not rebuilt
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    return tmp_path / "home" / "kernels"
+    return home
 
 
-def test_a_planted_kernel_library_is_rebuilt_not_loaded(kernel_home):
+def test_a_planted_kernel_library_is_rebuilt_not_loaded(kernel_home, monkeypatch):
+    import subprocess
 
     from weightsmith.quant import cpu_kernels
 
     built = next(kernel_home.glob("cpu_kernels-*.so"))
     assert oct(kernel_home.stat().st_mode & 0o777) == oct(0o700)
     good = built.read_bytes()
+    builds: list[Path] = []
+
+    def compile_good(flags, tmp, out):  # the compiler's output, as a build of these sources gave it
+        builds.append(out)
+        out.write_bytes(good)
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(cpu_kernels, "_compile", compile_good)
     built.unlink()  # a new file, not a write into the library this process has mapped
     built.write_bytes(b"\x7fELF planted by someone else")  # what a load would run
     assert cpu_kernels.library() is not None  # rebuilt: the sidecar's sha256 did not match
-    assert built.read_bytes() == good
+    assert built.read_bytes() == good and [b.name for b in builds] == [built.name]
+    assert builds[0].parent != kernel_home  # written aside, then moved over the planted file
+
+
+def test_a_changed_build_recipe_builds_a_library_of_its_own(tmp_path, monkeypatch):
+    """The library's key covers each source's compile flags, not only the link's: a build made
+    by an older recipe from the same sources is not loaded in place of the current one."""
+    import subprocess
+
+    from weightsmith.quant import cpu_kernels
+
+    monkeypatch.setenv("CC", "cc")
+    asked: list[str] = []
+
+    def refuse(flags, tmp, out):  # record the library each attempt would write; build nothing
+        asked.append(out.name)
+        return subprocess.CompletedProcess([], 1, "", "not built in this test")
+
+    monkeypatch.setattr(cpu_kernels, "_compile", refuse)
+    assert cpu_kernels._build(tmp_path / "k") is None
+    jobs = cpu_kernels._jobs
+    monkeypatch.setattr(cpu_kernels, "_jobs", lambda flags: [([*f, "-O1"], s) for f, s in jobs(flags)])
+    assert cpu_kernels._build(tmp_path / "k") is None
+    half = len(asked) // 2
+    assert half == 2 and not set(asked[:half]) & set(asked[half:])  # with and without OpenMP, each new
 
 
 def test_a_kernel_folder_others_can_write_is_not_used(kernel_home, caplog):

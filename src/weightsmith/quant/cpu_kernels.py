@@ -128,13 +128,18 @@ def _verified(target: Path) -> bool:
         return False
 
 
+def _jobs(flags: list[str]) -> list[tuple[list[str], Path]]:
+    """Each source with its compile flags, longest compile first: cpu_qdot.c, cpu_bf16.c and
+    cpu_ggml.c without -march=native (x86: tuned for this CPU only, see QDOT)."""
+    plain = [f for f in flags if f != "-shared"]
+    qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in plain]
+    return [(qflags, QDOT), *((plain, s) for s in SOURCES), (qflags, GGML), (qflags, BF16)]
+
+
 def _compile(flags: list[str], tmp: Path, out: Path) -> subprocess.CompletedProcess:
-    """All sources to objects at once (cpu_qdot.c, cpu_bf16.c and cpu_ggml.c without -march=native,
-    x86: tuned for this CPU only; a first build takes a core-count fraction of the serial time),
-    then the library from them with `flags`."""
-    qflags = [("-mtune=native" if f == "-march=native" and X86 else f) for f in flags if f != "-shared"]
-    jobs = [(qflags, QDOT), *(([f for f in flags if f != "-shared"], s) for s in SOURCES), (qflags, GGML)]
-    jobs.append((qflags, BF16))  # longest first
+    """All sources to objects at once (a first build takes a core-count fraction of the serial
+    time), then the library from them with `flags`."""
+    jobs = _jobs(flags)
     objects = [str(tmp / f"{source.stem}.o") for _, source in jobs]
     cmds = [[*f, "-c", str(source), "-o", o] for (f, source), o in zip(jobs, objects, strict=True)]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
@@ -157,7 +162,9 @@ def _build(out_dir: Path) -> Path | None:
     if not _private_dir(out_dir):
         return None
     for flags in attempts:
-        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        # The whole recipe (each source's flags, the link's), so that a changed build is rebuilt.
+        recipe = repr([(f, s.name) for f, s in _jobs(flags)] + [flags]).encode()
+        key = hashlib.sha256(source + recipe + _cpu_signature().encode()).hexdigest()[:16]
         target = out_dir / f"cpu_kernels-{key}.so"
         if _verified(target):
             return target
@@ -178,11 +185,8 @@ def _build(out_dir: Path) -> Path | None:
                 write_text_atomic(_sidecar(target), digest + "\n")  # what _verified checks
                 return target
             log.debug("kernel build failed with %s: %s", " ".join(flags), proc.stderr.strip())
-    log.warning(
-        "could not build the int4/int8 CPU kernels with %s (run with -v for the compiler's message): "
-        "decoding uses the slower PyTorch path",
-        compiler,
-    )
+    log.warning("could not build the int4/int8 CPU kernels with %s (run with -v for the compiler's message): "
+                "decoding uses the slower PyTorch path", compiler)  # fmt: skip
     return None
 
 
@@ -258,8 +262,7 @@ ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 
 def supported_isas(lib: ctypes.CDLL) -> list[str]:
     """The int4/int8 instruction sets this CPU runs, slowest first."""
-    mask = lib.ws_qdot_supported()
-    return [name for i, name in enumerate(ISAS) if mask >> i & 1]
+    return [name for i, name in enumerate(ISAS) if lib.ws_qdot_supported() >> i & 1]
 
 
 #: The bf16 kernels' instruction sets, in the C library's bit order; and the one each int4/int8
@@ -270,8 +273,7 @@ BF16_FOR_ISA = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avx2", "avx512vn
 
 def supported_bf16_isas(lib: ctypes.CDLL) -> list[str]:
     """The bf16 instruction sets this CPU runs, slowest first."""
-    mask = lib.ws_bf16_supported()
-    return [name for i, name in enumerate(BF16_ISAS) if mask >> i & 1]
+    return [name for i, name in enumerate(BF16_ISAS) if lib.ws_bf16_supported() >> i & 1]
 
 
 def select_isa(lib: ctypes.CDLL, name: str | None) -> None:
@@ -430,11 +432,9 @@ def int8_matmul(
     bias = None if bias is None else bias.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.float32)
     use_threads(lib)
-    _check(
-        lib.ws_int8_matmul(
-            flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
-        )
-    )
+    _check(lib.ws_int8_matmul(
+        flat.data_ptr(), flat.shape[0], k, n, q.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr()
+    ))  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
 
