@@ -305,7 +305,8 @@ def _lora_peft(path: Path, batch: int, seq: int):
     model = peft.get_peft_model(
         model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
     )
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    # fused, as ours picks on a GPU and as transformers' Trainer defaults to (adamw_torch_fused)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     inputs, labels = _batch(model.config.vocab_size, batch, seq)
     hf_labels = torch.cat([torch.full((batch, 1), -100, device=DEVICE), labels[:, :-1]], dim=1)
 

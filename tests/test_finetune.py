@@ -422,3 +422,38 @@ def test_merge_refuses_bad_input_without_writing(tiny_hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "adapter_config.json" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_adamw_is_fused_on_a_gpu_and_its_update_is_foreachs():
+    """make_optimizer picks AdamW's fused kernel for CUDA parameters and foreach elsewhere (and
+    for FSDP's DTensors); the two give the same update, weight-decay groups included."""
+    from types import SimpleNamespace
+
+    from weightsmith.train.optim import adamw_kernel, make_optimizer
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert adamw_kernel([SimpleNamespace(device=cuda)] * 2) == "fused"
+    assert adamw_kernel([SimpleNamespace(device=cuda), SimpleNamespace(device=cpu)]) == "foreach"
+    assert adamw_kernel([SimpleNamespace(device=cuda, device_mesh=object())]) == "foreach"
+    assert adamw_kernel([torch.zeros(2)]) == "foreach"
+
+    def trained(kernel: str | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+        args = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+        opt = make_optimizer(model, **args)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices; norms and biases
+        assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+        if kernel is not None:  # the same groups through the other kernel
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+            opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **{kernel: True})
+            assert opt.param_groups[0][kernel] and not opt.param_groups[0]["foreach"]
+        for step in range(5):
+            loss = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(trained(None), trained("fused"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -36,8 +36,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    # The fused/foreach kernels give the same updates; foreach is the fast one on CPU.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True)
+    groups = param_groups(model, weight_decay)
+    kernel = adamw_kernel([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **{kernel: True})
+
+
+def adamw_kernel(params: list[torch.Tensor]) -> str:
+    """AdamW's implementation for these parameters (the same update either way): "fused" (one
+    kernel for every tensor, the fast one on a GPU) where all are plain CUDA tensors, else
+    "foreach" (the fast one on CPU; and FSDP's sharded DTensors)."""
+    on_gpu = all(p.device.type == "cuda" and not hasattr(p, "device_mesh") for p in params)
+    return "fused" if params and on_gpu else "foreach"
 
 
 def _cosine(progress: float) -> float:
