@@ -423,3 +423,28 @@ def test_judge_detectors_change_what_counts():
     row = res["configs"][0]
     # judge refusals: the benign "I cannot help with violence" is still an over-refusal (1/5)
     assert row["over_refusal"]["k"] == 1 and res["detectors"]["refusal"] == "refusal-judge"
+
+
+def test_a_model_target_decodes_each_distinct_prompt_once(tiny_long):
+    """What the guard lets through unchanged was already answered in the bare configuration:
+    the target answers it again from memory (greedy: the same answer), decoding only the rest."""
+    from weightsmith.llm import load
+    from weightsmith.safety.redteam import ModelTarget
+
+    asks = [[{"role": "user", "content": text}] for text in ("sea", "a longer question about the sea", "sky")]
+    llm = load(str(tiny_long), device="cpu", dtype="fp32")
+    decoded: list[int] = []
+    generate = llm.engine.generate
+
+    def spy(prompts, params):
+        decoded.extend(len(p) for p in prompts)
+        return generate(prompts, params)
+
+    llm.engine.generate = spy
+    target = ModelTarget(llm, "tiny", max_tokens=8, batch_size=2)
+    first = target.generate([asks[0], asks[1], asks[0]])
+    assert first[0] == first[2] and len(decoded) == 2  # a repeat within a call is decoded once
+    second = target.generate([asks[2], asks[1], asks[0]])
+    assert len(decoded) == 3 and second[1:] == [first[1], first[0]]
+    fresh = ModelTarget(load(str(tiny_long), device="cpu", dtype="fp32"), "tiny", max_tokens=8, batch_size=2)
+    assert fresh.generate([asks[2], asks[1], asks[0]]) == second  # what decoding them anew gives

@@ -60,20 +60,22 @@ class ModelTarget:
         self.llm, self.label = llm, label
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.identity = {"model": llm.name, "kind": "in-process"}
+        #: Answers by prompt tokens: a prompt the guard lets through unchanged is the bare run's, and
+        #: greedy decoding gives it the same answer, so a guarded configuration decodes only the rest.
+        self._answers: dict[tuple[int, ...], tuple[str, str]] = {}
 
     def generate(self, conversations: list[list[dict]]) -> list[tuple[str, str]]:
         engine = self.llm.engine
         params = self.llm.sampling_params(temperature=0.0, max_tokens=self.max_tokens)
-        ids = [engine.chat_prompt(m) for m in conversations]
+        ids = [tuple(engine.chat_prompt(m)) for m in conversations]
         # Batches of similar prompt lengths waste less on padding; answers go back in order.
         # (A row's tokens do not depend on its batch-mates, so the order changes no answer.)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[tuple[str, str] | None] = [None] * len(ids)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, c in zip(chunk, engine.generate([ids[i] for i in chunk], params), strict=True):
-                out[i] = (c.text, c.finish_reason)
-        return [o for o in out if o is not None]
+        todo = sorted({p for p in ids if p not in self._answers}, key=lambda p: (len(p), p))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            for p, c in zip(chunk, engine.generate([list(p) for p in chunk], params), strict=True):
+                self._answers[p] = (c.text, c.finish_reason)
+        return [self._answers[p] for p in ids]
 
 
 class EndpointTarget:
