@@ -85,43 +85,65 @@ def default_gguf() -> Path:
     return user_store_model("smollm2-135m-instruct", auto_pull=True)
 
 
-@pytest.fixture(scope="session")
-def hf_default_model(default_gguf: Path):
-    """transformers' own load of the default GGUF file (fp32), the reference for parity.
-
-    Its reading of the GGUF file takes ~16 s (gguf-py parses the metadata twice), so what it read
-    (config and fp32 tensors) is kept in the user's store, keyed by the file's sha256 and the
-    versions of transformers and gguf, and loaded from there by transformers on later runs."""
+def kept_reference(gguf_file: Path, kind: str, write) -> Path:
+    """A folder in the user's store holding what transformers read from `gguf_file`, written by
+    `write(folder)` on first use. transformers' GGUF reading takes ~20 s a suite (gguf-py parses
+    the metadata again per load), so its result is kept, keyed by the file's sha256 and the
+    versions of transformers and gguf, and later runs load that with transformers."""
     import hashlib
     from importlib.metadata import version
 
     import transformers
-    from safetensors.torch import save_file
 
-    digest = hashlib.sha256(default_gguf.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()[:16]
     key = f"{digest}-transformers{transformers.__version__}-gguf{version('gguf')}"
-    kept = user_store_home() / "test-reference" / f"hf-{key}"
-    if not (kept / "model.safetensors").is_file():
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
-        )
+    kept = user_store_home() / "test-reference" / f"{kind}-{key}"
+    if not (kept / ".complete").is_file():
         partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        model.config.quantization_config = None  # read from GGUF blocks; the tensors kept are fp32
-        model.config.save_pretrained(partial)
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}  # fmt: skip
-        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        write(partial)
+        (partial / ".complete").touch()
         shutil.rmtree(kept, ignore_errors=True)
         os.replace(partial, kept)
+    return kept
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_gguf: Path):
+    """transformers' own load of the default GGUF file (fp32), the reference for parity (its
+    config and fp32 tensors kept: `kept_reference`)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+        )
+        model.config.quantization_config = None  # read from GGUF blocks; the tensors kept are fp32
+        model.config.save_pretrained(folder)
+        tied = model.config.tie_word_embeddings
+        state = {
+            k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+        }
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    kept = kept_reference(default_gguf, "model", write)
     return transformers.AutoModelForCausalLM.from_pretrained(str(kept), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
 def hf_default_tokenizer(default_gguf: Path):
+    """transformers' tokenizer read from the default GGUF file (kept: `kept_reference`)."""
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+    def write(folder: Path) -> None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(default_gguf.parent), gguf_file=default_gguf.name
+        )
+        tokenizer.save_pretrained(folder)
+
+    return transformers.AutoTokenizer.from_pretrained(str(kept_reference(default_gguf, "tokenizer", write)))
 
 
 @pytest.fixture(scope="session")
