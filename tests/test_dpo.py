@@ -110,7 +110,14 @@ def test_every_method_and_reference_trains(tiny_hf_dir, pairs, tmp_path, method,
     out = tmp_path / "run"
     lr = 1e-3 if method == "full" else 1e-2
     result = run_dpo(
-        dpo_config(tiny_hf_dir, pairs, out, method=method, precompute_ref=precompute, train={"lr": lr})
+        dpo_config(
+            tiny_hf_dir,
+            pairs,
+            out,
+            method=method,
+            precompute_ref=precompute,
+            train={"lr": lr, "precision": "fp32"},
+        )
     )
     assert result["reference"] == reference
     losses = losses_of(out)
@@ -128,7 +135,14 @@ def test_a_precomputed_reference_gives_the_same_run(tiny_hf_dir, pairs, tmp_path
     for precompute in (False, True):
         out = tmp_path / f"pre-{precompute}"
         run_dpo(
-            dpo_config(tiny_hf_dir, pairs, out, method=method, precompute_ref=precompute, train={"lr": lr})
+            dpo_config(
+                tiny_hf_dir,
+                pairs,
+                out,
+                method=method,
+                precompute_ref=precompute,
+                train={"lr": lr, "precision": "fp32"},
+            )
         )
         runs.append((losses_of(out), losses_of(out, "val_loss")))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4, abs=1e-5)
@@ -137,10 +151,13 @@ def test_a_precomputed_reference_gives_the_same_run(tiny_hf_dir, pairs, tmp_path
 
 def test_gradient_accumulation_averages_over_pairs(tiny_hf_dir, pairs, tmp_path):
     """The step's loss is the mean over its pairs, so 2 micro-batches of 2 pairs equal 1 of 4."""
-    run_dpo(dpo_config(tiny_hf_dir, pairs, tmp_path / "a", train={"max_steps": 3}))
+    run_dpo(dpo_config(tiny_hf_dir, pairs, tmp_path / "a", train={"max_steps": 3, "precision": "fp32"}))
     run_dpo(
         dpo_config(
-            tiny_hf_dir, pairs, tmp_path / "b", train={"max_steps": 3, "batch_size": 2, "grad_accum": 2}
+            tiny_hf_dir,
+            pairs,
+            tmp_path / "b",
+            train={"max_steps": 3, "batch_size": 2, "grad_accum": 2, "precision": "fp32"},
         )
     )
     for key in ("loss", "reward_margin", "reward_accuracy", "grad_norm"):

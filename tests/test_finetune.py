@@ -141,13 +141,10 @@ def test_validation_batches_rows_of_like_length_and_its_loss_is_each_examples(ti
 def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, data, tmp_path):
     """Loss is averaged over all target tokens of a step, so 2 x 2 equals 1 x 4
     (without dropout, whose random masks depend on the batch shapes)."""
-    one = run_finetune(
-        finetune_config(tiny_hf_dir, data, tmp_path / "a", dropout=0.0, max_steps=3, batch_size=4)
-    )
+    exact = {"dropout": 0.0, "max_steps": 3, "precision": "fp32"}  # no bf16 rounding of other batch shapes
+    one = run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "a", **exact, batch_size=4))
     two = run_finetune(
-        finetune_config(
-            tiny_hf_dir, data, tmp_path / "b", dropout=0.0, max_steps=3, batch_size=2, grad_accum=2
-        )
+        finetune_config(tiny_hf_dir, data, tmp_path / "b", **exact, batch_size=2, grad_accum=2)
     )
     a = [m["loss"] for m in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in m]
     b = [m["loss"] for m in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in m]
@@ -491,3 +488,68 @@ def test_adamw_is_fused_on_a_gpu_and_its_update_is_foreachs():
 
     for a, b in zip(trained(None), trained("fused"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_training_on_a_cpu_with_amx_runs_in_bf16(tiny_hf_dir, data, tmp_path, monkeypatch):
+    """precision/dtype "auto" on a CPU: bf16 autocast over bf16 base weights for adapters where
+    the CPU multiplies bf16 in hardware (AMX), fp32 elsewhere; fp32 weights for full fine-tuning;
+    `--train.precision fp32` keeps fp32 throughout. The bf16 run learns and saves fp32 adapters."""
+    from weightsmith.device import cpu_multiplies_bf16, train_dtype
+    from weightsmith.train import loop
+
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    assert loop.use_bf16("auto", cpu) == cpu_multiplies_bf16()
+    assert train_dtype("auto", cpu, full=False, autocast=True) == bf16
+    assert train_dtype("auto", cpu, full=False, autocast=False) == fp32
+    assert train_dtype("auto", cpu, full=True, autocast=True) == fp32
+    assert train_dtype("fp32", cpu, full=False, autocast=True) == fp32
+    monkeypatch.setattr(loop, "cpu_multiplies_bf16", lambda: True)  # as on a Xeon with AMX
+    assert loop.use_bf16("auto", cpu) and not loop.use_bf16("fp32", cpu)
+    monkeypatch.setattr(loop, "cpu_multiplies_bf16", lambda: False)  # as on an AVX2-only CPU
+    assert not loop.use_bf16("auto", cpu) and loop.use_bf16("bf16", cpu)
+
+    monkeypatch.setattr(loop, "cpu_multiplies_bf16", lambda: True)
+    seen: list[torch.dtype] = []
+    original = loop.Trainer._autocast
+
+    def spy(self):
+        seen.append(next(p.dtype for p in self.model.parameters() if not p.requires_grad))
+        return original(self)
+
+    monkeypatch.setattr(loop.Trainer, "_autocast", spy)
+    result = run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "run", dropout=0.0, max_steps=8))
+    assert seen and set(seen) == {bf16}
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert losses[-1] < losses[0] and result["metrics"]["val_loss"] < result["initial_val_loss"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {fp32}
+
+
+def test_a_bf16_training_step_on_a_cpu_attends_in_fp32(tiny_hf_dir, monkeypatch):
+    """torch's CPU flash-attention backward is about twice as slow in bf16 as in fp32, so a bf16
+    model attends in fp32 when it trains on a CPU (even under bf16 autocast), and in bf16 when it
+    only infers; both give the bf16 model's logits within bf16 rounding."""
+    import weightsmith.models.model as model_module
+
+    model = load_checkpoint(str(tiny_hf_dir), dtype=torch.bfloat16).model.requires_grad_(True)
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inferred = model(ids)
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = model(ids)
+    trained.float().sum().backward()
+    assert set(seen) == {torch.float32} and trained.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    torch.testing.assert_close(trained.float(), inferred.float(), rtol=0.05, atol=0.05)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from weightsmith.config import opt
-from weightsmith.device import tune_cpu_allocator
+from weightsmith.device import cpu_multiplies_bf16, tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.files import write_text_atomic
 from weightsmith.models.model import DecoderLayer
@@ -106,7 +106,9 @@ class TrainOptions:
     adam_betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = off)")
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "bf16 autocast (auto: on GPUs that support it)")
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "bf16 autocast (auto: on GPUs that support it and CPUs with AMX)"
+    )
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     compile: bool = opt(
         False,
@@ -467,7 +469,11 @@ def compile_layers(model: nn.Module, device: torch.device) -> int:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast: asked for, or (auto) on a GPU that supports bf16 or a
+    CPU that multiplies it in hardware (device.cpu_multiplies_bf16)."""
     if precision == "auto":
+        if device.type == "cpu":
+            return cpu_multiplies_bf16()
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from weightsmith import __version__
 from weightsmith.config import dump_config_yaml, load_config_yaml, opt
-from weightsmith.device import pick_device, pick_dtype
+from weightsmith.device import pick_device, train_dtype
 from weightsmith.errors import UsageError
 from weightsmith.files import write_json_atomic
 from weightsmith.lineage import file_sha256
@@ -46,7 +46,7 @@ from weightsmith.train.distributed import (
     name_rank,
     should_launch,
 )
-from weightsmith.train.loop import Trainer, TrainOptions
+from weightsmith.train.loop import Trainer, TrainOptions, use_bf16
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
@@ -279,7 +279,8 @@ def load_model(cfg: RunConfig, path: Path) -> tuple[Checkpoint, torch.device]:
     from weightsmith.checkpoint.load import load_checkpoint
 
     device = pick_device(cfg.device)
-    dtype = pick_dtype("fp32" if cfg.method == "full" and cfg.dtype == "auto" else cfg.dtype, device)
+    autocast = use_bf16(cfg.train.precision, device)
+    dtype = train_dtype(cfg.dtype, device, full=cfg.method == "full", autocast=autocast)
     hook = None
     if cfg.method == "qlora":
         from weightsmith.quant.nf4 import quantize_on_load
@@ -374,7 +375,11 @@ def fit_and_save(
         trainer.resume(resume_from)
     model = loaded.model
     counts = parameter_counts(model)
-    log.info("training %d of %d parameters (%s)", counts["trainable"], counts["total"], cfg.method)
+    weights = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+    log.info(
+        "training %d of %d parameters (%s; base weights %s%s)", counts["trainable"], counts["total"], cfg.method,
+        str(weights).removeprefix("torch."), ", bf16 autocast" if use_bf16(cfg.train.precision, trainer.device) else "",
+    )  # fmt: skip
     started = time.time()
     final = trainer.fit()
     out = trainer.out
