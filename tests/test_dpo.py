@@ -110,14 +110,7 @@ def test_every_method_and_reference_trains(tiny_hf_dir, pairs, tmp_path, method,
     out = tmp_path / "run"
     lr = 1e-3 if method == "full" else 1e-2
     result = run_dpo(
-        dpo_config(
-            tiny_hf_dir,
-            pairs,
-            out,
-            method=method,
-            precompute_ref=precompute,
-            train={"lr": lr, "precision": "fp32"},
-        )
+        dpo_config(tiny_hf_dir, pairs, out, method=method, precompute_ref=precompute, train={"lr": lr})
     )
     assert result["reference"] == reference
     losses = losses_of(out)
