@@ -1,7 +1,9 @@
 """LoRA training step time and peak memory: weightsmith vs transformers + peft, one run.
 
 Both train LoRA (rank 8, alpha 16, no dropout unless --dropout) on all seven projections of the
-default model, fp32 on the CPU with the same thread count, with AdamW, on the
+default model, on the CPU with the same thread count and the same precision (`--precision`:
+fp32, or bf16 autocast over bf16 base weights with fp32 adapters, which weightsmith picks by
+default on a CPU with AMX; default: what weightsmith picks here), with AdamW, on the
 same batches: rows of the bundled Kettlebird sample data packed to exactly
 `--seq-len` tokens, loss on assistant tokens only. Both see the rows as plain
 causal sequences (no per-document masking), so they do the same attention work.
@@ -31,6 +33,7 @@ import sys
 import time
 
 import torch
+from machine import cpu_description  # beside this file
 
 NAMES = {
     "ours": "weightsmith LoRA",
@@ -71,6 +74,7 @@ def run_ours(
     qlora: bool = False,
     tune: bool = True,
     compile: bool = False,
+    bf16: bool = False,
 ) -> tuple[list[float], float]:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
@@ -84,9 +88,13 @@ def run_ours(
     from weightsmith.quant.nf4 import quantize_on_load
 
     hook = quantize_on_load() if qlora else None  # as `finetune --method qlora` loads
-    ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False, on_tensor=hook)
+    dtype = torch.bfloat16 if bf16 else torch.float32  # what `finetune` loads (device.train_dtype)
+    ckpt = load_checkpoint(path, dtype=dtype, decode_layout=False, on_tensor=hook)
     model = ckpt.model.train()
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=LORA_TARGETS))
+    for param in model.parameters():  # adapters train in fp32 over any base (train.runs)
+        if param.requires_grad:
+            param.data = param.data.float()
     if compile:  # what --train.compile does; the compile is paid in the warm-up step
         from weightsmith.train.loop import compile_layers
 
@@ -96,7 +104,8 @@ def run_ours(
     b = Batch(inputs, labels)
 
     def step() -> float:
-        loss, n = sft_loss(model, b)
+        with _autocast(bf16):
+            loss, n = sft_loss(model, b)
         loss = loss / n
         loss.backward()
         opt.step()
@@ -106,7 +115,9 @@ def run_ours(
     return _time_steps(step, steps)
 
 
-def run_peer(path: str, batch: int, seq_len: int, steps: int, dropout: float) -> tuple[list[float], float]:
+def run_peer(
+    path: str, batch: int, seq_len: int, steps: int, dropout: float, bf16: bool = False
+) -> tuple[list[float], float]:
     import peft
     import transformers
 
@@ -115,7 +126,7 @@ def run_peer(path: str, batch: int, seq_len: int, steps: int, dropout: float) ->
     tokenizer = load_checkpoint(path, dtype=torch.float32).tokenizer  # same token ids for both
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
-    )
+    ).to(torch.bfloat16 if bf16 else torch.float32)
     model = peft.get_peft_model(
         model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS)
     ).train()
@@ -126,13 +137,18 @@ def run_peer(path: str, batch: int, seq_len: int, steps: int, dropout: float) ->
     hf_labels = torch.cat([torch.full((batch, 1), -100), labels[:, :-1]], dim=1)
 
     def step() -> float:
-        out = model(input_ids=inputs, labels=hf_labels)
+        with _autocast(bf16):
+            out = model(input_ids=inputs, labels=hf_labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
     return _time_steps(step, steps)
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 def _time_steps(step, steps: int) -> tuple[list[float], float]:
@@ -147,12 +163,13 @@ def _time_steps(step, steps: int) -> tuple[list[float], float]:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    bf16 = args.precision == "bf16"
     fns = {
-        "ours": run_ours,
-        "untuned": lambda *a: run_ours(*a, tune=False),
-        "compiled": lambda *a: run_ours(*a, compile=True),
-        "qlora": lambda *a: run_ours(*a, qlora=True),
-        "peer": run_peer,
+        "ours": lambda *a: run_ours(*a, bf16=bf16),
+        "untuned": lambda *a: run_ours(*a, tune=False, bf16=bf16),
+        "compiled": lambda *a: run_ours(*a, compile=True, bf16=bf16),
+        "qlora": lambda *a: run_ours(*a, qlora=True, bf16=bf16),
+        "peer": lambda *a: run_peer(*a, bf16=bf16),
     }
     times, first_loss = fns[args.child](args.model, args.batch, args.seq_len, args.steps, args.dropout)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -170,8 +187,13 @@ def main() -> None:
     )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="both sides (default: weightsmith's here)")
     p.add_argument("--child", choices=list(NAMES), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.precision is None:
+        from weightsmith.train.loop import use_bf16
+
+        args.precision = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
     if args.child:
         return child(args)
     if args.model is None:
@@ -183,7 +205,7 @@ def main() -> None:
         for who in NAMES:
             cmd = [sys.executable, __file__, "--child", who, "--model", args.model, "--threads", str(args.threads),
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                   "--dropout", str(args.dropout)]  # fmt: skip
+                   "--dropout", str(args.dropout), "--precision", args.precision]  # fmt: skip
             out = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 .stdout.strip()
@@ -198,8 +220,8 @@ def main() -> None:
             )
     t = {who: statistics.median(results[who]["t"]) for who in NAMES}
     mem = {who: max(results[who]["mem"]) for who in NAMES}
-    print(f"\nLoRA r=8 all-linear, dropout {args.dropout}, batch {args.batch} x {args.seq_len} tokens, fp32, "
-          f"{args.threads} threads")  # fmt: skip
+    print(f"\nLoRA r=8 all-linear, dropout {args.dropout}, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.precision}, {args.threads} threads; {cpu_description()}")  # fmt: skip
     print(f"{'':34s}{'step s':>10s}{'peak GiB':>10s}")
     for who, label in NAMES.items():
         print(f"{label:34s}{t[who]:10.2f}{mem[who]:10.2f}")
