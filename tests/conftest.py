@@ -3,6 +3,8 @@ tiny random checkpoints built in-process."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import shlex
@@ -85,18 +87,21 @@ def default_gguf() -> Path:
     return user_store_model("smollm2-135m-instruct", auto_pull=True)
 
 
+@functools.cache
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def kept_reference(gguf_file: Path, kind: str, write) -> Path:
     """A folder in the user's store holding what transformers read from `gguf_file`, written by
     `write(folder)` on first use. transformers' GGUF reading takes ~20 s a suite (gguf-py parses
     the metadata again per load), so its result is kept, keyed by the file's sha256 and the
     versions of transformers and gguf, and later runs load that with transformers."""
-    import hashlib
     from importlib.metadata import version
 
     import transformers
 
-    digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()[:16]
-    key = f"{digest}-transformers{transformers.__version__}-gguf{version('gguf')}"
+    key = f"{_file_digest(gguf_file)}-transformers{transformers.__version__}-gguf{version('gguf')}"
     kept = user_store_home() / "test-reference" / f"{kind}-{key}"
     if not (kept / ".complete").is_file():
         partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")

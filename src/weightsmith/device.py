@@ -1,10 +1,13 @@
 """Device and dtype choice: CPU, CUDA or MPS, picked automatically and overridable.
 
 Defaults follow the device: fp32 on CPU, bf16 on a GPU that supports it, fp16 on
-other GPUs; for training, bf16 also on a CPU with AMX (`train_dtype`). Nothing here assumes CUDA, and nothing assumes its absence.
+other GPUs; for adapter training, bf16 also on a CPU with AMX (`train_dtype`). Nothing
+here assumes CUDA, and nothing assumes its absence.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -54,6 +57,7 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache  # the CPU's features do not change; asked once per training micro-batch
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 tiles, which torch's
     oneDNN matmuls use). Training picks bf16 there by default: a LoRA step of the default model

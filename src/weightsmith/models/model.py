@@ -105,7 +105,7 @@ class Attention(nn.Module):
             k, v = a.cache.write(self.layer_idx, a.positions, k, v, a.kv_len, a.start)  # (B, Hkv, S, D)
         mask = a.masks[self.layer_type]
         dtype, exact = q.dtype, contextlib.nullcontext()
-        if dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and dtype == torch.bfloat16 and q.device.type == "cpu":
             # A bf16 training step on a CPU attends in fp32 (autocast off): torch's CPU flash-attention
             # backward in bf16 took about twice the fp32 one (27% of a LoRA step of the default model).
             q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
