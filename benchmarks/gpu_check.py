@@ -15,7 +15,10 @@ equality checks compare two implementations on the same weights). Sections:
    (fp32, greedy);
 5. finetune: LoRA steps on CUDA in bf16, loss before and after;
 6. dist (gpu_speed.py): FSDP2 full fine-tuning and DDP LoRA through `--nproc-per-node`
-   on NCCL, losses against one plain process.
+   on NCCL, losses against one plain process;
+7. profile (gpu_profile.py): torch.profiler over the LoRA step (ours, peft, ours compiled)
+   and batch-1 decode (eager, graphs, compiled + graphs): device busy time against wall
+   time, kernels per step, the top ops; `--trace-dir DIR` keeps gzipped Chrome traces.
 
 Each section reports its own failure and the run goes on. Medians of --runs after a
 warm-up; read ratios, not lone figures.
@@ -342,9 +345,9 @@ SECTIONS = {
     "finetune": section_finetune,
     "quant": section_quant,
 }
-#: Sections that take the time left (gpu_speed.py), by name.
-TIMED = ("decode", "server", "lora", "exact", "dist")
-DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small"
+#: Sections that take the time left (gpu_speed.py; profile: gpu_profile.py), by name.
+TIMED = ("decode", "server", "lora", "exact", "dist", "profile")
+DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,profile@large"
 
 
 def run_section(spec: str, paths: dict, args, clock) -> dict:
@@ -352,6 +355,11 @@ def run_section(spec: str, paths: dict, args, clock) -> dict:
 
     name, _, shape = spec.partition("@")
     path = paths[shape or "small"]
+    if name == "profile":
+        import gpu_profile
+
+        gpu_profile.TRACE_DIR = args.trace_dir
+        return gpu_profile.section_profile(path, clock, args.runs)
     if name in TIMED:
         return getattr(gpu_speed, f"section_{name}")(path, clock, args.runs)
     return SECTIONS[name](path, args.device, args.runs)
@@ -371,6 +379,7 @@ def main() -> None:
         "--budget", type=float, default=330, help="seconds; later contenders are skipped past it"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--trace-dir", type=Path, help="the profile section's gzipped Chrome traces go here")
     parser.add_argument(
         "--dry", action="store_true", help="a quick run on the CPU with a small 'large' shape"
     )
