@@ -31,6 +31,7 @@ from weightsmith.kv_cache import KVCache
 from weightsmith.models.activations import ACTIVATIONS
 from weightsmith.models.config import ModelConfig
 from weightsmith.models.linear import Linear
+from weightsmith.models.packed import PackedDocuments, attend_documents, pack_documents
 from weightsmith.models.rope import apply_rope, inverse_frequencies, plain_inverse_frequencies, rope_cos_sin
 
 
@@ -69,6 +70,8 @@ class AttentionInputs:
     start: int | None = None  # the common first position when rows are aligned
     #: Layer type -> its own (cos, sin) where its RoPE base differs (Gemma 3's sliding layers).
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: Packed rows (no cache): a layer whose mask is None attends within each document.
+    docs: PackedDocuments | None = None
 
     def cos_sin(self, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE tables for a layer of `layer_type`, each (B, 1, T, D)."""
@@ -110,15 +113,19 @@ class Attention(nn.Module):
             # backward in bf16 took about twice the fp32 one (27% of a LoRA step of the default model).
             q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
         with exact:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=a.is_causal and mask is None,
-                scale=self.scale,
-                enable_gqa=self.n_kv != self.n_heads,
-            ).to(dtype)  # (B, H, T, D)
+            if mask is None and a.docs is not None:  # packed rows: each document alone
+                out = attend_documents(q, k, v, a.docs, self.scale)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=a.is_causal and mask is None,
+                    scale=self.scale,
+                    enable_gqa=self.n_kv != self.n_heads,
+                )  # (B, H, T, D)
+        out = out.to(dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def qkv(self, x: torch.Tensor, a: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -356,8 +363,14 @@ class CausalLM(nn.Module):
         # Fast paths: aligned rows with no cached prefix use the fused causal kernel; a
         # single aligned query sees every cached key, so it needs no mask at all.
         plain_causal = aligned and kv_len == t and documents is None
+        # Packed rows attend one document at a time with the causal kernel (models/packed.py);
+        # a sliding-window layer whose documents are longer than its window keeps the mask.
+        docs = pack_documents(documents) if documents is not None and cache is None else None
         for kind in set(self.config.layer_types):
             windowed = kind == "sliding_attention" and kv_len > window
+            if docs is not None and not (kind == "sliding_attention" and docs.longest > window):
+                masks[kind] = None
+                continue
             if aligned and not windowed and (plain_causal or t == 1):
                 masks[kind] = None
                 continue
@@ -375,4 +388,6 @@ class CausalLM(nn.Module):
         rope = None
         if hasattr(self, "inv_freq_local"):
             rope = {"sliding_attention": rope_cos_sin(self.inv_freq_local, positions, 1.0, dtype)}
-        return AttentionInputs(positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start, rope)
+        return AttentionInputs(
+            positions, cos, sin, cache, kv_len, masks, plain_causal and t > 1, start, rope, docs
+        )

@@ -276,7 +276,7 @@ class Batch:
     inputs: torch.Tensor  # (B, T) token ids
     labels: torch.Tensor  # (B, T) next token ids, IGNORE where no loss
     positions: torch.Tensor | None = None  # (B, T), restarting per packed document
-    documents: torch.Tensor | None = None  # (B, T) packed document index
+    documents: torch.Tensor | None = None  # (B, T) packed document index, -1 on padding
     n_tokens: int = 0  # real (unpadded) input tokens
 
     @property
@@ -311,7 +311,8 @@ def collate(rows: Sequence[Row], pad_id: int) -> Batch:
             doc = torch.repeat_interleave(torch.arange(len(r.lengths)), torch.tensor(r.lengths))
             pos = torch.cat([torch.arange(length) for length in r.lengths])
             documents[i, :n], positions[i, :n] = doc[:-1], pos[:-1]
-            documents[i, n:] = len(r.lengths)  # padding is a document of its own
+            # Padding stays -1: a document of its own to a mask, and no document to the
+            # per-document attention (models/packed.py), which then skips it.
             positions[i, n:] = torch.arange(t - n)
     return Batch(inputs, labels, positions, documents, sum(len(r.ids) - 1 for r in rows))
 

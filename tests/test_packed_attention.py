@@ -1,0 +1,111 @@
+"""Packed rows attend one document at a time (models/packed.py): the same outputs and gradients
+as SDPA under the block-diagonal causal mask, and as each document run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.models import packed
+from weightsmith.models.packed import attend_documents, pack_documents
+from weightsmith.train.data import Example, collate, to_rows
+from weightsmith.train.losses import sft_loss
+
+
+def _documents(rows: list[list[int]], t: int) -> torch.Tensor:
+    """Document ids for rows of document lengths, -1 after them."""
+    ids = torch.full((len(rows), t), -1, dtype=torch.long)
+    for i, lengths in enumerate(rows):
+        ids[i, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return ids
+
+
+def _block_causal_mask(documents: torch.Tensor) -> torch.Tensor:
+    t = documents.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    return causal & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, T)
+
+
+def test_the_layout_puts_every_token_of_a_document_in_one_batch_in_order(monkeypatch):
+    monkeypatch.setattr(packed, "MIN_BUCKET", 2)
+    documents = _documents([[3, 2, 1], [6]], 8)  # row 0 ends in two padding tokens
+    layout = pack_documents(documents)
+    assert layout.longest == 6
+    # lengths 3, 2, 1, 6 fall in batches of up to 2 (2, 1), 4 (3) and 8 (6) tokens
+    assert sorted(g.shape for g in layout.groups) == [(1, 3), (1, 6), (2, 2)]
+    slots = torch.cat([g.flatten() for g in layout.groups])  # the token each slot holds
+    real = (documents.flatten() >= 0).nonzero().squeeze(1)
+    assert slots[layout.back[real]].tolist() == real.tolist()  # every real token reads itself back
+    flat = documents.flatten()
+    for g in layout.groups:
+        for row in g:  # one document per row of a batch, in order, padded with its last token
+            assert len(set(flat[row].tolist())) == 1
+            assert row.tolist() == sorted(row.tolist()) and row[-1] == row.max()
+    assert 6 not in slots.tolist() and 7 not in slots.tolist()  # the row's padding is in no batch
+
+
+def test_no_documents_means_no_layout():
+    assert pack_documents(torch.full((2, 5), -1)) is None
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv):
+    rows = [[5, 70, 140, 1], [300], [2, 2, 2, 90]]  # four length buckets, single-token documents
+    t = 310
+    documents = _documents(rows, t)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q": (3, 4, t, 16), "k": (3, n_kv, t, 16), "v": (3, n_kv, t, 16)}
+    inputs = {k: torch.randn(s, generator=g, requires_grad=True) for k, s in shapes.items()}
+    real = (documents >= 0)[:, None, :, None]  # (B, 1, T, 1): padding positions carry no loss
+    upstream = torch.randn(3, 4, t, 16, generator=g) * real
+
+    ours = attend_documents(*inputs.values(), pack_documents(documents), scale=0.3)
+    ref = F.scaled_dot_product_attention(
+        *inputs.values(), attn_mask=_block_causal_mask(documents), scale=0.3, enable_gqa=n_kv != 4
+    )
+    torch.testing.assert_close(ours * real, ref * real, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad((out * upstream).sum(), list(inputs.values())) for out in (ours, ref)]
+    for a, b in zip(*grads, strict=True):  # GQA sums key/value gradients over heads in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch):
+    """The loss and every gradient of a packed batch (fp32) equal the mask path's."""
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model.train().requires_grad_(True)
+    examples = [Example(list(range(3 + i, 10 + 9 * i)), [True] * (7 + 8 * i)) for i in range(6)]
+    batch = collate(to_rows(examples, 64, packing=True), pad_id=0)
+    assert batch.documents is not None and (batch.documents == -1).any()
+    out = []
+    for per_document in (True, False):
+        if not per_document:
+            monkeypatch.setattr("weightsmith.models.model.pack_documents", lambda documents: None)
+        model.zero_grad()
+        loss, _ = sft_loss(model, batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = out
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral-sliding"])
+def test_sliding_window_layers_keep_their_window_in_packed_rows(family):
+    """A document longer than the window: sliding layers keep the mask, full layers go per document;
+    each document's logits equal its own forward."""
+    from test_model_parity import make_pair
+
+    _, model = make_pair(family)
+    docs = [list(range(5, 25)), list(range(30, 34)), list(range(40, 52))]  # 20 > window, 4, 12
+    batch = collate(to_rows([Example(d, [True] * len(d)) for d in docs], 64, packing=True), pad_id=0)
+    with torch.no_grad():
+        hidden = model.hidden_states(batch.inputs, positions=batch.positions, documents=batch.documents)
+        logits = model.logits(hidden)
+        start = 0
+        for i, d in enumerate(docs):
+            n = len(d) - (i == len(docs) - 1)  # the row's last token is only a label
+            alone = model(torch.tensor([d]))
+            torch.testing.assert_close(logits[0, start : start + n], alone[0, :n], rtol=1e-5, atol=1e-5)
+            start += n
