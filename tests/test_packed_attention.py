@@ -109,3 +109,31 @@ def test_sliding_window_layers_keep_their_window_in_packed_rows(family):
             alone = model(torch.tensor([d]))
             torch.testing.assert_close(logits[0, start : start + n], alone[0, :n], rtol=1e-5, atol=1e-5)
             start += n
+
+
+def test_compiled_layers_take_every_packing_without_hitting_the_recompile_limit(tiny_hf_dir, monkeypatch):
+    """--train.compile with --packing: each batch's document layout differs (how many length
+    batches, how many documents in each), which as a graph input recompiled the layer until
+    torch.compile gave up on it. Here it may not give up, and the results stay the eager ones.
+    The guards are torch.compile's front end (dynamo); its "eager" back end keeps the test fast."""
+    import torch._dynamo
+
+    from weightsmith.train.loop import compile_layers
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="eager"))
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model.train().requires_grad_(True)
+    eager = load_checkpoint(tiny_hf_dir, decode_layout=False).model.train().requires_grad_(True)
+    compile_layers(model, torch.device("cpu"))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+        for n in range(12):  # 1-8 examples of 1-300 tokens in rows of 512; validation now and then
+            lengths = torch.randint(1, 300, (1 + n % 8,), generator=g).tolist()
+            examples = [Example(list(range(3, 4 + k)), [True] * (k + 1)) for k in lengths]
+            batch = collate(to_rows(examples, 512, packing=True), pad_id=0)
+            with torch.set_grad_enabled(n % 3 != 2):
+                losses = [sft_loss(m, batch)[0] for m in (model, eager)]
+            torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+            if losses[0].requires_grad:
+                losses[0].backward()

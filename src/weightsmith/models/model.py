@@ -81,6 +81,11 @@ class AttentionInputs:
 
 
 class Attention(nn.Module):
+    #: How packed rows are attended. `compile_layers` (train/loop.py) gives each compiled layer a
+    #: wrapper that torch.compile runs eagerly: the document layout changes with every batch, and
+    #: as a graph input it would recompile the layer until the compiler gives up.
+    attend_documents = staticmethod(attend_documents)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -114,7 +119,7 @@ class Attention(nn.Module):
             q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
         with exact:
             if mask is None and a.docs is not None:  # packed rows: each document alone
-                out = attend_documents(q, k, v, a.docs, self.scale)
+                out = self.attend_documents(q, k, v, a.docs, self.scale)
             else:
                 out = F.scaled_dot_product_attention(
                     q,

@@ -454,16 +454,16 @@ def compile_layers(model: nn.Module, device: torch.device) -> int:
     """Compile each decoder layer in place (regional compilation: one layer's code compiles once
     and serves them all; parameter names unchanged); returns how many. Refuses, before any
     step, a device whose compiler toolchain is missing."""
-    if device.type == "cpu" and not any(
-        shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")
-    ):
+    compilers = (os.environ.get("CXX", "g++"), "c++", "clang++")
+    if device.type == "cpu" and not any(shutil.which(c) for c in compilers):
         raise ConfigError(
             "--train.compile on the CPU needs a C++ compiler (g++ or clang++; CXX names another)"
         )
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise ConfigError("--train.compile on a CUDA device needs Triton: pip install triton")
     layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    for layer in layers:
+    for layer in layers:  # packed rows' layout changes every batch: attended eagerly, it is no guard
+        layer.self_attn.attend_documents = torch.compiler.disable(layer.self_attn.attend_documents)
         layer.compile()
     return len(layers)
 
