@@ -192,8 +192,10 @@ def test_loss_rewards_and_gradients_equal_trl(tiny_hf_dir, tmp_path, loss, trl_l
         "logps_chosen": "logps/chosen",
         "logps_rejected": "logps/rejected",
     }
+    # Summed log-probabilities here are about -64 to -128 in fp32, 7.6e-6 apart; a reward margin
+    # is beta times a sum of four of them, so a few of those steps is fp32's own noise.
     for mine, theirs in pairs_of.items():
-        assert ours[mine] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=1e-5), mine
+        assert ours[mine] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=2e-5), mine
     assert 0 < ours["reward_accuracy"] < 1 or method == "full"  # the pairs are not all alike
     assert set(our_grads) == set(trl_grads) and our_grads
     for name, g in our_grads.items():

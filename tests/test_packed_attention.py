@@ -30,20 +30,25 @@ def _block_causal_mask(documents: torch.Tensor) -> torch.Tensor:
 
 def test_the_layout_puts_every_token_of_a_document_in_one_batch_in_order(monkeypatch):
     monkeypatch.setattr(packed, "MIN_BUCKET", 2)
-    documents = _documents([[3, 2, 1], [6]], 8)  # row 0 ends in two padding tokens
+    documents = _documents([[3, 2, 1], [6]], 8)  # each row ends in two padding tokens
     layout = pack_documents(documents)
     assert layout.longest == 6
     # lengths 3, 2, 1, 6 fall in batches of up to 2 (2, 1), 4 (3) and 8 (6) tokens
-    assert sorted(g.shape for g in layout.groups) == [(1, 3), (1, 6), (2, 2)]
-    slots = torch.cat([g.flatten() for g in layout.groups])  # the token each slot holds
-    real = (documents.flatten() >= 0).nonzero().squeeze(1)
-    assert slots[layout.back[real]].tolist() == real.tolist()  # every real token reads itself back
-    flat = documents.flatten()
-    for g in layout.groups:
-        for row in g:  # one document per row of a batch, in order, padded with its last token
+    assert layout.shapes == [(2, 2), (1, 3), (1, 6)]
+    n_slots, flat = len(layout.index), documents.flatten()
+    real = (flat >= 0).nonzero().squeeze(1)
+    assert layout.index[layout.back[real]].tolist() == real.tolist()  # every real token reads itself back
+    assert layout.owner[layout.back[real]].tolist() == real.tolist()  # ... and its slot writes to it
+    assert layout.unread.tolist() == [6, 7, 14, 15]  # padding reads nothing (zero)
+    start = 0
+    for n, width in layout.shapes:  # one document per sequence, in order, padded with its last token
+        for row in layout.index[start : start + n * width].view(n, width):
             assert len(set(flat[row].tolist())) == 1
             assert row.tolist() == sorted(row.tolist()) and row[-1] == row.max()
-    assert 6 not in slots.tolist() and 7 not in slots.tolist()  # the row's padding is in no batch
+        start += n * width
+    assert not {6, 7, 14, 15} & set(layout.index.tolist())  # padding is in no batch
+    assert len(layout.unowned) == n_slots - len(real) and len(layout.shared_slots) == 0  # pads write nowhere
+    assert all(layout.index[s] == layout.index[s - 1] for s in layout.unowned.tolist())  # ... and repeat
 
 
 def test_no_documents_means_no_layout():
@@ -66,6 +71,7 @@ def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv):
         *inputs.values(), attn_mask=_block_causal_mask(documents), scale=0.3, enable_gqa=n_kv != 4
     )
     torch.testing.assert_close(ours * real, ref * real, rtol=1e-5, atol=1e-6)
+    assert not (ours * ~real).any()  # padding attends to nothing: zero
     grads = [torch.autograd.grad((out * upstream).sum(), list(inputs.values())) for out in (ours, ref)]
     for a, b in zip(*grads, strict=True):  # GQA sums key/value gradients over heads in another order
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -137,3 +143,68 @@ def test_compiled_layers_take_every_packing_without_hitting_the_recompile_limit(
             torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
             if losses[0].requires_grad:
                 losses[0].backward()
+
+
+def _pairs():
+    from weightsmith.train.preference_data import PairExample
+
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 200, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        PairExample(ids(9), ids(12), ids(5)),
+        PairExample(ids(3), ids(4), ids(14)),
+        PairExample(ids(1), ids(6), ids(2)),
+    ]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral-sliding"])
+def test_pair_log_probs_equal_each_answer_scored_after_its_prompt_alone(family, monkeypatch):
+    """DPO's rows (prompt once, then both answers) attend as prompt + chosen and prompt + rejected
+    sequences; sliding layers (window 7, shorter than the sequences) keep the mask."""
+    from test_model_parity import make_pair
+
+    monkeypatch.setattr("weightsmith.train.losses.SEQUENCES_FROM", 0)  # a CPU's short rows too
+
+    from weightsmith.train.losses import pair_log_probs
+    from weightsmith.train.preference_data import collate_pairs
+
+    _, model = make_pair(family)
+    pairs = _pairs()
+    with torch.no_grad():
+        got = pair_log_probs(model, collate_pairs(pairs, pad_id=0))
+        want = []
+        for answer in ("chosen", "rejected"):
+            for p in pairs:
+                seq = p.prompt + getattr(p, answer)
+                logp = model(torch.tensor([seq]))[0].float().log_softmax(-1)
+                at = torch.arange(len(p.prompt) - 1, len(seq) - 1)
+                want.append(logp[at, torch.tensor(seq[len(p.prompt) :])].sum())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-4)
+
+
+def test_pair_sequences_train_as_under_the_shared_prompt_mask(tiny_hf_dir, monkeypatch):
+    from weightsmith.train import losses
+    from weightsmith.train.losses import pair_log_probs
+    from weightsmith.train.preference_data import collate_pairs
+
+    monkeypatch.setattr(losses, "SEQUENCES_FROM", 0)
+    made = []
+    monkeypatch.setattr(
+        losses, "pair_sequences", lambda s, real=losses.pair_sequences: made.append(1) or real(s)
+    )
+    model = load_checkpoint(tiny_hf_dir, decode_layout=False).model.train().requires_grad_(True)
+    batch = collate_pairs(_pairs(), pad_id=0)
+    weights = torch.linspace(-1, 1, 2 * len(_pairs()))
+    out = []
+    for sequences in (True, False):
+        if not sequences:
+            monkeypatch.setattr("weightsmith.train.losses.pair_sequences", lambda segments: None)
+        model.zero_grad()
+        logps = pair_log_probs(model, batch)
+        (logps * weights).sum().backward()
+        out.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = out
+    assert made  # the first pass attended as sequences
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -12,8 +12,10 @@ A document shorter than its batch's length is padded by repeating its last token
 slots come after every real token of the document, so under the causal mask no real query
 sees them, and their outputs are never read back. Documents are batched by length in powers
 of two (from `MIN_BUCKET`), so one long document does not pad a hundred short ones. A row's
-padding (document -1) is in no batch: no real token attends to it, and its own outputs (read
-from slot 0) only reach positions that carry no loss.
+padding (document -1) is in no batch: no real token attends to it, and its outputs are zero.
+A sequence may also start with a prefix shared with an earlier one (`layout`'s `read_from`: a
+DPO pair's prompt, before each answer): the prefix's outputs are read from the first.
+The gathers in and out are their own autograd functions, whose backward passes gather as well.
 
 Not here: where the document ids come from (train/data.py `collate`), the mask path for
 sliding-window layers whose documents are longer than the window (model.py).
@@ -32,13 +34,26 @@ MIN_BUCKET = 64
 
 @dataclass
 class PackedDocuments:
-    """Where each document of a packed (B, T) batch sits, for `attend_documents`."""
+    """Where each attention sequence of a (B, T) batch sits, for `attend_documents`. Slots are
+    the sequences' padded places, batch after batch, S in all."""
 
-    #: Per batch of documents: (n, L) indices into the B * T flattened tokens, row by row.
-    groups: list[torch.Tensor]
-    #: (B * T,) each token's slot in the groups' (n * L) slots laid end to end.
+    #: (n, width) of each batch of sequences, in slot order.
+    shapes: list[tuple[int, int]]
+    #: (S,) the flat token (row * T + column) each slot holds; a pad slot repeats its sequence's last.
+    index: torch.Tensor
+    #: (B * T,) the slot each token's output comes from (any slot where it has none), and the
+    #: tokens that have none (padding): their outputs are zero.
     back: torch.Tensor
-    #: The longest document's length.
+    unread: torch.Tensor
+    #: (S,) the token each slot's output goes to (any token where it goes nowhere), and the slots
+    #: whose outputs go nowhere (pads, shared prefixes).
+    owner: torch.Tensor
+    unowned: torch.Tensor
+    #: (m,) real slots whose output goes nowhere (a prefix shared with an earlier sequence), and
+    #: their tokens: their keys and values are attended, so their gradients are added back.
+    shared_slots: torch.Tensor
+    shared_tokens: torch.Tensor
+    #: The longest sequence's length.
     longest: int
 
 
@@ -52,43 +67,115 @@ def pack_documents(documents: torch.Tensor) -> PackedDocuments | None:
     starts = first.flatten().nonzero().squeeze(1)  # every row starts a run, so runs end at row ends
     lengths = torch.diff(starts, append=torch.tensor([b * t]))
     real = ids.flatten()[starts] >= 0
-    starts, lengths = starts[real], lengths[real]
-    if len(starts) == 0:
+    runs = [
+        torch.arange(s, s + n) for s, n in zip(starts[real].tolist(), lengths[real].tolist(), strict=True)
+    ]
+    return layout(runs, [0] * len(runs), b * t, documents.device)
+
+
+def layout(
+    sequences: list[torch.Tensor], read_from: list[int], n_tokens: int, device: torch.device
+) -> PackedDocuments | None:
+    """The layout of attention sequences over n_tokens flat tokens: sequence i attends causally
+    over the tokens `sequences[i]` (flat indices, in attention order), and the tokens from
+    `read_from[i]` on take their outputs from it (a shared prefix is read from one sequence
+    only). None if there is no sequence."""
+    if not sequences:
         return None
+    lengths = torch.tensor([len(s) for s in sequences])
     buckets = torch.ceil(torch.log2(lengths.clamp(min=MIN_BUCKET).double())).long()
-    back = torch.zeros(b * t, dtype=torch.long)
-    groups, offset = [], 0
+    shapes, index, owned, real = [], [], [], []
     for bucket in buckets.unique().tolist():
-        s, n = starts[buckets == bucket], lengths[buckets == bucket]
+        chosen = (buckets == bucket).nonzero().squeeze(1).tolist()
+        n = lengths[chosen]
         width = int(n.max())
-        j = torch.arange(width)
-        index = s[:, None] + torch.minimum(j[None, :], n[:, None] - 1)  # (docs, width); pads repeat the last
-        real_slot = j[None, :] < n[:, None]
-        slots = offset + torch.arange(index.numel()).view(index.shape)
-        back[index[real_slot]] = slots[real_slot]
-        groups.append(index.to(documents.device, non_blocking=True))
-        offset += index.numel()
-    return PackedDocuments(groups, back.to(documents.device, non_blocking=True), int(lengths.max()))
+        pad = [sequences[i][-1:].expand(width - len(sequences[i])) for i in chosen]
+        index.append(torch.cat([x for i, p in zip(chosen, pad, strict=True) for x in (sequences[i], p)]))
+        j = torch.arange(width)[None, :]
+        real.append((j < n[:, None]).flatten())
+        owned.append(
+            (real[-1].view(len(chosen), width) & (j >= torch.tensor(read_from)[chosen][:, None])).flatten()
+        )
+        shapes.append((len(chosen), width))
+    index, owned, real = torch.cat(index), torch.cat(owned), torch.cat(real)
+    slots = torch.arange(len(index))
+    back = torch.full((n_tokens,), -1, dtype=torch.long)
+    back[index[owned]] = slots[owned]
+    owner = torch.where(owned, index, -1)
+    shared = real & ~owned
+    move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+    return PackedDocuments(
+        shapes,
+        move(index),
+        move(back.clamp(min=0)),
+        move((back < 0).nonzero().squeeze(1)),
+        move(owner.clamp(min=0)),
+        move((owner < 0).nonzero().squeeze(1)),
+        move(slots[shared]),
+        move(index[shared]),
+        int(lengths.max()),
+    )
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x's rows at `index`, with the rows at `zero` zeroed."""
+    out = x.index_select(0, index)
+    return out.index_fill_(0, zero, 0) if len(zero) else out
+
+
+class _ToSlots(torch.autograd.Function):
+    """Tokens (B * T, ...) -> slots (S, ...). The backward gathers too (a scatter-add was half
+    the per-document attention's backward on a CPU): each token takes its own slot's gradient,
+    plus those of its shared-prefix copies. A pad slot's gradient is dropped: it is zero, as
+    only pad queries, whose outputs nobody reads, attend to it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, docs: PackedDocuments) -> torch.Tensor:  # noqa: ANN001
+        ctx.docs = docs
+        return x.index_select(0, docs.index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        docs = ctx.docs
+        out = _gather(grad, docs.back, docs.unread)
+        if len(docs.shared_slots):
+            out.index_add_(0, docs.shared_tokens, grad.index_select(0, docs.shared_slots))
+        return out, None
+
+
+class _ToTokens(torch.autograd.Function):
+    """Slots (S, ...) -> tokens (B * T, ...): each token its own slot's output, zero where it has none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, docs: PackedDocuments) -> torch.Tensor:  # noqa: ANN001
+        ctx.docs = docs
+        return _gather(x, docs.back, docs.unread)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return _gather(grad, ctx.docs.owner, ctx.docs.unowned), None
 
 
 def attend_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocuments, scale: float | None
 ) -> torch.Tensor:
-    """Causal attention within each document: q (B, H, T, D), k and v (B, Hkv, T, D) ->
-    (B, H, T, D), equal to SDPA with the block-diagonal causal mask."""
+    """Causal attention within each sequence: q (B, H, T, D), k and v (B, Hkv, T, D) ->
+    (B, H, T, D), equal to SDPA with the block-diagonal causal mask (zero for padding)."""
     b, h, t, d = q.shape
 
-    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, Hx, T, D) -> (B * T, Hx, D)
-        return x.transpose(1, 2).reshape(b * t, x.shape[1], d)
+    def slots(x: torch.Tensor) -> list[torch.Tensor]:  # (B, Hx, T, D) -> per batch (n, Hx, width, D)
+        flat = _ToSlots.apply(x.transpose(1, 2).reshape(b * t, x.shape[1], d), docs)  # (S, Hx, D)
+        parts = flat.split([n * width for n, width in docs.shapes])
+        return [
+            p.view(n, width, x.shape[1], d).transpose(1, 2)
+            for p, (n, width) in zip(parts, docs.shapes, strict=True)
+        ]
 
-    qf, kf, vf = tokens(q), tokens(k), tokens(v)
     outs = []
-    for index in docs.groups:
-        n, width = index.shape
-        qg, kg, vg = (x[index].transpose(1, 2) for x in (qf, kf, vf))  # (n, Hx, width, D)
+    for qg, kg, vg in zip(slots(q), slots(k), slots(v), strict=True):
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h
-        )  # (n, H, width, D)
-        outs.append(o.transpose(1, 2).reshape(n * width, h, d))
+            qg, kg, vg, is_causal=True, scale=scale, enable_gqa=kg.shape[1] != h
+        )
+        outs.append(o.transpose(1, 2).reshape(-1, h, d))  # (n * width, H, D)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out[docs.back].view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+    return _ToTokens.apply(out, docs).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
