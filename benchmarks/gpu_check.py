@@ -16,7 +16,9 @@ equality checks compare two implementations on the same weights). Sections:
 5. finetune: LoRA steps on CUDA in bf16, loss before and after;
 6. dist (gpu_speed.py): FSDP2 full fine-tuning and DDP LoRA through `--nproc-per-node`
    on NCCL, losses against one plain process;
-7. profile (gpu_profile.py): torch.profiler over the LoRA step (ours, peft, ours compiled)
+7. packed (gpu_speed.py): LoRA steps on packed rows, attention one example at a time with the
+   causal kernel against SDPA over the row with the block-diagonal mask;
+8. profile (gpu_profile.py): torch.profiler over the LoRA step (ours, peft, ours compiled)
    and batch-1 decode (eager, graphs, compiled + graphs): device busy time against wall
    time, kernels per step, the top ops; `--trace-dir DIR` keeps gzipped Chrome traces.
 
@@ -346,8 +348,10 @@ SECTIONS = {
     "quant": section_quant,
 }
 #: Sections that take the time left (gpu_speed.py; profile: gpu_profile.py), by name.
-TIMED = ("decode", "server", "lora", "exact", "dist", "profile")
-DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,profile@large"
+TIMED = ("decode", "server", "lora", "packed", "exact", "dist", "profile")
+DEFAULT = (
+    "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,packed@large,profile@large"
+)
 
 
 def run_section(spec: str, paths: dict, args, clock) -> dict:

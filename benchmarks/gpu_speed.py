@@ -11,6 +11,8 @@ Each measures weightsmith and its peer in the same process on the same random we
   and 32 clients spread over four LoRA adapters and the base model;
 - lora: LoRA r=16 on every linear, batch 8 x 512, bf16, AdamW: tokens/s and peak memory,
   ours vs transformers + peft in a plain training loop;
+- packed: LoRA steps on packed rows, attention one example at a time against the row-sized
+  mask: tokens/s and the loss each gives;
 - exact: the captured path's greedy tokens equal the eager path's in fp32 (TF32 off), and
   its logits are within bf16 rounding of eager in bf16; rows of different LoRA adapters get
   the eager per-group step's greedy tokens in fp32.
@@ -265,13 +267,61 @@ def section_lora(path: Path, clock: Clock, runs: int, batch: int = 8, seq: int =
     return out
 
 
+def section_packed(
+    path: Path, clock: Clock, runs: int, batch: int = 8, seq: int = 512, doc: int = 100
+) -> dict:
+    """LoRA steps on packed rows (examples of about `doc` tokens laid end to end in rows of
+    `seq`): attention one example at a time with the causal kernel (what `--packing` does),
+    against SDPA over the row with the block-diagonal mask; tokens/s, and the loss each gives
+    on the same weights before any step (bf16: equal to rounding)."""
+    from weightsmith.models import model as model_module
+    from weightsmith.train.data import Batch
+    from weightsmith.train.losses import sft_loss
+
+    step, vocab, model = _lora_ours(path, batch, seq, keep_model=True)
+    g = torch.Generator().manual_seed(1)
+    lengths: list[list[int]] = []
+    for _ in range(batch):  # each row: examples of doc/2 .. 3*doc/2 tokens, the last one cut
+        row, room = [], seq
+        while room > 0:
+            row.append(min(room, int(torch.randint(doc // 2, 3 * doc // 2, (1,), generator=g))))
+            room -= row[-1]
+        lengths.append(row)
+    documents = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in lengths])
+    inputs = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = torch.roll(inputs, -1, 1).masked_fill(torch.roll(positions, -1, 1) == 0, -100)
+    packed = Batch(*(t.to(DEVICE) for t in (inputs, labels, positions, documents)))
+    real = model_module.pack_documents
+    modes = {"per example": real, "row mask": lambda documents: None}
+    out: dict = {"examples": sum(len(r) for r in lengths)}
+    try:
+        for name, layout in modes.items():  # the losses first: the timed steps train the adapter
+            model_module.pack_documents = layout
+            with torch.no_grad():
+                loss, n = sft_loss(model, packed)
+            out[name] = {"loss": loss.item() / n}
+        for name, layout in modes.items():
+            if clock.left() < 30:
+                out[name]["tokens/s"] = f"skipped: {clock.left():.0f} s left"
+                continue
+            model_module.pack_documents = layout
+            out[name]["tokens/s"] = batch * seq / median_time(lambda: step(packed), max(runs, 5), 2)
+    finally:
+        model_module.pack_documents = real
+    a, b = (out[name]["tokens/s"] for name in modes)
+    if isinstance(a, float) and isinstance(b, float):
+        out["ratio tokens/s per example / row mask"] = a / b
+    return out
+
+
 def _batch(vocab: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(DEVICE)
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _lora_ours(path: Path, batch: int, seq: int, compile_layers: bool = False):
+def _lora_ours(path: Path, batch: int, seq: int, compile_layers: bool = False, keep_model: bool = False):
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.lora import LoraConfig, apply_lora
     from weightsmith.train.data import Batch
@@ -288,13 +338,13 @@ def _lora_ours(path: Path, batch: int, seq: int, compile_layers: bool = False):
     inputs, labels = _batch(model.config.vocab_size, batch, seq)
     b = Batch(inputs, labels)
 
-    def step() -> None:
-        loss, n = sft_loss(model, b)
+    def step(batch: Batch = b) -> None:
+        loss, n = sft_loss(model, batch)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, model.config.vocab_size
+    return (step, model.config.vocab_size) + ((model,) if keep_model else ())
 
 
 def _lora_peft(path: Path, batch: int, seq: int):
