@@ -77,8 +77,10 @@ def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch):
-    """The loss and every gradient of a packed batch (fp32) equal the mask path's."""
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch, checkpoint):
+    """The loss and every gradient of a packed batch (fp32) equal the mask path's, with gradient
+    checkpointing (each layer recomputed in backward) too."""
     model = load_checkpoint(tiny_hf_dir, decode_layout=False).model.train().requires_grad_(True)
     examples = [Example(list(range(3 + i, 10 + 9 * i)), [True] * (7 + 8 * i)) for i in range(6)]
     batch = collate(to_rows(examples, 64, packing=True), pad_id=0)
@@ -88,7 +90,7 @@ def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch):
         if not per_document:
             monkeypatch.setattr("weightsmith.models.model.pack_documents", lambda documents: None)
         model.zero_grad()
-        loss, _ = sft_loss(model, batch)
+        loss, _ = sft_loss(model, batch, checkpoint=checkpoint)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = out
