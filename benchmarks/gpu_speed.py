@@ -12,7 +12,8 @@ Each measures weightsmith and its peer in the same process on the same random we
 - lora: LoRA r=16 on every linear, batch 8 x 512, bf16, AdamW: tokens/s and peak memory,
   ours vs transformers + peft in a plain training loop;
 - packed: LoRA steps on packed rows, attention one example at a time against the row-sized
-  mask: tokens/s and the loss each gives;
+  mask: tokens/s and the loss each gives; and DPO rows as two causal sequences against the
+  shared-prompt mask;
 - exact: the captured path's greedy tokens equal the eager path's in fp32 (TF32 off), and
   its logits are within bf16 rounding of eager in bf16; rows of different LoRA adapters get
   the eager per-group step's greedy tokens in fp32.
@@ -312,6 +313,47 @@ def section_packed(
     a, b = (out[name]["tokens/s"] for name in modes)
     if isinstance(a, float) and isinstance(b, float):
         out["ratio tokens/s per example / row mask"] = a / b
+    if clock.left() > 40:
+        out["dpo"] = _dpo_rows(model, vocab, clock, runs)
+    return out
+
+
+def _dpo_rows(model, vocab: int, clock: Clock, runs: int, pairs: int = 8, n: int = 256) -> dict:
+    """DPO rows (prompt, chosen, rejected: `n` tokens each): the answers' log-probabilities and
+    their backward, as two causal sequences (what `dpo` does on a GPU) against the shared-prompt
+    mask; tokens/s and the largest log-probability difference."""
+    from weightsmith.train import losses
+    from weightsmith.train.preference_data import PairExample, collate_pairs
+
+    g = torch.Generator().manual_seed(2)
+    ids = lambda: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    batch = collate_pairs([PairExample(ids(), ids(), ids()) for _ in range(pairs)], pad_id=0).to(
+        torch.device(DEVICE)
+    )
+    real, threshold = losses.pair_sequences, losses.SEQUENCES_FROM
+    modes = {"sequences": real, "mask": lambda segments: None}
+    out: dict = {}
+    losses.SEQUENCES_FROM = 0  # sequences at any row length (a GPU's choice; a CPU's from 1024)
+    try:
+        for name, layout in modes.items():
+            losses.pair_sequences = layout
+            with torch.no_grad():
+                out[name] = {"logps": losses.pair_log_probs(model, batch)}
+
+            def step() -> None:
+                losses.pair_log_probs(model, batch).sum().backward()
+                model.zero_grad(set_to_none=True)
+
+            if clock.left() > 20:
+                out[name]["tokens/s"] = pairs * 3 * n / median_time(step, max(runs, 5), 2)
+    finally:
+        losses.pair_sequences, losses.SEQUENCES_FROM = real, threshold
+    out["max |logp difference|"] = (
+        (out["sequences"].pop("logps") - out["mask"].pop("logps")).abs().max().item()
+    )
+    a, b = (out[name].get("tokens/s") for name in modes)
+    if isinstance(a, float) and isinstance(b, float):
+        out["ratio tokens/s sequences / mask"] = a / b
     return out
 
 
