@@ -372,3 +372,12 @@ def test_config_checks_and_resume_refusals(tiny_hf_dir, pairs, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert expect in err and "differs" in err and "another --out" in err and "\n" not in err, err
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_a_pair_is_as_long_as_its_row():
+    """--train.group-by-length groups pairs by the row they make: prompt once, then both answers."""
+    from weightsmith.train.preference_data import PairExample, PairSource
+
+    pairs = [PairExample([1] * 5, [2] * 3, [3] * 7), PairExample([4] * 2, [5] * 9, [6] * 1)]
+    source = PairSource(pairs, pad_id=0)
+    assert source.lengths() == [source.batch([i]).inputs.shape[1] for i in range(2)] == [15, 12]

@@ -21,7 +21,7 @@ from weightsmith.cli.main import main
 from weightsmith.config import config_from_dict
 from weightsmith.lora import LoRALinear, load_adapter
 from weightsmith.train.data import IGNORE, Example, collate, to_rows
-from weightsmith.train.sft import FinetuneConfig, read_metrics, run_finetune, sft_loss
+from weightsmith.train.sft import FinetuneConfig, load_data, read_metrics, run_finetune, sft_loss
 
 WORDS = ["fox", "dog", "model", "time", "world", "quick", "lazy", "small"]
 
@@ -107,7 +107,6 @@ def test_sft_loss_is_cross_entropy_on_target_tokens_only(tiny_hf_dir):
 def test_validation_batches_rows_of_like_length_and_its_loss_is_each_examples(tiny_hf_dir, tmp_path):
     """Validation rows are batched shortest first (less padding than file order), and the
     validation loss is still the mean over all target tokens of each example scored alone."""
-    from weightsmith.train.sft import load_data
 
     lines = []
     for i in range(10):  # answers of very different lengths, in no order
@@ -136,6 +135,20 @@ def test_validation_batches_rows_of_like_length_and_its_loss_is_each_examples(ti
             targets += int(keep.sum())
     result = run_finetune(cfg)
     assert result["initial_val_loss"] == pytest.approx(total / targets, rel=1e-5)
+
+
+def test_group_by_length_hands_the_batch_order_each_rows_length(tiny_hf_dir, data, tmp_path, monkeypatch):
+    from weightsmith.train import loop
+
+    made = []
+    real = loop.BatchOrder
+    monkeypatch.setattr(loop, "BatchOrder", lambda *a, **k: made.append(k) or real(*a, **k))
+    result = run_finetune(finetune_config(tiny_hf_dir, data, tmp_path / "run", group_by_length=True))
+    cfg = finetune_config(tiny_hf_dir, data, tmp_path / "x")
+    rows, _, _ = load_data(cfg, load_checkpoint(str(tiny_hf_dir), dtype=torch.float32).tokenizer)
+    assert made[0]["lengths"] == [len(r.ids) for r in rows] and len(set(made[0]["lengths"])) > 3
+    assert result["metrics"]["val_loss"] < result["initial_val_loss"]
+    assert "group_by_length: true" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_hf_dir, data, tmp_path):

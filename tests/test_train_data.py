@@ -248,6 +248,34 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
     assert [again.rows(1, k) for k in range(4)] != [order.rows(0, k) for k in range(4)]
 
 
+def _padded_tokens(order: BatchOrder, lengths: list[int], epoch: int) -> int:
+    return sum(
+        max(lengths[i] for i in rows) * len(rows)
+        for rows in (order.rows(epoch, k) for k in range(order.batches_per_epoch))
+    )
+
+
+@pytest.mark.parametrize("n_rows", [1000, 997])  # whole batches, and a short last one
+def test_grouping_by_length_pads_less_and_still_sees_every_row_once(n_rows):
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(20, 400, (n_rows,), generator=g).tolist()
+    plain = BatchOrder(n_rows, 8, seed=3)
+    grouped = BatchOrder(n_rows, 8, seed=3, lengths=lengths)
+    for epoch in (0, 1):
+        batches = [grouped.rows(epoch, k) for k in range(grouped.batches_per_epoch)]
+        assert sorted(i for b in batches for i in b) == list(range(n_rows))  # each row once
+        assert all(len(b) == 8 for b in batches[:-1])  # only the epoch's last batch may be short
+        real = sum(lengths)
+        # Random batches of uniform lengths pad to about 1.5x the real tokens; grouped, to under 1.05x.
+        assert _padded_tokens(plain, lengths, epoch) > 1.3 * real
+        assert _padded_tokens(grouped, lengths, epoch) < 1.05 * real
+        longest = [max(lengths[i] for i in b) for b in batches[:50]]
+        assert longest != sorted(longest, reverse=True)  # the batches of a run are shuffled
+    again = BatchOrder(n_rows, 8, seed=3, lengths=lengths)  # a resumed run: the same batches
+    assert [again.rows(1, k) for k in range(5)] == [grouped.rows(1, k) for k in range(5)]
+    assert grouped.rows(0, 0) != grouped.rows(1, 0)
+
+
 def test_validation_split_is_seeded_and_disjoint():
     records = [Record(f"f:{i}", text=str(i)) for i in range(20)]
     train, valid = split_records(records, 0.2, seed=1)

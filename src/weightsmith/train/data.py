@@ -290,6 +290,23 @@ class Batch:
         )
 
 
+@dataclass
+class RowSource:
+    """SFT rows, collated right-padded with `pad_id`."""
+
+    rows: list[Row]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        return collate([self.rows[i] for i in indices], self.pad_id)
+
+    def lengths(self) -> list[int]:
+        return [len(r.ids) for r in self.rows]
+
+
 def collate(rows: Sequence[Row], pad_id: int) -> Batch:
     """Right-padded inputs ids[:-1] and labels ids[1:]; a label is kept where its token is a
     target and is not the first token of a packed document."""
@@ -317,15 +334,25 @@ def collate(rows: Sequence[Row], pad_id: int) -> Batch:
     return Batch(inputs, labels, positions, documents, sum(len(r.ids) - 1 for r in rows))
 
 
+#: --train.group-by-length sorts each run of this many batches of the epoch's shuffle by length.
+MEGABATCH = 50
+
+
 @dataclass
 class BatchOrder:
     """Which rows make batch `index` of epoch `epoch`: a fresh seeded shuffle per epoch, so
-    the order depends only on (seed, epoch, index) and a resumed run sees the same batches."""
+    the order depends only on (seed, epoch, index) and a resumed run sees the same batches.
+
+    With `lengths` (--train.group-by-length), rows of like lengths share a batch, so little of a
+    batch is padding: the shuffle is cut into runs of `MEGABATCH` batches, each run is sorted
+    longest first and cut into batches, and the batches of a run are shuffled again (transformers'
+    `group_by_length` keeps them longest first). Every row is still seen once an epoch."""
 
     n_rows: int
     batch_size: int
     seed: int
     shuffle: bool = True
+    lengths: Sequence[int] | None = None
     _cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -335,13 +362,26 @@ class BatchOrder:
     def rows(self, epoch: int, index: int) -> list[int]:
         if epoch not in self._cache:
             self._cache.clear()
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._cache[epoch] = torch.randperm(self.n_rows, generator=g).tolist()
-            else:
-                self._cache[epoch] = list(range(self.n_rows))
+            self._cache[epoch] = self._epoch_order(epoch)
         order = self._cache[epoch]
         return order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_rows))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_rows, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        b, run = self.batch_size, self.batch_size * MEGABATCH
+        grouped = []
+        for start in range(0, self.n_rows, run):
+            part = sorted(order[start : start + run], key=lambda i: -self.lengths[i])
+            batches = [part[k : k + b] for k in range(0, len(part), b)]
+            # A short batch (the epoch's last rows) stays last: each batch index keeps b rows.
+            full = [batches[k] for k in torch.randperm(len(batches) - (len(batches[-1]) < b), generator=g)]
+            grouped += [i for batch in full + batches[len(full) :] for i in batch]
+        return grouped
 
 
 def pad_id_for(tokenizer: Tokenizer) -> int:

@@ -44,7 +44,7 @@ from weightsmith.files import write_text_atomic
 from weightsmith.models.model import DecoderLayer
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train import fsdp
-from weightsmith.train.data import Batch, BatchOrder, Row, collate
+from weightsmith.train.data import BatchOrder
 from weightsmith.train.distributed import World
 from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
 
@@ -69,20 +69,7 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
     def batch(self, indices: Sequence[int]) -> TrainBatch: ...
-
-
-@dataclass
-class RowSource:
-    """SFT rows, collated right-padded with `pad_id`."""
-
-    rows: list[Row]
-    pad_id: int
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, indices: Sequence[int]) -> Batch:
-        return collate([self.rows[i] for i in indices], self.pad_id)
+    def lengths(self) -> list[int]: ...  # each item's tokens (--train.group-by-length)
 
 
 #: (model, batch) -> (summed loss, how many units it sums, {metric: summed value}).
@@ -97,6 +84,9 @@ class TrainOptions:
     epochs: int = opt(1, "passes over the training data (unless --train.max-steps is set)")
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     batch_size: int = opt(4, "examples (or packed rows) per micro-batch")
+    group_by_length: bool = opt(
+        False, "batch examples of similar length (less padding; order still shuffled)"
+    )
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warm-up")
     warmup_ratio: float = opt(0.05, "fraction of the steps spent warming up (unless --train.warmup-steps)")
@@ -218,7 +208,8 @@ class Trainer:
         if self.world.size > 1:  # the model is built alike on every rank; dropout must differ
             ckpt.split_rng(self.world.rank)
         self.reporter = (reporter if self.world.is_main else None) or LogReporter()
-        self.order = BatchOrder(len(train), opts.batch_size, opts.seed)
+        lengths = train.lengths() if opts.group_by_length else None
+        self.order = BatchOrder(len(train), opts.batch_size, opts.seed, lengths=lengths)
         self.optimizer = make_optimizer(
             model, lr=opts.lr, weight_decay=opts.weight_decay, betas=opts.adam_betas, eps=opts.adam_eps
         )

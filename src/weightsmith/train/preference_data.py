@@ -452,6 +452,9 @@ class PairSource:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def lengths(self) -> list[int]:
+        return [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in self.pairs]
+
     def batch(self, indices: Sequence[int]) -> PairBatch:
         batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id)
         if self.reference is not None:

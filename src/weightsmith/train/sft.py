@@ -21,13 +21,14 @@ from weightsmith.config import opt
 from weightsmith.train.data import (
     DataStats,
     Row,
+    RowSource,
     pad_id_for,
     read_records,
     to_rows,
     tokenize_records,
 )
 from weightsmith.train.distributed import World
-from weightsmith.train.loop import Reporter, RowSource, Trainer
+from weightsmith.train.loop import Reporter, Trainer
 from weightsmith.train.losses import sft_loss
 from weightsmith.train.runs import (
     LoraOptions,
