@@ -373,7 +373,7 @@ class CausalLM(nn.Module):
         docs = pack_documents(documents) if documents is not None and cache is None else None
         for kind in set(self.config.layer_types):
             windowed = kind == "sliding_attention" and kv_len > window
-            if docs is not None and not (kind == "sliding_attention" and docs.longest > window):
+            if docs is not None and docs.usable_for(kind, window):
                 masks[kind] = None
                 continue
             if aligned and not windowed and (plain_causal or t == 1):

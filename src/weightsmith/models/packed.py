@@ -56,6 +56,11 @@ class PackedDocuments:
     #: The longest sequence's length.
     longest: int
 
+    def usable_for(self, layer_type: str, window: int | None) -> bool:
+        """Whether a layer of `layer_type` can attend as these sequences: a full-attention layer
+        always, a sliding-window one where its window holds the longest sequence (else a mask)."""
+        return layer_type != "sliding_attention" or not window or self.longest <= window
+
 
 def pack_documents(documents: torch.Tensor) -> PackedDocuments | None:
     """The layout of `documents` (B, T): each row's runs of one id are its documents, in

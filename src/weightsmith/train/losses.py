@@ -243,7 +243,7 @@ def _pair_attention(model: nn.Module, batch: PairBatch) -> Iterator[None]:
         kind: shared_prompt_mask(
             batch.positions, batch.segments, window if kind == "sliding_attention" else None
         )
-        if docs is None or (kind == "sliding_attention" and window and docs.longest > window)
+        if docs is None or not docs.usable_for(kind, window)
         else None
         for kind in set(cfg.layer_types)
     }
