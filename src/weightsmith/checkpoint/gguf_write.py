@@ -5,8 +5,9 @@ What it does:
   vocabulary ("gpt2" tokenizer model: tokens, token types, merges, special token ids, BOS/EOS
   flags, pre-tokenizer name, chat template) and every weight under llama.cpp's tensor names, with
   Q/K rows permuted for llama's rope (`permute_qk`, the inverse of `gguf.unpermute_qk`).
-- Matrices are stored as F32, F16, Q8_0 or Q4_0 (gguf-py's reference quantizers); norms and biases
-  always as F32, and a matrix whose rows are not a multiple of the 32-weight block as F16.
+- Matrices are stored as F32, F16, or a llama.cpp file type's mix of quantized types (Q8_0, Q6_K,
+  Q5_K_M/S, Q4_K_M/S, Q4_0), each tensor in the type `llama-quantize` would pick (gguf_mix.py); norms,
+  biases and routers as F32.
 - The file appears atomically (temp file in the same directory, fsync, rename); on any error no
   file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
@@ -18,8 +19,8 @@ the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the c
 capped at the window instead, so the file computes exactly what the model does within it.
 
 What it does not do: SentencePiece vocabularies, dense layers among experts, yarn or dynamic rope scaling,
-k-quants or importance matrices (use llama.cpp's `llama-quantize` on an F16 export for those),
-and streaming: the converted tensors are held in memory until the file is written.
+importance matrices (use llama.cpp's `llama-quantize --imatrix` on an F16 export for those), and
+streaming: the converted tensors are held in memory until the file is written.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_experts import add_expert_hparams, check_experts, stack_experts
+from weightsmith.checkpoint.gguf_mix import QUANTS, Mix, encode
 from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors, expert_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
@@ -54,13 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: --quant value -> (GGML type for matrices, llama.cpp's general.file_type).
-QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
-    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-}
 #: Our model_type -> llama.cpp architecture. Mistral has no architecture of its own in llama.cpp.
 ARCHITECTURES = {
     "llama": "llama",
@@ -74,8 +69,6 @@ ARCHITECTURES = {
 }
 #: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
 _SWA_ARCHITECTURES = ("gemma3", "phi3")
-
-_BLOCK_SIZE = 32  # weights per Q8_0 / Q4_0 block, along a row (ggml's ne0)
 
 # Reverse of gguf_names.py's map: HF module name (inside a layer, or global) -> GGUF name.
 _HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
@@ -356,24 +349,11 @@ def _check_layout(model: torch.nn.Module, cfg: ModelConfig, source: str) -> None
             )
 
 
-def _stored(name: str, w: np.ndarray, qtype: QT, fallbacks: list[str]) -> tuple[np.ndarray, QT]:
-    """The array to write for one tensor and its GGML type."""
-    if w.ndim < 2 or qtype == QT.F32:
-        return np.ascontiguousarray(w, dtype=np.float32), QT.F32
-    if qtype in (QT.Q8_0, QT.Q4_0) and w.shape[-1] % _BLOCK_SIZE:
-        fallbacks.append(name)
-        qtype = QT.F16
-    if qtype == QT.F16:
-        return np.ascontiguousarray(w, dtype=np.float16), QT.F16
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
-
-
 def _add_tensors(
-    writer: gguf.GGUFWriter, model: torch.nn.Module, cfg: ModelConfig, arch: str, qtype: QT, source: str
-) -> tuple[Counter[str], list[str]]:
+    writer: gguf.GGUFWriter, model: torch.nn.Module, cfg: ModelConfig, arch: str, mix: Mix, source: str
+) -> Counter[str]:
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     counts: Counter[str] = Counter()
-    fallbacks: list[str] = []
     # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint;
     # each layer's experts stacked into (n_expert, out, in) tensors.
     for hf_name, p in stack_experts(fuse_state(cfg, float_state(model, cfg, source))).items():
@@ -383,13 +363,16 @@ def _add_tensors(
         if name is None:
             raise CheckpointError(f"{source}: parameter {hf_name} has no llama.cpp tensor name")
         w = p.to(device="cpu", dtype=torch.float32).numpy()
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"{source}: {hf_name} holds NaN or infinite values; it cannot be exported")
         proj = hf_name.rsplit(".", 2)[-2]
         # ggml's llama rope needs the pair-interleaved row order; the others use NEOX rope (HF order).
         if arch == "llama" and proj in heads:
             w = permute_qk(w, heads[proj])
         if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp's Gemma norms scale by the stored weight: store 1 + w
-        data, stored_type = _stored(name, w, qtype, fallbacks)
+        stored_type = mix.tensor_type(name, w.shape)
+        data = encode(w, stored_type)
         if stored_type in (QT.F32, QT.F16):
             writer.add_tensor(name, data)
         else:
@@ -398,14 +381,14 @@ def _add_tensors(
     if cfg.rope_type == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, source))
         counts["F32"] += 1
-    if fallbacks:
+    if mix.fallbacks:
         logger.warning(
-            "GGUF export: %d tensors have rows that are not a multiple of %d and were stored as F16: %s",
-            len(fallbacks),
-            _BLOCK_SIZE,
-            ", ".join(fallbacks[:5]) + (" ..." if len(fallbacks) > 5 else ""),
+            "GGUF export: %d tensors have rows their type's blocks do not divide and took another type: %s",
+            len(mix.fallbacks),
+            ", ".join(f"{k} ({v})" for k, v in list(mix.fallbacks.items())[:5])
+            + (" ..." if len(mix.fallbacks) > 5 else ""),
         )
-    return counts, fallbacks
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +442,13 @@ def export_gguf(
     cfg, source = ckpt.config, str(ckpt.path)
     arch = _check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
-    qtype, file_type = QUANTS[quant]
+    file_type = QUANTS[quant][1]
+    mix = Mix(
+        quant,
+        layers=cfg.num_hidden_layers,
+        experts=cfg.num_local_experts,
+        has_output=not cfg.tie_word_embeddings,
+    )
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
     # Everything that can fail on the model's own data runs before the GGUF file is written.
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
@@ -468,7 +457,7 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, cfg, model_name, int(file_type))
         pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
-        counts, fallbacks = _add_tensors(writer, ckpt.model, cfg, arch, qtype, source)
+        counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -484,6 +473,7 @@ def export_gguf(
         "model_type": cfg.model_type,
         "tokenizer_pre": pre,
         "tensors": dict(sorted(counts.items())),
-        "f16_fallbacks": fallbacks,
+        "f16_fallbacks": [name for name, how in mix.fallbacks.items() if how.endswith("F16")],
+        "fallbacks": mix.fallbacks,
         "modelfile": str(modelfile),
     }

@@ -284,9 +284,9 @@ COMMANDS: dict[str, Command | Group] = {
     ),
     "export": Command(
         export.ExportConfig,
-        "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q4_0)",
+        "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, ...)",
         "weightsmith export smollm2-135m-instruct --quant q8_0 --out exports/smollm2-q8_0.gguf\n"
-        "  weightsmith export models/support-merged --quant f16 --out support.gguf --overwrite\n"
+        "  weightsmith export models/support-merged --quant q4_k_m --out support.gguf --overwrite\n"
         "  ollama create support -f Modelfile                    # then, in the --out directory",
         export.run_export,
         _plain(export_out.print_export),

@@ -40,7 +40,7 @@ from weightsmith.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c")
+SOURCES = (HERE / "cpu_kernels.c", HERE / "cpu_decode.c", HERE / "cpu_kquant.c")
 #: Built apart, without -march=native: it holds a copy of its kernels per x86 instruction set
 #: and picks one at run time (CPUID), so a forced AVX2 path is exactly AVX2 code.
 QDOT = HERE / "cpu_qdot.c"

@@ -1,0 +1,123 @@
+"""Which GGML type each tensor of a GGUF export is stored in (`--quant`), and its bytes.
+
+`--quant` names one of llama.cpp's file types. As llama.cpp's `llama-quantize` does for that
+type (without an importance matrix), most matrices are stored in the type's base and a few get
+more bits where rounding costs the most, so that a file we write holds the same types per
+tensor as one `llama-quantize` makes from the same model (tests/test_gguf_kquants.py compares
+them where llama-cpp-python is installed):
+
+- the LM head (or the embedding, when the model ties them) is Q6_K for every quantized type
+  but Q8_0; Q8_0 if its rows are not a multiple of 256;
+- `*_m` types: attn_v and ffn_down of the first and last eighth of the layers and of every
+  third layer between them (`more_bits`) are Q6_K; `q4_k_s`: attn_v of the first 4 layers and
+  ffn_down of the first eighth are Q5_K (Phi-3's fused attn_qkv is ruled as attn_v);
+- models with 8 experts (Mixtral): attn_k and attn_v are Q8_0, and attn_output Q5_K for q4_k_*;
+- a k-quant matrix whose rows are not a multiple of 256 falls back as llama.cpp does (Q4_K to
+  Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), and one whose rows are not a multiple of 32 to F16.
+
+Vectors (norms, biases) and MoE routers stay F32. Not here: the k-quant blocks themselves
+(quant/kquants.py), the legacy types' blocks (gguf-py's reference quantizers), names and
+metadata (gguf_write.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from weightsmith.quant.kquants import QK_K, quantize_k
+
+_FT = gguf.LlamaFileType
+#: --quant value -> (GGML type of most matrices, llama.cpp's general.file_type).
+QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
+    "f32": (QT.F32, _FT.ALL_F32),
+    "f16": (QT.F16, _FT.MOSTLY_F16),
+    "q8_0": (QT.Q8_0, _FT.MOSTLY_Q8_0),
+    "q6_k": (QT.Q6_K, _FT.MOSTLY_Q6_K),
+    "q5_k_m": (QT.Q5_K, _FT.MOSTLY_Q5_K_M),
+    "q5_k_s": (QT.Q5_K, _FT.MOSTLY_Q5_K_S),
+    "q4_k_m": (QT.Q4_K, _FT.MOSTLY_Q4_K_M),
+    "q4_k_s": (QT.Q4_K, _FT.MOSTLY_Q4_K_S),
+    "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
+}
+_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+_BLOCK = 32  # weights per block of the legacy types (Q4_0, Q5_0, Q5_1, Q8_0)
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+?)\.weight")
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """The layers `*_m` types give more bits: the first and last eighth, every third between."""
+    eighth = layers // 8
+    return layer < eighth or layer >= 7 * layers // 8 or (layer - eighth) % 3 == 2
+
+
+@dataclass
+class Mix:
+    """What the rules read of a model, and the fallbacks taken while writing its tensors."""
+
+    quant: str
+    layers: int
+    experts: int = 0
+    has_output: bool = True
+    #: tensor name -> "FROM -> TO" for every tensor whose rows did not fit its type's blocks.
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def tensor_type(self, name: str, shape: tuple[int, ...]) -> QT:
+        """The type `name` (of `shape`, rows last) is stored in."""
+        base = QUANTS[self.quant][0]
+        if len(shape) < 2 or base == QT.F32 or name.endswith((".bias", "ffn_gate_inp.weight")):
+            return QT.F32
+        if base == QT.F16:
+            return QT.F16
+        chosen = self._rule(name, shape[-1], base)
+        wanted = chosen
+        if chosen in _K_FALLBACK and shape[-1] % QK_K:
+            chosen = _K_FALLBACK[chosen]
+        if shape[-1] % _BLOCK:
+            chosen = QT.F16
+        if chosen != wanted:
+            self.fallbacks[name] = f"{wanted.name} -> {chosen.name}"
+        return chosen
+
+    def _rule(self, name: str, cols: int, base: QT) -> QT:
+        if name == "output.weight" or (name == "token_embd.weight" and not self.has_output):
+            return QT.Q8_0 if cols % QK_K or base == QT.Q8_0 else QT.Q6_K
+        match = _LAYER.fullmatch(name)
+        if match is None:
+            return base
+        layer, kind = int(match.group(1)), match.group(2)
+        medium = self.quant in ("q4_k_m", "q5_k_m")
+        if kind in ("attn_v", "attn_qkv"):  # Phi-3's fused q/k/v is ruled as attn_v
+            chosen = base
+            if medium and more_bits(layer, self.layers):
+                chosen = QT.Q6_K
+            elif self.quant == "q4_k_s" and layer < 4:
+                chosen = QT.Q5_K
+            return QT.Q8_0 if self.experts == 8 else chosen
+        if kind == "attn_k":
+            return QT.Q8_0 if self.experts == 8 else base
+        if kind.startswith("ffn_down"):
+            if medium and more_bits(layer, self.layers):
+                return QT.Q6_K
+            if self.quant == "q4_k_s" and layer < self.layers // 8:
+                return QT.Q5_K
+            return base
+        if kind == "attn_output" and self.experts == 8 and self.quant in ("q4_k_s", "q4_k_m"):
+            return QT.Q5_K
+        return base
+
+
+def encode(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """The bytes (or float array) `writer.add_tensor` takes for `w` stored as `qtype`."""
+    if qtype == QT.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == QT.F16:
+        return np.ascontiguousarray(w, dtype=np.float16)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype in _K_FALLBACK:
+        return quantize_k(w, qtype)
+    return gguf.quants.quantize(w, qtype)

@@ -1,0 +1,252 @@
+/* k-quant blocks (Q4_K, Q5_K, Q6_K) from float weights: the fast path of quant/kquants.py.
+ *
+ * The algorithm and the byte layouts are kquants.py's (its docstring says what and why); this
+ * file runs the same steps one super-block at a time, in registers and L1 instead of whole-matrix
+ * tensor passes, with super-blocks split between threads. Sums are fp32 in another order than
+ * PyTorch's, so a near tie between two candidate scales can go the other way: the tests hold the
+ * two paths to the same error, not to the same bytes.
+ *
+ * Built and loaded with the other kernels (cpu_kernels.py); `tries` are kquants.py's.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+enum { QK = 256, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+/* float -> IEEE half bits, rounding to nearest even (as torch's .to(float16)); |f| <= 65504. */
+static uint16_t to_f16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    const uint16_t sign = (uint16_t)(v.u >> 16 & 0x8000);
+    const uint32_t a = v.u & 0x7fffffffu;
+    if (a < 0x38800000u) /* below 2^-14: a subnormal half, round(|f| * 2^24) (1024 is 2^-14) */
+        return sign | (uint16_t)nearbyintf(fabsf(f) * 16777216.0f);
+    const uint32_t h = a - 0x38000000u; /* exponent rebiased 127 -> 15, mantissa still 23 bits */
+    return sign | (uint16_t)((h + 0xfffu + (h >> 13 & 1)) >> 13);
+}
+
+/* min / max written as comparisons: libm's fminf / fmaxf are calls (NaN rules) that keep the
+ * loops from vectorizing, and no NaN reaches here (the caller checks the weights). */
+static inline float lesser(float a, float b) { return a < b ? a : b; }
+static inline float greater(float a, float b) { return a > b ? a : b; }
+
+static float clamp_f16(float v) { return ws_f16_to_f32(to_f16(lesser(greater(v, -65504.0f), 65504.0f))); }
+
+static inline float level(float x, float lo, float hi) { return lesser(greater(nearbyintf(x), lo), hi); }
+
+/* The refinements' candidate levels, in kquants.py's order: the level, one down, one up. */
+static const int STEP[3] = {0, -1, 1};
+
+/* ---- sub-block fits ------------------------------------------------------------------------ */
+
+/* Loops run element by element with the tries (or candidate levels) as the vector lanes: each
+ * lane's sums are plain sequential fp32 sums, and no horizontal reduction is needed per try. */
+enum { MAX_TRIES = 32 };
+
+/* x ~ scale * q + low, q in [0, nmax], low <= 0: kquants._fit_affine for one sub-block. Lane 0
+ * is the plain min/max fit, lanes 1.. the tries. */
+static void fit_affine(const float *x, const float *w, int n, int nmax, const double *tries, int n_tries,
+                       float *scale_out, float *low_out) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) lo = lesser(lo, x[i]), hi = greater(hi, x[i]);
+    lo = lesser(lo, 0.0f);
+    const float span = hi - lo, inv = span > 0 ? 1.0f / span : 0.0f, top = (float)nmax;
+    const int lanes = n_tries + 1;
+    float f[MAX_TRIES + 1], aq[MAX_TRIES + 1] = {0}, aqq[MAX_TRIES + 1] = {0}, aqx[MAX_TRIES + 1] = {0};
+    for (int t = 0; t < lanes; t++) f[t] = (float)(nmax + (t ? tries[t - 1] : 0.0)) * inv;
+    float fw = 0, fx = 0, fxx = 0;
+    for (int i = 0; i < n; i++) {
+        const float xi = x[i] - lo, wi = w[i], wx = w[i] * x[i];
+        fw += wi, fx += wx, fxx += wx * x[i];
+#pragma omp simd
+        for (int t = 0; t < lanes; t++) {
+            const float q = level(xi * f[t], 0, top), wq = wi * q;
+            aq[t] += wq, aqq[t] += wq * q, aqx[t] += wx * q;
+        }
+    }
+    const double sw = fw, sx = fx, sxx = fxx;
+    float best_scale = span / top, best_low = lo;
+    double best_err = 0;
+    for (int t = 0; t < lanes; t++) {
+        const double sq = aq[t], sqq = aqq[t], sqx = aqx[t];
+        double s = best_scale, b = best_low;
+        int ok = 1;
+        if (t > 0) {
+            const double det = sw * sqq - sq * sq;
+            ok = det > 0;
+            const double safe = ok ? det : 1.0;
+            s = (sw * sqx - sq * sx) / safe, b = (sqq * sx - sq * sqx) / safe;
+            if (b > 0) s = sqx / (sqq > 1e-30 ? sqq : 1e-30), b = 0; /* an offset above zero: scale alone */
+            ok = ok && s > 0;
+            s = (float)s, b = (float)b;
+        }
+        const double err = s * s * sqq + 2 * s * b * sq + b * b * sw - 2 * s * sqx - 2 * b * sx + sxx;
+        if (t == 0 || (ok && err < best_err)) best_scale = (float)s, best_low = (float)b, best_err = err;
+    }
+    *scale_out = best_scale, *low_out = best_low;
+}
+
+/* x ~ scale * q, q in [-nmax, nmax - 1], least squares weighted by x^2: kquants._fit_symmetric. */
+static float fit_symmetric(const float *x, int n, int nmax, const double *tries, int n_tries) {
+    float big = x[0];
+    for (int i = 1; i < n; i++)
+        if (fabsf(x[i]) > fabsf(big)) big = x[i];
+    const float inv = big != 0 ? -1.0f / big : 0.0f, lo = (float)-nmax, hi = (float)(nmax - 1);
+    const int lanes = n_tries + 1;
+    float f[MAX_TRIES + 1], aqx[MAX_TRIES + 1] = {0}, aqq[MAX_TRIES + 1] = {0};
+    for (int t = 0; t < lanes; t++) f[t] = (float)(nmax + (t ? tries[t - 1] : 0.0)) * inv;
+    for (int i = 0; i < n; i++) {
+        const float xi = x[i], wi = x[i] * x[i], wx = wi * x[i];
+#pragma omp simd
+        for (int t = 0; t < lanes; t++) {
+            const float q = level(xi * f[t], lo, hi);
+            aqx[t] += wx * q, aqq[t] += wi * q * q;
+        }
+    }
+    float best_scale = 0;
+    double best_gain = 0;
+    for (int t = 0; t < lanes; t++) {
+        const double sqx = aqx[t], sqq = aqq[t];
+        const double gain = sqq > 0 ? sqx * sqx / sqq : 0.0;
+        if (gain > best_gain) best_scale = (float)(sqx / sqq), best_gain = gain;
+    }
+    return best_scale;
+}
+
+/* Of the candidate (step, offset) pairs, the first with the least weighted squared error of
+ * x ~ step * q - offset, q = round((x + offset) / step) in [lo, hi] (0 where step is 0). */
+static int best_candidate(const float *x, const float *w, int n, const float *step, const float *offset, int count,
+                          float lo, float hi) {
+    float is[9], err[9] = {0};
+    for (int c = 0; c < count; c++) is[c] = step[c] != 0 ? 1 / step[c] : 0;
+    for (int i = 0; i < n; i++) {
+        const float xi = x[i], wi = w ? w[i] : 1.0f;
+#pragma omp simd
+        for (int c = 0; c < count; c++) {
+            const float e = step[c] * level((xi + offset[c]) * is[c], lo, hi) - offset[c] - xi;
+            err[c] += wi * (e * e);
+        }
+    }
+    int best = 0;
+    for (int c = 1; c < count; c++)
+        if (err[c] < err[best]) best = c;
+    return best;
+}
+
+/* ---- super-blocks ---------------------------------------------------------------------------- */
+
+/* Eight sub-blocks of 32: codes q[256] and the header of a Q4_K / Q5_K block. */
+static void affine_block(const float *x, int nmax, const double *tries, int n_tries, uint8_t *q, uint16_t *d16,
+                         uint16_t *dmin16, uint8_t sc[8], uint8_t m[8]) {
+    float sum = 0, w[QK], scale[8], low[8], max_scale = 0, max_min = 0;
+    for (int i = 0; i < QK; i++) sum += x[i] * x[i];
+    const float rms = sqrtf(sum / QK);
+    for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
+    for (int j = 0; j < 8; j++) {
+        fit_affine(x + 32 * j, w + 32 * j, 32, nmax, tries, n_tries, &scale[j], &low[j]);
+        max_scale = greater(max_scale, scale[j]), max_min = greater(max_min, -low[j]);
+    }
+    const float d = clamp_f16(max_scale / 63), dmin = clamp_f16(max_min / 63);
+    const float inv = d > 0 ? 1 / d : 0, inv_min = dmin > 0 ? 1 / dmin : 0;
+    for (int j = 0; j < 8; j++) {
+        const float *xs = x + 32 * j, *ws = w + 32 * j;
+        const int sc0 = (int)level(scale[j] * inv, 0, 63), m0 = (int)level(-low[j] * inv_min, 0, 63);
+        int levels[9], mins[9];
+        float steps[9], offsets[9];
+        for (int c = 0; c < 9; c++) { /* the level and the ones beside it, clamped (repeats lose ties) */
+            levels[c] = (int)level((float)(sc0 + STEP[c / 3]), 0, 63), mins[c] = (int)level((float)(m0 + STEP[c % 3]), 0, 63);
+            steps[c] = d * (float)levels[c], offsets[c] = dmin * (float)mins[c];
+        }
+        const int best = best_candidate(xs, ws, 32, steps, offsets, 9, 0, (float)nmax);
+        sc[j] = (uint8_t)levels[best], m[j] = (uint8_t)mins[best];
+        const float step = steps[best], offset = offsets[best], is = step != 0 ? 1 / step : 0;
+        for (int i = 0; i < 32; i++) q[32 * j + i] = (uint8_t)level((xs[i] + offset) * is, 0, (float)nmax);
+    }
+    *d16 = to_f16(d), *dmin16 = to_f16(dmin);
+}
+
+static void header(uint8_t *out, uint16_t d, uint16_t dmin, const uint8_t sc[8], const uint8_t m[8]) {
+    memcpy(out, &d, 2), memcpy(out + 2, &dmin, 2);
+    for (int j = 0; j < 4; j++) {
+        out[4 + j] = (uint8_t)(sc[j] | (sc[j + 4] >> 4) << 6);
+        out[8 + j] = (uint8_t)(m[j] | (m[j + 4] >> 4) << 6);
+        out[12 + j] = (uint8_t)((sc[j + 4] & 15) | (m[j + 4] & 15) << 4);
+    }
+}
+
+static void nibbles(uint8_t *out, const uint8_t *q) {
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) out[32 * c + l] = (uint8_t)((q[64 * c + l] & 15) | (q[64 * c + 32 + l] & 15) << 4);
+}
+
+static void q4_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+    uint8_t q[QK], sc[8], m[8];
+    uint16_t d, dmin;
+    affine_block(x, 15, tries, n_tries, q, &d, &dmin, sc, m);
+    header(out, d, dmin, sc, m);
+    nibbles(out + 16, q);
+}
+
+static void q5_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+    uint8_t q[QK], sc[8], m[8];
+    uint16_t d, dmin;
+    affine_block(x, 31, tries, n_tries, q, &d, &dmin, sc, m);
+    header(out, d, dmin, sc, m);
+    for (int l = 0; l < 32; l++) {
+        uint8_t bits = 0;
+        for (int j = 0; j < 8; j++) bits |= (uint8_t)((q[32 * j + l] >> 4) << j);
+        out[16 + l] = bits;
+    }
+    nibbles(out + 48, q);
+}
+
+static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+    float scale[16], big = 0;
+    for (int j = 0; j < 16; j++) {
+        scale[j] = fit_symmetric(x + 16 * j, 16, 32, tries, n_tries);
+        if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
+    }
+    const float inv = big != 0 ? -128 / big : 0, d = clamp_f16(inv != 0 ? 1 / inv : 0);
+    uint8_t q[QK];
+    int8_t sc[16];
+    for (int j = 0; j < 16; j++) {
+        const float *xs = x + 16 * j;
+        const int s0 = (int)level(scale[j] * inv, -128, 127);
+        int levels[3];
+        float steps[3], zeros[3] = {0, 0, 0};
+        for (int c = 0; c < 3; c++) levels[c] = (int)level((float)(s0 + STEP[c]), -128, 127), steps[c] = d * (float)levels[c];
+        const int best = best_candidate(xs, NULL, 16, steps, zeros, 3, -32, 31);
+        sc[j] = (int8_t)levels[best];
+        const float step = steps[best], is = step != 0 ? 1 / step : 0;
+        for (int i = 0; i < 16; i++) q[16 * j + i] = (uint8_t)(level(xs[i] * is, -32, 31) + 32);
+    }
+    for (int h = 0; h < 2; h++) { /* per half of 128: see kquants._q6_k */
+        const uint8_t *qh = q + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            out[64 * h + l] = (uint8_t)((qh[l] & 15) | (qh[64 + l] & 15) << 4);
+            out[64 * h + 32 + l] = (uint8_t)((qh[32 + l] & 15) | (qh[96 + l] & 15) << 4);
+            out[128 + 32 * h + l] =
+                (uint8_t)(qh[l] >> 4 | (qh[32 + l] >> 4) << 2 | (qh[64 + l] >> 4) << 4 | (qh[96 + l] >> 4) << 6);
+        }
+    }
+    memcpy(out + 192, sc, 16);
+    const uint16_t d16 = to_f16(d);
+    memcpy(out + 208, &d16, 2);
+}
+
+/* n_blocks super-blocks of 256 floats at x into out (144, 176 or 210 bytes each, by type: ggml's
+ * 12, 13, 14). Returns 0, or 1 for a type it does not write. */
+int ws_quantize_k(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries, uint8_t *out) {
+    void (*encode)(const float *, const double *, int, uint8_t *) = NULL;
+    int64_t bytes = 0;
+    if (type == T_Q4_K) encode = q4_k, bytes = 144;
+    if (type == T_Q5_K) encode = q5_k, bytes = 176;
+    if (type == T_Q6_K) encode = q6_k, bytes = 210;
+    if (encode == NULL) return 1;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(ws_threads)
+    for (int64_t b = 0; b < n_blocks; b++) encode(x + b * QK, tries, (int)n_tries, out + b * bytes);
+    return 0;
+}

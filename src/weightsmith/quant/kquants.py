@@ -1,0 +1,283 @@
+"""GGUF k-quant blocks (Q4_K, Q5_K, Q6_K) made from float weights, for `export --quant q4_k_m` etc.
+
+A k-quant row is cut into super-blocks of 256 weights, each with one fp16 scale (and one
+fp16 scale for minima) and small integer scales for its sub-blocks:
+
+- Q4_K (4.5 bits a weight) and Q5_K (5.5): eight sub-blocks of 32, each `w ~ d*sc*q - dmin*m`
+  with q in [0, 15] / [0, 31] and 6-bit sc, m (so every sub-block has its own offset).
+- Q6_K (6.5625): sixteen sub-blocks of 16, each `w ~ d*sc*q` with q in [-32, 31] and int8 sc.
+
+How a sub-block's scale is chosen is what sets the error (the format only fixes how it is
+stored). Here each sub-block tries a few scales near the one its range suggests; for each it
+rounds the weights and then solves the weighted least-squares problem for the best scale (and
+offset) given those codes, keeping the pair with the smallest weighted error. The weights of
+that error favour large weights: `rms + |w|` of the super-block for Q4_K/Q5_K, `w**2` for Q6_K,
+as llama.cpp's reference quantizer does without an importance matrix. The sub-block scales are
+then rounded onto the super-block's grid and the codes rounded once more against the stored
+scales. Everything runs as batched tensor operations over all blocks of a matrix, in chunks.
+
+The byte layouts are ggml's (checked against gguf-py's dequantizers in the tests):
+- Q4_K, 144 bytes: d, dmin (fp16), 12 bytes of 6-bit scales and minima, 128 bytes of codes:
+  byte l of each 32-byte chunk c holds sub-block 2c's code l (low nibble) and 2c+1's (high).
+- Q5_K, 176 bytes: Q4_K's header, 32 bytes whose bit j of byte l is sub-block j's fifth bit
+  of code l, then Q4_K's 128 bytes of low nibbles.
+- Q6_K, 210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d.
+
+Not here: which tensor gets which type (checkpoint/gguf_mix.py), the legacy 32-weight types
+(gguf-py's own quantizers), reading k-quants (quant/ggml_linear.py, checkpoint/gguf_quants.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from weightsmith.quant import cpu_kernels
+
+QK_K = 256
+#: Bytes of one 256-weight super-block.
+BLOCK_BYTES = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+#: Super-blocks quantized at a time (bounds the temporaries to a few tens of MB).
+_CHUNK = 8192
+
+
+def quantize_k(w: np.ndarray | torch.Tensor, qtype: QT, *, kernels: bool = True) -> np.ndarray:
+    """Blocks of `qtype` for a float matrix (..., K) with K a multiple of 256: uint8 (..., K/256*bytes).
+
+    Runs the C kernels' copy of these steps (quant/cpu_kquant.c, about 8x faster) where they are
+    built and `kernels`, the tensor passes below otherwise.
+    """
+    if qtype not in BLOCK_BYTES:
+        raise ValueError(f"{qtype.name} is not a k-quant this module writes")
+    x = torch.as_tensor(w).to(torch.float32)
+    if x.shape[-1] % QK_K:
+        raise ValueError(f"rows of {x.shape[-1]} weights are not a multiple of {QK_K}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the weights hold NaN or infinity")
+    blocks = x.reshape(-1, QK_K).contiguous()
+    out = torch.empty(blocks.shape[0], BLOCK_BYTES[qtype], dtype=torch.uint8)
+    lib = cpu_kernels.library() if kernels else None
+    if lib is not None:
+        tries = np.array(_TRIES[qtype], dtype=np.float64)
+        cpu_kernels.use_threads(lib)
+        fn = lib.ws_quantize_k
+        fn.argtypes = [
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        fn.restype = ctypes.c_int
+        if fn(int(qtype), blocks.data_ptr(), blocks.shape[0], tries.ctypes.data, len(tries), out.data_ptr()):
+            raise ValueError(f"the C kernels do not write {qtype.name}")
+    else:
+        encode = {QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
+        for start in range(0, blocks.shape[0], _CHUNK):
+            out[start : start + _CHUNK] = encode(blocks[start : start + _CHUNK])
+    return out.numpy().reshape(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-block fits
+
+
+def _fit_affine(x: torch.Tensor, weight: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> tuple:
+    """Per row of x (n, s): scale >= 0 and low <= 0 with x ~ scale*q + low, q in [0, nmax].
+
+    Each try rounds with the range's step stretched by `nmax + t` levels, then refits scale and
+    low by weighted least squares for those codes (low held at 0 when the fit wants it above).
+    The plain min/max fit is the starting point; the smallest weighted error wins.
+    """
+    lo = x.amin(1).clamp(max=0)
+    span = x.amax(1) - lo
+    inv = torch.where(span > 0, 1 / span, torch.zeros_like(span))
+    # Sums of 32 terms are taken in fp32 (accurate to ~1e-7 of their size, and twice as fast as
+    # fp64 sums); the least-squares algebra on them runs in fp64.
+    wx = weight * x
+    sw, sx, sxx = weight.sum(1).double(), wx.sum(1).double(), (wx * x).sum(1).double()
+    best_scale, best_low = span / nmax, lo
+
+    def error(scale: torch.Tensor, low: torch.Tensor, sq, sqq, sqx) -> torch.Tensor:
+        s, b = scale.double(), low.double()
+        return s * s * sqq + 2 * s * b * sq + b * b * sw - 2 * s * sqx - 2 * b * sx + sxx
+
+    def sums(q: torch.Tensor) -> tuple:
+        wq = weight * q
+        return wq.sum(1).double(), (wq * q).sum(1).double(), (wq * x).sum(1).double()
+
+    shifted = x - lo[:, None]
+    q = (shifted * (nmax * inv)[:, None]).round_().clamp_(0, nmax)
+    best_err = error(best_scale, best_low, *sums(q))
+    for t in tries:
+        q = (shifted * ((nmax + t) * inv)[:, None]).round_().clamp_(0, nmax)
+        sq, sqq, sqx = sums(q)
+        det = sw * sqq - sq * sq
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        scale = (sw * sqx - sq * sx) / safe
+        low = (sqq * sx - sq * sqx) / safe
+        above = low > 0  # an offset above zero: fit the scale alone (low = 0)
+        scale = torch.where(above, sqx / sqq.clamp(min=1e-30), scale)
+        low = torch.where(above, torch.zeros_like(low), low)
+        ok &= scale > 0
+        scale, low = scale.float(), low.float()
+        err = error(scale, low, sq, sqq, sqx)
+        better = ok & (err < best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_low = torch.where(better, low, best_low)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_low
+
+
+def _fit_symmetric(x: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> torch.Tensor:
+    """Per row of x (n, s): a signed scale with x ~ scale*q, q in [-nmax, nmax - 1].
+
+    The weight of largest magnitude maps to -nmax (using the extra negative level); each try
+    stretches that by `t` levels and refits the scale by least squares weighted by x**2.
+    """
+    big = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
+    inv = torch.where(big != 0, -1 / big, torch.zeros_like(big))
+    weight = x * x
+    wx = weight * x
+    best_scale = torch.zeros_like(big)
+    best_gain = torch.zeros(x.shape[0], dtype=torch.float64)
+    for t in (0.0, *tries):
+        q = (x * ((nmax + t) * inv)[:, None]).round_().clamp_(-nmax, nmax - 1)
+        sqx = (wx * q).sum(1).double()
+        sqq = (weight * q * q).sum(1).double()
+        # The weighted error is sum(w x^2) - sqx^2/sqq at the best scale: the largest gain wins.
+        gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-300), torch.zeros_like(sqq))
+        better = gain > best_gain
+        best_scale = torch.where(better, (sqx / sqq.clamp(min=1e-300)).float(), best_scale)
+        best_gain = torch.where(better, gain, best_gain)
+    return best_scale
+
+
+def _fp16(v: torch.Tensor) -> torch.Tensor:
+    return v.clamp(-65504, 65504).to(torch.float16)
+
+
+def _grid(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the fp16 step of a 0..levels grid over non-negative values, and each value's level."""
+    step = _fp16(values.amax(1) / levels)
+    inv = torch.where(step > 0, 1 / step.float(), torch.zeros_like(step, dtype=torch.float32))
+    return step, (values * inv[:, None]).round_().clamp_(0, levels).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_K / Q5_K
+
+_TRIES_Q4 = tuple(-1 + 0.1 * i for i in range(21))
+_TRIES_Q5 = tuple(-0.5 + 0.1 * i for i in range(16))
+
+
+def _affine_blocks(blocks: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> tuple:
+    """Codes (n, 256) and the header (d, dmin, 6-bit sc, m) of Q4_K / Q5_K super-blocks."""
+    n = blocks.shape[0]
+    rms = blocks.pow(2).mean(1, keepdim=True).sqrt()
+    sub = blocks.reshape(n * 8, 32)
+    weight = (rms + blocks.abs()).reshape(n * 8, 32)
+    scale, low = _fit_affine(sub, weight, nmax, tries)
+    d, sc = _grid(scale.reshape(n, 8), 63)
+    dmin, m = _grid((-low).reshape(n, 8), 63)
+    # Rounding the scales onto the grid costs about 2% of RMSE; each sub-block then takes the
+    # best of its scale and minimum levels one up or down (weighted error, codes re-rounded).
+    d_sub, dmin_sub = d.float().repeat_interleave(8)[:, None], dmin.float().repeat_interleave(8)[:, None]
+    sc, m = sc.reshape(n * 8, 1), m.reshape(n * 8, 1)
+    best_err, best_sc, best_m = None, sc, m
+    for dsc in (0, -1, 1):
+        for dm in (0, -1, 1):
+            sc_try = (sc.short() + dsc).clamp_(0, 63).to(torch.uint8)
+            m_try = (m.short() + dm).clamp_(0, 63).to(torch.uint8)
+            step, offset = d_sub * sc_try, dmin_sub * m_try
+            q = _codes(sub + offset, step, 0, nmax)
+            err = (weight * (step * q - offset - sub).square_()).sum(1, keepdim=True)
+            better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
+            best_err = err if best_err is None else torch.where(better, err, best_err)
+            best_sc, best_m = torch.where(better, sc_try, best_sc), torch.where(better, m_try, best_m)
+    q = _codes(sub + dmin_sub * best_m, d_sub * best_sc, 0, nmax).to(torch.uint8).reshape(n, QK_K)
+    return q, d, dmin, best_sc.reshape(n, 8), best_m.reshape(n, 8)
+
+
+def _codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """round(x / step) in [lo, hi] (float), 0 where the step is 0; step is (n, 1)."""
+    inv = torch.where(step != 0, 1 / step, torch.zeros_like(step))
+    return (x * inv).round_().clamp_(lo, hi)
+
+
+def _pack_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """ggml's 12 bytes of eight 6-bit scales and minima per super-block."""
+    out = torch.empty(sc.shape[0], 12, dtype=torch.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return out
+
+
+def _header(d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    halves = torch.stack([d, dmin], 1).view(torch.uint8)  # (n, 4): d then dmin, little-endian
+    return torch.cat([halves, _pack_scales(sc, m)], 1)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """128 bytes a super-block: chunk c's byte l = code 64c + l | code 64c + 32 + l << 4."""
+    q = (q & 15).reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, 15, _TRIES_Q4)
+    return torch.cat([_header(d, dmin, sc, m), _nibbles(q)], 1)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, 31, _TRIES_Q5)
+    top = (q >> 4).reshape(-1, 8, 32)  # sub-block j's fifth bits
+    qh = torch.zeros(q.shape[0], 32, dtype=torch.uint8)
+    for j in range(8):
+        qh |= top[:, j] << j
+    return torch.cat([_header(d, dmin, sc, m), qh, _nibbles(q)], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q6_K
+
+_TRIES_Q6 = tuple(0.1 * i for i in range(-9, 10) if i)
+#: Each type's tries (shared with the C kernels).
+_TRIES = {QT.Q4_K: _TRIES_Q4, QT.Q5_K: _TRIES_Q5, QT.Q6_K: _TRIES_Q6}
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    sub = blocks.reshape(n * 16, 16)
+    scale = _fit_symmetric(sub, 32, _TRIES_Q6).reshape(n, 16)
+    # The scale of largest magnitude maps to -128 (int8's extra level), so d may be negative.
+    big = scale.gather(1, scale.abs().argmax(1, keepdim=True))[:, 0]
+    inv = torch.where(big != 0, -128 / big, torch.zeros_like(big))
+    sc = (scale * inv[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+    d = _fp16(torch.where(inv != 0, 1 / inv, torch.zeros_like(inv)))
+    # As for Q4_K: each sub-block takes the best of its level and the ones beside it.
+    d_sub, sc = d.float().repeat_interleave(16)[:, None], sc.reshape(n * 16, 1)
+    best_err, best_sc = None, sc
+    for dsc in (0, -1, 1):
+        sc_try = (sc.short() + dsc).clamp_(-128, 127).to(torch.int8)
+        step = d_sub * sc_try
+        err = (step * _codes(sub, step, -32, 31) - sub).square_().sum(1, keepdim=True)
+        better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
+        best_err = err if best_err is None else torch.where(better, err, best_err)
+        best_sc = torch.where(better, sc_try, best_sc)
+    sc = best_sc.reshape(n, 16)
+    q = (_codes(sub, d_sub * best_sc, -32, 31) + 32).to(torch.uint8).reshape(n, 2, 4, 32)
+    # Per half of 128: ql[l] = q[l] | q[64+l] << 4, ql[32+l] = q[32+l] | q[96+l] << 4;
+    # qh[l] holds the top two bits of q[l], q[32+l], q[64+l], q[96+l] at bits 0, 2, 4, 6.
+    low, high = q & 15, q >> 4
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    return torch.cat(
+        [ql.reshape(n, 128), qh.reshape(n, 64), sc.view(torch.uint8), d[:, None].view(torch.uint8)], 1
+    )
