@@ -102,17 +102,19 @@ def _llama_child(path: str, threads: int, n_ctx: int) -> None:
         print(json.dumps(nll), flush=True)
 
 
-def llama(path: Path, texts: list[list[int]], threads: int) -> tuple[float, int] | None:
-    n_ctx = max(map(len, texts)) + 8
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import perplexity; " \
-           f"perplexity._llama_child({str(path)!r}, {threads}, {n_ctx})"  # fmt: skip
+def child_answers(call: str, path: Path, texts: list[list[int]]) -> list | None:
+    """Runs `call` (a function of this folder's modules, e.g. "perplexity._llama_child(...)") in a
+    child Python, so that a crash of llama.cpp is reported, not fatal; sends it each token window
+    as a JSON line and returns its JSON answers (None, with a message, if it did not load or died)."""
+    module = call.split(".", 1)[0]
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {module}; {call}"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     if proc.stdout.readline().strip() != "ok":
         print(f"{path.name}: llama.cpp could not load it (exit {proc.wait()})")
         return None
-    nll = 0.0
+    answers = []
     for ids in texts:
         proc.stdin.write(json.dumps(ids) + "\n")
         proc.stdin.flush()
@@ -120,10 +122,16 @@ def llama(path: Path, texts: list[list[int]], threads: int) -> tuple[float, int]
         if not answer:
             print(f"{path.name}: llama.cpp died (exit {proc.wait()})")
             return None
-        nll += json.loads(answer)
+        answers.append(json.loads(answer))
     proc.stdin.close()
     proc.wait()
-    return nll, sum(len(t) - 1 for t in texts)
+    return answers
+
+
+def llama(path: Path, texts: list[list[int]], threads: int) -> tuple[float, int] | None:
+    n_ctx = max(map(len, texts)) + 8
+    answers = child_answers(f"perplexity._llama_child({str(path)!r}, {threads}, {n_ctx})", path, texts)
+    return None if answers is None else (sum(answers), sum(len(t) - 1 for t in texts))
 
 
 def llama_quantize(f32: Path, out: Path, ftype: int, threads: int) -> None:

@@ -30,7 +30,7 @@ from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cli.main import main
 from weightsmith.errors import CheckpointError
 from weightsmith.quant import cpu_kernels
-from weightsmith.quant.kquants import BLOCK_BYTES, quantize_k
+from weightsmith.quant.kquants import BLOCK_BYTES, quantize_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +101,7 @@ def test_blocks_decode_to_the_weights_with_less_error_than_ggml(qtype: QT, kerne
         pytest.skip("the C kernels cannot be built here")
     theirs = ggml_quantizer()
     for name, w in seeded().items():
-        blocks = quantize_k(w, qtype, kernels=kernels)
+        blocks = quantize_blocks(w, qtype, kernels=kernels)
         assert blocks.shape == (64, 4 * BLOCK_BYTES[qtype]) and blocks.dtype == np.uint8
         ours = rmse(blocks, qtype, w)
         assert ours <= GGML_RMSE[name, qtype], (name, ours)
@@ -116,7 +116,7 @@ def test_the_c_kernels_take_the_steps_of_the_tensor_passes(qtype: QT) -> None:
     if cpu_kernels.library() is None:
         pytest.skip("the C kernels cannot be built here")
     w = seeded()["student-t"]
-    c, py = quantize_k(w, qtype), quantize_k(w, qtype, kernels=False)
+    c, py = quantize_blocks(w, qtype), quantize_blocks(w, qtype, kernels=False)
     same = (c.reshape(-1, BLOCK_BYTES[qtype]) == py.reshape(-1, BLOCK_BYTES[qtype])).all(1).mean()
     assert same > 0.9
     assert abs(rmse(c, qtype, w) / rmse(py, qtype, w) - 1) < 1e-3
@@ -124,7 +124,7 @@ def test_the_c_kernels_take_the_steps_of_the_tensor_passes(qtype: QT) -> None:
 
 def test_more_bits_means_less_error() -> None:
     w = seeded()["normal"]
-    errors = [rmse(quantize_k(w, qtype), qtype, w) for qtype in KQUANTS]
+    errors = [rmse(quantize_blocks(w, qtype), qtype, w) for qtype in KQUANTS]
     assert errors[0] > 1.8 * errors[1] > 3.2 * errors[2]  # each bit about halves the error
 
 
@@ -146,7 +146,7 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
         "outlier": np.concatenate([[50.0], rng.standard_normal(255) * 0.01]),
     }
     w = np.stack(list(rows.values())).astype(np.float32)
-    back = dequantize(quantize_k(w, qtype, kernels=kernels), qtype)
+    back = dequantize(quantize_blocks(w, qtype, kernels=kernels), qtype)
     assert np.isfinite(back).all()
     err = np.abs(back - w)
     by_name = dict(zip(rows, err, strict=True))
@@ -161,16 +161,18 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
     assert by_name["tiny"].max() < 1e-8
     assert by_name["outlier"][0] < 1.0  # the outlier keeps its size; its sub-block pays for it
     stacked = np.stack([w[:4], w[4:8]])
-    assert quantize_k(stacked, qtype, kernels=kernels).shape == (2, 4, BLOCK_BYTES[qtype])
+    assert quantize_blocks(stacked, qtype, kernels=kernels).shape == (2, 4, BLOCK_BYTES[qtype])
 
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="multiple of 256"):
-        quantize_k(np.zeros((2, 320), np.float32), QT.Q4_K)
+        quantize_blocks(np.zeros((2, 320), np.float32), QT.Q4_K)
     with pytest.raises(ValueError, match="NaN"):
-        quantize_k(np.full((1, 256), np.nan, np.float32), QT.Q6_K)
-    with pytest.raises(ValueError, match="not a k-quant"):
-        quantize_k(np.zeros((1, 256), np.float32), QT.Q8_0)
+        quantize_blocks(np.full((1, 256), np.nan, np.float32), QT.Q6_K)
+    with pytest.raises(ValueError, match="not a type this module writes"):
+        quantize_blocks(np.zeros((1, 256), np.float32), QT.Q2_K)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_blocks(np.zeros((1, 48), np.float32), QT.Q8_0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +303,9 @@ def test_cli_export_k_quant(wide: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(wide), "--quant", "q5_k_m", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quant"] == "q5_k_m" and result["tensors"]["Q5_K"] > 0 and result["tensors"]["Q6_K"] > 0
+    assert main(["export", str(wide), "--quant", "q4_k_s", "--out", str(tmp_path / "plain.gguf")]) == 0
+    err = capsys.readouterr().err
+    assert "export q4_k_s: 84/84 tensors" in err  # progress, a line every ~10% off a terminal
     assert main(["export", str(wide), "--quant", "q3_k_m", "--out", str(tmp_path / "x.gguf")]) != 0
     assert not (tmp_path / "x.gguf").exists()
 

@@ -15,9 +15,8 @@ them where llama-cpp-python is installed):
 - a k-quant matrix whose rows are not a multiple of 256 falls back as llama.cpp does (Q4_K to
   Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), and one whose rows are not a multiple of 32 to F16.
 
-Vectors (norms, biases) and MoE routers stay F32. Not here: the k-quant blocks themselves
-(quant/kquants.py), the legacy types' blocks (gguf-py's reference quantizers), names and
-metadata (gguf_write.py).
+Vectors (norms, biases) and MoE routers stay F32. Not here: the blocks themselves
+(quant/kquants.py), names and metadata (gguf_write.py).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from weightsmith.quant.kquants import QK_K, quantize_k
+from weightsmith.quant.kquants import QK_K, quantize_blocks
 
 _FT = gguf.LlamaFileType
 #: --quant value -> (GGML type of most matrices, llama.cpp's general.file_type).
@@ -42,10 +41,13 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q5_k_s": (QT.Q5_K, _FT.MOSTLY_Q5_K_S),
     "q4_k_m": (QT.Q4_K, _FT.MOSTLY_Q4_K_M),
     "q4_k_s": (QT.Q4_K, _FT.MOSTLY_Q4_K_S),
+    "q5_1": (QT.Q5_1, _FT.MOSTLY_Q5_1),
+    "q5_0": (QT.Q5_0, _FT.MOSTLY_Q5_0),
+    "q4_1": (QT.Q4_1, _FT.MOSTLY_Q4_1),
     "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
 }
 _K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
-_BLOCK = 32  # weights per block of the legacy types (Q4_0, Q5_0, Q5_1, Q8_0)
+_BLOCK = 32  # weights per block of the legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+?)\.weight")
 
 
@@ -117,7 +119,4 @@ def encode(w: np.ndarray, qtype: QT) -> np.ndarray:
         return np.ascontiguousarray(w, dtype=np.float32)
     if qtype == QT.F16:
         return np.ascontiguousarray(w, dtype=np.float16)
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    if qtype in _K_FALLBACK:
-        return quantize_k(w, qtype)
-    return gguf.quants.quantize(w, qtype)
+    return quantize_blocks(np.ascontiguousarray(w, dtype=np.float32), qtype)

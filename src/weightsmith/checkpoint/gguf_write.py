@@ -6,8 +6,8 @@ What it does:
   flags, pre-tokenizer name, chat template) and every weight under llama.cpp's tensor names, with
   Q/K rows permuted for llama's rope (`permute_qk`, the inverse of `gguf.unpermute_qk`).
 - Matrices are stored as F32, F16, or a llama.cpp file type's mix of quantized types (Q8_0, Q6_K,
-  Q5_K_M/S, Q4_K_M/S, Q4_0), each tensor in the type `llama-quantize` would pick (gguf_mix.py); norms,
-  biases and routers as F32.
+  Q5_K_M/S, Q5_1, Q5_0, Q4_K_M/S, Q4_1, Q4_0), each tensor in the type `llama-quantize` would pick
+  (gguf_mix.py); norms, biases and routers as F32.
 - The file appears atomically (temp file in the same directory, fsync, rename); on any error no
   file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
@@ -350,15 +350,22 @@ def _check_layout(model: torch.nn.Module, cfg: ModelConfig, source: str) -> None
 
 
 def _add_tensors(
-    writer: gguf.GGUFWriter, model: torch.nn.Module, cfg: ModelConfig, arch: str, mix: Mix, source: str
+    writer: gguf.GGUFWriter,
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    arch: str,
+    mix: Mix,
+    source: str,
+    tick: Any,
 ) -> Counter[str]:
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     counts: Counter[str] = Counter()
     # Phi-3: q/k/v and gate/up stacked into llama.cpp's attn_qkv and ffn_up, as in the checkpoint;
     # each layer's experts stacked into (n_expert, out, in) tensors.
-    for hf_name, p in stack_experts(fuse_state(cfg, float_state(model, cfg, source))).items():
-        if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output is absent
+    state = stack_experts(fuse_state(cfg, float_state(model, cfg, source)))
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
+    for done, (hf_name, p) in enumerate(state.items(), 1):
         name = gguf_tensor_name(hf_name, arch)
         if name is None:
             raise CheckpointError(f"{source}: parameter {hf_name} has no llama.cpp tensor name")
@@ -378,6 +385,8 @@ def _add_tensors(
         else:
             writer.add_tensor(name, data, raw_dtype=stored_type)
         counts[stored_type.name] += 1
+        if tick is not None:
+            tick(done, len(state))
     if cfg.rope_type == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, source))
         counts["F32"] += 1
@@ -425,11 +434,13 @@ def export_gguf(
     overwrite: bool = False,
     allow_pickle: bool = False,
     name: str | None = None,
+    on_tensor: Any = None,
 ) -> dict[str, Any]:
     """Write the model as a GGUF file at `out` and an Ollama Modelfile beside it.
 
     checkpoint_or_path: a Checkpoint loaded with decode_layout=False, or an HF directory / .gguf
-    file (loaded on CPU in fp32). Returns a summary: path, bytes, tensor counts by type, ...
+    file (loaded on CPU in fp32). `on_tensor(done, total)` is called as each tensor is converted
+    (quantizing a large model takes a while). Returns a summary: path, bytes, tensor counts by type, ...
     """
     out = check_export_args(out, quant, overwrite=overwrite)
     if isinstance(checkpoint_or_path, (str, Path)):
@@ -457,7 +468,7 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, cfg, model_name, int(file_type))
         pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
-        counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source)
+        counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -15,11 +15,12 @@ from weightsmith.report.interval_names import method_line
 
 
 class ProgressBars:
-    """One bar per model on a terminal; a line every ~10% elsewhere."""
+    """One bar per model on a terminal; a line every ~10% and at the end elsewhere (counting `unit`)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, unit: str = "requests") -> None:
         self.console = console
         self.tty = console.is_terminal
+        self.unit = unit
 
     def __call__(self, label: str):
         if self.tty:
@@ -39,8 +40,8 @@ class ProgressBars:
         state = {"next": 0.0}
 
         def line(done: int, total: int) -> None:
-            if total and done / total >= state["next"]:
-                self.console.print(f"{label}: {done}/{total} requests", markup=False)
+            if total and (done / total >= state["next"] or done == total):
+                self.console.print(f"{label}: {done}/{total} {self.unit}", markup=False)
                 state["next"] = done / total + 0.1
 
         return line

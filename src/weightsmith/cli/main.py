@@ -290,6 +290,7 @@ COMMANDS: dict[str, Command | Group] = {
         "  ollama create support -f Modelfile                    # then, in the --out directory",
         export.run_export,
         _plain(export_out.print_export),
+        lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="tensors"),
     ),
     "quantize": Command(
         quantize.QuantizeConfig,

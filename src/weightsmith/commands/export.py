@@ -36,7 +36,10 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
     out = check_export_args(cfg.out, cfg.quant, overwrite=cfg.overwrite)
     path = resolve(cfg.model)
     started = time.time()
-    result = export_gguf(path, out, cfg.quant, overwrite=cfg.overwrite, allow_pickle=cfg.allow_pickle)
+    tick = progress(f"export {cfg.quant}") if progress else None  # ticks a tensor at a time
+    result = export_gguf(
+        path, out, cfg.quant, overwrite=cfg.overwrite, allow_pickle=cfg.allow_pickle, on_tensor=tick
+    )
     modelfile = [m for m in [result.get("modelfile")] if m]
     write_lineage(
         out, kind="export", config=cfg, inputs={"model": cfg.model}, started=started, extra_outputs=modelfile,

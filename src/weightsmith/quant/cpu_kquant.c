@@ -237,16 +237,23 @@ static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out)
     memcpy(out + 208, &d16, 2);
 }
 
-/* n_blocks super-blocks of 256 floats at x into out (144, 176 or 210 bytes each, by type: ggml's
- * 12, 13, 14). Returns 0, or 1 for a type it does not write. */
-int ws_quantize_k(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries, uint8_t *out) {
-    void (*encode)(const float *, const double *, int, uint8_t *) = NULL;
-    int64_t bytes = 0;
-    if (type == T_Q4_K) encode = q4_k, bytes = 144;
-    if (type == T_Q5_K) encode = q5_k, bytes = 176;
-    if (type == T_Q6_K) encode = q6_k, bytes = 210;
-    if (encode == NULL) return 1;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(ws_threads)
-    for (int64_t b = 0; b < n_blocks; b++) encode(x + b * QK, tries, (int)n_tries, out + b * bytes);
-    return 0;
+/* n_blocks super-blocks of `type` (ggml's numbering: 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
+ * floats at x, 256 a block, written one after another at out, with kquants.py's `tries` for
+ * the type. Returns 0, or 1 for a type it does not write. */
+int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries,
+                       uint8_t *out) {
+    static const struct {
+        int64_t type, weights, bytes;
+        void (*encode)(const float *, const double *, int, uint8_t *);
+    } kinds[] = {
+        {T_Q4_K, QK, 144, q4_k}, {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
+    };
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        if (kinds[k].type != type) continue;
+        const int64_t weights = kinds[k].weights, bytes = kinds[k].bytes;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(ws_threads)
+        for (int64_t b = 0; b < n_blocks; b++) kinds[k].encode(x + b * weights, tries, (int)n_tries, out + b * bytes);
+        return 0;
+    }
+    return 1;
 }
