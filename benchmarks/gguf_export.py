@@ -122,7 +122,19 @@ def divergence(reference: Path, path: Path, texts: list[list[int]], threads: int
         "top1": totals[1] / n,
         "ppl_ref": math.exp(totals[2] / n),
         "ppl": math.exp(totals[3] / n),
+        "kl_windows": [a[0] / (len(t) - 1) for a, t in zip(answers, texts, strict=True)],
     }
+
+
+def paired_interval(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """95% t-interval of the mean per-window difference ours - theirs (windows are the units)."""
+    from scipy import stats
+
+    diff = np.asarray(ours) - np.asarray(theirs)
+    if len(diff) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+    return float(diff.mean() - half), float(diff.mean() + half)
 
 
 def types_of(path: Path) -> dict[str, str]:
@@ -191,15 +203,16 @@ def main() -> None:
             return
         print(f"\nagainst the F32 file, decoded by llama.cpp: {len(texts)} paragraphs of <= {args.max_tokens} "
               "tokens; KL(F32 || file) a token, top-1 agreement, perplexity")  # fmt: skip
-        print(f"{'model, type':30} {'KL ours':>9} {'theirs':>9} {'ratio':>6} {'top1 ours':>9} {'theirs':>7} "
-              f"{'ppl ours':>9} {'theirs':>9} {'f32':>9}")  # fmt: skip
+        print(f"{'model, type':30} {'KL ours':>9} {'theirs':>9} {'ratio':>6} {'ours - theirs, 95% CI':>23} "
+              f"{'top1 ours':>9} {'theirs':>7} {'ppl ours':>9} {'theirs':>9} {'f32':>9}")  # fmt: skip
         for name, f32, ours, theirs in files:
             a, b = divergence(f32, ours, texts, args.threads), divergence(f32, theirs, texts, args.threads)
             if a is None or b is None:
                 continue
             ratio = a["kl"] / b["kl"] if b["kl"] > 0 else float("nan")
-            print(f"{name:30} {a['kl']:9.5f} {b['kl']:9.5f} {ratio:5.3f}x {a['top1']:9.3f} {b['top1']:7.3f} "
-                  f"{a['ppl']:9.3f} {b['ppl']:9.3f} {a['ppl_ref']:9.3f}")  # fmt: skip
+            lo, hi = paired_interval(a["kl_windows"], b["kl_windows"])
+            print(f"{name:30} {a['kl']:9.5f} {b['kl']:9.5f} {ratio:5.3f}x {f'[{lo:+.5f}, {hi:+.5f}]':>23} "
+                  f"{a['top1']:9.3f} {b['top1']:7.3f} {a['ppl']:9.3f} {b['ppl']:9.3f} {a['ppl_ref']:9.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -453,20 +453,14 @@ def export_gguf(
     cfg, source = ckpt.config, str(ckpt.path)
     arch = _check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
-    file_type = QUANTS[quant][1]
-    mix = Mix(
-        quant,
-        layers=cfg.num_hidden_layers,
-        experts=cfg.num_local_experts,
-        has_output=not cfg.tie_word_embeddings,
-    )
+    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, has_output=not cfg.tie_word_embeddings)
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
     # Everything that can fail on the model's own data runs before the GGUF file is written.
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
 
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _add_hparams(writer, cfg, model_name, int(file_type))
+        _add_hparams(writer, cfg, model_name, int(QUANTS[quant][1]))
         pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
         counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)
         writer.write_header_to_file()
