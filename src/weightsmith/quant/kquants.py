@@ -82,8 +82,9 @@ def quantize_blocks(w: np.ndarray | torch.Tensor, qtype: QT, *, kernels: bool = 
         fn.argtypes, fn.restype = [i64, ptr, i64, ptr, i64, ptr], ctypes.c_int
         if fn(int(qtype), blocks.data_ptr(), blocks.shape[0], tries.ctypes.data, len(tries), out.data_ptr()):
             raise ValueError(f"the C kernels do not write {qtype.name}")
-    elif qtype in LEGACY_BYTES:
-        out = torch.from_numpy(gguf.quants.quantize(blocks.numpy(), qtype))
+    elif qtype in LEGACY_BYTES:  # whole rows: gguf-py loops in Python over groups of 16 rows
+        rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+        return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
     else:
         encode = {QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
         for start in range(0, blocks.shape[0], _CHUNK):
