@@ -239,7 +239,7 @@ static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out)
 
 /* n_blocks super-blocks of `type` (ggml's numbering: 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
  * floats at x, 256 a block, written one after another at out, with kquants.py's `tries` for
- * the type. Returns 0, or 1 for a type it does not write. */
+ * the type. Returns 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
 int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries,
                        uint8_t *out) {
     static const struct {
@@ -248,6 +248,7 @@ int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const dou
     } kinds[] = {
         {T_Q4_K, QK, 144, q4_k}, {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
     };
+    if (n_tries < 0 || n_tries > MAX_TRIES) return 1; /* the fits' lane arrays hold MAX_TRIES + 1 */
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         if (kinds[k].type != type) continue;
         const int64_t weights = kinds[k].weights, bytes = kinds[k].bytes;
