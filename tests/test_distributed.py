@@ -207,6 +207,25 @@ def test_sigkill_of_a_rank_ends_the_job_and_the_run_resumes_on_two_or_one(tiny_h
         assert_same_weights(full / "adapter_model.safetensors", again / "adapter_model.safetensors")
 
 
+def test_the_rank_named_is_the_cause_not_one_that_lost_contact_in_the_same_second(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from weightsmith.train.distributed import LostContact, root_cause
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        made = ProcessFailure(rank, 1000 + rank, exitcode, str(tmp_path / f"none-{rank}.json"))
+        made.timestamp = timestamp
+        return made
+
+    lost, killed = LostContact.exit_code, -signal.SIGKILL
+    # rank 0 noticed within the second torchrun stamped rank 1's kill: torchrun would name rank 0
+    assert root_cause({0: failure(0, lost, 100), 1: failure(1, killed, 100)})[0] == 1
+    assert root_cause({0: failure(0, lost, 99), 1: failure(1, 1, 100)})[0] == 1
+    assert root_cause({0: failure(0, 1, 101), 1: failure(1, killed, 100)})[0] == 1  # earliest cause
+    assert root_cause({0: failure(0, 1, 100), 1: failure(1, killed, 100)})[0] == 0  # tie: lowest
+    assert root_cause({0: failure(0, lost, 100), 1: failure(1, lost, 99)})[0] == 1  # all lost
+
+
 # ----- bad input: one line, nothing starts ----------------------------------------------------------
 
 

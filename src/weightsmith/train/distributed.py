@@ -28,9 +28,10 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -76,6 +77,13 @@ class DistOptions:
 
 class RankError(WeightsmithError):
     """A rank failed or lost contact with the others."""
+
+
+class LostContact(RankError):
+    """This rank stopped because a collective failed: another rank died or hung. Its own exit
+    status (3) tells the launcher that this failure is a consequence, not the cause."""
+
+    exit_code = 3
 
 
 # ----- the group ----------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ def _collective(fn: Any, *args: Any) -> None:
     try:
         fn(*args)
     except (RuntimeError, torch.distributed.DistError) as e:  # gloo/NCCL: a peer died or timed out
-        raise RankError(
+        raise LostContact(
             f"rank {torch.distributed.get_rank()}: lost contact with the other ranks "
             f"({str(e).splitlines()[0]}); another rank failed or hung"
         ) from e
@@ -295,13 +303,36 @@ def launch(cfg: Any, command: str) -> None:
         try:
             run(args)
         except ChildFailedError as e:
-            rank, failure = e.get_first_failure()
+            rank, failure = root_cause(e.failures)
             raise RankError(f"rank {rank} failed: {_how(failure.exitcode)}; see its error above") from None
         finally:
             os.environ.pop(LAUNCHED_ENV, None)
 
 
+def root_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure caused the others: ranks that exited with `LostContact`'s status
+    only noticed it. torchrun's own choice (the earliest timestamp) cannot tell them apart:
+    a rank killed without writing an error file is stamped, to the whole second, when the
+    launcher saw it, so a rank that lost contact within the same second could be named."""
+    return min(
+        failures.items(),
+        key=lambda item: (item[1].exitcode == LostContact.exit_code, item[1].timestamp, item[0]),
+    )
+
+
+def exit_rank(code: int) -> None:
+    """End a launched rank that lost contact without running interpreter shutdown: gloo's
+    threads, left joinable by a broken pair, abort the process there (SIGABRT), which would
+    hide the status that tells the launcher this rank was not the cause."""
+    if code == LostContact.exit_code and launched_rank():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _how(exitcode: int) -> str:
+    if exitcode == LostContact.exit_code:  # every rank that failed only noticed: one hung
+        return "lost contact with the other ranks (one of them hung)"
     if exitcode < 0:
         try:
             return f"killed by {signal.Signals(-exitcode).name}"
