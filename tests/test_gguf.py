@@ -106,11 +106,17 @@ def write_gguf(
     qtype: QT = QT.F32,
     tokenizer: dict | None = None,
     name: str = "tiny",
+    file_type: int | str | None = None,
 ) -> Path:
     """A GGUF file with llama.cpp's metadata keys (those of `config` that are not None);
-    float matrices stored as `qtype`, float vectors as F32, integer arrays as they are."""
+    float matrices stored as `qtype`, float vectors as F32, integer arrays as they are;
+    `general.file_type` when given (a string to make a bad file)."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
+    if isinstance(file_type, int):
+        writer.add_file_type(file_type)
+    elif file_type is not None:
+        writer.add_string("general.file_type", file_type)
     for key, method in CONFIG_KEYS.items():
         if config.get(key) is not None:
             getattr(writer, method)(config[key])
@@ -271,6 +277,28 @@ def test_tiny_config_matches_transformers_config(tmp_path: Path, family: str) ->
     assert ck.config["attention_bias"] is (family == "qwen2")
     assert ck.file_type == "F32"
     assert sum(ck.tensor_types.values()) == len(state)
+
+
+@pytest.mark.parametrize(
+    ("declared", "shown"),
+    [
+        (gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q4_K_M"),  # the mix, which the tensors cannot tell
+        (gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+        (gguf.LlamaFileType.ALL_F32, "F32"),
+        (gguf.LlamaFileType.GUESSED, "Q4_0"),  # llama.cpp's "unknown": the matrices' type
+        (999, "Q4_0"),  # a value no llama.cpp defines
+        ("Q4_K_M", "Q4_0"),  # a string where a number belongs: a label, so not an error
+        (None, "Q4_0"),
+    ],
+)
+def test_file_type_is_the_declared_llama_cpp_type(tmp_path: Path, declared, shown: str) -> None:
+    config, state = tiny_model("llama")
+    tensors = to_gguf_tensors(state, config, True)
+    value = int(declared) if isinstance(declared, gguf.LlamaFileType) else declared
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", config, tensors, QT.Q4_0, file_type=value)
+    ck = read_gguf(path)
+    assert ck.file_type == shown
+    assert ck.tensor_types["Q4_0"] == sum(w.ndim >= 2 for w in tensors.values())
 
 
 @pytest.mark.parametrize("merged", [True, False])

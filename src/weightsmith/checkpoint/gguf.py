@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
 from weightsmith.checkpoint.gguf_meta import check_value_type
@@ -67,7 +67,7 @@ class GGUFCheckpoint:
     path: Path
     config: dict  # HF config.json fields
     tokenizer_config: dict  # HF tokenizer_config.json fields: special tokens, add_bos/eos, chat_template
-    file_type: str  # the most common GGML type among matrix weights, e.g. "Q4_1"
+    file_type: str  # general.file_type ("Q4_K_M"), else the matrices' most common type
     tensor_types: dict[str, int]  # GGML type name -> number of tensors stored in it
 
 
@@ -293,6 +293,21 @@ def add_bos_default(reader: GGUFFile) -> bool:
     return bool(meta(reader, "tokenizer.ggml.add_bos_token", default))
 
 
+def declared_file_type(reader: GGUFFile) -> str | None:
+    """`general.file_type` by llama.cpp's name ("Q4_K_M", "F16"): it tells the mixes apart
+    (Q4_K_M and Q4_K_S both store most matrices in Q4_K); None when absent or unknown."""
+    value = meta(reader, "general.file_type")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    try:
+        named = LlamaFileType(value)
+    except ValueError:
+        return None
+    if named is LlamaFileType.GUESSED:
+        return None
+    return named.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     """Config, tokenizer config and storage summary of a GGUF file; reads no tensor data."""
     reader = as_reader(path)
@@ -300,7 +315,8 @@ def read_gguf(path: str | Path | GGUFFile) -> GGUFCheckpoint:
     tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
     # The file's "quantization" is what its matrices use; norms and biases stay F32 in every file.
     matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
-    file_type = (matrix_types or tensor_types or Counter({"F32": 1})).most_common(1)[0][0]
+    common = (matrix_types or tensor_types or Counter({"F32": 1})).most_common(1)[0][0]
+    file_type = declared_file_type(reader) or common
     return GGUFCheckpoint(
         path=reader_path(reader),
         config=config,
