@@ -34,16 +34,22 @@ from weightsmith.quant.kquants import BLOCK_BYTES, quantize_blocks
 
 transformers = pytest.importorskip("transformers")
 
-KQUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+KQUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 #: RMSE of ggml's quantizer (ggml 0.25.3 from llama-cpp-python 0.3.36, `ggml_quantize_chunk`
 #: without an importance matrix) on `seeded()`'s weights, as dequantized by gguf-py.
 GGML_RMSE = {
+    ("normal", QT.Q2_K): 5.91644e-03,
+    ("normal", QT.Q3_K): 3.01480e-03,
     ("normal", QT.Q4_K): 1.42558e-03,
     ("normal", QT.Q5_K): 7.22535e-04,
     ("normal", QT.Q6_K): 3.54848e-04,
+    ("student-t", QT.Q2_K): 9.56351e-03,
+    ("student-t", QT.Q3_K): 5.17257e-03,
     ("student-t", QT.Q4_K): 2.43352e-03,
     ("student-t", QT.Q5_K): 1.23191e-03,
     ("student-t", QT.Q6_K): 6.39514e-04,
+    ("uniform", QT.Q2_K): 6.73831e-03,
+    ("uniform", QT.Q3_K): 3.62836e-03,
     ("uniform", QT.Q4_K): 1.57316e-03,
     ("uniform", QT.Q5_K): 7.97645e-04,
     ("uniform", QT.Q6_K): 3.84505e-04,
@@ -125,7 +131,8 @@ def test_the_c_kernels_take_the_steps_of_the_tensor_passes(qtype: QT) -> None:
 def test_more_bits_means_less_error() -> None:
     w = seeded()["normal"]
     errors = [rmse(quantize_blocks(w, qtype), qtype, w) for qtype in KQUANTS]
-    assert errors[0] > 1.8 * errors[1] > 3.2 * errors[2]  # each bit about halves the error
+    ratios = [a / b for a, b in zip(errors[:-1], errors[1:], strict=True)]  # Q2_K/Q3_K .. Q5_K/Q6_K
+    assert all(1.75 < r < 2.5 for r in ratios), ratios  # each bit about halves the error
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["C", "torch"])
@@ -153,7 +160,7 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
     assert (by_name["zeros"] == 0).all() and (by_name["zero sub-blocks"][:128] == 0).all()
     for name in ("constant", "negative constant"):
         assert (by_name[name] <= 2e-3 * abs(w[list(rows).index(name), 0])).all(), name
-    levels = {QT.Q4_K: 15, QT.Q5_K: 31, QT.Q6_K: 63}[qtype]
+    levels = {QT.Q2_K: 3, QT.Q3_K: 7, QT.Q4_K: 15, QT.Q5_K: 31, QT.Q6_K: 63}[qtype]
     for name in ("zero sub-blocks", "positive", "negative", "huge"):
         x = w[list(rows).index(name)]
         # Well within one step of a 32-weight range cut into the type's levels.
@@ -170,7 +177,7 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="NaN"):
         quantize_blocks(np.full((1, 256), np.nan, np.float32), QT.Q6_K)
     with pytest.raises(ValueError, match="not a type this module writes"):
-        quantize_blocks(np.zeros((1, 256), np.float32), QT.Q2_K)
+        quantize_blocks(np.zeros((1, 256), np.float32), QT.IQ2_XS)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_blocks(np.zeros((1, 48), np.float32), QT.Q8_0)
 
@@ -226,6 +233,37 @@ def test_mix_rules() -> None:
     assert moe.tensor_type("blk.1.ffn_down_exps.weight", (8, 2048, 2048)) == QT.Q4_K
 
 
+def test_low_bit_mix_rules() -> None:
+    """q2_k and q3_k_*, as llama.cpp's llama_tensor_get_type rules them (ggml 0.25.3)."""
+    wide, narrow = (1024, 2048), (1024, 576)
+
+    def types(quant: str, kind: str, layers=(0, 1, 2, 31), **kw) -> list[str]:
+        mix = Mix(quant, layers=32, **kw)
+        return [mix.tensor_type(f"blk.{i}.{kind}.weight", wide).name for i in layers]
+
+    assert types("q2_k", "attn_q") == ["Q2_K"] * 4
+    assert types("q2_k", "attn_v") == ["Q3_K"] * 4 and types("q2_k", "attn_v", gqa=4) == ["Q4_K"] * 4
+    assert types("q2_k", "ffn_down") == types("q2_k", "attn_output") == ["Q3_K"] * 4
+    assert types("q3_k_s", "attn_v") == types("q3_k_s", "ffn_down") == ["Q3_K"] * 4
+    assert types("q3_k_m", "attn_v") == types("q3_k_m", "attn_qkv") == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert types("q3_k_m", "ffn_down") == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]  # the first 32 / 16
+    assert types("q3_k_m", "attn_output") == ["Q4_K"] * 4
+    assert types("q3_k_l", "attn_v") == types("q3_k_l", "ffn_down") == ["Q5_K"] * 4
+    assert types("q3_k_l", "attn_output") == ["Q5_K"] * 4 and types("q3_k_l", "ffn_up") == ["Q3_K"] * 4
+    # 8 experts: attn_k/attn_v in Q8_0, attn_output in Q5_K, except for q3_k_l (left at Q3_K)
+    for quant in ("q2_k", "q3_k_s", "q3_k_m"):
+        assert types(quant, "attn_output", experts=8) == ["Q5_K"] * 4
+        assert types(quant, "attn_v", experts=8) == types(quant, "attn_k", experts=8) == ["Q8_0"] * 4
+    assert types("q3_k_l", "attn_output", experts=8) == ["Q3_K"] * 4
+    # rows of 576: Q2_K and Q3_K fall back to Q4_0, the output to Q8_0
+    mix = Mix("q3_k_m", layers=32)
+    assert mix.tensor_type("blk.5.ffn_up.weight", narrow) == QT.Q4_0
+    assert mix.tensor_type("blk.5.attn_v.weight", narrow) == QT.Q5_0  # Q4_K's fallback
+    assert mix.tensor_type("output.weight", narrow) == QT.Q8_0
+    assert mix.fallbacks == {"blk.5.ffn_up.weight": "Q3_K -> Q4_0", "blk.5.attn_v.weight": "Q4_K -> Q5_0"}
+    assert Mix("q2_k", layers=32).tensor_type("token_embd.weight", narrow) == QT.Q4_0
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models
 
@@ -259,7 +297,18 @@ def logits(path: Path) -> torch.Tensor:
 def test_k_quant_exports_load_back_with_their_types_and_errors(wide: Path, tmp_path: Path) -> None:
     ref = logits(wide)
     errors = {}
-    for quant in ("q6_k", "q5_k_m", "q4_k_m", "q4_k_s"):
+    # (base type, blk.0's ffn_down, blk.1's): 9 layers, so `more_bits` gives blk.0 and not blk.1
+    expected = {
+        "q6_k": ("Q6_K", "Q6_K", "Q6_K"),
+        "q5_k_m": ("Q5_K", "Q6_K", "Q5_K"),
+        "q4_k_m": ("Q4_K", "Q6_K", "Q4_K"),
+        "q4_k_s": ("Q4_K", "Q5_K", "Q4_K"),
+        "q3_k_l": ("Q3_K", "Q5_K", "Q5_K"),
+        "q3_k_m": ("Q3_K", "Q4_K", "Q4_K"),  # Q5_K only in the first sixteenth: none of 9 layers
+        "q3_k_s": ("Q3_K", "Q3_K", "Q3_K"),
+        "q2_k": ("Q2_K", "Q3_K", "Q3_K"),
+    }
+    for quant, (base, down0, down1) in expected.items():
         out = tmp_path / f"m-{quant}.gguf"
         summary = export_gguf(wide, out, quant)
         types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
@@ -268,10 +317,8 @@ def test_k_quant_exports_load_back_with_their_types_and_errors(wide: Path, tmp_p
         assert summary["fallbacks"] == {} and summary["tensors"] == dict(
             sorted(Counter(types.values()).items())
         )
-        base = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K", "q4_k_s": "Q4_K"}[quant]
         assert types["output.weight"] == "Q6_K" and types["blk.1.attn_q.weight"] == base
-        assert types["blk.0.ffn_down.weight"] == ("Q6_K" if quant != "q4_k_s" else "Q5_K")
-        assert types["blk.1.ffn_down.weight"] == base
+        assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == (down0, down1)
         errors[quant] = (logits(out) - ref).abs().mean().item()
     for quant in ("q8_0", "q4_0"):
         export_gguf(wide, tmp_path / f"m-{quant}.gguf", quant)
@@ -279,6 +326,9 @@ def test_k_quant_exports_load_back_with_their_types_and_errors(wide: Path, tmp_p
     # Fewer bits, more error; Q4_K (4.5 bits a weight) beats Q4_0 (4.5 bits) on the same model.
     # (Whether the `_m` layers' extra bits pay is not visible on random weights.)
     assert errors["q8_0"] < errors["q6_k"] < errors["q5_k_m"] < errors["q4_k_m"] < errors["q4_0"]
+    # The 3-bit mixes in their order of size, Q2_K the last; Q3_K (3.4375 bits) loses to Q4_0.
+    assert errors["q4_k_m"] < errors["q3_k_l"] < errors["q3_k_m"] < errors["q3_k_s"] < errors["q2_k"]
+    assert errors["q4_0"] < errors["q3_k_s"]
     assert errors["q4_k_s"] < errors["q4_0"] and errors["q4_k_m"] < 0.25 * ref.abs().mean().item()
 
 
@@ -306,7 +356,7 @@ def test_cli_export_k_quant(wide: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(wide), "--quant", "q4_k_s", "--out", str(tmp_path / "plain.gguf")]) == 0
     err = capsys.readouterr().err
     assert "export q4_k_s: 84/84 tensors" in err  # progress, a line every ~10% off a terminal
-    assert main(["export", str(wide), "--quant", "q3_k_m", "--out", str(tmp_path / "x.gguf")]) != 0
+    assert main(["export", str(wide), "--quant", "iq2_xs", "--out", str(tmp_path / "x.gguf")]) != 0
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -338,6 +388,15 @@ def _families(root: Path) -> dict[str, Path]:
         "phi3": build(
             root / "phi3", transformers.Phi3ForCausalLM,
             transformers.Phi3Config(**{**WIDE, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1),
+        ),
+        "llama, 4 heads a kv head": build(
+            root / "gqa4", transformers.LlamaForCausalLM,
+            transformers.LlamaConfig(**{**WIDE, "num_attention_heads": 8, "num_key_value_heads": 2}),
+        ),
+        "llama, rows of 192 and 320": build(  # no k-quant fits: every fallback
+            root / "narrow", transformers.LlamaForCausalLM,
+            transformers.LlamaConfig(**{**WIDE, "hidden_size": 192, "intermediate_size": 320,
+                                        "num_attention_heads": 3, "num_key_value_heads": 1}),
         ),
         "qwen3moe": build(
             root / "qwen3moe", transformers.Qwen3MoeForCausalLM,
@@ -377,7 +436,7 @@ print(json.dumps(np.asarray(llm.scores[: llm.n_tokens]).tolist()))
 """
 
 
-@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_s", "q6_k"])
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k"])
 def test_llama_cpp_computes_our_k_quant_files_as_we_do(wide: Path, tmp_path: Path, quant: str) -> None:
     """llama.cpp (in a child process, so a crash of its own fails only this test) runs our file
     and its logits are ours from the same file, up to its int8 rounding of the inputs."""

@@ -41,12 +41,18 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q5_k_s": (QT.Q5_K, _FT.MOSTLY_Q5_K_S),
     "q4_k_m": (QT.Q4_K, _FT.MOSTLY_Q4_K_M),
     "q4_k_s": (QT.Q4_K, _FT.MOSTLY_Q4_K_S),
+    "q3_k_l": (QT.Q3_K, _FT.MOSTLY_Q3_K_L),
+    "q3_k_m": (QT.Q3_K, _FT.MOSTLY_Q3_K_M),
+    "q3_k_s": (QT.Q3_K, _FT.MOSTLY_Q3_K_S),
+    "q2_k": (QT.Q2_K, _FT.MOSTLY_Q2_K),
     "q5_1": (QT.Q5_1, _FT.MOSTLY_Q5_1),
     "q5_0": (QT.Q5_0, _FT.MOSTLY_Q5_0),
     "q4_1": (QT.Q4_1, _FT.MOSTLY_Q4_1),
     "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
 }
-_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+_K_FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+#: The type the low-bit mixes give ffn_down and (without 8 experts) attn_output: a step up.
+_STEP_UP = {"q2_k": QT.Q3_K, "q3_k_m": QT.Q4_K, "q3_k_l": QT.Q5_K}
 _BLOCK = 32  # weights per block of the legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+?)\.weight")
 
@@ -65,6 +71,7 @@ class Mix:
     layers: int
     experts: int = 0
     has_output: bool = True
+    gqa: int = 1  # attention heads per key/value head (q2_k's attn_v takes Q4_K from 4)
     #: tensor name -> "FROM -> TO" for every tensor whose rows did not fit its type's blocks.
     fallbacks: dict[str, str] = field(default_factory=dict)
 
@@ -95,7 +102,11 @@ class Mix:
         medium = self.quant in ("q4_k_m", "q5_k_m")
         if kind in ("attn_v", "attn_qkv"):  # Phi-3's fused q/k/v is ruled as attn_v
             chosen = base
-            if medium and more_bits(layer, self.layers):
+            if self.quant == "q2_k":
+                chosen = QT.Q4_K if self.gqa >= 4 else QT.Q3_K
+            elif self.quant in ("q3_k_m", "q3_k_l"):
+                chosen = QT.Q5_K if self.quant == "q3_k_l" or layer < 2 else QT.Q4_K
+            elif medium and more_bits(layer, self.layers):
                 chosen = QT.Q6_K
             elif self.quant == "q4_k_s" and layer < 4:
                 chosen = QT.Q5_K
@@ -103,13 +114,19 @@ class Mix:
         if kind == "attn_k":
             return QT.Q8_0 if self.experts == 8 else base
         if kind.startswith("ffn_down"):
+            if self.quant in _STEP_UP:  # q3_k_m: two steps in the first sixteenth
+                return (
+                    QT.Q5_K if self.quant == "q3_k_m" and layer < self.layers // 16 else _STEP_UP[self.quant]
+                )
             if medium and more_bits(layer, self.layers):
                 return QT.Q6_K
             if self.quant == "q4_k_s" and layer < self.layers // 8:
                 return QT.Q5_K
             return base
-        if kind == "attn_output" and self.experts == 8 and self.quant in ("q4_k_s", "q4_k_m"):
-            return QT.Q5_K
+        if kind == "attn_output":
+            if self.experts == 8:  # llama.cpp's list for 8 experts leaves q3_k_l at its base
+                return QT.Q5_K if self.quant in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else base
+            return _STEP_UP.get(self.quant, base)
         return base
 
 

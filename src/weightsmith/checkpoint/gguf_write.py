@@ -453,7 +453,8 @@ def export_gguf(
     cfg, source = ckpt.config, str(ckpt.path)
     arch = _check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
-    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, has_output=not cfg.tie_word_embeddings)
+    gqa = cfg.num_attention_heads // max(cfg.num_key_value_heads, 1)
+    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa)
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
     # Everything that can fail on the model's own data runs before the GGUF file is written.
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)

@@ -1,4 +1,4 @@
-/* k-quant blocks (Q4_K, Q5_K, Q6_K) from float weights: the fast path of quant/kquants.py.
+/* k-quant blocks (Q2_K to Q6_K) from float weights: the fast path of quant/kquants.py.
  *
  * The algorithm and the byte layouts are kquants.py's (its docstring says what and why); this
  * file runs the same steps one super-block at a time, in registers and L1 instead of whole-matrix
@@ -15,7 +15,7 @@
 
 #include "cpu_kernels.h"
 
-enum { QK = 256, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { QK = 256, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
 /* float -> IEEE half bits, rounding to nearest even (as torch's .to(float16)); |f| <= 65504. */
 static uint16_t to_f16(float f) {
@@ -138,34 +138,102 @@ static int best_candidate(const float *x, const float *w, int n, const float *st
 
 /* ---- super-blocks ---------------------------------------------------------------------------- */
 
-/* Eight sub-blocks of 32: codes q[256] and the header of a Q4_K / Q5_K block. */
-static void affine_block(const float *x, int nmax, const double *tries, int n_tries, uint8_t *q, uint16_t *d16,
-                         uint16_t *dmin16, uint8_t sc[8], uint8_t m[8]) {
-    float sum = 0, w[QK], scale[8], low[8], max_scale = 0, max_min = 0;
+/* `count` sub-blocks of `sub` weights: codes q[256] and the header (d, dmin, sc, m on a 0..levels
+ * grid) of a Q4_K / Q5_K (8 x 32, levels 63, weights rms + |x|) or Q2_K (16 x 16, levels 15,
+ * weights |x|) block. */
+static void affine_block(const float *x, int sub, int nmax, int levels, int abs_weights, const double *tries,
+                         int n_tries, uint8_t *q, uint16_t *d16, uint16_t *dmin16, uint8_t *sc, uint8_t *m) {
+    const int count = QK / sub;
+    float sum = 0, w[QK], scale[16], low[16], max_scale = 0, max_min = 0;
     for (int i = 0; i < QK; i++) sum += x[i] * x[i];
-    const float rms = sqrtf(sum / QK);
+    const float rms = abs_weights ? 0.0f : sqrtf(sum / QK), top = (float)levels;
     for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
-    for (int j = 0; j < 8; j++) {
-        fit_affine(x + 32 * j, w + 32 * j, 32, nmax, tries, n_tries, &scale[j], &low[j]);
+    for (int j = 0; j < count; j++) {
+        fit_affine(x + sub * j, w + sub * j, sub, nmax, tries, n_tries, &scale[j], &low[j]);
         max_scale = greater(max_scale, scale[j]), max_min = greater(max_min, -low[j]);
     }
-    const float d = clamp_f16(max_scale / 63), dmin = clamp_f16(max_min / 63);
+    const float d = clamp_f16(max_scale / top), dmin = clamp_f16(max_min / top);
     const float inv = d > 0 ? 1 / d : 0, inv_min = dmin > 0 ? 1 / dmin : 0;
-    for (int j = 0; j < 8; j++) {
-        const float *xs = x + 32 * j, *ws = w + 32 * j;
-        const int sc0 = (int)level(scale[j] * inv, 0, 63), m0 = (int)level(-low[j] * inv_min, 0, 63);
-        int levels[9], mins[9];
+    for (int j = 0; j < count; j++) {
+        const float *xs = x + sub * j, *ws = w + sub * j;
+        const int sc0 = (int)level(scale[j] * inv, 0, top), m0 = (int)level(-low[j] * inv_min, 0, top);
+        int lv[9], mins[9];
         float steps[9], offsets[9];
         for (int c = 0; c < 9; c++) { /* the level and the ones beside it, clamped (repeats lose ties) */
-            levels[c] = (int)level((float)(sc0 + STEP[c / 3]), 0, 63), mins[c] = (int)level((float)(m0 + STEP[c % 3]), 0, 63);
-            steps[c] = d * (float)levels[c], offsets[c] = dmin * (float)mins[c];
+            lv[c] = (int)level((float)(sc0 + STEP[c / 3]), 0, top), mins[c] = (int)level((float)(m0 + STEP[c % 3]), 0, top);
+            steps[c] = d * (float)lv[c], offsets[c] = dmin * (float)mins[c];
         }
-        const int best = best_candidate(xs, ws, 32, steps, offsets, 9, 0, (float)nmax);
-        sc[j] = (uint8_t)levels[best], m[j] = (uint8_t)mins[best];
+        const int best = best_candidate(xs, ws, sub, steps, offsets, 9, 0, (float)nmax);
+        sc[j] = (uint8_t)lv[best], m[j] = (uint8_t)mins[best];
         const float step = steps[best], offset = offsets[best], is = step != 0 ? 1 / step : 0;
-        for (int i = 0; i < 32; i++) q[32 * j + i] = (uint8_t)level((xs[i] + offset) * is, 0, (float)nmax);
+        for (int i = 0; i < sub; i++) q[sub * j + i] = (uint8_t)level((xs[i] + offset) * is, 0, (float)nmax);
     }
     *d16 = to_f16(d), *dmin16 = to_f16(dmin);
+}
+
+/* Sixteen sub-blocks of 16, x ~ d * sc * q with q in [-nmax, nmax - 1] and sc in [-smax, smax - 1]
+ * (Q6_K: 32, 128; Q3_K: 4, 32): codes q + nmax, the scales and d (as a half). */
+static void symmetric_block(const float *x, int nmax, int smax, const double *tries, int n_tries, uint8_t *q,
+                            int8_t sc[16], uint16_t *d16) {
+    float scale[16], big = 0;
+    for (int j = 0; j < 16; j++) {
+        scale[j] = fit_symmetric(x + 16 * j, 16, nmax, tries, n_tries);
+        if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
+    }
+    /* The scale of largest magnitude maps to -smax (the extra negative level), so d may be negative. */
+    const float inv = big != 0 ? -(float)smax / big : 0, d = clamp_f16(inv != 0 ? 1 / inv : 0);
+    const float lo = (float)-nmax, hi = (float)(nmax - 1), slo = (float)-smax, shi = (float)(smax - 1);
+    for (int j = 0; j < 16; j++) {
+        const float *xs = x + 16 * j;
+        const int s0 = (int)level(scale[j] * inv, slo, shi);
+        int lv[3];
+        float steps[3], zeros[3] = {0, 0, 0};
+        for (int c = 0; c < 3; c++) lv[c] = (int)level((float)(s0 + STEP[c]), slo, shi), steps[c] = d * (float)lv[c];
+        const int best = best_candidate(xs, NULL, 16, steps, zeros, 3, lo, hi);
+        sc[j] = (int8_t)lv[best];
+        const float step = steps[best], is = step != 0 ? 1 / step : 0;
+        for (int i = 0; i < 16; i++) q[16 * j + i] = (uint8_t)(level(xs[i] * is, lo, hi) + (float)nmax);
+    }
+    *d16 = to_f16(d);
+}
+
+/* Two bits of each code, Q2_K's and Q3_K's 64 bytes: per half h of 128, byte 32h + l holds the
+ * codes 128h + 32j + l (j = 0..3) at bits 2j. */
+static void crumbs(uint8_t *out, const uint8_t *q) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *qh = q + 128 * h + l;
+            out[32 * h + l] = (uint8_t)((qh[0] & 3) | (qh[32] & 3) << 2 | (qh[64] & 3) << 4 | (qh[96] & 3) << 6);
+        }
+}
+
+static void q2_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+    uint8_t q[QK], sc[16], m[16];
+    uint16_t d, dmin;
+    affine_block(x, 16, 3, 15, 1, tries, n_tries, q, &d, &dmin, sc, m);
+    for (int j = 0; j < 16; j++) out[j] = (uint8_t)(sc[j] | m[j] << 4);
+    crumbs(out + 16, q);
+    memcpy(out + 80, &d, 2), memcpy(out + 82, &dmin, 2);
+}
+
+static void q3_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+    uint8_t q[QK], u[16];
+    int8_t sc[16];
+    uint16_t d;
+    symmetric_block(x, 4, 32, tries, n_tries, q, sc, &d);
+    for (int l = 0; l < 32; l++) { /* hmask: bit 4h + j of byte l is code 128h + 32j + l's third bit */
+        uint8_t bits = 0;
+        for (int k = 0; k < 8; k++) bits |= (uint8_t)((q[32 * k + l] >> 2 & 1) << k);
+        out[l] = bits;
+    }
+    crumbs(out + 32, q);
+    for (int j = 0; j < 16; j++) u[j] = (uint8_t)(sc[j] + 32);
+    for (int k = 0; k < 4; k++) { /* low nibbles of 0-3 | 8-11, of 4-7 | 12-15, then the high pairs */
+        out[96 + k] = (uint8_t)((u[k] & 15) | (u[k + 8] & 15) << 4);
+        out[100 + k] = (uint8_t)((u[k + 4] & 15) | (u[k + 12] & 15) << 4);
+        out[104 + k] = (uint8_t)(u[k] >> 4 | (u[k + 4] >> 4) << 2 | (u[k + 8] >> 4) << 4 | (u[k + 12] >> 4) << 6);
+    }
+    memcpy(out + 108, &d, 2);
 }
 
 static void header(uint8_t *out, uint16_t d, uint16_t dmin, const uint8_t sc[8], const uint8_t m[8]) {
@@ -185,7 +253,7 @@ static void nibbles(uint8_t *out, const uint8_t *q) {
 static void q4_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], sc[8], m[8];
     uint16_t d, dmin;
-    affine_block(x, 15, tries, n_tries, q, &d, &dmin, sc, m);
+    affine_block(x, 32, 15, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
     header(out, d, dmin, sc, m);
     nibbles(out + 16, q);
 }
@@ -193,7 +261,7 @@ static void q4_k(const float *x, const double *tries, int n_tries, uint8_t *out)
 static void q5_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], sc[8], m[8];
     uint16_t d, dmin;
-    affine_block(x, 31, tries, n_tries, q, &d, &dmin, sc, m);
+    affine_block(x, 32, 31, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
     header(out, d, dmin, sc, m);
     for (int l = 0; l < 32; l++) {
         uint8_t bits = 0;
@@ -204,25 +272,10 @@ static void q5_k(const float *x, const double *tries, int n_tries, uint8_t *out)
 }
 
 static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
-    float scale[16], big = 0;
-    for (int j = 0; j < 16; j++) {
-        scale[j] = fit_symmetric(x + 16 * j, 16, 32, tries, n_tries);
-        if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
-    }
-    const float inv = big != 0 ? -128 / big : 0, d = clamp_f16(inv != 0 ? 1 / inv : 0);
     uint8_t q[QK];
     int8_t sc[16];
-    for (int j = 0; j < 16; j++) {
-        const float *xs = x + 16 * j;
-        const int s0 = (int)level(scale[j] * inv, -128, 127);
-        int levels[3];
-        float steps[3], zeros[3] = {0, 0, 0};
-        for (int c = 0; c < 3; c++) levels[c] = (int)level((float)(s0 + STEP[c]), -128, 127), steps[c] = d * (float)levels[c];
-        const int best = best_candidate(xs, NULL, 16, steps, zeros, 3, -32, 31);
-        sc[j] = (int8_t)levels[best];
-        const float step = steps[best], is = step != 0 ? 1 / step : 0;
-        for (int i = 0; i < 16; i++) q[16 * j + i] = (uint8_t)(level(xs[i] * is, -32, 31) + 32);
-    }
+    uint16_t d16;
+    symmetric_block(x, 32, 128, tries, n_tries, q, sc, &d16);
     for (int h = 0; h < 2; h++) { /* per half of 128: see kquants._q6_k */
         const uint8_t *qh = q + 128 * h;
         for (int l = 0; l < 32; l++) {
@@ -233,11 +286,10 @@ static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out)
         }
     }
     memcpy(out + 192, sc, 16);
-    const uint16_t d16 = to_f16(d);
     memcpy(out + 208, &d16, 2);
 }
 
-/* n_blocks super-blocks of `type` (ggml's numbering: 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
+/* n_blocks super-blocks of `type` (ggml's numbering: 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
  * floats at x, 256 a block, written one after another at out, with kquants.py's `tries` for
  * the type. Returns 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
 int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries,
@@ -246,7 +298,8 @@ int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const dou
         int64_t type, weights, bytes;
         void (*encode)(const float *, const double *, int, uint8_t *);
     } kinds[] = {
-        {T_Q4_K, QK, 144, q4_k}, {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
+        {T_Q2_K, QK, 84, q2_k}, {T_Q3_K, QK, 110, q3_k}, {T_Q4_K, QK, 144, q4_k},
+        {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
     };
     if (n_tries < 0 || n_tries > MAX_TRIES) return 1; /* the fits' lane arrays hold MAX_TRIES + 1 */
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {

@@ -49,7 +49,7 @@ from weightsmith.quant import cpu_kernels
 
 QK_K = 256
 #: Bytes of one 256-weight super-block.
-BLOCK_BYTES = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+BLOCK_BYTES = {QT.Q2_K: 84, QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
 #: The 32-weight types, written by gguf-py's quantizers (ports of ggml's reference ones).
 LEGACY_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}
 #: Super-blocks quantized at a time by the tensor passes (bounds their temporaries to tens of MB).
@@ -86,7 +86,7 @@ def quantize_blocks(w: np.ndarray | torch.Tensor, qtype: QT, *, kernels: bool = 
         rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()
         return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
     else:
-        encode = {QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
+        encode = {QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
         for start in range(0, blocks.shape[0], _CHUNK):
             out[start : start + _CHUNK] = encode(blocks[start : start + _CHUNK])
     return out.numpy().reshape(*x.shape[:-1], -1)
@@ -186,24 +186,29 @@ _TRIES_Q4 = tuple(-1 + 0.1 * i for i in range(21))
 _TRIES_Q5 = tuple(-0.5 + 0.1 * i for i in range(16))
 
 
-def _affine_blocks(blocks: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> tuple:
-    """Codes (n, 256) and the header (d, dmin, 6-bit sc, m) of Q4_K / Q5_K super-blocks."""
-    n = blocks.shape[0]
-    rms = blocks.pow(2).mean(1, keepdim=True).sqrt()
-    sub = blocks.reshape(n * 8, 32)
-    weight = (rms + blocks.abs()).reshape(n * 8, 32)
+def _affine_blocks(
+    blocks: torch.Tensor, nmax: int, tries: tuple[float, ...], size: int = 32, levels: int = 63
+) -> tuple:
+    """Codes (n, 256) and the header (d, dmin, sc, m on a 0..levels grid) of super-blocks cut
+    into sub-blocks of `size`: Q4_K / Q5_K (32, 6-bit levels, weights rms + |x|) or Q2_K (16,
+    4-bit levels, weights |x| as ggml's: its codes have 4 levels, and rms would flatten them)."""
+    n, count = blocks.shape[0], QK_K // size
+    rms = blocks.pow(2).mean(1, keepdim=True).sqrt() if size == 32 else torch.zeros(n, 1)
+    sub = blocks.reshape(n * count, size)
+    weight = (rms + blocks.abs()).reshape(n * count, size)
     scale, low = _fit_affine(sub, weight, nmax, tries)
-    d, sc = _grid(scale.reshape(n, 8), 63)
-    dmin, m = _grid((-low).reshape(n, 8), 63)
+    d, sc = _grid(scale.reshape(n, count), levels)
+    dmin, m = _grid((-low).reshape(n, count), levels)
     # Rounding the scales onto the grid costs about 2% of RMSE; each sub-block then takes the
     # best of its scale and minimum levels one up or down (weighted error, codes re-rounded).
-    d_sub, dmin_sub = d.float().repeat_interleave(8)[:, None], dmin.float().repeat_interleave(8)[:, None]
-    sc, m = sc.reshape(n * 8, 1), m.reshape(n * 8, 1)
+    d_sub = d.float().repeat_interleave(count)[:, None]
+    dmin_sub = dmin.float().repeat_interleave(count)[:, None]
+    sc, m = sc.reshape(n * count, 1), m.reshape(n * count, 1)
     best_err, best_sc, best_m = None, sc, m
     for dsc in (0, -1, 1):
         for dm in (0, -1, 1):
-            sc_try = (sc.short() + dsc).clamp_(0, 63).to(torch.uint8)
-            m_try = (m.short() + dm).clamp_(0, 63).to(torch.uint8)
+            sc_try = (sc.short() + dsc).clamp_(0, levels).to(torch.uint8)
+            m_try = (m.short() + dm).clamp_(0, levels).to(torch.uint8)
             step, offset = d_sub * sc_try, dmin_sub * m_try
             q = _codes(sub + offset, step, 0, nmax)
             err = (weight * (step * q - offset - sub).square_()).sum(1, keepdim=True)
@@ -211,7 +216,7 @@ def _affine_blocks(blocks: torch.Tensor, nmax: int, tries: tuple[float, ...]) ->
             best_err = err if best_err is None else torch.where(better, err, best_err)
             best_sc, best_m = torch.where(better, sc_try, best_sc), torch.where(better, m_try, best_m)
     q = _codes(sub + dmin_sub * best_m, d_sub * best_sc, 0, nmax).to(torch.uint8).reshape(n, QK_K)
-    return q, d, dmin, best_sc.reshape(n, 8), best_m.reshape(n, 8)
+    return q, d, dmin, best_sc.reshape(n, count), best_m.reshape(n, count)
 
 
 def _codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -258,31 +263,37 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
 # Q6_K
 
 _TRIES_Q6 = tuple(0.1 * i for i in range(-9, 10) if i)
-#: Each type's tries (shared with the C kernels).
-_TRIES = {QT.Q4_K: _TRIES_Q4, QT.Q5_K: _TRIES_Q5, QT.Q6_K: _TRIES_Q6}
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _symmetric_blocks(blocks: torch.Tensor, nmax: int, smax: int, tries: tuple[float, ...]) -> tuple:
+    """Sixteen sub-blocks of 16, x ~ d * sc * q with q in [-nmax, nmax - 1], sc in [-smax,
+    smax - 1] (Q6_K: 32, 128; Q3_K: 4, 32): codes + nmax as uint8 (n, 256), sc (n, 16), fp16 d."""
     n = blocks.shape[0]
     sub = blocks.reshape(n * 16, 16)
-    scale = _fit_symmetric(sub, 32, _TRIES_Q6).reshape(n, 16)
-    # The scale of largest magnitude maps to -128 (int8's extra level), so d may be negative.
+    scale = _fit_symmetric(sub, nmax, tries).reshape(n, 16)
+    # The scale of largest magnitude maps to -smax (the extra negative level), so d may be negative.
     big = scale.gather(1, scale.abs().argmax(1, keepdim=True))[:, 0]
-    inv = torch.where(big != 0, -128 / big, torch.zeros_like(big))
-    sc = (scale * inv[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+    inv = torch.where(big != 0, -smax / big, torch.zeros_like(big))
+    sc = (scale * inv[:, None]).round_().clamp_(-smax, smax - 1).to(torch.int8)
     d = _fp16(torch.where(inv != 0, 1 / inv, torch.zeros_like(inv)))
     # As for Q4_K: each sub-block takes the best of its level and the ones beside it.
     d_sub, sc = d.float().repeat_interleave(16)[:, None], sc.reshape(n * 16, 1)
     best_err, best_sc = None, sc
     for dsc in (0, -1, 1):
-        sc_try = (sc.short() + dsc).clamp_(-128, 127).to(torch.int8)
+        sc_try = (sc.short() + dsc).clamp_(-smax, smax - 1).to(torch.int8)
         step = d_sub * sc_try
-        err = (step * _codes(sub, step, -32, 31) - sub).square_().sum(1, keepdim=True)
+        err = (step * _codes(sub, step, -nmax, nmax - 1) - sub).square_().sum(1, keepdim=True)
         better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
         best_err = err if best_err is None else torch.where(better, err, best_err)
         best_sc = torch.where(better, sc_try, best_sc)
-    sc = best_sc.reshape(n, 16)
-    q = (_codes(sub, d_sub * best_sc, -32, 31) + 32).to(torch.uint8).reshape(n, 2, 4, 32)
+    q = (_codes(sub, d_sub * best_sc, -nmax, nmax - 1) + nmax).to(torch.uint8).reshape(n, QK_K)
+    return q, best_sc.reshape(n, 16), d
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    q, sc, d = _symmetric_blocks(blocks, 32, 128, _TRIES_Q6)
+    q = q.reshape(n, 2, 4, 32)
     # Per half of 128: ql[l] = q[l] | q[64+l] << 4, ql[32+l] = q[32+l] | q[96+l] << 4;
     # qh[l] holds the top two bits of q[l], q[32+l], q[64+l], q[96+l] at bits 0, 2, 4, 6.
     low, high = q & 15, q >> 4
@@ -291,3 +302,43 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [ql.reshape(n, 128), qh.reshape(n, 64), sc.view(torch.uint8), d[:, None].view(torch.uint8)], 1
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Q2_K / Q3_K
+
+_TRIES_Q2 = _TRIES_Q5
+_TRIES_Q3 = _TRIES_Q6
+#: Each type's tries (shared with the C kernels).
+_TRIES = {QT.Q2_K: _TRIES_Q2, QT.Q3_K: _TRIES_Q3, QT.Q4_K: _TRIES_Q4, QT.Q5_K: _TRIES_Q5, QT.Q6_K: _TRIES_Q6}
+
+
+def _crumbs(q: torch.Tensor) -> torch.Tensor:
+    """Two bits of each code, 64 bytes a super-block: per half h of 128, byte 32h + l holds codes
+    128h + 32j + l (j = 0..3) at bits 2j."""
+    q = (q & 3).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, 3, _TRIES_Q2, size=16, levels=15)
+    halves = torch.stack([d, dmin], 1).view(torch.uint8)
+    return torch.cat([sc | (m << 4), _crumbs(q), halves], 1)
+
+
+def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    q, sc, d = _symmetric_blocks(blocks, 4, 32, _TRIES_Q3)
+    third = (q >> 2).reshape(n, 8, 32)  # hmask: bit k of byte l is code 32k + l's third bit
+    hmask = torch.zeros(n, 32, dtype=torch.uint8)
+    for k in range(8):
+        hmask |= third[:, k] << k
+    # 6-bit scales (sc + 32): low nibbles of 0-3 | 8-11 << 4, of 4-7 | 12-15 << 4, then the
+    # high pairs of k, 4+k, 8+k, 12+k at bits 0, 2, 4, 6 of byte 8 + k.
+    u = (sc.short() + 32).to(torch.uint8).reshape(n, 4, 4)
+    low, high = u & 15, u >> 4
+    packed = torch.cat(
+        [low[:, 0] | (low[:, 2] << 4), low[:, 1] | (low[:, 3] << 4),
+         high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)], 1,
+    )  # fmt: skip
+    return torch.cat([hmask, _crumbs(q), packed, d[:, None].view(torch.uint8)], 1)
