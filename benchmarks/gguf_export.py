@@ -196,7 +196,7 @@ def main() -> None:
                       f"{e_ours:10.3e} {e_theirs:9.3e} {e_ours / e_theirs:5.3f}x")  # fmt: skip
                 for kind, (err, norm) in sorted(by_ours.items()):
                     peer = by_theirs.get(kind)
-                    ratio = f"{(err / norm) / (peer[0] / peer[1]):.3f}x" if peer else "-"
+                    ratio = f"{(err / norm) / (peer[0] / peer[1]):.3f}x" if peer and peer[0] > 0 else "-"
                     print(f"    {kind:6} relative error ours {err / norm:.3e}, ours / theirs {ratio}")
                 files.append((f"{label}, {quant}", f32, ours, theirs))
         if args.skip_quality:

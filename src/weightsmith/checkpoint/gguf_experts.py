@@ -57,6 +57,15 @@ def add_expert_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
+def stacked_name(name: str) -> tuple[str, int] | None:
+    """(the stacked tensor's name, the expert's index) for one expert's matrix, else None:
+    `model.layers.0.mlp.experts.3.down_proj.weight` -> (`...experts.{expert}.down_proj.weight`, 3)."""
+    match = _EXPERT.fullmatch(name)
+    if match is None:
+        return None
+    return f"{match.group(1)}.{{expert}}.{match.group(3)}", int(match.group(2))
+
+
 def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with each layer's per-expert matrices stacked into one (n_expert, out, in) tensor
     named with an `{expert}` placeholder (`model.layers.0.mlp.experts.{expert}.gate_proj.weight`),
@@ -64,13 +73,13 @@ def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     groups: dict[str, dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor | None] = {}
     for name, tensor in state.items():
-        match = _EXPERT.fullmatch(name)
-        if match is None:
+        found = stacked_name(name)
+        if found is None:
             out[name] = tensor
             continue
-        stacked = f"{match.group(1)}.{{expert}}.{match.group(3)}"
+        stacked, expert = found
         out.setdefault(stacked, None)
-        groups.setdefault(stacked, {})[int(match.group(2))] = tensor
+        groups.setdefault(stacked, {})[expert] = tensor
     for stacked, experts in groups.items():
         assert sorted(experts) == list(range(len(experts))), f"{stacked}: experts {sorted(experts)}"
         out[stacked] = torch.stack([experts[e] for e in range(len(experts))])

@@ -13,7 +13,12 @@ them where llama-cpp-python is installed):
   ffn_down of the first eighth are Q5_K (Phi-3's fused attn_qkv is ruled as attn_v);
 - models with 8 experts (Mixtral): attn_k and attn_v are Q8_0, and attn_output Q5_K for q4_k_*;
 - a k-quant matrix whose rows are not a multiple of 256 falls back as llama.cpp does (Q4_K to
-  Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), and one whose rows are not a multiple of 32 to F16.
+  Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0), and one whose rows are not a multiple
+  of 32 to F16.
+
+With an importance matrix (`export --imatrix`), `Mix.encode` weighs each matrix's fits by its
+entry (checkpoint/imatrix.py), and the file records it under llama-quantize's
+`quantize.imatrix.*` keys.
 
 Vectors (norms, biases) and MoE routers stay F32. Not here: the blocks themselves
 (quant/kquants.py), names and metadata (gguf_write.py).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import gguf
 import numpy as np
@@ -72,6 +78,10 @@ class Mix:
     experts: int = 0
     has_output: bool = True
     gqa: int = 1  # attention heads per key/value head (q2_k's attn_v takes Q4_K from 4)
+    imatrix: Any = None  # checkpoint.imatrix.Imatrix: weighs the fits of the matrices it covers
+    #: with an importance matrix: how many quantized matrices it weighed, and which it lacked.
+    weighted: int = 0
+    unweighted: list[str] = field(default_factory=list)
     #: tensor name -> "FROM -> TO" for every tensor whose rows did not fit its type's blocks.
     fallbacks: dict[str, str] = field(default_factory=dict)
 
@@ -129,11 +139,28 @@ class Mix:
             return _STEP_UP.get(self.quant, base)
         return base
 
+    def encode(self, name: str, w: np.ndarray, qtype: QT) -> np.ndarray:
+        """The bytes (or float array) `writer.add_tensor` takes for `w` stored as `qtype`; its fits
+        weighted by the importance matrix's entry for `name` where there is one."""
+        if qtype == QT.F32:
+            return np.ascontiguousarray(w, dtype=np.float32)
+        if qtype == QT.F16:
+            return np.ascontiguousarray(w, dtype=np.float16)
+        importance = None
+        if self.imatrix is not None and qtype != QT.Q8_0:
+            importance = self.imatrix.importance(name, w.shape)
+            if importance is None and name.startswith("blk."):  # embedding, output: as llama.cpp's
+                self.unweighted.append(name)
+            elif importance is not None:
+                self.weighted += 1
+        return quantize_blocks(np.ascontiguousarray(w, dtype=np.float32), qtype, importance=importance)
 
-def encode(w: np.ndarray, qtype: QT) -> np.ndarray:
-    """The bytes (or float array) `writer.add_tensor` takes for `w` stored as `qtype`."""
-    if qtype == QT.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
-    if qtype == QT.F16:
-        return np.ascontiguousarray(w, dtype=np.float16)
-    return quantize_blocks(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    def add_imatrix_metadata(self, writer: gguf.GGUFWriter) -> None:
+        """llama-quantize's record of the importance matrix a file was quantized with."""
+        if self.imatrix is None:
+            return
+        writer.add_string("quantize.imatrix.file", self.imatrix.path)
+        if self.imatrix.datasets:
+            writer.add_string("quantize.imatrix.dataset", self.imatrix.datasets[0])
+        writer.add_int32("quantize.imatrix.entries_count", len(self.imatrix.sums))
+        writer.add_int32("quantize.imatrix.chunks_count", self.imatrix.chunk_count)

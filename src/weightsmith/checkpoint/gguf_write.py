@@ -18,9 +18,10 @@ stored as 1 + w; refused unless the model has what llama.cpp's graph fixes in co
 the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
 capped at the window instead, so the file computes exactly what the model does within it.
 
-What it does not do: SentencePiece vocabularies, dense layers among experts, yarn or dynamic rope scaling,
-importance matrices (use llama.cpp's `llama-quantize --imatrix` on an F16 export for those), and
-streaming: the converted tensors are held in memory until the file is written.
+With an importance matrix (checkpoint/imatrix.py) the quantizer's fits are weighted by it.
+
+What it does not do: SentencePiece vocabularies, dense layers among experts, yarn or dynamic rope
+scaling, and streaming: the converted tensors are held in memory until the file is written.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_experts import add_expert_hparams, check_experts, stack_experts
-from weightsmith.checkpoint.gguf_mix import QUANTS, Mix, encode
+from weightsmith.checkpoint.gguf_mix import QUANTS, Mix
 from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors, expert_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
@@ -379,7 +380,7 @@ def _add_tensors(
         if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp's Gemma norms scale by the stored weight: store 1 + w
         stored_type = mix.tensor_type(name, w.shape)
-        data = encode(w, stored_type)
+        data = mix.encode(name, w, stored_type)
         if stored_type in (QT.F32, QT.F16):
             writer.add_tensor(name, data)
         else:
@@ -435,12 +436,13 @@ def export_gguf(
     allow_pickle: bool = False,
     name: str | None = None,
     on_tensor: Any = None,
+    imatrix: Any = None,
 ) -> dict[str, Any]:
     """Write the model as a GGUF file at `out` and an Ollama Modelfile beside it.
 
     checkpoint_or_path: a Checkpoint loaded with decode_layout=False, or an HF directory / .gguf
-    file (loaded on CPU in fp32). `on_tensor(done, total)` is called as each tensor is converted
-    (quantizing a large model takes a while). Returns a summary: path, bytes, tensor counts by type, ...
+    file (loaded on CPU in fp32). `on_tensor(done, total)` is called as each tensor is converted;
+    `imatrix` (a `checkpoint.imatrix.Imatrix`) weighs the quantizer's fits. Returns a summary.
     """
     out = check_export_args(out, quant, overwrite=overwrite)
     if isinstance(checkpoint_or_path, (str, Path)):
@@ -454,7 +456,7 @@ def export_gguf(
     arch = _check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
     gqa = cfg.num_attention_heads // max(cfg.num_key_value_heads, 1)
-    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa)
+    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa, imatrix)
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
     # Everything that can fail on the model's own data runs before the GGUF file is written.
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
@@ -462,6 +464,7 @@ def export_gguf(
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, cfg, model_name, int(QUANTS[quant][1]))
+        mix.add_imatrix_metadata(writer)
         pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
         counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)
         writer.write_header_to_file()
@@ -481,5 +484,6 @@ def export_gguf(
         "tensors": dict(sorted(counts.items())),
         "f16_fallbacks": [name for name, how in mix.fallbacks.items() if how.endswith("F16")],
         "fallbacks": mix.fallbacks,
+        "imatrix": None if imatrix is None else {"weighted": mix.weighted, "without": mix.unweighted},
         "modelfile": str(modelfile),
     }

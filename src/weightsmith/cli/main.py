@@ -48,6 +48,7 @@ from weightsmith.commands import (
     audit,
     export,
     guard,
+    imatrix,
     quantize,
     redteam,
     run,
@@ -291,6 +292,15 @@ COMMANDS: dict[str, Command | Group] = {
         export.run_export,
         _plain(export_out.print_export),
         lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="tensors"),
+    ),
+    "imatrix": Command(
+        imatrix.ImatrixConfig,
+        "compute an importance matrix from calibration text, for export --imatrix (llama.cpp's format)",
+        "weightsmith imatrix smollm2-135m-instruct --text calibration.txt --out smol.imatrix.gguf\n"
+        "  weightsmith export smollm2-135m-instruct --quant q4_k_m --imatrix smol.imatrix.gguf --out smol.gguf",
+        imatrix.run_imatrix,
+        _plain(export_out.print_imatrix),
+        lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="chunks"),
     ),
     "quantize": Command(
         quantize.QuantizeConfig,

@@ -89,8 +89,9 @@ static void fit_affine(const float *x, const float *w, int n, int nmax, const do
     *scale_out = best_scale, *low_out = best_low;
 }
 
-/* x ~ scale * q, q in [-nmax, nmax - 1], least squares weighted by x^2: kquants._fit_symmetric. */
-static float fit_symmetric(const float *x, int n, int nmax, const double *tries, int n_tries) {
+/* x ~ scale * q, q in [-nmax, nmax - 1], least squares weighted by w (x^2 where w is NULL):
+ * kquants._fit_symmetric. */
+static float fit_symmetric(const float *x, const float *w, int n, int nmax, const double *tries, int n_tries) {
     float big = x[0];
     for (int i = 1; i < n; i++)
         if (fabsf(x[i]) > fabsf(big)) big = x[i];
@@ -99,7 +100,7 @@ static float fit_symmetric(const float *x, int n, int nmax, const double *tries,
     float f[MAX_TRIES + 1], aqx[MAX_TRIES + 1] = {0}, aqq[MAX_TRIES + 1] = {0};
     for (int t = 0; t < lanes; t++) f[t] = (float)(nmax + (t ? tries[t - 1] : 0.0)) * inv;
     for (int i = 0; i < n; i++) {
-        const float xi = x[i], wi = x[i] * x[i], wx = wi * x[i];
+        const float xi = x[i], wi = w ? w[i] : x[i] * x[i], wx = wi * x[i];
 #pragma omp simd
         for (int t = 0; t < lanes; t++) {
             const float q = level(xi * f[t], lo, hi);
@@ -138,16 +139,29 @@ static int best_candidate(const float *x, const float *w, int n, const float *st
 
 /* ---- super-blocks ---------------------------------------------------------------------------- */
 
+/* With an importance matrix (qw, one value a weight): ggml's weights qw * sqrt(sigma2 + x^2),
+ * sigma2 twice the super-block's mean square. */
+static void importance_weights(const float *x, const float *qw, float *w) {
+    float sum = 0;
+    for (int i = 0; i < QK; i++) sum += x[i] * x[i];
+    const float sigma2 = 2 * sum / QK;
+    for (int i = 0; i < QK; i++) w[i] = qw[i] * sqrtf(sigma2 + x[i] * x[i]);
+}
+
 /* `count` sub-blocks of `sub` weights: codes q[256] and the header (d, dmin, sc, m on a 0..levels
  * grid) of a Q4_K / Q5_K (8 x 32, levels 63, weights rms + |x|) or Q2_K (16 x 16, levels 15,
  * weights |x|) block. */
-static void affine_block(const float *x, int sub, int nmax, int levels, int abs_weights, const double *tries,
-                         int n_tries, uint8_t *q, uint16_t *d16, uint16_t *dmin16, uint8_t *sc, uint8_t *m) {
+static void affine_block(const float *x, const float *qw, int sub, int nmax, int levels, int abs_weights,
+                         const double *tries, int n_tries, uint8_t *q, uint16_t *d16, uint16_t *dmin16, uint8_t *sc,
+                         uint8_t *m) {
     const int count = QK / sub;
     float sum = 0, w[QK], scale[16], low[16], max_scale = 0, max_min = 0;
     for (int i = 0; i < QK; i++) sum += x[i] * x[i];
     const float rms = abs_weights ? 0.0f : sqrtf(sum / QK), top = (float)levels;
-    for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
+    if (qw)
+        importance_weights(x, qw, w);
+    else
+        for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
     for (int j = 0; j < count; j++) {
         fit_affine(x + sub * j, w + sub * j, sub, nmax, tries, n_tries, &scale[j], &low[j]);
         max_scale = greater(max_scale, scale[j]), max_min = greater(max_min, -low[j]);
@@ -173,11 +187,13 @@ static void affine_block(const float *x, int sub, int nmax, int levels, int abs_
 
 /* Sixteen sub-blocks of 16, x ~ d * sc * q with q in [-nmax, nmax - 1] and sc in [-smax, smax - 1]
  * (Q6_K: 32, 128; Q3_K: 4, 32): codes q + nmax, the scales and d (as a half). */
-static void symmetric_block(const float *x, int nmax, int smax, const double *tries, int n_tries, uint8_t *q,
-                            int8_t sc[16], uint16_t *d16) {
-    float scale[16], big = 0;
+static void symmetric_block(const float *x, const float *qw, int nmax, int smax, const double *tries, int n_tries,
+                            uint8_t *q, int8_t sc[16], uint16_t *d16) {
+    float scale[16], big = 0, weights[QK];
+    const float *w = qw ? weights : NULL; /* NULL: the fits weigh by x^2, the levels unweighted */
+    if (qw) importance_weights(x, qw, weights);
     for (int j = 0; j < 16; j++) {
-        scale[j] = fit_symmetric(x + 16 * j, 16, nmax, tries, n_tries);
+        scale[j] = fit_symmetric(x + 16 * j, w ? w + 16 * j : NULL, 16, nmax, tries, n_tries);
         if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
     }
     /* The scale of largest magnitude maps to -smax (the extra negative level), so d may be negative. */
@@ -189,7 +205,7 @@ static void symmetric_block(const float *x, int nmax, int smax, const double *tr
         int lv[3];
         float steps[3], zeros[3] = {0, 0, 0};
         for (int c = 0; c < 3; c++) lv[c] = (int)level((float)(s0 + STEP[c]), slo, shi), steps[c] = d * (float)lv[c];
-        const int best = best_candidate(xs, NULL, 16, steps, zeros, 3, lo, hi);
+        const int best = best_candidate(xs, w ? w + 16 * j : NULL, 16, steps, zeros, 3, lo, hi);
         sc[j] = (int8_t)lv[best];
         const float step = steps[best], is = step != 0 ? 1 / step : 0;
         for (int i = 0; i < 16; i++) q[16 * j + i] = (uint8_t)(level(xs[i] * is, lo, hi) + (float)nmax);
@@ -207,20 +223,20 @@ static void crumbs(uint8_t *out, const uint8_t *q) {
         }
 }
 
-static void q2_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+static void q2_k(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], sc[16], m[16];
     uint16_t d, dmin;
-    affine_block(x, 16, 3, 15, 1, tries, n_tries, q, &d, &dmin, sc, m);
+    affine_block(x, qw, 16, 3, 15, 1, tries, n_tries, q, &d, &dmin, sc, m);
     for (int j = 0; j < 16; j++) out[j] = (uint8_t)(sc[j] | m[j] << 4);
     crumbs(out + 16, q);
     memcpy(out + 80, &d, 2), memcpy(out + 82, &dmin, 2);
 }
 
-static void q3_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+static void q3_k(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], u[16];
     int8_t sc[16];
     uint16_t d;
-    symmetric_block(x, 4, 32, tries, n_tries, q, sc, &d);
+    symmetric_block(x, qw, 4, 32, tries, n_tries, q, sc, &d);
     for (int l = 0; l < 32; l++) { /* hmask: bit 4h + j of byte l is code 128h + 32j + l's third bit */
         uint8_t bits = 0;
         for (int k = 0; k < 8; k++) bits |= (uint8_t)((q[32 * k + l] >> 2 & 1) << k);
@@ -250,18 +266,18 @@ static void nibbles(uint8_t *out, const uint8_t *q) {
         for (int l = 0; l < 32; l++) out[32 * c + l] = (uint8_t)((q[64 * c + l] & 15) | (q[64 * c + 32 + l] & 15) << 4);
 }
 
-static void q4_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+static void q4_k(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], sc[8], m[8];
     uint16_t d, dmin;
-    affine_block(x, 32, 15, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
+    affine_block(x, qw, 32, 15, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
     header(out, d, dmin, sc, m);
     nibbles(out + 16, q);
 }
 
-static void q5_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+static void q5_k(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK], sc[8], m[8];
     uint16_t d, dmin;
-    affine_block(x, 32, 31, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
+    affine_block(x, qw, 32, 31, 63, 0, tries, n_tries, q, &d, &dmin, sc, m);
     header(out, d, dmin, sc, m);
     for (int l = 0; l < 32; l++) {
         uint8_t bits = 0;
@@ -271,11 +287,11 @@ static void q5_k(const float *x, const double *tries, int n_tries, uint8_t *out)
     nibbles(out + 48, q);
 }
 
-static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out) {
+static void q6_k(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     uint8_t q[QK];
     int8_t sc[16];
     uint16_t d16;
-    symmetric_block(x, 32, 128, tries, n_tries, q, sc, &d16);
+    symmetric_block(x, qw, 32, 128, tries, n_tries, q, sc, &d16);
     for (int h = 0; h < 2; h++) { /* per half of 128: see kquants._q6_k */
         const uint8_t *qh = q + 128 * h;
         for (int l = 0; l < 32; l++) {
@@ -291,12 +307,13 @@ static void q6_k(const float *x, const double *tries, int n_tries, uint8_t *out)
 
 /* n_blocks super-blocks of `type` (ggml's numbering: 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
  * floats at x, 256 a block, written one after another at out, with kquants.py's `tries` for
- * the type. Returns 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
-int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const double *tries, int64_t n_tries,
-                       uint8_t *out) {
+ * the type; qw, NULL or one importance value a weight (laid out as x), weighs the fits. Returns
+ * 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
+int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_blocks, const double *tries,
+                       int64_t n_tries, uint8_t *out) {
     static const struct {
         int64_t type, weights, bytes;
-        void (*encode)(const float *, const double *, int, uint8_t *);
+        void (*encode)(const float *, const float *, const double *, int, uint8_t *);
     } kinds[] = {
         {T_Q2_K, QK, 84, q2_k}, {T_Q3_K, QK, 110, q3_k}, {T_Q4_K, QK, 144, q4_k},
         {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
@@ -306,7 +323,8 @@ int ws_quantize_blocks(int64_t type, const float *x, int64_t n_blocks, const dou
         if (kinds[k].type != type) continue;
         const int64_t weights = kinds[k].weights, bytes = kinds[k].bytes;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(ws_threads)
-        for (int64_t b = 0; b < n_blocks; b++) kinds[k].encode(x + b * weights, tries, (int)n_tries, out + b * bytes);
+        for (int64_t b = 0; b < n_blocks; b++)
+            kinds[k].encode(x + b * weights, qw ? qw + b * weights : NULL, tries, (int)n_tries, out + b * bytes);
         return 0;
     }
     return 1;

@@ -46,6 +46,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from weightsmith.quant import cpu_kernels
+from weightsmith.quant.fits import codes, fit_affine, fit_symmetric, fp16, importance_weights
+from weightsmith.quant.legacy_blocks import weighted_blocks
 
 QK_K = 256
 #: Bytes of one 256-weight super-block.
@@ -56,12 +58,24 @@ LEGACY_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}
 _CHUNK = 8192
 
 
-def quantize_blocks(w: np.ndarray | torch.Tensor, qtype: QT, *, kernels: bool = True) -> np.ndarray:
+def quantize_blocks(
+    w: np.ndarray | torch.Tensor,
+    qtype: QT,
+    *,
+    kernels: bool = True,
+    importance: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
     """The GGUF blocks of `qtype` for a float matrix (..., K): uint8 (..., K / block * bytes).
 
     k-quants (K a multiple of 256) as described above, by the C kernels where they are built
     (and `kernels`), by the tensor passes below otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a
     multiple of 32) by gguf-py's quantizers, bit for bit ggml's reference ones.
+
+    `importance` (an importance matrix's row for this matrix: the mean square of each input
+    column over calibration text, shape broadcastable to w's, e.g. (K,)) weighs every fit by
+    `importance * sqrt(sigma2 + w**2)` as ggml's quantizers do, so the columns the model's
+    inputs use most are reproduced best; the 32-weight types then use legacy_blocks.py's
+    weighted fits (Q8_0, whose step is fine enough, ignores it as ggml's does).
     """
     sizes = {**BLOCK_BYTES, **LEGACY_BYTES}
     if qtype not in sizes:
@@ -72,109 +86,54 @@ def quantize_blocks(w: np.ndarray | torch.Tensor, qtype: QT, *, kernels: bool = 
         raise ValueError(f"rows of {x.shape[-1]} weights are not a multiple of {weights}")
     if not torch.isfinite(x).all():
         raise ValueError("the weights hold NaN or infinity")
+    qw = None if importance is None or qtype == QT.Q8_0 else _importance(importance, x)
+    if qtype in LEGACY_BYTES:
+        if qw is not None:
+            return weighted_blocks(x, qw, qtype).reshape(*x.shape[:-1], -1)
+        rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()  # gguf-py loops over 16 rows at a time
+        return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
     blocks = x.reshape(-1, weights).contiguous()
+    qw_blocks = None if qw is None else qw.reshape(-1, weights).contiguous()
     out = torch.empty(blocks.shape[0], sizes[qtype], dtype=torch.uint8)
-    lib = cpu_kernels.library() if kernels and qtype in BLOCK_BYTES else None
+    lib = cpu_kernels.library() if kernels else None
     if lib is not None:
-        tries = np.array(_TRIES.get(qtype, ()), dtype=np.float64)
+        tries = np.array(_TRIES[qtype], dtype=np.float64)
         cpu_kernels.use_threads(lib)
         fn, i64, ptr = lib.ws_quantize_blocks, ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes, fn.restype = [i64, ptr, i64, ptr, i64, ptr], ctypes.c_int
-        if fn(int(qtype), blocks.data_ptr(), blocks.shape[0], tries.ctypes.data, len(tries), out.data_ptr()):
+        fn.argtypes, fn.restype = [i64, ptr, ptr, i64, ptr, i64, ptr], ctypes.c_int
+        qw_ptr = None if qw_blocks is None else qw_blocks.data_ptr()
+        n = blocks.shape[0]
+        if fn(int(qtype), blocks.data_ptr(), qw_ptr, n, tries.ctypes.data, len(tries), out.data_ptr()):
             raise ValueError(f"the C kernels do not write {qtype.name}")
-    elif qtype in LEGACY_BYTES:  # whole rows: gguf-py loops in Python over groups of 16 rows
-        rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()
-        return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
     else:
         encode = {QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
         for start in range(0, blocks.shape[0], _CHUNK):
-            out[start : start + _CHUNK] = encode(blocks[start : start + _CHUNK])
+            part = None if qw_blocks is None else qw_blocks[start : start + _CHUNK]
+            out[start : start + _CHUNK] = encode(blocks[start : start + _CHUNK], part)
     return out.numpy().reshape(*x.shape[:-1], -1)
 
 
+def _importance(importance: np.ndarray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The importance values as a float32 tensor of x's shape (checked: finite, >= 0, not all 0)."""
+    qw = torch.as_tensor(importance).to(torch.float32)
+    try:
+        qw = qw.expand_as(x).contiguous()
+    except RuntimeError:
+        raise ValueError(
+            f"importance of shape {tuple(qw.shape)} does not fit weights {tuple(x.shape)}"
+        ) from None
+    if not torch.isfinite(qw).all() or (qw < 0).any():
+        raise ValueError("importance values must be finite and >= 0")
+    return qw
+
+
 # ---------------------------------------------------------------------------------------------
-# Sub-block fits
-
-
-def _fit_affine(x: torch.Tensor, weight: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> tuple:
-    """Per row of x (n, s): scale >= 0 and low <= 0 with x ~ scale*q + low, q in [0, nmax].
-
-    Each try rounds with the range's step stretched by `nmax + t` levels, then refits scale and
-    low by weighted least squares for those codes (low held at 0 when the fit wants it above).
-    The plain min/max fit is the starting point; the smallest weighted error wins.
-    """
-    lo = x.amin(1).clamp(max=0)
-    span = x.amax(1) - lo
-    inv = torch.where(span > 0, 1 / span, torch.zeros_like(span))
-    # Sums of 32 terms are taken in fp32 (accurate to ~1e-7 of their size, and twice as fast as
-    # fp64 sums); the least-squares algebra on them runs in fp64.
-    wx = weight * x
-    sw, sx, sxx = weight.sum(1).double(), wx.sum(1).double(), (wx * x).sum(1).double()
-    best_scale, best_low = span / nmax, lo
-
-    def error(scale: torch.Tensor, low: torch.Tensor, sq, sqq, sqx) -> torch.Tensor:
-        s, b = scale.double(), low.double()
-        return s * s * sqq + 2 * s * b * sq + b * b * sw - 2 * s * sqx - 2 * b * sx + sxx
-
-    def sums(q: torch.Tensor) -> tuple:
-        wq = weight * q
-        return wq.sum(1).double(), (wq * q).sum(1).double(), (wq * x).sum(1).double()
-
-    shifted = x - lo[:, None]
-    q = (shifted * (nmax * inv)[:, None]).round_().clamp_(0, nmax)
-    best_err = error(best_scale, best_low, *sums(q))
-    for t in tries:
-        q = (shifted * ((nmax + t) * inv)[:, None]).round_().clamp_(0, nmax)
-        sq, sqq, sqx = sums(q)
-        det = sw * sqq - sq * sq
-        ok = det > 0
-        safe = torch.where(ok, det, torch.ones_like(det))
-        scale = (sw * sqx - sq * sx) / safe
-        low = (sqq * sx - sq * sqx) / safe
-        above = low > 0  # an offset above zero: fit the scale alone (low = 0)
-        scale = torch.where(above, sqx / sqq.clamp(min=1e-30), scale)
-        low = torch.where(above, torch.zeros_like(low), low)
-        ok &= scale > 0
-        scale, low = scale.float(), low.float()
-        err = error(scale, low, sq, sqq, sqx)
-        better = ok & (err < best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_low = torch.where(better, low, best_low)
-        best_err = torch.where(better, err, best_err)
-    return best_scale, best_low
-
-
-def _fit_symmetric(x: torch.Tensor, nmax: int, tries: tuple[float, ...]) -> torch.Tensor:
-    """Per row of x (n, s): a signed scale with x ~ scale*q, q in [-nmax, nmax - 1].
-
-    The weight of largest magnitude maps to -nmax (using the extra negative level); each try
-    stretches that by `t` levels and refits the scale by least squares weighted by x**2.
-    """
-    big = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
-    inv = torch.where(big != 0, -1 / big, torch.zeros_like(big))
-    weight = x * x
-    wx = weight * x
-    best_scale = torch.zeros_like(big)
-    best_gain = torch.zeros(x.shape[0], dtype=torch.float64)
-    for t in (0.0, *tries):
-        q = (x * ((nmax + t) * inv)[:, None]).round_().clamp_(-nmax, nmax - 1)
-        sqx = (wx * q).sum(1).double()
-        sqq = (weight * q * q).sum(1).double()
-        # The weighted error is sum(w x^2) - sqx^2/sqq at the best scale: the largest gain wins.
-        gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-300), torch.zeros_like(sqq))
-        better = gain > best_gain
-        best_scale = torch.where(better, (sqx / sqq.clamp(min=1e-300)).float(), best_scale)
-        best_gain = torch.where(better, gain, best_gain)
-    return best_scale
-
-
-def _fp16(v: torch.Tensor) -> torch.Tensor:
-    return v.clamp(-65504, 65504).to(torch.float16)
+# Sub-block grids
 
 
 def _grid(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the fp16 step of a 0..levels grid over non-negative values, and each value's level."""
-    step = _fp16(values.amax(1) / levels)
+    step = fp16(values.amax(1) / levels)
     inv = torch.where(step > 0, 1 / step.float(), torch.zeros_like(step, dtype=torch.float32))
     return step, (values * inv[:, None]).round_().clamp_(0, levels).to(torch.uint8)
 
@@ -187,16 +146,26 @@ _TRIES_Q5 = tuple(-0.5 + 0.1 * i for i in range(16))
 
 
 def _affine_blocks(
-    blocks: torch.Tensor, nmax: int, tries: tuple[float, ...], size: int = 32, levels: int = 63
+    blocks: torch.Tensor,
+    qw: torch.Tensor | None,
+    nmax: int,
+    tries: tuple[float, ...],
+    size: int = 32,
+    levels: int = 63,
 ) -> tuple:
     """Codes (n, 256) and the header (d, dmin, sc, m on a 0..levels grid) of super-blocks cut
     into sub-blocks of `size`: Q4_K / Q5_K (32, 6-bit levels, weights rms + |x|) or Q2_K (16,
-    4-bit levels, weights |x| as ggml's: its codes have 4 levels, and rms would flatten them)."""
+    4-bit levels, weights |x| as ggml's: its codes have 4 levels, and rms would flatten them);
+    with importance values qw, `importance_weights` instead."""
     n, count = blocks.shape[0], QK_K // size
-    rms = blocks.pow(2).mean(1, keepdim=True).sqrt() if size == 32 else torch.zeros(n, 1)
+    mean_square = blocks.pow(2).mean(1, keepdim=True)
+    if qw is not None:
+        weight = importance_weights(blocks, qw, 2 * mean_square).reshape(n * count, size)
+    else:
+        rms = mean_square.sqrt() if size == 32 else torch.zeros(n, 1)
+        weight = (rms + blocks.abs()).reshape(n * count, size)
     sub = blocks.reshape(n * count, size)
-    weight = (rms + blocks.abs()).reshape(n * count, size)
-    scale, low = _fit_affine(sub, weight, nmax, tries)
+    scale, low = fit_affine(sub, weight, nmax, tries)
     d, sc = _grid(scale.reshape(n, count), levels)
     dmin, m = _grid((-low).reshape(n, count), levels)
     # Rounding the scales onto the grid costs about 2% of RMSE; each sub-block then takes the
@@ -210,19 +179,13 @@ def _affine_blocks(
             sc_try = (sc.short() + dsc).clamp_(0, levels).to(torch.uint8)
             m_try = (m.short() + dm).clamp_(0, levels).to(torch.uint8)
             step, offset = d_sub * sc_try, dmin_sub * m_try
-            q = _codes(sub + offset, step, 0, nmax)
+            q = codes(sub + offset, step, 0, nmax)
             err = (weight * (step * q - offset - sub).square_()).sum(1, keepdim=True)
             better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
             best_err = err if best_err is None else torch.where(better, err, best_err)
             best_sc, best_m = torch.where(better, sc_try, best_sc), torch.where(better, m_try, best_m)
-    q = _codes(sub + dmin_sub * best_m, d_sub * best_sc, 0, nmax).to(torch.uint8).reshape(n, QK_K)
+    q = codes(sub + dmin_sub * best_m, d_sub * best_sc, 0, nmax).to(torch.uint8).reshape(n, QK_K)
     return q, d, dmin, best_sc.reshape(n, count), best_m.reshape(n, count)
-
-
-def _codes(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """round(x / step) in [lo, hi] (float), 0 where the step is 0; step is (n, 1)."""
-    inv = torch.where(step != 0, 1 / step, torch.zeros_like(step))
-    return (x * inv).round_().clamp_(lo, hi)
 
 
 def _pack_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -245,13 +208,13 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    q, d, dmin, sc, m = _affine_blocks(blocks, 15, _TRIES_Q4)
+def _q4_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, qw, 15, _TRIES_Q4)
     return torch.cat([_header(d, dmin, sc, m), _nibbles(q)], 1)
 
 
-def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    q, d, dmin, sc, m = _affine_blocks(blocks, 31, _TRIES_Q5)
+def _q5_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, qw, 31, _TRIES_Q5)
     top = (q >> 4).reshape(-1, 8, 32)  # sub-block j's fifth bits
     qh = torch.zeros(q.shape[0], 32, dtype=torch.uint8)
     for j in range(8):
@@ -265,34 +228,42 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
 _TRIES_Q6 = tuple(0.1 * i for i in range(-9, 10) if i)
 
 
-def _symmetric_blocks(blocks: torch.Tensor, nmax: int, smax: int, tries: tuple[float, ...]) -> tuple:
+def _symmetric_blocks(
+    blocks: torch.Tensor, qw: torch.Tensor | None, nmax: int, smax: int, tries: tuple[float, ...]
+) -> tuple:
     """Sixteen sub-blocks of 16, x ~ d * sc * q with q in [-nmax, nmax - 1], sc in [-smax,
-    smax - 1] (Q6_K: 32, 128; Q3_K: 4, 32): codes + nmax as uint8 (n, 256), sc (n, 16), fp16 d."""
+    smax - 1] (Q6_K: 32, 128; Q3_K: 4, 32): codes + nmax as uint8 (n, 256), sc (n, 16), fp16 d.
+    Fits weigh by x**2 and the levels unweighted, or both by `importance_weights` with qw."""
     n = blocks.shape[0]
     sub = blocks.reshape(n * 16, 16)
-    scale = _fit_symmetric(sub, nmax, tries).reshape(n, 16)
+    weight = None
+    if qw is not None:
+        sigma2 = 2 * blocks.pow(2).mean(1, keepdim=True)
+        weight = importance_weights(blocks, qw, sigma2).reshape(n * 16, 16)
+    scale = fit_symmetric(sub, nmax, tries, weight).reshape(n, 16)
     # The scale of largest magnitude maps to -smax (the extra negative level), so d may be negative.
     big = scale.gather(1, scale.abs().argmax(1, keepdim=True))[:, 0]
     inv = torch.where(big != 0, -smax / big, torch.zeros_like(big))
     sc = (scale * inv[:, None]).round_().clamp_(-smax, smax - 1).to(torch.int8)
-    d = _fp16(torch.where(inv != 0, 1 / inv, torch.zeros_like(inv)))
+    d = fp16(torch.where(inv != 0, 1 / inv, torch.zeros_like(inv)))
     # As for Q4_K: each sub-block takes the best of its level and the ones beside it.
     d_sub, sc = d.float().repeat_interleave(16)[:, None], sc.reshape(n * 16, 1)
     best_err, best_sc = None, sc
     for dsc in (0, -1, 1):
         sc_try = (sc.short() + dsc).clamp_(-smax, smax - 1).to(torch.int8)
         step = d_sub * sc_try
-        err = (step * _codes(sub, step, -nmax, nmax - 1) - sub).square_().sum(1, keepdim=True)
+        err = (step * codes(sub, step, -nmax, nmax - 1) - sub).square_()
+        err = (err if weight is None else weight * err).sum(1, keepdim=True)
         better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
         best_err = err if best_err is None else torch.where(better, err, best_err)
         best_sc = torch.where(better, sc_try, best_sc)
-    q = (_codes(sub, d_sub * best_sc, -nmax, nmax - 1) + nmax).to(torch.uint8).reshape(n, QK_K)
+    q = (codes(sub, d_sub * best_sc, -nmax, nmax - 1) + nmax).to(torch.uint8).reshape(n, QK_K)
     return q, best_sc.reshape(n, 16), d
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q6_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     n = blocks.shape[0]
-    q, sc, d = _symmetric_blocks(blocks, 32, 128, _TRIES_Q6)
+    q, sc, d = _symmetric_blocks(blocks, qw, 32, 128, _TRIES_Q6)
     q = q.reshape(n, 2, 4, 32)
     # Per half of 128: ql[l] = q[l] | q[64+l] << 4, ql[32+l] = q[32+l] | q[96+l] << 4;
     # qh[l] holds the top two bits of q[l], q[32+l], q[64+l], q[96+l] at bits 0, 2, 4, 6.
@@ -320,15 +291,15 @@ def _crumbs(q: torch.Tensor) -> torch.Tensor:
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
-    q, d, dmin, sc, m = _affine_blocks(blocks, 3, _TRIES_Q2, size=16, levels=15)
+def _q2_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    q, d, dmin, sc, m = _affine_blocks(blocks, qw, 3, _TRIES_Q2, size=16, levels=15)
     halves = torch.stack([d, dmin], 1).view(torch.uint8)
     return torch.cat([sc | (m << 4), _crumbs(q), halves], 1)
 
 
-def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q3_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     n = blocks.shape[0]
-    q, sc, d = _symmetric_blocks(blocks, 4, 32, _TRIES_Q3)
+    q, sc, d = _symmetric_blocks(blocks, qw, 4, 32, _TRIES_Q3)
     third = (q >> 2).reshape(n, 8, 32)  # hmask: bit k of byte l is code 32k + l's third bit
     hmask = torch.zeros(n, 32, dtype=torch.uint8)
     for k in range(8):
