@@ -11,7 +11,11 @@ them where llama-cpp-python is installed):
 - `*_m` types: attn_v and ffn_down of the first and last eighth of the layers and of every
   third layer between them (`more_bits`) are Q6_K; `q4_k_s`: attn_v of the first 4 layers and
   ffn_down of the first eighth are Q5_K (Phi-3's fused attn_qkv is ruled as attn_v);
-- models with 8 experts (Mixtral): attn_k and attn_v are Q8_0, and attn_output Q5_K for q4_k_*;
+- `q3_k_m`: attn_output and ffn_down Q4_K (ffn_down Q5_K in the first sixteenth), attn_v Q5_K
+  in the first two layers and Q4_K after; `q3_k_l`: those three Q5_K; `q2_k`: those three Q3_K,
+  attn_v Q4_K with 4 or more heads a key/value head;
+- models with 8 experts (Mixtral): attn_k and attn_v are Q8_0, and attn_output Q5_K for q4_k_*,
+  q3_k_s, q3_k_m and q2_k;
 - a k-quant matrix whose rows are not a multiple of 256 falls back as llama.cpp does (Q4_K to
   Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0), and one whose rows are not a multiple
   of 32 to F16.
