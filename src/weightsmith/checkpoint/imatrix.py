@@ -257,8 +257,9 @@ def collect(
     done = 0
     try:
         device = next(model.parameters()).device
+        forward = getattr(model, "hidden_states", model)  # the LM head is not hooked: skip it
         for chunk in chunks:
-            model(torch.tensor([chunk], device=device))
+            forward(torch.tensor([chunk], device=device))
             done += 1
             if on_chunk is not None:
                 on_chunk(done)
