@@ -1,4 +1,4 @@
-"""GGUF k-quant blocks (Q4_K, Q5_K, Q6_K) made from float weights, for `export --quant q4_k_m` etc.
+"""GGUF k-quant blocks (Q2_K to Q6_K) made from float weights, for `export --quant q4_k_m` etc.
 
 A k-quant row is cut into super-blocks of 256 weights, each with one fp16 scale (and one
 fp16 scale for minima) and small integer scales for its sub-blocks:
@@ -6,17 +6,20 @@ fp16 scale for minima) and small integer scales for its sub-blocks:
 - Q4_K (4.5 bits a weight) and Q5_K (5.5): eight sub-blocks of 32, each `w ~ d*sc*q - dmin*m`
   with q in [0, 15] / [0, 31] and 6-bit sc, m (so every sub-block has its own offset).
 - Q6_K (6.5625): sixteen sub-blocks of 16, each `w ~ d*sc*q` with q in [-32, 31] and int8 sc.
+- Q3_K (3.4375): as Q6_K with q in [-4, 3] and 6-bit signed sc; Q2_K (2.625): sixteen
+  sub-blocks of 16, `w ~ d*sc*q - dmin*m` with q in [0, 3] and 4-bit sc, m.
 
 How a sub-block's scale is chosen is what sets the error (the format only fixes how it is
 stored). Here each sub-block tries a few scales near the one its range suggests; for each it
 rounds the weights and then solves the weighted least-squares problem for the best scale (and
-offset) given those codes, keeping the pair with the smallest weighted error. The weights of
-that error favour large weights: `rms + |w|` of the super-block for Q4_K/Q5_K, `w**2` for Q6_K,
-as llama.cpp's reference quantizer does without an importance matrix. The sub-block scales are
+offset) given those codes, keeping the pair with the smallest weighted error (quant/fits.py).
+The weights of that error favour large weights: `rms + |w|` of the super-block for Q4_K/Q5_K,
+`|w|` for Q2_K, `w**2` for Q3_K/Q6_K, as llama.cpp's reference quantizer does without an
+importance matrix; with one, `importance * sqrt(sigma2 + w**2)`. The sub-block scales are
 then rounded onto the super-block's grid (6-bit or int8 levels of one fp16 step); as that costs
 about 2% of RMS error, each sub-block then takes the best of its level and the levels one up
 and one down (with the minimum's, for Q4_K/Q5_K), the codes rounded again for each. On the same
-weights the result has 1-3% less RMS error than ggml's quantizer (tests/test_gguf_kquants.py).
+weights the result has 0.4-6% less RMS error than ggml's quantizer (tests/test_gguf_kquants.py).
 
 The steps run in C (quant/cpu_kquant.c, a super-block at a time, about 5x faster) where the
 kernels are built, and otherwise as the batched tensor passes below, over all blocks of a
@@ -28,6 +31,10 @@ The byte layouts are ggml's (checked against gguf-py's dequantizers in the tests
 - Q5_K, 176 bytes: Q4_K's header, 32 bytes whose bit j of byte l is sub-block j's fifth bit
   of code l, then Q4_K's 128 bytes of low nibbles.
 - Q6_K, 210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d.
+- Q3_K, 110 bytes: 32 bytes whose bit k of byte l is code 32k + l's third bit, 64 bytes of the
+  codes' low 2 bits (byte 32h + l holds codes 128h + 32j + l at bits 2j), 12 bytes of 6-bit
+  scales (sc + 32), d. Q2_K, 84 bytes: 16 bytes of sc | m << 4, the 64 bytes of 2-bit codes,
+  d, dmin.
 
 `quantize_blocks` also writes the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), with gguf-py's
 quantizers (ports of ggml's reference ones), so that every export type goes through one call.
@@ -114,7 +121,7 @@ def quantize_blocks(
 
 
 def _importance(importance: np.ndarray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The importance values as a float32 tensor of x's shape (checked: finite, >= 0, not all 0)."""
+    """The importance values as a float32 tensor of x's shape (checked: finite and >= 0)."""
     qw = torch.as_tensor(importance).to(torch.float32)
     try:
         qw = qw.expand_as(x).contiguous()
