@@ -115,14 +115,17 @@ def test_blocks_decode_to_the_weights_with_less_error_than_ggml(qtype: QT, kerne
             assert ours <= rmse(theirs(w, qtype), qtype, w), name
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
-def test_the_c_kernels_take_the_steps_of_the_tensor_passes(qtype: QT) -> None:
+def test_the_c_kernels_take_the_steps_of_the_tensor_passes(qtype: QT, weighted: bool) -> None:
     """Same algorithm, sums in another order: nearly every block is the same bytes, and the
-    error is the same to 0.1%."""
+    error is the same to 0.1%, with and without an importance matrix's weights."""
     if cpu_kernels.library() is None:
         pytest.skip("the C kernels cannot be built here")
     w = seeded()["student-t"]
-    c, py = quantize_blocks(w, qtype), quantize_blocks(w, qtype, kernels=False)
+    imp = np.random.default_rng(2).lognormal(0, 1, w.shape[1]).astype(np.float32) if weighted else None
+    c = quantize_blocks(w, qtype, importance=imp)
+    py = quantize_blocks(w, qtype, kernels=False, importance=imp)
     same = (c.reshape(-1, BLOCK_BYTES[qtype]) == py.reshape(-1, BLOCK_BYTES[qtype])).all(1).mean()
     assert same > 0.9
     assert abs(rmse(c, qtype, w) / rmse(py, qtype, w) - 1) < 1e-3
