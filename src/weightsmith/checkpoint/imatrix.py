@@ -117,12 +117,14 @@ def _read_gguf(path: Path) -> Imatrix:
         out.sums[base] = parts["in_sum2"].reshape(n_mat, -1)
         out.counts[base] = parts["counts"].reshape(n_mat)
         _check_values(path, base, out.sums[base], out.counts[base])
-    field_of = reader.fields.get
-    datasets = field_of("imatrix.datasets")
-    out.datasets = [str(x) for x in datasets.contents()] if datasets is not None else []
-    for key in ("chunk_count", "chunk_size"):
-        value = field_of(f"imatrix.{key}")
-        setattr(out, key, int(value.contents()) if value is not None else 0)
+    try:  # descriptive only: a malformed value is an error of the file, not a crash
+        datasets = reader.fields.get("imatrix.datasets")
+        out.datasets = [str(x) for x in datasets.contents()] if datasets is not None else []
+        for key in ("chunk_count", "chunk_size"):
+            value = reader.fields.get(f"imatrix.{key}")
+            setattr(out, key, int(value.contents()) if value is not None else 0)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed imatrix metadata ({e})") from None
     return out
 
 
@@ -155,7 +157,9 @@ def _read_legacy(path: Path) -> Imatrix:
         calls, n_values = take("<ii")
         if not 0 < n_values <= max_values:
             raise CheckpointError(f"{path}: imatrix entry {name}: bad value count {n_values}")
-        values = np.asarray(take(f"<{n_values}f"), dtype=np.float64)
+        start = pos
+        take(f"<{4 * n_values}x")  # bounds-checked skip over the values
+        values = np.frombuffer(data, dtype="<f4", count=n_values, offset=start).astype(np.float64)
         # Stored as mean * calls; keep (sums, counts) whose ratio is the mean (counts = calls).
         out.sums[name] = values.reshape(1, -1)
         out.counts[name] = np.array([max(calls, 0)], dtype=np.float64)
