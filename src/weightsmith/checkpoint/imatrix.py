@@ -248,11 +248,12 @@ def collect(
         name, expert, experts = hooked[module_name]
 
         def record(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
             if name not in sums:
                 sums[name] = torch.zeros(experts, x.shape[-1], dtype=torch.float64)
                 counts[name] = torch.zeros(experts, dtype=torch.float64)
-            sums[name][expert] += x.square().sum(0)
+            # a chunk's sum on the model's device in fp32 (MPS has no fp64), the chunks' in fp64
+            sums[name][expert] += x.float().square().sum(0).to("cpu", torch.float64)
             counts[name][expert] += x.shape[0]
 
         return record

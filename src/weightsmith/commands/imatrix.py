@@ -1,6 +1,6 @@
 """The `imatrix` command: an importance matrix from calibration text, for `export --imatrix`.
 
-It runs the model (on CPU in fp32, HF layout) over the text cut into chunks as `llama-imatrix
+It runs the model (in fp32, HF layout, on `--device`) over the text cut into chunks as `llama-imatrix
 -f TEXT -c CHUNK` does and writes llama.cpp's GGUF imatrix file, which `export --imatrix` and
 llama.cpp's `llama-quantize --imatrix` both read. The format and the hooks are in
 `weightsmith.checkpoint.imatrix`.
@@ -30,6 +30,7 @@ class ImatrixConfig:
     out: str = opt("imatrix.gguf", "output file (.gguf)")
     chunk_size: int = opt(512, "tokens a chunk, the first replaced by BOS (llama-imatrix -c)")
     chunks: int | None = opt(None, "use at most this many chunks (default: every whole chunk)")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (the model runs in fp32)")
     overwrite: bool = opt(False, "replace an existing output file")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
     json: bool = opt(False, "print the result as JSON")
@@ -58,6 +59,7 @@ def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
     from weightsmith.checkpoint import imatrix
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.checkpoint.pull import resolve
+    from weightsmith.device import pick_device
 
     out, text_path = _check(cfg)
     try:
@@ -67,8 +69,13 @@ def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
             f"--text {text_path}: not UTF-8 text (byte {e.start}); pass a plain-text file"
         ) from None
     started = time.time()
+    device = pick_device(cfg.device)
     ckpt = load_checkpoint(
-        resolve(cfg.model), dtype=torch.float32, allow_pickle=cfg.allow_pickle, decode_layout=False
+        resolve(cfg.model),
+        device=device,
+        dtype=torch.float32,
+        allow_pickle=cfg.allow_pickle,
+        decode_layout=False,
     )
     tok = ckpt.tokenizer
     ids = tok.encode(text)
