@@ -265,6 +265,16 @@ def test_low_bit_mix_rules() -> None:
     assert mix.tensor_type("output.weight", narrow) == QT.Q8_0
     assert mix.fallbacks == {"blk.5.ffn_up.weight": "Q3_K -> Q4_0", "blk.5.attn_v.weight": "Q4_K -> Q5_0"}
     assert Mix("q2_k", layers=32).tensor_type("token_embd.weight", narrow) == QT.Q4_0
+    # llama.cpp's "70B" (80 llama layers, grouped KV heads): attn_v's Q3_K / Q4_K become Q5_K
+    big = {q: Mix(q, layers=80, gqa=8, seventy_b=True) for q in ("q2_k", "q3_k_s", "q4_k_m", "q6_k")}
+    assert [big[q].tensor_type("blk.11.attn_v.weight", wide).name for q in big] == [
+        "Q5_K",
+        "Q5_K",
+        "Q5_K",
+        "Q6_K",
+    ]
+    assert big["q4_k_m"].tensor_type("blk.0.attn_v.weight", wide) == QT.Q6_K  # more_bits stays
+    assert big["q4_k_m"].tensor_type("blk.11.attn_k.weight", wide) == QT.Q4_K
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class Mix:
     experts: int = 0
     has_output: bool = True
     gqa: int = 1  # attention heads per key/value head (q2_k's attn_v takes Q4_K from 4)
+    #: llama.cpp's "70B" (a llama with 80 layers and grouped KV heads): attn_v Q3_K/Q4_K -> Q5_K.
+    seventy_b: bool = False
     imatrix: Any = None  # checkpoint.imatrix.Imatrix: weighs the fits of the matrices it covers
     #: with an importance matrix: how many quantized matrices it weighed, and which it lacked.
     weighted: int = 0
@@ -123,6 +125,8 @@ class Mix:
             elif medium and more_bits(layer, self.layers):
                 chosen = QT.Q6_K
             elif self.quant == "q4_k_s" and layer < 4:
+                chosen = QT.Q5_K
+            if self.seventy_b and chosen in (QT.Q3_K, QT.Q4_K):  # 8 heads share each attn_v row
                 chosen = QT.Q5_K
             return QT.Q8_0 if self.experts == 8 else chosen
         if kind == "attn_k":

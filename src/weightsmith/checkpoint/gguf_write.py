@@ -413,6 +413,13 @@ def _load(path: str | Path, allow_pickle: bool) -> Checkpoint:
     )
 
 
+def _mix(cfg: ModelConfig, arch: str, quant: str, imatrix: Any) -> Mix:
+    """What the type rules read of the model (gguf_mix.py)."""
+    gqa, layers = cfg.num_attention_heads // max(cfg.num_key_value_heads, 1), cfg.num_hidden_layers
+    big = arch == "llama" and layers == 80 and gqa > 1  # llama.cpp's LLM_TYPE_70B
+    return Mix(quant, layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa, big, imatrix)
+
+
 def check_export_args(out: str | Path, quant: str, *, overwrite: bool = False) -> Path:
     """Refuse a bad quant or output path before any model is loaded; returns `out` as a Path."""
     out = Path(out)
@@ -455,8 +462,7 @@ def export_gguf(
     cfg, source = ckpt.config, str(ckpt.path)
     arch = _check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
-    gqa = cfg.num_attention_heads // max(cfg.num_key_value_heads, 1)
-    mix = Mix(quant, cfg.num_hidden_layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa, imatrix)
+    mix = _mix(cfg, arch, quant, imatrix)
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)
     # Everything that can fail on the model's own data runs before the GGUF file is written.
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
