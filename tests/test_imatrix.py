@@ -431,3 +431,91 @@ def test_llama_imatrix_computes_our_sums_and_llama_quantize_reads_ours(wide: Pat
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"loaded {len(a.sums)} importance matrix entries" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# `weightsmith quantize --to int4 --imatrix`
+
+
+def test_int4_groups_fitted_under_an_importance() -> None:
+    from weightsmith.quant.weight_only import dequantize_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.distributions.StudentT(4.0).sample((64, 256)) * 0.02
+    importance = torch.exp(torch.randn(256, generator=g) * 1.5)
+
+    def errors(parts) -> tuple[float, float]:
+        e = dequantize_int4(*parts) - w
+        return e.square().mean().sqrt().item(), (e.square() * importance).mean().sqrt().item()
+
+    plain = errors(quantize_int4(w, 64))
+    weighted = errors(quantize_int4(w, 64, importance=importance))
+    assert weighted[1] < 0.85 * plain[1] and weighted[0] < 1.2 * plain[0], (plain, weighted)
+    assert errors(quantize_int4(w, 64, importance=torch.ones(256)))[0] < plain[0]  # LS beats min/max
+
+
+def test_module_importance_maps_fused_parts_and_experts(tmp_path: Path) -> None:
+    from weightsmith.checkpoint.imatrix import module_importance
+
+    phi3 = build(
+        tmp_path / "phi3", transformers.Phi3ForCausalLM,
+        transformers.Phi3Config(**{**WIDE, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1),
+    )  # fmt: skip
+    ckpt = load_checkpoint(phi3, decode_layout=False)
+    found = collect(ckpt.model, ckpt.config, chunks(2))
+    rows = module_importance(found, ckpt.model, ckpt.config)
+    qkv = found.sums["blk.1.attn_qkv.weight"][0] / found.counts["blk.1.attn_qkv.weight"][0]
+    split = [n for n in rows if n.startswith("model.layers.1.self_attn.") and n.endswith("_proj")]
+    assert len(split) >= 3 or "model.layers.1.self_attn.qkv_proj" in rows, sorted(rows)
+    for name in split or ["model.layers.1.self_attn.qkv_proj"]:
+        if name.endswith("o_proj"):
+            continue
+        np.testing.assert_allclose(rows[name].numpy(), qkv, rtol=1e-6, err_msg=name)
+    mixtral = build(
+        tmp_path / "mixtral", transformers.MixtralForCausalLM,
+        transformers.MixtralConfig(**{**WIDE, "intermediate_size": 256}, num_local_experts=4, num_experts_per_tok=2),
+    )  # fmt: skip
+    ckpt = load_checkpoint(mixtral, decode_layout=False)
+    found = collect(ckpt.model, ckpt.config, chunks(2))
+    rows = module_importance(found, ckpt.model, ckpt.config)
+    sums, counts = found.sums["blk.0.ffn_down_exps.weight"], found.counts["blk.0.ffn_down_exps.weight"]
+    downs = {
+        n: n.split(".experts.")[1].split(".")[0]
+        for n in rows
+        if ".experts." in n and n.startswith("model.layers.0.")
+    }
+    downs = {n: int(e) for n, e in downs.items() if n.endswith((".w2", ".down_proj"))}  # Mixtral's w2
+    assert sorted(downs.values()) == [0, 1, 2, 3]
+    for name, e in downs.items():
+        want = sums[e] / counts[e] if counts[e] else np.ones(256)
+        np.testing.assert_allclose(rows[name].numpy(), want, rtol=1e-6, err_msg=name)
+
+
+def test_cli_quantize_int4_with_an_imatrix(wide: Path, tmp_path: Path, capsys) -> None:
+    data = chunks(4, 64)
+    ckpt = load_checkpoint(wide, decode_layout=False)
+    im = write_imatrix(tmp_path / "wide.imatrix.gguf", collect(ckpt.model, ckpt.config, data))
+    ref = logits_on(wide, data)
+    errors = {}
+    for label, extra in (("plain", []), ("imatrix", ["--imatrix", str(im)])):
+        out = tmp_path / label
+        args = [
+            "quantize",
+            str(wide),
+            "--to",
+            "int4",
+            "--group-size",
+            "64",
+            "--out",
+            str(out),
+            "--json",
+            *extra,
+        ]
+        assert main(args) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["modules_weighted_by_imatrix"] == (21 if extra else 0)
+        errors[label] = (logits_on(out, data) - ref).abs().mean().item()
+    assert errors["imatrix"] < 0.95 * errors["plain"], errors
+    out = tmp_path / "int8"
+    assert main(["quantize", str(wide), "--to", "int8", "--out", str(out), "--imatrix", str(im)]) != 0
+    assert "--imatrix weighs int4 groups" in capsys.readouterr().err and not out.exists()

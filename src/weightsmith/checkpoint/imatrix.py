@@ -205,27 +205,48 @@ def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
 # Computing one
 
 
-def targets(model: torch.nn.Module, cfg: Any) -> dict[str, tuple[str, int, int]]:
-    """{module name: (GGUF tensor name, expert index, experts)} of every projection to hook:
-    the first part of a fused group stands for the group (the parts share their input)."""
+def _entry(cfg: Any, arch: str, module_name: str) -> tuple[str, int, int, bool] | None:
+    """(GGUF tensor name, expert index, experts, whether it is a fused group's first part) of a
+    layer projection, or None."""
+    hf_name, expert, experts, first = f"{module_name}.weight", 0, 1, True
+    fused = fused_name(cfg, hf_name)
+    if fused is not None:
+        hf_name, first = fused[0], fused[1] == 0
+    stacked = stacked_name(hf_name)
+    if stacked is not None:
+        (hf_name, expert), experts = stacked, cfg.num_local_experts
+    name = gguf_tensor_name(hf_name, arch)
+    return (name, expert, experts, first) if name is not None and name.startswith("blk.") else None
+
+
+def _projections(model: torch.nn.Module, cfg: Any) -> dict[str, tuple[str, int, int, bool]]:
     arch = ARCHITECTURES.get(cfg.model_type, "llama")
     out = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not module_name.startswith("model.layers.") or weight is None or weight.dim() != 2:
-            continue
-        hf_name, expert, experts = f"{module_name}.weight", 0, 1
-        fused = fused_name(cfg, hf_name)
-        if fused is not None:
-            if fused[1] != 0:
-                continue
-            hf_name = fused[0]
-        stacked = stacked_name(hf_name)
-        if stacked is not None:
-            (hf_name, expert), experts = stacked, cfg.num_local_experts
-        name = gguf_tensor_name(hf_name, arch)
-        if name is not None and name.startswith("blk."):
-            out[module_name] = (name, expert, experts)
+        if module_name.startswith("model.layers.") and weight is not None and weight.dim() == 2:
+            entry = _entry(cfg, arch, module_name)
+            if entry is not None:
+                out[module_name] = entry
+    return out
+
+
+def targets(model: torch.nn.Module, cfg: Any) -> dict[str, tuple[str, int, int]]:
+    """{module name: (GGUF tensor name, expert index, experts)} of every projection to hook:
+    the first part of a fused group stands for the group (the parts share their input)."""
+    return {m: (name, e, n) for m, (name, e, n, first) in _projections(model, cfg).items() if first}
+
+
+def module_importance(imatrix: Imatrix, model: torch.nn.Module, cfg: Any) -> dict[str, torch.Tensor]:
+    """Each layer projection's importance row (K,) by module name, where `imatrix` has its
+    matrix (`weightsmith quantize --imatrix`); the parts of a fused group share the group's."""
+    out = {}
+    for module_name, (name, expert, experts, _) in _projections(model, cfg).items():
+        k = model.get_submodule(module_name).weight.shape[1]
+        shape = (experts, 1, k) if experts > 1 else (1, k)
+        rows = imatrix.importance(name, shape)
+        if rows is not None:
+            out[module_name] = torch.from_numpy(rows.reshape(experts, k)[expert].astype("float32"))
     return out
 
 

@@ -52,6 +52,9 @@ class QuantizeConfig:
         None, "quantize the LM head to 8 or 4 bits whatever --to is (implies --lm-head); "
         "--to int4 --lm-head-bits 8 is the mix of GGUF Q4_0/Q4_1 files"
     )  # fmt: skip
+    imatrix: str | None = opt(
+        None, "int4: an importance matrix file (`weightsmith imatrix`) to weigh each group's fit by"
+    )
     check: bool = opt(False, "compare with the original: perplexity on a text sample and greedy agreement")
     overwrite: bool = opt(False, "replace an existing output directory")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
@@ -82,13 +85,20 @@ def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
     from weightsmith.quant.weight_only import quantize_model
 
     bits, group, out = check_quantize_args(cfg)
+    matrix = _read_imatrix(cfg, bits)
     started = time.time()
     llm = load(cfg.model, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
     before = check_model(llm) if cfg.check else None
     direct = _gguf_codes(llm, bits, group)
+    importance = None
+    if matrix is not None:
+        from weightsmith.checkpoint.imatrix import module_importance
+
+        importance = module_importance(matrix, llm.model, llm.checkpoint.config)
     names = quantize_model(
-        llm.model, bits, group, lm_head=cfg.lm_head, head_bits=cfg.lm_head_bits, int4_codes=direct
-    )
+        llm.model, bits, group, lm_head=cfg.lm_head, head_bits=cfg.lm_head_bits, int4_codes=direct,
+        importance=importance,
+    )  # fmt: skip
     gen = {
         k: v for k, v in llm.checkpoint.generation_config.items() if k not in ("bos_token_id", "eos_token_id")
     }
@@ -100,6 +110,9 @@ def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
         "quantization": describe(quantization_config(llm.model)),
         "modules_quantized": len(names),
         "modules_from_gguf_blocks": sum(f"{n}.weight" in direct for n in names),
+        "modules_weighted_by_imatrix": sum(
+            n in (importance or {}) and f"{n}.weight" not in direct for n in names
+        ),
         "bytes": size,
     }
     if before is not None:
@@ -110,9 +123,27 @@ def run_quantize(cfg: QuantizeConfig, progress: Any = None) -> dict[str, Any]:
             {k: result["check"][k] for k in ("word_perplexity_quantized", "perplexity_change_pct")}
         )
     write_lineage(
-        out, kind="quantize", config=cfg, inputs={"model": cfg.model}, metrics=headline, started=started
+        out,
+        kind="quantize",
+        config=cfg,
+        metrics=headline,
+        started=started,
+        inputs={"model": cfg.model, **({"imatrix": cfg.imatrix} if cfg.imatrix else {})},
     )
     return result
+
+
+def _read_imatrix(cfg: QuantizeConfig, bits: int) -> Any:
+    """The --imatrix file, read (a bad one stops before the model loads), or None."""
+    if cfg.imatrix is None:
+        return None
+    if bits != 4:
+        raise ConfigError(
+            f"--imatrix weighs int4 groups; --to {cfg.to} has none (drop --imatrix or use --to int4)"
+        )
+    from weightsmith.checkpoint.imatrix import read_imatrix
+
+    return read_imatrix(cfg.imatrix)
 
 
 def _gguf_codes(llm: Any, bits: int, group: int | None) -> dict:

@@ -53,6 +53,7 @@ from weightsmith.models.linear import Linear
 from weightsmith.models.model import SparseMoE
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant import tiles as qtiles
+from weightsmith.quant.legacy_blocks import weighted_int4
 
 #: fp32 CPU inputs with at most this many rows use the C kernels. Measured on the default
 #: model's shapes (2 cores): the kernels beat dequantize + `F.linear` up to a few rows and
@@ -104,10 +105,11 @@ def check_group_size(k: int, group_size: int, name: str) -> None:
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int, name: str = "weight"
+    w: torch.Tensor, group_size: int, name: str = "weight", importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) -> (codes uint8 (N, K) in 0..15, scales fp16 (N, K/G), zeros fp16 (N, K/G)),
-    w ~ q * scale + zero, the codes chosen against the fp16 scale and zero."""
+    w ~ q * scale + zero, the codes chosen against the fp16 scale and zero; with `importance`
+    (K,), an importance matrix's row, each group is fitted under it (legacy_blocks.py)."""
     n, k = w.shape
     check_group_size(k, group_size, name)
     g = w.detach().float().reshape(n, k // group_size, group_size)  # (N, K/G, G)
@@ -118,6 +120,8 @@ def quantize_int4(
             f"tensor {name!r} has weights of magnitude {top:.4g}, beyond what int4's fp16 scales and "
             f"zeros hold (|w| <= {FP16_MAX / 2:g}); keep this module in full precision or use int8"
         )
+    if importance is not None:
+        return weighted_int4(w, importance, group_size)
     zeros = lo.half()
     scales = ((hi - zeros.float()) / 15).clamp(min=FP16_TINY).half()
     q = (g - zeros.float()[..., None]) / scales.float()[..., None]
@@ -287,8 +291,10 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("zeros", zeros.to(torch.float16))  # (N, K/G)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> Int4Linear:
-        codes, scales, zeros = quantize_int4(linear.weight, group_size, name)
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int, name: str = "weight", importance: torch.Tensor | None = None
+    ) -> Int4Linear:
+        codes, scales, zeros = quantize_int4(linear.weight, group_size, name, importance)
         return cls(pack_nibbles(codes), scales, zeros, group_size, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -423,6 +429,7 @@ def quantize_model(
     lm_head: bool = False,
     head_bits: int | None = None,
     int4_codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Replace the model's projections in place by Int8Linear / Int4Linear; returns their names.
 
@@ -431,7 +438,8 @@ def quantize_model(
     `head_bits` (8 or 4; implies `lm_head`) quantizes the LM head to other bits than the rest,
     e.g. int4 projections with an int8 head, the mix GGUF Q4_0/Q4_1 files ship (Q8_0 output).
     `int4_codes` maps "NAME.weight" to ready (codes, scales, zeros) groups of `group_size`
-    (a GGUF file's Q4_0/Q4_1 blocks): those modules take them as they are.
+    (a GGUF file's Q4_0/Q4_1 blocks): those modules take them as they are. `importance` maps a
+    module name to its importance matrix row (K,), which weighs that module's int4 fit.
     """
     group_size = check_quant_args(bits, group_size)
     if head_bits is not None:
@@ -459,7 +467,8 @@ def quantize_model(
             codes, scales, zeros = ready
             new = Int4Linear(pack_nibbles(codes), scales, zeros, group4, linear.bias)
         else:
-            new = Int4Linear.from_linear(linear, group4, f"{name}.weight")
+            qw = (importance or {}).get(name)
+            new = Int4Linear.from_linear(linear, group4, f"{name}.weight", qw)
         set_submodule(model, name, new)
     if "lm_head" in names:
         untie(model)
