@@ -295,7 +295,7 @@ COMMANDS: dict[str, Command | Group] = {
     ),
     "imatrix": Command(
         imatrix.ImatrixConfig,
-        "compute an importance matrix from calibration text, for export --imatrix (llama.cpp's format)",
+        "compute an importance matrix from calibration text, for export / quantize --imatrix (llama.cpp's format)",
         "weightsmith imatrix smollm2-135m-instruct --text calibration.txt --out smol.imatrix.gguf\n"
         "  weightsmith export smollm2-135m-instruct --quant q4_k_m --imatrix smol.imatrix.gguf --out smol.gguf",
         imatrix.run_imatrix,
