@@ -64,6 +64,24 @@ def wide(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory) -> Path:
+    """Phi-3: fused attn_qkv / ffn_up in the checkpoint."""
+    return build(
+        tmp_path_factory.mktemp("phi3"), transformers.Phi3ForCausalLM,
+        transformers.Phi3Config(**{**WIDE, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> Path:
+    """Mixtral with 4 routed experts, 2 a token."""
+    return build(
+        tmp_path_factory.mktemp("mixtral"), transformers.MixtralForCausalLM,
+        transformers.MixtralConfig(**{**WIDE, "intermediate_size": 256}, num_local_experts=4, num_experts_per_tok=2),
+    )  # fmt: skip
+
+
 def chunks(n: int = 3, size: int = 48, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 320, (size,), generator=g).tolist() for _ in range(n)]
@@ -112,11 +130,7 @@ def test_collected_sums_are_transformers_inputs_squared(wide: Path) -> None:
     assert not np.allclose(found.sums["blk.0.attn_q.weight"], found.sums["blk.0.ffn_up.weight"])
 
 
-def test_fused_and_expert_entries(tmp_path: Path) -> None:
-    phi3 = build(
-        tmp_path / "phi3", transformers.Phi3ForCausalLM,
-        transformers.Phi3Config(**{**WIDE, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1),
-    )  # fmt: skip
+def test_fused_and_expert_entries(phi3: Path, mixtral: Path) -> None:
     data = chunks(2)
     ckpt = load_checkpoint(phi3, decode_layout=False)
     found = collect(ckpt.model, ckpt.config, data)
@@ -130,10 +144,6 @@ def test_fused_and_expert_entries(tmp_path: Path) -> None:
         np.testing.assert_allclose(found.sums[name][0], want[name], rtol=1e-4, err_msg=name)
         assert found.counts[name].tolist() == [2 * 48]
     assert not any(".attn_q." in n or ".ffn_gate." in n for n in found.sums)
-    mixtral = build(
-        tmp_path / "mixtral", transformers.MixtralForCausalLM,
-        transformers.MixtralConfig(**{**WIDE, "intermediate_size": 256}, num_local_experts=4, num_experts_per_tok=2),
-    )  # fmt: skip
     ckpt = load_checkpoint(mixtral, decode_layout=False)
     found = collect(ckpt.model, ckpt.config, data)
     for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
@@ -454,13 +464,9 @@ def test_int4_groups_fitted_under_an_importance() -> None:
     assert errors(quantize_int4(w, 64, importance=torch.ones(256)))[0] < plain[0]  # LS beats min/max
 
 
-def test_module_importance_maps_fused_parts_and_experts(tmp_path: Path) -> None:
+def test_module_importance_maps_fused_parts_and_experts(phi3: Path, mixtral: Path) -> None:
     from weightsmith.checkpoint.imatrix import module_importance
 
-    phi3 = build(
-        tmp_path / "phi3", transformers.Phi3ForCausalLM,
-        transformers.Phi3Config(**{**WIDE, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1),
-    )  # fmt: skip
     ckpt = load_checkpoint(phi3, decode_layout=False)
     found = collect(ckpt.model, ckpt.config, chunks(2))
     rows = module_importance(found, ckpt.model, ckpt.config)
@@ -471,10 +477,6 @@ def test_module_importance_maps_fused_parts_and_experts(tmp_path: Path) -> None:
         if name.endswith("o_proj"):
             continue
         np.testing.assert_allclose(rows[name].numpy(), qkv, rtol=1e-6, err_msg=name)
-    mixtral = build(
-        tmp_path / "mixtral", transformers.MixtralForCausalLM,
-        transformers.MixtralConfig(**{**WIDE, "intermediate_size": 256}, num_local_experts=4, num_experts_per_tok=2),
-    )  # fmt: skip
     ckpt = load_checkpoint(mixtral, decode_layout=False)
     found = collect(ckpt.model, ckpt.config, chunks(2))
     rows = module_importance(found, ckpt.model, ckpt.config)
