@@ -352,6 +352,8 @@ def test_cli_imatrix_then_export(wide: Path, tmp_path: Path, capsys) -> None:
     assert found.datasets == ["calibration.txt"] and found.chunk_size == 64 and found.chunk_count == 3
     assert {c.item() for c in found.counts.values()} == {192.0}
     assert main(args) != 0 and "already exists" in capsys.readouterr().err  # no --overwrite
+    assert main(["info", str(out)]) != 0  # not a model: said so, with what to do with it
+    assert "is an importance matrix (llama.cpp's imatrix file), not a model" in capsys.readouterr().err
     gguf_out = tmp_path / "wide-q4.gguf"
     assert (
         main(["export", str(wide), "--quant", "q4_k_m", "--imatrix", str(out), "--out", str(gguf_out)]) == 0

@@ -111,6 +111,11 @@ def meta(reader: GGUFFile, key: str, default: Any = None) -> Any:
 
 def require(reader: GGUFFile, key: str) -> Any:
     value = meta(reader, key)
+    if value is None and key == "general.architecture" and meta(reader, "general.type") == "imatrix":
+        raise CheckpointError(
+            f"{reader_path(reader)}: is an importance matrix (llama.cpp's imatrix file), not a model; "
+            "pass it to `weightsmith export --imatrix` or `weightsmith quantize --imatrix`"
+        )
     if value is None:
         raise CheckpointError(
             f"{reader_path(reader)}: GGUF metadata key '{key}' is missing; the file is incomplete "
