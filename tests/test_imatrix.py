@@ -379,6 +379,31 @@ def test_cli_export_imatrix_refusals(
     assert not out.exists()
 
 
+def test_cli_imatrix_from_finetune_data(wide: Path, tmp_path: Path, capsys) -> None:
+    """--data: a finetune JSONL, each example tokenized as finetune does, laid end to end."""
+    from weightsmith.train.data import read_records, tokenize_record
+
+    data = tmp_path / "train.jsonl"
+    lines = [{"text": f"Example number {i} says something about foxes and dogs."} for i in range(30)]
+    lines += [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    ] * 5
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    out = tmp_path / "data.imatrix.gguf"
+    assert (
+        main(["imatrix", str(wide), "--data", str(data), "--out", str(out), "--chunk-size", "32", "--json"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    tok = load_checkpoint(wide, decode_layout=False).tokenizer
+    total = sum(len(tokenize_record(r, tok).ids) for r in read_records(data))
+    assert result["text_tokens"] == total and result["chunks"] == total // 32
+    assert read_imatrix(out).datasets == ["train.jsonl"]
+    for both in ([], ["--text", str(data), "--data", str(data)]):
+        assert main(["imatrix", str(wide), "--out", str(tmp_path / "x.gguf"), *both]) != 0
+        assert "pass the calibration as --text FILE.txt or --data FILE.jsonl" in capsys.readouterr().err
+
+
 def test_cli_imatrix_refusals(wide: Path, tmp_path: Path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("too short", encoding="utf-8")

@@ -26,7 +26,11 @@ class ImatrixConfig:
     """Compute an importance matrix (llama.cpp's imatrix GGUF file) from calibration text."""
 
     model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
-    text: str = opt(help="calibration text, a UTF-8 plain-text file (llama-imatrix -f)")
+    text: str | None = opt(None, "calibration text, a UTF-8 plain-text file (llama-imatrix -f)")
+    data: str | None = opt(
+        None,
+        "calibration examples instead: a finetune JSONL file (text, or messages rendered with the chat template)",
+    )
     out: str = opt("imatrix.gguf", "output file (.gguf)")
     chunk_size: int = opt(512, "tokens a chunk, the first replaced by BOS (llama-imatrix -c)")
     chunks: int | None = opt(None, "use at most this many chunks (default: every whole chunk)")
@@ -37,7 +41,9 @@ class ImatrixConfig:
 
 
 def _check(cfg: ImatrixConfig) -> tuple[Path, Path]:
-    out, text = Path(cfg.out), Path(cfg.text)
+    if (cfg.text is None) == (cfg.data is None):
+        raise UsageError("pass the calibration as --text FILE.txt or --data FILE.jsonl (one of them)")
+    out, text = Path(cfg.out), Path(cfg.text or cfg.data or "")
     if out.suffix.lower() != ".gguf":
         raise UsageError(f"--out {out}: an imatrix file name must end in .gguf")
     if out.exists() and not cfg.overwrite:
@@ -46,11 +52,25 @@ def _check(cfg: ImatrixConfig) -> tuple[Path, Path]:
         raise UsageError(f"--chunk-size {cfg.chunk_size}: must be at least 16 tokens")
     if cfg.chunks is not None and cfg.chunks < 1:
         raise UsageError(f"--chunks {cfg.chunks}: must be at least 1")
+    flag = "--text" if cfg.text is not None else "--data"
     if not text.is_file():
-        raise UsageError(f"--text {text}: no such file")
+        raise UsageError(f"{flag} {text}: no such file")
     if text.stat().st_size > MAX_TEXT_BYTES:
-        raise UsageError(f"--text {text}: larger than {MAX_TEXT_BYTES >> 20} MiB; pass a sample of it")
+        raise UsageError(f"{flag} {text}: larger than {MAX_TEXT_BYTES >> 20} MiB; pass a sample of it")
     return out, text
+
+
+def _calibration_ids(cfg: ImatrixConfig, path: Path, tokenizer: Any) -> list[int]:
+    """The calibration tokens: the text file tokenized whole, or the JSONL's examples tokenized
+    as finetune does and laid end to end."""
+    if cfg.data is not None:
+        from weightsmith.train.data import read_records, tokenize_record
+
+        return [i for record in read_records(path) for i in tokenize_record(record, tokenizer).ids]
+    try:
+        return tokenizer.encode(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {path}: not UTF-8 text (byte {e.start}); pass a plain-text file") from None
 
 
 def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
@@ -62,12 +82,6 @@ def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
     from weightsmith.device import pick_device
 
     out, text_path = _check(cfg)
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"--text {text_path}: not UTF-8 text (byte {e.start}); pass a plain-text file"
-        ) from None
     started = time.time()
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(
@@ -78,13 +92,13 @@ def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
         decode_layout=False,
     )
     tok = ckpt.tokenizer
-    ids = tok.encode(text)
+    ids = _calibration_ids(cfg, text_path, tok)
     bos = tok.bos_token_id if tok.add_bos_token else None
     chunks = imatrix.text_chunks(ids, cfg.chunk_size, bos, cfg.chunks)
     if not chunks:
         raise UsageError(
-            f"--text {text_path}: {len(ids)} tokens, fewer than one chunk of {cfg.chunk_size}; "
-            "pass more text or a smaller --chunk-size"
+            f"{'--text' if cfg.text is not None else '--data'} {text_path}: {len(ids)} tokens, fewer than "
+            f"one chunk of {cfg.chunk_size}; pass more text or a smaller --chunk-size"
         )
     tick = progress("imatrix") if progress else None
     found = imatrix.collect(
@@ -93,7 +107,7 @@ def run_imatrix(cfg: ImatrixConfig, progress: Any = None) -> dict[str, Any]:
     found.datasets, found.chunk_size = [text_path.name], cfg.chunk_size
     imatrix.write_imatrix(out, found)
     write_lineage(
-        out, kind="imatrix", config=cfg, inputs={"model": cfg.model, "text": str(text_path)}, started=started,
+        out, kind="imatrix", config=cfg, inputs={"model": cfg.model, "calibration": str(text_path)}, started=started,
         metrics={"chunks": len(chunks), "tokens": len(chunks) * cfg.chunk_size, "entries": len(found.sums)},
     )  # fmt: skip
     return {
