@@ -258,6 +258,10 @@ def test_bad_gguf_entries(tmp_path: Path) -> None:
         read_imatrix(write({"token_embd.weight": ones}))
     with pytest.raises(CheckpointError, match="no such imatrix file"):
         read_imatrix(tmp_path / "missing.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00\xff")
+    with pytest.raises(CheckpointError, match="not a valid or complete GGUF file"):
+        read_imatrix(cut)
 
 
 # ---------------------------------------------------------------------------------------------

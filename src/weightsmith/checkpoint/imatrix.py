@@ -31,6 +31,7 @@ import gguf
 import numpy as np
 import torch
 
+from weightsmith.checkpoint.gguf import open_gguf
 from weightsmith.checkpoint.gguf_experts import stacked_name
 from weightsmith.checkpoint.gguf_write import ARCHITECTURES, gguf_tensor_name
 from weightsmith.errors import CheckpointError
@@ -87,10 +88,7 @@ def read_imatrix(path: str | Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF imatrix file ({e})") from None
+    reader = open_gguf(path)  # every way the file can be broken is one CheckpointError
     found: dict[str, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:
         base, _, kind = tensor.name.rpartition(".")
