@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import torch
 
+#: Trial steps, in levels around the one a range suggests: the wide affine set (Q4_K, and the
+#: 32-weight Q4_1 / Q5_1 under an importance matrix) and the symmetric set (Q3_K, Q6_K, Q4_0 / Q5_0).
+AFFINE_TRIES = tuple(-1 + 0.1 * i for i in range(21))
+SYMMETRIC_TRIES = tuple(0.1 * i for i in range(-9, 10) if i)
+
 
 def importance_weights(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """ggml's fit weights under an importance matrix: qw * sqrt(sigma2 + x^2) (sigma2 (n, 1))."""

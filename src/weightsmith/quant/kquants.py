@@ -53,7 +53,15 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from weightsmith.quant import cpu_kernels
-from weightsmith.quant.fits import codes, fit_affine, fit_symmetric, fp16, importance_weights
+from weightsmith.quant.fits import (
+    AFFINE_TRIES,
+    SYMMETRIC_TRIES,
+    codes,
+    fit_affine,
+    fit_symmetric,
+    fp16,
+    importance_weights,
+)
 from weightsmith.quant.legacy_blocks import weighted_blocks
 
 QK_K = 256
@@ -148,7 +156,7 @@ def _grid(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Q4_K / Q5_K
 
-_TRIES_Q4 = tuple(-1 + 0.1 * i for i in range(21))
+_TRIES_Q4 = AFFINE_TRIES
 _TRIES_Q5 = tuple(-0.5 + 0.1 * i for i in range(16))
 
 
@@ -232,7 +240,7 @@ def _q5_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Q6_K
 
-_TRIES_Q6 = tuple(0.1 * i for i in range(-9, 10) if i)
+_TRIES_Q6 = SYMMETRIC_TRIES
 
 
 def _symmetric_blocks(

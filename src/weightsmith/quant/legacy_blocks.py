@@ -21,11 +21,16 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from weightsmith.quant.fits import codes, fit_affine, fit_symmetric, fp16, importance_weights
+from weightsmith.quant.fits import (
+    AFFINE_TRIES,
+    SYMMETRIC_TRIES,
+    codes,
+    fit_affine,
+    fit_symmetric,
+    fp16,
+    importance_weights,
+)
 
-#: The trial steps (in levels around the range's), as ggml's imatrix quantizers try for these types.
-SYMMETRIC_TRIES = tuple(0.1 * i for i in range(-9, 10) if i)
-AFFINE_TRIES = tuple(-1 + 0.1 * i for i in range(21))
 #: type -> (codes' levels - 1, symmetric): Q4_0 / Q5_0 centre their codes, Q4_1 / Q5_1 add m.
 _KINDS = {QT.Q4_0: (15, True), QT.Q5_0: (31, True), QT.Q4_1: (15, False), QT.Q5_1: (31, False)}
 
