@@ -15,6 +15,7 @@ throughout, as published files of 1B+ models are.
 
     python benchmarks/gguf_types.py [--types q4_0,q4_k_m,q5_k_m,q6_k] [--wide] [--runs 3] [--threads 2]
         [--isa avx2 --llama-cpp-site /path/to/avx2-build]   # both restricted to AVX2, as generate.py
+        [--float]   # also our decode of each file dequantized to fp32 at load (no --keep-quantized)
 
 Needs llama-cpp-python (run in a child process, as in generate.py).
 """
@@ -33,7 +34,10 @@ from machine import cpu_description
 from perplexity import llama_quantize
 
 #: llama.cpp's file types (llama_ftype) by the names its quantize tool takes.
-FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+FTYPES = {
+    "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+    "q3_k_l": 13, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30,
+}  # fmt: skip
 
 
 def wide_model(path: Path, out: Path) -> Path:
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--isa", help="force our kernels' instruction set (e.g. avx2)")
+    ap.add_argument("--float", action="store_true", help="also each file dequantized to fp32 at load")
     ap.add_argument("--llama-cpp-site", help="a folder with another llama-cpp-python build (pip --target)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,19 +130,27 @@ def run(args, types: list[str], path: Path, prompt_ids: list[int], work: Path) -
             key = f"{label} {name.upper()}"
             gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=True)
             contenders[f"weightsmith, {key}"] = (gen, lambda: None)
+            if args.float:
+                gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=False)
+                contenders[f"weightsmith fp32, {key}"] = (gen, lambda: None)
             gen, _ = bench_llama_cpp(
                 out, prompt_ids, prompt_ids, args.threads, args.llama_cpp_site, one_by_one=True
             )
             contenders[f"llama.cpp, {key}"] = (gen, lambda: None)
     results = interleaved_rates(contenders, args.new_tokens, len(prompt_ids), args.runs)
     print(f"{args.threads} threads, batch 1, greedy, decode tok/s, medians of {args.runs} interleaved runs")
-    print(f"{'file':32}{'weightsmith':>13}{'llama.cpp':>11}{'ratio':>8}")
+    head = f"{'file':32}{'weightsmith':>13}{'llama.cpp':>11}{'ratio':>8}"
+    print(head + (f"{'ours, fp32 load':>17}{'kept / fp32':>13}" if args.float else ""))
     for name in contenders:
         if name.startswith("weightsmith, "):
             key = name.removeprefix("weightsmith, ")
             peer = results.get(f"llama.cpp, {key}", {}).get("decode_tok_s", float("nan"))
             ours = results[name]["decode_tok_s"]
-            print(f"{key:32}{ours:13.1f}{peer:11.1f}{ours / peer:7.2f}x".replace("nan", "  -"))
+            line = f"{key:32}{ours:13.1f}{peer:11.1f}{ours / peer:7.2f}x"
+            if args.float:
+                flt = results[f"weightsmith fp32, {key}"]["decode_tok_s"]
+                line += f"{flt:17.1f}{ours / flt:12.2f}x"
+            print(line.replace("nan", "  -"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GGUF quantized blocks for the tests of GGMLLinear: made by gguf-py's own quantizers where it
-has them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else random valid bytes (gguf-py has no k-quant
-quantizer) with fp16 scales chosen so the weights stay around `scale` in size."""
+has them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else random valid bytes (gguf-py has no k-quant or
+IQ4 quantizer) with fp16 scales chosen so the weights stay around `scale` in size."""
 
 from __future__ import annotations
 
@@ -9,10 +9,21 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 
-TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+TYPES = [
+    QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+    QT.IQ4_NL, QT.IQ4_XS,
+]  # fmt: skip
 QUANTIZED_BY_GGUF = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
-#: The largest code times sub-scale of a k-quant: Q4_K 15 * 63, Q5_K 31 * 63, Q6_K 32 * 127.
-K_RANGE = {QT.Q4_K: 15 * 63, QT.Q5_K: 31 * 63, QT.Q6_K: 32 * 127}
+#: The largest code times sub-scale of the others: Q2_K 3 * 15, Q3_K 4 * 32, Q4_K 15 * 63,
+#: Q5_K 31 * 63, Q6_K 32 * 127; the IQ4 level 127 (times IQ4_XS's sub-scale, up to 32).
+K_RANGE = {
+    QT.Q2_K: 3 * 15, QT.Q3_K: 4 * 32, QT.Q4_K: 15 * 63, QT.Q5_K: 31 * 63, QT.Q6_K: 32 * 127,
+    QT.IQ4_NL: 127, QT.IQ4_XS: 127 * 32,
+}  # fmt: skip
+#: Byte offset of a block's fp16 scale d (0 unless listed), and of its fp16 minimum's scale for
+#: the types with one.
+D_AT = {QT.Q2_K: 80, QT.Q3_K: 108, QT.Q6_K: 208}
+DMIN_AT = {QT.Q2_K: 82, QT.Q4_K: 2, QT.Q5_K: 2}
 
 
 def _halves(rng: np.random.Generator, shape: tuple[int, ...], size: float, signed: bool) -> np.ndarray:
@@ -36,12 +47,11 @@ def random_blocks(
         return quantize(w.astype(np.float32), qtype)
     nb = k // per
     raw = rng.integers(0, 256, (n, nb, size), dtype=np.uint8)
-    d = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
-    if qtype == QT.Q6_K:
-        raw[..., 208:210] = d
-    else:
-        raw[..., 0:2] = d
-        raw[..., 2:4] = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
+    at = D_AT.get(qtype, 0)
+    raw[..., at : at + 2] = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
+    if qtype in DMIN_AT:
+        at = DMIN_AT[qtype]
+        raw[..., at : at + 2] = _halves(rng, (n, nb), scale / K_RANGE[qtype], signed)
     return raw.reshape(n, nb * size)
 
 
@@ -49,7 +59,7 @@ def with_edge_scales(blocks: np.ndarray, qtype: QT) -> np.ndarray:
     """A copy whose first blocks have scale 0, a subnormal fp16 scale and a negative one."""
     per, size = GGML_QUANT_SIZES[qtype]
     raw = blocks.copy().reshape(blocks.shape[0], -1, size)
-    at = 208 if qtype == QT.Q6_K else 0
+    at = D_AT.get(qtype, 0)
     for i, value in enumerate((0.0, 3e-7, -0.0123)):
         raw[i % raw.shape[0], i % raw.shape[1], at : at + 2] = np.array([value], np.float16).view(np.uint8)
     return raw.reshape(blocks.shape)

@@ -48,7 +48,7 @@ def test_dequantize_is_ggufs_bit_for_bit(qtype, kernels, monkeypatch):
     assert ours.shape == ref.shape == (N, _k(qtype))
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # signs of zero included
     assert (ref < 0).any() and np.abs(ref).max() > 0.01
-    if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q6_K):  # the zero-scale block: w = 0 * code
+    if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q3_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):  # scale 0: w = 0 * code
         assert (ref == 0).any()
 
 
@@ -72,10 +72,11 @@ def test_matmul_matches_float64(int_isa_lib, qtype, rows):
     _check(out, x, w, layer.bias)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q5_1, QT.IQ4_NL], ids=lambda t: t.name)
 def test_extreme_codes_do_not_saturate(int_isa_lib, qtype):
     """The largest |code| x |input| products (Q8_0's -128, Q6_K's -32 times a -128 sub-scale,
-    Q5_1's 31) against inputs at +-127 after rounding: the int16 pair sums stay in range."""
+    Q5_1's 31, IQ4's level -127) against inputs at +-127 after rounding: the int16 pair sums
+    stay in range."""
     per, size = GGML_QUANT_SIZES[qtype]
     k = per * 2
     raw = np.zeros((4, k // per, size), np.uint8)
@@ -84,6 +85,8 @@ def test_extreme_codes_do_not_saturate(int_isa_lib, qtype):
         raw[..., 0:2], raw[..., 2:] = half, 0x80  # every code -128
     elif qtype == QT.Q6_K:
         raw[..., 192:208], raw[..., 208:210] = 0x80, half  # codes 0 - 32 = -32, sub-scales -128
+    elif qtype == QT.IQ4_NL:
+        raw[..., 0:2], raw[..., 2:] = half, 0  # every code 0: the level -127
     else:
         raw[..., 0:2], raw[..., 2:4], raw[..., 4:] = half, half, 0xFF  # every code 31
     blocks = raw.reshape(4, -1)
@@ -139,6 +142,6 @@ def test_resident_bytes_are_the_files():
 
 
 def test_rows_that_are_not_whole_blocks_are_refused():
-    assert row_bytes(int(QT.Q4_K), 320) is None and row_bytes(int(QT.Q2_K), 256) is None
+    assert row_bytes(int(QT.Q4_K), 320) is None and row_bytes(int(QT.IQ2_XS), 256) is None  # not run
     with pytest.raises(ValueError, match="not rows of 320 weights"):
         GGMLLinear(torch.zeros(4, 180, dtype=torch.uint8), int(QT.Q4_K), 320)

@@ -3,7 +3,7 @@ checkpoint/gguf_quants.py), end to end, against the same file's float (dequantiz
 
 The file is a tiny llama written here with `gguf.GGUFWriter`, Q/K rows permuted as llama.cpp's
 converter does, one matrix of each type the kernels run (Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 made
-by gguf-py's quantizers, Q4_K, Q5_K and Q6_K random valid blocks), one F16 matrix (stays a
+by gguf-py's quantizers, Q2_K to Q6_K, IQ4_NL and IQ4_XS random valid blocks), one F16 matrix (stays a
 float layer) and a Q8_0 embedding with no output tensor (the head is the embedding's blocks,
 as llama.cpp computes it). Checked: every kept layer dequantizes bit for bit to the float
 load's weight, resident bytes are the file's, prefill logits equal the float load's, decode
@@ -35,7 +35,7 @@ from weightsmith.models.linear import Linear
 from weightsmith.quant import weight_only as wo
 from weightsmith.quant.ggml_linear import GGMLLinear
 
-HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 3
 # (GGUF name, rows, columns) per layer; types per layer below.
 MATRICES = [("attn_q", HIDDEN, HIDDEN), ("attn_k", 128, HIDDEN), ("attn_v", 128, HIDDEN),
             ("attn_output", HIDDEN, HIDDEN), ("ffn_gate", INTER, HIDDEN), ("ffn_up", INTER, HIDDEN),
@@ -43,7 +43,10 @@ MATRICES = [("attn_q", HIDDEN, HIDDEN), ("attn_k", 128, HIDDEN), ("attn_v", 128,
 LAYER_TYPES = [
     [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q5_0, QT.Q4_1, QT.Q6_K],
     [QT.Q4_0, QT.Q5_1, QT.Q8_0, QT.F16, QT.Q6_K, QT.Q5_K, QT.Q4_K],
+    [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K, QT.IQ4_XS, QT.Q2_K],
 ]
+#: Types run from their blocks as the file stores them, without a tiled layout.
+UNTILED = {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"}
 PROMPTS = [[3, 17, 40, 99, 5, 64], [8, 2, 77]]
 
 
@@ -102,7 +105,7 @@ def loads(block_file):
 def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     flt, blk = loads
     layers = {n: m for n, m in blk.model.named_modules() if isinstance(m, (GGMLLinear, wo.Int4Linear))}
-    assert len(layers) == 2 * 7 - 1 + 1  # every matrix but the F16 one, and the head
+    assert len(layers) == LAYERS * 7 - 1 + 1  # every matrix but the F16 one, and the head
     assert isinstance(blk.model.model.layers[1].self_attn.o_proj, Linear)  # F16: a float layer
     # Q4_1 blocks are exactly an int4 g32 layer's groups: kept as one (the int4 tile kernels run it).
     q4_1 = {n for n, m in layers.items() if isinstance(m, wo.Int4Linear)}
@@ -121,11 +124,11 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     held = sum(t.nbytes for m in layers.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
     assert layers["model.layers.0.mlp.up_proj"].tiles is not None  # the decode layout's tiles: no other copy
     tiled = {n for n, m in layers.items() if isinstance(m, GGMLLinear) and m.tiles is not None}
-    # Every type the kernels run has tiles: all the file's, in this layout.
+    # Every type with a tiled layout has tiles: all the file's, in this layout.
     assert {layers[n].type_name for n in tiled} == {t.name for ts in LAYER_TYPES for t in ts} - {
         "F16",
         "Q4_1",
-    }
+    } - UNTILED
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 
@@ -181,6 +184,7 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
         for m, _, _ in kernel_calls
     }
     assert {f"{t}/tiles" for t in ("Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "int4")} <= kinds
+    assert UNTILED <= kinds
     # Against the unrounded float load: the activations' rounding only.
     assert (eager - ref).abs().max().item() < 0.05 * scale
 

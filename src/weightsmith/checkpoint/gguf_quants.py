@@ -2,7 +2,7 @@
 
 What it does:
 - `gguf_block_layers` reads every matrix stored in a type `GGMLLinear` runs (Q4_0, Q4_1,
-  Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as its raw blocks, rows in HF order (llama.cpp's Q/K
+  Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, IQ4_NL, IQ4_XS) as its raw blocks, rows in HF order (llama.cpp's Q/K
   row permutation undone on whole rows), with no float detour.
 - `build_block_model` builds the model with those matrices as `GGMLLinear` layers (the LM
   head too, from the embedding's blocks when the file ties them, as llama.cpp computes it);

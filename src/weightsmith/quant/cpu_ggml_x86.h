@@ -7,11 +7,14 @@
  *   4-bit codes: 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31
  *   (Q4_0/Q4_1/Q5_0/Q5_1), or 32 bytes whose low or high nibbles are the 32 weights
  *   (Q4_K/Q5_K/Q6_K); high bits: one per weight from a 32-bit word (Q5_0/Q5_1) or from bit
- *   i of 32 bytes (Q5_K), two per weight from a 2-bit field of 32 bytes (Q6_K).
- * Symmetric types (Q4_0, Q5_0, Q8_0, Q6_K) give signed codes, multiplied as |c| x (x with
- * c's sign); the others unsigned codes times x plus their zero times the block's input sum.
- * The dot product's 8 int32 lanes hold weights 0..15 in lanes 0-3 and 16..31 in lanes
- * 4-7, so Q6_K's two scales per 32 weights are one vector of per-lane scales.
+ *   i of 32 bytes (Q5_K, Q3_K), two per weight from a 2-bit field of 32 bytes (Q6_K);
+ *   2-bit codes: a 2-bit field of 32 bytes (Q2_K, Q3_K); IQ4_NL / IQ4_XS: 4-bit codes looked
+ *   up in their 16 int8 levels with one byte shuffle.
+ * Symmetric types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K, IQ4_*) give signed codes, multiplied as |c| x
+ * (x with c's sign); the others unsigned codes times x plus their zero times the block's input
+ * sum. The dot product's 8 int32 lanes hold weights 0..15 in lanes 0-3 and 16..31 in lanes
+ * 4-7, so the two scales per 32 weights of Q2_K, Q3_K and Q6_K are one vector of per-lane
+ * scales (and Q2_K's two zeros one of per-lane zeros, times the input's sums per lane).
  */
 
 KERNEL float FN(g_half)(const uint8_t *p) {
@@ -35,6 +38,51 @@ KERNEL __m256i FN(g_bits16)(const uint8_t *p) {
                                                     2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)); /* byte l <- byte l / 8 */
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);     /* byte l tests bit l % 8 */
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+/* Two floats as the lanes of weights 0..15 (lanes 0-3) and 16..31 (lanes 4-7). */
+KERNEL __m256 FN(g_halves)(float lo, float hi) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(lo)), _mm_set1_ps(hi), 1);
+}
+
+/* f[k] = d * v[k] for 16 int8 v. */
+KERNEL void FN(g_scale16)(const int8_t *v, float d, float *f) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)v);
+    const __m256 dv = _mm256_set1_ps(d);
+    _mm256_storeu_ps(f, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))));
+}
+
+/* f[2i], f[2i + 1] as g_halves does. */
+KERNEL __m256 FN(g_pair)(const float *f) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(f)), _mm_broadcast_ss(f + 1), 1);
+}
+
+/* 32 4-bit IQ4 codes (g_nib16 order) -> their int8 levels. */
+KERNEL __m256i FN(g_iq4)(const uint8_t *p) {
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    return _mm256_shuffle_epi8(levels, FN(g_nib16)(p));
+}
+
+/* 2-bit field f (0..3) of 32 bytes at p: codes 0..3. */
+KERNEL __m256i FN(g_bits2)(const uint8_t *p, int f) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * f)), _mm256_set1_epi8(3));
+}
+
+/* Unsigned codes u of block b with lane scales sv and lane zeros zv (Q2_K), against mc input
+ * rows: the zeros multiply the input's quantized sums per lane. */
+KERNEL void FN(g_acc_u2)(const ws_qact *a, const int64_t mc, int64_t b, __m256i u, __m256 sv, __m256 zv,
+                         __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int64_t m = 0; m < mc; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + m * a->kp + QB * b));
+        const __m256i p = DOTU8S8(_mm256_setzero_si256(), u, xq);
+        const __m256i px = DOTU8S8(_mm256_setzero_si256(), ones, xq);
+        const __m256 d = _mm256_set1_ps(a->d[m * a->nb + b]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, d), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(px), _mm256_mul_ps(zv, d), acc[m]);
+    }
 }
 
 /* Signed codes s of block b with lane scales sv, against mc input rows. */
@@ -75,10 +123,43 @@ KERNEL void FN(g_row_k)(const ws_qact *a, const int64_t mc, int64_t type, const 
                 const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
                 const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
                 const __m256i s = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-                const __m128 s0 = _mm_set1_ps(d * (float)(int8_t)blk[192 + 2 * i]);
-                const __m128 s1 = _mm_set1_ps(d * (float)(int8_t)blk[193 + 2 * i]);
-                FN(g_acc_s)(a, mc, 8 * sb + i, s, _mm256_insertf128_ps(_mm256_castps128_ps256(s0), s1, 1), acc);
+                const __m256 sv = FN(g_halves)(d * (float)(int8_t)blk[192 + 2 * i], d * (float)(int8_t)blk[193 + 2 * i]);
+                FN(g_acc_s)(a, mc, 8 * sb + i, s, sv, acc);
             }
+            continue;
+        }
+        if (type == T_Q3_K) { /* 2-bit codes, minus 4 where the high-mask bit i is clear */
+            const float d = FN(g_half)(blk + 108);
+            float sf[16];
+            int8_t sc[16];
+            q3k_scales(blk + 96, sc);
+            FN(g_scale16)(sc, d, sf);
+            const __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
+            for (int i = 0; i < 8; i++) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << i));
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                const __m256i s = _mm256_sub_epi8(FN(g_bits2)(blk + 32 + 32 * (i / 4), i % 4),
+                                                  _mm256_andnot_si256(set, _mm256_set1_epi8(4)));
+                FN(g_acc_s)(a, mc, 8 * sb + i, s, FN(g_pair)(sf + 2 * i), acc);
+            }
+            continue;
+        }
+        if (type == T_Q2_K) {
+            const float d = FN(g_half)(blk + 80), dmin = FN(g_half)(blk + 82);
+            float sf[16], zf[16];
+            int8_t sc[16], mn[16];
+            for (int k = 0; k < 16; k++) sc[k] = (int8_t)(blk[k] & 15), mn[k] = (int8_t)(blk[k] >> 4);
+            FN(g_scale16)(sc, d, sf);
+            FN(g_scale16)(mn, -dmin, zf);
+            for (int i = 0; i < 8; i++)
+                FN(g_acc_u2)(a, mc, 8 * sb + i, FN(g_bits2)(blk + 16 + 32 * (i / 4), i % 4), FN(g_pair)(sf + 2 * i),
+                             FN(g_pair)(zf + 2 * i), acc);
+            continue;
+        }
+        if (type == T_IQ4_XS) {
+            const float d = FN(g_half)(blk);
+            for (int i = 0; i < 8; i++)
+                FN(g_acc_s)(a, mc, 8 * sb + i, FN(g_iq4)(blk + 8 + 16 * i), _mm256_set1_ps(d * (float)iq4xs_scale(blk, i)), acc);
             continue;
         }
         const float d = FN(g_half)(blk), dmin = FN(g_half)(blk + 2);
@@ -113,11 +194,13 @@ KERNEL void FN(g_row)(const ws_qact *a, const int64_t mc, int64_t type, const ui
             FN(g_acc_s)(a, mc, b, s, _mm256_set1_ps(FN(g_half)(blk)), acc);
         }
         break;
-    case T_Q4_0: case T_Q5_0:
+    case T_Q4_0: case T_Q5_0: case T_IQ4_NL:
         for (int64_t b = 0; b < a->nb; b++) {
             const uint8_t *blk = row + bytes * b;
             __m256i s;
-            if (type == T_Q4_0)
+            if (type == T_IQ4_NL)
+                s = FN(g_iq4)(blk + 2);
+            else if (type == T_Q4_0)
                 s = _mm256_sub_epi8(FN(g_nib16)(blk + 2), _mm256_set1_epi8(8));
             else
                 s = _mm256_sub_epi8(_mm256_or_si256(FN(g_nib16)(blk + 6), FN(g_bits16)(blk + 2)), _mm256_set1_epi8(16));

@@ -1,7 +1,8 @@
 """`GGMLLinear`: a projection whose weight stays in a GGUF file's quantized blocks.
 
-A GGUF file stores each matrix as rows of ggml blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
-k-quants Q4_K, Q5_K, Q6_K that most published files use). `GGMLLinear` keeps those bytes as
+A GGUF file stores each matrix as rows of ggml blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
+k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K that most published files use, and the non-linear IQ4_NL
+and IQ4_XS). `GGMLLinear` keeps those bytes as
 they are, one row per output feature (`qweight`, uint8 (N, row bytes)), so its resident
 weight is exactly the file's, and nothing is dequantized and requantized: it computes the
 matrix the file stores. Bit for bit that is `gguf.quants.dequantize` of the blocks (the
@@ -43,6 +44,10 @@ GGML_TYPES = {
     12: ("Q4_K", 256, 144, 4),
     13: ("Q5_K", 256, 176, 5),
     14: ("Q6_K", 256, 210, 6),
+    10: ("Q2_K", 256, 84, 2),
+    11: ("Q3_K", 256, 110, 3),
+    20: ("IQ4_NL", 32, 18, 4),
+    23: ("IQ4_XS", 256, 136, 4),
 }
 
 
