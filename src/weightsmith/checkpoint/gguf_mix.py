@@ -14,11 +14,13 @@ them where llama-cpp-python is installed):
 - `q3_k_m`: attn_output and ffn_down Q4_K (ffn_down Q5_K in the first sixteenth), attn_v Q5_K
   in the first two layers and Q4_K after; `q3_k_l`: those three Q5_K; `q2_k`: those three Q3_K,
   attn_v Q4_K with 4 or more heads a key/value head;
+- `iq4_nl` / `iq4_xs`: attn_v Q5_K with 4 or more heads a key/value head; ffn_down Q5_K in the
+  first eighth of the layers, unless an importance matrix is given (as llama-quantize does);
 - models with 8 experts (Mixtral): attn_k and attn_v are Q8_0, and attn_output Q5_K for q4_k_*,
-  q3_k_s, q3_k_m and q2_k;
+  q3_k_s, q3_k_m, q2_k and the iq4 types;
 - a k-quant matrix whose rows are not a multiple of 256 falls back as llama.cpp does (Q4_K to
-  Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0), and one whose rows are not a multiple
-  of 32 to F16.
+  Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0, IQ4_XS to IQ4_NL), and one whose rows
+  are not a multiple of 32 to F16.
 
 With an importance matrix (`export --imatrix`), `Mix.encode` weighs each matrix's fits by its
 entry (checkpoint/imatrix.py), and the file records it under llama-quantize's
@@ -55,12 +57,18 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q3_k_m": (QT.Q3_K, _FT.MOSTLY_Q3_K_M),
     "q3_k_s": (QT.Q3_K, _FT.MOSTLY_Q3_K_S),
     "q2_k": (QT.Q2_K, _FT.MOSTLY_Q2_K),
+    "iq4_xs": (QT.IQ4_XS, _FT.MOSTLY_IQ4_XS),
+    "iq4_nl": (QT.IQ4_NL, _FT.MOSTLY_IQ4_NL),
     "q5_1": (QT.Q5_1, _FT.MOSTLY_Q5_1),
     "q5_0": (QT.Q5_0, _FT.MOSTLY_Q5_0),
     "q4_1": (QT.Q4_1, _FT.MOSTLY_Q4_1),
     "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
 }
-_K_FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+_K_FALLBACK = {
+    QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
+    QT.IQ4_XS: QT.IQ4_NL,
+}  # fmt: skip
+_IQ4 = ("iq4_nl", "iq4_xs")
 #: The type the low-bit mixes give ffn_down and (without 8 experts) attn_output: a step up.
 _STEP_UP = {"q2_k": QT.Q3_K, "q3_k_m": QT.Q4_K, "q3_k_l": QT.Q5_K}
 _BLOCK = 32  # weights per block of the legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
@@ -126,6 +134,8 @@ class Mix:
                 chosen = QT.Q6_K
             elif self.quant == "q4_k_s" and layer < 4:
                 chosen = QT.Q5_K
+            elif self.quant in _IQ4 and self.gqa >= 4:
+                chosen = QT.Q5_K
             if self.seventy_b and chosen in (QT.Q3_K, QT.Q4_K):  # 8 heads share each attn_v row
                 chosen = QT.Q5_K
             return QT.Q8_0 if self.experts == 8 else chosen
@@ -140,10 +150,13 @@ class Mix:
                 return QT.Q6_K
             if self.quant == "q4_k_s" and layer < self.layers // 8:
                 return QT.Q5_K
+            if self.quant in _IQ4 and layer < self.layers // 8 and self.imatrix is None:
+                return QT.Q5_K
             return base
         if kind == "attn_output":
             if self.experts == 8:  # llama.cpp's list for 8 experts leaves q3_k_l at its base
-                return QT.Q5_K if self.quant in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else base
+                low = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", *_IQ4)
+                return QT.Q5_K if self.quant in low else base
             return _STEP_UP.get(self.quant, base)
         return base
 

@@ -1,6 +1,7 @@
-/* k-quant blocks (Q2_K to Q6_K) from float weights: the fast path of quant/kquants.py.
+/* k-quant blocks (Q2_K to Q6_K) and IQ4_NL / IQ4_XS blocks from float weights: the fast path
+ * of quant/kquants.py and quant/iq4.py.
  *
- * The algorithm and the byte layouts are kquants.py's (its docstring says what and why); this
+ * The algorithms and the byte layouts are those modules' (their docstrings say what and why); this
  * file runs the same steps one super-block at a time, in registers and L1 instead of whole-matrix
  * tensor passes, with super-blocks split between threads. Sums are fp32 in another order than
  * PyTorch's, so a near tie between two candidate scales can go the other way: the tests hold the
@@ -15,7 +16,7 @@
 
 #include "cpu_kernels.h"
 
-enum { QK = 256, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { QK = 256, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };
 
 /* float -> IEEE half bits, rounding to nearest even (as torch's .to(float16)); |f| <= 65504. */
 static uint16_t to_f16(float f) {
@@ -140,12 +141,12 @@ static int best_candidate(const float *x, const float *w, int n, const float *st
 /* ---- super-blocks ---------------------------------------------------------------------------- */
 
 /* With an importance matrix (qw, one value a weight): ggml's weights qw * sqrt(sigma2 + x^2),
- * sigma2 twice the super-block's mean square. */
-static void importance_weights(const float *x, const float *qw, float *w) {
+ * sigma2 twice the mean square of the n weights of the (super-)block; qw NULL: importance 1. */
+static void importance_weights(const float *x, const float *qw, int n, float *w) {
     float sum = 0;
-    for (int i = 0; i < QK; i++) sum += x[i] * x[i];
-    const float sigma2 = 2 * sum / QK;
-    for (int i = 0; i < QK; i++) w[i] = qw[i] * sqrtf(sigma2 + x[i] * x[i]);
+    for (int i = 0; i < n; i++) sum += x[i] * x[i];
+    const float sigma2 = 2 * sum / (float)n;
+    for (int i = 0; i < n; i++) w[i] = (qw ? qw[i] : 1.0f) * sqrtf(sigma2 + x[i] * x[i]);
 }
 
 /* `count` sub-blocks of `sub` weights: codes q[256] and the header (d, dmin, sc, m on a 0..levels
@@ -159,7 +160,7 @@ static void affine_block(const float *x, const float *qw, int sub, int nmax, int
     for (int i = 0; i < QK; i++) sum += x[i] * x[i];
     const float rms = abs_weights ? 0.0f : sqrtf(sum / QK), top = (float)levels;
     if (qw)
-        importance_weights(x, qw, w);
+        importance_weights(x, qw, QK, w);
     else
         for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
     for (int j = 0; j < count; j++) {
@@ -191,7 +192,7 @@ static void symmetric_block(const float *x, const float *qw, int nmax, int smax,
                             uint8_t *q, int8_t sc[16], uint16_t *d16) {
     float scale[16], big = 0, weights[QK];
     const float *w = qw ? weights : NULL; /* NULL: the fits weigh by x^2, the levels unweighted */
-    if (qw) importance_weights(x, qw, weights);
+    if (qw) importance_weights(x, qw, QK, weights);
     for (int j = 0; j < 16; j++) {
         scale[j] = fit_symmetric(x + 16 * j, w ? w + 16 * j : NULL, 16, nmax, tries, n_tries);
         if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
@@ -305,9 +306,89 @@ static void q6_k(const float *x, const float *qw, const double *tries, int n_tri
     memcpy(out + 208, &d16, 2);
 }
 
-/* n_blocks super-blocks of `type` (ggml's numbering: 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K) from the
- * floats at x, 256 a block, written one after another at out, with kquants.py's `tries` for
- * the type; qw, NULL or one importance value a weight (laid out as x), weighs the fits. Returns
+/* ---- IQ4_NL / IQ4_XS (iq4.py) ------------------------------------------------------------- */
+
+static const float IQ4_LEVEL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* The index of the level nearest v, a tie going up (iq4.nearest): the midpoints at or below v. */
+static inline int iq4_nearest(float v) {
+    int i = 0;
+    for (int k = 0; k < 15; k++) i += v >= 0.5f * (IQ4_LEVEL[k] + IQ4_LEVEL[k + 1]);
+    return i;
+}
+
+/* The codes of 32 weights for a step (0: the level nearest 0), packed as iq4._pack: 16 bytes. */
+static void iq4_codes(const float *x, float step, uint8_t *out) {
+    const float inv = step != 0 ? 1 / step : 0;
+    for (int l = 0; l < 16; l++) out[l] = (uint8_t)(iq4_nearest(x[l] * inv) | iq4_nearest(x[l + 16] * inv) << 4);
+}
+
+/* iq4.fit_levels for one sub-block of 32 weights x with fit weights w; `tries` are iq4.TRIES. */
+static float iq4_fit(const float *x, const float *w, const double *tries, int n_tries) {
+    float big = x[0], best_scale = 0;
+    for (int i = 1; i < 32; i++)
+        if (fabsf(x[i]) > fabsf(big)) big = x[i];
+    const float inv = big != 0 ? 1 / big : 0;
+    double best_gain = 0;
+    for (int t = 0; t < n_tries; t++) {
+        const float f = (float)tries[t] * inv;
+        float sqx = 0, sqq = 0;
+        for (int i = 0; i < 32; i++) {
+            const float q = IQ4_LEVEL[iq4_nearest(x[i] * f)];
+            sqx += w[i] * x[i] * q, sqq += w[i] * q * q;
+        }
+        const double gain = sqq > 0 ? (double)sqx * sqx / sqq : 0.0;
+        if (gain > best_gain) best_scale = (float)((double)sqx / sqq), best_gain = gain;
+    }
+    return best_scale;
+}
+
+static void iq4_nl(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
+    float w[32];
+    importance_weights(x, qw, 32, w); /* iq4._weights */
+    const uint16_t d16 = to_f16(lesser(greater(iq4_fit(x, w, tries, n_tries), -65504.0f), 65504.0f));
+    memcpy(out, &d16, 2);
+    iq4_codes(x, ws_f16_to_f32(d16), out + 2);
+}
+
+static void iq4_xs(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
+    float w[QK], scale[8], big = 0;
+    importance_weights(x, qw, QK, w);
+    for (int j = 0; j < 8; j++) {
+        scale[j] = iq4_fit(x + 32 * j, w + 32 * j, tries, n_tries);
+        if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
+    }
+    const float d = clamp_f16(big / -32.0f), inv = d != 0 ? 1 / d : 0; /* the largest scale: -32 steps */
+    uint16_t high = 0;
+    memset(out + 4, 0, 4);
+    for (int j = 0; j < 8; j++) {
+        const float *xs = x + 32 * j;
+        const int l0 = (int)level(scale[j] * inv, -32, 31);
+        int lv[3];
+        float steps[3], err[3] = {0, 0, 0};
+        for (int c = 0; c < 3; c++) lv[c] = (int)level((float)(l0 + STEP[c]), -32, 31), steps[c] = d * (float)lv[c];
+        for (int c = 0; c < 3; c++) {
+            const float is = steps[c] != 0 ? 1 / steps[c] : 0;
+            for (int i = 0; i < 32; i++) {
+                const float e = steps[c] * IQ4_LEVEL[iq4_nearest(xs[i] * is)] - xs[i];
+                err[c] += w[32 * j + i] * (e * e);
+            }
+        }
+        int best = 0;
+        for (int c = 1; c < 3; c++)
+            if (err[c] < err[best]) best = c;
+        const int u = lv[best] + 32;
+        high |= (uint16_t)((u >> 4) << 2 * j);
+        out[4 + j / 2] |= (uint8_t)((u & 15) << 4 * (j % 2));
+        iq4_codes(xs, steps[best], out + 8 + 16 * j);
+    }
+    const uint16_t d16 = to_f16(d);
+    memcpy(out, &d16, 2), memcpy(out + 2, &high, 2);
+}
+
+/* n_blocks blocks of `type` (ggml's numbering: 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL,
+ * 23 IQ4_XS) from the floats at x, 256 a block (IQ4_NL: 32), written one after another at out,
+ * with kquants.py's (iq4.py's) `tries` for the type; qw, NULL or one importance value a weight (laid out as x), weighs the fits. Returns
  * 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
 int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_blocks, const double *tries,
                        int64_t n_tries, uint8_t *out) {
@@ -316,7 +397,7 @@ int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_
         void (*encode)(const float *, const float *, const double *, int, uint8_t *);
     } kinds[] = {
         {T_Q2_K, QK, 84, q2_k}, {T_Q3_K, QK, 110, q3_k}, {T_Q4_K, QK, 144, q4_k},
-        {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k},
+        {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k}, {T_IQ4_NL, 32, 18, iq4_nl}, {T_IQ4_XS, QK, 136, iq4_xs},
     };
     if (n_tries < 0 || n_tries > MAX_TRIES) return 1; /* the fits' lane arrays hold MAX_TRIES + 1 */
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from weightsmith.quant import cpu_kernels
+from weightsmith.quant import cpu_kernels, iq4
 from weightsmith.quant.fits import (
     AFFINE_TRIES,
     SYMMETRIC_TRIES,
@@ -67,6 +67,8 @@ from weightsmith.quant.legacy_blocks import weighted_blocks
 QK_K = 256
 #: Bytes of one 256-weight super-block.
 BLOCK_BYTES = {QT.Q2_K: 84, QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
+#: The IQ4 types (quant/iq4.py): bytes and weights of a block.
+IQ4_BLOCKS = {QT.IQ4_NL: (18, 32), QT.IQ4_XS: (136, QK_K)}
 #: The 32-weight types, written by gguf-py's quantizers (ports of ggml's reference ones).
 LEGACY_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}
 #: Super-blocks quantized at a time by the tensor passes (bounds their temporaries to tens of MB).
@@ -82,7 +84,7 @@ def quantize_blocks(
 ) -> np.ndarray:
     """The GGUF blocks of `qtype` for a float matrix (..., K): uint8 (..., K / block * bytes).
 
-    k-quants (K a multiple of 256) as described above, by the C kernels where they are built
+    k-quants (K a multiple of 256) as described above, IQ4_NL (32) and IQ4_XS (256) as iq4.py does, by the C kernels where they are built
     (and `kernels`), by the tensor passes below otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a
     multiple of 32) by gguf-py's quantizers, bit for bit ggml's reference ones.
 
@@ -92,11 +94,11 @@ def quantize_blocks(
     inputs use most are reproduced best; the 32-weight types then use legacy_blocks.py's
     weighted fits (Q8_0, whose step is fine enough, ignores it as ggml's does).
     """
-    sizes = {**BLOCK_BYTES, **LEGACY_BYTES}
+    sizes = {**BLOCK_BYTES, **LEGACY_BYTES, **{t: b for t, (b, _) in IQ4_BLOCKS.items()}}
     if qtype not in sizes:
         raise ValueError(f"{qtype.name} is not a type this module writes")
     x = torch.as_tensor(w).to(torch.float32)
-    weights = QK_K if qtype in BLOCK_BYTES else 32
+    weights = QK_K if qtype in BLOCK_BYTES else IQ4_BLOCKS.get(qtype, (0, 32))[1]
     if x.shape[-1] % weights:
         raise ValueError(f"rows of {x.shape[-1]} weights are not a multiple of {weights}")
     if not torch.isfinite(x).all():
@@ -121,7 +123,10 @@ def quantize_blocks(
         if fn(int(qtype), blocks.data_ptr(), qw_ptr, n, tries.ctypes.data, len(tries), out.data_ptr()):
             raise ValueError(f"the C kernels do not write {qtype.name}")
     else:
-        encode = {QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}[qtype]
+        encode = {
+            QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
+            QT.IQ4_NL: iq4.iq4_nl, QT.IQ4_XS: iq4.iq4_xs,
+        }[qtype]  # fmt: skip
         for start in range(0, blocks.shape[0], _CHUNK):
             part = None if qw_blocks is None else qw_blocks[start : start + _CHUNK]
             out[start : start + _CHUNK] = encode(blocks[start : start + _CHUNK], part)
@@ -296,7 +301,10 @@ def _q6_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
 _TRIES_Q2 = _TRIES_Q5
 _TRIES_Q3 = _TRIES_Q6
 #: Each type's tries (shared with the C kernels).
-_TRIES = {QT.Q2_K: _TRIES_Q2, QT.Q3_K: _TRIES_Q3, QT.Q4_K: _TRIES_Q4, QT.Q5_K: _TRIES_Q5, QT.Q6_K: _TRIES_Q6}
+_TRIES = {
+    QT.Q2_K: _TRIES_Q2, QT.Q3_K: _TRIES_Q3, QT.Q4_K: _TRIES_Q4, QT.Q5_K: _TRIES_Q5, QT.Q6_K: _TRIES_Q6,
+    QT.IQ4_NL: iq4.TRIES, QT.IQ4_XS: iq4.TRIES,
+}  # fmt: skip
 
 
 def _crumbs(q: torch.Tensor) -> torch.Tensor:
