@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_tokenizer_dir
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
 from gguf.quants import dequantize
 
 import weightsmith
