@@ -139,13 +139,10 @@ def test_more_bits_means_less_error() -> None:
     assert all(1.75 < r < 2.5 for r in ratios), ratios  # each bit about halves the error
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["C", "torch"])
-@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
-def test_edge_blocks(qtype: QT, kernels: bool) -> None:
-    """Zeros stay zero, a constant stays within fp16's precision, one-signed, tiny, huge and
-    outlier blocks decode finitely near their weights; 3-D (stacked experts) keeps its shape."""
+def edge_rows() -> dict[str, np.ndarray]:
+    """Rows of 256 weights that stress a quantizer, by name."""
     rng = np.random.default_rng(3)
-    rows = {
+    return {
         "zeros": np.zeros(256),
         "zero sub-blocks": np.concatenate([np.zeros(128), rng.standard_normal(128)]),
         "constant": np.full(256, 0.37),
@@ -156,6 +153,14 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
         "huge": rng.standard_normal(256) * 1e4,
         "outlier": np.concatenate([[50.0], rng.standard_normal(255) * 0.01]),
     }
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["C", "torch"])
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
+def test_edge_blocks(qtype: QT, kernels: bool) -> None:
+    """Zeros stay zero, a constant stays within fp16's precision, one-signed, tiny, huge and
+    outlier blocks decode finitely near their weights; 3-D (stacked experts) keeps its shape."""
+    rows = edge_rows()
     w = np.stack(list(rows.values())).astype(np.float32)
     back = dequantize(quantize_blocks(w, qtype, kernels=kernels), qtype)
     assert np.isfinite(back).all()

@@ -15,7 +15,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
-from test_gguf_kquants import ggml_quantizer, rmse, seeded
+from test_gguf_kquants import edge_rows, ggml_quantizer, rmse, seeded
 
 from weightsmith.checkpoint.gguf_mix import Mix
 from weightsmith.quant import cpu_kernels, iq4
@@ -105,17 +105,7 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
     """Zeros stay zero; constant, one-signed, tiny, huge and outlier blocks decode finitely near
     their weights; 3-D (stacked experts) keeps its shape."""
     _kernels(kernels)
-    rng = np.random.default_rng(3)
-    rows = {
-        "zeros": np.zeros(256),
-        "zero sub-blocks": np.concatenate([np.zeros(128), rng.standard_normal(128)]),
-        "constant": np.full(256, 0.37),
-        "negative constant": np.full(256, -2.5),
-        "positive": rng.uniform(1, 2, 256),
-        "tiny": rng.standard_normal(256) * 1e-9,
-        "huge": rng.standard_normal(256) * 1e4,
-        "outlier": np.concatenate([[50.0], rng.standard_normal(255) * 0.01]),
-    }
+    rows = edge_rows()
     w = np.stack(list(rows.values())).astype(np.float32)
     back = dequantize(quantize_blocks(w, qtype, kernels=kernels), qtype)
     assert np.isfinite(back).all()
@@ -123,7 +113,7 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
     assert (err["zeros"] == 0).all() and (err["zero sub-blocks"][:128] == 0).all()
     for name in ("constant", "negative constant"):  # a level times the scale: fp16's precision
         assert (err[name] <= 2e-3 * abs(rows[name][0])).all(), name
-    for name in ("positive", "huge"):  # well within the widest gap between levels (24 of 240)
+    for name in ("positive", "negative", "huge"):  # well within the widest gap between levels (24 of 240)
         x = rows[name]
         assert np.sqrt((err[name] ** 2).mean()) < 0.05 * np.abs(x).max(), name
     assert err["tiny"].max() < 1e-8

@@ -91,14 +91,23 @@ def fit_symmetric(
     best_gain = torch.zeros(x.shape[0], dtype=torch.float64)
     for t in (0.0, *tries):
         q = (x * ((nmax + t) * inv)[:, None]).round_().clamp_(-nmax, nmax - 1)
-        sqx = (wx * q).sum(1).double()
-        sqq = (weight * q * q).sum(1).double()
-        # The weighted error is sum(w x^2) - sqx^2/sqq at the best scale: the largest gain wins.
-        gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-300), torch.zeros_like(sqq))
-        better = gain > best_gain
-        best_scale = torch.where(better, (sqx / sqq.clamp(min=1e-300)).float(), best_scale)
-        best_gain = torch.where(better, gain, best_gain)
+        best_scale, best_gain = keep_better_scale(wx, weight, q, best_scale, best_gain)
     return best_scale
+
+
+def keep_better_scale(
+    wx: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, best_scale: torch.Tensor, best_gain: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the least-squares scale for the codes' values q (weights `weight`, wx = weight *
+    x) where it removes more weighted error than the best so far, else the best so far; with
+    that gain. (The weighted error is sum(w x^2) - sqx^2/sqq at the best scale: the largest
+    gain wins.)"""
+    sqx = (wx * q).sum(1).double()
+    sqq = (weight * q * q).sum(1).double()
+    gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-300), torch.zeros_like(sqq))
+    better = gain > best_gain
+    scale = torch.where(better, (sqx / sqq.clamp(min=1e-300)).float(), best_scale)
+    return scale, torch.where(better, gain, best_gain)
 
 
 def fp16(v: torch.Tensor) -> torch.Tensor:

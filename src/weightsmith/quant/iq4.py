@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from weightsmith.quant.fits import fp16, importance_weights
+from weightsmith.quant.fits import fp16, importance_weights, keep_better_scale
 
 #: ggml's IQ4 levels (kvalues_iq4nl).
 LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -61,12 +61,7 @@ def fit_levels(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     best_gain = torch.zeros(x.shape[0], dtype=torch.float64)
     for t in TRIES:
         q = _LEVELS[nearest(x * (t * inv)[:, None])]
-        sqx = (wx * q).sum(1).double()
-        sqq = (weight * q * q).sum(1).double()
-        gain = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-300), torch.zeros_like(sqq))
-        better = gain > best_gain
-        best_scale = torch.where(better, (sqx / sqq.clamp(min=1e-300)).float(), best_scale)
-        best_gain = torch.where(better, gain, best_gain)
+        best_scale, best_gain = keep_better_scale(wx, weight, q, best_scale, best_gain)
     return best_scale
 
 
