@@ -46,7 +46,7 @@ LAYER_TYPES = [
     [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K, QT.IQ4_XS, QT.Q2_K],
 ]
 #: Types run from their blocks as the file stores them, without a tiled layout.
-UNTILED = {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"}
+UNTILED = {"Q2_K"}
 PROMPTS = [[3, 17, 40, 99, 5, 64], [8, 2, 77]]
 
 
@@ -183,7 +183,8 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
         getattr(m, "type_name", "int4") + ("/tiles" if m.tiles is not None else "")
         for m, _, _ in kernel_calls
     }
-    assert {f"{t}/tiles" for t in ("Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "int4")} <= kinds
+    tiled = ("Q4_0", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "int4")
+    assert {f"{t}/tiles" for t in tiled} <= kinds
     assert UNTILED <= kinds
     # Against the unrounded float load: the activations' rounding only.
     assert (eager - ref).abs().max().item() < 0.05 * scale

@@ -168,7 +168,7 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 #: The GGUF types with tiles, by name.
 GGML_TILED = {"q4_0": QT.Q4_0, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1, "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K,
-              "q8_0": QT.Q8_0}  # fmt: skip
+              "q8_0": QT.Q8_0, "iq4_nl": QT.IQ4_NL, "iq4_xs": QT.IQ4_XS, "q3_k": QT.Q3_K}  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -177,7 +177,7 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
     without a bias."""
-    k, shapes = (256 if bits in ("q4_k", "q5_k", "q6_k") else 96), [(48, True), (16, False), (32, True)]
+    k, shapes = (256 if bits in ("q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs") else 96), [(48, True), (16, False), (32, True)]
     weights = []
     for i, (n, bias) in enumerate(shapes):
         if bits == 4:
@@ -205,7 +205,8 @@ def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) ->
     """A GGUF matrix of a tiled type: a zero, a subnormal and a negative block scale, and in row
     1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q5_*: 0 and 31;
     Q4_K: and all-ones 6-bit scales and minima, and a negative dmin; Q6_K: 0, 63 and scales
-    -128, 127)."""
+    -128, 127; IQ4: the levels -127 and 113, IQ4_XS with sub-scales 31 and -32; Q3_K: codes
+    -4 and 3, scales 31 and -32)."""
     raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
     blocks = raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])
     if qtype in (QT.Q4_K, QT.Q5_K):
@@ -219,6 +220,12 @@ def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) ->
         head = 2 if qtype == QT.Q5_0 else 4
         blocks[1, 0, head : head + 4] = [0xF0, 0x0F, 0xFF, 0x00]
         blocks[1, 0, head + 4 : head + 7] = [0xF0, 0x0F, 0xFF]
+    elif qtype == QT.Q3_K:  # element 0 of sub-blocks 0-3: 3 (all bits set), element 1: -4
+        blocks[1, 0, 0:2], blocks[1, 0, 32:34] = [0xFF, 0x00], [0xFF, 0x00]
+        blocks[1, 0, 96:102], blocks[1, 0, 102:108] = 0xFF, 0x00
+    elif qtype == QT.IQ4_XS:  # codes 0 and 15; sub-scale 31 (ls 63) in sub-block 0, -32 in 1
+        blocks[1, 0, 8:11] = [0xF0, 0x0F, 0xFF]
+        blocks[1, 0, 2:4], blocks[1, 0, 4] = [0x03, 0x00], 0x0F
     elif qtype == QT.Q6_K:  # codes 0 and 63 (low and top bits), scales -128 and 127
         blocks[1, 0, 0:2], blocks[1, 0, 128:130] = [0x00, 0xFF], [0x00, 0xFF]
         blocks[1, 0, 192:194] = [0x80, 0x7F]
@@ -284,6 +291,30 @@ def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
         # ... and after the 8 sub-blocks' 3072 bytes, the rows' d, then scale i of row r at 32 + 16 i + r.
         assert torch.equal(packed[3072:3104].view(torch.int16), halves(208))
         assert packed[3072 + 32 + 16 * 5 + 3] == blocks[3, 192 + 5]
+    elif name == "q3_k":
+        # Sub-block 0, row 2: operand 0 (the even elements 0, 2, 4, 6) byte b holds element 2b's
+        # low 2 bits (bits 0-1 of the file's code byte 2b) in the first plane and its third bit
+        # (bit 0 of hmask byte 2b) in the third ...
+        for b in range(4):
+            assert packed[4 * 2 + b] & 3 == blocks[2, 32 + 2 * b] & 3
+            assert packed[128 + 4 * 2 + b] & 1 == blocks[2, 2 * b] & 1
+        # ... and after the 8 sub-blocks' 1536 bytes, the rows' d, then scale byte i of row r at
+        # 32 + 16 i + r.
+        assert torch.equal(packed[1536:1568].view(torch.int16), halves(108))
+        assert packed[1536 + 32 + 16 * 5 + 3] == blocks[3, 96 + 5]
+    elif name == "iq4_nl":  # Q4_0's layout, byte for byte
+        assert torch.equal(packed, gguf_tiles.tile_q4_0(blocks))
+    elif name == "iq4_xs":
+        # Sub-block 1 (the file's code bytes 24..39), chunk 1, row 2 = row 2's codes 8..15 of it
+        # in pairs ...
+        qs = blocks[2, 24:40]
+        codes = torch.cat([qs & 15, qs >> 4])
+        assert torch.equal(packed[256 + 64 + 8 : 256 + 64 + 12], codes[8:16:2] | (codes[9:16:2] << 4))
+        # ... and after the 8 sub-blocks' 2048 bytes, the rows' d, their high bits, then low-bit
+        # byte i of row r at 64 + 16 i + r.
+        assert torch.equal(packed[2048:2080].view(torch.int16), halves(0))
+        assert torch.equal(packed[2080:2112].view(torch.int16), halves(2))
+        assert packed[2048 + 64 + 16 * 3 + 5] == blocks[5, 4 + 3]
     elif name == "q5_k":
         # Sub-block 1 (high nibbles of the file's first 32 code bytes; bit 1 of the fifth-bit
         # bytes) starts at 320: chunk 1, row 2 = row 2's codes 8..15 in pairs; then its fifth

@@ -41,8 +41,6 @@ enum {
     T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23
 };
 
-/* IQ4_NL and IQ4_XS: a 4-bit code indexes these int8 levels (ggml's kvalues_iq4nl). */
-static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* Weights and bytes per block of a type; 0 for a type these kernels do not run. */
 static int64_t block_weights(int64_t type) {
@@ -122,7 +120,7 @@ static int sub_block(int64_t type, const uint8_t *row, int64_t j, int32_t c[QB],
     }
     case T_IQ4_NL: case T_IQ4_XS: {
         const uint8_t *qs = type == T_IQ4_NL ? blk + 2 : blk + 8 + 16 * i;
-        for (int l = 0; l < 16; l++) c[l] = IQ4_LEVELS[qs[l] & 15], c[l + 16] = IQ4_LEVELS[qs[l] >> 4];
+        for (int l = 0; l < 16; l++) c[l] = WS_IQ4_LEVELS[qs[l] & 15], c[l + 16] = WS_IQ4_LEVELS[qs[l] >> 4];
         s[0] = type == T_IQ4_NL ? half_to_float(blk) : half_to_float(blk) * (float)iq4xs_scale(blk, i);
         break;
     }

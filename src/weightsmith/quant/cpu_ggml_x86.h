@@ -60,7 +60,7 @@ KERNEL __m256 FN(g_pair)(const float *f) {
 
 /* 32 4-bit IQ4 codes (g_nib16 order) -> their int8 levels. */
 KERNEL __m256i FN(g_iq4)(const uint8_t *p) {
-    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)WS_IQ4_LEVELS));
     return _mm256_shuffle_epi8(levels, FN(g_nib16)(p));
 }
 

@@ -308,12 +308,10 @@ static void q6_k(const float *x, const float *qw, const double *tries, int n_tri
 
 /* ---- IQ4_NL / IQ4_XS (iq4.py) ------------------------------------------------------------- */
 
-static const float IQ4_LEVEL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-
 /* The index of the level nearest v, a tie going up (iq4.nearest): the midpoints at or below v. */
 static inline int iq4_nearest(float v) {
     int i = 0;
-    for (int k = 0; k < 15; k++) i += v >= 0.5f * (IQ4_LEVEL[k] + IQ4_LEVEL[k + 1]);
+    for (int k = 0; k < 15; k++) i += v >= 0.5f * (float)(WS_IQ4_LEVELS[k] + WS_IQ4_LEVELS[k + 1]);
     return i;
 }
 
@@ -334,7 +332,7 @@ static float iq4_fit(const float *x, const float *w, const double *tries, int n_
         const float f = (float)tries[t] * inv;
         float sqx = 0, sqq = 0;
         for (int i = 0; i < 32; i++) {
-            const float q = IQ4_LEVEL[iq4_nearest(x[i] * f)];
+            const float q = WS_IQ4_LEVELS[iq4_nearest(x[i] * f)];
             sqx += w[i] * x[i] * q, sqq += w[i] * q * q;
         }
         const double gain = sqq > 0 ? (double)sqx * sqx / sqq : 0.0;
@@ -370,7 +368,7 @@ static void iq4_xs(const float *x, const float *qw, const double *tries, int n_t
         for (int c = 0; c < 3; c++) {
             const float is = steps[c] != 0 ? 1 / steps[c] : 0;
             for (int i = 0; i < 32; i++) {
-                const float e = steps[c] * IQ4_LEVEL[iq4_nearest(xs[i] * is)] - xs[i];
+                const float e = steps[c] * WS_IQ4_LEVELS[iq4_nearest(xs[i] * is)] - xs[i];
                 err[c] += w[32 * j + i] * (e * e);
             }
         }

@@ -130,7 +130,8 @@ static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
     if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K)
         return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : layout == WS_Q4T_Q5_K ? 176 : 210);
     if (layout == WS_Q4T_Q5_0 || layout == WS_Q4T_Q5_1) return K / 32 * 16 * (layout == WS_Q4T_Q5_0 ? 22 : 24);
-    return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 ? 32 : 64);
+    if (layout == WS_Q4T_IQ4_XS || layout == WS_Q4T_Q3_K) return K / 256 * 16 * (layout == WS_Q4T_Q3_K ? 110 : 136);
+    return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 || layout == WS_Q4T_IQ4_NL ? 32 : 64);
 }
 
 /* ---- portable C ---------------------------------------------------------------------- */
@@ -331,6 +332,77 @@ static float q6kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t 
     return acc;
 }
 
+/* IQ4_NL tiles: Q4_0's layout (each block's codes as the int4 tiles' chunks, 256 bytes, then
+ * the 16 rows' fp16 d). IQ4_XS tiles: for each super-block of 256 inputs, its 8 sub-blocks' codes
+ * as those chunks (256 bytes each), then the 16 rows' headers in 128 bytes: fp16 d (row r at
+ * 2r), the 16 bits holding the high 2 bits of the 8 sub-block scales (at 32 + 2r), and the 4
+ * bytes of their low 4 bits (sub-block j in byte j / 2, high nibble for odd j), byte i of row r
+ * at 64 + 16 i + r. Code q weighs WS_IQ4_LEVELS[q] times d (IQ4_NL) or d (ls - 32) (IQ4_XS). */
+static float iq4t_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const int xs = ((const q4t_ctx *)ctx)->layout == WS_Q4T_IQ4_XS;
+    float acc = 0;
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *cp;
+        uint16_t dh, sh;
+        float scale;
+        if (xs) {
+            const uint8_t *sp = tile + b / 8 * 2176, *hp = sp + 2048;
+            const int j = (int)(b % 8);
+            memcpy(&dh, hp + 2 * r, 2), memcpy(&sh, hp + 32 + 2 * r, 2);
+            const int ls = (hp[64 + 16 * (j / 2) + r] >> 4 * (j % 2) & 15) | (sh >> 2 * j & 3) << 4;
+            scale = ws_f16_to_f32(dh) * (float)(ls - 32), cp = sp + 256 * j;
+        } else {
+            cp = tile + b * 288;
+            memcpy(&dh, cp + 256 + 2 * r, 2);
+            scale = ws_f16_to_f32(dh);
+        }
+        const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+        int32_t isum = 0;
+        for (int j = 0; j < QB / 2; j++) { /* portable byte j of the block */
+            const uint8_t w = cp[64 * (j / 4) + 4 * r + j % 4];
+            isum += WS_IQ4_LEVELS[w & 15] * xq[j] + WS_IQ4_LEVELS[w >> 4] * xq[QB / 2 + j];
+        }
+        acc += (float)isum * a->d[m * a->nb + b] * scale;
+    }
+    return acc;
+}
+
+/* Q3_K 16-row tiles: for each super-block of 256 inputs, each sub-block of 32 as three 64-byte
+ * vectors whose byte 4r + b holds row r's codes for operand k (the input's dword k in the
+ * WS_QACT_INT4 order) byte b: the low 2 bits of operands 0-3 (at bits 2k), of operands 4-7, and
+ * the third bits of all 8 (at bit k); then the 16 rows' fp16 d and their 12 packed scale bytes,
+ * byte i of row r at 32 + 16 i + r. Code u (0..7) weighs d (sc - 32) (u - 4), sc the 6-bit scale
+ * 2j + h of half h of sub-block j (operands 0, 1, 4, 5: half 0); the sums are 32 times the
+ * input's half-block sums (Q6_K's), so an eighth of them comes off for the offset 4. */
+static float q3kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const float *hs32 = ((const q4t_ctx *)ctx)->sums;
+    float acc = 0;
+    for (int64_t sb = 0; sb < a->k / 256; sb++) {
+        const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
+        uint16_t dh;
+        memcpy(&dh, hp + 2 * r, 2);
+        const float d = ws_f16_to_f32(dh);
+        for (int j = 0; j < 8; j++) {
+            const int64_t b = sb * 8 + j;
+            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+            const uint8_t *wp = sp + 192 * j;
+            int32_t isum[2] = {0, 0};
+            for (int k = 0; k < 8; k++)
+                for (int c = 0; c < 4; c++) {
+                    const int u = (wp[64 * (k / 4) + 4 * r + c] >> 2 * (k % 4) & 3) | (wp[128 + 4 * r + c] >> k & 1) << 2;
+                    isum[k % 4 / 2] += u * xq[4 * k + c];
+                }
+            for (int h = 0; h < 2; h++) {
+                const int s = 2 * j + h; /* its low bits in byte s % 8, its high ones in byte 8 + s % 4 */
+                const int sc = ((hp[32 + 16 * (s % 8) + r] >> 4 * (s / 8) & 15) |
+                                (hp[32 + 16 * (8 + s % 4) + r] >> 2 * (s / 4) & 3) << 4) - 32;
+                acc += ((float)isum[h] - 0.125f * hs32[(m * a->nb + b) * 2 + h]) * a->d[m * a->nb + b] * (d * (float)sc);
+            }
+        }
+    }
+    return acc;
+}
+
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
     const q4t_ctx c = {G, gsum, layout};
     tile_dot dot = q4t_dot;
@@ -338,6 +410,8 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
     case WS_Q4T_Q4_K: case WS_Q4T_Q5_K: dot = q4kt_dot; break;
     case WS_Q4T_Q6_K: dot = q6kt_dot; break;
     case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: dot = q5t_dot; break;
+    case WS_Q4T_IQ4_NL: case WS_Q4T_IQ4_XS: dot = iq4t_dot; break;
+    case WS_Q4T_Q3_K: dot = q3kt_dot; break;
     default: break;
     }
     tiles_scalar(a, set, q4t_tile_bytes(a->k, G, layout), dot, &c);
@@ -555,13 +629,14 @@ int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
-    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q5_K || (layout != WS_Q4T_INT4 && G != 32) ||
-        ((layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K) && a->k % 256))
+    const int k_quant = layout == WS_Q4T_Q3_K || layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K ||
+                        layout == WS_Q4T_Q6_K || layout == WS_Q4T_IQ4_XS;
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q3_K || (layout != WS_Q4T_INT4 && G != 32) || (k_quant && a->k % 256))
         return -2;
     /* The input's sums per group: per block of 32 they are the quantized input's own (xs); Q6_K
      * takes 32 times those of each half block instead (its codes' offset). */
-    const int own = layout == WS_Q4T_Q6_K || G != QB;
-    float *gsum = layout == WS_Q4T_Q6_K ? half_sums32(a) : G != QB ? group_sums(a, G) : a->xs;
+    const int halves = layout == WS_Q4T_Q6_K || layout == WS_Q4T_Q3_K, own = halves || G != QB;
+    float *gsum = halves ? half_sums32(a) : G != QB ? group_sums(a, G) : a->xs;
     if (!gsum) return -1;
     BY_ISA(q4t_matmul, a, &s, G, gsum, layout);
     if (own) free(gsum);

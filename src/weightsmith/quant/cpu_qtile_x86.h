@@ -104,6 +104,14 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_LOAD(p) _mm512_loadu_si512((const void *)(p))
 #define VR_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define VR_U8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_U16(p) _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p)))
+#define VR_BCAST16(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_SHUF _mm512_shuffle_epi8
+#define VR_XOR _mm512_xor_si512
+#define VR_SUB32 _mm512_sub_epi32
+#define VR_SRLC32(v, n) _mm512_srl_epi32(v, _mm_cvtsi32_si128(n))
+#define VR_SRLC16(v, n) _mm512_srl_epi16(v, _mm_cvtsi32_si128(n))
+#define VR_SLLC16(v, n) _mm512_sll_epi16(v, _mm_cvtsi32_si128(n))
 #define VR_I8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define VR_SET8(v) _mm512_set1_epi8((char)(v))
 #define VR_SET32 _mm512_set1_epi32
@@ -133,6 +141,14 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 #define VR_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define VR_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define VR_U16(p) _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_BCAST16(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p)))
+#define VR_SHUF _mm256_shuffle_epi8
+#define VR_XOR _mm256_xor_si256
+#define VR_SUB32 _mm256_sub_epi32
+#define VR_SRLC32(v, n) _mm256_srl_epi32(v, _mm_cvtsi32_si128(n))
+#define VR_SRLC16(v, n) _mm256_srl_epi16(v, _mm_cvtsi32_si128(n))
+#define VR_SLLC16(v, n) _mm256_sll_epi16(v, _mm_cvtsi32_si128(n))
 #define VR_I8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define VR_SET8(v) _mm256_set1_epi8((char)(v))
 #define VR_SET32 _mm256_set1_epi32
@@ -300,6 +316,108 @@ KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
     }
 }
 
+/* IQ4_NL / IQ4_XS tiles (xs: IQ4_XS; the layouts: cpu_qdot.c's iq4t_dot): each chunk's codes
+ * looked up in WS_IQ4_LEVELS with one byte shuffle. With 32-bit dot products (VNNI) the levels
+ * are taken + 128, unsigned, and the block's input sum (bsum) times 128 comes off as a zero of
+ * -128 times the scale; AVX2's 16-bit pair sums would saturate on that, so there |level| times
+ * the input with the level's sign is summed instead. */
+KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *bsum, float *out,
+                          int64_t N, const int xs) {
+    const int64_t nb = a->k / QB;
+#ifdef WS_DOT32
+    const vr_i lut = VR_XOR(VR_BCAST16(WS_IQ4_LEVELS), VR_SET8(0x80)); /* level + 128 */
+#else
+    const vr_i lut = VR_BCAST16(WS_IQ4_LEVELS);
+    (void)bsum;
+#endif
+    for (int h = 0; h < VR_HALVES; h++) {
+        vr_f acc[QROWS], d = VR_ZERO_F();
+        vr_i high = VR_ZERO_I();
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *cp;
+            vr_f s;
+            if (xs) {
+                const int j = (int)(b % 8);
+                const uint8_t *sp = tile + b / 8 * 2176, *hp = sp + 2048;
+                if (j == 0) d = VR_F16(hp + 16 * h), high = VR_U16(hp + 32 + 16 * h);
+                const vr_i lo = VR_AND(VR_SRLC32(VR_U8(hp + 64 + 16 * (j / 2) + 8 * h), 4 * (j % 2)), VR_SET32(15));
+                const vr_i ls = VR_OR(lo, VR_SLL32(VR_AND(VR_SRLC32(high, 2 * j), VR_SET32(3)), 4));
+                s = VR_MUL(d, VR_CVT(VR_SUB32(ls, VR_SET32(32)))), cp = sp + 256 * j;
+            } else {
+                cp = tile + b * 288, s = VR_F16(cp + 256 + 16 * h);
+            }
+            vr_i ev[4], od[4];
+            FN(gguf_codes)(cp, NULL, h, ev, od, 0);
+            for (int c = 0; c < 4; c++) ev[c] = VR_SHUF(lut, ev[c]), od[c] = VR_SHUF(lut, od[c]);
+#ifdef WS_DOT32
+            const vr_f z = VR_MUL(s, VR_SETF(-128.0f));
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                const vr_f sum = VR_MUL(VR_CVT(FN(gguf_dot4)(ev, od, xd, 0)), VR_SETF(a->d[m * a->nb + b]));
+                acc[m] = VR_FMA(z, VR_SETF(bsum[m * nb + b]), VR_FMA(sum, s, acc[m]));
+            }
+#else
+            vr_i ea[4], oa[4];
+            for (int c = 0; c < 4; c++) ea[c] = _mm256_abs_epi8(ev[c]), oa[c] = _mm256_abs_epi8(od[c]);
+            for (int64_t m = 0; m < mc; m++) {
+                const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                vr_i isum = VR_ZERO_I();
+                for (int c = 0; c < 4; c++) {
+                    isum = VR_DOT(isum, ea[c], _mm256_sign_epi8(VR_SET32(xd[c]), ev[c]));
+                    isum = VR_DOT(isum, oa[c], _mm256_sign_epi8(VR_SET32(xd[4 + c]), od[c]));
+                }
+                acc[m] = VR_FMA(VR_MUL(VR_CVT(isum), VR_SETF(a->d[m * a->nb + b])), s, acc[m]);
+            }
+#endif
+        }
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
+    }
+}
+
+/* Q3_K tiles (the layout: cpu_qdot.c's q3kt_dot): each operand's codes 0..7 rebuilt (the low 2
+ * bits, then the third moved to bit 2), multiplied unsigned, and 4 times the input's sum over
+ * each half of the block (an eighth of hs32) comes off each half's sum before its scale. */
+KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
+                          int64_t N) {
+    const int64_t nsb = a->k / 256;
+    const vr_i three = VR_SET8(3), four = VR_SET8(4), low4 = VR_SET32(15), low2 = VR_SET32(3);
+    for (int h = 0; h < VR_HALVES; h++) {
+        vr_f acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
+            const vr_f d = VR_F16(hp + 16 * h);
+            for (int j = 0; j < 8; j++) {
+                vr_f ds[2];
+                for (int e = 0; e < 2; e++) { /* scale s: low bits in byte s % 8, high in byte 8 + s % 4 */
+                    const int s = 2 * j + e;
+                    const vr_i lo = VR_AND(VR_SRLC32(VR_U8(hp + 32 + 16 * (s % 8) + 8 * h), 4 * (s / 8)), low4);
+                    const vr_i hi = VR_AND(VR_SRLC32(VR_U8(hp + 32 + 16 * (8 + s % 4) + 8 * h), 2 * (s / 4)), low2);
+                    ds[e] = VR_MUL(d, VR_CVT(VR_SUB32(VR_OR(lo, VR_SLL32(hi, 4)), VR_SET32(32))));
+                }
+                const uint8_t *wp = sp + 192 * j;
+                const vr_i v[2] = {VR_LOAD(wp + 32 * h), VR_LOAD(wp + 64 + 32 * h)}, hb = VR_LOAD(wp + 128 + 32 * h);
+                vr_i op[8];
+                for (int k = 0; k < 8; k++) {
+                    const vr_i third = k < 2 ? VR_SLLC16(hb, 2 - k) : VR_SRLC16(hb, k - 2); /* bit k to bit 2 */
+                    op[k] = VR_OR(VR_AND(VR_SRLC16(v[k / 4], 2 * (k % 4)), three), VR_AND(third, four));
+                }
+                const int64_t b = sb * 8 + j;
+                for (int64_t m = 0; m < mc; m++) {
+                    const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                    const float *h32 = hs32 + (m * a->nb + b) * 2;
+                    const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
+                    const vr_f f0 = VR_SUB(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 0)), VR_SETF(0.125f * h32[0]));
+                    const vr_f f1 = VR_SUB(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 2)), VR_SETF(0.125f * h32[1]));
+                    acc[m] = VR_FMA(f1, VR_MUL(ds[1], xs), VR_FMA(f0, VR_MUL(ds[0], xs), acc[m]));
+                }
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
+    }
+}
+
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
  * `layout` one of WS_Q4T_* (for WS_Q4T_Q6_K gsum holds the half sums). */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
@@ -324,6 +442,9 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
      : layout == WS_Q4T_Q6_K ? FN(q6kt_rows)(&rows, MC, tile, hs, out, N)      \
      : layout == WS_Q4T_Q4_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N, 0)   \
      : layout == WS_Q4T_Q5_K ? FN(q4kt_rows)(&rows, MC, tile, gs, out, N, 1)   \
+     : layout == WS_Q4T_IQ4_NL ? FN(iq4t_rows)(&rows, MC, tile, gs, out, N, 0) \
+     : layout == WS_Q4T_IQ4_XS ? FN(iq4t_rows)(&rows, MC, tile, gs, out, N, 1) \
+     : layout == WS_Q4T_Q3_K ? FN(q3kt_rows)(&rows, MC, tile, hs, out, N)      \
      : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
                              : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))
             switch (mc) {
@@ -447,6 +568,14 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
 #undef VR_LOAD
 #undef VR_F16
 #undef VR_U8
+#undef VR_U16
+#undef VR_BCAST16
+#undef VR_SHUF
+#undef VR_XOR
+#undef VR_SUB32
+#undef VR_SRLC32
+#undef VR_SRLC16
+#undef VR_SLLC16
 #undef VR_I8
 #undef VR_SET8
 #undef VR_SET32

@@ -60,23 +60,144 @@ def tile_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     n, row = blocks.shape
     t, nb = n // ROWS, row // Q4_0_BLOCK_BYTES
     b = blocks.view(t, ROWS, nb, Q4_0_BLOCK_BYTES)
-    codes = torch.cat([b[..., 2:] & 15, b[..., 2:] >> 4], dim=3)  # (tile, row, block, 32) in order
-    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    # (tile, row, block, chunk, byte) -> (tile, block, [chunk, row, byte])
-    chunks = portable.reshape(t, ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 16 * ROWS)
     scales = b[..., :2].permute(0, 2, 1, 3).reshape(t, nb, 2 * ROWS)  # (tile, block, [row, fp16 byte])
-    return torch.cat([chunks, scales], dim=2).reshape(-1)
+    return torch.cat([_chunks(b[..., 2:]), scales], dim=2).reshape(-1)
 
 
 def untile_q4_0(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
     """`tile_q4_0`'s inverse: (the GGUF rows of blocks, uint8 (N, row_bytes)), a new tensor."""
     t, nb = n // ROWS, row_bytes // Q4_0_BLOCK_BYTES
     g = tiles.view(t, nb, Q4_0_BLOCK_BYTES * ROWS)
-    portable = g[..., : 16 * ROWS].reshape(t, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nb, 16)
-    codes = torch.stack([portable & 15, portable >> 4], dim=4).reshape(t, ROWS, nb, 32)
-    qs = codes[..., :16] | (codes[..., 16:] << 4)
     scales = g[..., 16 * ROWS :].reshape(t, nb, ROWS, 2).permute(0, 2, 1, 3)
-    return (torch.cat([scales, qs], dim=3).reshape(n, row_bytes).contiguous(),)
+    return (torch.cat([scales, _unchunks(g[..., : 16 * ROWS])], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+def _chunks(qs: torch.Tensor) -> torch.Tensor:
+    """(tile, row, block, 16) GGUF code bytes of blocks of 32 (byte l: code l in the low nibble,
+    code l + 16 in the high one) -> (tile, block, 16 * ROWS): each block as the int4 tiles' 4
+    chunks (row r's portable bytes 4c..4c+3 at 4r..4r+3, byte j holding codes 2j and 2j + 1)."""
+    t, _, nb, _ = qs.shape
+    codes = torch.cat([qs & 15, qs >> 4], dim=3)  # (tile, row, block, 32) in order
+    portable = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    # (tile, row, block, chunk, byte) -> (tile, block, [chunk, row, byte])
+    return portable.reshape(t, ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 16 * ROWS)
+
+
+def _unchunks(chunks: torch.Tensor) -> torch.Tensor:
+    """`_chunks`' inverse: (tile, block, 16 * ROWS) -> (tile, row, block, 16)."""
+    t, nb = chunks.shape[:2]
+    portable = chunks.reshape(t, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nb, 16)
+    codes = torch.stack([portable & 15, portable >> 4], dim=4).reshape(t, ROWS, nb, 32)
+    return codes[..., :16] | (codes[..., 16:] << 4)
+
+
+def tile_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF IQ4_NL matrix: its blocks are laid out as Q4_0's (fp16 d, then 16 bytes of 4-bit
+    codes), so its tiles are Q4_0's; only what a code weighs differs (a level, not q - 8)."""
+    return tile_q4_0(blocks)
+
+
+def untile_iq4_nl(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    return untile_q4_0(tiles, n, row_bytes)
+
+
+#: Bytes of a GGUF Q3_K super-block of 256 weights: 32 bytes of the codes' third bits (bit k of
+#: byte l: code 32k + l's), 64 bytes of their low 2 bits (byte 32h + l: codes 128h + 32j + l at
+#: bits 2j), 12 bytes of packed 6-bit scales (one per 16 weights), then fp16 d.
+Q3_K_BLOCK_BYTES = 110
+#: The element (0..31, in order) of a block of 32 that the tiled kernels' operand k holds in its
+#: byte b: the input is taken evens then odds (WS_QACT_INT4), its dword k < 4 holding elements
+#: 2(4k + b), dword 4 + k elements 2(4k + b) + 1.
+_OPERAND = torch.tensor([[2 * (4 * (k % 4) + b) + k // 4 for b in range(4)] for k in range(8)])
+_ELEMENT = torch.argsort(_OPERAND.flatten())  # operand-major position of each element
+
+
+def _crumb_planes(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 32) 2-bit codes in order -> (..., 2, 4) bytes: plane v's byte b holds operands 4v + p
+    (p = 0..3) at bits 2p."""
+    ops = codes[..., _OPERAND].unflatten(-2, (2, 4))  # (..., v, p, b)
+    return ops[..., 0, :] | (ops[..., 1, :] << 2) | (ops[..., 2, :] << 4) | (ops[..., 3, :] << 6)
+
+
+def _uncrumb_planes(planes: torch.Tensor) -> torch.Tensor:
+    """`_crumb_planes`' inverse: (..., 2, 4) -> (..., 32)."""
+    ops = torch.stack([(planes >> (2 * p)) & 3 for p in range(4)], dim=-2)  # (..., v, p, b)
+    return ops.flatten(-3)[..., _ELEMENT]
+
+
+def _bit_plane(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 32) bits in order -> (..., 4) bytes: byte b holds operand k's at bit k."""
+    ops = bits[..., _OPERAND]  # (..., k, b)
+    return sum(ops[..., k, :] << k for k in range(8))
+
+
+def _unbit_plane(plane: torch.Tensor) -> torch.Tensor:
+    """`_bit_plane`'s inverse: (..., 4) -> (..., 32)."""
+    return torch.stack([(plane >> k) & 1 for k in range(8)], dim=-2).flatten(-2)[..., _ELEMENT]
+
+
+def tile_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q3_K matrix (uint8 (N, K/256 * 110)) as Q3_K tiles (uint8, the same number of
+    bytes): for each tile of 16 rows and each super-block, each sub-block of 32 as three 64-byte
+    vectors whose byte 4r + b holds row r's codes for the input dwords (`_OPERAND`): the low 2 bits
+    of operands 0-3, of operands 4-7 (`_crumb_planes`), then their third bits (`_bit_plane`); then
+    the 16 rows' fp16 d and their 12 scale bytes, byte i of row r at 32 + 16 i + r (1760 bytes a
+    super-block)."""
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // Q3_K_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nsb, Q3_K_BLOCK_BYTES)
+    qs = b[..., 32:96].unflatten(-1, (2, 32))  # (h, l)
+    low = torch.stack([(qs >> (2 * j)) & 3 for j in range(4)], dim=-2).reshape(t, ROWS, nsb, 8, 32)
+    third = torch.stack([(b[..., :32] >> k) & 1 for k in range(8)], dim=-2)  # sub-block k, element l
+    sub = torch.cat([_crumb_planes(low), _bit_plane(third).unsqueeze(-2)], dim=-2)  # (tile, row, sb, j, 3, 4)
+    sub = sub.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8 * 3 * 4 * ROWS)
+    d = b[..., 108:110].permute(0, 2, 1, 3).reshape(t, nsb, 2 * ROWS)
+    scales = b[..., 96:108].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
+    return torch.cat([sub, d, scales], dim=2).reshape(-1)
+
+
+def untile_q3_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q3_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nsb = n // ROWS, row_bytes // Q3_K_BLOCK_BYTES
+    g = tiles.view(t, nsb, Q3_K_BLOCK_BYTES * ROWS)
+    sub = g[..., : 96 * ROWS].reshape(t, nsb, 8, 3, ROWS, 4).permute(0, 4, 1, 2, 3, 5)  # (tile, row, sb, j, 3, 4)
+    low = _uncrumb_planes(sub[..., :2, :]).reshape(t, ROWS, nsb, 2, 4, 32)  # (h, j, l)
+    third = _unbit_plane(sub[..., 2, :])  # (tile, row, sb, k, l)
+    hmask = sum(third[..., k, :] << k for k in range(8))
+    qs = sum(low[..., j, :] << (2 * j) for j in range(4)).reshape(t, ROWS, nsb, 64)
+    d = g[..., 96 * ROWS : 98 * ROWS].reshape(t, nsb, ROWS, 2).permute(0, 2, 1, 3)
+    scales = g[..., 98 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
+    return (torch.cat([hmask, qs, scales, d], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+#: Bytes of a GGUF IQ4_XS super-block of 256 weights: fp16 d, 16 bits of the high 2 bits of its
+#: 8 sub-block scales, 4 bytes of their low 4 bits, then each sub-block's 16 code bytes.
+IQ4_XS_BLOCK_BYTES = 136
+
+
+def tile_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF IQ4_XS matrix (uint8 (N, K/256 * 136)) as IQ4_XS tiles (uint8, the same number of
+    bytes): for each tile of 16 rows and each super-block, its 8 sub-blocks' codes as the int4
+    tiles' blocks (256 bytes each), then the 16 rows' headers: their fp16 d, their 16 high-bit
+    bits, and the 4 low-bit bytes with byte i of row r at 64 + 16 i + r (2176 bytes a super-block)."""
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // IQ4_XS_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nsb, IQ4_XS_BLOCK_BYTES)
+    chunks = _chunks(b[..., 8:].reshape(t, ROWS, nsb * 8, 16)).reshape(t, nsb, 8 * 16 * ROWS)
+    halves = b[..., :4].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
+    low = b[..., 4:8].permute(0, 2, 3, 1).reshape(t, nsb, 4 * ROWS)  # (tile, sb, [byte, row])
+    return torch.cat([chunks, halves, low], dim=2).reshape(-1)
+
+
+def untile_iq4_xs(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_iq4_xs`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nsb = n // ROWS, row_bytes // IQ4_XS_BLOCK_BYTES
+    g = tiles.view(t, nsb, IQ4_XS_BLOCK_BYTES * ROWS)
+    qs = _unchunks(g[..., : 128 * ROWS].reshape(t, nsb * 8, 16 * ROWS)).reshape(t, ROWS, nsb, 128)
+    header = g[..., 128 * ROWS :]
+    halves = header[..., : 4 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nsb, 4)
+    low = header[..., 4 * ROWS :].reshape(t, nsb, 4, ROWS).permute(0, 3, 1, 2)
+    return (torch.cat([halves, low, qs], dim=3).reshape(n, row_bytes).contiguous(),)
 
 
 #: Bytes of a GGUF Q4_K super-block of 256 weights: fp16 d, fp16 dmin, 12 bytes of packed 6-bit
