@@ -45,8 +45,6 @@ LAYER_TYPES = [
     [QT.Q4_0, QT.Q5_1, QT.Q8_0, QT.F16, QT.Q6_K, QT.Q5_K, QT.Q4_K],
     [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K, QT.IQ4_XS, QT.Q2_K],
 ]
-#: Types run from their blocks as the file stores them, without a tiled layout.
-UNTILED = {"Q2_K"}
 PROMPTS = [[3, 17, 40, 99, 5, 64], [8, 2, 77]]
 
 
@@ -128,7 +126,7 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     assert {layers[n].type_name for n in tiled} == {t.name for ts in LAYER_TYPES for t in ts} - {
         "F16",
         "Q4_1",
-    } - UNTILED
+    }
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 
@@ -183,9 +181,21 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
         getattr(m, "type_name", "int4") + ("/tiles" if m.tiles is not None else "")
         for m, _, _ in kernel_calls
     }
-    tiled = ("Q4_0", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "int4")
+    tiled = (
+        "Q4_0",
+        "Q5_0",
+        "Q5_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_0",
+        "IQ4_NL",
+        "IQ4_XS",
+        "int4",
+    )
     assert {f"{t}/tiles" for t in tiled} <= kinds
-    assert UNTILED <= kinds
     # Against the unrounded float load: the activations' rounding only.
     assert (eager - ref).abs().max().item() < 0.05 * scale
 

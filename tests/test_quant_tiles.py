@@ -168,7 +168,8 @@ def test_int8_tiled_matmul_matches_float64(int_isa_lib, n, k, rows, bias):
 
 #: The GGUF types with tiles, by name.
 GGML_TILED = {"q4_0": QT.Q4_0, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1, "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K,
-              "q8_0": QT.Q8_0, "iq4_nl": QT.IQ4_NL, "iq4_xs": QT.IQ4_XS, "q3_k": QT.Q3_K}  # fmt: skip
+              "q8_0": QT.Q8_0, "iq4_nl": QT.IQ4_NL, "iq4_xs": QT.IQ4_XS, "q3_k": QT.Q3_K,
+              "q2_k": QT.Q2_K}  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -177,7 +178,10 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
     """q/k/v-like weights of one input in one parallel loop (the fused step's q/k/v and gate/up):
     each output the bits of its own call, whatever tiles the threads split it into, with or
     without a bias."""
-    k, shapes = (256 if bits in ("q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs") else 96), [(48, True), (16, False), (32, True)]
+    k, shapes = (
+        (256 if bits in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs") else 96),
+        [(48, True), (16, False), (32, True)],
+    )
     weights = []
     for i, (n, bias) in enumerate(shapes):
         if bits == 4:
@@ -204,7 +208,8 @@ def test_projections_in_one_call_are_each_calls_bits(int_isa_lib, bits, rows):
 def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) -> GGMLLinear:
     """A GGUF matrix of a tiled type: a zero, a subnormal and a negative block scale, and in row
     1's first block the extreme codes (Q8_0: -128, 127, -127; 4 bits: 0 and 15; Q5_*: 0 and 31;
-    Q4_K: and all-ones 6-bit scales and minima, and a negative dmin; Q6_K: 0, 63 and scales
+    Q4_K: and all-ones 6-bit scales and minima, and a negative dmin; Q2_K: codes 3 and 0 with
+    scale and minimum 15; Q6_K: 0, 63 and scales
     -128, 127; IQ4: the levels -127 and 113, IQ4_XS with sub-scales 31 and -32; Q3_K: codes
     -4 and 3, scales 31 and -32)."""
     raw = with_edge_scales(random_blocks(qtype, n, k, seed), qtype)
@@ -220,6 +225,8 @@ def _ggml_layer(qtype: QT, n: int, k: int, seed: int = 0, bias: bool = False) ->
         head = 2 if qtype == QT.Q5_0 else 4
         blocks[1, 0, head : head + 4] = [0xF0, 0x0F, 0xFF, 0x00]
         blocks[1, 0, head + 4 : head + 7] = [0xF0, 0x0F, 0xFF]
+    elif qtype == QT.Q2_K:  # element 0 of sub-blocks 0-3: 3, element 1: 0; scales and minima 15
+        blocks[1, 0, 16:18], blocks[1, 0, 0:16] = [0xFF, 0x00], 0xFF
     elif qtype == QT.Q3_K:  # element 0 of sub-blocks 0-3: 3 (all bits set), element 1: -4
         blocks[1, 0, 0:2], blocks[1, 0, 32:34] = [0xFF, 0x00], [0xFF, 0x00]
         blocks[1, 0, 96:102], blocks[1, 0, 102:108] = 0xFF, 0x00
@@ -302,6 +309,14 @@ def test_ggml_tiles_hold_the_files_bytes_and_untile_exactly(name, n, k):
         # 32 + 16 i + r.
         assert torch.equal(packed[1536:1568].view(torch.int16), halves(108))
         assert packed[1536 + 32 + 16 * 5 + 3] == blocks[3, 96 + 5]
+    elif name == "q2_k":
+        # Q3_K's planes from the file's code bytes 16..79; then d, dmin and scale byte i of row r
+        # at 64 + 16 i + r.
+        for b in range(4):
+            assert packed[4 * 2 + b] & 3 == blocks[2, 16 + 2 * b] & 3
+        assert torch.equal(packed[1024:1056].view(torch.int16), halves(80))
+        assert torch.equal(packed[1056:1088].view(torch.int16), halves(82))
+        assert packed[1024 + 64 + 16 * 5 + 3] == blocks[3, 5]
     elif name == "iq4_nl":  # Q4_0's layout, byte for byte
         assert torch.equal(packed, gguf_tiles.tile_q4_0(blocks))
     elif name == "iq4_xs":

@@ -4,14 +4,14 @@
 
 #include <stdint.h>
 
-enum { WS_INT4 = 4, WS_INT4_TILES = 5, WS_Q4_0_TILES = 6, WS_Q4_K_TILES = 7, WS_Q6_K_TILES = 11, WS_Q5_0_TILES = 12, WS_Q5_1_TILES = 13, WS_Q5_K_TILES = 14, WS_IQ4_NL_TILES = 17, WS_IQ4_XS_TILES = 18, WS_Q3_K_TILES = 19, WS_INT8 = 8, WS_INT8_TILES = 9, WS_Q8_0_TILES = 10, WS_GGML = 16,
+enum { WS_INT4 = 4, WS_INT4_TILES = 5, WS_Q4_0_TILES = 6, WS_Q4_K_TILES = 7, WS_Q6_K_TILES = 11, WS_Q5_0_TILES = 12, WS_Q5_1_TILES = 13, WS_Q5_K_TILES = 14, WS_IQ4_NL_TILES = 17, WS_IQ4_XS_TILES = 18, WS_Q3_K_TILES = 19, WS_Q2_K_TILES = 20, WS_INT8 = 8, WS_INT8_TILES = 9, WS_Q8_0_TILES = 10, WS_GGML = 16,
        WS_F32_ROWS = 32, WS_F32_COLS = 33, WS_BF16_ROWS = 48, WS_BF16_COLS = 49 };
 
 /* One projection y = x @ W.T (+ bias), W (n, k). kind WS_INT4: q uint8 (n, k/2), byte j of a
  * row holding codes 2j (low nibble) and 2j + 1, scales and zeros fp16 bits (n, k/group);
  * WS_INT4_TILES / WS_INT8_TILES: q the same weights as 16-row tiles (quant/tiles.py, cpu_qdot.c's
  * ws_q4t_projs / ws_q8t_projs), n % 16 == 0; WS_Q4_0_TILES / WS_Q5_0_TILES / WS_Q5_1_TILES /
- * WS_Q3_K_TILES ... WS_Q6_K_TILES / WS_Q8_0_TILES / WS_IQ4_NL_TILES / WS_IQ4_XS_TILES: a GGUF matrix of that type as 16-row tiles
+ * WS_Q2_K_TILES ... WS_Q6_K_TILES / WS_Q8_0_TILES / WS_IQ4_NL_TILES / WS_IQ4_XS_TILES: a GGUF matrix of that type as 16-row tiles
  * (tiles.py's tile_q4_0, tile_q5_0, ...); WS_INT8: q int8 (n, k), scales (n,);
  * WS_GGML: q rows of GGUF blocks of ggml type `group` (cpu_ggml.c); WS_F32_ROWS:
  * W[i, j] = q[i * ld + j]; WS_F32_COLS: W[i, j] = q[j * ld + i]; WS_BF16_ROWS / WS_BF16_COLS: the
@@ -51,10 +51,10 @@ int ws_q4_proj(const ws_qact *a, int64_t N, const uint8_t *q, const uint16_t *sc
 enum { WS_MAX_PROJS = 3 };
 /* The layouts of the tiles read with the input in the WS_QACT_INT4 order (their low nibbles as
  * the int4 tiles hold them): int4 (scales and zeros per group), GGUF Q4_0 (scales only), GGUF
- * Q3_K, Q4_K, Q5_K and Q6_K (super-blocks of 256), GGUF Q5_0 and Q5_1 (a fifth bit), GGUF IQ4_NL
+ * Q2_K to Q6_K (super-blocks of 256), GGUF Q5_0 and Q5_1 (a fifth bit), GGUF IQ4_NL
  * and IQ4_XS (codes that index WS_IQ4_LEVELS); -1 for another kind. */
 enum { WS_Q4T_INT4 = 0, WS_Q4T_Q4_0 = 1, WS_Q4T_Q4_K = 2, WS_Q4T_Q6_K = 3, WS_Q4T_Q5_0 = 4, WS_Q4T_Q5_1 = 5,
-       WS_Q4T_Q5_K = 6, WS_Q4T_IQ4_NL = 7, WS_Q4T_IQ4_XS = 8, WS_Q4T_Q3_K = 9 };
+       WS_Q4T_Q5_K = 6, WS_Q4T_IQ4_NL = 7, WS_Q4T_IQ4_XS = 8, WS_Q4T_Q3_K = 9, WS_Q4T_Q2_K = 10 };
 /* The 16 int8 levels a GGUF IQ4_NL / IQ4_XS code indexes (ggml's kvalues_iq4nl). */
 static const int8_t WS_IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 static inline int ws_q4t_layout(int64_t kind) {
@@ -69,6 +69,7 @@ static inline int ws_q4t_layout(int64_t kind) {
     case WS_IQ4_NL_TILES: return WS_Q4T_IQ4_NL;
     case WS_IQ4_XS_TILES: return WS_Q4T_IQ4_XS;
     case WS_Q3_K_TILES: return WS_Q4T_Q3_K;
+    case WS_Q2_K_TILES: return WS_Q4T_Q2_K;
     default: return -1;
     }
 }

@@ -365,7 +365,7 @@ def int8_tiled_dequantize(
 #: The tile layouts' kinds in the C kernels (cpu_kernels.h) by (bits, GGUF type or None for our
 #: int4 / int8 tiles); the most projections `tiled_matmuls` takes at once (WS_MAX_PROJS).
 TILE_KINDS = {(4, None): 5, (4, 2): 6, (4, 6): 12, (4, 7): 13, (4, 12): 7, (4, 13): 14, (4, 14): 11,
-              (4, 11): 19, (4, 20): 17, (4, 23): 18, (8, None): 9, (8, 8): 10}  # fmt: skip
+              (4, 10): 20, (4, 11): 19, (4, 20): 17, (4, 23): 18, (8, None): 9, (8, 8): 10}  # fmt: skip
 MAX_PROJS = 3
 
 

@@ -130,7 +130,8 @@ static inline int64_t q4t_tile_bytes(int64_t K, int64_t G, int layout) {
     if (layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K)
         return K / 256 * 16 * (layout == WS_Q4T_Q4_K ? 144 : layout == WS_Q4T_Q5_K ? 176 : 210);
     if (layout == WS_Q4T_Q5_0 || layout == WS_Q4T_Q5_1) return K / 32 * 16 * (layout == WS_Q4T_Q5_0 ? 22 : 24);
-    if (layout == WS_Q4T_IQ4_XS || layout == WS_Q4T_Q3_K) return K / 256 * 16 * (layout == WS_Q4T_Q3_K ? 110 : 136);
+    if (layout == WS_Q4T_IQ4_XS || layout == WS_Q4T_Q3_K || layout == WS_Q4T_Q2_K)
+        return K / 256 * 16 * (layout == WS_Q4T_Q3_K ? 110 : layout == WS_Q4T_Q2_K ? 84 : 136);
     return 16 * (K / 2) + K / G * (layout == WS_Q4T_Q4_0 || layout == WS_Q4T_IQ4_NL ? 32 : 64);
 }
 
@@ -403,6 +404,36 @@ static float q3kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t 
     return acc;
 }
 
+/* Q2_K 16-row tiles: for each super-block of 256 inputs, each sub-block of 32 as Q3_K tiles'
+ * two 64-byte vectors of 2-bit codes, then the 16 rows' fp16 d, their fp16 dmin and their 16
+ * scale bytes (sc | m << 4 per 16 weights), byte i of row r at 64 + 16 i + r. Code q of half h
+ * of sub-block j weighs d sc q - dmin m with byte 2j + h; the sums are 32 times the input's
+ * half-block sums (Q6_K's). */
+static float q2kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const float *hs32 = ((const q4t_ctx *)ctx)->sums;
+    float acc = 0;
+    for (int64_t sb = 0; sb < a->k / 256; sb++) {
+        const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
+        uint16_t dh, mh;
+        memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
+        const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
+        for (int j = 0; j < 8; j++) {
+            const int64_t b = sb * 8 + j;
+            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
+            const uint8_t *wp = sp + 128 * j;
+            int32_t isum[2] = {0, 0};
+            for (int k = 0; k < 8; k++)
+                for (int c = 0; c < 4; c++) isum[k % 4 / 2] += (wp[64 * (k / 4) + 4 * r + c] >> 2 * (k % 4) & 3) * xq[4 * k + c];
+            for (int h = 0; h < 2; h++) {
+                const uint8_t s = hp[64 + 16 * (2 * j + h) + r];
+                const float xsum = hs32[(m * a->nb + b) * 2 + h] / 32; /* the half's integer input sum */
+                acc += ((float)isum[h] * (d * (float)(s & 15)) - dmin * (float)(s >> 4) * xsum) * a->d[m * a->nb + b];
+            }
+        }
+    }
+    return acc;
+}
+
 static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, const float *gsum, int layout) {
     const q4t_ctx c = {G, gsum, layout};
     tile_dot dot = q4t_dot;
@@ -412,6 +443,7 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
     case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: dot = q5t_dot; break;
     case WS_Q4T_IQ4_NL: case WS_Q4T_IQ4_XS: dot = iq4t_dot; break;
     case WS_Q4T_Q3_K: dot = q3kt_dot; break;
+    case WS_Q4T_Q2_K: dot = q2kt_dot; break;
     default: break;
     }
     tiles_scalar(a, set, q4t_tile_bytes(a->k, G, layout), dot, &c);
@@ -629,13 +661,14 @@ int ws_q4t_projs(const ws_qact *a, int n, const int64_t *N, const uint8_t *const
                  const float *const *bias, float *const *y) {
     tile_set s;
     if ((G != 32 && G != 64 && G != 128) || a->k % G || tile_set_of(&s, n, N, tiles, y)) return -2;
-    const int k_quant = layout == WS_Q4T_Q3_K || layout == WS_Q4T_Q4_K || layout == WS_Q4T_Q5_K ||
-                        layout == WS_Q4T_Q6_K || layout == WS_Q4T_IQ4_XS;
-    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q3_K || (layout != WS_Q4T_INT4 && G != 32) || (k_quant && a->k % 256))
+    const int k_quant = layout == WS_Q4T_Q2_K || layout == WS_Q4T_Q3_K || layout == WS_Q4T_Q4_K ||
+                        layout == WS_Q4T_Q5_K || layout == WS_Q4T_Q6_K || layout == WS_Q4T_IQ4_XS;
+    if (layout < WS_Q4T_INT4 || layout > WS_Q4T_Q2_K || (layout != WS_Q4T_INT4 && G != 32) || (k_quant && a->k % 256))
         return -2;
     /* The input's sums per group: per block of 32 they are the quantized input's own (xs); Q6_K
      * takes 32 times those of each half block instead (its codes' offset). */
-    const int halves = layout == WS_Q4T_Q6_K || layout == WS_Q4T_Q3_K, own = halves || G != QB;
+    const int halves = layout == WS_Q4T_Q6_K || layout == WS_Q4T_Q3_K || layout == WS_Q4T_Q2_K;
+    const int own = halves || G != QB;
     float *gsum = halves ? half_sums32(a) : G != QB ? group_sums(a, G) : a->xs;
     if (!gsum) return -1;
     BY_ISA(q4t_matmul, a, &s, G, gsum, layout);

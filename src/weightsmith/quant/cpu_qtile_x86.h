@@ -129,6 +129,7 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_CVT _mm512_cvtepi32_ps
 #define VR_MUL _mm512_mul_ps
 #define VR_SUB _mm512_sub_ps
+#define VR_ADD _mm512_add_ps
 #define VR_FMA _mm512_fmadd_ps
 #define VR_FNMA _mm512_fnmadd_ps
 #define VR_STORE _mm512_storeu_ps
@@ -166,6 +167,7 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_CVT _mm256_cvtepi32_ps
 #define VR_MUL _mm256_mul_ps
 #define VR_SUB _mm256_sub_ps
+#define VR_ADD _mm256_add_ps
 #define VR_FMA _mm256_fmadd_ps
 #define VR_FNMA _mm256_fnmadd_ps
 #define VR_STORE _mm256_storeu_ps
@@ -418,6 +420,43 @@ KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     }
 }
 
+/* Q2_K tiles (the layout: cpu_qdot.c's q2kt_dot): Q3_K's 2-bit planes, multiplied unsigned; each
+ * half's minimum times the input's sum over the half (a 32nd of hs32) comes off its scaled sum. */
+KERNEL void FN(q2kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
+                          int64_t N) {
+    const int64_t nsb = a->k / 256;
+    const vr_i three = VR_SET8(3), low4 = VR_SET32(15);
+    for (int h = 0; h < VR_HALVES; h++) {
+        vr_f acc[QROWS];
+        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
+            const vr_f d = VR_F16(hp + 16 * h), dmin = VR_F16(hp + 32 + 16 * h);
+            for (int j = 0; j < 8; j++) {
+                vr_f ds[2], dm[2];
+                for (int e = 0; e < 2; e++) {
+                    const vr_i s = VR_U8(hp + 64 + 16 * (2 * j + e) + 8 * h);
+                    ds[e] = VR_MUL(d, VR_CVT(VR_AND(s, low4))), dm[e] = VR_MUL(dmin, VR_CVT(VR_SRL32(s, 4)));
+                }
+                const uint8_t *wp = sp + 128 * j;
+                const vr_i v[2] = {VR_LOAD(wp + 32 * h), VR_LOAD(wp + 64 + 32 * h)};
+                vr_i op[8];
+                for (int k = 0; k < 8; k++) op[k] = VR_AND(VR_SRLC16(v[k / 4], 2 * (k % 4)), three);
+                const int64_t b = sb * 8 + j;
+                for (int64_t m = 0; m < mc; m++) {
+                    const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
+                    const float *h32 = hs32 + (m * a->nb + b) * 2;
+                    const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
+                    const vr_f f0 = VR_FNMA(dm[0], VR_SETF(h32[0] / 32), VR_MUL(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 0)), ds[0]));
+                    const vr_f f1 = VR_FNMA(dm[1], VR_SETF(h32[1] / 32), VR_MUL(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 2)), ds[1]));
+                    acc[m] = VR_FMA(VR_ADD(f0, f1), xs, acc[m]);
+                }
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
+    }
+}
+
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
  * `layout` one of WS_Q4T_* (for WS_Q4T_Q6_K gsum holds the half sums). */
 __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, const tile_set *set, int64_t G,
@@ -445,6 +484,7 @@ __attribute__((target(TARGET))) static void FN(q4t_matmul)(const ws_qact *a, con
      : layout == WS_Q4T_IQ4_NL ? FN(iq4t_rows)(&rows, MC, tile, gs, out, N, 0) \
      : layout == WS_Q4T_IQ4_XS ? FN(iq4t_rows)(&rows, MC, tile, gs, out, N, 1) \
      : layout == WS_Q4T_Q3_K ? FN(q3kt_rows)(&rows, MC, tile, hs, out, N)      \
+     : layout == WS_Q4T_Q2_K ? FN(q2kt_rows)(&rows, MC, tile, hs, out, N)      \
      : layout == WS_Q4T_Q4_0 ? FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 1) \
                              : FN(q4t_rows)(&rows, MC, tile, G, gs, out, N, 0))
             switch (mc) {
@@ -593,6 +633,7 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
 #undef VR_CVT
 #undef VR_MUL
 #undef VR_SUB
+#undef VR_ADD
 #undef VR_FMA
 #undef VR_FNMA
 #undef VR_STORE

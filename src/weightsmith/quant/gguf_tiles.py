@@ -146,10 +146,8 @@ def tile_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     n, row = blocks.shape
     t, nsb = n // ROWS, row // Q3_K_BLOCK_BYTES
     b = blocks.view(t, ROWS, nsb, Q3_K_BLOCK_BYTES)
-    qs = b[..., 32:96].unflatten(-1, (2, 32))  # (h, l)
-    low = torch.stack([(qs >> (2 * j)) & 3 for j in range(4)], dim=-2).reshape(t, ROWS, nsb, 8, 32)
     third = torch.stack([(b[..., :32] >> k) & 1 for k in range(8)], dim=-2)  # sub-block k, element l
-    sub = torch.cat([_crumb_planes(low), _bit_plane(third).unsqueeze(-2)], dim=-2)  # (tile, row, sb, j, 3, 4)
+    sub = torch.cat([_crumb_planes(_crumbs(b[..., 32:96])), _bit_plane(third).unsqueeze(-2)], dim=-2)
     sub = sub.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8 * 3 * 4 * ROWS)
     d = b[..., 108:110].permute(0, 2, 1, 3).reshape(t, nsb, 2 * ROWS)
     scales = b[..., 96:108].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
@@ -160,14 +158,64 @@ def untile_q3_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     """`tile_q3_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
     t, nsb = n // ROWS, row_bytes // Q3_K_BLOCK_BYTES
     g = tiles.view(t, nsb, Q3_K_BLOCK_BYTES * ROWS)
-    sub = g[..., : 96 * ROWS].reshape(t, nsb, 8, 3, ROWS, 4).permute(0, 4, 1, 2, 3, 5)  # (tile, row, sb, j, 3, 4)
-    low = _uncrumb_planes(sub[..., :2, :]).reshape(t, ROWS, nsb, 2, 4, 32)  # (h, j, l)
+    sub = (
+        g[..., : 96 * ROWS].reshape(t, nsb, 8, 3, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
+    )  # (tile, row, sb, j, 3, 4)
     third = _unbit_plane(sub[..., 2, :])  # (tile, row, sb, k, l)
     hmask = sum(third[..., k, :] << k for k in range(8))
-    qs = sum(low[..., j, :] << (2 * j) for j in range(4)).reshape(t, ROWS, nsb, 64)
+    qs = _uncrumbs(_uncrumb_planes(sub[..., :2, :]))
     d = g[..., 96 * ROWS : 98 * ROWS].reshape(t, nsb, ROWS, 2).permute(0, 2, 1, 3)
     scales = g[..., 98 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
     return (torch.cat([hmask, qs, scales, d], dim=3).reshape(n, row_bytes).contiguous(),)
+
+
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 64) Q2_K / Q3_K code bytes (byte 32h + l: codes 128h + 32j + l at bits 2j) -> their
+    2-bit codes (..., 8, 32) by sub-block of 32."""
+    halves = qs.unflatten(-1, (2, 32))  # (h, l)
+    return torch.stack([(halves >> (2 * j)) & 3 for j in range(4)], dim=-2).flatten(-3, -2)
+
+
+def _uncrumbs(codes: torch.Tensor) -> torch.Tensor:
+    """`_crumbs`' inverse: (..., 8, 32) -> (..., 64)."""
+    low = codes.unflatten(-2, (2, 4))  # (h, j, l)
+    return sum(low[..., j, :] << (2 * j) for j in range(4)).flatten(-2)
+
+
+#: Bytes of a GGUF Q2_K super-block of 256 weights: 16 bytes of 4-bit scales and minima (sc | m
+#: << 4, one per 16 weights), Q3_K's 64 bytes of 2-bit codes, then fp16 d and dmin.
+Q2_K_BLOCK_BYTES = 84
+
+
+def tile_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    """A GGUF Q2_K matrix (uint8 (N, K/256 * 84)) as Q2_K tiles (uint8, the same number of
+    bytes): for each tile of 16 rows and each super-block, each sub-block of 32 as Q3_K tiles'
+    two 64-byte planes of 2-bit codes, then the 16 rows' fp16 d, their fp16 dmin, and their 16
+    scale bytes, byte i of row r at 64 + 16 i + r (1344 bytes a super-block)."""
+    n, row = blocks.shape
+    t, nsb = n // ROWS, row // Q2_K_BLOCK_BYTES
+    b = blocks.view(t, ROWS, nsb, Q2_K_BLOCK_BYTES)
+    planes = _crumb_planes(_crumbs(b[..., 16:80]))  # (tile, row, sb, j, 2, 4)
+    planes = planes.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8 * 2 * 4 * ROWS)
+    halves = b[..., 80:84].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
+    scales = b[..., :16].permute(0, 2, 3, 1).reshape(t, nsb, 16 * ROWS)  # (tile, sb, [byte, row])
+    return torch.cat([planes, halves, scales], dim=2).reshape(-1)
+
+
+def untile_q2_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tensor]:
+    """`tile_q2_k`'s inverse: (the GGUF rows of super-blocks, uint8 (N, row_bytes)), a new tensor."""
+    t, nsb = n // ROWS, row_bytes // Q2_K_BLOCK_BYTES
+    g = tiles.view(t, nsb, Q2_K_BLOCK_BYTES * ROWS)
+    planes = g[..., : 64 * ROWS].reshape(t, nsb, 8, 2, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
+    qs = _uncrumbs(_uncrumb_planes(planes))
+    halves = (
+        g[..., 64 * ROWS : 68 * ROWS]
+        .reshape(t, nsb, 2, ROWS, 2)
+        .permute(0, 3, 1, 2, 4)
+        .reshape(t, ROWS, nsb, 4)
+    )
+    scales = g[..., 68 * ROWS :].reshape(t, nsb, 16, ROWS).permute(0, 3, 1, 2)
+    return (torch.cat([scales, qs, halves], dim=3).reshape(n, row_bytes).contiguous(),)
 
 
 #: Bytes of a GGUF IQ4_XS super-block of 256 weights: fp16 d, 16 bits of the high 2 bits of its
@@ -195,7 +243,9 @@ def untile_iq4_xs(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Te
     g = tiles.view(t, nsb, IQ4_XS_BLOCK_BYTES * ROWS)
     qs = _unchunks(g[..., : 128 * ROWS].reshape(t, nsb * 8, 16 * ROWS)).reshape(t, ROWS, nsb, 128)
     header = g[..., 128 * ROWS :]
-    halves = header[..., : 4 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nsb, 4)
+    halves = (
+        header[..., : 4 * ROWS].reshape(t, nsb, 2, ROWS, 2).permute(0, 3, 1, 2, 4).reshape(t, ROWS, nsb, 4)
+    )
     low = header[..., 4 * ROWS :].reshape(t, nsb, 4, ROWS).permute(0, 3, 1, 2)
     return (torch.cat([halves, low, qs], dim=3).reshape(n, row_bytes).contiguous(),)
 
