@@ -308,11 +308,21 @@ static void q6_k(const float *x, const float *qw, const double *tries, int n_tri
 
 /* ---- IQ4_NL / IQ4_XS (iq4.py) ------------------------------------------------------------- */
 
-/* The index of the level nearest v, a tie going up (iq4.nearest): the midpoints at or below v. */
+/* The levels as floats and the midpoints between them, set by iq4_tables before any block. */
+static float IQ4_LEVEL[16], IQ4_MID[15];
+
+static void iq4_tables(void) {
+    for (int k = 0; k < 16; k++) IQ4_LEVEL[k] = (float)WS_IQ4_LEVELS[k];
+    for (int k = 0; k < 15; k++) IQ4_MID[k] = 0.5f * (IQ4_LEVEL[k] + IQ4_LEVEL[k + 1]);
+}
+
+/* The index of the level nearest v, a tie going up (iq4.nearest): the midpoints at or below v,
+ * found in 4 halvings (the midpoints are sorted). */
 static inline int iq4_nearest(float v) {
-    int i = 0;
-    for (int k = 0; k < 15; k++) i += v >= 0.5f * (float)(WS_IQ4_LEVELS[k] + WS_IQ4_LEVELS[k + 1]);
-    return i;
+    int i = v >= IQ4_MID[7] ? 8 : 0;
+    i += v >= IQ4_MID[i + 3] ? 4 : 0;
+    i += v >= IQ4_MID[i + 1] ? 2 : 0;
+    return i + (v >= IQ4_MID[i]); /* i <= 14 here */
 }
 
 /* The codes of 32 weights for a step (0: the level nearest 0), packed as iq4._pack: 16 bytes. */
@@ -328,15 +338,22 @@ static float iq4_fit(const float *x, const float *w, const double *tries, int n_
         if (fabsf(x[i]) > fabsf(big)) big = x[i];
     const float inv = big != 0 ? 1 / big : 0;
     double best_gain = 0;
-    for (int t = 0; t < n_tries; t++) {
-        const float f = (float)tries[t] * inv;
-        float sqx = 0, sqq = 0;
-        for (int i = 0; i < 32; i++) {
-            const float q = WS_IQ4_LEVELS[iq4_nearest(x[i] * f)];
-            sqx += w[i] * x[i] * q, sqq += w[i] * q * q;
+    float f[MAX_TRIES], aqx[MAX_TRIES] = {0}, aqq[MAX_TRIES] = {0};
+    for (int t = 0; t < n_tries; t++) f[t] = (float)tries[t] * inv;
+    for (int i = 0; i < 32; i++) { /* the tries as the vector lanes: each level built from the steps */
+        const float xi = x[i], wi = w[i], wx = wi * xi;
+#pragma omp simd
+        for (int t = 0; t < n_tries; t++) {
+            const float v = xi * f[t];
+            float q = IQ4_LEVEL[0];
+            for (int k = 0; k < 15; k++) q += v >= IQ4_MID[k] ? IQ4_LEVEL[k + 1] - IQ4_LEVEL[k] : 0.0f;
+            aqx[t] += wx * q, aqq[t] += wi * q * q;
         }
-        const double gain = sqq > 0 ? (double)sqx * sqx / sqq : 0.0;
-        if (gain > best_gain) best_scale = (float)((double)sqx / sqq), best_gain = gain;
+    }
+    for (int t = 0; t < n_tries; t++) {
+        const double sqx = aqx[t], sqq = aqq[t];
+        const double gain = sqq > 0 ? sqx * sqx / sqq : 0.0;
+        if (gain > best_gain) best_scale = (float)(sqx / sqq), best_gain = gain;
     }
     return best_scale;
 }
@@ -368,7 +385,7 @@ static void iq4_xs(const float *x, const float *qw, const double *tries, int n_t
         for (int c = 0; c < 3; c++) {
             const float is = steps[c] != 0 ? 1 / steps[c] : 0;
             for (int i = 0; i < 32; i++) {
-                const float e = steps[c] * WS_IQ4_LEVELS[iq4_nearest(xs[i] * is)] - xs[i];
+                const float e = steps[c] * IQ4_LEVEL[iq4_nearest(xs[i] * is)] - xs[i];
                 err[c] += w[32 * j + i] * (e * e);
             }
         }
@@ -398,6 +415,7 @@ int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_
         {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k}, {T_IQ4_NL, 32, 18, iq4_nl}, {T_IQ4_XS, QK, 136, iq4_xs},
     };
     if (n_tries < 0 || n_tries > MAX_TRIES) return 1; /* the fits' lane arrays hold MAX_TRIES + 1 */
+    if (type == T_IQ4_NL || type == T_IQ4_XS) iq4_tables(); /* the same values every time */
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         if (kinds[k].type != type) continue;
         const int64_t weights = kinds[k].weights, bytes = kinds[k].bytes;

@@ -67,19 +67,7 @@ class GGMLLinear(QuantizedLinear):
     #: The types with a tiled layout (quant/gguf_tiles.py: 16-row tiles of the same bytes, for a
     #: matrix whose rows are a multiple of 16): (the tiled kernels' input: 4 in the int4 tiles'
     #: order, 8 as is; the layout; its inverse).
-    Q4_0, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS = (
-        2,
-        6,
-        7,
-        8,
-        10,
-        11,
-        12,
-        13,
-        14,
-        20,
-        23,
-    )
+    Q4_0, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS = 2, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23  # fmt: skip
     TILED = {
         Q4_0: (4, gguf_tiles.tile_q4_0, gguf_tiles.untile_q4_0),
         Q5_0: (4, gguf_tiles.tile_q5_0, gguf_tiles.untile_q5_0),

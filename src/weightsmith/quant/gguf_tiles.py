@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from weightsmith.quant.kquants import pack_crumbs, unpack_crumbs
 from weightsmith.quant.tiles import ROWS
 
 #: Bytes of a GGUF Q8_0 block: an fp16 scale, then 32 int8 codes.
@@ -147,7 +148,8 @@ def tile_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     t, nsb = n // ROWS, row // Q3_K_BLOCK_BYTES
     b = blocks.view(t, ROWS, nsb, Q3_K_BLOCK_BYTES)
     third = torch.stack([(b[..., :32] >> k) & 1 for k in range(8)], dim=-2)  # sub-block k, element l
-    sub = torch.cat([_crumb_planes(_crumbs(b[..., 32:96])), _bit_plane(third).unsqueeze(-2)], dim=-2)
+    low = unpack_crumbs(b[..., 32:96]).unflatten(-1, (8, 32))  # sub-block j, element l
+    sub = torch.cat([_crumb_planes(low), _bit_plane(third).unsqueeze(-2)], dim=-2)
     sub = sub.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8 * 3 * 4 * ROWS)
     d = b[..., 108:110].permute(0, 2, 1, 3).reshape(t, nsb, 2 * ROWS)
     scales = b[..., 96:108].permute(0, 2, 3, 1).reshape(t, nsb, 12 * ROWS)  # (tile, sb, [byte, row])
@@ -163,23 +165,10 @@ def untile_q3_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     )  # (tile, row, sb, j, 3, 4)
     third = _unbit_plane(sub[..., 2, :])  # (tile, row, sb, k, l)
     hmask = sum(third[..., k, :] << k for k in range(8))
-    qs = _uncrumbs(_uncrumb_planes(sub[..., :2, :]))
+    qs = pack_crumbs(_uncrumb_planes(sub[..., :2, :]).flatten(-2))
     d = g[..., 96 * ROWS : 98 * ROWS].reshape(t, nsb, ROWS, 2).permute(0, 2, 1, 3)
     scales = g[..., 98 * ROWS :].reshape(t, nsb, 12, ROWS).permute(0, 3, 1, 2)
     return (torch.cat([hmask, qs, scales, d], dim=3).reshape(n, row_bytes).contiguous(),)
-
-
-def _crumbs(qs: torch.Tensor) -> torch.Tensor:
-    """(..., 64) Q2_K / Q3_K code bytes (byte 32h + l: codes 128h + 32j + l at bits 2j) -> their
-    2-bit codes (..., 8, 32) by sub-block of 32."""
-    halves = qs.unflatten(-1, (2, 32))  # (h, l)
-    return torch.stack([(halves >> (2 * j)) & 3 for j in range(4)], dim=-2).flatten(-3, -2)
-
-
-def _uncrumbs(codes: torch.Tensor) -> torch.Tensor:
-    """`_crumbs`' inverse: (..., 8, 32) -> (..., 64)."""
-    low = codes.unflatten(-2, (2, 4))  # (h, j, l)
-    return sum(low[..., j, :] << (2 * j) for j in range(4)).flatten(-2)
 
 
 #: Bytes of a GGUF Q2_K super-block of 256 weights: 16 bytes of 4-bit scales and minima (sc | m
@@ -195,7 +184,7 @@ def tile_q2_k(blocks: torch.Tensor) -> torch.Tensor:
     n, row = blocks.shape
     t, nsb = n // ROWS, row // Q2_K_BLOCK_BYTES
     b = blocks.view(t, ROWS, nsb, Q2_K_BLOCK_BYTES)
-    planes = _crumb_planes(_crumbs(b[..., 16:80]))  # (tile, row, sb, j, 2, 4)
+    planes = _crumb_planes(unpack_crumbs(b[..., 16:80]).unflatten(-1, (8, 32)))  # (tile, row, sb, j, 2, 4)
     planes = planes.permute(0, 2, 3, 4, 1, 5).reshape(t, nsb, 8 * 2 * 4 * ROWS)
     halves = b[..., 80:84].reshape(t, ROWS, nsb, 2, 2).permute(0, 2, 3, 1, 4).reshape(t, nsb, 4 * ROWS)
     scales = b[..., :16].permute(0, 2, 3, 1).reshape(t, nsb, 16 * ROWS)  # (tile, sb, [byte, row])
@@ -207,7 +196,7 @@ def untile_q2_k(tiles: torch.Tensor, n: int, row_bytes: int) -> tuple[torch.Tens
     t, nsb = n // ROWS, row_bytes // Q2_K_BLOCK_BYTES
     g = tiles.view(t, nsb, Q2_K_BLOCK_BYTES * ROWS)
     planes = g[..., : 64 * ROWS].reshape(t, nsb, 8, 2, ROWS, 4).permute(0, 4, 1, 2, 3, 5)
-    qs = _uncrumbs(_uncrumb_planes(planes))
+    qs = pack_crumbs(_uncrumb_planes(planes).flatten(-2))
     halves = (
         g[..., 64 * ROWS : 68 * ROWS]
         .reshape(t, nsb, 2, ROWS, 2)

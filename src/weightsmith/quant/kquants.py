@@ -84,8 +84,9 @@ def quantize_blocks(
 ) -> np.ndarray:
     """The GGUF blocks of `qtype` for a float matrix (..., K): uint8 (..., K / block * bytes).
 
-    k-quants (K a multiple of 256) as described above, IQ4_NL (32) and IQ4_XS (256) as iq4.py does, by the C kernels where they are built
-    (and `kernels`), by the tensor passes below otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a
+    k-quants (K a multiple of 256) as described above and IQ4_NL / IQ4_XS (K a multiple of 32 /
+    256) as iq4.py does, by the C kernels where they are built (and `kernels`), by the tensor
+    passes otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a
     multiple of 32) by gguf-py's quantizers, bit for bit ggml's reference ones.
 
     `importance` (an importance matrix's row for this matrix: the mean square of each input
@@ -307,17 +308,23 @@ _TRIES = {
 }  # fmt: skip
 
 
-def _crumbs(q: torch.Tensor) -> torch.Tensor:
-    """Two bits of each code, 64 bytes a super-block: per half h of 128, byte 32h + l holds codes
-    128h + 32j + l (j = 0..3) at bits 2j."""
-    q = (q & 3).reshape(-1, 2, 4, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+def pack_crumbs(q: torch.Tensor) -> torch.Tensor:
+    """Two bits of each code of (..., 256), 64 bytes a super-block (Q2_K's and Q3_K's layout): per
+    half h of 128, byte 32h + l holds codes 128h + 32j + l (j = 0..3) at bits 2j."""
+    q = (q & 3).unflatten(-1, (2, 4, 32))  # (h, j, l)
+    return sum(q[..., j, :] << (2 * j) for j in range(4)).flatten(-2)
+
+
+def unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """`pack_crumbs`' inverse: (..., 64) bytes -> (..., 256) codes 0..3."""
+    halves = qs.unflatten(-1, (2, 32))  # (h, l)
+    return torch.stack([(halves >> (2 * j)) & 3 for j in range(4)], dim=-2).flatten(-3)
 
 
 def _q2_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     q, d, dmin, sc, m = _affine_blocks(blocks, qw, 3, _TRIES_Q2, size=16, levels=15)
     halves = torch.stack([d, dmin], 1).view(torch.uint8)
-    return torch.cat([sc | (m << 4), _crumbs(q), halves], 1)
+    return torch.cat([sc | (m << 4), pack_crumbs(q), halves], 1)
 
 
 def _q3_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,4 +342,4 @@ def _q3_k(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
         [low[:, 0] | (low[:, 2] << 4), low[:, 1] | (low[:, 3] << 4),
          high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)], 1,
     )  # fmt: skip
-    return torch.cat([hmask, _crumbs(q), packed, d[:, None].view(torch.uint8)], 1)
+    return torch.cat([hmask, pack_crumbs(q), packed, d[:, None].view(torch.uint8)], 1)
