@@ -373,61 +373,45 @@ static float iq4t_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t 
  * WS_QACT_INT4 order) byte b: the low 2 bits of operands 0-3 (at bits 2k), of operands 4-7, and
  * the third bits of all 8 (at bit k); then the 16 rows' fp16 d and their 12 packed scale bytes,
  * byte i of row r at 32 + 16 i + r. Code u (0..7) weighs d (sc - 32) (u - 4), sc the 6-bit scale
- * 2j + h of half h of sub-block j (operands 0, 1, 4, 5: half 0); the sums are 32 times the
- * input's half-block sums (Q6_K's), so an eighth of them comes off for the offset 4. */
-static float q3kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
-    const float *hs32 = ((const q4t_ctx *)ctx)->sums;
+ * 2j + h of half h of sub-block j (operands 0, 1, 4, 5: half 0).
+ * Q2_K 16-row tiles: each sub-block as the first two of those vectors, then the 16 rows' fp16
+ * d, their fp16 dmin and their 16 scale bytes (sc | m << 4), byte i of row r at 64 + 16 i + r;
+ * code q of half h of sub-block j weighs d sc q - dmin m with byte 2j + h.
+ * The sums are 32 times the input's half-block sums (Q6_K's). */
+static float crumbt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
+    const q4t_ctx *c = ctx;
+    const int three = c->layout == WS_Q4T_Q3_K;
+    const int64_t sub = three ? 192 : 128; /* bytes a sub-block */
     float acc = 0;
     for (int64_t sb = 0; sb < a->k / 256; sb++) {
-        const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
-        uint16_t dh;
-        memcpy(&dh, hp + 2 * r, 2);
-        const float d = ws_f16_to_f32(dh);
-        for (int j = 0; j < 8; j++) {
-            const int64_t b = sb * 8 + j;
-            const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-            const uint8_t *wp = sp + 192 * j;
-            int32_t isum[2] = {0, 0};
-            for (int k = 0; k < 8; k++)
-                for (int c = 0; c < 4; c++) {
-                    const int u = (wp[64 * (k / 4) + 4 * r + c] >> 2 * (k % 4) & 3) | (wp[128 + 4 * r + c] >> k & 1) << 2;
-                    isum[k % 4 / 2] += u * xq[4 * k + c];
-                }
-            for (int h = 0; h < 2; h++) {
-                const int s = 2 * j + h; /* its low bits in byte s % 8, its high ones in byte 8 + s % 4 */
-                const int sc = ((hp[32 + 16 * (s % 8) + r] >> 4 * (s / 8) & 15) |
-                                (hp[32 + 16 * (8 + s % 4) + r] >> 2 * (s / 4) & 3) << 4) - 32;
-                acc += ((float)isum[h] - 0.125f * hs32[(m * a->nb + b) * 2 + h]) * a->d[m * a->nb + b] * (d * (float)sc);
-            }
-        }
-    }
-    return acc;
-}
-
-/* Q2_K 16-row tiles: for each super-block of 256 inputs, each sub-block of 32 as Q3_K tiles'
- * two 64-byte vectors of 2-bit codes, then the 16 rows' fp16 d, their fp16 dmin and their 16
- * scale bytes (sc | m << 4 per 16 weights), byte i of row r at 64 + 16 i + r. Code q of half h
- * of sub-block j weighs d sc q - dmin m with byte 2j + h; the sums are 32 times the input's
- * half-block sums (Q6_K's). */
-static float q2kt_dot(const ws_qact *a, int64_t m, const uint8_t *tile, int64_t r, const void *ctx) {
-    const float *hs32 = ((const q4t_ctx *)ctx)->sums;
-    float acc = 0;
-    for (int64_t sb = 0; sb < a->k / 256; sb++) {
-        const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
+        const uint8_t *sp = tile + sb * (three ? 1760 : 1344), *hp = sp + 8 * sub;
         uint16_t dh, mh;
         memcpy(&dh, hp + 2 * r, 2), memcpy(&mh, hp + 32 + 2 * r, 2);
-        const float d = ws_f16_to_f32(dh), dmin = ws_f16_to_f32(mh);
+        const float d = ws_f16_to_f32(dh), dmin = three ? 0 : ws_f16_to_f32(mh);
         for (int j = 0; j < 8; j++) {
             const int64_t b = sb * 8 + j;
             const int8_t *xq = a->q + m * a->kp + QB * b; /* evens, then odds */
-            const uint8_t *wp = sp + 128 * j;
+            const uint8_t *wp = sp + sub * j;
             int32_t isum[2] = {0, 0};
             for (int k = 0; k < 8; k++)
-                for (int c = 0; c < 4; c++) isum[k % 4 / 2] += (wp[64 * (k / 4) + 4 * r + c] >> 2 * (k % 4) & 3) * xq[4 * k + c];
+                for (int e = 0; e < 4; e++) {
+                    const int u = (wp[64 * (k / 4) + 4 * r + e] >> 2 * (k % 4) & 3) |
+                                  (three ? (wp[128 + 4 * r + e] >> k & 1) << 2 : 0);
+                    isum[k % 4 / 2] += u * xq[4 * k + e];
+                }
             for (int h = 0; h < 2; h++) {
-                const uint8_t s = hp[64 + 16 * (2 * j + h) + r];
-                const float xsum = hs32[(m * a->nb + b) * 2 + h] / 32; /* the half's integer input sum */
-                acc += ((float)isum[h] * (d * (float)(s & 15)) - dmin * (float)(s >> 4) * xsum) * a->d[m * a->nb + b];
+                const int s = 2 * j + h;
+                const float xsum = c->sums[(m * a->nb + b) * 2 + h] / 32; /* the half's integer input sum */
+                float part;
+                if (three) { /* low bits of scale s in byte s % 8, high ones in byte 8 + s % 4 */
+                    const int sc = ((hp[32 + 16 * (s % 8) + r] >> 4 * (s / 8) & 15) |
+                                    (hp[32 + 16 * (8 + s % 4) + r] >> 2 * (s / 4) & 3) << 4) - 32;
+                    part = ((float)isum[h] - 4 * xsum) * (d * (float)sc);
+                } else {
+                    const uint8_t sm = hp[64 + 16 * s + r];
+                    part = (float)isum[h] * (d * (float)(sm & 15)) - dmin * (float)(sm >> 4) * xsum;
+                }
+                acc += part * a->d[m * a->nb + b];
             }
         }
     }
@@ -442,8 +426,7 @@ static void q4t_matmul_scalar(const ws_qact *a, const tile_set *set, int64_t G, 
     case WS_Q4T_Q6_K: dot = q6kt_dot; break;
     case WS_Q4T_Q5_0: case WS_Q4T_Q5_1: dot = q5t_dot; break;
     case WS_Q4T_IQ4_NL: case WS_Q4T_IQ4_XS: dot = iq4t_dot; break;
-    case WS_Q4T_Q3_K: dot = q3kt_dot; break;
-    case WS_Q4T_Q2_K: dot = q2kt_dot; break;
+    case WS_Q4T_Q3_K: case WS_Q4T_Q2_K: dot = crumbt_dot; break;
     default: break;
     }
     tiles_scalar(a, set, q4t_tile_bytes(a->k, G, layout), dot, &c);

@@ -377,7 +377,7 @@ KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     }
 }
 
-/* Q3_K tiles (the layout: cpu_qdot.c's q3kt_dot): each operand's codes 0..7 rebuilt (the low 2
+/* Q3_K tiles (the layout: cpu_qdot.c's crumbt_dot): each operand's codes 0..7 rebuilt (the low 2
  * bits, then the third moved to bit 2), multiplied unsigned, and 4 times the input's sum over
  * each half of the block (an eighth of hs32) comes off each half's sum before its scale. */
 KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
@@ -420,7 +420,7 @@ KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     }
 }
 
-/* Q2_K tiles (the layout: cpu_qdot.c's q2kt_dot): Q3_K's 2-bit planes, multiplied unsigned; each
+/* Q2_K tiles (the layout: cpu_qdot.c's crumbt_dot): Q3_K's 2-bit planes, multiplied unsigned; each
  * half's minimum times the input's sum over the half (a 32nd of hs32) comes off its scaled sum. */
 KERNEL void FN(q2kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *hs32, float *out,
                           int64_t N) {
