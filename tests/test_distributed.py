@@ -69,10 +69,14 @@ def val_losses(out: Path) -> list[float]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
+    """Equal up to float summation order, as AdamW amplifies it: a weight whose gradient is near
+    AdamW's eps (a rare token's embedding) moves by lr * g / (|g| + eps), so a last-bit difference
+    in g's sum (two ranks' reduce against one process's) can move it by ~1e-5 in 5 steps at lr
+    1e-3 (1.6e-5 seen on an AMD EPYC). A lost or doubled gradient moves weights by ~lr a step."""
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys() and wa
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-4, msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -157,8 +157,13 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
     ids = torch.tensor([(PROMPTS[0] * rows)[:rows]])
     with torch.no_grad():
         torch.testing.assert_close(blk.model(ids), flt.model(ids), rtol=1e-4, atol=1e-4 * scale)
-    # Decode: the fused step computes what the layers' kernels compute.
-    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4 * scale)
+    # Decode: the fused step computes what the layers' kernels compute, up to float rounding. That
+    # rounding (the C step's exp and sums are not PyTorch's to the last bit) can flip an int8
+    # rounding of some layer's input; the flip moves the layers below it by one int8 step, and
+    # the logits by up to about 1e-2 of their scale (9e-3 seen on an AMD EPYC, AVX2: a flip in
+    # the last down_proj's input moved ten of the head's input codes), against >= 1e-1 for a
+    # wrong scale, zero or index. A flip written into the KV cache moves the later steps too.
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=2e-2 * scale)
     # ... which is, layer by layer, the float64 product of the kernels' int8-rounded input with
     # the weight the layer dequantizes to. (Layer by layer: through the whole model, a float
     # summation-order difference upstream can flip an input's int8 rounding downstream.)

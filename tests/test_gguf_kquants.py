@@ -56,6 +56,12 @@ GGML_RMSE = {
 }
 
 
+#: The most of ggml's RMSE ours may have: the fits weigh by sqrt(sigma2 + w^2) where ggml's weigh
+#: by |w| (Q2_K) or w^2 (Q3_K, Q6_K), measured 0.87-0.94x, 0.95-0.97x and 0.97-0.98x; Q4_K and
+#: Q5_K keep ggml's rms + |w| (0.99x, 0.97x).
+MOST = {QT.Q2_K: 0.95, QT.Q3_K: 0.98, QT.Q4_K: 1.0, QT.Q5_K: 0.98, QT.Q6_K: 0.98}
+
+
 def seeded() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     return {
@@ -102,7 +108,7 @@ def ggml_quantizer():
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda q: q.name)
 def test_blocks_decode_to_the_weights_with_less_error_than_ggml(qtype: QT, kernels: bool) -> None:
     """Our blocks, decoded by gguf-py, are closer to the weights than ggml's quantizer gets (its
-    recorded error, and its live error where llama-cpp-python is installed), from the C kernels
+    recorded error, and its live error where llama-cpp-python is installed; by MOST), from the C kernels
     (quant/cpu_kquant.c) and from the tensor passes alike."""
     if kernels and cpu_kernels.library() is None:
         pytest.skip("the C kernels cannot be built here")
@@ -111,9 +117,9 @@ def test_blocks_decode_to_the_weights_with_less_error_than_ggml(qtype: QT, kerne
         blocks = quantize_blocks(w, qtype, kernels=kernels)
         assert blocks.shape == (64, 4 * BLOCK_BYTES[qtype]) and blocks.dtype == np.uint8
         ours = rmse(blocks, qtype, w)
-        assert ours <= GGML_RMSE[name, qtype], (name, ours)
+        assert ours <= MOST[qtype] * GGML_RMSE[name, qtype], (name, ours / GGML_RMSE[name, qtype])
         if theirs is not None:
-            assert ours <= rmse(theirs(w, qtype), qtype, w), name
+            assert ours <= MOST[qtype] * rmse(theirs(w, qtype), qtype, w), name
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])

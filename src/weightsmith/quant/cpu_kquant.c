@@ -90,8 +90,7 @@ static void fit_affine(const float *x, const float *w, int n, int nmax, const do
     *scale_out = best_scale, *low_out = best_low;
 }
 
-/* x ~ scale * q, q in [-nmax, nmax - 1], least squares weighted by w (x^2 where w is NULL):
- * kquants._fit_symmetric. */
+/* x ~ scale * q, q in [-nmax, nmax - 1], least squares weighted by w: fits.fit_symmetric. */
 static float fit_symmetric(const float *x, const float *w, int n, int nmax, const double *tries, int n_tries) {
     float big = x[0];
     for (int i = 1; i < n; i++)
@@ -101,7 +100,7 @@ static float fit_symmetric(const float *x, const float *w, int n, int nmax, cons
     float f[MAX_TRIES + 1], aqx[MAX_TRIES + 1] = {0}, aqq[MAX_TRIES + 1] = {0};
     for (int t = 0; t < lanes; t++) f[t] = (float)(nmax + (t ? tries[t - 1] : 0.0)) * inv;
     for (int i = 0; i < n; i++) {
-        const float xi = x[i], wi = w ? w[i] : x[i] * x[i], wx = wi * x[i];
+        const float xi = x[i], wi = w[i], wx = wi * x[i];
 #pragma omp simd
         for (int t = 0; t < lanes; t++) {
             const float q = level(xi * f[t], lo, hi);
@@ -125,7 +124,7 @@ static int best_candidate(const float *x, const float *w, int n, const float *st
     float is[9], err[9] = {0};
     for (int c = 0; c < count; c++) is[c] = step[c] != 0 ? 1 / step[c] : 0;
     for (int i = 0; i < n; i++) {
-        const float xi = x[i], wi = w ? w[i] : 1.0f;
+        const float xi = x[i], wi = w[i];
 #pragma omp simd
         for (int c = 0; c < count; c++) {
             const float e = step[c] * level((xi + offset[c]) * is[c], lo, hi) - offset[c] - xi;
@@ -150,16 +149,16 @@ static void importance_weights(const float *x, const float *qw, int n, float *w)
 }
 
 /* `count` sub-blocks of `sub` weights: codes q[256] and the header (d, dmin, sc, m on a 0..levels
- * grid) of a Q4_K / Q5_K (8 x 32, levels 63, weights rms + |x|) or Q2_K (16 x 16, levels 15,
- * weights |x|) block. */
-static void affine_block(const float *x, const float *qw, int sub, int nmax, int levels, int abs_weights,
+ * grid) of a Q4_K / Q5_K (8 x 32, levels 63, weights rms + |x| without qw) or Q2_K (16 x 16,
+ * levels 15, `flat`: importance_weights with or without qw) block. */
+static void affine_block(const float *x, const float *qw, int sub, int nmax, int levels, int flat,
                          const double *tries, int n_tries, uint8_t *q, uint16_t *d16, uint16_t *dmin16, uint8_t *sc,
                          uint8_t *m) {
     const int count = QK / sub;
     float sum = 0, w[QK], scale[16], low[16], max_scale = 0, max_min = 0;
     for (int i = 0; i < QK; i++) sum += x[i] * x[i];
-    const float rms = abs_weights ? 0.0f : sqrtf(sum / QK), top = (float)levels;
-    if (qw)
+    const float rms = sqrtf(sum / QK), top = (float)levels;
+    if (qw || flat)
         importance_weights(x, qw, QK, w);
     else
         for (int i = 0; i < QK; i++) w[i] = rms + fabsf(x[i]);
@@ -190,11 +189,10 @@ static void affine_block(const float *x, const float *qw, int sub, int nmax, int
  * (Q6_K: 32, 128; Q3_K: 4, 32): codes q + nmax, the scales and d (as a half). */
 static void symmetric_block(const float *x, const float *qw, int nmax, int smax, const double *tries, int n_tries,
                             uint8_t *q, int8_t sc[16], uint16_t *d16) {
-    float scale[16], big = 0, weights[QK];
-    const float *w = qw ? weights : NULL; /* NULL: the fits weigh by x^2, the levels unweighted */
-    if (qw) importance_weights(x, qw, QK, weights);
+    float scale[16], big = 0, w[QK];
+    importance_weights(x, qw, QK, w);
     for (int j = 0; j < 16; j++) {
-        scale[j] = fit_symmetric(x + 16 * j, w ? w + 16 * j : NULL, 16, nmax, tries, n_tries);
+        scale[j] = fit_symmetric(x + 16 * j, w + 16 * j, 16, nmax, tries, n_tries);
         if (fabsf(scale[j]) > fabsf(big)) big = scale[j];
     }
     /* The scale of largest magnitude maps to -smax (the extra negative level), so d may be negative. */
@@ -206,7 +204,7 @@ static void symmetric_block(const float *x, const float *qw, int nmax, int smax,
         int lv[3];
         float steps[3], zeros[3] = {0, 0, 0};
         for (int c = 0; c < 3; c++) lv[c] = (int)level((float)(s0 + STEP[c]), slo, shi), steps[c] = d * (float)lv[c];
-        const int best = best_candidate(xs, w ? w + 16 * j : NULL, 16, steps, zeros, 3, lo, hi);
+        const int best = best_candidate(xs, w + 16 * j, 16, steps, zeros, 3, lo, hi);
         sc[j] = (int8_t)lv[best];
         const float step = steps[best], is = step != 0 ? 1 / step : 0;
         for (int i = 0; i < 16; i++) q[16 * j + i] = (uint8_t)(level(xs[i] * is, lo, hi) + (float)nmax);

@@ -11,6 +11,21 @@
  * hold no zeros: each row's zero is -8 times its scale (exact in fp32), as Q4_0 reads d (q - 8).
  */
 
+/* The `bytes` of a tile about to be read, asked for PF_AHEAD bytes ahead, by the 256-bit kernels:
+ * they read each block's both halves (rows 0-7, 8-15) before the next block, so the weights
+ * stream at one pace. Without this, an AMD EPYC (AVX2) read a Q4_K matrix from memory at half
+ * the speed it reads one from its cache (README, benchmarks: gguf_types.py). Past the weights'
+ * end it asks for nothing useful; a prefetch does not fault. The 512-bit kernels ask for
+ * nothing: not measured there. */
+#define PF_AHEAD 16384
+KERNEL void FN(prefetch_ahead)(const uint8_t *p, int64_t bytes) {
+#ifdef WS_WIDE512
+    (void)p, (void)bytes;
+#else
+    FN(prefetch)(p + PF_AHEAD, bytes);
+#endif
+}
+
 /* The 16 rows of tile `tile` against mc (<= QROWS) input rows; out[m * N + r] = row r of input m. */
 KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, int64_t G, const float *gsum,
                          float *out, int64_t N, const int sym) {
@@ -53,11 +68,13 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #else
     /* 256-bit vectors: rows 0-7 (half 0) and 8-15 (half 1) of each chunk in turn */
     const __m256i low4 = _mm256_set1_epi8(15);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *gp = tile + g * gbytes;
+    __m256 acc[2][QROWS];
+    for (int h = 0; h < 2; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *gp = tile + g * gbytes;
+        FN(prefetch_ahead)(gp, gbytes);
+        for (int h = 0; h < 2; h++) {
             __m256 gacc[QROWS];
             for (int64_t m = 0; m < mc; m++) gacc[m] = _mm256_setzero_ps();
             for (int64_t i = 0; i < per_group; i++) {
@@ -85,15 +102,16 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             const __m256 z = sym ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f))
                                  : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gp + per_group * 256 + 32 + 16 * h)));
             for (int64_t m = 0; m < mc; m++)
-                acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * groups + g]), _mm256_fmadd_ps(gacc[m], s, acc[m]));
+                acc[h][m] = _mm256_fmadd_ps(z, _mm256_set1_ps(gsum[m * groups + g]), _mm256_fmadd_ps(gacc[m], s, acc[h][m]));
         }
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[m]);
     }
+    for (int h = 0; h < 2; h++)
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, acc[h][m]);
 #endif
 }
 
 /* The GGUF tiles' kernels below are written once for both widths: a vector holds 16 rows
- * (WS_WIDE512) or 8, a tile's two halves h then taken in turn; half h of a chunk starts at byte
+ * (WS_WIDE512) or 8, each block's two halves h then taken in turn; half h of a chunk starts at byte
  * 32 h, of a row of fp16 at 16 h, of a row of bytes at 8 h. */
 #ifdef WS_WIDE512
 #define vr_i __m512i
@@ -173,6 +191,12 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_STORE _mm256_storeu_ps
 #endif
 
+/* A tile's 16 sums of input row m, half h's accumulators acc[h][m] (8 rows each with 256 bits). */
+#define VR_STORE_ACC(acc, mc, out, N)                                                                  \
+    for (int h_ = 0; h_ < VR_HALVES; h_++)                                                             \
+        for (int64_t m_ = 0; m_ < (mc); m_++) VR_STORE((out) + m_ * (N) + 8 * h_, (acc)[h_][m_])
+
+
 /* The even and odd codes of a block's 4 chunks at w (half h), whole: the low nibbles, with the
  * fifth bits from the 64 bytes at fifth (Q5_* tiles: byte 4r + b holds chunk c's at bits c and
  * 4 + c) moved to bit 4 where fifth is not NULL. odd16 (4-bit codes, 32-bit dot products only):
@@ -219,12 +243,14 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                           int64_t N, const int five) {
     const int64_t nsb = a->k / 256, sub = five ? 320 : 256;
     const vr_i six = VR_SET32(63), four = VR_SET32(15);
-    for (int h = 0; h < VR_HALVES; h++) {
+    vr_f acc[VR_HALVES][QROWS];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
+        FN(prefetch_ahead)(sp, 8 * (sub + 32));
+        for (int h = 0; h < VR_HALVES; h++) {
 #define KSB(i) VR_U8(hp + 64 + 16 * (i) + 8 * h)
-        vr_f acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
             const vr_f d = VR_F16(hp + 16 * h), dmin = VR_F16(hp + 32 + 16 * h);
             for (int j = 0; j < 8; j++) {
                 vr_i sc, mn;
@@ -244,13 +270,13 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
                     const vr_i isum = FN(gguf_dot4)(ev, od, xd, odd16);
                     const vr_f sum = VR_MUL(VR_CVT(isum), VR_SETF(a->d[m * a->nb + b]));
-                    acc[m] = VR_FNMA(dm, VR_SETF(bsum[m * a->nb + b]), VR_FMA(sum, ds, acc[m]));
+                    acc[h][m] = VR_FNMA(dm, VR_SETF(bsum[m * a->nb + b]), VR_FMA(sum, ds, acc[h][m]));
                 }
             }
-        }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
 #undef KSB
+        }
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* Q6_K tiles (a GGUF Q6_K matrix; the layout: cpu_qdot.c's q6kt_dot): each chunk's codes are
@@ -261,11 +287,13 @@ KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                           int64_t N) {
     const int64_t nsb = a->k / 256;
     const vr_i low4 = VR_SET8(15), top2 = VR_SET8(0x30);
-    for (int h = 0; h < VR_HALVES; h++) {
-        vr_f acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+    vr_f acc[VR_HALVES][QROWS];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
+        FN(prefetch_ahead)(sp, 3360);
+        for (int h = 0; h < VR_HALVES; h++) {
             const vr_f d = VR_F16(hp + 16 * h);
             for (int j = 0; j < 8; j++) {
                 const vr_f ds0 = VR_MUL(d, VR_CVT(VR_I8(hp + 32 + 16 * (2 * j) + 8 * h)));
@@ -285,12 +313,12 @@ KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
                     const vr_f f0 = VR_SUB(VR_CVT(FN(gguf_dot2)(ev, od, xd, 0)), VR_SETF(h32[0]));
                     const vr_f f1 = VR_SUB(VR_CVT(FN(gguf_dot2)(ev, od, xd, 2)), VR_SETF(h32[1]));
-                    acc[m] = VR_FMA(f1, VR_MUL(ds1, xs), VR_FMA(f0, VR_MUL(ds0, xs), acc[m]));
+                    acc[h][m] = VR_FMA(f1, VR_MUL(ds1, xs), VR_FMA(f0, VR_MUL(ds0, xs), acc[h][m]));
                 }
             }
         }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* Q5_0 / Q5_1 tiles (one: Q5_1; the layout: cpu_qdot.c's q5t_dot): each chunk's even and odd
@@ -299,11 +327,13 @@ KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
 KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile, const float *gsum, float *out,
                          int64_t N, const int one) {
     const int64_t nb = a->k / QB, stride = one ? 384 : 352;
-    for (int h = 0; h < VR_HALVES; h++) {
-        vr_f acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *bp = tile + b * stride;
+    vr_f acc[VR_HALVES][QROWS];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *bp = tile + b * stride;
+        FN(prefetch_ahead)(bp, stride);
+        for (int h = 0; h < VR_HALVES; h++) {
             vr_i ev[4], od[4];
             FN(gguf_codes)(bp, bp + 256, h, ev, od, 0);
             const vr_f s = VR_F16(bp + 320 + 16 * h);
@@ -311,11 +341,11 @@ KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
             for (int64_t m = 0; m < mc; m++) {
                 const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
                 const vr_f sum = VR_MUL(VR_CVT(FN(gguf_dot4)(ev, od, xd, 0)), VR_SETF(a->d[m * a->nb + b]));
-                acc[m] = VR_FMA(z, VR_SETF(gsum[m * nb + b]), VR_FMA(sum, s, acc[m]));
+                acc[h][m] = VR_FMA(z, VR_SETF(gsum[m * nb + b]), VR_FMA(sum, s, acc[h][m]));
             }
         }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* IQ4_NL / IQ4_XS tiles (xs: IQ4_XS; the layouts: cpu_qdot.c's iq4t_dot): each chunk's codes
@@ -332,20 +362,23 @@ KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     const vr_i lut = VR_BCAST16(WS_IQ4_LEVELS);
     (void)bsum;
 #endif
-    for (int h = 0; h < VR_HALVES; h++) {
-        vr_f acc[QROWS], d = VR_ZERO_F();
-        vr_i high = VR_ZERO_I();
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t b = 0; b < nb; b++) {
+    vr_f acc[VR_HALVES][QROWS], d[VR_HALVES];
+    vr_i high[VR_HALVES];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t b = 0; b < nb; b++) {
+        const int j = (int)(b % 8);
+        const uint8_t *sp = tile + b / 8 * 2176, *hp = sp + 2048;
+        if (!xs) FN(prefetch_ahead)(tile + b * 288, 288);
+        else if (j == 0) FN(prefetch_ahead)(sp, 2176);
+        for (int h = 0; h < VR_HALVES; h++) {
             const uint8_t *cp;
             vr_f s;
             if (xs) {
-                const int j = (int)(b % 8);
-                const uint8_t *sp = tile + b / 8 * 2176, *hp = sp + 2048;
-                if (j == 0) d = VR_F16(hp + 16 * h), high = VR_U16(hp + 32 + 16 * h);
+                if (j == 0) d[h] = VR_F16(hp + 16 * h), high[h] = VR_U16(hp + 32 + 16 * h);
                 const vr_i lo = VR_AND(VR_SRLC32(VR_U8(hp + 64 + 16 * (j / 2) + 8 * h), 4 * (j % 2)), VR_SET32(15));
-                const vr_i ls = VR_OR(lo, VR_SLL32(VR_AND(VR_SRLC32(high, 2 * j), VR_SET32(3)), 4));
-                s = VR_MUL(d, VR_CVT(VR_SUB32(ls, VR_SET32(32)))), cp = sp + 256 * j;
+                const vr_i ls = VR_OR(lo, VR_SLL32(VR_AND(VR_SRLC32(high[h], 2 * j), VR_SET32(3)), 4));
+                s = VR_MUL(d[h], VR_CVT(VR_SUB32(ls, VR_SET32(32)))), cp = sp + 256 * j;
             } else {
                 cp = tile + b * 288, s = VR_F16(cp + 256 + 16 * h);
             }
@@ -357,7 +390,7 @@ KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
             for (int64_t m = 0; m < mc; m++) {
                 const int32_t *xd = (const int32_t *)(a->q + m * a->kp + QB * b);
                 const vr_f sum = VR_MUL(VR_CVT(FN(gguf_dot4)(ev, od, xd, 0)), VR_SETF(a->d[m * a->nb + b]));
-                acc[m] = VR_FMA(z, VR_SETF(bsum[m * nb + b]), VR_FMA(sum, s, acc[m]));
+                acc[h][m] = VR_FMA(z, VR_SETF(bsum[m * nb + b]), VR_FMA(sum, s, acc[h][m]));
             }
 #else
             vr_i ea[4], oa[4];
@@ -369,12 +402,12 @@ KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     isum = VR_DOT(isum, ea[c], _mm256_sign_epi8(VR_SET32(xd[c]), ev[c]));
                     isum = VR_DOT(isum, oa[c], _mm256_sign_epi8(VR_SET32(xd[4 + c]), od[c]));
                 }
-                acc[m] = VR_FMA(VR_MUL(VR_CVT(isum), VR_SETF(a->d[m * a->nb + b])), s, acc[m]);
+                acc[h][m] = VR_FMA(VR_MUL(VR_CVT(isum), VR_SETF(a->d[m * a->nb + b])), s, acc[h][m]);
             }
 #endif
         }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* Q3_K tiles (the layout: cpu_qdot.c's crumbt_dot): each operand's codes 0..7 rebuilt (the low 2
@@ -384,11 +417,13 @@ KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                           int64_t N) {
     const int64_t nsb = a->k / 256;
     const vr_i three = VR_SET8(3), four = VR_SET8(4), low4 = VR_SET32(15), low2 = VR_SET32(3);
-    for (int h = 0; h < VR_HALVES; h++) {
-        vr_f acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
+    vr_f acc[VR_HALVES][QROWS];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
+        FN(prefetch_ahead)(sp, 1760);
+        for (int h = 0; h < VR_HALVES; h++) {
             const vr_f d = VR_F16(hp + 16 * h);
             for (int j = 0; j < 8; j++) {
                 vr_f ds[2];
@@ -412,12 +447,12 @@ KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
                     const vr_f f0 = VR_SUB(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 0)), VR_SETF(0.125f * h32[0]));
                     const vr_f f1 = VR_SUB(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 2)), VR_SETF(0.125f * h32[1]));
-                    acc[m] = VR_FMA(f1, VR_MUL(ds[1], xs), VR_FMA(f0, VR_MUL(ds[0], xs), acc[m]));
+                    acc[h][m] = VR_FMA(f1, VR_MUL(ds[1], xs), VR_FMA(f0, VR_MUL(ds[0], xs), acc[h][m]));
                 }
             }
         }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* Q2_K tiles (the layout: cpu_qdot.c's crumbt_dot): Q3_K's 2-bit planes, multiplied unsigned; each
@@ -426,11 +461,13 @@ KERNEL void FN(q2kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                           int64_t N) {
     const int64_t nsb = a->k / 256;
     const vr_i three = VR_SET8(3), low4 = VR_SET32(15);
-    for (int h = 0; h < VR_HALVES; h++) {
-        vr_f acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = VR_ZERO_F();
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
+    vr_f acc[VR_HALVES][QROWS];
+    for (int h = 0; h < VR_HALVES; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
+        FN(prefetch_ahead)(sp, 1344);
+        for (int h = 0; h < VR_HALVES; h++) {
             const vr_f d = VR_F16(hp + 16 * h), dmin = VR_F16(hp + 32 + 16 * h);
             for (int j = 0; j < 8; j++) {
                 vr_f ds[2], dm[2];
@@ -449,12 +486,12 @@ KERNEL void FN(q2kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
                     const vr_f xs = VR_SETF(a->d[m * a->nb + b]);
                     const vr_f f0 = VR_FNMA(dm[0], VR_SETF(h32[0] / 32), VR_MUL(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 0)), ds[0]));
                     const vr_f f1 = VR_FNMA(dm[1], VR_SETF(h32[1] / 32), VR_MUL(VR_CVT(FN(gguf_dot2)(op, op + 4, xd, 2)), ds[1]));
-                    acc[m] = VR_FMA(VR_ADD(f0, f1), xs, acc[m]);
+                    acc[h][m] = VR_FMA(VR_ADD(f0, f1), xs, acc[h][m]);
                 }
             }
         }
-        for (int64_t m = 0; m < mc; m++) VR_STORE(out + m * N + 8 * h, acc[m]);
     }
+    VR_STORE_ACC(acc, mc, out, N);
 }
 
 /* Every tile of the set (its projections' tiles one after another), split among the threads;
@@ -534,10 +571,12 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #ifndef WS_DOT32
     (void)qsum; /* signed products: no correction */
 #endif
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[QROWS];
-        for (int64_t m = 0; m < mc; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
+    __m256 acc[2][QROWS];
+    for (int h = 0; h < 2; h++)
+        for (int64_t m = 0; m < mc; m++) acc[h][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        FN(prefetch_ahead)(tile + b * stride, stride);
+        for (int h = 0; h < 2; h++) {
             __m256i isum[QROWS]; /* chunk by chunk (16 registers: no room to hold a block's 8) */
             for (int64_t m = 0; m < mc; m++) isum[m] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
@@ -561,11 +600,13 @@ KERNEL void FN(q8t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
                 isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(128 * qsum[m * nb + b]));
 #endif
                 const __m256 d = _mm256_set1_ps(a->d[m * a->nb + b]);
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), bs ? _mm256_mul_ps(rs, d) : d, acc[m]);
+                acc[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), bs ? _mm256_mul_ps(rs, d) : d, acc[h][m]);
             }
         }
+    }
+    for (int h = 0; h < 2; h++) {
         const __m256 scale = bs ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps((const float *)(tile + nb * 512 + 32 * h));
-        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, bs ? acc[m] : _mm256_mul_ps(acc[m], scale));
+        for (int64_t m = 0; m < mc; m++) _mm256_storeu_ps(out + m * N + 8 * h, bs ? acc[h][m] : _mm256_mul_ps(acc[h][m], scale));
     }
 #endif
 }
@@ -637,3 +678,5 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
 #undef VR_FMA
 #undef VR_FNMA
 #undef VR_STORE
+#undef VR_STORE_ACC
+#undef PF_AHEAD

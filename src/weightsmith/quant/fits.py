@@ -4,8 +4,9 @@
 Each fits, per row of a batch of sub-blocks, a scale (and for the affine kind an offset) to the
 row's weights: a few trial steps around the one its range suggests, the codes rounded for each,
 then the best scale (and offset) for those codes by weighted least squares; the trial with the
-least weighted error wins. The weights say which errors cost most: ggml's heuristics without an
-importance matrix (`rms + |w|`, `|w|`, `w**2`), `importance_weights` with one.
+least weighted error wins. The weights say which errors cost most: `importance_weights`, with an
+importance matrix or without one (importance 1), except Q4_K / Q5_K without one (`rms + |w|`,
+ggml's heuristic, which measured as well there).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ AFFINE_TRIES = tuple(-1 + 0.1 * i for i in range(21))
 SYMMETRIC_TRIES = tuple(0.1 * i for i in range(-9, 10) if i)
 
 
-def importance_weights(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """ggml's fit weights under an importance matrix: qw * sqrt(sigma2 + x^2) (sigma2 (n, 1))."""
-    return qw * (sigma2 + blocks * blocks).sqrt()
+def importance_weights(
+    blocks: torch.Tensor, qw: torch.Tensor | None, sigma2: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ggml's fit weights under an importance matrix: qw * sqrt(sigma2 + x^2), per row of blocks
+    (n, s); qw None: importance 1; sigma2 (n, 1), by default twice each row's mean square."""
+    if sigma2 is None:
+        sigma2 = 2 * blocks.pow(2).mean(1, keepdim=True)
+    weight = (sigma2 + blocks * blocks).sqrt()
+    return weight if qw is None else qw * weight
 
 
 def fit_affine(
@@ -74,18 +81,14 @@ def fit_affine(
     return best_scale, best_low
 
 
-def fit_symmetric(
-    x: torch.Tensor, nmax: int, tries: tuple[float, ...], weight: torch.Tensor | None = None
-) -> torch.Tensor:
+def fit_symmetric(x: torch.Tensor, nmax: int, tries: tuple[float, ...], weight: torch.Tensor) -> torch.Tensor:
     """Per row of x (n, s): a signed scale with x ~ scale*q, q in [-nmax, nmax - 1].
 
     The weight of largest magnitude maps to -nmax (using the extra negative level); each try
-    stretches that by `t` levels and refits the scale by least squares weighted by `weight`
-    (x**2 when None).
+    stretches that by `t` levels and refits the scale by least squares weighted by `weight`.
     """
     big = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
     inv = torch.where(big != 0, -1 / big, torch.zeros_like(big))
-    weight = x * x if weight is None else weight
     wx = weight * x
     best_scale = torch.zeros_like(big)
     best_gain = torch.zeros(x.shape[0], dtype=torch.float64)

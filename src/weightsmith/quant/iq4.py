@@ -65,13 +65,6 @@ def fit_levels(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return best_scale
 
 
-def _weights(blocks: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """The fit weights of each weight of the (n, block) rows: `importance * sqrt(sigma2 + w**2)`
-    with sigma2 twice the row's mean square, the importance 1 without an importance matrix."""
-    sigma2 = 2 * blocks.pow(2).mean(1, keepdim=True)
-    return importance_weights(blocks, torch.ones_like(blocks) if qw is None else qw, sigma2)
-
-
 def _pack(idx: torch.Tensor) -> torch.Tensor:
     """(n, 32) codes -> (n, 16) bytes: code l in the low nibble of byte l, code 16 + l in the high."""
     idx = idx.to(torch.uint8)
@@ -80,7 +73,7 @@ def _pack(idx: torch.Tensor) -> torch.Tensor:
 
 def iq4_nl(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     """(n, 32) float weights -> (n, 18) IQ4_NL blocks."""
-    d = fp16(fit_levels(blocks, _weights(blocks, qw)))
+    d = fp16(fit_levels(blocks, importance_weights(blocks, qw)))
     idx = _codes(blocks, d.float()[:, None])
     return torch.cat([d[:, None].view(torch.uint8), _pack(idx)], 1)
 
@@ -88,7 +81,7 @@ def iq4_nl(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor
 def iq4_xs(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     """(n, 256) float weights -> (n, 136) IQ4_XS blocks."""
     n = blocks.shape[0]
-    weight = _weights(blocks, qw).reshape(n * 8, 32)
+    weight = importance_weights(blocks, qw).reshape(n * 8, 32)
     sub = blocks.reshape(n * 8, 32)
     scale = fit_levels(sub, weight).reshape(n, 8)
     big = scale.gather(1, scale.abs().argmax(1, keepdim=True))[:, 0]
