@@ -17,8 +17,8 @@ The weights of that error favour large weights: `importance * sqrt(sigma2 + w**2
 the super-block's mean square; importance 1 without an importance matrix), except Q4_K/Q5_K
 without one, which weigh by `rms + |w|` of the super-block as llama.cpp's reference quantizer
 does. llama.cpp weighs Q2_K by `|w|` and Q3_K/Q6_K by `w**2` without an importance matrix; the
-flat weighting gave those types 2-13% less RMS error and llama.cpp's decode of a Q3_K_M file
-of width 2048 3.4% less KL divergence from F32 (README, export). The sub-block scales are
+weighting here gives those types 2-13% less RMS error, and llama.cpp's decode of a q2_k file
+of width 2048 8% less KL divergence from F32 (README, Benchmarks). The sub-block scales are
 then rounded onto the super-block's grid (6-bit or int8 levels of one fp16 step); as that costs
 about 2% of RMS error, each sub-block then takes the best of its level and the levels one up
 and one down (with the minimum's, for Q4_K/Q5_K), the codes rounded again for each. On the same
