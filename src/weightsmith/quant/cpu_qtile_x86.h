@@ -191,7 +191,11 @@ KERNEL void FN(q4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
 #define VR_STORE _mm256_storeu_ps
 #endif
 
-/* A tile's 16 sums of input row m, half h's accumulators acc[h][m] (8 rows each with 256 bits). */
+/* Zero the accumulators acc[h][m] of mc input rows, and store them: a tile's 16 sums of input
+ * row m, half h's acc[h][m] (8 rows each with 256 bits). */
+#define VR_ZERO_ACC(acc, mc)                                                                           \
+    for (int h_ = 0; h_ < VR_HALVES; h_++)                                                             \
+        for (int64_t m_ = 0; m_ < (mc); m_++) (acc)[h_][m_] = VR_ZERO_F()
 #define VR_STORE_ACC(acc, mc, out, N)                                                                  \
     for (int h_ = 0; h_ < VR_HALVES; h_++)                                                             \
         for (int64_t m_ = 0; m_ < (mc); m_++) VR_STORE((out) + m_ * (N) + 8 * h_, (acc)[h_][m_])
@@ -244,8 +248,7 @@ KERNEL void FN(q4kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     const int64_t nsb = a->k / 256, sub = five ? 320 : 256;
     const vr_i six = VR_SET32(63), four = VR_SET32(15);
     vr_f acc[VR_HALVES][QROWS];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sp = tile + sb * 8 * (sub + 32), *hp = sp + 8 * sub;
         FN(prefetch_ahead)(sp, 8 * (sub + 32));
@@ -288,8 +291,7 @@ KERNEL void FN(q6kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     const int64_t nsb = a->k / 256;
     const vr_i low4 = VR_SET8(15), top2 = VR_SET8(0x30);
     vr_f acc[VR_HALVES][QROWS];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sp = tile + sb * 3360, *hp = sp + 3072;
         FN(prefetch_ahead)(sp, 3360);
@@ -328,8 +330,7 @@ KERNEL void FN(q5t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *tile
                          int64_t N, const int one) {
     const int64_t nb = a->k / QB, stride = one ? 384 : 352;
     vr_f acc[VR_HALVES][QROWS];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *bp = tile + b * stride;
         FN(prefetch_ahead)(bp, stride);
@@ -364,8 +365,7 @@ KERNEL void FN(iq4t_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
 #endif
     vr_f acc[VR_HALVES][QROWS], d[VR_HALVES];
     vr_i high[VR_HALVES];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t b = 0; b < nb; b++) {
         const int j = (int)(b % 8);
         const uint8_t *sp = tile + b / 8 * 2176, *hp = sp + 2048;
@@ -418,8 +418,7 @@ KERNEL void FN(q3kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     const int64_t nsb = a->k / 256;
     const vr_i three = VR_SET8(3), four = VR_SET8(4), low4 = VR_SET32(15), low2 = VR_SET32(3);
     vr_f acc[VR_HALVES][QROWS];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sp = tile + sb * 1760, *hp = sp + 1536;
         FN(prefetch_ahead)(sp, 1760);
@@ -462,8 +461,7 @@ KERNEL void FN(q2kt_rows)(const ws_qact *a, const int64_t mc, const uint8_t *til
     const int64_t nsb = a->k / 256;
     const vr_i three = VR_SET8(3), low4 = VR_SET32(15);
     vr_f acc[VR_HALVES][QROWS];
-    for (int h = 0; h < VR_HALVES; h++)
-        for (int64_t m = 0; m < mc; m++) acc[h][m] = VR_ZERO_F();
+    VR_ZERO_ACC(acc, mc);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sp = tile + sb * 1344, *hp = sp + 1024;
         FN(prefetch_ahead)(sp, 1344);
@@ -679,4 +677,5 @@ __attribute__((target(TARGET))) static void FN(q8t_matmul)(const ws_qact *a, con
 #undef VR_FNMA
 #undef VR_STORE
 #undef VR_STORE_ACC
+#undef VR_ZERO_ACC
 #undef PF_AHEAD
