@@ -358,7 +358,7 @@ static float iq4_fit(const float *x, const float *w, const double *tries, int n_
 
 static void iq4_nl(const float *x, const float *qw, const double *tries, int n_tries, uint8_t *out) {
     float w[32];
-    importance_weights(x, qw, 32, w); /* iq4._weights */
+    importance_weights(x, qw, 32, w); /* fits.importance_weights */
     const uint16_t d16 = to_f16(lesser(greater(iq4_fit(x, w, tries, n_tries), -65504.0f), 65504.0f));
     memcpy(out, &d16, 2);
     iq4_codes(x, ws_f16_to_f32(d16), out + 2);
