@@ -172,3 +172,26 @@ def test_starting_the_cli_imports_no_heavy_optional_module() -> None:
     code = f"import sys, weightsmith.cli.main; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_building_a_model_on_meta_imports_no_heavy_module() -> None:
+    """Every load builds the model on the meta device first (checkpoint/build.py). There, an
+    op without a meta kernel of its own (nn.Embedding's normal_ init, RoPE's arange and pow)
+    runs through torch's Python reference ops, which import torch._dynamo: ~2 s of each load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from weightsmith.models import CausalLM, ModelConfig\n"
+        "cfg = ModelConfig.from_hf({'model_type': 'llama', 'vocab_size': 64, 'hidden_size': 32,\n"
+        "    'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4,\n"
+        "    'num_key_value_heads': 2, 'tie_word_embeddings': True})\n"
+        "with torch.device('meta'):\n"
+        "    model = CausalLM(cfg)\n"
+        "assert model.model.embed_tokens.weight.is_meta and model.inv_freq.is_meta\n"
+        "model.reset_rope()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

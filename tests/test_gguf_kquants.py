@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import gguf.quants
 import numpy as np
 import pytest
 import torch
@@ -186,11 +187,70 @@ def test_edge_blocks(qtype: QT, kernels: bool) -> None:
     assert quantize_blocks(stacked, qtype, kernels=kernels).shape == (2, 4, BLOCK_BYTES[qtype])
 
 
+LEGACY = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
+
+
+def legacy_rows() -> np.ndarray:
+    """Blocks of 32 that take each branch of the 32-weight quantizers: seeded normal, Student-t
+    and uniform rows, and blocks of zeros, -0.0, constants, equal magnitudes of both signs (the
+    first one sets Q4_0's sign), a lone weight, scales that round to a subnormal half, scales past fp16's range
+    (infinity), weights on the Q4 grid (exact halves) and one outlier."""
+    rng = np.random.default_rng(11)
+    blocks = [
+        rng.standard_normal((64, 32)) * 0.02,
+        rng.standard_t(3, (64, 32)),
+        rng.uniform(-1, 1, (64, 32)),
+        np.zeros((1, 32)),
+        np.full((1, 32), -0.0),
+        np.full((1, 32), 0.3),
+        np.full((1, 32), -7.0),
+        np.tile([2.0, -2.0, 1.0, 0.5], (1, 8)),
+        np.tile([-2.0, 2.0, 1.0, -0.5], (1, 8)),
+        rng.standard_normal((2, 32)) * 1e-9,
+        rng.standard_normal((2, 32)) * 3e6,
+        rng.integers(-8, 8, (4, 32)) * 0.125,
+        np.concatenate([[50.0], rng.standard_normal(31) * 0.01])[None],
+        np.eye(1, 32, 17) * -3.0,  # one weight: the others are codes of zero
+    ]
+    return np.concatenate(blocks).astype(np.float32).reshape(-1, 64)
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_the_32_weight_types_are_ggml_reference_bytes(qtype: QT) -> None:
+    """Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 from the C kernels are byte for byte gguf-py's ports of
+    ggml's reference quantizers, and ggml's own where llama-cpp-python is installed, on every
+    branch (`legacy_rows`); stacked (3-D) weights keep their shape."""
+    if cpu_kernels.library() is None:
+        pytest.skip("the C kernels cannot be built here")
+    w = legacy_rows()
+    ours = quantize_blocks(w, qtype)
+    with np.errstate(over="ignore"):  # the scales past fp16's range become infinity there too
+        ported = gguf.quants.quantize(w, qtype)
+    per_block = ours.shape[-1] // 2
+    blocks, ported = ours.reshape(-1, per_block), ported.reshape(-1, per_block)
+    minus_zeros = np.flatnonzero((w.reshape(-1, 32) == 0).all(1) & np.signbit(w.reshape(-1, 32)[:, 0]))
+    assert len(minus_zeros) == 1
+    if qtype in (QT.Q4_0, QT.Q5_0):
+        # ggml starts its search for the largest magnitude from +0.0, so a block of zeros gets
+        # d = +0.0 / -8 = -0.0 (half 0x8000); gguf-py's port takes the first weight, -0.0 here.
+        assert blocks[minus_zeros[0], :2].tolist() == [0x00, 0x80]
+        ported[minus_zeros[0], :2] = [0x00, 0x80]
+    assert np.array_equal(blocks, ported)
+    theirs = ggml_quantizer()
+    if theirs is not None:
+        assert np.array_equal(ours, theirs(w, qtype))
+    assert np.array_equal(quantize_blocks(w.reshape(2, -1, 64), qtype), ours.reshape(2, -1, ours.shape[-1]))
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_blocks(np.zeros((2, 320), np.float32), QT.Q4_K)
-    with pytest.raises(ValueError, match="NaN"):
-        quantize_blocks(np.full((1, 256), np.nan, np.float32), QT.Q6_K)
+    for kernels in (True, False):  # the C kernels check as they quantize, the others before
+        for qtype, bad in ((QT.Q6_K, np.nan), (QT.Q8_0, np.inf), (QT.Q4_1, -np.inf)):
+            w = np.ones((3, 256), np.float32)
+            w[2, 200] = bad
+            with pytest.raises(ValueError, match="NaN"):
+                quantize_blocks(w, qtype, kernels=kernels)
     with pytest.raises(ValueError, match="not a type this module writes"):
         quantize_blocks(np.zeros((1, 256), np.float32), QT.IQ2_XS)
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -47,6 +47,7 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
 )
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
+from weightsmith.quant.ggml_linear import dequantize_rows, row_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -396,10 +397,15 @@ def _dequantized(tensor: GGUFTensor) -> np.ndarray:
     reverses that, so a matrix comes out as (out_features, in_features) and a merged expert
     tensor as (n_expert, out_features, in_features).
     """
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    qtype = int(tensor.tensor_type)
+    size = row_bytes(qtype, shape[-1])
+    if size is not None:  # a type GGMLLinear runs: its dequantizer (C where built, ~10x gguf-py's)
+        blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(-1, size))  # (a copy)
+        return dequantize_rows(blocks, qtype, shape[-1]).numpy().reshape(shape)
     values = dequantize(tensor.data, tensor.tensor_type)
     if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
         values = values.copy()
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return values.reshape(shape)
 
 

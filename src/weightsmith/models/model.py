@@ -243,7 +243,12 @@ class TransformerBody(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # nn.Embedding's own initialisation, skipped on the meta device: there its normal_
+        # goes through torch's Python reference ops, whose import costs ~2 s (torch 2.13).
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma)
         #: Gemma multiplies embeddings by sqrt(hidden_size), rounded to the weights' dtype.
@@ -267,11 +272,10 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq, self.rope_scaling = inverse_frequencies(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         if cfg.rope_local_base_freq is not None and "sliding_attention" in cfg.layer_types:
-            local = plain_inverse_frequencies(cfg.head_dim, cfg.rope_local_base_freq)
-            self.register_buffer("inv_freq_local", local, persistent=False)
+            self.register_buffer("inv_freq_local", torch.empty(0), persistent=False)
+        self.reset_rope()
 
     def tie_weights(self) -> None:
         """Re-point the LM head at the embedding after weights were assigned (tied models)."""
@@ -279,7 +283,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_rope(self) -> None:
-        """Recompute the RoPE buffer on the model's device (after building on meta)."""
+        """Compute the RoPE buffers on the model's device (at construction, and again after
+        building on meta)."""
         inv_freq, self.rope_scaling = inverse_frequencies(self.config)
         device = self.model.embed_tokens.weight.device
         self.inv_freq = inv_freq.to(device)

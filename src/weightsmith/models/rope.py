@@ -17,7 +17,10 @@ from weightsmith.models.config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Return `(inv_freq (D/2,), attention_scaling)` for the config's RoPE variant."""
+    """Return `(inv_freq (D/2,), attention_scaling)` for the config's RoPE variant.
+
+    On the CPU whatever the default device (the caller moves it): on the meta device torch
+    would run these ops through its Python reference ops, whose import costs ~2 s."""
     dim = cfg.head_dim
     base = cfg.rope_theta
     inv_freq = plain_inverse_frequencies(dim, base)
@@ -36,7 +39,7 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 def plain_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     """RoFormer's inverse frequencies base^(-2i/dim), i < dim/2 (no scaling)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
 
 def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -82,8 +85,8 @@ def _yarn(dim: int, base: float, s: dict, max_pos: int) -> tuple[torch.Tensor, f
     lo, hi = max(lo, 0), min(hi, dim - 1)
     if lo == hi:
         hi += 0.001  # avoid dividing by zero in the ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrapolate = 1 - ramp  # 1 where the original frequency is kept
     inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
     return inv_freq, float(attn)

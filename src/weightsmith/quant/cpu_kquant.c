@@ -1,5 +1,6 @@
 /* k-quant blocks (Q2_K to Q6_K) and IQ4_NL / IQ4_XS blocks from float weights: the fast path
- * of quant/kquants.py and quant/iq4.py.
+ * of quant/kquants.py and quant/iq4.py. Also the 32-weight types Q4_0 to Q8_0 (at the end),
+ * bit for bit as ggml's reference quantizers write them.
  *
  * The algorithms and the byte layouts are those modules' (their docstrings say what and why); this
  * file runs the same steps one super-block at a time, in registers and L1 instead of whole-matrix
@@ -10,19 +11,22 @@
  * Built and loaded with the other kernels (cpu_kernels.py); `tries` are kquants.py's.
  */
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "cpu_kernels.h"
 
-enum { QK = 256, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };
+enum { QK = 256, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };
 
-/* float -> IEEE half bits, rounding to nearest even (as torch's .to(float16)); |f| <= 65504. */
+/* float -> IEEE half bits, rounding to nearest even (as torch's .to(float16)); finite f, and
+ * infinity from 65520 up (what numpy's and torch's conversions give). */
 static uint16_t to_f16(float f) {
     union { float f; uint32_t u; } v = {f};
     const uint16_t sign = (uint16_t)(v.u >> 16 & 0x8000);
     const uint32_t a = v.u & 0x7fffffffu;
+    if (a >= 0x47800000u) return sign | 0x7c00u; /* 2^16 and up; 65520 to 65536 rounds there below */
     if (a < 0x38800000u) /* below 2^-14: a subnormal half, round(|f| * 2^24) (1024 is 2^-14) */
         return sign | (uint16_t)nearbyintf(fabsf(f) * 16777216.0f);
     const uint32_t h = a - 0x38000000u; /* exponent rebiased 127 -> 15, mantissa still 23 bits */
@@ -399,10 +403,108 @@ static void iq4_xs(const float *x, const float *qw, const double *tries, int n_t
     memcpy(out, &d16, 2), memcpy(out + 2, &high, 2);
 }
 
-/* n_blocks blocks of `type` (ggml's numbering: 10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL,
- * 23 IQ4_XS) from the floats at x, 256 a block (IQ4_NL: 32), written one after another at out,
- * with kquants.py's (iq4.py's) `tries` for the type; qw, NULL or one importance value a weight (laid out as x), weighs the fits. Returns
- * 0, or 1 for a type it does not write or more tries than MAX_TRIES. */
+/* ---- the 32-weight types, bit for bit ggml's reference quantizers ------------------------
+ * Q4_0, Q5_0 (d = the weight of largest magnitude / -8 or -16, codes trunc(x / d + 8.5 or 16.5)),
+ * Q4_1, Q5_1 (d = (max - min) / 15 or 31, m = min, codes trunc((x - m) / d + 0.5)) and Q8_0
+ * (d = max |x| / 127, codes round(x / d)), as ggml-quants.c's `quantize_row_*_ref` compute them
+ * (gguf-py's numpy ports differ in one case: a Q4_0 / Q5_0 block of zeros whose first is -0.0,
+ * where they store d = +0.0): the same float32 operations in the same order, one a statement so
+ * that no compiler fuses a multiply and an add, and x / d taken as x * (1 / d). Nibbles: weight j
+ * in the low half of byte j, weight j + 16 in the high half; Q5's fifth bits: bit j of a
+ * little-endian 32-bit word. qw and the tries are not used (the importance-weighted fits of these
+ * types are legacy_blocks.py's). */
+
+static inline float inverse(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
+
+/* roundf(t) (halves away from zero) in steps that are exact and vectorize, as gguf-py's
+ * np_roundf: floor(|t|) + floor(2 * (|t| - floor(|t|))), with t's sign. */
+static inline float half_away(float t) {
+    const float a = fabsf(t), f = floorf(a);
+    return copysignf(f + floorf(2.0f * (a - f)), t);
+}
+
+static void put_f16(uint8_t *p, float f) {
+    const uint16_t h = to_f16(f);
+    memcpy(p, &h, 2);
+}
+
+static void pack_codes(const uint8_t *q, uint8_t *qs, uint8_t *qh) {
+    for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((q[j] & 15) | (q[j + 16] & 15) << 4);
+    if (qh == NULL) return;
+    uint32_t h = 0;
+    for (int j = 0; j < 32; j++) h |= (uint32_t)(q[j] >> 4) << j;
+    memcpy(qh, &h, 4);
+}
+
+/* trunc(t), clipped to [0, top]: numpy's trunc, astype(uint8) and clip on values >= -1. */
+static inline uint8_t truncated_code(float t, int top) {
+    const float c = truncf(t);
+    return c <= 0.0f ? 0 : c >= (float)top ? (uint8_t)top : (uint8_t)c;
+}
+
+/* Q4_0 (levels 16) and Q5_0 (32): d = signed max / -(levels / 2). */
+static void symmetric_legacy(const float *x, int levels, uint8_t *out) {
+    float mx = 0.0f, amax = 0.0f; /* ggml's start: a block of zeros gets d = +0 / -8 = -0 */
+    for (int i = 0; i < 32; i++)
+        if (fabsf(x[i]) > amax) amax = fabsf(x[i]), mx = x[i]; /* the first of equal magnitudes */
+    const float d = mx / (float)(-levels / 2), id = inverse(d), offset = (float)(levels / 2) + 0.5f;
+    uint8_t q[32];
+    for (int i = 0; i < 32; i++) {
+        float t = x[i] * id;
+        t = t + offset;
+        q[i] = truncated_code(t, levels - 1);
+    }
+    put_f16(out, d);
+    pack_codes(q, out + (levels == 32 ? 6 : 2), levels == 32 ? out + 2 : NULL);
+}
+
+/* Q4_1 (levels 16) and Q5_1 (32). */
+static void affine_legacy(const float *x, int levels, uint8_t *out) {
+    float mn = x[0], mx = x[0]; /* the first of equal values (+0 or -0), as ggml's loop keeps */
+    for (int i = 1; i < 32; i++) mn = x[i] < mn ? x[i] : mn, mx = x[i] > mx ? x[i] : mx;
+    const float d = (mx - mn) / (float)(levels - 1), id = inverse(d);
+    uint8_t q[32];
+    for (int i = 0; i < 32; i++) {
+        float t = x[i] - mn;
+        t = t * id;
+        t = t + 0.5f;
+        q[i] = truncated_code(t, levels - 1);
+    }
+    put_f16(out, d), put_f16(out + 2, mn);
+    pack_codes(q, out + (levels == 32 ? 8 : 4), levels == 32 ? out + 4 : NULL);
+}
+
+static void q4_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
+    (void)qw, (void)tries, (void)n;
+    symmetric_legacy(x, 16, out);
+}
+static void q5_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
+    (void)qw, (void)tries, (void)n;
+    symmetric_legacy(x, 32, out);
+}
+static void q4_1(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
+    (void)qw, (void)tries, (void)n;
+    affine_legacy(x, 16, out);
+}
+static void q5_1(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
+    (void)qw, (void)tries, (void)n;
+    affine_legacy(x, 32, out);
+}
+static void q8_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
+    (void)qw, (void)tries, (void)n;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) amax = greater(amax, fabsf(x[i]));
+    const float d = amax / 127.0f, id = inverse(d);
+    put_f16(out, d);
+    for (int i = 0; i < 32; i++) out[2 + i] = (uint8_t)(int8_t)half_away(x[i] * id);
+}
+
+/* n_blocks blocks of `type` (ggml's numbering: 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0, 10 Q2_K,
+ * 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS) from the floats at x, 256 a block
+ * (32 for IQ4_NL and the first five), written one after another at out, with kquants.py's
+ * (iq4.py's) `tries` for the type; qw, NULL or one importance value a weight (laid out as x),
+ * weighs the fits. Returns 0; 1 for a type it does not write or more tries than MAX_TRIES; 2 where
+ * a weight is NaN or infinite (out is then incomplete). */
 int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_blocks, const double *tries,
                        int64_t n_tries, uint8_t *out) {
     static const struct {
@@ -411,16 +513,25 @@ int ws_quantize_blocks(int64_t type, const float *x, const float *qw, int64_t n_
     } kinds[] = {
         {T_Q2_K, QK, 84, q2_k}, {T_Q3_K, QK, 110, q3_k}, {T_Q4_K, QK, 144, q4_k},
         {T_Q5_K, QK, 176, q5_k}, {T_Q6_K, QK, 210, q6_k}, {T_IQ4_NL, 32, 18, iq4_nl}, {T_IQ4_XS, QK, 136, iq4_xs},
+        {T_Q4_0, 32, 18, q4_0}, {T_Q4_1, 32, 20, q4_1}, {T_Q5_0, 32, 22, q5_0}, {T_Q5_1, 32, 24, q5_1},
+        {T_Q8_0, 32, 34, q8_0},
     };
     if (n_tries < 0 || n_tries > MAX_TRIES) return 1; /* the fits' lane arrays hold MAX_TRIES + 1 */
     if (type == T_IQ4_NL || type == T_IQ4_XS) iq4_tables(); /* the same values every time */
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         if (kinds[k].type != type) continue;
         const int64_t weights = kinds[k].weights, bytes = kinds[k].bytes;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(ws_threads)
-        for (int64_t b = 0; b < n_blocks; b++)
-            kinds[k].encode(x + b * weights, qw ? qw + b * weights : NULL, tries, (int)n_tries, out + b * bytes);
-        return 0;
+        int bad = 0;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(ws_threads) reduction(| : bad)
+        for (int64_t b = 0; b < n_blocks; b++) {
+            const float *xb = x + b * weights;
+            int finite = 1;
+            for (int64_t i = 0; i < weights; i++) finite &= fabsf(xb[i]) <= FLT_MAX;
+            if (finite)
+                kinds[k].encode(xb, qw ? qw + b * weights : NULL, tries, (int)n_tries, out + b * bytes);
+            bad |= !finite;
+        }
+        return bad ? 2 : 0;
     }
     return 1;
 }

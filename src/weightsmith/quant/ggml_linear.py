@@ -60,6 +60,19 @@ def row_bytes(qtype: int, k: int) -> int | None:
     return None if k % per_block else k // per_block * size
 
 
+def dequantize_rows(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """float32 (N, k) on the CPU from rows of GGUF blocks (N, row bytes) of a type in GGML_TYPES,
+    bit for bit as gguf-py's `dequantize`: by the C kernels where built, else by gguf-py."""
+    lib = cpu_kernels.library() if blocks.device.type == "cpu" else None
+    if lib is not None:
+        return cpu_kernels.ggml_dequantize(lib, qtype, blocks, k)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = blocks.detach().cpu().numpy()
+    return torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(qtype))))
+
+
 class GGMLLinear(QuantizedLinear):
     """y = x @ W.T + bias with W (N, K) held as N rows of GGUF blocks of ggml type `qtype`."""
 
@@ -111,16 +124,7 @@ class GGMLLinear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (N, K) the blocks stand for, as gguf-py's dequantize computes it."""
         (blocks,) = self.rows()
-        lib = cpu_kernels.library() if blocks.device.type == "cpu" else None
-        if lib is not None:
-            w = cpu_kernels.ggml_dequantize(lib, self.qtype, blocks, self.in_features)
-        else:
-            from gguf import GGMLQuantizationType
-            from gguf.quants import dequantize
-
-            raw = blocks.detach().cpu().numpy()
-            w = torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(self.qtype))))
-        return w.to(device=blocks.device, dtype=dtype)
+        return dequantize_rows(blocks, self.qtype, self.in_features).to(device=blocks.device, dtype=dtype)
 
     def tile_format(self) -> qtiles.TileFormat | None:
         n, row = self.out_features, row_bytes(self.qtype, self.in_features)

@@ -39,8 +39,9 @@ The byte layouts are ggml's (checked against gguf-py's dequantizers in the tests
   scales (sc + 32), d. Q2_K, 84 bytes: 16 bytes of sc | m << 4, the 64 bytes of 2-bit codes,
   d, dmin.
 
-`quantize_blocks` also writes the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), with gguf-py's
-quantizers (ports of ggml's reference ones), so that every export type goes through one call.
+`quantize_blocks` also writes the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) bit for bit as
+ggml's reference quantizers do: in C (quant/cpu_kquant.c) where the kernels are built, else with
+gguf-py's numpy ports of them, so that every export type goes through one call.
 
 Not here: which tensor gets which type (checkpoint/gguf_mix.py), reading GGUF blocks
 (quant/ggml_linear.py, checkpoint/gguf_quants.py).
@@ -74,6 +75,7 @@ BLOCK_BYTES = {QT.Q2_K: 84, QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 2
 IQ4_BLOCKS = {QT.IQ4_NL: (18, 32), QT.IQ4_XS: (136, QK_K)}
 #: The 32-weight types, written by gguf-py's quantizers (ports of ggml's reference ones).
 LEGACY_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}
+NOT_FINITE = "the weights hold NaN or infinity"
 #: Super-blocks quantized at a time by the tensor passes (bounds their temporaries to tens of MB).
 _CHUNK = 8192
 
@@ -89,8 +91,8 @@ def quantize_blocks(
 
     k-quants (K a multiple of 256) as described above and IQ4_NL / IQ4_XS (K a multiple of 32 /
     256) as iq4.py does, by the C kernels where they are built (and `kernels`), by the tensor
-    passes otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a
-    multiple of 32) by gguf-py's quantizers, bit for bit ggml's reference ones.
+    passes otherwise; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (K a multiple of 32) bit for bit as
+    ggml's reference quantizers write them, by the C kernels, else by gguf-py's numpy ports.
 
     `importance` (an importance matrix's row for this matrix: the mean square of each input
     column over calibration text, shape broadcastable to w's, e.g. (K,)) weighs every fit by
@@ -105,27 +107,29 @@ def quantize_blocks(
     weights = QK_K if qtype in BLOCK_BYTES else IQ4_BLOCKS.get(qtype, (0, 32))[1]
     if x.shape[-1] % weights:
         raise ValueError(f"rows of {x.shape[-1]} weights are not a multiple of {weights}")
-    if not torch.isfinite(x).all():
-        raise ValueError("the weights hold NaN or infinity")
     qw = None if importance is None or qtype == QT.Q8_0 else _importance(importance, x)
+    lib = cpu_kernels.library() if kernels else None
+    if (lib is None or qtype in LEGACY_BYTES and qw is not None) and not torch.isfinite(x).all():
+        raise ValueError(NOT_FINITE)  # (the C kernels check as they go: a pass less)
     if qtype in LEGACY_BYTES:
         if qw is not None:
             return weighted_blocks(x, qw, qtype).reshape(*x.shape[:-1], -1)
-        rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()  # gguf-py loops over 16 rows at a time
-        return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
+        if lib is None:  # gguf-py loops over 16 rows at a time, in numpy
+            rows = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+            return gguf.quants.quantize(rows, qtype).reshape(*x.shape[:-1], -1)
     blocks = x.reshape(-1, weights).contiguous()
     qw_blocks = None if qw is None else qw.reshape(-1, weights).contiguous()
     out = torch.empty(blocks.shape[0], sizes[qtype], dtype=torch.uint8)
-    lib = cpu_kernels.library() if kernels else None
     if lib is not None:
-        tries = np.array(_TRIES[qtype], dtype=np.float64)
+        tries = np.array(_TRIES.get(qtype, ()), dtype=np.float64)
         cpu_kernels.use_threads(lib)
         fn, i64, ptr = lib.ws_quantize_blocks, ctypes.c_int64, ctypes.c_void_p
         fn.argtypes, fn.restype = [i64, ptr, ptr, i64, ptr, i64, ptr], ctypes.c_int
         qw_ptr = None if qw_blocks is None else qw_blocks.data_ptr()
         n = blocks.shape[0]
-        if fn(int(qtype), blocks.data_ptr(), qw_ptr, n, tries.ctypes.data, len(tries), out.data_ptr()):
-            raise ValueError(f"the C kernels do not write {qtype.name}")
+        rc = fn(int(qtype), blocks.data_ptr(), qw_ptr, n, tries.ctypes.data, len(tries), out.data_ptr())
+        if rc:
+            raise ValueError(NOT_FINITE if rc == 2 else f"the C kernels do not write {qtype.name}")
     else:
         encode = {
             QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
