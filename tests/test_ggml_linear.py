@@ -1,8 +1,10 @@
 """GGMLLinear and its kernels (quant/cpu_ggml.c): a GGUF file's quantized blocks used as they are.
 
-Parity with gguf-py: `dequantize()` (in C, and through gguf-py where the kernels are off) is
-bit for bit `gguf.quants.dequantize` for every type the kernels run, on blocks made by gguf-py's
-quantizers or random valid bytes (ggml_blocks.py), with zero, subnormal and negative scales.
+Parity with gguf-py: `dequantize()` (in C, and with tensor ops where the kernels are off or the
+layer is not on a CPU, ggml_decode.py) is bit for bit `gguf.quants.dequantize` for every type
+the kernels run, on blocks made by gguf-py's quantizers or random valid bytes (ggml_blocks.py),
+with zero, subnormal and negative scales. The tensor ops run on any device (checked on meta:
+nothing goes through the host; on CUDA where there is one).
 The matmul, on every instruction set this CPU runs (each forced in turn), against a float64
 product of gguf-py's dequantized weight and the kernels' int8-rounded input, and within the
 rounding bound of the unrounded product; odd row counts, rows past a multiple of 4, several
@@ -21,7 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
-from weightsmith.quant import cpu_kernels
+from weightsmith.quant import cpu_kernels, ggml_decode
 from weightsmith.quant.ggml_linear import GGMLLinear, row_bytes
 
 N = 37  # odd: no row count the kernels might assume
@@ -38,7 +40,7 @@ def _layer(qtype: QT, k: int, seed: int, bias: bool = False) -> tuple[GGMLLinear
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("kernels", [True, False], ids=["c", "gguf-py"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["c", "tensor-ops"])
 def test_dequantize_is_ggufs_bit_for_bit(qtype, kernels, monkeypatch):
     kernels_on(monkeypatch, kernels)
     layer, ref = _layer(qtype, _k(qtype), seed=int(qtype))
@@ -50,6 +52,33 @@ def test_dequantize_is_ggufs_bit_for_bit(qtype, kernels, monkeypatch):
     assert (ref < 0).any() and np.abs(ref).max() > 0.01
     if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q3_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS):  # scale 0: w = 0 * code
         assert (ref == 0).any()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_tensor_ops_decode_in_row_chunks_and_on_any_device(qtype, monkeypatch):
+    """Rows decoded a few at a time (a chunk size that does not divide N) give the same weight;
+    on the meta device the layer's forward runs end to end, so no step copies to the host."""
+    layer, ref = _layer(qtype, _k(qtype), seed=5)
+    monkeypatch.setattr(ggml_decode, "_WEIGHTS_AT_ONCE", 4 * _k(qtype))
+    ours = ggml_decode.dequantize_blocks(layer.qweight, int(qtype), layer.in_features).numpy()
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    meta = GGMLLinear(layer.qweight.to("meta"), int(qtype), layer.in_features, torch.zeros(N, device="meta"))
+    assert meta(torch.empty(2, 3, layer.in_features, device="meta", dtype=torch.bfloat16)).shape == (2, 3, N)
+    with pytest.raises(ValueError, match="not one this module dequantizes"):
+        ggml_decode.dequantize_blocks(layer.qweight, int(QT.IQ2_XS), layer.in_features)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_layer_on_cuda_dequantizes_on_the_device(qtype):
+    layer, ref = _layer(qtype, _k(qtype, 2), seed=9, bias=True)
+    cuda = layer.to("cuda")
+    assert cuda.qweight.is_cuda
+    assert np.array_equal(cuda.dequantize().cpu().numpy().view(np.uint32), ref.view(np.uint32))
+    x = torch.randn(4, layer.in_features, device="cuda")
+    want = F.linear(x.double(), torch.from_numpy(ref).cuda().double(), cuda.bias.double())
+    torch.testing.assert_close(cuda(x).double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def _check(out: torch.Tensor, x: torch.Tensor, w: np.ndarray, bias: torch.Tensor | None) -> None:

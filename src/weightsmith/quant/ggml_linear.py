@@ -17,7 +17,8 @@ Which matmul runs:
   decode layout a matrix of any of these types with rows in multiples of 16 is held as 16-row tiles
   instead (`tile_format`, the same bytes reordered), which the tiled int4 / int8 kernels read.
 - anything else (prefill, bf16, CUDA, no C compiler): the weight dequantized per call (in C
-  on the CPU, else with gguf-py) and `F.linear`. No dequantized copy is kept.
+  on the CPU, else with tensor ops on the layer's device, ggml_decode.py) and `F.linear`. No
+  dequantized copy is kept.
 
 Not here: reading the blocks out of a file (weightsmith.checkpoint.gguf_quants), the
 int8/int4 layers of `weightsmith quantize` (weight_only.py), saving (a model holding these
@@ -26,12 +27,12 @@ layers is not saved as a quantized folder: export it to GGUF from its float load
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from weightsmith.quant import cpu_kernels, gguf_tiles
 from weightsmith.quant import tiles as qtiles
+from weightsmith.quant.ggml_decode import dequantize_blocks
 from weightsmith.quant.weight_only import QuantizedLinear
 
 #: ggml type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block, bits).
@@ -61,16 +62,13 @@ def row_bytes(qtype: int, k: int) -> int | None:
 
 
 def dequantize_rows(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """float32 (N, k) on the CPU from rows of GGUF blocks (N, row bytes) of a type in GGML_TYPES,
-    bit for bit as gguf-py's `dequantize`: by the C kernels where built, else by gguf-py."""
+    """float32 (N, k) on the blocks' device from rows of GGUF blocks (N, row bytes) of a type in
+    GGML_TYPES, bit for bit as gguf-py's `dequantize`: by the C kernels on a CPU where they are
+    built, else with tensor ops on the device (ggml_decode.py; a GPU never goes through the host)."""
     lib = cpu_kernels.library() if blocks.device.type == "cpu" else None
     if lib is not None:
         return cpu_kernels.ggml_dequantize(lib, qtype, blocks, k)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    raw = blocks.detach().cpu().numpy()
-    return torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(qtype))))
+    return dequantize_blocks(blocks.detach(), qtype, k)
 
 
 class GGMLLinear(QuantizedLinear):
