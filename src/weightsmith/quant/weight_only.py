@@ -62,10 +62,13 @@ KERNEL_MAX_ROWS = 8
 #: The same for a layer in 16-row tiles (the decode layout), whose kernels reuse each tile's
 #: weights for every input row. Measured on the default model's 210 projections (2 cores, Intel
 #: Xeon AVX-512): int4 tiles beat dequantize + `F.linear` 8.6x at 8 rows, 2.2x at 128 and still
-#: 1.3x at 512 with AVX512-VNNI; forced to AVX2 (AMD EPYC's path) 1.03x at 128 and 0.8x at 256
-#: (int8 alike). One limit for every instruction set, so which path a prompt takes, and its
-#: rounding, does not depend on the CPU.
-TILED_KERNEL_MAX_ROWS = 128
+#: 1.3x at 512 with AVX512-VNNI; forced to AVX2 there 1.03x at 128 and 0.8x at 256 (torch's
+#: matmul kept its AVX-512). On an AMD EPYC (AVX2 only, torch's matmul AVX2 too), a 5632 x 2048
+#: layer at 512 rows took 0.58-0.96x the time of dequantize + `F.linear` (int4 g32, int8, Q4_K,
+#: Q8_0 tiles; the GGUF types' dequantize untiles first) and 0.73-0.92x at 2048. One limit for
+#: every instruction set, so which path a prompt takes, and its rounding, does not depend on the
+#: CPU.
+TILED_KERNEL_MAX_ROWS = 512
 
 log = logging.getLogger(__name__)
 
