@@ -474,22 +474,17 @@ static void affine_legacy(const float *x, int levels, uint8_t *out) {
     pack_codes(q, out + (levels == 32 ? 8 : 4), levels == 32 ? out + 4 : NULL);
 }
 
-static void q4_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
-    (void)qw, (void)tries, (void)n;
-    symmetric_legacy(x, 16, out);
-}
-static void q5_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
-    (void)qw, (void)tries, (void)n;
-    symmetric_legacy(x, 32, out);
-}
-static void q4_1(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
-    (void)qw, (void)tries, (void)n;
-    affine_legacy(x, 16, out);
-}
-static void q5_1(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
-    (void)qw, (void)tries, (void)n;
-    affine_legacy(x, 32, out);
-}
+/* The table's signature for each: the fit's inputs (importance, tries) are not used. */
+#define LEGACY_ENCODER(name, fit, levels)                                                          \
+    static void name(const float *x, const float *qw, const double *tries, int n, uint8_t *out) { \
+        (void)qw, (void)tries, (void)n;                                                            \
+        fit(x, levels, out);                                                                       \
+    }
+LEGACY_ENCODER(q4_0, symmetric_legacy, 16)
+LEGACY_ENCODER(q5_0, symmetric_legacy, 32)
+LEGACY_ENCODER(q4_1, affine_legacy, 16)
+LEGACY_ENCODER(q5_1, affine_legacy, 32)
+
 static void q8_0(const float *x, const float *qw, const double *tries, int n, uint8_t *out) {
     (void)qw, (void)tries, (void)n;
     float amax = 0.0f;
