@@ -273,8 +273,9 @@ F32_SHAPES = [(1, 1), (7, 15), (64, 64), (96, 200), (577, 337)]  # (k, n): tails
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_fp32_matmuls_against_float64(isa_lib, threads):
-    """The fused step's fp32 matmuls, both weight layouts, for 1 to 33 rows (register tiles of 4 rows
-    and their tails, outputs past the last whole tile), against a float64 product."""
+    """The fused step's fp32 matmuls, both weight layouts, for 1 to 33 rows (register tiles of 4
+    rows with AVX-512, 6 with AVX2, and every tail of either, outputs past the last whole tile),
+    against a float64 product."""
     g = torch.Generator().manual_seed(5)
     isa_lib.ws_set_threads(threads)
     try:
@@ -285,7 +286,7 @@ def test_fp32_matmuls_against_float64(isa_lib, threads):
             rows[:, :k] = weight
             cols = torch.zeros(k, n + 5)
             cols[:, :n] = weight.t()
-            for m in (1, 2, 3, 4, 5, 9, 16, 33):
+            for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 33):
                 x = torch.randn(m, k, generator=g)
                 want = x.double() @ weight.double().t() + bias.double()
                 tol = 1e-5 * (x.double().abs() @ weight.double().abs().t() + bias.double().abs())
@@ -342,7 +343,7 @@ def test_fp32_sums_of_a_row_do_not_depend_on_its_batch(isa_lib):
     x = torch.randn(33, k, generator=g)
     for kind, w in ((32, rows), (33, cols)):
         alone = _f32_matmul(isa_lib, kind, w, n, k, x[:1])
-        for m in (2, 3, 4, 5, 8, 13, 33):
+        for m in (2, 3, 4, 5, 6, 7, 8, 11, 13, 33):
             assert torch.equal(_f32_matmul(isa_lib, kind, w, n, k, x[:m])[0], alone[0]), (kind, m)
 
 
