@@ -73,7 +73,7 @@ QK_K = 256
 BLOCK_BYTES = {QT.Q2_K: 84, QT.Q3_K: 110, QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}
 #: The IQ4 types (quant/iq4.py): bytes and weights of a block.
 IQ4_BLOCKS = {QT.IQ4_NL: (18, 32), QT.IQ4_XS: (136, QK_K)}
-#: The 32-weight types, written by gguf-py's quantizers (ports of ggml's reference ones).
+#: The 32-weight types, written as ggml's reference quantizers write them (C, else gguf-py).
 LEGACY_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}
 NOT_FINITE = "the weights hold NaN or infinity"
 #: Super-blocks quantized at a time by the tensor passes (bounds their temporaries to tens of MB).

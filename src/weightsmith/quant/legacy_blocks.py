@@ -1,7 +1,7 @@
 """Q4_0, Q4_1, Q5_0 and Q5_1 blocks fitted under an importance matrix (`export --imatrix`).
 
-Without one, kquants.quantize_blocks writes these types with gguf-py's quantizers, bit for bit
-ggml's reference ones (a block's largest weight sets its step). With one, each block of 32 is
+Without one, kquants.quantize_blocks writes these types bit for bit as ggml's reference
+quantizers do (in C, quant/cpu_kquant.c; a block's largest weight sets its step). With one, each block of 32 is
 fitted as ggml's imatrix quantizers do: least squares weighted by `importance * sqrt(sigma2 +
 w**2)` (sigma2 the row's mean square), over a few trial steps, so the columns the inputs use
 most are reproduced best. The fits are quant/fits.py's, as the k-quants use them; this
