@@ -36,8 +36,21 @@ import torch
 
 from weightsmith.quant.iq4 import LEVELS
 
-#: Weights a block holds, by ggml type id.
-_PER_BLOCK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 20: 32, 10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 23: 256}  # fmt: skip
+#: The types GGMLLinear runs (re-exported there): ggml type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block, bits).
+GGML_TYPES = {
+    2: ("Q4_0", 32, 18, 4),
+    3: ("Q4_1", 32, 20, 4),
+    6: ("Q5_0", 32, 22, 5),
+    7: ("Q5_1", 32, 24, 5),
+    8: ("Q8_0", 32, 34, 8),
+    12: ("Q4_K", 256, 144, 4),
+    13: ("Q5_K", 256, 176, 5),
+    14: ("Q6_K", 256, 210, 6),
+    10: ("Q2_K", 256, 84, 2),
+    11: ("Q3_K", 256, 110, 3),
+    20: ("IQ4_NL", 32, 18, 4),
+    23: ("IQ4_XS", 256, 136, 4),
+}
 #: Rows decoded at a time: bounds the float32 temporaries to tens of MB for any matrix.
 _WEIGHTS_AT_ONCE = 1 << 22
 
@@ -176,7 +189,7 @@ def dequantize_blocks(rows: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     ggml type `qtype` (a GGMLLinear type: Q4_0 to Q8_0, Q2_K to Q6_K, IQ4_NL, IQ4_XS)."""
     if qtype not in _DECODE:
         raise ValueError(f"ggml type {qtype} is not one this module dequantizes")
-    n, per = rows.shape[0], _PER_BLOCK[qtype]
+    n, per = rows.shape[0], GGML_TYPES[qtype][1]
     out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
     step = max(1, _WEIGHTS_AT_ONCE // max(k, 1))
     for start in range(0, n, step):

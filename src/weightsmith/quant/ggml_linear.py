@@ -32,24 +32,8 @@ import torch.nn.functional as F
 
 from weightsmith.quant import cpu_kernels, gguf_tiles
 from weightsmith.quant import tiles as qtiles
-from weightsmith.quant.ggml_decode import dequantize_blocks
+from weightsmith.quant.ggml_decode import GGML_TYPES, dequantize_blocks
 from weightsmith.quant.weight_only import QuantizedLinear
-
-#: ggml type id (gguf.GGMLQuantizationType) -> (name, weights per block, bytes per block, bits).
-GGML_TYPES = {
-    2: ("Q4_0", 32, 18, 4),
-    3: ("Q4_1", 32, 20, 4),
-    6: ("Q5_0", 32, 22, 5),
-    7: ("Q5_1", 32, 24, 5),
-    8: ("Q8_0", 32, 34, 8),
-    12: ("Q4_K", 256, 144, 4),
-    13: ("Q5_K", 256, 176, 5),
-    14: ("Q6_K", 256, 210, 6),
-    10: ("Q2_K", 256, 84, 2),
-    11: ("Q3_K", 256, 110, 3),
-    20: ("IQ4_NL", 32, 18, 4),
-    23: ("IQ4_XS", 256, 136, 4),
-}
 
 
 def row_bytes(qtype: int, k: int) -> int | None:
