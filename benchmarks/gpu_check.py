@@ -365,7 +365,8 @@ def run_section(spec: str, paths: dict, args, clock) -> dict:
         gpu_profile.TRACE_DIR = args.trace_dir
         return gpu_profile.section_profile(path, clock, args.runs)
     if name in TIMED:
-        return getattr(gpu_speed, f"section_{name}")(path, clock, args.runs)
+        small = {"batch": 2, "seq": 64} if args.dry and name in ("lora", "packed") else {}  # CPU steps
+        return getattr(gpu_speed, f"section_{name}")(path, clock, args.runs, **small)
     return SECTIONS[name](path, args.device, args.runs)
 
 

@@ -1,7 +1,7 @@
 """How the arena commands show themselves: the judge's tally, the ratings table with its
 intervals and the human–judge agreement, the export and import counts.
 
-Not here: the commands (`weightsmith.commands.arena`); `arena serve` prints through its own
+Not here: the commands (`weightsmith.commands.arena`, `.arena_judge`); `arena serve` prints through its own
 module.
 """
 

@@ -311,12 +311,8 @@ def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     from rich.console import Console
 
     from weightsmith.cli.arena import print_ratings
-    from weightsmith.commands.arena import (
-        ArenaJudgeConfig,
-        ArenaRatingsConfig,
-        run_arena_judge,
-        run_arena_ratings,
-    )
+    from weightsmith.commands.arena import ArenaRatingsConfig, run_arena_ratings
+    from weightsmith.commands.arena_judge import ArenaJudgeConfig, run_arena_judge
     from weightsmith.commands.arena_serve import ArenaServeConfig
     from weightsmith.config import config_from_dict
 
@@ -450,12 +446,8 @@ def _align_watchdog(cfg: DemoConfig, adapter: Any, train: dict, console: Any, ou
 def _align_rate(cfg: DemoConfig, db: Any, new_fork: tuple[str, Any], console: Any, out: TextIO) -> dict:
     """The new fork judged against the base model in the same arena; everyone's ratings."""
     from weightsmith.cli.arena import print_ratings
-    from weightsmith.commands.arena import (
-        ArenaJudgeConfig,
-        ArenaRatingsConfig,
-        run_arena_judge,
-        run_arena_ratings,
-    )
+    from weightsmith.commands.arena import ArenaRatingsConfig, run_arena_ratings
+    from weightsmith.commands.arena_judge import ArenaJudgeConfig, run_arena_judge
     from weightsmith.config import config_from_dict
 
     name, folder = new_fork

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from weightsmith.cli import eval as eval_out
-from weightsmith.commands import inspect
+from weightsmith.cli.command import Ref
 
 
 def _written(result: dict, console: Console) -> None:
@@ -186,43 +186,43 @@ def make_progress(cfg: Any) -> Any:
 #: The `inspect` subcommands for cli/main.py: (config, help, example, run, printer).
 COMMANDS = {
     "logit-lens": (
-        inspect.LensConfig,
+        Ref("weightsmith.commands.inspect:LensConfig"),
         "each layer's residual stream read through the final norm and LM head",
         'weightsmith inspect logit-lens smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
         "--out reports/lens",
-        inspect.run_lens,
+        Ref("weightsmith.commands.inspect:run_lens"),
         print_lens,
     ),
     "patch": (
-        inspect.PatchConfig,
+        Ref("weightsmith.commands.inspect:PatchConfig"),
         "activation patching: which layer, position and head carry a clean/corrupted difference",
         'weightsmith inspect patch smollm2-135m-instruct --clean "The Eiffel Tower is in" '
         '--corrupt "The Colosseum is in" --out reports/patch',
-        inspect.run_patch,
+        Ref("weightsmith.commands.inspect:run_patch"),
         print_patch,
     ),
     "attribute": (
-        inspect.AttributeConfig,
+        Ref("weightsmith.commands.inspect:AttributeConfig"),
         "direct logit attribution per layer and head; integrated gradients per input token",
         'weightsmith inspect attribute smollm2-135m-instruct --prompt "The Eiffel Tower is in the city of" '
         '--target " Paris" --out reports/attr',
-        inspect.run_attribute,
+        Ref("weightsmith.commands.inspect:run_attribute"),
         print_attribute,
     ),
     "attention": (
-        inspect.AttentionConfig,
+        Ref("weightsmith.commands.inspect:AttentionConfig"),
         "every layer's and head's attention pattern over a prompt",
         'weightsmith inspect attention smollm2-135m-instruct --prompt "Once upon a time" --out reports/attn',
-        inspect.run_attention,
+        Ref("weightsmith.commands.inspect:run_attention"),
         print_attention,
     ),
     "direction": (
-        inspect.DirectionConfig,
+        Ref("weightsmith.commands.inspect:DirectionConfig"),
         "a difference-of-means direction from two prompt sets (e.g. the refusal direction)",
         "weightsmith inspect direction smollm2-135m-instruct --positive builtin:harmful "
         "--negative builtin:benign --split train --out dirs/refusal.safetensors\n"
         "  weightsmith generate smollm2-135m-instruct --chat --steer dirs/refusal.safetensors:ablate",
-        inspect.run_direction,
+        Ref("weightsmith.commands.inspect:run_direction"),
         print_direction,
     ),
 }

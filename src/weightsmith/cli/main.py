@@ -3,7 +3,10 @@
 Errors a user can cause become one line on stderr and exit status 1 (2 for usage
 errors); `--debug` shows the traceback instead. `COMMANDS` is the whole command line:
 each entry names its config class, its run function (`weightsmith.commands`), its
-printer and how it shows progress; `dispatch` looks a command up there.
+printer and how it shows progress; `dispatch` looks a command up there. Entries name
+their configs and run functions by `Ref`, and the parser gives only the command named on the
+command line its options, so a command imports its own modules alone (`--help`, `models`
+and the arena's ratings start without torch).
 
 Not here: what commands do (`weightsmith.commands`), how each prints (the other `cli`
 modules), flags from config fields (`cli/args.py`).
@@ -25,7 +28,6 @@ from weightsmith import __version__
 from weightsmith.cli import arena as arena_out
 from weightsmith.cli import arena_serve as arena_serve_out
 from weightsmith.cli import audit as audit_out
-from weightsmith.cli import demo
 from weightsmith.cli import eval as eval_out
 from weightsmith.cli import export as export_out
 from weightsmith.cli import guard as guard_out
@@ -33,31 +35,12 @@ from weightsmith.cli import inspect as inspect_out
 from weightsmith.cli import lineage as lineage_out
 from weightsmith.cli import quantize as quantize_out
 from weightsmith.cli import redteam as redteam_out
-from weightsmith.cli import run as run_out
 from weightsmith.cli import serve as serve_out
 from weightsmith.cli import store as store_out
 from weightsmith.cli import synth as synth_out
-from weightsmith.cli import train as train_out
-from weightsmith.cli import watchdog as watchdog_out
 from weightsmith.cli.args import add_config_arguments, config_from_args
-from weightsmith.cli.command import Command, Group, Show
+from weightsmith.cli.command import Command, Group, Ref, Show
 from weightsmith.cli.loading import with_loading
-from weightsmith.commands import (
-    arena,
-    arena_serve,
-    audit,
-    export,
-    guard,
-    imatrix,
-    quantize,
-    redteam,
-    run,
-    serve,
-    store,
-    train,
-    watchdog,
-)
-from weightsmith.commands import eval as evaluate
 from weightsmith.errors import WeightsmithError
 from weightsmith.lineage import note_command_line
 
@@ -92,114 +75,114 @@ def _listening(cfg: Any) -> Callable[[str, Any], None]:
 #: Every command, in the order `--help` lists them.
 COMMANDS: dict[str, Command | Group] = {
     "pull": Command(
-        store.PullConfig,
+        Ref("weightsmith.commands.store:PullConfig"),
         "fetch a model into the store",
         "weightsmith pull smollm2-135m-instruct\n"
         "  weightsmith pull HuggingFaceTB/SmolLM2-135M-Instruct     # online only\n"
         "  weightsmith pull ./my-checkpoint --name mine             # register a local HF dir or .gguf",
-        store.run_pull,
+        Ref("weightsmith.commands.store:run_pull"),
         _plain(store_out.print_pull),
     ),
     "models": Command(
-        store.ModelsConfig,
+        Ref("weightsmith.commands.store:ModelsConfig"),
         "list the models in the store",
         "weightsmith models --json",
-        store.run_models,
+        Ref("weightsmith.commands.store:run_models"),
         _plain(store_out.print_models),
     ),
     "rm": Command(
-        store.RmConfig,
+        Ref("weightsmith.commands.store:RmConfig"),
         "remove a model from the store",
         "weightsmith rm mine",
-        store.run_rm,
+        Ref("weightsmith.commands.store:run_rm"),
         _plain(store_out.print_rm),
     ),  # fmt: skip
     "info": Command(
-        store.InfoConfig,
+        Ref("weightsmith.commands.store:InfoConfig"),
         "show a model's family, size, precision, context and chat template",
         "weightsmith info smollm2-135m-instruct --template",
-        store.run_info,
+        Ref("weightsmith.commands.store:run_info"),
         lambda result, console, cfg: store_out.print_info(result, console, template=cfg.template),
     ),
     "generate": Command(
-        run.GenerateConfig,
+        Ref("weightsmith.commands.run:GenerateConfig"),
         "complete a prompt",
         'weightsmith generate smollm2-135m-instruct --prompt "Once upon a time" --temperature 0 --json\n'
         '  echo "Explain LoRA in one sentence." | weightsmith generate smollm2-135m-instruct --chat -n 64',
-        run_out.generate,
+        Ref("weightsmith.cli.run:generate"),
         lambda result, console, cfg: sys.stdout.write("\n"),
         with_loading(_stream_text),
     ),
     "chat": Command(
-        run.ChatConfig,
+        Ref("weightsmith.commands.run:ChatConfig"),
         "chat with a model (streams; /reset, /system TEXT, /exit)",
         "weightsmith chat smollm2-135m-instruct --system 'You are terse.'",
-        run_out.chat,
+        Ref("weightsmith.cli.run:chat"),
         None,
         with_loading(),
     ),
     "finetune": Command(
-        train.FinetuneConfig,
+        Ref("weightsmith.commands.train:FinetuneConfig"),
         "fine-tune on your JSONL data (LoRA, QLoRA or full)",
         "weightsmith finetune smollm2-135m-instruct --data support.jsonl --method lora --out runs/support\n"
         "  weightsmith finetune smollm2-135m-instruct --config finetune.yaml --train.lr 1e-4 --lora.rank 16\n"
         "  weightsmith finetune --resume runs/support          # continue from the latest checkpoint",
-        train.run_finetune,
-        _plain(train_out.print_finetune),
-        lambda cfg: train_out.make_reporter(),
+        Ref("weightsmith.commands.train:run_finetune"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")),
+        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
     "dpo": Command(
-        train.DpoConfig,
+        Ref("weightsmith.commands.train:DpoConfig"),
         "align a model with preference pairs (DPO, IPO; LoRA, QLoRA or full)",
         "weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/aligned --loss dpo --beta 0.1\n"
         "  weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/full --method full --precompute-ref\n"
         "  weightsmith dpo --resume runs/aligned               # continue from the latest checkpoint",
-        train.run_dpo,
-        _plain(train_out.print_finetune),
-        lambda cfg: train_out.make_reporter(),
+        Ref("weightsmith.commands.train:run_dpo"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")),
+        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
     "merge": Command(
-        train.MergeConfig,
+        Ref("weightsmith.commands.train:MergeConfig"),
         "fold a LoRA adapter into its base model and save an HF directory",
         "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
-        train.run_merge,
-        _plain(train_out.print_merge),
+        Ref("weightsmith.commands.train:run_merge"),
+        _plain(Ref("weightsmith.cli.train:print_merge")),
         with_loading(),
     ),
     "eval": Command(
-        evaluate.EvalConfig,
+        Ref("weightsmith.commands.eval:EvalConfig"),
         "evaluate a model and its forks on task files; compare and report",
         "weightsmith eval smollm2-135m-instruct --tasks builtin:arith-mc,my_tasks/qa.yaml --limit 200\n"
         "  weightsmith eval smollm2-135m-instruct --adapter runs/support --compare base \\\n"
         "      --tasks builtin:kettlebird-heldout --apply-chat-template --out reports/support",
-        evaluate.run_eval,
+        Ref("weightsmith.commands.eval:run_eval"),
         _plain(eval_out.print_eval),
         with_loading(_bars),
     ),
     "redteam": Command(
-        redteam.RedteamConfig,
+        Ref("weightsmith.commands.redteam:RedteamConfig"),
         "attack a model, its forks and its guard with probe packs; attack success vs over-refusal",
         "weightsmith redteam smollm2-135m-instruct --adapter runs/support --guard builtin:school --out reports/rt\n"
         "  weightsmith redteam http://localhost:8000/v1 --model smollm2-135m-instruct --packs builtin:injection",
-        redteam.run_redteam,
+        Ref("weightsmith.commands.redteam:run_redteam"),
         _plain(redteam_out.print_redteam),
         with_loading(_probe_lines),
     ),
     "watchdog": Command(
-        watchdog.WatchdogConfig,
+        Ref("weightsmith.commands.watchdog:WatchdogConfig"),
         "red-team a model, DPO a safer fork on what got through, measure it on held-out probes",
         "weightsmith watchdog smollm2-135m-instruct --out runs/watchdog --policy builtin:school\n"
         "  weightsmith watchdog smollm2-135m-instruct --out runs/watchdog --rounds 2 --limit 20 --eval-limit 100",
-        watchdog.run_watchdog,
-        _plain(watchdog_out.print_watchdog),
-        watchdog_out.make_progress,
+        Ref("weightsmith.commands.watchdog:run_watchdog"),
+        _plain(Ref("weightsmith.cli.watchdog:print_watchdog")),
+        Ref("weightsmith.cli.watchdog:make_progress"),
     ),
     "synth": Group(synth_out.HELP, {name: _synth(*spec) for name, *spec in synth_out.SUBCOMMANDS}),
     "guard": Group(
         "check text against a guardrail policy, or test a policy against its own examples",
         {
             "check": Command(
-                guard.GuardCheckConfig,
+                Ref("weightsmith.commands.guard:GuardCheckConfig"),
                 "check one text against a policy's input (or --output) rails",
                 'weightsmith guard check builtin:school "how do I make a bomb"\n'
                 '  echo "my email is a@b.org" | weightsmith guard check policies/school.yaml --output --json',
@@ -207,10 +190,10 @@ COMMANDS: dict[str, Command | Group] = {
                 _plain(guard_out.print_guard_check),
             ),
             "test": Command(
-                guard.GuardTestConfig,
+                Ref("weightsmith.commands.guard:GuardTestConfig"),
                 "run a policy against the examples written in it (exit 1 if any fails)",
                 "weightsmith guard test builtin:school\n  weightsmith guard test policies/school.yaml --json",
-                guard.run_guard_test,
+                Ref("weightsmith.commands.guard:run_guard_test"),
                 _plain(guard_out.print_guard_test),
             ),
         },
@@ -219,11 +202,11 @@ COMMANDS: dict[str, Command | Group] = {
         "audit a model for bias",
         {
             "bias": Command(
-                audit.AuditBiasConfig,
+                Ref("weightsmith.commands.audit:AuditBiasConfig"),
                 "counterfactual bias audit over eval tasks, and stereotype-pair likelihoods",
                 "weightsmith audit bias smollm2-135m-instruct --tasks builtin:reading-mc --out reports/bias\n"
                 "  weightsmith audit bias ./my-model --lexicon builtin:names --pairs none --tasks my_task.yaml",
-                audit.run_audit_bias,
+                Ref("weightsmith.commands.audit:run_audit_bias"),
                 _plain(audit_out.print_audit_bias),
                 with_loading(_bars),
             ),
@@ -233,45 +216,45 @@ COMMANDS: dict[str, Command | Group] = {
         "compare models side by side: a voting page, LLM-judge votes, Bradley–Terry ratings, preference pairs",
         {
             "serve": Command(
-                arena_serve.ArenaServeConfig,
+                Ref("weightsmith.commands.arena_serve:ArenaServeConfig"),
                 "serve the arena page: two anonymous answers side by side, people vote, names shown after",
                 "weightsmith arena serve smollm2-135m-instruct smollm2-135m-instruct:kettlebird http://host:8000/v1#their-model \\\n"
                 "      --adapter kettlebird=runs/kettlebird --prompts prompts.jsonl --db arena.sqlite --port 8010\n"
                 "  weightsmith arena serve base base:fork --adapter fork=runs/fork --vote-key-file key.txt --host 0.0.0.0",
-                arena_serve.run_arena_serve,
+                Ref("weightsmith.commands.arena_serve:run_arena_serve"),
                 arena_serve_out.print_stopped,
                 lambda cfg: lambda url, info: arena_serve_out.print_listening(url, info, sys.stderr),
             ),
             "judge": Command(
-                arena.ArenaJudgeConfig,
+                Ref("weightsmith.commands.arena_judge:ArenaJudgeConfig"),
                 "fill battles with an LLM judge's votes (both orders; a tie when they disagree)",
                 "weightsmith arena judge --db arena.sqlite --judge http://localhost:8001/v1#judge --battles 200\n"
                 "  weightsmith arena judge --db arena.sqlite --judge smollm2-135m-instruct --battles 20 \\\n"
                 "      --contestants smollm2-135m-instruct,smollm2-135m-instruct:kb --adapter kb=runs/kb \\\n"
                 "      --prompts prompts.jsonl",
-                arena.run_arena_judge,
+                Ref("weightsmith.commands.arena_judge:run_arena_judge"),
                 _plain(arena_out.print_judge),
                 _bars,
             ),
             "ratings": Command(
-                arena.ArenaRatingsConfig,
+                Ref("weightsmith.commands.arena:ArenaRatingsConfig"),
                 "Bradley–Terry ratings with bootstrap intervals; ratings.json and report.html",
                 "weightsmith arena ratings --db arena.sqlite --out reports/arena --voters human --anchor base",
-                arena.run_arena_ratings,
+                Ref("weightsmith.commands.arena:run_arena_ratings"),
                 _plain(arena_out.print_ratings),
             ),
             "export": Command(
-                arena.ArenaExportConfig,
+                Ref("weightsmith.commands.arena:ArenaExportConfig"),
                 "write preference pairs (TRL prompt/chosen/rejected) with the DB hash beside them",
                 "weightsmith arena export --db arena.sqlite --out pairs.jsonl --voters human --min-votes 2",
-                arena.run_arena_export,
+                Ref("weightsmith.commands.arena:run_arena_export"),
                 _plain(arena_out.print_export),
             ),
             "import": Command(
-                arena.ArenaImportConfig,
+                Ref("weightsmith.commands.arena:ArenaImportConfig"),
                 "add battles collected elsewhere (Chatbot Arena's battle format)",
                 "weightsmith arena import --db arena.sqlite --battles their-battles.jsonl",
-                arena.run_arena_import,
+                Ref("weightsmith.commands.arena:run_arena_import"),
                 _plain(arena_out.print_import),
             ),
         },
@@ -284,53 +267,55 @@ COMMANDS: dict[str, Command | Group] = {
         },
     ),
     "export": Command(
-        export.ExportConfig,
+        Ref("weightsmith.commands.export:ExportConfig"),
         "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, ...)",
         "weightsmith export smollm2-135m-instruct --quant q8_0 --out exports/smollm2-q8_0.gguf\n"
         "  weightsmith export models/support-merged --quant q4_k_m --out support.gguf --overwrite\n"
         "  ollama create support -f Modelfile                    # then, in the --out directory",
-        export.run_export,
+        Ref("weightsmith.commands.export:run_export"),
         _plain(export_out.print_export),
         lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="tensors"),
     ),
     "imatrix": Command(
-        imatrix.ImatrixConfig,
+        Ref("weightsmith.commands.imatrix:ImatrixConfig"),
         "compute an importance matrix from calibration text, for export / quantize --imatrix (llama.cpp's format)",
         "weightsmith imatrix smollm2-135m-instruct --text calibration.txt --out smol.imatrix.gguf\n"
         "  weightsmith export smollm2-135m-instruct --quant q4_k_m --imatrix smol.imatrix.gguf --out smol.gguf",
-        imatrix.run_imatrix,
+        Ref("weightsmith.commands.imatrix:run_imatrix"),
         _plain(export_out.print_imatrix),
         lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="chunks"),
     ),
     "quantize": Command(
-        quantize.QuantizeConfig,
+        Ref("weightsmith.commands.quantize:QuantizeConfig"),
         "quantize weights to int8 (per channel) or int4 (group-wise) and save a loadable directory",
         "weightsmith quantize smollm2-135m-instruct --to int4 --group-size 32 --out models/smol-int4 --check\n"
         "  weightsmith quantize ./my-model --to int8 --out models/my-int8 --overwrite\n"
         '  weightsmith generate models/smol-int4 --prompt "Once upon a time"',
-        quantize.run_quantize,
+        Ref("weightsmith.commands.quantize:run_quantize"),
         _plain(quantize_out.print_quantize),
     ),
     "serve": Command(
-        serve.ServeConfig,
+        Ref("weightsmith.commands.serve:ServeConfig"),
         "serve a model behind an OpenAI-compatible API (streaming, batching, adapters)",
         "weightsmith serve smollm2-135m-instruct --adapter support=runs/support --port 8000\n"
         "  weightsmith serve ./my-model --api-key-file key.txt --host 0.0.0.0 --max-batch 32",
-        serve.run_serve,
+        Ref("weightsmith.commands.serve:run_serve"),
         _plain(serve_out.print_stopped),
         _listening,
     ),
     **lineage_out.COMMANDS,
     "demo": Command(
-        demo.DemoConfig,
+        Ref("weightsmith.cli.demo:DemoConfig"),
         "run the main job end to end on the default model",
         "weightsmith demo\n  weightsmith demo --stages chat",
-        demo.run,
+        Ref("weightsmith.cli.demo:run"),
     ),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given `argv`, only the command it names gets its options
+    (which imports that command's config alone); without, every command gets them."""
     parser = argparse.ArgumentParser(
         prog="weightsmith",
         description="Run, shape, check and ship open-weight language models on your own hardware.",
@@ -340,15 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    named = None if argv is None else [a for a in argv if not a.startswith("-")][:2]
     leaves: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
         if isinstance(cmd, Group):
             g = sub.add_parser(name, help=cmd.help, description=cmd.help)
             inner = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             for sub_name, sub_cmd in cmd.commands.items():
-                leaves[f"{name} {sub_name}"] = _add_command(inner, sub_name, sub_cmd)
+                full = named is None or named == [name, sub_name]
+                leaves[f"{name} {sub_name}"] = _add_command(inner, sub_name, sub_cmd, full)
         else:
-            leaves[name] = _add_command(sub, name, cmd)
+            leaves[name] = _add_command(sub, name, cmd, named is None or named[:1] == [name])
     parser.set_defaults(_leaves=leaves)
     return parser
 
@@ -373,15 +360,19 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return ns
 
 
-def _add_command(sub: Any, name: str, cmd: Command) -> argparse.ArgumentParser:
+def _add_command(sub: Any, name: str, cmd: Command, full: bool = True) -> argparse.ArgumentParser:
+    """`cmd`'s parser; its options (and its config's import) only when `full`."""
+    if not full:
+        return sub.add_parser(name, help=cmd.help, add_help=False)
+    config = cmd.config_class()
     p = sub.add_parser(
         name,
         help=cmd.help,
-        description=(cmd.config.__doc__ or cmd.help).strip(),
+        description=(config.__doc__ or cmd.help).strip(),
         epilog=f"example:\n  {cmd.examples}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(p, cmd.config)
+    add_config_arguments(p, config)
     return p
 
 
@@ -425,8 +416,9 @@ def _leaf(name: str) -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parse_command_line(parser, argv)
+    args = sys.argv[1:] if argv is None else argv
+    parser = build_parser(args)
+    ns = parse_command_line(parser, args)
     logging.basicConfig(
         level=logging.INFO if ns.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -438,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, markup=False)
     try:
         name, command = command_for(ns)
-        cfg = config_from_args(command.config, ns)
-        note_command_line(sys.argv[1:] if argv is None else argv)
+        cfg = config_from_args(command.config_class(), ns)
+        note_command_line(args)
         if name == "serve":
-            serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
+            serve_out.warn_visible_key(args, err)
         if name == "arena serve":
-            arena_serve_out.warn_visible_key(sys.argv[1:] if argv is None else argv, err)
+            arena_serve_out.warn_visible_key(args, err)
         # Off a terminal rich assumes 80 columns; a wider page keeps tables readable in logs.
         console = Console(
             highlight=False, emoji=False, markup=False, width=None if sys.stdout.isatty() else 160

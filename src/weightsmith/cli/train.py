@@ -76,7 +76,9 @@ class LineReporter(LogReporter):
         print(f"step {m['step']}: validation loss {m['val_loss']:.4f}", file=self.stream, flush=True)
 
 
-def make_reporter(stream: TextIO = sys.stderr) -> Reporter:
+def make_reporter(stream: TextIO | None = None) -> Reporter:
+    """Bars on a terminal, else a line every few steps; on `stream` (stderr as it is now)."""
+    stream = sys.stderr if stream is None else stream
     if stream.isatty():
         return BarReporter(Console(file=stream, markup=False))
     return LineReporter(stream)

@@ -1,13 +1,11 @@
-"""The arena commands: `arena judge|ratings|export|import` (the page, `arena serve`, is
-commands/arena_serve.py). One config per subcommand and a `run_arena_*(cfg, progress=None)`
-that returns data and prints nothing.
+"""The arena commands that read and write votes: `arena ratings|export|import` (the page,
+`arena serve`, is commands/arena_serve.py; the LLM judge, `arena judge`, commands/arena_judge.py).
+One config per subcommand and a `run_arena_*(cfg, progress=None)` that returns data and prints
+nothing. None of them loads a model, so none imports torch.
 
-Everything a user can get wrong (a missing DB, a DB of a newer schema, a bad `--prompts`
-line, an unknown adapter, a bad guard policy, an unreachable endpoint contestant or judge) is
-found before anything is written: readers open the DB with `create=False`, and `arena judge`
-asks an endpoint judge for its models first, then reads its prompts, loads its contestants
-(and their policies) and judge and checks their endpoints before it creates a DB or adds a
-row.
+A missing DB or one of a newer schema is an error before anything is read or written:
+readers open the DB with `create=False`, and `arena import` checks the whole battle log
+before it adds a row.
 
 Not here: the store, ratings, files and the judging loop (weightsmith.arena), printing
 (weightsmith.cli.arena).
@@ -15,169 +13,19 @@ Not here: the store, ratings, files and the judging loop (weightsmith.arena), pr
 
 from __future__ import annotations
 
-import os
-import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
-from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint
-from weightsmith.arena.endpoint import check_endpoint
-from weightsmith.arena.judge import Fight, judge_battles
 from weightsmith.arena.leaderboard import VOTERS, rate_votes
-from weightsmith.arena.prompt_file import read_prompts
-from weightsmith.arena.records import judge_voter
 from weightsmith.arena.report import write_ratings_outputs
 from weightsmith.arena.store import ArenaStore
-from weightsmith.commands.loading import load_model, model_label
-from weightsmith.commands.serve import parse_adapters
 from weightsmith.config import opt
-from weightsmith.endpoints import is_endpoint
 from weightsmith.errors import UsageError
-from weightsmith.eval.judge import EndpointJudge, make_judge
-from weightsmith.eval.judge_pairwise import LIKELIHOOD_RUBRIC, LikelihoodVerdicts, pairwise_config
-from weightsmith.grants import Grants
-from weightsmith.safety.policy_file import ClassifierAccess
-from weightsmith.sampling import SamplingParams
 
 DB_HELP = "the arena's SQLite file (votes from `arena serve`, `arena judge`, `arena import`)"
-
-
-# ---- arena judge ----------------------------------------------------------------------------
-
-
-#: Longest prompt (characters) `arena judge` takes from a --prompts file.
-JUDGE_PROMPT_CHARS = 20_000
-
-
-@dataclass(kw_only=True)
-class ArenaJudgeConfig:
-    """Fill the arena with LLM-judge votes: each pair judged in both orders, a tie when they disagree."""
-
-    db: str = opt(help=DB_HELP + "; created if missing")
-    judge: str = opt(help="the judge: a model name, HF directory or .gguf, or an endpoint URL#MODEL")
-    judge_name: str | None = opt(None, "the judge's name in votes (judge:NAME); unset: the model's")
-    judge_api_key_env: str | None = opt(
-        None, "environment variable whose value is the judge endpoint's API key"
-    )
-    judge_max_tokens: int = opt(128, "most tokens of one judge reply")
-    verdict: str = opt(
-        "reply",
-        "how a local judge gives its verdict: reply (it writes one, parsed) or likelihood "
-        "(the likeliest of [[A]]/[[B]]/[[C]]; always votes, for small judges)",
-        choices=("reply", "likelihood"),
-    )
-    battles: int | None = opt(
-        None, "battles to judge; beyond the unvoted ones, new battles are fought (needs --contestants)"
-    )
-    contestants: list[str] = opt(
-        default_factory=list,
-        help="contestants of new battles: NAME, NAME:ADAPTER or URL#MODEL, each optionally "
-        "+ @builtin:NAME or @POLICY.yaml (behind that guard policy)",
-    )
-    adapter: list[str] = opt(
-        default_factory=list, help="a fork's LoRA adapter, NAME=DIR (used as MODEL:NAME)", split=False
-    )
-    prompts: str | None = opt(None, "JSONL prompts for new battles ({prompt} or {messages} per line)")
-    contestant_api_key_env: str | None = opt(
-        None, "environment variable whose value is sent as the API key to endpoint contestants"
-    )
-    classifier: ClassifierAccess = opt(default_factory=ClassifierAccess, flatten=True)
-    max_tokens: int = opt(256, "most tokens of a contestant's answer")
-    temperature: float = opt(0.7, "contestants' sampling temperature (0: greedy)")
-    top_p: float = opt(1.0, "contestants' nucleus sampling (1: off)")
-    seed: int = opt(0, "seed for pairs, prompts and the per-answer seeds")
-    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (local judge and contestants)")
-    dtype: str = opt("auto", "fp32, bf16, fp16 or auto")
-    json: bool = opt(False, "print the result as JSON")
-
-    def __post_init__(self) -> None:
-        self.contestants = [s.strip() for s in self.contestants if s.strip()]
-        if self.battles is not None and self.battles < 1:
-            raise UsageError(f"--battles must be at least 1, got {self.battles}")
-        if self.contestants and len(self.contestants) < 2:
-            raise UsageError("--contestants: new battles need at least two contestants")
-        if (self.contestants or self.prompts) and self.battles is None:
-            raise UsageError("--contestants/--prompts fight new battles: say how many with --battles N")
-        if self.judge_max_tokens < 1 or self.max_tokens < 1:
-            raise UsageError("--judge-max-tokens and --max-tokens must be at least 1")
-        SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
-
-
-def judge_identity(spec: str) -> tuple[str, str, str]:
-    """(model or base URL, endpoint model, default name) of a `--judge` spec."""
-    if is_endpoint(spec):
-        url, model = split_endpoint(spec)
-        return url, model, model if model != "default" else urlsplit(url).netloc
-    return spec, "default", model_label(spec, None)
-
-
-def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, Any]:
-    """Judge unvoted battles (and fight new ones); `progress(label)` returns `tick(done, total)`."""
-    adapters = parse_adapters(cfg.adapter)
-    for spec in cfg.contestants:
-        parse_contestant(spec, adapters)  # one-line errors before anything loads
-    prompts = read_prompts(cfg.prompts, max_chars=JUDGE_PROMPT_CHARS) if cfg.prompts else []
-    model, endpoint_model, default_name = judge_identity(cfg.judge)
-    voter = judge_voter(cfg.judge_name or default_name)
-    db = Path(cfg.db).expanduser()
-    store = ArenaStore(db, create=False) if db.exists() else None  # a newer schema stops here
-    try:
-        if is_endpoint(cfg.judge):  # a judge that does not answer stops the run now
-            key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
-            check_endpoint(EndpointJudge(model, endpoint_model, key), "judge", "pass another --judge")
-        contestants = None
-        if cfg.contestants:
-            contestants = Contestants(
-                cfg.contestants, adapters=adapters, device=cfg.device, dtype=cfg.dtype,
-                grants=Grants(api_key_env=cfg.contestant_api_key_env), loader=load_model,
-                classifier=cfg.classifier,
-            )  # fmt: skip
-            contestants.check()
-        judge_cfg, backend = _judge(cfg, model, endpoint_model)
-        store = store or ArenaStore(db)
-        fight = None
-        if contestants is not None:
-            store.add_contestants(contestants.contestants)
-            if prompts:
-                ids = store.add_prompts(prompts)
-                prompts = [replace(p, id=i) for p, i in zip(prompts, ids, strict=True)]
-            params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-            fight = Fight(contestants, prompts or store.prompts(), params, random.Random(cfg.seed))
-        tick = progress("judge") if progress else None
-        tally = judge_battles(
-            store, judge_cfg, backend, voter=voter, limit=cfg.battles, fight=fight, progress=tick
-        )
-        return {"db": str(db), "judge": cfg.judge, **tally.to_dict()}
-    finally:
-        if store is not None:
-            store.close()
-
-
-def _judge(cfg: ArenaJudgeConfig, model: str, endpoint_model: str) -> tuple[Any, Any]:
-    """The pairwise judge's config and backend (`--verdict likelihood`: scored, local only)."""
-    likely = cfg.verdict == "likelihood"
-    judge_cfg = pairwise_config(
-        model,
-        endpoint_model=endpoint_model,
-        api_key_env=cfg.judge_api_key_env,
-        max_tokens=cfg.judge_max_tokens,
-        **({"rubric": LIKELIHOOD_RUBRIC} if likely else {}),
-    )
-    if likely and judge_cfg.is_endpoint:
-        raise UsageError(
-            "--verdict likelihood scores the verdicts with a local judge; an endpoint judge replies"
-        )
-    if likely:
-        return judge_cfg, LikelihoodVerdicts(load_model(model, device=cfg.device, dtype=cfg.dtype))
-    grants = Grants(endpoints=(model,) if judge_cfg.is_endpoint else (), api_key_env=cfg.judge_api_key_env)
-    backend = make_judge(
-        judge_cfg, load_model=lambda ref: load_model(ref, device=cfg.device, dtype=cfg.dtype), grants=grants
-    )
-    return judge_cfg, backend
 
 
 # ---- arena ratings --------------------------------------------------------------------------
@@ -274,10 +122,8 @@ def run_arena_import(cfg: ArenaImportConfig, progress: Any = None) -> dict[str, 
 __all__ = [
     "ArenaExportConfig",
     "ArenaImportConfig",
-    "ArenaJudgeConfig",
     "ArenaRatingsConfig",
     "run_arena_export",
     "run_arena_import",
-    "run_arena_judge",
     "run_arena_ratings",
 ]

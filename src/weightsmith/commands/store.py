@@ -11,7 +11,6 @@ from typing import Any
 
 from weightsmith.checkpoint import store
 from weightsmith.checkpoint.catalog import CATALOG
-from weightsmith.checkpoint.load import inspect_checkpoint
 from weightsmith.checkpoint.pull import pull, resolve
 from weightsmith.config import opt
 
@@ -82,6 +81,8 @@ class InfoConfig:
 
 
 def run_info(cfg: InfoConfig, progress: Any = None) -> dict[str, Any]:
+    from weightsmith.checkpoint.load import inspect_checkpoint  # torch: only `info` needs it
+
     info = inspect_checkpoint(resolve(cfg.model))
     return {**info, "license": _license(cfg.model, info.get("license"))}
 
