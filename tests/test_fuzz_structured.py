@@ -9,12 +9,18 @@ ends only where the grammar makes it. So the generated schemas bound every leaf 
 maxLength, numbers bounds and multipleOf, arrays maxItems, objects are closed); an answer then
 always ends, and it must be valid. `make test` runs a few schemas (repeatably); `make fuzz`
 (WEIGHTSMITH_FUZZ_EXAMPLES set) runs 200.
+
+`multipleOf` is checked on the numbers as written, in decimal: the `jsonschema` package divides
+binary floats, so it calls 0.6 no multiple of 0.1 (0.6 / 0.1 = 5.999999999999999), where the
+JSON Schema spec, llguidance and pydantic take the number's value.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -32,6 +38,24 @@ FUZZING = "WEIGHTSMITH_FUZZ_EXAMPLES" in os.environ
 SCHEMAS = min(int(os.environ.get("WEIGHTSMITH_FUZZ_EXAMPLES", "3")), 200)
 FUZZ = settings(max_examples=SCHEMAS, deadline=None, derandomize=not FUZZING,
                 suppress_health_check=list(HealthCheck))  # fmt: skip
+
+
+def _exact_multiple_of(validator, step, instance, schema):
+    """`multipleOf` on decimal values (a float's repr is the number the JSON text wrote)."""
+    if validator.is_type(instance, "number") and Fraction(Decimal(repr(instance))) % Fraction(
+        Decimal(repr(step))
+    ):
+        yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {step!r}")
+
+
+Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"multipleOf": _exact_multiple_of})
+
+
+def test_the_exact_multiple_of_check_fails_where_it_should() -> None:
+    schema = {"type": "number", "multipleOf": 0.1}
+    assert Validator(schema).is_valid(0.6) and not jsonschema.Draft202012Validator(schema).is_valid(0.6)
+    assert not Validator(schema).is_valid(0.65) and not Validator({"multipleOf": 0.25}).is_valid(1.2)
+
 
 NAMES = st.from_regex(r"[a-z][a-z_]{0,5}", fullmatch=True)
 
@@ -108,4 +132,4 @@ def test_every_constrained_answer_validates(llm, schema, seed) -> None:
     ]
     for c in llm.engine.generate(["Hello", "Hello"], params):
         assert c.finish_reason == "stop", (schema, c.text)
-        jsonschema.validate(json.loads(c.text), schema)
+        Validator(schema).validate(json.loads(c.text))
