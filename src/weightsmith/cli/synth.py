@@ -18,31 +18,36 @@ from weightsmith.cli.redteam import stderr_console
 HELP = "make training data with a model: self-instruct, evolve, grounded Q&A from your documents, answer"
 
 
-def _synth(name: str) -> Ref:
-    return Ref(f"weightsmith.commands.synth:{name}")
-
-
 #: (name, config, run, help, example) of each `synth` subcommand, for cli/main.py's COMMANDS.
 SUBCOMMANDS = (
     (
-        "self-instruct", _synth("SelfInstructConfig"), _synth("run_self_instruct"),
+        "self-instruct",
+        Ref("weightsmith.commands.synth:SelfInstructConfig"),
+        Ref("weightsmith.commands.synth:run_self_instruct"),
         "new instructions from your seed examples, then answers; filtered and deduplicated",
         "weightsmith synth self-instruct --seed seeds.jsonl --model smollm2-135m-instruct --n 2000 --out data/synth",
     ),
     (
-        "evolve", _synth("EvolveConfig"), _synth("run_evolve"),
+        "evolve",
+        Ref("weightsmith.commands.synth:EvolveConfig"),
+        Ref("weightsmith.commands.synth:run_evolve"),
         "rewrite instructions deeper, broader or more concrete, round after round, then answer them",
         "weightsmith synth evolve --data data/synth/train.jsonl --model http://big:8000/v1#qwen --rounds 2 "
         "--out data/evolved",
     ),
     (
-        "grounded", _synth("GroundedConfig"), _synth("run_grounded"),
+        "grounded",
+        Ref("weightsmith.commands.synth:GroundedConfig"),
+        Ref("weightsmith.commands.synth:run_grounded"),
         "questions and answers grounded in chunks of your documents (each keeps its source)",
         "weightsmith synth grounded --docs manuals/ --model http://big:8000/v1#qwen --questions-per-chunk 3 "
         "--out data/kb",
     ),
     (
-        "answer", _synth("AnswerConfig"), _synth("run_answer"), "distil a teacher model's answers to your prompts",
+        "answer",
+        Ref("weightsmith.commands.synth:AnswerConfig"),
+        Ref("weightsmith.commands.synth:run_answer"),
+        "distil a teacher model's answers to your prompts",
         "weightsmith synth answer --prompts prompts.jsonl --model http://teacher:8000/v1#m --out data/distilled",
     ),
 )  # fmt: skip
