@@ -8,6 +8,8 @@ itself) is in benchmarks/gpu_check.py and the `gpu`-marked test at the end.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -52,6 +54,23 @@ def test_greedy_tokens_equal_the_eager_step(llm):
     ours, gen = run(llm, prompts, params, decode=graphs)
     assert graphs.owns(gen.cache) and graphs.failed is None
     assert sorted(graphs._replays) == [(4, 128, False), (4, 256, False)]
+    assert ours == eager
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_layers_decode_in_the_graph_cache(family):
+    """Sliding layers (window 7, well inside the 128-entry bucket), Gemma 2's capped scores (masked
+    bucket entries and all) and Gemma 3's two RoPE bases: the eager step's greedy tokens."""
+    from test_model_parity import make_pair
+
+    model = make_pair(family, seed=3)[1]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * 2
+    llm = SimpleNamespace(model=model)
+    eager, _ = run(llm, prompts, params)
+    graphs = GraphDecode(model, decode_one_token, compile=False, capture=False)
+    ours, gen = run(llm, prompts, params, decode=graphs)
+    assert graphs.owns(gen.cache) and graphs.failed is None
     assert ours == eager
 
 

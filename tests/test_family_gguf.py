@@ -1,6 +1,7 @@
-"""GGUF for Qwen3, Phi-3 and Gemma 3: tiny models exported with `export_gguf`, read back by our
-loader (exact at F32) and by transformers' own GGUF loader; Gemma 3 settings llama.cpp's graph
-cannot express are refused in one line with nothing written. The reader itself is checked
+"""GGUF for Qwen3, Phi-3, Gemma 2 and Gemma 3: tiny models exported with `export_gguf`, read back
+by our loader (exact at F32), by transformers' own GGUF loader and by llama.cpp (where
+llama-cpp-python is installed); Gemma settings llama.cpp's graphs cannot express are refused in
+one line with nothing written. The reader itself is checked
 against transformers on the real Gemma 3 270M file in test_gemma3_270m.py."""
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ FAMILIES = {
         transformers.Gemma3TextConfig,
         dict(head_dim=16, num_hidden_layers=6, sliding_window=5, query_pre_attn_scalar=16),
     ),
+    # llama.cpp's gemma2: every 2nd layer global, queries by head_dim ** -0.5, both caps from the file.
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            num_hidden_layers=4,
+            sliding_window=5,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=2.0,
+        ),
+    ),
 }
 IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # longer than the windows
 
@@ -60,7 +73,7 @@ def _logits(model) -> torch.Tensor:
 def test_f32_export_reads_back_exactly(family, sources, tmp_path):
     src = load_checkpoint(sources[family])
     out = export_gguf(src, tmp_path / "m.gguf", "f32")
-    assert out["architecture"] == {"qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3"}[family]
+    assert out["architecture"] == family
     back = load_checkpoint(tmp_path / "m.gguf")
     assert back.config.layer_types == src.config.layer_types
     assert back.config.sliding_window == (src.config.sliding_window if family != "qwen3" else None)
@@ -106,19 +119,55 @@ def test_transformers_reads_our_export(family, sources, tmp_path):
     assert (_logits(hf.eval()) - _logits(src.model)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
+    """llama.cpp runs our F32 export and its logits are ours. For Gemma 2 the queries are scaled up
+    first so that the attention cap (0.5) bends the scores: without it the logits move ~0.03,
+    100x the tolerance (llama.cpp keeps its cache in F16). Not Phi-3: llama.cpp's loader stops
+    on the tiny byte-level vocabulary under the phi3 architecture (`unordered_map::at`)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src = load_checkpoint(sources[family])
+    if family == "gemma2":
+        with torch.no_grad():
+            for layer in src.model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(6)
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    llama = llama_cpp.Llama(
+        model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, logits_all=True
+    )
+    try:
+        llama.eval(IDS[0].tolist())
+        theirs = torch.tensor(llama.scores[: IDS.shape[1]])
+    finally:
+        llama.close()
+    ours = _logits(src.model)[0]
+    assert (theirs - ours).abs().max().item() <= 1e-3 * max(1.0, ours.abs().max().item())
+
+
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("family", "extra", "message"),
     [
         (
+            "gemma3",
             dict(layer_types=["full_attention"] * 6),
             r"layer_types .* llama.cpp's gemma3 graph assumes every 6th",
         ),
-        (dict(query_pre_attn_scalar=20), "query_pre_attn_scalar 20 cannot be exported"),
-        (dict(rope_local_base_freq=5000.0), "rope_local_base_freq 5000.0 cannot be exported"),
+        ("gemma3", dict(query_pre_attn_scalar=20), "query_pre_attn_scalar 20 cannot be exported"),
+        ("gemma3", dict(rope_local_base_freq=5000.0), "rope_local_base_freq 5000.0 cannot be exported"),
+        ("gemma3", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping 50.0 cannot be exported"),
+        (
+            "gemma2",
+            dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"]),
+            r"layer_types .* llama.cpp's gemma2 graph assumes every other layer",
+        ),
+        ("gemma2", dict(attn_logit_softcapping=None), r"attn_logit_softcapping None .* assumes a cap"),
+        ("gemma2", dict(final_logit_softcapping=None), r"final_logit_softcapping None .* assumes a cap"),
+        ("gemma2", dict(tie_word_embeddings=False), "tie_word_embeddings False cannot be exported"),
+        ("gemma2", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar 256 cannot be exported"),
     ],
 )
-def test_gemma3_settings_llama_cpp_cannot_express_are_refused(extra, message, tmp_path):
-    src = _source(tmp_path, "gemma3", **extra)
+def test_gemma_settings_llama_cpp_cannot_express_are_refused(family, extra, message, tmp_path):
+    src = _source(tmp_path, family, **extra)
     with pytest.raises(CheckpointError, match=message):
         export_gguf(src, tmp_path / "out" / "m.gguf", "f16")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

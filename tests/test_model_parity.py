@@ -93,9 +93,23 @@ FAMILIES = {
         transformers.Gemma3TextConfig,
         dict(head_dim=16, sliding_window=5, final_logit_softcapping=2.0, rope_scaling=None, pad_token_id=0),
     ),
+    # Gemma 2: every other layer slides (window 7); attention scores capped. The query scale of 1
+    # (query_pre_attn_scalar is an integer) and the cap of 0.3 put random weights' scores where
+    # tanh bends: the logits move by ~0.02 without the cap, 200x the tolerance below.
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            sliding_window=7,
+            query_pre_attn_scalar=1,
+            attn_logit_softcapping=0.3,
+            final_logit_softcapping=3.0,
+            pad_token_id=0,
+        ),
+    ),
 }
-#: The families added with issue 21, run through every test below.
-NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe"]
+#: The families added after the first four (issue 21 and later), run through every test below.
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2"]
 
 
 def make_pair(name: str, seed: int = 0):

@@ -1,5 +1,6 @@
 """Packed rows attend one document at a time (models/packed.py): the same outputs and gradients
-as SDPA under the block-diagonal causal mask, and as each document run alone."""
+as SDPA (or Gemma 2's capped attention) under the block-diagonal causal mask, and as each
+document run alone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.models import packed
+from weightsmith.models.attention import attend
 from weightsmith.models.packed import attend_documents, pack_documents
 from weightsmith.train.data import Example, collate, to_rows
 from weightsmith.train.losses import sft_loss
@@ -55,8 +57,8 @@ def test_no_documents_means_no_layout():
     assert pack_documents(torch.full((2, 5), -1)) is None
 
 
-@pytest.mark.parametrize("n_kv", [4, 2])
-def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv):
+@pytest.mark.parametrize(("n_kv", "softcap"), [(4, None), (2, None), (2, 1.5)])
+def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv, softcap):
     rows = [[5, 70, 140, 1], [300], [2, 2, 2, 90]]  # four length buckets, single-token documents
     t = 310
     documents = _documents(rows, t)
@@ -66,10 +68,13 @@ def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv):
     real = (documents >= 0)[:, None, :, None]  # (B, 1, T, 1): padding positions carry no loss
     upstream = torch.randn(3, 4, t, 16, generator=g) * real
 
-    ours = attend_documents(*inputs.values(), pack_documents(documents), scale=0.3)
-    ref = F.scaled_dot_product_attention(
-        *inputs.values(), attn_mask=_block_causal_mask(documents), scale=0.3, enable_gqa=n_kv != 4
-    )
+    ours = attend_documents(*inputs.values(), pack_documents(documents), scale=0.3, softcap=softcap)
+    ref = attend(*inputs.values(), mask=_block_causal_mask(documents), scale=0.3, softcap=softcap)
+    if softcap is None:  # and that is SDPA's
+        sdpa = F.scaled_dot_product_attention(
+            *inputs.values(), attn_mask=_block_causal_mask(documents), scale=0.3, enable_gqa=n_kv != 4
+        )
+        assert torch.equal(ref, sdpa)
     torch.testing.assert_close(ours * real, ref * real, rtol=1e-5, atol=1e-6)
     assert not (ours * ~real).any()  # padding attends to nothing: zero
     grads = [torch.autograd.grad((out * upstream).sum(), list(inputs.values())) for out in (ours, ref)]
@@ -99,7 +104,7 @@ def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch, check
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "mistral-sliding"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "mistral-sliding"])
 def test_sliding_window_layers_keep_their_window_in_packed_rows(family):
     """A document longer than the window: sliding layers keep the mask, full layers go per document;
     each document's logits equal its own forward."""
@@ -159,7 +164,7 @@ def _pairs():
     ]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral-sliding"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "mistral-sliding"])
 def test_pair_log_probs_equal_each_answer_scored_after_its_prompt_alone(family, monkeypatch):
     """DPO's rows (prompt once, then both answers) attend as prompt + chosen and prompt + rejected
     sequences; sliding layers (window 7, shorter than the sequences) keep the mask."""

@@ -9,7 +9,8 @@ What it does:
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
-(llama with experts), qwen3, qwen3moe, gemma3 (text) and phi3 (name maps in gguf_names.py). The
+(llama with experts), qwen3, qwen3moe, gemma2, gemma3 (text) and phi3 (name maps in gguf_names.py;
+what the Gemma graphs fix in code, gguf_gemma.py). The
 file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
@@ -34,10 +35,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
+from weightsmith.checkpoint.gguf_gemma import gemma_config
 from weightsmith.checkpoint.gguf_meta import check_value_type
 from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, GLOBAL_TENSORS: re-exported)
     ARCHITECTURE_MODEL_TYPES,
     BLOCK_TENSORS,
+    GEMMA_ARCHITECTURES,
     GLOBAL_TENSORS,
     HF_ARCHITECTURES,
     NORM_SHIFTED,
@@ -228,7 +231,8 @@ def gguf_config(reader: GGUFFile) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": meta(reader, f"{arch}.attention.head_count_kv", heads),
         "head_dim": meta(reader, f"{arch}.attention.key_length", hidden // heads),
-        "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",  # GeGLU (tanh) or SwiGLU
+        # GeGLU (tanh) or SwiGLU
+        "hidden_act": "gelu_pytorch_tanh" if arch in GEMMA_ARCHITECTURES else "silu",
         "rms_norm_eps": require(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": meta(reader, f"{arch}.rope.freq_base", 10000.0),
         "rope_scaling": _rope_scaling(reader, arch) or _llama3_from_rope_freqs(reader, arch, hidden // heads),
@@ -245,8 +249,8 @@ def gguf_config(reader: GGUFFile) -> dict:
         "pad_token_id": meta(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
     }
-    if arch == "gemma3":
-        config.update(_gemma3_config(reader, config))
+    if arch in GEMMA_ARCHITECTURES:
+        config.update(gemma_config(arch, config, lambda key, default: meta(reader, key, default)))
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
@@ -254,24 +258,6 @@ def gguf_config(reader: GGUFFile) -> dict:
         config["moe_intermediate_size"] = require(reader, f"{arch}.expert_feed_forward_length")
         config["norm_topk_prob"] = True
     return config
-
-
-def _gemma3_config(reader: GGUFFile, config: dict) -> dict:
-    """What llama.cpp's gemma3 graph fixes in code rather than in the file (llama-model.cpp):
-    every 6th layer global, sliding layers' RoPE base 10000, queries scaled by head_dim ** -0.5
-    (hidden / heads for the 27B, the one size with 62 layers)."""
-    layers = config["num_hidden_layers"]
-    big = layers == 62
-    fields = {
-        "sliding_window_pattern": 6,
-        "rope_local_base_freq": 10000.0,
-        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"]
-        if big
-        else config["head_dim"],
-        "final_logit_softcapping": meta(reader, "gemma3.final_logit_softcapping"),
-        "attn_logit_softcapping": meta(reader, "gemma3.attn_logit_softcapping"),
-    }
-    return fields
 
 
 def _tokenizer_config(reader: GGUFFile) -> dict:

@@ -3,7 +3,7 @@
 What it does: says which `general.architecture` values weightsmith reads and the model_type
 and HF class each becomes, and maps every GGUF tensor name (`blk.3.attn_q.weight`) to the HF
 parameter name (`model.layers.3.self_attn.q_proj.weight`), per architecture where llama.cpp
-reuses a name for another tensor (Gemma 3's `ffn_norm` is the pre-feed-forward norm, Phi-3's
+reuses a name for another tensor (Gemma's `ffn_norm` is the pre-feed-forward norm, Phi-3's
 `ffn_up` holds gate and up stacked). Fused tensors (Phi-3's `attn_qkv`, `ffn_up`) map to the
 fused HF name, which the model builder splits (checkpoint/build.py).
 
@@ -22,22 +22,18 @@ ARCHITECTURE_MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
 }
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"
+)  # fmt: skip
+#: llama.cpp's Gemma graphs: GeGLU, norm weights stored as 1 + w, settings fixed in code (gguf.py).
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 
 # model_type -> the HF class name that goes into config["architectures"].
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
+HF_ARCHITECTURES = {model_type: family.architecture for model_type, family in FAMILIES.items()}
 
 GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -60,16 +56,19 @@ BLOCK_TENSORS = {
 }
 #: Block tensor names that mean something else in one architecture.
 ARCH_BLOCK_TENSORS = {
-    "gemma3": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    **dict.fromkeys(
+        ("gemma2", "gemma3"),
+        {
+            "post_attention_norm": "post_attention_layernorm",
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
+    ),
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
     "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
 }
 #: Architectures whose converter stores norm weights w as 1 + w (llama.cpp's Gemma converters).
-NORM_SHIFTED = ("gemma3",)
+NORM_SHIFTED = GEMMA_ARCHITECTURES
 #: llama.cpp's kinds for an expert's gate, up and down matrices.
 _EXPERT_KINDS = ("ffn_gate", "ffn_up", "ffn_down")
 # Tensors llama.cpp computes for its own kernels, not weights of the HF model.

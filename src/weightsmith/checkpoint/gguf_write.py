@@ -12,10 +12,10 @@ What it does:
   file is left behind. An Ollama `Modelfile` is written beside it (checkpoint/modelfile.py).
 
 Architectures: llama, mistral and mixtral (written as llama, as llama.cpp's converter does), qwen2,
-qwen3, qwen3moe (experts stacked into merged `ffn_*_exps` tensors, gguf_experts.py), gemma3 (norms
-stored as 1 + w; refused unless the model has what llama.cpp's graph fixes in code) and phi3
-(q/k/v and gate/up stacked back into attn_qkv and ffn_up). gemma3 and phi3 files carry
-the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
+qwen3, qwen3moe (experts stacked into merged `ffn_*_exps` tensors, gguf_experts.py), gemma2 and
+gemma3 (norms stored as 1 + w; gemma2's two soft-caps written; refused unless the model has what
+llama.cpp's graph fixes in code, gguf_gemma.py) and phi3 (q/k/v and gate/up stacked back into
+attn_qkv and ffn_up). gemma2, gemma3 and phi3 files carry the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
 capped at the window instead, so the file computes exactly what the model does within it.
 
 With an importance matrix (checkpoint/imatrix.py) the quantizer's fits are weighted by it.
@@ -41,8 +41,15 @@ from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import LLAMA3_ROPE
 from weightsmith.checkpoint.gguf_experts import add_expert_hparams, check_experts, stack_experts
+from weightsmith.checkpoint.gguf_gemma import check_gemma
 from weightsmith.checkpoint.gguf_mix import QUANTS, Mix
-from weightsmith.checkpoint.gguf_names import GLOBAL_TENSORS, NORM_SHIFTED, block_tensors, expert_tensors
+from weightsmith.checkpoint.gguf_names import (
+    GEMMA_ARCHITECTURES,
+    GLOBAL_TENSORS,
+    NORM_SHIFTED,
+    block_tensors,
+    expert_tensors,
+)
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.checkpoint.quantized import float_state
@@ -65,11 +72,12 @@ ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
 }
 #: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
-_SWA_ARCHITECTURES = ("gemma3", "phi3")
+_SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
 
 # Reverse of gguf_names.py's map: HF module name (inside a layer, or global) -> GGUF name.
 _HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
@@ -138,13 +146,13 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
             f"{source}: GGUF export of {cfg.model_type} models is not supported "
             f"(supported: {', '.join(ARCHITECTURES)})"
         )
-    act = "gelu_pytorch_tanh" if arch == "gemma3" else "silu"
+    act = "gelu_pytorch_tanh" if arch in GEMMA_ARCHITECTURES else "silu"
     if cfg.hidden_act != act:
         raise CheckpointError(
             f"{source}: hidden_act {cfg.hidden_act!r} cannot be exported; llama.cpp's {arch} uses {act}"
         )
-    if arch == "gemma3":
-        _check_gemma3(cfg, source)
+    if arch in GEMMA_ARCHITECTURES:
+        check_gemma(cfg, arch, source)
     check_experts(cfg, source)
     if cfg.rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(
@@ -154,25 +162,6 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
     if cfg.rope_type == "llama3" and arch != "llama":
         raise CheckpointError(f"{source}: llama3 rope scaling is only exported for llama models")
     return arch
-
-
-def _check_gemma3(cfg: ModelConfig, source: str) -> None:
-    """What llama.cpp's gemma3 graph fixes in code must be what the model has (see gguf.py)."""
-    pattern = [
-        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)
-    ]
-    scalar = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
-    fixed = {
-        "layer_types": (cfg.layer_types, pattern, "every 6th layer global"),
-        "rope_local_base_freq": (cfg.rope_local_base_freq, 10000.0, "10000"),
-        "query_pre_attn_scalar": (cfg.query_pre_attn_scalar, scalar, str(scalar)),
-        "final_logit_softcapping": (cfg.final_logit_softcapping, None, "none"),
-    }
-    for field, (have, want, words) in fixed.items():
-        if have != want:
-            raise CheckpointError(
-                f"{source}: {field} {have!r} cannot be exported; llama.cpp's gemma3 graph assumes {words}"
-            )
 
 
 def _llama3_rope_factors(cfg: ModelConfig, source: str) -> np.ndarray:
@@ -216,6 +205,9 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
         writer.add_value_length(cfg.head_dim)
     if writer.arch in _SWA_ARCHITECTURES and "sliding_attention" in cfg.layer_types and cfg.sliding_window:
         writer.add_sliding_window(cfg.sliding_window)
+    if writer.arch == "gemma2":  # its graph caps both; _check_gemma made sure the model has caps
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))  # type: ignore[arg-type]
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))  # type: ignore[arg-type]
     if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]

@@ -41,6 +41,11 @@ class Family:
     #: sqrt(hidden_size), and the attention and feed-forward outputs are normed again
     #: (`post_attention_layernorm`, `pre_/post_feedforward_layernorm`) before the residual.
     gemma: bool = False
+    #: Gemma, without `layer_types`: every this-many-th layer is global, the others slide
+    #: (transformers' `sliding_window_pattern` default: 2 in Gemma 2, 6 in Gemma 3).
+    global_every: int = 6
+    #: Gemma 3: sliding layers turn RoPE with their own base (`rope_local_base_freq`).
+    local_rope: bool = False
     #: Checkpoint tensors that hold several of our projections stacked by rows (Phi-3's
     #: `qkv_proj`, `gate_up_proj`): split when loading, stacked again when saving.
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -112,12 +117,21 @@ FAMILIES: dict[str, Family] = {
         hf_absent=("mlp_bias", "layer_types", "head_dim"),
         qk_norm=True,
     ),
+    # Gemma 2: Gemma 3's block without QK-norm, one RoPE base, attention scores soft-capped.
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        hf_absent=("mlp_bias",),
+        gemma=True,
+        global_every=2,
+        act_key="hidden_activation",
+    ),
     "gemma3_text": Family(
         "Gemma3ForCausalLM",
         default_rope_theta=1e6,
         hf_absent=("mlp_bias",),
         qk_norm=True,
         gemma=True,
+        local_rope=True,
         act_key="hidden_activation",
     ),
     "phi3": Family(
@@ -302,11 +316,6 @@ class ModelConfig:
             raise ConfigError(
                 f"{source}: layer_types has sliding_attention layers but sliding_window is not set"
             )
-        if self.attn_logit_softcapping is not None:
-            raise ConfigError(
-                f"{source}: attn_logit_softcapping (Gemma 2's capped attention scores) is not supported; "
-                "Gemma 3 checkpoints have none"
-            )
         if self.family.moe and not (0 < self.num_experts_per_tok <= self.num_local_experts):
             raise ConfigError(
                 f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
@@ -337,6 +346,7 @@ class ModelConfig:
         if not self.family.gemma:
             for key in ("query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping"):
                 d.pop(key)
+        if not self.family.local_rope:
             d.pop("rope_local_base_freq")
         # What transformers assumes for a key its config class lacks (then the key can go).
         assumed = {
@@ -388,7 +398,9 @@ def _read_rope(
             scaling = None
         elif scaling["rope_type"] in ("llama3", "yarn"):
             scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings", 2048))
-    if fam.gemma and local is None:
+    if not fam.local_rope:
+        local = None
+    elif local is None:
         local = 10000.0  # transformers' Gemma 3 default for sliding layers
     return float(theta), scaling, None if local is None else float(local)
 
@@ -474,8 +486,8 @@ def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: 
     window = data.get("sliding_window")
     if not window:
         return ["full_attention"] * n_layers
-    if fam.gemma:  # every `sliding_window_pattern`-th layer is global (transformers' default: 6)
-        every = data.get("sliding_window_pattern") or data.get("_sliding_window_pattern") or 6
+    if fam.gemma:  # every `sliding_window_pattern`-th layer is global
+        every = data.get("sliding_window_pattern") or data.get("_sliding_window_pattern") or fam.global_every
         return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
     if fam.sliding_window_needs_flag:
         if not data.get("use_sliding_window", False):

@@ -1,5 +1,5 @@
 """The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE,
-Phi-3 and Gemma 3 families.
+Phi-3, Gemma 2 and Gemma 3 families.
 
 One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
 RoPE, RMSNorm, SwiGLU MLP or a sparse mixture of SwiGLU experts) -> RMSNorm -> LM
@@ -9,9 +9,9 @@ gate_proj.weight`), so HF state dicts and PEFT adapters line up with no key map.
 differ only by the closed set of flags in `config.Family` and `ModelConfig`: QK-norm (Qwen3,
 Gemma 3); the experts' layout, width, top-k renormalisation and dense layers; Gemma's (1 + w) norms, scaled
 embedding, norms after attention and feed-forward, query scale, per-layer-type RoPE base and
-logit soft-capping. Phi-3's fused checkpoint tensors are split at load (checkpoint/build.py).
+soft-capping of the logits and (Gemma 2) of the attention scores. Phi-3's fused checkpoint tensors are split at load (checkpoint/build.py).
 
-Not here: loading weights (weightsmith.checkpoint), the cache (kv_cache.py),
+Not here: loading weights (weightsmith.checkpoint), the attention kernel (attention.py), the cache (kv_cache.py),
 sampling and the decode loop (generate.py), the CPU decode layout and fused C step
 (weightsmith.cpu_decode, which swaps in subclasses of `Attention`, `MLP` and `Linear`
 that override `qkv`, `gate_up` and `forward`, keeping every name).
@@ -29,6 +29,7 @@ from torch import nn
 
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.activations import ACTIVATIONS
+from weightsmith.models.attention import attend
 from weightsmith.models.config import ModelConfig
 from weightsmith.models.linear import Linear
 from weightsmith.models.packed import PackedDocuments, attend_documents, pack_documents
@@ -105,6 +106,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.family.gemma)
         #: Score scale: Gemma's query_pre_attn_scalar ** -0.5, else SDPA's 1 / sqrt(D).
         self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+        #: Gemma 2: scores capped to (-cap, cap) by cap * tanh(score / cap) before the softmax.
+        self.softcap = cfg.attn_logit_softcapping
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         b, t, _ = x.shape
@@ -119,17 +122,10 @@ class Attention(nn.Module):
             q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
         with exact:
             if mask is None and a.docs is not None:  # packed rows: each document alone
-                out = self.attend_documents(q, k, v, a.docs, self.scale)
+                out = self.attend_documents(q, k, v, a.docs, self.scale, self.softcap)
             else:
-                out = F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    attn_mask=mask,
-                    is_causal=a.is_causal and mask is None,
-                    scale=self.scale,
-                    enable_gqa=self.n_kv != self.n_heads,
-                )  # (B, H, T, D)
+                is_causal = a.is_causal and mask is None
+                out = attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, softcap=self.softcap)
         out = out.to(dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 

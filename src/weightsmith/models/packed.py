@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from weightsmith.models.attention import attend
 
 #: The shortest batch length: documents up to this many tokens share one batch.
 MIN_BUCKET = 64
@@ -162,10 +163,15 @@ class _ToTokens(torch.autograd.Function):
 
 
 def attend_documents(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocuments, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    docs: PackedDocuments,
+    scale: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence: q (B, H, T, D), k and v (B, Hkv, T, D) ->
-    (B, H, T, D), equal to SDPA with the block-diagonal causal mask (zero for padding)."""
+    (B, H, T, D), equal to `attend` with the block-diagonal causal mask (zero for padding)."""
     b, h, t, d = q.shape
 
     def slots(x: torch.Tensor) -> list[torch.Tensor]:  # (B, Hx, T, D) -> per batch (n, Hx, width, D)
@@ -178,9 +184,7 @@ def attend_documents(
 
     outs = []
     for qg, kg, vg in zip(slots(q), slots(k), slots(v), strict=True):
-        o = F.scaled_dot_product_attention(
-            qg, kg, vg, is_causal=True, scale=scale, enable_gqa=kg.shape[1] != h
-        )
+        o = attend(qg, kg, vg, is_causal=True, scale=scale, softcap=softcap)
         outs.append(o.transpose(1, 2).reshape(-1, h, d))  # (n * width, H, D)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return _ToTokens.apply(out, docs).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
