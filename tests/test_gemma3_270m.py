@@ -71,3 +71,31 @@ def test_greedy_generation_matches_transformers(ours, reference, text):
         ref = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
     ref_text = tok.decode(ref, skip_special_tokens=True)
     assert ours.generate(text, max_tokens=24, temperature=0) == ref_text
+
+
+def test_f16_export_runs_in_llama_cpp_with_our_tokens(gemma_gguf, tmp_path):
+    """The file we write (a SentencePiece vocabulary scored from the merges, gguf_vocab.py) in
+    llama.cpp: its tokens for each prompt and a chat turn, and its greedy continuation, are ours."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from weightsmith.checkpoint.gguf_write import export_gguf
+
+    out = tmp_path / "gemma-f16.gguf"
+    export_gguf(gemma_gguf, out, "f16")
+    exported = ws.load(str(out))
+    llama = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        for text in [*PROMPTS, "<start_of_turn>user\nHi<end_of_turn>\n"]:
+            assert llama.tokenize(text.encode(), add_bos=True, special=True) == exported.tokenizer.encode(
+                text
+            )
+        want = exported.engine.generate([PROMPTS[0]], exported.sampling_params(temperature=0, max_tokens=16))
+        got = []
+        for token in llama.generate(
+            llama.tokenize(PROMPTS[0].encode(), add_bos=True), temp=0.0, top_k=1, repeat_penalty=1.0
+        ):
+            got.append(token)
+            if len(got) == 16:
+                break
+    finally:
+        llama.close()
+    assert got == want[0].token_ids

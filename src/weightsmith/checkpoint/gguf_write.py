@@ -1,10 +1,10 @@
 """Write a loaded model as a GGUF file llama.cpp (and Ollama) can load, plus an Ollama Modelfile.
 
 What it does:
-- `export_gguf` writes one .gguf file: llama.cpp's hyperparameter keys, a byte-level BPE
-  vocabulary ("gpt2" tokenizer model: tokens, token types, merges, special token ids, BOS/EOS
-  flags, pre-tokenizer name, chat template) and every weight under llama.cpp's tensor names, with
-  Q/K rows permuted for llama's rope (`permute_qk`, the inverse of `gguf.unpermute_qk`).
+- `export_gguf` writes one .gguf file: llama.cpp's hyperparameter keys, the vocabulary (byte-level
+  BPE as llama.cpp's "gpt2" model, SentencePiece-style BPE as its "llama" model: gguf_vocab.py),
+  special token ids, BOS/EOS flags, the chat template, and every weight under llama.cpp's tensor
+  names, with Q/K rows permuted for llama's rope (`permute_qk`, the inverse of `gguf.unpermute_qk`).
 - Matrices are stored as F32, F16, or a llama.cpp file type's mix of quantized types (Q8_0, Q6_K,
   Q5_K_M/S, Q5_1, Q5_0, Q4_K_M/S, Q4_1, Q4_0), each tensor in the type `llama-quantize` would pick
   (gguf_mix.py); norms, biases and routers as F32.
@@ -20,17 +20,15 @@ capped at the window instead, so the file computes exactly what the model does w
 
 With an importance matrix (checkpoint/imatrix.py) the quantizer's fits are weighted by it.
 
-What it does not do: SentencePiece vocabularies, dense layers among experts, yarn or dynamic rope
+What it does not do: Unigram vocabularies, dense layers among experts, yarn or dynamic rope
 scaling, and streaming: the converted tensors are held in memory until the file is written.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +48,7 @@ from weightsmith.checkpoint.gguf_names import (
     block_tensors,
     expert_tensors,
 )
-from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+from weightsmith.checkpoint.gguf_vocab import GGUFWriter, add_tokenizer
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.checkpoint.quantized import float_state
 from weightsmith.errors import CheckpointError, UsageError
@@ -60,7 +58,6 @@ from weightsmith.models.fused import fuse_state
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
     from weightsmith.models import ModelConfig
-    from weightsmith.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +79,6 @@ _SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
 # Reverse of gguf_names.py's map: HF module name (inside a layer, or global) -> GGUF name.
 _HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
-
-# Byte-level pre-tokenizer split sequences -> the `tokenizer.ggml.pre` name written for them. Several
-# llama.cpp names share one split (smollm/starcoder, llama3 aliases); these are the canonical ones.
-_PRE_NAMES = {PRE_TOKENIZER_SPLITS[name]: name for name in ("gpt-2", "llama-bpe", "qwen2", "smollm")}
-_GPT2_SPLIT = PRE_TOKENIZER_SPLITS["gpt-2"][0]
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -212,116 +204,6 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
     add_expert_hparams(writer, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-@dataclass
-class _Vocab:
-    tokens: list[str]
-    types: list[int]
-    merges: list[str]
-    pre: str
-
-
-def _split_patterns(pre: dict[str, Any] | None) -> tuple[tuple[str, ...] | None, bool]:
-    """(regex splits the pre-tokenizer applies in order, whether it is byte-level).
-
-    Splits are None when a step is not one llama.cpp can express by a known name.
-    """
-    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
-    patterns: list[str] = []
-    byte_level = False
-    for step in steps:
-        kind = step.get("type")
-        if kind == "ByteLevel":
-            byte_level = True
-            if step.get("use_regex", True):  # ByteLevel's own regex is GPT-2's split
-                patterns.append(_GPT2_SPLIT)
-        elif kind == "Digits" and step.get("individual_digits"):
-            patterns.append(r"\p{N}")
-        elif kind == "Split" and "Regex" in step.get("pattern", {}) and step.get("behavior") == "Isolated":
-            if step.get("invert"):
-                return None, byte_level
-            patterns.append(step["pattern"]["Regex"])
-        else:
-            return None, byte_level
-    return tuple(patterns), byte_level
-
-
-def _vocab(tokenizer: Tokenizer, vocab_size: int, source: str) -> _Vocab:
-    """The tokenizer as llama.cpp's "gpt2" vocabulary, padded to the embedding's row count."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec.get("model") or {}
-    splits, byte_level = _split_patterns(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or not byte_level or model.get("byte_fallback"):
-        raise CheckpointError(
-            f"{source}: only byte-level BPE tokenizers can be exported to GGUF yet "
-            f"(this one is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
-            f"{'' if byte_level else ', not byte-level'})"
-        )
-    pre = _PRE_NAMES.get(splits) if splits is not None else None
-    if pre is None:
-        logger.warning(
-            "GGUF export: the tokenizer's pre-tokenizer matches no name llama.cpp knows; writing "
-            "tokenizer.ggml.pre 'default', so llama.cpp may split some text differently"
-        )
-        pre = "default"
-    normalizer = spec.get("normalizer")
-    if normalizer and normalizer.get("type") != "NFC":
-        logger.warning("GGUF export: the tokenizer's %s normalizer is not written", normalizer.get("type"))
-    ids: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    types = dict.fromkeys(ids, int(gguf.TokenType.NORMAL))
-    for added in spec.get("added_tokens") or []:
-        ids[int(added["id"])] = added["content"]
-        # Special tokens are control tokens (matched whole, dropped when decoding with specials
-        # skipped); other added tokens are user-defined (matched whole, kept as text).
-        types[int(added["id"])] = int(
-            gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-        )
-    if max(ids) >= vocab_size:
-        raise CheckpointError(
-            f"{source}: the tokenizer has token id {max(ids)} but the model's vocab_size is {vocab_size}; "
-            "the tokenizer and model do not match"
-        )
-    tokens, token_types = [], []
-    for i in range(vocab_size):
-        # llama.cpp needs one token per embedding row; unused rows get placeholder tokens, as its
-        # converter writes them.
-        tokens.append(ids.get(i, f"[PAD{i}]"))
-        token_types.append(types.get(i, int(gguf.TokenType.UNUSED)))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return _Vocab(tokens, token_types, merges, pre)
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, cfg: ModelConfig, source: str) -> str:
-    vocab = _vocab(tokenizer, cfg.vocab_size, source)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
-    config_eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.pad_token_id
-    unk = tokenizer.token_to_id(tokenizer.unk_token) if tokenizer.unk_token else None
-    for value, add in ((bos, writer.add_bos_token_id), (eos, writer.add_eos_token_id)):
-        if value is not None:
-            add(int(value))
-    for value, add in ((pad, writer.add_pad_token_id), (unk, writer.add_unk_token_id)):
-        if value is not None:
-            add(int(value))
-    writer.add_add_bos_token(bool(tokenizer.add_bos_token))
-    writer.add_add_eos_token(bool(tokenizer.add_eos_token))
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        writer.add_chat_template([{"name": k, "template": v} for k, v in template.items()])
-    elif template:
-        writer.add_chat_template(template)
-    return vocab.pre
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,10 +342,10 @@ def export_gguf(
     modelfile_body = modelfile_text(out.name, ckpt.tokenizer, ckpt.generation_config)
 
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+        writer = GGUFWriter(tmp, arch)
         _add_hparams(writer, cfg, model_name, int(QUANTS[quant][1]))
         mix.add_imatrix_metadata(writer)
-        pre = _add_tokenizer(writer, ckpt.tokenizer, cfg, source)
+        pre = add_tokenizer(writer, ckpt.tokenizer, cfg, source)
         counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
