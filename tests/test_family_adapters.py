@@ -1,4 +1,4 @@
-"""Qwen3, Phi-3, Gemma 2 and Gemma 3 through every path after loading: PEFT adapters both ways (Phi-3's
+"""Qwen3, Phi-3, Gemma 2, Gemma 3 and SmolLM3 through every path after loading: PEFT adapters both ways (Phi-3's
 keep its fused `qkv_proj`/`gate_up_proj` names), saving an HF directory transformers loads (also
 with a merged adapter), weight-only quantization (and its folder reloaded), and the CPU decode plan (the C step for Phi-3, a clean fallback
 to the PyTorch step for QK-norm and Gemma's block). Tiny random models built in the test."""
@@ -43,6 +43,10 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    "smollm3": (
+        transformers.SmolLM3Config,
+        dict(no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
 }
 
 
@@ -70,6 +74,7 @@ OURS_TO_PEFT = {
     "qwen3-all-linear": ("qwen3", LoraConfig(r=4, alpha=8)),
     "gemma3-all-linear": ("gemma3", LoraConfig(r=4, alpha=8)),
     "gemma2-all-linear": ("gemma2", LoraConfig(r=4, alpha=8)),
+    "smollm3-all-linear": ("smollm3", LoraConfig(r=4, alpha=8)),
     # Trained apart, q/k/v become one rank-12 qkv_proj (block-diagonal B) with its own alpha.
     "phi3-all-linear": ("phi3", LoraConfig(r=4, alpha=8)),
     # Only some parts of the fused projections, other ranks and rsLoRA scaling, one layer.
@@ -239,3 +244,11 @@ def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_
         ModelConfig.from_hf({**gemma, "use_bidirectional_attention": True}, source="g.json")
     with pytest.raises(ConfigError, match="model_type 'qwen2_moe' is not supported"):  # a shared expert
         ModelConfig.from_hf({**base, "model_type": "qwen2_moe"}, source="q.json")
+
+
+def test_info_names_the_layers_without_rope(family_dirs):
+    from weightsmith.checkpoint.load import inspect_checkpoint
+
+    assert inspect_checkpoint(family_dirs["smollm3"])["rope"] == "theta 2e+06, none on 1 of 2 layers"
+    assert inspect_checkpoint(family_dirs["qwen3"])["rope"].startswith("theta ")
+    assert "none on" not in inspect_checkpoint(family_dirs["qwen3"])["rope"]

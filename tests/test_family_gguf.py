@@ -47,6 +47,8 @@ FAMILIES = {
             final_logit_softcapping=2.0,
         ),
     ),
+    # llama.cpp's smollm3: Q/K permuted as llama's, every 4th layer without RoPE.
+    "smollm3": (transformers.SmolLM3Config, dict(num_hidden_layers=4, rope_theta=10000.0)),
 }
 IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # longer than the windows
 
@@ -119,7 +121,7 @@ def test_transformers_reads_our_export(family, sources, tmp_path):
     assert (_logits(hf.eval()) - _logits(src.model)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "smollm3"])
 def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
     """llama.cpp runs our F32 export and its logits are ours. For Gemma 2 the queries are scaled up
     first so that the attention cap (0.5) bends the scores: without it the logits move ~0.03,
@@ -164,9 +166,10 @@ def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
         ("gemma2", dict(final_logit_softcapping=None), r"final_logit_softcapping None .* assumes a cap"),
         ("gemma2", dict(tie_word_embeddings=False), "tie_word_embeddings False cannot be exported"),
         ("gemma2", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar 256 cannot be exported"),
+        ("smollm3", dict(no_rope_layer_interval=2), r"no_rope_layers \[1, 0, 1, 0\] cannot be exported"),
     ],
 )
-def test_gemma_settings_llama_cpp_cannot_express_are_refused(family, extra, message, tmp_path):
+def test_settings_llama_cpp_cannot_express_are_refused(family, extra, message, tmp_path):
     src = _source(tmp_path, family, **extra)
     with pytest.raises(CheckpointError, match=message):
         export_gguf(src, tmp_path / "out" / "m.gguf", "f16")

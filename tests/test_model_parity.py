@@ -107,9 +107,14 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    # SmolLM3: a layer without RoPE every 2nd (of 3: the middle one), GQA, tied embedding.
+    "smollm3": (
+        transformers.SmolLM3Config,
+        dict(no_rope_layer_interval=2, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
 }
 #: The families added after the first four (issue 21 and later), run through every test below.
-NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2", "smollm3"]
 
 
 def make_pair(name: str, seed: int = 0):

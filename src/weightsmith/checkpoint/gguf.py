@@ -9,8 +9,8 @@ What it does:
   in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
-(llama with experts), qwen3, qwen3moe, gemma2, gemma3 (text) and phi3 (name maps in gguf_names.py;
-what the Gemma graphs fix in code, gguf_gemma.py). The
+(llama with experts), qwen3, qwen3moe, gemma2, gemma3 (text), phi3 and smollm3 (name maps in
+gguf_names.py; what the Gemma graphs fix in code, gguf_gemma.py). The
 file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
 tensor being yielded is held in memory as floats.
 
@@ -44,7 +44,9 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
     GLOBAL_TENSORS,
     HF_ARCHITECTURES,
     NORM_SHIFTED,
+    PERMUTED_QK,
     SKIPPED_TENSORS,
+    SMOLLM3_NO_ROPE_EVERY,
     SUPPORTED_ARCHITECTURES,
     hf_tensor_name,
 )
@@ -251,6 +253,8 @@ def gguf_config(reader: GGUFFile) -> dict:
     }
     if arch in GEMMA_ARCHITECTURES:
         config.update(gemma_config(arch, config, lambda key, default: meta(reader, key, default)))
+    if arch == "smollm3":
+        config["no_rope_layer_interval"] = SMOLLM3_NO_ROPE_EVERY
     if experts:
         config["num_local_experts"] = experts
         config["num_experts_per_tok"] = require(reader, f"{arch}.expert_used_count")
@@ -410,7 +414,7 @@ def iter_gguf_tensors(
     plan = plan_tensors(reader)
     # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
     arch = require(reader, "general.architecture")
-    permuted = arch == "llama"
+    permuted = arch in PERMUTED_QK
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for tensor, hf_name in plan:
         if hf_name in skip:

@@ -25,10 +25,15 @@ ARCHITECTURE_MODEL_TYPES = {
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
+    "smollm3": "smollm3",
 }
 SUPPORTED_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"
+    "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3"
 )  # fmt: skip
+#: Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved ("normal") rope.
+PERMUTED_QK = ("llama", "smollm3")
+#: llama.cpp's smollm3 graph leaves every 4th layer without RoPE (fixed in its code).
+SMOLLM3_NO_ROPE_EVERY = 4
 #: llama.cpp's Gemma graphs: GeGLU, norm weights stored as 1 + w, settings fixed in code (gguf.py).
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 

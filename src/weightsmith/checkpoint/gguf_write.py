@@ -14,9 +14,11 @@ What it does:
 Architectures: llama, mistral and mixtral (written as llama, as llama.cpp's converter does), qwen2,
 qwen3, qwen3moe (experts stacked into merged `ffn_*_exps` tensors, gguf_experts.py), gemma2 and
 gemma3 (norms stored as 1 + w; gemma2's two soft-caps written; refused unless the model has what
-llama.cpp's graph fixes in code, gguf_gemma.py) and phi3 (q/k/v and gate/up stacked back into
-attn_qkv and ffn_up). gemma2, gemma3 and phi3 files carry the sliding window; for llama and qwen2, whose llama.cpp graphs have none, the context length is
-capped at the window instead, so the file computes exactly what the model does within it.
+llama.cpp's graph fixes in code, gguf_gemma.py), phi3 (q/k/v and gate/up stacked back into
+attn_qkv and ffn_up) and smollm3 (Q/K permuted as llama's; every 4th layer without RoPE, as its
+graph fixes). gemma2, gemma3 and phi3 files carry the sliding window; for llama and qwen2, whose
+llama.cpp graphs have none, the context length is capped at the window instead, so the file
+computes exactly what the model does within it.
 
 With an importance matrix (checkpoint/imatrix.py) the quantizer's fits are weighted by it.
 
@@ -45,6 +47,8 @@ from weightsmith.checkpoint.gguf_names import (
     GEMMA_ARCHITECTURES,
     GLOBAL_TENSORS,
     NORM_SHIFTED,
+    PERMUTED_QK,
+    SMOLLM3_NO_ROPE_EVERY,
     block_tensors,
     expert_tensors,
 )
@@ -72,6 +76,7 @@ ARCHITECTURES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "smollm3": "smollm3",
 }
 #: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
 _SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
@@ -145,6 +150,13 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
         )
     if arch in GEMMA_ARCHITECTURES:
         check_gemma(cfg, arch, source)
+    if arch == "smollm3":
+        every = SMOLLM3_NO_ROPE_EVERY
+        if cfg.no_rope_layers != [int((i + 1) % every != 0) for i in range(cfg.num_hidden_layers)]:
+            raise CheckpointError(
+                f"{source}: no_rope_layers {cfg.no_rope_layers} cannot be exported; llama.cpp's smollm3 "
+                f"graph leaves every {every}th layer without RoPE"
+            )
     check_experts(cfg, source)
     if cfg.rope_type not in ("default", "linear", "llama3"):
         raise CheckpointError(
@@ -249,7 +261,7 @@ def _add_tensors(
             raise CheckpointError(f"{source}: {hf_name} holds NaN or infinite values; it cannot be exported")
         proj = hf_name.rsplit(".", 2)[-2]
         # ggml's llama rope needs the pair-interleaved row order; the others use NEOX rope (HF order).
-        if arch == "llama" and proj in heads:
+        if arch in PERMUTED_QK and proj in heads:
             w = permute_qk(w, heads[proj])
         if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp's Gemma norms scale by the stored weight: store 1 + w

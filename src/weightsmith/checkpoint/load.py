@@ -175,6 +175,9 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         license_name = None
     rope = f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_type} scaling" if cfg.rope_scaling else "")
+    nope = [i for i in range(cfg.num_hidden_layers) if not cfg.rope_layer(i)]
+    if nope:
+        rope += f", none on {len(nope)} of {cfg.num_hidden_layers} layers"
     return {
         "path": str(path),
         "format": fmt,

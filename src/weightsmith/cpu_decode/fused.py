@@ -298,12 +298,14 @@ def cache_fits(cache: KVCache) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention;
-    not QK-norm or Gemma's block, which decode on the PyTorch path)."""
+    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention
+    with RoPE on every layer; not QK-norm, Gemma's block or SmolLM3's NoPE layers, which decode on
+    the PyTorch path)."""
     cfg = model.config
     return (
         not cfg.family.moe
         and not (cfg.family.qk_norm or cfg.family.gemma)
+        and all(cfg.rope_layer(i) for i in range(cfg.num_hidden_layers))
         and cfg.hidden_act in ("silu", "swish")
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _float_cpu(model.model.embed_tokens.weight)

@@ -153,7 +153,8 @@ class PackedAttention(Attention):
         heads = self.n_heads + self.n_kv
         y = group.matmul(x)  # (B, T, (H + 2 Hkv) D): [q | k | v]
         qk = y[..., : heads * self.head_dim].view(b, t, heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qk, *a.cos_sin(self.layer_type))  # (B, H + Hkv, T, D)
+        if self.rotary:
+            qk = apply_rope(qk, *a.cos_sin(self.layer_type))  # (B, H + Hkv, T, D)
         v = y[..., heads * self.head_dim :].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return qk[:, : self.n_heads], qk[:, self.n_heads :], v
 

@@ -183,6 +183,8 @@ class HookedAttention(_Hooked):
         state = self._ws_state
         if not state.wants(self._ws_prefix + name):
             return x
+        if not self.rotary:  # a NoPE layer (SmolLM3): never turned
+            return _heads_last(self._hook(name, _heads_last(x)))
         # apply_rope multiplies by s*R(theta), s the RoPE attention factor: undo with R(-theta)/s^2.
         plain = apply_rope(x, a.cos, -a.sin) / (a.cos * a.cos + a.sin * a.sin)
         out = self._hook(name, _heads_last(plain))

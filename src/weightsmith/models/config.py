@@ -3,7 +3,7 @@
 Field names are exactly the ones in a Hugging Face `config.json` (`hidden_size`,
 `num_key_value_heads`, `rope_theta`, ...), so a config is read with no key map and
 written back in a form transformers loads. The family (`model_type`) only chooses
-defaults from the plain `FAMILIES` dict below; the model itself is one class.
+defaults from the plain `FAMILIES` dict (families.py); the model itself is one class.
 
 Not here: reading files (see `weightsmith.checkpoint`), the model (see `model.py`),
 RoPE math (see `rope.py`).
@@ -17,132 +17,10 @@ from typing import Any
 
 from weightsmith.errors import ConfigError
 from weightsmith.models.activations import ACTIVATIONS
+from weightsmith.models.families import FAMILIES, QWEN_MOE_FIELDS, Family
 
+__all__ = ["FAMILIES", "Family", "ModelConfig"]
 
-@dataclass(frozen=True)
-class Family:
-    """What differs between supported families, as config defaults and HF class names."""
-
-    architecture: str
-    attention_bias: bool = False
-    default_rope_theta: float = 10000.0
-    #: Whether `sliding_window` applies to every layer when set (Mistral, Mixtral) or
-    #: only when `use_sliding_window` is true, from `max_window_layers` on (Qwen2).
-    sliding_window_needs_flag: bool = False
-    #: A sparse mixture of experts in the layout named in `MOE_LAYOUTS` ("": a dense MLP).
-    moe: str = ""
-    #: Our fields that transformers' config class for the family does not define: `to_hf`
-    #: leaves them out while they hold what that class assumes (an unknown key can break
-    #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
-    hf_absent: tuple[str, ...] = ()
-    #: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
-    qk_norm: bool = False
-    #: Gemma's block: RMSNorm scales by (1 + weight), the embedding is multiplied by
-    #: sqrt(hidden_size), and the attention and feed-forward outputs are normed again
-    #: (`post_attention_layernorm`, `pre_/post_feedforward_layernorm`) before the residual.
-    gemma: bool = False
-    #: Gemma, without `layer_types`: every this-many-th layer is global, the others slide
-    #: (transformers' `sliding_window_pattern` default: 2 in Gemma 2, 6 in Gemma 3).
-    global_every: int = 6
-    #: Gemma 3: sliding layers turn RoPE with their own base (`rope_local_base_freq`).
-    local_rope: bool = False
-    #: Checkpoint tensors that hold several of our projections stacked by rows (Phi-3's
-    #: `qkv_proj`, `gate_up_proj`): split when loading, stacked again when saving.
-    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    #: config.json's name for `hidden_act` in transformers' class for the family.
-    act_key: str = "hidden_act"
-
-    @property
-    def moe_block(self) -> str:
-        """The layer's attribute holding its experts (`block_sparse_moe` or `mlp`)."""
-        return MOE_LAYOUTS[self.moe][0]
-
-    @property
-    def expert_names(self) -> tuple[str, str, str]:
-        """An expert's (gate, up, down) projection names in the checkpoint."""
-        return MOE_LAYOUTS[self.moe][1]
-
-
-#: Where a layer keeps its experts and an expert's (gate, up, down) names, by layout:
-#: Mixtral's `block_sparse_moe.experts.3.w1`, Qwen-MoE's `mlp.experts.3.gate_proj`. The router
-#: is `gate` in both. Qwen-MoE also has fields of its own (`moe_intermediate_size`,
-#: `norm_topk_prob`, dense layers by `mlp_only_layers` and `decoder_sparse_step`).
-MOE_LAYOUTS: dict[str, tuple[str, tuple[str, str, str]]] = {
-    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-}
-#: Qwen-MoE's config fields and the values a Mixtral model has (transformers' Mixtral lacks them).
-QWEN_MOE_FIELDS = {
-    "moe_intermediate_size": None,
-    "norm_topk_prob": True,
-    "mlp_only_layers": [],
-    "decoder_sparse_step": 1,
-}
-
-
-#: Supported families. Adding a family that only differs by these flags is one line here.
-FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM", hf_absent=("layer_types", "sliding_window")),
-    "mistral": Family(
-        "MistralForCausalLM",
-        default_rope_theta=10000.0,
-        hf_absent=("layer_types", "attention_bias", "mlp_bias"),
-    ),
-    "qwen2": Family(
-        "Qwen2ForCausalLM",
-        attention_bias=True,
-        default_rope_theta=10000.0,
-        sliding_window_needs_flag=True,
-        hf_absent=("attention_bias", "mlp_bias", "head_dim"),
-    ),
-    "mixtral": Family(
-        "MixtralForCausalLM",
-        default_rope_theta=1e6,
-        moe="mixtral",
-        hf_absent=("layer_types", "attention_bias", "mlp_bias", *QWEN_MOE_FIELDS),
-    ),
-    "qwen3": Family(
-        "Qwen3ForCausalLM",
-        default_rope_theta=10000.0,
-        sliding_window_needs_flag=True,
-        hf_absent=("mlp_bias",),
-        qk_norm=True,
-    ),
-    # Qwen3's attention with Qwen-MoE experts: no shared expert, a window (if any) on every layer.
-    "qwen3_moe": Family(
-        "Qwen3MoeForCausalLM",
-        default_rope_theta=10000.0,
-        sliding_window_needs_flag=True,
-        moe="qwen",
-        hf_absent=("mlp_bias", "layer_types", "head_dim"),
-        qk_norm=True,
-    ),
-    # Gemma 2: Gemma 3's block without QK-norm, one RoPE base, attention scores soft-capped.
-    "gemma2": Family(
-        "Gemma2ForCausalLM",
-        hf_absent=("mlp_bias",),
-        gemma=True,
-        global_every=2,
-        act_key="hidden_activation",
-    ),
-    "gemma3_text": Family(
-        "Gemma3ForCausalLM",
-        default_rope_theta=1e6,
-        hf_absent=("mlp_bias",),
-        qk_norm=True,
-        gemma=True,
-        local_rope=True,
-        act_key="hidden_activation",
-    ),
-    "phi3": Family(
-        "Phi3ForCausalLM",
-        hf_absent=("layer_types", "attention_bias", "mlp_bias", "head_dim"),
-        fused=(
-            ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-        ),
-    ),
-}
 
 #: RoPE scaling types we implement (see rope.py). "default" means no scaling.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -201,6 +79,8 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     #: Gemma 3: the RoPE base of sliding-window layers (None: rope_theta, as full layers).
     rope_local_base_freq: float | None = None
+    #: SmolLM3: per layer, 1 where queries and keys turn with RoPE, 0 where not (empty: all turn).
+    no_rope_layers: list[int] = field(default_factory=list)
 
     @property
     def family(self) -> Family:
@@ -232,6 +112,10 @@ class ModelConfig:
         mlp = sparse * experts + (self.num_hidden_layers - sparse) * 3 * h * i
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + mlp + embed + h
+
+    def rope_layer(self, index: int) -> bool:
+        """Whether layer `index` turns its queries and keys with RoPE (all but SmolLM3's NoPE layers)."""
+        return not self.no_rope_layers or bool(self.no_rope_layers[index])
 
     def sparse_layer(self, index: int) -> bool:
         """Whether layer `index` routes through experts (else it has a dense MLP)."""
@@ -269,6 +153,7 @@ class ModelConfig:
         rope_theta, rope_scaling, local_theta = _read_rope(data, fam, source)
         n_layers = data["num_hidden_layers"]
         _refuse_unsupported(data, source)
+        no_rope = _read_no_rope_layers(data, fam, n_layers, source)
         cfg = cls(
             model_type=model_type,
             vocab_size=data["vocab_size"],
@@ -286,13 +171,14 @@ class ModelConfig:
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             attention_bias=bool(data.get("attention_bias", fam.attention_bias)),
             mlp_bias=bool(data.get("mlp_bias", False)),
-            layer_types=_read_layer_types(data, fam, n_layers, source),
+            layer_types=_read_layer_types(data, fam, n_layers, source, no_rope),
             sliding_window=data.get("sliding_window"),
             bos_token_id=data.get("bos_token_id"),
             eos_token_id=data.get("eos_token_id"),
             pad_token_id=data.get("pad_token_id"),
             torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
             rope_local_base_freq=local_theta,
+            no_rope_layers=no_rope,
             **_gemma_fields(data, fam, source),
             **_moe_fields(data, fam, source),
         )
@@ -348,6 +234,8 @@ class ModelConfig:
                 d.pop(key)
         if not self.family.local_rope:
             d.pop("rope_local_base_freq")
+        if not self.family.nope:
+            d.pop("no_rope_layers")
         # What transformers assumes for a key its config class lacks (then the key can go).
         assumed = {
             "layer_types": _read_layer_types(
@@ -474,7 +362,26 @@ def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
         )
 
 
-def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: str) -> list[str]:
+def _read_no_rope_layers(data: dict[str, Any], fam: Family, n_layers: int, source: str) -> list[int]:
+    """SmolLM3's per-layer RoPE flags: as listed, or 0 for every `no_rope_layer_interval`-th layer."""
+    if not fam.nope:
+        return []
+    given = data.get("no_rope_layers")
+    if given is None:
+        every = data.get("no_rope_layer_interval") or 4
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(
+                f"{source}: field 'no_rope_layer_interval' must be a positive integer, got {every!r}"
+            )
+        return [int((i + 1) % every != 0) for i in range(n_layers)]
+    if not isinstance(given, list) or len(given) != n_layers or any(v not in (0, 1) for v in given):
+        raise ConfigError(f"{source}: no_rope_layers must list {n_layers} entries of 0 or 1")
+    return [int(v) for v in given]
+
+
+def _read_layer_types(
+    data: dict[str, Any], fam: Family, n_layers: int, source: str, no_rope: list[int] | None = None
+) -> list[str]:
     """Which layers use sliding-window attention, following each family's rule."""
     given = data.get("layer_types")
     if given:
@@ -492,6 +399,8 @@ def _read_layer_types(data: dict[str, Any], fam: Family, n_layers: int, source: 
     if fam.sliding_window_needs_flag:
         if not data.get("use_sliding_window", False):
             return ["full_attention"] * n_layers
+        if fam.nope:  # SmolLM3 windows its NoPE layers
+            return ["full_attention" if rope else "sliding_attention" for rope in no_rope or [1] * n_layers]
         # Qwen2 and Qwen3 window the layers from max_window_layers on; Qwen3-MoE every layer.
         first = 0 if fam.moe else data.get("max_window_layers", n_layers)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]

@@ -1,5 +1,5 @@
 """The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE,
-Phi-3, Gemma 2 and Gemma 3 families.
+Phi-3, Gemma 2, Gemma 3 and SmolLM3 families.
 
 One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
 RoPE, RMSNorm, SwiGLU MLP or a sparse mixture of SwiGLU experts) -> RMSNorm -> LM
@@ -7,7 +7,7 @@ head. Module and parameter names are the checkpoint's (`model.layers.0.self_attn
 q_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`, Qwen3-MoE's `mlp.experts.3.
 gate_proj.weight`), so HF state dicts and PEFT adapters line up with no key map. The families
 differ only by the closed set of flags in `config.Family` and `ModelConfig`: QK-norm (Qwen3,
-Gemma 3); the experts' layout, width, top-k renormalisation and dense layers; Gemma's (1 + w) norms, scaled
+Gemma 3); layers without RoPE (SmolLM3); the experts' layout, width, top-k renormalisation and dense layers; Gemma's (1 + w) norms, scaled
 embedding, norms after attention and feed-forward, query scale, per-layer-type RoPE base and
 soft-capping of the logits and (Gemma 2) of the attention scores. Phi-3's fused checkpoint tensors are split at load (checkpoint/build.py).
 
@@ -94,6 +94,8 @@ class Attention(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.layer_type = cfg.layer_types[layer_idx]
+        #: Whether queries and keys turn with RoPE (not in SmolLM3's NoPE layers).
+        self.rotary = cfg.rope_layer(layer_idx)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         bias = cfg.attention_bias
         self.q_proj = Linear(cfg.hidden_size, q_out, bias=bias)
@@ -137,6 +139,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if not self.rotary:
+            return q, k, v
         cos, sin = a.cos_sin(self.layer_type)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

@@ -1,0 +1,148 @@
+"""The supported families (`model_type`) and what differs between them, as a closed set of flags.
+
+Each `Family` holds config defaults, transformers' class name and the flags the one model class
+reads (QK-norm, Gemma's block, layers without RoPE, the experts' layout, fused checkpoint
+tensors, ...). Adding a family that only differs by these flags is one entry in `FAMILIES`.
+
+Not here: reading and writing config.json (config.py), the model (model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between supported families, as config defaults and HF class names."""
+
+    architecture: str
+    attention_bias: bool = False
+    default_rope_theta: float = 10000.0
+    #: Whether `sliding_window` applies to every layer when set (Mistral, Mixtral) or
+    #: only when `use_sliding_window` is true, from `max_window_layers` on (Qwen2).
+    sliding_window_needs_flag: bool = False
+    #: A sparse mixture of experts in the layout named in `MOE_LAYOUTS` ("": a dense MLP).
+    moe: str = ""
+    #: Our fields that transformers' config class for the family does not define: `to_hf`
+    #: leaves them out while they hold what that class assumes (an unknown key can break
+    #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
+    hf_absent: tuple[str, ...] = ()
+    #: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norm: bool = False
+    #: Gemma's block: RMSNorm scales by (1 + weight), the embedding is multiplied by
+    #: sqrt(hidden_size), and the attention and feed-forward outputs are normed again
+    #: (`post_attention_layernorm`, `pre_/post_feedforward_layernorm`) before the residual.
+    gemma: bool = False
+    #: Gemma, without `layer_types`: every this-many-th layer is global, the others slide
+    #: (transformers' `sliding_window_pattern` default: 2 in Gemma 2, 6 in Gemma 3).
+    global_every: int = 6
+    #: Gemma 3: sliding layers turn RoPE with their own base (`rope_local_base_freq`).
+    local_rope: bool = False
+    #: SmolLM3: some layers attend without RoPE ("NoPE"), listed by `no_rope_layers`.
+    nope: bool = False
+    #: Checkpoint tensors that hold several of our projections stacked by rows (Phi-3's
+    #: `qkv_proj`, `gate_up_proj`): split when loading, stacked again when saving.
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: config.json's name for `hidden_act` in transformers' class for the family.
+    act_key: str = "hidden_act"
+
+    @property
+    def moe_block(self) -> str:
+        """The layer's attribute holding its experts (`block_sparse_moe` or `mlp`)."""
+        return MOE_LAYOUTS[self.moe][0]
+
+    @property
+    def expert_names(self) -> tuple[str, str, str]:
+        """An expert's (gate, up, down) projection names in the checkpoint."""
+        return MOE_LAYOUTS[self.moe][1]
+
+
+#: Where a layer keeps its experts and an expert's (gate, up, down) names, by layout:
+#: Mixtral's `block_sparse_moe.experts.3.w1`, Qwen-MoE's `mlp.experts.3.gate_proj`. The router
+#: is `gate` in both. Qwen-MoE also has fields of its own (`moe_intermediate_size`,
+#: `norm_topk_prob`, dense layers by `mlp_only_layers` and `decoder_sparse_step`).
+MOE_LAYOUTS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+#: Qwen-MoE's config fields and the values a Mixtral model has (transformers' Mixtral lacks them).
+QWEN_MOE_FIELDS = {
+    "moe_intermediate_size": None,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
+    "decoder_sparse_step": 1,
+}
+
+
+#: Supported families. Adding a family that only differs by these flags is one line here.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", hf_absent=("layer_types", "sliding_window")),
+    "mistral": Family(
+        "MistralForCausalLM",
+        default_rope_theta=10000.0,
+        hf_absent=("layer_types", "attention_bias", "mlp_bias"),
+    ),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        attention_bias=True,
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        hf_absent=("attention_bias", "mlp_bias", "head_dim"),
+    ),
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        default_rope_theta=1e6,
+        moe="mixtral",
+        hf_absent=("layer_types", "attention_bias", "mlp_bias", *QWEN_MOE_FIELDS),
+    ),
+    "qwen3": Family(
+        "Qwen3ForCausalLM",
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        hf_absent=("mlp_bias",),
+        qk_norm=True,
+    ),
+    # Qwen3's attention with Qwen-MoE experts: no shared expert, a window (if any) on every layer.
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM",
+        default_rope_theta=10000.0,
+        sliding_window_needs_flag=True,
+        moe="qwen",
+        hf_absent=("mlp_bias", "layer_types", "head_dim"),
+        qk_norm=True,
+    ),
+    # Gemma 2: Gemma 3's block without QK-norm, one RoPE base, attention scores soft-capped.
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        hf_absent=("mlp_bias",),
+        gemma=True,
+        global_every=2,
+        act_key="hidden_activation",
+    ),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        default_rope_theta=1e6,
+        hf_absent=("mlp_bias",),
+        qk_norm=True,
+        gemma=True,
+        local_rope=True,
+        act_key="hidden_activation",
+    ),
+    # SmolLM3: Llama's block; every `no_rope_layer_interval`-th layer (4) without RoPE.
+    "smollm3": Family(
+        "SmolLM3ForCausalLM",
+        default_rope_theta=2e6,
+        sliding_window_needs_flag=True,
+        hf_absent=("head_dim",),
+        nope=True,
+    ),
+    "phi3": Family(
+        "Phi3ForCausalLM",
+        hf_absent=("layer_types", "attention_bias", "mlp_bias", "head_dim"),
+        fused=(
+            ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+    ),
+}
