@@ -58,7 +58,10 @@ class _Proj(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("norm1", _ptr), ("norm2", _ptr)] + [(p, _Proj) for p in PROJECTIONS] + [("window", _i64)]
+    _fields_ = [("norm1", _ptr), ("norm2", _ptr)] + [(p, _Proj) for p in PROJECTIONS] + [
+        ("window", _i64),
+        ("rope", _i64),
+    ]
 
 
 class _Model(ctypes.Structure):
@@ -204,6 +207,7 @@ class FusedDecode:
             layers[i].norm2 = self._norm(block.post_attention_layernorm)
             windowed = cfg.layer_types[i] == "sliding_attention"
             layers[i].window = cfg.sliding_window if windowed and cfg.sliding_window else 0
+            layers[i].rope = int(cfg.rope_layer(i))
         head = _proj(model.lm_head, self.keep, self.copies)
         if head is None or self.ok is False:
             self.ok = False
@@ -298,14 +302,13 @@ def cache_fits(cache: KVCache) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention
-    with RoPE on every layer; not QK-norm, Gemma's block or SmolLM3's NoPE layers, which decode on
-    the PyTorch path)."""
+    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention,
+    with or without RoPE on each layer; not QK-norm or Gemma's block, which decode on the PyTorch
+    path)."""
     cfg = model.config
     return (
         not cfg.family.moe
         and not (cfg.family.qk_norm or cfg.family.gemma)
-        and all(cfg.rope_layer(i) for i in range(cfg.num_hidden_layers))
         and cfg.hidden_act in ("silu", "swish")
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _float_cpu(model.model.embed_tokens.weight)

@@ -1,4 +1,4 @@
-/* One decode step of a dense Llama-family model (Llama, Mistral, Qwen2) on the CPU, in C.
+/* One decode step of a dense Llama-family model (Llama, Mistral, Qwen2, Phi-3, SmolLM3) on the CPU, in C.
  *
  * Decoding one token per row spends most of its time, at small batch, in the hundreds of
  * small tensor operations around the matmuls (norms, RoPE, cache writes, attention,
@@ -9,7 +9,8 @@
  *
  * Per layer, for every row b at position pos[b]:
  *   h = rmsnorm(x) * norm1;  q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)
- *   q, k = rope(q), rope(k) with row pos[b] of the caller's cos/sin tables (halves layout)
+ *   q, k = rope(q), rope(k) with row pos[b] of the caller's cos/sin tables (halves layout),
+ *          except in a layer without RoPE (SmolLM3's NoPE layers: L->rope == 0)
  *   cache[layer, b, :, pos[b]] = k, v  (rounded to bf16 in a bf16 cache, as a bf16 model's is)
  *   attention of each query head over its key/value head's entries lo..pos[b], where
  *   lo = pos[b] - window + 1 for a sliding-window layer (else 0), scale 1/sqrt(D)
@@ -31,6 +32,7 @@ typedef struct {
     const float *norm1, *norm2;
     ws_proj q, k, v, o, gate, up, down;
     int64_t window; /* 0: the layer attends over the whole prefix */
+    int64_t rope;   /* 1: q and k turn with RoPE; 0: they do not (SmolLM3's NoPE layers) */
 } ws_layer;
 
 typedef struct {
@@ -399,9 +401,10 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         if (ws_projs_matmul(qkv, 3, h, B, qkv_out, &act)) goto oom;
         for (int64_t b = 0; b < B; b++) {
             const float *cb = cos + pos[b] * D, *sb = sin + pos[b] * D;
-            for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, D);
+            if (L->rope)
+                for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, D);
             for (int64_t i = 0; i < m->n_kv; i++) {
-                rope(k + b * kvn + i * D, cb, sb, D);
+                if (L->rope) rope(k + b * kvn + i * D, cb, sb, D);
                 const int64_t at = l * m->s_layer + b * m->s_row + i * m->s_head + pos[b] * m->s_pos;
                 kv_store(m, m->k_cache, at, k + b * kvn + i * D, D);
                 kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
