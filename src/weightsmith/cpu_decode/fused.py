@@ -58,10 +58,14 @@ class _Proj(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("norm1", _ptr), ("norm2", _ptr)] + [(p, _Proj) for p in PROJECTIONS] + [
-        ("window", _i64),
-        ("rope", _i64),
-    ]
+    _fields_ = (
+        [("norm1", _ptr), ("norm2", _ptr)]
+        + [(p, _Proj) for p in PROJECTIONS]
+        + [
+            ("window", _i64),
+            ("rope", _i64),
+        ]
+    )
 
 
 class _Model(ctypes.Structure):
