@@ -83,6 +83,23 @@ def test_direct_logit_attribution_sums_to_the_logit(model) -> None:
     assert dla.total() == pytest.approx(dla.logit, abs=1e-4)
 
 
+@pytest.mark.parametrize("name", ["gemma3", "gemma3-softcap", "gemma2"])
+def test_direct_logit_attribution_through_gemmas_norms(name) -> None:
+    """Gemma: the embedding scaled by sqrt(hidden), (1 + w) norms, each head through the attention's
+    output norm (its scale frozen), the final soft-cap left out: the parts still sum to the logit
+    before the cap, which is the model's own capped logit undone, and the heads to their block."""
+    gemma = make_pair(name, seed=3)[1]
+    dla = direct_logit_attribution(gemma, CLEAN, 7, contrast=9)
+    assert dla.total() == pytest.approx(dla.logit, abs=1e-4)
+    torch.testing.assert_close(dla.heads.sum(1), dla.attn, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        out = gemma(torch.tensor([CLEAN]))[0, -1].double()
+    cap = gemma.config.final_logit_softcapping
+    if cap is not None:
+        out = cap * torch.atanh(out / cap)
+    assert dla.logit == pytest.approx(float(out[7] - out[9]), abs=1e-4)
+
+
 def test_attention_patterns_are_causal_distributions(model) -> None:
     pat = attention_patterns(model, CLEAN)
     assert pat.shape == (3, 4, len(CLEAN), len(CLEAN))

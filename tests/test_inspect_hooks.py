@@ -116,6 +116,27 @@ def test_add_replace_and_project_out() -> None:
     assert along.abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["gemma3", "gemma2", "smollm3"])
+def test_queries_before_rope_and_gemmas_output_norms(name: str) -> None:
+    """`hook_q` is each layer's query before RoPE: QK-normed (Gemma 3), unturned with the sliding
+    layers' own RoPE base (Gemma 3's layers 0 and 2), or never turned (SmolLM3's NoPE layer);
+    replaced by itself it changes nothing. Gemma's output norms have their own hooks."""
+    _, model = make_pair(name)
+    _, cache = run_hooked(model, IDS, keep="all")
+    gemma = name.startswith("gemma")
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(cache[f"blocks.{i}.hook_resid_pre"])
+            q = attn.q_proj(x).view(*x.shape[:2], attn.n_heads, attn.head_dim)
+            q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
+            torch.testing.assert_close(cache[f"blocks.{i}.attn.hook_q"], q, atol=1e-5, rtol=1e-5)
+            assert (f"blocks.{i}.ln2_post.hook_normalized" in cache) is gemma
+    edits = {f"blocks.{i}.attn.hook_q": Replace(cache[f"blocks.{i}.attn.hook_q"]) for i in range(3)}
+    logits, _ = run_hooked(model, IDS, edits=edits)
+    torch.testing.assert_close(logits, _plain(model), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_names_and_selections_are_one_line() -> None:
     _, model = make_pair("llama")
     with pytest.raises(

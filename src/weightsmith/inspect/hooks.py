@@ -17,6 +17,10 @@ Hook points, shapes as TransformerLens's (B batch, T tokens, S keys, H heads, D 
 `attn.hook_rot_k` (B, T, Hkv, D), `attn.hook_attn_scores`, `attn.hook_pattern` (B, H, T, S),
 `attn.hook_z` (B, T, H, D); `mlp.hook_pre`, `mlp.hook_pre_linear`, `mlp.hook_post`
 (B, T, intermediate; dense MLPs only); and `ln_final.hook_scale` / `ln_final.hook_normalized`.
+Gemma's blocks norm each output too: `ln1_post.` and `ln2_post.` hooks (before `hook_attn_out`
+and `hook_mlp_out`, which are the normed outputs), `ln2.` being its pre-feed-forward norm;
+`attn.hook_attn_scores` are Gemma 2's after its cap; `hook_embed` is before Gemma's sqrt(hidden)
+scale (`blocks.0.hook_resid_pre` after it).
 `hook_q`/`hook_k` are before RoPE: they are recovered from the rotated values by the inverse
 rotation (exact up to rounding), so whatever a family does before RoPE is kept.
 
@@ -64,12 +68,29 @@ class InspectError(ConfigError):
     """A hook name, direction, layer or prompt set the inspect tools cannot use."""
 
 
+#: Gemma's norms on the attention and MLP outputs (TransformerLens's `ln1_post`, `ln2_post`): their
+#: hooks, by the hook they come just before.
+GEMMA_HOOKS = {
+    "hook_attn_out": ("ln1_post.hook_scale", "ln1_post.hook_normalized"),
+    "hook_mlp_out": ("ln2_post.hook_scale", "ln2_post.hook_normalized"),
+}
+
+
+def _layer_hooks(layer: nn.Module) -> list[str]:
+    dense = isinstance(getattr(layer, "mlp", None), MLP)
+    gemma = hasattr(layer, "pre_feedforward_layernorm")
+    names: list[str] = []
+    for name in LAYER_HOOKS:
+        if dense or not name.startswith("mlp."):
+            names += [*(GEMMA_HOOKS.get(name, ()) if gemma else ()), name]
+    return names
+
+
 def hook_names(model: CausalLM) -> list[str]:
     """Every hook point of `model`, in the order a forward pass reaches them."""
     names = ["hook_embed"]
     for i, layer in enumerate(model.model.layers):
-        dense = isinstance(getattr(layer, "mlp", None), MLP)
-        names += [f"blocks.{i}.{n}" for n in LAYER_HOOKS if dense or not n.startswith("mlp.")]
+        names += [f"blocks.{i}.{n}" for n in _layer_hooks(layer)]
     return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
 
 
@@ -126,11 +147,17 @@ class _Hooked:
 
 class HookedLayer(_Hooked):
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        gemma = hasattr(self, "pre_feedforward_layernorm")  # Gemma norms each output too
         x = self._hook("hook_resid_pre", x)
-        attn_out = self._hook("hook_attn_out", self.self_attn(self.input_layernorm(x), a))
+        attn = self.self_attn(self.input_layernorm(x), a)
+        attn_out = self._hook("hook_attn_out", self.post_attention_layernorm(attn) if gemma else attn)
         x = self._hook("hook_resid_mid", x + attn_out)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        mlp_out = self._hook("hook_mlp_out", ffn(self.post_attention_layernorm(x)))
+        if gemma:
+            mlp = self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(x)))
+        else:
+            mlp = ffn(self.post_attention_layernorm(x))
+        mlp_out = self._hook("hook_mlp_out", mlp)
         return self._hook("hook_resid_post", x + mlp_out)
 
 
@@ -138,7 +165,10 @@ class HookedNorm(_Hooked):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         scale = self._hook("hook_scale", (x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # (B, T, 1)
-        return self.weight * self._hook("hook_normalized", x32 / scale).to(x.dtype)
+        normalized = self._hook("hook_normalized", x32 / scale)
+        if self.offset:  # Gemma's (1 + w), in fp32
+            return (normalized * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normalized.to(x.dtype)
 
 
 class HookedMLP(_Hooked):
@@ -170,6 +200,8 @@ class HookedAttention(_Hooked):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+        if self.softcap is not None:  # Gemma 2's cap, before the mask (TransformerLens's order too)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         visible = _visible(a.masks[self.layer_type], a.is_causal, t, k.shape[2], x.device)
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
@@ -186,9 +218,10 @@ class HookedAttention(_Hooked):
         if not self.rotary:  # a NoPE layer (SmolLM3): never turned
             return _heads_last(self._hook(name, _heads_last(x)))
         # apply_rope multiplies by s*R(theta), s the RoPE attention factor: undo with R(-theta)/s^2.
-        plain = apply_rope(x, a.cos, -a.sin) / (a.cos * a.cos + a.sin * a.sin)
+        cos, sin = a.cos_sin(self.layer_type)  # Gemma 3's sliding layers have their own base
+        plain = apply_rope(x, cos, -sin) / (cos * cos + sin * sin)
         out = self._hook(name, _heads_last(plain))
-        return apply_rope(_heads_last(out), a.cos, a.sin) if self._ws_prefix + name in state.edits else x
+        return apply_rope(_heads_last(out), cos, sin) if self._ws_prefix + name in state.edits else x
 
 
 def _visible(
@@ -229,13 +262,12 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
         (RMSNorm, HookedNorm),
     )
     for i, layer in enumerate(model.model.layers):
+        parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1.")]
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's norms around each output
-            raise InspectError(
-                f"hook points are not available for {model.config.model_type} models yet (their "
-                "blocks norm the attention and MLP outputs); trace a Llama, Mistral, Qwen or Phi-3 model"
-            )
-        parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1."),
-                 (layer.post_attention_layernorm, "ln2.")]  # fmt: skip
+            parts += [(layer.post_attention_layernorm, "ln1_post."), (layer.pre_feedforward_layernorm, "ln2."),
+                      (layer.post_feedforward_layernorm, "ln2_post.")]  # fmt: skip
+        else:
+            parts.append((layer.post_attention_layernorm, "ln2."))
         if hasattr(layer, "mlp") and not isinstance(layer.mlp, SparseMoE):  # experts: no MLP hooks
             parts.append((layer.mlp, "mlp."))
         for module, sub in parts:

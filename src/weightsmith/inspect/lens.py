@@ -72,7 +72,7 @@ class LogitAttribution:
     position: int
     target: int
     contrast: int | None
-    logit: float  # the model's own logit (difference)
+    logit: float  # the model's own logit (difference), before a final soft-cap (Gemma 2)
     embed: float
     attn: torch.Tensor  # (L,) each attention block, biases included
     mlp: torch.Tensor  # (L,) each MLP
@@ -84,11 +84,19 @@ class LogitAttribution:
         return self.embed + float(self.attn.sum()) + float(self.mlp.sum()) + self.bias
 
 
+def _through(norm: torch.nn.Module, parts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """parts (N, h) through an RMSNorm whose scale is frozen at `scale` (linear, so the parts of a
+    sum give the parts of its norm); Gemma's norms multiply by (1 + w) in fp32."""
+    if norm.offset:
+        return ((parts.float() / scale) * (1.0 + norm.weight.float())).to(parts.dtype)
+    return norm.weight * (parts.float() / scale).to(parts.dtype)
+
+
 def _readout(model: CausalLM, parts: torch.Tensor, scale: torch.Tensor, target: int, contrast: int | None):
     """Logit (difference) each of parts (N, h) contributes through the frozen final norm, LM head
     bias removed: (N,)."""
     head = model.lm_head
-    x = model.model.norm.weight * (parts.float() / scale).to(parts.dtype)
+    x = _through(model.model.norm, parts, scale)
     out = head(x) - head(torch.zeros_like(x[:1]))  # (N, V)
     return out[:, target] - (out[:, contrast] if contrast is not None else 0)
 
@@ -97,15 +105,21 @@ def _readout(model: CausalLM, parts: torch.Tensor, scale: torch.Tensor, target: 
 def direct_logit_attribution(
     model: CausalLM, ids: list[int], target: int, *, contrast: int | None = None, position: int = -1
 ) -> LogitAttribution:
-    """Split the logit of `target` (minus `contrast`'s) at `position` over the model's components."""
-    n_layers = len(model.model.layers)
-    keep = ["hook_embed", "ln_final.hook_scale"] + [
-        f"blocks.{i}.{n}" for i in range(n_layers) for n in ("hook_attn_out", "hook_mlp_out", "attn.hook_z")
-    ]
-    logits, cache = run_hooked(model, torch.tensor([ids]), keep=keep)
+    """Split the logit of `target` (minus `contrast`'s) at `position` over the model's components.
+
+    Each part goes through the final norm with its scale frozen at the run's; in Gemma's blocks a
+    head's output goes through the attention's output norm the same way, so the heads still sum
+    to their block. A final soft-cap (Gemma 2) is left out: the parts sum to the logit before it."""
+    layers = model.model.layers
+    n_layers = len(layers)
+    gemma = hasattr(layers[0], "pre_feedforward_layernorm")
+    names = ("hook_attn_out", "hook_mlp_out", "attn.hook_z", *(("ln1_post.hook_scale",) if gemma else ()))
+    keep = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"]
+    keep += [f"blocks.{i}.{n}" for i in range(n_layers) for n in names]
+    _, cache = run_hooked(model, torch.tensor([ids]), keep=keep)
     pos = position % len(ids)
     scale = cache["ln_final.hook_scale"][0, pos]  # (1,)
-    parts = [cache["hook_embed"][0, pos]]
+    parts = [cache["blocks.0.hook_resid_pre"][0, pos]]  # the embedding (Gemma's scaled by sqrt(hidden))
     parts += [cache[f"blocks.{i}.hook_attn_out"][0, pos] for i in range(n_layers)]
     parts += [cache[f"blocks.{i}.hook_mlp_out"][0, pos] for i in range(n_layers)]
     values = _readout(model, torch.stack(parts), scale, target, contrast)
@@ -116,8 +130,13 @@ def direct_logit_attribution(
         alone = torch.diag_embed(torch.ones(attn.n_heads, device=z.device, dtype=z.dtype))  # (H, H)
         per_head = (alone[:, :, None] * z[None]).reshape(attn.n_heads, -1)  # (H, H*D): one head each
         written = attn.o_proj(per_head) - attn.o_proj(torch.zeros_like(per_head[:1]))  # (H, h)
+        if gemma:
+            written = _through(
+                layer.post_attention_layernorm, written, cache[f"blocks.{i}.ln1_post.hook_scale"][0, pos]
+            )
         heads.append(_readout(model, written, scale, target, contrast))
-    final = logits[0, pos, target] - (logits[0, pos, contrast] if contrast is not None else 0)
+    uncapped = model.lm_head(model.model.norm(cache[f"blocks.{n_layers - 1}.hook_resid_post"][0, pos]))
+    final = uncapped[target] - (uncapped[contrast] if contrast is not None else 0)
     zero = model.lm_head(torch.zeros_like(parts[0])[None])[0]
     bias = zero[target] - (zero[contrast] if contrast is not None else 0)
     return LogitAttribution(
