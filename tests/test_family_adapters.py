@@ -43,6 +43,18 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    # Phi-3.5 / Phi-4-mini's RoPE: half of each head, LongRoPE (factors per rotary frequency).
+    "phi3-longrope": (
+        transformers.Phi3Config,
+        dict(
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            original_max_position_embeddings=32,
+            partial_rotary_factor=0.5,
+            rope_scaling={"type": "longrope", "long_factor": [1.0, 3.0, 5.0, 9.0], "short_factor": [1.0] * 4},
+        ),
+    ),
     "smollm3": (
         transformers.SmolLM3Config,
         dict(no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -180,8 +192,9 @@ def test_saved_directory_loads_in_transformers(family, family_dirs, tmp_path):
     assert all(torch.equal(saved[k], theirs[k]) for k in theirs)
     hf = hf_model(tmp_path / "out")
     assert type(hf).__name__ == ckpt.config.architecture
-    with torch.no_grad():
-        assert (hf(ids()).logits - ckpt.model(ids())).abs().max().item() <= 1e-4
+    with torch.no_grad():  # 40 tokens: past LongRoPE's original 32 too
+        for x in (ids(), ids(t=40)):
+            assert (hf(x).logits - ckpt.model(x)).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
@@ -238,8 +251,15 @@ def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_
     from weightsmith.models import ModelConfig
 
     base = json.loads((family_dirs["phi3"] / "config.json").read_text())
-    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported"):
-        ModelConfig.from_hf({**base, "partial_rotary_factor": 0.5}, source="phi")
+    llama = {**base, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported for LlamaForCausalLM"):
+        ModelConfig.from_hf({**llama, "partial_rotary_factor": 0.5}, source="l.json")
+    with pytest.raises(ConfigError, match="partial_rotary_factor must be a number in"):
+        ModelConfig.from_hf({**base, "partial_rotary_factor": 1.5}, source="phi")
+    longrope = json.loads((family_dirs["phi3-longrope"] / "config.json").read_text())
+    params = {**longrope["rope_parameters"], "long_factor": [1.0, 2.0]}
+    with pytest.raises(ConfigError, match="rope_scaling long_factor must list 4 positive numbers"):
+        ModelConfig.from_hf({**longrope, "rope_parameters": params}, source="phi")
     gemma = json.loads((family_dirs["gemma3"] / "config.json").read_text())
     with pytest.raises(ConfigError, match="use_bidirectional_attention"):
         ModelConfig.from_hf({**gemma, "use_bidirectional_attention": True}, source="g.json")

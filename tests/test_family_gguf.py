@@ -174,3 +174,39 @@ def test_settings_llama_cpp_cannot_express_are_refused(family, extra, message, t
     with pytest.raises(CheckpointError, match=message):
         export_gguf(src, tmp_path / "out" / "m.gguf", "f16")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_phi3_with_partial_rotary_in_llama_cpp(tmp_path):
+    """Phi-4-mini's RoPE on part of each head (here half: 8 of 16 dimensions) is written as the
+    rope dimension count and read back from it; llama.cpp computes our logits from the file (with
+    the SentencePiece vocabulary real Phi-3 models have, which its phi3 loader takes). With the
+    rotation over whole heads the logits would move 0.026, 100x the tolerance."""
+    from test_tokenizer import SP_CONFIG, build_sentencepiece_style, write_dir
+
+    backend = build_sentencepiece_style()
+    write_dir(tmp_path / "src", backend, SP_CONFIG)
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        **{**SHAPE, "vocab_size": backend.get_vocab_size()}, partial_rotary_factor=0.5, head_dim=16
+    )
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "src")
+    src = load_checkpoint(tmp_path / "src")
+    assert src.config.rotary_dim == 8
+    with torch.no_grad():  # larger scores, so that where RoPE turns matters more
+        for layer in src.model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    back = load_checkpoint(tmp_path / "m.gguf")
+    assert back.config.partial_rotary_factor == 0.5
+    ours = _logits(src.model)[0]
+    assert (_logits(back.model)[0] - ours).abs().max().item() <= 1e-5
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama = llama_cpp.Llama(
+        model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, logits_all=True
+    )
+    try:
+        llama.eval(IDS[0].tolist())
+        theirs = torch.tensor(llama.scores[: IDS.shape[1]])
+    finally:
+        llama.close()
+    assert (theirs - ours).abs().max().item() <= 1e-3 * max(1.0, ours.abs().max().item())

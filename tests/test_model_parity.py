@@ -25,6 +25,19 @@ BASE = dict(
 )
 
 QWEN3_MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40)
+PHI3_LONGROPE = dict(
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=128,
+    original_max_position_embeddings=32,
+    partial_rotary_factor=0.5,
+    rope_scaling={
+        "type": "longrope",
+        "long_factor": [1.0, 2.5, 4.0, 9.0],
+        "short_factor": [1.0, 1.1, 1.3, 1.7],
+    },
+)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(rope_theta=10000.0)),
     "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
@@ -76,6 +89,9 @@ FAMILIES = {
     ),
     "phi3": (transformers.Phi3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi3-sliding": (transformers.Phi3Config, dict(sliding_window=9, pad_token_id=0)),
+    # Phi-3.5 / Phi-4-mini: RoPE on half of each head, LongRoPE's short factors up to 32 positions
+    # and its long ones past them (40-token logits; generation crosses over).
+    "phi3-longrope": (transformers.Phi3Config, dict(PHI3_LONGROPE)),
     # Gemma 3: sliding layers (window 7, shorter than every test sequence) with their own RoPE
     # base around a global one; a query scale other than head_dim; tied embedding (as shipped).
     "gemma3": (
@@ -163,7 +179,7 @@ def test_logits_match_transformers(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope", *NEW_FAMILIES]
+    "name", ["llama", "mistral-sliding", "qwen2", "mixtral", "llama3-rope", "phi3-longrope", *NEW_FAMILIES]
 )
 def test_greedy_generation_matches_transformers(name):
     hf, ours = make_pair(name, seed=3)
@@ -179,7 +195,7 @@ def test_greedy_generation_matches_transformers(name):
     assert gen.generated[0] == ref
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "mixtral", *NEW_FAMILIES])
+@pytest.mark.parametrize("name", ["llama", "mistral-sliding", "mixtral", "phi3-longrope", *NEW_FAMILIES])
 def test_kv_cache_decoding_equals_full_recompute(name):
     """Logits from prefill + one-token decode steps equal a full forward over the sequence."""
     from weightsmith.generate import decode_one_token, prefill

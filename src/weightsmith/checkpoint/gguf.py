@@ -251,6 +251,9 @@ def gguf_config(reader: GGUFFile) -> dict:
         "pad_token_id": meta(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
     }
+    rotary = meta(reader, f"{arch}.rope.dimension_count")
+    if rotary and rotary < config["head_dim"]:  # RoPE on part of each head (ModelConfig: Phi-3 only)
+        config["partial_rotary_factor"] = rotary / config["head_dim"]
     if arch in GEMMA_ARCHITECTURES:
         config.update(gemma_config(arch, config, lambda key, default: meta(reader, key, default)))
     if arch == "smollm3":

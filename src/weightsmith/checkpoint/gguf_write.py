@@ -202,7 +202,7 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.rotary_dim)  # Phi-3's partial rotary: fewer than head_dim
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         # llama.cpp assumes hidden/heads unless told otherwise.
         writer.add_key_length(cfg.head_dim)

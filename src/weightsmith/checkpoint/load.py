@@ -178,6 +178,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     nope = [i for i in range(cfg.num_hidden_layers) if not cfg.rope_layer(i)]
     if nope:
         rope += f", none on {len(nope)} of {cfg.num_hidden_layers} layers"
+    if cfg.rotary_dim < cfg.head_dim:
+        rope += f", on {cfg.rotary_dim} of {cfg.head_dim} dimensions a head"
     return {
         "path": str(path),
         "format": fmt,

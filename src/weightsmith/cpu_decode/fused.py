@@ -307,12 +307,14 @@ def cache_fits(cache: KVCache) -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention,
-    with or without RoPE on each layer; not QK-norm or Gemma's block, which decode on the PyTorch
-    path)."""
+    with or without RoPE on each layer, over whole heads and one set of frequencies; not QK-norm,
+    Gemma's block, a partial rotary factor or LongRoPE, which decode on the PyTorch path)."""
     cfg = model.config
     return (
         not cfg.family.moe
         and not (cfg.family.qk_norm or cfg.family.gemma)
+        and cfg.rotary_dim == cfg.head_dim
+        and cfg.rope_type != "longrope"
         and cfg.hidden_act in ("silu", "swish")
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _float_cpu(model.model.embed_tokens.weight)

@@ -47,7 +47,7 @@ from weightsmith.models.model import (
     RMSNorm,
     SparseMoE,
 )
-from weightsmith.models.rope import apply_rope
+from weightsmith.models.rope import apply_rope, undo_rope
 
 #: An edit at a hook point: (value, hook name) -> the value the model goes on with.
 Edit = Callable[[torch.Tensor, str], torch.Tensor]
@@ -217,9 +217,8 @@ class HookedAttention(_Hooked):
             return x
         if not self.rotary:  # a NoPE layer (SmolLM3): never turned
             return _heads_last(self._hook(name, _heads_last(x)))
-        # apply_rope multiplies by s*R(theta), s the RoPE attention factor: undo with R(-theta)/s^2.
         cos, sin = a.cos_sin(self.layer_type)  # Gemma 3's sliding layers have their own base
-        plain = apply_rope(x, cos, -sin) / (cos * cos + sin * sin)
+        plain = undo_rope(x, cos, sin)
         out = self._hook(name, _heads_last(plain))
         return apply_rope(_heads_last(out), cos, sin) if self._ws_prefix + name in state.edits else x
 

@@ -23,7 +23,7 @@ __all__ = ["FAMILIES", "Family", "ModelConfig"]
 
 
 #: RoPE scaling types we implement (see rope.py). "default" means no scaling.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 REQUIRED_FIELDS = (
     "vocab_size",
@@ -81,6 +81,8 @@ class ModelConfig:
     rope_local_base_freq: float | None = None
     #: SmolLM3: per layer, 1 where queries and keys turn with RoPE, 0 where not (empty: all turn).
     no_rope_layers: list[int] = field(default_factory=list)
+    #: Phi-3 (Phi-4-mini): RoPE turns only the first `rotary_dim` of each head's dimensions.
+    partial_rotary_factor: float = 1.0
 
     @property
     def family(self) -> Family:
@@ -112,6 +114,11 @@ class ModelConfig:
         mlp = sparse * experts + (self.num_hidden_layers - sparse) * 3 * h * i
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + mlp + embed + h
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions RoPE turns (all but with a partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def rope_layer(self, index: int) -> bool:
         """Whether layer `index` turns its queries and keys with RoPE (all but SmolLM3's NoPE layers)."""
@@ -153,6 +160,7 @@ class ModelConfig:
         rope_theta, rope_scaling, local_theta = _read_rope(data, fam, source)
         n_layers = data["num_hidden_layers"]
         _refuse_unsupported(data, source)
+        partial = _read_partial_rotary(data, fam, source)
         no_rope = _read_no_rope_layers(data, fam, n_layers, source)
         cfg = cls(
             model_type=model_type,
@@ -179,6 +187,7 @@ class ModelConfig:
             torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
             rope_local_base_freq=local_theta,
             no_rope_layers=no_rope,
+            partial_rotary_factor=partial,
             **_gemma_fields(data, fam, source),
             **_moe_fields(data, fam, source),
         )
@@ -196,8 +205,13 @@ class ModelConfig:
                 f"{source}: rope_scaling type {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(ROPE_TYPES)})"
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.head_dim % 2 or self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ConfigError(
+                f"{source}: head_dim {self.head_dim} times partial_rotary_factor {self.partial_rotary_factor} "
+                f"must be a positive even number of rotary dimensions, got {self.rotary_dim}"
+            )
+        if self.rope_type == "longrope":
+            _check_longrope(self.rope_scaling or {}, self.rotary_dim // 2, source)
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError(
                 f"{source}: layer_types has sliding_attention layers but sliding_window is not set"
@@ -236,6 +250,10 @@ class ModelConfig:
             d.pop("rope_local_base_freq")
         if not self.family.nope:
             d.pop("no_rope_layers")
+        if self.partial_rotary_factor == 1.0:  # every family's default
+            d.pop("partial_rotary_factor")
+        if self.rope_type == "longrope":  # also where transformers v4 reads it
+            d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]  # type: ignore[index]
         # What transformers assumes for a key its config class lacks (then the key can go).
         assumed = {
             "layer_types": _read_layer_types(
@@ -286,6 +304,11 @@ def _read_rope(
             scaling = None
         elif scaling["rope_type"] in ("llama3", "yarn"):
             scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings", 2048))
+        elif scaling["rope_type"] == "longrope":  # Phi-3 keeps it beside rope_scaling
+            original = data.get("original_max_position_embeddings") or data.get(
+                "max_position_embeddings", 2048
+            )
+            scaling.setdefault("original_max_position_embeddings", original)
     if not fam.local_rope:
         local = None
     elif local is None:
@@ -347,19 +370,44 @@ def _number(data: dict[str, Any], key: str, default: float | None, source: str) 
     return value  # an int stays an int: transformers' strict config checks the type on reading
 
 
-def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
-    """Fields whose non-default values change the model in ways it does not implement."""
+def _read_partial_rotary(data: dict[str, Any], fam: Family, source: str) -> float:
+    """The share of each head RoPE turns: below 1 only in Phi-3 (Phi-4-mini), where transformers
+    applies it; elsewhere refused, since the model would compute something else."""
     params = data.get("rope_parameters") or {}
     partial = data.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
+    if partial is None:
+        partial = 1.0
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise ConfigError(f"{source}: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+    if partial != 1 and fam.architecture != "Phi3ForCausalLM":
         raise ConfigError(
-            f"{source}: partial_rotary_factor {partial} is not supported (RoPE over the whole head only)"
+            f"{source}: partial_rotary_factor {partial} is not supported for {fam.architecture} "
+            "(RoPE over part of each head: Phi-3 models only)"
         )
+    return float(partial)
+
+
+def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
+    """Fields whose non-default values change the model in ways it does not implement."""
     if data.get("use_bidirectional_attention"):
         raise ConfigError(
             f"{source}: use_bidirectional_attention (an embedding model) is not supported; "
             "weightsmith runs causal language models"
         )
+
+
+def _check_longrope(scaling: dict[str, Any], n: int, source: str) -> None:
+    """LongRoPE's two factor lists, one factor per rotary frequency (rotary_dim / 2 of them)."""
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if (
+            not isinstance(factors, list)
+            or len(factors) != n
+            or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0 for f in factors)
+        ):
+            raise ConfigError(
+                f"{source}: rope_scaling {key} must list {n} positive numbers (one per frequency)"
+            )
 
 
 def _read_no_rope_layers(data: dict[str, Any], fam: Family, n_layers: int, source: str) -> list[int]:

@@ -33,7 +33,13 @@ from weightsmith.models.attention import attend
 from weightsmith.models.config import ModelConfig
 from weightsmith.models.linear import Linear
 from weightsmith.models.packed import PackedDocuments, attend_documents, pack_documents
-from weightsmith.models.rope import apply_rope, inverse_frequencies, plain_inverse_frequencies, rope_cos_sin
+from weightsmith.models.rope import (
+    apply_rope,
+    inverse_frequencies,
+    longrope_long_frequencies,
+    plain_inverse_frequencies,
+    rope_cos_sin,
+)
 
 
 class RMSNorm(nn.Module):
@@ -275,6 +281,8 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         if cfg.rope_local_base_freq is not None and "sliding_attention" in cfg.layer_types:
             self.register_buffer("inv_freq_local", torch.empty(0), persistent=False)
+        if cfg.rope_type == "longrope":
+            self.register_buffer("inv_freq_long", torch.empty(0), persistent=False)
         self.reset_rope()
 
     def tie_weights(self) -> None:
@@ -288,9 +296,11 @@ class CausalLM(nn.Module):
         inv_freq, self.rope_scaling = inverse_frequencies(self.config)
         device = self.model.embed_tokens.weight.device
         self.inv_freq = inv_freq.to(device)
+        cfg = self.config
         if hasattr(self, "inv_freq_local"):
-            cfg = self.config
             self.inv_freq_local = plain_inverse_frequencies(cfg.head_dim, cfg.rope_local_base_freq).to(device)
+        if hasattr(self, "inv_freq_long"):
+            self.inv_freq_long = longrope_long_frequencies(cfg).to(device)
 
     def forward(
         self,
@@ -366,7 +376,12 @@ class CausalLM(nn.Module):
         dtype: torch.dtype,
         documents: torch.Tensor | None = None,
     ) -> AttentionInputs:
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scaling, dtype)
+        inv_freq = self.inv_freq
+        if hasattr(self, "inv_freq_long"):  # LongRoPE: the long set once the sequence passes the
+            # original context (transformers' rule, on the device: no sync, a CUDA graph can hold it)
+            longer = positions.max() + 1 > self.config.rope_scaling["original_max_position_embeddings"]
+            inv_freq = torch.where(longer, self.inv_freq_long, self.inv_freq)
+        cos, sin = rope_cos_sin(inv_freq, positions, self.rope_scaling, dtype)
         t = positions.shape[1]
         window = self.config.sliding_window or 0
         masks: dict[str, torch.Tensor | None] = {}

@@ -1,10 +1,12 @@
 """Rotary position embeddings (RoPE) and the context-extension scalings found in configs.
 
 Computes inverse frequencies for the plain RoFormer rotation and its `linear`
-(position interpolation), `llama3` (Meta's frequency-band rescaling) and `yarn`
-(Peng et al. 2023, arXiv:2309.00071) variants, and applies the rotation in the
-"rotate half" layout HF checkpoints are trained with. Not here: deciding which
-variant a model uses (that is `ModelConfig.rope_scaling`).
+(position interpolation), `llama3` (Meta's frequency-band rescaling), `yarn`
+(Peng et al. 2023, arXiv:2309.00071) and `longrope` (Phi-3's per-frequency factors, a short
+set and a long one) variants, over the first `rotary_dim` of each head's dimensions (all of
+them but where a partial_rotary_factor says), and applies the rotation in the "rotate half"
+layout HF checkpoints are trained with. Not here: deciding which variant a model uses (that
+is `ModelConfig.rope_scaling`), or when LongRoPE's long set applies (model.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
     On the CPU whatever the default device (the caller moves it): on the meta device torch
     would run these ops through its Python reference ops, whose import costs ~2 s."""
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     base = cfg.rope_theta
     inv_freq = plain_inverse_frequencies(dim, base)
     scaling = cfg.rope_scaling or {}
     kind = cfg.rope_type
+    if kind == "longrope":
+        return inv_freq / torch.tensor(
+            scaling["short_factor"], dtype=torch.float32, device="cpu"
+        ), _longrope_attention(cfg)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
@@ -35,6 +41,23 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if kind == "yarn":
         return _yarn(dim, base, scaling, cfg.max_position_embeddings)
     raise AssertionError(f"unvalidated rope type {kind}")
+
+
+def longrope_long_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """LongRoPE's inverse frequencies past the original context (its `long_factor` set)."""
+    factors = torch.tensor((cfg.rope_scaling or {})["long_factor"], dtype=torch.float32, device="cpu")
+    return plain_inverse_frequencies(cfg.rotary_dim, cfg.rope_theta) / factors
+
+
+def _longrope_attention(cfg: ModelConfig) -> float:
+    """LongRoPE's cos/sin factor, given or sqrt(1 + ln(factor) / ln(original context)), the
+    factor being the context's extension (both sets take it, as transformers does)."""
+    s = cfg.rope_scaling or {}
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    original = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or cfg.max_position_embeddings / original)
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def plain_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
@@ -107,7 +130,20 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by position: x*cos + rotate_half(x)*sin, halves layout."""
-    half = x.shape[-1] // 2
+    """Rotate (B, H, T, D) by position: x*cos + rotate_half(x)*sin, halves layout. Tables of fewer
+    dimensions than D (a partial_rotary_factor) turn the first ones and pass the rest."""
+    d = cos.shape[-1]
+    if d < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
+    half = d // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The x that `apply_rope(x, cos, sin)` turned into this one. apply_rope multiplies by s*R(theta),
+    s the tables' attention factor: undone by R(-theta) / s^2."""
+    d = cos.shape[-1]
+    if d < x.shape[-1]:
+        return torch.cat((undo_rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
+    return apply_rope(x, cos, -sin) / (cos * cos + sin * sin)
