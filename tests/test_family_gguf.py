@@ -176,37 +176,66 @@ def test_settings_llama_cpp_cannot_express_are_refused(family, extra, message, t
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_phi3_with_partial_rotary_in_llama_cpp(tmp_path):
-    """Phi-4-mini's RoPE on part of each head (here half: 8 of 16 dimensions) is written as the
-    rope dimension count and read back from it; llama.cpp computes our logits from the file (with
-    the SentencePiece vocabulary real Phi-3 models have, which its phi3 loader takes). With the
-    rotation over whole heads the logits would move 0.026, 100x the tolerance."""
+def _phi3_spm(path: Path, **extra) -> Path:
+    """A tiny Phi-3 with the SentencePiece vocabulary real Phi-3 models have (llama.cpp's phi3
+    loader takes it, not the byte-level test vocabulary), queries scaled up so that where and how
+    RoPE turns matters more."""
     from test_tokenizer import SP_CONFIG, build_sentencepiece_style, write_dir
 
     backend = build_sentencepiece_style()
-    write_dir(tmp_path / "src", backend, SP_CONFIG)
+    write_dir(path, backend, SP_CONFIG)
     torch.manual_seed(0)
-    config = transformers.Phi3Config(
-        **{**SHAPE, "vocab_size": backend.get_vocab_size()}, partial_rotary_factor=0.5, head_dim=16
-    )
-    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "src")
-    src = load_checkpoint(tmp_path / "src")
+    shape = {**SHAPE, "vocab_size": backend.get_vocab_size(), "head_dim": 16}
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{**shape, **extra}))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[: 4 * 16].mul_(4)
+    model.save_pretrained(path)
+    return path
+
+
+def _llama_cpp_logits(path: Path, ids: list[int], n_ctx: int) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, verbose=False, logits_all=True)
+    try:
+        llama.eval(ids)
+        return torch.tensor(llama.scores[: len(ids)])
+    finally:
+        llama.close()
+
+
+LONGROPE = dict(
+    max_position_embeddings=1024,
+    original_max_position_embeddings=256,
+    rope_scaling={
+        "type": "longrope",
+        "long_factor": [1.0, 2.5, 4.0, 9.0],
+        "short_factor": [1.0, 1.1, 1.3, 1.7],
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("case", "tokens", "n_ctx"),
+    [("partial", 40, 256), ("longrope-short", 40, 256), ("longrope-long", 300, 512)],
+)
+def test_phi3_partial_rotary_and_longrope_in_llama_cpp(case, tokens, n_ctx, tmp_path):
+    """Phi-4-mini's RoPE on half of each head (8 of 16 dimensions: the rope dimension count) and
+    Phi-3.5's LongRoPE (factors as `rope_factors_long/short`, the original context and attention
+    factor as keys) read back exactly, and llama.cpp computes our logits: with its context within
+    the original 256 it takes the short factors, as we do for 40 tokens; past it the long ones, as
+    we do for 300. (Turning whole heads, or taking the other factor set, moved the logits by
+    0.026 and 0.01 when this was written: 10-26x the tolerance.)"""
+    extra = dict(partial_rotary_factor=0.5, **(LONGROPE if case.startswith("longrope") else {}))
+    src = load_checkpoint(_phi3_spm(tmp_path / "src", **extra))
     assert src.config.rotary_dim == 8
-    with torch.no_grad():  # larger scores, so that where RoPE turns matters more
-        for layer in src.model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
     export_gguf(src, tmp_path / "m.gguf", "f32")
     back = load_checkpoint(tmp_path / "m.gguf")
     assert back.config.partial_rotary_factor == 0.5
-    ours = _logits(src.model)[0]
-    assert (_logits(back.model)[0] - ours).abs().max().item() <= 1e-5
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llama = llama_cpp.Llama(
-        model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, logits_all=True
-    )
-    try:
-        llama.eval(IDS[0].tolist())
-        theirs = torch.tensor(llama.scores[: IDS.shape[1]])
-    finally:
-        llama.close()
+    assert back.config.rope_type == ("longrope" if case.startswith("longrope") else "default")
+    ids = torch.randint(3, 600, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = src.model(ids)[0]
+        assert (back.model(ids)[0] - ours).abs().max().item() <= 1e-5
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids[0].tolist(), n_ctx)
     assert (theirs - ours).abs().max().item() <= 1e-3 * max(1.0, ours.abs().max().item())

@@ -43,6 +43,7 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
     GEMMA_ARCHITECTURES,
     GLOBAL_TENSORS,
     HF_ARCHITECTURES,
+    LONGROPE_TENSORS,
     NORM_SHIFTED,
     PERMUTED_QK,
     SKIPPED_TENSORS,
@@ -166,6 +167,32 @@ def _rope_scaling(reader: GGUFFile, arch: str) -> dict | None:
     return scaling
 
 
+def _longrope_from_factors(reader: GGUFFile, arch: str) -> dict | None:
+    """LongRoPE's rope_scaling (Phi-3.5, Phi-4-mini) from llama.cpp's `rope_factors_long` and
+    `rope_factors_short` tensors, its original context and attention factor. (llama.cpp takes the
+    long set for a whole run whose context passes the original one; we switch as transformers does,
+    when the sequence passes it.)"""
+    found = {t.name: t for t in reader.tensors if t.name in LONGROPE_TENSORS.values()}
+    if not found:
+        return None
+    if len(found) != len(LONGROPE_TENSORS):
+        missing = set(LONGROPE_TENSORS.values()) - set(found)
+        raise CheckpointError(
+            f"{reader_path(reader)}: GGUF has {' and '.join(found)} without {' and '.join(missing)}; "
+            "re-convert the file"
+        )
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, name in LONGROPE_TENSORS.items():
+        scaling[key] = np.asarray(found[name].data, dtype=np.float32).reshape(-1).tolist()
+    scaling["original_max_position_embeddings"] = require(
+        reader, f"{arch}.rope.scaling.original_context_length"
+    )
+    attention = meta(reader, f"{arch}.rope.scaling.attn_factor")
+    if attention is not None:
+        scaling["attention_factor"] = float(attention)
+    return scaling
+
+
 #: Meta's llama3 rope parameters besides `factor`, the same in every published Llama 3.1-3.3.
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -251,6 +278,9 @@ def gguf_config(reader: GGUFFile) -> dict:
         "pad_token_id": meta(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",  # iter_gguf_tensors dequantizes to float32 by default
     }
+    longrope = _longrope_from_factors(reader, arch)
+    if longrope is not None:
+        config["rope_scaling"] = longrope
     rotary = meta(reader, f"{arch}.rope.dimension_count")
     if rotary and rotary < config["head_dim"]:  # RoPE on part of each head (ModelConfig: Phi-3 only)
         config["partial_rotary_factor"] = rotary / config["head_dim"]

@@ -76,8 +76,10 @@ ARCH_BLOCK_TENSORS = {
 NORM_SHIFTED = GEMMA_ARCHITECTURES
 #: llama.cpp's kinds for an expert's gate, up and down matrices.
 _EXPERT_KINDS = ("ffn_gate", "ffn_up", "ffn_down")
-# Tensors llama.cpp computes for its own kernels, not weights of the HF model.
-SKIPPED_TENSORS = {"rope_freqs.weight"}
+# Tensors llama.cpp computes for its own kernels, not weights of the HF model: the RoPE factors of
+# Llama 3.1 and of LongRoPE (Phi-3.5, Phi-4-mini), read into the config's rope_scaling instead.
+LONGROPE_TENSORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+SKIPPED_TENSORS = {"rope_freqs.weight", *LONGROPE_TENSORS.values()}
 
 # blk.{layer}.{kind}[.{expert}].{weight|bias}; merged experts are kind "ffn_gate_exps" etc.
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)(?:\.(\d+))?\.(weight|bias)")

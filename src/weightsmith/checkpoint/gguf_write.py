@@ -46,6 +46,7 @@ from weightsmith.checkpoint.gguf_mix import QUANTS, Mix
 from weightsmith.checkpoint.gguf_names import (
     GEMMA_ARCHITECTURES,
     GLOBAL_TENSORS,
+    LONGROPE_TENSORS,
     NORM_SHIFTED,
     PERMUTED_QK,
     SMOLLM3_NO_ROPE_EVERY,
@@ -58,6 +59,7 @@ from weightsmith.checkpoint.quantized import float_state
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file, write_text_atomic
 from weightsmith.models.fused import fuse_state
+from weightsmith.models.rope import longrope_attention_factor
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint.load import Checkpoint
@@ -158,13 +160,15 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
                 f"graph leaves every {every}th layer without RoPE"
             )
     check_experts(cfg, source)
-    if cfg.rope_type not in ("default", "linear", "llama3"):
+    if cfg.rope_type not in ("default", "linear", "llama3", "longrope"):
         raise CheckpointError(
             f"{source}: {cfg.rope_type} rope scaling cannot be exported to GGUF yet "
-            "(supported: none, linear, llama3)"
+            "(supported: none, linear, llama3, longrope)"
         )
     if cfg.rope_type == "llama3" and arch != "llama":
         raise CheckpointError(f"{source}: llama3 rope scaling is only exported for llama models")
+    if cfg.rope_type == "longrope" and arch != "phi3":
+        raise CheckpointError(f"{source}: longrope scaling is only exported for phi3 models")
     return arch
 
 
@@ -212,6 +216,10 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
     if writer.arch == "gemma2":  # its graph caps both; _check_gemma made sure the model has caps
         writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))  # type: ignore[arg-type]
         writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))  # type: ignore[arg-type]
+    if cfg.rope_type == "longrope":  # the factors are tensors (_add_tensors)
+        original = int(cfg.rope_scaling["original_max_position_embeddings"])  # type: ignore[index]
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(cfg))
+        writer.add_rope_scaling_orig_ctx_len(original)
     if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
@@ -277,6 +285,10 @@ def _add_tensors(
     if cfg.rope_type == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, source))
         counts["F32"] += 1
+    if cfg.rope_type == "longrope":
+        for key, name in LONGROPE_TENSORS.items():
+            writer.add_tensor(name, np.asarray(cfg.rope_scaling[key], dtype=np.float32))  # type: ignore[index]
+            counts["F32"] += 1
     if mix.fallbacks:
         logger.warning(
             "GGUF export: %d tensors have rows their type's blocks do not divide and took another type: %s",

@@ -29,9 +29,8 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     scaling = cfg.rope_scaling or {}
     kind = cfg.rope_type
     if kind == "longrope":
-        return inv_freq / torch.tensor(
-            scaling["short_factor"], dtype=torch.float32, device="cpu"
-        ), _longrope_attention(cfg)
+        short = torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu")
+        return inv_freq / short, longrope_attention_factor(cfg)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
@@ -49,7 +48,7 @@ def longrope_long_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return plain_inverse_frequencies(cfg.rotary_dim, cfg.rope_theta) / factors
 
 
-def _longrope_attention(cfg: ModelConfig) -> float:
+def longrope_attention_factor(cfg: ModelConfig) -> float:
     """LongRoPE's cos/sin factor, given or sqrt(1 + ln(factor) / ln(original context)), the
     factor being the context's extension (both sets take it, as transformers does)."""
     s = cfg.rope_scaling or {}
