@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_perturbed_hf
+from test_model_parity import PHI3_LONGROPE
 
 from weightsmith.checkpoint.gguf import read_gguf
 from weightsmith.checkpoint.gguf_quants import gguf_int4_layers
@@ -127,21 +128,14 @@ def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
     first so that the attention cap (0.5) bends the scores: without it the logits move ~0.03,
     100x the tolerance (llama.cpp keeps its cache in F16). Not Phi-3: llama.cpp's loader stops
     on the tiny byte-level vocabulary under the phi3 architecture (`unordered_map::at`)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     src = load_checkpoint(sources[family])
     if family == "gemma2":
         with torch.no_grad():
             for layer in src.model.model.layers:
                 layer.self_attn.q_proj.weight.mul_(6)
     export_gguf(src, tmp_path / "m.gguf", "f32")
-    llama = llama_cpp.Llama(
-        model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, logits_all=True
-    )
-    try:
-        llama.eval(IDS[0].tolist())
-        theirs = torch.tensor(llama.scores[: IDS.shape[1]])
-    finally:
-        llama.close()
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", IDS[0].tolist(), 64)
     ours = _logits(src.model)[0]
     assert (theirs - ours).abs().max().item() <= 1e-3 * max(1.0, ours.abs().max().item())
 
@@ -204,14 +198,11 @@ def _llama_cpp_logits(path: Path, ids: list[int], n_ctx: int) -> torch.Tensor:
         llama.close()
 
 
+#: test_model_parity's LongRoPE factors, with an original context llama.cpp's can stay within.
 LONGROPE = dict(
     max_position_embeddings=1024,
     original_max_position_embeddings=256,
-    rope_scaling={
-        "type": "longrope",
-        "long_factor": [1.0, 2.5, 4.0, 9.0],
-        "short_factor": [1.0, 1.1, 1.3, 1.7],
-    },
+    rope_scaling=PHI3_LONGROPE["rope_scaling"],
 )
 
 
