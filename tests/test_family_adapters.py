@@ -1,4 +1,4 @@
-"""Qwen3, Phi-3, Gemma 2, Gemma 3 and SmolLM3 through every path after loading: PEFT adapters both ways (Phi-3's
+"""Qwen3, Phi-3, Gemma 2, Gemma 3, SmolLM3 and OLMo 2 through every path after loading: PEFT adapters both ways (Phi-3's
 keep its fused `qkv_proj`/`gate_up_proj` names), saving an HF directory transformers loads (also
 with a merged adapter), weight-only quantization (and its folder reloaded), and the CPU decode plan (the C step for Phi-3, a clean fallback
 to the PyTorch step for QK-norm and Gemma's block). Tiny random models built in the test."""
@@ -55,6 +55,7 @@ FAMILIES = {
             rope_scaling={"type": "longrope", "long_factor": [1.0, 3.0, 5.0, 9.0], "short_factor": [1.0] * 4},
         ),
     ),
+    "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "smollm3": (
         transformers.SmolLM3Config,
         dict(no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -87,6 +88,7 @@ OURS_TO_PEFT = {
     "gemma3-all-linear": ("gemma3", LoraConfig(r=4, alpha=8)),
     "gemma2-all-linear": ("gemma2", LoraConfig(r=4, alpha=8)),
     "smollm3-all-linear": ("smollm3", LoraConfig(r=4, alpha=8)),
+    "olmo2-all-linear": ("olmo2", LoraConfig(r=4, alpha=8)),
     # Trained apart, q/k/v become one rank-12 qkv_proj (block-diagonal B) with its own alpha.
     "phi3-all-linear": ("phi3", LoraConfig(r=4, alpha=8)),
     # Only some parts of the fused projections, other ranks and rsLoRA scaling, one layer.

@@ -50,6 +50,8 @@ FAMILIES = {
     ),
     # llama.cpp's smollm3: Q/K permuted as llama's, every 4th layer without RoPE.
     "smollm3": (transformers.SmolLM3Config, dict(num_hidden_layers=4, rope_theta=10000.0)),
+    # llama.cpp's olmo2: norms after attention and MLP, QK-norm over all heads; Q/K not permuted.
+    "olmo2": (transformers.Olmo2Config, dict()),
 }
 IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # longer than the windows
 
@@ -122,7 +124,7 @@ def test_transformers_reads_our_export(family, sources, tmp_path):
     assert (_logits(hf.eval()) - _logits(src.model)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "smollm3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "smollm3", "olmo2"])
 def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
     """llama.cpp runs our F32 export and its logits are ours. For Gemma 2 the queries are scaled up
     first so that the attention cap (0.5) bends the scores: without it the logits move ~0.03,

@@ -83,7 +83,7 @@ def test_direct_logit_attribution_sums_to_the_logit(model) -> None:
     assert dla.total() == pytest.approx(dla.logit, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma3-softcap", "gemma2"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma3-softcap", "gemma2", "olmo2"])
 def test_direct_logit_attribution_through_gemmas_norms(name) -> None:
     """Gemma: the embedding scaled by sqrt(hidden), (1 + w) norms, each head through the attention's
     output norm (its scale frozen), the final soft-cap left out: the parts still sum to the logit

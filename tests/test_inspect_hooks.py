@@ -116,22 +116,28 @@ def test_add_replace_and_project_out() -> None:
     assert along.abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma2", "smollm3"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma2", "smollm3", "olmo2"])
 def test_queries_before_rope_and_gemmas_output_norms(name: str) -> None:
     """`hook_q` is each layer's query before RoPE: QK-normed (Gemma 3), unturned with the sliding
     layers' own RoPE base (Gemma 3's layers 0 and 2), or never turned (SmolLM3's NoPE layer);
-    replaced by itself it changes nothing. Gemma's output norms have their own hooks."""
+    replaced by itself it changes nothing. Gemma's and OLMo 2's output norms have their own hooks
+    (OLMo 2, with no norm before attention or MLP, no `ln1`/`ln2` ones; its QK-norm spans all
+    heads)."""
     _, model = make_pair(name)
     _, cache = run_hooked(model, IDS, keep="all")
-    gemma = name.startswith("gemma")
+    normed = name.startswith(("gemma", "olmo"))
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(cache[f"blocks.{i}.hook_resid_pre"])
-            q = attn.q_proj(x).view(*x.shape[:2], attn.n_heads, attn.head_dim)
-            q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
+            x = cache[f"blocks.{i}.hook_resid_pre"]
+            x = layer.input_layernorm(x) if name != "olmo2" else x
+            q = attn.q_proj(x)
+            q = attn.q_norm(q) if name == "olmo2" else q
+            q = q.view(*x.shape[:2], attn.n_heads, attn.head_dim)
+            q = attn.q_norm(q) if hasattr(attn, "q_norm") and name != "olmo2" else q
             torch.testing.assert_close(cache[f"blocks.{i}.attn.hook_q"], q, atol=1e-5, rtol=1e-5)
-            assert (f"blocks.{i}.ln2_post.hook_normalized" in cache) is gemma
+            assert (f"blocks.{i}.ln2_post.hook_normalized" in cache) is normed
+            assert (f"blocks.{i}.ln1.hook_scale" in cache) is (name != "olmo2")
     edits = {f"blocks.{i}.attn.hook_q": Replace(cache[f"blocks.{i}.attn.hook_q"]) for i in range(3)}
     logits, _ = run_hooked(model, IDS, edits=edits)
     torch.testing.assert_close(logits, _plain(model), atol=1e-5, rtol=1e-5)

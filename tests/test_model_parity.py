@@ -123,6 +123,12 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    # OLMo 2: norms after attention and MLP only (perturbed like every norm here), QK-norm over
+    # all heads at once.
+    "olmo2": (
+        transformers.Olmo2Config,
+        dict(rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
     # SmolLM3: a layer without RoPE every 2nd (of 3: the middle one), GQA, tied embedding.
     "smollm3": (
         transformers.SmolLM3Config,
@@ -130,7 +136,7 @@ FAMILIES = {
     ),
 }
 #: The families added after the first four (issue 21 and later), run through every test below.
-NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2", "smollm3"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2", "smollm3", "olmo2"]
 
 
 def make_pair(name: str, seed: int = 0):

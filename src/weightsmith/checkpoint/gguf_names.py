@@ -26,9 +26,11 @@ ARCHITECTURE_MODEL_TYPES = {
     "gemma3": "gemma3_text",
     "phi3": "phi3",
     "smollm3": "smollm3",
+    "olmo2": "olmo2",
 }
 SUPPORTED_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3"
+    "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3",
+    "olmo2",
 )  # fmt: skip
 #: Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved ("normal") rope.
 PERMUTED_QK = ("llama", "smollm3")
@@ -70,6 +72,10 @@ ARCH_BLOCK_TENSORS = {
         },
     ),
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "olmo2": {
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
     "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
 }
 #: Architectures whose converter stores norm weights w as 1 + w (llama.cpp's Gemma converters).

@@ -79,6 +79,7 @@ ARCHITECTURES = {
     "gemma3_text": "gemma3",
     "phi3": "phi3",
     "smollm3": "smollm3",
+    "olmo2": "olmo2",
 }
 #: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
 _SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3")

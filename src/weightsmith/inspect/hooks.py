@@ -68,9 +68,9 @@ class InspectError(ConfigError):
     """A hook name, direction, layer or prompt set the inspect tools cannot use."""
 
 
-#: Gemma's norms on the attention and MLP outputs (TransformerLens's `ln1_post`, `ln2_post`): their
-#: hooks, by the hook they come just before.
-GEMMA_HOOKS = {
+#: Gemma's and OLMo 2's norms on the attention and MLP outputs (TransformerLens's `ln1_post`,
+#: `ln2_post`): their hooks, by the hook they come just before.
+OUTPUT_NORM_HOOKS = {
     "hook_attn_out": ("ln1_post.hook_scale", "ln1_post.hook_normalized"),
     "hook_mlp_out": ("ln2_post.hook_scale", "ln2_post.hook_normalized"),
 }
@@ -78,11 +78,12 @@ GEMMA_HOOKS = {
 
 def _layer_hooks(layer: nn.Module) -> list[str]:
     dense = isinstance(getattr(layer, "mlp", None), MLP)
-    gemma = hasattr(layer, "pre_feedforward_layernorm")
+    normed = hasattr(layer, "post_feedforward_layernorm")  # Gemma, OLMo 2
+    pre = hasattr(layer, "input_layernorm")  # OLMo 2 has no norm before attention or MLP
     names: list[str] = []
     for name in LAYER_HOOKS:
-        if dense or not name.startswith("mlp."):
-            names += [*(GEMMA_HOOKS.get(name, ()) if gemma else ()), name]
+        if (dense or not name.startswith("mlp.")) and (pre or not name.startswith(("ln1.", "ln2."))):
+            names += [*(OUTPUT_NORM_HOOKS.get(name, ()) if normed else ()), name]
     return names
 
 
@@ -147,13 +148,16 @@ class _Hooked:
 
 class HookedLayer(_Hooked):
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
-        gemma = hasattr(self, "pre_feedforward_layernorm")  # Gemma norms each output too
+        normed = hasattr(self, "post_feedforward_layernorm")  # Gemma, OLMo 2: outputs normed
+        pre = hasattr(self, "input_layernorm")  # not in OLMo 2
         x = self._hook("hook_resid_pre", x)
-        attn = self.self_attn(self.input_layernorm(x), a)
-        attn_out = self._hook("hook_attn_out", self.post_attention_layernorm(attn) if gemma else attn)
+        attn = self.self_attn(self.input_layernorm(x) if pre else x, a)
+        attn_out = self._hook("hook_attn_out", self.post_attention_layernorm(attn) if normed else attn)
         x = self._hook("hook_resid_mid", x + attn_out)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        if gemma:
+        if not pre:
+            mlp = self.post_feedforward_layernorm(ffn(x))
+        elif normed:
             mlp = self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(x)))
         else:
             mlp = ffn(self.post_attention_layernorm(x))
@@ -168,6 +172,8 @@ class HookedNorm(_Hooked):
         normalized = self._hook("hook_normalized", x32 / scale)
         if self.offset:  # Gemma's (1 + w), in fp32
             return (normalized * (1.0 + self.weight.float())).to(x.dtype)
+        if self.fp32_scale:  # OLMo 2's w, in fp32
+            return (normalized * self.weight.float()).to(x.dtype)
         return self.weight * normalized.to(x.dtype)
 
 
@@ -261,12 +267,17 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
         (RMSNorm, HookedNorm),
     )
     for i, layer in enumerate(model.model.layers):
-        parts = [(layer, ""), (layer.self_attn, "attn."), (layer.input_layernorm, "ln1.")]
-        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's norms around each output
-            parts += [(layer.post_attention_layernorm, "ln1_post."), (layer.pre_feedforward_layernorm, "ln2."),
-                      (layer.post_feedforward_layernorm, "ln2_post.")]  # fmt: skip
+        parts = [(layer, ""), (layer.self_attn, "attn.")]
+        if not hasattr(layer, "input_layernorm"):  # OLMo 2: norms on the outputs only
+            parts += [
+                (layer.post_attention_layernorm, "ln1_post."),
+                (layer.post_feedforward_layernorm, "ln2_post."),
+            ]
+        elif hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's norms around each output
+            parts += [(layer.input_layernorm, "ln1."), (layer.post_attention_layernorm, "ln1_post."),
+                      (layer.pre_feedforward_layernorm, "ln2."), (layer.post_feedforward_layernorm, "ln2_post.")]  # fmt: skip
         else:
-            parts.append((layer.post_attention_layernorm, "ln2."))
+            parts += [(layer.input_layernorm, "ln1."), (layer.post_attention_layernorm, "ln2.")]
         if hasattr(layer, "mlp") and not isinstance(layer.mlp, SparseMoE):  # experts: no MLP hooks
             parts.append((layer.mlp, "mlp."))
         for module, sub in parts:

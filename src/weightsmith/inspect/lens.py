@@ -89,6 +89,8 @@ def _through(norm: torch.nn.Module, parts: torch.Tensor, scale: torch.Tensor) ->
     sum give the parts of its norm); Gemma's norms multiply by (1 + w) in fp32."""
     if norm.offset:
         return ((parts.float() / scale) * (1.0 + norm.weight.float())).to(parts.dtype)
+    if norm.fp32_scale:  # OLMo 2's
+        return ((parts.float() / scale) * norm.weight.float()).to(parts.dtype)
     return norm.weight * (parts.float() / scale).to(parts.dtype)
 
 
@@ -112,7 +114,7 @@ def direct_logit_attribution(
     to their block. A final soft-cap (Gemma 2) is left out: the parts sum to the logit before it."""
     layers = model.model.layers
     n_layers = len(layers)
-    gemma = hasattr(layers[0], "pre_feedforward_layernorm")
+    gemma = hasattr(layers[0], "post_feedforward_layernorm")  # outputs normed: Gemma, OLMo 2
     names = ("hook_attn_out", "hook_mlp_out", "attn.hook_z", *(("ln1_post.hook_scale",) if gemma else ()))
     keep = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"]
     keep += [f"blocks.{i}.{n}" for i in range(n_layers) for n in names]

@@ -107,7 +107,9 @@ class ModelConfig:
         if self.attention_bias:
             attn += q + 2 * kv
         per_layer = attn + (4 if self.family.gemma else 2) * h
-        if self.family.qk_norm:
+        if self.family.qk_norm_whole:
+            per_layer += q + kv
+        elif self.family.qk_norm:
             per_layer += 2 * self.head_dim
         experts = self.num_local_experts * (3 * h * (self.moe_intermediate_size or i) + h)
         sparse = sum(self.sparse_layer(n) for n in range(self.num_hidden_layers))

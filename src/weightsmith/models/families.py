@@ -28,8 +28,14 @@ class Family:
     #: leaves them out while they hold what that class assumes (an unknown key can break
     #: transformers, e.g. `layer_types` in a Llama config breaks its static-cache generate).
     hf_absent: tuple[str, ...] = ()
-    #: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    #: RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3); with
+    #: `qk_norm_whole`, over each projection's whole output, all heads at once (OLMo 2).
     qk_norm: bool = False
+    qk_norm_whole: bool = False
+    #: OLMo 2's block: no norm before attention or MLP; their outputs are normed
+    #: (`post_attention_layernorm`, `post_feedforward_layernorm`) before the residual, and its
+    #: norms multiply by their weight in fp32 before casting back.
+    post_norm: bool = False
     #: Gemma's block: RMSNorm scales by (1 + weight), the embedding is multiplied by
     #: sqrt(hidden_size), and the attention and feed-forward outputs are normed again
     #: (`post_attention_layernorm`, `pre_/post_feedforward_layernorm`) before the residual.
@@ -128,6 +134,14 @@ FAMILIES: dict[str, Family] = {
         gemma=True,
         local_rope=True,
         act_key="hidden_activation",
+    ),
+    # OLMo 2 (AI2's fully open models): norms after attention and MLP only, QK-norm over all heads.
+    "olmo2": Family(
+        "Olmo2ForCausalLM",
+        hf_absent=("layer_types", "sliding_window", "head_dim", "mlp_bias"),
+        qk_norm=True,
+        qk_norm_whole=True,
+        post_norm=True,
     ),
     # SmolLM3: Llama's block; every `no_rope_layer_interval`-th layer (4) without RoPE.
     "smollm3": Family(

@@ -1,4 +1,4 @@
-"""The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE,
+"""The decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, OLMo 2,
 Phi-3, Gemma 2, Gemma 3 and SmolLM3 families.
 
 One model, read top to bottom: embed -> N x (RMSNorm, grouped-query attention with
@@ -45,13 +45,15 @@ from weightsmith.models.rope import (
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back (as the reference does).
 
-    offset: Gemma's form, which scales by (1 + weight) in fp32 before casting back."""
+    offset: Gemma's form, which scales by (1 + weight) in fp32 before casting back.
+    fp32_scale: OLMo 2's, which scales by the weight in fp32 before casting back."""
 
-    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, offset: bool = False, fp32_scale: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        self.fp32_scale = fp32_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written out rather than F.rms_norm: on CPU this is ~3x faster for decode-sized
@@ -60,6 +62,8 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
             return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        if self.fp32_scale:
+            return (x32 * self.weight.float()).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -109,9 +113,12 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv_out, bias=bias)
         # Llama-family checkpoints have no output-projection bias, even with attention_bias (Qwen2).
         self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias and cfg.model_type != "qwen2")
-        if cfg.family.qk_norm:  # over each head's D, before RoPE
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.family.gemma)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.family.gemma)
+        fam = cfg.family
+        if fam.qk_norm:  # over each head's D (OLMo 2: each projection's whole output), before RoPE
+            q_dim, k_dim = (q_out, kv_out) if fam.qk_norm_whole else (self.head_dim, self.head_dim)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, fam.gemma, fam.post_norm)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, fam.gemma, fam.post_norm)
+        self.qk_norm_whole = fam.qk_norm_whole
         #: Score scale: Gemma's query_pre_attn_scalar ** -0.5, else SDPA's 1 / sqrt(D).
         self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         #: Gemma 2: scores capped to (-cap, cap) by cap * tanh(score / cap) before the softmax.
@@ -140,10 +147,13 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, a: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (B, H, T, D), rotated keys and values (B, Hkv, T, D) for x (B, T, h)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         if not self.rotary:
             return q, k, v
@@ -219,17 +229,20 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). Gemma norms each output too:
     x + post_attention_layernorm(attn(input_layernorm(x))), then
-    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))."""
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))). OLMo 2 norms only the
+    outputs: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x))."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        h, eps, gemma = cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma
-        self.input_layernorm = RMSNorm(h, eps, gemma)
+        h, eps, gemma, post = cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma, cfg.family.post_norm
+        if not post:
+            self.input_layernorm = RMSNorm(h, eps, gemma)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(h, eps, gemma)
+        self.post_attention_layernorm = RMSNorm(h, eps, gemma, post)
         if gemma:
             self.pre_feedforward_layernorm = RMSNorm(h, eps, gemma)
-            self.post_feedforward_layernorm = RMSNorm(h, eps, gemma)
+        if gemma or post:
+            self.post_feedforward_layernorm = RMSNorm(h, eps, gemma, post)
         if cfg.sparse_layer(layer_idx):  # under the family's name: block_sparse_moe or mlp
             self.add_module(cfg.family.moe_block, SparseMoE(cfg))
         else:
@@ -240,6 +253,9 @@ class DecoderLayer(nn.Module):
         if hasattr(self, "pre_feedforward_layernorm"):
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), a))
             return x + self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(x)))
+        if not hasattr(self, "input_layernorm"):  # OLMo 2
+            x = x + self.post_attention_layernorm(self.self_attn(x, a))
+            return x + self.post_feedforward_layernorm(ffn(x))
         x = x + self.self_attn(self.input_layernorm(x), a)
         return x + ffn(self.post_attention_layernorm(x))
 
@@ -256,7 +272,7 @@ class TransformerBody(nn.Module):
             nn.init.normal_(weight)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma, cfg.family.post_norm)
         #: Gemma multiplies embeddings by sqrt(hidden_size), rounded to the weights' dtype.
         self.embed_scale = cfg.hidden_size**0.5 if cfg.family.gemma else None
 
