@@ -262,6 +262,11 @@ def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_
     params = {**longrope["rope_parameters"], "long_factor": [1.0, 2.0]}
     with pytest.raises(ConfigError, match="rope_scaling long_factor must list 4 positive numbers"):
         ModelConfig.from_hf({**longrope, "rope_parameters": params}, source="phi")
+    # A hostile original context (its log divides the attention factor) or attention factor.
+    for key, value in (("original_max_position_embeddings", 1), ("attention_factor", "big")):
+        params = {**longrope["rope_parameters"], key: value}
+        with pytest.raises(ConfigError, match=f"phi: rope_scaling {key} must be"):
+            ModelConfig.from_hf({**longrope, "rope_parameters": params}, source="phi")
     gemma = json.loads((family_dirs["gemma3"] / "config.json").read_text())
     with pytest.raises(ConfigError, match="use_bidirectional_attention"):
         ModelConfig.from_hf({**gemma, "use_bidirectional_attention": True}, source="g.json")

@@ -188,8 +188,8 @@ def _longrope_from_factors(reader: GGUFFile, arch: str) -> dict | None:
         reader, f"{arch}.rope.scaling.original_context_length"
     )
     attention = meta(reader, f"{arch}.rope.scaling.attn_factor")
-    if attention is not None:
-        scaling["attention_factor"] = float(attention)
+    if attention is not None:  # checked with the rest of rope_scaling (ModelConfig)
+        scaling["attention_factor"] = attention
     return scaling
 
 

@@ -399,7 +399,21 @@ def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
 
 
 def _check_longrope(scaling: dict[str, Any], n: int, source: str) -> None:
-    """LongRoPE's two factor lists, one factor per rotary frequency (rotary_dim / 2 of them)."""
+    """LongRoPE's two factor lists, one factor per rotary frequency (rotary_dim / 2 of them), an
+    original context of 2 or more positions (its log divides the attention factor) and, where
+    given, a positive attention factor and factor."""
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original < 2:
+        raise ConfigError(
+            f"{source}: rope_scaling original_max_position_embeddings must be an integer of at least 2, "
+            f"got {original!r}"
+        )
+    for key in ("attention_factor", "factor"):
+        value = scaling.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        ):
+            raise ConfigError(f"{source}: rope_scaling {key} must be a positive number, got {value!r}")
     for key in ("short_factor", "long_factor"):
         factors = scaling.get(key)
         if (
