@@ -119,13 +119,19 @@ def _family_dir(path, family: str):
             transformers.Qwen2ForCausalLM, transformers.Qwen2Config,
             {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
         ),
+        "gemma3": (
+            transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig,
+            {"head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+             "rope_local_base_freq": 100.0, "pad_token_id": 0},
+        ),
+        "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config, {"pad_token_id": 0}),
     }[family]  # fmt: skip
     torch.manual_seed(3)
     cls(cfg_cls(**{**TINY_SHAPE, "eos_token_id": 2, **extra})).eval().save_pretrained(path)
     return path
 
 
-FAMILIES = ["llama-bias", "tied-mqa", "mistral-window", "qwen2-window"]
+FAMILIES = ["llama-bias", "tied-mqa", "mistral-window", "qwen2-window", "gemma3", "olmo2"]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +196,8 @@ def _c_step(model, fused_calls, head_kind=48, layer_kind=48):
 def _tight(model, fused_calls, monkeypatch, prompts=PROMPTS, steps=STEPS, **kinds):
     """(C step logits, reference logits, C cache, reference cache) from one shared prefill."""
     ref = copy.deepcopy(model).float()  # the same values, exactly
+    if ref.model.embed_scale is not None:  # Gemma's sqrt(hidden), which a bf16 model takes in bf16
+        ref.model.embed_scale = torch.tensor(ref.model.embed_scale, dtype=torch.bfloat16).item()
     kernels_on(monkeypatch, True)
     step = _c_step(model, fused_calls, **kinds)
     with monkeypatch.context() as mp:

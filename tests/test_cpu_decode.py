@@ -39,6 +39,9 @@ from weightsmith.sampling import SamplingParams
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 64, 128]]  # different lengths: per-row positions
 STEPS = [[1, 2], [30, 40], [300, 7], [9, 9], [123, 45], [66, 201]]
 MAX_LEN = 16
+#: The Phi-3 test model's original context: the steps reach positions 7..12, so LongRoPE's long
+#: set takes over in the middle of them.
+LONGROPE_FROM = 10
 
 
 def _save_hf(path, source, model_cls, config_cls, seed, **cfg):
@@ -69,6 +72,31 @@ def model_dirs(tiny_hf_dir, tmp_path_factory):
         "qwen2-window": lambda p: _save_hf(
             p, tiny_hf_dir, transformers.Qwen2ForCausalLM, transformers.Qwen2Config, seed=4,
             use_sliding_window=True, sliding_window=3, max_window_layers=1,
+        ),
+        "qwen3": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Qwen3ForCausalLM, transformers.Qwen3Config, seed=5, head_dim=16,
+            tie_word_embeddings=False,
+        ),
+        # A sliding layer with its own RoPE base, then a global one; QK-norm, (1 + w) norms, GELU.
+        "gemma3": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, seed=6, head_dim=16,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0,
+            query_pre_attn_scalar=8, pad_token_id=0,
+        ),
+        # Scores and logits large enough for both caps to bend them (test_gemma2s_caps_bend).
+        "gemma2-capped": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Gemma2ForCausalLM, transformers.Gemma2Config, seed=7, head_dim=16,
+            sliding_window=4, query_pre_attn_scalar=1, attn_logit_softcapping=0.05,
+            final_logit_softcapping=0.3, pad_token_id=0,
+        ),
+        "olmo2": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Olmo2ForCausalLM, transformers.Olmo2Config, seed=8, pad_token_id=0,
+        ),
+        # Half of each head turns; LongRoPE's long set from position 10 on, during these steps.
+        "phi3-longrope": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Phi3ForCausalLM, transformers.Phi3Config, seed=9, pad_token_id=0,
+            partial_rotary_factor=0.5, original_max_position_embeddings=LONGROPE_FROM,
+            rope_scaling={"type": "longrope", "long_factor": [4.0, 3.0, 5.0, 9.0], "short_factor": [1.0, 1.5, 2.0, 2.5]},
         ),
     }  # fmt: skip
 
@@ -131,6 +159,17 @@ VARIANTS = {
     "mistral-window-int8": ("mistral-window", (8, None, False)),
     "tied-yarn-mqa-columns": ("tied-yarn-mqa", _columns),
     "tied-yarn-mqa-int4": ("tied-yarn-mqa", (4, 32, False)),
+    "qwen3-columns": ("qwen3", _columns),
+    "qwen3-int8": ("qwen3", (8, None, False)),
+    "gemma3-fp32": ("gemma3", None),
+    "gemma3-columns": ("gemma3", _columns),
+    "gemma3-int4-lm-head": ("gemma3", (4, 32, True)),
+    "gemma2-capped-fp32": ("gemma2-capped", None),
+    "gemma2-capped-int8": ("gemma2-capped", (8, None, False)),
+    "olmo2-fp32": ("olmo2", None),
+    "olmo2-int4": ("olmo2", (4, 32, False)),
+    "phi3-longrope-fp32": ("phi3-longrope", None),
+    "phi3-longrope-int4": ("phi3-longrope", (4, 32, False)),
 }
 
 
@@ -219,6 +258,24 @@ def test_fused_decode_equals_the_pytorch_model(variant, model_dirs, native_lib, 
         assert cfg.layer_types == ["full_attention", "sliding_attention"]
     _, off = _on_and_off(model, plan, monkeypatch, fused_calls)
     assert off[0].abs().max() > 0.1  # logits that carry information
+
+
+def test_the_variants_caps_and_long_rope_change_their_logits(model_dirs):
+    """What makes the Gemma 2 and Phi-3 variants above check the C step's soft-caps and LongRoPE
+    switch: switched off in the PyTorch model, each moves the decoded logits 20x or more past the
+    comparison's tolerance (1e-4 of logits of scale 1)."""
+    gemma2 = _load(model_dirs("gemma2-capped"), decode_layout=False)
+    capped = _decode(gemma2)[0]
+    cap = gemma2.config.final_logit_softcapping
+    assert capped.abs().max() > 0.7 * cap  # tanh bends the largest logits by a fifth or more
+    for layer in gemma2.model.layers:
+        layer.self_attn.softcap = None
+    assert (_decode(gemma2)[0] - capped).abs().max() > 1e-2
+    phi3 = _load(model_dirs("phi3-longrope"), decode_layout=False)
+    assert max(map(len, PROMPTS)) + len(STEPS) > LONGROPE_FROM > max(map(len, PROMPTS))
+    both = _decode(phi3)[0]
+    phi3.inv_freq_long = phi3.inv_freq  # the short set throughout
+    assert (_decode(phi3)[0] - both).abs().max() > 2e-3
 
 
 def test_tiny_default_is_grouped_query_attention(tiny_hf_dir):

@@ -237,15 +237,14 @@ def test_weight_only_int8_stays_close(family, family_dirs):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cpu_decode_plan_takes_the_c_step_or_steps_aside(family, family_dirs, native_lib, monkeypatch):
-    """Phi-3 (split at load: a plain Llama block with a window) and SmolLM3 (a layer without RoPE,
-    which the C step leaves unturned: turned, the logits move by 0.0025) run the fused C step;
-    QK-norm and Gemma's block are not in the C step, so the plan hands them to the PyTorch step.
-    Either way the decoded logits are those of a full forward."""
+def test_cpu_decode_plan_takes_the_c_step(family, family_dirs, native_lib, monkeypatch):
+    """Every family here runs the fused C step (QK-norm, Gemma's and OLMo 2's norms, layers without
+    RoPE, Gemma 3's local RoPE tables, Gemma 2's caps, partial rotary): the decoded logits are
+    those of a full forward."""
     kernels_on(monkeypatch, True)
     model = load_checkpoint(family_dirs[family]).model
     seq = ids(t=14)[:1]
-    assert_plan_decodes_like_forward(model, seq, fused=family in ("phi3", "smollm3"))
+    assert_plan_decodes_like_forward(model, seq, fused=True)
 
 
 def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_path):

@@ -1,17 +1,18 @@
 """The fused CPU decode step (quant/cpu_decode.c): building its view of a model, and calling it.
 
-What it does: for a dense Llama-family `CausalLM` on the CPU in fp32 or bf16 whose
-projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers (no
-adapters), `FusedDecode.step` runs one token per row through every layer and the LM head in
+What it does: for a dense `CausalLM` (every family but the mixtures of experts: Llama's block,
+QK-norm, Gemma's and OLMo 2's norms, partial rotary, LongRoPE, soft-caps) on the CPU in fp32 or
+bf16 whose projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers
+(no adapters), `FusedDecode.step` runs one token per row through every layer and the LM head in
 one C call, reading and writing the same `KVCache` the PyTorch model uses (fp32, or a bf16
 model's bf16 one), so prefill (PyTorch) and decoding (C) mix freely. Python keeps the
-embedding lookup and the RoPE tables (any RoPE scaling the model has; built once a model,
-rope_table.py). A bf16 model's matmuls
+RoPE tables (any RoPE scaling the model has, Gemma 3's local ones, LongRoPE's long set; built
+once a model, rope_table.py) and a final logit soft-cap. A bf16 model's matmuls
 read its bf16 weights in place and sum in fp32 (quant/cpu_bf16.c); everything between them
-runs in fp32, its norm weights and biases copied to fp32 (a few KB).
+runs in fp32, its norm weights and biases copied to fp32 (a few KB; Gemma's 1 + w added).
 
 `FusedDecode(model, lib)` reads the model's weights where they are (its `ok` is False
-where the step cannot run them: another family or activation, an adapter, an NF4 layer,
+where the step cannot run them: another activation or norm, an adapter, an NF4 layer,
 another dtype or device); `current()` says whether the model still has those modules and
 tensors. `FusedStep` is the decode step a caller chooses: the C step for up to `MAX_ROWS`
 rows on a cache it can write, its `fallback` step otherwise.
@@ -32,6 +33,7 @@ from torch import nn
 from weightsmith.cpu_decode.rope_table import RopeTable
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
+from weightsmith.models.model import RMSNorm
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant.ggml_linear import GGMLLinear
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear
@@ -49,6 +51,8 @@ MAX_ROWS = 32
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+#: A layer's norms as `_Layer` names them (`_layer_norms` gives them in this order).
+NORMS = ("norm1", "norm2", "attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 
 class _Proj(ctypes.Structure):
@@ -61,10 +65,8 @@ class _Layer(ctypes.Structure):
     _fields_ = (
         [("norm1", _ptr), ("norm2", _ptr)]
         + [(p, _Proj) for p in PROJECTIONS]
-        + [
-            ("window", _i64),
-            ("rope", _i64),
-        ]
+        + [("window", _i64), ("rope", _i64)]
+        + [(f, _ptr) for f in NORMS[2:]]
     )
 
 
@@ -78,7 +80,13 @@ class _Model(ctypes.Structure):
         ("v_cache", _ptr),
     ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos", "kv_bf16")] + [
         ("embed", _ptr), ("embed_ld", _i64), ("embed_bf16", _i64),
-    ]  # fmt: skip
+    ] + [(f, _i64) for f in ("rot_dim", "act", "qk_whole")] + [
+        (f, ctypes.c_double) for f in ("attn_scale", "attn_cap", "embed_scale")
+    ] + [(f, _ptr) for f in ("cos_local", "sin_local")]  # fmt: skip
+
+
+#: The C step's activations (`_Model.act`) by config.json name.
+ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
 
 
 def _fp32_cpu(t: torch.Tensor | None) -> bool:
@@ -95,15 +103,16 @@ def _float_cpu(t: torch.Tensor | None) -> bool:
 DENSE_KINDS = {torch.float32: (32, 33), torch.bfloat16: (48, 49)}
 
 
-def _fp32_copy(t: torch.Tensor, keep: list[torch.Tensor], copies: list) -> torch.Tensor:
-    """`t` as the C step reads it: itself (fp32), or an fp32 copy remembered in `copies` with its
-    source, so that `FusedDecode.current` notices a source changed in place."""
+def _fp32_copy(t: torch.Tensor, keep: list[torch.Tensor], copies: list, add: float = 0.0) -> torch.Tensor:
+    """`t` (+ `add`) as the C step reads it: itself (fp32, nothing added), or an fp32 copy
+    remembered in `copies` with its source and `add`, so that `FusedDecode.current` notices a
+    source changed in place."""
     t = t.detach()
-    if t.dtype == torch.float32:
+    if t.dtype == torch.float32 and not add:
         out = t.contiguous()
     else:
-        out = t.float().contiguous()
-        copies.append((t, out))
+        out = (t.float() + add if add else t.float()).contiguous()
+        copies.append((t, out, add))
     keep.append(out)
     return out
 
@@ -178,11 +187,24 @@ def _projection_modules(model: nn.Module) -> list[nn.Module]:
     return mods + [model.lm_head]
 
 
+def _layer_norms(block: nn.Module) -> list[nn.Module | None]:
+    """A block's norms in `_Layer`'s order (norm1, norm2, attn_norm, mlp_norm, q_norm, k_norm),
+    None where it has none."""
+    n = block.norms()
+    attn = block.self_attn
+    return [
+        n.attn_in,
+        n.mlp_in,
+        n.attn_out,
+        n.mlp_out,
+        getattr(attn, "q_norm", None),
+        getattr(attn, "k_norm", None),
+    ]
+
+
 def _watched_modules(model: nn.Module) -> list[nn.Module]:
     """Every module whose tensors the C step reads: the projections and the norms."""
-    norms = [
-        n for block in model.model.layers for n in (block.input_layernorm, block.post_attention_layernorm)
-    ]
+    norms = [n for block in model.model.layers for n in _layer_norms(block) if n is not None]
     return _projection_modules(model) + norms + [model.model.norm]
 
 
@@ -200,6 +222,7 @@ class FusedDecode:
         self.pointers = [t.data_ptr() for t in _tensors(self.modules)]
         mods = _projection_modules(model)
         layers = (_Layer * cfg.num_hidden_layers)()
+        local = hasattr(model, "inv_freq_local")  # Gemma 3: sliding layers turn with their own tables
         for i, block in enumerate(model.model.layers):
             for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
                 p = _proj(module, self.keep, self.copies)
@@ -207,27 +230,40 @@ class FusedDecode:
                     self.ok = False
                     return
                 setattr(layers[i], name, p)
-            layers[i].norm1 = self._norm(block.input_layernorm)
-            layers[i].norm2 = self._norm(block.post_attention_layernorm)
+            for name, norm in zip(NORMS, _layer_norms(block), strict=True):
+                setattr(layers[i], name, self._norm(norm))
             windowed = cfg.layer_types[i] == "sliding_attention"
             layers[i].window = cfg.sliding_window if windowed and cfg.sliding_window else 0
-            layers[i].rope = int(cfg.rope_layer(i))
+            layers[i].rope = 0 if not cfg.rope_layer(i) else 2 if local and windowed else 1
         head = _proj(model.lm_head, self.keep, self.copies)
         if head is None or self.ok is False:
             self.ok = False
             return
         self.layers = layers
         self.max_rows = MAX_ROWS
+        attn = model.model.layers[0].self_attn
+        embed_scale = model.model.embed_scale
+        if embed_scale is not None:  # as the PyTorch model multiplies: by the scale in the weights' dtype
+            embed_scale = torch.tensor(embed_scale, dtype=model.model.embed_tokens.weight.dtype).item()
         self.struct = _Model(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
             n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=cfg.intermediate_size,
             eps=model.model.norm.eps, layers=layers, final_norm=self._norm(model.model.norm), head=head,
+            rot_dim=cfg.rotary_dim, act=ACTS[cfg.hidden_act], qk_whole=int(cfg.family.qk_norm_whole),
+            attn_scale=attn.scale or 0.0, attn_cap=cfg.attn_logit_softcapping or 0.0,
+            embed_scale=1.0 if embed_scale is None else embed_scale,
         )  # fmt: skip
+        self.local = RopeTable(model, "inv_freq_local") if local else None
+        self.long = RopeTable(model, "inv_freq_long") if cfg.rope_type == "longrope" else None
 
-    def _norm(self, norm: nn.Module) -> int:
-        if not _float_cpu(norm.weight):
+    def _norm(self, norm: nn.Module | None) -> int | None:
+        """The factors a norm multiplies by (Gemma's 1 + w), or None where there is no norm."""
+        if norm is None:
+            return None
+        if type(norm) is not RMSNorm or not _float_cpu(norm.weight) or norm.eps != self.model.model.norm.eps:
             self.ok = False
-        return _fp32_copy(norm.weight, self.keep, self.copies).data_ptr()
+        add = 1.0 if norm.offset else 0.0
+        return _fp32_copy(norm.weight, self.keep, self.copies, add).data_ptr()
 
     def current(self) -> bool:
         """Whether the model still has the modules (and tensors) this was built on, and the fp32
@@ -238,7 +274,10 @@ class FusedDecode:
             return False
         if [t.data_ptr() for t in _tensors(now)] != self.pointers:
             return False
-        return all(torch.equal(source.float(), copy) for source, copy in self.copies)
+        return all(
+            torch.equal(source.float() + add if add else source.float(), copy)
+            for source, copy, add in self.copies
+        )
 
     def quantized(self) -> bool:
         """Whether any projection is int4, int8 or GGUF blocks (an fp32-only plan may leave decoding
@@ -279,7 +318,10 @@ class FusedDecode:
         model = self.model
         s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         x = self._embeddings(s, tokens)
-        cos, sin = self.rope.upto(max(lengths) + 1)  # (positions, D): the C step reads row lengths[b]
+        n = max(lengths) + 1  # the C step reads the tables' row lengths[b]
+        cos, sin = self._tables(n)
+        if self.local is not None:
+            s.cos_local, s.sin_local = (t.data_ptr() for t in self.local.upto(n))
         logits = torch.empty(b, model.config.vocab_size)
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
@@ -293,7 +335,15 @@ class FusedDecode:
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
         cache.advance(b)
-        return logits
+        cap = model.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # as CausalLM.logits
+
+    def _tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's RoPE tables for a step whose longest row reaches `n` positions (LongRoPE: the
+        long set once `n` passes the original context, for every row, as the PyTorch model)."""
+        if self.long is not None and n > self.model.config.rope_scaling["original_max_position_embeddings"]:
+            return self.long.upto(n)
+        return self.rope.upto(n)
 
 
 def cache_fits(cache: KVCache) -> bool:
@@ -306,16 +356,12 @@ def cache_fits(cache: KVCache) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether the C step implements this architecture (dense, SwiGLU, grouped-query attention,
-    with or without RoPE on each layer, over whole heads and one set of frequencies; not QK-norm,
-    Gemma's block, a partial rotary factor or LongRoPE, which decode on the PyTorch path)."""
+    """Whether the C step implements this architecture: every dense family (not a mixture of
+    experts), SwiGLU or Gemma's tanh-GELU MLP, grouped-query attention."""
     cfg = model.config
     return (
         not cfg.family.moe
-        and not (cfg.family.qk_norm or cfg.family.gemma)
-        and cfg.rotary_dim == cfg.head_dim
-        and cfg.rope_type != "longrope"
-        and cfg.hidden_act in ("silu", "swish")
+        and cfg.hidden_act in ACTS
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _float_cpu(model.model.embed_tokens.weight)
     )

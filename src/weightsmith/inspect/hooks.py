@@ -268,16 +268,10 @@ def _plan(model: CausalLM) -> list[tuple[nn.Module, type, str]]:
     )
     for i, layer in enumerate(model.model.layers):
         parts = [(layer, ""), (layer.self_attn, "attn.")]
-        if not hasattr(layer, "input_layernorm"):  # OLMo 2: norms on the outputs only
-            parts += [
-                (layer.post_attention_layernorm, "ln1_post."),
-                (layer.post_feedforward_layernorm, "ln2_post."),
-            ]
-        elif hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's norms around each output
-            parts += [(layer.input_layernorm, "ln1."), (layer.post_attention_layernorm, "ln1_post."),
-                      (layer.pre_feedforward_layernorm, "ln2."), (layer.post_feedforward_layernorm, "ln2_post.")]  # fmt: skip
-        else:
-            parts += [(layer.input_layernorm, "ln1."), (layer.post_attention_layernorm, "ln2.")]
+        # TransformerLens's names: ln1 and ln2 before attention and MLP, ln1_post and ln2_post on
+        # their outputs (Gemma, OLMo 2).
+        roles = zip(layer.norms(), ("ln1.", "ln1_post.", "ln2.", "ln2_post."), strict=True)
+        parts += [(norm, sub) for norm, sub in roles if norm is not None]
         if hasattr(layer, "mlp") and not isinstance(layer.mlp, SparseMoE):  # experts: no MLP hooks
             parts.append((layer.mlp, "mlp."))
         for module, sub in parts:

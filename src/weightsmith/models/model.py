@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +227,15 @@ class SparseMoE(nn.Module):
         return out.view(b, t, h)
 
 
+class BlockNorms(NamedTuple):
+    """A block's norms by where they apply, None where its family has none there."""
+
+    attn_in: RMSNorm | None  # before attention (all but OLMo 2)
+    attn_out: RMSNorm | None  # on attention's output, before the residual (Gemma, OLMo 2)
+    mlp_in: RMSNorm | None  # before the MLP (all but OLMo 2)
+    mlp_out: RMSNorm | None  # on the MLP's output, before the residual (Gemma, OLMo 2)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). Gemma norms each output too:
     x + post_attention_layernorm(attn(input_layernorm(x))), then
@@ -247,6 +257,20 @@ class DecoderLayer(nn.Module):
             self.add_module(cfg.family.moe_block, SparseMoE(cfg))
         else:
             self.mlp = MLP(cfg)
+
+    def norms(self) -> BlockNorms:
+        """The block's norms by role (Llama's `post_attention_layernorm` is the MLP's input norm,
+        Gemma's and OLMo 2's normalises attention's output)."""
+        if hasattr(self, "pre_feedforward_layernorm"):  # Gemma
+            return BlockNorms(
+                self.input_layernorm,
+                self.post_attention_layernorm,
+                self.pre_feedforward_layernorm,
+                self.post_feedforward_layernorm,
+            )
+        if not hasattr(self, "input_layernorm"):  # OLMo 2
+            return BlockNorms(None, self.post_attention_layernorm, None, self.post_feedforward_layernorm)
+        return BlockNorms(self.input_layernorm, None, self.post_attention_layernorm, None)
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp

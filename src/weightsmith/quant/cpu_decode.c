@@ -1,4 +1,5 @@
-/* One decode step of a dense Llama-family model (Llama, Mistral, Qwen2, Phi-3, SmolLM3) on the CPU, in C.
+/* One decode step of a dense model of the supported families (Llama, Mistral, Qwen2/3, Phi-3,
+ * SmolLM3, Gemma 2/3, OLMo 2) on the CPU, in C.
  *
  * Decoding one token per row spends most of its time, at small batch, in the hundreds of
  * small tensor operations around the matmuls (norms, RoPE, cache writes, attention,
@@ -7,15 +8,24 @@
  * Python in between. weightsmith/cpu_decode/ (fused.py, plan.py) decides when it applies;
  * the tests check it against the PyTorch model (logits equal up to float rounding).
  *
- * Per layer, for every row b at position pos[b]:
- *   h = rmsnorm(x) * norm1;  q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)
- *   q, k = rope(q), rope(k) with row pos[b] of the caller's cos/sin tables (halves layout),
- *          except in a layer without RoPE (SmolLM3's NoPE layers: L->rope == 0)
+ * The embedding rows are scaled by embed_scale (Gemma: sqrt(hidden)). Per layer, for every row
+ * b at position pos[b]:
+ *   h = rmsnorm(x) * norm1 (x itself where the block has no such norm: OLMo 2)
+ *   q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ biases)
+ *   q, k = rmsnorm(q) * q_norm, rmsnorm(k) * k_norm where the model has QK-norm: over each
+ *          head's D, or over each projection's whole output (qk_whole: OLMo 2)
+ *   q, k = rope(q), rope(k) over the first rot_dim of each head, with row pos[b] of the caller's
+ *          cos/sin tables (halves layout): the model's tables, or the local ones (Gemma 3's
+ *          sliding layers, L->rope == 2); not at all in a layer without RoPE (L->rope == 0)
  *   cache[layer, b, :, pos[b]] = k, v  (rounded to bf16 in a bf16 cache, as a bf16 model's is)
  *   attention of each query head over its key/value head's entries lo..pos[b], where
- *   lo = pos[b] - window + 1 for a sliding-window layer (else 0), scale 1/sqrt(D)
- *   x += attn @ Wo.T;  h = rmsnorm(x) * norm2;  x += (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
- * then logits = (rmsnorm(x) * final_norm) @ Whead.T.
+ *   lo = pos[b] - window + 1 for a sliding-window layer (else 0), scores (q . k) * attn_scale
+ *   (0: 1/sqrt(D)), capped to cap * tanh(s / cap) where attn_cap is set (Gemma 2)
+ *   a = attn @ Wo.T, normed by attn_norm where the block norms its outputs (Gemma, OLMo 2); x += a
+ *   h = rmsnorm(x) * norm2 (or x);  f = (act(h @ Wg.T) * (h @ Wu.T)) @ Wd.T, act SiLU or GELU's
+ *   tanh form; normed by mlp_norm where set; x += f
+ * then logits = (rmsnorm(x) * final_norm) @ Whead.T. Norm weights come as the factors they
+ * multiply by (Gemma's 1 + w already added, fused.py); a final soft-cap is the caller's.
  */
 
 #include <math.h>
@@ -29,10 +39,12 @@
 #endif
 
 typedef struct {
-    const float *norm1, *norm2;
+    const float *norm1, *norm2; /* before attention and before the MLP; NULL: none (OLMo 2) */
     ws_proj q, k, v, o, gate, up, down;
     int64_t window; /* 0: the layer attends over the whole prefix */
-    int64_t rope;   /* 1: q and k turn with RoPE; 0: they do not (SmolLM3's NoPE layers) */
+    int64_t rope;   /* 1: q and k turn with the model's tables, 2: with the local ones; 0: not at all */
+    const float *attn_norm, *mlp_norm; /* norms of the attention and MLP outputs; NULL: none */
+    const float *q_norm, *k_norm;      /* QK-norm weights; NULL: none */
 } ws_layer;
 
 typedef struct {
@@ -46,6 +58,11 @@ typedef struct {
     int64_t kv_bf16; /* 0: the cache holds fp32, 1: bf16 (a bf16 model's, computed in fp32 here) */
     const void *embed; /* the token embeddings (vocab, hidden), rows embed_ld elements apart */
     int64_t embed_ld, embed_bf16;
+    int64_t rot_dim;  /* the first rot_dim of each head turn (a partial rotary factor); the tables' width */
+    int64_t act;      /* 0: SiLU, 1: GELU, tanh approximation (Gemma) */
+    int64_t qk_whole; /* QK-norm over each projection's whole output (OLMo 2), else over each head */
+    double attn_scale, attn_cap, embed_scale; /* 0: 1/sqrt(D); 0: no cap; 1: no scale */
+    const float *cos_local, *sin_local;       /* the local layers' tables (rope == 2) */
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -97,6 +114,7 @@ typedef struct {
     float *out;
     float *scores; /* (B, n_heads, stride): the step's scratch */
     int64_t stride;
+    float scale, cap; /* the scores' scale and soft-cap (0: none) */
 } ws_attn;
 
 /* Positions per item of the scores, floats of head_dim per item of the values, query heads that
@@ -193,7 +211,7 @@ ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t
                             int n) {
     const ws_model *m = a->m;
     const int64_t D = m->head_dim, esize = m->kv_bf16 ? 2 : 4;
-    const float scale = 1.0f / sqrtf((float)D);
+    const float scale = a->scale, cap = a->cap;
     float s[HEADS_AT_ONCE];
     for (int64_t t = t0; t < t1; t++) {
         const char *key = (const char *)m->k_cache + (base + t * m->s_pos) * esize;
@@ -201,7 +219,7 @@ ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t
             dots(q, key, 1, D, n, s);
         else
             dots(q, key, 0, D, n, s);
-        for (int j = 0; j < n; j++) sc[j * a->stride + t] = s[j] * scale;
+        for (int j = 0; j < n; j++) sc[j * a->stride + t] = cap > 0 ? cap * tanhf(s[j] * scale / cap) : s[j] * scale;
     }
 }
 
@@ -361,12 +379,38 @@ static void silu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = n8; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* g <- gelu(g) * u, GELU's tanh form 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), n floats;
+ * tanh(y) = 1 - 2 / (1 + exp(2y)), which goes to +-1 where exp overflows or vanishes. */
+static void gelu_mul(float *g, const float *u, int64_t n) {
+    const float k = 0.7978845608028654f, c = 0.044715f;
+    const int64_t n8 = n & ~(int64_t)7;
+    for (int64_t i = 0; i < n8; i += 8) {
+        const vf8 x = load8(g + i), y = k * (x + c * x * x * x);
+        const vf8 t = 1.0f - 2.0f / (1.0f + vexp8(y + y)), r = 0.5f * x * (1.0f + t) * load8(u + i);
+        memcpy(g + i, &r, sizeof r);
+    }
+    for (int64_t i = n8; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + tanhf(k * (g[i] + c * g[i] * g[i] * g[i]))) * u[i];
+}
+
+/* QK-norm of the rows' queries and keys, in place: over each head's D, or each whole projection. */
+static void qk_norm(const ws_model *m, const ws_layer *L, int64_t B, float *q, float *k) {
+    const int64_t D = m->head_dim;
+    if (m->qk_whole) {
+        rmsnorm(q, L->q_norm, B, m->n_heads * D, m->eps, q);
+        rmsnorm(k, L->k_norm, B, m->n_kv * D, m->eps, k);
+    } else {
+        rmsnorm(q, L->q_norm, B * m->n_heads, D, m->eps, q);
+        rmsnorm(k, L->k_norm, B * m->n_kv, D, m->eps, k);
+    }
+}
+
 /* x (B, hidden): the rows' token embeddings, overwritten; or NULL: rows tokens[b] of m->embed
- * (in fp32). cos, sin: RoPE tables (positions, D), row pos[b] row b's; logits (B, vocab).
+ * (in fp32). cos, sin: RoPE tables (positions, rot_dim), row pos[b] row b's; logits (B, vocab).
  * Returns 0, or -1 when out of memory. */
 int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, const int64_t *pos,
               const float *cos, const float *sin, float *logits) {
     const int64_t H = m->hidden, D = m->head_dim, qn = m->n_heads * D, kvn = m->n_kv * D, I = m->inter;
+    const int64_t R = m->rot_dim;
     float *own = x ? NULL : malloc(sizeof(float) * (size_t)(B * H));
     if (!x && own) {
         for (int64_t b = 0; b < B; b++) {
@@ -377,6 +421,8 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         }
     }
     x = x ? x : own;
+    if (x && m->embed_scale != 1.0)
+        for (int64_t i = 0; i < B * H; i++) x[i] *= (float)m->embed_scale;
     float *h = malloc(sizeof(float) * (size_t)(B * H)), *q = malloc(sizeof(float) * (size_t)(B * qn));
     float *k = malloc(sizeof(float) * (size_t)(B * kvn)), *v = malloc(sizeof(float) * (size_t)(B * kvn));
     float *att = malloc(sizeof(float) * (size_t)(B * qn)), *out = malloc(sizeof(float) * (size_t)(B * H));
@@ -385,7 +431,8 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
     for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     float *scores = malloc(sizeof(float) * (size_t)(B * m->n_heads * longest));
     ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
-                    .stride = longest};
+                    .stride = longest, .scale = m->attn_scale > 0 ? (float)m->attn_scale : 1.0f / sqrtf((float)D),
+                    .cap = (float)m->attn_cap};
     ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
     if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores) {
@@ -394,17 +441,20 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
     }
     for (int64_t l = 0; l < m->n_layers; l++) {
         const ws_layer *L = m->layers + l;
-        rmsnorm(x, L->norm1, B, H, m->eps, h);
-        act.src = NULL; /* h is new: quantized once for q, k and v */
+        const float *in = x;
+        if (L->norm1) rmsnorm(x, L->norm1, B, H, m->eps, h), in = h;
+        act.src = NULL; /* the input is new: quantized once for q, k and v */
         const ws_proj *qkv[] = {&L->q, &L->k, &L->v}, *gate_up[] = {&L->gate, &L->up};
         float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
-        if (ws_projs_matmul(qkv, 3, h, B, qkv_out, &act)) goto oom;
+        if (ws_projs_matmul(qkv, 3, in, B, qkv_out, &act)) goto oom;
+        if (L->q_norm) qk_norm(m, L, B, q, k);
+        const float *ct = L->rope == 2 ? m->cos_local : cos, *st = L->rope == 2 ? m->sin_local : sin;
         for (int64_t b = 0; b < B; b++) {
-            const float *cb = cos + pos[b] * D, *sb = sin + pos[b] * D;
+            const float *cb = ct + pos[b] * R, *sb = st + pos[b] * R;
             if (L->rope)
-                for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, D);
+                for (int64_t i = 0; i < m->n_heads; i++) rope(q + b * qn + i * D, cb, sb, R);
             for (int64_t i = 0; i < m->n_kv; i++) {
-                if (L->rope) rope(k + b * kvn + i * D, cb, sb, D);
+                if (L->rope) rope(k + b * kvn + i * D, cb, sb, R);
                 const int64_t at = l * m->s_layer + b * m->s_row + i * m->s_head + pos[b] * m->s_pos;
                 kv_store(m, m->k_cache, at, k + b * kvn + i * D, D);
                 kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
@@ -414,13 +464,19 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
+        if (L->attn_norm) rmsnorm(out, L->attn_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
-        rmsnorm(x, L->norm2, B, H, m->eps, h);
+        in = x;
+        if (L->norm2) rmsnorm(x, L->norm2, B, H, m->eps, h), in = h;
         act.src = NULL; /* once for gate and up */
-        if (ws_projs_matmul(gate_up, 2, h, B, gate_up_out, &act)) goto oom;
-        silu_mul(g, u, B * I);
+        if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
+        if (m->act == 1)
+            gelu_mul(g, u, B * I);
+        else
+            silu_mul(g, u, B * I);
         act.src = NULL;
         if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
+        if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
     }
     rmsnorm(x, m->final_norm, B, H, m->eps, h);
