@@ -1,7 +1,7 @@
 """Qwen3, Phi-3, Gemma 2, Gemma 3, SmolLM3 and OLMo 2 through every path after loading: PEFT adapters both ways (Phi-3's
 keep its fused `qkv_proj`/`gate_up_proj` names), saving an HF directory transformers loads (also
-with a merged adapter), weight-only quantization (and its folder reloaded), and the CPU decode plan (the C step for Phi-3, a clean fallback
-to the PyTorch step for QK-norm and Gemma's block). Tiny random models built in the test."""
+with a merged adapter), weight-only quantization (and its folder reloaded), and the CPU decode
+plan's C step. Tiny random models built in the test."""
 
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def test_cpu_decode_plan_steps_aside_to_the_pytorch_step(qwen_dir, native_lib, m
     kernels_on(monkeypatch, True)
     model = load_checkpoint(qwen_dir).model
     seq = ids(t=14)[:1]
-    assert_plan_decodes_like_forward(model, seq, fused=False)  # experts and QK-norm are not in the C step
+    assert_plan_decodes_like_forward(model, seq, fused=False)  # the experts are not in the C step
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
