@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from weightsmith.errors import CheckpointError
+from weightsmith.models.families import periodic_layer_types
 
 if TYPE_CHECKING:
     from weightsmith.models import ModelConfig
@@ -58,10 +59,7 @@ def check_gemma(cfg: ModelConfig, arch: str, source: str) -> None:
     """Refuse a Gemma model that llama.cpp's `arch` graph would compute differently."""
     fixed = gemma_fixed(arch, cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads, cfg.head_dim)
     every = fixed["sliding_window_pattern"]
-    pattern = [
-        "full_attention" if (i + 1) % every == 0 else "sliding_attention"
-        for i in range(cfg.num_hidden_layers)
-    ]
+    pattern = periodic_layer_types(every, cfg.num_hidden_layers)
     capped = arch == "gemma2"
     checks = [
         (

@@ -58,6 +58,7 @@ from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
 from weightsmith.checkpoint.quantized import float_state
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file, write_text_atomic
+from weightsmith.models.families import periodic_rope_layers
 from weightsmith.models.fused import fuse_state
 from weightsmith.models.rope import longrope_attention_factor
 
@@ -155,7 +156,7 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
         check_gemma(cfg, arch, source)
     if arch == "smollm3":
         every = SMOLLM3_NO_ROPE_EVERY
-        if cfg.no_rope_layers != [int((i + 1) % every != 0) for i in range(cfg.num_hidden_layers)]:
+        if cfg.no_rope_layers != periodic_rope_layers(every, cfg.num_hidden_layers):
             raise CheckpointError(
                 f"{source}: no_rope_layers {cfg.no_rope_layers} cannot be exported; llama.cpp's smollm3 "
                 f"graph leaves every {every}th layer without RoPE"

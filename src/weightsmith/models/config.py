@@ -17,7 +17,13 @@ from typing import Any
 
 from weightsmith.errors import ConfigError
 from weightsmith.models.activations import ACTIVATIONS
-from weightsmith.models.families import FAMILIES, QWEN_MOE_FIELDS, Family
+from weightsmith.models.families import (
+    FAMILIES,
+    QWEN_MOE_FIELDS,
+    Family,
+    periodic_layer_types,
+    periodic_rope_layers,
+)
 
 __all__ = ["FAMILIES", "Family", "ModelConfig"]
 
@@ -437,7 +443,7 @@ def _read_no_rope_layers(data: dict[str, Any], fam: Family, n_layers: int, sourc
             raise ConfigError(
                 f"{source}: field 'no_rope_layer_interval' must be a positive integer, got {every!r}"
             )
-        return [int((i + 1) % every != 0) for i in range(n_layers)]
+        return periodic_rope_layers(every, n_layers)
     if not isinstance(given, list) or len(given) != n_layers or any(v not in (0, 1) for v in given):
         raise ConfigError(f"{source}: no_rope_layers must list {n_layers} entries of 0 or 1")
     return [int(v) for v in given]
@@ -459,7 +465,7 @@ def _read_layer_types(
         return ["full_attention"] * n_layers
     if fam.gemma:  # every `sliding_window_pattern`-th layer is global
         every = data.get("sliding_window_pattern") or data.get("_sliding_window_pattern") or fam.global_every
-        return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+        return periodic_layer_types(every, n_layers)
     if fam.sliding_window_needs_flag:
         if not data.get("use_sliding_window", False):
             return ["full_attention"] * n_layers

@@ -160,3 +160,15 @@ FAMILIES: dict[str, Family] = {
         ),
     ),
 }
+
+
+def periodic_layer_types(every: int, n_layers: int) -> list[str]:
+    """Gemma's fixed pattern (transformers' and llama.cpp's): every `every`-th layer global, the
+    others sliding."""
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+
+
+def periodic_rope_layers(every: int, n_layers: int) -> list[int]:
+    """SmolLM3's fixed pattern (transformers' and llama.cpp's): 0 (no RoPE) for every `every`-th
+    layer, 1 for the others."""
+    return [int((i + 1) % every != 0) for i in range(n_layers)]
