@@ -125,13 +125,17 @@ def _family_dir(path, family: str):
              "rope_local_base_freq": 100.0, "pad_token_id": 0},
         ),
         "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config, {"pad_token_id": 0}),
+        "mixtral": (
+            transformers.MixtralForCausalLM, transformers.MixtralConfig,
+            {"num_local_experts": 4, "num_experts_per_tok": 2},
+        ),
     }[family]  # fmt: skip
     torch.manual_seed(3)
     cls(cfg_cls(**{**TINY_SHAPE, "eos_token_id": 2, **extra})).eval().save_pretrained(path)
     return path
 
 
-FAMILIES = ["llama-bias", "tied-mqa", "mistral-window", "qwen2-window", "gemma3", "olmo2"]
+FAMILIES = ["llama-bias", "tied-mqa", "mistral-window", "qwen2-window", "gemma3", "olmo2", "mixtral"]
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,17 @@ def model_dirs(tiny_hf_dir, tmp_path_factory):
             partial_rotary_factor=0.5, original_max_position_embeddings=LONGROPE_FROM,
             rope_scaling={"type": "longrope", "long_factor": [4.0, 3.0, 5.0, 9.0], "short_factor": [1.0, 1.5, 2.0, 2.5]},
         ),
+        # 4 experts, 2 a token, renormalised.
+        "mixtral": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.MixtralForCausalLM, transformers.MixtralConfig, seed=10,
+            num_local_experts=4, num_experts_per_tok=2,
+        ),
+        # Not renormalised, a dense first layer, experts narrower than it.
+        "qwen3-moe": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig, seed=11, head_dim=16,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+            mlp_only_layers=[0], tie_word_embeddings=False,
+        ),
     }  # fmt: skip
 
     def get(name):
@@ -170,6 +181,11 @@ VARIANTS = {
     "olmo2-int4": ("olmo2", (4, 32, False)),
     "phi3-longrope-fp32": ("phi3-longrope", None),
     "phi3-longrope-int4": ("phi3-longrope", (4, 32, False)),
+    "mixtral-fp32": ("mixtral", None),
+    "mixtral-columns": ("mixtral", _columns),
+    "mixtral-int4": ("mixtral", (4, 32, False)),
+    "qwen3-moe-fp32": ("qwen3-moe", None),
+    "qwen3-moe-int8": ("qwen3-moe", (8, None, False)),
 }
 
 
@@ -544,10 +560,12 @@ def test_no_plan_for_more_rows_than_max_rows(model_dirs, native_lib, monkeypatch
     _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, prompts=prompts, steps=[[3] * (n + 1)] * 2)
 
 
-@pytest.mark.parametrize("variant", ["int8-biases-lm-head", "fp32-rows", "fp32-all-columns"])
+@pytest.mark.parametrize(
+    "variant", ["int8-biases-lm-head", "fp32-rows", "fp32-all-columns", "mixtral-int4", "qwen3-moe-fp32"]
+)
 def test_fused_decode_of_a_servers_batch(variant, model_dirs, native_lib, monkeypatch, fused_calls):
     """The C step takes the server's decode batches, quantized or fp32 (13 rows here: register tiles
-    of 4 rows and a tail of 1, prompts of different lengths)."""
+    of 4 rows and a tail of 1, prompts of different lengths; experts taking several rows at once)."""
     model, plan = _variant(variant, model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
     assert plan.fused().max_rows == cpu_fused.MAX_ROWS >= 16

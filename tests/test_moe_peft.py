@@ -216,7 +216,7 @@ def test_cpu_decode_plan_with_expert_adapters_steps_aside_correctly(
     model = load_checkpoint(path).model
     load_adapter(model, tmp_path)
     seq = ids(t=14)[:1]
-    assert_plan_decodes_like_forward(model, seq, fused=False)  # the C step has no experts (nor adapters)
+    assert_plan_decodes_like_forward(model, seq, fused=False)  # the C step takes no adapters
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -153,11 +153,13 @@ def test_weight_only_int8_leaves_the_router_in_float(qwen_dir):
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
-def test_cpu_decode_plan_steps_aside_to_the_pytorch_step(qwen_dir, native_lib, monkeypatch):
+def test_cpu_decode_plan_takes_the_c_step(qwen_dir, native_lib, monkeypatch):
+    """Experts and QK-norm in the C step (tests/test_cpu_decode.py: dense layers among them,
+    quantized and bf16 experts)."""
     kernels_on(monkeypatch, True)
     model = load_checkpoint(qwen_dir).model
     seq = ids(t=14)[:1]
-    assert_plan_decodes_like_forward(model, seq, fused=False)  # the experts are not in the C step
+    assert_plan_decodes_like_forward(model, seq, fused=True)
 
 
 # ---- GGUF ----------------------------------------------------------------------------------

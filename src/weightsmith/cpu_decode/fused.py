@@ -33,7 +33,7 @@ from torch import nn
 from weightsmith.cpu_decode.rope_table import RopeTable
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
-from weightsmith.models.model import RMSNorm
+from weightsmith.models.model import RMSNorm, SparseMoE
 from weightsmith.quant import cpu_kernels
 from weightsmith.quant.ggml_linear import GGMLLinear
 from weightsmith.quant.weight_only import Int4Linear, Int8Linear
@@ -67,6 +67,8 @@ class _Layer(ctypes.Structure):
         + [(p, _Proj) for p in PROJECTIONS]
         + [("window", _i64), ("rope", _i64)]
         + [(f, _ptr) for f in NORMS[2:]]
+        + [(f, _i64) for f in ("n_experts", "top_k", "renorm")]
+        + [("router", _Proj), ("experts", ctypes.POINTER(_Proj))]
     )
 
 
@@ -178,12 +180,28 @@ def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [t for ts in held for t in ts if t is not None]
 
 
+def _ffn(block: nn.Module) -> nn.Module:
+    """A block's MLP or mixture of experts (Mixtral's `block_sparse_moe`, Qwen-MoE's `mlp`)."""
+    return block.block_sparse_moe if hasattr(block, "block_sparse_moe") else block.mlp
+
+
+def _block_projections(block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A block's projections as the C step takes them: (q, k, v, o and a dense MLP's gate, up and
+    down; []), or for a mixture of experts (q, k, v, o; the router, then each expert's gate, up
+    and down)."""
+    a, ffn = block.self_attn, _ffn(block)
+    attn = [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+    if isinstance(ffn, SparseMoE):
+        return attn, [ffn.gate] + [getattr(x, n) for x in ffn.experts for n in x.names]
+    return attn + [ffn.gate_proj, ffn.up_proj, ffn.down_proj], []
+
+
 def _projection_modules(model: nn.Module) -> list[nn.Module]:
-    """The 7 projections of every layer and the LM head, in the plan's order."""
+    """Every layer's projections (`_block_projections`, both lists) and the LM head, in the plan's order."""
     mods: list[nn.Module] = []
     for block in model.model.layers:
-        a, m = block.self_attn, block.mlp
-        mods += (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        dense, sparse = _block_projections(block)
+        mods += dense + sparse
     return mods + [model.lm_head]
 
 
@@ -215,26 +233,19 @@ class FusedDecode:
         cfg = model.config
         self.model, self.lib, self.keep, self.ok = model, lib, [], True
         self.rope = RopeTable(model)  # the cos/sin rows the step reads, built once
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bf16 source, its fp32 copy)
+        #: (bf16 or offset source, its fp32 copy, what was added)
+        self.copies: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.experts: list[ctypes.Array] = []  # the experts' projection arrays the layers point to
+        self.inter = 0  # the widest MLP or expert: the step's scratch
         # What the struct depends on: these modules where they are, and every tensor's data where
         # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
         self.modules = _watched_modules(model)
         self.pointers = [t.data_ptr() for t in _tensors(self.modules)]
-        mods = _projection_modules(model)
         layers = (_Layer * cfg.num_hidden_layers)()
-        local = hasattr(model, "inv_freq_local")  # Gemma 3: sliding layers turn with their own tables
         for i, block in enumerate(model.model.layers):
-            for name, module in zip(PROJECTIONS, mods[7 * i : 7 * i + 7], strict=True):
-                p = _proj(module, self.keep, self.copies)
-                if p is None:
-                    self.ok = False
-                    return
-                setattr(layers[i], name, p)
-            for name, norm in zip(NORMS, _layer_norms(block), strict=True):
-                setattr(layers[i], name, self._norm(norm))
-            windowed = cfg.layer_types[i] == "sliding_attention"
-            layers[i].window = cfg.sliding_window if windowed and cfg.sliding_window else 0
-            layers[i].rope = 0 if not cfg.rope_layer(i) else 2 if local and windowed else 1
+            if not self._layer(i, block, layers[i]):
+                self.ok = False
+                return
         head = _proj(model.lm_head, self.keep, self.copies)
         if head is None or self.ok is False:
             self.ok = False
@@ -247,14 +258,41 @@ class FusedDecode:
             embed_scale = torch.tensor(embed_scale, dtype=model.model.embed_tokens.weight.dtype).item()
         self.struct = _Model(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
-            n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=cfg.intermediate_size,
+            n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=self.inter,
             eps=model.model.norm.eps, layers=layers, final_norm=self._norm(model.model.norm), head=head,
             rot_dim=cfg.rotary_dim, act=ACTS[cfg.hidden_act], qk_whole=int(cfg.family.qk_norm_whole),
             attn_scale=attn.scale or 0.0, attn_cap=cfg.attn_logit_softcapping or 0.0,
             embed_scale=1.0 if embed_scale is None else embed_scale,
         )  # fmt: skip
-        self.local = RopeTable(model, "inv_freq_local") if local else None
+        self.local = RopeTable(model, "inv_freq_local") if hasattr(model, "inv_freq_local") else None
         self.long = RopeTable(model, "inv_freq_long") if cfg.rope_type == "longrope" else None
+
+    def _layer(self, i: int, block: nn.Module, layer: _Layer) -> bool:
+        """Fill `layer` with block `i`'s projections, norms, window and RoPE; False where the step
+        cannot run one of its projections."""
+        cfg = self.model.config
+        dense, sparse = _block_projections(block)
+        projs = [_proj(m, self.keep, self.copies) for m in dense + sparse]
+        if any(p is None for p in projs):
+            return False
+        for name, p in zip(PROJECTIONS, projs[: len(dense)], strict=False):  # 4 (experts follow) or 7
+            setattr(layer, name, p)
+        if sparse:  # the router, then each expert's gate, up and down
+            moe = _ffn(block)
+            experts = (_Proj * (len(projs) - 5))(*projs[5:])
+            self.experts.append(experts)
+            layer.router, layer.experts = projs[4], ctypes.cast(experts, ctypes.POINTER(_Proj))
+            layer.n_experts, layer.top_k, layer.renorm = len(moe.experts), moe.top_k, int(moe.renormalise)
+            self.inter = max(self.inter, projs[5].n)
+        else:
+            self.inter = max(self.inter, projs[4].n)
+        for name, norm in zip(NORMS, _layer_norms(block), strict=True):
+            setattr(layer, name, self._norm(norm))
+        windowed = cfg.layer_types[i] == "sliding_attention"
+        layer.window = cfg.sliding_window if windowed and cfg.sliding_window else 0
+        local = hasattr(self.model, "inv_freq_local")  # Gemma 3: sliding layers turn with their own tables
+        layer.rope = 0 if not cfg.rope_layer(i) else 2 if local and windowed else 1
+        return True
 
     def _norm(self, norm: nn.Module | None) -> int | None:
         """The factors a norm multiplies by (Gemma's 1 + w), or None where there is no norm."""
@@ -356,12 +394,11 @@ def cache_fits(cache: KVCache) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether the C step implements this architecture: every dense family (not a mixture of
-    experts), SwiGLU or Gemma's tanh-GELU MLP, grouped-query attention."""
+    """Whether the C step implements this architecture: every family (dense or a mixture of
+    experts) with SwiGLU or Gemma's tanh-GELU MLPs and grouped-query attention."""
     cfg = model.config
     return (
-        not cfg.family.moe
-        and cfg.hidden_act in ACTS
+        cfg.hidden_act in ACTS
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and _float_cpu(model.model.embed_tokens.weight)
     )

@@ -23,7 +23,10 @@
  *   (0: 1/sqrt(D)), capped to cap * tanh(s / cap) where attn_cap is set (Gemma 2)
  *   a = attn @ Wo.T, normed by attn_norm where the block norms its outputs (Gemma, OLMo 2); x += a
  *   h = rmsnorm(x) * norm2 (or x);  f = (act(h @ Wg.T) * (h @ Wu.T)) @ Wd.T, act SiLU or GELU's
- *   tanh form; normed by mlp_norm where set; x += f
+ *   tanh form; normed by mlp_norm where set; x += f. A mixture of experts (Mixtral, Qwen-MoE)
+ *   instead routes each row to the top_k of softmax(h @ Wrouter.T) (fp32), renormalised where
+ *   renorm, and sums the chosen experts' SwiGLU outputs times their weights, in ascending
+ *   expert order (the PyTorch model's order)
  * then logits = (rmsnorm(x) * final_norm) @ Whead.T. Norm weights come as the factors they
  * multiply by (Gemma's 1 + w already added, fused.py); a final soft-cap is the caller's.
  */
@@ -45,10 +48,13 @@ typedef struct {
     int64_t rope;   /* 1: q and k turn with the model's tables, 2: with the local ones; 0: not at all */
     const float *attn_norm, *mlp_norm; /* norms of the attention and MLP outputs; NULL: none */
     const float *q_norm, *k_norm;      /* QK-norm weights; NULL: none */
+    int64_t n_experts, top_k, renorm;  /* n_experts > 0: a mixture of experts instead of gate/up/down */
+    ws_proj router;
+    const ws_proj *experts; /* (n_experts, 3): each expert's gate, up and down */
 } ws_layer;
 
 typedef struct {
-    int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter;
+    int64_t n_layers, hidden, n_heads, n_kv, head_dim, inter; /* inter: the widest MLP or expert */
     double eps;
     const ws_layer *layers;
     const float *final_norm;
@@ -392,6 +398,73 @@ static void gelu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = n8; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + tanhf(k * (g[i] + c * g[i] * g[i] * g[i]))) * u[i];
 }
 
+/* g <- act(g) * u, n floats: SiLU or GELU's tanh form, as the model's MLPs and experts take. */
+static void act_mul(const ws_model *m, float *g, const float *u, int64_t n) {
+    if (m->act == 1)
+        gelu_mul(g, u, n);
+    else
+        silu_mul(g, u, n);
+}
+
+/* The scratch of a mixture-of-experts layer: the router's probabilities (B, E), each row's chosen
+ * experts and weights (B, top_k), and one expert's rows' inputs and outputs. */
+typedef struct {
+    float *probs, *weights, *xin, *y;
+    int64_t *chosen, *rows;
+    float *row_w;
+} ws_moe;
+
+/* f (B, H) = the mixture of experts of `in` (B, H): each row's softmax over the router's logits
+ * (fp32), its top_k largest (the lower expert first among equal ones), renormalised to sum to 1
+ * where L->renorm; then expert by expert in ascending order, the rows that chose it gathered and
+ * run through its gate/up/down at once, each output times the row's weight added to the row's
+ * sum. g and u hold the experts' intermediate values. Returns 0, or -1 when out of memory. */
+static int moe(const ws_model *m, const ws_layer *L, const float *in, int64_t B, float *f, float *g, float *u,
+               const ws_moe *s, ws_qact *act) {
+    const int64_t E = L->n_experts, K = L->top_k, H = m->hidden;
+    act->src = NULL;
+    if (ws_proj_matmul(&L->router, in, B, s->probs, act)) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        float *p = s->probs + b * E, top = -INFINITY, total = 0;
+        for (int64_t e = 0; e < E; e++) top = p[e] > top ? p[e] : top;
+        for (int64_t e = 0; e < E; e++) total += (p[e] = expf(p[e] - top));
+        for (int64_t e = 0; e < E; e++) p[e] /= total;
+        float sum = 0;
+        for (int64_t j = 0; j < K; j++) { /* the j-th largest of those not chosen yet */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= s->chosen[b * K + i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            s->chosen[b * K + j] = best, s->weights[b * K + j] = p[best], sum += p[best];
+        }
+        if (L->renorm)
+            for (int64_t j = 0; j < K; j++) s->weights[b * K + j] /= sum;
+    }
+    memset(f, 0, sizeof(float) * (size_t)(B * H));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < K; j++)
+                if (s->chosen[b * K + j] == e) {
+                    memcpy(s->xin + n * H, in + b * H, sizeof(float) * (size_t)H);
+                    s->rows[n] = b, s->row_w[n++] = s->weights[b * K + j];
+                }
+        if (n == 0) continue;
+        const ws_proj *x = L->experts + 3 * e, *gate_up[] = {x, x + 1};
+        float *gate_up_out[] = {g, u};
+        act->src = NULL; /* a new input: quantized once for gate and up */
+        if (ws_projs_matmul(gate_up, 2, s->xin, n, gate_up_out, act)) return -1;
+        act_mul(m, g, u, n * x[0].n);
+        act->src = NULL;
+        if (ws_proj_matmul(x + 2, g, n, s->y, act)) return -1;
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t i = 0; i < H; i++) f[s->rows[r] * H + i] += s->y[r * H + i] * s->row_w[r];
+    }
+    return 0;
+}
+
 /* QK-norm of the rows' queries and keys, in place: over each head's D, or each whole projection. */
 static void qk_norm(const ws_model *m, const ws_layer *L, int64_t B, float *q, float *k) {
     const int64_t D = m->head_dim;
@@ -430,12 +503,25 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
     int64_t longest = 0; /* positions of the longest row: the attention scores' row length */
     for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     float *scores = malloc(sizeof(float) * (size_t)(B * m->n_heads * longest));
+    int64_t experts = 0, top_k = 0; /* the most of any layer */
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        experts = m->layers[l].n_experts > experts ? m->layers[l].n_experts : experts;
+        top_k = m->layers[l].top_k > top_k ? m->layers[l].top_k : top_k;
+    }
+    ws_moe mx = {0};
+    if (experts) {
+        mx.probs = malloc(sizeof(float) * (size_t)(B * experts));
+        mx.weights = malloc(sizeof(float) * (size_t)(B * top_k)), mx.chosen = malloc(sizeof(int64_t) * (size_t)(B * top_k));
+        mx.xin = malloc(sizeof(float) * (size_t)(B * H)), mx.y = malloc(sizeof(float) * (size_t)(B * H));
+        mx.rows = malloc(sizeof(int64_t) * (size_t)B), mx.row_w = malloc(sizeof(float) * (size_t)B);
+    }
+    const int moe_oom = experts && (!mx.probs || !mx.weights || !mx.chosen || !mx.xin || !mx.y || !mx.rows || !mx.row_w);
     ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
                     .stride = longest, .scale = m->attn_scale > 0 ? (float)m->attn_scale : 1.0f / sqrtf((float)D),
                     .cap = (float)m->attn_cap};
     ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
-    if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores) {
+    if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores || moe_oom) {
         status = -1;
         goto done;
     }
@@ -468,14 +554,15 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         in = x;
         if (L->norm2) rmsnorm(x, L->norm2, B, H, m->eps, h), in = h;
-        act.src = NULL; /* once for gate and up */
-        if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
-        if (m->act == 1)
-            gelu_mul(g, u, B * I);
-        else
-            silu_mul(g, u, B * I);
-        act.src = NULL;
-        if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
+        if (L->n_experts) {
+            if (moe(m, L, in, B, out, g, u, &mx, &act)) goto oom;
+        } else {
+            act.src = NULL; /* once for gate and up */
+            if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
+            act_mul(m, g, u, B * L->gate.n);
+            act.src = NULL;
+            if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
+        }
         if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
     }
@@ -487,6 +574,7 @@ oom:
     status = -1;
 done:
     free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores), free(own);
+    free(mx.probs), free(mx.weights), free(mx.chosen), free(mx.xin), free(mx.y), free(mx.rows), free(mx.row_w);
     ws_qact_free(&act);
     return status;
 }
