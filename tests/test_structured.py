@@ -177,3 +177,51 @@ def test_cli_bad_json_schema_file_is_one_line_before_loading(tmp_path, capsys) -
         ["generate", "no-such-model", "-p", "x", "--json-schema", str(tmp_path / "nope")], capsys
     )
     assert code == 2 and "cannot read it" in err
+
+
+class _Bits:
+    """A grammar state whose allowed tokens are given (what mask_logits reads of a GrammarState)."""
+
+    def __init__(self, allowed: list[int], tokens: int) -> None:
+        import numpy as np
+
+        bits = np.zeros((tokens + 31) // 32 * 32, dtype=np.uint8)
+        bits[allowed] = 1
+        self.bits = np.packbits(bits, bitorder="little")
+        self.grammar = type("G", (), {"description": "the test's"})()
+
+    def packed(self):
+        return self.bits
+
+
+def test_masking_in_place_on_the_cpu_equals_the_masked_fill() -> None:
+    """The CPU's in-place numpy path and the tensor path (any other device) mask the same logits:
+    the rows named, each by its own grammar, tokens past the tokenizer's (a wider vocabulary)
+    disallowed, other rows untouched."""
+    import torch
+
+    from weightsmith.grammar import mask_logits
+
+    logits = torch.randn(3, 70)
+    states = [_Bits([1, 5, 63], tokens=64), _Bits([0, 31, 32], tokens=64)]
+    fast = logits.clone()
+    mask_logits(fast, [2, 0], states)
+    slow = logits.clone()
+    slow_view = slow.t().contiguous().t()  # not unit-stride rows: the tensor path
+    mask_logits(slow_view, [2, 0], states)
+    assert torch.equal(fast, slow_view)
+    assert torch.equal(fast[1], logits[1])
+    kept = {2: [1, 5, 63], 0: [0, 31, 32]}
+    for row, ids in kept.items():
+        assert torch.equal(fast[row, ids], logits[row, ids])
+        assert torch.isinf(fast[row]).sum() == 70 - len(ids)
+
+
+def test_a_grammar_that_allows_nothing_is_an_error_on_either_path() -> None:
+    import torch
+
+    from weightsmith.grammar import mask_logits
+
+    for logits in (torch.zeros(1, 64), torch.zeros(64, 1).t()):
+        with pytest.raises(GrammarError, match="the grammar allows no next token \\(the test's\\)"):
+            mask_logits(logits, [0], [_Bits([], tokens=64)])

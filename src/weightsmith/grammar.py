@@ -3,8 +3,8 @@
 A `GrammarCompiler` is made once per tokenizer (engine.py keeps one) and turns a JSON schema
 (or a Lark grammar, for tool calls) into a `Grammar`; each generated row then walks its own
 `GrammarState`, which gives the allowed next tokens as a packed bitmask and consumes the token
-the sampler picked. `allowed_mask` unpacks the bitmasks of several rows into one (rows, V) bool
-tensor, which sampling.sample_batch applies to the logits before any filter, so every decode
+the sampler picked. `mask_logits` applies the rows' bitmasks to the logits (`allowed_mask`: as one
+(rows, V) bool tensor), which sampling.sample_batch does before any filter, so every decode
 path (eager, compiled, the fused C step) and every loop (generate.py, the server's scheduler)
 is constrained the same way.
 
@@ -94,21 +94,35 @@ class GrammarState:
         return self.matcher.is_accepting()
 
 
-def allowed_mask(states: Sequence[GrammarState], vocab: int, device: torch.device) -> torch.Tensor:
-    """(rows, vocab) bool: which tokens each row may pick next. A row with nothing allowed
-    (its grammar went wrong) is an error, not a silent NaN at sampling."""
-    packed = np.stack([s.packed() for s in states])  # (rows, ceil(V/32)*4)
-    bits = np.unpackbits(packed, axis=1, bitorder="little")  # (rows, ceil(V/32)*32)
-    if bits.shape[1] < vocab:  # the model has more rows than the tokenizer has tokens
-        bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
-    mask = torch.from_numpy(bits[:, :vocab].astype(np.bool_))
-    empty = (~mask.any(dim=1)).nonzero()
-    if len(empty):
-        state = states[int(empty[0, 0])]
+def _allowed(state: GrammarState, vocab: int) -> np.ndarray:
+    """(vocab,) bool: which tokens the row may pick next (past the tokenizer's tokens: none). A
+    row with nothing allowed (its grammar went wrong) is an error, not a silent NaN at sampling."""
+    bits = np.unpackbits(state.packed(), bitorder="little", count=vocab).view(np.bool_)
+    if not bits.any():
         raise GrammarError(
             f"the grammar allows no next token ({state.grammar.description}); generation stopped"
         )
+    return bits
+
+
+def allowed_mask(states: Sequence[GrammarState], vocab: int, device: torch.device) -> torch.Tensor:
+    """(rows, vocab) bool: which tokens each row may pick next (see `_allowed`)."""
+    mask = torch.from_numpy(np.stack([_allowed(s, vocab) for s in states]))
     return mask.to(device, non_blocking=True)
+
+
+def mask_logits(x: torch.Tensor, rows: Sequence[int], states: Sequence[GrammarState]) -> None:
+    """Set the logits of `x` (B, V) that row `rows[i]`'s grammar `states[i]` disallows to -inf, in
+    place. fp32 logits on the CPU are written through numpy, one row at a time (a 262k-token
+    vocabulary: 0.4 ms against 1.3 ms for the tensor ops, cache-cold); others by one masked fill."""
+    vocab = x.shape[1]
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(1) == 1 and not x.requires_grad:
+        values = x.numpy()
+        for row, state in zip(rows, states, strict=True):
+            np.copyto(values[row], -np.inf, where=~_allowed(state, vocab))
+        return
+    idx = torch.tensor(list(rows), device=x.device)
+    x[idx] = x[idx].masked_fill(~allowed_mask(states, vocab, x.device), float("-inf"))
 
 
 class GrammarCompiler:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from weightsmith.errors import GenerationError
-from weightsmith.grammar import Grammar, allowed_mask
+from weightsmith.grammar import Grammar, mask_logits
 
 #: OpenAI's range for a logit bias.
 MAX_LOGIT_BIAS = 100.0
@@ -160,9 +160,7 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]
         ids, values = samplers[i].bias  # type: ignore[misc]
         x[i].index_add_(0, ids, values)
     if constrained:
-        idx = torch.tensor(constrained, device=device)
-        allowed = allowed_mask([samplers[i].grammar for i in constrained], x.shape[1], device)  # type: ignore[misc]
-        x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
+        mask_logits(x, constrained, [samplers[i].grammar for i in constrained])  # type: ignore[misc]
     out = _picks(x, samplers)
     for i in rep:
         samplers[i].seen[out[i]] = True  # type: ignore[index]
