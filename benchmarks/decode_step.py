@@ -6,13 +6,16 @@ with the C matmul kernels for quantized layers) is what a family decoded on befo
 took it. Both decode the same model from the same prefill. No checkpoint is needed: the model
 is one of the shapes below (a published model's widths, heads, experts and vocabulary) with
 `--layers` of its layers and random weights, in fp32 or quantized weight-only (`--bits 4`: int4
-g32 projections and an int8 LM head, the mix of llama.cpp's Q4 files; `--bits 8`).
+g32 projections and an int8 LM head, the mix of llama.cpp's Q4 files; `--bits 8`), with
+`--lora R` a LoRA adapter of rank R on every projection of every layer (unmerged, as
+`chat --adapter` runs one).
 
 Each side is warmed up, then the runs alternate (C, PyTorch, C, ...) so a noisy neighbour slows
 both alike; medians are printed with their ratio. Read the ratio: these machines are shared.
 
     python benchmarks/decode_step.py --shape qwen3-moe-30b-a3b --layers 2 --bits 4
     python benchmarks/decode_step.py --shape gemma3-1b --layers 6
+    python benchmarks/decode_step.py --shape smollm2-135m --layers 30 --lora 16
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from machine import cpu_description  # beside this file
 
 #: Published models' shapes (config.json fields), all layers; `--layers` keeps the first few.
 SHAPES = {
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, num_hidden_layers=30, tie_word_embeddings=True,
+    ),
     "qwen3-0.6b": dict(
         model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, num_hidden_layers=28, tie_word_embeddings=True,
@@ -51,7 +58,7 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build(shape: str, layers: int, experts: int | None, bits: int | None):
+def build(shape: str, layers: int, experts: int | None, bits: int | None, lora: int | None = None):
     from weightsmith.models import ModelConfig
     from weightsmith.models.model import CausalLM
 
@@ -72,6 +79,13 @@ def build(shape: str, layers: int, experts: int | None, bits: int | None):
         from weightsmith.quant.weight_only import quantize_model
 
         quantize_model(model, bits, 32 if bits == 4 else None, head_bits=8 if bits == 4 else None)
+    if lora:
+        from weightsmith.lora import LoraConfig, apply_lora, lora_layers
+
+        apply_lora(model, LoraConfig(r=lora, alpha=2 * lora, target_modules="all-linear"))
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B["default"].weight.normal_(0, 0.02)  # a trained adapter's B is not 0
     return model
 
 
@@ -96,6 +110,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="how many of the shape's layers to build")
     ap.add_argument("--experts", type=int, help="fewer experts than the shape has (the same work a token)")
     ap.add_argument("--bits", type=int, choices=(4, 8), help="quantize weight-only (4: int4 g32 + int8 head)")
+    ap.add_argument(
+        "--lora", type=int, metavar="R", help="an unmerged LoRA adapter of rank R on every projection"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -107,7 +124,7 @@ def main() -> None:
     from weightsmith.generate import decode_one_token
 
     print(f"CPU: {cpu_description()}")
-    model = build(args.shape, args.layers, args.experts, args.bits)
+    model = build(args.shape, args.layers, args.experts, args.bits, args.lora)
     plan = prepare_cpu_decode(model)
     fused = plan.decode_step(decode_one_token)
     if fused is decode_one_token:
@@ -122,6 +139,7 @@ def main() -> None:
             rates[name].append(decode_rate(model, step, prompt, args.new_tokens))
     what = "fp32" if args.bits is None else f"int{args.bits}" + (" g32 + int8 head" if args.bits == 4 else "")
     experts = f", {model.config.num_local_experts} experts" if model.config.num_local_experts else ""
+    experts += f", a rank-{args.lora} adapter on every projection" if args.lora else ""
     print(
         f"{args.shape}: {args.layers} of its layers{experts}, {what}, {args.threads} threads, batch 1, "
         f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, medians of {args.runs} alternating runs"

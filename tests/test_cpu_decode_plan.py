@@ -111,11 +111,13 @@ def test_the_plan_is_rebuilt_after_an_adapter_is_applied_and_merged(
 
     for m in (reference, model):
         _adapt(m)
+    fused_calls.clear()
     step = plan.decode_step(decode_one_token)
-    assert step is decode_one_token  # the C step cannot run an unmerged adapter
+    assert isinstance(step, cpu_fused.FusedStep)  # rebuilt with the adapter, which it adds
     torch.testing.assert_close(
         _decode(model, step), _decode(reference, decode_one_token), rtol=1e-4, atol=1e-4
     )
+    assert fused_calls == [2] * len(STEPS)
     assert lora_state_dict(model).keys() == lora_state_dict(reference).keys()
     assert (
         _decode(model, step) - _decode(load_checkpoint(tiny_hf_dir).model, decode_one_token)

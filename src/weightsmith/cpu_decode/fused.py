@@ -1,21 +1,24 @@
 """The fused CPU decode step (quant/cpu_decode.c): building its view of a model, and calling it.
 
-What it does: for a dense `CausalLM` (every family but the mixtures of experts: Llama's block,
-QK-norm, Gemma's and OLMo 2's norms, partial rotary, LongRoPE, soft-caps) on the CPU in fp32 or
-bf16 whose projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers
-(no adapters), `FusedDecode.step` runs one token per row through every layer and the LM head in
-one C call, reading and writing the same `KVCache` the PyTorch model uses (fp32, or a bf16
-model's bf16 one), so prefill (PyTorch) and decoding (C) mix freely. Python keeps the
-RoPE tables (any RoPE scaling the model has, Gemma 3's local ones, LongRoPE's long set; built
-once a model, rope_table.py) and a final logit soft-cap. A bf16 model's matmuls
-read its bf16 weights in place and sum in fp32 (quant/cpu_bf16.c); everything between them
-runs in fp32, its norm weights and biases copied to fp32 (a few KB; Gemma's 1 + w added).
+What it does: for a `CausalLM` of any family (Llama's block, QK-norm, Gemma's and OLMo 2's
+norms, partial rotary, LongRoPE, soft-caps, mixtures of experts) on the CPU in fp32 or bf16
+whose projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers,
+unmerged LoRA adapters on a dense block's projections included, `FusedDecode.step` runs one
+token per row through every layer and the LM head in one C call, reading and writing the same
+`KVCache` the PyTorch model uses (fp32, or a bf16 model's bf16 one), so prefill (PyTorch) and
+decoding (C) mix freely. Python keeps the RoPE tables (any RoPE scaling the model has, Gemma 3's
+local ones, LongRoPE's long set; built once a model, rope_table.py) and a final logit soft-cap.
+A bf16 model's matmuls read its bf16 weights in place and sum in fp32 (quant/cpu_bf16.c);
+everything between them runs in fp32, its norm weights and biases copied to fp32 (a few KB;
+Gemma's 1 + w added).
 
-`FusedDecode(model, lib)` reads the model's weights where they are (its `ok` is False
-where the step cannot run them: another activation or norm, an adapter, an NF4 layer,
-another dtype or device); `current()` says whether the model still has those modules and
-tensors. `FusedStep` is the decode step a caller chooses: the C step for up to `MAX_ROWS`
-rows on a cache it can write, its `fallback` step otherwise.
+`FusedDecode(model, lib)` reads the model's weights where they are (views.py; its `ok` is False
+where the step cannot run them: another activation or norm, an adapter on an expert or the LM
+head, an NF4 layer, another dtype or device); `current()` says whether the model still has those
+modules, tensors and active adapters. `FusedStep` is the decode step a caller chooses: the C step
+for up to `MAX_ROWS` rows on a cache it can write while every LoRA layer adds to every row the
+adapter it was built with, its `fallback` step otherwise (the server's rows on different
+adapters).
 
 Not here: deciding whether to build one and rebuilding it (plan.py), the kernels
 (quant/cpu_kernels.c, quant/cpu_decode.c and their build, quant/cpu_kernels.py), the
@@ -31,6 +34,21 @@ import torch
 from torch import nn
 
 from weightsmith.cpu_decode.rope_table import RopeTable
+from weightsmith.cpu_decode.views import (
+    ACTS,
+    MIXED,
+    NORMS,
+    PROJECTIONS,
+    LayerStruct,
+    ModelStruct,
+    Proj,
+    applied,
+    float_cpu,
+    fp32_copy,
+    is_lora,
+    lora_view,
+    proj_view,
+)
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
 from weightsmith.models.model import RMSNorm, SparseMoE
@@ -48,130 +66,6 @@ Step = Callable[[nn.Module, KVCache, list[int], torch.device], torch.Tensor]
 #: little more than one. Measured on the default model in fp32 (one thread, 2-core Xeon): the C
 #: step against the PyTorch step 36 vs 50 ms at 1 row, 74 vs 122 at 16, 131 vs 161 at 32.
 MAX_ROWS = 32
-
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-#: A layer's norms as `_Layer` names them (`_layer_norms` gives them in this order).
-NORMS = ("norm1", "norm2", "attn_norm", "mlp_norm", "q_norm", "k_norm")
-
-
-class _Proj(ctypes.Structure):
-    _fields_ = [(f, _i64) for f in ("kind", "n", "k", "group", "ld")] + [
-        (f, _ptr) for f in ("q", "scales", "zeros", "bias")
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = (
-        [("norm1", _ptr), ("norm2", _ptr)]
-        + [(p, _Proj) for p in PROJECTIONS]
-        + [("window", _i64), ("rope", _i64)]
-        + [(f, _ptr) for f in NORMS[2:]]
-        + [(f, _i64) for f in ("n_experts", "top_k", "renorm")]
-        + [("router", _Proj), ("experts", ctypes.POINTER(_Proj))]
-    )
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(f, _i64) for f in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter")] + [
-        ("eps", ctypes.c_double),
-        ("layers", ctypes.POINTER(_Layer)),
-        ("final_norm", _ptr),
-        ("head", _Proj),
-        ("k_cache", _ptr),
-        ("v_cache", _ptr),
-    ] + [(f, _i64) for f in ("s_layer", "s_row", "s_head", "s_pos", "kv_bf16")] + [
-        ("embed", _ptr), ("embed_ld", _i64), ("embed_bf16", _i64),
-    ] + [(f, _i64) for f in ("rot_dim", "act", "qk_whole")] + [
-        (f, ctypes.c_double) for f in ("attn_scale", "attn_cap", "embed_scale")
-    ] + [(f, _ptr) for f in ("cos_local", "sin_local")]  # fmt: skip
-
-
-#: The C step's activations (`_Model.act`) by config.json name.
-ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
-
-
-def _fp32_cpu(t: torch.Tensor | None) -> bool:
-    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
-
-
-def _float_cpu(t: torch.Tensor | None) -> bool:
-    """fp32 or bf16 on the CPU: what the C step reads (bf16 weights in place, bf16 vectors as
-    fp32 copies)."""
-    return t is None or (t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu")
-
-
-#: The kinds of a dense weight by dtype: (rows, columns) layout (quant/cpu_kernels.h).
-DENSE_KINDS = {torch.float32: (32, 33), torch.bfloat16: (48, 49)}
-
-
-def _fp32_copy(t: torch.Tensor, keep: list[torch.Tensor], copies: list, add: float = 0.0) -> torch.Tensor:
-    """`t` (+ `add`) as the C step reads it: itself (fp32, nothing added), or an fp32 copy
-    remembered in `copies` with its source and `add`, so that `FusedDecode.current` notices a
-    source changed in place."""
-    t = t.detach()
-    if t.dtype == torch.float32 and not add:
-        out = t.contiguous()
-    else:
-        out = (t.float() + add if add else t.float()).contiguous()
-        copies.append((t, out, add))
-    keep.append(out)
-    return out
-
-
-def _proj(module: nn.Module, keep: list[torch.Tensor], copies: list) -> _Proj | None:
-    """The C view of one projection, or None if the step cannot run it."""
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    if bias is not None:
-        if not _float_cpu(bias):
-            return None
-        bias = _fp32_copy(bias, keep, copies)
-    p = _Proj(n=module.out_features, k=module.in_features, bias=None if bias is None else bias.data_ptr())
-    if type(module) in (Int4Linear, Int8Linear) and module.tiles is not None:  # 16-row tiles
-        tiles = module.tiles
-        keep.append(tiles)
-        p.kind, p.q = (5, tiles.data_ptr()) if type(module) is Int4Linear else (9, tiles.data_ptr())
-        p.group = getattr(module, "group_size", 0)
-    elif type(module) is Int4Linear:
-        fp16 = all(t.dtype == torch.float16 and t.device.type == "cpu" for t in (module.scales, module.zeros))
-        if module.qweight.device.type != "cpu" or not fp16:
-            return None
-        codes = module.qweight.contiguous()
-        scales, zeros = module.scales.contiguous(), module.zeros.contiguous()
-        keep += [codes, scales, zeros]
-        p.kind, p.group, p.q = 4, module.group_size, codes.data_ptr()
-        p.scales, p.zeros = scales.data_ptr(), zeros.data_ptr()
-    elif type(module) is Int8Linear:
-        if module.qweight.device.type != "cpu" or not _fp32_cpu(module.scales):
-            return None
-        q, scales = module.qweight.contiguous(), module.scales.contiguous()  # any alignment
-        keep += [q, scales]
-        p.kind, p.q, p.scales = 8, q.data_ptr(), scales.data_ptr()
-    elif type(module) is GGMLLinear and module.tiles is not None:  # Q4_0 / Q4_K / Q8_0 tiles
-        keep.append(module.tiles)
-        bits = GGMLLinear.TILED[module.qtype][0]
-        p.kind, p.q = cpu_kernels.TILE_KINDS[bits, module.qtype], module.tiles.data_ptr()
-        p.group = 32 if bits == 4 else 0
-    elif type(module) is GGMLLinear:
-        if module.qweight.device.type != "cpu":
-            return None
-        blocks = module.qweight.contiguous()
-        keep.append(blocks)
-        p.kind, p.group, p.q = 16, module.qtype, blocks.data_ptr()  # group: the ggml type
-    elif isinstance(module, Linear) and _float_cpu(module.weight):  # SplitLinear too
-        w = module.weight.detach()
-        keep.append(w)
-        rows, cols = DENSE_KINDS[w.dtype]
-        if w.stride(1) == 1:
-            p.kind, p.ld = rows, w.stride(0)
-        elif w.stride(0) == 1:
-            p.kind, p.ld = cols, w.stride(1)
-        else:
-            return None
-        p.q = w.data_ptr()
-    else:
-        return None
-    return p
 
 
 def _tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
@@ -197,16 +91,23 @@ def _block_projections(block: nn.Module) -> tuple[list[nn.Module], list[nn.Modul
 
 
 def _projection_modules(model: nn.Module) -> list[nn.Module]:
-    """Every layer's projections (`_block_projections`, both lists) and the LM head, in the plan's order."""
+    """Every layer's projections (`_block_projections`, both lists; a LoRA layer as its base layer
+    and its adapters' A and B) and the LM head, in the plan's order."""
     mods: list[nn.Module] = []
     for block in model.model.layers:
         dense, sparse = _block_projections(block)
-        mods += dense + sparse
+        for m in dense + sparse:
+            mods += [m.base_layer, *m.lora_A.values(), *m.lora_B.values()] if is_lora(m) else [m]
     return mods + [model.lm_head]
 
 
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The LoRA layers among the projections the C step runs (a dense block's seven)."""
+    return [m for block in model.model.layers for m in _block_projections(block)[0] if is_lora(m)]
+
+
 def _layer_norms(block: nn.Module) -> list[nn.Module | None]:
-    """A block's norms in `_Layer`'s order (norm1, norm2, attn_norm, mlp_norm, q_norm, k_norm),
+    """A block's norms in `LayerStruct`'s order (norm1, norm2, attn_norm, mlp_norm, q_norm, k_norm),
     None where it has none."""
     n = block.norms()
     attn = block.self_attn
@@ -237,16 +138,20 @@ class FusedDecode:
         self.copies: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.experts: list[ctypes.Array] = []  # the experts' projection arrays the layers point to
         self.inter = 0  # the widest MLP or expert: the step's scratch
+        self.lora_rank = 0  # the largest adapter rank: the step's scratch
+        #: The LoRA layers and the adapter each added to every row when this was built (`applied`).
+        self.loras = _lora_layers(model)
+        self.adapters = [applied(m) for m in self.loras]
         # What the struct depends on: these modules where they are, and every tensor's data where
         # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
         self.modules = _watched_modules(model)
         self.pointers = [t.data_ptr() for t in _tensors(self.modules)]
-        layers = (_Layer * cfg.num_hidden_layers)()
+        layers = (LayerStruct * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             if not self._layer(i, block, layers[i]):
                 self.ok = False
                 return
-        head = _proj(model.lm_head, self.keep, self.copies)
+        head = None if is_lora(model.lm_head) else proj_view(model.lm_head, self.keep, self.copies)
         if head is None or self.ok is False:
             self.ok = False
             return
@@ -256,32 +161,39 @@ class FusedDecode:
         embed_scale = model.model.embed_scale
         if embed_scale is not None:  # as the PyTorch model multiplies: by the scale in the weights' dtype
             embed_scale = torch.tensor(embed_scale, dtype=model.model.embed_tokens.weight.dtype).item()
-        self.struct = _Model(
+        self.struct = ModelStruct(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
             n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=self.inter,
             eps=model.model.norm.eps, layers=layers, final_norm=self._norm(model.model.norm), head=head,
             rot_dim=cfg.rotary_dim, act=ACTS[cfg.hidden_act], qk_whole=int(cfg.family.qk_norm_whole),
             attn_scale=attn.scale or 0.0, attn_cap=cfg.attn_logit_softcapping or 0.0,
-            embed_scale=1.0 if embed_scale is None else embed_scale,
+            embed_scale=1.0 if embed_scale is None else embed_scale, lora_rank=self.lora_rank,
         )  # fmt: skip
         self.local = RopeTable(model, "inv_freq_local") if hasattr(model, "inv_freq_local") else None
         self.long = RopeTable(model, "inv_freq_long") if cfg.rope_type == "longrope" else None
 
-    def _layer(self, i: int, block: nn.Module, layer: _Layer) -> bool:
+    def _layer(self, i: int, block: nn.Module, layer: LayerStruct) -> bool:
         """Fill `layer` with block `i`'s projections, norms, window and RoPE; False where the step
         cannot run one of its projections."""
         cfg = self.model.config
         dense, sparse = _block_projections(block)
-        projs = [_proj(m, self.keep, self.copies) for m in dense + sparse]
-        if any(p is None for p in projs):
+        projs = [proj_view(m, self.keep, self.copies) for m in dense + sparse]
+        if any(p is None for p in projs) or any(is_lora(m) for m in sparse):  # no adapters on experts
             return False
-        for name, p in zip(PROJECTIONS, projs[: len(dense)], strict=False):  # 4 (experts follow) or 7
+        for j, (name, p, module) in enumerate(zip(PROJECTIONS, projs, dense, strict=False)):  # 4 or 7
             setattr(layer, name, p)
+            adapter = applied(module) if is_lora(module) else None
+            if adapter is not None and adapter != MIXED:  # MIXED: the step falls back until rebuilt
+                lora = lora_view(module, adapter, self.keep)
+                if lora is None:
+                    return False
+                layer.lora[j] = lora
+                self.lora_rank = max(self.lora_rank, lora.a.n)
         if sparse:  # the router, then each expert's gate, up and down
             moe = _ffn(block)
-            experts = (_Proj * (len(projs) - 5))(*projs[5:])
+            experts = (Proj * (len(projs) - 5))(*projs[5:])
             self.experts.append(experts)
-            layer.router, layer.experts = projs[4], ctypes.cast(experts, ctypes.POINTER(_Proj))
+            layer.router, layer.experts = projs[4], ctypes.cast(experts, ctypes.POINTER(Proj))
             layer.n_experts, layer.top_k, layer.renorm = len(moe.experts), moe.top_k, int(moe.renormalise)
             self.inter = max(self.inter, projs[5].n)
         else:
@@ -298,10 +210,10 @@ class FusedDecode:
         """The factors a norm multiplies by (Gemma's 1 + w), or None where there is no norm."""
         if norm is None:
             return None
-        if type(norm) is not RMSNorm or not _float_cpu(norm.weight) or norm.eps != self.model.model.norm.eps:
+        if type(norm) is not RMSNorm or not float_cpu(norm.weight) or norm.eps != self.model.model.norm.eps:
             self.ok = False
         add = 1.0 if norm.offset else 0.0
-        return _fp32_copy(norm.weight, self.keep, self.copies, add).data_ptr()
+        return fp32_copy(norm.weight, self.keep, self.copies, add).data_ptr()
 
     def current(self) -> bool:
         """Whether the model still has the modules (and tensors) this was built on, and the fp32
@@ -310,11 +222,18 @@ class FusedDecode:
         now = _watched_modules(self.model)
         if len(now) != len(self.modules) or any(a is not b for a, b in zip(now, self.modules, strict=True)):
             return False
-        if [t.data_ptr() for t in _tensors(now)] != self.pointers:
+        if [t.data_ptr() for t in _tensors(now)] != self.pointers or not self.same_adapters():
             return False
         return all(
             torch.equal(source.float() + add if add else source.float(), copy)
             for source, copy, add in self.copies
+        )
+
+    def same_adapters(self) -> bool:
+        """Whether every LoRA layer adds the adapter it added when this was built, to every row
+        (checked before each step: `row_adapters` and `set_adapter` change it between steps)."""
+        return not self.loras or (
+            MIXED not in self.adapters and [applied(m) for m in self.loras] == self.adapters
         )
 
     def quantized(self) -> bool:
@@ -330,14 +249,14 @@ class FusedDecode:
             m.weight.dtype == torch.float32 for m in _projection_modules(self.model) if isinstance(m, Linear)
         )
 
-    def _embeddings(self, s: _Model, tokens: list[int]) -> torch.Tensor | None:
+    def _embeddings(self, s: ModelStruct, tokens: list[int]) -> torch.Tensor | None:
         """The rows' embeddings for the C step: None when it reads them itself (a plain fp32 or
         bf16 `nn.Embedding` on the CPU: `s` gets its weight, read at this call), else the
         embedding module's output (B, hidden) fp32. Each torch call here costs tens of us per
         token once the step's weights have swept the caches, so the common case makes none."""
         embed = self.model.model.embed_tokens
         w = embed.weight
-        if type(embed) is nn.Embedding and embed.max_norm is None and _float_cpu(w) and w.stride(1) == 1:
+        if type(embed) is nn.Embedding and embed.max_norm is None and float_cpu(w) and w.stride(1) == 1:
             vocab = w.shape[0]
             if not all(0 <= t < vocab for t in tokens):
                 raise IndexError(f"a token id is outside the vocabulary [0, {vocab}): {tokens}")
@@ -354,7 +273,7 @@ class FusedDecode:
                 f"the KV cache is full ({cache.max_len} tokens); a row cannot take another token"
             )
         model = self.model
-        s = _Model.from_buffer_copy(self.struct)  # per call: two threads may decode at once
+        s = ModelStruct.from_buffer_copy(self.struct)  # per call: two threads may decode at once
         x = self._embeddings(s, tokens)
         n = max(lengths) + 1  # the C step reads the tables' row lengths[b]
         cos, sin = self._tables(n)
@@ -366,7 +285,7 @@ class FusedDecode:
         s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
-            ctypes.byref(s), b, (_i64 * b)(*tokens), None if x is None else x.data_ptr(), (_i64 * b)(*lengths),
+            ctypes.byref(s), b, (ctypes.c_int64 * b)(*tokens), None if x is None else x.data_ptr(), (ctypes.c_int64 * b)(*lengths),
             cos.data_ptr(), sin.data_ptr(),
             logits.data_ptr(),
         )  # fmt: skip
@@ -388,7 +307,7 @@ def cache_fits(cache: KVCache) -> bool:
     """Whether the C step can write `cache`: fp32 or bf16 on the CPU, keys and values alike."""
     k, v = cache.k, cache.v
     return (
-        _float_cpu(k) and k.dtype == v.dtype and v.device == k.device and k.stride() == v.stride() and k.stride(4) == 1
+        float_cpu(k) and k.dtype == v.dtype and v.device == k.device and k.stride() == v.stride() and k.stride(4) == 1
         and k.shape[3] == cache.max_len
     )  # fmt: skip
 
@@ -400,7 +319,7 @@ def supports(model: nn.Module) -> bool:
     return (
         cfg.hidden_act in ACTS
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
-        and _float_cpu(model.model.embed_tokens.weight)
+        and float_cpu(model.model.embed_tokens.weight)
     )
 
 
@@ -414,6 +333,12 @@ class FusedStep:
     def __call__(
         self, model: nn.Module, cache: KVCache, tokens: list[int], device: torch.device
     ) -> torch.Tensor:
-        if len(tokens) > self.fused.max_rows or model is not self.fused.model or not cache_fits(cache):
+        fused = self.fused
+        if (
+            len(tokens) > fused.max_rows
+            or model is not fused.model
+            or not cache_fits(cache)
+            or not fused.same_adapters()
+        ):
             return self.fallback(model, cache, tokens, device)
-        return self.fused.step(cache, tokens)
+        return fused.step(cache, tokens)

@@ -26,7 +26,8 @@
  *   tanh form; normed by mlp_norm where set; x += f. A mixture of experts (Mixtral, Qwen-MoE)
  *   instead routes each row to the top_k of softmax(h @ Wrouter.T) (fp32), renormalised where
  *   renorm, and sums the chosen experts' SwiGLU outputs times their weights, in ascending
- *   expert order (the PyTorch model's order)
+ *   expert order (the PyTorch model's order). A projection with an active LoRA adapter adds
+ *   scale * (x @ A.T) @ B.T to its output (a dense block's seven; not the experts' nor the head)
  * then logits = (rmsnorm(x) * final_norm) @ Whead.T. Norm weights come as the factors they
  * multiply by (Gemma's 1 + w already added, fused.py); a final soft-cap is the caller's.
  */
@@ -41,6 +42,13 @@
 #include <immintrin.h>
 #endif
 
+/* A LoRA adapter on one projection: y += scale * (x @ A.T) @ B.T, A (r, k) and B (n, r) as
+ * projections (fp32 or bf16 rows); a.n == 0: none. */
+typedef struct {
+    ws_proj a, b;
+    double scale;
+} ws_lora;
+
 typedef struct {
     const float *norm1, *norm2; /* before attention and before the MLP; NULL: none (OLMo 2) */
     ws_proj q, k, v, o, gate, up, down;
@@ -51,6 +59,7 @@ typedef struct {
     int64_t n_experts, top_k, renorm;  /* n_experts > 0: a mixture of experts instead of gate/up/down */
     ws_proj router;
     const ws_proj *experts; /* (n_experts, 3): each expert's gate, up and down */
+    ws_lora lora[7];        /* the active adapter on q, k, v, o, gate, up, down (a dense MLP's) */
 } ws_layer;
 
 typedef struct {
@@ -69,6 +78,7 @@ typedef struct {
     int64_t qk_whole; /* QK-norm over each projection's whole output (OLMo 2), else over each head */
     double attn_scale, attn_cap, embed_scale; /* 0: 1/sqrt(D); 0: no cap; 1: no scale */
     const float *cos_local, *sin_local;       /* the local layers' tables (rope == 2) */
+    int64_t lora_rank; /* the largest adapter rank (0: no adapter) */
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -398,6 +408,19 @@ static void gelu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = n8; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + tanhf(k * (g[i] + c * g[i] * g[i] * g[i]))) * u[i];
 }
 
+/* y (B, n) += the adapter's delta for x (B, k), where there is one; t (B, rank) and d (B, n) are
+ * scratch. The same sum as the PyTorch layer's addmm: scale * (h @ B.T) added to y. */
+static int lora_add(const ws_lora *l, const float *x, int64_t B, float *y, float *t, float *d, ws_qact *act) {
+    if (l->a.n == 0) return 0;
+    act->src = NULL; /* its own act: the projections' quantized input stays theirs */
+    if (ws_proj_matmul(&l->a, x, B, t, act)) return -1;
+    act->src = NULL;
+    if (ws_proj_matmul(&l->b, t, B, d, act)) return -1;
+    const float scale = (float)l->scale;
+    for (int64_t i = 0; i < B * l->b.n; i++) y[i] += scale * d[i];
+    return 0;
+}
+
 /* g <- act(g) * u, n floats: SiLU or GELU's tanh form, as the model's MLPs and experts take. */
 static void act_mul(const ws_model *m, float *g, const float *u, int64_t n) {
     if (m->act == 1)
@@ -516,12 +539,17 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         mx.rows = malloc(sizeof(int64_t) * (size_t)B), mx.row_w = malloc(sizeof(float) * (size_t)B);
     }
     const int moe_oom = experts && (!mx.probs || !mx.weights || !mx.chosen || !mx.xin || !mx.y || !mx.rows || !mx.row_w);
+    int64_t widest = H > qn ? H : qn; /* the widest projection output an adapter adds to */
+    widest = I > widest ? I : widest;
+    float *lt = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * m->lora_rank)) : NULL;
+    float *ld = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * widest)) : NULL;
+    const int lora_oom = m->lora_rank && (!lt || !ld);
     ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
                     .stride = longest, .scale = m->attn_scale > 0 ? (float)m->attn_scale : 1.0f / sqrtf((float)D),
                     .cap = (float)m->attn_cap};
-    ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
+    ws_qact act = {0}, lact = {0}; /* the int8-quantized input of the int4 / int8 projections; the adapters' */
     int status = 0;
-    if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores || moe_oom) {
+    if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores || moe_oom || lora_oom) {
         status = -1;
         goto done;
     }
@@ -533,6 +561,8 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         const ws_proj *qkv[] = {&L->q, &L->k, &L->v}, *gate_up[] = {&L->gate, &L->up};
         float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
         if (ws_projs_matmul(qkv, 3, in, B, qkv_out, &act)) goto oom;
+        for (int i = 0; i < 3; i++)
+            if (lora_add(&L->lora[i], in, B, qkv_out[i], lt, ld, &lact)) goto oom;
         if (L->q_norm) qk_norm(m, L, B, q, k);
         const float *ct = L->rope == 2 ? m->cos_local : cos, *st = L->rope == 2 ? m->sin_local : sin;
         for (int64_t b = 0; b < B; b++) {
@@ -550,6 +580,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
+        if (lora_add(&L->lora[3], att, B, out, lt, ld, &lact)) goto oom;
         if (L->attn_norm) rmsnorm(out, L->attn_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         in = x;
@@ -559,9 +590,11 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         } else {
             act.src = NULL; /* once for gate and up */
             if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
+            if (lora_add(&L->lora[4], in, B, g, lt, ld, &lact) || lora_add(&L->lora[5], in, B, u, lt, ld, &lact)) goto oom;
             act_mul(m, g, u, B * L->gate.n);
             act.src = NULL;
             if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
+            if (lora_add(&L->lora[6], g, B, out, lt, ld, &lact)) goto oom;
         }
         if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
@@ -575,6 +608,7 @@ oom:
 done:
     free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores), free(own);
     free(mx.probs), free(mx.weights), free(mx.chosen), free(mx.xin), free(mx.y), free(mx.rows), free(mx.row_w);
-    ws_qact_free(&act);
+    free(lt), free(ld);
+    ws_qact_free(&act), ws_qact_free(&lact);
     return status;
 }
