@@ -8,7 +8,8 @@ is one of the shapes below (a published model's widths, heads, experts and vocab
 `--layers` of its layers and random weights, in fp32 or quantized weight-only (`--bits 4`: int4
 g32 projections and an int8 LM head, the mix of llama.cpp's Q4 files; `--bits 8`), with
 `--lora R` a LoRA adapter of rank R on every projection of every layer (unmerged, as
-`chat --adapter` runs one).
+`chat --adapter` runs one); `--adapters K --rows B` decodes B rows at once, row i on adapter
+i mod K (the server's batches of requests for different adapters). Tokens/s count every row.
 
 Each side is warmed up, then the runs alternate (C, PyTorch, C, ...) so a noisy neighbour slows
 both alike; medians are printed with their ratio. Read the ratio: these machines are shared.
@@ -16,6 +17,7 @@ both alike; medians are printed with their ratio. Read the ratio: these machines
     python benchmarks/decode_step.py --shape qwen3-moe-30b-a3b --layers 2 --bits 4
     python benchmarks/decode_step.py --shape gemma3-1b --layers 6
     python benchmarks/decode_step.py --shape smollm2-135m --layers 30 --lora 16
+    python benchmarks/decode_step.py --shape smollm2-135m --layers 30 --lora 16 --adapters 4 --rows 8
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build(shape: str, layers: int, experts: int | None, bits: int | None, lora: int | None = None):
+def build(
+    shape: str, layers: int, experts: int | None, bits: int | None, lora: int | None = None, adapters: int = 1
+):
     from weightsmith.models import ModelConfig
     from weightsmith.models.model import CausalLM
 
@@ -82,26 +86,33 @@ def build(shape: str, layers: int, experts: int | None, bits: int | None, lora: 
     if lora:
         from weightsmith.lora import LoraConfig, apply_lora, lora_layers
 
-        apply_lora(model, LoraConfig(r=lora, alpha=2 * lora, target_modules="all-linear"))
-        with torch.no_grad():
-            for layer in lora_layers(model).values():
-                layer.lora_B["default"].weight.normal_(0, 0.02)  # a trained adapter's B is not 0
+        for i in range(adapters):
+            name = "default" if i == 0 else f"adapter{i}"
+            apply_lora(model, LoraConfig(r=lora, alpha=2 * lora, target_modules="all-linear"), name)
+            with torch.no_grad():
+                for layer in lora_layers(model).values():
+                    layer.lora_B[name].weight.normal_(0, 0.02)  # a trained adapter's B is not 0
     return model
 
 
-def decode_rate(model, step, prompt: list[int], new: int) -> float:
-    """Tokens/s of `new` greedy decode steps after prefilling `prompt` (prefill not timed)."""
+def decode_rate(model, step, prompt: list[int], new: int, rows: int = 1, names=None) -> float:
+    """Tokens/s (all rows together) of `new` greedy decode steps of `rows` rows after prefilling
+    `prompt` in each (prefill not timed); `names`: each row's adapter (`row_adapters`, as the
+    server's batches), else the active one on every row."""
+    import contextlib
+
     from weightsmith.generate import prefill
     from weightsmith.kv_cache import KVCache
+    from weightsmith.lora import row_adapters
 
     cpu = torch.device("cpu")
-    cache = KVCache.for_model(model.config, 1, len(prompt) + new + 1, dtype=torch.float32, device=cpu)
-    with torch.no_grad():
-        token = int(prefill(model, cache, [prompt], cpu)[0].argmax())
+    cache = KVCache.for_model(model.config, rows, len(prompt) + new + 1, dtype=torch.float32, device=cpu)
+    with torch.no_grad(), row_adapters(model, names) if names else contextlib.nullcontext():
+        tokens = prefill(model, cache, [prompt] * rows, cpu).argmax(-1).tolist()
         start = time.perf_counter()
         for _ in range(new):
-            token = int(step(model, cache, [token], cpu)[0].argmax())
-    return new / (time.perf_counter() - start)
+            tokens = step(model, cache, tokens, cpu).argmax(-1).tolist()
+    return rows * new / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -113,6 +124,10 @@ def main() -> None:
     ap.add_argument(
         "--lora", type=int, metavar="R", help="an unmerged LoRA adapter of rank R on every projection"
     )
+    ap.add_argument(
+        "--adapters", type=int, default=1, help="with --lora: this many adapters, one per row in turn"
+    )
+    ap.add_argument("--rows", type=int, default=1, help="rows decoded together (a server's batch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -124,7 +139,12 @@ def main() -> None:
     from weightsmith.generate import decode_one_token
 
     print(f"CPU: {cpu_description()}")
-    model = build(args.shape, args.layers, args.experts, args.bits, args.lora)
+    model = build(args.shape, args.layers, args.experts, args.bits, args.lora, args.adapters)
+    names = None
+    if args.lora and args.adapters > 1:
+        names = [
+            "default" if i % args.adapters == 0 else f"adapter{i % args.adapters}" for i in range(args.rows)
+        ]
     plan = prepare_cpu_decode(model)
     fused = plan.decode_step(decode_one_token)
     if fused is decode_one_token:
@@ -133,15 +153,16 @@ def main() -> None:
     sides = {"C step": fused, "PyTorch step": decode_one_token}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     for step in sides.values():  # warm-up
-        decode_rate(model, step, prompt, 4)
+        decode_rate(model, step, prompt, 4, args.rows, names)
     for _ in range(args.runs):
         for name, step in sides.items():
-            rates[name].append(decode_rate(model, step, prompt, args.new_tokens))
+            rates[name].append(decode_rate(model, step, prompt, args.new_tokens, args.rows, names))
     what = "fp32" if args.bits is None else f"int{args.bits}" + (" g32 + int8 head" if args.bits == 4 else "")
     experts = f", {model.config.num_local_experts} experts" if model.config.num_local_experts else ""
     experts += f", a rank-{args.lora} adapter on every projection" if args.lora else ""
+    experts += f" ({args.adapters} adapters, row i on adapter i mod {args.adapters})" if names else ""
     print(
-        f"{args.shape}: {args.layers} of its layers{experts}, {what}, {args.threads} threads, batch 1, "
+        f"{args.shape}: {args.layers} of its layers{experts}, {what}, {args.threads} threads, batch {args.rows}, "
         f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, medians of {args.runs} alternating runs"
     )
     medians = {name: statistics.median(r) for name, r in rates.items()}

@@ -388,9 +388,9 @@ def fused_calls(monkeypatch):
     calls: list[int] = []
     original = cpu_fused.FusedDecode.step
 
-    def step(self, cache, tokens):
+    def step(self, cache, tokens, codes=None):
         calls.append(len(tokens))
-        return original(self, cache, tokens)
+        return original(self, cache, tokens, codes)
 
     monkeypatch.setattr(cpu_fused.FusedDecode, "step", step)
     return calls

@@ -528,11 +528,11 @@ def _random_adapter(model, name: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("variant", ["fp32-rows", "int4-g32", "gemma3-fp32"])
-def test_the_c_step_adds_the_active_lora_adapter(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+def test_the_c_step_adds_each_rows_lora_adapter(variant, model_dirs, native_lib, monkeypatch, fused_calls):
     """An unmerged adapter runs in the C step (q/k/v/o, gate/up/down, over an fp32 or int4 base):
     its logits are the PyTorch model's, and not the base model's; switching adapters or turning them
     off rebuilds the step for the next generation; rows on different adapters (the server's
-    `row_adapters`) take the PyTorch step; merged, the logits stay."""
+    `row_adapters`) each get theirs in the same step; merged, the logits stay."""
     model, plan = _variant(variant, model_dirs, monkeypatch)
     kernels_on(monkeypatch, True)
     base, _ = _decode(model, plan)
@@ -551,17 +551,19 @@ def test_the_c_step_adds_the_active_lora_adapter(variant, model_dirs, native_lib
     with adapters_disabled(model):
         fused_calls.clear()
         _on_and_off(model, plan, monkeypatch, fused_calls)
-    with row_adapters(model, ["default", "other"]):
-        fused_calls.clear()
-        kernels_on(monkeypatch, True)
-        _decode(model, plan)
-        assert fused_calls == []  # each row its own adapter: the PyTorch step
+    # The server's batches: each row its own adapter (or none), in one C step.
+    for names in (["default", "other"], [None, "default"], [None, None]):
+        with row_adapters(model, names):
+            fused_calls.clear()
+            mixed, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
+        for row, name in enumerate(names):  # each row as when its adapter alone is active
+            want = {"default": on[0], "other": other[0], None: base}[name]
+            torch.testing.assert_close(mixed[0][:, row], want[:, row], rtol=1e-4, atol=1e-4)
     set_adapter(model, "default")
-    step = plan.decode_step(decode_one_token)  # built for "default" on every row
-    with row_adapters(model, [None, None]):
-        assert not step.fused.same_adapters()
-    with row_adapters(model, ["default", "default"]):
-        assert step.fused.same_adapters()
+    kernels_on(monkeypatch, True)
+    step = plan.decode_step(decode_one_token)
+    with row_adapters(model, ["default"]):  # a batch of another size than the step's
+        assert step.fused.codes(2) is None
     if variant.startswith("int4"):
         return  # no merge into an int4 base
     merge_and_unload(model, "default")  # the original modules back, the delta in their weights

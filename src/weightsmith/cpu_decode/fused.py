@@ -36,18 +36,19 @@ from torch import nn
 from weightsmith.cpu_decode.rope_table import RopeTable
 from weightsmith.cpu_decode.views import (
     ACTS,
-    MIXED,
     NORMS,
     PROJECTIONS,
     LayerStruct,
+    LoraView,
     ModelStruct,
     Proj,
-    applied,
+    dropping_out,
     float_cpu,
     fp32_copy,
     is_lora,
     lora_view,
     proj_view,
+    row_names,
 )
 from weightsmith.kv_cache import KVCache
 from weightsmith.models.linear import Linear
@@ -101,6 +102,12 @@ def _projection_modules(model: nn.Module) -> list[nn.Module]:
     return mods + [model.lm_head]
 
 
+def _adapter_state(loras: list[nn.Module]) -> list[tuple]:
+    """What the C step's adapters were built from: each LoRA layer's adapters, merged ones and
+    those dropping out."""
+    return [(tuple(m.lora_A), tuple(m.merged), tuple(sorted(dropping_out(m)))) for m in loras]
+
+
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
     """The LoRA layers among the projections the C step runs (a dense block's seven)."""
     return [m for block in model.model.layers for m in _block_projections(block)[0] if is_lora(m)]
@@ -139,9 +146,16 @@ class FusedDecode:
         self.experts: list[ctypes.Array] = []  # the experts' projection arrays the layers point to
         self.inter = 0  # the widest MLP or expert: the step's scratch
         self.lora_rank = 0  # the largest adapter rank: the step's scratch
-        #: The LoRA layers and the adapter each added to every row when this was built (`applied`).
+        #: The LoRA layers, the model's adapters (a row's code is its index here), what each layer
+        #: held when this was built (its adapters, the merged ones, those dropping out), the
+        #: adapters a row cannot take in the C step (dropout on somewhere: training), and those a
+        #: row's own name (`row_adapters`) may not name (merged: the PyTorch step refuses them).
         self.loras = _lora_layers(model)
-        self.adapters = [applied(m) for m in self.loras]
+        self.adapter_names = sorted({n for m in self.loras for n in m.lora_A})
+        self.adapter_state = _adapter_state(self.loras)
+        self.dropping_out = set().union(*(dropping_out(m) for m in self.loras))
+        self.merged = {n for m in self.loras for n in m.merged}
+        self.lora_arrays: list[ctypes.Array] = []  # the adapters' views the layers point to
         # What the struct depends on: these modules where they are, and every tensor's data where
         # it was (`.to()` and `p.data = ...` keep a Parameter but move its data).
         self.modules = _watched_modules(model)
@@ -168,6 +182,7 @@ class FusedDecode:
             rot_dim=cfg.rotary_dim, act=ACTS[cfg.hidden_act], qk_whole=int(cfg.family.qk_norm_whole),
             attn_scale=attn.scale or 0.0, attn_cap=cfg.attn_logit_softcapping or 0.0,
             embed_scale=1.0 if embed_scale is None else embed_scale, lora_rank=self.lora_rank,
+            n_adapters=len(self.adapter_names),
         )  # fmt: skip
         self.local = RopeTable(model, "inv_freq_local") if hasattr(model, "inv_freq_local") else None
         self.long = RopeTable(model, "inv_freq_long") if cfg.rope_type == "longrope" else None
@@ -182,13 +197,8 @@ class FusedDecode:
             return False
         for j, (name, p, module) in enumerate(zip(PROJECTIONS, projs, dense, strict=False)):  # 4 or 7
             setattr(layer, name, p)
-            adapter = applied(module) if is_lora(module) else None
-            if adapter is not None and adapter != MIXED:  # MIXED: the step falls back until rebuilt
-                lora = lora_view(module, adapter, self.keep)
-                if lora is None:
-                    return False
-                layer.lora[j] = lora
-                self.lora_rank = max(self.lora_rank, lora.a.n)
+            if is_lora(module) and not self._adapters(module, layer, j):
+                return False
         if sparse:  # the router, then each expert's gate, up and down
             moe = _ffn(block)
             experts = (Proj * (len(projs) - 5))(*projs[5:])
@@ -222,19 +232,44 @@ class FusedDecode:
         now = _watched_modules(self.model)
         if len(now) != len(self.modules) or any(a is not b for a, b in zip(now, self.modules, strict=True)):
             return False
-        if [t.data_ptr() for t in _tensors(now)] != self.pointers or not self.same_adapters():
+        if [t.data_ptr() for t in _tensors(now)] != self.pointers or _adapter_state(
+            self.loras
+        ) != self.adapter_state:
             return False
         return all(
             torch.equal(source.float() + add if add else source.float(), copy)
             for source, copy, add in self.copies
         )
 
-    def same_adapters(self) -> bool:
-        """Whether every LoRA layer adds the adapter it added when this was built, to every row
-        (checked before each step: `row_adapters` and `set_adapter` change it between steps)."""
-        return not self.loras or (
-            MIXED not in self.adapters and [applied(m) for m in self.loras] == self.adapters
-        )
+    def _adapters(self, module: nn.Module, layer: LayerStruct, j: int) -> bool:
+        """Point projection `j` of `layer` at a LoRA layer's adapters, one entry per model adapter
+        (empty where this layer lacks it or has it merged: it adds nothing there, as in PyTorch)."""
+        entries = (LoraView * len(self.adapter_names))()
+        for i, name in enumerate(self.adapter_names):
+            if name in module.lora_A and name not in module.merged:
+                lora = lora_view(module, name, self.keep)
+                if lora is None:
+                    return False
+                entries[i] = lora
+                self.lora_rank = max(self.lora_rank, lora.a.n)
+        self.lora_arrays.append(entries)
+        layer.lora[j] = ctypes.cast(entries, ctypes.POINTER(LoraView))
+        return True
+
+    def codes(self, rows: int) -> list[int] | None:
+        """Each row's adapter for a step of `rows` rows as an index into `adapter_names` (-1: none),
+        as the LoRA layers would add them now (`set_adapter`, `row_adapters`); None where the C step
+        cannot: the PyTorch step then runs (and refuses a merged adapter a row names)."""
+        if not self.loras:
+            return [-1] * rows
+        names = row_names(self.loras[0], rows)
+        if names is None:
+            return None
+        used = set(names) - {None}
+        if used & self.dropping_out or (self.loras[0].row_groups is not None and used & self.merged):
+            return None
+        index = {n: i for i, n in enumerate(self.adapter_names)}
+        return [-1 if n is None else index.get(n, -1) for n in names]
 
     def quantized(self) -> bool:
         """Whether any projection is int4, int8 or GGUF blocks (an fp32-only plan may leave decoding
@@ -264,9 +299,15 @@ class FusedDecode:
             return None
         return embed(torch.tensor(tokens)).float().contiguous()
 
-    def step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
-        """Logits (B, V) for one token per row at the rows' next positions; advances the cache."""
+    def step(self, cache: KVCache, tokens: list[int], codes: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, V) for one token per row at the rows' next positions, row b with the adapter
+        `codes[b]` names (default: `codes(B)`); advances the cache."""
         b = len(tokens)
+        codes = self.codes(b) if codes is None else codes
+        if codes is None:
+            raise ValueError(
+                "the rows' adapters cannot run in the C step now; decode them on the PyTorch step"
+            )
         lengths = cache.lengths[:b]
         if max(lengths) >= cache.max_len:  # the C step writes at each row's position unchecked
             raise ValueError(
@@ -283,6 +324,8 @@ class FusedDecode:
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
         s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
+        row_adapter = (ctypes.c_int64 * b)(*codes)
+        s.row_adapter = ctypes.addressof(row_adapter)
         cpu_kernels.use_threads(self.lib)
         status = self.lib.ws_decode(
             ctypes.byref(s), b, (ctypes.c_int64 * b)(*tokens), None if x is None else x.data_ptr(), (ctypes.c_int64 * b)(*lengths),
@@ -334,11 +377,9 @@ class FusedStep:
         self, model: nn.Module, cache: KVCache, tokens: list[int], device: torch.device
     ) -> torch.Tensor:
         fused = self.fused
-        if (
-            len(tokens) > fused.max_rows
-            or model is not fused.model
-            or not cache_fits(cache)
-            or not fused.same_adapters()
-        ):
+        if len(tokens) > fused.max_rows or model is not fused.model or not cache_fits(cache):
             return self.fallback(model, cache, tokens, device)
-        return fused.step(cache, tokens)
+        codes = fused.codes(len(tokens))
+        if codes is None:
+            return self.fallback(model, cache, tokens, device)
+        return fused.step(cache, tokens, codes)

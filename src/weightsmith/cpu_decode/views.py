@@ -3,7 +3,7 @@ adapters, layers and the model, as ctypes structures, and the functions that poi
 layer's tensors where they are.
 
 `proj_view` reads an int4, int8, GGUF-block or fp32/bf16 projection (a LoRA layer's base layer);
-`lora_view` an adapter's A and B; `applied` says which adapter a LoRA layer adds to every row now.
+`lora_view` an adapter's A and B; `row_names` says which adapter each row of a step takes now.
 A bf16 (or Gemma's offset) norm weight or bias is read through an fp32 copy (`fp32_copy`), which
 `fused.FusedDecode.current` checks against its source before each generation.
 
@@ -45,7 +45,7 @@ class LayerStruct(ctypes.Structure):
         + [("window", _i64), ("rope", _i64)]
         + [(f, _ptr) for f in NORMS[2:]]
         + [(f, _i64) for f in ("n_experts", "top_k", "renorm")]
-        + [("router", Proj), ("experts", ctypes.POINTER(Proj)), ("lora", LoraView * 7)]
+        + [("router", Proj), ("experts", ctypes.POINTER(Proj)), ("lora", ctypes.POINTER(LoraView) * 7)]
     )
 
 
@@ -61,7 +61,9 @@ class ModelStruct(ctypes.Structure):
         ("embed", _ptr), ("embed_ld", _i64), ("embed_bf16", _i64),
     ] + [(f, _i64) for f in ("rot_dim", "act", "qk_whole")] + [
         (f, ctypes.c_double) for f in ("attn_scale", "attn_cap", "embed_scale")
-    ] + [(f, _ptr) for f in ("cos_local", "sin_local")] + [("lora_rank", _i64)]  # fmt: skip
+    ] + [(f, _ptr) for f in ("cos_local", "sin_local")] + [("lora_rank", _i64), ("n_adapters", _i64)] + [
+        ("row_adapter", _ptr),
+    ]  # fmt: skip
 
 
 #: The C step's activations (`ModelStruct.act`) by config.json name.
@@ -160,35 +162,30 @@ def dense_view(p: Proj, w: torch.Tensor, keep: list[torch.Tensor]) -> bool:
     return True
 
 
-#: What `applied` gives a LoRA layer whose rows take different adapters (or dropout is on).
-MIXED = "<rows differ>"
-
-
 def is_lora(module: nn.Module) -> bool:
     """Whether `module` is a LoRALinear (weightsmith.lora, a layer above this package, which
     therefore knows it by its attributes)."""
     return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "row_groups")
 
 
-def applied(module: nn.Module) -> str | None:
-    """The adapter a LoRA layer adds to every row of a step now: its active adapter (unless merged
-    or absent), or inside `row_adapters` the one adapter all rows use (None: no row uses one);
-    MIXED where rows differ, a CUDA graph indexes them, or the adapter's dropout is on (training)."""
-    if module.row_index is not None:
-        return MIXED
-    groups = module.row_groups
-    if groups is not None:
-        if not groups:
-            return None
-        name, rows = groups[0]
-        if len(groups) > 1 or rows.numel() != module.row_count or name in module.merged:
-            return MIXED
-    else:
-        name = module.active_adapter
-        if name is None or name not in module.lora_A or name in module.merged:
-            return None
-    dropout = module.lora_dropout[name]
-    return MIXED if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0 else name
+def row_names(layer: nn.Module, rows: int) -> tuple[str | None, ...] | None:
+    """The adapter each of a step's `rows` rows takes, as every LoRA layer adds it now (`layer` is
+    one of them, `row_adapters` setting all alike): the active adapter on every row, or inside
+    `row_adapters` each row's; None where the C step cannot follow them (a CUDA graph's row codes,
+    a batch of another size than `row_adapters` was given)."""
+    if layer.row_index is not None:
+        return None
+    if layer.row_groups is None:
+        return (layer.active_adapter,) * rows
+    names = layer.row_names
+    return names if names is not None and len(names) == rows else None
+
+
+def dropping_out(layer: nn.Module) -> set[str]:
+    """The adapters of a LoRA layer whose dropout is on (training mode, p > 0): the C step has none."""
+    return {
+        name for name, d in layer.lora_dropout.items() if isinstance(d, nn.Dropout) and d.training and d.p > 0
+    }
 
 
 def lora_view(module: nn.Module, name: str, keep: list[torch.Tensor]) -> LoraView | None:

@@ -26,8 +26,9 @@
  *   tanh form; normed by mlp_norm where set; x += f. A mixture of experts (Mixtral, Qwen-MoE)
  *   instead routes each row to the top_k of softmax(h @ Wrouter.T) (fp32), renormalised where
  *   renorm, and sums the chosen experts' SwiGLU outputs times their weights, in ascending
- *   expert order (the PyTorch model's order). A projection with an active LoRA adapter adds
- *   scale * (x @ A.T) @ B.T to its output (a dense block's seven; not the experts' nor the head)
+ *   expert order (the PyTorch model's order). A projection with LoRA adapters adds, to each
+ *   row, scale * (x @ A.T) @ B.T of the row's adapter (a dense block's seven; not the experts'
+ *   nor the head)
  * then logits = (rmsnorm(x) * final_norm) @ Whead.T. Norm weights come as the factors they
  * multiply by (Gemma's 1 + w already added, fused.py); a final soft-cap is the caller's.
  */
@@ -43,7 +44,7 @@
 #endif
 
 /* A LoRA adapter on one projection: y += scale * (x @ A.T) @ B.T, A (r, k) and B (n, r) as
- * projections (fp32 or bf16 rows); a.n == 0: none. */
+ * projections (fp32 or bf16 rows); a.n == 0: this projection does not have it. */
 typedef struct {
     ws_proj a, b;
     double scale;
@@ -59,7 +60,7 @@ typedef struct {
     int64_t n_experts, top_k, renorm;  /* n_experts > 0: a mixture of experts instead of gate/up/down */
     ws_proj router;
     const ws_proj *experts; /* (n_experts, 3): each expert's gate, up and down */
-    ws_lora lora[7];        /* the active adapter on q, k, v, o, gate, up, down (a dense MLP's) */
+    const ws_lora *lora[7]; /* the model's adapters (n_adapters each) on q, k, v, o, gate, up, down; NULL: none */
 } ws_layer;
 
 typedef struct {
@@ -78,7 +79,8 @@ typedef struct {
     int64_t qk_whole; /* QK-norm over each projection's whole output (OLMo 2), else over each head */
     double attn_scale, attn_cap, embed_scale; /* 0: 1/sqrt(D); 0: no cap; 1: no scale */
     const float *cos_local, *sin_local;       /* the local layers' tables (rope == 2) */
-    int64_t lora_rank; /* the largest adapter rank (0: no adapter) */
+    int64_t lora_rank, n_adapters; /* the largest adapter rank, how many adapters (0: none) */
+    const int64_t *row_adapter;    /* per call: each row's adapter, -1: none */
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -408,16 +410,33 @@ static void gelu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = n8; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + tanhf(k * (g[i] + c * g[i] * g[i] * g[i]))) * u[i];
 }
 
-/* y (B, n) += the adapter's delta for x (B, k), where there is one; t (B, rank) and d (B, n) are
- * scratch. The same sum as the PyTorch layer's addmm: scale * (h @ B.T) added to y. */
-static int lora_add(const ws_lora *l, const float *x, int64_t B, float *y, float *t, float *d, ws_qact *act) {
-    if (l->a.n == 0) return 0;
-    act->src = NULL; /* its own act: the projections' quantized input stays theirs */
-    if (ws_proj_matmul(&l->a, x, B, t, act)) return -1;
-    act->src = NULL;
-    if (ws_proj_matmul(&l->b, t, B, d, act)) return -1;
-    const float scale = (float)l->scale;
-    for (int64_t i = 0; i < B * l->b.n; i++) y[i] += scale * d[i];
+/* y (B, n) += each row's adapter's delta for x (B, k) (row b's: m->row_adapter[b], -1 none): the
+ * rows of one adapter gathered and run at once. t (B, rank), d (B, n) and xg (B, k) are scratch;
+ * the sum is the PyTorch layer's addmm: scale * (h @ B.T) added to y. */
+static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t B, float *y, float *t,
+                    float *d, float *xg, int64_t *rows, ws_qact *act) {
+    if (!l) return 0;
+    for (int64_t i = 0; i < m->n_adapters; i++) {
+        const ws_lora *a = l + i;
+        if (a->a.n == 0) continue;
+        const int64_t k = a->a.k, n = a->b.n;
+        int64_t count = 0;
+        for (int64_t b = 0; b < B; b++)
+            if (m->row_adapter[b] == i) rows[count++] = b;
+        if (count == 0) continue;
+        const float *in = x;
+        if (count < B) { /* gather the adapter's rows */
+            for (int64_t r = 0; r < count; r++) memcpy(xg + r * k, x + rows[r] * k, sizeof(float) * (size_t)k);
+            in = xg;
+        }
+        act->src = NULL; /* its own act: the projections' quantized input stays theirs */
+        if (ws_proj_matmul(&a->a, in, count, t, act)) return -1;
+        act->src = NULL;
+        if (ws_proj_matmul(&a->b, t, count, d, act)) return -1;
+        const float scale = (float)a->scale;
+        for (int64_t r = 0; r < count; r++)
+            for (int64_t j = 0; j < n; j++) y[rows[r] * n + j] += scale * d[r * n + j];
+    }
     return 0;
 }
 
@@ -543,7 +562,9 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
     widest = I > widest ? I : widest;
     float *lt = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * m->lora_rank)) : NULL;
     float *ld = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * widest)) : NULL;
-    const int lora_oom = m->lora_rank && (!lt || !ld);
+    float *lx = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * widest)) : NULL;
+    int64_t *lrows = m->lora_rank ? malloc(sizeof(int64_t) * (size_t)B) : NULL;
+    const int lora_oom = m->lora_rank && (!lt || !ld || !lx || !lrows);
     ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
                     .stride = longest, .scale = m->attn_scale > 0 ? (float)m->attn_scale : 1.0f / sqrtf((float)D),
                     .cap = (float)m->attn_cap};
@@ -562,7 +583,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
         if (ws_projs_matmul(qkv, 3, in, B, qkv_out, &act)) goto oom;
         for (int i = 0; i < 3; i++)
-            if (lora_add(&L->lora[i], in, B, qkv_out[i], lt, ld, &lact)) goto oom;
+            if (lora_add(m, L->lora[i], in, B, qkv_out[i], lt, ld, lx, lrows, &lact)) goto oom;
         if (L->q_norm) qk_norm(m, L, B, q, k);
         const float *ct = L->rope == 2 ? m->cos_local : cos, *st = L->rope == 2 ? m->sin_local : sin;
         for (int64_t b = 0; b < B; b++) {
@@ -580,7 +601,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
-        if (lora_add(&L->lora[3], att, B, out, lt, ld, &lact)) goto oom;
+        if (lora_add(m, L->lora[3], att, B, out, lt, ld, lx, lrows, &lact)) goto oom;
         if (L->attn_norm) rmsnorm(out, L->attn_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         in = x;
@@ -590,11 +611,12 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         } else {
             act.src = NULL; /* once for gate and up */
             if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
-            if (lora_add(&L->lora[4], in, B, g, lt, ld, &lact) || lora_add(&L->lora[5], in, B, u, lt, ld, &lact)) goto oom;
+            if (lora_add(m, L->lora[4], in, B, g, lt, ld, lx, lrows, &lact) ||
+                lora_add(m, L->lora[5], in, B, u, lt, ld, lx, lrows, &lact)) goto oom;
             act_mul(m, g, u, B * L->gate.n);
             act.src = NULL;
             if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
-            if (lora_add(&L->lora[6], g, B, out, lt, ld, &lact)) goto oom;
+            if (lora_add(m, L->lora[6], g, B, out, lt, ld, lx, lrows, &lact)) goto oom;
         }
         if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
@@ -608,7 +630,7 @@ oom:
 done:
     free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores), free(own);
     free(mx.probs), free(mx.weights), free(mx.chosen), free(mx.xin), free(mx.y), free(mx.rows), free(mx.row_w);
-    free(lt), free(ld);
+    free(lt), free(ld), free(lx), free(lrows);
     ws_qact_free(&act), ws_qact_free(&lact);
     return status;
 }
