@@ -573,6 +573,22 @@ def test_the_c_step_adds_each_rows_lora_adapter(variant, model_dirs, native_lib,
     torch.testing.assert_close(merged_on[0], on[0], rtol=1e-4, atol=1e-4)
 
 
+def test_an_adapter_that_does_not_fit_its_layer_is_left_to_the_pytorch_step(
+    model_dirs, native_lib, monkeypatch
+):
+    """A's width or B's height other than the layer's (a hostile adapter file, say): no C step
+    (it would read past its input); the PyTorch step names the mismatch."""
+    model, plan = _variant("fp32-rows", model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    apply_lora(model, LoraConfig(r=4, target_modules=["down_proj"]))
+    down = model.model.layers[1].mlp.down_proj
+    assert plan.fused() is not None
+    down.lora_A["default"] = torch.nn.Linear(down.in_features - 8, 4, bias=False)
+    assert plan.fused() is None
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _decode(model, plan)
+
+
 def _on_and_off_no_plan(model, plan, monkeypatch, fused_calls, **kw):
     kernels_on(monkeypatch, True)
     on = _decode(model, plan, **kw)

@@ -189,8 +189,17 @@ def dropping_out(layer: nn.Module) -> set[str]:
 
 
 def lora_view(module: nn.Module, name: str, keep: list[torch.Tensor]) -> LoraView | None:
-    """The C view of adapter `name` of a LoRA layer, or None where the step cannot read it."""
+    """The C view of adapter `name` of a LoRA layer, or None where the step cannot read it (also
+    where A and B do not fit the layer: the C step would read past the input, the PyTorch step
+    raises)."""
     a, b = module.lora_A[name].weight, module.lora_B[name].weight
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or a.shape[1] != module.in_features
+        or b.shape != (module.out_features, a.shape[0])
+    ):
+        return None
     lora = LoraView(scale=module.scaling[name])
     lora.a.n, lora.a.k = a.shape
     lora.b.n, lora.b.k = b.shape
