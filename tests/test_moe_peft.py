@@ -25,6 +25,7 @@ from weightsmith.lora import (
     adapters_disabled,
     apply_lora,
     load_adapter,
+    lora_layers,
     merge_and_unload,
     resolve_targets,
     save_adapter,
@@ -207,16 +208,19 @@ def test_qlora_on_experts_trains_and_reloads(moe_dirs, tmp_path):
         merge_and_unload(fresh)
 
 
-def test_cpu_decode_plan_with_expert_adapters_steps_aside_correctly(
-    moe_dirs, native_lib, monkeypatch, tmp_path
-):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_cpu_decode_plan_runs_expert_and_router_adapters(family, moe_dirs, native_lib, monkeypatch, tmp_path):
+    """PEFT's all-linear adapter on a mixture of experts (the experts' and the router's LoRA too)
+    in the C step: the decoded logits are those of a full forward with the adapter."""
     kernels_on(monkeypatch, True)
-    path = moe_dirs["mixtral"]
+    path = moe_dirs[family]
     _peft_model(path, target_modules="all-linear").save_pretrained(tmp_path)
     model = load_checkpoint(path).model
     load_adapter(model, tmp_path)
+    names = lora_layers(model)
+    assert any(".experts." in n for n in names) and any(n.endswith("gate") for n in names)
     seq = ids(t=14)[:1]
-    assert_plan_decodes_like_forward(model, seq, fused=False)  # the C step takes no adapters
+    assert_plan_decodes_like_forward(model, seq, fused=True)
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 What it does: for a `CausalLM` of any family (Llama's block, QK-norm, Gemma's and OLMo 2's
 norms, partial rotary, LongRoPE, soft-caps, mixtures of experts) on the CPU in fp32 or bf16
 whose projections are all int4, int8, GGUF-block (GGMLLinear) or plain fp32 or bf16 layers,
-unmerged LoRA adapters on a dense block's projections included, `FusedDecode.step` runs one
+unmerged LoRA adapters included (not on the LM head), `FusedDecode.step` runs one
 token per row through every layer and the LM head in one C call, reading and writing the same
 `KVCache` the PyTorch model uses (fp32, or a bf16 model's bf16 one), so prefill (PyTorch) and
 decoding (C) mix freely. Python keeps the RoPE tables (any RoPE scaling the model has, Gemma 3's
@@ -13,12 +13,11 @@ everything between them runs in fp32, its norm weights and biases copied to fp32
 Gemma's 1 + w added).
 
 `FusedDecode(model, lib)` reads the model's weights where they are (views.py; its `ok` is False
-where the step cannot run them: another activation or norm, an adapter on an expert or the LM
+where the step cannot run them: another activation or norm, an adapter on the LM
 head, an NF4 layer, another dtype or device); `current()` says whether the model still has those
-modules, tensors and active adapters. `FusedStep` is the decode step a caller chooses: the C step
-for up to `MAX_ROWS` rows on a cache it can write while every LoRA layer adds to every row the
-adapter it was built with, its `fallback` step otherwise (the server's rows on different
-adapters).
+modules, tensors and adapters. `FusedStep` is the decode step a caller chooses: the C step for up
+to `MAX_ROWS` rows on a cache it can write, each row with its adapter (`codes`: the active one, or
+the server's per-row ones), its `fallback` step otherwise.
 
 Not here: deciding whether to build one and rebuilding it (plan.py), the kernels
 (quant/cpu_kernels.c, quant/cpu_decode.c and their build, quant/cpu_kernels.py), the
@@ -109,8 +108,10 @@ def _adapter_state(loras: list[nn.Module]) -> list[tuple]:
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    """The LoRA layers among the projections the C step runs (a dense block's seven)."""
-    return [m for block in model.model.layers for m in _block_projections(block)[0] if is_lora(m)]
+    """The LoRA layers among the projections the C step runs (the experts and routers too)."""
+    return [
+        m for block in model.model.layers for part in _block_projections(block) for m in part if is_lora(m)
+    ]
 
 
 def _layer_norms(block: nn.Module) -> list[nn.Module | None]:
@@ -193,12 +194,22 @@ class FusedDecode:
         cfg = self.model.config
         dense, sparse = _block_projections(block)
         projs = [proj_view(m, self.keep, self.copies) for m in dense + sparse]
-        if any(p is None for p in projs) or any(is_lora(m) for m in sparse):  # no adapters on experts
+        if any(p is None for p in projs):
             return False
         for j, (name, p, module) in enumerate(zip(PROJECTIONS, projs, dense, strict=False)):  # 4 or 7
             setattr(layer, name, p)
-            if is_lora(module) and not self._adapters(module, layer, j):
+            if is_lora(module):
+                entries = self._adapters([module])
+                if entries is None:
+                    return False
+                layer.lora[j] = ctypes.cast(entries, ctypes.POINTER(LoraView))
+        if any(is_lora(m) for m in sparse):  # the router's adapters, the experts' (gate, up, down each)
+            router, experts = self._adapters(sparse[:1]), self._adapters(sparse[1:])
+            if router is None or experts is None:
                 return False
+            if is_lora(sparse[0]):
+                layer.router_lora = ctypes.cast(router, ctypes.POINTER(LoraView))
+            layer.expert_lora = ctypes.cast(experts, ctypes.POINTER(LoraView))
         if sparse:  # the router, then each expert's gate, up and down
             moe = _ffn(block)
             experts = (Proj * (len(projs) - 5))(*projs[5:])
@@ -241,20 +252,22 @@ class FusedDecode:
             for source, copy, add in self.copies
         )
 
-    def _adapters(self, module: nn.Module, layer: LayerStruct, j: int) -> bool:
-        """Point projection `j` of `layer` at a LoRA layer's adapters, one entry per model adapter
-        (empty where this layer lacks it or has it merged: it adds nothing there, as in PyTorch)."""
-        entries = (LoraView * len(self.adapter_names))()
-        for i, name in enumerate(self.adapter_names):
-            if name in module.lora_A and name not in module.merged:
-                lora = lora_view(module, name, self.keep)
-                if lora is None:
-                    return False
-                entries[i] = lora
-                self.lora_rank = max(self.lora_rank, lora.a.n)
+    def _adapters(self, modules: list[nn.Module]) -> ctypes.Array | None:
+        """The adapters of `modules` (LoRA layers or not) as the C step reads them: for each module,
+        one entry per model adapter (empty where it lacks the adapter or has it merged: it adds
+        nothing there, as in PyTorch); None where one cannot be read."""
+        n = len(self.adapter_names)
+        entries = (LoraView * (n * len(modules)))()
+        for at, module in enumerate(modules):
+            for i, name in enumerate(self.adapter_names):
+                if is_lora(module) and name in module.lora_A and name not in module.merged:
+                    lora = lora_view(module, name, self.keep)
+                    if lora is None:
+                        return None
+                    entries[at * n + i] = lora
+                    self.lora_rank = max(self.lora_rank, lora.a.n)
         self.lora_arrays.append(entries)
-        layer.lora[j] = ctypes.cast(entries, ctypes.POINTER(LoraView))
-        return True
+        return entries
 
     def codes(self, rows: int) -> list[int] | None:
         """Each row's adapter for a step of `rows` rows as an index into `adapter_names` (-1: none),

@@ -46,6 +46,7 @@ class LayerStruct(ctypes.Structure):
         + [(f, _ptr) for f in NORMS[2:]]
         + [(f, _i64) for f in ("n_experts", "top_k", "renorm")]
         + [("router", Proj), ("experts", ctypes.POINTER(Proj)), ("lora", ctypes.POINTER(LoraView) * 7)]
+        + [("router_lora", ctypes.POINTER(LoraView)), ("expert_lora", ctypes.POINTER(LoraView))]
     )
 
 

@@ -27,8 +27,8 @@
  *   instead routes each row to the top_k of softmax(h @ Wrouter.T) (fp32), renormalised where
  *   renorm, and sums the chosen experts' SwiGLU outputs times their weights, in ascending
  *   expert order (the PyTorch model's order). A projection with LoRA adapters adds, to each
- *   row, scale * (x @ A.T) @ B.T of the row's adapter (a dense block's seven; not the experts'
- *   nor the head)
+ *   row, scale * (x @ A.T) @ B.T of the row's adapter (any layer's projections, the router and
+ *   the experts; not the LM head)
  * then logits = (rmsnorm(x) * final_norm) @ Whead.T. Norm weights come as the factors they
  * multiply by (Gemma's 1 + w already added, fused.py); a final soft-cap is the caller's.
  */
@@ -61,6 +61,8 @@ typedef struct {
     ws_proj router;
     const ws_proj *experts; /* (n_experts, 3): each expert's gate, up and down */
     const ws_lora *lora[7]; /* the model's adapters (n_adapters each) on q, k, v, o, gate, up, down; NULL: none */
+    const ws_lora *router_lora; /* the router's adapters (n_adapters), NULL: none */
+    const ws_lora *expert_lora; /* (n_experts, 3, n_adapters): each expert's gate, up, down's; NULL: none */
 } ws_layer;
 
 typedef struct {
@@ -410,11 +412,19 @@ static void gelu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = n8; i < n; i++) g[i] = 0.5f * g[i] * (1.0f + tanhf(k * (g[i] + c * g[i] * g[i] * g[i]))) * u[i];
 }
 
-/* y (B, n) += each row's adapter's delta for x (B, k) (row b's: m->row_adapter[b], -1 none): the
- * rows of one adapter gathered and run at once. t (B, rank), d (B, n) and xg (B, k) are scratch;
- * the sum is the PyTorch layer's addmm: scale * (h @ B.T) added to y. */
-static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t B, float *y, float *t,
-                    float *d, float *xg, int64_t *rows, ws_qact *act) {
+/* The adapters' scratch: t (B, rank), d and xg (B, widest), rows (B), its own quantized input
+ * (the projections' stays theirs). */
+typedef struct {
+    float *t, *d, *xg;
+    int64_t *rows;
+    ws_qact act;
+} ws_lora_scratch;
+
+/* y (B, n) += each row's adapter's delta for x (B, k), row b's adapter codes[b] (-1: none): the
+ * rows of one adapter gathered and run at once. The sum is the PyTorch layer's addmm:
+ * scale * (h @ B.T) added to y. */
+static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t B, float *y, const int64_t *codes,
+                    ws_lora_scratch *s) {
     if (!l) return 0;
     for (int64_t i = 0; i < m->n_adapters; i++) {
         const ws_lora *a = l + i;
@@ -422,20 +432,21 @@ static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t
         const int64_t k = a->a.k, n = a->b.n;
         int64_t count = 0;
         for (int64_t b = 0; b < B; b++)
-            if (m->row_adapter[b] == i) rows[count++] = b;
+            if (codes[b] == i) s->rows[count++] = b;
         if (count == 0) continue;
         const float *in = x;
         if (count < B) { /* gather the adapter's rows */
-            for (int64_t r = 0; r < count; r++) memcpy(xg + r * k, x + rows[r] * k, sizeof(float) * (size_t)k);
-            in = xg;
+            for (int64_t r = 0; r < count; r++)
+                memcpy(s->xg + r * k, x + s->rows[r] * k, sizeof(float) * (size_t)k);
+            in = s->xg;
         }
-        act->src = NULL; /* its own act: the projections' quantized input stays theirs */
-        if (ws_proj_matmul(&a->a, in, count, t, act)) return -1;
-        act->src = NULL;
-        if (ws_proj_matmul(&a->b, t, count, d, act)) return -1;
+        s->act.src = NULL;
+        if (ws_proj_matmul(&a->a, in, count, s->t, &s->act)) return -1;
+        s->act.src = NULL;
+        if (ws_proj_matmul(&a->b, s->t, count, s->d, &s->act)) return -1;
         const float scale = (float)a->scale;
         for (int64_t r = 0; r < count; r++)
-            for (int64_t j = 0; j < n; j++) y[rows[r] * n + j] += scale * d[r * n + j];
+            for (int64_t j = 0; j < n; j++) y[s->rows[r] * n + j] += scale * s->d[r * n + j];
     }
     return 0;
 }
@@ -452,7 +463,7 @@ static void act_mul(const ws_model *m, float *g, const float *u, int64_t n) {
  * experts and weights (B, top_k), and one expert's rows' inputs and outputs. */
 typedef struct {
     float *probs, *weights, *xin, *y;
-    int64_t *chosen, *rows;
+    int64_t *chosen, *rows, *codes; /* codes: the gathered rows' adapters */
     float *row_w;
 } ws_moe;
 
@@ -462,10 +473,11 @@ typedef struct {
  * run through its gate/up/down at once, each output times the row's weight added to the row's
  * sum. g and u hold the experts' intermediate values. Returns 0, or -1 when out of memory. */
 static int moe(const ws_model *m, const ws_layer *L, const float *in, int64_t B, float *f, float *g, float *u,
-               const ws_moe *s, ws_qact *act) {
-    const int64_t E = L->n_experts, K = L->top_k, H = m->hidden;
+               const ws_moe *s, ws_qact *act, ws_lora_scratch *ls) {
+    const int64_t E = L->n_experts, K = L->top_k, H = m->hidden, A = m->n_adapters;
     act->src = NULL;
     if (ws_proj_matmul(&L->router, in, B, s->probs, act)) return -1;
+    if (lora_add(m, L->router_lora, in, B, s->probs, m->row_adapter, ls)) return -1;
     for (int64_t b = 0; b < B; b++) {
         float *p = s->probs + b * E, top = -INFINITY, total = 0;
         for (int64_t e = 0; e < E; e++) top = p[e] > top ? p[e] : top;
@@ -491,16 +503,20 @@ static int moe(const ws_model *m, const ws_layer *L, const float *in, int64_t B,
             for (int64_t j = 0; j < K; j++)
                 if (s->chosen[b * K + j] == e) {
                     memcpy(s->xin + n * H, in + b * H, sizeof(float) * (size_t)H);
-                    s->rows[n] = b, s->row_w[n++] = s->weights[b * K + j];
+                    s->rows[n] = b, s->codes[n] = m->row_adapter[b], s->row_w[n++] = s->weights[b * K + j];
                 }
         if (n == 0) continue;
         const ws_proj *x = L->experts + 3 * e, *gate_up[] = {x, x + 1};
+        const ws_lora *xl = L->expert_lora ? L->expert_lora + 3 * e * A : NULL;
         float *gate_up_out[] = {g, u};
         act->src = NULL; /* a new input: quantized once for gate and up */
         if (ws_projs_matmul(gate_up, 2, s->xin, n, gate_up_out, act)) return -1;
+        if (xl && (lora_add(m, xl, s->xin, n, g, s->codes, ls) || lora_add(m, xl + A, s->xin, n, u, s->codes, ls)))
+            return -1;
         act_mul(m, g, u, n * x[0].n);
         act->src = NULL;
         if (ws_proj_matmul(x + 2, g, n, s->y, act)) return -1;
+        if (xl && lora_add(m, xl + 2 * A, g, n, s->y, s->codes, ls)) return -1;
         for (int64_t r = 0; r < n; r++)
             for (int64_t i = 0; i < H; i++) f[s->rows[r] * H + i] += s->y[r * H + i] * s->row_w[r];
     }
@@ -556,19 +572,24 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         mx.weights = malloc(sizeof(float) * (size_t)(B * top_k)), mx.chosen = malloc(sizeof(int64_t) * (size_t)(B * top_k));
         mx.xin = malloc(sizeof(float) * (size_t)(B * H)), mx.y = malloc(sizeof(float) * (size_t)(B * H));
         mx.rows = malloc(sizeof(int64_t) * (size_t)B), mx.row_w = malloc(sizeof(float) * (size_t)B);
+        mx.codes = malloc(sizeof(int64_t) * (size_t)B);
     }
-    const int moe_oom = experts && (!mx.probs || !mx.weights || !mx.chosen || !mx.xin || !mx.y || !mx.rows || !mx.row_w);
-    int64_t widest = H > qn ? H : qn; /* the widest projection output an adapter adds to */
+    const int moe_oom = experts && (!mx.probs || !mx.weights || !mx.chosen || !mx.xin || !mx.y || !mx.rows ||
+                                    !mx.row_w || !mx.codes);
+    int64_t widest = H > qn ? H : qn; /* the widest projection input or output an adapter has */
     widest = I > widest ? I : widest;
-    float *lt = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * m->lora_rank)) : NULL;
-    float *ld = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * widest)) : NULL;
-    float *lx = m->lora_rank ? malloc(sizeof(float) * (size_t)(B * widest)) : NULL;
-    int64_t *lrows = m->lora_rank ? malloc(sizeof(int64_t) * (size_t)B) : NULL;
-    const int lora_oom = m->lora_rank && (!lt || !ld || !lx || !lrows);
+    widest = experts > widest ? experts : widest;
+    ws_lora_scratch ls = {0};
+    if (m->lora_rank) {
+        ls.t = malloc(sizeof(float) * (size_t)(B * m->lora_rank));
+        ls.d = malloc(sizeof(float) * (size_t)(B * widest)), ls.xg = malloc(sizeof(float) * (size_t)(B * widest));
+        ls.rows = malloc(sizeof(int64_t) * (size_t)B);
+    }
+    const int lora_oom = m->lora_rank && (!ls.t || !ls.d || !ls.xg || !ls.rows);
     ws_attn attn = {.m = m, .G = m->n_heads / m->n_kv, .pos = pos, .q = q, .out = att, .scores = scores,
                     .stride = longest, .scale = m->attn_scale > 0 ? (float)m->attn_scale : 1.0f / sqrtf((float)D),
                     .cap = (float)m->attn_cap};
-    ws_qact act = {0}, lact = {0}; /* the int8-quantized input of the int4 / int8 projections; the adapters' */
+    ws_qact act = {0}; /* the int8-quantized input of the int4 / int8 projections */
     int status = 0;
     if (!x || !h || !q || !k || !v || !att || !out || !g || !u || !scores || moe_oom || lora_oom) {
         status = -1;
@@ -583,7 +604,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
         if (ws_projs_matmul(qkv, 3, in, B, qkv_out, &act)) goto oom;
         for (int i = 0; i < 3; i++)
-            if (lora_add(m, L->lora[i], in, B, qkv_out[i], lt, ld, lx, lrows, &lact)) goto oom;
+            if (lora_add(m, L->lora[i], in, B, qkv_out[i], m->row_adapter, &ls)) goto oom;
         if (L->q_norm) qk_norm(m, L, B, q, k);
         const float *ct = L->rope == 2 ? m->cos_local : cos, *st = L->rope == 2 ? m->sin_local : sin;
         for (int64_t b = 0; b < B; b++) {
@@ -601,22 +622,22 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
-        if (lora_add(m, L->lora[3], att, B, out, lt, ld, lx, lrows, &lact)) goto oom;
+        if (lora_add(m, L->lora[3], att, B, out, m->row_adapter, &ls)) goto oom;
         if (L->attn_norm) rmsnorm(out, L->attn_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         in = x;
         if (L->norm2) rmsnorm(x, L->norm2, B, H, m->eps, h), in = h;
         if (L->n_experts) {
-            if (moe(m, L, in, B, out, g, u, &mx, &act)) goto oom;
+            if (moe(m, L, in, B, out, g, u, &mx, &act, &ls)) goto oom;
         } else {
             act.src = NULL; /* once for gate and up */
             if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
-            if (lora_add(m, L->lora[4], in, B, g, lt, ld, lx, lrows, &lact) ||
-                lora_add(m, L->lora[5], in, B, u, lt, ld, lx, lrows, &lact)) goto oom;
+            if (lora_add(m, L->lora[4], in, B, g, m->row_adapter, &ls) ||
+                lora_add(m, L->lora[5], in, B, u, m->row_adapter, &ls)) goto oom;
             act_mul(m, g, u, B * L->gate.n);
             act.src = NULL;
             if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
-            if (lora_add(m, L->lora[6], g, B, out, lt, ld, lx, lrows, &lact)) goto oom;
+            if (lora_add(m, L->lora[6], g, B, out, m->row_adapter, &ls)) goto oom;
         }
         if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
@@ -630,7 +651,7 @@ oom:
 done:
     free(h), free(q), free(k), free(v), free(att), free(out), free(g), free(u), free(scores), free(own);
     free(mx.probs), free(mx.weights), free(mx.chosen), free(mx.xin), free(mx.y), free(mx.rows), free(mx.row_w);
-    free(lt), free(ld), free(lx), free(lrows);
-    ws_qact_free(&act), ws_qact_free(&lact);
+    free(mx.codes), free(ls.t), free(ls.d), free(ls.xg), free(ls.rows);
+    ws_qact_free(&act), ws_qact_free(&ls.act);
     return status;
 }
