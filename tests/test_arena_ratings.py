@@ -216,3 +216,20 @@ def test_cohen_kappa_by_hand() -> None:
     same = cohen_kappa(_votes([("a", "a")] * 3))
     assert same is not None and same.kappa is None and "undefined" in same.note
     assert cohen_kappa([Vote("x", "a", "human")]) is None
+
+
+def test_all_ties_still_give_an_interval_of_the_right_width() -> None:
+    """Every battle a tie: every bootstrap resample refits equal ratings, so the percentile
+    interval alone would be one point. The interval is the Wald one instead: for two models and
+    n ties (p = 1/2, information n/4 on their difference), each rating against the mean has
+    standard error (400 / ln 10) / sqrt(n), derived by hand."""
+    n = 6
+    ties = [Outcome("alpha", "bravo", 0.5) for _ in range(n)]
+    table = rating_table(ties, rounds=50, seed=0)
+    half = 1.959963984540054 * (400.0 / math.log(10.0)) / math.sqrt(n)
+    for r in table.ratings:
+        assert r.rating == pytest.approx(1000.0)
+        assert (r.lower, r.upper) == (pytest.approx(1000.0 - half), pytest.approx(1000.0 + half))
+    anchored = {r.name: r for r in rating_table(ties, anchor="alpha", rounds=50).ratings}
+    assert (anchored["alpha"].lower, anchored["alpha"].upper) == (1000.0, 1000.0)
+    assert anchored["bravo"].upper - anchored["bravo"].lower == pytest.approx(4 * half)  # sqrt(4) x: a difference

@@ -7,7 +7,12 @@ that the mean rating is 1000 or a named contestant has exactly 1000; 95% interva
 percentile bootstrap intervals over battles (outcomes resampled with replacement, refit,
 re-anchored, seeded). A bootstrap resample is drawn as multinomial counts over the distinct
 (A, B, score) kinds of battle, which is the same distribution as resampling battles one by one
-and keeps the work independent of the number of battles.
+and keeps the work independent of the number of battles. The percentile bootstrap cannot see
+uncertainty where the outcomes do not vary (every battle a tie: every resample refits the same
+ratings, an interval of one point), so each interval is widened, where narrower, to the Wald
+interval of the fit: the rating's variance from the Bradley–Terry observed information
+``H = Σ m_ij p_ij (1 − p_ij) (e_i − e_j)(e_i − e_j)ᵀ`` (+ λI under the penalty), a rating being
+a contrast of the strengths against their mean or the anchor. The anchor keeps [1000, 1000].
 
 Each vote is one outcome: a battle voted on by two voters counts twice. The tables beside the
 ratings: observed win rates (ties as half), the win probabilities the fitted ratings predict,
@@ -20,6 +25,7 @@ Not here: the fit itself (bradley_terry.py), reading votes (the store), the page
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -208,8 +214,11 @@ def rating_table(
             f"with an L2 penalty (λ = {l2:g}) on the natural-log strengths, which keeps them finite."
         )
     at = None if anchor is None else names.index(anchor)
-    point = to_rating(fit_strengths(w, m, l2), at)
+    theta = fit_strengths(w, m, l2)
+    point = to_rating(theta, at)
     low, high = _bootstrap(a, b, s, n, at, rounds, seed, level)
+    half = _wald_half_widths(theta, m, l2, at, level)
+    low, high = np.minimum(low, point - half), np.maximum(high, point + half)
     order = sorted(range(n), key=lambda i: (-point[i], names[i]))
     played, scored = m.sum(1), w.sum(1)
     rows = [
@@ -288,3 +297,21 @@ def _bootstrap(
     ratings = to_rating(fit_strengths(w, m, l2), at)  # (R, n)
     tail = 100.0 * (1.0 - level) / 2.0
     return np.percentile(ratings, tail, axis=0), np.percentile(ratings, 100.0 - tail, axis=0)
+
+
+def _wald_half_widths(
+    theta: np.ndarray, m: np.ndarray, l2: float, at: int | None, level: float
+) -> np.ndarray:
+    """Half-widths (n,) of the ratings' Wald intervals at `level`: z · sqrt(cᵀ H⁺ c), H the fit's
+    observed information (module doc), c rating i's contrast of the strengths (against their
+    mean, or the anchor `at`, whose own half-width is 0)."""
+    n = len(theta)
+    p = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))
+    weight = m * p * (1.0 - p)  # each pair's information, m symmetric
+    info = np.diag(weight.sum(1)) - weight + l2 * np.eye(n)
+    cov = np.linalg.pinv(info)
+    base = np.full((n, n), 1.0 / n) if at is None else np.eye(n)[[at] * n]
+    c = (np.eye(n) - base) * (SCALE / math.log(10.0))  # row i: rating i's contrast
+    var = np.einsum("ij,jk,ik->i", c, cov, c)
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    return z * np.sqrt(np.maximum(var, 0.0))
