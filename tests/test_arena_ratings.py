@@ -232,4 +232,6 @@ def test_all_ties_still_give_an_interval_of_the_right_width() -> None:
         assert (r.lower, r.upper) == (pytest.approx(1000.0 - half), pytest.approx(1000.0 + half))
     anchored = {r.name: r for r in rating_table(ties, anchor="alpha", rounds=50).ratings}
     assert (anchored["alpha"].lower, anchored["alpha"].upper) == (1000.0, 1000.0)
-    assert anchored["bravo"].upper - anchored["bravo"].lower == pytest.approx(4 * half)  # sqrt(4) x: a difference
+    assert anchored["bravo"].upper - anchored["bravo"].lower == pytest.approx(
+        4 * half
+    )  # sqrt(4) x: a difference
