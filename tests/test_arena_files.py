@@ -267,5 +267,11 @@ def test_report_escapes_names_and_writes_json(tmp_path: Path) -> None:
     assert "<svg" in page and "Cohen's κ" in page and "percentile bootstrap" in page
     data = json.loads(Path(written["ratings"]).read_text())
     assert {r["name"] for r in data["overall"]["ratings"]} == {EVIL, "plain", "third"}
-    assert data["method"]["interval"] == {"method": "bootstrap", "level": 0.95, "rounds": 20, "seed": 0}
+    assert data["method"]["interval"] == {
+        "method": "bootstrap",
+        "level": 0.95,
+        "rounds": 20,
+        "seed": 0,
+        "at_least": "wald",
+    }
     assert data["source"]["db"] == EVIL and data["agreement"]["battles"] == 2

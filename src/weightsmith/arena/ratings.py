@@ -105,6 +105,7 @@ class Ratings:
                 "level": self.level,
                 "rounds": self.rounds,
                 "seed": self.seed,
+                "at_least": "wald",  # widened where narrower to the fit's Wald interval
             },
         }
 

@@ -71,7 +71,8 @@ def _summary(ratings: Ratings) -> str:
         f"<p>{table.total} votes on battles between {len(table.names)} contestants. Method: Bradley–Terry "
         "by maximum likelihood, a tie or both-bad counting as half a win for each side, on the Elo-like "
         f"scale {BASE:g} + 400·log10(strength), where {anchor}. Intervals: {escape(interval)} over "
-        f"battles ({ratings.rounds} resamples, seed {ratings.seed}).</p>"
+        f"battles ({ratings.rounds} resamples, seed {ratings.seed}), widened where narrower to the fit's "
+        "Wald interval (the Bradley–Terry information), which battles that all ended alike still have.</p>"
     )
 
 

@@ -45,7 +45,7 @@ def print_ratings(result: dict[str, Any], console: Console) -> None:
     interval = result["method"]["interval"]
     console.print(
         f"Bradley–Terry (ties half a win), {'anchored on ' + anchor if anchor else 'mean 1000'}; "
-        f"intervals: {interval['method']}, {interval['rounds']} rounds, seed {interval['seed']}",
+        f"intervals: {interval['method']}, {interval['rounds']} rounds, seed {interval['seed']}, at least Wald's",
         markup=False,
     )
     if overall.get("note"):
