@@ -564,6 +564,10 @@ def test_the_c_step_adds_each_rows_lora_adapter(variant, model_dirs, native_lib,
     step = plan.decode_step(decode_one_token)
     with row_adapters(model, ["default"]):  # a batch of another size than the step's
         assert step.fused.codes(2) is None
+    layers = list(lora_layers(model).values())
+    layers[-1].active_adapter = "other"  # one layer set apart by hand: the PyTorch step follows it
+    assert step.fused.codes(2) is None
+    layers[-1].active_adapter = "default"
     if variant.startswith("int4"):
         return  # no merge into an int4 base
     merge_and_unload(model, "default")  # the original modules back, the delta in their weights

@@ -275,11 +275,14 @@ class FusedDecode:
         cannot: the PyTorch step then runs (and refuses a merged adapter a row names)."""
         if not self.loras:
             return [-1] * rows
-        names = row_names(self.loras[0], rows)
+        first = self.loras[0]
+        names = row_names(first, rows)
         if names is None:
             return None
+        if first.row_groups is None and any(m.active_adapter != first.active_adapter for m in self.loras):
+            return None  # layers set to different adapters one by one: each row is not one adapter
         used = set(names) - {None}
-        if used & self.dropping_out or (self.loras[0].row_groups is not None and used & self.merged):
+        if used & self.dropping_out or (first.row_groups is not None and used & self.merged):
             return None
         index = {n: i for i, n in enumerate(self.adapter_names)}
         return [-1 if n is None else index.get(n, -1) for n in names]
