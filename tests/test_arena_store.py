@@ -571,3 +571,31 @@ def test_the_content_hash_follows_battles_and_votes_only(tmp_path: Path) -> None
     assert one.content_hash() != before
     one.close()
     two.close()
+
+
+def test_a_vote_is_acknowledged_only_after_its_commit(tmp_path: Path) -> None:
+    """A batch's voters get their results once the batch is committed, not while it is written:
+    a voter woken early (another commit's wake-up) would otherwise acknowledge a vote that a
+    kill before COMMIT loses (the kill test above failed so once, in a CI run on 2 cores)."""
+    import contextlib
+
+    with _store(tmp_path) as store:
+        store.import_battles(_imported(2), origin="setup")
+        batches: list[list[PendingVote]] = []
+        seen_before_commit: list[list[object]] = []
+        commit_batch, write = store._commit_batch, store._write
+
+        def recording_commit(batch: list[PendingVote]) -> None:
+            batches.append(batch)
+            commit_batch(batch)
+
+        @contextlib.contextmanager
+        def checked_write():
+            with write() as conn:
+                yield conn
+                seen_before_commit.append([r.result for r in batches[-1]])
+
+        store._commit_batch, store._write = recording_commit, checked_write
+        vote = store.record_vote("b0000", "a", "voter-00-token")
+    assert seen_before_commit == [[None]]
+    assert vote.battle_id == "b0000"

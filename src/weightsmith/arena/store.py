@@ -324,8 +324,11 @@ class ArenaStore:
         try:
             with self._write() as conn:
                 now = self._clock()
-                for request in batch:
-                    apply_vote(conn, request, now)
+                results = [apply_vote(conn, request, now) for request in batch]
+            # Only now, committed: a waiting voter may see its result (and acknowledge the vote)
+            # as soon as it is set, even before this thread wakes it.
+            for request, result in zip(batch, results, strict=True):
+                request.result = result
         except BaseException as e:
             failed = (
                 e if isinstance(e, ArenaError) else ArenaError("storage", f"{self.path}: {e!r}; try again")

@@ -50,16 +50,18 @@ class PendingVote:
     result: Vote | ArenaError | None = None
 
 
-def apply_vote(conn: sqlite3.Connection, request: PendingVote, now: float) -> None:
-    """Check and insert one vote inside the caller's transaction, in a savepoint: a refused
-    vote (`request.result` an ArenaError) leaves no row."""
+def apply_vote(conn: sqlite3.Connection, request: PendingVote, now: float) -> Vote | ArenaError:
+    """Check and insert one vote inside the caller's transaction, in a savepoint, and return
+    what its voter is to be told: a refused vote (an ArenaError) leaves no row. The caller
+    hands it to the voter only once the transaction is committed."""
     conn.execute("SAVEPOINT vote")
     try:
-        request.result = _insert_vote(conn, request, now)
+        result: Vote | ArenaError = _insert_vote(conn, request, now)
     except ArenaError as e:
         conn.execute("ROLLBACK TO vote")
-        request.result = e
+        result = e
     conn.execute("RELEASE vote")
+    return result
 
 
 def _insert_vote(conn: sqlite3.Connection, r: PendingVote, now: float) -> Vote:
