@@ -153,6 +153,7 @@ class FusedDecode:
         #: row's own name (`row_adapters`) may not name (merged: the PyTorch step refuses them).
         self.loras = _lora_layers(model)
         self.adapter_names = sorted({n for m in self.loras for n in m.lora_A})
+        self.adapter_index = {n: i for i, n in enumerate(self.adapter_names)}  # a row's code
         self.adapter_state = _adapter_state(self.loras)
         self.dropping_out = set().union(*(dropping_out(m) for m in self.loras))
         self.merged = {n for m in self.loras for n in m.merged}
@@ -284,8 +285,7 @@ class FusedDecode:
         used = set(names) - {None}
         if used & self.dropping_out or (first.row_groups is not None and used & self.merged):
             return None
-        index = {n: i for i, n in enumerate(self.adapter_names)}
-        return [-1 if n is None else index.get(n, -1) for n in names]
+        return [-1 if n is None else self.adapter_index.get(n, -1) for n in names]
 
     def quantized(self) -> bool:
         """Whether any projection is int4, int8 or GGUF blocks (an fp32-only plan may leave decoding
