@@ -7,6 +7,10 @@ engines on the same threads: weightsmith keeps the file's blocks (`load(...,
 keep_quantized=True)`: nothing dequantized or requantized), llama.cpp runs the file as it is. The
 runs are interleaved and medians taken as in generate.py; read the ratio (ours / llama.cpp).
 
+IQ2_XXS, IQ2_XS, IQ2_S and IQ1_S files need an importance matrix in llama.cpp's quantizer, which
+llama-cpp-python cannot pass: for those (`RANDOM_BLOCKS`) the file is written here, every matrix
+but the embedding as random valid blocks of the type (a random model: for speed only).
+
 The default model's width (576) is not a multiple of 256, so its k-quant files fall back to
 Q5_0 / Q5_1 / Q8_0 for most matrices (llama.cpp prints which). `--wide` adds a model of
 realistic width instead: the default model's tokenizer and vocabulary with 4 layers of width
@@ -36,8 +40,14 @@ from perplexity import llama_quantize
 #: llama.cpp's file types (llama_ftype) by the names its quantize tool takes.
 FTYPES = {
     "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
-    "q3_k_l": 13, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30,
+    "q3_k_l": 13, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "iq3_xxs": 23,
+    "iq3_s": 26, "iq3_m": 27, "tq1_0": 36, "tq2_0": 37,
 }  # fmt: skip
+#: Types llama.cpp quantizes only with an importance matrix, which llama-cpp-python cannot pass:
+#: their files are written here instead, every matrix of the F32 export (not the embedding) as
+#: random valid blocks of the type -> (ggml type id, byte offset of the fp16 scale, weight per
+#: unit of scale: the grid's largest value times the largest sub-scale, as tests/ggml_blocks.py).
+RANDOM_BLOCKS = {"iq2_xxs": (16, 0, 167), "iq2_xs": (17, 0, 167), "iq2_s": (22, 0, 167), "iq1_s": (19, 0, 17)}
 
 
 def wide_model(path: Path, out: Path) -> Path:
@@ -68,12 +78,46 @@ def quantize_file(f32: Path, out: Path, ftype: int, threads: int) -> dict[str, i
     return collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
 
 
-def parse_types(text: str, option: str) -> list[str]:
-    """A comma-separated list of FTYPES names (an empty one for ""); an unknown name exits."""
+def random_block_file(f32: Path, out: Path, name: str) -> dict[str, int]:
+    """A copy of the F32 file with every 2-D weight but the embedding as random valid blocks of
+    RANDOM_BLOCKS[name] (weights about 0.02 in size: a random model, for speed only)."""
+    import gguf
+    import numpy as np
+
+    qtype, at, unit = RANDOM_BLOCKS[name]
+    per, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    reader = gguf.GGUFReader(f32)
+    arch = reader.fields["general.architecture"]
+    writer = gguf.GGUFWriter(out, bytes(arch.parts[arch.data[0]]).decode())
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            sub = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if len(shape) == 2 and t.name != "token_embd.weight" and shape[1] % per == 0:
+            raw = rng.integers(0, 256, (shape[0], shape[1] // per, size), dtype=np.uint8)
+            d = (0.02 / unit * rng.uniform(0.5, 1.0, raw.shape[:2])).astype(np.float16)
+            raw[..., at : at + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+            writer.add_tensor(t.name, raw.reshape(shape[0], -1), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data).reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
+
+
+def parse_types(text: str, option: str, random_blocks: bool = True) -> list[str]:
+    """A comma-separated list of FTYPES (and, with `random_blocks`, RANDOM_BLOCKS) names (an
+    empty one for ""); an unknown name exits."""
     types = [t.strip().lower() for t in text.split(",") if t.strip()]
-    unknown = [t for t in types if t not in FTYPES]
+    known = [*FTYPES, *(RANDOM_BLOCKS if random_blocks else ())]
+    unknown = [t for t in types if t not in known]
     if unknown:
-        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(FTYPES)}")
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return types
 
 
@@ -81,7 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument(
-        "--types", default="q4_0,q4_k_m,q5_k_m,q6_k", help=f"comma-separated, of {', '.join(FTYPES)}"
+        "--types",
+        default="q4_0,q4_k_m,q5_k_m,q6_k",
+        help=f"comma-separated, of {', '.join([*FTYPES, *RANDOM_BLOCKS])}",
     )
     ap.add_argument("--wide", action="store_true", help="also a 4-layer model of width 2048 (random weights)")
     ap.add_argument("--threads", type=int, default=2)
@@ -125,7 +171,10 @@ def run(args, types: list[str], path: Path, prompt_ids: list[int], work: Path) -
     for label, f32 in sources.items():
         for name in types:
             out = work / f"{Path(f32).stem}-{name}.gguf"
-            mix = quantize_file(Path(f32), out, FTYPES[name], args.threads)
+            if name in RANDOM_BLOCKS:
+                mix = random_block_file(Path(f32), out, name)
+            else:
+                mix = quantize_file(Path(f32), out, FTYPES[name], args.threads)
             print(f"{label} {name.upper()}: {dict(mix.most_common())}")
             key = f"{label} {name.upper()}"
             gen, _ = bench_ours(out, prompt_ids, prompt_ids, keep_quantized=True)

@@ -157,7 +157,8 @@ def main() -> None:
     args = ap.parse_args()
     from gguf_types import FTYPES, parse_types  # beside this file (it imports this one: not at the top)
 
-    gguf_types = parse_types(args.gguf_types, "perplexity.py: --gguf-types")  # before any long run
+    # before any long run
+    gguf_types = parse_types(args.gguf_types, "perplexity.py: --gguf-types", random_blocks=False)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 

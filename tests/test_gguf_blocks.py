@@ -3,7 +3,8 @@ checkpoint/gguf_quants.py), end to end, against the same file's float (dequantiz
 
 The file is a tiny llama written here with `gguf.GGUFWriter`, Q/K rows permuted as llama.cpp's
 converter does, one matrix of each type the kernels run (Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 made
-by gguf-py's quantizers, Q2_K to Q6_K, IQ4_NL and IQ4_XS random valid blocks), one F16 matrix (stays a
+by gguf-py's quantizers, Q2_K to Q6_K, IQ4_NL and IQ4_XS random valid blocks; the grid-coded IQ1_S
+to IQ3_S random valid blocks, TQ1_0, TQ2_0 and MXFP4 gguf-py's), one F16 matrix (stays a
 float layer) and a Q8_0 embedding with no output tensor (the head is the embedding's blocks,
 as llama.cpp computes it). Checked: every kept layer dequantizes bit for bit to the float
 load's weight, resident bytes are the file's, prefill logits equal the float load's, decode
@@ -35,7 +36,7 @@ from weightsmith.models.linear import Linear
 from weightsmith.quant import weight_only as wo
 from weightsmith.quant.ggml_linear import GGMLLinear
 
-HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 3
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 5
 # (GGUF name, rows, columns) per layer; types per layer below.
 MATRICES = [("attn_q", HIDDEN, HIDDEN), ("attn_k", 128, HIDDEN), ("attn_v", 128, HIDDEN),
             ("attn_output", HIDDEN, HIDDEN), ("ffn_gate", INTER, HIDDEN), ("ffn_up", INTER, HIDDEN),
@@ -44,7 +45,11 @@ LAYER_TYPES = [
     [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q5_0, QT.Q4_1, QT.Q6_K],
     [QT.Q4_0, QT.Q5_1, QT.Q8_0, QT.F16, QT.Q6_K, QT.Q5_K, QT.Q4_K],
     [QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K, QT.IQ4_XS, QT.Q2_K],
+    [QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M],
+    [QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.IQ3_S, QT.IQ2_S, QT.IQ1_M, QT.TQ2_0],
 ]
+#: The types decoded by the row-major block kernels only (no 16-row tiled layout).
+UNTILED = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4"}
 PROMPTS = [[3, 17, 40, 99, 5, 64], [8, 2, 77]]
 
 
@@ -126,7 +131,7 @@ def test_layers_are_the_files_blocks_bit_for_bit(loads, block_file):
     assert {layers[n].type_name for n in tiled} == {t.name for ts in LAYER_TYPES for t in ts} - {
         "F16",
         "Q4_1",
-    }
+    } - UNTILED
     assert held == on_disk
     assert "GGUF blocks" in blk.checkpoint.quantization
 

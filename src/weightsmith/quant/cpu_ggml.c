@@ -41,13 +41,18 @@ enum {
     T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23
 };
 
+/* IEEE half (two bytes at p, little-endian) to float. */
+static float half_to_float(const uint8_t *p) { return ws_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
+
+#include "cpu_iquant.h"
 
 /* Weights and bytes per block of a type; 0 for a type these kernels do not run. */
 static int64_t block_weights(int64_t type) {
     switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_IQ4_NL: return 32;
     case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: case T_IQ4_XS: return 256;
-    default: return 0;
+    case T_MXFP4: return iq_type(type) ? 32 : 0;
+    default: return iq_type(type) ? 256 : 0;
     }
 }
 
@@ -64,7 +69,7 @@ static int64_t block_bytes(int64_t type) {
     case T_Q4_K: return 144;
     case T_Q5_K: return 176;
     case T_Q6_K: return 210;
-    default: return 0;
+    default: return iq_block_bytes(type);
     }
 }
 
@@ -74,9 +79,6 @@ int64_t ws_ggml_row_bytes(int64_t type, int64_t k) {
     if (!qk || k % qk) return -1;
     return k / qk * block_bytes(type);
 }
-
-/* IEEE half (two bytes at p, little-endian) to float. */
-static float half_to_float(const uint8_t *p) { return ws_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
 /* Q3_K's 16 6-bit scales, minus 32, from their 12 packed bytes sc: scale k has its low 4 bits
  * in byte k % 8 (the low nibble for k < 8) and its high 2 bits in byte 8 + k % 4 (bits 2 (k / 4));
@@ -174,6 +176,12 @@ static int sub_block(int64_t type, const uint8_t *row, int64_t j, int32_t c[QB],
         for (int l = 0; l < QB; l++) c[l] = ((ql[l] >> 4 * (k >> 1) & 15) | (qh[l] >> 2 * k & 3) << 4) - 32;
         const float d = half_to_float(blk + 208);
         s[0] = d * (float)(int8_t)blk[192 + 2 * i], s[1] = d * (float)(int8_t)blk[192 + 2 * i + 1];
+        return 0;
+    }
+    default: { /* cpu_iquant.h's types */
+        int8_t g[QB];
+        const uint32_t sign = iq_sub_block(type, blk, i, g, s);
+        for (int l = 0; l < QB; l++) c[l] = sign >> l & 1 ? -g[l] : g[l];
         return 0;
     }
     }

@@ -29,15 +29,20 @@ KERNEL __m256i FN(g_nib16)(const uint8_t *p) {
     return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
 }
 
-/* The little-endian 32-bit word at p -> byte l is 16 where bit l is set, else 0. */
-KERNEL __m256i FN(g_bits16)(const uint8_t *p) {
-    uint32_t w;
-    memcpy(&w, p, 4);
+/* A 32-bit word -> byte l is 0xff where bit l is set, else 0. */
+KERNEL __m256i FN(g_mask32)(uint32_t w) {
     const __m256i spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32((int)w), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
                                                     2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)); /* byte l <- byte l / 8 */
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);     /* byte l tests bit l % 8 */
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+/* The little-endian 32-bit word at p -> byte l is 16 where bit l is set, else 0. */
+KERNEL __m256i FN(g_bits16)(const uint8_t *p) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return _mm256_and_si256(FN(g_mask32)(w), _mm256_set1_epi8(16));
 }
 
 /* Two floats as the lanes of weights 0..15 (lanes 0-3) and 16..31 (lanes 4-7). */
@@ -180,6 +185,164 @@ KERNEL void FN(g_row_k)(const ws_qact *a, const int64_t mc, int64_t type, const 
     }
 }
 
+/* Four 8-byte grid points (i0: weights 0..7, ..., i3: 24..31) from the grid at `base`. */
+KERNEL __m256i FN(g_grid8)(int64_t base, int i0, int i1, int i2, int i3) {
+    int64_t p0, p1, p2, p3;
+    memcpy(&p0, iq_grid + base + 8 * (int64_t)i0, 8), memcpy(&p1, iq_grid + base + 8 * (int64_t)i1, 8);
+    memcpy(&p2, iq_grid + base + 8 * (int64_t)i2, 8), memcpy(&p3, iq_grid + base + 8 * (int64_t)i3, 8);
+    return _mm256_setr_epi64x(p0, p1, p2, p3);
+}
+
+/* Eight 4-byte grid points (IQ3) from the grid at `base`, indices idx[0..7]. */
+KERNEL __m256i FN(g_grid4)(int64_t base, const int idx[8]) {
+    int32_t p[8];
+    for (int j = 0; j < 8; j++) memcpy(p + j, iq_grid + base + 4 * (int64_t)idx[j], 4);
+    return _mm256_setr_epi32(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+}
+
+/* Byte masks (0xff: negative) of four 7-bit sign indices at bits 0, 7, 14, 21 of v. */
+KERNEL __m256i FN(g_ksigns4)(uint32_t v) {
+    return _mm256_setr_epi64x((long long)iq_sign_masks[v & 127], (long long)iq_sign_masks[v >> 7 & 127],
+                              (long long)iq_sign_masks[v >> 14 & 127], (long long)iq_sign_masks[v >> 21 & 127]);
+}
+
+/* Magnitudes g made negative where the byte mask m is 0xff. */
+KERNEL __m256i FN(g_negate)(__m256i g, __m256i m) { return _mm256_sign_epi8(g, _mm256_or_si256(m, _mm256_set1_epi8(1))); }
+
+/* Magnitudes g with weight l negative where bit l of `sign` is set. */
+KERNEL __m256i FN(g_signed)(__m256i g, uint32_t sign) { return FN(g_negate)(g, FN(g_mask32)(sign)); }
+
+/* Codes 8 point +- 1 of IQ1_S / IQ1_M from four grid indices and a delta sign per 8 weights
+ * (byte l / 8 of `neg` is 0xff where that group's delta is negative). */
+KERNEL __m256i FN(g_iq1)(int i0, int i1, int i2, int i3, __m256i neg) {
+    const __m256i g = FN(g_grid8)(G_IQ1_S, i0, i1, i2, i3);
+    const __m256i eight = _mm256_sign_epi8(_mm256_set1_epi8(8), g); /* 8 sign(point) = 8 point */
+    return _mm256_add_epi8(eight, _mm256_or_si256(neg, _mm256_set1_epi8(1)));
+}
+
+/* TQ1_0 digits of 32 bytes b times 3^p (per byte: pw), as codes -1..1: with v = b 3^p mod 256
+ * the digit is (v 3) >> 8, 1 where v >= 86 and 2 where v >= 171. */
+KERNEL __m256i FN(g_tq1)(__m256i b, __m256i pw) {
+    const __m256i lo = _mm256_set1_epi16(0xff);
+    const __m256i even = _mm256_and_si256(_mm256_mullo_epi16(_mm256_and_si256(b, lo), _mm256_and_si256(pw, lo)), lo);
+    const __m256i odd = _mm256_mullo_epi16(_mm256_andnot_si256(lo, b), _mm256_srli_epi16(pw, 8)); /* high byte */
+    const __m256i v = _mm256_or_si256(even, _mm256_andnot_si256(lo, odd));
+    const __m256i ge86 = _mm256_cmpeq_epi8(_mm256_max_epu8(v, _mm256_set1_epi8(86)), v);
+    const __m256i ge171 = _mm256_cmpeq_epi8(_mm256_max_epu8(v, _mm256_set1_epi8((char)171)), v);
+    return _mm256_sub_epi8(_mm256_sub_epi8(_mm256_set1_epi8(-1), ge86), ge171);
+}
+
+/* TQ1_0's sub-block i: weights 32i + l are digit i of byte l (i < 5); then digits 2(i - 5) and
+ * 2(i - 5) + 1 of bytes 32..47 (i = 5, 6); digit 4 of those and digits 0..3 of bytes 48..51. */
+KERNEL __m256i FN(g_tq1_sub)(const uint8_t *blk, int i) {
+    static const char pow3[5] = {1, 3, 9, 27, 81};
+    if (i < 5) return FN(g_tq1)(_mm256_loadu_si256((const __m256i *)blk), _mm256_set1_epi8(pow3[i]));
+    const __m128i mid = _mm_loadu_si128((const __m128i *)(blk + 32));
+    if (i < 7)
+        return FN(g_tq1)(_mm256_broadcastsi128_si256(mid),
+                         _mm256_setr_m128i(_mm_set1_epi8(pow3[2 * i - 10]), _mm_set1_epi8(pow3[2 * i - 9])));
+    uint32_t qh;
+    memcpy(&qh, blk + 48, 4);
+    const __m128i tail = _mm_set1_epi32((int)qh); /* byte 4p + j: byte j, digit p */
+    const __m128i pw = _mm_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 9, 9, 9, 9, 27, 27, 27, 27);
+    return FN(g_tq1)(_mm256_setr_m128i(mid, tail), _mm256_setr_m128i(_mm_set1_epi8(81), pw));
+}
+
+/* IQ1_M's sub-block i: four groups of 8 with their own grid index high bits and delta signs
+ * (a nibble each of bytes 32 + 2i, 33 + 2i), two 3-bit scales, d from four nibbles. */
+KERNEL __m256i FN(g_iq1m)(const uint8_t *blk, int i, float s[2]) {
+    const uint32_t w0 = iq_u16(blk + 48), w1 = iq_u16(blk + 50), w2 = iq_u16(blk + 52), w3 = iq_u16(blk + 54);
+    const uint8_t dh[2] = {(uint8_t)(w0 >> 12 | (w1 >> 8 & 0xf0)), (uint8_t)((w2 >> 12) | (w3 >> 8 & 0xf0))};
+    const float d = FN(g_half)(dh);
+    const uint32_t sw = iq_u16(blk + 48 + 2 * (i / 2)) >> 6 * (i % 2);
+    s[0] = d * (float)(2 * (int)(sw & 7) + 1) * 0.125f, s[1] = d * (float)(2 * (int)(sw >> 3 & 7) + 1) * 0.125f;
+    const uint8_t *qs = blk + 4 * i, h0 = blk[32 + 2 * i], h1 = blk[33 + 2 * i];
+    const int n[4] = {h0 & 15, h0 >> 4, h1 & 15, h1 >> 4};
+    const __m256i neg = _mm256_setr_epi64x(n[0] & 8 ? -1 : 0, n[1] & 8 ? -1 : 0, n[2] & 8 ? -1 : 0, n[3] & 8 ? -1 : 0);
+    return FN(g_iq1)(qs[0] | (n[0] & 7) << 8, qs[1] | (n[1] & 7) << 8, qs[2] | (n[2] & 7) << 8, qs[3] | (n[3] & 7) << 8,
+                     neg);
+}
+
+/* The 32 signed codes of sub-block i of a block of cpu_iquant.h's types and the scales of its
+ * halves (iq_sub_block's, vectorised). */
+KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2]) {
+    switch (type) {
+    case T_IQ2_XXS: {
+        const uint32_t a0 = iq_u32(blk + 2 + 8 * i), a1 = iq_u32(blk + 6 + 8 * i);
+        s[0] = s[1] = FN(g_half)(blk) * (0.5f + (float)(a1 >> 28)) * 0.25f;
+        return FN(g_negate)(FN(g_grid8)(G_IQ2_XXS, a0 & 255, a0 >> 8 & 255, a0 >> 16 & 255, a0 >> 24),
+                            FN(g_ksigns4)(a1));
+    }
+    case T_IQ2_XS: {
+        uint16_t q[4];
+        memcpy(q, blk + 2 + 8 * i, 8);
+        const float d = FN(g_half)(blk);
+        const uint8_t sc = blk[66 + i];
+        s[0] = d * (0.5f + (float)(sc & 15)) * 0.25f, s[1] = d * (0.5f + (float)(sc >> 4)) * 0.25f;
+        const __m256i m = FN(g_ksigns4)((q[0] >> 9) | (q[1] >> 9) << 7 | (q[2] >> 9) << 14 | (uint32_t)(q[3] >> 9) << 21);
+        return FN(g_negate)(FN(g_grid8)(G_IQ2_XS, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511), m);
+    }
+    case T_IQ2_S: {
+        const float d = FN(g_half)(blk);
+        const uint8_t sc = blk[74 + i], qh = blk[66 + i], *qs = blk + 2 + 4 * i;
+        s[0] = d * (0.5f + (float)(sc & 15)) * 0.25f, s[1] = d * (0.5f + (float)(sc >> 4)) * 0.25f;
+        const __m256i g = FN(g_grid8)(G_IQ2_S, qs[0] | (qh & 3) << 8, qs[1] | (qh >> 2 & 3) << 8,
+                                      qs[2] | (qh >> 4 & 3) << 8, qs[3] | (qh >> 6 & 3) << 8);
+        return FN(g_signed)(g, iq_u32(blk + 34 + 4 * i));
+    }
+    case T_IQ3_XXS: {
+        const uint32_t aux = iq_u32(blk + 66 + 4 * i);
+        const uint8_t *qs = blk + 2 + 8 * i;
+        s[0] = s[1] = FN(g_half)(blk) * (0.5f + (float)(aux >> 28)) * 0.5f;
+        const int idx[8] = {qs[0], qs[1], qs[2], qs[3], qs[4], qs[5], qs[6], qs[7]};
+        return FN(g_negate)(FN(g_grid4)(G_IQ3_XXS, idx), FN(g_ksigns4)(aux));
+    }
+    case T_IQ3_S: {
+        const uint8_t *qs = blk + 2 + 8 * i, qh = blk[66 + i];
+        s[0] = s[1] = FN(g_half)(blk) * (float)(1 + 2 * (blk[106 + i / 2] >> 4 * (i % 2) & 15));
+        int idx[8];
+        for (int j = 0; j < 8; j++) idx[j] = qs[j] | (qh >> j & 1) << 8;
+        return FN(g_signed)(FN(g_grid4)(G_IQ3_S, idx), iq_u32(blk + 74 + 4 * i));
+    }
+    case T_IQ1_S: {
+        const uint32_t qh = iq_u16(blk + 34 + 2 * i);
+        const uint8_t *qs = blk + 2 + 4 * i;
+        s[0] = s[1] = FN(g_half)(blk) * (float)(2 * (qh >> 12 & 7) + 1) * 0.125f;
+        const __m256i neg = _mm256_set1_epi8(qh & 0x8000 ? -1 : 0);
+        return FN(g_iq1)(qs[0] | (qh & 7) << 8, qs[1] | (qh >> 3 & 7) << 8, qs[2] | (qh >> 6 & 7) << 8,
+                         qs[3] | (qh >> 9 & 7) << 8, neg);
+    }
+    case T_TQ2_0:
+        s[0] = s[1] = FN(g_half)(blk + 64);
+        return _mm256_sub_epi8(FN(g_bits2)(blk + 32 * (i / 4), i % 4), _mm256_set1_epi8(1));
+    case T_TQ1_0:
+        s[0] = s[1] = FN(g_half)(blk + 52);
+        return FN(g_tq1_sub)(blk, i);
+    case T_IQ1_M: return FN(g_iq1m)(blk, i, s);
+    case T_MXFP4: {
+        s[0] = s[1] = e8m0_half(blk[0]);
+        const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)MXFP4_LEVELS));
+        return _mm256_shuffle_epi8(levels, FN(g_nib16)(blk + 1));
+    }
+    default: break;
+    }
+    int8_t g[QB];
+    const uint32_t sign = iq_sub_block(type, blk, i, g, s);
+    const __m256i mag = _mm256_loadu_si256((const __m256i *)g);
+    return sign ? FN(g_signed)(mag, sign) : mag;
+}
+
+/* cpu_iquant.h's types, 32 weights at a time. */
+KERNEL void FN(g_row_iq)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, __m256 *acc) {
+    const int per = (int)(block_weights(type) / QB);
+    const int64_t bytes = block_bytes(type);
+    float s[2];
+    for (int64_t b = 0; b < a->nb; b++) {
+        const __m256i c = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s);
+        FN(g_acc_s)(a, mc, b, c, FN(g_halves)(s[0], s[1]), acc);
+    }
+}
+
 /* One weight row against mc input rows: out[m * N] for m < mc. */
 KERNEL void FN(g_row)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, float *out, int64_t N) {
     __m256 acc[QROWS];
@@ -218,7 +381,12 @@ KERNEL void FN(g_row)(const ws_qact *a, const int64_t mc, int64_t type, const ui
             FN(g_acc_u)(a, mc, b, u, _mm256_set1_ps(FN(g_half)(blk)), FN(g_half)(blk + 2), acc, zacc);
         }
         break;
-    default: FN(g_row_k)(a, mc, type, row, acc, zacc); break;
+    default:
+        if (iq_type(type))
+            FN(g_row_iq)(a, mc, type, row, acc);
+        else
+            FN(g_row_k)(a, mc, type, row, acc, zacc);
+        break;
     }
     for (int64_t m = 0; m < mc; m++) out[m * N] = FN(hsum)(acc[m]) + zacc[m];
 }

@@ -36,6 +36,7 @@ import torch
 
 from weightsmith.errors import ConfigError
 from weightsmith.files import write_text_atomic
+from weightsmith.quant import iq_tables
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ _H = (
     "cpu_qdot_x86.h",
     "cpu_qtile_x86.h",
     "cpu_ggml_x86.h",
+    "cpu_iquant.h",
 )
 HEADERS = tuple(HERE / name for name in _H)
 #: Forces the int4/int8 kernels' instruction set (scalar, avx2, avxvnni, avx512vnni).
@@ -190,6 +192,25 @@ def _build(out_dir: Path) -> Path | None:
     return None
 
 
+_P, _I64, _INT, _STR = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
+#: The library's functions: name -> (argument types, result type).
+_SIGNATURES = {
+    "ws_int4_matmul": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P], _INT),
+    "ws_int8_matmul": ([_P, _I64, _I64, _I64, _P, _P, _P, _P], _INT), "ws_kernels_isa": ([], _STR),
+    "ws_qdot_isa": ([], _STR), "ws_qdot_select": ([_STR], _INT),
+    "ws_qdot_supported": ([], _INT), "ws_int4_dequantize": ([_P, _P, _P, _I64, _I64, _I64, _P], None),
+    "ws_int4_tiled_dequantize": ([_P, _I64, _I64, _I64, _P], None),
+    "ws_int8_tiled_dequantize": ([_P, _I64, _I64, _P, _P], None),
+    "ws_tiled_matmuls": ([_P, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _P], _INT),
+    "ws_bf16_matmul": ([_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P], _INT),
+    "ws_bf16_select": ([_STR], _INT), "ws_bf16_supported": ([], _INT),
+    "ws_bf16_isa": ([], _STR), "ws_ggml_matmul": ([_P, _I64, _I64, _I64, _I64, _P, _P, _P], _INT),
+    "ws_ggml_dequantize": ([_I64, _P, _I64, _I64, _P], _INT), "ws_ggml_row_bytes": ([_I64, _I64], _I64),
+    "ws_decode": ([_P, _I64, _P, _P, _P, _P, _P, _P], _INT), "ws_set_threads": ([_INT], None),
+    "ws_iq_set_tables": ([_P, _I64], _INT),
+}  # fmt: skip
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first call; None where unavailable."""
     if not enabled():
@@ -204,35 +225,11 @@ def library() -> ctypes.CDLL | None:
             path = _build(weightsmith_home() / "kernels")
             if path is not None:
                 lib = ctypes.CDLL(str(path))
-                p, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.ws_int4_matmul.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
-                lib.ws_int8_matmul.argtypes = [p, i64, i64, i64, p, p, p, p]
-                lib.ws_int4_matmul.restype = lib.ws_int8_matmul.restype = ctypes.c_int
-                lib.ws_kernels_isa.restype = lib.ws_qdot_isa.restype = ctypes.c_char_p
-                lib.ws_qdot_select.argtypes = [ctypes.c_char_p]
-                lib.ws_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, p]
-                lib.ws_int4_dequantize.restype = lib.ws_int4_tiled_dequantize.restype = None
-                lib.ws_tiled_matmuls.argtypes = [p, i64, i64, ctypes.c_int, p, i64, p, i64, p, p]
-                lib.ws_tiled_matmuls.restype = ctypes.c_int
-                lib.ws_int4_tiled_dequantize.argtypes = [p, i64, i64, i64, p]
-                lib.ws_int8_tiled_dequantize.argtypes = [p, i64, i64, p, p]
-                lib.ws_int8_tiled_dequantize.restype = None
-                lib.ws_qdot_select.restype = lib.ws_qdot_supported.restype = ctypes.c_int
-                lib.ws_bf16_matmul.argtypes = [p, i64, i64, i64, p, i64, i64, p, p]
-                lib.ws_bf16_matmul.restype = lib.ws_bf16_select.restype = lib.ws_bf16_supported.restype = (
-                    ctypes.c_int
-                )
-                lib.ws_bf16_isa.restype = ctypes.c_char_p
-                lib.ws_bf16_select.argtypes = [ctypes.c_char_p]
+                for name, (args, result) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, result
                 _select_from_env(lib)
-                lib.ws_ggml_matmul.argtypes = [p, i64, i64, i64, i64, p, p, p]
-                lib.ws_ggml_dequantize.argtypes = [i64, p, i64, i64, p]
-                lib.ws_ggml_matmul.restype = lib.ws_ggml_dequantize.restype = ctypes.c_int
-                lib.ws_ggml_row_bytes.argtypes = [i64, i64]
-                lib.ws_ggml_row_bytes.restype = i64
-                lib.ws_decode.argtypes = [p, i64, p, p, p, p, p, p]
-                lib.ws_decode.restype = ctypes.c_int
-                lib.ws_set_threads.argtypes = [ctypes.c_int]
+                iq_tables.install(lib)
                 log.info(
                     "CPU kernels: %s, int4/int8 %s, bf16 %s, OpenMP %s", lib.ws_kernels_isa().decode(),
                     lib.ws_qdot_isa().decode(), lib.ws_bf16_isa().decode(), bool(lib.ws_kernels_openmp()),
