@@ -7,9 +7,10 @@ engines on the same threads: weightsmith keeps the file's blocks (`load(...,
 keep_quantized=True)`: nothing dequantized or requantized), llama.cpp runs the file as it is. The
 runs are interleaved and medians taken as in generate.py; read the ratio (ours / llama.cpp).
 
-IQ2_XXS, IQ2_XS, IQ2_S and IQ1_S files need an importance matrix in llama.cpp's quantizer, which
-llama-cpp-python cannot pass: for those (`RANDOM_BLOCKS`) the file is written here, every matrix
-but the embedding as random valid blocks of the type (a random model: for speed only).
+The grid-coded types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) need an importance
+matrix in llama.cpp's quantizer, which llama-cpp-python cannot pass: for those (`RANDOM_BLOCKS`)
+the file is written here, every matrix but the embedding as random valid blocks of the type (a
+random model: for speed only), the embedding (the tied LM head) as Q8_0. They and TQ1_0 / TQ2_0 run on the --wide model only.
 
 The default model's width (576) is not a multiple of 256, so its k-quant files fall back to
 Q5_0 / Q5_1 / Q8_0 for most matrices (llama.cpp prints which). `--wide` adds a model of
@@ -40,14 +41,22 @@ from perplexity import llama_quantize
 #: llama.cpp's file types (llama_ftype) by the names its quantize tool takes.
 FTYPES = {
     "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
-    "q3_k_l": 13, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "iq3_xxs": 23,
-    "iq3_s": 26, "iq3_m": 27, "tq1_0": 36, "tq2_0": 37,
+    "q3_k_l": 13, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30, "tq1_0": 36,
+    "tq2_0": 37,
 }  # fmt: skip
-#: Types llama.cpp quantizes only with an importance matrix, which llama-cpp-python cannot pass:
-#: their files are written here instead, every matrix of the F32 export (not the embedding) as
-#: random valid blocks of the type -> (ggml type id, byte offset of the fp16 scale, weight per
-#: unit of scale: the grid's largest value times the largest sub-scale, as tests/ggml_blocks.py).
-RANDOM_BLOCKS = {"iq2_xxs": (16, 0, 167), "iq2_xs": (17, 0, 167), "iq2_s": (22, 0, 167), "iq1_s": (19, 0, 17)}
+#: The grid-coded types, which llama.cpp quantizes only with an importance matrix (IQ1, IQ2, and
+#: IQ2_S in its IQ3 mixes) that llama-cpp-python cannot pass: their files are written here, every
+#: matrix of the F32 export (not the embedding) as random valid blocks of the type -> (ggml type
+#: id, byte offset of the fp16 scale (None: IQ1_M's, in the top nibbles of its last 4 halves),
+#: weight per unit of scale: the grid's largest value times the largest sub-scale, as
+#: tests/ggml_blocks.py).
+RANDOM_BLOCKS = {
+    "iq2_xxs": (16, 0, 167), "iq2_xs": (17, 0, 167), "iq2_s": (22, 0, 167), "iq3_xxs": (18, 0, 481),
+    "iq3_s": (21, 0, 465), "iq1_s": (19, 0, 17), "iq1_m": (29, None, 17),
+}  # fmt: skip
+#: The types only the --wide model's matrices are whole blocks of (the default model's width,
+#: 576, is not a multiple of 256: llama.cpp would fall back to other types, we would keep F32).
+WIDE_ONLY = {*RANDOM_BLOCKS, "tq1_0", "tq2_0"}
 
 
 def wide_model(path: Path, out: Path) -> Path:
@@ -80,7 +89,8 @@ def quantize_file(f32: Path, out: Path, ftype: int, threads: int) -> dict[str, i
 
 def random_block_file(f32: Path, out: Path, name: str) -> dict[str, int]:
     """A copy of the F32 file with every 2-D weight but the embedding as random valid blocks of
-    RANDOM_BLOCKS[name] (weights about 0.02 in size: a random model, for speed only)."""
+    RANDOM_BLOCKS[name] (weights about 0.02 in size: a random model, for speed only), and the
+    embedding, which is also the LM head, as Q8_0."""
     import gguf
     import numpy as np
 
@@ -98,9 +108,20 @@ def random_block_file(f32: Path, out: Path, name: str) -> dict[str, int]:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if len(shape) == 2 and t.name != "token_embd.weight" and shape[1] % per == 0:
             raw = rng.integers(0, 256, (shape[0], shape[1] // per, size), dtype=np.uint8)
-            d = (0.02 / unit * rng.uniform(0.5, 1.0, raw.shape[:2])).astype(np.float16)
-            raw[..., at : at + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+            d = (0.02 / unit * rng.uniform(0.5, 1.0, raw.shape[:2])).astype(np.float16).view(np.uint16)
+            if at is None:  # IQ1_M: d's nibbles in the top of the halves at 48, 50, 52, 54
+                words = raw[..., 48:56].copy().view(np.uint16)
+                for j in range(4):
+                    words[..., j] = (words[..., j] & 0x0FFF) | (d >> 4 * j & 15) << 12
+                raw[..., 48:56] = words.view(np.uint8)
+            else:
+                raw[..., at : at + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
             writer.add_tensor(t.name, raw.reshape(shape[0], -1), raw_dtype=qtype)
+        elif t.name == "token_embd.weight":  # the (tied) LM head too: Q8_0, as both engines read it
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(
+                t.name, gguf.quants.quantize(np.asarray(t.data).reshape(shape), q8), raw_dtype=q8
+            )
         else:
             writer.add_tensor(t.name, np.asarray(t.data).reshape(shape))
     writer.write_header_to_file()
@@ -171,6 +192,8 @@ def run(args, types: list[str], path: Path, prompt_ids: list[int], work: Path) -
     for label, f32 in sources.items():
         for name in types:
             out = work / f"{Path(f32).stem}-{name}.gguf"
+            if name in WIDE_ONLY and label == args.model:
+                continue
             if name in RANDOM_BLOCKS:
                 mix = random_block_file(Path(f32), out, name)
             else:

@@ -251,15 +251,16 @@ KERNEL __m256i FN(g_tq1_sub)(const uint8_t *blk, int i) {
 /* IQ1_M's sub-block i: four groups of 8 with their own grid index high bits and delta signs
  * (a nibble each of bytes 32 + 2i, 33 + 2i), two 3-bit scales, d from four nibbles. */
 KERNEL __m256i FN(g_iq1m)(const uint8_t *blk, int i, float s[2]) {
-    const uint32_t w0 = iq_u16(blk + 48), w1 = iq_u16(blk + 50), w2 = iq_u16(blk + 52), w3 = iq_u16(blk + 54);
-    const uint8_t dh[2] = {(uint8_t)(w0 >> 12 | (w1 >> 8 & 0xf0)), (uint8_t)((w2 >> 12) | (w3 >> 8 & 0xf0))};
-    const float d = FN(g_half)(dh);
-    const uint32_t sw = iq_u16(blk + 48 + 2 * (i / 2)) >> 6 * (i % 2);
+    uint64_t w;
+    memcpy(&w, blk + 48, 8); /* four halves: 3-bit scales in bits 0-11, d's nibbles in 12-15 */
+    const uint16_t dbits = (uint16_t)((w >> 12 & 0xf) | (w >> 24 & 0xf0) | (w >> 36 & 0xf00) | (w >> 48 & 0xf000));
+    const float d = _cvtsh_ss(dbits);
+    const uint32_t sw = (uint32_t)(w >> 16 * (i / 2)) >> 6 * (i % 2);
     s[0] = d * (float)(2 * (int)(sw & 7) + 1) * 0.125f, s[1] = d * (float)(2 * (int)(sw >> 3 & 7) + 1) * 0.125f;
     const uint8_t *qs = blk + 4 * i, h0 = blk[32 + 2 * i], h1 = blk[33 + 2 * i];
-    const int n[4] = {h0 & 15, h0 >> 4, h1 & 15, h1 >> 4};
-    const __m256i neg = _mm256_setr_epi64x(n[0] & 8 ? -1 : 0, n[1] & 8 ? -1 : 0, n[2] & 8 ? -1 : 0, n[3] & 8 ? -1 : 0);
-    return FN(g_iq1)(qs[0] | (n[0] & 7) << 8, qs[1] | (n[1] & 7) << 8, qs[2] | (n[2] & 7) << 8, qs[3] | (n[3] & 7) << 8,
+    const __m256i neg = _mm256_setr_epi64x(-(long long)(h0 >> 3 & 1), -(long long)(h0 >> 7), -(long long)(h1 >> 3 & 1),
+                                           -(long long)(h1 >> 7));
+    return FN(g_iq1)(qs[0] | (h0 & 7) << 8, qs[1] | (h0 >> 4 & 7) << 8, qs[2] | (h1 & 7) << 8, qs[3] | (h1 >> 4 & 7) << 8,
                      neg);
 }
 
@@ -274,13 +275,15 @@ KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2
                             FN(g_ksigns4)(a1));
     }
     case T_IQ2_XS: {
-        uint16_t q[4];
-        memcpy(q, blk + 2 + 8 * i, 8);
+        uint64_t q;
+        memcpy(&q, blk + 2 + 8 * i, 8); /* four halves: 9-bit grid index, 7-bit sign index */
         const float d = FN(g_half)(blk);
         const uint8_t sc = blk[66 + i];
         s[0] = d * (0.5f + (float)(sc & 15)) * 0.25f, s[1] = d * (0.5f + (float)(sc >> 4)) * 0.25f;
-        const __m256i m = FN(g_ksigns4)((q[0] >> 9) | (q[1] >> 9) << 7 | (q[2] >> 9) << 14 | (uint32_t)(q[3] >> 9) << 21);
-        return FN(g_negate)(FN(g_grid8)(G_IQ2_XS, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511), m);
+        const __m256i m = _mm256_setr_epi64x((long long)iq_sign_masks[q >> 9 & 127], (long long)iq_sign_masks[q >> 25 & 127],
+                                             (long long)iq_sign_masks[q >> 41 & 127], (long long)iq_sign_masks[q >> 57]);
+        const __m256i g = FN(g_grid8)(G_IQ2_XS, (int)(q & 511), (int)(q >> 16 & 511), (int)(q >> 32 & 511), (int)(q >> 48 & 511));
+        return FN(g_negate)(g, m);
     }
     case T_IQ2_S: {
         const float d = FN(g_half)(blk);
@@ -332,14 +335,50 @@ KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2
     return sign ? FN(g_signed)(mag, sign) : mag;
 }
 
-/* cpu_iquant.h's types, 32 weights at a time. */
-KERNEL void FN(g_row_iq)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, __m256 *acc) {
-    const int per = (int)(block_weights(type) / QB);
-    const int64_t bytes = block_bytes(type);
-    float s[2];
-    for (int64_t b = 0; b < a->nb; b++) {
+/* cpu_iquant.h's types, inlined once per type (a constant `type`): 32 weights at a time, two
+ * sub-blocks' int32 sums folded into one vector (hadd: lanes 0-1 the first's weights 0..15,
+ * 2-3 the second's, 4-5 and 6-7 their weights 16..31) so that one conversion and one multiply by
+ * the four (weight scale x input scale) products serve 64 weights. */
+KERNEL void FN(g_row_iq_t)(const ws_qact *a, const int64_t mc, const int64_t type, const uint8_t *row, __m256 *acc) {
+    const int per = type == T_MXFP4 ? 1 : 8;
+    const int64_t bytes = iq_block_bytes(type);
+    const __m256i lanes = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    float s[2], t[2];
+    int64_t b = 0;
+    for (; b + 1 < a->nb; b += 2) {
+        const __m256i c0 = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s);
+        const __m256i c1 = FN(g_iq_codes)(type, row + (b + 1) / per * bytes, (int)((b + 1) % per), t);
+        const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
+        const __m128 sc = _mm_setr_ps(s[0], s[1], t[0], t[1]); /* from registers: no store-to-load stall */
+        for (int64_t m = 0; m < mc; m++) {
+            const int8_t *xq = a->q + m * a->kp + QB * b;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq), x1 = _mm256_loadu_si256((const __m256i *)(xq + QB));
+            const __m256i p0 = DOTU8S8(_mm256_setzero_si256(), u0, _mm256_sign_epi8(x0, c0));
+            const __m256i p1 = DOTU8S8(_mm256_setzero_si256(), u1, _mm256_sign_epi8(x1, c1));
+            const __m128 d2 = _mm_castpd_ps(_mm_load_sd((const double *)(a->d + m * a->nb + b)));
+            const __m128 sd = _mm_mul_ps(sc, _mm_unpacklo_ps(d2, d2)); /* s0 d0, s1 d0, s2 d1, s3 d1 */
+            const __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sd), lanes);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(p0, p1)), f, acc[m]);
+        }
+    }
+    if (b < a->nb) { /* an odd count of MXFP4 blocks */
         const __m256i c = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s);
         FN(g_acc_s)(a, mc, b, c, FN(g_halves)(s[0], s[1]), acc);
+    }
+}
+
+KERNEL void FN(g_row_iq)(const ws_qact *a, const int64_t mc, int64_t type, const uint8_t *row, __m256 *acc) {
+    switch (type) {
+    case T_IQ2_XXS: FN(g_row_iq_t)(a, mc, T_IQ2_XXS, row, acc); break;
+    case T_IQ2_XS: FN(g_row_iq_t)(a, mc, T_IQ2_XS, row, acc); break;
+    case T_IQ2_S: FN(g_row_iq_t)(a, mc, T_IQ2_S, row, acc); break;
+    case T_IQ3_XXS: FN(g_row_iq_t)(a, mc, T_IQ3_XXS, row, acc); break;
+    case T_IQ3_S: FN(g_row_iq_t)(a, mc, T_IQ3_S, row, acc); break;
+    case T_IQ1_S: FN(g_row_iq_t)(a, mc, T_IQ1_S, row, acc); break;
+    case T_IQ1_M: FN(g_row_iq_t)(a, mc, T_IQ1_M, row, acc); break;
+    case T_TQ1_0: FN(g_row_iq_t)(a, mc, T_TQ1_0, row, acc); break;
+    case T_TQ2_0: FN(g_row_iq_t)(a, mc, T_TQ2_0, row, acc); break;
+    default: FN(g_row_iq_t)(a, mc, T_MXFP4, row, acc); break;
     }
 }
 
