@@ -290,3 +290,49 @@ def test_serve_refuses_keep_quantized_with_adapters(block_file, capsys, tmp_path
     (adapter / "adapter_config.json").write_text("{}")
     one_line_error(capsys, ["serve", str(block_file), "--keep-quantized", "--adapter", f"a={adapter}"],
                    expect_in=["--keep-quantized", "--adapter"], code=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral"])
+def test_merged_experts_are_kept_as_each_experts_blocks(family, tmp_path, monkeypatch, fused_calls):
+    """A mixture of experts' merged expert tensors (`ffn_{gate,up,down}_exps`: every expert's
+    matrix stacked, quantized as one) are kept as one GGMLLinear per expert, each exactly that
+    expert's slice of the file's blocks: nothing dequantized, resident bytes the file's. The
+    routers stay float. Decoding (the PyTorch MoE path and the fused C step) computes what the
+    float load computes up to the kernels' int8 rounding of the inputs."""
+    import transformers
+    from test_gguf_kquants import WIDE, build
+
+    from weightsmith.checkpoint.gguf_write import export_gguf
+
+    shape = {**WIDE, "num_hidden_layers": 2, "intermediate_size": 256}
+    if family == "mixtral":
+        cls, cfg = transformers.MixtralForCausalLM, transformers.MixtralConfig(
+            **shape, num_local_experts=4, num_experts_per_tok=2
+        )
+    else:
+        cls, cfg = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(
+            **shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, head_dim=64,
+            norm_topk_prob=True,
+        )  # fmt: skip
+    out = tmp_path / f"{family}.gguf"
+    export_gguf(build(tmp_path / family, cls, cfg), out, "q4_k_m")
+    flt = load(out, device="cpu", dtype="fp32")
+    blk = load(out, device="cpu", dtype="fp32", keep_quantized=True)
+    experts = {n: m for n, m in blk.model.named_modules() if ".experts." in n and isinstance(m, GGMLLinear)}
+    assert len(experts) == 2 * 4 * 3 and {m.type_name for m in experts.values()} <= {"Q4_K", "Q6_K"}
+    floats = dict(flt.model.named_parameters())
+    for name, layer in experts.items():
+        assert torch.equal(layer.dequantize().view(torch.int32), floats[f"{name}.weight"].view(torch.int32)), name
+    routers = [m for n, m in blk.model.named_modules() if n.endswith((".gate", ".block_sparse_moe.gate"))]
+    assert routers and all(isinstance(r, Linear) for r in routers)
+    on_disk = sum(int(t.n_bytes) for t in GGUFFile.open(out).tensors if "_exps" in t.name)
+    held = sum(t.nbytes for m in experts.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
+    assert held == on_disk
+    kernels_on(monkeypatch, True)
+    ref = _decode(flt.model, fused=False)
+    eager = _decode(blk.model, fused=False)
+    fused = _decode(blk.model, fused=True)
+    assert fused_calls == [2, 2, 2], "the fused step was not taken"
+    scale = ref.abs().max().item()
+    assert (eager - ref).abs().max().item() < 0.05 * scale
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=2e-2 * scale)

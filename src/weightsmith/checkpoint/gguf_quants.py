@@ -2,14 +2,15 @@
 
 What it does:
 - `gguf_block_layers` reads every matrix stored in a type `GGMLLinear` runs (Q4_0, Q4_1,
-  Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, IQ4_NL, IQ4_XS) as its raw blocks, rows in HF order (llama.cpp's Q/K
-  row permutation undone on whole rows), with no float detour.
+  Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, IQ1_S-IQ4_XS, TQ1_0, TQ2_0, MXFP4) as its raw blocks, rows in HF
+  order (llama.cpp's Q/K row permutation undone on whole rows), with no float detour; a merged
+  expert tensor (`ffn_gate_exps`, ...: one matrix per expert, stacked) as one matrix per expert.
 - `build_block_model` builds the model with those matrices as `GGMLLinear` layers (the LM
   head too, from the embedding's blocks when the file ties them, as llama.cpp computes it);
   Q4_1 matrices become Int4Linear layers with groups of 32 instead, the same bytes and values
   (`q4_1_as_int4`), so that decoding runs them on the int4 tile kernels
-  and every other tensor (embeddings, norms, biases, F32/F16 and other-type matrices, merged
-  experts, fused projections) dequantized as `iter_gguf_tensors` yields it.
+  and every other tensor (embeddings, norms, biases, F32/F16 and other-type matrices, the
+  routers) dequantized as `iter_gguf_tensors` yields it.
 - `gguf_int4_layers` reads Q4_0 / Q4_1 matrices as Int4Linear's (codes, scales, zeros),
   for `weightsmith quantize --to int4 --group-size 32` (its saved folder format).
 
@@ -84,30 +85,33 @@ def gguf_block_layers(
     path: str | Path | GGUFFile, names: set[str] | None = None
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """{HF weight name: (blocks uint8 (N, row bytes), ggml type id)} for every 2-D matrix of the
-    file in a type GGMLLinear runs (merged experts excluded), rows in HF order; only those in
-    `names` when given (the others are not read)."""
+    file in a type GGMLLinear runs (a merged expert tensor as each expert's matrix), rows in HF
+    order; only those in `names` when given (the others are not read)."""
     reader = as_reader(path)
     order, split = _row_order(reader), _fused_rows(reader)
     out = {}
     for tensor, hf_name in plan_tensors(reader):
-        qtype = int(tensor.tensor_type)
-        if qtype not in GGML_TYPES or "{expert}" in hf_name or len(tensor.shape) != 2:
+        qtype, merged = int(tensor.tensor_type), "{expert}" in hf_name
+        if qtype not in GGML_TYPES or len(tensor.shape) != (3 if merged else 2):
             continue
-        parts = split(hf_name)  # Phi-3's attn_qkv / ffn_up: each part's rows
+        # Phi-3's attn_qkv / ffn_up: each part's rows; merged experts: each expert's matrix.
+        count = int(tensor.shape[2]) if merged else 0
+        parts = [(hf_name.format(expert=e), slice(None)) for e in range(count)] if merged else split(hf_name)
         if names is not None and not any(part in names for part, _ in parts):
             continue
-        n, k = (int(x) for x in reversed(tensor.shape.tolist()))
+        n, k = (int(x) for x in reversed(tensor.shape[:2].tolist()))
         size = row_bytes(qtype, k)
         raw = np.asarray(tensor.data, dtype=np.uint8)
-        if size is None or raw.size != n * size:
+        if size is None or raw.size != max(count, 1) * n * size:
             raise CheckpointError(
                 f"{reader_path(reader)}: tensor '{tensor.name}' ({tensor.tensor_type.name}, {n} x {k}) "
                 f"holds {raw.size} bytes, not whole {GGML_TYPES[qtype][0]} rows; the file is damaged"
             )
-        rows = order(hf_name, raw.reshape(n, size))
-        for part, sl in parts:
+        rows = raw.reshape(count, n, size) if merged else order(hf_name, raw.reshape(n, size))
+        for i, (part, sl) in enumerate(parts):
             if names is None or part in names:  # owned, not the map
-                out[part] = (torch.from_numpy(np.array(rows[sl], dtype=np.uint8, copy=True)), qtype)
+                held = rows[i] if merged else rows[sl]
+                out[part] = (torch.from_numpy(np.array(held, dtype=np.uint8, copy=True)), qtype)
     return out
 
 
@@ -152,6 +156,11 @@ def build_block_model(
         kept[GGML_TYPES[qtype][0]] += 1
         if not (name == "lm_head" and cfg.tie_word_embeddings):  # the embedding is still needed
             skip.add(f"{name}.weight")
+    # A merged expert tensor is skipped whole once every expert of it is kept.
+    for tensor, hf_name in plan_tensors(reader):
+        experts = int(tensor.shape[-1]) if "{expert}" in hf_name else 0
+        if experts and all(hf_name.format(expert=e) in skip for e in range(experts)):
+            skip.add(hf_name)
     tensors = ((n, t, str(path)) for n, t in iter_gguf_tensors(reader, torch.float32, frozenset(skip)))
     model = build_model(model_cfg, tensors, device, dtype, skeleton=skeleton)
     label = "GGUF blocks: " + ", ".join(f"{t} x{c}" for t, c in kept.most_common()) if kept else None
