@@ -306,8 +306,9 @@ def test_merged_experts_are_kept_as_each_experts_blocks(family, tmp_path, monkey
 
     shape = {**WIDE, "num_hidden_layers": 2, "intermediate_size": 256}
     if family == "mixtral":
-        cls, cfg = transformers.MixtralForCausalLM, transformers.MixtralConfig(
-            **shape, num_local_experts=4, num_experts_per_tok=2
+        cls, cfg = (
+            transformers.MixtralForCausalLM,
+            transformers.MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2),
         )
     else:
         cls, cfg = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(
@@ -322,7 +323,9 @@ def test_merged_experts_are_kept_as_each_experts_blocks(family, tmp_path, monkey
     assert len(experts) == 2 * 4 * 3 and {m.type_name for m in experts.values()} <= {"Q4_K", "Q6_K"}
     floats = dict(flt.model.named_parameters())
     for name, layer in experts.items():
-        assert torch.equal(layer.dequantize().view(torch.int32), floats[f"{name}.weight"].view(torch.int32)), name
+        assert torch.equal(
+            layer.dequantize().view(torch.int32), floats[f"{name}.weight"].view(torch.int32)
+        ), name
     routers = [m for n, m in blk.model.named_modules() if n.endswith((".gate", ".block_sparse_moe.gate"))]
     assert routers and all(isinstance(r, Linear) for r in routers)
     on_disk = sum(int(t.n_bytes) for t in GGUFFile.open(out).tensors if "_exps" in t.name)
