@@ -206,12 +206,6 @@ KERNEL __m256i FN(g_ksigns4)(uint32_t v) {
                               (long long)iq_sign_masks[v >> 14 & 127], (long long)iq_sign_masks[v >> 21 & 127]);
 }
 
-/* Magnitudes g made negative where the byte mask m is 0xff. */
-KERNEL __m256i FN(g_negate)(__m256i g, __m256i m) { return _mm256_sign_epi8(g, _mm256_or_si256(m, _mm256_set1_epi8(1))); }
-
-/* Magnitudes g with weight l negative where bit l of `sign` is set. */
-KERNEL __m256i FN(g_signed)(__m256i g, uint32_t sign) { return FN(g_negate)(g, FN(g_mask32)(sign)); }
-
 /* Codes 8 point +- 1 of IQ1_S / IQ1_M from four grid indices and a delta sign per 8 weights
  * (byte l / 8 of `neg` is 0xff where that group's delta is negative). */
 KERNEL __m256i FN(g_iq1)(int i0, int i1, int i2, int i3, __m256i neg) {
@@ -264,15 +258,17 @@ KERNEL __m256i FN(g_iq1m)(const uint8_t *blk, int i, float s[2]) {
                      neg);
 }
 
-/* The 32 signed codes of sub-block i of a block of cpu_iquant.h's types and the scales of its
- * halves (iq_sub_block's, vectorised). */
-KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2]) {
+/* Sub-block i of a block of cpu_iquant.h's types (iq_sub_block, vectorised): the codes'
+ * magnitudes, returned, their signs in *sg (a byte < 0 where the weight is negative, as
+ * _mm256_sign_epi8 reads it, applied to the input), and the scales of its halves in s. */
+KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2], __m256i *sg) {
+    const __m256i one = _mm256_set1_epi8(1);
     switch (type) {
     case T_IQ2_XXS: {
         const uint32_t a0 = iq_u32(blk + 2 + 8 * i), a1 = iq_u32(blk + 6 + 8 * i);
         s[0] = s[1] = FN(g_half)(blk) * (0.5f + (float)(a1 >> 28)) * 0.25f;
-        return FN(g_negate)(FN(g_grid8)(G_IQ2_XXS, a0 & 255, a0 >> 8 & 255, a0 >> 16 & 255, a0 >> 24),
-                            FN(g_ksigns4)(a1));
+        *sg = _mm256_or_si256(FN(g_ksigns4)(a1), one);
+        return FN(g_grid8)(G_IQ2_XXS, a0 & 255, a0 >> 8 & 255, a0 >> 16 & 255, a0 >> 24);
     }
     case T_IQ2_XS: {
         uint64_t q;
@@ -283,7 +279,8 @@ KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2
         const __m256i m = _mm256_setr_epi64x((long long)iq_sign_masks[q >> 9 & 127], (long long)iq_sign_masks[q >> 25 & 127],
                                              (long long)iq_sign_masks[q >> 41 & 127], (long long)iq_sign_masks[q >> 57]);
         const __m256i g = FN(g_grid8)(G_IQ2_XS, (int)(q & 511), (int)(q >> 16 & 511), (int)(q >> 32 & 511), (int)(q >> 48 & 511));
-        return FN(g_negate)(g, m);
+        *sg = _mm256_or_si256(m, one);
+        return g;
     }
     case T_IQ2_S: {
         const float d = FN(g_half)(blk);
@@ -291,70 +288,111 @@ KERNEL __m256i FN(g_iq_codes)(int64_t type, const uint8_t *blk, int i, float s[2
         s[0] = d * (0.5f + (float)(sc & 15)) * 0.25f, s[1] = d * (0.5f + (float)(sc >> 4)) * 0.25f;
         const __m256i g = FN(g_grid8)(G_IQ2_S, qs[0] | (qh & 3) << 8, qs[1] | (qh >> 2 & 3) << 8,
                                       qs[2] | (qh >> 4 & 3) << 8, qs[3] | (qh >> 6 & 3) << 8);
-        return FN(g_signed)(g, iq_u32(blk + 34 + 4 * i));
+        *sg = _mm256_or_si256(FN(g_mask32)(iq_u32(blk + 34 + 4 * i)), one);
+        return g;
     }
     case T_IQ3_XXS: {
         const uint32_t aux = iq_u32(blk + 66 + 4 * i);
         const uint8_t *qs = blk + 2 + 8 * i;
         s[0] = s[1] = FN(g_half)(blk) * (0.5f + (float)(aux >> 28)) * 0.5f;
         const int idx[8] = {qs[0], qs[1], qs[2], qs[3], qs[4], qs[5], qs[6], qs[7]};
-        return FN(g_negate)(FN(g_grid4)(G_IQ3_XXS, idx), FN(g_ksigns4)(aux));
+        *sg = _mm256_or_si256(FN(g_ksigns4)(aux), one);
+        return FN(g_grid4)(G_IQ3_XXS, idx);
     }
     case T_IQ3_S: {
         const uint8_t *qs = blk + 2 + 8 * i, qh = blk[66 + i];
         s[0] = s[1] = FN(g_half)(blk) * (float)(1 + 2 * (blk[106 + i / 2] >> 4 * (i % 2) & 15));
         int idx[8];
         for (int j = 0; j < 8; j++) idx[j] = qs[j] | (qh >> j & 1) << 8;
-        return FN(g_signed)(FN(g_grid4)(G_IQ3_S, idx), iq_u32(blk + 74 + 4 * i));
+        *sg = _mm256_or_si256(FN(g_mask32)(iq_u32(blk + 74 + 4 * i)), one);
+        return FN(g_grid4)(G_IQ3_S, idx);
     }
     case T_IQ1_S: {
         const uint32_t qh = iq_u16(blk + 34 + 2 * i);
         const uint8_t *qs = blk + 2 + 4 * i;
         s[0] = s[1] = FN(g_half)(blk) * (float)(2 * (qh >> 12 & 7) + 1) * 0.125f;
         const __m256i neg = _mm256_set1_epi8(qh & 0x8000 ? -1 : 0);
-        return FN(g_iq1)(qs[0] | (qh & 7) << 8, qs[1] | (qh >> 3 & 7) << 8, qs[2] | (qh >> 6 & 7) << 8,
-                         qs[3] | (qh >> 9 & 7) << 8, neg);
+        *sg = FN(g_iq1)(qs[0] | (qh & 7) << 8, qs[1] | (qh >> 3 & 7) << 8, qs[2] | (qh >> 6 & 7) << 8,
+                        qs[3] | (qh >> 9 & 7) << 8, neg);
+        return _mm256_abs_epi8(*sg);
     }
     case T_TQ2_0:
         s[0] = s[1] = FN(g_half)(blk + 64);
-        return _mm256_sub_epi8(FN(g_bits2)(blk + 32 * (i / 4), i % 4), _mm256_set1_epi8(1));
+        *sg = _mm256_sub_epi8(FN(g_bits2)(blk + 32 * (i / 4), i % 4), one);
+        return _mm256_abs_epi8(*sg);
     case T_TQ1_0:
         s[0] = s[1] = FN(g_half)(blk + 52);
-        return FN(g_tq1_sub)(blk, i);
-    case T_IQ1_M: return FN(g_iq1m)(blk, i, s);
+        *sg = FN(g_tq1_sub)(blk, i);
+        return _mm256_abs_epi8(*sg);
+    case T_IQ1_M:
+        *sg = FN(g_iq1m)(blk, i, s);
+        return _mm256_abs_epi8(*sg);
     case T_MXFP4: {
         s[0] = s[1] = e8m0_half(blk[0]);
         const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)MXFP4_LEVELS));
-        return _mm256_shuffle_epi8(levels, FN(g_nib16)(blk + 1));
+        *sg = _mm256_shuffle_epi8(levels, FN(g_nib16)(blk + 1));
+        return _mm256_abs_epi8(*sg);
     }
     default: break;
     }
     int8_t g[QB];
     const uint32_t sign = iq_sub_block(type, blk, i, g, s);
-    const __m256i mag = _mm256_loadu_si256((const __m256i *)g);
-    return sign ? FN(g_signed)(mag, sign) : mag;
+    *sg = _mm256_or_si256(FN(g_mask32)(sign), one);
+    return _mm256_loadu_si256((const __m256i *)g);
 }
 
-/* cpu_iquant.h's types, inlined once per type (a constant `type`): 32 weights at a time, two
- * sub-blocks' int32 sums folded into one vector (hadd: lanes 0-1 the first's weights 0..15,
- * 2-3 the second's, 4-5 and 6-7 their weights 16..31) so that one conversion and one multiply by
- * the four (weight scale x input scale) products serve 64 weights. */
+/* One 256-weight block against one input row: the 8 sub-blocks' int32 sums reduced to one
+ * vector (two hadd levels: per sub-block j, lane j its weights 0..15, lane 4 + j its 16..31, of
+ * sub-blocks 0-3 and 4-7), then one conversion and multiply by (weight scale x input scale). */
+KERNEL __m256 FN(g_block_iq)(const ws_qact *a, const int64_t type, const uint8_t *blk, int64_t b, __m256 acc) {
+    float s[16];
+    __m256i h[4];
+    const int8_t *xq = a->q + QB * b;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        __m256i sg0, sg1;
+        const __m256i u0 = FN(g_iq_codes)(type, blk, 2 * j, s + 4 * j, &sg0);
+        const __m256i u1 = FN(g_iq_codes)(type, blk, 2 * j + 1, s + 4 * j + 2, &sg1);
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 64 * j));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 64 * j + QB));
+        h[j] = _mm256_hadd_epi32(DOTU8S8(_mm256_setzero_si256(), u0, _mm256_sign_epi8(x0, sg0)),
+                                 DOTU8S8(_mm256_setzero_si256(), u1, _mm256_sign_epi8(x1, sg1)));
+    }
+    const __m256i v0 = _mm256_hadd_epi32(h[0], h[1]), v1 = _mm256_hadd_epi32(h[2], h[3]);
+    const __m256i lo = _mm256_permute2x128_si256(v0, v1, 0x20), hi = _mm256_permute2x128_si256(v0, v1, 0x31);
+    const __m256 d = _mm256_loadu_ps(a->d + b);
+    const __m256 slo = _mm256_setr_ps(s[0], s[2], s[4], s[6], s[8], s[10], s[12], s[14]);
+    if (type != T_IQ2_XS && type != T_IQ2_S && type != T_IQ1_M) /* one scale per sub-block */
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_mul_ps(slo, d), acc);
+    const __m256 shi = _mm256_setr_ps(s[1], s[3], s[5], s[7], s[9], s[11], s[13], s[15]);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(slo, d), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(shi, d), acc);
+}
+
+/* cpu_iquant.h's types, inlined once per type (a constant `type`): one input row a block at a
+ * time (g_block_iq); several rows two sub-blocks at a time, their int32 sums folded into one
+ * vector (hadd: lanes 0-1 the first's weights 0..15, 2-3 the second's, 4-5 and 6-7 their
+ * weights 16..31) so that one conversion and one multiply serve 64 weights. */
 KERNEL void FN(g_row_iq_t)(const ws_qact *a, const int64_t mc, const int64_t type, const uint8_t *row, __m256 *acc) {
     const int per = type == T_MXFP4 ? 1 : 8;
     const int64_t bytes = iq_block_bytes(type);
+    if (per == 8 && mc == 1) {
+        for (int64_t b = 0; b < a->nb; b += 8, row += bytes) acc[0] = FN(g_block_iq)(a, type, row, b, acc[0]);
+        return;
+    }
     const __m256i lanes = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
     float s[2], t[2];
     int64_t b = 0;
     for (; b + 1 < a->nb; b += 2) {
-        const __m256i c0 = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s);
-        const __m256i c1 = FN(g_iq_codes)(type, row + (b + 1) / per * bytes, (int)((b + 1) % per), t);
-        const __m256i u0 = _mm256_abs_epi8(c0), u1 = _mm256_abs_epi8(c1);
+        __m256i sg0, sg1;
+        const __m256i u0 = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s, &sg0);
+        const __m256i u1 = FN(g_iq_codes)(type, row + (b + 1) / per * bytes, (int)((b + 1) % per), t, &sg1);
         const __m128 sc = _mm_setr_ps(s[0], s[1], t[0], t[1]); /* from registers: no store-to-load stall */
         for (int64_t m = 0; m < mc; m++) {
             const int8_t *xq = a->q + m * a->kp + QB * b;
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq), x1 = _mm256_loadu_si256((const __m256i *)(xq + QB));
-            const __m256i p0 = DOTU8S8(_mm256_setzero_si256(), u0, _mm256_sign_epi8(x0, c0));
-            const __m256i p1 = DOTU8S8(_mm256_setzero_si256(), u1, _mm256_sign_epi8(x1, c1));
+            const __m256i p0 = DOTU8S8(_mm256_setzero_si256(), u0, _mm256_sign_epi8(x0, sg0));
+            const __m256i p1 = DOTU8S8(_mm256_setzero_si256(), u1, _mm256_sign_epi8(x1, sg1));
             const __m128 d2 = _mm_castpd_ps(_mm_load_sd((const double *)(a->d + m * a->nb + b)));
             const __m128 sd = _mm_mul_ps(sc, _mm_unpacklo_ps(d2, d2)); /* s0 d0, s1 d0, s2 d1, s3 d1 */
             const __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sd), lanes);
@@ -362,8 +400,9 @@ KERNEL void FN(g_row_iq_t)(const ws_qact *a, const int64_t mc, const int64_t typ
         }
     }
     if (b < a->nb) { /* an odd count of MXFP4 blocks */
-        const __m256i c = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s);
-        FN(g_acc_s)(a, mc, b, c, FN(g_halves)(s[0], s[1]), acc);
+        __m256i sg;
+        const __m256i u = FN(g_iq_codes)(type, row + b / per * bytes, (int)(b % per), s, &sg);
+        FN(g_acc_s)(a, mc, b, _mm256_sign_epi8(u, sg), FN(g_halves)(s[0], s[1]), acc);
     }
 }
 
