@@ -203,6 +203,30 @@ def test_python_dash_m_weightsmith(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and missing in r.stderr
 
 
+def test_info_reads_metadata_without_importing_torch(tiny_hf_dir, tmp_path, capsys):
+    """`info` on an HF folder and on a GGUF file describes the model from its metadata alone:
+    torch (seconds to import) is never imported, so the command answers at once."""
+    gguf_path = tmp_path / "tiny.gguf"
+    assert run_cli(["export", str(tiny_hf_dir), "--quant", "q8_0", "--out", str(gguf_path)], capsys)[0] == 0
+    capsys.readouterr()
+    code = (
+        "import json, sys\n"
+        "from weightsmith.cli.main import main\n"
+        "for path in sys.argv[1:]:\n"
+        "    assert main(['info', path, '--json']) == 0\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_hf_dir), str(gguf_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count('"model_type": "llama"') == 2  # both described
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []  # no torch module loaded
+
+
 def test_demo_and_info_on_default_model(default_gguf, capsys, monkeypatch):
     """The main job end to end on the real default model (its store entry, not a copy)."""
     monkeypatch.setenv("WEIGHTSMITH_HOME", str(default_gguf.parent.parent.parent))

@@ -274,7 +274,7 @@ def test_configs_that_would_compute_something_else_are_refused(family_dirs, tmp_
 
 
 def test_info_names_the_layers_without_rope(family_dirs):
-    from weightsmith.checkpoint.load import inspect_checkpoint
+    from weightsmith.checkpoint.describe import inspect_checkpoint
 
     assert inspect_checkpoint(family_dirs["smollm3"])["rope"] == "theta 2e+06, none on 1 of 2 layers"
     assert inspect_checkpoint(family_dirs["qwen3"])["rope"].startswith("theta ")

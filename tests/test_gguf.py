@@ -19,13 +19,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from weightsmith.checkpoint.gguf import (
-    hf_tensor_name,
-    iter_gguf_tensors,
-    open_gguf,
-    read_gguf,
-    unpermute_qk,
-)
+from weightsmith.checkpoint.gguf import hf_tensor_name, open_gguf, read_gguf, unpermute_qk
+from weightsmith.checkpoint.gguf_tensors import iter_gguf_tensors
 from weightsmith.checkpoint.gguf_tokenizer import PRE_TOKENIZER_SPLITS, build_gguf_tokenizer
 from weightsmith.errors import CheckpointError
 

@@ -96,7 +96,7 @@ def test_gguf_q4_blocks_go_straight_into_int4_layers(tiny_hf_dir, tmp_path, caps
     fp32 would not), including the llama Q/K rows llama.cpp permutes."""
     import torch
 
-    from weightsmith.checkpoint.gguf import iter_gguf_tensors
+    from weightsmith.checkpoint.gguf_tensors import iter_gguf_tensors
     from weightsmith.checkpoint.gguf_write import export_gguf
     from weightsmith.llm import load
     from weightsmith.quant.weight_only import Int4Linear

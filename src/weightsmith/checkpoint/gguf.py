@@ -5,14 +5,14 @@ What it does:
   `tokenizer_config.json`, and summarises how the weights are stored.
 - `gguf_tokenizer.build_gguf_tokenizer` rebuilds a `tokenizers.Tokenizer` from the vocabulary, merges and
   special tokens in the metadata (byte-level BPE "gpt2" and SentencePiece-style "llama").
-- `iter_gguf_tensors` yields the weights one at a time under HF parameter names, dequantized,
-  in HF layout, with llama.cpp's Q/K row permutation undone (`unpermute_qk`).
+- `unpermute_qk` undoes llama.cpp's Q/K row permutation; `plan_tensors` maps every tensor to
+  its HF parameter name (gguf_tensors.py's `iter_gguf_tensors` yields them dequantized).
 
 Supported architectures: llama, mistral (llama.cpp writes it as llama), qwen2, mixtral
 (llama with experts), qwen3, qwen3moe, gemma2, gemma3 (text), phi3 and smollm3 (name maps in
 gguf_names.py; what the Gemma graphs fix in code, gguf_gemma.py). The
-file is parsed and memory-mapped by `gguf_reader.GGUFFile`; only the
-tensor being yielded is held in memory as floats.
+file is parsed and memory-mapped by `gguf_reader.GGUFFile`. Nothing here imports torch: reading a
+file's metadata (`weightsmith info`) stays fast.
 
 What it does not do: write GGUF files (see `gguf_write.py`), keep weights quantized for compute
 (gguf_quants.py does, for `load(..., keep_quantized=True)` and `quantize`), run other architectures. Llama 3.1-style rope scaling is stored by llama.cpp only as a
@@ -25,13 +25,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
@@ -53,7 +51,6 @@ from weightsmith.checkpoint.gguf_names import (  # noqa: F401  (BLOCK_TENSORS, G
 )
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
 from weightsmith.errors import CheckpointError
-from weightsmith.quant.ggml_linear import dequantize_rows, row_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +203,8 @@ def _llama3_from_rope_freqs(reader: GGUFFile, arch: str, default_head_dim: int) 
     tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if tensor is None:
         return None
+    import torch  # only for a file with rope_freqs (`weightsmith info` imports no torch otherwise)
+
     from weightsmith.models.rope import llama3_scaled
 
     stored = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
@@ -411,59 +410,3 @@ def plan_tensors(reader: GGUFFile) -> list[tuple[GGUFTensor, str]]:
             )
         plan.append((tensor, hf_name))
     return plan
-
-
-def _dequantized(tensor: GGUFTensor) -> np.ndarray:
-    """One tensor as float32 in numpy (HF) axis order.
-
-    GGUF records shapes in ggml's ne order (fastest axis first); the reader's numpy view already
-    reverses that, so a matrix comes out as (out_features, in_features) and a merged expert
-    tensor as (n_expert, out_features, in_features).
-    """
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    qtype = int(tensor.tensor_type)
-    size = row_bytes(qtype, shape[-1])
-    if size is not None:  # a type GGMLLinear runs: its dequantizer (C where built, ~10x gguf-py's)
-        blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(-1, size))  # (a copy)
-        return dequantize_rows(blocks, qtype, shape[-1]).numpy().reshape(shape)
-    values = dequantize(tensor.data, tensor.tensor_type)
-    if not values.flags.writeable:  # F32 comes back as a view of the read-only memory map
-        values = values.copy()
-    return values.reshape(shape)
-
-
-def iter_gguf_tensors(
-    path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, dequantized tensor in HF layout), one tensor at a time.
-
-    Every name and storage type is checked before the first tensor is yielded, so a file that
-    cannot be loaded fails before any work is done. A tied lm_head is not yielded (the file has
-    no output.weight); `read_gguf(...).config["tie_word_embeddings"]` says so. Tensors whose HF
-    names are in `skip` are neither read nor yielded (gguf_quants.py keeps them as blocks).
-    """
-    reader = as_reader(path)
-    config = gguf_config(reader)  # also rejects unsupported architectures
-    plan = plan_tensors(reader)
-    # llama.cpp permutes Q/K rows for its llama rope only; mistral and mixtral are llama files.
-    arch = require(reader, "general.architecture")
-    permuted = arch in PERMUTED_QK
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for tensor, hf_name in plan:
-        if hf_name in skip:
-            continue
-        try:
-            w = _dequantized(tensor)
-            proj = hf_name.rsplit(".", 2)[-2]
-            if permuted and proj in heads:
-                w = unpermute_qk(w, heads[proj])
-            if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
-                w = w - 1.0  # the file holds Gemma's 1 + w
-        except ValueError as error:  # a shape that contradicts the metadata
-            raise CheckpointError(f"{reader_path(reader)}: tensor '{tensor.name}': {error}") from error
-        if "{expert}" in hf_name:
-            for expert, matrix in enumerate(w):  # (n_expert, out, in) -> n_expert x (out, in)
-                # A copy per expert: views into one buffer would be shared storage to safetensors.
-                yield hf_name.format(expert=expert), torch.from_numpy(matrix).to(dtype=dtype, copy=True)
-        else:
-            yield hf_name, torch.from_numpy(w).to(dtype)

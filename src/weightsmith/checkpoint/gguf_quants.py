@@ -34,13 +34,13 @@ from weightsmith.checkpoint.build import build_model
 from weightsmith.checkpoint.gguf import (
     as_reader,
     gguf_config,
-    iter_gguf_tensors,
     plan_tensors,
     reader_path,
     require,
     unpermute_qk,
 )
 from weightsmith.checkpoint.gguf_reader import GGUFFile, GGUFTensor
+from weightsmith.checkpoint.gguf_tensors import iter_gguf_tensors
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
 from weightsmith.models.fused import split_name

@@ -143,62 +143,8 @@ def _load_gguf(
             )
         model, label = build_block_model(reader, cfg, device, dtype)
         return Checkpoint(model, tokenizer, model.config, path, "gguf", f"{info.file_type} ({label})", gen)
-    tensors = ((n, t, str(path)) for n, t in gguf.iter_gguf_tensors(reader, dtype=torch.float32))
+    from weightsmith.checkpoint.gguf_tensors import iter_gguf_tensors
+
+    tensors = ((n, t, str(path)) for n, t in iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
-
-
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Describe a checkpoint from its metadata alone (no weights are read)."""
-    path = Path(path)
-    if path.is_file():
-        from weightsmith.checkpoint import gguf
-
-        reader = gguf.open_gguf(path)
-        info = gguf.read_gguf(reader)
-        cfg = ModelConfig.from_hf(info.config, source=str(path))
-        types = ", ".join(f"{n}: {c}" for n, c in sorted(info.tensor_types.items()))
-        precision = f"{info.file_type} (GGUF tensors {types})"
-        template = info.tokenizer_config.get("chat_template")
-        fmt, size = "gguf", path.stat().st_size
-        license_name = gguf.meta(reader, "general.license")
-    else:
-        data = read_json(path / "config.json")
-        cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
-        precision = cfg.torch_dtype
-        tok_cfg = read_json(path / "tokenizer_config.json", required=False) or {}
-        template = tok_cfg.get("chat_template")
-        jinja = path / "chat_template.jinja"
-        if template is None and jinja.exists():
-            template = jinja.read_text(encoding="utf-8")
-        fmt = "hf"
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        license_name = None
-    rope = f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_type} scaling" if cfg.rope_scaling else "")
-    nope = [i for i in range(cfg.num_hidden_layers) if not cfg.rope_layer(i)]
-    if nope:
-        rope += f", none on {len(nope)} of {cfg.num_hidden_layers} layers"
-    if cfg.rotary_dim < cfg.head_dim:
-        rope += f", on {cfg.rotary_dim} of {cfg.head_dim} dimensions a head"
-    return {
-        "path": str(path),
-        "format": fmt,
-        "size_bytes": size,
-        "model_type": cfg.model_type,
-        "architecture": cfg.architecture,
-        "parameters": cfg.num_parameters(),
-        "precision": precision,
-        "context_length": cfg.max_position_embeddings,
-        "layers": cfg.num_hidden_layers,
-        "heads": cfg.num_attention_heads,
-        "kv_heads": cfg.num_key_value_heads,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "rope": rope,
-        "sliding_window": cfg.sliding_window if "sliding_attention" in cfg.layer_types else None,
-        "experts": f"{cfg.num_experts_per_tok} of {cfg.num_local_experts}" if cfg.num_local_experts else None,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "chat_template": template,
-        "license": license_name,
-    }

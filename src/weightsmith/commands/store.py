@@ -81,7 +81,7 @@ class InfoConfig:
 
 
 def run_info(cfg: InfoConfig, progress: Any = None) -> dict[str, Any]:
-    from weightsmith.checkpoint.load import inspect_checkpoint  # torch: only `info` needs it
+    from weightsmith.checkpoint.describe import inspect_checkpoint
 
     info = inspect_checkpoint(resolve(cfg.model))
     return {**info, "license": _license(cfg.model, info.get("license"))}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.errors import ConfigError
-from weightsmith.models.activations import ACTIVATIONS
+from weightsmith.models.activations import NAMES as ACTIVATION_NAMES
 from weightsmith.models.families import (
     FAMILIES,
     QWEN_MOE_FIELDS,
@@ -204,9 +204,9 @@ class ModelConfig:
 
     def validate(self, source: str = "config") -> None:
         """Reject combinations the model cannot run, naming the conflicting fields."""
-        if self.hidden_act not in ACTIVATIONS:
+        if self.hidden_act not in ACTIVATION_NAMES:
             raise ConfigError(
-                f"{source}: hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+                f"{source}: hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATION_NAMES)})"
             )
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(

@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from weightsmith.kv_cache import KVCache
-from weightsmith.models.activations import ACTIVATIONS
+from weightsmith.models.activations import activations
 from weightsmith.models.attention import attend
 from weightsmith.models.config import ModelConfig
 from weightsmith.models.linear import Linear
@@ -41,6 +41,9 @@ from weightsmith.models.rope import (
     plain_inverse_frequencies,
     rope_cos_sin,
 )
+
+#: The MLP's activation functions by config.json `hidden_act` name.
+ACTIVATIONS = activations()
 
 
 class RMSNorm(nn.Module):
