@@ -133,6 +133,7 @@ def test_quantize_model_keeps_logits_close_and_generates(tiny_hf_dir, bits, grou
     names = wo.quantize_model(ckpt.model, bits, group)
     assert "lm_head" not in names and len(names) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     assert isinstance(ckpt.model.model.layers[0].self_attn.q_proj, wo.QuantizedLinear)
+    assert not any(m.training for m in ckpt.model.modules())  # the new layers in eval mode, as the model
     gc.collect()
     assert packed() is None  # no fp32 copy kept alive
     got = _logits(ckpt.model, IDS)

@@ -483,8 +483,13 @@ def quantize_model(
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule `name`, in the mode (train / eval) it was in."""
     parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, attr, None)
+    if isinstance(old, nn.Module):
+        module.train(old.training)
+    setattr(owner, attr, module)
 
 
 def untie(model: nn.Module) -> None:
