@@ -2,7 +2,8 @@
  *
  * A GGUF file's matrices are rows of ggml blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (32
  * weights a block) and the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS (256 a block, in
- * sub-blocks of 32 or 16 with their own 4-, 6- or 8-bit scales). GGMLLinear keeps those bytes
+ * sub-blocks of 32 or 16 with their own 4-, 6- or 8-bit scales), and the grid-coded, ternary and
+ * MXFP4 types of cpu_iquant.h (included below). GGMLLinear keeps those bytes
  * unchanged (resident memory = the file's), and these kernels read them in place. Every 32
  * weights of a block decode to
  *   w[l] = s[l / 16] * c[l] + z[l / 16]

@@ -15,6 +15,8 @@
  * sum. The dot product's 8 int32 lanes hold weights 0..15 in lanes 0-3 and 16..31 in lanes
  * 4-7, so the two scales per 32 weights of Q2_K, Q3_K and Q6_K are one vector of per-lane
  * scales (and Q2_K's two zeros one of per-lane zeros, times the input's sums per lane).
+ * cpu_iquant.h's types (g_iq_codes and below) give each 32 weights' magnitudes (grid points
+ * read as 8- or 4-byte words, codes looked up or computed) and signs, applied to the input.
  */
 
 KERNEL float FN(g_half)(const uint8_t *p) {
