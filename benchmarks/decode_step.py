@@ -49,6 +49,12 @@ SHAPES = {
         num_key_value_heads=1, head_dim=256, vocab_size=262144, num_hidden_layers=26, query_pre_attn_scalar=256,
         sliding_window=512, rope_local_base_freq=10000.0, hidden_activation="gelu_pytorch_tanh",
     ),
+    "gemma2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, vocab_size=256000, num_hidden_layers=26, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
     "olmo2-1b": dict(
         model_type="olmo2", hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
         num_key_value_heads=16, vocab_size=100352, num_hidden_layers=16,
