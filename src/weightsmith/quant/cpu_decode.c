@@ -227,19 +227,6 @@ ALWAYS_INLINE void dots(const float *q, const void *key, int bf16, int64_t D, in
     }
 }
 
-/* s[t] = cap tanh(s[t] / cap) for t0 <= t < t1 (Gemma 2's score cap), eight at a time with
- * tanh y = 1 - 2 / (1 + exp 2y) (vexp8: exp 2y saturates where tanh is +-1 in float; the
- * absolute error stays near float epsilon, which is what a softmax input needs). */
-static inline void cap_scores(float *s, int64_t t0, int64_t t1, float cap) {
-    int64_t t = t0;
-    for (; t + 8 <= t1; t += 8) {
-        const vf8 th = 1.0f - 2.0f / (1.0f + vexp8(load8(s + t) / cap * 2.0f));
-        const vf8 out = cap * th;
-        memcpy(s + t, &out, sizeof out);
-    }
-    for (; t < t1; t++) s[t] = cap * tanhf(s[t] / cap);
-}
-
 ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t base, int64_t t0, int64_t t1,
                             int n) {
     const ws_model *m = a->m;
@@ -252,10 +239,8 @@ ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t
             dots(q, key, 1, D, n, s);
         else
             dots(q, key, 0, D, n, s);
-        for (int j = 0; j < n; j++) sc[j * a->stride + t] = s[j] * scale;
+        for (int j = 0; j < n; j++) sc[j * a->stride + t] = cap > 0 ? cap * tanhf(s[j] * scale / cap) : s[j] * scale;
     }
-    if (cap > 0)
-        for (int j = 0; j < n; j++) cap_scores(sc + j * a->stride, t0, t1, cap);
 }
 
 /* Scores of positions t0..t1-1 (at most the row's) for query heads g0..g1-1 of the G of (b, kh). */
