@@ -331,6 +331,10 @@ def test_merged_experts_are_kept_as_each_experts_blocks(family, tmp_path, monkey
     on_disk = sum(int(t.n_bytes) for t in GGUFFile.open(out).tensors if "_exps" in t.name)
     held = sum(t.nbytes for m in experts.values() for t in (*m.buffers(), *[m.tiles][: m.tiles is not None]))
     assert held == on_disk
+    from weightsmith.checkpoint.quantized import float_state
+
+    state = float_state(blk.model, blk.model.config, "test")  # what `export` writes: every expert back
+    assert all(torch.equal(state[f"{name}.weight"], floats[f"{name}.weight"]) for name in experts)
     kernels_on(monkeypatch, True)
     ref = _decode(flt.model, fused=False)
     eager = _decode(blk.model, fused=False)
