@@ -486,8 +486,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` in place of the submodule `name`, in the mode (train / eval) it was in."""
     parent, _, attr = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, attr, None)
-    if isinstance(old, nn.Module):
+    if isinstance(old := getattr(owner, attr, None), nn.Module):
         module.train(old.training)
     setattr(owner, attr, module)
 
