@@ -134,9 +134,33 @@ FAMILIES = {
         transformers.SmolLM3Config,
         dict(no_rope_layer_interval=2, rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     ),
+    # gpt-oss: sinks, biased attention and experts, the clamped SwiGLU (limit 1.5: random weights'
+    # gate and up values pass it), every other layer sliding (window 7), YaRN over a short
+    # original context so the ramp bends the frequencies used.
+    "gpt-oss": (
+        transformers.GptOssConfig,
+        dict(
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=7,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            swiglu_limit=1.5,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
+            pad_token_id=0,
+        ),
+    ),
 }
 #: The families added after the first four (issue 21 and later), run through every test below.
-NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2", "smollm3", "olmo2"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma3", "qwen3-moe", "gemma2", "smollm3", "olmo2", "gpt-oss"]
 
 
 def make_pair(name: str, seed: int = 0):
@@ -148,8 +172,10 @@ def make_pair(name: str, seed: int = 0):
     # Random init leaves norms at 1 and biases at 0; perturb them so they are tested too.
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if "norm" in n and n.endswith(".weight") or n.endswith(".bias"):
+            if "norm" in n and n.endswith(".weight") or n.endswith((".bias", "_bias")):
                 p.add_(torch.randn_like(p) * 0.1)
+            if n.endswith(".sinks"):  # gpt-oss: initialised near 0, where a sink already counts
+                p.add_(torch.randn_like(p) * 2)
     import json
 
     cfg = ModelConfig.from_hf(json.loads(hf_cfg.to_json_string()), source=name)
@@ -251,3 +277,32 @@ def test_half_precision_close_to_fp32(dtype):
     assert got.dtype == torch.float32 and half.lm_head.weight.dtype == dtype
     assert (got - ref).abs().max().item() < 0.1
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_gpt_oss_decodes_through_the_cpu_layout_without_the_c_step(native_lib):
+    """The CPU decode layout (packed q/k/v, split matmuls) keeps gpt-oss's sinks and biased,
+    clamped experts; the fused C step, which has neither, declines the model."""
+    from weightsmith.cpu_decode import fused, prepare_cpu_decode
+    from weightsmith.generate import decode_one_token, prefill
+    from weightsmith.kv_cache import KVCache
+
+    hf, ours = make_pair("gpt-oss", seed=4)
+    plan = prepare_cpu_decode(ours, splits=2)
+    assert not fused.supports(ours) and plan.fused() is None
+    assert plan.decode_step(decode_one_token) is decode_one_token
+    torch.manual_seed(3)
+    seq = torch.randint(0, BASE["vocab_size"], (1, 24))
+    with torch.no_grad():
+        ref = hf(seq).logits[0]
+    cache = KVCache.for_model(ours.config, 1, 32, dtype=torch.float32, device="cpu")
+    got = [prefill(ours, cache, [seq[0, :9].tolist()], torch.device("cpu"))[0]]
+    for t in range(9, 23):
+        got.append(decode_one_token(ours, cache, [int(seq[0, t])], torch.device("cpu"))[0])
+    assert (torch.stack(got) - ref[8:23]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_config_counts_the_models_parameters(name):
+    """`info`'s parameter count (from config.json alone) is the built model's."""
+    _, ours = make_pair(name)
+    assert ours.config.num_parameters() == sum(p.numel() for p in ours.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from weightsmith.errors import CheckpointError
 from weightsmith.models import CausalLM, ModelConfig
 from weightsmith.models.fused import split_name
+from weightsmith.models.merged_experts import split_experts
 
 #: Tensors some checkpoints carry that the model recomputes instead of loading.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -48,7 +49,7 @@ def build_model(
             model = CausalLM(cfg)
     params = dict(model.named_parameters())
     tied = cfg.tie_word_embeddings
-    for name, tensor, source in _split_fused(cfg, tensors, params):
+    for name, tensor, source in _split_fused(cfg, split_experts(cfg, tensors), params):
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name not in params:

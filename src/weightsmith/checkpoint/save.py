@@ -19,6 +19,7 @@ from weightsmith.errors import CheckpointError
 from weightsmith.files import atomic_dir, check_replaceable
 from weightsmith.models import CausalLM
 from weightsmith.models.fused import fuse_state
+from weightsmith.models.merged_experts import merge_experts
 from weightsmith.tokenizer import Tokenizer
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -77,7 +78,7 @@ def write_hf_dir(
 
 def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors under the checkpoint's names; a tied LM head is stored once, as HF
-    does; fused projections (Phi-3) stacked back into one tensor."""
+    does; fused projections (Phi-3) stacked back into one tensor, gpt-oss's experts merged."""
     state = {}
     for name, p in model.named_parameters():
         t = p.detach()
@@ -86,7 +87,8 @@ def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.T
         state[name] = t.to("cpu").contiguous()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return fuse_state(model.config, state)  # Phi-3: qkv_proj, gate_up_proj as transformers has them
+    # Phi-3: qkv_proj, gate_up_proj; gpt-oss: each layer's experts; as transformers has them
+    return merge_experts(model.config, fuse_state(model.config, state))
 
 
 def _write_shards(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:

@@ -86,7 +86,7 @@ def _block_projections(block: nn.Module) -> tuple[list[nn.Module], list[nn.Modul
     a, ffn = block.self_attn, _ffn(block)
     attn = [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
     if isinstance(ffn, SparseMoE):
-        return attn, [ffn.gate] + [getattr(x, n) for x in ffn.experts for n in x.names]
+        return attn, [ffn.router_linear] + [getattr(x, n) for x in ffn.experts for n in x.names]
     return attn + [ffn.gate_proj, ffn.up_proj, ffn.down_proj], []
 
 
@@ -373,10 +373,13 @@ def cache_fits(cache: KVCache) -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether the C step implements this architecture: every family (dense or a mixture of
-    experts) with SwiGLU or Gemma's tanh-GELU MLPs and grouped-query attention."""
+    experts) with SwiGLU or Gemma's tanh-GELU MLPs and grouped-query attention, but gpt-oss (its
+    sinks, clamped SwiGLU and biased experts run on the PyTorch path)."""
     cfg = model.config
     return (
         cfg.hidden_act in ACTS
+        and not cfg.family.sinks
+        and cfg.swiglu_limit is None
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and float_cpu(model.model.embed_tokens.weight)
     )

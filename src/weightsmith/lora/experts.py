@@ -88,7 +88,8 @@ def _add_moe(moe: SparseMoE, name: str, out: dict[str, ParamTarget]) -> None:
     for key, parts in (("gate_up_proj", (gate, up)), ("down_proj", (down,))):
         experts = tuple(tuple(f"{name}.experts.{e}.{p}" for p in parts) for e in range(n))
         out[f"{hf}.experts.{key}"] = ParamTarget(f"{hf}.experts.{key}", f"{hf}.experts", experts, True)
-    out[f"{hf}.gate.weight"] = ParamTarget(f"{hf}.gate.weight", f"{hf}.gate", ((f"{name}.gate",),), True)
+    r = moe.router_name
+    out[f"{hf}.{r}.weight"] = ParamTarget(f"{hf}.{r}.weight", f"{hf}.{r}", ((f"{name}.{r}",),), True)
 
 
 def select_parameters(

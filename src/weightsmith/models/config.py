@@ -19,6 +19,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.models.activations import NAMES as ACTIVATION_NAMES
 from weightsmith.models.families import (
     FAMILIES,
+    GPT_OSS_FIELDS,
     QWEN_MOE_FIELDS,
     Family,
     periodic_layer_types,
@@ -74,6 +75,10 @@ class ModelConfig:
     #: `decoder_sparse_step`-th.
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
+    #: gpt-oss: each expert's SwiGLU is gate * sigmoid(alpha gate) * (up + 1), gate clamped
+    #: above at `swiglu_limit` and up to +-limit (None: the plain SwiGLU of other families).
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -110,16 +115,21 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv
+        if self.attention_bias:  # the output projection's too, but in Qwen2
+            attn += q + 2 * kv + (h if self.model_type != "qwen2" else 0)
         per_layer = attn + (4 if self.family.gemma else 2) * h
         if self.family.qk_norm_whole:
             per_layer += q + kv
         elif self.family.qk_norm:
             per_layer += 2 * self.head_dim
-        experts = self.num_local_experts * (3 * h * (self.moe_intermediate_size or i) + h)
+        width = self.moe_intermediate_size or i
+        experts = self.num_local_experts * (3 * h * width + h)
+        if self.family.moe == "gpt_oss":  # the experts' and router's biases, the sinks
+            experts += self.num_local_experts * (2 * width + h + 1)
+            per_layer += self.num_attention_heads
         sparse = sum(self.sparse_layer(n) for n in range(self.num_hidden_layers))
-        mlp = sparse * experts + (self.num_hidden_layers - sparse) * 3 * h * i
+        dense = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        mlp = sparse * experts + (self.num_hidden_layers - sparse) * dense
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + mlp + embed + h
 
@@ -245,6 +255,9 @@ class ModelConfig:
                 d.pop(key)
         elif self.family.moe == "qwen":  # config.json's own name, which transformers v4 and v5 read
             d["num_experts"] = d.pop("num_local_experts")
+        if self.family.moe != "gpt_oss":
+            for key in GPT_OSS_FIELDS:
+                d.pop(key)
         if self.family.sliding_window_needs_flag:
             d["use_sliding_window"] = "sliding_attention" in self.layer_types
         if not self.rope_scaling:
@@ -345,6 +358,8 @@ def _moe_fields(data: dict[str, Any], fam: Family, source: str) -> dict[str, Any
         "num_local_experts": _count(data, count_key, 0, source),
         "num_experts_per_tok": _count(data, "num_experts_per_tok", 0, source),
     }
+    if fam.moe == "gpt_oss":
+        return {**fields, **{k: _number(data, k, v, source) for k, v in GPT_OSS_FIELDS.items()}}
     if fam.moe != "qwen":
         return fields
     only = data.get("mlp_only_layers") or []

@@ -52,6 +52,9 @@ class Family:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: config.json's name for `hidden_act` in transformers' class for the family.
     act_key: str = "hidden_act"
+    #: gpt-oss: a learned logit per query head ("attention sink") joins each softmax over the
+    #: keys, taking a share of the probability that no value carries.
+    sinks: bool = False
 
     @property
     def moe_block(self) -> str:
@@ -63,15 +66,25 @@ class Family:
         """An expert's (gate, up, down) projection names in the checkpoint."""
         return MOE_LAYOUTS[self.moe][1]
 
+    @property
+    def router_name(self) -> str:
+        """The MoE block's router module (`gate`; gpt-oss's `router`, which has a bias)."""
+        return MOE_LAYOUTS[self.moe][2]
 
-#: Where a layer keeps its experts and an expert's (gate, up, down) names, by layout:
-#: Mixtral's `block_sparse_moe.experts.3.w1`, Qwen-MoE's `mlp.experts.3.gate_proj`. The router
-#: is `gate` in both. Qwen-MoE also has fields of its own (`moe_intermediate_size`,
-#: `norm_topk_prob`, dense layers by `mlp_only_layers` and `decoder_sparse_step`).
-MOE_LAYOUTS: dict[str, tuple[str, tuple[str, str, str]]] = {
-    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+
+#: Where a layer keeps its experts, an expert's (gate, up, down) names and the router's name, by
+#: layout: Mixtral's `block_sparse_moe.experts.3.w1`, Qwen-MoE's `mlp.experts.3.gate_proj`, routed
+#: by `gate`. Qwen-MoE also has fields of its own (`moe_intermediate_size`, `norm_topk_prob`, dense
+#: layers by `mlp_only_layers` and `decoder_sparse_step`). gpt-oss: experts with biases and a
+#: clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`), routed by `router` (with a bias); its
+#: checkpoints hold each layer's experts merged (models/fused.py splits them).
+MOE_LAYOUTS: dict[str, tuple[str, tuple[str, str, str], str]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"), "gate"),
+    "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj"), "gate"),
+    "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj"), "router"),
 }
+#: gpt-oss's clamped SwiGLU: its config fields and transformers' defaults.
+GPT_OSS_FIELDS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 #: Qwen-MoE's config fields and the values a Mixtral model has (transformers' Mixtral lacks them).
 QWEN_MOE_FIELDS = {
     "moe_intermediate_size": None,
@@ -158,6 +171,17 @@ FAMILIES: dict[str, Family] = {
             ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
         ),
+    ),
+    # gpt-oss (OpenAI's open-weight MoE): biased attention with a sink logit per head, every other
+    # layer sliding (`layer_types`), YaRN RoPE, experts with biases and a clamped SwiGLU, top-k
+    # then softmax routing (the same weights as Mixtral's renormalised top-k of a softmax).
+    "gpt_oss": Family(
+        "GptOssForCausalLM",
+        attention_bias=True,
+        default_rope_theta=150000.0,
+        moe="gpt_oss",
+        hf_absent=("mlp_bias", *QWEN_MOE_FIELDS),
+        sinks=True,
     ),
 }
 

@@ -127,6 +127,8 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         #: Gemma 2: scores capped to (-cap, cap) by cap * tanh(score / cap) before the softmax.
         self.softcap = cfg.attn_logit_softcapping
+        if fam.sinks:  # gpt-oss: one logit per head joins each softmax (attention.py)
+            self.sinks = nn.Parameter(torch.zeros(self.n_heads))
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         b, t, _ = x.shape
@@ -139,12 +141,22 @@ class Attention(nn.Module):
             # A bf16 training step on a CPU attends in fp32 (autocast off): torch's CPU flash-attention
             # backward in bf16 took about twice the fp32 one (27% of a LoRA step of the default model).
             q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
+        sinks = getattr(self, "sinks", None)
         with exact:
             if mask is None and a.docs is not None:  # packed rows: each document alone
-                out = self.attend_documents(q, k, v, a.docs, self.scale, self.softcap)
+                out = self.attend_documents(q, k, v, a.docs, self.scale, self.softcap, sinks)
             else:
                 is_causal = a.is_causal and mask is None
-                out = attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, softcap=self.softcap)
+                out = attend(
+                    q,
+                    k,
+                    v,
+                    mask=mask,
+                    is_causal=is_causal,
+                    scale=self.scale,
+                    softcap=self.softcap,
+                    sinks=sinks,
+                )
         out = out.to(dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -187,37 +199,54 @@ class MLP(nn.Module):
 
 class Expert(nn.Module):
     """One expert, SwiGLU: down(act(gate(x)) * up(x)), under the checkpoint's names for gate,
-    up and down (Mixtral's w1, w3, w2; Qwen-MoE's gate_proj, up_proj, down_proj)."""
+    up and down (Mixtral's w1, w3, w2; Qwen-MoE's gate_proj, up_proj, down_proj). gpt-oss's have
+    biases and clamp: down(g * sigmoid(alpha g) * (u + 1)), g = gate(x) at most `limit`, u = up(x)
+    within +-limit."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
         self.names = cfg.family.expert_names
+        bias = cfg.swiglu_limit is not None
         for name, (n_in, n_out) in zip(self.names, ((h, i), (h, i), (i, h)), strict=True):
-            self.add_module(name, Linear(n_in, n_out, bias=False))
+            self.add_module(name, Linear(n_in, n_out, bias=bias))
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        return down(self.act(gate(x)) * up(x))
+        if self.limit is None:
+            return down(self.act(gate(x)) * up(x))
+        g = gate(x).clamp(max=self.limit)
+        u = up(x).clamp(-self.limit, self.limit)
+        return down(g * torch.sigmoid(g * self.alpha) * (u + 1))
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed mixture of experts (Mixtral, Qwen3-MoE): softmax over all experts in fp32,
-    keep the k largest, renormalise them (Mixtral; Qwen's norm_topk_prob), and sum the chosen
-    experts' outputs weighted by them."""
+    """Top-k routed mixture of experts (Mixtral, Qwen3-MoE, gpt-oss): softmax over all experts in
+    fp32, keep the k largest, renormalise them (Mixtral, gpt-oss; Qwen's norm_topk_prob), and sum
+    the chosen experts' outputs weighted by them. gpt-oss's softmax over its top-k logits is the
+    renormalised top k of the softmax over all: the same weights."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.renormalise = cfg.norm_topk_prob
-        self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        #: The router's name in the checkpoint (`gate`; gpt-oss's `router`, with a bias).
+        self.router_name = cfg.family.router_name
+        router = Linear(cfg.hidden_size, cfg.num_local_experts, bias=cfg.family.moe == "gpt_oss")
+        self.add_module(self.router_name, router)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
+
+    @property
+    def router_linear(self) -> nn.Module:
+        """The linear layer scoring each expert for a token (hidden -> num_local_experts)."""
+        return self._modules[self.router_name]  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         flat = x.reshape(-1, h)  # (N, h)
-        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # (N, E)
+        probs = F.softmax(self.router_linear(flat), dim=-1, dtype=torch.float32)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.renormalise:
             weights = weights / weights.sum(-1, keepdim=True)

@@ -169,6 +169,7 @@ def attend_documents(
     docs: PackedDocuments,
     scale: float | None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence: q (B, H, T, D), k and v (B, Hkv, T, D) ->
     (B, H, T, D), equal to `attend` with the block-diagonal causal mask (zero for padding)."""
@@ -184,7 +185,7 @@ def attend_documents(
 
     outs = []
     for qg, kg, vg in zip(slots(q), slots(k), slots(v), strict=True):
-        o = attend(qg, kg, vg, is_causal=True, scale=scale, softcap=softcap)
+        o = attend(qg, kg, vg, is_causal=True, scale=scale, softcap=softcap, sinks=sinks)
         outs.append(o.transpose(1, 2).reshape(-1, h, d))  # (n * width, H, D)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return _ToTokens.apply(out, docs).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)

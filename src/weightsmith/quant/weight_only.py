@@ -413,7 +413,7 @@ def quantizable_modules(model: nn.Module, *, lm_head: bool = False) -> list[str]
     """Names of the projections weight-only quantization replaces (every `Linear`, in the CPU
     decode layout or not; the LM head only if asked; MoE routers never: they are tiny and
     decide which experts run)."""
-    routers = {f"{name}.gate" for name, module in model.named_modules() if isinstance(module, SparseMoE)}
+    routers = {f"{n}.{m.router_name}" for n, m in model.named_modules() if isinstance(m, SparseMoE)}
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or name in routers:
