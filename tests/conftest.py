@@ -224,9 +224,10 @@ def build_tiny_hf_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def save_perturbed_hf(path: Path, config) -> Path:
+def save_perturbed_hf(path: Path, config, also: tuple[str, ...] = ()) -> Path:
     """A tiny random transformers model of `config` saved with a tiny tokenizer, its norm weights
-    moved off their init (ones or zeros) so that a norm applied wrongly changes the logits."""
+    (and parameters whose names end with one of `also`: biases, sinks) moved off their init (ones
+    or zeros) so that a norm applied wrongly changes the logits."""
     import transformers
 
     build_tiny_tokenizer_dir(path)
@@ -234,7 +235,7 @@ def save_perturbed_hf(path: Path, config) -> Path:
     hf = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if "norm" in n:
+            if "norm" in n or also and n.endswith(also):
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(path)
     return path

@@ -52,6 +52,27 @@ FAMILIES = {
     "smollm3": (transformers.SmolLM3Config, dict(num_hidden_layers=4, rope_theta=10000.0)),
     # llama.cpp's olmo2: norms after attention and MLP, QK-norm over all heads; Q/K not permuted.
     "olmo2": (transformers.Olmo2Config, dict()),
+    # llama.cpp's gpt-oss: sinks, biased attention, router and experts (stacked per kind), every
+    # other layer sliding from the first, YaRN; the MLP's input norm is `post_attention_norm`.
+    "gpt-oss": (
+        transformers.GptOssConfig,
+        dict(
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
 }
 IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # longer than the windows
 
@@ -59,7 +80,8 @@ IDS = torch.tensor([[5, 17, 40, 100, 250, 3, 77, 299, 12, 8, 64, 1, 9]])  # long
 def _source(root: Path, family: str, **extra) -> Path:
     cls, kw = FAMILIES[family]
     path = root / family
-    return save_perturbed_hf(path, cls(**{**SHAPE, **kw, **extra}))
+    also = ("bias", "sinks") if family == "gpt-oss" else ()
+    return save_perturbed_hf(path, cls(**{**SHAPE, **kw, **extra}), also)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +146,7 @@ def test_transformers_reads_our_export(family, sources, tmp_path):
     assert (_logits(hf.eval()) - _logits(src.model)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "smollm3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "gpt-oss"])
 def test_llama_cpp_computes_our_logits(family, sources, tmp_path):
     """llama.cpp runs our F32 export and its logits are ours. For Gemma 2 the queries are scaled up
     first so that the attention cap (0.5) bends the scores: without it the logits move ~0.03,

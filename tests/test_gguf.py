@@ -415,6 +415,7 @@ SAMPLES = [
     "Numbers: 3.14159, 1,000,000 and 2024-01-01; 12345678901234567890",
     "Whitespace   runs\n\n\n  and\ttabs \t \n trailing   ",
     "I'm sure they'll say it's fine, won't they? DON'T SHOUT",
+    "CamelCaseWords, HTTPServer's URLs: a/b\n/c/d and JSONData",
     "",
 ]
 CHATML_SAMPLES = [
@@ -481,7 +482,7 @@ def hf_gguf_tokenizer(path: Path):
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe", "smollm"])
+@pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe", "smollm", "gpt-4o"])
 def test_tiny_byte_level_tokenizer_matches_transformers(tmp_path: Path, pre: str) -> None:
     config, state = tiny_model("llama")
     tok = train_byte_level_vocab(pre)
@@ -498,6 +499,36 @@ def test_tiny_byte_level_tokenizer_matches_transformers(tmp_path: Path, pre: str
             "<|endoftext|>", ""
         )
         assert ours.decode(plain, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe", "smollm", "gpt-4o"])
+def test_tiny_byte_level_tokenizer_matches_llama_cpp(tmp_path: Path, pre: str) -> None:
+    """llama.cpp's own split for each `tokenizer.ggml.pre` name (transformers' GGUF loader knows
+    fewer names: o200k's "gpt-4o" is checked here)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    config, _ = tiny_model("llama")
+    tok = train_byte_level_vocab(pre)
+    path = write_gguf(
+        tmp_path / "tok.gguf", "llama", dict(config, vocab_size=len(tok["tokens"])), {}, tokenizer=tok
+    )
+    ours = build_gguf_tokenizer(path)
+    llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in SAMPLES:
+            theirs = llama.tokenize(text.encode(), add_bos=False, special=False)
+            assert ours.encode(text, add_special_tokens=False).ids == theirs, text
+    finally:
+        llama.close()
+
+
+def test_o200k_splits_words_at_case_changes_and_keeps_contractions() -> None:
+    """gpt-oss's vocabulary ("gpt-4o"): an uppercase run starts a word, a contraction ends the word
+    before it, digits go in threes, a punctuation run takes the newlines and slashes after it
+    (worked out by hand from the published pattern; Llama 3's split would keep "CamelCase" whole
+    and cut " it" from "'s")."""
+    split = pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS["gpt-4o"][0]), behavior="isolated")
+    pieces = [p for p, _ in split.pre_tokenize_str("CamelCase it's 12345 HTTPServer.\n/x")]
+    assert pieces == ["Camel", "Case", " it's", " ", "123", "45", " HTTPServer", ".\n/", "x"]
 
 
 def test_llama3_looks_whole_words_up_before_merging(tmp_path: Path) -> None:

@@ -293,7 +293,25 @@ def gguf_config(reader: GGUFFile) -> dict:
     if arch == "qwen3moe":  # llama.cpp's qwen3moe graph always renormalises the top-k weights
         config["moe_intermediate_size"] = require(reader, f"{arch}.expert_feed_forward_length")
         config["norm_topk_prob"] = True
+    if arch == "gpt-oss":
+        config.update(_gpt_oss_config(reader, config))
     return config
+
+
+def _gpt_oss_config(reader: GGUFFile, config: dict) -> dict:
+    """What llama.cpp's gpt-oss graph fixes in code: every other layer slides, the first one
+    first; the experts' width is `expert_feed_forward_length`; the clamped SwiGLU's alpha and limit
+    are transformers' defaults (1.702, 7.0: ModelConfig). OpenAI's YaRN does not round the ramp's
+    ends (transformers' `truncate: false` for gpt-oss)."""
+    layers = range(config["num_hidden_layers"])
+    fields: dict[str, Any] = {
+        "intermediate_size": require(reader, "gpt-oss.expert_feed_forward_length"),
+        "layer_types": ["full_attention" if i % 2 else "sliding_attention" for i in layers],
+    }
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type") == "yarn":
+        fields["rope_scaling"] = {**scaling, "truncate": False}
+    return fields
 
 
 def _tokenizer_config(reader: GGUFFile) -> dict:

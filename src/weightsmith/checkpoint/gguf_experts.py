@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from weightsmith.models import ModelConfig
 
-#: model.layers.{layer}.{block}.experts.{expert}.{matrix}.weight
-_EXPERT = re.compile(r"(model\.layers\.\d+\.[a-z_]+\.experts)\.(\d+)\.([a-z0-9_]+\.weight)")
+#: model.layers.{layer}.{block}.experts.{expert}.{matrix}.weight (gpt-oss: and .bias)
+_EXPERT = re.compile(r"(model\.layers\.\d+\.[a-z_]+\.experts)\.(\d+)\.([a-z0-9_]+\.(?:weight|bias))")
 
 
 def check_experts(cfg: ModelConfig, source: str) -> None:
@@ -47,14 +47,30 @@ def check_experts(cfg: ModelConfig, source: str) -> None:
         )
 
 
+def check_gpt_oss(cfg: ModelConfig, source: str) -> None:
+    """Refuse a gpt-oss model whose settings llama.cpp's gpt-oss graph fixes otherwise: every other
+    layer sliding from the first, the clamped SwiGLU's alpha 1.702 and limit 7, YaRN or no scaling."""
+    pattern = ["full_attention" if i % 2 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
+    fixed = {"layer_types": pattern, "swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+    for key, value in fixed.items():
+        if getattr(cfg, key) != value:
+            raise CheckpointError(
+                f"{source}: {key} {getattr(cfg, key)} cannot be exported; llama.cpp's gpt-oss graph assumes {value}"
+            )
+    if cfg.rope_type not in ("default", "yarn"):
+        raise CheckpointError(
+            f"{source}: {cfg.rope_type} rope scaling cannot be exported for gpt-oss (supported: none, yarn)"
+        )
+
+
 def add_expert_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
-    """`{arch}.expert_count`, `expert_used_count` and (Qwen3-MoE) `expert_feed_forward_length`."""
+    """`{arch}.expert_count`, `expert_used_count` and (Qwen3-MoE, gpt-oss) `expert_feed_forward_length`."""
     if not cfg.family.moe:
         return
     writer.add_expert_count(cfg.num_local_experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
-    if cfg.moe_intermediate_size:
-        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if cfg.moe_intermediate_size or cfg.family.moe == "gpt_oss":
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size or cfg.intermediate_size)
 
 
 def stacked_name(name: str) -> tuple[str, int] | None:

@@ -27,10 +27,11 @@ ARCHITECTURE_MODEL_TYPES = {
     "phi3": "phi3",
     "smollm3": "smollm3",
     "olmo2": "olmo2",
+    "gpt-oss": "gpt_oss",
 }
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3",
-    "olmo2",
+    "olmo2", "gpt-oss",
 )  # fmt: skip
 #: Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved ("normal") rope.
 PERMUTED_QK = ("llama", "smollm3")
@@ -77,7 +78,18 @@ ARCH_BLOCK_TENSORS = {
         "post_ffw_norm": "post_feedforward_layernorm",
     },
     "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
+    # gpt-oss: the MLP's input norm is `post_attention_norm`; the router has a bias; a sink per head.
+    "gpt-oss": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_gate_inp": "mlp.router",
+        "attn_sinks": "self_attn.sinks",
+    },
 }
+#: Block tensors that are a parameter of ours, not a module's weight (`blk.0.attn_sinks.weight` is
+#: `model.layers.0.self_attn.sinks`).
+PARAMETER_KINDS = ("attn_sinks",)
+#: llama.cpp architecture -> our family, for its expert tensors' names.
+_EXPERT_FAMILIES = {"qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
 #: Architectures whose converter stores norm weights w as 1 + w (llama.cpp's Gemma converters).
 NORM_SHIFTED = GEMMA_ARCHITECTURES
 #: llama.cpp's kinds for an expert's gate, up and down matrices.
@@ -98,9 +110,9 @@ def block_tensors(arch: str = "llama") -> dict[str, str]:
 
 def expert_tensors(arch: str = "llama") -> dict[str, str]:
     """llama.cpp's kind for an expert matrix -> HF module name inside a layer, with an `{expert}`
-    placeholder: Mixtral's `block_sparse_moe.experts.{expert}.w1` (llama files), Qwen3-MoE's
-    `mlp.experts.{expert}.gate_proj` (qwen3moe files)."""
-    family = FAMILIES["qwen3_moe" if arch == "qwen3moe" else "mixtral"]
+    placeholder: Mixtral's `block_sparse_moe.experts.{expert}.w1` (llama files), Qwen3-MoE's and
+    gpt-oss's `mlp.experts.{expert}.gate_proj` (qwen3moe, gpt-oss files)."""
+    family = FAMILIES[_EXPERT_FAMILIES.get(arch, "mixtral")]
     return {
         kind: f"{family.moe_block}.experts.{{expert}}.{name}"
         for kind, name in zip(_EXPERT_KINDS, family.expert_names, strict=True)
@@ -128,5 +140,7 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
         return f"{prefix}.{experts[kind[: -len('_exps')]]}.{suffix}"
     block = block_tensors(arch)
     if expert is None and kind in block:
+        if kind in PARAMETER_KINDS:
+            return f"{prefix}.{block[kind]}" if suffix == "weight" else None
         return f"{prefix}.{block[kind]}.{suffix}"
     return None

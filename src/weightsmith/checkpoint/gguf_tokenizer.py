@@ -30,6 +30,15 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k (GPT-4o, gpt-oss): an uppercase run ends a word before a lowercase one, contractions end
+# words, digits in threes, a punctuation run takes trailing newlines and slashes.
+_WORD_CASES = (r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]")
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_O200K_SPLIT = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_WORD_CASES[0]}*{_WORD_CASES[1]}+{_CONTRACTION}"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_WORD_CASES[0]}+{_WORD_CASES[1]}*{_CONTRACTION}"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     # A file without a recorded pre-tokenizer ("default") gets GPT-2's split, as transformers
     # does; llama.cpp's own fallback also splits punctuation runs first.
@@ -42,6 +51,7 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "llama-v3": (_LLAMA3_SPLIT,),
     "llama-bpe": (_LLAMA3_SPLIT,),
     "qwen2": (_QWEN2_SPLIT,),
+    "gpt-4o": (_O200K_SPLIT,),
     "deepseek-r1-qwen": (_QWEN2_SPLIT,),
 }
 # Llama 3 looks a whole pre-token up in the vocabulary before merging (`ignore_merges` in its

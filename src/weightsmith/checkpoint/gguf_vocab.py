@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 # Byte-level pre-tokenizer split sequences -> the `tokenizer.ggml.pre` name written for them. Several
 # llama.cpp names share one split (smollm/starcoder, llama3 aliases); these are the canonical ones.
-_PRE_NAMES = {PRE_TOKENIZER_SPLITS[name]: name for name in ("gpt-2", "llama-bpe", "qwen2", "smollm")}
+_PRE_NAMES = {
+    PRE_TOKENIZER_SPLITS[name]: name for name in ("gpt-2", "llama-bpe", "qwen2", "smollm", "gpt-4o")
+}
 _GPT2_SPLIT = PRE_TOKENIZER_SPLITS["gpt-2"][0]
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 _T = gguf.TokenType

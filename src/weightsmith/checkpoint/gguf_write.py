@@ -40,7 +40,12 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from weightsmith.checkpoint.gguf import LLAMA3_ROPE
-from weightsmith.checkpoint.gguf_experts import add_expert_hparams, check_experts, stack_experts
+from weightsmith.checkpoint.gguf_experts import (
+    add_expert_hparams,
+    check_experts,
+    check_gpt_oss,
+    stack_experts,
+)
 from weightsmith.checkpoint.gguf_gemma import check_gemma
 from weightsmith.checkpoint.gguf_mix import QUANTS, Mix
 from weightsmith.checkpoint.gguf_names import (
@@ -81,9 +86,10 @@ ARCHITECTURES = {
     "phi3": "phi3",
     "smollm3": "smollm3",
     "olmo2": "olmo2",
+    "gpt_oss": "gpt-oss",
 }
 #: llama.cpp architectures whose graph has sliding-window attention (from the file's window).
-_SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
+_SWA_ARCHITECTURES = ("gemma2", "gemma3", "phi3", "gpt-oss")
 
 # Reverse of gguf_names.py's map: HF module name (inside a layer, or global) -> GGUF name.
 _HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
@@ -111,6 +117,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     block = {hf: name for name, hf in block_tensors(arch).items()}
     block.update({hf: f"{kind}_exps" for kind, hf in expert_tensors(arch).items()})  # stacked experts
     match = _HF_LAYER.fullmatch(hf_name)
+    if match is None and hf_name.endswith(".self_attn.sinks"):  # a parameter, not a module's weight
+        match = _HF_LAYER.fullmatch(f"{hf_name}.weight")
     if match is None or match.group(2) not in block:
         return None
     layer, module, suffix = match.groups()
@@ -162,7 +170,9 @@ def _check_supported(cfg: ModelConfig, source: str) -> str:
                 f"graph leaves every {every}th layer without RoPE"
             )
     check_experts(cfg, source)
-    if cfg.rope_type not in ("default", "linear", "llama3", "longrope"):
+    if arch == "gpt-oss":
+        check_gpt_oss(cfg, source)
+    elif cfg.rope_type not in ("default", "linear", "llama3", "longrope"):
         raise CheckpointError(
             f"{source}: {cfg.rope_type} rope scaling cannot be exported to GGUF yet "
             "(supported: none, linear, llama3, longrope)"
@@ -225,6 +235,10 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type
     if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
+    if cfg.rope_type == "yarn":  # gpt-oss (check_gpt_oss)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))  # type: ignore[index]
+        writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling["original_max_position_embeddings"]))  # type: ignore[index]
     add_expert_hparams(writer, cfg)
 
 
