@@ -184,3 +184,24 @@ def test_damaged_expert_tensors_are_refused_by_name(tensors, message):
     with pytest.raises(CheckpointError, match="f: tensor|f: MXFP4") as err:
         list(split_experts(_cfg(), [(n, t, "f") for n, t in tensors]))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_inputs_attend_a_block_of_queries_at_a_time(monkeypatch, masked):
+    """The written-out attention (sinks, caps) bounds its scores by taking queries in blocks: the
+    same outputs and gradients as all at once."""
+    from weightsmith.models import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 37, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 8, generator=g, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, generator=g, requires_grad=True)
+    mask = torch.rand(2, 1, 37, 37, generator=g) > 0.3 if masked else None
+    kw = dict(mask=mask, is_causal=not masked, sinks=sinks, softcap=2.0)
+    whole = attention.attend(q, k, v, **kw)
+    grads = torch.autograd.grad(whole.square().sum(), (q, k, v, sinks))
+    monkeypatch.setattr(attention, "SCORE_BLOCK", 2 * 4 * 37 * 5)  # 5 queries a block: 8 blocks
+    blocks = attention.attend(q, k, v, **kw)
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(blocks.square().sum(), (q, k, v, sinks)), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

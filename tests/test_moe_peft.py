@@ -283,3 +283,83 @@ def test_finetune_option_reaches_the_config():
     ]
     with pytest.raises(ConfigError, match="lora_dropout must be 0 with target_parameters"):
         LoraOptions(target_parameters=["experts.down_proj"]).to_config()
+
+
+# ---- gpt-oss: experts as (E, in, out) parameters, gate and up rows interleaved ------------------
+
+GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5, swiglu_limit=3.0)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory) -> Path:
+    from conftest import save_perturbed_hf
+    from test_qwen3_moe import SHAPE
+
+    path = tmp_path_factory.mktemp("gpt_oss") / "gpt_oss"
+    return save_perturbed_hf(path, transformers.GptOssConfig(**{**SHAPE, **GPT_OSS}), ("bias", "sinks"))
+
+
+GPT_OSS_PEFT = {
+    "experts": dict(
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"gate_up_proj": 3},
+    ),
+    "all-linear": dict(target_modules="all-linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(GPT_OSS_PEFT))
+def test_peft_gpt_oss_adapter_loads_in_ours_and_saves_back_unchanged(case, gpt_oss_dir, tmp_path):
+    peft_model = _peft_model(gpt_oss_dir, **GPT_OSS_PEFT[case])
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = ours(gpt_oss_dir)
+    cfg = load_adapter(model, tmp_path / "peft")
+    ref = _logits(peft_model)
+    with peft_model.disable_adapter():
+        base = _logits(peft_model)
+    assert (_logits(model) - ref).abs().max().item() <= 1e-4
+    assert (ref - base).abs().max().item() > 1e-2
+    save_adapter(model, tmp_path / "back", cfg)
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert set(back) == set(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+def test_gpt_oss_all_linear_is_the_attention_as_in_peft(gpt_oss_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuner = peft.get_peft_model(
+            hf_model(gpt_oss_dir), peft.LoraConfig(target_modules="all-linear")
+        ).base_model
+    mine = {n for n, _, _ in resolve_targets(ours(gpt_oss_dir), LoraConfig())}
+    assert mine == set(tuner.targeted_module_names) and not tuner.targeted_parameter_names
+    assert all(".self_attn." in n for n in mine)
+
+
+def test_our_gpt_oss_expert_adapter_loads_in_peft_and_merges_as_peft_does(gpt_oss_dir, tmp_path):
+    """Per-expert LoRAs of ours (gate without up in one expert, uneven ranks) written as PEFT's
+    target_parameters with gate and up rows interleaved: PEFT computes our logits, and merging
+    gives the weights PEFT merges."""
+    cfg = LoraConfig(
+        r=2,
+        alpha=4,
+        target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
+        rank_pattern={r"experts\.1\.gate_proj": 3},
+    )
+    model = ours(gpt_oss_dir)
+    apply_lora(model, cfg)
+    randomize_adapters(model.named_parameters())
+    save_adapter(model, tmp_path / "adapter", cfg, base_model=str(gpt_oss_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(hf_model(gpt_oss_dir), tmp_path / "adapter").eval()
+    assert (_logits(model) - _logits(peft_model)).abs().max().item() <= 1e-4
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "theirs")
+    merge_and_unload(model)
+    ckpt = load_checkpoint(gpt_oss_dir)
+    save_hf_dir(model, ckpt.tokenizer, tmp_path / "mine")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    mine = load_file(tmp_path / "mine" / "model.safetensors")
+    assert set(mine) == set(theirs)
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-5

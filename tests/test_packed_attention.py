@@ -57,20 +57,25 @@ def test_no_documents_means_no_layout():
     assert pack_documents(torch.full((2, 5), -1)) is None
 
 
-@pytest.mark.parametrize(("n_kv", "softcap"), [(4, None), (2, None), (2, 1.5)])
-def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv, softcap):
+@pytest.mark.parametrize(
+    ("n_kv", "softcap", "sinks"), [(4, None, False), (2, None, False), (2, 1.5, False), (2, None, True)]
+)
+def test_per_document_attention_equals_the_masked_kernel_with_gradients(n_kv, softcap, sinks):
     rows = [[5, 70, 140, 1], [300], [2, 2, 2, 90]]  # four length buckets, single-token documents
     t = 310
     documents = _documents(rows, t)
     g = torch.Generator().manual_seed(0)
     shapes = {"q": (3, 4, t, 16), "k": (3, n_kv, t, 16), "v": (3, n_kv, t, 16)}
+    if sinks:  # gpt-oss: a logit per head in each softmax, trained too
+        shapes["sinks"] = (4,)
     inputs = {k: torch.randn(s, generator=g, requires_grad=True) for k, s in shapes.items()}
     real = (documents >= 0)[:, None, :, None]  # (B, 1, T, 1): padding positions carry no loss
     upstream = torch.randn(3, 4, t, 16, generator=g) * real
+    q, k, v, sink = inputs["q"], inputs["k"], inputs["v"], inputs.get("sinks")
 
-    ours = attend_documents(*inputs.values(), pack_documents(documents), scale=0.3, softcap=softcap)
-    ref = attend(*inputs.values(), mask=_block_causal_mask(documents), scale=0.3, softcap=softcap)
-    if softcap is None:  # and that is SDPA's
+    ours = attend_documents(q, k, v, pack_documents(documents), scale=0.3, softcap=softcap, sinks=sink)
+    ref = attend(q, k, v, mask=_block_causal_mask(documents), scale=0.3, softcap=softcap, sinks=sink)
+    if softcap is None and not sinks:  # and that is SDPA's
         sdpa = F.scaled_dot_product_attention(
             *inputs.values(), attn_mask=_block_causal_mask(documents), scale=0.3, enable_gqa=n_kv != 4
         )
@@ -104,7 +109,7 @@ def test_a_packed_batch_trains_as_under_the_mask(tiny_hf_dir, monkeypatch, check
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "mistral-sliding"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "mistral-sliding", "gpt-oss"])
 def test_sliding_window_layers_keep_their_window_in_packed_rows(family):
     """A document longer than the window: sliding layers keep the mask, full layers go per document;
     each document's logits equal its own forward."""

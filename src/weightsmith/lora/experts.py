@@ -61,6 +61,8 @@ class ParamTarget:
     module: str  #: the module holding it, as a PEFT file names it before nesting
     experts: tuple[tuple[str, ...], ...]  #: per expert, our modules stacked by rows (2-D: one)
     moe: bool  #: inside a MoE layer (saved as target_parameters)
+    #: gpt-oss's gate_up_proj: the parts' rows alternate (gate 0, up 0, gate 1, ...), not stacked.
+    interleaved: bool = False
 
 
 def parameter_targets(model: nn.Module) -> dict[str, ParamTarget]:
@@ -85,9 +87,11 @@ def _add_moe(moe: SparseMoE, name: str, out: dict[str, ParamTarget]) -> None:
     hf = f"{name.rsplit('.', 1)[0]}.mlp"  # Mixtral's block_sparse_moe is `mlp` in transformers 5
     gate, up, down = moe.experts[0].names
     n = len(moe.experts)
+    mixed = moe.router_name == "router"  # gpt-oss
     for key, parts in (("gate_up_proj", (gate, up)), ("down_proj", (down,))):
         experts = tuple(tuple(f"{name}.experts.{e}.{p}" for p in parts) for e in range(n))
-        out[f"{hf}.experts.{key}"] = ParamTarget(f"{hf}.experts.{key}", f"{hf}.experts", experts, True)
+        target = ParamTarget(f"{hf}.experts.{key}", f"{hf}.experts", experts, True, mixed and len(parts) == 2)
+        out[f"{hf}.experts.{key}"] = target
     r = moe.router_name
     out[f"{hf}.{r}.weight"] = ParamTarget(f"{hf}.{r}.weight", f"{hf}.{r}", ((f"{name}.{r}",),), True)
 
@@ -153,6 +157,8 @@ def unfuse_parameters(
         got = {part: _take(out, module, part, shape, key, path) for part, shape in shapes.items()}
         a = got["lora_A"][1].reshape(n, r, -1)  # (E, r, in)
         b = got["lora_B"][1].reshape(sum(rows), r, n)  # (out, r, E)
+        if target.interleaved:  # gpt-oss: gate rows first, then up rows
+            b = torch.cat((b[0::2], b[1::2]))
         for e, parts in enumerate(target.experts):
             for m, (a_m, b_m) in zip(parts, _split_expert(a[e], b[:, :, e], rows), strict=True):
                 out[(m, "lora_A")], out[(m, "lora_B")] = (got["lora_A"][0], a_m), (got["lora_B"][0], b_m)
@@ -251,6 +257,8 @@ def _pack(
         a_list.append(F.pad(a, (0, 0, 0, r - ri)))  # zero rows of A, zero columns of B: same delta
         b_list.append(F.pad(b if si == s else b * (si / s), (0, r - ri)))
     b_all = torch.stack(b_list, dim=-1)  # (out, r, E)
+    if target.interleaved:  # gpt-oss: gate row j, then up row j
+        b_all = torch.stack(b_all.split(rows), dim=1).flatten(0, 1)
     return torch.cat(a_list), b_all.reshape(b_all.shape[0], -1), r, s
 
 

@@ -36,7 +36,7 @@ from weightsmith.lora_config import (
     ALL_LINEAR,
     LoraConfig,
 )
-from weightsmith.models.model import MLP, SparseMoE
+from weightsmith.models.model import MLP, Expert, SparseMoE
 
 
 class LoRADropout(nn.Dropout):
@@ -226,13 +226,16 @@ def _layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _selected(cfg: LoraConfig, name: str, parent: nn.Module, moe_model: bool = False) -> bool:
+def _selected(cfg: LoraConfig, name: str, parent: nn.Module, moe: str = "") -> bool:
     targets = cfg.target_modules
     if targets == ALL_LINEAR:
         # Every decoder-layer linear, not the LM head, as PEFT on transformers 5 resolves it. On a
         # MoE model that is the attention, the experts and the router (PEFT adds them as
         # target_parameters), but not a dense layer's MLP (`mlp_only_layers`): PEFT leaves it out.
-        hit = name.startswith("model.layers.") and not (moe_model and isinstance(parent, MLP))
+        # On gpt-oss PEFT adds no parameters (its experts and router are not linear modules): the
+        # attention only.
+        inside = isinstance(parent, (Expert, SparseMoE)) if moe == "gpt_oss" else isinstance(parent, MLP)
+        hit = name.startswith("model.layers.") and not (moe and inside)
     elif isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     elif name in targets:
@@ -251,8 +254,8 @@ def resolve_targets(
     target_parameters through lora/experts.py); ConfigError when there are none."""
     via = parameter_modules(model, cfg, source)
     family = getattr(getattr(model, "config", None), "family", None)
-    moe_model = bool(getattr(family, "moe", ""))
-    found = [(n, m, p) for n, m, p in _named_linears(model) if n in via or _selected(cfg, n, p, moe_model)]
+    moe = getattr(family, "moe", "")
+    found = [(n, m, p) for n, m, p in _named_linears(model) if n in via or _selected(cfg, n, p, moe)]
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, _, _ in _named_linears(model)})
         raise ConfigError(
