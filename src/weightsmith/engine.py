@@ -27,6 +27,7 @@ from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
 from weightsmith.grammar import Grammar, GrammarCompiler
+from weightsmith.harmony import HarmonyReader, is_harmony
 from weightsmith.models import CausalLM
 from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
@@ -45,6 +46,7 @@ class Delta:
     index: int = 0
     finish_reason: str | None = None  # "stop" | "length"
     completion: Completion | None = None  # set on the last delta
+    reasoning: str = ""  # a reasoning model's new thoughts, apart from the answer (gpt-oss)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    #: gpt-oss's analysis channel (harmony.py); `text` is then its final answer alone.
+    reasoning: str = ""
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -67,6 +71,7 @@ class Completion:
     def to_dict(self) -> dict:
         return {
             "text": self.text,
+            **({"reasoning": self.reasoning} if self.reasoning else {}),
             "finish_reason": self.finish_reason,
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
@@ -91,9 +96,13 @@ class Engine:
         self.tokenizer = tokenizer
         #: decode through torch.compile with static shapes (weightsmith.compiled)
         self.compile = compile
+        #: Whether answers are gpt-oss's channels (harmony.py): text is then the final answer.
+        self.harmony = is_harmony(tokenizer)
         eos = set(tokenizer.eos_token_ids)
         cfg_eos = model.config.eos_token_id
         eos.update([cfg_eos] if isinstance(cfg_eos, int) else (cfg_eos or []))
+        if self.harmony:  # an answer ends with its final message or a call (GGUF files name neither)
+            eos.update(tokenizer.token_to_id(m) for m in ("<|return|>", "<|call|>"))
         self.eos_token_ids = frozenset(eos)
         #: Compiles JSON schemas and tool-call grammars for this tokenizer (grammar.py).
         self.grammars = GrammarCompiler(tokenizer, self.eos_token_ids, model.config.vocab_size)
@@ -178,18 +187,43 @@ class Engine:
         )  # fmt: skip
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)
+        answers = [Answers(self.tokenizer) if self.harmony else None for _ in ids]
         for events in gen:
             now = time.perf_counter()
             for ev in events:
-                row = ev.row
+                row, answer = ev.row, answers[ev.row]
                 first_at[row] = first_at[row] or now
+                text, thought = (ev.text, "") if answer is None else answer.read(ev.token, ev.finish_reason)
                 if ev.finish_reason is None:
-                    if ev.text:
-                        yield Delta(ev.text, row)
+                    if text or thought:
+                        yield Delta(text, row, reasoning=thought)
                     continue
                 state = gen.rows[row]
                 completion = Completion(
-                    texts[row].text, ev.finish_reason, len(ids[row]), len(state.generated), list(state.generated),
-                    prefill_seconds=(first_at[row] or now) - start, decode_seconds=now - (first_at[row] or now),
+                    texts[row].text if answer is None else answer.content, ev.finish_reason, len(ids[row]),
+                    len(state.generated), list(state.generated), prefill_seconds=(first_at[row] or now) - start,
+                    decode_seconds=now - (first_at[row] or now), reasoning="" if answer is None else answer.reasoning,
                 )  # fmt: skip
-                yield Delta(ev.text, row, ev.finish_reason, completion)
+                yield Delta(text, row, ev.finish_reason, completion, thought)
+
+
+class Answers:
+    """One row's answer from a harmony model (gpt-oss), token by token: its final channel as the
+    text, its analysis as the reasoning (harmony.py). Stop strings still end the row (on the raw
+    text) but are not cut from the answer."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.reader = HarmonyReader(tokenizer)
+        self.content = ""
+        self.reasoning = ""
+
+    def read(self, token: int | None, finish_reason: str | None) -> tuple[str, str]:
+        """(new answer text, new reasoning) with `token` (the row's last when `finish_reason`)."""
+        parts = self.reader.feed([] if token is None else [token])
+        if finish_reason is not None:
+            end = self.reader.finish(ended=finish_reason == "stop")
+            parts.content += end.content
+            parts.reasoning += end.reasoning
+        self.content += parts.content
+        self.reasoning += parts.reasoning
+        return parts.content, parts.reasoning

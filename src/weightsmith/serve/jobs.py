@@ -132,9 +132,15 @@ class Job:
             result.add(ev)
             return
         result.add(replace(ev, text=self.tools.feed(ev.index, ev.text, ev.tokens)))
+        result.reasoning += self._reasoning(ev.index)
         if ev.finish_reason is not None:
             rest, result.tool_calls, result.finish_reason = self.tools.finish(ev.index, ev.finish_reason)
             result.text += rest
+            result.reasoning += self._reasoning(ev.index)
+
+    def _reasoning(self, index: int) -> str:
+        """The reasoning the tools reader's last feed or finish read (gpt-oss's analysis)."""
+        return getattr(self.tools, "reasoning", [""] * (index + 1))[index]
 
     def submit(self, scheduler: Scheduler, retry_after: int) -> None:
         try:
@@ -200,13 +206,15 @@ class Job:
     def _chunks(self, builder: ResponseBuilder, ev: SequenceEvent) -> list[dict[str, Any]]:
         """The stream chunks of one event: its text (with tools: what is certainly content), and
         at the end the tool calls and the finish chunk."""
-        text, reason, calls = ev.text, ev.finish_reason, []
+        text, reason, calls, thought = ev.text, ev.finish_reason, [], ""
         if self.tools is not None:
             text = self.tools.feed(ev.index, ev.text, ev.tokens)
+            thought = self._reasoning(ev.index)
             if reason is not None:
                 rest, calls, reason = self.tools.finish(ev.index, reason)
-                text += rest
-        out = [builder.text_chunk(ev.index, text, ev.logprobs)] if text or ev.logprobs else []
+                text, thought = text + rest, thought + self._reasoning(ev.index)
+        out = [builder.reasoning_chunk(ev.index, thought)] if thought else []
+        out += [builder.text_chunk(ev.index, text, ev.logprobs)] if text or ev.logprobs else []
         if calls:
             out += builder.tool_call_chunks(ev.index, calls)
         if reason is not None:

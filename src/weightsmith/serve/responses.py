@@ -35,6 +35,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     completion_tokens: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's, when the answer called tools
+    reasoning: str = ""  # a reasoning model's thoughts apart from its answer (gpt-oss's analysis)
 
     def add(self, ev: SequenceEvent) -> None:
         self.text += ev.text
@@ -145,6 +146,8 @@ class ResponseBuilder:
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
                 if r.tool_calls:
                     message = {"role": "assistant", "content": r.text or None, "tool_calls": r.tool_calls}
+                if r.reasoning:
+                    message["reasoning_content"] = r.reasoning
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
                 )
@@ -181,6 +184,12 @@ class ResponseBuilder:
                 {"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
             )
         return self.chunk({"index": index, "text": text, "logprobs": lp, "finish_reason": None})
+
+    def reasoning_chunk(self, index: int, text: str) -> dict[str, Any]:
+        """Reasoning as vLLM and llama.cpp's server stream it: `delta.reasoning_content`."""
+        return self.chunk(
+            {"index": index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
+        )
 
     def tool_call_chunks(self, index: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A call as OpenAI streams it: its id, type and name with empty arguments, then the

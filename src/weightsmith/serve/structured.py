@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.grammar import Grammar, GrammarError
+from weightsmith.harmony import HarmonyReader, call_arguments, is_harmony
 from weightsmith.llm import LLM
 from weightsmith.serve.schemas import ApiError, ChatRequest, Message, NamedToolChoice, SamplingFields, ToolDef
-from weightsmith.serve.tool_parser import MARKERS, ToolStream, constrained_calls
+from weightsmith.serve.tool_parser import MARKERS, ToolCall, ToolStream, constrained_calls
 from weightsmith.tokenizer import Tokenizer
 
 #: The system text that describes tools to a model whose chat template cannot (Hermes' format).
@@ -52,8 +53,11 @@ class Plan:
     named: str | None = None  # tool_choice naming a function
     native: bool = True  # the template reads `tools` itself
 
-    def output(self, tokenizer: Tokenizer, n: int) -> ToolOutput | None:
-        """The reader of the answers' tool calls (None when the answer is not read for calls)."""
+    def output(self, tokenizer: Tokenizer, n: int) -> ToolOutput | HarmonyOutput | None:
+        """The reader of the answers' tool calls (None when the answer is not read for calls); a
+        harmony model's (gpt-oss) answers are always read, for their reasoning."""
+        if is_harmony(tokenizer) and self.grammar is None:  # a grammar forces the answer's shape
+            return HarmonyOutput(self, tokenizer, n)
         return ToolOutput(self, tokenizer, n) if self.tools is not None else None
 
 
@@ -244,3 +248,34 @@ class ToolOutput:
         if not calls:
             return text, [], reason
         return text if self.plan.grammar is None else "", [c.to_openai() for c in calls], "tool_calls"
+
+
+class HarmonyOutput:
+    """gpt-oss's answers (harmony.py): the analysis channel as reasoning, the final one as content,
+    messages to `functions.NAME` as calls of the offered functions (a call to another name, or
+    when no tools were offered, stays out of the answer, as the model addressed a tool it lacks)."""
+
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, n: int) -> None:
+        self.names = plan.names
+        self.readers = [HarmonyReader(tokenizer) for _ in range(n)]
+        self.reasoning = [""] * n  # what the last feed added to each choice's reasoning
+        self.calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+    def feed(self, index: int, text: str, tokens: list[int]) -> str:
+        """The content `tokens` add (the text decoded without markers is not used)."""
+        parts = self.readers[index].feed(tokens)
+        return self._take(index, parts)
+
+    def finish(self, index: int, reason: str) -> tuple[str, list[dict[str, Any]], str]:
+        """(the rest of the content, the calls as OpenAI dicts, the finish reason); the rest of
+        the reasoning is in `reasoning[index]`."""
+        content = self._take(index, self.readers[index].finish(ended=reason == "stop"))
+        calls = self.calls[index]
+        return content, calls, "tool_calls" if calls else reason
+
+    def _take(self, index: int, parts) -> str:
+        self.reasoning[index] = parts.reasoning
+        for call in parts.calls:
+            if call.name in self.names:
+                self.calls[index].append(ToolCall(call.name, call_arguments(call.arguments)).to_openai())
+        return parts.content

@@ -1,0 +1,165 @@
+"""gpt-oss's answers (the harmony format, harmony.py) read into reasoning, content and calls: whole
+and token by token, with the end token fed or not, calls in both header forms, text that breaks
+the format, and the server's chat response and stream built from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import build_tiny_tokenizer_dir
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as Backend
+
+from weightsmith.harmony import MARKERS, HarmonyReader, is_harmony
+from weightsmith.serve.responses import ChoiceResult, ResponseBuilder
+from weightsmith.serve.scheduler import SequenceEvent
+from weightsmith.serve.structured import HarmonyOutput, Plan, ToolOutput
+from weightsmith.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    """The tiny byte-level tokenizer with harmony's markers as special tokens."""
+    path = tmp_path_factory.mktemp("harmony")
+    build_tiny_tokenizer_dir(path)
+    backend = Backend.from_file(str(path / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken(m, special=True) for m in MARKERS])
+    backend.save(str(path / "tokenizer.json"))
+    return Tokenizer.from_dir(path)
+
+
+def _ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+ANSWER = (
+    "<|channel|>analysis<|message|>The user greets; answer in Köln style 🙂.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>Grüße aus Köln! 你好<|return|>"
+)
+CALL_IN_ROLE = (
+    "<|channel|>analysis<|message|>Need the weather.<|end|>"
+    '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+)
+CALL_IN_CHANNEL = (
+    '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
+)
+
+
+def _read(tok: Tokenizer, text: str, *, one_by_one: bool, drop_last: bool = False):
+    ids = _ids(tok, text)
+    if drop_last:  # the end token is a stop token: the scheduler may not hand it over
+        ids = ids[:-1]
+    reader = HarmonyReader(tok)
+    parts = [reader.feed([t]) for t in ids] if one_by_one else [reader.feed(ids)]
+    parts.append(reader.finish(ended=True))
+    reasoning = "".join(p.reasoning for p in parts)
+    content = "".join(p.content for p in parts)
+    calls = [(c.name, json.loads(c.arguments)) for p in parts for c in p.calls]
+    return reasoning, content, calls
+
+
+def test_the_tokenizer_is_harmonys(tok) -> None:
+    assert is_harmony(tok)
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_reasoning_and_answer_apart(tok, one_by_one, drop_last) -> None:
+    got = _read(tok, ANSWER, one_by_one=one_by_one, drop_last=drop_last)
+    assert got == ("The user greets; answer in Köln style 🙂.", "Grüße aus Köln! 你好", [])
+
+
+@pytest.mark.parametrize("text, city", [(CALL_IN_ROLE, "Paris"), (CALL_IN_CHANNEL, "Oslo")])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_calls_in_either_header(tok, text, city, drop_last) -> None:
+    reasoning, content, calls = _read(tok, text, one_by_one=True, drop_last=drop_last)
+    assert content == "" and calls == [("get_weather", {"city": city})]
+    assert reasoning == ("Need the weather." if text == CALL_IN_ROLE else "")
+
+
+def test_a_call_cut_short_is_not_made(tok) -> None:
+    reader = HarmonyReader(tok)
+    parts = reader.feed(_ids(tok, CALL_IN_CHANNEL)[:-4])
+    assert not parts.calls and not reader.finish(ended=False).calls
+
+
+def test_text_outside_the_format_is_content(tok) -> None:
+    assert _read(tok, "Plain text, no markers.", one_by_one=True) == ("", "Plain text, no markers.", [])
+
+
+def _output(tok: Tokenizer, names: set[str]) -> HarmonyOutput:
+    out = Plan(tools=[{}] if names else None, names=names).output(tok, 1)
+    assert isinstance(out, HarmonyOutput)
+    return out
+
+
+def test_the_chat_response_carries_reasoning_and_offered_calls_only(tok) -> None:
+    """A whole response: reasoning_content beside content; a call to a function the request did
+    not offer is not made (finish reason stays "stop")."""
+    builder = ResponseBuilder(tok, "m", chat=True)
+    for names, reason in (({"get_weather"}, "tool_calls"), ({"get_time"}, "stop")):
+        out = _output(tok, names)
+        result = ChoiceResult()
+        ids = _ids(tok, CALL_IN_ROLE)[:-1]
+        result.text = out.feed(0, "", ids)
+        result.reasoning = out.reasoning[0]
+        rest, result.tool_calls, result.finish_reason = out.finish(0, "stop")
+        message = builder.response([result], 3, False)["choices"][0]["message"]
+        assert message["reasoning_content"] == "Need the weather." and result.finish_reason == reason
+        if names == {"get_weather"}:
+            call = message["tool_calls"][0]["function"]
+            assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
+        else:
+            assert "tool_calls" not in message and message["content"] == ""
+
+
+def test_the_stream_sends_reasoning_then_content(tok) -> None:
+    from weightsmith.serve.jobs import Job
+
+    job = Job.__new__(Job)  # the stream's chunking only; no scheduler
+    job.tools = _output(tok, set())
+    builder = ResponseBuilder(tok, "m", chat=True)
+    ids = _ids(tok, ANSWER)
+    chunks = []
+    for i, t in enumerate(ids):
+        last = i == len(ids) - 1
+        ev = SequenceEvent(0, "", [t], finish_reason="stop" if last else None, completion_tokens=len(ids))
+        chunks += job._chunks(builder, ev)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    assert reasoning == "The user greets; answer in Köln style 🙂." and content == "Grüße aus Köln! 你好"
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert all("reasoning_content" not in d for d in deltas[first_content:])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_other_tokenizers_keep_the_tool_reader(tmp_path) -> None:
+    build_tiny_tokenizer_dir(tmp_path)
+    plain = Tokenizer.from_dir(tmp_path)
+    assert not is_harmony(plain)
+    assert isinstance(Plan(tools=[{}], names={"f"}).output(plain, 1), ToolOutput)
+    assert Plan().output(plain, 1) is None
+
+
+def test_the_engine_keeps_the_final_answer_as_text_and_ends_at_return_or_call(tok) -> None:
+    """`LLM.chat`, `generate` and every command built on the engine see gpt-oss's final answer as
+    the text (its analysis as `reasoning`), and its answers end at <|return|> or <|call|>."""
+    import torch
+
+    from weightsmith.engine import Answers, Engine
+    from weightsmith.models import CausalLM, ModelConfig
+
+    ids = _ids(tok, ANSWER)
+    answer = Answers(tok)
+    pieces = [answer.read(t, "stop" if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+    assert "".join(c for c, _ in pieces) == answer.content == "Grüße aus Köln! 你好"
+    assert "".join(r for _, r in pieces) == answer.reasoning == "The user greets; answer in Köln style 🙂."
+    shape = dict(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1)
+    cfg = ModelConfig.from_hf({"model_type": "llama", "num_attention_heads": 2, **shape})
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    engine = Engine(model, tok, cpu_decode=False)
+    assert engine.harmony
+    assert {tok.token_to_id("<|return|>"), tok.token_to_id("<|call|>")} <= engine.eos_token_ids
