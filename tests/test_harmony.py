@@ -163,3 +163,20 @@ def test_the_engine_keeps_the_final_answer_as_text_and_ends_at_return_or_call(to
     engine = Engine(model, tok, cpu_decode=False)
     assert engine.harmony
     assert {tok.token_to_id("<|return|>"), tok.token_to_id("<|call|>")} <= engine.eos_token_ids
+
+
+def test_a_whole_response_collects_reasoning_content_and_calls(tok) -> None:
+    """The non-streamed path (`Job._add`, event by event) gathers what the stream sends."""
+    from weightsmith.serve.jobs import Job
+
+    job = Job.__new__(Job)
+    job.tools = _output(tok, {"get_weather"})
+    result = ChoiceResult()
+    ids = _ids(tok, CALL_IN_ROLE)
+    for i in range(0, len(ids), 3):  # several tokens an event
+        last = i + 3 >= len(ids)
+        job._add(result, SequenceEvent(0, "", ids[i : i + 3], finish_reason="stop" if last else None))
+    message = ResponseBuilder(tok, "m", chat=True).response([result], 1, False)["choices"][0]["message"]
+    assert message["reasoning_content"] == "Need the weather." and message["content"] is None
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert result.finish_reason == "tool_calls"
