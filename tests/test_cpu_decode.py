@@ -117,6 +117,13 @@ def model_dirs(tiny_hf_dir, tmp_path_factory):
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
             mlp_only_layers=[0], tie_word_embeddings=False,
         ),
+        # Sinks, biased router and experts, the clamped SwiGLU (a limit of 0.5 that random values
+        # pass), a sliding layer then a full one, YaRN.
+        "gpt-oss": lambda p: _save_hf(
+            p, tiny_hf_dir, transformers.GptOssForCausalLM, transformers.GptOssConfig, seed=12, head_dim=16,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.5,
+            layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+        ),
     }  # fmt: skip
 
     def get(name):
@@ -134,7 +141,7 @@ def _load(path, **kw):
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", ".sinks")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "norm" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
@@ -194,6 +201,9 @@ VARIANTS = {
     "mixtral-int4": ("mixtral", (4, 32, False)),
     "qwen3-moe-fp32": ("qwen3-moe", None),
     "qwen3-moe-int8": ("qwen3-moe", (8, None, False)),
+    "gpt-oss-fp32": ("gpt-oss", None),
+    "gpt-oss-columns": ("gpt-oss", _columns),
+    "gpt-oss-int4": ("gpt-oss", (4, 32, False)),
 }
 
 

@@ -279,17 +279,18 @@ def test_half_precision_close_to_fp32(dtype):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_gpt_oss_decodes_through_the_cpu_layout_without_the_c_step(native_lib):
-    """The CPU decode layout (packed q/k/v, split matmuls) keeps gpt-oss's sinks and biased,
-    clamped experts; the fused C step, which has neither, declines the model."""
-    from weightsmith.cpu_decode import fused, prepare_cpu_decode
+def test_gpt_oss_decodes_through_the_cpu_layout_and_the_c_step(native_lib):
+    """The CPU decode layout (packed q/k/v, split matmuls) and the fused C step keep gpt-oss's
+    sinks and biased, clamped experts: decoding gives transformers' logits."""
+    from weightsmith.cpu_decode import prepare_cpu_decode
+    from weightsmith.cpu_decode.fused import FusedStep
     from weightsmith.generate import decode_one_token, prefill
     from weightsmith.kv_cache import KVCache
 
     hf, ours = make_pair("gpt-oss", seed=4)
     plan = prepare_cpu_decode(ours, splits=2)
-    assert not fused.supports(ours) and plan.fused() is None
-    assert plan.decode_step(decode_one_token) is decode_one_token
+    step = plan.decode_step(decode_one_token)
+    assert isinstance(step, FusedStep)
     torch.manual_seed(3)
     seq = torch.randint(0, BASE["vocab_size"], (1, 24))
     with torch.no_grad():
@@ -297,7 +298,7 @@ def test_gpt_oss_decodes_through_the_cpu_layout_without_the_c_step(native_lib):
     cache = KVCache.for_model(ours.config, 1, 32, dtype=torch.float32, device="cpu")
     got = [prefill(ours, cache, [seq[0, :9].tolist()], torch.device("cpu"))[0]]
     for t in range(9, 23):
-        got.append(decode_one_token(ours, cache, [int(seq[0, t])], torch.device("cpu"))[0])
+        got.append(step(ours, cache, [int(seq[0, t])], torch.device("cpu"))[0])
     assert (torch.stack(got) - ref[8:23]).abs().max().item() <= 1e-4
 
 

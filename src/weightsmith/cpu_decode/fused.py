@@ -35,6 +35,7 @@ from torch import nn
 from weightsmith.cpu_decode.rope_table import RopeTable
 from weightsmith.cpu_decode.views import (
     ACTS,
+    CLAMPED_SWIGLU,
     NORMS,
     PROJECTIONS,
     LayerStruct,
@@ -130,9 +131,11 @@ def _layer_norms(block: nn.Module) -> list[nn.Module | None]:
 
 
 def _watched_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module whose tensors the C step reads: the projections and the norms."""
+    """Every module whose tensors the C step reads: the projections, the norms and the attention
+    modules holding sinks (gpt-oss)."""
     norms = [n for block in model.model.layers for n in _layer_norms(block) if n is not None]
-    return _projection_modules(model) + norms + [model.model.norm]
+    sinks = [b.self_attn for b in model.model.layers if hasattr(b.self_attn, "sinks")]
+    return _projection_modules(model) + norms + [model.model.norm] + sinks
 
 
 class FusedDecode:
@@ -181,7 +184,9 @@ class FusedDecode:
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, n_heads=cfg.num_attention_heads,
             n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, inter=self.inter,
             eps=model.model.norm.eps, layers=layers, final_norm=self._norm(model.model.norm), head=head,
-            rot_dim=cfg.rotary_dim, act=ACTS[cfg.hidden_act], qk_whole=int(cfg.family.qk_norm_whole),
+            rot_dim=cfg.rotary_dim, qk_whole=int(cfg.family.qk_norm_whole),
+            act=ACTS[cfg.hidden_act] if cfg.swiglu_limit is None else CLAMPED_SWIGLU,
+            swiglu_alpha=cfg.swiglu_alpha or 0.0, swiglu_limit=cfg.swiglu_limit or 0.0,
             attn_scale=attn.scale or 0.0, attn_cap=cfg.attn_logit_softcapping or 0.0,
             embed_scale=1.0 if embed_scale is None else embed_scale, lora_rank=self.lora_rank,
             n_adapters=len(self.adapter_names),
@@ -222,6 +227,11 @@ class FusedDecode:
             self.inter = max(self.inter, projs[4].n)
         for name, norm in zip(NORMS, _layer_norms(block), strict=True):
             setattr(layer, name, self._norm(norm))
+        sinks = getattr(block.self_attn, "sinks", None)
+        if sinks is not None:  # gpt-oss
+            if not float_cpu(sinks):
+                return False
+            layer.sinks = fp32_copy(sinks, self.keep, self.copies).data_ptr()
         windowed = cfg.layer_types[i] == "sliding_attention"
         layer.window = cfg.sliding_window if windowed and cfg.sliding_window else 0
         local = hasattr(self.model, "inv_freq_local")  # Gemma 3: sliding layers turn with their own tables
@@ -373,13 +383,11 @@ def cache_fits(cache: KVCache) -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether the C step implements this architecture: every family (dense or a mixture of
-    experts) with SwiGLU or Gemma's tanh-GELU MLPs and grouped-query attention, but gpt-oss (its
-    sinks, clamped SwiGLU and biased experts run on the PyTorch path)."""
+    experts) with SwiGLU, Gemma's tanh-GELU or gpt-oss's clamped SwiGLU MLPs and grouped-query
+    attention (with gpt-oss's sinks)."""
     cfg = model.config
     return (
         cfg.hidden_act in ACTS
-        and not cfg.family.sinks
-        and cfg.swiglu_limit is None
         and cfg.num_attention_heads % cfg.num_key_value_heads == 0
         and float_cpu(model.model.embed_tokens.weight)
     )

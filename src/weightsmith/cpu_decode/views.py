@@ -47,6 +47,7 @@ class LayerStruct(ctypes.Structure):
         + [(f, _i64) for f in ("n_experts", "top_k", "renorm")]
         + [("router", Proj), ("experts", ctypes.POINTER(Proj)), ("lora", ctypes.POINTER(LoraView) * 7)]
         + [("router_lora", ctypes.POINTER(LoraView)), ("expert_lora", ctypes.POINTER(LoraView))]
+        + [("sinks", _ptr)]
     )
 
 
@@ -63,12 +64,14 @@ class ModelStruct(ctypes.Structure):
     ] + [(f, _i64) for f in ("rot_dim", "act", "qk_whole")] + [
         (f, ctypes.c_double) for f in ("attn_scale", "attn_cap", "embed_scale")
     ] + [(f, _ptr) for f in ("cos_local", "sin_local")] + [("lora_rank", _i64), ("n_adapters", _i64)] + [
-        ("row_adapter", _ptr),
+        ("row_adapter", _ptr), ("swiglu_alpha", ctypes.c_double), ("swiglu_limit", ctypes.c_double),
     ]  # fmt: skip
 
 
-#: The C step's activations (`ModelStruct.act`) by config.json name.
+#: The C step's activations (`ModelStruct.act`) by config.json name; 2 is gpt-oss's clamped SwiGLU
+#: (a "silu" model with `swiglu_limit`).
 ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
+CLAMPED_SWIGLU = 2
 
 
 def fp32_cpu(t: torch.Tensor | None) -> bool:

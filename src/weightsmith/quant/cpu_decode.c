@@ -63,6 +63,7 @@ typedef struct {
     const ws_lora *lora[7]; /* the model's adapters (n_adapters each) on q, k, v, o, gate, up, down; NULL: none */
     const ws_lora *router_lora; /* the router's adapters (n_adapters), NULL: none */
     const ws_lora *expert_lora; /* (n_experts, 3, n_adapters): each expert's gate, up, down's; NULL: none */
+    const float *sinks;         /* gpt-oss: a logit per query head in each softmax; NULL: none */
 } ws_layer;
 
 typedef struct {
@@ -77,12 +78,13 @@ typedef struct {
     const void *embed; /* the token embeddings (vocab, hidden), rows embed_ld elements apart */
     int64_t embed_ld, embed_bf16;
     int64_t rot_dim;  /* the first rot_dim of each head turn (a partial rotary factor); the tables' width */
-    int64_t act;      /* 0: SiLU, 1: GELU, tanh approximation (Gemma) */
+    int64_t act;      /* 0: SiLU, 1: GELU, tanh approximation (Gemma), 2: gpt-oss's clamped SwiGLU */
     int64_t qk_whole; /* QK-norm over each projection's whole output (OLMo 2), else over each head */
     double attn_scale, attn_cap, embed_scale; /* 0: 1/sqrt(D); 0: no cap; 1: no scale */
     const float *cos_local, *sin_local;       /* the local layers' tables (rope == 2) */
     int64_t lora_rank, n_adapters; /* the largest adapter rank, how many adapters (0: none) */
     const int64_t *row_adapter;    /* per call: each row's adapter, -1: none */
+    double swiglu_alpha, swiglu_limit; /* act 2 (gpt-oss): g clamped above, u to +-limit */
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -135,6 +137,7 @@ typedef struct {
     float *scores; /* (B, n_heads, stride): the step's scratch */
     int64_t stride;
     float scale, cap; /* the scores' scale and soft-cap (0: none) */
+    const float *sinks; /* the layer's sink logit per query head (NULL: none) */
 } ws_attn;
 
 /* Positions per item of the scores, floats of head_dim per item of the values, query heads that
@@ -260,12 +263,14 @@ static void attn_scores(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int
     }
 }
 
-/* Scores of query head h of row b -> its softmax weights (max subtracted, exact expf). */
+/* Scores of query head h of row b -> its softmax weights (max subtracted, exact expf); a sink
+ * (gpt-oss) is one more logit whose weight goes to no value. */
 static void attn_softmax(const ws_attn *a, int64_t b, int64_t h) {
     const int64_t n = a->pos[b] - attn_lo(a, b) + 1;
     float *s = a->scores + (b * a->m->n_heads + h) * a->stride, top = -INFINITY, total = 0;
 #pragma omp simd reduction(max : top)
     for (int64_t t = 0; t < n; t++) top = s[t] > top ? s[t] : top;
+    if (a->sinks && a->sinks[h] > top) top = a->sinks[h];
     const int64_t n8 = n & ~(int64_t)7;
     vf8 sum = {0};
     for (int64_t t = 0; t < n8; t += 8) {
@@ -275,6 +280,7 @@ static void attn_softmax(const ws_attn *a, int64_t b, int64_t h) {
     }
     total = hsum8(sum);
     for (int64_t t = n8; t < n; t++) total += (s[t] = expf(s[t] - top));
+    if (a->sinks) total += expf(a->sinks[h] - top);
 #pragma omp simd
     for (int64_t t = 0; t < n; t++) s[t] /= total;
 }
@@ -451,9 +457,32 @@ static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t
     return 0;
 }
 
-/* g <- act(g) * u, n floats: SiLU or GELU's tanh form, as the model's MLPs and experts take. */
+/* g <- c sigmoid(alpha c) (clamp(u, -limit, limit) + 1), c = min(g, limit), n floats: gpt-oss's
+ * experts, in the PyTorch model's order (c * sigmoid, then times u + 1). */
+static void clamped_swiglu(float *g, const float *u, int64_t n, float alpha, float limit) {
+    const int64_t n8 = n & ~(int64_t)7;
+    const vf8 lim = (vf8){0} + limit;
+    for (int64_t i = 0; i < n8; i += 8) {
+        vf8 c = load8(g + i), up = load8(u + i);
+        c = sel8(c > lim, lim, c);
+        up = sel8(up > lim, lim, up);
+        up = sel8(up < -lim, -lim, up);
+        const vf8 y = c * (1.0f / ((vf8){0} + 1.0f + vexp8(-(c * alpha)))) * (up + 1.0f);
+        memcpy(g + i, &y, sizeof y);
+    }
+    for (int64_t i = n8; i < n; i++) {
+        const float c = g[i] > limit ? limit : g[i];
+        const float up = u[i] > limit ? limit : u[i] < -limit ? -limit : u[i];
+        g[i] = c * (1.0f / (1.0f + expf(-(c * alpha)))) * (up + 1.0f);
+    }
+}
+
+/* g <- act(g) * u, n floats: SiLU, GELU's tanh form or gpt-oss's clamped SwiGLU, as the model's
+ * MLPs and experts take. */
 static void act_mul(const ws_model *m, float *g, const float *u, int64_t n) {
-    if (m->act == 1)
+    if (m->act == 2)
+        clamped_swiglu(g, u, n, (float)m->swiglu_alpha, (float)m->swiglu_limit);
+    else if (m->act == 1)
         gelu_mul(g, u, n);
     else
         silu_mul(g, u, n);
@@ -618,7 +647,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
                 kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
             }
         }
-        attn.layer = l, attn.window = L->window;
+        attn.layer = l, attn.window = L->window, attn.sinks = L->sinks;
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
