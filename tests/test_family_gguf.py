@@ -254,3 +254,27 @@ def test_phi3_partial_rotary_and_longrope_in_llama_cpp(case, tokens, n_ctx, tmp_
         assert (back.model(ids)[0] - ours).abs().max().item() <= 1e-5
     theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids[0].tolist(), n_ctx)
     assert (theirs - ours).abs().max().item() <= 1e-3 * max(1.0, ours.abs().max().item())
+
+
+def test_gpt_oss_mxfp4_moe_export_is_what_gpt_oss_ships(sources, tmp_path):
+    """`--quant mxfp4_moe` (llama.cpp's MXFP4_MOE): the stacked experts in MXFP4, every other
+    matrix Q8_0; kept quantized, the experts run from the file's MXFP4 blocks; llama.cpp runs it
+    (its activations rounded to 8 bits: close, not equal)."""
+    from weightsmith.quant.ggml_linear import GGMLLinear
+
+    src = load_checkpoint(sources["gpt-oss"])
+    out = export_gguf(src, tmp_path / "m.gguf", "mxfp4_moe")
+    assert out["tensors"]["MXFP4"] == 3 * 2 and out["tensors"]["Q8_0"] > 0  # gate, up, down x 2 layers
+    assert read_gguf(tmp_path / "m.gguf").file_type == "MXFP4_MOE"
+    kept = load_checkpoint(tmp_path / "m.gguf", keep_quantized=True)
+    expert = kept.model.model.layers[1].mlp.experts[2].down_proj
+    assert isinstance(expert, GGMLLinear) and expert.type_name == "MXFP4"
+    ref = _logits(src.model)
+    floats = _logits(load_checkpoint(tmp_path / "m.gguf").model)
+    scale = ref.abs().max().item()
+    assert (floats - ref).abs().max().item() < 0.05 * scale  # 4-bit experts
+    assert (_logits(kept.model) - floats).abs().max().item() < 2e-3 * scale  # the kernels' input rounding
+    pytest.importorskip("llama_cpp")
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", IDS[0].tolist(), 64)
+    assert (theirs - floats[0]).abs().max().item() < 0.02 * scale
+    assert (theirs.argmax(-1) == floats[0].argmax(-1)).float().mean() >= 0.9

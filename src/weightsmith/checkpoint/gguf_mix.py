@@ -63,6 +63,8 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q5_0": (QT.Q5_0, _FT.MOSTLY_Q5_0),
     "q4_1": (QT.Q4_1, _FT.MOSTLY_Q4_1),
     "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
+    # llama.cpp's MXFP4_MOE (what gpt-oss ships as): the experts in MXFP4, every other matrix Q8_0.
+    "mxfp4_moe": (QT.Q8_0, _FT.MOSTLY_MXFP4_MOE),
 }
 _K_FALLBACK = {
     QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
@@ -106,6 +108,9 @@ class Mix:
             return QT.F32
         if base == QT.F16:
             return QT.F16
+        if self.quant == "mxfp4_moe":  # stacked experts (E, out, in): MXFP4; the rest Q8_0
+            chosen = QT.MXFP4 if len(shape) == 3 else QT.Q8_0
+            return chosen if shape[-1] % _BLOCK == 0 else self._fallback(name, chosen, QT.F16)
         chosen = self._rule(name, shape[-1], base)
         wanted = chosen
         if chosen in _K_FALLBACK and shape[-1] % QK_K:
@@ -114,6 +119,10 @@ class Mix:
             chosen = QT.F16
         if chosen != wanted:
             self.fallbacks[name] = f"{wanted.name} -> {chosen.name}"
+        return chosen
+
+    def _fallback(self, name: str, wanted: QT, chosen: QT) -> QT:
+        self.fallbacks[name] = f"{wanted.name} -> {chosen.name}"
         return chosen
 
     def _rule(self, name: str, cols: int, base: QT) -> QT:
@@ -167,6 +176,8 @@ class Mix:
             return np.ascontiguousarray(w, dtype=np.float32)
         if qtype == QT.F16:
             return np.ascontiguousarray(w, dtype=np.float16)
+        if qtype == QT.MXFP4:  # gguf-py's port of ggml's reference quantizer (no weighted fit)
+            return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
         importance = None
         if self.imatrix is not None and qtype != QT.Q8_0:
             importance = self.imatrix.importance(name, w.shape)
