@@ -180,3 +180,30 @@ def test_a_whole_response_collects_reasoning_content_and_calls(tok) -> None:
     assert message["reasoning_content"] == "Need the weather." and message["content"] is None
     assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert result.finish_reason == "tool_calls"
+
+
+def test_chat_shows_the_thoughts_apart_and_keeps_only_the_answer() -> None:
+    """`weightsmith chat` with a reasoning model: the thoughts first (marked), then the answer; the
+    history keeps the answer alone (gpt-oss's template drops earlier turns' analysis anyway)."""
+    import io
+    from types import SimpleNamespace
+
+    from weightsmith.cli.run import _Thoughts
+    from weightsmith.commands.run import ChatSession
+    from weightsmith.engine import Delta
+    from weightsmith.sampling import SamplingParams
+
+    deltas = [
+        Delta("", reasoning="Greet "),
+        Delta("", reasoning="back."),
+        Delta("Hel"),
+        Delta("lo!", 0, "stop"),
+    ]
+    engine = SimpleNamespace(stream=lambda ids, sp: iter(deltas), context_length=64, encode_prompt=list)
+    tokenizer = SimpleNamespace(apply_chat_template=lambda messages, **kw: [1, 2, 3])
+    llm = SimpleNamespace(engine=engine, tokenizer=tokenizer, sampling_params=lambda **kw: SamplingParams())
+    session = ChatSession(llm, {})
+    out = io.StringIO()
+    session.reply("hi", out.write, _Thoughts(out, interactive=False))
+    assert out.getvalue() == "[thinking] Greet back.\n[answer] Hello!"
+    assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]

@@ -72,7 +72,7 @@ def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool, 
             out.flush()
             continue
         try:
-            session.reply(text, lambda s: (out.write(s), out.flush()))
+            session.reply(text, lambda s: (out.write(s), out.flush()), _Thoughts(out, interactive))
         except KeyboardInterrupt:
             if not interactive:
                 raise
@@ -81,6 +81,27 @@ def run_chat(cfg: ChatConfig, *, stdin: TextIO, out: TextIO, interactive: bool, 
         out.flush()
         turns += 1
     return {"turns": turns}
+
+
+class _Thoughts:
+    """How a reasoning model's thoughts (gpt-oss's analysis) are shown before its answer: dimmed on
+    a terminal, else after "[thinking]", so a transcript tells them apart; `end` when the answer
+    starts puts it on a line of its own."""
+
+    def __init__(self, out: TextIO, interactive: bool) -> None:
+        self.out, self.interactive, self.started = out, interactive, False
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            self.out.write("\x1b[2m" if self.interactive else "[thinking] ")
+            self.started = True
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.started:
+            self.out.write("\x1b[0m\n" if self.interactive else "\n[answer] ")
+            self.started = False
 
 
 def _read_line(stdin: TextIO, out: TextIO, interactive: bool) -> str | None:

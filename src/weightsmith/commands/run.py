@@ -215,7 +215,10 @@ class ChatSession:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + self.history
 
-    def reply(self, text: str, on_text: TextSink) -> dict:
+    def reply(self, text: str, on_text: TextSink, on_reasoning: TextSink | None = None) -> dict:
+        """Answer `text`, streaming the answer to `on_text` and a reasoning model's thoughts (gpt-oss's
+        analysis, never kept in the history) to `on_reasoning`, whose `end()`, if it has one, is
+        called when the answer starts."""
         self.history.append({"role": "user", "content": text})
         sp = self.llm.sampling_params(**self.params)
         if self.guard is not None:
@@ -223,7 +226,11 @@ class ChatSession:
         ids = self._fitting_prompt(sp.max_tokens)
         answer, completion = [], None
         for delta in self.llm.engine.stream(ids, sp):
+            if delta.reasoning and on_reasoning is not None:
+                on_reasoning(delta.reasoning)
             if delta.text:
+                if not answer and hasattr(on_reasoning, "end"):
+                    on_reasoning.end()  # type: ignore[union-attr]
                 on_text(delta.text)
                 answer.append(delta.text)
             completion = delta.completion or completion
