@@ -63,9 +63,10 @@ QUANTS: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "q5_0": (QT.Q5_0, _FT.MOSTLY_Q5_0),
     "q4_1": (QT.Q4_1, _FT.MOSTLY_Q4_1),
     "q4_0": (QT.Q4_0, _FT.MOSTLY_Q4_0),
-    # llama.cpp's MXFP4_MOE (what gpt-oss ships as): the experts in MXFP4, every other matrix Q8_0.
-    "mxfp4_moe": (QT.Q8_0, _FT.MOSTLY_MXFP4_MOE),
 }
+if hasattr(_FT, "MOSTLY_MXFP4_MOE"):  # gguf 0.17+ knows MXFP4
+    # llama.cpp's MXFP4_MOE (what gpt-oss ships as): the experts in MXFP4, every other matrix Q8_0.
+    QUANTS["mxfp4_moe"] = (QT.Q8_0, _FT.MOSTLY_MXFP4_MOE)
 _K_FALLBACK = {
     QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
     QT.IQ4_XS: QT.IQ4_NL,
@@ -176,7 +177,7 @@ class Mix:
             return np.ascontiguousarray(w, dtype=np.float32)
         if qtype == QT.F16:
             return np.ascontiguousarray(w, dtype=np.float16)
-        if qtype == QT.MXFP4:  # gguf-py's port of ggml's reference quantizer (no weighted fit)
+        if qtype.name == "MXFP4":  # gguf-py's port of ggml's reference quantizer (no weighted fit)
             return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
         importance = None
         if self.imatrix is not None and qtype != QT.Q8_0:
