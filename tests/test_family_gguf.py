@@ -260,8 +260,11 @@ def test_gpt_oss_mxfp4_moe_export_is_what_gpt_oss_ships(sources, tmp_path):
     """`--quant mxfp4_moe` (llama.cpp's MXFP4_MOE): the stacked experts in MXFP4, every other
     matrix Q8_0; kept quantized, the experts run from the file's MXFP4 blocks; llama.cpp runs it
     (its activations rounded to 8 bits: close, not equal)."""
+    from weightsmith.checkpoint.gguf_mix import QUANTS
     from weightsmith.quant.ggml_linear import GGMLLinear
 
+    if "mxfp4_moe" not in QUANTS:
+        pytest.skip("the installed gguf package predates MXFP4")
     src = load_checkpoint(sources["gpt-oss"])
     out = export_gguf(src, tmp_path / "m.gguf", "mxfp4_moe")
     assert out["tensors"]["MXFP4"] == 3 * 2 and out["tensors"]["Q8_0"] > 0  # gate, up, down x 2 layers
