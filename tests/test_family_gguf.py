@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_perturbed_hf
-from test_model_parity import PHI3_LONGROPE
+from test_model_parity import GPT_OSS, GPT_OSS_ROPE, PHI3_LONGROPE
 
 from weightsmith.checkpoint.gguf import read_gguf
 from weightsmith.checkpoint.gguf_quants import gguf_int4_layers
@@ -57,20 +57,10 @@ FAMILIES = {
     "gpt-oss": (
         transformers.GptOssConfig,
         dict(
-            head_dim=16,
-            num_local_experts=4,
-            num_experts_per_tok=2,
+            **GPT_OSS,
             sliding_window=5,
             layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 150000.0,
-                "factor": 4.0,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "truncate": False,
-                "original_max_position_embeddings": 32,
-            },
+            rope_parameters=dict(GPT_OSS_ROPE, original_max_position_embeddings=32),
         ),
     ),
 }

@@ -38,6 +38,19 @@ PHI3_LONGROPE = dict(
         "short_factor": [1.0, 1.1, 1.3, 1.7],
     },
 )
+#: gpt-oss's YaRN (transformers' config default) over a short original context, so that the ramp
+#: bends the frequencies a short test sequence uses.
+GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 4.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 64,
+}
+#: A tiny gpt-oss's experts and heads (test_family_gguf.py, test_cpu_decode.py take them too).
+GPT_OSS = dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(rope_theta=10000.0)),
     "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
@@ -140,21 +153,11 @@ FAMILIES = {
     "gpt-oss": (
         transformers.GptOssConfig,
         dict(
-            head_dim=16,
-            num_local_experts=4,
-            num_experts_per_tok=2,
+            **GPT_OSS,
             sliding_window=7,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             swiglu_limit=1.5,
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 150000.0,
-                "factor": 4.0,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "truncate": False,
-                "original_max_position_embeddings": 64,
-            },
+            rope_parameters=GPT_OSS_ROPE,
             pad_token_id=0,
         ),
     ),
