@@ -57,11 +57,11 @@ def test_greedy_tokens_equal_the_eager_step(llm):
     assert ours == eager
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "smollm3", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "smollm3", "olmo2", "gpt-oss"])
 def test_other_layers_decode_in_the_graph_cache(family):
     """Sliding layers (window 7, well inside the 128-entry bucket), Gemma 2's capped scores (masked
-    bucket entries and all), Gemma 3's two RoPE bases and SmolLM3's layers without RoPE: the eager
-    step's greedy tokens."""
+    bucket entries and all), Gemma 3's two RoPE bases, SmolLM3's layers without RoPE and gpt-oss's
+    sinks (a softmax over masked bucket entries too) and experts: the eager step's greedy tokens."""
     from test_model_parity import make_pair
 
     model = make_pair(family, seed=3)[1]
