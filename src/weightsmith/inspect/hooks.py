@@ -20,7 +20,8 @@ Hook points, shapes as TransformerLens's (B batch, T tokens, S keys, H heads, D 
 Gemma's blocks norm each output too: `ln1_post.` and `ln2_post.` hooks (before `hook_attn_out`
 and `hook_mlp_out`, which are the normed outputs), `ln2.` being its pre-feed-forward norm;
 `attn.hook_attn_scores` are Gemma 2's after its cap; `hook_embed` is before Gemma's sqrt(hidden)
-scale (`blocks.0.hook_resid_pre` after it).
+scale (`blocks.0.hook_resid_pre` after it). gpt-oss's `attn.hook_pattern` rows sum to less than 1:
+its sink's share of each softmax attends to no key.
 `hook_q`/`hook_k` are before RoPE: they are recovered from the rotated values by the inverse
 rotation (exact up to rounding), so whatever a family does before RoPE is kept.
 
@@ -212,7 +213,13 @@ class HookedAttention(_Hooked):
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         scores = self._hook("hook_attn_scores", scores)
-        pattern = self._hook("hook_pattern", F.softmax(scores.float(), dim=-1).to(q.dtype))
+        sinks = getattr(self, "sinks", None)
+        if sinks is None:
+            probs = F.softmax(scores.float(), dim=-1)
+        else:  # gpt-oss: the sink's logit joins the softmax, and its share attends to nothing
+            sink = sinks.float().view(1, -1, 1, 1).expand(b, -1, t, 1)
+            probs = F.softmax(torch.cat((scores.float(), sink), dim=-1), dim=-1)[..., :-1]
+        pattern = self._hook("hook_pattern", probs.to(q.dtype))
         z = self._hook("hook_z", _heads_last(pattern @ v))  # (B, T, H, D)
         return self.o_proj(z.reshape(b, t, self.n_heads * self.head_dim))
 
