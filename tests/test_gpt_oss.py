@@ -205,3 +205,49 @@ def test_long_inputs_attend_a_block_of_queries_at_a_time(monkeypatch, masked):
     torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-6)
     for a, b in zip(torch.autograd.grad(blocks.square().sum(), (q, k, v, sinks)), grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_mxfp4_checkpoint_kept_quantized_runs_its_blocks(tmp_path, native_lib):
+    """`--keep-quantized` on OpenAI's MXFP4 folder: each expert a GGMLLinear of ggml MXFP4 blocks
+    (the file's codes and exponents, reordered: the same weights bit for bit), 17 bytes per 32
+    weights resident; the logits are the float load's up to the kernels' int8 input rounding (0.5% of
+    their scale), through the PyTorch step and the fused C step."""
+    from weightsmith.cpu_decode import prepare_cpu_decode
+    from weightsmith.cpu_decode.fused import FusedStep
+    from weightsmith.generate import decode_one_token, prefill
+    from weightsmith.kv_cache import KVCache
+    from weightsmith.quant.ggml_linear import GGMLLinear
+
+    hf = _hf_model(seed=5)
+    _mxfp4_checkpoint(tmp_path / "oss", hf)
+    floats = load_checkpoint(tmp_path / "oss").model
+    kept = load_checkpoint(tmp_path / "oss", keep_quantized=True)
+    assert kept.quantization == "MXFP4 (experts kept as blocks)"
+    layers = [m for m in kept.model.modules() if isinstance(m, GGMLLinear)]
+    assert len(layers) == 2 * EXPERTS * 3 and {m.type_name for m in layers} == {"MXFP4"}
+    expert = kept.model.model.layers[0].mlp.experts[1]
+    flat = floats.model.layers[0].mlp.experts[1]
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(expert, part)
+        assert torch.equal(layer.dequantize(torch.float32), getattr(flat, part).weight)
+        assert layer.qweight.numel() == layer.out_features * layer.in_features // 32 * 17
+        assert torch.equal(layer.bias, getattr(flat, part).bias)
+    ids = torch.randint(0, TINY_SHAPE["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = floats(ids)
+        assert (kept.model(ids) - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+    step = prepare_cpu_decode(kept.model).decode_step(decode_one_token)
+    assert isinstance(step, FusedStep)
+    cache = KVCache.for_model(kept.config, 1, 32, dtype=torch.float32, device="cpu")
+    prefill(kept.model, cache, [ids[0, :8].tolist()], torch.device("cpu"))
+    got = torch.stack([step(kept.model, cache, [int(t)], torch.device("cpu"))[0] for t in ids[0, 8:15]])
+    assert (got - ref[0, 8:15]).abs().max().item() <= 5e-3 * ref.abs().max().item()
+
+
+def test_keep_quantized_is_refused_for_other_hf_folders(tmp_path):
+    from conftest import build_tiny_hf_dir
+
+    with pytest.raises(
+        CheckpointError, match="keep_quantized .* applies to .gguf files and to gpt-oss's MXFP4"
+    ):
+        load_checkpoint(build_tiny_hf_dir(tmp_path / "tiny"), keep_quantized=True)

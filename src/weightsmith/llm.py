@@ -118,9 +118,10 @@ def load(
 ) -> LLM:
     """Load a model by catalog/store name, HF directory or .gguf file.
 
-    keep_quantized: run a GGUF file's quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-        Q5_K, Q6_K) from its own blocks with the CPU kernels instead of dequantizing them
-        (weightsmith.checkpoint.gguf_quants); CPU only, no adapter.
+    keep_quantized: run a GGUF file's quantized matrices (every published type: Q4_K, Q8_0, the
+        IQ types, MXFP4, ...; weightsmith.checkpoint.gguf_quants), or the MXFP4 experts of
+        OpenAI's gpt-oss folders, from their own blocks with the CPU kernels instead of
+        dequantizing them; CPU only, no adapter.
 
     adapter: a LoRA adapter directory (ours or PEFT's), folded into the weights so
     generation runs at the base model's speed.

@@ -48,8 +48,14 @@ def build_model(
         with torch.device("meta"):
             model = CausalLM(cfg)
     params = dict(model.named_parameters())
+    # A skeleton's kept blocks (gpt-oss's MXFP4 experts of an HF folder, keep_quantized) come as
+    # their layers' `qweight` buffers.
+    blocks = {n: b for n, b in model.named_buffers() if n.endswith(".qweight") and b.is_meta}
     tied = cfg.tie_word_embeddings
-    for name, tensor, source in _split_fused(cfg, split_experts(cfg, tensors), params):
+    for name, tensor, source in _split_fused(cfg, split_experts(cfg, tensors, bool(blocks)), params):
+        if name in blocks:
+            _assign_blocks(model, name, tensor, tuple(blocks.pop(name).shape), source, device)
+            continue
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name not in params:
@@ -67,7 +73,7 @@ def build_model(
         if on_tensor is not None:
             on_tensor(model, name)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + sorted(blocks)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{cfg.architecture}: checkpoint is missing tensors {shown}; re-download it")
@@ -94,6 +100,19 @@ def _split_fused(
             )
         for part, piece in zip(parts, tensor.split(rows), strict=True):
             yield part, piece.clone(), source  # own storage: views would be shared to safetensors
+
+
+def _assign_blocks(
+    model: nn.Module, name: str, value: torch.Tensor, shape: tuple[int, ...], source: str, device
+) -> None:
+    """Put a layer's quantized blocks (uint8 rows) in place of its meta `qweight` buffer."""
+    if tuple(value.shape) != shape or value.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{source}: tensor {name!r} holds {tuple(value.shape)} {value.dtype} blocks, expected {shape} "
+            "uint8 from config.json; the weights and config do not match"
+        )
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name)._buffers[attr] = value.to(device)
 
 
 def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -76,13 +76,10 @@ def load_checkpoint(
                 f"{path}: not a .gguf file; pass an HF checkpoint directory or a .gguf file"
             )
         ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor, keep_quantized)
-    elif keep_quantized:
-        raise CheckpointError(
-            f"{path}: keep_quantized (--keep-quantized) applies to .gguf files; an HF directory loads as "
-            "it is stored (a `weightsmith quantize` folder is already quantized)"
-        )
     elif (path / "config.json").exists():
-        ckpt = _load_hf_dir(path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor)
+        ckpt = _load_hf_dir(
+            path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor, keep_quantized
+        )
     else:
         raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
     log.info("loaded %s (%s) in %.1fs", path, ckpt.config.model_type, time.perf_counter() - start)
@@ -96,12 +93,20 @@ def _load_hf_dir(
     allow_pickle: bool,
     decode_layout: bool,
     on_tensor: TensorHook | None,
+    keep_quantized: bool = False,
 ) -> Checkpoint:
     from weightsmith.checkpoint import quantized as quant_ckpt
     from weightsmith.tokenizer import Tokenizer
 
     data = read_json(path / "config.json")
     cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
+    mxfp4 = (data.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    if keep_quantized and not (mxfp4 and device.type == "cpu" and on_tensor is None):
+        raise CheckpointError(
+            f"{path}: keep_quantized (--keep-quantized) applies to .gguf files and to gpt-oss's MXFP4 folders "
+            "on the CPU without QLoRA; this HF directory loads as it is stored (a `weightsmith quantize` "
+            "folder is already quantized)"
+        )
     qcfg = quant_ckpt.read_quantization_config(data, str(path / "config.json"))
     gen = st.read_generation_config(path)  # checked before the weights load
     files = st.weight_files(path, allow_pickle=allow_pickle)
@@ -111,9 +116,40 @@ def _load_hf_dir(
         model = quant_ckpt.build_quantized_model(
             cfg, qcfg, tensors, device, dtype, decode_layout=decode_layout
         )
+    elif keep_quantized:  # gpt-oss's MXFP4 experts as ggml blocks, read by the C kernels
+        skeleton = _mxfp4_skeleton(cfg)
+        model = build_model(cfg, tensors, device, dtype, skeleton=skeleton)
+        return Checkpoint(model, tokenizer, cfg, path, "hf", "MXFP4 (experts kept as blocks)", gen)
     else:
         model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     return Checkpoint(model, tokenizer, cfg, path, "hf", quant_ckpt.describe(qcfg), gen)
+
+
+def _mxfp4_skeleton(cfg: ModelConfig) -> CausalLM:
+    """The model on meta with every expert projection a GGMLLinear of MXFP4 blocks (still meta:
+    build_model puts the file's blocks in)."""
+    from weightsmith.models.model import SparseMoE
+    from weightsmith.quant.ggml_linear import GGMLLinear, row_bytes
+    from weightsmith.quant.weight_only import set_submodule
+
+    mxfp4 = 39  # ggml's type
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+        for name, moe in model.named_modules():
+            if not isinstance(moe, SparseMoE):
+                continue
+            for e, expert in enumerate(moe.experts):
+                for part in expert.names:
+                    linear = getattr(expert, part)
+                    rows = torch.empty(
+                        linear.out_features, row_bytes(mxfp4, linear.in_features), dtype=torch.uint8
+                    )
+                    set_submodule(
+                        model,
+                        f"{name}.experts.{e}.{part}",
+                        GGMLLinear(rows, mxfp4, linear.in_features, linear.bias),
+                    )
+    return model
 
 
 def _load_gguf(

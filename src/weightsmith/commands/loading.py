@@ -55,8 +55,9 @@ class LoadOptions:
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
     adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
     keep_quantized: bool = opt(
-        False, "run a .gguf file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices from its own "
-        "blocks (CPU kernels, the file's memory) instead of dequantizing them"
+        False, "run a .gguf file's quantized matrices (Q4_K, Q8_0, IQ*, MXFP4, ...; and gpt-oss's MXFP4 "
+        "experts of an HF folder) from their own blocks (CPU kernels, the file's memory) instead of "
+        "dequantizing them"
     )  # fmt: skip
 
     def load_kwargs(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ The model keeps one `Linear` per expert projection (`mlp.experts.3.gate_proj`, d
 4), so quantization, LoRA and the CPU kernels see ordinary layers: `split_experts` turns the
 checkpoint's tensors into those, one expert at a time (an MXFP4 matrix is decoded expert by
 expert, never whole); `merge_experts` writes them back in transformers' unquantized layout.
+Kept quantized (`keep_mxfp4`), an MXFP4 expert matrix becomes ggml's MXFP4 blocks instead (the
+same codes and exponents, reordered: `ggml_mxfp4`), the `qweight` of a GGMLLinear.
 
 Not here: the MoE block (model.py), Phi-3's fused projections (fused.py), GGUF's per-kind expert
 tensors (checkpoint/gguf_experts.py).
@@ -54,9 +56,19 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(values, scales.long()[..., None] - 127).flatten(-2)
 
 
-def split_experts(cfg: ModelConfig, tensors: Iterable[Named]) -> Iterator[Named]:
+def ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(..., G, 16) bytes and (..., G) exponents -> ggml's MXFP4 rows (..., G * 17): per block the
+    exponent byte, then 16 bytes whose low nibbles are codes 0-15 and high nibbles codes 16-31
+    (ggml halves the scale and doubles the E2M1 table: the same values)."""
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2)  # (..., G, 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat((scales[..., None], packed), dim=-1).flatten(-2).contiguous()
+
+
+def split_experts(cfg: ModelConfig, tensors: Iterable[Named], keep_mxfp4: bool = False) -> Iterator[Named]:
     """The tensors with each of gpt-oss's merged expert tensors (bf16 or MXFP4) replaced by one
-    tensor per expert under the model's names; other families' tensors pass through."""
+    tensor per expert under the model's names; other families' tensors pass through. With
+    `keep_mxfp4`, an MXFP4 matrix's experts come as ggml blocks named `...gate_proj.qweight`."""
     if cfg.family.moe != "gpt_oss":
         yield from tensors
         return
@@ -73,7 +85,7 @@ def split_experts(cfg: ModelConfig, tensors: Iterable[Named]) -> Iterator[Named]
                 halves[(f"{stem}.{kind}", suffix)] = (name, tensor, source)
                 continue
             blocks, scales = (tensor, other[1]) if suffix == "_blocks" else (other[1], tensor)
-            yield from _mxfp4_experts(cfg, stem, kind, blocks, scales, source)
+            yield from _mxfp4_experts(cfg, stem, kind, blocks, scales, source, keep_mxfp4)
         else:
             yield from _dense_experts(cfg, stem, kind, suffix, tensor, source)
     for name, _, source in halves.values():
@@ -117,7 +129,13 @@ def _dense_experts(
 
 
 def _mxfp4_experts(
-    cfg: ModelConfig, stem: str, kind: str, blocks: torch.Tensor, scales: torch.Tensor, source: str
+    cfg: ModelConfig,
+    stem: str,
+    kind: str,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    source: str,
+    keep: bool,
 ) -> Iterator[Named]:
     n_in, n_out = _widths(cfg, kind)
     n = cfg.num_local_experts
@@ -133,7 +151,8 @@ def _mxfp4_experts(
             f"{want} uint8 from config.json; the weights and config do not match"
         )
     for e in range(n):  # one expert decoded at a time
-        yield from _per_expert(stem, kind, ".weight", e, decode_mxfp4(blocks[e], scales[e]), source)
+        rows = ggml_mxfp4(blocks[e], scales[e]) if keep else decode_mxfp4(blocks[e], scales[e])
+        yield from _per_expert(stem, kind, ".qweight" if keep else ".weight", e, rows, source)
 
 
 def merge_experts(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
