@@ -51,15 +51,14 @@ def attend(
     s = k.shape[2]
     if is_causal:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scale = d**-0.5 if scale is None else scale
     rows = max(1, SCORE_BLOCK // max(1, b * h * s))
     if t <= rows:
-        return _written_out(q, k, v, mask, d**-0.5 if scale is None else scale, softcap, sinks)
+        return _written_out(q, k, v, mask, scale, softcap, sinks)
     outs = []
     for i in range(0, t, rows):  # a block of queries (and their mask rows) at a time
         m = None if mask is None else mask[..., i : i + rows, :]
-        outs.append(
-            _written_out(q[:, :, i : i + rows], k, v, m, d**-0.5 if scale is None else scale, softcap, sinks)
-        )
+        outs.append(_written_out(q[:, :, i : i + rows], k, v, m, scale, softcap, sinks))
     return torch.cat(outs, dim=2)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith.grammar import Grammar, GrammarError
-from weightsmith.harmony import HarmonyReader, call_arguments, is_harmony
+from weightsmith.harmony import HarmonyReader, Parts, call_arguments, is_harmony
 from weightsmith.llm import LLM
 from weightsmith.serve.schemas import ApiError, ChatRequest, Message, NamedToolChoice, SamplingFields, ToolDef
 from weightsmith.serve.tool_parser import MARKERS, ToolCall, ToolStream, constrained_calls
@@ -273,7 +273,7 @@ class HarmonyOutput:
         calls = self.calls[index]
         return content, calls, "tool_calls" if calls else reason
 
-    def _take(self, index: int, parts) -> str:
+    def _take(self, index: int, parts: Parts) -> str:
         self.reasoning[index] = parts.reasoning
         for call in parts.calls:
             if call.name in self.names:
