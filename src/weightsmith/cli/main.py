@@ -141,6 +141,16 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(Ref("weightsmith.cli.train:print_finetune")),
         lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
+    "grpo": Command(
+        Ref("weightsmith.commands.train:GrpoConfig"),
+        "reinforce what a reward checks (GRPO): sample answers, score them, learn from the better ones",
+        "weightsmith grpo smollm2-135m-instruct --data math.jsonl --out runs/rl --reward answer --reward length:0.5\n"
+        "  weightsmith grpo smollm2-135m-instruct --data prompts.jsonl --out runs/json --reward json --num-generations 4\n"
+        "  weightsmith grpo --resume runs/rl                   # continue from the latest checkpoint",
+        Ref("weightsmith.commands.train:run_grpo"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")),
+        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
+    ),
     "merge": Command(
         Ref("weightsmith.commands.train:MergeConfig"),
         "fold a LoRA adapter into its base model and save an HF directory",

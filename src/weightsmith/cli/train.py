@@ -97,6 +97,9 @@ def print_finetune(result: dict[str, Any], console: Console) -> None:
     if "loss" in m:
         val = f", validation loss {m['val_loss']:.4f}" if "val_loss" in m else ""
         console.print(f"final training loss {m['loss']:.4f}{val}")
+    if "reward" in m:  # grpo: what the rewards said of the last step's samples (and validation's)
+        val = f", validation {m['val_reward']:.4f}" if "val_reward" in m else ""
+        console.print(f"mean reward {m['reward']:.4f}{val}")
     out = Path(result["out"])
     where = out / "model" if result["method"] == "full" else out
     console.print(f"wrote {where} (and metrics.jsonl, loss.png, config.yaml, run.json in {out})")

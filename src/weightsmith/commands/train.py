@@ -1,9 +1,10 @@
-"""Commands that shape a model: finetune, dpo and merge.
+"""Commands that shape a model: finetune, dpo, grpo and merge.
 
 `run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does and `run_dpo(cfg,
 progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop's
 `Reporter` (the CLI passes a progress bar or progress lines); `FinetuneConfig` and
-`DpoConfig` are owned by those modules and only re-exported here. `run_merge` folds a
+`DpoConfig` are owned by those modules and only re-exported here; `run_grpo` (and
+`GrpoConfig`) likewise for `weightsmith.train.grpo`. `run_merge` folds a
 LoRA adapter into its base and saves an HF directory.
 
 Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
@@ -21,11 +22,17 @@ from weightsmith.config import opt
 from weightsmith.lineage import write_lineage
 from weightsmith.train.dpo import DpoConfig
 from weightsmith.train.dpo import run_dpo as train_dpo
+from weightsmith.train.grpo import GrpoConfig
+from weightsmith.train.grpo import run_grpo as train_grpo
 from weightsmith.train.loop import Reporter
+from weightsmith.train.rewards import Reward
 from weightsmith.train.sft import FinetuneConfig
 from weightsmith.train.sft import run_finetune as train_sft
 
-__all__ = ["DpoConfig", "FinetuneConfig", "MergeConfig", "run_dpo", "run_finetune", "run_merge"]
+__all__ = [
+    "DpoConfig", "FinetuneConfig", "GrpoConfig", "MergeConfig", "Reward", "run_dpo", "run_finetune", "run_grpo",
+    "run_merge",
+]  # fmt: skip
 
 
 def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[str, Any]:
@@ -36,6 +43,14 @@ def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[
 def run_dpo(cfg: DpoConfig, progress: Reporter | None = None) -> dict[str, Any]:
     """Train on preference pairs as `cfg` says; `progress` as for `run_finetune`."""
     return train_dpo(cfg, reporter=progress)
+
+
+def run_grpo(
+    cfg: GrpoConfig, progress: Reporter | None = None, rewards: tuple[Reward, ...] = ()
+) -> dict[str, Any]:
+    """Reinforce what the rewards check (GRPO) as `cfg` says; `rewards` adds Python reward
+    functions to --reward's; `progress` as for `run_finetune`."""
+    return train_grpo(cfg, reporter=progress, rewards=rewards)
 
 
 @dataclass(kw_only=True)

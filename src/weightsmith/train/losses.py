@@ -84,7 +84,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(h, weight, targets)
 
 
-def _soft_capped(model: nn.Module) -> bool:
+def soft_capped(model: nn.Module) -> bool:
     """Whether the model's logits are soft-capped (Gemma): then only `model.logits` is exact."""
     return getattr(model.config, "final_logit_softcapping", None) is not None
 
@@ -97,7 +97,7 @@ def sft_loss(model: nn.Module, batch: Batch, *, checkpoint: bool = False) -> tup
     keep = batch.labels != IGNORE  # (B, T)
     targets = batch.labels[keep]
     head = model.lm_head
-    if not isinstance(head, nn.Linear) or head.bias is not None or _soft_capped(model):
+    if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
         logits = model.logits(hidden[keep]).float()  # an adapted or quantized head: the plain way
         return F.cross_entropy(logits, targets, reduction="sum"), int(keep.sum())
     normed = model.model.norm(hidden[keep])  # (N, h): only where a loss is taken
@@ -266,7 +266,7 @@ def pair_log_probs(model: nn.Module, batch: PairBatch, *, checkpoint: bool = Fal
         )  # (B, T, h)
     h = hidden.reshape(-1, hidden.shape[-1])[batch.index]  # (N, h)
     head = model.lm_head
-    if not isinstance(head, nn.Linear) or head.bias is not None or _soft_capped(model):
+    if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
         logits = model.logits(h).float()  # an adapted or quantized head: the plain way
         token = logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
     else:

@@ -168,7 +168,7 @@ def _implicit_text(obj: dict[str, Any], where: str) -> PairRecord:
     return PairRecord(where, chosen[:n], chosen[n:], rejected[n:])
 
 
-def _messages(value: Any, where: str, key: str) -> Messages:
+def parse_messages(value: Any, where: str, key: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise DataError(
             f"{where}: {key}: must be a non-empty list of {{'role', 'content'}} messages, got {_kind(value)}"
@@ -194,7 +194,7 @@ def _messages(value: Any, where: str, key: str) -> Messages:
     return out
 
 
-def _check_prompt(prompt: Messages, where: str) -> None:
+def check_prompt(prompt: Messages, where: str) -> None:
     for i, m in enumerate(prompt):
         if m["role"] == "system" and i:
             raise DataError(f"{where}: prompt: messages[{i}] is a system message (only the first may be one)")
@@ -216,16 +216,16 @@ def _check_answer(answer: Messages, where: str, key: str) -> None:
 
 
 def _conversational(obj: dict[str, Any], where: str) -> PairRecord:
-    prompt = _messages(obj["prompt"], where, "prompt")
-    _check_prompt(prompt, where)
-    answers = {key: _messages(obj[key], where, key) for key in ("chosen", "rejected")}
+    prompt = parse_messages(obj["prompt"], where, "prompt")
+    check_prompt(prompt, where)
+    answers = {key: parse_messages(obj[key], where, key) for key in ("chosen", "rejected")}
     for key, answer in answers.items():
         _check_answer(answer, where, key)
     return PairRecord(where, prompt, answers["chosen"], answers["rejected"])
 
 
 def _implicit_conversational(obj: dict[str, Any], where: str) -> PairRecord:
-    chosen, rejected = (_messages(obj[key], where, key) for key in ("chosen", "rejected"))
+    chosen, rejected = (parse_messages(obj[key], where, key) for key in ("chosen", "rejected"))
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -235,7 +235,7 @@ def _implicit_conversational(obj: dict[str, Any], where: str) -> PairRecord:
             "(add a 'prompt' key, or begin both conversations with the same turns)"
         )
     prompt = chosen[:n]
-    _check_prompt(prompt, where)
+    check_prompt(prompt, where)
     for key, answer in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
         if not answer:
             raise DataError(
@@ -258,9 +258,11 @@ def tokenize_pair(record: PairRecord, tokenizer: Tokenizer) -> tuple[PairExample
                 "(write the pairs as plain strings)"
             )
         messages = list(record.prompt)
-        prompt = _render(tokenizer, messages, record.source, "prompt", generation_prompt=True)
+        prompt = render_messages(tokenizer, messages, record.source, "prompt", generation_prompt=True)
         full = {
-            key: _render(tokenizer, messages + list(answer), record.source, key, generation_prompt=False)
+            key: render_messages(
+                tokenizer, messages + list(answer), record.source, key, generation_prompt=False
+            )
             for key, answer in (("chosen", record.chosen), ("rejected", record.rejected))
         }
     else:
@@ -289,7 +291,7 @@ def tokenize_pair(record: PairRecord, tokenizer: Tokenizer) -> tuple[PairExample
     return example, shared < len(prompt)
 
 
-def _render(
+def render_messages(
     tokenizer: Tokenizer, messages: Any, where: str, key: str, *, generation_prompt: bool
 ) -> list[int]:
     try:

@@ -1,0 +1,302 @@
+"""GRPO's data: prompts read and checked, rendered and tokenized; each training batch made by
+sampling a group of completions per prompt from the model being trained, scoring them and
+turning the scores into advantages.
+
+One JSON object per line, in TRL's prompt-only formats (one format per file):
+
+- conversational: `{"prompt": [messages ending with a user turn], ...}`, rendered with the
+  checkpoint's chat template and its generation prompt;
+- text: `{"prompt": "..."}`, tokenized as it is.
+
+Every other key of a line (`answer`, `contains`, `schema`, ...) stays with the prompt and is
+what the reward functions read (rewards.py), as TRL passes extra columns to its reward
+functions. Every line is checked, rendered and measured before the model loads: a bad one
+stops everything with `FILE:LINE: FIELD: problem (how to fix)`.
+
+A batch (`GroupBatch`) is made on demand (`PromptSource.batch`) by the `Rollout`, with the
+weights of the moment, so every step learns from its own samples (on-policy, TRL's
+`num_iterations=1`): each prompt is sampled `num_generations` times in one batched
+generation, each completion seeded from torch's generator (so a resumed run, which restores
+that generator, samples what the uninterrupted run sampled); the completion ends at an end
+token (kept, as TRL keeps it) or at `max_completion_len`. Rewards are weighted and summed, and
+a completion's advantage is its reward minus its group's mean, over the group's standard
+deviation (Bessel-corrected) + 1e-4 (`scale_rewards="group"`), or the difference alone
+(`"none"`), TRL's `_generate_and_score_completions`. A completion every reward declined
+(all None) gets advantage 0 and stays out of its group's statistics.
+
+Not here: the rewards (rewards.py), the loss (grpo.py), the loop (loop.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightsmith.files import json_object_line
+from weightsmith.sampling import SamplingParams
+from weightsmith.tokenizer import Tokenizer
+from weightsmith.train.data import DataError, read_jsonl
+from weightsmith.train.preference_data import Messages, check_prompt, parse_messages, render_messages
+from weightsmith.train.rewards import Reward, check_rows, score
+
+SCALES = ("group", "none")
+
+
+@dataclass
+class PromptRecord:
+    """One checked line: its prompt and the whole object (what the rewards read)."""
+
+    source: str  # "file:line"
+    prompt: str | Messages
+    row: dict[str, Any]
+
+
+@dataclass
+class PromptExample:
+    ids: list[int]
+    row: dict[str, Any]
+    source: str = ""
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """Every line of a JSONL file of prompts, checked; DataError names the first bad line."""
+    records = read_jsonl(path, _parse_prompt, "prompts", "prompts")
+    first = records[0]
+    for record in records:
+        if isinstance(record.prompt, str) != isinstance(first.prompt, str):
+            kinds = {True: "text", False: "conversational"}
+            raise DataError(
+                f"{record.source}: prompt: this line is {kinds[isinstance(record.prompt, str)]} but "
+                f"{first.source} is {kinds[isinstance(first.prompt, str)]} (write every line of a file in one format)"
+            )
+    return records
+
+
+def _parse_prompt(line: str, where: str) -> PromptRecord:
+    obj = json_object_line(line, where, "prompt", DataError)
+    if "prompt" not in obj:
+        raise DataError(
+            f"{where}: prompt: missing (each line needs a 'prompt': a string or a list of messages)"
+        )
+    value = obj["prompt"]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: prompt: empty (give the text the model should continue)")
+        return PromptRecord(where, value, obj)
+    messages = parse_messages(value, where, "prompt")
+    check_prompt(messages, where)
+    return PromptRecord(where, messages, obj)
+
+
+def tokenize_prompts(
+    records: Sequence[PromptRecord], tokenizer: Tokenizer, room: int, rewards: Sequence[Reward]
+) -> tuple[list[PromptExample], dict[str, int]]:
+    """Ids of every prompt (each at most `room` tokens, else a DataError naming its line),
+    after the rewards have checked every row's fields; and counts for run.json."""
+    check_rows(rewards, [r.row for r in records], [r.source for r in records])
+    examples = []
+    for record in records:
+        if isinstance(record.prompt, str):
+            ids = tokenizer.encode(record.prompt)
+        else:
+            if not tokenizer.chat_template:
+                raise DataError(
+                    f"{record.source}: prompt: the model has no chat template to render conversations "
+                    "(write the prompts as plain strings)"
+                )
+            ids = render_messages(
+                tokenizer, list(record.prompt), record.source, "prompt", generation_prompt=True
+            )
+        if not ids:
+            raise DataError(f"{record.source}: prompt: tokenizes to nothing (give some text)")
+        if len(ids) > room:
+            raise DataError(
+                f"{record.source}: prompt: {len(ids)} tokens leave no room for a completion of "
+                f"--max-completion-len tokens within --max-seq-len (at most {room}); shorten it or raise --max-seq-len"
+            )
+        examples.append(PromptExample(ids, record.row, record.source))
+    lengths = [len(e.ids) for e in examples]
+    stats = {"examples": len(examples), "tokens": sum(lengths), "longest": max(lengths, default=0)}
+    return examples, stats
+
+
+# ----- a batch: sampled, scored, ready for the loss ---------------------------------------------------
+
+
+@dataclass
+class GroupBatch:
+    """Completions of one micro-batch of prompts, each row prompt + completion (right-padded),
+    with what the loss needs: where each completion token is predicted, and each completion's
+    advantage. `weights` turns a per-token loss into the loss type's sum (see grpo.py)."""
+
+    inputs: torch.Tensor  # (N, T) prompt + completion ids, padded
+    positions: torch.Tensor  # (N, T)
+    index: torch.Tensor  # (M,) flat positions in `inputs` that predict a completion token
+    targets: torch.Tensor  # (M,) those tokens
+    seq: torch.Tensor  # (M,) the completion each belongs to
+    advantages: torch.Tensor  # (N,)
+    weights: torch.Tensor  # (M,) each token's weight in the summed loss
+    n_tokens: int
+    count: int  # what the summed loss is divided by: tokens (dapo) or completions
+    metrics: dict[str, float] = field(default_factory=dict)  # means over this batch's completions
+    completions: list[dict[str, Any]] = field(default_factory=list)  # for rollouts.jsonl
+    completion_ids: list[list[int]] = field(default_factory=list)  # each row's sampled tokens
+
+    @property
+    def n_targets(self) -> int:
+        return self.count
+
+    def to(self, device: torch.device) -> GroupBatch:
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in ("inputs", "positions", "index", "targets", "seq", "advantages", "weights")
+        }
+        return GroupBatch(**moved, n_tokens=self.n_tokens, count=self.count, metrics=self.metrics,
+                          completions=self.completions, completion_ids=self.completion_ids)  # fmt: skip
+
+
+@dataclass
+class Rollout:
+    """Samples, scores and batches: `rollout(examples)` -> GroupBatch."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    rewards: Sequence[Reward]
+    num_generations: int
+    max_completion_len: int
+    loss: str = "dapo"  # decides each token's weight in the summed loss
+    scale_rewards: str = "group"
+    mask_truncated: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        from weightsmith.engine import Engine
+
+        self.engine = Engine(self.model, self.tokenizer, cpu_decode=False)  # type: ignore[arg-type]
+
+    def __call__(self, examples: Sequence[PromptExample]) -> GroupBatch:
+        g = self.num_generations
+        prompts = [e.ids for e in examples for _ in range(g)]
+        rows = [e.row for e in examples for _ in range(g)]
+        seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()  # the run's generator: resumable
+        params = [
+            SamplingParams(max_tokens=self.max_completion_len, temperature=self.temperature,
+                           top_p=self.top_p, top_k=self.top_k, seed=s)
+            for s in seeds
+        ]  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            done = self.engine.generate(prompts, params)
+        finally:
+            self.model.train(was_training)
+        texts = [c.text for c in done]
+        ids = [list(c.token_ids) for c in done]
+        table = score(self.rewards, texts, rows, [len(x) for x in ids])  # (N, K), NaN: declined
+        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
+        declined = table.isnan().all(dim=1)
+        total = (table * weights).nansum(dim=1)
+        total[declined] = math.nan
+        advantages = group_advantages(total, g, self.scale_rewards)
+        truncated = [c.finish_reason == "length" for c in done]
+        batch = self._collate(prompts, ids, advantages, truncated)
+        batch.completion_ids = ids
+        batch.metrics = _metrics(self.rewards, table, total, g, ids, truncated)
+        batch.completions = [
+            {"prompt": e.source, "completion": t, "reward": None if math.isnan(r) else round(float(r), 6),
+             "advantage": round(float(a), 6), "finish_reason": c.finish_reason}
+            for e, t, r, a, c in zip([e for e in examples for _ in range(g)], texts, total.tolist(),
+                                     advantages.tolist(), done, strict=True)
+        ]  # fmt: skip
+        return batch
+
+    def _collate(
+        self, prompts: list[list[int]], ids: list[list[int]], advantages: torch.Tensor, truncated: list[bool]
+    ) -> GroupBatch:
+        rows = [p + c for p, c in zip(prompts, ids, strict=True)]
+        t = max(len(r) for r in rows)
+        inputs = torch.tensor([r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long)
+        index, targets, seq, weights = [], [], [], []
+        for i, (p, c, cut) in enumerate(zip(prompts, ids, truncated, strict=True)):
+            if not c or (cut and self.mask_truncated):
+                continue  # no token of it is learned (TRL masks truncated completions whole)
+            index.extend(range(i * t + len(p) - 1, i * t + len(p) - 1 + len(c)))
+            targets.extend(c)
+            seq.extend([i] * len(c))
+            weights.extend([token_weight(self.loss, len(c), self.max_completion_len)] * len(c))
+        count = len(targets) if self.loss == "dapo" else len(rows)
+        return GroupBatch(
+            inputs, torch.arange(t).expand(len(rows), t).contiguous(), torch.tensor(index, dtype=torch.long),
+            torch.tensor(targets, dtype=torch.long), torch.tensor(seq, dtype=torch.long), advantages,
+            torch.tensor(weights, dtype=torch.float32), n_tokens=sum(map(len, rows)), count=count,
+        )  # fmt: skip
+
+
+def token_weight(loss: str, length: int, max_completion_len: int) -> float:
+    """A completion token's weight in the summed loss: 1 (dapo: the step's token mean), 1/length
+    (grpo: each completion's token mean), 1/max_completion_len (dr_grpo: Dr. GRPO's constant)."""
+    return {"dapo": 1.0, "grpo": 1.0 / max(length, 1), "dr_grpo": 1.0 / max_completion_len}[loss]
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> torch.Tensor:
+    """(N,) advantages of rewards in consecutive groups of `group`; NaN rewards (declined) are
+    left out of their group's mean and deviation and get advantage 0."""
+    grouped = rewards.view(-1, group)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    centred = grouped - mean
+    if scale == "group":
+        count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+        var = torch.nanmean(centred**2, dim=1, keepdim=True) * count / (count - 1)
+        std = torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
+        centred = centred / (std + 1e-4)
+    return torch.nan_to_num(centred.reshape(-1), nan=0.0)
+
+
+def _metrics(
+    rewards: Sequence[Reward], table: torch.Tensor, total: torch.Tensor, group: int,
+    ids: list[list[int]], truncated: list[bool],
+) -> dict[str, float]:  # fmt: skip
+    """Means over the batch's completions, as TRL logs them (NaN-aware)."""
+    grouped = total.view(-1, group)
+    spread = torch.nan_to_num(grouped.max(dim=1).values - grouped.min(dim=1).values, nan=0.0)
+    out = {
+        "reward": _nanmean(total),
+        "reward_zero_std": float((spread == 0).float().mean()),
+        "completion_len": sum(map(len, ids)) / max(len(ids), 1),
+        "truncated": sum(truncated) / max(len(truncated), 1),
+    }
+    for k, reward in enumerate(rewards):
+        out[f"reward_{reward.name}"] = _nanmean(table[:, k])
+    return out
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    kept = x[~x.isnan()]
+    return float(kept.mean()) if len(kept) else 0.0
+
+
+class PromptSource:
+    """A BatchSource over prompts: each batch is sampled by `rollout` when asked for."""
+
+    def __init__(self, examples: list[PromptExample], rollout: Rollout | None = None) -> None:
+        self.examples = examples
+        self.rollout = rollout
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [len(e.ids) for e in self.examples]
+
+    def batch(self, indices: Sequence[int]) -> GroupBatch:
+        assert self.rollout is not None, "set the rollout before training"
+        return self.rollout([self.examples[i] for i in indices])

@@ -1,0 +1,163 @@
+"""The `grpo` command end to end on a tiny random model: the rewarded behaviour grows, an
+interrupted run resumes to the uninterrupted run's losses and samples, the outputs are
+written (adapter, metrics with rewards, rollouts.jsonl, lineage), and bad flags and data stop
+before any model loads. The loss itself is checked against TRL in test_grpo_parity.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from weightsmith.cli.main import main
+from weightsmith.config import config_from_dict
+from weightsmith.errors import WeightsmithError
+from weightsmith.train.data import DataError
+from weightsmith.train.grpo import GrpoConfig, run_grpo
+from weightsmith.train.loop import TrainingInterrupted
+from weightsmith.train.rewards import Reward
+from weightsmith.train.runs import read_metrics
+
+TRAIN = {"lr": 2e-2, "max_steps": 6, "batch_size": 2, "eval_every": 0, "save_every": 2, "seed": 3}
+VOWELS = set("aeiouAEIOU")
+
+
+def write_prompts(path: Path, n: int = 8) -> Path:
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Say something, number {i}."}], "id": i} for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config(model: Path, data: Path, out: Path, **fields) -> GrpoConfig:
+    values = {
+        "model": str(model), "data": str(data), "out": str(out), "max_seq_len": 96, "num_generations": 4,
+        "max_completion_len": 8, "valid_fraction": 0.0, "reward": [],
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "train": {**TRAIN, **fields.pop("train", {})}, **fields,
+    }  # fmt: skip
+    return config_from_dict(GrpoConfig, values)
+
+
+def vowels(texts: list[str], rows: list[dict], lengths: list[int]) -> list[float | None]:
+    """A dense reward the tiny model can learn: the share of its characters that are vowels."""
+    return [sum(c in VOWELS for c in t) / max(len(t), 1) for t in texts]
+
+
+def test_training_raises_the_reward(tiny_hf_dir, tmp_path):
+    """The tiny model with half its vocabulary as end tokens and the length reward at full
+    band (-length / L): the shorter the better, so the end tokens must grow likelier. The LM
+    head is adapted too: a random tiny model's head holds nearly all of its say over them."""
+    path = tmp_path / "tiny"
+    shutil.copytree(tiny_hf_dir, path)
+    for name in ("config.json", "generation_config.json"):
+        config_json = json.loads((path / name).read_text())
+        config_json["eos_token_id"] = list(range(160))
+        (path / name).write_text(json.dumps(config_json))
+    out = tmp_path / "run"
+    cfg = config(
+        path, write_prompts(tmp_path / "p.jsonl", 16), out, reward=["length"], overlong_cache=8,
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]},
+        train={"max_steps": 80, "save_every": 0, "schedule": "constant", "lr": 3e-2},
+    )  # fmt: skip
+    result = run_grpo(cfg)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert len(steps) == 80 and all("reward_length" in m and "completion_len" in m for m in steps)
+    first = {k: sum(m[k] for m in steps[:8]) / 8 for k in ("reward", "completion_len")}
+    last = {k: sum(m[k] for m in steps[-10:]) / 10 for k in ("reward", "completion_len")}
+    # An end token first half the time: about 2 tokens a completion (reward -0.25); all the time: 1 (-0.125)
+    assert first["completion_len"] > 1.6 and last["completion_len"] < 1.3, (first, last)
+    assert last["reward"] > first["reward"] + 0.06
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 80 * 2 * 4  # steps x prompts x completions
+    assert {r["step"] for r in rollouts} == set(range(1, 81))
+    assert all(r["prompt"].startswith(str(tmp_path / "p.jsonl:")) for r in rollouts)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run.json").is_file()
+    assert result["rewards"] == {"length": 1.0} and result["num_generations"] == 4
+
+
+class Interrupting:
+    """The vowel reward, sending this process SIGINT during step `at`'s sampling: the loop then
+    finishes that step, saves a checkpoint and stops (as Ctrl-C does)."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, texts, rows, lengths):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return vowels(texts, rows, lengths)
+
+
+def test_an_interrupted_run_resumes_to_the_same_losses_and_samples(tiny_hf_dir, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl")
+    whole = tmp_path / "whole"
+    run_grpo(config(tiny_hf_dir, data, whole), rewards=[Reward("vowels", Interrupting(None))])
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted, match="grpo --resume"):
+        run_grpo(
+            config(tiny_hf_dir, data, cut, train={"save_every": 0}),
+            rewards=[Reward("vowels", Interrupting(3))],
+        )
+    assert (cut / "checkpoints" / "step-00000003").is_dir()
+    run_grpo(config(tiny_hf_dir, data, cut, resume=str(cut)), rewards=[Reward("vowels", Interrupting(None))])
+
+    def losses(path: Path) -> dict[int, float]:
+        return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
+
+    assert sorted(losses(cut)) == list(range(1, 7))
+    for step, loss in losses(whole).items():
+        assert abs(losses(cut)[step] - loss) <= 1e-6, step
+    assert (cut / "rollouts.jsonl").read_text() == (whole / "rollouts.jsonl").read_text()
+
+
+def test_the_cli_trains_with_builtin_rewards_and_writes_its_outputs(tiny_hf_dir, tmp_path, capsys):
+    data = tmp_path / "q.jsonl"
+    rows = [{"prompt": f"Q{i}: what is {i} + {i}? A:", "answer": 2 * i} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cli"
+    args = ["grpo", str(tiny_hf_dir), "--data", str(data), "--out", str(out), "--reward", "answer",
+            "--reward", "length:0.5", "--num-generations", "2", "--max-completion-len", "6", "--max-seq-len", "64",
+            "--valid-fraction", "0.34", "--train.max-steps", "2", "--train.batch-size", "2", "--lora.rank", "2",
+            "--beta", "0.04", "--json"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rewards"] == {"answer": 1.0, "length": 0.5}
+    metrics = result["metrics"]
+    for key in ("loss", "reward", "reward_answer", "reward_length", "kl", "val_reward", "completion_len"):
+        assert key in metrics, key
+    assert -1.0 <= metrics["reward_length"] <= 0.0
+    assert (out / "adapter_config.json").is_file() and (out / "lineage.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_generations": 1}, "--num-generations 1: must be at least 2"),
+        ({"reward": ["answr"]}, "answr"),
+        ({"max_completion_len": 96}, "--max-completion-len 96: must be below --max-seq-len 96"),
+        ({"temperature": 0.0}, "--temperature 0.0: must be above 0"),
+        ({"epsilon": 1.5}, "--epsilon 1.5"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tiny_hf_dir, tmp_path, fields, message):
+    with pytest.raises(WeightsmithError, match=message.replace("(", r"\(")) as err:
+        config(tiny_hf_dir, tmp_path / "p.jsonl", tmp_path / "o", **fields)
+    assert "\n" not in str(err.value)
+
+
+def test_a_row_without_the_rewards_field_stops_before_the_model_loads(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2="}\n')
+    cfg = config(tmp_path / "no-such-model", data, tmp_path / "o", reward=["answer"])
+    with pytest.raises(DataError, match=r"q.jsonl:2: answer: missing"):
+        from weightsmith.train.grpo import load_prompts
+        from weightsmith.train.runs import resolve_config
+
+        load_prompts(resolve_config(cfg, "grpo"), tokenizer=None)

@@ -1,0 +1,242 @@
+"""GRPO parity with TRL: our rollout samples a group of completions per prompt from a tiny
+random Llama (LoRA or full weights); TRL's own `GRPOTrainer`, on the transformers mirror of the
+same weights, is handed exactly those prompt and completion ids (its `rollout_func` hook) and
+the same rewards, and computes the advantages, the loss and the gradients with its own code.
+Ours must equal them (fp32, 1e-5) for every loss normalisation, with and without the KL term
+to the reference, at a sampling temperature other than 1, with truncated completions masked.
+TRL's tokenization of the prompts (its `_tokenize_prompts`) is compared with ours too.
+
+Nothing here re-implements TRL's formulas: the expected values come from running TRL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from weightsmith.checkpoint.load import load_checkpoint
+from weightsmith.lora import LoraConfig, apply_lora
+from weightsmith.train.grpo import GrpoObjective
+from weightsmith.train.grpo_data import PromptRecord, Rollout, tokenize_prompts
+from weightsmith.train.rewards import Reward
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+USER = ["fox dog?", "Once upon a time?", "Bonjour le monde!"]
+G = 4  # completions per prompt
+MAX_COMPLETION = 6
+
+
+def ours_model(path: Path, method: str) -> torch.nn.Module:
+    model = load_checkpoint(path, decode_layout=False).model
+    if method == "lora":
+        apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=TARGETS, dropout=0.0))
+        torch.manual_seed(1)
+        with torch.no_grad():  # B starts at zero: give the adapter an effect (policy != reference)
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.2)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
+class Recorded:
+    """A reward of the completion's text (crc32 buckets: varied within a group, reproducible),
+    declining one completion (None); it keeps what it gave, for TRL's reward function."""
+
+    def __init__(self) -> None:
+        self.given: list[float | None] = []
+
+    def __call__(self, texts: list[str], rows: list[dict], lengths: list[int]) -> list[float | None]:
+        out: list[float | None] = [
+            (zlib.crc32(t.encode()) % 7) / 7 + 0.1 * n for t, n in zip(texts, lengths, strict=True)
+        ]
+        out[G + 1] = None  # a completion no reward applies to: advantage 0, left out of its group
+        self.given = out
+        return out
+
+
+def rollout_of(model, tokenizer, loss: str, temperature: float, mask_truncated: bool, records):
+    examples, _ = tokenize_prompts(records, tokenizer, room=200, rewards=[])
+    reward = Recorded()
+    rollout = Rollout(
+        model, tokenizer, [Reward("crc", reward, 1.0)], G, MAX_COMPLETION, loss=loss,
+        mask_truncated=mask_truncated, temperature=temperature,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    return examples, rollout(examples), reward.given
+
+
+def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp):
+    """TRL's advantages, loss and gradients (by our parameter names) for our completions."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    lora = any("lora_" in n for n, _ in ours.named_parameters())
+    prompt_ids = [e.ids for e in examples for _ in range(G)]
+    completions = batch.completion_ids
+
+    def rollout_func(prompts, trainer):
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completions,
+            "logprobs": [[0.0] * len(c) for c in completions],
+        }
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp / "trl"), report_to="none", use_cpu=True, bf16=False,
+        per_device_train_batch_size=len(prompt_ids), num_generations=G, max_completion_length=MAX_COMPLETION,
+        temperature=temperature, beta=beta, loss_type=loss, mask_truncated_completions=mask_truncated,
+        disable_dropout=True, gradient_checkpointing=False,
+    )  # fmt: skip
+    rows = [{"prompt": [{"role": "user", "content": u}]} for u in USER]
+    trainer = trl.GRPOTrainer(
+        model=hf,
+        reward_funcs=[lambda **kw: given],
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        rollout_func=rollout_func,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+        if lora
+        else None,
+    )
+    prefix = "base_model.model." if lora else ""
+    state = {prefix + n: p for n, p in ours.named_parameters()}
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.training_step sets: one micro-batch a step
+    tokenized, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
+    inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
+    loss_value = trainer.compute_loss(trainer.model, inputs)
+    loss_value.backward()
+    grads = {
+        n.removeprefix(prefix): p.grad for n, p in trainer.model.named_parameters() if p.grad is not None
+    }
+    return tokenized, inputs["advantages"], loss_value.detach(), grads
+
+
+CASES = [  # (loss, beta, temperature, mask_truncated, method)
+    ("dapo", 0.0, 1.0, False, "lora"),
+    ("grpo", 0.04, 0.7, False, "lora"),
+    ("dr_grpo", 0.0, 1.3, False, "lora"),
+    ("dapo", 0.1, 1.0, True, "lora"),
+    ("grpo", 0.0, 1.0, True, "lora"),
+    ("dapo", 0.04, 0.8, False, "full"),
+]
+
+
+@pytest.fixture(scope="module")
+def ending_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model with 50 end tokens (its pad id among them), so that within a few tokens
+    some completions end and others are cut off: what --mask-truncated tells apart."""
+    path = tmp_path_factory.mktemp("ending") / "tiny"
+    shutil.copytree(tiny_hf_dir, path)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((path / name).read_text())
+        config["eos_token_id"] = list(range(50))
+        (path / name).write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(("loss", "beta", "temperature", "mask_truncated", "method"), CASES, ids=str)
+def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_path, loss, beta, temperature,
+                                                  mask_truncated, method):  # fmt: skip
+    if mask_truncated:
+        tiny_hf_dir = ending_dir
+    tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
+    model = ours_model(tiny_hf_dir, method)
+    reference = None
+    if method == "full":
+        reference = load_checkpoint(tiny_hf_dir, decode_layout=False).model.requires_grad_(False)
+        with torch.no_grad():  # move the policy away from the reference, as training would
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    records = [
+        PromptRecord(f"prompts.jsonl:{i + 1}", [{"role": "user", "content": u}], {"prompt": u})
+        for i, u in enumerate(USER)
+    ]
+    examples, batch, given = rollout_of(model, tokenizer, loss, temperature, mask_truncated, records)
+    assert any(g is not None and g != given[0] for g in given[1:G])  # a group whose rewards differ
+    truncated = [c["finish_reason"] == "length" for c in batch.completions]
+    if mask_truncated:
+        assert 0 < sum(truncated) < len(truncated), truncated  # some masked, some learnt
+    tokenized, trl_advantages, trl_loss, trl_grads = trl_run(
+        tiny_hf_dir, model, examples, batch, given, loss=loss, beta=beta, temperature=temperature,
+        mask_truncated=mask_truncated, tmp=tmp_path,
+    )  # fmt: skip
+    assert [e.ids for e in examples] == [list(ids) for ids in tokenized]  # TRL renders the prompts alike
+    torch.testing.assert_close(batch.advantages, trl_advantages, rtol=1e-5, atol=1e-6)
+    assert batch.advantages[G + 1] == 0  # the declined completion
+
+    objective = GrpoObjective(epsilon=0.2, beta=beta, temperature=temperature, reference=reference)
+    total, count, metrics = objective(model, batch)
+    (total / count).backward()
+    torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(trl_grads) and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            g, trl_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert max(g.abs().max() for g in grads.values()) > 1e-4  # not all zero
+    if beta:
+        assert float(metrics["kl"]) > 0
+
+
+def test_prompts_are_checked_before_the_model_loads(tmp_path):
+    from weightsmith.train.data import DataError
+    from weightsmith.train.grpo_data import read_prompts
+
+    cases = {
+        '{"question": "2+2?"}': "prompts.jsonl:1: prompt: missing",
+        '{"prompt": ""}': "prompts.jsonl:1: prompt: empty",
+        '{"prompt": [{"role": "assistant", "content": "hi"}]}': "the last message is 'assistant'",
+        '{"prompt": [{"role": "robot", "content": "hi"}]}': "has role 'robot'",
+        "[1, 2]": "expected a JSON object",
+    }
+    for line, want in cases.items():
+        path = tmp_path / "prompts.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(DataError, match=want.replace("(", r"\(")) as err:
+            read_prompts(path)
+        assert "\n" not in str(err.value)
+    path.write_text('{"prompt": "a"}\n{"prompt": [{"role": "user", "content": "b"}]}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: this line is conversational"):
+        read_prompts(path)
+
+
+def test_a_prompt_without_room_for_its_completion_names_its_line(tiny_hf_dir):
+    from weightsmith.train.data import DataError
+
+    tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
+    records = [
+        PromptRecord("p.jsonl:1", "short", {}),
+        PromptRecord("p.jsonl:2", "a much longer prompt " * 20, {}),
+    ]
+    with pytest.raises(DataError, match=r"p.jsonl:2: prompt: \d+ tokens leave no room"):
+        tokenize_prompts(records, tokenizer, room=20, rewards=[])
+
+
+def test_group_advantages_by_hand():
+    from weightsmith.train.grpo_data import group_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, float("nan")])
+    a = group_advantages(r, 4, "group")
+    std = (1 / 3) ** 0.5 * 2 / 2  # sample std of (1, 0, 0, 1): sqrt(4 * 0.25 / 3)
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4)
+    torch.testing.assert_close(a[:4], want)
+    torch.testing.assert_close(a[4:], torch.zeros(4))  # equal rewards: nothing to learn; NaN: 0
+    torch.testing.assert_close(group_advantages(r, 4, "none")[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert json.dumps(a.tolist())  # finite
