@@ -101,6 +101,9 @@ def test_lora_ddp_on_two_ranks_equals_one_process(tiny_hf_dir, data, tmp_path):
     torch.testing.assert_close(val_losses(two), val_losses(one), rtol=1e-5, atol=1e-5)
     assert len(losses(one)) == 5
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+    assert (one / "rollouts.jsonl").read_text() == (
+        two / "rollouts.jsonl"
+    ).read_text()  # every rank's samples
     run = json.loads((two / "run.json").read_text())
     assert run["steps"] == 5 and run["method"] == "lora"
 
@@ -115,6 +118,9 @@ def test_qlora_on_fsdp_equals_one_process(tiny_hf_dir, data, tmp_path):
     assert len(losses(one)) == 3
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+    assert (one / "rollouts.jsonl").read_text() == (
+        two / "rollouts.jsonl"
+    ).read_text()  # every rank's samples
 
 
 def write_pairs(path: Path, n: int = 14) -> Path:
@@ -151,6 +157,9 @@ def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5)
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+    assert (one / "rollouts.jsonl").read_text() == (
+        two / "rollouts.jsonl"
+    ).read_text()  # every rank's samples
 
 
 def ranks_of(parent: int) -> dict[int, int]:
@@ -330,3 +339,52 @@ def test_ranks_draw_different_dropout_masks_and_resume_their_own(tmp_path):
         torch.testing.assert_close(r["again"], r["after"], rtol=0, atol=0)  # each rank's own stream
     torch.testing.assert_close(r1["single"], r0["after"], rtol=0, atol=0)
     assert not torch.equal(r0["three"], r1["three"])
+
+
+def write_prompts(path: Path, n: int = 8) -> Path:
+    rows = [{"prompt": [{"role": "user", "content": f"say {i}"}], "contains": ["e", "o"]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    """Each rank samples its share of the prompts with the seeds one process would use, so the
+    losses, rewards, weights and the record of every sample match."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    args = ["grpo", str(tiny_hf_dir), "--data", str(prompts), *COMMON, "--train.batch-size", "4"]
+    args += [
+        "--train.max-steps",
+        "3",
+        "--reward",
+        "contains",
+        "--reward",
+        "length:0.5",
+        "--num-generations",
+        "3",
+    ]
+    args += [
+        "--max-completion-len",
+        "6",
+        "--beta",
+        "0.04",
+        "--valid-fraction",
+        "0.25",
+        "--train.eval-every",
+        "2",
+    ]
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
+        done = cli(*args, "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    m1 = read_metrics(one / "metrics.jsonl")
+    m2 = read_metrics(two / "metrics.jsonl")
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("reward", "reward_contains", "kl", "val_reward"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+    assert any(m.get("reward_contains", 0) > 0 for m in m1)  # the rewards are not all zero
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+    assert (one / "rollouts.jsonl").read_text() == (
+        two / "rollouts.jsonl"
+    ).read_text()  # every rank's samples

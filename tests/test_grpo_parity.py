@@ -72,8 +72,7 @@ def rollout_of(model, tokenizer, loss: str, temperature: float, mask_truncated: 
         model, tokenizer, [Reward("crc", reward, 1.0)], G, MAX_COMPLETION, loss=loss,
         mask_truncated=mask_truncated, temperature=temperature,
     )  # fmt: skip
-    torch.manual_seed(5)
-    return examples, rollout(examples), reward.given
+    return examples, rollout(examples, [f"5/{i}" for i in range(len(examples))]), reward.given
 
 
 def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp):

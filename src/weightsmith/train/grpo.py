@@ -217,25 +217,28 @@ class RolloutLog:
             ]  # fmt: skip
             write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
-    def __call__(self, batch: GroupBatch) -> None:
+    def __call__(self, completions: list[dict[str, Any]]) -> None:
         if self.to_cut:
             self.cut_to(self.trainer.state.step)
             self.to_cut = False
         step = self.trainer.state.step + 1  # batches are drawn before the step they train
         with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(
-                json.dumps({"step": step, **c}, ensure_ascii=False) + "\n" for c in batch.completions
-            )
+            f.writelines(json.dumps({"step": step, **c}, ensure_ascii=False) + "\n" for c in completions)
 
 
 class _LoggedSource(PromptSource):
-    def __init__(self, source: PromptSource, log_batch: Any) -> None:
-        super().__init__(source.examples, source.rollout)
-        self.log_batch = log_batch
+    """The training prompts, every batch's completions written to the log by the first rank
+    (gathered from every rank, in rank order: a one-process run's order)."""
+
+    def __init__(self, source: PromptSource, log: RolloutLog, world: World) -> None:
+        super().__init__(source.examples, source.rollout, source.clock)
+        self.log, self.world = log, world
 
     def batch(self, indices: Sequence[int]) -> GroupBatch:
         batch = super().batch(indices)
-        self.log_batch(batch)
+        shares = self.world.gather(batch.completions)
+        if self.world.is_main:
+            self.log([c for share in shares for c in share])
         return batch
 
 
@@ -297,12 +300,13 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
         model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,
         reporter=reporter, command="grpo", perplexity=False, world=world,
     )  # fmt: skip
-    if world.is_main:
-        if resume_from is None:
-            (out / ROLLOUTS).unlink(missing_ok=True)
-        trainer.train = _LoggedSource(
-            train, RolloutLog(out / ROLLOUTS, trainer, resumed=resume_from is not None)
-        )
+    seed = cfg.train.seed  # the loop counts a micro-batch before it draws it
+    train.clock = lambda: f"{seed}/train/{trainer.state.cursor}"
+    valid.clock = lambda: f"{seed}/valid/{trainer.state.step}"
+    if world.is_main and resume_from is None:
+        (out / ROLLOUTS).unlink(missing_ok=True)
+    log_file = RolloutLog(out / ROLLOUTS, trainer, resumed=resume_from is not None)
+    trainer.train = _LoggedSource(train, log_file, world)
     log.info(
         "%s loss, %d completions a prompt, rewards %s, beta %g", cfg.loss, cfg.num_generations,
         ", ".join(f"{r.name} x{r.weight:g}" for r in rewards), cfg.beta,

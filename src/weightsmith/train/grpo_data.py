@@ -16,8 +16,9 @@ stops everything with `FILE:LINE: FIELD: problem (how to fix)`.
 A batch (`GroupBatch`) is made on demand (`PromptSource.batch`) by the `Rollout`, with the
 weights of the moment, so every step learns from its own samples (on-policy, TRL's
 `num_iterations=1`): each prompt is sampled `num_generations` times in one batched
-generation, each completion seeded from torch's generator (so a resumed run, which restores
-that generator, samples what the uninterrupted run sampled); the completion ends at an end
+generation, each completion with its own seed, a hash of the run's seed, the micro-batch's
+number and the prompt's index (so a resumed run samples what the uninterrupted run sampled,
+and N processes sample what one would); the completion ends at an end
 token (kept, as TRL keeps it) or at `max_completion_len`. Rewards are weighted and summed, and
 a completion's advantage is its reward minus its group's mean, over the group's standard
 deviation (Bessel-corrected) + 1e-4 (`scale_rewards="group"`), or the difference alone
@@ -29,8 +30,9 @@ Not here: the rewards (rewards.py), the loss (grpo.py), the loop (loop.py).
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,11 +185,13 @@ class Rollout:
 
         self.engine = Engine(self.model, self.tokenizer, cpu_decode=False)  # type: ignore[arg-type]
 
-    def __call__(self, examples: Sequence[PromptExample]) -> GroupBatch:
+    def __call__(self, examples: Sequence[PromptExample], keys: Sequence[str]) -> GroupBatch:
+        """Sample, score and batch `examples`; `keys[i]` names example i's draw (the run's seed,
+        the micro-batch and the prompt's index), from which each completion's seed is made."""
         g = self.num_generations
         prompts = [e.ids for e in examples for _ in range(g)]
         rows = [e.row for e in examples for _ in range(g)]
-        seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()  # the run's generator: resumable
+        seeds = [completion_seed(key, j) for key in keys for j in range(g)]
         params = [
             SamplingParams(max_tokens=self.max_completion_len, temperature=self.temperature,
                            top_p=self.top_p, top_k=self.top_k, seed=s)
@@ -241,6 +245,13 @@ class Rollout:
         )  # fmt: skip
 
 
+def completion_seed(key: str, j: int) -> int:
+    """The sampling seed of completion `j` of a draw: a hash of the draw's key, so it depends
+    on neither the process that samples it (ranks) nor what was sampled before (resume)."""
+    digest = hashlib.blake2b(f"{key}/{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def token_weight(loss: str, length: int, max_completion_len: int) -> float:
     """A completion token's weight in the summed loss: 1 (dapo: the step's token mean), 1/length
     (grpo: each completion's token mean), 1/max_completion_len (dr_grpo: Dr. GRPO's constant)."""
@@ -285,11 +296,19 @@ def _nanmean(x: torch.Tensor) -> float:
 
 
 class PromptSource:
-    """A BatchSource over prompts: each batch is sampled by `rollout` when asked for."""
+    """A BatchSource over prompts: each batch is sampled by `rollout` when asked for, its seeds
+    from `clock()` (which micro-batch or evaluation this is: the same on every rank and after a
+    resume) and each prompt's index."""
 
-    def __init__(self, examples: list[PromptExample], rollout: Rollout | None = None) -> None:
+    def __init__(
+        self,
+        examples: list[PromptExample],
+        rollout: Rollout | None = None,
+        clock: Callable[[], str] | None = None,
+    ) -> None:
         self.examples = examples
         self.rollout = rollout
+        self.clock = clock
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -298,5 +317,6 @@ class PromptSource:
         return [len(e.ids) for e in self.examples]
 
     def batch(self, indices: Sequence[int]) -> GroupBatch:
-        assert self.rollout is not None, "set the rollout before training"
-        return self.rollout([self.examples[i] for i in indices])
+        assert self.rollout is not None and self.clock is not None, "set the rollout and clock first"
+        draw = self.clock()
+        return self.rollout([self.examples[i] for i in indices], [f"{draw}/{i}" for i in indices])
