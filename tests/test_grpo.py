@@ -161,3 +161,28 @@ def test_a_row_without_the_rewards_field_stops_before_the_model_loads(tmp_path):
         from weightsmith.train.runs import resolve_config
 
         load_prompts(resolve_config(cfg, "grpo"), tokenizer=None)
+
+
+def test_reproduce_gives_the_same_adapter_and_samples(tiny_hf_dir, tmp_path, capsys):
+    data = write_prompts(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "run"
+    args = ["grpo", str(tiny_hf_dir), "--data", str(data), "--out", str(out), "--reward", "length",
+            "--num-generations", "2", "--max-completion-len", "4", "--max-seq-len", "64", "--valid-fraction", "0",
+            "--train.max-steps", "2", "--train.batch-size", "2", "--lora.rank", "2"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["reproduce", str(out), "--out", str(again), "--root", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    status = {o["path"]: o["status"] for o in result["outputs"]}
+    assert status["adapter_model.safetensors"] == status["rollouts.jsonl"] == "identical", status
+
+
+def test_reproduce_refuses_a_run_scored_by_python_functions(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = config(tiny_hf_dir, write_prompts(tmp_path / "p.jsonl", 4), out, reward=["length"],
+                 train={"max_steps": 1, "save_every": 0})  # fmt: skip
+    run_grpo(cfg, rewards=[Reward("vowels", vowels)])
+    assert main(["reproduce", str(out), "--out", str(tmp_path / "again"), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Python reward functions (vowels)" in err and len(err.strip().splitlines()) == 1

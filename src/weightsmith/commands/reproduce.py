@@ -32,6 +32,7 @@ def _recipes() -> dict[str, tuple[type, Callable[..., Any]]]:
     return {
         "finetune": (train.FinetuneConfig, train.run_finetune),
         "dpo": (train.DpoConfig, train.run_dpo),
+        "grpo": (train.GrpoConfig, train.run_grpo),
         "merge": (train.MergeConfig, train.run_merge),
         "quantize": (quantize.QuantizeConfig, quantize.run_quantize),
         "export": (export.ExportConfig, export.run_export),
@@ -111,6 +112,8 @@ def run_reproduce(cfg: ReproduceConfig, progress: Any = None) -> dict[str, Any]:
             f"{out}: already exists; reproduce writes into a fresh place: remove it or pass --out"
         )
     _check_inputs(cfg)
+    if record["kind"] == "grpo":
+        _check_rewards(file, record)
     cls, run = recipes[record["kind"]]
     config = _config(record, cls, out, str(file))
     cwd = (record.get("command") or {}).get("cwd")
@@ -122,6 +125,19 @@ def run_reproduce(cfg: ReproduceConfig, progress: Any = None) -> dict[str, Any]:
     finally:
         os.chdir(here)
     return compare(file, record, read_record(locate(out)), out)
+
+
+def _check_rewards(file: Path, record: dict[str, Any]) -> None:
+    """A GRPO run scored by Python functions (the API's `rewards=`) cannot be re-run from its
+    record, which holds only --reward's names: its metrics name every reward it used."""
+    given = {str(spec).partition(":")[0].strip() for spec in (record.get("config") or {}).get("reward") or []}
+    used = {k.removeprefix("reward_") for k in record.get("metrics") or {} if k.startswith("reward_")}
+    missing = sorted(used - given - {"zero_std"})
+    if missing:
+        raise UsageError(
+            f"{file}: the run was also scored by Python reward functions ({', '.join(missing)}) that its record "
+            "cannot re-run; re-run it from Python with the same functions"
+        )
 
 
 def _flat(metrics: Any, prefix: str = "") -> dict[str, float]:
