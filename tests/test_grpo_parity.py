@@ -20,6 +20,7 @@ import torch
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.lora import LoraConfig, apply_lora
+from weightsmith.train import losses
 from weightsmith.train.grpo import GrpoObjective
 from weightsmith.train.grpo_data import PromptRecord, Rollout, tokenize_prompts
 from weightsmith.train.rewards import Reward
@@ -126,13 +127,13 @@ def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask
     return tokenized, inputs["advantages"], loss_value.detach(), grads
 
 
-CASES = [  # (loss, beta, temperature, mask_truncated, method)
-    ("dapo", 0.0, 1.0, False, "lora"),
-    ("grpo", 0.04, 0.7, False, "lora"),
-    ("dr_grpo", 0.0, 1.3, False, "lora"),
-    ("dapo", 0.1, 1.0, True, "lora"),
-    ("grpo", 0.0, 1.0, True, "lora"),
-    ("dapo", 0.04, 0.8, False, "full"),
+CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row attends)
+    ("dapo", 0.0, 1.0, False, "lora", "mask"),
+    ("grpo", 0.04, 0.7, False, "lora", "mask"),
+    ("dr_grpo", 0.0, 1.3, False, "lora", "mask"),
+    ("dapo", 0.1, 1.0, True, "lora", "mask"),
+    ("grpo", 0.0, 1.0, True, "lora", "sequences"),
+    ("dapo", 0.04, 0.8, False, "full", "sequences"),
 ]
 
 
@@ -149,9 +150,17 @@ def ending_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("loss", "beta", "temperature", "mask_truncated", "method"), CASES, ids=str)
-def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_path, loss, beta, temperature,
-                                                  mask_truncated, method):  # fmt: skip
+@pytest.mark.parametrize(("loss", "beta", "temperature", "mask_truncated", "method", "rows"), CASES, ids=str)
+def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_path, monkeypatch, loss, beta,
+                                                  temperature, mask_truncated, method, rows):  # fmt: skip
+    """Each group is one row, its prompt once; short rows attend under a mask, long ones as a
+    causal sequence per completion (forced here by lowering the threshold)."""
+    made = []
+    if rows == "sequences":
+        monkeypatch.setattr(losses, "SEQUENCES_FROM", 1)
+        monkeypatch.setattr(
+            losses, "pair_sequences", lambda s, real=losses.pair_sequences: made.append(1) or real(s)
+        )
     if mask_truncated:
         tiny_hf_dir = ending_dir
     tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
@@ -192,6 +201,7 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     assert max(g.abs().max() for g in grads.values()) > 1e-4  # not all zero
     if beta:
         assert float(metrics["kl"]) > 0
+    assert bool(made) == (rows == "sequences")
 
 
 def test_prompts_are_checked_before_the_model_loads(tmp_path):

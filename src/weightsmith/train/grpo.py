@@ -58,7 +58,7 @@ from weightsmith.train.grpo_data import (
     tokenize_prompts,
 )
 from weightsmith.train.loop import Reporter, Trainer
-from weightsmith.train.losses import linear_log_probs, soft_capped
+from weightsmith.train.losses import linear_log_probs, shared_prompt_attention, soft_capped
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
     RunConfig,
@@ -147,8 +147,10 @@ class GrpoConfig(RunConfig):
 def completion_log_probs(model: nn.Module, batch: GroupBatch, temperature: float = 1.0,
                          *, checkpoint: bool = False) -> torch.Tensor:  # fmt: skip
     """(M,) log pi(token | prompt, earlier tokens) of every completion token, fp32, with the
-    logits divided by `temperature`; the LM head only where a completion token is predicted."""
-    hidden = model.hidden_states(batch.inputs, positions=batch.positions, checkpoint=checkpoint)
+    logits divided by `temperature`: each prompt runs once for its whole group, the LM head
+    only where a completion token is predicted."""
+    with shared_prompt_attention(model, batch):  # each completion sees its prompt and itself
+        hidden = model.hidden_states(batch.inputs, positions=batch.positions, checkpoint=checkpoint)
     h = hidden.reshape(-1, hidden.shape[-1])[batch.index]  # (M, h)
     head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):

@@ -44,10 +44,18 @@ from weightsmith.files import json_object_line
 from weightsmith.sampling import SamplingParams
 from weightsmith.tokenizer import Tokenizer
 from weightsmith.train.data import DataError, read_jsonl
-from weightsmith.train.preference_data import Messages, check_prompt, parse_messages, render_messages
+from weightsmith.train.preference_data import (
+    PADDING,
+    PROMPT,
+    Messages,
+    check_prompt,
+    parse_messages,
+    render_messages,
+)
 from weightsmith.train.rewards import Reward, check_rows, score
 
 SCALES = ("group", "none")
+FIRST = PADDING + 1  # the segment of a row's first completion; the j-th's is FIRST + j
 
 
 @dataclass
@@ -133,32 +141,33 @@ def tokenize_prompts(
 
 @dataclass
 class GroupBatch:
-    """Completions of one micro-batch of prompts, each row prompt + completion (right-padded),
-    with what the loss needs: where each completion token is predicted, and each completion's
-    advantage. `weights` turns a per-token loss into the loss type's sum (see grpo.py)."""
+    """The completions of one micro-batch of prompts, a row per prompt: the prompt once, then
+    each of its completions (`segments` keeps them apart: each attends to the prompt and
+    itself, positions restarting after the prompt, as `losses.shared_prompt_attention` does for
+    DPO's pairs), right-padded; with where each completion token is predicted and each
+    completion's advantage. `weights` turns a per-token loss into the loss type's sum."""
 
-    inputs: torch.Tensor  # (N, T) prompt + completion ids, padded
-    positions: torch.Tensor  # (N, T)
+    inputs: torch.Tensor  # (B, T) prompt, then its completions, padded
+    positions: torch.Tensor  # (B, T)
+    segments: torch.Tensor  # (B, T) PROMPT, FIRST + j for completion j, PADDING
     index: torch.Tensor  # (M,) flat positions in `inputs` that predict a completion token
     targets: torch.Tensor  # (M,) those tokens
-    seq: torch.Tensor  # (M,) the completion each belongs to
-    advantages: torch.Tensor  # (N,)
+    seq: torch.Tensor  # (M,) the completion each belongs to (prompt i's j-th: i * G + j)
+    advantages: torch.Tensor  # (N,) N = B * G
     weights: torch.Tensor  # (M,) each token's weight in the summed loss
     n_tokens: int
     count: int  # what the summed loss is divided by: tokens (dapo) or completions
     metrics: dict[str, float] = field(default_factory=dict)  # means over this batch's completions
     completions: list[dict[str, Any]] = field(default_factory=list)  # for rollouts.jsonl
-    completion_ids: list[list[int]] = field(default_factory=list)  # each row's sampled tokens
+    completion_ids: list[list[int]] = field(default_factory=list)  # each completion's sampled tokens
 
     @property
     def n_targets(self) -> int:
         return self.count
 
     def to(self, device: torch.device) -> GroupBatch:
-        moved = {
-            k: getattr(self, k).to(device)
-            for k in ("inputs", "positions", "index", "targets", "seq", "advantages", "weights")
-        }
+        tensors = ("inputs", "positions", "segments", "index", "targets", "seq", "advantages", "weights")
+        moved = {k: getattr(self, k).to(device) for k in tensors}
         return GroupBatch(**moved, n_tokens=self.n_tokens, count=self.count, metrics=self.metrics,
                           completions=self.completions, completion_ids=self.completion_ids)  # fmt: skip
 
@@ -179,6 +188,7 @@ class Rollout:
     top_p: float = 1.0
     top_k: int = 0
     pad_id: int = 0
+    ignore_eos: bool = False  # every completion max_completion_len tokens long (benchmarks)
 
     def __post_init__(self) -> None:
         from weightsmith.engine import Engine
@@ -194,7 +204,7 @@ class Rollout:
         seeds = [completion_seed(key, j) for key in keys for j in range(g)]
         params = [
             SamplingParams(max_tokens=self.max_completion_len, temperature=self.temperature,
-                           top_p=self.top_p, top_k=self.top_k, seed=s)
+                           top_p=self.top_p, top_k=self.top_k, seed=s, ignore_eos=self.ignore_eos)
             for s in seeds
         ]  # fmt: skip
         was_training = self.model.training
@@ -226,21 +236,40 @@ class Rollout:
     def _collate(
         self, prompts: list[list[int]], ids: list[list[int]], advantages: torch.Tensor, truncated: list[bool]
     ) -> GroupBatch:
-        rows = [p + c for p, c in zip(prompts, ids, strict=True)]
+        g = self.num_generations
+        learnt = [
+            bool(c) and not (cut and self.mask_truncated) for c, cut in zip(ids, truncated, strict=True)
+        ]
+        # a completion nothing is learnt from (TRL masks truncated ones whole) is left out of the rows
+        rows = [
+            prompts[k] + [t for j in range(k, k + g) if learnt[j] for t in ids[j]]
+            for k in range(0, len(ids), g)
+        ]
         t = max(len(r) for r in rows)
         inputs = torch.tensor([r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long)
+        positions = torch.arange(t).repeat(len(rows), 1)
+        segments = torch.full((len(rows), t), PADDING, dtype=torch.long)
         index, targets, seq, weights = [], [], [], []
-        for i, (p, c, cut) in enumerate(zip(prompts, ids, truncated, strict=True)):
-            if not c or (cut and self.mask_truncated):
-                continue  # no token of it is learned (TRL masks truncated completions whole)
-            index.extend(range(i * t + len(p) - 1, i * t + len(p) - 1 + len(c)))
-            targets.extend(c)
-            seq.extend([i] * len(c))
-            weights.extend([token_weight(self.loss, len(c), self.max_completion_len)] * len(c))
-        count = len(targets) if self.loss == "dapo" else len(rows)
+        for row, k in enumerate(range(0, len(ids), g)):
+            n_p = len(prompts[k])
+            segments[row, :n_p] = PROMPT
+            at = n_p  # where the next completion starts in the row
+            for j in range(g):
+                c = ids[k + j]
+                if not learnt[k + j]:
+                    continue
+                positions[row, at : at + len(c)] = torch.arange(n_p, n_p + len(c))
+                segments[row, at : at + len(c)] = FIRST + j
+                # the prompt's last token predicts the first; each token after it the next
+                index += [row * t + n_p - 1, *range(row * t + at, row * t + at + len(c) - 1)]
+                targets += c
+                seq += [k + j] * len(c)
+                weights += [token_weight(self.loss, len(c), self.max_completion_len)] * len(c)
+                at += len(c)
+        count = len(targets) if self.loss == "dapo" else len(ids)
+        as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return GroupBatch(
-            inputs, torch.arange(t).expand(len(rows), t).contiguous(), torch.tensor(index, dtype=torch.long),
-            torch.tensor(targets, dtype=torch.long), torch.tensor(seq, dtype=torch.long), advantages,
+            inputs, positions, segments, as_long(index), as_long(targets), as_long(seq), advantages,
             torch.tensor(weights, dtype=torch.float32), n_tokens=sum(map(len, rows)), count=count,
         )  # fmt: skip
 

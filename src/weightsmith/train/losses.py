@@ -33,7 +33,7 @@ from torch import nn
 
 from weightsmith.models.packed import PackedDocuments, layout
 from weightsmith.train.data import IGNORE, Batch
-from weightsmith.train.preference_data import CHOSEN, PROMPT, REJECTED, PairBatch
+from weightsmith.train.preference_data import PADDING, PROMPT, PairBatch
 
 #: Logit elements per chunk (64 MiB in fp32, ~340 rows of a 49k vocabulary). Smaller
 #: chunks re-read the (V, h) head weight more often: 85-row chunks made the fused
@@ -214,22 +214,23 @@ SEQUENCES_FROM = 1024
 
 
 def pair_sequences(segments: torch.Tensor) -> PackedDocuments | None:
-    """A `PairBatch`'s rows as attention sequences (models/packed.py): each row's prompt + chosen
-    and prompt + rejected, the prompt's outputs read from the first."""
+    """Rows of a prompt and its answers as attention sequences (models/packed.py): prompt +
+    each answer, in the order of the answers' segment values (a `PairBatch`'s chosen, then
+    rejected; GRPO's completions), the prompt's outputs read from the first."""
     seg = segments.detach().cpu()
     t = seg.shape[1]
     sequences, read_from = [], []
     for i, row in enumerate(seg):
-        prompt, chosen, rejected = (
-            (row == s).nonzero().squeeze(1) + i * t for s in (PROMPT, CHOSEN, REJECTED)
-        )
-        sequences += [torch.cat([prompt, chosen]), torch.cat([prompt, rejected])]
-        read_from += [0, len(prompt)]
+        prompt = (row == PROMPT).nonzero().squeeze(1) + i * t
+        answers = [s for s in row.unique().tolist() if s not in (PROMPT, PADDING)]  # sorted
+        for k, s in enumerate(answers):
+            sequences.append(torch.cat([prompt, (row == s).nonzero().squeeze(1) + i * t]))
+            read_from.append(len(prompt) if k else 0)
     return layout(sequences, read_from, seg.numel(), segments.device)
 
 
 @contextlib.contextmanager
-def _pair_attention(model: nn.Module, batch: PairBatch) -> Iterator[None]:
+def shared_prompt_attention(model: nn.Module, batch: Any) -> Iterator[None]:
     """Inside, the model's forwards attend as `shared_prompt_mask` says instead of causally:
     each answer as one causal sequence with its prompt (`pair_sequences`), or, in sliding-window
     layers shorter than such a sequence, under the mask. The model's own `hidden_states` runs
@@ -260,7 +261,7 @@ def _pair_attention(model: nn.Module, batch: PairBatch) -> Iterator[None]:
 def pair_log_probs(model: nn.Module, batch: PairBatch, *, checkpoint: bool = False) -> torch.Tensor:
     """(2B,) each answer's summed token log-probability given its prompt, fp32 (chosen answers
     first); the prompt of a pair runs once, the LM head only where an answer token is predicted."""
-    with _pair_attention(model, batch):
+    with shared_prompt_attention(model, batch):
         hidden = model.hidden_states(
             batch.inputs, positions=batch.positions, checkpoint=checkpoint
         )  # (B, T, h)

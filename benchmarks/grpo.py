@@ -1,0 +1,213 @@
+"""One LoRA GRPO step: weightsmith vs TRL's GRPOTrainer, each in its own process, one run.
+
+A step is what a GRPO trainer does for one batch: sample `--generations` completions for each
+of `--prompts` prompts with the weights being trained (temperature 1), score them (the same
+length-only reward for both: what is timed is the machinery, not a checker), compute the
+advantages, then forward + backward of the clipped policy loss over every completion token and
+an AdamW step. Both sides train a fresh LoRA adapter (rank 8, alpha 16, no dropout, all seven
+projections) on the default model (SmolLM2-135M-Instruct; TRL on transformers' own conversion
+of the same GGUF file to fp32), fp32 on the CPU with the same thread count. Every completion
+is exactly `--completion-len` tokens on both sides (end tokens ignored: ours `ignore_eos`,
+TRL's `min_new_tokens`), so both do the same work. The prompts are the bundled Kettlebird
+questions in the model's chat template (the same token ids: tests/test_grpo_parity.py).
+
+Each contender warms up for one step, then times `--steps` steps; processes alternate (ours,
+peer, ours, ...) so a noisy neighbour slows both alike. Printed: the median step, its sampling
+part, completion tokens per second, peak memory and the ratio peer / ours (> 1: weightsmith
+is faster), with the CPU model and instruction sets.
+
+    python benchmarks/grpo.py [--threads 2] [--prompts 4] [--generations 8] [--completion-len 32] [--steps 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from dpo import LORA_TARGETS, convert  # beside this file
+from machine import cpu_description
+
+NAMES = {"ours": "weightsmith grpo (LoRA)", "peer": "TRL GRPOTrainer + peft LoRA"}
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """The first `n` single-turn Kettlebird questions, as conversational prompts."""
+    from weightsmith.datasets import sample_path
+
+    convs = [json.loads(line)["messages"] for line in sample_path("kettlebird/train.jsonl").open()]
+    questions = [[m for m in c if m["role"] == "user"][:1] for c in convs]
+    return [{"prompt": q} for q in questions if q][:n]
+
+
+def lengths_reward(completions, rows, lengths):
+    return [float(n % 5) for n in lengths]  # varied enough that groups have advantages
+
+
+def run_ours(path: str, args: argparse.Namespace) -> dict:
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.device import tune_cpu_allocator
+    from weightsmith.lora import LoraConfig, apply_lora
+    from weightsmith.train.grpo import GrpoObjective
+    from weightsmith.train.grpo_data import PromptRecord, Rollout, tokenize_prompts
+    from weightsmith.train.optim import make_optimizer
+    from weightsmith.train.rewards import Reward
+
+    tune_cpu_allocator()
+    ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
+    model = ckpt.model.train()
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
+    opt = make_optimizer(model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    records = [PromptRecord(f"bench:{i}", r["prompt"], r) for i, r in enumerate(prompt_rows(args.prompts))]
+    examples, _ = tokenize_prompts(records, ckpt.tokenizer, 4096, [])
+    rollout = Rollout(model, ckpt.tokenizer, [Reward("len", lengths_reward)], args.generations,
+                      args.completion_len, ignore_eos=True)  # fmt: skip
+    objective = GrpoObjective()
+    counter = iter(range(10**6))
+    sampling: list[float] = []
+
+    def step() -> float:
+        start = time.perf_counter()
+        batch = rollout(examples, [f"bench/{next(counter)}/{i}" for i in range(len(examples))])
+        sampling.append(time.perf_counter() - start)
+        loss, count, _ = objective(model, batch)
+        (loss / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert batch.count == args.prompts * args.generations * args.completion_len
+        return float(loss) / count
+
+    return _time_steps(step, args.steps, sampling)
+
+
+def run_peer(args: argparse.Namespace, hf_dir: str) -> dict:
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    n = args.prompts * args.generations
+    config = trl.GRPOConfig(
+        output_dir="/tmp/weightsmith-bench-grpo", report_to="none", use_cpu=True, bf16=False,
+        per_device_train_batch_size=n, num_generations=args.generations, max_completion_length=args.completion_len,
+        generation_kwargs={"min_new_tokens": args.completion_len}, temperature=1.0, beta=0.0, loss_type="dapo",
+        disable_dropout=True, gradient_checkpointing=False,
+    )  # fmt: skip
+    rows = prompt_rows(args.prompts)
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=[lambda completion_ids, **kw: lengths_reward(None, None, map(len, completion_ids))],
+        args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS),
+    )  # fmt: skip
+    policy = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    inputs = [r for r in rows for _ in range(args.generations)]
+    sampling: list[float] = []
+
+    def step() -> float:
+        start = time.perf_counter()
+        batch = trainer._generate_and_score_completions(inputs)
+        sampling.append(time.perf_counter() - start)
+        loss = trainer.compute_loss(policy, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert int(batch["completion_mask"].sum()) == n * args.completion_len
+        return float(loss)
+
+    return _time_steps(step, args.steps, sampling)
+
+
+def _time_steps(step, steps: int, sampling: list[float]) -> dict:
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {"times": times, "sampling": sampling[1:], "peak_gib": peak_gib}
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.child == "convert":
+        return convert(args.model, args.hf_dir)
+    got = run_ours(args.model, args) if args.child == "ours" else run_peer(args, args.hf_dir)
+    print(json.dumps(got))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--completion-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
+    p.add_argument("--child", choices=[*NAMES, "convert"], help=argparse.SUPPRESS)
+    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.model is None:
+        from weightsmith.checkpoint.pull import resolve
+
+        args.model = str(resolve("smollm2-135m-instruct"))
+    print(f"cpu: {cpu_description()}, {args.threads} threads")
+    hf_dir = tempfile.mkdtemp(prefix="weightsmith-bench-grpo-")
+    base = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--hf-dir",
+        hf_dir,
+        "--threads",
+        str(args.threads),
+    ]
+    subprocess.run([*base, "--child", "convert"], check=True, capture_output=True)
+    shape = ["--prompts", str(args.prompts), "--generations", str(args.generations),
+             "--completion-len", str(args.completion_len), "--steps", str(args.steps)]  # fmt: skip
+    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "s": [], "mem": []} for who in NAMES}
+    for r in range(args.rounds):
+        for who in NAMES:
+            done = subprocess.run([*base, "--child", who, *shape], capture_output=True, text=True)
+            if done.returncode != 0:  # a crashed peer is a missing column, not a failed benchmark
+                print(f"round {r + 1} {who}: failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+                continue
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            results[who]["t"] += got["times"]
+            results[who]["s"] += got["sampling"]
+            results[who]["mem"].append(got["peak_gib"])
+            print(f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s "
+                  f"(sampling {statistics.median(got['sampling']):.2f}s)  peak {got['peak_gib']:.2f} GiB")  # fmt: skip
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    if not all(results[who]["t"] for who in NAMES):
+        return
+    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
+    s = {who: statistics.median(results[who]["s"]) for who in NAMES}
+    mem = {who: max(results[who]["mem"]) for who in NAMES}
+    tokens = args.prompts * args.generations * args.completion_len
+    print(f"\nLoRA r=8 GRPO step: {args.prompts} prompts x {args.generations} completions x "
+          f"{args.completion_len} tokens, fp32, {args.threads} threads")  # fmt: skip
+    print(f"{'':32s}{'step s':>9s}{'sampling s':>12s}{'tokens/s':>10s}{'peak GiB':>10s}")
+    for who, label in NAMES.items():
+        print(f"{label:32s}{t[who]:9.2f}{s[who]:12.2f}{tokens / t[who]:10.1f}{mem[who]:10.2f}")
+    print(f"speed-up (peer / ours): step {t['peer'] / t['ours']:.2f}x, sampling {s['peer'] / s['ours']:.2f}x, "
+          f"peak memory (ours / peer) {mem['ours'] / mem['peer']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
