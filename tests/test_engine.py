@@ -281,6 +281,29 @@ def test_generate_batch_equals_each_prompt_alone(engine: Engine, params: Samplin
         assert (b.prompt_tokens, b.completion_tokens) == (a.prompt_tokens, a.completion_tokens)
 
 
+def test_rows_sharing_a_prompt_share_its_prefill_and_equal_each_row_alone(
+    engine: Engine, monkeypatch
+) -> None:
+    """n samples of one prompt (GRPO's groups): the prompt is prefilled once and copied into
+    its rows; every row still equals its run alone."""
+    import weightsmith.generate as generate
+
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=12, ignore_eos=True) for s in range(5)]
+    params[3] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prefilled: list[int] = []
+    real = generate.prefill
+    monkeypatch.setattr(
+        generate, "prefill", lambda m, c, p, *a, **k: prefilled.append(len(p)) or real(m, c, p, *a, **k)
+    )
+    batch = engine.generate(prompts, params)
+    assert prefilled == [2]  # two distinct prompts, one prefill of two rows
+    monkeypatch.undo()
+    alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert len({tuple(batch[i].token_ids) for i in (0, 2, 3)}) == 3  # each seed its own sample
+
+
 def test_generate_batch_with_per_row_params_and_early_stops(engine: Engine) -> None:
     _, full = run(engine, PROMPTS[0], GREEDY)
     stop = full.text[len(full.text) // 3 : len(full.text) // 3 + 2]

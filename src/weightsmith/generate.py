@@ -1,7 +1,8 @@
 """The token-level generation loop: prefill, then decode one token at a time.
 
 `prefill` runs all prompt tokens of a batch through the model at once, writing the
-KV cache after each row's first `start` tokens; `decode_one_token` feeds each row's
+KV cache after each row's first `start` tokens (a `TokenGenerator` runs a prompt that several
+rows share once, and copies its cache); `decode_one_token` feeds each row's
 last token at its own position. Rows may have prompts of different lengths: they are
 right-padded for prefill and each row then writes at its own cache index, so a row's
 results are the same as when it runs alone. `TokenGenerator` drives the loop and
@@ -136,8 +137,10 @@ class TokenGenerator:
         self.decode: DecodeFn = decode or decode_one_token
         dtype = model.model.embed_tokens.weight.dtype
         # A step that replays CUDA graphs decodes in its own cache (cuda_graphs.py).
-        make_cache = getattr(self.decode, "make_cache", None) or KVCache.for_model
-        self.cache = make_cache(model.config, len(prompts), self.max_len, dtype=dtype, device=self.device)
+        self._make_cache = getattr(self.decode, "make_cache", None) or KVCache.for_model
+        self.cache = self._make_cache(
+            model.config, len(prompts), self.max_len, dtype=dtype, device=self.device
+        )
         vocab = model.config.vocab_size
         self.rows = [
             RowState(
@@ -162,7 +165,7 @@ class TokenGenerator:
         return all(r.done for r in self.rows)
 
     def __iter__(self) -> Iterator[list[TokenEvent]]:
-        logits = prefill(self.model, self.cache, self.prompts, self.device)
+        logits = self._prefill()
         while True:
             events = self._sample(logits)
             if events:
@@ -176,6 +179,23 @@ class TokenGenerator:
             for row, state in enumerate(self.rows):
                 if state.done:
                     self.cache.set_length(row, held[row])
+
+    def _prefill(self) -> torch.Tensor:
+        """Every row's prompt into the cache; (B, V) next-token logits. Rows that share a prompt
+        (n samples of one prompt, GRPO's groups) share its prefill: each distinct prompt runs
+        once, in a cache of its own, and is copied into its rows."""
+        first: dict[tuple[int, ...], int] = {}
+        for p in self.prompts:
+            first.setdefault(tuple(p), len(first))
+        if len(first) == len(self.prompts):
+            return prefill(self.model, self.cache, self.prompts, self.device)
+        distinct = self._make_cache(self.model.config, len(first), self.max_len, dtype=self.cache.k.dtype,
+                                    device=self.device)  # fmt: skip
+        logits = prefill(self.model, distinct, [list(p) for p in first], self.device)  # (U, V)
+        source = [first[tuple(p)] for p in self.prompts]
+        for row, u in enumerate(source):
+            self.cache.copy_row(u, row, source=distinct)
+        return logits.index_select(0, torch.tensor(source, device=logits.device))
 
     def _sample(self, logits: torch.Tensor) -> list[TokenEvent]:
         """Pick every running row's next token from (B, V) logits in one batched pass."""
