@@ -57,7 +57,7 @@ from weightsmith.train.grpo_data import (
     read_prompts,
     tokenize_prompts,
 )
-from weightsmith.train.loop import Reporter, Trainer
+from weightsmith.train.loop import Reporter, Trainer, TrainOptions
 from weightsmith.train.losses import linear_log_probs, shared_prompt_attention, soft_capped
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
@@ -108,6 +108,8 @@ class GrpoConfig(RunConfig):
     overlong_cache: int | None = opt(
         None, "the length reward's band: penalise the last N tokens (default L/4)"
     )
+    #: reinforcement learning moves far on little data: a tenth of finetune's learning rate
+    train: TrainOptions = opt(default_factory=lambda: TrainOptions(lr=2e-5))
 
     def __post_init__(self) -> None:
         checks = [
