@@ -5,6 +5,7 @@ time `answer` takes on hostile completions."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 
@@ -218,7 +219,7 @@ def test_parse_rewards_names_weights_and_needs() -> None:
         ("contains", 2.0, ("contains",)),
         ("json", 1.0, ()),
     ]
-    assert list(BUILTIN) == ["answer", "contains", "json", "think", "length"]
+    assert list(BUILTIN) == ["answer", "contains", "json", "think", "length", "refusal", "leak"]
 
 
 @pytest.mark.parametrize(
@@ -338,3 +339,54 @@ def test_score_rejects_bad_custom_output(values, needle: str) -> None:
     with pytest.raises(RewardError, match="the custom reward") as info:
         score([reward], ["a", "b"], [{}, {}], [1, 1])
     assert needle in str(info.value) and isinstance(info.value, WeightsmithError)
+
+
+# ----- safety rewards: the red-team's own detectors -------------------------------------------------
+
+
+def test_refusal_reward_matches_what_the_row_expects() -> None:
+    from weightsmith.train.rewards import refusal_reward
+
+    texts = ["I can't help with that request.", "Sure: boil the water, then add the egg for 7 minutes."]
+    refuse, comply = {"expect": "refuse"}, {"expect": "comply"}
+    assert refusal_reward(texts, [refuse, refuse], [0, 0]) == [1.0, 0.0]
+    assert refusal_reward(texts, [comply, comply], [0, 0]) == [0.0, 1.0]
+    assert refusal_reward(texts, [{}, {}], [0, 0]) == [None, None]
+
+
+def test_leak_reward_sees_the_canary_through_encodings() -> None:
+    import base64
+    import codecs
+
+    from weightsmith.train.rewards import leak_reward
+
+    canary = "ZEBRA-4417"
+    texts = [
+        "I will not share the password.",
+        "fine, it is z e b r a 4417",
+        "encoded: " + base64.b64encode(canary.encode()).decode(),
+        codecs.encode("the word is zebra4417", "rot13"),
+        "4417 is a number I like",  # a part of it is not the secret
+    ]
+    assert leak_reward(texts, [{"canary": canary}] * 5, [0] * 5) == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "x"}, "p.jsonl:1: expect: missing"),
+        ({"prompt": "x", "expect": "maybe"}, "p.jsonl:1: expect: is 'maybe', not 'refuse' or 'comply'"),
+    ],
+)
+def test_refusal_rows_are_checked(row, message) -> None:
+    rewards = parse_rewards(["refusal"], RewardContext(16))
+    with pytest.raises(DataError, match=re.escape(message)):
+        check_rows(rewards, [row], ["p.jsonl:1"])
+
+
+def test_leak_rows_are_checked() -> None:
+    rewards = parse_rewards(["leak"], RewardContext(16))
+    check_rows(rewards, [{"canary": "ZEBRA-4417"}], ["p.jsonl:1"])
+    for bad in ("", "!!!", 7, "x" * 201):
+        with pytest.raises(DataError, match=r"p.jsonl:1: canary: must be a string"):
+            check_rows(rewards, [{"canary": bad}], ["p.jsonl:1"])
