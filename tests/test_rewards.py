@@ -289,11 +289,15 @@ def test_check_rows_accepts_good_rows_and_custom_needs() -> None:
         Reward("mine", lambda c, r, n: [0.0] * len(c), needs=("n",)),
     ]
     pytest.importorskip("jsonschema")
-    check_rows(rewards[:3], rows, ["b:1", "b:2"])
+    check_rows(rewards, rows, ["b:1", "b:2"])  # several rewards: each row needs one of their fields
     with pytest.raises(
         DataError, match=r"^b:2: n: missing \(the mine reward needs it: add 'n' to every row\)$"
     ):
-        check_rows(rewards, rows, ["b:1", "b:2"])
+        check_rows(rewards[3:], rows, ["b:1", "b:2"])  # one: every row needs its field
+    with pytest.raises(
+        DataError, match=r"^b:3: answer or contains or n: missing \(the answer, contains, mine "
+    ):
+        check_rows(rewards, [*rows, {"schema": {"type": "object"}}], ["b:1", "b:2", "b:3"])
 
 
 def test_check_rows_without_jsonschema(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -402,19 +402,31 @@ _HINTS = {
 
 
 def check_rows(rewards: Sequence[Reward], rows: Sequence[dict[str, Any]], sources: Sequence[str]) -> None:
-    """Raise DataError (one line, the row's `file:line` first) at the first row that lacks a
-    field a reward needs or holds an unusable one (and, for the json reward, an unusable
-    `schema`); ConfigError when a row gives a `schema` and jsonschema is not installed."""
+    """Raise DataError (one line, the row's `file:line` first) at the first row that holds an
+    unusable field a reward reads (for the json reward, an unusable `schema`), or that gives
+    none of the fields the rewards need: with one such reward every row needs its field; with
+    several (refusal and leak in one file) each row needs one of them, and a reward scores only
+    the rows with its field. ConfigError when a row gives a `schema` and jsonschema is missing."""
     assert len(rows) == len(sources)
     checks = [(r.name, f) for r in rewards for f in r.needs]
     checks += [(r.name, "schema") for r in rewards if r.fn is json_reward][:1]
+    needed = [(name, field) for name, field in checks if field != "schema"]
     for row, source in zip(rows, sources, strict=True):
+        if needed and not any(field in row for _, field in needed):
+            name, field = needed[0]
+            if len(needed) == 1:
+                hint = _HINTS.get(field, f"add {field!r} to every row")
+                raise DataError(f"{source}: {field}: missing (the {name} reward needs it: {hint})")
+            fields = " or ".join(field for _, field in needed)
+            names = ", ".join(name for name, _ in needed)
+            raise DataError(
+                f"{source}: {fields}: missing (the {names} rewards each read one; give the row the field "
+                "of the reward that should score it)"
+            )
         for name, field in checks:
-            hint = _HINTS.get(field, f"add {field!r} to every row")
             if field not in row:
-                if field != "schema":
-                    raise DataError(f"{source}: {field}: missing (the {name} reward needs it: {hint})")
                 continue
+            hint = _HINTS.get(field, f"add {field!r} to every row")
             problem = _PROBLEMS[field](row[field]) if field in _PROBLEMS else None
             if problem is not None:
                 raise DataError(f"{source}: {field}: {problem} (the {name} reward reads it: {hint})")
