@@ -101,9 +101,6 @@ def test_lora_ddp_on_two_ranks_equals_one_process(tiny_hf_dir, data, tmp_path):
     torch.testing.assert_close(val_losses(two), val_losses(one), rtol=1e-5, atol=1e-5)
     assert len(losses(one)) == 5
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
-    assert (one / "rollouts.jsonl").read_text() == (
-        two / "rollouts.jsonl"
-    ).read_text()  # every rank's samples
     run = json.loads((two / "run.json").read_text())
     assert run["steps"] == 5 and run["method"] == "lora"
 
@@ -118,9 +115,6 @@ def test_qlora_on_fsdp_equals_one_process(tiny_hf_dir, data, tmp_path):
     assert len(losses(one)) == 3
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
-    assert (one / "rollouts.jsonl").read_text() == (
-        two / "rollouts.jsonl"
-    ).read_text()  # every rank's samples
 
 
 def write_pairs(path: Path, n: int = 14) -> Path:
@@ -157,9 +151,6 @@ def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5)
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
-    assert (one / "rollouts.jsonl").read_text() == (
-        two / "rollouts.jsonl"
-    ).read_text()  # every rank's samples
 
 
 def ranks_of(parent: int) -> dict[int, int]:

@@ -112,15 +112,17 @@ def eval_records(run: dict[str, Any] | None) -> dict[tuple[str, str, str], float
 
 
 #: Training metrics a card names (the record keeps them all: timings, learning rate, ...).
-HEADLINE = ("steps", "loss", "val_loss", "val_ppl", "reward_accuracy", "reward_margin", "val_reward_accuracy")
+HEADLINE = ("steps", "loss", "val_loss", "val_ppl", "reward_accuracy", "reward_margin", "val_reward_accuracy",
+            "reward", "val_reward")  # fmt: skip
 
 
 def _settings(config: dict[str, Any]) -> str:
     """The training settings a reader needs to redo a run: loop and LoRA, as recorded."""
     train, lora = config.get("train") or {}, config.get("lora") or {}
     keys = [("lr", train), ("epochs", train), ("max_steps", train), ("batch_size", train), ("seed", train),
-            ("loss", config), ("beta", config)]  # fmt: skip
-    parts = [f"{k} {d[k]}" for k, d in keys if d.get(k) is not None]
+            ("loss", config), ("beta", config), ("reward", config), ("num_generations", config)]  # fmt: skip
+    parts = [f"{k} {' + '.join(map(str, d[k])) if isinstance(d[k], list) else d[k]}" for k, d in keys
+             if d.get(k) is not None]  # fmt: skip
     if config.get("method") in ("lora", "qlora") and lora:
         parts.append(f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}")
     return f" ({', '.join(parts)})" if parts else ""
