@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -101,7 +102,8 @@ def run_ours(path: str, n: int, seq_len: int, steps: int) -> dict:
         logps.append(float(metrics["logps_chosen"]) / count)
         return float(loss) / count
 
-    return _time_steps(step, steps, logps, sum(len(p.prompt) for p in pairs) / (n * seq_len))
+    share = sum(len(p.prompt) for p in pairs) / (n * seq_len)
+    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": share})
 
 
 def convert(path: str, hf_dir: str) -> None:
@@ -164,24 +166,33 @@ def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
         logps.append(trainer._metrics["train"]["logps/chosen"][-1])
         return float(loss)
 
-    return _time_steps(step, steps, logps, float("nan"))
+    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": float("nan")})
 
 
-def _time_steps(step, steps: int, logps: list[float], prompt_share: float) -> dict:
-    first_loss = step()  # warm-up; the first loss and log-probs show both compute the same thing
+def time_steps(step, steps: int, extra=dict) -> dict:
+    """One warm-up `step()` (its loss is returned: both sides must start from the same one),
+    then `steps` timed ones; with the process's peak memory and `extra()`'s entries."""
+    first_loss = step()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {
-        "times": times,
-        "peak_gib": peak_gib,
-        "first_loss": first_loss,
-        "first_logps": logps[0],
-        "prompt_share": prompt_share,
-    }
+    return {"times": times, "peak_gib": peak_gib, "first_loss": first_loss, **extra()}
+
+
+def alternate(base: list[str], names, shape: list[str], rounds: int):
+    """(round, contender, its JSON result) of `base --child NAME SHAPE`, contenders alternating
+    in each round; a contender that crashes is reported and left out (a missing column, not a
+    failed benchmark)."""
+    for r in range(rounds):
+        for who in names:
+            done = subprocess.run([*base, "--child", who, *shape], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"round {r + 1} {who}: failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+                continue
+            yield r, who, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def child(args: argparse.Namespace) -> None:
@@ -195,15 +206,14 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(got))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def start(p: argparse.ArgumentParser, names, child, prefix: str):
+    """The flags every TRL comparison shares (--threads, --rounds, --model), parsed: in a child
+    process, `child(args)` and None; in the parent, (args, the child command line, the folder
+    of transformers' conversion of the GGUF file, already converted)."""
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
-    p.add_argument("--child", choices=[*NAMES, "convert"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*names, "convert"], help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -213,26 +223,31 @@ def main() -> None:
 
         args.model = str(resolve("smollm2-135m-instruct"))
     print(f"cpu: {cpu_description()}, {args.threads} threads")
-    hf_dir = tempfile.mkdtemp(prefix="weightsmith-bench-dpo-")
-    base = [sys.executable, __file__, "--model", args.model, "--hf-dir", hf_dir,
-            "--threads", str(args.threads)]  # fmt: skip
+    hf_dir = tempfile.mkdtemp(prefix=f"weightsmith-bench-{prefix}-")
+    base = [sys.executable, os.path.abspath(sys.argv[0]), "--model", args.model,
+            "--hf-dir", hf_dir, "--threads", str(args.threads)]  # fmt: skip
     subprocess.run([*base, "--child", "convert"], check=True, capture_output=True)
+    return args, base, hf_dir
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    started = start(p, NAMES, child, "dpo")
+    if started is None:
+        return
+    args, base, hf_dir = started
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
-    for r in range(args.rounds):
-        for who in NAMES:
-            cmd = [*base, "--child", who, "--pairs", str(args.pairs), "--seq-len", str(args.seq_len),
-                   "--steps", str(args.steps)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:  # a crashed peer is a missing column, not a failed benchmark
-                print(f"round {r + 1} {who}: failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-                continue
-            got = json.loads(done.stdout.strip().splitlines()[-1])
-            results[who]["t"] += got["times"]
-            results[who]["mem"].append(got["peak_gib"])
-            print(
-                f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
-                f"  first loss {got['first_loss']:.5f}  first chosen log-prob {got['first_logps']:.3f}"
-            )
+    shape = ["--pairs", str(args.pairs), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    for r, who, got in alternate(base, NAMES, shape, args.rounds):
+        results[who]["t"] += got["times"]
+        results[who]["mem"].append(got["peak_gib"])
+        print(
+            f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
+            f"  first loss {got['first_loss']:.5f}  first chosen log-prob {got['first_logps']:.3f}"
+        )
     shutil.rmtree(hf_dir, ignore_errors=True)
     if not all(results[who]["t"] for who in NAMES):
         return

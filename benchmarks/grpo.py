@@ -23,17 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
-from dpo import LORA_TARGETS, convert  # beside this file
-from machine import cpu_description
+from dpo import LORA_TARGETS, alternate, convert, start, time_steps  # beside this file
 
 NAMES = {"ours": "weightsmith grpo (LoRA)", "peer": "TRL GRPOTrainer + peft LoRA"}
 
@@ -84,7 +79,7 @@ def run_ours(path: str, args: argparse.Namespace) -> dict:
         assert batch.count == args.prompts * args.generations * args.completion_len
         return float(loss) / count
 
-    return _time_steps(step, args.steps, sampling)
+    return time_steps(step, args.steps, lambda: {"sampling": sampling[1:]})
 
 
 def run_peer(args: argparse.Namespace, hf_dir: str) -> dict:
@@ -125,18 +120,7 @@ def run_peer(args: argparse.Namespace, hf_dir: str) -> dict:
         assert int(batch["completion_mask"].sum()) == n * args.completion_len
         return float(loss)
 
-    return _time_steps(step, args.steps, sampling)
-
-
-def _time_steps(step, steps: int, sampling: list[float]) -> dict:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {"times": times, "sampling": sampling[1:], "peak_gib": peak_gib}
+    return time_steps(step, args.steps, lambda: {"sampling": sampling[1:]})
 
 
 def child(args: argparse.Namespace) -> None:
@@ -149,50 +133,23 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
-    p.add_argument("--child", choices=[*NAMES, "convert"], help=argparse.SUPPRESS)
-    p.add_argument("--hf-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        return child(args)
-    if args.model is None:
-        from weightsmith.checkpoint.pull import resolve
-
-        args.model = str(resolve("smollm2-135m-instruct"))
-    print(f"cpu: {cpu_description()}, {args.threads} threads")
-    hf_dir = tempfile.mkdtemp(prefix="weightsmith-bench-grpo-")
-    base = [
-        sys.executable,
-        __file__,
-        "--model",
-        args.model,
-        "--hf-dir",
-        hf_dir,
-        "--threads",
-        str(args.threads),
-    ]
-    subprocess.run([*base, "--child", "convert"], check=True, capture_output=True)
+    started = start(p, NAMES, child, "grpo")
+    if started is None:
+        return
+    args, base, hf_dir = started
     shape = ["--prompts", str(args.prompts), "--generations", str(args.generations),
              "--completion-len", str(args.completion_len), "--steps", str(args.steps)]  # fmt: skip
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "s": [], "mem": []} for who in NAMES}
-    for r in range(args.rounds):
-        for who in NAMES:
-            done = subprocess.run([*base, "--child", who, *shape], capture_output=True, text=True)
-            if done.returncode != 0:  # a crashed peer is a missing column, not a failed benchmark
-                print(f"round {r + 1} {who}: failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-                continue
-            got = json.loads(done.stdout.strip().splitlines()[-1])
-            results[who]["t"] += got["times"]
-            results[who]["s"] += got["sampling"]
-            results[who]["mem"].append(got["peak_gib"])
-            print(f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s "
-                  f"(sampling {statistics.median(got['sampling']):.2f}s)  peak {got['peak_gib']:.2f} GiB")  # fmt: skip
+    for r, who, got in alternate(base, NAMES, shape, args.rounds):
+        results[who]["t"] += got["times"]
+        results[who]["s"] += got["sampling"]
+        results[who]["mem"].append(got["peak_gib"])
+        print(f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s "
+              f"(sampling {statistics.median(got['sampling']):.2f}s)  peak {got['peak_gib']:.2f} GiB")  # fmt: skip
     shutil.rmtree(hf_dir, ignore_errors=True)
     if not all(results[who]["t"] for who in NAMES):
         return

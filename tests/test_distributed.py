@@ -135,21 +135,27 @@ def write_pairs(path: Path, n: int = 14) -> Path:
     return path
 
 
-def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
-    pairs = write_pairs(tmp_path / "pairs.jsonl")
-    args = ["dpo", str(tiny_hf_dir), "--data", str(pairs), *COMMON, "--train.batch-size", "4"]
-    args += ["--train.max-steps", "4", "--train.eval-every", "2"]
+def on_one_and_two_ranks(args: list[str], tmp_path: Path, keys: tuple[str, ...]) -> tuple[Path, Path]:
+    """Run `weightsmith ARGS` in one process (OUT one) and on two ranks (OUT two); their losses
+    and the metrics `keys` (summed over ranks, then divided) must agree."""
     for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
         done = cli(*args, "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
     torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
-    m1 = read_metrics(one / "metrics.jsonl")
-    m2 = read_metrics(two / "metrics.jsonl")
-    for a, b in zip(m1, m2, strict=True):  # the rewards too, summed over ranks then divided
-        for key in ("reward_margin", "val_reward_accuracy"):
+    m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    for a, b in zip(m1, m2, strict=True):
+        for key in keys:
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5)
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+    return one, two
+
+
+def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    args = ["dpo", str(tiny_hf_dir), "--data", str(pairs), *COMMON, "--train.batch-size", "4"]
+    args += ["--train.max-steps", "4", "--train.eval-every", "2"]
+    one, two = on_one_and_two_ranks(args, tmp_path, ("reward_margin", "val_reward_accuracy"))
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
 
 
@@ -343,39 +349,11 @@ def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
     losses, rewards, weights and the record of every sample match."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     args = ["grpo", str(tiny_hf_dir), "--data", str(prompts), *COMMON, "--train.batch-size", "4"]
-    args += [
-        "--train.max-steps",
-        "3",
-        "--reward",
-        "contains",
-        "--reward",
-        "length:0.5",
-        "--num-generations",
-        "3",
-    ]
-    args += [
-        "--max-completion-len",
-        "6",
-        "--beta",
-        "0.04",
-        "--valid-fraction",
-        "0.25",
-        "--train.eval-every",
-        "2",
-    ]
-    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
-        done = cli(*args, "--out", str(out), *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = tmp_path / "one", tmp_path / "two"
-    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-5)
+    args += ["--train.max-steps", "3", "--reward", "contains", "--reward", "length:0.5", "--num-generations", "3",
+             "--max-completion-len", "6", "--beta", "0.04", "--valid-fraction", "0.25", "--train.eval-every", "2"]  # fmt: skip
+    one, two = on_one_and_two_ranks(args, tmp_path, ("reward", "reward_contains", "kl", "val_reward"))
     m1 = read_metrics(one / "metrics.jsonl")
-    m2 = read_metrics(two / "metrics.jsonl")
-    for a, b in zip(m1, m2, strict=True):
-        for key in ("reward", "reward_contains", "kl", "val_reward"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
     assert any(m.get("reward_contains", 0) > 0 for m in m1)  # the rewards are not all zero
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
-    assert (one / "rollouts.jsonl").read_text() == (
-        two / "rollouts.jsonl"
-    ).read_text()  # every rank's samples
+    rollouts = [(out / "rollouts.jsonl").read_text() for out in (one, two)]
+    assert rollouts[0] == rollouts[1]  # every rank's samples, in one process's order
