@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dpo_parity import TARGETS, ours_model  # a LoRA with random B, or every weight trainable
 
 from weightsmith.checkpoint.load import load_checkpoint
-from weightsmith.lora import LoraConfig, apply_lora
 from weightsmith.train import losses
 from weightsmith.train.grpo import GrpoObjective
 from weightsmith.train.grpo_data import PromptRecord, Rollout, tokenize_prompts
@@ -30,24 +30,9 @@ peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
-TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 USER = ["fox dog?", "Once upon a time?", "Bonjour le monde!"]
 G = 4  # completions per prompt
 MAX_COMPLETION = 6
-
-
-def ours_model(path: Path, method: str) -> torch.nn.Module:
-    model = load_checkpoint(path, decode_layout=False).model
-    if method == "lora":
-        apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=TARGETS, dropout=0.0))
-        torch.manual_seed(1)
-        with torch.no_grad():  # B starts at zero: give the adapter an effect (policy != reference)
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.2)
-    else:
-        model.requires_grad_(True)
-    return model
 
 
 class Recorded:
