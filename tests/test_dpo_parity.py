@@ -74,6 +74,23 @@ def ours_model(path: Path, method: str) -> torch.nn.Module:
     return model
 
 
+def peft_lora():
+    """peft's LoRA for TRL to wrap the model with: `ours_model`'s adapter."""
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+
+
+def copy_weights(ours: torch.nn.Module, theirs: torch.nn.Module, lora: bool) -> str:
+    """Our trainable weights into TRL's model (every LoRA weight; for a full model, every
+    weight); the prefix peft puts before our parameter names."""
+    prefix = "base_model.model." if lora else ""
+    state = {prefix + n: p for n, p in ours.named_parameters()}
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+    return prefix
+
+
 def trl_run(
     path: Path, ours: torch.nn.Module, rows: list[dict], loss_type: str, beta: float, eps: float, tmp: Path
 ):
@@ -103,16 +120,9 @@ def trl_run(
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
         # TRL wraps the model itself: a new adapter, whose reference is the model with adapters disabled
-        peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-        if lora
-        else None,
+        peft_config=peft_lora() if lora else None,
     )
-    prefix = "base_model.model." if lora else ""
-    state = {prefix + n: p for n, p in ours.named_parameters()}
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if name in state:  # every LoRA weight; for a full model, every weight
-                p.copy_(state[name])
+    prefix = copy_weights(ours, trainer.model, lora)
     prepared = [trainer.train_dataset[i] for i in range(len(rows))]
     batch = trainer.data_collator(prepared)
     trainer.model.train()  # TRL logs under "train" only in training mode (dropout is off either way)

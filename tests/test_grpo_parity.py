@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo_parity import TARGETS, ours_model  # a LoRA with random B, or every weight trainable
+from test_dpo_parity import copy_weights, ours_model, peft_lora  # a LoRA with random B, or all weights
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.train import losses
@@ -90,16 +90,9 @@ def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
         rollout_func=rollout_func,
-        peft_config=peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-        if lora
-        else None,
+        peft_config=peft_lora() if lora else None,
     )
-    prefix = "base_model.model." if lora else ""
-    state = {prefix + n: p for n, p in ours.named_parameters()}
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if name in state:
-                p.copy_(state[name])
+    prefix = copy_weights(ours, trainer.model, lora)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # what Trainer.training_step sets: one micro-batch a step
     tokenized, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
