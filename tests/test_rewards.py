@@ -116,7 +116,9 @@ ANSWER_CASES = [
     ("It costs $1,234.5 today", "1234.50", 1.0),
     ("answer: 12", "1", 0.0),
     ("answer: 12", 1, 0.0),
-    ("The answer is 42 apples", 42, 0.0),
+    ("The answer is 42 apples", 42, 1.0),  # a numeric answer: the cue line's first number
+    ("The answer is 41 apples, not 42", 42, 0.0),
+    ("Answer: about twelve", 12, 0.0),
     ("The answer: paris.", "Paris", 1.0),
     ("The answer is  New   York ", "new york", 1.0),
     ("Thinking...\nParis", "Paris", 1.0),

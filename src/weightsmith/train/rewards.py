@@ -124,10 +124,14 @@ def _after_cue(text: str) -> str | None:
 
 def final_answer(text: str, numeric: bool) -> str:
     """The completion's final answer: the last `\\boxed{}`, else what follows the last `####`,
-    else the rest of the last 'answer:' / 'answer is' line, else (`numeric` only) the last
+    else the rest of the last 'answer:' / 'answer is' line (`numeric`: its first number when
+    the rest is not one, as in "The answer is 42 apples."), else (`numeric` only) the last
     number, else the last non-empty line."""
     for candidate in (last_boxed(text), _after_cue(text)):
         if candidate is not None and candidate.strip():
+            if numeric and as_number(candidate) is None:
+                first = _NUMBER_TOKEN.search(candidate)
+                return first.group() if first is not None else candidate
             return candidate
     if numeric:
         last = _last(_NUMBER_TOKEN, text)
