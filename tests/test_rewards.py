@@ -396,3 +396,19 @@ def test_leak_rows_are_checked() -> None:
     for bad in ("", "!!!", 7, "x" * 201):
         with pytest.raises(DataError, match=r"p.jsonl:1: canary: must be a string"):
             check_rows(rewards, [{"canary": bad}], ["p.jsonl:1"])
+
+
+def test_a_schema_with_a_regular_expression_is_refused_before_it_can_run() -> None:
+    """A row's schema is untrusted: `pattern` ran by Python's re could take exponential time."""
+    pytest.importorskip("jsonschema")
+    rewards = parse_rewards(["json"], CTX)
+    hostile = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^(a+)+$"}}}
+    with pytest.raises(
+        DataError, match=r"^p:1: schema: uses 'pattern': a regular expression from a data file"
+    ):
+        check_rows(rewards, [{"schema": hostile}], ["p:1"])
+    keys = {"type": "object", "patternProperties": {"^(a|a)*$": {"type": "number"}}}
+    with pytest.raises(DataError, match=r"uses 'patternProperties'"):
+        check_rows(rewards, [{"schema": keys}], ["p:1"])
+    named = {"type": "object", "properties": {"pattern": {"type": "string"}}}  # a property called pattern
+    check_rows(rewards, [{"schema": named}], ["p:1"])

@@ -360,9 +360,32 @@ def _items_problem(value: Any, numbers: bool) -> str | None:
     return None
 
 
+def _regex_keyword(schema: Any) -> str | None:
+    """The first regular-expression keyword (`pattern`, `patternProperties`) anywhere in
+    `schema`, or None. Walked without recursion, so any nesting depth is bounded work."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                return "pattern"
+            if isinstance(node.get("patternProperties"), dict):
+                return "patternProperties"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 def _schema_problem(value: Any) -> str | None:
     if not isinstance(value, dict):
         return f"is {_kind(value)}, not a JSON Schema object"
+    keyword = _regex_keyword(value)
+    if keyword is not None:  # Python's re has no time limit: (a+)+$ on 30 characters takes minutes
+        return (
+            f"uses '{keyword}': a regular expression from a data file can take exponential time to match, "
+            "so the json reward does not run them; drop it"
+        )
     try:
         from jsonschema.exceptions import SchemaError
         from jsonschema.validators import validator_for
