@@ -74,6 +74,19 @@ def ours_model(path: Path, method: str) -> torch.nn.Module:
     return model
 
 
+def policy_and_reference(path: Path, method: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """`ours_model`, and for full fine-tuning a frozen copy of the checkpoint as the reference,
+    with the policy moved away from it as training would (LoRA's reference: adapters off)."""
+    model = ours_model(path, method)
+    if method != "full":
+        return model, None
+    reference = load_checkpoint(path, decode_layout=False).model.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model, reference
+
+
 def peft_lora():
     """peft's LoRA for TRL to wrap the model with: `ours_model`'s adapter."""
     return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
@@ -177,14 +190,8 @@ CASES = [  # (our --loss, TRL's loss_type, label smoothing, data format, method)
 def test_loss_rewards_and_gradients_equal_trl(tiny_hf_dir, tmp_path, loss, trl_loss, eps, fmt, method):
     beta = 0.5
     rows = rows_in(fmt)
-    model = ours_model(tiny_hf_dir, method)
+    model, reference = policy_and_reference(tiny_hf_dir, method)
     tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
-    reference = None
-    if method == "full":
-        reference = load_checkpoint(tiny_hf_dir, decode_layout=False).model.requires_grad_(False)
-        with torch.no_grad():  # move the policy away from the reference, as training would
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
     prepared, trl_loss_value, trl_metrics, trl_grads = trl_run(
         tiny_hf_dir, model, rows, trl_loss, beta, eps, tmp_path
     )

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo_parity import copy_weights, ours_model, peft_lora  # a LoRA with random B, or all weights
+from test_dpo_parity import (  # a LoRA with random B, or all weights
+    copy_weights,
+    peft_lora,
+    policy_and_reference,
+)
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.train import losses
@@ -142,13 +146,7 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     if mask_truncated:
         tiny_hf_dir = ending_dir
     tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
-    model = ours_model(tiny_hf_dir, method)
-    reference = None
-    if method == "full":
-        reference = load_checkpoint(tiny_hf_dir, decode_layout=False).model.requires_grad_(False)
-        with torch.no_grad():  # move the policy away from the reference, as training would
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+    model, reference = policy_and_reference(tiny_hf_dir, method)
     records = [
         PromptRecord(f"prompts.jsonl:{i + 1}", [{"role": "user", "content": u}], {"prompt": u})
         for i, u in enumerate(USER)
