@@ -45,7 +45,6 @@ from torch import nn
 
 from weightsmith.config import opt
 from weightsmith.errors import ConfigError
-from weightsmith.files import write_text_atomic
 from weightsmith.lora import adapters_disabled
 from weightsmith.train.data import pad_id_for
 from weightsmith.train.distributed import World
@@ -57,8 +56,8 @@ from weightsmith.train.grpo_data import (
     read_prompts,
     tokenize_prompts,
 )
-from weightsmith.train.loop import Reporter, Trainer, TrainOptions
-from weightsmith.train.losses import linear_log_probs, shared_prompt_attention, soft_capped
+from weightsmith.train.loop import Reporter, Trainer, TrainOptions, cut_log
+from weightsmith.train.losses import head_log_probs, shared_prompt_attention
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
     RunConfig,
@@ -153,12 +152,9 @@ def completion_log_probs(model: nn.Module, batch: GroupBatch, temperature: float
     only where a completion token is predicted."""
     with shared_prompt_attention(model, batch):  # each completion sees its prompt and itself
         hidden = model.hidden_states(batch.inputs, positions=batch.positions, checkpoint=checkpoint)
-    h = hidden.reshape(-1, hidden.shape[-1])[batch.index]  # (M, h)
-    head = model.lm_head
-    if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
-        logits = model.logits(h).float() / temperature  # an adapted or quantized head: the plain way
-        return logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
-    return linear_log_probs(model.model.norm(h) / temperature, head.weight, batch.targets)
+    return head_log_probs(
+        model, hidden.reshape(-1, hidden.shape[-1])[batch.index], batch.targets, temperature
+    )
 
 
 @dataclass
@@ -213,17 +209,9 @@ class RolloutLog:
         self.path, self.trainer = path, trainer
         self.to_cut = resumed  # at the first batch, when the trainer knows its step
 
-    def cut_to(self, step: int) -> None:
-        if self.path.exists():
-            kept = [
-                line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]  # fmt: skip
-            write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
-
     def __call__(self, completions: list[dict[str, Any]]) -> None:
         if self.to_cut:
-            self.cut_to(self.trainer.state.step)
+            cut_log(self.path, self.trainer.state.step)
             self.to_cut = False
         step = self.trainer.state.step + 1  # batches are drawn before the step they train
         with open(self.path, "a", encoding="utf-8") as f:

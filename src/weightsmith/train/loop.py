@@ -235,13 +235,8 @@ class Trainer:
         else:
             state = ckpt.load_checkpoint_state(checkpoint, self.optimizer, self.world.rank, self.world.size)
         self.state = RunState(**{k: state[k] for k in asdict(RunState())})
-        if self.world.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
-            kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line)["step"] <= self.state.step:
-                        kept.append(line)
-            write_text_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        if self.world.is_main:  # drop lines written after the checkpoint
+            cut_log(self.metrics_path, self.state.step)
 
     # ----- the loop -------------------------------------------------------------------------------
 
@@ -434,6 +429,19 @@ class Trainer:
         if use_bf16(self.opts.precision, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep the lines of a JSONL log (metrics.jsonl, a run's other records) whose `step` is at
+    most `step`, atomically: what a run resumed from that step's checkpoint has written."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def _add_to(totals: dict[str, float], extra: dict[str, torch.Tensor]) -> None:

@@ -191,6 +191,19 @@ def linear_log_probs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return _LinearLogProbs.apply(h, weight, targets)
 
 
+def head_log_probs(
+    model: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """(N,) log softmax(logits / temperature)[target] of the last layer's outputs `h` (N, hidden),
+    fp32: through `linear_log_probs` (chunked, no (N, V) logits kept) for a plain head, else
+    the model's own `logits` (an adapted, quantized, biased or soft-capped head)."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
+        logits = model.logits(h).float() / temperature
+        return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return linear_log_probs(model.model.norm(h) / temperature, head.weight, targets)
+
+
 def shared_prompt_mask(
     positions: torch.Tensor, segments: torch.Tensor, window: int | None = None
 ) -> torch.Tensor:
@@ -265,13 +278,7 @@ def pair_log_probs(model: nn.Module, batch: PairBatch, *, checkpoint: bool = Fal
         hidden = model.hidden_states(
             batch.inputs, positions=batch.positions, checkpoint=checkpoint
         )  # (B, T, h)
-    h = hidden.reshape(-1, hidden.shape[-1])[batch.index]  # (N, h)
-    head = model.lm_head
-    if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
-        logits = model.logits(h).float()  # an adapted or quantized head: the plain way
-        token = logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
-    else:
-        token = linear_log_probs(model.model.norm(h), head.weight, batch.targets)  # (N,)
+    token = head_log_probs(model, hidden.reshape(-1, hidden.shape[-1])[batch.index], batch.targets)  # (N,)
     out = torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device)
     return out.index_add(0, batch.answer, token)
 
