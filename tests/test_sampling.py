@@ -237,6 +237,63 @@ def test_sampled_frequencies_match_the_filtered_distribution() -> None:
     assert chi_square(counts[:top_k], wrong, n) > threshold
 
 
+def test_a_large_vocabulary_is_sampled_in_proportion_to_its_probabilities() -> None:
+    """Inverse transform sampling over a 16,384-token vocabulary: the tokens, cut into 40 bins of about equal expected mass (the tail, where the float64 sums'
+    rounding would show first, in bins of its own), are drawn at the rates the probabilities
+    give, by a chi-square bound; a token of probability 0 is never drawn."""
+    vocab, rows, steps = 16_384, 250, 40
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(vocab, generator=g) * 4
+    logits[torch.randperm(vocab, generator=g)[:1000]] = float("-inf")
+    probs = logits.double().softmax(-1)
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=s), [], vocab, CPU) for s in range(rows)]
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    batch = logits.expand(rows, vocab)
+    for _ in range(steps):
+        counts += torch.bincount(torch.tensor(sampling.sample_batch(samplers, batch)), minlength=vocab)
+    n = rows * steps
+    assert counts[probs == 0].sum() == 0, "a token of probability 0 was drawn"
+    order = probs.argsort()  # least likely first: the low tail gets its own bins
+    mass = probs[order].cumsum(0)
+    bins = torch.bucketize(mass, torch.linspace(0, 1, 41)[1:-1].double())
+    expected = torch.zeros(40, dtype=torch.float64).index_add_(0, bins, probs[order])
+    observed = torch.zeros(40, dtype=torch.float64).index_add_(0, bins, counts[order])
+    threshold = chi_square_quantile(39, alpha=1e-6)
+    assert chi_square(observed, expected, n) < threshold
+    # The bound has power: the same draws against probabilities at temperature 1.1 are rejected.
+    hotter = (logits.double() / 1.1).softmax(-1)[order]
+    wrong = torch.zeros(40, dtype=torch.float64).index_add_(0, bins, hotter)
+    assert chi_square(observed, wrong, n) > threshold
+
+
+def test_the_draw_never_passes_the_last_likely_token(monkeypatch) -> None:
+    """The largest uniform torch can return (1 - 2**-53) still lands on a token of nonzero
+    probability, not on the zero-probability tokens after it; u = 0 picks the first likely one."""
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0], [0.0, 0.3, 0.7, 0.0, 0.0]])
+    for u, want in ((1 - 2**-53, 2), (0.0, 1)):
+        monkeypatch.setattr(
+            sampling.torch, "rand", lambda *a, u=u, **k: torch.full((1,), u, dtype=torch.float64)
+        )
+        assert sampling.draw(probs, [None, None]).tolist() == [want, want]
+
+
+@pytest.mark.parametrize("bad", ["nan", "all -inf"])
+def test_a_row_that_cannot_be_sampled_is_refused_in_one_line(bad: str) -> None:
+    """A NaN logit, or a row whose every logit is -inf, leaves no distribution to draw from
+    (+inf is capped to the largest float before the softmax, so it is drawn)."""
+    logits = torch.stack([random_logits(0), random_logits(1)])
+    if bad == "nan":
+        logits[1, 5] = float("nan")
+    else:
+        logits[1] = float("-inf")
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=s), [], VOCAB, CPU) for s in range(2)]
+    with pytest.raises(GenerationError, match="not finite"):
+        sampling.sample_batch(samplers, logits)
+    logits[1] = random_logits(2)
+    logits[1, 9] = float("inf")
+    assert sampling.sample_batch(samplers, logits)[1] == 9
+
+
 # ----- SamplingParams validation --------------------------------------------------------------------
 
 
