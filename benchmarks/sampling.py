@@ -2,9 +2,9 @@
 
 What is timed is the sampler alone, on random (rows, vocabulary) fp32 logits on the CPU: ours is
 `weightsmith.sampling.sample_batch` (each row with its own seeded generator, as the engine and
-the server run it: temperature, top-k, top-p, then one uniform draw a row against the cumulative
-probabilities); transformers' is what its `generate(do_sample=True)` does each step: its
-Temperature / TopK / TopP warpers, the softmax, and `torch.multinomial` over the batch (one
+the server run it: temperature, top-k, top-p looking at the most likely tokens first, then one
+uniform draw a row against the cumulative probabilities); transformers' is what its
+`generate(do_sample=True)` does each step: its Temperature / TopK / TopP warpers, the softmax, and `torch.multinomial` over the batch (one
 generator for all rows, so no per-row seeds). Vocabulary sizes are the default model's
 (SmolLM2, 49,152), Qwen3's (151,936) and Gemma 3's (262,144). Both sides run in this process
 with the same thread count, alternating (ours, peer, ours, ...) after a warm-up; medians are
@@ -25,7 +25,11 @@ import torch
 from machine import cpu_description  # beside this file
 
 VOCABS = {"smollm2": 49_152, "qwen3": 151_936, "gemma3": 262_144}
-SETTINGS = {"temperature 0.8": dict(temperature=0.8), "t 0.8, top-k 50, top-p 0.95": dict(temperature=0.8, top_k=50, top_p=0.95)}  # fmt: skip
+SETTINGS = {
+    "temperature 0.8": dict(temperature=0.8),
+    "t 0.8, top-p 0.95": dict(temperature=0.8, top_p=0.95),
+    "t 0.8, top-k 50, top-p 0.95": dict(temperature=0.8, top_k=50, top_p=0.95),
+}
 
 
 def ours(rows: int, vocab: int, setting: dict):

@@ -90,8 +90,19 @@ class Engine:
     """Generates text from a model and its tokenizer."""
 
     def __init__(
-        self, model: CausalLM, tokenizer: Tokenizer, *, compile: bool = False, cpu_decode: bool = True
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        *,
+        compile: bool = False,
+        cpu_decode: bool = True,
+        decode_layout: bool = True,
     ) -> None:
+        """compile: decode through torch.compile (CUDA graphs on a CUDA device).
+        cpu_decode: on the CPU, decode through the fused C step where it applies.
+        decode_layout: with cpu_decode, also lay the weights out for the PyTorch decode path
+            (cpu_decode/layout.py); False leaves every weight where it is (a model being
+            trained: the C step reads the weights, and LoRA adapters, in place)."""
         self.model = model
         self.tokenizer = tokenizer
         #: decode through torch.compile with static shapes (weightsmith.compiled)
@@ -110,7 +121,7 @@ class Engine:
         #: `cpu_plan.undo()` gives the model back as it was.
         self.cpu_plan: CpuDecodePlan | None = None
         if cpu_decode and isinstance(model, CausalLM) and model.inv_freq.device.type == "cpu":
-            self.cpu_plan = prepare_cpu_decode(model)
+            self.cpu_plan = prepare_cpu_decode(model, layout=decode_layout)
 
     def decode_step(self) -> DecodeFn:
         """The decode step for the next generation, chosen here once: the CPU plan's fused C step

@@ -193,7 +193,9 @@ class Rollout:
     def __post_init__(self) -> None:
         from weightsmith.engine import Engine
 
-        self.engine = Engine(self.model, self.tokenizer, cpu_decode=False)  # type: ignore[arg-type]
+        # the C step where it applies (LoRA unmerged, quantized bases), reading the weights
+        # being trained in place: no layout change under the optimizer
+        self.engine = Engine(self.model, self.tokenizer, decode_layout=False)  # type: ignore[arg-type]
 
     def __call__(self, examples: Sequence[PromptExample], keys: Sequence[str]) -> GroupBatch:
         """Sample, score and batch `examples`; `keys[i]` names example i's draw (the run's seed,
