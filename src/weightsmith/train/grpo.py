@@ -56,7 +56,7 @@ from weightsmith.train.grpo_data import (
     read_prompts,
     tokenize_prompts,
 )
-from weightsmith.train.loop import Reporter, Trainer, TrainOptions, cut_log
+from weightsmith.train.loop import Mean, Reporter, Trainer, TrainOptions, cut_log
 from weightsmith.train.losses import head_log_probs, shared_prompt_attention
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
@@ -170,7 +170,7 @@ class GrpoObjective:
 
     def __call__(
         self, model: nn.Module, batch: GroupBatch
-    ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor | Mean]]:
         ref = None
         if self.beta:  # first, so its activations are freed before the policy's are kept
             with torch.no_grad():
@@ -181,13 +181,12 @@ class GrpoObjective:
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
         per_token = -torch.min(ratio * advantage, clipped * advantage)
-        metrics: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor | Mean] = {}
         if ref is not None:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + self.beta * kl * ratio  # x ratio: the unbiased gradient (TRL's default)
             metrics["kl"] = (kl.detach() * batch.weights).sum()
-        count = torch.tensor(float(batch.count))
-        metrics.update({name: torch.tensor(value) * count for name, value in batch.metrics.items()})
+        metrics.update({name: Mean(*pair) for name, pair in batch.metrics.items()})
         return (per_token * batch.weights).sum(), batch.count, metrics
 
     def _reference(self, model: nn.Module, batch: GroupBatch) -> torch.Tensor:

@@ -157,7 +157,7 @@ class GroupBatch:
     weights: torch.Tensor  # (M,) each token's weight in the summed loss
     n_tokens: int
     count: int  # what the summed loss is divided by: tokens (dapo) or completions
-    metrics: dict[str, float] = field(default_factory=dict)  # means over this batch's completions
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # (sum, count) over its completions
     completions: list[dict[str, Any]] = field(default_factory=list)  # for rollouts.jsonl
     completion_ids: list[list[int]] = field(default_factory=list)  # each completion's sampled tokens
 
@@ -306,24 +306,27 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> torch.Ten
 def _metrics(
     rewards: Sequence[Reward], table: torch.Tensor, total: torch.Tensor, group: int,
     ids: list[list[int]], truncated: list[bool],
-) -> dict[str, float]:  # fmt: skip
-    """Means over the batch's completions, as TRL logs them (NaN-aware)."""
+) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Each metric as (sum, count) over the batch's completions (a reward's over those it scored;
+    `reward_zero_std` over groups), so that the loop's means over a step equal TRL's over all
+    its completions however the step is split into micro-batches and ranks."""
     grouped = total.view(-1, group)
     spread = torch.nan_to_num(grouped.max(dim=1).values - grouped.min(dim=1).values, nan=0.0)
+    n = float(len(ids))
     out = {
-        "reward": _nanmean(total),
-        "reward_zero_std": float((spread == 0).float().mean()),
-        "completion_len": sum(map(len, ids)) / max(len(ids), 1),
-        "truncated": sum(truncated) / max(len(truncated), 1),
+        "reward": _nansum(total),
+        "reward_zero_std": (float((spread == 0).sum()), float(len(spread))),
+        "completion_len": (float(sum(map(len, ids))), n),
+        "truncated": (float(sum(truncated)), n),
     }
     for k, reward in enumerate(rewards):
-        out[f"reward_{reward.name}"] = _nanmean(table[:, k])
+        out[f"reward_{reward.name}"] = _nansum(table[:, k])
     return out
 
 
-def _nanmean(x: torch.Tensor) -> float:
+def _nansum(x: torch.Tensor) -> tuple[float, float]:
     kept = x[~x.isnan()]
-    return float(kept.mean()) if len(kept) else 0.0
+    return float(kept.sum()), float(len(kept))
 
 
 class PromptSource:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -72,8 +72,17 @@ class BatchSource(Protocol):
     def lengths(self) -> list[int]: ...  # each item's tokens (--train.group-by-length)
 
 
-#: (model, batch) -> (summed loss, how many units it sums, {metric: summed value}).
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int, dict[str, torch.Tensor]]]
+class Mean(NamedTuple):
+    """An extra metric that is a mean over its own units (GRPO's rewards: completions), not over
+    the loss's: `total` summed over the batch's units, `n` of them. The loop sums both over the
+    step's micro-batches and ranks before dividing, so a split batch reports what a whole one does."""
+
+    total: torch.Tensor | float
+    n: float
+
+
+#: (model, batch) -> (summed loss, how many units it sums, {metric: summed value, or a Mean}).
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int, dict[str, "torch.Tensor | Mean"]]]
 
 
 @dataclass(kw_only=True)
@@ -302,19 +311,18 @@ class Trainer:
         n_targets = max(1, int(self.world.all_sum([sum(b.n_targets for b, c in micro if c)])[0]))
         self.model.train()
         loss_sum = 0.0
-        extras: dict[str, float] = {}
+        extras: dict[str, list[float]] = {}
         for batch, counts in micro:
             with self._autocast():
                 loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
             if not counts:  # a stand-in, so that every rank runs the same passes
-                loss, extra = loss * 0.0, {key: value * 0.0 for key, value in extra.items()}
+                loss = loss * 0.0
             (loss / (n_targets / self.world.grad_scale)).backward()
             loss_sum += float(loss.detach())
-            _add_to(extras, extra)
+            _add_to(extras, extra, bool(counts))
         self.world.reduce_gradients(self.params)
         tokens = sum(b.n_tokens for b, c in micro if c)
-        loss_sum, tokens, *totals = self.world.all_sum([loss_sum, tokens, *extras.values()])
-        extras = dict(zip(extras, totals, strict=True))
+        loss_sum, tokens, *totals = self.world.all_sum([loss_sum, tokens, *_flat(extras)])
         if not math.isfinite(loss_sum):
             raise TrainingError(
                 f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
@@ -333,7 +341,7 @@ class Trainer:
             "step": self.state.step,
             "epoch": round(self.state.cursor / self.order.batches_per_epoch, 4),
             "loss": loss_sum / n_targets,
-            **{key: value / n_targets for key, value in extras.items()},
+            **_means(extras, totals, n_targets),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / seconds,
@@ -354,24 +362,23 @@ class Trainer:
         assert self.valid is not None
         self.model.eval()
         total, n = 0.0, 0
-        extras: dict[str, float] = {}
+        extras: dict[str, list[float]] = {}
         size = self.opts.batch_size
         for i in range(0, len(self.valid), size):
             mine, counts = self.world.shard(range(i, min(i + size, len(self.valid))))
             with self._autocast():
                 loss, count, extra = self.loss_fn(self.model, self.valid.batch(mine).to(self.device))
             if not counts:  # a stand-in (see distributed.World.shard)
-                loss, count, extra = loss * 0.0, 0, {key: value * 0.0 for key, value in extra.items()}
+                loss, count = loss * 0.0, 0
             total, n = total + float(loss), n + count
-            _add_to(extras, extra)
+            _add_to(extras, extra, bool(counts))
         self.model.train()
-        total, n, *sums = self.world.all_sum([total, n, *extras.values()])
-        extras = dict(zip(extras, sums, strict=True))
+        total, n, *sums = self.world.all_sum([total, n, *_flat(extras)])
         val = total / max(n, 1)
         metrics: dict[str, Any] = {"step": self.state.step, "val_loss": val}
         if self.perplexity:
             metrics["val_ppl"] = math.exp(min(val, 50.0))
-        metrics.update({f"val_{key}": value / max(n, 1) for key, value in extras.items()})
+        metrics.update({f"val_{key}": value for key, value in _means(extras, sums, max(n, 1)).items()})
         self._record(metrics, every=1)
         self.reporter.evaluated(metrics)
         return metrics
@@ -444,9 +451,30 @@ def cut_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
-def _add_to(totals: dict[str, float], extra: dict[str, torch.Tensor]) -> None:
+def _add_to(totals: dict[str, list[float]], extra: dict[str, torch.Tensor | Mean], real: bool) -> None:
+    """Add a micro-batch's extra metrics to `totals` (key: [summed value, summed units; None for a
+    metric over the loss's units]); a stand-in batch (`real` False) adds zeros."""
     for key, value in extra.items():
-        totals[key] = totals.get(key, 0.0) + float(value)
+        total, n = (value.total, value.n) if isinstance(value, Mean) else (value, None)
+        at = totals.setdefault(key, [0.0, None if n is None else 0.0])
+        at[0] += float(total) if real else 0.0
+        if n is not None:
+            at[1] += float(n) if real else 0.0
+
+
+def _flat(totals: dict[str, list[float]]) -> list[float]:
+    """The sums to add over ranks, in `_means`'s order."""
+    return [v for total, n in totals.values() for v in ((total,) if n is None else (total, n))]
+
+
+def _means(totals: dict[str, list[float]], summed: list[float], n_units: float) -> dict[str, float]:
+    """Each extra metric from its sums over ranks (`summed`, `_flat`'s order): over its own units
+    for a Mean, else over the loss's `n_units`."""
+    out, at = {}, iter(summed)
+    for key, (_, n) in totals.items():
+        total = next(at)
+        out[key] = total / n_units if n is None else total / max(next(at), 1e-12)
+    return out
 
 
 def compile_layers(model: nn.Module, device: torch.device) -> int:
