@@ -100,6 +100,11 @@ ANSWER_CASES = [
     ("x = \\boxed{\\frac{1}{2}}", 0.5, 1.0),
     ("x = \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", 0.0),
     ("\\boxed{42} and an open \\boxed{7", 42, 1.0),
+    ("So \\boxed{\\text{Paris}}.", "Paris", 1.0),
+    ("So \\boxed{\\text{Rome}}.", "Paris", 0.0),
+    ("\\boxed{\\textbf{42}}", 42, 1.0),
+    ("\\boxed{42\\text{ apples}}", 42, 1.0),
+    ("The answer is \\mathrm{kg}", "kg", 1.0),
     ("Adding up.\n#### 1,000", 1000, 1.0),
     ("Adding up.\n#### 1,000", "1000", 1.0),
     ("#### 1,001", 1000, 0.0),
@@ -158,6 +163,8 @@ HOSTILE = [
     "-" * 200_000,
     " " * 200_000 + "x",
     "\\frac{" * 30000,
+    "\\text{" * 30000,
+    "\\text{" + "a" * 200_000,
 ]
 
 

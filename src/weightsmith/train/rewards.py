@@ -77,6 +77,8 @@ _ANSWER_CUE = re.compile(r"answer(?::| is\b)", re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _NUMBER_TOKEN = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+#: LaTeX that only sets text in a font: \text{Paris}, \textbf{42}, \mathrm{kg} (unwrapped once).
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _WRAP_LEFT = " \t\r\n\"'`*$"
 _WRAP_RIGHT = _WRAP_LEFT + "."
 
@@ -154,7 +156,7 @@ def as_number(value: Any) -> float | None:
         return number if math.isfinite(number) else None
     if not isinstance(value, str) or len(value) > 1000:
         return None
-    text = value.replace("\\$", "").replace("$", "").replace("\\%", "%")
+    text = _LATEX_TEXT.sub(r"\1", value).replace("\\$", "").replace("$", "").replace("\\%", "%")
     text = text.lstrip(_WRAP_LEFT).rstrip(_WRAP_RIGHT)
     text = text[:-1].rstrip() if text.endswith("%") else text
     frac = _LATEX_FRAC.fullmatch(text)
@@ -166,7 +168,9 @@ def as_number(value: Any) -> float | None:
 
 
 def _plain_text(text: str) -> str:
-    """Case-folded, whitespace collapsed, surrounding quotes, '$', '*' and final '.' dropped."""
+    """Case-folded, whitespace collapsed, font commands (\\text{...}) unwrapped, surrounding
+    quotes, '$', '*' and final '.' dropped."""
+    text = _LATEX_TEXT.sub(r"\1", text)
     return " ".join(text.lstrip(_WRAP_LEFT).rstrip(_WRAP_RIGHT).split()).casefold()
 
 
