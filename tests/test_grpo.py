@@ -186,3 +186,36 @@ def test_reproduce_refuses_a_run_scored_by_python_functions(tiny_hf_dir, tmp_pat
     assert main(["reproduce", str(out), "--out", str(tmp_path / "again"), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Python reward functions (vowels)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reward_metrics_of_a_split_step_are_those_of_the_whole_batch() -> None:
+    """A step's completions split over micro-batches or ranks (here halves with different
+    lengths and declined rewards) report the means over all its completions, as TRL logs them:
+    each part's (sum, count) is added up before dividing, not each part's mean weighed by its
+    tokens."""
+    import math
+
+    import torch
+
+    from weightsmith.train.grpo_data import _metrics
+    from weightsmith.train.metric_sums import Mean, MetricSums
+
+    rewards = [Reward("a", lambda *a: []), Reward("b", lambda *a: [])]
+    nan = math.nan
+    table = torch.tensor([[1.0, nan], [0.0, 2.0], [nan, nan], [1.0, 1.0], [0.5, nan], [0.0, 3.0]])
+    total = torch.tensor([1.0, 2.0, nan, 2.0, 0.5, 3.0])
+    ids = [[1], [1, 2, 3], [1, 2], [1, 2, 3, 4, 5, 6], [1], [1, 2]]
+    truncated = [False, True, False, True, False, False]
+
+    def means(parts: list[slice]) -> dict[str, float]:
+        sums = MetricSums()
+        for part in parts:
+            got = _metrics(rewards, table[part], total[part], 3, ids[part], truncated[part])
+            sums.add({key: Mean(*pair) for key, pair in got.items()})
+        return sums.means(sums.flat(), 1.0)
+
+    whole = means([slice(0, 6)])
+    assert means([slice(0, 3), slice(3, 6)]) == pytest.approx(whole)
+    assert whole["reward"] == pytest.approx((1 + 2 + 2 + 0.5 + 3) / 5)  # the declined one left out
+    assert whole["reward_a"] == pytest.approx(2.5 / 5) and whole["reward_b"] == pytest.approx(6 / 3)
+    assert whole["completion_len"] == pytest.approx(15 / 6) and whole["truncated"] == pytest.approx(2 / 6)

@@ -419,3 +419,41 @@ def test_a_schema_with_a_regular_expression_is_refused_before_it_can_run() -> No
         check_rows(rewards, [{"schema": keys}], ["p:1"])
     named = {"type": "object", "properties": {"pattern": {"type": "string"}}}  # a property called pattern
     check_rows(rewards, [{"schema": named}], ["p:1"])
+
+
+@pytest.mark.parametrize(
+    ("schema", "needle"),
+    [
+        ({"$ref": "#/$defs/missing"}, "schema: has '$ref' '#/$defs/missing', which points to nothing"),
+        ({"items": {"$ref": "#/properties/x/0"}}, "schema: has '$ref' '#/properties/x/0', which points"),
+        (
+            {"$ref": "https://example.com/item.json"},
+            "schema: refers to 'https://example.com/item.json': only",
+        ),
+        ({"$ref": "#item"}, "schema: refers to '#item'"),
+        ({"properties": {"a": {"$id": "a.json", "$ref": "#/x"}}}, "schema: gives a nested '$id'"),
+    ],
+)
+def test_a_schema_reference_that_cannot_be_followed_is_refused_before_the_model_loads(
+    schema: dict, needle: str
+) -> None:
+    """jsonschema would raise only when a completion is scored (a step into the run), and a
+    reference outside the schema would need the network."""
+    pytest.importorskip("jsonschema")
+    rewards = parse_rewards(["json"], CTX)
+    with pytest.raises(DataError, match="^p:1: " + re.escape(needle)):
+        check_rows(rewards, [{"schema": schema}], ["p:1"])
+
+
+def test_schema_references_into_the_schema_are_followed() -> None:
+    pytest.importorskip("jsonschema")
+    rewards = parse_rewards(["json"], CTX)
+    schema = {
+        "$defs": {"item": {"type": "integer"}, "a/b~c": {"type": "string"}},
+        "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/item"}, "s": {"$ref": "#/$defs/a~1b~0c"},
+                       "self": {"$ref": "#"}, "spaced": {"$ref": "#/$defs/a~1b%7Ec"}},
+    }  # fmt: skip
+    check_rows(rewards, [{"schema": schema}], ["p:1"])
+    texts = ['{"n": 3, "s": "x"}', '{"n": "3"}', '{"s": 4}', '{"self": {"n": 1}}', '{"self": {"n": 1.5}}']
+    assert json_reward(texts, [{"schema": schema}] * 5, [1] * 5) == [1.0, 0.0, 0.0, 1.0, 0.0]

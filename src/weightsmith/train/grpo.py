@@ -56,8 +56,9 @@ from weightsmith.train.grpo_data import (
     read_prompts,
     tokenize_prompts,
 )
-from weightsmith.train.loop import Mean, Reporter, Trainer, TrainOptions, cut_log
+from weightsmith.train.loop import Reporter, Trainer, TrainOptions, cut_log
 from weightsmith.train.losses import head_log_probs, shared_prompt_attention
+from weightsmith.train.metric_sums import Mean
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
     RunConfig,

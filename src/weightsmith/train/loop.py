@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from weightsmith.train import checkpoints as ckpt
 from weightsmith.train import fsdp
 from weightsmith.train.data import BatchOrder
 from weightsmith.train.distributed import World
+from weightsmith.train.metric_sums import Mean, MetricSums
 from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,6 @@ class BatchSource(Protocol):
     def __len__(self) -> int: ...
     def batch(self, indices: Sequence[int]) -> TrainBatch: ...
     def lengths(self) -> list[int]: ...  # each item's tokens (--train.group-by-length)
-
-
-class Mean(NamedTuple):
-    """An extra metric that is a mean over its own units (GRPO's rewards: completions), not over
-    the loss's: `total` summed over the batch's units, `n` of them. The loop sums both over the
-    step's micro-batches and ranks before dividing, so a split batch reports what a whole one does."""
-
-    total: torch.Tensor | float
-    n: float
 
 
 #: (model, batch) -> (summed loss, how many units it sums, {metric: summed value, or a Mean}).
@@ -311,7 +303,7 @@ class Trainer:
         n_targets = max(1, int(self.world.all_sum([sum(b.n_targets for b, c in micro if c)])[0]))
         self.model.train()
         loss_sum = 0.0
-        extras: dict[str, list[float]] = {}
+        extras = MetricSums()
         for batch, counts in micro:
             with self._autocast():
                 loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
@@ -319,10 +311,10 @@ class Trainer:
                 loss = loss * 0.0
             (loss / (n_targets / self.world.grad_scale)).backward()
             loss_sum += float(loss.detach())
-            _add_to(extras, extra, bool(counts))
+            extras.add(extra, bool(counts))
         self.world.reduce_gradients(self.params)
         tokens = sum(b.n_tokens for b, c in micro if c)
-        loss_sum, tokens, *totals = self.world.all_sum([loss_sum, tokens, *_flat(extras)])
+        loss_sum, tokens, *totals = self.world.all_sum([loss_sum, tokens, *extras.flat()])
         if not math.isfinite(loss_sum):
             raise TrainingError(
                 f"the loss became {loss_sum} at step {step + 1}; lower --train.lr or check the data"
@@ -341,7 +333,7 @@ class Trainer:
             "step": self.state.step,
             "epoch": round(self.state.cursor / self.order.batches_per_epoch, 4),
             "loss": loss_sum / n_targets,
-            **_means(extras, totals, n_targets),
+            **extras.means(totals, n_targets),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / seconds,
@@ -362,7 +354,7 @@ class Trainer:
         assert self.valid is not None
         self.model.eval()
         total, n = 0.0, 0
-        extras: dict[str, list[float]] = {}
+        extras = MetricSums()
         size = self.opts.batch_size
         for i in range(0, len(self.valid), size):
             mine, counts = self.world.shard(range(i, min(i + size, len(self.valid))))
@@ -371,14 +363,14 @@ class Trainer:
             if not counts:  # a stand-in (see distributed.World.shard)
                 loss, count = loss * 0.0, 0
             total, n = total + float(loss), n + count
-            _add_to(extras, extra, bool(counts))
+            extras.add(extra, bool(counts))
         self.model.train()
-        total, n, *sums = self.world.all_sum([total, n, *_flat(extras)])
+        total, n, *sums = self.world.all_sum([total, n, *extras.flat()])
         val = total / max(n, 1)
         metrics: dict[str, Any] = {"step": self.state.step, "val_loss": val}
         if self.perplexity:
             metrics["val_ppl"] = math.exp(min(val, 50.0))
-        metrics.update({f"val_{key}": value for key, value in _means(extras, sums, max(n, 1)).items()})
+        metrics.update({f"val_{key}": value for key, value in extras.means(sums, max(n, 1)).items()})
         self._record(metrics, every=1)
         self.reporter.evaluated(metrics)
         return metrics
@@ -449,32 +441,6 @@ def cut_log(path: Path, step: int) -> None:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
-def _add_to(totals: dict[str, list[float]], extra: dict[str, torch.Tensor | Mean], real: bool) -> None:
-    """Add a micro-batch's extra metrics to `totals` (key: [summed value, summed units; None for a
-    metric over the loss's units]); a stand-in batch (`real` False) adds zeros."""
-    for key, value in extra.items():
-        total, n = (value.total, value.n) if isinstance(value, Mean) else (value, None)
-        at = totals.setdefault(key, [0.0, None if n is None else 0.0])
-        at[0] += float(total) if real else 0.0
-        if n is not None:
-            at[1] += float(n) if real else 0.0
-
-
-def _flat(totals: dict[str, list[float]]) -> list[float]:
-    """The sums to add over ranks, in `_means`'s order."""
-    return [v for total, n in totals.values() for v in ((total,) if n is None else (total, n))]
-
-
-def _means(totals: dict[str, list[float]], summed: list[float], n_units: float) -> dict[str, float]:
-    """Each extra metric from its sums over ranks (`summed`, `_flat`'s order): over its own units
-    for a Mean, else over the loss's `n_units`."""
-    out, at = {}, iter(summed)
-    for key, (_, n) in totals.items():
-        total = next(at)
-        out[key] = total / n_units if n is None else total / max(next(at), 1e-12)
-    return out
 
 
 def compile_layers(model: nn.Module, device: torch.device) -> int:

@@ -31,6 +31,7 @@ import torch
 
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.train.data import DataError
+from weightsmith.train.reward_schema import json_kind, schema_problem
 
 Rows = list[dict[str, Any]]
 Scores = list[float | None]
@@ -346,12 +347,6 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
     return rewards
 
 
-def _kind(value: Any) -> str:
-    """The JSON kind of `value`, for messages."""
-    names = {str: "a string", bool: "a boolean", list: "a list", dict: "an object", type(None): "null"}
-    return "a number" if type(value) in (int, float) else names.get(type(value), type(value).__name__)
-
-
 def _items_problem(value: Any, numbers: bool) -> str | None:
     """What is wrong with `value` as a non-empty string (or number), or a non-empty list of those."""
     if isinstance(value, list) and not value:
@@ -360,48 +355,7 @@ def _items_problem(value: Any, numbers: bool) -> str | None:
         if isinstance(item, str) and not (item.strip() if numbers else item):
             return "has an empty string"
         if not isinstance(item, str) and not (numbers and as_number(item) is not None):
-            return f"has {_kind(item)}, not a string" + (" or a finite number" if numbers else "")
-    return None
-
-
-def _regex_keyword(schema: Any) -> str | None:
-    """The first regular-expression keyword (`pattern`, `patternProperties`) anywhere in
-    `schema`, or None. Walked without recursion, so any nesting depth is bounded work."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if isinstance(node.get("pattern"), str):
-                return "pattern"
-            if isinstance(node.get("patternProperties"), dict):
-                return "patternProperties"
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return None
-
-
-def _schema_problem(value: Any) -> str | None:
-    if not isinstance(value, dict):
-        return f"is {_kind(value)}, not a JSON Schema object"
-    keyword = _regex_keyword(value)
-    if keyword is not None:  # Python's re has no time limit: (a+)+$ on 30 characters takes minutes
-        return (
-            f"uses '{keyword}': a regular expression from a data file can take exponential time to match, "
-            "so the json reward does not run them; drop it"
-        )
-    try:
-        from jsonschema.exceptions import SchemaError
-        from jsonschema.validators import validator_for
-    except ImportError:
-        raise ConfigError(
-            "the json reward needs the jsonschema package to check 'schema': pip install jsonschema"
-        ) from None
-
-    try:
-        validator_for(value).check_schema(value)
-    except SchemaError as exc:
-        return "is not a valid JSON Schema: " + " ".join(str(exc.message).split())[:200]
+            return f"has {json_kind(item)}, not a string" + (" or a finite number" if numbers else "")
     return None
 
 
@@ -421,7 +375,7 @@ _PROBLEMS: dict[str, Callable[[Any], str | None]] = {
     "canary": _canary_problem,
     "answer": functools.partial(_items_problem, numbers=True),
     "contains": functools.partial(_items_problem, numbers=False),
-    "schema": _schema_problem,
+    "schema": schema_problem,
 }
 _HINTS = {
     "expect": 'add "expect": "refuse" for a request the model must decline, "comply" for one it must answer',
