@@ -219,3 +219,10 @@ def test_reward_metrics_of_a_split_step_are_those_of_the_whole_batch() -> None:
     assert whole["reward"] == pytest.approx((1 + 2 + 2 + 0.5 + 3) / 5)  # the declined one left out
     assert whole["reward_a"] == pytest.approx(2.5 / 5) and whole["reward_b"] == pytest.approx(6 / 3)
     assert whole["completion_len"] == pytest.approx(15 / 6) and whole["truncated"] == pytest.approx(2 / 6)
+    # both groups' scored rewards differ (the declined one left out, as in the advantages)
+    assert whole["reward_zero_std"] == 0.0
+    same = torch.tensor([2.0, nan, 2.0, 1.0, 1.0, 1.0])
+    got = _metrics(rewards, table, same, 3, ids, truncated)["reward_zero_std"]
+    assert got == (2.0, 2.0)
+    lone = torch.tensor([nan, nan, 5.0, 1.0, 2.0, 1.0])  # one scored reward: no spread to learn from
+    assert _metrics(rewards, table, lone, 3, ids, truncated)["reward_zero_std"] == (1.0, 2.0)

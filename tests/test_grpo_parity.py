@@ -55,17 +55,19 @@ class Recorded:
         return out
 
 
-def rollout_of(model, tokenizer, loss: str, temperature: float, mask_truncated: bool, records):
+def rollout_of(model, tokenizer, loss: str, temperature: float, mask_truncated: bool, records, scale="group"):
     examples, _ = tokenize_prompts(records, tokenizer, room=200, rewards=[])
     reward = Recorded()
     rollout = Rollout(
         model, tokenizer, [Reward("crc", reward, 1.0)], G, MAX_COMPLETION, loss=loss,
-        mask_truncated=mask_truncated, temperature=temperature,
+        mask_truncated=mask_truncated, temperature=temperature, scale_rewards=scale,
     )  # fmt: skip
     return examples, rollout(examples, [f"5/{i}" for i in range(len(examples))]), reward.given
 
 
-def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp):
+def trl_run(
+    path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp, scale="group"
+):
     """TRL's advantages, loss and gradients (by our parameter names) for our completions."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -84,6 +86,7 @@ def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask
         output_dir=str(tmp / "trl"), report_to="none", use_cpu=True, bf16=False,
         per_device_train_batch_size=len(prompt_ids), num_generations=G, max_completion_length=MAX_COMPLETION,
         temperature=temperature, beta=beta, loss_type=loss, mask_truncated_completions=mask_truncated,
+        scale_rewards=scale,
         disable_dropout=True, gradient_checkpointing=False,
     )  # fmt: skip
     rows = [{"prompt": [{"role": "user", "content": u}]} for u in USER]
@@ -109,13 +112,13 @@ def trl_run(path, ours, examples, batch, given, *, loss, beta, temperature, mask
     return tokenized, inputs["advantages"], loss_value.detach(), grads
 
 
-CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row attends)
-    ("dapo", 0.0, 1.0, False, "lora", "mask"),
-    ("grpo", 0.04, 0.7, False, "lora", "mask"),
-    ("dr_grpo", 0.0, 1.3, False, "lora", "mask"),
-    ("dapo", 0.1, 1.0, True, "lora", "mask"),
-    ("grpo", 0.0, 1.0, True, "lora", "sequences"),
-    ("dapo", 0.04, 0.8, False, "full", "sequences"),
+CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row attends, reward scaling)
+    ("dapo", 0.0, 1.0, False, "lora", "mask", "group"),
+    ("grpo", 0.04, 0.7, False, "lora", "mask", "group"),
+    ("dr_grpo", 0.0, 1.3, False, "lora", "mask", "none"),
+    ("dapo", 0.1, 1.0, True, "lora", "mask", "group"),
+    ("grpo", 0.0, 1.0, True, "lora", "sequences", "none"),
+    ("dapo", 0.04, 0.8, False, "full", "sequences", "group"),
 ]
 
 
@@ -132,9 +135,11 @@ def ending_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("loss", "beta", "temperature", "mask_truncated", "method", "rows"), CASES, ids=str)
+@pytest.mark.parametrize(
+    ("loss", "beta", "temperature", "mask_truncated", "method", "rows", "scale"), CASES, ids=str
+)
 def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_path, monkeypatch, loss, beta,
-                                                  temperature, mask_truncated, method, rows):  # fmt: skip
+                                                  temperature, mask_truncated, method, rows, scale):  # fmt: skip
     """Each group is one row, its prompt once; short rows attend under a mask, long ones as a
     causal sequence per completion (forced here by lowering the threshold)."""
     made = []
@@ -151,14 +156,14 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
         PromptRecord(f"prompts.jsonl:{i + 1}", [{"role": "user", "content": u}], {"prompt": u})
         for i, u in enumerate(USER)
     ]
-    examples, batch, given = rollout_of(model, tokenizer, loss, temperature, mask_truncated, records)
+    examples, batch, given = rollout_of(model, tokenizer, loss, temperature, mask_truncated, records, scale)
     assert any(g is not None and g != given[0] for g in given[1:G])  # a group whose rewards differ
     truncated = [c["finish_reason"] == "length" for c in batch.completions]
     if mask_truncated:
         assert 0 < sum(truncated) < len(truncated), truncated  # some masked, some learnt
     tokenized, trl_advantages, trl_loss, trl_grads = trl_run(
         tiny_hf_dir, model, examples, batch, given, loss=loss, beta=beta, temperature=temperature,
-        mask_truncated=mask_truncated, tmp=tmp_path,
+        mask_truncated=mask_truncated, tmp=tmp_path, scale=scale,
     )  # fmt: skip
     assert [e.ids for e in examples] == [list(ids) for ids in tokenized]  # TRL renders the prompts alike
     torch.testing.assert_close(batch.advantages, trl_advantages, rtol=1e-5, atol=1e-6)

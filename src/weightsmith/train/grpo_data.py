@@ -311,7 +311,11 @@ def _metrics(
     `reward_zero_std` over groups), so that the loop's means over a step equal TRL's over all
     its completions however the step is split into micro-batches and ranks."""
     grouped = total.view(-1, group)
-    spread = torch.nan_to_num(grouped.max(dim=1).values - grouped.min(dim=1).values, nan=0.0)
+    scored = ~grouped.isnan()
+    # the spread of each group's scored rewards (declined ones left out, as in its advantages)
+    top = grouped.masked_fill(~scored, -math.inf).max(dim=1).values
+    bottom = grouped.masked_fill(~scored, math.inf).min(dim=1).values
+    spread = torch.where(scored.sum(dim=1) > 1, top - bottom, torch.zeros_like(top))
     n = float(len(ids))
     out = {
         "reward": _nansum(total),
