@@ -5,7 +5,8 @@ The server runs in its own process (`python -m weightsmith.cli.main serve MODEL`
 the load generator's Python never takes the GIL from the model thread; the clients are a
 lean HTTP/1.1 client on asyncio streams, since they share the machine's cores with the
 server and a general-purpose client costs more per streamed chunk. Each
-client streams chat completions over HTTP (temperature 0, `max_tokens` fixed and
+client streams chat completions over HTTP (temperature 0 unless `--temperature`/`--top-p` say
+otherwise, the same for the offline peer; `max_tokens` fixed and
 the `ignore_eos` extension, so every request generates exactly `--max-tokens`
 tokens), one request after another; every request has its own short prompt. A
 scenario sends `--requests` requests through C concurrent clients; its aggregate
@@ -165,12 +166,16 @@ async def body_parts(reader: asyncio.StreamReader, headers: dict[str, str]):
         yield await reader.readexactly(int(headers.get("content-length", "0")))
 
 
+#: The requests' sampling settings (main sets them from --temperature and --top-p).
+SAMPLING: dict[str, float] = {"temperature": 0.0, "top_p": 1.0}
+
+
 async def one_request(conn: Connection, model: str, prompt: str, max_tokens: int) -> Result:
     body = json.dumps({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        **SAMPLING,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -245,7 +250,7 @@ def offline_runner(model: str, max_tokens: int, keep_quantized: bool):
     import weightsmith
 
     llm = weightsmith.load(model, auto_pull=False, keep_quantized=keep_quantized)
-    sp = llm.sampling_params(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    sp = llm.sampling_params(max_tokens=max_tokens, ignore_eos=True, **SAMPLING)
 
     def run(batch: list[str]) -> tuple[float, list[Result]]:
         ids = [llm.engine.chat_prompt([{"role": "user", "content": p}]) for p in batch]
@@ -280,7 +285,10 @@ def main() -> None:
     ap.add_argument(
         "--offline-requests", type=int, default=4, help="prompts the offline engine runs per round (0: skip)"
     )
+    ap.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (1: off)")
     args = ap.parse_args()
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
     levels = sorted({1, *(int(c) for c in args.clients.split(","))})
     batch = prompts(args.requests)
 
@@ -298,7 +306,8 @@ def main() -> None:
     )
     print(
         f"model {args.model}, weights {weights}, server --max-batch {args.max_batch}, {args.requests} requests "
-        f"per scenario, {args.max_tokens} tokens each (temperature 0, ignore_eos), streaming chat, "
+        f"per scenario, {args.max_tokens} tokens each (temperature {args.temperature}, top_p {args.top_p}, "
+        "ignore_eos), streaming chat, "
         f"{args.rounds} rounds",
         flush=True,
     )
