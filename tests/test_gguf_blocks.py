@@ -213,9 +213,11 @@ def test_logits_against_the_float_load(loads, monkeypatch, fused_calls):
 def test_generate_matches_the_pytorch_path(block_file, capsys, monkeypatch, fused_calls):
     from weightsmith.cpu_decode import plan as cpu_plan
 
-    # Sampled with a seed: the tokens depend on the whole distribution, not on its top alone.
-    argv = ["generate", str(block_file), "--keep-quantized", "-p", "the cat", "-n", "12", "--temperature", "1",
-            "--seed", "3", "--json"]  # fmt: skip
+    # Greedy: the two steps' logits differ by up to 2e-2 of their scale (an int8 rounding flipped:
+    # test_logits_against_the_float_load), which a sampled token may cross however it is drawn;
+    # the whole distribution is compared there.
+    argv = ["generate", str(block_file), "--keep-quantized", "-p", "the cat", "-n", "12", "--temperature", "0",
+            "--json"]  # fmt: skip
     kernels_on(monkeypatch, True)
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
