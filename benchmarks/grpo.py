@@ -11,12 +11,18 @@ is exactly `--completion-len` tokens on both sides (end tokens ignored: ours `ig
 TRL's `min_new_tokens`), so both do the same work. The prompts are the bundled Kettlebird
 questions in the model's chat template (the same token ids: tests/test_grpo_parity.py).
 
+With `--num-iterations N` each sampling serves N updates (GRPO's mu), as both trainers
+offer: TRL (`num_iterations=N`) runs one more forward at sampling time for the log-probabilities
+the later updates are clipped against; weightsmith keeps those of the first update. A timed
+step is then one sampling and N updates, and the printed step is its time / N (per update).
+
 Each contender warms up for one step, then times `--steps` steps; processes alternate (ours,
 peer, ours, ...) so a noisy neighbour slows both alike. Printed: the median step, its sampling
 part, completion tokens per second, peak memory and the ratio peer / ours (> 1: weightsmith
 is faster), with the CPU model and instruction sets.
 
-    python benchmarks/grpo.py [--threads 2] [--prompts 4] [--generations 8] [--completion-len 32] [--steps 2] [--rounds 2]
+    python benchmarks/grpo.py [--threads 2] [--prompts 4] [--generations 8] [--completion-len 32] [--steps 2]
+                              [--rounds 2] [--num-iterations 1]
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def run_ours(path: str, args: argparse.Namespace) -> dict:
     examples, _ = tokenize_prompts(records, ckpt.tokenizer, 4096, [])
     rollout = Rollout(model, ckpt.tokenizer, [Reward("len", lengths_reward)], args.generations,
                       args.completion_len, ignore_eos=True)  # fmt: skip
-    objective = GrpoObjective()
+    objective = GrpoObjective(keep=args.num_iterations > 1)
     counter = iter(range(10**6))
     sampling: list[float] = []
 
@@ -72,10 +78,11 @@ def run_ours(path: str, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         batch = rollout(examples, [f"bench/{next(counter)}/{i}" for i in range(len(examples))])
         sampling.append(time.perf_counter() - start)
-        loss, count, _ = objective(model, batch)
-        (loss / count).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(args.num_iterations):
+            loss, count, _ = objective(model, batch)
+            (loss / count).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         assert batch.count == args.prompts * args.generations * args.completion_len
         return float(loss) / count
 
@@ -95,7 +102,7 @@ def run_peer(args: argparse.Namespace, hf_dir: str) -> dict:
         output_dir="/tmp/weightsmith-bench-grpo", report_to="none", use_cpu=True, bf16=False,
         per_device_train_batch_size=n, num_generations=args.generations, max_completion_length=args.completion_len,
         generation_kwargs={"min_new_tokens": args.completion_len}, temperature=1.0, beta=0.0, loss_type="dapo",
-        disable_dropout=True, gradient_checkpointing=False,
+        disable_dropout=True, gradient_checkpointing=False, num_iterations=args.num_iterations,
     )  # fmt: skip
     rows = prompt_rows(args.prompts)
     trainer = trl.GRPOTrainer(
@@ -113,10 +120,11 @@ def run_peer(args: argparse.Namespace, hf_dir: str) -> dict:
         start = time.perf_counter()
         batch = trainer._generate_and_score_completions(inputs)
         sampling.append(time.perf_counter() - start)
-        loss = trainer.compute_loss(policy, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(args.num_iterations):
+            loss = trainer.compute_loss(policy, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         assert int(batch["completion_mask"].sum()) == n * args.completion_len
         return float(loss)
 
@@ -137,12 +145,14 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--num-iterations", type=int, default=1, help="updates per sampling (GRPO's mu)")
     started = start(p, NAMES, child, "grpo")
     if started is None:
         return
     args, base, hf_dir = started
     shape = ["--prompts", str(args.prompts), "--generations", str(args.generations),
-             "--completion-len", str(args.completion_len), "--steps", str(args.steps)]  # fmt: skip
+             "--completion-len", str(args.completion_len), "--steps", str(args.steps),
+             "--num-iterations", str(args.num_iterations)]  # fmt: skip
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "s": [], "mem": []} for who in NAMES}
     for r, who, got in alternate(base, NAMES, shape, args.rounds):
         results[who]["t"] += got["times"]
@@ -153,12 +163,13 @@ def main() -> None:
     shutil.rmtree(hf_dir, ignore_errors=True)
     if not all(results[who]["t"] for who in NAMES):
         return
-    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
+    t = {who: statistics.median(results[who]["t"]) / args.num_iterations for who in NAMES}  # per update
     s = {who: statistics.median(results[who]["s"]) for who in NAMES}
     mem = {who: max(results[who]["mem"]) for who in NAMES}
     tokens = args.prompts * args.generations * args.completion_len
     print(f"\nLoRA r=8 GRPO step: {args.prompts} prompts x {args.generations} completions x "
-          f"{args.completion_len} tokens, fp32, {args.threads} threads")  # fmt: skip
+          f"{args.completion_len} tokens, fp32, {args.threads} threads, {args.num_iterations} update(s) "
+          "a sampling (step s: per update)")  # fmt: skip
     print(f"{'':32s}{'step s':>9s}{'sampling s':>12s}{'tokens/s':>10s}{'peak GiB':>10s}")
     for who, label in NAMES.items():
         print(f"{label:32s}{t[who]:9.2f}{s[who]:12.2f}{tokens / t[who]:10.1f}{mem[who]:10.2f}")

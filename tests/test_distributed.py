@@ -344,11 +344,13 @@ def write_prompts(path: Path, n: int = 8) -> Path:
     return path
 
 
-def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("reuse", [[], ["--num-iterations", "2", "--scale-rewards", "batch"]], ids=["1", "2"])
+def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path, reuse):
     """Each rank samples its share of the prompts with the seeds one process would use, so the
-    losses, rewards, weights and the record of every sample match."""
+    losses, rewards, weights and the record of every sample match; with batches that serve two
+    steps each and advantages scaled by the deviation of every rank's rewards too."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
-    args = ["grpo", str(tiny_hf_dir), "--data", str(prompts), *COMMON, "--train.batch-size", "4"]
+    args = ["grpo", str(tiny_hf_dir), "--data", str(prompts), *COMMON, "--train.batch-size", "4", *reuse]
     args += ["--train.max-steps", "3", "--reward", "contains", "--reward", "length:0.5", "--num-generations", "3",
              "--max-completion-len", "6", "--beta", "0.04", "--valid-fraction", "0.25", "--train.eval-every", "2"]  # fmt: skip
     one, two = on_one_and_two_ranks(args, tmp_path, ("reward", "reward_contains", "kl", "val_reward"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -95,18 +96,26 @@ class Interrupting:
         return vowels(texts, rows, lengths)
 
 
-def test_an_interrupted_run_resumes_to_the_same_losses_and_samples(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_an_interrupted_run_resumes_to_the_same_losses_and_samples(tiny_hf_dir, tmp_path, iterations):
+    """With --num-iterations 2 each draw serves two steps: the stop asked for during step 3's
+    sampling waits for step 4, the last to learn from that draw, and the checkpoint is step 4's."""
     data = write_prompts(tmp_path / "p.jsonl")
     whole = tmp_path / "whole"
-    run_grpo(config(tiny_hf_dir, data, whole), rewards=[Reward("vowels", Interrupting(None))])
+    flags = {"num_iterations": iterations, "scale_rewards": "batch" if iterations > 1 else "group"}
+    run_grpo(config(tiny_hf_dir, data, whole, **flags), rewards=[Reward("vowels", Interrupting(None))])
     cut = tmp_path / "cut"
     with pytest.raises(TrainingInterrupted, match="grpo --resume"):
         run_grpo(
-            config(tiny_hf_dir, data, cut, train={"save_every": 0}),
-            rewards=[Reward("vowels", Interrupting(3))],
+            config(tiny_hf_dir, data, cut, train={"save_every": 0}, **flags),
+            rewards=[Reward("vowels", Interrupting(3 if iterations == 1 else 2))],
         )
-    assert (cut / "checkpoints" / "step-00000003").is_dir()
-    run_grpo(config(tiny_hf_dir, data, cut, resume=str(cut)), rewards=[Reward("vowels", Interrupting(None))])
+    saved = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert saved == [f"step-0000000{3 if iterations == 1 else 4}"]
+    run_grpo(
+        config(tiny_hf_dir, data, cut, resume=str(cut), **flags),
+        rewards=[Reward("vowels", Interrupting(None))],
+    )
 
     def losses(path: Path) -> dict[int, float]:
         return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
@@ -115,6 +124,16 @@ def test_an_interrupted_run_resumes_to_the_same_losses_and_samples(tiny_hf_dir, 
     for step, loss in losses(whole).items():
         assert abs(losses(cut)[step] - loss) <= 1e-6, step
     assert (cut / "rollouts.jsonl").read_text() == (whole / "rollouts.jsonl").read_text()
+    if iterations == 1:
+        return
+    steps = [m for m in read_metrics(whole / "metrics.jsonl") if "loss" in m]
+    rollouts = [json.loads(line) for line in (whole / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rollouts} == {1, 3, 5} and len(rollouts) == 3 * 2 * 4  # a draw every 2 steps
+    for first, second in zip(steps[::2], steps[1::2], strict=True):  # the same completions, other weights
+        assert first["reward"] == second["reward"] and first["loss"] != second["loss"]
+        assert first["clip_low"] == first["clip_high"] == 0  # at the first pass the ratio is 1
+        assert 0 <= second["clip_low"] + second["clip_high"] < 1
+    assert any(m["clip_low"] + m["clip_high"] > 0 for m in steps[1::2])  # lr 2e-2 moves the ratios
 
 
 def test_the_cli_trains_with_builtin_rewards_and_writes_its_outputs(tiny_hf_dir, tmp_path, capsys):
@@ -144,10 +163,14 @@ def test_the_cli_trains_with_builtin_rewards_and_writes_its_outputs(tiny_hf_dir,
         ({"max_completion_len": 96}, "--max-completion-len 96: must be below --max-seq-len 96"),
         ({"temperature": 0.0}, "--temperature 0.0: must be above 0"),
         ({"epsilon": 1.5}, "--epsilon 1.5"),
+        ({"num_iterations": 0}, "--num-iterations 0: must be 1 or more"),
+        ({"delta": 1.1, "epsilon_high": 0.28}, "--delta 1.1: must be above 1 + epsilon-high"),
+        ({"importance_sampling": "word"}, "importance_sampling: expected one of token, sequence, got 'word'"),
+        ({"scale_rewards": "global"}, "scale_rewards: expected one of group, batch, none, got 'global'"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_hf_dir, tmp_path, fields, message):
-    with pytest.raises(WeightsmithError, match=message.replace("(", r"\(")) as err:
+    with pytest.raises(WeightsmithError, match=re.escape(message)) as err:
         config(tiny_hf_dir, tmp_path / "p.jsonl", tmp_path / "o", **fields)
     assert "\n" not in str(err.value)
 
@@ -226,3 +249,37 @@ def test_reward_metrics_of_a_split_step_are_those_of_the_whole_batch() -> None:
     assert got == (2.0, 2.0)
     lone = torch.tensor([nan, nan, 5.0, 1.0, 2.0, 1.0])  # one scored reward: no spread to learn from
     assert _metrics(rewards, table, lone, 3, ids, truncated)["reward_zero_std"] == (1.0, 2.0)
+
+
+def test_batch_scaling_divides_by_the_deviation_of_the_whole_step() -> None:
+    """--scale-rewards batch: a step's micro-batches (and ranks) are scaled by the deviation of
+    all its rewards together, as TRL scales a generation batch; a stand-in batch's completions
+    count in neither the deviation nor the log."""
+    import math
+
+    import torch
+
+    from weightsmith.train.distributed import World
+    from weightsmith.train.grpo import StepSource
+    from weightsmith.train.grpo_data import GroupBatch, PromptSource, group_advantages
+
+    parts = [torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 2.0]), torch.tensor([5.0, math.nan, 4.0, 0.0, 0.0, 0.0])]
+    stand_in = torch.tensor([9.0, 0.0, 9.0, 0.0, 9.0, 0.0])
+
+    def batch(rewards: torch.Tensor, tag: str) -> GroupBatch:
+        empty = torch.zeros(0, dtype=torch.long)
+        return GroupBatch(
+            *[empty] * 6, group_advantages(rewards, 3, "batch"), torch.zeros(0), n_tokens=0, count=0,
+            completions=[{"tag": tag, "advantage": None} for _ in rewards], rewards=rewards,
+            centred=group_advantages(rewards, 3, "none"),
+        )  # fmt: skip
+
+    batches = [(batch(parts[0], "a"), True), (batch(stand_in, "x"), False), (batch(parts[1], "b"), True)]
+    logged: list[dict] = []
+    StepSource(PromptSource([]), logged.extend, World(), batch_scale=True).whole_step(batches)  # type: ignore[arg-type]
+    want = group_advantages(torch.cat(parts), 3, "batch")
+    torch.testing.assert_close(torch.cat([batches[0][0].advantages, batches[2][0].advantages]), want)
+    assert not torch.allclose(batches[0][0].advantages, group_advantages(parts[0], 3, "batch"))
+    assert [c["tag"] for c in logged] == ["a"] * 6 + ["b"] * 6
+    assert [c["advantage"] for c in logged] == [round(a, 6) for a in want.tolist()]
+    assert batches[2][0].advantages[1] == 0  # declined

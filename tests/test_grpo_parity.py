@@ -10,6 +10,7 @@ Nothing here re-implements TRL's formulas: the expected values come from running
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zlib
@@ -37,6 +38,11 @@ transformers = pytest.importorskip("transformers")
 USER = ["fox dog?", "Once upon a time?", "Bonjour le monde!"]
 G = 4  # completions per prompt
 MAX_COMPLETION = 6
+ROWS = [{"prompt": [{"role": "user", "content": u}]} for u in USER]
+RECORDS = [
+    PromptRecord(f"prompts.jsonl:{i + 1}", r["prompt"], {"prompt": u})
+    for i, (u, r) in enumerate(zip(USER, ROWS, strict=True))
+]
 
 
 class Recorded:
@@ -65,10 +71,9 @@ def rollout_of(model, tokenizer, loss: str, temperature: float, mask_truncated: 
     return examples, rollout(examples, [f"5/{i}" for i in range(len(examples))]), reward.given
 
 
-def trl_run(
-    path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp, scale="group"
-):
-    """TRL's advantages, loss and gradients (by our parameter names) for our completions."""
+def trl_trainer(path, ours, examples, batch, given, *, tmp, **config):
+    """TRL's GRPOTrainer (GRPOConfig `config`) on the HF mirror of `ours`, handed our prompts and
+    completions; with the weight-name prefix peft adds."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     lora = any("lora_" in n for n, _ in ours.named_parameters())
@@ -85,16 +90,13 @@ def trl_run(
     args = trl.GRPOConfig(
         output_dir=str(tmp / "trl"), report_to="none", use_cpu=True, bf16=False,
         per_device_train_batch_size=len(prompt_ids), num_generations=G, max_completion_length=MAX_COMPLETION,
-        temperature=temperature, beta=beta, loss_type=loss, mask_truncated_completions=mask_truncated,
-        scale_rewards=scale,
-        disable_dropout=True, gradient_checkpointing=False,
+        disable_dropout=True, gradient_checkpointing=False, **config,
     )  # fmt: skip
-    rows = [{"prompt": [{"role": "user", "content": u}]} for u in USER]
     trainer = trl.GRPOTrainer(
         model=hf,
         reward_funcs=[lambda **kw: given],
         args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
+        train_dataset=datasets.Dataset.from_list(ROWS),
         processing_class=tokenizer,
         rollout_func=rollout_func,
         peft_config=peft_lora() if lora else None,
@@ -102,14 +104,41 @@ def trl_run(
     prefix = copy_weights(ours, trainer.model, lora)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # what Trainer.training_step sets: one micro-batch a step
-    tokenized, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
-    inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
+    return trainer, prefix
+
+
+def trl_loss_and_grads(trainer, prefix, inputs):
+    """TRL's loss of `inputs` and its gradients, by our parameter names."""
     loss_value = trainer.compute_loss(trainer.model, inputs)
     loss_value.backward()
     grads = {
         n.removeprefix(prefix): p.grad for n, p in trainer.model.named_parameters() if p.grad is not None
     }
-    return tokenized, inputs["advantages"], loss_value.detach(), grads
+    return loss_value.detach(), grads
+
+
+def trl_run(
+    path, ours, examples, batch, given, *, loss, beta, temperature, mask_truncated, tmp, scale="group"
+):
+    """TRL's advantages, loss and gradients (by our parameter names) for our completions."""
+    trainer, prefix = trl_trainer(
+        path, ours, examples, batch, given, tmp=tmp, temperature=temperature, beta=beta, loss_type=loss,
+        mask_truncated_completions=mask_truncated, scale_rewards=scale,
+    )  # fmt: skip
+    tokenized, _, _ = trainer._tokenize_prompts([r["prompt"] for r in ROWS])
+    inputs = trainer._generate_and_score_completions([r for r in ROWS for _ in range(G)])
+    loss_value, grads = trl_loss_and_grads(trainer, prefix, inputs)
+    return tokenized, inputs["advantages"], loss_value, grads
+
+
+def assert_grads_equal(model, trl_grads):
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(trl_grads) and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            g, trl_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert max(g.abs().max() for g in grads.values()) > 1e-4  # not all zero
 
 
 CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row attends, reward scaling)
@@ -119,6 +148,7 @@ CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row
     ("dapo", 0.1, 1.0, True, "lora", "mask", "group"),
     ("grpo", 0.0, 1.0, True, "lora", "sequences", "none"),
     ("dapo", 0.04, 0.8, False, "full", "sequences", "group"),
+    ("grpo", 0.0, 1.0, False, "lora", "mask", "batch"),
 ]
 
 
@@ -152,11 +182,7 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
         tiny_hf_dir = ending_dir
     tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
     model, reference = policy_and_reference(tiny_hf_dir, method)
-    records = [
-        PromptRecord(f"prompts.jsonl:{i + 1}", [{"role": "user", "content": u}], {"prompt": u})
-        for i, u in enumerate(USER)
-    ]
-    examples, batch, given = rollout_of(model, tokenizer, loss, temperature, mask_truncated, records, scale)
+    examples, batch, given = rollout_of(model, tokenizer, loss, temperature, mask_truncated, RECORDS, scale)
     assert any(g is not None and g != given[0] for g in given[1:G])  # a group whose rewards differ
     truncated = [c["finish_reason"] == "length" for c in batch.completions]
     if mask_truncated:
@@ -173,16 +199,66 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     total, count, metrics = objective(model, batch)
     (total / count).backward()
     torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert set(grads) == set(trl_grads) and grads
-    for name, g in grads.items():
-        torch.testing.assert_close(
-            g, trl_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert max(g.abs().max() for g in grads.values()) > 1e-4  # not all zero
+    assert_grads_equal(model, trl_grads)
     if beta:
         assert float(metrics["kl"]) > 0
     assert bool(made) == (rows == "sequences")
+
+
+LATER = [  # (loss, beta, importance sampling level, delta, method)
+    ("dapo", 0.0, "token", None, "lora"),
+    ("grpo", 0.04, "sequence", None, "lora"),
+    ("dr_grpo", 0.0, "token", 1.5, "lora"),
+    ("dapo", 0.04, "token", None, "full"),
+    ("grpo", 0.0, "sequence", None, "full"),
+]
+
+
+@pytest.mark.parametrize(("loss", "beta", "level", "delta", "method"), LATER, ids=str)
+def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, delta, method):
+    """--num-iterations 2: the second step learns from the first step's completions with weights
+    that have moved, so pi / pi_old is no longer 1 and the clip acts. TRL (num_iterations=2) keeps
+    the log-probabilities of the weights that sampled; we keep those of the first pass. After
+    the same change of weights, loss, gradients and the clipped shares equal TRL's, per token and
+    per completion (GSPO), with two-sided clipping."""
+    tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
+    model, reference = policy_and_reference(tiny_hf_dir, method)
+    examples, batch, given = rollout_of(model, tokenizer, loss, 1.0, False, RECORDS)
+    low, high = (0.2, 0.28) if level == "token" else (3e-4, 4e-4)  # GSPO's clip is narrow: a mean moves less
+    trainer, prefix = trl_trainer(
+        tiny_hf_dir, model, examples, batch, given, tmp=tmp_path, beta=beta, loss_type=loss, num_iterations=2,
+        importance_sampling_level=level, delta=delta, epsilon=low, epsilon_high=high,
+    )  # fmt: skip
+    inputs = trainer._generate_and_score_completions([r for r in ROWS for _ in range(G)])
+    assert inputs["old_per_token_logps"] is not None  # TRL keeps them for a later iteration
+
+    objective = GrpoObjective(epsilon=low, epsilon_high=high, beta=beta, reference=reference, importance=level,
+                              delta=delta, keep=True)  # fmt: skip
+    objective(model, batch)  # the first pass: the ratio is 1; it keeps pi_old (and the reference's)
+    assert batch.old_logp is not None and (batch.ref_logp is not None) == bool(beta)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the trained weights moved, far enough that some ratios leave the clip's range
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * (1.5 if method == "lora" else 0.3))
+    copy_weights(model, trainer.model, method == "lora")
+    model.zero_grad()
+    total, count, metrics = objective(model, batch)
+    (total / count).backward()
+    trl_loss, trl_grads = trl_loss_and_grads(trainer, prefix, inputs)
+    torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_equal(model, trl_grads)
+    logged = trainer._metrics["train"]
+    clipped = 0.0
+    for side in ("low", "high"):
+        ours = metrics[f"clip_{side}"].total / metrics[f"clip_{side}"].n
+        assert ours == pytest.approx(logged[f"clip_ratio/{side}_mean"][-1], abs=1e-6)
+        clipped += ours
+    assert 0 < clipped < 1  # the clip held some ratios and not others
+    if delta:  # and the cap bit
+        with torch.no_grad():
+            uncapped, _, _ = dataclasses.replace(objective, delta=None)(model, batch)
+        assert float(uncapped) != pytest.approx(float(total), rel=1e-4)
 
 
 def test_prompts_are_checked_before_the_model_loads(tmp_path):

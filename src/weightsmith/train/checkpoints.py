@@ -10,6 +10,7 @@ never half of one. Not here: what the state means (loop.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.files import atomic_dir
+from weightsmith.files import atomic_dir, write_text_atomic
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -110,3 +111,16 @@ def load_checkpoint_state(
 def latest_checkpoint(root: Path) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keep the lines of a JSONL log (metrics.jsonl, a run's other records) whose `step` is at
+    most `step`, atomically: what a run resumed from that step's checkpoint has written."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))

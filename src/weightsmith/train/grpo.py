@@ -16,11 +16,17 @@ estimate of the KL divergence to the reference model, as TRL's `GRPOTrainer` com
 (the KL term times r_t, whose value is 1, makes its gradient the unbiased one of the reverse
 KL: TRL's `use_bias_correction_kl`, on by default, after DeepSeek-V3.2)
 
-Samples are drawn with the weights of the step that learns from them, so pi_old is pi itself
-(detached: r_t = 1 with the gradient of pi), TRL's default of one iteration per batch. How
-the token losses sum (`--loss`): `dapo` (TRL's default) the mean over every completion token
-of the step; `grpo` the mean over completions of each completion's token mean; `dr_grpo` the
-sum over tokens / (completions x --max-completion-len).
+Samples are drawn with the weights of the step that learns from them, so at its first pass
+pi_old is pi itself (detached: r_t = 1 with the gradient of pi). With `--num-iterations` mu > 1
+(GRPO's mu, TRL's `num_iterations`) a step's completions serve mu optimizer steps: the first
+pass keeps its log-probabilities as pi_old (and the reference's, which do not change), and
+the later passes, with weights that have moved, are clipped against them. The ratio is per
+token, or (`--importance-sampling sequence`, GSPO, Zheng et al. 2025) per completion: the
+exponential of the mean of its tokens' log-ratios, given to each of its tokens. `--delta` caps
+the unclipped ratio too (two-sided clipping, INTELLECT-2). How the token losses sum (`--loss`):
+`dapo` (TRL's default) the mean over every completion token of the step; `grpo` the mean over
+completions of each completion's token mean; `dr_grpo` the sum over tokens / (completions x
+--max-completion-len).
 
 The reference (for `--beta` > 0) is the model before training: for LoRA and QLoRA the same
 model with its adapters disabled, for full fine-tuning a frozen copy. Log-probabilities are
@@ -46,6 +52,7 @@ from torch import nn
 from weightsmith.config import opt
 from weightsmith.errors import ConfigError
 from weightsmith.lora import adapters_disabled
+from weightsmith.train.checkpoints import cut_log
 from weightsmith.train.data import pad_id_for
 from weightsmith.train.distributed import World
 from weightsmith.train.grpo_data import (
@@ -53,10 +60,11 @@ from weightsmith.train.grpo_data import (
     GroupBatch,
     PromptSource,
     Rollout,
+    nan_std,
     read_prompts,
     tokenize_prompts,
 )
-from weightsmith.train.loop import Reporter, Trainer, TrainOptions, cut_log
+from weightsmith.train.loop import Reporter, Trainer, TrainOptions
 from weightsmith.train.losses import head_log_probs, shared_prompt_attention
 from weightsmith.train.metric_sums import Mean
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
@@ -77,6 +85,7 @@ __all__ = ["GrpoConfig", "GrpoObjective", "completion_log_probs", "run_grpo"]
 log = logging.getLogger(__name__)
 
 LOSSES = ("dapo", "grpo", "dr_grpo")
+LEVELS = ("token", "sequence")
 ROLLOUTS = "rollouts.jsonl"
 
 
@@ -102,8 +111,15 @@ class GrpoConfig(RunConfig):
     beta: float = opt(0.0, "weight of the KL divergence to the reference model (0: no reference is run)")
     epsilon: float = opt(0.2, "clip the probability ratio below at 1 - epsilon")
     epsilon_high: float | None = opt(None, "clip it above at 1 + this (default: epsilon; DAPO uses 0.28)")
-    scale_rewards: str = opt("group", "divide advantages by the group's reward deviation (group) or not (none)",
-                             choices=SCALES)  # fmt: skip
+    delta: float | None = opt(
+        None, "also cap the unclipped ratio at this (two-sided clipping; above 1 + epsilon-high)"
+    )
+    num_iterations: int = opt(1, "optimizer steps each batch of completions serves (GRPO's mu): past the "
+                                 "first, pi / pi_old and its clipping act")  # fmt: skip
+    importance_sampling: str = opt("token", "the ratio pi / pi_old per token, or per completion: the geometric "
+                                            "mean of its tokens' (sequence: GSPO)", choices=LEVELS)  # fmt: skip
+    scale_rewards: str = opt("group", "divide advantages by the group's reward deviation (group), the whole "
+                                      "step's (batch) or not (none)", choices=SCALES)  # fmt: skip
     mask_truncated: bool = opt(False, "learn nothing from completions cut off at --max-completion-len")
     overlong_cache: int | None = opt(
         None, "the length reward's band: penalise the last N tokens (default L/4)"
@@ -121,12 +137,22 @@ class GrpoConfig(RunConfig):
             ("beta", self.beta >= 0, "0 or more"),
             ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
             ("epsilon-high", self.epsilon_high is None or self.epsilon_high > 0, "above 0"),
+            ("num-iterations", self.num_iterations >= 1, "1 or more"),
+            (
+                "delta",
+                self.delta is None or self.delta > 1 + (self.epsilon_high or self.epsilon),
+                "above 1 + epsilon-high (else it clips what the clipped ratio keeps)",
+            ),
         ]
         for flag, ok, want in checks:
             if not ok:
                 raise ConfigError(f"--{flag} {getattr(self, flag.replace('-', '_'))}: must be {want}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
+        if self.importance_sampling not in LEVELS:
+            raise ConfigError(
+                f"--importance-sampling {self.importance_sampling!r}: choose one of {', '.join(LEVELS)}"
+            )
         if self.scale_rewards not in SCALES:
             raise ConfigError(f"--scale-rewards {self.scale_rewards!r}: choose one of {', '.join(SCALES)}")
         if self.max_completion_len >= self.max_seq_len:
@@ -160,7 +186,9 @@ def completion_log_probs(model: nn.Module, batch: GroupBatch, temperature: float
 
 @dataclass
 class GrpoObjective:
-    """The loop's loss function for sampled groups: (summed token loss, its count, summed metrics)."""
+    """The loop's loss function for sampled groups: (summed token loss, its count, summed metrics).
+    With `keep` (a batch that serves several steps), its first pass keeps on the batch the
+    log-probabilities it was sampled with (pi_old) and the reference's, for the later passes."""
 
     epsilon: float = 0.2
     epsilon_high: float | None = None
@@ -168,27 +196,58 @@ class GrpoObjective:
     temperature: float = 1.0
     reference: nn.Module | None = None  # a frozen copy; None: the model with adapters disabled
     checkpoint: bool = False
+    importance: str = "token"  # the ratio per token, or per completion ("sequence": GSPO)
+    delta: float | None = None  # a cap on the unclipped ratio (two-sided clipping)
+    keep: bool = False
 
     def __call__(
         self, model: nn.Module, batch: GroupBatch
     ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor | Mean]]:
-        ref = None
-        if self.beta:  # first, so its activations are freed before the policy's are kept
+        ref = batch.ref_logp
+        if self.beta and ref is None:  # first, so its activations are freed before the policy's are kept
             with torch.no_grad():
                 ref = self._reference(model, batch)
+            batch.ref_logp = ref if self.keep else None
         logp = completion_log_probs(model, batch, self.temperature, checkpoint=self.checkpoint)
-        ratio = torch.exp(logp - logp.detach())  # pi / pi_old: 1, with pi's gradient
+        old = batch.old_logp
+        if old is None:  # sampled by these very weights: pi_old is pi, the ratio 1 with pi's gradient
+            old = logp.detach()
+            batch.old_logp = old if self.keep else None
+        ratio = torch.exp(self._log_ratio(logp - old, batch))
         advantage = batch.advantages[batch.seq]
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
-        per_token = -torch.min(ratio * advantage, clipped * advantage)
+        capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
+        per_token = -torch.min(capped * advantage, clipped * advantage)
         metrics: dict[str, torch.Tensor | Mean] = {}
         if ref is not None:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + self.beta * kl * ratio  # x ratio: the unbiased gradient (TRL's default)
             metrics["kl"] = (kl.detach() * batch.weights).sum()
+        if self.keep:  # the share of tokens (completions) whose ratio the clip held: TRL's clip_ratio/*
+            metrics["clip_low"] = self._share((ratio < 1 - self.epsilon) & (advantage < 0), batch)
+            metrics["clip_high"] = self._share((ratio > 1 + high) & (advantage > 0), batch)
         metrics.update({name: Mean(*pair) for name, pair in batch.metrics.items()})
         return (per_token * batch.weights).sum(), batch.count, metrics
+
+    def _share(self, flags: torch.Tensor, batch: GroupBatch) -> Mean:
+        """Of the tokens learnt from (at sequence level: of the completions), how many are flagged."""
+        if self.importance == "token":
+            return Mean(float(flags.sum()), float(len(flags)))
+        n = len(batch.advantages)
+        flagged = torch.zeros(n, device=flags.device).index_add(0, batch.seq, flags.float()) > 0
+        return Mean(float(flagged.sum()), float(len(batch.seq.unique())))
+
+    def _log_ratio(self, log_ratio: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
+        """(M,) log pi / pi_old of each token, or (sequence) the mean of its completion's."""
+        if self.importance == "token":
+            return log_ratio
+        n = len(batch.advantages)
+        sums = torch.zeros(n, dtype=log_ratio.dtype, device=log_ratio.device).index_add(
+            0, batch.seq, log_ratio
+        )
+        counts = torch.bincount(batch.seq, minlength=n).clamp(min=1)
+        return (sums / counts)[batch.seq]
 
     def _reference(self, model: nn.Module, batch: GroupBatch) -> torch.Tensor:
         if self.reference is not None:
@@ -218,20 +277,29 @@ class RolloutLog:
             f.writelines(json.dumps({"step": step, **c}, ensure_ascii=False) + "\n" for c in completions)
 
 
-class _LoggedSource(PromptSource):
-    """The training prompts, every batch's completions written to the log by the first rank
-    (gathered from every rank, in rank order: a one-process run's order)."""
+class StepSource(PromptSource):
+    """The training prompts. Once a step's micro-batches are drawn (`whole_step`), with
+    --scale-rewards batch their advantages are divided by the deviation of all the step's
+    rewards (every rank's), and the first rank writes their completions to the log (gathered
+    from every rank, in the order one process would have drawn them; stand-ins left out)."""
 
-    def __init__(self, source: PromptSource, log: RolloutLog, world: World) -> None:
+    def __init__(self, source: PromptSource, log: RolloutLog, world: World, *, batch_scale: bool) -> None:
         super().__init__(source.examples, source.rollout, source.clock)
-        self.log, self.world = log, world
+        self.log, self.world, self.batch_scale = log, world, batch_scale
 
-    def batch(self, indices: Sequence[int]) -> GroupBatch:
-        batch = super().batch(indices)
-        shares = self.world.gather(batch.completions)
-        if self.world.is_main:
-            self.log([c for share in shares for c in share])
-        return batch
+    def whole_step(self, batches: list[tuple[GroupBatch, bool]]) -> None:
+        real = [b for b, counts in batches if counts]
+        if self.batch_scale:
+            shares = self.world.gather([r for b in real for r in b.rewards.tolist()])  # type: ignore[union-attr]
+            std = nan_std(torch.tensor([r for share in shares for r in share], dtype=torch.float64), 0)
+            for b, _ in batches:
+                assert b.centred is not None
+                b.advantages = (b.centred / (std.to(b.centred) + 1e-4)).nan_to_num(0.0).to(b.advantages)
+                for c, a in zip(b.completions, b.advantages.tolist(), strict=True):
+                    c["advantage"] = round(a, 6)
+        shares = self.world.gather([b.completions if counts else None for b, counts in batches])
+        if self.world.is_main:  # micro-batch by micro-batch, each rank's slice in rank order
+            self.log([c for k in range(len(batches)) for share in shares if share[k] for c in share[k]])
 
 
 # ----- the command --------------------------------------------------------------------------------
@@ -286,11 +354,12 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     )  # fmt: skip
     train.rollout = valid.rollout = rollout
     objective = GrpoObjective(
-        cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, reference, cfg.train.gradient_checkpointing
-    )
+        cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, reference, cfg.train.gradient_checkpointing,
+        importance=cfg.importance_sampling, delta=cfg.delta, keep=cfg.num_iterations > 1,
+    )  # fmt: skip
     trainer = Trainer(
         model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,
-        reporter=reporter, command="grpo", perplexity=False, world=world,
+        reporter=reporter, command="grpo", perplexity=False, world=world, iterations=cfg.num_iterations,
     )  # fmt: skip
     seed = cfg.train.seed  # the loop counts a micro-batch before it draws it
     train.clock = lambda: f"{seed}/train/{trainer.state.cursor}"
@@ -298,7 +367,7 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     if world.is_main and resume_from is None:
         (out / ROLLOUTS).unlink(missing_ok=True)
     log_file = RolloutLog(out / ROLLOUTS, trainer, resumed=resume_from is not None)
-    trainer.train = _LoggedSource(train, log_file, world)
+    trainer.train = StepSource(train, log_file, world, batch_scale=cfg.scale_rewards == "batch")
     log.info(
         "%s loss, %d completions a prompt, rewards %s, beta %g", cfg.loss, cfg.num_generations,
         ", ".join(f"{r.name} x{r.weight:g}" for r in rewards), cfg.beta,

@@ -14,15 +14,17 @@ functions. Every line is checked, rendered and measured before the model loads: 
 stops everything with `FILE:LINE: FIELD: problem (how to fix)`.
 
 A batch (`GroupBatch`) is made on demand (`PromptSource.batch`) by the `Rollout`, with the
-weights of the moment, so every step learns from its own samples (on-policy, TRL's
-`num_iterations=1`): each prompt is sampled `num_generations` times in one batched
-generation, each completion with its own seed, a hash of the run's seed, the micro-batch's
-number and the prompt's index (so a resumed run samples what the uninterrupted run sampled,
-and N processes sample what one would); the completion ends at an end
-token (kept, as TRL keeps it) or at `max_completion_len`. Rewards are weighted and summed, and
-a completion's advantage is its reward minus its group's mean, over the group's standard
-deviation (Bessel-corrected) + 1e-4 (`scale_rewards="group"`), or the difference alone
-(`"none"`), TRL's `_generate_and_score_completions`. A completion every reward declined
+weights of the moment, so a step learns from its own samples (on-policy; with
+`--num-iterations` the loop holds them for the steps after it too): each prompt is sampled
+`num_generations` times in one batched generation, each completion with its own seed, a hash
+of the run's seed, the micro-batch's number and the prompt's index (so a resumed run samples
+what the uninterrupted run sampled, and N processes sample what one would); the completion
+ends at an end token (kept, as TRL keeps it) or at `max_completion_len`. Rewards are weighted
+and summed, and a completion's advantage is its reward minus its group's mean, over the
+group's standard deviation (Bessel-corrected) + 1e-4 (`scale_rewards="group"`), over the
+deviation of all the step's rewards (`"batch"`: this batch's here, the whole step's once every
+micro-batch and rank has drawn, grpo.StepSource), or the difference alone (`"none"`), TRL's
+`_generate_and_score_completions`. A completion every reward declined
 (all None) gets advantage 0 and stays out of its group's statistics.
 
 Not here: the rewards (rewards.py), the loss (grpo.py), the loop (loop.py).
@@ -54,7 +56,7 @@ from weightsmith.train.preference_data import (
 )
 from weightsmith.train.rewards import Reward, check_rows, score
 
-SCALES = ("group", "none")
+SCALES = ("group", "batch", "none")
 FIRST = PADDING + 1  # the segment of a row's first completion; the j-th's is FIRST + j
 
 
@@ -160,6 +162,14 @@ class GroupBatch:
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # (sum, count) over its completions
     completions: list[dict[str, Any]] = field(default_factory=list)  # for rollouts.jsonl
     completion_ids: list[list[int]] = field(default_factory=list)  # each completion's sampled tokens
+    rewards: torch.Tensor | None = None  # (N,) each completion's weighted reward, NaN where declined
+    centred: torch.Tensor | None = (
+        None  # (N,) reward minus group mean (0 where declined): --scale-rewards batch
+    )
+    # (M,) the log-probabilities under the weights that sampled the batch, and under the reference,
+    # kept by the loss at its first pass when the batch serves several steps (--num-iterations)
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
@@ -167,7 +177,9 @@ class GroupBatch:
 
     def to(self, device: torch.device) -> GroupBatch:
         tensors = ("inputs", "positions", "segments", "index", "targets", "seq", "advantages", "weights")
+        kept = ("rewards", "centred", "old_logp", "ref_logp")
         moved = {k: getattr(self, k).to(device) for k in tensors}
+        moved |= {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in kept}
         return GroupBatch(**moved, n_tokens=self.n_tokens, count=self.count, metrics=self.metrics,
                           completions=self.completions, completion_ids=self.completion_ids)  # fmt: skip
 
@@ -225,7 +237,9 @@ class Rollout:
         advantages = group_advantages(total, g, self.scale_rewards)
         truncated = [c.finish_reason == "length" for c in done]
         batch = self._collate(prompts, ids, advantages, truncated)
-        batch.completion_ids = ids
+        batch.completion_ids, batch.rewards = ids, total
+        if self.scale_rewards == "batch":  # scaled here by this batch's deviation; a step's by its own
+            batch.centred = group_advantages(total, g, "none")
         batch.metrics = _metrics(self.rewards, table, total, g, ids, truncated)
         batch.completions = [
             {"prompt": e.source, "completion": t, "reward": None if math.isnan(r) else round(float(r), 6),
@@ -290,17 +304,25 @@ def token_weight(loss: str, length: int, max_completion_len: int) -> float:
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> torch.Tensor:
-    """(N,) advantages of rewards in consecutive groups of `group`; NaN rewards (declined) are
-    left out of their group's mean and deviation and get advantage 0."""
+    """(N,) advantages of rewards in consecutive groups of `group`: each minus its group's mean,
+    divided by the group's deviation + 1e-4 ("group"), by all of `rewards`' ("batch") or not
+    ("none"); NaN rewards (declined) are left out of means and deviations and get advantage 0."""
     grouped = rewards.view(-1, group)
-    mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    centred = grouped - mean
+    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
     if scale == "group":
-        count = (~grouped.isnan()).sum(dim=1, keepdim=True)
-        var = torch.nanmean(centred**2, dim=1, keepdim=True) * count / (count - 1)
-        std = torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
-        centred = centred / (std + 1e-4)
+        centred = centred / (nan_std(grouped, dim=1) + 1e-4)
+    elif scale == "batch":
+        centred = centred / (nan_std(rewards.reshape(1, -1), dim=1) + 1e-4)
     return torch.nan_to_num(centred.reshape(-1), nan=0.0)
+
+
+def nan_std(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Bessel-corrected standard deviation along `dim` of the non-NaN values (kept as a
+    size-1 dim); NaN where fewer than two."""
+    count = (~x.isnan()).sum(dim=dim, keepdim=True)
+    centred = x - torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean(centred**2, dim=dim, keepdim=True) * count / (count - 1)
+    return torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
 
 
 def _metrics(

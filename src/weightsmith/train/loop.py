@@ -11,7 +11,9 @@ over every target token for SFT (not a mean of micro-batch means, which would we
 short batches more), the mean over pairs for DPO. Extra metrics are normalised the
 same way. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and
 raises `TrainingInterrupted`. A resumed run restores weights, optimizer, RNG and data
-position, so its later losses equal an uninterrupted run's.
+position, so its later losses equal an uninterrupted run's. A source whose batches serve
+several steps (GRPO's `--num-iterations`) has them held between steps, and checkpoints fall
+after the last step of each such group.
 
 Not here: what is trained (runs.py chooses LoRA, QLoRA or full weights), the data or
 the loss (sft.py, dpo.py), or printing (a `Reporter` receives the metrics).
@@ -26,8 +28,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +40,6 @@ from torch import nn
 from weightsmith.config import opt
 from weightsmith.device import cpu_multiplies_bf16, tune_cpu_allocator
 from weightsmith.errors import ConfigError, WeightsmithError
-from weightsmith.files import write_text_atomic
 from weightsmith.models.model import DecoderLayer
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train import fsdp
@@ -48,6 +47,7 @@ from weightsmith.train.data import BatchOrder
 from weightsmith.train.distributed import World
 from weightsmith.train.metric_sums import Mean, MetricSums
 from weightsmith.train.optim import SCHEDULES, lr_factor, make_optimizer, set_lr, trainable_parameters
+from weightsmith.train.signals import stop_on_signal
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class TrainBatch(Protocol):
 
 
 class BatchSource(Protocol):
-    """Items (rows, pairs) by index, made into batches."""
+    """Items (rows, pairs) by index, made into batches. A source may also have
+    `whole_step(batches)`, called with a step's (batch, counts) pairs once all are drawn."""
 
     def __len__(self) -> int: ...
     def batch(self, indices: Sequence[int]) -> TrainBatch: ...
@@ -195,10 +196,14 @@ class Trainer:
         command: str = "finetune",
         perplexity: bool = True,
         world: World | None = None,
+        iterations: int = 1,
     ) -> None:
         """`command` names the CLI command in the resume hint; `perplexity` adds val_ppl
         (meaningful only for a per-token cross-entropy); `world` is this rank's place in a
-        distributed job (distributed.py: batches sharded, counts and gradients summed)."""
+        distributed job (distributed.py: batches sharded, counts and gradients summed);
+        `iterations` is how many optimizer steps each drawn set of micro-batches serves (GRPO's
+        num_iterations): they are held, on the device, for that many steps, and checkpoints (and
+        a stop) wait for the last of them, so a resumed run draws afresh as the first would."""
         if not len(train):
             raise ConfigError("no training examples left after tokenizing; check the data and max_seq_len")
         self.model, self.loss_fn, self.opts, self.out = model, loss_fn, opts, out
@@ -218,7 +223,8 @@ class Trainer:
         if opts.compile:
             compile_layers(model, device)
         self.state = RunState()
-        self.total_steps = opts.max_steps or math.ceil(
+        self.iterations, self._held = iterations, None
+        self.total_steps = opts.max_steps or iterations * math.ceil(
             opts.epochs * self.order.batches_per_epoch / opts.grad_accum
         )
         ratio_warmup = round(self.total_steps * opts.warmup_ratio)
@@ -237,7 +243,7 @@ class Trainer:
             state = ckpt.load_checkpoint_state(checkpoint, self.optimizer, self.world.rank, self.world.size)
         self.state = RunState(**{k: state[k] for k in asdict(RunState())})
         if self.world.is_main:  # drop lines written after the checkpoint
-            cut_log(self.metrics_path, self.state.step)
+            ckpt.cut_log(self.metrics_path, self.state.step)
 
     # ----- the loop -------------------------------------------------------------------------------
 
@@ -249,8 +255,9 @@ class Trainer:
         self.reporter.start(self.total_steps, self.state.step)
         last: dict[str, Any] = {}
         self.initial: dict[str, Any] = {}
+        save_due = False
         try:
-            with _stop_on_signal() as stop, self._open_metrics() as metrics:
+            with stop_on_signal() as stop, self._open_metrics() as metrics:
                 self._metrics_file = metrics
                 if self.state.step == 0 and self._has_valid:
                     self.initial = self.evaluate()  # the starting point of the validation curve
@@ -259,14 +266,23 @@ class Trainer:
                     step = self.state.step
                     if self.opts.eval_every and step % self.opts.eval_every == 0 and step < self.total_steps:
                         last.update(self.evaluate())
-                    if self.world.all_sum([stop.is_set()])[0]:  # every rank stops at the same step
+                    stopping = self.world.all_sum([stop.is_set()])[0]  # every rank stops at the same step
+                    held = step % self.iterations != 0  # batches still to learn from: no checkpoint yet
+                    if stopping and held:
+                        log.warning(
+                            "stopping after step %d: the last that learns from this batch",
+                            step - step % self.iterations + self.iterations,
+                        )
+                    if stopping and not held:
                         saved = self.save_checkpoint()
                         raise TrainingInterrupted(
                             f"interrupted after step {step}; a checkpoint was saved in {saved}; "
                             f"continue with: weightsmith {self.command} --resume {self.out}"
                         )
-                    if self.opts.save_every and step % self.opts.save_every == 0 and step < self.total_steps:
+                    save_due = save_due or bool(self.opts.save_every and step % self.opts.save_every == 0)
+                    if save_due and not held and step < self.total_steps:
                         self.save_checkpoint()
+                        save_due = False
                 if self._has_valid:
                     last.update(self.evaluate())
         finally:
@@ -299,14 +315,19 @@ class Trainer:
             step, self.total_steps, self.warmup, self.opts.schedule, self.opts.min_lr_ratio
         )
         set_lr(self.optimizer, lr)
-        micro = list(self._micro_batches())
+        if step % self.iterations == 0 or self._held is None:
+            drawn = list(self._micro_batches())
+            if hasattr(self.train, "whole_step"):  # a source that settles a step's batches together
+                self.train.whole_step(drawn)
+            self._held = [(b.to(self.device), c) for b, c in drawn]
+        micro = self._held
         n_targets = max(1, int(self.world.all_sum([sum(b.n_targets for b, c in micro if c)])[0]))
         self.model.train()
         loss_sum = 0.0
         extras = MetricSums()
         for batch, counts in micro:
             with self._autocast():
-                loss, _, extra = self.loss_fn(self.model, batch.to(self.device))
+                loss, _, extra = self.loss_fn(self.model, batch)
             if not counts:  # a stand-in, so that every rank runs the same passes
                 loss = loss * 0.0
             (loss / (n_targets / self.world.grad_scale)).backward()
@@ -430,19 +451,6 @@ class Trainer:
         return contextlib.nullcontext()
 
 
-def cut_log(path: Path, step: int) -> None:
-    """Keep the lines of a JSONL log (metrics.jsonl, a run's other records) whose `step` is at
-    most `step`, atomically: what a run resumed from that step's checkpoint has written."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
 def compile_layers(model: nn.Module, device: torch.device) -> int:
     """Compile each decoder layer in place (regional compilation: one layer's code compiles once
     and serves them all; parameter names unchanged); returns how many. Refuses, before any
@@ -469,25 +477,3 @@ def use_bf16(precision: str, device: torch.device) -> bool:
             return cpu_multiplies_bf16()
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
-
-
-@contextlib.contextmanager
-def _stop_on_signal() -> Iterator[threading.Event]:
-    """The first SIGINT/SIGTERM asks the loop to stop after this step; a second one stops now."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after this step and saving a checkpoint (interrupt again to stop now)")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
