@@ -189,6 +189,15 @@ def test_chunked_log_probs_equal_log_softmax(tiny_hf_dir, trainable, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the reference's path: no graph, the same chunks
         torch.testing.assert_close(fused(model.model.norm(h)), values[plain].detach())
+    # each row's entropy on the side (GRPO's metric), on the graph's path and the no-graph one
+    probs = F.softmax(model.lm_head(model.model.norm(h)).detach(), -1)
+    want = -(probs * probs.log()).sum(-1)
+    for grad in (True, False):
+        entropy = torch.full((10,), float("nan"))
+        with torch.set_grad_enabled(grad):
+            got = losses.linear_log_probs(model.model.norm(h), model.lm_head.weight, targets, entropy)
+        torch.testing.assert_close(got.detach(), values[plain].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, want, rtol=1e-5, atol=1e-5)
 
 
 def _cli(*args: str) -> list[str]:

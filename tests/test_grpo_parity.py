@@ -128,7 +128,7 @@ def trl_run(
     tokenized, _, _ = trainer._tokenize_prompts([r["prompt"] for r in ROWS])
     inputs = trainer._generate_and_score_completions([r for r in ROWS for _ in range(G)])
     loss_value, grads = trl_loss_and_grads(trainer, prefix, inputs)
-    return tokenized, inputs["advantages"], loss_value, grads
+    return tokenized, inputs["advantages"], loss_value, grads, trainer._metrics["train"]
 
 
 def assert_grads_equal(model, trl_grads):
@@ -187,7 +187,7 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     truncated = [c["finish_reason"] == "length" for c in batch.completions]
     if mask_truncated:
         assert 0 < sum(truncated) < len(truncated), truncated  # some masked, some learnt
-    tokenized, trl_advantages, trl_loss, trl_grads = trl_run(
+    tokenized, trl_advantages, trl_loss, trl_grads, logged = trl_run(
         tiny_hf_dir, model, examples, batch, given, loss=loss, beta=beta, temperature=temperature,
         mask_truncated=mask_truncated, tmp=tmp_path, scale=scale,
     )  # fmt: skip
@@ -200,6 +200,8 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     (total / count).backward()
     torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
     assert_grads_equal(model, trl_grads)
+    entropy = metrics["entropy"].total / metrics["entropy"].n  # the policy's mean token entropy
+    assert entropy == pytest.approx(logged["entropy"][-1], rel=1e-5) and entropy > 0
     if beta:
         assert float(metrics["kl"]) > 0
     assert bool(made) == (rows == "sequences")
@@ -249,6 +251,7 @@ def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, 
     torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
     assert_grads_equal(model, trl_grads)
     logged = trainer._metrics["train"]
+    assert metrics["entropy"].total / metrics["entropy"].n == pytest.approx(logged["entropy"][-1], rel=1e-5)
     clipped = 0.0
     for side in ("low", "high"):
         ours = metrics[f"clip_{side}"].total / metrics[f"clip_{side}"].n

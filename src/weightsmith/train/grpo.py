@@ -172,15 +172,16 @@ class GrpoConfig(RunConfig):
 # ----- the loss -----------------------------------------------------------------------------------
 
 
-def completion_log_probs(model: nn.Module, batch: GroupBatch, temperature: float = 1.0,
-                         *, checkpoint: bool = False) -> torch.Tensor:  # fmt: skip
+def completion_log_probs(model: nn.Module, batch: GroupBatch, temperature: float = 1.0, *,
+                         checkpoint: bool = False, entropy: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(M,) log pi(token | prompt, earlier tokens) of every completion token, fp32, with the
     logits divided by `temperature`: each prompt runs once for its whole group, the LM head
-    only where a completion token is predicted."""
+    only where a completion token is predicted. `entropy` (M,), if given, is filled with the
+    entropy of each of those distributions."""
     with shared_prompt_attention(model, batch):  # each completion sees its prompt and itself
         hidden = model.hidden_states(batch.inputs, positions=batch.positions, checkpoint=checkpoint)
     return head_log_probs(
-        model, hidden.reshape(-1, hidden.shape[-1])[batch.index], batch.targets, temperature
+        model, hidden.reshape(-1, hidden.shape[-1])[batch.index], batch.targets, temperature, entropy
     )
 
 
@@ -208,7 +209,10 @@ class GrpoObjective:
             with torch.no_grad():
                 ref = self._reference(model, batch)
             batch.ref_logp = ref if self.keep else None
-        logp = completion_log_probs(model, batch, self.temperature, checkpoint=self.checkpoint)
+        entropy = torch.empty(len(batch.targets), dtype=torch.float32, device=batch.targets.device)
+        logp = completion_log_probs(
+            model, batch, self.temperature, checkpoint=self.checkpoint, entropy=entropy
+        )
         old = batch.old_logp
         if old is None:  # sampled by these very weights: pi_old is pi, the ratio 1 with pi's gradient
             old = logp.detach()
@@ -219,7 +223,7 @@ class GrpoObjective:
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
         capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
         per_token = -torch.min(capped * advantage, clipped * advantage)
-        metrics: dict[str, torch.Tensor | Mean] = {}
+        metrics: dict[str, torch.Tensor | Mean] = {"entropy": Mean(float(entropy.sum()), float(len(entropy)))}
         if ref is not None:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + self.beta * kl * ratio  # x ratio: the unbiased gradient (TRL's default)

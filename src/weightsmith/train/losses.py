@@ -111,7 +111,9 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _log_probs_no_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _log_probs_no_grad(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, entropy: torch.Tensor | None = None
+) -> torch.Tensor:
     """log softmax(h @ W^T)[t] (N,) in fp32, chunked so (N, V) logits are never held in full."""
     w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
@@ -119,8 +121,16 @@ def _log_probs_no_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     for start in range(0, h.shape[0], rows):
         logits = (h[start : start + rows] @ w.t()).float()  # (c, V)
         tc = targets[start : start + rows]
-        out[start : start + rows] = logits.gather(1, tc[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        lse = torch.logsumexp(logits, -1)
+        out[start : start + rows] = logits.gather(1, tc[:, None]).squeeze(1) - lse
+        if entropy is not None:
+            entropy[start : start + rows] = _entropy(logits.sub_(lse[:, None]).exp_())
     return out
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(c,) -sum p log p of each row of probabilities (c, V)."""
+    return torch.special.entr(probs).sum(-1)
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -134,7 +144,9 @@ class _LinearLogProbs(torch.autograd.Function):
     gradient sum_i g_i (onehot - p_i)^T h_i needs g, so backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, entropy: torch.Tensor | None
+    ) -> torch.Tensor:
         n, vocab = h.shape[0], weight.shape[0]
         ctx.weight_dtype = weight.dtype
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
@@ -150,8 +162,11 @@ class _LinearLogProbs(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             out[start : start + rows] = logits.gather(1, tc[:, None]).squeeze(1) - lse
             lse_all[start : start + rows] = lse
-            if grad_h is not None:
+            if grad_h is not None or entropy is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            if entropy is not None:
+                entropy[start : start + rows] = _entropy(probs)
+            if grad_h is not None:
                 probs[torch.arange(len(tc), device=h.device), tc] -= 1.0  # -dlogp/dlogits
                 grad_h[start : start + rows] = probs.to(h.dtype) @ w  # (c, h)
         if recompute:
@@ -166,8 +181,8 @@ class _LinearLogProbs(torch.autograd.Function):
         if not ctx.recompute:
             (grad_h,) = ctx.saved_tensors
             if grad_h is None:
-                return None, None, None
-            return -grad_out[:, None].to(grad_h.dtype) * grad_h, None, None
+                return None, None, None, None
+            return -grad_out[:, None].to(grad_h.dtype) * grad_h, None, None, None
         h, weight, targets, lse_all = ctx.saved_tensors
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -181,27 +196,34 @@ class _LinearLogProbs(torch.autograd.Function):
             if dh is not None:
                 dh[start : start + rows] = g.to(h.dtype) @ w
             dw.addmm_(g.t(), hc.float())
-        return dh, dw.to(ctx.weight_dtype), None
+        return dh, dw.to(ctx.weight_dtype), None, None
 
 
-def linear_log_probs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(h @ weight^T)[targets] (N,) in fp32, without holding the (N, V) logits."""
+def linear_log_probs(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, entropy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log softmax(h @ weight^T)[targets] (N,) in fp32, without holding the (N, V) logits;
+    `entropy` (N,), if given, is filled with each row's entropy (no gradient)."""
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
-        return _log_probs_no_grad(h, weight, targets)
-    return _LinearLogProbs.apply(h, weight, targets)
+        return _log_probs_no_grad(h, weight, targets, entropy)
+    return _LinearLogProbs.apply(h, weight, targets, entropy)
 
 
 def head_log_probs(
-    model: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+    model: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+    entropy: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(N,) log softmax(logits / temperature)[target] of the last layer's outputs `h` (N, hidden),
     fp32: through `linear_log_probs` (chunked, no (N, V) logits kept) for a plain head, else
-    the model's own `logits` (an adapted, quantized, biased or soft-capped head)."""
+    the model's own `logits` (an adapted, quantized, biased or soft-capped head). `entropy`
+    (N,), if given, is filled with the entropy of each row's distribution (no gradient)."""
     head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None or soft_capped(model):
-        logits = model.logits(h).float() / temperature
-        return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return linear_log_probs(model.model.norm(h) / temperature, head.weight, targets)
+        logp = (model.logits(h).float() / temperature).log_softmax(-1)
+        if entropy is not None:
+            entropy.copy_(_entropy(logp.detach().exp()))
+        return logp.gather(1, targets[:, None]).squeeze(1)
+    return linear_log_probs(model.model.norm(h) / temperature, head.weight, targets, entropy)
 
 
 def shared_prompt_mask(
