@@ -144,12 +144,14 @@ def test_the_cli_trains_with_builtin_rewards_and_writes_its_outputs(tiny_hf_dir,
     args = ["grpo", str(tiny_hf_dir), "--data", str(data), "--out", str(out), "--reward", "answer",
             "--reward", "length:0.5", "--num-generations", "2", "--max-completion-len", "6", "--max-seq-len", "64",
             "--valid-fraction", "0.34", "--train.max-steps", "2", "--train.batch-size", "2", "--lora.rank", "2",
-            "--beta", "0.04", "--json"]  # fmt: skip
+            "--beta", "0.04", "--num-iterations", "2", "--importance-sampling", "sequence", "--delta", "4",
+            "--scale-rewards", "batch", "--json"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rewards"] == {"answer": 1.0, "length": 0.5}
     metrics = result["metrics"]
-    for key in ("loss", "reward", "reward_answer", "reward_length", "kl", "val_reward", "completion_len"):
+    for key in ("loss", "reward", "reward_answer", "reward_length", "kl", "val_reward", "completion_len", "entropy",
+                "clip_low", "clip_high"):  # fmt: skip
         assert key in metrics, key
     assert -1.0 <= metrics["reward_length"] <= 0.0
     assert (out / "adapter_config.json").is_file() and (out / "lineage.json").is_file()
