@@ -18,7 +18,9 @@ equality checks compare two implementations on the same weights). Sections:
    on NCCL, losses against one plain process;
 7. packed (gpu_speed.py): LoRA steps on packed rows, attention one example at a time with the
    causal kernel against SDPA over the row with the block-diagonal mask;
-8. profile (gpu_profile.py): torch.profiler over the LoRA step (ours, peft, ours compiled)
+8. grpo: LoRA GRPO on the device in bf16 (two updates a sampling, GSPO, batch scaling): it
+   runs and its loss stays finite, with the metrics of each step;
+9. profile (gpu_profile.py): torch.profiler over the LoRA step (ours, peft, ours compiled)
    and batch-1 decode (eager, graphs, compiled + graphs): device busy time against wall
    time, kernels per step, the top ops; `--trace-dir DIR` keeps gzipped Chrome traces.
 
@@ -285,6 +287,42 @@ def section_finetune(path: Path, device: str, runs: int) -> dict:
     return {k: result.get(k) for k in ("initial_val_loss", "seconds")} | {"metrics": result.get("metrics")}
 
 
+def section_grpo(path: Path, device: str, runs: int) -> dict:
+    """LoRA GRPO on the device in bf16 (sampling through the engine, each sampling serving two
+    updates, GSPO's ratio, batch-scaled advantages): it runs, the loss stays finite, and the
+    metrics of its steps; a reward the random model can move (short answers)."""
+    import math
+    import tempfile
+
+    from weightsmith.config import config_from_dict
+    from weightsmith.train.grpo import GrpoConfig, run_grpo
+    from weightsmith.train.rewards import Reward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "prompts.jsonl"
+        rows = [
+            {"prompt": [{"role": "user", "content": f"Say something short, number {i}."}]} for i in range(16)
+        ]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = config_from_dict(
+            GrpoConfig,
+            {"model": str(path), "data": str(data), "out": f"{tmp}/run", "method": "lora", "max_seq_len": 128,
+             "device": device, "dtype": "bf16", "reward": [], "num_generations": 8, "max_completion_len": 32,
+             "num_iterations": 2, "importance_sampling": "sequence", "loss": "grpo", "scale_rewards": "batch",
+             "valid_fraction": 0.0, "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "eval_every": 0,
+                                               "save_every": 0}},
+        )  # fmt: skip
+        short = Reward("short", lambda texts, rows, lengths: [-n / 32 for n in lengths])
+        start = time.perf_counter()
+        result = run_grpo(cfg, rewards=[short])
+        seconds = time.perf_counter() - start
+        steps = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "reward", "entropy", "clip_low", "clip_high", "completion_len")
+    table = [{k: round(m[k], 4) for k in keys if k in m} for m in steps if "loss" in m]
+    return {"seconds": round(seconds, 1), "finite": all(math.isfinite(m["loss"]) for m in table),
+            "steps": table, "final": {k: result["metrics"].get(k) for k in keys}}  # fmt: skip
+
+
 def section_quant(path: Path, device: str, runs: int, new_tokens: int = 128) -> dict:
     """int8 / int4 (g32) weight-only layers on the device: each layer's output against
     F.linear on its dequantized weight, logits against bf16, and decode speed."""
@@ -346,12 +384,11 @@ SECTIONS = {
     "scheduler": section_scheduler,
     "finetune": section_finetune,
     "quant": section_quant,
+    "grpo": section_grpo,
 }
 #: Sections that take the time left (gpu_speed.py; profile: gpu_profile.py), by name.
 TIMED = ("decode", "server", "lora", "packed", "exact", "dist", "profile")
-DEFAULT = (
-    "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,packed@large,profile@large"
-)
+DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,packed@large,grpo@small,profile@large"
 
 
 def run_section(spec: str, paths: dict, args, clock) -> dict:
