@@ -290,7 +290,8 @@ def section_finetune(path: Path, device: str, runs: int) -> dict:
 def section_grpo(path: Path, device: str, runs: int) -> dict:
     """LoRA GRPO on the device in bf16 (sampling through the engine, each sampling serving two
     updates, GSPO's ratio, batch-scaled advantages): it runs, the loss stays finite, and the
-    metrics of its steps; a reward the random model can move (short answers)."""
+    metrics of its steps; a reward that varies within a group even on random weights (the share
+    of vowels: random weights never end an answer early, so a length reward would not)."""
     import math
     import tempfile
 
@@ -312,9 +313,10 @@ def section_grpo(path: Path, device: str, runs: int) -> dict:
              "valid_fraction": 0.0, "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "eval_every": 0,
                                                "save_every": 0}},
         )  # fmt: skip
-        short = Reward("short", lambda texts, rows, lengths: [-n / 32 for n in lengths])
+        vowels = Reward("vowels", lambda texts, rows, lengths: [sum(c in "aeiou" for c in t) / max(len(t), 1)
+                                                                 for t in texts])  # fmt: skip
         start = time.perf_counter()
-        result = run_grpo(cfg, rewards=[short])
+        result = run_grpo(cfg, rewards=[vowels])
         seconds = time.perf_counter() - start
         steps = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = ("loss", "reward", "entropy", "clip_low", "clip_high", "completion_len")
