@@ -129,8 +129,11 @@ def run_reproduce(cfg: ReproduceConfig, progress: Any = None) -> dict[str, Any]:
 
 def _check_rewards(file: Path, record: dict[str, Any]) -> None:
     """A GRPO run scored by Python functions (the API's `rewards=`) cannot be re-run from its
-    record, which holds only --reward's names: its metrics name every reward it used."""
-    given = {str(spec).partition(":")[0].strip() for spec in (record.get("config") or {}).get("reward") or []}
+    record, which holds only --reward's specs (a file's function is re-imported from the file,
+    whose sha256 the inputs check): its metrics name every reward it used."""
+    from weightsmith.train.rewards import reward_name
+
+    given = {reward_name(str(spec)) for spec in (record.get("config") or {}).get("reward") or []}
     used = {k.removeprefix("reward_") for k in record.get("metrics") or {} if k.startswith("reward_")}
     missing = sorted(used - given - {"zero_std"})
     if missing:

@@ -67,6 +67,7 @@ from weightsmith.train.grpo_data import (
 from weightsmith.train.loop import Reporter, Trainer, TrainOptions
 from weightsmith.train.losses import head_log_probs, shared_prompt_attention
 from weightsmith.train.metric_sums import Mean
+from weightsmith.train.reward_files import file_spec
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
     RunConfig,
@@ -99,7 +100,8 @@ class GrpoConfig(RunConfig):
         None, "prompts: JSONL, one {'prompt': text or messages, ...fields the rewards read} a line"
     )
     reward: list[str] = opt(
-        ["answer"], f"rewards, NAME or NAME:WEIGHT, summed: {', '.join(BUILTIN)}"
+        ["answer"], f"rewards, NAME or NAME:WEIGHT, summed: {', '.join(BUILTIN)}; or a function in your own "
+                    "file, PATH.py:FUNCTION[:WEIGHT] (ours: fn(completions, rows, lengths); TRL's: with **kwargs)"
     )  # fmt: skip
     num_generations: int = opt(8, "completions sampled per prompt (the group its advantage is measured in)")
     max_completion_len: int = opt(256, "the most tokens a completion may have")
@@ -378,6 +380,7 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     )  # fmt: skip
     return fit_and_save(
         cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats,
+        inputs={"reward": [file_spec(r.source)["path"] for r in rewards if r.source]},  # type: ignore[index]
         loss=cfg.loss, beta=cfg.beta, rewards={r.name: r.weight for r in rewards},
         num_generations=cfg.num_generations,
     )  # fmt: skip

@@ -229,7 +229,7 @@ class Rollout:
             self.model.train(was_training)
         texts = [c.text for c in done]
         ids = [list(c.token_ids) for c in done]
-        table = score(self.rewards, texts, rows, [len(x) for x in ids])  # (N, K), NaN: declined
+        table = score(self.rewards, texts, rows, [len(x) for x in ids], ids)  # (N, K), NaN: declined
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         declined = table.isnan().all(dim=1)
         total = (table * weights).nansum(dim=1)

@@ -31,6 +31,7 @@ import torch
 
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.train.data import DataError
+from weightsmith.train.reward_files import TrlStyle, file_spec, load_function, takes_kwargs
 from weightsmith.train.reward_schema import json_kind, schema_problem
 
 Rows = list[dict[str, Any]]
@@ -63,6 +64,7 @@ class Reward:
     fn: RewardFn
     weight: float = 1.0
     needs: tuple[str, ...] = ()
+    source: str | None = None  # the --reward PATH.py:FUNCTION spec of a function from a file
 
 
 @dataclass(frozen=True)
@@ -328,19 +330,38 @@ def _weight(spec: str, text: str) -> float:
     return weight
 
 
+def reward_name(spec: str) -> str:
+    """The name a `--reward` spec's metric goes by: the built-in's, or the file function's."""
+    found = file_spec(spec)
+    return found["name"] if found else spec.partition(":")[0].strip()
+
+
 def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
-    """The rewards of `--reward NAME[:WEIGHT]` options, in the order given."""
+    """The rewards of `--reward NAME[:WEIGHT]` and `--reward PATH.py:FUNCTION[:WEIGHT]`
+    options, in the order given (reward_files.py: a file's function is imported here)."""
     if not specs:
-        raise ConfigError(f"give at least one --reward (one of: {', '.join(BUILTIN)})")
+        raise ConfigError(f"give at least one --reward (one of: {', '.join(BUILTIN)}, or PATH.py:FUNCTION)")
     rewards: list[Reward] = []
     for spec in specs:
-        name, colon, weight_text = spec.partition(":")
-        name = name.strip()
-        if name not in BUILTIN:
-            choices = ", ".join(BUILTIN)
-            raise ConfigError(f"--reward {spec}: unknown reward {name!r}; the rewards are: {choices}")
+        name = reward_name(spec)
         if any(r.name == name for r in rewards):
             raise ConfigError(f"--reward {name} is given twice; give each reward once, with its weight")
+        found = file_spec(spec)
+        if found:
+            if name in BUILTIN:
+                raise ConfigError(
+                    f"--reward {spec}: {name!r} is a built-in reward's name; rename the function"
+                )
+            fn = load_function(spec, found["path"], name)
+            weight = 1.0 if found["weight"] is None else _weight(spec, found["weight"])
+            rewards.append(Reward(name, TrlStyle(fn) if takes_kwargs(fn) else fn, weight, source=spec))
+            continue
+        if name not in BUILTIN:
+            choices = ", ".join(BUILTIN)
+            raise ConfigError(
+                f"--reward {spec}: unknown reward {name!r}; the rewards are: {choices}, or PATH.py:FUNCTION"
+            )
+        _, colon, weight_text = spec.partition(":")
         weight = _weight(spec, weight_text) if colon else 1.0
         fn, needs = (_length_fn(context), ()) if name == "length" else _FIXED[name]
         rewards.append(Reward(name, fn, weight, needs))
@@ -417,13 +438,17 @@ def check_rows(rewards: Sequence[Reward], rows: Sequence[dict[str, Any]], source
                 raise DataError(f"{source}: {field}: {problem} (the {name} reward reads it: {hint})")
 
 
-def score(rewards: Sequence[Reward], completions: list[str], rows: Rows, lengths: list[int]) -> torch.Tensor:
-    """The (N, len(rewards)) float32 matrix of raw rewards, NaN where a function gave None."""
+def score(
+    rewards: Sequence[Reward], completions: list[str], rows: Rows, lengths: list[int],
+    ids: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The (N, len(rewards)) float32 matrix of raw rewards, NaN where a function gave None;
+    `ids` (each completion's tokens) go to functions written for TRL."""
     n = len(completions)
     assert len(rows) == n and len(lengths) == n
     out = torch.full((n, len(rewards)), math.nan, dtype=torch.float32)
     for j, reward in enumerate(rewards):
-        values = reward.fn(completions, rows, lengths)
+        values = _call(reward, completions, rows, lengths, ids)
         if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != n:
             got = f"{len(values)} values" if isinstance(values, Sequence) else type(values).__name__
             raise RewardError(f"the {reward.name} reward returned {got} for {n} completions; return one each")
@@ -437,3 +462,23 @@ def score(rewards: Sequence[Reward], completions: list[str], rows: Rows, lengths
                 )
             out[i, j] = number
     return out
+
+
+def _call(
+    reward: Reward,
+    completions: list[str],
+    rows: Rows,
+    lengths: list[int],
+    ids: Sequence[Sequence[int]] | None,
+) -> Any:
+    """A reward's values; an error in a file's function is a RewardError naming it."""
+    try:
+        if isinstance(reward.fn, TrlStyle):
+            return reward.fn(completions, rows, lengths, ids)
+        return reward.fn(completions, rows, lengths)
+    except Exception as exc:
+        if reward.source is None or isinstance(exc, WeightsmithError):
+            raise
+        raise RewardError(
+            f"the {reward.name} reward ({reward.source}) raised {type(exc).__name__}: {exc}"
+        ) from exc

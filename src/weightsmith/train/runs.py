@@ -367,10 +367,12 @@ def fit_and_save(
     model_path: Path,
     resume_from: Path | None,
     data_stats: dict[str, Any],
+    inputs: dict[str, Any] | None = None,
     **facts: Any,
 ) -> dict[str, Any]:
     """Train (from `resume_from`'s state, if given), write the outputs and lineage, and return
-    the result: where, what, steps, final metrics, data and parameter counts, and `facts`."""
+    the result: where, what, steps, final metrics, data and parameter counts, and `facts`.
+    `inputs` adds lineage inputs (role -> paths) to the model and data."""
     if resume_from is not None:
         trainer.resume(resume_from)
     model = loaded.model
@@ -403,7 +405,7 @@ def fit_and_save(
         write_lineage(cfg, model_path, result, out)
         record_lineage(
             out, kind=cfg.command, config=cfg, started=started, device=cfg.device, exclude=("checkpoints",),
-            inputs={"model": cfg.model, "data": cfg.data, "valid": cfg.valid},
+            inputs={"model": cfg.model, "data": cfg.data, "valid": cfg.valid, **(inputs or {})},
             metrics={"steps": trainer.state.step, **final},
         )  # fmt: skip
     trainer.world.barrier()
