@@ -119,6 +119,36 @@ def test_every_method_and_reference_trains(tiny_hf_dir, pairs, tmp_path, method,
     assert (out / ("model" if method == "full" else "adapter_model.safetensors")).exists()
 
 
+@pytest.mark.parametrize(("loss", "method"), [("simpo", "lora"), ("orpo", "full")])
+def test_reference_free_losses_learn_the_preference_without_a_reference(
+    tiny_hf_dir, pairs, tmp_path, monkeypatch, loss, method
+):
+    """SimPO and ORPO run no reference model (no adapters-off forward, no frozen copy) and
+    widen the chosen answers' lead in mean token log-probability."""
+    from weightsmith.train import dpo
+
+    monkeypatch.setattr(dpo, "reference_log_probs", lambda *a, **k: pytest.fail("a reference forward ran"))
+    out = tmp_path / "run"
+    beta = 2.0 if loss == "simpo" else 0.5
+    result = run_dpo(
+        dpo_config(
+            tiny_hf_dir,
+            pairs,
+            out,
+            method=method,
+            loss=loss,
+            beta=beta,
+            train={"lr": 1e-3 if method == "full" else 1e-2, "max_steps": 20},
+        )  # fmt: skip
+    )
+    assert result["reference"] == "none" and result["sft_weight"] == (1.0 if loss == "orpo" else 0.0)
+    margins = losses_of(out, "reward_margin")
+    assert margins[-1] > margins[0] + 0.05 and losses_of(out)[-1] < losses_of(out)[0]
+    if loss == "orpo":  # its NLL term keeps the chosen answers likely: their log-probs rise
+        chosen = losses_of(out, "logps_chosen")
+        assert chosen[-1] > chosen[0] and losses_of(out, "nll_chosen")[-1] < losses_of(out, "nll_chosen")[0]
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_precomputed_reference_gives_the_same_run(tiny_hf_dir, pairs, tmp_path, method):
     """Reference log-probs computed once up front equal those computed each step (a LoRA model
@@ -357,7 +387,9 @@ def test_a_chat_template_that_cannot_render_a_pair_is_named(tmp_path, capsys, mo
 
 
 def test_config_checks_and_resume_refusals(tiny_hf_dir, pairs, tmp_path, capsys):
-    with pytest.raises(WeightsmithError, match="label-smoothing applies to --loss dpo or robust"):
+    with pytest.raises(WeightsmithError, match="--precompute-ref: --loss simpo runs no reference model"):
+        dpo_config(tiny_hf_dir, pairs, tmp_path, loss="simpo", precompute_ref=True)
+    with pytest.raises(WeightsmithError, match="label-smoothing applies to --loss dpo, robust or simpo"):
         dpo_config(tiny_hf_dir, pairs, tmp_path, loss="ipo", label_smoothing=0.1)
     with pytest.raises(WeightsmithError, match="--beta"):
         dpo_config(tiny_hf_dir, pairs, tmp_path, beta=0)

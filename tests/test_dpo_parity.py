@@ -9,6 +9,7 @@ Nothing here re-implements TRL's formulas: the expected values come from running
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -260,3 +261,94 @@ def test_answer_mask_starts_where_trl_says_when_the_template_renders_the_prompt_
     for p, t in zip(pairs, prepared, strict=True):
         assert (p.prompt, p.chosen, p.rejected) == (t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])
     assert stats.prompt_mismatch == len(rows)
+
+
+REFERENCE_FREE_CASES = [  # (our --loss, TRL trainer, its loss_type, label smoothing, --sft-weight, method)
+    ("simpo", "cpo", "simpo", 0.0, 0.0, "lora"),
+    ("simpo", "cpo", "simpo", 0.1, 0.0, "full"),
+    ("simpo", "cpo", "simpo", 0.0, 0.7, "lora"),  # CPO-SimPO: cpo_alpha, the chosen answers' NLL
+    ("orpo", "orpo", None, 0.0, 0.0, "lora"),  # the odds-ratio term (see below for its NLL term)
+    ("orpo", "orpo", None, 0.0, 0.0, "full"),
+]
+
+
+@pytest.mark.parametrize(
+    ("loss", "trainer", "loss_type", "eps", "sft", "method"), REFERENCE_FREE_CASES, ids=str
+)
+def test_reference_free_losses_equal_trls_cpo_and_orpo(tiny_hf_dir, tmp_path, monkeypatch, loss, trainer, loss_type,
+                                                       eps, sft, method):  # fmt: skip
+    """SimPO against TRL's CPOTrainer (`loss_type="simpo"`, `cpo_alpha` our --sft-weight) and ORPO's
+    odds-ratio term against its ORPOTrainer's (`odds_ratio_loss` on its own forward), both in
+    trl.experimental: each tokenizes the pairs its own way (an end token after each answer), so
+    ours runs on the ids it prepared. Loss, implicit rewards (beta x mean token log-prob),
+    accuracy, margin and gradients agree (fp32), and no reference runs. ORPO's NLL term is the
+    chosen answer's (our --sft-weight, 1 by default for orpo; tested against DPOTrainer's "sft"
+    above): TRL's ORPOTrainer takes it over prompt and answer, the ORPO authors' code can leave
+    the prompt out (`disable_prompt_loss`), as we do."""
+    import warnings
+
+    from weightsmith.train import dpo
+    from weightsmith.train.dpo import DpoConfig
+    from weightsmith.train.losses import simpo_loss
+    from weightsmith.train.preference_data import PairExample
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = __import__(f"trl.experimental.{trainer}", fromlist=["x"])
+    config_cls, trainer_cls = (module.CPOConfig, module.CPOTrainer) if trainer == "cpo" else (
+        module.ORPOConfig, module.ORPOTrainer)  # fmt: skip
+    beta, gamma = (2.0, 0.8) if loss == "simpo" else (0.5, None)
+    rows = rows_in("conversational")
+    model = ours_model(tiny_hf_dir, method)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    extra = {"loss_type": loss_type, "cpo_alpha": sft, "simpo_gamma": gamma, "label_smoothing": eps} if (
+        trainer == "cpo") else {}  # fmt: skip
+    args = config_cls(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, beta=beta,
+                      per_device_train_batch_size=len(rows), disable_dropout=True, **extra)  # fmt: skip
+    theirs = trainer_cls(model=hf, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=transformers.AutoTokenizer.from_pretrained(tiny_hf_dir),
+                         peft_config=peft_lora() if method == "lora" else None)  # fmt: skip
+    prefix = copy_weights(model, theirs.model, method == "lora")
+    prepared = [theirs.train_dataset[i] for i in range(len(rows))]
+    theirs.model.train()
+    collated = theirs.data_collator(prepared)
+    if trainer == "cpo":
+        trl_loss, trl_metrics = theirs.get_batch_loss_metrics(theirs.model, collated)
+    else:
+        chosen_logps, rejected_logps, *_ = theirs.concatenated_forward(theirs.model, collated)
+        terms, chosen_r, rejected_r, *_ = theirs.odds_ratio_loss(chosen_logps, rejected_logps)
+        trl_loss = -terms.mean()
+        trl_metrics = {"rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
+                       "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+                       "rewards/margins": (chosen_r - rejected_r).mean()}  # fmt: skip
+    trl_loss.backward()
+    trl_grads = {
+        n.removeprefix(prefix): p.grad for n, p in theirs.model.named_parameters() if p.grad is not None
+    }
+
+    pairs = []
+    for t in prepared:
+        n = len(t["prompt_input_ids"])
+        assert t["chosen_input_ids"][:n] == t["rejected_input_ids"][:n] == t["prompt_input_ids"]
+        pairs.append(
+            PairExample(t["prompt_input_ids"], t["chosen_input_ids"][n:], t["rejected_input_ids"][n:])
+        )
+    batch = PairSource(pairs, pad_id=0).batch(range(len(pairs)))
+    fn = functools.partial(simpo_loss, gamma=gamma) if loss == "simpo" else PREFERENCE_LOSSES[loss]
+    objective = PreferenceObjective(fn, beta, eps, sft_weight=sft, reference_free=True)
+    monkeypatch.setattr(dpo, "reference_log_probs", lambda *a, **k: pytest.fail("a reference forward ran"))
+    total, n, extra_metrics = objective(model, batch)
+    (total / n).backward()
+    ours = {k: float(v) / n for k, v in extra_metrics.items()}
+    torch.testing.assert_close(total.detach() / n, trl_loss.detach(), rtol=1e-5, atol=1e-5)
+    for mine, key in (("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
+                      ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):  # fmt: skip
+        assert ours[mine] == pytest.approx(float(trl_metrics[key]), rel=1e-5, abs=1e-5), mine
+    our_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(our_grads) == set(trl_grads) and our_grads
+    for name, g in our_grads.items():
+        torch.testing.assert_close(
+            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert max(g.abs().max() for g in our_grads.values()) > 1e-4
+    assert DpoConfig(model="m", data="d", out="o", loss=loss).sft_weight == (1.0 if loss == "orpo" else 0.0)

@@ -1,4 +1,4 @@
-"""Preference training: the `dpo` command (DPO, IPO and the other pairwise losses of
+"""Preference training: the `dpo` command (DPO, IPO, SimPO, ORPO and the other pairwise losses of
 `losses.PREFERENCE_LOSSES`).
 
 The same run as `finetune` (runs.py: methods, resume, outputs, lineage; loop.py: the one
@@ -27,12 +27,18 @@ recipe; TRL's `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, W]`): plain DPO 
 margin by pushing the rejected answer down while the chosen one stays unlikely, so the model
 learns what not to say more than what to say.
 
+`--loss simpo` (SimPO) and `--loss orpo` (ORPO's odds-ratio term, with the chosen answers' NLL
+as its sft term, weight 1 unless --sft-weight says otherwise) need no reference: none is run,
+copied or precomputed; their log-ratios are the policy's own log-probabilities and their
+rewards beta x each answer's mean token log-probability.
+
 Not here: reading pairs (preference_data.py), the loop (loop.py), printing (cli).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -51,7 +57,14 @@ from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.data import pad_id_for
 from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
-from weightsmith.train.losses import PREFERENCE_LOSSES, LogRatios, PreferenceLoss, pair_log_probs
+from weightsmith.train.losses import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    LogRatios,
+    PreferenceLoss,
+    pair_log_probs,
+    simpo_loss,
+)
 from weightsmith.train.preference_data import PairBatch, PairSource, PairStats, read_pairs, tokenize_pairs
 from weightsmith.train.runs import (
     RunConfig,
@@ -82,16 +95,24 @@ class DpoConfig(RunConfig):
     data: str | None = opt(None, "preference pairs: JSONL in TRL's prompt/chosen/rejected format")
     loss: str = opt(
         "dpo",
-        "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC) or robust",
+        "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC), robust; or without a reference model: simpo, "
+        "orpo",
         choices=tuple(PREFERENCE_LOSSES),
     )
-    beta: float = opt(0.1, "how far the model may move from the reference (IPO: its tau)")
-    label_smoothing: float = opt(0.0, "assumed share of flipped labels, for --loss dpo or robust (< 0.5)")
-    sft_weight: float = opt(
-        0.0,
-        "add this times the chosen answers' mean token NLL (RPO; TRL's loss_type [sigmoid, sft]): keeps the "
-        "chosen answers likely, not only likelier than the rejected",
+    beta: float = opt(
+        0.1, "how far the model may move from the reference (IPO: its tau; SimPO: its reward scale, ~2; "
+        "ORPO: its lambda)"
+    )  # fmt: skip
+    label_smoothing: float = opt(
+        0.0, "assumed share of flipped labels, for --loss dpo, robust or simpo (< 0.5)"
     )
+    sft_weight: float | None = opt(
+        None,
+        "add this times the chosen answers' mean token NLL (RPO; TRL's loss_type [sigmoid, sft]; CPO's alpha): "
+        "keeps the chosen answers likely, not only likelier than the rejected (default 0; 1 for orpo, its NLL "
+        "term)",
+    )
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin gamma (--loss simpo)")
     precompute_ref: bool = opt(False, "compute the reference log-probs once before training")
     max_prompt_len: int | None = opt(None, "cut prompts longer than this from the left")
 
@@ -102,10 +123,16 @@ class DpoConfig(RunConfig):
             raise ConfigError(f"--beta {self.beta}: must be greater than 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label-smoothing {self.label_smoothing}: must be at least 0 and below 0.5")
+        if self.sft_weight is None:
+            self.sft_weight = 1.0 if self.loss == "orpo" else 0.0
         if not 0 <= self.sft_weight <= 100:
             raise ConfigError(f"--sft-weight {self.sft_weight}: must be between 0 and 100 (0 turns it off)")
-        if self.label_smoothing and self.loss not in ("dpo", "robust"):
-            raise ConfigError(f"--label-smoothing applies to --loss dpo or robust, not {self.loss}; drop it")
+        if self.label_smoothing and self.loss not in ("dpo", "robust", "simpo"):
+            raise ConfigError(
+                f"--label-smoothing applies to --loss dpo, robust or simpo, not {self.loss}; drop it"
+            )
+        if self.precompute_ref and self.loss in REFERENCE_FREE:
+            raise ConfigError(f"--precompute-ref: --loss {self.loss} runs no reference model; drop it")
         if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.max_seq_len:
             raise ConfigError(
                 f"--max-prompt-len {self.max_prompt_len}: must be at least 1 and below --max-seq-len "
@@ -138,19 +165,22 @@ class PreferenceObjective:
     reference: nn.Module | None = None  # a frozen copy; None: the model with adapters disabled
     checkpoint: bool = False
     sft_weight: float = 0.0  # times the chosen answers' mean token NLL, added to the mean pair loss
+    reference_free: bool = False  # simpo, orpo: no reference is run; rewards are beta x mean log-probs
 
     def __call__(
         self, model: nn.Module, batch: PairBatch
     ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         ref = batch.reference
-        if ref is None:  # first, so its activations are freed before the policy's are kept
+        if ref is None and not self.reference_free:  # first, so its activations are freed before the policy's
             ref = reference_log_probs(model, batch, self.reference)
         policy = pair_log_probs(model, batch, checkpoint=self.checkpoint)  # (2B,)
         n, lengths = batch.n_pairs, batch.lengths
-        ratio = policy - ref
+        ratio = policy if self.reference_free else policy - ref
         r = LogRatios(ratio[:n], ratio[n:], lengths[:n], lengths[n:])
         losses = self.loss(r, self.beta, self.label_smoothing)  # (B,)
-        chosen, rejected = self.beta * r.chosen.detach(), self.beta * r.rejected.detach()
+        if self.reference_free:  # the implicit reward of SimPO and ORPO: beta x mean token log-prob
+            ratio = ratio / lengths.clamp(min=1)
+        chosen, rejected = self.beta * ratio[:n].detach(), self.beta * ratio[n:].detach()
         logps = policy.detach()
         total = losses.sum()
         if self.sft_weight:  # token mean over the batch's chosen answers, as TRL's "sft" loss; x n pairs,
@@ -277,7 +307,9 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     reference: nn.Module | None = None
-    if cfg.precompute_ref:
+    if cfg.loss in REFERENCE_FREE:
+        where = "none"
+    elif cfg.precompute_ref:
         _reference_logps(cfg, model, out, resume_from, {"train": train, "valid": valid}, device, world)
         where = "precomputed"
     elif cfg.method == "full":
@@ -286,13 +318,17 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
     else:
         where = "adapters disabled"
     prepared = prepare(model, cfg, resume_from, world, device)
+    loss = PREFERENCE_LOSSES[cfg.loss]
+    if cfg.loss == "simpo":
+        loss = functools.partial(simpo_loss, gamma=cfg.simpo_gamma)
     objective = PreferenceObjective(
-        PREFERENCE_LOSSES[cfg.loss],
+        loss,
         cfg.beta,
         cfg.label_smoothing,
         reference,
         cfg.train.gradient_checkpointing,
-        cfg.sft_weight,
+        cfg.sft_weight or 0.0,
+        reference_free=cfg.loss in REFERENCE_FREE,
     )
     trainer = Trainer(
         model,

@@ -347,6 +347,29 @@ def robust_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tens
     return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
 
 
+def _mean_logps(r: LogRatios) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer's mean token log-probability (the reference-free losses' log-ratios are the
+    policy's own summed log-probabilities)."""
+    return r.chosen / r.chosen_tokens.clamp(min=1), r.rejected / r.rejected_tokens.clamp(min=1)
+
+
+def simpo_loss(r: LogRatios, beta: float, label_smoothing: float, gamma: float = 0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024): -log sigmoid(beta * (mean log pi(y_w) - mean log pi(y_l)) - gamma),
+    reference-free; with label smoothing e, conservative as DPO's (TRL's CPO `simpo`)."""
+    chosen, rejected = _mean_logps(r)
+    z = beta * (chosen - rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def orpo_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024): -beta * log sigmoid(log odds(y_w) - log odds(y_l)),
+    odds(y) = p / (1 - p) of the answer's mean token probability p; reference-free (the NLL of
+    the chosen answer, ORPO's other term, is the objective's sft term)."""
+    chosen, rejected = _mean_logps(r)
+    log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
+    return -beta * F.logsigmoid(log_odds)
+
+
 PreferenceLoss = Callable[[LogRatios, float, float], torch.Tensor]
 
 #: --loss NAME -> per-pair loss (B,) of (log-ratios, beta, label smoothing).
@@ -355,4 +378,8 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": ipo_loss,
     "hinge": hinge_loss,
     "robust": robust_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
+#: Losses of the policy alone: no reference model is run (their log-ratios are log-probs).
+REFERENCE_FREE = ("simpo", "orpo")
