@@ -186,14 +186,16 @@ def _picks(x: torch.Tensor, samplers: Sequence[Sampler]) -> list[int]:
         return greedy if on_cpu else greedy.tolist()  # type: ignore[union-attr,return-value]
     ps = [samplers[i].params for i in drawn]
     rows = x if len(drawn) == len(samplers) else x[torch.tensor(drawn, device=x.device)]
-    probs = probabilities(
-        rows,
-        [p.temperature for p in ps],
-        [p.top_k for p in ps],
-        [p.top_p for p in ps],
-        [p.min_p for p in ps],
-    )
-    picks = draw(probs, [samplers[i].generator for i in drawn])
+    picks = _among_top_k(rows, ps, [samplers[i].generator for i in drawn]) if on_cpu else None
+    if picks is None:
+        probs = probabilities(
+            rows,
+            [p.temperature for p in ps],
+            [p.top_k for p in ps],
+            [p.top_p for p in ps],
+            [p.min_p for p in ps],
+        )
+        picks = draw(probs, [samplers[i].generator for i in drawn])
     if greedy is None:
         return _checked(picks.tolist(), x.shape[-1])
     if on_cpu:
@@ -202,6 +204,35 @@ def _picks(x: torch.Tensor, samplers: Sequence[Sampler]) -> list[int]:
         return greedy  # type: ignore[return-value]
     greedy[torch.tensor(drawn, device=x.device)] = picks  # type: ignore[index]
     return _checked(greedy.tolist(), x.shape[-1])  # type: ignore[union-attr]
+
+
+def _among_top_k(
+    rows: torch.Tensor, ps: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor | None:
+    """Each row's draw when every row samples among its top k tokens (a CPU's decode step): the
+    filters, the softmax and the draw run over the candidates alone, in vocabulary order, rather
+    than over all V tokens. The same tokens stay as in `probabilities` (a token is kept when its
+    logit is at least the k-th largest, so a tie there stays whole) and the same token is drawn
+    (the cumulative sums over V only add zeros between candidates). None, for the full path,
+    when a row has no top-k or its k-th largest logit ties with the next: the tie may run past
+    the candidates."""
+    v = rows.shape[-1]
+    ks = [p.top_k for p in ps]
+    if not all(0 < k < v // 2 for k in ks):
+        return None
+    k_max = max(ks)
+    values, ids = torch.topk(rows, k_max + 1)  # (B, k_max + 1), largest first
+    at = torch.tensor(ks, device=rows.device)[:, None]
+    if bool((values.gather(1, at - 1) == values.gather(1, at)).any()):
+        return None
+    ids, order = ids[:, :k_max].sort(-1)  # vocabulary order: the draw's cumulative sums are V's
+    probs = probabilities(
+        values[:, :k_max].gather(1, order), [p.temperature for p in ps], ks, [p.top_p for p in ps],
+        [p.min_p for p in ps],
+    )  # fmt: skip
+    picks = draw(probs, generators)
+    usable = picks < k_max
+    return torch.where(usable, ids.gather(1, picks.clamp(max=k_max - 1)[:, None])[:, 0], v)
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:

@@ -287,6 +287,27 @@ def _reference_logps(
     )
 
 
+def _reference(
+    cfg: DpoConfig,
+    model: nn.Module,
+    out: Path,
+    resume_from: Path | None,
+    sources: dict[str, PairSource],
+    device: torch.device,
+    world: World,
+) -> tuple[nn.Module | None, str]:
+    """The reference: a frozen copy (full fine-tuning; taken before any trained weight loads) or
+    None, and where it comes from; precomputed log-probs go into `sources`."""
+    if cfg.loss in REFERENCE_FREE:
+        return None, "none"
+    if cfg.precompute_ref:
+        _reference_logps(cfg, model, out, resume_from, sources, device, world)
+        return None, "precomputed"
+    if cfg.method == "full":
+        return copy.deepcopy(model).requires_grad_(False).eval(), "frozen copy"
+    return None, "adapters disabled"
+
+
 def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train on preference pairs as `cfg` says (here or on --nproc-per-node processes); the
     result has `run_finetune`'s shape plus the loss, beta and where the reference came from."""
@@ -306,17 +327,8 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         train, valid, data_stats = load_pairs(cfg, loaded.tokenizer)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
-    reference: nn.Module | None = None
-    if cfg.loss in REFERENCE_FREE:
-        where = "none"
-    elif cfg.precompute_ref:
-        _reference_logps(cfg, model, out, resume_from, {"train": train, "valid": valid}, device, world)
-        where = "precomputed"
-    elif cfg.method == "full":
-        reference = copy.deepcopy(model).requires_grad_(False).eval()  # before any trained weight loads
-        where = "frozen copy"
-    else:
-        where = "adapters disabled"
+    sources = {"train": train, "valid": valid}
+    reference, where = _reference(cfg, model, out, resume_from, sources, device, world)
     prepared = prepare(model, cfg, resume_from, world, device)
     loss = PREFERENCE_LOSSES[cfg.loss]
     if cfg.loss == "simpo":
