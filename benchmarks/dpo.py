@@ -11,13 +11,15 @@ side goes through its own `DataCollatorForPreference` and `DPOTrainer.compute_lo
 LoRA over the transformers model converted from the same GGUF file.
 
 A step is: reference forward (no_grad, adapters off) + policy forward + backward + AdamW
-step. Each contender runs in its own process (so peak resident memory is its own), warms up
+step. With `--loss simpo` there is no reference: SimPO (beta 2, gamma 0.5) against TRL's
+`CPOTrainer` (trl.experimental; `loss_type="simpo"`, `cpo_alpha=0`) on the same token ids, a
+step being policy forward + backward + AdamW step on both sides. Each contender runs in its own process (so peak resident memory is its own), warms up
 for one step, then times `--steps` steps; processes alternate (ours, peer, ours, ...) so a
 noisy neighbour slows both alike. Medians and the ratio peer/ours are printed (> 1 means
 weightsmith is faster), with both sides' first-step policy log-probs (they agree: the same
 model and tokens) and the CPU model and instruction sets.
 
-    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2]
+    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2] [--loss dpo|simpo]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from machine import cpu_description  # beside this file
 NAMES = {"ours": "weightsmith LoRA DPO", "peer": "TRL DPOTrainer + peft LoRA"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1
+SIMPO_BETA = 2.0  # SimPO's scale (its gamma: 0.5, both sides' default)
 
 
 def pair_rows(n: int) -> list[dict]:
@@ -75,7 +78,7 @@ def make_pairs(tokenizer, n: int, seq_len: int):
     return pairs
 
 
-def run_ours(path: str, n: int, seq_len: int, steps: int) -> dict:
+def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> dict:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
     from weightsmith.lora import LoraConfig, apply_lora
@@ -91,7 +94,10 @@ def run_ours(path: str, n: int, seq_len: int, steps: int) -> dict:
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     pairs = make_pairs(ckpt.tokenizer, n, seq_len)
     batch = PairSource(pairs, pad_id=0).batch(range(n))
-    objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
+    if loss == "simpo":
+        objective = PreferenceObjective(PREFERENCE_LOSSES["simpo"], SIMPO_BETA, reference_free=True)
+    else:
+        objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
     logps: list[float] = []
 
     def step() -> float:
@@ -169,6 +175,52 @@ def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
     return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": float("nan")})
 
 
+def run_cpo(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
+    """TRL's CPOTrainer with SimPO's loss on our token ids (its own collator pads them)."""
+    import warnings
+
+    import datasets
+    import peft
+    import transformers
+
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    args = CPOConfig(output_dir="/tmp/weightsmith-bench-cpo", beta=SIMPO_BETA, loss_type="simpo", cpo_alpha=0.0,
+                     max_length=seq_len, per_device_train_batch_size=n, use_cpu=True, bf16=False,
+                     disable_dropout=True, report_to="none")  # fmt: skip
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    trainer = CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pair_rows(n)),
+                         processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
+    rows = []
+    for p in pairs:
+        row = {"prompt_input_ids": p.prompt, "prompt_attention_mask": [1] * len(p.prompt)}
+        for side, answer in (("chosen", p.chosen), ("rejected", p.rejected)):
+            row |= {f"{side}_input_ids": p.prompt + answer, f"{side}_attention_mask": [1] * (len(p.prompt) + len(answer)),
+                    f"{side}_labels": [-100] * len(p.prompt) + answer}  # fmt: skip
+        rows.append(row)
+    batch = trainer.data_collator(rows)
+    policy = trainer.model.train()
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    logps: list[float] = []
+
+    def step() -> float:
+        loss, metrics = trainer.get_batch_loss_metrics(policy, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logps.append(float(metrics["logps/chosen"]))
+        return float(loss)
+
+    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": float("nan")})
+
+
 def time_steps(step, steps: int, extra=dict) -> dict:
     """One warm-up `step()` (its loss is returned: both sides must start from the same one),
     then `steps` timed ones; with the process's peak memory and `extra()`'s entries."""
@@ -200,7 +252,9 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "convert":
         return convert(args.model, args.hf_dir)
     if args.child == "ours":
-        got = run_ours(args.model, args.pairs, args.seq_len, args.steps)
+        got = run_ours(args.model, args.pairs, args.seq_len, args.steps, args.loss)
+    elif args.loss == "simpo":
+        got = run_cpo(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir)
     else:
         got = run_peer(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir)
     print(json.dumps(got))
@@ -235,12 +289,24 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--loss", choices=["dpo", "simpo"], default="dpo")
+    if "simpo" in sys.argv:
+        NAMES.update(ours="weightsmith LoRA SimPO", peer="TRL CPOTrainer(simpo) + peft")
     started = start(p, NAMES, child, "dpo")
     if started is None:
         return
     args, base, hf_dir = started
     results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
-    shape = ["--pairs", str(args.pairs), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    shape = [
+        "--pairs",
+        str(args.pairs),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--loss",
+        args.loss,
+    ]
     for r, who, got in alternate(base, NAMES, shape, args.rounds):
         results[who]["t"] += got["times"]
         results[who]["mem"].append(got["peak_gib"])
@@ -254,7 +320,7 @@ def main() -> None:
     t = {who: statistics.median(results[who]["t"]) for who in NAMES}
     mem = {who: max(results[who]["mem"]) for who in NAMES}
     print(
-        f"\nLoRA r=8 all-linear DPO, {args.pairs} pairs x {args.seq_len} tokens (x2 rows), fp32, "
+        f"\nLoRA r=8 all-linear {args.loss}, {args.pairs} pairs x {args.seq_len} tokens (x2 rows), fp32, "
         f"{args.threads} threads"
     )
     print(f"{'':30s}{'step s':>10s}{'peak GiB':>10s}")

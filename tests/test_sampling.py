@@ -526,3 +526,53 @@ def test_greedy_rows_follow_torchs_argmax_with_ties_nan_and_inf() -> None:
     mixed = greedy[:5] + [Sampler(SamplingParams(temperature=0.8, seed=3), [], VOCAB, CPU)]
     alone = Sampler(SamplingParams(temperature=0.8, seed=3), [], VOCAB, CPU)
     assert sampling.sample_batch(mixed, rows) == [int(torch.argmax(r)) for r in rows[:5]] + [alone(rows[5])]
+
+
+def test_sampling_among_the_top_k_draws_what_the_whole_vocabulary_would(monkeypatch) -> None:
+    """When every row has a top-k, the CPU samples among the candidates alone (`_among_top_k`):
+    over many steps and seeds, with top-p, min-p and temperature on top, it draws exactly the
+    token the whole-vocabulary path draws with the same generators; a tie at a row's k-th
+    logit (which keeps the tied tokens, however many) goes the whole way."""
+    vocab = 5000
+    settings = [
+        SamplingParams(temperature=0.8, top_k=1, seed=1),
+        SamplingParams(temperature=1.0, top_k=5, seed=2),
+        SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=3),
+        SamplingParams(temperature=1.2, top_k=300, min_p=0.02, seed=4),
+        SamplingParams(temperature=1.0, top_k=40, top_p=0.5, min_p=0.1, seed=5),
+    ]
+    used: list[torch.Tensor | None] = []
+    real = sampling._among_top_k
+
+    def spy(*args):
+        used.append(real(*args))
+        return used[-1]
+
+    monkeypatch.setattr(sampling, "_among_top_k", spy)
+    fast = [Sampler(p, [], vocab, CPU) for p in settings]
+    full = [Sampler(p, [], vocab, CPU) for p in settings]
+    g = torch.Generator().manual_seed(0)
+    for step in range(200):
+        logits = torch.randn(len(settings), vocab, generator=g) * 2.5
+        picks = sampling.sample_batch(fast, logits)
+        monkeypatch.setattr(sampling, "_among_top_k", lambda *a: None)
+        assert picks == sampling.sample_batch(full, logits), f"step {step}"
+        monkeypatch.setattr(sampling, "_among_top_k", spy)
+    assert len(used) == 200 and all(u is not None for u in used)  # the candidates' path drew them all
+    assert len({tuple(sampling.sample_batch(fast, logits)) for _ in range(20)}) > 1  # it does sample
+
+    tie = torch.randn(1, vocab, generator=g)
+    tie[0, :3] = 10.0  # three tokens tied at the top: top-k 2 keeps all three
+    rows = [SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(60)]
+    assert real(tie, rows[:1], [None]) is None  # the tie runs past the candidates
+    drawn = {sampling.sample_batch([Sampler(p, [], vocab, CPU)], tie)[0] for p in rows}
+    assert drawn == {0, 1, 2}
+
+
+def test_a_nan_row_among_top_k_rows_is_refused_in_one_line() -> None:
+    logits = torch.randn(2, 3000)
+    logits[1, 7] = float("nan")
+    samplers = [Sampler(SamplingParams(temperature=1.0, top_k=20, seed=s), [], 3000, CPU) for s in range(2)]
+    with pytest.raises(GenerationError, match="not finite") as err:
+        sampling.sample_batch(samplers, logits)
+    assert "\n" not in str(err.value)
