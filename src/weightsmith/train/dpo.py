@@ -41,6 +41,7 @@ import copy
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -288,20 +289,14 @@ def _reference_logps(
 
 
 def _reference(
-    cfg: DpoConfig,
-    model: nn.Module,
-    out: Path,
-    resume_from: Path | None,
-    sources: dict[str, PairSource],
-    device: torch.device,
-    world: World,
+    cfg: DpoConfig, model: nn.Module, precompute: Callable[[], None]
 ) -> tuple[nn.Module | None, str]:
     """The reference: a frozen copy (full fine-tuning; taken before any trained weight loads) or
-    None, and where it comes from; precomputed log-probs go into `sources`."""
+    None, and where it comes from; `precompute` fills the sources' precomputed log-probs."""
     if cfg.loss in REFERENCE_FREE:
         return None, "none"
     if cfg.precompute_ref:
-        _reference_logps(cfg, model, out, resume_from, sources, device, world)
+        precompute()
         return None, "precomputed"
     if cfg.method == "full":
         return copy.deepcopy(model).requires_grad_(False).eval(), "frozen copy"
@@ -328,7 +323,9 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     sources = {"train": train, "valid": valid}
-    reference, where = _reference(cfg, model, out, resume_from, sources, device, world)
+    reference, where = _reference(
+        cfg, model, lambda: _reference_logps(cfg, model, out, resume_from, sources, device, world)
+    )
     prepared = prepare(model, cfg, resume_from, world, device)
     loss = PREFERENCE_LOSSES[cfg.loss]
     if cfg.loss == "simpo":
