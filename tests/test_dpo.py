@@ -389,7 +389,11 @@ def test_a_chat_template_that_cannot_render_a_pair_is_named(tmp_path, capsys, mo
 def test_config_checks_and_resume_refusals(tiny_hf_dir, pairs, tmp_path, capsys):
     with pytest.raises(WeightsmithError, match="--precompute-ref: --loss simpo runs no reference model"):
         dpo_config(tiny_hf_dir, pairs, tmp_path, loss="simpo", precompute_ref=True)
-    with pytest.raises(WeightsmithError, match="label-smoothing applies to --loss dpo, robust or simpo"):
+    with pytest.raises(WeightsmithError, match="--loss exo_pair needs --label-smoothing above 0"):
+        dpo_config(tiny_hf_dir, pairs, tmp_path, loss="exo_pair")
+    with pytest.raises(
+        WeightsmithError, match="label-smoothing applies to --loss dpo, robust, simpo or exo_pair"
+    ):
         dpo_config(tiny_hf_dir, pairs, tmp_path, loss="ipo", label_smoothing=0.1)
     with pytest.raises(WeightsmithError, match="--beta"):
         dpo_config(tiny_hf_dir, pairs, tmp_path, beta=0)

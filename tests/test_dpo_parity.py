@@ -184,6 +184,13 @@ CASES = [  # (our --loss, TRL's loss_type, label smoothing, data format, method)
     ("dpo", "sigmoid", 0.0, "conversational", "full"),
     ("dpo", "sigmoid+sft", 0.0, "conversational", "lora"),
     ("dpo", "sigmoid+sft", 0.0, "text", "full"),
+    ("sigmoid_norm", "sigmoid_norm", 0.0, "conversational", "lora"),
+    ("exo_pair", "exo_pair", 1e-3, "conversational", "lora"),
+    ("nca_pair", "nca_pair", 0.0, "conversational", "lora"),
+    ("bco_pair", "bco_pair", 0.0, "text", "lora"),
+    ("sppo_hard", "sppo_hard", 0.0, "conversational", "lora"),
+    ("apo_zero", "apo_zero", 0.0, "conversational", "lora"),
+    ("apo_down", "apo_down", 0.0, "implicit", "lora"),
 ]
 
 

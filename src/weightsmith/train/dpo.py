@@ -96,8 +96,8 @@ class DpoConfig(RunConfig):
     data: str | None = opt(None, "preference pairs: JSONL in TRL's prompt/chosen/rejected format")
     loss: str = opt(
         "dpo",
-        "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC), robust; or without a reference model: simpo, "
-        "orpo",
+        "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC), robust, and TRL's sigmoid_norm, exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down; or without a reference model: simpo, orpo",
         choices=tuple(PREFERENCE_LOSSES),
     )
     beta: float = opt(
@@ -128,9 +128,14 @@ class DpoConfig(RunConfig):
             self.sft_weight = 1.0 if self.loss == "orpo" else 0.0
         if not 0 <= self.sft_weight <= 100:
             raise ConfigError(f"--sft-weight {self.sft_weight}: must be between 0 and 100 (0 turns it off)")
-        if self.label_smoothing and self.loss not in ("dpo", "robust", "simpo"):
+        if self.label_smoothing and self.loss not in ("dpo", "robust", "simpo", "exo_pair"):
             raise ConfigError(
-                f"--label-smoothing applies to --loss dpo, robust or simpo, not {self.loss}; drop it"
+                f"--label-smoothing applies to --loss dpo, robust, simpo or exo_pair, not {self.loss}; drop it"
+            )
+        if self.loss == "exo_pair" and not self.label_smoothing:
+            raise ConfigError(
+                "--loss exo_pair needs --label-smoothing above 0 (the target's share for the rejected answer; "
+                "EXO used 1e-3)"
             )
         if self.precompute_ref and self.loss in REFERENCE_FREE:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} runs no reference model; drop it")

@@ -347,6 +347,52 @@ def robust_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tens
     return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
 
 
+def exo_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """EXO (Ji et al. 2024, eq. 16 for a pair): KL from the model's softmax over the pair's two
+    rewards to the labels (1 - e, e); e is --label-smoothing, which must be above 0."""
+    z = beta * (r.chosen - r.rejected)
+    q_w, q_l = torch.sigmoid(z), torch.sigmoid(-z)
+    e = torch.tensor(label_smoothing, dtype=z.dtype, device=z.device)
+    return q_w * (F.logsigmoid(z) - torch.log1p(-e)) + q_l * (F.logsigmoid(-z) - torch.log(e))
+
+
+def nca_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """NCA (Chen et al. 2024), for a pair: the chosen answer's reward up in absolute terms, both
+    answers' down a little: -log s(r_w) - 0.5 log s(-r_w) - 0.5 log s(-r_l), r = beta x log-ratio."""
+    cw, cl = beta * r.chosen, beta * r.rejected
+    return -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-cl)
+
+
+def bco_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """BCO on pairs (Jung et al. 2024, without its running reward shift): each answer
+    classified on its own, chosen as good and rejected as bad: -log s(r_w) - log s(-r_l)."""
+    return -F.logsigmoid(beta * r.chosen) - F.logsigmoid(-beta * r.rejected)
+
+
+def sppo_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """SPPO (Wu et al. 2024) with hard win probabilities: each answer's log-ratio pulled to
+    +1/(2 beta) (chosen) or -1/(2 beta) (rejected), squared."""
+    return (r.chosen - 0.5 / beta) ** 2 + (r.rejected + 0.5 / beta) ** 2
+
+
+def apo_zero_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen answers up, rejected down, each
+    anchored at the reference; for chosen answers better than the model's own."""
+    return 1 - torch.sigmoid(beta * r.chosen) + torch.sigmoid(beta * r.rejected)
+
+
+def apo_down_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """APO-down (eq. 8): both answers down, the rejected further; for chosen answers worse than
+    the model's own."""
+    return torch.sigmoid(beta * r.chosen) + 1 - torch.sigmoid(beta * (r.chosen - r.rejected))
+
+
+def sigmoid_norm_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO on per-token log-ratios (each answer's divided by its length): -log sigmoid(beta x margin)."""
+    margin = r.chosen / r.chosen_tokens.clamp(min=1) - r.rejected / r.rejected_tokens.clamp(min=1)
+    return -F.logsigmoid(beta * margin)
+
+
 def _mean_logps(r: LogRatios) -> tuple[torch.Tensor, torch.Tensor]:
     """Each answer's mean token log-probability (the reference-free losses' log-ratios are the
     policy's own summed log-probabilities)."""
@@ -378,6 +424,13 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": ipo_loss,
     "hinge": hinge_loss,
     "robust": robust_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+    "exo_pair": exo_loss,
+    "nca_pair": nca_loss,
+    "bco_pair": bco_loss,
+    "sppo_hard": sppo_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
 }
