@@ -532,7 +532,7 @@ def test_sampling_among_the_top_k_draws_what_the_whole_vocabulary_would(monkeypa
     """When every row has a top-k, the CPU samples among the candidates alone (`_among_top_k`):
     over many steps and seeds, with top-p, min-p and temperature on top, it draws exactly the
     token the whole-vocabulary path draws with the same generators; a tie at a row's k-th
-    logit (which keeps the tied tokens, however many) goes the whole way."""
+    logit keeps every tied token, however many (the candidates widen past it)."""
     vocab = 5000
     settings = [
         SamplingParams(temperature=0.8, top_k=1, seed=1),
@@ -563,10 +563,16 @@ def test_sampling_among_the_top_k_draws_what_the_whole_vocabulary_would(monkeypa
 
     tie = torch.randn(1, vocab, generator=g)
     tie[0, :3] = 10.0  # three tokens tied at the top: top-k 2 keeps all three
-    rows = [SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(60)]
-    assert real(tie, rows[:1], [None]) is None  # the tie runs past the candidates
-    drawn = {sampling.sample_batch([Sampler(p, [], vocab, CPU)], tie)[0] for p in rows}
-    assert drawn == {0, 1, 2}
+    tie[0, 100:140] = 9.0  # and forty tied at the 5th: top-k 5 keeps 42, past its first candidates
+    for k, want in ((2, set(range(3))), (5, {0, 1, 2, *range(100, 140)})):
+        rows = [SamplingParams(temperature=1.0, top_k=k, seed=s) for s in range(400)]
+        assert real(tie, rows[:1], [None]) is not None  # the candidates widened past the tie
+        drawn = {sampling.sample_batch([Sampler(p, [], vocab, CPU)], tie)[0] for p in rows}
+        assert drawn == want, k
+    monkeypatch.setattr(sampling, "_among_top_k", lambda *a: None)
+    assert sampling.sample_batch([Sampler(rows[0], [], vocab, CPU)], tie) == [
+        real(tie, rows[:1], [Sampler(rows[0], [], vocab, CPU).generator]).item()
+    ]  # the same draw as the whole vocabulary's
 
 
 def test_a_nan_row_among_top_k_rows_is_refused_in_one_line() -> None:

@@ -210,29 +210,32 @@ def _among_top_k(
     rows: torch.Tensor, ps: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor | None:
     """Each row's draw when every row samples among its top k tokens (a CPU's decode step): the
-    filters, the softmax and the draw run over the candidates alone, in vocabulary order, rather
+    filters, the softmax and the draw run over candidates alone, in vocabulary order, rather
     than over all V tokens. The same tokens stay as in `probabilities` (a token is kept when its
-    logit is at least the k-th largest, so a tie there stays whole) and the same token is drawn
-    (the cumulative sums over V only add zeros between candidates). None, for the full path,
-    when a row has no top-k or its k-th largest logit ties with the next: the tie may run past
-    the candidates."""
+    logit is at least the k-th largest, so a tie there stays whole: the candidates widen until
+    every row's ties end inside them) and the same token is drawn (the cumulative sums over V
+    only add zeros between candidates). None, for the full path, when a row has no top-k or a
+    tie runs past half the vocabulary."""
     v = rows.shape[-1]
     ks = [p.top_k for p in ps]
     if not all(0 < k < v // 2 for k in ks):
         return None
-    k_max = max(ks)
-    values, ids = torch.topk(rows, k_max + 1)  # (B, k_max + 1), largest first
     at = torch.tensor(ks, device=rows.device)[:, None]
-    if bool((values.gather(1, at - 1) == values.gather(1, at)).any()):
-        return None
-    ids, order = ids[:, :k_max].sort(-1)  # vocabulary order: the draw's cumulative sums are V's
+    width = max(ks) + 1
+    while True:
+        values, ids = torch.topk(rows, width)  # (B, width), largest first
+        kept = (values >= values.gather(1, at - 1)).sum(-1)  # each row's k-th logit and its ties
+        if bool((kept < width).all()):  # a smaller candidate follows every row's kept tokens
+            break
+        if width >= v // 2:
+            return None
+        width = min(width * 4, v // 2)
+    ids, order = ids.sort(-1)  # vocabulary order: the draw's cumulative sums are V's
     probs = probabilities(
-        values[:, :k_max].gather(1, order), [p.temperature for p in ps], ks, [p.top_p for p in ps],
-        [p.min_p for p in ps],
-    )  # fmt: skip
+        values.gather(1, order), [p.temperature for p in ps], ks, [p.top_p for p in ps], [p.min_p for p in ps]
+    )
     picks = draw(probs, generators)
-    usable = picks < k_max
-    return torch.where(usable, ids.gather(1, picks.clamp(max=k_max - 1)[:, None])[:, 0], v)
+    return torch.where(picks < width, ids.gather(1, picks.clamp(max=width - 1)[:, None])[:, 0], v)
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
