@@ -388,6 +388,8 @@ SECTIONS = {
     "quant": section_quant,
     "grpo": section_grpo,
 }
+#: Seconds a fixed section needs at least (it is skipped with less left on the clock).
+NEEDS = {"grpo": 40}
 #: Sections that take the time left (gpu_speed.py; profile: gpu_profile.py), by name.
 TIMED = ("decode", "server", "lora", "packed", "exact", "dist", "profile")
 DEFAULT = "decode@large,server@large,lora@large,exact@small,decode@small,dist@small,packed@large,grpo@small,profile@large"
@@ -406,6 +408,8 @@ def run_section(spec: str, paths: dict, args, clock) -> dict:
     if name in TIMED:
         small = {"batch": 2, "seq": 64} if args.dry and name in ("lora", "packed") else {}  # CPU steps
         return getattr(gpu_speed, f"section_{name}")(path, clock, args.runs, **small)
+    if clock.left() < NEEDS.get(name, 0):
+        return {"skipped": f"{clock.left():.0f} s left, it needs about {NEEDS[name]}"}
     return SECTIONS[name](path, args.device, args.runs)
 
 
