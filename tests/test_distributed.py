@@ -344,11 +344,16 @@ def write_prompts(path: Path, n: int = 8) -> Path:
     return path
 
 
-@pytest.mark.parametrize("reuse", [[], ["--num-iterations", "2", "--scale-rewards", "batch"]], ids=["1", "2"])
+@pytest.mark.parametrize(
+    "reuse",
+    [[], ["--num-iterations", "2", "--scale-rewards", "batch", "--top-entropy-quantile", "0.5"]],
+    ids=["1", "2"],
+)
 def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path, reuse):
     """Each rank samples its share of the prompts with the seeds one process would use, so the
     losses, rewards, weights and the record of every sample match; with batches that serve two
-    steps each and advantages scaled by the deviation of every rank's rewards too."""
+    steps each, advantages scaled by the deviation of every rank's rewards and the entropy
+    threshold taken over every rank's tokens too."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     args = ["grpo", str(tiny_hf_dir), "--data", str(prompts), *COMMON, "--train.batch-size", "4", *reuse]
     args += ["--train.max-steps", "3", "--reward", "contains", "--reward", "length:0.5", "--num-generations", "3",

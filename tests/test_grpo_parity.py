@@ -264,6 +264,28 @@ def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, 
         assert float(uncapped) != pytest.approx(float(total.detach()), rel=1e-4)
 
 
+@pytest.mark.parametrize(("loss", "beta"), [("dapo", 0.0), ("grpo", 0.04)])
+def test_learning_from_the_high_entropy_tokens_equals_trl(tiny_hf_dir, tmp_path, loss, beta):
+    """--top-entropy-quantile 0.2 (TRL's top_entropy_quantile): the policy term of all but the
+    fifth of the micro-batch's tokens with the highest entropy is dropped (the KL term stays);
+    loss and gradients equal TRL's, and differ from learning from every token."""
+    tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
+    model, _ = policy_and_reference(tiny_hf_dir, "lora")
+    examples, batch, given = rollout_of(model, tokenizer, loss, 1.0, False, RECORDS)
+    trainer, prefix = trl_trainer(tiny_hf_dir, model, examples, batch, given, tmp=tmp_path, beta=beta,
+                                  loss_type=loss, top_entropy_quantile=0.2)  # fmt: skip
+    inputs = trainer._generate_and_score_completions([r for r in ROWS for _ in range(G)])
+    trl_loss, trl_grads = trl_loss_and_grads(trainer, prefix, inputs)
+    objective = GrpoObjective(beta=beta, top_entropy_quantile=0.2)
+    total, count, _ = objective(model, batch)
+    (total / count).backward()
+    torch.testing.assert_close(total.detach() / count, trl_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_equal(model, trl_grads)
+    with torch.no_grad():
+        every, _, _ = GrpoObjective(beta=beta)(model, batch)
+    assert float(every) != pytest.approx(float(total.detach()), rel=1e-3)
+
+
 def test_prompts_are_checked_before_the_model_loads(tmp_path):
     from weightsmith.train.data import DataError
     from weightsmith.train.grpo_data import read_prompts

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ class GrpoConfig(RunConfig):
     scale_rewards: str = opt("group", "divide advantages by the group's reward deviation (group), the whole "
                                       "step's (batch) or not (none)", choices=SCALES)  # fmt: skip
     mask_truncated: bool = opt(False, "learn nothing from completions cut off at --max-completion-len")
+    top_entropy_quantile: float = opt(
+        1.0, "learn only from the completion tokens whose policy entropy is in this top share of the micro-batch's "
+        "(Wang et al. 2025 use 0.2; 1 = every token)"
+    )  # fmt: skip
     overlong_cache: int | None = opt(
         None, "the length reward's band: penalise the last N tokens (default L/4)"
     )
@@ -140,6 +145,7 @@ class GrpoConfig(RunConfig):
             ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
             ("epsilon-high", self.epsilon_high is None or self.epsilon_high > 0, "above 0"),
             ("num-iterations", self.num_iterations >= 1, "1 or more"),
+            ("top-entropy-quantile", 0 < self.top_entropy_quantile <= 1, "in (0, 1]"),
             (
                 "delta",
                 self.delta is None or self.delta > 1 + (self.epsilon_high or self.epsilon),
@@ -202,6 +208,8 @@ class GrpoObjective:
     importance: str = "token"  # the ratio per token, or per completion ("sequence": GSPO)
     delta: float | None = None  # a cap on the unclipped ratio (two-sided clipping)
     keep: bool = False
+    top_entropy_quantile: float = 1.0  # learn from this top share of tokens by entropy (1: all)
+    world: World | None = None  # ranks whose micro-batches share the entropy threshold
 
     def __call__(
         self, model: nn.Module, batch: GroupBatch
@@ -225,6 +233,10 @@ class GrpoObjective:
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
         capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
         per_token = -torch.min(capped * advantage, clipped * advantage)
+        if (
+            self.top_entropy_quantile < 1
+        ):  # the policy term of the low-entropy tokens is dropped (not the KL's)
+            per_token = per_token * (entropy >= self._entropy_threshold(entropy, batch))
         metrics: dict[str, torch.Tensor | Mean] = {"entropy": Mean(float(entropy.sum()), float(len(entropy)))}
         if ref is not None:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
@@ -235,6 +247,17 @@ class GrpoObjective:
             metrics["clip_high"] = self._share((ratio > 1 + high) & (advantage > 0), batch)
         metrics.update({name: Mean(*pair) for name, pair in batch.metrics.items()})
         return (per_token * batch.weights).sum(), batch.count, metrics
+
+    def _entropy_threshold(self, entropy: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
+        """The entropy at the (1 - top_entropy_quantile) quantile of the micro-batch's tokens on
+        every rank (a stand-in batch adds none), as TRL gathers them."""
+        values = entropy.detach()
+        if self.world is not None and self.world.size > 1:
+            shares = self.world.gather([] if batch.stand_in else values.tolist())
+            values = torch.tensor([e for share in shares for e in share], dtype=torch.float32)
+        if not len(values):
+            return torch.tensor(math.inf)
+        return torch.quantile(values.cpu(), 1 - self.top_entropy_quantile).to(entropy.device)
 
     def _share(self, flags: torch.Tensor, batch: GroupBatch) -> Mean:
         """Of the tokens learnt from (at sequence level: of the completions), how many are flagged."""
@@ -295,6 +318,8 @@ class StepSource(PromptSource):
 
     def whole_step(self, batches: list[tuple[GroupBatch, bool]]) -> None:
         real = [b for b, counts in batches if counts]
+        for b, counts in batches:
+            b.stand_in = not counts
         if self.batch_scale:
             shares = self.world.gather([r for b in real for r in b.rewards.tolist()])  # type: ignore[union-attr]
             std = nan_std(torch.tensor([r for share in shares for r in share], dtype=torch.float64), 0)
@@ -362,6 +387,7 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     objective = GrpoObjective(
         cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, reference, cfg.train.gradient_checkpointing,
         importance=cfg.importance_sampling, delta=cfg.delta, keep=cfg.num_iterations > 1,
+        top_entropy_quantile=cfg.top_entropy_quantile, world=world,
     )  # fmt: skip
     trainer = Trainer(
         model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,

@@ -170,6 +170,7 @@ class GroupBatch:
     # kept by the loss at its first pass when the batch serves several steps (--num-iterations)
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    stand_in: bool = False  # a rank's copy of another's prompts, run so that every rank runs alike
 
     @property
     def n_targets(self) -> int:
@@ -181,7 +182,8 @@ class GroupBatch:
         moved = {k: getattr(self, k).to(device) for k in tensors}
         moved |= {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in kept}
         return GroupBatch(**moved, n_tokens=self.n_tokens, count=self.count, metrics=self.metrics,
-                          completions=self.completions, completion_ids=self.completion_ids)  # fmt: skip
+                          completions=self.completions, completion_ids=self.completion_ids,
+                          stand_in=self.stand_in)  # fmt: skip
 
 
 @dataclass
