@@ -213,6 +213,10 @@ LATER = [  # (loss, beta, importance sampling level, delta, method)
     ("dr_grpo", 0.0, "token", 1.5, "lora"),
     ("dapo", 0.04, "token", None, "full"),
     ("grpo", 0.0, "sequence", None, "full"),
+    ("cispo", 0.0, "token", None, "lora"),
+    ("cispo", 0.04, "token", None, "full"),
+    ("sapo", 0.0, "token", None, "lora"),
+    ("sapo", 0.04, "sequence", None, "full"),
 ]
 
 
@@ -222,11 +226,13 @@ def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, 
     that have moved, so pi / pi_old is no longer 1 and the clip acts. TRL (num_iterations=2) keeps
     the log-probabilities of the weights that sampled; we keep those of the first pass. After
     the same change of weights, loss, gradients and the clipped shares equal TRL's, per token and
-    per completion (GSPO), with two-sided clipping."""
+    per completion (GSPO), with two-sided clipping; and for CISPO's capped, detached weight and
+    SAPO's soft gate in place of the clip."""
     tokenizer = load_checkpoint(tiny_hf_dir).tokenizer
     model, reference = policy_and_reference(tiny_hf_dir, method)
     examples, batch, given = rollout_of(model, tokenizer, loss, 1.0, False, RECORDS)
     low, high = (0.2, 0.28) if level == "token" else (3e-4, 4e-4)  # GSPO's clip is narrow: a mean moves less
+    high = 1.05 if loss == "cispo" else high  # CISPO's cap is on the ratio itself
     trainer, prefix = trl_trainer(
         tiny_hf_dir, model, examples, batch, given, tmp=tmp_path, beta=beta, loss_type=loss, num_iterations=2,
         importance_sampling_level=level, delta=delta, epsilon=low, epsilon_high=high,
@@ -235,7 +241,7 @@ def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, 
     assert inputs["old_per_token_logps"] is not None  # TRL keeps them for a later iteration
 
     objective = GrpoObjective(epsilon=low, epsilon_high=high, beta=beta, reference=reference, importance=level,
-                              delta=delta, keep=True)  # fmt: skip
+                              delta=delta, keep=True, loss=loss)  # fmt: skip
     objective(model, batch)  # the first pass: the ratio is 1; it keeps pi_old (and the reference's)
     assert batch.old_logp is not None and (batch.ref_logp is not None) == bool(beta)
     gen = torch.Generator().manual_seed(3)
@@ -252,12 +258,18 @@ def test_a_later_iteration_equals_trl(tiny_hf_dir, tmp_path, loss, beta, level, 
     assert_grads_equal(model, trl_grads)
     logged = trainer._metrics["train"]
     assert metrics["entropy"].total / metrics["entropy"].n == pytest.approx(logged["entropy"][-1], rel=1e-5)
-    clipped = 0.0
-    for side in ("low", "high"):
-        ours = metrics[f"clip_{side}"].total / metrics[f"clip_{side}"].n
-        assert ours == pytest.approx(logged[f"clip_ratio/{side}_mean"][-1], abs=1e-6)
-        clipped += ours
-    assert 0 < clipped < 1  # the clip held some ratios and not others
+    if loss == "sapo":  # a soft gate: nothing is clipped
+        assert "clip_low" not in metrics and "clip_ratio/low_mean" not in logged
+    elif loss == "cispo":  # only the cap on positive-advantage tokens' weights
+        capped = metrics["clip_high"].total / metrics["clip_high"].n
+        assert capped == pytest.approx(logged["cispo_clip_ratio"][-1], abs=1e-6) and 0 < capped < 1
+    else:
+        clipped = 0.0
+        for side in ("low", "high"):
+            ours = metrics[f"clip_{side}"].total / metrics[f"clip_{side}"].n
+            assert ours == pytest.approx(logged[f"clip_ratio/{side}_mean"][-1], abs=1e-6)
+            clipped += ours
+        assert 0 < clipped < 1  # the clip held some ratios and not others
     if delta:  # and the cap bit
         with torch.no_grad():
             uncapped, _, _ = dataclasses.replace(objective, delta=None)(model, batch)

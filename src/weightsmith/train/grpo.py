@@ -86,7 +86,7 @@ __all__ = ["GrpoConfig", "GrpoObjective", "completion_log_probs", "run_grpo"]
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("dapo", "grpo", "dr_grpo")
+LOSSES = ("dapo", "grpo", "dr_grpo", "cispo", "sapo")
 LEVELS = ("token", "sequence")
 ROLLOUTS = "rollouts.jsonl"
 
@@ -109,11 +109,17 @@ class GrpoConfig(RunConfig):
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at it too)")
     top_p: float = opt(1.0, "nucleus sampling")
     top_k: int = opt(0, "sample among the top k tokens only (0 = all)")
-    loss: str = opt("dapo", "how token losses sum: dapo (token mean), grpo (mean of completion means), dr_grpo",
+    loss: str = opt("dapo", "how token losses sum: dapo (token mean), grpo (mean of completion means), dr_grpo; "
+                            "or cispo (MiniMax-M1, summed as dapo), sapo (soft gate, summed as grpo)",
                     choices=LOSSES)  # fmt: skip
+    sapo_temperature_pos: float = opt(1.0, "SAPO's gate temperature for tokens of positive advantage")
+    sapo_temperature_neg: float = opt(1.05, "SAPO's gate temperature for the others")
     beta: float = opt(0.0, "weight of the KL divergence to the reference model (0: no reference is run)")
     epsilon: float = opt(0.2, "clip the probability ratio below at 1 - epsilon")
-    epsilon_high: float | None = opt(None, "clip it above at 1 + this (default: epsilon; DAPO uses 0.28)")
+    epsilon_high: float | None = opt(
+        None, "clip it above at 1 + this (default: epsilon; DAPO uses 0.28); with --loss cispo, the cap on the "
+        "ratio itself (default 5, ScaleRL's)"
+    )  # fmt: skip
     delta: float | None = opt(
         None, "also cap the unclipped ratio at this (two-sided clipping; above 1 + epsilon-high)"
     )
@@ -135,6 +141,8 @@ class GrpoConfig(RunConfig):
     train: TrainOptions = opt(default_factory=lambda: TrainOptions(lr=2e-5))
 
     def __post_init__(self) -> None:
+        if self.loss == "cispo" and self.epsilon_high is None:
+            self.epsilon_high = 5.0
         checks = [
             ("num-generations", self.num_generations >= 2, "at least 2 (advantages compare a group)"),
             ("max-completion-len", self.max_completion_len >= 1, "at least 1"),
@@ -146,6 +154,8 @@ class GrpoConfig(RunConfig):
             ("epsilon-high", self.epsilon_high is None or self.epsilon_high > 0, "above 0"),
             ("num-iterations", self.num_iterations >= 1, "1 or more"),
             ("top-entropy-quantile", 0 < self.top_entropy_quantile <= 1, "in (0, 1]"),
+            ("sapo-temperature-pos", self.sapo_temperature_pos > 0, "above 0"),
+            ("sapo-temperature-neg", self.sapo_temperature_neg > 0, "above 0"),
             (
                 "delta",
                 self.delta is None or self.delta > 1 + (self.epsilon_high or self.epsilon),
@@ -210,6 +220,8 @@ class GrpoObjective:
     keep: bool = False
     top_entropy_quantile: float = 1.0  # learn from this top share of tokens by entropy (1: all)
     world: World | None = None  # ranks whose micro-batches share the entropy threshold
+    loss: str = "dapo"  # cispo and sapo change each token's term (the others only how terms sum)
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05)  # (positive advantage, other)
 
     def __call__(
         self, model: nn.Module, batch: GroupBatch
@@ -230,9 +242,7 @@ class GrpoObjective:
         ratio = torch.exp(self._log_ratio(logp - old, batch))
         advantage = batch.advantages[batch.seq]
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
-        capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
-        per_token = -torch.min(capped * advantage, clipped * advantage)
+        per_token = self._policy_term(ratio, logp, advantage, high)
         if (
             self.top_entropy_quantile < 1
         ):  # the policy term of the low-entropy tokens is dropped (not the KL's)
@@ -242,11 +252,33 @@ class GrpoObjective:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + self.beta * kl * ratio  # x ratio: the unbiased gradient (TRL's default)
             metrics["kl"] = (kl.detach() * batch.weights).sum()
-        if self.keep:  # the share of tokens (completions) whose ratio the clip held: TRL's clip_ratio/*
-            metrics["clip_low"] = self._share((ratio < 1 - self.epsilon) & (advantage < 0), batch)
-            metrics["clip_high"] = self._share((ratio > 1 + high) & (advantage > 0), batch)
+        if self.keep and self.loss != "sapo":  # the share of tokens (completions) whose ratio the clip held
+            low = (
+                torch.zeros_like(ratio, dtype=torch.bool)
+                if self.loss == "cispo"
+                else ratio < 1 - self.epsilon
+            )
+            metrics["clip_low"] = self._share(low & (advantage < 0), batch)
+            metrics["clip_high"] = self._share((ratio > (high if self.loss == "cispo" else 1 + high)) & (advantage > 0),
+                                               batch)  # fmt: skip
         metrics.update({name: Mean(*pair) for name, pair in batch.metrics.items()})
         return (per_token * batch.weights).sum(), batch.count, metrics
+
+    def _policy_term(
+        self, ratio: torch.Tensor, logp: torch.Tensor, advantage: torch.Tensor, high: float
+    ) -> torch.Tensor:
+        """Each token's policy loss: PPO's clipped objective (`delta` caps the unclipped ratio);
+        CISPO's (MiniMax-M1) REINFORCE term weighted by the ratio, capped at `high` and detached;
+        SAPO's soft gate, sigmoid(tau (r - 1)) x 4 / tau."""
+        if self.loss == "cispo":
+            return -torch.clamp(ratio, max=high).detach() * advantage * logp
+        if self.loss == "sapo":
+            pos, neg = self.sapo_temperatures
+            tau = torch.where(advantage > 0, pos, neg)
+            return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
+        clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + high)
+        capped = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
+        return -torch.min(capped * advantage, clipped * advantage)
 
     def _entropy_threshold(self, entropy: torch.Tensor, batch: GroupBatch) -> torch.Tensor:
         """The entropy at the (1 - top_entropy_quantile) quantile of the micro-batch's tokens on
@@ -387,7 +419,8 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     objective = GrpoObjective(
         cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, reference, cfg.train.gradient_checkpointing,
         importance=cfg.importance_sampling, delta=cfg.delta, keep=cfg.num_iterations > 1,
-        top_entropy_quantile=cfg.top_entropy_quantile, world=world,
+        top_entropy_quantile=cfg.top_entropy_quantile, world=world, loss=cfg.loss,
+        sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
     )  # fmt: skip
     trainer = Trainer(
         model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,

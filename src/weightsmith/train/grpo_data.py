@@ -284,7 +284,7 @@ class Rollout:
                 seq += [k + j] * len(c)
                 weights += [token_weight(self.loss, len(c), self.max_completion_len)] * len(c)
                 at += len(c)
-        count = len(targets) if self.loss == "dapo" else len(ids)
+        count = len(targets) if self.loss in ("dapo", "cispo") else len(ids)
         as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return GroupBatch(
             inputs, positions, segments, as_long(index), as_long(targets), as_long(seq), advantages,
@@ -300,9 +300,12 @@ def completion_seed(key: str, j: int) -> int:
 
 
 def token_weight(loss: str, length: int, max_completion_len: int) -> float:
-    """A completion token's weight in the summed loss: 1 (dapo: the step's token mean), 1/length
-    (grpo: each completion's token mean), 1/max_completion_len (dr_grpo: Dr. GRPO's constant)."""
-    return {"dapo": 1.0, "grpo": 1.0 / max(length, 1), "dr_grpo": 1.0 / max_completion_len}[loss]
+    """A completion token's weight in the summed loss: 1 (dapo, cispo: the step's token mean),
+    1/length (grpo, sapo: each completion's token mean), 1/max_completion_len (dr_grpo: Dr.
+    GRPO's constant), as TRL sums each loss type."""
+    mean_of_means = 1.0 / max(length, 1)
+    return {"dapo": 1.0, "cispo": 1.0, "grpo": mean_of_means, "sapo": mean_of_means,
+            "dr_grpo": 1.0 / max_completion_len}[loss]  # fmt: skip
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> torch.Tensor:
