@@ -132,12 +132,22 @@ def test_the_file_is_an_input_of_the_run_and_reproduce_checks_it(tiny_hf_dir, tm
     lineage = json.loads((tmp_path / "run" / "lineage.json").read_text())
     (reward,) = [i for i in lineage["inputs"] if i["role"] == "reward"]
     assert reward["path"].endswith("rewards.py") and len(reward["sha256"]) == 64
-    assert main(["reproduce", "run", "--out", "again", "--root", str(tmp_path), "--json"]) == 0
+    assert (
+        main(["reproduce", "run", "--out", "again", "--root", str(tmp_path)]) == 2
+    )  # a shared record's code
+    err = capsys.readouterr().err
+    assert (
+        "include Python code (rewards.py:vowels:2)" in err and "--allow-code" in err and err.count("\n") == 1
+    )
+    assert not (tmp_path / "again").exists()
+    assert (
+        main(["reproduce", "run", "--out", "again", "--root", str(tmp_path), "--json", "--allow-code"]) == 0
+    )
     status = {o["path"]: o["status"] for o in json.loads(capsys.readouterr().out)["outputs"]}
     assert status["adapter_model.safetensors"] == status["rollouts.jsonl"] == "identical", status
     (tmp_path / "rewards.py").write_text(
         "def vowels(completions, rows, lengths):\n    return [0.0] * len(rows)\n"
     )
-    assert main(["reproduce", "run", "--out", "third", "--root", str(tmp_path)]) == 2
+    assert main(["reproduce", "run", "--out", "third", "--root", str(tmp_path), "--allow-code"]) == 2
     err = capsys.readouterr().err
     assert "input reward" in err and "rewards.py is changed" in err and len(err.strip().splitlines()) == 1

@@ -55,6 +55,10 @@ class ReproduceConfig:
     path: str = opt(help="the artifact (a folder or file with a lineage record)", positional=True)
     out: str | None = opt(None, "where the re-run writes (default: PATH-reproduced beside it)")
     allow_changed: bool = opt(False, "re-run even if an input changed since the artifact was made")
+    allow_code: bool = opt(
+        False,
+        "re-run a grpo run whose rewards are functions in Python files (re-running imports and runs them)",
+    )
     root: list[str] = opt(default_factory=lambda: ["."], help="folders the input check may read")
     json: bool = opt(False, "print the comparison as JSON")
 
@@ -113,7 +117,7 @@ def run_reproduce(cfg: ReproduceConfig, progress: Any = None) -> dict[str, Any]:
         )
     _check_inputs(cfg)
     if record["kind"] == "grpo":
-        _check_rewards(file, record)
+        _check_rewards(file, record, cfg.allow_code)
     cls, run = recipes[record["kind"]]
     config = _config(record, cls, out, str(file))
     cwd = (record.get("command") or {}).get("cwd")
@@ -127,13 +131,22 @@ def run_reproduce(cfg: ReproduceConfig, progress: Any = None) -> dict[str, Any]:
     return compare(file, record, read_record(locate(out)), out)
 
 
-def _check_rewards(file: Path, record: dict[str, Any]) -> None:
+def _check_rewards(file: Path, record: dict[str, Any], allow_code: bool) -> None:
     """A GRPO run scored by Python functions (the API's `rewards=`) cannot be re-run from its
-    record, which holds only --reward's specs (a file's function is re-imported from the file,
-    whose sha256 the inputs check): its metrics name every reward it used."""
+    record, which holds only --reward's specs: its metrics name every reward it used. A
+    function from a file (`--reward PATH.py:FUNCTION`, whose sha256 the inputs check) is code
+    that a record, a shared file, must not get run by itself: only with --allow-code."""
+    from weightsmith.train.reward_files import file_spec
     from weightsmith.train.rewards import reward_name
 
-    given = {reward_name(str(spec)) for spec in (record.get("config") or {}).get("reward") or []}
+    specs = [str(spec) for spec in (record.get("config") or {}).get("reward") or []]
+    code = [spec for spec in specs if file_spec(spec)]
+    if code and not allow_code:
+        raise UsageError(
+            f"{file}: the run's rewards include Python code ({', '.join(code)}); re-running it imports and runs "
+            "that file: pass --allow-code if you trust it"
+        )
+    given = {reward_name(spec) for spec in specs}
     used = {k.removeprefix("reward_") for k in record.get("metrics") or {} if k.startswith("reward_")}
     missing = sorted(used - given - {"zero_std"})
     if missing:
