@@ -15,7 +15,7 @@ Two calling conventions are accepted, told apart by the signature:
 
 Either returns one float per completion, or None where it does not apply. The run's lineage
 records each file's sha256 (an input like the data), so `reproduce` re-runs the run only
-while the file is unchanged.
+while the file is unchanged, and only with --allow-code (a record is a shared file).
 
 Not here: the built-in rewards and scoring (rewards.py).
 """
