@@ -328,11 +328,18 @@ def sigmoid_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Ten
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
+def _mean_logps(r: LogRatios) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer's log-ratio per token (its sum over its length); for the reference-free
+    losses, whose log-ratios are the policy's own summed log-probabilities, its mean token
+    log-probability."""
+    return r.chosen / r.chosen_tokens.clamp(min=1), r.rejected / r.rejected_tokens.clamp(min=1)
+
+
 def ipo_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
     """IPO (Azar et al. 2023, eq. 17) on per-token log-ratios: (margin - 1/(2 beta))^2, each
     answer's log-ratio divided by its length, as TRL does (and the IPO authors confirmed)."""
-    margin = r.chosen / r.chosen_tokens.clamp(min=1) - r.rejected / r.rejected_tokens.clamp(min=1)
-    return (margin - 1 / (2 * beta)) ** 2
+    chosen, rejected = _mean_logps(r)
+    return (chosen - rejected - 1 / (2 * beta)) ** 2
 
 
 def hinge_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -389,14 +396,8 @@ def apo_down_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Te
 
 def sigmoid_norm_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
     """DPO on per-token log-ratios (each answer's divided by its length): -log sigmoid(beta x margin)."""
-    margin = r.chosen / r.chosen_tokens.clamp(min=1) - r.rejected / r.rejected_tokens.clamp(min=1)
-    return -F.logsigmoid(beta * margin)
-
-
-def _mean_logps(r: LogRatios) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each answer's mean token log-probability (the reference-free losses' log-ratios are the
-    policy's own summed log-probabilities)."""
-    return r.chosen / r.chosen_tokens.clamp(min=1), r.rejected / r.rejected_tokens.clamp(min=1)
+    chosen, rejected = _mean_logps(r)
+    return -F.logsigmoid(beta * (chosen - rejected))
 
 
 def simpo_loss(r: LogRatios, beta: float, label_smoothing: float, gamma: float = 0.5) -> torch.Tensor:
