@@ -135,10 +135,12 @@ def write_pairs(path: Path, n: int = 14) -> Path:
     return path
 
 
-def on_one_and_two_ranks(args: list[str], tmp_path: Path, keys: tuple[str, ...]) -> tuple[Path, Path]:
-    """Run `weightsmith ARGS` in one process (OUT one) and on two ranks (OUT two); their losses
-    and the metrics `keys` (summed over ranks, then divided) must agree."""
-    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
+def on_one_and_two_ranks(
+    args: list[str], tmp_path: Path, keys: tuple[str, ...], ranks: int = 2
+) -> tuple[Path, Path]:
+    """Run `weightsmith ARGS` in one process (OUT one) and on two (or `ranks`) ranks (OUT two);
+    their losses and the metrics `keys` (summed over ranks, then divided) must agree."""
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", str(ranks)])):
         done = cli(*args, "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -156,6 +158,34 @@ def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
     args = ["dpo", str(tiny_hf_dir), "--data", str(pairs), *COMMON, "--train.batch-size", "4"]
     args += ["--train.max-steps", "4", "--train.eval-every", "2"]
     one, two = on_one_and_two_ranks(args, tmp_path, ("reward_margin", "val_reward_accuracy"))
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+
+
+def test_kto_on_three_ranks_equals_one_process_with_z0_pooled_over_ranks(tiny_hf_dir, tmp_path):
+    """KTO's z0 is the mean over every rank's KL completions (each rank holds 1 of a micro-batch's
+    3): per-rank values would change the losses. The last validation micro-batch holds 2
+    examples, so the third rank runs a stand-in (a copy of the first) whose KL log-ratio must
+    count for nothing."""
+    from test_dpo import write_jsonl
+    from test_kto import feedback_rows
+
+    rows = feedback_rows(20)
+    train, valid = write_jsonl(tmp_path / "t.jsonl", rows[:15]), write_jsonl(tmp_path / "v.jsonl", rows[15:])
+    args = [
+        "kto",
+        str(tiny_hf_dir),
+        "--data",
+        str(train),
+        "--valid",
+        str(valid),
+        *COMMON,
+        "--train.batch-size",
+        "3",
+    ]
+    args += ["--train.max-steps", "4", "--train.eval-every", "2"]
+    one, two = on_one_and_two_ranks(args, tmp_path, ("kl", "reward_chosen", "val_kl", "val_loss"), ranks=3)
+    kl = [m["kl"] for m in read_metrics(one / "metrics.jsonl") if "kl" in m]
+    assert max(kl) > 0  # z0 is not clamped to 0 throughout, so pooling it is tested
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
 
 

@@ -20,7 +20,7 @@ from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.lora import LoraConfig, apply_lora
 from weightsmith.train.dpo import PreferenceObjective
 from weightsmith.train.losses import PREFERENCE_LOSSES
-from weightsmith.train.preference_data import PairSource, _parse_pair, tokenize_pairs
+from weightsmith.train.preference_data import PairSource, parse_pair, tokenize_pairs
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -150,7 +150,7 @@ def trl_run(
 
 
 def records_of(rows: list[dict]) -> list:
-    return [_parse_pair(json.dumps(r), f"pairs.jsonl:{i + 1}")[0] for i, r in enumerate(rows)]
+    return [parse_pair(json.dumps(r), f"pairs.jsonl:{i + 1}")[0] for i, r in enumerate(rows)]
 
 
 def ours_run(

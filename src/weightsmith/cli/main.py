@@ -141,6 +141,16 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(Ref("weightsmith.cli.train:print_finetune")),
         lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
+    "kto": Command(
+        Ref("weightsmith.commands.train:KtoConfig"),
+        "learn from completions marked good or bad, no pairs needed (KTO; LoRA, QLoRA or full)",
+        "weightsmith kto smollm2-135m-instruct --data feedback.jsonl --out runs/kto --beta 0.1\n"
+        "  weightsmith kto smollm2-135m-instruct --data feedback.jsonl --out runs/kto --undesirable-weight 1.3\n"
+        "  weightsmith kto --resume runs/kto                   # continue from the latest checkpoint",
+        Ref("weightsmith.commands.train:run_kto"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")),
+        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
+    ),
     "grpo": Command(
         Ref("weightsmith.commands.train:GrpoConfig"),
         "reinforce what a reward checks (GRPO): sample answers, score them, learn from the better ones",

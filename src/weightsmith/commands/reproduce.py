@@ -32,6 +32,7 @@ def _recipes() -> dict[str, tuple[type, Callable[..., Any]]]:
     return {
         "finetune": (train.FinetuneConfig, train.run_finetune),
         "dpo": (train.DpoConfig, train.run_dpo),
+        "kto": (train.KtoConfig, train.run_kto),
         "grpo": (train.GrpoConfig, train.run_grpo),
         "merge": (train.MergeConfig, train.run_merge),
         "quantize": (quantize.QuantizeConfig, quantize.run_quantize),

@@ -1,10 +1,11 @@
-"""Commands that shape a model: finetune, dpo, grpo and merge.
+"""Commands that shape a model: finetune, dpo, kto, grpo and merge.
 
 `run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does and `run_dpo(cfg,
 progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop's
 `Reporter` (the CLI passes a progress bar or progress lines); `FinetuneConfig` and
-`DpoConfig` are owned by those modules and only re-exported here; `run_grpo` (and
-`GrpoConfig`) likewise for `weightsmith.train.grpo`. `run_merge` folds a
+`DpoConfig` are owned by those modules and only re-exported here; `run_kto` (and
+`KtoConfig`) likewise for `weightsmith.train.kto`, `run_grpo` (and `GrpoConfig`) for
+`weightsmith.train.grpo`. `run_merge` folds a
 LoRA adapter into its base and saves an HF directory.
 
 Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
@@ -24,14 +25,16 @@ from weightsmith.train.dpo import DpoConfig
 from weightsmith.train.dpo import run_dpo as train_dpo
 from weightsmith.train.grpo import GrpoConfig
 from weightsmith.train.grpo import run_grpo as train_grpo
+from weightsmith.train.kto import KtoConfig
+from weightsmith.train.kto import run_kto as train_kto
 from weightsmith.train.loop import Reporter
 from weightsmith.train.rewards import Reward
 from weightsmith.train.sft import FinetuneConfig
 from weightsmith.train.sft import run_finetune as train_sft
 
 __all__ = [
-    "DpoConfig", "FinetuneConfig", "GrpoConfig", "MergeConfig", "Reward", "run_dpo", "run_finetune", "run_grpo",
-    "run_merge",
+    "DpoConfig", "FinetuneConfig", "GrpoConfig", "KtoConfig", "MergeConfig", "Reward", "run_dpo", "run_finetune",
+    "run_grpo", "run_kto", "run_merge",
 ]  # fmt: skip
 
 
@@ -43,6 +46,12 @@ def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[
 def run_dpo(cfg: DpoConfig, progress: Reporter | None = None) -> dict[str, Any]:
     """Train on preference pairs as `cfg` says; `progress` as for `run_finetune`."""
     return train_dpo(cfg, reporter=progress)
+
+
+def run_kto(cfg: KtoConfig, progress: Reporter | None = None) -> dict[str, Any]:
+    """Train on completions labelled desirable or not (KTO) as `cfg` says; `progress` as for
+    `run_finetune`."""
+    return train_kto(cfg, reporter=progress)
 
 
 def run_grpo(

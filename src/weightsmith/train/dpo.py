@@ -80,7 +80,10 @@ from weightsmith.train.runs import (
     warn_truncated,
 )
 
-__all__ = ["DpoConfig", "PreferenceObjective", "load_pairs", "reference_log_probs", "run_dpo"]
+__all__ = [
+    "DpoConfig", "PreferenceObjective", "check_prompt_len", "choose_reference", "fill_reference", "fit_preferences",
+    "load_pairs", "precompute_reference", "reference_log_probs", "run_dpo",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +142,15 @@ class DpoConfig(RunConfig):
             )
         if self.precompute_ref and self.loss in REFERENCE_FREE:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} runs no reference model; drop it")
-        if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.max_seq_len:
-            raise ConfigError(
-                f"--max-prompt-len {self.max_prompt_len}: must be at least 1 and below --max-seq-len "
-                f"{self.max_seq_len} (the answer needs room)"
-            )
+        check_prompt_len(self.max_prompt_len, self.max_seq_len)
+
+
+def check_prompt_len(max_prompt_len: int | None, max_seq_len: int) -> None:
+    if max_prompt_len is not None and not 1 <= max_prompt_len < max_seq_len:
+        raise ConfigError(
+            f"--max-prompt-len {max_prompt_len}: must be at least 1 and below --max-seq-len "
+            f"{max_seq_len} (the answer needs room)"
+        )
 
 
 # ----- the loss -----------------------------------------------------------------------------------
@@ -207,20 +214,22 @@ class PreferenceObjective:
 
 def precompute_reference(
     model: nn.Module,
-    source: PairSource,
+    source: Any,
     *,
     batch_size: int,
     device: torch.device,
     precision: str,
     reference: nn.Module | None = None,
 ) -> torch.Tensor:
-    """(n, 2) reference log-probs (chosen, rejected) of every pair, in order."""
+    """(n, 2) reference log-probs of every item of `source`, in order: (chosen, rejected) of a
+    pair (`PairSource`), (completion, KL completion) of a KTO example (`UnpairedSource`)."""
     out = torch.empty((len(source), 2), dtype=torch.float32)
     autocast = use_bf16(precision, device)
     was_training = model.training
     model.eval()
     for start in range(0, len(source), batch_size):
-        batch = source.batch(range(start, min(start + batch_size, len(source)))).to(device)
+        batch = source.batch(range(start, min(start + batch_size, len(source))))
+        batch = getattr(batch, "both", batch).to(device)  # KTO's: completion and KL completion
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             ref = reference_log_probs(model, batch, reference).float().cpu()
         n = batch.n_pairs
@@ -255,12 +264,12 @@ def _warn_about(name: str, stats: PairStats, max_seq_len: int, max_prompt_len: i
         )  # fmt: skip
 
 
-def _reference_logps(
-    cfg: DpoConfig,
+def fill_reference(
+    cfg: Any,
     model: nn.Module,
     out: Path,
     resume_from: Path | None,
-    sources: dict[str, PairSource],
+    sources: dict[str, Any],
     device: torch.device,
     world: World,
 ) -> None:
@@ -287,14 +296,14 @@ def _reference_logps(
                 {n: s.reference.contiguous() for n, s in sources.items() if s.reference is not None}, str(tmp)
             )
     log.info(
-        "reference log-probs of %d pairs in %.1fs",
+        "reference log-probs of %d examples in %.1fs",
         sum(map(len, sources.values())),
         time.perf_counter() - started,
     )
 
 
-def _reference(
-    cfg: DpoConfig, model: nn.Module, precompute: Callable[[], None]
+def choose_reference(
+    cfg: Any, model: nn.Module, precompute: Callable[[], None]
 ) -> tuple[nn.Module | None, str]:
     """The reference: a frozen copy (full fine-tuning; taken before any trained weight loads) or
     None, and where it comes from; `precompute` fills the sources' precomputed log-probs."""
@@ -315,38 +324,61 @@ def run_dpo(cfg: DpoConfig, *, reporter: Reporter | None = None) -> dict[str, An
 
 
 def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, Any]:
+    def objective(reference: nn.Module | None) -> PreferenceObjective:
+        loss = PREFERENCE_LOSSES[cfg.loss]
+        if cfg.loss == "simpo":
+            loss = functools.partial(simpo_loss, gamma=cfg.simpo_gamma)
+        return PreferenceObjective(
+            loss,
+            cfg.beta,
+            cfg.label_smoothing,
+            reference,
+            cfg.train.gradient_checkpointing,
+            cfg.sft_weight or 0.0,
+            reference_free=cfg.loss in REFERENCE_FREE,
+        )
+
+    sft = f" + {cfg.sft_weight:g} x chosen NLL" if cfg.sft_weight else ""
+    return fit_preferences(
+        cfg, world, reporter, load_pairs, objective, f"{cfg.loss} loss{sft}, beta {cfg.beta:g}",
+        sft_weight=cfg.sft_weight,
+    )  # fmt: skip
+
+
+def fit_preferences(
+    cfg: Any,
+    world: World,
+    reporter: Reporter | None,
+    load: Callable[[Any, Any], tuple[Any, Any, dict[str, Any]]],
+    objective: Callable[[nn.Module | None], Any],
+    what: str,
+    **facts: Any,
+) -> dict[str, Any]:
+    """A preference run (dpo, kto): `load(cfg, tokenizer)` gives the training and validation
+    sources (each with a precomputable `reference`) and data stats, checked before the weights
+    load; `objective(reference)` the loss function, given the frozen copy (or None); `what` says
+    which loss, for the log. The result has `run_finetune`'s shape plus the loss, beta, where the
+    reference came from and `facts`."""
     from weightsmith.checkpoint.pull import resolve
 
-    cfg, out, resume_from = start_run(cfg, "dpo")
+    cfg, out, resume_from = start_run(cfg, cfg.command)
     path = resolve(str(cfg.model))
     tokenizer = load_tokenizer(path)
-    if tokenizer is not None:  # every pair checked before the weights load
-        train, valid, data_stats = load_pairs(cfg, tokenizer)
+    if tokenizer is not None:  # every example checked before the weights load
+        train, valid, data_stats = load(cfg, tokenizer)
     loaded, device = load_model(cfg, path)
     if tokenizer is None:
-        train, valid, data_stats = load_pairs(cfg, loaded.tokenizer)
+        train, valid, data_stats = load(cfg, loaded.tokenizer)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     sources = {"train": train, "valid": valid}
-    reference, where = _reference(
-        cfg, model, lambda: _reference_logps(cfg, model, out, resume_from, sources, device, world)
+    reference, where = choose_reference(
+        cfg, model, lambda: fill_reference(cfg, model, out, resume_from, sources, device, world)
     )
     prepared = prepare(model, cfg, resume_from, world, device)
-    loss = PREFERENCE_LOSSES[cfg.loss]
-    if cfg.loss == "simpo":
-        loss = functools.partial(simpo_loss, gamma=cfg.simpo_gamma)
-    objective = PreferenceObjective(
-        loss,
-        cfg.beta,
-        cfg.label_smoothing,
-        reference,
-        cfg.train.gradient_checkpointing,
-        cfg.sft_weight or 0.0,
-        reference_free=cfg.loss in REFERENCE_FREE,
-    )
     trainer = Trainer(
         model,
-        objective,
+        objective(reference),
         train,
         valid,
         cfg.train,
@@ -354,12 +386,11 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         save_weights=prepared.save_weights,
         device=device,
         reporter=reporter,
-        command="dpo",
+        command=cfg.command,
         perplexity=False,
         world=world,
     )
-    sft = f" + {cfg.sft_weight:g} x chosen NLL" if cfg.sft_weight else ""
-    log.info("%s loss%s, beta %g, reference: %s", cfg.loss, sft, cfg.beta, where)
+    log.info("%s, reference: %s", what, where)
     return fit_and_save(
         cfg,
         trainer,
@@ -370,6 +401,6 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         data_stats=data_stats,
         loss=cfg.loss,
         beta=cfg.beta,
-        sft_weight=cfg.sft_weight,
         reference=where,
+        **facts,
     )

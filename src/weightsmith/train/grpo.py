@@ -350,8 +350,6 @@ class StepSource(PromptSource):
 
     def whole_step(self, batches: list[tuple[GroupBatch, bool]]) -> None:
         real = [b for b, counts in batches if counts]
-        for b, counts in batches:
-            b.stand_in = not counts
         if self.batch_scale:
             shares = self.world.gather([r for b in real for r in b.rewards.tolist()])  # type: ignore[union-attr]
             std = nan_std(torch.tensor([r for share in shares for r in share], dtype=torch.float64), 0)

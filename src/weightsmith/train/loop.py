@@ -306,7 +306,7 @@ class Trainer:
             epoch, index = divmod(self.state.cursor, self.order.batches_per_epoch)
             self.state.cursor += 1
             mine, counts = self.world.shard(self.order.rows(epoch, index))
-            yield self.train.batch(mine), counts
+            yield mark_stand_in(self.train.batch(mine), counts), counts
 
     def _train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -379,8 +379,9 @@ class Trainer:
         size = self.opts.batch_size
         for i in range(0, len(self.valid), size):
             mine, counts = self.world.shard(range(i, min(i + size, len(self.valid))))
+            batch = mark_stand_in(self.valid.batch(mine).to(self.device), counts)
             with self._autocast():
-                loss, count, extra = self.loss_fn(self.model, self.valid.batch(mine).to(self.device))
+                loss, count, extra = self.loss_fn(self.model, batch)
             if not counts:  # a stand-in (see distributed.World.shard)
                 loss, count = loss * 0.0, 0
             total, n = total + float(loss), n + count
@@ -449,6 +450,14 @@ class Trainer:
         if use_bf16(self.opts.precision, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def mark_stand_in(batch: Any, counts: bool) -> Any:
+    """`batch`, its `stand_in` flag set where it has one: a loss that pools values over ranks
+    (GRPO's entropy threshold, KTO's KL estimate) leaves a stand-in's out."""
+    if hasattr(batch, "stand_in"):
+        batch.stand_in = not counts
+    return batch
 
 
 def compile_layers(model: nn.Module, device: torch.device) -> int:

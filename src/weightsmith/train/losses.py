@@ -295,8 +295,9 @@ def shared_prompt_attention(model: nn.Module, batch: Any) -> Iterator[None]:
 
 def pair_log_probs(model: nn.Module, batch: PairBatch, *, checkpoint: bool = False) -> torch.Tensor:
     """(2B,) each answer's summed token log-probability given its prompt, fp32 (chosen answers
-    first); the prompt of a pair runs once, the LM head only where an answer token is predicted."""
-    with shared_prompt_attention(model, batch):
+    first); the prompt of a pair runs once, the LM head only where an answer token is predicted.
+    Rows of one answer (`batch.causal`) attend causally."""
+    with contextlib.nullcontext() if batch.causal else shared_prompt_attention(model, batch):
         hidden = model.hidden_states(
             batch.inputs, positions=batch.positions, checkpoint=checkpoint
         )  # (B, T, h)

@@ -51,5 +51,10 @@ class MetricSums:
         out, at = {}, iter(summed)
         for key, (_, n) in self.totals.items():
             total = next(at)
-            out[key] = total / n_units if n is None else total / max(next(at), 1e-12)
+            if n is None:
+                out[key] = total / n_units
+            elif (
+                units := next(at)
+            ) > 0:  # a mean over no units (no undesirable example this step) is left out
+                out[key] = total / units
         return out

@@ -89,7 +89,7 @@ class PairStats:
 
 def read_pairs(path: str | Path) -> list[PairRecord]:
     """Every line of a JSONL file of pairs, checked; raises DataError naming the first bad line."""
-    parsed = read_jsonl(path, _parse_pair, "preference pairs", "pairs")
+    parsed = read_jsonl(path, parse_pair, "preference pairs", "pairs")
     (first, kind), records = parsed[0], [record for record, _ in parsed]
     for record, other in parsed:
         if other != kind:
@@ -101,7 +101,7 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
     return records
 
 
-def _parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
+def parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
     """The record and its format ("conversational", "implicit-prompt text", ...)."""
     obj = json_object_line(line, where, "preference pair", DataError)
     for key in ("chosen", "rejected"):
@@ -119,7 +119,7 @@ def _parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
         record = _text(obj, where) if explicit else _implicit_text(obj, where)
     else:
         raise DataError(
-            f"{where}: chosen: must be a string or a list of messages, got {_kind(obj['chosen'])}"
+            f"{where}: chosen: must be a string or a list of messages, got {kind_of(obj['chosen'])}"
         )
     if record.chosen == record.rejected:
         raise DataError(
@@ -128,14 +128,14 @@ def _parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
     return record, kind
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
 def _text(obj: dict[str, Any], where: str) -> PairRecord:
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(obj[key], str):
-            raise DataError(f"{where}: {key}: must be a string, as 'chosen' is; got {_kind(obj[key])}")
+            raise DataError(f"{where}: {key}: must be a string, as 'chosen' is; got {kind_of(obj[key])}")
     if not obj["prompt"].strip():
         raise DataError(f"{where}: prompt: empty (write the text the answers continue)")
     for key in ("chosen", "rejected"):
@@ -152,7 +152,7 @@ def _nonempty_text(text: str, where: str, key: str) -> None:
 def _implicit_text(obj: dict[str, Any], where: str) -> PairRecord:
     chosen, rejected = obj["chosen"], obj["rejected"]
     if not isinstance(rejected, str):
-        raise DataError(f"{where}: rejected: must be a string, as 'chosen' is; got {_kind(rejected)}")
+        raise DataError(f"{where}: rejected: must be a string, as 'chosen' is; got {kind_of(rejected)}")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -171,7 +171,7 @@ def _implicit_text(obj: dict[str, Any], where: str) -> PairRecord:
 def parse_messages(value: Any, where: str, key: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise DataError(
-            f"{where}: {key}: must be a non-empty list of {{'role', 'content'}} messages, got {_kind(value)}"
+            f"{where}: {key}: must be a non-empty list of {{'role', 'content'}} messages, got {kind_of(value)}"
         )
     out = []
     for i, m in enumerate(value):
@@ -188,7 +188,7 @@ def parse_messages(value: Any, where: str, key: str) -> Messages:
         if not isinstance(content, str):
             raise DataError(
                 f"{where}: {key}: messages[{i}].content must be a string or a list of text parts, "
-                f"got {_kind(content)}"
+                f"got {kind_of(content)}"
             )
         out.append({"role": m["role"], "content": content})
     return out
@@ -205,7 +205,7 @@ def check_prompt(prompt: Messages, where: str) -> None:
         )
 
 
-def _check_answer(answer: Messages, where: str, key: str) -> None:
+def check_answer(answer: Messages, where: str, key: str) -> None:
     for i, m in enumerate(answer):
         if m["role"] != "assistant":
             raise DataError(
@@ -220,7 +220,7 @@ def _conversational(obj: dict[str, Any], where: str) -> PairRecord:
     check_prompt(prompt, where)
     answers = {key: parse_messages(obj[key], where, key) for key in ("chosen", "rejected")}
     for key, answer in answers.items():
-        _check_answer(answer, where, key)
+        check_answer(answer, where, key)
     return PairRecord(where, prompt, answers["chosen"], answers["rejected"])
 
 
@@ -241,7 +241,7 @@ def _implicit_conversational(obj: dict[str, Any], where: str) -> PairRecord:
             raise DataError(
                 f"{where}: {key}: empty answer (the conversation has no turn after the shared prompt)"
             )
-        _check_answer(answer, where, key)
+        check_answer(answer, where, key)
     return PairRecord(where, prompt, chosen[n:], rejected[n:])
 
 
@@ -251,44 +251,53 @@ def _implicit_conversational(obj: dict[str, Any], where: str) -> PairRecord:
 def tokenize_pair(record: PairRecord, tokenizer: Tokenizer) -> tuple[PairExample, bool]:
     """Ids of one pair (no truncation), and whether the prompt alone tokenized differently
     from its start in prompt + answer (TRL's case: the answer then starts where they part)."""
-    if record.conversational:
-        if not tokenizer.chat_template:
-            raise DataError(
-                f"{record.source}: prompt: the model has no chat template to render conversations "
-                "(write the pairs as plain strings)"
-            )
-        messages = list(record.prompt)
-        prompt = render_messages(tokenizer, messages, record.source, "prompt", generation_prompt=True)
-        full = {
-            key: render_messages(
-                tokenizer, messages + list(answer), record.source, key, generation_prompt=False
-            )
-            for key, answer in (("chosen", record.chosen), ("rejected", record.rejected))
-        }
-    else:
-        eos = tokenizer.eos_token or ""
-        prompt = tokenizer.encode(str(record.prompt))
-        full = {}
-        for key, answer in (("chosen", record.chosen), ("rejected", record.rejected)):
-            text = str(answer) if str(answer).endswith(eos) else str(answer) + eos
-            full[key] = tokenizer.encode(str(record.prompt) + text)
-    shared = min(_common_prefix(prompt, ids) for ids in full.values())
-    if shared == 0:
-        raise DataError(
-            f"{record.source}: prompt: the prompt and the prompt followed by an answer tokenize with no "
-            "shared start, so the answer cannot be located (check the chat template)"
-        )
-    for key, ids in full.items():
-        if len(ids) == shared:
-            raise DataError(f"{record.source}: {key}: renders to no answer tokens (check the chat template)")
-    example = PairExample(
-        full["chosen"][:shared], full["chosen"][shared:], full["rejected"][shared:], record.source
-    )
+    answers = {"chosen": record.chosen, "rejected": record.rejected}
+    prompt, ids, mismatch = tokenize_answers(record.source, record.prompt, answers, tokenizer)
+    example = PairExample(prompt, ids["chosen"], ids["rejected"], record.source)
     if example.chosen == example.rejected:
         raise DataError(
             f"{record.source}: rejected: tokenizes exactly as chosen (a pair needs two different answers)"
         )
-    return example, shared < len(prompt)
+    return example, mismatch
+
+
+def tokenize_answers(
+    source: str, prompt: str | Messages, answers: dict[str, str | Messages], tokenizer: Tokenizer
+) -> tuple[list[int], dict[str, list[int]], bool]:
+    """The prompt's ids and each answer's (named by its field), as TRL splits them: a conversation
+    rendered with the chat template (the prompt with the generation prompt, prompt + answer
+    without), text as it is with EOS after the answer; the answer is what follows the longest
+    start the prompt shares with every prompt + answer. Also whether that start is shorter than
+    the prompt alone (it rendered differently)."""
+    if isinstance(prompt, list):
+        if not tokenizer.chat_template:
+            raise DataError(
+                f"{source}: prompt: the model has no chat template to render conversations "
+                "(write the data as plain strings)"
+            )
+        rendered = render_messages(tokenizer, list(prompt), source, "prompt", generation_prompt=True)
+        full = {
+            key: render_messages(tokenizer, list(prompt) + list(answer), source, key, generation_prompt=False)
+            for key, answer in answers.items()
+        }
+    else:
+        eos = tokenizer.eos_token or ""
+        rendered = tokenizer.encode(prompt)
+        full = {}
+        for key, answer in answers.items():
+            text = str(answer) if str(answer).endswith(eos) else str(answer) + eos
+            full[key] = tokenizer.encode(prompt + text)
+    shared = min(_common_prefix(rendered, ids) for ids in full.values())
+    if shared == 0:
+        raise DataError(
+            f"{source}: prompt: the prompt and the prompt followed by an answer tokenize with no "
+            "shared start, so the answer cannot be located (check the chat template)"
+        )
+    for key, ids in full.items():
+        if len(ids) == shared:
+            raise DataError(f"{source}: {key}: renders to no answer tokens (check the chat template)")
+    first = next(iter(full.values()))
+    return first[:shared], {key: ids[shared:] for key, ids in full.items()}, shared < len(rendered)
 
 
 def render_messages(
@@ -310,20 +319,28 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def truncate_pair(example: PairExample, max_seq_len: int, max_prompt_len: int | None) -> PairExample:
-    """Cut the prompt from the left to `max_prompt_len`, then the answers from the right so that
-    prompt + answer fits `max_seq_len`; DataError where the prompt leaves no room for an answer."""
-    prompt = example.prompt
+def fit_prompt(
+    prompt: list[int], source: str, max_seq_len: int, max_prompt_len: int | None
+) -> tuple[list[int], int]:
+    """The prompt cut from the left to `max_prompt_len`, and the room it leaves an answer within
+    `max_seq_len`; DataError where it leaves none."""
     if max_prompt_len is not None and len(prompt) > max_prompt_len:
         prompt = prompt[len(prompt) - max_prompt_len :]
     room = max_seq_len - len(prompt)
     if room < 1:
         cut = "" if max_prompt_len is None else f" after cutting it to --max-prompt-len {max_prompt_len}"
         raise DataError(
-            f"{example.source}: prompt: {len(prompt)} tokens{cut} leave no room for an answer within "
+            f"{source}: prompt: {len(prompt)} tokens{cut} leave no room for an answer within "
             f"--max-seq-len {max_seq_len} (raise --max-seq-len, or cut prompts from the left with "
             "a smaller --max-prompt-len)"
         )
+    return prompt, room
+
+
+def truncate_pair(example: PairExample, max_seq_len: int, max_prompt_len: int | None) -> PairExample:
+    """Cut the prompt from the left to `max_prompt_len`, then the answers from the right so that
+    prompt + answer fits `max_seq_len`; DataError where the prompt leaves no room for an answer."""
+    prompt, room = fit_prompt(example.prompt, example.source, max_seq_len, max_prompt_len)
     cut_pair = PairExample(prompt, example.chosen[:room], example.rejected[:room], example.source)
     if cut_pair.chosen == cut_pair.rejected:
         raise DataError(
@@ -384,6 +401,7 @@ class PairBatch:
     lengths: torch.Tensor  # (2B,) answer tokens, chosen answers first
     n_tokens: int = 0  # real (unpadded) input tokens
     reference: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, same order
+    causal: bool = False  # no row has a second answer: plain causal attention serves
 
     @property
     def n_pairs(self) -> int:
@@ -404,7 +422,7 @@ class PairBatch:
             self.answer,
             self.lengths,
         )
-        return PairBatch(*(move(t) for t in tensors), self.n_tokens, move(self.reference))
+        return PairBatch(*(move(t) for t in tensors), self.n_tokens, move(self.reference), self.causal)
 
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
@@ -423,8 +441,10 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
         segments[i, n_p + n_c : n_p + n_c + n_r] = REJECTED
         last_prompt = i * t + n_p - 1  # predicts the first token of both answers
         chosen_at = torch.arange(i * t + n_p, i * t + n_p + n_c - 1)
-        rejected_at = torch.arange(i * t + n_p + n_c, i * t + n_p + n_c + n_r - 1)
+        rejected_at = torch.arange(i * t + n_p + n_c, i * t + n_p + n_c + max(n_r - 1, 0))
         for k, (at, ids) in enumerate(((chosen_at, p.chosen), (rejected_at, p.rejected))):
+            if not ids:  # an answer left out (KTO without its KL term): no targets, log-prob 0
+                continue
             index.append(torch.cat([torch.tensor([last_prompt]), at]))
             targets.append(torch.tensor(ids))
             answer.append(torch.full((len(ids),), i + k * b))
@@ -439,6 +459,7 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
         torch.cat(answer),
         lengths,
         n_tokens,
+        causal=not any(p.rejected for p in pairs),
     )
 
 
