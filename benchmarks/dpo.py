@@ -13,13 +13,26 @@ LoRA over the transformers model converted from the same GGUF file.
 A step is: reference forward (no_grad, adapters off) + policy forward + backward + AdamW
 step. With `--loss simpo` there is no reference: SimPO (beta 2, gamma 0.5) against TRL's
 `CPOTrainer` (trl.experimental; `loss_type="simpo"`, `cpo_alpha=0`) on the same token ids, a
-step being policy forward + backward + AdamW step on both sides. Each contender runs in its own process (so peak resident memory is its own), warms up
+step being policy forward + backward + AdamW step on both sides.
+
+With `--loss kto`, KTO (beta 0.1, the same LoRA reference) against TRL's `KTOTrainer` on
+unpaired examples cut from the same pairs: `--pairs` examples, pair i giving its chosen answer
+(desirable) when i is even and its rejected one (undesirable) when odd, so prompts differ
+within the batch; example i's KL completion is example i - 1's (TRL's rotation, set as our
+partners too). Ours runs the reference once over prompt + completion + KL completion in one
+row, the policy without gradients over prompt + KL completion and with them over prompt +
+completion; TRL runs its KL forward (no grad), the policy forward, then the reference forward
+and the reference KL forward; both then backward + AdamW step. Both sides' first loss is
+about 0.5 (policy == reference on the first step, so every log-ratio is 0 and z0 is clamped
+at 0).
+
+Each contender runs in its own process (so peak resident memory is its own), warms up
 for one step, then times `--steps` steps; processes alternate (ours, peer, ours, ...) so a
 noisy neighbour slows both alike. Medians and the ratio peer/ours are printed (> 1 means
 weightsmith is faster), with both sides' first-step policy log-probs (they agree: the same
 model and tokens) and the CPU model and instruction sets.
 
-    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2] [--loss dpo|simpo]
+    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2] [--loss dpo|simpo|kto]
 """
 
 from __future__ import annotations
@@ -39,6 +52,10 @@ import torch
 from machine import cpu_description  # beside this file
 
 NAMES = {"ours": "weightsmith LoRA DPO", "peer": "TRL DPOTrainer + peft LoRA"}
+OTHER_NAMES = {
+    "simpo": {"ours": "weightsmith LoRA SimPO", "peer": "TRL CPOTrainer(simpo) + peft"},
+    "kto": {"ours": "weightsmith LoRA KTO", "peer": "TRL KTOTrainer + peft LoRA"},
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1
 SIMPO_BETA = 2.0  # SimPO's scale (its gamma: 0.5, both sides' default)
@@ -69,13 +86,28 @@ def pair_rows(n: int) -> list[dict]:
 
 def make_pairs(tokenizer, n: int, seq_len: int):
     """Our tokenized pairs, every chosen and rejected row exactly `seq_len` tokens long."""
-    from weightsmith.train.preference_data import _parse_pair, tokenize_pairs
+    from weightsmith.train.preference_data import parse_pair, tokenize_pairs
 
-    records = [_parse_pair(json.dumps(r), f"bench:{i}")[0] for i, r in enumerate(pair_rows(n))]
+    records = [parse_pair(json.dumps(r), f"bench:{i}")[0] for i, r in enumerate(pair_rows(n))]
     pairs, _ = tokenize_pairs(records, tokenizer, max_seq_len=seq_len, max_prompt_len=seq_len // 2)
     for p in pairs:
         assert len(p.prompt) + len(p.chosen) == len(p.prompt) + len(p.rejected) == seq_len, "pairs too short"
     return pairs
+
+
+def unpair(pairs):
+    """KTO's examples from our pairs' token ids: pair i's chosen answer (desirable) when i is
+    even, its rejected one (undesirable) when odd, so neighbours' prompts differ."""
+    from weightsmith.train.unpaired_data import UnpairedExample
+
+    return [
+        UnpairedExample(p.prompt, p.rejected if i % 2 else p.chosen, not i % 2) for i, p in enumerate(pairs)
+    ]
+
+
+def kl_rotation(n: int) -> list[int]:
+    """Example i's KL partner: i - 1, as TRL rotates the completions of a batch."""
+    return [(i - 1) % n for i in range(n)]
 
 
 def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> dict:
@@ -83,9 +115,12 @@ def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> 
     from weightsmith.device import tune_cpu_allocator
     from weightsmith.lora import LoraConfig, apply_lora
     from weightsmith.train.dpo import PreferenceObjective
+    from weightsmith.train.kto import KtoObjective
     from weightsmith.train.losses import PREFERENCE_LOSSES
+    from weightsmith.train.metric_sums import Mean
     from weightsmith.train.optim import make_optimizer
     from weightsmith.train.preference_data import PairSource
+    from weightsmith.train.unpaired_data import UnpairedSource
 
     tune_cpu_allocator()  # what weightsmith's Trainer does before training on a CPU
     ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
@@ -93,11 +128,17 @@ def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> 
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     pairs = make_pairs(ckpt.tokenizer, n, seq_len)
-    batch = PairSource(pairs, pad_id=0).batch(range(n))
-    if loss == "simpo":
-        objective = PreferenceObjective(PREFERENCE_LOSSES["simpo"], SIMPO_BETA, reference_free=True)
+    if loss == "kto":
+        # KL completions never cut: prompt (at most seq_len / 2) + another example's completion
+        source = UnpairedSource(unpair(pairs), pad_id=0, max_seq_len=2 * seq_len, partners=kl_rotation(n))
+        batch = source.batch(range(n))
+        objective = KtoObjective("kto", beta=BETA, reference=None)
     else:
-        objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
+        batch = PairSource(pairs, pad_id=0).batch(range(n))
+        if loss == "simpo":
+            objective = PreferenceObjective(PREFERENCE_LOSSES["simpo"], SIMPO_BETA, reference_free=True)
+        else:
+            objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
     logps: list[float] = []
 
     def step() -> float:
@@ -105,7 +146,8 @@ def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> 
         (loss / count).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        logps.append(float(metrics["logps_chosen"]) / count)
+        chosen = metrics["logps_chosen"]  # KTO's: a Mean over the desirable examples
+        logps.append(float(chosen.total) / chosen.n if isinstance(chosen, Mean) else float(chosen) / count)
         return float(loss) / count
 
     share = sum(len(p.prompt) for p in pairs) / (n * seq_len)
@@ -125,7 +167,9 @@ def convert(path: str, hf_dir: str) -> None:
     model.save_pretrained(hf_dir)
 
 
-def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
+def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str, loss: str = "dpo") -> dict:
+    """TRL's DPOTrainer (or with `loss` "kto" its KTOTrainer) on our token ids, through its own
+    collator and `compute_loss`."""
     import datasets
     import peft
     import transformers
@@ -135,31 +179,28 @@ def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    args = trl.DPOConfig(
-        output_dir="/tmp/weightsmith-bench-dpo",
-        beta=BETA,
-        loss_type=["sigmoid"],
-        max_length=seq_len,
-        per_device_train_batch_size=n,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_dropout=True,
-        report_to="none",
-    )
+    common = {"output_dir": f"/tmp/weightsmith-bench-{loss}", "beta": BETA, "per_device_train_batch_size": n,
+              "use_cpu": True, "bf16": False, "gradient_checkpointing": False, "disable_dropout": True,
+              "report_to": "none"}  # fmt: skip
+    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
+    if loss == "kto":
+        trainer_class, args = trl.KTOTrainer, trl.KTOConfig(loss_type="kto", max_length=None, **common)
+        ex = unpair(pairs)
+        rows = [{"prompt_ids": e.prompt, "completion_ids": e.completion, "label": e.label,
+                 "KL_completion_ids": ex[j].completion} for e, j in zip(ex, kl_rotation(n), strict=True)]  # fmt: skip
+    else:
+        trainer_class = trl.DPOTrainer
+        args = trl.DPOConfig(loss_type=["sigmoid"], max_length=seq_len, **common)
+        rows = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    rows = pair_rows(n)
-    trainer = trl.DPOTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
+        train_dataset=datasets.Dataset.from_list(pair_rows(n)),
         processing_class=tokenizer,
         peft_config=lora,
     )
-    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
-    batch = trainer.data_collator(
-        [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
-    )
+    batch = trainer.data_collator(rows)
     policy = trainer.model.train()
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     logps: list[float] = []
@@ -256,7 +297,7 @@ def child(args: argparse.Namespace) -> None:
     elif args.loss == "simpo":
         got = run_cpo(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir)
     else:
-        got = run_peer(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir)
+        got = run_peer(args.model, args.pairs, args.seq_len, args.steps, args.hf_dir, args.loss)
     print(json.dumps(got))
 
 
@@ -289,9 +330,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--loss", choices=["dpo", "simpo"], default="dpo")
-    if "simpo" in sys.argv:
-        NAMES.update(ours="weightsmith LoRA SimPO", peer="TRL CPOTrainer(simpo) + peft")
+    p.add_argument("--loss", choices=["dpo", "simpo", "kto"], default="dpo")
+    for loss, names in OTHER_NAMES.items():
+        if loss in sys.argv:
+            NAMES.update(names)
     started = start(p, NAMES, child, "dpo")
     if started is None:
         return
@@ -319,8 +361,9 @@ def main() -> None:
         return
     t = {who: statistics.median(results[who]["t"]) for who in NAMES}
     mem = {who: max(results[who]["mem"]) for who in NAMES}
+    rows = "examples x {} tokens (+ KL rows)" if args.loss == "kto" else "pairs x {} tokens (x2 rows)"
     print(
-        f"\nLoRA r=8 all-linear {args.loss}, {args.pairs} pairs x {args.seq_len} tokens (x2 rows), fp32, "
+        f"\nLoRA r=8 all-linear {args.loss}, {args.pairs} {rows.format(args.seq_len)}, fp32, "
         f"{args.threads} threads"
     )
     print(f"{'':30s}{'step s':>10s}{'peak GiB':>10s}")

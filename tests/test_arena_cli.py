@@ -132,6 +132,13 @@ def test_ratings_with_kappa_export_and_import_round_trip(judged_db, tmp_path, ca
     assert all(MARK in r["chosen"][0]["content"] for r in rows)
     meta = json.loads((tmp_path / "pairs.meta.json").read_text())
     assert meta["source"]["sha256"] == sha and len(meta["battle_ids"]) == 4
+    kto = ["arena", "export", "--db", db, "--out", tmp_path / "kto.jsonl", "--format", "kto", "--json"]
+    code, out, _ = run(kto, capsys)
+    assert code == 0 and json.loads(out)["rows"] == 8  # each battle's two answers, labelled
+    rows = [json.loads(x) for x in (tmp_path / "kto.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [True, False] * 4
+    assert all((MARK in r["completion"][0]["content"]) == r["label"] for r in rows)
+    assert json.loads((tmp_path / "kto.lineage.json").read_text())["config"]["format"] == "kto"
 
     log = tmp_path / "theirs.jsonl"
     log.write_text(

@@ -200,6 +200,29 @@ def test_export_writes_trl_preference_rows_and_meta(tmp_path: Path) -> None:
     assert meta["filters"]["voters"] == [] and meta["votes"] == 7
 
 
+def test_export_for_kto_labels_each_answer_and_keeps_both_bad(tmp_path: Path) -> None:
+    battles, votes = _arena()
+    out = tmp_path / "feedback.jsonl"
+    result = export_preferences(out, battles, votes, source_sha256=SHA, unpaired=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = [(r["prompt"][0]["content"], r["completion"][0]["content"], r["label"]) for r in rows]
+    assert got == [
+        ("Q0", "A0", True), ("Q0", "B0", False), ("Q1", "B1", True), ("Q1", "A1", False),
+        ("Q3", "A3", False), ("Q3", "B3", False),  # both bad: both answers undesirable
+        ("Q4", "A4", True), ("Q4", "B4", False), ("Q6", "B6", True), ("Q6", "A6", False),
+        ("Q7", "A7", True), ("Q7", "B7", False),
+    ]  # fmt: skip
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "A0"}]
+    assert result.battle_ids == ["b0", "b0", "b1", "b1", "b3", "b3", "b4", "b4", "b6", "b6", "b7", "b7"]
+    meta = json.loads(meta_path(out).read_text())
+    assert meta["format"].startswith("trl-unpaired-preference") and meta["rows"] == 12
+    assert meta["filters"]["both_bad"] == "both answers undesirable"
+    assert meta["skipped"] == {"tie": 1, "no majority": 1, "no prompt or answers": 1}
+    from weightsmith.train.unpaired_data import read_unpaired
+
+    assert [(r.completion[0]["content"], r.label) for r in read_unpaired(out)] == [(c, g) for _, c, g in got]
+
+
 def test_export_filters(tmp_path: Path) -> None:
     battles, votes = _arena()
     out = tmp_path / "pairs.jsonl"

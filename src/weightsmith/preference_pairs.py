@@ -1,4 +1,5 @@
-"""Preference-pair files: TRL's conversational preference JSONL plus a provenance file beside it.
+"""Preference-pair files: TRL's conversational preference JSONL plus a provenance file beside it
+(or, for KTO, TRL's unpaired rows: prompt, one completion, and a boolean label).
 
 One JSON object a line, TRL's preference format in its conversational form::
 
@@ -29,9 +30,13 @@ from typing import Any
 from weightsmith.errors import UsageError
 from weightsmith.files import atomic_file
 
-__all__ = ["FORMAT", "check_pairs_path", "meta_path", "pair_row", "pairs_text", "write_pairs"]
+__all__ = [
+    "FORMAT", "UNPAIRED_FORMAT", "check_pairs_path", "meta_path", "pair_row", "pairs_text", "unpaired_row",
+    "write_pairs",
+]  # fmt: skip
 
 FORMAT = "trl-preference (conversational: prompt, chosen, rejected)"
+UNPAIRED_FORMAT = "trl-unpaired-preference (conversational: prompt, completion, label)"
 
 
 def meta_path(path: str | Path) -> Path:
@@ -49,6 +54,16 @@ def pair_row(prompt: Sequence[dict], chosen: str, rejected: str, **extra: Any) -
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         **extra,
+    }
+
+
+def unpaired_row(prompt: Sequence[dict], completion: str, label: bool) -> dict[str, Any]:
+    """One TRL conversational unpaired preference row (KTO's): the prompt's messages, one
+    assistant turn, and whether it is desirable."""
+    return {
+        "prompt": [dict(m) for m in prompt],
+        "completion": [{"role": "assistant", "content": completion}],
+        "label": label,
     }
 
 
@@ -73,15 +88,17 @@ def check_pairs_path(path: str | Path, flag: str = "--pairs") -> Path:
     return path
 
 
-def write_pairs(path: str | Path, rows: Sequence[dict], provenance: dict[str, Any]) -> dict[str, Any]:
+def write_pairs(
+    path: str | Path, rows: Sequence[dict], provenance: dict[str, Any], row_format: str = FORMAT
+) -> dict[str, Any]:
     """Write `rows` to `path` and ``NAME.meta.json`` beside it; returns the meta record.
 
-    The meta record is {"format", "file", "sha256", "rows"} followed by `provenance`. Rows are
+    The meta record is {"format" (`row_format`), "file", "sha256", "rows"} followed by `provenance`. Rows are
     serialised before either file is touched; each file is replaced atomically."""
     path = Path(path)
     text = pairs_text(rows)
     info = {
-        "format": FORMAT,
+        "format": row_format,
         "file": path.name,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "rows": len(rows),

@@ -45,7 +45,14 @@ from weightsmith.config.fields import BadValue, did_you_mean
 from weightsmith.config.records import BadField, Where, load_record, where_field
 from weightsmith.errors import ConfigError, UsageError
 from weightsmith.files import json_object_line
-from weightsmith.preference_pairs import meta_path, pair_row, write_pairs
+from weightsmith.preference_pairs import (
+    FORMAT,
+    UNPAIRED_FORMAT,
+    meta_path,
+    pair_row,
+    unpaired_row,
+    write_pairs,
+)
 
 #: A log's winner -> the vote's choice.
 WINNERS = {"model_a": "a", "model_b": "b", "tie": "tie", "tie (bothbad)": "both_bad", "both_bad": "both_bad"}
@@ -303,7 +310,8 @@ def _check_count(path: Path, line: int, count: int, max_records: int) -> None:
 
 @dataclass(frozen=True)
 class ExportFilters:
-    """Which battles become preference pairs. Ties and both-bad never do (no chosen answer)."""
+    """Which battles become preference pairs. Ties never do; both-bad only as unpaired rows (no
+    chosen answer)."""
 
     voters: tuple[str, ...] = ()  # voter kinds to count (``judge``: any judge); () counts all
     min_votes: int = 1  # counted votes a battle needs
@@ -342,9 +350,12 @@ def majority(votes: list[Vote]) -> tuple[str | None, float]:
 
 
 def preference_rows(
-    battles: Iterable[Battle], votes: Iterable[Vote], filters: ExportFilters
+    battles: Iterable[Battle], votes: Iterable[Vote], filters: ExportFilters, *, unpaired: bool = False
 ) -> tuple[list[dict], list[str], int, dict[str, int]]:
-    """(TRL rows, their battle ids, counted votes, skipped battles by reason) of battles and votes."""
+    """(TRL rows, the battle id of each, counted votes, skipped battles by reason) of battles and
+    votes. Pairs by default; `unpaired`, TRL's unpaired rows for KTO: a battle with a winner
+    gives its answer as desirable and the other as undesirable, a both-bad verdict both answers
+    as undesirable (the signal pairs cannot carry)."""
     by_battle: dict[str, list[Vote]] = {}
     for v in votes:
         if filters.counts(v):
@@ -358,7 +369,7 @@ def preference_rows(
             else "too few votes" if len(counted) < filters.min_votes
             else "no majority" if choice is None
             else "tie" if choice == "tie"
-            else "both bad" if choice == "both_bad"
+            else "both bad" if choice == "both_bad" and not unpaired
             else "margin too small" if share < filters.min_margin
             else "no prompt or answers" if not battle.prompt or battle.answer_a is None or battle.answer_b is None
             else ""
@@ -366,11 +377,16 @@ def preference_rows(
         if reason:
             skipped[reason] += 1
             continue
+        assert battle.answer_a is not None and battle.answer_b is not None
         win, lose = (
-            (battle.answer_a, battle.answer_b) if choice == "a" else (battle.answer_b, battle.answer_a)
+            (battle.answer_b, battle.answer_a) if choice == "b" else (battle.answer_a, battle.answer_b)
         )
-        rows.append(pair_row(battle.prompt, win, lose))
-        ids.append(battle.id)
+        if not unpaired:
+            rows.append(pair_row(battle.prompt, win, lose))
+        else:
+            good = choice != "both_bad"
+            rows += [unpaired_row(battle.prompt, win, good), unpaired_row(battle.prompt, lose, False)]
+        ids += [battle.id] * (2 if unpaired else 1)
         used += len(counted)
     return rows, ids, used, dict(skipped)
 
@@ -383,8 +399,10 @@ def export_preferences(
     source_sha256: str,
     source: str = "",
     filters: ExportFilters | None = None,
+    unpaired: bool = False,
 ) -> Export:
-    """Write TRL preference pairs to `path` and their provenance to ``NAME.meta.json``.
+    """Write TRL preference pairs (`unpaired`: TRL's unpaired rows for KTO, see
+    `preference_rows`) to `path` and their provenance to ``NAME.meta.json``.
 
     Everything is checked and built before either file is touched; each is written
     atomically, the pairs first, and the meta file records the pairs file's sha256, so a
@@ -394,7 +412,7 @@ def export_preferences(
     meta = meta_path(path)
     if len(source_sha256) != 64 or any(c not in "0123456789abcdef" for c in source_sha256):
         raise UsageError(f"source_sha256 must be 64 lowercase hex digits, got {source_sha256!r}")
-    rows, ids, used, skipped = preference_rows(battles, votes, filters)
+    rows, ids, used, skipped = preference_rows(battles, votes, filters, unpaired=unpaired)
     if not rows:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no battles"
         raise UsageError(f"no battle passes the filters ({why}); relax the filters or collect more votes")
@@ -407,11 +425,12 @@ def export_preferences(
                 **asdict(filters),
                 "voters": list(filters.voters),
                 "ties": "excluded",
-                "both_bad": "excluded",
+                "both_bad": "both answers undesirable" if unpaired else "excluded",
             },
             "votes": used,
             "skipped": skipped,
             "battle_ids": ids,  # row i comes from battle_ids[i]
         },
+        row_format=UNPAIRED_FORMAT if unpaired else FORMAT,
     )
     return Export(str(path), str(meta), len(rows), ids, used, skipped)

@@ -64,13 +64,20 @@ def run_arena_ratings(cfg: ArenaRatingsConfig, progress: Any = None) -> dict[str
 
 @dataclass(kw_only=True)
 class ArenaExportConfig:
-    """Preference pairs for DPO (TRL's conversational prompt/chosen/rejected) from the arena's votes."""
+    """Preference pairs for DPO (TRL's conversational prompt/chosen/rejected), or labelled answers for
+    KTO, from the arena's votes."""
 
     db: str = opt(help=DB_HELP)
     out: str = opt(help="the pairs file (JSONL); NAME.meta.json beside it records the DB hash and battle ids")
     voters: str = opt("human", "whose votes count", choices=tuple(VOTERS))
     min_votes: int = opt(1, "counted votes a battle needs")
     min_margin: float = opt(0.0, "the winner's share of a battle's counted votes it needs (0 to 1)")
+    format: str = opt(
+        "pairs",
+        "pairs (DPO) or kto: each answer alone, labelled (the winner's good, the loser's bad, both bad when "
+        "voted so)",
+        choices=("pairs", "kto"),
+    )
     json: bool = opt(False, "print the result as JSON")
 
     def __post_init__(self) -> None:
@@ -87,7 +94,8 @@ def run_arena_export(cfg: ArenaExportConfig, progress: Any = None) -> dict[str, 
     )
     battles = [battle for battle, _ in pairs]
     votes = [vote for _, vs in pairs for vote in vs]
-    result = export_preferences(cfg.out, battles, votes, source_sha256=sha, source=str(db), filters=filters)
+    result = export_preferences(cfg.out, battles, votes, source_sha256=sha, source=str(db), filters=filters,
+                                unpaired=cfg.format == "kto")  # fmt: skip
     from weightsmith.lineage import write_lineage
     from weightsmith.preference_pairs import meta_path
 
