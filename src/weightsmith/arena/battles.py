@@ -24,6 +24,7 @@ Preference pairs are TRL's preference format in its conversational form, one JSO
 line: ``{"prompt": [messages], "chosen": [{"role": "assistant", "content": ...}],
 "rejected": [...]}``. Beside ``NAME.jsonl`` goes ``NAME.meta.json``: the source's sha256, the
 filters and the battle ids in row order, so a DPO run can say which votes it learned from.
+For KTO the rows are unpaired instead (``{"prompt", "completion", "label"}``, two a battle).
 Both files are written by `weightsmith.preference_pairs`, as the red-team's pairs are.
 
 Not here: the records (records.py), storage, the command line.
