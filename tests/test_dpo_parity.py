@@ -191,6 +191,7 @@ CASES = [  # (our --loss, TRL's loss_type, label smoothing, data format, method)
     ("sppo_hard", "sppo_hard", 0.0, "conversational", "lora"),
     ("apo_zero", "apo_zero", 0.0, "conversational", "lora"),
     ("apo_down", "apo_down", 0.0, "implicit", "lora"),
+    ("discopop", "discopop", 0.0, "conversational", "lora"),
 ]
 
 

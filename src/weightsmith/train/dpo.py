@@ -63,6 +63,7 @@ from weightsmith.train.losses import (
     REFERENCE_FREE,
     LogRatios,
     PreferenceLoss,
+    discopop_loss,
     pair_log_probs,
     simpo_loss,
 )
@@ -100,7 +101,7 @@ class DpoConfig(RunConfig):
     loss: str = opt(
         "dpo",
         "pairwise loss: dpo (sigmoid DPO), ipo, hinge (SLiC), robust, and TRL's sigmoid_norm, exo_pair, "
-        "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down; or without a reference model: simpo, orpo",
+        "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop; or without a reference model: simpo, orpo",
         choices=tuple(PREFERENCE_LOSSES),
     )
     beta: float = opt(
@@ -117,6 +118,7 @@ class DpoConfig(RunConfig):
         "term)",
     )
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin gamma (--loss simpo)")
+    discopop_tau: float = opt(0.05, "DiscoPOP's temperature tau (--loss discopop)")
     precompute_ref: bool = opt(False, "compute the reference log-probs once before training")
     max_prompt_len: int | None = opt(None, "cut prompts longer than this from the left")
 
@@ -140,6 +142,8 @@ class DpoConfig(RunConfig):
                 "--loss exo_pair needs --label-smoothing above 0 (the target's share for the rejected answer; "
                 "EXO used 1e-3)"
             )
+        if not self.discopop_tau > 0:
+            raise ConfigError(f"--discopop-tau {self.discopop_tau}: must be greater than 0")
         if self.precompute_ref and self.loss in REFERENCE_FREE:
             raise ConfigError(f"--precompute-ref: --loss {self.loss} runs no reference model; drop it")
         check_prompt_len(self.max_prompt_len, self.max_seq_len)
@@ -328,6 +332,8 @@ def _dpo(cfg: DpoConfig, world: World, reporter: Reporter | None) -> dict[str, A
         loss = PREFERENCE_LOSSES[cfg.loss]
         if cfg.loss == "simpo":
             loss = functools.partial(simpo_loss, gamma=cfg.simpo_gamma)
+        if cfg.loss == "discopop":
+            loss = functools.partial(discopop_loss, tau=cfg.discopop_tau)
         return PreferenceObjective(
             loss,
             cfg.beta,

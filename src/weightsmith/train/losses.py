@@ -395,6 +395,14 @@ def apo_down_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Te
     return torch.sigmoid(beta * r.chosen) + 1 - torch.sigmoid(beta * (r.chosen - r.rejected))
 
 
+def discopop_loss(r: LogRatios, beta: float, label_smoothing: float, tau: float = 0.05) -> torch.Tensor:
+    """DiscoPOP (Chris Lu et al. 2024, eq. 5; a loss found by LLM-driven search): the logistic
+    loss -log sigmoid(z) and the exponential exp(-z) of z = beta x margin, mixed by sigmoid(z / tau)."""
+    z = beta * (r.chosen - r.rejected)
+    mix = torch.sigmoid(z / tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+
+
 def sigmoid_norm_loss(r: LogRatios, beta: float, label_smoothing: float) -> torch.Tensor:
     """DPO on per-token log-ratios (each answer's divided by its length): -log sigmoid(beta x margin)."""
     chosen, rejected = _mean_logps(r)
@@ -433,6 +441,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "sppo_hard": sppo_loss,
     "apo_zero": apo_zero_loss,
     "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
 }
