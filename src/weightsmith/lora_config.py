@@ -32,6 +32,9 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
     "use_qalora": False, "velora_config": None, "bias": "none",
 }  # fmt: skip
+#: What a reward model's adapter (`weightsmith reward`) saves besides its LoRA weights: the score
+#: head, as PEFT saves `modules_to_save` for a SEQ_CLS task.
+SCORE_HEAD = ("score",)
 #: Bookkeeping keys (who saved it, how A was initialised before training): ignored on load.
 PEFT_BOOKKEEPING = {
     "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
@@ -210,9 +213,11 @@ def _refuse_unsupported(d: dict[str, Any], source: str) -> None:
         raise ConfigError(
             f"{source}: peft_type is {d.get('peft_type')!r}; weightsmith loads only 'LORA' adapters"
         )
-    if d.get("task_type") not in (None, "CAUSAL_LM"):
+    head = d.get("task_type") == "SEQ_CLS" and d.get("modules_to_save") == list(SCORE_HEAD)
+    if d.get("task_type") not in (None, "CAUSAL_LM") and not head:
         raise ConfigError(
-            f"{source}: task_type is {d['task_type']!r}; weightsmith loads only CAUSAL_LM adapters"
+            f"{source}: task_type is {d['task_type']!r}; weightsmith loads CAUSAL_LM adapters and its own reward "
+            "models (SEQ_CLS with modules_to_save ['score'])"
         )
     pattern = d.get("layers_pattern")
     if pattern not in (None, "", [], "layers", ["layers"]):
@@ -226,7 +231,7 @@ def _refuse_unsupported(d: dict[str, Any], source: str) -> None:
             "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first"
         )
     for key, value in d.items():
-        if key in PEFT_READ or key in PEFT_BOOKKEEPING:
+        if key in PEFT_READ or key in PEFT_BOOKKEEPING or (head and key == "modules_to_save"):
             continue
         default = PEFT_DEFAULTS.get(key)
         # An unknown key (a newer PEFT's feature) is harmless only while it is unset; an empty list

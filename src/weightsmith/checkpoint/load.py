@@ -9,6 +9,7 @@ formats (safetensors.py, gguf.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Checkpoint:
     format: str  # "hf" or "gguf"
     quantization: str | None = None  # e.g. "Q4_1" for GGUF sources
     generation_config: dict[str, Any] = field(default_factory=dict)
+    score: torch.Tensor | None = None  # a reward model's (`*ForSequenceClassification`) score head
 
 
 def load_checkpoint(
@@ -120,9 +122,32 @@ def _load_hf_dir(
         skeleton = _mxfp4_skeleton(cfg)
         model = build_model(cfg, tensors, device, dtype, skeleton=skeleton)
         return Checkpoint(model, tokenizer, cfg, path, "hf", "MXFP4 (experts kept as blocks)", gen)
+    elif reward_head(data):  # a reward model: its score head apart; no LM head (tied, for the build)
+        score: dict[str, torch.Tensor] = {}
+        built = dataclasses.replace(cfg, tie_word_embeddings=True)
+        model = build_model(built, _score_apart(tensors, score), device, dtype, decode_layout=decode_layout)
+        if "score.weight" not in score:
+            raise CheckpointError(
+                f"{path}: a sequence-classification checkpoint without score.weight; re-save it"
+            )
+        return Checkpoint(model, tokenizer, cfg, path, "hf", None, gen, score["score.weight"])
     else:
         model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     return Checkpoint(model, tokenizer, cfg, path, "hf", quant_ckpt.describe(qcfg), gen)
+
+
+def reward_head(config: dict[str, Any]) -> bool:
+    """Whether an HF config.json is a one-label sequence classifier (a reward model)."""
+    arch = [str(a) for a in config.get("architectures") or []]
+    return any(a.endswith("ForSequenceClassification") for a in arch) and config.get("num_labels", 1) == 1
+
+
+def _score_apart(tensors: Any, score: dict[str, torch.Tensor]) -> Any:
+    for name, tensor, source in tensors:
+        if name == "score.weight":
+            score[name] = tensor
+        else:
+            yield name, tensor, source
 
 
 def _mxfp4_skeleton(cfg: ModelConfig) -> CausalLM:

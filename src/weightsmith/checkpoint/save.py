@@ -43,7 +43,7 @@ def save_hf_dir(
     cfg = model.config.to_hf()
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return write_hf_dir(out, cfg, _state_dict(model, dtype), tokenizer, generation_config, max_shard_bytes)
+    return write_hf_dir(out, cfg, state_for_hf(model, dtype), tokenizer, generation_config, max_shard_bytes)
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -76,7 +76,7 @@ def write_hf_dir(
     return out
 
 
-def _state_dict(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def state_for_hf(model: CausalLM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors under the checkpoint's names; a tied LM head is stored once, as HF
     does; fused projections (Phi-3) stacked back into one tensor, gpt-oss's experts merged."""
     state = {}

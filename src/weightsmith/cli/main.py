@@ -151,6 +151,16 @@ COMMANDS: dict[str, Command | Group] = {
         _plain(Ref("weightsmith.cli.train:print_finetune")),
         lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
+    "reward": Command(
+        Ref("weightsmith.commands.train:RewardConfig"),
+        "train a reward model on preference pairs: a score that ranks the chosen answers higher",
+        "weightsmith reward smollm2-135m-instruct --data pairs.jsonl --out runs/rm\n"
+        "  weightsmith reward smollm2-135m-instruct --data pairs.jsonl --out runs/rm-full --method full\n"
+        "  weightsmith reward --resume runs/rm                  # continue from the latest checkpoint",
+        Ref("weightsmith.commands.train:run_reward"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")),
+        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
+    ),
     "grpo": Command(
         Ref("weightsmith.commands.train:GrpoConfig"),
         "reinforce what a reward checks (GRPO): sample answers, score them, learn from the better ones",

@@ -1,10 +1,11 @@
-"""Commands that shape a model: finetune, dpo, kto, grpo and merge.
+"""Commands that shape a model: finetune, dpo, kto, reward, grpo and merge.
 
 `run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does and `run_dpo(cfg,
 progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop's
 `Reporter` (the CLI passes a progress bar or progress lines); `FinetuneConfig` and
 `DpoConfig` are owned by those modules and only re-exported here; `run_kto` (and
-`KtoConfig`) likewise for `weightsmith.train.kto`, `run_grpo` (and `GrpoConfig`) for
+`KtoConfig`) likewise for `weightsmith.train.kto`, `run_reward` (`RewardConfig`) for
+`weightsmith.train.reward_model`, `run_grpo` (and `GrpoConfig`) for
 `weightsmith.train.grpo`. `run_merge` folds a
 LoRA adapter into its base and saves an HF directory.
 
@@ -28,13 +29,15 @@ from weightsmith.train.grpo import run_grpo as train_grpo
 from weightsmith.train.kto import KtoConfig
 from weightsmith.train.kto import run_kto as train_kto
 from weightsmith.train.loop import Reporter
+from weightsmith.train.reward_model import RewardConfig
+from weightsmith.train.reward_model import run_reward as train_reward
 from weightsmith.train.rewards import Reward
 from weightsmith.train.sft import FinetuneConfig
 from weightsmith.train.sft import run_finetune as train_sft
 
 __all__ = [
-    "DpoConfig", "FinetuneConfig", "GrpoConfig", "KtoConfig", "MergeConfig", "Reward", "run_dpo", "run_finetune",
-    "run_grpo", "run_kto", "run_merge",
+    "DpoConfig", "FinetuneConfig", "GrpoConfig", "KtoConfig", "MergeConfig", "Reward", "RewardConfig", "run_dpo",
+    "run_finetune", "run_grpo", "run_kto", "run_merge", "run_reward",
 ]  # fmt: skip
 
 
@@ -52,6 +55,11 @@ def run_kto(cfg: KtoConfig, progress: Reporter | None = None) -> dict[str, Any]:
     """Train on completions labelled desirable or not (KTO) as `cfg` says; `progress` as for
     `run_finetune`."""
     return train_kto(cfg, reporter=progress)
+
+
+def run_reward(cfg: RewardConfig, progress: Reporter | None = None) -> dict[str, Any]:
+    """Train a reward model on preference pairs as `cfg` says; `progress` as for `run_finetune`."""
+    return train_reward(cfg, reporter=progress)
 
 
 def run_grpo(

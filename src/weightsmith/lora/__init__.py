@@ -12,6 +12,7 @@ Not here: training (weightsmith.train), quantized base layers (weightsmith.quant
 """
 
 from weightsmith.lora.files import (
+    head_weight,
     load_adapter,
     lora_state_dict,
     save_adapter,
@@ -36,6 +37,7 @@ __all__ = [
     "LoRALinear",
     "adapters_disabled",
     "apply_lora",
+    "head_weight",
     "layers_with",
     "load_adapter",
     "lora_layers",

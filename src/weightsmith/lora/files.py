@@ -27,7 +27,7 @@ from weightsmith.files import atomic_file, read_json, write_json_atomic
 from weightsmith.lora.experts import fuse_parameters, parameter_modules, unfuse_parameters
 from weightsmith.lora.fused import fuse_adapter, unfuse_adapter
 from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
-from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, LoraConfig
+from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, SCORE_HEAD, WEIGHTS_FILE, LoraConfig
 from weightsmith.models.model import SparseMoE
 
 
@@ -47,8 +47,11 @@ def save_adapter(
     *,
     name: str = "default",
     base_model: str | None = None,
+    head: torch.Tensor | None = None,
 ) -> Path:
-    """Write adapter `name` as a PEFT adapter directory (each file replaced atomically)."""
+    """Write adapter `name` as a PEFT adapter directory (each file replaced atomically); with
+    `head`, a reward model's: its score head weight too, as PEFT saves a SEQ_CLS adapter's
+    `modules_to_save`."""
     directory = Path(directory)
     layers = layers_with(model, name)
     via = parameter_modules(model, cfg)
@@ -64,6 +67,9 @@ def save_adapter(
     peft = cfg.to_peft_dict(base_model, module_names=outside_moe)
     state, peft = fuse_adapter(model, cfg, state, peft)  # Phi-3: qkv_proj, gate_up_proj as PEFT has them
     state, peft = fuse_parameters(model, layers, name, state, peft)  # MoE: target_parameters
+    if head is not None:
+        state[KEY_PREFIX + "score.weight"] = head.detach().to("cpu").contiguous()
+        peft.update(task_type="SEQ_CLS", modules_to_save=list(SCORE_HEAD))
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -81,16 +87,35 @@ def _in_moe(model: nn.Module, module_name: str) -> bool:
     return False
 
 
+#: The score head's tensor in a reward model's adapter file, as PEFT saves `modules_to_save`.
+SCORE_KEYS = {KEY_PREFIX + "score.weight", "score.weight"}
+
+
+def head_weight(directory: str | Path) -> torch.Tensor:
+    """A reward model adapter's score head weight (1, hidden)."""
+    path = Path(directory) / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        found = [k for k in f.keys() if k in SCORE_KEYS]
+        if not found:
+            raise CheckpointError(
+                f"{path}: no score head ({KEY_PREFIX}score.weight); is it a reward model's adapter?"
+            )
+        return f.get_tensor(found[0])
+
+
 _FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
 
 
 def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
     """{(module, "lora_A"|"lora_B"): (file key, tensor)}; keys with or without PEFT's prefix
-    and with or without an adapter-name infix (`lora_A.default.weight`)."""
+    and with or without an adapter-name infix (`lora_A.default.weight`). A reward model's score
+    head (`SCORE_KEYS`) is left to `head_weight`."""
     out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
+                if key in SCORE_KEYS:
+                    continue
                 m = _FILE_KEY.fullmatch(key)
                 if m is None:
                     raise CheckpointError(
@@ -139,14 +164,26 @@ def _check_tensors(
         )
 
 
-def load_adapter(model: nn.Module, directory: str | Path, *, name: str = "default") -> LoraConfig:
+def load_adapter(
+    model: nn.Module, directory: str | Path, *, name: str = "default", reward: bool = False
+) -> LoraConfig:
     """Read a PEFT adapter directory into `model` as adapter `name` (made active).
-    Everything is checked before the model is touched."""
+    Everything is checked before the model is touched. A reward model's adapter (SEQ_CLS, with
+    its score head) loads only with `reward` (its head is read by `head_weight`), and only it."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found; a PEFT adapter directory needs {CONFIG_FILE}")
-    cfg = LoraConfig.from_peft_dict(read_json(config_path), str(config_path))
+    raw = read_json(config_path)
+    if (raw.get("task_type") == "SEQ_CLS") != reward:
+        raise CheckpointError(
+            f"{directory}: a reward model's adapter (it scores text; use it as a grpo reward, "
+            "--reward model:DIR)"
+            if not reward
+            else f"{directory}: not a reward model's adapter (task_type "
+            f"{raw.get('task_type')!r}; train one with weightsmith reward)"
+        )
+    cfg = LoraConfig.from_peft_dict(raw, str(config_path))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         if (directory / "adapter_model.bin").is_file():

@@ -102,7 +102,8 @@ class GrpoConfig(RunConfig):
     )
     reward: list[str] = opt(
         ["answer"], f"rewards, NAME or NAME:WEIGHT, summed: {', '.join(BUILTIN)}; or a function in your own "
-                    "file, PATH.py:FUNCTION[:WEIGHT] (ours: fn(completions, rows, lengths); TRL's: with **kwargs)"
+                    "file, PATH.py:FUNCTION[:WEIGHT] (ours: fn(completions, rows, lengths); TRL's: with **kwargs); "
+                    "or a reward model trained by weightsmith reward, model:DIR[:WEIGHT]"
     )  # fmt: skip
     num_generations: int = opt(8, "completions sampled per prompt (the group its advantage is measured in)")
     max_completion_len: int = opt(256, "the most tokens a completion may have")
@@ -402,6 +403,9 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     loaded, device = load_model(cfg, path)
     if tokenizer is None:
         train, valid, data_stats = load_prompts(cfg, loaded.tokenizer)
+    for reward in rewards:
+        if hasattr(reward.fn, "load"):  # a reward model (--reward model:DIR), beside the policy
+            reward.fn.load(device)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     reference = None
@@ -437,7 +441,8 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     )  # fmt: skip
     return fit_and_save(
         cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats,
-        inputs={"reward": [file_spec(r.source)["path"] for r in rewards if r.source]},  # type: ignore[index]
+        inputs={"reward": [file_spec(r.source)["path"] for r in rewards if r.source],  # type: ignore[index]
+                "reward_model": [r.fn.path for r in rewards if hasattr(r.fn, "path")]},
         loss=cfg.loss, beta=cfg.beta, rewards={r.name: r.weight for r in rewards},
         num_generations=cfg.num_generations,
     )  # fmt: skip

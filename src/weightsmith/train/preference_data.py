@@ -29,7 +29,9 @@ Not here: the loss (losses.py, dpo.py), the loop (loop.py).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class PairRecord:
     prompt: str | Messages
     chosen: str | Messages
     rejected: str | Messages
+    margin: float = 0.0  # how much more the chosen answer is preferred (a reward model's margin)
 
     @property
     def conversational(self) -> bool:
@@ -69,6 +72,7 @@ class PairExample:
     chosen: list[int]
     rejected: list[int]
     source: str = ""
+    margin: float = 0.0
 
 
 @dataclass
@@ -125,6 +129,13 @@ def parse_pair(line: str, where: str) -> tuple[PairRecord, str]:
         raise DataError(
             f"{where}: rejected: identical to chosen (a pair needs two different answers; drop it)"
         )
+    margin = obj.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(
+            f"{where}: margin: must be a number (how much more the chosen answer is preferred), got "
+            f"{json.dumps(margin)[:40]}"
+        )
+    record.margin = float(margin)
     return record, kind
 
 
@@ -253,7 +264,7 @@ def tokenize_pair(record: PairRecord, tokenizer: Tokenizer) -> tuple[PairExample
     from its start in prompt + answer (TRL's case: the answer then starts where they part)."""
     answers = {"chosen": record.chosen, "rejected": record.rejected}
     prompt, ids, mismatch = tokenize_answers(record.source, record.prompt, answers, tokenizer)
-    example = PairExample(prompt, ids["chosen"], ids["rejected"], record.source)
+    example = PairExample(prompt, ids["chosen"], ids["rejected"], record.source, record.margin)
     if example.chosen == example.rejected:
         raise DataError(
             f"{record.source}: rejected: tokenizes exactly as chosen (a pair needs two different answers)"
@@ -341,7 +352,9 @@ def truncate_pair(example: PairExample, max_seq_len: int, max_prompt_len: int | 
     """Cut the prompt from the left to `max_prompt_len`, then the answers from the right so that
     prompt + answer fits `max_seq_len`; DataError where the prompt leaves no room for an answer."""
     prompt, room = fit_prompt(example.prompt, example.source, max_seq_len, max_prompt_len)
-    cut_pair = PairExample(prompt, example.chosen[:room], example.rejected[:room], example.source)
+    cut_pair = PairExample(
+        prompt, example.chosen[:room], example.rejected[:room], example.source, example.margin
+    )
     if cut_pair.chosen == cut_pair.rejected:
         raise DataError(
             f"{example.source}: rejected: the same as chosen in the first {room} answer tokens that fit "

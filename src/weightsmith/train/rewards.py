@@ -12,8 +12,11 @@ and `length` (DAPO's soft overlong punishment, as TRL's `get_soft_overlong_punis
 Completions and rows are untrusted: every pattern here runs in linear time, and `json`
 skips completions over `MAX_JSON_CHARS`.
 
+`--reward model:DIR[:WEIGHT]` scores with a reward model trained by `weightsmith reward`
+(reward_model.ModelReward).
+
 Not here: generation, reading the prompt file (grpo_data.py), the loss and the loop
-(grpo.py), learned reward models.
+(grpo.py), reward models themselves (reward_model.py).
 """
 
 from __future__ import annotations
@@ -330,8 +333,15 @@ def _weight(spec: str, text: str) -> float:
     return weight
 
 
+#: `--reward model:DIR[:WEIGHT]`: a reward model trained by `weightsmith reward` (metric reward_model).
+MODEL = "model"
+
+
 def reward_name(spec: str) -> str:
-    """The name a `--reward` spec's metric goes by: the built-in's, or the file function's."""
+    """The name a `--reward` spec's metric goes by: the built-in's, the file function's, or
+    `model` for a reward model."""
+    if spec.strip().startswith(MODEL + ":"):
+        return MODEL
     found = file_spec(spec)
     return found["name"] if found else spec.partition(":")[0].strip()
 
@@ -346,6 +356,9 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
         name = reward_name(spec)
         if any(r.name == name for r in rewards):
             raise ConfigError(f"--reward {name} is given twice; give each reward once, with its weight")
+        if name == MODEL:  # a trained reward model: model:DIR[:WEIGHT]
+            rewards.append(_model_reward(spec))
+            continue
         found = file_spec(spec)
         if found:
             if name in BUILTIN:
@@ -366,6 +379,19 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
         fn, needs = (_length_fn(context), ()) if name == "length" else _FIXED[name]
         rewards.append(Reward(name, fn, weight, needs))
     return rewards
+
+
+def _model_reward(spec: str) -> Reward:
+    from weightsmith.train.reward_model import ModelReward
+
+    rest = spec.strip()[len(MODEL) + 1 :]
+    path, colon, weight_text = rest.rpartition(":")
+    if not colon or _plain_number(weight_text.strip()) is None:  # no weight: the colon is the path's
+        path, weight_text = rest, ""
+    if not path.strip():
+        raise ConfigError(f"--reward {spec}: give the reward model's folder, as in model:runs/rm")
+    weight = _weight(spec, weight_text) if weight_text else 1.0
+    return Reward(MODEL, ModelReward(spec, path.strip()), weight)
 
 
 def _items_problem(value: Any, numbers: bool) -> str | None:

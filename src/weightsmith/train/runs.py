@@ -116,9 +116,11 @@ class RunConfig:
 
 @dataclass
 class Prepared:
-    """A model set up for one method, and how to save what it trains."""
+    """A model set up for one method, and how to save what it trains (checkpoints), and, where
+    the run's output differs from the method's (a reward model's), how to write that."""
 
     save_weights: Callable[[Path], None]
+    final: Callable[[Path], None] | None = None
 
 
 def _prepare_lora(model: nn.Module, cfg: RunConfig, base_name: str, resume_from: Path | None) -> Prepared:
@@ -129,8 +131,8 @@ def _prepare_lora(model: nn.Module, cfg: RunConfig, base_name: str, resume_from:
     lora_cfg = cfg.lora.to_config()
     if resume_from is None:
         apply_lora(model, lora_cfg)
-    else:
-        load_adapter(model, resume_from)
+    else:  # a reward model's checkpoints hold its score head too (reward_model.py restores it)
+        load_adapter(model, resume_from, reward=cfg.command == "reward")
     _float32_trainables(model)
     return Prepared(lambda d: save_adapter(model, d, lora_cfg, base_model=base_name))
 
@@ -422,7 +424,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 def write_outputs(cfg: RunConfig, model: nn.Module, loaded: Any, prepared: Prepared, out: Path) -> None:
     """The adapter (or, for full fine-tuning, an HF checkpoint in OUT/model) and loss.png."""
-    if cfg.method == "full":
+    if prepared.final is not None:
+        prepared.final(out)
+    elif cfg.method == "full":
         from weightsmith.checkpoint.save import save_hf_dir
 
         save_hf_dir(

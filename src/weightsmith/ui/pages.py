@@ -66,7 +66,8 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 def overview(root: str, scan: Scan, models: int, *, allow_run: bool, login: bool) -> str:
     runs = sum(
-        a.record is None or a.kind in ("finetune", "dpo", "kto", "grpo") for a in scan.artifacts.values()
+        a.record is None or a.kind in ("finetune", "dpo", "kto", "reward", "grpo")
+        for a in scan.artifacts.values()
     )
     run = ("<p>Chat is on (<code>--allow-run</code>): it loads models and uses this machine.</p>" if allow_run
            else "<p>Read-only: nothing here starts work (chat needs <code>--allow-run</code>).</p>")  # fmt: skip
