@@ -72,8 +72,7 @@ from weightsmith.train.runs import (
     RunConfig,
     begin_outputs,
     fit_and_save,
-    load_model,
-    load_tokenizer,
+    load_data_and_model,
     prepare,
     read_and_tokenize,
     run_on_ranks,
@@ -365,16 +364,8 @@ def fit_preferences(
     load; `objective(reference)` the loss function, given the frozen copy (or None); `what` says
     which loss, for the log. The result has `run_finetune`'s shape plus the loss, beta, where the
     reference came from and `facts`."""
-    from weightsmith.checkpoint.pull import resolve
-
     cfg, out, resume_from = start_run(cfg, cfg.command)
-    path = resolve(str(cfg.model))
-    tokenizer = load_tokenizer(path)
-    if tokenizer is not None:  # every example checked before the weights load
-        train, valid, data_stats = load(cfg, tokenizer)
-    loaded, device = load_model(cfg, path)
-    if tokenizer is None:
-        train, valid, data_stats = load(cfg, loaded.tokenizer)
+    path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     sources = {"train": train, "valid": valid}

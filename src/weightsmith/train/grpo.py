@@ -74,8 +74,7 @@ from weightsmith.train.runs import (
     RunConfig,
     begin_outputs,
     fit_and_save,
-    load_model,
-    load_tokenizer,
+    load_data_and_model,
     prepare,
     read_and_tokenize,
     run_on_ranks,
@@ -387,8 +386,6 @@ def run_grpo(
 
 
 def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[Reward]) -> dict[str, Any]:
-    from weightsmith.checkpoint.pull import resolve
-
     cfg, out, resume_from = start_run(cfg, "grpo")
     rewards = cfg.rewards() + extra
     if not rewards:
@@ -396,13 +393,7 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     names = [r.name for r in rewards]
     if len(set(names)) != len(names):
         raise ConfigError(f"rewards {names}: two share a name; give each function its own")
-    path = resolve(str(cfg.model))
-    tokenizer = load_tokenizer(path)
-    if tokenizer is not None:  # every prompt checked before the weights load
-        train, valid, data_stats = load_prompts(cfg, tokenizer)
-    loaded, device = load_model(cfg, path)
-    if tokenizer is None:
-        train, valid, data_stats = load_prompts(cfg, loaded.tokenizer)
+    path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load_prompts)
     for reward in rewards:
         if hasattr(reward.fn, "load"):  # a reward model (--reward model:DIR), beside the policy
             reward.fn.load(device)

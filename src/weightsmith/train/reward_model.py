@@ -52,8 +52,7 @@ from weightsmith.train.runs import (
     RunConfig,
     begin_outputs,
     fit_and_save,
-    load_model,
-    load_tokenizer,
+    load_data_and_model,
     prepare,
     run_on_ranks,
     start_run,
@@ -234,16 +233,8 @@ def run_reward(cfg: RewardConfig, *, reporter: Reporter | None = None) -> dict[s
 
 
 def _reward(cfg: RewardConfig, world: World, reporter: Reporter | None) -> dict[str, Any]:
-    from weightsmith.checkpoint.pull import resolve
-
     cfg, out, resume_from = start_run(cfg, "reward")
-    path = resolve(str(cfg.model))
-    tokenizer = load_tokenizer(path)
-    if tokenizer is not None:  # every pair checked before the weights load
-        train, valid, data_stats = load_pairs(cfg, tokenizer)
-    loaded, device = load_model(cfg, path)
-    if tokenizer is None:
-        train, valid, data_stats = load_pairs(cfg, loaded.tokenizer)
+    path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load_pairs)
     train, valid = (RewardSource(s.pairs, s.pad_id) for s in (train, valid))
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
@@ -330,6 +321,22 @@ def load_scorer(path: str | Path, device: torch.device, spec: str) -> Scorer:
     model = ckpt.model.requires_grad_(False).eval()
     attach_score(model, 0, weight.float()).requires_grad_(False)
     return Scorer(model, ckpt.tokenizer, pad)
+
+
+def model_reward(spec: str, weight_of: Any) -> tuple[ModelReward, float]:
+    """The function and weight of `--reward model:DIR[:WEIGHT]` (rewards.parse_rewards);
+    `weight_of(spec, text)` checks a weight."""
+    rest = spec.strip().partition(":")[2]
+    path, colon, tail = rest.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:  # no weight: a colon, if any, is the path's
+        path, tail = rest, ""
+    if not colon:
+        path, tail = rest, ""
+    if not path.strip():
+        raise ConfigError(f"--reward {spec}: give the reward model's folder, as in model:runs/rm")
+    return ModelReward(spec, path.strip()), weight_of(spec, tail) if tail else 1.0
 
 
 class ModelReward:

@@ -148,7 +148,7 @@ def final_answer(text: str, numeric: bool) -> str:
     return text.rstrip().rpartition("\n")[2]
 
 
-def _plain_number(text: str) -> float | None:
+def plain_number(text: str) -> float | None:
     value = float(text.replace(",", "")) if _NUMBER.fullmatch(text) else math.nan
     return value if math.isfinite(value) else None
 
@@ -168,8 +168,8 @@ def as_number(value: Any) -> float | None:
     frac = _LATEX_FRAC.fullmatch(text)
     top, slash, bottom = (frac.group(1), "/", frac.group(2)) if frac else text.partition("/")
     if not slash:
-        return _plain_number(text)
-    num, den = _plain_number(top.strip()), _plain_number(bottom.strip())
+        return plain_number(text)
+    num, den = plain_number(top.strip()), plain_number(bottom.strip())
     return None if num is None or not den else num / den
 
 
@@ -325,9 +325,9 @@ _FIXED: dict[str, tuple[RewardFn, tuple[str, ...]]] = {
 }
 
 
-def _weight(spec: str, text: str) -> float:
+def reward_weight(spec: str, text: str) -> float:
     """The weight of `--reward NAME:WEIGHT`: a finite number other than 0."""
-    weight = _plain_number(text.strip())
+    weight = plain_number(text.strip())
     if not weight:
         raise ConfigError(f"--reward {spec}: the weight must be a finite non-zero number, as in NAME:0.5")
     return weight
@@ -357,7 +357,10 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
         if any(r.name == name for r in rewards):
             raise ConfigError(f"--reward {name} is given twice; give each reward once, with its weight")
         if name == MODEL:  # a trained reward model: model:DIR[:WEIGHT]
-            rewards.append(_model_reward(spec))
+            from weightsmith.train.reward_model import model_reward
+
+            fn, weight = model_reward(spec, reward_weight)
+            rewards.append(Reward(MODEL, fn, weight))
             continue
         found = file_spec(spec)
         if found:
@@ -366,7 +369,7 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
                     f"--reward {spec}: {name!r} is a built-in reward's name; rename the function"
                 )
             fn = load_function(spec, found["path"], name)
-            weight = 1.0 if found["weight"] is None else _weight(spec, found["weight"])
+            weight = 1.0 if found["weight"] is None else reward_weight(spec, found["weight"])
             rewards.append(Reward(name, TrlStyle(fn) if takes_kwargs(fn) else fn, weight, source=spec))
             continue
         if name not in BUILTIN:
@@ -375,23 +378,10 @@ def parse_rewards(specs: Sequence[str], context: RewardContext) -> list[Reward]:
                 f"--reward {spec}: unknown reward {name!r}; the rewards are: {choices}, or PATH.py:FUNCTION"
             )
         _, colon, weight_text = spec.partition(":")
-        weight = _weight(spec, weight_text) if colon else 1.0
+        weight = reward_weight(spec, weight_text) if colon else 1.0
         fn, needs = (_length_fn(context), ()) if name == "length" else _FIXED[name]
         rewards.append(Reward(name, fn, weight, needs))
     return rewards
-
-
-def _model_reward(spec: str) -> Reward:
-    from weightsmith.train.reward_model import ModelReward
-
-    rest = spec.strip()[len(MODEL) + 1 :]
-    path, colon, weight_text = rest.rpartition(":")
-    if not colon or _plain_number(weight_text.strip()) is None:  # no weight: the colon is the path's
-        path, weight_text = rest, ""
-    if not path.strip():
-        raise ConfigError(f"--reward {spec}: give the reward model's folder, as in model:runs/rm")
-    weight = _weight(spec, weight_text) if weight_text else 1.0
-    return Reward(MODEL, ModelReward(spec, path.strip()), weight)
 
 
 def _items_problem(value: Any, numbers: bool) -> str | None:

@@ -343,6 +343,20 @@ def warn_truncated(
         )  # fmt: skip
 
 
+def load_data_and_model(
+    cfg: RunConfig, load: Callable[[Any, Any], tuple]
+) -> tuple[Path, Any, torch.device, tuple]:
+    """The model's path, its loaded checkpoint and device, and `load(cfg, tokenizer)`'s data,
+    read and checked before the weights load wherever the tokenizer loads alone."""
+    from weightsmith.checkpoint.pull import resolve
+
+    path = resolve(str(cfg.model))
+    tokenizer = load_tokenizer(path)
+    data = load(cfg, tokenizer) if tokenizer is not None else None
+    loaded, device = load_model(cfg, path)
+    return path, loaded, device, data if data is not None else load(cfg, loaded.tokenizer)
+
+
 def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None, world: World | None = None) -> None:
     """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl
     (rank 0, once every rank has checked its input)."""
