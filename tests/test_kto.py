@@ -214,3 +214,17 @@ def test_uneven_data_gets_the_weights_the_paper_advises(tiny_hf_dir, tmp_path, c
     # lambda_D x 12 / (lambda_U x 3) within [1, 4/3]: lambda_D in [0.25, 0.333] or lambda_U in [3, 4]
     assert "--desirable-weight within [0.25, 0.333] or --undesirable-weight within [3, 4]" in caplog.text
     assert isinstance(train.batch([0, 1]).labels, torch.Tensor)
+
+
+@pytest.mark.parametrize("command", ["kto", "reward"])
+def test_reproduce_gives_the_same_adapter(tiny_hf_dir, feedback, tmp_path, capsys, command):
+    data = feedback if command == "kto" else write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    out = tmp_path / "run"
+    args = [command, str(tiny_hf_dir), "--data", str(data), "--out", str(out), "--max-seq-len", "64",
+            "--train.max-steps", "2", "--train.batch-size", "2", "--lora.rank", "2"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["reproduce", str(out), "--out", str(again), "--root", str(tmp_path), "--json"]) == 0
+    status = {o["path"]: o["status"] for o in json.loads(capsys.readouterr().out)["outputs"]}
+    assert status["adapter_model.safetensors"] == "identical", status
