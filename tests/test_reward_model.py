@@ -328,3 +328,14 @@ def test_bad_reward_model_specs_are_one_line_errors(trained_rm, spec, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_rewards([spec.format(rm=trained_rm)], RewardContext(8))
+
+
+def test_qlora_trains_a_reward_head_over_a_4bit_base(tiny_hf_dir, pairs_file, tmp_path):
+    out = tmp_path / "rm"
+    result = run_reward(reward_config(tiny_hf_dir, pairs_file, out, method="qlora", train={"max_steps": 3}))
+    assert result["method"] == "qlora" and result["parameters"]["trainable"] > 0
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    from weightsmith.train.reward_model import load_scorer
+
+    scorer = load_scorer(out, torch.device("cpu"), "model:" + str(out))  # scored over the full-precision base
+    assert scorer([[5, 6, 7], [8, 9]]).isfinite().all()
