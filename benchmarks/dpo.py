@@ -26,13 +26,23 @@ and the reference KL forward; both then backward + AdamW step. Both sides' first
 about 0.5 (policy == reference on the first step, so every log-ratio is 0 and z0 is clamped
 at 0).
 
+With `--loss reward`, a reward model (a fresh fp32 score head on the last normed hidden state,
+trained beside the adapters; Bradley-Terry loss, no margins, no centring) against TRL's
+`RewardTrainer` on `AutoModelForSequenceClassification` with a peft SEQ_CLS LoRA whose
+`modules_to_save` is the head, both heads starting from the same draw. Ours runs one forward over
+each pair as one row (the prompt once, then the chosen and the rejected answer), reads the score
+at each answer's last non-pad token, then backward; TRL runs chosen and rejected as two padded
+rows each (the prompt twice) through the classifier, then backward; both then an AdamW step.
+The first losses agree (same model, tokens and head; the adapters' B start at zero); in place of
+the chosen log-prob, the first step's mean reward is printed.
+
 Each contender runs in its own process (so peak resident memory is its own), warms up
 for one step, then times `--steps` steps; processes alternate (ours, peer, ours, ...) so a
 noisy neighbour slows both alike. Medians and the ratio peer/ours are printed (> 1 means
 weightsmith is faster), with both sides' first-step policy log-probs (they agree: the same
 model and tokens) and the CPU model and instruction sets.
 
-    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2] [--loss dpo|simpo|kto]
+    python benchmarks/dpo.py [--threads 2] [--pairs 4] [--seq-len 256] [--steps 3] [--rounds 2] [--loss dpo|simpo|kto|reward]
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from machine import cpu_description  # beside this file
@@ -55,6 +66,7 @@ NAMES = {"ours": "weightsmith LoRA DPO", "peer": "TRL DPOTrainer + peft LoRA"}
 OTHER_NAMES = {
     "simpo": {"ours": "weightsmith LoRA SimPO", "peer": "TRL CPOTrainer(simpo) + peft"},
     "kto": {"ours": "weightsmith LoRA KTO", "peer": "TRL KTOTrainer + peft LoRA"},
+    "reward": {"ours": "weightsmith LoRA reward model", "peer": "TRL RewardTrainer + peft LoRA"},
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1
@@ -114,18 +126,22 @@ def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> 
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
     from weightsmith.lora import LoraConfig, apply_lora
+    from weightsmith.train.data import pad_id_for
     from weightsmith.train.dpo import PreferenceObjective
     from weightsmith.train.kto import KtoObjective
     from weightsmith.train.losses import PREFERENCE_LOSSES
     from weightsmith.train.metric_sums import Mean
     from weightsmith.train.optim import make_optimizer
     from weightsmith.train.preference_data import PairSource
+    from weightsmith.train.reward_model import RewardObjective, RewardSource, attach_score
     from weightsmith.train.unpaired_data import UnpairedSource
 
     tune_cpu_allocator()  # what weightsmith's Trainer does before training on a CPU
     ckpt = load_checkpoint(path, dtype=torch.float32, decode_layout=False)
     model = ckpt.model.train()
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
+    if loss == "reward":
+        attach_score(model, seed=0)  # trainable, so before the optimizer; TRL's side draws the same
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     pairs = make_pairs(ckpt.tokenizer, n, seq_len)
     if loss == "kto":
@@ -133,25 +149,29 @@ def run_ours(path: str, n: int, seq_len: int, steps: int, loss: str = "dpo") -> 
         source = UnpairedSource(unpair(pairs), pad_id=0, max_seq_len=2 * seq_len, partners=kl_rotation(n))
         batch = source.batch(range(n))
         objective = KtoObjective("kto", beta=BETA, reference=None)
+    elif loss == "reward":  # padded with the id TRL pads with: both read the score at the same token
+        batch = RewardSource(pairs, pad_id_for(ckpt.tokenizer)).batch(range(n))
+        objective = RewardObjective(None)
     else:
         batch = PairSource(pairs, pad_id=0).batch(range(n))
         if loss == "simpo":
             objective = PreferenceObjective(PREFERENCE_LOSSES["simpo"], SIMPO_BETA, reference_free=True)
         else:
             objective = PreferenceObjective(PREFERENCE_LOSSES["dpo"], BETA)
-    logps: list[float] = []
+    stats: list[float] = []
+    key = "mean_reward" if loss == "reward" else "logps_chosen"
 
     def step() -> float:
         loss, count, metrics = objective(model, batch)
         (loss / count).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        chosen = metrics["logps_chosen"]  # KTO's: a Mean over the desirable examples
-        logps.append(float(chosen.total) / chosen.n if isinstance(chosen, Mean) else float(chosen) / count)
+        stat = metrics[key]  # a Mean (KTO's log-probs: over the desirable examples) or a sum
+        stats.append(float(stat.total) / stat.n if isinstance(stat, Mean) else float(stat) / count)
         return float(loss) / count
 
     share = sum(len(p.prompt) for p in pairs) / (n * seq_len)
-    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": share})
+    return time_steps(step, steps, lambda: {"first_stat": stats[0], "prompt_share": share})
 
 
 def convert(path: str, hf_dir: str) -> None:
@@ -168,52 +188,73 @@ def convert(path: str, hf_dir: str) -> None:
 
 
 def run_peer(path: str, n: int, seq_len: int, steps: int, hf_dir: str, loss: str = "dpo") -> dict:
-    """TRL's DPOTrainer (or with `loss` "kto" its KTOTrainer) on our token ids, through its own
-    collator and `compute_loss`."""
+    """TRL's DPOTrainer (or with `loss` "kto" its KTOTrainer, with "reward" its RewardTrainer) on
+    our token ids, through its own collator and `compute_loss`."""
     import datasets
     import peft
     import transformers
     import trl
 
-    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.train.data import pad_id_for
+    from weightsmith.train.reward_model import attach_score
+    from weightsmith.train.runs import load_tokenizer
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    common = {"output_dir": f"/tmp/weightsmith-bench-{loss}", "beta": BETA, "per_device_train_batch_size": n,
+    common = {"output_dir": f"/tmp/weightsmith-bench-{loss}", "per_device_train_batch_size": n,
               "use_cpu": True, "bf16": False, "gradient_checkpointing": False, "disable_dropout": True,
               "report_to": "none"}  # fmt: skip
-    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
-    if loss == "kto":
-        trainer_class, args = trl.KTOTrainer, trl.KTOConfig(loss_type="kto", max_length=None, **common)
+    ours_tokenizer = load_tokenizer(Path(path))
+    pairs = make_pairs(ours_tokenizer, n, seq_len)  # same ids as ours
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
+    if loss == "reward":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            hf_dir, num_labels=1, dtype=torch.float32
+        )
+        head = attach_score(model, seed=0).weight  # our head's draw; peft copies it into modules_to_save
+        trainer_class = trl.RewardTrainer
+        args = trl.RewardConfig(max_length=None, center_rewards_coefficient=None, **common)
+        rows = [{"chosen_ids": p.prompt + p.chosen, "rejected_ids": p.prompt + p.rejected} for p in pairs]
+        lora |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+        train_rows, stat = rows, "mean_reward"  # already tokenized: TRL takes them as they are
+    elif loss == "kto":
+        trainer_class = trl.KTOTrainer
+        args = trl.KTOConfig(loss_type="kto", max_length=None, beta=BETA, **common)
         ex = unpair(pairs)
         rows = [{"prompt_ids": e.prompt, "completion_ids": e.completion, "label": e.label,
                  "KL_completion_ids": ex[j].completion} for e, j in zip(ex, kl_rotation(n), strict=True)]  # fmt: skip
     else:
         trainer_class = trl.DPOTrainer
-        args = trl.DPOConfig(loss_type=["sigmoid"], max_length=seq_len, **common)
+        args = trl.DPOConfig(loss_type=["sigmoid"], max_length=seq_len, beta=BETA, **common)
         rows = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    if loss != "reward":
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        train_rows, stat = pair_rows(n), "logps/chosen"
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_list(pair_rows(n)),
+        train_dataset=datasets.Dataset.from_list(train_rows),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=peft.LoraConfig(**lora),
     )
+    if loss == "reward":  # the score is read at the last token that is not this id, on both sides
+        assert trainer.processing_class.pad_token_id == pad_id_for(ours_tokenizer), "pad ids differ"
+        score = trainer.model.base_model.model.score
+        for module in (score.modules_to_save.default, score.original_module):
+            assert torch.equal(module.weight, head), "score heads differ"
     batch = trainer.data_collator(rows)
     policy = trainer.model.train()
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    logps: list[float] = []
+    stats: list[float] = []
 
     def step() -> float:
         loss = trainer.compute_loss(policy, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        logps.append(trainer._metrics["train"]["logps/chosen"][-1])
+        stats.append(trainer._metrics["train"][stat][-1])
         return float(loss)
 
-    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": float("nan")})
+    return time_steps(step, steps, lambda: {"first_stat": stats[0], "prompt_share": float("nan")})
 
 
 def run_cpo(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
@@ -223,8 +264,6 @@ def run_cpo(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
     import datasets
     import peft
     import transformers
-
-    from weightsmith.checkpoint.load import load_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,7 +277,9 @@ def run_cpo(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
     trainer = CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pair_rows(n)),
                          processing_class=tokenizer, peft_config=lora)  # fmt: skip
-    pairs = make_pairs(load_checkpoint(path, dtype=torch.float32).tokenizer, n, seq_len)  # same ids as ours
+    from weightsmith.train.runs import load_tokenizer
+
+    pairs = make_pairs(load_tokenizer(Path(path)), n, seq_len)  # same ids as ours (the tokenizer alone)
     rows = []
     for p in pairs:
         row = {"prompt_input_ids": p.prompt, "prompt_attention_mask": [1] * len(p.prompt)}
@@ -259,7 +300,7 @@ def run_cpo(path: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
         logps.append(float(metrics["logps/chosen"]))
         return float(loss)
 
-    return time_steps(step, steps, lambda: {"first_logps": logps[0], "prompt_share": float("nan")})
+    return time_steps(step, steps, lambda: {"first_stat": logps[0], "prompt_share": float("nan")})
 
 
 def time_steps(step, steps: int, extra=dict) -> dict:
@@ -330,7 +371,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--loss", choices=["dpo", "simpo", "kto"], default="dpo")
+    p.add_argument("--loss", choices=["dpo", "simpo", "kto", "reward"], default="dpo")
     for loss, names in OTHER_NAMES.items():
         if loss in sys.argv:
             NAMES.update(names)
@@ -349,12 +390,13 @@ def main() -> None:
         "--loss",
         args.loss,
     ]
+    stat, digits = ("mean reward", 5) if args.loss == "reward" else ("chosen log-prob", 3)
     for r, who, got in alternate(base, NAMES, shape, args.rounds):
         results[who]["t"] += got["times"]
         results[who]["mem"].append(got["peak_gib"])
         print(
             f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
-            f"  first loss {got['first_loss']:.5f}  first chosen log-prob {got['first_logps']:.3f}"
+            f"  first loss {got['first_loss']:.5f}  first {stat} {got['first_stat']:.{digits}f}"
         )
     shutil.rmtree(hf_dir, ignore_errors=True)
     if not all(results[who]["t"] for who in NAMES):

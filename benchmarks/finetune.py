@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from machine import cpu_description  # beside this file
@@ -121,9 +122,11 @@ def run_peer(
     import peft
     import transformers
 
-    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.train.runs import load_tokenizer
 
-    tokenizer = load_checkpoint(path, dtype=torch.float32).tokenizer  # same token ids for both
+    tokenizer = load_tokenizer(
+        Path(path)
+    )  # same token ids for both (the tokenizer alone: no model in memory)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
     ).to(torch.bfloat16 if bf16 else torch.float32)
