@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,18 +49,23 @@ def write_jsonl(path: Path, rows: list) -> Path:
 TRAIN = {"lr": 5e-3, "max_steps": 8, "batch_size": 4, "eval_every": 4, "save_every": 4, "seed": 3}
 
 
-def dpo_config(model: Path, data: Path, out: Path, **fields) -> DpoConfig:
-    train = {**TRAIN, **fields.pop("train", {})}
+def run_config(cls: type, model: Path, data: Path, out: Path, defaults: dict, **fields) -> Any:
+    """A `cls` run config on the tiny model (rows up to 64 tokens, a rank-4 LoRA): the loop
+    options `defaults`, updated by `fields["train"]`."""
     values = {
         "model": str(model),
         "data": str(data),
         "out": str(out),
         "max_seq_len": 64,
-        "train": train,
+        "train": {**defaults, **fields.pop("train", {})},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
         **fields,
     }
-    return config_from_dict(DpoConfig, values)
+    return config_from_dict(cls, values)
+
+
+def dpo_config(model: Path, data: Path, out: Path, **fields) -> DpoConfig:
+    return run_config(DpoConfig, model, data, out, TRAIN, **fields)
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,20 @@ def trl_run(
     return prepared, loss.detach(), metrics, grads
 
 
+def assert_same_gradients(
+    model: torch.nn.Module, trl_grads: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Our model's gradients equal TRL's (by our parameter names; fp32, 1e-5), and are not all zero."""
+    our_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(our_grads) == set(trl_grads) and our_grads
+    for name, g in our_grads.items():
+        torch.testing.assert_close(
+            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert max(g.abs().max() for g in our_grads.values()) > 1e-4  # the gradients are not all zero
+    return our_grads
+
+
 def records_of(rows: list[dict]) -> list:
     return [parse_pair(json.dumps(r), f"pairs.jsonl:{i + 1}")[0] for i, r in enumerate(rows)]
 
@@ -223,12 +237,7 @@ def test_loss_rewards_and_gradients_equal_trl(tiny_hf_dir, tmp_path, loss, trl_l
     for mine, theirs in pairs_of.items():
         assert ours[mine] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=2e-5), mine
     assert 0 < ours["reward_accuracy"] < 1 or method == "full"  # the pairs are not all alike
-    assert set(our_grads) == set(trl_grads) and our_grads
-    for name, g in our_grads.items():
-        torch.testing.assert_close(
-            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert max(g.abs().max() for g in our_grads.values()) > 1e-4  # the gradients are not all zero
+    assert_same_gradients(model, trl_grads)
 
 
 def test_disabled_adapters_are_the_same_reference_as_a_frozen_copy(tiny_hf_dir):
@@ -352,11 +361,5 @@ def test_reference_free_losses_equal_trls_cpo_and_orpo(tiny_hf_dir, tmp_path, mo
     for mine, key in (("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
                       ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):  # fmt: skip
         assert ours[mine] == pytest.approx(float(trl_metrics[key]), rel=1e-5, abs=1e-5), mine
-    our_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert set(our_grads) == set(trl_grads) and our_grads
-    for name, g in our_grads.items():
-        torch.testing.assert_close(
-            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert max(g.abs().max() for g in our_grads.values()) > 1e-4
+    assert_same_gradients(model, trl_grads)
     assert DpoConfig(model="m", data="d", out="o", loss=loss).sft_weight == (1.0 if loss == "orpo" else 0.0)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo import _cli, losses_of, pair_rows, write_jsonl
+from test_dpo import _cli, losses_of, pair_rows, run_config, write_jsonl
 
 from weightsmith.cli.main import main
-from weightsmith.config import config_from_dict
 from weightsmith.train import kto as kto_module
 from weightsmith.train.kto import KtoConfig, run_kto
 from weightsmith.train.runs import read_metrics
@@ -36,10 +35,7 @@ def feedback_rows(n: int = 24) -> list[dict]:
 
 
 def kto_config(model: Path, data: Path, out: Path, **fields) -> KtoConfig:
-    train = {**TRAIN, **fields.pop("train", {})}
-    values = {"model": str(model), "data": str(data), "out": str(out), "max_seq_len": 64, "train": train,
-              "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, **fields}  # fmt: skip
-    return config_from_dict(KtoConfig, values)
+    return run_config(KtoConfig, model, data, out, TRAIN, **fields)
 
 
 @pytest.fixture(scope="module")

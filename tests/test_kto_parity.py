@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo_parity import USER, copy_weights, peft_lora, policy_and_reference
+from test_dpo_parity import USER, assert_same_gradients, copy_weights, peft_lora, policy_and_reference
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.train.kto import KtoObjective
@@ -112,10 +112,4 @@ def test_loss_kl_rewards_and_gradients_equal_trl(tiny_hf_dir, tmp_path, loss, fm
         assert ours[mine] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=2e-5), mine
     if loss == "kto":
         assert ours["kl"] > 0 or method == "full"  # full: the estimate came out negative; 0, as TRL clamps it
-    our_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert set(our_grads) == set(trl_grads) and our_grads
-    for name, g in our_grads.items():
-        torch.testing.assert_close(
-            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert max(g.abs().max() for g in our_grads.values()) > 1e-4
+    assert_same_gradients(model, trl_grads)

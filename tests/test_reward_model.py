@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo import _cli, losses_of, pair_rows, write_jsonl
-from test_dpo_parity import TARGETS, ours_model, rows_in
+from test_dpo import _cli, losses_of, pair_rows, run_config, write_jsonl
+from test_dpo_parity import TARGETS, assert_same_gradients, ours_model, rows_in
 
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cli.main import main
-from weightsmith.config import config_from_dict
 from weightsmith.train.preference_data import read_pairs, tokenize_pairs
 from weightsmith.train.reward_model import (
     RewardConfig,
@@ -124,12 +123,7 @@ def test_loss_metrics_and_gradients_equal_trl(tiny_hf_dir, tmp_path, fmt, method
     for mine, theirs in (("accuracy", "accuracy"), ("margin", "margin"), ("mean_reward", "mean_reward")):
         assert ours[mine] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=1e-5), mine
     assert 0 < ours["accuracy"] < 1  # the pairs are not all alike
-    our_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert set(our_grads) == set(trl_grads) and "score.weight" in our_grads
-    for name, g in our_grads.items():
-        torch.testing.assert_close(
-            g, trl_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    assert "score.weight" in assert_same_gradients(model, trl_grads)
 
 
 # ----- the command ------------------------------------------------------------------------------------
@@ -138,10 +132,7 @@ TRAIN = {"lr": 1e-2, "max_steps": 30, "batch_size": 4, "eval_every": 10, "save_e
 
 
 def reward_config(model: Path, data: Path, out: Path, **fields) -> RewardConfig:
-    train = {**TRAIN, **fields.pop("train", {})}
-    values = {"model": str(model), "data": str(data), "out": str(out), "max_seq_len": 64, "train": train,
-              "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, **fields}  # fmt: skip
-    return config_from_dict(RewardConfig, values)
+    return run_config(RewardConfig, model, data, out, TRAIN, **fields)
 
 
 @pytest.fixture(scope="module")
