@@ -249,6 +249,7 @@ def test_a_reward_adapter_is_not_a_chat_adapter_and_bad_margins_are_named(
     code = main(["reward", str(tiny_hf_dir), "--data", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and f"{bad}:1: margin: must be a number" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
 
 
 # ----- as a grpo reward -------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_a_model_reward_scores_as_trl_scores_with_a_reward_model(tiny_hf_dir, tr
 
     (reward,) = parse_rewards([f"model:{trained_rm}:0.5"], RewardContext(8))
     assert reward.name == "model" and reward.weight == 0.5
-    reward.fn.load(torch.device("cpu"))
+    reward.fn.load(torch.device("cpu"), tiny_hf_dir)
     rows = [{"prompt": [{"role": "user", "content": "fox dog?"}]}, {"prompt": "Q: quick brown?\nA:"}] * 2
     completions = ["The fox jumps over the lazy dog.", " No dog, fox fox.", "No fox.", " The quick one."]
     ours = torch.tensor(reward.fn(completions, rows, [0] * 4))
@@ -328,5 +329,28 @@ def test_qlora_trains_a_reward_head_over_a_4bit_base(tiny_hf_dir, pairs_file, tm
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
     from weightsmith.train.reward_model import load_scorer
 
-    scorer = load_scorer(out, torch.device("cpu"), "model:" + str(out))  # scored over the full-precision base
+    scorer = load_scorer(
+        out, torch.device("cpu"), "model:" + str(out), tiny_hf_dir
+    )  # scored over the full-precision base
     assert scorer([[5, 6, 7], [8, 9]]).isfinite().all()
+
+
+def test_a_reward_adapter_naming_another_base_path_is_refused(trained_rm, tiny_hf_dir, tmp_path):
+    """adapter_config.json is a shared file: its base path is loaded only where it is the model
+    being trained (the command line names that one)."""
+    import shutil
+
+    from weightsmith.errors import ConfigError
+    from weightsmith.train.reward_model import load_scorer
+
+    hostile = tmp_path / "rm"
+    shutil.copytree(trained_rm, hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere")
+    (hostile / "adapter_config.json").write_text(json.dumps(config))
+    for policy in (tiny_hf_dir, None):
+        with pytest.raises(
+            ConfigError, match="its adapter's base is the path .*elsewhere, not the model being trained"
+        ):
+            load_scorer(hostile, torch.device("cpu"), f"model:{hostile}", policy)
+    assert load_scorer(trained_rm, torch.device("cpu"), "model:x", tiny_hf_dir).pad_id is not None

@@ -396,7 +396,7 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load_prompts)
     for reward in rewards:
         if hasattr(reward.fn, "load"):  # a reward model (--reward model:DIR), beside the policy
-            reward.fn.load(device)
+            reward.fn.load(device, path)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     reference = None

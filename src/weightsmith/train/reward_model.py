@@ -286,12 +286,13 @@ class Scorer:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def load_scorer(path: str | Path, device: torch.device, spec: str) -> Scorer:
-    """A reward model written by `weightsmith reward`: a PEFT SEQ_CLS adapter (its base named in
-    adapter_config.json, loaded from the store or a path, never fetched) or an HF
-    `*ForSequenceClassification` folder."""
+def load_scorer(path: str | Path, device: torch.device, spec: str, policy: Path | None = None) -> Scorer:
+    """A reward model written by `weightsmith reward`: a PEFT SEQ_CLS adapter or an HF
+    `*ForSequenceClassification` folder. An adapter's base is named in its adapter_config.json,
+    a shared file: a store or catalog name is loaded from the store (never fetched), a path only
+    where it is the policy's own model (`policy`, which the command line named)."""
     from weightsmith.checkpoint.load import load_checkpoint
-    from weightsmith.checkpoint.pull import resolve
+    from weightsmith.checkpoint.pull import looks_like_path, resolve
     from weightsmith.device import pick_dtype
     from weightsmith.files import read_json
     from weightsmith.lora import load_adapter
@@ -303,6 +304,13 @@ def load_scorer(path: str | Path, device: torch.device, spec: str) -> Scorer:
         base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"--reward {spec}: {folder}/adapter_config.json names no base model")
+        if looks_like_path(str(base)) and (
+            policy is None or Path(base).expanduser().resolve() != policy.resolve()
+        ):
+            raise ConfigError(
+                f"--reward {spec}: its adapter's base is the path {base}, not the model being trained; a reward "
+                "model's base must be that model or a stored one (weightsmith pull NAME)"
+            )
         ckpt = load_checkpoint(resolve(str(base), auto_pull=False), device=device, dtype=dtype)
         load_adapter(ckpt.model, folder, reward=True)
         weight, pad = head_weight(folder), pad_id_for(ckpt.tokenizer)
@@ -355,9 +363,11 @@ class ModelReward:
             )
         self.scorer: Scorer | None = None
 
-    def load(self, device: torch.device) -> None:
+    def load(self, device: torch.device, policy: Path | None = None) -> None:
+        """Load the reward model on `device`; `policy` is the trained model's path (an adapter's
+        base may be it)."""
         if self.scorer is None:
-            self.scorer = load_scorer(self.path, device, self.spec)
+            self.scorer = load_scorer(self.path, device, self.spec, policy)
 
     def __call__(self, completions: list[str], rows: list[dict[str, Any]], lengths: list[int]) -> list[float]:
         assert self.scorer is not None, "ModelReward.load first"
