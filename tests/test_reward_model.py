@@ -187,7 +187,9 @@ def test_a_trained_reward_model_ranks_pairs_and_transformers_scores_it_alike(
     else:
         from safetensors.torch import load_file
 
-        ours = load_checkpoint(out / "model", decode_layout=False).model
+        with pytest.raises(Exception, match="a reward model .it scores text, it cannot generate"):
+            load_checkpoint(out / "model")  # chat, generate, serve: refused in one line
+        ours = load_checkpoint(out / "model", decode_layout=False, reward=True).model
         attach_score(ours, 0, load_file(str(out / "model" / "model.safetensors"))["score.weight"])
     from weightsmith.train.reward_model import pair_rewards
 

@@ -53,8 +53,13 @@ def load_checkpoint(
     decode_layout: bool = True,
     on_tensor: TensorHook | None = None,
     keep_quantized: bool = False,
+    reward: bool = False,
 ) -> Checkpoint:
     """Load an HF directory or a .gguf file.
+
+    reward: the folder may be a reward model (`*ForSequenceClassification`, `weightsmith reward
+    --method full`): its score head comes back as `Checkpoint.score`. Without it such a folder
+    is refused (it scores text; it has no LM head to generate with).
 
     keep_quantized: a GGUF file's matrices in the quantized types the C kernels run stay in
     their blocks (GGMLLinear layers, weightsmith.checkpoint.gguf_quants) instead of being
@@ -80,7 +85,7 @@ def load_checkpoint(
         ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor, keep_quantized)
     elif (path / "config.json").exists():
         ckpt = _load_hf_dir(
-            path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor, keep_quantized
+            path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor, keep_quantized, reward
         )
     else:
         raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
@@ -96,11 +101,18 @@ def _load_hf_dir(
     decode_layout: bool,
     on_tensor: TensorHook | None,
     keep_quantized: bool = False,
+    reward: bool = False,
 ) -> Checkpoint:
     from weightsmith.checkpoint import quantized as quant_ckpt
     from weightsmith.tokenizer import Tokenizer
 
     data = read_json(path / "config.json")
+    if reward_head(data) != reward:
+        raise CheckpointError(
+            f"{path}: a reward model (it scores text, it cannot generate); use it as grpo --reward model:{path}"
+            if not reward
+            else f"{path}: a language model, not a reward model (train one with weightsmith reward)"
+        )
     cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
     mxfp4 = (data.get("quantization_config") or {}).get("quant_method") == "mxfp4"
     if keep_quantized and not (mxfp4 and device.type == "cpu" and on_tensor is None):

@@ -315,11 +315,8 @@ def load_scorer(path: str | Path, device: torch.device, spec: str, policy: Path 
         load_adapter(ckpt.model, folder, reward=True)
         weight, pad = head_weight(folder), pad_id_for(ckpt.tokenizer)
     elif (folder / "config.json").is_file():
-        ckpt = load_checkpoint(folder, device=device, dtype=dtype)
-        if ckpt.score is None:
-            raise ConfigError(
-                f"--reward {spec}: {folder} is a language model, not a reward model (weightsmith reward)"
-            )
+        ckpt = load_checkpoint(folder, device=device, dtype=dtype, reward=True)  # refuses a language model
+        assert ckpt.score is not None
         weight, pad = ckpt.score, read_json(folder / "config.json").get("pad_token_id")
         pad = pad_id_for(ckpt.tokenizer) if pad is None else int(pad)
     else:
