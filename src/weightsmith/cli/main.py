@@ -68,6 +68,15 @@ def _synth(config: type, run: Callable[[Any, Any], Any], help: str, example: str
     return Command(config, help, example, run, _plain(synth_out.print_synth), synth_out.make_progress)
 
 
+def _training(name: str, help: str, example: str) -> Command:
+    """A training command: `weightsmith.commands.train`'s NameConfig and run_name, a progress bar."""
+    config, run = f"{name.capitalize()}Config", f"run_{name}"
+    return Command(
+        Ref(f"weightsmith.commands.train:{config}"), help, example, Ref(f"weightsmith.commands.train:{run}"),
+        _plain(Ref("weightsmith.cli.train:print_finetune")), lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
+    )  # fmt: skip
+
+
 def _listening(cfg: Any) -> Callable[[str, Any], None]:
     return lambda url, state: serve_out.print_listening(url, state, sys.stderr)
 
@@ -121,55 +130,47 @@ COMMANDS: dict[str, Command | Group] = {
         None,
         with_loading(),
     ),
-    "finetune": Command(
-        Ref("weightsmith.commands.train:FinetuneConfig"),
+    "finetune": _training(
+        "finetune",
         "fine-tune on your JSONL data (LoRA, QLoRA or full)",
         "weightsmith finetune smollm2-135m-instruct --data support.jsonl --method lora --out runs/support\n"
         "  weightsmith finetune smollm2-135m-instruct --config finetune.yaml --train.lr 1e-4 --lora.rank 16\n"
         "  weightsmith finetune --resume runs/support          # continue from the latest checkpoint",
-        Ref("weightsmith.commands.train:run_finetune"),
-        _plain(Ref("weightsmith.cli.train:print_finetune")),
-        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
-    "dpo": Command(
-        Ref("weightsmith.commands.train:DpoConfig"),
+    "distill": _training(
+        "distill",
+        "distil a teacher model into a student: learn its token distributions on your data (LoRA, QLoRA or full)",
+        "weightsmith distill smollm2-135m-instruct --teacher ./SmolLM2-360M-Instruct --data support.jsonl --out runs/kd\n"
+        "  weightsmith distill smollm2-135m-instruct --teacher ./big --data chat.jsonl --out runs/gkd --loss jsd --kd-ratio 1\n"
+        "  weightsmith distill --resume runs/kd                # continue from the latest checkpoint",
+    ),
+    "dpo": _training(
+        "dpo",
         "align a model with preference pairs (DPO, IPO; LoRA, QLoRA or full)",
         "weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/aligned --loss dpo --beta 0.1\n"
         "  weightsmith dpo smollm2-135m-instruct --data pairs.jsonl --out runs/full --method full --precompute-ref\n"
         "  weightsmith dpo --resume runs/aligned               # continue from the latest checkpoint",
-        Ref("weightsmith.commands.train:run_dpo"),
-        _plain(Ref("weightsmith.cli.train:print_finetune")),
-        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
-    "kto": Command(
-        Ref("weightsmith.commands.train:KtoConfig"),
+    "kto": _training(
+        "kto",
         "learn from completions marked good or bad, no pairs needed (KTO; LoRA, QLoRA or full)",
         "weightsmith kto smollm2-135m-instruct --data feedback.jsonl --out runs/kto --beta 0.1\n"
         "  weightsmith kto smollm2-135m-instruct --data feedback.jsonl --out runs/kto --undesirable-weight 1.3\n"
         "  weightsmith kto --resume runs/kto                   # continue from the latest checkpoint",
-        Ref("weightsmith.commands.train:run_kto"),
-        _plain(Ref("weightsmith.cli.train:print_finetune")),
-        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
-    "reward": Command(
-        Ref("weightsmith.commands.train:RewardConfig"),
+    "reward": _training(
+        "reward",
         "train a reward model on preference pairs: a score that ranks the chosen answers higher",
         "weightsmith reward smollm2-135m-instruct --data pairs.jsonl --out runs/rm\n"
         "  weightsmith reward smollm2-135m-instruct --data pairs.jsonl --out runs/rm-full --method full\n"
         "  weightsmith reward --resume runs/rm                  # continue from the latest checkpoint",
-        Ref("weightsmith.commands.train:run_reward"),
-        _plain(Ref("weightsmith.cli.train:print_finetune")),
-        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
-    "grpo": Command(
-        Ref("weightsmith.commands.train:GrpoConfig"),
+    "grpo": _training(
+        "grpo",
         "reinforce what a reward checks (GRPO): sample answers, score them, learn from the better ones",
         "weightsmith grpo smollm2-135m-instruct --data math.jsonl --out runs/rl --reward answer --reward length:0.5\n"
         "  weightsmith grpo smollm2-135m-instruct --data prompts.jsonl --out runs/json --reward json --num-generations 4\n"
         "  weightsmith grpo --resume runs/rl                   # continue from the latest checkpoint",
-        Ref("weightsmith.commands.train:run_grpo"),
-        _plain(Ref("weightsmith.cli.train:print_finetune")),
-        lambda cfg: Ref("weightsmith.cli.train:make_reporter")(),
     ),
     "merge": Command(
         Ref("weightsmith.commands.train:MergeConfig"),

@@ -33,6 +33,7 @@ def _recipes() -> dict[str, tuple[type, Callable[..., Any]]]:
         "finetune": (train.FinetuneConfig, train.run_finetune),
         "dpo": (train.DpoConfig, train.run_dpo),
         "kto": (train.KtoConfig, train.run_kto),
+        "distill": (train.DistillConfig, train.run_distill),
         "reward": (train.RewardConfig, train.run_reward),
         "grpo": (train.GrpoConfig, train.run_grpo),
         "merge": (train.MergeConfig, train.run_merge),

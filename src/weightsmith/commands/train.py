@@ -1,4 +1,4 @@
-"""Commands that shape a model: finetune, dpo, kto, reward, grpo and merge.
+"""Commands that shape a model: finetune, distill, dpo, kto, reward, grpo and merge.
 
 `run_finetune(cfg, progress)` trains as `weightsmith.train.sft` does and `run_dpo(cfg,
 progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop's
@@ -6,7 +6,8 @@ progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop
 `DpoConfig` are owned by those modules and only re-exported here; `run_kto` (and
 `KtoConfig`) likewise for `weightsmith.train.kto`, `run_reward` (`RewardConfig`) for
 `weightsmith.train.reward_model`, `run_grpo` (and `GrpoConfig`) for
-`weightsmith.train.grpo`. `run_merge` folds a
+`weightsmith.train.grpo`, `run_distill` (`DistillConfig`) for `weightsmith.train.distill`.
+`run_merge` folds a
 LoRA adapter into its base and saves an HF directory.
 
 Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
@@ -22,6 +23,8 @@ from typing import Any
 from weightsmith.commands.loading import LoadOptions, load_status
 from weightsmith.config import opt
 from weightsmith.lineage import write_lineage
+from weightsmith.train.distill import DistillConfig
+from weightsmith.train.distill import run_distill as train_distill
 from weightsmith.train.dpo import DpoConfig
 from weightsmith.train.dpo import run_dpo as train_dpo
 from weightsmith.train.grpo import GrpoConfig
@@ -36,14 +39,19 @@ from weightsmith.train.sft import FinetuneConfig
 from weightsmith.train.sft import run_finetune as train_sft
 
 __all__ = [
-    "DpoConfig", "FinetuneConfig", "GrpoConfig", "KtoConfig", "MergeConfig", "Reward", "RewardConfig", "run_dpo",
-    "run_finetune", "run_grpo", "run_kto", "run_merge", "run_reward",
+    "DistillConfig", "DpoConfig", "FinetuneConfig", "GrpoConfig", "KtoConfig", "MergeConfig", "Reward", "RewardConfig",
+    "run_distill", "run_dpo", "run_finetune", "run_grpo", "run_kto", "run_merge", "run_reward",
 ]  # fmt: skip
 
 
 def run_finetune(cfg: FinetuneConfig, progress: Reporter | None = None) -> dict[str, Any]:
     """Fine-tune as `cfg` says; `progress` is told each step (None: log lines via `logging`)."""
     return train_sft(cfg, reporter=progress)
+
+
+def run_distill(cfg: DistillConfig, progress: Reporter | None = None) -> dict[str, Any]:
+    """Distil a teacher into a student as `cfg` says; `progress` as for `run_finetune`."""
+    return train_distill(cfg, reporter=progress)
 
 
 def run_dpo(cfg: DpoConfig, progress: Reporter | None = None) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 from weightsmith.report.interval_names import method_line
 
 #: Lineage kinds that change weights, as words for the card's summary line.
-SHAPING = {"finetune": "fine-tuned", "dpo": "aligned with DPO", "kto": "aligned with KTO", "reward": "trained as a reward model", "grpo": "reinforced with GRPO",
+SHAPING = {"finetune": "fine-tuned", "distill": "distilled from a teacher", "dpo": "aligned with DPO",
+           "kto": "aligned with KTO", "reward": "trained as a reward model", "grpo": "reinforced with GRPO",
            "merge": "merged", "quantize": "quantized", "export": "exported"}  # fmt: skip
 
 

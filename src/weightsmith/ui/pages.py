@@ -66,7 +66,7 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 def overview(root: str, scan: Scan, models: int, *, allow_run: bool, login: bool) -> str:
     runs = sum(
-        a.record is None or a.kind in ("finetune", "dpo", "kto", "reward", "grpo")
+        a.record is None or a.kind in ("finetune", "distill", "dpo", "kto", "reward", "grpo")
         for a in scan.artifacts.values()
     )
     run = ("<p>Chat is on (<code>--allow-run</code>): it loads models and uses this machine.</p>" if allow_run

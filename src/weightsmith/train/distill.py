@@ -1,0 +1,235 @@
+"""Knowledge distillation: the `distill` command.
+
+A student model learns a teacher's next-token distributions on your data: at every target
+token of a `finetune` data file (chat, instruction or text; packing and `--train-on-prompt`
+as there) the student's logits are pulled toward the teacher's by a divergence
+(distill_loss.py: forward KL, reverse KL or GKD's generalized JSD, at a temperature), mixed
+with the plain cross-entropy on the data's own tokens by `--kd-ratio`. Teacher and student
+must share one tokenizer (their vocabularies are compared token by token before anything
+loads); the teacher may be larger, quantized (a GGUF file), or a fork with a LoRA adapter
+(`--teacher-adapter`, folded into its weights).
+
+The same run as `finetune` (runs.py: LoRA, QLoRA or full, resume, outputs, lineage; loop.py):
+the teacher is loaded once, frozen, beside the student, and runs without gradients before
+the student's forward in each micro-batch, its hidden states kept only at target positions;
+the student's LM head and the loss are fused and chunked (`distill_loss.linear_distill`).
+
+Metrics per step and on validation (`val_...`): the loss, `kd` (the divergence, per target
+token), `nll` (the student's cross-entropy on the data) and `teacher_nll` (the teacher's):
+the gap between the last two is what distillation closes. The teacher is a lineage input.
+
+Not here: the losses (distill_loss.py), the loop (loop.py), SFT data (data.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from weightsmith.config import opt
+from weightsmith.errors import ConfigError
+from weightsmith.train.data import IGNORE, Batch, RowSource, pad_id_for
+from weightsmith.train.distill_loss import DIVERGENCES, DistillSpec, linear_distill, token_losses
+from weightsmith.train.distributed import World
+from weightsmith.train.loop import Reporter, Trainer, use_bf16
+from weightsmith.train.losses import soft_capped
+from weightsmith.train.runs import (
+    begin_outputs,
+    fit_and_save,
+    load_data_and_model,
+    load_tokenizer,
+    prepare,
+    run_on_ranks,
+    start_run,
+)
+from weightsmith.train.sft import FinetuneConfig, load_data
+
+__all__ = ["DistillConfig", "DistillObjective", "check_tokenizers", "run_distill"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DistillConfig(FinetuneConfig):
+    """Distil a teacher model into a student: learn its token distributions on your data."""
+
+    command: ClassVar[str] = "distill"
+
+    teacher: str | None = opt(
+        None, "the teacher: catalog or store name, HF directory or .gguf file, with the student's tokenizer"
+    )
+    teacher_adapter: str | None = opt(None, "a LoRA adapter to fold into the teacher (a fine-tuned fork)")
+    loss: str = opt(
+        "forward_kl",
+        "divergence: forward_kl (KL(teacher||student), classic distillation), reverse_kl (KL(student||teacher), "
+        "mode-seeking), jsd (GKD's generalized Jensen-Shannon, mixture weight --beta)",
+        choices=DIVERGENCES,
+    )
+    beta: float = opt(0.5, "jsd's weight of the teacher in the mixture (0: forward KL, 1: reverse KL)")
+    temperature: float = opt(1.0, "divide both models' logits by this before comparing them")
+    kd_ratio: float = opt(
+        0.5, "the divergence's share of each token's loss; the rest is cross-entropy on the data (1: pure KD)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss not in DIVERGENCES:
+            raise ConfigError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(DIVERGENCES)}")
+        if not 0 <= self.beta <= 1:
+            raise ConfigError(f"--beta {self.beta}: must be between 0 and 1")
+        if not 0 < self.temperature <= 100:
+            raise ConfigError(f"--temperature {self.temperature}: must be above 0 and at most 100")
+        if not 0 < self.kd_ratio <= 1:
+            raise ConfigError(
+                f"--kd-ratio {self.kd_ratio}: must be above 0 and at most 1 (0 would be `weightsmith finetune`)"
+            )
+        if self.beta != 0.5 and self.loss != "jsd":
+            raise ConfigError(f"--beta applies to --loss jsd, not {self.loss}; drop it")
+
+    def spec(self) -> DistillSpec:
+        return DistillSpec(self.loss, self.beta, self.temperature, self.kd_ratio)
+
+
+# ----- the loss -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillObjective:
+    """The loop's loss function: (summed token loss, target tokens, summed metrics). The teacher
+    runs first, without gradients, and keeps its hidden states only where a loss is taken."""
+
+    teacher: nn.Module
+    spec: DistillSpec
+    vocab: int  # the logit columns both models share (both tokenizers' ids are below it)
+    checkpoint: bool = False
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        keep = batch.labels != IGNORE
+        targets = batch.labels[keep]
+        with torch.no_grad():
+            taught = self.teacher.hidden_states(
+                batch.inputs, positions=batch.positions, documents=batch.documents
+            )[keep]  # (N, h_teacher)
+
+        def teacher(start: int, stop: int) -> torch.Tensor:
+            with torch.no_grad():
+                return self.teacher.logits(taught[start:stop])[:, : self.vocab].float()
+
+        hidden = model.hidden_states(
+            batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=self.checkpoint
+        )[keep]  # (N, h)
+        head = model.lm_head
+        if isinstance(head, nn.Linear) and head.bias is None and not soft_capped(model):
+            normed = model.model.norm(hidden)
+            total, stats = linear_distill(normed, head.weight[: self.vocab], teacher, targets, self.spec)
+        else:  # an adapted, quantized or soft-capped head: the plain way
+            logits = model.logits(hidden)[:, : self.vocab].float()
+            losses, stats = token_losses(logits, teacher(0, len(targets)), targets, self.spec)
+            total = losses.sum()
+        sums = stats.sum(1)
+        return total, len(targets), {"kd": sums[0], "nll": sums[1], "teacher_nll": sums[2]}
+
+
+# ----- the command --------------------------------------------------------------------------------
+
+
+def check_tokenizers(student: Any, teacher: Any, where: str) -> None:
+    """Distillation compares distributions over token ids: both tokenizers must give every
+    token the same id. Refused in one line naming the first difference."""
+    mine, theirs = (t.backend.get_vocab(with_added_tokens=True) for t in (student, teacher))
+    if mine == theirs:
+        return
+    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])
+    token, index = differ[0]
+    say = f"token {token!r} is id {mine[token]} in the student's" if token in mine else ""
+    say = say or f"token {token!r} (id {index}) is only in the teacher's"
+    raise ConfigError(
+        f"--teacher {where}: its tokenizer differs from the student's ({len(mine)} and {len(theirs)} tokens; "
+        f"{say}); distillation needs one tokenizer for both (for another tokenizer, distil its answers: "
+        "weightsmith synth answer, then finetune)"
+    )
+
+
+def _load_teacher(cfg: DistillConfig, path: Path, device: torch.device, tokenizer: Any) -> nn.Module:
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.device import train_dtype
+    from weightsmith.lora import load_adapter, merge_and_unload
+
+    autocast = use_bf16(cfg.train.precision, device)
+    dtype = train_dtype(cfg.dtype, device, full=False, autocast=autocast)
+    loaded = load_checkpoint(path, device=device, dtype=dtype, decode_layout=False)
+    check_tokenizers(tokenizer, loaded.tokenizer, str(cfg.teacher))
+    model = loaded.model
+    if cfg.teacher_adapter:
+        load_adapter(model, Path(cfg.teacher_adapter))
+        merge_and_unload(model)
+    return model.requires_grad_(False).eval()
+
+
+def _shared_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, where: str) -> int:
+    """The logit columns to compare: both heads' rows up to the smaller one (checkpoints pad
+    their vocabularies differently), which must hold every token id."""
+    rows = [int(m.lm_head.weight.shape[0]) for m in (student, teacher)]
+    vocab = min(rows)
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(
+            f"--teacher {where}: its LM head has {rows[1]} rows and the student's {rows[0]}, fewer than the "
+            f"tokenizer's {tokenizer.vocab_size} ids; the two models cannot be compared token by token"
+        )
+    return vocab
+
+
+def run_distill(cfg: DistillConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Distil as `cfg` says, here or on --nproc-per-node processes; the run's result
+    (`run_finetune`'s shape, plus the loss and the teacher)."""
+    return run_on_ranks(cfg, "distill", lambda c, world: _distill(c, world, reporter))
+
+
+def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dict[str, Any]:
+    from weightsmith.checkpoint.pull import resolve
+
+    cfg, out, resume_from = start_run(cfg, "distill")
+    if not cfg.teacher:
+        raise ConfigError(
+            "--teacher is required: the model to learn from (a store name, folder or .gguf file)"
+        )
+    teacher_path = resolve(str(cfg.teacher))
+    teacher_tokenizer = load_tokenizer(teacher_path)
+
+    def load(c: DistillConfig, tokenizer: Any) -> tuple:
+        if teacher_tokenizer is not None:  # before any weights load, where the tokenizers load alone
+            check_tokenizers(tokenizer, teacher_tokenizer, str(cfg.teacher))
+        return load_data(c, tokenizer)
+
+    path, loaded, device, (train_rows, valid_rows, data_stats) = load_data_and_model(cfg, load)
+    with torch.random.fork_rng(devices=[]):  # a teacher adapter's loading draws nothing the run draws
+        teacher = _load_teacher(cfg, teacher_path, device, loaded.tokenizer)
+    vocab = _shared_vocab(loaded.model, teacher, loaded.tokenizer, str(cfg.teacher))
+    begin_outputs(cfg, out, resume_from, world)
+    model = loaded.model
+    prepared = prepare(model, cfg, resume_from, world, device)
+    pad_id = pad_id_for(loaded.tokenizer)
+    trainer = Trainer(
+        model,
+        DistillObjective(teacher, cfg.spec(), vocab, cfg.train.gradient_checkpointing),
+        RowSource(train_rows, pad_id),
+        RowSource(valid_rows, pad_id),
+        cfg.train,
+        out,
+        save_weights=prepared.save_weights,
+        device=device,
+        reporter=reporter,
+        command="distill",
+        perplexity=False,
+        world=world,
+    )
+    log.info("%s x %s + %s x cross-entropy, temperature %g, teacher %s", cfg.kd_ratio, cfg.loss,
+             1 - cfg.kd_ratio, cfg.temperature, cfg.teacher)  # fmt: skip
+    return fit_and_save(
+        cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats,
+        inputs={"teacher": cfg.teacher, "teacher_adapter": cfg.teacher_adapter}, loss=cfg.loss, teacher=str(cfg.teacher),
+    )  # fmt: skip
