@@ -127,7 +127,7 @@ def _record(row: dict, i: int):
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_hf_dir, data, teacher, tmp_path):
     from test_finetune import _losses_after, _run_until_checkpoint
 
-    steps = 100
+    steps = 48
     train = {"max_steps": steps, "save_every": 2, "eval_every": 0}
     reference = tmp_path / "ref"
     run_distill(distill_config(tiny_hf_dir, data, reference, teacher, train=train))
@@ -179,7 +179,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_anything_loads(
     )
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err, err
-    assert f"--teacher {other}: its tokenizer differs from the student's" in err and repr(a) in err
+    assert f"--teacher {other}: its tokenizer differs from the student's" in err and repr(min(a, b)) in err
     assert not out.exists()
 
 
@@ -206,6 +206,12 @@ def test_a_teacher_whose_head_is_smaller_than_the_tokenizer_is_refused(tiny_hf_d
         (["--kd-ratio", "0"], "--kd-ratio 0.0: must be above 0"),
         (["--temperature", "0"], "--temperature 0.0: must be above 0"),
         ([], "--teacher is required"),
+        (["--on-policy", "1.5"], "--on-policy 1.5: must be between 0 and 1"),
+        (["--on-policy", "0.5", "--packing"], "--packing: an on-policy row holds one prompt"),
+        (
+            ["--on-policy", "1", "--max-completion-len", "2000"],
+            "--max-completion-len 2000: must be at least 1",
+        ),
     ],
 )
 def test_bad_options_are_refused_in_one_line(tiny_hf_dir, data, teacher, tmp_path, capsys, flags, message):
@@ -214,4 +220,112 @@ def test_bad_options_are_refused_in_one_line(tiny_hf_dir, data, teacher, tmp_pat
     code = main(["distill", str(tiny_hf_dir), "--data", str(data), "--out", str(out), *given, *flags])
     err = capsys.readouterr().err.strip()
     assert code != 0 and message in err and "\n" not in err, err
+    assert not out.exists()
+
+
+# ----- on-policy: the student answers, the teacher scores ------------------------------------------
+
+
+def test_on_policy_micro_batches_are_the_students_own_answers(tiny_hf_dir, data, teacher, tmp_path):
+    from weightsmith.engine import Engine
+    from weightsmith.sampling import SamplingParams
+    from weightsmith.train.distill import load_sources
+    from weightsmith.train.distill_data import Sampler, on_policy_draw
+    from weightsmith.train.grpo_data import completion_seed
+
+    cfg = distill_config(tiny_hf_dir, data, tmp_path / "o", teacher, on_policy=0.5, max_completion_len=8)
+    ckpt = load_checkpoint(tiny_hf_dir, decode_layout=False)
+    train, valid, stats = load_sources(cfg, ckpt.tokenizer)
+    assert stats["train"]["examples"] + stats["valid"]["examples"] == 24
+    train.sampler, train.clock = Sampler(ckpt.model, ckpt.tokenizer, 8), lambda: "3/train/5"
+    assert on_policy_draw("3/train/5") < 0.5  # this micro-batch is the student's
+    batch = train.batch([0, 1])
+    assert batch.sampled == 1.0
+    params = [
+        SamplingParams(max_tokens=8, temperature=1.0, seed=completion_seed(f"3/train/5/{i}", 0))
+        for i in (0, 1)
+    ]
+    answers = [
+        list(c.token_ids)
+        for c in Engine(ckpt.model, ckpt.tokenizer).generate(
+            [train.examples[i].prompt for i in (0, 1)], params
+        )
+    ]
+    for row, (i, answer) in enumerate(zip((0, 1), answers, strict=True)):
+        prompt = train.examples[i].prompt
+        n = len(prompt) + len(answer)
+        assert batch.inputs[row, : n - 1].tolist() == (prompt + answer)[:-1]
+        assert batch.labels[row, len(prompt) - 1 : n - 1].tolist() == answer  # learnt: the answer only
+        assert (batch.labels[row, : len(prompt) - 1] == -100).all()
+    assert batch.completion_tokens == sum(map(len, answers))
+    train.clock = lambda: "3/train/7"
+    assert on_policy_draw("3/train/7") >= 0.5 and train.batch([0, 1]).sampled == 0.0  # the data's answers
+    draws = [on_policy_draw(f"3/train/{k}") < 0.5 for k in range(400)]
+    assert 0.4 < sum(draws) / 400 < 0.6
+
+
+def test_on_policy_from_prompts_alone_brings_the_student_to_the_teacher(tiny_hf_dir, teacher, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["messages"][:1]} for r in chat_rows()])
+    out = tmp_path / "run"
+    cfg = distill_config(tiny_hf_dir, prompts, out, teacher, on_policy=1.0, max_completion_len=12, kd_ratio=1.0,
+                         loss="reverse_kl", train={"max_steps": 30, "eval_every": 15, "precision": "fp32"})  # fmt: skip
+    run_distill(cfg)
+    metrics = read_metrics(out / "metrics.jsonl")
+    steps = [m for m in metrics if "loss" in m]
+    assert all(m["on_policy"] == 1.0 and 0 < m["completion_len"] <= 12 for m in steps)
+    start, *_, end = [m for m in metrics if "val_kd" in m]  # validation samples too, seeded by the step
+    assert end["val_kd"] < 0.4 * start["val_kd"]
+
+
+BAD_ON_POLICY = {
+    "text line": ([{"text": "Once upon a time"}], 0.5, "a text line has no prompt"),
+    "ends with a user turn": (
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            }
+        ],
+        0.5,
+        "the conversation ends with a user turn",
+    ),  # fmt: skip
+    "prompt-only off-policy": (
+        [{"prompt": "Say something."}],
+        0.5,
+        "prompt: a prompt-only line has no answer",
+    ),
+    "no room": (
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Grüße 🙂 " * 20},
+                    {"role": "assistant", "content": "b"},
+                ]
+            }
+        ],
+        1.0,
+        "leave no room for an answer of --max-completion-len 16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ON_POLICY))
+def test_bad_on_policy_data_stops_before_any_model_loads(
+    tiny_hf_dir, teacher, tmp_path, capsys, monkeypatch, case
+):
+    import weightsmith.checkpoint.load as load
+
+    rows, share, message = BAD_ON_POLICY[case]
+    data = write_jsonl(tmp_path / "d.jsonl", [*(chat_rows(2) if "prompt" not in rows[0] else []), *rows])
+    line = 3 if "prompt" not in rows[0] else 1
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "run"
+    code = main(["distill", str(tiny_hf_dir), "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+                 "--on-policy", str(share), "--max-completion-len", "16", "--max-seq-len", "64"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert f"{data}:{line}: " in err and message in err, err
     assert not out.exists()

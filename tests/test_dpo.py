@@ -245,7 +245,7 @@ def _cli(*args: str) -> list[str]:
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_hf_dir, pairs, tmp_path):
     from test_finetune import _losses_after, _run_until_checkpoint
 
-    steps = 150
+    steps = 48
     train = {"max_steps": steps, "save_every": 2, "eval_every": 0}
     reference = tmp_path / "ref"
     run_dpo(dpo_config(tiny_hf_dir, pairs, reference, train=train))  # in process, the cut one by the CLI

@@ -104,7 +104,7 @@ def test_apo_zero_unpaired_runs_no_kl_pass_and_learns(tiny_hf_dir, feedback, tmp
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_hf_dir, feedback, tmp_path):
     from test_finetune import _losses_after, _run_until_checkpoint
 
-    steps = 120
+    steps = 48
     train = {"max_steps": steps, "save_every": 2, "eval_every": 0}
     reference = tmp_path / "ref"
     run_kto(kto_config(tiny_hf_dir, feedback, reference, train=train))

@@ -201,7 +201,7 @@ def test_a_trained_reward_model_ranks_pairs_and_transformers_scores_it_alike(
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_hf_dir, pairs_file, tmp_path):
     from test_finetune import _losses_after, _run_until_checkpoint
 
-    steps, train = 120, {"max_steps": 120, "save_every": 2, "eval_every": 0}
+    steps, train = 48, {"max_steps": 48, "save_every": 2, "eval_every": 0}
     reference = tmp_path / "ref"
     run_reward(reward_config(tiny_hf_dir, pairs_file, reference, train=train))
     cut = tmp_path / "cut"

@@ -34,20 +34,29 @@ from torch import nn
 from weightsmith.config import opt
 from weightsmith.errors import ConfigError
 from weightsmith.train.data import IGNORE, Batch, RowSource, pad_id_for
+from weightsmith.train.distill_data import (
+    DistillSource,
+    SampledBatch,
+    Sampler,
+    read_prompted,
+    tokenize_prompted,
+)
 from weightsmith.train.distill_loss import DIVERGENCES, DistillSpec, linear_distill, token_losses
 from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
 from weightsmith.train.losses import soft_capped
+from weightsmith.train.metric_sums import Mean
 from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_data_and_model,
     load_tokenizer,
     prepare,
+    read_and_tokenize,
     run_on_ranks,
     start_run,
 )
-from weightsmith.train.sft import FinetuneConfig, load_data
+from weightsmith.train.sft import FinetuneConfig, load_data, warn_about
 
 __all__ = ["DistillConfig", "DistillObjective", "check_tokenizers", "run_distill"]
 
@@ -75,6 +84,12 @@ class DistillConfig(FinetuneConfig):
     kd_ratio: float = opt(
         0.5, "the divergence's share of each token's loss; the rest is cross-entropy on the data (1: pure KD)"
     )
+    on_policy: float = opt(
+        0.0, "share of micro-batches whose answers the student samples itself for the teacher to score (GKD's "
+        "lambda; 1: on-policy distillation, prompts alone suffice)"
+    )  # fmt: skip
+    max_completion_len: int = opt(128, "--on-policy: the most tokens the student samples for an answer")
+    sample_temperature: float = opt(1.0, "--on-policy: the student's sampling temperature")
 
     def __post_init__(self) -> None:
         if self.loss not in DIVERGENCES:
@@ -87,6 +102,19 @@ class DistillConfig(FinetuneConfig):
             raise ConfigError(
                 f"--kd-ratio {self.kd_ratio}: must be above 0 and at most 1 (0 would be `weightsmith finetune`)"
             )
+        if not 0 <= self.on_policy <= 1:
+            raise ConfigError(
+                f"--on-policy {self.on_policy}: must be between 0 and 1 (a share of micro-batches)"
+            )
+        if self.on_policy and self.packing:
+            raise ConfigError("--packing: an on-policy row holds one prompt and its sampled answer; drop one")
+        if self.on_policy and not 1 <= self.max_completion_len < self.max_seq_len:
+            raise ConfigError(
+                f"--max-completion-len {self.max_completion_len}: must be at least 1 and below --max-seq-len "
+                f"{self.max_seq_len}"
+            )
+        if not self.sample_temperature > 0:
+            raise ConfigError(f"--sample-temperature {self.sample_temperature}: must be above 0")
         if self.beta != 0.5 and self.loss != "jsd":
             raise ConfigError(f"--beta applies to --loss jsd, not {self.loss}; drop it")
 
@@ -131,7 +159,12 @@ class DistillObjective:
             losses, stats = token_losses(logits, teacher(0, len(targets)), targets, self.spec)
             total = losses.sum()
         sums = stats.sum(1)
-        return total, len(targets), {"kd": sums[0], "nll": sums[1], "teacher_nll": sums[2]}
+        metrics: dict[str, Any] = {"kd": sums[0], "nll": sums[1], "teacher_nll": sums[2]}
+        if isinstance(batch, SampledBatch):  # --on-policy: the share of micro-batches the student answered
+            rows = batch.inputs.shape[0]
+            metrics["on_policy"] = Mean(batch.sampled, 1)
+            metrics["completion_len"] = Mean(batch.completion_tokens, rows if batch.sampled else 0)
+        return total, len(targets), metrics
 
 
 # ----- the command --------------------------------------------------------------------------------
@@ -143,7 +176,7 @@ def check_tokenizers(student: Any, teacher: Any, where: str) -> None:
     mine, theirs = (t.backend.get_vocab(with_added_tokens=True) for t in (student, teacher))
     if mine == theirs:
         return
-    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])
+    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: (item[1], item[0]))
     token, index = differ[0]
     say = f"token {token!r} is id {mine[token]} in the student's" if token in mine else ""
     say = say or f"token {token!r} (id {index}) is only in the teacher's"
@@ -183,6 +216,25 @@ def _shared_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, where:
     return vocab
 
 
+def load_sources(cfg: DistillConfig, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The training and validation sources and data stats: finetune's rows, or with --on-policy
+    prompts and their answers (distill_data.py); every line checked before the model loads."""
+    pad = pad_id_for(tokenizer)
+    if not cfg.on_policy:
+        train_rows, valid_rows, stats = load_data(cfg, tokenizer)
+        return RowSource(train_rows, pad), RowSource(valid_rows, pad), stats
+    kwargs = {"max_seq_len": cfg.max_seq_len, "max_completion_len": cfg.max_completion_len,
+              "train_on_prompt": cfg.train_on_prompt}  # fmt: skip
+    (train, train_stats), (valid, valid_stats) = read_and_tokenize(
+        cfg,
+        lambda path: read_prompted(path, cfg.on_policy),
+        lambda part: tokenize_prompted(part, tokenizer, **kwargs),
+        warn_about,
+    )
+    stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
+    return DistillSource(train, pad, cfg.on_policy), DistillSource(valid, pad, 0.0), stats
+
+
 def run_distill(cfg: DistillConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
     """Distil as `cfg` says, here or on --nproc-per-node processes; the run's result
     (`run_finetune`'s shape, plus the loss and the teacher)."""
@@ -203,21 +255,20 @@ def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dic
     def load(c: DistillConfig, tokenizer: Any) -> tuple:
         if teacher_tokenizer is not None:  # before any weights load, where the tokenizers load alone
             check_tokenizers(tokenizer, teacher_tokenizer, str(cfg.teacher))
-        return load_data(c, tokenizer)
+        return load_sources(c, tokenizer)
 
-    path, loaded, device, (train_rows, valid_rows, data_stats) = load_data_and_model(cfg, load)
+    path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load)
     with torch.random.fork_rng(devices=[]):  # a teacher adapter's loading draws nothing the run draws
         teacher = _load_teacher(cfg, teacher_path, device, loaded.tokenizer)
     vocab = _shared_vocab(loaded.model, teacher, loaded.tokenizer, str(cfg.teacher))
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     prepared = prepare(model, cfg, resume_from, world, device)
-    pad_id = pad_id_for(loaded.tokenizer)
     trainer = Trainer(
         model,
         DistillObjective(teacher, cfg.spec(), vocab, cfg.train.gradient_checkpointing),
-        RowSource(train_rows, pad_id),
-        RowSource(valid_rows, pad_id),
+        train,
+        valid,
         cfg.train,
         out,
         save_weights=prepared.save_weights,
@@ -227,6 +278,12 @@ def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dic
         perplexity=False,
         world=world,
     )
+    if cfg.on_policy:
+        sampler = Sampler(model, loaded.tokenizer, cfg.max_completion_len, cfg.sample_temperature)
+        seed = cfg.train.seed  # the loop counts a micro-batch before it draws it
+        train.sampler = valid.sampler = sampler
+        train.clock = lambda: f"{seed}/train/{trainer.state.cursor}"
+        valid.clock = lambda: f"{seed}/valid/{trainer.state.step}"
     log.info("%s x %s + %s x cross-entropy, temperature %g, teacher %s", cfg.kd_ratio, cfg.loss,
              1 - cfg.kd_ratio, cfg.temperature, cfg.teacher)  # fmt: skip
     return fit_and_save(

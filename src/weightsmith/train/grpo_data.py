@@ -223,12 +223,7 @@ class Rollout:
                            top_p=self.top_p, top_k=self.top_k, seed=s, ignore_eos=self.ignore_eos)
             for s in seeds
         ]  # fmt: skip
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            done = self.engine.generate(prompts, params)
-        finally:
-            self.model.train(was_training)
+        done = generate_with(self.engine, self.model, prompts, params)
         texts = [c.text for c in done]
         ids = [list(c.token_ids) for c in done]
         table = score(self.rewards, texts, rows, [len(x) for x in ids], ids)  # (N, K), NaN: declined
@@ -290,6 +285,19 @@ class Rollout:
             inputs, positions, segments, as_long(index), as_long(targets), as_long(seq), advantages,
             torch.tensor(weights, dtype=torch.float32), n_tokens=sum(map(len, rows)), count=count,
         )  # fmt: skip
+
+
+def generate_with(
+    engine: Any, model: nn.Module, prompts: list[list[int]], params: list[SamplingParams]
+) -> list:
+    """`engine.generate(prompts, params)` from the model being trained, in eval mode (no
+    dropout) for the while."""
+    was_training = model.training
+    model.eval()
+    try:
+        return engine.generate(prompts, params)
+    finally:
+        model.train(was_training)
 
 
 def completion_seed(key: str, j: int) -> int:

@@ -44,7 +44,9 @@ from weightsmith.train.runs import (
     warn_truncated,
 )
 
-__all__ = ["FinetuneConfig", "LoraOptions", "load_data", "read_metrics", "run_finetune", "sft_loss"]
+__all__ = [
+    "FinetuneConfig", "LoraOptions", "load_data", "read_metrics", "run_finetune", "sft_loss", "warn_about",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def load_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Row], list[Row]
     """Read and check all data, then tokenize it; nothing trains if any line is bad."""
     kwargs = {"max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt}
     (train, train_stats), (valid, valid_stats) = read_and_tokenize(
-        cfg, read_records, lambda part: tokenize_records(part, tokenizer, **kwargs), _warn_about
+        cfg, read_records, lambda part: tokenize_records(part, tokenizer, **kwargs), warn_about
     )
     train_rows = to_rows(train, cfg.max_seq_len, packing=cfg.packing)
     train_stats.rows = len(train_rows)
@@ -74,7 +76,7 @@ def load_data(cfg: FinetuneConfig, tokenizer: Any) -> tuple[list[Row], list[Row]
     return train_rows, valid_rows, {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
 
 
-def _warn_about(name: str, stats: DataStats, max_seq_len: int) -> None:
+def warn_about(name: str, stats: DataStats, max_seq_len: int) -> None:
     warn_truncated(name, "examples", stats.truncated, max_seq_len, stats.longest)
     if stats.dropped:
         log.warning(
