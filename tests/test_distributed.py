@@ -394,3 +394,22 @@ def test_lora_grpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path, reuse)
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
     rollouts = [(out / "rollouts.jsonl").read_text() for out in (one, two)]
     assert rollouts[0] == rollouts[1]  # every rank's samples, in one process's order
+
+
+def test_on_policy_distill_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    """Every rank draws the same micro-batches for the student to answer and samples its share of
+    the prompts with one process's seeds; the teacher scores them on each rank: the losses, the
+    divergence, the share answered and the answers' lengths match, and so do the weights."""
+    from conftest import build_tiny_hf_dir
+    from test_distill import chat_rows
+    from test_dpo import write_jsonl
+
+    teacher = build_tiny_hf_dir(tmp_path / "teacher", seed=1, num_hidden_layers=3)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    args = ["distill", str(tiny_hf_dir), "--teacher", str(teacher), "--data", str(data), *COMMON,
+            "--train.batch-size", "4", "--train.max-steps", "4", "--train.eval-every", "2", "--on-policy", "0.3",
+            "--max-completion-len", "6", "--loss", "jsd"]  # fmt: skip
+    one, two = on_one_and_two_ranks(args, tmp_path, ("kd", "on_policy", "completion_len", "val_kd", "val_nll"))
+    shares = [m["on_policy"] for m in read_metrics(one / "metrics.jsonl") if "on_policy" in m]
+    assert 0 < sum(shares) < len(shares)  # some steps the student's answers, some the data's
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
