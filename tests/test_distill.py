@@ -152,7 +152,11 @@ def test_reproduce_gives_the_same_adapter(tiny_hf_dir, data, teacher, tmp_path, 
     args = ["distill", str(tiny_hf_dir), "--teacher", str(teacher), "--data", str(data), "--out", str(out),
             "--max-seq-len", "64", "--train.max-steps", "2", "--train.batch-size", "2", "--lora.rank", "2"]  # fmt: skip
     assert main(args) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert (
+        "validation forward_kl to the teacher " in printed
+        and "cross-entropy on the data: student " in printed
+    )
     again = tmp_path / "again"
     assert main(["reproduce", str(out), "--out", str(again), "--root", str(tmp_path), "--json"]) == 0
     status = {o["path"]: o["status"] for o in json.loads(capsys.readouterr().out)["outputs"]}

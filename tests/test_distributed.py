@@ -409,7 +409,9 @@ def test_on_policy_distill_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path
     args = ["distill", str(tiny_hf_dir), "--teacher", str(teacher), "--data", str(data), *COMMON,
             "--train.batch-size", "4", "--train.max-steps", "4", "--train.eval-every", "2", "--on-policy", "0.3",
             "--max-completion-len", "6", "--loss", "jsd"]  # fmt: skip
-    one, two = on_one_and_two_ranks(args, tmp_path, ("kd", "on_policy", "completion_len", "val_kd", "val_nll"))
+    one, two = on_one_and_two_ranks(
+        args, tmp_path, ("kd", "on_policy", "completion_len", "val_kd", "val_nll")
+    )
     shares = [m["on_policy"] for m in read_metrics(one / "metrics.jsonl") if "on_policy" in m]
     assert 0 < sum(shares) < len(shares)  # some steps the student's answers, some the data's
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")

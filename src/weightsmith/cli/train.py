@@ -100,6 +100,11 @@ def print_finetune(result: dict[str, Any], console: Console) -> None:
     if "reward" in m:  # grpo: what the rewards said of the last step's samples (and validation's)
         val = f", validation {m['val_reward']:.4f}" if "val_reward" in m else ""
         console.print(f"mean reward {m['reward']:.4f}{val}")
+    if "val_kd" in m:  # distill: the student's distance to the teacher, and each one's cross-entropy
+        console.print(
+            f"validation {result['loss']} to the teacher {m['val_kd']:.4f}; cross-entropy on the data: "
+            f"student {m['val_nll']:.4f}, teacher {m['val_teacher_nll']:.4f}"
+        )
     out = Path(result["out"])
     where = out / "model" if result["method"] == "full" else out
     console.print(f"wrote {where} (and metrics.jsonl, loss.png, config.yaml, run.json in {out})")

@@ -114,14 +114,15 @@ def eval_records(run: dict[str, Any] | None) -> dict[tuple[str, str, str], float
 
 #: Training metrics a card names (the record keeps them all: timings, learning rate, ...).
 HEADLINE = ("steps", "loss", "val_loss", "val_ppl", "reward_accuracy", "reward_margin", "val_reward_accuracy",
-            "reward", "val_reward")  # fmt: skip
+            "reward", "val_reward", "val_kd", "val_nll", "val_teacher_nll")  # fmt: skip
 
 
 def _settings(config: dict[str, Any]) -> str:
     """The training settings a reader needs to redo a run: loop and LoRA, as recorded."""
     train, lora = config.get("train") or {}, config.get("lora") or {}
     keys = [("lr", train), ("epochs", train), ("max_steps", train), ("batch_size", train), ("seed", train),
-            ("loss", config), ("beta", config), ("reward", config), ("num_generations", config)]  # fmt: skip
+            ("loss", config), ("beta", config), ("reward", config), ("num_generations", config),
+            ("teacher", config), ("kd_ratio", config), ("on_policy", config)]  # fmt: skip
     parts = [f"{k} {' + '.join(map(str, d[k])) if isinstance(d[k], list) else d[k]}" for k, d in keys
              if d.get(k) is not None]  # fmt: skip
     if config.get("method") in ("lora", "qlora") and lora:
