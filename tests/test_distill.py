@@ -16,6 +16,7 @@ import torch
 from conftest import build_tiny_hf_dir, build_tiny_tokenizer_dir
 from test_dpo import _cli, losses_of, run_config, write_jsonl
 
+import weightsmith.llm  # noqa: F401  (binds load_checkpoint before a test patches it)
 from weightsmith.checkpoint.load import load_checkpoint
 from weightsmith.cli.main import main
 from weightsmith.train.data import collate, to_rows, tokenize_records
@@ -211,6 +212,7 @@ def test_a_teacher_whose_head_is_smaller_than_the_tokenizer_is_refused(tiny_hf_d
         (["--temperature", "0"], "--temperature 0.0: must be above 0"),
         ([], "--teacher is required"),
         (["--on-policy", "1.5"], "--on-policy 1.5: must be between 0 and 1"),
+        (["--teacher-keep-quantized", "--teacher-adapter", "x"], "--teacher-keep-quantized runs the file"),
         (["--on-policy", "0.5", "--packing"], "--packing: an on-policy row holds one prompt"),
         (
             ["--on-policy", "1", "--max-completion-len", "2000"],
@@ -333,3 +335,29 @@ def test_bad_on_policy_data_stops_before_any_model_loads(
     assert code == 1 and "\n" not in err, err
     assert f"{data}:{line}: " in err and message in err, err
     assert not out.exists()
+
+
+def test_a_quantized_teacher_runs_from_its_blocks(tiny_hf_dir, data, tmp_path, monkeypatch):
+    """A q8_0 GGUF teacher kept in its blocks (the int8 kernels) teaches what its dequantized
+    weights teach. The file's tokenizer has the student's 300 tokens and 20 padding ones up to
+    the embedding's 320 rows: the same tokenizer."""
+    from weightsmith.checkpoint.gguf_write import export_gguf
+    from weightsmith.train import distill
+
+    gguf = tmp_path / "teacher-q8.gguf"
+    export_gguf(build_tiny_hf_dir(tmp_path / "t", seed=2), gguf, "q8_0")
+    teachers, objective = [], distill.DistillObjective
+    monkeypatch.setattr(
+        distill, "DistillObjective", lambda t, *a, **k: teachers.append(t) or objective(t, *a, **k)
+    )
+    kd = {}
+    for keep in (False, True):
+        out = tmp_path / f"run-{keep}"
+        cfg = distill_config(tiny_hf_dir, data, out, gguf, teacher_keep_quantized=keep,
+                             train={"max_steps": 2, "precision": "fp32"})  # fmt: skip
+        run_distill(cfg)
+        kd[keep] = losses_of(out, "kd")
+    assert kd[True] == pytest.approx(kd[False], rel=1e-3)
+    kinds = [type(t.model.layers[0].mlp.down_proj) for t in teachers]
+    assert kinds[0].__module__ == "weightsmith.models.linear"  # dequantized
+    assert kinds[1].__module__.startswith("weightsmith.quant.")  # the file's blocks
