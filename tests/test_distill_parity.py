@@ -48,9 +48,10 @@ def test_divergences_equal_trl_generalized_jsd(loss, beta, gkd_beta, temperature
     assert ours.min() > 0
 
 
+@pytest.mark.parametrize("cap", [None, 3.0])
 @pytest.mark.parametrize("kd_ratio", [1.0, 0.4])
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
-def test_the_fused_chunked_head_equals_autograd_over_whole_logits(monkeypatch, loss, kd_ratio):
+def test_the_fused_chunked_head_equals_autograd_over_whole_logits(monkeypatch, loss, kd_ratio, cap):
     monkeypatch.setattr(distill_loss, "CHUNK_ELEMENTS", 2 * 7 * 50)  # 7 rows a chunk: 3 chunks
     torch.manual_seed(1)
     h = torch.randn(19, 16, requires_grad=True)
@@ -58,20 +59,21 @@ def test_the_fused_chunked_head_equals_autograd_over_whole_logits(monkeypatch, l
     teacher_logits = torch.randn(19, 50) * 2
     targets = torch.randint(0, 50, (19,))
     spec = DistillSpec(loss, 0.3, 1.5, kd_ratio)
-    total, stats = linear_distill(h, w, lambda a, b: teacher_logits[a:b], targets, spec)
+    total, stats = linear_distill(h, w, lambda a, b: teacher_logits[a:b], targets, spec, cap)
     (total * 0.7).backward()
-    losses, want = token_losses(h @ w.t(), teacher_logits, targets, spec)
+    logits = h @ w.t() if cap is None else torch.tanh(h @ w.t() / cap) * cap  # Gemma's soft cap
+    losses, want = token_losses(logits, teacher_logits, targets, spec)
     gh, gw = torch.autograd.grad(losses.sum() * 0.7, (h, w))
     torch.testing.assert_close(total, losses.sum())
     torch.testing.assert_close(stats, want)
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(w.grad, gw)
     # the mix: kd_ratio x divergence + (1 - kd_ratio) x cross-entropy on the data's tokens
-    ce = F.cross_entropy(h @ w.t(), targets, reduction="none")
+    ce = F.cross_entropy(logits, targets, reduction="none")
     torch.testing.assert_close(stats[1], ce)
     torch.testing.assert_close(losses, kd_ratio * want[0] + (1 - kd_ratio) * ce)
     with torch.no_grad():  # validation: the same sweep without gradients
-        again, _ = linear_distill(h, w, lambda a, b: teacher_logits[a:b], targets, spec)
+        again, _ = linear_distill(h, w, lambda a, b: teacher_logits[a:b], targets, spec, cap)
     torch.testing.assert_close(again, total)
 
 
@@ -179,3 +181,37 @@ def test_a_tempered_step_equals_trl_distillation_loss(tiny_hf_dir, teacher_dir):
     assert count == int(n)
     torch.testing.assert_close(total.detach() / count, theirs.detach(), rtol=1e-5, atol=1e-6)
     assert_same_gradients(model, trl_grads)
+
+
+def test_a_soft_capped_student_is_fused_as_its_own_logits_say(tmp_path, teacher_dir):
+    """A Gemma 2 student (final logits soft-capped, here at 2 so the cap bites) runs the fused
+    head: loss and gradients equal plain autograd through the model's own `logits`."""
+    from conftest import TINY_SHAPE, save_perturbed_hf
+
+    config = transformers.Gemma2Config(**TINY_SHAPE, head_dim=16, final_logit_softcapping=2.0)
+    path = save_perturbed_hf(tmp_path / "gemma2", config)
+    teacher = load_checkpoint(teacher_dir, decode_layout=False).model.requires_grad_(False).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    hf_batch = trl.experimental.utils.DataCollatorForChatML(tokenizer=tokenizer, max_length=256)(chat_rows())
+    batch = our_batch(hf_batch)
+    spec = DistillSpec("jsd", 0.3, 1.5, 0.6)
+    grads = []
+    for fused in (True, False):
+        model = ours_model(path, "full")
+        if fused:
+            total, n, _ = DistillObjective(teacher, spec, vocab=320)(model, batch)
+        else:  # the model's own soft-capped logits, every target row at once, plain autograd
+            keep = batch.labels != IGNORE
+            logits = model.logits(model.hidden_states(batch.inputs)[keep]).float()
+            with torch.no_grad():
+                taught = teacher.logits(teacher.hidden_states(batch.inputs)[keep]).float()
+            losses, _ = token_losses(logits, taught, batch.labels[keep], spec)
+            total, n = losses.sum(), len(losses)
+        (total / n).backward()
+        grads.append((total.detach() / n, {k: p.grad for k, p in model.named_parameters()}))
+    assert model.config.final_logit_softcapping == 2.0
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[1][1].items():
+        torch.testing.assert_close(
+            grads[0][1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -44,7 +44,6 @@ from weightsmith.train.distill_data import (
 from weightsmith.train.distill_loss import DIVERGENCES, DistillSpec, linear_distill, token_losses
 from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
-from weightsmith.train.losses import soft_capped
 from weightsmith.train.metric_sums import Mean
 from weightsmith.train.runs import (
     begin_outputs,
@@ -160,10 +159,11 @@ class DistillObjective:
             batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=self.checkpoint
         )[keep]  # (N, h)
         head = model.lm_head
-        if isinstance(head, nn.Linear) and head.bias is None and not soft_capped(model):
+        if isinstance(head, nn.Linear) and head.bias is None:
             normed = model.model.norm(hidden)
-            total, stats = linear_distill(normed, head.weight[: self.vocab], teacher, targets, self.spec)
-        else:  # an adapted, quantized or soft-capped head: the plain way
+            cap = model.config.final_logit_softcapping  # Gemma's, applied per chunk
+            total, stats = linear_distill(normed, head.weight[: self.vocab], teacher, targets, self.spec, cap)
+        else:  # an adapted or quantized head: the plain way
             logits = model.logits(hidden)[:, : self.vocab].float()
             losses, stats = token_losses(logits, teacher(0, len(targets)), targets, self.spec)
             total = losses.sum()

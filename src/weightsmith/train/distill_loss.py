@@ -94,9 +94,11 @@ def _sweep(
     spec: DistillSpec,
     stats: torch.Tensor,
     grads: tuple[torch.Tensor | None, torch.Tensor | None],
+    cap: float | None = None,
 ) -> torch.Tensor:
     """The summed loss over rows of h (N, h), chunked; fills `stats` (3, N) and, where given,
-    the gradients of the sum with respect to h and the head weight."""
+    the gradients of the sum with respect to h and the head weight. `cap` soft-caps the
+    student's logits to cap * tanh(logits / cap) (Gemma's final_logit_softcapping)."""
     grad_h, grad_w = grads
     vocab = weight.shape[0]
     rows = max(1, CHUNK_ELEMENTS // (2 * vocab))  # the autograd pass keeps a few (c, V) tensors
@@ -106,17 +108,17 @@ def _sweep(
         stop = min(start + rows, h.shape[0])
         hc = h[start:stop]
         with torch.no_grad():
-            z = (hc @ w.t()).float()
+            raw = (hc @ w.t()).float()
             t = teacher(start, stop)
         if grad_h is None and grad_w is None:
             with torch.no_grad():
-                loss, stats[:, start:stop] = token_losses(z, t, targets[start:stop], spec)
+                loss, stats[:, start:stop] = token_losses(_capped(raw, cap), t, targets[start:stop], spec)
             total += loss.sum()
             continue
         with torch.enable_grad():
-            z.requires_grad_(True)
-            loss, stats[:, start:stop] = token_losses(z, t, targets[start:stop], spec)
-            (g,) = torch.autograd.grad(loss.sum(), z)
+            raw.requires_grad_(True)
+            loss, stats[:, start:stop] = token_losses(_capped(raw, cap), t, targets[start:stop], spec)
+            (g,) = torch.autograd.grad(loss.sum(), raw)
         total += loss.detach().sum()
         g = g.to(h.dtype)
         if grad_h is not None:
@@ -124,6 +126,10 @@ def _sweep(
         if grad_w is not None:
             grad_w.addmm_(g.t().float(), hc.float())
     return total
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class _LinearDistill(torch.autograd.Function):
@@ -138,11 +144,12 @@ class _LinearDistill(torch.autograd.Function):
         targets: torch.Tensor,
         spec: DistillSpec,
         stats: torch.Tensor,
+        cap: float | None,
     ) -> torch.Tensor:
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = _sweep(h, weight, teacher, targets, spec, stats, (grad_h, grad_w))
+        total = _sweep(h, weight, teacher, targets, spec, stats, (grad_h, grad_w), cap)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -151,15 +158,20 @@ class _LinearDistill(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_distill(
-    h: torch.Tensor, weight: torch.Tensor, teacher: TeacherLogits, targets: torch.Tensor, spec: DistillSpec
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: TeacherLogits,
+    targets: torch.Tensor,
+    spec: DistillSpec,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed loss of the student's logits h @ weight^T (N, V) against the teacher's, and
-    (3, N) per-row divergence, student NLL and teacher NLL."""
+    """The summed loss of the student's logits h @ weight^T (N, V; soft-capped by `cap` where
+    given) against the teacher's, and (3, N) per-row divergence, student NLL and teacher NLL."""
     stats = torch.empty((3, h.shape[0]), dtype=torch.float32, device=h.device)
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
-        return _sweep(h, weight, teacher, targets, spec, stats, (None, None)), stats
-    return _LinearDistill.apply(h, weight, teacher, targets, spec, stats), stats
+        return _sweep(h, weight, teacher, targets, spec, stats, (None, None), cap), stats
+    return _LinearDistill.apply(h, weight, teacher, targets, spec, stats, cap), stats
