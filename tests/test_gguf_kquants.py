@@ -500,7 +500,11 @@ def test_each_tensor_has_the_type_llama_quantize_gives_it(wide: Path, tmp_path: 
     llama_cpp = pytest.importorskip("llama_cpp")
     families = _families(tmp_path)
     families["llama"] = wide
-    for family, src in families.items():
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    for family, path in families.items():
+        # loaded once, exported in every type (an export reads the checkpoint, never changes it)
+        src = load_checkpoint(path, device="cpu", dtype=torch.float32, decode_layout=False)
         f32 = tmp_path / f"{family}-f32.gguf"
         export_gguf(src, f32, "f32")
         for quant, (_, file_type) in QUANTS.items():
