@@ -212,6 +212,15 @@ def test_a_teacher_whose_head_is_smaller_than_the_tokenizer_is_refused(tiny_hf_d
         (["--temperature", "0"], "--temperature 0.0: must be above 0"),
         ([], "--teacher is required"),
         (["--on-policy", "1.5"], "--on-policy 1.5: must be between 0 and 1"),
+        (
+            ["--precompute-teacher", "8", "--loss", "reverse_kl"],
+            "--precompute-teacher 8: keeps the teacher's top K",
+        ),
+        (
+            ["--precompute-teacher", "8", "--on-policy", "0.5"],
+            "--precompute-teacher 8: keeps the teacher's top K",
+        ),
+        (["--precompute-teacher", "1000"], "--precompute-teacher 1000: more than the 320 tokens"),
         (["--teacher-keep-quantized", "--teacher-adapter", "x"], "--teacher-keep-quantized runs the file"),
         (["--on-policy", "0.5", "--packing"], "--packing: an on-policy row holds one prompt"),
         (
@@ -361,3 +370,59 @@ def test_a_quantized_teacher_runs_from_its_blocks(tiny_hf_dir, data, tmp_path, m
     kinds = [type(t.model.layers[0].mlp.down_proj) for t in teachers]
     assert kinds[0].__module__ == "weightsmith.models.linear"  # dequantized
     assert kinds[1].__module__.startswith("weightsmith.quant.")  # the file's blocks
+
+
+# ----- --precompute-teacher K: the teacher's top K, stored once -----------------------------------
+
+
+def test_a_precomputed_full_vocabulary_is_the_live_teacher_and_the_teacher_leaves(
+    tiny_hf_dir, data, teacher, tmp_path, monkeypatch
+):
+    from safetensors import safe_open
+
+    from weightsmith.train import distill
+
+    teachers, objective = [], distill.DistillObjective
+    monkeypatch.setattr(
+        distill, "DistillObjective", lambda t, *a, **k: teachers.append(t) or objective(t, *a, **k)
+    )
+    runs = {}
+    for k in (0, 320, 8):  # 320: every token of the shared vocabulary, the live teacher's distribution
+        out = tmp_path / f"k{k}"
+        result = run_distill(distill_config(tiny_hf_dir, data, out, teacher, precompute_teacher=k,
+                                            train={"max_steps": 4, "precision": "fp32"}))  # fmt: skip
+        runs[k] = [*losses_of(out), *losses_of(out, "val_kd"), result["metrics"]["val_teacher_nll"]]
+    assert runs[320] == pytest.approx(runs[0], rel=1e-6)
+    assert runs[8][-1] == pytest.approx(runs[0][-1], rel=1e-6)  # the teacher's NLL: over its whole vocabulary
+    assert runs[8][:4] != pytest.approx(runs[0][:4], rel=1e-3)  # 8 tokens: another target distribution
+    assert teachers[0] is not None and teachers[1] is teachers[2] is None  # no teacher while training
+    with safe_open(str(tmp_path / "k320" / "teacher_topk.safetensors"), "pt") as f:
+        assert f.get_tensor("train.ids").shape[1] == 320 and f.metadata()["vocab"] == "320"
+        assert len(f.get_tensor("train.nll")) == f.get_tensor("train.ids").shape[0] > 100
+
+
+def test_a_top_k_run_resumes_from_its_table_without_the_teacher(
+    tiny_hf_dir, data, teacher, tmp_path, monkeypatch
+):
+    from test_finetune import _losses_after, _run_until_checkpoint
+
+    from weightsmith.train import distill
+
+    steps, k = 48, 8
+    train = {"max_steps": steps, "save_every": 2, "eval_every": 0}
+    reference = tmp_path / "ref"
+    run_distill(distill_config(tiny_hf_dir, data, reference, teacher, precompute_teacher=k, train=train))
+    cut = tmp_path / "cut"
+    flags = [f"--train.{key.replace('_', '-')}={value}" for key, value in {**TRAIN, **train}.items()]
+    args = ["distill", str(tiny_hf_dir), f"--teacher={teacher}", f"--data={data}", f"--out={cut}", "--max-seq-len=64",
+            f"--precompute-teacher={k}", *flags, "--lora.rank=4", "--lora.alpha=8", "--lora.dropout=0.0"]  # fmt: skip
+    proc = _run_until_checkpoint(_cli(*args), cut / "checkpoints", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(int(p.name[5:]) for p in (cut / "checkpoints").glob("step-*"))
+    assert done and done[-1] < steps, "the run finished before it was interrupted"
+    monkeypatch.setattr(distill, "_load_teacher", lambda *a, **kw: pytest.fail("the teacher was loaded"))
+    assert main(["distill", "--resume", str(cut)]) == 0
+    ref_losses, cut_losses = (_losses_after(o / "metrics.jsonl", done[-1]) for o in (reference, cut))
+    assert sorted(cut_losses) == list(range(done[-1] + 1, steps + 1))
+    for step, loss in ref_losses.items():
+        assert abs(cut_losses[step] - loss) <= 1e-6, step

@@ -33,6 +33,7 @@ from torch import nn
 
 from weightsmith.config import opt
 from weightsmith.errors import ConfigError
+from weightsmith.train.checkpoints import ResumeError
 from weightsmith.train.data import IGNORE, Batch, RowSource, pad_id_for
 from weightsmith.train.distill_data import (
     DistillSource,
@@ -42,6 +43,7 @@ from weightsmith.train.distill_data import (
     tokenize_prompted,
 )
 from weightsmith.train.distill_loss import DIVERGENCES, DistillSpec, linear_distill, token_losses
+from weightsmith.train.distill_topk import TOPK_FILE, TaughtBatch, TaughtSource, fill_top_k, stored_vocab
 from weightsmith.train.distributed import World
 from weightsmith.train.loop import Reporter, Trainer, use_bf16
 from weightsmith.train.metric_sums import Mean
@@ -93,6 +95,10 @@ class DistillConfig(FinetuneConfig):
     )  # fmt: skip
     max_completion_len: int = opt(128, "--on-policy: the most tokens the student samples for an answer")
     sample_temperature: float = opt(1.0, "--on-policy: the student's sampling temperature")
+    precompute_teacher: int = opt(
+        0, "compute the teacher's top K tokens at every target once, before training, into OUT: the teacher then "
+        "leaves memory and no step runs it (--loss forward_kl; 0: the teacher runs every step)", metavar="K"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.loss not in DIVERGENCES:
@@ -123,6 +129,14 @@ class DistillConfig(FinetuneConfig):
                 "--teacher-keep-quantized runs the file's blocks as they are and cannot fold in --teacher-adapter; "
                 "drop one (or merge the adapter and export the teacher again)"
             )
+        if self.precompute_teacher < 0 or (
+            self.precompute_teacher and (self.loss != "forward_kl" or self.on_policy)
+        ):
+            raise ConfigError(
+                f"--precompute-teacher {self.precompute_teacher}: keeps the teacher's top K tokens of the data's own "
+                "answers (K at least 1), so it takes --loss forward_kl (the one divergence defined on them) and no "
+                "--on-policy"
+            )
         if self.beta != 0.5 and self.loss != "jsd":
             raise ConfigError(f"--beta applies to --loss jsd, not {self.loss}; drop it")
 
@@ -138,7 +152,7 @@ class DistillObjective:
     """The loop's loss function: (summed token loss, target tokens, summed metrics). The teacher
     runs first, without gradients, and keeps its hidden states only where a loss is taken."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None  # None: every batch carries its teacher top K (--precompute-teacher)
     spec: DistillSpec
     vocab: int  # the logit columns both models share (both tokenizers' ids are below it)
     checkpoint: bool = False
@@ -146,14 +160,7 @@ class DistillObjective:
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         keep = batch.labels != IGNORE
         targets = batch.labels[keep]
-        with torch.no_grad():
-            taught = self.teacher.hidden_states(
-                batch.inputs, positions=batch.positions, documents=batch.documents
-            )[keep]  # (N, h_teacher)
-
-        def teacher(start: int, stop: int) -> torch.Tensor:
-            with torch.no_grad():
-                return self.teacher.logits(taught[start:stop])[:, : self.vocab].float()
+        teacher = self._teacher(batch, keep)
 
         hidden = model.hidden_states(
             batch.inputs, positions=batch.positions, documents=batch.documents, checkpoint=self.checkpoint
@@ -167,6 +174,8 @@ class DistillObjective:
             logits = model.logits(hidden)[:, : self.vocab].float()
             losses, stats = token_losses(logits, teacher(0, len(targets)), targets, self.spec)
             total = losses.sum()
+        if isinstance(batch, TaughtBatch) and batch.teacher_nll is not None:
+            stats[2] = batch.teacher_nll  # over the teacher's whole vocabulary, not its top K
         sums = stats.sum(1)
         metrics: dict[str, Any] = {"kd": sums[0], "nll": sums[1], "teacher_nll": sums[2]}
         if isinstance(batch, SampledBatch):  # --on-policy: the share of micro-batches the student answered
@@ -174,6 +183,24 @@ class DistillObjective:
             metrics["on_policy"] = Mean(batch.sampled, 1)
             metrics["completion_len"] = Mean(batch.completion_tokens, rows if batch.sampled else 0)
         return total, len(targets), metrics
+
+    def _teacher(self, batch: Batch, keep: torch.Tensor) -> Any:
+        """The teacher's fp32 logits of targets [start, stop): from the batch's top K, or by running
+        the teacher (first, without gradients, keeping its hidden states only at the targets)."""
+        if isinstance(batch, TaughtBatch) and batch.teacher_ids is not None:
+            return lambda start, stop: batch.dense(start, stop, self.vocab)
+        assert self.teacher is not None
+        teacher = self.teacher
+        with torch.no_grad():
+            taught = teacher.hidden_states(
+                batch.inputs, positions=batch.positions, documents=batch.documents
+            )[keep]
+
+        def logits(start: int, stop: int) -> torch.Tensor:
+            with torch.no_grad():
+                return teacher.logits(taught[start:stop])[:, : self.vocab].float()
+
+        return logits
 
 
 # ----- the command --------------------------------------------------------------------------------
@@ -238,7 +265,8 @@ def load_sources(cfg: DistillConfig, tokenizer: Any) -> tuple[Any, Any, dict[str
     pad = pad_id_for(tokenizer)
     if not cfg.on_policy:
         train_rows, valid_rows, stats = load_data(cfg, tokenizer)
-        return RowSource(train_rows, pad), RowSource(valid_rows, pad), stats
+        kind = TaughtSource if cfg.precompute_teacher else RowSource
+        return kind(train_rows, pad), kind(valid_rows, pad), stats
     kwargs = {"max_seq_len": cfg.max_seq_len, "max_completion_len": cfg.max_completion_len,
               "train_on_prompt": cfg.train_on_prompt}  # fmt: skip
     (train, train_stats), (valid, valid_stats) = read_and_tokenize(
@@ -249,6 +277,45 @@ def load_sources(cfg: DistillConfig, tokenizer: Any) -> tuple[Any, Any, dict[str
     )
     stats = {"train": train_stats.to_dict(), "valid": valid_stats.to_dict()}
     return DistillSource(train, pad, cfg.on_policy), DistillSource(valid, pad, 0.0), stats
+
+
+def _ready_teacher(
+    cfg: DistillConfig,
+    path: Path,
+    loaded: Any,
+    device: torch.device,
+    run: tuple[Path, Path | None],
+    sources: dict[str, Any],
+    world: World,
+) -> tuple[nn.Module | None, int]:
+    """The teacher, loaded and checked, and the logit columns both models share; then OUT is
+    begun. With --precompute-teacher its top K are filled into the sources (computed, or read back
+    on resume) and the teacher is let go (None)."""
+    out, resume_from = run
+    k = cfg.precompute_teacher
+    top_k = lambda teacher, vocab: fill_top_k(  # noqa: E731
+        teacher, sources, out, resume_from, k=k, vocab=vocab, batch_size=cfg.train.batch_size, device=device,
+        precision=cfg.train.precision, world=world,
+    )  # fmt: skip
+    if k and resume_from is not None:  # the table, read back: no teacher at all
+        vocab = stored_vocab(out)
+        if vocab is None:
+            raise ResumeError(
+                f"{out}/{TOPK_FILE}: missing; the run used --precompute-teacher, start it again"
+            )
+        begin_outputs(cfg, out, resume_from, world)
+        top_k(None, vocab)
+        return None, vocab
+    with torch.random.fork_rng(devices=[]):  # a teacher adapter's loading draws nothing the run draws
+        teacher = _load_teacher(cfg, path, device, loaded.tokenizer)
+    vocab = _shared_vocab(loaded.model, teacher, loaded.tokenizer, str(cfg.teacher))
+    if k > vocab:
+        raise ConfigError(f"--precompute-teacher {k}: more than the {vocab} tokens the two models share")
+    begin_outputs(cfg, out, resume_from, world)
+    if not k:
+        return teacher, vocab
+    top_k(teacher, vocab)
+    return None, vocab  # the teacher leaves memory before the student trains
 
 
 def run_distill(cfg: DistillConfig, *, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -274,10 +341,8 @@ def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dic
         return load_sources(c, tokenizer)
 
     path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load)
-    with torch.random.fork_rng(devices=[]):  # a teacher adapter's loading draws nothing the run draws
-        teacher = _load_teacher(cfg, teacher_path, device, loaded.tokenizer)
-    vocab = _shared_vocab(loaded.model, teacher, loaded.tokenizer, str(cfg.teacher))
-    begin_outputs(cfg, out, resume_from, world)
+    sources = {"train": train, "valid": valid}
+    teacher, vocab = _ready_teacher(cfg, teacher_path, loaded, device, (out, resume_from), sources, world)
     model = loaded.model
     prepared = prepare(model, cfg, resume_from, world, device)
     trainer = Trainer(
@@ -305,4 +370,5 @@ def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dic
     return fit_and_save(
         cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats,
         inputs={"teacher": cfg.teacher, "teacher_adapter": cfg.teacher_adapter}, loss=cfg.loss, teacher=str(cfg.teacher),
+        teacher_top_k=cfg.precompute_teacher or None,
     )  # fmt: skip
