@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import statistics
 from pathlib import Path
 
 import torch
-from dpo import LORA_TARGETS, alternate, make_pairs, start, time_steps  # beside this file
+from dpo import LORA_TARGETS, compare, make_pairs, start, time_steps  # beside this file
 
 NAMES = {"ours": "weightsmith LoRA distill", "peer": "TRL GKDTrainer + peft LoRA"}
 BETA = 0.5
@@ -166,31 +164,12 @@ def main() -> None:
     if started is None:
         return
     args, base, hf_dir = started
-    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
     shape = ["--examples", str(args.examples), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
-    for r, who, got in alternate(base, NAMES, shape, args.rounds):
-        results[who]["t"] += got["times"]
-        results[who]["mem"].append(got["peak_gib"])
-        print(
-            f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
-            f"  first loss {got['first_loss']:.6f}"
-        )
-    shutil.rmtree(hf_dir, ignore_errors=True)
-    if not all(results[who]["t"] for who in NAMES):
-        return
-    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
-    mem = {who: max(results[who]["mem"]) for who in NAMES}
-    print(
-        f"\nLoRA r=8 all-linear distillation (GKD JSD, beta {BETA}), student 135M, teacher 360M-shape, "
-        f"{args.examples} x {args.seq_len} tokens, fp32, {args.threads} threads"
-    )
-    print(f"{'':30s}{'step s':>10s}{'peak GiB':>10s}")
-    for who, label in NAMES.items():
-        print(f"{label:30s}{t[who]:10.2f}{mem[who]:10.2f}")
-    print(
-        f"speed-up (peer / ours): {t['peer'] / t['ours']:.2f}x   "
-        f"peak memory (ours / peer): {mem['ours'] / mem['peer']:.2f}x"
-    )
+    compare(
+        base, NAMES, shape, args.rounds, hf_dir, lambda got: f"first loss {got['first_loss']:.6f}",
+        f"LoRA r=8 all-linear distillation (GKD JSD, beta {BETA}), student 135M, teacher 360M-shape, "
+        f"{args.examples} x {args.seq_len} tokens, fp32, {args.threads} threads",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -379,7 +379,6 @@ def main() -> None:
     if started is None:
         return
     args, base, hf_dir = started
-    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
     shape = [
         "--pairs",
         str(args.pairs),
@@ -391,25 +390,33 @@ def main() -> None:
         args.loss,
     ]
     stat, digits = ("mean reward", 5) if args.loss == "reward" else ("chosen log-prob", 3)
-    for r, who, got in alternate(base, NAMES, shape, args.rounds):
+    rows = "examples x {} tokens (+ KL rows)" if args.loss == "kto" else "pairs x {} tokens (x2 rows)"
+    compare(
+        base, NAMES, shape, args.rounds, hf_dir,
+        lambda got: f"first loss {got['first_loss']:.5f}  first {stat} {got['first_stat']:.{digits}f}",
+        f"LoRA r=8 all-linear {args.loss}, {args.pairs} {rows.format(args.seq_len)}, fp32, {args.threads} threads",
+    )  # fmt: skip
+
+
+def compare(base: list[str], names, shape: list[str], rounds: int, hf_dir: str, first, title: str) -> None:
+    """Run the contenders' `rounds` (`alternate`), printing each with `first(result)`; then the
+    medians of the step times, the largest peaks and the ratios under `title`."""
+    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in names}
+    for r, who, got in alternate(base, names, shape, rounds):
         results[who]["t"] += got["times"]
         results[who]["mem"].append(got["peak_gib"])
         print(
             f"round {r + 1} {who:4s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB"
-            f"  first loss {got['first_loss']:.5f}  first {stat} {got['first_stat']:.{digits}f}"
+            f"  {first(got)}"
         )
     shutil.rmtree(hf_dir, ignore_errors=True)
-    if not all(results[who]["t"] for who in NAMES):
+    if not all(results[who]["t"] for who in names):
         return
-    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
-    mem = {who: max(results[who]["mem"]) for who in NAMES}
-    rows = "examples x {} tokens (+ KL rows)" if args.loss == "kto" else "pairs x {} tokens (x2 rows)"
-    print(
-        f"\nLoRA r=8 all-linear {args.loss}, {args.pairs} {rows.format(args.seq_len)}, fp32, "
-        f"{args.threads} threads"
-    )
+    t = {who: statistics.median(results[who]["t"]) for who in names}
+    mem = {who: max(results[who]["mem"]) for who in names}
+    print(f"\n{title}")
     print(f"{'':30s}{'step s':>10s}{'peak GiB':>10s}")
-    for who, label in NAMES.items():
+    for who, label in names.items():
         print(f"{label:30s}{t[who]:10.2f}{mem[who]:10.2f}")
     print(
         f"speed-up (peer / ours): {t['peer'] / t['ours']:.2f}x   "

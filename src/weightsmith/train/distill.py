@@ -45,13 +45,14 @@ from weightsmith.train.distill_data import (
 from weightsmith.train.distill_loss import DIVERGENCES, DistillSpec, linear_distill, token_losses
 from weightsmith.train.distill_topk import TOPK_FILE, TaughtBatch, TaughtSource, fill_top_k, stored_vocab
 from weightsmith.train.distributed import World
-from weightsmith.train.loop import Reporter, Trainer, use_bf16
+from weightsmith.train.loop import Reporter, use_bf16
 from weightsmith.train.metric_sums import Mean
 from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_data_and_model,
     load_tokenizer,
+    make_trainer,
     prepare,
     read_and_tokenize,
     run_on_ranks,
@@ -345,19 +346,9 @@ def _distill(cfg: DistillConfig, world: World, reporter: Reporter | None) -> dic
     teacher, vocab = _ready_teacher(cfg, teacher_path, loaded, device, (out, resume_from), sources, world)
     model = loaded.model
     prepared = prepare(model, cfg, resume_from, world, device)
-    trainer = Trainer(
-        model,
-        DistillObjective(teacher, cfg.spec(), vocab, cfg.train.gradient_checkpointing),
-        train,
-        valid,
-        cfg.train,
-        out,
-        save_weights=prepared.save_weights,
-        device=device,
-        reporter=reporter,
-        command="distill",
-        perplexity=False,
-        world=world,
+    objective = DistillObjective(teacher, cfg.spec(), vocab, cfg.train.gradient_checkpointing)
+    trainer = make_trainer(
+        cfg, model, objective, (train, valid), out, prepared, device, reporter, world, perplexity=False
     )
     if cfg.on_policy:
         sampler = Sampler(model, loaded.tokenizer, cfg.max_completion_len, cfg.sample_temperature)

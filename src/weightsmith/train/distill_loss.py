@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from weightsmith.train.losses import CHUNK_ELEMENTS
+from weightsmith.train.losses import CHUNK_ELEMENTS, scaled_gradients
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -155,10 +155,7 @@ class _LinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return scaled_gradients(ctx, grad_out, 5)
 
 
 def linear_distill(

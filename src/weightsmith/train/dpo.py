@@ -57,7 +57,7 @@ from weightsmith.lora import adapters_disabled
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.data import pad_id_for
 from weightsmith.train.distributed import World
-from weightsmith.train.loop import Reporter, Trainer, use_bf16
+from weightsmith.train.loop import Reporter, use_bf16
 from weightsmith.train.losses import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE,
@@ -73,6 +73,7 @@ from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_data_and_model,
+    make_trainer,
     prepare,
     read_and_tokenize,
     run_on_ranks,
@@ -373,19 +374,17 @@ def fit_preferences(
         cfg, model, lambda: fill_reference(cfg, model, out, resume_from, sources, device, world)
     )
     prepared = prepare(model, cfg, resume_from, world, device)
-    trainer = Trainer(
+    trainer = make_trainer(
+        cfg,
         model,
         objective(reference),
-        train,
-        valid,
-        cfg.train,
+        (train, valid),
         out,
-        save_weights=prepared.save_weights,
-        device=device,
-        reporter=reporter,
-        command=cfg.command,
+        prepared,
+        device,
+        reporter,
+        world,
         perplexity=False,
-        world=world,
     )
     log.info("%s, reference: %s", what, where)
     return fit_and_save(

@@ -75,6 +75,7 @@ from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_data_and_model,
+    make_trainer,
     prepare,
     read_and_tokenize,
     run_on_ranks,
@@ -415,9 +416,9 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
         top_entropy_quantile=cfg.top_entropy_quantile, world=world, loss=cfg.loss,
         sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
     )  # fmt: skip
-    trainer = Trainer(
-        model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,
-        reporter=reporter, command="grpo", perplexity=False, world=world, iterations=cfg.num_iterations,
+    trainer = make_trainer(
+        cfg, model, objective, (train, valid), out, prepared, device, reporter, world, perplexity=False,
+        iterations=cfg.num_iterations,
     )  # fmt: skip
     seed = cfg.train.seed  # the loop counts a micro-batch before it draws it
     train.clock = lambda: f"{seed}/train/{trainer.state.cursor}"

@@ -71,10 +71,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None
+        return scaled_gradients(ctx, grad_out, 1)
+
+
+def scaled_gradients(ctx: Any, grad_out: torch.Tensor, others: int) -> tuple[torch.Tensor | None, ...]:
+    """The backward of a fused head whose forward saved the gradients of its summed loss with
+    respect to h and the head weight (None where not needed): both scaled by the upstream
+    gradient, then None for the function's `others` inputs."""
+    grad_h, grad_w = ctx.saved_tensors
+    dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+    dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+    return (dh, dw, *[None] * others)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

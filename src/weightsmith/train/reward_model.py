@@ -43,7 +43,7 @@ from weightsmith.lora import head_weight
 from weightsmith.lora.files import save_adapter
 from weightsmith.train.distributed import World
 from weightsmith.train.dpo import check_prompt_len, load_pairs
-from weightsmith.train.loop import Reporter, Trainer
+from weightsmith.train.loop import Reporter
 from weightsmith.train.losses import shared_prompt_attention
 from weightsmith.train.metric_sums import Mean
 from weightsmith.train.preference_data import PairBatch, PairSource
@@ -53,6 +53,7 @@ from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_data_and_model,
+    make_trainer,
     prepare,
     run_on_ranks,
     start_run,
@@ -242,10 +243,9 @@ def _reward(cfg: RewardConfig, world: World, reporter: Reporter | None) -> dict[
     attach_score(model, cfg.train.seed, _resumed_head(cfg, resume_from))
     prepared = _outputs(model, cfg, prepared, loaded.tokenizer, train.pad_id)
     objective = RewardObjective(cfg.center_rewards, cfg.train.gradient_checkpointing)
-    trainer = Trainer(
-        model, objective, train, valid, cfg.train, out, save_weights=prepared.save_weights, device=device,
-        reporter=reporter, command="reward", perplexity=False, world=world,
-    )  # fmt: skip
+    trainer = make_trainer(
+        cfg, model, objective, (train, valid), out, prepared, device, reporter, world, perplexity=False
+    )
     center = f", centred x {cfg.center_rewards:g}" if cfg.center_rewards else ""
     log.info("reward model: Bradley-Terry loss%s, score read at the last non-padding token", center)
     return fit_and_save(

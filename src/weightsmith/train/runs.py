@@ -1,13 +1,11 @@
 """What every training command shares: the run's config fields, the methods (LoRA, QLoRA,
-full), `--resume`, loading the model, and what a finished run leaves in OUT.
+full), `--resume`, loading the model, the loop (`make_trainer`) and what a run leaves in OUT.
 
-`finetune` (sft.py) and `dpo` (dpo.py) are each a config subclass of `RunConfig`, a data
-reader and a loss on top of this module and the one loop (loop.py). A run writes, into OUT:
-the resolved `config.yaml` (first), `metrics.jsonl`, `checkpoints/`, then at the end the PEFT
-adapter (`adapter_config.json` + `adapter_model.safetensors`) or, for full fine-tuning, an HF
-checkpoint in `OUT/model`, a loss curve `loss.png` and a lineage record `run.json` (base
-model, sha256 of the data files and of any `NAME.meta.json` beside them, code version,
-final metrics).
+Each command (sft.py, dpo.py, kto.py, reward_model.py, grpo.py, distill.py) is a `RunConfig`
+subclass, a data reader and a loss on top of this module and the one loop (loop.py). A run
+writes into OUT the resolved `config.yaml` (first), `metrics.jsonl`, `checkpoints/`, then the
+PEFT adapter or, for full fine-tuning, an HF checkpoint in `OUT/model`, `loss.png` and `run.json`
+(base model, sha256 of the data and of any `NAME.meta.json` beside it, code version, metrics).
 
 Not here: the loop (loop.py), data formats (data.py, preference_data.py), losses (losses.py).
 """
@@ -35,6 +33,7 @@ from weightsmith.files import write_json_atomic
 from weightsmith.lineage import file_sha256
 from weightsmith.lineage import write_lineage as record_lineage
 from weightsmith.lora import LoraConfig, apply_lora, load_adapter, save_adapter
+from weightsmith.preference_pairs import meta_path
 from weightsmith.train import checkpoints as ckpt
 from weightsmith.train.distributed import (
     DistOptions,
@@ -357,6 +356,20 @@ def load_data_and_model(
     return path, loaded, device, data if data is not None else load(cfg, loaded.tokenizer)
 
 
+# fmt: off
+def make_trainer(
+    cfg: RunConfig, model: nn.Module, loss_fn: Any, sources: tuple[Any, Any], out: Path, prepared: Prepared,
+    device: torch.device, reporter: Any, world: World, **options: Any,
+) -> Trainer:
+    # fmt: on
+    """The loop for a run: `loss_fn` over the (training, validation) `sources`, cfg's loop options,
+    saving what `prepared` trains; `options` as `Trainer` takes them (perplexity, iterations)."""
+    return Trainer(
+        model, loss_fn, *sources, cfg.train, out, save_weights=prepared.save_weights, device=device,
+        reporter=reporter, command=cfg.command, world=world, **options,
+    )  # fmt: skip
+
+
 def begin_outputs(cfg: RunConfig, out: Path, resume_from: Path | None, world: World | None = None) -> None:
     """OUT exists; a fresh run writes its config.yaml first and starts a new metrics.jsonl
     (rank 0, once every rank has checked its input)."""
@@ -463,18 +476,12 @@ def write_lineage(cfg: RunConfig, model_path: Path, result: dict[str, Any], out:
         {
             "weightsmith": __version__,
             "base_model": {"name": cfg.model, "path": str(model_path)},
-            "data_sha256": {name: sha256(p) for name, p in files.items()},
+            "data_sha256": {name: file_sha256(p) for name, p in files.items()},
             **({"data_meta": metas} if metas else {}),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **result,
         },
     )
-
-
-def meta_path(path: Path) -> Path:
-    """`NAME.meta.json` beside `NAME.jsonl`: where the arena export and red-team pairs say where
-    their rows came from."""
-    return path.with_name((path.stem if path.suffix == ".jsonl" else path.name) + ".meta.json")
 
 
 def data_meta(path: Path) -> dict[str, Any] | None:
@@ -486,11 +493,7 @@ def data_meta(path: Path) -> dict[str, Any] | None:
         content: Any = json.loads(meta.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         content = None  # recorded by hash only
-    return {"path": str(meta), "sha256": sha256(meta), "content": content}
-
-
-def sha256(path: Path) -> str:
-    return file_sha256(path)
+    return {"path": str(meta), "sha256": file_sha256(meta), "content": content}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from weightsmith.train.data import (
     tokenize_records,
 )
 from weightsmith.train.distributed import World
-from weightsmith.train.loop import Reporter, Trainer
+from weightsmith.train.loop import Reporter
 from weightsmith.train.losses import sft_loss
 from weightsmith.train.runs import (
     LoraOptions,
@@ -36,6 +36,7 @@ from weightsmith.train.runs import (
     begin_outputs,
     fit_and_save,
     load_model,
+    make_trainer,
     prepare,
     read_and_tokenize,
     read_metrics,
@@ -101,18 +102,9 @@ def _finetune(cfg: FinetuneConfig, world: World, reporter: Reporter | None) -> d
     prepared = prepare(model, cfg, resume_from, world, device)
     gc = cfg.train.gradient_checkpointing
     pad_id = pad_id_for(loaded.tokenizer)
-    trainer = Trainer(
-        model,
-        lambda m, b: (*sft_loss(m, b, checkpoint=gc), {}),
-        RowSource(train_rows, pad_id),
-        RowSource(valid_rows, pad_id),
-        cfg.train,
-        out,
-        save_weights=prepared.save_weights,
-        device=device,
-        reporter=reporter,
-        world=world,
-    )
+    sources = (RowSource(train_rows, pad_id), RowSource(valid_rows, pad_id))
+    loss = lambda m, b: (*sft_loss(m, b, checkpoint=gc), {})  # noqa: E731
+    trainer = make_trainer(cfg, model, loss, sources, out, prepared, device, reporter, world)
     return fit_and_save(
         cfg, trainer, loaded, prepared, model_path=path, resume_from=resume_from, data_stats=data_stats
     )
