@@ -1,7 +1,7 @@
 """LoRA adapter settings and PEFT's `adapter_config.json` schema.
 
 `LoraConfig` holds what an adapter is (rank, alpha, dropout, targets, rsLoRA, per-module
-rank and alpha patterns) and converts to and from the JSON PEFT 0.21 writes, refusing
+rank and alpha patterns) and converts to and from the JSON PEFT 0.22 writes, refusing
 settings we do not implement (DoRA, LoRA biases, `modules_to_save`, ...) with a message
 naming the file and field. Not here: the layers and files themselves (lora.py).
 """
@@ -21,12 +21,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 #: The PEFT release whose adapter_config.json schema `to_peft_dict` writes.
-PEFT_SCHEMA_VERSION = "0.21.2"
+PEFT_SCHEMA_VERSION = "0.22.0"
 
-#: Keys PEFT 0.21 writes that change nothing for a plain LoRA adapter at their PEFT
+#: Keys PEFT 0.22 writes that change nothing for a plain LoRA adapter at their PEFT
 #: default; `from_peft_dict` refuses a file that sets one to anything else.
 PEFT_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None, "arrow_config": None, "ensure_weight_tying": False,
+    "alora_invocation_tokens": None, "arrow_config": None, "astra_config": None, "ensure_weight_tying": False,
     "exclude_modules": None, "fan_in_fan_out": False, "kasa_config": None, "layer_replication": None,
     "lora_bias": False, "megatron_config": None, "modules_to_save": None, "monteclora_config": None,
     "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,

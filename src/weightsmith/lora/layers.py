@@ -36,7 +36,7 @@ from weightsmith.lora_config import (
     ALL_LINEAR,
     LoraConfig,
 )
-from weightsmith.models.model import MLP, Expert, SparseMoE
+from weightsmith.models.model import Expert, SparseMoE
 
 
 class LoRADropout(nn.Dropout):
@@ -229,13 +229,13 @@ def _layer_index(name: str) -> int | None:
 def _selected(cfg: LoraConfig, name: str, parent: nn.Module, moe: str = "") -> bool:
     targets = cfg.target_modules
     if targets == ALL_LINEAR:
-        # Every decoder-layer linear, not the LM head, as PEFT on transformers 5 resolves it. On a
-        # MoE model that is the attention, the experts and the router (PEFT adds them as
-        # target_parameters), but not a dense layer's MLP (`mlp_only_layers`): PEFT leaves it out.
-        # On gpt-oss PEFT adds no parameters (its experts and router are not linear modules): the
-        # attention only.
-        inside = isinstance(parent, (Expert, SparseMoE)) if moe == "gpt_oss" else isinstance(parent, MLP)
-        hit = name.startswith("model.layers.") and not (moe and inside)
+        # Every decoder-layer linear, not the LM head, as PEFT (0.22) on transformers 5 resolves it.
+        # On a MoE model that is the attention, a dense layer's MLP (`mlp_only_layers`), the router
+        # and the experts (PEFT adds those as target_parameters). On gpt-oss PEFT adds no
+        # parameters (its experts and router are not linear modules): the attention only.
+        hit = name.startswith("model.layers.") and not (
+            moe == "gpt_oss" and isinstance(parent, (Expert, SparseMoE))
+        )
     elif isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     elif name in targets:

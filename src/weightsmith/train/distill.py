@@ -14,6 +14,10 @@ the teacher is loaded once, frozen, beside the student, and runs without gradien
 the student's forward in each micro-batch, its hidden states kept only at target positions;
 the student's LM head and the loss are fused and chunked (`distill_loss.linear_distill`).
 
+Two other ways to run it: `--on-policy F` has a share F of the micro-batches answered by the
+student itself and scored by the teacher (GKD; distill_data.py), and `--precompute-teacher K`
+stores the teacher's top K at every answer token once, so no step runs it (distill_topk.py).
+
 Metrics per step and on validation (`val_...`): the loss, `kd` (the divergence, per target
 token), `nll` (the student's cross-entropy on the data) and `teacher_nll` (the teacher's):
 the gap between the last two is what distillation closes. The teacher is a lineage input.
