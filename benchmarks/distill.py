@@ -17,6 +17,11 @@ teacher's hidden states only at answer tokens and runs both heads and the diverg
 chunked (train/distill_loss.py); TRL materialises both models' full (rows x tokens x vocab)
 logits.
 
+A third contender, `topk`, is `--precompute-teacher 64`'s step: another process first stores the
+teacher's top 64 logits at every answer token (as the command does before training), and this
+one trains from that table alone, forward KL, with no teacher in memory: its peak is what a run
+needs once the table exists (a resumed run, or the training after the precompute).
+
 Each contender runs in its own process (so peak resident memory is its own), warms up for one
 step, then times `--steps` steps; processes alternate (ours, peer, ours, ...). Medians and the
 ratio peer/ours are printed (> 1 means weightsmith is faster), with both sides' first loss (they
@@ -29,12 +34,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 from pathlib import Path
 
 import torch
 from dpo import LORA_TARGETS, compare, make_pairs, start, time_steps  # beside this file
 
-NAMES = {"ours": "weightsmith LoRA distill", "peer": "TRL GKDTrainer + peft LoRA"}
+NAMES = {
+    "ours": "weightsmith LoRA distill",
+    "peer": "TRL GKDTrainer + peft LoRA",
+    "topk": "weightsmith, stored top 64",  # --precompute-teacher: the table only, no teacher
+}
+TOP_K = 64
 BETA = 0.5
 TEACHER_SHAPE = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                      num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
@@ -62,28 +73,31 @@ def rows_of(path: str, n: int, seq_len: int) -> list[tuple[list[int], int]]:
     return [(p.prompt + p.chosen, len(p.prompt)) for p in make_pairs(load_tokenizer(Path(path)), n, seq_len)]
 
 
-def run_ours(path: str, teacher_dir: str, n: int, seq_len: int, steps: int) -> dict:
+def run_ours(path: str, teacher_dir: str, n: int, seq_len: int, steps: int, table: str | None = None) -> dict:
+    """Our step; with `table` (a folder), `--precompute-teacher`'s: forward KL from the teacher's
+    stored top K, no teacher in the process (`make_table` wrote the table in another)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
     from weightsmith.lora import LoraConfig, apply_lora
-    from weightsmith.train.data import Row, collate
+    from weightsmith.train.data import collate
     from weightsmith.train.distill import DistillObjective
     from weightsmith.train.distill_loss import DistillSpec
     from weightsmith.train.optim import make_optimizer
 
     tune_cpu_allocator()  # what weightsmith's Trainer does before training on a CPU
     model = load_checkpoint(path, dtype=torch.float32, decode_layout=False).model.train()
-    teacher = load_checkpoint(teacher_dir, dtype=torch.float32, decode_layout=False).model
-    teacher.requires_grad_(False).eval()
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LORA_TARGETS))
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-    rows = [
-        Row(ids, [False] * p + [True] * (len(ids) - p), [len(ids)]) for ids, p in rows_of(path, n, seq_len)
-    ]
-    batch = collate(rows, 0)
-    objective = DistillObjective(
-        teacher, DistillSpec("jsd", BETA, 1.0, 1.0), vocab=TEACHER_SHAPE["vocab_size"]
-    )
+    vocab = TEACHER_SHAPE["vocab_size"]
+    if table is None:
+        teacher = load_checkpoint(teacher_dir, dtype=torch.float32, decode_layout=False).model
+        batch = collate(bench_rows(path, n, seq_len), 0)
+        objective = DistillObjective(
+            teacher.requires_grad_(False).eval(), DistillSpec("jsd", BETA, 1.0, 1.0), vocab
+        )
+    else:
+        batch = taught(path, n, seq_len, table, None).batch(range(n))
+        objective = DistillObjective(None, DistillSpec("forward_kl", kd_ratio=1.0), vocab)
 
     def step() -> float:
         loss, count, _ = objective(model, batch)
@@ -93,6 +107,34 @@ def run_ours(path: str, teacher_dir: str, n: int, seq_len: int, steps: int) -> d
         return float(loss) / count
 
     return time_steps(step, steps)
+
+
+def bench_rows(path: str, n: int, seq_len: int) -> list:
+    from weightsmith.train.data import Row
+
+    return [
+        Row(ids, [False] * p + [True] * (len(ids) - p), [len(ids)]) for ids, p in rows_of(path, n, seq_len)
+    ]
+
+
+def taught(path: str, n: int, seq_len: int, table: str, teacher) -> object:
+    """The rows as a `--precompute-teacher` source: its top K computed by `teacher` into `table`,
+    or (teacher None) read back from there."""
+    from weightsmith.train.distill_topk import TaughtSource, fill_top_k
+    from weightsmith.train.distributed import World
+
+    source = TaughtSource(bench_rows(path, n, seq_len), 0)
+    fill_top_k(teacher, {"train": source}, Path(table), None if teacher is not None else Path(table), k=TOP_K,
+               vocab=TEACHER_SHAPE["vocab_size"], batch_size=n, device=torch.device("cpu"), precision="fp32",
+               world=World())  # fmt: skip
+    return source
+
+
+def make_table(path: str, teacher_dir: str, n: int, seq_len: int, table: str) -> None:
+    from weightsmith.checkpoint.load import load_checkpoint
+
+    teacher = load_checkpoint(teacher_dir, dtype=torch.float32, decode_layout=False).model.eval()
+    taught(path, n, seq_len, table, teacher)
 
 
 def run_peer(path: str, teacher_dir: str, n: int, seq_len: int, steps: int, hf_dir: str) -> dict:
@@ -148,8 +190,11 @@ def child(args: argparse.Namespace) -> None:
         make_teacher(args.hf_dir)
         return
     teacher = os.path.join(args.hf_dir, "teacher")
-    if args.child == "ours":
-        got = run_ours(args.model, teacher, args.examples, args.seq_len, args.steps)
+    if args.child == "table":
+        return make_table(args.model, teacher, args.examples, args.seq_len, args.hf_dir)
+    if args.child in ("ours", "topk"):
+        table = args.hf_dir if args.child == "topk" else None
+        got = run_ours(args.model, teacher, args.examples, args.seq_len, args.steps, table)
     else:
         got = run_peer(args.model, teacher, args.examples, args.seq_len, args.steps, args.hf_dir)
     print(json.dumps(got))
@@ -160,11 +205,12 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
-    started = start(p, NAMES, child, "distill")
+    started = start(p, {**NAMES, "table": ""}, child, "distill")
     if started is None:
         return
     args, base, hf_dir = started
     shape = ["--examples", str(args.examples), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    subprocess.run([*base, "--child", "table", *shape], check=True, capture_output=True)
     compare(
         base, NAMES, shape, args.rounds, hf_dir, lambda got: f"first loss {got['first_loss']:.6f}",
         f"LoRA r=8 all-linear distillation (GKD JSD, beta {BETA}), student 135M, teacher 360M-shape, "
