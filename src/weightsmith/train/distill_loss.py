@@ -86,19 +86,24 @@ def token_losses(
     return loss, stats
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What a sweep compares the student's rows with: the teacher's logits, the data's targets,
+    the loss, where the per-row stats (3, N) go, and the student's soft cap (Gemma's
+    final_logit_softcapping: cap * tanh(logits / cap)), if any."""
+
+    teacher: TeacherLogits
+    targets: torch.Tensor
+    spec: DistillSpec
+    stats: torch.Tensor
+    cap: float | None = None
+
+
 def _sweep(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    teacher: TeacherLogits,
-    targets: torch.Tensor,
-    spec: DistillSpec,
-    stats: torch.Tensor,
-    grads: tuple[torch.Tensor | None, torch.Tensor | None],
-    cap: float | None = None,
+    h: torch.Tensor, weight: torch.Tensor, job: _Job, grads: tuple[torch.Tensor | None, torch.Tensor | None]
 ) -> torch.Tensor:
-    """The summed loss over rows of h (N, h), chunked; fills `stats` (3, N) and, where given,
-    the gradients of the sum with respect to h and the head weight. `cap` soft-caps the
-    student's logits to cap * tanh(logits / cap) (Gemma's final_logit_softcapping)."""
+    """The summed loss over rows of h (N, h), chunked; fills `job.stats` and, where given, the
+    gradients of the sum with respect to h and the head weight."""
     grad_h, grad_w = grads
     vocab = weight.shape[0]
     rows = max(1, CHUNK_ELEMENTS // (2 * vocab))  # the autograd pass keeps a few (c, V) tensors
@@ -106,18 +111,18 @@ def _sweep(
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], rows):
         stop = min(start + rows, h.shape[0])
-        hc = h[start:stop]
+        hc, targets = h[start:stop], job.targets[start:stop]
         with torch.no_grad():
             raw = (hc @ w.t()).float()
-            t = teacher(start, stop)
+            t = job.teacher(start, stop)
         if grad_h is None and grad_w is None:
             with torch.no_grad():
-                loss, stats[:, start:stop] = token_losses(_capped(raw, cap), t, targets[start:stop], spec)
+                loss, job.stats[:, start:stop] = token_losses(_capped(raw, job.cap), t, targets, job.spec)
             total += loss.sum()
             continue
         with torch.enable_grad():
             raw.requires_grad_(True)
-            loss, stats[:, start:stop] = token_losses(_capped(raw, cap), t, targets[start:stop], spec)
+            loss, job.stats[:, start:stop] = token_losses(_capped(raw, job.cap), t, targets, job.spec)
             (g,) = torch.autograd.grad(loss.sum(), raw)
         total += loss.detach().sum()
         g = g.to(h.dtype)
@@ -136,26 +141,17 @@ class _LinearDistill(torch.autograd.Function):
     """sum_i loss(h_i @ W^T, teacher_i, t_i); the gradient is computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        h: torch.Tensor,
-        weight: torch.Tensor,
-        teacher: TeacherLogits,
-        targets: torch.Tensor,
-        spec: DistillSpec,
-        stats: torch.Tensor,
-        cap: float | None,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, job: _Job) -> torch.Tensor:
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = _sweep(h, weight, teacher, targets, spec, stats, (grad_h, grad_w), cap)
+        total = _sweep(h, weight, job, (grad_h, grad_w))
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return scaled_gradients(ctx, grad_out, 5)
+        return scaled_gradients(ctx, grad_out, 1)
 
 
 def linear_distill(
@@ -168,7 +164,9 @@ def linear_distill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed loss of the student's logits h @ weight^T (N, V; soft-capped by `cap` where
     given) against the teacher's, and (3, N) per-row divergence, student NLL and teacher NLL."""
-    stats = torch.empty((3, h.shape[0]), dtype=torch.float32, device=h.device)
+    job = _Job(
+        teacher, targets, spec, torch.empty((3, h.shape[0]), dtype=torch.float32, device=h.device), cap
+    )
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
-        return _sweep(h, weight, teacher, targets, spec, stats, (None, None), cap), stats
-    return _LinearDistill.apply(h, weight, teacher, targets, spec, stats, cap), stats
+        return _sweep(h, weight, job, (None, None)), job.stats
+    return _LinearDistill.apply(h, weight, job), job.stats
