@@ -426,3 +426,46 @@ def test_a_top_k_run_resumes_from_its_table_without_the_teacher(
     assert sorted(cut_losses) == list(range(done[-1] + 1, steps + 1))
     for step, loss in ref_losses.items():
         assert abs(cut_losses[step] - loss) <= 1e-6, step
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ("ids out of range", "train.ids has token ids outside 0..319"),
+        ("rows cut", "does not match the data (train.ids is torch.int32"),
+        ("no vocab", "teacher_topk.safetensors: missing or unreadable"),
+        ("not safetensors", "teacher_topk.safetensors: missing or unreadable"),
+    ],
+)
+def test_a_damaged_top_k_table_stops_the_resume_in_one_line(
+    tiny_hf_dir, data, teacher, tmp_path, capsys, tamper, message
+):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    run_distill(
+        distill_config(
+            tiny_hf_dir, data, out, teacher, precompute_teacher=8, train={"max_steps": 2, "save_every": 1}
+        )
+    )
+    table = out / "teacher_topk.safetensors"
+    with safe_open(str(table), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    if tamper == "ids out of range":
+        tensors["train.ids"][0, 0] = 5000
+    elif tamper == "rows cut":
+        tensors["train.ids"] = tensors["train.ids"][:-1]
+    elif tamper == "no vocab":
+        meta = {"k": "8"}
+    if tamper == "not safetensors":
+        table.write_bytes(b"\x00" * 64)
+    else:
+        save_file(tensors, str(table), metadata=meta)
+    (out / "run.json").unlink()  # as a run interrupted after its last checkpoint leaves it
+    capsys.readouterr()
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["distill", "--resume", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing trained, nothing appended

@@ -306,7 +306,7 @@ def _ready_teacher(
         vocab = stored_vocab(out)
         if vocab is None:
             raise ResumeError(
-                f"{out}/{TOPK_FILE}: missing; the run used --precompute-teacher, start it again"
+                f"{out}/{TOPK_FILE}: missing or unreadable; the run used --precompute-teacher, start it again"
             )
         begin_outputs(cfg, out, resume_from, world)
         top_k(None, vocab)

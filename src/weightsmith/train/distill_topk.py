@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -148,12 +148,11 @@ def fill_top_k(
     if resume_from is not None:
         if not path.is_file():
             raise ckpt.ResumeError(f"{path}: missing; the run used --precompute-teacher, start it again")
-        with safe_open(str(path), "pt") as f:
-            for name, source in sources.items():
-                table = {key: f.get_tensor(f"{name}.{key}") for key in ("ids", "logits", "nll")}
-                if table["ids"].shape != (int(offsets[name][-1]), k):
-                    raise ckpt.ResumeError(f"{path}: {name} does not match the data; start the run again")
-                source.table = {**table, "offsets": offsets[name]}
+        for name, source in sources.items():
+            source.table = {
+                **_read_table(path, name, int(offsets[name][-1]), k, vocab),
+                "offsets": offsets[name],
+            }
         return
     assert teacher is not None
     started = time.perf_counter()
@@ -174,10 +173,41 @@ def fill_top_k(
     )  # fmt: skip
 
 
+def _read_table(path: Path, name: str, n: int, k: int, vocab: int) -> dict[str, torch.Tensor]:
+    """`name`'s ids, logits and NLL from a table file, each checked against the rows (n targets,
+    k a target, ids below `vocab`): a damaged or foreign file is a one-line ResumeError."""
+    want = {
+        "ids": ((n, k), (torch.int32,)),
+        "logits": ((n, k), (torch.float32,)),
+        "nll": ((n,), (torch.float32,)),
+    }
+    table = {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key, (shape, dtypes) in want.items():
+                t = f.get_tensor(f"{name}.{key}")
+                if tuple(t.shape) != shape or t.dtype not in dtypes:
+                    raise ValueError(f"{name}.{key} is {t.dtype} {tuple(t.shape)}, not {dtypes[0]} {shape}")
+                table[key] = t
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ckpt.ResumeError(f"{path}: does not match the data ({e}); start the run again") from None
+    ids = table["ids"]
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ckpt.ResumeError(
+            f"{path}: {name}.ids has token ids outside 0..{vocab - 1}; start the run again"
+        )
+    return table
+
+
 def stored_vocab(out: Path) -> int | None:
-    """The shared vocabulary a resumed run's table was computed over (None: no table)."""
+    """The shared vocabulary a resumed run's table was computed over (None: no table, or none
+    readable in it)."""
     path = out / TOPK_FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        return int((f.metadata() or {}).get("vocab", 0)) or None
+    try:
+        with safe_open(str(path), "pt") as f:
+            vocab = int((f.metadata() or {}).get("vocab", "0"))
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return vocab if vocab > 0 else None
