@@ -4,13 +4,15 @@ The judge first votes on answered battles it has not voted on yet (oldest first)
 for more battles than those, it has new ones fought: a pair chosen as the page chooses one
 (`choose_pair` on the store's battle counts and the current ratings), a prompt from the
 store's (and `--prompts`), both answers generated with the battle's sampling settings and a
-seed per side, recorded, then judged. Each pair is judged in both orders
-(`weightsmith.eval.judge_pairwise`): agreement is the vote, disagreement a tie. Every battle
-and vote is committed as it goes, so an interrupted run keeps its work and the next run
-carries on (the judge never votes twice on a battle: its voter token is its voter kind).
+seed per side, recorded, then judged. The verdicts come from a `Decide` function: an LLM
+judge's (`llm_decider`: each pair judged in both orders by `weightsmith.eval.judge_pairwise`,
+agreement is the vote, disagreement a tie) or a reward judge's (reward_judge.py: each answer
+scored alone). Every battle and vote is committed as it goes, so an interrupted run keeps
+its work and the next run carries on (the judge never votes twice on a battle: its voter
+token is its voter kind).
 
-Not here: the judge's prompt and verdict parsing (eval/judge_pairwise.py), loading the
-judge (the command), contestants (contestants.py).
+Not here: the judge's prompt and verdict parsing (eval/judge_pairwise.py), scoring answers
+(reward_judge.py), loading the judge (the command), contestants (contestants.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from weightsmith.arena.contestants import Contestants
 from weightsmith.arena.pairing import choose_pair
 from weightsmith.arena.records import Battle, Outcome, Prompt
+from weightsmith.arena.reward_judge import Decision
 from weightsmith.arena.store import ArenaStore
 from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.eval.judge import JudgeBackend, JudgeConfig
@@ -36,6 +39,8 @@ CHUNK = 4
 REFRESH = 10
 
 Tick = Callable[[int, int], None]
+#: Verdicts for a list of answered battles, one each, in order.
+Decide = Callable[[list[Battle]], list[Decision]]
 
 
 @dataclass
@@ -48,7 +53,10 @@ class JudgeTally:
     choices: Counter = field(default_factory=Counter)
     disagreements: int = 0  # ties because the two orders disagreed
     unparsable: int = 0  # battles left unvoted: a reply had no verdict
+    unscored: int = 0  # battles left unvoted: no reward scored both answers
     skipped: int = 0  # battles without a prompt or answers (imported logs)
+    unreferenced: int = 0  # battles whose prompt has no field the rewards read
+    scores: dict[str, list[float]] = field(default_factory=dict)  # a reward judge's, per contestant
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +66,12 @@ class JudgeTally:
             "choices": dict(self.choices),
             "disagreements": self.disagreements,
             "unparsable": self.unparsable,
+            "unscored": self.unscored,
             "skipped": self.skipped,
+            "unreferenced": self.unreferenced,
+            "scores": {
+                name: {"mean": sum(v) / len(v), "n": len(v)} for name, v in sorted(self.scores.items())
+            },
         }
 
 
@@ -72,25 +85,38 @@ class Fight:
     rng: random.Random
 
 
+def llm_decider(cfg: JudgeConfig, backend: JudgeBackend) -> Decide:
+    """An LLM judge's verdicts: each battle judged in both orders, a tie where they disagree."""
+
+    def decide(battles: list[Battle]) -> list[Decision]:
+        asked = [(b.prompt, b.answer_a, b.answer_b) for b in battles]
+        verdicts = judge_both_orders(cfg, backend, asked)  # type: ignore[arg-type]
+        return [Decision(v.choice, v.forward != v.backward) for v in verdicts]
+
+    return decide
+
+
 def judge_battles(
     store: ArenaStore,
-    cfg: JudgeConfig,
-    backend: JudgeBackend,
+    decide: Decide,
     *,
     voter: str,
     limit: int | None,
     fight: Fight | None = None,
     progress: Tick | None = None,
+    usable: Callable[[Battle], bool] | None = None,
 ) -> JudgeTally:
     """Vote as `voter` (`judge:NAME`) on up to `limit` battles (None: every unvoted one),
-    fighting new ones with `fight` once the unvoted ones run out."""
+    fighting new ones with `fight` once the unvoted ones run out. `usable` (a reward judge's)
+    passes over battles whose prompt it cannot score."""
     tally = JudgeTally(voter)
-    pending = [b for b in store.unvoted_battles(voter, limit=limit) if _judgeable(b, tally)]
+    pending = [b for b in store.unvoted_battles(voter, limit=None) if _judgeable(b, tally, usable)]
+    pending = pending[:limit] if limit is not None else pending
     total = limit if limit is not None and fight is not None else len(pending)
     done = 0
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
-        _vote(store, cfg, backend, voter, chunk, tally)
+        _vote(store, decide, voter, chunk, tally)
         done += len(chunk)
         if progress:
             progress(done, total)
@@ -102,37 +128,36 @@ def judge_battles(
             ratings = current_ratings(store, fight.contestants.names)
         battle = fight_battle(store, fight, ratings)
         tally.created += 1
-        _vote(store, cfg, backend, voter, [battle], tally)
+        _vote(store, decide, voter, [battle], tally)
         done += 1
         if progress:
             progress(done, total)
     return tally
 
 
-def _judgeable(battle: Battle, tally: JudgeTally) -> bool:
+def _judgeable(battle: Battle, tally: JudgeTally, usable: Callable[[Battle], bool] | None) -> bool:
     ok = bool(battle.prompt) and battle.answer_a is not None and battle.answer_b is not None
     tally.skipped += not ok
+    if ok and usable is not None and not usable(battle):
+        tally.unreferenced += 1
+        return False
     return ok
 
 
-def _vote(
-    store: ArenaStore,
-    cfg: JudgeConfig,
-    backend: JudgeBackend,
-    voter: str,
-    battles: list[Battle],
-    tally: JudgeTally,
-) -> None:
-    """Judge `battles` in both orders and commit a vote for each verdict."""
-    verdicts = judge_both_orders(cfg, backend, [(b.prompt, b.answer_a, b.answer_b) for b in battles])  # type: ignore[misc]
-    for battle, verdict in zip(battles, verdicts, strict=True):
+def _vote(store: ArenaStore, decide: Decide, voter: str, battles: list[Battle], tally: JudgeTally) -> None:
+    """Decide `battles` and commit a vote for each verdict."""
+    for battle, verdict in zip(battles, decide(battles), strict=True):
+        if verdict.scores is not None:
+            tally.scores.setdefault(battle.model_a, []).append(verdict.scores[0])
+            tally.scores.setdefault(battle.model_b, []).append(verdict.scores[1])
         if verdict.choice is None:
-            tally.unparsable += 1
+            tally.unscored += verdict.unscored
+            tally.unparsable += not verdict.unscored
             continue
         store.record_vote(battle.id, verdict.choice, voter, voter)
         tally.judged += 1
         tally.choices[verdict.choice] += 1
-        tally.disagreements += verdict.forward != verdict.backward
+        tally.disagreements += verdict.disagreed
 
 
 def current_ratings(store: ArenaStore, names: list[str]) -> dict[str, float] | None:
@@ -177,4 +202,4 @@ def fight_battle(store: ArenaStore, fight: Fight, ratings: dict[str, float] | No
     return replace(battle, answer_a=answer_a, answer_b=answer_b, prompt=prompt.messages)
 
 
-__all__ = ["Fight", "JudgeTally", "current_ratings", "fight_battle", "judge_battles"]
+__all__ = ["Decide", "Fight", "JudgeTally", "current_ratings", "fight_battle", "judge_battles", "llm_decider"]

@@ -1,7 +1,10 @@
 """The arena's prompt list (`arena serve --prompts FILE`): JSON lines, one prompt each.
 
 A line is ``{"prompt": "text"}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``
-(ending with the user's turn), with an optional ``"category"``. Blank lines are skipped.
+(ending with the user's turn), with an optional ``"category"``. Any other keys are the
+prompt's reference fields (``"answer"``, ``"contains"``, ``"expect"``, ... as in `grpo`'s
+prompt files), stored with it for `arena judge --reward`, which checks them; a key spelt
+close to one of the three (``"promt"``) is an error, not a field. Blank lines are skipped.
 The file is read whole at start-up and bounded (lines, bytes per line, characters per
 prompt); the first bad line stops the start with one error, ``FILE:LINE: key: problem``.
 
@@ -10,6 +13,8 @@ Not here: storing the prompts (the store's `add_prompts`), choosing one (page.py
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ MAX_LINE_BYTES = 1 << 20
 #: A category tag: a short label (the page's tag field has the same limit).
 MAX_CATEGORY_CHARS = 40
 ROLES = ("system", "user", "assistant")
+#: Most reference fields (keys besides prompt, messages and category) on one line.
+MAX_FIELDS = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class PromptLine:
         if self.prompt is not None:
             return [{"role": "user", "content": self.prompt}]
         return [{"role": m["role"], "content": m["content"]} for m in self.messages or []]
+
+
+_KEYS = frozenset(f.name for f in dataclasses.fields(PromptLine))
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -95,7 +105,15 @@ def _prompt(path: Path, number: int, raw: bytes, max_chars: int) -> Prompt:
         raise ConfigError(f"{path}:{number}: not a JSON object ({e}); write one object per line") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages'")
-    line = load_record(PromptLine, data, source=str(path), error=ConfigError, line=number)
+    known = {k: v for k, v in data.items() if k in _KEYS}
+    fields = {k: v for k, v in data.items() if k not in _KEYS}
+    for key in fields:  # a misspelt key is not a reference field
+        near = difflib.get_close_matches(key, _KEYS, 1, 0.75)
+        if near:
+            raise ConfigError(f"{path}:{number}: {key}: unknown key; did you mean {near[0]!r}?")
+    if len(fields) > MAX_FIELDS:
+        raise ConfigError(f"{path}:{number}: {len(fields)} reference fields, over {MAX_FIELDS}; drop some")
+    line = load_record(PromptLine, known, source=str(path), error=ConfigError, line=number)
     messages = line.to_messages()
     chars = sum(len(m["content"]) for m in messages)
     if chars > max_chars:
@@ -104,4 +122,4 @@ def _prompt(path: Path, number: int, raw: bytes, max_chars: int) -> Prompt:
             "shorten it or raise the limit"
         )
     category = line.category.strip() if line.category else None
-    return Prompt(messages, category, f"{path.name}:{number}")
+    return Prompt(messages, category, f"{path.name}:{number}", fields=fields or None)

@@ -46,12 +46,14 @@ class Contestant:
 @dataclass(frozen=True)
 class Prompt:
     """A prompt battles are fought over: chat messages, an optional category and where it
-    came from (`file:line`, "typed", or an import's origin). `id` is the store's."""
+    came from (`file:line`, "typed", or an import's origin). `id` is the store's. `fields`
+    are its prompt line's other keys (reference answers and the like, for reward judges)."""
 
     messages: list[dict]
     category: str | None = None
     source: str = ""
     id: int | None = None
+    fields: dict | None = None
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Battle:
     category: str | None = None
     sampling: dict = field(default_factory=dict)  # the settings and seeds both answers used
     timings: dict = field(default_factory=dict)  # seconds to first token / total, per side
+    fields: dict | None = None  # the prompt's reference fields (Prompt.fields)
+    prompt_source: str = ""  # where the prompt came from (Prompt.source)
 
 
 @dataclass

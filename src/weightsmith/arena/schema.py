@@ -136,8 +136,15 @@ def _v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE battles ADD COLUMN expires REAL")
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    """A prompt's reference fields: `fields`, the JSON object of a prompt line's other keys
+    (`answer`, `contains`, `expect`, ...) that `arena judge --reward` scores answers against
+    (NULL: none; typed prompts and every prompt stored before this version)."""
+    conn.execute("ALTER TABLE prompts ADD COLUMN fields TEXT")
+
+
 #: MIGRATIONS[i] takes a DB from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -176,8 +176,8 @@ class ArenaStore:
                 insert_contestant(conn, c, self._clock(), self.path)
 
     def add_prompts(self, prompts: Iterable[Prompt]) -> list[int]:
-        """Store prompts (a prompt already stored keeps its id and first category); returns
-        their ids in order."""
+        """Store prompts (a prompt already stored keeps its id and first category; reference
+        `fields` given again replace its stored ones); returns their ids in order."""
         encoded = [(prompt_json(p), p) for p in prompts]
         with self._write() as conn:
             return [insert_prompt(conn, text, p, self._clock()) for text, p in encoded]
@@ -188,7 +188,10 @@ class ArenaStore:
 
     def prompts(self) -> list[Prompt]:
         with self._read() as conn:
-            return [Prompt(json.loads(m), cat, src, pid) for pid, m, cat, src in list_prompts(conn)]
+            return [
+                Prompt(json.loads(m), cat, src, pid, json.loads(f) if f is not None else None)
+                for pid, m, cat, src, f in list_prompts(conn)
+            ]
 
     # -- battles -------------------------------------------------------------------------
 

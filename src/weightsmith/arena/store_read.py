@@ -17,7 +17,7 @@ from weightsmith.arena.schema import ArenaError
 # Names, not contestant ids; the prompt's category stands in for a battle without its own.
 _BATTLES = """
 SELECT b.id, ca.name, cb.name, p.messages, b.answer_a, b.answer_b,
-       COALESCE(b.category, p.category), b.sampling, b.timings
+       COALESCE(b.category, p.category), b.sampling, b.timings, p.fields, p.source
 FROM battles b
 JOIN contestants ca ON ca.id = b.contestant_a
 JOIN contestants cb ON cb.id = b.contestant_b
@@ -31,7 +31,7 @@ def canonical_json(value: object) -> str:
 
 
 def _battle(row: tuple) -> Battle:
-    bid, a, b, messages, answer_a, answer_b, category, sampling, timings = row
+    bid, a, b, messages, answer_a, answer_b, category, sampling, timings, fields, source = row
     return Battle(
         id=bid,
         model_a=a,
@@ -42,6 +42,8 @@ def _battle(row: tuple) -> Battle:
         category=category,
         sampling=json.loads(sampling),
         timings=json.loads(timings),
+        fields=json.loads(fields) if fields is not None else None,
+        prompt_source=source or "",
     )
 
 
@@ -126,8 +128,8 @@ def list_contestants(conn: sqlite3.Connection) -> list[Contestant]:
     return [Contestant(*r) for r in rows]
 
 
-def list_prompts(conn: sqlite3.Connection) -> list[tuple[int, str, str | None, str]]:
-    return conn.execute("SELECT id, messages, category, source FROM prompts ORDER BY id").fetchall()
+def list_prompts(conn: sqlite3.Connection) -> list[tuple[int, str, str | None, str, str | None]]:
+    return conn.execute("SELECT id, messages, category, source, fields FROM prompts ORDER BY id").fetchall()
 
 
 def content_hash(conn: sqlite3.Connection) -> str:

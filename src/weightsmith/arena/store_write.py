@@ -159,14 +159,32 @@ def prompt_json(p: Prompt) -> str:
     return text
 
 
+def fields_json(p: Prompt) -> str | None:
+    """A prompt's reference fields as canonical JSON (None without any), size-checked."""
+    if not p.fields:
+        return None
+    text = canonical_json(p.fields)
+    if not isinstance(p.fields, dict) or len(text) > MAX_PROMPT_CHARS:
+        where = f"prompt {p.source}" if p.source else "prompt"
+        raise ArenaError(
+            "prompt_too_large",
+            f"{where}: its fields must be a JSON object of at most {MAX_PROMPT_CHARS} characters",
+        )
+    return text
+
+
 def insert_prompt(conn: sqlite3.Connection, text: str, p: Prompt, now: float) -> int:
-    """The id of the prompt whose messages are `text`, storing it if new."""
-    row = conn.execute("SELECT id FROM prompts WHERE messages = ?", (text,)).fetchone()
+    """The id of the prompt whose messages are `text`, storing it if new; the fields of a
+    prompt given again with fields replace its stored ones (a corrected reference)."""
+    fields = fields_json(p)
+    row = conn.execute("SELECT id, fields, source FROM prompts WHERE messages = ?", (text,)).fetchone()
     if row is not None:
+        if fields is not None and fields != row[1]:
+            conn.execute("UPDATE prompts SET fields = ?, source = ? WHERE id = ?", (fields, p.source, row[0]))
         return row[0]
     cur = conn.execute(
-        "INSERT INTO prompts (messages, category, source, created) VALUES (?, ?, ?, ?)",
-        (text, p.category, p.source, now),
+        "INSERT INTO prompts (messages, category, source, created, fields) VALUES (?, ?, ?, ?, ?)",
+        (text, p.category, p.source, now, fields),
     )
     return cur.lastrowid
 

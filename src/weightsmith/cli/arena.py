@@ -15,11 +15,25 @@ from rich.table import Table
 
 def print_judge(result: dict[str, Any], console: Console) -> None:
     choices = ", ".join(f"{k} {v}" for k, v in sorted(result["choices"].items())) or "none"
+    scored = result.get("scores") or {}
+    how = "" if scored else f"; ties from order disagreement: {result['disagreements']}"
     console.print(
         f"{result['voter']}: voted on {result['judged']} battles ({result['created']} new) in {result['db']}; "
-        f"verdicts: {choices}; ties from order disagreement: {result['disagreements']}",
+        f"verdicts: {choices}{how}",
         markup=False,
     )
+    if scored:
+        means = ", ".join(f"{name} {s['mean']:.3g} ({s['n']} answers)" for name, s in scored.items())
+        console.print(f"mean reward: {means}", markup=False)
+    if result.get("unscored"):
+        console.print(
+            f"{result['unscored']} battles left unvoted: no reward scored both answers", markup=False
+        )
+    if result.get("unreferenced"):
+        console.print(
+            f"{result['unreferenced']} battles skipped: their prompt has no field the rewards read",
+            markup=False,
+        )
     if result["unparsable"]:
         console.print(
             f"{result['unparsable']} battles left unvoted: a judge reply had no [[A]]/[[B]]/[[C]]",

@@ -258,11 +258,14 @@ COMMANDS: dict[str, Command | Group] = {
             ),
             "judge": Command(
                 Ref("weightsmith.commands.arena_judge:ArenaJudgeConfig"),
-                "fill battles with an LLM judge's votes (both orders; a tie when they disagree)",
+                "fill battles with judge votes: an LLM judge in both orders, or rewards scoring each answer",
                 "weightsmith arena judge --db arena.sqlite --judge http://localhost:8001/v1#judge --battles 200\n"
                 "  weightsmith arena judge --db arena.sqlite --judge smollm2-135m-instruct --battles 20 \\\n"
                 "      --contestants smollm2-135m-instruct,smollm2-135m-instruct:kb --adapter kb=runs/kb \\\n"
-                "      --prompts prompts.jsonl",
+                "      --prompts prompts.jsonl\n"
+                "  weightsmith arena judge --db arena.sqlite --reward answer --battles 40 \\\n"
+                "      --contestants smollm2-135m-instruct,smollm2-135m-instruct:kb --adapter kb=runs/kb \\\n"
+                '      --prompts math.jsonl   # lines like {"prompt": "7 x 6?", "answer": 42}',
                 Ref("weightsmith.commands.arena_judge:run_arena_judge"),
                 _plain(arena_out.print_judge),
                 _bars,

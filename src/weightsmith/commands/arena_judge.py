@@ -1,10 +1,12 @@
-"""`arena judge`: fill an arena DB's battles with an LLM judge's votes, asking in both orders.
+"""`arena judge`: fill an arena DB's battles with a judge's votes: an LLM judge asked in both
+orders (`--judge`), or rewards that score each answer alone (`--reward`, reward_judge.py).
 
 Everything a user can get wrong (a bad `--prompts` line, an unknown adapter, a bad guard
-policy, an unreachable endpoint contestant or judge) is found before anything is written: an
-endpoint judge is asked for its models first, then the prompts are read, the contestants (and
-their policies) and judge are loaded and their endpoints checked, and only then is the DB
-created or a row added.
+policy, an unreachable endpoint contestant or judge, a reference field a reward cannot use)
+is found before anything is written: an endpoint judge is asked for its models first, then
+the prompts are read, the rewards parsed and the prompts' fields checked, the contestants
+(and their policies) and judge are loaded and their endpoints checked, and only then is the
+DB created or a row added.
 
 Not here: the judging loop (weightsmith.arena.judge), the other arena commands
 (commands/arena.py), printing (weightsmith.cli.arena).
@@ -21,21 +23,23 @@ from urllib.parse import urlsplit
 
 from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint
 from weightsmith.arena.endpoint import check_endpoint
-from weightsmith.arena.judge import Fight, judge_battles
+from weightsmith.arena.judge import Decide, Fight, judge_battles, llm_decider
 from weightsmith.arena.prompt_file import read_prompts
-from weightsmith.arena.records import judge_voter
+from weightsmith.arena.records import Prompt, judge_voter
+from weightsmith.arena.reward_judge import RewardJudge
 from weightsmith.arena.store import ArenaStore
 from weightsmith.commands.arena import DB_HELP
 from weightsmith.commands.loading import load_model, model_label
 from weightsmith.commands.serve import parse_adapters
 from weightsmith.config import opt
 from weightsmith.endpoints import is_endpoint
-from weightsmith.errors import UsageError
+from weightsmith.errors import ConfigError, UsageError
 from weightsmith.eval.judge import EndpointJudge, make_judge
 from weightsmith.eval.judge_pairwise import LIKELIHOOD_RUBRIC, LikelihoodVerdicts, pairwise_config
 from weightsmith.grants import Grants
 from weightsmith.safety.policy_file import ClassifierAccess
 from weightsmith.sampling import SamplingParams
+from weightsmith.train.rewards import BUILTIN, RewardContext, parse_rewards
 
 #: Longest prompt (characters) `arena judge` takes from a --prompts file.
 JUDGE_PROMPT_CHARS = 20_000
@@ -43,11 +47,22 @@ JUDGE_PROMPT_CHARS = 20_000
 
 @dataclass(kw_only=True)
 class ArenaJudgeConfig:
-    """Fill the arena with LLM-judge votes: each pair judged in both orders, a tie when they disagree."""
+    """Fill the arena with judge votes: an LLM judge asked in both orders, or rewards scoring each answer."""
 
     db: str = opt(help=DB_HELP + "; created if missing")
-    judge: str = opt(help="the judge: a model name, HF directory or .gguf, or an endpoint URL#MODEL")
-    judge_name: str | None = opt(None, "the judge's name in votes (judge:NAME); unset: the model's")
+    judge: str | None = opt(
+        None, "an LLM judge: a model name, HF directory or .gguf, or an endpoint URL#MODEL (or give --reward)"
+    )
+    reward: list[str] = opt(
+        default_factory=list,
+        help=f"judge by rewards instead, summed, each answer scored alone: {', '.join(k for k in BUILTIN if k != 'length')} "
+        "(reading the prompt line's fields), PATH.py:FUNCTION[:WEIGHT], or a reward model, model:DIR[:WEIGHT]",
+        split=False,
+    )  # fmt: skip
+    margin: float = opt(0.0, "with --reward: totals closer than this are a tie")
+    judge_name: str | None = opt(
+        None, "the judge's name in votes (judge:NAME); unset: the model's, or reward-NAMES"
+    )
     judge_api_key_env: str | None = opt(
         None, "environment variable whose value is the judge endpoint's API key"
     )
@@ -84,6 +99,12 @@ class ArenaJudgeConfig:
 
     def __post_init__(self) -> None:
         self.contestants = [s.strip() for s in self.contestants if s.strip()]
+        if (self.judge is None) == (not self.reward):
+            raise UsageError(
+                "give the judge: --judge MODEL (an LLM judge) or --reward SPEC (rewards), not both"
+            )
+        if self.reward and self.verdict != "reply":
+            raise UsageError("--verdict is an LLM judge's; --reward scores the answers themselves")
         if self.battles is not None and self.battles < 1:
             raise UsageError(f"--battles must be at least 1, got {self.battles}")
         if self.contestants and len(self.contestants) < 2:
@@ -109,12 +130,15 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     for spec in cfg.contestants:
         parse_contestant(spec, adapters)  # one-line errors before anything loads
     prompts = read_prompts(cfg.prompts, max_chars=JUDGE_PROMPT_CHARS) if cfg.prompts else []
-    model, endpoint_model, default_name = judge_identity(cfg.judge)
-    voter = judge_voter(cfg.judge_name or default_name)
+    rewards = _reward_judge(cfg, prompts)
+    voter = judge_voter(cfg.judge_name or (rewards.name if rewards else judge_identity(cfg.judge or "")[2]))
     db = Path(cfg.db).expanduser()
     store = ArenaStore(db, create=False) if db.exists() else None  # a newer schema stops here
     try:
-        if is_endpoint(cfg.judge):  # a judge that does not answer stops the run now
+        if rewards and store is not None:  # stored reference fields are checked before any vote
+            rewards.check([b for b in store.unvoted_battles(voter) if b.prompt and rewards.usable(b)])
+        if cfg.judge and is_endpoint(cfg.judge):  # a judge that does not answer stops the run now
+            model, endpoint_model, _ = judge_identity(cfg.judge)
             key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
             check_endpoint(EndpointJudge(model, endpoint_model, key), "judge", "pass another --judge")
         contestants = None
@@ -125,24 +149,73 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
                 classifier=cfg.classifier,
             )  # fmt: skip
             contestants.check()
-        judge_cfg, backend = _judge(cfg, model, endpoint_model)
+        pool = _fight_prompts(rewards, prompts, store) if contestants is not None else []
+        decide = _load_rewards(rewards, cfg.device) if rewards else _llm_decider(cfg)
         store = store or ArenaStore(db)
         fight = None
         if contestants is not None:
             store.add_contestants(contestants.contestants)
             if prompts:
                 ids = store.add_prompts(prompts)
-                prompts = [replace(p, id=i) for p, i in zip(prompts, ids, strict=True)]
+                pool = [replace(p, id=i) for p, i in zip(prompts, ids, strict=True)]
             params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-            fight = Fight(contestants, prompts or store.prompts(), params, random.Random(cfg.seed))
+            fight = Fight(contestants, pool, params, random.Random(cfg.seed))
         tick = progress("judge") if progress else None
         tally = judge_battles(
-            store, judge_cfg, backend, voter=voter, limit=cfg.battles, fight=fight, progress=tick
-        )
-        return {"db": str(db), "judge": cfg.judge, **tally.to_dict()}
+            store, decide, voter=voter, limit=cfg.battles, fight=fight, progress=tick,
+            usable=rewards.usable if rewards else None,
+        )  # fmt: skip
+        return {"db": str(db), "judge": cfg.judge or ",".join(cfg.reward), **tally.to_dict()}
     finally:
         if store is not None:
             store.close()
+
+
+def _reward_judge(cfg: ArenaJudgeConfig, prompts: list[Prompt]) -> RewardJudge | None:
+    """`--reward`'s judge (None for an LLM judge), with every `--prompts` line's fields checked:
+    a file given to a reward judge must carry what its rewards read on each line."""
+    if not cfg.reward:
+        return None
+    judge = RewardJudge(
+        parse_rewards(cfg.reward, RewardContext(max_completion_len=cfg.max_tokens)), cfg.margin
+    )
+    if prompts:
+        judge.check(prompts)
+    return judge
+
+
+def _fight_prompts(
+    rewards: RewardJudge | None, prompts: list[Prompt], store: ArenaStore | None
+) -> list[Prompt]:
+    """What new battles are fought over: `--prompts`, else the stored prompts (for a reward
+    judge, those with a field its rewards read, checked); ConfigError when none is left."""
+    if prompts:
+        return prompts
+    pool = store.prompts() if store is not None else []
+    if rewards is not None:
+        pool = [p for p in pool if rewards.usable(p)]
+        rewards.check(pool)
+        if not pool:
+            raise ConfigError(
+                "no stored prompt carries a field the rewards read; pass --prompts FILE whose lines give them"
+            )
+    return pool
+
+
+def _load_rewards(judge: RewardJudge, device: str) -> RewardJudge:
+    """Load the judge's reward models (`model:DIR`) on `device`."""
+    from weightsmith.device import pick_device
+    from weightsmith.train.reward_model import ModelReward
+
+    for reward in judge.rewards:
+        if isinstance(reward.fn, ModelReward):
+            reward.fn.load(pick_device(device))
+    return judge
+
+
+def _llm_decider(cfg: ArenaJudgeConfig) -> Decide:
+    model, endpoint_model, _ = judge_identity(cfg.judge or "")
+    return llm_decider(*_judge(cfg, model, endpoint_model))
 
 
 def _judge(cfg: ArenaJudgeConfig, model: str, endpoint_model: str) -> tuple[Any, Any]:
