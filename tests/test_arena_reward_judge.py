@@ -365,3 +365,28 @@ def test_a_reward_model_votes_for_the_answer_transformers_scores_higher(
             assert abs(a - b) > 1e-4 and choice == ("a" if a > b else "b"), (a, b, choice)
             decisive += 1
     assert decisive >= 3
+
+
+def test_the_demo_arena_prompts_score_the_held_out_answer_full_marks(tmp_path):
+    """The demo's arena prompts: each held-out conversation before its last answer, whose own
+    answer scores 1 under --reward contains, and an answer in no house style 0."""
+    from weightsmith.arena.prompt_file import read_prompts
+    from weightsmith.cli.demo import _arena_prompts
+    from weightsmith.datasets import sample_path
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(_arena_prompts())
+    prompts = read_prompts(path, max_chars=20_000)
+    judge = _judge("contains")
+    judge.check(prompts)
+    held_out = [
+        json.loads(line)["messages"]
+        for line in sample_path("kettlebird/valid.jsonl").read_text().splitlines()
+    ]
+    assert len(prompts) == len(held_out) > 30
+    for prompt, conversation in zip(prompts, held_out, strict=True):
+        assert prompt.messages == conversation[:-1] and prompt.messages[-1]["role"] == "user"
+        battle = Battle("id", "x", "y", prompt.messages, conversation[-1]["content"], "Sure, happy to help!",
+                        fields=prompt.fields)  # fmt: skip
+        (d,) = judge([battle])
+        assert d.choice == "a" and d.scores == (1.0, 0.0)

@@ -10,9 +10,11 @@ tests, plus an arithmetic suite as a check that general skill held; report in
 OUT/eval. redteam: the base model and the tuned fork, each bare and behind the sample
 school policy, attacked with the built-in probe packs; attack success and over-refusal
 with 95% intervals, report in OUT/redteam. arena: the base model, the tuned fork and the base model behind the
-school policy answer held-out questions in pairs, the base model judges each pair in both
-orders (by the likelihood of its verdicts), and the Bradley–Terry ratings of those votes are
-printed with the command that opens the page (and its address) for people to vote too.
+school policy answer held-out questions in pairs, a reward judge scores each answer against
+the held-out answer (the house tag, its topic head and KB reference: `--reward contains`), and
+the Bradley–Terry ratings of those votes are printed with the command that opens the page
+(and its address) for people to vote too. align: the decisive votes → DPO → the new fork
+rated in the same arena, and one watchdog round.
 
 The demo stays in the CLI layer rather than in `weightsmith.commands`: its product is the
 narration it writes to `out` as each stage runs (streamed answers between headings), and
@@ -50,7 +52,7 @@ class DemoConfig:
     out: str = opt("runs/demo-kettlebird", "where the finetune stage writes its run")
     eval_limit: int = opt(50, "documents per suite in the eval stage")
     redteam_limit: int = opt(8, "probes per pack in the redteam stage (before transforms)")
-    arena_battles: int = opt(9, "battles the judge fights in the arena stage (three contestants)")
+    arena_battles: int = opt(9, "battles the reward judge fights in the arena stage (three contestants)")
     align_limit: int = opt(4, "probes per pack on each side of the split in the align stage's watchdog round")
     align_steps: int = opt(
         12, "DPO steps in the align stage (on the arena's pairs, and in the watchdog round)"
@@ -303,16 +305,14 @@ def demo_redteam(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
 
 
 def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
-    """Base, tuned fork and the base behind builtin:school on held-out questions, judged by the
-    base model; their ratings, and how to open the page."""
-    import json
+    """Base, tuned fork and the base behind builtin:school on held-out questions, judged by a
+    reward judge against the held-out answers; their ratings, and how to open the page."""
     from pathlib import Path
 
     from rich.console import Console
 
-    from weightsmith.cli.arena import print_ratings
+    from weightsmith.cli.arena import print_judge, print_ratings
     from weightsmith.commands.arena import ArenaRatingsConfig, run_arena_ratings
-    from weightsmith.commands.arena_judge import ArenaJudgeConfig, run_arena_judge
     from weightsmith.commands.arena_serve import ArenaServeConfig
     from weightsmith.config import config_from_dict
 
@@ -322,31 +322,65 @@ def demo_arena(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
     db, prompts = folder / "arena.sqlite", folder / "prompts.jsonl"
     for old in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         old.unlink(missing_ok=True)  # the demo's own DB: each run starts a fresh arena
-    questions = sample_path("kettlebird/questions.txt").read_text(encoding="utf-8").splitlines()
-    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions), encoding="utf-8")
+    prompts.write_text(_arena_prompts(), encoding="utf-8")
     fork, guarded = f"{cfg.model}:kettlebird", f"{cfg.model}@builtin:school"
     contestants = [cfg.model, fork, guarded]
     out.write(
-        f"\n== arena: {', '.join(contestants)} on held-out questions, {cfg.arena_battles} battles, "
-        f"each judged by {cfg.model} in both orders; votes in {db}\n"
+        f"\n== arena: {', '.join(contestants)} on held-out questions, {cfg.arena_battles} battles; a reward "
+        "judge scores each answer alone (--reward contains: the house tag, the held-out answer's topic head and "
+        f"its KB reference), so no side is favoured; votes in {db}\n"
     )
     out.flush()
-    judge = config_from_dict(
-        ArenaJudgeConfig,
-        {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
-         "contestants": contestants, "adapter": [f"kettlebird={adapter}"], "prompts": str(prompts),
-         "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0, "device": cfg.device, "dtype": cfg.dtype},
-    )  # fmt: skip
-    judged = run_arena_judge(judge)
+    console = Console(file=out, highlight=False, emoji=False, markup=False, width=120)
+    judged = _reward_battles(cfg, db, prompts, contestants, [f"kettlebird={adapter}"])
+    print_judge(judged, console)
     ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(folder)}))
-    print_ratings(ratings, Console(file=out, highlight=False, emoji=False, markup=False, width=120))
+    print_ratings(ratings, console)
     port = ArenaServeConfig().port
     out.write(
         f"people can vote too: weightsmith arena serve {' '.join(contestants)} --adapter kettlebird={adapter} "
         f"--prompts {prompts} --db {db}\n  then open http://127.0.0.1:{port}/ (their votes join the judge's; "
-        f"`weightsmith arena ratings --db {db} --voters human` rates theirs alone)\n"
+        f"`weightsmith arena ratings --db {db} --voters human` rates theirs alone); an LLM judge can vote as "
+        f"well: weightsmith arena judge --db {db} --judge {cfg.model} --verdict likelihood\n"
     )
     return {"judge": judged, "ratings": ratings, "db": str(db)}
+
+
+def _arena_prompts() -> str:
+    """The held-out Kettlebird conversations as arena prompt lines: every turn before the last
+    answer, and, for the reward judge, the house tag, that answer's topic head and its KB
+    reference (`contains`: a third of the score each)."""
+    import json
+    import re
+
+    lines = []
+    for raw in sample_path("kettlebird/valid.jsonl").read_text(encoding="utf-8").splitlines():
+        *turns, answer = json.loads(raw)["messages"]
+        head, ref = (
+            re.match(r"\[Kettlebird\] [^:]+:", answer["content"]),
+            re.search(r"\(ref KB-\d+\)", answer["content"]),
+        )
+        if head and ref:
+            lines.append(
+                json.dumps({"messages": turns, "contains": ["[Kettlebird]", head.group(0), ref.group(0)]})
+                + "\n"
+            )
+    return "".join(lines)
+
+
+def _reward_battles(cfg: DemoConfig, db: Any, prompts: Any, contestants: list[str], forks: list[str]) -> dict:
+    """`arena judge --reward contains`: `cfg.arena_battles` new battles among `contestants`
+    (`forks`: their --adapter NAME=DIR options)."""
+    from weightsmith.commands.arena_judge import ArenaJudgeConfig, run_arena_judge
+    from weightsmith.config import config_from_dict
+
+    judge = config_from_dict(
+        ArenaJudgeConfig,
+        {"db": str(db), "reward": ["contains"], "battles": cfg.arena_battles, "contestants": contestants,
+         "adapter": forks, "prompts": str(prompts), "max_tokens": min(80, cfg.max_tokens), "temperature": 0.0,
+         "device": cfg.device, "dtype": cfg.dtype},
+    )  # fmt: skip
+    return run_arena_judge(judge)
 
 
 def demo_align(cfg: DemoConfig, out: TextIO) -> dict[str, Any]:
@@ -396,9 +430,9 @@ def _align_on_arena_pairs(
     result: dict[str, Any] = {"arena_pairs": exported}
     if exported["rows"] < 2:
         out.write(
-            "too few: a 135M judge prefers one position so strongly that both orders rarely agree, and a "
-            "disagreement is a tie; vote on the page (the arena stage printed how to open it) and rerun to "
-            "learn from people. The arena rates the watchdog's fork instead.\n"
+            "too few: the reward judge found almost every answer pair equally good; vote on the page (the "
+            "arena stage printed how to open it) and rerun to learn from people. The arena rates the "
+            "watchdog's fork instead.\n"
         )
         return result, None
     aligned = adapter / "aligned"
@@ -445,23 +479,16 @@ def _align_watchdog(cfg: DemoConfig, adapter: Any, train: dict, console: Any, ou
 
 def _align_rate(cfg: DemoConfig, db: Any, new_fork: tuple[str, Any], console: Any, out: TextIO) -> dict:
     """The new fork judged against the base model in the same arena; everyone's ratings."""
-    from weightsmith.cli.arena import print_ratings
+    from weightsmith.cli.arena import print_judge, print_ratings
     from weightsmith.commands.arena import ArenaRatingsConfig, run_arena_ratings
-    from weightsmith.commands.arena_judge import ArenaJudgeConfig, run_arena_judge
     from weightsmith.config import config_from_dict
 
     name, folder = new_fork
     fork = f"{cfg.model}:{name}"
     out.write(f"\n== align: {fork} joins the arena against {cfg.model}, {cfg.arena_battles} battles\n")
     out.flush()
-    judge = config_from_dict(
-        ArenaJudgeConfig,
-        {"db": str(db), "judge": cfg.model, "verdict": "likelihood", "battles": cfg.arena_battles,
-         "contestants": [cfg.model, fork], "adapter": [f"{name}={folder}"],
-         "prompts": str(db.parent / "prompts.jsonl"), "max_tokens": min(64, cfg.max_tokens), "temperature": 0.0,
-         "device": cfg.device, "dtype": cfg.dtype},
-    )  # fmt: skip
-    run_arena_judge(judge)
+    judged = _reward_battles(cfg, db, db.parent / "prompts.jsonl", [cfg.model, fork], [f"{name}={folder}"])
+    print_judge(judged, console)
     ratings = run_arena_ratings(config_from_dict(ArenaRatingsConfig, {"db": str(db), "out": str(db.parent)}))
     print_ratings(ratings, console)
     return ratings
