@@ -390,3 +390,27 @@ def test_the_demo_arena_prompts_score_the_held_out_answer_full_marks(tmp_path):
                         fields=prompt.fields)  # fmt: skip
         (d,) = judge([battle])
         assert d.choice == "a" and d.scores == (1.0, 0.0)
+
+
+def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, servers, tmp_path, capsys):
+    """An adapter reward model's base may be a path the command line names as a contestant;
+    with endpoint contestants only, that path is a shared file's word and is refused."""
+    from test_dpo import pair_rows, write_jsonl
+    from test_reward_model import TRAIN, reward_config
+
+    from weightsmith.train.reward_model import run_reward
+
+    rm = tmp_path / "rm"
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    run_reward(reward_config(tiny_hf_dir, pairs, rm, train={**TRAIN, "max_steps": 2, "eval_every": 0}))
+    prompts = tmp_path / "open.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    right_url = servers[0].url
+    db = tmp_path / "arena.sqlite"
+    args = ["arena", "judge", "--db", db, "--reward", f"model:{rm}", "--battles", "2", "--prompts", prompts,
+            "--max-tokens", "4", "--device", "cpu", "--json"]  # fmt: skip
+    code, _, err = run_cli([*args, "--contestants", f"{right_url}#right,{servers[1].url}#wrong"], capsys)
+    _one_line_error(code, err, f"model:{rm}", "not a model the command line names")
+    assert not db.exists()
+    code, out, _ = run_cli([*args, "--contestants", f"{tiny_hf_dir},{right_url}#right"], capsys)
+    assert code == 0 and json.loads(out)["judged"] == 2 and json.loads(out)["scores"]["right"]["n"] == 2

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint
+from weightsmith.arena.contestants import Contestants, parse_contestant, split_endpoint, split_guard
 from weightsmith.arena.endpoint import check_endpoint
 from weightsmith.arena.judge import Decide, Fight, judge_battles, llm_decider
 from weightsmith.arena.prompt_file import read_prompts
@@ -150,7 +150,7 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
             )  # fmt: skip
             contestants.check()
         pool = _fight_prompts(rewards, prompts, store) if contestants is not None else []
-        decide = _load_rewards(rewards, cfg.device) if rewards else _llm_decider(cfg)
+        decide = _load_rewards(rewards, cfg) if rewards else _llm_decider(cfg)
         store = store or ArenaStore(db)
         fight = None
         if contestants is not None:
@@ -202,14 +202,18 @@ def _fight_prompts(
     return pool
 
 
-def _load_rewards(judge: RewardJudge, device: str) -> RewardJudge:
-    """Load the judge's reward models (`model:DIR`) on `device`."""
+def _load_rewards(judge: RewardJudge, cfg: ArenaJudgeConfig) -> RewardJudge:
+    """Load the judge's reward models (`model:DIR`) on `--device`; a reward adapter's base may
+    be the path of a local contestant (the command line names it)."""
+    from weightsmith.checkpoint.pull import looks_like_path
     from weightsmith.device import pick_device
     from weightsmith.train.reward_model import ModelReward
 
+    local = [split_guard(spec)[0] for spec in cfg.contestants if not is_endpoint(split_guard(spec)[0])]
+    named = [Path(m).expanduser() for s in local for m in [s.rpartition(":")[0] or s] if looks_like_path(m)]
     for reward in judge.rewards:
         if isinstance(reward.fn, ModelReward):
-            reward.fn.load(pick_device(device))
+            reward.fn.load(pick_device(cfg.device), named)
     return judge
 
 

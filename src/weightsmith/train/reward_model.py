@@ -28,6 +28,7 @@ Not here: reading pairs (preference_data.py), the loop (loop.py), what uses a re
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -286,11 +287,14 @@ class Scorer:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def load_scorer(path: str | Path, device: torch.device, spec: str, policy: Path | None = None) -> Scorer:
+def load_scorer(
+    path: str | Path, device: torch.device, spec: str, policy: Path | Sequence[Path] | None = None
+) -> Scorer:
     """A reward model written by `weightsmith reward`: a PEFT SEQ_CLS adapter or an HF
     `*ForSequenceClassification` folder. An adapter's base is named in its adapter_config.json,
     a shared file: a store or catalog name is loaded from the store (never fetched), a path only
-    where it is the policy's own model (`policy`, which the command line named)."""
+    where the command line named it too (`policy`: the model being trained, or the arena's
+    local contestants)."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.checkpoint.pull import looks_like_path, resolve
     from weightsmith.device import pick_dtype
@@ -304,12 +308,14 @@ def load_scorer(path: str | Path, device: torch.device, spec: str, policy: Path 
         base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"--reward {spec}: {folder}/adapter_config.json names no base model")
-        if looks_like_path(str(base)) and (
-            policy is None or Path(base).expanduser().resolve() != policy.resolve()
-        ):
+        named = [policy] if isinstance(policy, Path) else list(policy or ())
+        if looks_like_path(str(base)) and Path(base).expanduser().resolve() not in [
+            p.resolve() for p in named
+        ]:
             raise ConfigError(
-                f"--reward {spec}: its adapter's base is the path {base}, not the model being trained; a reward "
-                "model's base must be that model or a stored one (weightsmith pull NAME)"
+                f"--reward {spec}: its adapter's base is the path {base}, not a model the command line names (the "
+                "model being trained, or a local arena contestant); a reward model's base must be one of those "
+                "or a stored one (weightsmith pull NAME)"
             )
         ckpt = load_checkpoint(resolve(str(base), auto_pull=False), device=device, dtype=dtype)
         load_adapter(ckpt.model, folder, reward=True)
@@ -360,9 +366,9 @@ class ModelReward:
             )
         self.scorer: Scorer | None = None
 
-    def load(self, device: torch.device, policy: Path | None = None) -> None:
-        """Load the reward model on `device`; `policy` is the trained model's path (an adapter's
-        base may be it)."""
+    def load(self, device: torch.device, policy: Path | Sequence[Path] | None = None) -> None:
+        """Load the reward model on `device`; `policy` is the path (or paths) of the models the
+        command line names (an adapter's base may be one)."""
         if self.scorer is None:
             self.scorer = load_scorer(self.path, device, self.spec, policy)
 
