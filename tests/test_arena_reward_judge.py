@@ -414,3 +414,70 @@ def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, serve
     assert not db.exists()
     code, out, _ = run_cli([*args, "--contestants", f"{tiny_hf_dir},{right_url}#right"], capsys)
     assert code == 0 and json.loads(out)["judged"] == 2 and json.loads(out)["scores"]["right"]["n"] == 2
+
+
+# -- checking an LLM judge against the reward judge: arena ratings --agree ---------------------
+
+
+def _judged_answers(body: dict) -> tuple[str, str]:
+    import re
+
+    text = body["messages"][-1]["content"]
+    a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.S).group(1)
+    b = re.search(r"\[Answer B\]\n(.*?)\n\nExplain", text, re.S).group(1)
+    return a, b
+
+
+def checker(body: dict) -> str:
+    """An LLM judge that knows the answers: [[A]] or [[B]] for the one right answer, else [[C]]."""
+    a, b = _judged_answers(body)
+    ok_a, ok_b = ("1000" not in a), ("1000" not in b)
+    return "[[C]]" if ok_a == ok_b else "[[A]]" if ok_a else "[[B]]"
+
+
+def test_ratings_agree_compares_an_llm_judge_with_the_reward_judge(judged, tmp_path, capsys):
+    db = tmp_path / "copy.sqlite"
+    with sqlite3.connect(judged[0]) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    with FakeServer(checker) as good, FakeServer(lambda body: "[[A]]") as first:
+        for url, name in ((good.url, "checker"), (first.url, "first")):
+            code, out, _ = run_cli(
+                ["arena", "judge", "--db", db, "--judge", f"{url}#{name}", "--json"], capsys
+            )
+            assert code == 0 and json.loads(out)["judged"] == 24
+    rate = ["arena", "ratings", "--db", db, "--rounds", "20", "--json"]
+    code, out, _ = run_cli([*rate, "--agree", "judge:reward-answer,judge:checker"], capsys)
+    agreement = json.loads(out)["agreement"]
+    assert (
+        code == 0
+        and agreement["battles"] == 24
+        and agreement["observed"] == 1.0
+        and agreement["kappa"] == 1.0
+    )
+    # A judge that always says the first answer ties every battle (its two orders disagree):
+    # it agrees exactly as often as chance predicts, kappa 0.
+    code, out, _ = run_cli([*rate, "--agree", "judge:reward-answer,judge:first"], capsys)
+    agreement = json.loads(out)["agreement"]
+    ties = sum(choice == "tie" for _, choice, _ in _votes(judged[0]))
+    assert agreement["observed"] == pytest.approx(ties / 24) and agreement["kappa"] == pytest.approx(
+        0.0, abs=1e-12
+    )
+    code, out, _ = run_cli([*rate, "--voters", "judge:reward-answer"], capsys)
+    assert code == 0 and json.loads(out)["source"]["votes"] == 24  # one judge's votes alone
+    code, out, _ = run_cli(
+        [*rate, "--voters", "judge", "--agree", "judge:reward-answer,judge:checker"], capsys
+    )
+    assert json.loads(out)["source"]["votes"] == 72
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--agree", "judge,judge:checker"], ["the two overlap"]),
+     (["--agree", "human"], ["--agree takes two voters"]),
+     (["--agree", "human,jugde"], ["--agree 'jugde'"]),
+     (["--voters", "jugde"], ["--voters 'jugde'", "judge:NAME"])],
+)  # fmt: skip
+def test_bad_agree_and_voters_options_are_one_line(judged, capsys, args, words):
+    code, _, err = run_cli(["arena", "ratings", "--db", judged[0], *args], capsys)
+    assert code != 0 and err.count("\n") == 1, err
+    assert all(w in err for w in words), err

@@ -29,6 +29,7 @@ from weightsmith.arena.ratings import Ratings, rate
 from weightsmith.arena.records import ANY_JUDGE, HUMAN, IMPORTED, Battle, Outcome, Vote, voter_matches
 from weightsmith.arena.schema import BUSY_TIMEOUT_S, ArenaError, check_file
 from weightsmith.arena.store_read import battle_tally, battles_with_votes, content_hash
+from weightsmith.arena.store_write import VOTER_KIND
 from weightsmith.errors import UsageError
 
 #: `--voters` words -> the voter kinds kept (None: every kind).
@@ -38,6 +39,31 @@ VOTERS: dict[str, tuple[str, ...] | None] = {
     "import": (IMPORTED,),
     "all": None,
 }
+#: Voter kinds an agreement may compare: the words, or one judge's `judge:NAME`.
+KIND_WORDS = (HUMAN, ANY_JUDGE, IMPORTED)
+
+
+def voter_kinds(word: str, option: str = "--voters") -> tuple[str, ...] | None:
+    """The voter kinds `--voters WORD` keeps: a word of VOTERS, or `judge:NAME` for one judge's
+    votes alone; UsageError naming the option otherwise."""
+    if word in VOTERS:
+        return VOTERS[word]
+    if word.startswith(ANY_JUDGE + ":") and VOTER_KIND.fullmatch(word):
+        return (word,)
+    raise UsageError(f"{option} {word!r}: give {', '.join(VOTERS)}, or judge:NAME for one judge's votes")
+
+
+def agree_kinds(first: str, second: str) -> tuple[str, str]:
+    """Two voter kinds whose agreement `--agree` reports (human, judge, import, judge:NAME),
+    checked not to overlap (a vote must count for one side only)."""
+    for kind in (first, second):
+        if kind not in KIND_WORDS and not (kind.startswith(ANY_JUDGE + ":") and VOTER_KIND.fullmatch(kind)):
+            raise UsageError(f"--agree {kind!r}: give human, judge, import or judge:NAME")
+    if voter_matches(first, second) or voter_matches(second, first):
+        raise UsageError(f"--agree {first},{second}: the two overlap; compare two different voters")
+    return first, second
+
+
 #: The schema version that added `battles.expires`, which the tally reads.
 _TALLY_SCHEMA = 3
 
@@ -61,10 +87,11 @@ def rate_votes(
     anchor: str | None = None,
     rounds: int = 200,
     seed: int = 0,
+    agree: tuple[str, str] = (HUMAN, ANY_JUDGE),
 ) -> Ratings:
-    """Ratings of the votes whose kind is one of `kinds` (None: every vote), with human–judge
-    agreement over all votes. `voters` is the word for `kinds` (messages and the source
-    record); UsageError when no vote is left to rate."""
+    """Ratings of the votes whose kind is one of `kinds` (None: every vote), with the agreement
+    of the two voter kinds `agree` (people and judges) over all votes. `voters` is the word for
+    `kinds` (messages and the source record); UsageError when no vote is left to rate."""
     outcomes = [
         Outcome.of(battle, vote)
         for battle, votes in battles
@@ -76,7 +103,7 @@ def rate_votes(
     source = {"db": db, "sha256": sha256, "voters": voters, "votes": len(outcomes)}
     ratings = rate(outcomes, anchor=anchor, rounds=rounds, seed=seed, source=source)
     everyone = [vote for _, votes in battles for vote in votes]
-    ratings.agreement = cohen_kappa(everyone, HUMAN, ANY_JUDGE, rounds=rounds, seed=seed)
+    ratings.agreement = cohen_kappa(everyone, *agree, rounds=rounds, seed=seed)
     return ratings
 
 
@@ -116,4 +143,4 @@ def summary(snapshot: Snapshot) -> dict[str, Any]:
             "contestants": len(names), "tally": snapshot.tally}  # fmt: skip
 
 
-__all__ = ["VOTERS", "Snapshot", "rate_votes", "read_snapshot", "summary"]
+__all__ = ["VOTERS", "Snapshot", "agree_kinds", "rate_votes", "read_snapshot", "summary", "voter_kinds"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.arena.battles import ExportFilters, export_preferences, read_battle_log
-from weightsmith.arena.leaderboard import VOTERS, rate_votes
+from weightsmith.arena.leaderboard import agree_kinds, rate_votes, voter_kinds
 from weightsmith.arena.report import write_ratings_outputs
 from weightsmith.arena.store import ArenaStore
 from weightsmith.config import opt
@@ -37,7 +37,11 @@ class ArenaRatingsConfig:
 
     db: str = opt(help=DB_HELP)
     out: str | None = opt(None, "folder for ratings.json and report.html")
-    voters: str = opt("all", "whose votes count", choices=tuple(VOTERS))
+    voters: str = opt("all", "whose votes count: human, judge, import, all, or judge:NAME (one judge)")
+    agree: list[str] = opt(
+        ["human", "judge"], "the two voters whose agreement (Cohen's kappa) to report: human, judge, import or "
+        "judge:NAME (say judge:reward-answer,judge:my-llm to check an LLM judge against a reward judge)",
+    )  # fmt: skip
     anchor: str | None = opt(None, "contestant rated exactly 1000 (unset: the mean is 1000)")
     rounds: int = opt(200, "bootstrap resamples for the 95 percent intervals")
     seed: int = opt(0, "bootstrap seed")
@@ -46,6 +50,10 @@ class ArenaRatingsConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
+        voter_kinds(self.voters)
+        if len(self.agree) != 2:
+            raise UsageError(f"--agree takes two voters, as in human,judge; got {len(self.agree)}")
+        agree_kinds(*self.agree)
 
 
 def run_arena_ratings(cfg: ArenaRatingsConfig, progress: Any = None) -> dict[str, Any]:
@@ -53,8 +61,8 @@ def run_arena_ratings(cfg: ArenaRatingsConfig, progress: Any = None) -> dict[str
     with ArenaStore(Path(cfg.db).expanduser(), create=False) as store:
         everything = store.battles_with_votes()
         sha = store.content_hash()
-    ratings = rate_votes(everything, kinds=VOTERS[cfg.voters], voters=cfg.voters, db=str(cfg.db), sha256=sha,
-                         anchor=cfg.anchor, rounds=cfg.rounds, seed=cfg.seed)  # fmt: skip
+    ratings = rate_votes(everything, kinds=voter_kinds(cfg.voters), voters=cfg.voters, db=str(cfg.db), sha256=sha,
+                         anchor=cfg.anchor, rounds=cfg.rounds, seed=cfg.seed, agree=agree_kinds(*cfg.agree))  # fmt: skip
     written = write_ratings_outputs(Path(cfg.out), ratings) if cfg.out else {}
     return {**ratings.to_dict(), "written": written}
 
@@ -69,7 +77,7 @@ class ArenaExportConfig:
 
     db: str = opt(help=DB_HELP)
     out: str = opt(help="the pairs file (JSONL); NAME.meta.json beside it records the DB hash and battle ids")
-    voters: str = opt("human", "whose votes count", choices=tuple(VOTERS))
+    voters: str = opt("human", "whose votes count: human, judge, import, all, or judge:NAME (one judge)")
     min_votes: int = opt(1, "counted votes a battle needs")
     min_margin: float = opt(0.0, "the winner's share of a battle's counted votes it needs (0 to 1)")
     format: str = opt(
@@ -82,6 +90,7 @@ class ArenaExportConfig:
 
     def __post_init__(self) -> None:
         ExportFilters(min_votes=self.min_votes, min_margin=self.min_margin)  # the range checks
+        voter_kinds(self.voters)
 
 
 def run_arena_export(cfg: ArenaExportConfig, progress: Any = None) -> dict[str, Any]:
@@ -90,7 +99,7 @@ def run_arena_export(cfg: ArenaExportConfig, progress: Any = None) -> dict[str, 
         pairs = store.battles_with_votes()
         sha = store.content_hash()
     filters = ExportFilters(
-        voters=VOTERS[cfg.voters] or (), min_votes=cfg.min_votes, min_margin=cfg.min_margin
+        voters=voter_kinds(cfg.voters) or (), min_votes=cfg.min_votes, min_margin=cfg.min_margin
     )
     battles = [battle for battle, _ in pairs]
     votes = [vote for _, vs in pairs for vote in vs]
