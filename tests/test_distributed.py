@@ -415,3 +415,23 @@ def test_on_policy_distill_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path
     shares = [m["on_policy"] for m in read_metrics(one / "metrics.jsonl") if "on_policy" in m]
     assert 0 < sum(shares) < len(shares)  # some steps the student's answers, some the data's
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
+
+
+def test_precomputed_teacher_table_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    """`--precompute-teacher`: each rank runs the teacher over every other batch of rows and the
+    parts are gathered (the validation rows, one batch, fall to rank 0 alone); the stored table
+    is one process's, byte for byte, and training from it gives the same losses and weights."""
+    from conftest import build_tiny_hf_dir
+    from test_distill import chat_rows
+    from test_dpo import write_jsonl
+
+    from weightsmith.train.distill_topk import TOPK_FILE
+
+    teacher = build_tiny_hf_dir(tmp_path / "teacher", seed=1, num_hidden_layers=3)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20))
+    args = ["distill", str(tiny_hf_dir), "--teacher", str(teacher), "--data", str(data), *COMMON,
+            "--train.batch-size", "4", "--train.max-steps", "3", "--train.eval-every", "3",
+            "--precompute-teacher", "8"]  # fmt: skip
+    one, two = on_one_and_two_ranks(args, tmp_path, ("kd", "teacher_nll", "val_kd"))
+    assert (one / TOPK_FILE).read_bytes() == (two / TOPK_FILE).read_bytes()
+    assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")

@@ -6,7 +6,8 @@ For each training and validation row (finetune's rows, packed or not, in the lay
 gives them) the teacher's logits at every target position are cut to their K largest (ids and
 raw fp32 logits), with the teacher's cross-entropy on the data's own token, taken over its whole
 vocabulary; all of it goes to `OUT/teacher_topk.safetensors` (rank 0; a resumed run reads it back
-and checks it against its rows). At training time the teacher's distribution is the softmax of
+and checks it against its rows). Under torchrun each rank scores every size-th batch of rows
+and the parts are gathered: each rank runs the teacher over 1/size of the rows. At training time the teacher's distribution is the softmax of
 those K logits at the temperature (the rest of the vocabulary gets none), and the loss is the
 forward KL from it, the one divergence defined on its support alone: reverse KL and JSD would
 need the teacher's probability of every token the student puts mass on.
@@ -106,26 +107,42 @@ def _top_k(
     batch_size: int,
     device: torch.device,
     bf16: bool,
+    world: World,
 ) -> dict[str, torch.Tensor]:
-    """The teacher's top K ids and logits and its NLL at every target of `source`, in order."""
-    ids, logits, nll = [], [], []
-    for start in range(0, len(source), batch_size):
+    """The teacher's top K ids and logits and its NLL at every target of `source`, in order:
+    each rank scores every size-th batch, and the ranks' parts are gathered into one table."""
+    parts: dict[int, tuple[torch.Tensor, ...]] = {}
+    for start in range(world.rank * batch_size, len(source), world.size * batch_size):
         batch = collate(source.rows[start : start + batch_size], source.pad_id).to(device)
-        keep = batch.labels != IGNORE
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = teacher.hidden_states(
-                batch.inputs, positions=batch.positions, documents=batch.documents
-            )[keep]
-            targets = batch.labels[keep]
-            for at in range(0, len(hidden), 256):
-                z = teacher.logits(hidden[at : at + 256])[:, :vocab].float()
-                top = z.topk(k, dim=-1)
-                ids.append(top.indices.to(torch.int32).cpu())
-                logits.append(top.values.cpu())
-                t = targets[at : at + 256]
-                nll.append((torch.logsumexp(z, -1) - z.gather(1, t[:, None]).squeeze(1)).cpu())
-    cat = lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape)  # noqa: E731
-    return {"ids": cat(ids, (0, k)).to(torch.int32), "logits": cat(logits, (0, k)), "nll": cat(nll, (0,))}
+        parts[start] = _score(teacher, batch, k, vocab, device, bf16)
+    if world.size > 1:
+        parts = {start: part for gathered in world.gather(parts) for start, part in gathered.items()}
+    ordered = [parts[start] for start in sorted(parts)]
+    cat = lambda i, shape: torch.cat([p[i] for p in ordered]) if ordered else torch.zeros(shape)  # noqa: E731
+    return {"ids": cat(0, (0, k)).to(torch.int32), "logits": cat(1, (0, k)), "nll": cat(2, (0,))}
+
+
+def _score(
+    teacher: nn.Module, batch: Batch, k: int, vocab: int, device: torch.device, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's top K ids (int32) and fp32 logits and the teacher's NLL at its targets."""
+    ids, logits, nll = [], [], []
+    keep = batch.labels != IGNORE
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = teacher.hidden_states(batch.inputs, positions=batch.positions, documents=batch.documents)[
+            keep
+        ]
+        targets = batch.labels[keep]
+        for at in range(0, len(hidden), 256):
+            z = teacher.logits(hidden[at : at + 256])[:, :vocab].float()
+            top = z.topk(k, dim=-1)
+            ids.append(top.indices.to(torch.int32).cpu())
+            logits.append(top.values.cpu())
+            t = targets[at : at + 256]
+            nll.append((torch.logsumexp(z, -1) - z.gather(1, t[:, None]).squeeze(1)).cpu())
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k), torch.zeros(0)
+    return torch.cat(ids), torch.cat(logits), torch.cat(nll)
 
 
 def fill_top_k(
@@ -157,9 +174,9 @@ def fill_top_k(
     assert teacher is not None
     started = time.perf_counter()
     for name, source in sources.items():
-        table = _top_k(teacher, source, k, vocab, batch_size, device, use_bf16(precision, device))
+        table = _top_k(teacher, source, k, vocab, batch_size, device, use_bf16(precision, device), world)
         source.table = {**table, "offsets": offsets[name]}
-    if world.is_main:  # every rank computed the same values
+    if world.is_main:  # every rank holds the whole table
         with atomic_file(path) as tmp:
             tensors = {
                 f"{n}.{key}": s.table[key].contiguous()
