@@ -112,12 +112,10 @@ def _top_k(
     """The teacher's top K ids and logits and its NLL at every target of `source`, in order:
     each rank scores every size-th batch, and the ranks' parts are gathered into one table."""
     parts: dict[int, tuple[torch.Tensor, ...]] = {}
-    for start in range(world.rank * batch_size, len(source), world.size * batch_size):
+    for start in world.share_of(len(source), batch_size):
         batch = collate(source.rows[start : start + batch_size], source.pad_id).to(device)
         parts[start] = _score(teacher, batch, k, vocab, device, bf16)
-    if world.size > 1:
-        parts = {start: part for gathered in world.gather(parts) for start, part in gathered.items()}
-    ordered = [parts[start] for start in sorted(parts)]
+    ordered = world.gather_shares(parts)
     cat = lambda i, shape: torch.cat([p[i] for p in ordered]) if ordered else torch.zeros(shape)  # noqa: E731
     return {"ids": cat(0, (0, k)).to(torch.int32), "logits": cat(1, (0, k)), "nll": cat(2, (0,))}
 

@@ -131,6 +131,19 @@ class World:
         _collective(torch.distributed.all_gather_object, out, obj)
         return out
 
+    def share_of(self, n: int, batch_size: int, *, split: bool = True) -> range:
+        """The starts of the batches of `n` items this rank works on: every size-th batch (all of
+        them when not `split`, as when a sharded model must run every forward on every rank)."""
+        if not split or self.size == 1:
+            return range(0, n, batch_size)
+        return range(self.rank * batch_size, n, self.size * batch_size)
+
+    def gather_shares(self, parts: dict[int, Any], *, split: bool = True) -> list[Any]:
+        """The parts of every rank's `share_of` (keyed by batch start), in start order."""
+        if split and self.size > 1:
+            parts = {start: part for gathered in self.gather(parts) for start, part in gathered.items()}
+        return [parts[start] for start in sorted(parts)]
+
     def reduce_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """Sum the trainable gradients over ranks (DDP); one flat all-reduce per step."""
         if self.size == 1 or self.sharded:  # FSDP reduce-scatters in backward

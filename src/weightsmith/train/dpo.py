@@ -224,22 +224,27 @@ def precompute_reference(
     device: torch.device,
     precision: str,
     reference: nn.Module | None = None,
+    world: World | None = None,
 ) -> torch.Tensor:
     """(n, 2) reference log-probs of every item of `source`, in order: (chosen, rejected) of a
-    pair (`PairSource`), (completion, KL completion) of a KTO example (`UnpairedSource`)."""
-    out = torch.empty((len(source), 2), dtype=torch.float32)
+    pair (`PairSource`), (completion, KL completion) of a KTO example (`UnpairedSource`). Under
+    several ranks each scores every size-th batch and the parts are gathered (each runs every
+    batch when the model is sharded: FSDP's forward is collective)."""
+    world = world or World()
     autocast = use_bf16(precision, device)
     was_training = model.training
     model.eval()
-    for start in range(0, len(source), batch_size):
+    parts = {}
+    for start in world.share_of(len(source), batch_size, split=not world.sharded):
         batch = source.batch(range(start, min(start + batch_size, len(source))))
         batch = getattr(batch, "both", batch).to(device)  # KTO's: completion and KL completion
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             ref = reference_log_probs(model, batch, reference).float().cpu()
         n = batch.n_pairs
-        out[start : start + n, 0], out[start : start + n, 1] = ref[:n], ref[n:]
+        parts[start] = torch.stack([ref[:n], ref[n:]], dim=1)
     model.train(was_training)
-    return out
+    ordered = world.gather_shares(parts, split=not world.sharded)
+    return torch.cat(ordered) if ordered else torch.empty((0, 2), dtype=torch.float32)
 
 
 # ----- the command --------------------------------------------------------------------------------
@@ -292,9 +297,10 @@ def fill_reference(
     started = time.perf_counter()
     for source in sources.values():
         source.reference = precompute_reference(
-            model, source, batch_size=cfg.train.batch_size, device=device, precision=cfg.train.precision
-        )
-    if world.is_main:  # every rank computed the same values
+            model, source, batch_size=cfg.train.batch_size, device=device, precision=cfg.train.precision,
+            world=world,
+        )  # fmt: skip
+    if world.is_main:  # every rank holds the same values
         with atomic_file(path) as tmp:
             save_file(
                 {n: s.reference.contiguous() for n, s in sources.items() if s.reference is not None}, str(tmp)
