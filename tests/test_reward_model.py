@@ -352,7 +352,8 @@ def test_a_reward_adapter_naming_another_base_path_is_refused(trained_rm, tiny_h
     (hostile / "adapter_config.json").write_text(json.dumps(config))
     for policy in (tiny_hf_dir, None):
         with pytest.raises(
-            ConfigError, match="its adapter.s base is the path .*elsewhere, not a model the command line names"
+            ConfigError,
+            match="its adapter.s base is the path .*elsewhere, not a model the command line names",
         ):
             load_scorer(hostile, torch.device("cpu"), f"model:{hostile}", policy)
     assert load_scorer(trained_rm, torch.device("cpu"), "model:x", tiny_hf_dir).pad_id is not None
