@@ -235,3 +235,20 @@ def test_all_ties_still_give_an_interval_of_the_right_width() -> None:
     assert anchored["bravo"].upper - anchored["bravo"].lower == pytest.approx(
         4 * half
     )  # sqrt(4) x: a difference
+
+
+def test_kappa_intervals_never_collapse_to_a_point() -> None:
+    """Full agreement and a voter that gave one verdict every time leave every bootstrap resample
+    at the same kappa; the interval is then Wilson's for p_o mapped through kappa (by hand)."""
+    z = 1.959963984540054
+    # Full agreement on 10 battles, margins a 5, b 3, tie 2: kappa 1; p_o's Wilson low at 10/10 is
+    # n / (n + z^2), and the bound maps through kappa at p_e = (25 + 9 + 4) / 100.
+    full = cohen_kappa(_votes([("a", "a")] * 5 + [("b", "b")] * 3 + [("tie", "tie")] * 2), rounds=200)
+    p_e = 0.38
+    assert full.kappa == pytest.approx(1.0) and full.upper == pytest.approx(1.0)
+    assert full.lower == pytest.approx((10 / (10 + z * z) - p_e) / (1 - p_e), abs=1e-9)
+    # The judge always ties: p_o = p_e = the humans' tie share (3/9), kappa 0, interval around it.
+    constant = cohen_kappa(_votes([("a", "tie")] * 4 + [("b", "tie")] * 2 + [("tie", "tie")] * 3), rounds=200)
+    assert constant.kappa == pytest.approx(0.0, abs=1e-12)
+    assert constant.lower < -0.2 and constant.upper > 0.2
+    assert constant.note.startswith("judge gave one verdict on every shared battle")

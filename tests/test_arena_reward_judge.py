@@ -371,11 +371,11 @@ def test_the_demo_arena_prompts_score_the_held_out_answer_full_marks(tmp_path):
     """The demo's arena prompts: each held-out conversation before its last answer, whose own
     answer scores 1 under --reward contains, and an answer in no house style 0."""
     from weightsmith.arena.prompt_file import read_prompts
-    from weightsmith.cli.demo import _arena_prompts
+    from weightsmith.cli.demo_arena import arena_prompts
     from weightsmith.datasets import sample_path
 
     path = tmp_path / "prompts.jsonl"
-    path.write_text(_arena_prompts())
+    path.write_text(arena_prompts())
     prompts = read_prompts(path, max_chars=20_000)
     judge = _judge("contains")
     judge.check(prompts)

@@ -9,7 +9,10 @@ of one kind voted on a battle, that kind's verdict is their majority; an even sp
 p_o is the share of battles with the same verdict, p_e = Σ_k p1_k · p2_k the share expected
 by chance from each kind's own verdict shares. κ is undefined when p_e = 1 (both kinds gave
 one and the same verdict every time). Its interval is a percentile bootstrap over the shared
-battles (the 3×3 table resampled as multinomial counts, seeded).
+battles (the 3×3 table resampled as multinomial counts, seeded), widened where narrower to
+Wilson's interval for p_o mapped through κ with p_e held at its estimate: where every
+resample gives the same κ (full agreement, or a voter that gave one verdict every time, whose
+κ is 0 by construction) the bootstrap alone would collapse to a point such as [1, 1].
 
 Not here: ratings (ratings.py), reading votes (the store).
 """
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith.arena.records import ANY_JUDGE, HUMAN, Vote, voter_matches
+from weightsmith.eval.intervals import wilson
 
 #: The three verdicts agreement counts (both-bad is a tie).
 VERDICTS = ("a", "b", "tie")
@@ -45,7 +49,10 @@ class Agreement:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "verdicts": list(VERDICTS), "method": "Cohen's kappa; percentile bootstrap"}
+        return {
+            **asdict(self), "verdicts": list(VERDICTS),
+            "method": "Cohen's kappa; percentile bootstrap, at least Wilson's interval of p_o through kappa",
+        }  # fmt: skip
 
 
 def verdict(votes: Iterable[Vote]) -> str:
@@ -99,7 +106,21 @@ def cohen_kappa(
     tail = 100.0 * (1.0 - level) / 2.0
     defined = not np.isnan(kappa)
     low, high = np.percentile(spread, [tail, 100.0 - tail]) if defined and spread.size else (None, None)
+    if defined:  # at least the Wilson interval of p_o, through kappa at this p_e
+        p_e = float((confusion.sum(1) * confusion.sum(0)).sum()) / n**2
+        w_low, w_high = (np.array(wilson(int(np.trace(confusion)), n, level)) - p_e) / (1.0 - p_e)
+        low, high = (
+            min(w_low, low if low is not None else w_low),
+            max(w_high, high if high is not None else w_high),
+        )
     note = "" if defined else "both kinds gave one and the same verdict every time: kappa is undefined"
+    constant = [
+        kind for kind, margin in ((first, confusion.sum(1)), (second, confusion.sum(0))) if max(margin) == n
+    ]
+    if defined and constant:
+        note = (
+            f"{constant[0]} gave one verdict on every shared battle: its kappa is 0 whatever the other voted"
+        )
     return Agreement(
         first=first,
         second=second,

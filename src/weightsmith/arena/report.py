@@ -118,9 +118,7 @@ def _matrix(title: str, table: RatingTable, values: list[list[Any]], show: Any) 
 
 def _agreement(a: Agreement) -> str:
     kappa = "undefined" if a.kappa is None else f"{a.kappa:.3f}"
-    interval = (
-        "" if a.lower is None else f", {100 * a.level:g}% bootstrap interval [{a.lower:.3f}, {a.upper:.3f}]"
-    )
+    interval = "" if a.lower is None else f", {100 * a.level:g}% interval [{a.lower:.3f}, {a.upper:.3f}]"
     note = f" {escape(a.note)}" if a.note else ""
     return (
         f"<h2>Agreement</h2><p>{escape(a.first)} vs {escape(a.second)} on {a.battles} shared battles: "

@@ -70,7 +70,7 @@ def print_ratings(result: dict[str, Any], console: Console) -> None:
         ci = f" [{a['lower']:.2f}, {a['upper']:.2f}]" if a["lower"] is not None else ""
         console.print(
             f"agreement {a['first']} vs {a['second']} on {a['battles']} battles: Cohen's kappa {kappa}{ci}, "
-            f"same verdict {a['observed']:.0%}",
+            f"same verdict {a['observed']:.0%}" + (f"; {a['note']}" if a.get("note") else ""),
             markup=False,
         )
     for path in (result.get("written") or {}).values():
