@@ -190,12 +190,14 @@ def _align_on_arena_pairs(
     aligned = adapter / "aligned"
     dpo = config_from_dict(
         DpoConfig,
-        {"model": cfg.model, "data": str(pairs), "out": str(aligned), "valid_fraction": 0.0,
-         "max_seq_len": 384, "overwrite": True, "device": cfg.device, "dtype": cfg.dtype, "train": train},
+        {"model": cfg.model, "data": str(pairs), "out": str(aligned), "valid_fraction": 0.0, "sft_weight": 1.0,
+         "max_seq_len": 384, "overwrite": True, "device": cfg.device, "dtype": cfg.dtype,
+         "train": {**train, "lr": 2e-3}},
     )  # fmt: skip
     trained = run_dpo(dpo)
     out.write(
-        f"DPO on them: {trained['steps']} steps, final loss {trained['metrics']['loss']:.3f}; fork in {aligned}\n"
+        f"DPO on them from {cfg.model}, with the chosen answers' NLL (RPO: --sft-weight 1), lr 2e-3: {trained['steps']} "
+        f"steps, final loss {trained['metrics']['loss']:.3f}; fork in {aligned}\n"
     )
     result["dpo"] = trained
     return result, ("aligned", aligned)
