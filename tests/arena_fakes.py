@@ -67,6 +67,16 @@ class FakeServer(ThreadingHTTPServer):
         self.server_close()
 
 
+def judged_answers(body: dict) -> tuple[str, str]:
+    """The two answers a pairwise judge request shows (its [Answer A] and [Answer B] blocks)."""
+    import re
+
+    text = body["messages"][-1]["content"]
+    a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.S).group(1)
+    b = re.search(r"\[Answer B\]\n(.*?)\n\nExplain", text, re.S).group(1)
+    return a, b
+
+
 def free_url() -> str:
     """The URL of a port nothing listens on (bound, then released)."""
     import socket

@@ -4,12 +4,11 @@ model, a fake endpoint contestant and fake endpoint judges whose verdicts a test
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from pathlib import Path
 
 import pytest
-from arena_fakes import FakeServer, free_url
+from arena_fakes import FakeServer, free_url, judged_answers
 from conftest import run_cli
 
 from weightsmith.arena.schema import SCHEMA_VERSION
@@ -19,16 +18,9 @@ from weightsmith.cli.main import main
 MARK = "far side"  # what the endpoint contestant always says
 
 
-def _answers(body: dict) -> tuple[str, str]:
-    text = body["messages"][-1]["content"]
-    a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.S).group(1)
-    b = re.search(r"\[Answer B\]\n(.*?)\n\nExplain", text, re.S).group(1)
-    return a, b
-
-
 def fair(body: dict) -> str:
     """Prefers the endpoint contestant's answer wherever it stands: both orders agree."""
-    a, b = _answers(body)
+    a, b = judged_answers(body)
     return "It is clearer.\n[[A]]" if MARK in a and MARK not in b else "It is clearer.\n[[B]]"
 
 
@@ -92,7 +84,7 @@ def test_judge_fights_battles_and_records_both_order_verdicts(judged_db, servers
     assert all(choice == "tie" for _, choice, _, _ in biased_votes)  # the orders disagreed
     # Both orders were asked: two judge requests per battle, the answers swapped.
     _, judge_fair, _ = servers
-    asked = [_answers(r["body"]) for r in judge_fair.requests]
+    asked = [judged_answers(r["body"]) for r in judge_fair.requests]
     assert len(asked) == 8 and all(asked[2 * k] == asked[2 * k + 1][::-1] for k in range(4))
     with ArenaStore(judged_db, create=False) as store:
         battle = store.battles_with_votes()[0][0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from arena_fakes import FakeServer
+from arena_fakes import FakeServer, judged_answers
 from conftest import run_cli
 
 from weightsmith.arena.records import Battle, Prompt
@@ -419,18 +419,9 @@ def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, serve
 # -- checking an LLM judge against the reward judge: arena ratings --agree ---------------------
 
 
-def _judged_answers(body: dict) -> tuple[str, str]:
-    import re
-
-    text = body["messages"][-1]["content"]
-    a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", text, re.S).group(1)
-    b = re.search(r"\[Answer B\]\n(.*?)\n\nExplain", text, re.S).group(1)
-    return a, b
-
-
 def checker(body: dict) -> str:
     """An LLM judge that knows the answers: [[A]] or [[B]] for the one right answer, else [[C]]."""
-    a, b = _judged_answers(body)
+    a, b = judged_answers(body)
     ok_a, ok_b = ("1000" not in a), ("1000" not in b)
     return "[[C]]" if ok_a == ok_b else "[[A]]" if ok_a else "[[B]]"
 
