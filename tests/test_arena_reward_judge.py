@@ -15,6 +15,7 @@ import torch
 from arena_fakes import FakeServer, judged_answers
 from conftest import run_cli
 
+from weightsmith.arena.contestants import parse_contestant
 from weightsmith.arena.records import Battle, Prompt
 from weightsmith.arena.reward_judge import RewardJudge
 from weightsmith.arena.schema import SCHEMA_VERSION
@@ -472,3 +473,33 @@ def test_bad_agree_and_voters_options_are_one_line(judged, capsys, args, words):
     code, _, err = run_cli(["arena", "ratings", "--db", judged[0], *args], capsys)
     assert code != 0 and err.count("\n") == 1, err
     assert all(w in err for w in words), err
+
+
+def test_a_reference_file_judges_battles_fought_without_one(tmp_path, capsys):
+    """Battles fought over plain prompts (the page's) are judged once `--prompts` gives their
+    references: the file's fields replace the stored ones (here a bad one), then the votes go
+    to the right answers; a battle whose prompt the file leaves out stays unjudged."""
+    db = tmp_path / "arena.sqlite"
+    questions = list(QUESTIONS)
+    with ArenaStore(db) as store:
+        store.add_contestants([parse_contestant("x", {}), parse_contestant("y", {})])
+        ids = store.add_prompts(
+            [Prompt([{"role": "user", "content": q}], source="page.jsonl") for q in questions]
+        )
+        for i, (pid, q) in enumerate(zip(ids, questions, strict=True)):
+            good, bad = right({"messages": [{"content": q}]}), "No idea."
+            battle = store.create_battle("x", "y", pid, sampling={})
+            store.record_answers(battle.id, *((good, bad) if i % 2 else (bad, good)), timings={})
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE prompts SET fields = ? WHERE id = ?", (json.dumps({"answer": []}), ids[0]))
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": q, "answer": QUESTIONS[q]}) + "\n" for q in questions[:3]))
+    code, out, err = run_cli(
+        ["arena", "judge", "--db", db, "--reward", "answer", "--prompts", refs, "--json"], capsys
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["judged"] == 3 and result["unreferenced"] == 1
+    votes = _votes(db)
+    assert [choice for _, choice, _ in votes] == ["b", "a", "b"]  # the right answer's side, each time
+    assert all(b.prompt_source == "refs.jsonl:" + str(i + 1) for i, (_, _, b) in enumerate(votes))

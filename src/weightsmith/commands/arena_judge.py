@@ -14,6 +14,7 @@ Not here: the judging loop (weightsmith.arena.judge), the other arena commands
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, replace
@@ -84,7 +85,10 @@ class ArenaJudgeConfig:
     adapter: list[str] = opt(
         default_factory=list, help="a fork's LoRA adapter, NAME=DIR (used as MODEL:NAME)", split=False
     )
-    prompts: str | None = opt(None, "JSONL prompts for new battles ({prompt} or {messages} per line)")
+    prompts: str | None = opt(
+        None, "JSONL prompts for new battles ({prompt} or {messages} per line); with --reward, their reference "
+        "fields are stored with the DB's prompts of the same messages",
+    )  # fmt: skip
     contestant_api_key_env: str | None = opt(
         None, "environment variable whose value is sent as the API key to endpoint contestants"
     )
@@ -109,7 +113,7 @@ class ArenaJudgeConfig:
             raise UsageError(f"--battles must be at least 1, got {self.battles}")
         if self.contestants and len(self.contestants) < 2:
             raise UsageError("--contestants: new battles need at least two contestants")
-        if (self.contestants or self.prompts) and self.battles is None:
+        if (self.contestants or (self.prompts and not self.reward)) and self.battles is None:
             raise UsageError("--contestants/--prompts fight new battles: say how many with --battles N")
         if self.judge_max_tokens < 1 or self.max_tokens < 1:
             raise UsageError("--judge-max-tokens and --max-tokens must be at least 1")
@@ -135,8 +139,12 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     db = Path(cfg.db).expanduser()
     store = ArenaStore(db, create=False) if db.exists() else None  # a newer schema stops here
     try:
-        if rewards and store is not None:  # stored reference fields are checked before any vote
-            rewards.check([b for b in store.unvoted_battles(voter) if b.prompt and rewards.usable(b)])
+        if (
+            rewards and store is not None
+        ):  # stored reference fields (not replaced by --prompts) are checked now
+            given = {_key(p.messages) for p in prompts if p.fields}
+            stored = [b for b in store.unvoted_battles(voter) if b.prompt and _key(b.prompt) not in given]
+            rewards.check([b for b in stored if rewards.usable(b)])
         if cfg.judge and is_endpoint(cfg.judge):  # a judge that does not answer stops the run now
             model, endpoint_model, _ = judge_identity(cfg.judge)
             key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
@@ -153,11 +161,13 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
         decide = _load_rewards(rewards, cfg) if rewards else _llm_decider(cfg)
         store = store or ArenaStore(db)
         fight = None
+        if prompts and (
+            contestants is not None or rewards
+        ):  # a reward judge's file gives stored prompts fields
+            ids = store.add_prompts(prompts)
+            pool = [replace(p, id=i) for p, i in zip(prompts, ids, strict=True)]
         if contestants is not None:
             store.add_contestants(contestants.contestants)
-            if prompts:
-                ids = store.add_prompts(prompts)
-                pool = [replace(p, id=i) for p, i in zip(prompts, ids, strict=True)]
             params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
             fight = Fight(contestants, pool, params, random.Random(cfg.seed))
         tick = progress("judge") if progress else None
@@ -169,6 +179,10 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
     finally:
         if store is not None:
             store.close()
+
+
+def _key(messages: list[dict]) -> str:
+    return json.dumps(messages, sort_keys=True)
 
 
 def _reward_judge(cfg: ArenaJudgeConfig, prompts: list[Prompt]) -> RewardJudge | None:
