@@ -281,8 +281,12 @@ def test_demo_finetune_stage_teaches_the_house_style(default_gguf, capsys, monke
     )
     base, tuned = (int(style.split(f"{name} ")[-1].split(",")[0].split(" ")[0]) for name in ("base", "tuned"))
     assert base == 0 and tuned >= 9
-    # The arena stage: two battles, each judged in both orders, a vote each, the ratings table.
-    assert "== arena:" in out and "arena ratings (all votes: 2)" in out and "arena serve" in out
+    # The arena stage: two battles scored by the reward judge, then judged by the LLM judge in both
+    # orders: the ratings table of the reward judge's two votes, and the judges' agreement.
+    assert "== arena:" in out and "judge:reward-contains: voted on 2 battles (2 new)" in out
+    assert "judge:smollm2-135m-instruct: voted on 2 battles (0 new)" in out
+    assert "arena ratings (judge:reward-contains votes: 2)" in out and "arena serve" in out
+    assert "agreement judge:reward-contains vs judge:smollm2-135m-instruct on 2 battles" in out
     assert (out_dir / "arena" / "arena.sqlite").is_file() and (out_dir / "arena" / "report.html").is_file()
     # The serve stage: the adapter, served and asked through the official OpenAI client.
     assert "== serve:" in out and "asked with the openai client" in out
