@@ -23,7 +23,8 @@ test: install-test
 	@# Bytecode for the package up front: where PYTHONDONTWRITEBYTECODE is set, every process the
 	@# suite starts (CLI runs, training ranks) would otherwise compile it again (~0.4 s each).
 	$(PY) -m compileall -q src
-	$(VENV)/bin/pytest
+	@# The slowest tests are listed at the end, so a CI log says where the suite's time goes.
+	$(VENV)/bin/pytest --durations=25
 
 # Only the fuzz tests (pytest -m fuzz), with many examples each; `make test` runs a few.
 FUZZ_EXAMPLES ?= 2000

@@ -153,22 +153,31 @@ def on_one_and_two_ranks(
     return one, two
 
 
-@pytest.mark.parametrize("precompute", [[], ["--precompute-ref"]], ids=["live", "precomputed"])
-def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path, precompute):
-    """With --precompute-ref each rank scores every other batch of pairs with the reference and
-    the parts are gathered: the stored log-probs and the run are one process's."""
+def test_lora_dpo_on_two_ranks_equals_one_process(tiny_hf_dir, tmp_path):
+    """With --precompute-ref each rank scores every other batch of pairs with the reference (the
+    adapters off, as every live step does) and the parts are gathered: the stored log-probs and
+    the run are one process's. (The live reference of each step is the same pass, run by
+    GRPO's and KTO's two-rank tests.)"""
     pairs = write_pairs(tmp_path / "pairs.jsonl")
-    args = ["dpo", str(tiny_hf_dir), "--data", str(pairs), *COMMON, "--train.batch-size", "4", *precompute]
+    args = [
+        "dpo",
+        str(tiny_hf_dir),
+        "--data",
+        str(pairs),
+        *COMMON,
+        "--train.batch-size",
+        "4",
+        "--precompute-ref",
+    ]
     args += ["--train.max-steps", "4", "--train.eval-every", "2"]
     one, two = on_one_and_two_ranks(args, tmp_path, ("reward_margin", "val_reward_accuracy"))
     assert_same_weights(one / "adapter_model.safetensors", two / "adapter_model.safetensors")
-    if precompute:
-        from weightsmith.train.dpo import REFERENCE_FILE
+    from weightsmith.train.dpo import REFERENCE_FILE
 
-        refs = [load_file(str(out / REFERENCE_FILE)) for out in (one, two)]
-        assert refs[0].keys() == refs[1].keys() and refs[0]["train"].shape[0] > 4  # more than one batch
-        for key, value in refs[0].items():
-            torch.testing.assert_close(refs[1][key], value, rtol=0, atol=0)
+    refs = [load_file(str(out / REFERENCE_FILE)) for out in (one, two)]
+    assert refs[0].keys() == refs[1].keys() and refs[0]["train"].shape[0] > 4  # more than one batch
+    for key, value in refs[0].items():
+        torch.testing.assert_close(refs[1][key], value, rtol=0, atol=0)
 
 
 def test_kto_on_three_ranks_equals_one_process_with_z0_pooled_over_ranks(tiny_hf_dir, tmp_path):
