@@ -110,8 +110,9 @@ def judge_battles(
     fighting new ones with `fight` once the unvoted ones run out. `usable` (a reward judge's)
     passes over battles whose prompt it cannot score."""
     tally = JudgeTally(voter)
-    pending = [b for b in store.unvoted_battles(voter, limit=None) if _judgeable(b, tally, usable)]
-    pending = pending[:limit] if limit is not None else pending
+    # A reward judge passes over battles it cannot score, so it reads them all and keeps `limit`.
+    unvoted = store.unvoted_battles(voter, limit=None if usable else limit)
+    pending = [b for b in unvoted if _judgeable(b, tally, usable)][:limit]
     total = limit if limit is not None and fight is not None else len(pending)
     done = 0
     for start in range(0, len(pending), CHUNK):
