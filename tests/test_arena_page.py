@@ -360,6 +360,47 @@ def test_page_needs_the_vote_key_when_set(tmp_path: Path, browser) -> None:
         running.stop()
 
 
+def test_the_prompts_reference_shows_after_the_vote_only(tmp_path: Path, browser) -> None:
+    """A --prompts line's reference fields (what a reward judge reads) come back in the vote's
+    answer, not before, and the page lists them then, as text; a typed prompt has none."""
+    prompts = tmp_path / "prompts.jsonl"
+    reference = {"answer": "Blue", "contains": ["sky", HOSTILE], "schema": {"type": "object"}}
+    prompts.write_text(json.dumps({"prompt": "What colour is the sky?", **reference}) + "\n")
+    running = start(tmp_path, prompts=str(prompts), max_votes_per_minute=1000)
+    try:
+        c = client(running)
+        raw, events = battle(c, {"random": True})
+        assert b"Blue" not in raw and b'sky"' not in raw
+        assert (
+            c.post("/api/votes", json={"battle": events[0]["id"], "choice": "a"}).json()["reference"]
+            == reference
+        )
+        _, events = battle(c, {"prompt": "Say hi"})
+        assert c.post("/api/votes", json={"battle": events[0]["id"], "choice": "b"}).json()["reference"] == {}
+
+        browser.get(running.url + "/")
+        browser.find_element("id", "random").click()
+        wait_for(browser, answers_in)
+        assert (
+            not browser.find_element("id", "reference").is_displayed() and "Blue" not in browser.page_source
+        )
+        browser.find_element("id", "vote-tie").click()
+        wait_for(browser, lambda d: d.find_element("id", "reference").is_displayed())
+        shown = text(browser, "reference-fields").splitlines()
+        assert shown == ["Expected answer", "Blue", "Should contain", f"sky \u00b7 {HOSTILE}", "JSON schema",
+                         '{', ' "type": "object"', '}']  # fmt: skip
+        assert browser.find_elements("tag name", "img") == []  # the markup is text
+        browser.find_element("id", "prompt").send_keys("Say hi")
+        browser.find_element("id", "start").click()
+        wait_for(browser, answers_in)
+        assert not browser.find_element("id", "reference").is_displayed()  # cleared for the next battle
+        browser.find_element("id", "vote-a").click()
+        wait_for(browser, lambda d: text(d, "name-a"))
+        assert not browser.find_element("id", "reference").is_displayed()  # a typed prompt has none
+    finally:
+        running.stop()
+
+
 class SlowContestants(FakeContestants):
     """Answers that never end until told to stop (a page that leaves mid-answer)."""
 

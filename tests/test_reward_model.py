@@ -357,3 +357,76 @@ def test_a_reward_adapter_naming_another_base_path_is_refused(trained_rm, tiny_h
         ):
             load_scorer(hostile, torch.device("cpu"), f"model:{hostile}", policy)
     assert load_scorer(trained_rm, torch.device("cpu"), "model:x", tiny_hf_dir).pad_id is not None
+
+
+def test_a_reward_adapter_beside_the_trained_one_scores_as_its_own_copy(tiny_hf_dir, trained_rm):
+    """A reward adapter over the checkpoint being trained with LoRA is loaded onto that model as
+    a second, frozen adapter: its scores are those of a separately loaded reward model while the
+    trained adapter (other targets, dropout, non-zero) stays active and unchanged around them."""
+    from weightsmith.lora import LoraConfig, apply_lora, lora_layers
+    from weightsmith.train.reward_model import SharedBase, load_scorer
+
+    cpu = torch.device("cpu")
+    ids = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    alone = load_scorer(trained_rm, cpu, "model:x", tiny_hf_dir)(ids)
+    ckpt = load_checkpoint(tiny_hf_dir, device=cpu, dtype=torch.float32)
+    model = ckpt.model
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+    model.eval()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    scorer = load_scorer(
+        trained_rm, cpu, "model:x", tiny_hf_dir, SharedBase(tiny_hf_dir, model, ckpt.tokenizer)
+    )
+    assert scorer.adapter == "reward0" and scorer.model is model
+    torch.testing.assert_close(scorer(ids), alone, rtol=0, atol=1e-6)
+    assert model.training and all(m.training for m in model.modules())  # the mode is given back
+    layers = lora_layers(model)
+    assert {m.active_adapter for m in layers.values()} == {"default"}
+    assert len(layers) > 2 * len(model.model.layers)  # the reward adapter wraps linears of its own
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_grpo_scores_with_a_reward_adapter_on_its_own_base(tiny_hf_dir, trained_rm, tmp_path, caplog, method):
+    """GRPO with LoRA and a reward adapter over the same checkpoint keeps one copy of the base:
+    every logged reward, through six steps of a changing policy adapter, equals a separate reward
+    model's score, and only the policy's adapter is trained and saved. Under QLoRA the base is
+    4-bit, so the reward model loads its own full-precision copy (and scores alike)."""
+    import logging
+
+    from safetensors.torch import load_file
+    from test_grpo import config, write_prompts
+
+    from weightsmith.train.grpo import run_grpo
+    from weightsmith.train.rewards import RewardContext, parse_rewards
+
+    prompts, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "rl"
+    cfg = config(tiny_hf_dir, prompts, out, reward=[f"model:{trained_rm}"], method=method,
+                 train={"precision": "fp32"})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="weightsmith"):
+        result = run_grpo(cfg)
+    assert ("no second copy of the base model" in caplog.text) == (method == "lora")
+    logged = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == 6 * 2 * 4 and len({r["reward"] for r in logged}) > 4
+    rows = [json.loads(x) for x in prompts.read_text().splitlines()]
+    (alone,) = parse_rewards([f"model:{trained_rm}"], RewardContext(8))
+    alone.fn.load(torch.device("cpu"), tiny_hf_dir)  # a second copy, as before sharing
+    texts = [r["completion"] for r in logged]
+    which = [rows[int(r["prompt"].rpartition(":")[2]) - 1] for r in logged]
+    torch.testing.assert_close(
+        torch.tensor([r["reward"] for r in logged]), torch.tensor(alone.fn(texts, which, [0] * len(texts))),
+        rtol=0, atol=2e-6,
+    )  # fmt: skip
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == result["parameters"]["trainable"]
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"

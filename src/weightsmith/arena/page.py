@@ -13,9 +13,11 @@ uvicorn with serve's connection limits (weightsmith.commands.serve). Routes:
   informative pair (`choose_pair` over the battle counts and current ratings, sides
   randomised), creates the battle and streams both answers (battle_stream.py).
 * ``POST /api/votes`` ``{"battle": ID, "choice": "a" | "b" | "tie" | "both_bad"}``: records
-  the vote (committed before the answer says so) and reveals the two names.
+  the vote (committed before the answer says so) and reveals the two names and the prompt's
+  reference fields (its `--prompts` line's `answer`, `contains`, ...; `{}` for none), which the
+  page shows then: after the vote, so they teach the task without steering the vote.
 
-Names leave the server only in a vote's answer. With a vote key, both POST routes need
+Names and references leave the server only in a vote's answer. With a vote key, both POST routes need
 ``Authorization: Bearer KEY`` (401 otherwise): a private arena neither votes nor spends
 compute for strangers. Store refusals keep their status (`ArenaError.http_status`): a
 forged battle id 404, a second vote 409, a vote after the battle's `--battle-ttl` 410, a
@@ -341,7 +343,8 @@ def _add_api_routes(app: FastAPI, state: ArenaState) -> None:
 
         recorded, battle = await state.off_loop(vote_and_reveal)
         return JSONResponse({"recorded": True, "battle": battle.id, "choice": recorded.choice,
-                             "model_a": battle.model_a, "model_b": battle.model_b})  # fmt: skip
+                             "model_a": battle.model_a, "model_b": battle.model_b,
+                             "reference": battle.fields or {}})  # fmt: skip
 
 
 async def _prompt(state: ArenaState, req: BattleRequest) -> Prompt:

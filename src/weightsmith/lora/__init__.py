@@ -19,6 +19,7 @@ from weightsmith.lora.files import (
 )
 from weightsmith.lora.layers import (
     LoRALinear,
+    adapter_active,
     adapters_disabled,
     apply_lora,
     layers_with,
@@ -35,6 +36,7 @@ from weightsmith.lora_config import LoraConfig
 __all__ = [
     "LoraConfig",
     "LoRALinear",
+    "adapter_active",
     "adapters_disabled",
     "apply_lora",
     "head_weight",

@@ -334,18 +334,34 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model (e.g. as the DPO reference) without a second copy of it."""
+    with adapter_active(model, None):
+        yield
+
+
+@contextlib.contextmanager
+def adapter_active(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Inside, every LoRA layer runs adapter `name` alone (None: none, the base model; a name:
+    in eval mode too, no dropout); afterwards each layer's adapter and each module's mode are as
+    before. So one base runs as several models: the reference (None), or a reward model's
+    adapter beside the adapter being trained. Merged adapters are refused: they are in every
+    answer."""
     layers = lora_layers(model)
     merged = sorted({a for m in layers.values() for a in m.merged})
     if merged:
         raise ConfigError(f"adapters {merged} are merged into the base weights; unmerge_adapter them first")
     active = {n: m.active_adapter for n, m in layers.items()}
-    for layer in layers.values():
-        layer.active_adapter = None
+    training = {n: m.training for n, m in model.named_modules()} if name is not None else {}
+    set_adapter(model, name)
+    if name is not None:
+        model.eval()
     try:
         yield
     finally:
         for n, layer in layers.items():
             layer.active_adapter = active[n]
+        for n, m in model.named_modules():
+            if n in training:
+                m.training = training[n]
 
 
 @contextlib.contextmanager

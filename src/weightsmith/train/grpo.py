@@ -69,6 +69,7 @@ from weightsmith.train.loop import Reporter, Trainer, TrainOptions
 from weightsmith.train.losses import head_log_probs, shared_prompt_attention
 from weightsmith.train.metric_sums import Mean
 from weightsmith.train.reward_files import file_spec
+from weightsmith.train.reward_model import SharedBase
 from weightsmith.train.rewards import BUILTIN, Reward, RewardContext, parse_rewards
 from weightsmith.train.runs import (
     RunConfig,
@@ -395,9 +396,16 @@ def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[
     if len(set(names)) != len(names):
         raise ConfigError(f"rewards {names}: two share a name; give each function its own")
     path, loaded, device, (train, valid, data_stats) = load_data_and_model(cfg, load_prompts)
+    # a reward model (--reward model:DIR) beside the policy; a LoRA one over the policy's own
+    # checkpoint runs on the policy's frozen base weights (LoRA training leaves them as loaded)
+    shared = (
+        SharedBase(path, loaded.model, loaded.tokenizer)
+        if cfg.method == "lora" and not world.sharded
+        else None
+    )
     for reward in rewards:
-        if hasattr(reward.fn, "load"):  # a reward model (--reward model:DIR), beside the policy
-            reward.fn.load(device, path)
+        if hasattr(reward.fn, "load"):
+            reward.fn.load(device, path, shared)
     begin_outputs(cfg, out, resume_from, world)
     model = loaded.model
     reference = None

@@ -27,6 +27,7 @@ Not here: reading pairs (preference_data.py), the loop (loop.py), what uses a re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,43 +261,64 @@ def _reward(cfg: RewardConfig, world: World, reporter: Reporter | None) -> dict[
 
 @dataclass
 class Scorer:
-    """A loaded reward model: the model with its score head, its tokenizer and padding id."""
+    """A loaded reward model: the model, its score head, tokenizer and padding id; `adapter`,
+    the reward adapter's name where it runs on the base of the model being trained (made active
+    while scoring, beside that model's own adapter)."""
 
     model: nn.Module
     tokenizer: Any
     pad_id: int
+    head: nn.Linear
+    adapter: str | None = None
 
     def __call__(self, ids: list[list[int]], chunk: int = 16) -> torch.Tensor:
         """(N,) fp32 scores of token sequences, read at each one's last non-padding token."""
+        from weightsmith.lora import adapter_active
+
         device = self.model.model.norm.weight.device
         out = []
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            width = max(1, max(map(len, part)))
-            inputs = torch.full((len(part), width), self.pad_id, dtype=torch.long)
-            read = []
-            for i, x in enumerate(part):
-                inputs[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-                read.append(i * width + max((j for j, t in enumerate(x) if t != self.pad_id), default=0))
-            with torch.no_grad():
+        running = adapter_active(self.model, self.adapter) if self.adapter else contextlib.nullcontext()
+        with running, torch.no_grad():
+            for start in range(0, len(ids), chunk):
+                part = ids[start : start + chunk]
+                width = max(1, max(map(len, part)))
+                inputs = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+                read = []
+                for i, x in enumerate(part):
+                    inputs[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+                    read.append(i * width + max((j for j, t in enumerate(x) if t != self.pad_id), default=0))
                 hidden = self.model.hidden_states(inputs.to(device))
                 h = self.model.model.norm(
                     hidden.reshape(-1, hidden.shape[-1])[torch.tensor(read, device=device)]
                 )
-                out.append(self.model.score(h.to(self.model.score.weight.dtype)).squeeze(-1).float().cpu())
+                out.append(self.head(h.to(self.head.weight.dtype)).squeeze(-1).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 
+@dataclass
+class SharedBase:
+    """The model being trained, where its base weights stay frozen (LoRA): a reward adapter
+    over the same checkpoint runs on them as a second adapter instead of loading a second copy.
+    `path` is the checkpoint's resolved path."""
+
+    path: Path
+    model: nn.Module
+    tokenizer: Any
+
+
 def load_scorer(
-    path: str | Path, device: torch.device, spec: str, policy: Path | Sequence[Path] | None = None
+    path: str | Path,
+    device: torch.device,
+    spec: str,
+    policy: Path | Sequence[Path] | None = None,
+    shared: SharedBase | None = None,
 ) -> Scorer:
     """A reward model written by `weightsmith reward`: a PEFT SEQ_CLS adapter or an HF
     `*ForSequenceClassification` folder. An adapter's base is named in its adapter_config.json,
     a shared file: a store or catalog name is loaded from the store (never fetched), a path only
     where the command line named it too (`policy`: the model being trained, or the arena's
-    local contestants)."""
+    local contestants). An adapter over `shared`'s checkpoint runs on `shared.model`."""
     from weightsmith.checkpoint.load import load_checkpoint
-    from weightsmith.checkpoint.pull import looks_like_path, resolve
     from weightsmith.device import pick_dtype
     from weightsmith.files import read_json
     from weightsmith.lora import load_adapter
@@ -305,19 +327,10 @@ def load_scorer(
     folder = Path(path).expanduser()
     dtype = pick_dtype("auto", device)
     if (folder / "adapter_config.json").is_file():
-        base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"--reward {spec}: {folder}/adapter_config.json names no base model")
-        named = [policy] if isinstance(policy, Path) else list(policy or ())
-        if looks_like_path(str(base)) and Path(base).expanduser().resolve() not in [
-            p.resolve() for p in named
-        ]:
-            raise ConfigError(
-                f"--reward {spec}: its adapter's base is the path {base}, not a model the command line names (the "
-                "model being trained, or a local arena contestant); a reward model's base must be one of those "
-                "or a stored one (weightsmith pull NAME)"
-            )
-        ckpt = load_checkpoint(resolve(str(base), auto_pull=False), device=device, dtype=dtype)
+        base = _adapter_base(folder, spec, policy)
+        if shared is not None and base.resolve() == shared.path.resolve():
+            return _shared_scorer(folder, spec, shared)
+        ckpt = load_checkpoint(base, device=device, dtype=dtype)
         load_adapter(ckpt.model, folder, reward=True)
         weight, pad = head_weight(folder), pad_id_for(ckpt.tokenizer)
     elif (folder / "config.json").is_file():
@@ -330,8 +343,54 @@ def load_scorer(
             f"--reward {spec}: {folder} holds no reward model (adapter_config.json or config.json)"
         )
     model = ckpt.model.requires_grad_(False).eval()
-    attach_score(model, 0, weight.float()).requires_grad_(False)
-    return Scorer(model, ckpt.tokenizer, pad)
+    head = attach_score(model, 0, weight.float()).requires_grad_(False)
+    return Scorer(model, ckpt.tokenizer, pad, head)
+
+
+def _adapter_base(folder: Path, spec: str, policy: Path | Sequence[Path] | None) -> Path:
+    """The checkpoint a reward adapter's config names as its base, resolved (never fetched)."""
+    from weightsmith.checkpoint.pull import looks_like_path, resolve
+    from weightsmith.files import read_json
+
+    base = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"--reward {spec}: {folder}/adapter_config.json names no base model")
+    named = [policy] if isinstance(policy, Path) else list(policy or ())
+    if looks_like_path(str(base)) and Path(base).expanduser().resolve() not in [p.resolve() for p in named]:
+        raise ConfigError(
+            f"--reward {spec}: its adapter's base is the path {base}, not a model the command line names (the "
+            "model being trained, or a local arena contestant); a reward model's base must be one of those "
+            "or a stored one (weightsmith pull NAME)"
+        )
+    return resolve(str(base), auto_pull=False)
+
+
+def _shared_scorer(folder: Path, spec: str, shared: SharedBase) -> Scorer:
+    """The reward adapter at `folder` loaded beside any adapter of `shared.model`, frozen and
+    without dropout; the adapter that was active stays active."""
+    from weightsmith.lora import load_adapter, lora_layers
+    from weightsmith.train.data import pad_id_for
+
+    model = shared.model
+    active = {n: m.active_adapter for n, m in lora_layers(model).items()}
+    taken = {a for m in lora_layers(model).values() for a in m.lora_A}
+    name = next(f"reward{i}" for i in range(len(taken) + 1) if f"reward{i}" not in taken)
+    load_adapter(model, folder, name=name, reward=True)  # made active on every LoRA layer
+    for n, layer in lora_layers(model).items():
+        layer.active_adapter = active.get(n, next(iter(active.values()), None))
+        if name in layer.lora_A:
+            layer.lora_A[name].requires_grad_(False)
+            layer.lora_B[name].requires_grad_(False)
+            layer.lora_dropout[name] = nn.Identity()
+    head = nn.Linear(model.config.hidden_size, 1, bias=False, device=model.model.norm.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(head_weight(folder).float())
+    base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    log.info(
+        "--reward %s: its adapter runs beside the trained one on the same frozen base weights (no second "
+        "copy of the base model: %.0f MiB saved)", spec, base / 2**20,
+    )  # fmt: skip
+    return Scorer(model, shared.tokenizer, pad_id_for(shared.tokenizer), head.requires_grad_(False), name)
 
 
 def model_reward(spec: str, weight_of: Any) -> tuple[ModelReward, float]:
@@ -366,11 +425,17 @@ class ModelReward:
             )
         self.scorer: Scorer | None = None
 
-    def load(self, device: torch.device, policy: Path | Sequence[Path] | None = None) -> None:
+    def load(
+        self,
+        device: torch.device,
+        policy: Path | Sequence[Path] | None = None,
+        shared: SharedBase | None = None,
+    ) -> None:
         """Load the reward model on `device`; `policy` is the path (or paths) of the models the
-        command line names (an adapter's base may be one)."""
+        command line names (an adapter's base may be one); an adapter over `shared`'s checkpoint
+        runs on its model."""
         if self.scorer is None:
-            self.scorer = load_scorer(self.path, device, self.spec, policy)
+            self.scorer = load_scorer(self.path, device, self.spec, policy, shared)
 
     def __call__(self, completions: list[str], rows: list[dict[str, Any]], lengths: list[int]) -> list[float]:
         assert self.scorer is not None, "ModelReward.load first"
