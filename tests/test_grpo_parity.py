@@ -149,6 +149,7 @@ CASES = [  # (loss, beta, temperature, mask_truncated, method, how a group's row
     ("grpo", 0.0, 1.0, True, "lora", "sequences", "none"),
     ("dapo", 0.04, 0.8, False, "full", "sequences", "group"),
     ("grpo", 0.0, 1.0, False, "lora", "mask", "batch"),
+    ("bnpo", 0.04, 0.9, True, "lora", "mask", "group"),
 ]
 
 
@@ -205,6 +206,27 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_hf_dir, ending_dir, tmp_pa
     if beta:
         assert float(metrics["kl"]) > 0
     assert bool(made) == (rows == "sequences")
+
+
+def test_bnpo_averages_each_micro_batchs_token_mean(ending_dir):
+    """TRL's bnpo divides each micro-batch's token sum by its own token count (then by the
+    accumulation steps): over two micro-batches of different token counts, our bnpo step is the
+    mean of the two dapo (token-mean) losses, not the token mean of the whole step."""
+    tokenizer = load_checkpoint(ending_dir).tokenizer
+    model, _ = policy_and_reference(ending_dir, "lora")
+    parts = [RECORDS[:2], RECORDS]  # 8 and 12 completions
+    runs = {
+        loss: [rollout_of(model, tokenizer, loss, 1.0, False, part)[1] for part in parts]
+        for loss in ("dapo", "bnpo")
+    }
+    assert [b.completion_ids for b in runs["dapo"]] == [b.completion_ids for b in runs["bnpo"]]
+    dapo = [GrpoObjective(epsilon=0.2, loss="dapo")(model, b)[:2] for b in runs["dapo"]]
+    bnpo = [GrpoObjective(epsilon=0.2, loss="bnpo")(model, b)[:2] for b in runs["bnpo"]]
+    assert dapo[0][1] != dapo[1][1] and [c for _, c in bnpo] == [1, 1]  # token counts differ
+    step = sum(t for t, _ in bnpo) / 2
+    torch.testing.assert_close(step, (dapo[0][0] / dapo[0][1] + dapo[1][0] / dapo[1][1]) / 2)
+    whole = sum(t for t, _ in dapo) / sum(c for _, c in dapo)
+    assert abs(float(step - whole)) > 1e-4 * abs(float(whole))
 
 
 LATER = [  # (loss, beta, importance sampling level, delta, method)

@@ -26,7 +26,8 @@ exponential of the mean of its tokens' log-ratios, given to each of its tokens. 
 the unclipped ratio too (two-sided clipping, INTELLECT-2). How the token losses sum (`--loss`):
 `dapo` (TRL's default) the mean over every completion token of the step; `grpo` the mean over
 completions of each completion's token mean; `dr_grpo` the sum over tokens / (completions x
---max-completion-len).
+--max-completion-len); `bnpo` each micro-batch's token mean (a rank's share of it on several),
+averaged over the step's micro-batches, as TRL's `bnpo` divides by the accumulation steps.
 
 The reference (for `--beta` > 0) is the model before training: for LoRA and QLoRA the same
 model with its adapters disabled, for full fine-tuning a frozen copy. Log-probabilities are
@@ -87,7 +88,7 @@ __all__ = ["GrpoConfig", "GrpoObjective", "completion_log_probs", "run_grpo"]
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("dapo", "grpo", "dr_grpo", "cispo", "sapo")
+LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 LEVELS = ("token", "sequence")
 ROLLOUTS = "rollouts.jsonl"
 
@@ -111,7 +112,8 @@ class GrpoConfig(RunConfig):
     temperature: float = opt(1.0, "sampling temperature (log-probs are taken at it too)")
     top_p: float = opt(1.0, "nucleus sampling")
     top_k: int = opt(0, "sample among the top k tokens only (0 = all)")
-    loss: str = opt("dapo", "how token losses sum: dapo (token mean), grpo (mean of completion means), dr_grpo; "
+    loss: str = opt("dapo", "how token losses sum: dapo (token mean), grpo (mean of completion means), dr_grpo, "
+                            "bnpo (each micro-batch's token mean, averaged); "
                             "or cispo (MiniMax-M1, summed as dapo), sapo (soft gate, summed as grpo)",
                     choices=LOSSES)  # fmt: skip
     sapo_temperature_pos: float = opt(1.0, "SAPO's gate temperature for tokens of positive advantage")

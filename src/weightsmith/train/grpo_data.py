@@ -158,7 +158,7 @@ class GroupBatch:
     advantages: torch.Tensor  # (N,) N = B * G
     weights: torch.Tensor  # (M,) each token's weight in the summed loss
     n_tokens: int
-    count: int  # what the summed loss is divided by: tokens (dapo) or completions
+    count: int  # what the summed loss is divided by: tokens (dapo), completions, or 1 (bnpo)
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # (sum, count) over its completions
     completions: list[dict[str, Any]] = field(default_factory=list)  # for rollouts.jsonl
     completion_ids: list[list[int]] = field(default_factory=list)  # each completion's sampled tokens
@@ -280,6 +280,8 @@ class Rollout:
                 weights += [token_weight(self.loss, len(c), self.max_completion_len)] * len(c)
                 at += len(c)
         count = len(targets) if self.loss in ("dapo", "cispo") else len(ids)
+        if self.loss == "bnpo":  # this micro-batch's token mean, one of the step's micro-batch means
+            weights, count = [w / len(targets) for w in weights], 1
         as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return GroupBatch(
             inputs, positions, segments, as_long(index), as_long(targets), as_long(seq), advantages,
@@ -308,11 +310,12 @@ def completion_seed(key: str, j: int) -> int:
 
 
 def token_weight(loss: str, length: int, max_completion_len: int) -> float:
-    """A completion token's weight in the summed loss: 1 (dapo, cispo: the step's token mean),
+    """A completion token's weight in the summed loss: 1 (dapo, cispo: the step's token mean;
+    bnpo: divided by the micro-batch's tokens later),
     1/length (grpo, sapo: each completion's token mean), 1/max_completion_len (dr_grpo: Dr.
     GRPO's constant), as TRL sums each loss type."""
     mean_of_means = 1.0 / max(length, 1)
-    return {"dapo": 1.0, "cispo": 1.0, "grpo": mean_of_means, "sapo": mean_of_means,
+    return {"dapo": 1.0, "cispo": 1.0, "bnpo": 1.0, "grpo": mean_of_means, "sapo": mean_of_means,
             "dr_grpo": 1.0 / max_completion_len}[loss]  # fmt: skip
 
 
