@@ -6,6 +6,7 @@ reward model's verdicts against transformers' own scores."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sqlite3
 from pathlib import Path
@@ -393,7 +394,7 @@ def test_the_demo_arena_prompts_score_the_held_out_answer_full_marks(tmp_path):
         assert d.choice == "a" and d.scores == (1.0, 0.0)
 
 
-def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, servers, tmp_path, capsys):
+def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, servers, tmp_path, capsys, caplog):
     """An adapter reward model's base may be a path the command line names as a contestant;
     with endpoint contestants only, that path is a shared file's word and is refused."""
     from test_dpo import pair_rows, write_jsonl
@@ -413,8 +414,25 @@ def test_a_reward_adapter_on_a_local_contestant_s_base_judges(tiny_hf_dir, serve
     code, _, err = run_cli([*args, "--contestants", f"{right_url}#right,{servers[1].url}#wrong"], capsys)
     _one_line_error(code, err, f"model:{rm}", "not a model the command line names")
     assert not db.exists()
-    code, out, _ = run_cli([*args, "--contestants", f"{tiny_hf_dir},{right_url}#right"], capsys)
+    with caplog.at_level(logging.INFO, logger="weightsmith"):
+        code, out, _ = run_cli([*args, "--contestants", f"{tiny_hf_dir},{right_url}#right"], capsys)
     assert code == 0 and json.loads(out)["judged"] == 2 and json.loads(out)["scores"]["right"]["n"] == 2
+    # the adapter ran on the contestant's loaded weights, and scored as its own copy scores
+    assert "no second copy of the base model" in caplog.text
+    from weightsmith.arena.store import ArenaStore
+    from weightsmith.train.rewards import RewardContext, parse_rewards
+
+    (alone,) = parse_rewards([f"model:{rm}"], RewardContext(4))
+    alone.fn.load(torch.device("cpu"), tiny_hf_dir)
+    with ArenaStore(db, create=False) as store:
+        battles = [b for b, _ in store.battles_with_votes()]
+    by_name: dict[str, list[float]] = {}
+    for b in battles:
+        for name, answer in ((b.model_a, b.answer_a), (b.model_b, b.answer_b)):
+            by_name.setdefault(name, []).extend(alone.fn([answer], [{"prompt": b.prompt}], [0]))
+    assert len(battles) == 2 and {
+        k: v["mean"] for k, v in json.loads(out)["scores"].items()
+    } == pytest.approx({k: sum(v) / len(v) for k, v in by_name.items()}, abs=1e-5)
 
 
 # -- checking an LLM judge against the reward judge: arena ratings --agree ---------------------

@@ -394,6 +394,15 @@ def test_a_reward_adapter_beside_the_trained_one_scores_as_its_own_copy(tiny_hf_
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    from weightsmith.quant.nf4 import quantize_linears_nf4
+
+    four_bit = load_checkpoint(tiny_hf_dir, device=cpu, dtype=torch.float32).model
+    quantize_linears_nf4(four_bit)  # a 4-bit base would score otherwise: the reward model gets its own copy
+    copy = load_scorer(
+        trained_rm, cpu, "model:x", tiny_hf_dir, [SharedBase(tiny_hf_dir, four_bit, ckpt.tokenizer)]
+    )
+    assert copy.adapter is None and copy.model is not four_bit
+    torch.testing.assert_close(copy(ids), alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

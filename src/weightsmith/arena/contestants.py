@@ -200,6 +200,10 @@ class Contestants:
                 local.llm.model.requires_grad_(False)
                 local.adapters.add(adapter)
 
+    def local_models(self) -> list[tuple[str, Any]]:
+        """(base model as the command line names it, its loaded `LLM`) of each local base."""
+        return [(base, local.llm) for base, local in self._locals.items()]
+
     def contestant(self, name: str) -> Contestant:
         if name not in self._by_name:
             raise ConfigError(f"no contestant called {name!r}; the contestants are {', '.join(self.names)}")

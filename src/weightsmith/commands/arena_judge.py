@@ -158,7 +158,7 @@ def run_arena_judge(cfg: ArenaJudgeConfig, progress: Any = None) -> dict[str, An
             )  # fmt: skip
             contestants.check()
         pool = _fight_prompts(rewards, prompts, store) if contestants is not None else []
-        decide = _load_rewards(rewards, cfg) if rewards else _llm_decider(cfg)
+        decide = _load_rewards(rewards, cfg, contestants) if rewards else _llm_decider(cfg)
         store = store or ArenaStore(db)
         fight = None
         if prompts and (
@@ -216,18 +216,23 @@ def _fight_prompts(
     return pool
 
 
-def _load_rewards(judge: RewardJudge, cfg: ArenaJudgeConfig) -> RewardJudge:
+def _load_rewards(judge: RewardJudge, cfg: ArenaJudgeConfig, contestants: Contestants | None) -> RewardJudge:
     """Load the judge's reward models (`model:DIR`) on `--device`; a reward adapter's base may
-    be the path of a local contestant (the command line names it)."""
-    from weightsmith.checkpoint.pull import looks_like_path
+    be the path of a local contestant (the command line names it), and one over a contestant's
+    checkpoint runs on that contestant's loaded weights (another adapter beside its forks')."""
+    from weightsmith.checkpoint.pull import looks_like_path, resolve
     from weightsmith.device import pick_device
-    from weightsmith.train.reward_model import ModelReward
+    from weightsmith.train.reward_model import ModelReward, SharedBase
 
     local = [split_guard(spec)[0] for spec in cfg.contestants if not is_endpoint(split_guard(spec)[0])]
     named = [Path(m).expanduser() for s in local for m in [s.rpartition(":")[0] or s] if looks_like_path(m)]
+    loaded = [
+        SharedBase(resolve(base, auto_pull=False), llm.model, llm.tokenizer, f"the contestant {base}")
+        for base, llm in (contestants.local_models() if contestants is not None else [])
+    ]
     for reward in judge.rewards:
         if isinstance(reward.fn, ModelReward):
-            reward.fn.load(pick_device(cfg.device), named)
+            reward.fn.load(pick_device(cfg.device), named, loaded)
     return judge
 
 

@@ -28,6 +28,7 @@ Not here: reading pairs (preference_data.py), the loop (loop.py), what uses a re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,13 +298,14 @@ class Scorer:
 
 @dataclass
 class SharedBase:
-    """The model being trained, where its base weights stay frozen (LoRA): a reward adapter
-    over the same checkpoint runs on them as a second adapter instead of loading a second copy.
-    `path` is the checkpoint's resolved path."""
+    """A loaded model whose base weights do not change (a LoRA run's policy, an arena
+    contestant): a reward adapter over the same checkpoint runs on them as another adapter
+    instead of loading a second copy. `path` is the checkpoint's resolved path."""
 
     path: Path
     model: nn.Module
     tokenizer: Any
+    what: str = "the model being trained"  # for the log line
 
 
 def load_scorer(
@@ -311,13 +313,13 @@ def load_scorer(
     device: torch.device,
     spec: str,
     policy: Path | Sequence[Path] | None = None,
-    shared: SharedBase | None = None,
+    shared: SharedBase | Sequence[SharedBase] | None = None,
 ) -> Scorer:
     """A reward model written by `weightsmith reward`: a PEFT SEQ_CLS adapter or an HF
     `*ForSequenceClassification` folder. An adapter's base is named in its adapter_config.json,
     a shared file: a store or catalog name is loaded from the store (never fetched), a path only
     where the command line named it too (`policy`: the model being trained, or the arena's
-    local contestants). An adapter over `shared`'s checkpoint runs on `shared.model`."""
+    local contestants). An adapter over the checkpoint of one of `shared` runs on its model."""
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import pick_dtype
     from weightsmith.files import read_json
@@ -328,8 +330,13 @@ def load_scorer(
     dtype = pick_dtype("auto", device)
     if (folder / "adapter_config.json").is_file():
         base = _adapter_base(folder, spec, policy)
-        if shared is not None and base.resolve() == shared.path.resolve():
-            return _shared_scorer(folder, spec, shared)
+        loaded = [shared] if isinstance(shared, SharedBase) else list(shared or ())
+        # a quantized base (integer blocks) would score otherwise than the float copy loaded here
+        same = next(
+            (s for s in loaded if s.path.resolve() == base.resolve() and _float_weights(s.model)), None
+        )
+        if same is not None:
+            return _shared_scorer(folder, spec, same)
         ckpt = load_checkpoint(base, device=device, dtype=dtype)
         load_adapter(ckpt.model, folder, reward=True)
         weight, pad = head_weight(folder), pad_id_for(ckpt.tokenizer)
@@ -365,6 +372,10 @@ def _adapter_base(folder: Path, spec: str, policy: Path | Sequence[Path] | None)
     return resolve(str(base), auto_pull=False)
 
 
+def _float_weights(model: nn.Module) -> bool:
+    return all(t.is_floating_point() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _shared_scorer(folder: Path, spec: str, shared: SharedBase) -> Scorer:
     """The reward adapter at `folder` loaded beside any adapter of `shared.model`, frozen and
     without dropout; the adapter that was active stays active."""
@@ -387,8 +398,8 @@ def _shared_scorer(folder: Path, spec: str, shared: SharedBase) -> Scorer:
         head.weight.copy_(head_weight(folder).float())
     base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
     log.info(
-        "--reward %s: its adapter runs beside the trained one on the same frozen base weights (no second "
-        "copy of the base model: %.0f MiB saved)", spec, base / 2**20,
+        "--reward %s: its adapter runs on the base weights of %s, already loaded (no second copy of the "
+        "base model: %.0f MiB saved)", spec, shared.what, base / 2**20,
     )  # fmt: skip
     return Scorer(model, shared.tokenizer, pad_id_for(shared.tokenizer), head.requires_grad_(False), name)
 
@@ -429,11 +440,11 @@ class ModelReward:
         self,
         device: torch.device,
         policy: Path | Sequence[Path] | None = None,
-        shared: SharedBase | None = None,
+        shared: SharedBase | Sequence[SharedBase] | None = None,
     ) -> None:
         """Load the reward model on `device`; `policy` is the path (or paths) of the models the
-        command line names (an adapter's base may be one); an adapter over `shared`'s checkpoint
-        runs on its model."""
+        command line names (an adapter's base may be one); an adapter over the checkpoint of one
+        of `shared` runs on its model."""
         if self.scorer is None:
             self.scorer = load_scorer(self.path, device, self.spec, policy, shared)
 
