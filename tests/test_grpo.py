@@ -171,6 +171,7 @@ def test_the_cli_trains_with_builtin_rewards_and_writes_its_outputs(tiny_hf_dir,
         ({"scale_rewards": "global"}, "scale_rewards: expected one of group, batch, none, got 'global'"),
         ({"sapo_temperature_neg": 0.0}, "--sapo-temperature-neg 0.0: must be above 0"),
         ({"top_entropy_quantile": 0.0}, "--top-entropy-quantile 0.0: must be in (0, 1]"),
+        ({"loss": "bnpo", "nproc_per_node": 2}, "--loss bnpo normalises each micro-batch by a rank's"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_hf_dir, tmp_path, fields, message):

@@ -26,8 +26,10 @@ exponential of the mean of its tokens' log-ratios, given to each of its tokens. 
 the unclipped ratio too (two-sided clipping, INTELLECT-2). How the token losses sum (`--loss`):
 `dapo` (TRL's default) the mean over every completion token of the step; `grpo` the mean over
 completions of each completion's token mean; `dr_grpo` the sum over tokens / (completions x
---max-completion-len); `bnpo` each micro-batch's token mean (a rank's share of it on several),
-averaged over the step's micro-batches, as TRL's `bnpo` divides by the accumulation steps.
+--max-completion-len); `bnpo` each micro-batch's token mean,
+averaged over the step's micro-batches, as TRL's `bnpo` divides by the accumulation steps
+(one rank only: a rank's share of a micro-batch would be its own unit, and the loop's steps are
+the same on any number of ranks).
 
 The reference (for `--beta` > 0) is the model before training: for LoRA and QLoRA the same
 model with its adapters disabled, for full fine-tuning a frozen copy. Log-probabilities are
@@ -171,6 +173,7 @@ class GrpoConfig(RunConfig):
                 raise ConfigError(f"--{flag} {getattr(self, flag.replace('-', '_'))}: must be {want}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
+        check_bnpo(self.loss, self.dist.nproc_per_node or 1)
         if self.importance_sampling not in LEVELS:
             raise ConfigError(
                 f"--importance-sampling {self.importance_sampling!r}: choose one of {', '.join(LEVELS)}"
@@ -389,8 +392,17 @@ def run_grpo(
     return run_on_ranks(cfg, "grpo", lambda c, world: _grpo(c, world, reporter, list(rewards)))
 
 
+def check_bnpo(loss: str, ranks: int) -> None:
+    if loss == "bnpo" and ranks > 1:
+        raise ConfigError(
+            "--loss bnpo normalises each micro-batch by a rank's own tokens, so a step would depend on the "
+            "number of ranks; on several ranks use --loss dapo (the step's token mean)"
+        )
+
+
 def _grpo(cfg: GrpoConfig, world: World, reporter: Reporter | None, extra: list[Reward]) -> dict[str, Any]:
     cfg, out, resume_from = start_run(cfg, "grpo")
+    check_bnpo(cfg.loss, world.size)  # a resumed run's rank count is given anew
     rewards = cfg.rewards() + extra
     if not rewards:
         raise ConfigError(f"give at least one --reward (one of: {', '.join(BUILTIN)})")
