@@ -96,6 +96,30 @@ class LLM:
             return (d.text for d in self.engine.stream(ids, sp) if d.text)
         return self.engine.generate([ids], sp)[0].text
 
+    def embed(
+        self,
+        texts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        pooling: str | None = None,
+        dimensions: int | None = None,
+        adapter: str | None = None,
+    ) -> list[list[float]]:
+        """One unit vector per text (a string, strings, or token-id lists), pooled from the last
+        layer as the checkpoint says, else as `pooling` says ("last", "mean", "first"; default
+        "last"); `dimensions` keeps the first values (then renormalised). weightsmith.embeddings."""
+        from weightsmith.embeddings import DEFAULT_POOLING, check_pooling, embed_ids
+
+        if pooling is None and self.checkpoint.pooling is not None:
+            check_pooling(
+                self.checkpoint.pooling, f"{self.checkpoint.path} (pass pooling= to pool otherwise)"
+            )
+        items = [texts] if isinstance(texts, str) else list(texts)
+        ids = [self.tokenizer.encode(t) if isinstance(t, str) else list(t) for t in items]
+        chosen = pooling or self.checkpoint.pooling or DEFAULT_POOLING
+        pad = self.tokenizer.pad_token_id or 0
+        vectors = embed_ids(self.model, ids, chosen, pad_id=pad, adapter=adapter, dimensions=dimensions)
+        return vectors.tolist()
+
     def trace(self, prompt: str | list[int], **options: Any):
         """Run `prompt` through the model with named hook points (TransformerLens's names):
         `with llm.trace(p) as t: t["blocks.3.hook_resid_post"]`; see weightsmith.inspect.trace

@@ -60,6 +60,7 @@ from weightsmith.checkpoint.gguf_names import (
 )
 from weightsmith.checkpoint.gguf_vocab import GGUFWriter, add_tokenizer
 from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
+from weightsmith.checkpoint.pooling import POOLING_IDS
 from weightsmith.checkpoint.quantized import float_state
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file, write_text_atomic
@@ -205,8 +206,12 @@ def _llama3_rope_factors(cfg: ModelConfig, source: str) -> np.ndarray:
     return (inv_freq / llama3_scaled(inv_freq, scaling)).numpy().astype(np.float32)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: int) -> None:
+def _add_hparams(
+    writer: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: int, pooling: str | None = None
+) -> None:
     writer.add_name(name)
+    if pooling in POOLING_IDS:  # an embedding model's pooling, for llama.cpp's --embedding
+        writer.add_pooling_type(gguf.PoolingType(POOLING_IDS[pooling]))
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes
     writer.add_vocab_size(cfg.vocab_size)
@@ -383,7 +388,7 @@ def export_gguf(
 
     with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, arch)
-        _add_hparams(writer, cfg, model_name, int(QUANTS[quant][1]))
+        _add_hparams(writer, cfg, model_name, int(QUANTS[quant][1]), ckpt.pooling)
         mix.add_imatrix_metadata(writer)
         pre = add_tokenizer(writer, ckpt.tokenizer, cfg, source)
         counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)

@@ -20,6 +20,7 @@ import torch
 
 from weightsmith.checkpoint import safetensors as st
 from weightsmith.checkpoint.build import TensorHook, build_model
+from weightsmith.checkpoint.pooling import folder_pooling, gguf_pooling
 from weightsmith.errors import CheckpointError
 from weightsmith.files import read_json
 from weightsmith.models import CausalLM, ModelConfig
@@ -42,6 +43,8 @@ class Checkpoint:
     quantization: str | None = None  # e.g. "Q4_1" for GGUF sources
     generation_config: dict[str, Any] = field(default_factory=dict)
     score: torch.Tensor | None = None  # a reward model's (`*ForSequenceClassification`) score head
+    #: How the checkpoint pools an embedding, where it says (checkpoint/pooling.py): "last", ...
+    pooling: str | None = None
 
 
 def load_checkpoint(
@@ -84,9 +87,11 @@ def load_checkpoint(
             )
         ckpt = _load_gguf(path, torch.device(device), dtype, decode_layout, on_tensor, keep_quantized)
     elif (path / "config.json").exists():
+        pooling = folder_pooling(path)  # a bad sentence-transformers layout stops before the weights
         ckpt = _load_hf_dir(
             path, torch.device(device), dtype, allow_pickle, decode_layout, on_tensor, keep_quantized, reward
         )
+        ckpt.pooling = pooling
     else:
         raise CheckpointError(f"{path}: directory has no config.json; it is not an HF checkpoint directory")
     log.info("loaded %s (%s) in %.1fs", path, ckpt.config.model_type, time.perf_counter() - start)
@@ -203,6 +208,7 @@ def _load_gguf(
 
     reader = gguf.open_gguf(path)  # parsing the header is the slow part: do it once
     info = gguf.read_gguf(reader)
+    pooling = gguf_pooling(reader, str(gguf.meta(reader, "general.architecture")))
     cfg = ModelConfig.from_hf(info.config, source=str(path))
     tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
     gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
@@ -215,9 +221,10 @@ def _load_gguf(
                 "load the file without --keep-quantized (dequantized) for another device or for QLoRA"
             )
         model, label = build_block_model(reader, cfg, device, dtype)
-        return Checkpoint(model, tokenizer, model.config, path, "gguf", f"{info.file_type} ({label})", gen)
+        label = f"{info.file_type} ({label})"
+        return Checkpoint(model, tokenizer, model.config, path, "gguf", label, gen, pooling=pooling)
     from weightsmith.checkpoint.gguf_tensors import iter_gguf_tensors
 
     tensors = ((n, t, str(path)) for n, t in iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
-    return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen)
+    return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen, pooling=pooling)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith.checkpoint.pooling import POOLINGS
 from weightsmith.commands.loading import SteerOptions
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
@@ -75,6 +76,11 @@ class ServeConfig:
         1_000_000, "most characters of prompt text (messages or prompts) in one request, before tokenising"
     )
     template_timeout: float = opt(5.0, "seconds the chat template may take to render one request")
+    pooling: str | None = opt(
+        None, "how /v1/embeddings pools the last layer: last (token), mean or first; unset: the checkpoint's "
+        "own (a GGUF file's pooling_type, a sentence-transformers Pooling module), else last",
+        choices=POOLINGS,
+    )  # fmt: skip
     # --max-body, --read-timeout, --keep-alive-timeout, --max-connections, --allowed-host, --drain-timeout
     limits: ConnectionLimits = opt(default_factory=ConnectionLimits, flatten=True)
     cors_origin: list[str] = opt(

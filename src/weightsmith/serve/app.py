@@ -35,6 +35,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from weightsmith.chat_template import TemplateLimits
 from weightsmith.llm import LLM
+from weightsmith.serve.embedding_route import add_embedding_route
 from weightsmith.serve.gate import ClientGone, Gate, error_response, read_body
 from weightsmith.serve.jobs import (
     EchoJob,
@@ -87,6 +88,7 @@ class ServerOptions(Protocol):
     max_prompt_chars: int  # characters of prompt text per request, counted before tokenising
     template_timeout: float  # seconds one chat-template render may take
     cors_origin: list[str]
+    pooling: str | None  # how /v1/embeddings pools; None: the checkpoint's own, else the last token's
     host: str  # the bind address; with limits.allowed_host, the Host names the server answers to
     limits: ConnectionLimits  # body size and time, Host names (connections: commands.serve)
 
@@ -186,6 +188,21 @@ class ServerState:
                 assert self.loaded is not None
                 self._weights_sha256 = model_fingerprint(self.loaded.llm.model)
 
+    def pooling(self) -> str:
+        """How /v1/embeddings pools (embeddings.py); 400 when the checkpoint names a pooling not
+        computed here and --pooling does not choose another."""
+        from weightsmith.checkpoint.pooling import POOLINGS
+        from weightsmith.embeddings import DEFAULT_POOLING
+
+        loaded, _ = self.require()
+        own = getattr(loaded.llm.checkpoint, "pooling", None)
+        chosen = getattr(self.settings, "pooling", None) or own or DEFAULT_POOLING
+        if chosen not in POOLINGS:
+            raise ApiError(400, f"the model's checkpoint pools by {chosen!r}, which is not supported; start the "
+                           f"server with --pooling ({', '.join(POOLINGS)})", param="model",
+                           code="unsupported_pooling")  # fmt: skip
+        return chosen
+
     def model_names(self) -> list[str]:
         base = self.served_name
         adapters = self.loaded.adapters if self.loaded else []
@@ -234,6 +251,7 @@ def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: 
     _add_info_routes(app, state)
     _add_generation_routes(app, state)
     add_token_routes(app, state, _accept)
+    add_embedding_route(app, state, _accept, _busy)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,

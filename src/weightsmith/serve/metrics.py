@@ -31,6 +31,9 @@ class ServerMetrics(Observer):
         )
         self.prompt_tokens = Counter("weightsmith_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("weightsmith_generation_tokens", "tokens generated", registry=r)
+        self.embedding_tokens = Counter(
+            "weightsmith_embedding_tokens", "tokens embedded (/v1/embeddings)", registry=r
+        )
         self.sequences_finished = Counter(
             "weightsmith_sequences_finished",
             "sequences (choices) that left the batch, by reason: stop, length, cancelled, error",
@@ -70,6 +73,9 @@ class ServerMetrics(Observer):
             self.prompt_tokens.inc(prompt)
         if generated:
             self.generation_tokens.inc(generated)
+
+    def embedded(self, tokens: int) -> None:
+        self.embedding_tokens.inc(tokens)
 
     def finished(self, reason: str) -> None:
         self.sequences_finished.labels(reason).inc()

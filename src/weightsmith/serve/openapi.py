@@ -13,12 +13,19 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from weightsmith.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from weightsmith.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 
 #: POST routes and the model of their JSON body.
 BODIES = {
     "/v1/chat/completions": ChatRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }

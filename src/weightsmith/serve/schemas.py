@@ -267,11 +267,33 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings (serve/embedding_route.py)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str | list[int]]:
+        """The inputs, one per vector (a string, or token ids)."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if not x:
+            raise ApiError(400, "input must not be empty", param="input")
+        if all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]
+
+
 #: Plain words for the union fields, whose pydantic errors list every alternative.
 _EXPECTED = {
     "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
     "stop": "a string or a list of strings",
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "input": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "tool_choice": "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
 }
 
