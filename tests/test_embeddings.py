@@ -134,6 +134,10 @@ def test_export_keeps_the_pooling_and_llama_cpp_embeds_alike(qwen3_dir, tmp_path
     out = tmp_path / "emb.gguf"
     export_gguf(folder, out, "f32")
     assert meta(open_gguf(out), "qwen3.pooling_type") == 3  # llama.cpp's LLAMA_POOLING_TYPE_LAST
+    from weightsmith.checkpoint.describe import inspect_checkpoint
+
+    assert inspect_checkpoint(out)["pooling"] == inspect_checkpoint(folder)["pooling"] == "last"  # `info`
+    assert inspect_checkpoint(qwen3_dir)["pooling"] is None
     gguf_llm = weightsmith.load(out)
     assert gguf_llm.checkpoint.pooling == "last"
     ours = torch.tensor(gguf_llm.embed(TEXTS))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from weightsmith.checkpoint.pooling import folder_pooling, gguf_pooling
 from weightsmith.files import read_json
 from weightsmith.models.config import ModelConfig
 
@@ -30,6 +31,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         template = info.tokenizer_config.get("chat_template")
         fmt, size = "gguf", path.stat().st_size
         license_name = gguf.meta(reader, "general.license")
+        pooling = gguf_pooling(reader, str(gguf.meta(reader, "general.architecture")))
     else:
         data = read_json(path / "config.json")
         cfg = ModelConfig.from_hf(data, source=str(path / "config.json"))
@@ -42,6 +44,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         fmt = "hf"
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         license_name = None
+        pooling = folder_pooling(path)
     rope = f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_type} scaling" if cfg.rope_scaling else "")
     nope = [i for i in range(cfg.num_hidden_layers) if not cfg.rope_layer(i)]
     if nope:
@@ -69,4 +72,5 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "chat_template": template,
         "license": license_name,
+        "pooling": pooling,  # an embedding model's (checkpoint/pooling.py), or None
     }

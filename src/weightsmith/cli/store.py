@@ -66,6 +66,8 @@ def print_info(result: dict[str, Any], console: Console, *, template: bool = Fal
         rows.append(("experts", result["experts"]))
     if result.get("sliding_window"):
         rows.append(("sliding window", result["sliding_window"]))
+    if result.get("pooling"):
+        rows.append(("embedding pooling", result["pooling"]))
     if result.get("license"):
         rows.append(("license", result["license"]))
     table = Table(show_header=False, box=None)
