@@ -51,6 +51,7 @@ from weightsmith.serve.metrics import ServerMetrics
 from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import chat_ids, check_chars, check_n, completion_ids, off_loop, prompt_param
 from weightsmith.serve.prompt_logprobs import score_prompt
+from weightsmith.serve.response_route import add_response_route
 from weightsmith.serve.responses import ResponseBuilder
 from weightsmith.serve.scheduler import QueueFull, Scheduler
 from weightsmith.serve.schemas import (
@@ -252,6 +253,7 @@ def create_app(settings: ServerOptions, loader: Callable[[], Loaded], *, guard: 
     _add_generation_routes(app, state)
     add_token_routes(app, state, _accept)
     add_embedding_route(app, state, _accept, _busy)
+    add_response_route(app, state, _accept, start_chat)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
@@ -343,6 +345,15 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
 
 async def _chat_completions(state: ServerState, http: Request) -> Response:
     loaded, scheduler, req = await _accept(state, http, ChatRequest)
+    job = await start_chat(state, loaded, scheduler, req)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
+    return await respond(job, http, builder, req, req.logprobs_k() is not None)
+
+
+async def start_chat(state: ServerState, loaded: Loaded, scheduler: Scheduler, req: ChatRequest) -> Any:
+    """A chat request checked, rendered and submitted: its job (a `Job`, or a `GuardedJob` behind
+    a guard policy); /v1/chat/completions and /v1/responses answer from it."""
     req.check_stream_options()
     adapter = state.resolve_model(req.model)
     steer = state.steering(req.steer)
@@ -364,9 +375,7 @@ async def _chat_completions(state: ServerState, http: Request) -> Response:
         job.submit(scheduler, RETRY_AFTER)
     if guard is not None and (refusal is not None or guard.has_output_rails):
         job = GuardedJob(job, guard, req.n, {} if refusal is None else dict.fromkeys(range(req.n), refusal))
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    builder = ResponseBuilder(loaded.llm.tokenizer, req.model, chat=True, include_usage=include_usage)
-    return await respond(job, http, builder, req, logprobs is not None)
+    return job
 
 
 async def _completions(state: ServerState, http: Request) -> Response:

@@ -203,9 +203,9 @@ class Job:
             if done < n:
                 self.request.cancel()  # the client went away (or the stream failed)
 
-    def _chunks(self, builder: ResponseBuilder, ev: SequenceEvent) -> list[dict[str, Any]]:
-        """The stream chunks of one event: its text (with tools: what is certainly content), and
-        at the end the tool calls and the finish chunk."""
+    def pieces(self, ev: SequenceEvent) -> tuple[str, str, list[dict[str, Any]], str | None]:
+        """What one streamed event adds: (content text: with tools, what is certainly content;
+        reasoning text; at the end the tool calls made; the finish reason, at the end)."""
         text, reason, calls, thought = ev.text, ev.finish_reason, [], ""
         if self.tools is not None:
             text = self.tools.feed(ev.index, ev.text, ev.tokens)
@@ -213,6 +213,12 @@ class Job:
             if reason is not None:
                 rest, calls, reason = self.tools.finish(ev.index, reason)
                 text, thought = text + rest, thought + self._reasoning(ev.index)
+        return text, thought, calls, reason
+
+    def _chunks(self, builder: ResponseBuilder, ev: SequenceEvent) -> list[dict[str, Any]]:
+        """The stream chunks of one event: its text (with tools: what is certainly content), and
+        at the end the tool calls and the finish chunk."""
+        text, thought, calls, reason = self.pieces(ev)
         out = [builder.reasoning_chunk(ev.index, thought)] if thought else []
         out += [builder.text_chunk(ev.index, text, ev.logprobs)] if text or ev.logprobs else []
         if calls:
@@ -337,29 +343,36 @@ class GuardedJob:
         inner = await self.job.collect(http) if self.job is not None else []
         return self._finish(inner)
 
-    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    async def whole(self) -> list[ChoiceResult] | str:
+        """Every choice, checked: read from the job's events (a stream's, whose response watches
+        for the client going away); the error's message if generation failed."""
         inner = [ChoiceResult() for _ in self.index]
         remaining = len(inner)
         try:
             while remaining:
                 ev = await self.job.events.get()  # type: ignore[union-attr]
                 if ev.error:
-                    yield sse(ApiError(500, ev.error, type="server_error", code="generation_failed").body())
-                    yield SSE_DONE
-                    return
+                    return ev.error
                 inner[ev.index].add(ev)
                 remaining -= ev.finish_reason is not None
-            results = self._finish(inner)
-            for i, r in enumerate(results):
-                if builder.chat:
-                    yield sse(builder.role_chunk(i))
-                if r.text:
-                    yield sse(builder.text_chunk(i, r.text, None))
-                yield sse(builder.finish_chunk(i, r.finish_reason or "stop"))
-            if include_usage:
-                completion_tokens = sum(r.completion_tokens for r in results)
-                yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
-            yield SSE_DONE
         finally:
             if remaining and self.request is not None:
-                self.request.cancel()  # the client went away
+                self.request.cancel()  # the client went away (or generation failed)
+        return self._finish(inner)
+
+    async def stream(self, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+        results = await self.whole()
+        if isinstance(results, str):
+            yield sse(ApiError(500, results, type="server_error", code="generation_failed").body())
+            yield SSE_DONE
+            return
+        for i, r in enumerate(results):
+            if builder.chat:
+                yield sse(builder.role_chunk(i))
+            if r.text:
+                yield sse(builder.text_chunk(i, r.text, None))
+            yield sse(builder.finish_chunk(i, r.finish_reason or "stop"))
+        if include_usage:
+            completion_tokens = sum(r.completion_tokens for r in results)
+            yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+        yield SSE_DONE

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from weightsmith.serve.response_schemas import ResponsesRequest
 from weightsmith.serve.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -26,6 +27,7 @@ BODIES = {
     "/v1/chat/completions": ChatRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponsesRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }

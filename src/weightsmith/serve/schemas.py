@@ -64,21 +64,21 @@ class ApiError(Exception):
         }
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class CalledFunction(_Strict):
+class CalledFunction(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCallIn(_Strict):
+class ToolCallIn(Strict):
     """A tool call the assistant made earlier in the conversation."""
 
     id: str
@@ -86,7 +86,7 @@ class ToolCallIn(_Strict):
     function: CalledFunction
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for an assistant turn that calls tools
     name: str | None = None
@@ -101,44 +101,44 @@ class Message(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
     strict: bool | None = None
 
 
-class ToolDef(_Strict):
+class ToolDef(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(Strict):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(_Strict):
+class SamplingFields(Strict):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
@@ -252,7 +252,7 @@ class CompletionRequest(SamplingFields):
         return self.echo and self.logprobs is not None
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -262,12 +262,12 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(Strict):
     """POST /v1/embeddings (serve/embedding_route.py)."""
 
     model: str
