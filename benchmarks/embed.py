@@ -5,7 +5,7 @@ most `--max-tokens` tokens: a retrieval corpus's chunks) with the default model
 (SmolLM2-135M-Instruct) in fp32 on `--threads` threads, last-token pooling, unit vectors:
 
 - ours: `weightsmith.load(F32 GGUF).embed(texts, pooling="last")` (texts sorted by length,
-  right-padded batches of up to 4096 token positions, no attention mask);
+  right-padded batches of up to 1024 token positions, no attention mask);
 - transformers: what sentence-transformers does with a decoder (Qwen3-Embedding's recipe),
   `AutoModel` on transformers' own conversion of the GGUF file, batches of `--batch` texts
   sorted by length, right padding with an attention mask, the last real token's state;
