@@ -226,14 +226,7 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per batch entry (a string, or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise ApiError(400, "prompt must not be empty", param="prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return entries(self.prompt, "prompt")
 
     def check_unsupported(self) -> None:
         if self.suffix:
@@ -278,14 +271,18 @@ class EmbeddingRequest(Strict):
 
     def texts(self) -> list[str | list[int]]:
         """The inputs, one per vector (a string, or token ids)."""
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if not x:
-            raise ApiError(400, "input must not be empty", param="input")
-        if all(isinstance(t, int) for t in x):
-            return [list(x)]  # type: ignore[arg-type]
-        return list(x)  # type: ignore[arg-type]
+        return entries(self.input, "input")
+
+
+def entries(value: str | list[str] | list[int] | list[list[int]], param: str) -> list[str | list[int]]:
+    """OpenAI's batchable text field as its entries: a string, or token ids, each; 400 when empty."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise ApiError(400, f"{param} must not be empty", param=param)
+    if all(isinstance(x, int) for x in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
 
 
 #: Plain words for the union fields, whose pydantic errors list every alternative.
