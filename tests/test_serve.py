@@ -213,6 +213,10 @@ def test_models_lists_the_base_and_its_adapters(client) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny", "tiny:a", "tiny:b"]
     assert all(m.object == "model" and m.owned_by == "weightsmith" for m in models)
+    for m in models:  # GET /v1/models/{id}: the same card
+        assert client.models.retrieve(m.id).model_dump() == m.model_dump()
+    with pytest.raises(openai.NotFoundError, match="does not exist; this server has tiny, tiny:a, tiny:b"):
+        client.models.retrieve("tiny:c")
 
 
 def test_text_completions(client, llm) -> None:

@@ -317,18 +317,22 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def model_card(name: str) -> dict[str, Any]:
+        base = state.served_name
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
+                "parent": None if name == base else base, "max_model_len": state.scheduler.max_len,
+                "weights_sha256": await state.weights_sha256()}  # fmt: skip
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         state.require()
-        base = state.served_name
-        weights = await state.weights_sha256()
-        data = [
-            {"id": name, "object": "model", "created": state.created, "owned_by": "weightsmith", "root": base,
-             "parent": None if name == base else base, "max_model_len": state.scheduler.max_len,
-             "weights_sha256": weights}
-            for name in state.model_names()
-        ]  # fmt: skip
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [await model_card(n) for n in state.model_names()]})
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> JSONResponse:
+        state.require()
+        state.resolve_model(name)  # 404 naming the models there are
+        return JSONResponse(await model_card(name))
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
