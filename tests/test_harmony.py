@@ -207,3 +207,45 @@ def test_chat_shows_the_thoughts_apart_and_keeps_only_the_answer() -> None:
     session.reply("hi", out.write, _Thoughts(out, interactive=False))
     assert out.getvalue() == "[thinking] Greet back.\n[answer] Hello!"
     assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def test_the_responses_api_streams_the_reasoning_item_before_the_message(tok) -> None:
+    """/v1/responses: gpt-oss's analysis is a `reasoning` item (output 0) streamed as
+    reasoning_text deltas, then the answer is the message (output 1); the final response lists
+    them in that order and is a valid Response for the official client's types."""
+    import asyncio
+
+    openai = pytest.importorskip("openai")
+    from weightsmith.serve.jobs import Job
+    from weightsmith.serve.response_route import Shape, _events
+    from weightsmith.serve.response_schemas import ResponsesRequest
+
+    async def run() -> list[dict]:
+        job = Job.__new__(Job)  # the stream's events only; no scheduler
+        job.tools, job.events, job.prompt_tokens, job.request = _output(tok, set()), asyncio.Queue(), 5, None
+        ids = _ids(tok, ANSWER)
+        for i, t in enumerate(ids):
+            last = i == len(ids) - 1
+            job.events.put_nowait(SequenceEvent(0, "", [t], finish_reason="stop" if last else None,
+                                                completion_tokens=len(ids)))  # fmt: skip
+        shape = Shape(ResponsesRequest(model="m", input="hi"))
+        return [json.loads(chunk.split("data: ", 1)[1]) async for chunk in _events(job, shape)]
+
+    events = asyncio.run(run())
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    thought = [e for e in events if e["type"] == "response.reasoning_text.delta"]
+    said = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(e["delta"] for e in thought) == "The user greets; answer in Köln style 🙂."
+    assert "".join(e["delta"] for e in said) == "Grüße aus Köln! 你好"
+    assert events.index(thought[-1]) < events.index(said[0])
+    assert {e["output_index"] for e in thought} == {0} and {e["output_index"] for e in said} == {1}
+    final = events[-1]
+    assert final["type"] == "response.completed"
+    import pydantic
+
+    for e in events:  # each event is one of the official client's stream event types
+        pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent).validate_python(e)
+    response = openai.types.responses.Response.model_validate(final["response"])
+    assert [o.type for o in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == "The user greets; answer in Köln style 🙂."
+    assert response.output_text == "Grüße aus Köln! 你好"

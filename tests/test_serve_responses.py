@@ -107,6 +107,18 @@ def test_the_stream_adds_up_to_the_answer(client, server):
     cut = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "Once", "max_output_tokens": 2,
                                                          "stream": True}, timeout=60)  # fmt: skip
     lines = [json.loads(x[6:]) for x in cut.text.splitlines() if x.startswith("data: ")]
+    kinds = [x[7:] for x in cut.text.splitlines() if x.startswith("event: ")]
+    assert kinds == [line["type"] for line in lines]  # each event's name is its data's type
+    # every object validates against the official client's own types (pydantic, not lenient)
+    openai.types.responses.Response.model_validate(lines[-1]["response"])
+    import pydantic
+
+    events = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
+    for line in lines:
+        events.validate_python(line)
+    whole = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "Once", "max_output_tokens": 4},
+                       timeout=60).json()  # fmt: skip
+    openai.types.responses.Response.model_validate(whole)
     assert lines[-1]["type"] == "response.incomplete"
     assert lines[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert lines[-1]["response"]["usage"]["output_tokens"] == 2

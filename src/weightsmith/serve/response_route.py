@@ -2,14 +2,17 @@
 
 A request (response_schemas.py) becomes the chat request it means and runs as one: the same
 template, tools, structured output, guard and scheduler (app.start_chat). The answer is a
-Response object: `output` holds an assistant `message` item with one `output_text` part (the
-answer's content) and a `function_call` item per tool call; `status` is `completed`, or
+Response object: `output` holds a `reasoning` item (a reasoning model's thoughts: gpt-oss's
+analysis channel, one `reasoning_text` part), an assistant `message` item with one
+`output_text` part (the answer's content) and a `function_call` item per tool call; `status` is `completed`, or
 `incomplete` with `incomplete_details.reason` `max_output_tokens` (the answer was cut) or
 `content_filter` (a guard blocked it); `usage` counts `input_tokens` and `output_tokens`.
 Nothing is stored (`store: false`).
 
 With `stream: true` the answer arrives as the Responses API's typed server-sent events, each
-with a `sequence_number`: `response.created`, `response.in_progress`, then for the message
+with a `sequence_number`: `response.created`, `response.in_progress`, then for the reasoning
+`response.output_item.added`, `response.content_part.added`, `response.reasoning_text.delta`
+per piece and the matching `.done` events, for the message
 `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`
 per piece of text, `response.output_text.done`, `response.content_part.done`,
 `response.output_item.done`; for each tool call `response.output_item.added`,
@@ -67,6 +70,7 @@ class Shape:
         self.id = "resp_" + secrets.token_hex(12)
         self.created = int(time.time())
         self.message_id = "msg_" + secrets.token_hex(12)
+        self.reasoning_id = "rs_" + secrets.token_hex(12)
         self.seq = 0
 
     def response(
@@ -90,15 +94,27 @@ class Shape:
             "usage": None,
         }  # fmt: skip
         if result is not None:
-            body["usage"] = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            body["usage"] = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                              "output_tokens": result.completion_tokens,
                              "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": input_tokens + result.completion_tokens}  # fmt: skip
         return body
 
     def output(self, result: ChoiceResult) -> list[dict[str, Any]]:
-        items = [self.message(result.text, "completed")] if result.text or not result.tool_calls else []
+        items = [self.reasoning(result.reasoning, "completed")] if result.reasoning else []
+        items += [self.message(result.text, "completed")] if result.text or not result.tool_calls else []
         return items + [self.call(c, "completed") for c in result.tool_calls]
+
+    def reasoning(self, text: str | None, status: str) -> dict[str, Any]:
+        """A reasoning model's thoughts (gpt-oss's analysis channel) as a reasoning item."""
+        content = [] if text is None else [_reasoning_part(text)]
+        return {
+            "type": "reasoning",
+            "id": self.reasoning_id,
+            "status": status,
+            "summary": [],
+            "content": content,
+        }
 
     def message(self, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [_text_part(text)]
@@ -124,6 +140,10 @@ class Shape:
         return f"event: {kind}\n" + sse(body)
 
 
+def _reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -139,8 +159,8 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
     """The stream: live text from a plain job, or the whole checked answer from a guarded one."""
     yield shape.event("response.created", response=shape.response(None, 0))
     yield shape.event("response.in_progress", response=shape.response(None, 0))
+    live = Live(shape)
     result = ChoiceResult()
-    opened = False
     finished = False
     try:
         if hasattr(job, "pieces"):
@@ -149,15 +169,11 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
                 if ev.error:
                     yield shape.event("error", code="generation_failed", message=ev.error, param=None)
                     return
-                text, _, calls, reason = job.pieces(ev)
-                if text:
-                    if not opened:
-                        opened = True
-                        for e in _open_message(shape):
-                            yield e
-                    result.text += text
-                    yield shape.event("response.output_text.delta", item_id=shape.message_id, output_index=0,
-                                      content_index=0, delta=text, logprobs=[])  # fmt: skip
+                text, thought, calls, reason = job.pieces(ev)
+                result.reasoning += thought
+                result.text += text
+                for e in live.think(thought) + live.say(text):
+                    yield e
                 if reason is not None:
                     result.finish_reason, result.tool_calls = reason, calls
                     result.completion_tokens = ev.completion_tokens
@@ -169,13 +185,9 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
                 yield shape.event("error", code="generation_failed", message=whole, param=None)
                 return
             (result,) = whole
-            if result.text:
-                opened = True
-                for e in _open_message(shape):
-                    yield e
-                yield shape.event("response.output_text.delta", item_id=shape.message_id, output_index=0,
-                                  content_index=0, delta=result.text, logprobs=[])  # fmt: skip
-        for e in _close(shape, result, opened):
+            for e in live.think(result.reasoning) + live.say(result.text):
+                yield e
+        for e in live.finish(result):
             yield e
         final = shape.response(result, job.prompt_tokens)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
@@ -185,40 +197,89 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
             job.request.cancel()  # the client went away
 
 
-def _open_message(shape: Shape) -> list[str]:
-    return [
-        shape.event("response.output_item.added", output_index=0, item=shape.message(None, "in_progress")),
-        shape.event("response.content_part.added", item_id=shape.message_id, output_index=0, content_index=0,
-                    part=_text_part("")),
-    ]  # fmt: skip
+class Live:
+    """A streamed answer's output items as they open and close: the reasoning (gpt-oss's
+    analysis), then the message, then the tool calls, numbered in the order `Shape.output`
+    lists them in the final response."""
 
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        self.next = 0  # the next output index
+        self.reasoning_at: int | None = None
+        self.message_at: int | None = None
+        self.reasoning_open = False
+        self.thought = ""
+        self.text = ""
 
-def _close(shape: Shape, result: ChoiceResult, opened: bool) -> list[str]:
-    """The message's closing events (opening it first when nothing came and nothing was
-    called: an empty answer is an empty message), then each tool call's."""
-    out = []
-    if not opened and not result.tool_calls:
-        out += _open_message(shape)
-        opened = True
-    if opened:
-        ids = {"item_id": shape.message_id, "output_index": 0}
-        out += [
-            shape.event("response.output_text.done", **ids, content_index=0, text=result.text, logprobs=[]),
-            shape.event("response.content_part.done", **ids, content_index=0, part=_text_part(result.text)),
-            shape.event(
-                "response.output_item.done", output_index=0, item=shape.message(result.text, "completed")
-            ),
-        ]
-    for k, call in enumerate(result.tool_calls):
-        index = k + int(opened)
-        item = shape.call(call, "in_progress", "")
-        args = call["function"]["arguments"]
-        out += [
-            shape.event("response.output_item.added", output_index=index, item=item),
-            shape.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                        delta=args),
-            shape.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                        arguments=args),
-            shape.event("response.output_item.done", output_index=index, item=shape.call(call, "completed")),
+    def think(self, text: str) -> list[str]:
+        if not text or self.message_at is not None:  # thoughts after the answer began stay unshown
+            return []
+        sh, out = self.shape, []
+        if self.reasoning_at is None:
+            self.reasoning_at, self.next, self.reasoning_open = self.next, self.next + 1, True
+            out += [sh.event("response.output_item.added", output_index=self.reasoning_at,
+                             item=sh.reasoning(None, "in_progress")),
+                    sh.event("response.content_part.added", item_id=sh.reasoning_id, output_index=self.reasoning_at,
+                             content_index=0, part=_reasoning_part(""))]  # fmt: skip
+        self.thought += text
+        out.append(sh.event("response.reasoning_text.delta", item_id=sh.reasoning_id, output_index=self.reasoning_at,
+                            content_index=0, delta=text))  # fmt: skip
+        return out
+
+    def say(self, text: str) -> list[str]:
+        if not text:
+            return []
+        out = self._close_reasoning() + (self._open_message() if self.message_at is None else [])
+        self.text += text
+        out.append(self.shape.event("response.output_text.delta", item_id=self.shape.message_id,
+                                    output_index=self.message_at, content_index=0, delta=text, logprobs=[]))  # fmt: skip
+        return out
+
+    def finish(self, result: ChoiceResult) -> list[str]:
+        """The closing events: the reasoning's, the message's (an empty message when nothing was
+        said and nothing called), then each tool call's."""
+        sh, out = self.shape, self._close_reasoning()
+        if self.message_at is None and not result.tool_calls:
+            out += self._open_message()
+        if self.message_at is not None:
+            ids = {"item_id": sh.message_id, "output_index": self.message_at}
+            out += [
+                sh.event("response.output_text.done", **ids, content_index=0, text=self.text, logprobs=[]),
+                sh.event("response.content_part.done", **ids, content_index=0, part=_text_part(self.text)),
+                sh.event("response.output_item.done", output_index=self.message_at,
+                         item=sh.message(self.text, "completed")),
+            ]  # fmt: skip
+        for call in result.tool_calls:
+            index, self.next = self.next, self.next + 1
+            item = sh.call(call, "in_progress", "")
+            args = call["function"]["arguments"]
+            out += [
+                sh.event("response.output_item.added", output_index=index, item=item),
+                sh.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                         delta=args),
+                sh.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                         arguments=args),
+                sh.event("response.output_item.done", output_index=index, item=sh.call(call, "completed")),
+            ]  # fmt: skip
+        return out
+
+    def _open_message(self) -> list[str]:
+        sh = self.shape
+        self.message_at, self.next = self.next, self.next + 1
+        return [
+            sh.event("response.output_item.added", output_index=self.message_at, item=sh.message(None, "in_progress")),
+            sh.event("response.content_part.added", item_id=sh.message_id, output_index=self.message_at,
+                     content_index=0, part=_text_part("")),
         ]  # fmt: skip
-    return out
+
+    def _close_reasoning(self) -> list[str]:
+        if not self.reasoning_open:
+            return []
+        self.reasoning_open = False
+        sh, ids = self.shape, {"item_id": self.shape.reasoning_id, "output_index": self.reasoning_at}
+        return [
+            sh.event("response.reasoning_text.done", **ids, content_index=0, text=self.thought),
+            sh.event("response.content_part.done", **ids, content_index=0, part=_reasoning_part(self.thought)),
+            sh.event("response.output_item.done", output_index=self.reasoning_at,
+                     item=sh.reasoning(self.thought, "completed")),
+        ]  # fmt: skip
