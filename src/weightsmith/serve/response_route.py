@@ -189,6 +189,7 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
                 yield e
         for e in live.finish(result):
             yield e
+        result.reasoning = live.thought  # the final output lists what the stream showed, in its order
         final = shape.response(result, job.prompt_tokens)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         yield shape.event(kind, response=final)
