@@ -8,8 +8,9 @@ from weightsmith.cli.main import main
 
 if __name__ == "__main__":
     code = main()
-    if code == 3:  # a launched rank that lost contact ends before shutdown can abort it
-        from weightsmith.train.distributed import exit_rank
-
-        exit_rank(code)
+    # A launched rank that finished or lost contact ends before shutdown can abort it (a rank
+    # has imported the module; other commands do not pay for importing torch here).
+    distributed = sys.modules.get("weightsmith.train.distributed")
+    if code in (0, 3) and distributed is not None:
+        distributed.exit_rank(code)
     sys.exit(code)

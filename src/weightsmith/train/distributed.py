@@ -334,10 +334,14 @@ def root_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
 
 
 def exit_rank(code: int) -> None:
-    """End a launched rank that lost contact without running interpreter shutdown: gloo's
-    threads, left joinable by a broken pair, abort the process there (SIGABRT), which would
-    hide the status that tells the launcher this rank was not the cause."""
-    if code == LostContact.exit_code and launched_rank():
+    """End a launched rank that finished, or lost contact, without running interpreter
+    shutdown: gloo's threads, left joinable by a broken pair (a peer that closed its sockets
+    first: a rank that finished a moment earlier, or one that hung), abort the process there
+    (SIGABRT, "terminate called without an active exception"). That would fail a run whose
+    every step and output was done (seen once in CI: FSDP, two ranks, after the last step), or
+    hide the status that tells the launcher this rank was not the cause. Its outputs are
+    written (atomically) and its streams are flushed here."""
+    if code in (0, LostContact.exit_code) and launched_rank():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
