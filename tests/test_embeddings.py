@@ -113,6 +113,9 @@ def test_the_checkpoint_names_its_pooling(qwen3_dir, tmp_path):
             [{"path": "../elsewhere", "type": "sentence_transformers.models.Pooling"}])),
          "the Pooling module's path '../elsewhere' is not a folder inside the checkpoint"),
         (lambda d: (d / "modules.json").write_text("[" + " " * 70_000 + "]"), "too large"),
+        (lambda d: ((d / "1_Pooling" / "config.json").unlink(), (d / "1_Pooling" / "config.json").symlink_to(
+            d.parent / "outside.json"), (d.parent / "outside.json").write_text("{}")),
+         "links outside the checkpoint's folder"),
     ],
 )  # fmt: skip
 def test_a_bad_sentence_transformers_layout_is_one_line_before_the_weights(
@@ -278,3 +281,13 @@ def test_an_adapter_embeds_as_its_merged_model(qwen3_dir, tmp_path):
     torch.testing.assert_close(adapted, torch.tensor(merged.embed(TEXTS)), rtol=1e-5, atol=1e-5)
     assert (adapted - base).abs().max() > 1e-3
     torch.testing.assert_close(torch.tensor(served.embed(TEXTS)), base, rtol=1e-5, atol=1e-6)
+
+
+def test_serve_refuses_a_pooling_it_does_not_compute(capsys):
+    from weightsmith.cli.main import main
+
+    code = main(["serve", "no-such-model", "--pooling", "max"])  # checked before any model is looked for
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err == [
+        "weightsmith serve: error: --pooling: expected one of last, mean, first, got 'max'"
+    ]

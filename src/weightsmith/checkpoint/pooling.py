@@ -64,7 +64,7 @@ def gguf_pooling(reader: Any, arch: str) -> str | None:
 
 def folder_pooling(folder: Path) -> str | None:
     """The pooling of an HF folder laid out for sentence-transformers; None when it is not."""
-    modules = _json(folder / "modules.json")
+    modules = _json(folder / "modules.json", folder)
     if modules is None:
         return None
     entries = modules if isinstance(modules, list) else []
@@ -79,7 +79,7 @@ def folder_pooling(folder: Path) -> str | None:
             f"{folder / 'modules.json'}: the Pooling module's path {pooling[0].get('path')!r} is not a "
             "folder inside the checkpoint; fix the file"
         )
-    config = _json(where / "config.json")
+    config = _json(where / "config.json", folder)
     if not isinstance(config, dict):
         raise CheckpointError(f"{where / 'config.json'}: missing or not a JSON object; sentence-transformers "
                               "writes the Pooling module's settings there")  # fmt: skip
@@ -92,9 +92,13 @@ def folder_pooling(folder: Path) -> str | None:
     return chosen[0]
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path, folder: Path) -> Any:
     if not path.is_file():
         return None
+    if not path.resolve().is_relative_to(folder.resolve()):  # a link out of the checkpoint
+        raise CheckpointError(
+            f"{path}: links outside the checkpoint's folder; replace the link with the file"
+        )
     if path.stat().st_size > MAX_JSON_BYTES:
         raise CheckpointError(f"{path}: over {MAX_JSON_BYTES} bytes, too large for this file's purpose")
     try:
