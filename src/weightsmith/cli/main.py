@@ -174,8 +174,10 @@ COMMANDS: dict[str, Command | Group] = {
     ),
     "merge": Command(
         Ref("weightsmith.commands.train:MergeConfig"),
-        "fold a LoRA adapter into its base model and save an HF directory",
-        "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged",
+        "fold a LoRA adapter into its base model, or merge forks of it (TIES, DARE, SLERP, ...); save an HF directory",
+        "weightsmith merge smollm2-135m-instruct --adapter runs/support --out models/support-merged\n"
+        "  weightsmith merge smollm2-135m-instruct --fork runs/support --fork runs/aligned --method ties \\\n"
+        "      --weights 1,0.5 --density 0.5 --out models/merged",
         Ref("weightsmith.commands.train:run_merge"),
         _plain(Ref("weightsmith.cli.train:print_merge")),
         with_loading(),

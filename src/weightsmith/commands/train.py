@@ -8,7 +8,7 @@ progress)` as `weightsmith.train.dpo` does, with `progress` as the training loop
 `weightsmith.train.reward_model`, `run_grpo` (and `GrpoConfig`) for
 `weightsmith.train.grpo`, `run_distill` (`DistillConfig`) for `weightsmith.train.distill`.
 `run_merge` folds a
-LoRA adapter into its base and saves an HF directory.
+LoRA adapter into its base, or merges forks (weightsmith.merging), and saves an HF directory.
 
 Not here: the training loop, data and losses (`weightsmith.train`), progress bars and
 printing (`weightsmith.cli.train`).
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from weightsmith.commands.loading import LoadOptions, load_status
 from weightsmith.config import opt
 from weightsmith.lineage import write_lineage
+from weightsmith.merging.merge import Recipe
+from weightsmith.merging.methods import METHODS
 from weightsmith.train.distill import DistillConfig
 from weightsmith.train.distill import run_distill as train_distill
 from weightsmith.train.dpo import DpoConfig
@@ -80,27 +83,129 @@ def run_grpo(
 
 @dataclass(kw_only=True)
 class MergeConfig(LoadOptions):
-    """Fold a LoRA adapter into its base model and save a plain HF checkpoint directory."""
+    """Fold a LoRA adapter into its base model, or merge several forks of it (adapters or full
+    fine-tunes) into one, and save a plain HF checkpoint directory."""
 
     out: str = opt(help="output directory (must not exist)")
     save_dtype: str | None = opt(None, "dtype of the saved weights: fp32, bf16 or fp16 (default: as loaded)")
+    fork: list[str] = opt(
+        default_factory=list,
+        help="a fork of the model to merge: a LoRA adapter folder, or a full checkpoint of the same "
+        "architecture; the model itself may be one (slerp from it)",
+        split=False,
+    )
+    method: str = opt("linear", "how forks merge", choices=list(METHODS))
+    weights: list[float] = opt(
+        default_factory=list, help="each fork's weight (one, or one per fork; default 1)"
+    )
+    density: list[float] = opt(
+        default_factory=list,
+        help="ties, dare_*: the fraction of each fork's delta kept: one for all, or one per fork (1: all)",
+    )
+    t: list[str] = opt(
+        default_factory=list,
+        help="slerp: 0 is the first fork, 1 the second; a,b,c is a gradient over the layers, "
+        "FILTER=... applies to tensors whose name holds FILTER; the first that matches wins",
+        split=False,
+    )
+    scale: float = opt(1.0, "multiply the merged delta (TIES' lambda)")
+    normalize: str = opt(
+        "auto", "divide by the weights (auto: as the method does: linear and ties yes, others no)",
+        choices=["auto", "yes", "no"],
+    )  # fmt: skip
+    seed: int = opt(0, "seed of DARE's random drops")
+
+    def recipe(self) -> Recipe:
+        from weightsmith.merging.settings import parse_settings
+
+        return Recipe(
+            method=self.method,
+            forks=len(self.fork),
+            weights=list(self.weights),
+            density=list(self.density),
+            t=parse_settings("--t", self.t, low=0.0, high=1.0),
+            scale=self.scale,
+            normalize=None if self.normalize == "auto" else self.normalize == "yes",
+            seed=self.seed,
+        )
 
 
 def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
+    """Fold `cfg.adapter` into the model, or merge `cfg.fork`s into it; save an HF directory."""
     import torch
 
-    from weightsmith.checkpoint.save import save_hf_dir
+    from weightsmith.checkpoint.save import check_out_dir, save_hf_dir
     from weightsmith.device import pick_dtype
     from weightsmith.errors import UsageError
 
-    if not cfg.adapter:
-        raise UsageError("merge needs --adapter DIR (a LoRA adapter to fold into the model)")
+    if not cfg.adapter and not cfg.fork:
+        raise UsageError(
+            "merge needs --adapter DIR (a LoRA adapter to fold into the model) or --fork A --fork B ... "
+            "(forks to merge)"
+        )
+    if cfg.adapter and cfg.fork:
+        raise UsageError(f"give --adapter {cfg.adapter} as one more --fork (with --fork, no --adapter)")
+    if cfg.fork and cfg.keep_quantized:
+        raise UsageError("merge computes in full precision; drop --keep-quantized")
+    recipe = cfg.recipe() if cfg.fork else None  # every flag checked before the model loads
+    check_out_dir(Path(cfg.out), overwrite=False)
     started = time.time()
-    llm = cfg.load(load_status(progress))
+    if recipe is None:
+        llm = cfg.load(load_status(progress))
+        ckpt, device, stats = llm.checkpoint, llm.device, {}
+    else:
+        ckpt, device = _load_base(cfg, progress)
+        stats = _merge_forks(ckpt, cfg, recipe)
     dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
     out = save_hf_dir(
-        llm.model, llm.tokenizer, cfg.out, generation_config=llm.checkpoint.generation_config, dtype=dtype
+        ckpt.model, ckpt.tokenizer, cfg.out, generation_config=ckpt.generation_config, dtype=dtype
     )
-    inputs = {"model": cfg.model, "adapter": cfg.adapter}
-    write_lineage(out, kind="merge", config=cfg, inputs=inputs, started=started, device=str(llm.device))
-    return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out)}
+    inputs = (
+        {"model": cfg.model, "adapter": cfg.adapter}
+        if cfg.adapter
+        else {"model": cfg.model, "forks": cfg.fork}
+    )
+    write_lineage(
+        out,
+        kind="merge",
+        config=cfg,
+        inputs=inputs,
+        started=started,
+        device=str(device),
+        metrics=stats or None,
+    )
+    extra = {"method": cfg.method, "forks": list(cfg.fork), **stats} if cfg.fork else {}
+    return {"model": cfg.model, "adapter": cfg.adapter, "out": str(out), **extra}
+
+
+def _load_base(cfg: MergeConfig, progress: Any) -> tuple[Any, Any]:
+    """The model to merge into, as its checkpoint: no engine, no decode layout."""
+    import contextlib
+
+    from weightsmith.checkpoint.load import load_checkpoint
+    from weightsmith.checkpoint.pull import resolve
+    from weightsmith.device import pick_device, pick_dtype
+
+    status = load_status(progress)
+    device = pick_device(cfg.device)
+    with status(cfg.model) if status is not None else contextlib.nullcontext():
+        path = resolve(cfg.model)
+        ckpt = load_checkpoint(
+            path, device=device, dtype=pick_dtype(cfg.dtype, device), allow_pickle=cfg.allow_pickle
+        )
+    return ckpt, device
+
+
+def _merge_forks(ckpt: Any, cfg: MergeConfig, recipe: Recipe) -> dict[str, int]:
+    from contextlib import ExitStack
+
+    from weightsmith.lora import unload
+    from weightsmith.merging import merge_forks, open_forks
+
+    model = ckpt.model
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    with ExitStack() as stack:
+        forks = open_forks(cfg.fork, model, ckpt.path, shapes, stack, allow_pickle=cfg.allow_pickle)
+        unload(model)  # the forks' adapters stay readable from their own layers
+        model.requires_grad_(False)
+        return merge_forks(model, forks, recipe)

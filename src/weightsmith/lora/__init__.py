@@ -29,6 +29,7 @@ from weightsmith.lora.layers import (
     resolve_targets,
     row_adapters,
     set_adapter,
+    unload,
     unmerge_adapter,
 )
 from weightsmith.lora_config import LoraConfig
@@ -50,5 +51,6 @@ __all__ = [
     "row_adapters",
     "save_adapter",
     "set_adapter",
+    "unload",
     "unmerge_adapter",
 ]

@@ -444,6 +444,12 @@ def merge_and_unload(model: nn.Module, name: str = "default") -> nn.Module:
     for layer in layers.values():
         if name not in layer.merged:
             layer.merge(name)
+    return unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put every LoRALinear's base layer back in its place (as it is: merged adapters stay in
+    its weights, the others are dropped), so the state dict has the base model's names."""
     for module_name, layer in lora_layers(model).items():
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
