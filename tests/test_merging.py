@@ -284,6 +284,10 @@ def refusal(capsys, argv: list[str], code: int) -> str:
         (["--fork", "{vocab}"], 1, "model.embed_tokens.weight has shape (352, 64), the base's is (320, 64)"),
         (["--fork", "{tied}"], 1, "tie_word_embeddings is True, the base's is False"),
         (["--fork", "{missing}"], 1, "not found"),
+        (["--fork", "{a}", "--as-adapter"], 2, "({a}) needs --rank R"),
+        (["--fork", "{lora1}", "--rank", "4"], 2, "add --as-adapter"),
+        (["--fork", "{lora1}", "--as-adapter", "--rank", "0"], 2, "at least 1"),
+        (["--adapter", "{lora1}", "--as-adapter"], 2, "give the forks"),
     ],
 )  # fmt: skip
 def test_bad_merges_are_one_line_and_write_nothing(flags, code, says, forks, misfits, tmp_path, capsys):
@@ -293,5 +297,87 @@ def test_bad_merges_are_one_line_and_write_nothing(flags, code, says, forks, mis
     err = refusal(
         capsys, ["merge", str(forks["base"]), *[f.format(**names) for f in flags], "--out", str(out)], code
     )
-    assert says in err
+    assert says.format(**names) in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# --- a merge written as an adapter ------------------------------------------------------
+
+
+def peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_adapter_forks_merged_as_an_adapter_are_the_merge(forks, tmp_path):
+    """Linear merges of adapters have rank <= the sum of theirs: the adapter is exact, and PEFT
+    (loading it, merging it) gives the model `merge --fork` writes."""
+    flags = [
+        *fork_args([forks["lora1"], forks["lora2"]]),
+        "--method",
+        "task_arithmetic",
+        "--weights",
+        "0.6,0.9",
+    ]
+    model = ours(forks["base"], flags, tmp_path / "model")
+    assert (
+        main(["merge", str(forks["base"]), *flags, "--as-adapter", "--out", str(tmp_path / "adapter")]) == 0
+    )
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    got = peft_merged(forks["base"], tmp_path / "adapter")
+    assert_same(model, {k: got[k] for k in model}, tol=2e-6)
+
+
+def test_a_merged_adapter_equals_peft_svd_combination(forks, tmp_path):
+    """PEFT's add_weighted_adapter(combination_type="svd") factors the weighted sum the same way."""
+    flags = [
+        *fork_args([forks["lora1"], forks["lora2"]]),
+        "--method",
+        "task_arithmetic",
+        "--weights",
+        "0.5,1.5",
+    ]
+    assert (
+        main(
+            ["merge", str(forks["base"]), *flags, "--as-adapter", "--rank", "3", "--out", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(forks["base"])
+    model = peft.PeftModel.from_pretrained(hf, forks["lora1"], adapter_name="one")
+    model.load_adapter(forks["lora2"], adapter_name="two")
+    model.add_weighted_adapter(["one", "two"], [0.5, 1.5], "svd3", combination_type="svd", svd_rank=3)
+    model.set_adapter("svd3")
+    ref = {k: v.detach() for k, v in model.merge_and_unload(adapter_names=["svd3"]).state_dict().items()}
+    got = peft_merged(forks["base"], tmp_path / "a")
+    assert_same(ref, {k: got[k] for k in ref}, tol=2e-6)
+
+
+def test_a_full_fork_becomes_an_adapter_of_its_best_rank_r_deltas(forks, tmp_path, capsys):
+    """LoRA extraction: each linear's delta is the truncated SVD of (fork - base); what a LoRA
+    cannot hold (norms, embeddings, the head) is reported, not silently kept or lost."""
+    out = tmp_path / "extracted"
+    flags = [
+        "--fork",
+        str(forks["a"]),
+        "--method",
+        "task_arithmetic",
+        "--as-adapter",
+        "--rank",
+        "5",
+        "--json",
+    ]
+    assert main(["merge", str(forks["base"]), *flags, "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rank"] == 5 and result["layers"] == 14  # 7 linears x 2 layers
+    assert result["left_out_tensors"] == 7  # embeddings, 4 layer norms, final norm, LM head
+    assert 0 < result["energy_kept_min"] < 1
+    base, fork = load_file(forks["base"] / "model.safetensors"), load_file(forks["a"] / "model.safetensors")
+    got = peft_merged(forks["base"], out)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        u, s, vh = torch.linalg.svd(fork[name] - base[name])
+        best = base[name] + (u[:, :5] * s[:5]) @ vh[:5]
+        assert torch.allclose(got[name], best, atol=2e-6)
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])

@@ -111,4 +111,19 @@ def print_finetune(result: dict[str, Any], console: Console) -> None:
 
 
 def print_merge(result: dict[str, Any], console: Console) -> None:
+    if "method" in result:
+        forks = len(result["forks"])
+        console.print(
+            f"{result['method']} of {forks} fork{'s' * (forks != 1)}: {result['tensors']} tensors changed"
+        )
+    if "rank" in result:
+        console.print(
+            f"adapter of rank {result['rank']} on {result['layers']} linears; the least a layer kept of its "
+            f"delta's energy: {result['energy_kept_min']:.1%}"
+        )
+        if result["left_out_tensors"]:
+            console.print(
+                f"left out (a LoRA cannot hold them): changes to {result['left_out_tensors']} tensors (norms, "
+                f"embeddings, head), the largest {result['left_out_max_relative']:.2%} of its weights"
+            )
     console.print(f"wrote {result['out']}")

@@ -114,6 +114,14 @@ class MergeConfig(LoadOptions):
         choices=["auto", "yes", "no"],
     )  # fmt: skip
     seed: int = opt(0, "seed of DARE's random drops")
+    json: bool = opt(False, "print the result as JSON")
+    as_adapter: bool = opt(
+        False, "write the merge as a LoRA adapter (a truncated SVD of each linear's delta) instead of a model"
+    )
+    rank: int | None = opt(
+        None,
+        "--as-adapter: the adapter's rank (default: what adapter forks need to be exact; full forks: required)",
+    )
 
     def recipe(self) -> Recipe:
         from weightsmith.merging.settings import parse_settings
@@ -147,6 +155,14 @@ def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
         raise UsageError(f"give --adapter {cfg.adapter} as one more --fork (with --fork, no --adapter)")
     if cfg.fork and cfg.keep_quantized:
         raise UsageError("merge computes in full precision; drop --keep-quantized")
+    if (cfg.as_adapter or cfg.rank is not None) and not cfg.fork:
+        raise UsageError(
+            "--as-adapter and --rank write a merge of --fork forks as an adapter; give the forks"
+        )
+    if cfg.rank is not None and cfg.rank < 1:
+        raise UsageError(f"--rank {cfg.rank}: the adapter's rank must be at least 1")
+    if cfg.rank is not None and not cfg.as_adapter:
+        raise UsageError(f"--rank {cfg.rank} is the rank of --as-adapter's adapter; add --as-adapter")
     recipe = cfg.recipe() if cfg.fork else None  # every flag checked before the model loads
     check_out_dir(Path(cfg.out), overwrite=False)
     started = time.time()
@@ -156,10 +172,13 @@ def run_merge(cfg: MergeConfig, progress: Any = None) -> dict[str, Any]:
     else:
         ckpt, device = _load_base(cfg, progress)
         stats = _merge_forks(ckpt, cfg, recipe)
-    dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
-    out = save_hf_dir(
-        ckpt.model, ckpt.tokenizer, cfg.out, generation_config=ckpt.generation_config, dtype=dtype
-    )
+    if cfg.as_adapter:
+        out = Path(cfg.out)
+    else:
+        dtype = pick_dtype(cfg.save_dtype, torch.device("cpu")) if cfg.save_dtype else None
+        out = save_hf_dir(
+            ckpt.model, ckpt.tokenizer, cfg.out, generation_config=ckpt.generation_config, dtype=dtype
+        )
     inputs = (
         {"model": cfg.model, "adapter": cfg.adapter}
         if cfg.adapter
@@ -196,11 +215,13 @@ def _load_base(cfg: MergeConfig, progress: Any) -> tuple[Any, Any]:
     return ckpt, device
 
 
-def _merge_forks(ckpt: Any, cfg: MergeConfig, recipe: Recipe) -> dict[str, int]:
+def _merge_forks(ckpt: Any, cfg: MergeConfig, recipe: Recipe) -> dict[str, Any]:
+    """Merge into the model, or, with --as-adapter, write the merge as an adapter at cfg.out."""
     from contextlib import ExitStack
 
     from weightsmith.lora import unload
     from weightsmith.merging import merge_forks, open_forks
+    from weightsmith.merging.adapter import LowRank, adapter_rank
 
     model = ckpt.model
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -208,4 +229,9 @@ def _merge_forks(ckpt: Any, cfg: MergeConfig, recipe: Recipe) -> dict[str, int]:
         forks = open_forks(cfg.fork, model, ckpt.path, shapes, stack, allow_pickle=cfg.allow_pickle)
         unload(model)  # the forks' adapters stay readable from their own layers
         model.requires_grad_(False)
-        return merge_forks(model, forks, recipe)
+        if not cfg.as_adapter:
+            return merge_forks(model, forks, recipe)
+        low = LowRank(model, adapter_rank(forks, cfg.rank))
+        stats = merge_forks(model, forks, recipe, keep=low.keep)
+    low.save(Path(cfg.out), base_model=cfg.model)
+    return {**stats, **low.summary()}

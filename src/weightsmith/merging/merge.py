@@ -79,10 +79,15 @@ class Recipe:
 
 
 def merge_forks(
-    model: nn.Module, forks: list[Fork], recipe: Recipe, on_tensor: Callable[[int, int], None] | None = None
+    model: nn.Module,
+    forks: list[Fork],
+    recipe: Recipe,
+    on_tensor: Callable[[int, int], None] | None = None,
+    keep: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, int]:
-    """Merge `forks` into `model`'s parameters in place; `on_tensor(done, total)` after each.
-    Returns how many tensors and values changed."""
+    """Merge `forks` into `model`'s parameters in place, or, with `keep`, hand each merged
+    tensor to `keep(name, base, merged)` (fp32) and leave the model as it is;
+    `on_tensor(done, total)` after each tensor. Returns how many tensors and values changed."""
     params = list(model.named_parameters())
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
     if recipe.spec.kind == "interpolate":  # every tensor has its t before any changes
@@ -94,7 +99,11 @@ def merge_forks(
             base = p.detach().float()
             deltas = [f.delta(name, base) for f in forks]
             if any(d is not None for d in deltas):
-                p.copy_(_merge_tensor(name, base, deltas, recipe, layers).to(p.dtype))
+                merged = _merge_tensor(name, base, deltas, recipe, layers)
+                if keep is not None:
+                    keep(name, base, merged)
+                else:
+                    p.copy_(merged.to(p.dtype))
                 changed += 1
                 values += p.numel()
             if on_tensor is not None:
