@@ -269,6 +269,7 @@ def test_card_parses_with_huggingface_hub_and_holds_the_results(ws, home, tmp_pa
                     "## Bias audit", "## Limitations", "## Lineage", "95% Wilson score"):  # fmt: skip
         assert section in card.text
     assert f"({summary['k']}/{summary['n']})" in card.text
+    assert "**merge** (an adapter folded into the model)" in card.text
 
 
 def test_card_refuses_a_folder_without_results(ws, home, tmp_path, capsys):

@@ -253,6 +253,33 @@ def test_lineage_names_every_fork(forks, tmp_path):
     assert record["config"]["method"] == "ties" and record["metrics"]["tensors"] > 0
 
 
+def test_a_merged_models_card_names_the_forks_and_the_recipe(forks, tmp_path):
+    out = tmp_path / "m"
+    ours(forks["base"], [*fork_args([forks["lora1"], forks["lora2"]]), "--method", "dare_ties",
+                         "--weights", "1,0.5", "--density", "0.5", "--seed", "7"], out)  # fmt: skip
+    evals = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--tasks",
+                "builtin:arith-mc",
+                "--limit",
+                "2",
+                "--no-cache",
+                "--out",
+                str(evals),
+            ]
+        )
+        == 0
+    )
+    assert main(["card", str(out), "--eval", str(evals), "--out", str(tmp_path / "README.md")]) == 0
+    text = (tmp_path / "README.md").read_text()
+    recipe = f"**merge** (dare_ties of `{forks['lora1']}`, `{forks['lora2']}`; weights 1.0, 0.5; density 0.5; seed 7)"
+    assert recipe in text
+
+
 @pytest.fixture(scope="module")
 def misfits(forks, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("misfits")

@@ -143,9 +143,27 @@ def _training(nodes: list[dict[str, Any]]) -> str:
         )
         config = n.get("config") or {}
         method = f" ({config['method']})" if config.get("method") else ""
+        if n["kind"] == "merge":
+            method = _merge_words(n, config)
         lines.append(f"- **{n['kind']}**{method}" + (f" on {what}" if what else "") + _settings(config) +
                      (f"; final {metrics}" if metrics else "") + f" — lineage id `{n['id'][:12]}`")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _merge_words(node: dict[str, Any], config: dict[str, Any]) -> str:
+    """How a merge was made: an adapter folded in, or which forks by which method and settings."""
+    forks = [f"`{i['spec']}`" for i in node["inputs"] if i["role"] == "forks"]
+    if not forks:
+        return " (an adapter folded into the model)"
+    keys = ["weights", "density", "t", "scale", "normalize", "rank"]
+    if "dare" in str(config.get("method")):
+        keys.append("seed")
+    unset = (None, [], "auto", 1.0)
+    shown = [f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k in keys
+             if (v := config.get(k)) not in unset]  # fmt: skip
+    written = " as a LoRA adapter" if config.get("as_adapter") else ""
+    settings = f"; {'; '.join(shown)}" if shown else ""
+    return f" ({config.get('method')} of {', '.join(forks)}{written}{settings})"
 
 
 def _evaluation(run: dict[str, Any] | None) -> str:
