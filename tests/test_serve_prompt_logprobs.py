@@ -59,7 +59,8 @@ def test_prompt_logprobs_are_the_models_own(http, llm) -> None:
     ids = llm.tokenizer.encode(TEXT)
     lp = choice["logprobs"]
     assert choice["text"] == TEXT and choice["finish_reason"] == "length"
-    assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
+                               "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     assert lp["tokens"] == [llm.tokenizer.decode([t]) for t in ids]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     expected = local_logprobs(llm, ids)

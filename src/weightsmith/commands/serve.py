@@ -72,6 +72,11 @@ class ServeConfig:
         512,
         "prompts longer than this are prefilled this many tokens per decode step, so streams keep flowing",
     )
+    prompt_cache_mib: int = opt(
+        1024,
+        "MiB of finished conversations' keys and values kept, so a next turn copies its history instead of "
+        "prefilling it (0: off)",
+    )
     max_prompt_chars: int = opt(
         1_000_000, "most characters of prompt text (messages or prompts) in one request, before tokenising"
     )
@@ -105,7 +110,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
                                  ("max-model-len", self.max_model_len, 0), ("prefill-chunk", self.prefill_chunk, 1),
-                                 ("max-prompt-chars", self.max_prompt_chars, 1)):  # fmt: skip
+                                 ("max-prompt-chars", self.max_prompt_chars, 1),
+                                 ("prompt-cache-mib", self.prompt_cache_mib, 0)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
         if self.keep_quantized and self.adapter:

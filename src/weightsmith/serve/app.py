@@ -50,6 +50,7 @@ from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.metrics import ServerMetrics
 from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import chat_ids, check_chars, check_n, completion_ids, off_loop, prompt_param
+from weightsmith.serve.prompt_cache import PromptCache
 from weightsmith.serve.prompt_logprobs import score_prompt
 from weightsmith.serve.response_route import add_response_route
 from weightsmith.serve.responses import ResponseBuilder
@@ -86,6 +87,7 @@ class ServerOptions(Protocol):
     max_queue: int
     max_model_len: int  # context per request (KV cache per row); 0: the model's
     prefill_chunk: int  # longer prompts are prefilled a chunk per decode step
+    prompt_cache_mib: int  # finished rows' KV kept for the next turn (prompt_cache.py); 0: off
     max_prompt_chars: int  # characters of prompt text per request, counted before tokenising
     template_timeout: float  # seconds one chat-template render may take
     cors_origin: list[str]
@@ -140,6 +142,7 @@ class ServerState:
                 prefill_chunk=s.prefill_chunk,
                 observer=self.metrics,
                 decode=llm.engine.decode_step(),
+                prompt_cache=PromptCache(s.prompt_cache_mib * 2**20) if s.prompt_cache_mib else None,
             )
             scheduler.start()
         except Exception as e:  # reported on /health and to the CLI, which exits

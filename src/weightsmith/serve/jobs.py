@@ -21,10 +21,11 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.grammar import Grammar
 from weightsmith.llm import LLM
 from weightsmith.sampling import SamplingParams
+from weightsmith.serve.events import SequenceEvent, TokenLogprob
 from weightsmith.serve.gate import ClientGone
 from weightsmith.serve.prompt_logprobs import text_offsets
 from weightsmith.serve.responses import SSE_DONE, ChoiceResult, ResponseBuilder, sse
-from weightsmith.serve.scheduler import QueueFull, Scheduler, SequenceEvent, TokenLogprob
+from weightsmith.serve.scheduler import QueueFull, Scheduler
 from weightsmith.serve.scheduler import Request as GenRequest
 from weightsmith.serve.schemas import ApiError, SamplingFields
 from weightsmith.serve.structured import ToolOutput
@@ -103,6 +104,12 @@ async def _disconnected(http: Request) -> None:
     once its request body is in, so we wait on `receive` as streaming responses do.)"""
     while (await http.receive())["type"] != "http.disconnect":
         pass
+
+
+def cached_tokens(job: Any) -> int:
+    """Prompt tokens of `job` (any of the job kinds here) copied from a cache, not prefilled."""
+    request = getattr(job, "request", None)
+    return request.cached_tokens if request is not None else 0
 
 
 class Job:
@@ -197,7 +204,7 @@ class Job:
                     completion_tokens += ev.completion_tokens
             else:
                 if include_usage:
-                    yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+                    yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens, cached_tokens(self)))
             yield SSE_DONE
         finally:
             if done < n:
@@ -240,7 +247,7 @@ async def respond(
         )
     results = await job.collect(http)
     prompt_parts = job.prompt_logprobs(builder) if isinstance(job, EchoJob) else None
-    body = builder.response(results, job.prompt_tokens, with_logprobs)
+    body = builder.response(results, job.prompt_tokens, with_logprobs, cached_tokens(job))
     if prompt_parts is not None:  # echo with logprobs: the prompt's tokens, then the generated ones
         for choice, part in zip(body["choices"], prompt_parts, strict=True):
             choice["logprobs"] = {k: part[k] + choice["logprobs"][k] for k in part}
@@ -374,5 +381,5 @@ class GuardedJob:
             yield sse(builder.finish_chunk(i, r.finish_reason or "stop"))
         if include_usage:
             completion_tokens = sum(r.completion_tokens for r in results)
-            yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens))
+            yield sse(builder.usage_chunk(self.prompt_tokens, completion_tokens, cached_tokens(self)))
         yield SSE_DONE

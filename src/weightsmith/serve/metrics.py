@@ -29,7 +29,14 @@ class ServerMetrics(Observer):
             ["endpoint", "status"],
             registry=r,
         )
-        self.prompt_tokens = Counter("weightsmith_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter(
+            "weightsmith_prompt_tokens", "prompt tokens of admitted requests", registry=r
+        )
+        self.cached_tokens = Counter(
+            "weightsmith_prompt_cached_tokens",
+            "prompt tokens copied from a running or kept row's cache instead of prefilled",
+            registry=r,
+        )
         self.generation_tokens = Counter("weightsmith_generation_tokens", "tokens generated", registry=r)
         self.embedding_tokens = Counter(
             "weightsmith_embedding_tokens", "tokens embedded (/v1/embeddings)", registry=r
@@ -68,9 +75,11 @@ class ServerMetrics(Observer):
     def next_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
-    def tokens(self, prompt: int = 0, generated: int = 0) -> None:
+    def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
         if prompt:
             self.prompt_tokens.inc(prompt)
+        if cached:
+            self.cached_tokens.inc(cached)
         if generated:
             self.generation_tokens.inc(generated)
 

@@ -23,7 +23,7 @@ import torch
 
 from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
-from weightsmith.serve.scheduler import TokenLogprob
+from weightsmith.serve.events import TokenLogprob
 from weightsmith.tokenizer import Tokenizer
 
 #: Positions whose logits are materialised at once ((chunk, V) fp32: 100 MB at V = 49,152).

@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from weightsmith.serve.jobs import cached_tokens
 from weightsmith.serve.response_schemas import ResponsesRequest
 from weightsmith.serve.responses import ChoiceResult, sse
 from weightsmith.serve.schemas import ChatRequest, parse
@@ -59,7 +60,7 @@ def add_response_route(app: FastAPI, state: Any, accept: Accept, start_chat: Sta
             return StreamingResponse(_events(job, shape), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         (result,) = await job.collect(http)
-        return JSONResponse(shape.response(result, job.prompt_tokens))
+        return JSONResponse(shape.response(result, job.prompt_tokens, cached=cached_tokens(job)))
 
 
 class Shape:
@@ -74,7 +75,7 @@ class Shape:
         self.seq = 0
 
     def response(
-        self, result: ChoiceResult | None, input_tokens: int, status: str | None = None
+        self, result: ChoiceResult | None, input_tokens: int, status: str | None = None, cached: int = 0
     ) -> dict[str, Any]:
         """The Response object: in progress (`result` None) or finished with `result`."""
         req, fmt = self.req, (self.req.text.format if self.req.text else None)
@@ -94,7 +95,7 @@ class Shape:
             "usage": None,
         }  # fmt: skip
         if result is not None:
-            body["usage"] = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            body["usage"] = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                              "output_tokens": result.completion_tokens,
                              "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": input_tokens + result.completion_tokens}  # fmt: skip
@@ -190,7 +191,7 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
         for e in live.finish(result):
             yield e
         result.reasoning = live.thought  # the final output lists what the stream showed, in its order
-        final = shape.response(result, job.prompt_tokens)
+        final = shape.response(result, job.prompt_tokens, cached=cached_tokens(job))
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         yield shape.event(kind, response=final)
     finally:

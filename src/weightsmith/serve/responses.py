@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsmith import __version__
-from weightsmith.serve.scheduler import SequenceEvent, TokenLogprob
+from weightsmith.serve.events import SequenceEvent, TokenLogprob
 from weightsmith.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = f"weightsmith-{__version__}"
@@ -46,11 +46,13 @@ class ChoiceResult:
             self.completion_tokens = ev.completion_tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens copied from a cache, not prefilled."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -137,7 +139,7 @@ class ResponseBuilder:
     # ---- whole responses --------------------------------------------------------------
 
     def response(
-        self, results: list[ChoiceResult], prompt_tokens: int, with_logprobs: bool
+        self, results: list[ChoiceResult], prompt_tokens: int, with_logprobs: bool, cached: int = 0
     ) -> dict[str, Any]:
         choices = []
         for i, r in enumerate(results):
@@ -156,7 +158,7 @@ class ResponseBuilder:
         return {
             **self._head(chunk=False),
             "choices": choices,
-            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results)),
+            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results), cached),
         }
 
     # ---- stream chunks ----------------------------------------------------------------
@@ -209,5 +211,9 @@ class ResponseBuilder:
             return self.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self.chunk({"index": index, "text": "", "logprobs": None, "finish_reason": reason})
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._head(chunk=True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+        return {
+            **self._head(chunk=True),
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens, cached),
+        }

@@ -8,7 +8,10 @@ then (3) runs one decode step for every running row. A prompt longer than
 so the running rows keep getting a token every step meanwhile, and joins the batch
 (its rows copied in) when its last chunk is done. A row that finishes leaves at
 once, and the last row moves into its slot so the running rows stay 0..B-1 of the
-KV cache (kv_cache.py); its slot is free for the next newcomer the same iteration.
+KV cache (kv_cache.py); its slot is free for the next newcomer the same iteration. Its
+tokens' keys and values are first kept in the prompt cache, when the server has one
+(prompt_cache.py), and a newcomer copies the longest prefix a running or kept row holds
+instead of prefilling it (prefix.py): a conversation's next turn prefills only what is new.
 
 Rows of one batch may use different LoRA adapters (lora.row_adapters), different
 sampling settings and different lengths; a row's tokens are the same as when it runs
@@ -45,8 +48,10 @@ from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
 from weightsmith.row_state import RowState, TextStream
 from weightsmith.sampling import SamplingParams, sample_batch
+from weightsmith.serve.events import SequenceEvent, token_logprob
 from weightsmith.serve.model_calls import CallQueue
-from weightsmith.serve.prefix import reuse_prefixes
+from weightsmith.serve.prefix import MIN_SHARED, held_rows, reuse_for_chunks, reuse_prefixes
+from weightsmith.serve.prompt_cache import PromptCache
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,28 +59,6 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The waiting queue is at its limit; the client should retry later."""
-
-
-@dataclass
-class TokenLogprob:
-    """The chosen token's log-probability under the model, and the top alternatives."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class SequenceEvent:
-    """New output of one choice of a request: text, token ids, and the finish on its last event."""
-
-    index: int
-    text: str
-    tokens: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    completion_tokens: int = 0
-    error: str | None = None
 
 
 @dataclass
@@ -92,6 +75,8 @@ class Request:
     id: int = field(default_factory=itertools.count().__next__)
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    #: prompt tokens copied from a held row's cache instead of prefilled (usage's cached_tokens)
+    cached_tokens: int = 0
 
     def cancel(self) -> None:
         """Called from any thread (a client went away); the scheduler frees its rows."""
@@ -121,7 +106,7 @@ class Observer:
 
     def next_token(self, seconds: float) -> None: ...
 
-    def tokens(self, prompt: int = 0, generated: int = 0) -> None: ...
+    def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None: ...
 
     def finished(self, reason: str) -> None: ...
 
@@ -152,6 +137,7 @@ class Scheduler:
         prefill_chunk: int = 512,
         observer: Observer | None = None,
         decode: DecodeFn = decode_one_token,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.model = model
         #: The decode step, chosen by the caller (`Engine.decode_step()` gives the CPU's C step).
@@ -170,6 +156,8 @@ class Scheduler:
         make_cache = getattr(decode, "make_cache", None) or KVCache.for_model
         self.cache = make_cache(model.config, max_batch, max_len, dtype=dtype, device=self.device)
         self.has_adapters = bool(lora_layers(model))
+        #: finished rows kept for the next turn of their conversation (prompt_cache.py), or None
+        self.prompt_cache = prompt_cache
         self.staged: Staged | None = None  # long prompts being prefilled chunk by chunk
         self.prefilling: list[Request] = []  # taken from the queue, not running yet (see _fail_all)
         self.staging: KVCache | None = None  # its one-row cache, allocated on first use
@@ -348,7 +336,11 @@ class Scheduler:
         if not unique:
             self.prefilling = []
             return
-        skip = reuse_prefixes(self.cache, self.running, unique, start)  # prompt tokens already cached
+        held = held_rows(self.cache, self.running, self.prompt_cache)
+        skip = reuse_prefixes(self.cache, held, unique, start)  # prompt tokens already cached
+        for seq in unique:
+            seq.request.cached_tokens += skip
+        self.observer.tokens(cached=skip * len(unique))
         view = self.cache.rows(start, len(unique))  # shares the rows' storage and lengths
         with self._adapters(unique):
             logits = prefill(
@@ -377,6 +369,11 @@ class Scheduler:
             self.staging = KVCache.for_model(
                 self.model.config, 1, self.max_len, dtype=dtype, device=self.device
             )
+        if staged.done == 0:  # a prefix some row holds is copied, not prefilled
+            held = held_rows(self.cache, self.running, self.prompt_cache)
+            staged.done = reuse_for_chunks(self.staging, held, staged.choices[0])
+            staged.choices[0].request.cached_tokens += staged.done
+            self.observer.tokens(cached=staged.done)
         start, end = staged.done, min(staged.done + self.prefill_chunk, len(prompt))
         with self._adapters(staged.choices[:1]):
             logits = prefill(
@@ -457,6 +454,9 @@ class Scheduler:
         seq = self.running[row]
         if emit:
             seq.request.emit(SequenceEvent(seq.index, "", [], None, reason, len(seq.generated), error=error))
+        if self.prompt_cache is not None and reason in ("stop", "length") and seq.request.steer is None:
+            tokens = seq.prompt + seq.generated
+            self.prompt_cache.keep(self.cache, row, tokens, seq.request.adapter, MIN_SHARED)
         last = len(self.running) - 1
         if row != last:
             self.cache.copy_row(last, row)
@@ -487,14 +487,3 @@ class Scheduler:
 def _fail_request(request: Request, message: str) -> None:
     for i in range(len(request.prompts)):
         request.emit(SequenceEvent(i, "", [], None, "error", 0, error=message))
-
-
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The model's log-probability of `token` from raw (V,) logits, before temperature,
-    penalties and filters (as OpenAI reports them), and the `top` most likely tokens."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    alternatives: list[tuple[int, float]] = []
-    if top > 0:
-        values, ids = lp.topk(top)
-        alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(lp[token]), alternatives)
