@@ -7,6 +7,7 @@ Llama, and through the server with the official client (usage's cached_tokens, /
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from test_scheduler import GREEDY, SAMPLED, alone, make_scheduler, request, run_
 
 import weightsmith
 from weightsmith.kv_cache import KVCache
+from weightsmith.prompt_cache import PromptCache
 from weightsmith.serve import prefix, scheduler
 from weightsmith.serve.prefix import Held, longest
-from weightsmith.serve.prompt_cache import PromptCache
 
 SYSTEM = "You are a careful assistant who answers in short plain sentences about birds and rivers. "
 
@@ -99,6 +100,38 @@ def test_a_cancelled_row_is_not_kept_and_the_cache_keeps_to_its_budget(llm):
     assert all(e.tokens[:20] != tuple(cancelled.prompts[0][:20]) for e in cache.entries)
 
 
+def test_the_engine_keeps_a_conversation_for_its_next_turn(llm, monkeypatch):
+    """`chat`'s engine: turn 2 copies turn 1's prompt and answer from the kept entry and
+    prefills only the new message; the answer equals the engine's without a cache."""
+    from weightsmith import generate
+
+    ran: list[int] = []
+    real = generate.prefill
+
+    def spy(model, cache, prompts, device, **kw):
+        ran.extend(len(p) for p in prompts)
+        return real(model, cache, prompts, device, **kw)
+
+    monkeypatch.setattr(generate, "prefill", spy)
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where do owls sleep?"}]
+    params = llm.sampling_params(max_tokens=10, temperature=0, ignore_eos=True)
+    try:
+        llm.engine.prompt_cache = PromptCache(64 * 2**20)
+        first = llm.engine.generate([llm.engine.chat_prompt(chat)], params)[0]
+        chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And herons?"}]
+        ids = llm.engine.chat_prompt(chat)
+        ran.clear()
+        second = llm.engine.generate([ids], params)[0]
+        held = first.prompt_tokens + len(first.token_ids) - 1
+        shared = len(os.path.commonprefix([llm.engine.chat_prompt(chat[:2]) + first.token_ids, ids]))
+        assert shared >= prefix.MIN_SHARED and ran == [len(ids) - min(shared, held)]
+    finally:
+        llm.engine.prompt_cache = None
+    ran.clear()
+    assert second.token_ids == llm.engine.generate([ids], params)[0].token_ids
+    assert ran == [len(ids)]  # without a cache: the whole conversation again
+
+
 def held_cache(tokens: list[int], fill: float) -> KVCache:
     c = KVCache(2, 1, len(tokens), 1, 4, dtype=torch.float32, device="cpu")
     c.k.fill_(fill)
@@ -167,9 +200,7 @@ def test_a_served_conversation_reports_its_cached_tokens(served, llm):
             ids1 + llm.engine.generate([ids1], llm.sampling_params(max_tokens=8, temperature=0))[0].token_ids
         )
         ids2 = llm.engine.chat_prompt(chat)
-        shared = next(
-            i for i, (a, b) in enumerate(zip(held[: len(held) - 1] + [-1], ids2, strict=False)) if a != b
-        )
+        shared = len(os.path.commonprefix([held[:-1], ids2]))
         assert shared >= prefix.MIN_SHARED
         assert second.usage.prompt_tokens_details.cached_tokens == (shared if on else 0)
         metrics = httpx.get(server.url + "/metrics").text

@@ -28,7 +28,9 @@ from weightsmith.errors import GenerationError
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
 from weightsmith.grammar import Grammar, GrammarCompiler
 from weightsmith.harmony import HarmonyReader, is_harmony
+from weightsmith.kv_cache import KVCache
 from weightsmith.models import CausalLM
+from weightsmith.prompt_cache import MIN_SHARED, PromptCache
 from weightsmith.row_state import TextStream
 from weightsmith.sampling import SamplingParams
 from weightsmith.tokenizer import Tokenizer
@@ -120,6 +122,9 @@ class Engine:
         #: The CPU decode layout and fused C step (None off the CPU or with `cpu_decode=False`);
         #: `cpu_plan.undo()` gives the model back as it was.
         self.cpu_plan: CpuDecodePlan | None = None
+        #: Kept conversations (prompt_cache.py; `chat` sets one): a one-prompt generation copies the
+        #: longest kept prefix of its prompt instead of prefilling it, and is kept when it ends.
+        self.prompt_cache: PromptCache | None = None
         if cpu_decode and isinstance(model, CausalLM) and model.inv_freq.device.type == "cpu":
             self.cpu_plan = prepare_cpu_decode(model, layout=decode_layout)
 
@@ -192,9 +197,10 @@ class Engine:
             for p, sp in zip(ids, params, strict=False)
         ]
         texts = [TextStream(self.tokenizer, sp.stop) for sp in params]
+        kept = self.prompt_cache if len(ids) == 1 else None
         gen = TokenGenerator(
             self.model, ids, params, eos_token_ids=self.eos_token_ids, compile=self.compile,
-            decode=self.decode_step(), texts=texts,
+            decode=self.decode_step(), texts=texts, prefix=self._kept_prefix(ids[0]) if kept else None,
         )  # fmt: skip
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)
@@ -210,12 +216,25 @@ class Engine:
                         yield Delta(text, row, reasoning=thought)
                     continue
                 state = gen.rows[row]
+                if kept is not None and ev.finish_reason in ("stop", "length"):
+                    kept.keep(gen.cache, row, ids[row] + state.generated, None, MIN_SHARED)
                 completion = Completion(
                     texts[row].text if answer is None else answer.content, ev.finish_reason, len(ids[row]),
                     len(state.generated), list(state.generated), prefill_seconds=(first_at[row] or now) - start,
                     decode_seconds=now - (first_at[row] or now), reasoning="" if answer is None else answer.reasoning,
                 )  # fmt: skip
                 yield Delta(text, row, ev.finish_reason, completion, thought)
+
+    def _kept_prefix(self, prompt: list[int]) -> tuple[KVCache, int] | None:
+        """The prompt cache's longest prefix of `prompt` (at least MIN_SHARED tokens, and one left
+        to prefill) as TokenGenerator's `prefix`, or None."""
+        assert self.prompt_cache is not None
+        entry, n = self.prompt_cache.longest(prompt)
+        n = min(n, len(prompt) - 1)
+        if entry is None or n < MIN_SHARED:
+            return None
+        self.prompt_cache.touch(entry)
+        return entry.cache, n
 
 
 class Answers:

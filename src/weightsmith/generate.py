@@ -121,8 +121,13 @@ class TokenGenerator:
         compile: bool = False,
         decode: DecodeFn | None = None,
         texts: Sequence[TextStream] | None = None,
+        prefix: tuple[KVCache, int] | None = None,
     ) -> None:
+        """prefix: (a one-row cache, n) holding the first n tokens of the one prompt (a kept
+        conversation, prompt_cache.py): they are copied, and only the rest is prefilled."""
         assert len(prompts) == len(params) and prompts and all(prompts)
+        assert prefix is None or (len(prompts) == 1 and 0 < prefix[1] < len(prompts[0]))
+        self.prefix = prefix
         assert texts is None or len(texts) == len(prompts)
         self.model = model
         self.device = model.inv_freq.device
@@ -184,6 +189,10 @@ class TokenGenerator:
         """Every row's prompt into the cache; (B, V) next-token logits. Rows that share a prompt
         (n samples of one prompt, GRPO's groups) share its prefill: each distinct prompt runs
         once, in a cache of its own, and is copied into its rows."""
+        if self.prefix is not None:
+            held, n = self.prefix
+            self.cache.copy_row(0, 0, source=held, length=n)
+            return prefill(self.model, self.cache, [self.prompts[0][n:]], self.device, start=n)
         first: dict[tuple[int, ...], int] = {}
         for p in self.prompts:
             first.setdefault(tuple(p), len(first))

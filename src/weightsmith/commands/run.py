@@ -30,7 +30,11 @@ from weightsmith.commands.loading import (
 from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM
+from weightsmith.prompt_cache import PromptCache
 from weightsmith.safety.policy_file import ClassifierAccess
+
+#: Bytes of keys and values `chat` keeps of its conversation (the last turns; prompt_cache.py).
+CHAT_PROMPT_CACHE = 1 << 30
 
 TextSink = Callable[[str], None]
 
@@ -269,6 +273,8 @@ def open_chat(cfg: ChatConfig, progress: Any = None) -> ChatSession:
     guard = _load_guard(cfg, status)
     llm = cfg.load(status)
     llm.engine.compile = cfg.compile
+    # each turn resends the conversation: keep it, so a turn prefills only its new message
+    llm.engine.prompt_cache = PromptCache(CHAT_PROMPT_CACHE)
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
     llm.sampling_params(**sampling)  # an unusable schema is refused before the first turn

@@ -35,6 +35,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from weightsmith.chat_template import TemplateLimits
 from weightsmith.llm import LLM
+from weightsmith.prompt_cache import PromptCache
 from weightsmith.serve.embedding_route import add_embedding_route
 from weightsmith.serve.gate import ClientGone, Gate, error_response, read_body
 from weightsmith.serve.jobs import (
@@ -50,7 +51,6 @@ from weightsmith.serve.limits import ConnectionLimits
 from weightsmith.serve.metrics import ServerMetrics
 from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import chat_ids, check_chars, check_n, completion_ids, off_loop, prompt_param
-from weightsmith.serve.prompt_cache import PromptCache
 from weightsmith.serve.prompt_logprobs import score_prompt
 from weightsmith.serve.response_route import add_response_route
 from weightsmith.serve.responses import ResponseBuilder

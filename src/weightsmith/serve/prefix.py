@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from weightsmith.kv_cache import KVCache
-from weightsmith.serve.prompt_cache import PromptCache
+from weightsmith.prompt_cache import MIN_SHARED, PromptCache, shared
 
-#: Fewer shared tokens than this are prefilled anyway (the copy and the bookkeeping cost more).
-MIN_SHARED = 16
+__all__ = ["MIN_SHARED", "Held", "held_rows", "longest", "reuse_for_chunks", "reuse_prefixes"]
 
 
 class Row(Protocol):
@@ -59,18 +58,10 @@ def held_rows(cache: KVCache, running: Sequence[Row], kept: PromptCache | None) 
     return held
 
 
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def longest(held: Sequence[Held], prompt: Sequence[int], adapter: str | None) -> tuple[Held | None, int]:
     """The held row sharing the longest prefix with `prompt` (same adapter), and its length."""
     return max(
-        ((h, _shared(prompt, h.tokens)) for h in held if h.adapter == adapter),
+        ((h, shared(prompt, h.tokens)) for h in held if h.adapter == adapter),
         key=lambda found: found[1],
         default=(None, 0),
     )

@@ -46,12 +46,12 @@ from weightsmith.inspect.steering import row_edits
 from weightsmith.kv_cache import KVCache
 from weightsmith.lora import lora_layers, row_adapters
 from weightsmith.models import CausalLM
+from weightsmith.prompt_cache import PromptCache
 from weightsmith.row_state import RowState, TextStream
 from weightsmith.sampling import SamplingParams, sample_batch
 from weightsmith.serve.events import SequenceEvent, token_logprob
 from weightsmith.serve.model_calls import CallQueue
 from weightsmith.serve.prefix import MIN_SHARED, held_rows, reuse_for_chunks, reuse_prefixes
-from weightsmith.serve.prompt_cache import PromptCache
 from weightsmith.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -7,14 +7,15 @@ and answer, as the cache holds them) are copied out of the batch's KV cache into
 their own, exactly as long as they are; a newcomer whose prompt begins with an entry's tokens
 (same adapter, not steered) copies that prefix back instead of prefilling it
 (serve/prefix.py). An entry depends only on its tokens and their positions, so what is copied
-back is what the newcomer's own prefill would write, up to float summation order.
+back is what the newcomer's own prefill would write, up to float summation order. `chat` keeps
+one for its conversation the same way (Engine.prompt_cache).
 
 Entries are bounded by bytes (`serve --prompt-cache-mib`) and evicted least recently used. An
 entry that is a prefix of a newer one is dropped (the newer one serves it), and a row whose
 tokens an entry already begins with adds nothing. This is llama.cpp's host-memory prompt cache
 and vLLM's automatic prefix caching in their simplest form: whole rows rather than blocks.
 
-Not here: which prefix to copy and when (prefix.py, scheduler.py).
+Not here: which prefix a batch of newcomers copies and when (serve/prefix.py, serve/scheduler.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from weightsmith.kv_cache import KVCache
+
+#: Fewer shared tokens than this are prefilled anyway (the copy and the bookkeeping cost more).
+MIN_SHARED = 16
 
 
 @dataclass
@@ -75,8 +79,25 @@ class PromptCache:
         held.copy_row(row, 0, source=cache)
         self.entries.append(Entry(tokens, adapter, held, nbytes, next(self._clock)))
 
+    def longest(self, prompt: Sequence[int], adapter: str | None = None) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with `prompt` (same adapter), and its length."""
+        return max(
+            ((e, shared(prompt, e.tokens)) for e in self.entries if e.adapter == adapter),
+            key=lambda found: found[1],
+            default=(None, 0),
+        )
+
     def touch(self, entry: Entry) -> None:
         entry.used = next(self._clock)
 
     def clear(self) -> None:
         self.entries = []
+
+
+def shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
