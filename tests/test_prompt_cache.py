@@ -29,18 +29,22 @@ def llm(tiny_hf_dir: Path):
     return weightsmith.load(tiny_hf_dir)
 
 
-@pytest.fixture
-def prefilled(monkeypatch) -> list[int]:
-    """The number of prompt tokens each prefill call ran."""
+def spy_prefill(monkeypatch, module) -> list[int]:
+    """The number of prompt tokens each call of `module.prefill` runs, from now on."""
     ran: list[int] = []
-    real = scheduler.prefill
+    real = module.prefill
 
     def spy(model, cache, prompts, device, **kw):
         ran.extend(len(p) for p in prompts)
         return real(model, cache, prompts, device, **kw)
 
-    monkeypatch.setattr(scheduler, "prefill", spy)
+    monkeypatch.setattr(module, "prefill", spy)
     return ran
+
+
+@pytest.fixture
+def prefilled(monkeypatch) -> list[int]:
+    return spy_prefill(monkeypatch, scheduler)
 
 
 def turn(s, prompt: list[int], params=GREEDY):
@@ -105,14 +109,7 @@ def test_the_engine_keeps_a_conversation_for_its_next_turn(llm, monkeypatch):
     prefills only the new message; the answer equals the engine's without a cache."""
     from weightsmith import generate
 
-    ran: list[int] = []
-    real = generate.prefill
-
-    def spy(model, cache, prompts, device, **kw):
-        ran.extend(len(p) for p in prompts)
-        return real(model, cache, prompts, device, **kw)
-
-    monkeypatch.setattr(generate, "prefill", spy)
+    ran = spy_prefill(monkeypatch, generate)
     chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where do owls sleep?"}]
     params = llm.sampling_params(max_tokens=10, temperature=0, ignore_eos=True)
     try:
