@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from weightsmith.errors import UsageError
+from weightsmith.files import atomic_dir
 from weightsmith.lora import LoraConfig, apply_lora, lora_layers, save_adapter, unload
 from weightsmith.merging.forks import AdapterFork, Fork
 
@@ -104,7 +105,9 @@ class LowRank:
                 layer.lora_A[ADAPTER].weight.copy_(a if a is not None else 0.0)
                 layer.lora_B[ADAPTER].weight.copy_(b if b is not None else 0.0)
         try:
-            return save_adapter(self.model, out, cfg, name=ADAPTER, base_model=base_model)
+            with atomic_dir(out) as tmp:  # the whole folder appears at once, or nothing does
+                save_adapter(self.model, tmp, cfg, name=ADAPTER, base_model=base_model)
+            return out
         finally:
             unload(self.model)
 
