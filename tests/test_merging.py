@@ -91,6 +91,13 @@ CASES = {
     "linear": ({}, ["--weights", "0.3,0.7"], {"weight": [0.3, 0.7]}),
     "task_arithmetic": ({"lambda": 0.8}, ["--weights", "0.6,0.9", "--scale", "0.8"], {"weight": [0.6, 0.9]}),
     "ties": ({}, ["--weights", "0.5,1", "--density", "0.4"], {"weight": [0.5, 1.0], "density": [0.4, 0.4]}),
+    "breadcrumbs": (
+        {}, ["--weights", "1,0.7", "--density", "0.6", "--gamma", "0.05"],
+        {"weight": [1.0, 0.7], "density": [0.6, 0.6], "gamma": [0.05, 0.05]},
+    ),
+    "breadcrumbs_ties": (
+        {}, ["--density", "0.5,0.8", "--gamma", "0.1"], {"weight": [1.0, 1.0], "density": [0.5, 0.8], "gamma": [0.1, 0.1]},
+    ),
     "ties-unnormalized": (
         {"normalize": False}, ["--weights", "1,0.8", "--density", "0.3,0.7", "--normalize", "no"],
         {"weight": [1.0, 0.8], "density": [0.3, 0.7]},
@@ -119,6 +126,20 @@ def test_task_vector_methods_equal_mergekit(case, kind, forks, tmp_path):
         assert torch.equal(
             got["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"]
         )
+
+
+@pytest.mark.parametrize("kind", ["full", "adapters"])
+def test_model_stock_equals_mergekit(kind, forks, tmp_path):
+    mine = [forks["a"], forks["b"]] if kind == "full" else [forks["lora1"], forks["lora2"]]
+    refs = [str(p) if kind == "full" else f"{forks['base']}+{p}" for p in mine]
+    config = {
+        "merge_method": "model_stock",
+        "base_model": str(forks["base"]),
+        "models": [{"model": r} for r in refs],
+    }
+    ref = mergekit(config, tmp_path / "mergekit")
+    got = ours(forks["base"], [*fork_args(mine), "--method", "model_stock"], tmp_path / "ours")
+    assert_same(ref, got)
 
 
 def test_slerp_with_a_gradient_and_filters_equals_mergekit(forks, tmp_path):
@@ -305,6 +326,9 @@ def refusal(capsys, argv: list[str], code: int) -> str:
         (["--fork", "{a}", "--method", "ties", "--density", "0"], 2, "--density 0"),
         (["--fork", "{a}", "--density", "0.5"], 2, "not linear"),
         (["--fork", "{a}", "--t", "0.5"], 2, "--t is SLERP's"),
+        (["--fork", "{a}", "--method", "ties", "--gamma", "0.1"], 2, "--gamma applies to breadcrumbs"),
+        (["--fork", "{a}", "--method", "model_stock"], 2, "at least 2 --fork"),
+        (["--fork", "{a}", "--fork", "{b}", "--method", "model_stock", "--weights", "1,2"], 2, "no --weights"),
         (["--fork", "{a}", "--fork", "{b}", "--method", "slerp", "--t", "mlp=0,2"], 2, "2 is outside [0, 1]"),
         (["--fork", "{a}", "--fork", "{b}", "--method", "slerp", "--t", "mlp=0.5"], 2, "no value for tensor"),
         (["--fork", "{a}", "--adapter", "{lora1}"], 2, "one more --fork"),

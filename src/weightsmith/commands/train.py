@@ -109,6 +109,7 @@ class MergeConfig(LoadOptions):
         split=False,
     )
     scale: float = opt(1.0, "multiply the merged delta (TIES' lambda)")
+    gamma: float = opt(0.01, "breadcrumbs: the share of each delta's largest entries dropped as outliers")
     normalize: str = opt(
         "auto", "divide by the weights (auto: as the method does: linear and ties yes, others no)",
         choices=["auto", "yes", "no"],
@@ -133,6 +134,7 @@ class MergeConfig(LoadOptions):
             density=list(self.density),
             t=parse_settings("--t", self.t, low=0.0, high=1.0),
             scale=self.scale,
+            gamma=self.gamma,
             normalize=None if self.normalize == "auto" else self.normalize == "yes",
             seed=self.seed,
         )

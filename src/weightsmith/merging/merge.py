@@ -22,7 +22,7 @@ from torch import nn
 
 from weightsmith.errors import UsageError
 from weightsmith.merging.forks import Fork
-from weightsmith.merging.methods import METHODS, Method, combine, drop, slerp, trim
+from weightsmith.merging.methods import METHODS, Method, breadcrumbs, combine, drop, slerp, stock, trim
 from weightsmith.merging.settings import LayerSetting, value_for
 
 
@@ -36,6 +36,7 @@ class Recipe:
     density: list[float] = field(default_factory=list)  # one, or one per fork; [] = 1 (keep all)
     t: list[LayerSetting] = field(default_factory=list)  # SLERP's position, per tensor
     scale: float = 1.0  # TIES' lambda: multiplies the merged delta
+    gamma: float = 0.01  # breadcrumbs: the share of largest-magnitude entries dropped
     normalize: bool | None = None  # None: the method's default
     seed: int = 0
 
@@ -53,7 +54,15 @@ class Recipe:
         if bad := [d for d in self.density if not 0 < d <= 1]:
             raise UsageError(f"--density {bad[0]:g}: the fraction of each delta kept, in (0, 1]")
         if self.spec.sparsify is None and any(d != 1 for d in self.density):
-            raise UsageError(f"--density applies to ties, dare_linear and dare_ties, not {self.method}")
+            raise UsageError(f"--density applies to ties, dare_* and breadcrumbs*, not {self.method}")
+        if not 0 <= self.gamma < 1:
+            raise UsageError(f"--gamma {self.gamma:g}: the share of largest entries dropped, in [0, 1)")
+        if self.gamma != 0.01 and self.spec.sparsify != "outliers":
+            raise UsageError(f"--gamma applies to breadcrumbs and breadcrumbs_ties, not {self.method}")
+        if self.spec.kind == "stock" and (any(w != 1 for w in self.weights) or self.normalize is not None):
+            raise UsageError(
+                "--method model_stock weighs the forks by their agreement; no --weights or --normalize"
+            )
         if self.spec.kind == "interpolate":
             if not self.t:
                 raise UsageError("--method slerp needs --t (0: the first fork, 1: the second; e.g. --t 0.5)")
@@ -119,6 +128,9 @@ def _merge_tensor(
         t = value_for(recipe.t, name, layers, "--t")
         ends = [base if d is None else d.add_(base) for d in deltas]
         return slerp(ends[0], ends[1], t)
+    if method.kind == "stock":
+        full = torch.stack([torch.zeros_like(base) if d is None else d for d in deltas])
+        return stock(full).mul_(recipe.scale).add_(base)
     stacked = base.new_zeros((len(deltas), *base.shape))  # (N, ...): one buffer, filled in place
     for i, (d, density) in enumerate(zip(deltas, recipe.density, strict=True)):
         if d is None:
@@ -127,6 +139,8 @@ def _merge_tensor(
             d = trim(d, density)
         elif method.sparsify == "random":
             d = drop(d, density, tensor_generator(recipe.seed, i, name))
+        elif method.sparsify == "outliers":
+            d = breadcrumbs(d, density, recipe.gamma)
         stacked[i] = d
     normalize = method.normalize if recipe.normalize is None else recipe.normalize
     mixed = combine(stacked, recipe.weights, elect=method.elect, normalize=normalize)

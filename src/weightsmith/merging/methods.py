@@ -12,6 +12,8 @@ after sparsifying each delta and electing a sign per entry:
 | `ties` (Yadav et al. 2023) | keep the top `density` by magnitude | yes | the agreeing forks' weights |
 | `dare_linear` (Yu et al. 2023) | keep each entry with probability `density`, x 1/density | - | no |
 | `dare_ties` | as `dare_linear` | yes | no |
+| `breadcrumbs` (Davari & Belilovsky 2023) | drop the top `gamma` by magnitude, keep the next `density` | - | no |
+| `breadcrumbs_ties` | as `breadcrumbs` | yes | no |
 
 These are mergekit's definitions and defaults (its `normalize`, `lambda`, `density` and
 `weight` parameters; tests/test_merging.py checks the deterministic methods against mergekit
@@ -19,6 +21,10 @@ itself), with one difference: DARE rescales the entries it keeps by 1/density, a
 paper and PEFT do, where mergekit rescales the kept entries to the dropped tensor's L1 norm.
 The sign election is TIES' "sum" rule: an entry's sign is that of the weighted deltas' sum, and
 only forks whose delta has that sign (not zero) contribute to the entry.
+
+`model_stock` (Jang et al. 2024, "Model Stock") moves the base towards the forks' mean by
+`t = N cos / (1 + (N - 1) cos)`, where `cos` is the mean cosine between the forks' deltas of the
+tensor (each tensor one vector, mergekit's default): forks that agree move it further.
 
 `slerp` interpolates two models' weights along the great circle between them, treating each
 tensor as one vector (mergekit's `slerp`), and falls back to a straight line when they are
@@ -46,10 +52,10 @@ class Method:
     defaults of `normalize` (divide by the weights) and of the weights."""
 
     name: str
-    sparsify: str | None  # None, "magnitude" (TIES' trim) or "random" (DARE's drop)
+    sparsify: str | None  # None, "magnitude" (TIES' trim), "random" (DARE's drop) or "outliers"
     elect: bool
     normalize: bool
-    #: "task vectors" (base + deltas) or "interpolate" (two models, no base arithmetic)
+    #: "task vectors" (base + combined deltas), "stock" (Model Stock) or "interpolate" (SLERP)
     kind: str = "task vectors"
     #: how many forks it takes at least and at most (None: any number)
     forks: tuple[int, int | None] = (1, None)
@@ -63,6 +69,9 @@ METHODS: dict[str, Method] = {
         Method("ties", "magnitude", elect=True, normalize=True),
         Method("dare_linear", "random", elect=False, normalize=False),
         Method("dare_ties", "random", elect=True, normalize=False),
+        Method("breadcrumbs", "outliers", elect=False, normalize=False),
+        Method("breadcrumbs_ties", "outliers", elect=True, normalize=False),
+        Method("model_stock", None, elect=False, normalize=False, kind="stock", forks=(2, None)),
         Method("slerp", None, elect=False, normalize=False, kind="interpolate", forks=(2, 2)),
     )
 }
@@ -78,6 +87,38 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
     return torch.where(keep, flat, 0.0).view_as(delta)
+
+
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask: drop the `gamma` fraction of entries with the largest magnitude
+    (outliers) and keep the `density` fraction just below them, zero the rest (fewer outliers
+    are dropped when density + gamma > 1)."""
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    keep_n, top_n = int(density * n), int(gamma * n)
+    low = max(0, n - keep_n - top_n)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs())[low : low + keep_n]] = True
+    return torch.where(keep, flat, 0.0).view_as(delta)
+
+
+def stock(deltas: torch.Tensor) -> torch.Tensor:
+    """Model Stock's merged delta of (N, ...) deltas: t times their mean, t from their mean
+    pairwise cosine (N cos / (1 + (N - 1) cos); 0 where that is singular)."""
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    norms = flat.norm(dim=1)
+    cosines = [
+        ((flat[i] @ flat[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = torch.stack(cosines).mean()
+    denominator = 1 + (n - 1) * cos
+    t = 0.0 if denominator.abs() < 1e-6 else (n * cos / denominator).item()
+    return deltas.mean(dim=0) * t
 
 
 def drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
