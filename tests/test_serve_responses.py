@@ -4,7 +4,9 @@ temperature 0 (instructions as the system turn, function calls and their outputs
 assistant's tool calls and tool turns), usage counts the same tokens, a cut answer is
 `incomplete`, the stream's typed events are in order and add up (the client's own stream
 accumulator builds the final response from them), tools and JSON schemas constrain as in
-chat, and what is not implemented is a 400 naming the field.
+chat, and what is not implemented is a 400 naming the field. Stored responses: a request
+naming `previous_response_id` answers as chat does to the whole conversation (its prompt cached
+from the turn before), GET and DELETE, `store: false`, and a server that stores none.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def test_an_answer_equals_the_chat_answer_to_the_same_conversation(client):
                                 max_output_tokens=24, temperature=0)  # fmt: skip
     c = chat_answer(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}],
                     max_completion_tokens=24)  # fmt: skip
-    assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny" and r.store is False
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny" and r.store is True
     assert r.output_text == c.choices[0].message.content and r.output_text
     assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
     assert (
@@ -152,7 +154,8 @@ def test_a_required_tool_and_a_json_schema_constrain_the_answer(client):
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
-        ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id", "no stored response 'resp_1'"),
+        ({"conversation": "conv_1"}, "conversation", "conversations are not served"),
         ({"include": ["reasoning.encrypted_content"]}, "include", "include is not supported"),
         ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning settings are not supported"),
         ({"background": True}, "background", "background responses are not supported"),
@@ -166,6 +169,72 @@ def test_a_required_tool_and_a_json_schema_constrain_the_answer(client):
 )  # fmt: skip
 def test_what_is_not_implemented_is_a_400_naming_the_field(server, body, param, message):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", **body}, timeout=30)
-    assert r.status_code == (404 if body.get("model") == "other" else 400), r.text
+    assert r.status_code == (
+        404 if body.get("model") == "other" or "previous_response_id" in body else 400
+    ), r.text
     error = r.json()["error"]
     assert error["param"].startswith(param) and message in error["message"], error
+
+
+def test_a_stored_conversation_continues_by_previous_response_id(client):
+    """Turn 2 names turn 1 instead of resending it: the answer is chat's to the whole
+    conversation (turn 2's own instructions, not turn 1's), its prompt mostly cached."""
+    first = client.responses.create(model="tiny", instructions="Be brief.", input="Where do owls sleep?",
+                                    max_output_tokens=8, temperature=0)  # fmt: skip
+    second = client.responses.create(model="tiny", instructions="Be kind.", input="And herons?",
+                                     previous_response_id=first.id, max_output_tokens=8, temperature=0)  # fmt: skip
+    c = chat_answer(client, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Where do owls sleep?"},
+                             {"role": "assistant", "content": first.output_text},
+                             {"role": "user", "content": "And herons?"}], max_completion_tokens=8)  # fmt: skip
+    assert second.previous_response_id == first.id and second.output_text == c.choices[0].message.content
+    assert second.usage.input_tokens == c.usage.prompt_tokens
+    third = client.responses.create(model="tiny", instructions="Be kind.", input="And swans?", previous_response_id=second.id,
+                                    max_output_tokens=4, temperature=0, stream=False)  # fmt: skip
+    assert third.usage.input_tokens_details.cached_tokens >= 16  # turn 2 was prefilled and kept
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+
+
+def test_function_call_outputs_continue_a_stored_call(client):
+    tools = [WEATHER]
+    asked = client.responses.create(model="tiny", input="Weather in Rome?", tools=tools, tool_choice="required",
+                                    parallel_tool_calls=False, max_output_tokens=200, temperature=0)  # fmt: skip
+    (call,) = [o for o in asked.output if o.type == "function_call"]
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    answer = client.responses.create(model="tiny", input=result, previous_response_id=asked.id, tools=tools,
+                                     max_output_tokens=6, temperature=0)  # fmt: skip
+    whole = [{"role": "user", "content": "Weather in Rome?"}, {"type": "function_call", "call_id": call.call_id,
+             "name": call.name, "arguments": call.arguments}, *result]  # fmt: skip
+    again = client.responses.create(
+        model="tiny", input=whole, tools=tools, max_output_tokens=6, temperature=0, store=False
+    )
+    assert answer.output_text == again.output_text and again.store is False
+
+
+def test_stored_responses_are_deleted_and_store_false_keeps_nothing(client, server):
+    kept = client.responses.create(
+        model="tiny", input="Hello", max_output_tokens=2, temperature=0, stream=True
+    )
+    final = [e for e in kept if e.type in ("response.completed", "response.incomplete")][-1].response
+    assert final.store is True and client.responses.retrieve(final.id).output_text == final.output_text
+    client.responses.delete(final.id)
+    for path, how in ((f"/v1/responses/{final.id}", httpx.get), (f"/v1/responses/{final.id}", httpx.delete)):
+        assert how(server.url + path, timeout=30).status_code == 404
+    gone = httpx.post(server.url + "/v1/responses", timeout=30,
+                      json={"model": "tiny", "input": "hi", "previous_response_id": final.id})  # fmt: skip
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+    unkept = client.responses.create(model="tiny", input="Hello", max_output_tokens=2, store=False)
+    assert (
+        unkept.store is False
+        and httpx.get(f"{server.url}/v1/responses/{unkept.id}", timeout=30).status_code == 404
+    )
+
+
+def test_the_store_keeps_to_its_budget_oldest_first():
+    from weightsmith.serve.response_store import ResponseStore
+
+    store = ResponseStore(budget=1000)
+    bodies = [{"id": f"resp_{i}", "pad": "x" * 300} for i in range(4)]
+    for b in bodies:
+        assert store.put(b, [{"role": "user", "content": "hi"}])
+    assert list(store.items) == ["resp_2", "resp_3"] and store.size <= 1000
+    assert not store.put({"id": "big", "pad": "x" * 2000}, []) and store.get("big") is None

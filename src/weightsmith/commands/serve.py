@@ -77,6 +77,9 @@ class ServeConfig:
         "MiB of finished conversations' keys and values kept, so a next turn copies its history instead of "
         "prefilling it (0: off)",
     )
+    response_store_mib: int = opt(
+        64, "MiB of /v1/responses kept for previous_response_id and GET /v1/responses/{id} (0: store none)"
+    )
     max_prompt_chars: int = opt(
         1_000_000, "most characters of prompt text (messages or prompts) in one request, before tokenising"
     )
@@ -111,7 +114,8 @@ class ServeConfig:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
                                  ("max-model-len", self.max_model_len, 0), ("prefill-chunk", self.prefill_chunk, 1),
                                  ("max-prompt-chars", self.max_prompt_chars, 1),
-                                 ("prompt-cache-mib", self.prompt_cache_mib, 0)):  # fmt: skip
+                                 ("prompt-cache-mib", self.prompt_cache_mib, 0),
+                                 ("response-store-mib", self.response_store_mib, 0)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
         if self.keep_quantized and self.adapter:

@@ -53,6 +53,7 @@ from weightsmith.serve.openapi import openapi_document
 from weightsmith.serve.prepare import chat_ids, check_chars, check_n, completion_ids, off_loop, prompt_param
 from weightsmith.serve.prompt_logprobs import score_prompt
 from weightsmith.serve.response_route import add_response_route
+from weightsmith.serve.response_store import ResponseStore
 from weightsmith.serve.responses import ResponseBuilder
 from weightsmith.serve.scheduler import QueueFull, Scheduler
 from weightsmith.serve.schemas import (
@@ -88,6 +89,7 @@ class ServerOptions(Protocol):
     max_model_len: int  # context per request (KV cache per row); 0: the model's
     prefill_chunk: int  # longer prompts are prefilled a chunk per decode step
     prompt_cache_mib: int  # finished rows' KV kept for the next turn (prompt_cache.py); 0: off
+    response_store_mib: int  # stored /v1/responses (response_store.py); 0: none
     max_prompt_chars: int  # characters of prompt text per request, counted before tokenising
     template_timeout: float  # seconds one chat-template render may take
     cors_origin: list[str]
@@ -115,6 +117,8 @@ class ServerState:
         self.guard = guard  # a safety.policy.Guard applied to every request (`serve --guard`)
         self.loader = loader
         self.metrics = ServerMetrics()
+        #: finished /v1/responses kept for previous_response_id and GET (response_store.py)
+        self.responses = ResponseStore(settings.response_store_mib * 2**20)
         self.loaded: Loaded | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None

@@ -1,4 +1,4 @@
-"""POST /v1/responses: OpenAI's Responses API over the chat path, stateless.
+"""POST /v1/responses: OpenAI's Responses API over the chat path; GET and DELETE of stored ones.
 
 A request (response_schemas.py) becomes the chat request it means and runs as one: the same
 template, tools, structured output, guard and scheduler (app.start_chat). The answer is a
@@ -7,7 +7,9 @@ analysis channel, one `reasoning_text` part), an assistant `message` item with o
 `output_text` part (the answer's content) and a `function_call` item per tool call; `status` is `completed`, or
 `incomplete` with `incomplete_details.reason` `max_output_tokens` (the answer was cut) or
 `content_filter` (a guard blocked it); `usage` counts `input_tokens` and `output_tokens`.
-Nothing is stored (`store: false`).
+Unless the request says `store: false` (or `serve --response-store-mib 0`), the finished
+response is stored (response_store.py): `GET /v1/responses/{id}` returns it, `DELETE` forgets it,
+and a request with `previous_response_id` continues its conversation (404 for one not stored).
 
 With `stream: true` the answer arrives as the Responses API's typed server-sent events, each
 with a `sequence_number`: `response.created`, `response.in_progress`, then for the reasoning
@@ -37,37 +39,91 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from weightsmith.serve.jobs import cached_tokens
 from weightsmith.serve.response_schemas import ResponsesRequest
+from weightsmith.serve.response_store import ResponseStore, Stored
 from weightsmith.serve.responses import ChoiceResult, sse
-from weightsmith.serve.schemas import ChatRequest, parse
+from weightsmith.serve.schemas import ApiError, ChatRequest, parse
 
 #: (state, request, schema) -> (loaded model, scheduler, validated body): app._accept.
 Accept = Callable[..., Awaitable[tuple[Any, Any, Any]]]
 #: (state, loaded, scheduler, chat request) -> the submitted job: app.start_chat.
 StartChat = Callable[..., Awaitable[Any]]
 
+#: (the finished Response, its result) -> the Response, stored where it should be.
+Keep = Callable[[dict[str, Any], ChoiceResult], dict[str, Any]]
+
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
 def add_response_route(app: FastAPI, state: Any, accept: Accept, start_chat: StartChat) -> None:
+    store: ResponseStore = state.responses
+
     @app.post("/v1/responses")
     async def responses(http: Request) -> Response:
         loaded, scheduler, req = await accept(state, http, ResponsesRequest)
         req.check()
-        chat = parse(ChatRequest, json.dumps(req.chat()).encode())
+        history = _history(store, req.previous_response_id)
+        chat = parse(ChatRequest, json.dumps(req.chat(history)).encode())
         job = await start_chat(state, loaded, scheduler, chat)
-        shape = Shape(req)
+        shape = Shape(req, stored=store.enabled and req.store is not False)
+        keep = _keeper(store, shape, [*history, *req.item_messages()])
         if req.stream:
-            return StreamingResponse(_events(job, shape), media_type="text/event-stream",
+            return StreamingResponse(_events(job, shape, keep), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         (result,) = await job.collect(http)
-        return JSONResponse(shape.response(result, job.prompt_tokens, cached=cached_tokens(job)))
+        return JSONResponse(
+            keep(shape.response(result, job.prompt_tokens, cached=cached_tokens(job)), result)
+        )
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored(response_id: str) -> JSONResponse:
+        state.require()
+        return JSONResponse(_stored(store, response_id).response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def forget(response_id: str) -> JSONResponse:
+        state.require()
+        _stored(store, response_id)
+        store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+def _stored(store: ResponseStore, response_id: str, param: str | None = None) -> Stored:
+    found = store.get(response_id)
+    if found is None:
+        why = (
+            "this server stores no responses (--response-store-mib 0)"
+            if not store.enabled
+            else (f"no stored response {response_id!r} (never stored, deleted, or dropped for room)")
+        )
+        raise ApiError(404, why, param=param, code="response_not_found")  # fmt: skip
+    return found
+
+
+def _history(store: ResponseStore, previous: str | None) -> list[dict[str, Any]]:
+    """The conversation a `previous_response_id` ended ([] without one)."""
+    return [] if previous is None else list(_stored(store, previous, "previous_response_id").messages)
+
+
+def _keeper(store: ResponseStore, shape: Shape, asked: list[dict[str, Any]]) -> Keep:
+    """What to call with each finished Response (and its result): stores it when it should."""
+
+    def keep(response: dict[str, Any], result: ChoiceResult) -> dict[str, Any]:
+        if shape.stored:
+            answer: dict[str, Any] = {"role": "assistant", "content": result.text or None}
+            if result.tool_calls:
+                answer["tool_calls"] = result.tool_calls
+            store.put(response, [*asked, answer])
+        return response
+
+    return keep
 
 
 class Shape:
     """One request's Response objects: its id, creation time, the ids of its output items."""
 
-    def __init__(self, req: ResponsesRequest) -> None:
+    def __init__(self, req: ResponsesRequest, *, stored: bool = False) -> None:
         self.req = req
+        self.stored = stored  # the finished response is kept (response_store.py)
         self.id = "resp_" + secrets.token_hex(12)
         self.created = int(time.time())
         self.message_id = "msg_" + secrets.token_hex(12)
@@ -86,8 +142,8 @@ class Shape:
             "error": None, "incomplete_details": {"reason": reason} if reason else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "output": self.output(result) if result is not None else [],
-            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
-            "reasoning": {"effort": None, "summary": None}, "store": False,
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": None, "summary": None}, "store": self.stored,
             "temperature": req.temperature, "top_p": req.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": _tool_choice(req), "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
@@ -156,7 +212,11 @@ def _tool_choice(req: ResponsesRequest) -> Any:
     return choice if isinstance(choice, str) else choice.model_dump()
 
 
-async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
+def _unkept(response: dict[str, Any], result: ChoiceResult) -> dict[str, Any]:
+    return response
+
+
+async def _events(job: Any, shape: Shape, keep: Keep = _unkept) -> AsyncIterator[str]:
     """The stream: live text from a plain job, or the whole checked answer from a guarded one."""
     yield shape.event("response.created", response=shape.response(None, 0))
     yield shape.event("response.in_progress", response=shape.response(None, 0))
@@ -191,7 +251,7 @@ async def _events(job: Any, shape: Shape) -> AsyncIterator[str]:
         for e in live.finish(result):
             yield e
         result.reasoning = live.thought  # the final output lists what the stream showed, in its order
-        final = shape.response(result, job.prompt_tokens, cached=cached_tokens(job))
+        final = keep(shape.response(result, job.prompt_tokens, cached=cached_tokens(job)), result)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         yield shape.event(kind, response=final)
     finally:

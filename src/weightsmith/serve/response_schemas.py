@@ -6,12 +6,13 @@ What is read: `input` (a string, or a list of items: messages whose content is a
 `function_call_output`s), `instructions` (a system turn first), `max_output_tokens`,
 `temperature`, `top_p`, `tools` (function tools, in the Responses layout: `name` at the top),
 `tool_choice`, `parallel_tool_calls`, `text.format` (`text`, `json_object`, or `json_schema`
-with `name`/`schema`/`strict` at the top), `stream`. Accepted and changing nothing: `store`
-(nothing is stored: the response says `"store": false`), `metadata`, `user`,
-`prompt_cache_key`, `safety_identifier`, `service_tier`, `truncation: "disabled"`. Refused with
-a 400 naming the field: `previous_response_id` and `conversation` (nothing is stored: send the
-whole conversation in `input`), `background`, `include`, `top_logprobs`, `reasoning` with a
-value, `truncation: "auto"`, and any item or part of another type (images, files, web search).
+with `name`/`schema`/`strict` at the top), `stream`, `store` and `previous_response_id` (the
+route continues a stored conversation: response_store.py). Accepted and changing nothing:
+`metadata`, `user`, `prompt_cache_key`, `safety_identifier`, `service_tier`, `truncation:
+"disabled"`. Refused with a 400 naming the field: `conversation` (the Conversations API is not
+served: chain responses with `previous_response_id`), `background`, `include`, `top_logprobs`,
+`reasoning` with a value, `truncation: "auto"`, and any item or part of another type (images,
+files, web search).
 
 Not here: the route and the answer's shape (response_route.py).
 """
@@ -95,8 +96,9 @@ class ResponsesRequest(Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    store: bool | None = None  # None: true, as OpenAI's default
+    previous_response_id: str | None = None
     # Accepted, and they change nothing in the answer.
-    store: bool | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
@@ -104,7 +106,6 @@ class ResponsesRequest(Strict):
     service_tier: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
     # Refused unless empty (check).
-    previous_response_id: str | None = None
     conversation: Any = None
     background: bool | None = None
     include: list[str] | None = None
@@ -113,10 +114,9 @@ class ResponsesRequest(Strict):
 
     def check(self) -> None:
         """400 for a field that would change the answer and is not implemented here."""
-        stored = "this server stores no responses; send the whole conversation in input"
         refused = [
-            ("previous_response_id", self.previous_response_id is not None, stored),
-            ("conversation", self.conversation is not None, stored),
+            ("conversation", self.conversation is not None,
+             "conversations are not served; continue a stored response with previous_response_id"),
             ("background", bool(self.background), "background responses are not supported"),
             ("include", bool(self.include), "include is not supported"),
             ("top_logprobs", bool(self.top_logprobs), "top_logprobs is not supported"),
@@ -133,9 +133,12 @@ class ResponsesRequest(Strict):
         if fmt is not None and fmt.type == "json_schema" and (fmt.name is None or fmt.schema_ is None):
             raise ApiError(400, "a json_schema format needs a name and a schema", param="text.format")
 
-    def chat(self) -> dict[str, Any]:
-        """The same request as a chat-completions body (schemas.ChatRequest)."""
-        body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": False}
+    def chat(self, history: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+        """The same request as a chat-completions body (schemas.ChatRequest): `instructions`,
+        then `history` (a stored conversation this request continues), then the input."""
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages = [*system, *history, *self.item_messages()]
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": False}
         for key, value in (("max_completion_tokens", self.max_output_tokens), ("temperature", self.temperature),
                            ("top_p", self.top_p), ("parallel_tool_calls", self.parallel_tool_calls),
                            ("user", self.user), ("metadata", self.metadata)):  # fmt: skip
@@ -164,12 +167,10 @@ class ResponsesRequest(Strict):
                                                                               if v is not None}}  # fmt: skip
         return body
 
-    def _messages(self) -> list[dict[str, Any]]:
-        """`instructions` as a system turn, then the items; consecutive function calls are one
-        assistant turn's tool calls, and each output a tool turn."""
-        out: list[dict[str, Any]] = (
-            [{"role": "system", "content": self.instructions}] if self.instructions else []
-        )
+    def item_messages(self) -> list[dict[str, Any]]:
+        """The input items as chat messages; consecutive function calls are one assistant turn's
+        tool calls, and each output a tool turn."""
+        out: list[dict[str, Any]] = []
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         calls: list[dict[str, Any]] = []
         for item in items:
