@@ -180,6 +180,40 @@ def test_an_adapter_and_a_full_fork_merge_together(forks, tmp_path):
     assert_same(ref, ours(forks["base"], flags, tmp_path / "ours"))
 
 
+def test_mixture_of_experts_forks_merge_as_mergekit_merges_them(tmp_path):
+    """Mixtral: experts are saved one tensor per expert and projection (the checkpoint's layout);
+    element-wise methods equal mergekit's (which sees transformers 5's fused expert tensors),
+    compared as transformers loads both."""
+    from conftest import TINY_SHAPE, build_tiny_tokenizer_dir
+
+    paths = []
+    for seed in range(3):
+        build_tiny_tokenizer_dir(tmp_path / f"m{seed}")
+        torch.manual_seed(0)
+        config = transformers.MixtralConfig(
+            **TINY_SHAPE, num_local_experts=4, num_experts_per_tok=2, eos_token_id=2
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (seed > 0))
+        model.save_pretrained(tmp_path / f"m{seed}")
+        paths.append(tmp_path / f"m{seed}")
+    base, a, b = paths
+    models = [
+        {"model": str(a), "parameters": {"weight": 0.7}},
+        {"model": str(b), "parameters": {"weight": 0.4}},
+    ]
+    mergekit({"merge_method": "task_arithmetic", "base_model": str(base), "models": models}, tmp_path / "mk")
+    ours(base, [*fork_args([a, b]), "--method", "task_arithmetic", "--weights", "0.7,0.4"], tmp_path / "ours")
+    ref, got = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("mk", "ours")
+    )
+    assert set(ref) == set(got) and any("experts" in k for k in ref)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-6
+
+
 def test_one_adapter_fork_is_the_adapter_folded_in(forks, tmp_path):
     folded = ours(forks["base"], ["--adapter", str(forks["lora1"])], tmp_path / "folded")
     for method in ("task_arithmetic", "linear"):
