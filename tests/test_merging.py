@@ -466,3 +466,17 @@ def test_a_full_fork_becomes_an_adapter_of_its_best_rank_r_deltas(forks, tmp_pat
         best = base[name] + (u[:, :5] * s[:5]) @ vh[:5]
         assert torch.allclose(got[name], best, atol=2e-6)
     assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])
+    # mergekit's own extraction of the same fork at the same rank: the same factors
+    import subprocess
+    import sys
+
+    extract = Path(sys.executable).with_name("mergekit-extract-lora")
+    subprocess.run([str(extract), "--model", str(forks["a"]), "--base-model", str(forks["base"]),
+                    "--out-path", str(tmp_path / "mk"), "--max-rank", "5"], check=True, capture_output=True)  # fmt: skip
+    ref, mine = (
+        load_file(tmp_path / "mk" / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    linear = {k: v for k, v in ref.items() if "lora_" in k}
+    assert set(linear) == set(mine)
+    assert max((linear[k] - mine[k]).abs().max().item() for k in linear) <= 1e-5

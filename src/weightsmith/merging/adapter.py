@@ -1,9 +1,9 @@
 """A merge written as a LoRA adapter instead of a model (`merge --fork ... --as-adapter`).
 
 Each linear layer's merged delta (merged weight minus base weight) is factored by a truncated
-SVD, `delta ~ B @ A` with `B = U[:, :r] diag(S[:r])` and `A = Vh[:r]` (PEFT's
-`add_weighted_adapter(combination_type="svd")` factors the same way), and saved as a PEFT
-adapter of rank r with alpha r (scaling 1). By Eckart-Young this is the closest rank-r delta in
+SVD, `delta ~ B @ A` with `B = U[:, :r] sqrt(S[:r])` and `A = sqrt(S[:r]) Vh[:r]` (as
+`mergekit-extract-lora` splits the singular values; PEFT's SVD combination puts them all in B,
+which gives the same product), and saved as a PEFT adapter of rank r with alpha r (scaling 1). By Eckart-Young this is the closest rank-r delta in
 the Frobenius norm. When every fork is a LoRA adapter and the method is linear or task
 arithmetic, the merged delta of a layer has rank at most the sum of the forks' ranks there;
 that sum (the largest over the layers) is the default rank, and the adapter is then the merge
@@ -85,7 +85,8 @@ class LowRank:
         r = min(self.rank, s.numel())
         b = torch.zeros(delta.shape[0], self.rank, dtype=delta.dtype)
         a = torch.zeros(self.rank, delta.shape[1], dtype=delta.dtype)
-        b[:, :r], a[:r] = u[:, :r] * s[:r], vh[:r]
+        root = s[:r].sqrt()  # the singular values split evenly: A and B of one scale, to train on
+        b[:, :r], a[:r] = u[:, :r] * root, root[:, None] * vh[:r]
         self.factors[module] = (a, b)
         energy = s.square().sum().item()
         self.kept[module] = s[:r].square().sum().item() / energy if energy > 0 else 1.0
