@@ -29,6 +29,9 @@ from weightsmith.kv_cache import KVCache
 #: Fewer shared tokens than this are prefilled anyway (the copy and the bookkeeping cost more).
 MIN_SHARED = 16
 
+#: Bytes of keys and values an interactive chat (`chat`, the UI's chat) keeps of its conversations.
+CHAT_BUDGET = 1 << 30
+
 
 @dataclass
 class Entry:

@@ -30,11 +30,8 @@ from weightsmith.commands.loading import (
 from weightsmith.config import opt
 from weightsmith.errors import GenerationError, UsageError
 from weightsmith.llm import LLM
-from weightsmith.prompt_cache import PromptCache
+from weightsmith.prompt_cache import CHAT_BUDGET, PromptCache
 from weightsmith.safety.policy_file import ClassifierAccess
-
-#: Bytes of keys and values `chat` keeps of its conversation (the last turns; prompt_cache.py).
-CHAT_PROMPT_CACHE = 1 << 30
 
 TextSink = Callable[[str], None]
 
@@ -274,7 +271,7 @@ def open_chat(cfg: ChatConfig, progress: Any = None) -> ChatSession:
     llm = cfg.load(status)
     llm.engine.compile = cfg.compile
     # each turn resends the conversation: keep it, so a turn prefills only its new message
-    llm.engine.prompt_cache = PromptCache(CHAT_PROMPT_CACHE)
+    llm.engine.prompt_cache = PromptCache(CHAT_BUDGET)
     if not llm.tokenizer.chat_template:
         raise GenerationError(f"{cfg.model} has no chat template; use `weightsmith generate` instead")
     llm.sampling_params(**sampling)  # an unusable schema is refused before the first turn

@@ -45,6 +45,7 @@ from weightsmith.arena.battle_stream import sse
 from weightsmith.errors import WeightsmithError
 from weightsmith.files import is_inside
 from weightsmith.lineage.record import LINEAGE_FILE, MAX_RECORD_BYTES
+from weightsmith.prompt_cache import CHAT_BUDGET, PromptCache
 from weightsmith.serve.schemas import ApiError
 from weightsmith.ui.workspace import PageError, Scan, Workspace, model_kind
 
@@ -217,6 +218,9 @@ class ModelSlot:
         self.llm = self._loader(
             target.model, device=o.device, dtype=o.dtype, auto_pull=False, adapter=target.adapter
         )
+        engine = getattr(self.llm, "engine", None)
+        if engine is not None:  # each reply resends the conversation: only its new turn is prefilled
+            engine.prompt_cache = PromptCache(CHAT_BUDGET)
         self.key = target.key
         return self.llm
 
