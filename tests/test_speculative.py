@@ -118,3 +118,48 @@ def test_cli_generate_with_draft(tiny_hf_dir, draft_dir, capsys, tmp_path, monke
     # Sampling with a draft is refused with a one-line usage error.
     assert main([*base[:-4], "--draft", str(draft_dir), "--temperature", "0.7"]) != 0
     assert "greedy-only" in capsys.readouterr().err
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_repeat():
+    from weightsmith.speculative import LookupDrafter
+
+    look = LookupDrafter(max_n=3)
+    assert look.propose([1, 2, 3, 4, 9, 7, 1, 2, 3], 2) == [4, 9]
+    assert look.propose([1, 2, 3, 4, 1, 2, 3, 5, 6, 1, 2, 3], 3) == [5, 6, 1]  # the latest repeat
+    assert look.propose([8, 3, 4, 5, 6, 7, 3], 2) == [4, 5]  # no 3- or 2-gram repeat: the 1-gram
+    assert look.propose([1, 2, 3, 4], 4) == []  # nothing repeats: nothing drafted
+    assert LookupDrafter(max_n=2).propose([1, 2, 3, 1, 2], 1) == [3]
+    assert LookupDrafter(max_n=3, min_n=3).propose([8, 3, 4, 5, 6, 7, 3], 2) == []  # no shorter match
+    assert LookupDrafter(max_n=3, min_n=3).propose([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_prompt_lookup_gives_the_target_greedy_tokens(target, k):
+    """Repetitive prompts (and a tiny random model's loops) give the lookup something to find;
+    the tokens are the target's greedy ones whatever it proposes."""
+    from weightsmith.speculative import LookupDrafter
+
+    accepted = 0
+    for prompt in ([*PROMPTS[1], *PROMPTS[1], *PROMPTS[1]], PROMPTS[0], [9, 8, 7, 9, 8, 7, 9]):
+        res = speculative_generate(target.model, LookupDrafter(3), prompt, max_tokens=24, k=k,
+                                   target_step=target.engine.decode_step())  # fmt: skip
+        assert res.tokens == greedy(target, prompt, 24)
+        assert res.target_forwards == 24 - res.accepted  # the prefill, then a forward per token not drafted
+        accepted += res.accepted
+    assert accepted > 0
+
+
+def test_cli_generate_with_prompt_lookup(tiny_hf_dir, draft_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSMITH_HOME", str(tmp_path / "home"))
+    base = ["generate", str(tiny_hf_dir), "-p", "Once upon a time, once upon a time, once upon", "--temperature",
+            "0", "-n", "16", "--json"]  # fmt: skip
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--prompt-lookup", "2", "--draft-k", "5"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["text"] == plain["text"] and spec["usage"] == plain["usage"]
+    assert spec["speculative"]["target_forwards"] == 16 - spec["speculative"]["accepted"]
+    for bad, says in ((["--prompt-lookup", "0"], "at least 1"), (["--prompt-lookup", "2", "--draft", str(draft_dir)],
+                      "choose one"), (["--prompt-lookup", "2", "--temperature", "0.7"], "greedy-only")):  # fmt: skip
+        assert main([*base, *bad]) == 2
+        assert says in capsys.readouterr().err

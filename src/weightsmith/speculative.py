@@ -1,6 +1,10 @@
-"""Speculative decoding with a draft model: greedy, batch 1, lossless.
+"""Speculative decoding with a draft model or by prompt lookup: greedy, batch 1, lossless.
 
-A small draft model proposes `k` tokens greedily, one at a time; the target model
+A drafter proposes up to `k` tokens: a small draft model, greedily, one at a time
+(`ModelDrafter`), or the text itself (`LookupDrafter`: prompt lookup decoding, Saxena 2023:
+the tokens that followed the latest earlier occurrence of the last n tokens, n from `max_n`
+down to `min_n`; nothing when the text has no such repeat, and then the step is a plain one
+through the caller's decode step). The target model
 checks all of them in ONE forward over [last token, proposals...] and keeps the
 longest prefix that matches its own argmax, then adds its own token at the first
 mismatch (or a bonus token when all `k` match). Every emitted token is the
@@ -22,6 +26,7 @@ of more than one sequence, penalties, stop strings or text (the CLI decodes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -71,48 +76,110 @@ def check_draft(target: CausalLM, draft: CausalLM) -> None:
         )
 
 
+class Drafter(Protocol):
+    """What proposes tokens for the target to check."""
+
+    context: int  # the longest sequence it can draft for
+
+    def start(self, prompt: list[int], max_len: int) -> None: ...
+
+    def propose(self, seq: list[int], k: int) -> list[int]: ...
+
+    def keep(self, n: int) -> None:
+        """The target kept the first `n` tokens of the sequence; forget what follows."""
+
+
+class ModelDrafter:
+    """A draft model with its own cache; its one-token steps go through `step`."""
+
+    def __init__(self, model: CausalLM, step: DecodeFn = decode_one_token) -> None:
+        self.model, self.step = model, step
+        self.context = model.config.max_position_embeddings
+        self.cache: KVCache | None = None
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        self.cache = _new_cache(self.model, max_len)
+        prefill(self.model, self.cache, [prompt], self.model.inv_freq.device)
+
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        assert self.cache is not None
+        return _propose(self.model, self.cache, seq, k, self.step)
+
+    def keep(self, n: int) -> None:
+        assert self.cache is not None
+        self.cache.set_length(0, min(self.cache.length(0), n))
+
+
+@dataclass
+class LookupDrafter:
+    """Prompt lookup: the `k` tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens (n = max_n, then shorter, down to min_n). A short n matches
+    often and is often wrong, and a rejected proposal costs a multi-token forward: on a CPU
+    that is several of the fused one-token steps, so `generate --prompt-lookup N` matches
+    exactly N tokens."""
+
+    max_n: int = 3
+    min_n: int = 1
+    context: int = 1 << 62
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        if not 1 <= self.min_n <= self.max_n:
+            raise GenerationError(
+                f"prompt lookup needs 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}"
+            )
+
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        if k == 0:
+            return []
+        for n in range(min(self.max_n, len(seq) - 1), self.min_n - 1, -1):
+            tail = seq[-n:]
+            for i in range(len(seq) - n - 1, -1, -1):  # latest first; the tail itself excluded
+                if seq[i : i + n] == tail:
+                    return seq[i + n : i + n + k]
+        return []
+
+    def keep(self, n: int) -> None:
+        pass
+
+
 def speculative_generate(
     target: CausalLM,
-    draft: CausalLM,
+    draft: CausalLM | Drafter,
     prompt: list[int],
     *,
     max_tokens: int,
     k: int = 4,
     eos_token_ids: frozenset[int] | set[int] = frozenset(),
     draft_step: DecodeFn = decode_one_token,
+    target_step: DecodeFn = decode_one_token,
 ) -> SpeculativeResult:
     """Greedy-decode up to `max_tokens` tokens of `prompt` with `target`, drafting with
-    `draft` (its one-token steps through `draft_step`); stops after an `eos_token_ids`
-    token (which is kept as the last token)."""
-    check_draft(target, draft)
-    if k < 1:
-        raise GenerationError(f"the draft must propose at least 1 token per step, got k={k}")
-    if not prompt:
-        raise GenerationError("the prompt is empty; give at least one token")
-    context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
-    if len(prompt) >= context:
-        raise GenerationError(f"the prompt has {len(prompt)} tokens but the context is {context}; shorten it")
-    max_tokens = min(max_tokens, context - len(prompt))
+    `draft` (a model, its one-token steps through `draft_step`; or a `Drafter`); stops after
+    an `eos_token_ids` token (which is kept as the last token). A step with nothing drafted
+    (prompt lookup found no repeat) is a plain one through `target_step`."""
+    if isinstance(draft, CausalLM):
+        check_draft(target, draft)
+        draft = ModelDrafter(draft, draft_step)
+    max_tokens = _room(target, draft, prompt, max_tokens, k)
     if max_tokens <= 0:
         return SpeculativeResult([], 0, 0, 0)
     eos = frozenset(eos_token_ids)
     # Each step writes at most up to position len(seq) - 1 + (remaining - 1), so
     # prompt + max_tokens entries always suffice.
-    t_cache, d_cache = (
-        _new_cache(target, len(prompt) + max_tokens),
-        _new_cache(draft, len(prompt) + max_tokens),
-    )
+    t_cache = _new_cache(target, len(prompt) + max_tokens)
     t_dev = target.inv_freq.device
     first = int(prefill(target, t_cache, [prompt], t_dev)[0].argmax())
-    prefill(draft, d_cache, [prompt], draft.inv_freq.device)
+    draft.start(prompt, len(prompt) + max_tokens)
     seq = list(prompt) + [first]  # the target's cache holds all of seq but the last token
     result = SpeculativeResult([first], 0, 0, 1, "stop" if first in eos else "length")
     while result.finish_reason != "stop" and len(result.tokens) < max_tokens:
         # Proposing more than the tokens still wanted would be wasted work.
         step = min(k, max_tokens - len(result.tokens) - 1)
-        proposals = _propose(draft, d_cache, seq, step, draft_step)
-        # (k+1, V) -> the target's next token after the last token and after each proposal.
-        logits = _extend(target, t_cache, [seq[-1], *proposals], all_logits=True)
+        proposals = draft.propose(seq, step)
+        if proposals:  # (k+1, V): the target's next token after the last token and after each proposal
+            logits = _extend(target, t_cache, [seq[-1], *proposals], all_logits=True)
+        else:
+            logits = target_step(target, t_cache, [seq[-1]], t_dev)  # (1, V)
         preds = logits.argmax(-1).tolist()
         n = 0
         while n < len(proposals) and proposals[n] == preds[n]:
@@ -123,7 +190,7 @@ def speculative_generate(
         result.accepted += n
         # Roll back: the target keeps seq + accepted proposals; the draft keeps no more.
         t_cache.set_length(0, len(seq) + n)
-        d_cache.set_length(0, min(d_cache.length(0), len(seq) + n))
+        draft.keep(len(seq) + n)
         seq += new
         for token in new[: max_tokens - len(result.tokens)]:
             result.tokens.append(token)
@@ -131,6 +198,18 @@ def speculative_generate(
                 result.finish_reason = "stop"
                 break
     return result
+
+
+def _room(target: CausalLM, draft: Drafter, prompt: list[int], max_tokens: int, k: int) -> int:
+    """How many tokens can be generated, after checking `k` and the prompt."""
+    if k < 1:
+        raise GenerationError(f"the draft must propose at least 1 token per step, got k={k}")
+    if not prompt:
+        raise GenerationError("the prompt is empty; give at least one token")
+    context = min(target.config.max_position_embeddings, draft.context)
+    if len(prompt) >= context:
+        raise GenerationError(f"the prompt has {len(prompt)} tokens but the context is {context}; shorten it")
+    return min(max_tokens, context - len(prompt))
 
 
 @torch.inference_mode()

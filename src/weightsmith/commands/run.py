@@ -45,7 +45,13 @@ class GenerateConfig(SteerOptions, LoadOptions, SamplingOptions):
     system: str | None = opt(None, "system message (with --chat)")
     json: bool = opt(False, "print one JSON object with text, finish reason, usage and timings")
     draft: str | None = opt(None, "draft model for speculative decoding (greedy only; same tokenizer)")
-    draft_k: int = opt(4, "tokens the draft proposes per step")
+    prompt_lookup: int | None = opt(
+        None,
+        "speculate without a draft model: propose the tokens that followed the latest earlier occurrence of "
+        "the text's last N tokens (greedy only; for answers that repeat the prompt; 3 is a good N)",
+        metavar="N",
+    )
+    draft_k: int = opt(4, "tokens the draft (or --prompt-lookup) proposes per step")
     guard: str | None = opt(
         None, "guardrail policy file (or builtin:NAME) applied to the prompt and the answer"
     )
@@ -69,16 +75,19 @@ def run_generate(cfg: GenerateConfig, progress: TextSink | None = None) -> dict:
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system and cfg.chat else []) + [
         {"role": "user", "content": prompt}
     ]
+    speculate = (
+        "--draft" if cfg.draft is not None else "--prompt-lookup" if cfg.prompt_lookup is not None else None
+    )
     if guard is not None:
-        if cfg.draft is not None:
-            raise UsageError("--guard and --draft cannot be combined yet; drop one of them")
+        if speculate:
+            raise UsageError(f"--guard and {speculate} cannot be combined yet; drop one of them")
         to_ids = (
             llm.engine.chat_prompt if cfg.chat else (lambda m: llm.engine.encode_prompt(m[-1]["content"]))
         )
         completion, reply = guarded_stream(llm, guard, messages, to_ids, params, on_text)
         return {"model": cfg.model, "prompt": prompt, **_guarded_result(completion, reply)}
     source: Any = llm.engine.chat_prompt(messages) if cfg.chat else prompt
-    if cfg.draft is not None:
+    if speculate:
         return {
             "model": cfg.model,
             "prompt": prompt,
@@ -145,32 +154,29 @@ def _run_speculative(
     on_text: TextSink | None,
     status: LoadStatus | None,
 ) -> dict:
-    """`generate --draft`: the target's greedy tokens, drafted by a second model. Stop
-    strings are not applied here, so --stop is refused rather than silently ignored."""
+    """`generate --draft` / `--prompt-lookup`: the target's greedy tokens, drafted by a second
+    model or by the text so far. Stop strings are not applied here, so --stop is refused rather
+    than silently ignored."""
     from weightsmith.engine import Completion
-    from weightsmith.speculative import check_draft, speculative_generate
+    from weightsmith.speculative import LookupDrafter, check_draft, speculative_generate
 
-    if params.temperature != 0:
-        raise UsageError("speculative decoding is greedy-only here; pass --temperature 0")
-    if params.grammar is not None:
-        raise UsageError("--json-schema is not supported with --draft; drop one of them")
-    if params.stop:
-        raise UsageError("--stop is not supported with --draft; drop one of them")
-    if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
-        raise UsageError("--draft does not apply repetition penalties; pass --repetition-penalty 1")
-    if cfg.draft_k < 1:
-        raise UsageError(f"--draft-k must be at least 1, got {cfg.draft_k}")
-    draft = load_model(
-        cfg.draft, progress=status, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle
-    )
-    check_draft(llm.model, draft.model)
+    _check_speculative(cfg, params)
+    if cfg.draft is not None:
+        loaded = load_model(
+            cfg.draft, progress=status, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle
+        )
+        check_draft(llm.model, loaded.model)
+        drafter, step = loaded.model, loaded.engine.decode_step()
+    else:
+        n = cfg.prompt_lookup or 1
+        drafter, step = LookupDrafter(max_n=n, min_n=n), None
     ids = llm.engine.encode_prompt(source)
     eos = set() if params.ignore_eos else set(llm.engine.eos_token_ids)
     eos |= set(params.stop_token_ids)
     start = time.perf_counter()
     res = speculative_generate(
-        llm.model, draft.model, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos,
-        draft_step=draft.engine.decode_step(),
+        llm.model, drafter, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos,
+        target_step=llm.engine.decode_step(), **({"draft_step": step} if step is not None else {}),
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     shown = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens  # the end token has no text
@@ -187,6 +193,27 @@ def _run_speculative(
         "target_forwards": res.target_forwards,
     }
     return {**completion.to_dict(), "speculative": speculative}
+
+
+def _check_speculative(cfg: GenerateConfig, params: Any) -> None:
+    """What --draft and --prompt-lookup cannot do, refused in one line each."""
+    flag = "--draft" if cfg.draft is not None else "--prompt-lookup"
+    if cfg.draft is not None and cfg.prompt_lookup is not None:
+        raise UsageError("--draft and --prompt-lookup are two ways to draft; choose one")
+    if cfg.prompt_lookup is not None and cfg.prompt_lookup < 1:
+        raise UsageError(
+            f"--prompt-lookup N looks up the last N tokens; N must be at least 1, got {cfg.prompt_lookup}"
+        )
+    if params.temperature != 0:
+        raise UsageError("speculative decoding is greedy-only here; pass --temperature 0")
+    if params.grammar is not None:
+        raise UsageError(f"--json-schema is not supported with {flag}; drop one of them")
+    if params.stop:
+        raise UsageError(f"--stop is not supported with {flag}; drop one of them")
+    if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+        raise UsageError(f"{flag} does not apply repetition penalties; pass --repetition-penalty 1")
+    if cfg.draft_k < 1:
+        raise UsageError(f"--draft-k must be at least 1, got {cfg.draft_k}")
 
 
 @dataclass(kw_only=True)
