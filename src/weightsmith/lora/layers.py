@@ -203,7 +203,8 @@ class LoRALinear(nn.Module):
 # ---- targeting and applying ------------------------------------------------------------
 
 
-def _is_linear_like(m: nn.Module) -> bool:
+def is_linear_like(m: nn.Module) -> bool:
+    """Whether `m` multiplies like a linear layer (int in_features and out_features): LoRA can wrap it."""
     return isinstance(getattr(m, "in_features", None), int) and isinstance(
         getattr(m, "out_features", None), int
     )
@@ -214,7 +215,7 @@ def _named_linears(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
     lora_A/lora_B are not candidates)."""
     for child_name, child in module.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
-        if _is_linear_like(child):
+        if is_linear_like(child):
             yield name, child, module
         else:
             yield from _named_linears(child, name)

@@ -27,7 +27,7 @@ from torch import nn
 
 from weightsmith.errors import UsageError
 from weightsmith.files import atomic_dir
-from weightsmith.lora import LoraConfig, apply_lora, lora_layers, save_adapter, unload
+from weightsmith.lora import LoraConfig, apply_lora, is_linear_like, lora_layers, save_adapter, unload
 from weightsmith.merging.forks import AdapterFork, Fork
 
 ADAPTER = "merged"
@@ -59,10 +59,7 @@ class LowRank:
     left_out: dict[str, float] = field(default_factory=dict)  # tensor -> |delta| / |base| dropped
 
     def __post_init__(self) -> None:
-        if (
-            getattr(getattr(self.model, "config", None), "family", None) is not None
-            and self.model.config.family.moe
-        ):
+        if self.model.config.family.moe:
             raise UsageError(
                 "--as-adapter writes adapters for dense models; a mixture of experts' merge is saved as a model "
                 "(drop --as-adapter)"
@@ -70,7 +67,7 @@ class LowRank:
         self.linears = {
             f"{n}.weight": n
             for n, m in self.model.named_modules()
-            if n.startswith("model.layers.") and _linear_like(m)
+            if n.startswith("model.layers.") and is_linear_like(m)
         }
 
     def keep(self, name: str, base: torch.Tensor, merged: torch.Tensor) -> None:
@@ -121,12 +118,6 @@ class LowRank:
             "left_out_tensors": len(self.left_out),
             "left_out_max_relative": round(max(self.left_out.values(), default=0.0), 6),
         }
-
-
-def _linear_like(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "in_features", None), int) and isinstance(
-        getattr(m, "out_features", None), int
-    )
 
 
 def _targets(modules: list[str], layers: int) -> list[str]:

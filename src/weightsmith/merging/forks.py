@@ -20,6 +20,7 @@ Not here: the merge methods (methods.py) or the walk over the model (merge.py).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -38,15 +39,15 @@ from weightsmith.models import ModelConfig
 log = logging.getLogger(__name__)
 
 
-class Fork:
+class Fork(ABC):
     """A fork's delta for each base tensor name (None: the fork leaves it as the base has it)."""
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
 
+    @abstractmethod
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """The fork's value of tensor `name` minus `base` (the base's, fp32), in fp32."""
-        raise NotImplementedError
 
 
 class BaseFork(Fork):
