@@ -116,3 +116,9 @@ def test_guard_commands_from_python() -> None:
 def test_serve_config_checks_ranges_when_built() -> None:
     with pytest.raises(UsageError, match="--max-batch must be at least 1, got 0"):
         ServeConfig(model="m", max_batch=0)
+    for field, flag in (
+        ("prompt_cache_mib", "--prompt-cache-mib"),
+        ("response_store_mib", "--response-store-mib"),
+    ):
+        with pytest.raises(UsageError, match=f"{flag} must be at least 0, got -1"):
+            ServeConfig(model="m", **{field: -1})
