@@ -19,7 +19,11 @@ for one step, then times `--steps` steps; the processes alternate
 (ours, qlora, peer, ours, ...) so a noisy neighbour slows all alike. Medians and
 the ratio peer/ours are printed: > 1 means weightsmith is faster.
 
+`--dora` trains DoRA adapters on both sides instead (PEFT's `use_dora=True`: a magnitude per
+output row, each row's norm of W + s B A recomputed every step), and `--contenders` picks who runs.
+
     python benchmarks/finetune.py [--threads 2] [--batch 4] [--seq-len 256] [--steps 3] [--rounds 2]
+    python benchmarks/finetune.py --dora --contenders ours,qlora,peer
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def run_ours(
     tune: bool = True,
     compile: bool = False,
     bf16: bool = False,
+    dora: bool = False,
 ) -> tuple[list[float], float]:
     from weightsmith.checkpoint.load import load_checkpoint
     from weightsmith.device import tune_cpu_allocator
@@ -92,7 +97,7 @@ def run_ours(
     dtype = torch.bfloat16 if bf16 else torch.float32  # what `finetune` loads (device.train_dtype)
     ckpt = load_checkpoint(path, dtype=dtype, decode_layout=False, on_tensor=hook)
     model = ckpt.model.train()
-    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=LORA_TARGETS))
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=LORA_TARGETS, use_dora=dora))
     for param in model.parameters():  # adapters train in fp32 over any base (train.runs)
         if param.requires_grad:
             param.data = param.data.float()
@@ -117,7 +122,7 @@ def run_ours(
 
 
 def run_peer(
-    path: str, batch: int, seq_len: int, steps: int, dropout: float, bf16: bool = False
+    path: str, batch: int, seq_len: int, steps: int, dropout: float, bf16: bool = False, dora: bool = False
 ) -> tuple[list[float], float]:
     import peft
     import transformers
@@ -131,7 +136,8 @@ def run_peer(
         path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1], dtype=torch.float32
     ).to(torch.bfloat16 if bf16 else torch.float32)
     model = peft.get_peft_model(
-        model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS)
+        model,
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS, use_dora=dora),
     ).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     inputs, labels = make_batch(tokenizer, batch, seq_len)
@@ -166,13 +172,13 @@ def _time_steps(step, steps: int) -> tuple[list[float], float]:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    bf16 = args.precision == "bf16"
+    kw = {"bf16": args.precision == "bf16", "dora": args.dora}
     fns = {
-        "ours": lambda *a: run_ours(*a, bf16=bf16),
-        "untuned": lambda *a: run_ours(*a, tune=False, bf16=bf16),
-        "compiled": lambda *a: run_ours(*a, compile=True, bf16=bf16),
-        "qlora": lambda *a: run_ours(*a, qlora=True, bf16=bf16),
-        "peer": lambda *a: run_peer(*a, bf16=bf16),
+        "ours": lambda *a: run_ours(*a, **kw),
+        "untuned": lambda *a: run_ours(*a, tune=False, **kw),
+        "compiled": lambda *a: run_ours(*a, compile=True, **kw),
+        "qlora": lambda *a: run_ours(*a, qlora=True, **kw),
+        "peer": lambda *a: run_peer(*a, **kw),
     }
     times, first_loss = fns[args.child](args.model, args.batch, args.seq_len, args.steps, args.dropout)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -191,6 +197,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF path (default: the default model from the store)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="both sides (default: weightsmith's here)")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters on both sides")
+    p.add_argument("--contenders", default=",".join(NAMES), help="who runs, of " + ",".join(NAMES))
     p.add_argument("--child", choices=list(NAMES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.precision is None:
@@ -203,12 +211,15 @@ def main() -> None:
         from weightsmith.checkpoint.pull import resolve
 
         args.model = str(resolve("smollm2-135m-instruct"))
-    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in NAMES}
+    who_runs = [w for w in NAMES if w in args.contenders.split(",")]
+    if "ours" not in who_runs or "peer" not in who_runs:
+        raise SystemExit("--contenders must include ours and peer (the ratios compare them)")
+    results: dict[str, dict[str, list[float]]] = {who: {"t": [], "mem": []} for who in who_runs}
     for r in range(args.rounds):
-        for who in NAMES:
+        for who in who_runs:
             cmd = [sys.executable, __file__, "--child", who, "--model", args.model, "--threads", str(args.threads),
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                   "--dropout", str(args.dropout), "--precision", args.precision]  # fmt: skip
+                   "--dropout", str(args.dropout), "--precision", args.precision] + ["--dora"] * args.dora  # fmt: skip
             out = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 .stdout.strip()
@@ -221,21 +232,22 @@ def main() -> None:
                 f"round {r + 1} {who:5s}: step {statistics.median(got['times']):.2f}s  peak {got['peak_gib']:.2f} GiB  "
                 f"first loss {got['first_loss']:.5f}"
             )
-    t = {who: statistics.median(results[who]["t"]) for who in NAMES}
-    mem = {who: max(results[who]["mem"]) for who in NAMES}
-    print(f"\nLoRA r=8 all-linear, dropout {args.dropout}, batch {args.batch} x {args.seq_len} tokens, "
+    t = {who: statistics.median(results[who]["t"]) for who in who_runs}
+    mem = {who: max(results[who]["mem"]) for who in who_runs}
+    kind = "DoRA" if args.dora else "LoRA"
+    print(f"\n{kind} r=8 all-linear, dropout {args.dropout}, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.precision}, {args.threads} threads; {cpu_description()}")  # fmt: skip
     print(f"{'':34s}{'step s':>10s}{'peak GiB':>10s}")
-    for who, label in NAMES.items():
-        print(f"{label:34s}{t[who]:10.2f}{mem[who]:10.2f}")
-    print(
-        f"speed-up LoRA (peer / ours): {t['peer'] / t['ours']:.2f}x   peak memory (ours / peer): "
-        f"{mem['ours'] / mem['peer']:.2f}x   QLoRA peak / LoRA peak: {mem['qlora'] / mem['ours']:.2f}x"
-    )
-    print(
-        f"speed-up --train.compile (peer / compiled): {t['peer'] / t['compiled']:.2f}x   "
-        f"(ours / compiled): {t['ours'] / t['compiled']:.2f}x   peak (compiled / peer): {mem['compiled'] / mem['peer']:.2f}x"
-    )
+    for who in who_runs:
+        print(f"{NAMES[who].replace('LoRA', kind):34s}{t[who]:10.2f}{mem[who]:10.2f}")
+    print(f"speed-up {kind} (peer / ours): {t['peer'] / t['ours']:.2f}x   peak memory (ours / peer): "
+          f"{mem['ours'] / mem['peer']:.2f}x")  # fmt: skip
+    if "qlora" in t:
+        print(f"QLoRA peak / LoRA peak: {mem['qlora'] / mem['ours']:.2f}x")
+    if "compiled" in t:
+        print(f"speed-up --train.compile (peer / compiled): {t['peer'] / t['compiled']:.2f}x   "
+              f"(ours / compiled): {t['ours'] / t['compiled']:.2f}x   peak (compiled / peer): "
+              f"{mem['compiled'] / mem['peer']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -587,6 +587,45 @@ def test_the_c_step_adds_each_rows_lora_adapter(variant, model_dirs, native_lib,
     torch.testing.assert_close(merged_on[0], on[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["fp32-biases-columns", "int4-biases"])
+def test_the_c_step_runs_dora_adapters(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+    """A DoRA adapter's rows in the C step: each output scaled by m / ||W + s B A|| around the
+    projection's bias, as the PyTorch layer computes; beside plain LoRA and base rows in one step;
+    a magnitude changed in place rebuilds the step's scales."""
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+    kernels_on(monkeypatch, True)
+    base, _ = _decode(model, plan)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    apply_lora(model, LoraConfig(r=4, target_modules=every, use_dora=True))
+    _random_adapter(model, "default", 0)
+    magnitudes = [m.lora_magnitude_vector["default"].weight for m in lora_layers(model).values()]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in magnitudes:
+            m.mul_(1 + torch.rand(m.shape, generator=g) * 0.3)
+    fused_calls.clear()
+    on, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
+    assert (on[0] - base).abs().max() > 1e-2
+    apply_lora(model, LoraConfig(r=2, target_modules=["k_proj", "gate_proj"]), "plain")
+    _random_adapter(model, "plain", 1)
+    set_adapter(model, "plain")
+    fused_calls.clear()
+    plain, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
+    for names in (["default", "plain"], [None, "default"]):
+        with row_adapters(model, names):
+            fused_calls.clear()
+            mixed, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
+        for row, name in enumerate(names):
+            want = {"default": on[0], "plain": plain[0], None: base}[name]
+            torch.testing.assert_close(mixed[0][:, row], want[:, row], rtol=1e-4, atol=1e-4)
+    set_adapter(model, "default")
+    with torch.no_grad():
+        magnitudes[3].mul_(3.0)  # o_proj of layer 0: the step's scale for it must follow
+    fused_calls.clear()
+    moved, _ = _on_and_off(model, plan, monkeypatch, fused_calls)
+    assert (moved[0] - on[0]).abs().max() > 1e-2
+
+
 def test_an_adapter_that_does_not_fit_its_layer_is_left_to_the_pytorch_step(
     model_dirs, native_lib, monkeypatch
 ):

@@ -371,7 +371,8 @@ def edit_config(directory: Path, **changes) -> None:
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"use_dora": True}, "use_dora=True is not supported"), ({"peft_type": "IA3"}, "only 'LORA'"),
+    [({"use_dora": "yes"}, "use_dora must be true or false"), ({"lora_bias": True}, "lora_bias=True"),
+     ({"peft_type": "IA3"}, "only 'LORA'"),
      ({"bias": "all"}, "bias='all'"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
      ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"layer_replication": [[0, 1]]}, "layer_replication"),
      ({"future_feature": {"on": 1}}, "future_feature"), ({"init_lora_weights": "pissa"}, "pissa"),
@@ -429,7 +430,14 @@ def test_missing_and_foreign_tensors_are_refused(saved_adapter, llama_dir):
         {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)},
         path,
     )
-    with pytest.raises(CheckpointError, match="lora_magnitude_vector' is not a LoRA linear weight"):
+    with pytest.raises(
+        CheckpointError, match="lora_magnitude_vector' is a DoRA magnitude but .* no use_dora"
+    ):
+        load_adapter(ours(llama_dir), saved_adapter)
+    save_file(
+        {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_E.weight": torch.ones(4)}, path
+    )
+    with pytest.raises(CheckpointError, match="lora_E.weight' is not a LoRA linear weight"):
         load_adapter(ours(llama_dir), saved_adapter)
 
 

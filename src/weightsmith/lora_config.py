@@ -2,8 +2,8 @@
 
 `LoraConfig` holds what an adapter is (rank, alpha, dropout, targets, rsLoRA, per-module
 rank and alpha patterns) and converts to and from the JSON PEFT 0.22 writes, refusing
-settings we do not implement (DoRA, LoRA biases, `modules_to_save`, ...) with a message
-naming the file and field. Not here: the layers and files themselves (lora.py).
+settings we do not implement (LoRA biases, `modules_to_save`, ...) with a message
+naming the file and field. DoRA (`use_dora`) is read and written. Not here: the layers and files themselves (lora.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ ALL_LINEAR = "all-linear"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+#: A DoRA adapter's magnitude vector, as PEFT names it in files (`<module>.lora_magnitude_vector`).
+MAGNITUDE = "lora_magnitude_vector"
 #: The PEFT release whose adapter_config.json schema `to_peft_dict` writes.
 PEFT_SCHEMA_VERSION = "0.22.0"
 
@@ -29,7 +31,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None, "arrow_config": None, "astra_config": None, "ensure_weight_tying": False,
     "exclude_modules": None, "fan_in_fan_out": False, "kasa_config": None, "layer_replication": None,
     "lora_bias": False, "megatron_config": None, "modules_to_save": None, "monteclora_config": None,
-    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
     "use_qalora": False, "velora_config": None, "bias": "none",
 }  # fmt: skip
 #: What a reward model's adapter (`weightsmith reward`) saves besides its LoRA weights: the score
@@ -44,6 +46,7 @@ PEFT_BOOKKEEPING = {
 PEFT_READ = {
     "peft_type", "task_type", "layers_pattern", "init_lora_weights", "r", "lora_alpha", "lora_dropout",
     "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters",
+    "use_dora",
 }  # fmt: skip
 #: init_lora_weights values whose saved adapter assumes a base model modified by the init.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -72,6 +75,8 @@ class LoraConfig:
     #: `target_parameters`: a MoE layer's fused experts (`experts.gate_up_proj`, `experts.down_proj`,
     #: one LoRA per expert) or a linear's `weight` (the router's `gate.weight`). lora/experts.py.
     target_parameters: list[str] | None = None
+    #: DoRA (Liu et al. 2024): a trained magnitude per output row on top of the low-rank update.
+    use_dora: bool = False
 
     def validate(self, source: str = "LoraConfig") -> None:
         """Raise ConfigError naming `source` and the field for any value that cannot work."""
@@ -95,6 +100,13 @@ class LoraConfig:
             raise ConfigError(
                 f"{source}: lora_dropout must be 0 with target_parameters (a LoRA on an expert parameter has no "
                 f"dropout; PEFT refuses it too); set lora_dropout to 0 (got {self.dropout!r})"
+            )
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"{source}: use_dora must be true or false (got {self.use_dora!r})")
+        if self.use_dora and tp:
+            raise ConfigError(
+                f"{source}: use_dora cannot be combined with target_parameters (a mixture of experts' experts; PEFT "
+                "refuses it too); adapt the attention with DoRA, or the experts with plain LoRA"
             )
         tm = self.target_modules
         if isinstance(tm, str):
@@ -166,6 +178,7 @@ class LoraConfig:
             "lora_dropout": self.dropout,
             "target_modules": targets,
             "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": {k: _plain_number(v) for k, v in self.alpha_pattern.items()},
             "layers_to_transform": self.layers_to_transform,
@@ -199,6 +212,7 @@ class LoraConfig:
             dropout=d.get("lora_dropout", 0.0),
             target_modules=targets if isinstance(targets, str) else list(targets),
             use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=d.get("use_dora") or False,
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
             layers_to_transform=[layers] if isinstance(layers, int) else layers,

@@ -42,6 +42,7 @@ from weightsmith.cpu_decode.views import (
     LoraView,
     ModelStruct,
     Proj,
+    dora_versions,
     dropping_out,
     float_cpu,
     fp32_copy,
@@ -104,8 +105,10 @@ def _projection_modules(model: nn.Module) -> list[nn.Module]:
 
 def _adapter_state(loras: list[nn.Module]) -> list[tuple]:
     """What the C step's adapters were built from: each LoRA layer's adapters, merged ones and
-    those dropping out."""
-    return [(tuple(m.lora_A), tuple(m.merged), tuple(sorted(dropping_out(m)))) for m in loras]
+    those dropping out, and a DoRA adapter's tensors as they were (its scale is computed from them)."""
+    return [
+        (tuple(m.lora_A), tuple(m.merged), tuple(sorted(dropping_out(m))), dora_versions(m)) for m in loras
+    ]
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:

@@ -35,7 +35,7 @@ class Proj(ctypes.Structure):
 
 
 class LoraView(ctypes.Structure):
-    _fields_ = [("a", Proj), ("b", Proj), ("scale", ctypes.c_double)]
+    _fields_ = [("a", Proj), ("b", Proj), ("scale", ctypes.c_double), ("mag", _ptr)]
 
 
 class LayerStruct(ctypes.Structure):
@@ -185,6 +185,23 @@ def row_names(layer: nn.Module, rows: int) -> tuple[str | None, ...] | None:
     return names if names is not None and len(names) == rows else None
 
 
+def dora_versions(layer: nn.Module) -> tuple:
+    """A LoRA layer's DoRA adapters' A, B, magnitude and base tensors as they are now (address and
+    version): the C step's DoRA scales are computed from them."""
+    held = [
+        t
+        for name in layer.lora_magnitude_vector
+        for t in (
+            layer.lora_A[name].weight,
+            layer.lora_B[name].weight,
+            layer.lora_magnitude_vector[name].weight,
+        )
+    ]
+    if held:
+        held += [t for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers()) if t is not None]
+    return tuple((t.data_ptr(), t._version) for t in held)
+
+
 def dropping_out(layer: nn.Module) -> set[str]:
     """The adapters of a LoRA layer whose dropout is on (training mode, p > 0): the C step has none."""
     return {
@@ -207,4 +224,8 @@ def lora_view(module: nn.Module, name: str, keep: list[torch.Tensor]) -> LoraVie
     lora = LoraView(scale=module.scaling[name])
     lora.a.n, lora.a.k = a.shape
     lora.b.n, lora.b.k = b.shape
+    if name in module.lora_magnitude_vector:  # DoRA: g = m / ||W + s B A|| per output, as it is now
+        g = module.dora_scale(name).to("cpu", torch.float32).contiguous()
+        keep.append(g)
+        lora.mag = g.data_ptr()
     return lora if dense_view(lora.a, a, keep) and dense_view(lora.b, b, keep) else None

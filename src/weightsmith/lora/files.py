@@ -4,6 +4,7 @@
 each file replaced atomically); `load_adapter` reads a PEFT adapter directory into a model,
 checking the config, every tensor's name and shape and that nothing is missing before the
 model is touched, so adapters move between weightsmith and transformers + peft unchanged.
+DoRA adapters carry each module's `lora_magnitude_vector` too.
 Pickle adapters (`adapter_model.bin`) are refused: they can run code. Models whose checkpoint
 fuses projections (Phi-3) keep the checkpoint's names in the file (lora/fused.py); LoRA on a MoE
 layer's experts and router is read and written as PEFT's `target_parameters` (lora/experts.py).
@@ -27,7 +28,7 @@ from weightsmith.files import atomic_file, read_json, write_json_atomic
 from weightsmith.lora.experts import fuse_parameters, parameter_modules, unfuse_parameters
 from weightsmith.lora.fused import fuse_adapter, unfuse_adapter
 from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
-from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, SCORE_HEAD, WEIGHTS_FILE, LoraConfig
+from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, MAGNITUDE, SCORE_HEAD, WEIGHTS_FILE, LoraConfig
 from weightsmith.models.model import SparseMoE
 
 
@@ -37,6 +38,9 @@ def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.
     for module_name, layer in layers_with(model, name).items():
         state[f"{KEY_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
         state[f"{KEY_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+        if name in layer.lora_magnitude_vector:  # DoRA, under PEFT's file key (no ".weight")
+            magnitude = layer.lora_magnitude_vector[name].weight
+            state[f"{KEY_PREFIX}{module_name}.{MAGNITUDE}"] = magnitude.detach()
     return state
 
 
@@ -103,13 +107,16 @@ def head_weight(directory: str | Path) -> torch.Tensor:
         return f.get_tensor(found[0])
 
 
-_FILE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+_FILE_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?:(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight|(?P<mag>lora_magnitude_vector)(?:\.[^.]+\.weight)?)"
+)
 
 
 def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
-    """{(module, "lora_A"|"lora_B"): (file key, tensor)}; keys with or without PEFT's prefix
-    and with or without an adapter-name infix (`lora_A.default.weight`). A reward model's score
-    head (`SCORE_KEYS`) is left to `head_weight`."""
+    """{(module, "lora_A"|"lora_B"|MAGNITUDE): (file key, tensor)}; keys with or without PEFT's
+    prefix and with or without an adapter-name infix (`lora_A.default.weight`). A reward model's
+    score head (`SCORE_KEYS`) is left to `head_weight`."""
     out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -119,10 +126,10 @@ def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.
                 m = _FILE_KEY.fullmatch(key)
                 if m is None:
                     raise CheckpointError(
-                        f"{path}: tensor {key!r} is not a LoRA linear weight; weightsmith loads plain LoRA "
-                        "(no DoRA magnitudes, LoRA biases or embedding adapters); retrain without them"
+                        f"{path}: tensor {key!r} is not a LoRA linear weight; weightsmith loads LoRA and DoRA "
+                        "on linear layers (no LoRA biases or embedding adapters); retrain without them"
                     )
-                slot = (m["module"], m["part"])
+                slot = (m["module"], m["part"] or MAGNITUDE)
                 if slot in out:
                     raise CheckpointError(
                         f"{path}: tensors {out[slot][0]!r} and {key!r} are the same weight; keep one"
@@ -150,13 +157,21 @@ def _check_tensors(
                 "select in this model; is this adapter for another base model?"
             )
         r = ranks[module_name][0] if module_name in ranks else cfg.rank_for(module_name)
-        expected = (r, module.in_features) if part == "lora_A" else (module.out_features, r)
+        expected = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}.get(
+            part, (module.out_features,)
+        )
+        if part == MAGNITUDE and not cfg.use_dora:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is a DoRA magnitude but {CONFIG_FILE} has no use_dora: true; "
+                "set it, or drop the magnitudes"
+            )
         if tuple(t.shape) != expected:
             raise CheckpointError(
                 f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected} (rank {r} from "
                 f"{CONFIG_FILE}); is this adapter for another base model?"
             )
-    missing = [f"{m}.{p}" for m in targets for p in ("lora_A", "lora_B") if (m, p) not in tensors]
+    parts = ("lora_A", "lora_B", MAGNITUDE) if cfg.use_dora else ("lora_A", "lora_B")
+    missing = [f"{m}.{p}" for m in targets for p in parts if (m, p) not in tensors]
     if missing:
         raise CheckpointError(
             f"{path}: no tensor for {missing[0]} ({len(missing)} missing in all), which {CONFIG_FILE} "

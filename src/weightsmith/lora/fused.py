@@ -11,7 +11,8 @@ Phi-3's names both ways:
   or merged) are written back as that A with B stacked; parts trained apart are written as
   one LoRA of rank sum(r_i): A stacked, B block-diagonal with each block scaled by s_i / s,
   and `rank_pattern`/`alpha_pattern` entries for that module so PEFT computes the same
-  delta. A part without an adapter contributes zero rows.
+  delta. A part without an adapter contributes zero rows. DoRA magnitudes split and stack by
+  rows as B does (each output row's norm is its own).
 
 Not here: the files themselves (files.py), the layers (layers.py).
 """
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from weightsmith.errors import CheckpointError
-from weightsmith.lora_config import ALL_LINEAR, KEY_PREFIX, LoraConfig
+from weightsmith.lora.dora import dense_weight
+from weightsmith.lora_config import ALL_LINEAR, KEY_PREFIX, MAGNITUDE, LoraConfig
 from weightsmith.models.fused import fused_name, split_name
 
 #: {(module, "lora_A"|"lora_B"): (file key, tensor)}, as files.py reads an adapter file.
@@ -57,8 +59,8 @@ def unfuse_adapter(
         return cfg, tensors
     suffixes = _suffixes(model)
     targets = cfg.target_modules
-    if isinstance(targets, list):
-        targets = [p for t in targets for p in suffixes.get(t, [t])]
+    if isinstance(targets, list):  # suffixes, or full names (PEFT's all-linear saves those)
+        targets = [_part_name(t, p) for t in targets for p in suffixes.get(t.rpartition(".")[2], [None])]
     elif targets != ALL_LINEAR:
         for fused, parts in suffixes.items():
             targets = targets.replace(fused, f"(?:{'|'.join(parts)})")
@@ -87,6 +89,15 @@ def unfuse_adapter(
     return cfg, out
 
 
+def _part_name(target: str, part: str | None) -> str:
+    """A target naming a fused module (`qkv_proj`, `model.layers.1.self_attn.qkv_proj`) with the
+    part's suffix instead; `target` itself where it names no fused module (part None)."""
+    if part is None:
+        return target
+    head, dot, _ = target.rpartition(".")
+    return f"{head}{dot}{part}"
+
+
 def _find(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)
@@ -101,12 +112,10 @@ def fuse_adapter(
     if not model.config.family.fused:
         return state, peft
     groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    magnitudes: dict[str, dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
-        module, part = (
-            key[len(KEY_PREFIX) : -len(".lora_A.weight")],
-            key[-len("lora_A.weight") : -len(".weight")],
-        )
+        module, _, part = key[len(KEY_PREFIX) :].removesuffix(".weight").rpartition(".")
         hit = fused_name(model.config, module)
         if hit is None:
             out[key] = t
@@ -114,13 +123,17 @@ def fuse_adapter(
             fused, i, _ = hit
             b = state[f"{KEY_PREFIX}{module}.lora_B.weight"]
             groups.setdefault(fused, {})[i] = (t, b, cfg.scale_for(module))
+        elif part == MAGNITUDE:
+            magnitudes.setdefault(hit[0], {})[hit[1]] = t
     patterns: dict[str, tuple[int, float]] = {}
     for fused, parts in groups.items():
         a, b, rank, scale = _fuse_group(model, fused, parts)
         out[f"{KEY_PREFIX}{fused}.lora_A.weight"] = a
         out[f"{KEY_PREFIX}{fused}.lora_B.weight"] = b
         patterns[fused] = (rank, scale)
-    modules = sorted({k[len(KEY_PREFIX) : -len(".lora_A.weight")] for k in out})
+    for fused, parts in magnitudes.items():  # DoRA: the rows' magnitudes, stacked as B's rows
+        out[f"{KEY_PREFIX}{fused}.{MAGNITUDE}"] = _fuse_magnitudes(model, fused, parts)
+    modules = sorted({k[len(KEY_PREFIX) :].removesuffix(".weight").rpartition(".")[0] for k in out})
     return out, _fused_peft_dict(model, cfg, peft, patterns, modules)
 
 
@@ -131,6 +144,19 @@ def _fuse_group(
     names = split_name(model.config, fused)
     assert names is not None
     return stack_loras([model.get_submodule(n).out_features for n in names], parts)
+
+
+def _fuse_magnitudes(model: nn.Module, fused: str, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A fused module's DoRA magnitudes: each part's, stacked; a part without an adapter gets its
+    base rows' norms (its delta is zero there, so m / ||W|| = 1 leaves those rows as they are)."""
+    names = split_name(model.config, fused)
+    assert names is not None
+    return torch.cat(
+        [
+            parts[i] if i in parts else dense_weight(model.get_submodule(n)).detach().float().norm(dim=1)
+            for i, n in enumerate(names)
+        ]
+    )
 
 
 def stack_loras(
@@ -166,8 +192,8 @@ def _fused_peft_dict(
     peft = dict(peft)
     targets = peft["target_modules"]
     back = {p: f for f, ps in _suffixes(model).items() for p in ps}
-    if isinstance(targets, list):
-        peft["target_modules"] = sorted({back.get(t, t) for t in targets})
+    if isinstance(targets, list):  # suffixes or full names, each part's back to its fused module's
+        peft["target_modules"] = sorted({_part_name(t, back.get(t.rpartition(".")[2])) for t in targets})
     else:  # a regex over our names: name the saved modules exactly instead
         peft["target_modules"] = "|".join(re.escape(m) for m in modules)
     ours = [n for n, _ in model.named_modules() if n.startswith("model.layers.")]

@@ -13,8 +13,8 @@ layer's fused experts and router, as transformers 5 names them) through lora/exp
 different adapters): row i of the batch gets adapter i's delta, or none.
 
 Not here: reading and writing adapter files (weightsmith.lora.files); the settings and
-PEFT's config schema (lora_config.py); DoRA, LoRA biases, embedding or conv adapters,
-`modules_to_save`; the quantized base layer itself (weightsmith.quant.nf4; this module only
+PEFT's config schema (lora_config.py); DoRA's magnitudes and norms (lora/dora.py); LoRA
+biases, embedding or conv adapters, `modules_to_save`; the quantized base layer itself (weightsmith.quant.nf4; this module only
 needs its `in_features`, `out_features` and forward); and training (weightsmith.train).
 """
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.errors import ConfigError
+from weightsmith.lora import dora
 from weightsmith.lora.experts import parameter_modules
 from weightsmith.lora_config import (
     ALL_LINEAR,
@@ -60,7 +61,8 @@ class LoRADropout(nn.Dropout):
 
 class LoRALinear(nn.Module):
     """`base_layer(x) + scaling * B(A(dropout(x)))` for the active adapter, if not merged; or,
-    inside `row_adapters`, per batch row for that row's adapter."""
+    inside `row_adapters`, per batch row for that row's adapter. A DoRA adapter (one with a
+    `lora_magnitude_vector`) rescales each output row instead (lora/dora.py)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -71,6 +73,10 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        #: DoRA adapters' magnitudes m (out,), PEFT's in-memory names; the norms they divide by.
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.dora_norms = dora.Norms()
+        self.merged_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's norm, to unmerge
         self.active_adapter: str | None = None
         self.merged: list[str] = []
         #: Set by `row_adapters`: (adapter, batch-row indices (n,) long) for each adapter of this
@@ -85,10 +91,17 @@ class LoRALinear(nn.Module):
         self.row_index: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def add_adapter(
-        self, name: str, r: int, scaling: float, dropout: float = 0.0, dtype: torch.dtype = torch.float32
+        self,
+        name: str,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        *,
+        use_dora: bool = False,
     ) -> None:
         """A fresh adapter: A as nn.Linear's default init (kaiming-uniform, a=sqrt(5)), B = 0,
-        so it changes nothing until trained."""
+        so it changes nothing until trained; with `use_dora`, its magnitude m = ||W|| per row."""
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer; pass another adapter name")
         # A quantized base may hold its weight in buffers only.
@@ -101,6 +114,9 @@ class LoRALinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
+        if use_dora:
+            m = dora.initial_magnitude(self, name).to(device=device, dtype=dtype)
+            self.lora_magnitude_vector[name] = dora.Magnitude(m)
         self.train(self.training)  # new modules start in training mode; an eval model stays eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,37 +162,55 @@ class LoRALinear(nn.Module):
         for any mix (each step reads every adapter of the layer, which is small at decode)."""
         rows = codes[: x.shape[0]].view((-1,) + (1,) * (x.dim() - 1))  # (B, 1, ...)
         for name in self.lora_A:
-            y = self._add_adapter(x, y, name, (rows == code_of[name]).to(x.dtype) * self.scaling[name])
+            y = self._add_adapter(x, y, name, (rows == code_of[name]).to(x.dtype))
         return y
 
     def _add_adapter(
-        self, x: torch.Tensor, y: torch.Tensor, name: str, row_scale: torch.Tensor | None = None
+        self, x: torch.Tensor, y: torch.Tensor, name: str, row_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """y + scaling * B(A(dropout(x))) for adapter `name`; y is base_layer(x), (..., out).
-        With `row_scale` ((B, 1, ...)), each row's low-rank input is scaled by it instead."""
+        """y + scaling * B(A(dropout(x))) for adapter `name` (a DoRA adapter: lora/dora.py); y is
+        base_layer(x), (..., out). With `row_mask` ((B, 1, ...) of 0 and 1), only on its rows."""
+        if name in self.lora_magnitude_vector:
+            return dora.add(self, x, y, name, row_mask)
         # In the input's dtype: fp32 adapter weights are cast for a bf16 activation, say.
         a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
         h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
         alpha = self.scaling[name]
-        if row_scale is not None:
-            h, alpha = h * row_scale, 1.0
+        if row_mask is not None:
+            h, alpha = h * (row_mask * alpha), 1.0
         # y + scaling * h @ B^T as one addmm: no separate scale and add passes over (N, out),
         # which on a CPU saves ~7% of a LoRA training step (benchmarks/finetune.py).
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha)
         return out.view(y.shape)  # (..., out)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def dora_scale(self, name: str) -> torch.Tensor:
+        """A DoRA adapter's g = m / ||W + scaling * B @ A|| per output row (out,), detached."""
+        return dora.scale(self, name).detach()
+
+    def delta_lora(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight (out, in)."""
-        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        a, b = self.lora_A[name].weight.detach().float(), self.lora_B[name].weight.detach().float()
         return (b @ a) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """What adapter `name` adds to the base weight, in fp32 (out, in): scaling * B @ A, or for a
+        DoRA adapter g * (W + scaling * B @ A) - W (W: the base weight, nothing merged into it)."""
+        if name not in self.lora_magnitude_vector:
+            return self.delta_lora(name)
+        return dora.delta(self, name)
 
     def merge(self, name: str) -> None:
         """Add the adapter into base_layer.weight in place (fp32 sum, cast back)."""
         weight = self._mergeable_weight(name)
         if name in self.merged:
             raise ConfigError(f"adapter {name!r} is already merged; unmerge it first")
+        dora.refuse_mix(self, name)
         with torch.no_grad():
-            weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            if name in self.lora_magnitude_vector:
+                merged = dora.merge(self, name, weight)
+            else:
+                merged = weight.float() + self.delta_lora(name).to(weight.device)
+            weight.copy_(merged.to(weight.dtype))
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -185,7 +219,11 @@ class LoRALinear(nn.Module):
         if name not in self.merged:
             raise ConfigError(f"adapter {name!r} is not merged; nothing to unmerge")
         with torch.no_grad():
-            weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            if name in self.lora_magnitude_vector:
+                base = dora.unmerge(self, name, weight)
+            else:
+                base = weight.float() - self.delta_lora(name).to(weight.device)
+            weight.copy_(base.to(weight.dtype))
         self.merged.remove(name)
 
     def _mergeable_weight(self, name: str) -> nn.Parameter:
@@ -297,6 +335,8 @@ def apply_lora(
     for module_name, module, _ in targets:
         if isinstance(module, LoRALinear) and name in module.lora_A:
             raise ConfigError(f"{module_name} already has an adapter named {name!r}; pass another name")
+    if cfg.use_dora:
+        dora.refuse_in_moe(model, [n for n, _, _ in targets])
     for param_name, p in model.named_parameters():
         if ".lora_A." not in param_name and ".lora_B." not in param_name:
             p.requires_grad_(False)
@@ -306,7 +346,7 @@ def apply_lora(
             setattr(parent, module_name.rsplit(".", 1)[-1], module)
         key = via.get(module_name, module_name)
         r, scale = (ranks or {}).get(module_name) or (cfg.rank_for(key), cfg.scale_for(key))
-        module.add_adapter(name, r, scale, cfg.dropout, dtype)
+        module.add_adapter(name, r, scale, cfg.dropout, dtype, use_dora=cfg.use_dora)
     set_adapter(model, name)
     return [n for n, _, _ in targets]
 
@@ -455,6 +495,3 @@ def unload(model: nn.Module) -> nn.Module:
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
     return model
-
-
-# ---- PEFT files ------------------------------------------------------------------------

@@ -40,6 +40,11 @@ def adapter_rank(forks: list[Fork], rank: int | None) -> int:
     if not all(isinstance(f, AdapterFork) for f in forks):
         full = next(f.spec for f in forks if not isinstance(f, AdapterFork))
         raise UsageError(f"--as-adapter with a full fork ({full}) needs --rank R (the rank to keep, e.g. 16)")
+    dora = next((f.spec for f in forks if isinstance(f, AdapterFork) and f.is_dora()), None)
+    if dora is not None:  # g * (W + s B A) - W has the rank of W
+        raise UsageError(
+            f"--as-adapter with a DoRA fork ({dora}) needs --rank R (its change is not low-rank)"
+        )
     needed: dict[str, int] = {}
     for f in forks:
         assert isinstance(f, AdapterFork)

@@ -71,6 +71,9 @@ class AdapterFork(Fork):
         layer = self.layers.get(name)
         return None if layer is None else layer.delta_weight(self.adapter)
 
+    def is_dora(self) -> bool:
+        return any(self.adapter in layer.lora_magnitude_vector for layer in self.layers.values())
+
 
 class TensorFork(Fork):
     """A full checkpoint: tensors read on demand from its files, or held after a whole load."""

@@ -44,10 +44,13 @@
 #endif
 
 /* A LoRA adapter on one projection: y += scale * (x @ A.T) @ B.T, A (r, k) and B (n, r) as
- * projections (fp32 or bf16 rows); a.n == 0: this projection does not have it. */
+ * projections (fp32 or bf16 rows); a.n == 0: this projection does not have it. A DoRA adapter
+ * has mag, its g = m / ||W + scale B A|| per output (n floats): y = g * (y - bias + scale * (x @ A.T)
+ * @ B.T) + bias instead (y, the projection's output with its bias). */
 typedef struct {
     ws_proj a, b;
     double scale;
+    const float *mag;
 } ws_lora;
 
 typedef struct {
@@ -428,9 +431,10 @@ typedef struct {
 
 /* y (B, n) += each row's adapter's delta for x (B, k), row b's adapter codes[b] (-1: none): the
  * rows of one adapter gathered and run at once. The sum is the PyTorch layer's addmm:
- * scale * (h @ B.T) added to y. */
-static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t B, float *y, const int64_t *codes,
-                    ws_lora_scratch *s) {
+ * scale * (h @ B.T) added to y; a DoRA adapter's rows are then scaled per output around the
+ * projection's bias (lora/dora.py's order: g * (y - bias + scale * d) + bias). */
+static int lora_add(const ws_model *m, const ws_lora *l, const float *bias, const float *x, int64_t B, float *y,
+                    const int64_t *codes, ws_lora_scratch *s) {
     if (!l) return 0;
     for (int64_t i = 0; i < m->n_adapters; i++) {
         const ws_lora *a = l + i;
@@ -451,8 +455,18 @@ static int lora_add(const ws_model *m, const ws_lora *l, const float *x, int64_t
         s->act.src = NULL;
         if (ws_proj_matmul(&a->b, s->t, count, s->d, &s->act)) return -1;
         const float scale = (float)a->scale;
-        for (int64_t r = 0; r < count; r++)
-            for (int64_t j = 0; j < n; j++) y[s->rows[r] * n + j] += scale * s->d[r * n + j];
+        for (int64_t r = 0; r < count; r++) {
+            float *yr = y + s->rows[r] * n;
+            const float *dr = s->d + r * n;
+            if (a->mag) {
+                for (int64_t j = 0; j < n; j++) {
+                    const float b0 = bias ? bias[j] : 0.0f;
+                    yr[j] = a->mag[j] * ((yr[j] - b0) + scale * dr[j]) + b0;
+                }
+            } else {
+                for (int64_t j = 0; j < n; j++) yr[j] += scale * dr[j];
+            }
+        }
     }
     return 0;
 }
@@ -506,7 +520,7 @@ static int moe(const ws_model *m, const ws_layer *L, const float *in, int64_t B,
     const int64_t E = L->n_experts, K = L->top_k, H = m->hidden, A = m->n_adapters;
     act->src = NULL;
     if (ws_proj_matmul(&L->router, in, B, s->probs, act)) return -1;
-    if (lora_add(m, L->router_lora, in, B, s->probs, m->row_adapter, ls)) return -1;
+    if (lora_add(m, L->router_lora, L->router.bias, in, B, s->probs, m->row_adapter, ls)) return -1;
     for (int64_t b = 0; b < B; b++) {
         float *p = s->probs + b * E, top = -INFINITY, total = 0;
         for (int64_t e = 0; e < E; e++) top = p[e] > top ? p[e] : top;
@@ -540,12 +554,13 @@ static int moe(const ws_model *m, const ws_layer *L, const float *in, int64_t B,
         float *gate_up_out[] = {g, u};
         act->src = NULL; /* a new input: quantized once for gate and up */
         if (ws_projs_matmul(gate_up, 2, s->xin, n, gate_up_out, act)) return -1;
-        if (xl && (lora_add(m, xl, s->xin, n, g, s->codes, ls) || lora_add(m, xl + A, s->xin, n, u, s->codes, ls)))
+        if (xl && (lora_add(m, xl, x[0].bias, s->xin, n, g, s->codes, ls) ||
+                   lora_add(m, xl + A, x[1].bias, s->xin, n, u, s->codes, ls)))
             return -1;
         act_mul(m, g, u, n * x[0].n);
         act->src = NULL;
         if (ws_proj_matmul(x + 2, g, n, s->y, act)) return -1;
-        if (xl && lora_add(m, xl + 2 * A, g, n, s->y, s->codes, ls)) return -1;
+        if (xl && lora_add(m, xl + 2 * A, x[2].bias, g, n, s->y, s->codes, ls)) return -1;
         for (int64_t r = 0; r < n; r++)
             for (int64_t i = 0; i < H; i++) f[s->rows[r] * H + i] += s->y[r * H + i] * s->row_w[r];
     }
@@ -633,7 +648,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         float *qkv_out[] = {q, k, v}, *gate_up_out[] = {g, u};
         if (ws_projs_matmul(qkv, 3, in, B, qkv_out, &act)) goto oom;
         for (int i = 0; i < 3; i++)
-            if (lora_add(m, L->lora[i], in, B, qkv_out[i], m->row_adapter, &ls)) goto oom;
+            if (lora_add(m, L->lora[i], qkv[i]->bias, in, B, qkv_out[i], m->row_adapter, &ls)) goto oom;
         if (L->q_norm) qk_norm(m, L, B, q, k);
         const float *ct = L->rope == 2 ? m->cos_local : cos, *st = L->rope == 2 ? m->sin_local : sin;
         for (int64_t b = 0; b < B; b++) {
@@ -651,7 +666,7 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         attention(&attn, B);
         act.src = NULL;
         if (ws_proj_matmul(&L->o, att, B, out, &act)) goto oom;
-        if (lora_add(m, L->lora[3], att, B, out, m->row_adapter, &ls)) goto oom;
+        if (lora_add(m, L->lora[3], L->o.bias, att, B, out, m->row_adapter, &ls)) goto oom;
         if (L->attn_norm) rmsnorm(out, L->attn_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];
         in = x;
@@ -661,12 +676,12 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
         } else {
             act.src = NULL; /* once for gate and up */
             if (ws_projs_matmul(gate_up, 2, in, B, gate_up_out, &act)) goto oom;
-            if (lora_add(m, L->lora[4], in, B, g, m->row_adapter, &ls) ||
-                lora_add(m, L->lora[5], in, B, u, m->row_adapter, &ls)) goto oom;
+            if (lora_add(m, L->lora[4], L->gate.bias, in, B, g, m->row_adapter, &ls) ||
+                lora_add(m, L->lora[5], L->up.bias, in, B, u, m->row_adapter, &ls)) goto oom;
             act_mul(m, g, u, B * L->gate.n);
             act.src = NULL;
             if (ws_proj_matmul(&L->down, g, B, out, &act)) goto oom;
-            if (lora_add(m, L->lora[6], g, B, out, m->row_adapter, &ls)) goto oom;
+            if (lora_add(m, L->lora[6], L->down.bias, g, B, out, m->row_adapter, &ls)) goto oom;
         }
         if (L->mlp_norm) rmsnorm(out, L->mlp_norm, B, H, m->eps, out);
         for (int64_t i = 0; i < B * H; i++) x[i] += out[i];

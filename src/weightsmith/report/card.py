@@ -126,7 +126,8 @@ def _settings(config: dict[str, Any]) -> str:
     parts = [f"{k} {' + '.join(map(str, d[k])) if isinstance(d[k], list) else d[k]}" for k, d in keys
              if d.get(k) is not None]  # fmt: skip
     if config.get("method") in ("lora", "qlora") and lora:
-        parts.append(f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}")
+        kind = "DoRA" if lora.get("dora") else "LoRA"
+        parts.append(f"{kind} rank {lora.get('rank')}, alpha {lora.get('alpha')}")
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -392,6 +392,8 @@ def _shared_scorer(folder: Path, spec: str, shared: SharedBase) -> Scorer:
         if name in layer.lora_A:
             layer.lora_A[name].requires_grad_(False)
             layer.lora_B[name].requires_grad_(False)
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name].requires_grad_(False)
             layer.lora_dropout[name] = nn.Identity()
     head = nn.Linear(model.config.hidden_size, 1, bias=False, device=model.model.norm.weight.device)
     with torch.no_grad():

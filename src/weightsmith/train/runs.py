@@ -65,6 +65,7 @@ class LoraOptions:
         ["all-linear"], "module names to adapt (e.g. q_proj,v_proj), or all-linear for every projection"
     )
     rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+    dora: bool = opt(False, "DoRA: also train a magnitude per output row (PEFT's use_dora)")
     target_parameters: list[str] = opt(
         [], "MoE parameters to adapt by PEFT's names (experts.gate_up_proj,experts.down_proj,gate.weight)"
     )
@@ -74,13 +75,9 @@ class LoraOptions:
         if targets == ["all-linear"]:
             targets = "all-linear"
         cfg = LoraConfig(
-            r=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target_modules=targets,
-            use_rslora=self.rslora,
-            target_parameters=list(self.target_parameters) or None,
-        )
+            r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets, use_rslora=self.rslora,
+            use_dora=self.dora, target_parameters=list(self.target_parameters) or None,
+        )  # fmt: skip
         cfg.validate()
         return cfg
 
