@@ -8,7 +8,7 @@ is one of the shapes below (a published model's widths, heads, experts and vocab
 `--layers` of its layers and random weights, in fp32 or quantized weight-only (`--bits 4`: int4
 g32 projections and an int8 LM head, the mix of llama.cpp's Q4 files; `--bits 8`), with
 `--lora R` a LoRA adapter of rank R on every projection of every layer (unmerged, as
-`chat --adapter` runs one); `--adapters K --rows B` decodes B rows at once, row i on adapter
+`chat --adapter` runs one; `--dora`: a DoRA adapter); `--adapters K --rows B` decodes B rows at once, row i on adapter
 i mod K (the server's batches of requests for different adapters). Tokens/s count every row.
 
 Each side is warmed up, then the runs alternate (C, PyTorch, C, ...) so a noisy neighbour slows
@@ -67,7 +67,13 @@ SHAPES = {
 
 
 def build(
-    shape: str, layers: int, experts: int | None, bits: int | None, lora: int | None = None, adapters: int = 1
+    shape: str,
+    layers: int,
+    experts: int | None,
+    bits: int | None,
+    lora: int | None = None,
+    adapters: int = 1,
+    dora: bool = False,
 ):
     from weightsmith.models import ModelConfig
     from weightsmith.models.model import CausalLM
@@ -94,10 +100,13 @@ def build(
 
         for i in range(adapters):
             name = "default" if i == 0 else f"adapter{i}"
-            apply_lora(model, LoraConfig(r=lora, alpha=2 * lora, target_modules="all-linear"), name)
+            cfg = LoraConfig(r=lora, alpha=2 * lora, target_modules="all-linear", use_dora=dora)
+            apply_lora(model, cfg, name)
             with torch.no_grad():
                 for layer in lora_layers(model).values():
                     layer.lora_B[name].weight.normal_(0, 0.02)  # a trained adapter's B is not 0
+                    if dora:  # nor are its magnitudes ||W||
+                        layer.lora_magnitude_vector[name].weight.mul_(1.1)
     return model
 
 
@@ -133,6 +142,7 @@ def main() -> None:
     ap.add_argument(
         "--adapters", type=int, default=1, help="with --lora: this many adapters, one per row in turn"
     )
+    ap.add_argument("--dora", action="store_true", help="with --lora: DoRA adapters (a magnitude per output)")
     ap.add_argument("--rows", type=int, default=1, help="rows decoded together (a server's batch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -145,7 +155,7 @@ def main() -> None:
     from weightsmith.generate import decode_one_token
 
     print(f"CPU: {cpu_description()}")
-    model = build(args.shape, args.layers, args.experts, args.bits, args.lora, args.adapters)
+    model = build(args.shape, args.layers, args.experts, args.bits, args.lora, args.adapters, args.dora)
     names = None
     if args.lora and args.adapters > 1:
         names = [
@@ -165,7 +175,8 @@ def main() -> None:
             rates[name].append(decode_rate(model, step, prompt, args.new_tokens, args.rows, names))
     what = "fp32" if args.bits is None else f"int{args.bits}" + (" g32 + int8 head" if args.bits == 4 else "")
     experts = f", {model.config.num_local_experts} experts" if model.config.num_local_experts else ""
-    experts += f", a rank-{args.lora} adapter on every projection" if args.lora else ""
+    kind = "DoRA" if args.dora else "LoRA"
+    experts += f", a rank-{args.lora} {kind} adapter on every projection" if args.lora else ""
     experts += f" ({args.adapters} adapters, row i on adapter i mod {args.adapters})" if names else ""
     print(
         f"{args.shape}: {args.layers} of its layers{experts}, {what}, {args.threads} threads, batch {args.rows}, "

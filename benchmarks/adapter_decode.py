@@ -1,0 +1,147 @@
+"""Decoding with an unmerged adapter, LoRA and DoRA: weightsmith against transformers + peft.
+
+What `chat --adapter` and `serve --adapter` do: the base model and an adapter kept apart. A
+rank-16 adapter on every projection of the default model (random A and B, DoRA magnitudes moved
+10% off their start), made and saved by PEFT, is loaded by both sides: weightsmith
+(`weightsmith.load(..., adapter=DIR)`, fp32, the fused C decode step) and transformers + peft
+(`PeftModel.from_pretrained`, fp32, `generate`). PEFT recomputes each DoRA layer's weight norm in
+every forward unless `peft.tuners.lora.dora.ENABLE_DORA_CACHING` is set; the peer is measured both
+ways. Each contender greedily answers one prompt with `--max-tokens` new tokens (prefill included),
+in its own process, a warm-up then `--runs` timed answers; the processes alternate over
+`--rounds`. Printed: tokens/s (medians), each peer over ours for the same adapter kind, and
+whether the greedy tokens agree.
+
+    python benchmarks/adapter_decode.py [--max-tokens 64] [--runs 3] [--rounds 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_description  # noqa: E402
+
+CONTENDERS = ["ours lora", "peer lora", "ours dora", "peer dora", "peer dora cached"]
+PROMPT = "Explain in three sentences how a kettle knows when the water boils."
+
+
+def make_adapters(hf_dir: Path, work: Path) -> None:
+    import peft
+    import transformers
+
+    for kind in ("lora", "dora"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=kind == "dora")
+        model = peft.get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+        model.save_pretrained(work / kind)
+
+
+def run(who: str, work: Path, prompt: list[int], n: int, runs: int) -> tuple[list[float], list[int]]:
+    kind = "dora" if "dora" in who else "lora"
+    if who.startswith("ours"):
+        import weightsmith
+        from weightsmith.sampling import SamplingParams
+
+        engine = weightsmith.load(str(work / "hf"), adapter=str(work / kind)).engine
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+        def answer() -> list[int]:
+            return engine.generate([prompt], params)[0].token_ids
+    else:
+        import peft
+        import transformers
+        from peft.tuners.lora import dora
+
+        dora.ENABLE_DORA_CACHING = who.endswith("cached")
+        base = transformers.AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, work / kind).eval()
+        ids = torch.tensor([prompt])
+
+        def answer() -> list[int]:
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out[0, len(prompt) :].tolist()
+
+    tokens = answer()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        answer()
+        times.append(time.perf_counter() - start)
+    return times, tokens
+
+
+def main() -> None:
+    a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a.add_argument("--max-tokens", type=int, default=64)
+    a.add_argument("--runs", type=int, default=3)
+    a.add_argument("--rounds", type=int, default=2)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--child", choices=CONTENDERS)
+    a.add_argument("--work")
+    args = a.parse_args()
+    if args.child:
+        torch.set_num_threads(args.threads)
+        work = Path(args.work)
+        prompt = json.loads((work / "prompt.json").read_text())
+        times, tokens = run(args.child, work, prompt, args.max_tokens, args.runs)
+        print(json.dumps({"times": times, "tokens": tokens}))
+        return
+    from embed import convert_for_transformers
+
+    import weightsmith
+    from weightsmith.checkpoint.gguf_write import export_gguf
+    from weightsmith.checkpoint.pull import resolve
+
+    print(f"cpu: {cpu_description()}, {args.threads} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        export_gguf(resolve("smollm2-135m-instruct"), work / "f32.gguf", "f32")
+        convert_for_transformers(work / "f32.gguf", work / "hf")
+        make_adapters(work / "hf", work)
+        engine = weightsmith.load(work / "hf").engine
+        (work / "prompt.json").write_text(
+            json.dumps(engine.chat_prompt([{"role": "user", "content": PROMPT}]))
+        )
+        times: dict[str, list[float]] = {who: [] for who in CONTENDERS}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.rounds):
+            for who in CONTENDERS:
+                cmd = [sys.executable, __file__, "--child", who, "--work", str(work), "--runs", str(args.runs),
+                       "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{who} failed: {done.stderr.strip()[-400:]}")
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                times[who] += got["times"]
+                tokens[who] = got["tokens"]
+    rate = {who: args.max_tokens / statistics.median(t) for who, t in times.items()}
+    print(
+        f"rank-16 adapters on every projection of smollm2-135m-instruct (fp32), {args.max_tokens} new tokens"
+    )
+    print("| contender | tokens/s | vs ours (same kind) | same greedy tokens as ours |")
+    print("|---|---|---|---|")
+    for who in CONTENDERS:
+        mine = "ours dora" if "dora" in who else "ours lora"
+        same = sum(x == y for x, y in zip(tokens[who], tokens[mine], strict=True))
+        print(f"| {who} | {rate[who]:.1f} | {rate[who] / rate[mine]:.2f}x | {same}/{args.max_tokens} |")
+
+
+if __name__ == "__main__":
+    main()
