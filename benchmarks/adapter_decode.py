@@ -1,10 +1,11 @@
 """Decoding with an unmerged adapter, LoRA and DoRA: weightsmith against transformers + peft.
 
-What `chat --adapter` and `serve --adapter` do: the base model and an adapter kept apart. A
-rank-16 adapter on every projection of the default model (random A and B, DoRA magnitudes moved
-10% off their start), made and saved by PEFT, is loaded by both sides: weightsmith
-(`weightsmith.load(..., adapter=DIR)`, fp32, the fused C decode step) and transformers + peft
-(`PeftModel.from_pretrained`, fp32, `generate`). PEFT recomputes each DoRA layer's weight norm in
+A rank-16 adapter on every projection of the default model (random A and B, DoRA magnitudes moved
+10% off their start), made and saved by PEFT, is loaded by both sides: weightsmith, kept apart
+from the base as `serve --adapter` keeps it (`load_adapter` onto the loaded model; fp32, the fused
+C decode step adding each adapted projection's delta), and folded into the weights as
+`chat --adapter` and `weightsmith.load(..., adapter=DIR)` do ("merged"); transformers + peft
+(`PeftModel.from_pretrained`, unmerged, fp32, `generate`). PEFT recomputes each DoRA layer's weight norm in
 every forward unless `peft.tuners.lora.dora.ENABLE_DORA_CACHING` is set; the peer is measured both
 ways. Each contender greedily answers one prompt with `--max-tokens` new tokens (prefill included),
 in its own process, a warm-up then `--runs` timed answers; the processes alternate over
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import cpu_description  # noqa: E402
 
-CONTENDERS = ["ours lora", "peer lora", "ours dora", "peer dora", "peer dora cached"]
+CONTENDERS = ["ours lora", "peer lora", "ours dora", "ours dora merged", "peer dora", "peer dora cached"]
 PROMPT = "Explain in three sentences how a kettle knows when the water boils."
 
 
@@ -56,9 +57,14 @@ def run(who: str, work: Path, prompt: list[int], n: int, runs: int) -> tuple[lis
     kind = "dora" if "dora" in who else "lora"
     if who.startswith("ours"):
         import weightsmith
+        from weightsmith.lora import load_adapter
         from weightsmith.sampling import SamplingParams
 
-        engine = weightsmith.load(str(work / "hf"), adapter=str(work / kind)).engine
+        if who.endswith("merged"):
+            engine = weightsmith.load(str(work / "hf"), adapter=str(work / kind)).engine
+        else:
+            engine = weightsmith.load(str(work / "hf")).engine
+            load_adapter(engine.model, work / kind)
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
         def answer() -> list[int]:
