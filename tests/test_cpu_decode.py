@@ -626,6 +626,30 @@ def test_the_c_step_runs_dora_adapters(variant, model_dirs, native_lib, monkeypa
     assert (moved[0] - on[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("variant", ["fp32-rows", "int4-g32", "qwen2-window-fp32"])
+def test_a_bf16_cache_under_an_fp32_model(variant, model_dirs, native_lib, monkeypatch, fused_calls):
+    """`--kv-cache-dtype bf16`: the C step reads and writes the bf16 cache as the PyTorch model
+    does (entries rounded alike), and the logits stay near the fp32 cache's."""
+    model, plan = _variant(variant, model_dirs, monkeypatch)
+
+    def bf16_cache() -> KVCache:
+        return KVCache.for_model(model.config, len(PROMPTS), MAX_LEN, dtype=torch.bfloat16, device="cpu")
+
+    kernels_on(monkeypatch, True)
+    on = _decode(model, plan, cache=bf16_cache())
+    assert fused_calls == [len(PROMPTS)] * len(STEPS)
+    kernels_on(monkeypatch, False)
+    with pytest.MonkeyPatch.context() as mp:
+        round_inputs_like_the_kernels(mp, None)
+        off = _decode(model, plan, cache=bf16_cache())
+    quantized = variant.startswith("int4")
+    _assert_same_decode(on, off, len(PROMPTS), quantized)
+    kernels_on(monkeypatch, True)
+    full, _ = _decode(model, plan)  # an fp32 cache
+    scale = full.abs().max().item()
+    assert 0 < (on[0] - full).abs().max().item() < 0.05 * scale
+
+
 def test_an_adapter_that_does_not_fit_its_layer_is_left_to_the_pytorch_step(
     model_dirs, native_lib, monkeypatch
 ):

@@ -85,3 +85,24 @@ def test_copy_row_copies_the_filled_part_and_the_length():
     assert torch.equal(a.k[:, 2, :, :3], b.k[:, 1, :, :3]) and a.k[:, 2, :, 3:].abs().sum() == 0
     a.copy_row(2, 0)  # within one cache (compacting the batch)
     assert a.lengths == (3, 0, 3, 0) and torch.equal(a.v[:, 0, :, :3], b.v[:, 1, :, :3])
+
+
+def test_a_bf16_cache_stores_rounded_entries_and_returns_the_keys_dtype():
+    """Under an fp32 model: both write paths (a prompt's slice, decode positions) store bf16, and
+    attention gets the stored values back in fp32."""
+    c = KVCache(1, 2, 8, 2, 4, dtype=torch.bfloat16, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, 3, 4, generator=g)
+    keys, values = c.write(0, torch.arange(3).expand(2, 3), k, v, kv_len=3, start=0)
+    assert keys.dtype == values.dtype == torch.float32 and c.k.dtype == torch.bfloat16
+    assert torch.equal(keys, k.to(torch.bfloat16).float()) and torch.equal(
+        values, v.to(torch.bfloat16).float()
+    )
+    assert not torch.equal(keys, k)  # rounded
+    k1, v1 = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+    keys, values = c.write(0, torch.tensor([[3], [5]]), k1, v1, kv_len=6)
+    assert torch.equal(keys[0, :, 3], k1[0, :, 0].to(torch.bfloat16).float())
+    assert torch.equal(values[1, :, 5], v1[1, :, 0].to(torch.bfloat16).float())
+    assert (
+        c.k.element_size() * 2 == KVCache(1, 2, 8, 2, 4, dtype=torch.float32, device="cpu").k.element_size()
+    )

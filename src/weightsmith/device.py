@@ -44,11 +44,11 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:
     """`name` ("fp32", "bf16", "fp16", "auto") or the device's default."""
     if name and name != "auto":
         if name not in DTYPES:
-            raise UsageError(f"--dtype {name!r} is not supported; use one of fp32, bf16, fp16, auto")
+            raise UsageError(f"{flag} {name!r} is not supported; use one of fp32, bf16, fp16, auto")
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
 from weightsmith.errors import GenerationError
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
@@ -125,6 +127,9 @@ class Engine:
         #: Kept conversations (prompt_cache.py; `chat` sets one): a one-prompt generation copies the
         #: longest kept prefix of its prompt instead of prefilling it, and is kept when it ends.
         self.prompt_cache: PromptCache | None = None
+        #: The key/value cache's dtype (None: the model's): bf16 under an fp32 model halves the
+        #: cache, its entries rounded to bf16 (`weightsmith.load(kv_cache_dtype=...)`).
+        self.kv_dtype: torch.dtype | None = None
         if cpu_decode and isinstance(model, CausalLM) and model.inv_freq.device.type == "cpu":
             self.cpu_plan = prepare_cpu_decode(model, layout=decode_layout)
 
@@ -201,6 +206,7 @@ class Engine:
         gen = TokenGenerator(
             self.model, ids, params, eos_token_ids=self.eos_token_ids, compile=self.compile,
             decode=self.decode_step(), texts=texts, prefix=self._kept_prefix(ids[0]) if kept else None,
+            kv_dtype=self.kv_dtype,
         )  # fmt: skip
         start = time.perf_counter()
         first_at: list[float | None] = [None] * len(ids)

@@ -122,9 +122,11 @@ class TokenGenerator:
         decode: DecodeFn | None = None,
         texts: Sequence[TextStream] | None = None,
         prefix: tuple[KVCache, int] | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """prefix: (a one-row cache, n) holding the first n tokens of the one prompt (a kept
-        conversation, prompt_cache.py): they are copied, and only the rest is prefilled."""
+        conversation, prompt_cache.py): they are copied, and only the rest is prefilled.
+        kv_dtype: the cache's dtype (default: the model's; bf16 under an fp32 model halves it)."""
         assert len(prompts) == len(params) and prompts and all(prompts)
         assert prefix is None or (len(prompts) == 1 and 0 < prefix[1] < len(prompts[0]))
         self.prefix = prefix
@@ -140,7 +142,7 @@ class TokenGenerator:
         if decode is None and compile:
             decode = compiled_step(model, decode_one_token)
         self.decode: DecodeFn = decode or decode_one_token
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = kv_dtype or model.model.embed_tokens.weight.dtype
         # A step that replays CUDA graphs decodes in its own cache (cuda_graphs.py).
         self._make_cache = getattr(self.decode, "make_cache", None) or KVCache.for_model
         self.cache = self._make_cache(

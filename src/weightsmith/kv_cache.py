@@ -161,7 +161,12 @@ class KVCache:
         """Store (B, H, T, D) keys/values at `positions` (B, T); return the first
         `kv_len` cached entries of every row, (B, H, kv_len, D). `start`, when every
         row's positions are start..start+T-1, allows a plain slice copy. Lengths are
-        the caller's to update (the model does not know which rows count)."""
+        the caller's to update (the model does not know which rows count). A cache of
+        another dtype than the keys' (a bf16 cache under an fp32 model) stores them rounded
+        to its dtype and returns its entries in the keys' dtype."""
+        dtype = k.dtype
+        if dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.k.dtype)
         b, h, t, d = k.shape
         if start is not None:
             self.k[layer, :b, :, start : start + t] = k
@@ -184,4 +189,7 @@ class KVCache:
             self.v[layer, :b].scatter_(2, index, v)
         # Sliced from the storage with the spare positions: never the whole tensor, so never a
         # different case for the compiler when kv_len is the cache's length.
-        return self._k_all[layer, :b, :, :kv_len], self._v_all[layer, :b, :, :kv_len]
+        keys, values = self._k_all[layer, :b, :, :kv_len], self._v_all[layer, :b, :, :kv_len]
+        if dtype != self.k.dtype:
+            return keys.to(dtype), values.to(dtype)
+        return keys, values

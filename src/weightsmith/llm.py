@@ -139,6 +139,7 @@ def load(
     adapter: str | Path | None = None,
     steer: Sequence[str] = (),
     keep_quantized: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> LLM:
     """Load a model by catalog/store name, HF directory or .gguf file.
 
@@ -151,12 +152,18 @@ def load(
     generation runs at the base model's speed.
     steer: direction specs (`FILE:layer=L:scale=S`, `FILE:ablate`; weightsmith.inspect.steering)
         applied to every forward from now on, each file checked against the loaded weights first.
+    kv_cache_dtype: "fp32", "bf16" or "fp16" for the key/value caches of generation (`generate`,
+        `chat`, `serve`), or "auto"/None: the model's dtype. bf16 under an fp32 model halves the
+        cache's memory; its entries are rounded to bf16 and attention still computes in fp32.
     """
     from weightsmith.checkpoint.pull import resolve
 
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    kv_dtype = (
+        None if kv_cache_dtype in (None, "auto") else pick_dtype(kv_cache_dtype, dev, "--kv-cache-dtype")
+    )
     if keep_quantized and (dev.type != "cpu" or adapter is not None):
         raise UsageError(
             "--keep-quantized runs a GGUF file's blocks on the CPU and cannot take an adapter "
@@ -172,6 +179,7 @@ def load(
         merge_and_unload(ckpt.model)
         ckpt.model.requires_grad_(False)
     llm = LLM(ckpt, str(model), dev, dt)  # its Engine lays a CPU model out for decoding
+    llm.engine.kv_dtype = kv_dtype
     if steer:
         from weightsmith.inspect.steering import Steering
 

@@ -51,8 +51,8 @@ class SpeculativeResult:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-def _new_cache(model: CausalLM, max_len: int) -> KVCache:
-    dtype = model.model.embed_tokens.weight.dtype
+def _new_cache(model: CausalLM, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    dtype = dtype or model.model.embed_tokens.weight.dtype
     return KVCache.for_model(model.config, 1, max_len, dtype=dtype, device=model.inv_freq.device)
 
 
@@ -152,11 +152,13 @@ def speculative_generate(
     eos_token_ids: frozenset[int] | set[int] = frozenset(),
     draft_step: DecodeFn = decode_one_token,
     target_step: DecodeFn = decode_one_token,
+    kv_dtype: torch.dtype | None = None,
 ) -> SpeculativeResult:
     """Greedy-decode up to `max_tokens` tokens of `prompt` with `target`, drafting with
     `draft` (a model, its one-token steps through `draft_step`; or a `Drafter`); stops after
     an `eos_token_ids` token (which is kept as the last token). A step with nothing drafted
-    (prompt lookup found no repeat) is a plain one through `target_step`."""
+    (prompt lookup found no repeat) is a plain one through `target_step`. `kv_dtype`: the
+    target's cache dtype (default: its own)."""
     if isinstance(draft, CausalLM):
         check_draft(target, draft)
         draft = ModelDrafter(draft, draft_step)
@@ -166,7 +168,7 @@ def speculative_generate(
     eos = frozenset(eos_token_ids)
     # Each step writes at most up to position len(seq) - 1 + (remaining - 1), so
     # prompt + max_tokens entries always suffice.
-    t_cache = _new_cache(target, len(prompt) + max_tokens)
+    t_cache = _new_cache(target, len(prompt) + max_tokens, kv_dtype)
     t_dev = target.inv_freq.device
     first = int(prefill(target, t_cache, [prompt], t_dev)[0].argmax())
     draft.start(prompt, len(prompt) + max_tokens)

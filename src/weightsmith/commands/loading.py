@@ -29,6 +29,11 @@ from weightsmith.errors import UsageError
 from weightsmith.llm import LLM, load
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+KV_CACHE_HELP = (
+    "key/value cache dtype: auto (the model's), fp32, bf16 (half an fp32 cache's memory, entries rounded "
+    "to bf16) or fp16"
+)
 
 #: `status(model)`: a context manager around one model load (the CLI shows a spinner in it).
 LoadStatus = Callable[[str], AbstractContextManager[Any]]
@@ -59,6 +64,7 @@ class LoadOptions:
         "experts of an HF folder) from their own blocks (CPU kernels, the file's memory) instead of "
         "dequantizing them"
     )  # fmt: skip
+    kv_cache_dtype: str = opt("auto", KV_CACHE_HELP, choices=KV_CACHE_DTYPES)
 
     def load_kwargs(self) -> dict[str, Any]:
         kwargs = {
@@ -67,6 +73,8 @@ class LoadOptions:
             "allow_pickle": self.allow_pickle,
             "adapter": self.adapter,
         }
+        if self.kv_cache_dtype != "auto":
+            kwargs["kv_cache_dtype"] = self.kv_cache_dtype
         return {**kwargs, "keep_quantized": True} if self.keep_quantized else kwargs
 
     def load(self, progress: LoadStatus | None = None) -> LLM:

@@ -176,7 +176,8 @@ def _run_speculative(
     start = time.perf_counter()
     res = speculative_generate(
         llm.model, drafter, ids, max_tokens=params.max_tokens, k=cfg.draft_k, eos_token_ids=eos,
-        target_step=llm.engine.decode_step(), **({"draft_step": step} if step is not None else {}),
+        target_step=llm.engine.decode_step(), kv_dtype=llm.engine.kv_dtype,
+        **({"draft_step": step} if step is not None else {}),
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     shown = res.tokens[:-1] if res.finish_reason == "stop" else res.tokens  # the end token has no text

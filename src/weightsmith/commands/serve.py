@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsmith.checkpoint.pooling import POOLINGS
-from weightsmith.commands.loading import SteerOptions
+from weightsmith.commands.loading import KV_CACHE_DTYPES, KV_CACHE_HELP, SteerOptions
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
 from weightsmith.files import is_plain_file_name
@@ -109,6 +109,7 @@ class ServeConfig:
     compile: bool = opt(
         False, "decode through torch.compile; on a CUDA device, replayed from CUDA graphs per batch size"
     )
+    kv_cache_dtype: str = opt("auto", KV_CACHE_HELP, choices=KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:
         for name, value, low in (("max-batch", self.max_batch, 1), ("max-queue", self.max_queue, 0),
@@ -199,7 +200,7 @@ def make_loader(model_path: Path, adapters: dict[str, Path], cfg: ServeConfig, d
 
         llm = load(
             model_path, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle, auto_pull=False,
-            steer=cfg.steering.steer, keep_quantized=cfg.keep_quantized,
+            steer=cfg.steering.steer, keep_quantized=cfg.keep_quantized, kv_cache_dtype=cfg.kv_cache_dtype,
         )  # fmt: skip
         llm.engine.compile = cfg.compile
         checked = read_directions(llm, directions)  # against the base weights, before adapters

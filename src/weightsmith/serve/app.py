@@ -147,6 +147,7 @@ class ServerState:
                 observer=self.metrics,
                 decode=llm.engine.decode_step(),
                 prompt_cache=PromptCache(s.prompt_cache_mib * 2**20) if s.prompt_cache_mib else None,
+                kv_dtype=llm.engine.kv_dtype,
             )
             scheduler.start()
         except Exception as e:  # reported on /health and to the CLI, which exits

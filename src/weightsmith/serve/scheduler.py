@@ -138,6 +138,7 @@ class Scheduler:
         observer: Observer | None = None,
         decode: DecodeFn = decode_one_token,
         prompt_cache: PromptCache | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         #: The decode step, chosen by the caller (`Engine.decode_step()` gives the CPU's C step).
@@ -151,7 +152,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.device = model.inv_freq.device
         self.vocab = model.config.vocab_size
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = kv_dtype or model.model.embed_tokens.weight.dtype  # the cache's (bf16 halves an fp32 one)
         # A step that replays CUDA graphs decodes in its own cache (cuda_graphs.py).
         make_cache = getattr(decode, "make_cache", None) or KVCache.for_model
         self.cache = make_cache(model.config, max_batch, max_len, dtype=dtype, device=self.device)
@@ -365,9 +366,8 @@ class Scheduler:
         assert staged is not None
         prompt = staged.choices[0].prompt
         if self.staging is None:
-            dtype = self.model.model.embed_tokens.weight.dtype
             self.staging = KVCache.for_model(
-                self.model.config, 1, self.max_len, dtype=dtype, device=self.device
+                self.model.config, 1, self.max_len, dtype=self.cache.k.dtype, device=self.device
             )
         if staged.done == 0:  # a prefix some row holds is copied, not prefilled
             held = held_rows(self.cache, self.running, self.prompt_cache)
