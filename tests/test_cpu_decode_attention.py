@@ -108,6 +108,24 @@ def test_long_attention_equals_the_pytorch_model(
     torch.testing.assert_close(cache.v[:, 0, :, :n].float(), ref.v[:, 0, :, :n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 2, 12), (8, 2, 40)])
+def test_long_attention_with_each_instruction_set(shape, cache_dtype, isa_lib):
+    """Attention over a long row and a short one (head_dim with lanes past the last eight) in
+    every build (native, AVX2, portable C), from an fp32 or a bf16 cache: the PyTorch model's
+    logits."""
+    model = _model(*shape)
+    prompts = _prompts([LONG + 5, 13])
+    with pytest.MonkeyPatch.context() as mp:
+        if cache_dtype == torch.bfloat16:
+            _bf16_writes(mp)
+        ref = _prefilled(model, prompts)
+        want = decode_one_token(model, ref, [7, 8], CPU)
+        cache = _prefilled(model, prompts, cache_dtype)
+    got = FusedDecode(model, isa_lib).step(cache, [7, 8])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
 def test_a_wrong_position_shows_in_these_logits(native_lib):
     """The check above has teeth: the same step one position later gives other logits."""
     model = _model(6, 2, 12)

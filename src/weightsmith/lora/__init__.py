@@ -4,7 +4,7 @@ Two modules, one idea each: `layers` (the `LoRALinear` wrapper, targeting, enabl
 merge, per-row adapters for batched serving) and `files` (PEFT's `adapter_config.json` +
 `adapter_model.safetensors`, read and written), with `fused` (Phi-3's fused projections) and
 `experts` (a MoE layer's experts and router as PEFT's `target_parameters`) mapping the file's
-names to the model's. Everything public is importable from
+names to the model's, and `dora` (DoRA's magnitudes and weight norms, which `layers` calls). Everything public is importable from
 `weightsmith.lora` itself. The settings and PEFT's config schema live in
 `weightsmith.lora_config`.
 
