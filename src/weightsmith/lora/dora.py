@@ -72,6 +72,7 @@ class Norms:
             self.base_key = key
         return self.base_sq
 
+    @torch.compiler.disable  # a cache lookup by tensor versions: eager, outside a compiled layer's graph
     @torch.no_grad()
     def norm(self, layer: nn.Module, name: str) -> torch.Tensor:
         """||W + s B A|| per output row (out,), fp32, detached."""
