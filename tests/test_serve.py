@@ -35,17 +35,20 @@ USER = [{"role": "user", "content": "Once upon a time"}]
 
 @pytest.fixture(scope="module")
 def adapters(tiny_hf_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """Two adapters with non-zero weights, saved as PEFT directories."""
+    """Two adapters with non-zero weights, saved as PEFT directories: a LoRA one and a DoRA one."""
     model = weightsmith.load(tiny_hf_dir).model
     out = {}
     for name, seed in (("a", 1), ("b", 2)):
-        cfg = LoraConfig(r=4, alpha=8)
+        cfg = LoraConfig(r=4, alpha=8, use_dora=name == "b")
         apply_lora(model, cfg, name)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in lora_layers(model).values():
                 for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                     w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+                if name in layer.lora_magnitude_vector:
+                    m = layer.lora_magnitude_vector[name].weight
+                    m.mul_(1 + 0.3 * torch.rand(m.shape, generator=g))
         out[name] = save_adapter(model, tmp_path_factory.mktemp("adapters") / name, cfg, name=name)
     return out
 
