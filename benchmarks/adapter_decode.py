@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_description  # noqa: E402
+from machine import cpu_description, timed_runs  # noqa: E402
 
 CONTENDERS = ["ours lora", "peer lora", "ours dora", "ours dora merged", "peer dora", "peer dora cached"]
 PROMPT = "Explain in three sentences how a kettle knows when the water boils."
@@ -84,13 +83,7 @@ def run(who: str, work: Path, prompt: list[int], n: int, runs: int) -> tuple[lis
                 out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[0, len(prompt) :].tolist()
 
-    tokens = answer()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        answer()
-        times.append(time.perf_counter() - start)
-    return times, tokens
+    return timed_runs(answer, runs)
 
 
 def main() -> None:

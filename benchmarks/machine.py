@@ -149,3 +149,16 @@ class ReadSweep:
 
     def __call__(self, times: int = 1) -> None:
         self._lib.sweep(self._buffer, self.nbytes // 8, times, self.threads)
+
+
+def timed_runs(work, runs: int) -> tuple[list[float], object]:
+    """(seconds of each of `runs` calls of `work()` after a warm-up call, the warm-up's result)."""
+    import time
+
+    first = work()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return times, first

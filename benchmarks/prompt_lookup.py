@@ -29,13 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_description  # noqa: E402
+from machine import cpu_description, timed_runs  # noqa: E402
 
 PARAGRAPH = (
     "The Kettlebird kettle boils watter in under three minuts. Its temperture can be set from 40 to 100 "
@@ -103,14 +102,7 @@ def run(
                     break
             return tokens
 
-    outs = [answer(p) for p in prompts]  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for p in prompts:
-            answer(p)
-        times.append(time.perf_counter() - start)
-    return times, outs
+    return timed_runs(lambda: [answer(p) for p in prompts], runs)
 
 
 def main() -> None:

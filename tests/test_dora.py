@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_hf_dir, save_perturbed_hf
 from safetensors.torch import load_file
+from test_lora import SMALL, ids
 from torch import nn
 
 from weightsmith.checkpoint.load import load_checkpoint
@@ -35,8 +36,6 @@ from weightsmith.lora import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-SMALL.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 CFG = LoraConfig(r=4, alpha=8, use_dora=True)
 
 
@@ -55,10 +54,6 @@ def hf(path: Path) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 def randomize(named_params, seed: int = 3) -> None:
@@ -105,23 +100,27 @@ def test_our_dora_adapter_loads_in_peft_with_the_same_logits(bias_dir, tmp_path)
     assert (ref - base).abs().max() > 0.05  # the adapter matters
 
 
-def test_peft_dora_adapter_loads_in_ours_and_saves_back_the_same_tensors(bias_dir, tmp_path):
-    theirs = peft_dora(bias_dir)
-    randomize(theirs.named_parameters(), seed=7)
+def through_ours_and_back(path: Path, tmp_path: Path, seed: int) -> nn.Module:
+    """A random PEFT DoRA adapter on the checkpoint at `path`, loaded by us (the same logits as
+    PEFT's) and saved again: the file holds the same tensors. Returns PEFT's model."""
+    theirs = peft_dora(path)
+    randomize(theirs.named_parameters(), seed=seed)
     theirs.save_pretrained(tmp_path / "p")
-    model = ours(bias_dir)
+    model = ours(path)
     cfg = load_adapter(model, tmp_path / "p")
     assert cfg.use_dora
     with torch.no_grad():
         torch.testing.assert_close(model(ids()), theirs.eval()(ids()).logits, rtol=1e-5, atol=1e-5)
     save_adapter(model, tmp_path / "o", cfg)
-    a, b = (
-        load_file(tmp_path / "p" / "adapter_model.safetensors"),
-        load_file(tmp_path / "o" / "adapter_model.safetensors"),
-    )
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("p", "o"))
     assert sorted(a) == sorted(b) and any(k.endswith("lora_magnitude_vector") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    return theirs
+
+
+def test_peft_dora_adapter_loads_in_ours_and_saves_back_the_same_tensors(bias_dir, tmp_path):
+    through_ours_and_back(bias_dir, tmp_path, seed=7)
 
 
 def test_a_fresh_dora_adapter_starts_at_peft_magnitudes_and_changes_nothing(bias_dir):
@@ -188,21 +187,7 @@ def test_phi3_fused_projections_take_dora_both_ways(tmp_path):
     our q/k/v and gate/up and stacked back on save."""
     config = transformers.Phi3Config(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     path = save_perturbed_hf(tmp_path / "phi3", config)
-    theirs = peft_dora(path)
-    randomize(theirs.named_parameters(), seed=17)
-    theirs.save_pretrained(tmp_path / "p")
-    model = ours(path)
-    cfg = load_adapter(model, tmp_path / "p")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids()), theirs.eval()(ids()).logits, rtol=1e-5, atol=1e-5)
-    save_adapter(model, tmp_path / "o", cfg)
-    a, b = (
-        load_file(tmp_path / "p" / "adapter_model.safetensors"),
-        load_file(tmp_path / "o" / "adapter_model.safetensors"),
-    )
-    assert sorted(a) == sorted(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    theirs = through_ours_and_back(path, tmp_path, seed=17)
     back = peft.PeftModel.from_pretrained(hf(path), tmp_path / "o").eval()  # our config names PEFT's modules
     with torch.no_grad():
         torch.testing.assert_close(back(ids()).logits, theirs(ids()).logits, rtol=1e-5, atol=1e-5)
