@@ -353,3 +353,27 @@ def test_dora_refusals_name_what_to_change(bias_dir, tmp_path):
     merge_adapter(model, "plain")
     with pytest.raises(ConfigError, match="cannot both be in the weights when one is DoRA"):
         merge_adapter(model, "default")
+
+
+def test_broken_adapter_values_and_a_bad_cache_dtype_are_refused(bias_dir, tmp_path, capsys):
+    """A magnitude (or A, B) with NaN or infinity is named before the model is touched; an unknown
+    --kv-cache-dtype stops the command in one line."""
+    from safetensors.torch import save_file
+
+    from weightsmith.cli.main import main
+
+    model = ours(bias_dir)
+    apply_lora(model, CFG)
+    save_adapter(model, tmp_path / "a", CFG)
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    tensors[key][3] = float("nan")
+    save_file(tensors, path)
+    fresh = ours(bias_dir)
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' holds NaN or infinite values"):
+        load_adapter(fresh, tmp_path / "a")
+    assert not lora_layers(fresh)
+    assert main(["generate", str(bias_dir), "--kv-cache-dtype", "int3", "-p", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--kv-cache-dtype: expected one of auto, fp32, bf16, fp16, got 'int3'")

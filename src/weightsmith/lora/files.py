@@ -165,6 +165,10 @@ def _check_tensors(
                 f"{path}: tensor {key!r} is a DoRA magnitude but {CONFIG_FILE} has no use_dora: true; "
                 "set it, or drop the magnitudes"
             )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(
+                f"{path}: tensor {key!r} holds NaN or infinite values; the adapter is broken, retrain or re-save it"
+            )
         if tuple(t.shape) != expected:
             raise CheckpointError(
                 f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected} (rank {r} from "
