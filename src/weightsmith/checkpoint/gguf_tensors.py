@@ -32,7 +32,7 @@ from weightsmith.errors import CheckpointError
 from weightsmith.quant.ggml_linear import dequantize_rows, row_bytes
 
 
-def _dequantized(tensor: GGUFTensor) -> np.ndarray:
+def dequantized(tensor: GGUFTensor) -> np.ndarray:
     """One tensor as float32 in numpy (HF) axis order.
 
     GGUF records shapes in ggml's ne order (fastest axis first); the reader's numpy view already
@@ -72,7 +72,7 @@ def iter_gguf_tensors(
         if hf_name in skip:
             continue
         try:
-            w = _dequantized(tensor)
+            w = dequantized(tensor)
             proj = hf_name.rsplit(".", 2)[-2]
             if permuted and proj in heads:
                 w = unpermute_qk(w, heads[proj])

@@ -148,7 +148,7 @@ def _context_length(cfg: ModelConfig, arch: str) -> int:
     return cfg.sliding_window
 
 
-def _check_supported(cfg: ModelConfig, source: str) -> str:
+def check_supported(cfg: ModelConfig, source: str) -> str:
     """llama.cpp's architecture for the model, or a CheckpointError saying why it cannot be exported."""
     arch = ARCHITECTURES.get(cfg.model_type)
     if arch is None:
@@ -379,7 +379,7 @@ def export_gguf(
     else:
         ckpt = checkpoint_or_path
     cfg, source = ckpt.config, str(ckpt.path)
-    arch = _check_supported(cfg, source)
+    arch = check_supported(cfg, source)
     _check_layout(ckpt.model, cfg, source)
     mix = _mix(cfg, arch, quant, imatrix)
     model_name = name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name)

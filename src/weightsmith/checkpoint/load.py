@@ -203,15 +203,12 @@ def _load_gguf(
     keep_quantized: bool = False,
 ) -> Checkpoint:
     from weightsmith.checkpoint import gguf
-    from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
-    from weightsmith.tokenizer import Tokenizer
 
     reader = gguf.open_gguf(path)  # parsing the header is the slow part: do it once
     info = gguf.read_gguf(reader)
     pooling = gguf_pooling(reader, str(gguf.meta(reader, "general.architecture")))
     cfg = ModelConfig.from_hf(info.config, source=str(path))
-    tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
-    gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
+    tokenizer, gen = _gguf_tokenizer(reader, info)
     if keep_quantized:
         from weightsmith.checkpoint.gguf_quants import build_block_model
 
@@ -228,3 +225,29 @@ def _load_gguf(
     tensors = ((n, t, str(path)) for n, t in iter_gguf_tensors(reader, dtype=torch.float32))
     model = build_model(cfg, tensors, device, dtype, decode_layout=decode_layout, on_tensor=on_tensor)
     return Checkpoint(model, tokenizer, cfg, path, "gguf", info.file_type, gen, pooling=pooling)
+
+
+def _gguf_tokenizer(reader: Any, info: Any) -> tuple[Tokenizer, dict[str, Any]]:
+    """A GGUF file's tokenizer and the generation config its metadata gives (BOS/EOS ids)."""
+    from weightsmith.checkpoint.gguf_tokenizer import build_gguf_tokenizer
+    from weightsmith.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_config(build_gguf_tokenizer(reader), info.tokenizer_config)
+    gen = {k: info.config[k] for k in ("bos_token_id", "eos_token_id") if info.config.get(k) is not None}
+    return tokenizer, gen
+
+
+def read_without_weights(path: str | Path) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
+    """An HF directory's or a GGUF file's config, tokenizer and generation config; no weights are read."""
+    from weightsmith.checkpoint import gguf
+    from weightsmith.tokenizer import Tokenizer
+
+    path = Path(path)
+    if path.is_file():
+        reader = gguf.open_gguf(path)
+        info = gguf.read_gguf(reader)
+        return ModelConfig.from_hf(info.config, source=str(path)), *_gguf_tokenizer(reader, info)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; pass an HF checkpoint directory or a .gguf file")
+    cfg = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    return cfg, Tokenizer.from_dir(path), st.read_generation_config(path)

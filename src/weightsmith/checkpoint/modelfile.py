@@ -2,7 +2,8 @@
 
 `modelfile_path` picks the file name (`Modelfile`, or `<stem>.Modelfile` when the folder
 already holds one for another model); `modelfile_text` says what goes in it (export builds
-it before writing the GGUF file, so nothing fails after that file is in place): the FROM line, sampling PARAMETERs from generation_config.json, stop tokens, and
+it before writing the GGUF file, so nothing fails after that file is in place): the FROM line (and
+ADAPTER, for a LoRA adapter on a GGUF base), sampling PARAMETERs from generation_config.json, stop tokens, and
 for ChatML models a TEMPLATE (and SYSTEM prompt) in Ollama's Go template language.
 
 Not here: the GGUF file itself (checkpoint/gguf_write.py).
@@ -36,10 +37,16 @@ _OLLAMA_PARAMETERS = {
 }
 
 
-def modelfile_text(gguf_name: str, tokenizer: Tokenizer, generation_config: dict[str, Any]) -> str:
-    """An Ollama Modelfile for `gguf_name` (a file in the same directory)."""
+def modelfile_text(
+    gguf_name: str, tokenizer: Tokenizer, generation_config: dict[str, Any], *, base: str | None = None
+) -> str:
+    """An Ollama Modelfile for `gguf_name` (a file in the same directory); with `base` (the base
+    model's GGUF file), `gguf_name` is a LoRA adapter on it (Ollama's ADAPTER)."""
     lines = ["# Ollama Modelfile written by weightsmith export; use: ollama create NAME -f THIS_FILE"]
-    lines.append(f"FROM ./{gguf_name}")
+    if base is None:
+        lines.append(f"FROM ./{gguf_name}")
+    else:
+        lines += [f"FROM {base}", f"ADAPTER ./{gguf_name}"]
     for key, parameter in _OLLAMA_PARAMETERS.items():
         value = generation_config.get(key)
         if value is not None and not isinstance(value, bool):
@@ -65,12 +72,13 @@ def modelfile_text(gguf_name: str, tokenizer: Tokenizer, generation_config: dict
 def modelfile_path(out: Path) -> Path:
     """`Modelfile` beside `out`, unless one exists for another file: then `<stem>.Modelfile`.
 
-    A Modelfile whose FROM line names `out` is ours to replace; one for another model stays.
+    A Modelfile whose FROM (or ADAPTER) line names `out` is ours to replace; one for another model stays.
     """
     default = out.parent / "Modelfile"
     if not default.exists():
         return default
     with contextlib.suppress(OSError, UnicodeDecodeError):
-        if f"FROM ./{out.name}" in default.read_text(encoding="utf-8").splitlines():
+        lines = default.read_text(encoding="utf-8").splitlines()
+        if f"FROM ./{out.name}" in lines or f"ADAPTER ./{out.name}" in lines:
             return default
     return out.parent / f"{out.stem}.Modelfile"

@@ -11,6 +11,9 @@ from rich.console import Console
 
 
 def print_export(result: dict[str, Any], console: Console) -> None:
+    if result.get("format") == "gguf-lora":
+        _print_adapter(result, console)
+        return
     types = ", ".join(f"{n} {c}" for n, c in result["tensors"].items())
     console.print(
         f"wrote {result['path']} ({result['bytes'] / 1e6:,.1f} MB, {result['architecture']}, "
@@ -26,6 +29,21 @@ def print_export(result: dict[str, Any], console: Console) -> None:
                 if without
                 else ""
             )
+        )
+
+
+def _print_adapter(result: dict[str, Any], console: Console) -> None:
+    ranks = "/".join(str(r) for r in result["ranks"])
+    scale = "scales in B, alpha 0" if result["scales_in_b"] else f"alpha {result['alpha']:g}"
+    console.print(
+        f"wrote {result['path']} ({result['bytes'] / 1e6:,.2f} MB, LoRA adapter for {result['architecture']}: "
+        f"{result['modules']} matrices, rank {ranks}, {scale})"
+        + (f" and {result['modelfile']}" if result["modelfile"] else "")
+    )
+    if not result["modelfile"]:
+        console.print(
+            "no Modelfile: the base is not a GGUF file. Export it too (weightsmith export MODEL --out base.gguf), "
+            "then run llama.cpp with -m base.gguf --lora ADAPTER.gguf, or add `ADAPTER ./ADAPTER.gguf` to its Modelfile"
         )
 
 

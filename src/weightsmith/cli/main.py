@@ -304,10 +304,12 @@ COMMANDS: dict[str, Command | Group] = {
     ),
     "export": Command(
         Ref("weightsmith.commands.export:ExportConfig"),
-        "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, ...)",
+        "write a model as a GGUF file for llama.cpp and Ollama (f32, f16, q8_0, q6_k, q5_k_m, q4_k_m, ...), "
+        "or a LoRA adapter as llama.cpp's GGUF adapter",
         "weightsmith export smollm2-135m-instruct --quant q8_0 --out exports/smollm2-q8_0.gguf\n"
         "  weightsmith export models/support-merged --quant q4_k_m --out support.gguf --overwrite\n"
-        "  ollama create support -f Modelfile                    # then, in the --out directory",
+        "  ollama create support -f Modelfile                    # then, in the --out directory\n"
+        "  weightsmith export smollm2-135m-instruct --adapter runs/support --out support-lora.gguf  # llama.cpp --lora",
         Ref("weightsmith.commands.export:run_export"),
         _plain(export_out.print_export),
         lambda cfg: None if cfg.json else eval_out.ProgressBars(eval_out.stderr_console(), unit="tensors"),

@@ -2,18 +2,23 @@
 
 The conversion lives in `weightsmith.checkpoint.gguf_write`; this module checks the request,
 loads the model on CPU in fp32 with plain (training) weight layout, and returns what it wrote.
-Not here: LoRA adapters (merge them first with `weightsmith merge`), other formats.
+With `--adapter DIR` it writes the LoRA adapter alone as llama.cpp's GGUF adapter file
+(weightsmith.lora.gguf_files), checked against the base model's config and shapes (no base
+weights are read), and, where the base is a GGUF file, an Ollama Modelfile with FROM the base
+and ADAPTER the file. Not here: other formats.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from weightsmith.checkpoint.gguf_write import QUANTS, check_export_args, export_gguf
 from weightsmith.config import opt
 from weightsmith.errors import UsageError
+from weightsmith.files import write_text_atomic
 from weightsmith.lineage import write_lineage
 
 
@@ -22,6 +27,11 @@ class ExportConfig:
     """Export a model as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it."""
 
     model: str = opt(help="catalog or store name, HF directory, or .gguf file", positional=True)
+    adapter: str | None = opt(
+        None,
+        "LoRA adapter folder (finetune's output, or PEFT's) to write alone as llama.cpp's GGUF adapter "
+        "(f32 or f16), for MODEL as its base",
+    )
     format: str = opt("gguf", "output format", choices=["gguf"])
     quant: str = opt("f16", "storage type of the weight matrices", choices=list(QUANTS))
     out: str = opt(help="output file (NAME.gguf); a Modelfile is written in the same directory")
@@ -48,7 +58,14 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
                 f"--imatrix has no effect on --quant {cfg.quant} (its steps are fine enough); drop it, "
                 "or choose a type of 6 bits or fewer such as q4_k_m"
             )
+        if cfg.adapter is not None:
+            raise UsageError(
+                "--imatrix weighs a quantizer's fits; an adapter is written unquantized, drop --imatrix"
+            )
         imatrix = read_imatrix(cfg.imatrix)
+    if cfg.adapter is not None:
+        folder = _check_adapter_args(cfg)  # before resolving, which may download the model
+        return _export_adapter(cfg, out, folder, resolve(cfg.model))
     path = resolve(cfg.model)
     started = time.time()
     tick = progress(f"export {cfg.quant}") if progress else None  # ticks a tensor at a time
@@ -63,3 +80,53 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
         metrics={"quant": cfg.quant, "bytes": out.stat().st_size},
     )  # fmt: skip
     return {"model": cfg.model, **result}
+
+
+def _check_adapter_args(cfg: ExportConfig) -> Path:
+    from weightsmith.lora.gguf_files import ADAPTER_QUANTS
+
+    if cfg.quant not in ADAPTER_QUANTS:
+        raise UsageError(
+            f"--quant {cfg.quant}: an adapter is written as {' or '.join(ADAPTER_QUANTS)} (it is small); "
+            "quantize the base model with its own export"
+        )
+    folder = Path(cfg.adapter)  # type: ignore[arg-type]
+    if not folder.is_dir():
+        raise UsageError(
+            f"--adapter {cfg.adapter}: not a folder; pass a LoRA adapter folder (finetune's --out)"
+        )
+    return folder
+
+
+def _export_adapter(cfg: ExportConfig, out: Path, folder: Path, base: Path) -> dict[str, Any]:
+    """`--adapter`: the adapter as a GGUF LoRA file, and a Modelfile where the base is a GGUF file."""
+    import torch
+
+    from weightsmith.checkpoint.load import read_without_weights
+    from weightsmith.checkpoint.modelfile import modelfile_path, modelfile_text
+    from weightsmith.lora.files import read_adapter, write_gguf_adapter_file
+    from weightsmith.models import CausalLM
+
+    started = time.time()
+    config, tokenizer, generation = read_without_weights(base)
+    with torch.device("meta"):  # the base's shapes, no weights: the adapter is checked as `load_adapter` does
+        skeleton = CausalLM(config)
+    read_adapter(skeleton, folder)
+    is_gguf = base.is_file()
+    body = modelfile_text(out.name, tokenizer, generation, base=str(base.resolve())) if is_gguf else None
+    result = write_gguf_adapter_file(folder, config, out, cfg.quant)
+    modelfile = None
+    if body is not None:
+        modelfile = modelfile_path(out)
+        write_text_atomic(modelfile, body)
+    write_lineage(
+        out, kind="export", config=cfg, started=started, extra_outputs=[modelfile] if modelfile else [],
+        inputs={"model": cfg.model, "adapter": cfg.adapter},
+        metrics={"quant": cfg.quant, "bytes": out.stat().st_size},
+    )  # fmt: skip
+    return {
+        "model": cfg.model,
+        "adapter": cfg.adapter,
+        **result,
+        "modelfile": str(modelfile) if modelfile else None,
+    }

@@ -131,13 +131,15 @@ class ServeConfig:
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """`NAME=DIR` or `DIR` -> {name: dir}, each checked to be a LoRA adapter directory."""
+    """`NAME=DIR` or `DIR` -> {name: dir}, each checked to be a LoRA adapter directory or a GGUF
+    file (read as llama.cpp's LoRA format when the model loads)."""
     adapters: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         directory = Path(path if sep else spec).expanduser()
+        gguf = directory.suffix.lower() == ".gguf" and directory.is_file()  # llama.cpp's LoRA file
         if not sep:
-            name = directory.resolve().name
+            name = directory.stem if gguf else directory.resolve().name
         if not ADAPTER_NAME.fullmatch(name):
             raise UsageError(
                 f"--adapter {spec!r}: adapter name {name!r} must be letters, digits, '.', '_' or '-'; "
@@ -147,10 +149,10 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
             raise UsageError(
                 f"--adapter {spec!r}: the name {name!r} is used twice; give each NAME=DIR a new name"
             )
-        if not (directory / "adapter_config.json").is_file():
+        if not (gguf or (directory / "adapter_config.json").is_file()):
             raise UsageError(
                 f"--adapter {spec!r}: {directory} is not a LoRA adapter directory (no adapter_config.json); "
-                "point it at a finetune output or a PEFT adapter"
+                "point it at a finetune output, a PEFT adapter or a llama.cpp GGUF LoRA file"
             )
         adapters[name] = directory
     return adapters

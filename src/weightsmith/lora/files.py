@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,10 +27,13 @@ from torch import nn
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.files import atomic_file, read_json, write_json_atomic
 from weightsmith.lora.experts import fuse_parameters, parameter_modules, unfuse_parameters
-from weightsmith.lora.fused import fuse_adapter, unfuse_adapter
+from weightsmith.lora.fused import AdapterTensors, fuse_adapter, unfuse_adapter
 from weightsmith.lora.layers import apply_lora, layers_with, lora_layers, resolve_targets
 from weightsmith.lora_config import CONFIG_FILE, KEY_PREFIX, MAGNITUDE, SCORE_HEAD, WEIGHTS_FILE, LoraConfig
 from weightsmith.models.model import SparseMoE
+
+if TYPE_CHECKING:
+    from weightsmith.models import ModelConfig
 
 
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -113,11 +117,11 @@ _FILE_KEY = re.compile(
 )
 
 
-def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.Tensor]]:
+def _read_adapter_tensors(path: Path) -> AdapterTensors:
     """{(module, "lora_A"|"lora_B"|MAGNITUDE): (file key, tensor)}; keys with or without PEFT's
     prefix and with or without an adapter-name infix (`lora_A.default.weight`). A reward model's
     score head (`SCORE_KEYS`) is left to `head_weight`."""
-    out: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
+    out: AdapterTensors = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -143,7 +147,7 @@ def _read_adapter_tensors(path: Path) -> dict[tuple[str, str], tuple[str, torch.
 
 
 def _check_tensors(
-    tensors: dict[tuple[str, str], tuple[str, torch.Tensor]],
+    tensors: AdapterTensors,
     targets: dict[str, nn.Module],
     cfg: LoraConfig,
     path: Path,
@@ -183,14 +187,18 @@ def _check_tensors(
         )
 
 
-def load_adapter(
-    model: nn.Module, directory: str | Path, *, name: str = "default", reward: bool = False
-) -> LoraConfig:
-    """Read a PEFT adapter directory into `model` as adapter `name` (made active).
-    Everything is checked before the model is touched. A reward model's adapter (SEQ_CLS, with
-    its score head) loads only with `reward` (its head is read by `head_weight`), and only it."""
+def read_adapter_folder(
+    directory: str | Path, *, reward: bool = False
+) -> tuple[dict, AdapterTensors, Path, Path]:
+    """A PEFT adapter folder's adapter_config.json contents and tensors (under the file's module
+    names), with the two files' paths; refuses a folder that is not an adapter, a pickle adapter,
+    and a reward model's adapter unless `reward` (and only it with `reward`)."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory}: a file, not an adapter; pass a PEFT adapter folder or llama.cpp's GGUF LoRA file (.gguf)"
+        )
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found; a PEFT adapter directory needs {CONFIG_FILE}")
     raw = read_json(config_path)
@@ -202,7 +210,6 @@ def load_adapter(
             else f"{directory}: not a reward model's adapter (task_type "
             f"{raw.get('task_type')!r}; train one with weightsmith reward)"
         )
-    cfg = LoraConfig.from_peft_dict(raw, str(config_path))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         if (directory / "adapter_model.bin").is_file():
@@ -211,14 +218,66 @@ def load_adapter(
                 f"it to {WEIGHTS_FILE}, e.g. with peft: PeftModel.from_pretrained(...).save_pretrained(dir)"
             )
         raise CheckpointError(f"{weights}: not found; a PEFT adapter directory needs {WEIGHTS_FILE}")
-    tensors = _read_adapter_tensors(weights)
+    return raw, _read_adapter_tensors(weights), config_path, weights
+
+
+def is_gguf_adapter(path: str | Path) -> bool:
+    """Whether `path` names a GGUF file (read as llama.cpp's LoRA adapter format, lora/gguf_files.py)."""
+    path = Path(path)
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
+def read_adapter(
+    model: nn.Module, path: str | Path, *, reward: bool = False
+) -> tuple[LoraConfig, AdapterTensors, dict[str, tuple[int, float]]]:
+    """An adapter's config and tensors under `model`'s module names, every name and shape checked
+    against `model` (which is not touched; a model on the meta device will do). `path` is a PEFT
+    adapter folder or a llama.cpp GGUF LoRA file. Returns (config, tensors, per-module (rank,
+    scale) where the file sets them apart from the config, as MoE experts do)."""
+    path = Path(path)
+    if is_gguf_adapter(path):
+        from weightsmith.lora.gguf_files import read_gguf_adapter
+
+        if reward:
+            raise CheckpointError(
+                f"{path}: a GGUF LoRA file has no score head; pass the reward model's adapter folder"
+            )
+        raw, tensors = read_gguf_adapter(path, model.config)
+        config_path = weights = path
+    else:
+        raw, tensors, config_path, weights = read_adapter_folder(path, reward=reward)
+    cfg = LoraConfig.from_peft_dict(raw, str(config_path))
     cfg, tensors = unfuse_adapter(model, cfg, tensors)  # Phi-3: one LoRA per part of qkv_proj, gate_up_proj
     tensors, ranks = unfuse_parameters(model, cfg, tensors, weights)  # MoE: one LoRA per expert module
     targets = {n: m for n, m, _ in resolve_targets(model, cfg, str(config_path))}
     _check_tensors(tensors, targets, cfg, weights, ranks)
+    return cfg, tensors, ranks
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, *, name: str = "default", reward: bool = False
+) -> LoraConfig:
+    """Read a PEFT adapter directory, or a llama.cpp GGUF LoRA file, into `model` as adapter
+    `name` (made active). Everything is checked before the model is touched. A reward model's
+    adapter (SEQ_CLS, with its score head) loads only with `reward` (its head is read by
+    `head_weight`), and only it."""
+    cfg, tensors, ranks = read_adapter(model, path, reward=reward)
     apply_lora(model, cfg, name, ranks=ranks)
     layers = lora_layers(model)
     with torch.no_grad():
         for (module_name, part), (_, t) in tensors.items():
             getattr(layers[module_name], part)[name].weight.copy_(t)
     return cfg
+
+
+def write_gguf_adapter_file(
+    folder: str | Path, config: ModelConfig, out: str | Path, quant: str = "f16"
+) -> dict:
+    """The PEFT adapter folder `folder` as llama.cpp's GGUF LoRA file at `out` for a base with
+    `config` (lora/gguf_files.py); check it against the base with `read_adapter` first."""
+    from weightsmith.lora.gguf_files import write_gguf_adapter
+
+    raw, tensors, config_path, _ = read_adapter_folder(folder)
+    cfg = LoraConfig.from_peft_dict(raw, str(config_path))
+    name = Path(folder).resolve().name
+    return write_gguf_adapter(cfg, tensors, config, out, quant, name=name, source=str(folder))

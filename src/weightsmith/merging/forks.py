@@ -89,7 +89,10 @@ class TensorFork(Fork):
 
 
 def is_adapter(path: Path) -> bool:
-    return path.is_dir() and (path / "adapter_config.json").is_file()
+    """A PEFT adapter folder, or llama.cpp's GGUF LoRA file."""
+    from weightsmith.lora.gguf_files import is_adapter_file
+
+    return (path.is_dir() and (path / "adapter_config.json").is_file()) or is_adapter_file(path)
 
 
 def open_forks(
