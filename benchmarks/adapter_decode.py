@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_description, timed_runs  # noqa: E402
+from machine import alternate_children, cpu_description, timed_runs  # noqa: E402
 
 CONTENDERS = ["ours lora", "peer lora", "ours dora", "ours dora merged", "peer dora", "peer dora cached"]
 PROMPT = "Explain in three sentences how a kettle knows when the water boils."
@@ -118,18 +117,14 @@ def main() -> None:
         (work / "prompt.json").write_text(
             json.dumps(engine.chat_prompt([{"role": "user", "content": PROMPT}]))
         )
-        times: dict[str, list[float]] = {who: [] for who in CONTENDERS}
-        tokens: dict[str, list[int]] = {}
-        for _ in range(args.rounds):
-            for who in CONTENDERS:
-                cmd = [sys.executable, __file__, "--child", who, "--work", str(work), "--runs", str(args.runs),
-                       "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)]  # fmt: skip
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{who} failed: {done.stderr.strip()[-400:]}")
-                got = json.loads(done.stdout.strip().splitlines()[-1])
-                times[who] += got["times"]
-                tokens[who] = got["tokens"]
+        argv = ["--work", str(work), "--runs", str(args.runs), "--max-tokens", str(args.max_tokens), "--threads",
+                str(args.threads)]  # fmt: skip
+        results = alternate_children(__file__, CONTENDERS, argv, args.rounds)
+    missing = [who for who, got in results.items() if len(got) < args.rounds]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} failed")
+    times = {who: [t for r in got for t in r["times"]] for who, got in results.items()}
+    tokens = {who: got[-1]["tokens"] for who, got in results.items()}
     rate = {who: args.max_tokens / statistics.median(t) for who, t in times.items()}
     print(
         f"rank-16 adapters on every projection of smollm2-135m-instruct (fp32), {args.max_tokens} new tokens"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_description  # noqa: E402
+from machine import alternate_children, cpu_description  # noqa: E402
 
 TOKEN = 1234  # every step feeds the same token (the work does not depend on which)
 CONTENDERS = ["ours fp32 cache", "ours bf16 cache", "llama.cpp f16 cache", "llama.cpp f32 cache"]
@@ -145,19 +144,11 @@ def main() -> None:
     print("| context | contender | decode tok/s | cache KiB a token | vs ours fp32 cache |")
     print("|---|---|---|---|---|")
     for context in [int(c) for c in args.context.split(",")]:
-        seconds: dict[str, list[float]] = {who: [] for who in CONTENDERS}
-        size: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for who in CONTENDERS:
-                cmd = [sys.executable, __file__, "--child", who, "--path", path, "--context", str(context),
-                       "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]  # fmt: skip
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"{who}: failed or missing: {done.stderr.strip()[-200:]}")
-                    continue
-                got = json.loads(done.stdout.strip().splitlines()[-1])
-                seconds[who].append(got["seconds"])
-                size[who] = got["per_token"]
+        argv = ["--path", path, "--context", str(context), "--new-tokens", str(args.new_tokens), "--threads",
+                str(args.threads)]  # fmt: skip
+        results = alternate_children(__file__, CONTENDERS, argv, args.rounds)
+        seconds = {who: [r["seconds"] for r in got] for who, got in results.items()}
+        size = {who: got[-1]["per_token"] for who, got in results.items() if got}
         rate = {w: args.new_tokens / statistics.median(s) for w, s in seconds.items() if s}
         for who in rate:
             ratio = rate[who] / rate["ours fp32 cache"]

@@ -162,3 +162,26 @@ def timed_runs(work, runs: int) -> tuple[list[float], object]:
         work()
         times.append(time.perf_counter() - start)
     return times, first
+
+
+def alternate_children(
+    script: str, contenders: list[str], argv: list[str], rounds: int
+) -> dict[str, list[dict]]:
+    """Run `python SCRIPT --child WHO *argv` for every contender, alternating over `rounds`; each
+    child prints one JSON object as its last line. Returns {who: [that object, one per round]};
+    a child that fails is reported on stdout and left out (a missing peer is not fatal)."""
+    import json
+    import subprocess
+    import sys
+
+    results: dict[str, list[dict]] = {who: [] for who in contenders}
+    for _ in range(rounds):
+        for who in contenders:
+            done = subprocess.run(
+                [sys.executable, script, "--child", who, *argv], capture_output=True, text=True
+            )
+            if done.returncode != 0 or not done.stdout.strip():
+                print(f"{who}: failed or missing: {done.stderr.strip()[-300:]}")
+                continue
+            results[who].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_description, timed_runs  # noqa: E402
+from machine import alternate_children, cpu_description, timed_runs  # noqa: E402
 
 PARAGRAPH = (
     "The Kettlebird kettle boils watter in under three minuts. Its temperture can be set from 40 to 100 "
@@ -135,17 +134,13 @@ def main() -> None:
         engine = weightsmith.load(work / "f32.gguf").engine
         prompts = [engine.chat_prompt([{"role": "user", "content": ask}]) for ask in ASKS]
         (work / "prompts.json").write_text(json.dumps(prompts))
-        rate, outs = {}, {}
-        for who in CONTENDERS:
-            cmd = [sys.executable, __file__, "--child", who, "--work", str(work), "--k", str(args.k),
-                   "--max-tokens", str(args.max_tokens), "--runs", str(args.runs), "--threads", str(args.threads)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{who}: failed or missing: {done.stderr.strip()[-200:]}")
-                continue
-            got = json.loads(done.stdout.strip().splitlines()[-1])
-            rate[who] = args.max_tokens * len(prompts) / statistics.median(got["times"])
-            outs[who] = got["outs"]
+        argv = ["--work", str(work), "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--runs",
+                str(args.runs), "--threads", str(args.threads)]  # fmt: skip
+        results = alternate_children(__file__, CONTENDERS, argv, 1)
+    rate = {
+        w: args.max_tokens * len(prompts) / statistics.median(r[0]["times"]) for w, r in results.items() if r
+    }
+    outs = {w: r[0]["outs"] for w, r in results.items() if r}
     if outs.get("ours+lookup") != outs.get("ours"):
         raise SystemExit("prompt lookup changed our greedy tokens")
     print("| contender | tokens/s | lookup / plain | vs ours (same kind) |")

@@ -221,7 +221,6 @@ def test_a_teacher_whose_head_is_smaller_than_the_tokenizer_is_refused(tiny_hf_d
             "--precompute-teacher 8: keeps the teacher's top K",
         ),
         (["--precompute-teacher", "1000"], "--precompute-teacher 1000: more than the 320 tokens"),
-        (["--teacher-keep-quantized", "--teacher-adapter", "x"], "--teacher-keep-quantized runs the file"),
         (["--on-policy", "0.5", "--packing"], "--packing: an on-policy row holds one prompt"),
         (
             ["--on-policy", "1", "--max-completion-len", "2000"],
@@ -346,10 +345,11 @@ def test_bad_on_policy_data_stops_before_any_model_loads(
     assert not out.exists()
 
 
-def test_a_quantized_teacher_runs_from_its_blocks(tiny_hf_dir, data, tmp_path, monkeypatch):
+def test_a_quantized_teacher_runs_from_its_blocks(tiny_hf_dir, data, tmp_path, monkeypatch, adapter_dir):
     """A q8_0 GGUF teacher kept in its blocks (the int8 kernels) teaches what its dequantized
-    weights teach. The file's tokenizer has the student's 300 tokens and 20 padding ones up to
-    the embedding's 320 rows: the same tokenizer."""
+    weights teach, with and without a teacher adapter (beside the blocks; folded into the
+    dequantized weights). The file's tokenizer has the student's 300 tokens and 20 padding ones
+    up to the embedding's 320 rows: the same tokenizer."""
     from weightsmith.checkpoint.gguf_write import export_gguf
     from weightsmith.train import distill
 
@@ -361,15 +361,19 @@ def test_a_quantized_teacher_runs_from_its_blocks(tiny_hf_dir, data, tmp_path, m
     )
     kd = {}
     for keep in (False, True):
-        out = tmp_path / f"run-{keep}"
-        cfg = distill_config(tiny_hf_dir, data, out, gguf, teacher_keep_quantized=keep,
-                             train={"max_steps": 2, "precision": "fp32"})  # fmt: skip
-        run_distill(cfg)
-        kd[keep] = losses_of(out, "kd")
-    assert kd[True] == pytest.approx(kd[False], rel=1e-3)
+        for adapter in (None, str(adapter_dir)):
+            out = tmp_path / f"run-{keep}-{adapter is not None}"
+            cfg = distill_config(tiny_hf_dir, data, out, gguf, teacher_keep_quantized=keep, teacher_adapter=adapter,
+                                 train={"max_steps": 2, "precision": "fp32"})  # fmt: skip
+            run_distill(cfg)
+            kd[keep, adapter is not None] = losses_of(out, "kd")
+    for adapted in (False, True):
+        assert kd[True, adapted] == pytest.approx(kd[False, adapted], rel=1e-3)
+    assert kd[True, True] != pytest.approx(kd[True, False], rel=1e-2)  # the adapter counts
     kinds = [type(t.model.layers[0].mlp.down_proj) for t in teachers]
     assert kinds[0].__module__ == "weightsmith.models.linear"  # dequantized
-    assert kinds[1].__module__.startswith("weightsmith.quant.")  # the file's blocks
+    assert kinds[2].__module__.startswith("weightsmith.quant.")  # the file's blocks
+    assert type(teachers[3].model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
 
 
 # ----- --precompute-teacher K: the teacher's top K, stored once -----------------------------------

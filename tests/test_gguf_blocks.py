@@ -10,7 +10,7 @@ as llama.cpp computes it). Checked: every kept layer dequantizes bit for bit to 
 load's weight, resident bytes are the file's, prefill logits equal the float load's, decode
 logits through the kernels and through the fused C step equal the PyTorch path's with the
 kernels' input rounding, and `weightsmith generate --keep-quantized` decodes what the PyTorch
-path decodes; refusals are one line.
+path decodes; a LoRA adapter runs beside the blocks (generate, serve); refusals are one line.
 """
 
 from __future__ import annotations
@@ -235,10 +235,93 @@ def test_generate_matches_the_pytorch_path(block_file, capsys, monkeypatch, fuse
 def test_refusals_are_one_line(block_file, tiny_hf_dir, capsys, tmp_path):
     one_line_error(capsys, ["generate", str(tiny_hf_dir), "--keep-quantized", "-p", "x"],
                    expect_in=["--keep-quantized", ".gguf"])  # fmt: skip
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    one_line_error(capsys, ["generate", str(block_file), "--keep-quantized", "--adapter", str(adapter), "-p", "x"],
-                   expect_in=["--keep-quantized", "adapter"], code=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def block_adapter(block_file, tmp_path_factory):
+    """A LoRA adapter on every projection (r=4, random A and B) for the block file's model."""
+    from weightsmith.lora import LoraConfig, apply_lora, save_adapter
+
+    model = load(block_file, device="cpu", dtype="fp32").model
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    apply_lora(model, cfg)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    return save_adapter(model, tmp_path_factory.mktemp("block-adapter") / "adapter", cfg)
+
+
+def test_an_adapter_runs_beside_the_blocks(block_file, block_adapter, loads, monkeypatch, fused_calls):
+    """`keep_quantized` with an adapter: each layer keeps the file's blocks and adds s B A x; a long
+    input gives the float load's logits with the adapter folded in, and decoding through the C
+    step computes what the PyTorch path computes (up to the kernels' input rounding, as without)."""
+    from weightsmith.lora import LoRALinear
+
+    flt = loads[0]
+    kept = load(block_file, device="cpu", dtype="fp32", keep_quantized=True, adapter=block_adapter)
+    merged = load(block_file, device="cpu", dtype="fp32", adapter=block_adapter)
+    q = kept.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and isinstance(q.base_layer, GGMLLinear)
+    rows = wo.TILED_KERNEL_MAX_ROWS + 1
+    ids = torch.tensor([(PROMPTS[0] * rows)[:rows]])
+    with torch.no_grad():
+        want, got, base = merged.model(ids), kept.model(ids), flt.model(ids)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+    assert (want - base).abs().max().item() > 0.05 * scale  # the adapter counts
+    kernels_on(monkeypatch, True)
+    eager = _decode(kept.model, fused=False)
+    fused = _decode(kept.model, fused=True)
+    assert fused_calls == [2, 2, 2], "the fused step was not taken"
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=2e-2 * scale)
+
+
+def test_generate_and_serve_run_an_adapter_beside_the_blocks(
+    block_file, block_adapter, capsys, monkeypatch, tmp_path
+):
+    """`generate --keep-quantized --adapter` (the C step, and the PyTorch step) and `serve
+    --keep-quantized --adapter NAME=FILE.gguf` (llama.cpp's adapter format) answer alike."""
+    import httpx
+
+    from weightsmith.commands.serve import ServeConfig, start_server
+    from weightsmith.config import config_from_dict
+    from weightsmith.cpu_decode import plan as cpu_plan
+    from weightsmith.lora.files import write_gguf_adapter_file
+
+    kernels_on(monkeypatch, True)
+    argv = ["generate", str(block_file), "--keep-quantized", "-p", "the cat", "-n", "10", "--temperature", "0",
+            "--json"]  # fmt: skip
+    texts = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", str(block_adapter)])):
+        code, out, err = run_cli(argv + extra, capsys)
+        assert code == 0, err
+        texts[name] = json.loads(out)["text"]
+    assert texts["adapter"] != texts["base"]
+    with monkeypatch.context() as m:
+        m.setattr(cpu_plan.CpuDecodePlan, "fused", lambda self: None)  # the PyTorch step
+        code, out, err = run_cli(argv + ["--adapter", str(block_adapter)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["text"] == texts["adapter"]
+    config = load(block_file, device="cpu", dtype="fp32").model.config
+    write_gguf_adapter_file(block_adapter, config, tmp_path / "tone.gguf", "f32")
+    cfg = config_from_dict(
+        ServeConfig,
+        {"model": str(block_file), "served_name": "blocks", "port": 0, "keep_quantized": True,
+         "adapter": [f"tone={tmp_path / 'tone.gguf'}"]},
+    )  # fmt: skip
+    running = start_server(cfg)
+    try:
+        answers = {}
+        for model in ("blocks", "blocks:tone"):
+            body = {"model": model, "prompt": "the cat", "max_tokens": 10, "temperature": 0}
+            r = httpx.post(running.url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            answers[model] = r.json()["choices"][0]["text"]
+    finally:
+        running.stop()
+    assert answers == {"blocks": texts["base"], "blocks:tone": texts["adapter"]}
 
 
 def test_saving_refuses_and_export_state_dequantizes(loads, tmp_path):
@@ -284,14 +367,6 @@ def test_serve_keeps_the_blocks_and_answers_like_generate(block_file, capsys, mo
     assert r.status_code == 200, r.text
     assert fused_calls, "the server's steps did not take the fused C step"
     assert r.json()["choices"][0]["text"] == json.loads(out)["text"]
-
-
-def test_serve_refuses_keep_quantized_with_adapters(block_file, capsys, tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
-    one_line_error(capsys, ["serve", str(block_file), "--keep-quantized", "--adapter", f"a={adapter}"],
-                   expect_in=["--keep-quantized", "--adapter"], code=2)  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["qwen3moe", "mixtral"])

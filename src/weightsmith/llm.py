@@ -164,10 +164,9 @@ def load(
     kv_dtype = (
         None if kv_cache_dtype in (None, "auto") else pick_dtype(kv_cache_dtype, dev, "--kv-cache-dtype")
     )
-    if keep_quantized and (dev.type != "cpu" or adapter is not None):
+    if keep_quantized and dev.type != "cpu":
         raise UsageError(
-            "--keep-quantized runs a GGUF file's blocks on the CPU and cannot take an adapter "
-            f"({'--adapter given' if adapter is not None else f'device {dev}'}); drop one of them"
+            f"--keep-quantized runs a GGUF file's blocks on the CPU, not on {dev}; drop one of them"
         )
     ckpt = load_checkpoint(
         path, device=dev, dtype=dt, allow_pickle=allow_pickle, keep_quantized=keep_quantized
@@ -176,7 +175,8 @@ def load(
         from weightsmith.lora import load_adapter, merge_and_unload
 
         load_adapter(ckpt.model, Path(adapter))
-        merge_and_unload(ckpt.model)
+        if not keep_quantized:  # folded in; over kept blocks it stays apart (the C step adds it)
+            merge_and_unload(ckpt.model)
         ckpt.model.requires_grad_(False)
     llm = LLM(ckpt, str(model), dev, dt)  # its Engine lays a CPU model out for decoding
     llm.engine.kv_dtype = kv_dtype

@@ -58,11 +58,13 @@ class LoadOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto")
     dtype: str = opt("auto", "fp32, bf16, fp16 or auto (fp32 on CPU, bf16/fp16 on GPU)")
     allow_pickle: bool = opt(False, "allow pickle weights (.bin/.pt), loaded with weights_only=True")
-    adapter: str | None = opt(None, "LoRA adapter directory (from finetune, or PEFT) to apply")
+    adapter: str | None = opt(
+        None, "LoRA adapter to apply: a folder (from finetune, or PEFT) or llama.cpp's GGUF LoRA file"
+    )
     keep_quantized: bool = opt(
         False, "run a .gguf file's quantized matrices (Q4_K, Q8_0, IQ*, MXFP4, ...; and gpt-oss's MXFP4 "
         "experts of an HF folder) from their own blocks (CPU kernels, the file's memory) instead of "
-        "dequantizing them"
+        "dequantizing them; an --adapter then runs beside the blocks"
     )  # fmt: skip
     kv_cache_dtype: str = opt("auto", KV_CACHE_HELP, choices=KV_CACHE_DTYPES)
 

@@ -104,7 +104,7 @@ class ServeConfig:
     keep_quantized: bool = opt(
         False, "run a .gguf file's quantized matrices (Q4_K, Q8_0, IQ*, MXFP4, ...; and gpt-oss's MXFP4 "
         "experts of an HF folder) from their own blocks (CPU kernels, the file's memory) instead of "
-        "dequantizing them; no --adapter"
+        "dequantizing them; adapters run beside the blocks"
     )  # fmt: skip
     compile: bool = opt(
         False, "decode through torch.compile; on a CUDA device, replayed from CUDA graphs per batch size"
@@ -119,11 +119,6 @@ class ServeConfig:
                                  ("response-store-mib", self.response_store_mib, 0)):  # fmt: skip
             if value < low:
                 raise UsageError(f"--{name} must be at least {low}, got {value}")
-        if self.keep_quantized and self.adapter:
-            raise UsageError(
-                "--keep-quantized runs a GGUF file's blocks, which LoRA adapters cannot wrap; "
-                "drop --adapter or --keep-quantized"
-            )
         if not self.template_timeout > 0:
             raise UsageError(
                 f"--template-timeout must be a positive number of seconds, got {self.template_timeout}"

@@ -129,11 +129,6 @@ class DistillConfig(FinetuneConfig):
             )
         if not self.sample_temperature > 0:
             raise ConfigError(f"--sample-temperature {self.sample_temperature}: must be above 0")
-        if self.teacher_keep_quantized and self.teacher_adapter:
-            raise ConfigError(
-                "--teacher-keep-quantized runs the file's blocks as they are and cannot fold in --teacher-adapter; "
-                "drop one (or merge the adapter and export the teacher again)"
-            )
         if self.precompute_teacher < 0 or (
             self.precompute_teacher and (self.loss != "forward_kl" or self.on_policy)
         ):
@@ -247,7 +242,8 @@ def _load_teacher(cfg: DistillConfig, path: Path, device: torch.device, tokenize
     model = loaded.model
     if cfg.teacher_adapter:
         load_adapter(model, Path(cfg.teacher_adapter))
-        merge_and_unload(model)
+        if not keep:  # over kept blocks the adapter stays apart, added to each block layer's output
+            merge_and_unload(model)
     return model.requires_grad_(False).eval()
 
 
