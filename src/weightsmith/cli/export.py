@@ -14,6 +14,13 @@ def print_export(result: dict[str, Any], console: Console) -> None:
     if result.get("format") == "gguf-lora":
         _print_adapter(result, console)
         return
+    if result.get("format") == "gguf-control-vector":
+        layers = ", ".join(str(i) for i in result["layers"])
+        console.print(
+            f"wrote {result['path']} (llama.cpp control vector for {result['model_hint']}: direction.N for layer "
+            f"output{'s' if len(result['layers']) > 1 else ''} {layers}); use: llama-cli --control-vector {result['path']}"
+        )
+        return
     types = ", ".join(f"{n} {c}" for n, c in result["tensors"].items())
     console.print(
         f"wrote {result['path']} ({result['bytes'] / 1e6:,.1f} MB, {result['architecture']}, "

@@ -32,6 +32,12 @@ class ExportConfig:
         "LoRA adapter folder (finetune's output, or PEFT's) to write alone as llama.cpp's GGUF adapter "
         "(f32 or f16), for MODEL as its base",
     )
+    steer: list[str] = opt(
+        default_factory=list,
+        help="a direction to write as llama.cpp's control vector (--control-vector) instead of the model: "
+        "FILE:layer=L:scale=S or FILE:add on a direction file of MODEL's (repeatable; the additions sum)",
+        split=False,
+    )
     format: str = opt("gguf", "output format", choices=["gguf"])
     quant: str = opt("f16", "storage type of the weight matrices", choices=list(QUANTS))
     out: str = opt(help="output file (NAME.gguf); a Modelfile is written in the same directory")
@@ -49,6 +55,7 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
 
     # Refuse a bad --out before resolving, which may download the model.
     out = check_export_args(cfg.out, cfg.quant, overwrite=cfg.overwrite)
+    _check_steer_args(cfg)
     imatrix = None
     if cfg.imatrix is not None:  # a bad file stops before the model loads
         from weightsmith.checkpoint.imatrix import read_imatrix
@@ -58,11 +65,14 @@ def run_export(cfg: ExportConfig, progress: Any = None) -> dict[str, Any]:
                 f"--imatrix has no effect on --quant {cfg.quant} (its steps are fine enough); drop it, "
                 "or choose a type of 6 bits or fewer such as q4_k_m"
             )
-        if cfg.adapter is not None:
+        if cfg.adapter is not None or cfg.steer:
             raise UsageError(
-                "--imatrix weighs a quantizer's fits; an adapter is written unquantized, drop --imatrix"
+                "--imatrix weighs a quantizer's fits; an adapter or control vector is written unquantized, "
+                "drop --imatrix"
             )
         imatrix = read_imatrix(cfg.imatrix)
+    if cfg.steer:
+        return _export_control_vector(cfg, out, resolve(cfg.model))
     if cfg.adapter is not None:
         folder = _check_adapter_args(cfg)  # before resolving, which may download the model
         return _export_adapter(cfg, out, folder, resolve(cfg.model))
@@ -130,3 +140,45 @@ def _export_adapter(cfg: ExportConfig, out: Path, folder: Path, base: Path) -> d
         **result,
         "modelfile": str(modelfile) if modelfile else None,
     }
+
+
+def _check_steer_args(cfg: ExportConfig) -> None:
+    from weightsmith.inspect.steering import parse_steer
+
+    if cfg.steer and cfg.adapter is not None:
+        raise UsageError(
+            "--steer writes a control vector and --adapter an adapter; export them one at a time"
+        )
+    for spec in cfg.steer:
+        path = parse_steer(spec).path
+        if not path.is_file():
+            raise UsageError(f"--steer {spec}: no direction file at {path}")
+
+
+def _export_control_vector(cfg: ExportConfig, out: Path, base: Path) -> dict[str, Any]:
+    """`--steer`: the specs' additions as one llama.cpp control vector file (inspect/control_vectors.py)."""
+    from weightsmith.checkpoint.gguf_write import ARCHITECTURES
+    from weightsmith.inspect.control_vectors import write_control_vector
+    from weightsmith.inspect.steering import additions, parse_steer, read_steer_file
+    from weightsmith.llm import load
+    from weightsmith.models.fingerprint import model_fingerprint
+
+    started = time.time()
+    llm = load(
+        base, device="cpu", dtype="fp32", auto_pull=False
+    )  # as `--steer` loads it: the same fingerprint
+    config, fingerprint = llm.model.config, model_fingerprint(llm.model)
+    n = config.num_hidden_layers
+    pairs = []
+    for spec in map(parse_steer, cfg.steer):
+        direction = read_steer_file(
+            spec.path, hidden_size=config.hidden_size, num_layers=n, fingerprint=fingerprint
+        )
+        pairs += [(layer, vector * scale) for layer, vector, scale in additions(spec, direction, n)]
+    hint = ARCHITECTURES.get(config.model_type, config.model_type)
+    result = write_control_vector(out, pairs, num_layers=n, model_hint=hint)
+    write_lineage(
+        out, kind="export", config=cfg, started=started, inputs={"model": cfg.model, "steer": list(cfg.steer)},
+        metrics={"bytes": result["bytes"]},
+    )  # fmt: skip
+    return {"model": cfg.model, "format": "gguf-control-vector", "model_hint": hint, **result}

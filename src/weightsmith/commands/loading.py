@@ -90,7 +90,7 @@ class SteerOptions:
     steer: list[str] = opt(
         default_factory=list,
         help="steer with a direction: FILE:layer=L:scale=S adds it, FILE:add adds it as --select chose, "
-        "FILE:ablate removes it (repeatable)",
+        "FILE:ablate removes it; a llama.cpp control vector: FILE.gguf[:scale=S] (repeatable)",
         split=False,
     )
 

@@ -173,14 +173,14 @@ def parse_directions(specs: list[str], steer: list[str]) -> dict[str, Path]:
 
 
 def read_directions(llm: Any, directions: dict[str, Path]) -> dict[str, Any]:
-    from weightsmith.inspect.directions import read_direction
+    from weightsmith.inspect.steering import read_steer_file
     from weightsmith.models.fingerprint import model_fingerprint
 
     if not directions:
         return {}
     fingerprint, cfg = model_fingerprint(llm.model), llm.model.config
     return {
-        name: read_direction(
+        name: read_steer_file(
             path, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, fingerprint=fingerprint
         )
         for name, path in directions.items()

@@ -11,6 +11,9 @@ directional ablation, equivalent to their weight orthogonalisation). `FILE:ablat
 picks which layer's direction to ablate; without it the file's recommended layer.
 `FILE:add` adds the direction the way `inspect direction --select` chose for addition (its own
 prompt position's directions, layer and scale, from the file); `:layer=L`/`:scale=S` override.
+`FILE.gguf[:scale=S]` is llama.cpp's control vector (control_vectors.py): every layer it holds
+added at strength S (default 1), as llama.cpp adds it. `additions` gives an adding spec's
+(layer, vector, scale) triples, which `export --steer` writes as such a file.
 
 `Steering(model, specs).start()` keeps the hooks on until `stop()`: every forward, prefill and
 decode, runs the hooked (PyTorch) path. `row_edits` makes edits that steer only some rows of
@@ -31,6 +34,12 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.inspect.control_vectors import (
+    is_control_vector,
+    is_control_vector_path,
+    read_control_vector,
+    steered_layers,
+)
 from weightsmith.inspect.directions import Direction, check_layer, read_direction
 from weightsmith.inspect.hooks import Edit, HookState, InspectError, hooked
 from weightsmith.inspect.interventions import Add, ProjectOut
@@ -70,6 +79,8 @@ def parse_steer(spec: str) -> SteerSpec:
     except ValueError:
         raise InspectError(f"--steer {spec!r}: layer must be an integer and scale a number") from None
     ablate, add = "ablate" in options, "add" in options
+    if not options and is_control_vector_path(path):  # llama.cpp's control vector: at strength 1
+        return SteerSpec(Path(path), False, None, None, spec)
     if ablate == (scale is not None or add):
         raise InspectError(
             f"--steer {spec!r}: give either scale=S or add (add the direction) or ablate (remove it), "
@@ -80,21 +91,50 @@ def parse_steer(spec: str) -> SteerSpec:
 
 def edits_for(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str, list[Edit]]:
     """The hook edits that carry out one spec."""
+    if spec.ablate and not is_control_vector(direction):
+        check_layer(spec.layer, n_layers, f"--steer {spec.text}: layer")
+        layer = direction.layer if spec.layer is None else spec.layer
+        return ablation_edits(_nonzero(spec, direction.vectors, layer), n_layers)
+    edits: dict[str, list[Edit]] = {}
+    for layer, vector, scale in additions(spec, direction, n_layers):
+        for name, fns in addition_edits(vector, layer, scale, n_layers).items():
+            edits.setdefault(name, []).extend(fns)
+    return edits
+
+
+def additions(spec: SteerSpec, direction: Direction, n_layers: int) -> list[tuple[int, torch.Tensor, float]]:
+    """(stream index, vector, scale) for each addition an adding spec makes: one for a direction
+    file, every layer a control vector holds (at `scale`, default 1) for a control vector."""
+    if is_control_vector(direction):
+        if spec.ablate or spec.add or spec.layer is not None:
+            raise InspectError(
+                f"--steer {spec.text}: a control vector adds at every layer it holds, as llama.cpp does; "
+                "give FILE or FILE:scale=S"
+            )
+        scale = 1.0 if spec.scale is None else float(spec.scale)
+        return [(layer, direction.vectors[layer], scale) for layer in steered_layers(direction)]
     check_layer(spec.layer, n_layers, f"--steer {spec.text}: layer")
+    if spec.ablate:
+        raise InspectError(
+            f"--steer {spec.text}: removes a direction, which a control vector cannot (it only adds)"
+        )
     if spec.add:
-        return _recommended_addition(spec, direction, n_layers)
+        return [_recommended_addition(spec, direction, n_layers)]
     layer = direction.layer if spec.layer is None else spec.layer
-    vector = direction.at(layer)
-    if float(vector.norm()) == 0.0:
+    return [(layer, _nonzero(spec, direction.vectors, layer), float(spec.scale))]  # type: ignore[arg-type]
+
+
+def _nonzero(spec: SteerSpec, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+    if float(vectors[layer].norm()) == 0.0:
         raise InspectError(
             f"--steer {spec.text}: the direction at layer {layer} is zero (the sets do not differ there); pick another layer"
         )
-    if spec.ablate:
-        return ablation_edits(vector, n_layers)
-    return addition_edits(vector, layer, float(spec.scale), n_layers)
+    return vectors[layer]
 
 
-def _recommended_addition(spec: SteerSpec, direction: Direction, n_layers: int) -> dict[str, list[Edit]]:
+def _recommended_addition(
+    spec: SteerSpec, direction: Direction, n_layers: int
+) -> tuple[int, torch.Tensor, float]:
     """`FILE:add[:layer=L][:scale=S]`: the file's addition choice, its layer and scale unless given."""
     try:
         rec = json.loads(direction.meta.get("recommended_add") or "null")
@@ -107,9 +147,14 @@ def _recommended_addition(spec: SteerSpec, direction: Direction, n_layers: int) 
     layer = layer if spec.layer is None else spec.layer
     check_layer(layer, n_layers, f"--steer {spec.text}: layer")
     vectors = direction.vectors if direction.add_vectors is None else direction.add_vectors
-    if float(vectors[layer].norm()) == 0.0:
-        raise InspectError(f"--steer {spec.text}: the direction at layer {layer} is zero; pick another layer")
-    return addition_edits(vectors[layer], layer, scale if spec.scale is None else float(spec.scale), n_layers)
+    return layer, _nonzero(spec, vectors, layer), scale if spec.scale is None else float(spec.scale)
+
+
+def read_steer_file(path: Path, *, hidden_size: int, num_layers: int, fingerprint: str | None) -> Direction:
+    """A direction file (`inspect direction`), or llama.cpp's control vector (`.gguf`), checked against a model."""
+    if is_control_vector_path(path):
+        return read_control_vector(path, hidden_size=hidden_size, num_layers=num_layers)
+    return read_direction(path, hidden_size=hidden_size, num_layers=num_layers, fingerprint=fingerprint)
 
 
 def ablation_edits(vector: torch.Tensor, n_layers: int) -> dict[str, list[Edit]]:
@@ -139,7 +184,7 @@ def load_steering(
     n_layers = len(model.model.layers)
     edits: dict[str, list[Edit]] = {}
     for spec in parsed:
-        direction = read_direction(
+        direction = read_steer_file(
             spec.path, hidden_size=model.config.hidden_size, num_layers=n_layers, fingerprint=fingerprint
         )
         for name, fns in edits_for(spec, direction, n_layers).items():
