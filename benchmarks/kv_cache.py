@@ -1,4 +1,4 @@
-"""Long-context decoding and the key/value cache's dtype: `--kv-cache-dtype bf16` against fp32, and llama.cpp.
+"""Long-context decoding and the key/value cache's dtype: `--kv-cache-dtype bf16` and `int8` against fp32, and llama.cpp.
 
 A decode step reads every cached key and value once per layer, so at long contexts the cache's
 bytes weigh as much as the weights'. Each contender prefills a `--context`-token prompt of the
@@ -6,17 +6,19 @@ default model (its Q4_1 file as shipped: weightsmith with `keep_quantized=True`,
 and then times `--new-tokens` one-token steps (each computing the logits), in its own process, after a warm-up, the
 processes alternating over `--rounds`:
 
-- weightsmith with an fp32 cache (the model's dtype) and with a bf16 cache (`--kv-cache-dtype bf16`);
-- llama.cpp (llama-cpp-python, where installed) with its default f16 cache, and with an f32 one.
+- weightsmith with an fp32 cache (the model's dtype), a bf16 cache (`--kv-cache-dtype bf16`) and an
+  int8 one (`--kv-cache-dtype int8`: codes and a scale per head and position);
+- llama.cpp (llama-cpp-python, where installed) with its default f16 cache and an f32 one, and with
+  flash attention (which its quantized caches need) an f16 and a q8_0 cache.
 
 Printed per context: decode tokens/s (medians), the cache's bytes per token, and ratios against
 weightsmith's fp32 cache.
 
 `--quality` instead measures what the rounding changes: the bundled Kettlebird text (its README and
 training conversations) is fed one token at a time through the C step after a 1,024-token prefill,
-with an fp32 and a bf16 cache; printed are each run's perplexity on the next `--quality` tokens,
-the mean and largest KL divergence of the bf16 run's next-token distribution from the fp32 run's,
-and how often their top tokens agree.
+with an fp32, a bf16 and an int8 cache; printed are each run's perplexity on the next `--quality`
+tokens, the mean and largest KL divergence of the bf16 and int8 runs' next-token distributions from
+the fp32 run's, and how often their top tokens agree.
 
     python benchmarks/kv_cache.py [--context 1024,4096] [--new-tokens 32] [--rounds 3] [--threads 2]
     python benchmarks/kv_cache.py --quality 512
@@ -37,7 +39,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import alternate_children, cpu_description  # noqa: E402
 
 TOKEN = 1234  # every step feeds the same token (the work does not depend on which)
-CONTENDERS = ["ours fp32 cache", "ours bf16 cache", "llama.cpp f16 cache", "llama.cpp f32 cache"]
+CONTENDERS = [
+    "ours fp32 cache", "ours bf16 cache", "ours int8 cache", "llama.cpp f16 cache", "llama.cpp f32 cache",
+    "llama.cpp f16 cache, flash attn", "llama.cpp q8_0 cache, flash attn",
+]  # fmt: skip
+OUR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def run(who: str, path: str, context: int, new: int) -> tuple[float, float]:
@@ -50,9 +56,9 @@ def run(who: str, path: str, context: int, new: int) -> tuple[float, float]:
 
         llm = weightsmith.load(path, keep_quantized=True)
         model, step, cpu = llm.model, llm.engine.decode_step(), torch.device("cpu")
-        dtype = torch.bfloat16 if "bf16" in who else torch.float32
+        dtype = OUR_DTYPES[who.split()[1]]
         cache = KVCache.for_model(model.config, 1, context + new + 1, dtype=dtype, device=cpu)
-        per_token = 2 * cache.k[:, 0, :, 0].numel() * cache.k.element_size()
+        per_token = cache.bytes_per_token
         with torch.inference_mode():
             prefill(model, cache, [prompt], cpu)
             step(model, cache, [TOKEN], cpu)  # warm-up
@@ -63,9 +69,12 @@ def run(who: str, path: str, context: int, new: int) -> tuple[float, float]:
             return time.perf_counter() - start, per_token
     import llama_cpp
 
-    kind = llama_cpp.GGML_TYPE_F16 if "f16" in who else llama_cpp.GGML_TYPE_F32
-    llama = llama_cpp.Llama(path, n_ctx=context + new + 8, n_threads=torch.get_num_threads(),
-                            n_batch=512, type_k=kind, type_v=kind, verbose=False)  # fmt: skip
+    name = who.split()[1]
+    kind = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[
+        name
+    ]
+    llama = llama_cpp.Llama(path, n_ctx=context + new + 8, n_threads=torch.get_num_threads(), n_batch=512,
+                            type_k=kind, type_v=kind, flash_attn="flash" in who, verbose=False)  # fmt: skip
     llama.eval(prompt)
     llama.eval([TOKEN])  # warm-up
     llama.n_tokens = context
@@ -79,7 +88,7 @@ def run(who: str, path: str, context: int, new: int) -> tuple[float, float]:
         llama.metadata["llama.attention.head_count"]
     )
     n_embd = head_kv * head_dim
-    return elapsed, 2 * int(n_layer) * n_embd * (2 if "f16" in who else 4)
+    return elapsed, 2 * int(n_layer) * n_embd * {"f16": 2, "f32": 4, "q8_0": 34 / 32}[name]
 
 
 def quality(n: int) -> None:
@@ -95,7 +104,7 @@ def quality(n: int) -> None:
     ids = llm.tokenizer.encode(text)[: 1024 + n + 1]
     model, step, cpu = llm.model, llm.engine.decode_step(), torch.device("cpu")
     logps = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
         cache = KVCache.for_model(model.config, 1, len(ids), dtype=dtype, device=cpu)
         rows = []
         with torch.inference_mode():
@@ -104,15 +113,18 @@ def quality(n: int) -> None:
                 rows.append(step(model, cache, [t], cpu)[0])
         logps[dtype] = torch.log_softmax(torch.stack(rows).double(), -1)  # (n, V)
     target = torch.tensor(ids[1024 : 1024 + n])
-    full, half = logps[torch.float32], logps[torch.bfloat16]
-    kl = (full.exp() * (full - half)).sum(-1)
-    for name, lp in (("fp32 cache", full), ("bf16 cache", half)):
+    full = logps[torch.float32]
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        lp = logps[dtype]
         ppl = torch.exp(-lp.gather(1, target[:, None]).mean()).item()
-        print(f"{name}: perplexity {ppl:.4f} over {n} tokens after a 1,024-token prompt")
-    agree = (full.argmax(-1) == half.argmax(-1)).float().mean().item()
-    print(
-        f"KL(fp32 || bf16) mean {kl.mean().item():.2e}, max {kl.max().item():.2e}; top-1 agreement {agree:.1%}"
-    )
+        print(f"{name} cache: perplexity {ppl:.4f} over {n} tokens after a 1,024-token prompt")
+        if dtype != torch.float32:
+            kl = (full.exp() * (full - lp)).sum(-1)
+            agree = (full.argmax(-1) == lp.argmax(-1)).float().mean().item()
+            print(
+                f"  KL(fp32 || {name}) mean {kl.mean().item():.2e}, max {kl.max().item():.2e}; "
+                f"top-1 agreement {agree:.1%}"
+            )
 
 
 def main() -> None:

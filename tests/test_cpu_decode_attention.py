@@ -220,3 +220,52 @@ def test_the_step_reads_a_plain_embedding_and_calls_any_other(native_lib):
     assert (got - plain).abs().max() > 1e-3  # the shift shows
     with pytest.raises(IndexError, match="outside the vocabulary"):
         FusedDecode(_model(4, 2, 16), native_lib).step(_prefilled(model, prompts), [VOCAB])
+
+
+def _int8_prefilled(model, prompts, max_len=LONG + 8) -> KVCache:
+    cache = KVCache.for_model(model.config, len(prompts), max_len, dtype=torch.int8, device=CPU)
+    prefill(model, cache, prompts, CPU)  # the PyTorch model's writes: codes and scales
+    return cache
+
+
+def _assert_int8_entries_agree(got: KVCache, want: KVCache, row: int, n: int) -> None:
+    """The C step quantized its new entries as the PyTorch cache does: same scales to float
+    rounding, codes equal but where a value sat within rounding of a half step (then one apart)."""
+    for codes, scales in (("k", "k_scale"), ("v", "v_scale")):
+        a, b = getattr(got, codes)[:, row, :, :n].int(), getattr(want, codes)[:, row, :, :n].int()
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.01
+        torch.testing.assert_close(getattr(got, scales)[:, row, :, :n], getattr(want, scales)[:, row, :, :n])
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_long_attention_from_an_int8_cache(shape, n_threads, native_lib, threads):
+    """`--kv-cache-dtype int8`: the C step reads the codes and scales the PyTorch model wrote (its
+    logits, to float rounding) and quantizes its own entries as the PyTorch cache does."""
+    model = _model(*shape)
+    prompts = _prompts([LONG, 41])
+    steps = [[7, 8], [9, 10]]
+    ref = _int8_prefilled(model, prompts)
+    want = torch.stack([decode_one_token(model, ref, s, CPU) for s in steps])
+    cache = _int8_prefilled(model, prompts)
+    threads(n_threads)
+    fused = FusedDecode(model, native_lib)
+    got = torch.stack([fused.step(cache, s) for s in steps])
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * scale)
+    assert cache.lengths == ref.lengths == (LONG + 2, 43)
+    _assert_int8_entries_agree(cache, ref, 0, LONG + 2)
+    _assert_int8_entries_agree(cache, ref, 1, 43)
+    # The entries are codes (what rounding costs on real text: benchmarks/kv_cache.py --quality).
+    assert cache.k.dtype == torch.int8 and cache.k[:, 0, :, :LONG].abs().max() == 127
+    full = _prefilled(model, prompts)
+    assert (got - torch.stack([decode_one_token(model, full, s, CPU) for s in steps])).abs().max() > 0
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 12), (8, 2, 40)])
+def test_long_attention_from_an_int8_cache_with_each_instruction_set(shape, isa_lib):
+    model = _model(*shape)
+    prompts = _prompts([LONG + 5, 13])
+    want = decode_one_token(model, _int8_prefilled(model, prompts), [7, 8], CPU)
+    got = FusedDecode(model, isa_lib).step(_int8_prefilled(model, prompts), [7, 8])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * max(1.0, want.abs().max().item()))

@@ -165,18 +165,17 @@ def test_generate_and_serve_take_the_c_step(tiny_hf_dir, native_lib, fused_calls
     assert fused_calls == [1, 1, 1]
 
 
-def test_a_bf16_kv_cache_reaches_generate_serve_and_speculative(
-    tiny_hf_dir, native_lib, fused_calls, monkeypatch
+@pytest.mark.parametrize(("name", "dtype"), [("bf16", torch.bfloat16), ("int8", torch.int8)])
+def test_a_kv_cache_dtype_reaches_generate_serve_and_speculative(
+    name, dtype, tiny_hf_dir, native_lib, fused_calls, monkeypatch
 ):
-    """`load(kv_cache_dtype="bf16")`: the engine's, the server's and speculative decoding's caches
-    are bf16 under the fp32 model, and the server answers as the engine does."""
+    """`load(kv_cache_dtype="bf16"/"int8")`: the engine's, the server's and speculative decoding's
+    caches are of that dtype under the fp32 model, and the server answers as the engine does."""
     from weightsmith.generate import TokenGenerator
     from weightsmith.speculative import speculative_generate
 
-    llm = weightsmith.load(tiny_hf_dir, kv_cache_dtype="bf16")
-    assert (
-        llm.engine.kv_dtype == torch.bfloat16 and llm.model.model.embed_tokens.weight.dtype == torch.float32
-    )
+    llm = weightsmith.load(tiny_hf_dir, kv_cache_dtype=name)
+    assert llm.engine.kv_dtype == dtype and llm.model.model.embed_tokens.weight.dtype == torch.float32
     made = []
     original = TokenGenerator.__init__
 
@@ -187,18 +186,18 @@ def test_a_bf16_kv_cache_reaches_generate_serve_and_speculative(
     monkeypatch.setattr(TokenGenerator, "__init__", spy)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     alone = llm.engine.generate([[5, 6, 7]], params)[0].token_ids
-    assert made == [torch.bfloat16] and fused_calls
+    assert made == [dtype] and fused_calls
     s = Scheduler(
         llm.model, llm.tokenizer, llm.engine.eos_token_ids, max_len=64, decode=llm.engine.decode_step(),
         kv_dtype=llm.engine.kv_dtype,
     )  # fmt: skip
-    assert s.cache.k.dtype == torch.bfloat16
+    assert s.cache.k.dtype == dtype
     got: list[int] = []
     s.submit(Request([[5, 6, 7]], [params], emit=lambda ev: got.extend(ev.tokens)))
     while not s.idle:
         s.step()
     assert got == alone
-    spec = speculative_generate(llm.model, llm.model, [5, 6, 7], max_tokens=6, k=2, kv_dtype=torch.bfloat16)
+    spec = speculative_generate(llm.model, llm.model, [5, 6, 7], max_tokens=6, k=2, kv_dtype=dtype)
     assert spec.tokens == alone
     fp32 = weightsmith.load(tiny_hf_dir).engine
     assert fp32.kv_dtype is None

@@ -376,4 +376,6 @@ def test_broken_adapter_values_and_a_bad_cache_dtype_are_refused(bias_dir, tmp_p
     assert not lora_layers(fresh)
     assert main(["generate", str(bias_dir), "--kv-cache-dtype", "int3", "-p", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--kv-cache-dtype: expected one of auto, fp32, bf16, fp16, got 'int3'")
+    assert err[-1].endswith(
+        "--kv-cache-dtype: expected one of auto, fp32, bf16, fp16, int8, got 'int3' (did you mean 'int8'?)"
+    )

@@ -106,3 +106,38 @@ def test_a_bf16_cache_stores_rounded_entries_and_returns_the_keys_dtype():
     assert (
         c.k.element_size() * 2 == KVCache(1, 2, 8, 2, 4, dtype=torch.float32, device="cpu").k.element_size()
     )
+
+
+def test_an_int8_cache_stores_codes_and_scales_and_returns_the_entries():
+    """Each entry (one head's head_dim values at one position) is its absmax / 127 times int8 codes:
+    within half a step of the value; both write paths; views, copies and row copies carry the scales."""
+    from weightsmith.kv_cache import quantize_entries
+
+    c = KVCache(1, 3, 8, 2, 16, dtype=torch.int8, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g) * 50
+    keys, values = c.write(0, torch.arange(3).expand(2, 3), k, v, kv_len=3, start=0)
+    assert keys.dtype == torch.float32 and c.k.dtype == torch.int8
+    for x, got in ((k, keys), (v, values)):
+        step = x.abs().amax(-1, keepdim=True) / 127
+        assert ((got - x).abs() <= step / 2 + 1e-6 * step).all() and not torch.equal(got, x)
+    assert torch.equal(c.k_scale[0, :2, :, :3], k.abs().amax(-1) / 127)
+    k1 = torch.randn(2, 2, 1, 16, generator=g)
+    keys, _ = c.write(0, torch.tensor([[3], [5]]), k1, k1, kv_len=6)
+    codes, scale = quantize_entries(k1)
+    assert torch.equal(c.k[0, 0, :, 3], codes[0, :, 0]) and torch.equal(c.k_scale[0, 1, :, 5], scale[1, :, 0])
+    assert torch.equal(keys[1, :, 5], codes[1, :, 0].float() * scale[1, :, 0, None])
+    zero, zero_scale = quantize_entries(torch.zeros(2, 16))
+    assert zero.abs().sum() == 0 and zero_scale.abs().sum() == 0  # no division by a zero scale
+    c.set_lengths(0, [4, 6])
+    c.copy_row(1, 2)
+    assert torch.equal(c.k[:, 2, :, :6], c.k[:, 1, :, :6]) and torch.equal(
+        c.v_scale[:, 2, :, :6], c.v_scale[:, 1, :, :6]
+    )
+    view, picked = c.rows(1, 2), c.select([1])
+    assert view.quantized and torch.equal(view.k_scale[:, 0], c.k_scale[:, 1])
+    assert picked.quantized and torch.equal(picked.v_scale[:, 0, :, :6], c.v_scale[:, 1, :, :6])
+    fp32 = KVCache(1, 3, 8, 2, 16, dtype=torch.float32, device="cpu")
+    assert c.bytes_per_token * 64 == fp32.bytes_per_token * 20  # 16 codes + a 4-byte scale against 64 bytes
+    with pytest.raises(ValueError, match="same kind"):
+        fp32.copy_row(0, 0, source=c)

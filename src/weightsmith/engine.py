@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from weightsmith.cpu_decode import CpuDecodePlan, prepare_cpu_decode
-from weightsmith.errors import GenerationError
+from weightsmith.errors import GenerationError, UsageError
 from weightsmith.generate import DecodeFn, TokenGenerator, compiled_step, decode_one_token
 from weightsmith.grammar import Grammar, GrammarCompiler
 from weightsmith.harmony import HarmonyReader, is_harmony
@@ -141,6 +141,8 @@ class Engine:
         if self.cpu_plan is not None:
             step = self.cpu_plan.decode_step(step)
         if self.compile:
+            if self.kv_dtype == torch.int8:
+                raise UsageError("--kv-cache-dtype int8 decodes with the eager or C step; drop --compile")
             step = compiled_step(self.model, step)
         return step
 

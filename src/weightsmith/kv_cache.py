@@ -13,9 +13,14 @@ covers.
 
 The cache is an object passed into the model, never state hidden in modules.
 
+An int8 cache (`dtype=torch.int8`, `--kv-cache-dtype int8`) holds each entry (one head's
+head_dim keys or values at one position) as int8 codes and an fp32 scale, its absmax / 127, in
+`k_scale`/`v_scale` (L, B, H_kv, S): a quarter of an fp32 cache's bytes and a little more
+(4 bytes a head_dim). `write` returns the entries dequantized; the C decode step reads the codes
+and scales in place (quant/cpu_decode.c quantizes what it writes the same way).
+
 Not here: deciding what to evict (a sequence longer than `max_len` is an error the caller
-prevents), which rows are running (generate.py, serve/scheduler.py), paged or quantized
-caches.
+prevents), which rows are running (generate.py, serve/scheduler.py), paged caches.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ class KVCache:
         self._v_all = torch.zeros(shape, dtype=dtype, device=device)
         self.k = self._k_all[:, :, :, :max_len]
         self.v = self._v_all[:, :, :, :max_len]
+        self.quantized = dtype == torch.int8
+        if self.quantized:  # one fp32 scale an entry, laid out as the entries
+            self._ks_all = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+            self._vs_all = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+            self.k_scale, self.v_scale = self._ks_all[..., :max_len], self._vs_all[..., :max_len]
         self.max_len = max_len
         self.batch_size = batch_size
         # Tokens held per row, on the host: decides masks and slicing without a device sync.
@@ -116,10 +126,9 @@ class KVCache:
         """A cache over rows start..start+count-1 that shares this one's storage and lengths,
         so a prefill can fill new rows while the rows before them keep their state."""
         view = KVCache.__new__(KVCache)
-        view.k = self.k[:, start : start + count]
-        view.v = self.v[:, start : start + count]
-        view._k_all = self._k_all[:, start : start + count]
-        view._v_all = self._v_all[:, start : start + count]
+        view.quantized = self.quantized
+        for name in self._tensor_names():
+            setattr(view, name, getattr(self, name)[:, start : start + count])
         view.max_len, view.batch_size = self.max_len, count
         view._lengths, view._first = self._lengths, self._first + start
         return view
@@ -128,8 +137,12 @@ class KVCache:
         """A new cache holding copies of `rows` (repeats allowed), in that order, with their lengths."""
         index = torch.tensor(rows, device=self.k.device)
         copy = KVCache.__new__(KVCache)
+        copy.quantized = self.quantized
         copy.k, copy.v = self.k[:, index], self.v[:, index]  # (L, R, H, S, D) copies
         copy._k_all, copy._v_all = copy.k, copy.v
+        if self.quantized:
+            copy.k_scale, copy.v_scale = self.k_scale[:, index], self.v_scale[:, index]
+            copy._ks_all, copy._vs_all = copy.k_scale, copy.v_scale
         copy.max_len, copy.batch_size = self.max_len, len(rows)
         copy._lengths, copy._first = [self.length(r) for r in rows], 0
         return copy
@@ -142,10 +155,25 @@ class KVCache:
         n = source.length(src) if length is None else length
         if not 0 <= n <= source.length(src):
             raise ValueError(f"row {src} holds {source.length(src)} tokens, not {n}")
+        if source.quantized != self.quantized:
+            raise ValueError("a row copies between caches of the same kind (int8 or not)")
         if (source is not self or src != dst) and n:
             self.k[:, dst, :, :n] = source.k[:, src, :, :n]
             self.v[:, dst, :, :n] = source.v[:, src, :, :n]
+            if self.quantized:
+                self.k_scale[:, dst, :, :n] = source.k_scale[:, src, :, :n]
+                self.v_scale[:, dst, :, :n] = source.v_scale[:, src, :, :n]
         self.set_length(dst, n)
+
+    def _tensor_names(self) -> tuple[str, ...]:
+        names = ("k", "v", "_k_all", "_v_all")
+        return names + ("k_scale", "v_scale", "_ks_all", "_vs_all") if self.quantized else names
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in one row, every layer's keys and values (and int8 scales)."""
+        n = 2 * self.k.shape[0] * self.k.shape[2]  # L x H entries of head_dim, keys and values
+        return n * (self.k.shape[4] * self.k.element_size() + (4 if self.quantized else 0))
 
     # ---- the model's writes -------------------------------------------------------------
 
@@ -165,6 +193,8 @@ class KVCache:
         another dtype than the keys' (a bf16 cache under an fp32 model) stores them rounded
         to its dtype and returns its entries in the keys' dtype."""
         dtype = k.dtype
+        if self.quantized:
+            return self._write_int8(layer, positions, k, v, kv_len, start)
         if dtype != self.k.dtype:
             k, v = k.to(self.k.dtype), v.to(self.k.dtype)
         b, h, t, d = k.shape
@@ -193,3 +223,43 @@ class KVCache:
         if dtype != self.k.dtype:
             return keys.to(dtype), values.to(dtype)
         return keys, values
+
+    def _write_int8(
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int,
+        start: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write` for an int8 cache: codes and scales stored, the attended entries dequantized."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError("an int8 KV cache runs the eager decode step, not a compiled one")
+        dtype = k.dtype
+        b, h, t, d = k.shape
+        for x, codes, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, sc = quantize_entries(x)
+            if start is not None:
+                codes[layer, :b, :, start : start + t] = q
+                scales[layer, :b, :, start : start + t] = sc
+            else:
+                codes[layer, :b].scatter_(2, positions[:, None, :, None].expand(b, h, t, d), q)
+                scales[layer, :b].scatter_(2, positions[:, None, :].expand(b, h, t), sc)
+        keys = dequantize_entries(self._k_all[layer, :b, :, :kv_len], self._ks_all[layer, :b, :, :kv_len])
+        values = dequantize_entries(self._v_all[layer, :b, :, :kv_len], self._vs_all[layer, :b, :, :kv_len])
+        return keys.to(dtype), values.to(dtype)
+
+
+def quantize_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 scales of cache entries (..., D): each entry's scale is its absmax / 127,
+    its codes x / scale rounded half to even (what the C step's kv_store computes)."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127.0
+    positive = scale > 0
+    codes = torch.where(positive[..., None], x / torch.where(positive, scale, 1.0)[..., None], 0.0)
+    return codes.round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_entries(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale[..., None]

@@ -152,7 +152,7 @@ def load(
     generation runs at the base model's speed.
     steer: direction specs (`FILE:layer=L:scale=S`, `FILE:ablate`; weightsmith.inspect.steering)
         applied to every forward from now on, each file checked against the loaded weights first.
-    kv_cache_dtype: "fp32", "bf16" or "fp16" for the key/value caches of generation (`generate`,
+    kv_cache_dtype: "fp32", "bf16", "fp16" or "int8" (CPU) for the key/value caches of generation (`generate`,
         `chat`, `serve`), or "auto"/None: the model's dtype. bf16 under an fp32 model halves the
         cache's memory; its entries are rounded to bf16 and attention still computes in fp32.
     """
@@ -161,9 +161,13 @@ def load(
     path = resolve(str(model), auto_pull=auto_pull)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    kv_dtype = (
-        None if kv_cache_dtype in (None, "auto") else pick_dtype(kv_cache_dtype, dev, "--kv-cache-dtype")
-    )
+    kv_dtype = None if kv_cache_dtype in (None, "auto") else torch.int8
+    if kv_cache_dtype == "int8" and dev.type != "cpu":
+        raise UsageError(
+            f"--kv-cache-dtype int8 is read by the CPU decode step, not on {dev}; use bf16 or fp16"
+        )
+    if kv_cache_dtype not in (None, "auto", "int8"):
+        kv_dtype = pick_dtype(kv_cache_dtype, dev, "--kv-cache-dtype")
     if keep_quantized and dev.type != "cpu":
         raise UsageError(
             f"--keep-quantized runs a GGUF file's blocks on the CPU, not on {dev}; drop one of them"

@@ -68,7 +68,7 @@ class PromptCache:
             if e.adapter == adapter and e.tokens[: len(tokens)] == tokens:
                 e.used = next(self._clock)  # already held (a longer entry begins with these tokens)
                 return
-        per_token = 2 * cache.k[:, row, :, :1].numel() * cache.k.element_size()
+        per_token = cache.bytes_per_token
         nbytes = per_token * len(tokens)
         if nbytes > self.budget:
             return

@@ -29,10 +29,10 @@ from weightsmith.errors import UsageError
 from weightsmith.llm import LLM, load
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 KV_CACHE_HELP = (
     "key/value cache dtype: auto (the model's), fp32, bf16 (half an fp32 cache's memory, entries rounded "
-    "to bf16) or fp16"
+    "to bf16), fp16, or int8 (CPU: 0.27x an fp32 cache, each head's entry as codes and a scale)"
 )
 
 #: `status(model)`: a context manager around one model load (the CLI shows a spinner in it).

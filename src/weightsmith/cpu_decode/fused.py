@@ -353,6 +353,9 @@ class FusedDecode:
         s.k_cache, s.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         s.s_layer, s.s_row, s.s_head, s.s_pos = cache.k.stride()[:4]
         s.kv_bf16 = int(cache.k.dtype == torch.bfloat16)
+        s.kv_i8 = int(cache.quantized)
+        if cache.quantized:  # each entry's scale at (its element index) / head_dim
+            s.k_scale, s.v_scale = cache.k_scale.data_ptr(), cache.v_scale.data_ptr()
         row_adapter = (ctypes.c_int64 * b)(*codes)
         s.row_adapter = ctypes.addressof(row_adapter)
         cpu_kernels.use_threads(self.lib)
@@ -376,11 +379,22 @@ class FusedDecode:
 
 
 def cache_fits(cache: KVCache) -> bool:
-    """Whether the C step can write `cache`: fp32 or bf16 on the CPU, keys and values alike."""
+    """Whether the C step can write `cache`: fp32, bf16 or int8 (with its scales laid out as the
+    entries, one per head_dim of them) on the CPU, keys and values alike."""
     k, v = cache.k, cache.v
+    if cache.quantized:
+        d = k.shape[4]
+        by_entry = tuple(n // d for n in k.stride()[:4])
+        if not (
+            k.stride(3) == d and all(n % d == 0 for n in k.stride()[:4])
+            and cache.k_scale.stride() == by_entry == cache.v_scale.stride() and cache.k_scale.device.type == "cpu"
+        ):  # fmt: skip
+            return False
+    elif not float_cpu(k):
+        return False
     return (
-        float_cpu(k) and k.dtype == v.dtype and v.device == k.device and k.stride() == v.stride() and k.stride(4) == 1
-        and k.shape[3] == cache.max_len
+        k.device.type == "cpu" and k.dtype == v.dtype and v.device == k.device and k.stride() == v.stride()
+        and k.stride(4) == 1 and k.shape[3] == cache.max_len
     )  # fmt: skip
 
 

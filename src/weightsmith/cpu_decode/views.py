@@ -65,6 +65,7 @@ class ModelStruct(ctypes.Structure):
         (f, ctypes.c_double) for f in ("attn_scale", "attn_cap", "embed_scale")
     ] + [(f, _ptr) for f in ("cos_local", "sin_local")] + [("lora_rank", _i64), ("n_adapters", _i64)] + [
         ("row_adapter", _ptr), ("swiglu_alpha", ctypes.c_double), ("swiglu_limit", ctypes.c_double),
+        ("kv_i8", _i64), ("k_scale", _ptr), ("v_scale", _ptr),
     ]  # fmt: skip
 
 

@@ -39,7 +39,7 @@
 
 #include "cpu_kernels.h"
 
-#ifdef __FMA__
+#if defined(__FMA__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -88,6 +88,10 @@ typedef struct {
     int64_t lora_rank, n_adapters; /* the largest adapter rank, how many adapters (0: none) */
     const int64_t *row_adapter;    /* per call: each row's adapter, -1: none */
     double swiglu_alpha, swiglu_limit; /* act 2 (gpt-oss): g clamped above, u to +-limit */
+    /* kv_i8: the cache holds int8 codes, each (layer, row, head, position)'s D of them times its
+     * scale, k_scale / v_scale[at / D] for the entry at element `at` (kv_cache.py's layout). */
+    int64_t kv_i8;
+    float *k_scale, *v_scale;
 } ws_model;
 
 static void rmsnorm(const float *x, const float *w, int64_t B, int64_t H, double eps, float *out) {
@@ -110,8 +114,18 @@ static void rope(float *v, const float *cos, const float *sin, int64_t D) {
     }
 }
 
-static void kv_store(const ws_model *m, void *cache, int64_t at, const float *src, int64_t D) {
-    if (m->kv_bf16) {
+static void kv_store(const ws_model *m, void *cache, float *scales, int64_t at, const float *src, int64_t D) {
+    if (m->kv_i8) { /* absmax / 127, codes rounded half to even: kv_cache.py's quantize_entries */
+        float amax = 0.0f;
+        for (int64_t i = 0; i < D; i++) amax = fabsf(src[i]) > amax ? fabsf(src[i]) : amax;
+        const float sc = amax / 127.0f;
+        int8_t *dst = (int8_t *)cache + at;
+        scales[at / D] = sc;
+        for (int64_t i = 0; i < D; i++) {
+            const float c = sc > 0.0f ? nearbyintf(src[i] / sc) : 0.0f;
+            dst[i] = (int8_t)(c > 127.0f ? 127.0f : c < -127.0f ? -127.0f : c);
+        }
+    } else if (m->kv_bf16) {
         for (int64_t i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = ws_f32_to_bf16(src[i]);
     } else {
         memcpy((float *)cache + at, src, sizeof(float) * (size_t)D);
@@ -163,6 +177,32 @@ static inline vf8 load8_bf16(const uint16_t *p) {
     vh8 h;
     memcpy(&h, p, sizeof h);
     return (vf8)(__builtin_convertvector(h, vu8) << 16);
+}
+
+typedef int8_t vb8 __attribute__((vector_size(8)));
+
+/* Eight int8 codes as floats: one sign extension and one conversion with AVX2 (GCC 12 turns the
+ * vector-extension conversion of eight bytes into eight scalar ones). */
+static inline vf8 load8_i8(const int8_t *p) {
+#ifdef __AVX2__
+    const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    vf8 v;
+    memcpy(&v, &x, sizeof v);
+    return v;
+#else
+    vb8 c;
+    memcpy(&c, p, sizeof c);
+    return __builtin_convertvector(c, vf8);
+#endif
+}
+
+/* One cache entry's element i as a float: fp32, bf16, or an int8 code (its scale applied by the caller). */
+static inline float kv_elem(const void *p, int64_t i, int kind) {
+    return kind == 1 ? ws_bf16_to_f32(((const uint16_t *)p)[i]) : kind == 2 ? (float)((const int8_t *)p)[i] : ((const float *)p)[i];
+}
+
+static inline vf8 kv_load8(const void *p, int64_t i, int kind) {
+    return kind == 1 ? load8_bf16((const uint16_t *)p + i) : kind == 2 ? load8_i8((const int8_t *)p + i) : load8((const float *)p + i);
 }
 
 /* a * b + c, fused where the CPU has FMA (one rounding). */
@@ -219,32 +259,38 @@ static int64_t attn_lo(const ws_attn *a, int64_t b) {
 
 /* q_j . key for the n (a constant) query heads q + j * D: eight lanes over head_dim, their sum,
  * then the last D % 8 products in order. */
-ALWAYS_INLINE void dots(const float *q, const void *key, int bf16, int64_t D, int n, float *s) {
+ALWAYS_INLINE void dots(const float *q, const void *key, int kind, int64_t D, int n, float *s) {
     vf8 acc[HEADS_AT_ONCE] = {{0}};
     const int64_t D8 = D & ~(int64_t)7;
     for (int64_t c = 0; c < D8; c += 8) {
-        const vf8 k = bf16 ? load8_bf16((const uint16_t *)key + c) : load8((const float *)key + c);
+        const vf8 k = kv_load8(key, c, kind);
         for (int j = 0; j < n; j++) acc[j] = madd8(load8(q + j * D + c), k, acc[j]);
     }
     for (int j = 0; j < n; j++) {
         s[j] = hsum8(acc[j]);
-        for (int64_t i = D8; i < D; i++)
-            s[j] += q[j * D + i] * (bf16 ? ws_bf16_to_f32(((const uint16_t *)key)[i]) : ((const float *)key)[i]);
+        for (int64_t i = D8; i < D; i++) s[j] += q[j * D + i] * kv_elem(key, i, kind);
     }
 }
+
+static int64_t kv_esize(const ws_model *m) { return m->kv_i8 ? 1 : m->kv_bf16 ? 2 : 4; }
 
 ALWAYS_INLINE void scores_n(const ws_attn *a, const float *q, float *sc, int64_t base, int64_t t0, int64_t t1,
                             int n) {
     const ws_model *m = a->m;
-    const int64_t D = m->head_dim, esize = m->kv_bf16 ? 2 : 4;
+    const int64_t D = m->head_dim, esize = kv_esize(m);
     const float scale = a->scale, cap = a->cap;
+    const float *ks = m->kv_i8 ? m->k_scale + base / D : NULL; /* position t's scale: ks[t] */
     float s[HEADS_AT_ONCE];
     for (int64_t t = t0; t < t1; t++) {
         const char *key = (const char *)m->k_cache + (base + t * m->s_pos) * esize;
-        if (m->kv_bf16)
+        if (m->kv_i8) {
+            dots(q, key, 2, D, n, s);
+            for (int j = 0; j < n; j++) s[j] *= ks[t];
+        } else if (m->kv_bf16) {
             dots(q, key, 1, D, n, s);
-        else
+        } else {
             dots(q, key, 0, D, n, s);
+        }
         for (int j = 0; j < n; j++) sc[j * a->stride + t] = cap > 0 ? cap * tanhf(s[j] * scale / cap) : s[j] * scale;
     }
 }
@@ -290,26 +336,28 @@ static void attn_softmax(const ws_attn *a, int64_t b, int64_t h) {
 
 /* For the n (a constant) heads whose weights are w + j * stride: out_j[0..8 * nv) = sum over
  * positions lo..p, in order, of weight * value[0..8 * nv), each lane on its own. */
-ALWAYS_INLINE void values_loop(const ws_attn *a, const float *w, const void *v, int64_t lo, int64_t p,
-                               float *out, int bf16, int n, int nv) {
+ALWAYS_INLINE void values_loop(const ws_attn *a, const float *w, const void *v, const float *vs, int64_t lo,
+                               int64_t p, float *out, int kind, int n, int nv) {
     const int64_t sp = a->m->s_pos;
     vf8 acc[HEADS_AT_ONCE][2] = {{{0}}};
     for (int64_t t = lo; t <= p; t++) {
         vf8 x[2];
-        for (int c = 0; c < nv; c++)
-            x[c] = bf16 ? load8_bf16((const uint16_t *)v + t * sp + 8 * c) : load8((const float *)v + t * sp + 8 * c);
+        for (int c = 0; c < nv; c++) x[c] = kv_load8(v, t * sp + 8 * c, kind);
+        const float f = kind == 2 ? vs[t] : 1.0f; /* an int8 entry's scale, with its weight */
         for (int j = 0; j < n; j++)
-            for (int c = 0; c < nv; c++) acc[j][c] = madd8(x[c], (vf8){0} + w[j * a->stride + t], acc[j][c]);
+            for (int c = 0; c < nv; c++) acc[j][c] = madd8(x[c], (vf8){0} + w[j * a->stride + t] * f, acc[j][c]);
     }
     for (int j = 0; j < n; j++) memcpy(out + j * a->m->head_dim, acc[j], sizeof(float) * 8 * (size_t)nv);
 }
 
-ALWAYS_INLINE void values_n(const ws_attn *a, const float *w, const void *v, int64_t lo, int64_t p, float *out,
-                            int n, int nv) {
-    if (a->m->kv_bf16)
-        values_loop(a, w, v, lo, p, out, 1, n, nv);
+ALWAYS_INLINE void values_n(const ws_attn *a, const float *w, const void *v, const float *vs, int64_t lo, int64_t p,
+                            float *out, int n, int nv) {
+    if (a->m->kv_i8)
+        values_loop(a, w, v, vs, lo, p, out, 2, n, nv);
+    else if (a->m->kv_bf16)
+        values_loop(a, w, v, vs, lo, p, out, 1, n, nv);
     else
-        values_loop(a, w, v, lo, p, out, 0, n, nv);
+        values_loop(a, w, v, vs, lo, p, out, 0, n, nv);
 }
 
 /* out[d0..d1) of query heads g0..g1-1 of the G of (b, kh): their weights times the values,
@@ -317,8 +365,11 @@ ALWAYS_INLINE void values_n(const ws_attn *a, const float *w, const void *v, int
 static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int64_t g1, int64_t d0, int64_t d1) {
     const ws_model *m = a->m;
     const int64_t D = m->head_dim, head = b * m->n_heads + kh * a->G, lo = attn_lo(a, b), p = a->pos[b];
-    const int64_t esize = m->kv_bf16 ? 2 : 4, nv = (d1 - d0) / 8, d8 = d0 + 8 * nv;
-    const char *v = (const char *)m->v_cache + (a->layer * m->s_layer + b * m->s_row + kh * m->s_head) * esize;
+    const int64_t esize = kv_esize(m), nv = (d1 - d0) / 8, d8 = d0 + 8 * nv;
+    const int64_t base = a->layer * m->s_layer + b * m->s_row + kh * m->s_head;
+    const char *v = (const char *)m->v_cache + base * esize;
+    const float *vs = m->kv_i8 ? m->v_scale + base / D : NULL; /* position t's scale: vs[t] */
+    const int kind = m->kv_i8 ? 2 : m->kv_bf16 ? 1 : 0;
     for (int64_t g = g0; g < g1; g += HEADS_AT_ONCE) {
         const float *w = a->scores + (head + g) * a->stride - lo;
         float *out = a->out + (head + g) * D;
@@ -326,24 +377,21 @@ static void attn_values(const ws_attn *a, int64_t b, int64_t kh, int64_t g0, int
         for (int j = 0; j < n; j++) /* the lanes past the last eight */
             for (int64_t d = d8; d < d1; d++) {
                 float acc = 0;
-                for (int64_t t = lo; t <= p; t++) {
-                    const int64_t at = t * m->s_pos + d;
-                    acc += w[j * a->stride + t] *
-                           (m->kv_bf16 ? ws_bf16_to_f32(((const uint16_t *)v)[at]) : ((const float *)v)[at]);
-                }
+                for (int64_t t = lo; t <= p; t++)
+                    acc += w[j * a->stride + t] * (vs ? vs[t] : 1.0f) * kv_elem(v, t * m->s_pos + d, kind);
                 out[j * D + d] = acc;
             }
         if (nv == 0) continue;
         const char *vd = v + d0 * esize;
         switch ((n - 1) * 2 + (int)nv - 1) {
-        case 0: values_n(a, w, vd, lo, p, out + d0, 1, 1); break;
-        case 1: values_n(a, w, vd, lo, p, out + d0, 1, 2); break;
-        case 2: values_n(a, w, vd, lo, p, out + d0, 2, 1); break;
-        case 3: values_n(a, w, vd, lo, p, out + d0, 2, 2); break;
-        case 4: values_n(a, w, vd, lo, p, out + d0, 3, 1); break;
-        case 5: values_n(a, w, vd, lo, p, out + d0, 3, 2); break;
-        case 6: values_n(a, w, vd, lo, p, out + d0, 4, 1); break;
-        default: values_n(a, w, vd, lo, p, out + d0, 4, 2);
+        case 0: values_n(a, w, vd, vs, lo, p, out + d0, 1, 1); break;
+        case 1: values_n(a, w, vd, vs, lo, p, out + d0, 1, 2); break;
+        case 2: values_n(a, w, vd, vs, lo, p, out + d0, 2, 1); break;
+        case 3: values_n(a, w, vd, vs, lo, p, out + d0, 2, 2); break;
+        case 4: values_n(a, w, vd, vs, lo, p, out + d0, 3, 1); break;
+        case 5: values_n(a, w, vd, vs, lo, p, out + d0, 3, 2); break;
+        case 6: values_n(a, w, vd, vs, lo, p, out + d0, 4, 1); break;
+        default: values_n(a, w, vd, vs, lo, p, out + d0, 4, 2);
         }
     }
 }
@@ -658,8 +706,8 @@ int ws_decode(const ws_model *m, int64_t B, const int64_t *tokens, float *x, con
             for (int64_t i = 0; i < m->n_kv; i++) {
                 if (L->rope) rope(k + b * kvn + i * D, cb, sb, R);
                 const int64_t at = l * m->s_layer + b * m->s_row + i * m->s_head + pos[b] * m->s_pos;
-                kv_store(m, m->k_cache, at, k + b * kvn + i * D, D);
-                kv_store(m, m->v_cache, at, v + b * kvn + i * D, D);
+                kv_store(m, m->k_cache, m->k_scale, at, k + b * kvn + i * D, D);
+                kv_store(m, m->v_cache, m->v_scale, at, v + b * kvn + i * D, D);
             }
         }
         attn.layer = l, attn.window = L->window, attn.sinks = L->sinks;
