@@ -215,3 +215,12 @@ def test_speculative_drafts_take_the_c_step(tiny_hf_dir, native_lib, fused_calls
     )
     assert fused_calls and set(fused_calls) == {1}  # the draft's one-token steps
     assert res.tokens == plain.tokens
+
+
+def test_an_int8_kv_cache_refuses_compile_in_one_line(tiny_hf_dir):
+    from weightsmith.errors import UsageError
+
+    llm = weightsmith.load(tiny_hf_dir, kv_cache_dtype="int8")
+    llm.engine.compile = True
+    with pytest.raises(UsageError, match="int8 decodes with the eager or C step; drop --compile"):
+        llm.engine.decode_step()
