@@ -455,3 +455,25 @@ def headless_chromium(page_load_timeout: float = 30.0):
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(page_load_timeout)
     return driver
+
+
+def write_gguf(path: Path, arch: str, tensors: dict | None = None, **meta) -> Path:
+    """A small GGUF file written with gguf-py: `tensors` (name -> array) and string, int32 or float
+    metadata (`meta`, keys with dots spelled as given in a dict: **{"general.type": "adapter"})."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in meta.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_int32(key, value)
+        else:
+            writer.add_float32(key, value)
+    for name, array in (tensors or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_hf_dir, run_cli
+from conftest import build_tiny_hf_dir, run_cli, write_gguf
 
 import weightsmith as ws
 from weightsmith.inspect import Add, InspectError, run_hooked
@@ -88,16 +88,13 @@ def test_a_cvector_generator_file_steers_each_layer_s_output(deep_dir, tmp_path)
     plain = ws.load(deep_dir, device="cpu")
     rng = np.random.default_rng(1)
     vectors = {n: rng.standard_normal(64).astype(np.float32) for n in (1, 3, 4)}
-    path = tmp_path / "repeng.gguf"
-    writer = gguf.GGUFWriter(path, "controlvector")
-    writer.add_string("controlvector.model_hint", "llama")
-    writer.add_int32("controlvector.layer_count", 4)
-    for n, v in vectors.items():
-        writer.add_tensor(f"direction.{n}", v)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tensors = {f"direction.{n}": v for n, v in vectors.items()}
+    path = write_gguf(
+        tmp_path / "repeng.gguf",
+        "controlvector",
+        tensors,
+        **{"controlvector.model_hint": "llama", "controlvector.layer_count": 4},
+    )
     got = logits(ws.load(deep_dir, device="cpu", steer=[f"{path}:scale=2"]))
     edits = {f"blocks.{n}.hook_resid_post": Add(torch.from_numpy(v), 2.0) for n, v in vectors.items()}
     plain.engine.cpu_plan.undo()
@@ -158,15 +155,7 @@ def test_bad_control_vectors_and_specs_fail_in_one_line(deep_dir, tmp_path, caps
     assert not (tmp_path / "x.gguf").exists()
 
     def write(name: str, tensors: dict, arch: str = "controlvector") -> Path:
-        path = tmp_path / name
-        writer = gguf.GGUFWriter(path, arch)
-        for key, value in tensors.items():
-            writer.add_tensor(key, value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return path
+        return write_gguf(tmp_path / name, arch, tensors)
 
     v = np.ones(64, np.float32)
     cases = {

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_hf_dir, build_tiny_tokenizer_dir, run_cli
+from conftest import build_tiny_hf_dir, build_tiny_tokenizer_dir, run_cli, write_gguf
 
 from weightsmith.checkpoint.gguf_write import export_gguf
 from weightsmith.checkpoint.load import load_checkpoint
@@ -337,16 +337,7 @@ def test_an_adapter_for_another_base_is_refused_by_export(bases, tmp_path, capsy
 
 
 def write_file(path: Path, arch: str = "llama", tensors=None, **meta) -> Path:
-    writer = gguf.GGUFWriter(path, arch)
-    for key, value in {"general.type": "adapter", "adapter.type": "lora", **meta}.items():
-        writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, value)
-    for name, array in (tensors or {}).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, arch, tensors, **{"general.type": "adapter", "adapter.type": "lora", **meta})
 
 
 def test_bad_gguf_adapter_files_fail_in_one_line(bases, tmp_path):

@@ -339,6 +339,14 @@ def _mix(cfg: ModelConfig, arch: str, quant: str, imatrix: Any) -> Mix:
     return Mix(quant, layers, cfg.num_local_experts, not cfg.tie_word_embeddings, gqa, big, imatrix)
 
 
+def write_out(writer: gguf.GGUFWriter) -> None:
+    """Write what was added to `writer` (header, metadata, tensors) to its file, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def check_export_args(out: str | Path, quant: str, *, overwrite: bool = False) -> Path:
     """Refuse a bad quant or output path before any model is loaded; returns `out` as a Path."""
     out = Path(out)
@@ -392,10 +400,7 @@ def export_gguf(
         mix.add_imatrix_metadata(writer)
         pre = add_tokenizer(writer, ckpt.tokenizer, cfg, source)
         counts = _add_tensors(writer, ckpt.model, cfg, arch, mix, source, on_tensor)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_out(writer)
     modelfile = modelfile_path(out)
     write_text_atomic(modelfile, modelfile_body)
     return {

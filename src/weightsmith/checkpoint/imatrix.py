@@ -33,7 +33,7 @@ import torch
 
 from weightsmith.checkpoint.gguf import open_gguf
 from weightsmith.checkpoint.gguf_experts import stacked_name
-from weightsmith.checkpoint.gguf_write import ARCHITECTURES, gguf_tensor_name
+from weightsmith.checkpoint.gguf_write import ARCHITECTURES, gguf_tensor_name, write_out
 from weightsmith.errors import CheckpointError
 from weightsmith.files import atomic_file
 from weightsmith.models.fused import fused_name
@@ -192,10 +192,7 @@ def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
             sums, counts = imatrix.sums[name], imatrix.counts[name]
             writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
             writer.add_tensor(f"{name}.counts", np.ascontiguousarray(counts.reshape(-1, 1), dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_out(writer)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from weightsmith.checkpoint.gguf import meta, open_gguf
+from weightsmith.checkpoint.gguf_write import write_out
 from weightsmith.errors import CheckpointError
 from weightsmith.files import atomic_file
 from weightsmith.inspect.directions import Direction
@@ -115,10 +116,7 @@ def write_control_vector(
         writer.add_int32(f"{ARCH}.layer_count", len(summed))
         for layer in sorted(summed):
             writer.add_tensor(f"direction.{layer - 1}", summed[layer].numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_out(writer)
     return {
         "path": str(path),
         "bytes": path.stat().st_size,

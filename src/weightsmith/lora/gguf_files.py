@@ -43,7 +43,13 @@ from gguf import GGMLQuantizationType as QT
 from weightsmith.checkpoint.gguf import PERMUTED_QK, meta, open_gguf, require, unpermute_qk
 from weightsmith.checkpoint.gguf_names import hf_tensor_name
 from weightsmith.checkpoint.gguf_tensors import dequantized
-from weightsmith.checkpoint.gguf_write import ARCHITECTURES, check_supported, gguf_tensor_name, permute_qk
+from weightsmith.checkpoint.gguf_write import (
+    ARCHITECTURES,
+    check_supported,
+    gguf_tensor_name,
+    permute_qk,
+    write_out,
+)
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.files import atomic_file
 from weightsmith.lora_config import LoraConfig
@@ -306,10 +312,7 @@ def write_gguf_adapter(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for tensor_name, array in arrays:
             writer.add_tensor(tensor_name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_out(writer)
     return {
         "path": str(out),
         "bytes": out.stat().st_size,
